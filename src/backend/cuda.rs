@@ -1,0 +1,1 @@
+//! NVIDIA CUDA backend (placeholder until the cudarc implementation lands).

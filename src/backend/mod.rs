@@ -1,0 +1,303 @@
+//! Backends: the only code that talks to a driver.
+//!
+//! One trait, [`Backend`], and one module per implementation:
+//!
+//! | module | what it drives |
+//! |---|---|
+//! | [`host`] | no devices; pageable host memory (also the host allocator every backend shares) |
+//! | [`sim`]  | a simulated GPU with a deterministic virtual clock, the default without a driver |
+//! | [`cuda`] | NVIDIA GPUs through cudarc's driver API, loaded at run time |
+//! | [`rocm`] | AMD GPUs through the HIP runtime, loaded at run time |
+//!
+//! Handles ([`DevicePtr`], [`StreamHandle`], [`EventHandle`]) are plain numbers: the
+//! backend gives them meaning. Calls that take a handle are `unsafe` because a stale or
+//! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
+//! upholds the contracts with owning wrappers.
+
+pub mod cuda;
+pub mod host;
+pub mod rocm;
+pub mod sim;
+
+use std::any::Any;
+use std::fmt;
+use std::ptr::NonNull;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::placement::{Advice, Location};
+
+/// Which backend drives the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// No devices: host memory only.
+    Host,
+    /// The simulated GPU.
+    Sim,
+    /// NVIDIA CUDA (driver API through cudarc).
+    Cuda,
+    /// AMD ROCm (HIP runtime).
+    Rocm,
+}
+
+impl BackendKind {
+    /// The name used by `HETMEM_BACKEND` and in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Host => "host",
+            BackendKind::Sim => "sim",
+            BackendKind::Cuda => "cuda",
+            BackendKind::Rocm => "rocm",
+        }
+    }
+
+    /// Every backend, in the order `auto` tries the GPU ones.
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Cuda,
+        BackendKind::Rocm,
+        BackendKind::Sim,
+        BackendKind::Host,
+    ];
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "host" => Ok(BackendKind::Host),
+            "sim" => Ok(BackendKind::Sim),
+            "cuda" => Ok(BackendKind::Cuda),
+            "rocm" | "hip" => Ok(BackendKind::Rocm),
+            other => Err(Error::InvalidArgument(format!(
+                "unknown backend {other:?}: expected cuda, rocm, sim or host"
+            ))),
+        }
+    }
+}
+
+/// An address in device memory. For CUDA and HIP it is the device virtual address;
+/// the simulator hands out synthetic ones that the CPU cannot dereference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DevicePtr(pub u64);
+
+impl DevicePtr {
+    /// The address `bytes` further on.
+    pub fn offset(self, bytes: usize) -> DevicePtr {
+        DevicePtr(self.0 + bytes as u64)
+    }
+}
+
+/// A backend's stream (an in-order queue of work on one device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamHandle(pub u64);
+
+/// A backend's event (a marker in a stream that others can wait for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventHandle(pub u64);
+
+/// What kind of host memory a host pointer refers to. Backends use it to pick a copy
+/// path (and the simulator to pick a bandwidth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HostKind {
+    /// Ordinary pageable memory.
+    Pageable,
+    /// Registered (page-locked) memory.
+    Pinned,
+    /// Managed memory (valid on host and device).
+    Managed,
+}
+
+/// One side of a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemRef {
+    /// Host memory (pageable, pinned or managed).
+    Host {
+        /// First byte.
+        ptr: NonNull<u8>,
+        /// What kind of host memory it is.
+        kind: HostKind,
+    },
+    /// Device memory.
+    Device {
+        /// Device ordinal.
+        device: usize,
+        /// First byte.
+        ptr: DevicePtr,
+    },
+}
+
+/// A device as a backend reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Ordinal within the backend, from 0.
+    pub ordinal: usize,
+    /// Marketing name (`NVIDIA H200`, `sim-H200`, ...).
+    pub name: String,
+    /// Total device memory in bytes.
+    pub total_memory: usize,
+    /// PCI address in sysfs form (`0000:3b:00.0`), where the driver reports one.
+    pub pci_bus_id: Option<String>,
+    /// Whether managed memory works on this device.
+    pub managed_memory: bool,
+}
+
+/// Free and total memory of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemInfo {
+    /// Bytes free now.
+    pub free: usize,
+    /// Bytes in all.
+    pub total: usize,
+}
+
+/// A memory backend. Implementations live one per module in [`crate::backend`].
+///
+/// Contracts shared by the `unsafe` methods: every handle or pointer passed in was
+/// returned by this same backend object, is still live (not freed or destroyed), and
+/// the ranges given lie inside the allocation. Copies may run after the call returns
+/// when a stream is given: the memory must stay valid until that stream passes them.
+pub trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// The devices, by ordinal. Empty for the host backend.
+    fn devices(&self) -> &[DeviceInfo];
+
+    /// Free and total memory of a device.
+    fn mem_info(&self, device: usize) -> Result<MemInfo>;
+
+    /// Allocates `size` bytes (> 0) of device memory.
+    fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr>;
+
+    /// Frees device memory.
+    ///
+    /// # Safety
+    /// `ptr` came from [`Backend::alloc_device`] on this backend for `device` and `size`,
+    /// was not freed, and no queued work uses it any more.
+    unsafe fn free_device(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()>;
+
+    /// Allocates `size` bytes (> 0) of managed memory associated with `device`.
+    fn alloc_managed(&self, device: usize, size: usize) -> Result<NonNull<u8>>;
+
+    /// Frees managed memory.
+    ///
+    /// # Safety
+    /// As [`Backend::free_device`], for a pointer from [`Backend::alloc_managed`].
+    unsafe fn free_managed(&self, device: usize, ptr: NonNull<u8>, size: usize) -> Result<()>;
+
+    /// Page-locks host memory and makes it reachable by every device's DMA engine.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` is mapped host memory owned by the caller that stays mapped until
+    /// [`Backend::unregister_host`] is called on it.
+    unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()>;
+
+    /// Undoes [`Backend::register_host`].
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` was registered by this backend and no queued work uses it.
+    unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()>;
+
+    /// Creates a stream on `device`.
+    fn create_stream(&self, device: usize) -> Result<StreamHandle>;
+
+    /// Destroys a stream once its queued work is done.
+    ///
+    /// # Safety
+    /// `stream` is live and from this backend; it is not used afterwards.
+    unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()>;
+
+    /// Blocks until everything queued on `stream` is done.
+    ///
+    /// # Safety
+    /// `stream` is live and from this backend.
+    unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()>;
+
+    /// Creates an event on `device`.
+    fn create_event(&self, device: usize) -> Result<EventHandle>;
+
+    /// Destroys an event.
+    ///
+    /// # Safety
+    /// `event` is live and from this backend; it is not used afterwards.
+    unsafe fn destroy_event(&self, event: EventHandle) -> Result<()>;
+
+    /// Records `event` at the current tail of `stream`.
+    ///
+    /// # Safety
+    /// Both handles are live and from this backend.
+    unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()>;
+
+    /// Makes work queued on `stream` after this call wait until `event` has passed.
+    ///
+    /// # Safety
+    /// Both handles are live and from this backend.
+    unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()>;
+
+    /// Blocks until `event` has passed.
+    ///
+    /// # Safety
+    /// `event` is live and from this backend.
+    unsafe fn synchronize_event(&self, event: EventHandle) -> Result<()>;
+
+    /// Whether `event` has passed, without blocking.
+    ///
+    /// # Safety
+    /// `event` is live and from this backend.
+    unsafe fn event_done(&self, event: EventHandle) -> Result<bool>;
+
+    /// Copies `len` bytes from `src` to `dst`: on `stream` (ordered after the work
+    /// already queued there) or, with `None`, synchronously.
+    ///
+    /// # Safety
+    /// Both ranges are valid for `len` bytes, do not overlap, and stay valid until the
+    /// copy is done. `stream`, if given, is live and from this backend.
+    unsafe fn copy(
+        &self,
+        dst: MemRef,
+        src: MemRef,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()>;
+
+    /// Queues a migration of managed memory to `to` on `stream`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` lies in managed memory from this backend; `stream` is live.
+    unsafe fn prefetch(
+        &self,
+        ptr: NonNull<u8>,
+        len: usize,
+        to: Location,
+        stream: StreamHandle,
+    ) -> Result<()>;
+
+    /// Gives the driver advice about managed memory.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` lies in managed memory from this backend.
+    unsafe fn advise(&self, ptr: NonNull<u8>, len: usize, advice: Advice) -> Result<()>;
+
+    /// For downcasting to the concrete backend (the simulator's clock and kernels).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Checks a device ordinal against a backend's device list.
+pub(crate) fn check_device(backend: &dyn Backend, device: usize) -> Result<()> {
+    let count = backend.devices().len();
+    if device < count {
+        Ok(())
+    } else {
+        Err(Error::UnknownDevice {
+            device,
+            count,
+            backend: backend.kind(),
+        })
+    }
+}

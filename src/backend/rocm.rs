@@ -1,0 +1,1 @@
+//! AMD ROCm backend (placeholder until the HIP implementation lands).

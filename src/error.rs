@@ -1,0 +1,140 @@
+//! The one error type of the `hetmem` crate.
+//!
+//! Every variant carries the numbers a caller needs to act on it (which tier, how much
+//! was asked, how much is free) rather than a formatted string alone.
+
+use crate::backend::BackendKind;
+use crate::placement::Tier;
+
+/// Result alias used throughout hetmem.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in hetmem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A tier had too little memory for the request.
+    #[error("out of memory on {tier}: requested {requested} bytes, {free} bytes free")]
+    OutOfMemory {
+        /// Where the allocation was attempted.
+        tier: Tier,
+        /// Bytes asked for.
+        requested: usize,
+        /// Bytes the tier reported free at the time.
+        free: usize,
+    },
+
+    /// A size of zero, or one no allocator can satisfy (over `isize::MAX`, or one that
+    /// overflows when rounded up to a page).
+    #[error("invalid size {requested}: {reason}")]
+    InvalidSize {
+        /// Bytes asked for.
+        requested: usize,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+
+    /// A device ordinal the backend does not have.
+    #[error("unknown device {device}: backend {backend} has {count} device(s)")]
+    UnknownDevice {
+        /// The ordinal asked for.
+        device: usize,
+        /// How many devices the backend has.
+        count: usize,
+        /// The backend asked.
+        backend: BackendKind,
+    },
+
+    /// A NUMA node that is not present on this machine.
+    #[error("unknown NUMA node {node}: this machine has nodes {available:?}")]
+    UnknownNumaNode {
+        /// The node asked for.
+        node: u32,
+        /// The nodes that exist.
+        available: Vec<u32>,
+    },
+
+    /// A NUMA node that exists but has no memory (a CPU-only or offline node).
+    #[error("NUMA node {node} has no memory")]
+    NumaNodeWithoutMemory {
+        /// The node asked for.
+        node: u32,
+    },
+
+    /// A buffer, stream or event made by another [`Manager`](crate::Manager).
+    #[error("{what} belongs to another manager")]
+    ForeignHandle {
+        /// What kind of handle it was.
+        what: &'static str,
+    },
+
+    /// An access past the end of a buffer.
+    #[error("range {offset}..{offset}+{len} is outside a buffer of {size} bytes")]
+    OutOfBounds {
+        /// Start of the range.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+        /// Size of the buffer.
+        size: usize,
+    },
+
+    /// An argument that is wrong in a way the other variants do not describe.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The operation does not exist for this placement or backend.
+    #[error("{backend} backend does not support {what}")]
+    Unsupported {
+        /// The backend asked.
+        backend: BackendKind,
+        /// What was asked for.
+        what: &'static str,
+    },
+
+    /// A backend's driver library could not be loaded, or lacks a symbol we need.
+    #[error("{backend} backend unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend asked for.
+        backend: BackendKind,
+        /// Why it cannot be used (library missing, symbol missing, no device, ...).
+        reason: String,
+    },
+
+    /// A driver call failed.
+    #[error("{backend}: {call} failed with code {code}: {message}")]
+    Driver {
+        /// The backend whose driver failed.
+        backend: BackendKind,
+        /// The driver function that failed.
+        call: &'static str,
+        /// The driver's numeric status.
+        code: i32,
+        /// The driver's description of the status.
+        message: String,
+    },
+
+    /// An operating-system call failed.
+    #[error("{call} failed: {errno}")]
+    Os {
+        /// The system call that failed.
+        call: &'static str,
+        /// The error it returned.
+        errno: nix::errno::Errno,
+    },
+
+    /// A sysfs or configuration file could not be read or parsed.
+    #[error("cannot read {path}: {reason}")]
+    Config {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn os(call: &'static str, errno: nix::errno::Errno) -> Self {
+        Error::Os { call, errno }
+    }
+}

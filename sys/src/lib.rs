@@ -1,0 +1,1 @@
+pub mod numa; pub mod hip;
