@@ -1,1 +1,1116 @@
-//! NVIDIA CUDA backend (placeholder until the cudarc implementation lands).
+//! NVIDIA CUDA backend: the driver API through cudarc's raw `sys` bindings, with
+//! `libcuda.so.1` loaded at run time.
+//!
+//! # Why CUDA API version 12080
+//!
+//! cudarc needs one API-version feature; it decides which symbol names and signatures
+//! the bindings resolve. We build against `cuda-12080` because every call this module
+//! makes exists, with the signature used here, in every driver from 12.8 on, including
+//! the lent GPU host's driver 580 (CUDA 13), which keeps all older entry points for
+//! binary compatibility. Checked in cudarc 0.19.10's `driver/sys/mod.rs`:
+//!
+//! * Unconditional under every feature (so also 13000 and later): `cuInit`,
+//!   `cuDeviceGet{,Count,Name,PCIBusId,Attribute}`, `cuDeviceTotalMem_v2`,
+//!   `cuDevicePrimaryCtxRetain`, `cuDevicePrimaryCtxRelease_v2`, `cuCtx{Get,Set}Current`,
+//!   `cuGetErrorString`, `cuMemAlloc_v2`, `cuMemFree_v2`, `cuMemGetInfo_v2`,
+//!   `cuMemAllocManaged`, `cuMemHostRegister_v2`, `cuMemHostUnregister`,
+//!   `cuStreamCreate`, `cuStreamDestroy_v2`, `cuStreamSynchronize`, `cuStreamWaitEvent`,
+//!   `cuEventCreate`, `cuEventDestroy_v2`, `cuEventRecord`, `cuEventSynchronize`,
+//!   `cuEventQuery`, `cuMemcpyAsync`, `cuMemcpyPeerAsync`.
+//! * Prefetch and advice come in two forms. `cuMemPrefetchAsync` / `cuMemAdvise` (a
+//!   `CUdevice`, host = `CU_DEVICE_CPU`) are bound for `cuda-11040..=cuda-12090` only:
+//!   CUDA 13 removed them from its headers. `cuMemPrefetchAsync_v2` / `cuMemAdvise_v2`
+//!   (a `CUmemLocation`, host = `CU_MEM_LOCATION_TYPE_HOST`) are bound for
+//!   `cuda-12020` onwards, 13000 included. We call the `_v2` forms: they are what the
+//!   CUDA 13 headers name, exist in every driver since 12.2, and keep this file
+//!   compiling if the feature is ever raised to 13000.
+//! * `CUmemLocation` is `{ type_, id }` under 12080; from `cuda-13020` it becomes a
+//!   union, so raising the feature past 13010 needs a change in `mem_location`.
+//!
+//! # Loading and failure
+//!
+//! cudarc panics when `libcuda` or a symbol is missing. [`CudaBackend::new`] therefore
+//! asks `is_culib_present()` first, then looks up every symbol this module calls (list
+//! in `REQUIRED_SYMBOLS`) before the first driver call, and runs all of that inside
+//! `catch_unwind` as a second guard. Any absence is `Error::BackendUnavailable`; once
+//! `new` has succeeded, no later call can hit a missing symbol.
+//!
+//! # Contexts
+//!
+//! Each device's primary context is retained in `new` and released in `Drop` (the same
+//! context the CUDA runtime uses, so memory is shared with runtime-API code in the
+//! process). Every call first makes the right context current on the calling thread:
+//! `cuCtxGetCurrent`, and `cuCtxSetCurrent` only when it differs, so the common case
+//! is one thread-local read in the driver. The context is left current afterwards, as
+//! `cudaSetDevice` would.
+//!
+//! # Copies
+//!
+//! Every device has unified addressing (checked in `new`), so `cuMemcpyAsync` infers
+//! any direction from the pointers. Device-to-device copies across two devices use
+//! `cuMemcpyPeerAsync` instead, which names both contexts explicitly and works whether
+//! or not peer access is enabled (the driver stages through host memory when it is not).
+//!
+//! A copy with no stream runs on a per-device internal non-blocking stream followed by
+//! `cuStreamSynchronize`, not `cuMemcpy`: `cuMemcpy` uses the legacy default stream,
+//! which serialises with every blocking stream in the context (other libraries'
+//! included), and for pageable-to-device copies it may return once the bytes are
+//! staged, before the DMA lands — work then queued on a non-blocking stream could
+//! read stale device memory. The internal stream plus synchronize means "done when it
+//! returns" and never waits for anyone else's work (it may wait for another thread's
+//! synchronous copy on the same device, which is only latency).
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::{self, NonNull};
+use std::sync::{Mutex, MutexGuard};
+
+use cudarc::driver::sys::{
+    self, CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUevent_flags,
+    CUmemAttach_flags, CUmemLocation, CUmemLocationType, CUmem_advise, CUresult, CUstream,
+    CUstream_flags,
+};
+
+use super::{
+    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
+    StreamHandle,
+};
+use crate::error::{Error, Result};
+use crate::placement::{Advice, Location, Tier};
+
+/// Largest single `cuMemHostRegister` call. One registration of 512 GiB or more fails
+/// on current drivers; registering in 64 GiB chunks (and unregistering the same
+/// chunks) stays well below that.
+pub(crate) const HOST_REGISTER_CHUNK: usize = 64 << 30;
+
+/// Every driver symbol this module calls, looked up before the first call so that a
+/// driver lacking one is refused in `new` instead of panicking in cudarc later.
+const REQUIRED_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuGetErrorString",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuDeviceGetPCIBusId",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuMemGetInfo_v2",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemAllocManaged",
+    "cuMemHostRegister_v2",
+    "cuMemHostUnregister",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuStreamWaitEvent",
+    "cuEventCreate",
+    "cuEventDestroy_v2",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventQuery",
+    "cuMemcpyAsync",
+    "cuMemcpyPeerAsync",
+    "cuMemPrefetchAsync_v2",
+    "cuMemAdvise_v2",
+];
+
+/// The driver's description of a status, from `cuGetErrorString`.
+fn error_message(code: CUresult) -> String {
+    let mut text: *const c_char = ptr::null();
+    // SAFETY: only reached after `new` found libcuda and this symbol; `text` is a valid
+    // out-pointer, and the driver stores a pointer to a static string or nothing.
+    let status = unsafe { sys::cuGetErrorString(code, &mut text) };
+    if status != CUresult::CUDA_SUCCESS || text.is_null() {
+        return format!("unrecognised CUDA status {code:?}");
+    }
+    // SAFETY: on success `text` points at a NUL-terminated string with static lifetime
+    // owned by the driver.
+    unsafe { CStr::from_ptr(text) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Maps a failed driver status to [`Error::Driver`].
+fn driver_error(call: &'static str, code: CUresult) -> Error {
+    Error::Driver {
+        backend: BackendKind::Cuda,
+        call,
+        code: code as i32,
+        message: error_message(code),
+    }
+}
+
+/// `Ok` for `CUDA_SUCCESS`, [`Error::Driver`] naming `call` otherwise.
+fn check(call: &'static str, code: CUresult) -> Result<()> {
+    if code == CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(driver_error(call, code))
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: BackendKind::Cuda,
+        reason: reason.into(),
+    }
+}
+
+/// Turns CUDA's PCI bus id (`0000:3B:00.0`, NVML-style `00000000:3B:00.0` also taken)
+/// into the lowercase sysfs form (`0000:3b:00.0`). `None` when it does not parse.
+pub(crate) fn normalize_pci_bus_id(raw: &str) -> Option<String> {
+    let raw = raw.trim().trim_end_matches('\0');
+    let (domain, rest) = raw.split_once(':')?;
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let hex = |s: &str, max_len: usize| -> Option<u32> {
+        if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u32::from_str_radix(s, 16).ok()
+    };
+    let domain = hex(domain, 8)?;
+    let bus = hex(bus, 2)?;
+    let dev = hex(dev, 2)?;
+    let func = hex(func, 1)?;
+    if dev > 0x1f || func > 7 {
+        return None;
+    }
+    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+}
+
+/// `(offset, len)` of the pieces `cuMemHostRegister` is called on for a range of `len`
+/// bytes: at most [`HOST_REGISTER_CHUNK`] each, in order, covering the range.
+pub(crate) fn register_chunks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(HOST_REGISTER_CHUNK)
+        .map(move |off| (off, (len - off).min(HOST_REGISTER_CHUNK)))
+}
+
+/// A `CUmemLocation` for prefetch and advice.
+fn mem_location(location: Location, device: impl Fn(usize) -> CUdevice) -> CUmemLocation {
+    match location {
+        Location::Host => CUmemLocation {
+            type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+            id: 0,
+        },
+        Location::Device(d) => CUmemLocation {
+            type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: device(d),
+        },
+    }
+}
+
+fn stream_ptr(handle: StreamHandle) -> CUstream {
+    ptr::with_exposed_provenance_mut(handle.0 as usize)
+}
+
+fn event_ptr(handle: EventHandle) -> CUevent {
+    ptr::with_exposed_provenance_mut(handle.0 as usize)
+}
+
+fn host_addr(ptr: NonNull<u8>) -> CUdeviceptr {
+    ptr.as_ptr().expose_provenance() as CUdeviceptr
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these maps cannot leave it inconsistent (single
+    // insert/remove), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Per-device driver state.
+#[derive(Debug)]
+struct DeviceState {
+    /// The driver's device handle.
+    dev: CUdevice,
+    /// The retained primary context.
+    ctx: CUcontext,
+    /// Internal non-blocking stream for copies made without a stream.
+    copy_stream: CUstream,
+    /// `CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS`: needed to prefetch to it.
+    concurrent_managed: bool,
+}
+
+/// NVIDIA GPUs through the CUDA driver API. See the module docs.
+#[derive(Debug)]
+pub struct CudaBackend {
+    devices: Vec<DeviceInfo>,
+    state: Vec<DeviceState>,
+    /// Device of each live stream we created, by handle.
+    streams: Mutex<HashMap<u64, usize>>,
+    /// Device of each live event we created, by handle.
+    events: Mutex<HashMap<u64, usize>>,
+}
+
+// The raw pointers inside are driver handles (primary contexts, internal streams) that
+// we never dereference; the maps are behind Mutexes.
+// SAFETY: the CUDA driver API is thread-safe: a primary context may be made current on
+// any thread, a stream used from any, and every call binds the context on its thread.
+unsafe impl Send for CudaBackend {}
+// SAFETY: as for Send; `&self` methods only pass the handles to thread-safe driver calls.
+unsafe impl Sync for CudaBackend {}
+
+impl CudaBackend {
+    /// Loads `libcuda`, initialises the driver and retains every device's primary
+    /// context.
+    ///
+    /// Returns [`Error::BackendUnavailable`] when the library or a symbol we need is
+    /// missing, when `cuInit` fails (no driver, no device, driver too old) or when
+    /// there is no device; never panics for any of these.
+    pub fn new() -> Result<CudaBackend> {
+        match catch_unwind(AssertUnwindSafe(Self::init)) {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic");
+                Err(unavailable(format!(
+                    "loading the CUDA driver failed: {what}"
+                )))
+            }
+        }
+    }
+
+    fn init() -> Result<CudaBackend> {
+        // SAFETY: is_culib_present only tries to dlopen the candidate names; loading
+        // libcuda runs no code of ours and the handles it opens are dropped.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(unavailable("libcuda.so.1 not found"));
+        }
+        // SAFETY: the library is present (checked just above), so culib() loads it
+        // rather than panicking.
+        let lib = unsafe { sys::culib() };
+        for name in REQUIRED_SYMBOLS {
+            // SAFETY: we only ask whether the symbol exists; the value is read as an
+            // untyped address and never called through this path.
+            if let Err(e) = unsafe { lib.get::<*const c_void>(name.as_bytes()) } {
+                return Err(unavailable(format!("libcuda lacks symbol {name} ({e})")));
+            }
+        }
+        // SAFETY: symbol present (checked above); cuInit takes flags only.
+        let status = unsafe { sys::cuInit(0) };
+        match status {
+            CUresult::CUDA_SUCCESS => {}
+            CUresult::CUDA_ERROR_NO_DEVICE => return Err(unavailable("no CUDA device")),
+            other => {
+                return Err(unavailable(format!(
+                    "cuInit failed: {}",
+                    driver_error("cuInit", other)
+                )))
+            }
+        }
+        let mut count: c_int = 0;
+        // SAFETY: driver initialised; `count` is a valid out-pointer.
+        check("cuDeviceGetCount", unsafe {
+            sys::cuDeviceGetCount(&mut count)
+        })?;
+        if count <= 0 {
+            return Err(unavailable("no CUDA device"));
+        }
+
+        // Built up device by device: if a later step fails, Drop releases what the
+        // earlier ones retained.
+        let mut backend = CudaBackend {
+            devices: Vec::with_capacity(count as usize),
+            state: Vec::with_capacity(count as usize),
+            streams: Mutex::new(HashMap::new()),
+            events: Mutex::new(HashMap::new()),
+        };
+        for ordinal in 0..count {
+            backend.open_device(ordinal)?;
+        }
+        tracing::debug!(devices = ?backend.devices, "CUDA backend ready");
+        Ok(backend)
+    }
+
+    /// Queries device `ordinal`, retains its primary context and creates its internal
+    /// copy stream, appending to `devices` and `state`.
+    fn open_device(&mut self, ordinal: c_int) -> Result<()> {
+        let mut dev: CUdevice = 0;
+        // SAFETY: driver initialised; `dev` is a valid out-pointer, ordinal < count.
+        check("cuDeviceGet", unsafe {
+            sys::cuDeviceGet(&mut dev, ordinal)
+        })?;
+
+        let mut name_buf = [0 as c_char; 256];
+        // SAFETY: the buffer is valid for its full length, which we pass; the driver
+        // writes a NUL-terminated name that fits.
+        check("cuDeviceGetName", unsafe {
+            sys::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
+        })?;
+        let name = c_buf_to_string(&name_buf);
+
+        let mut total: usize = 0;
+        // SAFETY: `total` is a valid out-pointer; `dev` came from cuDeviceGet.
+        check("cuDeviceTotalMem", unsafe {
+            sys::cuDeviceTotalMem_v2(&mut total, dev)
+        })?;
+
+        let mut pci_buf = [0 as c_char; 64];
+        // SAFETY: the buffer is valid for its full length, which we pass (the driver
+        // needs 13 bytes).
+        let pci_status =
+            unsafe { sys::cuDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, dev) };
+        let pci_bus_id = if pci_status == CUresult::CUDA_SUCCESS {
+            let raw = c_buf_to_string(&pci_buf);
+            let id = normalize_pci_bus_id(&raw);
+            if id.is_none() {
+                tracing::warn!(device = ordinal, raw, "unparseable CUDA PCI bus id");
+            }
+            id
+        } else {
+            tracing::warn!(
+                device = ordinal,
+                error = %driver_error("cuDeviceGetPCIBusId", pci_status),
+                "no PCI bus id"
+            );
+            None
+        };
+
+        let managed =
+            device_attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)?;
+        let concurrent = device_attribute(
+            dev,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS,
+        )?;
+        let unified = device_attribute(
+            dev,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
+        )?;
+        if unified == 0 {
+            return Err(unavailable(format!(
+                "device {ordinal} ({name}) lacks unified addressing"
+            )));
+        }
+
+        let mut ctx: CUcontext = ptr::null_mut();
+        // SAFETY: `ctx` is a valid out-pointer; `dev` came from cuDeviceGet.
+        check("cuDevicePrimaryCtxRetain", unsafe {
+            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+        })?;
+        // Recorded now so Drop releases the context even if the stream below fails.
+        self.state.push(DeviceState {
+            dev,
+            ctx,
+            copy_stream: ptr::null_mut(),
+            concurrent_managed: concurrent != 0,
+        });
+        let index = self.state.len() - 1;
+        self.bind(index)?;
+        let mut stream: CUstream = ptr::null_mut();
+        // SAFETY: the device's context is current (bound above); `stream` is a valid
+        // out-pointer.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        self.state[index].copy_stream = stream;
+
+        self.devices.push(DeviceInfo {
+            ordinal: index,
+            name,
+            total_memory: total,
+            pci_bus_id,
+            managed_memory: managed != 0,
+        });
+        Ok(())
+    }
+
+    /// Makes `device`'s primary context current on this thread (a no-op when it is).
+    fn bind(&self, device: usize) -> Result<()> {
+        let ctx = self.state[device].ctx;
+        let mut current: CUcontext = ptr::null_mut();
+        // SAFETY: `current` is a valid out-pointer; the call only reads thread state.
+        check("cuCtxGetCurrent", unsafe {
+            sys::cuCtxGetCurrent(&mut current)
+        })?;
+        if current != ctx {
+            // SAFETY: `ctx` is a primary context we retained and have not released.
+            check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+        }
+        Ok(())
+    }
+
+    fn cu_device(&self, device: usize) -> CUdevice {
+        self.state[device].dev
+    }
+
+    fn stream_device(&self, stream: StreamHandle) -> Result<usize> {
+        lock(&self.streams).get(&stream.0).copied().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "stream {:#x} was not created by this CUDA backend",
+                stream.0
+            ))
+        })
+    }
+
+    fn event_device(&self, event: EventHandle) -> Result<usize> {
+        lock(&self.events).get(&event.0).copied().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "event {:#x} was not created by this CUDA backend",
+                event.0
+            ))
+        })
+    }
+
+    /// Free bytes on `device` for an out-of-memory report (0 when even that fails).
+    fn free_for_report(&self, device: usize) -> usize {
+        self.mem_info(device).map(|m| m.free).unwrap_or(0)
+    }
+}
+
+fn c_buf_to_string(buf: &[c_char]) -> String {
+    let bytes: Vec<u8> = buf
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
+    let mut value: c_int = 0;
+    // SAFETY: `value` is a valid out-pointer; `dev` came from cuDeviceGet after cuInit.
+    check("cuDeviceGetAttribute", unsafe {
+        sys::cuDeviceGetAttribute(&mut value, attr, dev)
+    })?;
+    Ok(value)
+}
+
+fn check_size(size: usize) -> Result<()> {
+    if size == 0 {
+        Err(Error::InvalidSize {
+            requested: 0,
+            reason: "size must be greater than zero",
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let streams = lock(&self.streams).len();
+        let events = lock(&self.events).len();
+        if streams + events > 0 {
+            tracing::debug!(
+                streams,
+                events,
+                "CUDA backend dropped with live streams/events; the driver reclaims them with the context"
+            );
+        }
+        for (device, state) in self.state.iter().enumerate() {
+            if !state.copy_stream.is_null() {
+                match self.bind(device) {
+                    Ok(()) => {
+                        // SAFETY: the stream was created by us on this context, which is
+                        // current; nothing else holds it.
+                        let status = unsafe { sys::cuStreamDestroy_v2(state.copy_stream) };
+                        if let Err(e) = check("cuStreamDestroy", status) {
+                            tracing::warn!(device, error = %e, "destroying internal copy stream");
+                        }
+                    }
+                    Err(e) => tracing::warn!(device, error = %e, "binding context in drop"),
+                }
+            }
+        }
+        let mut current: CUcontext = ptr::null_mut();
+        // SAFETY: `current` is a valid out-pointer.
+        let got_current = unsafe { sys::cuCtxGetCurrent(&mut current) } == CUresult::CUDA_SUCCESS;
+        for (device, state) in self.state.iter().enumerate() {
+            // SAFETY: we retained this primary context exactly once in open_device and
+            // release it exactly once here.
+            let status = unsafe { sys::cuDevicePrimaryCtxRelease_v2(state.dev) };
+            if let Err(e) = check("cuDevicePrimaryCtxRelease", status) {
+                tracing::warn!(device, error = %e, "releasing primary context");
+            }
+        }
+        if got_current && self.state.iter().any(|s| s.ctx == current) {
+            // Leave no possibly destroyed context current on this thread.
+            // SAFETY: setting no context is always valid.
+            let status = unsafe { sys::cuCtxSetCurrent(ptr::null_mut()) };
+            if let Err(e) = check("cuCtxSetCurrent", status) {
+                tracing::warn!(error = %e, "unbinding context in drop");
+            }
+        }
+    }
+}
+
+impl Backend for CudaBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cuda
+    }
+
+    fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    fn mem_info(&self, device: usize) -> Result<MemInfo> {
+        check_device(self, device)?;
+        self.bind(device)?;
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: the device's context is current; both are valid out-pointers.
+        check("cuMemGetInfo", unsafe {
+            sys::cuMemGetInfo_v2(&mut free, &mut total)
+        })?;
+        Ok(MemInfo { free, total })
+    }
+
+    fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr> {
+        check_device(self, device)?;
+        check_size(size)?;
+        self.bind(device)?;
+        let mut dptr: CUdeviceptr = 0;
+        // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
+        match unsafe { sys::cuMemAlloc_v2(&mut dptr, size) } {
+            CUresult::CUDA_SUCCESS => Ok(DevicePtr(dptr)),
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfMemory {
+                tier: Tier::Device(device),
+                requested: size,
+                free: self.free_for_report(device),
+            }),
+            other => Err(driver_error("cuMemAlloc", other)),
+        }
+    }
+
+    /// # Safety
+    /// As [`Backend::free_device`].
+    unsafe fn free_device(&self, device: usize, ptr: DevicePtr, _size: usize) -> Result<()> {
+        check_device(self, device)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees `ptr` came from alloc_device on this backend,
+        // is not freed and no queued work uses it.
+        check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr.0) })
+    }
+
+    fn alloc_managed(&self, device: usize, size: usize) -> Result<NonNull<u8>> {
+        check_device(self, device)?;
+        check_size(size)?;
+        if !self.devices[device].managed_memory {
+            return Err(Error::Unsupported {
+                backend: BackendKind::Cuda,
+                what: "managed memory on a device without it",
+            });
+        }
+        self.bind(device)?;
+        let mut dptr: CUdeviceptr = 0;
+        // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
+        let status = unsafe {
+            sys::cuMemAllocManaged(
+                &mut dptr,
+                size,
+                CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL as u32,
+            )
+        };
+        match status {
+            CUresult::CUDA_SUCCESS => {
+                let p: *mut u8 = ptr::with_exposed_provenance_mut(dptr as usize);
+                NonNull::new(p)
+                    .ok_or_else(|| driver_error("cuMemAllocManaged", CUresult::CUDA_ERROR_UNKNOWN))
+            }
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfMemory {
+                tier: Tier::Managed(device),
+                requested: size,
+                free: self.free_for_report(device),
+            }),
+            other => Err(driver_error("cuMemAllocManaged", other)),
+        }
+    }
+
+    /// # Safety
+    /// As [`Backend::free_managed`].
+    unsafe fn free_managed(&self, device: usize, ptr: NonNull<u8>, _size: usize) -> Result<()> {
+        check_device(self, device)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees `ptr` came from alloc_managed on this backend,
+        // is not freed and no queued work uses it; managed memory is freed with cuMemFree.
+        check("cuMemFree", unsafe { sys::cuMemFree_v2(host_addr(ptr)) })
+    }
+
+    /// # Safety
+    /// As [`Backend::register_host`].
+    unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        check_size(len)?;
+        // PORTABLE registrations are visible to every context; any one will do.
+        self.bind(0)?;
+        let base = ptr.as_ptr();
+        let mut done = 0usize;
+        let mut failure = None;
+        for (off, chunk) in register_chunks(len) {
+            // SAFETY: the caller guarantees base..base+len is mapped host memory that it
+            // owns; off+chunk <= len, so the chunk lies inside it.
+            let status = unsafe {
+                sys::cuMemHostRegister_v2(
+                    base.add(off).cast::<c_void>(),
+                    chunk,
+                    sys::CU_MEMHOSTREGISTER_PORTABLE,
+                )
+            };
+            if status != CUresult::CUDA_SUCCESS {
+                failure = Some(driver_error("cuMemHostRegister", status));
+                break;
+            }
+            done = off + chunk;
+        }
+        let Some(err) = failure else {
+            return Ok(());
+        };
+        // Undo the chunks that did register, so a failure leaves nothing behind.
+        for (off, _) in register_chunks(done) {
+            // SAFETY: this chunk start was registered by the loop above.
+            let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if let Err(e) = check("cuMemHostUnregister", status) {
+                tracing::warn!(error = %e, "rolling back a partial host registration");
+            }
+        }
+        Err(err)
+    }
+
+    /// # Safety
+    /// As [`Backend::unregister_host`].
+    unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        check_size(len)?;
+        self.bind(0)?;
+        let base = ptr.as_ptr();
+        let mut first_error = None;
+        for (off, _) in register_chunks(len) {
+            // SAFETY: the caller guarantees ptr..ptr+len was registered by
+            // register_host, which registered exactly these chunk starts; off < len.
+            let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if let Err(e) = check("cuMemHostUnregister", status) {
+                tracing::warn!(error = %e, offset = off, "unregistering host memory");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn create_stream(&self, device: usize) -> Result<StreamHandle> {
+        check_device(self, device)?;
+        self.bind(device)?;
+        let mut stream: CUstream = ptr::null_mut();
+        // SAFETY: the device's context is current; `stream` is a valid out-pointer.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+        })?;
+        let handle = StreamHandle(stream.expose_provenance() as u64);
+        lock(&self.streams).insert(handle.0, device);
+        Ok(handle)
+    }
+
+    /// # Safety
+    /// As [`Backend::destroy_stream`].
+    unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
+        let device = self.stream_device(stream)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the stream is live, ours and not used again;
+        // cuStreamDestroy lets queued work finish first.
+        check("cuStreamDestroy", unsafe {
+            sys::cuStreamDestroy_v2(stream_ptr(stream))
+        })?;
+        lock(&self.streams).remove(&stream.0);
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::synchronize_stream`].
+    unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
+        let device = self.stream_device(stream)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the stream is live and ours.
+        check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(stream_ptr(stream))
+        })
+    }
+
+    fn create_event(&self, device: usize) -> Result<EventHandle> {
+        check_device(self, device)?;
+        self.bind(device)?;
+        let mut event: CUevent = ptr::null_mut();
+        // SAFETY: the device's context is current; `event` is a valid out-pointer.
+        check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut event, CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        })?;
+        let handle = EventHandle(event.expose_provenance() as u64);
+        lock(&self.events).insert(handle.0, device);
+        Ok(handle)
+    }
+
+    /// # Safety
+    /// As [`Backend::destroy_event`].
+    unsafe fn destroy_event(&self, event: EventHandle) -> Result<()> {
+        let device = self.event_device(event)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the event is live, ours and not used again.
+        check("cuEventDestroy", unsafe {
+            sys::cuEventDestroy_v2(event_ptr(event))
+        })?;
+        lock(&self.events).remove(&event.0);
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::record_event`].
+    unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
+        let event_device = self.event_device(event)?;
+        let stream_device = self.stream_device(stream)?;
+        if event_device != stream_device {
+            // cuEventRecord requires both in one context; say so plainly instead of
+            // CUDA_ERROR_INVALID_HANDLE.
+            return Err(Error::InvalidArgument(format!(
+                "event on device {event_device} cannot be recorded on a stream of device {stream_device}"
+            )));
+        }
+        self.bind(stream_device)?;
+        // SAFETY: the caller guarantees both handles are live and ours; they share a
+        // context (checked above).
+        check("cuEventRecord", unsafe {
+            sys::cuEventRecord(event_ptr(event), stream_ptr(stream))
+        })
+    }
+
+    /// # Safety
+    /// As [`Backend::stream_wait_event`].
+    unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
+        self.event_device(event)?;
+        let device = self.stream_device(stream)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees both handles are live and ours; waiting on an
+        // event from another device's context is allowed.
+        check("cuStreamWaitEvent", unsafe {
+            sys::cuStreamWaitEvent(stream_ptr(stream), event_ptr(event), 0)
+        })
+    }
+
+    /// # Safety
+    /// As [`Backend::synchronize_event`].
+    unsafe fn synchronize_event(&self, event: EventHandle) -> Result<()> {
+        let device = self.event_device(event)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the event is live and ours.
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(event_ptr(event))
+        })
+    }
+
+    /// # Safety
+    /// As [`Backend::event_done`].
+    unsafe fn event_done(&self, event: EventHandle) -> Result<bool> {
+        let device = self.event_device(event)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the event is live and ours.
+        match unsafe { sys::cuEventQuery(event_ptr(event)) } {
+            CUresult::CUDA_SUCCESS => Ok(true),
+            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            other => Err(driver_error("cuEventQuery", other)),
+        }
+    }
+
+    /// # Safety
+    /// As [`Backend::copy`].
+    unsafe fn copy(
+        &self,
+        dst: MemRef,
+        src: MemRef,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        let side = |m: MemRef| -> Result<(CUdeviceptr, Option<usize>)> {
+            match m {
+                MemRef::Host { ptr, .. } => Ok((host_addr(ptr), None)),
+                MemRef::Device { device, ptr } => {
+                    check_device(self, device)?;
+                    Ok((ptr.0, Some(device)))
+                }
+            }
+        };
+        let (dst_addr, dst_dev) = side(dst)?;
+        let (src_addr, src_dev) = side(src)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (device, cu_stream) = match stream {
+            Some(s) => (self.stream_device(s)?, stream_ptr(s)),
+            None => {
+                let device = dst_dev.or(src_dev).unwrap_or(0);
+                (device, self.state[device].copy_stream)
+            }
+        };
+        self.bind(device)?;
+        match (dst_dev, src_dev) {
+            (Some(dd), Some(sd)) if dd != sd => {
+                // SAFETY: the caller guarantees both ranges are valid device memory of
+                // these devices for `len` bytes until the copy is done, and the stream
+                // (ours or the live one given) is valid; both contexts are retained.
+                check("cuMemcpyPeerAsync", unsafe {
+                    sys::cuMemcpyPeerAsync(
+                        dst_addr,
+                        self.state[dd].ctx,
+                        src_addr,
+                        self.state[sd].ctx,
+                        len,
+                        cu_stream,
+                    )
+                })?
+            }
+            _ => {
+                // SAFETY: the caller guarantees both ranges are valid for `len` bytes,
+                // do not overlap and outlive the copy; with unified addressing the
+                // driver infers the direction from the addresses.
+                check("cuMemcpyAsync", unsafe {
+                    sys::cuMemcpyAsync(dst_addr, src_addr, len, cu_stream)
+                })?
+            }
+        }
+        if stream.is_none() {
+            // SAFETY: the internal copy stream lives as long as `self`.
+            check("cuStreamSynchronize", unsafe {
+                sys::cuStreamSynchronize(cu_stream)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// # Safety
+    /// As [`Backend::prefetch`].
+    unsafe fn prefetch(
+        &self,
+        ptr: NonNull<u8>,
+        len: usize,
+        to: Location,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        if let Location::Device(d) = to {
+            check_device(self, d)?;
+            if !self.state[d].concurrent_managed {
+                return Err(Error::Unsupported {
+                    backend: BackendKind::Cuda,
+                    what: "prefetch to a device without concurrent managed access",
+                });
+            }
+        }
+        let device = self.stream_device(stream)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind(device)?;
+        let location = mem_location(to, |d| self.cu_device(d));
+        // SAFETY: the caller guarantees ptr..ptr+len is managed memory from this
+        // backend and the stream is live and ours.
+        check("cuMemPrefetchAsync", unsafe {
+            sys::cuMemPrefetchAsync_v2(host_addr(ptr), len, location, 0, stream_ptr(stream))
+        })
+    }
+
+    /// # Safety
+    /// As [`Backend::advise`].
+    unsafe fn advise(&self, ptr: NonNull<u8>, len: usize, advice: Advice) -> Result<()> {
+        use CUmem_advise::*;
+        let (cu_advice, location) = match advice {
+            Advice::SetReadMostly => (CU_MEM_ADVISE_SET_READ_MOSTLY, Location::Host),
+            Advice::UnsetReadMostly => (CU_MEM_ADVISE_UNSET_READ_MOSTLY, Location::Host),
+            Advice::SetPreferredLocation(loc) => (CU_MEM_ADVISE_SET_PREFERRED_LOCATION, loc),
+            Advice::UnsetPreferredLocation => {
+                (CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION, Location::Host)
+            }
+            Advice::SetAccessedBy(d) => (CU_MEM_ADVISE_SET_ACCESSED_BY, Location::Device(d)),
+            Advice::UnsetAccessedBy(d) => (CU_MEM_ADVISE_UNSET_ACCESSED_BY, Location::Device(d)),
+        };
+        // Read-mostly and unset-preferred ignore the location; host stands in.
+        let bind_device = match location {
+            Location::Device(d) => {
+                check_device(self, d)?;
+                d
+            }
+            Location::Host => 0,
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind(bind_device)?;
+        let location = mem_location(location, |d| self.cu_device(d));
+        // SAFETY: the caller guarantees ptr..ptr+len lies in managed memory from this
+        // backend; advice only changes driver policy for the range.
+        check("cuMemAdvise", unsafe {
+            sys::cuMemAdvise_v2(host_addr(ptr), len, cu_advice, location)
+        })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn culib_present() -> bool {
+        // SAFETY: only tries to dlopen libcuda's candidate names.
+        unsafe { sys::is_culib_present() }
+    }
+
+    #[test]
+    fn new_without_driver_is_unavailable_not_a_panic() {
+        match CudaBackend::new() {
+            Err(Error::BackendUnavailable { backend, reason }) => {
+                assert_eq!(backend, BackendKind::Cuda);
+                assert!(!reason.is_empty());
+            }
+            Ok(b) => {
+                assert!(culib_present(), "Ok without libcuda");
+                assert!(!b.devices().is_empty());
+            }
+            Err(e) => panic!("expected BackendUnavailable, got {e:?}"),
+        }
+        if !culib_present() {
+            // Twice: the second attempt must not trip over state from the first.
+            assert!(matches!(
+                CudaBackend::new(),
+                Err(Error::BackendUnavailable { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn pci_bus_id_is_normalised_to_sysfs_form() {
+        assert_eq!(
+            normalize_pci_bus_id("0000:3B:00.0").as_deref(),
+            Some("0000:3b:00.0")
+        );
+        assert_eq!(
+            normalize_pci_bus_id("00000000:3B:00.0").as_deref(),
+            Some("0000:3b:00.0")
+        );
+        assert_eq!(
+            normalize_pci_bus_id("0001:AF:1F.7\0").as_deref(),
+            Some("0001:af:1f.7")
+        );
+        assert_eq!(
+            normalize_pci_bus_id(" 0000:c1:00.0\n").as_deref(),
+            Some("0000:c1:00.0")
+        );
+        assert_eq!(
+            normalize_pci_bus_id("10000:01:00.0").as_deref(),
+            Some("10000:01:00.0")
+        );
+        for bad in [
+            "",
+            "3B:00.0",
+            "0000:3B:00",
+            "0000:3G:00.0",
+            "0000:3B:20.0",
+            "0000:3B:00.8",
+        ] {
+            assert_eq!(normalize_pci_bus_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_registration_is_chunked() {
+        assert_eq!(register_chunks(0).count(), 0);
+        assert_eq!(register_chunks(4096).collect::<Vec<_>>(), vec![(0, 4096)]);
+        let c = HOST_REGISTER_CHUNK;
+        assert_eq!(register_chunks(c).collect::<Vec<_>>(), vec![(0, c)]);
+        assert_eq!(
+            register_chunks(2 * c + 5).collect::<Vec<_>>(),
+            vec![(0, c), (c, c), (2 * c, 5)]
+        );
+        let big = 600usize << 30;
+        let chunks: Vec<_> = register_chunks(big).collect();
+        assert_eq!(chunks.iter().map(|&(_, l)| l).sum::<usize>(), big);
+        assert!(chunks.iter().all(|&(_, l)| l <= c));
+    }
+
+    #[test]
+    fn driver_error_carries_call_and_code() {
+        // cuGetErrorString needs a driver that `new` accepted.
+        let Ok(_backend) = CudaBackend::new() else {
+            return;
+        };
+        match driver_error("cuMemAlloc", CUresult::CUDA_ERROR_OUT_OF_MEMORY) {
+            Error::Driver {
+                backend,
+                call,
+                code,
+                message,
+            } => {
+                assert_eq!(backend, BackendKind::Cuda);
+                assert_eq!(call, "cuMemAlloc");
+                assert_eq!(code, 2);
+                assert!(!message.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// End to end on a real GPU; skipped (passes) where there is none.
+    #[test]
+    fn gpu_round_trip() {
+        let Ok(b) = CudaBackend::new() else {
+            return;
+        };
+        for d in b.devices() {
+            if let Some(id) = &d.pci_bus_id {
+                assert_eq!(normalize_pci_bus_id(id).as_ref(), Some(id));
+            }
+        }
+        let n = 1 << 20;
+        let src: Vec<u8> = (0..n).map(|i| (i * 7 + 3) as u8).collect();
+        let mut back = vec![0u8; n];
+        let dev = b.alloc_device(0, n).unwrap();
+        let info = b.mem_info(0).unwrap();
+        assert!(info.free <= info.total);
+        let host = |p: *const u8| MemRef::Host {
+            ptr: NonNull::new(p as *mut u8).unwrap(),
+            kind: super::super::HostKind::Pageable,
+        };
+        let d = MemRef::Device {
+            device: 0,
+            ptr: dev,
+        };
+        // SAFETY: buffers are live for n bytes and outlive the synchronous/synced copies.
+        unsafe {
+            b.copy(d, host(src.as_ptr()), n, None).unwrap();
+            let s = b.create_stream(0).unwrap();
+            let e = b.create_event(0).unwrap();
+            b.copy(host(back.as_mut_ptr()), d, n, Some(s)).unwrap();
+            b.record_event(e, s).unwrap();
+            b.synchronize_event(e).unwrap();
+            assert!(b.event_done(e).unwrap());
+            b.register_host(NonNull::new(back.as_mut_ptr()).unwrap(), n)
+                .unwrap();
+            b.unregister_host(NonNull::new(back.as_mut_ptr()).unwrap(), n)
+                .unwrap();
+            if b.devices()[0].managed_memory {
+                let m = b.alloc_managed(0, n).unwrap();
+                b.advise(m, n, Advice::SetPreferredLocation(Location::Device(0)))
+                    .unwrap();
+                b.prefetch(m, n, Location::Host, s).unwrap();
+                b.synchronize_stream(s).unwrap();
+                b.free_managed(0, m, n).unwrap();
+            }
+            b.destroy_event(e).unwrap();
+            b.destroy_stream(s).unwrap();
+            b.free_device(0, dev, n).unwrap();
+        }
+        assert_eq!(src, back);
+        let too_big = b.devices()[0].total_memory * 2;
+        assert!(matches!(
+            b.alloc_device(0, too_big),
+            Err(Error::OutOfMemory {
+                tier: Tier::Device(0),
+                ..
+            })
+        ));
+    }
+}

@@ -1,16 +1,77 @@
 //! The host backend (no devices) and the host allocator every backend shares.
+//!
+//! [`HostRegion`] is pageable host memory: an anonymous `mmap`, advised for transparent
+//! huge pages when it is at least [`HUGE_PAGE_SIZE`], bound to NUMA nodes with `mbind`
+//! before any page is touched, then pre-faulted so the pages sit on their node at once.
+//! [`HostBackend`] is the [`Backend`] for machines driven without a GPU: it has no
+//! devices, "pins" memory with `mlock`, and copies between host buffers with `memcpy`.
 
+use std::any::Any;
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
+use hetmem_sys::numa;
+use libc::c_void;
+use nix::errno::Errno;
+
+use crate::backend::{
+    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
+    StreamHandle,
+};
 use crate::error::{Error, Result};
-use crate::placement::NumaPolicy;
-use crate::topology::Topology;
+use crate::placement::{Advice, Location, NumaPolicy, Tier};
+use crate::topology::{parse_meminfo_field, Topology};
+
+/// Size of a transparent huge page (PMD size on x86-64 and 4 KiB-page arm64). Regions at
+/// least this large are aligned to it and advised with `MADV_HUGEPAGE`.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// At most this many pages are looked up by [`HostRegion::page_nodes`].
+pub const PAGE_NODE_SAMPLES: usize = 4096;
+
+/// The base page size of this machine.
+pub fn page_size() -> usize {
+    static PAGE: OnceLock<usize> = OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf reads a constant of the running system; no memory is passed.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if n > 0 {
+            n as usize
+        } else {
+            4096
+        }
+    })
+}
+
+/// Host memory the kernel says could be allocated now (`MemAvailable`, else `sysinfo`'s
+/// free RAM), for [`Error::OutOfMemory`].
+pub fn available_memory() -> usize {
+    if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
+        if let Ok(Some(bytes)) = parse_meminfo_field(&text, None, "MemAvailable") {
+            return usize::try_from(bytes).unwrap_or(usize::MAX);
+        }
+    }
+    // SAFETY: sysinfo only writes the struct we pass, which is a live, zeroed local.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `struct sysinfo`.
+    if unsafe { libc::sysinfo(&mut info) } == 0 {
+        (info.freeram as usize).saturating_mul(info.mem_unit.max(1) as usize)
+    } else {
+        0
+    }
+}
 
 /// A region of host memory placed by a NUMA policy; unmapped on drop.
 #[derive(Debug)]
 pub struct HostRegion {
     ptr: NonNull<u8>,
+    /// Bytes asked for.
     len: usize,
+    /// Bytes mapped: `len` rounded up to a page.
+    map_len: usize,
+    huge: bool,
+    /// Set by [`HostRegion::leak`]: drop leaves the mapping in place.
+    leaked: bool,
 }
 
 // SAFETY: the region is plain memory owned by this value; nothing in it is tied to a thread.
@@ -18,25 +79,551 @@ unsafe impl Send for HostRegion {}
 // SAFETY: &HostRegion only exposes the pointer value; access through it is the caller's concern.
 unsafe impl Sync for HostRegion {}
 
+/// `mbind` arguments for a policy, or `None` for the default policy.
+fn mbind_args(policy: &NumaPolicy, topology: &Topology) -> Result<Option<(i32, numa::NodeMask)>> {
+    match policy {
+        NumaPolicy::Default => Ok(None),
+        NumaPolicy::Bind(n) => {
+            topology.check_node(*n)?;
+            Ok(Some((numa::MPOL_BIND, numa::NodeMask::from_nodes(&[*n]))))
+        }
+        NumaPolicy::Preferred(n) => {
+            topology.check_node(*n)?;
+            Ok(Some((
+                numa::MPOL_PREFERRED,
+                numa::NodeMask::from_nodes(&[*n]),
+            )))
+        }
+        NumaPolicy::Interleave(nodes) => {
+            if nodes.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "NumaPolicy::Interleave needs at least one node".into(),
+                ));
+            }
+            for &n in nodes {
+                topology.check_node(n)?;
+            }
+            Ok(Some((
+                numa::MPOL_INTERLEAVE,
+                numa::NodeMask::from_nodes(nodes),
+            )))
+        }
+        NumaPolicy::NearDevice(d) => Err(Error::InvalidArgument(format!(
+            "NumaPolicy::NearDevice({d}) must be resolved to a node before allocating host memory"
+        ))),
+    }
+}
+
+/// `len` rounded up to whole pages, or the reason it cannot be mapped.
+fn page_round(len: usize) -> Result<usize> {
+    if len == 0 {
+        return Err(Error::InvalidSize {
+            requested: len,
+            reason: "zero bytes",
+        });
+    }
+    let page = page_size();
+    let rounded = len
+        .checked_add(page - 1)
+        .map(|n| n & !(page - 1))
+        .ok_or(Error::InvalidSize {
+            requested: len,
+            reason: "overflows when rounded up to a page",
+        })?;
+    if rounded > isize::MAX as usize {
+        return Err(Error::InvalidSize {
+            requested: len,
+            reason: "larger than isize::MAX",
+        });
+    }
+    Ok(rounded)
+}
+
+/// Maps `map_len` bytes of anonymous read-write memory, aligned to [`HUGE_PAGE_SIZE`]
+/// when `align_huge` (so that every 2 MiB of the region can be one huge page).
+fn map_anonymous(map_len: usize, align_huge: bool, requested: usize) -> Result<NonNull<u8>> {
+    // Over-reserve by one huge page less a base page, then trim head and tail: mmap itself
+    // only promises base-page alignment (kernels since 6.7 align large anonymous maps on
+    // their own, older ones do not).
+    let page = page_size();
+    let reserve = if align_huge {
+        map_len.checked_add(HUGE_PAGE_SIZE - page)
+    } else {
+        Some(map_len)
+    };
+    let Some(reserve) = reserve else {
+        return Err(Error::InvalidSize {
+            requested,
+            reason: "overflows when aligned to a huge page",
+        });
+    };
+    // No MAP_NORESERVE: the pages are faulted in right away, so let the kernel's
+    // overcommit check refuse a hopeless size here (a clean ENOMEM) rather than in the
+    // middle of faulting (the OOM killer).
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing touches
+    // no existing memory; the result is checked before use.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        let errno = Errno::last();
+        return Err(match errno {
+            Errno::ENOMEM => Error::OutOfMemory {
+                tier: Tier::Host,
+                requested,
+                free: available_memory(),
+            },
+            e => Error::os("mmap", e),
+        });
+    }
+    let start = addr as usize;
+    let aligned = if align_huge {
+        (start + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1)
+    } else {
+        start
+    };
+    let head = aligned - start;
+    let tail = reserve - head - map_len;
+    for (at, len) in [(start, head), (aligned + map_len, tail)] {
+        if len == 0 {
+            continue;
+        }
+        // SAFETY: `at..at+len` lies in the reservation just mapped above, outside the
+        // part we keep, and nothing refers to it.
+        if unsafe { libc::munmap(at as *mut c_void, len) } != 0 {
+            tracing::warn!(error = %Errno::last(), len, "munmap of alignment slack failed");
+        }
+    }
+    NonNull::new(aligned as *mut u8).ok_or_else(|| Error::os("mmap", Errno::EFAULT))
+}
+
 impl HostRegion {
     /// Maps `len` bytes placed by `policy` (already resolved: not `NearDevice`).
+    ///
+    /// The pages are faulted in before this returns, so they are committed and already
+    /// on the policy's node(s). Errors: [`Error::InvalidSize`] for 0 or sizes no mapping
+    /// can have; [`Error::UnknownNumaNode`] / [`Error::NumaNodeWithoutMemory`] for nodes
+    /// the topology lacks; [`Error::InvalidArgument`] for `NearDevice` or an empty
+    /// interleave set; [`Error::OutOfMemory`] (tier host) when the kernel refuses.
     pub fn alloc(len: usize, policy: &NumaPolicy, topology: &Topology) -> Result<HostRegion> {
-        let _ = (policy, topology);
-        let v = vec![0u8; len].into_boxed_slice();
-        let ptr = NonNull::new(Box::into_raw(v) as *mut u8).ok_or(Error::InvalidArgument("null".into()))?;
-        Ok(HostRegion { ptr, len })
+        let map_len = page_round(len)?;
+        // Validate nodes before mapping anything: an unknown node is UnknownNumaNode,
+        // not the kernel's EINVAL.
+        let bind = mbind_args(policy, topology)?;
+        let huge = map_len >= HUGE_PAGE_SIZE;
+        let ptr = map_anonymous(map_len, huge, len)?;
+        // From here on, dropping `region` unmaps the memory on every error path.
+        let region = HostRegion {
+            ptr,
+            len,
+            map_len,
+            huge,
+            leaked: false,
+        };
+
+        if huge {
+            // SAFETY: the range is the mapping we own; madvise(MADV_HUGEPAGE) only changes
+            // how the kernel backs it.
+            let rc = unsafe { libc::madvise(region.addr(), map_len, libc::MADV_HUGEPAGE) };
+            if rc != 0 {
+                match Errno::last() {
+                    // THP compiled out or disabled (`never`): base pages it is.
+                    Errno::EINVAL => {
+                        tracing::debug!("MADV_HUGEPAGE refused (THP off); using base pages")
+                    }
+                    e => tracing::warn!(error = %e, "MADV_HUGEPAGE failed; using base pages"),
+                }
+            }
+        }
+
+        if let Some((mode, mask)) = &bind {
+            // SAFETY: the range is our own fresh mapping with no page touched yet; the mask
+            // buffer covers `maxnode - 1` bits by construction.
+            unsafe {
+                numa::mbind(
+                    region.addr(),
+                    map_len,
+                    *mode,
+                    mask.as_ptr(),
+                    mask.maxnode(),
+                    0,
+                )
+            }
+            .map_err(|e| Error::os("mbind", Errno::from_raw(e)))?;
+        }
+
+        region.prefault()?;
+        tracing::debug!(
+            ptr = ?region.ptr,
+            len,
+            map_len,
+            huge,
+            ?policy,
+            "host region mapped"
+        );
+        Ok(region)
     }
+
+    /// Faults every page in, after `mbind`, so each lands on its node now rather than at
+    /// some first touch later (perhaps from a thread on another node, or after the memory
+    /// was registered with a driver, when pages can no longer move).
+    ///
+    /// `MAP_POPULATE` is no use here: it faults at `mmap` time, before `mbind` could set
+    /// the policy. `MADV_POPULATE_WRITE` (Linux 5.14) faults the range in the kernel in
+    /// one call, honouring the policy and huge pages, and reports ENOMEM as an error
+    /// instead of a SIGBUS later; older kernels answer EINVAL and we touch one byte per
+    /// page instead.
+    fn prefault(&self) -> Result<()> {
+        // SAFETY: the range is our own mapping; populating it writes nothing visible
+        // (anonymous pages read as zero either way).
+        let rc = unsafe { libc::madvise(self.addr(), self.map_len, libc::MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::EINVAL => {
+                tracing::debug!("MADV_POPULATE_WRITE unsupported; touching pages");
+                let page = page_size();
+                for off in (0..self.map_len).step_by(page) {
+                    // SAFETY: `off < map_len`, so the byte lies in our read-write mapping;
+                    // no reference to the region's memory exists yet. The volatile write of
+                    // zero (what the page already holds) keeps the store from being elided.
+                    unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+                }
+                Ok(())
+            }
+            Errno::ENOMEM => Err(Error::OutOfMemory {
+                tier: Tier::Host,
+                requested: self.len,
+                free: available_memory(),
+            }),
+            e => Err(Error::os("madvise(MADV_POPULATE_WRITE)", e)),
+        }
+    }
+
+    fn addr(&self) -> *mut c_void {
+        self.ptr.as_ptr().cast()
+    }
+
     /// First byte.
-    pub fn ptr(&self) -> NonNull<u8> { self.ptr }
-    /// Length in bytes.
-    pub fn len(&self) -> usize { self.len }
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// Length in bytes, as asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Whether the region is empty (never true: zero sizes are refused).
-    pub fn is_empty(&self) -> bool { self.len == 0 }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Leaves the mapping in place when this value is dropped. For memory a driver may
+    /// still use (a failed unregistration, a copy that could not be waited for): a leak
+    /// is better than a device writing into pages the kernel has handed to someone else.
+    pub fn leak(&mut self) {
+        self.leaked = true;
+    }
+
+    /// Bytes actually mapped: [`HostRegion::len`] rounded up to a page.
+    pub fn mapped_len(&self) -> usize {
+        self.map_len
+    }
+
+    /// Whether the region was advised for transparent huge pages (and aligned to them).
+    pub fn huge_pages_advised(&self) -> bool {
+        self.huge
+    }
+
+    /// The NUMA node of the region's pages, from `move_pages` in query mode: one entry per
+    /// sampled page, where the sample is every page of regions up to
+    /// [`PAGE_NODE_SAMPLES`] pages and that many evenly spaced pages (first and last
+    /// included) of larger ones. An entry is a node id, or a negative errno for a page the
+    /// kernel could not report (`-ENOENT`: not present).
+    pub fn page_nodes(&self) -> Result<Vec<i32>> {
+        let page = page_size();
+        let pages = self.map_len / page;
+        let indices: Vec<usize> = if pages <= PAGE_NODE_SAMPLES {
+            (0..pages).collect()
+        } else {
+            (0..PAGE_NODE_SAMPLES)
+                .map(|i| i * (pages - 1) / (PAGE_NODE_SAMPLES - 1))
+                .collect()
+        };
+        let addrs: Vec<*const c_void> = indices
+            .iter()
+            // `wrapping_add` only computes addresses; nothing is dereferenced here.
+            .map(|&i| self.ptr.as_ptr().wrapping_add(i * page) as *const c_void)
+            .collect();
+        let mut status = vec![i32::MIN; addrs.len()];
+        numa::query_page_nodes(&addrs, &mut status)
+            .map_err(|e| Error::os("move_pages", Errno::from_raw(e)))?;
+        Ok(status)
+    }
 }
 
 impl Drop for HostRegion {
     fn drop(&mut self) {
-        // SAFETY: placeholder: ptr/len came from Box<[u8]> in alloc.
-        unsafe { drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len))) };
+        if self.leaked {
+            return;
+        }
+        // SAFETY: `ptr..ptr+map_len` is the mapping made in `alloc`, owned by this value and
+        // unmapped only here.
+        if unsafe { libc::munmap(self.addr(), self.map_len) } != 0 {
+            tracing::warn!(
+                ptr = ?self.ptr,
+                len = self.map_len,
+                error = %Errno::last(),
+                "munmap of host region failed"
+            );
+        }
+    }
+}
+
+/// The backend without devices: host memory only. Pinning is `mlock` (page-locked memory
+/// is what "pinned" means with no DMA engine to serve), copies are `memcpy`, and every
+/// device, stream or event call fails.
+#[derive(Debug, Default)]
+pub struct HostBackend {
+    _private: (),
+}
+
+impl HostBackend {
+    /// The host backend. It needs nothing from the system, so it cannot fail.
+    pub fn new() -> HostBackend {
+        HostBackend { _private: () }
+    }
+
+    fn no_device(&self, device: usize) -> Error {
+        match check_device(self, device) {
+            Err(e) => e,
+            Ok(()) => unreachable!("the host backend has no devices"),
+        }
+    }
+
+    fn unsupported(what: &'static str) -> Error {
+        Error::Unsupported {
+            backend: BackendKind::Host,
+            what,
+        }
+    }
+}
+
+/// Bytes this process may still lock: `RLIMIT_MEMLOCK` less what `/proc/self/status`
+/// reports locked (`VmLck`), or available memory where the limit is infinite.
+fn lockable_memory() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `struct rlimit`, which `lim` is.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return available_memory();
+    }
+    let locked = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_meminfo_field(&s, None, "VmLck").ok().flatten())
+        .unwrap_or(0);
+    usize::try_from(lim.rlim_cur.saturating_sub(locked)).unwrap_or(usize::MAX)
+}
+
+impl Backend for HostBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Host
+    }
+
+    fn devices(&self) -> &[DeviceInfo] {
+        &[]
+    }
+
+    fn mem_info(&self, device: usize) -> Result<MemInfo> {
+        Err(self.no_device(device))
+    }
+
+    fn alloc_device(&self, device: usize, _size: usize) -> Result<DevicePtr> {
+        Err(self.no_device(device))
+    }
+
+    unsafe fn free_device(&self, device: usize, _ptr: DevicePtr, _size: usize) -> Result<()> {
+        Err(self.no_device(device))
+    }
+
+    fn alloc_managed(&self, device: usize, _size: usize) -> Result<NonNull<u8>> {
+        Err(self.no_device(device))
+    }
+
+    unsafe fn free_managed(&self, device: usize, _ptr: NonNull<u8>, _size: usize) -> Result<()> {
+        Err(self.no_device(device))
+    }
+
+    unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        // SAFETY: the caller guarantees `ptr..ptr+len` is mapped memory it owns; mlock
+        // only pins the pages (faulting them in) and changes no contents.
+        if unsafe { libc::mlock(ptr.as_ptr().cast(), len) } == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            Errno::ENOMEM => {
+                let free = lockable_memory();
+                tracing::warn!(
+                    len,
+                    free,
+                    "mlock: RLIMIT_MEMLOCK reached; raise `ulimit -l` or grant CAP_IPC_LOCK"
+                );
+                Err(Error::OutOfMemory {
+                    tier: Tier::Pinned,
+                    requested: len,
+                    free,
+                })
+            }
+            Errno::EPERM => Err(Error::os(
+                "mlock (RLIMIT_MEMLOCK is 0 and no CAP_IPC_LOCK: raise `ulimit -l`)",
+                Errno::EPERM,
+            )),
+            e => Err(Error::os("mlock", e)),
+        }
+    }
+
+    unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        // SAFETY: the caller guarantees the range was registered (locked) by us; munlock
+        // only lets the pages be swapped again.
+        if unsafe { libc::munlock(ptr.as_ptr().cast(), len) } == 0 {
+            Ok(())
+        } else {
+            Err(Error::os("munlock", Errno::last()))
+        }
+    }
+
+    fn create_stream(&self, device: usize) -> Result<StreamHandle> {
+        Err(self.no_device(device))
+    }
+
+    unsafe fn destroy_stream(&self, _stream: StreamHandle) -> Result<()> {
+        Err(Self::unsupported("streams"))
+    }
+
+    unsafe fn synchronize_stream(&self, _stream: StreamHandle) -> Result<()> {
+        Err(Self::unsupported("streams"))
+    }
+
+    fn create_event(&self, device: usize) -> Result<EventHandle> {
+        Err(self.no_device(device))
+    }
+
+    unsafe fn destroy_event(&self, _event: EventHandle) -> Result<()> {
+        Err(Self::unsupported("events"))
+    }
+
+    unsafe fn record_event(&self, _event: EventHandle, _stream: StreamHandle) -> Result<()> {
+        Err(Self::unsupported("events"))
+    }
+
+    unsafe fn stream_wait_event(&self, _stream: StreamHandle, _event: EventHandle) -> Result<()> {
+        Err(Self::unsupported("events"))
+    }
+
+    unsafe fn synchronize_event(&self, _event: EventHandle) -> Result<()> {
+        Err(Self::unsupported("events"))
+    }
+
+    unsafe fn event_done(&self, _event: EventHandle) -> Result<bool> {
+        Err(Self::unsupported("events"))
+    }
+
+    unsafe fn copy(
+        &self,
+        dst: MemRef,
+        src: MemRef,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        for side in [dst, src] {
+            if let MemRef::Device { device, .. } = side {
+                return Err(self.no_device(device));
+            }
+        }
+        if stream.is_some() {
+            return Err(Self::unsupported("streams (copy with stream None)"));
+        }
+        let (MemRef::Host { ptr: d, .. }, MemRef::Host { ptr: s, .. }) = (dst, src) else {
+            unreachable!("device sides were refused above");
+        };
+        if len > 0 {
+            // SAFETY: the caller guarantees both ranges are valid for `len` bytes and do
+            // not overlap; the copy is done before we return.
+            unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), d.as_ptr(), len) };
+        }
+        Ok(())
+    }
+
+    unsafe fn prefetch(
+        &self,
+        _ptr: NonNull<u8>,
+        _len: usize,
+        to: Location,
+        _stream: StreamHandle,
+    ) -> Result<()> {
+        match to {
+            Location::Device(d) => Err(self.no_device(d)),
+            Location::Host => Err(Self::unsupported("managed memory")),
+        }
+    }
+
+    unsafe fn advise(&self, _ptr: NonNull<u8>, _len: usize, advice: Advice) -> Result<()> {
+        match advice {
+            Advice::SetPreferredLocation(Location::Device(d))
+            | Advice::SetAccessedBy(d)
+            | Advice::UnsetAccessedBy(d) => Err(self.no_device(d)),
+            _ => Err(Self::unsupported("managed memory")),
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding() {
+        let page = page_size();
+        assert_eq!(page_round(1).unwrap(), page);
+        assert_eq!(page_round(page).unwrap(), page);
+        assert_eq!(page_round(page + 1).unwrap(), 2 * page);
+        assert!(matches!(page_round(0), Err(Error::InvalidSize { .. })));
+        assert!(matches!(
+            page_round(usize::MAX),
+            Err(Error::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            page_round(isize::MAX as usize + 1),
+            Err(Error::InvalidSize { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_alignment() {
+        let topo = Topology::detect().unwrap();
+        let r = HostRegion::alloc(HUGE_PAGE_SIZE + 1, &NumaPolicy::Default, &topo).unwrap();
+        assert!(r.huge_pages_advised());
+        assert_eq!(r.ptr().as_ptr() as usize % HUGE_PAGE_SIZE, 0);
+        assert_eq!(r.mapped_len(), HUGE_PAGE_SIZE + page_size());
+        let small = HostRegion::alloc(100, &NumaPolicy::Default, &topo).unwrap();
+        assert!(!small.huge_pages_advised());
+        assert_eq!(small.mapped_len(), page_size());
     }
 }

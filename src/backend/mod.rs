@@ -16,6 +16,7 @@
 
 pub mod cuda;
 pub mod host;
+pub mod owned;
 pub mod rocm;
 pub mod sim;
 

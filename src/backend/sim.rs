@@ -1,1 +1,987 @@
-//! Simulated GPU (placeholder).
+//! A simulated GPU: the default backend where no driver is found.
+//!
+//! Device memory is host memory behind synthetic device addresses that the CPU cannot
+//! dereference, so a bug that treats a device pointer as a host pointer crashes here
+//! as it would on a GPU. Copies really move the bytes, so checksums prove nothing is
+//! lost. Time is a deterministic virtual clock instead of the wall clock:
+//!
+//! - the host has a time, and so does each stream (when its queued work ends);
+//! - a copy costs `latency + bytes / bandwidth` and runs on its device's copy engine
+//!   for that direction (one engine host→device, one device→host, as on real cards),
+//!   so copies in one direction queue behind each other while the two directions and
+//!   compute overlap;
+//! - a kernel is declared with a duration ([`SimBackend::launch_kernel`]) and runs on
+//!   the device's compute engine;
+//! - events carry the time their stream reached when recorded; waiting on one moves
+//!   the waiter's time forward to it.
+//!
+//! Work runs at enqueue, in host program order, which is always an order a GPU could
+//! have chosen; the clock then says when it would have happened. Overlap, bytes moved
+//! and stalls are exact and repeatable on a noisy machine. Defaults come from the H200
+//! host measured in DESIGN.md.
+
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
+use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::backend::{
+    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, HostKind, MemInfo,
+    MemRef, StreamHandle,
+};
+use crate::error::{Error, Result};
+use crate::placement::{Advice, Location, Tier};
+use crate::stats::ByteCounter;
+
+/// One simulated device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimDevice {
+    /// Name reported in [`DeviceInfo`].
+    pub name: String,
+    /// Device memory in bytes.
+    pub capacity: usize,
+    /// PCI address reported to the topology (to test NUMA affinity against fixtures).
+    pub pci_bus_id: Option<String>,
+}
+
+/// Speeds and sizes of the simulated machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// The devices.
+    pub devices: Vec<SimDevice>,
+    /// Host→device bandwidth from pinned memory, GB/s (10⁹ bytes per second).
+    pub h2d_gbps: f64,
+    /// Device→host bandwidth to pinned memory, GB/s.
+    pub d2h_gbps: f64,
+    /// Bandwidth of either direction when the host side is pageable, GB/s.
+    pub pageable_gbps: f64,
+    /// Device→device bandwidth (same or another device), GB/s.
+    pub d2d_gbps: f64,
+    /// Fixed cost of every copy and prefetch.
+    pub copy_latency: Duration,
+}
+
+/// H200 device memory as the driver reports it (143,771,336,704 bytes ≈ 133.9 GiB).
+pub const H200_MEMORY: usize = 143_771_336_704;
+
+impl Default for SimConfig {
+    /// One H200-like device on a PCIe Gen5 x16 link, with the figures measured in
+    /// DESIGN.md: 55.3 GB/s pinned each way, 6–11 GB/s pageable (8 taken).
+    fn default() -> Self {
+        SimConfig {
+            devices: vec![SimDevice {
+                name: "sim-H200".into(),
+                capacity: H200_MEMORY,
+                pci_bus_id: None,
+            }],
+            h2d_gbps: 55.3,
+            d2h_gbps: 55.3,
+            pageable_gbps: 8.0,
+            d2d_gbps: 2000.0,
+            copy_latency: Duration::from_micros(8),
+        }
+    }
+}
+
+impl SimConfig {
+    /// `n` identical devices of `capacity` bytes each, default speeds.
+    pub fn with_devices(n: usize, capacity: usize) -> Self {
+        SimConfig {
+            devices: (0..n)
+                .map(|i| SimDevice {
+                    name: "sim-H200".into(),
+                    capacity,
+                    pci_bus_id: Some(format!("0000:{:02x}:00.0", 0x10 + i)),
+                })
+                .collect(),
+            ..SimConfig::default()
+        }
+    }
+
+    /// The default, changed by `HETMEM_SIM_DEVICES` (count) and `HETMEM_SIM_MEMORY`
+    /// (bytes per device, with an optional `K`, `M`, `G` or `T` binary suffix).
+    pub fn from_env() -> Result<Self> {
+        let mut cfg = SimConfig::default();
+        let capacity = match std::env::var("HETMEM_SIM_MEMORY") {
+            Ok(s) => parse_bytes(&s).ok_or_else(|| {
+                Error::InvalidArgument(format!("HETMEM_SIM_MEMORY={s:?} is not a byte size"))
+            })?,
+            Err(_) => H200_MEMORY,
+        };
+        let count = match std::env::var("HETMEM_SIM_DEVICES") {
+            Ok(s) => s.trim().parse::<usize>().map_err(|_| {
+                Error::InvalidArgument(format!("HETMEM_SIM_DEVICES={s:?} is not a count"))
+            })?,
+            Err(_) => 1,
+        };
+        if count != 1 || capacity != H200_MEMORY {
+            cfg = SimConfig {
+                devices: SimConfig::with_devices(count, capacity).devices,
+                ..cfg
+            };
+        }
+        Ok(cfg)
+    }
+}
+
+/// Parses `123`, `64K`, `512M`, `80G`, `1T` (binary multiples).
+pub(crate) fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        (i, 'T' | 't') => (&s[..i], 40),
+        _ => (s, 0),
+    };
+    digits
+        .trim()
+        .parse::<usize>()
+        .ok()?
+        .checked_mul(1usize << shift)
+}
+
+/// Bytes moved and work done, per kind, since the backend was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Bytes copied host→device.
+    pub h2d_bytes: u64,
+    /// Bytes copied device→host.
+    pub d2h_bytes: u64,
+    /// Bytes copied device→device.
+    pub d2d_bytes: u64,
+    /// Bytes copied host→host.
+    pub h2h_bytes: u64,
+    /// Bytes migrated by managed-memory prefetch.
+    pub prefetch_bytes: u64,
+    /// Copies issued.
+    pub copies: u64,
+    /// Kernels launched.
+    pub kernels: u64,
+}
+
+/// Advice and residency of one managed allocation, for tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagedState {
+    /// Where the pages are now.
+    pub location: Location,
+    /// `SetReadMostly` is in force.
+    pub read_mostly: bool,
+    /// `SetPreferredLocation` target.
+    pub preferred: Option<Location>,
+    /// Devices named by `SetAccessedBy`.
+    pub accessed_by: Vec<usize>,
+}
+
+/// The span of virtual time one piece of work occupied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Start, in virtual nanoseconds.
+    pub start_ns: u64,
+    /// End, in virtual nanoseconds.
+    pub end_ns: u64,
+}
+
+#[derive(Debug)]
+struct Memory {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Memory {
+    fn zeroed(size: usize) -> Option<Memory> {
+        // Page alignment matches what drivers hand out and lets managed memory be
+        // registered or advised by page.
+        let layout = Layout::from_size_align(size, 4096).ok()?;
+        // SAFETY: size > 0 is checked by every caller before reaching here.
+        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
+        Some(Memory { ptr, layout })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated in `zeroed` with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+#[derive(Debug)]
+struct DeviceAlloc {
+    len: usize,
+    mem: Memory,
+}
+
+#[derive(Debug)]
+struct ManagedAlloc {
+    device: usize,
+    len: usize,
+    mem: Memory,
+    state: ManagedState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Engines {
+    h2d_free_ns: u64,
+    d2h_free_ns: u64,
+    compute_free_ns: u64,
+}
+
+#[derive(Debug)]
+struct StreamState {
+    device: usize,
+    tail_ns: u64,
+}
+
+#[derive(Debug)]
+struct EventState {
+    device: usize,
+    /// `None` until recorded; an unrecorded event counts as passed, as in CUDA.
+    time_ns: Option<u64>,
+}
+
+#[derive(Debug)]
+struct State {
+    host_ns: u64,
+    next_handle: u64,
+    next_addr: Vec<u64>,
+    device_allocs: BTreeMap<u64, DeviceAlloc>,
+    managed: BTreeMap<usize, ManagedAlloc>,
+    registered: BTreeMap<usize, usize>,
+    streams: HashMap<u64, StreamState>,
+    events: HashMap<u64, EventState>,
+    engines: Vec<Engines>,
+    stats: SimStats,
+}
+
+/// The simulated GPU backend. See the module docs for the timing model.
+#[derive(Debug)]
+pub struct SimBackend {
+    cfg: SimConfig,
+    devices: Vec<DeviceInfo>,
+    used: Vec<ByteCounter>,
+    state: Mutex<State>,
+}
+
+// SAFETY: the raw pointers inside `State` point to memory this backend owns exclusively;
+// every access to them goes through the mutex.
+unsafe impl Send for SimBackend {}
+// SAFETY: as above: shared access is serialised by the mutex.
+unsafe impl Sync for SimBackend {}
+
+/// Device addresses: device `d` hands out addresses from `(d + 1) << 52`, never reused,
+/// so a stale pointer can never alias a newer allocation.
+const ADDR_SHIFT: u32 = 52;
+/// Alignment of device allocations, as CUDA guarantees (256 B; we use 512).
+const DEVICE_ALIGN: u64 = 512;
+
+impl SimBackend {
+    /// A simulator with the given configuration.
+    pub fn new(cfg: SimConfig) -> Result<SimBackend> {
+        if cfg.devices.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a simulated machine needs at least one device".into(),
+            ));
+        }
+        for (what, v) in [
+            ("h2d_gbps", cfg.h2d_gbps),
+            ("d2h_gbps", cfg.d2h_gbps),
+            ("pageable_gbps", cfg.pageable_gbps),
+            ("d2d_gbps", cfg.d2d_gbps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "sim {what} must be a positive number, got {v}"
+                )));
+            }
+        }
+        let devices = cfg
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(ordinal, d)| DeviceInfo {
+                ordinal,
+                name: d.name.clone(),
+                total_memory: d.capacity,
+                pci_bus_id: d.pci_bus_id.clone(),
+                managed_memory: true,
+            })
+            .collect();
+        let used = cfg
+            .devices
+            .iter()
+            .map(|d| ByteCounter::with_limit(d.capacity))
+            .collect();
+        let n = cfg.devices.len();
+        Ok(SimBackend {
+            devices,
+            used,
+            state: Mutex::new(State {
+                host_ns: 0,
+                next_handle: 1,
+                next_addr: (0..n as u64).map(|d| (d + 1) << ADDR_SHIFT).collect(),
+                device_allocs: BTreeMap::new(),
+                managed: BTreeMap::new(),
+                registered: BTreeMap::new(),
+                streams: HashMap::new(),
+                events: HashMap::new(),
+                engines: vec![Engines::default(); n],
+                stats: SimStats::default(),
+            }),
+            cfg,
+        })
+    }
+
+    /// The configuration it was made with.
+    pub fn config(&self) -> &SimConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state half-updated in a way
+        // that matters more than refusing all further work would, so carry on.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The host's virtual time in nanoseconds.
+    pub fn host_time_ns(&self) -> u64 {
+        self.lock().host_ns
+    }
+
+    /// When the work queued on `stream` so far ends, in virtual nanoseconds.
+    pub fn stream_time_ns(&self, stream: StreamHandle) -> Result<u64> {
+        let st = self.lock();
+        Ok(stream_ref(&st, stream)?.tail_ns)
+    }
+
+    /// The virtual time `event` was recorded at (`None` if never recorded).
+    pub fn event_time_ns(&self, event: EventHandle) -> Result<Option<u64>> {
+        let st = self.lock();
+        Ok(event_ref(&st, event)?.time_ns)
+    }
+
+    /// Bytes moved and work done so far.
+    pub fn stats(&self) -> SimStats {
+        self.lock().stats
+    }
+
+    /// Residency and advice of the managed allocation containing `ptr`.
+    pub fn managed_state(&self, ptr: NonNull<u8>) -> Option<ManagedState> {
+        let st = self.lock();
+        find_managed(&st, ptr.as_ptr() as usize, 1).map(|m| m.state.clone())
+    }
+
+    /// Queues a kernel that occupies `stream`'s device compute engine for `duration`.
+    /// Returns when it would run.
+    pub fn launch_kernel(&self, stream: StreamHandle, duration: Duration) -> Result<Span> {
+        let mut st = self.lock();
+        let device = stream_ref(&st, stream)?.device;
+        let host = st.host_ns;
+        let s = stream_ref(&st, stream)?.tail_ns;
+        let eng = &mut st.engines[device];
+        let start = s.max(host).max(eng.compute_free_ns);
+        let end = start + duration.as_nanos() as u64;
+        eng.compute_free_ns = end;
+        stream_mut(&mut st, stream)?.tail_ns = end;
+        st.stats.kernels += 1;
+        Ok(Span {
+            start_ns: start,
+            end_ns: end,
+        })
+    }
+
+    /// Virtual duration of a copy of `bytes` at `gbps`.
+    fn copy_ns(&self, bytes: usize, gbps: f64) -> u64 {
+        self.cfg.copy_latency.as_nanos() as u64 + (bytes as f64 / gbps).ceil() as u64
+    }
+
+    fn host_kind(st: &State, ptr: NonNull<u8>, len: usize, kind: HostKind) -> HostKind {
+        // Trust registration over the caller's label: pinned speed needs registration.
+        let p = ptr.as_ptr() as usize;
+        match kind {
+            HostKind::Managed => HostKind::Managed,
+            _ if is_registered(st, p, len) => HostKind::Pinned,
+            _ => HostKind::Pageable,
+        }
+    }
+
+    /// Resolves one side of a copy to a host-addressable pointer.
+    fn resolve(st: &State, r: MemRef, len: usize) -> Result<*mut u8> {
+        match r {
+            MemRef::Host { ptr, .. } => Ok(ptr.as_ptr()),
+            MemRef::Device { device, ptr } => {
+                let (start, a) = st
+                    .device_allocs
+                    .range(..=ptr.0)
+                    .next_back()
+                    .ok_or_else(|| bad_device_ptr(device, ptr))?;
+                let off = (ptr.0 - start) as usize;
+                if device_of(*start) != device || off.checked_add(len).is_none_or(|e| e > a.len) {
+                    return Err(bad_device_ptr(device, ptr));
+                }
+                // SAFETY: off + len <= a.len, so the result stays inside the allocation.
+                Ok(unsafe { a.mem.ptr.as_ptr().add(off) })
+            }
+        }
+    }
+}
+
+fn device_of(addr: u64) -> usize {
+    ((addr >> ADDR_SHIFT) - 1) as usize
+}
+
+fn bad_device_ptr(device: usize, ptr: DevicePtr) -> Error {
+    Error::InvalidArgument(format!(
+        "{:#x} is not a live allocation of sim device {device} (or the range runs past its end)",
+        ptr.0
+    ))
+}
+
+fn is_registered(st: &State, p: usize, len: usize) -> bool {
+    st.registered
+        .range(..=p)
+        .next_back()
+        .is_some_and(|(s, l)| p + len <= s + l)
+}
+
+fn find_managed(st: &State, p: usize, len: usize) -> Option<&ManagedAlloc> {
+    st.managed
+        .range(..=p)
+        .next_back()
+        .filter(|(s, m)| p + len <= *s + m.len)
+        .map(|(_, m)| m)
+}
+
+fn stream_ref(st: &State, s: StreamHandle) -> Result<&StreamState> {
+    st.streams
+        .get(&s.0)
+        .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", s.0)))
+}
+
+fn stream_mut(st: &mut State, s: StreamHandle) -> Result<&mut StreamState> {
+    st.streams
+        .get_mut(&s.0)
+        .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", s.0)))
+}
+
+fn event_ref(st: &State, e: EventHandle) -> Result<&EventState> {
+    st.events
+        .get(&e.0)
+        .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", e.0)))
+}
+
+impl Backend for SimBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Sim
+    }
+
+    fn devices(&self) -> &[DeviceInfo] {
+        &self.devices
+    }
+
+    fn mem_info(&self, device: usize) -> Result<MemInfo> {
+        check_device(self, device)?;
+        let c = &self.used[device];
+        Ok(MemInfo {
+            free: c.free(),
+            total: c.limit(),
+        })
+    }
+
+    fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr> {
+        check_device(self, device)?;
+        let oom = |free| Error::OutOfMemory {
+            tier: Tier::Device(device),
+            requested: size,
+            free,
+        };
+        self.used[device].try_reserve(size).map_err(oom)?;
+        let Some(mem) = Memory::zeroed(size) else {
+            self.used[device].release(size);
+            // The simulated device had room but this host did not.
+            return Err(oom(self.used[device].free()));
+        };
+        let mut st = self.lock();
+        let addr = st.next_addr[device];
+        st.next_addr[device] = (addr + size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
+        st.device_allocs
+            .insert(addr, DeviceAlloc { len: size, mem });
+        Ok(DevicePtr(addr))
+    }
+
+    unsafe fn free_device(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        check_device(self, device)?;
+        let mut st = self.lock();
+        match st.device_allocs.get(&ptr.0) {
+            Some(a) if device_of(ptr.0) == device && a.len == size => {
+                st.device_allocs.remove(&ptr.0);
+                drop(st);
+                self.used[device].release(size);
+                Ok(())
+            }
+            _ => Err(bad_device_ptr(device, ptr)),
+        }
+    }
+
+    fn alloc_managed(&self, device: usize, size: usize) -> Result<NonNull<u8>> {
+        check_device(self, device)?;
+        // Managed memory lives on the host until touched on the device; it counts
+        // against the device as the driver's accounting does once it migrates, which
+        // the simulator simplifies to counting it always.
+        let oom = |free| Error::OutOfMemory {
+            tier: Tier::Managed(device),
+            requested: size,
+            free,
+        };
+        self.used[device].try_reserve(size).map_err(oom)?;
+        let Some(mem) = Memory::zeroed(size) else {
+            self.used[device].release(size);
+            return Err(oom(self.used[device].free()));
+        };
+        let ptr = mem.ptr;
+        self.lock().managed.insert(
+            ptr.as_ptr() as usize,
+            ManagedAlloc {
+                device,
+                len: size,
+                mem,
+                state: ManagedState {
+                    location: Location::Host,
+                    read_mostly: false,
+                    preferred: None,
+                    accessed_by: Vec::new(),
+                },
+            },
+        );
+        Ok(ptr)
+    }
+
+    unsafe fn free_managed(&self, device: usize, ptr: NonNull<u8>, size: usize) -> Result<()> {
+        let mut st = self.lock();
+        let key = ptr.as_ptr() as usize;
+        match st.managed.get(&key) {
+            Some(m) if m.device == device && m.len == size => {
+                let m = st.managed.remove(&key).expect("checked above");
+                drop(st);
+                drop(m.mem);
+                self.used[device].release(size);
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "{key:#x} is not a live managed allocation of {size} bytes on sim device {device}"
+            ))),
+        }
+    }
+
+    unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        let p = ptr.as_ptr() as usize;
+        let mut st = self.lock();
+        let overlaps = st
+            .registered
+            .range(..p + len)
+            .next_back()
+            .is_some_and(|(s, l)| s + l > p);
+        if overlaps {
+            return Err(Error::InvalidArgument(format!(
+                "host range {p:#x}+{len} is already registered"
+            )));
+        }
+        st.registered.insert(p, len);
+        Ok(())
+    }
+
+    unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
+        let p = ptr.as_ptr() as usize;
+        let mut st = self.lock();
+        match st.registered.get(&p) {
+            Some(l) if *l == len => {
+                st.registered.remove(&p);
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "host range {p:#x}+{len} is not registered"
+            ))),
+        }
+    }
+
+    fn create_stream(&self, device: usize) -> Result<StreamHandle> {
+        check_device(self, device)?;
+        let mut st = self.lock();
+        let h = st.next_handle;
+        st.next_handle += 1;
+        let tail_ns = st.host_ns;
+        st.streams.insert(h, StreamState { device, tail_ns });
+        Ok(StreamHandle(h))
+    }
+
+    unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
+        let mut st = self.lock();
+        st.streams
+            .remove(&stream.0)
+            .map(|_| ())
+            .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", stream.0)))
+    }
+
+    unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
+        let mut st = self.lock();
+        let t = stream_ref(&st, stream)?.tail_ns;
+        st.host_ns = st.host_ns.max(t);
+        Ok(())
+    }
+
+    fn create_event(&self, device: usize) -> Result<EventHandle> {
+        check_device(self, device)?;
+        let mut st = self.lock();
+        let h = st.next_handle;
+        st.next_handle += 1;
+        st.events.insert(
+            h,
+            EventState {
+                device,
+                time_ns: None,
+            },
+        );
+        Ok(EventHandle(h))
+    }
+
+    unsafe fn destroy_event(&self, event: EventHandle) -> Result<()> {
+        let mut st = self.lock();
+        st.events
+            .remove(&event.0)
+            .map(|_| ())
+            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))
+    }
+
+    unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
+        let mut st = self.lock();
+        let s = stream_ref(&st, stream)?;
+        let (t, sdev) = (s.tail_ns.max(st.host_ns), s.device);
+        let e = st
+            .events
+            .get_mut(&event.0)
+            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))?;
+        if e.device != sdev {
+            return Err(Error::InvalidArgument(format!(
+                "event of device {} recorded on a stream of device {sdev}",
+                e.device
+            )));
+        }
+        e.time_ns = Some(t);
+        Ok(())
+    }
+
+    unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
+        let mut st = self.lock();
+        let t = event_ref(&st, event)?.time_ns.unwrap_or(0);
+        let s = stream_mut(&mut st, stream)?;
+        s.tail_ns = s.tail_ns.max(t);
+        Ok(())
+    }
+
+    unsafe fn synchronize_event(&self, event: EventHandle) -> Result<()> {
+        let mut st = self.lock();
+        let t = event_ref(&st, event)?.time_ns.unwrap_or(0);
+        st.host_ns = st.host_ns.max(t);
+        Ok(())
+    }
+
+    unsafe fn event_done(&self, event: EventHandle) -> Result<bool> {
+        let st = self.lock();
+        Ok(event_ref(&st, event)?.time_ns.unwrap_or(0) <= st.host_ns)
+    }
+
+    unsafe fn copy(
+        &self,
+        dst: MemRef,
+        src: MemRef,
+        len: usize,
+        stream: Option<StreamHandle>,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let d = Self::resolve(&st, dst, len)?;
+        let s = Self::resolve(&st, src, len)?;
+        // Which engine and how fast: the device side picks the engine, the host side's
+        // kind picks the speed.
+        let (device, engine, gbps, pageable) = match (dst, src) {
+            (MemRef::Device { device, .. }, MemRef::Host { ptr, kind }) => {
+                let k = Self::host_kind(&st, ptr, len, kind);
+                let pageable = k == HostKind::Pageable;
+                let g = if pageable {
+                    self.cfg.pageable_gbps
+                } else {
+                    self.cfg.h2d_gbps
+                };
+                (Some(device), Engine::H2D, g, pageable)
+            }
+            (MemRef::Host { ptr, kind }, MemRef::Device { device, .. }) => {
+                let k = Self::host_kind(&st, ptr, len, kind);
+                let pageable = k == HostKind::Pageable;
+                let g = if pageable {
+                    self.cfg.pageable_gbps
+                } else {
+                    self.cfg.d2h_gbps
+                };
+                (Some(device), Engine::D2H, g, pageable)
+            }
+            (MemRef::Device { device, .. }, MemRef::Device { .. }) => {
+                (Some(device), Engine::Compute, self.cfg.d2d_gbps, false)
+            }
+            (MemRef::Host { .. }, MemRef::Host { .. }) => (None, Engine::Compute, 0.0, true),
+        };
+        if let Some(sh) = stream {
+            let sdev = stream_ref(&st, sh)?.device;
+            if device.is_some_and(|d| d != sdev) && !matches!(engine, Engine::Compute) {
+                return Err(Error::InvalidArgument(format!(
+                    "copy to or from device {} queued on a stream of device {sdev}",
+                    device.unwrap_or(0)
+                )));
+            }
+        }
+        // SAFETY: both ranges were resolved to live memory of at least `len` bytes (device
+        // side) or are valid by the caller's contract (host side); they do not overlap
+        // by the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+
+        let stats = &mut st.stats;
+        stats.copies += 1;
+        match engine {
+            Engine::H2D => stats.h2d_bytes += len as u64,
+            Engine::D2H => stats.d2h_bytes += len as u64,
+            Engine::Compute if device.is_some() => stats.d2d_bytes += len as u64,
+            Engine::Compute => stats.h2h_bytes += len as u64,
+        }
+        let Some(device) = device else {
+            return Ok(()); // host to host: a CPU memcpy, outside the device clock
+        };
+        let dur = self.copy_ns(len, gbps);
+        let host = st.host_ns;
+        let ready = match stream {
+            Some(sh) => stream_ref(&st, sh)?.tail_ns.max(host),
+            None => host,
+        };
+        let eng = &mut st.engines[device];
+        let free = match engine {
+            Engine::H2D => &mut eng.h2d_free_ns,
+            Engine::D2H => &mut eng.d2h_free_ns,
+            Engine::Compute => &mut eng.compute_free_ns,
+        };
+        let start = ready.max(*free);
+        let end = start + dur;
+        *free = end;
+        match stream {
+            // Pageable copies are staged by the driver through its own pinned buffer and
+            // return only when done, so they block the host even on a stream.
+            Some(sh) => {
+                stream_mut(&mut st, sh)?.tail_ns = end;
+                if pageable {
+                    st.host_ns = end;
+                }
+            }
+            None => st.host_ns = end,
+        }
+        Ok(())
+    }
+
+    unsafe fn prefetch(
+        &self,
+        ptr: NonNull<u8>,
+        len: usize,
+        to: Location,
+        stream: StreamHandle,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let p = ptr.as_ptr() as usize;
+        if let Location::Device(d) = to {
+            check_device(self, d)?;
+        }
+        let from = match find_managed(&st, p, len) {
+            Some(m) => m.state.location,
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "{p:#x}+{len} is not inside a managed allocation"
+                )))
+            }
+        };
+        let moved = if from == to { 0 } else { len };
+        let gbps = match to {
+            Location::Device(_) => self.cfg.h2d_gbps,
+            Location::Host => self.cfg.d2h_gbps,
+        };
+        let dur = self.copy_ns(moved, gbps);
+        let host = st.host_ns;
+        let s = stream_mut(&mut st, stream)?;
+        let start = s.tail_ns.max(host);
+        s.tail_ns = start + dur;
+        st.stats.prefetch_bytes += moved as u64;
+        let key = *st.managed.range(..=p).next_back().expect("found above").0;
+        st.managed
+            .get_mut(&key)
+            .expect("found above")
+            .state
+            .location = to;
+        Ok(())
+    }
+
+    unsafe fn advise(&self, ptr: NonNull<u8>, len: usize, advice: Advice) -> Result<()> {
+        let p = ptr.as_ptr() as usize;
+        let check = |l: Location| match l {
+            Location::Device(d) => check_device(self, d),
+            Location::Host => Ok(()),
+        };
+        match advice {
+            Advice::SetPreferredLocation(l) => check(l)?,
+            Advice::SetAccessedBy(d) | Advice::UnsetAccessedBy(d) => check_device(self, d)?,
+            _ => {}
+        }
+        let mut st = self.lock();
+        if find_managed(&st, p, len).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{p:#x}+{len} is not inside a managed allocation"
+            )));
+        }
+        let key = *st.managed.range(..=p).next_back().expect("found above").0;
+        let s = &mut st.managed.get_mut(&key).expect("found above").state;
+        match advice {
+            Advice::SetReadMostly => s.read_mostly = true,
+            Advice::UnsetReadMostly => s.read_mostly = false,
+            Advice::SetPreferredLocation(l) => s.preferred = Some(l),
+            Advice::UnsetPreferredLocation => s.preferred = None,
+            Advice::SetAccessedBy(d) => {
+                if !s.accessed_by.contains(&d) {
+                    s.accessed_by.push(d);
+                }
+            }
+            Advice::UnsetAccessedBy(d) => s.accessed_by.retain(|x| *x != d),
+        }
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    H2D,
+    D2H,
+    Compute,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sizes() {
+        assert_eq!(parse_bytes("123"), Some(123));
+        assert_eq!(parse_bytes("64K"), Some(64 << 10));
+        assert_eq!(parse_bytes(" 2g "), Some(2 << 30));
+        assert_eq!(parse_bytes("1T"), Some(1 << 40));
+        assert_eq!(parse_bytes("x"), None);
+        assert_eq!(parse_bytes(""), None);
+        assert_eq!(parse_bytes("99999999999999999999T"), None);
+    }
+
+    #[test]
+    fn copy_time_follows_bandwidth_and_engines_overlap() {
+        let sim = SimBackend::new(SimConfig::with_devices(1, 1 << 30)).unwrap();
+        let lat = sim.config().copy_latency.as_nanos() as u64;
+        let mut host = vec![7u8; 1 << 20];
+        let hp = NonNull::new(host.as_mut_ptr()).unwrap();
+        // SAFETY: `host` outlives the registration, which is undone below.
+        unsafe { sim.register_host(hp, host.len()).unwrap() };
+        let dev = sim.alloc_device(0, 1 << 20).unwrap();
+        let (a, b) = (sim.create_stream(0).unwrap(), sim.create_stream(0).unwrap());
+        let h = MemRef::Host {
+            ptr: hp,
+            kind: HostKind::Pinned,
+        };
+        let d = MemRef::Device {
+            device: 0,
+            ptr: dev,
+        };
+        // SAFETY: live handles and buffers of 1 MiB each.
+        unsafe {
+            sim.copy(d, h, 1 << 20, Some(a)).unwrap();
+            sim.copy(h, d, 1 << 20, Some(b)).unwrap();
+        }
+        let one = lat + ((1u64 << 20) as f64 / 55.3).ceil() as u64;
+        // Two directions use two engines: both end after one copy's time.
+        assert_eq!(sim.stream_time_ns(a).unwrap(), one);
+        assert_eq!(sim.stream_time_ns(b).unwrap(), one);
+        // A second H2D on another stream queues behind the first on the engine.
+        // SAFETY: as above.
+        unsafe { sim.copy(d, h, 1 << 20, Some(b)).unwrap() };
+        assert_eq!(sim.stream_time_ns(b).unwrap(), 2 * one);
+        assert_eq!(
+            sim.host_time_ns(),
+            0,
+            "pinned async copies do not block the host"
+        );
+        // SAFETY: registered above; no work is pending in the virtual sense that matters.
+        unsafe {
+            sim.synchronize_stream(b).unwrap();
+            sim.unregister_host(hp, host.len()).unwrap();
+        }
+        assert_eq!(sim.host_time_ns(), 2 * one);
+        // Pageable now: slower, and blocks the host.
+        // SAFETY: as above.
+        unsafe { sim.copy(d, h, 1 << 20, Some(a)).unwrap() };
+        let pageable = lat + ((1u64 << 20) as f64 / 8.0).ceil() as u64;
+        assert_eq!(sim.host_time_ns(), 2 * one + pageable);
+        assert_eq!(sim.stats().h2d_bytes, 3 << 20);
+    }
+
+    #[test]
+    fn stale_and_foreign_device_pointers_are_errors() {
+        let sim = SimBackend::new(SimConfig::with_devices(2, 1 << 20)).unwrap();
+        let p = sim.alloc_device(0, 4096).unwrap();
+        // SAFETY: every call here is on handles the test controls; the backend validates them.
+        unsafe {
+            assert!(sim.free_device(1, p, 4096).is_err(), "wrong device");
+            assert!(sim.free_device(0, p, 100).is_err(), "wrong size");
+            sim.free_device(0, p, 4096).unwrap();
+            assert!(sim.free_device(0, p, 4096).is_err(), "double free");
+        }
+        let mut buf = [0u8; 16];
+        let h = MemRef::Host {
+            ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: the device side is stale; the backend must refuse before copying.
+        let r = unsafe { sim.copy(h, MemRef::Device { device: 0, ptr: p }, 16, None) };
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn kernels_and_events_order_streams() {
+        let sim = SimBackend::new(SimConfig::default()).unwrap();
+        let (a, b) = (sim.create_stream(0).unwrap(), sim.create_stream(0).unwrap());
+        let k = sim.launch_kernel(a, Duration::from_micros(100)).unwrap();
+        assert_eq!(
+            k,
+            Span {
+                start_ns: 0,
+                end_ns: 100_000
+            }
+        );
+        let e = sim.create_event(0).unwrap();
+        // SAFETY: live handles.
+        unsafe {
+            sim.record_event(e, a).unwrap();
+            assert!(!sim.event_done(e).unwrap());
+            sim.stream_wait_event(b, e).unwrap();
+        }
+        // The compute engine is busy until 100 µs, and b waited for a anyway.
+        let k2 = sim.launch_kernel(b, Duration::from_micros(10)).unwrap();
+        assert_eq!(k2.start_ns, 100_000);
+        // SAFETY: live handle.
+        unsafe { sim.synchronize_event(e).unwrap() };
+        assert_eq!(sim.host_time_ns(), 100_000);
+        // SAFETY: live handle.
+        assert!(unsafe { sim.event_done(e).unwrap() });
+    }
+}

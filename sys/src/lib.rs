@@ -1,1 +1,2 @@
-pub mod numa; pub mod hip;
+pub mod hip;
+pub mod numa;

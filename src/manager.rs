@@ -1,0 +1,607 @@
+//! The unified API: a [`Manager`] allocates [`Buffer`]s anywhere by [`Placement`],
+//! copies between them, and hands out [`Stream`]s and [`Event`]s.
+//!
+//! ```
+//! use hetmem::{BackendKind, Manager, NumaPolicy, Placement};
+//!
+//! let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
+//! let mut host = mgr.alloc(Placement::Pinned(NumaPolicy::NearDevice(0)), 4096)?;
+//! host.as_mut_slice()?.fill(7);
+//! let mut dev = mgr.alloc(Placement::Device(0), 4096)?;
+//! let stream = mgr.create_stream(0)?;
+//! mgr.copy_async(&mut dev, 0, &host, 0, 4096, &stream)?;
+//! let mut back = mgr.alloc(Placement::Host(NumaPolicy::Default), 4096)?;
+//! stream.synchronize()?;
+//! mgr.copy(&mut back, 0, &dev, 0, 4096)?;
+//! assert!(back.as_slice()?.iter().all(|b| *b == 7));
+//! # Ok::<(), hetmem::Error>(())
+//! ```
+
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::host::{HostBackend, HostRegion};
+use crate::backend::owned::{MemoryKind, OwnedEvent, OwnedMemory, OwnedStream, SharedBackend};
+use crate::backend::rocm::RocmBackend;
+use crate::backend::sim::{SimBackend, SimConfig};
+use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
+use crate::error::{Error, Result};
+use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
+use crate::stats::{ByteCounter, CounterSnapshot};
+use crate::topology::Topology;
+
+static NEXT_MANAGER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A device with its place in the machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// What the backend reports.
+    pub info: DeviceInfo,
+    /// The NUMA node its PCI slot hangs off (`None` where sysfs says `-1` or nothing).
+    pub numa_node: Option<u32>,
+}
+
+/// Chooses and configures a backend; see [`Manager::builder`].
+#[derive(Debug, Clone, Default)]
+pub struct ManagerBuilder {
+    backend: Option<BackendKind>,
+    sim: Option<SimConfig>,
+    rocm_library: Option<PathBuf>,
+    sysfs_root: Option<PathBuf>,
+}
+
+impl ManagerBuilder {
+    /// Uses this backend. Without it, `HETMEM_BACKEND` decides, and without that the
+    /// first of CUDA, ROCm and sim that works.
+    pub fn backend(mut self, kind: BackendKind) -> Self {
+        self.backend = Some(kind);
+        self
+    }
+
+    /// Configures the simulator (used when the sim backend is chosen). Without it,
+    /// [`SimConfig::from_env`].
+    pub fn sim_config(mut self, cfg: SimConfig) -> Self {
+        self.sim = Some(cfg);
+        self
+    }
+
+    /// Loads the HIP runtime from this file instead of the default search.
+    pub fn rocm_library(mut self, path: impl Into<PathBuf>) -> Self {
+        self.rocm_library = Some(path.into());
+        self
+    }
+
+    /// Reads topology from a sysfs tree under `root` instead of `/` (tests use fixtures).
+    pub fn sysfs_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.sysfs_root = Some(root.into());
+        self
+    }
+
+    /// Opens the backend and reads the topology.
+    pub fn build(self) -> Result<Manager> {
+        let requested = match self.backend {
+            Some(k) => Some(k),
+            None => match std::env::var("HETMEM_BACKEND") {
+                Ok(s) if !s.trim().is_empty() && s.trim() != "auto" => Some(s.parse()?),
+                _ => None,
+            },
+        };
+        let backend: SharedBackend = match requested {
+            Some(kind) => self.open(kind)?,
+            None => self.open_auto()?,
+        };
+        let topology = match &self.sysfs_root {
+            Some(root) => Topology::from_root(root)?,
+            None => Topology::detect()?,
+        };
+        let devices = backend
+            .devices()
+            .iter()
+            .map(|info| Device {
+                numa_node: info
+                    .pci_bus_id
+                    .as_deref()
+                    .and_then(|b| topology.pci_numa_node(b)),
+                info: info.clone(),
+            })
+            .collect::<Vec<_>>();
+        let n = devices.len();
+        let mgr = Manager {
+            inner: Arc::new(Inner {
+                id: NEXT_MANAGER_ID.fetch_add(1, Ordering::Relaxed),
+                backend,
+                topology,
+                devices,
+                host: ByteCounter::unlimited(),
+                pinned: ByteCounter::unlimited(),
+                device: (0..n).map(|_| ByteCounter::unlimited()).collect(),
+                managed: (0..n).map(|_| ByteCounter::unlimited()).collect(),
+            }),
+        };
+        tracing::info!(target: "hetmem", backend = %mgr.backend_kind(), devices = n,
+            numa_nodes = mgr.topology().nodes().len(), "manager ready");
+        Ok(mgr)
+    }
+
+    fn open(&self, kind: BackendKind) -> Result<SharedBackend> {
+        Ok(match kind {
+            BackendKind::Host => Arc::new(HostBackend::new()),
+            BackendKind::Sim => {
+                let cfg = match &self.sim {
+                    Some(c) => c.clone(),
+                    None => SimConfig::from_env()?,
+                };
+                Arc::new(SimBackend::new(cfg)?)
+            }
+            BackendKind::Cuda => Arc::new(CudaBackend::new()?),
+            BackendKind::Rocm => match &self.rocm_library {
+                Some(p) => Arc::new(RocmBackend::with_library(p)?),
+                None => Arc::new(RocmBackend::new()?),
+            },
+        })
+    }
+
+    fn open_auto(&self) -> Result<SharedBackend> {
+        for kind in [BackendKind::Cuda, BackendKind::Rocm] {
+            match self.open(kind) {
+                Ok(b) => {
+                    tracing::info!(target: "hetmem", backend = %kind, "auto-selected backend");
+                    return Ok(b);
+                }
+                Err(e) => {
+                    tracing::info!(target: "hetmem", backend = %kind, reason = %e, "backend skipped")
+                }
+            }
+        }
+        tracing::info!(target: "hetmem", backend = "sim", "no GPU driver found: auto-selected the simulator");
+        self.open(BackendKind::Sim)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: u64,
+    backend: SharedBackend,
+    topology: Topology,
+    devices: Vec<Device>,
+    host: ByteCounter,
+    pinned: ByteCounter,
+    device: Vec<ByteCounter>,
+    managed: Vec<ByteCounter>,
+}
+
+impl Inner {
+    fn counter(&self, tier: Tier) -> &ByteCounter {
+        match tier {
+            Tier::Host => &self.host,
+            Tier::Pinned => &self.pinned,
+            Tier::Device(d) => &self.device[d],
+            Tier::Managed(d) => &self.managed[d],
+        }
+    }
+}
+
+/// Allocates memory anywhere, copies between placements, and makes streams and events.
+///
+/// Cheap to clone and shareable across threads: clones are the same manager.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+/// Bytes allocated through a manager, per tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagerStats {
+    /// Pageable host memory.
+    pub host: CounterSnapshot,
+    /// Pinned host memory.
+    pub pinned: CounterSnapshot,
+    /// Device memory, by device.
+    pub device: Vec<CounterSnapshot>,
+    /// Managed memory, by device.
+    pub managed: Vec<CounterSnapshot>,
+}
+
+impl Manager {
+    /// Starts configuring a manager.
+    pub fn builder() -> ManagerBuilder {
+        ManagerBuilder::default()
+    }
+
+    /// A manager with the automatic backend choice and default settings.
+    pub fn new() -> Result<Manager> {
+        Self::builder().build()
+    }
+
+    /// The backend in use.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.inner.backend.kind()
+    }
+
+    /// The backend itself, for calls the manager does not wrap.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    /// The simulator, when it is the backend (its clock, kernels and counters).
+    pub fn sim(&self) -> Option<&SimBackend> {
+        self.inner.backend.as_any().downcast_ref::<SimBackend>()
+    }
+
+    /// The devices and their NUMA nodes.
+    pub fn devices(&self) -> &[Device] {
+        &self.inner.devices
+    }
+
+    /// The machine's NUMA topology.
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// Bytes allocated through this manager, per tier.
+    pub fn stats(&self) -> ManagerStats {
+        let i = &self.inner;
+        ManagerStats {
+            host: i.host.snapshot(),
+            pinned: i.pinned.snapshot(),
+            device: i.device.iter().map(ByteCounter::snapshot).collect(),
+            managed: i.managed.iter().map(ByteCounter::snapshot).collect(),
+        }
+    }
+
+    /// Resolves `NearDevice` to the device's node (or the default where it has none).
+    pub fn resolve_policy(&self, policy: &NumaPolicy) -> Result<NumaPolicy> {
+        match policy {
+            NumaPolicy::NearDevice(d) => {
+                check_device(self.backend(), *d)?;
+                Ok(match self.inner.devices[*d].numa_node {
+                    Some(node) => NumaPolicy::Bind(node),
+                    None => {
+                        tracing::debug!(target: "hetmem", device = d,
+                            "device reports no NUMA node; using the default policy");
+                        NumaPolicy::Default
+                    }
+                })
+            }
+            other => Ok(other.clone()),
+        }
+    }
+
+    /// Allocates `size` bytes with the given placement.
+    ///
+    /// Errors: [`Error::InvalidSize`] for 0 or more than `isize::MAX`;
+    /// [`Error::UnknownDevice`] / [`Error::UnknownNumaNode`] /
+    /// [`Error::NumaNodeWithoutMemory`] for places that do not exist;
+    /// [`Error::OutOfMemory`] with the tier and free bytes when there is no room.
+    pub fn alloc(&self, placement: Placement, size: usize) -> Result<Buffer> {
+        if size == 0 {
+            return Err(Error::InvalidSize {
+                requested: 0,
+                reason: "zero-byte allocations are refused",
+            });
+        }
+        if size > isize::MAX as usize {
+            return Err(Error::InvalidSize {
+                requested: size,
+                reason: "larger than isize::MAX",
+            });
+        }
+        let backend = &self.inner.backend;
+        let mem = match &placement {
+            Placement::Host(policy) | Placement::Pinned(policy) => {
+                let policy = self.resolve_policy(policy)?;
+                self.check_host_room(&placement, &policy, size)?;
+                let region = HostRegion::alloc(size, &policy, &self.inner.topology)?;
+                if matches!(placement, Placement::Pinned(_)) {
+                    OwnedMemory::pinned(backend, region)?
+                } else {
+                    OwnedMemory::host(backend, region)
+                }
+            }
+            Placement::Device(d) => {
+                check_device(&**backend, *d)?;
+                OwnedMemory::device(backend, *d, size)?
+            }
+            Placement::Managed { device } => {
+                check_device(&**backend, *device)?;
+                OwnedMemory::managed(backend, *device, size)?
+            }
+        };
+        let tier = placement.tier();
+        // Unlimited counters never refuse; limits are the backends' and pools' business.
+        let _ = self.inner.counter(tier).try_reserve(size);
+        tracing::debug!(target: "hetmem", %tier, size, "alloc");
+        Ok(Buffer {
+            mgr: self.inner.clone(),
+            placement,
+            size,
+            mem,
+        })
+    }
+
+    /// Refuses host requests larger than the memory they may use (the bound nodes, or
+    /// the machine), before the kernel is asked: pages are pre-faulted, and a request
+    /// the kernel's overcommit lets through could bring the OOM killer instead of an
+    /// error.
+    fn check_host_room(
+        &self,
+        placement: &Placement,
+        policy: &NumaPolicy,
+        size: usize,
+    ) -> Result<()> {
+        let topo = &self.inner.topology;
+        let limit = match policy {
+            NumaPolicy::Bind(n) => {
+                topo.check_node(*n)?;
+                topo.node(*n).map_or(0, |n| n.mem_total)
+            }
+            NumaPolicy::Interleave(ns) => {
+                for n in ns {
+                    topo.check_node(*n)?;
+                }
+                ns.iter()
+                    .filter_map(|n| topo.node(*n))
+                    .map(|n| n.mem_total)
+                    .sum()
+            }
+            NumaPolicy::Preferred(n) => {
+                topo.check_node(*n)?;
+                topo.system_memory()
+            }
+            NumaPolicy::Default | NumaPolicy::NearDevice(_) => topo.system_memory(),
+        };
+        if limit > 0 && size as u64 > limit {
+            return Err(Error::OutOfMemory {
+                tier: placement.tier(),
+                requested: size,
+                free: crate::backend::host::available_memory().min(limit as usize),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_owner(&self, id: u64, what: &'static str) -> Result<()> {
+        if id == self.inner.id {
+            Ok(())
+        } else {
+            Err(Error::ForeignHandle { what })
+        }
+    }
+
+    /// Copies `len` bytes from `src[src_offset..]` to `dst[dst_offset..]` and returns
+    /// when they have arrived. Ordered after every earlier asynchronous copy that used
+    /// either buffer.
+    pub fn copy(
+        &self,
+        dst: &mut Buffer,
+        dst_offset: usize,
+        src: &Buffer,
+        src_offset: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.check_owner(dst.mgr.id, "buffer")?;
+        self.check_owner(src.mgr.id, "buffer")?;
+        OwnedMemory::copy(&dst.mem, dst_offset, &src.mem, src_offset, len, None)
+    }
+
+    /// Queues a copy of `len` bytes on `stream` and returns at once (pageable host
+    /// memory may make it wait, as the drivers do). The buffers stay alive until the copy
+    /// is done even if dropped earlier: their drop waits for it.
+    pub fn copy_async(
+        &self,
+        dst: &mut Buffer,
+        dst_offset: usize,
+        src: &Buffer,
+        src_offset: usize,
+        len: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        self.check_owner(dst.mgr.id, "buffer")?;
+        self.check_owner(src.mgr.id, "buffer")?;
+        self.check_owner(stream.mgr.id, "stream")?;
+        OwnedMemory::copy(
+            &dst.mem,
+            dst_offset,
+            &src.mem,
+            src_offset,
+            len,
+            Some(&stream.inner),
+        )
+    }
+
+    /// Writes `data` into `dst` at `offset`, wherever `dst` lives.
+    pub fn write(&self, dst: &mut Buffer, offset: usize, data: &[u8]) -> Result<()> {
+        self.check_owner(dst.mgr.id, "buffer")?;
+        if dst.placement.host_accessible() {
+            let end = check_range(offset, data.len(), dst.size)?;
+            dst.as_mut_slice()?[offset..end].copy_from_slice(data);
+            return Ok(());
+        }
+        let mut staging = self.alloc(Placement::Host(NumaPolicy::Default), data.len().max(1))?;
+        staging.as_mut_slice()?[..data.len()].copy_from_slice(data);
+        self.copy(dst, offset, &staging, 0, data.len())
+    }
+
+    /// Reads `out.len()` bytes of `src` from `offset`, wherever `src` lives.
+    pub fn read(&self, src: &Buffer, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.check_owner(src.mgr.id, "buffer")?;
+        if src.placement.host_accessible() {
+            let end = check_range(offset, out.len(), src.size)?;
+            out.copy_from_slice(&src.as_slice()?[offset..end]);
+            return Ok(());
+        }
+        let mut staging = self.alloc(Placement::Host(NumaPolicy::Default), out.len().max(1))?;
+        self.copy(&mut staging, 0, src, offset, out.len())?;
+        out.copy_from_slice(&staging.as_slice()?[..out.len()]);
+        Ok(())
+    }
+
+    /// Creates a stream on `device`.
+    pub fn create_stream(&self, device: usize) -> Result<Stream> {
+        check_device(self.backend(), device)?;
+        Ok(Stream {
+            mgr: self.inner.clone(),
+            inner: OwnedStream::new(&self.inner.backend, device)?,
+        })
+    }
+
+    /// Queues a migration of a managed buffer to `to` on `stream`.
+    pub fn prefetch(&self, buf: &Buffer, to: Location, stream: &Stream) -> Result<()> {
+        self.check_owner(buf.mgr.id, "buffer")?;
+        self.check_owner(stream.mgr.id, "stream")?;
+        if let Location::Device(d) = to {
+            check_device(self.backend(), d)?;
+        }
+        buf.mem.prefetch(to, &stream.inner)
+    }
+
+    /// Gives the driver advice about a managed buffer.
+    pub fn advise(&self, buf: &Buffer, advice: Advice) -> Result<()> {
+        self.check_owner(buf.mgr.id, "buffer")?;
+        buf.mem.advise(advice)
+    }
+}
+
+fn check_range(offset: usize, len: usize, size: usize) -> Result<usize> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(end),
+        _ => Err(Error::OutOfBounds { offset, len, size }),
+    }
+}
+
+/// Memory allocated by a [`Manager`]; freed on drop (after the copies that use it).
+#[derive(Debug)]
+pub struct Buffer {
+    mgr: Arc<Inner>,
+    placement: Placement,
+    size: usize,
+    mem: OwnedMemory,
+}
+
+impl Buffer {
+    /// Where it lives.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> usize {
+        self.size
+    }
+
+    /// Always false: zero-byte buffers are refused.
+    pub fn is_empty(&self) -> bool {
+        self.size == 0
+    }
+
+    /// The device address, for device and managed memory.
+    pub fn device_ptr(&self) -> Option<DevicePtr> {
+        self.mem.device_ptr()
+    }
+
+    /// The host address, for host, pinned and managed memory.
+    pub fn host_ptr(&self) -> Option<NonNull<u8>> {
+        self.mem.host_ptr()
+    }
+
+    /// The bytes, for memory the CPU can reach; waits for pending copies first.
+    pub fn as_slice(&self) -> Result<&[u8]> {
+        self.mem.host_slice()
+    }
+
+    /// The bytes, mutable, for memory the CPU can reach; waits for pending copies first.
+    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
+        self.mem.host_slice_mut()
+    }
+
+    /// Blocks until every asynchronous copy that used this buffer is done.
+    pub fn wait(&self) -> Result<()> {
+        self.mem.wait_fences()
+    }
+
+    /// Whether the buffer is registered (pinned) host memory.
+    pub fn is_pinned(&self) -> bool {
+        matches!(self.mem.kind(), MemoryKind::Pinned(_))
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.mgr.counter(self.placement.tier()).release(self.size);
+        tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
+        // `mem` frees itself after this, waiting for its copies first.
+    }
+}
+
+/// An in-order queue of work on one device.
+#[derive(Debug)]
+pub struct Stream {
+    mgr: Arc<Inner>,
+    inner: OwnedStream,
+}
+
+impl Stream {
+    /// The device it runs on.
+    pub fn device(&self) -> usize {
+        self.inner.device()
+    }
+
+    /// The backend's handle (a `CUstream` / `hipStream_t` value on GPUs), for interop
+    /// and for the simulator's kernels.
+    pub fn handle(&self) -> crate::backend::StreamHandle {
+        self.inner.handle()
+    }
+
+    /// Blocks until everything queued so far is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+
+    /// Records an event at the current tail of the stream.
+    pub fn record(&self) -> Result<Event> {
+        Ok(Event {
+            mgr: self.mgr.clone(),
+            inner: self.inner.record()?,
+        })
+    }
+
+    /// Makes work queued on this stream from now on wait for `event`.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        if event.mgr.id != self.mgr.id {
+            return Err(Error::ForeignHandle { what: "event" });
+        }
+        self.inner.wait(&event.inner)
+    }
+}
+
+/// A point in a stream that other streams and the host can wait for.
+#[derive(Debug)]
+pub struct Event {
+    mgr: Arc<Inner>,
+    inner: OwnedEvent,
+}
+
+impl Event {
+    /// The device of the stream it was recorded on.
+    pub fn device(&self) -> usize {
+        self.inner.device()
+    }
+
+    /// The backend's handle.
+    pub fn handle(&self) -> crate::backend::EventHandle {
+        self.inner.handle()
+    }
+
+    /// Blocks until the work before the event is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+
+    /// Whether the work before the event is done, without blocking.
+    pub fn is_done(&self) -> Result<bool> {
+        self.inner.is_done()
+    }
+}

@@ -1,0 +1,587 @@
+/*
+ * A fake HIP runtime for hetmem's tests: it exports the HIP entry points hetmem's
+ * ROCm backend loads, with the same C signatures and status codes as ROCm's
+ * hip_runtime_api.h, and behaves like a small multi-GPU machine:
+ *
+ *   - N devices (env FAKE_HIP_DEVICES, default 2; 0 -> hipGetDeviceCount answers
+ *     hipErrorNoDevice), each with FAKE_HIP_MEM_BYTES of memory (default 256 MiB)
+ *     and per-device accounting, so an allocation past capacity fails with
+ *     hipErrorOutOfMemory and hipMemGetInfo reports the truth for the *current*
+ *     device (a per-thread setting, as in HIP).
+ *   - FAKE_HIP_MANAGED=0 makes devices report no managed-memory support;
+ *     FAKE_HIP_INIT_ERROR=<code> makes hipInit fail with that code.
+ *   - Device memory is host memory (the pointer is the "device address"); copies
+ *     are synchronous memmove, after checking that every range that starts in an
+ *     allocation stays inside it and that source and destination do not overlap.
+ *   - Streams and events are small tracked objects on the device that was current
+ *     when they were made; destroyed or unknown handles give hipErrorInvalidHandle,
+ *     recording an event on a stream of another device too. Events always complete.
+ *   - Host registrations are tracked; overlapping registration gives
+ *     hipErrorHostMemoryAlreadyRegistered, unregistering an unknown pointer
+ *     hipErrorHostMemoryNotRegistered. hipFree of an unknown pointer (or a double
+ *     free) gives hipErrorInvalidValue.
+ *
+ * Extra entry points for tests (not HIP): fakeHipConfigure, fakeHipFailNext and
+ * fakeHipStat, below. Every call takes one mutex.
+ *
+ * State is per loaded copy of this library: the dynamic loader shares one copy per
+ * file, so tests that need a clean machine load their own copy of the file.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+#ifdef FAKE_HIP_REAL_HEADERS
+/* Check mode: `cc -DFAKE_HIP_REAL_HEADERS -D__HIP_PLATFORM_AMD__ -I<rocm>/include` makes
+ * the compiler compare every definition below with ROCm's own declarations (conflicting
+ * types are an error) and use ROCm's constants. */
+#include <hip/hip_runtime_api.h>
+#else
+typedef int hipError_t;
+typedef int hipDevice_t;
+typedef struct ihipStream_t *hipStream_t;
+typedef struct ihipEvent_t *hipEvent_t;
+typedef int hipMemcpyKind;
+typedef int hipDeviceAttribute_t;
+typedef int hipMemoryAdvise;
+
+enum {
+    hipSuccess = 0,
+    hipErrorInvalidValue = 1,
+    hipErrorOutOfMemory = 2,
+    hipErrorNotInitialized = 3,
+    hipErrorNoDevice = 100,
+    hipErrorInvalidDevice = 101,
+    hipErrorInvalidHandle = 400,
+    hipErrorNotReady = 600,
+    hipErrorHostMemoryAlreadyRegistered = 712,
+    hipErrorHostMemoryNotRegistered = 713,
+    hipErrorNotSupported = 801,
+    hipErrorUnknown = 999,
+};
+
+enum { hipDeviceAttributeManagedMemory = 24 };
+enum { hipMemcpyHostToHost = 0, hipMemcpyDefault = 4 };
+#define hipStreamNonBlocking 0x01
+#define hipMemAttachGlobal 0x01
+#define hipMemAttachHost 0x02
+#define hipCpuDeviceId ((int)-1)
+#endif
+
+#define MAX_DEVICES 64
+#define FAKE_RUNTIME_VERSION 50221153
+
+struct alloc {
+    char *ptr;
+    size_t size;
+    int device;
+    int managed;
+};
+
+struct object { /* a stream or an event */
+    unsigned magic;
+    int device;
+    int live;
+    int kind;
+    unsigned long long ops;
+};
+#define MAGIC 0x4649504bu
+enum { KIND_STREAM = 1, KIND_EVENT = 2 };
+
+struct registration {
+    char *ptr;
+    size_t size;
+    unsigned flags;
+};
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static int g_initialized;
+static int g_configured;
+static int g_devices = 2;
+static size_t g_capacity = (size_t)256 << 20;
+static int g_managed = 1;
+static int g_init_error;
+static size_t g_used[MAX_DEVICES];
+static __thread int t_current;
+
+static struct alloc *g_allocs;
+static size_t g_nallocs, g_cap_allocs;
+static struct object **g_objects; /* never freed: stale handles stay detectable */
+static size_t g_nobjects, g_cap_objects;
+static struct registration *g_regs;
+static size_t g_nregs, g_cap_regs;
+
+static char g_fail_call[64];
+static int g_fail_code;
+static int g_fail_times;
+
+static long long g_copies, g_async_copies, g_prefetches, g_advises;
+static long long g_last_prefetch_device = -100, g_last_advice = -100,
+                 g_last_advice_device = -100, g_last_register_flags = -100;
+static long long g_set_device_calls;
+
+static void *grow(void *arr, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return arr;
+    size_t ncap = *cap ? *cap * 2 : 16;
+    while (ncap < need) ncap *= 2;
+    void *n = realloc(arr, ncap * elem);
+    if (!n) return NULL;
+    *cap = ncap;
+    return n;
+}
+
+static long long env_ll(const char *name, long long dflt) {
+    const char *v = getenv(name);
+    if (!v || !*v) return dflt;
+    char *end;
+    long long x = strtoll(v, &end, 0);
+    return *end ? dflt : x;
+}
+
+static void init_locked(void) {
+    if (g_initialized) return;
+    if (!g_configured) {
+        long long n = env_ll("FAKE_HIP_DEVICES", 2);
+        g_devices = n < 0 ? 0 : (n > MAX_DEVICES ? MAX_DEVICES : (int)n);
+        long long m = env_ll("FAKE_HIP_MEM_BYTES", (long long)256 << 20);
+        g_capacity = m < 0 ? 0 : (size_t)m;
+        g_managed = env_ll("FAKE_HIP_MANAGED", 1) != 0;
+        g_init_error = (int)env_ll("FAKE_HIP_INIT_ERROR", 0);
+    }
+    g_initialized = 1;
+}
+
+/* Returns nonzero (the code) when the test asked this call to fail. */
+static int injected_failure(const char *call) {
+    if (g_fail_times > 0 && strcmp(call, g_fail_call) == 0) {
+        g_fail_times--;
+        return g_fail_code;
+    }
+    return 0;
+}
+
+#define ENTER(name)                                \
+    pthread_mutex_lock(&g_lock);                   \
+    init_locked();                                 \
+    do {                                           \
+        int injected_ = injected_failure(name);    \
+        if (injected_) RETURN(injected_);          \
+    } while (0)
+#define RETURN(code)                               \
+    do {                                           \
+        int rc_ = (code);                          \
+        pthread_mutex_unlock(&g_lock);             \
+        return rc_;                                \
+    } while (0)
+
+static int valid_device(int d) { return d >= 0 && d < g_devices; }
+
+/* The allocation containing p, or NULL. */
+static struct alloc *find_alloc(const void *p) {
+    const char *c = p;
+    for (size_t i = 0; i < g_nallocs; i++)
+        if (c >= g_allocs[i].ptr && c < g_allocs[i].ptr + g_allocs[i].size) return &g_allocs[i];
+    return NULL;
+}
+
+/* A range is acceptable if it does not start in an allocation, or lies inside it. */
+static int range_ok(const void *p, size_t n) {
+    struct alloc *a = find_alloc(p);
+    if (!a) return 1;
+    return (size_t)((const char *)p - a->ptr) + n <= a->size;
+}
+
+static int managed_range(const void *p, size_t n) {
+    struct alloc *a = find_alloc(p);
+    return a && a->managed && range_ok(p, n);
+}
+
+static struct object *find_object(const void *h, int kind) {
+    for (size_t i = 0; i < g_nobjects; i++)
+        if ((const void *)g_objects[i] == h)
+            return g_objects[i]->kind == kind && g_objects[i]->live ? g_objects[i] : NULL;
+    return NULL;
+}
+
+static struct object *new_object(int kind) {
+    struct object **n = grow(g_objects, &g_cap_objects, g_nobjects + 1, sizeof *g_objects);
+    if (!n) return NULL;
+    g_objects = n;
+    struct object *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    o->magic = MAGIC;
+    o->device = t_current;
+    o->live = 1;
+    o->kind = kind;
+    g_objects[g_nobjects++] = o;
+    return o;
+}
+
+static long long live_objects(int kind) {
+    long long n = 0;
+    for (size_t i = 0; i < g_nobjects; i++) n += g_objects[i]->kind == kind && g_objects[i]->live;
+    return n;
+}
+
+/* ---------------------------------------------------------------- test hooks */
+
+/* Sets the machine before first use (overrides the environment). */
+EXPORT int fakeHipConfigure(int devices, unsigned long long mem_bytes, int managed) {
+    pthread_mutex_lock(&g_lock);
+    if (g_initialized || devices < 0 || devices > MAX_DEVICES) {
+        pthread_mutex_unlock(&g_lock);
+        return hipErrorInvalidValue;
+    }
+    g_devices = devices;
+    g_capacity = (size_t)mem_bytes;
+    g_managed = managed != 0;
+    g_configured = 1;
+    pthread_mutex_unlock(&g_lock);
+    return hipSuccess;
+}
+
+/* The next `times` calls of `call` (e.g. "hipMalloc") return `code` and do nothing. */
+EXPORT void fakeHipFailNext(const char *call, int code, int times) {
+    pthread_mutex_lock(&g_lock);
+    snprintf(g_fail_call, sizeof g_fail_call, "%s", call ? call : "");
+    g_fail_code = code;
+    g_fail_times = times;
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Counters by name; -1 for an unknown name. "used:N" is device N's bytes in use. */
+EXPORT long long fakeHipStat(const char *name) {
+    long long r = -1;
+    pthread_mutex_lock(&g_lock);
+    if (!strcmp(name, "allocations")) {
+        r = 0;
+        for (size_t i = 0; i < g_nallocs; i++) r += !g_allocs[i].managed;
+    } else if (!strcmp(name, "managed_allocations")) {
+        r = 0;
+        for (size_t i = 0; i < g_nallocs; i++) r += g_allocs[i].managed;
+    } else if (!strcmp(name, "streams")) r = live_objects(KIND_STREAM);
+    else if (!strcmp(name, "events")) r = live_objects(KIND_EVENT);
+    else if (!strcmp(name, "registrations")) r = (long long)g_nregs;
+    else if (!strcmp(name, "registered_bytes")) {
+        r = 0;
+        for (size_t i = 0; i < g_nregs; i++) r += (long long)g_regs[i].size;
+    } else if (!strcmp(name, "copies")) r = g_copies;
+    else if (!strcmp(name, "async_copies")) r = g_async_copies;
+    else if (!strcmp(name, "prefetches")) r = g_prefetches;
+    else if (!strcmp(name, "advises")) r = g_advises;
+    else if (!strcmp(name, "last_prefetch_device")) r = g_last_prefetch_device;
+    else if (!strcmp(name, "last_advice")) r = g_last_advice;
+    else if (!strcmp(name, "last_advice_device")) r = g_last_advice_device;
+    else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
+    else if (!strcmp(name, "set_device_calls")) r = g_set_device_calls;
+    else if (!strncmp(name, "used:", 5)) {
+        int d = atoi(name + 5);
+        r = d >= 0 && d < MAX_DEVICES ? (long long)g_used[d] : -1;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return r;
+}
+
+/* ------------------------------------------------------------------- HIP API */
+
+EXPORT hipError_t hipInit(unsigned int flags) {
+    ENTER("hipInit");
+    if (g_init_error) RETURN(g_init_error);
+    RETURN(flags == 0 ? hipSuccess : hipErrorInvalidValue);
+}
+
+EXPORT hipError_t hipRuntimeGetVersion(int *version) {
+    ENTER("hipRuntimeGetVersion");
+    if (!version) RETURN(hipErrorInvalidValue);
+    *version = FAKE_RUNTIME_VERSION;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipGetDeviceCount(int *count) {
+    ENTER("hipGetDeviceCount");
+    if (!count) RETURN(hipErrorInvalidValue);
+    *count = g_devices;
+    RETURN(g_devices == 0 ? hipErrorNoDevice : hipSuccess);
+}
+
+EXPORT hipError_t hipDeviceGet(hipDevice_t *device, int ordinal) {
+    ENTER("hipDeviceGet");
+    if (!device) RETURN(hipErrorInvalidValue);
+    if (!valid_device(ordinal)) RETURN(hipErrorInvalidDevice);
+    *device = ordinal;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipDeviceGetName(char *name, int len, hipDevice_t device) {
+    ENTER("hipDeviceGetName");
+    if (!name || len <= 0) RETURN(hipErrorInvalidValue);
+    if (!valid_device(device)) RETURN(hipErrorInvalidDevice);
+    snprintf(name, (size_t)len, "Fake AMD Instinct %d", device);
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipDeviceTotalMem(size_t *bytes, hipDevice_t device) {
+    ENTER("hipDeviceTotalMem");
+    if (!bytes) RETURN(hipErrorInvalidValue);
+    if (!valid_device(device)) RETURN(hipErrorInvalidDevice);
+    *bytes = g_capacity;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipDeviceGetPCIBusId(char *pci_bus_id, int len, int device) {
+    ENTER("hipDeviceGetPCIBusId");
+    if (!pci_bus_id || len < 13) RETURN(hipErrorInvalidValue);
+    if (!valid_device(device)) RETURN(hipErrorInvalidDevice);
+    /* Upper case on purpose: the backend must normalise to sysfs form. */
+    snprintf(pci_bus_id, (size_t)len, "0000:%02X:00.0", 0x3B + device);
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipDeviceGetAttribute(int *value, hipDeviceAttribute_t attr, int device) {
+    ENTER("hipDeviceGetAttribute");
+    if (!value) RETURN(hipErrorInvalidValue);
+    if (!valid_device(device)) RETURN(hipErrorInvalidDevice);
+    if (attr != hipDeviceAttributeManagedMemory) RETURN(hipErrorInvalidValue);
+    *value = g_managed;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipSetDevice(int device) {
+    ENTER("hipSetDevice");
+    if (!valid_device(device)) RETURN(hipErrorInvalidDevice);
+    t_current = device;
+    g_set_device_calls++;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipMemGetInfo(size_t *free_bytes, size_t *total) {
+    ENTER("hipMemGetInfo");
+    if (!free_bytes || !total) RETURN(hipErrorInvalidValue);
+    if (!valid_device(t_current)) RETURN(hipErrorNoDevice);
+    *free_bytes = g_capacity - g_used[t_current];
+    *total = g_capacity;
+    RETURN(hipSuccess);
+}
+
+static hipError_t do_alloc(void **ptr, size_t size, int managed) {
+    if (!ptr) return hipErrorInvalidValue;
+    if (size == 0) {
+        *ptr = NULL;
+        return hipSuccess;
+    }
+    if (!valid_device(t_current)) return hipErrorNoDevice;
+    if (size > g_capacity - g_used[t_current]) return hipErrorOutOfMemory;
+    struct alloc *n = grow(g_allocs, &g_cap_allocs, g_nallocs + 1, sizeof *g_allocs);
+    if (!n) return hipErrorOutOfMemory;
+    g_allocs = n;
+    void *p = NULL;
+    if (posix_memalign(&p, 256, size) != 0) return hipErrorOutOfMemory;
+    memset(p, 0xA5, size); /* device memory is not zeroed */
+    g_allocs[g_nallocs++] = (struct alloc){p, size, t_current, managed};
+    g_used[t_current] += size;
+    *ptr = p;
+    return hipSuccess;
+}
+
+EXPORT hipError_t hipMalloc(void **ptr, size_t size) {
+    ENTER("hipMalloc");
+    RETURN(do_alloc(ptr, size, 0));
+}
+
+EXPORT hipError_t hipMallocManaged(void **ptr, size_t size, unsigned int flags) {
+    ENTER("hipMallocManaged");
+    if (flags != hipMemAttachGlobal && flags != hipMemAttachHost) RETURN(hipErrorInvalidValue);
+    if (!g_managed) RETURN(hipErrorNotSupported);
+    RETURN(do_alloc(ptr, size, 1));
+}
+
+EXPORT hipError_t hipFree(void *ptr) {
+    ENTER("hipFree");
+    if (!ptr) RETURN(hipSuccess);
+    for (size_t i = 0; i < g_nallocs; i++) {
+        if (g_allocs[i].ptr == ptr) {
+            g_used[g_allocs[i].device] -= g_allocs[i].size;
+            free(g_allocs[i].ptr);
+            g_allocs[i] = g_allocs[--g_nallocs];
+            RETURN(hipSuccess);
+        }
+    }
+    RETURN(hipErrorInvalidValue);
+}
+
+EXPORT hipError_t hipHostRegister(void *host_ptr, size_t size, unsigned int flags) {
+    ENTER("hipHostRegister");
+    if (!host_ptr || size == 0 || (flags & ~0xFu)) RETURN(hipErrorInvalidValue);
+    char *p = host_ptr;
+    for (size_t i = 0; i < g_nregs; i++)
+        if (p < g_regs[i].ptr + g_regs[i].size && g_regs[i].ptr < p + size)
+            RETURN(hipErrorHostMemoryAlreadyRegistered);
+    struct registration *n = grow(g_regs, &g_cap_regs, g_nregs + 1, sizeof *g_regs);
+    if (!n) RETURN(hipErrorOutOfMemory);
+    g_regs = n;
+    g_regs[g_nregs++] = (struct registration){p, size, flags};
+    g_last_register_flags = flags;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipHostUnregister(void *host_ptr) {
+    ENTER("hipHostUnregister");
+    for (size_t i = 0; i < g_nregs; i++) {
+        if (g_regs[i].ptr == host_ptr) {
+            g_regs[i] = g_regs[--g_nregs];
+            RETURN(hipSuccess);
+        }
+    }
+    RETURN(hipErrorHostMemoryNotRegistered);
+}
+
+static hipError_t do_copy(void *dst, const void *src, size_t n, hipMemcpyKind kind) {
+    if (kind < hipMemcpyHostToHost || kind > hipMemcpyDefault) return hipErrorInvalidValue;
+    if (n == 0) return hipSuccess;
+    if (!dst || !src) return hipErrorInvalidValue;
+    if (!range_ok(dst, n) || !range_ok(src, n)) return hipErrorInvalidValue;
+    const char *d = dst, *s = src;
+    if (d < s + n && s < d + n) return hipErrorInvalidValue; /* overlapping */
+    memmove(dst, src, n);
+    return hipSuccess;
+}
+
+EXPORT hipError_t hipMemcpy(void *dst, const void *src, size_t n, hipMemcpyKind kind) {
+    ENTER("hipMemcpy");
+    hipError_t rc = do_copy(dst, src, n, kind);
+    if (rc == hipSuccess) g_copies++;
+    RETURN(rc);
+}
+
+EXPORT hipError_t hipMemcpyAsync(void *dst, const void *src, size_t n, hipMemcpyKind kind,
+                                 hipStream_t stream) {
+    ENTER("hipMemcpyAsync");
+    struct object *s = NULL;
+    if (stream && !(s = find_object(stream, KIND_STREAM))) RETURN(hipErrorInvalidHandle);
+    hipError_t rc = do_copy(dst, src, n, kind);
+    if (rc == hipSuccess) {
+        g_async_copies++;
+        if (s) s->ops++;
+    }
+    RETURN(rc);
+}
+
+EXPORT hipError_t hipStreamCreateWithFlags(hipStream_t *stream, unsigned int flags) {
+    ENTER("hipStreamCreateWithFlags");
+    if (!stream || (flags & ~(unsigned)hipStreamNonBlocking)) RETURN(hipErrorInvalidValue);
+    struct object *o = new_object(KIND_STREAM);
+    if (!o) RETURN(hipErrorOutOfMemory);
+    *stream = (hipStream_t)(void *)o;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipStreamDestroy(hipStream_t stream) {
+    ENTER("hipStreamDestroy");
+    struct object *o = find_object(stream, KIND_STREAM);
+    if (!o) RETURN(hipErrorInvalidHandle);
+    o->live = 0;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipStreamSynchronize(hipStream_t stream) {
+    ENTER("hipStreamSynchronize");
+    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipEventCreateWithFlags(hipEvent_t *event, unsigned int flags) {
+    ENTER("hipEventCreateWithFlags");
+    /* hipEventDefault 0, BlockingSync 1, DisableTiming 2, Interprocess 4. */
+    if (!event || (flags & ~0x7u)) RETURN(hipErrorInvalidValue);
+    struct object *o = new_object(KIND_EVENT);
+    if (!o) RETURN(hipErrorOutOfMemory);
+    *event = (hipEvent_t)(void *)o;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipEventDestroy(hipEvent_t event) {
+    ENTER("hipEventDestroy");
+    struct object *o = find_object(event, KIND_EVENT);
+    if (!o) RETURN(hipErrorInvalidHandle);
+    o->live = 0;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipEventRecord(hipEvent_t event, hipStream_t stream) {
+    ENTER("hipEventRecord");
+    struct object *e = find_object(event, KIND_EVENT);
+    if (!e) RETURN(hipErrorInvalidHandle);
+    int device = t_current;
+    if (stream) {
+        struct object *s = find_object(stream, KIND_STREAM);
+        if (!s) RETURN(hipErrorInvalidHandle);
+        device = s->device;
+    }
+    /* An event can only be recorded on a stream of its own device. */
+    if (device != e->device) RETURN(hipErrorInvalidHandle);
+    e->ops++;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipStreamWaitEvent(hipStream_t stream, hipEvent_t event, unsigned int flags) {
+    ENTER("hipStreamWaitEvent");
+    if (flags != 0) RETURN(hipErrorInvalidValue);
+    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    if (!find_object(event, KIND_EVENT)) RETURN(hipErrorInvalidHandle);
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipEventSynchronize(hipEvent_t event) {
+    ENTER("hipEventSynchronize");
+    RETURN(find_object(event, KIND_EVENT) ? hipSuccess : hipErrorInvalidHandle);
+}
+
+EXPORT hipError_t hipEventQuery(hipEvent_t event) {
+    ENTER("hipEventQuery");
+    RETURN(find_object(event, KIND_EVENT) ? hipSuccess : hipErrorInvalidHandle);
+}
+
+EXPORT hipError_t hipMemPrefetchAsync(const void *ptr, size_t count, int device, hipStream_t stream) {
+    ENTER("hipMemPrefetchAsync");
+    if (!ptr || count == 0 || !managed_range(ptr, count)) RETURN(hipErrorInvalidValue);
+    if (device != hipCpuDeviceId && !valid_device(device)) RETURN(hipErrorInvalidDevice);
+    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    g_prefetches++;
+    g_last_prefetch_device = device;
+    RETURN(hipSuccess);
+}
+
+EXPORT hipError_t hipMemAdvise(const void *ptr, size_t count, hipMemoryAdvise advice, int device) {
+    ENTER("hipMemAdvise");
+    if (!ptr || count == 0 || !managed_range(ptr, count)) RETURN(hipErrorInvalidValue);
+    if (!((advice >= 1 && advice <= 6) || advice == 100 || advice == 101))
+        RETURN(hipErrorInvalidValue);
+    if (device != hipCpuDeviceId && !valid_device(device)) RETURN(hipErrorInvalidValue);
+    g_advises++;
+    g_last_advice = advice;
+    g_last_advice_device = device;
+    RETURN(hipSuccess);
+}
+
+EXPORT const char *hipGetErrorString(hipError_t error) {
+    switch (error) {
+    case hipSuccess: return "no error";
+    case hipErrorInvalidValue: return "invalid argument";
+    case hipErrorOutOfMemory: return "out of memory";
+    case hipErrorNotInitialized: return "initialization error";
+    case hipErrorNoDevice: return "no ROCm-capable device is detected";
+    case hipErrorInvalidDevice: return "invalid device ordinal";
+    case hipErrorInvalidHandle: return "invalid resource handle";
+    case hipErrorNotReady: return "device not ready";
+    case hipErrorHostMemoryAlreadyRegistered: return "part or all of the requested memory range is already mapped";
+    case hipErrorHostMemoryNotRegistered: return "pointer does not correspond to a registered memory region";
+    case hipErrorNotSupported: return "operation not supported";
+    default: return "unknown error";
+    }
+}

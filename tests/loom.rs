@@ -1,0 +1,90 @@
+//! loom models of the lock-free byte counter (`hetmem::stats::ByteCounter`).
+//!
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`.
+#![cfg(loom)]
+
+use hetmem::stats::ByteCounter;
+use loom::sync::Arc;
+use loom::thread;
+
+/// Two threads race to reserve more than the limit allows together: exactly the
+/// reservations that fit succeed, in every interleaving, and the books balance.
+#[test]
+fn limit_holds_under_races() {
+    loom::model(|| {
+        let c = Arc::new(ByteCounter::with_limit(100));
+        let hs: Vec<_> = [60usize, 70]
+            .into_iter()
+            .map(|n| {
+                let c = c.clone();
+                thread::spawn(move || c.try_reserve(n).is_ok().then_some(n))
+            })
+            .collect();
+        let got: Vec<usize> = hs.into_iter().filter_map(|h| h.join().unwrap()).collect();
+        assert_eq!(got.len(), 1, "60 + 70 > 100: exactly one fits");
+        assert_eq!(c.current(), got[0]);
+        assert!(c.current() <= c.limit());
+        assert_eq!(c.peak(), got[0]);
+    });
+}
+
+/// A release racing a reservation: the reservation succeeds only if the room it needs
+/// was there, and the peak is the largest use that ever existed.
+#[test]
+fn peak_is_the_maximum_use() {
+    loom::model(|| {
+        let c = Arc::new(ByteCounter::with_limit(100));
+        c.try_reserve(80).unwrap();
+        let c1 = c.clone();
+        let releaser = thread::spawn(move || c1.release(80));
+        let c2 = c.clone();
+        let reserver = thread::spawn(move || c2.try_reserve(50).is_ok());
+        releaser.join().unwrap();
+        let reserved = reserver.join().unwrap();
+        let expect_now = if reserved { 50 } else { 0 };
+        assert_eq!(c.current(), expect_now);
+        assert_eq!(c.count(), reserved as u64);
+        assert_eq!(
+            c.peak(),
+            80,
+            "50 after the release never exceeds the 80 before it"
+        );
+    });
+}
+
+/// Three reservers and a release: use never exceeds the limit at any point a thread
+/// can observe, and the final count matches the successes.
+#[test]
+fn concurrent_reserve_release_balance() {
+    loom::model(|| {
+        let c = Arc::new(ByteCounter::with_limit(10));
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let c = c.clone();
+                thread::spawn(move || {
+                    let ok = c.try_reserve(6).is_ok();
+                    assert!(c.current() <= 10);
+                    if ok {
+                        c.release(6);
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let oks = hs
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .filter(|ok| *ok)
+            .count();
+        assert!(
+            oks >= 1,
+            "at least one of two 6-byte reservations fits in 10"
+        );
+        assert_eq!(c.current(), 0);
+        assert_eq!(c.count(), 0);
+        assert!(
+            c.peak() == 6,
+            "two 6s can never be held at once under a limit of 10"
+        );
+    });
+}
