@@ -33,7 +33,9 @@ pub fn compile_shared_library(sources: &[&Path], out: &Path) -> Result<(), Strin
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     let tmp = dir.join(format!(
         ".{}.{}.{}.tmp",
-        out.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
@@ -111,7 +113,8 @@ impl FakeHip {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let lib = fake_hip_library()?;
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fake-hip-instances");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let path = dir.join(format!(
             "libfake_amdhip64-{}-{}.so",
             std::process::id(),
@@ -130,7 +133,9 @@ impl FakeHip {
                 "unknown error".to_owned()
             } else {
                 // SAFETY: non-null dlerror result, read before any other dl call.
-                unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned()
+                unsafe { CStr::from_ptr(err) }
+                    .to_string_lossy()
+                    .into_owned()
             };
             let _ = std::fs::remove_file(&path);
             return Err(format!("dlopen {}: {msg}", path.display()));
@@ -168,7 +173,9 @@ impl FakeHip {
         if rc == 0 {
             Ok(())
         } else {
-            Err(format!("fakeHipConfigure failed with {rc} (already initialised?)"))
+            Err(format!(
+                "fakeHipConfigure failed with {rc} (already initialised?)"
+            ))
         }
     }
 
@@ -186,7 +193,10 @@ impl FakeHip {
         let c = CString::new(name).expect("stat name without NUL");
         // SAFETY: a valid C string, read during the call only.
         let v = unsafe { f(c.as_ptr()) };
-        assert!(v != -1 || name.starts_with("last_"), "unknown fake HIP stat {name}");
+        assert!(
+            v != -1 || name.starts_with("last_"),
+            "unknown fake HIP stat {name}"
+        );
         v
     }
 }

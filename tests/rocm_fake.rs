@@ -1,0 +1,584 @@
+//! The ROCm backend end to end against the fake HIP runtime (tests/fake_hip/fake_hip.c):
+//! the run-time loader, device enumeration, memory, copies, streams, events,
+//! registration, managed memory and error mapping, all through the `Backend` trait.
+
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
+
+use std::path::Path;
+use std::ptr::NonNull;
+
+use fake_hip::{compile_c_snippet, fake_hip_library, FakeHip};
+use hetmem::backend::rocm::RocmBackend;
+use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef};
+use hetmem::{Advice, Error, Location, Tier};
+
+const MIB: usize = 1 << 20;
+
+fn backend(fake: &FakeHip) -> RocmBackend {
+    RocmBackend::with_library(fake.path()).expect("fake HIP loads")
+}
+
+fn host(buf: &mut [u8]) -> MemRef {
+    MemRef::Host {
+        ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
+        kind: HostKind::Pageable,
+    }
+}
+
+fn dev(device: usize, ptr: DevicePtr) -> MemRef {
+    MemRef::Device { device, ptr }
+}
+
+fn assert_driver(err: Error, want_call: &str, want_code: i32) {
+    match err {
+        Error::Driver {
+            backend,
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(backend, BackendKind::Rocm);
+            assert_eq!(call, want_call);
+            assert_eq!(code, want_code, "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected a driver error from {want_call}, got {other:?}"),
+    }
+}
+
+fn unavailable_reason(r: Result<RocmBackend, Error>) -> String {
+    match r {
+        Err(Error::BackendUnavailable { backend, reason }) => {
+            assert_eq!(backend, BackendKind::Rocm);
+            reason
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+}
+
+#[test]
+fn shared_fake_library_builds_and_loads() {
+    let path = fake_hip_library().unwrap();
+    assert!(
+        path.ends_with("fake-hip/libfake_amdhip64.so"),
+        "{}",
+        path.display()
+    );
+    let b = RocmBackend::with_library(&path).unwrap();
+    assert_eq!(b.kind(), BackendKind::Rocm);
+    assert!(!b.devices().is_empty());
+    assert_eq!(fake_hip_library().unwrap(), path, "built once, same path");
+}
+
+#[test]
+fn enumerates_devices() {
+    let fake = FakeHip::with_devices(3, 64 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    assert_eq!(d.kind(), BackendKind::Rocm);
+    assert_eq!(d.devices().len(), 3);
+    for (i, info) in d.devices().iter().enumerate() {
+        assert_eq!(info.ordinal, i);
+        assert_eq!(info.name, format!("Fake AMD Instinct {i}"));
+        assert_eq!(info.total_memory, 64 * MIB);
+        assert!(info.managed_memory);
+    }
+    // The fake reports upper case; the backend gives sysfs form.
+    assert_eq!(d.devices()[0].pci_bus_id.as_deref(), Some("0000:3b:00.0"));
+    assert_eq!(d.devices()[2].pci_bus_id.as_deref(), Some("0000:3d:00.0"));
+    assert_eq!(b.runtime_version(), 50221153);
+    assert!(d.as_any().downcast_ref::<RocmBackend>().is_some());
+    let m = d.mem_info(2).unwrap();
+    assert_eq!((m.free, m.total), (64 * MIB, 64 * MIB));
+    assert!(matches!(
+        d.mem_info(3),
+        Err(Error::UnknownDevice {
+            device: 3,
+            count: 3,
+            backend: BackendKind::Rocm
+        })
+    ));
+}
+
+#[test]
+fn alloc_and_free_account_on_the_right_device() {
+    let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+
+    let p1 = d.alloc_device(1, 3 * MIB).unwrap();
+    assert_eq!(fake.stat("used:1"), 3 * MIB as i64);
+    assert_eq!(fake.stat("used:0"), 0);
+    assert_eq!(d.mem_info(1).unwrap().free, 13 * MIB);
+    assert_eq!(d.mem_info(0).unwrap().free, 16 * MIB);
+    let p0 = d.alloc_device(0, MIB).unwrap();
+    assert_eq!(fake.stat("allocations"), 2);
+    assert_ne!(p0, p1);
+
+    // SAFETY: both came from alloc_device with these sizes and are freed once.
+    unsafe {
+        d.free_device(1, p1, 3 * MIB).unwrap();
+        d.free_device(0, p0, MIB).unwrap();
+    }
+    assert_eq!(fake.stat("allocations"), 0);
+    assert_eq!(fake.stat("used:1"), 0);
+
+    // A double free reaches the runtime, which refuses it (the contract forbids it;
+    // the fake proves the error is mapped rather than swallowed).
+    // SAFETY: the fake runtime never dereferences a pointer it does not know.
+    let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
+    assert_driver(err, "hipFree", 1);
+
+    assert!(matches!(
+        d.alloc_device(0, 0),
+        Err(Error::InvalidSize { requested: 0, .. })
+    ));
+    assert!(matches!(
+        d.alloc_device(2, MIB),
+        Err(Error::UnknownDevice {
+            device: 2,
+            count: 2,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn out_of_memory_carries_the_numbers() {
+    let fake = FakeHip::with_devices(2, 4 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let keep = d.alloc_device(1, 3 * MIB).unwrap();
+    match d.alloc_device(1, 2 * MIB) {
+        Err(Error::OutOfMemory {
+            tier,
+            requested,
+            free,
+        }) => {
+            assert_eq!(tier, Tier::Device(1));
+            assert_eq!(requested, 2 * MIB);
+            assert_eq!(free, MIB);
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // Device 0 is untouched by device 1's use.
+    let other = d.alloc_device(0, 4 * MIB).unwrap();
+    match d.alloc_managed(0, MIB) {
+        Err(Error::OutOfMemory {
+            tier,
+            requested,
+            free,
+        }) => assert_eq!((tier, requested, free), (Tier::Managed(0), MIB, 0)),
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    let msg = d.alloc_device(1, 2 * MIB).unwrap_err().to_string();
+    assert!(msg.contains("device 1") && msg.contains("2097152"), "{msg}");
+    // SAFETY: live allocations from this backend, freed once.
+    unsafe {
+        d.free_device(1, keep, 3 * MIB).unwrap();
+        d.free_device(0, other, 4 * MIB).unwrap();
+    }
+    assert_eq!(fake.stat("allocations"), 0);
+}
+
+#[test]
+fn copies_keep_the_bytes() {
+    let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let len = MIB + 123;
+    let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut src = src;
+    let mut back = vec![0u8; len];
+
+    let a = d.alloc_device(0, len).unwrap();
+    let c = d.alloc_device(1, len).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    // SAFETY: all ranges are `len` bytes of live memory, disjoint, kept alive until the
+    // stream is synchronised; the stream is live.
+    unsafe {
+        d.copy(dev(0, a), host(&mut src), len, None).unwrap();
+        d.copy(dev(1, c), dev(0, a), len, Some(s1)).unwrap();
+        d.copy(host(&mut back), dev(1, c), len, Some(s1)).unwrap();
+        d.synchronize_stream(s1).unwrap();
+    }
+    assert_eq!(back, src);
+    assert_eq!(fake.stat("copies"), 1);
+    assert_eq!(fake.stat("async_copies"), 2);
+
+    // Offsets into an allocation work; a range running past its end is refused.
+    let mut part = vec![0u8; 100];
+    // SAFETY: 100 bytes from offset 1000 lie inside the allocation.
+    unsafe {
+        d.copy(host(&mut part), dev(1, c.offset(1000)), 100, None)
+            .unwrap();
+    }
+    assert_eq!(part[..], src[1000..1100]);
+    // SAFETY: the fake checks bounds before touching memory, so this out-of-range copy
+    // is refused without reading past the allocation.
+    let err = unsafe { d.copy(host(&mut back), dev(1, c.offset(1)), len, None) }.unwrap_err();
+    assert_driver(err, "hipMemcpy", 1);
+    // SAFETY: zero bytes: nothing is touched.
+    unsafe { d.copy(host(&mut back), dev(1, c), 0, None).unwrap() };
+
+    // SAFETY: live handles and allocations from this backend, released once.
+    unsafe {
+        d.destroy_stream(s1).unwrap();
+        d.free_device(0, a, len).unwrap();
+        d.free_device(1, c, len).unwrap();
+    }
+    assert_eq!(fake.stat("allocations"), 0);
+    assert_eq!(fake.stat("streams"), 0);
+}
+
+#[test]
+fn streams_and_events() {
+    let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let s0 = d.create_stream(0).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    let e1 = d.create_event(1).unwrap();
+    assert_eq!(fake.stat("streams"), 2);
+    assert_eq!(fake.stat("events"), 1);
+    // SAFETY: all handles are live and from this backend.
+    unsafe {
+        d.record_event(e1, s1).unwrap();
+        d.stream_wait_event(s0, e1).unwrap();
+        d.synchronize_event(e1).unwrap();
+        assert!(d.event_done(e1).unwrap());
+        d.synchronize_stream(s0).unwrap();
+        // An event belongs to its device: recording it on device 0's stream fails in HIP.
+        assert_driver(d.record_event(e1, s0).unwrap_err(), "hipEventRecord", 400);
+        d.destroy_event(e1).unwrap();
+        d.destroy_stream(s0).unwrap();
+        d.destroy_stream(s1).unwrap();
+    }
+    assert_eq!(fake.stat("streams"), 0);
+    assert_eq!(fake.stat("events"), 0);
+    // Handles the backend no longer knows are refused before reaching the driver.
+    // SAFETY: the backend checks its own map first, so stale handles are not passed on.
+    unsafe {
+        assert!(matches!(
+            d.destroy_stream(s0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(d.event_done(e1), Err(Error::InvalidArgument(_))));
+    }
+    assert!(matches!(
+        d.create_stream(7),
+        Err(Error::UnknownDevice { device: 7, .. })
+    ));
+}
+
+#[test]
+fn driver_errors_name_the_call_and_message() {
+    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    fake.fail_next("hipStreamCreateWithFlags", 999, 1);
+    match d.create_stream(0) {
+        Err(Error::Driver {
+            backend,
+            call,
+            code,
+            message,
+        }) => {
+            assert_eq!(backend, BackendKind::Rocm);
+            assert_eq!(call, "hipStreamCreateWithFlags");
+            assert_eq!(code, 999);
+            assert_eq!(message, "unknown error");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fake.stat("streams"), 0);
+    // A failed event query is an error, not "not done".
+    let e = d.create_event(0).unwrap();
+    fake.fail_next("hipEventQuery", 400, 1);
+    // SAFETY: a live event from this backend.
+    unsafe {
+        assert_driver(d.event_done(e).unwrap_err(), "hipEventQuery", 400);
+        fake.fail_next("hipEventQuery", 600, 1);
+        assert!(!d.event_done(e).unwrap(), "hipErrorNotReady means not done");
+        assert!(d.event_done(e).unwrap());
+        d.destroy_event(e).unwrap();
+    }
+    // A destroy that fails in the driver keeps the handle usable.
+    let s = d.create_stream(0).unwrap();
+    fake.fail_next("hipStreamDestroy", 999, 1);
+    // SAFETY: a live stream from this backend, destroyed once successfully.
+    unsafe {
+        assert_driver(d.destroy_stream(s).unwrap_err(), "hipStreamDestroy", 999);
+        d.destroy_stream(s).unwrap();
+    }
+}
+
+#[test]
+fn host_registration() {
+    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let mut buf = vec![0u8; 2 * MIB];
+    let p = NonNull::new(buf.as_mut_ptr()).unwrap();
+    // SAFETY: `buf` is owned here and outlives the registration.
+    unsafe {
+        d.register_host(p, buf.len()).unwrap();
+        assert_eq!(fake.stat("registrations"), 1);
+        assert_eq!(
+            fake.stat("last_register_flags"),
+            1,
+            "hipHostRegisterPortable"
+        );
+        let again = d.register_host(p, buf.len()).unwrap_err();
+        assert_driver(again, "hipHostRegister", 712);
+        d.unregister_host(p, buf.len()).unwrap();
+        assert_eq!(fake.stat("registrations"), 0);
+        assert_driver(
+            d.unregister_host(p, buf.len()).unwrap_err(),
+            "hipHostUnregister",
+            713,
+        );
+        assert!(matches!(
+            d.register_host(p, 0),
+            Err(Error::InvalidSize { .. })
+        ));
+    }
+}
+
+/// Reserves address space without memory behind it (the fake never touches it).
+struct Reservation {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Reservation {
+    fn new(len: usize) -> Option<Reservation> {
+        // SAFETY: an anonymous PROT_NONE mapping with no address hint affects nothing
+        // else in the process.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        NonNull::new(p.cast()).map(|ptr| Reservation { ptr, len })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this length and is unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[test]
+fn large_registrations_are_chunked() {
+    const GIB: usize = 1 << 30;
+    let len = 150 * GIB;
+    let Some(res) = Reservation::new(len) else {
+        eprintln!("skipped: cannot reserve 150 GiB of address space");
+        return;
+    };
+    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    // SAFETY: the range is mapped (PROT_NONE; the fake runtime never touches it) and
+    // stays mapped until `res` drops, after unregistering.
+    unsafe {
+        d.register_host(res.ptr, len).unwrap();
+        assert_eq!(fake.stat("registrations"), 3, "64 + 64 + 22 GiB");
+        assert_eq!(fake.stat("registered_bytes"), len as i64);
+        d.unregister_host(res.ptr, len).unwrap();
+        assert_eq!(fake.stat("registrations"), 0);
+
+        // A failure in the second chunk undoes the first.
+        let in_second = NonNull::new(res.ptr.as_ptr().add(64 * GIB + 4096)).unwrap();
+        d.register_host(in_second, 4096).unwrap();
+        assert_driver(
+            d.register_host(res.ptr, len).unwrap_err(),
+            "hipHostRegister",
+            712,
+        );
+        assert_eq!(
+            fake.stat("registrations"),
+            1,
+            "only the blocking one is left"
+        );
+        d.unregister_host(in_second, 4096).unwrap();
+    }
+    assert_eq!(fake.stat("registrations"), 0);
+}
+
+#[test]
+fn managed_memory_prefetch_and_advice() {
+    let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let len = 2 * MIB;
+    let m = d.alloc_managed(1, len).unwrap();
+    assert_eq!(fake.stat("managed_allocations"), 1);
+    assert_eq!(fake.stat("used:1"), len as i64);
+    let s = d.create_stream(0).unwrap();
+    // SAFETY: `m` is live managed memory of `len` bytes from this backend; `s` is live.
+    unsafe {
+        // Managed memory is host-accessible.
+        std::ptr::write_bytes(m.as_ptr(), 7, len);
+        d.prefetch(m, len, Location::Device(1), s).unwrap();
+        assert_eq!(fake.stat("last_prefetch_device"), 1);
+        d.prefetch(m, len, Location::Host, s).unwrap();
+        assert_eq!(fake.stat("last_prefetch_device"), -1, "hipCpuDeviceId");
+        assert!(matches!(
+            d.prefetch(m, len, Location::Device(2), s),
+            Err(Error::UnknownDevice { device: 2, .. })
+        ));
+
+        let cases = [
+            (Advice::SetReadMostly, 1, 0),
+            (Advice::UnsetReadMostly, 2, 0),
+            (Advice::SetPreferredLocation(Location::Host), 3, -1),
+            (Advice::SetPreferredLocation(Location::Device(1)), 3, 1),
+            (Advice::UnsetPreferredLocation, 4, 0),
+            (Advice::SetAccessedBy(1), 5, 1),
+            (Advice::UnsetAccessedBy(0), 6, 0),
+        ];
+        for (advice, value, device) in cases {
+            d.advise(m, len, advice).unwrap();
+            assert_eq!(fake.stat("last_advice"), value, "{advice:?}");
+            assert_eq!(fake.stat("last_advice_device"), device, "{advice:?}");
+        }
+        assert_eq!(fake.stat("advises"), cases.len() as i64);
+
+        // Advice on memory that is not managed is refused by the runtime.
+        let plain = d.alloc_device(0, MIB).unwrap();
+        let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
+        assert_driver(
+            d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
+            "hipMemAdvise",
+            1,
+        );
+        d.free_device(0, plain, MIB).unwrap();
+
+        d.destroy_stream(s).unwrap();
+        d.free_managed(1, m, len).unwrap();
+    }
+    assert_eq!(fake.stat("managed_allocations"), 0);
+    assert_eq!(fake.stat("used:1"), 0);
+}
+
+#[test]
+fn managed_memory_unsupported_device() {
+    let fake = FakeHip::new().unwrap();
+    fake.configure(1, 16 * MIB as u64, false).unwrap();
+    let b = backend(&fake);
+    assert!(!b.devices()[0].managed_memory);
+    assert!(matches!(
+        b.alloc_managed(0, MIB),
+        Err(Error::Unsupported {
+            backend: BackendKind::Rocm,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn concurrent_use_from_threads() {
+    let fake = FakeHip::with_devices(2, 64 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    std::thread::scope(|scope| {
+        for t in 0..8usize {
+            let d: &dyn Backend = &b;
+            scope.spawn(move || {
+                let device = t % 2;
+                let s = d.create_stream(device).unwrap();
+                for i in 0..20usize {
+                    let len = 4096 + i * 512 + t;
+                    let mut src: Vec<u8> = (0..len).map(|k| (k + t + i) as u8).collect();
+                    let mut back = vec![0u8; len];
+                    let p = d.alloc_device(device, len).unwrap();
+                    // SAFETY: live buffers and allocation, disjoint, synchronised before
+                    // they are dropped; the stream is live.
+                    unsafe {
+                        d.copy(dev(device, p), host(&mut src), len, Some(s))
+                            .unwrap();
+                        d.copy(host(&mut back), dev(device, p), len, Some(s))
+                            .unwrap();
+                        d.synchronize_stream(s).unwrap();
+                        d.free_device(device, p, len).unwrap();
+                    }
+                    assert_eq!(back, src);
+                }
+                // SAFETY: a live stream from this backend, destroyed once.
+                unsafe { d.destroy_stream(s).unwrap() };
+            });
+        }
+    });
+    assert_eq!(fake.stat("allocations"), 0);
+    assert_eq!(fake.stat("streams"), 0);
+    assert_eq!(fake.stat("used:0") + fake.stat("used:1"), 0);
+}
+
+#[test]
+fn no_devices_is_unavailable() {
+    let fake = FakeHip::new().unwrap();
+    fake.configure(0, 0, true).unwrap();
+    let reason = unavailable_reason(RocmBackend::with_library(fake.path()));
+    assert!(reason.contains("no HIP device"), "{reason}");
+}
+
+#[test]
+fn failing_hip_init_is_unavailable() {
+    let fake = FakeHip::new().unwrap();
+    fake.fail_next("hipInit", 3, 1);
+    let reason = unavailable_reason(RocmBackend::with_library(fake.path()));
+    assert!(
+        reason.contains("hipInit") && reason.contains("initialization error"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn missing_library_is_unavailable_and_named() {
+    let path = Path::new("/nonexistent/hetmem/libamdhip64.so");
+    let reason = unavailable_reason(RocmBackend::with_library(path));
+    assert!(
+        reason.contains("/nonexistent/hetmem/libamdhip64.so"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn missing_symbol_is_unavailable_and_named() {
+    let lib = compile_c_snippet(
+        "hip_init_only",
+        "int hipInit(unsigned int flags) { (void)flags; return 0; }\n",
+    )
+    .unwrap();
+    let reason = unavailable_reason(RocmBackend::with_library(&lib));
+    // Symbols resolve in declaration order: hipInit is there, hipGetDeviceCount is not.
+    assert!(reason.contains("hipGetDeviceCount"), "{reason}");
+    assert!(reason.contains("libhip_init_only.so"), "{reason}");
+}
+
+/// Where ROCm's real runtime is installed (Debian's libamdhip64-dev here), every symbol
+/// must resolve: without a GPU it answers hipErrorNoDevice, with one it works.
+#[test]
+fn real_runtime_if_installed_resolves_every_symbol() {
+    let name = Path::new("libamdhip64.so.5");
+    match RocmBackend::with_library(name) {
+        Ok(b) => assert!(!b.devices().is_empty()),
+        Err(Error::BackendUnavailable { reason, .. }) => {
+            assert!(!reason.contains("lacks symbol"), "{reason}");
+            eprintln!("real HIP runtime: {reason}");
+        }
+        Err(other) => panic!("{other:?}"),
+    }
+}
