@@ -28,9 +28,9 @@ pub enum NumaPolicy {
 /// ```
 /// use hetmem::{Manager, Placement, NumaPolicy};
 /// let mgr = Manager::builder().backend(hetmem::BackendKind::Sim).build()?;
-/// let dev = mgr.alloc(Placement::Device(0), 1 << 20)?;
+/// let mut dev = mgr.alloc(Placement::Device(0), 1 << 20)?;
 /// let host = mgr.alloc(Placement::Host(NumaPolicy::Default), 1 << 20)?;
-/// mgr.copy(&dev, 0, &host, 0, 1 << 20)?;
+/// mgr.copy(&mut dev, 0, &host, 0, 1 << 20)?;
 /// # Ok::<(), hetmem::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -7,6 +7,9 @@
 //!
 //! Custom harness (libtest-mimic) so that the set of tests is decided at run time.
 
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
+
 use std::thread;
 
 use hetmem::backend::sim::SimConfig;
@@ -109,14 +112,29 @@ enum Need {
 
 const SIM_DEVICE_BYTES: usize = 256 << 20;
 
-fn open(kind: BackendKind) -> Result<Manager, String> {
+/// A manager, and the private fake HIP runtime it loaded (rocm only), kept alive with it.
+struct Opened {
+    mgr: Manager,
+    _fake: Option<fake_hip::FakeHip>,
+}
+
+fn open(kind: BackendKind) -> Result<Opened, String> {
     let b = Manager::builder().backend(kind);
-    let b = match kind {
-        BackendKind::Sim => b.sim_config(SimConfig::with_devices(2, SIM_DEVICE_BYTES)),
-        BackendKind::Rocm if std::env::var_os("HETMEM_BACKEND").is_none() => b,
-        _ => b,
+    let (b, fake) = match kind {
+        BackendKind::Sim => (
+            b.sim_config(SimConfig::with_devices(2, SIM_DEVICE_BYTES)),
+            None,
+        ),
+        BackendKind::Rocm if std::env::var_os("HETMEM_BACKEND").is_none() => {
+            // A copy of the fake per manager: one loaded copy is one machine, and the
+            // checks run in parallel.
+            let fake = fake_hip::FakeHip::with_devices(2, SIM_DEVICE_BYTES as u64)?;
+            (b.rocm_library(fake.path()), Some(fake))
+        }
+        _ => (b, None),
     };
-    b.build().map_err(|e| e.to_string())
+    let mgr = b.build().map_err(|e| e.to_string())?;
+    Ok(Opened { mgr, _fake: fake })
 }
 
 fn main() {
@@ -142,7 +160,7 @@ fn main() {
             kind.name()
         };
         match open(kind) {
-            Ok(mgr) => {
+            Ok(Opened { mgr, .. }) => {
                 let devs = mgr.devices().len();
                 let managed = devs > 0 && mgr.devices()[0].info.managed_memory;
                 for (name, need, check) in CHECKS {
@@ -157,7 +175,7 @@ fn main() {
                     // A manager per check: checks run in parallel and some compare
                     // the manager's byte counts before and after.
                     let t = Trial::test(format!("{label}::{name}"), move || {
-                        check(&open(kind).map_err(|e| format!("open {kind}: {e}"))?)
+                        check(&open(kind).map_err(|e| format!("open {kind}: {e}"))?.mgr)
                     });
                     trials.push(match lacking {
                         Some(why) => {
@@ -710,6 +728,7 @@ fn error_foreign_handles(mgr: &Manager) -> Result<(), Failed> {
     ensure(mine.as_slice()? == [0, 0, 0], "nothing was written")?;
     if !mgr.devices().is_empty() {
         let twin = open(mgr.backend_kind()).map_err(|e| format!("twin manager: {e}"))?;
+        let twin = &twin.mgr;
         let s = ok(twin.create_stream(0), "their stream")?;
         let src = filled(mgr, Placement::Host(NumaPolicy::Default), &[9; 16])?;
         let mut dst = ok(mgr.alloc(Placement::Device(0), 16), "alloc")?;
@@ -736,7 +755,8 @@ fn error_out_of_bounds(mgr: &Manager) -> Result<(), Failed> {
     } else {
         Placement::Device(0)
     };
-    let mut a = ok(mgr.alloc(p, 100), "alloc")?;
+    // Device memory starts undefined (cuMemAlloc does not zero it): fill it first.
+    let mut a = filled(mgr, p, &[0u8; 100])?;
     let b = filled(mgr, Placement::Host(NumaPolicy::Default), &[5; 100])?;
     for (doff, soff, len) in [
         (0, 0, 101),
