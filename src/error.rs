@@ -14,14 +14,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A tier had too little memory for the request.
-    #[error("out of memory on {tier}: requested {requested} bytes, {free} bytes free")]
+    #[error("out of memory on {tier}: requested {requested} bytes, {free} bytes free{}",
+        pool_detail(*reserved, *largest_free_block))]
     OutOfMemory {
         /// Where the allocation was attempted.
         tier: Tier,
         /// Bytes asked for.
         requested: usize,
-        /// Bytes the tier reported free at the time.
+        /// Bytes free at the time: under the pool's budget for pool allocations, as the
+        /// driver or kernel reported them otherwise.
         free: usize,
+        /// Bytes a pool held from the backend when it gave up (`None` outside pools).
+        reserved: Option<usize>,
+        /// The largest free block a pool had cached (`None` outside pools).
+        largest_free_block: Option<usize>,
     },
 
     /// A size of zero, or one no allocator can satisfy (over `isize::MAX`, or one that
@@ -133,7 +139,27 @@ pub enum Error {
     },
 }
 
+fn pool_detail(reserved: Option<usize>, largest: Option<usize>) -> String {
+    match (reserved, largest) {
+        (Some(r), Some(l)) => {
+            format!(", {r} bytes reserved by the pool, largest free block {l} bytes")
+        }
+        _ => String::new(),
+    }
+}
+
 impl Error {
+    /// An [`Error::OutOfMemory`] outside any pool.
+    pub(crate) fn oom(tier: Tier, requested: usize, free: usize) -> Self {
+        Error::OutOfMemory {
+            tier,
+            requested,
+            free,
+            reserved: None,
+            largest_free_block: None,
+        }
+    }
+
     pub(crate) fn os(call: &'static str, errno: nix::errno::Errno) -> Self {
         Error::Os { call, errno }
     }

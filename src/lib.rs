@@ -24,13 +24,16 @@ pub mod backend;
 pub mod error;
 pub mod manager;
 pub mod placement;
+pub mod pool;
 pub mod stats;
+pub mod stream;
 pub mod topology;
 
 pub use backend::sim::{SimBackend, SimConfig};
 pub use backend::{Backend, BackendKind, DeviceInfo, DevicePtr, MemInfo};
 pub use error::{Error, Result};
-pub use manager::{Buffer, Device, Event, Manager, ManagerBuilder, ManagerStats, Stream};
+pub use manager::{Buffer, Device, Manager, ManagerBuilder, ManagerStats};
 pub use placement::{Advice, Location, NumaPolicy, Placement, Tier};
 pub use stats::CounterSnapshot;
+pub use stream::{Event, Stream};
 pub use topology::{NumaNode, Topology};

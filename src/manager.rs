@@ -24,13 +24,15 @@ use std::sync::Arc;
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::host::{HostBackend, HostRegion};
-use crate::backend::owned::{MemoryKind, OwnedEvent, OwnedMemory, OwnedStream, SharedBackend};
+use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::backend::rocm::RocmBackend;
 use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
+use crate::pool::{DevicePool, PoolConfig};
 use crate::stats::{ByteCounter, CounterSnapshot};
+use crate::stream::Stream;
 use crate::topology::Topology;
 
 static NEXT_MANAGER_ID: AtomicU64 = AtomicU64::new(1);
@@ -277,6 +279,12 @@ impl Manager {
     /// [`Error::NumaNodeWithoutMemory`] for places that do not exist;
     /// [`Error::OutOfMemory`] with the tier and free bytes when there is no room.
     pub fn alloc(&self, placement: Placement, size: usize) -> Result<Buffer> {
+        self.alloc_inner(placement, size, true)
+    }
+
+    /// `alloc`, counted in [`Manager::stats`] or not (staging buffers of `read`/`write`
+    /// are the manager's own business, not the caller's use).
+    fn alloc_inner(&self, placement: Placement, size: usize, counted: bool) -> Result<Buffer> {
         if size == 0 {
             return Err(Error::InvalidSize {
                 requested: 0,
@@ -294,7 +302,15 @@ impl Manager {
             Placement::Host(policy) | Placement::Pinned(policy) => {
                 let policy = self.resolve_policy(policy)?;
                 self.check_host_room(&placement, &policy, size)?;
-                let region = HostRegion::alloc(size, &policy, &self.inner.topology)?;
+                let region = HostRegion::alloc(size, &policy, &self.inner.topology).map_err(
+                    |e| match e {
+                        // The host allocator speaks for pageable memory; say which tier.
+                        Error::OutOfMemory {
+                            requested, free, ..
+                        } => Error::oom(placement.tier(), requested, free),
+                        other => other,
+                    },
+                )?;
                 if matches!(placement, Placement::Pinned(_)) {
                     OwnedMemory::pinned(backend, region)?
                 } else {
@@ -311,13 +327,17 @@ impl Manager {
             }
         };
         let tier = placement.tier();
-        // Unlimited counters never refuse; limits are the backends' and pools' business.
-        let _ = self.inner.counter(tier).try_reserve(size);
+        if counted {
+            // Unlimited counters never refuse; limits are the backends' and pools' business.
+            let reserved = self.inner.counter(tier).try_reserve(size);
+            debug_assert!(reserved.is_ok(), "manager counters have no limit");
+        }
         tracing::debug!(target: "hetmem", %tier, size, "alloc");
         Ok(Buffer {
             mgr: self.inner.clone(),
             placement,
             size,
+            counted,
             mem,
         })
     }
@@ -354,13 +374,21 @@ impl Manager {
             NumaPolicy::Default | NumaPolicy::NearDevice(_) => topo.system_memory(),
         };
         if limit > 0 && size as u64 > limit {
-            return Err(Error::OutOfMemory {
-                tier: placement.tier(),
-                requested: size,
-                free: crate::backend::host::available_memory().min(limit as usize),
-            });
+            return Err(Error::oom(
+                placement.tier(),
+                size,
+                crate::backend::host::available_memory().min(limit as usize),
+            ));
         }
         Ok(())
+    }
+
+    fn check_stream(&self, stream: &Stream) -> Result<()> {
+        if stream.belongs_to(&self.inner.backend) {
+            Ok(())
+        } else {
+            Err(Error::ForeignHandle { what: "stream" })
+        }
     }
 
     fn check_owner(&self, id: u64, what: &'static str) -> Result<()> {
@@ -401,7 +429,7 @@ impl Manager {
     ) -> Result<()> {
         self.check_owner(dst.mgr.id, "buffer")?;
         self.check_owner(src.mgr.id, "buffer")?;
-        self.check_owner(stream.mgr.id, "stream")?;
+        self.check_stream(stream)?;
         OwnedMemory::copy(
             &dst.mem,
             dst_offset,
@@ -420,7 +448,11 @@ impl Manager {
             dst.as_mut_slice()?[offset..end].copy_from_slice(data);
             return Ok(());
         }
-        let mut staging = self.alloc(Placement::Host(NumaPolicy::Default), data.len().max(1))?;
+        let mut staging = self.alloc_inner(
+            Placement::Host(NumaPolicy::Default),
+            data.len().max(1),
+            false,
+        )?;
         staging.as_mut_slice()?[..data.len()].copy_from_slice(data);
         self.copy(dst, offset, &staging, 0, data.len())
     }
@@ -433,25 +465,31 @@ impl Manager {
             out.copy_from_slice(&src.as_slice()?[offset..end]);
             return Ok(());
         }
-        let mut staging = self.alloc(Placement::Host(NumaPolicy::Default), out.len().max(1))?;
+        let mut staging = self.alloc_inner(
+            Placement::Host(NumaPolicy::Default),
+            out.len().max(1),
+            false,
+        )?;
         self.copy(&mut staging, 0, src, offset, out.len())?;
         out.copy_from_slice(&staging.as_slice()?[..out.len()]);
         Ok(())
     }
 
+    /// A new caching pool over `device`'s memory (see [`DevicePool`]).
+    pub fn device_pool(&self, device: usize, cfg: PoolConfig) -> Result<DevicePool> {
+        DevicePool::new(&self.inner.backend, device, cfg)
+    }
+
     /// Creates a stream on `device`.
     pub fn create_stream(&self, device: usize) -> Result<Stream> {
         check_device(self.backend(), device)?;
-        Ok(Stream {
-            mgr: self.inner.clone(),
-            inner: OwnedStream::new(&self.inner.backend, device)?,
-        })
+        Stream::new(&self.inner.backend, device)
     }
 
     /// Queues a migration of a managed buffer to `to` on `stream`.
     pub fn prefetch(&self, buf: &Buffer, to: Location, stream: &Stream) -> Result<()> {
         self.check_owner(buf.mgr.id, "buffer")?;
-        self.check_owner(stream.mgr.id, "stream")?;
+        self.check_stream(stream)?;
         if let Location::Device(d) = to {
             check_device(self.backend(), d)?;
         }
@@ -478,6 +516,8 @@ pub struct Buffer {
     mgr: Arc<Inner>,
     placement: Placement,
     size: usize,
+    /// Whether it counts in the manager's stats (staging buffers do not).
+    counted: bool,
     mem: OwnedMemory,
 }
 
@@ -530,78 +570,10 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        self.mgr.counter(self.placement.tier()).release(self.size);
+        if self.counted {
+            self.mgr.counter(self.placement.tier()).release(self.size);
+        }
         tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
         // `mem` frees itself after this, waiting for its copies first.
-    }
-}
-
-/// An in-order queue of work on one device.
-#[derive(Debug)]
-pub struct Stream {
-    mgr: Arc<Inner>,
-    inner: OwnedStream,
-}
-
-impl Stream {
-    /// The device it runs on.
-    pub fn device(&self) -> usize {
-        self.inner.device()
-    }
-
-    /// The backend's handle (a `CUstream` / `hipStream_t` value on GPUs), for interop
-    /// and for the simulator's kernels.
-    pub fn handle(&self) -> crate::backend::StreamHandle {
-        self.inner.handle()
-    }
-
-    /// Blocks until everything queued so far is done.
-    pub fn synchronize(&self) -> Result<()> {
-        self.inner.synchronize()
-    }
-
-    /// Records an event at the current tail of the stream.
-    pub fn record(&self) -> Result<Event> {
-        Ok(Event {
-            mgr: self.mgr.clone(),
-            inner: self.inner.record()?,
-        })
-    }
-
-    /// Makes work queued on this stream from now on wait for `event`.
-    pub fn wait(&self, event: &Event) -> Result<()> {
-        if event.mgr.id != self.mgr.id {
-            return Err(Error::ForeignHandle { what: "event" });
-        }
-        self.inner.wait(&event.inner)
-    }
-}
-
-/// A point in a stream that other streams and the host can wait for.
-#[derive(Debug)]
-pub struct Event {
-    mgr: Arc<Inner>,
-    inner: OwnedEvent,
-}
-
-impl Event {
-    /// The device of the stream it was recorded on.
-    pub fn device(&self) -> usize {
-        self.inner.device()
-    }
-
-    /// The backend's handle.
-    pub fn handle(&self) -> crate::backend::EventHandle {
-        self.inner.handle()
-    }
-
-    /// Blocks until the work before the event is done.
-    pub fn synchronize(&self) -> Result<()> {
-        self.inner.synchronize()
-    }
-
-    /// Whether the work before the event is done, without blocking.
-    pub fn is_done(&self) -> Result<bool> {
-        self.inner.is_done()
     }
 }

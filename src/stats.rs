@@ -61,12 +61,19 @@ impl ByteCounter {
     }
 
     /// Gives back `bytes` reserved earlier.
+    ///
+    /// Runs in drops, so it never panics: releasing more than is reserved is a bug that
+    /// is logged, and the counter stops at zero instead of wrapping.
     pub fn release(&self, bytes: usize) {
-        let prev = self.current.fetch_sub(bytes, Ordering::AcqRel);
-        debug_assert!(
-            prev >= bytes,
-            "released {bytes} bytes with only {prev} in use"
-        );
+        let prev = self
+            .current
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                Some(c.saturating_sub(bytes))
+            })
+            .unwrap_or_else(|c| c);
+        if prev < bytes {
+            tracing::error!(target: "hetmem", bytes, in_use = prev, "released more than was reserved");
+        }
         self.count.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -98,6 +105,9 @@ impl ByteCounter {
     /// Restarts peak tracking from the current use.
     pub fn reset_peak(&self) {
         self.peak.store(self.current(), Ordering::Release);
+        // A reservation between the load and the store above may have raised the peak
+        // that the store then overwrote: fold the current use back in.
+        self.peak.fetch_max(self.current(), Ordering::AcqRel);
     }
 
     /// A copy of the numbers.

@@ -625,6 +625,8 @@ fn error_over_capacity(mgr: &Manager) -> Result<(), Failed> {
             tier: Tier::Device(0),
             requested,
             free,
+            reserved: None,
+            largest_free_block: None,
         }) => {
             ensure(requested == total + 1, "OOM reports the request")?;
             ensure(

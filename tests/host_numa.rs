@@ -250,6 +250,7 @@ fn impossible_size_is_host_out_of_memory() {
             tier,
             requested,
             free,
+            ..
         }) => {
             assert_eq!(tier, Tier::Host);
             assert_eq!(requested, len);

@@ -88,3 +88,23 @@ fn concurrent_reserve_release_balance() {
         );
     });
 }
+
+/// A peak reset racing a reservation: afterwards the peak is never below current use.
+#[test]
+fn reset_peak_never_drops_below_current() {
+    loom::model(|| {
+        let c = Arc::new(ByteCounter::with_limit(100));
+        c.try_reserve(30).unwrap();
+        c.release(30);
+        let c1 = c.clone();
+        let reserver = thread::spawn(move || c1.try_reserve(50).unwrap());
+        c.reset_peak();
+        reserver.join().unwrap();
+        assert_eq!(c.current(), 50);
+        assert_eq!(
+            c.peak(),
+            50,
+            "the reset may not hide the reservation that raced it"
+        );
+    });
+}

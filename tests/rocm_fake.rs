@@ -155,6 +155,7 @@ fn out_of_memory_carries_the_numbers() {
             tier,
             requested,
             free,
+            ..
         }) => {
             assert_eq!(tier, Tier::Device(1));
             assert_eq!(requested, 2 * MIB);
@@ -169,6 +170,7 @@ fn out_of_memory_carries_the_numbers() {
             tier,
             requested,
             free,
+            ..
         }) => assert_eq!((tier, requested, free), (Tier::Managed(0), MIB, 0)),
         other => panic!("expected OutOfMemory, got {other:?}"),
     }

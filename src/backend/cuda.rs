@@ -25,7 +25,12 @@
 //!   CUDA 13 headers name, exist in every driver since 12.2, and keep this file
 //!   compiling if the feature is ever raised to 13000.
 //! * `CUmemLocation` is `{ type_, id }` under 12080; from `cuda-13020` it becomes a
-//!   union, so raising the feature past 13010 needs a change in `mem_location`.
+//!   union, so raising the feature past 13010 needs a change in `mem_location`,
+//!   `allocation_prop` and `access_desc`.
+//! * Virtual memory management (`cuMemGetAllocationGranularity`,
+//!   `cuMemAddress{Reserve,Free}`, `cuMemCreate`, `cuMemRelease`, `cuMemMap`,
+//!   `cuMemSetAccess`, `cuMemUnmap`, all since CUDA 10.2) is bound unconditionally.
+//!   `CUmemAllocationType` gains `MANAGED` in 13000; we only use `PINNED`.
 //!
 //! # Loading and failure
 //!
@@ -34,6 +39,11 @@
 //! in `REQUIRED_SYMBOLS`) before the first driver call, and runs all of that inside
 //! `catch_unwind` as a second guard. Any absence is `Error::BackendUnavailable`; once
 //! `new` has succeeded, no later call can hit a missing symbol.
+//!
+//! The VMM symbols (`VMM_SYMBOLS`) are optional: when one is missing, or a device has
+//! `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` = 0, or its granularity
+//! query fails, that device's `vmm_granularity` is `None` (queried once in `new`) and
+//! the other VMM methods return `Error::Unsupported` without calling the driver.
 //!
 //! # Contexts
 //!
@@ -69,13 +79,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use cudarc::driver::sys::{
     self, CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUevent_flags,
-    CUmemAttach_flags, CUmemLocation, CUmemLocationType, CUmem_advise, CUresult, CUstream,
-    CUstream_flags,
+    CUmemAccessDesc, CUmemAccess_flags, CUmemAllocationGranularity_flags,
+    CUmemAllocationHandleType, CUmemAllocationProp, CUmemAllocationProp_st__bindgen_ty_1,
+    CUmemAllocationType, CUmemAttach_flags, CUmemGenericAllocationHandle, CUmemLocation,
+    CUmemLocationType, CUmem_advise, CUresult, CUstream, CUstream_flags,
 };
 
 use super::{
     check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
-    StreamHandle,
+    PhysHandle, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -84,6 +96,14 @@ use crate::placement::{Advice, Location, Tier};
 /// on current drivers; registering in 64 GiB chunks (and unregistering the same
 /// chunks) stays well below that.
 pub(crate) const HOST_REGISTER_CHUNK: usize = 64 << 30;
+
+/// The `call` of the [`Error::Driver`] that [`Backend::register_host`] returns when a
+/// chunk failed to register *and* undoing the chunks registered before it failed too.
+/// Part of the range then stays registered with the driver, so the caller must not
+/// unmap (or otherwise give back) the memory: it has to leak the region. The error's
+/// `code` is that of the first failed `cuMemHostUnregister`, and its `message` names
+/// the original failure and contains `"rollback failed; region leaked"`.
+pub const REGISTER_ROLLBACK_CALL: &str = "cuMemHostRegister(rollback)";
 
 /// Every driver symbol this module calls, looked up before the first call so that a
 /// driver lacking one is refused in `new` instead of panicking in cudarc later.
@@ -120,6 +140,26 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuMemPrefetchAsync_v2",
     "cuMemAdvise_v2",
 ];
+
+/// The virtual memory management calls. Optional: a driver lacking any of them still
+/// loads, and every device then reports no VMM (`vmm_granularity` is `None`).
+const VMM_SYMBOLS: &[&str] = &[
+    "cuMemGetAllocationGranularity",
+    "cuMemAddressReserve",
+    "cuMemAddressFree",
+    "cuMemCreate",
+    "cuMemRelease",
+    "cuMemMap",
+    "cuMemSetAccess",
+    "cuMemUnmap",
+];
+
+/// What the VMM methods report on a device (or driver) without virtual memory
+/// management.
+const VMM_UNSUPPORTED: Error = Error::Unsupported {
+    backend: BackendKind::Cuda,
+    what: "virtual memory management (not supported by this device or driver)",
+};
 
 /// The driver's description of a status, from `cuGetErrorString`.
 fn error_message(code: CUresult) -> String {
@@ -208,6 +248,60 @@ fn mem_location(location: Location, device: impl Fn(usize) -> CUdevice) -> CUmem
     }
 }
 
+/// The properties of VMM physical memory on device `dev`: ordinary pinned device
+/// memory, no shareable handle, no compression. Also what the granularity is asked for.
+fn allocation_prop(dev: CUdevice) -> CUmemAllocationProp {
+    CUmemAllocationProp {
+        type_: CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED,
+        requestedHandleTypes: CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE,
+        location: CUmemLocation {
+            type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: dev,
+        },
+        win32HandleMetaData: ptr::null_mut(),
+        allocFlags: CUmemAllocationProp_st__bindgen_ty_1 {
+            compressionType: 0,
+            gpuDirectRDMACapable: 0,
+            usage: 0,
+            reserved: [0; 4],
+        },
+    }
+}
+
+/// Read-write access for device `dev`, for `cuMemSetAccess` after a map.
+fn access_desc(dev: CUdevice) -> CUmemAccessDesc {
+    CUmemAccessDesc {
+        location: CUmemLocation {
+            type_: CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: dev,
+        },
+        flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+    }
+}
+
+/// `Ok` when `size` is a positive multiple of the VMM page `granularity`.
+fn check_vmm_size(what: &str, size: usize, granularity: usize) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(granularity) {
+        Err(Error::InvalidArgument(format!(
+            "{what} of {size} bytes is not a positive multiple of the VMM granularity {granularity}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// `Ok` when `ptr` is aligned to the VMM page `granularity`.
+fn check_vmm_addr(ptr: DevicePtr, granularity: usize) -> Result<()> {
+    if !ptr.0.is_multiple_of(granularity as u64) {
+        Err(Error::InvalidArgument(format!(
+            "address {:#x} is not aligned to the VMM granularity {granularity}",
+            ptr.0
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 fn stream_ptr(handle: StreamHandle) -> CUstream {
     ptr::with_exposed_provenance_mut(handle.0 as usize)
 }
@@ -237,6 +331,10 @@ struct DeviceState {
     copy_stream: CUstream,
     /// `CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS`: needed to prefetch to it.
     concurrent_managed: bool,
+    /// Minimum VMM granularity, queried once in `open_device`; `None` when the driver
+    /// lacks a VMM symbol or the device lacks
+    /// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
+    vmm_granularity: Option<usize>,
 }
 
 /// NVIDIA GPUs through the CUDA driver API. See the module docs.
@@ -297,6 +395,17 @@ impl CudaBackend {
                 return Err(unavailable(format!("libcuda lacks symbol {name} ({e})")));
             }
         }
+        // SAFETY: as above, only existence is checked; nothing is called.
+        let missing_vmm = VMM_SYMBOLS
+            .iter()
+            .find(|name| unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err());
+        if let Some(name) = missing_vmm {
+            tracing::debug!(
+                symbol = name,
+                "libcuda lacks a VMM symbol; virtual memory management disabled"
+            );
+        }
+        let vmm_symbols = missing_vmm.is_none();
         // SAFETY: symbol present (checked above); cuInit takes flags only.
         let status = unsafe { sys::cuInit(0) };
         match status {
@@ -327,15 +436,16 @@ impl CudaBackend {
             events: Mutex::new(HashMap::new()),
         };
         for ordinal in 0..count {
-            backend.open_device(ordinal)?;
+            backend.open_device(ordinal, vmm_symbols)?;
         }
         tracing::debug!(devices = ?backend.devices, "CUDA backend ready");
         Ok(backend)
     }
 
     /// Queries device `ordinal`, retains its primary context and creates its internal
-    /// copy stream, appending to `devices` and `state`.
-    fn open_device(&mut self, ordinal: c_int) -> Result<()> {
+    /// copy stream, appending to `devices` and `state`. `vmm_symbols`: the driver has
+    /// every VMM call, so the device's VMM support and granularity are queried.
+    fn open_device(&mut self, ordinal: c_int, vmm_symbols: bool) -> Result<()> {
         let mut dev: CUdevice = 0;
         // SAFETY: driver initialised; `dev` is a valid out-pointer, ordinal < count.
         check("cuDeviceGet", unsafe {
@@ -404,9 +514,13 @@ impl CudaBackend {
             ctx,
             copy_stream: ptr::null_mut(),
             concurrent_managed: concurrent != 0,
+            vmm_granularity: None,
         });
         let index = self.state.len() - 1;
         self.bind(index)?;
+        if vmm_symbols {
+            self.state[index].vmm_granularity = query_vmm_granularity(ordinal, dev);
+        }
         let mut stream: CUstream = ptr::null_mut();
         // SAFETY: the device's context is current (bound above); `stream` is a valid
         // out-pointer.
@@ -445,26 +559,91 @@ impl CudaBackend {
     }
 
     fn stream_device(&self, stream: StreamHandle) -> Result<usize> {
-        lock(&self.streams).get(&stream.0).copied().ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "stream {:#x} was not created by this CUDA backend",
-                stream.0
-            ))
-        })
+        lock(&self.streams)
+            .get(&stream.0)
+            .copied()
+            .ok_or_else(|| unknown_stream(stream))
     }
 
     fn event_device(&self, event: EventHandle) -> Result<usize> {
-        lock(&self.events).get(&event.0).copied().ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "event {:#x} was not created by this CUDA backend",
-                event.0
-            ))
-        })
+        lock(&self.events)
+            .get(&event.0)
+            .copied()
+            .ok_or_else(|| unknown_event(event))
+    }
+
+    /// `device`'s VMM granularity, after checking the ordinal; `Unsupported` without VMM.
+    fn vmm_page(&self, device: usize) -> Result<usize> {
+        check_device(self, device)?;
+        self.state[device].vmm_granularity.ok_or(VMM_UNSUPPORTED)
     }
 
     /// Free bytes on `device` for an out-of-memory report (0 when even that fails).
     fn free_for_report(&self, device: usize) -> usize {
         self.mem_info(device).map(|m| m.free).unwrap_or(0)
+    }
+}
+
+fn unknown_stream(stream: StreamHandle) -> Error {
+    Error::InvalidArgument(format!(
+        "stream {:#x} was not created by this CUDA backend",
+        stream.0
+    ))
+}
+
+fn unknown_event(event: EventHandle) -> Error {
+    Error::InvalidArgument(format!(
+        "event {:#x} was not created by this CUDA backend",
+        event.0
+    ))
+}
+
+/// Refuses a copy queued on a stream of the wrong device, as the simulator does: a copy
+/// between host and device `d` must be queued on a stream of `d`; a copy between two
+/// devices on a stream of either one.
+fn check_copy_stream(
+    dst_dev: Option<usize>,
+    src_dev: Option<usize>,
+    stream_device: usize,
+) -> Result<()> {
+    match (dst_dev, src_dev) {
+        (Some(device), None) | (None, Some(device)) if device != stream_device => {
+            Err(Error::InvalidArgument(format!(
+                "copy to or from device {device} queued on a stream of device {stream_device}"
+            )))
+        }
+        (Some(d), Some(s)) if stream_device != d && stream_device != s => {
+            Err(Error::InvalidArgument(format!(
+                "copy from device {s} to device {d} queued on a stream of device {stream_device}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The error of a registration whose failure could not be undone: see
+/// [`REGISTER_ROLLBACK_CALL`].
+fn rollback_failed(
+    cause: &Error,
+    undo: &Error,
+    ptr: NonNull<u8>,
+    len: usize,
+    registered: usize,
+) -> Error {
+    let code = match undo {
+        Error::Driver { code, .. } => *code,
+        _ => CUresult::CUDA_ERROR_UNKNOWN as i32,
+    };
+    Error::Driver {
+        backend: BackendKind::Cuda,
+        call: REGISTER_ROLLBACK_CALL,
+        code,
+        message: format!(
+            "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
+             {registered} bytes registered before the failure failed too ({undo}): \
+             rollback failed; region leaked: part of it stays registered, so the memory \
+             must not be unmapped"
+        ),
     }
 }
 
@@ -484,6 +663,50 @@ fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
         sys::cuDeviceGetAttribute(&mut value, attr, dev)
     })?;
     Ok(value)
+}
+
+/// Device `dev`'s minimum VMM granularity, or `None` (logged) when it has no VMM or
+/// a query fails: VMM is optional, so this never fails the backend. Only called once
+/// every VMM symbol was found.
+fn query_vmm_granularity(ordinal: c_int, dev: CUdevice) -> Option<usize> {
+    let supported = device_attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+    );
+    match supported {
+        Ok(0) => {
+            tracing::debug!(device = ordinal, "device lacks virtual memory management");
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(device = ordinal, error = %e, "querying VMM support");
+            return None;
+        }
+    }
+    let prop = allocation_prop(dev);
+    let mut granularity: usize = 0;
+    // SAFETY: the symbol exists (VMM_SYMBOLS checked by the caller); `granularity` is a
+    // valid out-pointer and `prop` a fully initialised property struct that outlives
+    // the call.
+    let status = unsafe {
+        sys::cuMemGetAllocationGranularity(
+            &mut granularity,
+            &prop,
+            CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
+        )
+    };
+    match check("cuMemGetAllocationGranularity", status) {
+        Ok(()) if granularity > 0 => Some(granularity),
+        Ok(()) => {
+            tracing::warn!(device = ordinal, "VMM granularity reported as 0");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(device = ordinal, error = %e, "querying VMM granularity");
+            None
+        }
+    }
 }
 
 fn check_size(size: usize) -> Result<()> {
@@ -573,11 +796,11 @@ impl Backend for CudaBackend {
         // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
         match unsafe { sys::cuMemAlloc_v2(&mut dptr, size) } {
             CUresult::CUDA_SUCCESS => Ok(DevicePtr(dptr)),
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfMemory {
-                tier: Tier::Device(device),
-                requested: size,
-                free: self.free_for_report(device),
-            }),
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+                Tier::Device(device),
+                size,
+                self.free_for_report(device),
+            )),
             other => Err(driver_error("cuMemAlloc", other)),
         }
     }
@@ -617,11 +840,11 @@ impl Backend for CudaBackend {
                 NonNull::new(p)
                     .ok_or_else(|| driver_error("cuMemAllocManaged", CUresult::CUDA_ERROR_UNKNOWN))
             }
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::OutOfMemory {
-                tier: Tier::Managed(device),
-                requested: size,
-                free: self.free_for_report(device),
-            }),
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+                Tier::Managed(device),
+                size,
+                self.free_for_report(device),
+            )),
             other => Err(driver_error("cuMemAllocManaged", other)),
         }
     }
@@ -665,14 +888,23 @@ impl Backend for CudaBackend {
             return Ok(());
         };
         // Undo the chunks that did register, so a failure leaves nothing behind.
+        let mut undo_error = None;
         for (off, _) in register_chunks(done) {
             // SAFETY: this chunk start was registered by the loop above.
             let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
             if let Err(e) = check("cuMemHostUnregister", status) {
-                tracing::warn!(error = %e, "rolling back a partial host registration");
+                tracing::error!(
+                    error = %e,
+                    offset = off,
+                    "rolling back a partial host registration failed; the region leaks"
+                );
+                undo_error.get_or_insert(e);
             }
         }
-        Err(err)
+        match undo_error {
+            Some(undo) => Err(rollback_failed(&err, &undo, ptr, len, done)),
+            None => Err(err),
+        }
     }
 
     /// # Safety
@@ -710,15 +942,24 @@ impl Backend for CudaBackend {
     /// # Safety
     /// As [`Backend::destroy_stream`].
     unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
-        let device = self.stream_device(stream)?;
-        self.bind(device)?;
-        // SAFETY: the caller guarantees the stream is live, ours and not used again;
-        // cuStreamDestroy lets queued work finish first.
-        check("cuStreamDestroy", unsafe {
-            sys::cuStreamDestroy_v2(stream_ptr(stream))
-        })?;
-        lock(&self.streams).remove(&stream.0);
-        Ok(())
+        // Out of the map first: once the driver has destroyed the stream, a concurrent
+        // create may get the same handle value back and insert it, and a remove after
+        // that would delete the new stream's entry.
+        let device = lock(&self.streams)
+            .remove(&stream.0)
+            .ok_or_else(|| unknown_stream(stream))?;
+        let result = self.bind(device).and_then(|()| {
+            // SAFETY: the caller guarantees the stream is live, ours and not used again;
+            // cuStreamDestroy lets queued work finish first.
+            check("cuStreamDestroy", unsafe {
+                sys::cuStreamDestroy_v2(stream_ptr(stream))
+            })
+        });
+        if result.is_err() {
+            // Not destroyed, so the value cannot have been handed out again: keep it.
+            lock(&self.streams).insert(stream.0, device);
+        }
+        result
     }
 
     /// # Safety
@@ -748,14 +989,22 @@ impl Backend for CudaBackend {
     /// # Safety
     /// As [`Backend::destroy_event`].
     unsafe fn destroy_event(&self, event: EventHandle) -> Result<()> {
-        let device = self.event_device(event)?;
-        self.bind(device)?;
-        // SAFETY: the caller guarantees the event is live, ours and not used again.
-        check("cuEventDestroy", unsafe {
-            sys::cuEventDestroy_v2(event_ptr(event))
-        })?;
-        lock(&self.events).remove(&event.0);
-        Ok(())
+        // Out of the map first, as in `destroy_stream`: the driver may hand the value
+        // out again as soon as the event is destroyed.
+        let device = lock(&self.events)
+            .remove(&event.0)
+            .ok_or_else(|| unknown_event(event))?;
+        let result = self.bind(device).and_then(|()| {
+            // SAFETY: the caller guarantees the event is live, ours and not used again.
+            check("cuEventDestroy", unsafe {
+                sys::cuEventDestroy_v2(event_ptr(event))
+            })
+        });
+        if result.is_err() {
+            // Not destroyed, so the value cannot have been handed out again: keep it.
+            lock(&self.events).insert(event.0, device);
+        }
+        result
     }
 
     /// # Safety
@@ -839,7 +1088,11 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let (device, cu_stream) = match stream {
-            Some(s) => (self.stream_device(s)?, stream_ptr(s)),
+            Some(s) => {
+                let device = self.stream_device(s)?;
+                check_copy_stream(dst_dev, src_dev, device)?;
+                (device, stream_ptr(s))
+            }
             None => {
                 let device = dst_dev.or(src_dev).unwrap_or(0);
                 (device, self.state[device].copy_stream)
@@ -945,6 +1198,111 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn vmm_granularity(&self, device: usize) -> Option<usize> {
+        self.state.get(device)?.vmm_granularity
+    }
+
+    fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
+        let page = self.vmm_page(device)?;
+        check_vmm_size("reservation", size, page)?;
+        self.bind(device)?;
+        let mut dptr: CUdeviceptr = 0;
+        // SAFETY: VMM symbols present (vmm_page); `dptr` is a valid out-pointer. Default
+        // alignment, no fixed address, no flags.
+        check("cuMemAddressReserve", unsafe {
+            sys::cuMemAddressReserve(&mut dptr, size, 0, 0, 0)
+        })?;
+        Ok(DevicePtr(dptr))
+    }
+
+    /// # Safety
+    /// As [`Backend::free_address`].
+    unsafe fn free_address(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        self.vmm_page(device)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees ptr/size is one reservation from reserve_address
+        // on this device with nothing mapped in it any more.
+        check("cuMemAddressFree", unsafe {
+            sys::cuMemAddressFree(ptr.0, size)
+        })
+    }
+
+    fn create_physical(&self, device: usize, size: usize) -> Result<PhysHandle> {
+        let page = self.vmm_page(device)?;
+        check_vmm_size("physical allocation", size, page)?;
+        self.bind(device)?;
+        let prop = allocation_prop(self.cu_device(device));
+        let mut handle: CUmemGenericAllocationHandle = 0;
+        // SAFETY: VMM symbols present; `handle` is a valid out-pointer and `prop` a fully
+        // initialised property struct that outlives the call; flags must be 0.
+        match unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) } {
+            CUresult::CUDA_SUCCESS => Ok(PhysHandle(handle)),
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+                Tier::Device(device),
+                size,
+                self.free_for_report(device),
+            )),
+            other => Err(driver_error("cuMemCreate", other)),
+        }
+    }
+
+    /// # Safety
+    /// As [`Backend::release_physical`].
+    unsafe fn release_physical(&self, device: usize, handle: PhysHandle) -> Result<()> {
+        self.vmm_page(device)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees `handle` came from create_physical on this
+        // device, is live and not mapped (so this frees the memory at once).
+        check("cuMemRelease", unsafe { sys::cuMemRelease(handle.0) })
+    }
+
+    /// # Safety
+    /// As [`Backend::map`].
+    unsafe fn map(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        handle: PhysHandle,
+    ) -> Result<()> {
+        let page = self.vmm_page(device)?;
+        check_vmm_size("mapping", size, page)?;
+        check_vmm_addr(ptr, page)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees ptr..ptr+size lies in a reservation of this
+        // device with nothing mapped there, and `handle` is live, of `size` bytes and not
+        // mapped elsewhere; offset and flags must be 0.
+        check("cuMemMap", unsafe {
+            sys::cuMemMap(ptr.0, size, 0, handle.0, 0)
+        })?;
+        let desc = access_desc(self.cu_device(device));
+        // SAFETY: ptr..ptr+size was mapped just above; `desc` is one initialised
+        // descriptor that outlives the call, and we pass count 1.
+        let status = unsafe { sys::cuMemSetAccess(ptr.0, size, &desc, 1) };
+        if status == CUresult::CUDA_SUCCESS {
+            return Ok(());
+        }
+        let err = driver_error("cuMemSetAccess", status);
+        // Undo the mapping, so a failure leaves the range and handle as they were.
+        // SAFETY: exactly the mapping made above; no work can use it yet, as it was
+        // never accessible.
+        let undo = unsafe { sys::cuMemUnmap(ptr.0, size) };
+        if let Err(e) = check("cuMemUnmap", undo) {
+            tracing::warn!(error = %e, "unmapping after cuMemSetAccess failed");
+        }
+        Err(err)
+    }
+
+    /// # Safety
+    /// As [`Backend::unmap`].
+    unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        self.vmm_page(device)?;
+        self.bind(device)?;
+        // SAFETY: the caller guarantees the range is exactly one earlier map on this
+        // device and no queued work uses it.
+        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr.0, size) })
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -1032,6 +1390,136 @@ mod tests {
     }
 
     #[test]
+    fn copies_are_queued_on_a_stream_of_the_right_device() {
+        // Host <-> device: the stream must be the device's.
+        assert!(check_copy_stream(Some(1), None, 1).is_ok());
+        assert!(check_copy_stream(None, Some(0), 0).is_ok());
+        for (dst, src) in [(Some(1), None), (None, Some(1))] {
+            match check_copy_stream(dst, src, 0) {
+                Err(Error::InvalidArgument(msg)) => assert!(
+                    msg.contains("device 1") && msg.contains("stream of device 0"),
+                    "{msg}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Device <-> device: either side's stream will do, a third device's will not.
+        assert!(check_copy_stream(Some(0), Some(1), 0).is_ok());
+        assert!(check_copy_stream(Some(0), Some(1), 1).is_ok());
+        assert!(check_copy_stream(Some(2), Some(2), 2).is_ok());
+        assert!(matches!(
+            check_copy_stream(Some(0), Some(1), 2),
+            Err(Error::InvalidArgument(_))
+        ));
+        // Host <-> host touches no device.
+        assert!(check_copy_stream(None, None, 3).is_ok());
+    }
+
+    #[test]
+    fn rollback_failure_is_a_distinct_driver_error() {
+        let cause = Error::Driver {
+            backend: BackendKind::Cuda,
+            call: "cuMemHostRegister",
+            code: 2,
+            message: "out of memory".into(),
+        };
+        let undo = Error::Driver {
+            backend: BackendKind::Cuda,
+            call: "cuMemHostUnregister",
+            code: 1,
+            message: "invalid argument".into(),
+        };
+        let p = NonNull::<u8>::dangling();
+        match rollback_failed(&cause, &undo, p, 3 << 30, 1 << 30) {
+            Error::Driver {
+                backend,
+                call,
+                code,
+                message,
+            } => {
+                assert_eq!(backend, BackendKind::Cuda);
+                assert_eq!(call, REGISTER_ROLLBACK_CALL);
+                assert_eq!(call, "cuMemHostRegister(rollback)");
+                assert_eq!(code, 1);
+                assert!(
+                    message.contains("rollback failed; region leaked"),
+                    "{message}"
+                );
+                assert!(message.contains("out of memory"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vmm_allocation_prop_is_pinned_device_memory() {
+        let prop = allocation_prop(3);
+        assert_eq!(
+            prop.type_,
+            CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED
+        );
+        assert_eq!(
+            prop.requestedHandleTypes,
+            CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE
+        );
+        assert_eq!(
+            prop.location.type_,
+            CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+        );
+        assert_eq!(prop.location.id, 3);
+        assert!(prop.win32HandleMetaData.is_null());
+        assert_eq!(prop.allocFlags.compressionType, 0);
+        assert_eq!(prop.allocFlags.gpuDirectRDMACapable, 0);
+        assert_eq!(prop.allocFlags.usage, 0);
+        assert_eq!(prop.allocFlags.reserved, [0; 4]);
+        // The C layout of CUDA 12's CUmemAllocationProp: 4 + 4 + 8 + 8 + 8 bytes.
+        assert_eq!(std::mem::size_of::<CUmemAllocationProp>(), 32);
+    }
+
+    #[test]
+    fn vmm_access_is_read_write_for_the_device() {
+        let desc = access_desc(1);
+        assert_eq!(
+            desc.location.type_,
+            CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE
+        );
+        assert_eq!(desc.location.id, 1);
+        assert_eq!(
+            desc.flags,
+            CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        );
+        assert_eq!(std::mem::size_of::<CUmemAccessDesc>(), 12);
+    }
+
+    #[test]
+    fn vmm_sizes_and_addresses_must_be_whole_pages() {
+        let page = 2 << 20;
+        assert!(check_vmm_size("x", page, page).is_ok());
+        assert!(check_vmm_size("x", 3 * page, page).is_ok());
+        for bad in [0, 1, page - 1, page + 4096] {
+            assert!(
+                matches!(
+                    check_vmm_size("x", bad, page),
+                    Err(Error::InvalidArgument(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert!(check_vmm_addr(DevicePtr(0x7f00_0000_0000), page).is_ok());
+        assert!(matches!(
+            check_vmm_addr(DevicePtr(0x7f00_0000_1000), page),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            VMM_UNSUPPORTED,
+            Error::Unsupported {
+                backend: BackendKind::Cuda,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
     fn driver_error_carries_call_and_code() {
         // cuGetErrorString needs a driver that `new` accepted.
@@ -1109,6 +1597,82 @@ mod tests {
                 tier: Tier::Device(0),
                 ..
             })
+        ));
+    }
+
+    /// Virtual memory management on a real GPU, the way `VmmRegion` uses it: one
+    /// physical allocation per page, mapped, written, read back, unmapped, released.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_vmm_round_trip() {
+        let b = CudaBackend::new().expect("a CUDA driver and device");
+        let Some(page) = b.vmm_granularity(0) else {
+            // A device (or vGPU) without VMM: every call must say Unsupported.
+            assert!(matches!(
+                b.reserve_address(0, 2 << 20),
+                Err(Error::Unsupported { .. })
+            ));
+            assert!(matches!(
+                b.create_physical(0, 2 << 20),
+                Err(Error::Unsupported { .. })
+            ));
+            return;
+        };
+        assert!(page.is_power_of_two(), "granularity {page}");
+        assert_eq!(b.vmm_granularity(b.devices().len()), None);
+        assert!(matches!(
+            b.reserve_address(0, page + 1),
+            Err(Error::InvalidArgument(_))
+        ));
+
+        let pages = 3;
+        let base = b.reserve_address(0, pages * page).unwrap();
+        assert!(base.0.is_multiple_of(page as u64));
+        let handles: Vec<PhysHandle> = (0..pages)
+            .map(|_| b.create_physical(0, page).unwrap())
+            .collect();
+        let src: Vec<u8> = (0..page).map(|i| (i * 13 + 1) as u8).collect();
+        let mut back = vec![0u8; page];
+        let host = |p: *const u8| MemRef::Host {
+            ptr: NonNull::new(p as *mut u8).unwrap(),
+            kind: super::super::HostKind::Pageable,
+        };
+        // SAFETY: every page lies in our reservation with nothing mapped, each handle is
+        // fresh and one page long; copies are synchronous and the buffers outlive them;
+        // pages are unmapped before release and the range is empty before it is freed.
+        unsafe {
+            for (i, &h) in handles.iter().enumerate() {
+                b.map(0, base.offset(i * page), page, h).unwrap();
+            }
+            let last = MemRef::Device {
+                device: 0,
+                ptr: base.offset((pages - 1) * page),
+            };
+            b.copy(last, host(src.as_ptr()), page, None).unwrap();
+            b.copy(host(back.as_mut_ptr()), last, page, None).unwrap();
+            // Give the middle page back and map a new one in its place.
+            b.unmap(0, base.offset(page), page).unwrap();
+            b.release_physical(0, handles[1]).unwrap();
+            let again = b.create_physical(0, page).unwrap();
+            b.map(0, base.offset(page), page, again).unwrap();
+            b.unmap(0, base.offset(page), page).unwrap();
+            b.release_physical(0, again).unwrap();
+            for i in [0, pages - 1] {
+                b.unmap(0, base.offset(i * page), page).unwrap();
+                b.release_physical(0, handles[i]).unwrap();
+            }
+            b.free_address(0, base, pages * page).unwrap();
+        }
+        assert_eq!(src, back);
+
+        let too_big = (b.devices()[0].total_memory * 2).next_multiple_of(page);
+        assert!(matches!(
+            b.create_physical(0, too_big),
+            Err(Error::OutOfMemory {
+                tier: Tier::Device(0),
+                requested,
+                ..
+            }) if requested == too_big
         ));
     }
 }

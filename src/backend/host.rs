@@ -175,11 +175,7 @@ fn map_anonymous(map_len: usize, align_huge: bool, requested: usize) -> Result<N
     if addr == libc::MAP_FAILED {
         let errno = Errno::last();
         return Err(match errno {
-            Errno::ENOMEM => Error::OutOfMemory {
-                tier: Tier::Host,
-                requested,
-                free: available_memory(),
-            },
+            Errno::ENOMEM => Error::oom(Tier::Host, requested, available_memory()),
             e => Error::os("mmap", e),
         });
     }
@@ -299,11 +295,7 @@ impl HostRegion {
                 }
                 Ok(())
             }
-            Errno::ENOMEM => Err(Error::OutOfMemory {
-                tier: Tier::Host,
-                requested: self.len,
-                free: available_memory(),
-            }),
+            Errno::ENOMEM => Err(Error::oom(Tier::Host, self.len, available_memory())),
             e => Err(Error::os("madvise(MADV_POPULATE_WRITE)", e)),
         }
     }
@@ -481,11 +473,7 @@ impl Backend for HostBackend {
                     free,
                     "mlock: RLIMIT_MEMLOCK reached; raise `ulimit -l` or grant CAP_IPC_LOCK"
                 );
-                Err(Error::OutOfMemory {
-                    tier: Tier::Pinned,
-                    requested: len,
-                    free,
-                })
+                Err(Error::oom(Tier::Pinned, len, free))
             }
             Errno::EPERM => Err(Error::os(
                 "mlock (RLIMIT_MEMLOCK is 0 and no CAP_IPC_LOCK: raise `ulimit -l`)",

@@ -102,6 +102,10 @@ pub struct StreamHandle(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EventHandle(pub u64);
 
+/// A backend's handle to physical device memory, for virtual memory management.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PhysHandle(pub u64);
+
 /// What kind of host memory a host pointer refers to. Backends use it to pick a copy
 /// path (and the simulator to pick a bandwidth).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -284,6 +288,91 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// # Safety
     /// `ptr..ptr+len` lies in managed memory from this backend.
     unsafe fn advise(&self, ptr: NonNull<u8>, len: usize, advice: Advice) -> Result<()>;
+
+    /// The page size of virtual memory management on `device` (2 MiB on current GPUs),
+    /// or `None` where the backend cannot reserve addresses and map memory into them.
+    /// Pools then fall back to plain segments.
+    fn vmm_granularity(&self, device: usize) -> Option<usize> {
+        let _ = device;
+        None
+    }
+
+    /// Reserves `size` bytes (a multiple of the granularity) of device address space,
+    /// with nothing mapped.
+    fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
+        let _ = (device, size);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Gives back an address range.
+    ///
+    /// # Safety
+    /// `ptr`/`size` came from [`Backend::reserve_address`] on `device`, and nothing is
+    /// mapped in the range any more.
+    unsafe fn free_address(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        let _ = (device, ptr, size);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Allocates `size` bytes (a multiple of the granularity) of physical device memory,
+    /// not yet mapped anywhere.
+    fn create_physical(&self, device: usize, size: usize) -> Result<PhysHandle> {
+        let _ = (device, size);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Frees physical memory.
+    ///
+    /// # Safety
+    /// `handle` came from [`Backend::create_physical`] on `device` and is not mapped.
+    unsafe fn release_physical(&self, device: usize, handle: PhysHandle) -> Result<()> {
+        let _ = (device, handle);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Maps all of `handle` (`size` bytes) at `ptr` and makes it readable and writable
+    /// by `device`.
+    ///
+    /// # Safety
+    /// `ptr..ptr+size` lies inside a reservation of `device` and nothing is mapped there;
+    /// `handle` is live, of `size` bytes, and not mapped elsewhere.
+    unsafe fn map(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        handle: PhysHandle,
+    ) -> Result<()> {
+        let _ = (device, ptr, size, handle);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Unmaps `ptr..ptr+size`.
+    ///
+    /// # Safety
+    /// The range is exactly one earlier [`Backend::map`], and no queued work uses it.
+    unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        let _ = (device, ptr, size);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
 
     /// For downcasting to the concrete backend (the simulator's clock and kernels).
     fn as_any(&self) -> &dyn Any;

@@ -9,10 +9,11 @@
 //! Nothing here panics in `Drop`: failures are logged through `tracing`.
 
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::host::HostRegion;
-use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle};
+use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, PhysHandle, StreamHandle};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
@@ -25,7 +26,12 @@ pub(crate) struct OwnedStream {
     backend: SharedBackend,
     handle: StreamHandle,
     device: usize,
+    /// Unique for the life of the process, unlike the driver's handle, which a driver
+    /// may hand out again once this stream is destroyed.
+    id: u64,
 }
+
+static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
 
 impl OwnedStream {
     pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
@@ -34,11 +40,21 @@ impl OwnedStream {
             backend: backend.clone(),
             handle,
             device,
+            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// A process-unique id (driver handles can be reused after destruction).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn handle(&self) -> StreamHandle {
         self.handle
+    }
+
+    pub(crate) fn backend(&self) -> &SharedBackend {
+        &self.backend
     }
 
     pub(crate) fn device(&self) -> usize {
@@ -95,6 +111,10 @@ impl OwnedEvent {
 
     pub(crate) fn handle(&self) -> EventHandle {
         self.handle
+    }
+
+    pub(crate) fn backend(&self) -> &SharedBackend {
+        &self.backend
     }
 
     pub(crate) fn device(&self) -> usize {
@@ -158,10 +178,13 @@ pub(crate) struct OwnedMemory {
     backend: SharedBackend,
     kind: MemoryKind,
     len: usize,
-    /// The newest fence per stream that an asynchronous copy left on this memory; a
-    /// later copy on the same stream supersedes an earlier one, so this stays as short
-    /// as the number of streams in use.
-    fences: Mutex<Vec<(StreamHandle, Arc<OwnedEvent>)>>,
+    /// The newest fence per stream (by [`OwnedStream::id`]) that an asynchronous copy
+    /// left on this memory; a later copy on the same stream supersedes an earlier one,
+    /// and passed fences are pruned, so this stays as short as the streams in use.
+    fences: Mutex<Vec<(u64, Arc<OwnedEvent>)>>,
+    /// Set when a copy may still use the memory but no fence could be left for it: drop
+    /// then leaks the memory rather than free it under the copy.
+    leak_on_drop: AtomicBool,
 }
 
 // SAFETY: the memory is owned by this value and only reached through it; the raw
@@ -208,6 +231,7 @@ impl OwnedMemory {
             kind,
             len,
             fences: Mutex::new(Vec::new()),
+            leak_on_drop: AtomicBool::new(false),
         }
     }
 
@@ -251,26 +275,30 @@ impl OwnedMemory {
     }
 
     /// Blocks until every asynchronous copy that used this memory is done.
+    ///
+    /// The fences stay in the list while they are waited for, so a second caller
+    /// (another thread reading the same buffer) waits for them too instead of finding
+    /// an empty list; they are removed only once passed.
     pub(crate) fn wait_fences(&self) -> Result<()> {
-        let fences = std::mem::take(&mut *lock(&self.fences));
-        let mut first_err = None;
-        for (_, f) in &fences {
-            if let Err(e) = f.synchronize() {
-                first_err.get_or_insert(e);
-            }
+        let pending: Vec<Arc<OwnedEvent>> =
+            lock(&self.fences).iter().map(|(_, f)| f.clone()).collect();
+        if pending.is_empty() {
+            return Ok(());
         }
-        match first_err {
-            None => Ok(()),
-            Some(e) => {
-                // Keep the fences so that drop still waits for them.
-                lock(&self.fences).extend(fences);
-                Err(e)
-            }
+        for f in &pending {
+            f.synchronize()?;
         }
+        lock(&self.fences).retain(|(_, f)| !pending.iter().any(|p| Arc::ptr_eq(p, f)));
+        Ok(())
     }
 
-    fn add_fence(&self, stream: StreamHandle, fence: &Arc<OwnedEvent>) {
+    fn add_fence(&self, stream: u64, fence: &Arc<OwnedEvent>) {
         let mut fences = lock(&self.fences);
+        // Passed fences need no keeping; the query is cheap and keeps the list short for
+        // buffers that live long and see many streams.
+        if fences.len() >= 4 {
+            fences.retain(|(_, f)| !f.is_done().unwrap_or(false));
+        }
         match fences.iter_mut().find(|(s, _)| *s == stream) {
             Some(slot) => slot.1 = fence.clone(),
             None => fences.push((stream, fence.clone())),
@@ -317,15 +345,68 @@ impl OwnedMemory {
                 if !Arc::ptr_eq(&dst.backend, &st.backend) {
                     return Err(Error::ForeignHandle { what: "stream" });
                 }
+                // The fence exists before the copy is queued, so that only recording it
+                // can fail once the copy is in flight.
+                let fence = Arc::new(OwnedEvent::new(&st.backend, st.device)?);
                 // SAFETY: as above for the ranges; the fence recorded below makes both
-                // buffers wait for this copy before they are freed (Drop), so the memory
-                // outlives the copy.
+                // buffers wait for this copy before they are freed (Drop), and if it
+                // cannot be recorded the stream is synchronised or both buffers are
+                // leaked, so the memory always outlives the copy.
                 unsafe { dst.backend.copy(d, s, len, Some(st.handle))? };
-                let fence = Arc::new(st.record()?);
-                dst.add_fence(st.handle, &fence);
-                src.add_fence(st.handle, &fence);
-                Ok(())
+                // SAFETY: both handles are live and from this backend.
+                let recorded = unsafe { st.backend.record_event(fence.handle, st.handle) };
+                match recorded {
+                    Ok(()) => {
+                        dst.add_fence(st.id, &fence);
+                        src.add_fence(st.id, &fence);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        if st.synchronize().is_err() {
+                            dst.leak_on_drop.store(true, Ordering::Release);
+                            src.leak_on_drop.store(true, Ordering::Release);
+                        }
+                        Err(e)
+                    }
+                }
             }
+        }
+    }
+
+    /// Copies `data` to `offset`, synchronously, after the copies pending on this memory.
+    pub(crate) fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        check_range(offset, data.len(), self.len)?;
+        let Some(host) = NonNull::new(data.as_ptr().cast_mut()) else {
+            return Ok(());
+        };
+        self.wait_fences()?;
+        let src = MemRef::Host {
+            ptr: host,
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: the range is inside this live allocation (checked), `data` is valid for
+        // its length and only read, the copy is synchronous.
+        unsafe {
+            self.backend
+                .copy(self.mem_ref(offset), src, data.len(), None)
+        }
+    }
+
+    /// Copies `out.len()` bytes from `offset`, synchronously, after pending copies.
+    pub(crate) fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        check_range(offset, out.len(), self.len)?;
+        let Some(host) = NonNull::new(out.as_mut_ptr()) else {
+            return Ok(());
+        };
+        self.wait_fences()?;
+        let dst = MemRef::Host {
+            ptr: host,
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: as in `write_at`; `out` is exclusively borrowed for the copy.
+        unsafe {
+            self.backend
+                .copy(dst, self.mem_ref(offset), out.len(), None)
         }
     }
 
@@ -381,7 +462,14 @@ impl OwnedMemory {
 
 impl Drop for OwnedMemory {
     fn drop(&mut self) {
-        if let Err(e) = self.wait_fences() {
+        let waited = if self.leak_on_drop.load(Ordering::Acquire) {
+            Err(Error::InvalidArgument(
+                "a copy that may still use this buffer was never fenced".into(),
+            ))
+        } else {
+            self.wait_fences()
+        };
+        if let Err(e) = waited {
             // Freeing memory a copy may still use is worse than leaking it.
             tracing::error!(target: "hetmem", error = %e, len = self.len,
                 "waiting for copies before free failed; leaking the buffer");
@@ -415,6 +503,165 @@ impl Drop for OwnedMemory {
         };
         if let Err(e) = res {
             tracing::error!(target: "hetmem", error = %e, len = self.len, "freeing a buffer failed");
+        }
+    }
+}
+
+/// A reserved device address range whose pages are mapped to physical memory on
+/// demand, one physical allocation per page so that pages can be given back one by one.
+/// Drop unmaps and frees everything.
+#[derive(Debug)]
+pub(crate) struct VmmRegion {
+    backend: SharedBackend,
+    device: usize,
+    base: DevicePtr,
+    page: usize,
+    pages: Vec<Option<PhysHandle>>,
+    mapped: usize,
+}
+
+impl VmmRegion {
+    /// Reserves `size` bytes (rounded up to pages) of address space on `device`; `None`
+    /// where the backend has no virtual memory management.
+    pub(crate) fn new(backend: &SharedBackend, device: usize, size: usize) -> Result<Option<Self>> {
+        let Some(page) = backend.vmm_granularity(device) else {
+            return Ok(None);
+        };
+        let size = size.div_ceil(page).max(1) * page;
+        let base = backend.reserve_address(device, size)?;
+        Ok(Some(VmmRegion {
+            backend: backend.clone(),
+            device,
+            base,
+            page,
+            pages: vec![None; size / page],
+            mapped: 0,
+        }))
+    }
+
+    pub(crate) fn base(&self) -> DevicePtr {
+        self.base
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.pages.len() * self.page
+    }
+
+    pub(crate) fn page_size(&self) -> usize {
+        self.page
+    }
+
+    pub(crate) fn is_mapped(&self, page: usize) -> bool {
+        self.pages.get(page).is_some_and(Option::is_some)
+    }
+
+    /// Backs page `page` with new physical memory. A page that is mapped already is left
+    /// as it is.
+    pub(crate) fn map_page(&mut self, page: usize) -> Result<()> {
+        if page >= self.pages.len() {
+            return Err(Error::InvalidArgument(format!(
+                "page {page} is outside the region"
+            )));
+        }
+        if self.pages[page].is_some() {
+            return Ok(());
+        }
+        let h = self.backend.create_physical(self.device, self.page)?;
+        let at = self.base.offset(page * self.page);
+        // SAFETY: `at` is a page inside our reservation with nothing mapped (pages[page]
+        // is None); `h` is fresh, of exactly one page, and mapped nowhere else.
+        if let Err(e) = unsafe { self.backend.map(self.device, at, self.page, h) } {
+            // SAFETY: `h` was never mapped.
+            if let Err(e2) = unsafe { self.backend.release_physical(self.device, h) } {
+                tracing::warn!(target: "hetmem", error = %e2, "releasing an unmapped page failed");
+            }
+            return Err(e);
+        }
+        self.pages[page] = Some(h);
+        self.mapped += 1;
+        Ok(())
+    }
+
+    /// Copies `data` to `offset` in the region, synchronously; every page it touches
+    /// must be mapped.
+    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        let Some(host) = NonNull::new(data.as_ptr().cast_mut()) else {
+            return Ok(());
+        };
+        let dev = self.checked_ref(offset, data.len())?;
+        let src = MemRef::Host {
+            ptr: host,
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: the device range is inside this region and fully mapped (checked), the
+        // host slice is valid for its length, the two cannot overlap (device memory),
+        // and the copy is synchronous. The backend only reads through `src`.
+        unsafe { self.backend.copy(dev, src, data.len(), None) }
+    }
+
+    /// Copies `out.len()` bytes from `offset` in the region, synchronously.
+    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        let Some(host) = NonNull::new(out.as_mut_ptr()) else {
+            return Ok(());
+        };
+        let dev = self.checked_ref(offset, out.len())?;
+        let dst = MemRef::Host {
+            ptr: host,
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: as in `write`; `out` is exclusively borrowed for the copy.
+        unsafe { self.backend.copy(dst, dev, out.len(), None) }
+    }
+
+    fn checked_ref(&self, offset: usize, len: usize) -> Result<MemRef> {
+        check_range(offset, len, self.size())?;
+        if len > 0 {
+            let (first, last) = (offset / self.page, (offset + len - 1) / self.page);
+            if let Some(p) = (first..=last).find(|p| !self.is_mapped(*p)) {
+                return Err(Error::InvalidArgument(format!(
+                    "page {p} of the region is not mapped"
+                )));
+            }
+        }
+        Ok(MemRef::Device {
+            device: self.device,
+            ptr: self.base.offset(offset),
+        })
+    }
+
+    /// Gives page `page`'s physical memory back. The caller makes sure no queued device
+    /// work still uses the page (a device would fault on it).
+    pub(crate) fn unmap_page(&mut self, page: usize) -> Result<()> {
+        let Some(h) = self.pages.get(page).copied().flatten() else {
+            return Ok(());
+        };
+        let at = self.base.offset(page * self.page);
+        // SAFETY: exactly the one-page mapping made in map_page; the caller guarantees
+        // no queued work uses it.
+        unsafe { self.backend.unmap(self.device, at, self.page)? };
+        self.pages[page] = None;
+        self.mapped -= 1;
+        // SAFETY: `h` was just unmapped and is mapped nowhere else.
+        unsafe { self.backend.release_physical(self.device, h) }
+    }
+}
+
+impl Drop for VmmRegion {
+    fn drop(&mut self) {
+        for page in 0..self.pages.len() {
+            if let Err(e) = self.unmap_page(page) {
+                tracing::error!(target: "hetmem", error = %e, page, "unmapping a pool page failed");
+                // Leave the reservation in place: freeing an address range with pages
+                // still mapped would fail anyway.
+                return;
+            }
+        }
+        // SAFETY: the reservation is ours and every page in it was unmapped above.
+        if let Err(e) = unsafe {
+            self.backend
+                .free_address(self.device, self.base, self.size())
+        } {
+            tracing::warn!(target: "hetmem", error = %e, "freeing a reserved address range failed");
         }
     }
 }

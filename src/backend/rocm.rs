@@ -40,6 +40,14 @@ use crate::placement::{Advice, Location, Tier};
 /// nothing is lost by treating HIP the same).
 pub const REGISTER_CHUNK: usize = 64 << 30;
 
+/// The `call` of the [`Error::Driver`] that [`Backend::register_host`] returns when a
+/// chunk failed to register *and* undoing the chunks registered before it failed too.
+/// Part of the range then stays registered with the runtime, so the caller must not
+/// unmap (or otherwise give back) the memory: it has to leak the region. The error's
+/// `code` is that of the failed `hipHostUnregister`, and its `message` names the
+/// original failure and contains `"rollback failed; region leaked"`.
+pub const REGISTER_ROLLBACK_CALL: &str = "hipHostRegister(rollback)";
+
 /// The ROCm backend: one loaded HIP runtime and the devices it reported.
 #[derive(Debug)]
 pub struct RocmBackend {
@@ -102,6 +110,38 @@ fn string_from_buf(buf: &mut [c_char]) -> String {
         .into_owned()
 }
 
+fn unknown_stream(stream: StreamHandle) -> Error {
+    Error::InvalidArgument(format!("unknown ROCm stream {:#x}", stream.0))
+}
+
+fn unknown_event(event: EventHandle) -> Error {
+    Error::InvalidArgument(format!("unknown ROCm event {:#x}", event.0))
+}
+
+/// Refuses a copy queued on a stream of the wrong device, as the simulator does: a copy
+/// between host and device `d` must be queued on a stream of `d`; a copy between two
+/// devices on a stream of either one.
+fn check_copy_stream(dst: MemRef, src: MemRef, stream_device: usize) -> Result<()> {
+    match (dst, src) {
+        (MemRef::Device { device, .. }, MemRef::Host { .. })
+        | (MemRef::Host { .. }, MemRef::Device { device, .. })
+            if device != stream_device =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "copy to or from device {device} queued on a stream of device {stream_device}"
+            )))
+        }
+        (MemRef::Device { device: d, .. }, MemRef::Device { device: s, .. })
+            if stream_device != d && stream_device != s =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "copy from device {s} to device {d} queued on a stream of device {stream_device}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn ordinal(device: usize) -> c_int {
     // Device ordinals are checked against the device list (from a c_int count) first.
     c_int::try_from(device).unwrap_or(c_int::MAX)
@@ -114,12 +154,19 @@ impl RocmBackend {
     }
 
     /// Loads the HIP runtime from `path` (a path, or a bare name the loader searches).
+    ///
+    /// Loading runs the library's initialisers, and every later call trusts that its
+    /// exported symbols have HIP's C signatures. This is safe to call by a deliberate,
+    /// documented exception (see [`HipRuntime::load`]): the same trust as a library
+    /// found through `LD_LIBRARY_PATH`, or cudarc's dynamic loading of `libcuda`. Pass
+    /// only a HIP runtime (or a test double honouring the same signatures); the same
+    /// holds for [`RocmBackend::new`] and the `HETMEM_HIP_LIBRARY` variable.
     pub fn with_library(path: &Path) -> Result<Self> {
         Self::from_runtime(HipRuntime::load(path).map_err(load_error)?)
     }
 
     fn from_runtime(rt: HipRuntime) -> Result<Self> {
-        let api = *rt.api();
+        let api = rt.api();
         let describe = |call: &str, code: hipError_t| {
             format!(
                 "{call} failed with code {code}: {} (library {})",
@@ -128,13 +175,13 @@ impl RocmBackend {
             )
         };
         // SAFETY: hipInit takes flags by value; 0 is the only documented value.
-        let code = unsafe { (api.hipInit)(0) };
+        let code = unsafe { api.hipInit(0) };
         if code != hip::hipSuccess {
             return Err(unavailable(describe("hipInit", code)));
         }
         let mut count: c_int = 0;
         // SAFETY: `count` is a valid, writable c_int.
-        let code = unsafe { (api.hipGetDeviceCount)(&mut count) };
+        let code = unsafe { api.hipGetDeviceCount(&mut count) };
         if code == hip::hipErrorNoDevice || (code == hip::hipSuccess && count <= 0) {
             return Err(unavailable(format!(
                 "no HIP device found (library {})",
@@ -146,7 +193,7 @@ impl RocmBackend {
         }
         let mut runtime_version: c_int = 0;
         // SAFETY: `runtime_version` is a valid, writable c_int.
-        let code = unsafe { (api.hipRuntimeGetVersion)(&mut runtime_version) };
+        let code = unsafe { api.hipRuntimeGetVersion(&mut runtime_version) };
         if code != hip::hipSuccess {
             tracing::debug!(code, "hipRuntimeGetVersion failed");
             runtime_version = 0;
@@ -156,7 +203,7 @@ impl RocmBackend {
         for index in 0..count {
             let mut dev: hip::hipDevice_t = 0;
             // SAFETY: `dev` is writable; `index` is below the reported device count.
-            let code = unsafe { (api.hipDeviceGet)(&mut dev, index) };
+            let code = unsafe { api.hipDeviceGet(&mut dev, index) };
             if code != hip::hipSuccess {
                 return Err(unavailable(describe("hipDeviceGet", code)));
             }
@@ -164,7 +211,7 @@ impl RocmBackend {
             let mut name_buf: [c_char; 256] = [0; 256];
             // SAFETY: the buffer is writable for the length passed.
             let code = unsafe {
-                (api.hipDeviceGetName)(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
+                api.hipDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
             };
             if code != hip::hipSuccess {
                 return Err(unavailable(describe("hipDeviceGetName", code)));
@@ -173,7 +220,7 @@ impl RocmBackend {
 
             let mut total: usize = 0;
             // SAFETY: `total` is a valid, writable size_t.
-            let code = unsafe { (api.hipDeviceTotalMem)(&mut total, dev) };
+            let code = unsafe { api.hipDeviceTotalMem(&mut total, dev) };
             if code != hip::hipSuccess {
                 return Err(unavailable(describe("hipDeviceTotalMem", code)));
             }
@@ -181,7 +228,7 @@ impl RocmBackend {
             let mut pci_buf: [c_char; 64] = [0; 64];
             // SAFETY: the buffer is writable for the length passed.
             let code = unsafe {
-                (api.hipDeviceGetPCIBusId)(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, index)
+                api.hipDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, index)
             };
             let pci_bus_id = if code == hip::hipSuccess {
                 let raw = string_from_buf(&mut pci_buf);
@@ -198,11 +245,7 @@ impl RocmBackend {
             let mut managed: c_int = 0;
             // SAFETY: `managed` is a valid, writable c_int; the attribute is a known one.
             let code = unsafe {
-                (api.hipDeviceGetAttribute)(
-                    &mut managed,
-                    hip::hipDeviceAttributeManagedMemory,
-                    index,
-                )
+                api.hipDeviceGetAttribute(&mut managed, hip::hipDeviceAttributeManagedMemory, index)
             };
             if code != hip::hipSuccess {
                 tracing::debug!(
@@ -273,7 +316,7 @@ impl RocmBackend {
     fn set_device(&self, device: usize) -> Result<()> {
         check_device(self, device)?;
         // SAFETY: hipSetDevice takes an ordinal by value; it was checked above.
-        let code = unsafe { (self.api().hipSetDevice)(ordinal(device)) };
+        let code = unsafe { self.api().hipSetDevice(ordinal(device)) };
         self.check("hipSetDevice", code)
     }
 
@@ -281,14 +324,14 @@ impl RocmBackend {
         lock(&self.streams)
             .get(&stream.0)
             .copied()
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown ROCm stream {:#x}", stream.0)))
+            .ok_or_else(|| unknown_stream(stream))
     }
 
     fn event_device(&self, event: EventHandle) -> Result<usize> {
         lock(&self.events)
             .get(&event.0)
             .copied()
-            .ok_or_else(|| Error::InvalidArgument(format!("unknown ROCm event {:#x}", event.0)))
+            .ok_or_else(|| unknown_event(event))
     }
 
     fn free_bytes(&self, device: usize) -> usize {
@@ -306,11 +349,7 @@ impl RocmBackend {
         size: usize,
     ) -> Error {
         if code == hip::hipErrorOutOfMemory {
-            Error::OutOfMemory {
-                tier,
-                requested: size,
-                free: self.free_bytes(device),
-            }
+            Error::oom(tier, size, self.free_bytes(device))
         } else {
             self.driver_error(call, code)
         }
@@ -343,7 +382,7 @@ impl RocmBackend {
             let chunk = unsafe { ptr.as_ptr().add(offset) };
             // SAFETY: the chunk start was registered by `register_host` (the caller's
             // contract), and the runtime only looks the address up.
-            let code = unsafe { (self.api().hipHostUnregister)(chunk.cast()) };
+            let code = unsafe { self.api().hipHostUnregister(chunk.cast()) };
             if let Err(e) = self.check("hipHostUnregister", code) {
                 tracing::warn!(?chunk, error = %e, "unregistering a chunk failed");
                 first_err.get_or_insert(e);
@@ -351,6 +390,32 @@ impl RocmBackend {
             offset += REGISTER_CHUNK.min(len - offset);
         }
         first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// The error of a registration whose failure could not be undone: see
+/// [`REGISTER_ROLLBACK_CALL`].
+fn rollback_failed(
+    cause: &Error,
+    undo: &Error,
+    ptr: NonNull<u8>,
+    len: usize,
+    registered: usize,
+) -> Error {
+    let code = match undo {
+        Error::Driver { code, .. } => *code,
+        _ => hip::hipErrorUnknown,
+    };
+    Error::Driver {
+        backend: BackendKind::Rocm,
+        call: REGISTER_ROLLBACK_CALL,
+        code,
+        message: format!(
+            "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
+             {registered} bytes registered before the failure failed too ({undo}): \
+             rollback failed; region leaked: part of it stays registered, so the memory \
+             must not be unmapped"
+        ),
     }
 }
 
@@ -381,7 +446,7 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: both out-pointers are valid, writable size_t's.
-        let code = unsafe { (self.api().hipMemGetInfo)(&mut free, &mut total) };
+        let code = unsafe { self.api().hipMemGetInfo(&mut free, &mut total) };
         self.check("hipMemGetInfo", code)?;
         Ok(MemInfo { free, total })
     }
@@ -396,7 +461,7 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: `ptr` is a valid out-pointer; the size is nonzero.
-        let code = unsafe { (self.api().hipMalloc)(&mut ptr, size) };
+        let code = unsafe { self.api().hipMalloc(&mut ptr, size) };
         if code != hip::hipSuccess {
             return Err(self.alloc_error("hipMalloc", code, Tier::Device(device), device, size));
         }
@@ -411,7 +476,7 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         // SAFETY: the caller guarantees `ptr` came from hipMalloc on this backend, is
         // live, and no queued work uses it.
-        let code = unsafe { (self.api().hipFree)(ptr.0 as usize as *mut c_void) };
+        let code = unsafe { self.api().hipFree(ptr.0 as usize as *mut c_void) };
         self.check("hipFree", code)
     }
 
@@ -432,8 +497,10 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: `ptr` is a valid out-pointer; the size is nonzero; the flag is valid.
-        let code =
-            unsafe { (self.api().hipMallocManaged)(&mut ptr, size, hip::hipMemAttachGlobal) };
+        let code = unsafe {
+            self.api()
+                .hipMallocManaged(&mut ptr, size, hip::hipMemAttachGlobal)
+        };
         if code != hip::hipSuccess {
             return Err(self.alloc_error(
                 "hipMallocManaged",
@@ -451,7 +518,7 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         // SAFETY: the caller guarantees `ptr` came from hipMallocManaged on this backend,
         // is live, and no queued work uses it.
-        let code = unsafe { (self.api().hipFree)(ptr.as_ptr().cast()) };
+        let code = unsafe { self.api().hipFree(ptr.as_ptr().cast()) };
         self.check("hipFree", code)
     }
 
@@ -470,13 +537,18 @@ impl Backend for RocmBackend {
             // SAFETY: chunk..chunk+chunk_len lies in mapped memory the caller owns and
             // keeps mapped until it is unregistered (the caller's contract).
             let code = unsafe {
-                (self.api().hipHostRegister)(chunk.cast(), chunk_len, hip::hipHostRegisterPortable)
+                self.api()
+                    .hipHostRegister(chunk.cast(), chunk_len, hip::hipHostRegisterPortable)
             };
             if let Err(e) = self.check("hipHostRegister", code) {
                 if offset > 0 {
                     // Undo the chunks already registered, so that failure leaves nothing.
                     if let Err(undo) = self.unregister_chunks(ptr, offset) {
-                        tracing::warn!(error = %undo, "undoing a partial registration failed");
+                        tracing::error!(
+                            error = %undo,
+                            "undoing a partial registration failed; the region leaks"
+                        );
+                        return Err(rollback_failed(&e, &undo, ptr, len, offset));
                     }
                 }
                 return Err(e);
@@ -501,7 +573,8 @@ impl Backend for RocmBackend {
         let mut stream: hip::hipStream_t = std::ptr::null_mut();
         // SAFETY: `stream` is a valid out-pointer; the flag is valid.
         let code = unsafe {
-            (self.api().hipStreamCreateWithFlags)(&mut stream, hip::hipStreamNonBlocking)
+            self.api()
+                .hipStreamCreateWithFlags(&mut stream, hip::hipStreamNonBlocking)
         };
         self.check("hipStreamCreateWithFlags", code)?;
         if stream.is_null() {
@@ -513,22 +586,36 @@ impl Backend for RocmBackend {
     }
 
     unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
-        let device = self.stream_device(stream)?;
-        self.set_device(device)?;
-        // SAFETY: the handle is in our map, so it came from hipStreamCreateWithFlags and
-        // has not been destroyed; the caller does not use it afterwards.
-        let code = unsafe { (self.api().hipStreamDestroy)(stream.0 as usize as hip::hipStream_t) };
-        self.check("hipStreamDestroy", code)?;
-        lock(&self.streams).remove(&stream.0);
-        Ok(())
+        // Out of the map first: once the runtime has destroyed the stream, a concurrent
+        // create may get the same handle value back and insert it, and a remove after
+        // that would delete the new stream's entry.
+        let device = lock(&self.streams)
+            .remove(&stream.0)
+            .ok_or_else(|| unknown_stream(stream))?;
+        let result = self.set_device(device).and_then(|()| {
+            // SAFETY: the handle was in our map, so it came from hipStreamCreateWithFlags
+            // and has not been destroyed; the caller does not use it afterwards.
+            let code = unsafe {
+                self.api()
+                    .hipStreamDestroy(stream.0 as usize as hip::hipStream_t)
+            };
+            self.check("hipStreamDestroy", code)
+        });
+        if result.is_err() {
+            // Not destroyed, so the value cannot have been handed out again: keep it.
+            lock(&self.streams).insert(stream.0, device);
+        }
+        result
     }
 
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
         let device = self.stream_device(stream)?;
         self.set_device(device)?;
         // SAFETY: the handle is in our map, so it is a live stream of this runtime.
-        let code =
-            unsafe { (self.api().hipStreamSynchronize)(stream.0 as usize as hip::hipStream_t) };
+        let code = unsafe {
+            self.api()
+                .hipStreamSynchronize(stream.0 as usize as hip::hipStream_t)
+        };
         self.check("hipStreamSynchronize", code)
     }
 
@@ -536,8 +623,10 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         let mut event: hip::hipEvent_t = std::ptr::null_mut();
         // SAFETY: `event` is a valid out-pointer; the flag is valid.
-        let code =
-            unsafe { (self.api().hipEventCreateWithFlags)(&mut event, hip::hipEventDisableTiming) };
+        let code = unsafe {
+            self.api()
+                .hipEventCreateWithFlags(&mut event, hip::hipEventDisableTiming)
+        };
         self.check("hipEventCreateWithFlags", code)?;
         if event.is_null() {
             return Err(Self::null_result("hipEventCreateWithFlags"));
@@ -548,14 +637,25 @@ impl Backend for RocmBackend {
     }
 
     unsafe fn destroy_event(&self, event: EventHandle) -> Result<()> {
-        let device = self.event_device(event)?;
-        self.set_device(device)?;
-        // SAFETY: the handle is in our map, so it came from hipEventCreateWithFlags and
-        // has not been destroyed; the caller does not use it afterwards.
-        let code = unsafe { (self.api().hipEventDestroy)(event.0 as usize as hip::hipEvent_t) };
-        self.check("hipEventDestroy", code)?;
-        lock(&self.events).remove(&event.0);
-        Ok(())
+        // Out of the map first, as in `destroy_stream`: the runtime may hand the value
+        // out again as soon as the event is destroyed.
+        let device = lock(&self.events)
+            .remove(&event.0)
+            .ok_or_else(|| unknown_event(event))?;
+        let result = self.set_device(device).and_then(|()| {
+            // SAFETY: the handle was in our map, so it came from hipEventCreateWithFlags
+            // and has not been destroyed; the caller does not use it afterwards.
+            let code = unsafe {
+                self.api()
+                    .hipEventDestroy(event.0 as usize as hip::hipEvent_t)
+            };
+            self.check("hipEventDestroy", code)
+        });
+        if result.is_err() {
+            // Not destroyed, so the value cannot have been handed out again: keep it.
+            lock(&self.events).insert(event.0, device);
+        }
+        result
     }
 
     unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
@@ -564,7 +664,7 @@ impl Backend for RocmBackend {
         self.set_device(device)?;
         // SAFETY: both handles are in our maps, so both are live objects of this runtime.
         let code = unsafe {
-            (self.api().hipEventRecord)(
+            self.api().hipEventRecord(
                 event.0 as usize as hip::hipEvent_t,
                 stream.0 as usize as hip::hipStream_t,
             )
@@ -579,7 +679,7 @@ impl Backend for RocmBackend {
         // SAFETY: both handles are in our maps, so both are live objects of this
         // runtime; flags must be 0.
         let code = unsafe {
-            (self.api().hipStreamWaitEvent)(
+            self.api().hipStreamWaitEvent(
                 stream.0 as usize as hip::hipStream_t,
                 event.0 as usize as hip::hipEvent_t,
                 0,
@@ -592,7 +692,10 @@ impl Backend for RocmBackend {
         let device = self.event_device(event)?;
         self.set_device(device)?;
         // SAFETY: the handle is in our map, so it is a live event of this runtime.
-        let code = unsafe { (self.api().hipEventSynchronize)(event.0 as usize as hip::hipEvent_t) };
+        let code = unsafe {
+            self.api()
+                .hipEventSynchronize(event.0 as usize as hip::hipEvent_t)
+        };
         self.check("hipEventSynchronize", code)
     }
 
@@ -600,7 +703,10 @@ impl Backend for RocmBackend {
         let device = self.event_device(event)?;
         self.set_device(device)?;
         // SAFETY: the handle is in our map, so it is a live event of this runtime.
-        let code = unsafe { (self.api().hipEventQuery)(event.0 as usize as hip::hipEvent_t) };
+        let code = unsafe {
+            self.api()
+                .hipEventQuery(event.0 as usize as hip::hipEvent_t)
+        };
         match code {
             hip::hipSuccess => Ok(true),
             hip::hipErrorNotReady => Ok(false),
@@ -623,12 +729,13 @@ impl Backend for RocmBackend {
         match stream {
             Some(stream) => {
                 let device = self.stream_device(stream)?;
+                check_copy_stream(dst, src, device)?;
                 self.set_device(device)?;
                 // SAFETY: both ranges are valid for `len` bytes, disjoint, and stay valid
                 // until the stream passes the copy (the caller's contract); the stream is
                 // in our map, so it is live.
                 let code = unsafe {
-                    (self.api().hipMemcpyAsync)(
+                    self.api().hipMemcpyAsync(
                         dst_ptr,
                         src_ptr,
                         len,
@@ -652,8 +759,10 @@ impl Backend for RocmBackend {
                 }
                 // SAFETY: both ranges are valid for `len` bytes and disjoint (the caller's
                 // contract); the copy is complete when the call returns.
-                let code =
-                    unsafe { (self.api().hipMemcpy)(dst_ptr, src_ptr, len, hip::hipMemcpyDefault) };
+                let code = unsafe {
+                    self.api()
+                        .hipMemcpy(dst_ptr, src_ptr, len, hip::hipMemcpyDefault)
+                };
                 self.check("hipMemcpy", code)
             }
         }
@@ -678,7 +787,7 @@ impl Backend for RocmBackend {
         // SAFETY: the range lies in managed memory from this backend and the stream is
         // live (the caller's contract; the stream is also in our map).
         let code = unsafe {
-            (self.api().hipMemPrefetchAsync)(
+            self.api().hipMemPrefetchAsync(
                 ptr.as_ptr().cast_const().cast(),
                 len,
                 target,
@@ -716,7 +825,8 @@ impl Backend for RocmBackend {
         // SAFETY: the range lies in managed memory from this backend (the caller's
         // contract); advice and device are valid values.
         let code = unsafe {
-            (self.api().hipMemAdvise)(ptr.as_ptr().cast_const().cast(), len, value, device)
+            self.api()
+                .hipMemAdvise(ptr.as_ptr().cast_const().cast(), len, value, device)
         };
         self.check("hipMemAdvise", code)
     }

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::backend::{
     check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, HostKind, MemInfo,
-    MemRef, StreamHandle,
+    MemRef, PhysHandle, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -222,11 +222,42 @@ struct ManagedAlloc {
     state: ManagedState,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+/// When one engine is busy: non-overlapping spans sorted by start. Work is placed in
+/// the first gap at or after the time it becomes ready, as hardware runs whatever is
+/// runnable: a copy queued later on an idle stream does not wait behind one that is
+/// itself waiting on an event.
+#[derive(Debug, Default, Clone)]
+struct Timeline {
+    busy: Vec<(u64, u64)>,
+}
+
+impl Timeline {
+    /// Books `dur` ns at the earliest time ≥ `ready`; spans ending before `floor` (the
+    /// host's time: nothing can be queued before it any more) are forgotten first.
+    fn place(&mut self, ready: u64, dur: u64, floor: u64) -> (u64, u64) {
+        self.busy.retain(|&(_, e)| e > floor);
+        let mut start = ready;
+        let mut at = self.busy.len();
+        for (i, &(s, e)) in self.busy.iter().enumerate() {
+            if start.saturating_add(dur) <= s {
+                at = i;
+                break;
+            }
+            start = start.max(e);
+        }
+        let end = start.saturating_add(dur);
+        if dur > 0 {
+            self.busy.insert(at, (start, end));
+        }
+        (start, end)
+    }
+}
+
+#[derive(Debug, Default, Clone)]
 struct Engines {
-    h2d_free_ns: u64,
-    d2h_free_ns: u64,
-    compute_free_ns: u64,
+    h2d: Timeline,
+    d2h: Timeline,
+    compute: Timeline,
 }
 
 #[derive(Debug)]
@@ -254,6 +285,49 @@ struct State {
     events: HashMap<u64, EventState>,
     engines: Vec<Engines>,
     stats: SimStats,
+    reservations: BTreeMap<u64, Reservation>,
+    physical: HashMap<u64, Physical>,
+}
+
+/// An address range reserved for virtual memory management, backed by a lazily
+/// committed host mapping of the same size so that mapped pages resolve by offset.
+#[derive(Debug)]
+struct Reservation {
+    device: usize,
+    size: usize,
+    host: NonNull<u8>,
+    /// Offset of each mapping → (size, physical handle).
+    mapped: BTreeMap<usize, (usize, u64)>,
+}
+
+impl Reservation {
+    /// Whether `off..off+len` is covered by mappings with no gap.
+    fn covered(&self, off: usize, len: usize) -> bool {
+        let end = off + len;
+        let mut at = off;
+        while at < end {
+            match self.mapped.range(..=at).next_back() {
+                Some((o, (l, _))) if o + l > at => at = o + l,
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the host mapping was made in reserve_address with this size and is
+        // owned by this reservation alone.
+        unsafe { libc::munmap(self.host.as_ptr().cast(), self.size) };
+    }
+}
+
+#[derive(Debug)]
+struct Physical {
+    device: usize,
+    size: usize,
+    mapped_at: Option<u64>,
 }
 
 /// The simulated GPU backend. See the module docs for the timing model.
@@ -274,6 +348,12 @@ unsafe impl Sync for SimBackend {}
 /// Device addresses: device `d` hands out addresses from `(d + 1) << 52`, never reused,
 /// so a stale pointer can never alias a newer allocation.
 const ADDR_SHIFT: u32 = 52;
+/// Most simulated devices (each has its own 2^52-byte address range).
+pub const MAX_DEVICES: usize = 1024;
+/// Most memory of one simulated device (1 PiB).
+pub const MAX_CAPACITY: usize = 1 << 50;
+/// Page size of the simulated virtual memory management, as on current NVIDIA GPUs.
+pub const VMM_GRANULARITY: usize = 2 << 20;
 /// Alignment of device allocations, as CUDA guarantees (256 B; we use 512).
 const DEVICE_ALIGN: u64 = 512;
 
@@ -291,11 +371,23 @@ impl SimBackend {
             ("pageable_gbps", cfg.pageable_gbps),
             ("d2d_gbps", cfg.d2d_gbps),
         ] {
-            if !(v.is_finite() && v > 0.0) {
+            if !(v.is_finite() && v >= 1e-3) {
                 return Err(Error::InvalidArgument(format!(
-                    "sim {what} must be a positive number, got {v}"
+                    "sim {what} must be at least 0.001 GB/s, got {v}"
                 )));
             }
+        }
+        if cfg.devices.len() > MAX_DEVICES {
+            return Err(Error::InvalidArgument(format!(
+                "a simulated machine has at most {MAX_DEVICES} devices, asked for {}",
+                cfg.devices.len()
+            )));
+        }
+        if let Some(d) = cfg.devices.iter().find(|d| d.capacity > MAX_CAPACITY) {
+            return Err(Error::InvalidArgument(format!(
+                "sim device capacity {} is over the limit of {MAX_CAPACITY} bytes",
+                d.capacity
+            )));
         }
         let devices = cfg
             .devices
@@ -323,6 +415,8 @@ impl SimBackend {
                 next_handle: 1,
                 next_addr: (0..n as u64).map(|d| (d + 1) << ADDR_SHIFT).collect(),
                 device_allocs: BTreeMap::new(),
+                reservations: BTreeMap::new(),
+                physical: HashMap::new(),
                 managed: BTreeMap::new(),
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
@@ -380,10 +474,8 @@ impl SimBackend {
         let device = stream_ref(&st, stream)?.device;
         let host = st.host_ns;
         let s = stream_ref(&st, stream)?.tail_ns;
-        let eng = &mut st.engines[device];
-        let start = s.max(host).max(eng.compute_free_ns);
-        let end = start + duration.as_nanos() as u64;
-        eng.compute_free_ns = end;
+        let dur = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        let (start, end) = st.engines[device].compute.place(s.max(host), dur, host);
         stream_mut(&mut st, stream)?.tail_ns = end;
         st.stats.kernels += 1;
         Ok(Span {
@@ -394,7 +486,9 @@ impl SimBackend {
 
     /// Virtual duration of a copy of `bytes` at `gbps`.
     fn copy_ns(&self, bytes: usize, gbps: f64) -> u64 {
-        self.cfg.copy_latency.as_nanos() as u64 + (bytes as f64 / gbps).ceil() as u64
+        let latency = u64::try_from(self.cfg.copy_latency.as_nanos()).unwrap_or(u64::MAX);
+        // `as` saturates for floats: an absurd size or speed gives u64::MAX, not a wrap.
+        latency.saturating_add((bytes as f64 / gbps).ceil() as u64)
     }
 
     fn host_kind(st: &State, ptr: NonNull<u8>, len: usize, kind: HostKind) -> HostKind {
@@ -412,6 +506,20 @@ impl SimBackend {
         match r {
             MemRef::Host { ptr, .. } => Ok(ptr.as_ptr()),
             MemRef::Device { device, ptr } => {
+                if let Some((start, r)) = st.reservations.range(..=ptr.0).next_back() {
+                    let off = (ptr.0 - start) as usize;
+                    if off < r.size {
+                        if r.device != device || !r.covered(off, len) {
+                            return Err(Error::InvalidArgument(format!(
+                                "{:#x}+{len} on sim device {device} is not fully mapped memory",
+                                ptr.0
+                            )));
+                        }
+                        // SAFETY: off + len lies inside the reservation's host mapping
+                        // (covered() checked every byte is in a mapping inside it).
+                        return Ok(unsafe { r.host.as_ptr().add(off) });
+                    }
+                }
                 let (start, a) = st
                     .device_allocs
                     .range(..=ptr.0)
@@ -428,8 +536,18 @@ impl SimBackend {
     }
 }
 
+/// The next free address after `size` bytes at `addr` (aligned, with a gap so that
+/// neighbours never touch), or `None` once the device's address range is used up.
+fn bump(addr: u64, size: usize, align: u64, device: usize) -> Option<u64> {
+    let next = addr
+        .checked_add(size as u64)?
+        .checked_next_multiple_of(align)?
+        .checked_add(align)?;
+    (next < (device as u64 + 2) << ADDR_SHIFT).then_some(next)
+}
+
 fn device_of(addr: u64) -> usize {
-    ((addr >> ADDR_SHIFT) - 1) as usize
+    ((addr >> ADDR_SHIFT).saturating_sub(1)) as usize
 }
 
 fn bad_device_ptr(device: usize, ptr: DevicePtr) -> Error {
@@ -492,11 +610,7 @@ impl Backend for SimBackend {
 
     fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr> {
         check_device(self, device)?;
-        let oom = |free| Error::OutOfMemory {
-            tier: Tier::Device(device),
-            requested: size,
-            free,
-        };
+        let oom = |free| Error::oom(Tier::Device(device), size, free);
         self.used[device].try_reserve(size).map_err(oom)?;
         let Some(mem) = Memory::zeroed(size) else {
             self.used[device].release(size);
@@ -505,7 +619,14 @@ impl Backend for SimBackend {
         };
         let mut st = self.lock();
         let addr = st.next_addr[device];
-        st.next_addr[device] = (addr + size as u64).next_multiple_of(DEVICE_ALIGN) + DEVICE_ALIGN;
+        let Some(next) = bump(addr, size, DEVICE_ALIGN, device) else {
+            drop(st);
+            self.used[device].release(size);
+            return Err(Error::InvalidArgument(format!(
+                "sim device {device} has used up its address space"
+            )));
+        };
+        st.next_addr[device] = next;
         st.device_allocs
             .insert(addr, DeviceAlloc { len: size, mem });
         Ok(DevicePtr(addr))
@@ -530,11 +651,7 @@ impl Backend for SimBackend {
         // Managed memory lives on the host until touched on the device; it counts
         // against the device as the driver's accounting does once it migrates, which
         // the simulator simplifies to counting it always.
-        let oom = |free| Error::OutOfMemory {
-            tier: Tier::Managed(device),
-            requested: size,
-            free,
-        };
+        let oom = |free| Error::oom(Tier::Managed(device), size, free);
         self.used[device].try_reserve(size).map_err(oom)?;
         let Some(mem) = Memory::zeroed(size) else {
             self.used[device].release(size);
@@ -762,14 +879,12 @@ impl Backend for SimBackend {
             None => host,
         };
         let eng = &mut st.engines[device];
-        let free = match engine {
-            Engine::H2D => &mut eng.h2d_free_ns,
-            Engine::D2H => &mut eng.d2h_free_ns,
-            Engine::Compute => &mut eng.compute_free_ns,
+        let timeline = match engine {
+            Engine::H2D => &mut eng.h2d,
+            Engine::D2H => &mut eng.d2h,
+            Engine::Compute => &mut eng.compute,
         };
-        let start = ready.max(*free);
-        let end = start + dur;
-        *free = end;
+        let (_, end) = timeline.place(ready, dur, host);
         match stream {
             // Pageable copies are staged by the driver through its own pinned buffer and
             // return only when done, so they block the host even on a stream.
@@ -811,9 +926,16 @@ impl Backend for SimBackend {
         };
         let dur = self.copy_ns(moved, gbps);
         let host = st.host_ns;
-        let s = stream_mut(&mut st, stream)?;
-        let start = s.tail_ns.max(host);
-        s.tail_ns = start + dur;
+        let sdev = stream_ref(&st, stream)?.device;
+        let ready = stream_ref(&st, stream)?.tail_ns.max(host);
+        // A migration is a copy: it occupies the copy engine of its direction.
+        let eng = &mut st.engines[sdev];
+        let timeline = match to {
+            Location::Device(_) => &mut eng.h2d,
+            Location::Host => &mut eng.d2h,
+        };
+        let (_, end) = timeline.place(ready, dur, host);
+        stream_mut(&mut st, stream)?.tail_ns = end;
         st.stats.prefetch_bytes += moved as u64;
         let key = *st.managed.range(..=p).next_back().expect("found above").0;
         st.managed
@@ -856,6 +978,191 @@ impl Backend for SimBackend {
             Advice::UnsetAccessedBy(d) => s.accessed_by.retain(|x| *x != d),
         }
         Ok(())
+    }
+
+    fn vmm_granularity(&self, device: usize) -> Option<usize> {
+        check_device(self, device).ok().map(|()| VMM_GRANULARITY)
+    }
+
+    fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
+        check_device(self, device)?;
+        if size == 0 || !size.is_multiple_of(VMM_GRANULARITY) {
+            return Err(Error::InvalidArgument(format!(
+                "reservation of {size} bytes is not a positive multiple of {VMM_GRANULARITY}"
+            )));
+        }
+        // SAFETY: a fresh anonymous private mapping; MAP_NORESERVE commits nothing until
+        // pages are touched, so large reservations cost only address space.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(Error::os("mmap", nix::errno::Errno::last()));
+        }
+        let host = NonNull::new(host.cast::<u8>()).expect("mmap never returns null on success");
+        let mut st = self.lock();
+        let addr = st.next_addr[device].next_multiple_of(VMM_GRANULARITY as u64);
+        let Some(next) = bump(addr, size, VMM_GRANULARITY as u64, device) else {
+            // SAFETY: the mapping made above is ours and not yet recorded anywhere.
+            unsafe { libc::munmap(host.as_ptr().cast(), size) };
+            return Err(Error::InvalidArgument(format!(
+                "sim device {device} has used up its address space"
+            )));
+        };
+        st.next_addr[device] = next;
+        st.reservations.insert(
+            addr,
+            Reservation {
+                device,
+                size,
+                host,
+                mapped: BTreeMap::new(),
+            },
+        );
+        Ok(DevicePtr(addr))
+    }
+
+    unsafe fn free_address(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        let mut st = self.lock();
+        match st.reservations.get(&ptr.0) {
+            Some(r) if r.device == device && r.size == size && r.mapped.is_empty() => {
+                // Dropping the reservation unmaps its host memory.
+                st.reservations.remove(&ptr.0);
+                Ok(())
+            }
+            Some(r) if !r.mapped.is_empty() => Err(Error::InvalidArgument(format!(
+                "reservation {:#x} still has {} mapping(s)",
+                ptr.0,
+                r.mapped.len()
+            ))),
+            _ => Err(Error::InvalidArgument(format!(
+                "{:#x}+{size} is not a reservation of sim device {device}",
+                ptr.0
+            ))),
+        }
+    }
+
+    fn create_physical(&self, device: usize, size: usize) -> Result<PhysHandle> {
+        check_device(self, device)?;
+        if size == 0 || !size.is_multiple_of(VMM_GRANULARITY) {
+            return Err(Error::InvalidArgument(format!(
+                "physical allocation of {size} bytes is not a positive multiple of {VMM_GRANULARITY}"
+            )));
+        }
+        self.used[device]
+            .try_reserve(size)
+            .map_err(|free| Error::oom(Tier::Device(device), size, free))?;
+        let mut st = self.lock();
+        let h = st.next_handle;
+        st.next_handle += 1;
+        st.physical.insert(
+            h,
+            Physical {
+                device,
+                size,
+                mapped_at: None,
+            },
+        );
+        Ok(PhysHandle(h))
+    }
+
+    unsafe fn release_physical(&self, device: usize, handle: PhysHandle) -> Result<()> {
+        let mut st = self.lock();
+        match st.physical.get(&handle.0) {
+            Some(p) if p.device == device && p.mapped_at.is_none() => {
+                let size = p.size;
+                st.physical.remove(&handle.0);
+                drop(st);
+                self.used[device].release(size);
+                Ok(())
+            }
+            Some(p) if p.mapped_at.is_some() => Err(Error::InvalidArgument(format!(
+                "physical handle {} is still mapped",
+                handle.0
+            ))),
+            _ => Err(Error::InvalidArgument(format!(
+                "physical handle {} is not live on sim device {device}",
+                handle.0
+            ))),
+        }
+    }
+
+    unsafe fn map(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        handle: PhysHandle,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let phys_ok = matches!(st.physical.get(&handle.0),
+            Some(p) if p.device == device && p.size == size && p.mapped_at.is_none());
+        if !phys_ok {
+            return Err(Error::InvalidArgument(format!(
+                "physical handle {} is not a free {size}-byte handle of sim device {device}",
+                handle.0
+            )));
+        }
+        let Some((&start, r)) = st.reservations.range_mut(..=ptr.0).next_back() else {
+            return Err(bad_device_ptr(device, ptr));
+        };
+        let off = (ptr.0 - start) as usize;
+        let overlaps = r
+            .mapped
+            .range(..off + size)
+            .next_back()
+            .is_some_and(|(o, (l, _))| o + l > off);
+        if r.device != device
+            || off + size > r.size
+            || !off.is_multiple_of(VMM_GRANULARITY)
+            || overlaps
+        {
+            return Err(Error::InvalidArgument(format!(
+                "cannot map {size} bytes at {:#x}: outside a reservation, unaligned or already mapped",
+                ptr.0
+            )));
+        }
+        r.mapped.insert(off, (size, handle.0));
+        st.physical
+            .get_mut(&handle.0)
+            .expect("checked above")
+            .mapped_at = Some(ptr.0);
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
+        let mut st = self.lock();
+        let Some((&start, r)) = st.reservations.range_mut(..=ptr.0).next_back() else {
+            return Err(bad_device_ptr(device, ptr));
+        };
+        let off = (ptr.0 - start) as usize;
+        match r.mapped.get(&off) {
+            Some(&(len, h)) if len == size && r.device == device => {
+                r.mapped.remove(&off);
+                // Give the host pages back: a later map of this range reads zeros, as
+                // fresh physical memory would (CUDA does not promise zeros; we do).
+                // SAFETY: the range lies inside the reservation's own host mapping.
+                unsafe {
+                    libc::madvise(r.host.as_ptr().add(off).cast(), size, libc::MADV_DONTNEED)
+                };
+                st.physical
+                    .get_mut(&h)
+                    .expect("mapped handles are live")
+                    .mapped_at = None;
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "{:#x}+{size} is not one mapping on sim device {device}",
+                ptr.0
+            ))),
+        }
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -933,6 +1240,72 @@ mod tests {
         let pageable = lat + ((1u64 << 20) as f64 / 8.0).ceil() as u64;
         assert_eq!(sim.host_time_ns(), 2 * one + pageable);
         assert_eq!(sim.stats().h2d_bytes, 3 << 20);
+    }
+
+    #[test]
+    fn engines_fill_gaps_left_by_waiting_work() {
+        let sim = SimBackend::new(SimConfig::with_devices(1, 1 << 30)).unwrap();
+        let mut host = vec![1u8; 1 << 20];
+        let h = MemRef::Host {
+            ptr: NonNull::new(host.as_mut_ptr()).unwrap(),
+            kind: HostKind::Pinned,
+        };
+        // SAFETY: `host` outlives the registration, undone at the end.
+        unsafe {
+            sim.register_host(NonNull::new(host.as_mut_ptr()).unwrap(), 1 << 20)
+                .unwrap()
+        };
+        let dev = sim.alloc_device(0, 1 << 20).unwrap();
+        let d = MemRef::Device {
+            device: 0,
+            ptr: dev,
+        };
+        let (a, b) = (sim.create_stream(0).unwrap(), sim.create_stream(0).unwrap());
+        // a: a 10 ms kernel, then a copy that must wait for it.
+        sim.launch_kernel(a, Duration::from_millis(10)).unwrap();
+        // SAFETY: live handles and 1 MiB buffers.
+        unsafe { sim.copy(d, h, 1 << 20, Some(a)).unwrap() };
+        assert!(sim.stream_time_ns(a).unwrap() > 10_000_000);
+        // b is idle: its copy runs now, in the gap before a's copy, not after it.
+        // SAFETY: as above.
+        unsafe { sim.copy(d, h, 1 << 20, Some(b)).unwrap() };
+        let one = sim.copy_ns(1 << 20, 55.3);
+        assert_eq!(sim.stream_time_ns(b).unwrap(), one);
+        // A prefetch to the device occupies the same engine: it waits for b's copy.
+        let m = sim.alloc_managed(0, 1 << 20).unwrap();
+        // SAFETY: live managed allocation and stream.
+        unsafe { sim.prefetch(m, 1 << 20, Location::Device(0), b).unwrap() };
+        assert_eq!(sim.stream_time_ns(b).unwrap(), 2 * one);
+        // SAFETY: registered above; the managed buffer is ours.
+        unsafe {
+            sim.unregister_host(NonNull::new(host.as_mut_ptr()).unwrap(), 1 << 20)
+                .unwrap();
+            sim.free_managed(0, m, 1 << 20).unwrap();
+        }
+    }
+
+    #[test]
+    fn clock_and_addresses_never_overflow() {
+        let sim = SimBackend::new(SimConfig::default()).unwrap();
+        let s = sim.create_stream(0).unwrap();
+        let k1 = sim.launch_kernel(s, Duration::MAX).unwrap();
+        let k2 = sim.launch_kernel(s, Duration::MAX).unwrap();
+        assert_eq!((k1.end_ns, k2.end_ns), (u64::MAX, u64::MAX));
+        let slow = SimConfig {
+            h2d_gbps: 1e-15,
+            ..SimConfig::default()
+        };
+        assert!(SimBackend::new(slow).is_err());
+        let many = SimConfig::with_devices(MAX_DEVICES + 1, 1 << 20);
+        assert!(SimBackend::new(many).is_err());
+        let huge = SimConfig::with_devices(1, MAX_CAPACITY + 1);
+        assert!(SimBackend::new(huge).is_err());
+        // The last device of the largest machine still gets usable addresses.
+        let big = SimBackend::new(SimConfig::with_devices(MAX_DEVICES, 1 << 20)).unwrap();
+        let p = big.alloc_device(MAX_DEVICES - 1, 4096).unwrap();
+        assert_eq!(device_of(p.0), MAX_DEVICES - 1);
+        // SAFETY: allocated just above.
+        unsafe { big.free_device(MAX_DEVICES - 1, p, 4096).unwrap() };
     }
 
     #[test]

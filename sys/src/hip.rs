@@ -150,11 +150,32 @@ macro_rules! hip_api {
     ($( $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty; )*) => {
         /// Every HIP runtime entry point hetmem calls, resolved from one library.
         ///
-        /// The pointers are only valid while the library they came from stays loaded:
-        /// [`HipRuntime`] owns both and hands out `&HipApi` tied to its own lifetime.
-        #[derive(Clone, Copy)]
+        /// The pointers are only valid while the library they came from stays loaded, so
+        /// they are private, and the table is neither `Copy` nor `Clone` and cannot be
+        /// built outside this module: it is only reachable as the `&HipApi` that
+        /// [`HipRuntime::api`] lends, tied to the runtime's lifetime, and every entry
+        /// point is called through a method of that borrow. No pointer can outlive the
+        /// library.
         pub struct HipApi {
-            $( $(#[$doc])* pub $name: unsafe extern "C" fn($($arg: $ty),*) -> $ret, )*
+            $( $name: unsafe extern "C" fn($($arg: $ty),*) -> $ret, )*
+        }
+
+        impl HipApi {
+            $(
+                $(#[$doc])*
+                ///
+                /// # Safety
+                /// The arguments must meet HIP's own contract for this call: pointers
+                /// valid for what the call reads or writes, handles live and from this
+                /// runtime, values of the documented ranges.
+                #[inline]
+                pub unsafe fn $name(&self, $($arg: $ty),*) -> $ret {
+                    // SAFETY: the pointer was resolved from the library `self` is lent
+                    // by (still loaded while this borrow lives) under this name with
+                    // this signature; the caller meets the call's own contract.
+                    unsafe { (self.$name)($($arg),*) }
+                }
+            )*
         }
 
         impl HipApi {
@@ -291,12 +312,13 @@ unsafe fn symbol<T: Copy>(
 /// A loaded HIP runtime: the library and its resolved entry points.
 ///
 /// Dropping it unloads the library (when no other handle to it is open); the
-/// [`HipApi`] borrowed from it cannot outlive it.
+/// [`HipApi`] borrowed from it cannot outlive it, and its function pointers cannot be
+/// copied out of it.
 pub struct HipRuntime {
     api: HipApi,
     name: String,
-    // Declared last so that it is dropped after the pointers (which are `Copy` and need
-    // no drop, but this makes the ownership explicit).
+    // Declared last so that it is dropped after the pointer table (which needs no drop,
+    // but this makes the ownership explicit).
     _lib: libloading::Library,
 }
 
@@ -311,6 +333,9 @@ impl fmt::Debug for HipRuntime {
 impl HipRuntime {
     /// Loads the library named by `HETMEM_HIP_LIBRARY`, or else the first of
     /// [`DEFAULT_LIBRARY_NAMES`] that opens.
+    ///
+    /// The same trust as [`HipRuntime::load`] applies, to whatever file the environment
+    /// variable or the dynamic loader's search path (`LD_LIBRARY_PATH`) leads to.
     pub fn load_default() -> Result<HipRuntime, HipLoadError> {
         if let Some(name) = std::env::var_os(HIP_LIBRARY_ENV).filter(|v| !v.is_empty()) {
             return HipRuntime::load(&name);
@@ -330,11 +355,26 @@ impl HipRuntime {
 
     /// Loads the HIP runtime from a path, or a bare library name that the dynamic
     /// loader searches for, and resolves every entry point of [`HipApi`].
+    ///
+    /// # Trust
+    ///
+    /// This is a safe function that runs foreign code, a deliberate and documented
+    /// exception to Rust's usual rule. Opening the library runs its initialisers, and
+    /// every later call through [`HipApi`] trusts that each exported symbol has the C
+    /// signature and behaviour of HIP's `hip_runtime_api.h`: nothing can check that at
+    /// run time. A file that is not a HIP runtime (or a malicious one) can therefore
+    /// cause undefined behaviour. This is the same trust a program places in any
+    /// shared library it is linked against or finds through `LD_LIBRARY_PATH`, and that
+    /// cudarc's dynamic loading places in `libcuda`: whoever chooses `path_or_name` (or
+    /// the environment) chooses the code that runs. Pass only HIP runtimes, or test
+    /// doubles that honour the same signatures.
     pub fn load(path_or_name: impl AsRef<OsStr>) -> Result<HipRuntime, HipLoadError> {
         let os: OsString = path_or_name.as_ref().to_owned();
         let name = Path::new(&os).display().to_string();
-        // SAFETY: opening a library runs its initialisers. A HIP runtime's initialisers
-        // are meant to run in any process that loads it; the caller chose the file.
+        // SAFETY: not checkable here: opening a library runs its initialisers, and this
+        // fn is safe by a deliberate, documented exception (see "Trust" above): the file
+        // is trusted to be a HIP runtime, whose initialisers are meant to run in any
+        // process that loads it, exactly as with LD_LIBRARY_PATH or cudarc's loader.
         let lib = match unsafe { libloading::Library::new(&os) } {
             Ok(lib) => lib,
             Err(e) => {
@@ -343,8 +383,10 @@ impl HipRuntime {
                 })
             }
         };
-        // SAFETY: `lib` is a HIP runtime by the caller's choice of file; the pointers are
-        // stored beside `lib` in the returned value and never outlive it.
+        // SAFETY: `lib` is trusted to be a HIP runtime (the documented exception above),
+        // so each symbol has the declared signature; the pointers are stored privately
+        // beside `lib` in the returned value and are only reachable through borrows of
+        // it, so they never outlive it.
         let api = unsafe { HipApi::resolve(&lib, &name) }?;
         Ok(HipRuntime {
             api,
@@ -367,7 +409,7 @@ impl HipRuntime {
     pub fn error_string(&self, code: hipError_t) -> String {
         // SAFETY: hipGetErrorString takes any value and returns a pointer to a static,
         // NUL-terminated string (or, defensively handled here, null).
-        let ptr = unsafe { (self.api.hipGetErrorString)(code) };
+        let ptr = unsafe { self.api.hipGetErrorString(code) };
         if ptr.is_null() {
             return format!("unknown HIP error {code}");
         }

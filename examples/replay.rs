@@ -1,0 +1,444 @@
+//! Replays an allocator trace through hetmem's device pool and reports fragmentation
+//! (peak reserved over peak allocated) and the cost of each allocation and free.
+//!
+//! ```text
+//! cargo run --release --example replay -- --trace ../shared/traces/llama_generate.csv
+//! cargo run --release --example replay -- --synthetic training --json
+//! cargo run --release --example replay -- --trace T.csv --backend cuda --json
+//! ```
+//!
+//! Traces are PyTorch allocator histories as CSV (`action,addr,size,stream,time_us`):
+//! `alloc` and `free_completed` rows are replayed by address, other rows skipped.
+//! `--synthetic NAME` makes one instead (`training`: activations that grow and shrink
+//! with a varying batch, the hard case for caching allocators; `serving`: a KV cache
+//! growing and shrinking with requests beside per-step temporaries; `random`: log-uniform
+//! sizes and lifetimes), deterministic for a `--seed`; `--write-trace PATH` saves it.
+//!
+//! `reserved_over_allocated` is the pool's peak reserved bytes over the peak of the bytes
+//! the trace asked for (before rounding), so it counts rounding against us. Times are per
+//! call, measured with `Instant` around each call, minus the measured cost of reading
+//! the clock twice.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use hetmem::pool::{Budget, PoolConfig};
+use hetmem::{BackendKind, Manager, Stream};
+use serde_json::json;
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Alloc { id: u64, size: usize, stream: u64 },
+    Free { id: u64 },
+}
+
+struct Args {
+    trace: Option<String>,
+    synthetic: Option<String>,
+    seed: u64,
+    backend: Option<BackendKind>,
+    json: bool,
+    budget: Option<usize>,
+    expandable: bool,
+    release_on_grow: bool,
+    write_trace: Option<String>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: replay (--trace PATH | --synthetic training|serving|random [--seed N]) \
+         [--backend sim|cuda|rocm|host] [--budget-gib N] [--no-expandable] \
+         [--no-release-on-grow] [--write-trace PATH] [--json]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        trace: None,
+        synthetic: None,
+        seed: 1,
+        backend: None,
+        json: false,
+        budget: None,
+        expandable: true,
+        release_on_grow: true,
+        write_trace: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--trace" => a.trace = Some(val()),
+            "--synthetic" => a.synthetic = Some(val()),
+            "--seed" => a.seed = val().parse().unwrap_or_else(|_| usage()),
+            "--backend" => a.backend = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--budget-gib" => {
+                let g: f64 = val().parse().unwrap_or_else(|_| usage());
+                a.budget = Some((g * (1u64 << 30) as f64) as usize);
+            }
+            "--no-expandable" => a.expandable = false,
+            "--no-release-on-grow" => a.release_on_grow = false,
+            "--write-trace" => a.write_trace = Some(val()),
+            "--json" => a.json = true,
+            _ => usage(),
+        }
+    }
+    if a.trace.is_some() == a.synthetic.is_some() {
+        usage();
+    }
+    a
+}
+
+fn read_trace(path: &str) -> Result<Vec<Op>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
+    let mut ops = Vec::new();
+    let mut live: HashMap<u64, u64> = HashMap::new(); // address -> id of the live alloc
+    for (n, line) in text.lines().enumerate() {
+        if n == 0 && line.starts_with("action") {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 4 {
+            return Err(format!(
+                "{path}:{}: expected action,addr,size,stream,...",
+                n + 1
+            ));
+        }
+        let num = |s: &str| {
+            s.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{path}:{}: bad number {s:?}", n + 1))
+        };
+        let addr = num(f[1])?;
+        match f[0] {
+            "alloc" => {
+                let id = n as u64;
+                if live.insert(addr, id).is_some() {
+                    return Err(format!("{path}:{}: address {addr} allocated twice", n + 1));
+                }
+                ops.push(Op::Alloc {
+                    id,
+                    size: num(f[2])? as usize,
+                    stream: num(f[3])?,
+                });
+            }
+            "free_completed" => {
+                let id = live
+                    .remove(&addr)
+                    .ok_or_else(|| format!("{path}:{}: free of unknown address {addr}", n + 1))?;
+                ops.push(Op::Free { id });
+            }
+            _ => {}
+        }
+    }
+    Ok(ops)
+}
+
+/// A tiny deterministic generator (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+struct Gen {
+    ops: Vec<Op>,
+    next: u64,
+}
+impl Gen {
+    fn alloc(&mut self, size: usize) -> u64 {
+        self.next += 1;
+        self.ops.push(Op::Alloc {
+            id: self.next,
+            size,
+            stream: 0,
+        });
+        self.next
+    }
+    fn free(&mut self, id: u64) {
+        self.ops.push(Op::Free { id });
+    }
+}
+
+fn synthetic(name: &str, seed: u64) -> Vec<Op> {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut g = Gen {
+        ops: Vec::new(),
+        next: 0,
+    };
+    match name {
+        // A 24-layer transformer trained with a batch that changes every step: forward
+        // keeps each layer's activations (sized by tokens) and frees temporaries; backward
+        // frees them in reverse while gradients come and go; weights and their gradient
+        // buffers persist.
+        "training" => {
+            let hidden = 2048usize;
+            let layers = 24;
+            let weights: Vec<u64> = (0..layers)
+                .map(|_| g.alloc(12 * hidden * hidden * 2))
+                .collect();
+            let grads: Vec<u64> = (0..layers)
+                .map(|_| g.alloc(12 * hidden * hidden * 2))
+                .collect();
+            for _step in 0..60 {
+                let tokens = r.range(256, 8192) as usize;
+                let act = tokens * hidden * 2;
+                let mut saved = Vec::new();
+                for _ in 0..layers {
+                    let qkv = g.alloc(3 * act);
+                    let scores = g.alloc(tokens.min(2048) * tokens.min(2048) * 2 * 16 / 8);
+                    let mlp = g.alloc(4 * act);
+                    g.free(scores);
+                    saved.push((qkv, mlp, g.alloc(act)));
+                }
+                let loss = g.alloc(tokens * 4);
+                for (qkv, mlp, out) in saved.into_iter().rev() {
+                    let d_out = g.alloc(act);
+                    let d_mlp = g.alloc(4 * act);
+                    g.free(mlp);
+                    g.free(d_mlp);
+                    let d_qkv = g.alloc(3 * act);
+                    g.free(qkv);
+                    g.free(d_qkv);
+                    g.free(out);
+                    g.free(d_out);
+                }
+                g.free(loss);
+            }
+            for id in weights.into_iter().chain(grads) {
+                g.free(id);
+            }
+        }
+        // LLM serving: requests arrive and leave; each holds a KV cache that grows in
+        // 16-token pages as it decodes; each step makes logits and temporaries.
+        "serving" => {
+            let page = 16 * 2 * 32 * 4096 * 2 / 8; // 16 tokens of K and V, 32 layers, fp16, 8-way split
+            let mut reqs: Vec<Vec<u64>> = Vec::new();
+            for _step in 0..3000 {
+                if reqs.len() < 64 && r.range(0, 3) == 0 {
+                    let prompt_pages = r.range(1, 64) as usize;
+                    reqs.push((0..prompt_pages).map(|_| g.alloc(page)).collect());
+                }
+                let batch = reqs.len().max(1);
+                let logits = g.alloc(batch * 32000 * 4);
+                let tmp = g.alloc(batch * 4096 * 2 * r.range(1, 4) as usize);
+                for req in reqs.iter_mut() {
+                    if r.range(0, 15) == 0 {
+                        req.push(g.alloc(page));
+                    }
+                }
+                g.free(tmp);
+                g.free(logits);
+                if !reqs.is_empty() && r.range(0, 20) == 0 {
+                    let i = r.range(0, reqs.len() as u64 - 1) as usize;
+                    for id in reqs.swap_remove(i) {
+                        g.free(id);
+                    }
+                }
+            }
+            for id in reqs.into_iter().flatten() {
+                g.free(id);
+            }
+        }
+        // Log-uniform sizes from 512 B to 256 MiB, random lifetimes.
+        "random" => {
+            let mut live: Vec<u64> = Vec::new();
+            for _ in 0..40_000 {
+                if !live.is_empty() && (live.len() > 400 || r.range(0, 1) == 0) {
+                    let i = r.range(0, live.len() as u64 - 1) as usize;
+                    g.free(live.swap_remove(i));
+                } else {
+                    let bits = r.range(9, 28);
+                    let size = r.range(1 << (bits - 1), 1 << bits) as usize;
+                    live.push(g.alloc(size));
+                }
+            }
+            for id in live {
+                g.free(id);
+            }
+        }
+        _ => usage(),
+    }
+    g.ops
+}
+
+fn write_trace(path: &str, ops: &[Op]) -> std::io::Result<()> {
+    let mut out = String::from("action,addr,size,stream,time_us\n");
+    let mut sizes = HashMap::new();
+    for (t, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Alloc { id, size, stream } => {
+                sizes.insert(id, size);
+                out += &format!("alloc,{id},{size},{stream},{t}\n");
+            }
+            Op::Free { id } => out += &format!("free_completed,{id},{},0,{t}\n", sizes[&id]),
+        }
+    }
+    std::fs::write(path, out)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let args = parse_args();
+    let (name, ops) = match (&args.trace, &args.synthetic) {
+        (Some(path), _) => (
+            path.clone(),
+            read_trace(path).unwrap_or_else(|e| {
+                eprintln!("replay: {e}");
+                std::process::exit(1)
+            }),
+        ),
+        (_, Some(s)) => (
+            format!("synthetic:{s}:seed{}", args.seed),
+            synthetic(s, args.seed),
+        ),
+        _ => usage(),
+    };
+    if let Some(p) = &args.write_trace {
+        write_trace(p, &ops).unwrap_or_else(|e| {
+            eprintln!("replay: {p}: {e}");
+            std::process::exit(1)
+        });
+    }
+    let mut b = Manager::builder();
+    if let Some(k) = args.backend {
+        b = b.backend(k);
+    }
+    let mgr = b.build().unwrap_or_else(|e| {
+        eprintln!("replay: {e}");
+        std::process::exit(1)
+    });
+    let cfg = PoolConfig {
+        budget: args.budget.map_or(Budget::Device, Budget::Bytes),
+        expandable_segments: args.expandable,
+        release_on_grow: args.release_on_grow,
+    };
+    let pool = mgr.device_pool(0, cfg).unwrap_or_else(|e| {
+        eprintln!("replay: {e}");
+        std::process::exit(1)
+    });
+
+    // The cost of reading the clock twice, to take out of every sample.
+    let clock = {
+        let mut v: Vec<u64> = (0..10_000)
+            .map(|_| {
+                let t = Instant::now();
+                t.elapsed().as_nanos() as u64
+            })
+            .collect();
+        v.sort_unstable();
+        v[v.len() / 2]
+    };
+
+    let mut streams: HashMap<u64, Stream> = HashMap::new();
+    let mut live = HashMap::new();
+    let mut alloc_ns = Vec::with_capacity(ops.len());
+    let mut free_ns = Vec::with_capacity(ops.len());
+    let wall = Instant::now();
+    for op in &ops {
+        match *op {
+            Op::Alloc { id, size, stream } => {
+                let s = streams
+                    .entry(stream)
+                    .or_insert_with(|| mgr.create_stream(0).expect("stream"))
+                    .clone();
+                let t = Instant::now();
+                let blk = pool.alloc(size, &s);
+                alloc_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
+                match blk {
+                    Ok(blk) => {
+                        live.insert(id, blk);
+                    }
+                    Err(e) => {
+                        eprintln!("replay: allocation of {size} bytes failed: {e}");
+                        std::process::exit(1);
+                    }
+                }
+            }
+            Op::Free { id } => {
+                let blk = live.remove(&id).expect("trace frees what it allocated");
+                let t = Instant::now();
+                drop(blk);
+                free_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
+            }
+        }
+    }
+    let wall_s = wall.elapsed().as_secs_f64();
+    let st = pool.stats();
+    drop(live);
+    alloc_ns.sort_unstable();
+    free_ns.sort_unstable();
+    let peak_alloc = st.requested_bytes.all.peak;
+    let peak_reserved = st.reserved_bytes.all.peak;
+    let ratio = if peak_alloc > 0 {
+        peak_reserved as f64 / peak_alloc as f64
+    } else {
+        0.0
+    };
+    let report = json!({
+        "trace": name,
+        "backend": mgr.backend_kind().name(),
+        "expandable_segments": pool.expandable(),
+        "release_on_grow": args.release_on_grow,
+        "events": ops.len(),
+        "peak_allocated": peak_alloc,
+        "peak_allocated_rounded": st.allocated_bytes.all.peak,
+        "peak_reserved": peak_reserved,
+        "reserved_over_allocated": (ratio * 10000.0).round() / 10000.0,
+        "alloc_ns_median": percentile(&alloc_ns, 0.5),
+        "alloc_ns_p99": percentile(&alloc_ns, 0.99),
+        "free_ns_median": percentile(&free_ns, 0.5),
+        "free_ns_p99": percentile(&free_ns, 0.99),
+        "clock_overhead_ns": clock,
+        "num_alloc_retries": st.num_alloc_retries,
+        "num_ooms": st.num_ooms,
+        "num_device_alloc": st.num_device_alloc,
+        "num_device_free": st.num_device_free,
+        "wall_s": (wall_s * 1000.0).round() / 1000.0,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("trace              {name}");
+        println!(
+            "backend            {} (expandable segments: {})",
+            report["backend"], report["expandable_segments"]
+        );
+        println!("events             {}", ops.len());
+        println!(
+            "peak allocated     {:.1} MiB",
+            peak_alloc as f64 / 1048576.0
+        );
+        println!(
+            "peak reserved      {:.1} MiB",
+            peak_reserved as f64 / 1048576.0
+        );
+        println!("reserved/allocated {ratio:.4}");
+        println!(
+            "alloc ns           median {}  p99 {}",
+            report["alloc_ns_median"], report["alloc_ns_p99"]
+        );
+        println!(
+            "free ns            median {}  p99 {}",
+            report["free_ns_median"], report["free_ns_p99"]
+        );
+        println!(
+            "driver calls       {} alloc, {} free, {} retries",
+            st.num_device_alloc, st.num_device_free, st.num_alloc_retries
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! Pool statistics under PyTorch's `torch.cuda.memory_stats()` key names, so that
+//! dashboards and people used to those read ours the same way.
+
+use std::collections::BTreeMap;
+
+/// One statistic as PyTorch keeps it: current value, peak since the last reset, and the
+/// running totals added and taken away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stat {
+    /// Value now.
+    pub current: u64,
+    /// Highest value since creation or [`PoolStats::reset_peak`].
+    pub peak: u64,
+    /// Total ever added.
+    pub allocated: u64,
+    /// Total ever taken away.
+    pub freed: u64,
+}
+
+impl Stat {
+    pub(crate) fn add(&mut self, n: u64) {
+        self.current += n;
+        self.allocated += n;
+        if self.current > self.peak {
+            self.peak = self.current;
+        }
+    }
+
+    pub(crate) fn sub(&mut self, n: u64) {
+        // Called from drops, which must not panic: an underflow is a bug to log.
+        if self.current < n {
+            tracing::error!(target: "hetmem", current = self.current, n, "pool stat underflow");
+        }
+        self.current = self.current.saturating_sub(n);
+        self.freed += n;
+    }
+}
+
+/// A stat for all blocks and for each of PyTorch's two pools (blocks up to 1 MiB are
+/// "small", larger ones "large").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStat {
+    /// Both pools.
+    pub all: Stat,
+    /// Blocks of at most 1 MiB.
+    pub small_pool: Stat,
+    /// Blocks over 1 MiB.
+    pub large_pool: Stat,
+}
+
+impl PoolStat {
+    pub(crate) fn add(&mut self, small: bool, n: u64) {
+        self.all.add(n);
+        self.pool(small).add(n);
+    }
+
+    pub(crate) fn sub(&mut self, small: bool, n: u64) {
+        self.all.sub(n);
+        self.pool(small).sub(n);
+    }
+
+    fn pool(&mut self, small: bool) -> &mut Stat {
+        if small {
+            &mut self.small_pool
+        } else {
+            &mut self.large_pool
+        }
+    }
+
+    fn reset_peak(&mut self) {
+        for s in [&mut self.all, &mut self.small_pool, &mut self.large_pool] {
+            s.peak = s.current;
+        }
+    }
+}
+
+/// Everything a [`DevicePool`](crate::pool::DevicePool) counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes in blocks handed out (block sizes, rounded up to 512 bytes).
+    pub allocated_bytes: PoolStat,
+    /// Bytes callers asked for (before rounding).
+    pub requested_bytes: PoolStat,
+    /// Bytes held from the device: mapped pages, or whole segments.
+    pub reserved_bytes: PoolStat,
+    /// Blocks handed out.
+    pub allocation: PoolStat,
+    /// Segments held (mapped pages count one each under virtual memory management).
+    pub segment: PoolStat,
+    /// Times an allocation gave cached memory back and tried again.
+    pub num_alloc_retries: u64,
+    /// Allocations that failed with `OutOfMemory`.
+    pub num_ooms: u64,
+    /// Stream synchronisations done before giving memory back.
+    pub num_sync_all_streams: u64,
+    /// Driver allocations (segments or physical pages).
+    pub num_device_alloc: u64,
+    /// Driver frees (segments or physical pages).
+    pub num_device_free: u64,
+}
+
+impl PoolStats {
+    /// Starts peak tracking again from the current values.
+    pub fn reset_peak(&mut self) {
+        for s in [
+            &mut self.allocated_bytes,
+            &mut self.requested_bytes,
+            &mut self.reserved_bytes,
+            &mut self.allocation,
+            &mut self.segment,
+        ] {
+            s.reset_peak();
+        }
+    }
+
+    /// The stats as PyTorch's `memory_stats()` spells them: `allocated_bytes.all.current`,
+    /// `reserved_bytes.large_pool.peak`, `num_alloc_retries`, ... `active_*` equals
+    /// `allocated_*` (a freed block is reusable at once on its stream), and
+    /// `inactive_split_bytes` is what is reserved but not allocated.
+    pub fn to_map(&self) -> BTreeMap<String, u64> {
+        let mut m = BTreeMap::new();
+        let inactive = PoolStat {
+            all: gap(&self.reserved_bytes.all, &self.allocated_bytes.all),
+            small_pool: gap(
+                &self.reserved_bytes.small_pool,
+                &self.allocated_bytes.small_pool,
+            ),
+            large_pool: gap(
+                &self.reserved_bytes.large_pool,
+                &self.allocated_bytes.large_pool,
+            ),
+        };
+        for (name, s) in [
+            ("allocated_bytes", &self.allocated_bytes),
+            ("active_bytes", &self.allocated_bytes),
+            ("requested_bytes", &self.requested_bytes),
+            ("reserved_bytes", &self.reserved_bytes),
+            ("inactive_split_bytes", &inactive),
+            ("allocation", &self.allocation),
+            ("active", &self.allocation),
+            ("segment", &self.segment),
+        ] {
+            for (pool, st) in [
+                ("all", s.all),
+                ("small_pool", s.small_pool),
+                ("large_pool", s.large_pool),
+            ] {
+                m.insert(format!("{name}.{pool}.current"), st.current);
+                m.insert(format!("{name}.{pool}.peak"), st.peak);
+                m.insert(format!("{name}.{pool}.allocated"), st.allocated);
+                m.insert(format!("{name}.{pool}.freed"), st.freed);
+            }
+        }
+        m.insert("num_alloc_retries".into(), self.num_alloc_retries);
+        m.insert("num_ooms".into(), self.num_ooms);
+        m.insert("num_sync_all_streams".into(), self.num_sync_all_streams);
+        m.insert("num_device_alloc".into(), self.num_device_alloc);
+        m.insert("num_device_free".into(), self.num_device_free);
+        m
+    }
+}
+
+/// `a - b` now (the peak and totals of a difference are not tracked).
+fn gap(a: &Stat, b: &Stat) -> Stat {
+    Stat {
+        current: a.current.saturating_sub(b.current),
+        ..Stat::default()
+    }
+}

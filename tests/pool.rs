@@ -1,0 +1,425 @@
+//! The device pool: reuse, stream order, budgets and OOM, trim, statistics, threads,
+//! and a property test against a simple model. Runs on the simulator, with expandable
+//! segments (virtual memory management) and with plain segments.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hetmem::pool::{Budget, DevicePool, PoolBlock, PoolConfig};
+use hetmem::{BackendKind, Error, Manager, SimConfig, Tier};
+use proptest::prelude::*;
+
+const MIB: usize = 1 << 20;
+
+fn sim() -> Manager {
+    Manager::builder()
+        .backend(BackendKind::Sim)
+        .sim_config(SimConfig::with_devices(2, 1 << 30))
+        .build()
+        .unwrap()
+}
+
+fn pool(mgr: &Manager, expandable: bool, budget: Budget) -> DevicePool {
+    let cfg = PoolConfig {
+        budget,
+        expandable_segments: expandable,
+        ..PoolConfig::default()
+    };
+    mgr.device_pool(0, cfg).unwrap()
+}
+
+fn both(f: impl Fn(bool)) {
+    f(true);
+    f(false);
+}
+
+fn stamp(b: &PoolBlock, tag: u64) {
+    let t = tag.to_le_bytes();
+    b.write(0, &t).unwrap();
+    b.write(b.len() - 8, &t).unwrap();
+}
+
+fn check_stamp(b: &PoolBlock, tag: u64) {
+    let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
+    b.read(0, &mut x).unwrap();
+    b.read(b.len() - 8, &mut y).unwrap();
+    assert_eq!(
+        (u64::from_le_bytes(x), u64::from_le_bytes(y)),
+        (tag, tag),
+        "block {:?}",
+        b.ptr()
+    );
+}
+
+#[test]
+fn cached_blocks_come_back_without_driver_calls() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Device);
+        assert_eq!(p.expandable(), exp);
+        let s = mgr.create_stream(0).unwrap();
+        for size in [1usize, 700, 64 << 10, 3 * MIB + 5, 45 * MIB] {
+            let a = p.alloc(size, &s).unwrap();
+            let addr = a.ptr();
+            assert_eq!(addr.0 % 512, 0, "blocks are 512-byte aligned");
+            drop(a);
+            let calls = p.stats().num_device_alloc;
+            let b = p.alloc(size, &s).unwrap();
+            assert_eq!(b.ptr(), addr, "same stream, same size: the cached block");
+            assert_eq!(
+                p.stats().num_device_alloc,
+                calls,
+                "no driver call for a cached block"
+            );
+        }
+        let st = p.stats();
+        assert_eq!(st.allocation.all.current, 0);
+        assert_eq!(st.allocated_bytes.all.current, 0);
+        assert!(st.reserved_bytes.all.current > 0, "memory stays cached");
+    });
+}
+
+#[test]
+fn bytes_survive_across_pages_and_splits() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Device);
+        let s = mgr.create_stream(0).unwrap();
+        // Sizes that straddle 2 MiB pages and split each other's free blocks.
+        let blocks: Vec<PoolBlock> = [5 * MIB + 3, 512, 3 * MIB, 1000, 9 * MIB, 7]
+            .iter()
+            .map(|&n| p.alloc(n, &s).unwrap())
+            .collect();
+        for (i, b) in blocks.iter().enumerate() {
+            let data: Vec<u8> = (0..b.len()).map(|j| (j * 31 + i * 7) as u8).collect();
+            b.write(0, &data).unwrap();
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            let mut out = vec![0u8; b.len()];
+            b.read(0, &mut out).unwrap();
+            assert!(
+                out.iter()
+                    .enumerate()
+                    .all(|(j, v)| *v == (j * 31 + i * 7) as u8),
+                "block {i}"
+            );
+        }
+        let b = &blocks[0];
+        assert!(matches!(
+            b.write(b.len() - 3, &[0; 4]),
+            Err(Error::OutOfBounds { .. })
+        ));
+    });
+}
+
+#[test]
+fn another_stream_waits_for_the_stream_that_freed_the_block() {
+    let mgr = sim();
+    // Plain segments and a budget of one segment: the second stream can only get the
+    // block the first one freed.
+    let p = pool(&mgr, false, Budget::Bytes(20 * MIB));
+    let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+    let sim = mgr.sim().unwrap();
+    let blk = p.alloc(20 * MIB, &a).unwrap();
+    let addr = blk.ptr();
+    let k = sim
+        .launch_kernel(a.handle(), Duration::from_millis(5))
+        .unwrap();
+    drop(blk); // freed on `a` while its kernel still runs (in virtual time)
+    let blk = p.alloc(20 * MIB, &b).unwrap();
+    assert_eq!(blk.ptr(), addr, "the only memory there is");
+    let k2 = sim
+        .launch_kernel(b.handle(), Duration::from_micros(1))
+        .unwrap();
+    assert!(
+        k2.start_ns >= k.end_ns,
+        "b's work starts after a's kernel ({} < {})",
+        k2.start_ns,
+        k.end_ns
+    );
+    assert_eq!(
+        sim.host_time_ns(),
+        0,
+        "handed over with an event, not a host wait"
+    );
+}
+
+#[test]
+fn record_stream_orders_reuse_after_the_other_stream() {
+    let mgr = sim();
+    let p = pool(&mgr, true, Budget::Device);
+    let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+    let sim = mgr.sim().unwrap();
+    let blk = p.alloc(MIB, &a).unwrap();
+    blk.record_stream(&b).unwrap();
+    let k = sim
+        .launch_kernel(b.handle(), Duration::from_millis(3))
+        .unwrap(); // b uses it
+    drop(blk);
+    let again = p.alloc(MIB, &a).unwrap();
+    let k2 = sim
+        .launch_kernel(a.handle(), Duration::from_micros(1))
+        .unwrap();
+    assert!(
+        k2.start_ns >= k.end_ns,
+        "a waited for b's use before reusing the block"
+    );
+    drop(again);
+}
+
+#[test]
+fn budget_and_out_of_memory_carry_the_numbers() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Bytes(64 * MIB));
+        let s = mgr.create_stream(0).unwrap();
+        let a = p.alloc(48 * MIB, &s).unwrap();
+        match p.alloc(32 * MIB, &s) {
+            Err(Error::OutOfMemory {
+                tier: Tier::Device(0),
+                requested,
+                free,
+                reserved,
+                largest_free_block,
+            }) => {
+                assert_eq!(requested, 32 * MIB);
+                let reserved = reserved.expect("pool OOM says what it holds");
+                assert!(
+                    (48 * MIB..=64 * MIB).contains(&reserved),
+                    "reserved {reserved}"
+                );
+                assert_eq!(free, 64 * MIB - reserved);
+                assert!(largest_free_block.expect("pool OOM says its largest block") < 32 * MIB);
+            }
+            other => panic!("expandable={exp}: expected OutOfMemory, got {other:?}"),
+        }
+        assert_eq!(p.stats().num_ooms, 1);
+        drop(a);
+        // The cached 48 MiB goes back to the device so that 32 + 16 fit.
+        let b = p.alloc(32 * MIB, &s).unwrap();
+        let c = p.alloc(16 * MIB, &s).unwrap();
+        assert!(p.reserved() <= 64 * MIB);
+        drop((b, c));
+        let err = p.alloc(65 * MIB, &s).unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+        assert!(err.to_string().contains("reserved by the pool"), "{err}");
+    });
+}
+
+#[test]
+fn trim_gives_everything_back() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Device);
+        let s = mgr.create_stream(0).unwrap();
+        let keep = p.alloc(MIB, &s).unwrap();
+        let blocks: Vec<_> = (0..20)
+            .map(|i| p.alloc((i + 1) * 700_000, &s).unwrap())
+            .collect();
+        let free_before = mgr.backend().mem_info(0).unwrap().free;
+        drop(blocks);
+        let released = p.trim().unwrap();
+        assert!(released > 0);
+        let st = p.stats();
+        assert_eq!(st.reserved_bytes.all.current as usize, p.reserved());
+        // What is left is what `keep` needs: one or two pages, or its segment.
+        assert!(
+            p.reserved() <= 20 * MIB,
+            "reserved {} after trim",
+            p.reserved()
+        );
+        assert_eq!(
+            mgr.backend().mem_info(0).unwrap().free,
+            free_before + released
+        );
+        stamp(&keep, 9);
+        check_stamp(&keep, 9);
+    });
+}
+
+#[test]
+fn stats_use_pytorch_names() {
+    let mgr = sim();
+    let p = pool(&mgr, true, Budget::Device);
+    let s = mgr.create_stream(0).unwrap();
+    let small = p.alloc(1000, &s).unwrap();
+    let large = p.alloc(3 * MIB, &s).unwrap();
+    let m = p.stats().to_map();
+    assert_eq!(m["allocated_bytes.all.current"], 1024 + 3 * MIB as u64);
+    assert_eq!(m["allocated_bytes.small_pool.current"], 1024);
+    assert_eq!(m["allocated_bytes.large_pool.current"], 3 * MIB as u64);
+    assert_eq!(m["requested_bytes.all.current"], 1000 + 3 * MIB as u64);
+    assert_eq!(m["allocation.all.current"], 2);
+    assert!(m["reserved_bytes.all.current"] >= m["allocated_bytes.all.current"]);
+    for k in [
+        "num_alloc_retries",
+        "num_ooms",
+        "active_bytes.all.peak",
+        "segment.all.current",
+        "inactive_split_bytes.all.current",
+    ] {
+        assert!(m.contains_key(k), "{k}");
+    }
+    drop((small, large));
+    let st = p.stats();
+    assert_eq!(st.allocated_bytes.all.current, 0);
+    assert_eq!(st.allocated_bytes.all.peak, 1024 + 3 * MIB as u64);
+    p.reset_peak();
+    assert_eq!(p.stats().allocated_bytes.all.peak, 0);
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let mgr = sim();
+    let p = pool(&mgr, true, Budget::Device);
+    let s = mgr.create_stream(0).unwrap();
+    assert!(matches!(p.alloc(0, &s), Err(Error::InvalidSize { .. })));
+    assert!(matches!(
+        p.alloc(usize::MAX, &s),
+        Err(Error::InvalidSize { .. })
+    ));
+    let other_dev = mgr.create_stream(1).unwrap();
+    assert!(matches!(
+        p.alloc(10, &other_dev),
+        Err(Error::InvalidArgument(_))
+    ));
+    let other_mgr = sim();
+    let foreign = other_mgr.create_stream(0).unwrap();
+    assert!(matches!(
+        p.alloc(10, &foreign),
+        Err(Error::ForeignHandle { .. })
+    ));
+    assert!(mgr
+        .device_pool(
+            0,
+            PoolConfig {
+                budget: Budget::Fraction(1.5),
+                ..PoolConfig::default()
+            }
+        )
+        .is_err());
+    assert!(mgr
+        .device_pool(
+            0,
+            PoolConfig {
+                budget: Budget::Bytes(0),
+                ..PoolConfig::default()
+            }
+        )
+        .is_err());
+    assert!(matches!(
+        mgr.device_pool(7, PoolConfig::default()),
+        Err(Error::UnknownDevice { .. })
+    ));
+}
+
+#[test]
+fn threads_allocate_and_free_at_once() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Bytes(512 * MIB));
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let (p, mgr) = (p.clone(), &mgr);
+                sc.spawn(move || {
+                    let s = mgr.create_stream(0).unwrap();
+                    let mut live: Vec<(PoolBlock, u64)> = Vec::new();
+                    for i in 0..400u64 {
+                        if live.len() > 12 || (i % 3 == 2 && !live.is_empty()) {
+                            let (b, tag) = live.swap_remove((i as usize * 7) % live.len());
+                            check_stamp(&b, tag);
+                        } else {
+                            let size = 16 + ((i * 7919 + t * 104_729) % (3 * MIB as u64)) as usize;
+                            let b = p.alloc(size, &s).unwrap();
+                            let tag = t << 32 | i;
+                            stamp(&b, tag);
+                            live.push((b, tag));
+                        }
+                    }
+                    for (b, tag) in live {
+                        check_stamp(&b, tag);
+                    }
+                });
+            }
+        });
+        let st = p.stats();
+        assert_eq!(st.allocation.all.current, 0);
+        assert_eq!(st.allocated_bytes.all.current, 0);
+    });
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Alloc { size: usize, stream: usize },
+    Free(usize),
+    Trim,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => (1usize..(6 * MIB), 0usize..2).prop_map(|(size, stream)| Op::Alloc { size, stream }),
+        4 => any::<usize>().prop_map(Op::Free),
+        1 => Just(Op::Trim),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Against a model (the set of live blocks): no two live blocks overlap, all are
+    /// 512-byte aligned, their bytes are never disturbed by other blocks, allocated
+    /// bytes equal the live blocks' rounded sizes, reserved never passes the budget nor
+    /// falls below what is allocated, and after the last free and a trim nothing stays.
+    #[test]
+    fn pool_matches_a_model(ops in proptest::collection::vec(op(), 1..120), exp in any::<bool>()) {
+        let mgr = sim();
+        let budget = 96 * MIB;
+        let p = pool(&mgr, exp, Budget::Bytes(budget));
+        let streams = [mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap()];
+        let mut live: Vec<(PoolBlock, u64)> = Vec::new();
+        let mut tag = 0u64;
+        for op in ops {
+            match op {
+                Op::Alloc { size, stream } => match p.alloc(size, &streams[stream]) {
+                    Ok(b) => {
+                        tag += 1;
+                        stamp(&b, tag);
+                        live.push((b, tag));
+                    }
+                    Err(Error::OutOfMemory { requested, .. }) => {
+                        // Only when what is live leaves no room for it.
+                        let used: usize = live.iter().map(|(b, _)| b.len().next_multiple_of(512)).sum();
+                        prop_assert!(used + requested > budget - 2 * 20 * MIB,
+                            "OOM for {requested} with only {used} live under {budget}");
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("alloc: {e}"))),
+                },
+                Op::Free(i) if !live.is_empty() => {
+                    let (b, t) = live.swap_remove(i % live.len());
+                    check_stamp(&b, t);
+                }
+                Op::Free(_) => {}
+                Op::Trim => { p.trim().unwrap(); }
+            }
+            let mut spans: Vec<(u64, u64)> = live.iter().map(|(b, _)| (b.ptr().0, b.ptr().0 + b.len() as u64)).collect();
+            spans.sort_unstable();
+            for w in spans.windows(2) {
+                prop_assert!(w[0].1 <= w[1].0, "live blocks overlap: {w:?}");
+            }
+            prop_assert!(spans.iter().all(|s| s.0 % 512 == 0));
+            let st = p.stats();
+            let rounded: u64 = live.iter().map(|(b, _)| b.len().next_multiple_of(512) as u64).sum();
+            prop_assert_eq!(st.allocated_bytes.all.current, rounded);
+            prop_assert_eq!(st.allocation.all.current, live.len() as u64);
+            prop_assert!(st.reserved_bytes.all.current as usize <= budget);
+            prop_assert!(st.reserved_bytes.all.current >= rounded);
+        }
+        for (b, t) in live.drain(..) {
+            check_stamp(&b, t);
+        }
+        p.trim().unwrap();
+        prop_assert_eq!(p.reserved(), 0);
+        let free_now: HashMap<usize, usize> = [(0, mgr.backend().mem_info(0).unwrap().free)].into();
+        prop_assert_eq!(free_now[&0], 1 << 30, "every byte went back to the device");
+    }
+}
