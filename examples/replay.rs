@@ -42,13 +42,14 @@ struct Args {
     expandable: bool,
     release_on_grow: bool,
     write_trace: Option<String>,
+    slack: f64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: replay (--trace PATH | --synthetic training|serving|random [--seed N]) \
          [--backend sim|cuda|rocm|host] [--budget-gib N] [--no-expandable] \
-         [--no-release-on-grow] [--write-trace PATH] [--json]"
+         [--no-release-on-grow] [--slack F] [--write-trace PATH] [--json]"
     );
     std::process::exit(2)
 }
@@ -64,6 +65,7 @@ fn parse_args() -> Args {
         expandable: true,
         release_on_grow: true,
         write_trace: None,
+        slack: PoolConfig::default().reserve_slack,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,6 +81,7 @@ fn parse_args() -> Args {
             }
             "--no-expandable" => a.expandable = false,
             "--no-release-on-grow" => a.release_on_grow = false,
+            "--slack" => a.slack = val().parse().unwrap_or_else(|_| usage()),
             "--write-trace" => a.write_trace = Some(val()),
             "--json" => a.json = true,
             _ => usage(),
@@ -326,6 +329,7 @@ fn main() {
         budget: args.budget.map_or(Budget::Device, Budget::Bytes),
         expandable_segments: args.expandable,
         release_on_grow: args.release_on_grow,
+        reserve_slack: args.slack,
     };
     let pool = mgr.device_pool(0, cfg).unwrap_or_else(|e| {
         eprintln!("replay: {e}");

@@ -61,6 +61,10 @@
 //! `cuMemcpyPeerAsync` instead, which names both contexts explicitly and works whether
 //! or not peer access is enabled (the driver stages through host memory when it is not).
 //!
+//! A copy on a caller's stream must be queued on a stream of the device it touches
+//! (either device, for a copy between two), as in the simulator; anything else is
+//! refused with `Error::InvalidArgument` before the driver is called.
+//!
 //! A copy with no stream runs on a per-device internal non-blocking stream followed by
 //! `cuStreamSynchronize`, not `cuMemcpy`: `cuMemcpy` uses the legacy default stream,
 //! which serialises with every blocking stream in the context (other libraries'

@@ -202,8 +202,20 @@ impl OwnedMemory {
     /// Registers `region` with the backend.
     pub(crate) fn pinned(backend: &SharedBackend, region: HostRegion) -> Result<Self> {
         // SAFETY: the region is mapped and owned by the value returned, which
-        // unregisters it before unmapping it (see Drop).
-        unsafe { backend.register_host(region.ptr(), region.len())? };
+        // unregisters it before unmapping it (see Drop); on failure it is unmapped only
+        // if the backend says nothing of it stayed registered.
+        if let Err(e) = unsafe { backend.register_host(region.ptr(), region.len()) } {
+            if let Error::Driver { call, .. } = &e {
+                if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
+                    || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL
+                {
+                    // Part of it is still registered with the driver: leak it.
+                    let mut region = region;
+                    region.leak();
+                }
+            }
+            return Err(e);
+        }
         Ok(Self::wrap(
             backend,
             region.len(),

@@ -12,7 +12,13 @@
 //! to the device current when they are made. Since the backend may be called from any
 //! thread, every call that depends on it sets the device first (`hipSetDevice` is a
 //! cheap thread-local store in the runtime). Streams and events remember their device
-//! in a map, keyed by handle.
+//! in a map, keyed by handle; an entry leaves the map *before* the runtime destroys
+//! the handle (and comes back if that fails), because the runtime may hand the same
+//! value out again to a concurrent create at once.
+//!
+//! A copy on a stream must be queued on a stream of the device it touches (either
+//! device, for a copy between two), as in the simulator; anything else is refused with
+//! [`Error::InvalidArgument`] before the runtime is called.
 //!
 //! Status: the whole path is exercised against a fake HIP runtime
 //! (`tests/fake_hip/fake_hip.c`) and the loader against ROCm 5.2's real

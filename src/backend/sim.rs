@@ -20,7 +20,6 @@
 //! and stalls are exact and repeatable on a noisy machine. Defaults come from the H200
 //! host measured in DESIGN.md.
 
-use std::alloc::{self, Layout};
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
@@ -184,27 +183,44 @@ pub struct Span {
     pub end_ns: u64,
 }
 
+/// Backing memory of a simulated allocation: an anonymous mapping, so that pages the
+/// program never touches cost nothing (a simulated 80 GB device must not need 80 GB of
+/// host memory) and come back zeroed.
 #[derive(Debug)]
 struct Memory {
     ptr: NonNull<u8>,
-    layout: Layout,
+    len: usize,
 }
 
 impl Memory {
     fn zeroed(size: usize) -> Option<Memory> {
-        // Page alignment matches what drivers hand out and lets managed memory be
-        // registered or advised by page.
-        let layout = Layout::from_size_align(size, 4096).ok()?;
-        // SAFETY: size > 0 is checked by every caller before reaching here.
-        let ptr = NonNull::new(unsafe { alloc::alloc_zeroed(layout) })?;
-        Some(Memory { ptr, layout })
+        // SAFETY: a fresh private anonymous mapping (page-aligned, as drivers hand out
+        // memory); MAP_NORESERVE because the device's own capacity is the limit we
+        // enforce, not the host's overcommit accounting.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Memory {
+            ptr: NonNull::new(p.cast())?,
+            len: size,
+        })
     }
 }
 
 impl Drop for Memory {
     fn drop(&mut self) {
-        // SAFETY: ptr was allocated in `zeroed` with exactly this layout.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        // SAFETY: the mapping was made in `zeroed` with this length and is ours alone.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
 

@@ -80,11 +80,16 @@ pub struct PoolConfig {
     pub budget: Budget,
     /// Use virtual memory management where the backend has it (expandable segments).
     pub expandable_segments: bool,
-    /// With expandable segments: before mapping new pages, unmap as many wholly free
-    /// ones, so that reserved memory never grows past what blocks need. Costs map/unmap
-    /// calls on the slow path; off keeps free pages mapped until [`DevicePool::trim`] or
-    /// the budget forces them out.
+    /// With expandable segments: before mapping new pages that would raise reserved
+    /// memory above its high-water mark, unmap as many wholly free ones, so that the
+    /// reserved peak follows the allocated peak. Costs map/unmap calls on the slow path;
+    /// off keeps free pages mapped until [`DevicePool::trim`] or the budget forces them
+    /// out.
     pub release_on_grow: bool,
+    /// How far (a fraction) reserved memory may run ahead of the allocated peak before
+    /// `release_on_grow` unmaps free pages to make room for new ones. 0 keeps reserved
+    /// as tight as pages allow, at the price of more map/unmap calls.
+    pub reserve_slack: f64,
 }
 
 impl Default for PoolConfig {
@@ -93,6 +98,7 @@ impl Default for PoolConfig {
             budget: Budget::Device,
             expandable_segments: true,
             release_on_grow: true,
+            reserve_slack: 0.01,
         }
     }
 }
@@ -123,6 +129,7 @@ struct Shared {
     budget: usize,
     expandable: bool,
     release_on_grow: bool,
+    reserve_slack: f64,
     state: Mutex<PoolState>,
 }
 
@@ -289,6 +296,12 @@ impl DevicePool {
                 )))
             }
         };
+        if !(cfg.reserve_slack.is_finite() && cfg.reserve_slack >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "pool reserve_slack must be a non-negative fraction, got {}",
+                cfg.reserve_slack
+            )));
+        }
         let expandable = cfg.expandable_segments && backend.vmm_granularity(device).is_some();
         tracing::debug!(target: "hetmem", device, budget, expandable, "device pool");
         Ok(DevicePool {
@@ -298,6 +311,7 @@ impl DevicePool {
                 budget,
                 expandable,
                 release_on_grow: cfg.release_on_grow,
+                reserve_slack: cfg.reserve_slack,
                 state: Mutex::new(PoolState::default()),
             }),
         })
@@ -617,7 +631,14 @@ impl Shared {
         }
         let need = missing.len() * page;
         if self.release_on_grow {
-            self.release_cached(st, missing.len())?;
+            // Unmapping costs driver calls, so free pages are given back only when mapping
+            // would let reserved memory run more than the slack ahead of the most ever
+            // allocated (this block included), and only as many as that takes.
+            let st_alloc = &st.stats.allocated_bytes.all;
+            let alloc_peak = (st_alloc.current as usize + len).max(st_alloc.peak as usize);
+            let allowed = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize + page;
+            let over = (st.reserved + need).saturating_sub(allowed);
+            self.release_cached(st, over.div_ceil(page))?;
         }
         if st.reserved + need > self.budget {
             st.stats.num_alloc_retries += 1;

@@ -371,10 +371,10 @@ impl HipRuntime {
     pub fn load(path_or_name: impl AsRef<OsStr>) -> Result<HipRuntime, HipLoadError> {
         let os: OsString = path_or_name.as_ref().to_owned();
         let name = Path::new(&os).display().to_string();
-        // SAFETY: not checkable here: opening a library runs its initialisers, and this
-        // fn is safe by a deliberate, documented exception (see "Trust" above): the file
-        // is trusted to be a HIP runtime, whose initialisers are meant to run in any
-        // process that loads it, exactly as with LD_LIBRARY_PATH or cudarc's loader.
+        // Not checkable here: this fn is safe by the deliberate, documented exception
+        // under "Trust" above, the same trust as LD_LIBRARY_PATH or cudarc's loader.
+        // SAFETY: opening runs the library's initialisers; the file is trusted to be a
+        // HIP runtime, whose initialisers are meant to run in any process loading it.
         let lib = match unsafe { libloading::Library::new(&os) } {
             Ok(lib) => lib,
             Err(e) => {
@@ -383,10 +383,10 @@ impl HipRuntime {
                 })
             }
         };
+        // The pointers are stored privately beside `lib` in the returned value and only
+        // reachable through borrows of it, so they never outlive it.
         // SAFETY: `lib` is trusted to be a HIP runtime (the documented exception above),
-        // so each symbol has the declared signature; the pointers are stored privately
-        // beside `lib` in the returned value and are only reachable through borrows of
-        // it, so they never outlive it.
+        // so each symbol has the declared signature.
         let api = unsafe { HipApi::resolve(&lib, &name) }?;
         Ok(HipRuntime {
             api,

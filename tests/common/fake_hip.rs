@@ -5,6 +5,13 @@
 //! shares one fake machine (its memory accounting included). Tests that need a machine
 //! of their own, configured in code rather than by environment, use [`FakeHip`], which
 //! loads a private copy of the file.
+//!
+//! The fake is asynchronous where HIP is: a copy queued on a stream happens only when
+//! that stream is synchronised, an event after it is waited for (or found pending by a
+//! query), the stream is destroyed, or memory the copy touches is freed or
+//! unregistered; and destroyed stream and event handles are handed out again. See the
+//! header of fake_hip.c, and the `queued_ops`, `async_copies_done` and
+//! `reused_handles` counters of [`FakeHip::stat`].
 #![allow(dead_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};

@@ -50,6 +50,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -221,6 +222,18 @@ static int injected_failure(const char *call) {
     do {                                           \
         int rc_ = (code);                          \
         pthread_mutex_unlock(&g_lock);             \
+        return rc_;                                \
+    } while (0)
+
+/* For destroys: the handle is free for reuse from the moment the lock is dropped, and
+ * giving up the CPU before returning widens the window in which another thread's create
+ * gets the same value back, so that a caller still using the old value (or updating
+ * its bookkeeping too late) is caught. */
+#define RETURN_YIELDING(code)                      \
+    do {                                           \
+        int rc_ = (code);                          \
+        pthread_mutex_unlock(&g_lock);             \
+        sched_yield();                             \
         return rc_;                                \
     } while (0)
 
@@ -653,7 +666,7 @@ EXPORT hipError_t hipStreamDestroy(hipStream_t stream) {
         if (g_objects[i]->kind == KIND_EVENT && g_objects[i]->stream == o)
             g_objects[i]->stream = NULL;
     retire_object(o);
-    RETURN(hipSuccess);
+    RETURN_YIELDING(hipSuccess);
 }
 
 EXPORT hipError_t hipStreamSynchronize(hipStream_t stream) {
@@ -688,7 +701,7 @@ EXPORT hipError_t hipEventDestroy(hipEvent_t event) {
             if (s->q[k].kind == OP_RECORD && s->q[k].ev == o) s->q[k].ev = NULL;
     }
     retire_object(o);
-    RETURN(hipSuccess);
+    RETURN_YIELDING(hipSuccess);
 }
 
 EXPORT hipError_t hipEventRecord(hipEvent_t event, hipStream_t stream) {
