@@ -362,7 +362,11 @@ impl Manager {
                 for n in ns {
                     topo.check_node(*n)?;
                 }
-                ns.iter()
+                let mut unique = ns.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                unique
+                    .iter()
                     .filter_map(|n| topo.node(*n))
                     .map(|n| n.mem_total)
                     .sum()

@@ -104,10 +104,14 @@ impl ByteCounter {
 
     /// Restarts peak tracking from the current use.
     pub fn reset_peak(&self) {
-        self.peak.store(self.current(), Ordering::Release);
-        // A reservation between the load and the store above may have raised the peak
-        // that the store then overwrote: fold the current use back in.
-        self.peak.fetch_max(self.current(), Ordering::AcqRel);
+        // Read-modify-writes (not plain loads) read the newest value of `current`: a
+        // plain load may see a stale one and reset the peak below current use.
+        let now = self.current.fetch_add(0, Ordering::AcqRel);
+        self.peak.store(now, Ordering::Release);
+        // A reservation between the read and the store may have raised the peak that
+        // the store then overwrote: fold the current use back in.
+        let now = self.current.fetch_add(0, Ordering::AcqRel);
+        self.peak.fetch_max(now, Ordering::AcqRel);
     }
 
     /// A copy of the numbers.

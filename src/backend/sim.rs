@@ -89,10 +89,11 @@ impl SimConfig {
     pub fn with_devices(n: usize, capacity: usize) -> Self {
         SimConfig {
             devices: (0..n)
-                .map(|i| SimDevice {
+                .map(|_| SimDevice {
                     name: "sim-H200".into(),
                     capacity,
-                    pci_bus_id: Some(format!("0000:{:02x}:00.0", 0x10 + i)),
+                    // No PCI slot: a made-up one could name a real device in sysfs.
+                    pci_bus_id: None,
                 })
                 .collect(),
             ..SimConfig::default()

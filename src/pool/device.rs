@@ -479,8 +479,16 @@ impl Shared {
         st.streams
             .entry(key)
             .or_insert_with(|| stream.inner.clone());
-        st.flush_parked();
         let small = rounded <= SMALL_SIZE;
+        // A free block that needs no new pages is taken without touching the parked
+        // ones, which stay ready for the sizes they were freed at. Only when that fails
+        // are they coalesced, before anything that maps memory.
+        if let Some(found) = st.find_free(small, key, rounded) {
+            if self.unmapped_pages(st, found, rounded) == 0 {
+                return self.take(st, found, rounded, size, stream);
+            }
+        }
+        st.flush_parked();
         let mut retried = false;
         loop {
             if let Some(found) = st.find_free(small, key, rounded) {
@@ -547,6 +555,24 @@ impl Shared {
                 (mapped * p).min(size)
             }
             _ => size,
+        }
+    }
+
+    /// Pages under `addr..addr+len` not mapped yet (0 for plain segments).
+    fn unmapped_pages(&self, st: &PoolState, addr: u64, len: usize) -> usize {
+        let seg = st.blocks[&addr].seg as usize;
+        match &st.segments[seg] {
+            Some(Segment {
+                mem: SegMem::Vmm(r),
+                base,
+                ..
+            }) => {
+                let p = r.page_size();
+                let first = ((addr - base) as usize) / p;
+                let last = ((addr - base) as usize + len - 1) / p;
+                (first..=last).filter(|i| !r.is_mapped(*i)).count()
+            }
+            _ => 0,
         }
     }
 
