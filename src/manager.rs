@@ -1,5 +1,5 @@
 //! The unified API: a [`Manager`] allocates [`Buffer`]s anywhere by [`Placement`],
-//! copies between them, and hands out [`Stream`]s and [`Event`]s.
+//! copies between them, and hands out [`Stream`]s and [`Event`](crate::Event)s.
 //!
 //! ```
 //! use hetmem::{BackendKind, Manager, NumaPolicy, Placement};
@@ -301,16 +301,16 @@ impl Manager {
         let mem = match &placement {
             Placement::Host(policy) | Placement::Pinned(policy) => {
                 let policy = self.resolve_policy(policy)?;
+                // Node checks (UnknownNumaNode, NumaNodeWithoutMemory) happen here, in the
+                // placement layer: the host backend only knows what mbind answers.
                 self.check_host_room(&placement, &policy, size)?;
-                let region = HostRegion::alloc(size, &policy, &self.inner.topology).map_err(
-                    |e| match e {
-                        // The host allocator speaks for pageable memory; say which tier.
-                        Error::OutOfMemory {
-                            requested, free, ..
-                        } => Error::oom(placement.tier(), requested, free),
-                        other => other,
-                    },
-                )?;
+                let region = HostRegion::alloc(size, &policy).map_err(|e| match e {
+                    // The host allocator speaks for pageable memory; say which tier.
+                    Error::OutOfMemory {
+                        requested, free, ..
+                    } => Error::oom(placement.tier(), requested, free),
+                    other => other,
+                })?;
                 if matches!(placement, Placement::Pinned(_)) {
                     OwnedMemory::pinned(backend, region)?
                 } else {
@@ -559,6 +559,13 @@ impl Buffer {
     /// The bytes, mutable, for memory the CPU can reach; waits for pending copies first.
     pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
         self.mem.host_slice_mut()
+    }
+
+    /// Where the pages of a host or pinned buffer actually are: the NUMA node of each
+    /// sampled page as the kernel reports it (`move_pages` in query mode), a negative
+    /// errno for a page it could not report. Proof of placement, not the request.
+    pub fn page_nodes(&self) -> Result<Vec<i32>> {
+        self.mem.page_nodes()
     }
 
     /// Blocks until every asynchronous copy that used this buffer is done.

@@ -16,6 +16,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::backend::host::parse_meminfo_field;
 use crate::error::{Error, Result};
 
 /// The environment variable that moves the sysfs root away from `/`.
@@ -236,45 +237,6 @@ fn read_node(dir: &Path, id: u32) -> Result<NumaNode> {
 /// node's `meminfo` (`Some(n)`, lines `Node n MemTotal: X kB`).
 pub(crate) fn parse_meminfo_total(text: &str, node: Option<u32>) -> Result<u64, String> {
     parse_meminfo_field(text, node, "MemTotal")?.ok_or_else(|| "no MemTotal line".to_string())
-}
-
-/// One `kB` field of a meminfo file in bytes; `Ok(None)` when the field is absent.
-pub(crate) fn parse_meminfo_field(
-    text: &str,
-    node: Option<u32>,
-    field: &str,
-) -> Result<Option<u64>, String> {
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if let Some(n) = node {
-            if words.next() != Some("Node") {
-                continue;
-            }
-            let id = words.next().unwrap_or("");
-            if id.parse::<u32>().ok() != Some(n) {
-                return Err(format!("line {line:?} is not about node {n}"));
-            }
-        }
-        let Some(key) = words.next().and_then(|k| k.strip_suffix(':')) else {
-            continue;
-        };
-        if key != field {
-            continue;
-        }
-        let value = words
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| format!("bad {field} line {line:?}"))?;
-        let bytes = match words.next() {
-            Some("kB") => value.checked_mul(1024),
-            None => Some(value),
-            Some(unit) => return Err(format!("unknown unit {unit:?} in {line:?}")),
-        };
-        return bytes
-            .map(Some)
-            .ok_or_else(|| format!("{field} overflows in {line:?}"));
-    }
-    Ok(None)
 }
 
 /// Largest id a list may name: guards against `0-4294967295` allocating the world.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use hetmem::backend::host::{HostBackend, HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
 use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, StreamHandle};
 use hetmem::topology::Topology;
-use hetmem::{Error, NumaPolicy, Tier};
+use hetmem::{Error, Manager, NumaPolicy, Placement, Tier};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -16,6 +16,36 @@ fn fixture(name: &str) -> PathBuf {
 
 fn real() -> Topology {
     Topology::from_root(Path::new("/")).expect("this machine's topology")
+}
+
+/// A host-backend manager reading its topology from `root` (a fixture, or `/`). Node
+/// checks against the topology live in the manager (the placement layer), not in
+/// [`HostRegion::alloc`], so errors such as [`Error::UnknownNumaNode`] are asserted
+/// through it.
+fn host_manager(root: &Path) -> Manager {
+    Manager::builder()
+        .backend(BackendKind::Host)
+        .sysfs_root(root)
+        .build()
+        .expect("host manager")
+}
+
+/// `Manager::alloc` of host memory with `policy`, as its error.
+fn manager_host_err(mgr: &Manager, policy: NumaPolicy, len: usize) -> Error {
+    match mgr.alloc(Placement::Host(policy), len) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e,
+    }
+}
+
+fn is_mbind_einval(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Os {
+            call: "mbind",
+            errno: nix::errno::Errno::EINVAL
+        }
+    )
 }
 
 // ---- topology from fixtures -------------------------------------------------------
@@ -76,14 +106,19 @@ fn cpu_only_node() {
         Err(Error::NumaNodeWithoutMemory { node: 1 })
     );
     assert_eq!(topo.memory_nodes(), vec![0]);
-    // Allocation refuses the node before any system call (this machine has no node 1
+    // The manager refuses the node before any system call (this machine has no node 1
     // either, which would otherwise surface as mbind's EINVAL).
+    let mgr = host_manager(&fixture("cpu-only-node"));
     assert_eq!(
-        HostRegion::alloc(4096, &NumaPolicy::Bind(1), &topo).unwrap_err(),
+        manager_host_err(&mgr, NumaPolicy::Bind(1), 4096),
         Error::NumaNodeWithoutMemory { node: 1 }
     );
     assert_eq!(
-        HostRegion::alloc(4096, &NumaPolicy::Interleave(vec![0, 1]), &topo).unwrap_err(),
+        manager_host_err(&mgr, NumaPolicy::Interleave(vec![0, 1]), 4096),
+        Error::NumaNodeWithoutMemory { node: 1 }
+    );
+    assert_eq!(
+        manager_host_err(&mgr, NumaPolicy::Preferred(1), 4096),
         Error::NumaNodeWithoutMemory { node: 1 }
     );
 }
@@ -125,9 +160,8 @@ fn broken_tree_is_a_config_error_naming_the_file() {
 
 #[test]
 fn bind_node0_places_every_page_on_node0() {
-    let topo = real();
     let len = 8 << 20;
-    let region = HostRegion::alloc(len, &NumaPolicy::Bind(0), &topo).unwrap();
+    let region = HostRegion::alloc(len, &NumaPolicy::Bind(0)).unwrap();
     assert_eq!(region.len(), len);
     assert!(!region.is_empty());
     let nodes = region.page_nodes().unwrap();
@@ -145,9 +179,8 @@ fn bind_node0_places_every_page_on_node0() {
 
 #[test]
 fn page_nodes_samples_large_regions() {
-    let topo = real();
     let len = PAGE_NODE_SAMPLES * page_size() * 2 + 1;
-    let region = HostRegion::alloc(len, &NumaPolicy::Preferred(0), &topo).unwrap();
+    let region = HostRegion::alloc(len, &NumaPolicy::Preferred(0)).unwrap();
     let nodes = region.page_nodes().unwrap();
     assert_eq!(nodes.len(), PAGE_NODE_SAMPLES);
     assert!(nodes.iter().all(|&n| n == 0), "page nodes {nodes:?}");
@@ -156,7 +189,7 @@ fn page_nodes_samples_large_regions() {
 #[test]
 fn default_policy_pages_are_present_on_a_real_node() {
     let topo = real();
-    let region = HostRegion::alloc(64 << 10, &NumaPolicy::Default, &topo).unwrap();
+    let region = HostRegion::alloc(64 << 10, &NumaPolicy::Default).unwrap();
     let memory_nodes: Vec<i32> = topo.memory_nodes().iter().map(|&n| n as i32).collect();
     for n in region.page_nodes().unwrap() {
         assert!(
@@ -169,7 +202,8 @@ fn default_policy_pages_are_present_on_a_real_node() {
 #[test]
 fn bind_to_missing_node_is_unknown_numa_node() {
     let topo = real();
-    let err = HostRegion::alloc(1 << 20, &NumaPolicy::Bind(7), &topo).unwrap_err();
+    let mgr = host_manager(Path::new("/"));
+    let err = manager_host_err(&mgr, NumaPolicy::Bind(7), 1 << 20);
     match err {
         Error::UnknownNumaNode { node, available } => {
             assert_eq!(node, 7);
@@ -181,13 +215,37 @@ fn bind_to_missing_node_is_unknown_numa_node() {
         other => panic!("expected UnknownNumaNode, got {other:?}"),
     }
     assert!(matches!(
-        HostRegion::alloc(4096, &NumaPolicy::Preferred(7), &topo),
-        Err(Error::UnknownNumaNode { node: 7, .. })
+        manager_host_err(&mgr, NumaPolicy::Preferred(7), 4096),
+        Error::UnknownNumaNode { node: 7, .. }
     ));
     assert!(matches!(
-        HostRegion::alloc(4096, &NumaPolicy::Interleave(vec![0, 7]), &topo),
-        Err(Error::UnknownNumaNode { node: 7, .. })
+        manager_host_err(&mgr, NumaPolicy::Interleave(vec![0, 7]), 4096),
+        Error::UnknownNumaNode { node: 7, .. }
     ));
+}
+
+#[test]
+fn host_region_leaves_missing_nodes_to_the_kernel() {
+    // The backend does not consult a topology: a node this kernel lacks is mbind's EINVAL,
+    // and an id no node mask can hold is refused the same way without building the mask.
+    if real().node(7).is_some() {
+        return;
+    }
+    for policy in [
+        NumaPolicy::Bind(7),
+        NumaPolicy::Preferred(7),
+        NumaPolicy::Interleave(vec![7]),
+        NumaPolicy::Bind(u32::MAX),
+        NumaPolicy::Interleave(vec![0, u32::MAX]),
+    ] {
+        let err = HostRegion::alloc(1 << 20, &policy).unwrap_err();
+        assert!(is_mbind_einval(&err), "{policy:?}: {err:?}");
+    }
+    // The kernel intersects an interleave set with the nodes it has: {0, 7} is {0}. That
+    // is why the manager checks every node against the topology first (see
+    // bind_to_missing_node_is_unknown_numa_node, which refuses {0, 7}).
+    let region = HostRegion::alloc(1 << 20, &NumaPolicy::Interleave(vec![0, 7])).unwrap();
+    assert!(region.page_nodes().unwrap().iter().all(|&n| n == 0));
 }
 
 #[test]
@@ -197,27 +255,19 @@ fn fixture_node_missing_from_kernel_is_an_mbind_error() {
     if real().node(1).is_some() {
         return;
     }
-    let topo = Topology::from_root(&fixture("two-node")).unwrap();
-    let err = HostRegion::alloc(4096, &NumaPolicy::Bind(1), &topo).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Os {
-                call: "mbind",
-                errno: nix::errno::Errno::EINVAL
-            }
-        ),
-        "{err:?}"
-    );
+    let mgr = host_manager(&fixture("two-node"));
+    let err = manager_host_err(&mgr, NumaPolicy::Bind(1), 4096);
+    assert!(is_mbind_einval(&err), "{err:?}");
+    let err = HostRegion::alloc(4096, &NumaPolicy::Bind(1)).unwrap_err();
+    assert!(is_mbind_einval(&err), "{err:?}");
 }
 
 #[test]
 fn interleave_over_node0() {
-    let topo = real();
-    let region = HostRegion::alloc(4 << 20, &NumaPolicy::Interleave(vec![0]), &topo).unwrap();
+    let region = HostRegion::alloc(4 << 20, &NumaPolicy::Interleave(vec![0])).unwrap();
     assert!(region.page_nodes().unwrap().iter().all(|&n| n == 0));
     assert!(matches!(
-        HostRegion::alloc(4096, &NumaPolicy::Interleave(vec![]), &topo),
+        HostRegion::alloc(4096, &NumaPolicy::Interleave(vec![])),
         Err(Error::InvalidArgument(_))
     ));
 }
@@ -225,16 +275,15 @@ fn interleave_over_node0() {
 #[test]
 fn near_device_must_be_resolved_first() {
     assert!(matches!(
-        HostRegion::alloc(4096, &NumaPolicy::NearDevice(0), &real()),
+        HostRegion::alloc(4096, &NumaPolicy::NearDevice(0)),
         Err(Error::InvalidArgument(_))
     ));
 }
 
 #[test]
 fn invalid_sizes() {
-    let topo = real();
     for len in [0, usize::MAX, usize::MAX - 4095, isize::MAX as usize + 1] {
-        match HostRegion::alloc(len, &NumaPolicy::Default, &topo) {
+        match HostRegion::alloc(len, &NumaPolicy::Default) {
             Err(Error::InvalidSize { requested, .. }) => assert_eq!(requested, len),
             other => panic!("{len}: expected InvalidSize, got {other:?}"),
         }
@@ -245,7 +294,7 @@ fn invalid_sizes() {
 fn impossible_size_is_host_out_of_memory() {
     // 1 EiB: a valid size no machine can map.
     let len = 1usize << 60;
-    match HostRegion::alloc(len, &NumaPolicy::Default, &real()) {
+    match HostRegion::alloc(len, &NumaPolicy::Default) {
         Err(Error::OutOfMemory {
             tier,
             requested,
@@ -288,8 +337,7 @@ fn smaps_entry(addr: usize) -> (u64, String) {
 
 #[test]
 fn large_regions_are_thp_advised() {
-    let topo = real();
-    let region = HostRegion::alloc(8 << 20, &NumaPolicy::Bind(0), &topo).unwrap();
+    let region = HostRegion::alloc(8 << 20, &NumaPolicy::Bind(0)).unwrap();
     assert!(region.huge_pages_advised());
     assert_eq!(region.ptr().as_ptr() as usize % HUGE_PAGE_SIZE, 0);
     let (huge_kb, flags) = smaps_entry(region.ptr().as_ptr() as usize);
@@ -311,7 +359,7 @@ fn large_regions_are_thp_advised() {
         );
     }
 
-    let small = HostRegion::alloc(1 << 20, &NumaPolicy::Default, &topo).unwrap();
+    let small = HostRegion::alloc(1 << 20, &NumaPolicy::Default).unwrap();
     assert!(!small.huge_pages_advised());
     let (_, flags) = smaps_entry(small.ptr().as_ptr() as usize);
     assert!(
@@ -362,9 +410,8 @@ fn host_backend_has_no_devices() {
 #[test]
 fn host_backend_copies_host_to_host() {
     let b = HostBackend::new();
-    let topo = real();
-    let src = HostRegion::alloc(10_000, &NumaPolicy::Default, &topo).unwrap();
-    let dst = HostRegion::alloc(10_000, &NumaPolicy::Default, &topo).unwrap();
+    let src = HostRegion::alloc(10_000, &NumaPolicy::Default).unwrap();
+    let dst = HostRegion::alloc(10_000, &NumaPolicy::Default).unwrap();
     // SAFETY: `src` is 10_000 bytes owned here with no other reference.
     unsafe { std::slice::from_raw_parts_mut(src.ptr().as_ptr(), 10_000) }
         .iter_mut()
@@ -403,7 +450,7 @@ fn host_backend_copies_host_to_host() {
 fn host_backend_pins_with_mlock() {
     let b = HostBackend::new();
     let len = 256 << 10;
-    let region = HostRegion::alloc(len, &NumaPolicy::Default, &real()).unwrap();
+    let region = HostRegion::alloc(len, &NumaPolicy::Default).unwrap();
     let before = vm_lck_kb();
     // SAFETY: the region stays mapped until after unregister_host below.
     unsafe { b.register_host(region.ptr(), len) }.unwrap();

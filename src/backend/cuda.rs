@@ -79,7 +79,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use cudarc::driver::sys::{
     self, CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUevent_flags,
@@ -90,16 +90,12 @@ use cudarc::driver::sys::{
 };
 
 use super::{
-    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
-    PhysHandle, StreamHandle,
+    check_copy_stream, check_device, lock, normalize_pci_bus_id, register_chunks, Backend,
+    BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, PhysHandle, RollbackError,
+    StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
-
-/// Largest single `cuMemHostRegister` call. One registration of 512 GiB or more fails
-/// on current drivers; registering in 64 GiB chunks (and unregistering the same
-/// chunks) stays well below that.
-pub(crate) const HOST_REGISTER_CHUNK: usize = 64 << 30;
 
 /// The `call` of the [`Error::Driver`] that [`Backend::register_host`] returns when a
 /// chunk failed to register *and* undoing the chunks registered before it failed too.
@@ -207,37 +203,6 @@ fn unavailable(reason: impl Into<String>) -> Error {
     }
 }
 
-/// Turns CUDA's PCI bus id (`0000:3B:00.0`, NVML-style `00000000:3B:00.0` also taken)
-/// into the lowercase sysfs form (`0000:3b:00.0`). `None` when it does not parse.
-pub(crate) fn normalize_pci_bus_id(raw: &str) -> Option<String> {
-    let raw = raw.trim().trim_end_matches('\0');
-    let (domain, rest) = raw.split_once(':')?;
-    let (bus, rest) = rest.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    let hex = |s: &str, max_len: usize| -> Option<u32> {
-        if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        u32::from_str_radix(s, 16).ok()
-    };
-    let domain = hex(domain, 8)?;
-    let bus = hex(bus, 2)?;
-    let dev = hex(dev, 2)?;
-    let func = hex(func, 1)?;
-    if dev > 0x1f || func > 7 {
-        return None;
-    }
-    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
-}
-
-/// `(offset, len)` of the pieces `cuMemHostRegister` is called on for a range of `len`
-/// bytes: at most [`HOST_REGISTER_CHUNK`] each, in order, covering the range.
-pub(crate) fn register_chunks(len: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len)
-        .step_by(HOST_REGISTER_CHUNK)
-        .map(move |off| (off, (len - off).min(HOST_REGISTER_CHUNK)))
-}
-
 /// A `CUmemLocation` for prefetch and advice.
 fn mem_location(location: Location, device: impl Fn(usize) -> CUdevice) -> CUmemLocation {
     match location {
@@ -316,12 +281,6 @@ fn event_ptr(handle: EventHandle) -> CUevent {
 
 fn host_addr(ptr: NonNull<u8>) -> CUdeviceptr {
     ptr.as_ptr().expose_provenance() as CUdeviceptr
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these maps cannot leave it inconsistent (single
-    // insert/remove), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Per-device driver state.
@@ -602,54 +561,13 @@ fn unknown_event(event: EventHandle) -> Error {
     ))
 }
 
-/// Refuses a copy queued on a stream of the wrong device, as the simulator does: a copy
-/// between host and device `d` must be queued on a stream of `d`; a copy between two
-/// devices on a stream of either one.
-fn check_copy_stream(
-    dst_dev: Option<usize>,
-    src_dev: Option<usize>,
-    stream_device: usize,
-) -> Result<()> {
-    match (dst_dev, src_dev) {
-        (Some(device), None) | (None, Some(device)) if device != stream_device => {
-            Err(Error::InvalidArgument(format!(
-                "copy to or from device {device} queued on a stream of device {stream_device}"
-            )))
-        }
-        (Some(d), Some(s)) if stream_device != d && stream_device != s => {
-            Err(Error::InvalidArgument(format!(
-                "copy from device {s} to device {d} queued on a stream of device {stream_device}"
-            )))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// The error of a registration whose failure could not be undone: see
 /// [`REGISTER_ROLLBACK_CALL`].
-fn rollback_failed(
-    cause: &Error,
-    undo: &Error,
-    ptr: NonNull<u8>,
-    len: usize,
-    registered: usize,
-) -> Error {
-    let code = match undo {
-        Error::Driver { code, .. } => *code,
-        _ => CUresult::CUDA_ERROR_UNKNOWN as i32,
-    };
-    Error::Driver {
-        backend: BackendKind::Cuda,
-        call: REGISTER_ROLLBACK_CALL,
-        code,
-        message: format!(
-            "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
-             {registered} bytes registered before the failure failed too ({undo}): \
-             rollback failed; region leaked: part of it stays registered, so the memory \
-             must not be unmapped"
-        ),
-    }
-}
+const ROLLBACK: RollbackError = RollbackError {
+    backend: BackendKind::Cuda,
+    call: REGISTER_ROLLBACK_CALL,
+    unknown_code: CUresult::CUDA_ERROR_UNKNOWN as i32,
+};
 
 fn c_buf_to_string(buf: &[c_char]) -> String {
     let bytes: Vec<u8> = buf
@@ -906,7 +824,7 @@ impl Backend for CudaBackend {
             }
         }
         match undo_error {
-            Some(undo) => Err(rollback_failed(&err, &undo, ptr, len, done)),
+            Some(undo) => Err(ROLLBACK.error(&err, &undo, ptr, len, done)),
             None => Err(err),
         }
     }
@@ -1094,7 +1012,7 @@ impl Backend for CudaBackend {
         let (device, cu_stream) = match stream {
             Some(s) => {
                 let device = self.stream_device(s)?;
-                check_copy_stream(dst_dev, src_dev, device)?;
+                check_copy_stream(&dst, &src, device)?;
                 (device, stream_ptr(s))
             }
             None => {
@@ -1344,82 +1262,6 @@ mod tests {
     }
 
     #[test]
-    fn pci_bus_id_is_normalised_to_sysfs_form() {
-        assert_eq!(
-            normalize_pci_bus_id("0000:3B:00.0").as_deref(),
-            Some("0000:3b:00.0")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("00000000:3B:00.0").as_deref(),
-            Some("0000:3b:00.0")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("0001:AF:1F.7\0").as_deref(),
-            Some("0001:af:1f.7")
-        );
-        assert_eq!(
-            normalize_pci_bus_id(" 0000:c1:00.0\n").as_deref(),
-            Some("0000:c1:00.0")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("10000:01:00.0").as_deref(),
-            Some("10000:01:00.0")
-        );
-        for bad in [
-            "",
-            "3B:00.0",
-            "0000:3B:00",
-            "0000:3G:00.0",
-            "0000:3B:20.0",
-            "0000:3B:00.8",
-        ] {
-            assert_eq!(normalize_pci_bus_id(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn host_registration_is_chunked() {
-        assert_eq!(register_chunks(0).count(), 0);
-        assert_eq!(register_chunks(4096).collect::<Vec<_>>(), vec![(0, 4096)]);
-        let c = HOST_REGISTER_CHUNK;
-        assert_eq!(register_chunks(c).collect::<Vec<_>>(), vec![(0, c)]);
-        assert_eq!(
-            register_chunks(2 * c + 5).collect::<Vec<_>>(),
-            vec![(0, c), (c, c), (2 * c, 5)]
-        );
-        let big = 600usize << 30;
-        let chunks: Vec<_> = register_chunks(big).collect();
-        assert_eq!(chunks.iter().map(|&(_, l)| l).sum::<usize>(), big);
-        assert!(chunks.iter().all(|&(_, l)| l <= c));
-    }
-
-    #[test]
-    fn copies_are_queued_on_a_stream_of_the_right_device() {
-        // Host <-> device: the stream must be the device's.
-        assert!(check_copy_stream(Some(1), None, 1).is_ok());
-        assert!(check_copy_stream(None, Some(0), 0).is_ok());
-        for (dst, src) in [(Some(1), None), (None, Some(1))] {
-            match check_copy_stream(dst, src, 0) {
-                Err(Error::InvalidArgument(msg)) => assert!(
-                    msg.contains("device 1") && msg.contains("stream of device 0"),
-                    "{msg}"
-                ),
-                other => panic!("{other:?}"),
-            }
-        }
-        // Device <-> device: either side's stream will do, a third device's will not.
-        assert!(check_copy_stream(Some(0), Some(1), 0).is_ok());
-        assert!(check_copy_stream(Some(0), Some(1), 1).is_ok());
-        assert!(check_copy_stream(Some(2), Some(2), 2).is_ok());
-        assert!(matches!(
-            check_copy_stream(Some(0), Some(1), 2),
-            Err(Error::InvalidArgument(_))
-        ));
-        // Host <-> host touches no device.
-        assert!(check_copy_stream(None, None, 3).is_ok());
-    }
-
-    #[test]
     fn rollback_failure_is_a_distinct_driver_error() {
         let cause = Error::Driver {
             backend: BackendKind::Cuda,
@@ -1434,7 +1276,7 @@ mod tests {
             message: "invalid argument".into(),
         };
         let p = NonNull::<u8>::dangling();
-        match rollback_failed(&cause, &undo, p, 3 << 30, 1 << 30) {
+        match ROLLBACK.error(&cause, &undo, p, 3 << 30, 1 << 30) {
             Error::Driver {
                 backend,
                 call,

@@ -20,7 +20,6 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Tier};
-use crate::topology::{parse_meminfo_field, Topology};
 
 /// Size of a transparent huge page (PMD size on x86-64 and 4 KiB-page arm64). Regions at
 /// least this large are aligned to it and advised with `MADV_HUGEPAGE`.
@@ -61,6 +60,47 @@ pub fn available_memory() -> usize {
     }
 }
 
+/// One `kB` field of a meminfo file (`/proc/meminfo`, a node's `meminfo`,
+/// `/proc/self/status`) in bytes; `Ok(None)` when the field is absent. `node: Some(n)`
+/// expects lines prefixed `Node n`.
+pub(crate) fn parse_meminfo_field(
+    text: &str,
+    node: Option<u32>,
+    field: &str,
+) -> Result<Option<u64>, String> {
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let Some(n) = node {
+            if words.next() != Some("Node") {
+                continue;
+            }
+            let id = words.next().unwrap_or("");
+            if id.parse::<u32>().ok() != Some(n) {
+                return Err(format!("line {line:?} is not about node {n}"));
+            }
+        }
+        let Some(key) = words.next().and_then(|k| k.strip_suffix(':')) else {
+            continue;
+        };
+        if key != field {
+            continue;
+        }
+        let value = words
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("bad {field} line {line:?}"))?;
+        let bytes = match words.next() {
+            Some("kB") => value.checked_mul(1024),
+            None => Some(value),
+            Some(unit) => return Err(format!("unknown unit {unit:?} in {line:?}")),
+        };
+        return bytes
+            .map(Some)
+            .ok_or_else(|| format!("{field} overflows in {line:?}"));
+    }
+    Ok(None)
+}
+
 /// A region of host memory placed by a NUMA policy; unmapped on drop.
 #[derive(Debug)]
 pub struct HostRegion {
@@ -79,34 +119,36 @@ unsafe impl Send for HostRegion {}
 // SAFETY: &HostRegion only exposes the pointer value; access through it is the caller's concern.
 unsafe impl Sync for HostRegion {}
 
+/// Highest node id (exclusive) a mask may name: the kernel reads at most `PAGE_SIZE * 8`
+/// bits of a node mask (`mm/mempolicy.c`, `get_nodes()`), and refuses larger `maxnode`
+/// values with `EINVAL`. Checking here keeps an absurd id (`u32::MAX`) from building a
+/// 512 MiB mask only for the kernel to refuse it.
+const MAX_MASK_NODES: u32 = 4096 * 8;
+
 /// `mbind` arguments for a policy, or `None` for the default policy.
-fn mbind_args(policy: &NumaPolicy, topology: &Topology) -> Result<Option<(i32, numa::NodeMask)>> {
+///
+/// Nodes are not checked against a topology here (that is the placement layer's job, see
+/// `Manager`): a node the kernel does not have is its `EINVAL`, reported as
+/// [`Error::Os`] `{ call: "mbind", .. }` like any other refusal.
+fn mbind_args(policy: &NumaPolicy) -> Result<Option<(i32, numa::NodeMask)>> {
+    let check = |nodes: &[u32]| {
+        if nodes.iter().any(|&n| n >= MAX_MASK_NODES) {
+            Err(Error::os("mbind", Errno::EINVAL))
+        } else {
+            Ok(numa::NodeMask::from_nodes(nodes))
+        }
+    };
     match policy {
         NumaPolicy::Default => Ok(None),
-        NumaPolicy::Bind(n) => {
-            topology.check_node(*n)?;
-            Ok(Some((numa::MPOL_BIND, numa::NodeMask::from_nodes(&[*n]))))
-        }
-        NumaPolicy::Preferred(n) => {
-            topology.check_node(*n)?;
-            Ok(Some((
-                numa::MPOL_PREFERRED,
-                numa::NodeMask::from_nodes(&[*n]),
-            )))
-        }
+        NumaPolicy::Bind(n) => Ok(Some((numa::MPOL_BIND, check(&[*n])?))),
+        NumaPolicy::Preferred(n) => Ok(Some((numa::MPOL_PREFERRED, check(&[*n])?))),
         NumaPolicy::Interleave(nodes) => {
             if nodes.is_empty() {
                 return Err(Error::InvalidArgument(
                     "NumaPolicy::Interleave needs at least one node".into(),
                 ));
             }
-            for &n in nodes {
-                topology.check_node(n)?;
-            }
-            Ok(Some((
-                numa::MPOL_INTERLEAVE,
-                numa::NodeMask::from_nodes(nodes),
-            )))
+            Ok(Some((numa::MPOL_INTERLEAVE, check(nodes)?)))
         }
         NumaPolicy::NearDevice(d) => Err(Error::InvalidArgument(format!(
             "NumaPolicy::NearDevice({d}) must be resolved to a node before allocating host memory"
@@ -205,14 +247,17 @@ impl HostRegion {
     ///
     /// The pages are faulted in before this returns, so they are committed and already
     /// on the policy's node(s). Errors: [`Error::InvalidSize`] for 0 or sizes no mapping
-    /// can have; [`Error::UnknownNumaNode`] / [`Error::NumaNodeWithoutMemory`] for nodes
-    /// the topology lacks; [`Error::InvalidArgument`] for `NearDevice` or an empty
-    /// interleave set; [`Error::OutOfMemory`] (tier host) when the kernel refuses.
-    pub fn alloc(len: usize, policy: &NumaPolicy, topology: &Topology) -> Result<HostRegion> {
+    /// can have; [`Error::InvalidArgument`] for `NearDevice` or an empty interleave set;
+    /// [`Error::Os`] `{ call: "mbind", errno: EINVAL }` for a node the kernel does not
+    /// have (or one without memory); [`Error::OutOfMemory`] (tier host) when the kernel
+    /// refuses the memory.
+    ///
+    /// The backend does not know the machine's topology: callers that want
+    /// [`Error::UnknownNumaNode`] / [`Error::NumaNodeWithoutMemory`] check the nodes
+    /// first, as `Manager` does.
+    pub fn alloc(len: usize, policy: &NumaPolicy) -> Result<HostRegion> {
         let map_len = page_round(len)?;
-        // Validate nodes before mapping anything: an unknown node is UnknownNumaNode,
-        // not the kernel's EINVAL.
-        let bind = mbind_args(policy, topology)?;
+        let bind = mbind_args(policy)?;
         let huge = map_len >= HUGE_PAGE_SIZE;
         let ptr = map_anonymous(map_len, huge, len)?;
         // From here on, dropping `region` unmaps the memory on every error path.
@@ -605,12 +650,11 @@ mod tests {
 
     #[test]
     fn huge_alignment() {
-        let topo = Topology::detect().unwrap();
-        let r = HostRegion::alloc(HUGE_PAGE_SIZE + 1, &NumaPolicy::Default, &topo).unwrap();
+        let r = HostRegion::alloc(HUGE_PAGE_SIZE + 1, &NumaPolicy::Default).unwrap();
         assert!(r.huge_pages_advised());
         assert_eq!(r.ptr().as_ptr() as usize % HUGE_PAGE_SIZE, 0);
         assert_eq!(r.mapped_len(), HUGE_PAGE_SIZE + page_size());
-        let small = HostRegion::alloc(100, &NumaPolicy::Default, &topo).unwrap();
+        let small = HostRegion::alloc(100, &NumaPolicy::Default).unwrap();
         assert!(!small.huge_pages_advised());
         assert_eq!(small.mapped_len(), page_size());
     }

@@ -16,7 +16,8 @@
 
 pub mod cuda;
 pub mod host;
-pub mod owned;
+pub mod numa_alloc;
+pub(crate) mod owned;
 pub mod rocm;
 pub mod sim;
 
@@ -24,6 +25,7 @@ use std::any::Any;
 use std::fmt;
 use std::ptr::NonNull;
 use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
@@ -389,5 +391,212 @@ pub(crate) fn check_device(backend: &dyn Backend, device: usize) -> Result<()> {
             count,
             backend: backend.kind(),
         })
+    }
+}
+
+/// Locks one of a backend's maps or its state, carrying on past poisoning: they are
+/// updated by single inserts and removes (or, in the simulator, in steps that leave
+/// them usable), so a panic elsewhere cannot leave them half-changed in a way that
+/// matters more than refusing all further work would.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a driver backend names the [`Error::Driver`] of a host registration that failed
+/// and could not be undone (`cuda::REGISTER_ROLLBACK_CALL`,
+/// `rocm::REGISTER_ROLLBACK_CALL`).
+pub(crate) struct RollbackError {
+    /// The backend that reports it.
+    pub backend: BackendKind,
+    /// The error's `call`.
+    pub call: &'static str,
+    /// The error's `code` when the failed unregistration was not a driver error.
+    pub unknown_code: i32,
+}
+
+impl RollbackError {
+    /// The error of registering `len` bytes at `ptr` failing with `cause` after
+    /// `registered` bytes had registered, whose unregistration then failed with `undo`.
+    /// Its `code` is `undo`'s; its message contains `"rollback failed; region leaked"`.
+    pub(crate) fn error(
+        &self,
+        cause: &Error,
+        undo: &Error,
+        ptr: NonNull<u8>,
+        len: usize,
+        registered: usize,
+    ) -> Error {
+        let code = match undo {
+            Error::Driver { code, .. } => *code,
+            _ => self.unknown_code,
+        };
+        Error::Driver {
+            backend: self.backend,
+            call: self.call,
+            code,
+            message: format!(
+                "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
+                 {registered} bytes registered before the failure failed too ({undo}): \
+                 rollback failed; region leaked: part of it stays registered, so the memory \
+                 must not be unmapped"
+            ),
+        }
+    }
+}
+
+/// Largest range registered with one host-registration call (`cuMemHostRegister`,
+/// `hipHostRegister`). One registration of 512 GiB or more fails on current CUDA
+/// drivers; registering in 64 GiB chunks (and unregistering the same chunks) stays well
+/// below that, and nothing is lost by treating HIP the same.
+pub(crate) const HOST_REGISTER_CHUNK: usize = 64 << 30;
+
+/// `(offset, len)` of the pieces a host range of `len` bytes is registered (and
+/// unregistered) in: at most [`HOST_REGISTER_CHUNK`] each, in order, covering the range.
+pub(crate) fn register_chunks(len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..len)
+        .step_by(HOST_REGISTER_CHUNK)
+        .map(move |off| (off, (len - off).min(HOST_REGISTER_CHUNK)))
+}
+
+/// Turns a driver's PCI bus id into the lowercase sysfs form (`0000:3b:00.0`). Takes
+/// `0000:3B:00.0`, NVML/CUDA-style 8-digit domains (`00000000:3B:00.0`) and ids without
+/// a domain (`c1:00.1`, domain 0), with surrounding whitespace and trailing NULs.
+/// `None` when it does not parse.
+pub(crate) fn normalize_pci_bus_id(raw: &str) -> Option<String> {
+    let s = raw.trim().trim_end_matches('\0');
+    let (domain, rest) = match s.matches(':').count() {
+        2 => s.split_once(':')?,
+        1 => ("0", s),
+        _ => return None,
+    };
+    let (bus, rest) = rest.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let hex = |s: &str, max_len: usize| -> Option<u32> {
+        if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u32::from_str_radix(s, 16).ok()
+    };
+    let domain = hex(domain, 8)?;
+    let bus = hex(bus, 2)?;
+    let dev = hex(dev, 2)?;
+    let func = hex(func, 1)?;
+    if dev > 0x1f || func > 7 {
+        return None;
+    }
+    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+}
+
+/// Refuses a copy queued on a stream of the wrong device: a copy between host and
+/// device `d` must be queued on a stream of `d`; a copy between two devices on a stream
+/// of either one; a copy between two host ranges on any stream.
+pub(crate) fn check_copy_stream(dst: &MemRef, src: &MemRef, stream_device: usize) -> Result<()> {
+    match (*dst, *src) {
+        (MemRef::Device { device, .. }, MemRef::Host { .. })
+        | (MemRef::Host { .. }, MemRef::Device { device, .. })
+            if device != stream_device =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "copy to or from device {device} queued on a stream of device {stream_device}"
+            )))
+        }
+        (MemRef::Device { device: d, .. }, MemRef::Device { device: s, .. })
+            if stream_device != d && stream_device != s =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "copy from device {s} to device {d} queued on a stream of device {stream_device}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_bus_id_is_normalised_to_sysfs_form() {
+        for (raw, want) in [
+            ("0000:3B:00.0", "0000:3b:00.0"),
+            ("00000000:3B:00.0", "0000:3b:00.0"),
+            ("00000000:3b:00.0", "0000:3b:00.0"),
+            ("0001:AF:1F.7\0", "0001:af:1f.7"),
+            ("0001:C1:1F.7\0", "0001:c1:1f.7"),
+            (" 0000:c1:00.0\n", "0000:c1:00.0"),
+            ("10000:01:00.0", "10000:01:00.0"),
+            // Without a domain: domain 0.
+            ("c1:00.1", "0000:c1:00.1"),
+            ("3B:00.0", "0000:3b:00.0"),
+        ] {
+            assert_eq!(normalize_pci_bus_id(raw).as_deref(), Some(want), "{raw:?}");
+        }
+        for bad in [
+            "",
+            "garbage",
+            "0000:3B:00",
+            "0000:3G:00.0",
+            "0000:zz:00.0",
+            "0000:3B:20.0",
+            "0000:3B:00.8",
+            "0000:3b:00.9",
+            "000000000:3b:00.0",
+            "0:0000:3b:00.0",
+        ] {
+            assert_eq!(normalize_pci_bus_id(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn host_registration_is_chunked() {
+        assert_eq!(register_chunks(0).count(), 0);
+        assert_eq!(register_chunks(4096).collect::<Vec<_>>(), vec![(0, 4096)]);
+        let c = HOST_REGISTER_CHUNK;
+        assert_eq!(register_chunks(c).collect::<Vec<_>>(), vec![(0, c)]);
+        assert_eq!(
+            register_chunks(2 * c + 5).collect::<Vec<_>>(),
+            vec![(0, c), (c, c), (2 * c, 5)]
+        );
+        let big = 600usize << 30;
+        let chunks: Vec<_> = register_chunks(big).collect();
+        assert_eq!(chunks.iter().map(|&(_, l)| l).sum::<usize>(), big);
+        assert!(chunks.iter().all(|&(_, l)| l <= c));
+    }
+
+    #[test]
+    fn copies_are_queued_on_a_stream_of_the_right_device() {
+        let host = MemRef::Host {
+            ptr: NonNull::dangling(),
+            kind: HostKind::Pinned,
+        };
+        let dev = |device| MemRef::Device {
+            device,
+            ptr: DevicePtr(0x1000),
+        };
+        // Host <-> device: the stream must be the device's.
+        assert!(check_copy_stream(&dev(1), &host, 1).is_ok());
+        assert!(check_copy_stream(&host, &dev(0), 0).is_ok());
+        for (dst, src) in [(dev(1), host), (host, dev(1))] {
+            match check_copy_stream(&dst, &src, 0) {
+                Err(Error::InvalidArgument(msg)) => assert_eq!(
+                    msg, "copy to or from device 1 queued on a stream of device 0",
+                    "{msg}"
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Device <-> device: either side's stream will do, a third device's will not.
+        assert!(check_copy_stream(&dev(0), &dev(1), 0).is_ok());
+        assert!(check_copy_stream(&dev(0), &dev(1), 1).is_ok());
+        assert!(check_copy_stream(&dev(2), &dev(2), 2).is_ok());
+        match check_copy_stream(&dev(0), &dev(1), 2) {
+            Err(Error::InvalidArgument(msg)) => assert_eq!(
+                msg,
+                "copy from device 1 to device 0 queued on a stream of device 2"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Host <-> host touches no device.
+        assert!(check_copy_stream(&host, &host, 3).is_ok());
     }
 }

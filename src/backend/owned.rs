@@ -260,6 +260,17 @@ impl OwnedMemory {
         }
     }
 
+    /// The NUMA node of each sampled page (see [`HostRegion::page_nodes`]), for host
+    /// and pinned memory.
+    pub(crate) fn page_nodes(&self) -> Result<Vec<i32>> {
+        match &self.kind {
+            MemoryKind::Host(r) | MemoryKind::Pinned(r) => r.page_nodes(),
+            _ => Err(Error::InvalidArgument(
+                "page placement is known for host and pinned memory only".into(),
+            )),
+        }
+    }
+
     /// The device address, for device memory.
     pub(crate) fn device_ptr(&self) -> Option<DevicePtr> {
         match &self.kind {

@@ -30,21 +30,21 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::path::Path;
 use std::ptr::NonNull;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use hetmem_sys::hip::{self, hipError_t, HipApi, HipLoadError, HipRuntime};
 
 use super::{
-    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
-    StreamHandle,
+    check_copy_stream, check_device, lock, normalize_pci_bus_id, register_chunks, Backend,
+    BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, RollbackError, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
 
 /// Largest range registered with one `hipHostRegister` call; longer ranges are
-/// registered in pieces of this size (one registration of ≥ 512 GiB fails on CUDA, and
-/// nothing is lost by treating HIP the same).
-pub const REGISTER_CHUNK: usize = 64 << 30;
+/// registered in pieces of this size. The same value as every backend's host
+/// registration chunk, kept public for tests that register more than one chunk.
+pub const REGISTER_CHUNK: usize = super::HOST_REGISTER_CHUNK;
 
 /// The `call` of the [`Error::Driver`] that [`Backend::register_host`] returns when a
 /// chunk failed to register *and* undoing the chunks registered before it failed too.
@@ -77,33 +77,6 @@ fn load_error(e: HipLoadError) -> Error {
     unavailable(e.to_string())
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The maps hold plain numbers updated by single inserts and removes, so a panic
-    // elsewhere cannot leave them half-changed: carry on past poisoning.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Converts a HIP PCI bus id (`0000:3B:00.0`, or CUDA-style `00000000:3b:00.0`, or
-/// without a domain) to the lowercase sysfs form `0000:3b:00.0`.
-pub fn normalize_pci_bus_id(raw: &str) -> Option<String> {
-    let s = raw.trim().trim_end_matches('\0');
-    let (domain, rest) = match s.matches(':').count() {
-        2 => s.split_once(':')?,
-        1 => ("0", s),
-        _ => return None,
-    };
-    let (bus, rest) = rest.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    let domain = u32::from_str_radix(domain, 16).ok()?;
-    let bus = u8::from_str_radix(bus, 16).ok()?;
-    let dev = u8::from_str_radix(dev, 16).ok()?;
-    let func = u8::from_str_radix(func, 16).ok()?;
-    if dev > 0x1f || func > 7 {
-        return None;
-    }
-    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
-}
-
 /// Reads a NUL-terminated string out of a buffer the runtime filled.
 fn string_from_buf(buf: &mut [c_char]) -> String {
     if let Some(last) = buf.last_mut() {
@@ -122,30 +95,6 @@ fn unknown_stream(stream: StreamHandle) -> Error {
 
 fn unknown_event(event: EventHandle) -> Error {
     Error::InvalidArgument(format!("unknown ROCm event {:#x}", event.0))
-}
-
-/// Refuses a copy queued on a stream of the wrong device, as the simulator does: a copy
-/// between host and device `d` must be queued on a stream of `d`; a copy between two
-/// devices on a stream of either one.
-fn check_copy_stream(dst: MemRef, src: MemRef, stream_device: usize) -> Result<()> {
-    match (dst, src) {
-        (MemRef::Device { device, .. }, MemRef::Host { .. })
-        | (MemRef::Host { .. }, MemRef::Device { device, .. })
-            if device != stream_device =>
-        {
-            Err(Error::InvalidArgument(format!(
-                "copy to or from device {device} queued on a stream of device {stream_device}"
-            )))
-        }
-        (MemRef::Device { device: d, .. }, MemRef::Device { device: s, .. })
-            if stream_device != d && stream_device != s =>
-        {
-            Err(Error::InvalidArgument(format!(
-                "copy from device {s} to device {d} queued on a stream of device {stream_device}"
-            )))
-        }
-        _ => Ok(()),
-    }
 }
 
 fn ordinal(device: usize) -> c_int {
@@ -382,8 +331,7 @@ impl RocmBackend {
 
     fn unregister_chunks(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         let mut first_err = None;
-        let mut offset = 0;
-        while offset < len {
+        for (offset, _) in register_chunks(len) {
             // SAFETY: offset < len, so the address stays inside the caller's range.
             let chunk = unsafe { ptr.as_ptr().add(offset) };
             // SAFETY: the chunk start was registered by `register_host` (the caller's
@@ -393,7 +341,6 @@ impl RocmBackend {
                 tracing::warn!(?chunk, error = %e, "unregistering a chunk failed");
                 first_err.get_or_insert(e);
             }
-            offset += REGISTER_CHUNK.min(len - offset);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -401,29 +348,11 @@ impl RocmBackend {
 
 /// The error of a registration whose failure could not be undone: see
 /// [`REGISTER_ROLLBACK_CALL`].
-fn rollback_failed(
-    cause: &Error,
-    undo: &Error,
-    ptr: NonNull<u8>,
-    len: usize,
-    registered: usize,
-) -> Error {
-    let code = match undo {
-        Error::Driver { code, .. } => *code,
-        _ => hip::hipErrorUnknown,
-    };
-    Error::Driver {
-        backend: BackendKind::Rocm,
-        call: REGISTER_ROLLBACK_CALL,
-        code,
-        message: format!(
-            "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
-             {registered} bytes registered before the failure failed too ({undo}): \
-             rollback failed; region leaked: part of it stays registered, so the memory \
-             must not be unmapped"
-        ),
-    }
-}
+const ROLLBACK: RollbackError = RollbackError {
+    backend: BackendKind::Rocm,
+    call: REGISTER_ROLLBACK_CALL,
+    unknown_code: hip::hipErrorUnknown,
+};
 
 impl Drop for RocmBackend {
     fn drop(&mut self) {
@@ -535,9 +464,7 @@ impl Backend for RocmBackend {
                 reason: "cannot register an empty range",
             });
         }
-        let mut offset = 0;
-        while offset < len {
-            let chunk_len = REGISTER_CHUNK.min(len - offset);
+        for (offset, chunk_len) in register_chunks(len) {
             // SAFETY: offset < len, so the address stays inside the caller's range.
             let chunk = unsafe { ptr.as_ptr().add(offset) };
             // SAFETY: chunk..chunk+chunk_len lies in mapped memory the caller owns and
@@ -554,12 +481,11 @@ impl Backend for RocmBackend {
                             error = %undo,
                             "undoing a partial registration failed; the region leaks"
                         );
-                        return Err(rollback_failed(&e, &undo, ptr, len, offset));
+                        return Err(ROLLBACK.error(&e, &undo, ptr, len, offset));
                     }
                 }
                 return Err(e);
             }
-            offset += chunk_len;
         }
         Ok(())
     }
@@ -735,7 +661,7 @@ impl Backend for RocmBackend {
         match stream {
             Some(stream) => {
                 let device = self.stream_device(stream)?;
-                check_copy_stream(dst, src, device)?;
+                check_copy_stream(&dst, &src, device)?;
                 self.set_device(device)?;
                 // SAFETY: both ranges are valid for `len` bytes, disjoint, and stay valid
                 // until the stream passes the copy (the caller's contract); the stream is
@@ -839,34 +765,5 @@ impl Backend for RocmBackend {
 
     fn as_any(&self) -> &dyn Any {
         self
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pci_ids_are_normalised() {
-        assert_eq!(
-            normalize_pci_bus_id("0000:3B:00.0").as_deref(),
-            Some("0000:3b:00.0")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("00000000:3b:00.0").as_deref(),
-            Some("0000:3b:00.0")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("c1:00.1").as_deref(),
-            Some("0000:c1:00.1")
-        );
-        assert_eq!(
-            normalize_pci_bus_id("0001:C1:1F.7\0").as_deref(),
-            Some("0001:c1:1f.7")
-        );
-        assert_eq!(normalize_pci_bus_id(""), None);
-        assert_eq!(normalize_pci_bus_id("garbage"), None);
-        assert_eq!(normalize_pci_bus_id("0000:zz:00.0"), None);
-        assert_eq!(normalize_pci_bus_id("0000:3b:00.9"), None);
     }
 }

@@ -27,8 +27,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::{
-    check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, HostKind, MemInfo,
-    MemRef, PhysHandle, StreamHandle,
+    check_copy_stream, check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle,
+    HostKind, MemInfo, MemRef, PhysHandle, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -453,7 +453,7 @@ impl SimBackend {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state half-updated in a way
         // that matters more than refusing all further work would, so carry on.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        crate::backend::lock(&self.state)
     }
 
     /// The host's virtual time in nanoseconds.
@@ -865,13 +865,7 @@ impl Backend for SimBackend {
             (MemRef::Host { .. }, MemRef::Host { .. }) => (None, Engine::Compute, 0.0, true),
         };
         if let Some(sh) = stream {
-            let sdev = stream_ref(&st, sh)?.device;
-            if device.is_some_and(|d| d != sdev) && !matches!(engine, Engine::Compute) {
-                return Err(Error::InvalidArgument(format!(
-                    "copy to or from device {} queued on a stream of device {sdev}",
-                    device.unwrap_or(0)
-                )));
-            }
+            check_copy_stream(&dst, &src, stream_ref(&st, sh)?.device)?;
         }
         // SAFETY: both ranges were resolved to live memory of at least `len` bytes (device
         // side) or are valid by the caller's contract (host side); they do not overlap

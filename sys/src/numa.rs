@@ -128,6 +128,66 @@ impl NodeMask {
     }
 }
 
+/// Words in a [`FixedNodeMask`].
+pub const FIXED_MASK_WORDS: usize = 16;
+
+/// A node set of fixed size ([`FixedNodeMask::BITS`] nodes, 1024 on 64-bit targets) that
+/// lives on the stack or in a `static`: for callers that may not allocate, such as a
+/// global allocator. Same layout and `maxnode` rule as [`NodeMask`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedNodeMask {
+    words: [c_ulong; FIXED_MASK_WORDS],
+}
+
+impl FixedNodeMask {
+    /// Nodes the mask can hold.
+    pub const BITS: usize = FIXED_MASK_WORDS * WORD_BITS;
+
+    /// The empty set.
+    pub const fn empty() -> FixedNodeMask {
+        FixedNodeMask {
+            words: [0; FIXED_MASK_WORDS],
+        }
+    }
+
+    /// The set `{node}`, or `None` if `node` does not fit.
+    pub const fn single(node: u32) -> Option<FixedNodeMask> {
+        let n = node as usize;
+        if n >= Self::BITS {
+            return None;
+        }
+        let mut mask = FixedNodeMask::empty();
+        mask.words[n / WORD_BITS] = 1 << (n % WORD_BITS);
+        Some(mask)
+    }
+
+    /// Whether node `node` is in the set.
+    pub const fn contains(&self, node: u32) -> bool {
+        let n = node as usize;
+        n < Self::BITS && self.words[n / WORD_BITS] & (1 << (n % WORD_BITS)) != 0
+    }
+
+    /// Whether no node is set.
+    pub fn is_empty(&self) -> bool {
+        self.words.iter().all(|&w| w == 0)
+    }
+
+    /// The `maxnode` argument for this buffer: `BITS + 1` (see the module docs).
+    pub const fn maxnode(&self) -> c_ulong {
+        (Self::BITS + 1) as c_ulong
+    }
+
+    /// The word array, for the kernel to read.
+    pub const fn as_ptr(&self) -> *const c_ulong {
+        self.words.as_ptr()
+    }
+
+    /// The word array, for the kernel to write (`get_mempolicy`).
+    pub fn as_mut_ptr(&mut self) -> *mut c_ulong {
+        self.words.as_mut_ptr()
+    }
+}
+
 /// The calling thread's `errno` after a failed system call.
 fn errno() -> i32 {
     std::io::Error::last_os_error()
@@ -245,6 +305,47 @@ pub unsafe fn node_of_address(addr: *const c_void) -> Result<i32, i32> {
     Ok(node)
 }
 
+/// The nodes this thread may allocate on (`get_mempolicy(MPOL_F_MEMS_ALLOWED)`: its
+/// cpuset's memory nodes), without allocating. Fails with `EINVAL` on a kernel with more
+/// than [`FixedNodeMask::BITS`] possible nodes.
+pub fn mems_allowed_fixed() -> Result<FixedNodeMask, i32> {
+    let mut mask = FixedNodeMask::empty();
+    // SAFETY: `mask` is a live local of `BITS` writable bits and `maxnode - 1 == BITS`;
+    // no mode pointer or address is passed.
+    unsafe {
+        get_mempolicy(
+            std::ptr::null_mut(),
+            mask.as_mut_ptr(),
+            mask.maxnode(),
+            std::ptr::null(),
+            MPOL_F_MEMS_ALLOWED,
+        )
+    }?;
+    Ok(mask)
+}
+
+/// The policy of the mapping holding `addr` (`get_mempolicy(MPOL_F_ADDR)`): the mode
+/// (`MPOL_*`, flags masked off) and its node set. Changes nothing and faults nothing in.
+// Nothing at `addr` is read or written: the kernel looks up the mapping holding it.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
+pub fn policy_of_address(addr: *const c_void) -> Result<(c_int, FixedNodeMask), i32> {
+    let mut mode: c_int = -1;
+    let mut mask = FixedNodeMask::empty();
+    // SAFETY: `mode` and `mask` are live locals, writable for one c_int and `BITS` bits
+    // (`maxnode - 1 == BITS`). Without MPOL_F_NODE the kernel only looks the address's
+    // mapping up (EFAULT if there is none); it reads and faults no memory there.
+    unsafe {
+        get_mempolicy(
+            &mut mode,
+            mask.as_mut_ptr(),
+            mask.maxnode(),
+            addr,
+            MPOL_F_ADDR,
+        )
+    }?;
+    Ok((mode & !(MPOL_F_STATIC_NODES | MPOL_F_RELATIVE_NODES), mask))
+}
+
 /// `move_pages(2)`: moves pages of process `pid` (0 = this one) to `nodes`, or with
 /// `nodes` null only reports in `status[i]` the node of page `pages[i]` (a negative errno
 /// such as `-ENOENT` for a page that is not present, `-EFAULT` for an unmapped address).
@@ -332,6 +433,26 @@ mod tests {
         // SAFETY: `x` is a live stack variable of this process.
         let node = unsafe { node_of_address(&x as *const u64 as *const c_void) }.unwrap();
         assert_eq!(node, status[0]);
+    }
+
+    #[test]
+    fn fixed_mask() {
+        let m = FixedNodeMask::single(65).unwrap();
+        assert!(m.contains(65) && !m.contains(64) && !m.contains(5000));
+        assert!(!m.is_empty() && FixedNodeMask::empty().is_empty());
+        assert_eq!(m.maxnode(), FixedNodeMask::BITS as c_ulong + 1);
+        assert!(FixedNodeMask::single(FixedNodeMask::BITS as u32).is_none());
+        // SAFETY: the mask holds FIXED_MASK_WORDS words.
+        let words = unsafe { std::slice::from_raw_parts(m.as_ptr(), FIXED_MASK_WORDS) };
+        assert_eq!(words[1], 2);
+        let allowed = mems_allowed_fixed().unwrap();
+        assert!(!allowed.is_empty());
+        let x = 1u8;
+        let (mode, _) = policy_of_address(&x as *const u8 as *const c_void).unwrap();
+        assert!(
+            (MPOL_DEFAULT..=MPOL_PREFERRED_MANY).contains(&mode),
+            "{mode}"
+        );
     }
 
     #[test]

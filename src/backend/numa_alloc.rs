@@ -1,0 +1,431 @@
+//! [`NumaAlloc`]: a [`GlobalAlloc`] that places large allocations with a NUMA policy on
+//! huge-page-advised anonymous mappings and hands small ones to the system allocator.
+//!
+//! ```no_run
+//! use hetmem::backend::numa_alloc::NumaAlloc;
+//!
+//! // Buffers of 2 MiB and more land on node 0 (or nowhere); smaller ones are malloc's.
+//! #[global_allocator]
+//! static ALLOC: NumaAlloc = NumaAlloc::bind(0);
+//! # fn main() {}
+//! ```
+//!
+//! # How a large allocation is made
+//!
+//! An anonymous private `mmap` of the size rounded up to a page, aligned to
+//! [`HUGE_PAGE_SIZE`] when it is at least that large (so that every aligned 2 MiB of it
+//! can be one transparent huge page) or to `layout.align()` when that is larger (the
+//! mapping is over-reserved by `align - page` and the slack unmapped again), advised with
+//! `MADV_HUGEPAGE`, then given its policy with `mbind` before any page is touched. Pages
+//! are not faulted in here: the program's first touch allocates each one, under the
+//! policy, so a bound allocation costs nothing up front and still lands on its node.
+//! (Contrast [`HostRegion`](super::host::HostRegion), which pre-faults because its pages
+//! may be pinned for a device.)
+//!
+//! `dealloc` is `munmap`. `realloc` between two large sizes shrinks in place (unmapping
+//! the tail) and grows with `mremap`, in place when the address space after the block is
+//! free, else `MREMAP_MAYMOVE`, which moves page tables rather than bytes and carries the
+//! mapping's policy and `MADV_HUGEPAGE` flag along (the grown part included). A request
+//! that crosses the threshold either way is alloc + copy + free.
+//!
+//! # Rules an allocator lives by
+//!
+//! Nothing here allocates (no `Vec`, `String`, `format!`, `tracing`: any of them would
+//! re-enter the allocator), panics, or blocks on a lock. Node masks are fixed-size
+//! ([`FixedNodeMask`], 1024 nodes) on the stack. Every failure is a null return, as the
+//! [`GlobalAlloc`] contract asks; `realloc` returning null leaves the old block as it was.
+//!
+//! # Policies and missing nodes
+//!
+//! - [`NumaAlloc::bind`]: the contract is "on the node or not at all". A node the kernel
+//!   does not have (or that has no memory, or does not fit the 1024-node mask) makes
+//!   `mbind` fail, and the allocation returns null. First-touch faults that find the node
+//!   full are the kernel's business (reclaim, then the OOM killer), as with any bind.
+//! - [`NumaAlloc::preferred`]: the node first, any node when it is full; if `mbind`
+//!   refuses the node, the allocation still succeeds with the default (first-touch)
+//!   placement.
+//! - [`NumaAlloc::interleave_all`]: pages round-robin over the nodes this thread may use
+//!   (its cpuset's `mems_allowed`); default placement if that cannot be read.
+//! - [`NumaAlloc::new`]: default placement (first touch), huge pages only.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::ptr;
+
+use hetmem_sys::numa::{self, FixedNodeMask};
+use libc::c_void;
+
+use super::host::{page_size, HUGE_PAGE_SIZE};
+
+/// Default [`NumaAlloc::threshold`]: 2 MiB, one transparent huge page.
+///
+/// Why there: below one huge page THP can back nothing, so the only gain left is NUMA
+/// placement, and the price is a syscall round trip per allocation (`mmap` + `madvise` +
+/// `mbind` + `munmap`, a few µs, plus a fresh zeroed page on every first touch) where
+/// malloc serves a small request from its free lists in tens of ns. From 2 MiB up the
+/// comparison flips: touching the memory itself (zeroing 2 MiB at the first faults)
+/// costs tens of µs, so the syscalls are a few percent on top, and glibc's malloc is
+/// mmapping blocks this size anyway once they pass its own `M_MMAP_THRESHOLD` (128 KiB,
+/// adapting up to 32 MiB). `benches/global_alloc.rs` measures both sides of it.
+pub const DEFAULT_THRESHOLD: usize = HUGE_PAGE_SIZE;
+
+/// Where large allocations go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumaAllocPolicy {
+    /// The process's default policy: first touch on the faulting CPU's node.
+    Default,
+    /// Only on this node; null if it cannot be bound.
+    Bind(u32),
+    /// This node first; default placement if the kernel refuses the node.
+    Preferred(u32),
+    /// Round-robin over every node the thread may use.
+    InterleaveAll,
+}
+
+/// A [`GlobalAlloc`] for NUMA-placed, huge-page-backed large allocations; see the
+/// [module docs](self). All constructors are `const`, for use in a `static`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumaAlloc {
+    policy: NumaAllocPolicy,
+    threshold: usize,
+    huge_pages: bool,
+}
+
+impl Default for NumaAlloc {
+    fn default() -> Self {
+        NumaAlloc::new()
+    }
+}
+
+impl NumaAlloc {
+    /// Large allocations with the default placement (first touch), THP-advised.
+    pub const fn new() -> NumaAlloc {
+        NumaAlloc {
+            policy: NumaAllocPolicy::Default,
+            threshold: DEFAULT_THRESHOLD,
+            huge_pages: true,
+        }
+    }
+
+    /// Large allocations only on `node`: null where it cannot be bound.
+    pub const fn bind(node: u32) -> NumaAlloc {
+        NumaAlloc::new().policy(NumaAllocPolicy::Bind(node))
+    }
+
+    /// Large allocations on `node` first, elsewhere when it is full or does not exist.
+    pub const fn preferred(node: u32) -> NumaAlloc {
+        NumaAlloc::new().policy(NumaAllocPolicy::Preferred(node))
+    }
+
+    /// Large allocations interleaved page by page over the nodes this thread may use.
+    pub const fn interleave_all() -> NumaAlloc {
+        NumaAlloc::new().policy(NumaAllocPolicy::InterleaveAll)
+    }
+
+    /// The same allocator with another policy.
+    pub const fn policy(self, policy: NumaAllocPolicy) -> NumaAlloc {
+        NumaAlloc { policy, ..self }
+    }
+
+    /// Sizes of at least `bytes` are mapped and placed; smaller ones go to
+    /// [`System`]. Default [`DEFAULT_THRESHOLD`]. Zero counts as one: zero-size layouts
+    /// always go to [`System`].
+    pub const fn threshold(self, bytes: usize) -> NumaAlloc {
+        NumaAlloc {
+            threshold: if bytes == 0 { 1 } else { bytes },
+            ..self
+        }
+    }
+
+    /// Whether large mappings of at least [`HUGE_PAGE_SIZE`] are aligned to it and
+    /// advised with `MADV_HUGEPAGE` (default true).
+    pub const fn huge_pages(self, on: bool) -> NumaAlloc {
+        NumaAlloc {
+            huge_pages: on,
+            ..self
+        }
+    }
+
+    /// The policy of large allocations.
+    pub const fn placement(&self) -> NumaAllocPolicy {
+        self.policy
+    }
+
+    /// The size from which allocations are mapped rather than given to [`System`].
+    pub const fn threshold_bytes(&self) -> usize {
+        self.threshold
+    }
+
+    /// Whether an allocation of `size` bytes takes the mapped, NUMA-placed path.
+    #[inline]
+    pub const fn is_large(&self, size: usize) -> bool {
+        size >= self.threshold
+    }
+
+    /// Maps and places a large block; null on any failure.
+    #[cold]
+    #[inline(never)]
+    fn map_large(&self, size: usize, align: usize) -> *mut u8 {
+        let page = page_size();
+        let Some(map_len) = round_to_page(size, page) else {
+            return ptr::null_mut();
+        };
+        let huge = self.huge_pages && map_len >= HUGE_PAGE_SIZE;
+        let mut align = align.max(page);
+        if huge {
+            align = align.max(HUGE_PAGE_SIZE);
+        }
+        let ptr = map_aligned(map_len, align, page);
+        if ptr.is_null() {
+            return ptr;
+        }
+        if huge {
+            advise_huge(ptr, map_len);
+        }
+        if !self.place(ptr, map_len) {
+            // SAFETY: `ptr..ptr+map_len` is the mapping made just above; nothing else
+            // knows of it.
+            unsafe { libc::munmap(ptr.cast(), map_len) };
+            return ptr::null_mut();
+        }
+        ptr
+    }
+
+    /// Gives `ptr..ptr+len` (our own fresh mapping) the policy. False only where the
+    /// allocation must fail: a bind the kernel refuses.
+    fn place(&self, ptr: *mut u8, len: usize) -> bool {
+        let (mode, mask) = match self.policy {
+            NumaAllocPolicy::Default => return true,
+            NumaAllocPolicy::Bind(n) => match FixedNodeMask::single(n) {
+                Some(mask) => (numa::MPOL_BIND, mask),
+                None => return false,
+            },
+            NumaAllocPolicy::Preferred(n) => match FixedNodeMask::single(n) {
+                Some(mask) => (numa::MPOL_PREFERRED, mask),
+                None => return true,
+            },
+            NumaAllocPolicy::InterleaveAll => match numa::mems_allowed_fixed() {
+                Ok(mask) if !mask.is_empty() => (numa::MPOL_INTERLEAVE, mask),
+                _ => return true,
+            },
+        };
+        // SAFETY: the range is a mapping this allocator just made and owns, no page of
+        // which has been touched; `mask` is a live local covering `maxnode - 1` bits.
+        let rc = unsafe { numa::mbind(ptr.cast(), len, mode, mask.as_ptr(), mask.maxnode(), 0) };
+        rc.is_ok() || !matches!(self.policy, NumaAllocPolicy::Bind(_))
+    }
+
+    /// Large to large `realloc`; null (old block intact) on failure.
+    #[cold]
+    #[inline(never)]
+    fn remap_large(&self, old: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let page = page_size();
+        // The old size was mapped, so it rounds without overflow.
+        let old_len = round_to_page(layout.size(), page).unwrap_or(usize::MAX);
+        let Some(new_len) = round_to_page(new_size, page) else {
+            return ptr::null_mut();
+        };
+        if new_len == old_len {
+            return old;
+        }
+        if new_len < old_len {
+            // SAFETY: `old + new_len .. old + old_len` is the tail of our own mapping, past
+            // the `new_size` bytes the caller keeps.
+            let rc = unsafe { libc::munmap(old.add(new_len).cast(), old_len - new_len) };
+            return if rc == 0 { old } else { ptr::null_mut() };
+        }
+        // Grow in place when the address space behind the block is free: no move, and
+        // the kernel extends the mapping (its policy and THP advice cover the new part).
+        // SAFETY: `old..old+old_len` is our own mapping; without MREMAP_MAYMOVE the kernel
+        // either extends it where it is or fails and leaves it alone.
+        let p = unsafe { libc::mremap(old.cast(), old_len, new_len, 0) };
+        let moved = if p != libc::MAP_FAILED {
+            p
+        } else if layout.align() <= page {
+            // Move: page tables, not bytes. The new mapping keeps the old one's policy
+            // and flags (mremap copies the VMA), so the grown part is bound too.
+            // SAFETY: as above; with MREMAP_MAYMOVE the kernel may pick a new address,
+            // and on failure the old mapping is unchanged.
+            unsafe { libc::mremap(old.cast(), old_len, new_len, libc::MREMAP_MAYMOVE) }
+        } else {
+            // mremap only promises page alignment: copy into a mapping that honours
+            // the larger one.
+            libc::MAP_FAILED
+        };
+        if moved != libc::MAP_FAILED {
+            let p = moved.cast::<u8>();
+            if self.huge_pages && new_len >= HUGE_PAGE_SIZE {
+                advise_huge(p, new_len);
+            }
+            return p;
+        }
+        // SAFETY: realloc's contract makes `new_size` rounded up to `layout.align()` fit
+        // in isize, so this is a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+        // SAFETY: forwarded to our own alloc/dealloc with the caller's guarantees.
+        unsafe { self.move_to(old, layout, new_layout) }
+    }
+
+    /// realloc by alloc + copy + free; null (old block intact) if the alloc fails.
+    ///
+    /// # Safety
+    /// `old` was allocated by `self` with `layout`; `new_layout` is a valid layout of
+    /// non-zero size.
+    unsafe fn move_to(&self, old: *mut u8, layout: Layout, new_layout: Layout) -> *mut u8 {
+        // SAFETY: `new_layout` has non-zero size (the caller's guarantee).
+        let new = unsafe { self.alloc(new_layout) };
+        if !new.is_null() {
+            // SAFETY: both blocks are live, distinct allocations of at least the copied
+            // length; `old` is freed with the layout it was allocated with.
+            unsafe {
+                ptr::copy_nonoverlapping(old, new, layout.size().min(new_layout.size()));
+                self.dealloc(old, layout);
+            }
+        }
+        new
+    }
+}
+
+// SAFETY: small layouts are forwarded to `System` unchanged (alloc, alloc_zeroed,
+// realloc, dealloc all decide by `layout.size()`, and `realloc` by the old and new size,
+// so a block always returns to the allocator that made it). Large blocks are private
+// anonymous mappings of exactly `size` rounded up to a page, aligned to at least
+// `layout.align()`, zero-filled by the kernel, owned by the caller until `dealloc`
+// unmaps exactly that length; `realloc` keeps the first `min(old, new)` bytes (mremap
+// moves the pages themselves, the copy path copies them). Nothing here allocates, so
+// installing it as `#[global_allocator]` cannot recurse, and nothing panics.
+unsafe impl GlobalAlloc for NumaAlloc {
+    #[inline]
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if self.is_large(layout.size()) {
+            self.map_large(layout.size(), layout.align())
+        } else {
+            // SAFETY: the caller's layout, forwarded as is.
+            unsafe { System.alloc(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if self.is_large(layout.size()) {
+            // Fresh anonymous pages read as zero.
+            self.map_large(layout.size(), layout.align())
+        } else {
+            // SAFETY: the caller's layout, forwarded as is.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if self.is_large(layout.size()) {
+            // Mapped with exactly this length by `map_large` (or trimmed/remapped to it
+            // by `remap_large`); the caller's contract says the layout is the same.
+            let len = round_to_page(layout.size(), page_size()).unwrap_or(0);
+            // SAFETY: `ptr..ptr+len` is the caller's block, a mapping of ours it gives back.
+            unsafe { libc::munmap(ptr.cast(), len) };
+        } else {
+            // SAFETY: a small block comes from `System` with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        match (self.is_large(layout.size()), self.is_large(new_size)) {
+            // SAFETY: a small block from `System`, resized by it under the caller's terms.
+            (false, false) => unsafe { System.realloc(ptr, layout, new_size) },
+            (true, true) => self.remap_large(ptr, layout, new_size),
+            _ => {
+                // SAFETY: the caller guarantees `new_size` rounded up to the alignment
+                // fits in isize, so this is a valid, non-zero layout.
+                let new_layout =
+                    unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
+                // SAFETY: `ptr` is ours with `layout`; crossing the threshold changes
+                // which allocator owns the block, so copy.
+                unsafe { self.move_to(ptr, layout, new_layout) }
+            }
+        }
+    }
+}
+
+/// `size` rounded up to whole pages, if that fits a mapping (at most `isize::MAX`).
+#[inline]
+fn round_to_page(size: usize, page: usize) -> Option<usize> {
+    let len = size.checked_add(page - 1)? & !(page - 1);
+    (len <= isize::MAX as usize).then_some(len)
+}
+
+/// An anonymous read-write mapping of `len` bytes (a page multiple) at an address that is
+/// a multiple of `align` (a power of two, at least `page`), or null. Reserves
+/// `len + align - page` and unmaps the slack at both ends.
+fn map_aligned(len: usize, align: usize, page: usize) -> *mut u8 {
+    let Some(reserve) = len.checked_add(align - page) else {
+        return ptr::null_mut();
+    };
+    // No MAP_NORESERVE: let the kernel's overcommit check refuse hopeless sizes here,
+    // as malloc's own mappings do.
+    // SAFETY: an anonymous private mapping at a kernel-chosen address touches no existing
+    // memory; the result is checked before use.
+    let addr = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return ptr::null_mut();
+    }
+    let start = addr as usize;
+    // `start + align - 1` cannot overflow: the reservation itself ends below it.
+    let aligned = (start + align - 1) & !(align - 1);
+    let head = aligned - start;
+    let tail = reserve - head - len;
+    for (at, n) in [(start, head), (aligned + len, tail)] {
+        if n != 0 {
+            // SAFETY: `at..at+n` is slack of the reservation just made, outside the part
+            // we keep; nothing refers to it. A failure only leaves it mapped (a leak of
+            // address space, not of anything reachable).
+            unsafe { libc::munmap(at as *mut c_void, n) };
+        }
+    }
+    aligned as *mut u8
+}
+
+/// `MADV_HUGEPAGE` on our own mapping. Errors are ignored: with THP off the memory works
+/// the same on base pages.
+fn advise_huge(ptr: *mut u8, len: usize) {
+    // SAFETY: the range is a mapping of ours; the advice only changes how the kernel
+    // backs it, never its contents.
+    unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_are_const() {
+        const A: NumaAlloc = NumaAlloc::bind(3).threshold(0).huge_pages(false);
+        assert_eq!(A.placement(), NumaAllocPolicy::Bind(3));
+        assert_eq!(A.threshold_bytes(), 1);
+        assert!(!A.is_large(0) && A.is_large(1));
+        assert_eq!(NumaAlloc::default(), NumaAlloc::new());
+        assert_eq!(NumaAlloc::new().threshold_bytes(), DEFAULT_THRESHOLD);
+        assert_eq!(
+            NumaAlloc::interleave_all().placement(),
+            NumaAllocPolicy::InterleaveAll
+        );
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_to_page(1, 4096), Some(4096));
+        assert_eq!(round_to_page(4096, 4096), Some(4096));
+        assert_eq!(round_to_page(usize::MAX, 4096), None);
+        assert_eq!(round_to_page(isize::MAX as usize, 4096), None);
+    }
+}
