@@ -22,6 +22,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::backend::copy;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::host::{HostBackend, HostRegion};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
@@ -30,7 +31,7 @@ use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
-use crate::pool::{DevicePool, PoolConfig};
+use crate::pool::{DevicePool, HostPool, HostPoolConfig, PoolBlock, PoolConfig};
 use crate::stats::{ByteCounter, CounterSnapshot};
 use crate::stream::Stream;
 use crate::topology::Topology;
@@ -444,6 +445,78 @@ impl Manager {
         )
     }
 
+    /// Queues a copy of `len` bytes from `src[src_offset..]` into the pool block
+    /// `dst[dst_offset..]` on `stream`. The buffer waits for the copy before it is
+    /// freed; a stream other than the block's own is recorded on the block
+    /// ([`PoolBlock::record_stream`]), so the block is not reused before it is done.
+    pub fn copy_to_block(
+        &self,
+        dst: &PoolBlock,
+        dst_offset: usize,
+        src: &Buffer,
+        src_offset: usize,
+        len: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        self.check_owner(src.mgr.id, "buffer")?;
+        self.check_stream(stream)?;
+        dst.record_stream(stream)?;
+        dst.with_end(|d| {
+            copy::copy(
+                d,
+                dst_offset,
+                &src.mem,
+                src_offset,
+                len,
+                Some(&stream.inner),
+            )
+        })
+    }
+
+    /// Queues a copy of `len` bytes from the pool block `src[src_offset..]` into
+    /// `dst[dst_offset..]` on `stream` (see [`Manager::copy_to_block`]).
+    pub fn copy_from_block(
+        &self,
+        dst: &mut Buffer,
+        dst_offset: usize,
+        src: &PoolBlock,
+        src_offset: usize,
+        len: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        self.check_owner(dst.mgr.id, "buffer")?;
+        self.check_stream(stream)?;
+        src.record_stream(stream)?;
+        src.with_end(|s| {
+            copy::copy(
+                &dst.mem,
+                dst_offset,
+                s,
+                src_offset,
+                len,
+                Some(&stream.inner),
+            )
+        })
+    }
+
+    /// Queues a device-to-device copy between two pool blocks on `stream`.
+    pub fn copy_between_blocks(
+        &self,
+        dst: &PoolBlock,
+        dst_offset: usize,
+        src: &PoolBlock,
+        src_offset: usize,
+        len: usize,
+        stream: &Stream,
+    ) -> Result<()> {
+        self.check_stream(stream)?;
+        dst.record_stream(stream)?;
+        src.record_stream(stream)?;
+        PoolBlock::with_ends(dst, src, |d, s| {
+            copy::copy(d, dst_offset, s, src_offset, len, Some(&stream.inner))
+        })
+    }
+
     /// Writes `data` into `dst` at `offset`, wherever `dst` lives.
     pub fn write(&self, dst: &mut Buffer, offset: usize, data: &[u8]) -> Result<()> {
         self.check_owner(dst.mgr.id, "buffer")?;
@@ -482,6 +555,26 @@ impl Manager {
     /// A new caching pool over `device`'s memory (see [`DevicePool`]).
     pub fn device_pool(&self, device: usize, cfg: PoolConfig) -> Result<DevicePool> {
         DevicePool::new(&self.inner.backend, device, cfg)
+    }
+
+    /// A new caching pool of host memory, pageable and pinned (see [`HostPool`]). Its
+    /// allocations resolve `NumaPolicy::NearDevice` and check nodes and room as
+    /// [`Manager::alloc`] does.
+    pub fn host_pool(&self, cfg: HostPoolConfig) -> Result<HostPool> {
+        let mgr = self.clone();
+        let placer: crate::pool::host::Placer = Arc::new(move |placement, size| {
+            let (Placement::Host(policy) | Placement::Pinned(policy)) = placement else {
+                return Err(Error::InvalidArgument(format!(
+                    "{placement:?} is not host memory"
+                )));
+            };
+            let policy = mgr.resolve_policy(policy)?;
+            if let Some(size) = size {
+                mgr.check_host_room(placement, &policy, size)?;
+            }
+            Ok(policy)
+        });
+        HostPool::new(&self.inner.backend, cfg, placer)
     }
 
     /// Creates a stream on `device`.

@@ -2,6 +2,9 @@
 //! and a property test against a simple model. Runs on the simulator, with expandable
 //! segments (virtual memory management) and with plain segments.
 
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -422,4 +425,117 @@ proptest! {
         let free_now: HashMap<usize, usize> = [(0, mgr.backend().mem_info(0).unwrap().free)].into();
         prop_assert_eq!(free_now[&0], 1 << 30, "every byte went back to the device");
     }
+}
+
+#[test]
+fn async_copies_into_and_out_of_blocks_keep_bytes() {
+    use hetmem::{NumaPolicy, Placement};
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Device);
+        let (s, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let n = 5 * MIB + 123;
+        let data: Vec<u8> = (0..n).map(|i| (i * 13 + 7) as u8).collect();
+        let blk = p.alloc(n, &s).unwrap();
+        {
+            let mut src = mgr
+                .alloc(Placement::Pinned(NumaPolicy::Default), n)
+                .unwrap();
+            src.as_mut_slice().unwrap().copy_from_slice(&data);
+            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            // `src` dropped with the copy queued: its drop waits for the copy.
+        }
+        // Device to device on another stream (recorded on both blocks), then back out.
+        let blk2 = p.alloc(n, &s).unwrap();
+        let ev = s.record().unwrap();
+        other.wait(&ev).unwrap();
+        mgr.copy_between_blocks(&blk2, 0, &blk, 0, n, &other)
+            .unwrap();
+        let mut out = mgr
+            .alloc(Placement::Pinned(NumaPolicy::Default), n)
+            .unwrap();
+        mgr.copy_from_block(&mut out, 0, &blk2, 0, n, &other)
+            .unwrap();
+        assert!(
+            out.as_slice().unwrap() == &data[..],
+            "bytes after host -> block -> block -> host"
+        );
+        // Partial copies respect offsets and bounds.
+        let mut small = mgr
+            .alloc(Placement::Host(NumaPolicy::Default), 100)
+            .unwrap();
+        mgr.copy_from_block(&mut small, 0, &blk2, 1000, 100, &s)
+            .unwrap();
+        assert!(small.as_slice().unwrap() == &data[1000..1100]);
+        assert!(matches!(
+            mgr.copy_from_block(&mut small, 0, &blk2, n - 50, 100, &s),
+            Err(Error::OutOfBounds { .. })
+        ));
+        assert!(
+            mgr.copy_between_blocks(&blk2, 0, &blk2, 10, 100, &s)
+                .is_err(),
+            "overlap refused"
+        );
+        // Freed with copies behind them, then trimmed: unmapping waits for the copies.
+        drop((blk, blk2));
+        p.trim().unwrap();
+        assert_eq!(p.stats().allocation.all.current, 0);
+        // Another manager's buffer or stream is refused.
+        let other_mgr = sim();
+        let theirs = other_mgr
+            .alloc(Placement::Host(NumaPolicy::Default), 16)
+            .unwrap();
+        let blk = p.alloc(16, &s).unwrap();
+        assert!(matches!(
+            mgr.copy_to_block(&blk, 0, &theirs, 0, 16, &s),
+            Err(Error::ForeignHandle { .. })
+        ));
+        let their_stream = other_mgr.create_stream(0).unwrap();
+        let mine = mgr.alloc(Placement::Host(NumaPolicy::Default), 16).unwrap();
+        assert!(matches!(
+            mgr.copy_to_block(&blk, 0, &mine, 0, 16, &their_stream),
+            Err(Error::ForeignHandle { .. })
+        ));
+    });
+}
+
+/// On the fake HIP runtime copies really are asynchronous (they run when their stream
+/// is synchronised or waited for), so this fails if a pool block or a buffer is freed,
+/// reused or read before the copies that use it are done.
+#[test]
+fn plain_segments_on_an_asynchronous_runtime() {
+    use hetmem::{NumaPolicy, Placement};
+    let fake = fake_hip::FakeHip::with_devices(1, 256 << 20).unwrap();
+    let mgr = Manager::builder()
+        .backend(BackendKind::Rocm)
+        .rocm_library(fake.path())
+        .build()
+        .unwrap();
+    let p = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    assert!(!p.expandable(), "the fake has no virtual memory management");
+    let s = mgr.create_stream(0).unwrap();
+    let n = 3 * MIB;
+    for round in 0..4u8 {
+        let data = vec![round + 1; n];
+        let blk = p.alloc(n, &s).unwrap();
+        {
+            let mut src = mgr
+                .alloc(Placement::Pinned(NumaPolicy::Default), n)
+                .unwrap();
+            src.as_mut_slice().unwrap().copy_from_slice(&data);
+            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+        } // the queued copy still reads `src`: its drop must wait
+        let mut out = mgr
+            .alloc(Placement::Pinned(NumaPolicy::Default), n)
+            .unwrap();
+        mgr.copy_from_block(&mut out, 0, &blk, 0, n, &s).unwrap();
+        // `as_slice` waits for the copy into `out`.
+        assert!(
+            out.as_slice().unwrap().iter().all(|b| *b == round + 1),
+            "round {round}"
+        );
+        drop(blk); // reused next round on the same stream, in order
+    }
+    p.trim().unwrap();
+    assert_eq!(p.reserved(), 0);
 }

@@ -101,6 +101,19 @@ pub(crate) fn parse_meminfo_field(
     Ok(None)
 }
 
+/// `(offset, len)` of the parts a mapping of `map_len` bytes is pre-faulted in by
+/// `threads` threads: contiguous, in order, whole huge pages when `huge` (whole base
+/// pages otherwise), at most `threads` of them, covering the mapping.
+fn prefault_parts(map_len: usize, huge: bool, threads: usize) -> Vec<(usize, usize)> {
+    let unit = if huge { HUGE_PAGE_SIZE } else { page_size() };
+    let threads = threads.max(1);
+    let per = map_len.div_ceil(threads).next_multiple_of(unit).max(unit);
+    (0..map_len)
+        .step_by(per)
+        .map(|off| (off, per.min(map_len - off)))
+        .collect()
+}
+
 /// A region of host memory placed by a NUMA policy; unmapped on drop.
 #[derive(Debug)]
 pub struct HostRegion {
@@ -112,6 +125,10 @@ pub struct HostRegion {
     huge: bool,
     /// Set by [`HostRegion::leak`]: drop leaves the mapping in place.
     leaked: bool,
+    /// Largest piece the region is registered with the backend in, once pinned (see
+    /// `OwnedMemory::pinned_with`); 0 when it is registered whole (the backend then
+    /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK) itself).
+    register_chunk: usize,
 }
 
 // SAFETY: the region is plain memory owned by this value; nothing in it is tied to a thread.
@@ -256,6 +273,17 @@ impl HostRegion {
     /// [`Error::UnknownNumaNode`] / [`Error::NumaNodeWithoutMemory`] check the nodes
     /// first, as `Manager` does.
     pub fn alloc(len: usize, policy: &NumaPolicy) -> Result<HostRegion> {
+        Self::alloc_parallel(len, policy, 1)
+    }
+
+    /// [`HostRegion::alloc`], pre-faulting the pages from up to `threads` threads: the
+    /// range is split into `threads` parts (whole huge pages where the region is advised
+    /// for them) and each thread populates its own part. The pages still land on the
+    /// policy's node(s): `mbind` has run on the whole range before any thread touches
+    /// it, and the policy belongs to the range, not to the faulting thread. Worth it for
+    /// large regions only (zeroing pages is the cost, and it is per-core work); with
+    /// `threads <= 1`, or a region of fewer than two parts, it is `alloc`.
+    pub fn alloc_parallel(len: usize, policy: &NumaPolicy, threads: usize) -> Result<HostRegion> {
         let map_len = page_round(len)?;
         let bind = mbind_args(policy)?;
         let huge = map_len >= HUGE_PAGE_SIZE;
@@ -267,6 +295,7 @@ impl HostRegion {
             map_len,
             huge,
             leaked: false,
+            register_chunk: 0,
         };
 
         if huge {
@@ -300,12 +329,13 @@ impl HostRegion {
             .map_err(|e| Error::os("mbind", Errno::from_raw(e)))?;
         }
 
-        region.prefault()?;
+        region.prefault_parallel(threads)?;
         tracing::debug!(
             ptr = ?region.ptr,
             len,
             map_len,
             huge,
+            threads,
             ?policy,
             "host region mapped"
         );
@@ -321,10 +351,40 @@ impl HostRegion {
     /// one call, honouring the policy and huge pages, and reports ENOMEM as an error
     /// instead of a SIGBUS later; older kernels answer EINVAL and we touch one byte per
     /// page instead.
-    fn prefault(&self) -> Result<()> {
-        // SAFETY: the range is our own mapping; populating it writes nothing visible
+    fn prefault_parallel(&self, threads: usize) -> Result<()> {
+        let parts = prefault_parts(self.map_len, self.huge, threads);
+        if parts.len() <= 1 {
+            return self.prefault_range(0, self.map_len);
+        }
+        // Every part is its own thread; the first error (in range order) is reported.
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .iter()
+                .map(|&(off, len)| s.spawn(move || self.prefault_range(off, len)))
+                .collect();
+            let mut first = Ok(());
+            for h in handles {
+                let res = h.join().unwrap_or_else(|_| {
+                    Err(Error::InvalidArgument(
+                        "a pre-faulting thread panicked".into(),
+                    ))
+                });
+                if first.is_ok() {
+                    first = res;
+                }
+            }
+            first
+        })
+    }
+
+    /// Pre-faults `off..off+len` of the mapping (both page multiples); see `prefault`.
+    fn prefault_range(&self, off: usize, len: usize) -> Result<()> {
+        debug_assert!(off + len <= self.map_len);
+        // SAFETY: `off + len <= map_len`, so the pointer stays inside our own mapping.
+        let start = unsafe { self.ptr.as_ptr().add(off) };
+        // SAFETY: the range lies in our own mapping; populating it writes nothing visible
         // (anonymous pages read as zero either way).
-        let rc = unsafe { libc::madvise(self.addr(), self.map_len, libc::MADV_POPULATE_WRITE) };
+        let rc = unsafe { libc::madvise(start.cast(), len, libc::MADV_POPULATE_WRITE) };
         if rc == 0 {
             return Ok(());
         }
@@ -332,17 +392,29 @@ impl HostRegion {
             Errno::EINVAL => {
                 tracing::debug!("MADV_POPULATE_WRITE unsupported; touching pages");
                 let page = page_size();
-                for off in (0..self.map_len).step_by(page) {
-                    // SAFETY: `off < map_len`, so the byte lies in our read-write mapping;
-                    // no reference to the region's memory exists yet. The volatile write of
-                    // zero (what the page already holds) keeps the store from being elided.
-                    unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+                for at in (0..len).step_by(page) {
+                    // The volatile write of zero (what the page already holds) keeps the
+                    // store from being elided.
+                    // SAFETY: `at < len`: the byte is in our read-write mapping, no
+                    // reference to it exists yet, and other threads' parts are disjoint.
+                    unsafe { start.add(at).write_volatile(0) };
                 }
                 Ok(())
             }
             Errno::ENOMEM => Err(Error::oom(Tier::Host, self.len, available_memory())),
             e => Err(Error::os("madvise(MADV_POPULATE_WRITE)", e)),
         }
+    }
+
+    /// The largest piece this region is registered in (0: registered whole).
+    pub(crate) fn register_chunk(&self) -> usize {
+        self.register_chunk
+    }
+
+    /// Records the piece size the region was registered in, so that it is unregistered
+    /// in the same pieces.
+    pub(crate) fn set_register_chunk(&mut self, chunk: usize) {
+        self.register_chunk = chunk;
     }
 
     fn addr(&self) -> *mut c_void {
@@ -646,6 +718,44 @@ mod tests {
             page_round(isize::MAX as usize + 1),
             Err(Error::InvalidSize { .. })
         ));
+    }
+
+    #[test]
+    fn prefault_parts_cover_the_mapping() {
+        let page = page_size();
+        assert_eq!(prefault_parts(page, false, 8), vec![(0, page)]);
+        assert_eq!(prefault_parts(10 * page, false, 1), vec![(0, 10 * page)]);
+        let parts = prefault_parts(10 * page, false, 4);
+        assert_eq!(
+            parts,
+            vec![
+                (0, 3 * page),
+                (3 * page, 3 * page),
+                (6 * page, 3 * page),
+                (9 * page, page)
+            ]
+        );
+        let h = HUGE_PAGE_SIZE;
+        // A huge region: parts are whole huge pages, the tail takes what is left.
+        let parts = prefault_parts(5 * h + page, true, 2);
+        assert_eq!(parts, vec![(0, 3 * h), (3 * h, 2 * h + page)]);
+        for (len, huge, threads) in [(1 << 30, true, 8), (7 * h, true, 3), (13 * page, false, 5)] {
+            let parts = prefault_parts(len, huge, threads);
+            assert!(parts.len() <= threads);
+            assert_eq!(parts.iter().map(|p| p.1).sum::<usize>(), len);
+            assert!(parts.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0));
+        }
+    }
+
+    #[test]
+    fn parallel_prefault_is_placed_and_zeroed() {
+        let len = 8 * HUGE_PAGE_SIZE;
+        let r = HostRegion::alloc_parallel(len, &NumaPolicy::Bind(0), 4).unwrap();
+        let nodes = r.page_nodes().unwrap();
+        assert!(nodes.iter().all(|&n| n == 0), "{nodes:?}");
+        // SAFETY: the region is mapped, readable and `len` bytes long; nothing writes it.
+        let bytes = unsafe { std::slice::from_raw_parts(r.ptr().as_ptr(), len) };
+        assert!(bytes.iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
 //! upholds the contracts with owning wrappers.
 
+pub(crate) mod copy;
 pub mod cuda;
 pub mod host;
 pub mod numa_alloc;

@@ -9,9 +9,10 @@
 //! Nothing here panics in `Drop`: failures are logged through `tracing`.
 
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use crate::backend::copy::{self, check_range, CopyEnd, Fences};
 use crate::backend::host::HostRegion;
 use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, PhysHandle, StreamHandle};
 use crate::error::{Error, Result};
@@ -100,7 +101,7 @@ pub(crate) struct OwnedEvent {
 }
 
 impl OwnedEvent {
-    fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
+    pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
         let handle = backend.create_event(device)?;
         Ok(OwnedEvent {
             backend: backend.clone(),
@@ -124,6 +125,13 @@ impl OwnedEvent {
     pub(crate) fn synchronize(&self) -> Result<()> {
         // SAFETY: the handle is live while `self` is, and came from this backend.
         unsafe { self.backend.synchronize_event(self.handle) }
+    }
+
+    /// Records this event at the current tail of `stream`.
+    pub(crate) fn record_on(&self, stream: &OwnedStream) -> Result<()> {
+        same_backend(&self.backend, &stream.backend)?;
+        // SAFETY: both handles are live while their owners are, from this backend.
+        unsafe { self.backend.record_event(self.handle, stream.handle) }
     }
 
     pub(crate) fn is_done(&self) -> Result<bool> {
@@ -178,13 +186,8 @@ pub(crate) struct OwnedMemory {
     backend: SharedBackend,
     kind: MemoryKind,
     len: usize,
-    /// The newest fence per stream (by [`OwnedStream::id`]) that an asynchronous copy
-    /// left on this memory; a later copy on the same stream supersedes an earlier one,
-    /// and passed fences are pruned, so this stays as short as the streams in use.
-    fences: Mutex<Vec<(u64, Arc<OwnedEvent>)>>,
-    /// Set when a copy may still use the memory but no fence could be left for it: drop
-    /// then leaks the memory rather than free it under the copy.
-    leak_on_drop: AtomicBool,
+    /// Left by asynchronous copies; drop waits for them.
+    fences: Fences,
 }
 
 // SAFETY: the memory is owned by this value and only reached through it; the raw
@@ -223,6 +226,102 @@ impl OwnedMemory {
         ))
     }
 
+    /// Registers `region` with the backend in pieces of at most `chunk` bytes (clamped
+    /// to whole pages and to [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK)),
+    /// each its own registration, from up to `threads` threads at once. Pinning is
+    /// per-page work in the driver (or kernel, for `mlock`), so large regions pin
+    /// faster in parallel. The pieces are remembered in the region and unregistered
+    /// one by one on drop. If any piece fails, the pieces already registered are
+    /// unregistered again before the error is returned; if that fails too, the region
+    /// is leaked (a driver still holds part of it).
+    pub(crate) fn pinned_chunked(
+        backend: &SharedBackend,
+        region: HostRegion,
+        chunk: usize,
+        threads: usize,
+    ) -> Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let page = crate::backend::host::page_size();
+        let chunk = chunk
+            .clamp(page, crate::backend::HOST_REGISTER_CHUNK)
+            .next_multiple_of(page)
+            .min(crate::backend::HOST_REGISTER_CHUNK);
+        let len = region.len();
+        if len <= chunk {
+            return Self::pinned(backend, region);
+        }
+        let pieces: Vec<(usize, usize)> = (0..len)
+            .step_by(chunk)
+            .map(|off| (off, chunk.min(len - off)))
+            .collect();
+        let registered: Vec<AtomicBool> = pieces.iter().map(|_| AtomicBool::new(false)).collect();
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+        // `HostRegion` is Sync (a pointer and lengths); the pointer itself is not.
+        let shared_region = &region;
+        let work = || {
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(off, n)) = pieces.get(i) else {
+                    return;
+                };
+                // SAFETY: `off < len`, so the piece starts inside the region, which is
+                // mapped and owned by the value returned (or rolled back below), and
+                // pieces do not overlap; `register_host` gets `n <= len - off` bytes.
+                let res = unsafe { backend.register_host(shared_region.ptr().add(off), n) };
+                match res {
+                    Ok(()) => registered[i].store(true, Ordering::Release),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        return;
+                    }
+                }
+            }
+        };
+        let threads = threads.clamp(1, pieces.len());
+        if threads == 1 {
+            work();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(work);
+                }
+            });
+        }
+        let failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
+        let Some(err) = failure else {
+            let mut region = region;
+            region.set_register_chunk(chunk);
+            return Ok(Self::wrap(backend, len, MemoryKind::Pinned(region)));
+        };
+        // Roll back: unregister every piece that did register.
+        let mut leak = matches!(&err, Error::Driver { call, .. }
+            if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
+                || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL);
+        for (i, &(off, n)) in pieces.iter().enumerate() {
+            if !registered[i].load(Ordering::Acquire) {
+                continue;
+            }
+            // SAFETY: this piece was registered above with this start and length, and
+            // nothing has used the memory since.
+            if let Err(undo) = unsafe { backend.unregister_host(region.ptr().add(off), n) } {
+                tracing::error!(target: "hetmem", error = %undo, offset = off,
+                    "rolling back a chunked host registration failed; the region leaks");
+                leak = true;
+            }
+        }
+        if leak {
+            let mut region = region;
+            region.leak();
+        }
+        Err(err)
+    }
+
     pub(crate) fn device(backend: &SharedBackend, device: usize, len: usize) -> Result<Self> {
         let ptr = backend.alloc_device(device, len)?;
         Ok(Self::wrap(backend, len, MemoryKind::Device { device, ptr }))
@@ -242,8 +341,7 @@ impl OwnedMemory {
             backend: backend.clone(),
             kind,
             len,
-            fences: Mutex::new(Vec::new()),
-            leak_on_drop: AtomicBool::new(false),
+            fences: Fences::default(),
         }
     }
 
@@ -298,41 +396,11 @@ impl OwnedMemory {
     }
 
     /// Blocks until every asynchronous copy that used this memory is done.
-    ///
-    /// The fences stay in the list while they are waited for, so a second caller
-    /// (another thread reading the same buffer) waits for them too instead of finding
-    /// an empty list; they are removed only once passed.
     pub(crate) fn wait_fences(&self) -> Result<()> {
-        let pending: Vec<Arc<OwnedEvent>> =
-            lock(&self.fences).iter().map(|(_, f)| f.clone()).collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        for f in &pending {
-            f.synchronize()?;
-        }
-        lock(&self.fences).retain(|(_, f)| !pending.iter().any(|p| Arc::ptr_eq(p, f)));
-        Ok(())
+        self.fences.wait()
     }
 
-    fn add_fence(&self, stream: u64, fence: &Arc<OwnedEvent>) {
-        let mut fences = lock(&self.fences);
-        // Passed fences need no keeping; the query is cheap and keeps the list short for
-        // buffers that live long and see many streams.
-        if fences.len() >= 4 {
-            fences.retain(|(_, f)| !f.is_done().unwrap_or(false));
-        }
-        match fences.iter_mut().find(|(s, _)| *s == stream) {
-            Some(slot) => slot.1 = fence.clone(),
-            None => fences.push((stream, fence.clone())),
-        }
-    }
-
-    /// Copies `len` bytes: synchronously after all earlier copies that used either
-    /// side, or queued on `stream`.
-    ///
-    /// With a stream the copy is ordered only after the stream's earlier work, as in
-    /// CUDA: ordering against other streams is the caller's, with events.
+    /// Copies `len` bytes between two buffers (see [`copy::copy`]).
     pub(crate) fn copy(
         dst: &OwnedMemory,
         dst_offset: usize,
@@ -341,59 +409,7 @@ impl OwnedMemory {
         len: usize,
         stream: Option<&OwnedStream>,
     ) -> Result<()> {
-        check_range(dst_offset, len, dst.len)?;
-        check_range(src_offset, len, src.len)?;
-        if !Arc::ptr_eq(&dst.backend, &src.backend) {
-            return Err(Error::ForeignHandle { what: "buffer" });
-        }
-        if std::ptr::eq(dst, src) {
-            return Err(Error::InvalidArgument(
-                "source and destination are the same buffer".into(),
-            ));
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        let (d, s) = (dst.mem_ref(dst_offset), src.mem_ref(src_offset));
-        match stream {
-            None => {
-                dst.wait_fences()?;
-                src.wait_fences()?;
-                // SAFETY: both ranges are bounds-checked and live (borrowed for the
-                // call); they are distinct buffers so they do not overlap; the copy is
-                // synchronous so nothing outlives the borrow.
-                unsafe { dst.backend.copy(d, s, len, None) }
-            }
-            Some(st) => {
-                if !Arc::ptr_eq(&dst.backend, &st.backend) {
-                    return Err(Error::ForeignHandle { what: "stream" });
-                }
-                // The fence exists before the copy is queued, so that only recording it
-                // can fail once the copy is in flight.
-                let fence = Arc::new(OwnedEvent::new(&st.backend, st.device)?);
-                // SAFETY: as above for the ranges; the fence recorded below makes both
-                // buffers wait for this copy before they are freed (Drop), and if it
-                // cannot be recorded the stream is synchronised or both buffers are
-                // leaked, so the memory always outlives the copy.
-                unsafe { dst.backend.copy(d, s, len, Some(st.handle))? };
-                // SAFETY: both handles are live and from this backend.
-                let recorded = unsafe { st.backend.record_event(fence.handle, st.handle) };
-                match recorded {
-                    Ok(()) => {
-                        dst.add_fence(st.id, &fence);
-                        src.add_fence(st.id, &fence);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        if st.synchronize().is_err() {
-                            dst.leak_on_drop.store(true, Ordering::Release);
-                            src.leak_on_drop.store(true, Ordering::Release);
-                        }
-                        Err(e)
-                    }
-                }
-            }
-        }
+        copy::copy(dst, dst_offset, src, src_offset, len, stream)
     }
 
     /// Copies `data` to `offset`, synchronously, after the copies pending on this memory.
@@ -483,9 +499,24 @@ impl OwnedMemory {
     }
 }
 
+impl CopyEnd for OwnedMemory {
+    fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    fn end(&self, offset: usize, len: usize) -> Result<MemRef> {
+        check_range(offset, len, self.len)?;
+        Ok(self.mem_ref(offset))
+    }
+
+    fn fences(&self) -> &Fences {
+        &self.fences
+    }
+}
+
 impl Drop for OwnedMemory {
     fn drop(&mut self) {
-        let waited = if self.leak_on_drop.load(Ordering::Acquire) {
+        let waited = if self.fences.must_leak() {
             Err(Error::InvalidArgument(
                 "a copy that may still use this buffer was never fenced".into(),
             ))
@@ -504,9 +535,27 @@ impl Drop for OwnedMemory {
         let res = match &mut self.kind {
             MemoryKind::Host(_) => Ok(()),
             MemoryKind::Pinned(r) => {
-                // SAFETY: registered in `pinned` with this pointer and length; the copies
-                // that used it are done.
-                let res = unsafe { self.backend.unregister_host(r.ptr(), r.len()) };
+                let res = if r.register_chunk() == 0 {
+                    // SAFETY: registered in `pinned` with this pointer and length; the
+                    // copies that used it are done.
+                    unsafe { self.backend.unregister_host(r.ptr(), r.len()) }
+                } else {
+                    // Registered piece by piece in `pinned_chunked`: undo each piece.
+                    let (len, chunk) = (r.len(), r.register_chunk());
+                    let mut first = Ok(());
+                    for off in (0..len).step_by(chunk) {
+                        // SAFETY: this piece was registered in `pinned_chunked` with this
+                        // start and length; the copies that used it are done.
+                        let piece = unsafe {
+                            self.backend
+                                .unregister_host(r.ptr().add(off), chunk.min(len - off))
+                        };
+                        if first.is_ok() {
+                            first = piece;
+                        }
+                    }
+                    first
+                };
                 if res.is_err() {
                     // Unmapping pages the driver still has locked would leave it holding
                     // dangling pages; leak them instead.
@@ -541,6 +590,8 @@ pub(crate) struct VmmRegion {
     page: usize,
     pages: Vec<Option<PhysHandle>>,
     mapped: usize,
+    /// Left by asynchronous copies into the region; unmapping waits for them.
+    fences: Fences,
 }
 
 impl VmmRegion {
@@ -559,6 +610,7 @@ impl VmmRegion {
             page,
             pages: vec![None; size / page],
             mapped: 0,
+            fences: Fences::default(),
         }))
     }
 
@@ -658,6 +710,13 @@ impl VmmRegion {
         let Some(h) = self.pages.get(page).copied().flatten() else {
             return Ok(());
         };
+        if self.fences.must_leak() {
+            return Err(Error::InvalidArgument(
+                "a copy into this region was never fenced: its pages stay mapped".into(),
+            ));
+        }
+        // Copies queued through `copy` may still target the page.
+        self.fences.wait()?;
         let at = self.base.offset(page * self.page);
         // SAFETY: exactly the one-page mapping made in map_page; the caller guarantees
         // no queued work uses it.
@@ -666,6 +725,20 @@ impl VmmRegion {
         self.mapped -= 1;
         // SAFETY: `h` was just unmapped and is mapped nowhere else.
         unsafe { self.backend.release_physical(self.device, h) }
+    }
+}
+
+impl CopyEnd for VmmRegion {
+    fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    fn end(&self, offset: usize, len: usize) -> Result<MemRef> {
+        self.checked_ref(offset, len)
+    }
+
+    fn fences(&self) -> &Fences {
+        &self.fences
     }
 }
 
@@ -687,15 +760,4 @@ impl Drop for VmmRegion {
             tracing::warn!(target: "hetmem", error = %e, "freeing a reserved address range failed");
         }
     }
-}
-
-fn check_range(offset: usize, len: usize, size: usize) -> Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(Error::OutOfBounds { offset, len, size }),
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

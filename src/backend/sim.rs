@@ -574,11 +574,18 @@ fn bad_device_ptr(device: usize, ptr: DevicePtr) -> Error {
     ))
 }
 
+/// Whether registrations cover `p..p+len` with no gap (a large region is registered in
+/// several adjacent pieces, and a copy may cross from one to the next).
 fn is_registered(st: &State, p: usize, len: usize) -> bool {
-    st.registered
-        .range(..=p)
-        .next_back()
-        .is_some_and(|(s, l)| p + len <= s + l)
+    let end = p + len;
+    let mut at = p;
+    while at < end {
+        match st.registered.range(..=at).next_back() {
+            Some((s, l)) if s + l > at => at = s + l,
+            _ => return false,
+        }
+    }
+    true
 }
 
 fn find_managed(st: &State, p: usize, len: usize) -> Option<&ManagedAlloc> {

@@ -42,6 +42,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
 
+use crate::backend::copy::{CopyEnd, SubEnd};
 use crate::backend::owned::{OwnedMemory, OwnedStream, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
@@ -227,6 +228,54 @@ impl PoolBlock {
             SegMem::Vmm(r) => r.read(at, out),
             SegMem::Plain(m) => m.read_at(at, out),
         })
+    }
+
+    /// Runs `f` with this block as a copy end. The pool's lock is held meanwhile, so
+    /// the segment cannot be released under the copy being queued; copies leave fences
+    /// on the segment that unmapping waits for.
+    pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+        let st = self.shared.lock();
+        let b = st.blocks.get(&self.ptr.0).expect("a live block is known");
+        let seg = st.segments[b.seg as usize]
+            .as_ref()
+            .expect("a live block's segment exists");
+        let inner: &dyn CopyEnd = match &seg.mem {
+            SegMem::Vmm(r) => r,
+            SegMem::Plain(m) => m,
+        };
+        f(&SubEnd {
+            inner,
+            base: (self.ptr.0 - seg.base) as usize,
+            len: self.len,
+        })
+    }
+
+    /// Runs `f` with two blocks as copy ends (one lock when they share a pool).
+    pub(crate) fn with_ends<T>(
+        a: &PoolBlock,
+        b: &PoolBlock,
+        f: impl FnOnce(&dyn CopyEnd, &dyn CopyEnd) -> Result<T>,
+    ) -> Result<T> {
+        if !Arc::ptr_eq(&a.shared, &b.shared) {
+            return a.with_end(|ea| b.with_end(|eb| f(ea, eb)));
+        }
+        let st = a.shared.lock();
+        let end = |blk: &PoolBlock| -> SubEnd<'_> {
+            let bl = st.blocks.get(&blk.ptr.0).expect("a live block is known");
+            let seg = st.segments[bl.seg as usize]
+                .as_ref()
+                .expect("segment exists");
+            let inner: &dyn CopyEnd = match &seg.mem {
+                SegMem::Vmm(r) => r,
+                SegMem::Plain(m) => m,
+            };
+            SubEnd {
+                inner,
+                base: (blk.ptr.0 - seg.base) as usize,
+                len: blk.len,
+            }
+        };
+        f(&end(a), &end(b))
     }
 
     fn with_segment<T>(

@@ -1,9 +1,15 @@
 //! Pools: memory kept between allocations so that the hot path never reaches a driver.
 //!
 //! - [`device`]: the caching, stream-ordered device memory pool.
+//! - [`host`]: the NUMA-placed host memory pool (pageable and pinned), and an
+//!   `allocator_api2` allocator over its pinned memory.
 
 pub mod device;
+pub mod host;
 mod stats;
 
 pub use device::{Budget, DevicePool, PoolBlock, PoolConfig};
+pub use host::{
+    size_class, HostBlock, HostPool, HostPoolConfig, HostPoolStats, HostTierStats, PinnedAllocator,
+};
 pub use stats::{PoolStats, Stat};
