@@ -24,8 +24,8 @@ for line in sys.stdin:
         shutil.copy(m["executable"], os.path.join(sys.argv[1], name))
 ' "$BIN"
   cargo build --release --examples --benches
-  cp target/release/examples/info target/release/examples/replay "$BIN/"
-  for b in alloc pool; do
+  cp target/release/examples/info target/release/examples/replay target/release/examples/stream_file "$BIN/"
+  for b in alloc pool pinning; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
   # The fake HIP runtime and fixtures the tests read, at the paths they expect.
@@ -49,14 +49,17 @@ run() {
   step replay-training-cuda "$BIN/replay" --synthetic training --backend cuda --json
   step bench-alloc "$BIN/bench-alloc" --bench
   step bench-pool  "$BIN/bench-pool" --bench
+  step bench-pinning "$BIN/bench-pinning" --bench
+  step stream-file "$BIN/stream_file" --gib 8 --json
   echo; echo "== summary ($(cat "$OUT/gpu.txt"))"
-  for k in info conformance cuda-unit pool-tests replay-cuda replay-sim replay-training-cuda bench-alloc bench-pool; do
+  for k in info conformance cuda-unit pool-tests replay-cuda replay-sim replay-training-cuda bench-alloc bench-pool bench-pinning stream-file; do
     printf '%-22s rc=%s\n' "$k" "${R[$k]}"
   done
   for k in replay-cuda replay-sim replay-training-cuda; do
     tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["backend"], "ratio", d["reserved_over_allocated"], "alloc med/p99", d["alloc_ns_median"], d["alloc_ns_p99"], "free med", d["free_ns_median"])' "$k" 2>/dev/null
   done
   grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
+  tail -n 8 "$OUT/bench-pinning.log"; tail -n 1 "$OUT/stream-file.log"
 }
 
 case "${1:-}" in

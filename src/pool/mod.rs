@@ -3,13 +3,17 @@
 //! - [`device`]: the caching, stream-ordered device memory pool.
 //! - [`host`]: the NUMA-placed host memory pool (pageable and pinned), and an
 //!   `allocator_api2` allocator over its pinned memory.
+//! - [`staging`]: a ring of pinned slots that moves pageable or mapped-file bytes to the
+//!   device at pinned-copy speed.
 
 pub mod device;
 pub mod host;
+pub mod staging;
 mod stats;
 
 pub use device::{Budget, DevicePool, PoolBlock, PoolConfig};
 pub use host::{
     size_class, HostBlock, HostPool, HostPoolConfig, HostPoolStats, HostTierStats, PinnedAllocator,
 };
+pub use staging::{StagingRing, UploadReport};
 pub use stats::{PoolStats, Stat};
