@@ -44,6 +44,8 @@
 //! `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` = 0, or its granularity
 //! query fails, that device's `vmm_granularity` is `None` (queried once in `new`) and
 //! the other VMM methods return `Error::Unsupported` without calling the driver.
+//! Likewise `DRIVER_PINNED_SYMBOLS` (`cuMemAllocHost_v2`, `cuMemFreeHost`), used only by
+//! [`DriverPinned`]: without them [`DriverPinned::new`] returns `Error::Unsupported`.
 //!
 //! # Contexts
 //!
@@ -153,6 +155,10 @@ const VMM_SYMBOLS: &[&str] = &[
     "cuMemSetAccess",
     "cuMemUnmap",
 ];
+
+/// The driver's own pinned host allocation, for [`DriverPinned`]. Optional: a driver
+/// lacking either still loads, and only `DriverPinned::new` is refused.
+const DRIVER_PINNED_SYMBOLS: &[&str] = &["cuMemAllocHost_v2", "cuMemFreeHost"];
 
 /// What the VMM methods report on a device (or driver) without virtual memory
 /// management.
@@ -309,6 +315,8 @@ pub struct CudaBackend {
     streams: Mutex<HashMap<u64, usize>>,
     /// Device of each live event we created, by handle.
     events: Mutex<HashMap<u64, usize>>,
+    /// The driver has every symbol in `DRIVER_PINNED_SYMBOLS` (checked once in `new`).
+    driver_pinned: bool,
 }
 
 // The raw pointers inside are driver handles (primary contexts, internal streams) that
@@ -369,6 +377,16 @@ impl CudaBackend {
             );
         }
         let vmm_symbols = missing_vmm.is_none();
+        // SAFETY: as above, only existence is checked; nothing is called.
+        let missing_pinned = DRIVER_PINNED_SYMBOLS
+            .iter()
+            .find(|name| unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err());
+        if let Some(name) = missing_pinned {
+            tracing::debug!(
+                symbol = name,
+                "libcuda lacks a pinned-allocation symbol; DriverPinned disabled"
+            );
+        }
         // SAFETY: symbol present (checked above); cuInit takes flags only.
         let status = unsafe { sys::cuInit(0) };
         match status {
@@ -397,6 +415,7 @@ impl CudaBackend {
             state: Vec::with_capacity(count as usize),
             streams: Mutex::new(HashMap::new()),
             events: Mutex::new(HashMap::new()),
+            driver_pinned: missing_pinned.is_none(),
         };
         for ordinal in 0..count {
             backend.open_device(ordinal, vmm_symbols)?;
@@ -686,6 +705,120 @@ impl Drop for CudaBackend {
             if let Err(e) = check("cuCtxSetCurrent", status) {
                 tracing::warn!(error = %e, "unbinding context in drop");
             }
+        }
+    }
+}
+
+/// Pinned host memory allocated by the driver itself: `cuMemAllocHost`, the call behind
+/// `cudaMallocHost` / `cudaHostAlloc(.., cudaHostAllocDefault)`. Freed with
+/// `cuMemFreeHost` on drop.
+///
+/// hetmem never hands this out. It is kept as the baseline that hetmem's own pinned
+/// path — map and place the pages first (NUMA binding, parallel pre-fault), then
+/// `cuMemHostRegister` them — is measured against (`benches/pinning.rs`): the driver
+/// allocates, zeroes and locks the pages in one serial call, which DESIGN.md measured at
+/// 587 ms per GiB (`cudaHostAlloc`) against 102 ms for registering 1 GiB already in
+/// place (`cudaHostRegister`).
+///
+/// `cuMemAllocHost_v2` rather than `cuMemHostAlloc(.., 0)`: the two are the same
+/// allocation (the driver documents `cuMemAllocHost` as `cuMemHostAlloc` with no
+/// flags), and `cuMemAllocHost` is the call the comparison names. Neither passes
+/// `CU_MEMHOSTALLOC_PORTABLE`, so the pages count as pinned for `device`'s context only
+/// (hetmem registers with `PORTABLE`); with unified addressing every device can still
+/// address them. The pages land where the driver's zeroing faults them (the calling
+/// thread's NUMA policy), not near `device`.
+///
+/// The borrow of the backend keeps the primary context that owns the allocation alive
+/// until the memory is freed.
+#[derive(Debug)]
+pub struct DriverPinned<'a> {
+    backend: &'a CudaBackend,
+    device: usize,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the struct owns its allocation exclusively, like a `Box<[u8]>`; pinned host
+// memory is ordinary memory readable from any thread, and `Drop` binds the context on
+// whichever thread it runs (the driver API is thread-safe, see `CudaBackend`).
+unsafe impl Send for DriverPinned<'_> {}
+// SAFETY: `&self` only exposes the address and length; nothing is mutated through it.
+unsafe impl Sync for DriverPinned<'_> {}
+
+impl<'a> DriverPinned<'a> {
+    /// Allocates `len` bytes of page-locked host memory with `cuMemAllocHost_v2`, in
+    /// `device`'s primary context. When it returns, the pages are resident, zeroed and
+    /// pinned: nothing more is needed before a DMA copy.
+    ///
+    /// Errors: [`Error::InvalidArgument`] for a device this backend does not have,
+    /// [`Error::InvalidSize`] for 0 bytes, [`Error::Unsupported`] when libcuda lacks
+    /// `cuMemAllocHost_v2` or `cuMemFreeHost` (checked once in [`CudaBackend::new`]),
+    /// [`Error::OutOfMemory`] (tier `Pinned`) when the driver cannot pin that much, and
+    /// [`Error::Driver`] for any other failure.
+    pub fn new(backend: &'a CudaBackend, device: usize, len: usize) -> Result<DriverPinned<'a>> {
+        check_device(backend, device)?;
+        check_size(len)?;
+        if !backend.driver_pinned {
+            return Err(Error::Unsupported {
+                backend: BackendKind::Cuda,
+                what: "cuMemAllocHost (libcuda lacks cuMemAllocHost_v2 or cuMemFreeHost)",
+            });
+        }
+        backend.bind(device)?;
+        let mut p: *mut c_void = ptr::null_mut();
+        // SAFETY: the symbol exists (checked in `new`), the device's context is current
+        // and `p` is a valid out-pointer.
+        match unsafe { sys::cuMemAllocHost_v2(&mut p, len) } {
+            CUresult::CUDA_SUCCESS => match NonNull::new(p.cast::<u8>()) {
+                Some(ptr) => Ok(DriverPinned {
+                    backend,
+                    device,
+                    ptr,
+                    len,
+                }),
+                None => Err(driver_error("cuMemAllocHost", CUresult::CUDA_ERROR_UNKNOWN)),
+            },
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(Tier::Pinned, len, 0)),
+            other => Err(driver_error("cuMemAllocHost", other)),
+        }
+    }
+
+    /// The first byte; valid for [`len`](Self::len) bytes until `self` is dropped.
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// The size asked for, in bytes (never 0).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: a zero-byte allocation is refused by [`new`](Self::new).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device whose context the memory was allocated in.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+}
+
+impl Drop for DriverPinned<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.backend.bind(self.device) {
+            tracing::warn!(device = self.device, error = %e, "binding context to free pinned host memory");
+        }
+        // SAFETY: `ptr` came from cuMemAllocHost_v2 in `new` (so the symbols exist) and
+        // is freed exactly once, here; the borrow of the backend kept its context alive.
+        let status = unsafe { sys::cuMemFreeHost(self.ptr.as_ptr().cast::<c_void>()) };
+        if let Err(e) = check("cuMemFreeHost", status) {
+            tracing::warn!(
+                device = self.device,
+                len = self.len,
+                error = %e,
+                "freeing driver-pinned host memory; it leaks"
+            );
         }
     }
 }
@@ -1363,6 +1496,61 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn driver_pinned_symbols_are_optional() {
+        for name in DRIVER_PINNED_SYMBOLS {
+            assert!(!REQUIRED_SYMBOLS.contains(name), "{name} would be required");
+            assert!(!VMM_SYMBOLS.contains(name), "{name}");
+        }
+    }
+
+    /// The driver's own pinned allocation: usable at once, copied through, refused for
+    /// bad arguments, freed on drop.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_driver_pinned() {
+        let b = CudaBackend::new().expect("a CUDA driver and device");
+        assert!(matches!(
+            DriverPinned::new(&b, 0, 0),
+            Err(Error::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            DriverPinned::new(&b, b.devices().len(), 4096),
+            Err(Error::InvalidArgument(_))
+        ));
+        let n = 1 << 20;
+        let pinned = DriverPinned::new(&b, 0, n).unwrap();
+        assert_eq!((pinned.len(), pinned.device()), (n, 0));
+        assert!(!pinned.is_empty());
+        let mut back = vec![0u8; n];
+        let dev = b.alloc_device(0, n).unwrap();
+        // SAFETY: `pinned` owns n bytes that nothing else uses; `back` and the device
+        // buffer are live for n bytes and the copies are synchronous.
+        unsafe {
+            let p = std::slice::from_raw_parts_mut(pinned.ptr().as_ptr(), n);
+            for (i, x) in p.iter_mut().enumerate() {
+                *x = (i * 5 + 1) as u8;
+            }
+            let d = MemRef::Device {
+                device: 0,
+                ptr: dev,
+            };
+            let src = MemRef::Host {
+                ptr: pinned.ptr(),
+                kind: super::super::HostKind::Pinned,
+            };
+            let dst = MemRef::Host {
+                ptr: NonNull::new(back.as_mut_ptr()).unwrap(),
+                kind: super::super::HostKind::Pageable,
+            };
+            b.copy(d, src, n, None).unwrap();
+            b.copy(dst, d, n, None).unwrap();
+            b.free_device(0, dev, n).unwrap();
+            assert_eq!(p, &back[..]);
+        }
+        drop(pinned);
     }
 
     #[test]
