@@ -519,11 +519,13 @@ fn plain_segments_on_an_asynchronous_runtime() {
         let data = vec![round + 1; n];
         let blk = p.alloc(n, &s).unwrap();
         {
-            let mut src = mgr
-                .alloc(Placement::Pinned(NumaPolicy::Default), n)
-                .unwrap();
+            // Pageable on purpose: unmapping it is no HIP call, so nothing in the runtime
+            // runs the queued copy first. Only the buffer's drop waiting for its fence
+            // keeps the copy from reading freed memory.
+            let mut src = mgr.alloc(Placement::Host(NumaPolicy::Default), n).unwrap();
             src.as_mut_slice().unwrap().copy_from_slice(&data);
             mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            assert!(fake.stat("queued_ops") > 0, "the copy is still queued");
         } // the queued copy still reads `src`: its drop must wait
         let mut out = mgr
             .alloc(Placement::Pinned(NumaPolicy::Default), n)

@@ -32,6 +32,11 @@ impl Fences {
     /// (another thread reading the same buffer) waits for them too instead of finding
     /// an empty list; they are removed only once passed.
     pub(crate) fn wait(&self) -> Result<()> {
+        if self.must_leak() {
+            return Err(Error::InvalidArgument(
+                "a copy that may still use this memory was never fenced; it is unusable".into(),
+            ));
+        }
         let pending: Vec<Arc<OwnedEvent>> =
             lock(&self.list).iter().map(|(_, f)| f.clone()).collect();
         if pending.is_empty() {

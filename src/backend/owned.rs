@@ -208,14 +208,10 @@ impl OwnedMemory {
         // unregisters it before unmapping it (see Drop); on failure it is unmapped only
         // if the backend says nothing of it stayed registered.
         if let Err(e) = unsafe { backend.register_host(region.ptr(), region.len()) } {
-            if let Error::Driver { call, .. } = &e {
-                if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
-                    || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL
-                {
-                    // Part of it is still registered with the driver: leak it.
-                    let mut region = region;
-                    region.leak();
-                }
+            if is_rollback_failure(&e) {
+                // Part of it is still registered with the driver: leak it.
+                let mut region = region;
+                region.leak();
             }
             return Err(e);
         }
@@ -260,6 +256,7 @@ impl OwnedMemory {
         let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
         // `HostRegion` is Sync (a pointer and lengths); the pointer itself is not.
         let shared_region = &region;
+        let partly_registered = AtomicBool::new(false);
         let work = || {
             while !stop.load(Ordering::Relaxed) {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -273,6 +270,11 @@ impl OwnedMemory {
                 match res {
                     Ok(()) => registered[i].store(true, Ordering::Release),
                     Err(e) => {
+                        // Any piece the backend could not roll back leaves pages
+                        // registered: remember it even if another error is reported.
+                        if is_rollback_failure(&e) {
+                            partly_registered.store(true, Ordering::Release);
+                        }
                         stop.store(true, Ordering::Relaxed);
                         failure
                             .lock()
@@ -300,9 +302,7 @@ impl OwnedMemory {
             return Ok(Self::wrap(backend, len, MemoryKind::Pinned(region)));
         };
         // Roll back: unregister every piece that did register.
-        let mut leak = matches!(&err, Error::Driver { call, .. }
-            if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
-                || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL);
+        let mut leak = partly_registered.load(Ordering::Acquire);
         for (i, &(off, n)) in pieces.iter().enumerate() {
             if !registered[i].load(Ordering::Acquire) {
                 continue;
@@ -398,6 +398,12 @@ impl OwnedMemory {
     /// Blocks until every asynchronous copy that used this memory is done.
     pub(crate) fn wait_fences(&self) -> Result<()> {
         self.fences.wait()
+    }
+
+    /// Whether a copy may still use this memory without a fence to wait for: it must
+    /// then never be reused or freed (drop leaks it).
+    pub(crate) fn must_leak(&self) -> bool {
+        self.fences.must_leak()
     }
 
     /// Copies `len` bytes between two buffers (see [`copy::copy`]).
@@ -579,6 +585,14 @@ impl Drop for OwnedMemory {
     }
 }
 
+/// Whether a registration error says part of the range stayed registered (the
+/// backend's rollback failed), so the memory must never be unmapped.
+fn is_rollback_failure(e: &Error) -> bool {
+    matches!(e, Error::Driver { call, .. }
+        if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
+            || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL)
+}
+
 /// A reserved device address range whose pages are mapped to physical memory on
 /// demand, one physical allocation per page so that pages can be given back one by one.
 /// Drop unmaps and frees everything.
@@ -664,6 +678,8 @@ impl VmmRegion {
             return Ok(());
         };
         let dev = self.checked_ref(offset, data.len())?;
+        // After the copies queued on the region, as a synchronous copy should be.
+        self.fences.wait()?;
         let src = MemRef::Host {
             ptr: host,
             kind: HostKind::Pageable,
@@ -680,6 +696,7 @@ impl VmmRegion {
             return Ok(());
         };
         let dev = self.checked_ref(offset, out.len())?;
+        self.fences.wait()?;
         let dst = MemRef::Host {
             ptr: host,
             kind: HostKind::Pageable,

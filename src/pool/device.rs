@@ -257,7 +257,13 @@ impl PoolBlock {
         f: impl FnOnce(&dyn CopyEnd, &dyn CopyEnd) -> Result<T>,
     ) -> Result<T> {
         if !Arc::ptr_eq(&a.shared, &b.shared) {
-            return a.with_end(|ea| b.with_end(|eb| f(ea, eb)));
+            // Two pools: always lock the one at the lower address first, so that copies
+            // in opposite directions on two threads cannot deadlock.
+            return if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
+                a.with_end(|ea| b.with_end(|eb| f(ea, eb)))
+            } else {
+                b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
+            };
         }
         let st = a.shared.lock();
         let end = |blk: &PoolBlock| -> SubEnd<'_> {
@@ -345,6 +351,8 @@ impl DevicePool {
                 )))
             }
         };
+        // More than the device has could never be reserved anyway.
+        let budget = budget.min(total);
         if !(cfg.reserve_slack.is_finite() && cfg.reserve_slack >= 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "pool reserve_slack must be a non-negative fraction, got {}",
@@ -422,7 +430,13 @@ impl DevicePool {
         let before = st.reserved;
         sh.release_cached(&mut st, usize::MAX)?;
         // Streams with nothing cached need not be kept alive any more.
-        let in_use: rustc_hash::FxHashSet<u64> = st.blocks.values().map(|b| b.stream).collect();
+        // Streams with nothing cached and no live block recorded on them, that is.
+        let in_use: rustc_hash::FxHashSet<u64> = st
+            .blocks
+            .values()
+            .map(|b| b.stream)
+            .chain(st.uses.values().flatten().copied())
+            .collect();
         st.streams.retain(|k, _| in_use.contains(k));
         Ok(before - st.reserved)
     }
@@ -509,10 +523,14 @@ impl Shared {
             Error::InvalidArgument(format!("pool stream {stream} is not registered"))
         })?;
         for o in others {
-            if let Some(other) = st.streams.get(o) {
-                let ev = other.record()?;
-                own.wait(&ev)?;
-            }
+            // Streams recorded on a live block are never forgotten (see `trim`); a
+            // missing one would mean its work cannot be ordered: refuse, and the block
+            // is kept out of circulation.
+            let other = st.streams.get(o).ok_or_else(|| {
+                Error::InvalidArgument(format!("pool stream {o} used by a block is not registered"))
+            })?;
+            let ev = other.record()?;
+            own.wait(&ev)?;
         }
         Ok(())
     }
@@ -524,6 +542,11 @@ impl Shared {
         rounded: usize,
         stream: &Stream,
     ) -> Result<u64> {
+        if rounded > self.budget {
+            // Never fits: say so before reserving address space or releasing the cache.
+            let e = Error::oom(Tier::Device(self.device), size, self.budget);
+            return Err(self.oom(st, size, e));
+        }
         let key = stream.inner.id();
         st.streams
             .entry(key)
@@ -670,9 +693,14 @@ impl Shared {
             return Err(e);
         }
         if b.stream != key && b.stream != NO_STREAM {
-            if let Some(prev_owner) = st.streams.get(&b.stream) {
-                let ev = prev_owner.record()?;
-                stream.inner.wait(&ev)?;
+            let handed_over = match st.streams.get(&b.stream) {
+                Some(prev_owner) => prev_owner.record().and_then(|ev| stream.inner.wait(&ev)),
+                None => Ok(()),
+            };
+            if let Err(e) = handed_over {
+                // Back to the free set as it was, still owned by the old stream.
+                st.coalesce(addr);
+                return Err(e);
             }
         }
         let bm = st.blocks.get_mut(&addr).expect("known");
@@ -711,7 +739,9 @@ impl Shared {
             // allocated (this block included), and only as many as that takes.
             let st_alloc = &st.stats.allocated_bytes.all;
             let alloc_peak = (st_alloc.current as usize + len).max(st_alloc.peak as usize);
-            let allowed = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize + page;
+            // `as` saturates, so a huge slack cannot overflow.
+            let allowed =
+                ((alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize).saturating_add(page);
             let over = (st.reserved + need).saturating_sub(allowed);
             self.release_cached(st, over.div_ceil(page))?;
         }
@@ -769,7 +799,7 @@ impl Shared {
             let size = if small {
                 self.budget.min(16 << 30)
             } else {
-                self.budget * 2
+                self.budget.saturating_mul(2)
             };
             let size = size.max(rounded);
             let region = VmmRegion::new(&self.backend, self.device, size)?

@@ -597,6 +597,15 @@ impl Shared {
         let mut st = self.lock();
         let pinned = key.0;
         let t = st.tier(pinned);
+        if mem.must_leak() {
+            // A copy may still use it: never hand it out again (its drop leaks it).
+            t.live -= class;
+            t.stats.live_bytes.sub(class as u64);
+            t.stats.live_blocks.sub(1);
+            drop(st);
+            drop(mem);
+            return;
+        }
         t.live -= class;
         t.cached += class;
         t.stats.live_bytes.sub(class as u64);
