@@ -62,6 +62,13 @@ impl Fences {
         }
     }
 
+    /// Whether every copy that left a fence here is done, without waiting.
+    pub(crate) fn all_done(&self) -> bool {
+        lock(&self.list)
+            .iter()
+            .all(|(_, f)| f.is_done().unwrap_or(false))
+    }
+
     /// Whether the memory must be leaked: a copy may use it and was never fenced.
     pub(crate) fn must_leak(&self) -> bool {
         self.leak.load(Ordering::Acquire)

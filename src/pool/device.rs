@@ -848,6 +848,20 @@ impl Shared {
             // across streams, so that segments split between streams come back too.
             self.neutralise(st)?;
         }
+        // Making room for growth must not stall on copies still running into the region
+        // (unmapping waits for them): skip such regions then. Trim and out-of-memory
+        // (`limit == MAX`) wait.
+        let busy: Vec<bool> = st
+            .segments
+            .iter()
+            .map(|sg| match sg {
+                Some(Segment {
+                    mem: SegMem::Vmm(r),
+                    ..
+                }) => limit != usize::MAX && !r.fences().all_done(),
+                _ => false,
+            })
+            .collect();
         // Candidates: (segment, page or None for a whole segment, owning stream).
         let mut cands: Vec<(usize, Option<usize>, u64)> = Vec::new();
         for &(_, stream, size, addr) in &st.free {
@@ -858,7 +872,7 @@ impl Shared {
                     mem: SegMem::Vmm(r),
                     base,
                     ..
-                }) => {
+                }) if !busy[seg] => {
                     let p = r.page_size();
                     let off = (addr - base) as usize;
                     let first = off.div_ceil(p);
