@@ -285,7 +285,7 @@ impl NumaAlloc {
     }
 }
 
-// SAFETY: small layouts are forwarded to `System` unchanged (alloc, alloc_zeroed,
+// Why the contract holds: small layouts are forwarded to `System` unchanged (alloc, alloc_zeroed,
 // realloc, dealloc all decide by `layout.size()`, and `realloc` by the old and new size,
 // so a block always returns to the allocator that made it). Large blocks are private
 // anonymous mappings of exactly `size` rounded up to a page, aligned to at least
@@ -293,6 +293,8 @@ impl NumaAlloc {
 // unmaps exactly that length; `realloc` keeps the first `min(old, new)` bytes (mremap
 // moves the pages themselves, the copy path copies them). Nothing here allocates, so
 // installing it as `#[global_allocator]` cannot recurse, and nothing panics.
+// SAFETY: as argued just above: every block returns to the allocator that made it, with
+// the size and alignment asked for, valid until it is freed.
 unsafe impl GlobalAlloc for NumaAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {

@@ -312,7 +312,8 @@ struct State {
 struct Reservation {
     device: usize,
     size: usize,
-    host: NonNull<u8>,
+    /// Lazily committed host memory of the same size: mapped pages resolve by offset.
+    host: Memory,
     /// Offset of each mapping → (size, physical handle).
     mapped: BTreeMap<usize, (usize, u64)>,
 }
@@ -329,14 +330,6 @@ impl Reservation {
             }
         }
         true
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the host mapping was made in reserve_address with this size and is
-        // owned by this reservation alone.
-        unsafe { libc::munmap(self.host.as_ptr().cast(), self.size) };
     }
 }
 
@@ -534,7 +527,7 @@ impl SimBackend {
                         }
                         // SAFETY: off + len lies inside the reservation's host mapping
                         // (covered() checked every byte is in a mapping inside it).
-                        return Ok(unsafe { r.host.as_ptr().add(off) });
+                        return Ok(unsafe { r.host.ptr.as_ptr().add(off) });
                     }
                 }
                 let (start, a) = st
@@ -1009,27 +1002,13 @@ impl Backend for SimBackend {
                 "reservation of {size} bytes is not a positive multiple of {VMM_GRANULARITY}"
             )));
         }
-        // SAFETY: a fresh anonymous private mapping; MAP_NORESERVE commits nothing until
-        // pages are touched, so large reservations cost only address space.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(Error::os("mmap", nix::errno::Errno::last()));
-        }
-        let host = NonNull::new(host.cast::<u8>()).expect("mmap never returns null on success");
+        // Untouched pages cost only address space, so reservations can be large.
+        let host =
+            Memory::zeroed(size).ok_or_else(|| Error::os("mmap", nix::errno::Errno::last()))?;
         let mut st = self.lock();
         let addr = st.next_addr[device].next_multiple_of(VMM_GRANULARITY as u64);
         let Some(next) = bump(addr, size, VMM_GRANULARITY as u64, device) else {
-            // SAFETY: the mapping made above is ours and not yet recorded anywhere.
-            unsafe { libc::munmap(host.as_ptr().cast(), size) };
+            // `host` is unmapped as it drops here.
             return Err(Error::InvalidArgument(format!(
                 "sim device {device} has used up its address space"
             )));
@@ -1168,7 +1147,11 @@ impl Backend for SimBackend {
                 // fresh physical memory would (CUDA does not promise zeros; we do).
                 // SAFETY: the range lies inside the reservation's own host mapping.
                 unsafe {
-                    libc::madvise(r.host.as_ptr().add(off).cast(), size, libc::MADV_DONTNEED)
+                    libc::madvise(
+                        r.host.ptr.as_ptr().add(off).cast(),
+                        size,
+                        libc::MADV_DONTNEED,
+                    )
                 };
                 st.physical
                     .get_mut(&h)

@@ -620,11 +620,10 @@ impl Shared {
                 base,
                 ..
             }) => {
-                let p = r.page_size();
-                let first = ((addr - base) as usize) / p;
-                let last = ((addr - base) as usize + size - 1) / p;
-                let mapped = (first..=last).filter(|i| r.is_mapped(*i)).count();
-                (mapped * p).min(size)
+                let mapped = pages_under(r, *base, addr, size)
+                    .filter(|i| r.is_mapped(*i))
+                    .count();
+                (mapped * r.page_size()).min(size)
             }
             _ => size,
         }
@@ -632,18 +631,14 @@ impl Shared {
 
     /// Pages under `addr..addr+len` not mapped yet (0 for plain segments).
     fn unmapped_pages(&self, st: &PoolState, addr: u64, len: usize) -> usize {
-        let seg = st.blocks[&addr].seg as usize;
-        match &st.segments[seg] {
+        match &st.segments[st.blocks[&addr].seg as usize] {
             Some(Segment {
                 mem: SegMem::Vmm(r),
                 base,
                 ..
-            }) => {
-                let p = r.page_size();
-                let first = ((addr - base) as usize) / p;
-                let last = ((addr - base) as usize + len - 1) / p;
-                (first..=last).filter(|i| !r.is_mapped(*i)).count()
-            }
+            }) => pages_under(r, *base, addr, len)
+                .filter(|i| !r.is_mapped(*i))
+                .count(),
             _ => 0,
         }
     }
@@ -720,11 +715,10 @@ impl Shared {
                 base,
                 ..
             }) => {
-                let p = r.page_size();
-                let first = ((addr - base) as usize) / p;
-                let last = ((addr - base) as usize + len - 1) / p;
-                let missing: Vec<usize> = (first..=last).filter(|i| !r.is_mapped(*i)).collect();
-                (*base, p, missing)
+                let missing: Vec<usize> = pages_under(r, *base, addr, len)
+                    .filter(|i| !r.is_mapped(*i))
+                    .collect();
+                (*base, r.page_size(), missing)
             }
             _ => return Ok(()),
         };
@@ -1115,6 +1109,13 @@ impl PoolState {
         self.blocks.insert(start, b);
         self.free.insert((small, b.stream, b.size, start));
     }
+}
+
+/// The pages of region `r` (based at `base`) that `addr..addr+len` touches.
+fn pages_under(r: &VmmRegion, base: u64, addr: u64, len: usize) -> std::ops::RangeInclusive<usize> {
+    let p = r.page_size();
+    let off = (addr - base) as usize;
+    off / p..=(off + len - 1) / p
 }
 
 fn compatible(a: u64, b: u64) -> bool {
