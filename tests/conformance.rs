@@ -13,6 +13,7 @@ mod fake_hip;
 use std::thread;
 
 use hetmem::backend::sim::SimConfig;
+use hetmem::pool::{Budget, HostPoolConfig, PoolConfig, StagingRing};
 use hetmem::{Advice, BackendKind, Buffer, Error, Location, Manager, NumaPolicy, Placement, Tier};
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -20,6 +21,26 @@ type Check = fn(&Manager) -> Result<(), Failed>;
 
 /// Every check, with what it needs from the backend.
 const CHECKS: &[(&str, Need, Check)] = &[
+    (
+        "pool_reuses_blocks_and_keeps_bytes",
+        Need::Device,
+        pool_reuses_blocks_and_keeps_bytes,
+    ),
+    (
+        "pool_budget_out_of_memory_and_trim",
+        Need::Device,
+        pool_budget_oom_and_trim,
+    ),
+    (
+        "staging_ring_uploads_pageable_bytes",
+        Need::Device,
+        staging_ring_uploads,
+    ),
+    (
+        "host_pool_reuses_pinned_blocks",
+        Need::Nothing,
+        host_pool_reuses_pinned_blocks,
+    ),
     (
         "alloc_free_each_placement",
         Need::Nothing,
@@ -853,4 +874,126 @@ fn before_with_peaks(
             .map(|(b, a)| fix(b, a))
             .collect(),
     }
+}
+
+// ---- pools ----------------------------------------------------------------------------
+
+fn pool_reuses_blocks_and_keeps_bytes(mgr: &Manager) -> Result<(), Failed> {
+    let pool = ok(mgr.device_pool(0, PoolConfig::default()), "device pool")?;
+    let s = ok(mgr.create_stream(0), "stream")?;
+    let n = (3 << 20) + 11;
+    let data = pattern(n, 21);
+    let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
+    let blk = ok(pool.alloc(n, &s), "pool alloc")?;
+    ok(mgr.copy_to_block(&blk, 0, &src, 0, n, &s), "host -> block")?;
+    let blk2 = ok(pool.alloc(n, &s), "second block")?;
+    let addrs = [blk.ptr(), blk2.ptr()];
+    ok(
+        mgr.copy_between_blocks(&blk2, 0, &blk, 0, n, &s),
+        "block -> block",
+    )?;
+    let mut out = ok(
+        mgr.alloc(Placement::Pinned(NumaPolicy::Default), n),
+        "alloc",
+    )?;
+    ok(
+        mgr.copy_from_block(&mut out, 0, &blk2, 0, n, &s),
+        "block -> host",
+    )?;
+    ensure(
+        checksum(ok(out.as_slice(), "slice")?) == checksum(&data),
+        "bytes through two pool blocks",
+    )?;
+    drop((blk, blk2));
+    let calls = pool.stats().num_device_alloc;
+    let again = ok(pool.alloc(n, &s), "realloc")?;
+    ensure(
+        addrs.contains(&again.ptr()),
+        "a freed block comes back on its stream",
+    )?;
+    ensure(
+        pool.stats().num_device_alloc == calls,
+        "no driver call for a cached block",
+    )
+}
+
+fn pool_budget_oom_and_trim(mgr: &Manager) -> Result<(), Failed> {
+    let budget = 64 << 20;
+    let cfg = PoolConfig {
+        budget: Budget::Bytes(budget),
+        ..PoolConfig::default()
+    };
+    let pool = ok(mgr.device_pool(0, cfg), "device pool")?;
+    let s = ok(mgr.create_stream(0), "stream")?;
+    let before = ok(mgr.backend().mem_info(0), "mem_info")?.free;
+    let a = ok(pool.alloc(40 << 20, &s), "40 MiB")?;
+    match pool.alloc(40 << 20, &s) {
+        Err(Error::OutOfMemory {
+            requested,
+            reserved: Some(r),
+            largest_free_block: Some(_),
+            ..
+        }) if requested == 40 << 20 && r <= budget => {}
+        other => return Err(format!("expected the pool's OutOfMemory, got {other:?}").into()),
+    }
+    drop(a);
+    let b = ok(pool.alloc(40 << 20, &s), "40 MiB again after the free")?;
+    drop(b);
+    ok(pool.trim(), "trim")?;
+    ensure(
+        pool.reserved() == 0,
+        format!("{} bytes still reserved after trim", pool.reserved()),
+    )?;
+    let after = ok(mgr.backend().mem_info(0), "mem_info")?.free;
+    // Other tests share a real device: allow for their use, not for ours.
+    ensure(
+        after + (32 << 20) >= before,
+        format!("device free {after} after trim, {before} before"),
+    )
+}
+
+fn staging_ring_uploads(mgr: &Manager) -> Result<(), Failed> {
+    let host = ok(mgr.host_pool(HostPoolConfig::default()), "host pool")?;
+    let pool = ok(mgr.device_pool(0, PoolConfig::default()), "device pool")?;
+    let s = ok(mgr.create_stream(0), "stream")?;
+    let mut ring = ok(
+        StagingRing::new(&host, &NumaPolicy::NearDevice(0), 3, 1 << 20, 2),
+        "ring",
+    )?;
+    let data = pattern((7 << 20) + 5, 33); // pageable
+    let blk = ok(pool.alloc(data.len(), &s), "block")?;
+    ok(ring.upload(&data, &blk, 0, &s), "upload")?;
+    let mut out = ok(
+        mgr.alloc(Placement::Pinned(NumaPolicy::Default), data.len()),
+        "alloc",
+    )?;
+    ok(
+        mgr.copy_from_block(&mut out, 0, &blk, 0, data.len(), &s),
+        "block -> host",
+    )?;
+    ensure(
+        checksum(ok(out.as_slice(), "slice")?) == checksum(&data),
+        "bytes through the staging ring",
+    )
+}
+
+fn host_pool_reuses_pinned_blocks(mgr: &Manager) -> Result<(), Failed> {
+    let host = ok(mgr.host_pool(HostPoolConfig::default()), "host pool")?;
+    let mut a = ok(
+        host.alloc_pinned(&NumaPolicy::Default, 3 << 20),
+        "pinned block",
+    )?;
+    ok(a.as_mut_slice(), "bytes")?.fill(5);
+    let addr = a.as_ptr();
+    let regs = host.stats().pinned.registrations;
+    drop(a);
+    let b = ok(host.alloc_pinned(&NumaPolicy::Default, 3 << 20), "again")?;
+    ensure(
+        b.as_ptr() == addr && b.is_pinned(),
+        "the cached pinned block comes back",
+    )?;
+    ensure(
+        host.stats().pinned.registrations == regs,
+        "not registered again",
+    )
 }
