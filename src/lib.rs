@@ -27,6 +27,7 @@ pub mod placement;
 pub mod pool;
 pub mod stats;
 pub mod stream;
+pub mod tier;
 pub mod topology;
 
 pub use backend::sim::{SimBackend, SimConfig};
