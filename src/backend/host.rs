@@ -60,6 +60,24 @@ pub fn available_memory() -> usize {
     }
 }
 
+/// Maps all of `file` read-only into this process (`PROT_READ`, `MAP_SHARED`), for
+/// parameters read straight out of a file with no host copy.
+///
+/// Known limitation (the one `memmap2` documents for every file mapping): the mapping
+/// stays coherent with the file, so if another process truncates the file while it is
+/// mapped, reading the pages past the new end raises `SIGBUS`, and if it rewrites the
+/// bytes, readers see the new bytes under a `&[u8]` that promised them immutable.
+/// Callers map files they own (model files at rest); nothing in this process writes them.
+pub(crate) fn map_file_readonly(file: &std::fs::File) -> Result<memmap2::Mmap> {
+    // SAFETY: the mapping is read-only (`Mmap`, never `MmapMut`) and backed by a file this
+    // process only reads; `memmap2` maps the whole file length it reads with `fstat`, so
+    // every byte of the returned slice lies inside the file at mapping time. The one
+    // case outside our control, another process truncating or rewriting the file while
+    // it is mapped, is the limitation documented above.
+    unsafe { memmap2::Mmap::map(file) }
+        .map_err(|e| Error::os("mmap", e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
+}
+
 /// One `kB` field of a meminfo file (`/proc/meminfo`, a node's `meminfo`,
 /// `/proc/self/status`) in bytes; `Ok(None)` when the field is absent. `node: Some(n)`
 /// expects lines prefixed `Node n`.

@@ -4,3 +4,4 @@
 //!   by recency, and the optimum a streaming pass is measured against.
 
 pub mod policy;
+pub mod source;
