@@ -37,4 +37,5 @@ pub use manager::{Buffer, Device, Manager, ManagerBuilder, ManagerStats};
 pub use placement::{Advice, Location, NumaPolicy, Placement, Tier};
 pub use stats::CounterSnapshot;
 pub use stream::{Event, Stream};
+pub use tier::{ParamGuard, TierConfig, TierStore};
 pub use topology::{NumaNode, Topology};

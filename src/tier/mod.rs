@@ -2,6 +2,11 @@
 //!
 //! - [`policy`]: which parameter to evict, by the execution sequence (Belady's MIN) or
 //!   by recency, and the optimum a streaming pass is measured against.
+//! - [`source`]: where a parameter's bytes come from (host memory, mapped safetensors).
+//! - [`store`]: the [`TierStore`] itself: residency, loads, eviction, prefetch, hints.
 
 pub mod policy;
 pub mod source;
+pub mod store;
+
+pub use store::{ParamGuard, Residency, SequenceHint, TierConfig, TierStats, TierStore};

@@ -125,6 +125,26 @@ impl Eviction {
         }
     }
 
+    /// How many steps from the step last executed until `id` is used next, under the
+    /// sequence policy (`None` under LRU, or for an id the sequence never uses).
+    pub fn next_use(&self, id: ParamId) -> Option<usize> {
+        match &self.policy {
+            Policy::Sequence(seq) => seq.distance_to_next_use(id, self.pos),
+            Policy::Lru => None,
+        }
+    }
+
+    /// The ids used in the next `n` steps after the step last executed, nearest first
+    /// (empty under LRU).
+    pub fn upcoming(&self, n: usize) -> Vec<ParamId> {
+        match &self.policy {
+            Policy::Sequence(seq) if !seq.is_empty() => (1..=n)
+                .map(|k| seq.order()[(self.pos + k) % seq.len()])
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Forgets `id` (it left the tier).
     pub fn forget(&mut self, id: ParamId) {
         self.last_use.remove(&id);

@@ -1,0 +1,998 @@
+//! The tiered parameter store: parameters live on the device (under a budget), in
+//! pinned host memory (under a budget), or cold in their [`Source`] (a mapped
+//! safetensors file or host bytes), and move between those tiers as the runtime uses
+//! them.
+//!
+//! ```
+//! use hetmem::{BackendKind, Manager, TierConfig, TierStore};
+//!
+//! let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
+//! let store = TierStore::new(&mgr, TierConfig::new(8 << 20, 64 << 20))?;
+//! let w = store.register("layer.0", vec![3u8; 4 << 20].into())?;
+//! let stream = mgr.create_stream(0)?;
+//! let guard = store.acquire(w, &stream)?;   // the stream waits for the load, the host does not
+//! let _ptr = guard.ptr();                   // valid for work queued on `stream` from now on
+//! drop(guard);                              // the use ends after that work
+//! # Ok::<(), hetmem::Error>(())
+//! ```
+//!
+//! # Tiers and copies
+//!
+//! - **Device**: one [`PoolBlock`] per resident parameter from the store's own
+//!   [`DevicePool`]; the bytes of resident parameters (rounded to 512) never exceed the
+//!   device budget.
+//! - **Pinned host**: the first time a parameter is loaded, its source bytes are
+//!   copied once into a pinned [`HostBlock`] if the host budget has room. From then on
+//!   that block *is* the parameter's host copy: the store drops its reference to the
+//!   source (a host `Arc` the caller does not share is freed; a mapped slice lets go
+//!   of its file range), so the store holds at most one host copy of each parameter.
+//!   Loads from the pinned tier are a single asynchronous copy on the store's copy
+//!   stream followed by an event; the host never blocks, so prefetching layer N+1
+//!   overlaps the compute of layer N.
+//! - **Cold**: parameters beyond the host budget are loaded from their source through
+//!   the [`StagingRing`], which blocks the calling thread (with the store's lock held)
+//!   while it fills its slots. Fine for a first pass; a steady state wants the host
+//!   budget to cover the model.
+//!
+//! The host budget covers the pinned parameter copies *and* the staging ring.
+//! [`TierStats::host_bytes`] reports exactly that; pages of mapped files still cold
+//! are the page cache's and are reported separately ([`TierStats::mapped_bytes`]).
+//!
+//! # Residency and concurrency
+//!
+//! One mutex guards the store's state. Every transition (load, eviction, write-back,
+//! reference counting) happens under it, so concurrent callers see a parameter as
+//! cold, on the host, loading, or on the device with a reference count
+//! ([`Residency`]). Eviction, write-back included, completes under the lock, so an
+//! "evicting" state is never observable. The lock is held while waiting on the GPU
+//! only on slow paths: the staging ring on cold loads, the write-back of dirty
+//! parameters, and checksum verification.
+//!
+//! # Eviction
+//!
+//! Candidates are device-resident parameters with no guard and not kept resident
+//! ([`TierStore::keep_resident`]). The lowest [`TierStore::priority`] class goes first;
+//! within it the [`Eviction`] policy picks: the one needed farthest in the future along
+//! the execution sequence (Belady's MIN) when one is known, else the least recently
+//! used. A demand load skips the parameter released last (its kernel may still run, so
+//! reusing its memory would serialise the load behind it) whenever another candidate
+//! exists. A prefetch evicts only parameters needed later than the one it loads.
+//!
+//! A parameter marked dirty ([`ParamGuard::mark_dirty`]) is copied back before its
+//! device copy is dropped: into its pinned block, or into a new pinned block if the
+//! host budget has room, or else into a new host buffer that replaces its source (a
+//! mapped source is never written).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::copy;
+use crate::backend::DevicePtr;
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+use crate::placement::{NumaPolicy, Tier};
+use crate::pool::host::size_class;
+use crate::pool::{
+    Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, StagingRing,
+};
+use crate::stream::{Event, Stream};
+use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
+use crate::tier::source::{SafetensorsFile, Source};
+
+/// Device allocations are rounded to this (the pool's granularity).
+const DEVICE_ROUND: usize = 512;
+/// Pool pages: the pool's own budget is the device budget rounded up to these.
+const POOL_PAGE: usize = 2 << 20;
+
+/// Where the execution sequence comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SequenceHint {
+    /// The runtime knows it: one pass, in order (ids may repeat).
+    Given(Vec<ParamId>),
+    /// Record the order of [`TierStore::acquire`] calls during the first pass and
+    /// install it when the first id comes round again; drop it (back to LRU, learning
+    /// again) when later acquires leave it.
+    Learn,
+    /// No sequence: LRU eviction, no prefetching along a sequence.
+    None,
+}
+
+/// Settings of a [`TierStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierConfig {
+    /// The device the parameters are loaded onto.
+    pub device: usize,
+    /// Most device bytes resident parameters may use (each rounded up to 512).
+    pub device_budget: usize,
+    /// Most pinned host bytes: the staging ring plus the pinned parameter copies.
+    pub host_budget: usize,
+    /// How many upcoming parameters of the sequence [`TierStore::acquire`] prefetches.
+    pub prefetch_depth: usize,
+    /// The execution sequence, given or learnt.
+    pub sequence: SequenceHint,
+    /// Verify every load against a checksum taken at registration (or write-back) by
+    /// copying the bytes back; slow, for tests and debugging.
+    pub checksums: bool,
+    /// Slots of the staging ring (at least 2).
+    pub staging_slots: usize,
+    /// Bytes per staging slot.
+    pub staging_slot_size: usize,
+    /// Host threads that fill a staging slot.
+    pub staging_threads: usize,
+}
+
+impl TierConfig {
+    /// Device 0, the given budgets, prefetch depth 2, no sequence, no checksums, and a
+    /// staging ring of 4 slots of 4 MiB filled by 2 threads.
+    pub fn new(device_budget: usize, host_budget: usize) -> Self {
+        TierConfig {
+            device: 0,
+            device_budget,
+            host_budget,
+            prefetch_depth: 2,
+            sequence: SequenceHint::None,
+            checksums: false,
+            staging_slots: 4,
+            staging_slot_size: 4 << 20,
+            staging_threads: 2,
+        }
+    }
+}
+
+/// Where a parameter is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// Only in its source (mapped file or host bytes the caller gave).
+    Cold,
+    /// In a pinned host block, not on the device.
+    Host,
+    /// On the device, its load queued but not known to be done.
+    Loading {
+        /// Guards held.
+        refs: u32,
+    },
+    /// On the device, loaded.
+    Device {
+        /// Guards held.
+        refs: u32,
+    },
+}
+
+/// What a [`TierStore`] has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierStats {
+    /// Acquires that found the parameter on the device (loaded or loading).
+    pub hits: u64,
+    /// Acquires that had to load the parameter.
+    pub misses: u64,
+    /// Loads, demand and prefetch.
+    pub loads: u64,
+    /// Of which prefetches.
+    pub prefetches: u64,
+    /// Bytes copied host→device by loads.
+    pub bytes_loaded: u64,
+    /// Loads that went through the staging ring (cold, unpinned source).
+    pub staged_loads: u64,
+    /// Device copies dropped.
+    pub evictions: u64,
+    /// Dirty parameters copied back before their device copy was dropped.
+    pub writebacks: u64,
+    /// Bytes copied device→host by write-backs.
+    pub writeback_bytes: u64,
+    /// Loads whose bytes on the device did not match the checksum.
+    pub checksum_mismatches: u64,
+    /// Times a learnt sequence was installed.
+    pub sequences_learnt: u64,
+    /// Times a learnt sequence was dropped because acquires left it.
+    pub sequences_dropped: u64,
+    /// Device bytes of resident parameters now (each rounded up to 512).
+    pub device_bytes: usize,
+    /// The most `device_bytes` has been.
+    pub device_peak_bytes: usize,
+    /// Pinned host bytes now: parameter copies plus the staging ring.
+    pub host_bytes: usize,
+    /// The most `host_bytes` has been.
+    pub host_peak_bytes: usize,
+    /// Bytes of parameters whose one host copy is a mapped file range (the page cache's
+    /// memory, not counted in `host_bytes`).
+    pub mapped_bytes: usize,
+}
+
+/// A parameter's device copy.
+#[derive(Debug)]
+struct DevCopy {
+    block: Arc<PoolBlock>,
+    /// Recorded on the copy stream after the load.
+    ready: Event,
+}
+
+/// A parameter's one host copy.
+#[derive(Debug)]
+enum HostCopy {
+    Cold(Source),
+    Pinned(HostBlock),
+}
+
+#[derive(Debug)]
+struct Param {
+    name: String,
+    size: usize,
+    host: HostCopy,
+    dev: Option<DevCopy>,
+    refs: u32,
+    /// The device copy is newer than the host copy.
+    dirty: bool,
+    keep: bool,
+    priority: i32,
+    /// Events recorded by guards when they were dropped (work queued up to the end of
+    /// each use), since the last load.
+    uses: Vec<Event>,
+    checksum: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Resources {
+    device: usize,
+    device_budget: usize,
+    pinned_cap: usize,
+    ring_bytes: usize,
+    prefetch_depth: usize,
+    learn: bool,
+    checksums: bool,
+    pool: DevicePool,
+    host: HostPool,
+    copy: Stream,
+}
+
+#[derive(Debug)]
+struct State {
+    params: Vec<Param>,
+    names: HashMap<String, ParamId>,
+    ev: Eviction,
+    /// Acquire order of the pass being learnt (Learn mode, while no sequence is in force).
+    learning: Vec<ParamId>,
+    last_released: Option<ParamId>,
+    /// Device bytes of resident parameters.
+    used: usize,
+    /// Pinned bytes of parameter copies (size classes).
+    pinned: usize,
+    ring: StagingRing,
+    stats: TierStats,
+}
+
+#[derive(Debug)]
+struct Shared {
+    res: Resources,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The tiered parameter store; see the [module documentation](self). Cheap to clone:
+/// clones share the store, and it may be used from any number of threads.
+#[derive(Debug, Clone)]
+pub struct TierStore {
+    shared: Arc<Shared>,
+}
+
+/// A parameter in use on the device. Its pointer is valid for work queued on the
+/// guard's stream after [`TierStore::acquire`] returned and until the guard is
+/// dropped; the store does not reuse the memory before that work is done.
+#[derive(Debug)]
+pub struct ParamGuard {
+    shared: Arc<Shared>,
+    id: ParamId,
+    block: Arc<PoolBlock>,
+    stream: Stream,
+    dirty: bool,
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn device_bytes(size: usize) -> usize {
+    size.next_multiple_of(DEVICE_ROUND)
+}
+
+fn pinned_bytes(size: usize) -> usize {
+    size_class(size).unwrap_or(usize::MAX)
+}
+
+impl TierStore {
+    /// A store over `mgr`'s device `cfg.device`, with its own device pool, host pool,
+    /// copy stream and staging ring.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a zero device budget, a host budget smaller than
+    /// the staging ring, or a bad ring shape; the pools' and streams' errors.
+    pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
+        if cfg.device_budget == 0 {
+            return Err(Error::InvalidArgument(
+                "a tier store needs a device budget above zero".into(),
+            ));
+        }
+        let ring_bytes = cfg
+            .staging_slots
+            .saturating_mul(pinned_bytes(cfg.staging_slot_size.max(1)));
+        if cfg.host_budget < ring_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "the host budget ({} bytes) is smaller than the staging ring ({} slots of \
+                 {} bytes = {ring_bytes} pinned bytes)",
+                cfg.host_budget, cfg.staging_slots, cfg.staging_slot_size
+            )));
+        }
+        let pool = mgr.device_pool(
+            cfg.device,
+            PoolConfig {
+                // The store keeps its own exact account; the pool's budget only adds the
+                // page rounding of its segments.
+                budget: Budget::Bytes(cfg.device_budget.next_multiple_of(POOL_PAGE) + POOL_PAGE),
+                ..PoolConfig::default()
+            },
+        )?;
+        let host = mgr.host_pool(HostPoolConfig {
+            pinned_budget: Some(cfg.host_budget),
+            ..HostPoolConfig::default()
+        })?;
+        let copy = mgr.create_stream(cfg.device)?;
+        let ring = StagingRing::new(
+            &host,
+            &NumaPolicy::NearDevice(cfg.device),
+            cfg.staging_slots,
+            cfg.staging_slot_size,
+            cfg.staging_threads,
+        )?;
+        let ev = match &cfg.sequence {
+            SequenceHint::Given(order) if !order.is_empty() => {
+                Eviction::new(Policy::Sequence(Sequence::new(order.clone())))
+            }
+            _ => Eviction::new(Policy::Lru),
+        };
+        let stats = TierStats {
+            host_bytes: ring_bytes,
+            host_peak_bytes: ring_bytes,
+            ..TierStats::default()
+        };
+        tracing::info!(target: "hetmem", device = cfg.device, device_budget = cfg.device_budget,
+            host_budget = cfg.host_budget, "tier store ready");
+        Ok(TierStore {
+            shared: Arc::new(Shared {
+                res: Resources {
+                    device: cfg.device,
+                    device_budget: cfg.device_budget,
+                    pinned_cap: cfg.host_budget - ring_bytes,
+                    ring_bytes,
+                    prefetch_depth: cfg.prefetch_depth,
+                    learn: cfg.sequence == SequenceHint::Learn,
+                    checksums: cfg.checksums,
+                    pool,
+                    host,
+                    copy,
+                },
+                state: Mutex::new(State {
+                    params: Vec::new(),
+                    names: HashMap::new(),
+                    ev,
+                    learning: Vec::new(),
+                    last_released: None,
+                    used: 0,
+                    pinned: 0,
+                    ring,
+                    stats,
+                }),
+            }),
+        })
+    }
+
+    /// Registers a parameter called `name` whose bytes are `source`. It starts cold.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSize`] for an empty source; [`Error::OutOfMemory`] for a
+    /// parameter larger than the device budget (it could never be loaded);
+    /// [`Error::InvalidArgument`] for a name already registered.
+    pub fn register(&self, name: &str, source: Source) -> Result<ParamId> {
+        let res = &self.shared.res;
+        let size = source.len();
+        if size == 0 {
+            return Err(Error::InvalidSize {
+                requested: 0,
+                reason: "a parameter needs at least one byte",
+            });
+        }
+        if device_bytes(size) > res.device_budget {
+            return Err(Error::oom(
+                Tier::Device(res.device),
+                size,
+                res.device_budget,
+            ));
+        }
+        let checksum = res.checksums.then(|| fnv1a(source.bytes()));
+        let mut st = self.shared.lock();
+        if st.names.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "a parameter named `{name}` is already registered"
+            )));
+        }
+        let id = ParamId::try_from(st.params.len())
+            .map_err(|_| Error::InvalidArgument("too many parameters".into()))?;
+        st.params.push(Param {
+            name: name.to_owned(),
+            size,
+            host: HostCopy::Cold(source),
+            dev: None,
+            refs: 0,
+            dirty: false,
+            keep: false,
+            priority: 0,
+            uses: Vec::new(),
+            checksum,
+        });
+        st.names.insert(name.to_owned(), id);
+        tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
+        Ok(id)
+    }
+
+    /// Registers every tensor of `file`, in file order, under its own name.
+    ///
+    /// # Errors
+    /// As [`TierStore::register`] (an empty tensor is refused). Tensors registered
+    /// before the failing one stay registered.
+    pub fn register_safetensors(&self, file: &SafetensorsFile) -> Result<Vec<ParamId>> {
+        file.tensors()
+            .iter()
+            .map(|t| self.register(&t.name, file.source(&t.name)?))
+            .collect()
+    }
+
+    /// The id of the parameter called `name`.
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.shared.lock().names.get(name).copied()
+    }
+
+    /// The name of parameter `id`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id.
+    pub fn name(&self, id: ParamId) -> Result<String> {
+        let st = self.shared.lock();
+        Ok(param(&st, id)?.name.clone())
+    }
+
+    /// How many parameters are registered.
+    pub fn len(&self) -> usize {
+        self.shared.lock().params.len()
+    }
+
+    /// Whether no parameter is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The copy stream loads run on (for timing and interop).
+    pub fn copy_stream(&self) -> &Stream {
+        &self.shared.res.copy
+    }
+
+    /// Makes parameter `id` usable on the device for work queued on `stream` from now
+    /// on: loads it if needed (evicting others), makes `stream` wait for the load
+    /// (the host does not wait, except on the cold staging path), and then prefetches
+    /// the next parameters of the sequence within the budget.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id; [`Error::OutOfMemory`] when every
+    /// device-resident parameter is acquired or kept resident and there is no room.
+    pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
+        let sh = &self.shared;
+        let res = &sh.res;
+        let mut st = sh.lock();
+        param(&st, id)?;
+        note_use(res, &mut st, id);
+        if st.params[id as usize].dev.is_some() {
+            st.stats.hits += 1;
+        } else {
+            if !load(res, &mut st, id, Need::Demand)? {
+                let free = res.device_budget.saturating_sub(st.used);
+                return Err(Error::oom(
+                    Tier::Device(res.device),
+                    st.params[id as usize].size,
+                    free,
+                ));
+            }
+            st.stats.misses += 1;
+        }
+        let p = &mut st.params[id as usize];
+        let dev = p.dev.as_ref().expect("loaded above");
+        stream.wait(&dev.ready)?;
+        dev.block.record_stream(stream)?;
+        let block = Arc::clone(&dev.block);
+        p.refs += 1;
+        st.ev.touch(id);
+        let guard = ParamGuard {
+            shared: Arc::clone(sh),
+            id,
+            block,
+            stream: stream.clone(),
+            dirty: false,
+        };
+        for (k, next) in st.ev.upcoming(res.prefetch_depth).into_iter().enumerate() {
+            if st.params.get(next as usize).is_none_or(|p| p.dev.is_some()) {
+                continue;
+            }
+            match load(res, &mut st, next, Need::Prefetch(k + 1)) {
+                Ok(true) => st.stats.prefetches += 1,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!(target: "hetmem", id = next, error = %e, "prefetch failed");
+                    break;
+                }
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Loads `id` now if it is not on the device and room can be made without evicting
+    /// anything acquired, kept resident, or (with a sequence) needed sooner than `id`.
+    /// Returns whether `id` is on the device afterwards.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id; errors of the copy.
+    pub fn prefetch(&self, id: ParamId) -> Result<bool> {
+        let res = &self.shared.res;
+        let mut st = self.shared.lock();
+        param(&st, id)?;
+        if st.params[id as usize].dev.is_some() {
+            return Ok(true);
+        }
+        let need = match st.ev.next_use(id) {
+            Some(d) => Need::Prefetch(d),
+            None => Need::Hint,
+        };
+        let loaded = load(res, &mut st, id, need)?;
+        if loaded {
+            st.stats.prefetches += 1;
+        }
+        Ok(loaded)
+    }
+
+    /// The runtime will need `id` soon: [`TierStore::prefetch`].
+    ///
+    /// # Errors
+    /// As [`TierStore::prefetch`].
+    pub fn will_need(&self, id: ParamId) -> Result<bool> {
+        self.prefetch(id)
+    }
+
+    /// The runtime will not need `id` for a while: drops its device copy now (writing
+    /// it back if dirty) unless it is acquired. Returns whether it was dropped.
+    /// A parameter kept resident is dropped too: the hint is explicit.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id; errors of the write-back.
+    pub fn dont_need(&self, id: ParamId) -> Result<bool> {
+        let res = &self.shared.res;
+        let mut st = self.shared.lock();
+        let p = param(&st, id)?;
+        if p.dev.is_none() || p.refs > 0 {
+            return Ok(false);
+        }
+        evict(res, &mut st, id)?;
+        Ok(true)
+    }
+
+    /// Keeps `id` on the device once loaded (`true`) or lets it be evicted again.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id.
+    pub fn keep_resident(&self, id: ParamId, keep: bool) -> Result<()> {
+        let mut st = self.shared.lock();
+        param(&st, id)?;
+        st.params[id as usize].keep = keep;
+        Ok(())
+    }
+
+    /// Sets `id`'s eviction priority (default 0): the lowest priority among the
+    /// candidates is evicted first; the policy chooses within it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id.
+    pub fn priority(&self, id: ParamId, priority: i32) -> Result<()> {
+        let mut st = self.shared.lock();
+        param(&st, id)?;
+        st.params[id as usize].priority = priority;
+        Ok(())
+    }
+
+    /// Where `id` is now.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id.
+    pub fn residency(&self, id: ParamId) -> Result<Residency> {
+        let st = self.shared.lock();
+        let p = param(&st, id)?;
+        Ok(match (&p.dev, &p.host) {
+            (Some(d), _) => {
+                if d.ready.is_done()? {
+                    Residency::Device { refs: p.refs }
+                } else {
+                    Residency::Loading { refs: p.refs }
+                }
+            }
+            (None, HostCopy::Pinned(_)) => Residency::Host,
+            (None, HostCopy::Cold(_)) => Residency::Cold,
+        })
+    }
+
+    /// The execution sequence in force (given or learnt), if any.
+    pub fn sequence(&self) -> Option<Vec<ParamId>> {
+        match self.shared.lock().ev.policy() {
+            Policy::Sequence(s) => Some(s.order().to_vec()),
+            Policy::Lru => None,
+        }
+    }
+
+    /// Reads parameter `id`'s current bytes (from the device if it is resident there,
+    /// after the work queued on the copy stream and by finished guards; else from its
+    /// host copy). Synchronous: for tests and checks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown id; copy errors.
+    pub fn read(&self, id: ParamId) -> Result<Vec<u8>> {
+        let st = self.shared.lock();
+        let p = param(&st, id)?;
+        let mut out = vec![0u8; p.size];
+        match &p.dev {
+            Some(d) => {
+                d.ready.synchronize()?;
+                for e in &p.uses {
+                    e.synchronize()?;
+                }
+                d.block.read(0, &mut out)?;
+            }
+            None => out.copy_from_slice(host_bytes(&p.host, p.size)?),
+        }
+        Ok(out)
+    }
+
+    /// What the store has done, and its memory now.
+    pub fn stats(&self) -> TierStats {
+        let st = self.shared.lock();
+        let mut s = st.stats;
+        s.mapped_bytes = st
+            .params
+            .iter()
+            .filter_map(|p| match &p.host {
+                HostCopy::Cold(src) if src.is_mapped() => Some(p.size),
+                _ => None,
+            })
+            .sum();
+        s
+    }
+}
+
+impl ParamGuard {
+    /// The parameter.
+    pub fn id(&self) -> ParamId {
+        self.id
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> DevicePtr {
+        self.block.ptr()
+    }
+
+    /// The parameter's size in bytes.
+    pub fn len(&self) -> usize {
+        self.block.len()
+    }
+
+    /// Always false: empty parameters are refused.
+    pub fn is_empty(&self) -> bool {
+        self.block.is_empty()
+    }
+
+    /// The device block (for synchronous reads and writes in tests and set-up).
+    pub fn block(&self) -> &PoolBlock {
+        &self.block
+    }
+
+    /// The stream the guard was acquired for.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Says the device copy has been (or will be, by work on the stream) written: it is
+    /// copied back to the host before it is dropped.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Ends the use (the same as dropping the guard).
+    pub fn release(self) {}
+}
+
+impl Drop for ParamGuard {
+    fn drop(&mut self) {
+        let done = match self.stream.record() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                // No event: wait for the work instead, so the memory is never reused
+                // under it.
+                tracing::error!(target: "hetmem", id = self.id, error = %e,
+                    "cannot record the end of a parameter's use; synchronising");
+                if let Err(e) = self.stream.synchronize() {
+                    tracing::error!(target: "hetmem", id = self.id, error = %e,
+                        "cannot synchronise the stream either");
+                }
+                None
+            }
+        };
+        let mut st = self.shared.lock();
+        let p = &mut st.params[self.id as usize];
+        p.refs = p.refs.saturating_sub(1);
+        p.dirty |= self.dirty;
+        if let Some(e) = done {
+            if p.uses.len() >= 4 {
+                p.uses.retain(|e| !e.is_done().unwrap_or(false));
+            }
+            p.uses.push(e);
+        }
+        st.last_released = Some(self.id);
+    }
+}
+
+fn param(st: &State, id: ParamId) -> Result<&Param> {
+    st.params.get(id as usize).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "no parameter with id {id} ({} registered)",
+            st.params.len()
+        ))
+    })
+}
+
+fn host_bytes(host: &HostCopy, size: usize) -> Result<&[u8]> {
+    Ok(match host {
+        HostCopy::Cold(src) => src.bytes(),
+        HostCopy::Pinned(b) => &b.as_slice()?[..size],
+    })
+}
+
+/// Sequence learning (Learn mode): record, install, or drop on deviation.
+fn note_use(res: &Resources, st: &mut State, id: ParamId) {
+    if !res.learn {
+        return;
+    }
+    if matches!(st.ev.policy(), Policy::Sequence(_)) {
+        if st.ev.next_use(id) == Some(1) {
+            return;
+        }
+        tracing::info!(target: "hetmem", id, "acquire left the learnt sequence; learning again");
+        st.ev = Eviction::new(Policy::Lru);
+        st.learning = vec![id];
+        st.stats.sequences_dropped += 1;
+        return;
+    }
+    if st.learning.len() > 1 && st.learning[0] == id {
+        let order = std::mem::take(&mut st.learning);
+        tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
+        st.ev = Eviction::new(Policy::Sequence(Sequence::new(order)));
+        st.stats.sequences_learnt += 1;
+    } else {
+        st.learning.push(id);
+    }
+}
+
+/// Why a load is made: it decides what may be evicted for it.
+#[derive(Debug, Clone, Copy)]
+enum Need {
+    /// An acquire: anything not acquired or kept, preferring not the last released.
+    Demand,
+    /// Needed in this many steps: only what is needed later (or never) may go.
+    Prefetch(usize),
+    /// A hint with no sequence: as a demand load.
+    Hint,
+}
+
+fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<ParamId> {
+    let mut cands: Vec<ParamId> = st
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| p.dev.is_some() && p.refs == 0 && !p.keep && *i != exclude as usize)
+        .map(|(i, _)| i as ParamId)
+        .filter(|id| match need {
+            Need::Prefetch(k) => st.ev.next_use(*id).is_none_or(|d| d > k),
+            Need::Demand | Need::Hint => true,
+        })
+        .collect();
+    if matches!(need, Need::Demand) && cands.len() > 1 {
+        if let Some(last) = st.last_released {
+            cands.retain(|c| *c != last);
+        }
+    }
+    let lowest = cands
+        .iter()
+        .map(|c| st.params[*c as usize].priority)
+        .min()?;
+    cands.retain(|c| st.params[*c as usize].priority == lowest);
+    st.ev.victim(cands)
+}
+
+/// Drops `id`'s device copy (writing it back first if dirty). Returns the block (if no
+/// guard still holds it) and the events its last uses left, for reuse.
+fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlock>, Vec<Event>)> {
+    let idx = id as usize;
+    if st.params[idx].dirty {
+        write_back(res, st, id)?;
+    }
+    let p = &mut st.params[idx];
+    let dev = p.dev.take().expect("evicting a resident parameter");
+    let uses = std::mem::take(&mut p.uses);
+    let size = p.size;
+    st.used -= device_bytes(size);
+    st.ev.forget(id);
+    st.stats.evictions += 1;
+    st.stats.device_bytes = st.used;
+    tracing::debug!(target: "hetmem", id, size, "evicted");
+    Ok((Arc::try_unwrap(dev.block).ok(), uses))
+}
+
+fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
+    let idx = id as usize;
+    let size = st.params[idx].size;
+    // Promote to the pinned tier if there is room: the write-back is then one copy.
+    if matches!(st.params[idx].host, HostCopy::Cold(_))
+        && st.pinned + pinned_bytes(size) <= res.pinned_cap
+    {
+        if let Ok(b) = res
+            .host
+            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
+        {
+            st.pinned += b.capacity();
+            st.params[idx].host = HostCopy::Pinned(b);
+            note_host(res, st);
+        }
+    }
+    let p = &mut st.params[idx];
+    let dev = p.dev.as_ref().expect("writing back a resident parameter");
+    for e in &p.uses {
+        res.copy.wait(e)?;
+    }
+    match &mut p.host {
+        HostCopy::Pinned(b) => {
+            dev.block
+                .with_end(|s| copy::copy(b.mem(), 0, s, 0, size, Some(&*res.copy.inner)))?;
+            res.copy.synchronize()?;
+        }
+        HostCopy::Cold(src) => {
+            res.copy.synchronize()?;
+            let mut bytes = vec![0u8; size];
+            dev.block.read(0, &mut bytes)?;
+            *src = Source::Host(bytes.into());
+        }
+    }
+    if res.checksums {
+        p.checksum = Some(fnv1a(host_bytes(&p.host, size)?));
+    }
+    p.dirty = false;
+    st.stats.writebacks += 1;
+    st.stats.writeback_bytes += size as u64;
+    tracing::debug!(target: "hetmem", id, size, "written back");
+    Ok(())
+}
+
+fn note_host(res: &Resources, st: &mut State) {
+    st.stats.host_bytes = st.pinned + res.ring_bytes;
+    st.stats.host_peak_bytes = st.stats.host_peak_bytes.max(st.stats.host_bytes);
+}
+
+/// Makes room for `id` (as `need` allows) and queues its load. Returns false, with
+/// nothing changed but possibly some evictions, when no room could be made.
+fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool> {
+    let idx = id as usize;
+    let size = st.params[idx].size;
+    let dsize = device_bytes(size);
+    let mut spare: Option<(PoolBlock, Vec<Event>)> = None;
+    while st.used + dsize > res.device_budget {
+        let Some(v) = pick_victim(st, id, need) else {
+            return Ok(false);
+        };
+        let (block, uses) = evict(res, st, v)?;
+        if spare.is_none() {
+            spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+        }
+    }
+    let block = match spare {
+        // The victim's block, same size: the copy stream waits for the victim's last
+        // uses (not for everything queued since, as a free to the pool would).
+        Some((b, uses)) => {
+            for e in &uses {
+                res.copy.wait(e)?;
+            }
+            b
+        }
+        None => loop {
+            match res.pool.alloc(size, &res.copy) {
+                Ok(b) => break b,
+                Err(e @ Error::OutOfMemory { .. }) => {
+                    // Pool pages can be fragmented; give up another resident parameter.
+                    let Some(v) = pick_victim(st, id, need) else {
+                        return Err(e);
+                    };
+                    evict(res, st, v)?;
+                }
+                Err(e) => return Err(e),
+            }
+        },
+    };
+    // Promote a cold parameter to the pinned tier if the host budget has room.
+    if matches!(st.params[idx].host, HostCopy::Cold(_))
+        && st.pinned + pinned_bytes(size) <= res.pinned_cap
+    {
+        match res
+            .host
+            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
+        {
+            Ok(mut b) => {
+                if let HostCopy::Cold(src) = &st.params[idx].host {
+                    b.as_mut_slice()?[..size].copy_from_slice(src.bytes());
+                }
+                st.pinned += b.capacity();
+                st.params[idx].host = HostCopy::Pinned(b);
+                note_host(res, st);
+            }
+            Err(e) => {
+                tracing::debug!(target: "hetmem", id, error = %e,
+                    "no pinned copy; loading through the staging ring");
+            }
+        }
+    }
+    let State {
+        params,
+        ring,
+        stats,
+        ..
+    } = &mut *st;
+    match &params[idx].host {
+        HostCopy::Pinned(h) => {
+            block.with_end(|d| copy::copy(d, 0, h.mem(), 0, size, Some(&*res.copy.inner)))?;
+        }
+        HostCopy::Cold(src) => {
+            ring.upload(src.bytes(), &block, 0, &res.copy)?;
+            stats.staged_loads += 1;
+        }
+    }
+    let ready = res.copy.record()?;
+    let p = &mut st.params[idx];
+    if let Some(expected) = p.checksum {
+        ready.synchronize()?;
+        let mut back = vec![0u8; size];
+        block.read(0, &mut back)?;
+        if fnv1a(&back) != expected {
+            tracing::error!(target: "hetmem", id, name = %p.name, "checksum mismatch after load");
+            st.stats.checksum_mismatches += 1;
+        }
+    }
+    let p = &mut st.params[idx];
+    p.dev = Some(DevCopy {
+        block: Arc::new(block),
+        ready,
+    });
+    p.uses.clear();
+    st.used += dsize;
+    st.stats.loads += 1;
+    st.stats.bytes_loaded += size as u64;
+    st.stats.device_bytes = st.used;
+    st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
+    tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
+    Ok(true)
+}
