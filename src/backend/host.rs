@@ -69,11 +69,11 @@ pub fn available_memory() -> usize {
 /// bytes, readers see the new bytes under a `&[u8]` that promised them immutable.
 /// Callers map files they own (model files at rest); nothing in this process writes them.
 pub(crate) fn map_file_readonly(file: &std::fs::File) -> Result<memmap2::Mmap> {
-    // SAFETY: the mapping is read-only (`Mmap`, never `MmapMut`) and backed by a file this
-    // process only reads; `memmap2` maps the whole file length it reads with `fstat`, so
-    // every byte of the returned slice lies inside the file at mapping time. The one
-    // case outside our control, another process truncating or rewriting the file while
-    // it is mapped, is the limitation documented above.
+    // Why this holds: the mapping is read-only (`Mmap`, never `MmapMut`) and backed by a
+    // file this process only reads; `memmap2` maps the whole length it reads with
+    // `fstat`, so every byte of the slice lies inside the file at mapping time.
+    // SAFETY: as above; another process truncating or rewriting the file while it is
+    // mapped is outside our control: the limitation documented on this function.
     unsafe { memmap2::Mmap::map(file) }
         .map_err(|e| Error::os("mmap", e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)))
 }
