@@ -1,6 +1,9 @@
 //! Host memory and NUMA topology: sysfs fixtures with several nodes, and real placement
 //! on this machine (one node) proved with `move_pages`.
 
+#[path = "common/smaps.rs"]
+mod smaps;
+
 use std::path::{Path, PathBuf};
 
 use hetmem::backend::host::{HostBackend, HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
@@ -309,38 +312,12 @@ fn impossible_size_is_host_out_of_memory() {
     }
 }
 
-/// The `/proc/self/smaps` entry holding `addr`: (AnonHugePages in kB, VmFlags).
-fn smaps_entry(addr: usize) -> (u64, String) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    let mut huge_kb = 0;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = a <= addr && addr < b;
-                continue;
-            }
-        }
-        if !inside {
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("AnonHugePages:") {
-            huge_kb = v.trim().trim_end_matches("kB").trim().parse().unwrap();
-        }
-        if let Some(v) = line.strip_prefix("VmFlags:") {
-            return (huge_kb, v.trim().to_string());
-        }
-    }
-    panic!("no smaps entry for {addr:#x}");
-}
-
 #[test]
 fn large_regions_are_thp_advised() {
     let region = HostRegion::alloc(8 << 20, &NumaPolicy::Bind(0)).unwrap();
     assert!(region.huge_pages_advised());
     assert_eq!(region.ptr().as_ptr() as usize % HUGE_PAGE_SIZE, 0);
-    let (huge_kb, flags) = smaps_entry(region.ptr().as_ptr() as usize);
+    let (flags, huge_kb) = smaps::entry(region.ptr().as_ptr() as usize);
     // `hg` is the VMA flag MADV_HUGEPAGE sets.
     assert!(
         flags.split_whitespace().any(|f| f == "hg"),
@@ -361,7 +338,7 @@ fn large_regions_are_thp_advised() {
 
     let small = HostRegion::alloc(1 << 20, &NumaPolicy::Default).unwrap();
     assert!(!small.huge_pages_advised());
-    let (_, flags) = smaps_entry(small.ptr().as_ptr() as usize);
+    let (flags, _) = smaps::entry(small.ptr().as_ptr() as usize);
     assert!(
         !flags.split_whitespace().any(|f| f == "hg"),
         "VmFlags: {flags}"

@@ -2,6 +2,9 @@
 //! where pages are (`move_pages` in query mode) and which policy a mapping has
 //! (`get_mempolicy(MPOL_F_ADDR)`), not by trusting the request.
 
+#[path = "common/smaps.rs"]
+mod smaps;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 
@@ -69,31 +72,6 @@ fn check(ptr: *const u8, len: usize) {
     }
 }
 
-/// The `VmFlags` and `AnonHugePages` (kB) of the `/proc/self/smaps` entry holding `addr`.
-fn smaps_entry(addr: usize) -> (String, u64) {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let (mut inside, mut huge_kb) = (false, 0);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = a <= addr && addr < b;
-                continue;
-            }
-        }
-        if !inside {
-            continue;
-        }
-        if let Some(v) = line.strip_prefix("AnonHugePages:") {
-            huge_kb = v.trim().trim_end_matches("kB").trim().parse().unwrap();
-        }
-        if let Some(v) = line.strip_prefix("VmFlags:") {
-            return (v.trim().to_string(), huge_kb);
-        }
-    }
-    panic!("no smaps entry for {addr:#x}");
-}
-
 fn thp_madvise_works() -> bool {
     let read = |f: &str| {
         std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{f}"))
@@ -138,7 +116,7 @@ fn bind0_pages_are_on_node0_after_first_touch() {
 
     // THP advice is on the mapping, and where THP works on madvised memory the aligned,
     // touched block is backed by huge pages.
-    let (flags, huge_kb) = smaps_entry(p as usize);
+    let (flags, huge_kb) = smaps::entry(p as usize);
     assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     if thp_madvise_works() {
         assert!(huge_kb >= 2048, "AnonHugePages {huge_kb} kB");
@@ -283,7 +261,7 @@ fn realloc_that_must_move_keeps_policy_and_contents() {
     // SAFETY: `q` is `new_size` bytes we own.
     unsafe { touch(q, new_size) };
     assert!(page_nodes(q, new_size).iter().all(|&n| n == 0));
-    let (flags, _) = smaps_entry(q as usize + new_size - 1);
+    let (flags, _) = smaps::entry(q as usize + new_size - 1);
     assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     // SAFETY: ours, with the new layout.
     unsafe { a.dealloc(q, Layout::from_size_align(new_size, 8).unwrap()) };
@@ -442,7 +420,7 @@ fn interleave_all_and_default() {
         // SAFETY: non-zero layout.
         let p = unsafe { a.alloc(l) };
         assert_eq!(policy_at(p).0, numa::MPOL_DEFAULT);
-        let (flags, _) = smaps_entry(p as usize);
+        let (flags, _) = smaps::entry(p as usize);
         assert_eq!(flags.split_whitespace().any(|f| f == "hg"), hg, "{flags}");
         // SAFETY: ours, `len` bytes.
         unsafe { touch(p, len) };

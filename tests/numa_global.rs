@@ -1,6 +1,9 @@
 //! `NumaAlloc` installed as the process's `#[global_allocator]`: everything this test
 //! binary allocates (the test harness, threads, std's own buffers) goes through it.
 
+#[path = "common/smaps.rs"]
+mod smaps;
+
 use std::collections::HashMap;
 
 use hetmem::backend::numa_alloc::{NumaAlloc, DEFAULT_THRESHOLD};
@@ -14,27 +17,6 @@ fn mode_at<T>(ptr: *const T) -> i32 {
     numa::policy_of_address(ptr.cast()).unwrap().0
 }
 
-/// Whether the `/proc/self/smaps` entry holding `addr` has the `hg` (MADV_HUGEPAGE) flag.
-fn huge_advised(addr: usize) -> bool {
-    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-    let mut inside = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = first.split_once('-') {
-            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
-                inside = a <= addr && addr < b;
-                continue;
-            }
-        }
-        if inside {
-            if let Some(v) = line.strip_prefix("VmFlags:") {
-                return v.split_whitespace().any(|f| f == "hg");
-            }
-        }
-    }
-    panic!("no smaps entry for {addr:#x}");
-}
-
 #[test]
 fn vec_growth_through_the_threshold() {
     let mut v: Vec<u64> = Vec::new();
@@ -44,7 +26,7 @@ fn vec_growth_through_the_threshold() {
     assert!(v.capacity() * 8 >= DEFAULT_THRESHOLD);
     // The buffer is now one of ours: a 2 MiB-aligned, THP-advised mapping.
     assert_eq!(v.as_ptr() as usize % (2 << 20), 0);
-    assert!(huge_advised(v.as_ptr() as usize));
+    assert!(smaps::huge_advised(v.as_ptr() as usize));
     assert_eq!(mode_at(v.as_ptr()), numa::MPOL_DEFAULT);
     assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64 * 3));
     v.truncate(10);

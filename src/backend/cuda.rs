@@ -92,9 +92,9 @@ use cudarc::driver::sys::{
 };
 
 use super::{
-    check_copy_stream, check_device, lock, normalize_pci_bus_id, register_chunks, Backend,
-    BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, PhysHandle, RollbackError,
-    StreamHandle,
+    check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, register_chunks,
+    Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, PhysHandle,
+    RollbackError, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -251,17 +251,6 @@ fn access_desc(dev: CUdevice) -> CUmemAccessDesc {
             id: dev,
         },
         flags: CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
-    }
-}
-
-/// `Ok` when `size` is a positive multiple of the VMM page `granularity`.
-fn check_vmm_size(what: &str, size: usize, granularity: usize) -> Result<()> {
-    if size == 0 || !size.is_multiple_of(granularity) {
-        Err(Error::InvalidArgument(format!(
-            "{what} of {size} bytes is not a positive multiple of the VMM granularity {granularity}"
-        )))
-    } else {
-        Ok(())
     }
 }
 

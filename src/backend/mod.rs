@@ -381,6 +381,18 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// `Ok` when `size` is a positive multiple of the VMM page `granularity` (reservations,
+/// physical allocations and mappings all come in whole pages).
+pub(crate) fn check_vmm_size(what: &str, size: usize, granularity: usize) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(granularity) {
+        Err(Error::InvalidArgument(format!(
+            "{what} of {size} bytes is not a positive multiple of the VMM granularity {granularity}"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
 /// Checks a device ordinal against a backend's device list.
 pub(crate) fn check_device(backend: &dyn Backend, device: usize) -> Result<()> {
     let count = backend.devices().len();

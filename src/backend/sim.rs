@@ -27,8 +27,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::{
-    check_copy_stream, check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle,
-    HostKind, MemInfo, MemRef, PhysHandle, StreamHandle,
+    check_copy_stream, check_device, check_vmm_size, Backend, BackendKind, DeviceInfo, DevicePtr,
+    EventHandle, HostKind, MemInfo, MemRef, PhysHandle, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -997,11 +997,7 @@ impl Backend for SimBackend {
 
     fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
         check_device(self, device)?;
-        if size == 0 || !size.is_multiple_of(VMM_GRANULARITY) {
-            return Err(Error::InvalidArgument(format!(
-                "reservation of {size} bytes is not a positive multiple of {VMM_GRANULARITY}"
-            )));
-        }
+        check_vmm_size("reservation", size, VMM_GRANULARITY)?;
         // Untouched pages cost only address space, so reservations can be large.
         let host =
             Memory::zeroed(size).ok_or_else(|| Error::os("mmap", nix::errno::Errno::last()))?;
@@ -1048,11 +1044,7 @@ impl Backend for SimBackend {
 
     fn create_physical(&self, device: usize, size: usize) -> Result<PhysHandle> {
         check_device(self, device)?;
-        if size == 0 || !size.is_multiple_of(VMM_GRANULARITY) {
-            return Err(Error::InvalidArgument(format!(
-                "physical allocation of {size} bytes is not a positive multiple of {VMM_GRANULARITY}"
-            )));
-        }
+        check_vmm_size("physical allocation", size, VMM_GRANULARITY)?;
         self.used[device]
             .try_reserve(size)
             .map_err(|free| Error::oom(Tier::Device(device), size, free))?;
