@@ -632,6 +632,31 @@ impl TierStore {
         })
     }
 
+    /// Installs `order` as the execution sequence (one pass, ids may repeat), or with
+    /// `None` drops the sequence and goes back to LRU (and to learning, in learn mode).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an id that is not registered.
+    pub fn set_sequence(&self, order: Option<Vec<ParamId>>) -> Result<()> {
+        let mut st = self.shared.lock();
+        if let Some(bad) = order
+            .iter()
+            .flatten()
+            .find(|id| st.params.get(**id as usize).is_none())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the sequence names parameter {bad}, but only {} are registered",
+                st.params.len()
+            )));
+        }
+        st.ev = match order {
+            Some(o) if !o.is_empty() => Eviction::new(Policy::Sequence(Sequence::new(o))),
+            _ => Eviction::new(Policy::Lru),
+        };
+        st.learning.clear();
+        Ok(())
+    }
+
     /// The execution sequence in force (given or learnt), if any.
     pub fn sequence(&self) -> Option<Vec<ParamId>> {
         match self.shared.lock().ev.policy() {
