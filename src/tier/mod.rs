@@ -5,6 +5,7 @@
 //! - [`source`]: where a parameter's bytes come from (host memory, mapped safetensors).
 //! - [`store`]: the [`TierStore`] itself: residency, loads, eviction, prefetch, hints.
 
+mod plan;
 pub mod policy;
 pub mod source;
 pub mod store;

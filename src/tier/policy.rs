@@ -113,6 +113,11 @@ impl Eviction {
         &self.policy
     }
 
+    /// The step of the sequence last executed (0 under LRU).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
     /// Records a use of `id`. Under the sequence policy the position moves to the next
     /// step that uses `id` (normally the very next step).
     pub fn touch(&mut self, id: ParamId) {
@@ -195,6 +200,17 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction)
     misses
 }
 
+/// Misses in each of `passes` repetitions of `order` under Belady's MIN with `capacity`
+/// slots, from an empty cache.
+pub(crate) fn min_misses_each_pass(
+    order: &[ParamId],
+    capacity: usize,
+    passes: usize,
+) -> Vec<usize> {
+    let ev = Eviction::new(Policy::Sequence(Sequence::new(order.to_vec())));
+    simulate(order, capacity, passes, ev)
+}
+
 /// Average of the passes after the first (which fills an empty cache).
 fn steady(misses: &[usize]) -> f64 {
     let rest = &misses[1.min(misses.len())..];
@@ -204,8 +220,7 @@ fn steady(misses: &[usize]) -> f64 {
 /// Steady-state misses per pass of Belady's MIN with `capacity` slots on the repeated
 /// `order`.
 pub fn min_misses_per_pass(order: &[ParamId], capacity: usize, passes: usize) -> f64 {
-    let ev = Eviction::new(Policy::Sequence(Sequence::new(order.to_vec())));
-    steady(&simulate(order, capacity, passes.max(2), ev))
+    steady(&min_misses_each_pass(order, capacity, passes.max(2)))
 }
 
 /// Steady-state misses per pass of LRU with `capacity` slots on the repeated `order`.

@@ -63,8 +63,9 @@
 //! host budget has room, or else into a new host buffer that replaces its source (a
 //! mapped source is never written).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
 
 use crate::backend::copy;
 use crate::backend::DevicePtr;
@@ -76,6 +77,7 @@ use crate::pool::{
     Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, StagingRing,
 };
 use crate::stream::{Event, Stream};
+use crate::tier::plan::{zombie_done, Plan, Step};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
 
@@ -106,7 +108,8 @@ pub struct TierConfig {
     pub device_budget: usize,
     /// Most pinned host bytes: the staging ring plus the pinned parameter copies.
     pub host_budget: usize,
-    /// How many upcoming parameters of the sequence [`TierStore::acquire`] prefetches.
+    /// How many steps of the sequence ahead of the runtime loads may be queued (at most
+    /// one pass; memory is the usual limit).
     pub prefetch_depth: usize,
     /// The execution sequence, given or learnt.
     pub sequence: SequenceHint,
@@ -122,14 +125,15 @@ pub struct TierConfig {
 }
 
 impl TierConfig {
-    /// Device 0, the given budgets, prefetch depth 2, no sequence, no checksums, and a
-    /// staging ring of 4 slots of 4 MiB filled by 2 threads.
+    /// Device 0, the given budgets, loads queued as far ahead as memory allows, no
+    /// sequence, no checksums, and a staging ring of 4 slots of 4 MiB filled by 2
+    /// threads.
     pub fn new(device_budget: usize, host_budget: usize) -> Self {
         TierConfig {
             device: 0,
             device_budget,
             host_budget,
-            prefetch_depth: 2,
+            prefetch_depth: usize::MAX,
             sequence: SequenceHint::None,
             checksums: false,
             staging_slots: 4,
@@ -171,6 +175,10 @@ pub struct TierStats {
     pub prefetches: u64,
     /// Bytes copied host→device by loads.
     pub bytes_loaded: u64,
+    /// Of `bytes_loaded`, the bytes of loads queued for steps of the sequence the
+    /// runtime has not reached yet: `bytes_loaded - bytes_ahead` is what the steps run
+    /// so far have cost.
+    pub bytes_ahead: u64,
     /// Loads that went through the staging ring (cold, unpinned source).
     pub staged_loads: u64,
     /// Device copies dropped.
@@ -220,6 +228,8 @@ struct Param {
     host: HostCopy,
     dev: Option<DevCopy>,
     refs: u32,
+    /// The threads holding the guards (one entry per guard).
+    holders: Vec<ThreadId>,
     /// The device copy is newer than the host copy.
     dirty: bool,
     keep: bool,
@@ -252,6 +262,14 @@ struct State {
     /// Acquire order of the pass being learnt (Learn mode, while no sequence is in force).
     learning: Vec<ParamId>,
     last_released: Option<ParamId>,
+    /// The streaming plan (sequence policy; built lazily, dropped when residency
+    /// changes outside it).
+    plan: Option<Plan>,
+    /// The step the runtime is at, counted from the sequence's start without wrapping
+    /// (sequence policy).
+    step: u64,
+    /// Loads queued for steps after `step`: (step, bytes).
+    ahead: VecDeque<(u64, usize)>,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -264,6 +282,8 @@ struct State {
 struct Shared {
     res: Resources,
     state: Mutex<State>,
+    /// Signalled whenever a guard is dropped.
+    released: Condvar,
 }
 
 impl Shared {
@@ -286,9 +306,12 @@ pub struct TierStore {
 pub struct ParamGuard {
     shared: Arc<Shared>,
     id: ParamId,
-    block: Arc<PoolBlock>,
+    /// `None` only while the guard is being dropped.
+    block: Option<Arc<PoolBlock>>,
     stream: Stream,
     dirty: bool,
+    /// The thread that acquired it (guards may be sent to and dropped on another).
+    holder: ThreadId,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -358,6 +381,7 @@ impl TierStore {
             }
             _ => Eviction::new(Policy::Lru),
         };
+        let step = ev.pos() as u64;
         let stats = TierStats {
             host_bytes: ring_bytes,
             host_peak_bytes: ring_bytes,
@@ -385,11 +409,15 @@ impl TierStore {
                     ev,
                     learning: Vec::new(),
                     last_released: None,
+                    plan: None,
+                    step,
+                    ahead: VecDeque::new(),
                     used: 0,
                     pinned: 0,
                     ring,
                     stats,
                 }),
+                released: Condvar::new(),
             }),
         })
     }
@@ -431,6 +459,7 @@ impl TierStore {
             host: HostCopy::Cold(source),
             dev: None,
             refs: 0,
+            holders: Vec::new(),
             dirty: false,
             keep: false,
             priority: 0,
@@ -489,18 +518,46 @@ impl TierStore {
     /// the next parameters of the sequence within the budget.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown id; [`Error::OutOfMemory`] when every
-    /// device-resident parameter is acquired or kept resident and there is no room.
+    /// [`Error::InvalidArgument`] for an unknown id; [`Error::OutOfMemory`] when there
+    /// is no room and none can come: every device-resident parameter is kept resident
+    /// or acquired by this thread. While guards of other threads hold the room, the
+    /// call waits for their release.
     pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
         let sh = &self.shared;
         let res = &sh.res;
         let mut st = sh.lock();
         param(&st, id)?;
         note_use(res, &mut st, id);
-        if st.params[id as usize].dev.is_some() {
-            st.stats.hits += 1;
-        } else {
-            if !load(res, &mut st, id, Need::Demand)? {
+        let hit = st.params[id as usize].dev.is_some();
+        if let Some(d) = st.ev.next_use(id) {
+            if d != 1 {
+                // Not the step the plan expects: start it again from here.
+                st.plan = None;
+            }
+            st.step += d as u64;
+            while st.ahead.front().is_some_and(|(m, _)| *m <= st.step) {
+                st.ahead.pop_front();
+            }
+        }
+        st.ev.touch(id);
+        // Under a sequence the plan loads the step's parameter (normally long before);
+        // otherwise, or when the plan cannot make room, a demand load.
+        if let Err(e) = pump(res, &mut st, 0) {
+            tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed");
+        }
+        while st.params[id as usize].dev.is_none() {
+            if load(res, &mut st, id, Need::Demand)? {
+                break;
+            }
+            // No room: everything resident is acquired or kept. Guards held by other
+            // threads will be released, so wait for them; if this thread holds them
+            // all, waiting would never end.
+            let me = std::thread::current().id();
+            let others = st
+                .params
+                .iter()
+                .any(|p| p.dev.is_some() && p.holders.iter().any(|h| *h != me));
+            if !others {
                 let free = res.device_budget.saturating_sub(st.used);
                 return Err(Error::oom(
                     Tier::Device(res.device),
@@ -508,6 +565,11 @@ impl TierStore {
                     free,
                 ));
             }
+            st = sh.released.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        if hit {
+            st.stats.hits += 1;
+        } else {
             st.stats.misses += 1;
         }
         let p = &mut st.params[id as usize];
@@ -516,26 +578,17 @@ impl TierStore {
         dev.block.record_stream(stream)?;
         let block = Arc::clone(&dev.block);
         p.refs += 1;
-        st.ev.touch(id);
+        p.holders.push(std::thread::current().id());
         let guard = ParamGuard {
             shared: Arc::clone(sh),
             id,
-            block,
+            block: Some(block),
             stream: stream.clone(),
             dirty: false,
+            holder: std::thread::current().id(),
         };
-        for (k, next) in st.ev.upcoming(res.prefetch_depth).into_iter().enumerate() {
-            if st.params.get(next as usize).is_none_or(|p| p.dev.is_some()) {
-                continue;
-            }
-            match load(res, &mut st, next, Need::Prefetch(k + 1)) {
-                Ok(true) => st.stats.prefetches += 1,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!(target: "hetmem", id = next, error = %e, "prefetch failed");
-                    break;
-                }
-            }
+        if let Err(e) = pump(res, &mut st, res.prefetch_depth) {
+            tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
         }
         Ok(guard)
     }
@@ -649,10 +702,11 @@ impl TierStore {
                 st.params.len()
             )));
         }
-        st.ev = match order {
+        let ev = match order {
             Some(o) if !o.is_empty() => Eviction::new(Policy::Sequence(Sequence::new(o))),
             _ => Eviction::new(Policy::Lru),
         };
+        set_policy(&mut st, ev);
         st.learning.clear();
         Ok(())
     }
@@ -692,6 +746,7 @@ impl TierStore {
     pub fn stats(&self) -> TierStats {
         let st = self.shared.lock();
         let mut s = st.stats;
+        s.bytes_ahead = st.ahead.iter().map(|(_, b)| *b as u64).sum();
         s.mapped_bytes = st
             .params
             .iter()
@@ -712,22 +767,22 @@ impl ParamGuard {
 
     /// The device address.
     pub fn ptr(&self) -> DevicePtr {
-        self.block.ptr()
+        self.block().ptr()
     }
 
     /// The parameter's size in bytes.
     pub fn len(&self) -> usize {
-        self.block.len()
+        self.block().len()
     }
 
     /// Always false: empty parameters are refused.
     pub fn is_empty(&self) -> bool {
-        self.block.is_empty()
+        self.block().is_empty()
     }
 
     /// The device block (for synchronous reads and writes in tests and set-up).
     pub fn block(&self) -> &PoolBlock {
-        &self.block
+        self.block.as_deref().expect("a live guard holds its block")
     }
 
     /// The stream the guard was acquired for.
@@ -761,9 +816,14 @@ impl Drop for ParamGuard {
                 None
             }
         };
+        // Let go of the block first, so that the pump below can reuse it.
+        self.block = None;
         let mut st = self.shared.lock();
         let p = &mut st.params[self.id as usize];
         p.refs = p.refs.saturating_sub(1);
+        if let Some(i) = p.holders.iter().position(|h| *h == self.holder) {
+            p.holders.swap_remove(i);
+        }
         p.dirty |= self.dirty;
         if let Some(e) = done {
             if p.uses.len() >= 4 {
@@ -772,6 +832,12 @@ impl Drop for ParamGuard {
             p.uses.push(e);
         }
         st.last_released = Some(self.id);
+        // The end of this use may free the memory the next load of the plan waits for.
+        if let Err(e) = pump(&self.shared.res, &mut st, self.shared.res.prefetch_depth) {
+            tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
+        }
+        drop(st);
+        self.shared.released.notify_all();
     }
 }
 
@@ -801,7 +867,7 @@ fn note_use(res: &Resources, st: &mut State, id: ParamId) {
             return;
         }
         tracing::info!(target: "hetmem", id, "acquire left the learnt sequence; learning again");
-        st.ev = Eviction::new(Policy::Lru);
+        set_policy(st, Eviction::new(Policy::Lru));
         st.learning = vec![id];
         st.stats.sequences_dropped += 1;
         return;
@@ -809,11 +875,19 @@ fn note_use(res: &Resources, st: &mut State, id: ParamId) {
     if st.learning.len() > 1 && st.learning[0] == id {
         let order = std::mem::take(&mut st.learning);
         tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
-        st.ev = Eviction::new(Policy::Sequence(Sequence::new(order)));
+        set_policy(st, Eviction::new(Policy::Sequence(Sequence::new(order))));
         st.stats.sequences_learnt += 1;
     } else {
         st.learning.push(id);
     }
+}
+
+/// Puts `ev` in force; the plan starts again from what is on the device.
+fn set_policy(st: &mut State, ev: Eviction) {
+    st.step = ev.pos() as u64;
+    st.ev = ev;
+    st.plan = None;
+    st.ahead.clear();
 }
 
 /// Why a load is made: it decides what may be evicted for it.
@@ -865,6 +939,9 @@ fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlo
     let size = p.size;
     st.used -= device_bytes(size);
     st.ev.forget(id);
+    if let Some(plan) = &mut st.plan {
+        plan.forget(id, device_bytes(size));
+    }
     st.stats.evictions += 1;
     st.stats.device_bytes = st.used;
     tracing::debug!(target: "hetmem", id, size, "evicted");
@@ -920,11 +997,11 @@ fn note_host(res: &Resources, st: &mut State) {
     st.stats.host_peak_bytes = st.stats.host_peak_bytes.max(st.stats.host_bytes);
 }
 
-/// Makes room for `id` (as `need` allows) and queues its load. Returns false, with
-/// nothing changed but possibly some evictions, when no room could be made.
+/// Makes room for `id` (as `need` allows) and queues its load, outside the plan.
+/// Returns false, with nothing changed but possibly some evictions, when no room could
+/// be made.
 fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool> {
-    let idx = id as usize;
-    let size = st.params[idx].size;
+    let size = st.params[id as usize].size;
     let dsize = device_bytes(size);
     let mut spare: Option<(PoolBlock, Vec<Event>)> = None;
     while st.used + dsize > res.device_budget {
@@ -936,6 +1013,158 @@ fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool
             spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
         }
     }
+    // Residency changed behind the plan's back: it starts again from what is resident.
+    st.plan = None;
+    place(res, st, id, need, spare)?;
+    Ok(true)
+}
+
+/// Runs the plan (sequence policy) until it has seen `lookahead` steps past the
+/// runtime's step, queueing the loads it calls for, or until a load finds no room.
+/// Returns whether it reached the runtime's step; false under LRU.
+fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
+    let seq = match st.ev.policy() {
+        Policy::Sequence(seq) if !seq.is_empty() => seq.clone(),
+        _ => return Ok(false),
+    };
+    let plan = match st.plan.take() {
+        Some(p) => p,
+        None => {
+            // Everything on the device starts in the logical cache; the spare is the
+            // largest parameter, so that any one can load while another computes.
+            let spare = st.params.iter().map(|p| device_bytes(p.size)).max();
+            let resident = st
+                .params
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.dev.is_some())
+                .map(|(i, p)| (i as ParamId, device_bytes(p.size)))
+                .collect();
+            let cap = res.device_budget.saturating_sub(spare.unwrap_or(0));
+            Plan::new(resident, cap, st.step.saturating_sub(1))
+        }
+    };
+    st.plan = Some(plan);
+    let horizon = st.step + lookahead.min(seq.len()) as u64;
+    loop {
+        let Some(plan) = st.plan.as_ref() else {
+            // A load outside the plan (a fragmented pool) dropped it; next time.
+            return Ok(false);
+        };
+        if plan.pos >= horizon {
+            return Ok(true);
+        }
+        let m = plan.pos + 1;
+        let params = &st.params;
+        let step = plan.next(
+            &seq,
+            |i| device_bytes(params[i as usize].size),
+            |i| !params[i as usize].keep,
+            |i| params[i as usize].priority,
+        );
+        match step {
+            Step::Hit => st.plan.as_mut().expect("checked").hit(),
+            Step::Revive => {
+                let id = seq.order()[(m % seq.len() as u64) as usize];
+                let b = device_bytes(st.params[id as usize].size);
+                st.plan.as_mut().expect("checked").revive(id, b);
+            }
+            Step::Load { id, victims } => {
+                if !plan_load(res, st, &seq, m, id, &victims)? {
+                    return Ok(m > st.step);
+                }
+                if m > st.step {
+                    st.stats.prefetches += 1;
+                    let size = st.params[id as usize].size;
+                    st.ahead.push_back((m, size));
+                }
+            }
+        }
+    }
+}
+
+/// Frees zombies for the load of `id` at step `m` and queues it, or returns false when
+/// the zombies still in use leave no room.
+fn plan_load(
+    res: &Resources,
+    st: &mut State,
+    seq: &Sequence,
+    m: u64,
+    id: ParamId,
+    victims: &[ParamId],
+) -> Result<bool> {
+    let size = st.params[id as usize].size;
+    let dsize = device_bytes(size);
+    let plan = st.plan.as_ref().expect("pumping");
+    // Zombies (old, and the ones this load makes) that the runtime is done with, the
+    // one needed farthest first.
+    let mut free: Vec<(ParamId, usize)> = plan
+        .zombies
+        .iter()
+        .copied()
+        .chain(
+            victims
+                .iter()
+                .map(|v| crate::tier::plan::Zombie { id: *v, until: m }),
+        )
+        .filter(|z| {
+            let p = &st.params[z.id as usize];
+            p.dev.is_some() && p.refs == 0 && !p.keep && zombie_done(seq, z, st.step)
+        })
+        .map(|z| {
+            let at = (st.step % seq.len() as u64) as usize;
+            (
+                z.id,
+                seq.distance_to_next_use(z.id, at).unwrap_or(usize::MAX),
+            )
+        })
+        .collect();
+    free.sort_by_key(|(id, next)| (std::cmp::Reverse(*next), *id));
+    let mut need = (st.used + dsize).saturating_sub(res.device_budget);
+    let mut chosen = Vec::new();
+    for (z, _) in free {
+        if need == 0 {
+            break;
+        }
+        need = need.saturating_sub(device_bytes(st.params[z as usize].size));
+        chosen.push(z);
+    }
+    if need > 0 {
+        return Ok(false);
+    }
+    let sized: Vec<(ParamId, usize)> = victims
+        .iter()
+        .map(|v| (*v, device_bytes(st.params[*v as usize].size)))
+        .collect();
+    st.plan.as_mut().expect("pumping").load(id, dsize, &sized);
+    let mut spare = None;
+    for z in chosen {
+        let (block, uses) = evict(res, st, z)?;
+        if spare.is_none() {
+            spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+        }
+    }
+    let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
+    if let Err(e) = place(res, st, id, Need::Prefetch(ahead), spare) {
+        st.plan = None;
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// Queues the load of `id` into `spare` (a victim's block of the same size, with the
+/// events of its last uses) or a new block from the pool, evicting as `need` allows if
+/// the pool's pages are fragmented.
+fn place(
+    res: &Resources,
+    st: &mut State,
+    id: ParamId,
+    need: Need,
+    spare: Option<(PoolBlock, Vec<Event>)>,
+) -> Result<()> {
+    let idx = id as usize;
+    let size = st.params[idx].size;
+    let dsize = device_bytes(size);
     let block = match spare {
         // The victim's block, same size: the copy stream waits for the victim's last
         // uses (not for everything queued since, as a free to the pool would).
@@ -954,6 +1183,7 @@ fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool
                         return Err(e);
                     };
                     evict(res, st, v)?;
+                    st.plan = None;
                 }
                 Err(e) => return Err(e),
             }
@@ -1019,5 +1249,5 @@ fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool
     st.stats.device_bytes = st.used;
     st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
     tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
-    Ok(true)
+    Ok(())
 }
