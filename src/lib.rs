@@ -22,6 +22,9 @@
 
 pub mod backend;
 pub mod error;
+/// The C ABI of `libhetmem.so` (header: `include/hetmem.h`), PyTorch's allocator hooks
+/// included.
+pub mod ffi;
 pub mod manager;
 pub mod placement;
 pub mod pool;

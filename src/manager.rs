@@ -229,6 +229,11 @@ impl Manager {
         &*self.inner.backend
     }
 
+    /// The backend, shared (streams and pools keep it alive).
+    pub(crate) fn shared_backend(&self) -> &SharedBackend {
+        &self.inner.backend
+    }
+
     /// The simulator, when it is the backend (its clock, kernels and counters).
     pub fn sim(&self) -> Option<&SimBackend> {
         self.inner.backend.as_any().downcast_ref::<SimBackend>()

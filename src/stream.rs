@@ -24,6 +24,40 @@ impl Stream {
         })
     }
 
+    /// Wraps a stream the caller made outside hetmem (a `CUstream` / `cudaStream_t` or
+    /// `hipStream_t` value), or with `raw` 0 the default stream of `device` (CUDA's
+    /// legacy default stream, HIP's null stream, a per-device stream of the simulator).
+    /// hetmem queues work on it and records events on it but never destroys it: the
+    /// last clone only lets go of it. The simulator accepts 0 and its own live streams
+    /// ([`Stream::handle`] of a stream it made); the host backend has no streams.
+    ///
+    /// # Safety
+    /// `raw` is 0 or a live stream of `device` made by the driver `mgr`'s backend talks
+    /// to (in the current process, on the device's primary context for CUDA), and it
+    /// stays live for as long as this stream, its clones, or pool blocks and events that
+    /// used it are alive (a device pool keeps a stream it has cached memory for until
+    /// [`DevicePool::trim`](crate::pool::DevicePool::trim)). A stale or foreign handle
+    /// is undefined behaviour in a real driver.
+    ///
+    /// # Errors
+    /// [`Error::UnknownDevice`]; [`Error::Unsupported`] on the host backend;
+    /// [`Error::InvalidArgument`] for a stream already wrapped for another device, or
+    /// (sim) one that is not a live stream of `device`.
+    pub unsafe fn wrap(mgr: &crate::Manager, device: usize, raw: u64) -> Result<Self> {
+        crate::backend::check_device(mgr.backend(), device)?;
+        // SAFETY: the caller's contract is OwnedStream::import's.
+        let inner = unsafe { OwnedStream::import(mgr.shared_backend(), device, raw)? };
+        Ok(Stream {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Whether hetmem made this stream (and destroys it when the last clone goes),
+    /// rather than wrapping one of the caller's ([`Stream::wrap`]).
+    pub fn is_owned(&self) -> bool {
+        self.inner.is_owned()
+    }
+
     /// Whether this stream was made by the given backend instance.
     pub(crate) fn belongs_to(&self, backend: &SharedBackend) -> bool {
         Arc::ptr_eq(self.inner.backend(), backend)
@@ -35,7 +69,8 @@ impl Stream {
     }
 
     /// The backend's handle (a `CUstream` / `hipStream_t` value on GPUs), for interop
-    /// and for the simulator's kernels.
+    /// and for the simulator's kernels. For a wrapped default stream (raw 0) it is the
+    /// backend's own token for that device's default stream, not 0.
     pub fn handle(&self) -> StreamHandle {
         self.inner.handle()
     }

@@ -92,9 +92,9 @@ use cudarc::driver::sys::{
 };
 
 use super::{
-    check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, register_chunks,
-    Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, PhysHandle,
-    RollbackError, StreamHandle,
+    check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, raw_stream,
+    register_chunks, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
+    MemInfo, MemRef, PhysHandle, RollbackError, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -267,7 +267,7 @@ fn check_vmm_addr(ptr: DevicePtr, granularity: usize) -> Result<()> {
 }
 
 fn stream_ptr(handle: StreamHandle) -> CUstream {
-    ptr::with_exposed_provenance_mut(handle.0 as usize)
+    ptr::with_exposed_provenance_mut(raw_stream(handle) as usize)
 }
 
 fn event_ptr(handle: EventHandle) -> CUevent {
@@ -302,6 +302,8 @@ pub struct CudaBackend {
     state: Vec<DeviceState>,
     /// Device of each live stream we created, by handle.
     streams: Mutex<HashMap<u64, usize>>,
+    /// Streams the caller made and lent us ([`Backend::import_stream`]).
+    foreign: ForeignStreams,
     /// Device of each live event we created, by handle.
     events: Mutex<HashMap<u64, usize>>,
     /// The driver has every symbol in `DRIVER_PINNED_SYMBOLS` (checked once in `new`).
@@ -403,6 +405,7 @@ impl CudaBackend {
             devices: Vec::with_capacity(count as usize),
             state: Vec::with_capacity(count as usize),
             streams: Mutex::new(HashMap::new()),
+            foreign: ForeignStreams::default(),
             events: Mutex::new(HashMap::new()),
             driver_pinned: missing_pinned.is_none(),
         };
@@ -530,9 +533,8 @@ impl CudaBackend {
     }
 
     fn stream_device(&self, stream: StreamHandle) -> Result<usize> {
-        lock(&self.streams)
-            .get(&stream.0)
-            .copied()
+        let own = lock(&self.streams).get(&stream.0).copied();
+        own.or_else(|| self.foreign.device(stream))
             .ok_or_else(|| unknown_stream(stream))
     }
 
@@ -1004,6 +1006,20 @@ impl Backend for CudaBackend {
             lock(&self.streams).insert(stream.0, device);
         }
         result
+    }
+
+    /// # Safety
+    /// As [`Backend::import_stream`]. 0 is the legacy default stream of `device`'s
+    /// primary context (every call binds that context before it uses the handle).
+    unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
+        check_device(self, device)?;
+        self.foreign.import(device, raw)
+    }
+
+    /// # Safety
+    /// As [`Backend::forget_stream`].
+    unsafe fn forget_stream(&self, stream: StreamHandle) -> Result<()> {
+        self.foreign.forget(stream)
     }
 
     /// # Safety

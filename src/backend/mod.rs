@@ -221,6 +221,36 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `stream` is live and from this backend; it is not used afterwards.
     unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()>;
 
+    /// Makes a stream created outside hetmem (the caller's `CUstream` / `hipStream_t`,
+    /// or 0 for `device`'s default stream) usable in this backend's calls, without
+    /// taking ownership: [`Backend::forget_stream`] lets go of it and never destroys it.
+    /// The handle returned may differ from `raw` (default streams exist once per device,
+    /// so their handles carry the device).
+    ///
+    /// # Safety
+    /// `raw` is 0 or a live stream of `device` made by the same driver this backend
+    /// talks to, and stays live until every handle imported from it is forgotten.
+    unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
+        let _ = (device, raw);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "foreign streams",
+        })
+    }
+
+    /// Lets go of a stream from [`Backend::import_stream`] without destroying it.
+    ///
+    /// # Safety
+    /// `stream` came from [`Backend::import_stream`] on this backend and is not used
+    /// afterwards (each import is forgotten once).
+    unsafe fn forget_stream(&self, stream: StreamHandle) -> Result<()> {
+        let _ = stream;
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "foreign streams",
+        })
+    }
+
     /// Blocks until everything queued on `stream` is done.
     ///
     /// # Safety
@@ -379,6 +409,77 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// For downcasting to the concrete backend (the simulator's clock and kernels).
     fn as_any(&self) -> &dyn Any;
+}
+
+/// Raw stream values below this are a driver's special streams, which exist once per
+/// device (context) rather than once per process: CUDA's 0 (the legacy default
+/// stream), 1 (`CU_STREAM_LEGACY`) and 2 (`CU_STREAM_PER_THREAD`); HIP's 0 (the null
+/// stream) and 2 (`hipStreamPerThread`). No real stream object lives at such an address.
+const SPECIAL_STREAMS: u64 = 16;
+/// Set in the handle of an imported special stream, whose device sits in bits 8..63.
+const SPECIAL_TAG: u64 = 1 << 63;
+
+/// The streams a driver backend has imported ([`Backend::import_stream`]): handle →
+/// (device, imports not yet forgotten). Special streams get a handle of their own per
+/// device ([`raw_stream`] turns it back into the value the driver takes).
+#[derive(Debug, Default)]
+pub(crate) struct ForeignStreams {
+    map: Mutex<std::collections::HashMap<u64, (usize, usize)>>,
+}
+
+impl ForeignStreams {
+    /// Counts an import of `raw` on `device` and returns its handle. A stream already
+    /// imported for another device is refused.
+    pub(crate) fn import(&self, device: usize, raw: u64) -> Result<StreamHandle> {
+        let handle = if raw < SPECIAL_STREAMS {
+            StreamHandle(SPECIAL_TAG | ((device as u64) << 8) | raw)
+        } else {
+            StreamHandle(raw)
+        };
+        let mut map = lock(&self.map);
+        let entry = map.entry(handle.0).or_insert((device, 0));
+        if entry.0 != device {
+            return Err(Error::InvalidArgument(format!(
+                "stream {raw:#x} is already in use on device {}, not device {device}",
+                entry.0
+            )));
+        }
+        entry.1 += 1;
+        Ok(handle)
+    }
+
+    /// Undoes one import of `handle`.
+    pub(crate) fn forget(&self, handle: StreamHandle) -> Result<()> {
+        let mut map = lock(&self.map);
+        match map.get_mut(&handle.0) {
+            Some((_, n)) if *n > 1 => *n -= 1,
+            Some(_) => {
+                map.remove(&handle.0);
+            }
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "stream {:#x} was not imported",
+                    handle.0
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The device of an imported stream.
+    pub(crate) fn device(&self, handle: StreamHandle) -> Option<usize> {
+        lock(&self.map).get(&handle.0).map(|e| e.0)
+    }
+}
+
+/// The value the driver takes for a stream handle (the special stream an imported
+/// special handle stands for; any other handle is the driver's own value).
+pub(crate) fn raw_stream(handle: StreamHandle) -> u64 {
+    if handle.0 & SPECIAL_TAG != 0 {
+        handle.0 & 0xff
+    } else {
+        handle.0
+    }
 }
 
 /// `Ok` when `size` is a positive multiple of the VMM page `granularity` (reservations,
@@ -558,6 +659,29 @@ mod tests {
         ] {
             assert_eq!(normalize_pci_bus_id(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn foreign_streams_are_counted_and_special_ones_carry_the_device() {
+        let f = ForeignStreams::default();
+        let a = f.import(0, 0).unwrap();
+        let b = f.import(1, 0).unwrap();
+        assert_ne!(a, b, "default streams of two devices must not collide");
+        assert_eq!((raw_stream(a), raw_stream(b)), (0, 0));
+        assert_eq!((f.device(a), f.device(b)), (Some(0), Some(1)));
+        let s = f.import(1, 0x7f00_1234_5000).unwrap();
+        assert_eq!(s, StreamHandle(0x7f00_1234_5000));
+        assert_eq!(raw_stream(s), 0x7f00_1234_5000);
+        assert!(
+            f.import(0, 0x7f00_1234_5000).is_err(),
+            "one stream, one device"
+        );
+        assert_eq!(f.import(1, 0x7f00_1234_5000).unwrap(), s);
+        f.forget(s).unwrap();
+        assert_eq!(f.device(s), Some(1), "imported twice, forgotten once");
+        f.forget(s).unwrap();
+        assert_eq!(f.device(s), None);
+        assert!(f.forget(s).is_err());
     }
 
     #[test]

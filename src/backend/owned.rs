@@ -21,12 +21,14 @@ use crate::placement::{Advice, Location};
 /// A shared backend.
 pub(crate) type SharedBackend = Arc<dyn Backend>;
 
-/// A stream that is destroyed on drop.
+/// A stream that is destroyed on drop, or (imported from the caller) forgotten on drop.
 #[derive(Debug)]
 pub(crate) struct OwnedStream {
     backend: SharedBackend,
     handle: StreamHandle,
     device: usize,
+    /// Made by us (destroyed on drop) or imported (forgotten on drop, never destroyed).
+    owned: bool,
     /// Unique for the life of the process, unlike the driver's handle, which a driver
     /// may hand out again once this stream is destroyed.
     id: u64,
@@ -41,8 +43,32 @@ impl OwnedStream {
             backend: backend.clone(),
             handle,
             device,
+            owned: true,
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
         })
+    }
+
+    /// Imports a stream the caller made ([`Backend::import_stream`]); drop forgets it
+    /// and never destroys it.
+    ///
+    /// # Safety
+    /// As [`Backend::import_stream`]: `raw` is 0 or a live stream of `device` from the
+    /// backend's driver, and stays live as long as the value returned.
+    pub(crate) unsafe fn import(backend: &SharedBackend, device: usize, raw: u64) -> Result<Self> {
+        // SAFETY: the caller's contract is import_stream's.
+        let handle = unsafe { backend.import_stream(device, raw)? };
+        Ok(OwnedStream {
+            backend: backend.clone(),
+            handle,
+            device,
+            owned: false,
+            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    /// Whether drop destroys the stream (false for imported streams).
+    pub(crate) fn is_owned(&self) -> bool {
+        self.owned
     }
 
     /// A process-unique id (driver handles can be reused after destruction).
@@ -85,6 +111,14 @@ impl OwnedStream {
 
 impl Drop for OwnedStream {
     fn drop(&mut self) {
+        if !self.owned {
+            // SAFETY: the handle came from import_stream on this backend, is forgotten
+            // once (here) and never used again.
+            if let Err(e) = unsafe { self.backend.forget_stream(self.handle) } {
+                tracing::warn!(target: "hetmem", error = %e, "forgetting an imported stream failed");
+            }
+            return;
+        }
         // SAFETY: the handle is live and is never used again after this.
         if let Err(e) = unsafe { self.backend.destroy_stream(self.handle) } {
             tracing::warn!(target: "hetmem", error = %e, "destroying a stream failed");

@@ -35,8 +35,9 @@ use std::sync::Mutex;
 use hetmem_sys::hip::{self, hipError_t, HipApi, HipLoadError, HipRuntime};
 
 use super::{
-    check_copy_stream, check_device, lock, normalize_pci_bus_id, register_chunks, Backend,
-    BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef, RollbackError, StreamHandle,
+    check_copy_stream, check_device, lock, normalize_pci_bus_id, raw_stream, register_chunks,
+    Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams, MemInfo, MemRef,
+    RollbackError, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -62,6 +63,8 @@ pub struct RocmBackend {
     runtime_version: i32,
     /// Live streams (handle value) → device ordinal.
     streams: Mutex<HashMap<u64, usize>>,
+    /// Streams the caller made and lent us ([`Backend::import_stream`]).
+    foreign: ForeignStreams,
     /// Live events (handle value) → device ordinal.
     events: Mutex<HashMap<u64, usize>>,
 }
@@ -87,6 +90,11 @@ fn string_from_buf(buf: &mut [c_char]) -> String {
     unsafe { CStr::from_ptr(buf.as_ptr()) }
         .to_string_lossy()
         .into_owned()
+}
+
+/// The runtime's value for a stream handle (see [`raw_stream`]).
+fn hip_stream(stream: StreamHandle) -> hip::hipStream_t {
+    raw_stream(stream) as usize as hip::hipStream_t
 }
 
 fn unknown_stream(stream: StreamHandle) -> Error {
@@ -230,6 +238,7 @@ impl RocmBackend {
             devices,
             runtime_version,
             streams: Mutex::new(HashMap::new()),
+            foreign: ForeignStreams::default(),
             events: Mutex::new(HashMap::new()),
         })
     }
@@ -276,9 +285,8 @@ impl RocmBackend {
     }
 
     fn stream_device(&self, stream: StreamHandle) -> Result<usize> {
-        lock(&self.streams)
-            .get(&stream.0)
-            .copied()
+        let own = lock(&self.streams).get(&stream.0).copied();
+        own.or_else(|| self.foreign.device(stream))
             .ok_or_else(|| unknown_stream(stream))
     }
 
@@ -527,10 +535,7 @@ impl Backend for RocmBackend {
         let result = self.set_device(device).and_then(|()| {
             // SAFETY: the handle was in our map, so it came from hipStreamCreateWithFlags
             // and has not been destroyed; the caller does not use it afterwards.
-            let code = unsafe {
-                self.api()
-                    .hipStreamDestroy(stream.0 as usize as hip::hipStream_t)
-            };
+            let code = unsafe { self.api().hipStreamDestroy(hip_stream(stream)) };
             self.check("hipStreamDestroy", code)
         });
         if result.is_err() {
@@ -540,14 +545,23 @@ impl Backend for RocmBackend {
         result
     }
 
+    /// 0 is the null stream of `device` (every call makes the stream's device current
+    /// before it uses the handle).
+    unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
+        check_device(self, device)?;
+        self.foreign.import(device, raw)
+    }
+
+    unsafe fn forget_stream(&self, stream: StreamHandle) -> Result<()> {
+        self.foreign.forget(stream)
+    }
+
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
         let device = self.stream_device(stream)?;
         self.set_device(device)?;
-        // SAFETY: the handle is in our map, so it is a live stream of this runtime.
-        let code = unsafe {
-            self.api()
-                .hipStreamSynchronize(stream.0 as usize as hip::hipStream_t)
-        };
+        // SAFETY: the handle is in our maps, so it is a live stream of this runtime (one
+        // we made, or one the caller lent us and keeps live: import_stream's contract).
+        let code = unsafe { self.api().hipStreamSynchronize(hip_stream(stream)) };
         self.check("hipStreamSynchronize", code)
     }
 
@@ -594,12 +608,11 @@ impl Backend for RocmBackend {
         self.event_device(event)?;
         let device = self.stream_device(stream)?;
         self.set_device(device)?;
-        // SAFETY: both handles are in our maps, so both are live objects of this runtime.
+        // SAFETY: both handles are in our maps, so both are live objects of this runtime
+        // (an imported stream is kept live by the caller: import_stream's contract).
         let code = unsafe {
-            self.api().hipEventRecord(
-                event.0 as usize as hip::hipEvent_t,
-                stream.0 as usize as hip::hipStream_t,
-            )
+            self.api()
+                .hipEventRecord(event.0 as usize as hip::hipEvent_t, hip_stream(stream))
         };
         self.check("hipEventRecord", code)
     }
@@ -612,7 +625,7 @@ impl Backend for RocmBackend {
         // runtime; flags must be 0.
         let code = unsafe {
             self.api().hipStreamWaitEvent(
-                stream.0 as usize as hip::hipStream_t,
+                hip_stream(stream),
                 event.0 as usize as hip::hipEvent_t,
                 0,
             )
@@ -672,7 +685,7 @@ impl Backend for RocmBackend {
                         src_ptr,
                         len,
                         hip::hipMemcpyDefault,
-                        stream.0 as usize as hip::hipStream_t,
+                        hip_stream(stream),
                     )
                 };
                 self.check("hipMemcpyAsync", code)
@@ -723,7 +736,7 @@ impl Backend for RocmBackend {
                 ptr.as_ptr().cast_const().cast(),
                 len,
                 target,
-                stream.0 as usize as hip::hipStream_t,
+                hip_stream(stream),
             )
         };
         self.check("hipMemPrefetchAsync", code)

@@ -299,6 +299,8 @@ struct State {
     managed: BTreeMap<usize, ManagedAlloc>,
     registered: BTreeMap<usize, usize>,
     streams: HashMap<u64, StreamState>,
+    /// Each device's default stream (what raw handle 0 imports as), made on first use.
+    default_streams: HashMap<usize, u64>,
     events: HashMap<u64, EventState>,
     engines: Vec<Engines>,
     stats: SimStats,
@@ -430,6 +432,7 @@ impl SimBackend {
                 managed: BTreeMap::new(),
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
+                default_streams: HashMap::new(),
                 events: HashMap::new(),
                 engines: vec![Engines::default(); n],
                 stats: SimStats::default(),
@@ -756,6 +759,38 @@ impl Backend for SimBackend {
             .remove(&stream.0)
             .map(|_| ())
             .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", stream.0)))
+    }
+
+    /// Raw handle 0 is the device's default stream, a sim stream made on first use
+    /// and kept for the life of the backend; any other raw handle must be a live sim
+    /// stream of `device` (the sim checks every handle, so a bad one is an error here
+    /// or at its use, never undefined behaviour).
+    unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
+        check_device(self, device)?;
+        let mut st = self.lock();
+        if raw == 0 {
+            if let Some(h) = st.default_streams.get(&device) {
+                return Ok(StreamHandle(*h));
+            }
+            let h = st.next_handle;
+            st.next_handle += 1;
+            let tail_ns = st.host_ns;
+            st.streams.insert(h, StreamState { device, tail_ns });
+            st.default_streams.insert(device, h);
+            return Ok(StreamHandle(h));
+        }
+        let owner = stream_ref(&st, StreamHandle(raw))?.device;
+        if owner != device {
+            return Err(Error::InvalidArgument(format!(
+                "sim stream {raw} belongs to device {owner}, not device {device}"
+            )));
+        }
+        Ok(StreamHandle(raw))
+    }
+
+    /// Nothing to undo: imports take no reference.
+    unsafe fn forget_stream(&self, _stream: StreamHandle) -> Result<()> {
+        Ok(())
     }
 
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {

@@ -1,0 +1,418 @@
+/*
+ * hetmem.h: the C ABI of libhetmem.so.
+ *
+ * One allocator for host, pinned, device and managed memory on CUDA, ROCm, a simulated
+ * GPU ("sim") and host-only machines; a tiered parameter store that pages model
+ * parameters between the device, pinned host memory and their source; and the two
+ * entry points PyTorch's CUDAPluggableAllocator loads.
+ *
+ * Build: `cargo build --release` makes target/release/libhetmem.so.
+ * Link:  cc -I include app.c -L target/release -lhetmem -Wl,-rpath,target/release
+ *
+ * Conventions
+ * - Functions return int: HETMEM_OK (0) or a negative HETMEM_ERR_* code. The calling
+ *   thread's last error message is hetmem_last_error() ("" after a success).
+ * - No function unwinds or aborts on bad input: NULL pointers, unknown handles, sizes
+ *   of 0 or SIZE_MAX, double frees and foreign pointers are error codes. A bug inside
+ *   hetmem that panics is caught and returned as HETMEM_ERR_PANIC.
+ * - Handles (hetmem_manager_t*, ...) are opaque tokens, checked on every call: a
+ *   destroyed or made-up handle is HETMEM_ERR_INVALID_HANDLE, never a crash. Handles
+ *   may be used from any thread.
+ * - Out-pointers (`out`, `id`, ...) are required unless documented "may be NULL".
+ *   Out-handles and out-addresses are set to NULL when a call fails.
+ * - Memory addresses are plain addresses: a host address for host, pinned and managed
+ *   memory, the device address for device memory (not dereferenceable by the CPU;
+ *   on the simulator it is a synthetic value).
+ *
+ * This header is checked against the library's exports by `cargo test`
+ * (tests/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
+ */
+#ifndef HETMEM_H
+#define HETMEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h> /* ssize_t */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- version ---------------------------------------------------------------- */
+
+#define HETMEM_VERSION_MAJOR 0
+#define HETMEM_VERSION_MINOR 1
+#define HETMEM_VERSION_PATCH 0
+/* The library version this header describes; compare with hetmem_version(). */
+#define HETMEM_VERSION "0.1.0"
+
+/* ---- status codes -------------------------------------------------------------- */
+
+#define HETMEM_OK 0
+/* A tier had too little memory (message: tier, requested and free bytes). */
+#define HETMEM_ERR_OUT_OF_MEMORY -1
+/* A size of zero, or one no allocator can satisfy (over SSIZE_MAX, ...). */
+#define HETMEM_ERR_INVALID_SIZE -2
+/* A device ordinal the backend does not have. */
+#define HETMEM_ERR_UNKNOWN_DEVICE -3
+/* A NUMA node this machine does not have. */
+#define HETMEM_ERR_UNKNOWN_NUMA_NODE -4
+/* A NUMA node that has no memory. */
+#define HETMEM_ERR_NUMA_NODE_WITHOUT_MEMORY -5
+/* A stream (or buffer) that belongs to another manager. */
+#define HETMEM_ERR_FOREIGN_HANDLE -6
+/* A range that runs past the end of its buffer. */
+#define HETMEM_ERR_OUT_OF_BOUNDS -7
+/* An argument that is wrong in a way no other code describes. */
+#define HETMEM_ERR_INVALID_ARGUMENT -8
+/* Not possible with this placement or backend. */
+#define HETMEM_ERR_UNSUPPORTED -9
+/* The backend's driver library is missing or unusable. */
+#define HETMEM_ERR_BACKEND_UNAVAILABLE -10
+/* A driver call failed (message: the call and the driver's code). */
+#define HETMEM_ERR_DRIVER -11
+/* A system call failed. */
+#define HETMEM_ERR_OS -12
+/* A file could not be read or parsed (safetensors, sysfs). */
+#define HETMEM_ERR_CONFIG -13
+/* A required pointer argument was NULL. */
+#define HETMEM_ERR_NULL_POINTER -20
+/* A handle that is not live: destroyed, released, of another kind, or made up. */
+#define HETMEM_ERR_INVALID_HANDLE -21
+/* An address the manager did not allocate, or freed already. Nothing was touched. */
+#define HETMEM_ERR_FOREIGN_POINTER -22
+/* An output buffer too small; the size needed is reported where the call says so. */
+#define HETMEM_ERR_BUFFER_TOO_SMALL -23
+/* A parameter id or name the tier store does not have. */
+#define HETMEM_ERR_UNKNOWN_PARAM -24
+/* A panic inside hetmem was caught (a bug: please report the message). */
+#define HETMEM_ERR_PANIC -99
+
+/* ---- constants ------------------------------------------------------------------ */
+
+/* Placements for hetmem_alloc. */
+#define HETMEM_HOST 0    /* pageable host memory; device_or_node = NUMA node or -1   */
+#define HETMEM_PINNED 1  /* page-locked host memory; device_or_node = NUMA node or -1 */
+#define HETMEM_DEVICE 2  /* device memory; device_or_node = device (-1: device 0)     */
+#define HETMEM_MANAGED 3 /* managed memory; device_or_node = device (-1: device 0)    */
+
+/* Advice for hetmem_advise (the values of cudaMemoryAdvise). */
+#define HETMEM_ADVISE_SET_READ_MOSTLY 1
+#define HETMEM_ADVISE_UNSET_READ_MOSTLY 2
+#define HETMEM_ADVISE_SET_PREFERRED_LOCATION 3 /* device: a device, or -1 for the host */
+#define HETMEM_ADVISE_UNSET_PREFERRED_LOCATION 4
+#define HETMEM_ADVISE_SET_ACCESSED_BY 5 /* device: a device */
+#define HETMEM_ADVISE_UNSET_ACCESSED_BY 6
+
+/* Sequence modes of a tier store (hetmem_store_config_t.sequence). */
+#define HETMEM_SEQUENCE_NONE 0  /* LRU eviction until hetmem_store_set_sequence */
+#define HETMEM_SEQUENCE_LEARN 1 /* learn the order of acquires from the first pass */
+
+/* Residency states (hetmem_store_residency). */
+#define HETMEM_RESIDENCY_COLD 0    /* only in its source */
+#define HETMEM_RESIDENCY_HOST 1    /* in pinned host memory */
+#define HETMEM_RESIDENCY_LOADING 2 /* on the device, load queued */
+#define HETMEM_RESIDENCY_DEVICE 3  /* on the device, loaded */
+
+/* ---- types ----------------------------------------------------------------------- */
+
+/* A manager: one backend, its devices, and the buffers allocated through it. */
+typedef struct hetmem_manager hetmem_manager_t;
+/* A stream: made by hetmem, or the caller's cudaStream_t / hipStream_t wrapped. */
+typedef struct hetmem_stream hetmem_stream_t;
+/* A tiered parameter store over one device of a manager. */
+typedef struct hetmem_store hetmem_store_t;
+/* One acquired parameter; released (consumed) by hetmem_guard_release. */
+typedef struct hetmem_guard hetmem_guard_t;
+
+/* Settings of a tier store. Fill with hetmem_store_config_init, then adjust. */
+typedef struct hetmem_store_config {
+    int device;               /* device the parameters are loaded onto */
+    size_t device_budget;     /* most device bytes resident parameters may use (> 0) */
+    size_t host_budget;       /* most pinned host bytes: parameter copies + staging ring */
+    size_t prefetch_depth;    /* upcoming parameters an acquire prefetches (sequence known) */
+    int sequence;             /* HETMEM_SEQUENCE_NONE or HETMEM_SEQUENCE_LEARN */
+    int checksums;            /* non-zero: verify every load (slow; tests and debugging) */
+    size_t staging_slots;     /* slots of the staging ring (>= 2) */
+    size_t staging_slot_size; /* bytes per staging slot */
+    size_t staging_threads;   /* host threads that fill a slot */
+} hetmem_store_config_t;
+
+/* ---- errors and version ------------------------------------------------------------ */
+
+/* The calling thread's last error message, "" after a call that succeeded. Never NULL;
+ * valid until the thread's next hetmem call (other than this one and
+ * hetmem_status_string). Owned by hetmem: do not free. */
+const char* hetmem_last_error(void);
+
+/* The name of a status code ("HETMEM_ERR_NULL_POINTER", ...); a static string,
+ * "HETMEM_ERR_UNKNOWN_STATUS" for a value that is not a code. */
+const char* hetmem_status_string(int status);
+
+/* The library's version ("0.1.0"), a static string. */
+const char* hetmem_version(void);
+
+/* ---- managers ------------------------------------------------------------------------ */
+
+/* Opens a manager on `backend`: "sim", "host", "cuda" or "rocm"; NULL, "" or "auto"
+ * take the HETMEM_BACKEND environment variable, else the first of CUDA, ROCm and sim
+ * that works. *out receives the handle; destroy it with hetmem_manager_destroy.
+ * Errors: NULL_POINTER (out), INVALID_ARGUMENT (unknown name), BACKEND_UNAVAILABLE. */
+int hetmem_manager_create(const char* backend, hetmem_manager_t** out);
+
+/* Destroys a manager and frees every buffer it still holds (after the copies that use
+ * them). Streams and stores made from it stay valid until destroyed themselves.
+ * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
+int hetmem_manager_destroy(hetmem_manager_t* mgr);
+
+/* The manager's backend: "sim", "host", "cuda" or "rocm" (a static string), or NULL
+ * for a handle that is not live (the last error says why). */
+const char* hetmem_manager_backend(hetmem_manager_t* mgr);
+
+/* *count = the number of devices (0 on the host backend). */
+int hetmem_device_count(hetmem_manager_t* mgr, int* count);
+
+/* Free and total bytes of `device` as the driver reports them.
+ * Errors: UNKNOWN_DEVICE, INVALID_ARGUMENT (negative device). */
+int hetmem_mem_info(hetmem_manager_t* mgr, int device, size_t* free_bytes, size_t* total_bytes);
+
+/* ---- allocation -------------------------------------------------------------------------- */
+
+/* Allocates `size` bytes with `placement` (HETMEM_HOST, _PINNED, _DEVICE, _MANAGED).
+ * `device_or_node`: for host and pinned memory a NUMA node to bind to, or -1 for the
+ * default policy; for device and managed memory the device, or -1 for device 0.
+ * *out receives the address (device address for HETMEM_DEVICE), owned by the manager
+ * until hetmem_free or hetmem_manager_destroy.
+ * Errors: INVALID_SIZE (0, or over SSIZE_MAX such as SIZE_MAX), OUT_OF_MEMORY,
+ * UNKNOWN_DEVICE, UNKNOWN_NUMA_NODE, NUMA_NODE_WITHOUT_MEMORY, UNSUPPORTED (managed
+ * memory without support), INVALID_ARGUMENT (bad placement), DRIVER. */
+int hetmem_alloc(hetmem_manager_t* mgr, int placement, int device_or_node, size_t size,
+                 void** out);
+
+/* Frees a buffer by the address hetmem_alloc returned; the memory goes back after the
+ * copies still queued on it. An address inside a buffer, one this manager did not
+ * return, or one freed already is FOREIGN_POINTER and nothing is touched.
+ * Errors: NULL_POINTER, FOREIGN_POINTER. */
+int hetmem_free(hetmem_manager_t* mgr, void* ptr);
+
+/* ---- copies ------------------------------------------------------------------------------- */
+
+/* Copies n bytes from `src` to `dst`, both addresses anywhere inside buffers of this
+ * manager. stream NULL: returns when the bytes have arrived. Otherwise the copy is
+ * queued on `stream` and the call returns (pageable host memory may make it wait);
+ * the buffers stay alive until it is done even if freed. Two ranges in one buffer are
+ * copied synchronously (overlap allowed).
+ * Errors: NULL_POINTER, FOREIGN_POINTER (an address outside every buffer),
+ * OUT_OF_BOUNDS (a range that leaves its buffer), FOREIGN_HANDLE, INVALID_ARGUMENT
+ * (stream on the wrong device), DRIVER. */
+int hetmem_copy(hetmem_manager_t* mgr, void* dst, const void* src, size_t n,
+                hetmem_stream_t* stream);
+
+/* Copies n bytes of caller-owned host memory at `host_src` into `dst` (an address in a
+ * buffer of this manager), synchronously. `host_src` must be readable for n bytes;
+ * if it lies in a buffer of this manager, this is hetmem_copy.
+ * Errors: as hetmem_copy. */
+int hetmem_copy_from_host(hetmem_manager_t* mgr, void* dst, const void* host_src, size_t n);
+
+/* Copies n bytes from `src` (an address in a buffer of this manager) into caller-owned
+ * host memory at `host_dst`, synchronously. `host_dst` must be writable for n bytes;
+ * if it lies in a buffer of this manager, this is hetmem_copy.
+ * Errors: as hetmem_copy. */
+int hetmem_copy_to_host(hetmem_manager_t* mgr, void* host_dst, const void* src, size_t n);
+
+/* ---- streams ------------------------------------------------------------------------------- */
+
+/* Creates a stream on `device`, owned by hetmem: destroyed (after its queued work)
+ * once the handle is destroyed and no pool block or guard uses it.
+ * Errors: UNKNOWN_DEVICE, UNSUPPORTED (host backend), DRIVER. */
+int hetmem_stream_create(hetmem_manager_t* mgr, int device, hetmem_stream_t** out);
+
+/* Wraps the caller's stream `raw` of `device` (a cudaStream_t / CUstream or
+ * hipStream_t value; 0 = the device's default stream) so hetmem can queue work on it
+ * and order its memory by it. hetmem never destroys a wrapped stream:
+ * hetmem_stream_destroy only lets go. The stream must be live, of this device and of
+ * the driver the manager uses, and stay live while the handle and anything that used
+ * it (buffers with queued copies, guards) are alive. On CUDA, 0 is the legacy default
+ * stream of the device's primary context. On the simulator, `raw` must be 0 (a
+ * per-device default stream) or a value hetmem_stream_raw returned for a stream of
+ * that device; anything else is INVALID_ARGUMENT.
+ * Errors: UNKNOWN_DEVICE, UNSUPPORTED (host backend), INVALID_ARGUMENT (a stream
+ * already wrapped for another device). */
+int hetmem_stream_wrap(hetmem_manager_t* mgr, int device, uintptr_t raw,
+                       hetmem_stream_t** out);
+
+/* *raw = the driver's stream handle (cudaStream_t / hipStream_t value), to launch the
+ * caller's own work on it; for a wrapped stream, the value wrapped. */
+int hetmem_stream_raw(hetmem_stream_t* stream, uintptr_t* raw);
+
+/* Blocks until the work queued on `stream` so far is done. */
+int hetmem_stream_synchronize(hetmem_stream_t* stream);
+
+/* Destroys a stream handle (see hetmem_stream_create / hetmem_stream_wrap).
+ * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
+int hetmem_stream_destroy(hetmem_stream_t* stream);
+
+/* ---- managed memory -------------------------------------------------------------------------- */
+
+/* Queues a migration of managed memory ptr..ptr+n to `device` (-1: the host) on
+ * `stream`; with stream NULL, on a stream of the buffer's device, and waits for it.
+ * Errors: FOREIGN_POINTER, OUT_OF_BOUNDS, INVALID_ARGUMENT (not managed memory),
+ * UNKNOWN_DEVICE, UNSUPPORTED, FOREIGN_HANDLE, DRIVER. */
+int hetmem_prefetch(hetmem_manager_t* mgr, void* ptr, size_t n, int device,
+                    hetmem_stream_t* stream);
+
+/* Gives the driver `advice` (HETMEM_ADVISE_*) about managed memory ptr..ptr+n.
+ * `device` is the location for SET_PREFERRED_LOCATION (-1: the host) and the device
+ * for SET/UNSET_ACCESSED_BY; it is ignored otherwise.
+ * Errors: as hetmem_prefetch. */
+int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int device);
+
+/* ---- stats ------------------------------------------------------------------------------------ */
+
+/* Writes the manager's stats (and `store`'s, if not NULL) as NUL-terminated JSON into
+ * buf[0..cap] if it fits; *needed (may be NULL) is always set to the bytes needed,
+ * NUL included. Keys: backend, devices[] {ordinal, name, total_memory, numa_node},
+ * live_buffers, live_bytes, host / pinned {current, peak, count}, device[] and
+ * managed[] (per device, same keys), tier (null, or the store's counters: params,
+ * hits, misses, loads, prefetches, bytes_loaded, staged_loads, evictions, writebacks,
+ * writeback_bytes, checksum_mismatches, sequences_learnt, sequences_dropped,
+ * device_bytes, device_peak_bytes, host_bytes, host_peak_bytes, mapped_bytes).
+ * Errors: BUFFER_TOO_SMALL (call again with *needed bytes), INVALID_HANDLE. */
+int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, size_t cap,
+                      size_t* needed);
+
+/* ---- tier store -------------------------------------------------------------------------------- */
+
+/* Fills *cfg with defaults for these budgets: device 0, prefetch depth 2, no sequence,
+ * no checksums, a staging ring of 4 slots of 4 MiB filled by 2 threads (so host_budget
+ * must be at least 16 MiB). */
+int hetmem_store_config_init(hetmem_store_config_t* cfg, size_t device_budget,
+                             size_t host_budget);
+
+/* sizeof(hetmem_store_config_t) as the library sees it: compare with the header's. */
+size_t hetmem_store_config_size(void);
+
+/* Creates a tier store over mgr's device cfg->device with its own device pool, pinned
+ * host pool, copy stream and staging ring. Destroy with hetmem_store_destroy.
+ * Errors: INVALID_ARGUMENT (zero device budget, host budget below the staging ring,
+ * bad sequence mode), UNKNOWN_DEVICE, OUT_OF_MEMORY. */
+int hetmem_store_create(hetmem_manager_t* mgr, const hetmem_store_config_t* cfg,
+                        hetmem_store_t** out);
+
+/* Destroys a store handle; guards not yet released keep what they use alive. */
+int hetmem_store_destroy(hetmem_store_t* store);
+
+/* Registers a parameter `name` whose bytes are a copy of data[0..n] (hetmem keeps the
+ * copy; the caller may free `data` at once). *id receives its id (0, 1, ... in
+ * registration order).
+ * Errors: INVALID_SIZE (n 0), OUT_OF_MEMORY (larger than the device budget),
+ * INVALID_ARGUMENT (name taken, or not UTF-8). */
+int hetmem_store_register(hetmem_store_t* store, const char* name, const void* data, size_t n,
+                          uint32_t* id);
+
+/* Registers every tensor of the safetensors file at `path` (mapped, never copied
+ * whole), in file order, under its own name; ids[0..*count] receive the ids. If the
+ * file has more than `cap` tensors nothing is registered, *count is their number and
+ * the call fails with BUFFER_TOO_SMALL (ids may be NULL when cap is 0). If one
+ * registration fails, *count is the number registered before it.
+ * Errors: CONFIG (file missing or malformed), BUFFER_TOO_SMALL, as hetmem_store_register. */
+int hetmem_store_register_safetensors(hetmem_store_t* store, const char* path, uint32_t* ids,
+                                      size_t cap, size_t* count);
+
+/* *id = the id of the parameter called `name`. Errors: UNKNOWN_PARAM. */
+int hetmem_store_lookup(hetmem_store_t* store, const char* name, uint32_t* id);
+
+/* *size = the size in bytes of parameter `id`. Errors: UNKNOWN_PARAM. */
+int hetmem_store_param_size(hetmem_store_t* store, uint32_t id, size_t* size);
+
+/* Installs the execution sequence ids[0..n] (one pass; ids may repeat): eviction then
+ * drops what is needed farthest in the future, and acquires prefetch what comes next.
+ * n 0 drops the sequence (LRU again; learning again in learn mode); ids may then be
+ * NULL. Errors: UNKNOWN_PARAM. */
+int hetmem_store_set_sequence(hetmem_store_t* store, const uint32_t* ids, size_t n);
+
+/* Hint: `id` is needed soon. It is loaded now if room can be made without evicting
+ * anything acquired, kept resident, or needed sooner. *on_device (may be NULL) = 1 if
+ * it is on the device afterwards. Errors: UNKNOWN_PARAM. */
+int hetmem_store_will_need(hetmem_store_t* store, uint32_t id, int* on_device);
+
+/* Hint: `id` is not needed for a while. Its device copy is dropped now (written back
+ * first if dirty) unless a guard holds it. *dropped (may be NULL) = 1 if it was.
+ * Errors: UNKNOWN_PARAM. */
+int hetmem_store_dont_need(hetmem_store_t* store, uint32_t id, int* dropped);
+
+/* keep non-zero: `id` stays on the device once loaded; 0: it may be evicted again.
+ * Errors: UNKNOWN_PARAM. */
+int hetmem_store_keep_resident(hetmem_store_t* store, uint32_t id, int keep);
+
+/* Sets `id`'s eviction priority (default 0; the lowest priority is evicted first).
+ * Errors: UNKNOWN_PARAM. */
+int hetmem_store_priority(hetmem_store_t* store, uint32_t id, int priority);
+
+/* *state = where `id` is (HETMEM_RESIDENCY_*); *refs (may be NULL) = guards held.
+ * Errors: UNKNOWN_PARAM. */
+int hetmem_store_residency(hetmem_store_t* store, uint32_t id, int* state, uint32_t* refs);
+
+/* Acquires `id` for work on `stream`: *device_ptr (may be NULL) receives its device
+ * address, valid for work queued on `stream` from now until the guard is released;
+ * the stream waits for the load, the host does not. With stream NULL the load runs on
+ * the store's copy stream and the call waits for it, so the address is valid at once
+ * (order your own work before the release). *out receives the guard.
+ * Errors: UNKNOWN_PARAM, OUT_OF_MEMORY (everything resident is in use),
+ * FOREIGN_HANDLE (a stream of another manager), DRIVER. */
+int hetmem_store_acquire(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
+                         hetmem_guard_t** out, void** device_ptr);
+
+/* Says the parameter's device copy was (or will be, by work queued on the guard's
+ * stream) written: it is copied back to the host before it is ever dropped. */
+int hetmem_guard_mark_dirty(hetmem_guard_t* guard);
+
+/* Ends a use and consumes the guard: the parameter's memory is not reused before the
+ * work queued on the guard's stream until now is done.
+ * Errors: NULL_POINTER, INVALID_HANDLE (released already). */
+int hetmem_guard_release(hetmem_guard_t* guard);
+
+/* Copies `id`'s current bytes (from the device if resident there, after the work
+ * queued on it) into out[0..cap], synchronously.
+ * Errors: UNKNOWN_PARAM, BUFFER_TOO_SMALL (see hetmem_store_param_size). */
+int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap);
+
+/* ---- PyTorch's pluggable allocator ------------------------------------------------------------------
+ *
+ *   torch.cuda.memory.change_current_allocator(torch.cuda.memory.CUDAPluggableAllocator(
+ *       "libhetmem.so", "hetmem_torch_malloc", "hetmem_torch_free"))
+ *
+ * One process-wide manager (backend from HETMEM_BACKEND, else automatic), one caching
+ * device pool per device, and PyTorch's stream semantics: a block belongs to the stream
+ * it was allocated for; freed, it is reused at once on that stream and on other streams
+ * only after the work queued on its stream before the free. `stream` is a cudaStream_t
+ * (NULL: the default stream); it must stay live until hetmem_torch_empty_cache is
+ * called with nothing allocated on it, or the process ends (PyTorch's streams do).
+ */
+
+/* Returns `size` bytes of device memory on `device` for `stream`, or NULL with the last
+ * error set (OUT_OF_MEMORY, UNKNOWN_DEVICE, INVALID_SIZE for a negative size). Size 0
+ * returns NULL and is not an error. */
+void* hetmem_torch_malloc(ssize_t size, int device, void* stream);
+
+/* Gives back memory from hetmem_torch_malloc. NULL is ignored; an address hetmem did
+ * not return (or freed already) is logged, sets the last error (FOREIGN_POINTER) and
+ * is otherwise ignored. */
+void hetmem_torch_free(void* ptr, ssize_t size, int device, void* stream);
+
+/* Gives cached, unused device memory of every pool back to the driver and lets go of
+ * wrapped streams nothing allocated uses (torch.cuda.empty_cache()). */
+int hetmem_torch_empty_cache(void);
+
+/* Writes the allocator's stats as NUL-terminated JSON into buf[0..cap] if it fits;
+ * *needed (may be NULL) is always set to the bytes needed, NUL included. Keys: backend
+ * (null before the first allocation), live_blocks, live_bytes, streams, devices[]
+ * {device, budget, reserved, stats} with PyTorch's memory_stats() key names
+ * ("allocated_bytes.all.current", ...). Errors: BUFFER_TOO_SMALL. */
+int hetmem_torch_stats_json(char* buf, size_t cap, size_t* needed);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* HETMEM_H */

@@ -1,0 +1,260 @@
+//! PyTorch's pluggable allocator: `hetmem_torch_malloc` / `hetmem_torch_free`, the
+//! two symbols `torch.cuda.memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc",
+//! "hetmem_torch_free")` loads.
+//!
+//! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the automatic
+//! choice), built on the first call; one [`DevicePool`] per device with
+//! [`PoolConfig::default`]; the live blocks by address; and each raw stream PyTorch
+//! passes, wrapped once ([`Stream::wrap`]) and kept.
+//!
+//! Stream semantics are PyTorch's: a block belongs to the stream it was allocated for;
+//! freed, it may be reused at once on that stream, and on another stream only after
+//! the work queued on its stream before the free (the pool makes the new stream wait
+//! for an event, without a host sync).
+
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
+
+use super::{
+    device_arg, guard, guard_with, json_array, json_object, json_str, lock, write_c_text, FfiError,
+    FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+};
+use crate::backend::check_device;
+use crate::manager::Manager;
+use crate::pool::{DevicePool, PoolBlock, PoolConfig};
+use crate::stream::Stream;
+
+/// The allocator's state, built on first use.
+struct Torch {
+    mgr: Manager,
+    /// By device.
+    pools: Vec<Option<DevicePool>>,
+    /// (device, raw stream) → the stream wrapped.
+    streams: FxHashMap<(usize, u64), Stream>,
+    /// Live blocks by address.
+    blocks: FxHashMap<u64, PoolBlock>,
+}
+
+static TORCH: Mutex<Option<Torch>> = Mutex::new(None);
+
+impl Torch {
+    fn new() -> FfiResult<Torch> {
+        let mgr = Manager::builder().build()?;
+        tracing::info!(target: "hetmem::ffi", backend = %mgr.backend_kind(),
+            "PyTorch allocator ready");
+        let n = mgr.devices().len();
+        Ok(Torch {
+            mgr,
+            pools: (0..n).map(|_| None).collect(),
+            streams: FxHashMap::default(),
+            blocks: FxHashMap::default(),
+        })
+    }
+
+    fn pool(&mut self, device: usize) -> FfiResult<DevicePool> {
+        check_device(self.mgr.backend(), device)?;
+        if let Some(p) = &self.pools[device] {
+            return Ok(p.clone());
+        }
+        let p = self.mgr.device_pool(device, PoolConfig::default())?;
+        self.pools[device] = Some(p.clone());
+        Ok(p)
+    }
+
+    fn stream(&mut self, device: usize, raw: u64) -> FfiResult<Stream> {
+        if let Some(s) = self.streams.get(&(device, raw)) {
+            return Ok(s.clone());
+        }
+        // SAFETY: PyTorch passes a live stream of `device` from the driver the manager
+        // uses (its current stream, 0 for the default one); PyTorch's streams come from
+        // pools that live as long as the process. The header states the contract for
+        // other callers: the stream stays live until `hetmem_torch_empty_cache` lets go
+        // of it (when nothing allocated on it is cached) or the process ends.
+        let s = unsafe { Stream::wrap(&self.mgr, device, raw)? };
+        self.streams.insert((device, raw), s.clone());
+        Ok(s)
+    }
+}
+
+/// Runs `f` on the allocator's state, building it first if needed.
+fn with_torch<T>(f: impl FnOnce(&mut Torch) -> FfiResult<T>) -> FfiResult<T> {
+    let mut slot = lock(&TORCH);
+    if slot.is_none() {
+        *slot = Some(Torch::new()?);
+    }
+    let t = slot
+        .as_mut()
+        .ok_or_else(|| FfiError::invalid("the allocator is not initialised"))?;
+    f(t)
+}
+
+/// Allocates `size` bytes on `device` for use on `stream` (a `cudaStream_t` /
+/// `hipStream_t`; NULL for the default stream) from hetmem's device pool: the entry
+/// point PyTorch's `CUDAPluggableAllocator` calls. Returns the device address, or NULL
+/// with the last error set (out of memory, bad device, negative size). Size 0 returns
+/// NULL and is not an error (PyTorch gives empty storage no memory).
+///
+/// # Safety
+/// `stream` is NULL or a live stream of `device` from the driver hetmem uses, and stays
+/// live until `hetmem_torch_empty_cache` (called when nothing allocated on it is live)
+/// or the end of the process; PyTorch's streams do.
+#[no_mangle]
+pub unsafe extern "C" fn hetmem_torch_malloc(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    guard_with("hetmem_torch_malloc", std::ptr::null_mut(), || {
+        let size = usize::try_from(size).map_err(|_| crate::Error::InvalidSize {
+            requested: 0,
+            reason: "negative size",
+        })?;
+        if size == 0 {
+            return Ok(std::ptr::null_mut());
+        }
+        let device = device_arg(device, "device")?;
+        let raw = stream.addr() as u64;
+        let addr = with_torch(|t| {
+            let pool = t.pool(device)?;
+            let s = t.stream(device, raw)?;
+            let block = pool.alloc(size, &s)?;
+            let addr = block.ptr().0;
+            if let Some(old) = t.blocks.insert(addr, block) {
+                // A pool never hands out a live block twice; keep the old one rather
+                // than free memory that PyTorch still uses.
+                tracing::error!(target: "hetmem::ffi", addr, "a live block was handed out again");
+                std::mem::forget(old);
+            }
+            Ok(addr)
+        })?;
+        Ok(std::ptr::with_exposed_provenance_mut(addr as usize))
+    })
+}
+
+/// Gives back memory from [`hetmem_torch_malloc`]; it may be reused at once on the
+/// stream it was allocated for, and on other streams after the work queued on that
+/// stream until now. NULL is ignored; an address hetmem did not hand out (or freed
+/// already) is logged and ignored, with the last error set.
+///
+/// # Safety
+/// `ptr` may be any value: it is only looked up. `size`, `device` and `stream` are
+/// PyTorch's record of the allocation and only logged when they disagree with hetmem's.
+#[no_mangle]
+pub unsafe extern "C" fn hetmem_torch_free(
+    ptr: *mut c_void,
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) {
+    guard_with("hetmem_torch_free", (), || {
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let addr = ptr.addr() as u64;
+        let block = {
+            let mut slot = lock(&TORCH);
+            slot.as_mut().and_then(|t| t.blocks.remove(&addr))
+        };
+        let Some(block) = block else {
+            tracing::error!(target: "hetmem::ffi", addr, size, device,
+                "hetmem_torch_free of an address hetmem_torch_malloc did not return");
+            return Err(FfiError::new(
+                HETMEM_ERR_FOREIGN_POINTER,
+                format!("{addr:#x} was not returned by hetmem_torch_malloc, or was freed already"),
+            ));
+        };
+        if usize::try_from(size).ok() != Some(block.len())
+            || usize::try_from(device).ok() != Some(block.device())
+        {
+            tracing::debug!(target: "hetmem::ffi", addr, size, device, stream = ?stream,
+                len = block.len(), "hetmem_torch_free: size or device differ from the allocation");
+        }
+        // Dropped outside the allocator's lock: the pool parks it on its stream.
+        drop(block);
+        Ok(())
+    })
+}
+
+/// Gives every cached, unused page or segment of every pool back to the driver, and
+/// lets go of wrapped streams that nothing allocated on them uses any more (PyTorch's
+/// `torch.cuda.empty_cache()`).
+#[no_mangle]
+pub extern "C" fn hetmem_torch_empty_cache() -> c_int {
+    guard("hetmem_torch_empty_cache", || {
+        let mut slot = lock(&TORCH);
+        let Some(t) = slot.as_mut() else {
+            return Ok(());
+        };
+        let mut released = 0usize;
+        for p in t.pools.iter().flatten() {
+            released += p.trim()?;
+        }
+        // A wrapped stream held only by this cache is used by no block: forget it.
+        t.streams
+            .retain(|_, s| std::sync::Arc::strong_count(&s.inner) > 1);
+        tracing::debug!(target: "hetmem::ffi", released, "empty_cache");
+        Ok(())
+    })
+}
+
+/// Writes the allocator's stats as NUL-terminated JSON into `buf` if it fits in `cap`
+/// bytes; `*needed` (if not NULL) is always set to the bytes needed, NUL included.
+/// Keys: `backend` (null before the first allocation), `live_blocks`, `live_bytes`,
+/// `streams`, and `devices`: per pool `device`, `budget`, `reserved`, and `stats` with
+/// PyTorch's `memory_stats()` key names (`allocated_bytes.all.current`, ...).
+///
+/// # Safety
+/// `buf` is NULL or valid for `cap` bytes of writes; `needed` is NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn hetmem_torch_stats_json(
+    buf: *mut c_char,
+    cap: usize,
+    needed: *mut usize,
+) -> c_int {
+    guard("hetmem_torch_stats_json", || {
+        let json = {
+            let slot = lock(&TORCH);
+            match slot.as_ref() {
+                None => json_object([
+                    ("backend", "null".to_owned()),
+                    ("live_blocks", "0".to_owned()),
+                    ("live_bytes", "0".to_owned()),
+                    ("streams", "0".to_owned()),
+                    ("devices", "[]".to_owned()),
+                ]),
+                Some(t) => {
+                    let devices = t.pools.iter().flatten().map(|p| {
+                        let stats = p.stats().to_map();
+                        json_object([
+                            ("device", p.device().to_string()),
+                            ("budget", p.budget().to_string()),
+                            ("reserved", p.reserved().to_string()),
+                            (
+                                "stats",
+                                json_object(stats.iter().map(|(k, v)| (k, v.to_string()))),
+                            ),
+                        ])
+                    });
+                    json_object([
+                        ("backend", json_str(t.mgr.backend_kind().name())),
+                        ("live_blocks", t.blocks.len().to_string()),
+                        (
+                            "live_bytes",
+                            t.blocks
+                                .values()
+                                .map(PoolBlock::len)
+                                .sum::<usize>()
+                                .to_string(),
+                        ),
+                        ("streams", t.streams.len().to_string()),
+                        ("devices", json_array(devices)),
+                    ])
+                }
+            }
+        };
+        // SAFETY: the caller's contract.
+        unsafe { write_c_text(&json, buf, cap, needed) }
+    })
+}

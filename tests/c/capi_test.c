@@ -1,0 +1,682 @@
+/*
+ * Exercises the whole C ABI of libhetmem.so, bad input included. Built and run by
+ * tests/capi.rs (normally with HETMEM_BACKEND=sim). Every check prints one line
+ * ("ok" or "FAIL"); the exit status is 1 if any check failed.
+ *
+ * Usage: capi_test <scratch directory>
+ */
+#include "hetmem.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int checks = 0;
+static int failures = 0;
+
+#define CHECK(cond, ...)                                                        \
+    do {                                                                        \
+        checks++;                                                               \
+        if (cond) {                                                             \
+            printf("ok   ");                                                    \
+        } else {                                                                \
+            failures++;                                                         \
+            printf("FAIL [%s:%d] ", __FILE__, __LINE__);                        \
+        }                                                                       \
+        printf(__VA_ARGS__);                                                    \
+        printf("\n");                                                           \
+    } while (0)
+
+/* Runs `call` and checks its status is `code`. */
+#define EXPECT(call, code)                                                      \
+    do {                                                                        \
+        int rc_ = (call);                                                       \
+        checks++;                                                               \
+        if (rc_ == (code)) {                                                    \
+            printf("ok   %-70s -> %s\n", #call, hetmem_status_string(rc_));     \
+        } else {                                                                \
+            failures++;                                                         \
+            printf("FAIL [%s:%d] %s -> %s (%d), expected %s; last error: %s\n", \
+                   __FILE__, __LINE__, #call, hetmem_status_string(rc_), rc_,   \
+                   hetmem_status_string(code), hetmem_last_error());            \
+        }                                                                       \
+    } while (0)
+
+/* Either of two codes (for limits that differ between backends). */
+#define EXPECT2(call, a, b)                                                     \
+    do {                                                                        \
+        int rc_ = (call);                                                       \
+        checks++;                                                               \
+        if (rc_ == (a) || rc_ == (b)) {                                         \
+            printf("ok   %-70s -> %s\n", #call, hetmem_status_string(rc_));     \
+        } else {                                                                \
+            failures++;                                                         \
+            printf("FAIL [%s:%d] %s -> %s (%d), expected %s or %s: %s\n",       \
+                   __FILE__, __LINE__, #call, hetmem_status_string(rc_), rc_,   \
+                   hetmem_status_string(a), hetmem_status_string(b),            \
+                   hetmem_last_error());                                        \
+        }                                                                       \
+    } while (0)
+
+#define MIB ((size_t)1 << 20)
+
+static void fill(unsigned char* p, size_t n, unsigned seed) {
+    for (size_t i = 0; i < n; i++) p[i] = (unsigned char)(i * 31u + seed * 7u + (i >> 8));
+}
+
+static int same(const unsigned char* a, const unsigned char* b, size_t n) {
+    return memcmp(a, b, n) == 0;
+}
+
+static int contains(const char* s, const char* needle) { return strstr(s, needle) != NULL; }
+
+/* Fetches the stats JSON of `mgr` (and `store`) into a malloc'd string. */
+static char* stats(hetmem_manager_t* mgr, hetmem_store_t* store) {
+    size_t needed = 0;
+    int rc = hetmem_stats_json(mgr, store, NULL, 0, &needed);
+    CHECK(rc == HETMEM_ERR_BUFFER_TOO_SMALL && needed > 2,
+          "stats_json with no buffer reports the size needed (%zu)", needed);
+    char* buf = malloc(needed);
+    rc = hetmem_stats_json(mgr, store, buf, needed, &needed);
+    CHECK(rc == HETMEM_OK && strlen(buf) + 1 == needed, "stats_json fills %zu bytes", needed);
+    return buf;
+}
+
+static void test_basics(void) {
+    printf("\n== version, status strings, last error\n");
+    CHECK(strcmp(hetmem_version(), HETMEM_VERSION) == 0, "library version %s == header %s",
+          hetmem_version(), HETMEM_VERSION);
+    CHECK(hetmem_store_config_size() == sizeof(hetmem_store_config_t),
+          "hetmem_store_config_t: library %zu bytes, header %zu", hetmem_store_config_size(),
+          sizeof(hetmem_store_config_t));
+    CHECK(strcmp(hetmem_status_string(HETMEM_ERR_NULL_POINTER), "HETMEM_ERR_NULL_POINTER") == 0,
+          "status string of NULL_POINTER");
+    CHECK(strcmp(hetmem_status_string(12345), "HETMEM_ERR_UNKNOWN_STATUS") == 0,
+          "status string of a non-code");
+    CHECK(hetmem_last_error() != NULL, "last error is never NULL");
+
+    hetmem_manager_t* m = (hetmem_manager_t*)0x1;
+    EXPECT(hetmem_manager_create("sim", NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_manager_create("no-such-backend", &m), HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(m == NULL, "a failed create sets *out to NULL");
+    CHECK(contains(hetmem_last_error(), "hetmem_manager_create") &&
+              contains(hetmem_last_error(), "no-such-backend"),
+          "last error names the call and the input: %s", hetmem_last_error());
+    EXPECT(hetmem_manager_destroy(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_manager_destroy((hetmem_manager_t*)0x1234), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_manager_destroy((hetmem_manager_t*)&m), HETMEM_ERR_INVALID_HANDLE);
+    CHECK(hetmem_manager_backend(NULL) == NULL, "backend name of NULL is NULL");
+}
+
+/* Allocates one buffer of every placement, copies a pattern through all of them. */
+static void test_alloc_and_copies(hetmem_manager_t* mgr, int is_sim) {
+    printf("\n== allocation by placement, copies\n");
+    int count = -1;
+    EXPECT(hetmem_device_count(mgr, &count), HETMEM_OK);
+    CHECK(count >= 1, "%d device(s)", count);
+    EXPECT(hetmem_device_count(mgr, NULL), HETMEM_ERR_NULL_POINTER);
+    size_t free_b = 0, total_b = 0;
+    EXPECT(hetmem_mem_info(mgr, 0, &free_b, &total_b), HETMEM_OK);
+    CHECK(total_b > 0 && free_b <= total_b, "mem_info: %zu of %zu bytes free", free_b, total_b);
+    EXPECT(hetmem_mem_info(mgr, 99, &free_b, &total_b), HETMEM_ERR_UNKNOWN_DEVICE);
+    EXPECT(hetmem_mem_info(mgr, -1, &free_b, &total_b), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_mem_info(mgr, 0, NULL, &total_b), HETMEM_ERR_NULL_POINTER);
+
+    const size_t n = 1 * MIB;
+    unsigned char* pattern = malloc(n);
+    unsigned char* back = malloc(n);
+    fill(pattern, n, 1);
+
+    void *host = NULL, *pinned = NULL, *dev = NULL, *managed = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, n, &host), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &pinned), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
+    int rc = hetmem_alloc(mgr, HETMEM_MANAGED, -1, n, &managed);
+    if (is_sim) {
+        EXPECT(rc, HETMEM_OK);
+    } else {
+        CHECK(rc == HETMEM_OK || rc == HETMEM_ERR_UNSUPPORTED, "managed alloc -> %s",
+              hetmem_status_string(rc));
+    }
+    CHECK(host && pinned && dev, "host %p, pinned %p, device %p, managed %p", host, pinned,
+          dev, managed);
+
+    /* Host memory is the caller's to touch; device memory goes through copies. */
+    memcpy(host, pattern, n);
+    EXPECT(hetmem_copy(mgr, dev, host, n, NULL), HETMEM_OK);
+    if (managed) EXPECT(hetmem_copy(mgr, managed, dev, n, NULL), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, pinned, managed ? managed : dev, n, NULL), HETMEM_OK);
+    CHECK(same(pinned, pattern, n), "host -> device -> managed -> pinned keeps every byte");
+    if (managed) CHECK(same(managed, pattern, n), "managed memory is readable by the CPU");
+
+    /* Caller-owned memory in and out. */
+    fill(pattern, n, 2);
+    EXPECT(hetmem_copy_from_host(mgr, dev, pattern, n), HETMEM_OK);
+    memset(back, 0, n);
+    EXPECT(hetmem_copy_to_host(mgr, back, dev, n), HETMEM_OK);
+    CHECK(same(back, pattern, n), "copy_from_host / copy_to_host round trip through the device");
+
+    /* Addresses inside buffers. */
+    EXPECT(hetmem_copy(mgr, (char*)dev + 4096, (char*)host + 100, 1000, NULL), HETMEM_OK);
+    memset(back, 0, n);
+    EXPECT(hetmem_copy_to_host(mgr, back, (char*)dev + 4096, 1000), HETMEM_OK);
+    CHECK(same(back, (unsigned char*)host + 100, 1000), "interior addresses copy the right bytes");
+    /* Both ends in one buffer (overlapping, memmove-like). */
+    memcpy(back, (char*)host + 10, 5000);
+    EXPECT(hetmem_copy(mgr, host, (char*)host + 10, 5000, NULL), HETMEM_OK);
+    CHECK(same(host, back, 5000), "a copy within one buffer behaves like memmove");
+    /* copy_from_host whose source is hetmem memory is a hetmem copy. */
+    EXPECT(hetmem_copy_from_host(mgr, dev, pinned, n), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, (char*)dev + 1, host, 0, NULL), HETMEM_OK);
+
+    printf("\n== copies: bad input\n");
+    EXPECT(hetmem_copy(mgr, dev, host, n + 1, NULL), HETMEM_ERR_OUT_OF_BOUNDS);
+    EXPECT(hetmem_copy(mgr, (char*)dev + n - 10, host, 20, NULL), HETMEM_ERR_OUT_OF_BOUNDS);
+    EXPECT(hetmem_copy(mgr, dev, host, SIZE_MAX, NULL), HETMEM_ERR_OUT_OF_BOUNDS);
+    EXPECT(hetmem_copy_to_host(mgr, back, dev, n + 1), HETMEM_ERR_OUT_OF_BOUNDS);
+    EXPECT(hetmem_copy(mgr, NULL, host, 16, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_copy(mgr, dev, NULL, 16, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_copy(NULL, dev, host, 16, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_copy_from_host(mgr, dev, NULL, 16), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_copy_to_host(mgr, NULL, dev, 16), HETMEM_ERR_NULL_POINTER);
+    int on_stack = 0;
+    EXPECT(hetmem_copy(mgr, dev, &on_stack, sizeof on_stack, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy(mgr, (void*)(uintptr_t)0xdeadbeef, host, 16, NULL),
+           HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy(mgr, (char*)dev + n, host, 1, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy_from_host(mgr, &on_stack, pattern, sizeof on_stack),
+           HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy_to_host(mgr, back, &on_stack, sizeof on_stack),
+           HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy((hetmem_manager_t*)0x99, dev, host, 16, NULL), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_copy(mgr, dev, host, 16, (hetmem_stream_t*)0x77), HETMEM_ERR_INVALID_HANDLE);
+
+    printf("\n== allocation: bad input\n");
+    void* p = (void*)0x1;
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, 0, &p), HETMEM_ERR_INVALID_SIZE);
+    CHECK(p == NULL, "a failed alloc sets *out to NULL");
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, 0, &p), HETMEM_ERR_INVALID_SIZE);
+    EXPECT2(hetmem_alloc(mgr, HETMEM_HOST, -1, SIZE_MAX, &p), HETMEM_ERR_INVALID_SIZE,
+            HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT2(hetmem_alloc(mgr, HETMEM_PINNED, -1, SIZE_MAX, &p), HETMEM_ERR_INVALID_SIZE,
+            HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT2(hetmem_alloc(mgr, HETMEM_DEVICE, 0, SIZE_MAX, &p), HETMEM_ERR_INVALID_SIZE,
+            HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT2(hetmem_alloc(mgr, HETMEM_MANAGED, 0, SIZE_MAX, &p), HETMEM_ERR_INVALID_SIZE,
+            HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, SIZE_MAX / 4, &p), HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, SIZE_MAX / 4, &p), HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT(hetmem_alloc(mgr, 42, -1, 64, &p), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 99, 64, &p), HETMEM_ERR_UNKNOWN_DEVICE);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, -7, 64, &p), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, 999, 64, &p), HETMEM_ERR_UNKNOWN_NUMA_NODE);
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, 64, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_alloc(NULL, HETMEM_HOST, -1, 64, &p), HETMEM_ERR_NULL_POINTER);
+
+    printf("\n== free: bad input\n");
+    void* extra = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, 0, 4096, &extra), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, (char*)extra + 8), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(mgr, extra), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, extra), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy(mgr, dev, extra, 16, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(mgr, &on_stack), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(mgr, (void*)(uintptr_t)0x12345678), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(mgr, pattern), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(mgr, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_free(NULL, host), HETMEM_ERR_NULL_POINTER);
+    CHECK(same((unsigned char*)host + 5000, (unsigned char*)host + 5000, 1) && host != NULL,
+          "the live buffers are untouched by the bad frees");
+
+    void* dev2 = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, -1, 4096, &dev2), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev2), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev2), HETMEM_ERR_FOREIGN_POINTER);
+
+    EXPECT(hetmem_free(mgr, host), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
+    if (managed) EXPECT(hetmem_free(mgr, managed), HETMEM_OK);
+    free(pattern);
+    free(back);
+}
+
+static void test_streams(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_sim) {
+    printf("\n== streams: created and wrapped\n");
+    const size_t n = 256 * 1024;
+    unsigned char* pattern = malloc(n);
+    unsigned char* back = malloc(n);
+    void *pinned = NULL, *dev = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &pinned), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
+
+    hetmem_stream_t *s = NULL, *def = NULL, *wrapped = NULL;
+    EXPECT(hetmem_stream_create(mgr, 0, &s), HETMEM_OK);
+    uintptr_t raw = 0;
+    EXPECT(hetmem_stream_raw(s, &raw), HETMEM_OK);
+    CHECK(raw != 0, "a created stream has a driver handle (%#lx)", (unsigned long)raw);
+
+    /* An async copy on a created stream. */
+    fill(pattern, n, 3);
+    memcpy(pinned, pattern, n);
+    EXPECT(hetmem_copy(mgr, dev, pinned, n, s), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(s), HETMEM_OK);
+    memset(back, 0, n);
+    EXPECT(hetmem_copy_to_host(mgr, back, dev, n), HETMEM_OK);
+    CHECK(same(back, pattern, n), "async copy on a created stream arrives");
+
+    /* The default stream (raw 0), as PyTorch passes it. */
+    EXPECT(hetmem_stream_wrap(mgr, 0, 0, &def), HETMEM_OK);
+    uintptr_t def_raw = 99;
+    EXPECT(hetmem_stream_raw(def, &def_raw), HETMEM_OK);
+    CHECK(def_raw == 0, "a wrapped default stream reports raw 0");
+    fill(pattern, n, 4);
+    EXPECT(hetmem_copy_from_host(mgr, dev, pattern, n), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, pinned, dev, n, def), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(def), HETMEM_OK);
+    CHECK(same(pinned, pattern, n), "async copy on the wrapped default stream arrives");
+
+    /* Wrapping a stream by its raw handle (as C code holding a cudaStream_t does). */
+    EXPECT(hetmem_stream_wrap(mgr, 0, raw, &wrapped), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, dev, pinned, n, wrapped), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(wrapped), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(wrapped), HETMEM_OK);
+    /* Letting go of the wrapper left the stream alive. */
+    EXPECT(hetmem_copy(mgr, pinned, dev, n, s), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(s), HETMEM_OK);
+    CHECK(same(pinned, pattern, n), "the stream still works after its wrapper is destroyed");
+
+    printf("\n== streams: bad input\n");
+    hetmem_stream_t* bad = (hetmem_stream_t*)0x1;
+    EXPECT(hetmem_stream_create(mgr, 99, &bad), HETMEM_ERR_UNKNOWN_DEVICE);
+    CHECK(bad == NULL, "a failed stream_create sets *out to NULL");
+    EXPECT(hetmem_stream_create(mgr, -1, &bad), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_stream_create(mgr, 0, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_wrap(mgr, 99, 0, &bad), HETMEM_ERR_UNKNOWN_DEVICE);
+    EXPECT(hetmem_stream_wrap(mgr, 0, 0, NULL), HETMEM_ERR_NULL_POINTER);
+    if (is_sim) {
+        EXPECT(hetmem_stream_wrap(mgr, 0, 0x5eed, &bad), HETMEM_ERR_INVALID_ARGUMENT);
+    }
+    EXPECT(hetmem_stream_raw(s, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_raw(NULL, &raw), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_synchronize(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_synchronize((hetmem_stream_t*)0xabc0), HETMEM_ERR_INVALID_HANDLE);
+    /* A stream of another manager. */
+    hetmem_stream_t* theirs = NULL;
+    EXPECT(hetmem_stream_create(other, 0, &theirs), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, dev, pinned, 64, theirs), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_free(other, dev), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_stream_destroy(theirs), HETMEM_OK);
+    /* A handle of another kind. */
+    EXPECT(hetmem_stream_synchronize((hetmem_stream_t*)mgr), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_manager_destroy((hetmem_manager_t*)s), HETMEM_ERR_INVALID_HANDLE);
+
+    EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(s), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_synchronize(s), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_copy(mgr, dev, pinned, 64, s), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_destroy(NULL), HETMEM_ERR_NULL_POINTER);
+
+    printf("\n== managed memory: prefetch and advise\n");
+    void* managed = NULL;
+    int rc = hetmem_alloc(mgr, HETMEM_MANAGED, 0, n, &managed);
+    if (rc == HETMEM_OK) {
+        fill(pattern, n, 5);
+        memcpy(managed, pattern, n);
+        EXPECT(hetmem_prefetch(mgr, managed, n, 0, NULL), HETMEM_OK);
+        EXPECT(hetmem_prefetch(mgr, (char*)managed + 4096, 4096, -1, def), HETMEM_OK);
+        EXPECT(hetmem_stream_synchronize(def), HETMEM_OK);
+        CHECK(same(managed, pattern, n), "prefetching back and forth keeps the bytes");
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_SET_READ_MOSTLY, 0), HETMEM_OK);
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_UNSET_READ_MOSTLY, 0), HETMEM_OK);
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_SET_PREFERRED_LOCATION, -1),
+               HETMEM_OK);
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_SET_ACCESSED_BY, 0), HETMEM_OK);
+        EXPECT(hetmem_advise(mgr, managed, n, 77, 0), HETMEM_ERR_INVALID_ARGUMENT);
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_SET_ACCESSED_BY, 99),
+               HETMEM_ERR_UNKNOWN_DEVICE);
+        EXPECT(hetmem_advise(mgr, managed, n, HETMEM_ADVISE_SET_ACCESSED_BY, -1),
+               HETMEM_ERR_INVALID_ARGUMENT);
+        EXPECT(hetmem_prefetch(mgr, managed, n + 1, 0, NULL), HETMEM_ERR_OUT_OF_BOUNDS);
+        EXPECT(hetmem_prefetch(mgr, managed, n, 99, NULL), HETMEM_ERR_UNKNOWN_DEVICE);
+        EXPECT(hetmem_free(mgr, managed), HETMEM_OK);
+        EXPECT(hetmem_prefetch(mgr, managed, n, 0, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    } else {
+        CHECK(!is_sim && rc == HETMEM_ERR_UNSUPPORTED, "managed memory -> %s",
+              hetmem_status_string(rc));
+    }
+    EXPECT(hetmem_prefetch(mgr, dev, n, 0, NULL), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_advise(mgr, pinned, n, HETMEM_ADVISE_SET_READ_MOSTLY, 0),
+           HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_prefetch(mgr, NULL, n, 0, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_prefetch(mgr, &rc, sizeof rc, 0, NULL), HETMEM_ERR_FOREIGN_POINTER);
+
+    EXPECT(hetmem_stream_destroy(def), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
+    free(pattern);
+    free(back);
+}
+
+static void test_stats(hetmem_manager_t* mgr, const char* backend) {
+    printf("\n== stats as JSON\n");
+    void* buf = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, 3 * MIB, &buf), HETMEM_OK);
+    char* json = stats(mgr, NULL);
+    char want[64];
+    snprintf(want, sizeof want, "\"backend\":\"%s\"", backend);
+    CHECK(contains(json, want), "JSON has %s", want);
+    CHECK(contains(json, "\"live_buffers\":1") && contains(json, "\"live_bytes\":3145728"),
+          "JSON counts the live buffer");
+    CHECK(contains(json, "\"device\":[{\"current\":3145728"), "JSON has device bytes in use");
+    CHECK(contains(json, "\"tier\":null"), "no store, tier is null");
+    printf("     %s\n", json);
+    free(json);
+    char small[8];
+    size_t needed = 0;
+    EXPECT(hetmem_stats_json(mgr, NULL, small, sizeof small, &needed),
+           HETMEM_ERR_BUFFER_TOO_SMALL);
+    CHECK(needed > sizeof small, "needed %zu", needed);
+    EXPECT(hetmem_stats_json(NULL, NULL, small, sizeof small, &needed), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stats_json(mgr, (hetmem_store_t*)0x10, small, sizeof small, &needed),
+           HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_free(mgr, buf), HETMEM_OK);
+}
+
+/* Writes a safetensors file with two U8 tensors, "st.a" (5 bytes) and "st.b" (3). */
+static int write_safetensors(const char* path) {
+    const char* header =
+        "{\"st.a\":{\"dtype\":\"U8\",\"shape\":[5],\"data_offsets\":[0,5]},"
+        "\"st.b\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[5,8]}}";
+    size_t hlen = strlen(header);
+    size_t padded = (hlen + 7) / 8 * 8;
+    FILE* f = fopen(path, "wb");
+    if (!f) return -1;
+    unsigned char len[8];
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    fwrite(len, 1, 8, f);
+    fwrite(header, 1, hlen, f);
+    for (size_t i = hlen; i < padded; i++) fputc(' ', f);
+    const unsigned char data[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    fwrite(data, 1, 8, f);
+    return fclose(f);
+}
+
+static void test_store(hetmem_manager_t* mgr, const char* scratch) {
+    printf("\n== tier store\n");
+    hetmem_store_config_t cfg;
+    /* Parameters of 12 MiB, room for two on the device. (Sizes of 10 MiB and more
+     * keep pools without virtual memory management, ROCm's, within the budget: they
+     * get segments of the request's size rather than 20 MiB ones.) */
+    EXPECT(hetmem_store_config_init(&cfg, 30 * MIB, 64 * MIB), HETMEM_OK);
+    CHECK(cfg.device == 0 && cfg.device_budget == 30 * MIB && cfg.staging_slots >= 2,
+          "config defaults (device %d, %zu slots of %zu bytes)", cfg.device, cfg.staging_slots,
+          cfg.staging_slot_size);
+    cfg.checksums = 1;
+    hetmem_store_t* store = NULL;
+    EXPECT(hetmem_store_create(mgr, &cfg, &store), HETMEM_OK);
+
+    enum { N = 4 };
+    const size_t size = 12 * MIB;
+    unsigned char* data[N];
+    uint32_t ids[N];
+    for (int i = 0; i < N; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "layer.%d", i);
+        data[i] = malloc(size);
+        fill(data[i], size, 10 + (unsigned)i);
+        EXPECT(hetmem_store_register(store, name, data[i], size, &ids[i]), HETMEM_OK);
+        CHECK(ids[i] == (uint32_t)i, "layer.%d has id %u", i, ids[i]);
+    }
+    uint32_t id = 0;
+    EXPECT(hetmem_store_lookup(store, "layer.2", &id), HETMEM_OK);
+    CHECK(id == 2, "lookup layer.2 -> %u", id);
+    size_t psize = 0;
+    EXPECT(hetmem_store_param_size(store, 3, &psize), HETMEM_OK);
+    CHECK(psize == size, "param_size %zu", psize);
+    int state = -1;
+    uint32_t refs = 99;
+    EXPECT(hetmem_store_residency(store, 0, &state, &refs), HETMEM_OK);
+    CHECK(state == HETMEM_RESIDENCY_COLD && refs == 0, "a new parameter is cold");
+
+    hetmem_stream_t* s = NULL;
+    EXPECT(hetmem_stream_create(mgr, 0, &s), HETMEM_OK);
+    hetmem_guard_t* g = NULL;
+    void* dptr = NULL;
+    EXPECT(hetmem_store_acquire(store, 0, s, &g, &dptr), HETMEM_OK);
+    CHECK(g != NULL && dptr != NULL, "acquire gives a guard and a device address (%p)", dptr);
+    EXPECT(hetmem_store_residency(store, 0, &state, &refs), HETMEM_OK);
+    CHECK((state == HETMEM_RESIDENCY_DEVICE || state == HETMEM_RESIDENCY_LOADING) && refs == 1,
+          "acquired: on the device with one guard (state %d, refs %u)", state, refs);
+    EXPECT(hetmem_guard_mark_dirty(g), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_guard_mark_dirty(g), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_guard_release(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_synchronize(s), HETMEM_OK);
+
+    /* Stream through all four (two fit in the budget): evictions and write-back. */
+    for (int pass = 0; pass < 2; pass++) {
+        for (uint32_t i = 0; i < N; i++) {
+            hetmem_guard_t* gi = NULL;
+            void* pi = NULL;
+            EXPECT(hetmem_store_acquire(store, i, pass == 0 ? s : NULL, &gi, &pi), HETMEM_OK);
+            EXPECT(hetmem_guard_release(gi), HETMEM_OK);
+        }
+    }
+    unsigned char* back = malloc(size);
+    for (int i = 0; i < N; i++) {
+        memset(back, 0, size);
+        EXPECT(hetmem_store_read(store, (uint32_t)i, back, size), HETMEM_OK);
+        CHECK(same(back, data[i], size), "layer.%d reads back byte for byte", i);
+    }
+
+    /* Three guards at once do not fit a budget of two. */
+    hetmem_guard_t *g0 = NULL, *g1 = NULL, *g2 = (hetmem_guard_t*)0x1;
+    EXPECT(hetmem_store_acquire(store, 0, s, &g0, NULL), HETMEM_OK);
+    EXPECT(hetmem_store_acquire(store, 1, s, &g1, NULL), HETMEM_OK);
+    EXPECT(hetmem_store_acquire(store, 2, s, &g2, NULL), HETMEM_ERR_OUT_OF_MEMORY);
+    CHECK(g2 == NULL, "a failed acquire sets *out to NULL");
+    EXPECT(hetmem_store_dont_need(store, 0, &state), HETMEM_OK);
+    CHECK(state == 0, "dont_need does not drop a parameter in use");
+    EXPECT(hetmem_guard_release(g0), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g1), HETMEM_OK);
+
+    printf("\n== tier store: hints\n");
+    int flag = -1;
+    EXPECT(hetmem_store_dont_need(store, 0, &flag), HETMEM_OK);
+    EXPECT(hetmem_store_dont_need(store, 1, NULL), HETMEM_OK);
+    EXPECT(hetmem_store_will_need(store, 3, &flag), HETMEM_OK);
+    CHECK(flag == 1, "will_need loads into free room");
+    EXPECT(hetmem_store_residency(store, 3, &state, NULL), HETMEM_OK);
+    CHECK(state == HETMEM_RESIDENCY_DEVICE || state == HETMEM_RESIDENCY_LOADING,
+          "will_need put layer.3 on the device (state %d)", state);
+    EXPECT(hetmem_store_keep_resident(store, 3, 1), HETMEM_OK);
+    EXPECT(hetmem_store_priority(store, 2, 5), HETMEM_OK);
+    const uint32_t seq[N] = {0, 1, 2, 3};
+    EXPECT(hetmem_store_set_sequence(store, seq, N), HETMEM_OK);
+    EXPECT(hetmem_store_set_sequence(store, NULL, 0), HETMEM_OK);
+    EXPECT(hetmem_store_keep_resident(store, 3, 0), HETMEM_OK);
+    char* json = stats(mgr, store);
+    CHECK(contains(json, "\"tier\":{\"params\":4") && contains(json, "\"evictions\":") &&
+              contains(json, "\"checksum_mismatches\":0"),
+          "stats JSON has the store's counters, no checksum mismatch");
+    printf("     %s\n", json);
+    free(json);
+
+    printf("\n== tier store: bad input\n");
+    uint32_t bad_seq[2] = {0, 99};
+    EXPECT(hetmem_store_set_sequence(store, bad_seq, 2), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_set_sequence(store, NULL, 2), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_acquire(store, 99, s, &g, &dptr), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_acquire(store, 0, s, NULL, &dptr), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_acquire(store, 0, (hetmem_stream_t*)0x40, &g, &dptr),
+           HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_store_acquire(NULL, 0, s, &g, &dptr), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_will_need(store, 99, NULL), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_dont_need(store, 99, NULL), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_keep_resident(store, 99, 1), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_priority(store, 99, 1), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_residency(store, 99, &state, NULL), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_residency(store, 0, NULL, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_param_size(store, 99, &psize), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_read(store, 99, back, size), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_read(store, 0, back, size - 1), HETMEM_ERR_BUFFER_TOO_SMALL);
+    EXPECT(hetmem_store_read(store, 0, NULL, size), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_lookup(store, "layer.9", &id), HETMEM_ERR_UNKNOWN_PARAM);
+    EXPECT(hetmem_store_lookup(store, NULL, &id), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register(store, "layer.0", data[0], 16, &id), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_store_register(store, "empty", data[0], 0, &id), HETMEM_ERR_INVALID_SIZE);
+    EXPECT(hetmem_store_register(store, NULL, data[0], 16, &id), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register(store, "x", NULL, 16, &id), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register(store, "x", data[0], 16, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register(store, "\xff\xfe", data[0], 16, &id),
+           HETMEM_ERR_INVALID_ARGUMENT);
+    unsigned char* big = calloc(1, 31 * MIB);
+    EXPECT(hetmem_store_register(store, "too.big", big, 31 * MIB, &id), HETMEM_ERR_OUT_OF_MEMORY);
+    free(big);
+    hetmem_store_config_t bad_cfg = cfg;
+    hetmem_store_t* bad_store = (hetmem_store_t*)0x1;
+    bad_cfg.device_budget = 0;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(bad_store == NULL, "a failed store_create sets *out to NULL");
+    bad_cfg = cfg;
+    bad_cfg.sequence = 7;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
+    bad_cfg = cfg;
+    bad_cfg.device = 99;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_UNKNOWN_DEVICE);
+    EXPECT(hetmem_store_create(mgr, NULL, &bad_store), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_config_init(NULL, 1, 1), HETMEM_ERR_NULL_POINTER);
+
+    printf("\n== tier store: safetensors\n");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/capi_test.safetensors", scratch);
+    CHECK(write_safetensors(path) == 0, "wrote %s", path);
+    size_t count = 0;
+    EXPECT(hetmem_store_register_safetensors(store, path, NULL, 0, &count),
+           HETMEM_ERR_BUFFER_TOO_SMALL);
+    CHECK(count == 2, "the file has %zu tensors", count);
+    uint32_t st_ids[2] = {0, 0};
+    EXPECT(hetmem_store_register_safetensors(store, path, st_ids, 2, &count), HETMEM_OK);
+    CHECK(count == 2 && st_ids[0] == N && st_ids[1] == N + 1, "ids %u, %u", st_ids[0],
+          st_ids[1]);
+    unsigned char small[8] = {0};
+    EXPECT(hetmem_store_read(store, st_ids[1], small, sizeof small), HETMEM_OK);
+    CHECK(small[0] == 6 && small[1] == 7 && small[2] == 8, "st.b reads 6 7 8");
+    hetmem_guard_t* gs = NULL;
+    EXPECT(hetmem_store_acquire(store, st_ids[0], NULL, &gs, &dptr), HETMEM_OK);
+    EXPECT(hetmem_guard_release(gs), HETMEM_OK);
+    EXPECT(hetmem_store_read(store, st_ids[0], small, sizeof small), HETMEM_OK);
+    CHECK(small[0] == 1 && small[4] == 5, "st.a reads 1..5 after a load");
+    EXPECT(hetmem_store_register_safetensors(store, path, st_ids, 2, &count),
+           HETMEM_ERR_INVALID_ARGUMENT); /* the names are taken */
+    CHECK(count == 0, "nothing registered the second time");
+    snprintf(path, sizeof path, "%s/no-such-file.safetensors", scratch);
+    EXPECT(hetmem_store_register_safetensors(store, path, st_ids, 2, &count), HETMEM_ERR_CONFIG);
+    EXPECT(hetmem_store_register_safetensors(store, NULL, st_ids, 2, &count),
+           HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register_safetensors(store, path, NULL, 2, &count),
+           HETMEM_ERR_NULL_POINTER);
+
+    /* A guard outlives its store handle. */
+    hetmem_guard_t* late = NULL;
+    EXPECT(hetmem_store_acquire(store, 1, s, &late, &dptr), HETMEM_OK);
+    EXPECT(hetmem_store_destroy(store), HETMEM_OK);
+    EXPECT(hetmem_store_destroy(store), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_store_read(store, 0, back, size), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_guard_release(late), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
+    for (int i = 0; i < N; i++) free(data[i]);
+    free(back);
+}
+
+static void test_torch(void) {
+    printf("\n== PyTorch allocator entry points\n");
+    void* a = hetmem_torch_malloc(1 << 20, 0, NULL);
+    CHECK(a != NULL, "torch_malloc 1 MiB on the default stream: %p (%s)", a, hetmem_last_error());
+    hetmem_torch_free(a, 1 << 20, 0, NULL);
+    CHECK(hetmem_last_error()[0] == '\0', "torch_free of a live block succeeds");
+    void* b = hetmem_torch_malloc(1 << 20, 0, NULL);
+    CHECK(b == a, "freed memory is reused at once on the same stream (%p == %p)", b, a);
+    void* c = hetmem_torch_malloc(3000, 0, NULL);
+    CHECK(c != NULL && c != b, "a second live block is another address");
+
+    size_t needed = 0;
+    int rc = hetmem_torch_stats_json(NULL, 0, &needed);
+    CHECK(rc == HETMEM_ERR_BUFFER_TOO_SMALL && needed > 0, "torch stats need %zu bytes", needed);
+    char* json = malloc(needed);
+    EXPECT(hetmem_torch_stats_json(json, needed, &needed), HETMEM_OK);
+    CHECK(contains(json, "\"live_blocks\":2") && contains(json, "\"allocated_bytes.all.current\":"),
+          "torch stats have live blocks and PyTorch's key names");
+    free(json);
+
+    hetmem_torch_free(b, 1 << 20, 0, NULL);
+    hetmem_torch_free(c, 3000, 0, NULL);
+    hetmem_torch_free(b, 1 << 20, 0, NULL);
+    CHECK(contains(hetmem_last_error(), "hetmem_torch_free"), "double free is reported: %s",
+          hetmem_last_error());
+    int on_stack = 0;
+    hetmem_torch_free(&on_stack, 4, 0, NULL);
+    CHECK(hetmem_last_error()[0] != '\0', "free of a stack address is reported");
+    hetmem_torch_free((void*)(uintptr_t)0xdeadbeef, 4, 0, NULL);
+    CHECK(hetmem_last_error()[0] != '\0', "free of a made-up address is reported");
+    hetmem_torch_free(NULL, 0, 0, NULL);
+    CHECK(hetmem_last_error()[0] == '\0', "free of NULL is a no-op");
+
+    CHECK(hetmem_torch_malloc(0, 0, NULL) == NULL && hetmem_last_error()[0] == '\0',
+          "malloc of 0 bytes is NULL without an error");
+    CHECK(hetmem_torch_malloc(-5, 0, NULL) == NULL && hetmem_last_error()[0] != '\0',
+          "malloc of a negative size fails: %s", hetmem_last_error());
+    CHECK(hetmem_torch_malloc((ssize_t)1 << 62, 0, NULL) == NULL &&
+              hetmem_last_error()[0] != '\0',
+          "malloc of 4 EiB fails: %s", hetmem_last_error());
+    CHECK(hetmem_torch_malloc(64, 99, NULL) == NULL &&
+              contains(hetmem_last_error(), "unknown device"),
+          "malloc on device 99 fails: %s", hetmem_last_error());
+    CHECK(hetmem_torch_malloc(64, -1, NULL) == NULL, "malloc on device -1 fails");
+    EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
+    void* d = hetmem_torch_malloc(1 << 20, 0, NULL);
+    CHECK(d != NULL, "malloc works after empty_cache");
+    hetmem_torch_free(d, 1 << 20, 0, NULL);
+    EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
+}
+
+int main(int argc, char** argv) {
+    const char* scratch = argc > 1 ? argv[1] : "/tmp";
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    test_basics();
+
+    hetmem_manager_t *mgr = NULL, *other = NULL;
+    EXPECT(hetmem_manager_create(NULL, &mgr), HETMEM_OK);
+    if (!mgr) {
+        printf("cannot open a manager: %s\n", hetmem_last_error());
+        return 1;
+    }
+    const char* backend = hetmem_manager_backend(mgr);
+    CHECK(backend != NULL, "backend %s", backend ? backend : "(null)");
+    const char* env = getenv("HETMEM_BACKEND");
+    if (env && *env) CHECK(strcmp(env, backend) == 0, "HETMEM_BACKEND=%s is honoured", env);
+    int is_sim = strcmp(backend, "sim") == 0;
+    EXPECT(hetmem_manager_create(backend, &other), HETMEM_OK);
+
+    test_alloc_and_copies(mgr, is_sim);
+    test_streams(mgr, other, is_sim);
+    test_stats(mgr, backend);
+    test_store(mgr, scratch);
+    test_torch();
+
+    printf("\n== teardown\n");
+    void* leftover = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, 4096, &leftover), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(mgr), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(mgr), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_free(mgr, leftover), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, 64, &leftover), HETMEM_ERR_INVALID_HANDLE);
+    CHECK(hetmem_manager_backend(mgr) == NULL, "a destroyed manager has no backend");
+    EXPECT(hetmem_manager_destroy(other), HETMEM_OK);
+
+    printf("\n%d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,185 @@
+//! Builds `tests/c/capi_test.c` against `include/hetmem.h` and the `libhetmem.so` that
+//! cargo built for this test run, runs it on the simulator (and on the fake HIP
+//! runtime, through the ROCm backend), and fails if any of its checks fails.
+//!
+//! Needs a C compiler (`cc`, or `$CC`); CI installs gcc. A missing compiler fails the
+//! test rather than skipping it.
+
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory of the `libhetmem.so` built for this test run: cargo builds the
+/// package's cdylib next to the test executables (`target/<profile>/deps`) before it
+/// runs integration tests; `cargo build` also copies it up to `target/<profile>`, where
+/// it may be older, so `deps` comes first.
+fn library_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let deps = exe.parent().expect("the deps directory");
+    let candidates = [
+        deps.to_path_buf(),
+        deps.parent().unwrap_or(deps).to_path_buf(),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.join("libhetmem.so").is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "libhetmem.so is in none of {candidates:?}: cargo should have built the cdylib \
+                 (crate-type in Cargo.toml)"
+            )
+        })
+}
+
+fn scratch_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("capi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+fn cc() -> String {
+    std::env::var("CC").unwrap_or_else(|_| "cc".to_owned())
+}
+
+fn show(what: &str, out: &Output) -> String {
+    format!(
+        "{what}: {}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Compiles the C test once per process.
+fn test_program() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let lib = library_dir();
+        let exe = scratch_dir().join("capi_test");
+        let out = Command::new(cc())
+            .args([
+                "-std=gnu11",
+                "-O1",
+                "-g",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-I",
+            ])
+            .arg(manifest_dir().join("include"))
+            .arg(manifest_dir().join("tests/c/capi_test.c"))
+            .arg("-o")
+            .arg(&exe)
+            .arg("-L")
+            .arg(&lib)
+            .arg("-lhetmem")
+            .arg(format!("-Wl,-rpath,{}", lib.display()))
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run the C compiler {:?}: {e}. Install gcc (the CI script does).",
+                    cc()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "{}",
+            show("compiling capi_test.c failed", &out)
+        );
+        exe
+    })
+}
+
+fn run_program(envs: &[(&str, &str)]) -> String {
+    let exe = test_program();
+    let scratch = scratch_dir();
+    let mut cmd = Command::new(exe);
+    cmd.arg(&scratch).env_remove("HETMEM_BACKEND");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running capi_test");
+    let text = show("capi_test", &out);
+    // Shown with --nocapture, and on failure.
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains(" checks, 0 failed"),
+        "the program did not reach its summary:\n{text}"
+    );
+    stdout
+}
+
+#[test]
+fn c_program_passes_on_the_simulator() {
+    let stdout = run_program(&[("HETMEM_BACKEND", "sim")]);
+    let checks: usize = stdout.lines().filter(|l| l.starts_with("ok   ")).count();
+    assert!(checks > 200, "only {checks} checks ran");
+}
+
+#[test]
+fn c_program_passes_on_the_rocm_backend_over_the_fake_hip_runtime() {
+    let lib = fake_hip::fake_hip_library().expect("building the fake HIP runtime");
+    run_program(&[
+        ("HETMEM_BACKEND", "rocm"),
+        ("HETMEM_HIP_LIBRARY", lib.to_str().expect("a UTF-8 path")),
+    ]);
+}
+
+#[test]
+fn header_compiles_as_strict_c_and_as_cpp() {
+    let dir = scratch_dir();
+    let src = dir.join("header_only.c");
+    std::fs::write(
+        &src,
+        "#include \"hetmem.h\"\nint main(void) { return hetmem_version() == 0; }\n",
+    )
+    .unwrap();
+    let out = Command::new(cc())
+        .args([
+            "-std=c99",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-pedantic",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fsyntax-only",
+            "-I",
+        ])
+        .arg(manifest_dir().join("include"))
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {:?}: {e}", cc()));
+    assert!(out.status.success(), "{}", show("hetmem.h as C99", &out));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
+    match Command::new(&cxx)
+        .args([
+            "-x",
+            "c++",
+            "-std=c++11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fsyntax-only",
+            "-I",
+        ])
+        .arg(manifest_dir().join("include"))
+        .arg(&src)
+        .output()
+    {
+        Ok(out) => assert!(out.status.success(), "{}", show("hetmem.h as C++", &out)),
+        // gcc without g++ (the CI image installs only gcc): the C check above still ran.
+        Err(e) => {
+            println!("note: no C++ compiler ({cxx:?}: {e}); the C++ check of hetmem.h did not run")
+        }
+    }
+}
