@@ -209,6 +209,25 @@ fn budget_and_out_of_memory_carry_the_numbers() {
     });
 }
 
+/// Mid-size requests share 20 MiB segments where the budget has room for one; under a
+/// tighter budget each gets a segment of its own size instead of failing.
+#[test]
+fn mid_size_requests_fit_a_budget_smaller_than_a_shared_segment() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Bytes(10 * MIB));
+        let s = mgr.create_stream(0).unwrap();
+        let a = p.alloc(3 * MIB, &s).unwrap();
+        let b = p.alloc(3 * MIB, &s).unwrap();
+        assert!(
+            p.reserved() <= 10 * MIB,
+            "expandable={exp}: {}",
+            p.reserved()
+        );
+        drop((a, b));
+    });
+}
+
 #[test]
 fn trim_gives_everything_back() {
     both(|exp| {

@@ -803,12 +803,14 @@ impl Shared {
             st.add_segment(base, size, small, SegMem::Vmm(region));
             return Ok(());
         }
+        let exact = rounded.next_multiple_of(LARGE_ROUND);
         let seg_size = if small {
             SMALL_SEGMENT
-        } else if rounded < MID_LIMIT {
+        } else if rounded < MID_LIMIT && st.reserved + MID_SEGMENT <= self.budget {
             MID_SEGMENT
         } else {
-            rounded.next_multiple_of(LARGE_ROUND)
+            // A shared mid-size segment would not fit the budget: a segment of its own.
+            exact
         };
         if st.reserved + seg_size > self.budget {
             return Err(Error::oom(

@@ -201,12 +201,14 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction)
 }
 
 /// Misses in each of `passes` repetitions of `order` under Belady's MIN with `capacity`
-/// slots, from an empty cache.
-pub(crate) fn min_misses_each_pass(
-    order: &[ParamId],
-    capacity: usize,
-    passes: usize,
-) -> Vec<usize> {
+/// slots, from an empty cache (the first pass fills it). MIN on a loop keeps changing
+/// which layers it holds, so the steady passes differ by one now and then.
+///
+/// ```
+/// use hetmem::tier::policy::min_misses_each_pass;
+/// assert_eq!(min_misses_each_pass(&[0, 1, 2, 3], 2, 3), vec![4, 2, 2]);
+/// ```
+pub fn min_misses_each_pass(order: &[ParamId], capacity: usize, passes: usize) -> Vec<usize> {
     let ev = Eviction::new(Policy::Sequence(Sequence::new(order.to_vec())));
     simulate(order, capacity, passes, ev)
 }
