@@ -206,7 +206,7 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction)
 ///
 /// ```
 /// use hetmem::tier::policy::min_misses_each_pass;
-/// assert_eq!(min_misses_each_pass(&[0, 1, 2, 3], 2, 3), vec![4, 2, 2]);
+/// assert_eq!(min_misses_each_pass(&[0, 1, 2, 3], 2, 3), vec![4, 2, 3]);
 /// ```
 pub fn min_misses_each_pass(order: &[ParamId], capacity: usize, passes: usize) -> Vec<usize> {
     let ev = Eviction::new(Policy::Sequence(Sequence::new(order.to_vec())));
