@@ -52,6 +52,7 @@ struct Args {
     kernel_us: u64,
     policy: PolicyArg,
     checksums: bool,
+    spare: usize,
     json: bool,
 }
 
@@ -59,7 +60,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: stream_layers [--backend sim|cuda|rocm] [--model FILE.safetensors] \
          [--layers N] [--layer-mib M] [--budget-mib B] [--passes P] [--kernel-us K] \
-         [--policy sequence|learn|lru] [--checksums] [--json]"
+         [--policy sequence|learn|lru] [--spare S] [--checksums] [--json]"
     );
     std::process::exit(2)
 }
@@ -75,6 +76,7 @@ fn parse() -> Args {
         kernel_us: 20,
         policy: PolicyArg::Sequence,
         checksums: false,
+        spare: 1,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -97,11 +99,12 @@ fn parse() -> Args {
                 }
             }
             "--checksums" => a.checksums = true,
+            "--spare" => a.spare = val().parse().unwrap_or_else(|_| usage()),
             "--json" => a.json = true,
             _ => usage(),
         }
     }
-    if a.layers == 0 || a.layer_mib == 0 || a.passes < 2 {
+    if a.layers == 0 || a.layer_mib == 0 || a.passes < 2 || a.spare == 0 {
         usage();
     }
     a
@@ -214,6 +217,7 @@ fn main() {
     let budget = args.budget_mib * MIB;
     let mut cfg = TierConfig::new(budget, model_bytes + 64 * MIB);
     cfg.checksums = args.checksums;
+    cfg.spare_slots = args.spare;
     let ids_in_order: Vec<ParamId> = (0..sizes.len() as ParamId).collect();
     cfg.sequence = match args.policy {
         PolicyArg::Sequence => SequenceHint::Given(ids_in_order.clone()),
@@ -231,9 +235,10 @@ fn main() {
 
     // The optimum for equal layers: MIN over the loop with one slot fewer than fit, pass
     // by pass over the same passes (its steady passes differ by a layer now and then).
+    // With more spare slots, the plan's own target: MIN with that many fewer.
     let fit = budget / layer.next_multiple_of(512);
     let optimum: Option<Vec<f64>> = equal.then(|| {
-        min_misses_each_pass(&ids_in_order, fit.saturating_sub(1), args.passes)
+        min_misses_each_pass(&ids_in_order, fit.saturating_sub(args.spare), args.passes)
             .into_iter()
             .map(|m| (m * layer) as f64)
             .collect()
@@ -268,7 +273,7 @@ fn main() {
         if let (Some(o), Some(l)) = (optimum_steady, lru) {
             println!(
                 "optimum per steady pass (MIN with {} slots): {:.0} MiB; LRU would move {:.0} MiB",
-                fit.saturating_sub(1),
+                fit.saturating_sub(args.spare),
                 o / MIB as f64,
                 l / MIB as f64
             );
@@ -336,6 +341,7 @@ fn main() {
             "layers_that_fit": fit,
             "passes": args.passes,
             "kernel_us": kernel.map(|k| k.as_micros() as u64),
+            "spare_slots": args.spare,
             "bytes_moved_per_pass": moved,
             "optimal_bytes_per_pass": optimum_steady,
             "lru_bytes_per_pass": lru,

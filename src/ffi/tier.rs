@@ -204,6 +204,7 @@ pub unsafe extern "C" fn hetmem_store_create(
             staging_slots: c.staging_slots,
             staging_slot_size: c.staging_slot_size,
             staging_threads: c.staging_threads,
+            ..TierConfig::new(c.device_budget, c.host_budget)
         };
         let store = TierStore::new(&m.mgr, cfg)?;
         let h = register::<FfiStore, HetmemStore>(FfiStore {

@@ -122,6 +122,12 @@ pub struct TierConfig {
     pub staging_slot_size: usize,
     /// Host threads that fill a staging slot.
     pub staging_threads: usize,
+    /// Parameters' worth of the device budget the plan keeps out of MIN's cache for
+    /// loading ahead (at least 1: the layer computing while the next loads). One moves
+    /// the fewest bytes (MIN with `C - 1` slots); a second lets loads run ahead through
+    /// runs of hits, which overlaps better when a kernel takes about as long as a copy,
+    /// at the price of MIN with `C - 2` slots.
+    pub spare_slots: usize,
 }
 
 impl TierConfig {
@@ -139,6 +145,7 @@ impl TierConfig {
             staging_slots: 4,
             staging_slot_size: 4 << 20,
             staging_threads: 2,
+            spare_slots: 1,
         }
     }
 }
@@ -247,6 +254,7 @@ struct Resources {
     pinned_cap: usize,
     ring_bytes: usize,
     prefetch_depth: usize,
+    spare_slots: usize,
     learn: bool,
     checksums: bool,
     pool: DevicePool,
@@ -270,6 +278,9 @@ struct State {
     step: u64,
     /// Loads queued for steps after `step`: (step, bytes).
     ahead: VecDeque<(u64, usize)>,
+    /// The last acquire was the step the sequence expected: only then does the plan
+    /// load ahead (a runtime off the sequence would waste the copies).
+    on_track: bool,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -397,6 +408,7 @@ impl TierStore {
                     pinned_cap: cfg.host_budget - ring_bytes,
                     ring_bytes,
                     prefetch_depth: cfg.prefetch_depth,
+                    spare_slots: cfg.spare_slots.max(1),
                     learn: cfg.sequence == SequenceHint::Learn,
                     checksums: cfg.checksums,
                     pool,
@@ -412,6 +424,7 @@ impl TierStore {
                     plan: None,
                     step,
                     ahead: VecDeque::new(),
+                    on_track: false,
                     used: 0,
                     pinned: 0,
                     ring,
@@ -529,7 +542,9 @@ impl TierStore {
         param(&st, id)?;
         note_use(res, &mut st, id);
         let hit = st.params[id as usize].dev.is_some();
-        if let Some(d) = st.ev.next_use(id) {
+        let next = st.ev.next_use(id);
+        st.on_track = next == Some(1);
+        if let Some(d) = next {
             if d != 1 {
                 // Not the step the plan expects: start it again from here.
                 st.plan = None;
@@ -1020,9 +1035,11 @@ fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool
 }
 
 /// Runs the plan (sequence policy) until it has seen `lookahead` steps past the
-/// runtime's step, queueing the loads it calls for, or until a load finds no room.
-/// Returns whether it reached the runtime's step; false under LRU.
+/// runtime's step (none while the runtime is off the sequence), queueing the loads it
+/// calls for, or until a load finds no room. Returns whether it reached the runtime's
+/// step; false under LRU.
 fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
+    let lookahead = if st.on_track { lookahead } else { 0 };
     let seq = match st.ev.policy() {
         Policy::Sequence(seq) if !seq.is_empty() => seq.clone(),
         _ => return Ok(false),
@@ -1040,7 +1057,9 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
                 .filter(|(_, p)| p.dev.is_some())
                 .map(|(i, p)| (i as ParamId, device_bytes(p.size)))
                 .collect();
-            let cap = res.device_budget.saturating_sub(spare.unwrap_or(0));
+            let cap = res
+                .device_budget
+                .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots));
             Plan::new(resident, cap, st.step.saturating_sub(1))
         }
     };
