@@ -186,11 +186,15 @@ fn main() {
             let names: Vec<String> = (0..args.layers)
                 .map(|i| format!("model.layers.{i}.weight"))
                 .collect();
-            let data: Vec<Vec<u8>> = (0..args.layers)
+            // Distinct bytes per layer and per 8-byte word, written a word at a time.
+            let data: Vec<Vec<u8>> = (0..args.layers as u64)
                 .map(|i| {
-                    (0..len)
-                        .map(|j| (i * 131 + j * 7 + j / 4096) as u8)
-                        .collect()
+                    let mut d = vec![0u8; len];
+                    for (j, w) in d.chunks_mut(8).enumerate() {
+                        let v = (i << 48 | j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
+                    }
+                    d
                 })
                 .collect();
             let shape = [len / 2];

@@ -2,10 +2,14 @@
 # Checks that need a GPU, in two halves:
 #   scripts/device-check.sh build   here (no GPU needed): builds the test and example
 #                                   binaries and copies them into .device-bin/
-#   scripts/device-check.sh run     on the GPU host (no Rust there): runs them all with
-#                                   the CUDA backend, logs under $OUT, prints a table last
-# With the device tool: run(command="bash scripts/device-check.sh run",
-#                           carry=[".device-bin"], timeout_s=480)
+#   scripts/device-check.sh run [GROUP...]
+#                                   on the GPU host (no Rust there): runs the groups
+#                                   (pool: issue 3, host: issue 4, stream: issue 5,
+#                                   torch: issue 6; default all) with the CUDA backend,
+#                                   logs under $OUT, prints a table last
+# With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
+#                           timeout_s=560); all groups take about 7 minutes on an H200
+#                           (estimate, never run), so split them if a rerun is likely.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.device-bin
@@ -24,7 +28,8 @@ for line in sys.stdin:
         shutil.copy(m["executable"], os.path.join(sys.argv[1], name))
 ' "$BIN"
   cargo build --release --examples --benches
-  cp target/release/examples/info target/release/examples/replay target/release/examples/stream_file "$BIN/"
+  cargo build --release --lib
+  cp target/release/examples/{info,replay,stream_file,stream_layers} target/release/libhetmem.so "$BIN/"
   for b in alloc pool pinning; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
@@ -37,33 +42,49 @@ for line in sys.stdin:
 run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
+  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(pool host stream torch)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  declare -A R
-  step() { local name=$1; shift; echo "== $name"; "$@" >"$OUT/$name.log" 2>&1; R[$name]=$?; tail -n 3 "$OUT/$name.log"; }
-  step info        "$BIN/info" --json
-  step conformance "$BIN/conformance"
-  step cuda-unit   "$BIN/hetmem-lib" cuda --include-ignored
-  step pool-tests  "$BIN/pool"
-  step replay-cuda "$BIN/replay" --trace "$BIN/shared/traces/llama_generate.csv" --backend cuda --json
-  step replay-sim  "$BIN/replay" --trace "$BIN/shared/traces/llama_generate.csv" --backend sim --json
-  step replay-training-cuda "$BIN/replay" --synthetic training --backend cuda --json
-  step bench-alloc "$BIN/bench-alloc" --bench
-  step bench-pool  "$BIN/bench-pool" --bench
-  step bench-pinning "$BIN/bench-pinning" --bench
-  step stream-file "$BIN/stream_file" --gib 8 --json
+  declare -A R; local order=()
+  step() { local name=$1; shift; echo "== $name"; order+=("$name"); "$@" >"$OUT/$name.log" 2>&1; R[$name]=$?; tail -n 3 "$OUT/$name.log"; }
+  for g in "${groups[@]}"; do case $g in
+    pool)
+      step info        "$BIN/info" --json
+      step conformance "$BIN/conformance"
+      step cuda-unit   "$BIN/hetmem-lib" cuda --include-ignored
+      step pool-tests  "$BIN/pool"
+      step replay-cuda "$BIN/replay" --trace "$BIN/shared/traces/llama_generate.csv" --backend cuda --json
+      step replay-sim  "$BIN/replay" --trace "$BIN/shared/traces/llama_generate.csv" --backend sim --json
+      step replay-training-cuda "$BIN/replay" --synthetic training --backend cuda --json
+      step bench-alloc "$BIN/bench-alloc" --bench
+      step bench-pool  "$BIN/bench-pool" --bench ;;
+    host)
+      step bench-pinning "$BIN/bench-pinning" --bench
+      step stream-file "$BIN/stream_file" --gib 8 --json ;;
+    stream)
+      # A model twice the budget: 8 GiB in 32 layers of 256 MiB through 4 GiB.
+      step stream-layers     "$BIN/stream_layers" --layers 32 --layer-mib 256 --budget-mib 4096 --passes 5 --json
+      step stream-layers-lru "$BIN/stream_layers" --layers 32 --layer-mib 256 --budget-mib 4096 --passes 3 --policy lru --json
+      step stream-layers-checksums "$BIN/stream_layers" --layers 16 --layer-mib 16 --budget-mib 96 --passes 4 --checksums --policy learn --json ;;
+    torch)
+      HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
+    *) echo "unknown group $g" >&2 ;;
+  esac; done
   echo; echo "== summary ($(cat "$OUT/gpu.txt"))"
-  for k in info conformance cuda-unit pool-tests replay-cuda replay-sim replay-training-cuda bench-alloc bench-pool bench-pinning stream-file; do
-    printf '%-22s rc=%s\n' "$k" "${R[$k]}"
-  done
+  for k in "${order[@]}"; do printf '%-24s rc=%s\n' "$k" "${R[$k]}"; done
   for k in replay-cuda replay-sim replay-training-cuda; do
-    tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["backend"], "ratio", d["reserved_over_allocated"], "alloc med/p99", d["alloc_ns_median"], d["alloc_ns_p99"], "free med", d["free_ns_median"])' "$k" 2>/dev/null
+    [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["backend"], "ratio", d["reserved_over_allocated"], "alloc med/p99", d["alloc_ns_median"], d["alloc_ns_p99"], "free med", d["free_ns_median"])' "$k" 2>/dev/null
   done
-  grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
-  tail -n 8 "$OUT/bench-pinning.log"; tail -n 1 "$OUT/stream-file.log"
+  for k in stream-layers stream-layers-lru stream-layers-checksums; do
+    [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["device"], "moved/pass MiB", round(d["bytes_moved_per_pass"]/2**20), "optimum", round((d["optimal_bytes_per_pass"] or 0)/2**20), "GB/s", round(d["effective_gbps"],1), "link", round(d["link_gbps"],1), "fraction", round(d["fraction_of_link"],3), "mismatches", d["checksum_mismatches"], "host peak MiB", d["host_peak_bytes"]>>20)' "$k" 2>/dev/null
+  done
+  [ -f "$OUT/bench-alloc.log" ] && grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
+  [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
+  [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"
+  [ -f "$OUT/torch-check.log" ] && tail -n 25 "$OUT/torch-check.log"
 }
 
 case "${1:-}" in
   build) build ;;
-  run) run ;;
+  run) shift; run "$@" ;;
   *) echo "usage: $0 build|run" >&2; exit 2 ;;
 esac
