@@ -5,8 +5,12 @@
 //! Needs a C compiler (`cc`, or `$CC`); CI installs gcc. A missing compiler fails the
 //! test rather than skipping it.
 
+#[path = "common/cdylib.rs"]
+mod cdylib;
 #[path = "common/fake_hip.rs"]
 mod fake_hip;
+
+use cdylib::library_dir;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -14,29 +18,6 @@ use std::sync::OnceLock;
 
 fn manifest_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The directory of the `libhetmem.so` built for this test run: cargo builds the
-/// package's cdylib next to the test executables (`target/<profile>/deps`) before it
-/// runs integration tests; `cargo build` also copies it up to `target/<profile>`, where
-/// it may be older, so `deps` comes first.
-fn library_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable's path");
-    let deps = exe.parent().expect("the deps directory");
-    let candidates = [
-        deps.to_path_buf(),
-        deps.parent().unwrap_or(deps).to_path_buf(),
-    ];
-    candidates
-        .iter()
-        .find(|d| d.join("libhetmem.so").is_file())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "libhetmem.so is in none of {candidates:?}: cargo should have built the cdylib \
-                 (crate-type in Cargo.toml)"
-            )
-        })
 }
 
 fn scratch_dir() -> PathBuf {

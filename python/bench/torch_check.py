@@ -1,0 +1,513 @@
+#!/usr/bin/env python3
+"""GPU check of hetmem's PyTorch integration (issue 6), in one run.
+
+Needs PyTorch with a CUDA GPU, transformers, accelerate and numpy; downloads nothing
+(models are built from configs with fixed seeds). libhetmem.so comes from $HETMEM_LIB
+(else the repository's target/). Writes logs under $OUT/torch_check/ if $OUT is set.
+
+  1. hetmem as PyTorch's allocator, each allocator in its own subprocess (the switch
+     must come before CUDA is initialised): a 2-layer Llama (hidden 1024, fp16, the
+     same weights in both, saved by a preparation step): forward logits and greedy
+     generate(max_new_tokens=16) compared with PyTorch's own allocator; and a
+     torch.empty/del loop timed under both (target: hetmem/torch <= 1.10).
+  2. offload of an 8-layer Llama (hidden 4096, intermediate 11008, 32 heads, vocab
+     32000, fp16: 1,881,214,976 parameters = 3,762,429,952 bytes), 1x128 tokens, device
+     budget half the model: hetmem.torch.offload vs accelerate infer_auto_device_map +
+     dispatch_model (same budget) vs accelerate.cpu_offload, outputs compared with
+     the model run wholly on the GPU; plus pinned H2D bandwidth for context.
+     Targets: hetmem forward <= 62 ms and >= 6x faster than dispatch_model.
+
+Each part runs in a subprocess under a timeout (60 + 90 + 90 + 270 s at worst; a
+normal run takes about 3 minutes), so one failure or hang still lets the rest report.
+Prints a table, then one JSON line. Exit status: 0 every part ran and every target
+passed; 1 a part failed or a target was missed; 77 skipped (no PyTorch, transformers,
+accelerate or CUDA GPU here: the message says which).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYROOT = os.path.dirname(HERE)
+if PYROOT not in sys.path:
+    sys.path.insert(0, PYROOT)
+
+SKIP = 77
+HETMEM_TARGET_MS = 62.0
+SPEEDUP_TARGET = 6.0
+ALLOC_RATIO_TARGET = 1.10
+GIB = 1 << 30
+
+SMALL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
+             num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+             max_position_embeddings=2048)
+BIG = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=8,
+           num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+           max_position_embeddings=2048)
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+def result(d):
+    print("RESULT " + json.dumps(d), flush=True)
+
+
+def gpu_backend_name(torch):
+    return "rocm" if getattr(torch.version, "hip", None) else "cuda"
+
+
+def llama(config_kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**config_kw)
+    return cfg, LlamaForCausalLM
+
+
+def median_ms(fn, warmup, reps, torch):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def compare(torch, got, ref):
+    """Logits within fp16 tolerance: allclose(atol=rtol=1e-2) or the same argmax."""
+    got, ref = got.float(), ref.float()
+    diff = (got - ref).abs().max().item()
+    argmax = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    close = bool(torch.allclose(got, ref, atol=1e-2, rtol=1e-2))
+    return {"max_abs_diff": diff, "argmax_agree": argmax, "bitwise_equal": diff == 0.0,
+            "ok": close or argmax == 1.0}
+
+
+# ---- children ------------------------------------------------------------------------------------
+
+
+def child_prep(d):
+    """CPU only: the small model's weights and the inputs, saved for both allocators."""
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        # Queries only: cudaGetDeviceCount / properties do not initialise the allocator,
+        # and this process is not the one that switches it anyway.
+        info["card"] = torch.cuda.get_device_name(0)
+        info["gpu_memory"] = torch.cuda.get_device_properties(0).total_memory
+    cfg, cls = llama(SMALL)
+    torch.manual_seed(0)
+    model = cls(cfg).half().eval()
+    torch.save(model.state_dict(), os.path.join(d, "small.pt"))
+    g = torch.Generator().manual_seed(1)
+    torch.save(torch.randint(0, SMALL["vocab_size"], (1, 64), generator=g),
+               os.path.join(d, "ids.pt"))
+    info["small_params"] = sum(p.numel() for p in model.parameters())
+    result(info)
+
+
+def child_alloc(d, which):
+    """One allocator: forward, generate, and the torch.empty/del loop."""
+    out = {"allocator": which}
+    if which == "hetmem":
+        import hetmem.torch as ht
+
+        ht.use_hetmem_allocator()  # before anything touches CUDA
+        out["library"] = __import__("hetmem").library_path()
+    import torch
+
+    cfg, cls = llama(SMALL)
+    model = cls(cfg).half().eval()
+    model.load_state_dict(torch.load(os.path.join(d, "small.pt")))
+    dev = torch.device("cuda", 0)
+    model.to(dev)
+    ids = torch.load(os.path.join(d, "ids.pt")).to(dev)
+    with torch.no_grad():
+        logits = model(ids).logits
+        torch.save(logits.float().cpu(), os.path.join(d, f"logits_{which}.pt"))
+        gen = model.generate(ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]),
+                             max_new_tokens=16, do_sample=False, pad_token_id=0)
+    out["tokens"] = gen[0, 32:].tolist()
+    log(which, "forward and generate done")
+    # torch.empty/del loop: median of 5 repetitions per size, per allocation+free.
+    loop = {}
+    for size, n in ((1 << 20, 20000), (16 << 20, 20000), (256 << 20, 5000)):
+        for _ in range(1000):
+            x = torch.empty(size, dtype=torch.uint8, device=dev)
+            del x
+        reps = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                x = torch.empty(size, dtype=torch.uint8, device=dev)
+                del x
+            torch.cuda.synchronize()
+            reps.append((time.perf_counter() - t0) / n * 1e6)
+        loop[str(size)] = statistics.median(reps)
+    out["empty_del_us"] = loop
+    if which == "hetmem":
+        import hetmem.torch as ht
+
+        st = ht.hetmem_allocator_stats()
+        out["hetmem_stats"] = {
+            "backend": st.get("backend"),
+            "live_blocks": st.get("live_blocks"),
+            "peak_allocated": [
+                dv["stats"].get("allocated_bytes.all.peak") for dv in st.get("devices", [])
+            ],
+        }
+    result(out)
+
+
+def build_big(torch):
+    """The 8-layer Llama in fp16 on the CPU, the same every call: initialised on the GPU
+    with a fixed seed (fast; the non-persistent rotary buffers are right), then moved."""
+    cfg, cls = llama(BIG)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = cls(cfg)
+    model = model.half().to("cpu").eval()
+    torch.cuda.empty_cache()
+    return model
+
+
+def model_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def child_offload(d):
+    import gc
+
+    import torch
+
+    out = {"card": torch.cuda.get_device_name(0), "methods": {}}
+    dev = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, BIG["vocab_size"], (1, 128), generator=g).to(dev)
+
+    def forward(model):
+        with torch.no_grad():
+            return model(ids).logits
+
+    def record(name, fn):
+        t0 = time.perf_counter()
+        try:
+            out["methods"][name] = fn()
+        except Exception as e:  # one failure still lets the rest run
+            traceback.print_exc()
+            out["methods"][name] = {"error": f"{type(e).__name__}: {e}"}
+        out["methods"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        log(name, json.dumps(out["methods"][name])[:400])
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    state = {}
+
+    # Pinned H2D bandwidth (context for the offload figures).
+    def bandwidth():
+        x = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
+        y = torch.empty(GIB, dtype=torch.uint8, device=dev)
+        ms, _ = median_ms(lambda: y.copy_(x, non_blocking=True), 1, 5, torch)
+        return {"pinned_h2d_gbps": GIB / (ms / 1e3) / 1e9, "ms_per_gib": ms}
+
+    record("h2d", bandwidth)
+
+    # The reference: the whole model on the GPU.
+    def reference():
+        m = build_big(torch)
+        n = model_bytes(m)
+        state["bytes"] = n
+        state["params"] = sum(p.numel() for p in m.parameters())
+        m.to(dev)
+        ms, _ = median_ms(lambda: forward(m), 2, 5, torch)
+        state["ref"] = forward(m).float().cpu()
+        m.to("cpu")
+        state["model"] = m
+        return {"forward_ms": ms, "model_bytes": n, "params": state["params"]}
+
+    record("gpu_resident", reference)
+    n = state.get("bytes", 3_762_429_952)
+    half = n // 2
+    out["model_bytes"] = n
+    out["device_budget"] = half
+
+    def hetmem_offload():
+        import hetmem.torch as ht
+
+        m = state.pop("model", None)
+        if m is None:
+            m = build_big(torch)
+        t0 = time.perf_counter()
+        ht.offload(m, device_budget=half, device=0, backend=gpu_backend_name(torch))
+        setup_s = time.perf_counter() - t0
+        store = m._hetmem_store
+        first = []
+        for _ in range(2):  # warm-up: the first pass learns the order and pins
+            t1 = time.perf_counter()
+            forward(m)
+            torch.cuda.synchronize()
+            first.append((time.perf_counter() - t1) * 1e3)
+        before = store.stats()
+        ms, times = median_ms(lambda: forward(m), 0, 7, torch)
+        after = store.stats()
+        logits = forward(m)
+        res = {"forward_ms": ms, "times_ms": times, "warmup_ms": first,
+               "setup_s": setup_s, "cmp": compare(torch, logits.cpu(), state["ref"])}
+        per = {k: (after[k] - before[k]) / 7 for k in
+               ("bytes_loaded", "loads", "hits", "prefetches", "evictions", "staged_loads")}
+        res["per_forward"] = per
+        res["store"] = after
+        # Undo, and check the weights come back byte for byte (against a fresh build).
+        ht.remove_offload(m)
+        fresh = build_big(torch)
+        a, b = m.state_dict(), fresh.state_dict()
+        res["remove_offload_restores"] = all(torch.equal(a[k], b[k]) for k in b)
+        state["fresh"] = fresh
+        return res
+
+    record("hetmem_offload", hetmem_offload)
+
+    def accelerate_dispatch():
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.hooks import remove_hook_from_submodules
+
+        m = state.pop("fresh", None)
+        if m is None:
+            m = build_big(torch)
+        dmap = infer_auto_device_map(
+            m, max_memory={0: half, "cpu": 512 * GIB},
+            no_split_module_classes=getattr(m, "_no_split_modules", None) or [])
+        on_gpu = sorted({k for k, v in dmap.items() if v == 0 or v == "cuda:0"})
+        dispatch_model(m, device_map=dmap)
+        ms, times = median_ms(lambda: forward(m), 2, 5, torch)
+        res = {"forward_ms": ms, "times_ms": times, "on_gpu": on_gpu,
+               "cmp": compare(torch, forward(m).cpu(), state["ref"])}
+        remove_hook_from_submodules(m)
+        return res
+
+    record("accelerate_dispatch", accelerate_dispatch)
+
+    def accelerate_cpu_offload():
+        from accelerate import cpu_offload
+
+        m = build_big(torch)
+        cpu_offload(m, execution_device=dev)
+        ms, times = median_ms(lambda: forward(m), 1, 3, torch)
+        res = {"forward_ms": ms, "times_ms": times,
+               "cmp": compare(torch, forward(m).cpu(), state["ref"])}
+        return res
+
+    record("accelerate_cpu_offload", accelerate_cpu_offload)
+    bw = out["methods"].get("h2d", {}).get("pinned_h2d_gbps")
+    if bw:
+        out["link_floor_ms_half"] = half / (bw * 1e9) * 1e3
+    result(out)
+
+
+# ---- parent ---------------------------------------------------------------------------------------
+
+
+def run_child(args, timeout, logdir, name, env):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child"] + args
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        rc, so, se = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc = "timeout"
+        so = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        se = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+    wall = time.perf_counter() - t0
+    if logdir:
+        with open(os.path.join(logdir, f"{name}.log"), "w") as f:
+            f.write(f"$ {' '.join(cmd)}\nrc={rc} wall={wall:.1f}s\n--- stdout\n{so}\n--- stderr\n{se}")
+    res = None
+    for line in so.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[7:])
+    if res is None:
+        tail = "\n".join((se or "").strip().splitlines()[-15:])
+        print(f"--- {name} failed (rc={rc}); last lines of its stderr:\n{tail}", flush=True)
+        return {"error": f"rc={rc}", "stderr_tail": tail[-2000:]}, wall
+    res["wall_s"] = round(wall, 1)
+    return res, wall
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-allocator", action="store_true", help="skip part 1")
+    ap.add_argument("--skip-offload", action="store_true", help="skip part 2")
+    a = ap.parse_args()
+    if a.child:
+        kind, rest = a.child[0], a.child[1:]
+        {"prep": lambda: child_prep(*rest), "alloc": lambda: child_alloc(*rest),
+         "offload": lambda: child_offload(*rest)}[kind]()
+        return 0
+
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers", "accelerate", "numpy")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"SKIP: {', '.join(missing)} not installed here; this check needs PyTorch "
+              "with a CUDA GPU, transformers, accelerate and numpy.")
+        print(json.dumps({"skipped": True, "reason": f"missing {', '.join(missing)}"}))
+        return SKIP
+    import hetmem
+
+    try:
+        lib = hetmem.library_path()
+    except ImportError as e:
+        print(f"FAIL: {e}")
+        print(json.dumps({"skipped": False, "ok": False, "error": str(e)}))
+        return 1
+
+    logdir = None
+    if os.environ.get("OUT"):
+        logdir = os.path.join(os.environ["OUT"], "torch_check")
+        os.makedirs(logdir, exist_ok=True)
+    env = dict(os.environ, HETMEM_LIB=lib, PYTHONPATH=PYROOT + os.pathsep
+               + os.environ.get("PYTHONPATH", ""))
+    env.pop("HETMEM_BACKEND", None)  # the GPU's backend, found automatically
+    t_start = time.perf_counter()
+    report = {"skipped": False, "library": lib}
+    with tempfile.TemporaryDirectory(prefix="hetmem-torch-check-") as d:
+        prep, _ = run_child(["prep", d], 60, logdir, "prep", env)
+        report["prep"] = prep
+        if "error" not in prep and not prep.get("cuda"):
+            print("SKIP: PyTorch sees no CUDA GPU here.")
+            print(json.dumps({"skipped": True, "reason": "no CUDA GPU"}))
+            return SKIP
+        card = prep.get("card", "?")
+        print(f"card: {card}; torch {prep.get('torch')}; library {lib}", flush=True)
+
+        # Part 1: the allocator.
+        p1 = {}
+        if not a.skip_allocator and "error" not in prep:
+            for which in ("torch", "hetmem"):
+                p1[which], _ = run_child(["alloc", d, which], 90, logdir, f"alloc_{which}", env)
+            try:
+                import torch
+
+                lt = torch.load(os.path.join(d, "logits_torch.pt"))
+                lh = torch.load(os.path.join(d, "logits_hetmem.pt"))
+                p1["logits"] = compare(torch, lh, lt)
+            except Exception as e:
+                p1["logits"] = {"error": f"{type(e).__name__}: {e}", "ok": False}
+            try:
+                p1["tokens_equal"] = p1["torch"]["tokens"] == p1["hetmem"]["tokens"]
+                ratios = {s: p1["hetmem"]["empty_del_us"][s] / p1["torch"]["empty_del_us"][s]
+                          for s in p1["torch"]["empty_del_us"]}
+                p1["empty_del_ratio"] = ratios
+                p1["empty_del_ratio_total"] = (
+                    sum(p1["hetmem"]["empty_del_us"].values())
+                    / sum(p1["torch"]["empty_del_us"].values()))
+            except Exception as e:
+                p1.setdefault("error", f"{type(e).__name__}: {e}")
+        report["allocator"] = p1
+
+        # Part 2: offload.
+        p2 = {}
+        if not a.skip_offload:
+            p2, _ = run_child(["offload"], 270, logdir, "offload", env)
+        report["offload"] = p2
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    # Targets.
+    t = {}
+    if not a.skip_allocator:
+        t["allocator_same_logits"] = bool(p1.get("logits", {}).get("ok"))
+        t["allocator_same_tokens"] = bool(p1.get("tokens_equal"))
+        r = p1.get("empty_del_ratio_total")
+        t["allocator_empty_del_within_10pct"] = r is not None and r <= ALLOC_RATIO_TARGET
+    if not a.skip_offload:
+        m = p2.get("methods", {})
+        h = m.get("hetmem_offload", {}).get("forward_ms")
+        acc = m.get("accelerate_dispatch", {}).get("forward_ms")
+        t["hetmem_offload_output_matches"] = bool(
+            m.get("hetmem_offload", {}).get("cmp", {}).get("ok"))
+        t["accelerate_outputs_match"] = all(
+            m.get(k, {}).get("cmp", {}).get("ok") for k in
+            ("accelerate_dispatch", "accelerate_cpu_offload"))
+        t["hetmem_offload_le_62ms"] = h is not None and h <= HETMEM_TARGET_MS
+        t["hetmem_6x_faster_than_dispatch"] = (
+            h is not None and acc is not None and acc / h >= SPEEDUP_TARGET)
+        t["remove_offload_restores"] = bool(m.get("hetmem_offload", {})
+                                            .get("remove_offload_restores"))
+    report["targets"] = t
+    report["ok"] = bool(t) and all(t.values())
+
+    # Table.
+    print(f"\n== hetmem + PyTorch on {card}")
+    if not a.skip_allocator:
+        print("-- part 1: hetmem as PyTorch's CUDA allocator (2-layer Llama, hidden 1024)")
+        lg = p1.get("logits", {})
+        print(f"  logits vs PyTorch's allocator: max|diff| {fmt(lg.get('max_abs_diff'), '.3g')}"
+              f", argmax agree {fmt(lg.get('argmax_agree'), '.3f')}, "
+              f"bitwise {lg.get('bitwise_equal')}")
+        print(f"  generate(16) tokens equal: {p1.get('tokens_equal')}")
+        tu = p1.get("torch", {}).get("empty_del_us", {})
+        hu = p1.get("hetmem", {}).get("empty_del_us", {})
+        print(f"  {'torch.empty+del size':>22} {'torch µs':>9} {'hetmem µs':>10} {'ratio':>6}")
+        for s in tu:
+            print(f"  {int(s):>22} {tu[s]:>9.2f} {fmt(hu.get(s), '.2f'):>10} "
+                  f"{fmt(p1.get('empty_del_ratio', {}).get(s), '.2f'):>6}")
+        print(f"  total ratio {fmt(p1.get('empty_del_ratio_total'), '.3f')} "
+              f"(target <= {ALLOC_RATIO_TARGET})")
+        print(f"  hetmem allocator stats: {p1.get('hetmem', {}).get('hetmem_stats')}")
+    if not a.skip_offload:
+        m = p2.get("methods", {})
+        print(f"-- part 2: offload, 8-layer Llama ({fmt(p2.get('model_bytes', 0) / 1e9, '.3f')} GB"
+              f" fp16), 1x128 tokens, device budget {fmt(p2.get('device_budget', 0) / 1e9, '.3f')}"
+              " GB")
+        print(f"  {'method':<26} {'forward ms':>10} {'vs hetmem':>9} {'max|diff|':>9} "
+              f"{'argmax':>6} ok")
+        h = m.get("hetmem_offload", {}).get("forward_ms")
+        for k in ("gpu_resident", "hetmem_offload", "accelerate_dispatch",
+                  "accelerate_cpu_offload"):
+            r = m.get(k, {})
+            c = r.get("cmp", {})
+            ms = r.get("forward_ms")
+            rel = (ms / h) if (ms and h) else None
+            err = f"  ERROR {r['error']}" if "error" in r else ""
+            print(f"  {k:<26} {fmt(ms):>10} {fmt(rel, '.2f'):>9} "
+                  f"{fmt(c.get('max_abs_diff'), '.3g'):>9} {fmt(c.get('argmax_agree'), '.3f'):>6}"
+                  f" {c.get('ok', '-')}{err}")
+        bw = m.get("h2d", {}).get("pinned_h2d_gbps")
+        print(f"  pinned H2D {fmt(bw)} GB/s; the non-resident half alone needs "
+              f"{fmt(p2.get('link_floor_ms_half'))} ms over the link")
+        ho = m.get("hetmem_offload", {})
+        print(f"  hetmem per forward: {ho.get('per_forward')}; warm-up ms {ho.get('warmup_ms')}")
+        print(f"  accelerate dispatch_model on GPU: "
+              f"{m.get('accelerate_dispatch', {}).get('on_gpu')}")
+        if "error" in p2:
+            print(f"  offload child failed: {p2['error']}")
+    print("-- targets")
+    for k, v in t.items():
+        print(f"  {'PASS' if v else 'FAIL'}  {k}")
+    print(f"  total {report['wall_s']} s")
+    print(json.dumps(report, default=str))
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""PyTorch integration. torch is imported only inside these functions, so this module
+imports (and its errors are clear) where PyTorch is absent.
+
+- use_hetmem_allocator(): hetmem as PyTorch's CUDA allocator (one call, before any
+  CUDA allocation); hetmem_allocator_stats(), empty_cache().
+- offload(model, device_budget): a drop-in for accelerate.cpu_offload(model) backed by
+  hetmem's tier store; remove_offload(model).
+"""
+
+import os
+import warnings
+
+from . import _lib
+from .core import Manager, Stream, TierStore, _check, _read_json
+
+__all__ = [
+    "use_hetmem_allocator",
+    "hetmem_allocator_stats",
+    "empty_cache",
+    "offload",
+    "remove_offload",
+]
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            "hetmem.torch needs PyTorch, which is not installed in this Python "
+            f"({e}). The rest of hetmem works without it."
+        ) from e
+    return torch
+
+
+# ---- hetmem as PyTorch's CUDA allocator -------------------------------------------------------
+
+_allocator = None
+
+
+def use_hetmem_allocator():
+    """Makes hetmem PyTorch's CUDA allocator for this process, through
+    ``torch.cuda.memory.CUDAPluggableAllocator(libhetmem.so, "hetmem_torch_malloc",
+    "hetmem_torch_free")`` and ``torch.cuda.memory.change_current_allocator``.
+
+    Call it before the first CUDA allocation of the process (before any tensor is put
+    on a CUDA device, before torch.cuda.init() or anything that initialises CUDA in
+    torch); importing torch first is fine. PyTorch refuses to swap an allocator that
+    has been used, and so does this function (RuntimeError). Calling it again after
+    it succeeded returns the same allocator.
+
+    hetmem's process-wide manager takes its backend from $HETMEM_BACKEND, else the
+    automatic choice (CUDA where a GPU is). Returns the torch allocator object.
+    """
+    global _allocator
+    if _allocator is not None:
+        return _allocator
+    torch = _torch()
+    path = _lib.library_path()
+    memory = torch.cuda.memory
+    if not hasattr(memory, "CUDAPluggableAllocator"):
+        raise RuntimeError(
+            f"this PyTorch ({torch.__version__}) has no "
+            "torch.cuda.memory.CUDAPluggableAllocator (PyTorch 2.0 or later has it)"
+        )
+    alloc = memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc", "hetmem_torch_free")
+    try:
+        memory.change_current_allocator(alloc)
+    except RuntimeError as e:
+        raise RuntimeError(
+            "too late to make hetmem PyTorch's CUDA allocator: PyTorch has already "
+            "initialised its own (some CUDA tensor or CUDA call came first). Call "
+            "hetmem.torch.use_hetmem_allocator() at the start of the process, before "
+            f"anything touches CUDA. PyTorch said: {e}"
+        ) from e
+    _allocator = alloc
+    return alloc
+
+
+def hetmem_allocator_stats():
+    """The stats of hetmem as PyTorch's allocator (hetmem_torch_stats_json) as a dict:
+    backend, live_blocks, live_bytes, streams, devices[] with PyTorch's
+    memory_stats() key names."""
+    lib = _lib.load()
+    return _read_json(lambda buf, cap, need: lib.hetmem_torch_stats_json(buf, cap, need))
+
+
+def empty_cache():
+    """Gives hetmem's cached, unused device memory back to the driver (what
+    torch.cuda.empty_cache() does for PyTorch's own allocator)."""
+    _check(_lib.load().hetmem_torch_empty_cache())
+
+
+# ---- offload ---------------------------------------------------------------------------------------
+
+_HUGE = 2 << 20
+# hetmem backends whose device memory PyTorch can use (the tests add "sim" with a fake
+# torch module).
+_GPU_BACKENDS = ("cuda", "rocm")
+
+
+def _pinned_bytes(n):
+    """Pinned bytes the store's host pool uses for n bytes (src/pool/host.rs)."""
+    if n >= _HUGE:
+        return -(-n // _HUGE) * _HUGE
+    return max(1 << max(n - 1, 0).bit_length(), 4096)
+
+
+class _CudaBytes:
+    """nbytes of device memory at ptr, as __cuda_array_interface__ (v3) uint8 bytes."""
+
+    def __init__(self, ptr, nbytes):
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,
+        }
+
+
+class _Param:
+    __slots__ = ("pid", "dtype", "shape", "nbytes")
+
+    def __init__(self, pid, dtype, shape, nbytes):
+        self.pid, self.dtype, self.shape, self.nbytes = pid, dtype, shape, nbytes
+
+
+class _Offload:
+    """What offload() attaches to a model (model._hetmem_offload)."""
+
+    def __init__(self, torch, mgr, store, device):
+        self.torch = torch
+        self.mgr = mgr
+        self.store = store
+        self.device = device
+        self.cuda = torch.device("cuda", device)
+        self.streams = {}  # raw cudaStream_t -> Stream
+        self.params = {}  # id(Parameter) -> (Parameter, _Param)
+        self.modules = []  # (module, [(Parameter, _Param)])
+        self.buffers = []  # (module, name, original device)
+        self.hooks = []
+        self.active = {}  # id(module) -> stack of guard lists
+        self._bases = {}  # dtype -> 1-element tensor on the device
+        self.warned_grad = False
+
+    def placeholder(self, dtype, shape):
+        """A tensor of the right dtype, device and shape that owns no memory of its own:
+        one element of the device, expanded (stride 0)."""
+        base = self._bases.get(dtype)
+        if base is None:
+            base = self._bases[dtype] = self.torch.zeros(1, dtype=dtype, device=self.cuda)
+        return base.expand(shape) if shape else base.view(())
+
+    def stream(self):
+        raw = self.torch.cuda.current_stream(self.cuda).cuda_stream
+        s = self.streams.get(raw)
+        if s is None:
+            s = self.streams[raw] = Stream.wrap(self.mgr, raw, self.device)
+        return s
+
+    def tensor(self, guard, p):
+        torch = self.torch
+        obj = _CudaBytes(guard.ptr, p.nbytes)
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                t = torch.as_tensor(obj, device=self.cuda)
+        else:
+            t = torch.as_tensor(obj, device=self.cuda)
+        return t.view(p.dtype).view(p.shape)
+
+    def pre_hook(self, module, params):
+        torch = self.torch
+        if not self.warned_grad and torch.is_grad_enabled():
+            if any(prm.requires_grad for prm, _ in params):
+                self.warned_grad = True
+                warnings.warn(
+                    "hetmem.torch.offload is for inference: run the model under "
+                    "torch.no_grad() (weights are released after each module's "
+                    "forward, so autograd must not keep them for backward)",
+                    stacklevel=3,
+                )
+        stream = self.stream()
+        guards = []
+        try:
+            for prm, p in params:
+                g = self.store.acquire(p.pid, stream)
+                guards.append(g)
+                prm.data = self.tensor(g, p)
+        except BaseException:
+            for prm, p in params:
+                prm.data = self.placeholder(p.dtype, p.shape)
+            for g in guards:
+                g.release()
+            raise
+        self.active.setdefault(id(module), []).append(guards)
+
+    def post_hook(self, module, params):
+        stack = self.active.get(id(module))
+        if not stack:
+            return
+        guards = stack.pop()
+        for prm, p in params:
+            prm.data = self.placeholder(p.dtype, p.shape)
+        # Each release records an event on the stream: the memory is not reused before
+        # the kernels queued so far (the module's) are done.
+        for g in guards:
+            g.release()
+
+    def close(self):
+        # Nothing of the store's may be freed under kernels still running.
+        self.torch.cuda.synchronize(self.cuda)
+        for stack in self.active.values():
+            for guards in stack:
+                for g in guards:
+                    if not g.released:
+                        g.release()
+        self.active.clear()
+        for s in self.streams.values():
+            s.close()
+        self.streams.clear()
+        self.store.close()
+        self.mgr.close()
+
+
+def offload(
+    model,
+    device_budget,
+    host_budget=None,
+    device=0,
+    *,
+    prefetch_depth=None,
+    backend=None,
+    checksums=False,
+):
+    """Offloads ``model``'s parameters to hetmem's tier store: a drop-in for
+    ``accelerate.cpu_offload(model)`` for inference (run under torch.no_grad()).
+
+    Every parameter is registered with the store (hetmem copies its bytes to host
+    memory; the CPU tensor is then let go, so the model is held once on the host, in
+    pinned memory once it has been loaded) and replaced by a placeholder that owns no
+    memory. A forward pre-hook on each module that owns parameters acquires them on
+    the current CUDA stream and points ``param.data`` at hetmem's device memory, zero
+    copy; a forward post-hook puts the placeholders back and releases them. The store
+    learns the execution order on the first forward and prefetches along it from the
+    second. Buffers (small) are moved to the device once, as accelerate does.
+
+    ``device_budget``: device bytes the resident parameters may use. ``host_budget``:
+    pinned host bytes (default: enough for the whole model plus the staging ring).
+    ``backend``: hetmem backend (default $HETMEM_BACKEND, else automatic; it must be
+    the GPU's: "cuda", or "rocm" under ROCm PyTorch).
+
+    Parameters used outside their own module's forward (e.g. read by the parent
+    module) are not loaded for that use; the models of transformers are fine.
+    Returns the model; its store is ``model._hetmem_store`` (``.stats()``).
+    """
+    torch = _torch()
+    if getattr(model, "_hetmem_offload", None) is not None:
+        raise RuntimeError("this model is offloaded already (remove_offload first)")
+    if device_budget <= 0:
+        raise ValueError("device_budget must be positive")
+    mgr = Manager(backend if backend is not None else os.environ.get("HETMEM_BACKEND"))
+    try:
+        if mgr.backend not in _GPU_BACKENDS:
+            raise RuntimeError(
+                f"offload needs hetmem's GPU backend, got {mgr.backend!r} "
+                "(check HETMEM_BACKEND and that the CUDA driver is found)"
+            )
+        # Modules that own parameters, and the distinct parameters (tied ones once).
+        owners = []
+        seen = {}
+        for module in model.modules():
+            own = [(n, p) for n, p in module._parameters.items() if p is not None]
+            if own:
+                owners.append((module, own))
+                for _, p in own:
+                    seen.setdefault(id(p), p)
+        sizes = [p.numel() * p.element_size() for p in seen.values()]
+        if host_budget is None:
+            host_budget = sum(_pinned_bytes(n) for n in sizes if n) + (16 << 20) + (64 << 20)
+        store = TierStore(
+            mgr,
+            device_budget,
+            host_budget,
+            learn=True,
+            device=device,
+            prefetch_depth=prefetch_depth,
+            checksums=checksums,
+        )
+    except BaseException:
+        mgr.close()
+        raise
+    st = _Offload(torch, mgr, store, device)
+    try:
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=True)}
+        for module, own in owners:
+            entries = []
+            for _, prm in own:
+                key = id(prm)
+                if key not in st.params:
+                    with torch.no_grad():
+                        t = prm.data
+                        if t.device.type != "cpu":
+                            t = t.to("cpu")
+                        t = t.contiguous()
+                        nbytes = t.numel() * t.element_size()
+                        if nbytes == 0:
+                            prm.data = t.to(st.cuda)
+                            continue
+                        pid = store.register(names.get(key, f"param{len(st.params)}"),
+                                             t.data_ptr(), nbytes)
+                        p = _Param(pid, t.dtype, tuple(t.shape), nbytes)
+                        # hetmem holds a copy now: let the CPU storage go.
+                        prm.data = st.placeholder(p.dtype, p.shape)
+                        del t
+                    st.params[key] = (prm, p)
+                entries.append((prm, st.params[key][1]))
+            if entries:
+                st.modules.append((module, entries))
+        for module in model.modules():
+            for name, b in list(module._buffers.items()):
+                if b is not None and b.device != st.cuda:
+                    st.buffers.append((module, name, b.device))
+                    module._buffers[name] = b.to(st.cuda)
+        for module, entries in st.modules:
+            st.hooks.append(
+                module.register_forward_pre_hook(
+                    lambda m, args, _e=entries: st.pre_hook(m, _e)
+                )
+            )
+            post = lambda m, args, out, _e=entries: st.post_hook(m, _e)  # noqa: E731
+            try:
+                h = module.register_forward_hook(post, always_call=True)
+            except TypeError:  # PyTorch before 2.1: no always_call
+                h = module.register_forward_hook(post)
+            st.hooks.append(h)
+    except BaseException:
+        for h in st.hooks:
+            h.remove()
+        try:
+            _restore(st)  # the parameters registered so far get their bytes back
+        finally:
+            st.close()
+        raise
+    model._hetmem_offload = st
+    model._hetmem_store = store
+    return model
+
+
+def remove_offload(model, restore=True):
+    """Undoes offload(): removes the hooks and, with ``restore``, gives every
+    parameter its bytes back as a CPU tensor (read from the store) and moves buffers
+    back where they were; then closes the store. Without ``restore`` the parameters
+    stay placeholders (the model is unusable; use it to free everything quickly)."""
+    st = getattr(model, "_hetmem_offload", None)
+    if st is None:
+        raise RuntimeError("this model is not offloaded by hetmem")
+    for h in st.hooks:
+        h.remove()
+    st.hooks.clear()
+    try:
+        if restore:
+            _restore(st)
+    finally:
+        st.close()
+        del model._hetmem_offload
+        del model._hetmem_store
+    return model
+
+
+def _restore(st):
+    """Gives every registered parameter its bytes back as a CPU tensor (read from the
+    store), and moves the buffers back where they were."""
+    torch = st.torch
+    with torch.no_grad():
+        for prm, p in st.params.values():
+            t = torch.empty(p.shape, dtype=p.dtype, device="cpu")
+            st.store.read_into(p.pid, t.data_ptr(), p.nbytes)
+            prm.data = t
+        for module, name, dev in st.buffers:
+            b = module._buffers.get(name)
+            if b is not None:
+                module._buffers[name] = b.to(dev)
