@@ -53,6 +53,26 @@ def version():
     return _lib.load().hetmem_version().decode()
 
 
+class _Owned:
+    """Something that owns a hetmem object: a context manager, and disposed of (freed,
+    closed, released) when garbage-collected, at the latest. Subclasses define
+    ``_dispose``, which does nothing the second time."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._dispose()
+
+    def __del__(self):
+        try:
+            self._dispose()
+        except Exception:
+            pass
+
+
 class HetmemError(Exception):
     """A hetmem call failed: ``.code`` (negative int), ``.name`` (HETMEM_ERR_...) and
     ``.message`` (the library's last error message)."""
@@ -181,7 +201,7 @@ class _HostBytes:
 # ---- manager, buffers, streams ----------------------------------------------------------------
 
 
-class Manager:
+class Manager(_Owned):
     """One backend and the buffers allocated through it.
 
     ``backend``: "sim", "host", "cuda", "rocm", or None/"auto" (then $HETMEM_BACKEND,
@@ -305,17 +325,8 @@ class Manager:
         if h is not None:
             _check(self._lib.hetmem_manager_destroy(h))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _dispose(self):
         self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self):
         if self._h is None:
@@ -347,7 +358,7 @@ def _stream_handle(stream):
     raise TypeError(f"expected a hetmem.Stream or None, not {type(stream).__name__}")
 
 
-class Buffer:
+class Buffer(_Owned):
     """Memory from Manager.alloc: ``.ptr`` (int address; a device address for device
     memory), ``.size``, ``.placement``, ``.device``. Freed by free() or on collection."""
 
@@ -415,20 +426,10 @@ class Buffer:
             raise ValueError("device memory is not addressable by the CPU")
         return (ctypes.c_char * self.size).from_address(self.ptr)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if not self._freed:
+    def _dispose(self):
+        # Once the manager is closed, its buffers are gone with it.
+        if not self._freed and not self.manager.closed:
             self.free()
-
-    def __del__(self):
-        try:
-            if not self._freed and not self.manager.closed:
-                self._freed = True
-                self.manager.free(self.ptr)
-        except Exception:
-            pass
 
     def __int__(self):
         return self.ptr
@@ -439,7 +440,7 @@ class Buffer:
         return f"<hetmem.Buffer {place} {self.size} bytes at {self.ptr:#x}{state}>"
 
 
-class Stream:
+class Stream(_Owned):
     """A stream: created by hetmem (``Stream(mgr, device)``) or the caller's own raw
     cudaStream_t / hipStream_t wrapped (``Stream.wrap(mgr, raw, device)``)."""
 
@@ -482,23 +483,14 @@ class Stream:
 
     destroy = close
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _dispose(self):
         self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 # ---- tier store -----------------------------------------------------------------------------------
 
 
-class TierStore:
+class TierStore(_Owned):
     """A tiered parameter store over ``device`` of ``mgr``.
 
     ``device_budget``: most device bytes resident parameters use. ``host_budget``: most
@@ -655,20 +647,11 @@ class TierStore:
         if h is not None:
             _check(self._lib.hetmem_store_destroy(h))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _dispose(self):
         self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
-
-class Guard:
+class Guard(_Owned):
     """An acquired parameter: ``.ptr`` (device address), ``.size``, ``.id``.
     release() ends the use (also on leaving a ``with`` block, or on collection)."""
 
@@ -705,19 +688,9 @@ class Guard:
             raise _closed("guard")
         _check(self.store._lib.hetmem_guard_release(h))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def _dispose(self):
         if self._h is not None:
             self.release()
-
-    def __del__(self):
-        try:
-            if self._h is not None:
-                self.release()
-        except Exception:
-            pass
 
     def __repr__(self):
         state = "released" if self._h is None else f"at {self.ptr:#x}"
