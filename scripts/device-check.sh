@@ -24,7 +24,7 @@ import json, sys, shutil, os
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        name = m["target"]["name"] + ("-lib" if m["target"]["kind"] == ["lib"] else "")
+        name = m["target"]["name"] + ("-lib" if {"lib", "rlib"} & set(m["target"]["kind"]) else "")
         shutil.copy(m["executable"], os.path.join(sys.argv[1], name))
 ' "$BIN"
   cargo build --release --examples --benches
