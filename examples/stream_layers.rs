@@ -53,6 +53,7 @@ struct Args {
     policy: PolicyArg,
     checksums: bool,
     spare: usize,
+    host_budget_mib: Option<usize>,
     json: bool,
 }
 
@@ -60,7 +61,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: stream_layers [--backend sim|cuda|rocm] [--model FILE.safetensors] \
          [--layers N] [--layer-mib M] [--budget-mib B] [--passes P] [--kernel-us K] \
-         [--policy sequence|learn|lru] [--spare S] [--checksums] [--json]"
+         [--policy sequence|learn|lru] [--spare S] [--host-budget-mib H] [--checksums] [--json]"
     );
     std::process::exit(2)
 }
@@ -77,6 +78,7 @@ fn parse() -> Args {
         policy: PolicyArg::Sequence,
         checksums: false,
         spare: 1,
+        host_budget_mib: None,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -100,6 +102,9 @@ fn parse() -> Args {
             }
             "--checksums" => a.checksums = true,
             "--spare" => a.spare = val().parse().unwrap_or_else(|_| usage()),
+            "--host-budget-mib" => {
+                a.host_budget_mib = Some(val().parse().unwrap_or_else(|_| usage()))
+            }
             "--json" => a.json = true,
             _ => usage(),
         }
@@ -219,7 +224,12 @@ fn main() {
     let link = link_gbps(&mgr, &clock, layer.min(256 * MIB));
 
     let budget = args.budget_mib * MIB;
-    let mut cfg = TierConfig::new(budget, model_bytes + 64 * MIB);
+    // By default the whole model fits the pinned tier (one host copy plus the ring);
+    // less leaves the rest to stream from the mapped file through the staging ring.
+    let host_budget = args
+        .host_budget_mib
+        .map_or(model_bytes + 64 * MIB, |h| h * MIB);
+    let mut cfg = TierConfig::new(budget, host_budget);
     cfg.checksums = args.checksums;
     cfg.spare_slots = args.spare;
     let ids_in_order: Vec<ParamId> = (0..sizes.len() as ParamId).collect();
