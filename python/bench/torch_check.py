@@ -8,18 +8,22 @@ Needs PyTorch with a CUDA GPU, transformers, accelerate and numpy; downloads not
   1. hetmem as PyTorch's allocator, each allocator in its own subprocess (the switch
      must come before CUDA is initialised): a 2-layer Llama (hidden 1024, fp16, the
      same weights in both, saved by a preparation step): forward logits and greedy
-     generate(max_new_tokens=16) compared with PyTorch's own allocator; and a
-     torch.empty/del loop timed under both (target: hetmem/torch <= 1.10).
+     generate(max_new_tokens=16) compared with PyTorch's own allocator (and hetmem's
+     live blocks > 0: the tensors really came from it); and a torch.empty/del loop
+     timed under both (target: hetmem/torch <= 1.10).
   2. offload of an 8-layer Llama (hidden 4096, intermediate 11008, 32 heads, vocab
      32000, fp16: 1,881,214,976 parameters = 3,762,429,952 bytes), 1x128 tokens, device
-     budget half the model: hetmem.torch.offload vs accelerate infer_auto_device_map +
-     dispatch_model (same budget) vs accelerate.cpu_offload, outputs compared with
-     the model run wholly on the GPU; plus pinned H2D bandwidth for context.
-     Targets: hetmem forward <= 62 ms and >= 6x faster than dispatch_model.
+     budget half the model: the model wholly on the GPU (the reference), accelerate
+     infer_auto_device_map + dispatch_model (same budget), accelerate.cpu_offload,
+     then hetmem.torch.offload (last, so that a crash in it cannot cost the
+     baselines), all on the reference's weights; plus pinned H2D bandwidth.
+     Targets: outputs match, hetmem forward <= 62 ms and >= 6x faster than
+     dispatch_model, zero copy, remove_offload gives the weights back byte for byte.
 
-Each part runs in a subprocess under a timeout (60 + 90 + 90 + 270 s at worst; a
-normal run takes about 3 minutes), so one failure or hang still lets the rest report.
-Prints a table, then one JSON line. Exit status: 0 every part ran and every target
+Each part runs in a subprocess under a timeout (90 + 80 + 80 + 240 s at worst; a
+normal run takes about 3 minutes); children print a RESULT line after each step and
+the last one counts, so a failure or hang still lets the rest report. Prints a
+table, then one JSON line. Exit status: 0 every part ran and every target
 passed; 1 a part failed or a target was missed; 77 skipped (no PyTorch, transformers,
 accelerate or CUDA GPU here: the message says which).
 """
@@ -100,9 +104,12 @@ def compare(torch, got, ref):
 
 def child_prep(d):
     """CPU only: the small model's weights and the inputs, saved for both allocators."""
+    import accelerate
     import torch
+    import transformers
 
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
     if torch.cuda.is_available():
         # Queries only: cudaGetDeviceCount / properties do not initialise the allocator,
         # and this process is not the one that switches it anyway.
@@ -119,6 +126,23 @@ def child_prep(d):
     result(info)
 
 
+def empty_del_us(torch, dev, size, n, max_s=1.0):
+    """µs per torch.empty(size) + del on dev: n iterations, or fewer when they take
+    longer than max_s (so a slow allocator cannot eat the run's time)."""
+    count = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while count < n:
+        for _ in range(256):
+            x = torch.empty(size, dtype=torch.uint8, device=dev)
+            del x
+        count += 256
+        if time.perf_counter() - t0 > max_s:
+            break
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / count * 1e6
+
+
 def child_alloc(d, which):
     """One allocator: forward, generate, and the torch.empty/del loop."""
     out = {"allocator": which}
@@ -128,6 +152,11 @@ def child_alloc(d, which):
         ht.use_hetmem_allocator()  # before anything touches CUDA
         out["library"] = __import__("hetmem").library_path()
     import torch
+
+    try:
+        out["allocator_backend"] = torch.cuda.memory.get_allocator_backend()
+    except Exception as e:  # the name is informational only
+        out["allocator_backend"] = f"? ({type(e).__name__}: {e})"
 
     cfg, cls = llama(SMALL)
     model = cls(cfg).half().eval()
@@ -141,47 +170,47 @@ def child_alloc(d, which):
         gen = model.generate(ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]),
                              max_new_tokens=16, do_sample=False, pad_token_id=0)
     out["tokens"] = gen[0, 32:].tolist()
-    log(which, "forward and generate done")
-    # torch.empty/del loop: median of 5 repetitions per size, per allocation+free.
-    loop = {}
-    for size, n in ((1 << 20, 20000), (16 << 20, 20000), (256 << 20, 5000)):
-        for _ in range(1000):
-            x = torch.empty(size, dtype=torch.uint8, device=dev)
-            del x
-        reps = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                x = torch.empty(size, dtype=torch.uint8, device=dev)
-                del x
-            torch.cuda.synchronize()
-            reps.append((time.perf_counter() - t0) / n * 1e6)
-        loop[str(size)] = statistics.median(reps)
-    out["empty_del_us"] = loop
     if which == "hetmem":
-        import hetmem.torch as ht
-
+        # Proof that PyTorch's tensors came from hetmem: the model's weights are live
+        # blocks of hetmem's allocator now.
         st = ht.hetmem_allocator_stats()
         out["hetmem_stats"] = {
             "backend": st.get("backend"),
             "live_blocks": st.get("live_blocks"),
-            "peak_allocated": [
-                dv["stats"].get("allocated_bytes.all.peak") for dv in st.get("devices", [])
-            ],
+            "live_bytes": st.get("live_bytes"),
+            "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
+    log(which, "forward and generate done", json.dumps(out.get("hetmem_stats")))
+    result(out)  # a partial result: the parent keeps the last RESULT line
+    # torch.empty/del loop: median of 5 repetitions per size, per allocation+free.
+    loop = {}
+    for size, n in ((1 << 20, 20000), (16 << 20, 20000), (256 << 20, 5000)):
+        empty_del_us(torch, dev, size, 1000, max_s=0.5)  # warm-up
+        loop[str(size)] = statistics.median(
+            empty_del_us(torch, dev, size, n) for _ in range(5))
+        log(which, f"torch.empty/del {size} B: {loop[str(size)]:.2f} us")
+    out["empty_del_us"] = loop
+    if which == "hetmem":
+        st = ht.hetmem_allocator_stats()
+        out["hetmem_stats"]["peak_allocated"] = [
+            dv.get("stats", {}).get("allocated_bytes.all.peak") for dv in st.get("devices", [])
+        ]
     result(out)
 
 
-def build_big(torch):
-    """The 8-layer Llama in fp16 on the CPU, the same every call: initialised on the GPU
-    with a fixed seed (fast; the non-persistent rotary buffers are right), then moved."""
+def build_big(torch, state_dict=None):
+    """The 8-layer Llama in fp16 on the CPU: initialised on the GPU with a fixed seed
+    (fast; the non-persistent rotary buffers are right), then moved; with state_dict,
+    those weights loaded (so every method runs the reference's weights whatever the
+    RNG does)."""
     cfg, cls = llama(BIG)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = cls(cfg)
     model = model.half().to("cpu").eval()
     torch.cuda.empty_cache()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model
 
 
@@ -190,6 +219,9 @@ def model_bytes(model):
 
 
 def child_offload(d):
+    """The reference, then accelerate's two offloads, then hetmem's (last: a crash in
+    it cannot cost the baselines). A RESULT line after each method keeps what was
+    measured if a later one hangs or crashes."""
     import gc
 
     import torch
@@ -203,6 +235,11 @@ def child_offload(d):
         with torch.no_grad():
             return model(ids).logits
 
+    def check(logits):
+        if "ref" not in state:
+            return {"ok": False, "error": "no reference (gpu_resident failed)"}
+        return compare(torch, logits.cpu(), state["ref"])
+
     def record(name, fn):
         t0 = time.perf_counter()
         try:
@@ -214,6 +251,7 @@ def child_offload(d):
         log(name, json.dumps(out["methods"][name])[:400])
         gc.collect()
         torch.cuda.empty_cache()
+        result(out)
 
     state = {}
 
@@ -222,35 +260,69 @@ def child_offload(d):
         x = torch.empty(GIB, dtype=torch.uint8, pin_memory=True)
         y = torch.empty(GIB, dtype=torch.uint8, device=dev)
         ms, _ = median_ms(lambda: y.copy_(x, non_blocking=True), 1, 5, torch)
-        return {"pinned_h2d_gbps": GIB / (ms / 1e3) / 1e9, "ms_per_gib": ms}
+        bw = GIB / (ms / 1e3) / 1e9
+        out["link_floor_ms_half"] = state.get("half", 3_762_429_952 // 2) / (bw * 1e9) * 1e3
+        return {"pinned_h2d_gbps": bw, "ms_per_gib": ms}
 
-    record("h2d", bandwidth)
-
-    # The reference: the whole model on the GPU.
+    # The reference: the whole model on the GPU; its CPU weights are kept (state_dict
+    # shares their storage) for the other methods and for remove_offload's check.
     def reference():
         m = build_big(torch)
         n = model_bytes(m)
-        state["bytes"] = n
         state["params"] = sum(p.numel() for p in m.parameters())
+        state["bytes"], state["half"] = n, n // 2
         m.to(dev)
         ms, _ = median_ms(lambda: forward(m), 2, 5, torch)
         state["ref"] = forward(m).float().cpu()
         m.to("cpu")
+        state["sd"] = m.state_dict()
         state["model"] = m
         return {"forward_ms": ms, "model_bytes": n, "params": state["params"]}
 
     record("gpu_resident", reference)
-    n = state.get("bytes", 3_762_429_952)
-    half = n // 2
-    out["model_bytes"] = n
+    half = state.get("half", 3_762_429_952 // 2)
+    out["model_bytes"] = state.get("bytes", 3_762_429_952)
     out["device_budget"] = half
+    record("h2d", bandwidth)
+
+    def fresh():
+        m = state.pop("model", None)
+        return m if m is not None else build_big(torch, state.get("sd"))
+
+    def accelerate_dispatch():
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.hooks import remove_hook_from_submodules
+
+        m = fresh()
+        dmap = infer_auto_device_map(
+            m, max_memory={0: half, "cpu": 512 * GIB},
+            no_split_module_classes=list(getattr(m, "_no_split_modules", None) or []))
+        on_gpu = sorted(k for k, v in dmap.items() if str(v) in ("0", "cuda", "cuda:0"))
+        dispatch_model(m, device_map=dmap)
+        ms, times = median_ms(lambda: forward(m), 2, 5, torch)
+        res = {"forward_ms": ms, "times_ms": times, "on_gpu": on_gpu,
+               "cmp": check(forward(m))}
+        remove_hook_from_submodules(m)
+        return res
+
+    record("accelerate_dispatch", accelerate_dispatch)
+
+    def accelerate_cpu_offload():
+        from accelerate import cpu_offload
+
+        m = fresh()
+        cpu_offload(m, execution_device=dev)
+        ms, times = median_ms(lambda: forward(m), 1, 3, torch)
+        res = {"forward_ms": ms, "times_ms": times,
+               "cmp": check(forward(m))}
+        return res
+
+    record("accelerate_cpu_offload", accelerate_cpu_offload)
 
     def hetmem_offload():
         import hetmem.torch as ht
 
-        m = state.pop("model", None)
-        if m is None:
-            m = build_big(torch)
+        m = fresh()
         t0 = time.perf_counter()
         ht.offload(m, device_budget=half, device=0, backend=gpu_backend_name(torch))
         setup_s = time.perf_counter() - t0
@@ -266,55 +338,21 @@ def child_offload(d):
         after = store.stats()
         logits = forward(m)
         res = {"forward_ms": ms, "times_ms": times, "warmup_ms": first,
-               "setup_s": setup_s, "cmp": compare(torch, logits.cpu(), state["ref"])}
-        per = {k: (after[k] - before[k]) / 7 for k in
-               ("bytes_loaded", "loads", "hits", "prefetches", "evictions", "staged_loads")}
-        res["per_forward"] = per
+               "setup_s": setup_s, "cmp": check(logits),
+               "zero_copy": m._hetmem_offload.copies == 0}
+        res["per_forward"] = {k: (after.get(k, 0) - before.get(k, 0)) / 7 for k in
+                              ("bytes_loaded", "loads", "hits", "prefetches", "evictions",
+                               "staged_loads")}
         res["store"] = after
-        # Undo, and check the weights come back byte for byte (against a fresh build).
+        # Undo, and check the weights come back byte for byte.
         ht.remove_offload(m)
-        fresh = build_big(torch)
-        a, b = m.state_dict(), fresh.state_dict()
-        res["remove_offload_restores"] = all(torch.equal(a[k], b[k]) for k in b)
-        state["fresh"] = fresh
+        sd = state.get("sd")
+        if sd is not None:
+            a = m.state_dict()
+            res["remove_offload_restores"] = all(torch.equal(a[k], sd[k]) for k in sd)
         return res
 
     record("hetmem_offload", hetmem_offload)
-
-    def accelerate_dispatch():
-        from accelerate import dispatch_model, infer_auto_device_map
-        from accelerate.hooks import remove_hook_from_submodules
-
-        m = state.pop("fresh", None)
-        if m is None:
-            m = build_big(torch)
-        dmap = infer_auto_device_map(
-            m, max_memory={0: half, "cpu": 512 * GIB},
-            no_split_module_classes=getattr(m, "_no_split_modules", None) or [])
-        on_gpu = sorted({k for k, v in dmap.items() if v == 0 or v == "cuda:0"})
-        dispatch_model(m, device_map=dmap)
-        ms, times = median_ms(lambda: forward(m), 2, 5, torch)
-        res = {"forward_ms": ms, "times_ms": times, "on_gpu": on_gpu,
-               "cmp": compare(torch, forward(m).cpu(), state["ref"])}
-        remove_hook_from_submodules(m)
-        return res
-
-    record("accelerate_dispatch", accelerate_dispatch)
-
-    def accelerate_cpu_offload():
-        from accelerate import cpu_offload
-
-        m = build_big(torch)
-        cpu_offload(m, execution_device=dev)
-        ms, times = median_ms(lambda: forward(m), 1, 3, torch)
-        res = {"forward_ms": ms, "times_ms": times,
-               "cmp": compare(torch, forward(m).cpu(), state["ref"])}
-        return res
-
-    record("accelerate_cpu_offload", accelerate_cpu_offload)
-    bw = out["methods"].get("h2d", {}).get("pinned_h2d_gbps")
-    if bw:
-        out["link_floor_ms_half"] = half / (bw * 1e9) * 1e3
     result(out)
 
 
@@ -336,13 +374,21 @@ def run_child(args, timeout, logdir, name, env):
         with open(os.path.join(logdir, f"{name}.log"), "w") as f:
             f.write(f"$ {' '.join(cmd)}\nrc={rc} wall={wall:.1f}s\n--- stdout\n{so}\n--- stderr\n{se}")
     res = None
-    for line in so.splitlines():
+    for line in so.splitlines():  # the last RESULT line: children print partial ones
         if line.startswith("RESULT "):
-            res = json.loads(line[7:])
+            try:
+                res = json.loads(line[7:])
+            except ValueError:  # cut short by a kill
+                pass
+    tail = "\n".join((se or "").strip().splitlines()[-15:])
     if res is None:
-        tail = "\n".join((se or "").strip().splitlines()[-15:])
         print(f"--- {name} failed (rc={rc}); last lines of its stderr:\n{tail}", flush=True)
-        return {"error": f"rc={rc}", "stderr_tail": tail[-2000:]}, wall
+        return {"error": f"rc={rc}", "rc": rc, "stderr_tail": tail[-2000:]}, wall
+    if rc != 0:
+        print(f"--- {name} ended with rc={rc} after its last result; last lines of its "
+              f"stderr:\n{tail}", flush=True)
+        res["stderr_tail"] = tail[-2000:]
+    res["rc"] = rc
     res["wall_s"] = round(wall, 1)
     return res, wall
 
@@ -359,8 +405,7 @@ def main():
     a = ap.parse_args()
     if a.child:
         kind, rest = a.child[0], a.child[1:]
-        {"prep": lambda: child_prep(*rest), "alloc": lambda: child_alloc(*rest),
-         "offload": lambda: child_offload(*rest)}[kind]()
+        {"prep": child_prep, "alloc": child_alloc, "offload": child_offload}[kind](*rest)
         return 0
 
     import importlib.util
@@ -375,7 +420,7 @@ def main():
     import hetmem
 
     try:
-        lib = hetmem.library_path()
+        lib = os.path.abspath(hetmem.library_path())
     except ImportError as e:
         print(f"FAIL: {e}")
         print(json.dumps({"skipped": False, "ok": False, "error": str(e)}))
@@ -391,20 +436,22 @@ def main():
     t_start = time.perf_counter()
     report = {"skipped": False, "library": lib}
     with tempfile.TemporaryDirectory(prefix="hetmem-torch-check-") as d:
-        prep, _ = run_child(["prep", d], 60, logdir, "prep", env)
+        prep, _ = run_child(["prep", d], 90, logdir, "prep", env)
         report["prep"] = prep
         if "error" not in prep and not prep.get("cuda"):
             print("SKIP: PyTorch sees no CUDA GPU here.")
             print(json.dumps({"skipped": True, "reason": "no CUDA GPU"}))
             return SKIP
         card = prep.get("card", "?")
-        print(f"card: {card}; torch {prep.get('torch')}; library {lib}", flush=True)
+        print(f"card: {card}; torch {prep.get('torch')}, transformers "
+              f"{prep.get('transformers')}, accelerate {prep.get('accelerate')}; library {lib}",
+              flush=True)
 
         # Part 1: the allocator.
         p1 = {}
         if not a.skip_allocator and "error" not in prep:
             for which in ("torch", "hetmem"):
-                p1[which], _ = run_child(["alloc", d, which], 90, logdir, f"alloc_{which}", env)
+                p1[which], _ = run_child(["alloc", d, which], 80, logdir, f"alloc_{which}", env)
             try:
                 import torch
 
@@ -428,7 +475,7 @@ def main():
         # Part 2: offload.
         p2 = {}
         if not a.skip_offload:
-            p2, _ = run_child(["offload"], 270, logdir, "offload", env)
+            p2, _ = run_child(["offload", d], 240, logdir, "offload", env)
         report["offload"] = p2
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
 
@@ -439,6 +486,8 @@ def main():
         t["allocator_same_tokens"] = bool(p1.get("tokens_equal"))
         r = p1.get("empty_del_ratio_total")
         t["allocator_empty_del_within_10pct"] = r is not None and r <= ALLOC_RATIO_TARGET
+        hs = p1.get("hetmem", {}).get("hetmem_stats") or {}
+        t["allocator_is_hetmem"] = (hs.get("live_blocks") or 0) > 0
     if not a.skip_offload:
         m = p2.get("methods", {})
         h = m.get("hetmem_offload", {}).get("forward_ms")
@@ -451,6 +500,7 @@ def main():
         t["hetmem_offload_le_62ms"] = h is not None and h <= HETMEM_TARGET_MS
         t["hetmem_6x_faster_than_dispatch"] = (
             h is not None and acc is not None and acc / h >= SPEEDUP_TARGET)
+        t["hetmem_offload_zero_copy"] = bool(m.get("hetmem_offload", {}).get("zero_copy"))
         t["remove_offload_restores"] = bool(m.get("hetmem_offload", {})
                                             .get("remove_offload_restores"))
     report["targets"] = t
@@ -473,7 +523,9 @@ def main():
                   f"{fmt(p1.get('empty_del_ratio', {}).get(s), '.2f'):>6}")
         print(f"  total ratio {fmt(p1.get('empty_del_ratio_total'), '.3f')} "
               f"(target <= {ALLOC_RATIO_TARGET})")
-        print(f"  hetmem allocator stats: {p1.get('hetmem', {}).get('hetmem_stats')}")
+        print(f"  hetmem allocator stats: {p1.get('hetmem', {}).get('hetmem_stats')}; "
+              f"PyTorch's allocator backend: torch {p1.get('torch', {}).get('allocator_backend')}"
+              f", hetmem {p1.get('hetmem', {}).get('allocator_backend')}")
     if not a.skip_offload:
         m = p2.get("methods", {})
         print(f"-- part 2: offload, 8-layer Llama ({fmt(p2.get('model_bytes', 0) / 1e9, '.3f')} GB"
@@ -496,11 +548,17 @@ def main():
         print(f"  pinned H2D {fmt(bw)} GB/s; the non-resident half alone needs "
               f"{fmt(p2.get('link_floor_ms_half'))} ms over the link")
         ho = m.get("hetmem_offload", {})
-        print(f"  hetmem per forward: {ho.get('per_forward')}; warm-up ms {ho.get('warmup_ms')}")
+        print(f"  hetmem per forward: {ho.get('per_forward')}; warm-up ms {ho.get('warmup_ms')}"
+              f"; setup {fmt(ho.get('setup_s'), '.1f')} s; zero copy {ho.get('zero_copy')}")
         print(f"  accelerate dispatch_model on GPU: "
               f"{m.get('accelerate_dispatch', {}).get('on_gpu')}")
         if "error" in p2:
             print(f"  offload child failed: {p2['error']}")
+    rcs = {"prep": report["prep"].get("rc")}
+    rcs.update({f"alloc_{k}": p1.get(k, {}).get("rc") for k in ("torch", "hetmem") if k in p1})
+    if p2:
+        rcs["offload"] = p2.get("rc")
+    print(f"-- child exit codes: {rcs}")
     print("-- targets")
     for k, v in t.items():
         print(f"  {'PASS' if v else 'FAIL'}  {k}")

@@ -144,6 +144,7 @@ class _Offload:
         self.active = {}  # id(module) -> stack of guard lists
         self._bases = {}  # dtype -> 1-element tensor on the device
         self.warned_grad = False
+        self.copies = 0  # device tensors that torch.as_tensor copied (should stay 0)
 
     def placeholder(self, dtype, shape):
         """A tensor of the right dtype, device and shape that owns no memory of its own:
@@ -168,6 +169,15 @@ class _Offload:
                 t = torch.as_tensor(obj, device=self.cuda)
         else:
             t = torch.as_tensor(obj, device=self.cuda)
+        if t.data_ptr() != guard.ptr:
+            # Correct, but a copy rather than hetmem's memory: say so once.
+            self.copies += 1
+            if self.copies == 1:
+                warnings.warn(
+                    "hetmem.torch.offload: torch.as_tensor copied a parameter instead of "
+                    f"wrapping hetmem's device memory (device {t.device})",
+                    stacklevel=2,
+                )
         return t.view(p.dtype).view(p.shape)
 
     def pre_hook(self, module, params):

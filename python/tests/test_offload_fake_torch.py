@@ -148,6 +148,7 @@ class TestOffloadWithFakeTorch(unittest.TestCase):
                          (shapes["layers.0.attn.weight"]))
         self.assertEqual(model.layers._modules["1"].norm.seen[0][2], ())
         self.assertEqual(model.layers._modules["2"].bias.seen[0][3], torch.bfloat16)
+        self.assertEqual(model._hetmem_offload.copies, 0, "as_tensor wrapped, no copy")
         # After the forward: placeholders back, nothing held.
         for n, p in params.items():
             self.assertTrue(p.data.expanded or p.data.shape == (), n)
