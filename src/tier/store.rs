@@ -480,6 +480,8 @@ impl TierStore {
             checksum,
         });
         st.names.insert(name.to_owned(), id);
+        // The plan's spare is the largest parameter: size it again.
+        st.plan = None;
         tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
         Ok(id)
     }
