@@ -15,6 +15,11 @@
 //! The plan only decides; the [store](super::store) frees, loads and keeps the
 //! accounts.
 
+use std::cmp::Reverse;
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
+
 use crate::tier::policy::{ParamId, Sequence};
 
 /// A parameter that left the logical cache but may still be on the device.
@@ -25,11 +30,28 @@ pub(crate) struct Zombie {
     pub until: u64,
 }
 
+/// What a cached parameter is to the plan: how it is evicted, or that it is not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Traits {
+    /// Device bytes.
+    pub bytes: usize,
+    /// Never evicted (kept resident).
+    pub kept: bool,
+    /// Eviction priority: lower goes first.
+    pub priority: i32,
+}
+
+/// Eviction order: the greatest key goes first (lowest priority, then the next use
+/// farthest away, then the lowest id).
+type Key = (Reverse<i32>, u64, Reverse<ParamId>);
+
 /// MIN's logical cache, and how far along the sequence it has been run.
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
-    /// Ids in the logical cache.
-    pub cached: Vec<ParamId>,
+    /// Ids in the logical cache, with their eviction key (`None`: kept resident).
+    cached: FxHashMap<ParamId, Option<Key>>,
+    /// The evictable ones, ordered.
+    order: BTreeSet<Key>,
     /// Their device bytes.
     pub bytes: usize,
     /// The logical capacity: the device budget less the spare.
@@ -56,97 +78,127 @@ pub(crate) enum Step {
     },
 }
 
+/// The step after `after` at which `id` is used next (`u64::MAX`: never).
+fn next_use(seq: &Sequence, id: ParamId, after: u64) -> u64 {
+    let at = (after % seq.len() as u64) as usize;
+    seq.distance_to_next_use(id, at)
+        .map_or(u64::MAX, |d| after + d as u64)
+}
+
 impl Plan {
     /// A plan whose logical cache starts as `resident` (everything now on the device),
     /// at step `pos`.
-    pub fn new(resident: Vec<(ParamId, usize)>, cap: usize, pos: u64) -> Plan {
-        Plan {
-            bytes: resident.iter().map(|(_, b)| b).sum(),
-            cached: resident.into_iter().map(|(id, _)| id).collect(),
+    pub fn new(
+        seq: &Sequence,
+        resident: impl IntoIterator<Item = (ParamId, Traits)>,
+        cap: usize,
+        pos: u64,
+    ) -> Plan {
+        let mut plan = Plan {
+            cached: FxHashMap::default(),
+            order: BTreeSet::new(),
+            bytes: 0,
             cap,
             pos,
             zombies: Vec::new(),
+        };
+        for (id, t) in resident {
+            plan.insert(seq, id, t, pos);
+        }
+        plan
+    }
+
+    fn insert(&mut self, seq: &Sequence, id: ParamId, t: Traits, after: u64) {
+        let key = (!t.kept).then(|| (Reverse(t.priority), next_use(seq, id, after), Reverse(id)));
+        if let Some(k) = key {
+            self.order.insert(k);
+        }
+        if self.cached.insert(id, key).is_none() {
+            self.bytes += t.bytes;
         }
     }
 
-    /// What step `self.pos + 1` needs. `size(id)` gives device bytes; `evictable(id)`
-    /// says whether the id may leave the logical cache (not kept resident); `rank(id)`
-    /// orders candidates (lowest priority first).
-    pub fn next(
-        &self,
-        seq: &Sequence,
-        size: impl Fn(ParamId) -> usize,
-        evictable: impl Fn(ParamId) -> bool,
-        rank: impl Fn(ParamId) -> i32,
-    ) -> Step {
+    fn remove(&mut self, id: ParamId, bytes: usize) -> bool {
+        match self.cached.remove(&id) {
+            Some(key) => {
+                if let Some(k) = key {
+                    self.order.remove(&k);
+                }
+                self.bytes -= bytes;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What step `self.pos + 1` needs. `size(id)` gives device bytes.
+    pub fn next(&self, seq: &Sequence, size: impl Fn(ParamId) -> usize) -> Step {
         let m = self.pos + 1;
         let id = seq.order()[(m % seq.len() as u64) as usize];
-        if self.cached.contains(&id) {
+        if self.cached.contains_key(&id) {
             return Step::Hit;
         }
         if self.zombies.iter().any(|z| z.id == id) {
             return Step::Revive;
         }
-        // MIN at step m: the one used farthest after step m - 1, lowest priority class
-        // first; never-used ids before all others. Ties cannot happen between ids the
-        // sequence uses (each next use is a different step); the id breaks the rest.
-        let at = ((m - 1) % seq.len() as u64) as usize;
-        let mut left: Vec<ParamId> = self
-            .cached
-            .iter()
-            .copied()
-            .filter(|c| evictable(*c))
-            .collect();
+        // MIN at step m: the greatest keys (each next use is counted from the step
+        // where the id was last seen, which no use lies between).
         let mut bytes = self.bytes;
         let mut victims = Vec::new();
-        while bytes + size(id) > self.cap {
-            let Some(v) = left.iter().copied().max_by_key(|c| {
-                let next = seq.distance_to_next_use(*c, at).unwrap_or(usize::MAX);
-                (std::cmp::Reverse(rank(*c)), next, std::cmp::Reverse(*c))
-            }) else {
+        for k in self.order.iter().rev() {
+            if bytes + size(id) <= self.cap {
                 break;
-            };
-            left.retain(|c| *c != v);
+            }
+            let v = k.2 .0;
             bytes -= size(v);
             victims.push(v);
         }
         Step::Load { id, victims }
     }
 
-    /// Moves the plan past a hit.
-    pub fn hit(&mut self) {
+    /// Moves the plan past a hit: the parameter's next use moves on.
+    pub fn hit(&mut self, seq: &Sequence) {
+        let m = self.pos + 1;
+        let id = seq.order()[(m % seq.len() as u64) as usize];
+        if let Some(Some(k)) = self.cached.get(&id).copied() {
+            self.order.remove(&k);
+            let k = (k.0, next_use(seq, id, m), k.2);
+            self.order.insert(k);
+            self.cached.insert(id, Some(k));
+        }
+        self.pos = m;
+    }
+
+    /// Moves the plan past a step whose parameter the store does not have.
+    pub fn skip(&mut self) {
         self.pos += 1;
     }
 
     /// Moves zombie `id` back into the logical cache (then the cache may be over its
     /// capacity by one parameter until the next load evicts).
-    pub fn revive(&mut self, id: ParamId, bytes: usize) {
+    pub fn revive(&mut self, seq: &Sequence, id: ParamId, t: Traits) {
+        let m = self.pos + 1;
         self.zombies.retain(|z| z.id != id);
-        self.cached.push(id);
-        self.bytes += bytes;
-        self.pos += 1;
+        self.insert(seq, id, t, m);
+        self.pos = m;
     }
 
-    /// Records the load of step `self.pos + 1`: `victims` leave the logical cache as
-    /// zombies, `id` joins it.
-    pub fn load(&mut self, id: ParamId, bytes: usize, victims: &[(ParamId, usize)]) {
+    /// Records the load of step `self.pos + 1`: `victims` (with their device bytes)
+    /// leave the logical cache as zombies, `id` joins it.
+    pub fn load(&mut self, seq: &Sequence, id: ParamId, t: Traits, victims: &[(ParamId, usize)]) {
         let m = self.pos + 1;
         for (v, b) in victims {
-            self.cached.retain(|c| c != v);
-            self.bytes -= b;
-            self.zombies.push(Zombie { id: *v, until: m });
+            if self.remove(*v, *b) {
+                self.zombies.push(Zombie { id: *v, until: m });
+            }
         }
-        self.cached.push(id);
-        self.bytes += bytes;
+        self.insert(seq, id, t, m);
         self.pos = m;
     }
 
     /// Forgets `id` (it left the device outside the plan, or was freed as a zombie).
     pub fn forget(&mut self, id: ParamId, bytes: usize) {
-        if let Some(i) = self.cached.iter().position(|c| *c == id) {
-            self.cached.swap_remove(i);
-            self.bytes -= bytes;
-        }
+        self.remove(id, bytes);
         self.zombies.retain(|z| z.id != id);
     }
 }
@@ -166,6 +218,12 @@ mod tests {
     use super::*;
     use crate::tier::policy::min_misses_each_pass;
 
+    const UNIT: Traits = Traits {
+        bytes: 1,
+        kept: false,
+        priority: 0,
+    };
+
     /// Driving the plan alone over a cycle, with every zombie freed at once, misses
     /// exactly as MIN with the same capacity, pass by pass.
     #[test]
@@ -175,15 +233,15 @@ mod tests {
             let seq = Sequence::new(order.clone());
             let passes = 12;
             for cap in 1..n as usize {
-                let mut plan = Plan::new(Vec::new(), cap, u64::from(n) - 1);
+                let mut plan = Plan::new(&seq, Vec::new(), cap, u64::from(n) - 1);
                 let mut misses = vec![0usize; passes];
                 while plan.pos + 1 < (passes as u64 + 1) * u64::from(n) {
-                    match plan.next(&seq, |_| 1, |_| true, |_| 0) {
-                        Step::Hit => plan.hit(),
+                    match plan.next(&seq, |_| 1) {
+                        Step::Hit => plan.hit(&seq),
                         Step::Revive => unreachable!("zombies are freed at once"),
                         Step::Load { id, victims } => {
                             let v: Vec<_> = victims.iter().map(|v| (*v, 1)).collect();
-                            plan.load(id, 1, &v);
+                            plan.load(&seq, id, UNIT, &v);
                             plan.zombies.clear();
                             misses[(plan.pos / u64::from(n)) as usize - 1] += 1;
                         }

@@ -18,26 +18,32 @@
 //! ```
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
 
 /// A parameter's id in a tier store.
 pub type ParamId = u32;
 
 /// An execution order, repeated pass after pass, with the positions of each id so that
-/// "when is this needed next" is a binary search.
+/// "when is this needed next" is a binary search. Cheap to clone (shared).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sequence {
-    order: Vec<ParamId>,
-    positions: HashMap<ParamId, Vec<usize>>,
+    order: Arc<[ParamId]>,
+    positions: Arc<FxHashMap<ParamId, Vec<usize>>>,
 }
 
 impl Sequence {
     /// The order in which one pass uses the parameters (an id may appear more than once).
     pub fn new(order: Vec<ParamId>) -> Self {
-        let mut positions: HashMap<ParamId, Vec<usize>> = HashMap::new();
+        let mut positions: FxHashMap<ParamId, Vec<usize>> = FxHashMap::default();
         for (i, id) in order.iter().enumerate() {
             positions.entry(*id).or_default().push(i);
         }
-        Sequence { order, positions }
+        Sequence {
+            order: order.into(),
+            positions: Arc::new(positions),
+        }
     }
 
     /// Steps in one pass.

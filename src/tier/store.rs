@@ -51,12 +51,22 @@
 //! # Eviction
 //!
 //! Candidates are device-resident parameters with no guard and not kept resident
-//! ([`TierStore::keep_resident`]). The lowest [`TierStore::priority`] class goes first;
-//! within it the [`Eviction`] policy picks: the one needed farthest in the future along
-//! the execution sequence (Belady's MIN) when one is known, else the least recently
-//! used. A demand load skips the parameter released last (its kernel may still run, so
-//! reusing its memory would serialise the load behind it) whenever another candidate
-//! exists. A prefetch evicts only parameters needed later than the one it loads.
+//! ([`TierStore::keep_resident`]); the lowest [`TierStore::priority`] class goes first.
+//!
+//! With an execution sequence, the [plan](super::plan) decides: Belady's MIN over the
+//! budget less one parameter (the spare, where the next layer loads while the current
+//! one computes), run ahead of the runtime while its acquires follow the sequence, each
+//! load queued as soon as memory the runtime is done with allows. A loop of layers then
+//! moves exactly MIN(C−1) per pass. An acquire off the sequence, or a plan that cannot
+//! make room, falls back to a demand load and the plan starts again from what is
+//! resident. The plan loads from [`Drop`] of a guard too (that release may be what frees
+//! the memory), so dropping a guard can do a load's host work: a pinned promotion on
+//! the first pass, a staging-ring upload for cold parameters.
+//!
+//! Without a sequence, the least recently used goes. A demand load skips the parameter
+//! released last (its kernel may still run, so reusing its memory would serialise the
+//! load behind it) whenever another candidate exists. A hinted prefetch evicts only
+//! parameters needed later than the one it loads.
 //!
 //! A parameter marked dirty ([`ParamGuard::mark_dirty`]) is copied back before its
 //! device copy is dropped: into its pinned block, or into a new pinned block if the
@@ -65,7 +75,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use crate::backend::copy;
 use crate::backend::DevicePtr;
@@ -77,7 +87,7 @@ use crate::pool::{
     Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, StagingRing,
 };
 use crate::stream::{Event, Stream};
-use crate::tier::plan::{zombie_done, Plan, Step};
+use crate::tier::plan::{zombie_done, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
 
@@ -235,8 +245,6 @@ struct Param {
     host: HostCopy,
     dev: Option<DevCopy>,
     refs: u32,
-    /// The threads holding the guards (one entry per guard).
-    holders: Vec<ThreadId>,
     /// The device copy is newer than the host copy.
     dirty: bool,
     keep: bool,
@@ -278,6 +286,9 @@ struct State {
     step: u64,
     /// Loads queued for steps after `step`: (step, bytes).
     ahead: VecDeque<(u64, usize)>,
+    /// The parameter of `step` has been handed out (a plan started now begins after
+    /// it, instead of loading it again).
+    served: bool,
     /// The last acquire was the step the sequence expected: only then does the plan
     /// load ahead (a runtime off the sequence would waste the copies).
     on_track: bool,
@@ -293,7 +304,7 @@ struct State {
 struct Shared {
     res: Resources,
     state: Mutex<State>,
-    /// Signalled whenever a guard is dropped.
+    /// Signalled whenever room may have appeared: a guard dropped, a hint.
     released: Condvar,
 }
 
@@ -321,8 +332,6 @@ pub struct ParamGuard {
     block: Option<Arc<PoolBlock>>,
     stream: Stream,
     dirty: bool,
-    /// The thread that acquired it (guards may be sent to and dropped on another).
-    holder: ThreadId,
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -424,6 +433,7 @@ impl TierStore {
                     plan: None,
                     step,
                     ahead: VecDeque::new(),
+                    served: false,
                     on_track: false,
                     used: 0,
                     pinned: 0,
@@ -472,7 +482,6 @@ impl TierStore {
             host: HostCopy::Cold(source),
             dev: None,
             refs: 0,
-            holders: Vec::new(),
             dirty: false,
             keep: false,
             priority: 0,
@@ -534,10 +543,33 @@ impl TierStore {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; [`Error::OutOfMemory`] when there
-    /// is no room and none can come: every device-resident parameter is kept resident
-    /// or acquired by this thread. While guards of other threads hold the room, the
-    /// call waits for their release.
+    /// is no room: every device-resident parameter is acquired or kept resident. Where
+    /// other threads' guards will make room, [`TierStore::acquire_timeout`] waits.
     pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
+        self.acquire_until(id, stream, None)
+    }
+
+    /// [`TierStore::acquire`], but when there is no room it waits up to `timeout` for
+    /// guards to be released (by other threads: this thread's own guards cannot be
+    /// released while it waits) or hints to free some.
+    ///
+    /// # Errors
+    /// As [`TierStore::acquire`]; [`Error::OutOfMemory`] once `timeout` has passed.
+    pub fn acquire_timeout(
+        &self,
+        id: ParamId,
+        stream: &Stream,
+        timeout: Duration,
+    ) -> Result<ParamGuard> {
+        self.acquire_until(id, stream, Some(Instant::now() + timeout))
+    }
+
+    fn acquire_until(
+        &self,
+        id: ParamId,
+        stream: &Stream,
+        deadline: Option<Instant>,
+    ) -> Result<ParamGuard> {
         let sh = &self.shared;
         let res = &sh.res;
         let mut st = sh.lock();
@@ -552,9 +584,9 @@ impl TierStore {
                 st.plan = None;
             }
             st.step += d as u64;
-            while st.ahead.front().is_some_and(|(m, _)| *m <= st.step) {
-                st.ahead.pop_front();
-            }
+            st.served = false;
+            let now = st.step;
+            st.ahead.retain(|(m, _)| *m > now);
         }
         st.ev.touch(id);
         // Under a sequence the plan loads the step's parameter (normally long before);
@@ -566,23 +598,25 @@ impl TierStore {
             if load(res, &mut st, id, Need::Demand)? {
                 break;
             }
-            // No room: everything resident is acquired or kept. Guards held by other
-            // threads will be released, so wait for them; if this thread holds them
-            // all, waiting would never end.
-            let me = std::thread::current().id();
-            let others = st
-                .params
-                .iter()
-                .any(|p| p.dev.is_some() && p.holders.iter().any(|h| *h != me));
-            if !others {
-                let free = res.device_budget.saturating_sub(st.used);
-                return Err(Error::oom(
-                    Tier::Device(res.device),
-                    st.params[id as usize].size,
-                    free,
-                ));
+            // No room: everything resident is acquired or kept.
+            let wait = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
+            match wait {
+                Some(left) if !left.is_zero() => {
+                    st = sh
+                        .released
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                _ => {
+                    let free = res.device_budget.saturating_sub(st.used);
+                    return Err(Error::oom(
+                        Tier::Device(res.device),
+                        st.params[id as usize].size,
+                        free,
+                    ));
+                }
             }
-            st = sh.released.wait(st).unwrap_or_else(|e| e.into_inner());
         }
         if hit {
             st.stats.hits += 1;
@@ -595,14 +629,13 @@ impl TierStore {
         dev.block.record_stream(stream)?;
         let block = Arc::clone(&dev.block);
         p.refs += 1;
-        p.holders.push(std::thread::current().id());
+        st.served = true;
         let guard = ParamGuard {
             shared: Arc::clone(sh),
             id,
             block: Some(block),
             stream: stream.clone(),
             dirty: false,
-            holder: std::thread::current().id(),
         };
         if let Err(e) = pump(res, &mut st, res.prefetch_depth) {
             tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
@@ -656,6 +689,8 @@ impl TierStore {
             return Ok(false);
         }
         evict(res, &mut st, id)?;
+        drop(st);
+        self.shared.released.notify_all();
         Ok(true)
     }
 
@@ -666,7 +701,14 @@ impl TierStore {
     pub fn keep_resident(&self, id: ParamId, keep: bool) -> Result<()> {
         let mut st = self.shared.lock();
         param(&st, id)?;
-        st.params[id as usize].keep = keep;
+        if std::mem::replace(&mut st.params[id as usize].keep, keep) != keep {
+            // The plan orders its evictions by this: it starts again.
+            st.plan = None;
+        }
+        drop(st);
+        if !keep {
+            self.shared.released.notify_all();
+        }
         Ok(())
     }
 
@@ -678,7 +720,9 @@ impl TierStore {
     pub fn priority(&self, id: ParamId, priority: i32) -> Result<()> {
         let mut st = self.shared.lock();
         param(&st, id)?;
-        st.params[id as usize].priority = priority;
+        if std::mem::replace(&mut st.params[id as usize].priority, priority) != priority {
+            st.plan = None;
+        }
         Ok(())
     }
 
@@ -838,9 +882,6 @@ impl Drop for ParamGuard {
         let mut st = self.shared.lock();
         let p = &mut st.params[self.id as usize];
         p.refs = p.refs.saturating_sub(1);
-        if let Some(i) = p.holders.iter().position(|h| *h == self.holder) {
-            p.holders.swap_remove(i);
-        }
         p.dirty |= self.dirty;
         if let Some(e) = done {
             if p.uses.len() >= 4 {
@@ -905,6 +946,7 @@ fn set_policy(st: &mut State, ev: Eviction) {
     st.ev = ev;
     st.plan = None;
     st.ahead.clear();
+    st.served = false;
 }
 
 /// Why a load is made: it decides what may be evicted for it.
@@ -1050,19 +1092,32 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
         Some(p) => p,
         None => {
             // Everything on the device starts in the logical cache; the spare is the
-            // largest parameter, so that any one can load while another computes.
-            let spare = st.params.iter().map(|p| device_bytes(p.size)).max();
+            // largest parameter the plan may load (in the sequence, not kept), so that
+            // any one can load while another computes.
+            let spare = seq
+                .order()
+                .iter()
+                .filter_map(|id| st.params.get(*id as usize))
+                .filter(|p| !p.keep)
+                .map(|p| device_bytes(p.size))
+                .max();
             let resident = st
                 .params
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| p.dev.is_some())
-                .map(|(i, p)| (i as ParamId, device_bytes(p.size)))
-                .collect();
+                .map(|(i, p)| (i as ParamId, traits(p)));
             let cap = res
                 .device_budget
                 .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots));
-            Plan::new(resident, cap, st.step.saturating_sub(1))
+            // From the runtime's step, or the one before if its parameter is still to
+            // be handed out.
+            let pos = if st.served {
+                st.step
+            } else {
+                st.step.saturating_sub(1)
+            };
+            Plan::new(&seq, resident, cap, pos)
         }
     };
     st.plan = Some(plan);
@@ -1077,18 +1132,18 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
         }
         let m = plan.pos + 1;
         let params = &st.params;
-        let step = plan.next(
-            &seq,
-            |i| device_bytes(params[i as usize].size),
-            |i| !params[i as usize].keep,
-            |i| params[i as usize].priority,
-        );
+        if seq.order()[(m % seq.len() as u64) as usize] as usize >= params.len() {
+            // A given sequence may name parameters not registered (yet): skip them.
+            st.plan.as_mut().expect("checked").skip();
+            continue;
+        }
+        let step = plan.next(&seq, |i| device_bytes(params[i as usize].size));
         match step {
-            Step::Hit => st.plan.as_mut().expect("checked").hit(),
+            Step::Hit => st.plan.as_mut().expect("checked").hit(&seq),
             Step::Revive => {
                 let id = seq.order()[(m % seq.len() as u64) as usize];
-                let b = device_bytes(st.params[id as usize].size);
-                st.plan.as_mut().expect("checked").revive(id, b);
+                let t = traits(&st.params[id as usize]);
+                st.plan.as_mut().expect("checked").revive(&seq, id, t);
             }
             Step::Load { id, victims } => {
                 if !plan_load(res, st, &seq, m, id, &victims)? {
@@ -1101,6 +1156,15 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
                 }
             }
         }
+    }
+}
+
+/// What the plan needs to know of a parameter.
+fn traits(p: &Param) -> Traits {
+    Traits {
+        bytes: device_bytes(p.size),
+        kept: p.keep,
+        priority: p.priority,
     }
 }
 
@@ -1157,20 +1221,24 @@ fn plan_load(
         .iter()
         .map(|v| (*v, device_bytes(st.params[*v as usize].size)))
         .collect();
-    st.plan.as_mut().expect("pumping").load(id, dsize, &sized);
-    let mut spare = None;
-    for z in chosen {
-        let (block, uses) = evict(res, st, z)?;
-        if spare.is_none() {
-            spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+    let t = traits(&st.params[id as usize]);
+    st.plan.as_mut().expect("pumping").load(seq, id, t, &sized);
+    let done = (|| {
+        let mut spare = None;
+        for z in chosen {
+            let (block, uses) = evict(res, st, z)?;
+            if spare.is_none() {
+                spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+            }
         }
-    }
-    let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
-    if let Err(e) = place(res, st, id, Need::Prefetch(ahead), spare) {
+        let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
+        place(res, st, id, Need::Prefetch(ahead), spare)
+    })();
+    if done.is_err() {
+        // The plan counted `id` as loaded: start it again from what is resident.
         st.plan = None;
-        return Err(e);
     }
-    Ok(true)
+    done.map(|()| true)
 }
 
 /// Queues the load of `id` into `spare` (a victim's block of the same size, with the
