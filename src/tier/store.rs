@@ -53,7 +53,7 @@
 //! Candidates are device-resident parameters with no guard and not kept resident
 //! ([`TierStore::keep_resident`]); the lowest [`TierStore::priority`] class goes first.
 //!
-//! With an execution sequence, the [plan](super::plan) decides: Belady's MIN over the
+//! With an execution sequence, the plan (`src/tier/plan.rs`) decides: Belady's MIN over the
 //! budget less one parameter (the spare, where the next layer loads while the current
 //! one computes), run ahead of the runtime while its acquires follow the sequence, each
 //! load queued as soon as memory the runtime is done with allows. A loop of layers then
