@@ -746,10 +746,10 @@ pub unsafe extern "C" fn hetmem_prefetch(
         let host = b
             .host_ptr()
             .ok_or_else(|| FfiError::invalid("managed memory without a host address"))?;
-        // SAFETY: `off + n <= len` (checked by `range`), so the range lies in this live
-        // managed buffer of this manager's backend; the stream is live and of the same
-        // backend (checked). A migration does not change the bytes, so the buffer may
-        // be freed after it is queued (the driver orders the free after it).
+        // A migration does not change the bytes, so the buffer may be freed after it
+        // is queued (the driver orders the free after it).
+        // SAFETY: `off + n <= len` (checked by `range`): the range lies in this live
+        // managed buffer of this backend; the stream is live and of the same backend.
         unsafe {
             m.mgr
                 .backend()

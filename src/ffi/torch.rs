@@ -67,11 +67,11 @@ impl Torch {
         if let Some(s) = self.streams.get(&(device, raw)) {
             return Ok(s.clone());
         }
+        // PyTorch's streams come from pools that live as long as the process; the header
+        // states the contract for other callers (live until `hetmem_torch_empty_cache`
+        // lets go of it, when nothing allocated on it is cached, or the process ends).
         // SAFETY: PyTorch passes a live stream of `device` from the driver the manager
-        // uses (its current stream, 0 for the default one); PyTorch's streams come from
-        // pools that live as long as the process. The header states the contract for
-        // other callers: the stream stays live until `hetmem_torch_empty_cache` lets go
-        // of it (when nothing allocated on it is cached) or the process ends.
+        // uses (its current stream, 0 for the default one), kept live as above.
         let s = unsafe { Stream::wrap(&self.mgr, device, raw)? };
         self.streams.insert((device, raw), s.clone());
         Ok(s)
