@@ -358,10 +358,16 @@ int hetmem_store_residency(hetmem_store_t* store, uint32_t id, int* state, uint3
  * the stream waits for the load, the host does not. With stream NULL the load runs on
  * the store's copy stream and the call waits for it, so the address is valid at once
  * (order your own work before the release). *out receives the guard.
- * Errors: UNKNOWN_PARAM, OUT_OF_MEMORY (everything resident is in use),
+ * Errors: UNKNOWN_PARAM, OUT_OF_MEMORY (everything resident is in use; at once),
  * FOREIGN_HANDLE (a stream of another manager), DRIVER. */
 int hetmem_store_acquire(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                          hetmem_guard_t** out, void** device_ptr);
+
+/* hetmem_store_acquire, but when the budget is full it waits up to `timeout_ms`
+ * milliseconds for other threads to release guards (or hints to free room) before
+ * failing with OUT_OF_MEMORY (hetmem_store_acquire fails at once). */
+int hetmem_store_acquire_timeout(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
+                                 uint64_t timeout_ms, hetmem_guard_t** out, void** device_ptr);
 
 /* Says the parameter's device copy was (or will be, by work queued on the guard's
  * stream) written: it is copied back to the host before it is ever dropped. */

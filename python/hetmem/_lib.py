@@ -25,6 +25,7 @@ from ctypes import (
     c_size_t,
     c_ssize_t,
     c_uint32,
+    c_uint64,
     c_void_p,
 )
 
@@ -183,6 +184,10 @@ PROTOTYPES = {
     "hetmem_store_acquire": (
         c_int,
         [StoreP, c_uint32, StreamP, POINTER(GuardP), POINTER(c_void_p)],
+    ),
+    "hetmem_store_acquire_timeout": (
+        c_int,
+        [StoreP, c_uint32, StreamP, c_uint64, POINTER(GuardP), POINTER(c_void_p)],
     ),
     "hetmem_guard_mark_dirty": (c_int, [GuardP]),
     "hetmem_guard_release": (c_int, [GuardP]),

@@ -613,16 +613,23 @@ class TierStore(_Owned):
         _check(self._lib.hetmem_store_residency(self.handle, pid, byref(state), byref(refs)))
         return RESIDENCY.get(state.value, state.value), refs.value
 
-    def acquire(self, pid, stream=None):
+    def acquire(self, pid, stream=None, timeout=None):
         """A Guard whose ``.ptr`` is the parameter's device address, valid for work
-        queued on ``stream`` until release (with no stream, valid at once)."""
+        queued on ``stream`` until release (with no stream, valid at once). When the
+        budget is full of guards, fails at once (OUT_OF_MEMORY) or, with ``timeout``
+        (seconds), waits that long for other threads to release some."""
         g = GuardP()
         ptr = c_void_p()
-        _check(
-            self._lib.hetmem_store_acquire(
+        if timeout is None:
+            status = self._lib.hetmem_store_acquire(
                 self.handle, pid, _stream_handle(stream), byref(g), byref(ptr)
             )
-        )
+        else:
+            status = self._lib.hetmem_store_acquire_timeout(
+                self.handle, pid, _stream_handle(stream), max(0, int(timeout * 1000)),
+                byref(g), byref(ptr)
+            )
+        _check(status)
         return Guard(self, pid, g, ptr.value or 0)
 
     def read(self, pid):

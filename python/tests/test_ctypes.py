@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -404,6 +405,10 @@ class TestTierStore(ErrorAssertions):
         store, _ = self.make()
         g0, g1 = store.acquire(0), store.acquire(1)
         self.assertHetmemError("HETMEM_ERR_OUT_OF_MEMORY", store.acquire, 2)
+        # With a timeout it waits, then fails the same way (no other thread releases).
+        t0 = time.monotonic()
+        self.assertHetmemError("HETMEM_ERR_OUT_OF_MEMORY", store.acquire, 2, None, 0.05)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.04)
         self.assertFalse(store.dont_need(0), "a parameter in use is not dropped")
         g0.release()
         g1.release()

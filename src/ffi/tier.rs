@@ -523,7 +523,8 @@ pub unsafe extern "C" fn hetmem_store_residency(
 /// [`hetmem_guard_release`]; `stream` waits for the load, the host does not. With
 /// `stream` NULL the load runs on the store's copy stream and the call waits for it,
 /// so the address is valid at once; the caller then orders its own work before the
-/// release. `*out` is the guard (NULL on failure).
+/// release. `*out` is the guard (NULL on failure). Fails at once with
+/// `HETMEM_ERR_OUT_OF_MEMORY` when the budget is full of acquired or kept parameters.
 ///
 /// # Safety
 /// `out` is NULL or valid for a write; `device_ptr` is NULL or valid for a write.
@@ -535,7 +536,64 @@ pub unsafe extern "C" fn hetmem_store_acquire(
     out: *mut *mut HetmemGuard,
     device_ptr: *mut *mut c_void,
 ) -> c_int {
-    guard("hetmem_store_acquire", || {
+    // SAFETY: the caller's contract is this function's.
+    unsafe {
+        acquire(
+            "hetmem_store_acquire",
+            store,
+            id,
+            stream,
+            None,
+            out,
+            device_ptr,
+        )
+    }
+}
+
+/// [`hetmem_store_acquire`], but when the budget is full it waits up to `timeout_ms`
+/// milliseconds for other threads to release guards (or hints to free room) before
+/// failing with `HETMEM_ERR_OUT_OF_MEMORY`.
+///
+/// # Safety
+/// As [`hetmem_store_acquire`].
+#[no_mangle]
+pub unsafe extern "C" fn hetmem_store_acquire_timeout(
+    store: *mut HetmemStore,
+    id: u32,
+    stream: *mut HetmemStream,
+    timeout_ms: u64,
+    out: *mut *mut HetmemGuard,
+    device_ptr: *mut *mut c_void,
+) -> c_int {
+    let timeout = Some(std::time::Duration::from_millis(timeout_ms));
+    // SAFETY: the caller's contract is this function's.
+    unsafe {
+        acquire(
+            "hetmem_store_acquire_timeout",
+            store,
+            id,
+            stream,
+            timeout,
+            out,
+            device_ptr,
+        )
+    }
+}
+
+/// The body of both acquires.
+///
+/// # Safety
+/// As [`hetmem_store_acquire`].
+unsafe fn acquire(
+    name: &'static str,
+    store: *mut HetmemStore,
+    id: u32,
+    stream: *mut HetmemStream,
+    timeout: Option<std::time::Duration>,
+    out: *mut *mut HetmemGuard,
+    device_ptr: *mut *mut c_void,
+) -> c_int {
+    guard(name, || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -553,7 +611,10 @@ pub unsafe extern "C" fn hetmem_store_acquire(
                 false,
             )
         };
-        let g = s.store.acquire(id, &stream)?;
+        let g = match timeout {
+            Some(t) => s.store.acquire_timeout(id, &stream, t)?,
+            None => s.store.acquire(id, &stream)?,
+        };
         if wait {
             stream.synchronize()?;
         }

@@ -477,6 +477,8 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     EXPECT(hetmem_store_acquire(store, 0, s, &g0, NULL), HETMEM_OK);
     EXPECT(hetmem_store_acquire(store, 1, s, &g1, NULL), HETMEM_OK);
     EXPECT(hetmem_store_acquire(store, 2, s, &g2, NULL), HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT(hetmem_store_acquire_timeout(store, 2, s, 20, &g2, NULL), HETMEM_ERR_OUT_OF_MEMORY);
+    EXPECT(hetmem_store_acquire_timeout(store, 2, s, 20, NULL, NULL), HETMEM_ERR_NULL_POINTER);
     CHECK(g2 == NULL, "a failed acquire sets *out to NULL");
     EXPECT(hetmem_store_dont_need(store, 0, &state), HETMEM_OK);
     CHECK(state == 0, "dont_need does not drop a parameter in use");
