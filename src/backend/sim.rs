@@ -251,11 +251,18 @@ struct Timeline {
 impl Timeline {
     /// Books `dur` ns at the earliest time ≥ `ready`; spans ending before `floor` (the
     /// host's time: nothing can be queued before it any more) are forgotten first.
+    ///
+    /// Spans are sorted by start and do not overlap, so their ends are sorted too: the
+    /// spans that end by `ready` cannot delay the work and the search starts after them,
+    /// and spans that touch are merged, so a busy engine's history stays short even
+    /// when the host never waits (and `floor` never moves).
     fn place(&mut self, ready: u64, dur: u64, floor: u64) -> (u64, u64) {
-        self.busy.retain(|&(_, e)| e > floor);
+        let old = self.busy.partition_point(|&(_, e)| e <= floor);
+        self.busy.drain(..old);
         let mut start = ready;
+        let first = self.busy.partition_point(|&(_, e)| e <= ready);
         let mut at = self.busy.len();
-        for (i, &(s, e)) in self.busy.iter().enumerate() {
+        for (i, &(s, e)) in self.busy.iter().enumerate().skip(first) {
             if start.saturating_add(dur) <= s {
                 at = i;
                 break;
@@ -264,7 +271,17 @@ impl Timeline {
         }
         let end = start.saturating_add(dur);
         if dur > 0 {
-            self.busy.insert(at, (start, end));
+            let joins_prev = at > 0 && self.busy[at - 1].1 == start;
+            let joins_next = at < self.busy.len() && self.busy[at].0 == end;
+            match (joins_prev, joins_next) {
+                (true, true) => {
+                    self.busy[at - 1].1 = self.busy[at].1;
+                    self.busy.remove(at);
+                }
+                (true, false) => self.busy[at - 1].1 = end,
+                (false, true) => self.busy[at].0 = start,
+                (false, false) => self.busy.insert(at, (start, end)),
+            }
         }
         (start, end)
     }
@@ -1268,6 +1285,32 @@ mod tests {
         let pageable = lat + ((1u64 << 20) as f64 / 8.0).ceil() as u64;
         assert_eq!(sim.host_time_ns(), 2 * one + pageable);
         assert_eq!(sim.stats().h2d_bytes, 3 << 20);
+    }
+
+    /// Back-to-back work leaves one span, however long the host runs ahead; gaps are
+    /// still found and filled, and filling one joins its neighbours.
+    #[test]
+    fn timelines_stay_short_and_keep_their_gaps() {
+        let mut t = Timeline::default();
+        for i in 0..10_000 {
+            assert_eq!(t.place(0, 10, 0), (i * 10, i * 10 + 10));
+        }
+        assert_eq!(t.busy, vec![(0, 100_000)]);
+        assert_eq!(t.place(200_000, 10, 0), (200_000, 200_010));
+        assert_eq!(t.place(100_000, 50, 0), (100_000, 100_050), "fills the gap");
+        assert_eq!(t.busy.len(), 2, "joined to the span before it");
+        assert_eq!(
+            t.place(0, 99_950, 0),
+            (100_050, 200_000),
+            "exactly fills the rest"
+        );
+        assert_eq!(t.busy, vec![(0, 200_010)]);
+        assert_eq!(t.place(300_000, 10, 300_000), (300_000, 300_010));
+        assert_eq!(
+            t.busy,
+            vec![(300_000, 300_010)],
+            "the floor forgets the past"
+        );
     }
 
     #[test]
