@@ -130,12 +130,16 @@ typedef struct hetmem_store_config {
     int device;               /* device the parameters are loaded onto */
     size_t device_budget;     /* most device bytes resident parameters may use (> 0) */
     size_t host_budget;       /* most pinned host bytes: parameter copies + staging ring */
-    size_t prefetch_depth;    /* upcoming parameters an acquire prefetches (sequence known) */
+    size_t prefetch_depth;    /* steps of the sequence loads may run ahead (SIZE_MAX: as far
+                                 as memory allows, at most a pass) */
     int sequence;             /* HETMEM_SEQUENCE_NONE or HETMEM_SEQUENCE_LEARN */
     int checksums;            /* non-zero: verify every load (slow; tests and debugging) */
     size_t staging_slots;     /* slots of the staging ring (>= 2) */
     size_t staging_slot_size; /* bytes per staging slot */
     size_t staging_threads;   /* host threads that fill a slot */
+    size_t spare_slots;       /* largest parameters' worth of the budget kept for loading
+                                 ahead (>= 1): 1 moves the fewest bytes, 2 overlaps better
+                                 when kernels take about as long as copies */
 } hetmem_store_config_t;
 
 /* ---- errors and version ------------------------------------------------------------ */

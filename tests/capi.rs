@@ -83,7 +83,11 @@ fn run_program(envs: &[(&str, &str)]) -> String {
     let exe = test_program();
     let scratch = scratch_dir();
     let mut cmd = Command::new(exe);
-    cmd.arg(&scratch).env_remove("HETMEM_BACKEND");
+    // Cargo's LD_LIBRARY_PATH for tests lists target/<profile> too, where a `cargo
+    // build` may have left an older libhetmem.so that would win over the rpath.
+    cmd.arg(&scratch)
+        .env_remove("HETMEM_BACKEND")
+        .env("LD_LIBRARY_PATH", library_dir());
     for (k, v) in envs {
         cmd.env(k, v);
     }

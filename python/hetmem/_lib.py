@@ -112,6 +112,7 @@ class hetmem_store_config_t(ctypes.Structure):
         ("staging_slots", c_size_t),
         ("staging_slot_size", c_size_t),
         ("staging_threads", c_size_t),
+        ("spare_slots", c_size_t),
     ]
 
 

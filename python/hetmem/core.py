@@ -512,6 +512,7 @@ class TierStore(_Owned):
         staging_slots=None,
         staging_slot_size=None,
         staging_threads=None,
+        spare_slots=None,
     ):
         self.manager = mgr
         lib = self._lib = mgr._lib
@@ -525,6 +526,7 @@ class TierStore(_Owned):
             ("staging_slots", staging_slots),
             ("staging_slot_size", staging_slot_size),
             ("staging_threads", staging_threads),
+            ("spare_slots", spare_slots),
         ):
             if value is not None:
                 setattr(cfg, field, _size(value, field))

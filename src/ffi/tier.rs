@@ -41,7 +41,8 @@ pub struct HetmemStoreConfig {
     pub device_budget: usize,
     /// Most pinned host bytes (parameter copies plus the staging ring).
     pub host_budget: usize,
-    /// How many upcoming parameters of the sequence an acquire prefetches.
+    /// How many steps of the sequence loads may run ahead of the runtime
+    /// (`SIZE_MAX`: as far as memory allows, at most one pass).
     pub prefetch_depth: usize,
     /// `HETMEM_SEQUENCE_NONE` or `HETMEM_SEQUENCE_LEARN` (give one with
     /// [`hetmem_store_set_sequence`]).
@@ -54,6 +55,9 @@ pub struct HetmemStoreConfig {
     pub staging_slot_size: usize,
     /// Host threads that fill a staging slot.
     pub staging_threads: usize,
+    /// The largest parameters' worth of the budget kept out of the plan's cache for
+    /// loading ahead (`TierConfig::spare_slots`).
+    pub spare_slots: usize,
 }
 
 /// Opaque C type of `hetmem_store_t*` handles (tokens, never dereferenced).
@@ -149,6 +153,7 @@ pub unsafe extern "C" fn hetmem_store_config_init(
             staging_slots: d.staging_slots,
             staging_slot_size: d.staging_slot_size,
             staging_threads: d.staging_threads,
+            spare_slots: d.spare_slots,
         };
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(cfg, c) };
@@ -204,7 +209,7 @@ pub unsafe extern "C" fn hetmem_store_create(
             staging_slots: c.staging_slots,
             staging_slot_size: c.staging_slot_size,
             staging_threads: c.staging_threads,
-            ..TierConfig::new(c.device_budget, c.host_budget)
+            spare_slots: c.spare_slots,
         };
         let store = TierStore::new(&m.mgr, cfg)?;
         let h = register::<FfiStore, HetmemStore>(FfiStore {

@@ -356,12 +356,20 @@ impl TierStore {
     /// copy stream and staging ring.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a zero device budget, a host budget smaller than
-    /// the staging ring, or a bad ring shape; the pools' and streams' errors.
+    /// [`Error::InvalidArgument`] for a zero device budget, zero spare slots, a host
+    /// budget smaller than the staging ring, or a bad ring shape; the pools' and
+    /// streams' errors.
     pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
         if cfg.device_budget == 0 {
             return Err(Error::InvalidArgument(
                 "a tier store needs a device budget above zero".into(),
+            ));
+        }
+        if cfg.spare_slots == 0 {
+            return Err(Error::InvalidArgument(
+                "a tier store needs at least one spare slot (one layer loads while another \
+                 computes)"
+                    .into(),
             ));
         }
         let ring_bytes = cfg
@@ -417,7 +425,7 @@ impl TierStore {
                     pinned_cap: cfg.host_budget - ring_bytes,
                     ring_bytes,
                     prefetch_depth: cfg.prefetch_depth,
-                    spare_slots: cfg.spare_slots.max(1),
+                    spare_slots: cfg.spare_slots,
                     learn: cfg.sequence == SequenceHint::Learn,
                     checksums: cfg.checksums,
                     pool,

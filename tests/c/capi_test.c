@@ -410,9 +410,10 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
      * keep pools without virtual memory management, ROCm's, within the budget: they
      * get segments of the request's size rather than 20 MiB ones.) */
     EXPECT(hetmem_store_config_init(&cfg, 30 * MIB, 64 * MIB), HETMEM_OK);
-    CHECK(cfg.device == 0 && cfg.device_budget == 30 * MIB && cfg.staging_slots >= 2,
-          "config defaults (device %d, %zu slots of %zu bytes)", cfg.device, cfg.staging_slots,
-          cfg.staging_slot_size);
+    CHECK(cfg.device == 0 && cfg.device_budget == 30 * MIB && cfg.staging_slots >= 2 &&
+              cfg.spare_slots == 1,
+          "config defaults (device %d, %zu slots of %zu bytes, %zu spare)", cfg.device,
+          cfg.staging_slots, cfg.staging_slot_size, cfg.spare_slots);
     cfg.checksums = 1;
     hetmem_store_t* store = NULL;
     EXPECT(hetmem_store_create(mgr, &cfg, &store), HETMEM_OK);
@@ -545,6 +546,9 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     CHECK(bad_store == NULL, "a failed store_create sets *out to NULL");
     bad_cfg = cfg;
     bad_cfg.sequence = 7;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
+    bad_cfg = cfg;
+    bad_cfg.spare_slots = 0;
     EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
     bad_cfg = cfg;
     bad_cfg.device = 99;
