@@ -17,7 +17,6 @@
 //! assert!(min < 7.0 && min >= 6.0, "{min}");
 //! ```
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
@@ -94,7 +93,7 @@ pub struct Eviction {
     pos: usize,
     /// Use counter and each id's last use (LRU, and the tie-break for the sequence).
     tick: u64,
-    last_use: HashMap<ParamId, u64>,
+    last_use: FxHashMap<ParamId, u64>,
 }
 
 impl Eviction {
@@ -110,7 +109,7 @@ impl Eviction {
             policy,
             pos,
             tick: 0,
-            last_use: HashMap::new(),
+            last_use: FxHashMap::default(),
         }
     }
 

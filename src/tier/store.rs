@@ -292,6 +292,8 @@ struct State {
     /// The last acquire was the step the sequence expected: only then does the plan
     /// load ahead (a runtime off the sequence would waste the copies).
     on_track: bool,
+    /// The parameters on the device (the candidates for eviction), in no order.
+    resident: Vec<ParamId>,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -443,6 +445,7 @@ impl TierStore {
                     ahead: VecDeque::new(),
                     served: false,
                     on_track: false,
+                    resident: Vec::new(),
                     used: 0,
                     pinned: 0,
                     ring,
@@ -970,11 +973,13 @@ enum Need {
 
 fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<ParamId> {
     let mut cands: Vec<ParamId> = st
-        .params
+        .resident
         .iter()
-        .enumerate()
-        .filter(|(i, p)| p.dev.is_some() && p.refs == 0 && !p.keep && *i != exclude as usize)
-        .map(|(i, _)| i as ParamId)
+        .copied()
+        .filter(|&i| {
+            let p = &st.params[i as usize];
+            p.refs == 0 && !p.keep && i != exclude
+        })
         .filter(|id| match need {
             Need::Prefetch(k) => st.ev.next_use(*id).is_none_or(|d| d > k),
             Need::Demand | Need::Hint => true,
@@ -1002,6 +1007,10 @@ fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlo
     }
     let p = &mut st.params[idx];
     let dev = p.dev.take().expect("evicting a resident parameter");
+    if let Some(i) = st.resident.iter().position(|r| *r == id) {
+        st.resident.swap_remove(i);
+    }
+    let p = &mut st.params[idx];
     let uses = std::mem::take(&mut p.uses);
     let size = p.size;
     st.used -= device_bytes(size);
@@ -1334,6 +1343,7 @@ fn place(
             st.stats.checksum_mismatches += 1;
         }
     }
+    st.resident.push(id);
     let p = &mut st.params[idx];
     p.dev = Some(DevCopy {
         block: Arc::new(block),
