@@ -144,17 +144,6 @@ impl Eviction {
         }
     }
 
-    /// The ids used in the next `n` steps after the step last executed, nearest first
-    /// (empty under LRU).
-    pub fn upcoming(&self, n: usize) -> Vec<ParamId> {
-        match &self.policy {
-            Policy::Sequence(seq) if !seq.is_empty() => (1..=n)
-                .map(|k| seq.order()[(self.pos + k) % seq.len()])
-                .collect(),
-            _ => Vec::new(),
-        }
-    }
-
     /// Forgets `id` (it left the tier).
     pub fn forget(&mut self, id: ParamId) {
         self.last_use.remove(&id);

@@ -1024,6 +1024,22 @@ fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlo
     Ok((Arc::try_unwrap(dev.block).ok(), uses))
 }
 
+/// Evicts `id` and, if `spare` is still empty and its block is free and `size` bytes
+/// long, keeps the block there (with the events of its last uses) for the next load.
+fn evict_into_spare(
+    res: &Resources,
+    st: &mut State,
+    id: ParamId,
+    size: usize,
+    spare: &mut Option<(PoolBlock, Vec<Event>)>,
+) -> Result<()> {
+    let (block, uses) = evict(res, st, id)?;
+    if spare.is_none() {
+        *spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+    }
+    Ok(())
+}
+
 fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     let idx = id as usize;
     let size = st.params[idx].size;
@@ -1084,10 +1100,7 @@ fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool
         let Some(v) = pick_victim(st, id, need) else {
             return Ok(false);
         };
-        let (block, uses) = evict(res, st, v)?;
-        if spare.is_none() {
-            spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
-        }
+        evict_into_spare(res, st, v, size, &mut spare)?;
     }
     // Residency changed behind the plan's back: it starts again from what is resident.
     st.plan = None;
@@ -1243,10 +1256,7 @@ fn plan_load(
     let done = (|| {
         let mut spare = None;
         for z in chosen {
-            let (block, uses) = evict(res, st, z)?;
-            if spare.is_none() {
-                spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
-            }
+            evict_into_spare(res, st, z, size, &mut spare)?;
         }
         let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
         place(res, st, id, Need::Prefetch(ahead), spare)
