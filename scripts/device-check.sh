@@ -43,9 +43,18 @@ run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
   local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(pool host stream torch)
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-  declare -A R; local order=()
-  step() { local name=$1; shift; echo "== $name"; order+=("$name"); "$@" >"$OUT/$name.log" 2>&1; R[$name]=$?; tail -n 3 "$OUT/$name.log"; }
+  # No nvidia-smi: a rehearsal against the fake driver (LD_LIBRARY_PATH=target/fake-cuda).
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 ||
+    echo "no nvidia-smi (rehearsal?)" >"$OUT/gpu.txt"
+  cat "$OUT/gpu.txt"
+  declare -A R T; local order=()
+  # Every step has a time limit (STEP_S, default 150 s) so that one hang cannot spend
+  # the session's device time; rc 124 in the summary means it was cut off.
+  step() {
+    local name=$1; shift; echo "== $name"; order+=("$name"); local t0=$SECONDS
+    timeout -k 5 "${STEP_S:-150}" "$@" >"$OUT/$name.log" 2>&1; R[$name]=$?
+    T[$name]=$((SECONDS - t0)); tail -n 3 "$OUT/$name.log"
+  }
   for g in "${groups[@]}"; do case $g in
     pool)
       step info        "$BIN/info" --json
@@ -66,11 +75,11 @@ run() {
       step stream-layers-lru "$BIN/stream_layers" --layers 32 --layer-mib 256 --budget-mib 4096 --passes 3 --policy lru --json
       step stream-layers-checksums "$BIN/stream_layers" --layers 16 --layer-mib 16 --budget-mib 96 --passes 4 --checksums --policy learn --json ;;
     torch)
-      HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
+      STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
     *) echo "unknown group $g" >&2 ;;
   esac; done
   echo; echo "== summary ($(cat "$OUT/gpu.txt"))"
-  for k in "${order[@]}"; do printf '%-24s rc=%s\n' "$k" "${R[$k]}"; done
+  for k in "${order[@]}"; do printf '%-24s rc=%-4s %4ss\n' "$k" "${R[$k]}" "${T[$k]}"; done
   for k in replay-cuda replay-sim replay-training-cuda; do
     [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["backend"], "ratio", d["reserved_over_allocated"], "alloc med/p99", d["alloc_ns_median"], d["alloc_ns_p99"], "free med", d["free_ns_median"])' "$k" 2>/dev/null
   done
