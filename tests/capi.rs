@@ -1,12 +1,15 @@
 //! Builds `tests/c/capi_test.c` against `include/hetmem.h` and the `libhetmem.so` that
 //! cargo built for this test run, runs it on the simulator (and on the fake HIP
-//! runtime, through the ROCm backend), and fails if any of its checks fails.
+//! runtime through the ROCm backend, and on the fake CUDA driver through the CUDA
+//! backend), and fails if any of its checks fails.
 //!
 //! Needs a C compiler (`cc`, or `$CC`); CI installs gcc. A missing compiler fails the
 //! test rather than skipping it.
 
 #[path = "common/cdylib.rs"]
 mod cdylib;
+#[path = "common/fake_cuda.rs"]
+mod fake_cuda;
 #[path = "common/fake_hip.rs"]
 mod fake_hip;
 
@@ -118,6 +121,23 @@ fn c_program_passes_on_the_rocm_backend_over_the_fake_hip_runtime() {
         ("HETMEM_BACKEND", "rocm"),
         ("HETMEM_HIP_LIBRARY", lib.to_str().expect("a UTF-8 path")),
     ]);
+}
+
+/// The C program cannot preload the fake: it is the first `libcuda.so` on the loader
+/// path instead, which is where cudarc's `dlopen("libcuda.so")` looks first.
+#[test]
+fn c_program_passes_on_the_cuda_backend_over_the_fake_cuda_driver() {
+    let lib = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");
+    let dirs = format!(
+        "{}:{}",
+        library_dir().display(),
+        lib.parent().expect("target/fake-cuda").display()
+    );
+    let stdout = run_program(&[("HETMEM_BACKEND", "cuda"), ("LD_LIBRARY_PATH", &dirs)]);
+    assert!(
+        stdout.contains(r#""backend":"cuda""#) && stdout.contains("Fake NVIDIA H100 0"),
+        "the program did not run on the fake driver:\n{stdout}"
+    );
 }
 
 #[test]

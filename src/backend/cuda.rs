@@ -91,6 +91,7 @@ use cudarc::driver::sys::{
     CUmemLocationType, CUmem_advise, CUresult, CUstream, CUstream_flags,
 };
 
+use super::host::available_memory;
 use super::{
     check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, raw_stream,
     register_chunks, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
@@ -168,13 +169,18 @@ const VMM_UNSUPPORTED: Error = Error::Unsupported {
 };
 
 /// The driver's description of a status, from `cuGetErrorString`.
+///
+/// `code` may be a value the 12.8 bindings' enum lacks (a newer driver's status, such
+/// as CUDA 13.1's `CUDA_ERROR_STREAM_DETACHED`): it is only compared and converted to
+/// its number here, never matched or `Debug`-formatted (`{:?}` of a value outside the
+/// enum jumps through a table past its end and crashed).
 fn error_message(code: CUresult) -> String {
     let mut text: *const c_char = ptr::null();
     // SAFETY: only reached after `new` found libcuda and this symbol; `text` is a valid
     // out-pointer, and the driver stores a pointer to a static string or nothing.
     let status = unsafe { sys::cuGetErrorString(code, &mut text) };
     if status != CUresult::CUDA_SUCCESS || text.is_null() {
-        return format!("unrecognised CUDA status {code:?}");
+        return format!("unrecognised CUDA status {}", code as i32);
     }
     // SAFETY: on success `text` points at a NUL-terminated string with static lifetime
     // owned by the driver.
@@ -741,7 +747,7 @@ impl<'a> DriverPinned<'a> {
     /// `device`'s primary context. When it returns, the pages are resident, zeroed and
     /// pinned: nothing more is needed before a DMA copy.
     ///
-    /// Errors: [`Error::InvalidArgument`] for a device this backend does not have,
+    /// Errors: [`Error::UnknownDevice`] for a device this backend does not have,
     /// [`Error::InvalidSize`] for 0 bytes, [`Error::Unsupported`] when libcuda lacks
     /// `cuMemAllocHost_v2` or `cuMemFreeHost` (checked once in [`CudaBackend::new`]),
     /// [`Error::OutOfMemory`] (tier `Pinned`) when the driver cannot pin that much, and
@@ -924,6 +930,14 @@ impl Backend for CudaBackend {
                     sys::CU_MEMHOSTREGISTER_PORTABLE,
                 )
             };
+            if status == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                // The driver could not pin the pages (or one registration was too large
+                // for it): out of pinned memory, as the host backend reports an mlock
+                // refused for RLIMIT_MEMLOCK, so that callers (the host pool's
+                // give-back-and-retry) see the tier and the numbers.
+                failure = Some(Error::oom(Tier::Pinned, len, available_memory()));
+                break;
+            }
             if status != CUresult::CUDA_SUCCESS {
                 failure = Some(driver_error("cuMemHostRegister", status));
                 break;
@@ -1523,7 +1537,7 @@ mod tests {
         ));
         assert!(matches!(
             DriverPinned::new(&b, b.devices().len(), 4096),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownDevice { .. })
         ));
         let n = 1 << 20;
         let pinned = DriverPinned::new(&b, 0, n).unwrap();

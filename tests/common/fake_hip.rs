@@ -33,6 +33,16 @@ fn target_dir() -> PathBuf {
 /// Compiles C source files into a shared library at `out`, building under a temporary
 /// name and renaming, so that parallel test processes never see a half-written file.
 pub fn compile_shared_library(sources: &[&Path], out: &Path) -> Result<(), String> {
+    compile_shared_library_with(sources, out, &[])
+}
+
+/// As [`compile_shared_library`], with `extra` compiler arguments (e.g.
+/// `-Wl,-soname,libcuda.so`) after the sources.
+pub fn compile_shared_library_with(
+    sources: &[&Path],
+    out: &Path,
+    extra: &[&str],
+) -> Result<(), String> {
     let dir = out
         .parent()
         .ok_or_else(|| format!("{} has no parent directory", out.display()))?;
@@ -51,6 +61,7 @@ pub fn compile_shared_library(sources: &[&Path], out: &Path) -> Result<(), Strin
         .args(["-shared", "-fPIC", "-O1", "-pthread", "-o"])
         .arg(&tmp)
         .args(sources)
+        .args(extra)
         .output()
         .map_err(|e| format!("cannot run C compiler {cc:?}: {e}"))?;
     if !output.status.success() {

@@ -1,0 +1,1833 @@
+//! The CUDA backend end to end against the fake CUDA driver (tests/fake_cuda/fake_cuda.c),
+//! through the `Backend` trait: loading, device enumeration, memory, copies, streams,
+//! events, contexts on fresh threads, registration in chunks, managed memory, virtual
+//! memory management, `DriverPinned`, foreign streams and error mapping; then a
+//! `Manager` on the CUDA backend with the device pool and the tier store.
+//!
+//! cudarc binds the driver once per process, so every test here shares one fake machine
+//! (2 devices of 256 MiB, managed memory, VMM): each test holds `FakeCuda::serial()`
+//! and leaves the machine as it found it. Tests that need another machine (no devices,
+//! no VMM, ...) re-run this binary for themselves in a child process with the fake's
+//! environment variables ([`child`]).
+
+#[path = "common/fake_cuda.rs"]
+mod fake_cuda;
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
+
+use std::ffi::{c_int, c_void, CStr};
+use std::path::PathBuf;
+use std::process::Command;
+use std::ptr::NonNull;
+use std::sync::{MutexGuard, OnceLock};
+
+use fake_cuda::{code, fake_cuda_library, FakeCuda};
+use fake_hip::compile_c_snippet;
+use hetmem::backend::cuda::{CudaBackend, DriverPinned, REGISTER_ROLLBACK_CALL};
+use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, PhysHandle};
+use hetmem::pool::host::HostPoolConfig;
+use hetmem::pool::{Budget, PoolConfig};
+use hetmem::tier::{SequenceHint, TierConfig, TierStore};
+use hetmem::{Advice, Error, Location, Manager, NumaPolicy, Placement, Tier};
+
+const MIB: usize = 1 << 20;
+const GIB: usize = 1 << 30;
+const DEVICE_MEM: usize = 256 * MIB;
+const PAGE: usize = 2 * MIB;
+
+/// Set in a child process to the name of the one test it runs.
+const CHILD_ENV: &str = "HETMEM_FAKE_CUDA_CHILD";
+
+/// The shared fake, configured (in the parent process) before the first `cuInit`.
+fn fake() -> &'static FakeCuda {
+    static CONFIGURED: OnceLock<()> = OnceLock::new();
+    let f = FakeCuda::preload();
+    CONFIGURED.get_or_init(|| {
+        if std::env::var_os(CHILD_ENV).is_none() {
+            f.configure(2, DEVICE_MEM as u64, true, true)
+                .expect("configure the fake before cuInit");
+        }
+    });
+    f
+}
+
+/// The fake, this test's turn at it, and a backend on it.
+fn setup() -> (&'static FakeCuda, MutexGuard<'static, ()>, CudaBackend) {
+    let f = fake();
+    let guard = FakeCuda::serial();
+    let b = CudaBackend::new().expect("the fake driver loads");
+    (f, guard, b)
+}
+
+/// Runs the calling test alone in a child process with `env` (the fake's variables are
+/// read at the child's first driver call), and returns false; in that child it returns
+/// true, and the test's body runs there.
+fn child(test: &str, env: &[(&str, &str)]) -> bool {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        return true;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .env(fake_cuda::BUILT_ENV, fake_cuda_library().unwrap())
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child {test} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {test} ran no test:\n{text}"
+    );
+    false
+}
+
+fn host(buf: &mut [u8]) -> MemRef {
+    MemRef::Host {
+        ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
+        kind: HostKind::Pageable,
+    }
+}
+
+fn dev(device: usize, ptr: DevicePtr) -> MemRef {
+    MemRef::Device { device, ptr }
+}
+
+fn assert_driver(err: Error, want_call: &str, want_code: i32) {
+    match err {
+        Error::Driver {
+            backend,
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(backend, BackendKind::Cuda);
+            assert_eq!(call, want_call, "{message}");
+            assert_eq!(code, want_code, "{message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected a driver error from {want_call}, got {other:?}"),
+    }
+}
+
+fn unavailable_reason(r: Result<CudaBackend, Error>) -> String {
+    match r {
+        Err(Error::BackendUnavailable { backend, reason }) => {
+            assert_eq!(backend, BackendKind::Cuda);
+            reason
+        }
+        other => panic!("expected BackendUnavailable, got {other:?}"),
+    }
+}
+
+/// Reads `len` bytes of device memory through a synchronous copy.
+fn peek(d: &dyn Backend, device: usize, ptr: DevicePtr, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    // SAFETY: `ptr` is live device memory of at least `len` bytes on `device`; `out` is
+    // a fresh buffer; the copy is synchronous.
+    unsafe { d.copy(host(&mut out), dev(device, ptr), len, None).unwrap() };
+    out
+}
+
+/// A driver entry point of the preloaded fake, called directly (what hetmem never
+/// does): for checks of the fake itself and for streams "made by the caller".
+fn raw<T: Copy>(name: &CStr) -> T {
+    assert_eq!(std::mem::size_of::<T>(), std::mem::size_of::<*mut c_void>());
+    let path = fake_cuda_library().unwrap();
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: the fake is loaded (preload), so this only takes another reference to it,
+    // which is never dropped; the names are valid C strings.
+    let p = unsafe {
+        let h = libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!h.is_null(), "the fake is loaded");
+        libc::dlsym(h, name.as_ptr())
+    };
+    assert!(!p.is_null(), "{name:?}");
+    // SAFETY: T is the C signature of that symbol (callers match fake_cuda.c).
+    unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) }
+}
+
+type CuMemAllocFn = unsafe extern "C" fn(*mut u64, usize) -> c_int;
+type CuMemFreeFn = unsafe extern "C" fn(u64) -> c_int;
+type CuCountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
+type CuStreamCreateFn = unsafe extern "C" fn(*mut *mut c_void, u32) -> c_int;
+type CuStreamFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CuCtxGetFn = unsafe extern "C" fn(*mut *mut c_void) -> c_int;
+type CuCtxSetFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CuRegisterFn = unsafe extern "C" fn(*mut c_void, usize, u32) -> c_int;
+type CuUnregisterFn = unsafe extern "C" fn(*mut c_void) -> c_int;
+type CuAttrFn = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
+type CuInitFn = unsafe extern "C" fn(u32) -> c_int;
+type CuMemcpyFn = unsafe extern "C" fn(u64, u64, usize, *mut c_void) -> c_int;
+type CuMemAllocManagedFn = unsafe extern "C" fn(*mut u64, usize, u32) -> c_int;
+
+/// Address space only (PROT_NONE, as in rocm_fake.rs: no commit charge even under strict
+/// overcommit); the fake never touches registered memory.
+struct Reservation {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Reservation {
+    fn new(len: usize) -> Option<Reservation> {
+        // SAFETY: an anonymous mapping with no address hint affects nothing else.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        NonNull::new(p.cast()).map(|ptr| Reservation { ptr, len })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made in `new` with this length and is unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+// ------------------------------------------------------------------------- loading
+
+#[test]
+fn preload_answers_cudarc_dlopen() {
+    let (f, _g, b) = setup();
+    assert!(
+        f.path().ends_with("fake-cuda/libcuda.so"),
+        "{}",
+        f.path().display()
+    );
+    assert_eq!(fake_cuda_library().unwrap(), f.path(), "built once");
+    assert!(f.answers_libcuda());
+    assert_eq!(f.stat("initialized"), 1);
+    // The backend cudarc loaded is the fake: its devices are the fake's.
+    assert_eq!(b.kind(), BackendKind::Cuda);
+    assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
+}
+
+/// A library named libcuda.so on the loader path (a real driver on a GPU host; here a
+/// decoy that only has cuInit) loses to the preloaded fake; without the preload cudarc
+/// would load the decoy, so the first half is no accident.
+#[test]
+fn preload_wins_over_a_libcuda_on_the_loader_path() {
+    let decoy_dir = || -> PathBuf {
+        let lib = compile_c_snippet(
+            "decoy_cuda",
+            "int cuInit(unsigned int flags) { (void)flags; return 999; }\n",
+        )
+        .unwrap();
+        let dir = lib
+            .parent()
+            .unwrap()
+            .join(format!("decoy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&lib, dir.join("libcuda.so")).unwrap();
+        dir
+    };
+    let role = std::env::var("DECOY_ROLE").unwrap_or_default();
+    if role.is_empty() {
+        let dir = decoy_dir();
+        for role in ["preloaded", "bare"] {
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "preload_wins_over_a_libcuda_on_the_loader_path",
+                    "--exact",
+                    "--nocapture",
+                ])
+                .env("LD_LIBRARY_PATH", &dir)
+                .env("DECOY_ROLE", role)
+                .env(fake_cuda::BUILT_ENV, fake_cuda_library().unwrap())
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "{role}: {text}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    }
+    if role == "preloaded" {
+        let f = FakeCuda::preload();
+        assert!(f.answers_libcuda());
+        let b = CudaBackend::new().expect("the fake, not the decoy");
+        assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
+    } else {
+        // No preload: cudarc's dlopen("libcuda.so") searches the loader path and finds
+        // the decoy, which lacks every symbol but cuInit.
+        let reason = unavailable_reason(CudaBackend::new());
+        assert!(reason.contains("lacks symbol cuGetErrorString"), "{reason}");
+    }
+}
+
+#[test]
+fn calls_before_cu_init_are_refused_and_no_device_is_unavailable() {
+    if !child(
+        "calls_before_cu_init_are_refused_and_no_device_is_unavailable",
+        &[("FAKE_CUDA_DEVICES", "0")],
+    ) {
+        return;
+    }
+    let f = fake();
+    let reason = unavailable_reason(CudaBackend::new());
+    assert!(reason.contains("no CUDA device"), "{reason}");
+    assert_eq!(f.stat("initialized"), 0);
+    let count: CuCountFn = raw(c"cuDeviceGetCount");
+    let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
+    let mut n = -1;
+    let mut p = 0u64;
+    // SAFETY: valid out-pointers; the fake refuses before touching them.
+    unsafe {
+        assert_eq!(count(&mut n), code::NOT_INITIALIZED);
+        assert_eq!(alloc(&mut p, 4096), code::NOT_INITIALIZED);
+    }
+    // Twice: the second attempt must not trip over the first.
+    assert!(unavailable_reason(CudaBackend::new()).contains("no CUDA device"));
+}
+
+#[test]
+fn failing_cu_init_is_unavailable() {
+    if !child(
+        "failing_cu_init_is_unavailable",
+        &[("FAKE_CUDA_INIT_ERROR", "999")],
+    ) {
+        return;
+    }
+    fake();
+    let reason = unavailable_reason(CudaBackend::new());
+    assert!(
+        reason.contains("cuInit") && reason.contains("unknown error"),
+        "{reason}"
+    );
+    let init: CuInitFn = raw(c"cuInit");
+    // SAFETY: plain value.
+    assert_eq!(unsafe { init(1) }, code::INVALID_VALUE, "flags must be 0");
+}
+
+/// A device without unified addressing is refused, and the contexts retained for the
+/// devices opened before the failure are released again.
+#[test]
+fn device_without_unified_addressing_is_refused_and_cleaned_up() {
+    if !child(
+        "device_without_unified_addressing_is_refused_and_cleaned_up",
+        &[("FAKE_CUDA_UNIFIED", "0")],
+    ) {
+        return;
+    }
+    let f = fake();
+    let reason = unavailable_reason(CudaBackend::new());
+    assert!(reason.contains("lacks unified addressing"), "{reason}");
+    assert_eq!(f.stat("ctx_refcount:0"), 0);
+    assert_eq!(f.stat("ctx_refcount:1"), 0);
+}
+
+// ----------------------------------------------------------------------- devices
+
+#[test]
+fn enumerates_devices() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    assert_eq!(d.devices().len(), 2);
+    for (i, info) in d.devices().iter().enumerate() {
+        assert_eq!(info.ordinal, i);
+        assert_eq!(info.name, format!("Fake NVIDIA H100 {i}"));
+        assert_eq!(info.total_memory, DEVICE_MEM);
+        assert!(info.managed_memory);
+        assert_eq!(d.vmm_granularity(i), Some(PAGE));
+    }
+    // The driver says "0000:1A:00.0"; the backend gives sysfs form.
+    assert_eq!(d.devices()[0].pci_bus_id.as_deref(), Some("0000:1a:00.0"));
+    assert_eq!(d.devices()[1].pci_bus_id.as_deref(), Some("0000:1b:00.0"));
+    assert_eq!(d.vmm_granularity(2), None);
+    let m = d.mem_info(1).unwrap();
+    assert_eq!((m.free, m.total), (DEVICE_MEM, DEVICE_MEM));
+    assert!(matches!(
+        d.mem_info(2),
+        Err(Error::UnknownDevice {
+            device: 2,
+            count: 2,
+            backend: BackendKind::Cuda
+        })
+    ));
+    // One retain per device per backend, released on drop.
+    let (r0, r1) = (f.stat("ctx_refcount:0"), f.stat("ctx_refcount:1"));
+    assert!(r0 >= 1 && r1 >= 1);
+    let second = CudaBackend::new().unwrap();
+    assert_eq!(f.stat("ctx_refcount:0"), r0 + 1);
+    drop(second);
+    assert_eq!(f.stat("ctx_refcount:0"), r0);
+    assert_eq!(
+        f.stat("streams"),
+        2,
+        "the second backend's copy streams are gone"
+    );
+}
+
+/// The driver is asked only for the attributes the fake models: an unmodelled one is
+/// refused, so a new query in the backend shows up here.
+#[test]
+fn fake_refuses_unmodelled_attributes() {
+    let (_f, _g, _b) = setup();
+    let attr: CuAttrFn = raw(c"cuDeviceGetAttribute");
+    let mut v = -1;
+    // SAFETY: valid out-pointer.
+    unsafe {
+        assert_eq!(attr(&mut v, 41, 0), 0);
+        assert_eq!(v, 1, "unified addressing");
+        assert_eq!(
+            attr(&mut v, 1, 0),
+            code::INVALID_VALUE,
+            "max threads: not modelled"
+        );
+        assert_eq!(attr(&mut v, 41, 2), code::INVALID_DEVICE);
+    }
+}
+
+// ------------------------------------------------------------------------ memory
+
+#[test]
+fn alloc_and_free_account_on_the_right_device() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let p1 = d.alloc_device(1, 3 * MIB).unwrap();
+    assert_eq!(f.stat("used:1"), 3 * MIB as i64);
+    assert_eq!(f.stat("used:0"), 0);
+    assert_eq!(d.mem_info(1).unwrap().free, DEVICE_MEM - 3 * MIB);
+    assert_eq!(d.mem_info(0).unwrap().free, DEVICE_MEM);
+    let p0 = d.alloc_device(0, MIB).unwrap();
+    assert_eq!(f.stat("allocations"), 2);
+    assert_ne!(p0, p1);
+    // Device memory is not cleared.
+    assert!(peek(d, 0, p0, 64).iter().all(|&x| x == 0xA5));
+    // SAFETY: both came from alloc_device with these sizes and are freed once.
+    unsafe {
+        d.free_device(1, p1, 3 * MIB).unwrap();
+        d.free_device(0, p0, MIB).unwrap();
+    }
+    assert_eq!(f.stat("allocations"), 0);
+    assert_eq!(f.stat("used:1"), 0);
+    // A double free reaches the driver, which refuses it.
+    // SAFETY: the fake never dereferences a pointer it does not know.
+    let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
+    assert_driver(err, "cuMemFree", code::INVALID_VALUE);
+    assert!(matches!(
+        d.alloc_device(0, 0),
+        Err(Error::InvalidSize { requested: 0, .. })
+    ));
+    assert!(matches!(
+        d.alloc_device(2, MIB),
+        Err(Error::UnknownDevice {
+            device: 2,
+            count: 2,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn out_of_memory_carries_the_numbers() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let keep = d.alloc_device(1, 200 * MIB).unwrap();
+    match d.alloc_device(1, 100 * MIB) {
+        Err(Error::OutOfMemory {
+            tier,
+            requested,
+            free,
+            ..
+        }) => {
+            assert_eq!(tier, Tier::Device(1));
+            assert_eq!(requested, 100 * MIB);
+            assert_eq!(free, 56 * MIB);
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // Device 0 is untouched by device 1's use.
+    let other = d.alloc_device(0, DEVICE_MEM).unwrap();
+    match d.alloc_managed(0, MIB) {
+        Err(Error::OutOfMemory {
+            tier,
+            requested,
+            free,
+            ..
+        }) => assert_eq!((tier, requested, free), (Tier::Managed(0), MIB, 0)),
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // An out-of-memory answer from the driver is mapped whatever the sizes.
+    f.fail_next("cuMemAlloc_v2", code::OUT_OF_MEMORY, 1);
+    match d.alloc_device(1, MIB) {
+        Err(Error::OutOfMemory { free, .. }) => assert_eq!(free, 56 * MIB),
+        other => panic!("{other:?}"),
+    }
+    // SAFETY: live allocations from this backend, freed once.
+    unsafe {
+        d.free_device(1, keep, 200 * MIB).unwrap();
+        d.free_device(0, other, DEVICE_MEM).unwrap();
+    }
+    assert_eq!(f.stat("allocations"), 0);
+}
+
+// ------------------------------------------------------------------------ copies
+
+#[test]
+fn copies_keep_the_bytes() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = MIB + 123;
+    let mut src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut back = vec![0u8; len];
+    let (copies, queued, peers) = (
+        f.stat("copies"),
+        f.stat("async_copies"),
+        f.stat("peer_copies"),
+    );
+    let a = d.alloc_device(0, len).unwrap();
+    let c = d.alloc_device(1, len).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    assert_eq!(f.stat("last_stream_flags"), 1, "CU_STREAM_NON_BLOCKING");
+    // SAFETY: all ranges are `len` bytes of live memory, disjoint, kept alive until the
+    // stream is synchronised; the stream is live.
+    unsafe {
+        d.copy(dev(0, a), host(&mut src), len, None).unwrap();
+        // Device 0 to device 1 on device 1's stream: a peer copy.
+        d.copy(dev(1, c), dev(0, a), len, Some(s1)).unwrap();
+        d.copy(host(&mut back), dev(1, c), len, Some(s1)).unwrap();
+        assert!(back.iter().all(|&x| x == 0), "queued, not yet run");
+        d.synchronize_stream(s1).unwrap();
+    }
+    assert_eq!(back, src);
+    // The synchronous copy went through the internal stream too (queued, then synced).
+    assert_eq!(f.stat("copies"), copies, "no copy on the legacy stream");
+    assert_eq!(f.stat("async_copies"), queued + 3);
+    assert_eq!(f.stat("peer_copies"), peers + 1);
+
+    // Device to device on one device: a plain copy, on the device's stream.
+    let a2 = d.alloc_device(0, len).unwrap();
+    // SAFETY: live, disjoint, `len` bytes each; synchronous.
+    unsafe { d.copy(dev(0, a2), dev(0, a), len, None).unwrap() };
+    assert_eq!(peek(d, 0, a2, len), src);
+    // SAFETY: allocated above, freed once.
+    unsafe { d.free_device(0, a2, len).unwrap() };
+
+    let mut part = vec![0u8; 100];
+    // SAFETY: 100 bytes from offset 1000 lie inside the allocation.
+    unsafe {
+        d.copy(host(&mut part), dev(1, c.offset(1000)), 100, None)
+            .unwrap()
+    };
+    assert_eq!(part[..], src[1000..1100]);
+    // SAFETY: the fake checks bounds before touching memory, so this out-of-range copy
+    // is refused without reading past the allocation.
+    let err = unsafe { d.copy(host(&mut back), dev(1, c.offset(1)), len, None) }.unwrap_err();
+    assert_driver(err, "cuMemcpyAsync", code::INVALID_VALUE);
+    // A peer copy that runs past its source is refused too.
+    // SAFETY: as above.
+    let err = unsafe { d.copy(dev(0, a), dev(1, c.offset(8)), len, None) }.unwrap_err();
+    assert_driver(err, "cuMemcpyPeerAsync", code::INVALID_VALUE);
+    // SAFETY: zero bytes: nothing is touched.
+    unsafe { d.copy(host(&mut back), dev(1, c), 0, None).unwrap() };
+    // SAFETY: live handles and allocations from this backend, released once.
+    unsafe {
+        d.destroy_stream(s1).unwrap();
+        d.free_device(0, a, len).unwrap();
+        d.free_device(1, c, len).unwrap();
+    }
+    assert_eq!(f.stat("allocations"), 0);
+    assert_eq!(f.stat("streams"), 2, "only the two internal copy streams");
+}
+
+#[test]
+fn async_copies_wait_for_their_stream() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 64 << 10;
+    let mut a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut bytes_b: Vec<u8> = (0..len).map(|i| (i % 13 + 100) as u8).collect();
+    let mut out = vec![0u8; len];
+    let src = d.alloc_device(0, len).unwrap();
+    let dst = d.alloc_device(0, len).unwrap();
+    let untouched = peek(d, 0, dst, len);
+    let s = d.create_stream(0).unwrap();
+    let e = d.create_event(0).unwrap();
+    assert_eq!(f.stat("last_event_flags"), 2, "CU_EVENT_DISABLE_TIMING");
+    let done = f.stat("async_copies_done");
+    // SAFETY: every range is `len` bytes of live memory, disjoint, and outlives the
+    // synchronisation below; the handles are live and from this backend.
+    unsafe {
+        d.copy(dev(0, src), host(&mut a), len, None).unwrap();
+        // An event never recorded, or recorded on an idle stream, has passed.
+        assert!(d.event_done(e).unwrap());
+        d.record_event(e, s).unwrap();
+        assert!(d.event_done(e).unwrap());
+
+        d.copy(host(&mut out), dev(0, src), len, Some(s)).unwrap();
+        d.copy(dev(0, dst), host(&mut bytes_b), len, Some(s))
+            .unwrap();
+        d.record_event(e, s).unwrap();
+        assert_eq!(f.stat("queued_ops"), 3, "two copies and a record");
+        assert!(out.iter().all(|&x| x == 0), "device-to-host copy ran early");
+        assert_eq!(peek(d, 0, dst, len), untouched, "host-to-device ran early");
+        assert_eq!(
+            f.stat("async_copies_done"),
+            done + 2,
+            "only the synchronous copies: the fill and the peek"
+        );
+        assert!(!d.event_done(e).unwrap(), "work before the event is queued");
+
+        d.synchronize_event(e).unwrap();
+        assert!(d.event_done(e).unwrap());
+        assert_eq!(out, a);
+        assert_eq!(peek(d, 0, dst, len), bytes_b);
+        assert_eq!(f.stat("queued_ops"), 0);
+
+        // Synchronising the stream runs its queue as well.
+        out.fill(0);
+        d.copy(host(&mut out), dev(0, dst), len, Some(s)).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        d.synchronize_stream(s).unwrap();
+        assert_eq!(out, bytes_b);
+
+        // cuStreamDestroy returns at once: the queued work is not done yet, but it
+        // finishes (here: when its event is waited for) and only then is the handle
+        // free again.
+        out.fill(0);
+        d.copy(host(&mut out), dev(0, src), len, Some(s)).unwrap();
+        d.record_event(e, s).unwrap();
+        d.destroy_stream(s).unwrap();
+        assert_eq!(f.stat("zombie_streams"), 1);
+        assert!(out.iter().all(|&x| x == 0), "destroy does not wait");
+        d.synchronize_event(e).unwrap();
+        assert_eq!(out, a);
+        assert_eq!(f.stat("zombie_streams"), 0);
+
+        d.destroy_event(e).unwrap();
+        d.free_device(0, src, len).unwrap();
+        d.free_device(0, dst, len).unwrap();
+    }
+}
+
+/// Freeing memory that a queued copy touches lets the copy finish first (cuMemFree's
+/// implicit synchronisation).
+#[test]
+fn free_waits_for_queued_copies() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 4096;
+    let mut data = vec![9u8; len];
+    let mut out = vec![0u8; len];
+    let p = d.alloc_device(1, len).unwrap();
+    let s = d.create_stream(1).unwrap();
+    // SAFETY: live ranges that outlive the copies (the free runs them); live stream.
+    unsafe {
+        d.copy(dev(1, p), host(&mut data), len, Some(s)).unwrap();
+        d.copy(host(&mut out), dev(1, p), len, Some(s)).unwrap();
+        assert_eq!(f.stat("queued_ops"), 2);
+        d.free_device(1, p, len).unwrap();
+        assert_eq!(f.stat("queued_ops"), 0);
+        d.destroy_stream(s).unwrap();
+    }
+    assert_eq!(out, data);
+}
+
+#[test]
+fn streams_and_events() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let s0 = d.create_stream(0).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    let e1 = d.create_event(1).unwrap();
+    assert_eq!(f.stat("streams"), 4, "two of ours, two internal");
+    assert_eq!(f.stat("events"), 1);
+    // SAFETY: all handles are live and from this backend.
+    unsafe {
+        d.record_event(e1, s1).unwrap();
+        d.stream_wait_event(s0, e1).unwrap();
+        d.synchronize_event(e1).unwrap();
+        assert!(d.event_done(e1).unwrap());
+        d.synchronize_stream(s0).unwrap();
+        // An event belongs to its context: the backend refuses before the driver would.
+        assert!(matches!(
+            d.record_event(e1, s0),
+            Err(Error::InvalidArgument(_))
+        ));
+        d.destroy_event(e1).unwrap();
+        d.destroy_stream(s0).unwrap();
+        d.destroy_stream(s1).unwrap();
+    }
+    assert_eq!(f.stat("streams"), 2);
+    assert_eq!(f.stat("events"), 0);
+    // SAFETY: the backend checks its own map first, so stale handles are not passed on.
+    unsafe {
+        assert!(matches!(
+            d.destroy_stream(s0),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(d.event_done(e1), Err(Error::InvalidArgument(_))));
+    }
+    assert!(matches!(
+        d.create_stream(7),
+        Err(Error::UnknownDevice { device: 7, .. })
+    ));
+}
+
+#[test]
+fn events_order_streams_across_devices() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 256 << 10;
+    let mut data: Vec<u8> = (0..len).map(|i| (i * 7 % 255) as u8).collect();
+    let mut out = vec![0u8; len];
+    let mid = d.alloc_device(1, len).unwrap();
+    let stage = d.alloc_device(0, len).unwrap();
+    let producer = d.create_stream(0).unwrap();
+    let consumer = d.create_stream(1).unwrap();
+    let e = d.create_event(0).unwrap();
+    let idle = d.create_event(1).unwrap();
+    // SAFETY: live, disjoint ranges that outlive the synchronisation; live handles.
+    unsafe {
+        // Device 1 memory filled from the host on device 0's stream is refused.
+        assert!(matches!(
+            d.copy(dev(1, mid), host(&mut data), len, Some(producer)),
+            Err(Error::InvalidArgument(_))
+        ));
+        d.copy(dev(0, stage), host(&mut data), len, Some(producer))
+            .unwrap();
+        d.copy(dev(1, mid), dev(0, stage), len, Some(producer))
+            .unwrap();
+        d.record_event(e, producer).unwrap();
+        // The consumer waits (on the device): nothing runs yet.
+        d.stream_wait_event(consumer, e).unwrap();
+        assert!(!d.event_done(e).unwrap() || f.stat("queued_ops") > 0);
+        d.copy(host(&mut out), dev(1, mid), len, Some(consumer))
+            .unwrap();
+        d.record_event(idle, consumer).unwrap();
+        // Only the consumer's event is waited for: its wait runs the producer first.
+        d.synchronize_event(idle).unwrap();
+        assert_eq!(out, data, "the consumer saw the producer's bytes");
+        assert!(d.event_done(e).unwrap());
+
+        d.destroy_event(idle).unwrap();
+        d.destroy_event(e).unwrap();
+        d.destroy_stream(consumer).unwrap();
+        d.destroy_stream(producer).unwrap();
+        d.free_device(0, stage, len).unwrap();
+        d.free_device(1, mid, len).unwrap();
+    }
+    assert_eq!(f.stat("queued_ops"), 0);
+}
+
+#[test]
+fn destroyed_handles_are_reused() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let s0 = d.create_stream(0).unwrap();
+    let e0 = d.create_event(0).unwrap();
+    let reused = f.stat("reused_handles");
+    // SAFETY: live handles from this backend, destroyed once.
+    unsafe {
+        d.destroy_stream(s0).unwrap();
+        d.destroy_event(e0).unwrap();
+    }
+    let s1 = d.create_stream(1).unwrap();
+    let e1 = d.create_event(1).unwrap();
+    assert_eq!(s1, s0, "a destroyed stream's handle value is reused");
+    assert_eq!(e1, e0, "a destroyed event's handle value is reused");
+    assert_eq!(f.stat("reused_handles"), reused + 2);
+    let len = 4096;
+    let p1 = d.alloc_device(1, len).unwrap();
+    let p0 = d.alloc_device(0, len).unwrap();
+    let mut buf = vec![3u8; len];
+    // SAFETY: live, disjoint ranges synchronised before they are dropped; live handles.
+    unsafe {
+        d.copy(dev(1, p1), host(&mut buf), len, Some(s1)).unwrap();
+        d.record_event(e1, s1).unwrap();
+        d.synchronize_event(e1).unwrap();
+        // The backend knows the value as device 1's stream now.
+        assert!(matches!(
+            d.copy(dev(0, p0), host(&mut buf), len, Some(s1)),
+            Err(Error::InvalidArgument(_))
+        ));
+        d.free_device(0, p0, len).unwrap();
+        d.destroy_event(e1).unwrap();
+        d.destroy_stream(s1).unwrap();
+        d.free_device(1, p1, len).unwrap();
+        assert!(matches!(
+            d.destroy_stream(s1),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}
+
+/// Many threads create and destroy streams and events while the driver reuses handle
+/// values: the backend's handle maps must never lose a live entry.
+#[test]
+fn handle_churn_across_threads() {
+    let (f, _g, b) = setup();
+    let reused = f.stat("reused_handles");
+    std::thread::scope(|scope| {
+        for t in 0..4usize {
+            let d: &dyn Backend = &b;
+            scope.spawn(move || {
+                for i in 0..300usize {
+                    let device = (t + i) % 2;
+                    let s = d.create_stream(device).unwrap();
+                    let e = d.create_event(device).unwrap();
+                    // SAFETY: live handles from this backend, each destroyed once.
+                    unsafe {
+                        d.record_event(e, s).unwrap();
+                        d.synchronize_stream(s).unwrap();
+                        assert!(d.event_done(e).unwrap());
+                        d.destroy_event(e).unwrap();
+                        d.destroy_stream(s).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(f.stat("streams"), 2);
+    assert_eq!(f.stat("events"), 0);
+    assert!(f.stat("reused_handles") > reused);
+}
+
+// ---------------------------------------------------------------------- contexts
+
+/// Every call made from a thread that has never touched CUDA binds the right context
+/// first; the fake refuses any that does not (the control below shows it would).
+#[test]
+fn contexts_are_bound_on_fresh_threads() {
+    let (f, _g, b) = setup();
+    let refused = f.stat("no_context_errors");
+    // Control: a raw allocation from a fresh thread has no context.
+    std::thread::spawn(|| {
+        let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
+        let mut p = 0u64;
+        // SAFETY: a valid out-pointer; the fake refuses before writing it.
+        assert_eq!(unsafe { alloc(&mut p, 4096) }, code::INVALID_CONTEXT);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(f.stat("no_context_errors"), refused + 1);
+
+    let sets = f.stat("ctx_set_current");
+    let d: &dyn Backend = &b;
+    let e = d.create_event(1).unwrap();
+    let s = d.create_stream(1).unwrap();
+    let len = 8192;
+    let p = d.alloc_device(1, len).unwrap();
+    // Each thread does one kind of call as its very first driver call.
+    let first_calls: Vec<Box<dyn Fn() + Send + Sync + '_>> = vec![
+        Box::new(|| assert_eq!(d.mem_info(1).unwrap().total, DEVICE_MEM)),
+        Box::new(|| {
+            let q = d.alloc_device(0, 4096).unwrap();
+            // SAFETY: just allocated, freed once.
+            unsafe { d.free_device(0, q, 4096).unwrap() };
+        }),
+        Box::new(|| {
+            let mut buf = vec![1u8; len];
+            // SAFETY: live buffers; the synchronous copy completes before return.
+            unsafe { d.copy(dev(1, p), host(&mut buf), len, None).unwrap() };
+        }),
+        Box::new(|| {
+            let mut buf = vec![0u8; len];
+            // SAFETY: live handles and ranges, synchronised before the buffer drops.
+            unsafe {
+                d.copy(host(&mut buf), dev(1, p), len, Some(s)).unwrap();
+                d.record_event(e, s).unwrap();
+                d.synchronize_event(e).unwrap();
+            }
+        }),
+        Box::new(|| {
+            // SAFETY: live handle.
+            unsafe { d.synchronize_stream(s).unwrap() };
+        }),
+        Box::new(|| {
+            // SAFETY: live handles.
+            unsafe { d.stream_wait_event(s, e).unwrap() };
+        }),
+        Box::new(|| {
+            let mut buf = vec![0u8; 4096];
+            let ptr = NonNull::new(buf.as_mut_ptr()).unwrap();
+            // SAFETY: the buffer outlives its registration.
+            unsafe {
+                d.register_host(ptr, 4096).unwrap();
+                d.unregister_host(ptr, 4096).unwrap();
+            }
+        }),
+        Box::new(|| {
+            let x = d.create_stream(0).unwrap();
+            // SAFETY: just created, destroyed once.
+            unsafe { d.destroy_stream(x).unwrap() };
+        }),
+        Box::new(|| {
+            let m = d.alloc_managed(1, 4096).unwrap();
+            // SAFETY: just allocated, freed once.
+            unsafe { d.free_managed(1, m, 4096).unwrap() };
+        }),
+    ];
+    std::thread::scope(|scope| {
+        for call in &first_calls {
+            scope.spawn(call);
+        }
+    });
+    assert_eq!(
+        f.stat("no_context_errors"),
+        refused + 1,
+        "no call lacked a context"
+    );
+    assert!(
+        f.stat("ctx_set_current") >= sets + 9,
+        "each thread bound one"
+    );
+    // SAFETY: live handles and allocation, released once.
+    unsafe {
+        d.synchronize_stream(s).unwrap();
+        d.destroy_stream(s).unwrap();
+        d.destroy_event(e).unwrap();
+        d.free_device(1, p, len).unwrap();
+    }
+    // The thread that binds stays bound: a second call on it sets nothing.
+    let before = f.stat("ctx_set_current");
+    d.mem_info(1).unwrap();
+    d.mem_info(1).unwrap();
+    assert_eq!(f.stat("ctx_set_current"), before);
+}
+
+/// Dropping the last backend releases the primary contexts, which resets them: what
+/// was left in them is freed by the driver.
+#[test]
+fn dropping_the_backend_releases_and_resets_the_contexts() {
+    let (f, _g, b) = setup();
+    let resets = f.stat("ctx_resets");
+    let refs = f.stat("ctx_refcount:0");
+    let leaked = b.alloc_device(0, MIB).unwrap();
+    let _ = leaked;
+    assert_eq!(f.stat("used:0"), MIB as i64);
+    drop(b);
+    assert_eq!(f.stat("ctx_refcount:0"), refs - 1);
+    if refs == 1 {
+        assert_eq!(f.stat("ctx_resets"), resets + 2, "both devices' contexts");
+        assert_eq!(f.stat("used:0"), 0, "reset frees the context's memory");
+        assert_eq!(f.stat("streams"), 0);
+        // The thread that dropped it has no context current any more.
+        let get: CuCtxGetFn = raw(c"cuCtxGetCurrent");
+        let mut c = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer.
+        assert_eq!(unsafe { get(&mut c) }, 0);
+        assert!(c.is_null());
+    }
+    // A new backend starts clean.
+    let b = CudaBackend::new().unwrap();
+    assert_eq!(b.mem_info(0).unwrap().free, DEVICE_MEM);
+}
+
+// ------------------------------------------------------------------ driver errors
+
+#[test]
+fn driver_errors_name_the_call_and_message() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    f.fail_next("cuStreamCreate", code::UNKNOWN, 1);
+    match d.create_stream(0) {
+        Err(Error::Driver {
+            backend,
+            call,
+            code,
+            message,
+        }) => {
+            assert_eq!(backend, BackendKind::Cuda);
+            assert_eq!(call, "cuStreamCreate");
+            assert_eq!(code, 999);
+            assert_eq!(message, "unknown error");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.stat("streams"), 2);
+    let e = d.create_event(0).unwrap();
+    f.fail_next("cuEventQuery", code::INVALID_HANDLE, 1);
+    // SAFETY: live handles from this backend.
+    unsafe {
+        assert_driver(
+            d.event_done(e).unwrap_err(),
+            "cuEventQuery",
+            code::INVALID_HANDLE,
+        );
+        f.fail_next("cuEventQuery", code::NOT_READY, 1);
+        assert!(
+            !d.event_done(e).unwrap(),
+            "CUDA_ERROR_NOT_READY means not done"
+        );
+        assert!(d.event_done(e).unwrap());
+        d.destroy_event(e).unwrap();
+    }
+    // A destroy that fails in the driver keeps the handle usable.
+    let s = d.create_stream(0).unwrap();
+    f.fail_next("cuStreamDestroy_v2", code::UNKNOWN, 1);
+    // SAFETY: a live stream, destroyed once successfully.
+    unsafe {
+        assert_driver(d.destroy_stream(s).unwrap_err(), "cuStreamDestroy", 999);
+        d.destroy_stream(s).unwrap();
+    }
+    // A code the driver does not know still gives an error with a message.
+    f.fail_next("cuMemGetInfo_v2", 12345, 1);
+    match d.mem_info(0) {
+        Err(Error::Driver { code, message, .. }) => {
+            assert_eq!(code, 12345);
+            assert!(message.contains("12345"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Codes the bindings' enum does not know (a newer driver's) are errors with their
+    // number, wherever they come back.
+    f.fail_next("cuMemAlloc_v2", 12345, 1);
+    assert_driver(d.alloc_device(0, 4096).unwrap_err(), "cuMemAlloc", 12345);
+    let e = d.create_event(0).unwrap();
+    f.fail_next("cuEventQuery", 12345, 1);
+    // SAFETY: a live event, destroyed once.
+    unsafe {
+        assert_driver(d.event_done(e).unwrap_err(), "cuEventQuery", 12345);
+        d.destroy_event(e).unwrap();
+    }
+    // The context binding itself can fail (on a fresh thread), and says so.
+    let err = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                f.fail_next("cuCtxSetCurrent", code::INVALID_CONTEXT, 1);
+                d.mem_info(1).unwrap_err()
+            })
+            .join()
+            .unwrap()
+    });
+    assert_driver(err, "cuCtxSetCurrent", code::INVALID_CONTEXT);
+}
+
+// ------------------------------------------------------------------ registration
+
+#[test]
+fn host_registration() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let mut buf = vec![0u8; 2 * MIB];
+    let p = NonNull::new(buf.as_mut_ptr()).unwrap();
+    // SAFETY: `buf` is owned here and outlives the registration.
+    unsafe {
+        d.register_host(p, buf.len()).unwrap();
+        assert_eq!(f.stat("registrations"), 1);
+        assert_eq!(
+            f.stat("last_register_flags"),
+            1,
+            "CU_MEMHOSTREGISTER_PORTABLE"
+        );
+        assert_driver(
+            d.register_host(p, buf.len()).unwrap_err(),
+            "cuMemHostRegister",
+            code::HOST_MEMORY_ALREADY_REGISTERED,
+        );
+        d.unregister_host(p, buf.len()).unwrap();
+        assert_eq!(f.stat("registrations"), 0);
+        assert_driver(
+            d.unregister_host(p, buf.len()).unwrap_err(),
+            "cuMemHostUnregister",
+            code::HOST_MEMORY_NOT_REGISTERED,
+        );
+        assert!(matches!(
+            d.register_host(p, 0),
+            Err(Error::InvalidSize { .. })
+        ));
+        // Device memory is not host memory to pin.
+        let dp = d.alloc_device(0, 4096).unwrap();
+        let err = d
+            .register_host(NonNull::new(dp.0 as usize as *mut u8).unwrap(), 4096)
+            .unwrap_err();
+        assert_driver(err, "cuMemHostRegister", code::INVALID_VALUE);
+        d.free_device(0, dp, 4096).unwrap();
+    }
+}
+
+#[test]
+fn large_registrations_are_chunked_and_rolled_back() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 150 * GIB;
+    // Address space only; failing here is a failure, not a pass.
+    let res = Reservation::new(len).expect("reserve 150 GiB of address space");
+    // The fake's per-call limit: one 150 GiB registration fails as on a real driver.
+    let max = f.stat("max_register_bytes") as usize;
+    assert!((64 * GIB..150 * GIB).contains(&max), "{max}");
+    // SAFETY: the range is mapped and stays mapped until `res` drops, after every
+    // registration in it is undone.
+    unsafe {
+        let register: CuRegisterFn = raw(c"cuMemHostRegister_v2");
+        d.mem_info(0).unwrap(); // binds a context on this thread for the raw call
+        assert_eq!(
+            register(res.ptr.as_ptr().cast(), len, 1),
+            code::OUT_OF_MEMORY,
+            "one registration past the driver's limit"
+        );
+
+        let calls = f.stat("register_calls");
+        d.register_host(res.ptr, len).unwrap();
+        assert_eq!(f.stat("registrations"), 3, "64 + 64 + 22 GiB");
+        assert_eq!(f.stat("registered_bytes"), len as i64);
+        assert_eq!(f.stat("register_calls"), calls + 3);
+        d.unregister_host(res.ptr, len).unwrap();
+        assert_eq!(f.stat("registrations"), 0);
+
+        // A failure in the second chunk undoes the first.
+        let in_second = NonNull::new(res.ptr.as_ptr().add(64 * GIB + 4096)).unwrap();
+        d.register_host(in_second, 4096).unwrap();
+        assert_driver(
+            d.register_host(res.ptr, len).unwrap_err(),
+            "cuMemHostRegister",
+            code::HOST_MEMORY_ALREADY_REGISTERED,
+        );
+        assert_eq!(f.stat("registrations"), 1, "only the blocking one is left");
+
+        // If undoing the first chunk fails too, the error says so, distinctly.
+        f.fail_next("cuMemHostUnregister", code::UNKNOWN, 1);
+        match d.register_host(res.ptr, len).unwrap_err() {
+            Error::Driver {
+                backend,
+                call,
+                code,
+                message,
+            } => {
+                assert_eq!(backend, BackendKind::Cuda);
+                assert_eq!(call, REGISTER_ROLLBACK_CALL);
+                assert_eq!(code, 999, "the failed cuMemHostUnregister's code");
+                assert!(
+                    message.contains("rollback failed; region leaked"),
+                    "{message}"
+                );
+                assert!(
+                    message.contains("already mapped"),
+                    "names the cause: {message}"
+                );
+            }
+            other => panic!("expected the rollback error, got {other:?}"),
+        }
+        assert_eq!(
+            f.stat("registrations"),
+            2,
+            "the leaked first chunk and the blocker"
+        );
+        let unregister: CuUnregisterFn = raw(c"cuMemHostUnregister");
+        assert_eq!(unregister(res.ptr.as_ptr().cast()), 0);
+        d.unregister_host(in_second, 4096).unwrap();
+    }
+    assert_eq!(f.stat("registrations"), 0);
+}
+
+/// The driver could not pin the memory (CUDA_ERROR_OUT_OF_MEMORY from
+/// cuMemHostRegister): that is running out of pinned memory, as on the host backend,
+/// not an opaque driver error, so the host pool gives its cache back and retries.
+#[test]
+fn pinning_refused_for_memory_is_out_of_memory() {
+    let f = fake();
+    let _g = FakeCuda::serial();
+    let mgr = Manager::builder()
+        .backend(BackendKind::Cuda)
+        .build()
+        .unwrap();
+    f.fail_next("cuMemHostRegister_v2", code::OUT_OF_MEMORY, 1);
+    match mgr.alloc(Placement::Pinned(NumaPolicy::Default), 3 * MIB) {
+        Err(Error::OutOfMemory {
+            tier, requested, ..
+        }) => assert_eq!((tier, requested), (Tier::Pinned, 3 * MIB)),
+        other => panic!("expected OutOfMemory for pinned memory, got {other:?}"),
+    }
+    assert_eq!(f.stat("registrations"), 0);
+
+    let pool = mgr.host_pool(HostPoolConfig::default()).unwrap();
+    drop(pool.alloc_pinned(&NumaPolicy::Default, 4 * MIB).unwrap());
+    assert_eq!(
+        f.stat("registrations"),
+        1,
+        "the freed block stays cached, pinned"
+    );
+    f.fail_next("cuMemHostRegister_v2", code::OUT_OF_MEMORY, 1);
+    let big = pool
+        .alloc_pinned(&NumaPolicy::Default, 8 * MIB)
+        .expect("the pool gives its cache back and retries");
+    assert!(big.is_pinned());
+    assert_eq!(
+        f.stat("registrations"),
+        1,
+        "the cached block was unregistered"
+    );
+    drop(big);
+    drop(pool);
+    drop(mgr);
+    assert_eq!(f.stat("registrations"), 0);
+}
+
+// --------------------------------------------------------------- managed memory
+
+#[test]
+fn managed_memory_prefetch_and_advice() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 2 * MIB;
+    let m = d.alloc_managed(1, len).unwrap();
+    assert_eq!(f.stat("managed_allocations"), 1);
+    assert_eq!(f.stat("used:1"), len as i64);
+    let s = d.create_stream(0).unwrap();
+    // SAFETY: `m` is live managed memory of `len` bytes from this backend; `s` is live.
+    unsafe {
+        std::ptr::write_bytes(m.as_ptr(), 7, len);
+        d.prefetch(m, len, Location::Device(1), s).unwrap();
+        assert_eq!(
+            (f.stat("last_prefetch_type"), f.stat("last_prefetch_id")),
+            (1, 1),
+            "CU_MEM_LOCATION_TYPE_DEVICE, device 1"
+        );
+        d.prefetch(m, len, Location::Host, s).unwrap();
+        assert_eq!(f.stat("last_prefetch_type"), 2, "CU_MEM_LOCATION_TYPE_HOST");
+        assert!(matches!(
+            d.prefetch(m, len, Location::Device(2), s),
+            Err(Error::UnknownDevice { device: 2, .. })
+        ));
+        // Part of the range, at an offset: fine; past its end: refused by the driver.
+        let mid = NonNull::new(m.as_ptr().add(4096)).unwrap();
+        d.prefetch(mid, 4096, Location::Device(0), s).unwrap();
+        assert_driver(
+            d.prefetch(mid, len, Location::Host, s).unwrap_err(),
+            "cuMemPrefetchAsync",
+            code::INVALID_VALUE,
+        );
+
+        let cases = [
+            (Advice::SetReadMostly, 1, None),
+            (Advice::UnsetReadMostly, 2, None),
+            (
+                Advice::SetPreferredLocation(Location::Host),
+                3,
+                Some((2, None)),
+            ),
+            (
+                Advice::SetPreferredLocation(Location::Device(1)),
+                3,
+                Some((1, Some(1))),
+            ),
+            (Advice::UnsetPreferredLocation, 4, None),
+            (Advice::SetAccessedBy(1), 5, Some((1, Some(1)))),
+            (Advice::UnsetAccessedBy(0), 6, Some((1, Some(0)))),
+        ];
+        let advises = f.stat("advises");
+        for (advice, value, location) in cases {
+            d.advise(m, len, advice).unwrap();
+            assert_eq!(f.stat("last_advice"), value, "{advice:?}");
+            if let Some((ty, id)) = location {
+                assert_eq!(f.stat("last_advice_type"), ty, "{advice:?}");
+                if let Some(id) = id {
+                    assert_eq!(f.stat("last_advice_id"), id, "{advice:?}");
+                }
+            }
+        }
+        assert_eq!(f.stat("advises"), advises + cases.len() as i64);
+        assert!(matches!(
+            d.advise(m, len, Advice::SetAccessedBy(5)),
+            Err(Error::UnknownDevice { device: 5, .. })
+        ));
+
+        // Advice on memory that is not managed is refused by the driver.
+        let plain = d.alloc_device(0, MIB).unwrap();
+        let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
+        assert_driver(
+            d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
+            "cuMemAdvise",
+            code::INVALID_VALUE,
+        );
+        d.free_device(0, plain, MIB).unwrap();
+        assert_eq!(
+            std::slice::from_raw_parts(m.as_ptr(), len),
+            &vec![7u8; len][..]
+        );
+        d.destroy_stream(s).unwrap();
+        d.free_managed(1, m, len).unwrap();
+    }
+    assert_eq!(f.stat("managed_allocations"), 0);
+    assert_eq!(f.stat("used:1"), 0);
+}
+
+#[test]
+fn managed_memory_unsupported() {
+    if !child("managed_memory_unsupported", &[("FAKE_CUDA_MANAGED", "0")]) {
+        return;
+    }
+    fake();
+    let b = CudaBackend::new().unwrap();
+    assert!(!b.devices()[0].managed_memory);
+    assert!(matches!(
+        b.alloc_managed(0, MIB),
+        Err(Error::Unsupported {
+            backend: BackendKind::Cuda,
+            ..
+        })
+    ));
+    let s = b.create_stream(0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: the backend refuses before the driver sees the (non-managed) pointer.
+    let r = unsafe {
+        b.prefetch(
+            NonNull::new(buf.as_mut_ptr()).unwrap(),
+            4096,
+            Location::Device(0),
+            s,
+        )
+    };
+    assert!(matches!(r, Err(Error::Unsupported { .. })), "{r:?}");
+}
+
+// ----------------------------------------------------------------- driver pinned
+
+#[test]
+fn driver_pinned_memory() {
+    let (f, _g, b) = setup();
+    assert!(matches!(
+        DriverPinned::new(&b, 0, 0),
+        Err(Error::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        DriverPinned::new(&b, 2, 4096),
+        Err(Error::UnknownDevice { .. })
+    ));
+    let n = MIB;
+    let pinned = DriverPinned::new(&b, 1, n).unwrap();
+    assert_eq!(f.stat("host_allocations"), 1);
+    assert_eq!((pinned.len(), pinned.device()), (n, 1));
+    let mut back = vec![0u8; n];
+    let dp = b.alloc_device(1, n).unwrap();
+    // SAFETY: `pinned` owns n bytes that nothing else uses; `back` and the device buffer
+    // are live for n bytes and the copies are synchronous.
+    unsafe {
+        let p = std::slice::from_raw_parts_mut(pinned.ptr().as_ptr(), n);
+        for (i, x) in p.iter_mut().enumerate() {
+            *x = (i * 5 + 1) as u8;
+        }
+        let src = MemRef::Host {
+            ptr: pinned.ptr(),
+            kind: HostKind::Pinned,
+        };
+        b.copy(dev(1, dp), src, n, None).unwrap();
+        b.copy(host(&mut back), dev(1, dp), n, None).unwrap();
+        b.free_device(1, dp, n).unwrap();
+        assert_eq!(p, &back[..]);
+        // Already pinned by the driver: registering it again is refused.
+        assert_driver(
+            b.register_host(pinned.ptr(), n).unwrap_err(),
+            "cuMemHostRegister",
+            code::HOST_MEMORY_ALREADY_REGISTERED,
+        );
+    }
+    // Dropped on another thread, which binds the context to free it.
+    std::thread::scope(|scope| {
+        scope.spawn(move || drop(pinned));
+    });
+    assert_eq!(f.stat("host_allocations"), 0);
+}
+
+// --------------------------------------------------------------- foreign streams
+
+#[test]
+fn foreign_streams_are_used_and_never_destroyed() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let create: CuStreamCreateFn = raw(c"cuStreamCreate");
+    let destroy: CuStreamFn = raw(c"cuStreamDestroy_v2");
+    let len = 4096;
+    let p0 = d.alloc_device(0, len).unwrap();
+    let p1 = d.alloc_device(1, len).unwrap();
+    let mut data = vec![5u8; len];
+    let mut out = vec![0u8; len];
+    d.mem_info(0).unwrap(); // the caller's own stream is made in device 0's context
+    let mut raw_stream = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer; device 0's context is current on this thread.
+    let made = unsafe { create(&mut raw_stream, 0) };
+    assert_eq!(made, 0, "a blocking stream");
+    let raw_value = raw_stream as u64;
+    // SAFETY: a live stream of device 0 from the same driver, forgotten before it is
+    // destroyed; copies are synchronised before the buffers drop.
+    unsafe {
+        let s = d.import_stream(0, raw_value).unwrap();
+        assert_eq!(s.0, raw_value);
+        d.copy(dev(0, p0), host(&mut data), len, Some(s)).unwrap();
+        d.copy(host(&mut out), dev(0, p0), len, Some(s)).unwrap();
+        assert!(out.iter().all(|&x| x == 0), "queued on the caller's stream");
+        d.synchronize_stream(s).unwrap();
+        assert_eq!(out, data);
+        // Claimed for device 1 although the driver made it in device 0's context: the
+        // backend cannot tell, the driver refuses an event of device 1 on it.
+        let e1 = d.create_event(1).unwrap();
+        assert!(
+            d.import_stream(1, raw_value).is_err(),
+            "one stream, one device"
+        );
+        d.forget_stream(s).unwrap();
+        let wrong = d.import_stream(1, raw_value).unwrap();
+        assert_driver(
+            d.record_event(e1, wrong).unwrap_err(),
+            "cuEventRecord",
+            code::INVALID_HANDLE,
+        );
+        d.forget_stream(wrong).unwrap();
+
+        // The legacy default stream of device 1: copies happen at once.
+        let legacy = d.import_stream(1, 0).unwrap();
+        out.fill(0);
+        d.copy(dev(1, p1), host(&mut data), len, Some(legacy))
+            .unwrap();
+        d.copy(host(&mut out), dev(1, p1), len, Some(legacy))
+            .unwrap();
+        assert_eq!(out, data, "the legacy stream is synchronous here");
+        d.record_event(e1, legacy).unwrap();
+        d.synchronize_event(e1).unwrap();
+        d.synchronize_stream(legacy).unwrap();
+        d.forget_stream(legacy).unwrap();
+        d.destroy_event(e1).unwrap();
+        assert_eq!(f.stat("streams"), 3, "the caller's stream is still alive");
+        assert_eq!(destroy(raw_stream), 0);
+        d.free_device(0, p0, len).unwrap();
+        d.free_device(1, p1, len).unwrap();
+    }
+}
+
+// ------------------------------------------------------------------------- VMM
+
+#[test]
+fn vmm_reserve_create_map_access_unmap_release() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let pages = 3;
+    assert!(matches!(
+        d.reserve_address(0, PAGE + 1),
+        Err(Error::InvalidArgument(_))
+    ));
+    let base = d.reserve_address(0, pages * PAGE).unwrap();
+    assert_eq!(base.0 % PAGE as u64, 0);
+    assert_eq!(f.stat("vmm_reserved_bytes"), (pages * PAGE) as i64);
+    let handles: Vec<PhysHandle> = (0..pages)
+        .map(|_| d.create_physical(0, PAGE).unwrap())
+        .collect();
+    assert_eq!(f.stat("used:0"), (pages * PAGE) as i64);
+    assert_eq!(d.mem_info(0).unwrap().free, DEVICE_MEM - pages * PAGE);
+    let src: Vec<u8> = (0..2 * PAGE).map(|i| (i * 13 + 1) as u8).collect();
+    let mut back = vec![0u8; 2 * PAGE];
+    let hostp = |p: *const u8| MemRef::Host {
+        ptr: NonNull::new(p as *mut u8).unwrap(),
+        kind: HostKind::Pageable,
+    };
+    // SAFETY: every page lies in our reservation; handles are fresh, one page each;
+    // copies are synchronous; pages are unmapped before release and the range is empty
+    // before it is freed. The deliberate misuses below are refused by the fake before
+    // it touches memory.
+    unsafe {
+        for (i, &h) in handles.iter().enumerate() {
+            d.map(0, base.offset(i * PAGE), PAGE, h).unwrap();
+        }
+        assert_eq!(f.stat("vmm_mappings"), pages as i64);
+        assert_eq!(f.stat("vmm_accessible_bytes"), (pages * PAGE) as i64);
+        // A copy across two mappings.
+        let mid = dev(0, base.offset(PAGE / 2));
+        d.copy(mid, hostp(src.as_ptr()), 2 * PAGE, None).unwrap();
+        d.copy(hostp(back.as_mut_ptr()), mid, 2 * PAGE, None)
+            .unwrap();
+        assert_eq!(src, back);
+        // Mapping over a mapped page is refused, and leaves the handle as it was.
+        let spare = d.create_physical(0, PAGE).unwrap();
+        assert_driver(
+            d.map(0, base, PAGE, spare).unwrap_err(),
+            "cuMemMap",
+            code::INVALID_VALUE,
+        );
+        // If setting access fails, the mapping is undone.
+        d.unmap(0, base.offset(PAGE), PAGE).unwrap();
+        f.fail_next("cuMemSetAccess", code::UNKNOWN, 1);
+        assert_driver(
+            d.map(0, base.offset(PAGE), PAGE, spare).unwrap_err(),
+            "cuMemSetAccess",
+            999,
+        );
+        assert_eq!(f.stat("vmm_mappings"), (pages - 1) as i64);
+        // A copy into the hole: the address is reserved but not mapped.
+        assert_driver(
+            d.copy(mid, hostp(src.as_ptr()), 2 * PAGE, None)
+                .unwrap_err(),
+            "cuMemcpyAsync",
+            code::INVALID_VALUE,
+        );
+        // Freeing the reservation while pages are mapped is refused.
+        assert_driver(
+            d.free_address(0, base, pages * PAGE).unwrap_err(),
+            "cuMemAddressFree",
+            code::INVALID_VALUE,
+        );
+        // The released middle handle's memory goes back at once (it is unmapped); the
+        // spare one is reused for the hole.
+        let used = f.stat("used:0");
+        d.release_physical(0, handles[1]).unwrap();
+        assert_eq!(f.stat("used:0"), used - PAGE as i64);
+        assert_driver(
+            d.release_physical(0, handles[1]).unwrap_err(),
+            "cuMemRelease",
+            code::INVALID_VALUE,
+        );
+        d.map(0, base.offset(PAGE), PAGE, spare).unwrap();
+        // Releasing a mapped handle keeps its memory until the unmap (CUDA semantics).
+        let used = f.stat("used:0");
+        d.release_physical(0, spare).unwrap();
+        assert_eq!(f.stat("used:0"), used, "still mapped");
+        d.unmap(0, base.offset(PAGE), PAGE).unwrap();
+        assert_eq!(f.stat("used:0"), used - PAGE as i64, "freed at the unmap");
+        for i in [0, pages - 1] {
+            d.unmap(0, base.offset(i * PAGE), PAGE).unwrap();
+            d.release_physical(0, handles[i]).unwrap();
+        }
+        assert_driver(
+            d.unmap(0, base, PAGE).unwrap_err(),
+            "cuMemUnmap",
+            code::INVALID_VALUE,
+        );
+        d.free_address(0, base, pages * PAGE).unwrap();
+    }
+    assert_eq!(f.stat("vmm_reservations"), 0);
+    assert_eq!(f.stat("vmm_physical_bytes"), 0);
+    assert_eq!(f.stat("used:0"), 0);
+    let too_big = 2 * DEVICE_MEM;
+    assert!(matches!(
+        d.create_physical(0, too_big),
+        Err(Error::OutOfMemory {
+            tier: Tier::Device(0),
+            requested,
+            ..
+        }) if requested == too_big
+    ));
+}
+
+/// A copy still queued when its VMM page is unmapped faults on the "device": the
+/// context's sticky error comes back from the synchronisation and every later call.
+#[test]
+fn vmm_unmap_under_a_queued_copy_faults() {
+    if !child("vmm_unmap_under_a_queued_copy_faults", &[]) {
+        return;
+    }
+    let f = fake();
+    let b = CudaBackend::new().unwrap();
+    let d: &dyn Backend = &b;
+    let base = d.reserve_address(0, PAGE).unwrap();
+    let h = d.create_physical(0, PAGE).unwrap();
+    let mut data = vec![1u8; 4096];
+    let s = d.create_stream(0).unwrap();
+    // SAFETY: deliberately breaks the unmap contract (queued work still uses the page);
+    // the fake checks the mapping before it copies, so nothing is touched.
+    unsafe {
+        d.map(0, base, PAGE, h).unwrap();
+        d.copy(dev(0, base), host(&mut data), 4096, Some(s))
+            .unwrap();
+        d.unmap(0, base, PAGE).unwrap();
+        assert_driver(
+            d.synchronize_stream(s).unwrap_err(),
+            "cuStreamSynchronize",
+            code::ILLEGAL_ADDRESS,
+        );
+        assert_eq!(f.stat("faults"), 1);
+        assert_driver(
+            d.alloc_device(0, 4096).unwrap_err(),
+            "cuMemAlloc",
+            code::ILLEGAL_ADDRESS,
+        );
+        // Device 1's context is unaffected.
+        let p = d.alloc_device(1, 4096).unwrap();
+        d.free_device(1, p, 4096).unwrap();
+    }
+}
+
+#[test]
+fn vmm_unsupported_device() {
+    if !child("vmm_unsupported_device", &[("FAKE_CUDA_VMM", "0")]) {
+        return;
+    }
+    fake();
+    let b = CudaBackend::new().unwrap();
+    assert_eq!(b.vmm_granularity(0), None);
+    assert!(matches!(
+        b.reserve_address(0, PAGE),
+        Err(Error::Unsupported { .. })
+    ));
+    assert!(matches!(
+        b.create_physical(0, PAGE),
+        Err(Error::Unsupported { .. })
+    ));
+    // The pool falls back to plain segments.
+    let mgr = Manager::builder()
+        .backend(BackendKind::Cuda)
+        .build()
+        .unwrap();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    assert!(!pool.expandable());
+    let s = mgr.create_stream(0).unwrap();
+    let blk = pool.alloc(MIB, &s).unwrap();
+    blk.write(0, &[1, 2, 3]).unwrap();
+    let mut out = [0u8; 3];
+    blk.read(0, &mut out).unwrap();
+    assert_eq!(out, [1, 2, 3]);
+}
+
+// ------------------------------------------------------------ manager, pool, tier
+
+fn layer_bytes(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 31 + j * 7 + j / 251) as u8).collect()
+}
+
+#[test]
+fn manager_buffers_pool_and_tier_store_on_cuda() {
+    let f = fake();
+    let _g = FakeCuda::serial();
+    let mgr = Manager::builder()
+        .backend(BackendKind::Cuda)
+        .build()
+        .unwrap();
+    assert_eq!(mgr.backend_kind(), BackendKind::Cuda);
+    assert_eq!(mgr.devices().len(), 2);
+
+    // Buffers: pinned host -> device -> host, asynchronously, dropped while in flight.
+    let n = 3 * MIB;
+    let mut pinned = mgr
+        .alloc(Placement::Pinned(NumaPolicy::Default), n)
+        .unwrap();
+    let data = layer_bytes(99, n);
+    mgr.write(&mut pinned, 0, &data).unwrap();
+    let mut on_dev = mgr.alloc(Placement::Device(1), n).unwrap();
+    let s1 = mgr.create_stream(1).unwrap();
+    mgr.copy_async(&mut on_dev, 0, &pinned, 0, n, &s1).unwrap();
+    let mut back = mgr.alloc(Placement::Host(NumaPolicy::Default), n).unwrap();
+    mgr.copy_async(&mut back, 0, &on_dev, 0, n, &s1).unwrap();
+    drop(on_dev); // waits for both copies before cuMemFree
+    assert_eq!(back.as_slice().unwrap(), &data[..]);
+    drop(pinned);
+    assert_eq!(f.stat("registrations"), 0);
+    let mut m = mgr.alloc(Placement::Managed { device: 0 }, MIB).unwrap();
+    m.as_mut_slice().unwrap().fill(3);
+    mgr.prefetch(&m, Location::Device(0), &s1).unwrap();
+    mgr.advise(&m, Advice::SetPreferredLocation(Location::Device(0)))
+        .unwrap();
+    drop(m);
+
+    // The device pool with expandable segments: pages mapped under live blocks only.
+    let pool = mgr
+        .device_pool(
+            0,
+            PoolConfig {
+                budget: Budget::Bytes(64 * MIB),
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+    assert!(pool.expandable(), "VMM on the fake: expandable segments");
+    let s0 = mgr.create_stream(0).unwrap();
+    let blocks: Vec<_> = [700, 3 * MIB + 5, 512, 9 * MIB]
+        .iter()
+        .map(|&size| pool.alloc(size, &s0).unwrap())
+        .collect();
+    assert!(f.stat("vmm_mapped_bytes") >= (12 * MIB) as i64);
+    assert_eq!(f.stat("vmm_mapped_bytes"), f.stat("vmm_accessible_bytes"));
+    for (i, blk) in blocks.iter().enumerate() {
+        let bytes = layer_bytes(i, blk.len());
+        blk.write(0, &bytes).unwrap();
+        let mut out = vec![0u8; blk.len()];
+        blk.read(0, &mut out).unwrap();
+        assert_eq!(out, bytes, "block {i}");
+    }
+    // Through a stream, into and out of a block.
+    let src = {
+        let mut b = mgr
+            .alloc(Placement::Pinned(NumaPolicy::Default), MIB)
+            .unwrap();
+        mgr.write(&mut b, 0, &layer_bytes(7, MIB)).unwrap();
+        b
+    };
+    let mut dst = mgr
+        .alloc(Placement::Host(NumaPolicy::Default), MIB)
+        .unwrap();
+    mgr.copy_to_block(&blocks[3], 4096, &src, 0, MIB, &s0)
+        .unwrap();
+    mgr.copy_from_block(&mut dst, 0, &blocks[3], 4096, MIB, &s0)
+        .unwrap();
+    s0.synchronize().unwrap();
+    assert_eq!(dst.as_slice().unwrap(), &layer_bytes(7, MIB)[..]);
+    let stats = pool.stats();
+    assert_eq!(stats.allocation.all.current, 4);
+    drop(blocks);
+    pool.trim().unwrap();
+    assert_eq!(pool.reserved(), 0);
+    assert_eq!(f.stat("vmm_mapped_bytes"), 0, "trim unmapped every page");
+    assert_eq!(f.stat("vmm_physical_bytes"), 0, "and released them");
+    drop(pool);
+    assert_eq!(f.stat("vmm_reservations"), 0);
+
+    // The tier store: 6 layers of 1 MiB through a 3-layer device budget, checksums on.
+    const LAYERS: usize = 6;
+    let mut cfg = TierConfig::new(3 * MIB, 16 * MIB + LAYERS * MIB);
+    cfg.checksums = true;
+    cfg.sequence = SequenceHint::Given((0..LAYERS as u32).collect());
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    for i in 0..LAYERS {
+        store
+            .register(&format!("layer.{i}"), layer_bytes(i, MIB).into())
+            .unwrap();
+    }
+    let compute = mgr.create_stream(0).unwrap();
+    for pass in 0..3 {
+        for i in 0..LAYERS as u32 {
+            let g = store.acquire(i, &compute).unwrap();
+            let mut out = vec![0u8; MIB];
+            compute.synchronize().unwrap();
+            g.block().read(0, &mut out).unwrap();
+            assert_eq!(out, layer_bytes(i as usize, MIB), "pass {pass} layer {i}");
+        }
+    }
+    let st = store.stats();
+    assert_eq!(st.checksum_mismatches, 0);
+    assert!(st.loads >= LAYERS as u64, "{st:?}");
+    assert!(st.bytes_loaded >= (LAYERS * MIB) as u64);
+    drop(store);
+    drop(compute);
+    drop(s0);
+    drop(s1);
+    drop((src, dst, back));
+    drop(mgr);
+    assert_eq!(f.stat("allocations"), 0);
+    assert_eq!(f.stat("managed_allocations"), 0);
+    assert_eq!(f.stat("registrations"), 0);
+    assert_eq!(f.stat("queued_ops"), 0);
+    assert_eq!(f.stat("vmm_reservations"), 0);
+    assert_eq!(f.stat("faults"), 0, "no copy ran on unmapped memory");
+    assert_eq!(f.stat("zombie_streams"), 0);
+}
+
+// ------------------------------------------------------------------ the fake itself
+
+/// The fake's definitions against CUDA's own cuda.h (check mode): every signature,
+/// constant and struct layout. Needs a CUDA 12.x include directory.
+#[test]
+#[ignore = "needs CUDA 12.x cuda.h: FAKE_CUDA_INCLUDE=<dir with cuda.h> cargo test --test cuda_fake -- --ignored"]
+fn fake_matches_cuda_h() {
+    let dir =
+        std::env::var("FAKE_CUDA_INCLUDE").unwrap_or_else(|_| "/usr/local/cuda/include".to_owned());
+    assert!(
+        std::path::Path::new(&dir).join("cuda.h").is_file(),
+        "no cuda.h in {dir}"
+    );
+    let out = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+        .args([
+            "-DFAKE_CUDA_REAL_HEADERS",
+            "-fsyntax-only",
+            "-Wall",
+            "-Werror",
+        ])
+        .arg(format!("-I{dir}"))
+        .arg(fake_cuda::fake_cuda_source())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Strictness the backend never provokes, checked on the fake directly.
+#[test]
+fn fake_is_strict() {
+    let (f, _g, b) = setup();
+    let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
+    let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
+    let free: CuMemFreeFn = raw(c"cuMemFree_v2");
+    b.mem_info(0).unwrap();
+    let mut p = 0u64;
+    // SAFETY: valid out-pointers and values; the fake validates before it acts.
+    unsafe {
+        assert_eq!(alloc(&mut p, 0), code::INVALID_VALUE, "size 0");
+        assert_eq!(alloc(&mut p, 4096), 0);
+        assert_eq!(
+            free(p + 1),
+            code::INVALID_VALUE,
+            "not an allocation's start"
+        );
+        assert_eq!(free(p), 0);
+        let mut bogus = 0u8;
+        assert_eq!(
+            set((&mut bogus as *mut u8).cast()),
+            code::INVALID_CONTEXT,
+            "not a context"
+        );
+    }
+    // Overlapping ends; managed memory with an attach flag other than GLOBAL / HOST.
+    let copy_raw: CuMemcpyFn = raw(c"cuMemcpyAsync");
+    let managed: CuMemAllocManagedFn = raw(c"cuMemAllocManaged");
+    // SAFETY: valid out-pointers; the overlapping copy is refused before it runs.
+    unsafe {
+        assert_eq!(alloc(&mut p, 8192), 0);
+        assert_eq!(
+            copy_raw(p + 100, p, 4096, std::ptr::null_mut()),
+            code::INVALID_VALUE,
+            "source and destination overlap"
+        );
+        assert_eq!(free(p), 0);
+        assert_eq!(
+            managed(&mut p, 4096, 4),
+            code::INVALID_VALUE,
+            "CU_MEM_ATTACH_SINGLE"
+        );
+        assert_eq!(managed(&mut p, 0, 1), code::INVALID_VALUE, "size 0");
+    }
+    // A host range that runs out of one registration into the next, or from pageable
+    // memory into a registration, is refused (byte ranges, one region per registration).
+    let copy: CuMemcpyFn = raw(c"cuMemcpyAsync");
+    let register: CuRegisterFn = raw(c"cuMemHostRegister_v2");
+    let unregister: CuUnregisterFn = raw(c"cuMemHostUnregister");
+    let mut host_buf = vec![0u8; 3 * 4096];
+    let mut other = vec![0u8; 2 * 4096];
+    let h = host_buf.as_mut_ptr() as u64;
+    let o = other.as_mut_ptr() as u64;
+    let legacy = std::ptr::null_mut();
+    // SAFETY: both buffers outlive their registrations; the copies are on the legacy
+    // stream (at once, inside the buffers) or refused before anything is touched.
+    unsafe {
+        // Bytes 0..4096 pageable, then two registrations of 4096 bytes.
+        assert_eq!(register((h + 4096) as *mut c_void, 4096, 1), 0);
+        assert_eq!(register((h + 8192) as *mut c_void, 4096, 1), 0);
+        assert_eq!(copy(o, h + 4096, 4096, legacy), 0, "inside one");
+        assert_eq!(copy(o, h, 4096, legacy), 0, "pageable only");
+        assert_eq!(
+            copy(o, h + 6144, 4096, legacy),
+            code::INVALID_VALUE,
+            "across two registrations"
+        );
+        assert_eq!(
+            copy(o, h + 2048, 4096, legacy),
+            code::INVALID_VALUE,
+            "from pageable memory into a registration"
+        );
+        assert_eq!(unregister((h + 4096) as *mut c_void), 0);
+        assert_eq!(unregister((h + 8192) as *mut c_void), 0);
+    }
+    assert_eq!(f.stat("allocations"), 0);
+}

@@ -1,0 +1,1922 @@
+/*
+ * A fake CUDA driver (libcuda) for hetmem's tests: it exports every driver entry point
+ * hetmem's CUDA backend (src/backend/cuda.rs, through cudarc's dynamically loaded
+ * `sys` bindings) resolves, with the C signatures and CUresult codes of CUDA 12.x
+ * cuda.h, and behaves like a small multi-GPU machine with a strict driver:
+ *
+ *   - Initialisation. Every call before a successful cuInit answers
+ *     CUDA_ERROR_NOT_INITIALIZED (cuGetErrorString excepted, as in CUDA). cuInit's
+ *     flags must be 0. Environment, read at the first call: FAKE_CUDA_DEVICES (default
+ *     2; 0 -> cuInit answers CUDA_ERROR_NO_DEVICE), FAKE_CUDA_MEM_BYTES (per device,
+ *     default 256 MiB; suffixes K/M/G/T), FAKE_CUDA_MANAGED=0 (no managed memory:
+ *     CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY and _CONCURRENT_MANAGED_ACCESS are 0),
+ *     FAKE_CUDA_VMM=0 (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0 and
+ *     the VMM calls answer CUDA_ERROR_NOT_SUPPORTED), FAKE_CUDA_UNIFIED=0 (no unified
+ *     addressing), FAKE_CUDA_INIT_ERROR=<code> (cuInit fails with it, every time),
+ *     FAKE_CUDA_MAX_REGISTER_BYTES (largest cuMemHostRegister, below). A test may
+ *     instead call fakeCudaConfigure before cuInit.
+ *   - Devices. CUdevice is the ordinal (as on real drivers). Names "Fake NVIDIA H100
+ *     <n>", PCI bus ids in the driver's form, upper case ("0000:1A:00.0", bus 0x1A +
+ *     n), cuDeviceTotalMem_v2 the configured capacity. cuDeviceGetAttribute models
+ *     the attributes hetmem queries (unified addressing 41, managed memory 83,
+ *     concurrent managed access 89, virtual memory management 102) and the PCI ids
+ *     (33, 34, 50); any other attribute answers CUDA_ERROR_INVALID_VALUE, so a new
+ *     query in the backend is noticed here first.
+ *   - Contexts. One primary context per device, with a retain count
+ *     (cuDevicePrimaryCtxRetain / _Release_v2; releasing one that is not retained is
+ *     CUDA_ERROR_INVALID_CONTEXT). The current context is per thread
+ *     (cuCtxGetCurrent / cuCtxSetCurrent, NULL on a new thread). Every call whose
+ *     cuda.h documentation lists CUDA_ERROR_INVALID_CONTEXT needs a current context:
+ *     memory (cuMemAlloc_v2, cuMemFree_v2, cuMemAllocManaged, cuMemGetInfo_v2,
+ *     cuMemHostRegister_v2, cuMemHostUnregister, cuMemAllocHost_v2, cuMemFreeHost),
+ *     streams, events (cuEventQuery excepted: its documentation lists no context
+ *     error) and copies; without one they answer CUDA_ERROR_INVALID_CONTEXT, and with a
+ *     primary context that was released to zero still current,
+ *     CUDA_ERROR_CONTEXT_IS_DESTROYED. Allocations, streams and events belong to the
+ *     current context (and so to its device). When the last reference to a primary
+ *     context is released the context is reset, as the documentation says: its queued
+ *     work runs, its streams and events are destroyed, its allocations (device,
+ *     managed, cuMemAllocHost) freed and its registrations dropped; the CUcontext
+ *     value stays the same and a later retain activates it again. The VMM calls
+ *     (cuMemCreate, cuMemMap, ...) and cuMemAdvise_v2 need no context: their
+ *     documentation lists no context error and VMM memory is owned by the process.
+ *   - Device memory is host memory (the address is the "device pointer"). As with
+ *     unified addressing on a GPU, device and managed allocations and VMM reservations
+ *     come from an address range of their own (reserved PROT_NONE + MAP_NORESERVE at
+ *     first use, up to 4 TiB of address space, nothing more), each in whole 2 MiB
+ *     pieces, so an address computed past the end of a device allocation is never a
+ *     host buffer. Only the pages asked for are mapped (MAP_NORESERVE: large
+ *     capacities cost nothing until touched); they are filled with 0xA5 (device memory
+ *     is not cleared) and counted against the device of the current context: past
+ *     capacity CUDA_ERROR_OUT_OF_MEMORY,
+ *     size 0 CUDA_ERROR_INVALID_VALUE, freeing an unknown pointer (or twice)
+ *     CUDA_ERROR_INVALID_VALUE. cuMemGetInfo_v2 answers for the current context's
+ *     device. Managed memory (cuMemAllocManaged, flags CU_MEM_ATTACH_GLOBAL or _HOST)
+ *     is charged to its device too (a real GPU with concurrent managed access would
+ *     oversubscribe instead); without managed memory it is CUDA_ERROR_NOT_SUPPORTED.
+ *   - Streams (cuStreamCreate, flags CU_STREAM_DEFAULT or CU_STREAM_NON_BLOCKING) and
+ *     events (cuEventCreate, flags DEFAULT / BLOCKING_SYNC / DISABLE_TIMING /
+ *     INTERPROCESS, the last only with DISABLE_TIMING) are tracked objects; a
+ *     destroyed or unknown handle is CUDA_ERROR_INVALID_HANDLE. Destroyed handles are
+ *     REUSED: the next create of the same kind hands out the most recently destroyed
+ *     value again, as a real driver may.
+ *   - Copies are asynchronous, honestly. cuMemcpyAsync / cuMemcpyPeerAsync on a stream
+ *     only queue the copy; nothing moves until the queue runs. A queue runs (in order)
+ *     on cuStreamSynchronize; up to an event's latest recording on cuEventSynchronize
+ *     and on a cuEventQuery that found it pending (the query answers
+ *     CUDA_ERROR_NOT_READY, and the "GPU" then makes progress so a polling loop ends);
+ *     when a stream that waits for an event (cuStreamWaitEvent queues the wait) runs,
+ *     the producer first runs up to the recording the wait captured; and before
+ *     cuMemFree_v2 / cuMemHostUnregister / cuMemFreeHost of memory that a queued copy
+ *     touches (the driver's implicit synchronisation). cuStreamDestroy does NOT run the
+ *     queue: as documented it returns at once and the work finishes later (here: when
+ *     something waits for it); the handle is handed out again only once that work has
+ *     run. The legacy default stream (NULL or CU_STREAM_LEGACY) copies at once, after
+ *     running the queues of the context's blocking (CU_STREAM_DEFAULT) streams, which
+ *     it synchronises with; non-blocking streams are not waited for.
+ *     CU_STREAM_PER_THREAD copies at once too. Events: a recording on a stream with
+ *     queued work is queued and the event is pending until the queue passes it; on an
+ *     idle stream it completes at once; an event never recorded is complete.
+ *     cuEventRecord on a stream of another context is CUDA_ERROR_INVALID_HANDLE, as
+ *     documented; a copy may be queued on a stream of any context (the programming
+ *     guide: "a memory copy will succeed even if it is issued to a stream that is not
+ *     associated to the current device").
+ *   - Copy checks, when the copy is called: a range that starts in a known region
+ *     (device or managed allocation, cuMemAllocHost memory, a host registration, a VMM
+ *     reservation) must stay inside it; a range that starts elsewhere (pageable host
+ *     memory) must not run into one; source and destination must not overlap. A range
+ *     in a VMM reservation must lie on mappings that the owning device was given access
+ *     to with cuMemSetAccess (read for a source, read-write for a destination):
+ *     reserved-but-unmapped or mapped-without-access ranges are CUDA_ERROR_INVALID_VALUE
+ *     at the call (chosen: the driver cannot resolve such an address to memory). If a
+ *     queued copy finds its VMM range unmapped when it runs (unmapped after queueing),
+ *     that is a device fault: the copy does not happen and the stream's context gets
+ *     the sticky CUDA_ERROR_ILLEGAL_ADDRESS, which every later call in that context
+ *     returns until the context is reset (as on a GPU). cuMemcpyPeerAsync needs both
+ *     contexts active and each pointer in device memory (cuMemAlloc or VMM) of its
+ *     context's device, else CUDA_ERROR_INVALID_CONTEXT / CUDA_ERROR_INVALID_VALUE.
+ *   - Managed memory: cuMemPrefetchAsync_v2 / cuMemAdvise_v2 take a CUmemLocation and
+ *     accept only ranges inside managed allocations (else CUDA_ERROR_INVALID_VALUE);
+ *     a device location must be a valid device with concurrent managed access (else
+ *     CUDA_ERROR_INVALID_DEVICE), as must the prefetch stream's device; flags must be
+ *     0. Prefetches change nothing and are not queued.
+ *   - Host registration (cuMemHostRegister_v2, flags PORTABLE|DEVICEMAP|IOMEMORY|
+ *     READ_ONLY): a range overlapping a registration or cuMemAllocHost memory is
+ *     CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED; device, managed or VMM memory is
+ *     CUDA_ERROR_INVALID_VALUE; a range that is not mapped at all (msync says ENOMEM)
+ *     is CUDA_ERROR_INVALID_VALUE; one registration larger than
+ *     FAKE_CUDA_MAX_REGISTER_BYTES (default 64 GiB + 2 MiB, so one registration of
+ *     more than hetmem's 64 GiB chunk fails) is CUDA_ERROR_OUT_OF_MEMORY, as a real
+ *     r580 driver answers for one registration of 512 GiB or more (its page-table
+ *     bookkeeping is capped per call). cuMemHostUnregister needs the base address of a
+ *     registration, else CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED. cuMemAllocHost_v2 /
+ *     cuMemFreeHost give and take pinned host memory (cuMemFreeHost of anything else is
+ *     CUDA_ERROR_INVALID_VALUE).
+ *   - Virtual memory management: granularity 2 MiB (minimum and recommended; the prop
+ *     must be PINNED memory on a valid DEVICE location with no shareable handle type
+ *     beyond POSIX_FD, no win32 metadata). cuMemAddressReserve: size a positive
+ *     multiple of the host page size (as documented), alignment 0 or a power of two,
+ *     flags 0, address a hint; the range is a PROT_NONE mapping aligned to at least the
+ *     granularity. cuMemCreate: size a positive multiple of the granularity, flags 0;
+ *     the physical memory is a memfd, counted against its device (OOM past capacity).
+ *     cuMemMap: ptr, size and offset multiples of the granularity, offset + size within
+ *     the handle, the range inside one reservation with nothing mapped there yet, flags
+ *     0; it maps the memfd MAP_FIXED over the reservation, still PROT_NONE.
+ *     cuMemSetAccess: the range must be fully mapped and cover whole mappings; then the
+ *     pages become readable/writable (for the fake's memmove). cuMemUnmap: exactly
+ *     whole mappings (one or several adjacent); a sub-range is
+ *     CUDA_ERROR_INVALID_VALUE. cuMemRelease: an unknown or released handle is
+ *     CUDA_ERROR_INVALID_VALUE (undefined in CUDA); the memory is freed once the handle
+ *     is released and its last mapping unmapped. cuMemAddressFree: ptr and size must
+ *     be exactly one reservation's, and it is refused (CUDA_ERROR_INVALID_VALUE) while
+ *     anything is mapped in it. Released handle values are reused like streams.
+ *
+ * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points,
+ * peer access enabling (peer copies always work, as cuMemcpyPeerAsync does without it),
+ * contexts other than primary ones (cuCtxCreate, the context stack), stream priorities
+ * and callbacks, event timing, IPC, the stream-ordered allocator, managed-memory
+ * migration and oversubscription (managed memory is charged to its device), pinning
+ * (registration does not fault pages in, and PROT_NONE pages are accepted where a real
+ * driver would fail to pin them), page-granular registration conflicts (ranges are
+ * compared byte-exact), NUMA placement, concurrency (queued work runs on the calling
+ * thread, under the lock, when something waits for it), allocation rounding
+ * (cuMemGetInfo counts requested bytes).
+ *
+ * Extra entry points for tests (not CUDA): fakeCudaConfigure, fakeCudaFailNext and
+ * fakeCudaStat, below. One mutex is taken by every call, and queued work runs under it.
+ *
+ * State is per loaded copy of the library. cudarc loads the driver as "libcuda.so"
+ * (its first candidate name) once per process; built with -Wl,-soname,libcuda.so and
+ * loaded by absolute path first (tests/common/fake_cuda.rs, FakeCuda::preload), this
+ * file answers that dlopen. From a shell:
+ *   cc -shared -fPIC -O1 -pthread -Wl,-soname,libcuda.so \
+ *      -o target/fake-cuda/libcuda.so tests/fake_cuda/fake_cuda.c
+ *   LD_LIBRARY_PATH=target/fake-cuda cargo run --example stream_layers -- --backend cuda
+ *
+ * Check mode: `cc -DFAKE_CUDA_REAL_HEADERS -I<cuda>/include -fsyntax-only fake_cuda.c`
+ * compares every definition below with CUDA's own declarations (a conflicting type is
+ * an error) and every constant and struct layout with the static assertions.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+#ifdef FAKE_CUDA_REAL_HEADERS
+#include <cuda.h>
+#else
+typedef enum cudaError_enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_DEINITIALIZED = 4,
+    CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_ILLEGAL_ADDRESS = 700,
+    CUDA_ERROR_CONTEXT_IS_DESTROYED = 709,
+    CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712,
+    CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
+    CUDA_ERROR_NOT_PERMITTED = 800,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_UNKNOWN = 999
+} CUresult;
+typedef int CUdevice;
+typedef struct CUctx_st *CUcontext;
+typedef struct CUstream_st *CUstream;
+typedef struct CUevent_st *CUevent;
+typedef unsigned long long CUdeviceptr;
+typedef unsigned long long CUmemGenericAllocationHandle;
+
+typedef enum CUdevice_attribute_enum {
+    CU_DEVICE_ATTRIBUTE_PCI_BUS_ID = 33,
+    CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID = 34,
+    CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING = 41,
+    CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID = 50,
+    CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY = 83,
+    CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS = 89,
+    CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 102
+} CUdevice_attribute;
+
+typedef enum CUstream_flags_enum { CU_STREAM_DEFAULT = 0, CU_STREAM_NON_BLOCKING = 1 } CUstream_flags;
+typedef enum CUevent_flags_enum {
+    CU_EVENT_DEFAULT = 0,
+    CU_EVENT_BLOCKING_SYNC = 1,
+    CU_EVENT_DISABLE_TIMING = 2,
+    CU_EVENT_INTERPROCESS = 4
+} CUevent_flags;
+typedef enum CUmemAttach_flags_enum {
+    CU_MEM_ATTACH_GLOBAL = 1,
+    CU_MEM_ATTACH_HOST = 2,
+    CU_MEM_ATTACH_SINGLE = 4
+} CUmemAttach_flags;
+typedef enum CUmem_advise_enum {
+    CU_MEM_ADVISE_SET_READ_MOSTLY = 1,
+    CU_MEM_ADVISE_UNSET_READ_MOSTLY = 2,
+    CU_MEM_ADVISE_SET_PREFERRED_LOCATION = 3,
+    CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION = 4,
+    CU_MEM_ADVISE_SET_ACCESSED_BY = 5,
+    CU_MEM_ADVISE_UNSET_ACCESSED_BY = 6
+} CUmem_advise;
+typedef enum CUmemLocationType_enum {
+    CU_MEM_LOCATION_TYPE_INVALID = 0,
+    CU_MEM_LOCATION_TYPE_DEVICE = 1,
+    CU_MEM_LOCATION_TYPE_HOST = 2,
+    CU_MEM_LOCATION_TYPE_HOST_NUMA = 3,
+    CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT = 4,
+    CU_MEM_LOCATION_TYPE_MAX = 0x7FFFFFFF
+} CUmemLocationType;
+typedef enum CUmemAllocationType_enum {
+    CU_MEM_ALLOCATION_TYPE_INVALID = 0,
+    CU_MEM_ALLOCATION_TYPE_PINNED = 1,
+    CU_MEM_ALLOCATION_TYPE_MAX = 0x7FFFFFFF
+} CUmemAllocationType;
+typedef enum CUmemAllocationHandleType_enum {
+    CU_MEM_HANDLE_TYPE_NONE = 0,
+    CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR = 1,
+    CU_MEM_HANDLE_TYPE_WIN32 = 2,
+    CU_MEM_HANDLE_TYPE_WIN32_KMT = 4,
+    CU_MEM_HANDLE_TYPE_FABRIC = 8,
+    CU_MEM_HANDLE_TYPE_MAX = 0x7FFFFFFF
+} CUmemAllocationHandleType;
+typedef enum CUmemAccess_flags_enum {
+    CU_MEM_ACCESS_FLAGS_PROT_NONE = 0,
+    CU_MEM_ACCESS_FLAGS_PROT_READ = 1,
+    CU_MEM_ACCESS_FLAGS_PROT_READWRITE = 3,
+    CU_MEM_ACCESS_FLAGS_PROT_MAX = 0x7FFFFFFF
+} CUmemAccess_flags;
+typedef enum CUmemAllocationGranularity_flags_enum {
+    CU_MEM_ALLOC_GRANULARITY_MINIMUM = 0,
+    CU_MEM_ALLOC_GRANULARITY_RECOMMENDED = 1
+} CUmemAllocationGranularity_flags;
+
+typedef struct CUmemLocation_st {
+    CUmemLocationType type;
+    int id;
+} CUmemLocation;
+typedef struct CUmemAllocationProp_st {
+    CUmemAllocationType type;
+    CUmemAllocationHandleType requestedHandleTypes;
+    CUmemLocation location;
+    void *win32HandleMetaData;
+    struct {
+        unsigned char compressionType;
+        unsigned char gpuDirectRDMACapable;
+        unsigned short usage;
+        unsigned char reserved[4];
+    } allocFlags;
+} CUmemAllocationProp;
+typedef struct CUmemAccessDesc_st {
+    CUmemLocation location;
+    CUmemAccess_flags flags;
+} CUmemAccessDesc;
+
+#define CU_STREAM_LEGACY ((CUstream)0x1)
+#define CU_STREAM_PER_THREAD ((CUstream)0x2)
+#define CU_MEMHOSTREGISTER_PORTABLE 0x01
+#define CU_MEMHOSTREGISTER_DEVICEMAP 0x02
+#define CU_MEMHOSTREGISTER_IOMEMORY 0x04
+#define CU_MEMHOSTREGISTER_READ_ONLY 0x08
+#endif
+
+/* The numbers of CUDA 12.x cuda.h (and cudarc's cuda-12080 bindings), checked against
+ * cuda.h itself in check mode. */
+_Static_assert(CUDA_ERROR_INVALID_VALUE == 1, "");
+_Static_assert(CUDA_ERROR_OUT_OF_MEMORY == 2, "");
+_Static_assert(CUDA_ERROR_NOT_INITIALIZED == 3, "");
+_Static_assert(CUDA_ERROR_NO_DEVICE == 100, "");
+_Static_assert(CUDA_ERROR_INVALID_DEVICE == 101, "");
+_Static_assert(CUDA_ERROR_INVALID_CONTEXT == 201, "");
+_Static_assert(CUDA_ERROR_INVALID_HANDLE == 400, "");
+_Static_assert(CUDA_ERROR_NOT_READY == 600, "");
+_Static_assert(CUDA_ERROR_ILLEGAL_ADDRESS == 700, "");
+_Static_assert(CUDA_ERROR_CONTEXT_IS_DESTROYED == 709, "");
+_Static_assert(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED == 712, "");
+_Static_assert(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED == 713, "");
+_Static_assert(CUDA_ERROR_NOT_SUPPORTED == 801, "");
+_Static_assert(CUDA_ERROR_UNKNOWN == 999, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_PCI_BUS_ID == 33, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID == 34, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING == 41, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID == 50, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY == 83, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS == 89, "");
+_Static_assert(CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED == 102, "");
+_Static_assert(CU_STREAM_NON_BLOCKING == 1, "");
+_Static_assert(CU_EVENT_DISABLE_TIMING == 2 && CU_EVENT_INTERPROCESS == 4, "");
+_Static_assert(CU_MEM_ATTACH_GLOBAL == 1 && CU_MEM_ATTACH_HOST == 2, "");
+_Static_assert(CU_MEM_ADVISE_SET_READ_MOSTLY == 1 && CU_MEM_ADVISE_UNSET_ACCESSED_BY == 6, "");
+_Static_assert(CU_MEM_LOCATION_TYPE_DEVICE == 1 && CU_MEM_LOCATION_TYPE_HOST == 2, "");
+_Static_assert(CU_MEM_LOCATION_TYPE_HOST_NUMA == 3 && CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT == 4, "");
+_Static_assert(CU_MEM_ALLOCATION_TYPE_PINNED == 1, "");
+_Static_assert(CU_MEM_HANDLE_TYPE_NONE == 0 && CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR == 1, "");
+_Static_assert(CU_MEM_ACCESS_FLAGS_PROT_READ == 1 && CU_MEM_ACCESS_FLAGS_PROT_READWRITE == 3, "");
+_Static_assert(CU_MEM_ALLOC_GRANULARITY_MINIMUM == 0 && CU_MEM_ALLOC_GRANULARITY_RECOMMENDED == 1, "");
+_Static_assert(CU_MEMHOSTREGISTER_PORTABLE == 1 && CU_MEMHOSTREGISTER_READ_ONLY == 8, "");
+_Static_assert(sizeof(CUmemLocation) == 8, "CUmemLocation is { type, id } before CUDA 13.2");
+_Static_assert(offsetof(CUmemLocation, id) == 4, "");
+_Static_assert(sizeof(CUmemAllocationProp) == 32, "4 + 4 + 8 + 8 + 8 bytes");
+_Static_assert(offsetof(CUmemAllocationProp, location) == 8, "");
+_Static_assert(offsetof(CUmemAllocationProp, win32HandleMetaData) == 16, "");
+_Static_assert(offsetof(CUmemAllocationProp, allocFlags) == 24, "");
+_Static_assert(sizeof(CUmemAccessDesc) == 12, "");
+_Static_assert(offsetof(CUmemAccessDesc, flags) == 8, "");
+_Static_assert(sizeof(CUdeviceptr) == 8 && sizeof(CUmemGenericAllocationHandle) == 8, "");
+
+#define MAX_DEVICES 16
+#define GRANULARITY ((size_t)2 << 20)
+#define HOST_PAGE ((size_t)4096)
+
+/* ------------------------------------------------------------------------- state */
+
+struct ctx {
+    unsigned magic;
+    int device;
+    int refcount;
+    int active;
+    CUresult sticky; /* a device fault: every later call in the context returns it */
+};
+#define CTX_MAGIC 0x43545846u
+
+enum { MEM_DEVICE = 1, MEM_MANAGED = 2, MEM_HOST = 3 /* cuMemAllocHost */ };
+
+struct alloc {
+    char *ptr;
+    size_t size;   /* bytes asked for: the range checks use this */
+    size_t mapped; /* bytes mmapped (page-rounded) */
+    int kind;
+    int device;
+    struct ctx *ctx;
+};
+
+struct registration {
+    char *ptr;
+    size_t size;
+    unsigned flags;
+    struct ctx *ctx;
+};
+
+struct phys { /* cuMemCreate */
+    unsigned long long handle;
+    int live;     /* handle not yet released */
+    int freed;    /* memory given back (released and unmapped) */
+    int device;
+    size_t size;
+    int fd;
+    int mappings;
+};
+
+struct reservation {
+    char *base;
+    size_t size; /* as asked for: cuMemAddressFree must name it */
+    size_t va;   /* taken from the device address range (granularity multiple) */
+};
+
+struct mapping {
+    char *ptr;
+    size_t size;
+    struct phys *phys;
+    unsigned access[MAX_DEVICES]; /* CUmemAccess_flags per device */
+};
+
+enum { OP_COPY = 1, OP_RECORD = 2, OP_WAIT = 3 };
+
+struct object;
+
+struct op { /* one piece of queued work on a stream */
+    int kind;
+    unsigned long long seq; /* global order of enqueueing */
+    /* OP_COPY */
+    char *dst;
+    const char *src;
+    size_t n;
+    int dst_vmm, src_vmm; /* recheck the VMM range when it runs */
+    /* OP_RECORD */
+    struct object *ev;
+    unsigned long long ev_incarnation, gen;
+    /* OP_WAIT: run `wait_stream` through the op numbered `wait_seq` first */
+    struct object *wait_stream;
+    unsigned long long wait_seq;
+};
+
+struct object { /* a stream or an event */
+    unsigned magic;
+    int kind;
+    int live;   /* the handle is valid */
+    int zombie; /* stream destroyed with work still queued: runs later, not reusable */
+    unsigned long long incarnation;
+    struct ctx *ctx;
+    unsigned flags;
+    struct object *next_free;
+    /* Streams: the queue; ops [qhead, qlen) are pending. */
+    struct op *q;
+    size_t qhead, qlen, qcap;
+    /* Events: recorded `gen` times, of which the recordings up to `done_gen` passed;
+     * the latest pending one is op `rec_seq` of `rec_stream`. */
+    unsigned long long gen, done_gen, rec_seq;
+    struct object *rec_stream;
+};
+#define OBJ_MAGIC 0x4355444fu
+enum { KIND_STREAM = 1, KIND_EVENT = 2 };
+
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static int g_env_read, g_configured, g_initialized;
+static int g_devices = 2;
+static size_t g_capacity = (size_t)256 << 20;
+static int g_managed = 1, g_vmm = 1, g_unified = 1;
+static int g_init_error;
+static size_t g_max_register = ((size_t)64 << 30) + GRANULARITY;
+static size_t g_used[MAX_DEVICES];
+static struct ctx g_ctx[MAX_DEVICES];
+static __thread struct ctx *t_current;
+
+static struct alloc *g_allocs;
+static size_t g_nallocs, g_cap_allocs;
+static struct registration *g_regs;
+static size_t g_nregs, g_cap_regs;
+/* Never freed: a stale handle stays detectable until its value is handed out again. */
+static struct object **g_objects;
+static size_t g_nobjects, g_cap_objects;
+static struct object *g_free_streams, *g_free_events;
+static struct phys **g_phys;
+static size_t g_nphys, g_cap_phys;
+static struct reservation *g_res;
+static size_t g_nres, g_cap_res;
+static struct mapping *g_maps;
+static size_t g_nmaps, g_cap_maps;
+static unsigned long long g_next_seq = 1, g_next_incarnation = 1, g_next_handle = 0x100;
+
+static char g_fail_call[64];
+static int g_fail_code, g_fail_times;
+
+static long long g_copies, g_async_copies, g_async_copies_done, g_peer_copies;
+static long long g_reused_handles, g_prefetches, g_advises, g_faults;
+static long long g_last_prefetch_type = -100, g_last_prefetch_id = -100;
+static long long g_last_advice = -100, g_last_advice_type = -100, g_last_advice_id = -100;
+static long long g_last_register_flags = -100, g_register_calls;
+static long long g_last_stream_flags = -100, g_last_event_flags = -100;
+static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
+
+static void *grow(void *arr, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return arr;
+    size_t ncap = *cap ? *cap * 2 : 16;
+    while (ncap < need) ncap *= 2;
+    void *n = realloc(arr, ncap * elem);
+    if (!n) return NULL;
+    *cap = ncap;
+    return n;
+}
+
+/* An integer from the environment, with an optional K/M/G/T suffix (binary). */
+static long long env_ll(const char *name, long long dflt) {
+    const char *v = getenv(name);
+    if (!v || !*v) return dflt;
+    char *end;
+    long long x = strtoll(v, &end, 0);
+    int shift = 0;
+    switch (*end) {
+    case 'K': case 'k': shift = 10; end++; break;
+    case 'M': case 'm': shift = 20; end++; break;
+    case 'G': case 'g': shift = 30; end++; break;
+    case 'T': case 't': shift = 40; end++; break;
+    default: break;
+    }
+    if (*end == 'i' || *end == 'B') end++;
+    if (*end == 'B') end++;
+    return *end ? dflt : x << shift;
+}
+
+static void read_env_locked(void) {
+    if (g_env_read) return;
+    g_env_read = 1;
+    for (int d = 0; d < MAX_DEVICES; d++) g_ctx[d] = (struct ctx){CTX_MAGIC, d, 0, 0, CUDA_SUCCESS};
+    if (g_configured) return;
+    long long n = env_ll("FAKE_CUDA_DEVICES", 2);
+    g_devices = n < 0 ? 0 : (n > MAX_DEVICES ? MAX_DEVICES : (int)n);
+    long long m = env_ll("FAKE_CUDA_MEM_BYTES", (long long)256 << 20);
+    g_capacity = m < 0 ? 0 : (size_t)m;
+    g_managed = env_ll("FAKE_CUDA_MANAGED", 1) != 0;
+    g_vmm = env_ll("FAKE_CUDA_VMM", 1) != 0;
+    g_unified = env_ll("FAKE_CUDA_UNIFIED", 1) != 0;
+    g_init_error = (int)env_ll("FAKE_CUDA_INIT_ERROR", 0);
+    long long r = env_ll("FAKE_CUDA_MAX_REGISTER_BYTES", (long long)g_max_register);
+    if (r > 0) g_max_register = (size_t)r;
+}
+
+/* Nonzero (the code) when the test asked this call to fail. */
+static int injected_failure(const char *call) {
+    if (g_fail_times > 0 && strcmp(call, g_fail_call) == 0) {
+        g_fail_times--;
+        return g_fail_code;
+    }
+    return 0;
+}
+
+#define RETURN(code)                               \
+    do {                                           \
+        CUresult rc_ = (CUresult)(code);           \
+        pthread_mutex_unlock(&g_lock);             \
+        return rc_;                                \
+    } while (0)
+
+/* For destroys: giving up the CPU right after the handle became reusable widens the
+ * window in which another thread's create gets the same value back, so that a caller
+ * still using the old value (or updating its bookkeeping too late) is caught. */
+#define RETURN_YIELDING(code)                      \
+    do {                                           \
+        CUresult rc_ = (CUresult)(code);           \
+        pthread_mutex_unlock(&g_lock);             \
+        sched_yield();                             \
+        return rc_;                                \
+    } while (0)
+
+/* Every entry point but cuInit and cuGetErrorString. */
+#define ENTER(name)                                \
+    pthread_mutex_lock(&g_lock);                   \
+    read_env_locked();                             \
+    do {                                           \
+        int injected_ = injected_failure(name);    \
+        if (injected_) RETURN(injected_);          \
+        if (!g_initialized) RETURN(CUDA_ERROR_NOT_INITIALIZED); \
+    } while (0)
+
+/* The calling thread's current context, which must be live. */
+static CUresult need_ctx(struct ctx **out) {
+    struct ctx *c = t_current;
+    if (!c) {
+        g_no_context_errors++;
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    if (!c->active) {
+        g_no_context_errors++;
+        return CUDA_ERROR_CONTEXT_IS_DESTROYED;
+    }
+    if (c->sticky) return c->sticky;
+    if (out) *out = c;
+    return CUDA_SUCCESS;
+}
+
+#define NEED_CTX(var)                              \
+    do {                                           \
+        CUresult nc_ = need_ctx(&(var));           \
+        if (nc_) RETURN(nc_);                      \
+    } while (0)
+
+static int valid_device(int d) { return d >= 0 && d < g_devices; }
+
+static struct ctx *as_ctx(CUcontext c) {
+    struct ctx *p = (struct ctx *)(void *)c;
+    for (int d = 0; d < g_devices; d++)
+        if (p == &g_ctx[d]) return p;
+    return NULL;
+}
+
+static int overlaps(const char *a, size_t an, const char *b, size_t bn) {
+    return a < b + bn && b < a + an;
+}
+
+/* ------------------------------------------------------------ device address space */
+
+/* As with unified addressing on a real GPU, device memory (cuMemAlloc, managed memory)
+ * and VMM reservations live in an address range of their own, reserved at the first
+ * use (PROT_NONE, MAP_NORESERVE: address space only), never next to host memory: an
+ * address computed past the end of a device allocation is not some host buffer. Each
+ * piece is a multiple of the granularity, placed first fit. */
+static uintptr_t g_arena;
+static size_t g_arena_len;
+struct range {
+    uintptr_t start;
+    size_t len;
+};
+static struct range *g_free_va; /* sorted by start, coalesced */
+static size_t g_nfree_va, g_cap_free_va;
+
+static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+static int arena_init(void) {
+    if (g_arena) return 1;
+    for (size_t len = (size_t)4 << 40; len >= ((size_t)64 << 30); len /= 2) {
+        void *p = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) continue;
+        uintptr_t start = round_up((uintptr_t)p, GRANULARITY);
+        struct range *n = grow(g_free_va, &g_cap_free_va, 1, sizeof *g_free_va);
+        if (!n) {
+            munmap(p, len);
+            return 0;
+        }
+        g_free_va = n;
+        g_arena = start;
+        g_arena_len = (len - (start - (uintptr_t)p)) / GRANULARITY * GRANULARITY;
+        g_free_va[0] = (struct range){g_arena, g_arena_len};
+        g_nfree_va = 1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Takes `len` bytes (a multiple of the granularity) aligned to `align`, at `hint` if
+ * that is free; NULL when the arena is full. */
+static char *arena_take(size_t len, size_t align, uintptr_t hint) {
+    if (!arena_init()) return NULL;
+    for (int pass = hint ? 0 : 1; pass < 2; pass++) {
+        for (size_t i = 0; i < g_nfree_va; i++) {
+            struct range r = g_free_va[i];
+            uintptr_t at = pass == 0 ? hint : round_up(r.start, align);
+            if (at < r.start || at + len > r.start + r.len || at % align) continue;
+            /* Split r into [r.start, at) and [at + len, end). */
+            struct range before = {r.start, at - r.start};
+            struct range after = {at + len, r.start + r.len - (at + len)};
+            if (before.len && after.len) {
+                struct range *n = grow(g_free_va, &g_cap_free_va, g_nfree_va + 1, sizeof *g_free_va);
+                if (!n) return NULL;
+                g_free_va = n;
+                memmove(&g_free_va[i + 2], &g_free_va[i + 1], (g_nfree_va - i - 1) * sizeof *g_free_va);
+                g_free_va[i] = before;
+                g_free_va[i + 1] = after;
+                g_nfree_va++;
+            } else if (before.len) {
+                g_free_va[i] = before;
+            } else if (after.len) {
+                g_free_va[i] = after;
+            } else {
+                memmove(&g_free_va[i], &g_free_va[i + 1], (g_nfree_va - i - 1) * sizeof *g_free_va);
+                g_nfree_va--;
+            }
+            return (char *)at;
+        }
+    }
+    return NULL;
+}
+
+/* Gives a piece back: its pages are dropped and the range is bare address space again. */
+static void arena_give(char *p, size_t len) {
+    mmap(p, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    uintptr_t s = (uintptr_t)p;
+    size_t i = 0;
+    while (i < g_nfree_va && g_free_va[i].start < s) i++;
+    struct range *n = grow(g_free_va, &g_cap_free_va, g_nfree_va + 1, sizeof *g_free_va);
+    if (!n) return; /* leaks the range: harmless */
+    g_free_va = n;
+    memmove(&g_free_va[i + 1], &g_free_va[i], (g_nfree_va - i) * sizeof *g_free_va);
+    g_free_va[i] = (struct range){s, len};
+    g_nfree_va++;
+    /* Coalesce with the neighbours. */
+    if (i + 1 < g_nfree_va && g_free_va[i].start + g_free_va[i].len == g_free_va[i + 1].start) {
+        g_free_va[i].len += g_free_va[i + 1].len;
+        memmove(&g_free_va[i + 1], &g_free_va[i + 2], (g_nfree_va - i - 2) * sizeof *g_free_va);
+        g_nfree_va--;
+    }
+    if (i > 0 && g_free_va[i - 1].start + g_free_va[i - 1].len == g_free_va[i].start) {
+        g_free_va[i - 1].len += g_free_va[i].len;
+        memmove(&g_free_va[i], &g_free_va[i + 1], (g_nfree_va - i - 1) * sizeof *g_free_va);
+        g_nfree_va--;
+    }
+}
+
+/* ------------------------------------------------------------------ lookups */
+
+static struct alloc *find_alloc(const char *p) {
+    for (size_t i = 0; i < g_nallocs; i++)
+        if (p >= g_allocs[i].ptr && p < g_allocs[i].ptr + g_allocs[i].size) return &g_allocs[i];
+    return NULL;
+}
+
+static struct registration *find_reg(const char *p) {
+    for (size_t i = 0; i < g_nregs; i++)
+        if (p >= g_regs[i].ptr && p < g_regs[i].ptr + g_regs[i].size) return &g_regs[i];
+    return NULL;
+}
+
+static struct reservation *find_res(const char *p) {
+    for (size_t i = 0; i < g_nres; i++)
+        if (p >= g_res[i].base && p < g_res[i].base + g_res[i].size) return &g_res[i];
+    return NULL;
+}
+
+static struct mapping *find_map(const char *p) {
+    for (size_t i = 0; i < g_nmaps; i++)
+        if (p >= g_maps[i].ptr && p < g_maps[i].ptr + g_maps[i].size) return &g_maps[i];
+    return NULL;
+}
+
+/* Whether a known region (of any kind) overlaps p..p+n. */
+static int touches_known_region(const char *p, size_t n) {
+    for (size_t i = 0; i < g_nallocs; i++)
+        if (overlaps(p, n, g_allocs[i].ptr, g_allocs[i].size)) return 1;
+    for (size_t i = 0; i < g_nregs; i++)
+        if (overlaps(p, n, g_regs[i].ptr, g_regs[i].size)) return 1;
+    for (size_t i = 0; i < g_nres; i++)
+        if (overlaps(p, n, g_res[i].base, g_res[i].size)) return 1;
+    return 0;
+}
+
+/* Whether p..p+n lies in one reservation, wholly on mappings whose device may read
+ * (and, for `write`, write) them. */
+static int vmm_accessible(const char *p, size_t n, int write) {
+    struct reservation *r = find_res(p);
+    if (!r || (size_t)(p - r->base) + n > r->size) return 0;
+    unsigned need = write ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE : CU_MEM_ACCESS_FLAGS_PROT_READ;
+    const char *cur = p, *end = p + n;
+    while (cur < end) {
+        struct mapping *m = find_map(cur);
+        if (!m) return 0;
+        if ((m->access[m->phys->device] & need) != need) return 0;
+        cur = m->ptr + m->size;
+    }
+    return 1;
+}
+
+/* Checks one end of a copy; sets *vmm when it lies in a VMM reservation. */
+static CUresult check_end(const char *p, size_t n, int write, int *vmm) {
+    *vmm = 0;
+    struct alloc *a = find_alloc(p);
+    if (a) return (size_t)(p - a->ptr) + n <= a->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    struct registration *g = find_reg(p);
+    if (g) return (size_t)(p - g->ptr) + n <= g->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    if (find_res(p)) {
+        *vmm = 1;
+        return vmm_accessible(p, n, write) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    }
+    /* Pageable host memory: it must not run into memory the driver knows. */
+    return touches_known_region(p, n) ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+}
+
+/* Checks one end of a peer copy: device memory (cuMemAlloc or VMM) of c's device. */
+static CUresult check_peer_end(const char *p, size_t n, int write, struct ctx *c, int *vmm) {
+    *vmm = 0;
+    struct alloc *a = find_alloc(p);
+    if (a) {
+        if (a->kind != MEM_DEVICE || a->device != c->device) return CUDA_ERROR_INVALID_VALUE;
+        return (size_t)(p - a->ptr) + n <= a->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!find_res(p) || !vmm_accessible(p, n, write)) return CUDA_ERROR_INVALID_VALUE;
+    for (const char *cur = p; cur < p + n;) {
+        struct mapping *m = find_map(cur);
+        if (m->phys->device != c->device) return CUDA_ERROR_INVALID_VALUE;
+        cur = m->ptr + m->size;
+    }
+    *vmm = 1;
+    return CUDA_SUCCESS;
+}
+
+/* ------------------------------------------------------------------- objects */
+
+static struct object *find_object(const void *h, int kind) {
+    for (size_t i = 0; i < g_nobjects; i++)
+        if ((const void *)g_objects[i] == h)
+            return g_objects[i]->kind == kind && g_objects[i]->live ? g_objects[i] : NULL;
+    return NULL;
+}
+
+static struct object **free_list(int kind) {
+    return kind == KIND_STREAM ? &g_free_streams : &g_free_events;
+}
+
+static struct object *new_object(int kind, struct ctx *c, unsigned flags) {
+    struct object **head = free_list(kind);
+    struct object *o = *head;
+    if (o) {
+        /* Reuse the most recently destroyed handle, as a real driver may. */
+        *head = o->next_free;
+        g_reused_handles++;
+    } else {
+        struct object **n = grow(g_objects, &g_cap_objects, g_nobjects + 1, sizeof *g_objects);
+        if (!n) return NULL;
+        g_objects = n;
+        o = calloc(1, sizeof *o);
+        if (!o) return NULL;
+        o->magic = OBJ_MAGIC;
+        o->kind = kind;
+        g_objects[g_nobjects++] = o;
+    }
+    o->live = 1;
+    o->zombie = 0;
+    o->incarnation = g_next_incarnation++;
+    o->ctx = c;
+    o->flags = flags;
+    o->next_free = NULL;
+    o->qhead = o->qlen = 0; /* the queue buffer (o->q) is kept for reuse */
+    o->gen = o->done_gen = o->rec_seq = 0;
+    o->rec_stream = NULL;
+    return o;
+}
+
+/* Puts a destroyed object on its free list (its value may be handed out again). */
+static void retire_object(struct object *o) {
+    struct object **head = free_list(o->kind);
+    o->live = 0;
+    o->zombie = 0;
+    o->next_free = *head;
+    *head = o;
+}
+
+static int is_stream(const struct object *o) {
+    return o->kind == KIND_STREAM && (o->live || o->zombie);
+}
+
+/* ------------------------------------------------------------- stream queues */
+
+static int event_done(const struct object *e) { return e->done_gen >= e->gen; }
+
+static CUresult enqueue(struct object *s, struct op op) {
+    struct op *n = grow(s->q, &s->qcap, s->qlen + 1, sizeof *s->q);
+    if (!n) return CUDA_ERROR_OUT_OF_MEMORY;
+    s->q = n;
+    op.seq = g_next_seq++;
+    s->q[s->qlen++] = op;
+    return CUDA_SUCCESS;
+}
+
+static void run_until(struct object *s, unsigned long long seq);
+
+static void run_op(struct object *s, const struct op *op) {
+    switch (op->kind) {
+    case OP_COPY:
+        /* A VMM range unmapped since the copy was queued: the device faults. */
+        if ((op->dst_vmm && !vmm_accessible(op->dst, op->n, 1)) ||
+            (op->src_vmm && !vmm_accessible(op->src, op->n, 0))) {
+            g_faults++;
+            if (!s->ctx->sticky) s->ctx->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+            return;
+        }
+        memmove(op->dst, op->src, op->n);
+        g_async_copies_done++;
+        break;
+    case OP_RECORD:
+        if (op->ev && op->ev->incarnation == op->ev_incarnation && op->gen > op->ev->done_gen)
+            op->ev->done_gen = op->gen;
+        break;
+    case OP_WAIT:
+        run_until(op->wait_stream, op->wait_seq);
+        break;
+    default:
+        break;
+    }
+}
+
+/* Runs stream s's queued ops, in order, through the op numbered `seq`. */
+static void run_until(struct object *s, unsigned long long seq) {
+    while (s->qhead < s->qlen && s->q[s->qhead].seq <= seq) {
+        struct op op = s->q[s->qhead++];
+        run_op(s, &op);
+    }
+    if (s->qhead == s->qlen) {
+        s->qhead = s->qlen = 0;
+        if (s->zombie) retire_object(s); /* destroyed earlier; its work is done now */
+    }
+}
+
+static void run_all(struct object *s) { run_until(s, ULLONG_MAX); }
+
+/* Runs the queue holding event e's latest recording up to that recording. */
+static void run_to_event(struct object *e) {
+    if (!event_done(e) && e->rec_stream) run_until(e->rec_stream, e->rec_seq);
+}
+
+/* Runs every queue with a pending copy touching p..p+n (implicit synchronisation). */
+static void run_queues_touching(const char *p, size_t n) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (!is_stream(s)) continue;
+        for (size_t k = s->qhead; k < s->qlen; k++) {
+            struct op *op = &s->q[k];
+            if (op->kind == OP_COPY &&
+                (overlaps(op->dst, op->n, p, n) || overlaps(op->src, op->n, p, n))) {
+                run_all(s);
+                break;
+            }
+        }
+    }
+}
+
+/* The legacy default stream waits for the context's blocking streams. */
+static void run_blocking_streams(struct ctx *c) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (is_stream(s) && s->ctx == c && !(s->flags & CU_STREAM_NON_BLOCKING)) run_all(s);
+    }
+}
+
+static long long queued_ops(void) {
+    long long r = 0;
+    for (size_t i = 0; i < g_nobjects; i++)
+        if (is_stream(g_objects[i])) r += (long long)(g_objects[i]->qlen - g_objects[i]->qhead);
+    return r;
+}
+
+static long long count_objects(int kind, int zombies) {
+    long long n = 0;
+    for (size_t i = 0; i < g_nobjects; i++)
+        n += g_objects[i]->kind == kind && (zombies ? g_objects[i]->zombie : g_objects[i]->live);
+    return n;
+}
+
+/* Resolves a stream argument: *s is NULL for the special streams (legacy, per-thread). */
+static CUresult resolve_stream(CUstream h, struct object **s, int *legacy) {
+    *s = NULL;
+    *legacy = 0;
+    if (h == NULL || h == CU_STREAM_LEGACY) {
+        *legacy = 1;
+        return CUDA_SUCCESS;
+    }
+    if (h == CU_STREAM_PER_THREAD) return CUDA_SUCCESS;
+    *s = find_object(h, KIND_STREAM);
+    if (!*s) return CUDA_ERROR_INVALID_HANDLE;
+    if ((*s)->ctx->sticky) return (*s)->ctx->sticky;
+    return CUDA_SUCCESS;
+}
+
+/* ------------------------------------------------------------------- memory */
+
+static void free_alloc_at(size_t i) {
+    struct alloc *a = &g_allocs[i];
+    run_queues_touching(a->ptr, a->size);
+    if (a->kind != MEM_HOST) {
+        g_used[a->device] -= a->size;
+        arena_give(a->ptr, a->mapped);
+    } else {
+        munmap(a->ptr, a->mapped);
+    }
+    g_allocs[i] = g_allocs[--g_nallocs];
+}
+
+static void phys_maybe_free(struct phys *p) {
+    if (!p->live && p->mappings == 0 && !p->freed) {
+        p->freed = 1;
+        close(p->fd);
+        p->fd = -1;
+        g_used[p->device] -= p->size;
+    }
+}
+
+/* Resets a primary context whose last reference was released. */
+static void reset_ctx(struct ctx *c) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *o = g_objects[i];
+        if (is_stream(o) && o->ctx == c) run_all(o);
+    }
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *o = g_objects[i];
+        if (o->ctx == c && (o->live || o->zombie)) {
+            if (o->kind == KIND_EVENT) {
+                for (size_t k = 0; k < g_nobjects; k++) {
+                    struct object *s = g_objects[k];
+                    if (!is_stream(s)) continue;
+                    for (size_t j = s->qhead; j < s->qlen; j++)
+                        if (s->q[j].ev == o) s->q[j].ev = NULL;
+                }
+            }
+            retire_object(o);
+        }
+    }
+    for (size_t i = g_nallocs; i-- > 0;)
+        if (g_allocs[i].ctx == c) free_alloc_at(i);
+    for (size_t i = g_nregs; i-- > 0;)
+        if (g_regs[i].ctx == c) g_regs[i] = g_regs[--g_nregs];
+    c->sticky = CUDA_SUCCESS;
+    c->active = 0;
+    g_ctx_resets++;
+}
+
+/* ---------------------------------------------------------------- test hooks */
+
+/* Sets the machine before cuInit (overrides the environment). */
+EXPORT int fakeCudaConfigure(int devices, uint64_t mem_bytes, int managed, int vmm) {
+    pthread_mutex_lock(&g_lock);
+    if (g_initialized || devices < 0 || devices > MAX_DEVICES) {
+        pthread_mutex_unlock(&g_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    g_configured = 1;
+    read_env_locked();
+    g_devices = devices;
+    g_capacity = (size_t)mem_bytes;
+    g_managed = managed != 0;
+    g_vmm = vmm != 0;
+    pthread_mutex_unlock(&g_lock);
+    return CUDA_SUCCESS;
+}
+
+/* The next `times` calls of `call` (the exported name, e.g. "cuMemAlloc_v2") return
+ * `code` and do nothing. */
+EXPORT void fakeCudaFailNext(const char *call, int code, int times) {
+    pthread_mutex_lock(&g_lock);
+    snprintf(g_fail_call, sizeof g_fail_call, "%s", call ? call : "");
+    g_fail_code = code;
+    g_fail_times = times;
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* Counters by name; -1 for an unknown name (and "last_*" before the first such call).
+ *   allocations / managed_allocations / host_allocations: live cuMemAlloc /
+ *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
+ *     (allocations, managed, VMM physical memory); "capacity"
+ *   streams, events: live handles; zombie_streams: destroyed with work still queued
+ *   queued_ops: work pending on streams; copies: copies made at once (special
+ *     streams); async_copies: queued; async_copies_done: queued copies that ran;
+ *     peer_copies: cuMemcpyPeerAsync calls accepted; faults: queued copies that hit
+ *     unmapped VMM memory
+ *   reused_handles: creates (streams, events, VMM handles) that handed out a
+ *     destroyed value again
+ *   registrations, registered_bytes, register_calls, last_register_flags,
+ *     max_register_bytes
+ *   prefetches, advises, last_prefetch_type/_id, last_advice, last_advice_type/_id
+ *   last_stream_flags, last_event_flags
+ *   ctx_set_current (cuCtxSetCurrent calls), ctx_retains, ctx_resets,
+ *     "ctx_refcount:N", no_context_errors (calls refused for want of a live context),
+ *     "sticky:N" (device N's context's sticky error)
+ *   vmm_reservations, vmm_reserved_bytes, vmm_handles (not yet released),
+ *     vmm_physical_bytes (not yet freed), vmm_mappings, vmm_mapped_bytes,
+ *     vmm_accessible_bytes
+ *   initialized, devices */
+EXPORT long long fakeCudaStat(const char *name) {
+    long long r = -1;
+    pthread_mutex_lock(&g_lock);
+    read_env_locked();
+#define COUNT_IF(cond) do { r = 0; for (size_t i = 0; i < g_nallocs; i++) r += (cond); } while (0)
+    if (!strcmp(name, "allocations")) COUNT_IF(g_allocs[i].kind == MEM_DEVICE);
+    else if (!strcmp(name, "managed_allocations")) COUNT_IF(g_allocs[i].kind == MEM_MANAGED);
+    else if (!strcmp(name, "host_allocations")) COUNT_IF(g_allocs[i].kind == MEM_HOST);
+    else if (!strcmp(name, "streams")) r = count_objects(KIND_STREAM, 0);
+    else if (!strcmp(name, "zombie_streams")) r = count_objects(KIND_STREAM, 1);
+    else if (!strcmp(name, "events")) r = count_objects(KIND_EVENT, 0);
+    else if (!strcmp(name, "queued_ops")) r = queued_ops();
+    else if (!strcmp(name, "copies")) r = g_copies;
+    else if (!strcmp(name, "async_copies")) r = g_async_copies;
+    else if (!strcmp(name, "async_copies_done")) r = g_async_copies_done;
+    else if (!strcmp(name, "peer_copies")) r = g_peer_copies;
+    else if (!strcmp(name, "faults")) r = g_faults;
+    else if (!strcmp(name, "reused_handles")) r = g_reused_handles;
+    else if (!strcmp(name, "registrations")) r = (long long)g_nregs;
+    else if (!strcmp(name, "registered_bytes")) {
+        r = 0;
+        for (size_t i = 0; i < g_nregs; i++) r += (long long)g_regs[i].size;
+    } else if (!strcmp(name, "register_calls")) r = g_register_calls;
+    else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
+    else if (!strcmp(name, "max_register_bytes")) r = (long long)g_max_register;
+    else if (!strcmp(name, "prefetches")) r = g_prefetches;
+    else if (!strcmp(name, "advises")) r = g_advises;
+    else if (!strcmp(name, "last_prefetch_type")) r = g_last_prefetch_type;
+    else if (!strcmp(name, "last_prefetch_id")) r = g_last_prefetch_id;
+    else if (!strcmp(name, "last_advice")) r = g_last_advice;
+    else if (!strcmp(name, "last_advice_type")) r = g_last_advice_type;
+    else if (!strcmp(name, "last_advice_id")) r = g_last_advice_id;
+    else if (!strcmp(name, "last_stream_flags")) r = g_last_stream_flags;
+    else if (!strcmp(name, "last_event_flags")) r = g_last_event_flags;
+    else if (!strcmp(name, "ctx_set_current")) r = g_ctx_set_current;
+    else if (!strcmp(name, "ctx_retains")) r = g_ctx_retains;
+    else if (!strcmp(name, "ctx_resets")) r = g_ctx_resets;
+    else if (!strcmp(name, "no_context_errors")) r = g_no_context_errors;
+    else if (!strcmp(name, "vmm_reservations")) r = (long long)g_nres;
+    else if (!strcmp(name, "vmm_reserved_bytes")) {
+        r = 0;
+        for (size_t i = 0; i < g_nres; i++) r += (long long)g_res[i].size;
+    } else if (!strcmp(name, "vmm_handles")) {
+        r = 0;
+        for (size_t i = 0; i < g_nphys; i++) r += g_phys[i]->live;
+    } else if (!strcmp(name, "vmm_physical_bytes")) {
+        r = 0;
+        for (size_t i = 0; i < g_nphys; i++) r += g_phys[i]->freed ? 0 : (long long)g_phys[i]->size;
+    } else if (!strcmp(name, "vmm_mappings")) r = (long long)g_nmaps;
+    else if (!strcmp(name, "vmm_mapped_bytes") || !strcmp(name, "vmm_accessible_bytes")) {
+        int accessible = !strcmp(name, "vmm_accessible_bytes");
+        r = 0;
+        for (size_t i = 0; i < g_nmaps; i++)
+            if (!accessible || g_maps[i].access[g_maps[i].phys->device])
+                r += (long long)g_maps[i].size;
+    } else if (!strcmp(name, "initialized")) r = g_initialized;
+    else if (!strcmp(name, "devices")) r = g_devices;
+    else if (!strcmp(name, "capacity")) r = (long long)g_capacity;
+    else if (!strncmp(name, "used:", 5)) {
+        int d = atoi(name + 5);
+        r = d >= 0 && d < MAX_DEVICES ? (long long)g_used[d] : -1;
+    } else if (!strncmp(name, "ctx_refcount:", 13)) {
+        int d = atoi(name + 13);
+        r = d >= 0 && d < MAX_DEVICES ? g_ctx[d].refcount : -1;
+    } else if (!strncmp(name, "sticky:", 7)) {
+        int d = atoi(name + 7);
+        r = d >= 0 && d < MAX_DEVICES ? (long long)g_ctx[d].sticky : -1;
+    }
+#undef COUNT_IF
+    pthread_mutex_unlock(&g_lock);
+    return r;
+}
+
+/* ------------------------------------------------------------ initialisation */
+
+EXPORT CUresult cuGetErrorString(CUresult error, const char **pStr) {
+    const char *s;
+    switch ((int)error) {
+    case CUDA_SUCCESS: s = "no error"; break;
+    case CUDA_ERROR_INVALID_VALUE: s = "invalid argument"; break;
+    case CUDA_ERROR_OUT_OF_MEMORY: s = "out of memory"; break;
+    case CUDA_ERROR_NOT_INITIALIZED: s = "initialization error"; break;
+    case CUDA_ERROR_DEINITIALIZED: s = "driver shutting down"; break;
+    case CUDA_ERROR_NO_DEVICE: s = "no CUDA-capable device is detected"; break;
+    case CUDA_ERROR_INVALID_DEVICE: s = "invalid device ordinal"; break;
+    case CUDA_ERROR_INVALID_CONTEXT: s = "invalid device context"; break;
+    case CUDA_ERROR_INVALID_HANDLE: s = "invalid resource handle"; break;
+    case CUDA_ERROR_NOT_FOUND: s = "named symbol not found"; break;
+    case CUDA_ERROR_NOT_READY: s = "device not ready"; break;
+    case CUDA_ERROR_ILLEGAL_ADDRESS: s = "an illegal memory access was encountered"; break;
+    case CUDA_ERROR_CONTEXT_IS_DESTROYED: s = "context is destroyed"; break;
+    case CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:
+        s = "part or all of the requested memory range is already mapped";
+        break;
+    case CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED:
+        s = "pointer does not correspond to a registered memory region";
+        break;
+    case CUDA_ERROR_NOT_PERMITTED: s = "operation not permitted"; break;
+    case CUDA_ERROR_NOT_SUPPORTED: s = "operation not supported"; break;
+    case CUDA_ERROR_UNKNOWN: s = "unknown error"; break;
+    default:
+        if (pStr) *pStr = NULL;
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (!pStr) return CUDA_ERROR_INVALID_VALUE;
+    *pStr = s;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuInit(unsigned int Flags) {
+    pthread_mutex_lock(&g_lock);
+    read_env_locked();
+    int injected = injected_failure("cuInit");
+    if (injected) RETURN(injected);
+    if (Flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (g_init_error) RETURN(g_init_error);
+    if (g_devices == 0) RETURN(CUDA_ERROR_NO_DEVICE);
+    g_initialized = 1;
+    RETURN(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------ devices */
+
+EXPORT CUresult cuDeviceGetCount(int *count) {
+    ENTER("cuDeviceGetCount");
+    if (!count) RETURN(CUDA_ERROR_INVALID_VALUE);
+    *count = g_devices;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceGet(CUdevice *device, int ordinal) {
+    ENTER("cuDeviceGet");
+    if (!device) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(ordinal)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    *device = ordinal;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceGetName(char *name, int len, CUdevice dev) {
+    ENTER("cuDeviceGetName");
+    if (!name || len <= 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    snprintf(name, (size_t)len, "Fake NVIDIA H100 %d", dev);
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice dev) {
+    ENTER("cuDeviceTotalMem_v2");
+    if (!bytes) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    *bytes = g_capacity;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceGetPCIBusId(char *pciBusId, int len, CUdevice dev) {
+    ENTER("cuDeviceGetPCIBusId");
+    if (!pciBusId || len < 13) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    /* The driver's form: upper-case hex, 4-digit domain. */
+    snprintf(pciBusId, (size_t)len, "%04X:%02X:%02X.%X", 0, 0x1A + dev, 0, 0);
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceGetAttribute(int *pi, CUdevice_attribute attrib, CUdevice dev) {
+    ENTER("cuDeviceGetAttribute");
+    if (!pi) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    switch ((int)attrib) {
+    case CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING: *pi = g_unified; break;
+    case CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY: *pi = g_managed; break;
+    case CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS: *pi = g_managed; break;
+    case CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED: *pi = g_vmm; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_BUS_ID: *pi = 0x1A + dev; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID: *pi = 0; break;
+    case CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID: *pi = 0; break;
+    default: RETURN(CUDA_ERROR_INVALID_VALUE); /* not modelled: noticed, not guessed */
+    }
+    RETURN(CUDA_SUCCESS);
+}
+
+/* ----------------------------------------------------------------- contexts */
+
+EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
+    ENTER("cuDevicePrimaryCtxRetain");
+    if (!pctx) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    struct ctx *c = &g_ctx[dev];
+    c->refcount++;
+    c->active = 1;
+    g_ctx_retains++;
+    *pctx = (CUcontext)(void *)c;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice dev) {
+    ENTER("cuDevicePrimaryCtxRelease_v2");
+    if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    struct ctx *c = &g_ctx[dev];
+    if (c->refcount <= 0) RETURN(CUDA_ERROR_INVALID_CONTEXT);
+    if (--c->refcount == 0) reset_ctx(c);
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuCtxGetCurrent(CUcontext *pctx) {
+    ENTER("cuCtxGetCurrent");
+    if (!pctx) RETURN(CUDA_ERROR_INVALID_VALUE);
+    *pctx = (CUcontext)(void *)t_current;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
+    ENTER("cuCtxSetCurrent");
+    g_ctx_set_current++;
+    if (ctx == NULL) {
+        t_current = NULL;
+        RETURN(CUDA_SUCCESS);
+    }
+    struct ctx *c = as_ctx(ctx);
+    if (!c) RETURN(CUDA_ERROR_INVALID_CONTEXT);
+    t_current = c;
+    RETURN(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------------------------- memory */
+
+EXPORT CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    ENTER("cuMemGetInfo_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!free_bytes || !total) RETURN(CUDA_ERROR_INVALID_VALUE);
+    *free_bytes = g_capacity - g_used[c->device];
+    *total = g_capacity;
+    RETURN(CUDA_SUCCESS);
+}
+
+static CUresult do_alloc(CUdeviceptr *dptr, size_t size, int kind, struct ctx *c) {
+    if (!dptr || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (kind != MEM_HOST && size > g_capacity - g_used[c->device]) return CUDA_ERROR_OUT_OF_MEMORY;
+    struct alloc *n = grow(g_allocs, &g_cap_allocs, g_nallocs + 1, sizeof *g_allocs);
+    if (!n) return CUDA_ERROR_OUT_OF_MEMORY;
+    g_allocs = n;
+    size_t mapped;
+    void *p;
+    if (kind == MEM_HOST) {
+        mapped = round_up(size, HOST_PAGE);
+        p = mmap(NULL, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    } else {
+        /* In the device address range; only the pages asked for are accessible. */
+        mapped = round_up(size, GRANULARITY);
+        p = arena_take(mapped, GRANULARITY, 0);
+        if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+        if (mmap(p, round_up(size, HOST_PAGE), PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED) {
+            arena_give(p, mapped);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+    }
+    if (kind != MEM_HOST) memset(p, 0xA5, size); /* device memory is not cleared */
+    g_allocs[g_nallocs++] = (struct alloc){p, size, mapped, kind, c->device, c};
+    if (kind != MEM_HOST) g_used[c->device] += size;
+    *dptr = (CUdeviceptr)(uintptr_t)p;
+    return CUDA_SUCCESS;
+}
+
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *dptr, size_t bytesize) {
+    ENTER("cuMemAlloc_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    RETURN(do_alloc(dptr, bytesize, MEM_DEVICE, c));
+}
+
+EXPORT CUresult cuMemAllocManaged(CUdeviceptr *dptr, size_t bytesize, unsigned int flags) {
+    ENTER("cuMemAllocManaged");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (flags != CU_MEM_ATTACH_GLOBAL && flags != CU_MEM_ATTACH_HOST) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!g_managed) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    RETURN(do_alloc(dptr, bytesize, MEM_MANAGED, c));
+}
+
+/* Frees the allocation of `kind`s starting exactly at p. */
+static CUresult free_kind(const char *p, int kind1, int kind2) {
+    for (size_t i = 0; i < g_nallocs; i++) {
+        if (g_allocs[i].ptr == p && (g_allocs[i].kind == kind1 || g_allocs[i].kind == kind2)) {
+            /* Implicit synchronisation: queued copies touching it finish first. */
+            free_alloc_at(i);
+            return CUDA_SUCCESS;
+        }
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
+    ENTER("cuMemFree_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    RETURN(free_kind((const char *)(uintptr_t)dptr, MEM_DEVICE, MEM_MANAGED));
+}
+
+EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) {
+    ENTER("cuMemAllocHost_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!pp) RETURN(CUDA_ERROR_INVALID_VALUE);
+    CUdeviceptr d = 0;
+    CUresult rc = do_alloc(&d, bytesize, MEM_HOST, c);
+    if (rc == CUDA_SUCCESS) *pp = (void *)(uintptr_t)d;
+    RETURN(rc);
+}
+
+EXPORT CUresult cuMemFreeHost(void *p) {
+    ENTER("cuMemFreeHost");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    RETURN(free_kind(p, MEM_HOST, MEM_HOST));
+}
+
+EXPORT CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flags) {
+    ENTER("cuMemHostRegister_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    g_register_calls++;
+    unsigned known = CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_DEVICEMAP |
+                     CU_MEMHOSTREGISTER_IOMEMORY | CU_MEMHOSTREGISTER_READ_ONLY;
+    if (!p || bytesize == 0 || (Flags & ~known)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    char *b = p;
+    /* Device, managed or VMM memory is not host memory to register. */
+    for (size_t i = 0; i < g_nallocs; i++)
+        if (overlaps(b, bytesize, g_allocs[i].ptr, g_allocs[i].size))
+            RETURN(g_allocs[i].kind == MEM_HOST ? CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+                                                : CUDA_ERROR_INVALID_VALUE);
+    for (size_t i = 0; i < g_nres; i++)
+        if (overlaps(b, bytesize, g_res[i].base, g_res[i].size)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    for (size_t i = 0; i < g_nregs; i++)
+        if (overlaps(b, bytesize, g_regs[i].ptr, g_regs[i].size))
+            RETURN(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED);
+    /* One registration's size is capped (r580: 512 GiB, code 2; here configurable). */
+    if (bytesize > g_max_register) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    /* The pages must exist to be pinned. */
+    uintptr_t lo = (uintptr_t)b & ~(uintptr_t)(HOST_PAGE - 1);
+    uintptr_t hi = ((uintptr_t)b + bytesize + HOST_PAGE - 1) & ~(uintptr_t)(HOST_PAGE - 1);
+    if (msync((void *)lo, hi - lo, MS_ASYNC) != 0 && errno == ENOMEM) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct registration *n = grow(g_regs, &g_cap_regs, g_nregs + 1, sizeof *g_regs);
+    if (!n) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_regs = n;
+    g_regs[g_nregs++] = (struct registration){b, bytesize, Flags, c};
+    g_last_register_flags = Flags;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemHostUnregister(void *p) {
+    ENTER("cuMemHostUnregister");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    for (size_t i = 0; i < g_nregs; i++) {
+        if (g_regs[i].ptr == p) {
+            /* Queued copies touching the range finish first. */
+            run_queues_touching(g_regs[i].ptr, g_regs[i].size);
+            g_regs[i] = g_regs[--g_nregs];
+            RETURN(CUDA_SUCCESS);
+        }
+    }
+    RETURN(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED);
+}
+
+/* ------------------------------------------------------------------ streams */
+
+EXPORT CUresult cuStreamCreate(CUstream *phStream, unsigned int Flags) {
+    ENTER("cuStreamCreate");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!phStream || (Flags & ~(unsigned)CU_STREAM_NON_BLOCKING)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct object *o = new_object(KIND_STREAM, c, Flags);
+    if (!o) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_last_stream_flags = Flags;
+    *phStream = (CUstream)(void *)o;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuStreamDestroy_v2(CUstream hStream) {
+    ENTER("cuStreamDestroy_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    struct object *o = find_object(hStream, KIND_STREAM);
+    if (!o) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (o->qhead < o->qlen) {
+        /* Returns at once; the queued work finishes later, then the handle is free. */
+        o->live = 0;
+        o->zombie = 1;
+    } else {
+        retire_object(o);
+    }
+    RETURN_YIELDING(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
+    ENTER("cuStreamSynchronize");
+    struct ctx *c;
+    NEED_CTX(c);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    if (s) {
+        run_all(s);
+        RETURN(s->ctx->sticky);
+    }
+    if (legacy) run_blocking_streams(c);
+    RETURN(c->sticky);
+}
+
+EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
+    ENTER("cuStreamWaitEvent");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    if (Flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    struct object *e = find_object(hEvent, KIND_EVENT);
+    if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (event_done(e)) RETURN(CUDA_SUCCESS);
+    if (!s) {
+        /* The special streams run at once: so must the work they wait for. */
+        run_to_event(e);
+        RETURN(CUDA_SUCCESS);
+    }
+    /* Later work on s follows the work the event captured now (its latest recording). */
+    struct op op = {0};
+    op.kind = OP_WAIT;
+    op.wait_stream = e->rec_stream;
+    op.wait_seq = e->rec_seq;
+    RETURN(enqueue(s, op));
+}
+
+/* ------------------------------------------------------------------- events */
+
+EXPORT CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags) {
+    ENTER("cuEventCreate");
+    struct ctx *c;
+    NEED_CTX(c);
+    unsigned known = CU_EVENT_BLOCKING_SYNC | CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS;
+    if (!phEvent || (Flags & ~known)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if ((Flags & CU_EVENT_INTERPROCESS) && !(Flags & CU_EVENT_DISABLE_TIMING))
+        RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct object *o = new_object(KIND_EVENT, c, Flags);
+    if (!o) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_last_event_flags = Flags;
+    *phEvent = (CUevent)(void *)o;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuEventDestroy_v2(CUevent hEvent) {
+    ENTER("cuEventDestroy_v2");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    struct object *o = find_object(hEvent, KIND_EVENT);
+    if (!o) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    /* A pending recording stays queued (waits that captured it still wait for its
+     * stream) but must not touch whatever event reuses this object: the incarnation in
+     * the op no longer matches. */
+    retire_object(o);
+    RETURN_YIELDING(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
+    ENTER("cuEventRecord");
+    struct ctx *c;
+    NEED_CTX(c);
+    struct object *e = find_object(hEvent, KIND_EVENT);
+    if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    /* "hEvent and hStream must be from the same context otherwise
+     * CUDA_ERROR_INVALID_HANDLE is returned." */
+    struct ctx *stream_ctx = s ? s->ctx : c;
+    if (stream_ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (!s && legacy) run_blocking_streams(c);
+    unsigned long long gen = e->gen + 1;
+    if (s && s->qhead < s->qlen) {
+        struct op op = {0};
+        op.kind = OP_RECORD;
+        op.ev = e;
+        op.ev_incarnation = e->incarnation;
+        op.gen = gen;
+        rc = enqueue(s, op);
+        if (rc) RETURN(rc);
+        e->gen = gen;
+        e->rec_stream = s;
+        e->rec_seq = s->q[s->qlen - 1].seq;
+    } else {
+        /* Nothing queued before it: passed at once. */
+        e->gen = e->done_gen = gen;
+        e->rec_stream = NULL;
+    }
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuEventSynchronize(CUevent hEvent) {
+    ENTER("cuEventSynchronize");
+    struct ctx *c;
+    NEED_CTX(c);
+    (void)c;
+    struct object *e = find_object(hEvent, KIND_EVENT);
+    if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    run_to_event(e);
+    RETURN(e->ctx->sticky);
+}
+
+EXPORT CUresult cuEventQuery(CUevent hEvent) {
+    ENTER("cuEventQuery");
+    /* No current context needed: the documentation lists no context error. */
+    struct object *e = find_object(hEvent, KIND_EVENT);
+    if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (e->ctx->sticky) RETURN(e->ctx->sticky);
+    if (event_done(e)) RETURN(CUDA_SUCCESS);
+    /* Not yet: say so, then let the "GPU" progress so that polling terminates. */
+    run_to_event(e);
+    RETURN(CUDA_ERROR_NOT_READY);
+}
+
+/* ------------------------------------------------------------------- copies */
+
+static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *dst,
+                           const char *src, size_t n, int dst_vmm, int src_vmm) {
+    if (!s) {
+        if (legacy) run_blocking_streams(c);
+        memmove(dst, src, n);
+        g_copies++;
+        return CUDA_SUCCESS;
+    }
+    struct op op = {0};
+    op.kind = OP_COPY;
+    op.dst = dst;
+    op.src = src;
+    op.n = n;
+    op.dst_vmm = dst_vmm;
+    op.src_vmm = src_vmm;
+    CUresult rc = enqueue(s, op);
+    if (rc == CUDA_SUCCESS) g_async_copies++;
+    return rc;
+}
+
+EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount, CUstream hStream) {
+    ENTER("cuMemcpyAsync");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!g_unified) RETURN(CUDA_ERROR_INVALID_VALUE); /* "only allowed ... with unified addressing" */
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    if (ByteCount == 0) RETURN(CUDA_SUCCESS);
+    char *d = (char *)(uintptr_t)dst;
+    const char *p = (const char *)(uintptr_t)src;
+    if (!d || !p) RETURN(CUDA_ERROR_INVALID_VALUE);
+    int dv, sv;
+    if ((rc = check_end(d, ByteCount, 1, &dv)) || (rc = check_end(p, ByteCount, 0, &sv))) RETURN(rc);
+    if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    RETURN(queue_copy(s, legacy, c, d, p, ByteCount, dv, sv));
+}
+
+EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, CUdeviceptr srcDevice,
+                                  CUcontext srcContext, size_t ByteCount, CUstream hStream) {
+    ENTER("cuMemcpyPeerAsync");
+    struct ctx *c;
+    NEED_CTX(c);
+    struct ctx *dc = as_ctx(dstContext), *sc = as_ctx(srcContext);
+    if (!dc || !sc || !dc->active || !sc->active) RETURN(CUDA_ERROR_INVALID_CONTEXT);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    if (ByteCount == 0) RETURN(CUDA_SUCCESS);
+    char *d = (char *)(uintptr_t)dstDevice;
+    const char *p = (const char *)(uintptr_t)srcDevice;
+    int dv, sv;
+    if ((rc = check_peer_end(d, ByteCount, 1, dc, &dv)) || (rc = check_peer_end(p, ByteCount, 0, sc, &sv)))
+        RETURN(rc);
+    if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    rc = queue_copy(s, legacy, c, d, p, ByteCount, dv, sv);
+    if (rc == CUDA_SUCCESS) g_peer_copies++;
+    RETURN(rc);
+}
+
+/* ----------------------------------------------------------- managed memory */
+
+static int managed_range(const char *p, size_t n) {
+    struct alloc *a = find_alloc(p);
+    return a && a->kind == MEM_MANAGED && (size_t)(p - a->ptr) + n <= a->size;
+}
+
+/* A location for prefetch / advice; `host_numa` allows the HOST_NUMA kinds. */
+static CUresult check_location(CUmemLocation loc, int host_numa) {
+    switch ((int)loc.type) {
+    case CU_MEM_LOCATION_TYPE_DEVICE:
+        if (!valid_device(loc.id) || !g_managed) return CUDA_ERROR_INVALID_DEVICE;
+        return CUDA_SUCCESS;
+    case CU_MEM_LOCATION_TYPE_HOST: return CUDA_SUCCESS;
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA:
+        return host_numa && loc.id == 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    case CU_MEM_LOCATION_TYPE_HOST_NUMA_CURRENT:
+        return host_numa ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+    default: return CUDA_ERROR_INVALID_VALUE;
+    }
+}
+
+EXPORT CUresult cuMemPrefetchAsync_v2(CUdeviceptr devPtr, size_t count, CUmemLocation location,
+                                      unsigned int flags, CUstream hStream) {
+    ENTER("cuMemPrefetchAsync_v2");
+    if (flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    const char *p = (const char *)(uintptr_t)devPtr;
+    if (!p || count == 0 || !managed_range(p, count)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    CUresult rc = check_location(location, 1);
+    if (rc) RETURN(rc);
+    struct object *s;
+    int legacy;
+    rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    struct ctx *c = NULL;
+    if (!s) NEED_CTX(c); /* the special streams are the current context's */
+    (void)c;
+    /* "hStream must be associated with a device that has concurrent managed access"
+     * for a device destination: here every device has it or none does (checked above). */
+    g_prefetches++;
+    g_last_prefetch_type = location.type;
+    g_last_prefetch_id = location.id;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemAdvise_v2(CUdeviceptr devPtr, size_t count, CUmem_advise advice, CUmemLocation location) {
+    ENTER("cuMemAdvise_v2");
+    const char *p = (const char *)(uintptr_t)devPtr;
+    if (!p || count == 0 || !managed_range(p, count)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    CUresult rc = CUDA_SUCCESS;
+    switch ((int)advice) {
+    case CU_MEM_ADVISE_SET_READ_MOSTLY:
+    case CU_MEM_ADVISE_UNSET_READ_MOSTLY:
+    case CU_MEM_ADVISE_UNSET_PREFERRED_LOCATION:
+        break; /* "the location argument is ignored" */
+    case CU_MEM_ADVISE_SET_PREFERRED_LOCATION: rc = check_location(location, 1); break;
+    case CU_MEM_ADVISE_SET_ACCESSED_BY:
+    case CU_MEM_ADVISE_UNSET_ACCESSED_BY:
+        /* "must be either DEVICE ... or HOST ... All other location types are invalid." */
+        rc = check_location(location, 0);
+        break;
+    default: rc = CUDA_ERROR_INVALID_VALUE;
+    }
+    if (rc) RETURN(rc);
+    g_advises++;
+    g_last_advice = advice;
+    g_last_advice_type = location.type;
+    g_last_advice_id = location.id;
+    RETURN(CUDA_SUCCESS);
+}
+
+/* ------------------------------------------------- virtual memory management */
+
+static CUresult check_prop(const CUmemAllocationProp *prop) {
+    if (!prop) return CUDA_ERROR_INVALID_VALUE;
+    if (prop->type != CU_MEM_ALLOCATION_TYPE_PINNED) return CUDA_ERROR_INVALID_VALUE;
+    if (prop->location.type != CU_MEM_LOCATION_TYPE_DEVICE) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_device(prop->location.id)) return CUDA_ERROR_INVALID_DEVICE;
+    if (prop->requestedHandleTypes != CU_MEM_HANDLE_TYPE_NONE &&
+        prop->requestedHandleTypes != CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR)
+        return CUDA_ERROR_NOT_SUPPORTED;
+    if (prop->win32HandleMetaData) return CUDA_ERROR_INVALID_VALUE;
+    if (prop->allocFlags.compressionType || prop->allocFlags.usage) return CUDA_ERROR_NOT_SUPPORTED;
+    if (!g_vmm) return CUDA_ERROR_NOT_SUPPORTED;
+    return CUDA_SUCCESS;
+}
+
+static struct phys *find_phys(CUmemGenericAllocationHandle h) {
+    for (size_t i = 0; i < g_nphys; i++)
+        if (g_phys[i]->handle == h && g_phys[i]->live) return g_phys[i];
+    return NULL;
+}
+
+EXPORT CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAllocationProp *prop,
+                                              CUmemAllocationGranularity_flags option) {
+    ENTER("cuMemGetAllocationGranularity");
+    if (!granularity) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (option != CU_MEM_ALLOC_GRANULARITY_MINIMUM && option != CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)
+        RETURN(CUDA_ERROR_INVALID_VALUE);
+    CUresult rc = check_prop(prop);
+    if (rc) RETURN(rc);
+    *granularity = GRANULARITY;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
+                                    unsigned long long flags) {
+    ENTER("cuMemAddressReserve");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    if (!ptr || flags != 0 || size == 0 || size % HOST_PAGE || addr % HOST_PAGE)
+        RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (alignment & (alignment - 1)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    size_t align = alignment > GRANULARITY ? alignment : GRANULARITY;
+    struct reservation *n = grow(g_res, &g_cap_res, g_nres + 1, sizeof *g_res);
+    if (!n) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_res = n;
+    size_t va = round_up(size, GRANULARITY);
+    /* The address is a hint: elsewhere when it is not free. */
+    char *base = arena_take(va, align, (uintptr_t)addr);
+    if (!base) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_res[g_nres++] = (struct reservation){base, size, va};
+    *ptr = (CUdeviceptr)(uintptr_t)base;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
+    ENTER("cuMemAddressFree");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    char *p = (char *)(uintptr_t)ptr;
+    for (size_t i = 0; i < g_nres; i++) {
+        if (g_res[i].base != p) continue;
+        if (g_res[i].size != size) RETURN(CUDA_ERROR_INVALID_VALUE);
+        for (size_t k = 0; k < g_nmaps; k++)
+            if (overlaps(g_maps[k].ptr, g_maps[k].size, p, size)) RETURN(CUDA_ERROR_INVALID_VALUE);
+        arena_give(p, g_res[i].va);
+        g_res[i] = g_res[--g_nres];
+        RETURN(CUDA_SUCCESS);
+    }
+    RETURN(CUDA_ERROR_INVALID_VALUE);
+}
+
+EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, const CUmemAllocationProp *prop,
+                            unsigned long long flags) {
+    ENTER("cuMemCreate");
+    if (!handle || flags != 0 || size == 0 || size % GRANULARITY) RETURN(CUDA_ERROR_INVALID_VALUE);
+    CUresult rc = check_prop(prop);
+    if (rc) RETURN(rc);
+    int dev = prop->location.id;
+    if (size > g_capacity - g_used[dev]) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    int fd = memfd_create("fake-cuda-physical", MFD_CLOEXEC);
+    if (fd < 0) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    if (ftruncate(fd, (off_t)size) != 0) {
+        close(fd);
+        RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    }
+    /* Reuse the record (and handle value) of the most recently freed allocation. */
+    struct phys *ph = NULL;
+    for (size_t i = g_nphys; i-- > 0;)
+        if (g_phys[i]->freed) {
+            ph = g_phys[i];
+            g_reused_handles++;
+            break;
+        }
+    if (!ph) {
+        struct phys **n = grow(g_phys, &g_cap_phys, g_nphys + 1, sizeof *g_phys);
+        if (!n || !(ph = calloc(1, sizeof *ph))) {
+            close(fd);
+            RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+        }
+        g_phys = n;
+        g_phys[g_nphys++] = ph;
+        ph->handle = g_next_handle;
+        g_next_handle += 0x10;
+    }
+    ph->live = 1;
+    ph->freed = 0;
+    ph->device = dev;
+    ph->size = size;
+    ph->fd = fd;
+    ph->mappings = 0;
+    g_used[dev] += size;
+    *handle = ph->handle;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
+    ENTER("cuMemRelease");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    struct phys *ph = find_phys(handle);
+    if (!ph) RETURN(CUDA_ERROR_INVALID_VALUE); /* undefined in CUDA; refused here */
+    ph->live = 0;
+    phys_maybe_free(ph); /* now if unmapped, else at its last unmap */
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
+                         unsigned long long flags) {
+    ENTER("cuMemMap");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    char *p = (char *)(uintptr_t)ptr;
+    if (flags != 0 || size == 0 || ptr % GRANULARITY || size % GRANULARITY || offset % GRANULARITY)
+        RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct phys *ph = find_phys(handle);
+    if (!ph || offset > ph->size || size > ph->size - offset) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct reservation *r = find_res(p);
+    if (!r || (size_t)(p - r->base) + size > r->size) RETURN(CUDA_ERROR_INVALID_VALUE);
+    for (size_t i = 0; i < g_nmaps; i++)
+        if (overlaps(g_maps[i].ptr, g_maps[i].size, p, size)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct mapping *n = grow(g_maps, &g_cap_maps, g_nmaps + 1, sizeof *g_maps);
+    if (!n) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_maps = n;
+    /* Not accessible until cuMemSetAccess. */
+    void *m = mmap(p, size, PROT_NONE, MAP_SHARED | MAP_FIXED, ph->fd, (off_t)offset);
+    if (m == MAP_FAILED) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    struct mapping mp;
+    memset(&mp, 0, sizeof mp);
+    mp.ptr = p;
+    mp.size = size;
+    mp.phys = ph;
+    g_maps[g_nmaps++] = mp;
+    ph->mappings++;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
+    ENTER("cuMemSetAccess");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    char *p = (char *)(uintptr_t)ptr;
+    if (!desc || count == 0 || size == 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    for (size_t k = 0; k < count; k++) {
+        if (desc[k].location.type != CU_MEM_LOCATION_TYPE_DEVICE) RETURN(CUDA_ERROR_INVALID_VALUE);
+        if (!valid_device(desc[k].location.id)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+        unsigned f = desc[k].flags;
+        if (f != CU_MEM_ACCESS_FLAGS_PROT_NONE && f != CU_MEM_ACCESS_FLAGS_PROT_READ &&
+            f != CU_MEM_ACCESS_FLAGS_PROT_READWRITE)
+            RETURN(CUDA_ERROR_INVALID_VALUE);
+    }
+    /* "The range must be a fully mapped address range containing all allocations":
+     * whole mappings, no gaps. */
+    for (const char *cur = p; cur < p + size;) {
+        struct mapping *m = find_map(cur);
+        if (!m || m->ptr != cur || m->size > (size_t)(p + size - cur)) RETURN(CUDA_ERROR_INVALID_VALUE);
+        cur = m->ptr + m->size;
+    }
+    for (const char *cur = p; cur < p + size;) {
+        struct mapping *m = find_map(cur);
+        for (size_t k = 0; k < count; k++) m->access[desc[k].location.id] = desc[k].flags;
+        unsigned any = 0;
+        for (int d = 0; d < g_devices; d++) any |= m->access[d];
+        int prot = any == CU_MEM_ACCESS_FLAGS_PROT_READWRITE ? PROT_READ | PROT_WRITE
+                   : any ? PROT_READ : PROT_NONE;
+        if (mprotect(m->ptr, m->size, prot) != 0) RETURN(CUDA_ERROR_UNKNOWN);
+        cur = m->ptr + m->size;
+    }
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
+    ENTER("cuMemUnmap");
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    char *p = (char *)(uintptr_t)ptr;
+    if (size == 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    /* Whole mappings only ("cannot unmap a sub-range"), with no gap between them. */
+    for (const char *cur = p; cur < p + size;) {
+        struct mapping *m = find_map(cur);
+        if (!m || m->ptr != cur || m->size > (size_t)(p + size - cur)) RETURN(CUDA_ERROR_INVALID_VALUE);
+        cur = m->ptr + m->size;
+    }
+    /* Back to a bare reservation. Queued work is NOT waited for: a copy that still
+     * targets the range faults when it runs. */
+    if (mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)
+        RETURN(CUDA_ERROR_UNKNOWN);
+    for (size_t i = g_nmaps; i-- > 0;) {
+        if (g_maps[i].ptr >= p && g_maps[i].ptr < p + size) {
+            struct phys *ph = g_maps[i].phys;
+            ph->mappings--;
+            g_maps[i] = g_maps[--g_nmaps];
+            phys_maybe_free(ph);
+        }
+    }
+    RETURN(CUDA_SUCCESS);
+}
