@@ -1,12 +1,15 @@
 //! The conformance suite: one set of checks, run against every backend.
 //!
-//! sim and host always run, rocm runs against the fake HIP runtime the tests build, and
-//! cuda runs where a driver is found. A backend that cannot be opened is listed as
-//! ignored with its reason, never counted as passed. With `HETMEM_BACKEND=NAME` only that
-//! backend runs and failing to open it is a failure (that is how the GPU host runs it).
+//! sim and host always run, rocm against the fake HIP runtime the tests build, and cuda
+//! against the fake CUDA driver (`cuda_fake`, tests/fake_cuda). A backend that cannot be
+//! opened is listed as ignored with its reason, never counted as passed. With
+//! `HETMEM_BACKEND=NAME` only that backend runs, on the real driver, and failing to open
+//! it is a failure (that is how the GPU host runs it).
 //!
 //! Custom harness (libtest-mimic) so that the set of tests is decided at run time.
 
+#[path = "common/fake_cuda.rs"]
+mod fake_cuda;
 #[path = "common/fake_hip.rs"]
 mod fake_hip;
 
@@ -40,6 +43,11 @@ const CHECKS: &[(&str, Need, Check)] = &[
         "host_pool_reuses_pinned_blocks",
         Need::Nothing,
         host_pool_reuses_pinned_blocks,
+    ),
+    (
+        "pinned_region_in_pieces_copies_whole",
+        Need::Device,
+        pinned_region_in_pieces_copies_whole,
     ),
     (
         "alloc_free_each_placement",
@@ -164,6 +172,11 @@ fn main() {
         .ok()
         .filter(|s| !s.trim().is_empty() && s.trim() != "auto")
         .map(|s| s.parse().expect("HETMEM_BACKEND names a backend"));
+    if only.is_none() {
+        // Before any CUDA backend is made: cudarc then binds the fake, one machine for
+        // the whole process (its checks run one at a time, see `serial`).
+        fake_cuda::FakeCuda::preload();
+    }
     let kinds: Vec<BackendKind> = match only {
         Some(k) => vec![k],
         None => vec![
@@ -175,10 +188,10 @@ fn main() {
     };
     let mut trials = Vec::new();
     for kind in kinds {
-        let label = if kind == BackendKind::Rocm && only.is_none() {
-            "rocm_fake"
-        } else {
-            kind.name()
+        let label = match kind {
+            BackendKind::Rocm if only.is_none() => "rocm_fake",
+            BackendKind::Cuda if only.is_none() => "cuda_fake",
+            _ => kind.name(),
         };
         match open(kind) {
             Ok(Opened { mgr, .. }) => {
@@ -196,6 +209,7 @@ fn main() {
                     // A manager per check: checks run in parallel and some compare
                     // the manager's byte counts before and after.
                     let t = Trial::test(format!("{label}::{name}"), move || {
+                        let _one_at_a_time = serial(kind, only);
                         check(&open(kind).map_err(|e| format!("open {kind}: {e}"))?.mgr)
                     });
                     trials.push(match lacking {
@@ -225,6 +239,15 @@ fn main() {
 }
 
 // ---- helpers ---------------------------------------------------------------------------
+
+/// The fake CUDA driver is one machine per process (cudarc binds it once) and some
+/// checks compare its free memory before and after, so its checks take turns.
+fn serial(
+    kind: BackendKind,
+    only: Option<BackendKind>,
+) -> Option<std::sync::MutexGuard<'static, ()>> {
+    (kind == BackendKind::Cuda && only.is_none()).then(fake_cuda::FakeCuda::serial)
+}
 
 fn ensure(cond: bool, msg: impl Into<String>) -> Result<(), Failed> {
     if cond {
@@ -995,5 +1018,47 @@ fn host_pool_reuses_pinned_blocks(mgr: &Manager) -> Result<(), Failed> {
     ensure(
         host.stats().pinned.registrations == regs,
         "not registered again",
+    )
+}
+
+/// A pinned region registered in several pieces (as large regions are, by parallel
+/// threads) copies to and from the device in one call: drivers refuse a copy whose
+/// host range crosses from one registration into the next, so the backend cuts it.
+fn pinned_region_in_pieces_copies_whole(mgr: &Manager) -> Result<(), Failed> {
+    let len = 8 << 20;
+    let host = ok(
+        mgr.host_pool(HostPoolConfig {
+            threads: 4,
+            parallel_threshold: len,
+            min_register_chunk: 2 << 20,
+            ..HostPoolConfig::default()
+        }),
+        "host pool",
+    )?;
+    let mut h = ok(host.alloc_pinned(&NumaPolicy::Default, len), "pinned block")?;
+    ensure(
+        host.stats().pinned.registrations == 4,
+        format!(
+            "registered in 4 pieces, not {}",
+            host.stats().pinned.registrations
+        ),
+    )?;
+    let data = pattern(len - 4096, 41);
+    let slice = ok(h.as_mut_slice(), "bytes")?;
+    slice[4096..].copy_from_slice(&data);
+    let pool = ok(mgr.device_pool(0, PoolConfig::default()), "device pool")?;
+    let s = ok(mgr.create_stream(0), "stream")?;
+    let blk = ok(pool.alloc(len, &s), "block")?;
+    // From the middle of the first piece to the end of the last.
+    ok(blk.write(0, &slice[4096..]), "host -> device")?;
+    let mut back = vec![0u8; data.len()];
+    ok(blk.read(0, &mut back), "device -> host")?;
+    ensure(back == data, "bytes across the pieces")?;
+    // And back into the pinned region, across the pieces again.
+    slice.fill(0);
+    ok(blk.read(0, &mut slice[..data.len()]), "device -> pinned")?;
+    ensure(
+        slice[..data.len()] == data[..],
+        "bytes back across the pieces",
     )
 }

@@ -1061,6 +1061,81 @@ fn host_registration() {
     }
 }
 
+/// A driver resolves a pinned host pointer to the one registration holding it, so a
+/// copy running from one registration into the next is refused; the backend cuts it
+/// at the edge (the host pool registers large regions in pieces, in parallel).
+#[test]
+fn copies_across_registration_edges_are_cut_there() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let piece = MIB;
+    let mut buf = vec![0u8; 3 * piece];
+    let base = buf.as_mut_ptr();
+    let src: Vec<u8> = (0..3 * piece).map(|i| (i * 7 + i / 4099) as u8).collect();
+    // SAFETY: `buf` outlives its registrations (undone below); each piece lies in it.
+    unsafe {
+        for i in 0..3 {
+            let p = NonNull::new(base.add(i * piece)).unwrap();
+            d.register_host(p, piece).unwrap();
+        }
+        buf.copy_from_slice(&src);
+        let pinned = |off: usize| MemRef::Host {
+            ptr: NonNull::new(base.add(off)).unwrap(),
+            kind: HostKind::Pinned,
+        };
+        let dp = d.alloc_device(0, 3 * piece).unwrap();
+        let copy_calls = || f.stat("copies") + f.stat("async_copies");
+        let calls = copy_calls();
+        // All three pieces, host to device, then back from the middle of the first
+        // into the middle of the last.
+        d.copy(dev(0, dp), pinned(0), 3 * piece, None).unwrap();
+        assert_eq!(copy_calls() - calls, 3, "one copy per registration");
+        assert_eq!(peek(d, 0, dp, 3 * piece), src);
+        buf.fill(0);
+        let s = d.create_stream(0).unwrap();
+        let half = piece / 2;
+        d.copy(pinned(half), dev(0, dp), 2 * piece, Some(s))
+            .unwrap();
+        d.synchronize_stream(s).unwrap();
+        d.destroy_stream(s).unwrap();
+        assert_eq!(&buf[half..half + 2 * piece], &src[..2 * piece]);
+        // Pageable memory just before a registration is a piece of its own too.
+        d.unregister_host(NonNull::new(base).unwrap(), piece)
+            .unwrap();
+        let mut back = vec![0u8; 2 * piece];
+        let hp = NonNull::new(base.add(half)).unwrap();
+        d.copy(
+            host(&mut back),
+            MemRef::Host {
+                ptr: hp,
+                kind: HostKind::Pageable,
+            },
+            0,
+            None,
+        )
+        .unwrap();
+        d.copy(
+            dev(0, dp),
+            MemRef::Host {
+                ptr: hp,
+                kind: HostKind::Pageable,
+            },
+            2 * piece,
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            peek(d, 0, dp, 2 * piece),
+            buf[half..half + 2 * piece].to_vec()
+        );
+        for i in 1..3 {
+            d.unregister_host(NonNull::new(base.add(i * piece)).unwrap(), piece)
+                .unwrap();
+        }
+        d.free_device(0, dp, 3 * piece).unwrap();
+    }
+}
+
 #[test]
 fn large_registrations_are_chunked_and_rolled_back() {
     let (f, _g, b) = setup();

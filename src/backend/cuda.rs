@@ -92,6 +92,7 @@ use cudarc::driver::sys::{
 };
 
 use super::host::available_memory;
+use super::registered::{for_each_piece, Registrations};
 use super::{
     check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, raw_stream,
     register_chunks, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
@@ -314,6 +315,9 @@ pub struct CudaBackend {
     events: Mutex<HashMap<u64, usize>>,
     /// The driver has every symbol in `DRIVER_PINNED_SYMBOLS` (checked once in `new`).
     driver_pinned: bool,
+    /// Our host registrations, one per `cuMemHostRegister` call: copies are cut at
+    /// their edges (see [`super::registered`]).
+    registered: Registrations,
 }
 
 // The raw pointers inside are driver handles (primary contexts, internal streams) that
@@ -414,6 +418,7 @@ impl CudaBackend {
             foreign: ForeignStreams::default(),
             events: Mutex::new(HashMap::new()),
             driver_pinned: missing_pinned.is_none(),
+            registered: Registrations::default(),
         };
         for ordinal in 0..count {
             backend.open_device(ordinal, vmm_symbols)?;
@@ -942,6 +947,7 @@ impl Backend for CudaBackend {
                 failure = Some(driver_error("cuMemHostRegister", status));
                 break;
             }
+            self.registered.insert(base as usize + off, chunk);
             done = off + chunk;
         }
         let Some(err) = failure else {
@@ -952,6 +958,9 @@ impl Backend for CudaBackend {
         for (off, _) in register_chunks(done) {
             // SAFETY: this chunk start was registered by the loop above.
             let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if status == CUresult::CUDA_SUCCESS {
+                self.registered.remove(base as usize + off);
+            }
             if let Err(e) = check("cuMemHostUnregister", status) {
                 tracing::error!(
                     error = %e,
@@ -978,6 +987,9 @@ impl Backend for CudaBackend {
             // SAFETY: the caller guarantees ptr..ptr+len was registered by
             // register_host, which registered exactly these chunk starts; off < len.
             let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if status == CUresult::CUDA_SUCCESS {
+                self.registered.remove(base as usize + off);
+            }
             if let Err(e) = check("cuMemHostUnregister", status) {
                 tracing::warn!(error = %e, offset = off, "unregistering host memory");
                 first_error.get_or_insert(e);
@@ -1190,12 +1202,26 @@ impl Backend for CudaBackend {
                 })?
             }
             _ => {
-                // SAFETY: the caller guarantees both ranges are valid for `len` bytes,
-                // do not overlap and outlive the copy; with unified addressing the
-                // driver infers the direction from the addresses.
-                check("cuMemcpyAsync", unsafe {
-                    sys::cuMemcpyAsync(dst_addr, src_addr, len, cu_stream)
-                })?
+                // A host side may span several of our registrations: one copy each.
+                let host_side = |dev: Option<usize>, addr: CUdeviceptr| match dev {
+                    None => Some(addr as usize),
+                    Some(_) => None,
+                };
+                for_each_piece(
+                    &self.registered,
+                    host_side(dst_dev, dst_addr),
+                    host_side(src_dev, src_addr),
+                    len,
+                    |off, n| {
+                        let off = off as CUdeviceptr;
+                        // SAFETY: the caller guarantees both ranges are valid for `len`
+                        // bytes, do not overlap and outlive the copy; off + n <= len.
+                        // With unified addressing the driver infers the direction.
+                        check("cuMemcpyAsync", unsafe {
+                            sys::cuMemcpyAsync(dst_addr + off, src_addr + off, n, cu_stream)
+                        })
+                    },
+                )?
             }
         }
         if stream.is_none() {

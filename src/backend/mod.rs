@@ -19,6 +19,7 @@ pub mod cuda;
 pub mod host;
 pub mod numa_alloc;
 pub(crate) mod owned;
+pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
 

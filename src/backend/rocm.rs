@@ -34,6 +34,7 @@ use std::sync::Mutex;
 
 use hetmem_sys::hip::{self, hipError_t, HipApi, HipLoadError, HipRuntime};
 
+use super::registered::{for_each_piece, Registrations};
 use super::{
     check_copy_stream, check_device, lock, normalize_pci_bus_id, raw_stream, register_chunks,
     Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams, MemInfo, MemRef,
@@ -67,6 +68,9 @@ pub struct RocmBackend {
     foreign: ForeignStreams,
     /// Live events (handle value) → device ordinal.
     events: Mutex<HashMap<u64, usize>>,
+    /// Our host registrations, one per `hipHostRegister` call: copies are cut at their
+    /// edges (see [`super::registered`]).
+    registered: Registrations,
 }
 
 fn unavailable(reason: impl Into<String>) -> Error {
@@ -240,6 +244,7 @@ impl RocmBackend {
             streams: Mutex::new(HashMap::new()),
             foreign: ForeignStreams::default(),
             events: Mutex::new(HashMap::new()),
+            registered: Registrations::default(),
         })
     }
 
@@ -345,6 +350,9 @@ impl RocmBackend {
             // SAFETY: the chunk start was registered by `register_host` (the caller's
             // contract), and the runtime only looks the address up.
             let code = unsafe { self.api().hipHostUnregister(chunk.cast()) };
+            if code == hip::hipSuccess {
+                self.registered.remove(chunk as usize);
+            }
             if let Err(e) = self.check("hipHostUnregister", code) {
                 tracing::warn!(?chunk, error = %e, "unregistering a chunk failed");
                 first_err.get_or_insert(e);
@@ -494,6 +502,7 @@ impl Backend for RocmBackend {
                 }
                 return Err(e);
             }
+            self.registered.insert(chunk as usize, chunk_len);
         }
         Ok(())
     }
@@ -671,24 +680,32 @@ impl Backend for RocmBackend {
         }
         let dst_ptr = self.mem_ref_ptr(dst)?;
         let src_ptr = self.mem_ref_ptr(src)?.cast_const();
+        let host_side = |m: MemRef, p: usize| matches!(m, MemRef::Host { .. }).then_some(p);
+        let (dst_host, src_host) = (
+            host_side(dst, dst_ptr as usize),
+            host_side(src, src_ptr as usize),
+        );
         match stream {
             Some(stream) => {
                 let device = self.stream_device(stream)?;
                 check_copy_stream(&dst, &src, device)?;
                 self.set_device(device)?;
-                // SAFETY: both ranges are valid for `len` bytes, disjoint, and stay valid
-                // until the stream passes the copy (the caller's contract); the stream is
-                // in our map, so it is live.
-                let code = unsafe {
-                    self.api().hipMemcpyAsync(
-                        dst_ptr,
-                        src_ptr,
-                        len,
-                        hip::hipMemcpyDefault,
-                        hip_stream(stream),
-                    )
-                };
-                self.check("hipMemcpyAsync", code)
+                // A host side may span several of our registrations: one copy each.
+                for_each_piece(&self.registered, dst_host, src_host, len, |off, n| {
+                    // SAFETY: both ranges are valid for `len` bytes, disjoint, and stay
+                    // valid until the stream passes the copy (the caller's contract);
+                    // off + n <= len. The stream is in our map, so it is live.
+                    let code = unsafe {
+                        self.api().hipMemcpyAsync(
+                            dst_ptr.byte_add(off),
+                            src_ptr.byte_add(off),
+                            n,
+                            hip::hipMemcpyDefault,
+                            hip_stream(stream),
+                        )
+                    };
+                    self.check("hipMemcpyAsync", code)
+                })
             }
             None => {
                 // hipMemcpy runs on the current device's null stream: make it the device
@@ -702,13 +719,20 @@ impl Backend for RocmBackend {
                 if let Some(device) = device {
                     self.set_device(device)?;
                 }
-                // SAFETY: both ranges are valid for `len` bytes and disjoint (the caller's
-                // contract); the copy is complete when the call returns.
-                let code = unsafe {
-                    self.api()
-                        .hipMemcpy(dst_ptr, src_ptr, len, hip::hipMemcpyDefault)
-                };
-                self.check("hipMemcpy", code)
+                for_each_piece(&self.registered, dst_host, src_host, len, |off, n| {
+                    // SAFETY: both ranges are valid for `len` bytes and disjoint (the
+                    // caller's contract), off + n <= len; the copy is complete when the
+                    // call returns.
+                    let code = unsafe {
+                        self.api().hipMemcpy(
+                            dst_ptr.byte_add(off),
+                            src_ptr.byte_add(off),
+                            n,
+                            hip::hipMemcpyDefault,
+                        )
+                    };
+                    self.check("hipMemcpy", code)
+                })
             }
         }
     }

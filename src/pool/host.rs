@@ -16,8 +16,10 @@
 //!   in one piece per thread (each its own registration, made concurrently), but no
 //!   piece smaller than [`HostPoolConfig::min_register_chunk`] (256 MiB) or larger than
 //!   64 GiB (one registration of 512 GiB or more fails on CUDA). Few, large pieces keep
-//!   the registrations (and copies that straddle two of them) few. Smaller regions are
-//!   one registration from the calling thread.
+//!   the registrations few. A driver refuses a copy whose host range runs from one
+//!   registration into the next, so the CUDA and ROCm backends cut such copies at the
+//!   edge (`src/backend/registered.rs`). Smaller regions are one registration from the
+//!   calling thread.
 //! - **Size classes.** Requests are rounded up to a class and cached per (pinned or
 //!   pageable, resolved NUMA policy, class); see [`size_class`] for the choice.
 //! - **Limits.** A budget caps the bytes each tier holds, live and cached together.
