@@ -152,6 +152,33 @@ fn raw<T: Copy>(name: &CStr) -> T {
     unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) }
 }
 
+/// Makes `device`'s primary context current on this thread, as a runtime user (PyTorch)
+/// would before calling the driver itself: the backend restores whatever was current.
+fn bind_primary(device: c_int) {
+    type RetainFn = unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int;
+    type ReleaseFn = unsafe extern "C" fn(c_int) -> c_int;
+    let retain: RetainFn = raw(c"cuDevicePrimaryCtxRetain");
+    let release: ReleaseFn = raw(c"cuDevicePrimaryCtxRelease_v2");
+    let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer and device; the backend of the calling test holds its
+    // own reference, so the context stays alive after this one is released.
+    unsafe {
+        assert_eq!(retain(&mut ctx, device), 0);
+        assert_eq!(set(ctx), 0);
+        assert_eq!(release(device), 0);
+    }
+}
+
+/// The context current on this thread (null: none).
+fn current_ctx() -> *mut c_void {
+    let get: CuCtxGetFn = raw(c"cuCtxGetCurrent");
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer.
+    assert_eq!(unsafe { get(&mut ctx) }, 0);
+    ctx
+}
+
 type CuMemAllocFn = unsafe extern "C" fn(*mut u64, usize) -> c_int;
 type CuMemFreeFn = unsafe extern "C" fn(u64) -> c_int;
 type CuCountFn = unsafe extern "C" fn(*mut c_int) -> c_int;
@@ -903,7 +930,21 @@ fn contexts_are_bound_on_fresh_threads() {
         d.destroy_event(e).unwrap();
         d.free_device(1, p, len).unwrap();
     }
-    // The thread that binds stays bound: a second call on it sets nothing.
+    // The backend leaves the caller's binding as it found it: none stays none, ...
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            assert!(current_ctx().is_null());
+            d.mem_info(1).unwrap();
+            assert!(current_ctx().is_null(), "no context left behind");
+        });
+    });
+    // ... another device's context is put back (the CUDA runtime takes its current
+    // device from it: PyTorch on device 1 stays on device 1), ...
+    bind_primary(1);
+    let theirs = current_ctx();
+    d.mem_info(0).unwrap();
+    assert_eq!(current_ctx(), theirs, "the caller's context is restored");
+    // ... and a caller already in the right context costs no switch at all.
     let before = f.stat("ctx_set_current");
     d.mem_info(1).unwrap();
     d.mem_info(1).unwrap();
@@ -1150,7 +1191,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
     // registration in it is undone.
     unsafe {
         let register: CuRegisterFn = raw(c"cuMemHostRegister_v2");
-        d.mem_info(0).unwrap(); // binds a context on this thread for the raw call
+        bind_primary(0); // for the raw call
         assert_eq!(
             register(res.ptr.as_ptr().cast(), len, 1),
             code::OUT_OF_MEMORY,
@@ -1432,7 +1473,7 @@ fn foreign_streams_are_used_and_never_destroyed() {
     let p1 = d.alloc_device(1, len).unwrap();
     let mut data = vec![5u8; len];
     let mut out = vec![0u8; len];
-    d.mem_info(0).unwrap(); // the caller's own stream is made in device 0's context
+    bind_primary(0); // the caller's own stream is made in device 0's context
     let mut raw_stream = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; device 0's context is current on this thread.
     let made = unsafe { create(&mut raw_stream, 0) };
@@ -1835,7 +1876,7 @@ fn fake_is_strict() {
     let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
     let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
     let free: CuMemFreeFn = raw(c"cuMemFree_v2");
-    b.mem_info(0).unwrap();
+    bind_primary(0);
     let mut p = 0u64;
     // SAFETY: valid out-pointers and values; the fake validates before it acts.
     unsafe {

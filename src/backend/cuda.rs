@@ -52,9 +52,13 @@
 //! Each device's primary context is retained in `new` and released in `Drop` (the same
 //! context the CUDA runtime uses, so memory is shared with runtime-API code in the
 //! process). Every call first makes the right context current on the calling thread:
-//! `cuCtxGetCurrent`, and `cuCtxSetCurrent` only when it differs, so the common case
-//! is one thread-local read in the driver. The context is left current afterwards, as
-//! `cudaSetDevice` would.
+//! `cuCtxGetCurrent`, and `cuCtxSetCurrent` only when it differs, so the common case (a
+//! PyTorch thread, whose current context is that same primary context) is one
+//! thread-local read in the driver. When it did switch, the call puts back what was
+//! current before (none included): the runtime takes its current device from the
+//! current context, so hetmem must not move PyTorch's device on a multi-GPU host nor
+//! give a thread a device it never chose. Dropping the backend unbinds its contexts
+//! from the dropping thread, since its release may have been the last.
 //!
 //! # Copies
 //!
@@ -502,7 +506,7 @@ impl CudaBackend {
             vmm_granularity: None,
         });
         let index = self.state.len() - 1;
-        self.bind(index)?;
+        let _ctx = self.bind(index)?;
         if vmm_symbols {
             self.state[index].vmm_granularity = query_vmm_granularity(ordinal, dev);
         }
@@ -524,19 +528,24 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Makes `device`'s primary context current on this thread (a no-op when it is).
-    fn bind(&self, device: usize) -> Result<()> {
+    /// Makes `device`'s primary context current on this thread until the returned
+    /// guard drops, which puts back whatever was current before (see [`Bound`]). One
+    /// thread-local read in the driver when the context already is current.
+    fn bind(&self, device: usize) -> Result<Bound> {
         let ctx = self.state[device].ctx;
         let mut current: CUcontext = ptr::null_mut();
         // SAFETY: `current` is a valid out-pointer; the call only reads thread state.
         check("cuCtxGetCurrent", unsafe {
             sys::cuCtxGetCurrent(&mut current)
         })?;
-        if current != ctx {
-            // SAFETY: `ctx` is a primary context we retained and have not released.
-            check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+        if current == ctx {
+            return Ok(Bound { prev: None });
         }
-        Ok(())
+        // SAFETY: `ctx` is a primary context we retained and have not released.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+        Ok(Bound {
+            prev: Some(current),
+        })
     }
 
     fn cu_device(&self, device: usize) -> CUdevice {
@@ -565,6 +574,29 @@ impl CudaBackend {
     /// Free bytes on `device` for an out-of-memory report (0 when even that fails).
     fn free_for_report(&self, device: usize) -> usize {
         self.mem_info(device).map(|m| m.free).unwrap_or(0)
+    }
+}
+
+/// The context a caller had current before [`CudaBackend::bind`] switched it, put back on
+/// drop. The CUDA runtime takes its current device from the current context, so leaving
+/// ours current would move PyTorch's (or any runtime user's) device on a multi-GPU
+/// host, or give a thread that had none a device it never chose.
+#[must_use = "the caller's context is put back when the guard drops"]
+struct Bound {
+    /// `None`: nothing was switched. `Some(null)`: no context was current.
+    prev: Option<CUcontext>,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if let Some(prev) = self.prev {
+            // SAFETY: `prev` was current on this thread a moment ago (or is null, which
+            // unbinds); setting a context only changes this thread's binding.
+            let status = unsafe { sys::cuCtxSetCurrent(prev) };
+            if let Err(e) = check("cuCtxSetCurrent", status) {
+                tracing::warn!(error = %e, "restoring the caller's CUDA context");
+            }
+        }
     }
 }
 
@@ -677,7 +709,7 @@ impl Drop for CudaBackend {
         for (device, state) in self.state.iter().enumerate() {
             if !state.copy_stream.is_null() {
                 match self.bind(device) {
-                    Ok(()) => {
+                    Ok(_ctx) => {
                         // SAFETY: the stream was created by us on this context, which is
                         // current; nothing else holds it.
                         let status = unsafe { sys::cuStreamDestroy_v2(state.copy_stream) };
@@ -766,7 +798,7 @@ impl<'a> DriverPinned<'a> {
                 what: "cuMemAllocHost (libcuda lacks cuMemAllocHost_v2 or cuMemFreeHost)",
             });
         }
-        backend.bind(device)?;
+        let _ctx = backend.bind(device)?;
         let mut p: *mut c_void = ptr::null_mut();
         // SAFETY: the symbol exists (checked in `new`), the device's context is current
         // and `p` is a valid out-pointer.
@@ -808,9 +840,10 @@ impl<'a> DriverPinned<'a> {
 
 impl Drop for DriverPinned<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.backend.bind(self.device) {
-            tracing::warn!(device = self.device, error = %e, "binding context to free pinned host memory");
-        }
+        let _ctx = self
+            .backend
+            .bind(self.device)
+            .inspect_err(|e| tracing::warn!(device = self.device, error = %e, "binding context to free pinned host memory"));
         // SAFETY: `ptr` came from cuMemAllocHost_v2 in `new` (so the symbols exist) and
         // is freed exactly once, here; the borrow of the backend kept its context alive.
         let status = unsafe { sys::cuMemFreeHost(self.ptr.as_ptr().cast::<c_void>()) };
@@ -836,7 +869,7 @@ impl Backend for CudaBackend {
 
     fn mem_info(&self, device: usize) -> Result<MemInfo> {
         check_device(self, device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: the device's context is current; both are valid out-pointers.
         check("cuMemGetInfo", unsafe {
@@ -848,7 +881,7 @@ impl Backend for CudaBackend {
     fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr> {
         check_device(self, device)?;
         check_size(size)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let mut dptr: CUdeviceptr = 0;
         // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
         match unsafe { sys::cuMemAlloc_v2(&mut dptr, size) } {
@@ -866,7 +899,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::free_device`].
     unsafe fn free_device(&self, device: usize, ptr: DevicePtr, _size: usize) -> Result<()> {
         check_device(self, device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `ptr` came from alloc_device on this backend,
         // is not freed and no queued work uses it.
         check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr.0) })
@@ -881,7 +914,7 @@ impl Backend for CudaBackend {
                 what: "managed memory on a device without it",
             });
         }
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let mut dptr: CUdeviceptr = 0;
         // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
         let status = unsafe {
@@ -910,7 +943,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::free_managed`].
     unsafe fn free_managed(&self, device: usize, ptr: NonNull<u8>, _size: usize) -> Result<()> {
         check_device(self, device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `ptr` came from alloc_managed on this backend,
         // is not freed and no queued work uses it; managed memory is freed with cuMemFree.
         check("cuMemFree", unsafe { sys::cuMemFree_v2(host_addr(ptr)) })
@@ -921,7 +954,7 @@ impl Backend for CudaBackend {
     unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         check_size(len)?;
         // PORTABLE registrations are visible to every context; any one will do.
-        self.bind(0)?;
+        let _ctx = self.bind(0)?;
         let base = ptr.as_ptr();
         let mut done = 0usize;
         let mut failure = None;
@@ -980,7 +1013,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::unregister_host`].
     unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         check_size(len)?;
-        self.bind(0)?;
+        let _ctx = self.bind(0)?;
         let base = ptr.as_ptr();
         let mut first_error = None;
         for (off, _) in register_chunks(len) {
@@ -1000,7 +1033,7 @@ impl Backend for CudaBackend {
 
     fn create_stream(&self, device: usize) -> Result<StreamHandle> {
         check_device(self, device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let mut stream: CUstream = ptr::null_mut();
         // SAFETY: the device's context is current; `stream` is a valid out-pointer.
         check("cuStreamCreate", unsafe {
@@ -1020,7 +1053,7 @@ impl Backend for CudaBackend {
         let device = lock(&self.streams)
             .remove(&stream.0)
             .ok_or_else(|| unknown_stream(stream))?;
-        let result = self.bind(device).and_then(|()| {
+        let result = self.bind(device).and_then(|_ctx| {
             // SAFETY: the caller guarantees the stream is live, ours and not used again;
             // cuStreamDestroy lets queued work finish first.
             check("cuStreamDestroy", unsafe {
@@ -1052,7 +1085,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::synchronize_stream`].
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
         let device = self.stream_device(stream)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the stream is live and ours.
         check("cuStreamSynchronize", unsafe {
             sys::cuStreamSynchronize(stream_ptr(stream))
@@ -1061,7 +1094,7 @@ impl Backend for CudaBackend {
 
     fn create_event(&self, device: usize) -> Result<EventHandle> {
         check_device(self, device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let mut event: CUevent = ptr::null_mut();
         // SAFETY: the device's context is current; `event` is a valid out-pointer.
         check("cuEventCreate", unsafe {
@@ -1080,7 +1113,7 @@ impl Backend for CudaBackend {
         let device = lock(&self.events)
             .remove(&event.0)
             .ok_or_else(|| unknown_event(event))?;
-        let result = self.bind(device).and_then(|()| {
+        let result = self.bind(device).and_then(|_ctx| {
             // SAFETY: the caller guarantees the event is live, ours and not used again.
             check("cuEventDestroy", unsafe {
                 sys::cuEventDestroy_v2(event_ptr(event))
@@ -1105,7 +1138,7 @@ impl Backend for CudaBackend {
                 "event on device {event_device} cannot be recorded on a stream of device {stream_device}"
             )));
         }
-        self.bind(stream_device)?;
+        let _ctx = self.bind(stream_device)?;
         // SAFETY: the caller guarantees both handles are live and ours; they share a
         // context (checked above).
         check("cuEventRecord", unsafe {
@@ -1118,7 +1151,7 @@ impl Backend for CudaBackend {
     unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
         self.event_device(event)?;
         let device = self.stream_device(stream)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees both handles are live and ours; waiting on an
         // event from another device's context is allowed.
         check("cuStreamWaitEvent", unsafe {
@@ -1130,7 +1163,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::synchronize_event`].
     unsafe fn synchronize_event(&self, event: EventHandle) -> Result<()> {
         let device = self.event_device(event)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the event is live and ours.
         check("cuEventSynchronize", unsafe {
             sys::cuEventSynchronize(event_ptr(event))
@@ -1141,7 +1174,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::event_done`].
     unsafe fn event_done(&self, event: EventHandle) -> Result<bool> {
         let device = self.event_device(event)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the event is live and ours.
         match unsafe { sys::cuEventQuery(event_ptr(event)) } {
             CUresult::CUDA_SUCCESS => Ok(true),
@@ -1184,7 +1217,7 @@ impl Backend for CudaBackend {
                 (device, self.state[device].copy_stream)
             }
         };
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         match (dst_dev, src_dev) {
             (Some(dd), Some(sd)) if dd != sd => {
                 // SAFETY: the caller guarantees both ranges are valid device memory of
@@ -1255,7 +1288,7 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let location = mem_location(to, |d| self.cu_device(d));
         // SAFETY: the caller guarantees ptr..ptr+len is managed memory from this
         // backend and the stream is live and ours.
@@ -1289,7 +1322,7 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        self.bind(bind_device)?;
+        let _ctx = self.bind(bind_device)?;
         let location = mem_location(location, |d| self.cu_device(d));
         // SAFETY: the caller guarantees ptr..ptr+len lies in managed memory from this
         // backend; advice only changes driver policy for the range.
@@ -1305,7 +1338,7 @@ impl Backend for CudaBackend {
     fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
         let page = self.vmm_page(device)?;
         check_vmm_size("reservation", size, page)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let mut dptr: CUdeviceptr = 0;
         // SAFETY: VMM symbols present (vmm_page); `dptr` is a valid out-pointer. Default
         // alignment, no fixed address, no flags.
@@ -1319,7 +1352,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::free_address`].
     unsafe fn free_address(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         self.vmm_page(device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees ptr/size is one reservation from reserve_address
         // on this device with nothing mapped in it any more.
         check("cuMemAddressFree", unsafe {
@@ -1330,7 +1363,7 @@ impl Backend for CudaBackend {
     fn create_physical(&self, device: usize, size: usize) -> Result<PhysHandle> {
         let page = self.vmm_page(device)?;
         check_vmm_size("physical allocation", size, page)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         let prop = allocation_prop(self.cu_device(device));
         let mut handle: CUmemGenericAllocationHandle = 0;
         // SAFETY: VMM symbols present; `handle` is a valid out-pointer and `prop` a fully
@@ -1350,7 +1383,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::release_physical`].
     unsafe fn release_physical(&self, device: usize, handle: PhysHandle) -> Result<()> {
         self.vmm_page(device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `handle` came from create_physical on this
         // device, is live and not mapped (so this frees the memory at once).
         check("cuMemRelease", unsafe { sys::cuMemRelease(handle.0) })
@@ -1368,7 +1401,7 @@ impl Backend for CudaBackend {
         let page = self.vmm_page(device)?;
         check_vmm_size("mapping", size, page)?;
         check_vmm_addr(ptr, page)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees ptr..ptr+size lies in a reservation of this
         // device with nothing mapped there, and `handle` is live, of `size` bytes and not
         // mapped elsewhere; offset and flags must be 0.
@@ -1397,7 +1430,7 @@ impl Backend for CudaBackend {
     /// As [`Backend::unmap`].
     unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         self.vmm_page(device)?;
-        self.bind(device)?;
+        let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the range is exactly one earlier map on this
         // device and no queued work uses it.
         check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr.0, size) })
