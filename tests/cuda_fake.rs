@@ -1872,7 +1872,7 @@ fn fake_matches_cuda_h() {
 /// Strictness the backend never provokes, checked on the fake directly.
 #[test]
 fn fake_is_strict() {
-    let (f, _g, b) = setup();
+    let (f, _g, _backend) = setup();
     let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
     let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
     let free: CuMemFreeFn = raw(c"cuMemFree_v2");

@@ -1340,10 +1340,11 @@ impl Backend for CudaBackend {
         check_vmm_size("reservation", size, page)?;
         let _ctx = self.bind(device)?;
         let mut dptr: CUdeviceptr = 0;
-        // SAFETY: VMM symbols present (vmm_page); `dptr` is a valid out-pointer. Default
-        // alignment, no fixed address, no flags.
+        // SAFETY: VMM symbols present (vmm_page); `dptr` is a valid out-pointer. Aligned
+        // to the VMM page (the default alignment is not documented, and every map into
+        // the range must be page-aligned), no fixed address, no flags.
         check("cuMemAddressReserve", unsafe {
-            sys::cuMemAddressReserve(&mut dptr, size, 0, 0, 0)
+            sys::cuMemAddressReserve(&mut dptr, size, page, 0, 0)
         })?;
         Ok(DevicePtr(dptr))
     }
@@ -1405,9 +1406,18 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees ptr..ptr+size lies in a reservation of this
         // device with nothing mapped there, and `handle` is live, of `size` bytes and not
         // mapped elsewhere; offset and flags must be 0.
-        check("cuMemMap", unsafe {
-            sys::cuMemMap(ptr.0, size, 0, handle.0, 0)
-        })?;
+        match unsafe { sys::cuMemMap(ptr.0, size, 0, handle.0, 0) } {
+            CUresult::CUDA_SUCCESS => {}
+            // Page tables are device memory too: the pool gives back cache and retries.
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                return Err(Error::oom(
+                    Tier::Device(device),
+                    size,
+                    self.free_for_report(device),
+                ))
+            }
+            other => return Err(driver_error("cuMemMap", other)),
+        }
         let desc = access_desc(self.cu_device(device));
         // SAFETY: ptr..ptr+size was mapped just above; `desc` is one initialised
         // descriptor that outlives the call, and we pass count 1.
