@@ -68,11 +68,13 @@ run() {
       step bench-pool  "$BIN/bench-pool" --bench ;;
     host)
       step bench-pinning "$BIN/bench-pinning" --bench
-      step stream-file "$BIN/stream_file" --gib 8 --json ;;
+      step stream-file "$BIN/stream_file" --gib "${STREAM_FILE_GIB:-8}" --json ;;
     stream)
       # A model twice the budget: 8 GiB in 32 layers of 256 MiB through 4 GiB.
-      step stream-layers     "$BIN/stream_layers" --layers 32 --layer-mib 256 --budget-mib 4096 --passes 5 --json
-      step stream-layers-lru "$BIN/stream_layers" --layers 32 --layer-mib 256 --budget-mib 4096 --passes 3 --policy lru --json
+      # STREAM_SHAPE shrinks it for a rehearsal on the fake driver.
+      local shape=(${STREAM_SHAPE:---layers 32 --layer-mib 256 --budget-mib 4096})
+      step stream-layers     "$BIN/stream_layers" "${shape[@]}" --passes 5 --json
+      step stream-layers-lru "$BIN/stream_layers" "${shape[@]}" --passes 3 --policy lru --json
       step stream-layers-checksums "$BIN/stream_layers" --layers 16 --layer-mib 16 --budget-mib 96 --passes 4 --checksums --policy learn --json ;;
     torch)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
