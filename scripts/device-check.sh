@@ -10,6 +10,12 @@
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
 #                           timeout_s=560); all groups take about 7 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
+# Rehearsal here, on the fake CUDA driver that `cargo test` builds (about 95 s on 2 cores;
+# speeds meaningless, the mechanics and every rc are what it checks):
+#   LD_LIBRARY_PATH=$PWD/target/fake-cuda FAKE_CUDA_MEM_BYTES=$((8<<30)) OUT=/tmp/rehearsal \
+#   STREAM_SHAPE="--layers 16 --layer-mib 64 --budget-mib 512" STREAM_FILE_GIB=1 \
+#     bash scripts/device-check.sh run pool host stream
+# (replay-training-cuda fails there: its 11.3 GB peak does not fit 8 GiB.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=.device-bin
