@@ -1,5 +1,6 @@
 //! Runs the Python package's tests (`python/tests`, stdlib `unittest`) against the
-//! `libhetmem.so` cargo built for this test run, on the simulator:
+//! `libhetmem.so` cargo built for this test run, on the simulator and on the CUDA backend
+//! over the fake driver (tests/fake_cuda):
 //!
 //! ```text
 //! HETMEM_LIB=<that library> HETMEM_BACKEND=sim python3 -m unittest discover -s python/tests -v
@@ -10,12 +11,33 @@
 
 #[path = "common/cdylib.rs"]
 mod cdylib;
+#[path = "common/fake_cuda.rs"]
+mod fake_cuda;
+#[path = "common/fake_hip.rs"]
+mod fake_hip;
 
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn python_package_tests_pass_on_the_simulator() {
+    run_python_tests(&[("HETMEM_BACKEND", "sim")]);
+}
+
+/// The ctypes layer and the PyTorch entry points through the CUDA backend (the fake
+/// driver is the first `libcuda.so` on the loader path of the Python process).
+#[test]
+fn python_package_tests_pass_on_cuda_over_the_fake_driver() {
+    let fake = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");
+    let dir = fake.parent().expect("target/fake-cuda").to_owned();
+    run_python_tests(&[
+        ("HETMEM_BACKEND", "cuda"),
+        ("LD_LIBRARY_PATH", dir.to_str().expect("UTF-8 path")),
+        ("FAKE_CUDA_MEM_BYTES", "2147483648"),
+    ]);
+}
+
+fn run_python_tests(env: &[(&str, &str)]) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = cdylib::library_path();
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_owned());
@@ -23,7 +45,7 @@ fn python_package_tests_pass_on_the_simulator() {
         .args(["-m", "unittest", "discover", "-s", "python/tests", "-v"])
         .current_dir(root)
         .env("HETMEM_LIB", &lib)
-        .env("HETMEM_BACKEND", "sim")
+        .envs(env.iter().copied())
         .env("PYTHONPATH", root.join("python"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
@@ -33,7 +55,7 @@ fn python_package_tests_pass_on_the_simulator() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let text = format!(
-        "{python} -m unittest (HETMEM_LIB={}): {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        "{python} -m unittest (HETMEM_LIB={}, {env:?}): {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         lib.display(),
         out.status
     );
