@@ -432,6 +432,14 @@ fn errors_are_clear() {
         TierStore::new(&mgr, TierConfig::new(2 * MIB, MIB)).unwrap_err(),
         Error::InvalidArgument(_)
     ));
+    // A device budget the device cannot hold; its whole memory is fine.
+    let total = mgr.devices()[0].info.total_memory;
+    let err = TierStore::new(&mgr, TierConfig::new(total + 1, 32 * MIB)).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains(&total.to_string())),
+        "{err}"
+    );
+    TierStore::new(&mgr, TierConfig::new(total, 32 * MIB)).unwrap();
 }
 
 #[test]

@@ -812,7 +812,9 @@ impl<'a> DriverPinned<'a> {
                 }),
                 None => Err(driver_error("cuMemAllocHost", CUresult::CUDA_ERROR_UNKNOWN)),
             },
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(Tier::Pinned, len, 0)),
+            CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                Err(Error::oom(Tier::Pinned, len, available_memory()))
+            }
             other => Err(driver_error("cuMemAllocHost", other)),
         }
     }

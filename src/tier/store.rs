@@ -358,9 +358,9 @@ impl TierStore {
     /// copy stream and staging ring.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a zero device budget, zero spare slots, a host
-    /// budget smaller than the staging ring, or a bad ring shape; the pools' and
-    /// streams' errors.
+    /// [`Error::InvalidArgument`] for a zero device budget or one larger than the
+    /// device's memory, zero spare slots, a host budget smaller than the staging ring,
+    /// or a bad ring shape; the pools' and streams' errors.
     pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
         if cfg.device_budget == 0 {
             return Err(Error::InvalidArgument(
@@ -373,6 +373,18 @@ impl TierStore {
                  computes)"
                     .into(),
             ));
+        }
+        // A budget the device cannot hold would be planned for and then fail load after
+        // load (each failure a demand load that throws the plan away): refuse it.
+        if let Some(dev) = mgr.devices().get(cfg.device) {
+            let total = dev.info.total_memory;
+            if cfg.device_budget > total {
+                return Err(Error::InvalidArgument(format!(
+                    "the device budget ({} bytes) is larger than device {}'s memory ({total} \
+                     bytes)",
+                    cfg.device_budget, cfg.device
+                )));
+            }
         }
         let ring_bytes = cfg
             .staging_slots
