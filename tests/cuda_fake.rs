@@ -10,6 +10,8 @@
 //! no VMM, ...) re-run this binary for themselves in a child process with the fake's
 //! environment variables ([`child`]).
 
+#[path = "common/backend_checks.rs"]
+mod backend_checks;
 #[path = "common/fake_cuda.rs"]
 mod fake_cuda;
 #[path = "common/fake_hip.rs"]
@@ -21,10 +23,13 @@ use std::process::Command;
 use std::ptr::NonNull;
 use std::sync::{MutexGuard, OnceLock};
 
+use backend_checks::{
+    assert_driver, assert_out_of_memory, dev, host, peek, unavailable_reason, Reservation,
+};
 use fake_cuda::{code, fake_cuda_library, FakeCuda};
 use fake_hip::compile_c_snippet;
 use hetmem::backend::cuda::{CudaBackend, DriverPinned, REGISTER_ROLLBACK_CALL};
-use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, PhysHandle};
+use hetmem::backend::{Backend, BackendKind, HostKind, MemRef, PhysHandle};
 use hetmem::pool::host::HostPoolConfig;
 use hetmem::pool::{Budget, PoolConfig};
 use hetmem::tier::{SequenceHint, TierConfig, TierStore};
@@ -34,6 +39,9 @@ const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;
 const DEVICE_MEM: usize = 256 * MIB;
 const PAGE: usize = 2 * MIB;
+
+/// The backend under test, for the shared checks.
+const KIND: BackendKind = BackendKind::Cuda;
 
 /// Set in a child process to the name of the one test it runs.
 const CHILD_ENV: &str = "HETMEM_FAKE_CUDA_CHILD";
@@ -59,6 +67,14 @@ fn setup() -> (&'static FakeCuda, MutexGuard<'static, ()>, CudaBackend) {
     (f, guard, b)
 }
 
+/// A `Manager` on the CUDA backend (over the fake, which `fake()` has loaded).
+fn cuda_manager() -> Manager {
+    Manager::builder()
+        .backend(BackendKind::Cuda)
+        .build()
+        .unwrap()
+}
+
 /// Runs the calling test alone in a child process with `env` (the fake's variables are
 /// read at the child's first driver call), and returns false; in that child it returns
 /// true, and the test's body runs there.
@@ -66,10 +82,17 @@ fn child(test: &str, env: &[(&str, &str)]) -> bool {
     if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
         return true;
     }
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new(exe)
+    let mut env = env.to_vec();
+    env.push((CHILD_ENV, test));
+    run_alone(test, &env);
+    false
+}
+
+/// Runs test `test` of this binary alone in a child process, with the fake this process
+/// built and `env`, and checks that it ran and passed.
+fn run_alone(test: &str, env: &[(&str, &str)]) {
+    let out = Command::new(std::env::current_exe().unwrap())
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
         .env(fake_cuda::BUILT_ENV, fake_cuda_library().unwrap())
         .envs(env.iter().copied())
         .output()
@@ -79,59 +102,11 @@ fn child(test: &str, env: &[(&str, &str)]) -> bool {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "child {test} failed:\n{text}");
+    assert!(out.status.success(), "child {test} {env:?} failed:\n{text}");
     assert!(
         text.contains("1 passed"),
-        "child {test} ran no test:\n{text}"
+        "child {test} {env:?} ran no test:\n{text}"
     );
-    false
-}
-
-fn host(buf: &mut [u8]) -> MemRef {
-    MemRef::Host {
-        ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
-        kind: HostKind::Pageable,
-    }
-}
-
-fn dev(device: usize, ptr: DevicePtr) -> MemRef {
-    MemRef::Device { device, ptr }
-}
-
-fn assert_driver(err: Error, want_call: &str, want_code: i32) {
-    match err {
-        Error::Driver {
-            backend,
-            call,
-            code,
-            message,
-        } => {
-            assert_eq!(backend, BackendKind::Cuda);
-            assert_eq!(call, want_call, "{message}");
-            assert_eq!(code, want_code, "{message}");
-            assert!(!message.is_empty());
-        }
-        other => panic!("expected a driver error from {want_call}, got {other:?}"),
-    }
-}
-
-fn unavailable_reason(r: Result<CudaBackend, Error>) -> String {
-    match r {
-        Err(Error::BackendUnavailable { backend, reason }) => {
-            assert_eq!(backend, BackendKind::Cuda);
-            reason
-        }
-        other => panic!("expected BackendUnavailable, got {other:?}"),
-    }
-}
-
-/// Reads `len` bytes of device memory through a synchronous copy.
-fn peek(d: &dyn Backend, device: usize, ptr: DevicePtr, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    // SAFETY: `ptr` is live device memory of at least `len` bytes on `device`; `out` is
-    // a fresh buffer; the copy is synchronous.
-    unsafe { d.copy(host(&mut out), dev(device, ptr), len, None).unwrap() };
-    out
 }
 
 /// A driver entry point of the preloaded fake, called directly (what hetmem never
@@ -193,40 +168,6 @@ type CuInitFn = unsafe extern "C" fn(u32) -> c_int;
 type CuMemcpyFn = unsafe extern "C" fn(u64, u64, usize, *mut c_void) -> c_int;
 type CuMemAllocManagedFn = unsafe extern "C" fn(*mut u64, usize, u32) -> c_int;
 
-/// Address space only (PROT_NONE, as in rocm_fake.rs: no commit charge even under strict
-/// overcommit); the fake never touches registered memory.
-struct Reservation {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Reservation {
-    fn new(len: usize) -> Option<Reservation> {
-        // SAFETY: an anonymous mapping with no address hint affects nothing else.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        NonNull::new(p.cast()).map(|ptr| Reservation { ptr, len })
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made in `new` with this length and is unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 // ------------------------------------------------------------------------- loading
 
 #[test]
@@ -268,25 +209,12 @@ fn preload_wins_over_a_libcuda_on_the_loader_path() {
     if role.is_empty() {
         let dir = decoy_dir();
         for role in ["preloaded", "bare"] {
-            let out = Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "preload_wins_over_a_libcuda_on_the_loader_path",
-                    "--exact",
-                    "--nocapture",
-                ])
-                .env("LD_LIBRARY_PATH", &dir)
-                .env("DECOY_ROLE", role)
-                .env(fake_cuda::BUILT_ENV, fake_cuda_library().unwrap())
-                .output()
-                .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(
-                out.status.success() && text.contains("1 passed"),
-                "{role}: {text}"
+            run_alone(
+                "preload_wins_over_a_libcuda_on_the_loader_path",
+                &[
+                    ("LD_LIBRARY_PATH", dir.to_str().unwrap()),
+                    ("DECOY_ROLE", role),
+                ],
             );
         }
         let _ = std::fs::remove_dir_all(dir);
@@ -300,7 +228,7 @@ fn preload_wins_over_a_libcuda_on_the_loader_path() {
     } else {
         // No preload: cudarc's dlopen("libcuda.so") searches the loader path and finds
         // the decoy, which lacks every symbol but cuInit.
-        let reason = unavailable_reason(CudaBackend::new());
+        let reason = unavailable_reason(KIND, CudaBackend::new());
         assert!(reason.contains("lacks symbol cuGetErrorString"), "{reason}");
     }
 }
@@ -314,7 +242,7 @@ fn calls_before_cu_init_are_refused_and_no_device_is_unavailable() {
         return;
     }
     let f = fake();
-    let reason = unavailable_reason(CudaBackend::new());
+    let reason = unavailable_reason(KIND, CudaBackend::new());
     assert!(reason.contains("no CUDA device"), "{reason}");
     assert_eq!(f.stat("initialized"), 0);
     let count: CuCountFn = raw(c"cuDeviceGetCount");
@@ -327,7 +255,7 @@ fn calls_before_cu_init_are_refused_and_no_device_is_unavailable() {
         assert_eq!(alloc(&mut p, 4096), code::NOT_INITIALIZED);
     }
     // Twice: the second attempt must not trip over the first.
-    assert!(unavailable_reason(CudaBackend::new()).contains("no CUDA device"));
+    assert!(unavailable_reason(KIND, CudaBackend::new()).contains("no CUDA device"));
 }
 
 #[test]
@@ -339,7 +267,7 @@ fn failing_cu_init_is_unavailable() {
         return;
     }
     fake();
-    let reason = unavailable_reason(CudaBackend::new());
+    let reason = unavailable_reason(KIND, CudaBackend::new());
     assert!(
         reason.contains("cuInit") && reason.contains("unknown error"),
         "{reason}"
@@ -360,7 +288,7 @@ fn device_without_unified_addressing_is_refused_and_cleaned_up() {
         return;
     }
     let f = fake();
-    let reason = unavailable_reason(CudaBackend::new());
+    let reason = unavailable_reason(KIND, CudaBackend::new());
     assert!(reason.contains("lacks unified addressing"), "{reason}");
     assert_eq!(f.stat("ctx_refcount:0"), 0);
     assert_eq!(f.stat("ctx_refcount:1"), 0);
@@ -433,40 +361,13 @@ fn fake_refuses_unmodelled_attributes() {
 #[test]
 fn alloc_and_free_account_on_the_right_device() {
     let (f, _g, b) = setup();
-    let d: &dyn Backend = &b;
-    let p1 = d.alloc_device(1, 3 * MIB).unwrap();
-    assert_eq!(f.stat("used:1"), 3 * MIB as i64);
-    assert_eq!(f.stat("used:0"), 0);
-    assert_eq!(d.mem_info(1).unwrap().free, DEVICE_MEM - 3 * MIB);
-    assert_eq!(d.mem_info(0).unwrap().free, DEVICE_MEM);
-    let p0 = d.alloc_device(0, MIB).unwrap();
-    assert_eq!(f.stat("allocations"), 2);
-    assert_ne!(p0, p1);
-    // Device memory is not cleared.
-    assert!(peek(d, 0, p0, 64).iter().all(|&x| x == 0xA5));
-    // SAFETY: both came from alloc_device with these sizes and are freed once.
-    unsafe {
-        d.free_device(1, p1, 3 * MIB).unwrap();
-        d.free_device(0, p0, MIB).unwrap();
-    }
-    assert_eq!(f.stat("allocations"), 0);
-    assert_eq!(f.stat("used:1"), 0);
-    // A double free reaches the driver, which refuses it.
-    // SAFETY: the fake never dereferences a pointer it does not know.
-    let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
-    assert_driver(err, "cuMemFree", code::INVALID_VALUE);
-    assert!(matches!(
-        d.alloc_device(0, 0),
-        Err(Error::InvalidSize { requested: 0, .. })
-    ));
-    assert!(matches!(
-        d.alloc_device(2, MIB),
-        Err(Error::UnknownDevice {
-            device: 2,
-            count: 2,
-            ..
-        })
-    ));
+    backend_checks::alloc_and_free_account_on_the_right_device(
+        &b,
+        &|name| f.stat(name),
+        DEVICE_MEM,
+        "cuMemFree",
+        code::INVALID_VALUE,
+    );
 }
 
 #[test]
@@ -474,36 +375,18 @@ fn out_of_memory_carries_the_numbers() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
     let keep = d.alloc_device(1, 200 * MIB).unwrap();
-    match d.alloc_device(1, 100 * MIB) {
-        Err(Error::OutOfMemory {
-            tier,
-            requested,
-            free,
-            ..
-        }) => {
-            assert_eq!(tier, Tier::Device(1));
-            assert_eq!(requested, 100 * MIB);
-            assert_eq!(free, 56 * MIB);
-        }
-        other => panic!("expected OutOfMemory, got {other:?}"),
-    }
+    assert_out_of_memory(
+        d.alloc_device(1, 100 * MIB),
+        Tier::Device(1),
+        100 * MIB,
+        56 * MIB,
+    );
     // Device 0 is untouched by device 1's use.
     let other = d.alloc_device(0, DEVICE_MEM).unwrap();
-    match d.alloc_managed(0, MIB) {
-        Err(Error::OutOfMemory {
-            tier,
-            requested,
-            free,
-            ..
-        }) => assert_eq!((tier, requested, free), (Tier::Managed(0), MIB, 0)),
-        other => panic!("expected OutOfMemory, got {other:?}"),
-    }
+    assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
     // An out-of-memory answer from the driver is mapped whatever the sizes.
     f.fail_next("cuMemAlloc_v2", code::OUT_OF_MEMORY, 1);
-    match d.alloc_device(1, MIB) {
-        Err(Error::OutOfMemory { free, .. }) => assert_eq!(free, 56 * MIB),
-        other => panic!("{other:?}"),
-    }
+    assert_out_of_memory(d.alloc_device(1, MIB), Tier::Device(1), MIB, 56 * MIB);
     // SAFETY: live allocations from this backend, freed once.
     unsafe {
         d.free_device(1, keep, 200 * MIB).unwrap();
@@ -564,11 +447,11 @@ fn copies_keep_the_bytes() {
     // SAFETY: the fake checks bounds before touching memory, so this out-of-range copy
     // is refused without reading past the allocation.
     let err = unsafe { d.copy(host(&mut back), dev(1, c.offset(1)), len, None) }.unwrap_err();
-    assert_driver(err, "cuMemcpyAsync", code::INVALID_VALUE);
+    assert_driver(KIND, err, "cuMemcpyAsync", code::INVALID_VALUE);
     // A peer copy that runs past its source is refused too.
     // SAFETY: as above.
     let err = unsafe { d.copy(dev(0, a), dev(1, c.offset(8)), len, None) }.unwrap_err();
-    assert_driver(err, "cuMemcpyPeerAsync", code::INVALID_VALUE);
+    assert_driver(KIND, err, "cuMemcpyPeerAsync", code::INVALID_VALUE);
     // SAFETY: zero bytes: nothing is touched.
     unsafe { d.copy(host(&mut back), dev(1, c), 0, None).unwrap() };
     // SAFETY: live handles and allocations from this backend, released once.
@@ -701,18 +584,7 @@ fn streams_and_events() {
     }
     assert_eq!(f.stat("streams"), 2);
     assert_eq!(f.stat("events"), 0);
-    // SAFETY: the backend checks its own map first, so stale handles are not passed on.
-    unsafe {
-        assert!(matches!(
-            d.destroy_stream(s0),
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(matches!(d.event_done(e1), Err(Error::InvalidArgument(_))));
-    }
-    assert!(matches!(
-        d.create_stream(7),
-        Err(Error::UnknownDevice { device: 7, .. })
-    ));
+    backend_checks::assert_refused_by_the_backend(d, s0, e1);
 }
 
 #[test]
@@ -764,43 +636,7 @@ fn events_order_streams_across_devices() {
 #[test]
 fn destroyed_handles_are_reused() {
     let (f, _g, b) = setup();
-    let d: &dyn Backend = &b;
-    let s0 = d.create_stream(0).unwrap();
-    let e0 = d.create_event(0).unwrap();
-    let reused = f.stat("reused_handles");
-    // SAFETY: live handles from this backend, destroyed once.
-    unsafe {
-        d.destroy_stream(s0).unwrap();
-        d.destroy_event(e0).unwrap();
-    }
-    let s1 = d.create_stream(1).unwrap();
-    let e1 = d.create_event(1).unwrap();
-    assert_eq!(s1, s0, "a destroyed stream's handle value is reused");
-    assert_eq!(e1, e0, "a destroyed event's handle value is reused");
-    assert_eq!(f.stat("reused_handles"), reused + 2);
-    let len = 4096;
-    let p1 = d.alloc_device(1, len).unwrap();
-    let p0 = d.alloc_device(0, len).unwrap();
-    let mut buf = vec![3u8; len];
-    // SAFETY: live, disjoint ranges synchronised before they are dropped; live handles.
-    unsafe {
-        d.copy(dev(1, p1), host(&mut buf), len, Some(s1)).unwrap();
-        d.record_event(e1, s1).unwrap();
-        d.synchronize_event(e1).unwrap();
-        // The backend knows the value as device 1's stream now.
-        assert!(matches!(
-            d.copy(dev(0, p0), host(&mut buf), len, Some(s1)),
-            Err(Error::InvalidArgument(_))
-        ));
-        d.free_device(0, p0, len).unwrap();
-        d.destroy_event(e1).unwrap();
-        d.destroy_stream(s1).unwrap();
-        d.free_device(1, p1, len).unwrap();
-        assert!(matches!(
-            d.destroy_stream(s1),
-            Err(Error::InvalidArgument(_))
-        ));
-    }
+    backend_checks::destroyed_handles_are_reused(&b, &|name| f.stat(name));
 }
 
 /// Many threads create and destroy streams and events while the driver reuses handle
@@ -809,26 +645,7 @@ fn destroyed_handles_are_reused() {
 fn handle_churn_across_threads() {
     let (f, _g, b) = setup();
     let reused = f.stat("reused_handles");
-    std::thread::scope(|scope| {
-        for t in 0..4usize {
-            let d: &dyn Backend = &b;
-            scope.spawn(move || {
-                for i in 0..300usize {
-                    let device = (t + i) % 2;
-                    let s = d.create_stream(device).unwrap();
-                    let e = d.create_event(device).unwrap();
-                    // SAFETY: live handles from this backend, each destroyed once.
-                    unsafe {
-                        d.record_event(e, s).unwrap();
-                        d.synchronize_stream(s).unwrap();
-                        assert!(d.event_done(e).unwrap());
-                        d.destroy_event(e).unwrap();
-                        d.destroy_stream(s).unwrap();
-                    }
-                }
-            });
-        }
-    });
+    backend_checks::churn_streams_and_events(&b, 4, 300);
     assert_eq!(f.stat("streams"), 2);
     assert_eq!(f.stat("events"), 0);
     assert!(f.stat("reused_handles") > reused);
@@ -986,30 +803,19 @@ fn driver_errors_name_the_call_and_message() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
     f.fail_next("cuStreamCreate", code::UNKNOWN, 1);
-    match d.create_stream(0) {
-        Err(Error::Driver {
-            backend,
-            call,
-            code,
-            message,
-        }) => {
-            assert_eq!(backend, BackendKind::Cuda);
-            assert_eq!(call, "cuStreamCreate");
-            assert_eq!(code, 999);
-            assert_eq!(message, "unknown error");
-        }
-        other => panic!("{other:?}"),
-    }
+    let err = d.create_stream(0).unwrap_err();
+    let message = assert_driver(KIND, err, "cuStreamCreate", 999);
+    assert_eq!(message, "unknown error");
     assert_eq!(f.stat("streams"), 2);
+    // A failed event query is an error, not "not done", whether the bindings' enum knows
+    // its code or not (12345: a newer driver's).
     let e = d.create_event(0).unwrap();
-    f.fail_next("cuEventQuery", code::INVALID_HANDLE, 1);
-    // SAFETY: live handles from this backend.
+    // SAFETY: a live event from this backend, destroyed once.
     unsafe {
-        assert_driver(
-            d.event_done(e).unwrap_err(),
-            "cuEventQuery",
-            code::INVALID_HANDLE,
-        );
+        for code in [code::INVALID_HANDLE, 12345] {
+            f.fail_next("cuEventQuery", code, 1);
+            assert_driver(KIND, d.event_done(e).unwrap_err(), "cuEventQuery", code);
+        }
         f.fail_next("cuEventQuery", code::NOT_READY, 1);
         assert!(
             !d.event_done(e).unwrap(),
@@ -1023,29 +829,26 @@ fn driver_errors_name_the_call_and_message() {
     f.fail_next("cuStreamDestroy_v2", code::UNKNOWN, 1);
     // SAFETY: a live stream, destroyed once successfully.
     unsafe {
-        assert_driver(d.destroy_stream(s).unwrap_err(), "cuStreamDestroy", 999);
+        assert_driver(
+            KIND,
+            d.destroy_stream(s).unwrap_err(),
+            "cuStreamDestroy",
+            999,
+        );
         d.destroy_stream(s).unwrap();
     }
-    // A code the driver does not know still gives an error with a message.
+    // Codes the bindings' enum does not know are errors with their number, wherever they
+    // come back, and a message that names it.
     f.fail_next("cuMemGetInfo_v2", 12345, 1);
-    match d.mem_info(0) {
-        Err(Error::Driver { code, message, .. }) => {
-            assert_eq!(code, 12345);
-            assert!(message.contains("12345"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
-    // Codes the bindings' enum does not know (a newer driver's) are errors with their
-    // number, wherever they come back.
+    let message = assert_driver(KIND, d.mem_info(0).unwrap_err(), "cuMemGetInfo", 12345);
+    assert!(message.contains("12345"), "{message}");
     f.fail_next("cuMemAlloc_v2", 12345, 1);
-    assert_driver(d.alloc_device(0, 4096).unwrap_err(), "cuMemAlloc", 12345);
-    let e = d.create_event(0).unwrap();
-    f.fail_next("cuEventQuery", 12345, 1);
-    // SAFETY: a live event, destroyed once.
-    unsafe {
-        assert_driver(d.event_done(e).unwrap_err(), "cuEventQuery", 12345);
-        d.destroy_event(e).unwrap();
-    }
+    assert_driver(
+        KIND,
+        d.alloc_device(0, 4096).unwrap_err(),
+        "cuMemAlloc",
+        12345,
+    );
     // The context binding itself can fail (on a fresh thread), and says so.
     let err = std::thread::scope(|scope| {
         scope
@@ -1056,7 +859,7 @@ fn driver_errors_name_the_call_and_message() {
             .join()
             .unwrap()
     });
-    assert_driver(err, "cuCtxSetCurrent", code::INVALID_CONTEXT);
+    assert_driver(KIND, err, "cuCtxSetCurrent", code::INVALID_CONTEXT);
 }
 
 // ------------------------------------------------------------------ registration
@@ -1065,39 +868,22 @@ fn driver_errors_name_the_call_and_message() {
 fn host_registration() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
-    let mut buf = vec![0u8; 2 * MIB];
-    let p = NonNull::new(buf.as_mut_ptr()).unwrap();
-    // SAFETY: `buf` is owned here and outlives the registration.
+    // The flag is CU_MEMHOSTREGISTER_PORTABLE.
+    backend_checks::register_and_unregister_host(
+        d,
+        &|name| f.stat(name),
+        ("cuMemHostRegister", code::HOST_MEMORY_ALREADY_REGISTERED),
+        ("cuMemHostUnregister", code::HOST_MEMORY_NOT_REGISTERED),
+    );
+    // Device memory is not host memory to pin.
+    // SAFETY: the backend passes the pointer to the driver, which refuses it before
+    // touching it; the allocation is freed once.
     unsafe {
-        d.register_host(p, buf.len()).unwrap();
-        assert_eq!(f.stat("registrations"), 1);
-        assert_eq!(
-            f.stat("last_register_flags"),
-            1,
-            "CU_MEMHOSTREGISTER_PORTABLE"
-        );
-        assert_driver(
-            d.register_host(p, buf.len()).unwrap_err(),
-            "cuMemHostRegister",
-            code::HOST_MEMORY_ALREADY_REGISTERED,
-        );
-        d.unregister_host(p, buf.len()).unwrap();
-        assert_eq!(f.stat("registrations"), 0);
-        assert_driver(
-            d.unregister_host(p, buf.len()).unwrap_err(),
-            "cuMemHostUnregister",
-            code::HOST_MEMORY_NOT_REGISTERED,
-        );
-        assert!(matches!(
-            d.register_host(p, 0),
-            Err(Error::InvalidSize { .. })
-        ));
-        // Device memory is not host memory to pin.
         let dp = d.alloc_device(0, 4096).unwrap();
         let err = d
             .register_host(NonNull::new(dp.0 as usize as *mut u8).unwrap(), 4096)
             .unwrap_err();
-        assert_driver(err, "cuMemHostRegister", code::INVALID_VALUE);
+        assert_driver(KIND, err, "cuMemHostRegister", code::INVALID_VALUE);
         d.free_device(0, dp, 4096).unwrap();
     }
 }
@@ -1144,27 +930,12 @@ fn copies_across_registration_edges_are_cut_there() {
         d.unregister_host(NonNull::new(base).unwrap(), piece)
             .unwrap();
         let mut back = vec![0u8; 2 * piece];
-        let hp = NonNull::new(base.add(half)).unwrap();
-        d.copy(
-            host(&mut back),
-            MemRef::Host {
-                ptr: hp,
-                kind: HostKind::Pageable,
-            },
-            0,
-            None,
-        )
-        .unwrap();
-        d.copy(
-            dev(0, dp),
-            MemRef::Host {
-                ptr: hp,
-                kind: HostKind::Pageable,
-            },
-            2 * piece,
-            None,
-        )
-        .unwrap();
+        let pageable = MemRef::Host {
+            ptr: NonNull::new(base.add(half)).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        d.copy(host(&mut back), pageable, 0, None).unwrap();
+        d.copy(dev(0, dp), pageable, 2 * piece, None).unwrap();
         assert_eq!(
             peek(d, 0, dp, 2 * piece),
             buf[half..half + 2 * piece].to_vec()
@@ -1210,6 +981,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
         let in_second = NonNull::new(res.ptr.as_ptr().add(64 * GIB + 4096)).unwrap();
         d.register_host(in_second, 4096).unwrap();
         assert_driver(
+            KIND,
             d.register_host(res.ptr, len).unwrap_err(),
             "cuMemHostRegister",
             code::HOST_MEMORY_ALREADY_REGISTERED,
@@ -1218,27 +990,17 @@ fn large_registrations_are_chunked_and_rolled_back() {
 
         // If undoing the first chunk fails too, the error says so, distinctly.
         f.fail_next("cuMemHostUnregister", code::UNKNOWN, 1);
-        match d.register_host(res.ptr, len).unwrap_err() {
-            Error::Driver {
-                backend,
-                call,
-                code,
-                message,
-            } => {
-                assert_eq!(backend, BackendKind::Cuda);
-                assert_eq!(call, REGISTER_ROLLBACK_CALL);
-                assert_eq!(code, 999, "the failed cuMemHostUnregister's code");
-                assert!(
-                    message.contains("rollback failed; region leaked"),
-                    "{message}"
-                );
-                assert!(
-                    message.contains("already mapped"),
-                    "names the cause: {message}"
-                );
-            }
-            other => panic!("expected the rollback error, got {other:?}"),
-        }
+        // The code is the failed cuMemHostUnregister's.
+        let err = d.register_host(res.ptr, len).unwrap_err();
+        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        assert!(
+            message.contains("rollback failed; region leaked"),
+            "{message}"
+        );
+        assert!(
+            message.contains("already mapped"),
+            "names the cause: {message}"
+        );
         assert_eq!(
             f.stat("registrations"),
             2,
@@ -1258,10 +1020,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
 fn pinning_refused_for_memory_is_out_of_memory() {
     let f = fake();
     let _g = FakeCuda::serial();
-    let mgr = Manager::builder()
-        .backend(BackendKind::Cuda)
-        .build()
-        .unwrap();
+    let mgr = cuda_manager();
     f.fail_next("cuMemHostRegister_v2", code::OUT_OF_MEMORY, 1);
     match mgr.alloc(Placement::Pinned(NumaPolicy::Default), 3 * MIB) {
         Err(Error::OutOfMemory {
@@ -1324,6 +1083,7 @@ fn managed_memory_prefetch_and_advice() {
         let mid = NonNull::new(m.as_ptr().add(4096)).unwrap();
         d.prefetch(mid, 4096, Location::Device(0), s).unwrap();
         assert_driver(
+            KIND,
             d.prefetch(mid, len, Location::Host, s).unwrap_err(),
             "cuMemPrefetchAsync",
             code::INVALID_VALUE,
@@ -1367,6 +1127,7 @@ fn managed_memory_prefetch_and_advice() {
         let plain = d.alloc_device(0, MIB).unwrap();
         let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
         assert_driver(
+            KIND,
             d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
             "cuMemAdvise",
             code::INVALID_VALUE,
@@ -1448,6 +1209,7 @@ fn driver_pinned_memory() {
         assert_eq!(p, &back[..]);
         // Already pinned by the driver: registering it again is refused.
         assert_driver(
+            KIND,
             b.register_host(pinned.ptr(), n).unwrap_err(),
             "cuMemHostRegister",
             code::HOST_MEMORY_ALREADY_REGISTERED,
@@ -1499,6 +1261,7 @@ fn foreign_streams_are_used_and_never_destroyed() {
         d.forget_stream(s).unwrap();
         let wrong = d.import_stream(1, raw_value).unwrap();
         assert_driver(
+            KIND,
             d.record_event(e1, wrong).unwrap_err(),
             "cuEventRecord",
             code::INVALID_HANDLE,
@@ -1550,10 +1313,10 @@ fn vmm_reserve_create_map_access_unmap_release() {
         ptr: NonNull::new(p as *mut u8).unwrap(),
         kind: HostKind::Pageable,
     };
+    // The deliberate misuses below are refused by the fake before it touches memory.
     // SAFETY: every page lies in our reservation; handles are fresh, one page each;
     // copies are synchronous; pages are unmapped before release and the range is empty
-    // before it is freed. The deliberate misuses below are refused by the fake before
-    // it touches memory.
+    // before it is freed.
     unsafe {
         for (i, &h) in handles.iter().enumerate() {
             d.map(0, base.offset(i * PAGE), PAGE, h).unwrap();
@@ -1569,6 +1332,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
         // Mapping over a mapped page is refused, and leaves the handle as it was.
         let spare = d.create_physical(0, PAGE).unwrap();
         assert_driver(
+            KIND,
             d.map(0, base, PAGE, spare).unwrap_err(),
             "cuMemMap",
             code::INVALID_VALUE,
@@ -1577,6 +1341,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
         d.unmap(0, base.offset(PAGE), PAGE).unwrap();
         f.fail_next("cuMemSetAccess", code::UNKNOWN, 1);
         assert_driver(
+            KIND,
             d.map(0, base.offset(PAGE), PAGE, spare).unwrap_err(),
             "cuMemSetAccess",
             999,
@@ -1584,6 +1349,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
         assert_eq!(f.stat("vmm_mappings"), (pages - 1) as i64);
         // A copy into the hole: the address is reserved but not mapped.
         assert_driver(
+            KIND,
             d.copy(mid, hostp(src.as_ptr()), 2 * PAGE, None)
                 .unwrap_err(),
             "cuMemcpyAsync",
@@ -1591,6 +1357,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
         );
         // Freeing the reservation while pages are mapped is refused.
         assert_driver(
+            KIND,
             d.free_address(0, base, pages * PAGE).unwrap_err(),
             "cuMemAddressFree",
             code::INVALID_VALUE,
@@ -1601,6 +1368,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
         d.release_physical(0, handles[1]).unwrap();
         assert_eq!(f.stat("used:0"), used - PAGE as i64);
         assert_driver(
+            KIND,
             d.release_physical(0, handles[1]).unwrap_err(),
             "cuMemRelease",
             code::INVALID_VALUE,
@@ -1617,6 +1385,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
             d.release_physical(0, handles[i]).unwrap();
         }
         assert_driver(
+            KIND,
             d.unmap(0, base, PAGE).unwrap_err(),
             "cuMemUnmap",
             code::INVALID_VALUE,
@@ -1659,12 +1428,14 @@ fn vmm_unmap_under_a_queued_copy_faults() {
             .unwrap();
         d.unmap(0, base, PAGE).unwrap();
         assert_driver(
+            KIND,
             d.synchronize_stream(s).unwrap_err(),
             "cuStreamSynchronize",
             code::ILLEGAL_ADDRESS,
         );
         assert_eq!(f.stat("faults"), 1);
         assert_driver(
+            KIND,
             d.alloc_device(0, 4096).unwrap_err(),
             "cuMemAlloc",
             code::ILLEGAL_ADDRESS,
@@ -1692,10 +1463,7 @@ fn vmm_unsupported_device() {
         Err(Error::Unsupported { .. })
     ));
     // The pool falls back to plain segments.
-    let mgr = Manager::builder()
-        .backend(BackendKind::Cuda)
-        .build()
-        .unwrap();
+    let mgr = cuda_manager();
     let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
     assert!(!pool.expandable());
     let s = mgr.create_stream(0).unwrap();
@@ -1716,10 +1484,7 @@ fn layer_bytes(i: usize, len: usize) -> Vec<u8> {
 fn manager_buffers_pool_and_tier_store_on_cuda() {
     let f = fake();
     let _g = FakeCuda::serial();
-    let mgr = Manager::builder()
-        .backend(BackendKind::Cuda)
-        .build()
-        .unwrap();
+    let mgr = cuda_manager();
     assert_eq!(mgr.backend_kind(), BackendKind::Cuda);
     assert_eq!(mgr.devices().len(), 2);
 

@@ -2,59 +2,29 @@
 //! the run-time loader, device enumeration, memory, copies, streams, events,
 //! registration, managed memory and error mapping, all through the `Backend` trait.
 
+#[path = "common/backend_checks.rs"]
+mod backend_checks;
 #[path = "common/fake_hip.rs"]
 mod fake_hip;
 
 use std::path::Path;
 use std::ptr::NonNull;
 
+use backend_checks::{
+    assert_driver, assert_out_of_memory, dev, host, peek, unavailable_reason, Reservation,
+};
 use fake_hip::{compile_c_snippet, fake_hip_library, FakeHip};
 use hetmem::backend::rocm::{RocmBackend, REGISTER_CHUNK, REGISTER_ROLLBACK_CALL};
-use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef};
+use hetmem::backend::{Backend, BackendKind};
 use hetmem::{Advice, Error, Location, Tier};
 
 const MIB: usize = 1 << 20;
 
+/// The backend under test, for the shared checks.
+const KIND: BackendKind = BackendKind::Rocm;
+
 fn backend(fake: &FakeHip) -> RocmBackend {
     RocmBackend::with_library(fake.path()).expect("fake HIP loads")
-}
-
-fn host(buf: &mut [u8]) -> MemRef {
-    MemRef::Host {
-        ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
-        kind: HostKind::Pageable,
-    }
-}
-
-fn dev(device: usize, ptr: DevicePtr) -> MemRef {
-    MemRef::Device { device, ptr }
-}
-
-fn assert_driver(err: Error, want_call: &str, want_code: i32) {
-    match err {
-        Error::Driver {
-            backend,
-            call,
-            code,
-            message,
-        } => {
-            assert_eq!(backend, BackendKind::Rocm);
-            assert_eq!(call, want_call);
-            assert_eq!(code, want_code, "{message}");
-            assert!(!message.is_empty());
-        }
-        other => panic!("expected a driver error from {want_call}, got {other:?}"),
-    }
-}
-
-fn unavailable_reason(r: Result<RocmBackend, Error>) -> String {
-    match r {
-        Err(Error::BackendUnavailable { backend, reason }) => {
-            assert_eq!(backend, BackendKind::Rocm);
-            reason
-        }
-        other => panic!("expected BackendUnavailable, got {other:?}"),
-    }
 }
 
 #[test]
@@ -105,43 +75,13 @@ fn enumerates_devices() {
 fn alloc_and_free_account_on_the_right_device() {
     let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
     let b = backend(&fake);
-    let d: &dyn Backend = &b;
-
-    let p1 = d.alloc_device(1, 3 * MIB).unwrap();
-    assert_eq!(fake.stat("used:1"), 3 * MIB as i64);
-    assert_eq!(fake.stat("used:0"), 0);
-    assert_eq!(d.mem_info(1).unwrap().free, 13 * MIB);
-    assert_eq!(d.mem_info(0).unwrap().free, 16 * MIB);
-    let p0 = d.alloc_device(0, MIB).unwrap();
-    assert_eq!(fake.stat("allocations"), 2);
-    assert_ne!(p0, p1);
-
-    // SAFETY: both came from alloc_device with these sizes and are freed once.
-    unsafe {
-        d.free_device(1, p1, 3 * MIB).unwrap();
-        d.free_device(0, p0, MIB).unwrap();
-    }
-    assert_eq!(fake.stat("allocations"), 0);
-    assert_eq!(fake.stat("used:1"), 0);
-
-    // A double free reaches the runtime, which refuses it (the contract forbids it;
-    // the fake proves the error is mapped rather than swallowed).
-    // SAFETY: the fake runtime never dereferences a pointer it does not know.
-    let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
-    assert_driver(err, "hipFree", 1);
-
-    assert!(matches!(
-        d.alloc_device(0, 0),
-        Err(Error::InvalidSize { requested: 0, .. })
-    ));
-    assert!(matches!(
-        d.alloc_device(2, MIB),
-        Err(Error::UnknownDevice {
-            device: 2,
-            count: 2,
-            ..
-        })
-    ));
+    backend_checks::alloc_and_free_account_on_the_right_device(
+        &b,
+        &|name| fake.stat(name),
+        16 * MIB,
+        "hipFree",
+        1,
+    );
 }
 
 #[test]
@@ -150,30 +90,10 @@ fn out_of_memory_carries_the_numbers() {
     let b = backend(&fake);
     let d: &dyn Backend = &b;
     let keep = d.alloc_device(1, 3 * MIB).unwrap();
-    match d.alloc_device(1, 2 * MIB) {
-        Err(Error::OutOfMemory {
-            tier,
-            requested,
-            free,
-            ..
-        }) => {
-            assert_eq!(tier, Tier::Device(1));
-            assert_eq!(requested, 2 * MIB);
-            assert_eq!(free, MIB);
-        }
-        other => panic!("expected OutOfMemory, got {other:?}"),
-    }
+    assert_out_of_memory(d.alloc_device(1, 2 * MIB), Tier::Device(1), 2 * MIB, MIB);
     // Device 0 is untouched by device 1's use.
     let other = d.alloc_device(0, 4 * MIB).unwrap();
-    match d.alloc_managed(0, MIB) {
-        Err(Error::OutOfMemory {
-            tier,
-            requested,
-            free,
-            ..
-        }) => assert_eq!((tier, requested, free), (Tier::Managed(0), MIB, 0)),
-        other => panic!("expected OutOfMemory, got {other:?}"),
-    }
+    assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
     let msg = d.alloc_device(1, 2 * MIB).unwrap_err().to_string();
     assert!(msg.contains("device 1") && msg.contains("2097152"), "{msg}");
     // SAFETY: live allocations from this backend, freed once.
@@ -220,7 +140,7 @@ fn copies_keep_the_bytes() {
     // SAFETY: the fake checks bounds before touching memory, so this out-of-range copy
     // is refused without reading past the allocation.
     let err = unsafe { d.copy(host(&mut back), dev(1, c.offset(1)), len, None) }.unwrap_err();
-    assert_driver(err, "hipMemcpy", 1);
+    assert_driver(KIND, err, "hipMemcpy", 1);
     // SAFETY: zero bytes: nothing is touched.
     unsafe { d.copy(host(&mut back), dev(1, c), 0, None).unwrap() };
 
@@ -252,26 +172,19 @@ fn streams_and_events() {
         assert!(d.event_done(e1).unwrap());
         d.synchronize_stream(s0).unwrap();
         // An event belongs to its device: recording it on device 0's stream fails in HIP.
-        assert_driver(d.record_event(e1, s0).unwrap_err(), "hipEventRecord", 400);
+        assert_driver(
+            KIND,
+            d.record_event(e1, s0).unwrap_err(),
+            "hipEventRecord",
+            400,
+        );
         d.destroy_event(e1).unwrap();
         d.destroy_stream(s0).unwrap();
         d.destroy_stream(s1).unwrap();
     }
     assert_eq!(fake.stat("streams"), 0);
     assert_eq!(fake.stat("events"), 0);
-    // Handles the backend no longer knows are refused before reaching the driver.
-    // SAFETY: the backend checks its own map first, so stale handles are not passed on.
-    unsafe {
-        assert!(matches!(
-            d.destroy_stream(s0),
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(matches!(d.event_done(e1), Err(Error::InvalidArgument(_))));
-    }
-    assert!(matches!(
-        d.create_stream(7),
-        Err(Error::UnknownDevice { device: 7, .. })
-    ));
+    backend_checks::assert_refused_by_the_backend(d, s0, e1);
 }
 
 #[test]
@@ -280,27 +193,16 @@ fn driver_errors_name_the_call_and_message() {
     let b = backend(&fake);
     let d: &dyn Backend = &b;
     fake.fail_next("hipStreamCreateWithFlags", 999, 1);
-    match d.create_stream(0) {
-        Err(Error::Driver {
-            backend,
-            call,
-            code,
-            message,
-        }) => {
-            assert_eq!(backend, BackendKind::Rocm);
-            assert_eq!(call, "hipStreamCreateWithFlags");
-            assert_eq!(code, 999);
-            assert_eq!(message, "unknown error");
-        }
-        other => panic!("{other:?}"),
-    }
+    let err = d.create_stream(0).unwrap_err();
+    let message = assert_driver(KIND, err, "hipStreamCreateWithFlags", 999);
+    assert_eq!(message, "unknown error");
     assert_eq!(fake.stat("streams"), 0);
     // A failed event query is an error, not "not done".
     let e = d.create_event(0).unwrap();
     fake.fail_next("hipEventQuery", 400, 1);
     // SAFETY: a live event from this backend.
     unsafe {
-        assert_driver(d.event_done(e).unwrap_err(), "hipEventQuery", 400);
+        assert_driver(KIND, d.event_done(e).unwrap_err(), "hipEventQuery", 400);
         fake.fail_next("hipEventQuery", 600, 1);
         assert!(!d.event_done(e).unwrap(), "hipErrorNotReady means not done");
         assert!(d.event_done(e).unwrap());
@@ -311,7 +213,12 @@ fn driver_errors_name_the_call_and_message() {
     fake.fail_next("hipStreamDestroy", 999, 1);
     // SAFETY: a live stream from this backend, destroyed once successfully.
     unsafe {
-        assert_driver(d.destroy_stream(s).unwrap_err(), "hipStreamDestroy", 999);
+        assert_driver(
+            KIND,
+            d.destroy_stream(s).unwrap_err(),
+            "hipStreamDestroy",
+            999,
+        );
         d.destroy_stream(s).unwrap();
     }
 }
@@ -320,66 +227,13 @@ fn driver_errors_name_the_call_and_message() {
 fn host_registration() {
     let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
     let b = backend(&fake);
-    let d: &dyn Backend = &b;
-    let mut buf = vec![0u8; 2 * MIB];
-    let p = NonNull::new(buf.as_mut_ptr()).unwrap();
-    // SAFETY: `buf` is owned here and outlives the registration.
-    unsafe {
-        d.register_host(p, buf.len()).unwrap();
-        assert_eq!(fake.stat("registrations"), 1);
-        assert_eq!(
-            fake.stat("last_register_flags"),
-            1,
-            "hipHostRegisterPortable"
-        );
-        let again = d.register_host(p, buf.len()).unwrap_err();
-        assert_driver(again, "hipHostRegister", 712);
-        d.unregister_host(p, buf.len()).unwrap();
-        assert_eq!(fake.stat("registrations"), 0);
-        assert_driver(
-            d.unregister_host(p, buf.len()).unwrap_err(),
-            "hipHostUnregister",
-            713,
-        );
-        assert!(matches!(
-            d.register_host(p, 0),
-            Err(Error::InvalidSize { .. })
-        ));
-    }
-}
-
-/// Reserves address space without memory behind it (the fake never touches it).
-struct Reservation {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Reservation {
-    fn new(len: usize) -> Option<Reservation> {
-        // SAFETY: an anonymous PROT_NONE mapping with no address hint affects nothing
-        // else in the process.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        NonNull::new(p.cast()).map(|ptr| Reservation { ptr, len })
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made in `new` with this length and is unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
+    // The flag is hipHostRegisterPortable.
+    backend_checks::register_and_unregister_host(
+        &b,
+        &|name| fake.stat(name),
+        ("hipHostRegister", 712),
+        ("hipHostUnregister", 713),
+    );
 }
 
 #[test]
@@ -405,6 +259,7 @@ fn large_registrations_are_chunked() {
         let in_second = NonNull::new(res.ptr.as_ptr().add(64 * GIB + 4096)).unwrap();
         d.register_host(in_second, 4096).unwrap();
         assert_driver(
+            KIND,
             d.register_host(res.ptr, len).unwrap_err(),
             "hipHostRegister",
             712,
@@ -419,25 +274,15 @@ fn large_registrations_are_chunked() {
         // error says so, distinctly, so that the owner leaks the region instead of
         // unmapping registered memory.
         fake.fail_next("hipHostUnregister", 999, 1);
-        match d.register_host(res.ptr, len).unwrap_err() {
-            Error::Driver {
-                backend,
-                call,
-                code,
-                message,
-            } => {
-                assert_eq!(backend, BackendKind::Rocm);
-                assert_eq!(call, REGISTER_ROLLBACK_CALL);
-                assert_eq!(call, "hipHostRegister(rollback)");
-                assert_eq!(code, 999, "the failed hipHostUnregister's code");
-                assert!(
-                    message.contains("rollback failed; region leaked"),
-                    "{message}"
-                );
-                assert!(message.contains("code 712"), "names the cause: {message}");
-            }
-            other => panic!("expected the rollback error, got {other:?}"),
-        }
+        // The code is the failed hipHostUnregister's.
+        let err = d.register_host(res.ptr, len).unwrap_err();
+        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        assert_eq!(REGISTER_ROLLBACK_CALL, "hipHostRegister(rollback)");
+        assert!(
+            message.contains("rollback failed; region leaked"),
+            "{message}"
+        );
+        assert!(message.contains("code 712"), "names the cause: {message}");
         assert_eq!(
             fake.stat("registrations"),
             2,
@@ -492,6 +337,7 @@ fn managed_memory_prefetch_and_advice() {
         let plain = d.alloc_device(0, MIB).unwrap();
         let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
         assert_driver(
+            KIND,
             d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
             "hipMemAdvise",
             1,
@@ -561,7 +407,7 @@ fn concurrent_use_from_threads() {
 fn no_devices_is_unavailable() {
     let fake = FakeHip::new().unwrap();
     fake.configure(0, 0, true).unwrap();
-    let reason = unavailable_reason(RocmBackend::with_library(fake.path()));
+    let reason = unavailable_reason(KIND, RocmBackend::with_library(fake.path()));
     assert!(reason.contains("no HIP device"), "{reason}");
 }
 
@@ -569,7 +415,7 @@ fn no_devices_is_unavailable() {
 fn failing_hip_init_is_unavailable() {
     let fake = FakeHip::new().unwrap();
     fake.fail_next("hipInit", 3, 1);
-    let reason = unavailable_reason(RocmBackend::with_library(fake.path()));
+    let reason = unavailable_reason(KIND, RocmBackend::with_library(fake.path()));
     assert!(
         reason.contains("hipInit") && reason.contains("initialization error"),
         "{reason}"
@@ -579,7 +425,7 @@ fn failing_hip_init_is_unavailable() {
 #[test]
 fn missing_library_is_unavailable_and_named() {
     let path = Path::new("/nonexistent/hetmem/libamdhip64.so");
-    let reason = unavailable_reason(RocmBackend::with_library(path));
+    let reason = unavailable_reason(KIND, RocmBackend::with_library(path));
     assert!(
         reason.contains("/nonexistent/hetmem/libamdhip64.so"),
         "{reason}"
@@ -593,7 +439,7 @@ fn missing_symbol_is_unavailable_and_named() {
         "int hipInit(unsigned int flags) { (void)flags; return 0; }\n",
     )
     .unwrap();
-    let reason = unavailable_reason(RocmBackend::with_library(&lib));
+    let reason = unavailable_reason(KIND, RocmBackend::with_library(&lib));
     // Symbols resolve in declaration order: hipInit is there, hipGetDeviceCount is not.
     assert!(reason.contains("hipGetDeviceCount"), "{reason}");
     assert!(reason.contains("libhip_init_only.so"), "{reason}");
@@ -639,16 +485,6 @@ fn real_runtime_resolves_every_symbol() {
         }
         Err(other) => panic!("{other:?}"),
     }
-}
-
-/// Reads `len` bytes of device memory through the synchronous path (hipMemcpy), which
-/// does not wait for hetmem's non-blocking streams.
-fn peek(d: &dyn Backend, device: usize, ptr: DevicePtr, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    // SAFETY: `ptr` is a live allocation of at least `len` bytes on `device`; `out` is
-    // a fresh buffer; the copy is synchronous.
-    unsafe { d.copy(host(&mut out), dev(device, ptr), len, None).unwrap() };
-    out
 }
 
 #[test]
@@ -775,74 +611,17 @@ fn events_order_streams() {
 fn destroyed_handles_are_reused() {
     let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
     let b = backend(&fake);
-    let d: &dyn Backend = &b;
-    let s0 = d.create_stream(0).unwrap();
-    let e0 = d.create_event(0).unwrap();
-    // SAFETY: live handles from this backend, destroyed once.
-    unsafe {
-        d.destroy_stream(s0).unwrap();
-        d.destroy_event(e0).unwrap();
-    }
-    // The runtime hands the same values out again, now for device 1.
-    let s1 = d.create_stream(1).unwrap();
-    let e1 = d.create_event(1).unwrap();
-    assert_eq!(s1, s0, "a destroyed stream's handle value is reused");
-    assert_eq!(e1, e0, "a destroyed event's handle value is reused");
-    assert_eq!(fake.stat("reused_handles"), 2);
-
-    // The backend knows the value as the new stream of device 1, not the old one.
-    let len = 4096;
-    let p1 = d.alloc_device(1, len).unwrap();
-    let mut buf = vec![3u8; len];
-    // SAFETY: live, disjoint ranges synchronised before they are dropped; live handles.
-    unsafe {
-        d.copy(dev(1, p1), host(&mut buf), len, Some(s1)).unwrap();
-        d.record_event(e1, s1).unwrap();
-        d.synchronize_event(e1).unwrap();
-        let p0 = d.alloc_device(0, len).unwrap();
-        assert!(matches!(
-            d.copy(dev(0, p0), host(&mut buf), len, Some(s1)),
-            Err(Error::InvalidArgument(_))
-        ));
-        d.free_device(0, p0, len).unwrap();
-        d.destroy_event(e1).unwrap();
-        d.destroy_stream(s1).unwrap();
-        d.free_device(1, p1, len).unwrap();
-        // Stale now, and known to be.
-        assert!(matches!(
-            d.destroy_stream(s1),
-            Err(Error::InvalidArgument(_))
-        ));
-    }
+    backend_checks::destroyed_handles_are_reused(&b, &|name| fake.stat(name));
+    assert_eq!(fake.stat("reused_handles"), 2, "one stream, one event");
 }
 
 /// Many threads create and destroy streams and events while the runtime reuses handle
-/// values: the backend's handle maps must never lose a live entry (they would if an
-/// entry were removed after the runtime had already handed its value out again).
+/// values: the backend's handle maps must never lose a live entry.
 #[test]
 fn handle_churn_across_threads() {
     let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
     let b = backend(&fake);
-    std::thread::scope(|scope| {
-        for t in 0..8usize {
-            let d: &dyn Backend = &b;
-            scope.spawn(move || {
-                for i in 0..1000usize {
-                    let device = (t + i) % 2;
-                    let s = d.create_stream(device).unwrap();
-                    let e = d.create_event(device).unwrap();
-                    // SAFETY: live handles from this backend, each destroyed once.
-                    unsafe {
-                        d.record_event(e, s).unwrap();
-                        d.synchronize_stream(s).unwrap();
-                        assert!(d.event_done(e).unwrap());
-                        d.destroy_event(e).unwrap();
-                        d.destroy_stream(s).unwrap();
-                    }
-                }
-            });
-        }
-    });
+    backend_checks::churn_streams_and_events(&b, 8, 1000);
     assert_eq!(fake.stat("streams"), 0);
     assert_eq!(fake.stat("events"), 0);
     assert!(fake.stat("reused_handles") > 0);

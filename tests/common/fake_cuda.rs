@@ -20,7 +20,8 @@
 //! --example stream_layers -- --backend cuda` (after a test run has built the file).
 //!
 //! Include it next to `common/fake_hip.rs` (it builds with that file's
-//! `compile_shared_library_with`):
+//! `compile_shared_library_with`, into its `target_dir`, and reports with its
+//! `dl_error`):
 //! `#[path = "common/fake_hip.rs"] mod fake_hip;` and
 //! `#[path = "common/fake_cuda.rs"] mod fake_cuda;` at the test crate's root.
 #![allow(dead_code)]
@@ -53,12 +54,6 @@ pub mod code {
     pub const UNKNOWN: i32 = 999;
 }
 
-fn target_dir() -> PathBuf {
-    // CARGO_TARGET_TMPDIR is <target>/tmp; the library goes to <target>/fake-cuda.
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().unwrap_or(tmp).to_path_buf()
-}
-
 /// The C source of the fake driver.
 pub fn fake_cuda_source() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/fake_cuda.c")
@@ -80,7 +75,9 @@ pub fn fake_cuda_library() -> Result<PathBuf, String> {
                 }
             }
             let src = fake_cuda_source();
-            let out = target_dir().join("fake-cuda").join(FAKE_CUDA_FILE);
+            let out = fake_hip::target_dir()
+                .join("fake-cuda")
+                .join(FAKE_CUDA_FILE);
             fake_hip::compile_shared_library_with(
                 &[&src],
                 &out,
@@ -89,20 +86,6 @@ pub fn fake_cuda_library() -> Result<PathBuf, String> {
             Ok(out)
         })
         .clone()
-}
-
-fn dl_error() -> String {
-    // SAFETY: dlerror returns null or a C string valid until the next dl call, read
-    // here before any other.
-    let err = unsafe { libc::dlerror() };
-    if err.is_null() {
-        "unknown error".to_owned()
-    } else {
-        // SAFETY: non-null dlerror result, read before any other dl call.
-        unsafe { CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned()
-    }
 }
 
 /// The fake driver, loaded for the whole process, with the test hooks it exports.
@@ -131,13 +114,13 @@ impl FakeCuda {
         LOADED.get_or_init(|| {
             let path = fake_cuda_library().unwrap_or_else(|e| panic!("building fake libcuda: {e}"));
             let c_path = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+            // The handle is never closed: the library stays loaded for the process's life.
             // SAFETY: the file is our freshly built fake driver, whose initialisers do
-            // nothing; the path is a valid C string. The handle is never closed, so the
-            // library stays loaded for the life of the process.
+            // nothing; the path is a valid C string.
             let handle =
                 unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
             if handle.is_null() {
-                panic!("dlopen {}: {}", path.display(), dl_error());
+                panic!("dlopen {}: {}", path.display(), fake_hip::dl_error());
             }
             // The bare name must now resolve to this object (by its SONAME) without
             // searching the loader path, where a real driver may be.

@@ -24,10 +24,27 @@ use std::sync::OnceLock;
 /// File name of the built fake runtime.
 pub const FAKE_HIP_FILE: &str = "libfake_amdhip64.so";
 
-fn target_dir() -> PathBuf {
-    // CARGO_TARGET_TMPDIR is <target>/tmp; the library goes to <target>/fake-hip.
+/// Cargo's target directory, where the built fakes go (`<target>/fake-hip`,
+/// `<target>/fake-cuda`).
+pub fn target_dir() -> PathBuf {
+    // CARGO_TARGET_TMPDIR is <target>/tmp.
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
     tmp.parent().unwrap_or(tmp).to_path_buf()
+}
+
+/// What the last failed `dlopen` or `dlsym` of this thread said.
+pub fn dl_error() -> String {
+    // SAFETY: dlerror returns null or a C string valid until the next dl call, read
+    // here before any other.
+    let err = unsafe { libc::dlerror() };
+    if err.is_null() {
+        "unknown error".to_owned()
+    } else {
+        // SAFETY: non-null dlerror result, read before any other dl call.
+        unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Compiles C source files into a shared library at `out`, building under a temporary
@@ -145,16 +162,7 @@ impl FakeHip {
         // nothing; the path is a valid C string.
         let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
         if handle.is_null() {
-            // SAFETY: dlerror returns null or a C string valid until the next dl call.
-            let err = unsafe { libc::dlerror() };
-            let msg = if err.is_null() {
-                "unknown error".to_owned()
-            } else {
-                // SAFETY: non-null dlerror result, read before any other dl call.
-                unsafe { CStr::from_ptr(err) }
-                    .to_string_lossy()
-                    .into_owned()
-            };
+            let msg = dl_error();
             let _ = std::fs::remove_file(&path);
             return Err(format!("dlopen {}: {msg}", path.display()));
         }

@@ -144,6 +144,7 @@
  *
  * Extra entry points for tests (not CUDA): fakeCudaConfigure, fakeCudaFailNext and
  * fakeCudaStat, below. One mutex is taken by every call, and queued work runs under it.
+ * What this file shares with the fake HIP runtime is in tests/fake_common.h.
  *
  * State is per loaded copy of the library. cudarc loads the driver as "libcuda.so"
  * (its first candidate name) once per process; built with -Wl,-soname,libcuda.so and
@@ -169,6 +170,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include "../fake_common.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -433,7 +436,6 @@ struct object { /* a stream or an event */
 #define OBJ_MAGIC 0x4355444fu
 enum { KIND_STREAM = 1, KIND_EVENT = 2 };
 
-static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_env_read, g_configured, g_initialized;
 static int g_devices = 2;
 static size_t g_capacity = (size_t)256 << 20;
@@ -460,9 +462,6 @@ static struct mapping *g_maps;
 static size_t g_nmaps, g_cap_maps;
 static unsigned long long g_next_seq = 1, g_next_incarnation = 1, g_next_handle = 0x100;
 
-static char g_fail_call[64];
-static int g_fail_code, g_fail_times;
-
 static long long g_copies, g_async_copies, g_async_copies_done, g_peer_copies;
 static long long g_reused_handles, g_prefetches, g_advises, g_faults;
 static long long g_last_prefetch_type = -100, g_last_prefetch_id = -100;
@@ -470,35 +469,6 @@ static long long g_last_advice = -100, g_last_advice_type = -100, g_last_advice_
 static long long g_last_register_flags = -100, g_register_calls;
 static long long g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
-
-static void *grow(void *arr, size_t *cap, size_t need, size_t elem) {
-    if (need <= *cap) return arr;
-    size_t ncap = *cap ? *cap * 2 : 16;
-    while (ncap < need) ncap *= 2;
-    void *n = realloc(arr, ncap * elem);
-    if (!n) return NULL;
-    *cap = ncap;
-    return n;
-}
-
-/* An integer from the environment, with an optional K/M/G/T suffix (binary). */
-static long long env_ll(const char *name, long long dflt) {
-    const char *v = getenv(name);
-    if (!v || !*v) return dflt;
-    char *end;
-    long long x = strtoll(v, &end, 0);
-    int shift = 0;
-    switch (*end) {
-    case 'K': case 'k': shift = 10; end++; break;
-    case 'M': case 'm': shift = 20; end++; break;
-    case 'G': case 'g': shift = 30; end++; break;
-    case 'T': case 't': shift = 40; end++; break;
-    default: break;
-    }
-    if (*end == 'i' || *end == 'B') end++;
-    if (*end == 'B') end++;
-    return *end ? dflt : x << shift;
-}
 
 static void read_env_locked(void) {
     if (g_env_read) return;
@@ -516,33 +486,6 @@ static void read_env_locked(void) {
     long long r = env_ll("FAKE_CUDA_MAX_REGISTER_BYTES", (long long)g_max_register);
     if (r > 0) g_max_register = (size_t)r;
 }
-
-/* Nonzero (the code) when the test asked this call to fail. */
-static int injected_failure(const char *call) {
-    if (g_fail_times > 0 && strcmp(call, g_fail_call) == 0) {
-        g_fail_times--;
-        return g_fail_code;
-    }
-    return 0;
-}
-
-#define RETURN(code)                               \
-    do {                                           \
-        CUresult rc_ = (CUresult)(code);           \
-        pthread_mutex_unlock(&g_lock);             \
-        return rc_;                                \
-    } while (0)
-
-/* For destroys: giving up the CPU right after the handle became reusable widens the
- * window in which another thread's create gets the same value back, so that a caller
- * still using the old value (or updating its bookkeeping too late) is caught. */
-#define RETURN_YIELDING(code)                      \
-    do {                                           \
-        CUresult rc_ = (CUresult)(code);           \
-        pthread_mutex_unlock(&g_lock);             \
-        sched_yield();                             \
-        return rc_;                                \
-    } while (0)
 
 /* Every entry point but cuInit and cuGetErrorString. */
 #define ENTER(name)                                \
@@ -576,6 +519,19 @@ static CUresult need_ctx(struct ctx **out) {
         if (nc_) RETURN(nc_);                      \
     } while (0)
 
+/* For the calls that need a current context but not its identity. */
+#define REQUIRE_CTX()                              \
+    do {                                           \
+        CUresult nc_ = need_ctx(NULL);             \
+        if (nc_) RETURN(nc_);                      \
+    } while (0)
+
+/* The VMM entry points that answer CUDA_ERROR_NOT_SUPPORTED before checking anything
+ * else when the devices lack VMM. */
+#define ENTER_VMM(name)                            \
+    ENTER(name);                                   \
+    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED)
+
 static int valid_device(int d) { return d >= 0 && d < g_devices; }
 
 static struct ctx *as_ctx(CUcontext c) {
@@ -583,10 +539,6 @@ static struct ctx *as_ctx(CUcontext c) {
     for (int d = 0; d < g_devices; d++)
         if (p == &g_ctx[d]) return p;
     return NULL;
-}
-
-static int overlaps(const char *a, size_t an, const char *b, size_t bn) {
-    return a < b + bn && b < a + an;
 }
 
 /* ------------------------------------------------------------ device address space */
@@ -1014,11 +966,7 @@ EXPORT int fakeCudaConfigure(int devices, uint64_t mem_bytes, int managed, int v
 /* The next `times` calls of `call` (the exported name, e.g. "cuMemAlloc_v2") return
  * `code` and do nothing. */
 EXPORT void fakeCudaFailNext(const char *call, int code, int times) {
-    pthread_mutex_lock(&g_lock);
-    snprintf(g_fail_call, sizeof g_fail_call, "%s", call ? call : "");
-    g_fail_code = code;
-    g_fail_times = times;
-    pthread_mutex_unlock(&g_lock);
+    fail_next(call, code, times);
 }
 
 /* Counters by name; -1 for an unknown name (and "last_*" before the first such call).
@@ -1045,12 +993,13 @@ EXPORT void fakeCudaFailNext(const char *call, int code, int times) {
  *   initialized, devices */
 EXPORT long long fakeCudaStat(const char *name) {
     long long r = -1;
+    int d;
     pthread_mutex_lock(&g_lock);
     read_env_locked();
-#define COUNT_IF(cond) do { r = 0; for (size_t i = 0; i < g_nallocs; i++) r += (cond); } while (0)
-    if (!strcmp(name, "allocations")) COUNT_IF(g_allocs[i].kind == MEM_DEVICE);
-    else if (!strcmp(name, "managed_allocations")) COUNT_IF(g_allocs[i].kind == MEM_MANAGED);
-    else if (!strcmp(name, "host_allocations")) COUNT_IF(g_allocs[i].kind == MEM_HOST);
+    if (!strcmp(name, "allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_DEVICE);
+    else if (!strcmp(name, "managed_allocations"))
+        SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_MANAGED);
+    else if (!strcmp(name, "host_allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_HOST);
     else if (!strcmp(name, "streams")) r = count_objects(KIND_STREAM, 0);
     else if (!strcmp(name, "zombie_streams")) r = count_objects(KIND_STREAM, 1);
     else if (!strcmp(name, "events")) r = count_objects(KIND_EVENT, 0);
@@ -1062,10 +1011,8 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "faults")) r = g_faults;
     else if (!strcmp(name, "reused_handles")) r = g_reused_handles;
     else if (!strcmp(name, "registrations")) r = (long long)g_nregs;
-    else if (!strcmp(name, "registered_bytes")) {
-        r = 0;
-        for (size_t i = 0; i < g_nregs; i++) r += (long long)g_regs[i].size;
-    } else if (!strcmp(name, "register_calls")) r = g_register_calls;
+    else if (!strcmp(name, "registered_bytes")) SUM_OVER(r, g_nregs, g_regs[i].size);
+    else if (!strcmp(name, "register_calls")) r = g_register_calls;
     else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
     else if (!strcmp(name, "max_register_bytes")) r = (long long)g_max_register;
     else if (!strcmp(name, "prefetches")) r = g_prefetches;
@@ -1082,36 +1029,20 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "ctx_resets")) r = g_ctx_resets;
     else if (!strcmp(name, "no_context_errors")) r = g_no_context_errors;
     else if (!strcmp(name, "vmm_reservations")) r = (long long)g_nres;
-    else if (!strcmp(name, "vmm_reserved_bytes")) {
-        r = 0;
-        for (size_t i = 0; i < g_nres; i++) r += (long long)g_res[i].size;
-    } else if (!strcmp(name, "vmm_handles")) {
-        r = 0;
-        for (size_t i = 0; i < g_nphys; i++) r += g_phys[i]->live;
-    } else if (!strcmp(name, "vmm_physical_bytes")) {
-        r = 0;
-        for (size_t i = 0; i < g_nphys; i++) r += g_phys[i]->freed ? 0 : (long long)g_phys[i]->size;
-    } else if (!strcmp(name, "vmm_mappings")) r = (long long)g_nmaps;
-    else if (!strcmp(name, "vmm_mapped_bytes") || !strcmp(name, "vmm_accessible_bytes")) {
-        int accessible = !strcmp(name, "vmm_accessible_bytes");
-        r = 0;
-        for (size_t i = 0; i < g_nmaps; i++)
-            if (!accessible || g_maps[i].access[g_maps[i].phys->device])
-                r += (long long)g_maps[i].size;
-    } else if (!strcmp(name, "initialized")) r = g_initialized;
+    else if (!strcmp(name, "vmm_reserved_bytes")) SUM_OVER(r, g_nres, g_res[i].size);
+    else if (!strcmp(name, "vmm_handles")) SUM_OVER(r, g_nphys, g_phys[i]->live);
+    else if (!strcmp(name, "vmm_physical_bytes"))
+        SUM_OVER(r, g_nphys, g_phys[i]->freed ? 0 : g_phys[i]->size);
+    else if (!strcmp(name, "vmm_mappings")) r = (long long)g_nmaps;
+    else if (!strcmp(name, "vmm_mapped_bytes")) SUM_OVER(r, g_nmaps, g_maps[i].size);
+    else if (!strcmp(name, "vmm_accessible_bytes"))
+        SUM_OVER(r, g_nmaps, g_maps[i].access[g_maps[i].phys->device] ? g_maps[i].size : 0);
+    else if (!strcmp(name, "initialized")) r = g_initialized;
     else if (!strcmp(name, "devices")) r = g_devices;
     else if (!strcmp(name, "capacity")) r = (long long)g_capacity;
-    else if (!strncmp(name, "used:", 5)) {
-        int d = atoi(name + 5);
-        r = d >= 0 && d < MAX_DEVICES ? (long long)g_used[d] : -1;
-    } else if (!strncmp(name, "ctx_refcount:", 13)) {
-        int d = atoi(name + 13);
-        r = d >= 0 && d < MAX_DEVICES ? g_ctx[d].refcount : -1;
-    } else if (!strncmp(name, "sticky:", 7)) {
-        int d = atoi(name + 7);
-        r = d >= 0 && d < MAX_DEVICES ? (long long)g_ctx[d].sticky : -1;
-    }
-#undef COUNT_IF
+    else if ((d = stat_device(name, "used:", MAX_DEVICES)) >= 0) r = (long long)g_used[d];
+    else if ((d = stat_device(name, "ctx_refcount:", MAX_DEVICES)) >= 0) r = g_ctx[d].refcount;
+    else if ((d = stat_device(name, "sticky:", MAX_DEVICES)) >= 0) r = (long long)g_ctx[d].sticky;
     pthread_mutex_unlock(&g_lock);
     return r;
 }
@@ -1338,9 +1269,7 @@ static CUresult free_kind(const char *p, int kind1, int kind2) {
 
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     ENTER("cuMemFree_v2");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     RETURN(free_kind((const char *)(uintptr_t)dptr, MEM_DEVICE, MEM_MANAGED));
 }
 
@@ -1357,9 +1286,7 @@ EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) {
 
 EXPORT CUresult cuMemFreeHost(void *p) {
     ENTER("cuMemFreeHost");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     RETURN(free_kind(p, MEM_HOST, MEM_HOST));
 }
 
@@ -1398,9 +1325,7 @@ EXPORT CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flag
 
 EXPORT CUresult cuMemHostUnregister(void *p) {
     ENTER("cuMemHostUnregister");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     for (size_t i = 0; i < g_nregs; i++) {
         if (g_regs[i].ptr == p) {
             /* Queued copies touching the range finish first. */
@@ -1428,9 +1353,7 @@ EXPORT CUresult cuStreamCreate(CUstream *phStream, unsigned int Flags) {
 
 EXPORT CUresult cuStreamDestroy_v2(CUstream hStream) {
     ENTER("cuStreamDestroy_v2");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     struct object *o = find_object(hStream, KIND_STREAM);
     if (!o) RETURN(CUDA_ERROR_INVALID_HANDLE);
     if (o->qhead < o->qlen) {
@@ -1461,9 +1384,7 @@ EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
 
 EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
     ENTER("cuStreamWaitEvent");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     if (Flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
     int legacy;
@@ -1504,9 +1425,7 @@ EXPORT CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags) {
 
 EXPORT CUresult cuEventDestroy_v2(CUevent hEvent) {
     ENTER("cuEventDestroy_v2");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     struct object *o = find_object(hEvent, KIND_EVENT);
     if (!o) RETURN(CUDA_ERROR_INVALID_HANDLE);
     /* A pending recording stays queued (waits that captured it still wait for its
@@ -1553,9 +1472,7 @@ EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
 
 EXPORT CUresult cuEventSynchronize(CUevent hEvent) {
     ENTER("cuEventSynchronize");
-    struct ctx *c;
-    NEED_CTX(c);
-    (void)c;
+    REQUIRE_CTX();
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
     run_to_event(e);
@@ -1725,6 +1642,16 @@ static CUresult check_prop(const CUmemAllocationProp *prop) {
     return CUDA_SUCCESS;
 }
 
+/* Whether p..p+size is covered by whole mappings, with no gap between them. */
+static int whole_mappings(const char *p, size_t size) {
+    for (const char *cur = p; cur < p + size;) {
+        struct mapping *m = find_map(cur);
+        if (!m || m->ptr != cur || m->size > (size_t)(p + size - cur)) return 0;
+        cur = m->ptr + m->size;
+    }
+    return 1;
+}
+
 static struct phys *find_phys(CUmemGenericAllocationHandle h) {
     for (size_t i = 0; i < g_nphys; i++)
         if (g_phys[i]->handle == h && g_phys[i]->live) return g_phys[i];
@@ -1745,8 +1672,7 @@ EXPORT CUresult cuMemGetAllocationGranularity(size_t *granularity, const CUmemAl
 
 EXPORT CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignment, CUdeviceptr addr,
                                     unsigned long long flags) {
-    ENTER("cuMemAddressReserve");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemAddressReserve");
     if (!ptr || flags != 0 || size == 0 || size % HOST_PAGE || addr % HOST_PAGE)
         RETURN(CUDA_ERROR_INVALID_VALUE);
     if (alignment & (alignment - 1)) RETURN(CUDA_ERROR_INVALID_VALUE);
@@ -1764,8 +1690,7 @@ EXPORT CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignm
 }
 
 EXPORT CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
-    ENTER("cuMemAddressFree");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemAddressFree");
     char *p = (char *)(uintptr_t)ptr;
     for (size_t i = 0; i < g_nres; i++) {
         if (g_res[i].base != p) continue;
@@ -1824,8 +1749,7 @@ EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, c
 }
 
 EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
-    ENTER("cuMemRelease");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemRelease");
     struct phys *ph = find_phys(handle);
     if (!ph) RETURN(CUDA_ERROR_INVALID_VALUE); /* undefined in CUDA; refused here */
     ph->live = 0;
@@ -1835,8 +1759,7 @@ EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
 
 EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGenericAllocationHandle handle,
                          unsigned long long flags) {
-    ENTER("cuMemMap");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemMap");
     char *p = (char *)(uintptr_t)ptr;
     if (flags != 0 || size == 0 || ptr % GRANULARITY || size % GRANULARITY || offset % GRANULARITY)
         RETURN(CUDA_ERROR_INVALID_VALUE);
@@ -1863,8 +1786,7 @@ EXPORT CUresult cuMemMap(CUdeviceptr ptr, size_t size, size_t offset, CUmemGener
 }
 
 EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDesc *desc, size_t count) {
-    ENTER("cuMemSetAccess");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemSetAccess");
     char *p = (char *)(uintptr_t)ptr;
     if (!desc || count == 0 || size == 0) RETURN(CUDA_ERROR_INVALID_VALUE);
     for (size_t k = 0; k < count; k++) {
@@ -1877,11 +1799,7 @@ EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDe
     }
     /* "The range must be a fully mapped address range containing all allocations":
      * whole mappings, no gaps. */
-    for (const char *cur = p; cur < p + size;) {
-        struct mapping *m = find_map(cur);
-        if (!m || m->ptr != cur || m->size > (size_t)(p + size - cur)) RETURN(CUDA_ERROR_INVALID_VALUE);
-        cur = m->ptr + m->size;
-    }
+    if (!whole_mappings(p, size)) RETURN(CUDA_ERROR_INVALID_VALUE);
     for (const char *cur = p; cur < p + size;) {
         struct mapping *m = find_map(cur);
         for (size_t k = 0; k < count; k++) m->access[desc[k].location.id] = desc[k].flags;
@@ -1896,16 +1814,11 @@ EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDe
 }
 
 EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
-    ENTER("cuMemUnmap");
-    if (!g_vmm) RETURN(CUDA_ERROR_NOT_SUPPORTED);
+    ENTER_VMM("cuMemUnmap");
     char *p = (char *)(uintptr_t)ptr;
     if (size == 0) RETURN(CUDA_ERROR_INVALID_VALUE);
     /* Whole mappings only ("cannot unmap a sub-range"), with no gap between them. */
-    for (const char *cur = p; cur < p + size;) {
-        struct mapping *m = find_map(cur);
-        if (!m || m->ptr != cur || m->size > (size_t)(p + size - cur)) RETURN(CUDA_ERROR_INVALID_VALUE);
-        cur = m->ptr + m->size;
-    }
+    if (!whole_mappings(p, size)) RETURN(CUDA_ERROR_INVALID_VALUE);
     /* Back to a bare reservation. Queued work is NOT waited for: a copy that still
      * targets the range faults when it runs. */
     if (mmap(p, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) == MAP_FAILED)

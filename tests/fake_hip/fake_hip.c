@@ -4,10 +4,10 @@
  * hip_runtime_api.h, and behaves like a small multi-GPU machine:
  *
  *   - N devices (env FAKE_HIP_DEVICES, default 2; 0 -> hipGetDeviceCount answers
- *     hipErrorNoDevice), each with FAKE_HIP_MEM_BYTES of memory (default 256 MiB)
- *     and per-device accounting, so an allocation past capacity fails with
- *     hipErrorOutOfMemory and hipMemGetInfo reports the truth for the *current*
- *     device (a per-thread setting, as in HIP).
+ *     hipErrorNoDevice), each with FAKE_HIP_MEM_BYTES of memory (default 256 MiB;
+ *     suffixes K/M/G/T) and per-device accounting, so an allocation past capacity
+ *     fails with hipErrorOutOfMemory and hipMemGetInfo reports the truth for the
+ *     *current* device (a per-thread setting, as in HIP).
  *   - FAKE_HIP_MANAGED=0 makes devices report no managed-memory support;
  *     FAKE_HIP_INIT_ERROR=<code> makes hipInit fail with that code.
  *   - Device memory is host memory (the pointer is the "device address"). Every copy
@@ -43,7 +43,8 @@
  *     free) gives hipErrorInvalidValue.
  *
  * Extra entry points for tests (not HIP): fakeHipConfigure, fakeHipFailNext and
- * fakeHipStat, below. Every call takes one mutex, and queued work runs under it.
+ * fakeHipStat, below. Every call takes one mutex, and queued work runs under it. What
+ * this file shares with the fake CUDA driver is in tests/fake_common.h.
  *
  * State is per loaded copy of this library: the dynamic loader shares one copy per
  * file, so tests that need a clean machine load their own copy of the file.
@@ -56,6 +57,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../fake_common.h"
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -142,7 +145,6 @@ struct registration {
     unsigned flags;
 };
 
-static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static int g_initialized;
 static int g_configured;
 static int g_devices = 2;
@@ -161,33 +163,11 @@ static struct object *g_free_streams, *g_free_events;
 static struct registration *g_regs;
 static size_t g_nregs, g_cap_regs;
 
-static char g_fail_call[64];
-static int g_fail_code;
-static int g_fail_times;
-
 static long long g_copies, g_async_copies, g_async_copies_done, g_prefetches, g_advises;
 static long long g_reused_handles;
 static long long g_last_prefetch_device = -100, g_last_advice = -100,
                  g_last_advice_device = -100, g_last_register_flags = -100;
 static long long g_set_device_calls;
-
-static void *grow(void *arr, size_t *cap, size_t need, size_t elem) {
-    if (need <= *cap) return arr;
-    size_t ncap = *cap ? *cap * 2 : 16;
-    while (ncap < need) ncap *= 2;
-    void *n = realloc(arr, ncap * elem);
-    if (!n) return NULL;
-    *cap = ncap;
-    return n;
-}
-
-static long long env_ll(const char *name, long long dflt) {
-    const char *v = getenv(name);
-    if (!v || !*v) return dflt;
-    char *end;
-    long long x = strtoll(v, &end, 0);
-    return *end ? dflt : x;
-}
 
 static void init_locked(void) {
     if (g_initialized) return;
@@ -202,39 +182,12 @@ static void init_locked(void) {
     g_initialized = 1;
 }
 
-/* Returns nonzero (the code) when the test asked this call to fail. */
-static int injected_failure(const char *call) {
-    if (g_fail_times > 0 && strcmp(call, g_fail_call) == 0) {
-        g_fail_times--;
-        return g_fail_code;
-    }
-    return 0;
-}
-
 #define ENTER(name)                                \
     pthread_mutex_lock(&g_lock);                   \
     init_locked();                                 \
     do {                                           \
         int injected_ = injected_failure(name);    \
         if (injected_) RETURN(injected_);          \
-    } while (0)
-#define RETURN(code)                               \
-    do {                                           \
-        int rc_ = (code);                          \
-        pthread_mutex_unlock(&g_lock);             \
-        return rc_;                                \
-    } while (0)
-
-/* For destroys: the handle is free for reuse from the moment the lock is dropped, and
- * giving up the CPU before returning widens the window in which another thread's create
- * gets the same value back, so that a caller still using the old value (or updating
- * its bookkeeping too late) is caught. */
-#define RETURN_YIELDING(code)                      \
-    do {                                           \
-        int rc_ = (code);                          \
-        pthread_mutex_unlock(&g_lock);             \
-        sched_yield();                             \
-        return rc_;                                \
     } while (0)
 
 static int valid_device(int d) { return d >= 0 && d < g_devices; }
@@ -346,10 +299,6 @@ static void run_to_event(struct object *e) {
     }
 }
 
-static int overlaps(const char *a, size_t an, const char *b, size_t bn) {
-    return a < b + bn && b < a + an;
-}
-
 /* Runs every queue that has a pending copy touching p..p+n (implicit sync). */
 static void run_queues_touching(const char *p, size_t n) {
     for (size_t i = 0; i < g_nobjects; i++) {
@@ -399,11 +348,7 @@ EXPORT int fakeHipConfigure(int devices, unsigned long long mem_bytes, int manag
 
 /* The next `times` calls of `call` (e.g. "hipMalloc") return `code` and do nothing. */
 EXPORT void fakeHipFailNext(const char *call, int code, int times) {
-    pthread_mutex_lock(&g_lock);
-    snprintf(g_fail_call, sizeof g_fail_call, "%s", call ? call : "");
-    g_fail_code = code;
-    g_fail_times = times;
-    pthread_mutex_unlock(&g_lock);
+    fail_next(call, code, times);
 }
 
 /* Counters by name; -1 for an unknown name. "used:N" is device N's bytes in use;
@@ -412,20 +357,15 @@ EXPORT void fakeHipFailNext(const char *call, int code, int times) {
  * create handed out a destroyed handle again. */
 EXPORT long long fakeHipStat(const char *name) {
     long long r = -1;
+    int d;
     pthread_mutex_lock(&g_lock);
-    if (!strcmp(name, "allocations")) {
-        r = 0;
-        for (size_t i = 0; i < g_nallocs; i++) r += !g_allocs[i].managed;
-    } else if (!strcmp(name, "managed_allocations")) {
-        r = 0;
-        for (size_t i = 0; i < g_nallocs; i++) r += g_allocs[i].managed;
-    } else if (!strcmp(name, "streams")) r = live_objects(KIND_STREAM);
+    if (!strcmp(name, "allocations")) SUM_OVER(r, g_nallocs, !g_allocs[i].managed);
+    else if (!strcmp(name, "managed_allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].managed);
+    else if (!strcmp(name, "streams")) r = live_objects(KIND_STREAM);
     else if (!strcmp(name, "events")) r = live_objects(KIND_EVENT);
     else if (!strcmp(name, "registrations")) r = (long long)g_nregs;
-    else if (!strcmp(name, "registered_bytes")) {
-        r = 0;
-        for (size_t i = 0; i < g_nregs; i++) r += (long long)g_regs[i].size;
-    } else if (!strcmp(name, "copies")) r = g_copies;
+    else if (!strcmp(name, "registered_bytes")) SUM_OVER(r, g_nregs, g_regs[i].size);
+    else if (!strcmp(name, "copies")) r = g_copies;
     else if (!strcmp(name, "async_copies")) r = g_async_copies;
     else if (!strcmp(name, "async_copies_done")) r = g_async_copies_done;
     else if (!strcmp(name, "queued_ops")) r = queued_ops();
@@ -437,10 +377,7 @@ EXPORT long long fakeHipStat(const char *name) {
     else if (!strcmp(name, "last_advice_device")) r = g_last_advice_device;
     else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
     else if (!strcmp(name, "set_device_calls")) r = g_set_device_calls;
-    else if (!strncmp(name, "used:", 5)) {
-        int d = atoi(name + 5);
-        r = d >= 0 && d < MAX_DEVICES ? (long long)g_used[d] : -1;
-    }
+    else if ((d = stat_device(name, "used:", MAX_DEVICES)) >= 0) r = (long long)g_used[d];
     pthread_mutex_unlock(&g_lock);
     return r;
 }
@@ -579,7 +516,7 @@ EXPORT hipError_t hipHostRegister(void *host_ptr, size_t size, unsigned int flag
     if (!host_ptr || size == 0 || (flags & ~0xFu)) RETURN(hipErrorInvalidValue);
     char *p = host_ptr;
     for (size_t i = 0; i < g_nregs; i++)
-        if (p < g_regs[i].ptr + g_regs[i].size && g_regs[i].ptr < p + size)
+        if (overlaps(p, size, g_regs[i].ptr, g_regs[i].size))
             RETURN(hipErrorHostMemoryAlreadyRegistered);
     struct registration *n = grow(g_regs, &g_cap_regs, g_nregs + 1, sizeof *g_regs);
     if (!n) RETURN(hipErrorOutOfMemory);
