@@ -370,6 +370,8 @@ fn main() {
             "hits": st.hits,
             "misses": st.misses,
             "prefetches": st.prefetches,
+            "unplanned_evictions": st.unplanned_evictions,
+            "pool_syncs": store.pool_stats().num_sync_all_streams,
         });
         println!("{report}");
     } else {

@@ -724,3 +724,57 @@ proptest! {
         }
     }
 }
+
+/// A transformer's parameters are not all one size. Scaled-down Llama shapes (an
+/// embedding and a head of 31 MiB; four layers of four 4 MiB attention weights, three
+/// MLP weights of 10.75 MiB and two 1 KiB norms) through half the model's size: every
+/// eviction is the plan's own (none forced by a pool that cannot place a load in the
+/// room the store counted), the pool stays within the budget, guards report the
+/// parameters' own sizes, and every load checks out.
+#[test]
+fn mixed_sizes_stay_on_the_plan() {
+    let mgr = sim();
+    let mlp = 11008 * 4096 * 2 / 8;
+    let mut sizes = vec![31 * MIB];
+    for _ in 0..4 {
+        sizes.extend([4 * MIB; 4]);
+        sizes.extend([mlp; 3]);
+        sizes.extend([1024; 2]);
+    }
+    sizes.push(31 * MIB);
+    let total: usize = sizes.iter().sum();
+    let budget = total / 2;
+    let mut cfg = TierConfig::new(budget, total + 64 * MIB);
+    cfg.sequence = SequenceHint::Given((0..sizes.len() as ParamId).collect());
+    cfg.checksums = true;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    for (i, &n) in sizes.iter().enumerate() {
+        store
+            .register(&format!("p{i}"), layer_bytes(i, n).into())
+            .unwrap();
+    }
+    let s = mgr.create_stream(0).unwrap();
+    for pass in 0..4 {
+        for (id, &n) in sizes.iter().enumerate() {
+            let g = store.acquire(id as ParamId, &s).unwrap();
+            assert_eq!(g.len(), n, "a guard reports its parameter's size");
+            assert!(g.block().len() >= n);
+            mgr.sim()
+                .unwrap()
+                .launch_kernel(s.handle(), Duration::from_micros(5))
+                .unwrap();
+        }
+        let st = store.stats();
+        assert_eq!(st.unplanned_evictions, 0, "pass {pass}: {st:?}");
+        assert!(st.device_peak_bytes <= budget, "{st:?}");
+    }
+    s.synchronize().unwrap();
+    let st = store.stats();
+    assert_eq!(st.checksum_mismatches, 0);
+    assert!(st.evictions > 0, "the budget made it evict: {st:?}");
+    let pool = store.pool_stats();
+    assert!(
+        pool.reserved_bytes.all.peak as usize <= budget + (4 << 20),
+        "the pool stays within the budget and its page rounding: {pool:?}"
+    );
+}

@@ -342,7 +342,8 @@ def child_offload(d):
                "zero_copy": m._hetmem_offload.copies == 0}
         res["per_forward"] = {k: (after.get(k, 0) - before.get(k, 0)) / 7 for k in
                               ("bytes_loaded", "loads", "hits", "prefetches", "evictions",
-                               "staged_loads")}
+                               "staged_loads", "unplanned_evictions", "pool_syncs",
+                               "pool_maps")}
         res["store"] = after
         # Undo, and check the weights come back byte for byte.
         ht.remove_offload(m)

@@ -365,7 +365,8 @@ class TestTierStore(ErrorAssertions):
         self.mgr.close()
 
     def make(self, learn=True, **kw):
-        store = hetmem.TierStore(self.mgr, 2 * self.SIZE + MIB, 64 * MIB, learn=learn, **kw)
+        # A 3 MiB parameter takes two whole 2 MiB pages on the device: room for two.
+        store = hetmem.TierStore(self.mgr, 2 * 4 * MIB + MIB, 64 * MIB, learn=learn, **kw)
         ids = [store.register(f"layer.{i}", d) for i, d in enumerate(self.data)]
         self.assertEqual(ids, [0, 1, 2, 3])
         return store, ids

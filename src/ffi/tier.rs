@@ -106,6 +106,7 @@ pub(crate) struct FfiGuard {
 /// The store's stats as a JSON object.
 pub(crate) fn store_json(s: &FfiStore) -> String {
     let t = s.store.stats();
+    let p = s.store.pool_stats();
     json_object([
         ("params", s.store.len().to_string()),
         ("hits", t.hits.to_string()),
@@ -120,11 +121,21 @@ pub(crate) fn store_json(s: &FfiStore) -> String {
         ("checksum_mismatches", t.checksum_mismatches.to_string()),
         ("sequences_learnt", t.sequences_learnt.to_string()),
         ("sequences_dropped", t.sequences_dropped.to_string()),
+        ("unplanned_evictions", t.unplanned_evictions.to_string()),
         ("device_bytes", t.device_bytes.to_string()),
         ("device_peak_bytes", t.device_peak_bytes.to_string()),
         ("host_bytes", t.host_bytes.to_string()),
         ("host_peak_bytes", t.host_peak_bytes.to_string()),
         ("mapped_bytes", t.mapped_bytes.to_string()),
+        // The device pool under the store: maps and stream synchronisations between
+        // passes mean the host waited for the GPU.
+        ("pool_maps", p.num_device_alloc.to_string()),
+        ("pool_unmaps", p.num_device_free.to_string()),
+        ("pool_syncs", p.num_sync_all_streams.to_string()),
+        (
+            "pool_reserved_peak_bytes",
+            p.reserved_bytes.all.peak.to_string(),
+        ),
     ])
 }
 

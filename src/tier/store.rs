@@ -19,8 +19,13 @@
 //! # Tiers and copies
 //!
 //! - **Device**: one [`PoolBlock`] per resident parameter from the store's own
-//!   [`DevicePool`]; the bytes of resident parameters (rounded to 512) never exceed the
-//!   device budget.
+//!   [`DevicePool`]; the bytes of resident parameters never exceed the device budget.
+//!   A parameter counts as its size rounded up to 512 bytes, or to the pool's 2 MiB page
+//!   above 1 MiB: then every large block owns whole pages, and the pages a block frees
+//!   can be mapped again wherever the next load needs them. Counted exactly, partly
+//!   used pages left the pool short of contiguous room under the budget while the
+//!   store's count said it fitted; with parameters of mixed sizes that forced evictions
+//!   outside the plan and stream synchronisations on most loads.
 //! - **Pinned host**: the first time a parameter is loaded, its source bytes are
 //!   copied once into a pinned [`HostBlock`] if the host budget has room. From then on
 //!   that block *is* the parameter's host copy: the store drops its reference to the
@@ -84,7 +89,8 @@ use crate::manager::Manager;
 use crate::placement::{NumaPolicy, Tier};
 use crate::pool::host::size_class;
 use crate::pool::{
-    Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, StagingRing,
+    Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, PoolStats,
+    StagingRing,
 };
 use crate::stream::{Event, Stream};
 use crate::tier::plan::{zombie_done, Plan, Step, Traits};
@@ -93,6 +99,8 @@ use crate::tier::source::{SafetensorsFile, Source};
 
 /// Device allocations are rounded to this (the pool's granularity).
 const DEVICE_ROUND: usize = 512;
+/// Larger ones to whole pool pages (see the module docs), above the pool's small sizes.
+const PAGE_ROUND_ABOVE: usize = crate::pool::device::SMALL_SIZE;
 /// Pool pages: the pool's own budget is the device budget rounded up to these.
 const POOL_PAGE: usize = 2 << 20;
 
@@ -210,7 +218,11 @@ pub struct TierStats {
     pub sequences_learnt: u64,
     /// Times a learnt sequence was dropped because acquires left it.
     pub sequences_dropped: u64,
-    /// Device bytes of resident parameters now (each rounded up to 512).
+    /// Evictions nobody chose: the pool could not place a load in the room the store
+    /// counted (fragmentation), so another parameter was given up and the plan started
+    /// again. Zero on a healthy run.
+    pub unplanned_evictions: u64,
+    /// Device bytes of resident parameters now (each rounded as the module docs say).
     pub device_bytes: usize,
     /// The most `device_bytes` has been.
     pub device_peak_bytes: usize,
@@ -332,6 +344,8 @@ pub struct ParamGuard {
     id: ParamId,
     /// `None` only while the guard is being dropped.
     block: Option<Arc<PoolBlock>>,
+    /// The parameter's size (its block may be rounded up to whole pages).
+    size: usize,
     stream: Stream,
     dirty: bool,
 }
@@ -345,8 +359,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
+/// What a parameter of `size` bytes takes on the device, and asks the pool for.
 fn device_bytes(size: usize) -> usize {
-    size.next_multiple_of(DEVICE_ROUND)
+    if size > PAGE_ROUND_ABOVE {
+        size.next_multiple_of(POOL_PAGE)
+    } else {
+        size.next_multiple_of(DEVICE_ROUND)
+    }
 }
 
 fn pinned_bytes(size: usize) -> usize {
@@ -652,11 +671,13 @@ impl TierStore {
         dev.block.record_stream(stream)?;
         let block = Arc::clone(&dev.block);
         p.refs += 1;
+        let size = p.size;
         st.served = true;
         let guard = ParamGuard {
             shared: Arc::clone(sh),
             id,
             block: Some(block),
+            size,
             stream: stream.clone(),
             dirty: false,
         };
@@ -841,6 +862,13 @@ impl TierStore {
             .sum();
         s
     }
+
+    /// The statistics of the store's own device pool: how often it had to map or unmap
+    /// pages, or synchronise streams to give pages back (`num_sync_all_streams`), which
+    /// parameters of mixed sizes can make it do between passes.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.res.pool.stats()
+    }
 }
 
 impl ParamGuard {
@@ -856,15 +884,16 @@ impl ParamGuard {
 
     /// The parameter's size in bytes.
     pub fn len(&self) -> usize {
-        self.block().len()
+        self.size
     }
 
     /// Always false: empty parameters are refused.
     pub fn is_empty(&self) -> bool {
-        self.block().is_empty()
+        self.size == 0
     }
 
-    /// The device block (for synchronous reads and writes in tests and set-up).
+    /// The device block (for synchronous reads and writes in tests and set-up). It may
+    /// be longer than the parameter: large ones take whole pages.
     pub fn block(&self) -> &PoolBlock {
         self.block.as_deref().expect("a live guard holds its block")
     }
@@ -1047,7 +1076,9 @@ fn evict_into_spare(
 ) -> Result<()> {
     let (block, uses) = evict(res, st, id)?;
     if spare.is_none() {
-        *spare = block.filter(|b| b.len() == size).map(|b| (b, uses));
+        *spare = block
+            .filter(|b| b.len() == device_bytes(size))
+            .map(|b| (b, uses));
     }
     Ok(())
 }
@@ -1303,13 +1334,14 @@ fn place(
             b
         }
         None => loop {
-            match res.pool.alloc(size, &res.copy) {
+            match res.pool.alloc(dsize, &res.copy) {
                 Ok(b) => break b,
                 Err(e @ Error::OutOfMemory { .. }) => {
                     // Pool pages can be fragmented; give up another resident parameter.
                     let Some(v) = pick_victim(st, id, need) else {
                         return Err(e);
                     };
+                    st.stats.unplanned_evictions += 1;
                     evict(res, st, v)?;
                     st.plan = None;
                 }
