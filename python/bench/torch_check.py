@@ -249,9 +249,12 @@ def child_offload(d):
             out["methods"][name] = {"error": f"{type(e).__name__}: {e}"}
         out["methods"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
         log(name, json.dumps(out["methods"][name])[:400])
-        gc.collect()
-        torch.cuda.empty_cache()
-        result(out)
+        result(out)  # before the clean-up, which raises if the method broke the context
+        try:
+            gc.collect()
+            torch.cuda.empty_cache()
+        except Exception:  # the next method then fails and says so; this one is kept
+            traceback.print_exc()
 
     state = {}
 
@@ -488,7 +491,8 @@ def main():
         r = p1.get("empty_del_ratio_total")
         t["allocator_empty_del_within_10pct"] = r is not None and r <= ALLOC_RATIO_TARGET
         hs = p1.get("hetmem", {}).get("hetmem_stats") or {}
-        t["allocator_is_hetmem"] = (hs.get("live_blocks") or 0) > 0
+        t["allocator_is_hetmem"] = ((hs.get("live_blocks") or 0) > 0
+                                   and hs.get("backend") in ("cuda", "rocm"))
     if not a.skip_offload:
         m = p2.get("methods", {})
         h = m.get("hetmem_offload", {}).get("forward_ms")

@@ -591,6 +591,26 @@ class TestTorchEntryPoints(unittest.TestCase):
         lib.hetmem_torch_free(d, MIB, 0, None)
         ht.empty_cache()
 
+    def test_automatic_selection_never_hands_torch_the_simulator(self):
+        # In a fresh process with no HETMEM_BACKEND: the GPU backend if one opens,
+        # otherwise a clear error and no pointer (never simulator addresses).
+        code = (
+            "import hetmem; from hetmem import _lib, torch as ht\n"
+            "p = _lib.load().hetmem_torch_malloc(4096, 0, None)\n"
+            "print('backend', ht.hetmem_allocator_stats()['backend'] if p else None)\n"
+            "print('error', hetmem.last_error())\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "HETMEM_BACKEND"}
+        env["PYTHONPATH"] = PYROOT
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=60)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        backend = out.stdout.split("backend ", 1)[1].split("\n", 1)[0]
+        if backend == "None":
+            self.assertIn("needs a GPU backend", out.stdout)
+        else:
+            self.assertIn(backend, ("cuda", "rocm"), out.stdout)
+
 
 @unittest.skipIf(HAVE_TORCH, "PyTorch is installed here")
 class TestWithoutTorch(unittest.TestCase):

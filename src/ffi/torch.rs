@@ -21,7 +21,8 @@ use super::{
     device_arg, guard, guard_with, json_array, json_object, json_str, lock, write_c_text, FfiError,
     FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
-use crate::backend::check_device;
+use crate::backend::{check_device, BackendKind};
+use crate::error::Error;
 use crate::manager::Manager;
 use crate::pool::{DevicePool, PoolBlock, PoolConfig};
 use crate::stream::Stream;
@@ -42,6 +43,22 @@ static TORCH: Mutex<Option<Torch>> = Mutex::new(None);
 impl Torch {
     fn new() -> FfiResult<Torch> {
         let mgr = Manager::builder().build()?;
+        // Automatic selection falls back to the simulator when no driver opens; PyTorch
+        // would then get addresses no kernel can use, and crash far from the cause.
+        let chosen = std::env::var("HETMEM_BACKEND")
+            .is_ok_and(|v| !v.trim().is_empty() && v.trim() != "auto");
+        let kind = mgr.backend_kind();
+        if !chosen && !matches!(kind, BackendKind::Cuda | BackendKind::Rocm) {
+            return Err(Error::BackendUnavailable {
+                backend: BackendKind::Cuda,
+                reason: format!(
+                    "PyTorch's allocator needs a GPU backend, and automatic selection found \
+                     only {kind} (set HETMEM_BACKEND=cuda to see why CUDA does not open, or \
+                     HETMEM_BACKEND=sim to test on the simulator)"
+                ),
+            }
+            .into());
+        }
         tracing::info!(target: "hetmem::ffi", backend = %mgr.backend_kind(),
             "PyTorch allocator ready");
         let n = mgr.devices().len();
