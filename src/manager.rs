@@ -54,6 +54,7 @@ pub struct ManagerBuilder {
     sim: Option<SimConfig>,
     rocm_library: Option<PathBuf>,
     sysfs_root: Option<PathBuf>,
+    gpu_only: bool,
 }
 
 impl ManagerBuilder {
@@ -68,6 +69,15 @@ impl ManagerBuilder {
     /// [`SimConfig::from_env`].
     pub fn sim_config(mut self, cfg: SimConfig) -> Self {
         self.sim = Some(cfg);
+        self
+    }
+
+    /// Automatic selection (no [`backend`](Self::backend), `HETMEM_BACKEND` unset or
+    /// `auto`) takes only a GPU backend: when none opens, [`build`](Self::build) fails
+    /// with each one's reason instead of falling back to the simulator. For users that
+    /// cannot work on simulated addresses, such as PyTorch's allocator.
+    pub fn gpu_only(mut self) -> Self {
+        self.gpu_only = true;
         self
     }
 
@@ -148,6 +158,7 @@ impl ManagerBuilder {
     }
 
     fn open_auto(&self) -> Result<SharedBackend> {
+        let mut reasons = Vec::new();
         for kind in [BackendKind::Cuda, BackendKind::Rocm] {
             match self.open(kind) {
                 Ok(b) => {
@@ -155,9 +166,20 @@ impl ManagerBuilder {
                     return Ok(b);
                 }
                 Err(e) => {
-                    tracing::info!(target: "hetmem", backend = %kind, reason = %e, "backend skipped")
+                    tracing::info!(target: "hetmem", backend = %kind, reason = %e, "backend skipped");
+                    reasons.push(format!("{kind}: {e}"));
                 }
             }
+        }
+        if self.gpu_only {
+            return Err(Error::BackendUnavailable {
+                backend: BackendKind::Cuda,
+                reason: format!(
+                    "a GPU backend is needed and none opened ({}); HETMEM_BACKEND=sim chooses \
+                     the simulator",
+                    reasons.join("; ")
+                ),
+            });
         }
         tracing::info!(target: "hetmem", backend = "sim", "no GPU driver found: auto-selected the simulator");
         self.open(BackendKind::Sim)

@@ -45,6 +45,22 @@ fn environment_selects_the_backend() {
     assert_eq!(Manager::new().unwrap().backend_kind(), expect);
     set("HETMEM_BACKEND", None);
     assert_eq!(Manager::new().unwrap().backend_kind(), expect);
+    // GPU only: never the simulator by automatic choice, but still by explicit choice.
+    match Manager::builder().gpu_only().build() {
+        Ok(m) => assert_eq!(m.backend_kind(), expect),
+        Err(Error::BackendUnavailable { reason, .. }) => {
+            assert_eq!(expect, BackendKind::Sim);
+            assert!(
+                reason.contains("cuda:") && reason.contains("rocm:"),
+                "{reason}"
+            );
+        }
+        Err(e) => panic!("unexpected {e}"),
+    }
+    set("HETMEM_BACKEND", Some("sim"));
+    let m = Manager::builder().gpu_only().build().unwrap();
+    assert_eq!(m.backend_kind(), BackendKind::Sim);
+    set("HETMEM_BACKEND", None);
 
     // The simulated machine's shape from the environment.
     set("HETMEM_SIM_DEVICES", Some("3"));

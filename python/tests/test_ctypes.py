@@ -607,7 +607,7 @@ class TestTorchEntryPoints(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         backend = out.stdout.split("backend ", 1)[1].split("\n", 1)[0]
         if backend == "None":
-            self.assertIn("needs a GPU backend", out.stdout)
+            self.assertIn("a GPU backend is needed", out.stdout)
         else:
             self.assertIn(backend, ("cuda", "rocm"), out.stdout)
 

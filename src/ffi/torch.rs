@@ -2,8 +2,9 @@
 //! two symbols `torch.cuda.memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc",
 //! "hetmem_torch_free")` loads.
 //!
-//! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the automatic
-//! choice), built on the first call; one [`DevicePool`] per device with
+//! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the first GPU
+//! backend that opens, never the simulator: [`gpu_only`](crate::manager::ManagerBuilder::gpu_only)), built on
+//! the first call; one [`DevicePool`] per device with
 //! [`PoolConfig::default`]; the live blocks by address; and each raw stream PyTorch
 //! passes, wrapped once ([`Stream::wrap`]) and kept.
 //!
@@ -21,8 +22,7 @@ use super::{
     device_arg, guard, guard_with, json_array, json_object, json_str, lock, write_c_text, FfiError,
     FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
-use crate::backend::{check_device, BackendKind};
-use crate::error::Error;
+use crate::backend::check_device;
 use crate::manager::Manager;
 use crate::pool::{DevicePool, PoolBlock, PoolConfig};
 use crate::stream::Stream;
@@ -42,23 +42,9 @@ static TORCH: Mutex<Option<Torch>> = Mutex::new(None);
 
 impl Torch {
     fn new() -> FfiResult<Torch> {
-        let mgr = Manager::builder().build()?;
-        // Automatic selection falls back to the simulator when no driver opens; PyTorch
-        // would then get addresses no kernel can use, and crash far from the cause.
-        let chosen = std::env::var("HETMEM_BACKEND")
-            .is_ok_and(|v| !v.trim().is_empty() && v.trim() != "auto");
-        let kind = mgr.backend_kind();
-        if !chosen && !matches!(kind, BackendKind::Cuda | BackendKind::Rocm) {
-            return Err(Error::BackendUnavailable {
-                backend: BackendKind::Cuda,
-                reason: format!(
-                    "PyTorch's allocator needs a GPU backend, and automatic selection found \
-                     only {kind} (set HETMEM_BACKEND=cuda to see why CUDA does not open, or \
-                     HETMEM_BACKEND=sim to test on the simulator)"
-                ),
-            }
-            .into());
-        }
+        // Never the simulator by automatic choice: PyTorch would get addresses no kernel
+        // can use, and crash far from the cause.
+        let mgr = Manager::builder().gpu_only().build()?;
         tracing::info!(target: "hetmem::ffi", backend = %mgr.backend_kind(),
             "PyTorch allocator ready");
         let n = mgr.devices().len();
