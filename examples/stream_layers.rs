@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use hetmem::tier::policy::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
-use hetmem::tier::{Residency, SequenceHint, TierConfig, TierStore};
+use hetmem::tier::{Planner, Residency, SequenceHint, TierConfig, TierStore};
 use hetmem::{BackendKind, Manager, NumaPolicy, Placement, Stream};
 use serde_json::json;
 
@@ -54,14 +54,30 @@ struct Args {
     checksums: bool,
     spare: usize,
     host_budget_mib: Option<usize>,
+    shape: Shape,
+    planner: Planner,
     json: bool,
+}
+
+/// The synthetic model's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `--layers` tensors of `--layer-mib` each.
+    Uniform,
+    /// A Llama-style decoder: an embedding, per layer four attention projections of
+    /// hidden² (q, k, v, o), three MLP projections of hidden × 2.6875·hidden and two
+    /// norms of hidden, then a final norm and the head, in forward order. The hidden
+    /// size is chosen so that a decoder layer is about `--layer-mib` (386 gives Llama-7B's
+    /// 4096), the vocabulary is 32000.
+    Llama,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: stream_layers [--backend sim|cuda|rocm] [--model FILE.safetensors] \
          [--layers N] [--layer-mib M] [--budget-mib B] [--passes P] [--kernel-us K] \
-         [--policy sequence|learn|lru] [--spare S] [--host-budget-mib H] [--checksums] [--json]"
+         [--policy sequence|learn|lru] [--spare S] [--host-budget-mib H] [--shape uniform|llama] \
+         [--planner belady|static] [--checksums] [--json]"
     );
     std::process::exit(2)
 }
@@ -79,6 +95,8 @@ fn parse() -> Args {
         checksums: false,
         spare: 1,
         host_budget_mib: None,
+        shape: Shape::Uniform,
+        planner: Planner::Belady,
         json: false,
     };
     let mut it = std::env::args().skip(1);
@@ -104,6 +122,20 @@ fn parse() -> Args {
             "--spare" => a.spare = val().parse().unwrap_or_else(|_| usage()),
             "--host-budget-mib" => {
                 a.host_budget_mib = Some(val().parse().unwrap_or_else(|_| usage()))
+            }
+            "--shape" => {
+                a.shape = match val().as_str() {
+                    "uniform" => Shape::Uniform,
+                    "llama" => Shape::Llama,
+                    _ => usage(),
+                }
+            }
+            "--planner" => {
+                a.planner = match val().as_str() {
+                    "belady" => Planner::Belady,
+                    "static" => Planner::Static,
+                    _ => usage(),
+                }
             }
             "--json" => a.json = true,
             _ => usage(),
@@ -167,6 +199,35 @@ fn picture(store: &TierStore, ids: &[ParamId]) -> String {
         .collect()
 }
 
+/// The synthetic model's tensors (name, bytes), in the order a forward pass uses them.
+fn synthetic(shape: Shape, layers: usize, layer_bytes: usize) -> Vec<(String, usize)> {
+    match shape {
+        Shape::Uniform => (0..layers)
+            .map(|i| (format!("model.layers.{i}.weight"), layer_bytes))
+            .collect(),
+        Shape::Llama => {
+            // fp16: a layer is (4 + 3 * 2.6875) * hidden^2 * 2 bytes = 24.125 * hidden^2.
+            let h = ((layer_bytes as f64 / 24.125).sqrt() as usize / 64).max(1) * 64;
+            let ffn = (h * 43).div_ceil(16).next_multiple_of(64);
+            let mut t = vec![("model.embed_tokens.weight".to_string(), 32000 * h * 2)];
+            for i in 0..layers {
+                let l = format!("model.layers.{i}");
+                t.push((format!("{l}.input_layernorm.weight"), h * 2));
+                for p in ["q", "k", "v", "o"] {
+                    t.push((format!("{l}.self_attn.{p}_proj.weight"), h * h * 2));
+                }
+                t.push((format!("{l}.post_attention_layernorm.weight"), h * 2));
+                for p in ["gate", "up", "down"] {
+                    t.push((format!("{l}.mlp.{p}_proj.weight"), h * ffn * 2));
+                }
+            }
+            t.push(("model.norm.weight".to_string(), h * 2));
+            t.push(("lm_head.weight".to_string(), 32000 * h * 2));
+            t
+        }
+    }
+}
+
 fn main() {
     let args = parse();
     let mut b = Manager::builder();
@@ -180,40 +241,48 @@ fn main() {
     };
 
     // The model: a file given, or a synthetic one written here (removed at the end).
-    let (path, made) = match &args.model {
-        Some(p) => (std::path::PathBuf::from(p), false),
+    // The tensors in the order a pass uses them: a synthetic model's forward order, a
+    // given file's own order.
+    let (path, made, forward) = match &args.model {
+        Some(p) => (std::path::PathBuf::from(p), false, None),
         None => {
             let p = std::env::temp_dir().join(format!(
                 "hetmem-stream-layers-{}.safetensors",
                 std::process::id()
             ));
-            let len = args.layer_mib * MIB;
-            let names: Vec<String> = (0..args.layers)
-                .map(|i| format!("model.layers.{i}.weight"))
-                .collect();
-            // Distinct bytes per layer and per 8-byte word, written a word at a time.
-            let data: Vec<Vec<u8>> = (0..args.layers as u64)
-                .map(|i| {
-                    let mut d = vec![0u8; len];
+            let tensors = synthetic(args.shape, args.layers, args.layer_mib * MIB);
+            // Distinct bytes per tensor and per 8-byte word, written a word at a time.
+            let data: Vec<Vec<u8>> = tensors
+                .iter()
+                .enumerate()
+                .map(|(i, (_, len))| {
+                    let mut d = vec![0u8; *len];
                     for (j, w) in d.chunks_mut(8).enumerate() {
-                        let v = (i << 48 | j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                        let v = ((i as u64) << 48 | j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                         w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
                     }
                     d
                 })
                 .collect();
-            let shape = [len / 2];
-            let specs: Vec<_> = names
+            let shapes: Vec<[usize; 1]> = tensors.iter().map(|(_, len)| [len / 2]).collect();
+            let specs: Vec<_> = tensors
                 .iter()
                 .zip(&data)
-                .map(|(n, d)| (n.as_str(), "F16", &shape[..], d.as_slice()))
+                .zip(&shapes)
+                .map(|(((n, _), d), sh)| (n.as_str(), "F16", &sh[..], d.as_slice()))
                 .collect();
             write_safetensors(&p, &specs).unwrap_or_else(|e| fail(&e));
-            (p, true)
+            let names: Vec<String> = tensors.into_iter().map(|(n, _)| n).collect();
+            (p, true, Some(names))
         }
     };
     let file = SafetensorsFile::open(&path).unwrap_or_else(|e| fail(&e));
-    let sizes: Vec<usize> = file.tensors().iter().map(|t| t.len).collect();
+    let names: Vec<String> =
+        forward.unwrap_or_else(|| file.tensors().iter().map(|t| t.name.clone()).collect());
+    let sizes: Vec<usize> = names
+        .iter()
+        .map(|n| file.info(n).unwrap_or_else(|e| fail(&e)).len)
+        .collect();
     let model_bytes: usize = sizes.iter().sum();
     let layer = *sizes
         .iter()
@@ -232,6 +301,7 @@ fn main() {
     let mut cfg = TierConfig::new(budget, host_budget);
     cfg.checksums = args.checksums;
     cfg.spare_slots = args.spare;
+    cfg.planner = args.planner;
     let ids_in_order: Vec<ParamId> = (0..sizes.len() as ParamId).collect();
     cfg.sequence = match args.policy {
         PolicyArg::Sequence => SequenceHint::Given(ids_in_order.clone()),
@@ -239,13 +309,32 @@ fn main() {
         PolicyArg::Lru => SequenceHint::None,
     };
     let store = TierStore::new(&mgr, cfg).unwrap_or_else(|e| fail(&e));
-    let ids = store
-        .register_safetensors(&file)
-        .unwrap_or_else(|e| fail(&e));
+    // Registered in pass order, so ids are 0, 1, ... in that order.
+    let ids: Vec<ParamId> = names
+        .iter()
+        .map(|n| {
+            file.source(n)
+                .and_then(|src| store.register(n, src))
+                .unwrap_or_else(|e| fail(&e))
+        })
+        .collect();
+    debug_assert_eq!(ids, ids_in_order);
     drop(file); // the store holds the mapping while parameters are still cold
     let compute = mgr.create_stream(0).unwrap_or_else(|e| fail(&e));
     let sim = mgr.sim();
     let kernel = sim.map(|_| Duration::from_micros(args.kernel_us));
+    // A tensor's kernel takes time in proportion to its bytes: a `--layer-mib` layer
+    // takes `--kernel-us` (a matrix product reads each weight once).
+    let kernels: Vec<Duration> = sizes
+        .iter()
+        .map(|&n| {
+            kernel.map_or(Duration::ZERO, |k| {
+                Duration::from_nanos(
+                    (k.as_nanos() as f64 * n as f64 / (args.layer_mib * MIB) as f64) as u64,
+                )
+            })
+        })
+        .collect();
 
     // The optimum for equal layers: MIN over the loop with one slot fewer than fit, pass
     // by pass over the same passes (its steady passes differ by a layer now and then).
@@ -260,6 +349,9 @@ fn main() {
     let optimum_steady = optimum
         .as_ref()
         .map(|o| o[1..].iter().sum::<f64>() / (args.passes - 1) as f64);
+    // For unequal tensors no simple optimum is known; what was resident at the start of
+    // a pass is at most the budget, so each pass loads at least the rest.
+    let bound = model_bytes.saturating_sub(budget) as f64;
     let lru = equal.then(|| lru_misses_per_pass(&ids_in_order, fit, 10) * layer as f64);
 
     if !args.json {
@@ -302,8 +394,8 @@ fn main() {
         let t0 = clock.now_ns(&compute);
         for (&id, &len) in ids.iter().zip(&sizes) {
             let g = store.acquire(id, &compute).unwrap_or_else(|e| fail(&e));
-            if let (Some(sim), Some(k)) = (sim, kernel) {
-                sim.launch_kernel(compute.handle(), k)
+            if let Some(sim) = sim {
+                sim.launch_kernel(compute.handle(), kernels[id as usize])
                     .unwrap_or_else(|e| fail(&e));
             }
             debug_assert_eq!(g.len(), len);
@@ -314,7 +406,7 @@ fn main() {
         let ns = (t1 - t0).max(1);
         // Copy time at the measured link rate; compute time as declared.
         let copy_ns = moved as f64 / link;
-        let compute_ns = kernel.map_or(0.0, |k| k.as_nanos() as f64 * ids.len() as f64);
+        let compute_ns: f64 = kernels.iter().map(|k| k.as_nanos() as f64).sum();
         let overlap = copy_ns.max(compute_ns) / ns as f64;
         let gbps = moved as f64 / ns as f64;
         if pass > 0 {
@@ -327,9 +419,10 @@ fn main() {
             println!(
                 "{pass:>4}  {:>9.0}  {:>11}  {:>7.2}  {gbps:>5.1}  {:>6.1}%  {overlap:>7.3}  {}",
                 moved as f64 / MIB as f64,
-                optimum
-                    .as_ref()
-                    .map_or("-".into(), |o| format!("{:.0}", o[pass] / MIB as f64)),
+                optimum.as_ref().map_or_else(
+                    || format!(">={:.0}", bound / MIB as f64),
+                    |o| format!("{:.0}", o[pass] / MIB as f64)
+                ),
                 ns as f64 / 1e6,
                 gbps * 100.0 / link,
                 picture(&store, &ids),
@@ -349,6 +442,8 @@ fn main() {
             "backend": mgr.backend_kind().name(),
             "device": mgr.devices().first().map(|d| d.info.name.clone()),
             "policy": format!("{:?}", args.policy).to_lowercase(),
+            "shape": if made { format!("{:?}", args.shape).to_lowercase() } else { "file".into() },
+            "tensors": sizes.len(),
             "layers": sizes.len(),
             "model_bytes": model_bytes,
             "budget_bytes": budget,
@@ -356,8 +451,10 @@ fn main() {
             "passes": args.passes,
             "kernel_us": kernel.map(|k| k.as_micros() as u64),
             "spare_slots": args.spare,
+            "planner": format!("{:?}", args.planner).to_lowercase(),
             "bytes_moved_per_pass": moved,
             "optimal_bytes_per_pass": optimum_steady,
+            "lower_bound_bytes_per_pass": bound,
             "lru_bytes_per_pass": lru,
             "overlap_efficiency": overlap,
             "effective_gbps": gbps,
@@ -380,10 +477,13 @@ fn main() {
              link, overlap {overlap:.3}; host peak {:.0} MiB (model {:.0} MiB), device peak \
              {:.0} MiB, checksum mismatches {}",
             moved / MIB as f64,
-            optimum_steady.map_or("n/a for unequal tensors".into(), |o| format!(
-                "{:.0} MiB",
-                o / MIB as f64
-            )),
+            optimum_steady.map_or_else(
+                || format!(
+                    "unknown for unequal tensors, at least {:.0} MiB",
+                    bound / MIB as f64
+                ),
+                |o| format!("{:.0} MiB", o / MIB as f64)
+            ),
             gbps * 100.0 / link,
             st.host_peak_bytes as f64 / MIB as f64,
             model_bytes as f64 / MIB as f64,

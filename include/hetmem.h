@@ -108,6 +108,10 @@ extern "C" {
 #define HETMEM_SEQUENCE_NONE 0  /* LRU eviction until hetmem_store_set_sequence */
 #define HETMEM_SEQUENCE_LEARN 1 /* learn the order of acquires from the first pass */
 
+/* Planners of a tier store (hetmem_store_config_t.planner). */
+#define HETMEM_PLANNER_BELADY 0 /* Belady's MIN decides what stays: fewest bytes, equal layers */
+#define HETMEM_PLANNER_STATIC 1 /* a fixed set, largest first; the rest streamed */
+
 /* Residency states (hetmem_store_residency). */
 #define HETMEM_RESIDENCY_COLD 0    /* only in its source */
 #define HETMEM_RESIDENCY_HOST 1    /* in pinned host memory */
@@ -140,6 +144,9 @@ typedef struct hetmem_store_config {
     size_t spare_slots;       /* largest parameters' worth of the budget kept for loading
                                  ahead (>= 1): 1 moves the fewest bytes, 2 overlaps better
                                  when kernels take about as long as copies */
+    int planner;              /* HETMEM_PLANNER_BELADY (default) or HETMEM_PLANNER_STATIC:
+                                 fewer bytes with mixed sizes, better overlap with
+                                 spare_slots >= 2 */
 } hetmem_store_config_t;
 
 /* ---- errors and version ------------------------------------------------------------ */

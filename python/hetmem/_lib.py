@@ -69,6 +69,9 @@ HETMEM_ADVISE_UNSET_ACCESSED_BY = 6
 HETMEM_SEQUENCE_NONE = 0
 HETMEM_SEQUENCE_LEARN = 1
 
+HETMEM_PLANNER_BELADY = 0
+HETMEM_PLANNER_STATIC = 1
+
 HETMEM_RESIDENCY_COLD = 0
 HETMEM_RESIDENCY_HOST = 1
 HETMEM_RESIDENCY_LOADING = 2
@@ -113,6 +116,7 @@ class hetmem_store_config_t(ctypes.Structure):
         ("staging_slot_size", c_size_t),
         ("staging_threads", c_size_t),
         ("spare_slots", c_size_t),
+        ("planner", c_int),
     ]
 
 

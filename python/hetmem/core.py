@@ -496,8 +496,10 @@ class TierStore(_Owned):
     ``device_budget``: most device bytes resident parameters use. ``host_budget``: most
     pinned host bytes (parameter copies plus a staging ring, 16 MiB by default).
     ``learn``: learn the execution order from the first pass of acquires (Belady
-    eviction and prefetching along it afterwards). Other settings default to the
-    library's (hetmem_store_config_init).
+    eviction and prefetching along it afterwards). ``planner``: ``"belady"`` (the
+    library's default: the fewest bytes for layers of one size) or ``"static"`` (a
+    fixed resident set, largest parameters first, the rest streamed: fewer bytes with
+    mixed sizes). Other settings default to the library's (hetmem_store_config_init).
     """
 
     def __init__(
@@ -513,6 +515,7 @@ class TierStore(_Owned):
         staging_slot_size=None,
         staging_threads=None,
         spare_slots=None,
+        planner=None,
     ):
         self.manager = mgr
         lib = self._lib = mgr._lib
@@ -521,6 +524,11 @@ class TierStore(_Owned):
         cfg.device = device
         cfg.sequence = _lib.HETMEM_SEQUENCE_LEARN if learn else _lib.HETMEM_SEQUENCE_NONE
         cfg.checksums = 1 if checksums else 0
+        if planner is not None:
+            planners = {"belady": _lib.HETMEM_PLANNER_BELADY, "static": _lib.HETMEM_PLANNER_STATIC}
+            if planner not in planners:
+                raise ValueError(f"planner {planner!r}: expected 'belady' or 'static'")
+            cfg.planner = planners[planner]
         for field, value in (
             ("prefetch_depth", prefetch_depth),
             ("staging_slots", staging_slots),

@@ -243,6 +243,7 @@ def offload(
     prefetch_depth=None,
     backend=None,
     checksums=False,
+    planner="static",
 ):
     """Offloads ``model``'s parameters to hetmem's tier store: a drop-in for
     ``accelerate.cpu_offload(model)`` for inference (run under torch.no_grad()).
@@ -259,7 +260,10 @@ def offload(
     ``device_budget``: device bytes the resident parameters may use. ``host_budget``:
     pinned host bytes (default: enough for the whole model plus the staging ring).
     ``backend``: hetmem backend (default $HETMEM_BACKEND, else automatic; it must be
-    the GPU's: "cuda", or "rocm" under ROCm PyTorch).
+    the GPU's: "cuda", or "rocm" under ROCm PyTorch). ``planner``: what stays on the
+    device, ``"static"`` (default: the largest parameters for good, the rest streamed
+    through room sized for them; a transformer's mixed sizes move about 10% fewer
+    bytes than with ``"belady"``, the store's own default) or ``"belady"``.
 
     Parameters used outside their own module's forward (e.g. read by the parent
     module) are not loaded for that use; the models of transformers are fine.
@@ -297,6 +301,7 @@ def offload(
             device=device,
             prefetch_depth=prefetch_depth,
             checksums=checksums,
+            planner=planner,
         )
     except BaseException:
         mgr.close()

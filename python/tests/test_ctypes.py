@@ -545,6 +545,23 @@ class TestTierStore(ErrorAssertions):
             self.assertGreater(st["hits"] + st["prefetches"], 0, st)
             lru.close()
 
+    def test_static_planner_keeps_a_fixed_set(self):
+        with self.assertRaises(ValueError):
+            self.make(planner="min")
+        with self.mgr.stream() as s:
+            store, ids = self.make(learn=True, planner="static")
+            self.passes(store, ids, 3, s)  # learn, then two planned passes
+            before = store.stats()
+            self.passes(store, ids, 4, s)
+            st = store.stats()
+            # Room for two: one stays for good, the other three stream through the rest.
+            self.assertEqual((st["loads"] - before["loads"]) / 4, 3, st)
+            on_device = [i for i in ids if store.residency(i)[0] in ("device", "loading")]
+            self.assertIn(len(on_device), (1, 2), on_device)
+            for i in ids:
+                self.assertEqual(store.read(i), self.data[i])
+            store.close()
+
     def test_guard_outlives_its_store(self):
         store, _ = self.make()
         g = store.acquire(1)

@@ -14,12 +14,17 @@ use super::{
 };
 use crate::tier::policy::ParamId;
 use crate::tier::source::SafetensorsFile;
-use crate::tier::{ParamGuard, Residency, SequenceHint, TierConfig, TierStore};
+use crate::tier::{ParamGuard, Planner, Residency, SequenceHint, TierConfig, TierStore};
 
 /// No execution sequence: LRU eviction.
 pub const HETMEM_SEQUENCE_NONE: c_int = 0;
 /// Learn the execution sequence from the first pass of acquires.
 pub const HETMEM_SEQUENCE_LEARN: c_int = 1;
+
+/// Belady's MIN decides what stays on the device (`Planner::Belady`, the default).
+pub const HETMEM_PLANNER_BELADY: c_int = 0;
+/// A fixed resident set chosen from the sizes, the rest streamed (`Planner::Static`).
+pub const HETMEM_PLANNER_STATIC: c_int = 1;
 
 /// Only in its source.
 pub const HETMEM_RESIDENCY_COLD: c_int = 0;
@@ -58,6 +63,8 @@ pub struct HetmemStoreConfig {
     /// The largest parameters' worth of the budget kept out of the plan's cache for
     /// loading ahead (`TierConfig::spare_slots`).
     pub spare_slots: usize,
+    /// `HETMEM_PLANNER_BELADY` or `HETMEM_PLANNER_STATIC` (`TierConfig::planner`).
+    pub planner: c_int,
 }
 
 /// Opaque C type of `hetmem_store_t*` handles (tokens, never dereferenced).
@@ -165,6 +172,7 @@ pub unsafe extern "C" fn hetmem_store_config_init(
             staging_slot_size: d.staging_slot_size,
             staging_threads: d.staging_threads,
             spare_slots: d.spare_slots,
+            planner: HETMEM_PLANNER_BELADY,
         };
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(cfg, c) };
@@ -210,6 +218,15 @@ pub unsafe extern "C" fn hetmem_store_create(
                 )))
             }
         };
+        let planner = match c.planner {
+            HETMEM_PLANNER_BELADY => Planner::Belady,
+            HETMEM_PLANNER_STATIC => Planner::Static,
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "planner {other}: expected HETMEM_PLANNER_BELADY or HETMEM_PLANNER_STATIC"
+                )))
+            }
+        };
         let cfg = TierConfig {
             device: device_arg(c.device, "cfg->device")?,
             device_budget: c.device_budget,
@@ -221,6 +238,7 @@ pub unsafe extern "C" fn hetmem_store_create(
             staging_slot_size: c.staging_slot_size,
             staging_threads: c.staging_threads,
             spare_slots: c.spare_slots,
+            planner,
         };
         let store = TierStore::new(&m.mgr, cfg)?;
         let h = register::<FfiStore, HetmemStore>(FfiStore {

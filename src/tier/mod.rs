@@ -10,4 +10,4 @@ pub mod policy;
 pub mod source;
 pub mod store;
 
-pub use store::{ParamGuard, Residency, SequenceHint, TierConfig, TierStats, TierStore};
+pub use store::{ParamGuard, Planner, Residency, SequenceHint, TierConfig, TierStats, TierStore};

@@ -12,6 +12,11 @@
 //! them) and freed as soon as that is no longer possible. So the store moves exactly
 //! the bytes MIN(C−1) moves, and each load is queued as early as memory allows.
 //!
+//! [`fixed_set`] is the other planner ([`Planner::Static`](super::store::Planner)): a
+//! resident set chosen once from the sizes, with the rest streamed through the room
+//! left. Run through the same [`Plan`] (the fixed set never evicted, the logical cache
+//! no larger than it), every other parameter is loaded before its step and freed after.
+//!
 //! The plan only decides; the [store](super::store) frees, loads and keeps the
 //! accounts.
 
@@ -213,6 +218,58 @@ pub(crate) fn zombie_done(seq: &Sequence, z: &Zombie, now: u64) -> bool {
     }
 }
 
+/// The parameters the static planner keeps on the device for good, from `cands`
+/// (id, device bytes, position of its first use in the pass), distinct and not kept
+/// resident by the caller, and `avail` device bytes (the budget less what the caller
+/// keeps).
+///
+/// Every parameter left out is loaded before each use and freed after it, through room
+/// for `spare` of the largest of them at once. So: largest first (bytes kept are bytes
+/// not moved, and keeping the largest shrinks the room the rest need), as many as fit
+/// with that room; of a size only some of whose parameters fit, ones spread evenly
+/// along the pass, so that the streamed steps between them overlap their loads with
+/// the kept ones' kernels instead of queueing behind a long run of them.
+pub(crate) fn fixed_set(
+    cands: &[(ParamId, usize, usize)],
+    avail: usize,
+    spare: usize,
+) -> Vec<ParamId> {
+    let spare = spare.max(1);
+    // Groups of equal size, largest first; members in pass order.
+    let mut by_size: Vec<(usize, usize, ParamId)> = cands
+        .iter()
+        .map(|&(id, bytes, at)| (bytes, at, id))
+        .collect();
+    by_size.sort_unstable_by_key(|&(bytes, at, id)| (std::cmp::Reverse(bytes), at, id));
+    let groups: Vec<&[(usize, usize, ParamId)]> = by_size.chunk_by(|a, b| a.0 == b.0).collect();
+    let mut fixed = Vec::new();
+    let mut kept = 0usize;
+    // Set once a group is left partly streamed: its size is then the room's unit.
+    let mut room: Option<usize> = None;
+    for (i, g) in groups.iter().enumerate() {
+        let size = g[0].0;
+        if size == 0 {
+            continue;
+        }
+        let whole = kept.saturating_add(size.saturating_mul(g.len()));
+        let room_after =
+            room.unwrap_or_else(|| spare.saturating_mul(groups.get(i + 1).map_or(0, |n| n[0].0)));
+        if room.is_none() && whole.saturating_add(room_after) <= avail {
+            fixed.extend(g.iter().map(|m| m.2));
+            kept = whole;
+            continue;
+        }
+        let r = *room.get_or_insert(spare.saturating_mul(size));
+        let fit = (avail.saturating_sub(kept).saturating_sub(r) / size).min(g.len());
+        // `fit` of `g.len()`, evenly spaced: the middle of each of `fit` equal stretches.
+        for j in 0..fit {
+            fixed.push(g[(2 * j + 1) * g.len() / (2 * fit)].2);
+        }
+        kept += fit * size;
+    }
+    fixed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +311,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_fixed_set_fills_the_budget_less_the_room_largest_first() {
+        // Equal layers: all but `spare` of what fits, spread along the pass.
+        let eq: Vec<(ParamId, usize, usize)> = (0..16).map(|i| (i, 10, i as usize)).collect();
+        let f = fixed_set(&eq, 80, 1);
+        assert_eq!(f.len(), 7);
+        let f2 = fixed_set(&eq, 80, 2);
+        assert_eq!(f2, vec![1, 4, 6, 9, 12, 14], "6 of 16, evenly spaced");
+        // Everything fits: nothing is streamed, no room is needed.
+        assert_eq!(fixed_set(&eq, 160, 1).len(), 16);
+        // Mixed: the two large ones stay and the room is sized for the small ones.
+        let mut mixed = vec![(100, 50, 0), (101, 50, 20)];
+        mixed.extend((0..20).map(|i| (i, 5, i as usize + 1)));
+        let f = fixed_set(&mixed, 150, 2);
+        assert!(f.contains(&100) && f.contains(&101), "{f:?}");
+        let kept: usize = f.iter().map(|id| if *id >= 100 { 50 } else { 5 }).sum();
+        assert_eq!(kept, 140, "150 less room for two streamed 5s");
+        // Nothing fits beside the room: nothing is fixed.
+        assert!(fixed_set(&eq, 15, 1).is_empty());
+        assert!(fixed_set(&[], 100, 1).is_empty());
     }
 
     #[test]

@@ -93,7 +93,7 @@ use crate::pool::{
     StagingRing,
 };
 use crate::stream::{Event, Stream};
-use crate::tier::plan::{zombie_done, Plan, Step, Traits};
+use crate::tier::plan::{fixed_set, zombie_done, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
 
@@ -115,6 +115,26 @@ pub enum SequenceHint {
     Learn,
     /// No sequence: LRU eviction, no prefetching along a sequence.
     None,
+}
+
+/// How the store decides what stays on the device when a sequence is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Planner {
+    /// Belady's MIN over the sequence with the budget less `spare_slots` of the largest
+    /// parameter: the fewest bytes for layers of one size (the optimum of the module
+    /// docs). What stays rotates from pass to pass, so runs of hits come together.
+    #[default]
+    Belady,
+    /// A fixed resident set chosen once from the sizes: the largest parameters first,
+    /// as many as fit beside room for `spare_slots` of the largest parameter *left
+    /// out*, spread evenly along the pass where only some of one size fit; everything
+    /// else is loaded before each use and freed after it. For layers of one size it
+    /// moves the same bytes as `Belady`. With mixed sizes it moves fewer (the room is
+    /// sized for the streamed parameters, not for the largest of all, which usually
+    /// stays); and with `spare_slots` ≥ 2 streamed loads overlap the kept layers'
+    /// kernels, so a pass reaches max(copy, compute) when kernels take about as long as
+    /// copies, where `Belady` leaves the copy engine idle through its runs of hits.
+    Static,
 }
 
 /// Settings of a [`TierStore`].
@@ -146,6 +166,8 @@ pub struct TierConfig {
     /// runs of hits, which overlaps better when a kernel takes about as long as a copy,
     /// at the price of MIN with `C - 2` slots.
     pub spare_slots: usize,
+    /// What stays on the device under a sequence.
+    pub planner: Planner,
 }
 
 impl TierConfig {
@@ -164,6 +186,7 @@ impl TierConfig {
             staging_slot_size: 4 << 20,
             staging_threads: 2,
             spare_slots: 1,
+            planner: Planner::Belady,
         }
     }
 }
@@ -275,6 +298,7 @@ struct Resources {
     ring_bytes: usize,
     prefetch_depth: usize,
     spare_slots: usize,
+    planner: Planner,
     learn: bool,
     checksums: bool,
     pool: DevicePool,
@@ -306,6 +330,8 @@ struct State {
     on_track: bool,
     /// The parameters on the device (the candidates for eviction), in no order.
     resident: Vec<ParamId>,
+    /// By id: in the static planner's fixed set (chosen when the plan is built).
+    fixed: Vec<bool>,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -459,6 +485,7 @@ impl TierStore {
                     ring_bytes,
                     prefetch_depth: cfg.prefetch_depth,
                     spare_slots: cfg.spare_slots,
+                    planner: cfg.planner,
                     learn: cfg.sequence == SequenceHint::Learn,
                     checksums: cfg.checksums,
                     pool,
@@ -477,6 +504,7 @@ impl TierStore {
                     served: false,
                     on_track: false,
                     resident: Vec::new(),
+                    fixed: Vec::new(),
                     used: 0,
                     pinned: 0,
                     ring,
@@ -997,6 +1025,7 @@ fn set_policy(st: &mut State, ev: Eviction) {
     st.step = ev.pos() as u64;
     st.ev = ev;
     st.plan = None;
+    st.fixed.clear();
     st.ahead.clear();
     st.served = false;
 }
@@ -1030,6 +1059,13 @@ fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<ParamId> {
         if let Some(last) = st.last_released {
             cands.retain(|c| *c != last);
         }
+    }
+    // The static plan's fixed set goes last: giving one up costs a load every pass.
+    if cands
+        .iter()
+        .any(|c| !st.fixed.get(*c as usize).copied().unwrap_or(false))
+    {
+        cands.retain(|c| !st.fixed.get(*c as usize).copied().unwrap_or(false));
     }
     let lowest = cands
         .iter()
@@ -1174,15 +1210,30 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
                 .filter(|p| !p.keep)
                 .map(|p| device_bytes(p.size))
                 .max();
-            let resident = st
+            let cap = match res.planner {
+                Planner::Belady => res
+                    .device_budget
+                    .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots)),
+                Planner::Static => {
+                    // The logical cache is the fixed set and what the caller keeps:
+                    // every other load evicts the streamed ones before it (zombies,
+                    // freed once done and when their room is needed).
+                    choose_fixed(res, st, &seq);
+                    st.params
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, p)| p.keep || st.fixed[*i])
+                        .map(|(_, p)| device_bytes(p.size))
+                        .sum()
+                }
+            };
+            let resident: Vec<(ParamId, Traits)> = st
                 .params
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| p.dev.is_some())
-                .map(|(i, p)| (i as ParamId, traits(p)));
-            let cap = res
-                .device_budget
-                .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots));
+                .map(|(i, _)| (i as ParamId, traits(st, i as ParamId)))
+                .collect();
             // From the runtime's step, or the one before if its parameter is still to
             // be handed out.
             let pos = if st.served {
@@ -1215,7 +1266,7 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
             Step::Hit => st.plan.as_mut().expect("checked").hit(&seq),
             Step::Revive => {
                 let id = seq.order()[(m % seq.len() as u64) as usize];
-                let t = traits(&st.params[id as usize]);
+                let t = traits(st, id);
                 st.plan.as_mut().expect("checked").revive(&seq, id, t);
             }
             Step::Load { id, victims } => {
@@ -1233,12 +1284,48 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
 }
 
 /// What the plan needs to know of a parameter.
-fn traits(p: &Param) -> Traits {
+fn traits(st: &State, id: ParamId) -> Traits {
+    let p = &st.params[id as usize];
     Traits {
         bytes: device_bytes(p.size),
-        kept: p.keep,
+        kept: p.keep || st.fixed.get(id as usize).copied().unwrap_or(false),
         priority: p.priority,
     }
+}
+
+/// The static planner's fixed set ([`crate::tier::plan::fixed_set`]) for `seq`, into
+/// `st.fixed`: from the parameters the sequence uses and the caller does not keep, in
+/// the budget less what the caller keeps.
+fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) {
+    let mut first: rustc_hash::FxHashMap<ParamId, usize> = Default::default();
+    for (at, id) in seq.order().iter().enumerate() {
+        if (*id as usize) < st.params.len() {
+            first.entry(*id).or_insert(at);
+        }
+    }
+    let kept: usize = st
+        .params
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| p.keep && (p.dev.is_some() || first.contains_key(&(*i as ParamId))))
+        .map(|(_, p)| device_bytes(p.size))
+        .sum();
+    let cands: Vec<(ParamId, usize, usize)> = first
+        .iter()
+        .filter(|(id, _)| !st.params[**id as usize].keep)
+        .map(|(id, at)| (*id, device_bytes(st.params[*id as usize].size), *at))
+        .collect();
+    let fixed = fixed_set(
+        &cands,
+        res.device_budget.saturating_sub(kept),
+        res.spare_slots,
+    );
+    st.fixed.clear();
+    st.fixed.resize(st.params.len(), false);
+    for id in &fixed {
+        st.fixed[*id as usize] = true;
+    }
+    tracing::debug!(target: "hetmem", fixed = fixed.len(), of = cands.len(), "static plan");
 }
 
 /// Frees zombies for the load of `id` at step `m` and queues it, or returns false when
@@ -1294,7 +1381,7 @@ fn plan_load(
         .iter()
         .map(|v| (*v, device_bytes(st.params[*v as usize].size)))
         .collect();
-    let t = traits(&st.params[id as usize]);
+    let t = traits(st, id);
     st.plan.as_mut().expect("pumping").load(seq, id, t, &sized);
     let done = (|| {
         let mut spare = None;

@@ -411,9 +411,9 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
      * get segments of the request's size rather than 20 MiB ones.) */
     EXPECT(hetmem_store_config_init(&cfg, 30 * MIB, 64 * MIB), HETMEM_OK);
     CHECK(cfg.device == 0 && cfg.device_budget == 30 * MIB && cfg.staging_slots >= 2 &&
-              cfg.spare_slots == 1,
-          "config defaults (device %d, %zu slots of %zu bytes, %zu spare)", cfg.device,
-          cfg.staging_slots, cfg.staging_slot_size, cfg.spare_slots);
+              cfg.spare_slots == 1 && cfg.planner == HETMEM_PLANNER_BELADY,
+          "config defaults (device %d, %zu slots of %zu bytes, %zu spare, planner %d)", cfg.device,
+          cfg.staging_slots, cfg.staging_slot_size, cfg.spare_slots, cfg.planner);
     cfg.checksums = 1;
     hetmem_store_t* store = NULL;
     EXPECT(hetmem_store_create(mgr, &cfg, &store), HETMEM_OK);
@@ -550,6 +550,13 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     bad_cfg = cfg;
     bad_cfg.spare_slots = 0;
     EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
+    bad_cfg = cfg;
+    bad_cfg.planner = 2;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_INVALID_ARGUMENT);
+    bad_cfg = cfg;
+    bad_cfg.planner = HETMEM_PLANNER_STATIC;
+    EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_OK);
+    EXPECT(hetmem_store_destroy(bad_store), HETMEM_OK);
     bad_cfg = cfg;
     bad_cfg.device = 99;
     EXPECT(hetmem_store_create(mgr, &bad_cfg, &bad_store), HETMEM_ERR_UNKNOWN_DEVICE);
