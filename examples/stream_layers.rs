@@ -8,22 +8,27 @@
 //! HETMEM_BACKEND=cuda ./stream_layers --layers 32 --layer-mib 256 --budget-mib 4096 --json
 //! ```
 //!
-//! It writes a synthetic safetensors model (`--layers` tensors of `--layer-mib`) unless
-//! `--model` names one, registers every tensor with a [`TierStore`] under a device budget
-//! smaller than the model, and runs `--passes` passes: each acquires the layers in file
-//! order on a compute stream, runs the layer's kernel there, and releases it. On the
-//! simulator the kernel is a declared time (`--kernel-us`, default 20 µs: roughly a
-//! 128-token fp16 product with a 64 MiB layer on an H200) and times are virtual; the
-//! real backends have no matrix product in hetmem yet, so there a pass is copies only
-//! and times are wall-clock.
+//! It writes a synthetic safetensors model (`--layers` tensors of `--layer-mib`, or with
+//! `--shape llama` a Llama-style decoder of `--layers` layers of about `--layer-mib`
+//! each: an embedding, four attention and three MLP matrices and two norms per layer,
+//! a head) unless `--model` names one, registers every tensor with a [`TierStore`]
+//! (`--planner belady|static`) under a device budget smaller than the model, and runs
+//! `--passes` passes: each acquires the tensors in forward order (a given file's own
+//! order) on a compute stream, runs the tensor's kernel there, and releases it. On the
+//! simulator the kernel is a declared time, in proportion to the tensor's bytes
+//! (`--kernel-us` for a `--layer-mib` layer, default 20 µs: roughly a 128-token fp16
+//! product with a 64 MiB layer on an H200) and times are virtual; the real backends
+//! have no matrix product in hetmem yet, so there a pass is copies only and times are
+//! wall-clock.
 //!
 //! Per pass it prints the bytes loaded for that pass, the optimum for the budget
 //! (Belady's MIN with one layer fewer than fit, the layer being computed holding the
-//! last), the effective rate (bytes / pass time) against the pinned host-to-device rate
-//! measured at the start of the same run, the overlap efficiency (max(copy time,
-//! compute time) / pass time, 1.0 = perfect overlap) and the residency of every layer
-//! (`D` on the device, `l` loading, `h` pinned host, `.` cold). `--json` makes the last
-//! line one JSON object with the steady-state (passes after the first) figures.
+//! last; for unequal tensors only the bound model − budget), the effective rate
+//! (bytes / pass time) against the pinned host-to-device rate measured at the start of
+//! the same run, the overlap efficiency (max(copy time, compute time) / pass time, 1.0 =
+//! perfect overlap) and the residency of every tensor (`D` on the device, `l` loading,
+//! `h` pinned host, `.` cold). `--json` makes the last line one JSON object with the
+//! steady-state (passes after the first) figures.
 
 use std::time::{Duration, Instant};
 

@@ -8,12 +8,13 @@
 #                                   torch: issue 6; default all) with the CUDA backend,
 #                                   logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
-#                           timeout_s=560); all groups take about 7 minutes on an H200
+#                           timeout_s=560); all groups take about 8 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
 # Rehearsal here, on the fake CUDA driver that `cargo test` builds (about 95 s on 2 cores;
 # speeds meaningless, the mechanics and every rc are what it checks):
 #   LD_LIBRARY_PATH=$PWD/target/fake-cuda FAKE_CUDA_MEM_BYTES=$((8<<30)) OUT=/tmp/rehearsal \
 #   STREAM_SHAPE="--layers 16 --layer-mib 64 --budget-mib 512" STREAM_FILE_GIB=1 \
+#   STREAM_LLAMA="--shape llama --layers 4 --layer-mib 48 --budget-mib 130" \
 #     bash scripts/device-check.sh run pool host stream
 # (replay-training-cuda fails there: its 11.3 GB peak does not fit 8 GiB.)
 set -uo pipefail
@@ -81,7 +82,11 @@ run() {
       local shape=(${STREAM_SHAPE:---layers 32 --layer-mib 256 --budget-mib 4096})
       step stream-layers     "$BIN/stream_layers" "${shape[@]}" --passes 5 --json
       step stream-layers-lru "$BIN/stream_layers" "${shape[@]}" --passes 3 --policy lru --json
-      step stream-layers-checksums "$BIN/stream_layers" --layers 16 --layer-mib 16 --budget-mib 96 --passes 4 --checksums --policy learn --json ;;
+      step stream-layers-checksums "$BIN/stream_layers" --layers 16 --layer-mib 16 --budget-mib 96 --passes 4 --checksums --policy learn --json
+      # Llama-7B's shapes, 8 layers (3588 MiB) through half: the two planners side by side.
+      local llama=(${STREAM_LLAMA:---shape llama --layers 8 --layer-mib 386 --budget-mib 1794})
+      step stream-llama-belady "$BIN/stream_layers" "${llama[@]}" --passes 4 --json
+      step stream-llama-static "$BIN/stream_layers" "${llama[@]}" --passes 4 --planner static --json ;;
     torch)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
     *) echo "unknown group $g" >&2 ;;
@@ -91,13 +96,16 @@ run() {
   for k in replay-cuda replay-sim replay-training-cuda; do
     [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["backend"], "ratio", d["reserved_over_allocated"], "alloc med/p99", d["alloc_ns_median"], d["alloc_ns_p99"], "free med", d["free_ns_median"])' "$k" 2>/dev/null
   done
-  for k in stream-layers stream-layers-lru stream-layers-checksums; do
-    [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["device"], "moved/pass MiB", round(d["bytes_moved_per_pass"]/2**20), "optimum", round((d["optimal_bytes_per_pass"] or 0)/2**20), "GB/s", round(d["effective_gbps"],1), "link", round(d["link_gbps"],1), "fraction", round(d["fraction_of_link"],3), "mismatches", d["checksum_mismatches"], "host peak MiB", d["host_peak_bytes"]>>20)' "$k" 2>/dev/null
+  for k in stream-layers stream-layers-lru stream-layers-checksums stream-llama-belady stream-llama-static; do
+    [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["device"], "moved/pass MiB", round(d["bytes_moved_per_pass"]/2**20), "optimum", round((d["optimal_bytes_per_pass"] or 0)/2**20), "pass ms", round(d["pass_ms"],2), "overlap", round(d["overlap_efficiency"],3), "GB/s", round(d["effective_gbps"],1), "link", round(d["link_gbps"],1), "fraction", round(d["fraction_of_link"],3), "mismatches", d["checksum_mismatches"], "host peak MiB", d["host_peak_bytes"]>>20)' "$k" 2>/dev/null
   done
   [ -f "$OUT/bench-alloc.log" ] && grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
   [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
   [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"
   [ -f "$OUT/torch-check.log" ] && tail -n 25 "$OUT/torch-check.log"
+  # The status: 0 only when every step returned 0.
+  for k in "${order[@]}"; do [ "${R[$k]}" = 0 ] || return 1; done
+  return 0
 }
 
 case "${1:-}" in

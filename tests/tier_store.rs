@@ -446,15 +446,35 @@ fn errors_are_clear() {
 fn stress_four_threads() {
     // LRU, and a given sequence the random acquires keep leaving (the plan restarts,
     // the demand path takes over, and the plan resumes), and one the threads follow.
-    stress(SequenceHint::None, false);
-    stress(SequenceHint::Given((0..16).collect()), false);
-    stress(SequenceHint::Given((0..16).collect()), true);
+    stress(SequenceHint::None, false, Planner::Belady);
+    stress(
+        SequenceHint::Given((0..16).collect()),
+        false,
+        Planner::Belady,
+    );
+    stress(
+        SequenceHint::Given((0..16).collect()),
+        true,
+        Planner::Belady,
+    );
+    // The static planner's fixed set under the same traffic (dont-need evicts its
+    // members too; the plan restarts and reloads them).
+    stress(
+        SequenceHint::Given((0..16).collect()),
+        false,
+        Planner::Static,
+    );
+    stress(
+        SequenceHint::Given((0..16).collect()),
+        true,
+        Planner::Static,
+    );
 }
 
 /// Four threads, 2,500 operations each: acquire and write (own parameters, counters
 /// checked on every acquire), acquire and read, will-need, dont-need, priority; with
 /// `in_order`, the shared reads walk the sequence instead of picking at random.
-fn stress(sequence: SequenceHint, in_order: bool) {
+fn stress(sequence: SequenceHint, in_order: bool, planner: Planner) {
     const PARAMS: usize = 16;
     const SIZE: usize = 64 * 1024;
     const OPS: usize = 2500;
@@ -462,6 +482,7 @@ fn stress(sequence: SequenceHint, in_order: bool) {
     let mut cfg = TierConfig::new(6 * SIZE, 16 * MIB + PARAMS * 2 * SIZE);
     cfg.checksums = true;
     cfg.sequence = sequence;
+    cfg.planner = planner;
     cfg.staging_slot_size = MIB;
     cfg.staging_slots = 4;
     let store = TierStore::new(&mgr, cfg).unwrap();
@@ -721,6 +742,55 @@ proptest! {
         distinct.dedup();
         if distinct.len() == order.len() && order.len() > capacity {
             prop_assert_eq!(&per_pass, &min_c1, "order {:?}, capacity {}", order, capacity);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The static planner on any repeated order: never fewer loads than MIN with the
+    /// whole budget (no schedule can), never over the budget, the right bytes on every
+    /// load; on a loop of distinct layers longer than the budget, exactly the layers
+    /// outside its fixed set of `C - 1`, every pass after the first.
+    #[test]
+    fn static_planner_on_any_sequence(
+        order in proptest::collection::vec(0u32..7, 3..14),
+        capacity in 2usize..6,
+    ) {
+        const SIZE: usize = 64 << 10;
+        const PASSES: usize = 5;
+        let mgr = sim();
+        let mut cfg = TierConfig::new(capacity * SIZE, 16 * MIB + 7 * SIZE);
+        cfg.sequence = SequenceHint::Given(order.clone());
+        cfg.planner = Planner::Static;
+        cfg.checksums = true;
+        let store = TierStore::new(&mgr, cfg).unwrap();
+        for i in 0..7 {
+            store.register(&format!("p{i}"), layer_bytes(i, SIZE).into()).unwrap();
+        }
+        let compute = mgr.create_stream(0).unwrap();
+        let per_pass: Vec<usize> = (0..PASSES)
+            .map(|_| {
+                pass_of(&mgr, &store, &compute, Duration::from_micros(5), &order) as usize / SIZE
+            })
+            .collect();
+        let min_c = hetmem::tier::policy::min_misses_each_pass(&order, capacity, PASSES);
+        prop_assert!(
+            min_c.iter().sum::<usize>() <= per_pass.iter().sum::<usize>(),
+            "order {:?}, capacity {}: store {:?}, MIN(C) {:?}", order, capacity, per_pass, min_c
+        );
+        let st = store.stats();
+        prop_assert!(st.device_peak_bytes <= capacity * SIZE, "{:?}", st);
+        prop_assert_eq!(st.checksum_mismatches, 0);
+        prop_assert_eq!(st.unplanned_evictions, 0);
+        let mut distinct = order.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() == order.len() && order.len() > capacity {
+            for (p, n) in per_pass.iter().enumerate().skip(1) {
+                prop_assert_eq!(*n, order.len() - (capacity - 1), "pass {} of {:?}", p, order);
+            }
         }
     }
 }
