@@ -795,6 +795,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Both planners with mixed sizes, any repeated order, any budget that holds two of
+    /// the largest: every acquire succeeds, the budget holds, every load checks out and
+    /// every parameter reads back as registered.
+    #[test]
+    fn mixed_sizes_any_order_any_budget(
+        sizes in proptest::collection::vec(prop_oneof![Just(64usize << 10), Just(200 << 10), Just(2 << 20), Just(5 << 20)], 3..9),
+        picks in proptest::collection::vec(0usize..100, 3..16),
+        extra in 0usize..100,
+        fixed in any::<bool>(),
+        spare in 1usize..3,
+    ) {
+        let n = sizes.len();
+        let order: Vec<ParamId> = picks.iter().map(|p| (*p % n) as ParamId).collect();
+        let device = |s: usize| if s > MIB { s.next_multiple_of(2 * MIB) } else { s.next_multiple_of(512) };
+        let largest = sizes.iter().map(|s| device(*s)).max().unwrap();
+        let total: usize = sizes.iter().map(|s| device(*s)).sum();
+        let budget = 2 * largest + (total.saturating_sub(2 * largest)) * extra / 100;
+        let mgr = sim();
+        let mut cfg = TierConfig::new(budget, 16 * MIB + 2 * total);
+        cfg.sequence = SequenceHint::Given(order.clone());
+        cfg.planner = if fixed { Planner::Static } else { Planner::Belady };
+        cfg.spare_slots = spare;
+        cfg.checksums = true;
+        let store = TierStore::new(&mgr, cfg).unwrap();
+        for (i, s) in sizes.iter().enumerate() {
+            store.register(&format!("p{i}"), layer_bytes(i, *s).into()).unwrap();
+        }
+        let compute = mgr.create_stream(0).unwrap();
+        for _ in 0..4 {
+            pass_of(&mgr, &store, &compute, Duration::from_micros(5), &order);
+        }
+        compute.synchronize().unwrap();
+        let st = store.stats();
+        prop_assert!(st.device_peak_bytes <= budget, "{:?}", st);
+        prop_assert_eq!(st.checksum_mismatches, 0);
+        for (i, s) in sizes.iter().enumerate() {
+            prop_assert!(store.read(i as ParamId).unwrap() == layer_bytes(i, *s), "p{}", i);
+        }
+    }
+}
+
 /// A transformer's parameters are not all one size. Scaled-down Llama shapes (an
 /// embedding and a head of 31 MiB; four layers of four 4 MiB attention weights, three
 /// MLP weights of 10.75 MiB and two 1 KiB norms) through half the model's size: every
