@@ -82,7 +82,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 use std::sync::Mutex;
@@ -104,6 +104,114 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
+
+/// A status as the driver returns it: a number. A newer driver may return codes that
+/// the 12.8 bindings' `CUresult` enum lacks (CUDA 13.1's `CUDA_ERROR_STREAM_DETACHED`),
+/// and such a value read as the enum is undefined behaviour: matching on it or printing
+/// it crashed. So every call goes through [`drv`], whose function types return `u32`,
+/// and the enum is used only to name the codes below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status(u32);
+
+impl Status {
+    const SUCCESS: Status = Status(CUresult::CUDA_SUCCESS as u32);
+    const NOT_READY: Status = Status(CUresult::CUDA_ERROR_NOT_READY as u32);
+    const NO_DEVICE: Status = Status(CUresult::CUDA_ERROR_NO_DEVICE as u32);
+    const OUT_OF_MEMORY: Status = Status(CUresult::CUDA_ERROR_OUT_OF_MEMORY as u32);
+    const UNKNOWN: Status = Status(CUresult::CUDA_ERROR_UNKNOWN as u32);
+    /// What a call whose symbol cannot be found returns (never in practice: `init`
+    /// checks every symbol first).
+    const MISSING: Status = Status(CUresult::CUDA_ERROR_NOT_FOUND as u32);
+
+    fn is_ok(self) -> bool {
+        self == Status::SUCCESS
+    }
+}
+
+/// Declares, for each driver entry point, a function of the same name and arguments
+/// that calls it through a function type returning `u32` (the C ABI of an enum
+/// return), looked up in cudarc's loaded `libcuda` once.
+macro_rules! driver_calls {
+    ($($name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
+        /// The driver's entry points, returning [`Status`].
+        #[allow(non_snake_case, clippy::too_many_arguments)]
+        mod drv {
+            use super::*;
+            $(
+                /// Calls the driver's entry point of this name.
+                ///
+                /// # Safety
+                /// As the driver documents for the call: valid handles and pointers of
+                /// the right sizes; `libcuda` is loaded (`CudaBackend::init` ran).
+                pub(super) unsafe fn $name($($arg: $ty),*) -> Status {
+                    type F = unsafe extern "C" fn($($ty),*) -> u32;
+                    static FN: std::sync::OnceLock<Option<F>> = std::sync::OnceLock::new();
+                    let f = FN.get_or_init(|| {
+                        // SAFETY: `init` loaded the library before any call; `F` is the
+                        // entry point's C signature (cudarc's, with the enum return read
+                        // as the u32 it is), and the pointer is copied out of the symbol
+                        // while the library stays loaded for the process's life.
+                        unsafe {
+                            sys::culib()
+                                .get::<F>(concat!(stringify!($name), "\0").as_bytes())
+                                .ok()
+                                .map(|sym| *sym)
+                        }
+                    });
+                    match f {
+                        // SAFETY: the caller's contract, as above.
+                        Some(f) => Status(unsafe { f($($arg),*) }),
+                        None => Status::MISSING,
+                    }
+                }
+            )*
+        }
+    };
+}
+
+driver_calls! {
+    cuCtxGetCurrent(pctx: *mut CUcontext);
+    cuCtxSetCurrent(ctx: CUcontext);
+    cuDeviceGet(device: *mut CUdevice, ordinal: c_int);
+    cuDeviceGetAttribute(pi: *mut c_int, attrib: CUdevice_attribute, dev: CUdevice);
+    cuDeviceGetCount(count: *mut c_int);
+    cuDeviceGetName(name: *mut c_char, len: c_int, dev: CUdevice);
+    cuDeviceGetPCIBusId(bus_id: *mut c_char, len: c_int, dev: CUdevice);
+    cuDevicePrimaryCtxRelease_v2(dev: CUdevice);
+    cuDevicePrimaryCtxRetain(pctx: *mut CUcontext, dev: CUdevice);
+    cuDeviceTotalMem_v2(bytes: *mut usize, dev: CUdevice);
+    cuEventCreate(event: *mut CUevent, flags: c_uint);
+    cuEventDestroy_v2(event: CUevent);
+    cuEventQuery(event: CUevent);
+    cuEventRecord(event: CUevent, stream: CUstream);
+    cuEventSynchronize(event: CUevent);
+    cuGetErrorString(error: u32, text: *mut *const c_char);
+    cuInit(flags: c_uint);
+    cuMemAddressFree(ptr: CUdeviceptr, size: usize);
+    cuMemAddressReserve(ptr: *mut CUdeviceptr, size: usize, alignment: usize, addr: CUdeviceptr, flags: c_ulonglong);
+    cuMemAdvise_v2(ptr: CUdeviceptr, count: usize, advice: CUmem_advise, location: CUmemLocation);
+    cuMemAllocHost_v2(pp: *mut *mut c_void, bytes: usize);
+    cuMemAllocManaged(dptr: *mut CUdeviceptr, bytes: usize, flags: c_uint);
+    cuMemAlloc_v2(dptr: *mut CUdeviceptr, bytes: usize);
+    cuMemCreate(handle: *mut CUmemGenericAllocationHandle, size: usize, prop: *const CUmemAllocationProp, flags: c_ulonglong);
+    cuMemFreeHost(p: *mut c_void);
+    cuMemFree_v2(dptr: CUdeviceptr);
+    cuMemGetAllocationGranularity(granularity: *mut usize, prop: *const CUmemAllocationProp, option: CUmemAllocationGranularity_flags);
+    cuMemGetInfo_v2(free: *mut usize, total: *mut usize);
+    cuMemHostRegister_v2(p: *mut c_void, bytes: usize, flags: c_uint);
+    cuMemHostUnregister(p: *mut c_void);
+    cuMemMap(ptr: CUdeviceptr, size: usize, offset: usize, handle: CUmemGenericAllocationHandle, flags: c_ulonglong);
+    cuMemPrefetchAsync_v2(ptr: CUdeviceptr, count: usize, location: CUmemLocation, flags: c_uint, stream: CUstream);
+    cuMemRelease(handle: CUmemGenericAllocationHandle);
+    cuMemSetAccess(ptr: CUdeviceptr, size: usize, desc: *const CUmemAccessDesc, count: usize);
+    cuMemUnmap(ptr: CUdeviceptr, size: usize);
+    cuMemcpyAsync(dst: CUdeviceptr, src: CUdeviceptr, bytes: usize, stream: CUstream);
+    cuMemcpyPeerAsync(dst: CUdeviceptr, dst_ctx: CUcontext, src: CUdeviceptr, src_ctx: CUcontext, bytes: usize, stream: CUstream);
+    cuStreamCreate(stream: *mut CUstream, flags: c_uint);
+    cuStreamDestroy_v2(stream: CUstream);
+    cuStreamSynchronize(stream: CUstream);
+    cuStreamWaitEvent(stream: CUstream, event: CUevent, flags: c_uint);
+}
 
 /// The `call` of the [`Error::Driver`] that [`Backend::register_host`] returns when a
 /// chunk failed to register *and* undoing the chunks registered before it failed too.
@@ -175,17 +283,15 @@ const VMM_UNSUPPORTED: Error = Error::Unsupported {
 
 /// The driver's description of a status, from `cuGetErrorString`.
 ///
-/// `code` may be a value the 12.8 bindings' enum lacks (a newer driver's status, such
-/// as CUDA 13.1's `CUDA_ERROR_STREAM_DETACHED`): it is only compared and converted to
-/// its number here, never matched or `Debug`-formatted (`{:?}` of a value outside the
-/// enum jumps through a table past its end and crashed).
-fn error_message(code: CUresult) -> String {
+/// `code` may be a value the 12.8 bindings' enum lacks (see [`Status`]); the driver
+/// names it, or the message gives its number.
+fn error_message(code: Status) -> String {
     let mut text: *const c_char = ptr::null();
     // SAFETY: only reached after `new` found libcuda and this symbol; `text` is a valid
     // out-pointer, and the driver stores a pointer to a static string or nothing.
-    let status = unsafe { sys::cuGetErrorString(code, &mut text) };
-    if status != CUresult::CUDA_SUCCESS || text.is_null() {
-        return format!("unrecognised CUDA status {}", code as i32);
+    let status = unsafe { drv::cuGetErrorString(code.0, &mut text) };
+    if status != Status::SUCCESS || text.is_null() {
+        return format!("unrecognised CUDA status {}", code.0);
     }
     // SAFETY: on success `text` points at a NUL-terminated string with static lifetime
     // owned by the driver.
@@ -195,18 +301,18 @@ fn error_message(code: CUresult) -> String {
 }
 
 /// Maps a failed driver status to [`Error::Driver`].
-fn driver_error(call: &'static str, code: CUresult) -> Error {
+fn driver_error(call: &'static str, code: Status) -> Error {
     Error::Driver {
         backend: BackendKind::Cuda,
         call,
-        code: code as i32,
+        code: code.0 as i32,
         message: error_message(code),
     }
 }
 
 /// `Ok` for `CUDA_SUCCESS`, [`Error::Driver`] naming `call` otherwise.
-fn check(call: &'static str, code: CUresult) -> Result<()> {
-    if code == CUresult::CUDA_SUCCESS {
+fn check(call: &'static str, code: Status) -> Result<()> {
+    if code.is_ok() {
         Ok(())
     } else {
         Err(driver_error(call, code))
@@ -393,10 +499,10 @@ impl CudaBackend {
             );
         }
         // SAFETY: symbol present (checked above); cuInit takes flags only.
-        let status = unsafe { sys::cuInit(0) };
+        let status = unsafe { drv::cuInit(0) };
         match status {
-            CUresult::CUDA_SUCCESS => {}
-            CUresult::CUDA_ERROR_NO_DEVICE => return Err(unavailable("no CUDA device")),
+            Status::SUCCESS => {}
+            Status::NO_DEVICE => return Err(unavailable("no CUDA device")),
             other => {
                 return Err(unavailable(format!(
                     "cuInit failed: {}",
@@ -407,7 +513,7 @@ impl CudaBackend {
         let mut count: c_int = 0;
         // SAFETY: driver initialised; `count` is a valid out-pointer.
         check("cuDeviceGetCount", unsafe {
-            sys::cuDeviceGetCount(&mut count)
+            drv::cuDeviceGetCount(&mut count)
         })?;
         if count <= 0 {
             return Err(unavailable("no CUDA device"));
@@ -438,29 +544,29 @@ impl CudaBackend {
         let mut dev: CUdevice = 0;
         // SAFETY: driver initialised; `dev` is a valid out-pointer, ordinal < count.
         check("cuDeviceGet", unsafe {
-            sys::cuDeviceGet(&mut dev, ordinal)
+            drv::cuDeviceGet(&mut dev, ordinal)
         })?;
 
         let mut name_buf = [0 as c_char; 256];
         // SAFETY: the buffer is valid for its full length, which we pass; the driver
         // writes a NUL-terminated name that fits.
         check("cuDeviceGetName", unsafe {
-            sys::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
+            drv::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
         })?;
         let name = c_buf_to_string(&name_buf);
 
         let mut total: usize = 0;
         // SAFETY: `total` is a valid out-pointer; `dev` came from cuDeviceGet.
         check("cuDeviceTotalMem", unsafe {
-            sys::cuDeviceTotalMem_v2(&mut total, dev)
+            drv::cuDeviceTotalMem_v2(&mut total, dev)
         })?;
 
         let mut pci_buf = [0 as c_char; 64];
         // SAFETY: the buffer is valid for its full length, which we pass (the driver
         // needs 13 bytes).
         let pci_status =
-            unsafe { sys::cuDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, dev) };
-        let pci_bus_id = if pci_status == CUresult::CUDA_SUCCESS {
+            unsafe { drv::cuDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, dev) };
+        let pci_bus_id = if pci_status == Status::SUCCESS {
             let raw = c_buf_to_string(&pci_buf);
             let id = normalize_pci_bus_id(&raw);
             if id.is_none() {
@@ -495,7 +601,7 @@ impl CudaBackend {
         let mut ctx: CUcontext = ptr::null_mut();
         // SAFETY: `ctx` is a valid out-pointer; `dev` came from cuDeviceGet.
         check("cuDevicePrimaryCtxRetain", unsafe {
-            sys::cuDevicePrimaryCtxRetain(&mut ctx, dev)
+            drv::cuDevicePrimaryCtxRetain(&mut ctx, dev)
         })?;
         // Recorded now so Drop releases the context even if the stream below fails.
         self.state.push(DeviceState {
@@ -514,7 +620,7 @@ impl CudaBackend {
         // SAFETY: the device's context is current (bound above); `stream` is a valid
         // out-pointer.
         check("cuStreamCreate", unsafe {
-            sys::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            drv::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
         self.state[index].copy_stream = stream;
 
@@ -536,13 +642,13 @@ impl CudaBackend {
         let mut current: CUcontext = ptr::null_mut();
         // SAFETY: `current` is a valid out-pointer; the call only reads thread state.
         check("cuCtxGetCurrent", unsafe {
-            sys::cuCtxGetCurrent(&mut current)
+            drv::cuCtxGetCurrent(&mut current)
         })?;
         if current == ctx {
             return Ok(Bound { prev: None });
         }
         // SAFETY: `ctx` is a primary context we retained and have not released.
-        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(ctx) })?;
+        check("cuCtxSetCurrent", unsafe { drv::cuCtxSetCurrent(ctx) })?;
         Ok(Bound {
             prev: Some(current),
         })
@@ -592,7 +698,7 @@ impl Drop for Bound {
         if let Some(prev) = self.prev {
             // SAFETY: `prev` was current on this thread a moment ago (or is null, which
             // unbinds); setting a context only changes this thread's binding.
-            let status = unsafe { sys::cuCtxSetCurrent(prev) };
+            let status = unsafe { drv::cuCtxSetCurrent(prev) };
             if let Err(e) = check("cuCtxSetCurrent", status) {
                 tracing::warn!(error = %e, "restoring the caller's CUDA context");
             }
@@ -619,7 +725,7 @@ fn unknown_event(event: EventHandle) -> Error {
 const ROLLBACK: RollbackError = RollbackError {
     backend: BackendKind::Cuda,
     call: REGISTER_ROLLBACK_CALL,
-    unknown_code: CUresult::CUDA_ERROR_UNKNOWN as i32,
+    unknown_code: Status::UNKNOWN.0 as i32,
 };
 
 fn c_buf_to_string(buf: &[c_char]) -> String {
@@ -635,7 +741,7 @@ fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
     let mut value: c_int = 0;
     // SAFETY: `value` is a valid out-pointer; `dev` came from cuDeviceGet after cuInit.
     check("cuDeviceGetAttribute", unsafe {
-        sys::cuDeviceGetAttribute(&mut value, attr, dev)
+        drv::cuDeviceGetAttribute(&mut value, attr, dev)
     })?;
     Ok(value)
 }
@@ -665,7 +771,7 @@ fn query_vmm_granularity(ordinal: c_int, dev: CUdevice) -> Option<usize> {
     // valid out-pointer and `prop` a fully initialised property struct that outlives
     // the call.
     let status = unsafe {
-        sys::cuMemGetAllocationGranularity(
+        drv::cuMemGetAllocationGranularity(
             &mut granularity,
             &prop,
             CUmemAllocationGranularity_flags::CU_MEM_ALLOC_GRANULARITY_MINIMUM,
@@ -712,7 +818,7 @@ impl Drop for CudaBackend {
                     Ok(_ctx) => {
                         // SAFETY: the stream was created by us on this context, which is
                         // current; nothing else holds it.
-                        let status = unsafe { sys::cuStreamDestroy_v2(state.copy_stream) };
+                        let status = unsafe { drv::cuStreamDestroy_v2(state.copy_stream) };
                         if let Err(e) = check("cuStreamDestroy", status) {
                             tracing::warn!(device, error = %e, "destroying internal copy stream");
                         }
@@ -723,11 +829,11 @@ impl Drop for CudaBackend {
         }
         let mut current: CUcontext = ptr::null_mut();
         // SAFETY: `current` is a valid out-pointer.
-        let got_current = unsafe { sys::cuCtxGetCurrent(&mut current) } == CUresult::CUDA_SUCCESS;
+        let got_current = unsafe { drv::cuCtxGetCurrent(&mut current) } == Status::SUCCESS;
         for (device, state) in self.state.iter().enumerate() {
             // SAFETY: we retained this primary context exactly once in open_device and
             // release it exactly once here.
-            let status = unsafe { sys::cuDevicePrimaryCtxRelease_v2(state.dev) };
+            let status = unsafe { drv::cuDevicePrimaryCtxRelease_v2(state.dev) };
             if let Err(e) = check("cuDevicePrimaryCtxRelease", status) {
                 tracing::warn!(device, error = %e, "releasing primary context");
             }
@@ -735,7 +841,7 @@ impl Drop for CudaBackend {
         if got_current && self.state.iter().any(|s| s.ctx == current) {
             // Leave no possibly destroyed context current on this thread.
             // SAFETY: setting no context is always valid.
-            let status = unsafe { sys::cuCtxSetCurrent(ptr::null_mut()) };
+            let status = unsafe { drv::cuCtxSetCurrent(ptr::null_mut()) };
             if let Err(e) = check("cuCtxSetCurrent", status) {
                 tracing::warn!(error = %e, "unbinding context in drop");
             }
@@ -802,19 +908,17 @@ impl<'a> DriverPinned<'a> {
         let mut p: *mut c_void = ptr::null_mut();
         // SAFETY: the symbol exists (checked in `new`), the device's context is current
         // and `p` is a valid out-pointer.
-        match unsafe { sys::cuMemAllocHost_v2(&mut p, len) } {
-            CUresult::CUDA_SUCCESS => match NonNull::new(p.cast::<u8>()) {
+        match unsafe { drv::cuMemAllocHost_v2(&mut p, len) } {
+            Status::SUCCESS => match NonNull::new(p.cast::<u8>()) {
                 Some(ptr) => Ok(DriverPinned {
                     backend,
                     device,
                     ptr,
                     len,
                 }),
-                None => Err(driver_error("cuMemAllocHost", CUresult::CUDA_ERROR_UNKNOWN)),
+                None => Err(driver_error("cuMemAllocHost", Status::UNKNOWN)),
             },
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
-                Err(Error::oom(Tier::Pinned, len, available_memory()))
-            }
+            Status::OUT_OF_MEMORY => Err(Error::oom(Tier::Pinned, len, available_memory())),
             other => Err(driver_error("cuMemAllocHost", other)),
         }
     }
@@ -848,7 +952,7 @@ impl Drop for DriverPinned<'_> {
             .inspect_err(|e| tracing::warn!(device = self.device, error = %e, "binding context to free pinned host memory"));
         // SAFETY: `ptr` came from cuMemAllocHost_v2 in `new` (so the symbols exist) and
         // is freed exactly once, here; the borrow of the backend kept its context alive.
-        let status = unsafe { sys::cuMemFreeHost(self.ptr.as_ptr().cast::<c_void>()) };
+        let status = unsafe { drv::cuMemFreeHost(self.ptr.as_ptr().cast::<c_void>()) };
         if let Err(e) = check("cuMemFreeHost", status) {
             tracing::warn!(
                 device = self.device,
@@ -875,7 +979,7 @@ impl Backend for CudaBackend {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: the device's context is current; both are valid out-pointers.
         check("cuMemGetInfo", unsafe {
-            sys::cuMemGetInfo_v2(&mut free, &mut total)
+            drv::cuMemGetInfo_v2(&mut free, &mut total)
         })?;
         Ok(MemInfo { free, total })
     }
@@ -886,9 +990,9 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         let mut dptr: CUdeviceptr = 0;
         // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
-        match unsafe { sys::cuMemAlloc_v2(&mut dptr, size) } {
-            CUresult::CUDA_SUCCESS => Ok(DevicePtr(dptr)),
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+        match unsafe { drv::cuMemAlloc_v2(&mut dptr, size) } {
+            Status::SUCCESS => Ok(DevicePtr(dptr)),
+            Status::OUT_OF_MEMORY => Err(Error::oom(
                 Tier::Device(device),
                 size,
                 self.free_for_report(device),
@@ -904,7 +1008,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `ptr` came from alloc_device on this backend,
         // is not freed and no queued work uses it.
-        check("cuMemFree", unsafe { sys::cuMemFree_v2(ptr.0) })
+        check("cuMemFree", unsafe { drv::cuMemFree_v2(ptr.0) })
     }
 
     fn alloc_managed(&self, device: usize, size: usize) -> Result<NonNull<u8>> {
@@ -920,19 +1024,18 @@ impl Backend for CudaBackend {
         let mut dptr: CUdeviceptr = 0;
         // SAFETY: the device's context is current; `dptr` is a valid out-pointer.
         let status = unsafe {
-            sys::cuMemAllocManaged(
+            drv::cuMemAllocManaged(
                 &mut dptr,
                 size,
                 CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL as u32,
             )
         };
         match status {
-            CUresult::CUDA_SUCCESS => {
+            Status::SUCCESS => {
                 let p: *mut u8 = ptr::with_exposed_provenance_mut(dptr as usize);
-                NonNull::new(p)
-                    .ok_or_else(|| driver_error("cuMemAllocManaged", CUresult::CUDA_ERROR_UNKNOWN))
+                NonNull::new(p).ok_or_else(|| driver_error("cuMemAllocManaged", Status::UNKNOWN))
             }
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+            Status::OUT_OF_MEMORY => Err(Error::oom(
                 Tier::Managed(device),
                 size,
                 self.free_for_report(device),
@@ -948,7 +1051,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `ptr` came from alloc_managed on this backend,
         // is not freed and no queued work uses it; managed memory is freed with cuMemFree.
-        check("cuMemFree", unsafe { sys::cuMemFree_v2(host_addr(ptr)) })
+        check("cuMemFree", unsafe { drv::cuMemFree_v2(host_addr(ptr)) })
     }
 
     /// # Safety
@@ -964,13 +1067,13 @@ impl Backend for CudaBackend {
             // SAFETY: the caller guarantees base..base+len is mapped host memory that it
             // owns; off+chunk <= len, so the chunk lies inside it.
             let status = unsafe {
-                sys::cuMemHostRegister_v2(
+                drv::cuMemHostRegister_v2(
                     base.add(off).cast::<c_void>(),
                     chunk,
                     sys::CU_MEMHOSTREGISTER_PORTABLE,
                 )
             };
-            if status == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            if status == Status::OUT_OF_MEMORY {
                 // The driver could not pin the pages (or one registration was too large
                 // for it): out of pinned memory, as the host backend reports an mlock
                 // refused for RLIMIT_MEMLOCK, so that callers (the host pool's
@@ -978,7 +1081,7 @@ impl Backend for CudaBackend {
                 failure = Some(Error::oom(Tier::Pinned, len, available_memory()));
                 break;
             }
-            if status != CUresult::CUDA_SUCCESS {
+            if status != Status::SUCCESS {
                 failure = Some(driver_error("cuMemHostRegister", status));
                 break;
             }
@@ -992,8 +1095,8 @@ impl Backend for CudaBackend {
         let mut undo_error = None;
         for (off, _) in register_chunks(done) {
             // SAFETY: this chunk start was registered by the loop above.
-            let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
-            if status == CUresult::CUDA_SUCCESS {
+            let status = unsafe { drv::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if status == Status::SUCCESS {
                 self.registered.remove(base as usize + off);
             }
             if let Err(e) = check("cuMemHostUnregister", status) {
@@ -1021,8 +1124,8 @@ impl Backend for CudaBackend {
         for (off, _) in register_chunks(len) {
             // SAFETY: the caller guarantees ptr..ptr+len was registered by
             // register_host, which registered exactly these chunk starts; off < len.
-            let status = unsafe { sys::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
-            if status == CUresult::CUDA_SUCCESS {
+            let status = unsafe { drv::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            if status == Status::SUCCESS {
                 self.registered.remove(base as usize + off);
             }
             if let Err(e) = check("cuMemHostUnregister", status) {
@@ -1039,7 +1142,7 @@ impl Backend for CudaBackend {
         let mut stream: CUstream = ptr::null_mut();
         // SAFETY: the device's context is current; `stream` is a valid out-pointer.
         check("cuStreamCreate", unsafe {
-            sys::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            drv::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
         let handle = StreamHandle(stream.expose_provenance() as u64);
         lock(&self.streams).insert(handle.0, device);
@@ -1059,7 +1162,7 @@ impl Backend for CudaBackend {
             // SAFETY: the caller guarantees the stream is live, ours and not used again;
             // cuStreamDestroy lets queued work finish first.
             check("cuStreamDestroy", unsafe {
-                sys::cuStreamDestroy_v2(stream_ptr(stream))
+                drv::cuStreamDestroy_v2(stream_ptr(stream))
             })
         });
         if result.is_err() {
@@ -1090,7 +1193,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the stream is live and ours.
         check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(stream_ptr(stream))
+            drv::cuStreamSynchronize(stream_ptr(stream))
         })
     }
 
@@ -1100,7 +1203,7 @@ impl Backend for CudaBackend {
         let mut event: CUevent = ptr::null_mut();
         // SAFETY: the device's context is current; `event` is a valid out-pointer.
         check("cuEventCreate", unsafe {
-            sys::cuEventCreate(&mut event, CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+            drv::cuEventCreate(&mut event, CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
         })?;
         let handle = EventHandle(event.expose_provenance() as u64);
         lock(&self.events).insert(handle.0, device);
@@ -1118,7 +1221,7 @@ impl Backend for CudaBackend {
         let result = self.bind(device).and_then(|_ctx| {
             // SAFETY: the caller guarantees the event is live, ours and not used again.
             check("cuEventDestroy", unsafe {
-                sys::cuEventDestroy_v2(event_ptr(event))
+                drv::cuEventDestroy_v2(event_ptr(event))
             })
         });
         if result.is_err() {
@@ -1144,7 +1247,7 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees both handles are live and ours; they share a
         // context (checked above).
         check("cuEventRecord", unsafe {
-            sys::cuEventRecord(event_ptr(event), stream_ptr(stream))
+            drv::cuEventRecord(event_ptr(event), stream_ptr(stream))
         })
     }
 
@@ -1157,7 +1260,7 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees both handles are live and ours; waiting on an
         // event from another device's context is allowed.
         check("cuStreamWaitEvent", unsafe {
-            sys::cuStreamWaitEvent(stream_ptr(stream), event_ptr(event), 0)
+            drv::cuStreamWaitEvent(stream_ptr(stream), event_ptr(event), 0)
         })
     }
 
@@ -1168,7 +1271,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the event is live and ours.
         check("cuEventSynchronize", unsafe {
-            sys::cuEventSynchronize(event_ptr(event))
+            drv::cuEventSynchronize(event_ptr(event))
         })
     }
 
@@ -1178,9 +1281,9 @@ impl Backend for CudaBackend {
         let device = self.event_device(event)?;
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the event is live and ours.
-        match unsafe { sys::cuEventQuery(event_ptr(event)) } {
-            CUresult::CUDA_SUCCESS => Ok(true),
-            CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+        match unsafe { drv::cuEventQuery(event_ptr(event)) } {
+            Status::SUCCESS => Ok(true),
+            Status::NOT_READY => Ok(false),
             other => Err(driver_error("cuEventQuery", other)),
         }
     }
@@ -1226,7 +1329,7 @@ impl Backend for CudaBackend {
                 // these devices for `len` bytes until the copy is done, and the stream
                 // (ours or the live one given) is valid; both contexts are retained.
                 check("cuMemcpyPeerAsync", unsafe {
-                    sys::cuMemcpyPeerAsync(
+                    drv::cuMemcpyPeerAsync(
                         dst_addr,
                         self.state[dd].ctx,
                         src_addr,
@@ -1253,7 +1356,7 @@ impl Backend for CudaBackend {
                         // bytes, do not overlap and outlive the copy; off + n <= len.
                         // With unified addressing the driver infers the direction.
                         check("cuMemcpyAsync", unsafe {
-                            sys::cuMemcpyAsync(dst_addr + off, src_addr + off, n, cu_stream)
+                            drv::cuMemcpyAsync(dst_addr + off, src_addr + off, n, cu_stream)
                         })
                     },
                 )?
@@ -1262,7 +1365,7 @@ impl Backend for CudaBackend {
         if stream.is_none() {
             // SAFETY: the internal copy stream lives as long as `self`.
             check("cuStreamSynchronize", unsafe {
-                sys::cuStreamSynchronize(cu_stream)
+                drv::cuStreamSynchronize(cu_stream)
             })?;
         }
         Ok(())
@@ -1295,7 +1398,7 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees ptr..ptr+len is managed memory from this
         // backend and the stream is live and ours.
         check("cuMemPrefetchAsync", unsafe {
-            sys::cuMemPrefetchAsync_v2(host_addr(ptr), len, location, 0, stream_ptr(stream))
+            drv::cuMemPrefetchAsync_v2(host_addr(ptr), len, location, 0, stream_ptr(stream))
         })
     }
 
@@ -1329,7 +1432,7 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees ptr..ptr+len lies in managed memory from this
         // backend; advice only changes driver policy for the range.
         check("cuMemAdvise", unsafe {
-            sys::cuMemAdvise_v2(host_addr(ptr), len, cu_advice, location)
+            drv::cuMemAdvise_v2(host_addr(ptr), len, cu_advice, location)
         })
     }
 
@@ -1346,7 +1449,7 @@ impl Backend for CudaBackend {
         // to the VMM page (the default alignment is not documented, and every map into
         // the range must be page-aligned), no fixed address, no flags.
         check("cuMemAddressReserve", unsafe {
-            sys::cuMemAddressReserve(&mut dptr, size, page, 0, 0)
+            drv::cuMemAddressReserve(&mut dptr, size, page, 0, 0)
         })?;
         Ok(DevicePtr(dptr))
     }
@@ -1359,7 +1462,7 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees ptr/size is one reservation from reserve_address
         // on this device with nothing mapped in it any more.
         check("cuMemAddressFree", unsafe {
-            sys::cuMemAddressFree(ptr.0, size)
+            drv::cuMemAddressFree(ptr.0, size)
         })
     }
 
@@ -1371,9 +1474,9 @@ impl Backend for CudaBackend {
         let mut handle: CUmemGenericAllocationHandle = 0;
         // SAFETY: VMM symbols present; `handle` is a valid out-pointer and `prop` a fully
         // initialised property struct that outlives the call; flags must be 0.
-        match unsafe { sys::cuMemCreate(&mut handle, size, &prop, 0) } {
-            CUresult::CUDA_SUCCESS => Ok(PhysHandle(handle)),
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => Err(Error::oom(
+        match unsafe { drv::cuMemCreate(&mut handle, size, &prop, 0) } {
+            Status::SUCCESS => Ok(PhysHandle(handle)),
+            Status::OUT_OF_MEMORY => Err(Error::oom(
                 Tier::Device(device),
                 size,
                 self.free_for_report(device),
@@ -1389,7 +1492,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees `handle` came from create_physical on this
         // device, is live and not mapped (so this frees the memory at once).
-        check("cuMemRelease", unsafe { sys::cuMemRelease(handle.0) })
+        check("cuMemRelease", unsafe { drv::cuMemRelease(handle.0) })
     }
 
     /// # Safety
@@ -1408,10 +1511,10 @@ impl Backend for CudaBackend {
         // SAFETY: the caller guarantees ptr..ptr+size lies in a reservation of this
         // device with nothing mapped there, and `handle` is live, of `size` bytes and not
         // mapped elsewhere; offset and flags must be 0.
-        match unsafe { sys::cuMemMap(ptr.0, size, 0, handle.0, 0) } {
-            CUresult::CUDA_SUCCESS => {}
+        match unsafe { drv::cuMemMap(ptr.0, size, 0, handle.0, 0) } {
+            Status::SUCCESS => {}
             // Page tables are device memory too: the pool gives back cache and retries.
-            CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            Status::OUT_OF_MEMORY => {
                 return Err(Error::oom(
                     Tier::Device(device),
                     size,
@@ -1423,15 +1526,15 @@ impl Backend for CudaBackend {
         let desc = access_desc(self.cu_device(device));
         // SAFETY: ptr..ptr+size was mapped just above; `desc` is one initialised
         // descriptor that outlives the call, and we pass count 1.
-        let status = unsafe { sys::cuMemSetAccess(ptr.0, size, &desc, 1) };
-        if status == CUresult::CUDA_SUCCESS {
+        let status = unsafe { drv::cuMemSetAccess(ptr.0, size, &desc, 1) };
+        if status == Status::SUCCESS {
             return Ok(());
         }
         let err = driver_error("cuMemSetAccess", status);
         // Undo the mapping, so a failure leaves the range and handle as they were.
         // SAFETY: exactly the mapping made above; no work can use it yet, as it was
         // never accessible.
-        let undo = unsafe { sys::cuMemUnmap(ptr.0, size) };
+        let undo = unsafe { drv::cuMemUnmap(ptr.0, size) };
         if let Err(e) = check("cuMemUnmap", undo) {
             tracing::warn!(error = %e, "unmapping after cuMemSetAccess failed");
         }
@@ -1445,7 +1548,7 @@ impl Backend for CudaBackend {
         let _ctx = self.bind(device)?;
         // SAFETY: the caller guarantees the range is exactly one earlier map on this
         // device and no queued work uses it.
-        check("cuMemUnmap", unsafe { sys::cuMemUnmap(ptr.0, size) })
+        check("cuMemUnmap", unsafe { drv::cuMemUnmap(ptr.0, size) })
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -1648,7 +1751,7 @@ mod tests {
     fn driver_error_carries_call_and_code() {
         // cuGetErrorString needs a driver that `new` accepted.
         let _backend = CudaBackend::new().expect("a CUDA driver and device");
-        match driver_error("cuMemAlloc", CUresult::CUDA_ERROR_OUT_OF_MEMORY) {
+        match driver_error("cuMemAlloc", Status::OUT_OF_MEMORY) {
             Error::Driver {
                 backend,
                 call,
