@@ -1068,3 +1068,89 @@ fn static_planner_moves_fewer_bytes_with_mixed_sizes() {
         "nothing beats the budget's bound"
     );
 }
+
+/// Steady per-pass (loads, demand misses) of `order` over `n` parameters of 64 KiB,
+/// room for `cap`, the static planner, after `setup`.
+fn static_passes(
+    order: &[ParamId],
+    n: usize,
+    cap: usize,
+    setup: &dyn Fn(&TierStore),
+) -> (Vec<u64>, Vec<u64>, TierStore, Manager) {
+    const SIZE: usize = 64 << 10;
+    let mgr = sim();
+    let mut cfg = TierConfig::new(cap * SIZE, 16 * MIB + (n + 8) * SIZE);
+    cfg.planner = Planner::Static;
+    cfg.sequence = SequenceHint::Given(order.to_vec());
+    cfg.checksums = true;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    for i in 0..n {
+        store
+            .register(&format!("p{i}"), layer_bytes(i, SIZE).into())
+            .unwrap();
+    }
+    setup(&store);
+    let s = mgr.create_stream(0).unwrap();
+    let (mut loads, mut misses) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let before = store.stats();
+        loads.push(pass_of(&mgr, &store, &s, Duration::from_micros(5), order) / SIZE as u64);
+        misses.push(store.stats().misses - before.misses);
+    }
+    s.synchronize().unwrap();
+    assert_eq!(store.stats().checksum_mismatches, 0);
+    (loads, misses, store, mgr)
+}
+
+/// The static planner weighs what it is told: a layer used three times a pass stays
+/// before layers used once (so it moves no more than MIN(C-1) there), priorities order
+/// the fixed set, and a kept parameter that is not loaded and not in the sequence takes
+/// no room from the plan (it did: every acquire became a demand load).
+#[test]
+fn static_planner_weighs_uses_priorities_and_keeps() {
+    let recurring: Vec<ParamId> = vec![1, 2, 0, 3, 4, 0, 5, 6, 0];
+    for cap in [3usize, 4, 5] {
+        let (loads, _, _, _) = static_passes(&recurring, 7, cap, &|_| {});
+        let min = hetmem::tier::policy::min_misses_each_pass(&recurring, cap - 1, 5);
+        // Kept: the recurring layer and `cap - 2` others; the four left stream once each.
+        assert!(
+            loads[1..].iter().all(|l| *l == (7 - (cap - 1)) as u64),
+            "cap {cap}: static {loads:?}"
+        );
+        assert!(
+            loads[1..].iter().sum::<u64>() <= min[1..].iter().sum::<usize>() as u64,
+            "cap {cap}: static {loads:?}, MIN(C-1) {min:?}"
+        );
+    }
+
+    let order: Vec<ParamId> = (0..8).collect();
+    let (_, _, store, _) = static_passes(&order, 8, 4, &|s| {
+        s.priority(3, 100).unwrap();
+        s.priority(1, -100).unwrap();
+    });
+    assert!(
+        matches!(store.residency(3).unwrap(), Residency::Device { .. }),
+        "the highest priority stays"
+    );
+    assert!(
+        !matches!(store.residency(1).unwrap(), Residency::Device { .. }),
+        "the lowest priority streams"
+    );
+
+    let (plain, plain_misses, _, _) = static_passes(&order, 8, 4, &|_| {});
+    let (kept, kept_misses, _, _) = static_passes(&order, 8, 4, &|s| {
+        let k = s
+            .register("kept.elsewhere", layer_bytes(99, 2 * (64 << 10)).into())
+            .unwrap();
+        s.keep_resident(k, true).unwrap();
+    });
+    assert_eq!(
+        kept, plain,
+        "a kept parameter never loaded takes no plan room"
+    );
+    assert_eq!(kept_misses[1..], plain_misses[1..]);
+    assert!(
+        plain_misses[1..].iter().all(|m| *m == 0),
+        "{plain_misses:?}"
+    );
+}

@@ -244,6 +244,7 @@ def offload(
     backend=None,
     checksums=False,
     planner="static",
+    spare_slots=None,
 ):
     """Offloads ``model``'s parameters to hetmem's tier store: a drop-in for
     ``accelerate.cpu_offload(model)`` for inference (run under torch.no_grad()).
@@ -264,6 +265,9 @@ def offload(
     device, ``"static"`` (default: the largest parameters for good, the rest streamed
     through room sized for them; a transformer's mixed sizes move about 10% fewer
     bytes than with ``"belady"``, the store's own default) or ``"belady"``.
+    ``spare_slots``: room kept for streaming, in the largest streamed parameters
+    (default: 1, or 2 when a module owns several parameters, which its hook holds at
+    once, e.g. a weight and a bias).
 
     Parameters used outside their own module's forward (e.g. read by the parent
     module) are not loaded for that use; the models of transformers are fine.
@@ -291,6 +295,8 @@ def offload(
                 for _, p in own:
                     seen.setdefault(id(p), p)
         sizes = [p.numel() * p.element_size() for p in seen.values()]
+        if spare_slots is None:
+            spare_slots = 2 if any(len(own) > 1 for _, own in owners) else 1
         if host_budget is None:
             host_budget = sum(_pinned_bytes(n) for n in sizes if n) + (16 << 20) + (64 << 20)
         store = TierStore(
@@ -302,6 +308,7 @@ def offload(
             prefetch_depth=prefetch_depth,
             checksums=checksums,
             planner=planner,
+            spare_slots=spare_slots,
         )
     except BaseException:
         mgr.close()

@@ -120,6 +120,9 @@ class TestOffloadWithFakeTorch(unittest.TestCase):
             ht.offload(model, budget, backend="sim")
         store = model._hetmem_store
         self.assertIsInstance(store, hetmem.TierStore)
+        # The static planner, room for one streamed parameter: each module owns one.
+        self.assertEqual(store.config.planner, hetmem._lib.HETMEM_PLANNER_STATIC)
+        self.assertEqual(store.config.spare_slots, 1)
         with self.assertRaises(RuntimeError):
             ht.offload(model, budget, backend="sim")
         cuda = torch.device("cuda", 0)
@@ -213,6 +216,19 @@ class TestOffloadWithFakeTorch(unittest.TestCase):
         self.assertEqual(model.embed.weight.data.bytes(), original["embed.weight"])
         model("x")
         self.assertEqual(model.embed.seen[-1][0], torch.CPU)
+
+    def test_modules_with_several_parameters_get_room_for_two(self):
+        model = Model()
+        model.embed.bias = torch.Parameter(tensor((64,), torch.float32, 7))
+        with mock.patch.object(ht, "_GPU_BACKENDS", ("sim",)):
+            ht.offload(model, total_bytes(model) // 2, backend="sim")
+        store = model._hetmem_store
+        self.assertEqual(store.config.spare_slots, 2)
+        with torch.no_grad():
+            for _ in range(3):
+                model("x")
+        self.assertEqual(store.stats()["checksum_mismatches"], 0)
+        ht.remove_offload(model)
 
     def test_offload_frees_the_cpu_copies(self):
         model = Model(layers=1)

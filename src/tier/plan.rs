@@ -218,52 +218,69 @@ pub(crate) fn zombie_done(seq: &Sequence, z: &Zombie, now: u64) -> bool {
     }
 }
 
+/// A parameter the static planner may keep: what [`fixed_set`] weighs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    pub id: ParamId,
+    /// Device bytes.
+    pub bytes: usize,
+    /// Position of its first use in the pass.
+    pub at: usize,
+    /// Uses per pass (a tied weight used twice saves two loads by staying).
+    pub uses: usize,
+    /// Eviction priority: higher stays first.
+    pub priority: i32,
+}
+
 /// The parameters the static planner keeps on the device for good, from `cands`
-/// (id, device bytes, position of its first use in the pass), distinct and not kept
-/// resident by the caller, and `avail` device bytes (the budget less what the caller
-/// keeps).
+/// (distinct, not kept resident by the caller) and `avail` device bytes (the budget
+/// less what the caller keeps).
 ///
 /// Every parameter left out is loaded before each use and freed after it, through room
-/// for `spare` of the largest of them at once. So: largest first (bytes kept are bytes
-/// not moved, and keeping the largest shrinks the room the rest need), as many as fit
-/// with that room; of a size only some of whose parameters fit, ones spread evenly
-/// along the pass, so that the streamed steps between them overlap their loads with
-/// the kept ones' kernels instead of queueing behind a long run of them.
-pub(crate) fn fixed_set(
-    cands: &[(ParamId, usize, usize)],
-    avail: usize,
-    spare: usize,
-) -> Vec<ParamId> {
+/// for `spare` of the largest of them at once. So: the highest priority first, then the
+/// most uses per pass (bytes saved per byte kept), then the largest (keeping the largest
+/// also shrinks the room the rest need), as many as fit with that room; of a group only
+/// some of which fit, ones spread evenly along the pass, so that the streamed steps
+/// between them overlap their loads with the kept ones' kernels instead of queueing
+/// behind a long run of them.
+pub(crate) fn fixed_set(cands: &[Candidate], avail: usize, spare: usize) -> Vec<ParamId> {
+    use std::cmp::Reverse;
     let spare = spare.max(1);
-    // Groups of equal size, largest first; members in pass order.
-    let mut by_size: Vec<(usize, usize, ParamId)> = cands
-        .iter()
-        .map(|&(id, bytes, at)| (bytes, at, id))
+    let mut order: Vec<Candidate> = cands.iter().copied().filter(|c| c.bytes > 0).collect();
+    order.sort_unstable_by_key(|c| {
+        (
+            Reverse(c.priority),
+            Reverse(c.uses),
+            Reverse(c.bytes),
+            c.at,
+            c.id,
+        )
+    });
+    let groups: Vec<&[Candidate]> = order
+        .chunk_by(|a, b| (a.priority, a.uses, a.bytes) == (b.priority, b.uses, b.bytes))
         .collect();
-    by_size.sort_unstable_by_key(|&(bytes, at, id)| (std::cmp::Reverse(bytes), at, id));
-    let groups: Vec<&[(usize, usize, ParamId)]> = by_size.chunk_by(|a, b| a.0 == b.0).collect();
+    // The largest parameter of the groups after each: the room if those all stream.
+    let mut after = vec![0usize; groups.len() + 1];
+    for i in (0..groups.len()).rev() {
+        after[i] = after[i + 1].max(groups[i][0].bytes);
+    }
     let mut fixed = Vec::new();
     let mut kept = 0usize;
-    // Set once a group is left partly streamed: its size is then the room's unit.
+    // Set once a group is left partly streamed: room for the largest still streamed.
     let mut room: Option<usize> = None;
     for (i, g) in groups.iter().enumerate() {
-        let size = g[0].0;
-        if size == 0 {
-            continue;
-        }
+        let size = g[0].bytes;
         let whole = kept.saturating_add(size.saturating_mul(g.len()));
-        let room_after =
-            room.unwrap_or_else(|| spare.saturating_mul(groups.get(i + 1).map_or(0, |n| n[0].0)));
-        if room.is_none() && whole.saturating_add(room_after) <= avail {
-            fixed.extend(g.iter().map(|m| m.2));
+        if room.is_none() && whole.saturating_add(spare.saturating_mul(after[i + 1])) <= avail {
+            fixed.extend(g.iter().map(|m| m.id));
             kept = whole;
             continue;
         }
-        let r = *room.get_or_insert(spare.saturating_mul(size));
+        let r = *room.get_or_insert(spare.saturating_mul(after[i]));
         let fit = (avail.saturating_sub(kept).saturating_sub(r) / size).min(g.len());
         // `fit` of `g.len()`, evenly spaced: the middle of each of `fit` equal stretches.
         for j in 0..fit {
-            fixed.push(g[(2 * j + 1) * g.len() / (2 * fit)].2);
+            fixed.push(g[(2 * j + 1) * g.len() / (2 * fit)].id);
         }
         kept += fit * size;
     }
@@ -315,8 +332,15 @@ mod tests {
 
     #[test]
     fn the_fixed_set_fills_the_budget_less_the_room_largest_first() {
+        let c = |id: ParamId, bytes: usize, at: usize| Candidate {
+            id,
+            bytes,
+            at,
+            uses: 1,
+            priority: 0,
+        };
         // Equal layers: all but `spare` of what fits, spread along the pass.
-        let eq: Vec<(ParamId, usize, usize)> = (0..16).map(|i| (i, 10, i as usize)).collect();
+        let eq: Vec<Candidate> = (0..16).map(|i| c(i, 10, i as usize)).collect();
         let f = fixed_set(&eq, 80, 1);
         assert_eq!(f.len(), 7);
         let f2 = fixed_set(&eq, 80, 2);
@@ -324,8 +348,8 @@ mod tests {
         // Everything fits: nothing is streamed, no room is needed.
         assert_eq!(fixed_set(&eq, 160, 1).len(), 16);
         // Mixed: the two large ones stay and the room is sized for the small ones.
-        let mut mixed = vec![(100, 50, 0), (101, 50, 20)];
-        mixed.extend((0..20).map(|i| (i, 5, i as usize + 1)));
+        let mut mixed = vec![c(100, 50, 0), c(101, 50, 20)];
+        mixed.extend((0..20).map(|i| c(i, 5, i as usize + 1)));
         let f = fixed_set(&mixed, 150, 2);
         assert!(f.contains(&100) && f.contains(&101), "{f:?}");
         let kept: usize = f.iter().map(|id| if *id >= 100 { 50 } else { 5 }).sum();
@@ -333,6 +357,21 @@ mod tests {
         // Nothing fits beside the room: nothing is fixed.
         assert!(fixed_set(&eq, 15, 1).is_empty());
         assert!(fixed_set(&[], 100, 1).is_empty());
+        // A layer used twice per pass stays before larger ones used once; so does a
+        // higher priority, before either; and the room covers the largest streamed.
+        let mut tied = eq.clone();
+        tied[5].uses = 2;
+        assert_eq!(fixed_set(&tied, 20, 1), vec![5]);
+        let mut prio = mixed.clone();
+        prio[3].priority = 1;
+        let f = fixed_set(&prio, 60, 1);
+        assert_eq!(f[0], 1, "{f:?}");
+        assert!(
+            !f.contains(&100) || !f.contains(&101),
+            "room for a 50 stays: {f:?}"
+        );
+        let kept: usize = f.iter().map(|id| if *id >= 100 { 50 } else { 5 }).sum();
+        assert!(kept + 50 <= 60, "{f:?}");
     }
 
     #[test]

@@ -93,7 +93,7 @@ use crate::pool::{
     StagingRing,
 };
 use crate::stream::{Event, Stream};
-use crate::tier::plan::{fixed_set, zombie_done, Plan, Step, Traits};
+use crate::tier::plan::{fixed_set, zombie_done, Candidate, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
 
@@ -125,15 +125,18 @@ pub enum Planner {
     /// docs). What stays rotates from pass to pass, so runs of hits come together.
     #[default]
     Belady,
-    /// A fixed resident set chosen once from the sizes: the largest parameters first,
-    /// as many as fit beside room for `spare_slots` of the largest parameter *left
-    /// out*, spread evenly along the pass where only some of one size fit; everything
-    /// else is loaded before each use and freed after it. For layers of one size it
-    /// moves the same bytes as `Belady`. With mixed sizes it moves fewer (the room is
-    /// sized for the streamed parameters, not for the largest of all, which usually
-    /// stays); and with `spare_slots` ≥ 2 streamed loads overlap the kept layers'
-    /// kernels, so a pass reaches max(copy, compute) when kernels take about as long as
-    /// copies, where `Belady` leaves the copy engine idle through its runs of hits.
+    /// A fixed resident set chosen once, when the plan is built: the highest priority
+    /// first, then the parameters used most often per pass, then the largest, as many
+    /// as fit beside room for `spare_slots` of the largest parameter *left out*
+    /// (spread evenly along the pass where only some of a kind fit); everything else
+    /// is loaded before each use and freed after it. For a loop of distinct layers of
+    /// one size it moves no more than `Belady` (MIN(C-1)), at times less. With mixed
+    /// sizes it usually moves less (the room is sized for the streamed parameters, not for the
+    /// largest of all, which usually stays), and with `spare_slots` ≥ 2 streamed loads
+    /// overlap the kept layers' kernels, so a pass reaches max(copy, compute) when
+    /// kernels take about as long as copies, where `Belady` leaves the copy engine idle
+    /// through its runs of hits. A runtime that holds several streamed parameters at
+    /// once (a module's weight and bias) needs as many spare slots.
     Static,
 }
 
@@ -1060,18 +1063,17 @@ fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<ParamId> {
             cands.retain(|c| *c != last);
         }
     }
-    // The static plan's fixed set goes last: giving one up costs a load every pass.
-    if cands
-        .iter()
-        .any(|c| !st.fixed.get(*c as usize).copied().unwrap_or(false))
-    {
-        cands.retain(|c| !st.fixed.get(*c as usize).copied().unwrap_or(false));
-    }
     let lowest = cands
         .iter()
         .map(|c| st.params[*c as usize].priority)
         .min()?;
     cands.retain(|c| st.params[*c as usize].priority == lowest);
+    // Within a priority, the static plan's fixed set goes last: giving one up costs a
+    // load every pass.
+    let fixed = |c: &ParamId| st.fixed.get(*c as usize).copied().unwrap_or(false);
+    if cands.iter().any(|c| !fixed(c)) {
+        cands.retain(|c| !fixed(c));
+    }
     st.ev.victim(cands)
 }
 
@@ -1214,18 +1216,10 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
                 Planner::Belady => res
                     .device_budget
                     .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots)),
-                Planner::Static => {
-                    // The logical cache is the fixed set and what the caller keeps:
-                    // every other load evicts the streamed ones before it (zombies,
-                    // freed once done and when their room is needed).
-                    choose_fixed(res, st, &seq);
-                    st.params
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, p)| p.keep || st.fixed[*i])
-                        .map(|(_, p)| device_bytes(p.size))
-                        .sum()
-                }
+                // The logical cache is the fixed set and what the caller keeps: every
+                // other load evicts the streamed ones before it (zombies, freed once
+                // done and when their room is needed).
+                Planner::Static => choose_fixed(res, st, &seq),
             };
             let resident: Vec<(ParamId, Traits)> = st
                 .params
@@ -1295,25 +1289,35 @@ fn traits(st: &State, id: ParamId) -> Traits {
 
 /// The static planner's fixed set ([`crate::tier::plan::fixed_set`]) for `seq`, into
 /// `st.fixed`: from the parameters the sequence uses and the caller does not keep, in
-/// the budget less what the caller keeps.
-fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) {
-    let mut first: rustc_hash::FxHashMap<ParamId, usize> = Default::default();
+/// the budget less what the caller keeps (on the device now or used by the sequence).
+/// Returns the logical cache's capacity: those kept bytes and the fixed set's.
+fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
+    let mut seen: rustc_hash::FxHashMap<ParamId, (usize, usize)> = Default::default();
     for (at, id) in seq.order().iter().enumerate() {
         if (*id as usize) < st.params.len() {
-            first.entry(*id).or_insert(at);
+            seen.entry(*id).or_insert((at, 0)).1 += 1;
         }
     }
-    let kept: usize = st
-        .params
-        .iter()
-        .enumerate()
-        .filter(|(i, p)| p.keep && (p.dev.is_some() || first.contains_key(&(*i as ParamId))))
-        .map(|(_, p)| device_bytes(p.size))
-        .sum();
-    let cands: Vec<(ParamId, usize, usize)> = first
+    // One definition of what the caller's keeps take, for the set and for the capacity.
+    let kept_bytes = |st: &State, i: usize| -> usize {
+        let p = &st.params[i];
+        if p.keep && (p.dev.is_some() || seen.contains_key(&(i as ParamId))) {
+            device_bytes(p.size)
+        } else {
+            0
+        }
+    };
+    let kept: usize = (0..st.params.len()).map(|i| kept_bytes(st, i)).sum();
+    let cands: Vec<Candidate> = seen
         .iter()
         .filter(|(id, _)| !st.params[**id as usize].keep)
-        .map(|(id, at)| (*id, device_bytes(st.params[*id as usize].size), *at))
+        .map(|(id, (at, uses))| Candidate {
+            id: *id,
+            bytes: device_bytes(st.params[*id as usize].size),
+            at: *at,
+            uses: *uses,
+            priority: st.params[*id as usize].priority,
+        })
         .collect();
     let fixed = fixed_set(
         &cands,
@@ -1322,10 +1326,13 @@ fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) {
     );
     st.fixed.clear();
     st.fixed.resize(st.params.len(), false);
+    let mut cap = kept;
     for id in &fixed {
         st.fixed[*id as usize] = true;
+        cap += device_bytes(st.params[*id as usize].size);
     }
-    tracing::debug!(target: "hetmem", fixed = fixed.len(), of = cands.len(), "static plan");
+    tracing::debug!(target: "hetmem", fixed = fixed.len(), of = cands.len(), cap, "static plan");
+    cap
 }
 
 /// Frees zombies for the load of `id` at step `m` and queues it, or returns false when
