@@ -387,6 +387,33 @@ fn errors_are_clear() {
     let mgr = sim();
     let store = TierStore::new(&mgr, TierConfig::new(2 * MIB, 32 * MIB)).unwrap();
     let s = mgr.create_stream(0).unwrap();
+    // A stream the store cannot use is refused before anything is loaded or counted.
+    {
+        store.register("w", vec![1u8; 4096].into()).unwrap();
+        let other = sim();
+        let foreign = other.create_stream(0).unwrap();
+        assert!(matches!(
+            store.acquire(0, &foreign).unwrap_err(),
+            Error::ForeignHandle { .. }
+        ));
+        let two = Manager::builder()
+            .backend(BackendKind::Sim)
+            .sim_config(SimConfig::with_devices(2, 1 << 30))
+            .build()
+            .unwrap();
+        let on_one = TierStore::new(&two, TierConfig::new(2 * MIB, 32 * MIB)).unwrap();
+        on_one.register("w", vec![1u8; 4096].into()).unwrap();
+        let wrong = two.create_stream(1).unwrap();
+        assert!(matches!(
+            on_one.acquire(0, &wrong).unwrap_err(),
+            Error::InvalidArgument(_)
+        ));
+        for st in [store.stats(), on_one.stats()] {
+            assert_eq!((st.loads, st.misses, st.hits), (0, 0, 0), "{st:?}");
+        }
+        assert_eq!(store.residency(0).unwrap(), Residency::Cold);
+    }
+    let store = TierStore::new(&mgr, TierConfig::new(2 * MIB, 32 * MIB)).unwrap();
     assert!(matches!(
         store.acquire(0, &s).unwrap_err(),
         Error::InvalidArgument(_)

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use super::{
     c_str, device_arg, guard, guard_with, json_array, json_object, json_str, lock, lookup, out_ptr,
     register, unregister, write_c_text, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    HETMEM_ERR_OUT_OF_MEMORY,
 };
 use crate::backend::{check_device, BackendKind};
 use crate::manager::{Buffer, Manager};
@@ -134,7 +135,14 @@ impl FfiManager {
                 s.synchronize()?;
             }
             let mut b = lock(&db);
-            let mut tmp = vec![0u8; n];
+            let mut tmp = Vec::new();
+            if tmp.try_reserve_exact(n).is_err() {
+                return Err(FfiError::new(
+                    HETMEM_ERR_OUT_OF_MEMORY,
+                    format!("no host memory to stage a copy of {n} bytes within one buffer"),
+                ));
+            }
+            tmp.resize(n, 0);
             self.mgr.read(&b, soff, &mut tmp)?;
             self.mgr.write(&mut b, doff, &tmp)?;
             return Ok(());

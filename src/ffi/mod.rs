@@ -163,18 +163,46 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+// Both use `try_with`: a call from a thread's exit (a TLS destructor of the caller's)
+// finds the slot gone, and `with` would panic outside the catch, aborting.
 fn set_last_error(message: &str) {
     let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = c);
 }
 
 fn clear_last_error() {
-    LAST_ERROR.with(|e| {
+    let _ = LAST_ERROR.try_with(|e| {
         let mut e = e.borrow_mut();
         if !e.as_bytes().is_empty() {
             *e = CString::default();
         }
     });
+}
+
+/// A copy of `n` caller bytes at `data` (checked non-null by the caller), refused
+/// before any slice is made when `n` cannot be a real object, and an out-of-memory
+/// error rather than an abort when the copy cannot be allocated.
+///
+/// # Safety
+/// `data` is valid for reads of `n` bytes when `n <= isize::MAX`.
+pub(crate) unsafe fn copy_in<T: Copy>(data: *const T, n: usize, what: &str) -> FfiResult<Vec<T>> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>());
+    if bytes.is_none_or(|b| b > isize::MAX as usize) {
+        return Err(FfiError::new(
+            HETMEM_ERR_INVALID_SIZE,
+            format!("`{what}`: {n} elements is more than any memory holds"),
+        ));
+    }
+    let mut v = Vec::new();
+    if v.try_reserve_exact(n).is_err() {
+        return Err(FfiError::new(
+            HETMEM_ERR_OUT_OF_MEMORY,
+            format!("`{what}`: no host memory for a copy of {n} elements"),
+        ));
+    }
+    // SAFETY: `n` elements fit in isize (checked) and the caller vouches for them.
+    v.extend_from_slice(unsafe { std::slice::from_raw_parts(data, n) });
+    Ok(v)
 }
 
 fn panic_message(p: &(dyn Any + Send)) -> String {

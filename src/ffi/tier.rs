@@ -9,8 +9,9 @@ use std::sync::Mutex;
 
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
 use super::{
-    c_str, device_arg, guard, json_object, lock, lookup, out_ptr, register, unregister, write_out,
-    FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_UNKNOWN_PARAM,
+    c_str, copy_in, device_arg, guard, json_object, lock, lookup, out_ptr, register, unregister,
+    write_out, FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_SIZE,
+    HETMEM_ERR_UNKNOWN_PARAM,
 };
 use crate::tier::policy::ParamId;
 use crate::tier::source::SafetensorsFile;
@@ -282,13 +283,19 @@ pub unsafe extern "C" fn hetmem_store_register(
         let s = lookup::<FfiStore, _>(store, "store")?;
         // SAFETY: the caller's contract.
         let name = unsafe { c_str(name, "name")? };
+        if n == 0 {
+            return Err(FfiError::new(
+                HETMEM_ERR_INVALID_SIZE,
+                "a parameter of zero bytes: nothing to register",
+            ));
+        }
         if data.is_null() {
             return Err(FfiError::null("data"));
         }
         let id = out_ptr(id, "id")?;
         // SAFETY: non-null and valid for `n` bytes of reads by the caller's contract;
         // copied at once.
-        let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), n) }.to_vec();
+        let bytes = unsafe { copy_in(data.cast::<u8>(), n, "data")? };
         let pid = s.store.register(name, bytes.into())?;
         lock(&s.sizes).insert(pid, n);
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -426,7 +433,7 @@ pub unsafe extern "C" fn hetmem_store_set_sequence(
             return Err(FfiError::null("ids"));
         }
         // SAFETY: non-null and valid for `n` reads by the caller's contract; copied.
-        let order = unsafe { std::slice::from_raw_parts(ids, n) }.to_vec();
+        let order = unsafe { copy_in(ids, n, "ids")? };
         for id in &order {
             s.check_id(*id)?;
         }

@@ -645,6 +645,17 @@ impl TierStore {
     ) -> Result<ParamGuard> {
         let sh = &self.shared;
         let res = &sh.res;
+        // Before anything changes: a stream this store cannot order work on.
+        if !stream.belongs_to(res.copy.inner.backend()) {
+            return Err(Error::ForeignHandle { what: "stream" });
+        }
+        if stream.device() != res.device {
+            return Err(Error::InvalidArgument(format!(
+                "a stream of device {} used with the store of device {}",
+                stream.device(),
+                res.device
+            )));
+        }
         let mut st = sh.lock();
         param(&st, id)?;
         note_use(res, &mut st, id);

@@ -533,6 +533,10 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     EXPECT(hetmem_store_register(store, "empty", data[0], 0, &id), HETMEM_ERR_INVALID_SIZE);
     EXPECT(hetmem_store_register(store, NULL, data[0], 16, &id), HETMEM_ERR_NULL_POINTER);
     EXPECT(hetmem_store_register(store, "x", NULL, 16, &id), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_store_register(store, "x", NULL, 0, &id), HETMEM_ERR_INVALID_SIZE);
+    /* Sizes no memory holds are refused before the bytes are touched. */
+    EXPECT(hetmem_store_register(store, "x", data[0], SIZE_MAX, &id), HETMEM_ERR_INVALID_SIZE);
+    EXPECT(hetmem_store_set_sequence(store, seq, SIZE_MAX / 2), HETMEM_ERR_INVALID_SIZE);
     EXPECT(hetmem_store_register(store, "x", data[0], 16, NULL), HETMEM_ERR_NULL_POINTER);
     EXPECT(hetmem_store_register(store, "\xff\xfe", data[0], 16, &id),
            HETMEM_ERR_INVALID_ARGUMENT);
