@@ -65,6 +65,7 @@ fn test_program() -> &'static Path {
             .arg("-L")
             .arg(&lib)
             .arg("-lhetmem")
+            .arg("-pthread")
             .arg(format!("-Wl,-rpath,{}", lib.display()))
             .output()
             .unwrap_or_else(|e| {

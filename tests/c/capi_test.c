@@ -7,6 +7,7 @@
  */
 #include "hetmem.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -660,6 +661,29 @@ static void test_torch(void) {
     EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
 }
 
+/* A call from a thread's exit, after the library's own thread-locals are gone (a
+ * pthread key destructor runs after them): an error code, not an abort. */
+static pthread_key_t exit_key;
+static int exit_rc = 1;
+static void call_at_exit(void* unused) {
+    (void)unused;
+    exit_rc = hetmem_stream_destroy(NULL);
+}
+static void* thread_that_exits(void* unused) {
+    (void)unused;
+    pthread_setspecific(exit_key, (void*)1);
+    (void)hetmem_stream_destroy(NULL); /* sets this thread's last error */
+    return NULL;
+}
+static void test_thread_exit(void) {
+    printf("\n== a call from a thread's exit\n");
+    pthread_key_create(&exit_key, call_at_exit);
+    pthread_t t;
+    pthread_create(&t, NULL, thread_that_exits, NULL);
+    pthread_join(t, NULL);
+    CHECK(exit_rc == HETMEM_ERR_NULL_POINTER, "the exiting thread's call returned %d", exit_rc);
+}
+
 int main(int argc, char** argv) {
     const char* scratch = argc > 1 ? argv[1] : "/tmp";
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -683,6 +707,7 @@ int main(int argc, char** argv) {
     test_stats(mgr, backend);
     test_store(mgr, scratch);
     test_torch();
+    test_thread_exit();
 
     printf("\n== teardown\n");
     void* leftover = NULL;
