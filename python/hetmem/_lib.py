@@ -262,6 +262,84 @@ _lock = threading.Lock()
 _loaded = None  # (path, CDLL)
 
 
+def _int_range(t):
+    bits = 8 * ctypes.sizeof(t)
+    signed = t(-1).value < 0
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+_INT_TYPES = (c_int, c_uint32, c_uint64, c_size_t, c_ssize_t)
+
+
+# Per thread: calls in flight and the message of the last one that failed. A Python
+# finalizer (a Buffer or Guard collected by the garbage collector) that runs between a
+# failing call and the read of its message would call into C and clear the message;
+# so the wrapper reads it at once, and finalizers that run while a call is in flight on
+# their thread queue their C call for later (see `defer`).
+_tls = threading.local()
+_pending = []
+_pending_lock = threading.Lock()
+
+
+def in_call():
+    """Whether a library call is in flight on this thread (a finalizer then defers)."""
+    return getattr(_tls, "busy", 0) > 0
+
+
+def defer(fn):
+    """Runs ``fn`` (a finalizer's C call) before the next library call."""
+    with _pending_lock:
+        _pending.append(fn)
+
+
+def _drain():
+    while True:
+        with _pending_lock:
+            if not _pending:
+                return
+            batch, _pending[:] = _pending[:], []
+        for fn in batch:
+            try:
+                fn()
+            except Exception:
+                pass
+
+
+def failure_message(code):
+    """The message of this thread's last failed call, if it failed with ``code``."""
+    last, _tls.failure = getattr(_tls, "failure", None), None
+    return last[1] if last is not None and last[0] == code else None
+
+
+def _wrapped(name, fn, argtypes, restype, last_error):
+    """``fn``, refusing integer arguments that do not fit their C type (ctypes would
+    silently keep the low bits: parameter 2**32 + 1 would be parameter 1), and keeping
+    the message of a failed status-returning call (see `_tls`)."""
+    checks = [(i, *_int_range(t), t.__name__) for i, t in enumerate(argtypes) if t in _INT_TYPES]
+    status = restype is c_int
+
+    def call(*args):
+        for i, lo, hi, tname in checks:
+            a = args[i] if i < len(args) else None
+            if isinstance(a, int) and not lo <= a <= hi:
+                raise OverflowError(f"{name}: argument {i + 1} ({a}) does not fit a C {tname}")
+        busy = getattr(_tls, "busy", 0)
+        if not busy and _pending:
+            _drain()
+        _tls.busy = busy + 1
+        try:
+            r = fn(*args)
+            if status and r != 0:
+                _tls.failure = (r, (last_error() or b"").decode("utf-8", "replace"))
+        finally:
+            _tls.busy = busy
+        return r
+
+    call.__name__ = name
+    call.raw = fn
+    return call
+
+
 def _declare(lib):
     missing = []
     for name, (restype, argtypes) in PROTOTYPES.items():
@@ -272,6 +350,14 @@ def _declare(lib):
             continue
         fn.restype = restype
         fn.argtypes = argtypes
+    # Reads of static or thread-local strings stay as they are; every other call is
+    # wrapped.
+    plain = {"hetmem_last_error", "hetmem_status_string", "hetmem_version"}
+    last_error = getattr(lib, "hetmem_last_error", None)
+    for name, (restype, argtypes) in PROTOTYPES.items():
+        if name not in plain and name not in missing:
+            fn = getattr(lib, name)
+            setattr(lib, name, _wrapped(name, fn, argtypes, restype, last_error))
     return missing
 
 

@@ -68,7 +68,12 @@ class _Owned:
 
     def __del__(self):
         try:
-            self._dispose()
+            if _lib.in_call():
+                # Collected while a call is in flight on this thread: calling into C
+                # now would clear that call's error message. Later.
+                _lib.defer(self._dispose)
+            else:
+                self._dispose()
         except Exception:
             pass
 
@@ -80,6 +85,8 @@ class HetmemError(Exception):
     def __init__(self, code, message=None):
         self.code = code
         self.name = status_string(code)
+        if message is None:
+            message = _lib.failure_message(code)
         self.message = last_error() if message is None else message
         super().__init__(f"{self.name} ({code}): {self.message}")
 
@@ -379,6 +386,11 @@ class Buffer(_Owned):
             raise HetmemError(
                 _lib.HETMEM_ERR_FOREIGN_POINTER, f"buffer {self.ptr:#x} was freed already"
             )
+        if self.manager.closed:
+            raise HetmemError(
+                _lib.HETMEM_ERR_INVALID_HANDLE,
+                f"buffer {self.ptr:#x}: its manager is closed (which freed it)",
+            )
 
     def free(self):
         """Gives the memory back (after copies still queued on it). A second free raises
@@ -420,11 +432,15 @@ class Buffer(_Owned):
         self.manager.copy(_address(dst) + dst_offset, self.ptr + offset, n, stream)
 
     def host_view(self):
-        """The bytes as a ctypes char array (host, pinned and managed memory only)."""
+        """The bytes as a ctypes char array (host, pinned and managed memory only). The
+        array keeps the buffer alive; it is valid until the buffer is freed
+        explicitly (``free()``, or its manager closed), like any pointer into it."""
         self._live()
         if self.placement == DEVICE:
             raise ValueError("device memory is not addressable by the CPU")
-        return (ctypes.c_char * self.size).from_address(self.ptr)
+        view = (ctypes.c_char * self.size).from_address(self.ptr)
+        view._hetmem_buffer = self
+        return view
 
     def _dispose(self):
         # Once the manager is closed, its buffers are gone with it.

@@ -76,6 +76,7 @@ class TestLibrary(unittest.TestCase):
         lib = _lib.load()
         for name, (restype, argtypes) in _lib.PROTOTYPES.items():
             fn = getattr(lib, name)
+            fn = getattr(fn, "raw", fn)  # under the range-checking wrapper
             self.assertEqual(fn.argtypes, argtypes, name)
             self.assertIs(fn.restype, restype, name)
 
@@ -648,6 +649,77 @@ class TestWithoutTorch(unittest.TestCase):
         self.assertIn("SKIP", out.stdout)
         last = json.loads(out.stdout.strip().splitlines()[-1])
         self.assertTrue(last["skipped"])
+
+
+class TestPythonSafety(ErrorAssertions):
+    """What the ctypes layer must not let through: dangling views, integers that do not
+    fit their C type, finalizers that erase an error message."""
+
+    def setUp(self):
+        self.mgr = hetmem.Manager("sim")
+
+    def tearDown(self):
+        self.mgr.close()
+
+    def test_host_view_keeps_its_buffer_and_refuses_after_close(self):
+        import gc
+
+        view = self.mgr.alloc("host", MIB).host_view()  # the Buffer is a temporary
+        gc.collect()
+        view[0] = b"x"
+        self.assertEqual(view[0], b"x")
+        b = self.mgr.alloc("host", 4096)
+        self.mgr.close()
+        with self.assertRaises(hetmem.HetmemError) as e:
+            b.host_view()
+        self.assertEqual(e.exception.name, "HETMEM_ERR_INVALID_HANDLE")
+
+    def test_integers_that_do_not_fit_are_refused(self):
+        with self.assertRaises(OverflowError):
+            self.mgr.alloc("host", 2**64 + 4096)
+        with self.assertRaises(OverflowError):
+            self.mgr.stream(2**31)
+        store = hetmem.TierStore(self.mgr, 8 * MIB, 64 * MIB)
+        store.register("p0", b"a" * 32)
+        store.register("p1", b"b" * 32)
+        with self.mgr.stream() as s:
+            with self.assertRaises(OverflowError):
+                store.acquire(2**32 + 1, s)
+        with self.assertRaises(OverflowError):
+            store.priority(0, 2**31)
+        store.close()
+
+    def test_collected_buffers_never_erase_an_error_message(self):
+        import gc
+
+        pool = [self.mgr.alloc("host", 4096) for _ in range(400)]
+
+        class Chain:
+            """Garbage that frees one Buffer when collected and leaves another link."""
+
+            def __init__(self):
+                self.me = self
+
+            def __del__(self):
+                if pool:
+                    pool.pop()
+                Chain()
+
+        Chain()
+        old = gc.get_threshold()
+        gc.set_threshold(1)
+        try:
+            messages = set()
+            for _ in range(100):
+                try:
+                    self.mgr.alloc("host", 0)
+                except hetmem.HetmemError as e:
+                    messages.add(e.message)
+        finally:
+            gc.set_threshold(*old)
+            pool.clear()
+        self.assertEqual(len(messages), 1, messages)
+        self.assertIn("zero", messages.pop())
 
 
 if __name__ == "__main__":
