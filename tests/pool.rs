@@ -278,10 +278,11 @@ fn stats_use_pytorch_names() {
         "num_ooms",
         "active_bytes.all.peak",
         "segment.all.current",
-        "inactive_split_bytes.all.current",
     ] {
         assert!(m.contains_key(k), "{k}");
     }
+    // Keys that would not mean what PyTorch's mean are left out.
+    assert!(!m.keys().any(|k| k.starts_with("inactive_split")), "{m:?}");
     drop((small, large));
     let st = p.stats();
     assert_eq!(st.allocated_bytes.all.current, 0);
@@ -559,4 +560,90 @@ fn plain_segments_on_an_asynchronous_runtime() {
     }
     p.trim().unwrap();
     assert_eq!(p.reserved(), 0);
+}
+
+fn sim_of(capacity: usize) -> Manager {
+    Manager::builder()
+        .backend(BackendKind::Sim)
+        .sim_config(SimConfig::with_devices(1, capacity))
+        .build()
+        .unwrap()
+}
+
+/// Making room to grow never waits for kernels: a free page whose stream still has a
+/// kernel queued stays mapped (reserved runs ahead a little) instead of the host
+/// stalling until the kernel ends; and the policy's high-water mark is its own, so
+/// resetting the stats' peak does not make it unmap (and stall) more.
+#[test]
+fn growing_never_waits_for_kernels_nor_follows_reset_peak() {
+    for reset in [false, true] {
+        let m = sim_of(1 << 30);
+        let p = m.device_pool(0, PoolConfig::default()).unwrap();
+        let s = m.create_stream(0).unwrap();
+        let sim = m.sim().unwrap();
+        drop(p.alloc(40 * MIB, &s).unwrap());
+        p.trim().unwrap();
+        let a = p.alloc(8 * MIB, &s).unwrap();
+        let pin = p.alloc(2 * MIB, &s).unwrap();
+        drop(a);
+        if reset {
+            p.reset_peak();
+        }
+        let k = sim
+            .launch_kernel(s.handle(), Duration::from_millis(5))
+            .unwrap();
+        let syncs = p.stats().num_sync_all_streams;
+        let c = p.alloc(10 * MIB, &s).unwrap();
+        assert!(
+            sim.host_time_ns() < k.end_ns,
+            "reset {reset}: the host waited for the kernel ({} >= {})",
+            sim.host_time_ns(),
+            k.end_ns
+        );
+        assert_eq!(p.stats().num_sync_all_streams, syncs);
+        drop((pin, c));
+    }
+    // Once the stream is idle, the same growth gives the free pages back.
+    let m = sim_of(1 << 30);
+    let p = m.device_pool(0, PoolConfig::default()).unwrap();
+    let s = m.create_stream(0).unwrap();
+    let x1 = p.alloc(4 * MIB, &s).unwrap();
+    let x2 = p.alloc(4 * MIB, &s).unwrap();
+    drop(x1);
+    let before = p.stats().num_device_free;
+    let y = p.alloc(6 * MIB, &s).unwrap();
+    assert!(
+        p.stats().num_device_free > before,
+        "idle free pages are reused"
+    );
+    assert!(p.reserved() <= 12 * MIB, "{} MiB", p.reserved() / MIB);
+    drop((x2, y));
+}
+
+/// A driver that refuses a later page of a mapping (another user of the device took
+/// the memory) gets the pool's cache back and a second try, as at the first page.
+#[test]
+fn a_refusal_at_any_page_gives_the_cache_back_and_retries() {
+    let m = sim_of(64 * MIB);
+    let cfg = PoolConfig {
+        release_on_grow: false,
+        ..PoolConfig::default()
+    };
+    let p = m.device_pool(0, cfg).unwrap();
+    let s = m.create_stream(0).unwrap();
+    let a1 = p.alloc(4 * MIB, &s).unwrap();
+    let pin1 = p.alloc(2 * MIB, &s).unwrap();
+    let a2 = p.alloc(4 * MIB, &s).unwrap();
+    let pin2 = p.alloc(2 * MIB, &s).unwrap();
+    drop((a1, a2)); // 8 MiB cached, mapped, in two 4 MiB holes
+    let other = m
+        .alloc(
+            hetmem::Placement::Device(0),
+            64 * MIB - p.reserved() - 2 * MIB,
+        )
+        .unwrap();
+    // 6 MiB fits no hole: three new pages, of which the driver has room for one.
+    let r = p.alloc(6 * MIB, &s).unwrap();
+    assert_eq!(p.stats().num_alloc_retries, 1);
+    drop((r, pin1, pin2, other));
 }

@@ -674,6 +674,11 @@ impl VmmRegion {
         self.page
     }
 
+    /// Pages mapped now.
+    pub(crate) fn mapped_pages(&self) -> usize {
+        self.mapped
+    }
+
     pub(crate) fn is_mapped(&self, page: usize) -> bool {
         self.pages.get(page).is_some_and(Option::is_some)
     }

@@ -182,6 +182,9 @@ struct PoolState {
     streams: FxHashMap<u64, Arc<OwnedStream>>,
     stats: PoolStats,
     reserved: usize,
+    /// The most ever allocated: what `release_on_grow` measures reserved memory
+    /// against (the stats' peak is the user's to reset).
+    alloc_high: usize,
 }
 
 /// Device memory from a [`DevicePool`]; given back to the pool on drop.
@@ -731,8 +734,8 @@ impl Shared {
             // Unmapping costs driver calls, so free pages are given back only when mapping
             // would let reserved memory run more than the slack ahead of the most ever
             // allocated (this block included), and only as many as that takes.
-            let st_alloc = &st.stats.allocated_bytes.all;
-            let alloc_peak = (st_alloc.current as usize + len).max(st_alloc.peak as usize);
+            let now = st.stats.allocated_bytes.all.current as usize;
+            let alloc_peak = (now + len).max(st.alloc_high);
             // `as` saturates, so a huge slack cannot overflow.
             let allowed =
                 ((alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize).saturating_add(page);
@@ -750,7 +753,8 @@ impl Shared {
                 ));
             }
         }
-        for (i, p) in missing.iter().enumerate() {
+        let mut retried = false;
+        for p in &missing {
             let r = match &mut st.segments[seg] {
                 Some(Segment {
                     mem: SegMem::Vmm(r),
@@ -759,7 +763,9 @@ impl Shared {
                 _ => unreachable!("checked above"),
             };
             let mapped = match r.map_page(*p) {
-                Err(Error::OutOfMemory { .. }) if i == 0 => {
+                // Once per call, at whichever page the driver refuses.
+                Err(Error::OutOfMemory { .. }) if !retried => {
+                    retried = true;
                     // The driver is short (other users of the device): give back what we
                     // cache and try once more.
                     st.stats.num_alloc_retries += 1;
@@ -779,7 +785,17 @@ impl Shared {
             st.stats
                 .reserved_bytes
                 .add(st.is_small(seg as u32), page as u64);
-            st.stats.segment.add(st.is_small(seg as u32), 1);
+            // A region is one segment (as an expandable segment is in PyTorch), counted
+            // while it has pages mapped.
+            if let Some(Segment {
+                mem: SegMem::Vmm(r),
+                ..
+            }) = &st.segments[seg]
+            {
+                if r.mapped_pages() == 1 {
+                    st.stats.segment.add(st.is_small(seg as u32), 1);
+                }
+            }
             st.stats.num_device_alloc += 1;
         }
         Ok(())
@@ -858,9 +874,25 @@ impl Shared {
                 _ => false,
             })
             .collect();
+        // Making room for growth does not wait for kernels either: only blocks whose
+        // stream has finished everything queued (an event recorded now has passed) are
+        // given back; the others wait for a trim or the budget. (Work queued on the
+        // stream later never touches a block freed before it.)
+        let mut idle: FxHashMap<u64, bool> = FxHashMap::default();
+        let streams = &st.streams;
+        let mut is_idle = |stream: u64| -> bool {
+            *idle.entry(stream).or_insert_with(|| {
+                streams
+                    .get(&stream)
+                    .is_none_or(|s| s.record().and_then(|e| e.is_done()).unwrap_or(false))
+            })
+        };
         // Candidates: (segment, page or None for a whole segment, owning stream).
         let mut cands: Vec<(usize, Option<usize>, u64)> = Vec::new();
         for &(_, stream, size, addr) in &st.free {
+            if limit != usize::MAX && stream != NO_STREAM && !is_idle(stream) {
+                continue;
+            }
             let b = &st.blocks[&addr];
             let seg = b.seg as usize;
             match &st.segments[seg] {
@@ -895,10 +927,11 @@ impl Shared {
         if cands.is_empty() {
             return Ok(());
         }
-        // Work queued before the blocks were freed may still touch them.
+        // Work queued before the blocks were freed may still touch them (streams found
+        // idle above have none).
         let mut synced: Vec<u64> = Vec::new();
         for &(_, _, stream) in &cands {
-            if stream != NO_STREAM && !synced.contains(&stream) {
+            if stream != NO_STREAM && !synced.contains(&stream) && limit == usize::MAX {
                 if let Some(s) = st.streams.get(&stream) {
                     s.synchronize()?;
                 }
@@ -921,9 +954,12 @@ impl Shared {
                     };
                     let p = r.page_size();
                     r.unmap_page(page)?;
+                    let emptied = r.mapped_pages() == 0;
                     st.reserved -= p;
                     st.stats.reserved_bytes.sub(small, p as u64);
-                    st.stats.segment.sub(small, 1);
+                    if emptied {
+                        st.stats.segment.sub(small, 1);
+                    }
                     st.stats.num_device_free += 1;
                 }
                 None => {
@@ -1035,6 +1071,9 @@ impl PoolState {
     fn count_alloc(&mut self, size: usize, requested: usize) {
         let small = size <= SMALL_SIZE;
         self.stats.allocated_bytes.add(small, size as u64);
+        self.alloc_high = self
+            .alloc_high
+            .max(self.stats.allocated_bytes.all.current as usize);
         self.stats.requested_bytes.add(small, requested as u64);
         self.stats.allocation.add(small, 1);
     }

@@ -115,27 +115,19 @@ impl PoolStats {
 
     /// The stats as PyTorch's `memory_stats()` spells them: `allocated_bytes.all.current`,
     /// `reserved_bytes.large_pool.peak`, `num_alloc_retries`, ... `active_*` equals
-    /// `allocated_*` (a freed block is reusable at once on its stream), and
-    /// `inactive_split_bytes` is what is reserved but not allocated.
+    /// `allocated_*` (a freed block is reusable at once on its stream). `segment` counts
+    /// reserved address ranges with memory mapped (as PyTorch counts an expandable
+    /// segment) or plain segments; `num_device_alloc` / `num_device_free` count pages
+    /// mapped and unmapped there. PyTorch's `inactive_split*` keys are left out: what
+    /// they measure (free blocks a split segment cannot release) has no counterpart in
+    /// pages that are unmapped as soon as they are wholly free.
     pub fn to_map(&self) -> BTreeMap<String, u64> {
         let mut m = BTreeMap::new();
-        let inactive = PoolStat {
-            all: gap(&self.reserved_bytes.all, &self.allocated_bytes.all),
-            small_pool: gap(
-                &self.reserved_bytes.small_pool,
-                &self.allocated_bytes.small_pool,
-            ),
-            large_pool: gap(
-                &self.reserved_bytes.large_pool,
-                &self.allocated_bytes.large_pool,
-            ),
-        };
         for (name, s) in [
             ("allocated_bytes", &self.allocated_bytes),
             ("active_bytes", &self.allocated_bytes),
             ("requested_bytes", &self.requested_bytes),
             ("reserved_bytes", &self.reserved_bytes),
-            ("inactive_split_bytes", &inactive),
             ("allocation", &self.allocation),
             ("active", &self.allocation),
             ("segment", &self.segment),
@@ -157,13 +149,5 @@ impl PoolStats {
         m.insert("num_device_alloc".into(), self.num_device_alloc);
         m.insert("num_device_free".into(), self.num_device_free);
         m
-    }
-}
-
-/// `a - b` now (the peak and totals of a difference are not tracked).
-fn gap(a: &Stat, b: &Stat) -> Stat {
-    Stat {
-        current: a.current.saturating_sub(b.current),
-        ..Stat::default()
     }
 }
