@@ -1712,3 +1712,24 @@ fn fake_is_strict() {
     }
     assert_eq!(f.stat("allocations"), 0);
 }
+
+/// A stream made per request and dropped after it: each request's block is handed to
+/// the next request's stream (after an event), so the old stream owns nothing; the pool
+/// lets go of such streams instead of keeping every one alive (and its driver stream
+/// with it) until a trim.
+#[test]
+fn the_pool_lets_go_of_streams_it_no_longer_needs() {
+    let (f, _g, _b) = setup();
+    let mgr = cuda_manager();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    let base = f.stat("streams");
+    for _ in 0..100 {
+        let s = mgr.create_stream(0).unwrap();
+        drop(pool.alloc(4 * MIB, &s).unwrap());
+    }
+    assert!(
+        f.stat("streams") <= base + 40,
+        "{} driver streams alive after 100 per-request streams (base {base})",
+        f.stat("streams")
+    );
+}

@@ -185,6 +185,8 @@ struct PoolState {
     /// The most ever allocated: what `release_on_grow` measures reserved memory
     /// against (the stats' peak is the user's to reset).
     alloc_high: usize,
+    /// `streams` is pruned when it reaches this many.
+    streams_prune_at: usize,
 }
 
 /// Device memory from a [`DevicePool`]; given back to the pool on drop.
@@ -432,15 +434,7 @@ impl DevicePool {
         st.flush_parked();
         let before = st.reserved;
         sh.release_cached(&mut st, usize::MAX)?;
-        // Streams with nothing cached need not be kept alive any more.
-        // Streams with nothing cached and no live block recorded on them, that is.
-        let in_use: rustc_hash::FxHashSet<u64> = st
-            .blocks
-            .values()
-            .map(|b| b.stream)
-            .chain(st.uses.values().flatten().copied())
-            .collect();
-        st.streams.retain(|k, _| in_use.contains(k));
+        st.forget_unused_streams();
         Ok(before - st.reserved)
     }
 
@@ -551,9 +545,16 @@ impl Shared {
             return Err(self.oom(st, size, e));
         }
         let key = stream.inner.id();
-        st.streams
-            .entry(key)
-            .or_insert_with(|| stream.inner.clone());
+        if !st.streams.contains_key(&key) {
+            // A program that makes a stream per request would otherwise keep every one
+            // alive here; forgetting the unused ones when their number doubles costs a
+            // pass over the blocks now and then.
+            if st.streams.len() >= st.streams_prune_at {
+                st.forget_unused_streams();
+                st.streams_prune_at = (2 * st.streams.len()).max(16);
+            }
+            st.streams.insert(key, stream.inner.clone());
+        }
         let small = rounded <= SMALL_SIZE;
         // A free block that needs no new pages is taken without touching the parked
         // ones, which stay ready for the sizes they were freed at. Only when that fails
@@ -1105,11 +1106,24 @@ impl PoolState {
     }
 
     /// Coalesces every parked block into the free set.
+    /// Drops the streams that own no block and are recorded on none: nothing needs
+    /// ordering after them any more.
+    fn forget_unused_streams(&mut self) {
+        let in_use: rustc_hash::FxHashSet<u64> = self
+            .blocks
+            .values()
+            .map(|b| b.stream)
+            .chain(self.uses.values().flatten().copied())
+            .collect();
+        self.streams.retain(|k, _| in_use.contains(k));
+    }
+
     fn flush_parked(&mut self) {
         if self.n_parked == 0 {
             return;
         }
-        let parked: Vec<u64> = self.parked.values_mut().flat_map(std::mem::take).collect();
+        // Drained, keys and all: one per (stream, size) ever freed would pile up.
+        let parked: Vec<u64> = self.parked.drain().flat_map(|(_, v)| v).collect();
         self.n_parked = 0;
         for addr in parked {
             self.coalesce(addr);
