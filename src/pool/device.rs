@@ -22,7 +22,9 @@
 //!   so new work there follows the old. Handed to another stream, the new stream first
 //!   waits for an event recorded on the old one (no host wait). A block used on more
 //!   streams ([`PoolBlock::record_stream`]) makes its own stream wait for them when
-//!   freed. Pages are unmapped only after the streams that used them are synchronised.
+//!   freed. Pages are unmapped only once the streams that used them are done: found
+//!   idle when making room to grow (busy ones are skipped, so an allocation never waits
+//!   for a kernel), synchronised by `trim` and when the budget or the driver runs out.
 //! - **Hot path.** A freed block is parked on a per-(stream, size) list without
 //!   coalescing; an allocation of that size on that stream takes it back with two hash
 //!   look-ups under one lock. Parked blocks are coalesced before anything slower is
