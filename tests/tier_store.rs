@@ -959,14 +959,14 @@ fn static_run(
 }
 
 /// The static planner keeps `C - spare` equal layers for good: with one spare it moves
-/// no more than MIN(C-1), every pass alike. Then no plan does better than a pass of
-/// `misses × (copy + kernel)` (or the kernels' own time): each hit holds its room for a
-/// whole pass, so all misses share the one remaining layer's room, in turn (load, then
-/// kernel). The static
-/// planner reaches that bound; at kernels about half a copy it is 0.7–0.9 of
-/// max(copy, compute), which is why `loads_overlap_compute` leaves 40 us out. With two
-/// spares the misses alternate between two rooms and the pass reaches max(copy,
-/// compute), for one layer more per pass.
+/// `N - C + 1` layers every pass, the fewest any plan can (at most `C - 1` stay from
+/// pass to pass), and never more than MIN(C-1). A plan that moves that little takes at
+/// least `misses × (copy + kernel)` per pass (or the kernels' own time): each layer kept
+/// holds its room for a whole pass, so all misses share the one room left, in turn
+/// (load, then kernel). The static planner meets that bound; at kernels about half a
+/// copy it is 0.7–0.9 of max(copy, compute), which is why `loads_overlap_compute` leaves
+/// 40 us out. With two spares the misses alternate between two rooms and the pass
+/// reaches max(copy, compute), for one layer more per pass.
 #[test]
 fn static_planner_moves_min_bytes_and_overlaps_with_two_spares() {
     const N: usize = 16;
