@@ -1733,3 +1733,65 @@ fn the_pool_lets_go_of_streams_it_no_longer_needs() {
         f.stat("streams")
     );
 }
+
+/// A copy cut at registration edges whose second piece the driver refuses has queued
+/// its first: the copy is still fenced (a staging slot is not refilled under it), and a
+/// synchronous one still waits for it before returning the error.
+#[test]
+fn a_copy_refused_partway_is_still_fenced() {
+    let (f, _g, b) = setup();
+    let mgr = cuda_manager();
+    // 4 MiB slots registered in two 2 MiB pieces: a slot's copy is two cuMemcpyAsync.
+    let cfg = HostPoolConfig {
+        threads: 2,
+        parallel_threshold: 4 * MIB,
+        min_register_chunk: 2 * MIB,
+        ..HostPoolConfig::default()
+    };
+    let host = mgr.host_pool(cfg).unwrap();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    let stream = mgr.create_stream(0).unwrap();
+    let mut ring =
+        hetmem::pool::StagingRing::new(&host, &NumaPolicy::Default, 2, 4 * MIB, 1).unwrap();
+    let dst: Vec<_> = (0..3)
+        .map(|_| pool.alloc(4 * MIB, &stream).unwrap())
+        .collect();
+    f.fail_after("cuMemcpyAsync", code::UNKNOWN, 1, 1);
+    let err = ring.upload(&vec![0xAA; 4 * MIB], &dst[0], 0, &stream);
+    assert!(err.is_err(), "the second piece was refused");
+    ring.upload(&vec![0xBB; 4 * MIB], &dst[1], 0, &stream)
+        .unwrap(); // slot 1
+    ring.upload(&vec![0xCC; 4 * MIB], &dst[2], 0, &stream)
+        .unwrap(); // slot 0 again: only once A's first piece is done
+    stream.synchronize().unwrap();
+    let mut first = [0u8; 16];
+    dst[0].read(0, &mut first).unwrap();
+    assert_eq!(
+        first, [0xAA; 16],
+        "slot 0 was refilled under A's queued piece"
+    );
+
+    // Synchronous: the error comes back only after the queued piece is done.
+    let d: &dyn Backend = &b;
+    let mut buf = vec![7u8; 2 * MIB];
+    let base = buf.as_mut_ptr();
+    // SAFETY: `buf` outlives its two registrations (undone below).
+    unsafe {
+        d.register_host(NonNull::new(base).unwrap(), MIB).unwrap();
+        d.register_host(NonNull::new(base.add(MIB)).unwrap(), MIB)
+            .unwrap();
+        let dp = d.alloc_device(0, 2 * MIB).unwrap();
+        let src = MemRef::Host {
+            ptr: NonNull::new(base).unwrap(),
+            kind: HostKind::Pinned,
+        };
+        f.fail_after("cuMemcpyAsync", code::UNKNOWN, 1, 1);
+        assert!(d.copy(dev(0, dp), src, 2 * MIB, None).is_err());
+        assert_eq!(f.stat("queued_ops"), 0, "nothing of it left queued");
+        d.free_device(0, dp, 2 * MIB).unwrap();
+        d.unregister_host(NonNull::new(base).unwrap(), MIB).unwrap();
+        d.unregister_host(NonNull::new(base.add(MIB)).unwrap(), MIB)
+            .unwrap();
+    }
+    drop(buf);
+}

@@ -84,21 +84,31 @@ static long long env_ll(const char *name, long long dflt) {
 /* ------------------------------------------------------------ failure injection */
 
 static char g_fail_call[64];
-static int g_fail_code, g_fail_times;
+static int g_fail_code, g_fail_times, g_fail_skip;
 
-/* The fail-next test hook: the next `times` calls of `call` (its exported name) return
- * `code` and do nothing. */
-static void fail_next(const char *call, int code, int times) {
+/* The fail-after test hook: after `skip` calls of `call` (its exported name) that run
+ * as usual, the next `times` return `code` and do nothing. */
+static void fail_after(const char *call, int code, int times, int skip) {
     pthread_mutex_lock(&g_lock);
     snprintf(g_fail_call, sizeof g_fail_call, "%s", call ? call : "");
     g_fail_code = code;
     g_fail_times = times;
+    g_fail_skip = skip;
     pthread_mutex_unlock(&g_lock);
+}
+
+/* The fail-next test hook: the next `times` calls of `call` fail. */
+static void fail_next(const char *call, int code, int times) {
+    fail_after(call, code, times, 0);
 }
 
 /* Nonzero (the code) when the test asked this call to fail. Under g_lock. */
 static int injected_failure(const char *call) {
     if (g_fail_times > 0 && strcmp(call, g_fail_call) == 0) {
+        if (g_fail_skip > 0) {
+            g_fail_skip--;
+            return 0;
+        }
         g_fail_times--;
         return g_fail_code;
     }

@@ -439,3 +439,28 @@ fn host_backend_pins_with_mlock() {
     assert!(during >= before + 256, "VmLck {before} -> {during} kB");
     assert!(after + 256 <= during, "VmLck {during} -> {after} kB");
 }
+
+/// The policy asked for is the one the kernel holds for the region's pages (read back
+/// with get_mempolicy(MPOL_F_ADDR), not trusted). Where every page is on node 0 anyway
+/// (a one-node machine), this is what shows that the region was bound at all.
+#[test]
+fn regions_carry_the_policy_they_were_asked_for() {
+    use hetmem_sys::numa::{self, FixedNodeMask};
+    for (policy, mode) in [
+        (NumaPolicy::Bind(0), numa::MPOL_BIND),
+        (NumaPolicy::Preferred(0), numa::MPOL_PREFERRED),
+        (NumaPolicy::Interleave(vec![0]), numa::MPOL_INTERLEAVE),
+    ] {
+        let region = HostRegion::alloc(4 << 20, &policy).unwrap();
+        for off in [0, (4 << 20) - 1] {
+            // SAFETY: `off` lies inside the region.
+            let at = unsafe { region.ptr().as_ptr().add(off) };
+            let (got, mask) = numa::policy_of_address(at.cast()).unwrap();
+            assert_eq!(got, mode, "{policy:?} at {off}");
+            assert_eq!(mask, FixedNodeMask::single(0).unwrap(), "{policy:?}");
+        }
+    }
+    let plain = HostRegion::alloc(1 << 20, &NumaPolicy::Default).unwrap();
+    let (mode, _) = numa::policy_of_address(plain.ptr().as_ptr().cast()).unwrap();
+    assert_eq!(mode, numa::MPOL_DEFAULT);
+}

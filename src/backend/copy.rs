@@ -74,7 +74,7 @@ impl Fences {
         self.leak.load(Ordering::Acquire)
     }
 
-    fn mark_leak(&self) {
+    pub(crate) fn mark_leak(&self) {
         self.leak.store(true, Ordering::Release);
     }
 }
@@ -153,19 +153,21 @@ pub(crate) fn copy(
     // SAFETY: as above for the ranges; the fence recorded below makes both owners wait
     // for this copy before they free or unmap the memory, and if it cannot be recorded
     // the stream is synchronised or both owners leak, so the memory outlives the copy.
-    unsafe { backend.copy(d, s, len, Some(st.handle()))? };
+    let queued = unsafe { backend.copy(d, s, len, Some(st.handle())) };
+    // Fenced even when the copy failed: a copy cut into pieces (at registration edges)
+    // may have queued some before one was refused, and they still use the memory.
     match fence.record_on(st) {
         Ok(()) => {
             dst.fences().add(st.id(), &fence);
             src.fences().add(st.id(), &fence);
-            Ok(())
+            queued
         }
         Err(e) => {
             if st.synchronize().is_err() {
                 dst.fences().mark_leak();
                 src.fences().mark_leak();
             }
-            Err(e)
+            queued.and(Err(e))
         }
     }
 }

@@ -1323,7 +1323,7 @@ impl Backend for CudaBackend {
             }
         };
         let _ctx = self.bind(device)?;
-        match (dst_dev, src_dev) {
+        let queued = match (dst_dev, src_dev) {
             (Some(dd), Some(sd)) if dd != sd => {
                 // SAFETY: the caller guarantees both ranges are valid device memory of
                 // these devices for `len` bytes until the copy is done, and the stream
@@ -1337,7 +1337,7 @@ impl Backend for CudaBackend {
                         len,
                         cu_stream,
                     )
-                })?
+                })
             }
             _ => {
                 // A host side may span several of our registrations: one copy each.
@@ -1359,16 +1359,20 @@ impl Backend for CudaBackend {
                             drv::cuMemcpyAsync(dst_addr + off, src_addr + off, n, cu_stream)
                         })
                     },
-                )?
+                )
             }
-        }
+        };
         if stream.is_none() {
+            // Also when a later piece failed: the earlier ones are queued and must be
+            // done before the caller's memory is let go.
             // SAFETY: the internal copy stream lives as long as `self`.
-            check("cuStreamSynchronize", unsafe {
+            let done = check("cuStreamSynchronize", unsafe {
                 drv::cuStreamSynchronize(cu_stream)
-            })?;
+            });
+            queued?;
+            return done;
         }
-        Ok(())
+        queued
     }
 
     /// # Safety

@@ -320,14 +320,28 @@ impl OwnedMemory {
             }
         };
         let threads = threads.clamp(1, pieces.len());
-        if threads == 1 {
-            work();
-        } else {
+        // The calling thread works too, so a thread that cannot be spawned (a thread or
+        // pids limit) only means fewer helpers; and a panic anywhere in here is caught,
+        // so the pieces already registered are rolled back below instead of the region
+        // being unmapped under the driver's registrations while unwinding.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(work);
+                for _ in 1..threads {
+                    if std::thread::Builder::new().spawn_scoped(s, work).is_err() {
+                        break;
+                    }
                 }
-            });
+                work();
+            })
+        }));
+        if ran.is_err() {
+            stop.store(true, Ordering::Relaxed);
+            failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(Error::InvalidArgument(
+                    "a panic while registering host memory in pieces".into(),
+                ));
         }
         let failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(err) = failure else {

@@ -150,6 +150,10 @@ pub struct HostTierStats {
     pub registrations: u64,
     /// Allocations that failed with `OutOfMemory`.
     pub num_ooms: u64,
+    /// Bytes never to be used again: blocks a copy may still use that could not be
+    /// fenced (rare; a driver failure). Still held: `held_bytes` is live, cached and
+    /// these, and they count against the budget.
+    pub leaked_bytes: u64,
 }
 
 /// Everything a [`HostPool`] counts.
@@ -179,12 +183,14 @@ struct TierState {
     /// Bytes of regions being created now (outside the lock), already counted against
     /// the budget.
     pending: usize,
+    /// Bytes of blocks that can never be used again (see `HostTierStats::leaked_bytes`).
+    leaked: usize,
     stats: HostTierStats,
 }
 
 impl TierState {
     fn held(&self) -> usize {
-        self.live + self.cached + self.pending
+        self.live + self.cached + self.pending + self.leaked
     }
 }
 
@@ -412,7 +418,7 @@ impl HostPool {
             if let Some(budget) = budget {
                 let held = t.held();
                 if held.saturating_add(class) > budget {
-                    let without_cache = t.live + t.pending;
+                    let without_cache = t.live + t.pending + t.leaked;
                     if without_cache.saturating_add(class) <= budget {
                         let want = held + class - budget;
                         evicted.extend(st.evict(pinned, want));
@@ -600,10 +606,13 @@ impl Shared {
         let pinned = key.0;
         let t = st.tier(pinned);
         if mem.must_leak() {
-            // A copy may still use it: never hand it out again (its drop leaks it).
+            // A copy may still use it: never hand it out again (its drop leaks it). It
+            // stays held, against the budget.
             t.live -= class;
+            t.leaked += class;
             t.stats.live_bytes.sub(class as u64);
             t.stats.live_blocks.sub(1);
+            t.stats.leaked_bytes += class as u64;
             drop(st);
             drop(mem);
             return;
@@ -813,6 +822,44 @@ unsafe impl Allocator for PinnedAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A block a copy may still use (its fence could not be left) is never handed out
+    /// again and stays counted: in `held_bytes`, in `leaked_bytes`, against the budget.
+    #[test]
+    fn leaked_blocks_stay_held_and_counted() {
+        use crate::backend::copy::CopyEnd;
+        use crate::{BackendKind, Manager};
+        let mgr = Manager::builder()
+            .backend(BackendKind::Sim)
+            .build()
+            .unwrap();
+        let class = 64 << 10;
+        let pool = mgr
+            .host_pool(HostPoolConfig {
+                pinned_budget: Some(2 * class),
+                ..HostPoolConfig::default()
+            })
+            .unwrap();
+        let placement = Placement::Pinned(NumaPolicy::Default);
+        let b = pool.alloc(&placement, class).unwrap();
+        b.mem().fences().mark_leak();
+        drop(b);
+        let st = pool.stats().pinned;
+        assert_eq!(st.leaked_bytes, class as u64);
+        assert_eq!(st.live_bytes.current, 0);
+        assert_eq!(st.cached_bytes.current, 0, "not cached for reuse");
+        assert_eq!(
+            st.held_bytes.current,
+            st.live_bytes.current + st.cached_bytes.current + st.leaked_bytes
+        );
+        // The budget has room for one more block of that class, not two.
+        let one = pool.alloc(&placement, class).unwrap();
+        assert!(matches!(
+            pool.alloc(&placement, class),
+            Err(Error::OutOfMemory { .. })
+        ));
+        drop(one);
+    }
 
     #[test]
     fn size_classes() {

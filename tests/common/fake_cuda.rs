@@ -102,6 +102,7 @@ unsafe impl Sync for FakeCuda {}
 
 type ConfigureFn = unsafe extern "C" fn(c_int, u64, c_int, c_int) -> c_int;
 type FailNextFn = unsafe extern "C" fn(*const c_char, c_int, c_int);
+type FailAfterFn = unsafe extern "C" fn(*const c_char, c_int, c_int, c_int);
 type StatFn = unsafe extern "C" fn(*const c_char) -> i64;
 
 impl FakeCuda {
@@ -204,6 +205,14 @@ impl FakeCuda {
         let call = CString::new(call).expect("call name without NUL");
         // SAFETY: a valid C string (copied by the fake) and plain values.
         unsafe { f(call.as_ptr(), code, times) }
+    }
+
+    /// Makes `call` run as usual `skip` times, then fail `times` times with `code`.
+    pub fn fail_after(&self, call: &str, code: i32, times: i32, skip: i32) {
+        let f: FailAfterFn = self.sym(c"fakeCudaFailAfter");
+        let call = CString::new(call).expect("call name without NUL");
+        // SAFETY: a valid C string (copied by the fake) and plain values.
+        unsafe { f(call.as_ptr(), code, times, skip) }
     }
 
     /// A counter of the fake (see `fakeCudaStat` in fake_cuda.c); panics on unknown

@@ -969,6 +969,12 @@ EXPORT void fakeCudaFailNext(const char *call, int code, int times) {
     fail_next(call, code, times);
 }
 
+/* The same after `skip` calls of `call` that run as usual (the second piece of a copy
+ * cut in two, say). */
+EXPORT void fakeCudaFailAfter(const char *call, int code, int times, int skip) {
+    fail_after(call, code, times, skip);
+}
+
 /* Counters by name; -1 for an unknown name (and "last_*" before the first such call).
  *   allocations / managed_allocations / host_allocations: live cuMemAlloc /
  *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
