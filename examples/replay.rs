@@ -297,6 +297,11 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 fn main() {
     let args = parse_args();
+    // HETMEM_LOG=debug (an EnvFilter) shows the library's tracing on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HETMEM_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
     let (name, ops) = match (&args.trace, &args.synthetic) {
         (Some(path), _) => (
             path.clone(),

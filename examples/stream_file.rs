@@ -18,6 +18,11 @@ use hetmem::{Manager, NumaPolicy, Placement};
 use serde_json::json;
 
 fn main() {
+    // HETMEM_LOG=debug (an EnvFilter) shows the library's tracing on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HETMEM_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut args = std::env::args().skip(1);
     let (mut gib, mut file, mut json_out, mut slot_mib, mut slots, mut threads) =
         (2.0f64, None::<String>, false, 16usize, 4usize, 4usize);

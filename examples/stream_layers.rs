@@ -235,6 +235,11 @@ fn synthetic(shape: Shape, layers: usize, layer_bytes: usize) -> Vec<(String, us
 
 fn main() {
     let args = parse();
+    // HETMEM_LOG=debug (an EnvFilter) shows the library's tracing on stderr.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("HETMEM_LOG"))
+        .with_writer(std::io::stderr)
+        .try_init();
     let mut b = Manager::builder();
     if let Some(k) = args.backend {
         b = b.backend(k);
