@@ -727,6 +727,34 @@ fn the_plan_copes_with_unknown_ids_outsiders_and_detours() {
     }
 }
 
+/// `passes` passes of `order` over 7 parameters of 64 KiB with room for `capacity`,
+/// checksums on: the layers loaded for each pass, and the stats after.
+fn seven_layers(
+    order: &[ParamId],
+    capacity: usize,
+    planner: Planner,
+    passes: usize,
+) -> (Vec<usize>, hetmem::tier::TierStats) {
+    const SIZE: usize = 64 << 10;
+    let mgr = sim();
+    let mut cfg = TierConfig::new(capacity * SIZE, 16 * MIB + 7 * SIZE);
+    cfg.sequence = SequenceHint::Given(order.to_vec());
+    cfg.planner = planner;
+    cfg.checksums = true;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    for i in 0..7 {
+        store
+            .register(&format!("p{i}"), layer_bytes(i, SIZE).into())
+            .unwrap();
+    }
+    let compute = mgr.create_stream(0).unwrap();
+    let per_pass = (0..passes)
+        .map(|_| pass_of(&mgr, &store, &compute, Duration::from_micros(5), order) as usize / SIZE)
+        .collect();
+    compute.synchronize().unwrap();
+    (per_pass, store.stats())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -741,21 +769,8 @@ proptest! {
         order in proptest::collection::vec(0u32..7, 3..14),
         capacity in 2usize..6,
     ) {
-        const SIZE: usize = 64 << 10;
         const PASSES: usize = 6;
-        let mgr = sim();
-        let mut cfg = TierConfig::new(capacity * SIZE, 16 * MIB + 7 * SIZE);
-        cfg.sequence = SequenceHint::Given(order.clone());
-        let store = TierStore::new(&mgr, cfg).unwrap();
-        for i in 0..7 {
-            store.register(&format!("p{i}"), layer_bytes(i, SIZE).into()).unwrap();
-        }
-        let compute = mgr.create_stream(0).unwrap();
-        let per_pass: Vec<usize> = (0..PASSES)
-            .map(|_| {
-                pass_of(&mgr, &store, &compute, Duration::from_micros(5), &order) as usize / SIZE
-            })
-            .collect();
+        let (per_pass, _) = seven_layers(&order, capacity, Planner::Belady, PASSES);
         let min_c1 = hetmem::tier::policy::min_misses_each_pass(&order, capacity - 1, PASSES);
         let min_c = hetmem::tier::policy::min_misses_each_pass(&order, capacity, PASSES);
         let total = |v: &[usize]| v.iter().sum::<usize>();
@@ -785,30 +800,14 @@ proptest! {
         order in proptest::collection::vec(0u32..7, 3..14),
         capacity in 2usize..6,
     ) {
-        const SIZE: usize = 64 << 10;
         const PASSES: usize = 5;
-        let mgr = sim();
-        let mut cfg = TierConfig::new(capacity * SIZE, 16 * MIB + 7 * SIZE);
-        cfg.sequence = SequenceHint::Given(order.clone());
-        cfg.planner = Planner::Static;
-        cfg.checksums = true;
-        let store = TierStore::new(&mgr, cfg).unwrap();
-        for i in 0..7 {
-            store.register(&format!("p{i}"), layer_bytes(i, SIZE).into()).unwrap();
-        }
-        let compute = mgr.create_stream(0).unwrap();
-        let per_pass: Vec<usize> = (0..PASSES)
-            .map(|_| {
-                pass_of(&mgr, &store, &compute, Duration::from_micros(5), &order) as usize / SIZE
-            })
-            .collect();
+        let (per_pass, st) = seven_layers(&order, capacity, Planner::Static, PASSES);
         let min_c = hetmem::tier::policy::min_misses_each_pass(&order, capacity, PASSES);
         prop_assert!(
             min_c.iter().sum::<usize>() <= per_pass.iter().sum::<usize>(),
             "order {:?}, capacity {}: store {:?}, MIN(C) {:?}", order, capacity, per_pass, min_c
         );
-        let st = store.stats();
-        prop_assert!(st.device_peak_bytes <= capacity * SIZE, "{:?}", st);
+        prop_assert!(st.device_peak_bytes <= capacity * (64 << 10), "{:?}", st);
         prop_assert_eq!(st.checksum_mismatches, 0);
         prop_assert_eq!(st.unplanned_evictions, 0);
         let mut distinct = order.clone();
