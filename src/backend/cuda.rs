@@ -147,10 +147,10 @@ macro_rules! driver_calls {
                     type F = unsafe extern "C" fn($($ty),*) -> u32;
                     static FN: std::sync::OnceLock<Option<F>> = std::sync::OnceLock::new();
                     let f = FN.get_or_init(|| {
-                        // SAFETY: `init` loaded the library before any call; `F` is the
-                        // entry point's C signature (cudarc's, with the enum return read
-                        // as the u32 it is), and the pointer is copied out of the symbol
-                        // while the library stays loaded for the process's life.
+                        // `init` loaded the library before any call, and it stays
+                        // loaded for the process's life.
+                        // SAFETY: `F` is the entry point's C signature (cudarc's, the
+                        // enum return read as its u32); the pointer is copied out.
                         unsafe {
                             sys::culib()
                                 .get::<F>(concat!(stringify!($name), "\0").as_bytes())
