@@ -130,13 +130,14 @@ pub enum Planner {
     /// as fit beside room for `spare_slots` of the largest parameter *left out*
     /// (spread evenly along the pass where only some of a kind fit); everything else
     /// is loaded before each use and freed after it. For a loop of distinct layers of
-    /// one size it moves no more than `Belady` (MIN(C-1)), at times less. With mixed
-    /// sizes it usually moves less (the room is sized for the streamed parameters, not for the
-    /// largest of all, which usually stays), and with `spare_slots` ≥ 2 streamed loads
-    /// overlap the kept layers' kernels, so a pass reaches max(copy, compute) when
-    /// kernels take about as long as copies, where `Belady` leaves the copy engine idle
-    /// through its runs of hits. A runtime that holds several streamed parameters at
-    /// once (a module's weight and bias) needs as many spare slots.
+    /// one size, with one spare slot, it moves no more than `Belady` (MIN(C-1)), at
+    /// times less. With mixed sizes it usually moves less (the room is sized for the
+    /// streamed parameters, not for the largest of all, which usually stays), and with
+    /// `spare_slots` ≥ 2 streamed loads overlap the kept layers' kernels, so a pass
+    /// reaches max(copy, compute) when kernels take about as long as copies, where
+    /// `Belady` leaves the copy engine idle through its runs of hits. A runtime that
+    /// holds several streamed parameters at once (a module's weight and bias) needs as
+    /// many spare slots.
     Static,
 }
 
