@@ -1180,3 +1180,40 @@ fn static_planner_weighs_uses_priorities_and_keeps() {
         "{plain_misses:?}"
     );
 }
+
+/// A block that moved from one parameter to the next (spare reuse) and is then given
+/// back to the pool waits only for its own parameter's uses: not for later work on a
+/// stream that only its earlier occupant used. (The store recorded every acquiring
+/// stream on the pool block; the freed block then waited for all of their work, and
+/// the pool kept every such stream alive.)
+#[test]
+fn a_freed_block_waits_only_for_its_own_uses() {
+    const L: usize = 4 * MIB;
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let store = TierStore::new(&mgr, TierConfig::new(L, 16 * MIB + 3 * L)).unwrap();
+    for i in 0..3 {
+        store
+            .register(&format!("l{i}"), layer_bytes(i, L).into())
+            .unwrap();
+    }
+    let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+    let ms = Duration::from_millis;
+    let g = store.acquire(0, &a).unwrap();
+    sim.launch_kernel(a.handle(), ms(1)).unwrap();
+    drop(g);
+    let g = store.acquire(1, &b).unwrap(); // into 0's block
+    sim.launch_kernel(b.handle(), ms(1)).unwrap();
+    drop(g);
+    let unrelated = sim.launch_kernel(a.handle(), ms(100)).unwrap();
+    assert!(store.dont_need(1).unwrap());
+    let g = store.acquire(2, &b).unwrap();
+    let ready = sim.stream_time_ns(b.handle()).unwrap();
+    assert!(
+        ready < unrelated.end_ns,
+        "parameter 2 ready at {ready} ns, behind unrelated work ending at {} ns",
+        unrelated.end_ns
+    );
+    drop(g);
+    assert_eq!(store.read(2).unwrap(), layer_bytes(2, L));
+}

@@ -711,7 +711,10 @@ impl TierStore {
         let p = &mut st.params[id as usize];
         let dev = p.dev.as_ref().expect("loaded above");
         stream.wait(&dev.ready)?;
-        dev.block.record_stream(stream)?;
+        // No record_stream with the pool: the guard's drop records the use's end, and
+        // every path that gives the block back waits the copy stream on those events
+        // first (`release_block`). Recording would keep every caller's stream alive in
+        // the pool and make a freed block wait for all later work on them.
         let block = Arc::clone(&dev.block);
         p.refs += 1;
         let size = p.size;
@@ -775,7 +778,8 @@ impl TierStore {
         if p.dev.is_none() || p.refs > 0 {
             return Ok(false);
         }
-        evict(res, &mut st, id)?;
+        let (block, uses) = evict(res, &mut st, id)?;
+        release_block(res, block, &uses)?;
         drop(st);
         self.shared.released.notify_all();
         Ok(true)
@@ -1125,11 +1129,33 @@ fn evict_into_spare(
     spare: &mut Option<(PoolBlock, Vec<Event>)>,
 ) -> Result<()> {
     let (block, uses) = evict(res, st, id)?;
-    if spare.is_none() {
-        *spare = block
-            .filter(|b| b.len() == device_bytes(size))
-            .map(|b| (b, uses));
+    match block {
+        Some(b) if spare.is_none() && b.len() == device_bytes(size) => {
+            *spare = Some((b, uses));
+            Ok(())
+        }
+        other => release_block(res, other, &uses),
     }
+}
+
+/// Gives an evicted parameter's block back to the pool, after making the copy stream
+/// (the block's stream in the pool) wait for the parameter's last uses: the pool reuses
+/// it on that stream at once, or hands it to another behind an event recorded there.
+fn release_block(res: &Resources, block: Option<PoolBlock>, uses: &[Event]) -> Result<()> {
+    let Some(block) = block else {
+        return Ok(());
+    };
+    for e in uses {
+        if let Err(err) = res.copy.wait(e) {
+            // No GPU-side ordering: wait on the host, or keep the block out of
+            // circulation rather than let the pool hand it out under the use.
+            if e.synchronize().is_err() {
+                std::mem::forget(block);
+                return Err(err);
+            }
+        }
+    }
+    drop(block);
     Ok(())
 }
 
@@ -1448,7 +1474,8 @@ fn place(
                         return Err(e);
                     };
                     st.stats.unplanned_evictions += 1;
-                    evict(res, st, v)?;
+                    let (block, uses) = evict(res, st, v)?;
+                    release_block(res, block, &uses)?;
                     st.plan = None;
                 }
                 Err(e) => return Err(e),
