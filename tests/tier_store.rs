@@ -1217,3 +1217,39 @@ fn a_freed_block_waits_only_for_its_own_uses() {
     drop(g);
     assert_eq!(store.read(2).unwrap(), layer_bytes(2, L));
 }
+
+/// An acquire or prefetch that cannot make room (what is left is held or kept) fails
+/// without evicting anything on the way.
+#[test]
+fn a_load_that_cannot_fit_evicts_nothing() {
+    const L: usize = MIB;
+    let mgr = sim();
+    let store = TierStore::new(&mgr, TierConfig::new(3 * L, 16 * MIB + 5 * L)).unwrap();
+    for i in 0..3 {
+        store
+            .register(&format!("l{i}"), layer_bytes(i, L).into())
+            .unwrap();
+    }
+    let big = store.register("big", layer_bytes(9, 2 * L).into()).unwrap();
+    let s = mgr.create_stream(0).unwrap();
+    store.keep_resident(0, true).unwrap();
+    drop(store.acquire(0, &s).unwrap());
+    let held = store.acquire(1, &s).unwrap();
+    drop(store.acquire(2, &s).unwrap());
+    let evictions = store.stats().evictions;
+    assert!(matches!(
+        store.acquire(big, &s).unwrap_err(),
+        Error::OutOfMemory { .. }
+    ));
+    assert!(!store.prefetch(big).unwrap());
+    assert_eq!(
+        store.stats().evictions,
+        evictions,
+        "nothing evicted in vain"
+    );
+    assert!(matches!(
+        store.residency(2).unwrap(),
+        Residency::Device { .. } | Residency::Loading { .. }
+    ));
+    drop(held);
+}

@@ -1060,19 +1060,24 @@ enum Need {
     Hint,
 }
 
+/// Whether resident `i` may be evicted to load `exclude` for `need`.
+fn evictable(st: &State, i: ParamId, exclude: ParamId, need: Need) -> bool {
+    let p = &st.params[i as usize];
+    p.refs == 0
+        && !p.keep
+        && i != exclude
+        && match need {
+            Need::Prefetch(k) => st.ev.next_use(i).is_none_or(|d| d > k),
+            Need::Demand | Need::Hint => true,
+        }
+}
+
 fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<ParamId> {
     let mut cands: Vec<ParamId> = st
         .resident
         .iter()
         .copied()
-        .filter(|&i| {
-            let p = &st.params[i as usize];
-            p.refs == 0 && !p.keep && i != exclude
-        })
-        .filter(|id| match need {
-            Need::Prefetch(k) => st.ev.next_use(*id).is_none_or(|d| d > k),
-            Need::Demand | Need::Hint => true,
-        })
+        .filter(|&i| evictable(st, i, exclude, need))
         .collect();
     if matches!(need, Need::Demand) && cands.len() > 1 {
         if let Some(last) = st.last_released {
@@ -1214,6 +1219,17 @@ fn note_host(res: &Resources, st: &mut State) {
 fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool> {
     let size = st.params[id as usize].size;
     let dsize = device_bytes(size);
+    // Evict nothing unless evicting can make the room: a load that cannot happen must
+    // not cost the parameters that are on the device (each retry would cost more).
+    let evictable: usize = st
+        .resident
+        .iter()
+        .filter(|&&i| evictable(st, i, id, need))
+        .map(|&i| device_bytes(st.params[i as usize].size))
+        .sum();
+    if (st.used - evictable.min(st.used)).saturating_add(dsize) > res.device_budget {
+        return Ok(false);
+    }
     let mut spare: Option<(PoolBlock, Vec<Event>)> = None;
     while st.used + dsize > res.device_budget {
         let Some(v) = pick_victim(st, id, need) else {
