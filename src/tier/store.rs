@@ -616,9 +616,12 @@ impl TierStore {
     /// the next parameters of the sequence within the budget.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown id; [`Error::OutOfMemory`] when there
-    /// is no room: every device-resident parameter is acquired or kept resident. Where
-    /// other threads' guards will make room, [`TierStore::acquire_timeout`] waits.
+    /// [`Error::InvalidArgument`] for an unknown id or a stream of another device;
+    /// [`Error::ForeignHandle`] for a stream of another manager (both before anything
+    /// is loaded); [`Error::OutOfMemory`] when there is no room: every device-resident
+    /// parameter is acquired or kept resident (nothing is evicted then). Where other
+    /// threads' guards will make room, [`TierStore::acquire_timeout`] waits. Errors of
+    /// the copy, the staging ring or the pool pass through.
     pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
         self.acquire_until(id, stream, None)
     }
