@@ -735,24 +735,11 @@ fn seven_layers(
     planner: Planner,
     passes: usize,
 ) -> (Vec<usize>, hetmem::tier::TierStats) {
-    const SIZE: usize = 64 << 10;
-    let mgr = sim();
-    let mut cfg = TierConfig::new(capacity * SIZE, 16 * MIB + 7 * SIZE);
-    cfg.sequence = SequenceHint::Given(order.to_vec());
-    cfg.planner = planner;
-    cfg.checksums = true;
-    let store = TierStore::new(&mgr, cfg).unwrap();
-    for i in 0..7 {
-        store
-            .register(&format!("p{i}"), layer_bytes(i, SIZE).into())
-            .unwrap();
-    }
-    let compute = mgr.create_stream(0).unwrap();
-    let per_pass = (0..passes)
-        .map(|_| pass_of(&mgr, &store, &compute, Duration::from_micros(5), order) as usize / SIZE)
-        .collect();
-    compute.synchronize().unwrap();
-    (per_pass, store.stats())
+    let (loads, _, store, _) = small_store_passes(order, 7, capacity, planner, passes, &|_| {});
+    (
+        loads.into_iter().map(|l| l as usize).collect(),
+        store.stats(),
+    )
 }
 
 proptest! {
@@ -1095,18 +1082,21 @@ fn static_planner_moves_fewer_bytes_with_mixed_sizes() {
     );
 }
 
-/// Steady per-pass (loads, demand misses) of `order` over `n` parameters of 64 KiB,
-/// room for `cap`, the static planner, after `setup`.
-fn static_passes(
+/// `passes` passes of `order` over `n` parameters of 64 KiB with room for `cap`, the
+/// given planner and checksums on, after `setup`: the layers loaded and the demand
+/// misses of each pass, and the store.
+fn small_store_passes(
     order: &[ParamId],
     n: usize,
     cap: usize,
+    planner: Planner,
+    passes: usize,
     setup: &dyn Fn(&TierStore),
 ) -> (Vec<u64>, Vec<u64>, TierStore, Manager) {
     const SIZE: usize = 64 << 10;
     let mgr = sim();
     let mut cfg = TierConfig::new(cap * SIZE, 16 * MIB + (n + 8) * SIZE);
-    cfg.planner = Planner::Static;
+    cfg.planner = planner;
     cfg.sequence = SequenceHint::Given(order.to_vec());
     cfg.checksums = true;
     let store = TierStore::new(&mgr, cfg).unwrap();
@@ -1118,7 +1108,7 @@ fn static_passes(
     setup(&store);
     let s = mgr.create_stream(0).unwrap();
     let (mut loads, mut misses) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..passes {
         let before = store.stats();
         loads.push(pass_of(&mgr, &store, &s, Duration::from_micros(5), order) / SIZE as u64);
         misses.push(store.stats().misses - before.misses);
@@ -1126,6 +1116,16 @@ fn static_passes(
     s.synchronize().unwrap();
     assert_eq!(store.stats().checksum_mismatches, 0);
     (loads, misses, store, mgr)
+}
+
+/// The static planner, five passes.
+fn static_passes(
+    order: &[ParamId],
+    n: usize,
+    cap: usize,
+    setup: &dyn Fn(&TierStore),
+) -> (Vec<u64>, Vec<u64>, TierStore, Manager) {
+    small_store_passes(order, n, cap, Planner::Static, 5, setup)
 }
 
 /// The static planner weighs what it is told: a layer used three times a pass stays
