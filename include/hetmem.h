@@ -75,6 +75,9 @@ extern "C" {
 #define HETMEM_ERR_OS -12
 /* A file could not be read or parsed (safetensors, sysfs). */
 #define HETMEM_ERR_CONFIG -13
+/* A parameter's bytes did not match its checksum (a store made with checksums): its
+ * host copy changed since registration, or loads delivered other bytes twice. */
+#define HETMEM_ERR_CHECKSUM -14
 /* A required pointer argument was NULL. */
 #define HETMEM_ERR_NULL_POINTER -20
 /* A handle that is not live: destroyed, released, of another kind, or made up. */

@@ -129,6 +129,26 @@ pub enum Error {
         errno: nix::errno::Errno,
     },
 
+    /// A parameter's bytes did not match the checksum taken when they were registered
+    /// (or last written back): its host copy changed (a mapped file rewritten under
+    /// the store), or a load delivered other bytes twice in a row.
+    #[error(
+        "checksum mismatch: parameter {param} ({name}): its {copy} copy hashes to \
+        {found:#018x}, {expected:#018x} expected"
+    )]
+    Checksum {
+        /// The parameter's id in its store.
+        param: u32,
+        /// Its name.
+        name: String,
+        /// Which copy was wrong: `"host"` (the source) or `"device"` (the load).
+        copy: &'static str,
+        /// The checksum taken when its bytes were registered or written back.
+        expected: u64,
+        /// The checksum of the copy.
+        found: u64,
+    },
+
     /// A sysfs or configuration file could not be read or parsed.
     #[error("cannot read {path}: {reason}")]
     Config {

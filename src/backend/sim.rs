@@ -323,6 +323,8 @@ struct State {
     stats: SimStats,
     reservations: BTreeMap<u64, Reservation>,
     physical: HashMap<u64, Physical>,
+    /// Host-to-device copies still to be corrupted ([`SimBackend::corrupt_next_h2d_copies`]).
+    corrupt_h2d: u32,
 }
 
 /// An address range reserved for virtual memory management, backed by a lazily
@@ -446,6 +448,7 @@ impl SimBackend {
                 device_allocs: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 physical: HashMap::new(),
+                corrupt_h2d: 0,
                 managed: BTreeMap::new(),
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
@@ -495,6 +498,13 @@ impl SimBackend {
     pub fn managed_state(&self, ptr: NonNull<u8>) -> Option<ManagedState> {
         let st = self.lock();
         find_managed(&st, ptr.as_ptr() as usize, 1).map(|m| m.state.clone())
+    }
+
+    /// Fault injection: the next `n` host-to-device copies (of at least one byte) arrive
+    /// with their first byte inverted, as over a faulty link. For tests of what checks
+    /// loads (the tier store's checksums).
+    pub fn corrupt_next_h2d_copies(&self, n: u32) {
+        self.lock().corrupt_h2d = n;
     }
 
     /// Queues a kernel that occupies `stream`'s device compute engine for `duration`.
@@ -923,6 +933,11 @@ impl Backend for SimBackend {
         // side) or are valid by the caller's contract (host side); they do not overlap
         // by the caller's contract.
         unsafe { std::ptr::copy_nonoverlapping(s, d, len) };
+        if engine == Engine::H2D && len > 0 && st.corrupt_h2d > 0 {
+            st.corrupt_h2d -= 1;
+            // SAFETY: `d` was resolved above to live device memory of `len` ≥ 1 bytes.
+            unsafe { *d = !*d };
+        }
 
         let stats = &mut st.stats;
         stats.copies += 1;

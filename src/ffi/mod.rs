@@ -63,6 +63,9 @@ pub const HETMEM_ERR_DRIVER: c_int = -11;
 pub const HETMEM_ERR_OS: c_int = -12;
 /// [`Error::Config`]: a file could not be read or parsed (safetensors, sysfs).
 pub const HETMEM_ERR_CONFIG: c_int = -13;
+/// [`Error::Checksum`]: a parameter's bytes did not match its checksum (a store made
+/// with checksums).
+pub const HETMEM_ERR_CHECKSUM: c_int = -14;
 /// A required pointer argument was NULL.
 pub const HETMEM_ERR_NULL_POINTER: c_int = -20;
 /// A handle that is not live: destroyed already, of another kind, or never made.
@@ -92,6 +95,7 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::Driver { .. } => HETMEM_ERR_DRIVER,
         Error::Os { .. } => HETMEM_ERR_OS,
         Error::Config { .. } => HETMEM_ERR_CONFIG,
+        Error::Checksum { .. } => HETMEM_ERR_CHECKSUM,
     }
 }
 
@@ -112,6 +116,7 @@ fn status_name(code: c_int) -> &'static CStr {
         HETMEM_ERR_DRIVER => c"HETMEM_ERR_DRIVER",
         HETMEM_ERR_OS => c"HETMEM_ERR_OS",
         HETMEM_ERR_CONFIG => c"HETMEM_ERR_CONFIG",
+        HETMEM_ERR_CHECKSUM => c"HETMEM_ERR_CHECKSUM",
         HETMEM_ERR_NULL_POINTER => c"HETMEM_ERR_NULL_POINTER",
         HETMEM_ERR_INVALID_HANDLE => c"HETMEM_ERR_INVALID_HANDLE",
         HETMEM_ERR_FOREIGN_POINTER => c"HETMEM_ERR_FOREIGN_POINTER",

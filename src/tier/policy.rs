@@ -113,6 +113,22 @@ impl Eviction {
         }
     }
 
+    /// A fresh state under `policy`, the step last executed being `pos` (a sequence's
+    /// index; ignored under LRU).
+    pub fn at(policy: Policy, pos: usize) -> Self {
+        let mut ev = Eviction::new(policy);
+        if let Policy::Sequence(seq) = &ev.policy {
+            ev.pos = pos % seq.len().max(1);
+        }
+        ev
+    }
+
+    /// Moves the sequence's cursor back to `pos` (from [`Eviction::pos`]): an acquire
+    /// that failed did not run its step.
+    pub fn rewind(&mut self, pos: usize) {
+        self.pos = pos;
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.policy

@@ -93,6 +93,7 @@ use crate::pool::{
     StagingRing,
 };
 use crate::stream::{Event, Stream};
+use crate::tier::learn::{Learner, Learnt};
 use crate::tier::plan::{fixed_set, zombie_done, Candidate, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
@@ -110,8 +111,10 @@ pub enum SequenceHint {
     /// The runtime knows it: one pass, in order (ids may repeat).
     Given(Vec<ParamId>),
     /// Record the order of [`TierStore::acquire`] calls during the first pass and
-    /// install it when the first id comes round again; drop it (back to LRU, learning
-    /// again) when later acquires leave it.
+    /// install it when the first id comes round again (a longer one when the next
+    /// acquires show the pass was longer: a weight used first and last); drop it (back
+    /// to LRU, learning again) when later acquires leave it. A failed acquire counts
+    /// once, however often it is retried. See [`crate::tier`]'s `learn` module.
     Learn,
     /// No sequence: LRU eviction, no prefetching along a sequence.
     None,
@@ -156,7 +159,10 @@ pub struct TierConfig {
     /// The execution sequence, given or learnt.
     pub sequence: SequenceHint,
     /// Verify every load against a checksum taken at registration (or write-back) by
-    /// copying the bytes back; slow, for tests and debugging.
+    /// copying the bytes back; slow, for tests and debugging. A mismatch whose host copy
+    /// is intact is loaded once more; a second one, or a host copy that changed (a
+    /// mapped file rewritten under the store), fails the load with
+    /// [`Error::Checksum`]: wrong bytes are never handed out.
     pub checksums: bool,
     /// Slots of the staging ring (at least 2).
     pub staging_slots: usize,
@@ -239,7 +245,7 @@ pub struct TierStats {
     pub writebacks: u64,
     /// Bytes copied device→host by write-backs.
     pub writeback_bytes: u64,
-    /// Loads whose bytes on the device did not match the checksum.
+    /// Loads whose bytes on the device did not match the checksum (each try counts).
     pub checksum_mismatches: u64,
     /// Times a learnt sequence was installed.
     pub sequences_learnt: u64,
@@ -315,8 +321,8 @@ struct State {
     params: Vec<Param>,
     names: HashMap<String, ParamId>,
     ev: Eviction,
-    /// Acquire order of the pass being learnt (Learn mode, while no sequence is in force).
-    learning: Vec<ParamId>,
+    /// Learns the sequence from the acquires (Learn mode).
+    learner: Learner,
     last_released: Option<ParamId>,
     /// The streaming plan (sequence policy; built lazily, dropped when residency
     /// changes outside it).
@@ -500,7 +506,7 @@ impl TierStore {
                     params: Vec::new(),
                     names: HashMap::new(),
                     ev,
-                    learning: Vec::new(),
+                    learner: Learner::default(),
                     last_released: None,
                     plan: None,
                     step,
@@ -620,8 +626,11 @@ impl TierStore {
     /// [`Error::ForeignHandle`] for a stream of another manager (both before anything
     /// is loaded); [`Error::OutOfMemory`] when there is no room: every device-resident
     /// parameter is acquired or kept resident (nothing is evicted then). Where other
-    /// threads' guards will make room, [`TierStore::acquire_timeout`] waits. Errors of
-    /// the copy, the staging ring or the pool pass through.
+    /// threads' guards will make room, [`TierStore::acquire_timeout`] waits.
+    /// [`Error::Checksum`] when checksums are on and the load's bytes are wrong (see
+    /// [`TierConfig::checksums`]). Errors of the copy, the staging ring or the pool pass
+    /// through. A failed acquire is not a step of the sequence: retrying it is not a
+    /// deviation.
     pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
         self.acquire_until(id, stream, None)
     }
@@ -663,9 +672,13 @@ impl TierStore {
         let mut st = sh.lock();
         param(&st, id)?;
         note_use(res, &mut st, id);
+        // Where the sequence stood: an acquire that fails has not run its step, so that
+        // a retry is not taken for a step off the sequence (or recorded twice).
+        let (pos, step, served, on_track) = (st.ev.pos(), st.step, st.served, st.on_track);
         let hit = st.params[id as usize].dev.is_some();
         let next = st.ev.next_use(id);
         st.on_track = next == Some(1);
+        let mut passed = Vec::new();
         if let Some(d) = next {
             if d != 1 {
                 // Not the step the plan expects: start it again from here.
@@ -674,37 +687,23 @@ impl TierStore {
             st.step += d as u64;
             st.served = false;
             let now = st.step;
-            st.ahead.retain(|(m, _)| *m > now);
+            while st.ahead.front().is_some_and(|(m, _)| *m <= now) {
+                passed.extend(st.ahead.pop_front());
+            }
         }
         st.ev.touch(id);
-        // Under a sequence the plan loads the step's parameter (normally long before);
-        // otherwise, or when the plan cannot make room, a demand load.
-        if let Err(e) = pump(res, &mut st, 0) {
-            tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed");
-        }
-        while st.params[id as usize].dev.is_none() {
-            if load(res, &mut st, id, Need::Demand)? {
-                break;
+        let (mut st, made) = self.make_resident(st, id, stream, deadline);
+        if let Err(e) = made {
+            let st = &mut *st;
+            st.ev.rewind(pos);
+            (st.step, st.served, st.on_track) = (step, served, on_track);
+            for a in passed.into_iter().rev() {
+                st.ahead.push_front(a);
             }
-            // No room: everything resident is acquired or kept.
-            let wait = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
-            match wait {
-                Some(left) if !left.is_zero() => {
-                    st = sh
-                        .released
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                }
-                _ => {
-                    let free = res.device_budget.saturating_sub(st.used);
-                    return Err(Error::oom(
-                        Tier::Device(res.device),
-                        st.params[id as usize].size,
-                        free,
-                    ));
-                }
-            }
+            // Resumes from what is resident when the retry comes.
+            st.plan = None;
+            st.learner.unobserve();
+            return Err(e);
         }
         if hit {
             st.stats.hits += 1;
@@ -712,8 +711,7 @@ impl TierStore {
             st.stats.misses += 1;
         }
         let p = &mut st.params[id as usize];
-        let dev = p.dev.as_ref().expect("loaded above");
-        stream.wait(&dev.ready)?;
+        let dev = p.dev.as_ref().expect("made resident above");
         // No record_stream with the pool: the guard's drop records the use's end, and
         // every path that gives the block back waits the copy stream on those events
         // first (`release_block`). Recording would keep every caller's stream alive in
@@ -734,6 +732,50 @@ impl TierStore {
             tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
         }
         Ok(guard)
+    }
+
+    /// For an acquire: loads `id` (the plan's load, or a demand load), waiting until
+    /// `deadline` for room, and makes `stream` wait for the load.
+    fn make_resident<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        id: ParamId,
+        stream: &Stream,
+        deadline: Option<Instant>,
+    ) -> (MutexGuard<'a, State>, Result<()>) {
+        let sh = &self.shared;
+        let res = &sh.res;
+        // Under a sequence the plan loads the step's parameter (normally long before);
+        // otherwise, or when the plan cannot make room, a demand load.
+        if let Err(e) = pump(res, &mut st, 0) {
+            tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed");
+        }
+        while st.params[id as usize].dev.is_none() {
+            match load(res, &mut st, id, Need::Demand) {
+                Ok(true) => break,
+                Ok(false) => {}
+                Err(e) => return (st, Err(e)),
+            }
+            // No room: everything resident is acquired or kept.
+            let wait = deadline.and_then(|d| d.checked_duration_since(Instant::now()));
+            match wait {
+                Some(left) if !left.is_zero() => {
+                    st = sh
+                        .released
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+                _ => {
+                    let free = res.device_budget.saturating_sub(st.used);
+                    let size = st.params[id as usize].size;
+                    return (st, Err(Error::oom(Tier::Device(res.device), size, free)));
+                }
+            }
+        }
+        let ready = &st.params[id as usize].dev.as_ref().expect("loaded").ready;
+        let waited = stream.wait(ready);
+        (st, waited)
     }
 
     /// Loads `id` now if it is not on the device and room can be made without evicting
@@ -857,12 +899,16 @@ impl TierStore {
                 st.params.len()
             )));
         }
+        st.learner.reset();
         let ev = match order {
-            Some(o) if !o.is_empty() => Eviction::new(Policy::Sequence(Sequence::new(o))),
+            Some(o) if !o.is_empty() => {
+                // In learn mode a given sequence is followed until acquires leave it.
+                st.learner.given(o.len());
+                Eviction::new(Policy::Sequence(Sequence::new(o)))
+            }
             _ => Eviction::new(Policy::Lru),
         };
         set_policy(&mut st, ev);
-        st.learning.clear();
         Ok(())
     }
 
@@ -1017,28 +1063,29 @@ fn host_bytes(host: &HostCopy, size: usize) -> Result<&[u8]> {
     })
 }
 
-/// Sequence learning (Learn mode): record, install, or drop on deviation.
+/// Sequence learning (Learn mode): record the acquire of `id`, install a sequence
+/// learnt, or drop one the acquire left ([`crate::tier::learn`]).
 fn note_use(res: &Resources, st: &mut State, id: ParamId) {
     if !res.learn {
         return;
     }
-    if matches!(st.ev.policy(), Policy::Sequence(_)) {
-        if st.ev.next_use(id) == Some(1) {
-            return;
+    let in_force = matches!(st.ev.policy(), Policy::Sequence(_));
+    let following = in_force && st.ev.next_use(id) == Some(1);
+    match st.learner.observe(id, following, st.params.len()) {
+        Learnt::Same => {}
+        Learnt::Install { order, pos } => {
+            tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
+            set_policy(
+                st,
+                Eviction::at(Policy::Sequence(Sequence::new(order)), pos),
+            );
+            st.stats.sequences_learnt += 1;
         }
-        tracing::info!(target: "hetmem", id, "acquire left the learnt sequence; learning again");
-        set_policy(st, Eviction::new(Policy::Lru));
-        st.learning = vec![id];
-        st.stats.sequences_dropped += 1;
-        return;
-    }
-    if st.learning.len() > 1 && st.learning[0] == id {
-        let order = std::mem::take(&mut st.learning);
-        tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
-        set_policy(st, Eviction::new(Policy::Sequence(Sequence::new(order))));
-        st.stats.sequences_learnt += 1;
-    } else {
-        st.learning.push(id);
+        Learnt::Drop => {
+            tracing::info!(target: "hetmem", id, "acquire left the learnt sequence; learning again");
+            set_policy(st, Eviction::new(Policy::Lru));
+            st.stats.sequences_dropped += 1;
+        }
     }
 }
 
@@ -1523,30 +1570,41 @@ fn place(
             }
         }
     }
-    let State {
-        params,
-        ring,
-        stats,
-        ..
-    } = &mut *st;
-    match &params[idx].host {
-        HostCopy::Pinned(h) => {
-            block.with_end(|d| copy::copy(d, 0, h.mem(), 0, size, Some(&*res.copy.inner)))?;
-        }
-        HostCopy::Cold(src) => {
-            ring.upload(src.bytes(), &block, 0, &res.copy)?;
-            stats.staged_loads += 1;
-        }
-    }
-    let ready = res.copy.record()?;
-    let p = &mut st.params[idx];
-    if let Some(expected) = p.checksum {
-        ready.synchronize()?;
-        let mut back = vec![0u8; size];
-        block.read(0, &mut back)?;
-        if fnv1a(&back) != expected {
-            tracing::error!(target: "hetmem", id, name = %p.name, "checksum mismatch after load");
+    let mut ready = upload(res, st, idx, &block)?;
+    if let Some(expected) = st.params[idx].checksum {
+        let mut again = true;
+        loop {
+            ready.synchronize()?;
+            let mut back = vec![0u8; size];
+            block.read(0, &mut back)?;
+            let found = fnv1a(&back);
+            if found == expected {
+                break;
+            }
             st.stats.checksum_mismatches += 1;
+            let p = &st.params[idx];
+            let host = fnv1a(host_bytes(&p.host, size)?);
+            let (copy, found) = match (host == expected, again) {
+                (true, true) => {
+                    // The host copy is right: the transfer was wrong. Once more.
+                    tracing::warn!(target: "hetmem", id, name = %p.name,
+                        "checksum mismatch after load; loading again");
+                    again = false;
+                    ready = upload(res, st, idx, &block)?;
+                    continue;
+                }
+                (true, false) => ("device", found),
+                (false, _) => ("host", host),
+            };
+            tracing::error!(target: "hetmem", id, name = %p.name, copy,
+                "checksum mismatch; the load is refused");
+            return Err(Error::Checksum {
+                param: id,
+                name: p.name.clone(),
+                copy,
+                expected,
+                found,
+            });
         }
     }
     st.resident.push(id);
@@ -1563,4 +1621,26 @@ fn place(
     st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
     tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
     Ok(())
+}
+
+/// Queues the copy of parameter `idx`'s host copy into `block` on the copy stream (from
+/// its pinned copy, or through the staging ring); returns the event of its end.
+fn upload(res: &Resources, st: &mut State, idx: usize, block: &PoolBlock) -> Result<Event> {
+    let State {
+        params,
+        ring,
+        stats,
+        ..
+    } = st;
+    let size = params[idx].size;
+    match &params[idx].host {
+        HostCopy::Pinned(h) => {
+            block.with_end(|d| copy::copy(d, 0, h.mem(), 0, size, Some(&*res.copy.inner)))?;
+        }
+        HostCopy::Cold(src) => {
+            ring.upload(src.bytes(), block, 0, &res.copy)?;
+            stats.staged_loads += 1;
+        }
+    }
+    res.copy.record()
 }
