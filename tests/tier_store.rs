@@ -433,6 +433,46 @@ fn dirty_parameters_are_written_back() {
     assert!(st.host_peak_bytes <= 16 * MIB + LAYER, "{st:?}");
 }
 
+/// A write-back whose copy fails (injected in the simulator) loses nothing: the
+/// eviction fails, the parameter stays on the device and dirty, its host copy as it
+/// was; the next eviction writes it back, and a reload has the write.
+#[test]
+fn a_failed_write_back_keeps_the_write() {
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let store = model(&mgr, 1, SequenceHint::None, true);
+    let s = mgr.create_stream(0).unwrap();
+    let mut g = store.acquire(0, &s).unwrap();
+    s.synchronize().unwrap();
+    g.block().write(0, &[0x5A; 256]).unwrap();
+    g.mark_dirty();
+    drop(g);
+    // Loading 1 evicts 0, whose write-back fails.
+    sim.fail_next_d2h_copies(1);
+    assert!(matches!(store.acquire(1, &s), Err(Error::Driver { .. })));
+    assert!(matches!(
+        store.residency(0).unwrap(),
+        Residency::Device { refs: 0 }
+    ));
+    assert_eq!(store.stats().writebacks, 0);
+    let mut want = layer_bytes(0, LAYER);
+    want[..256].fill(0x5A);
+    assert!(
+        store.read(0).unwrap() == want,
+        "the device copy has the write"
+    );
+    // Now it goes through.
+    drop(store.acquire(1, &s).unwrap());
+    assert_eq!(store.stats().writebacks, 1);
+    assert!(
+        store.read(0).unwrap() == want,
+        "the host copy has the write"
+    );
+    drop(store.acquire(0, &s).unwrap());
+    assert!(store.read(0).unwrap() == want, "and so does the reload");
+    assert_eq!(store.stats().checksum_mismatches, 0);
+}
+
 /// Checksums on: a load that arrives wrong (a faulty link, injected in the simulator)
 /// is made again; wrong twice, the acquire fails with `Error::Checksum` and nothing
 /// wrong is handed out or left resident. The next try loads it.

@@ -325,6 +325,8 @@ struct State {
     physical: HashMap<u64, Physical>,
     /// Host-to-device copies still to be corrupted ([`SimBackend::corrupt_next_h2d_copies`]).
     corrupt_h2d: u32,
+    /// Device-to-host copies still to fail ([`SimBackend::fail_next_d2h_copies`]).
+    fail_d2h: u32,
 }
 
 /// An address range reserved for virtual memory management, backed by a lazily
@@ -449,6 +451,7 @@ impl SimBackend {
                 reservations: BTreeMap::new(),
                 physical: HashMap::new(),
                 corrupt_h2d: 0,
+                fail_d2h: 0,
                 managed: BTreeMap::new(),
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
@@ -505,6 +508,12 @@ impl SimBackend {
     /// loads (the tier store's checksums).
     pub fn corrupt_next_h2d_copies(&self, n: u32) {
         self.lock().corrupt_h2d = n;
+    }
+
+    /// Fault injection: the next `n` device-to-host copies fail (an `Error::Driver`)
+    /// without writing anything. For tests of what a failed copy must not lose.
+    pub fn fail_next_d2h_copies(&self, n: u32) {
+        self.lock().fail_d2h = n;
     }
 
     /// Queues a kernel that occupies `stream`'s device compute engine for `duration`.
@@ -928,6 +937,15 @@ impl Backend for SimBackend {
         };
         if let Some(sh) = stream {
             check_copy_stream(&dst, &src, stream_ref(&st, sh)?.device)?;
+        }
+        if engine == Engine::D2H && st.fail_d2h > 0 {
+            st.fail_d2h -= 1;
+            return Err(Error::Driver {
+                backend: BackendKind::Sim,
+                call: "copy",
+                code: -1,
+                message: "a fault injected by fail_next_d2h_copies".into(),
+            });
         }
         // SAFETY: both ranges were resolved to live memory of at least `len` bytes (device
         // side) or are valid by the caller's contract (host side); they do not overlap

@@ -1214,40 +1214,50 @@ fn release_block(res: &Resources, block: Option<PoolBlock>, uses: &[Event]) -> R
     Ok(())
 }
 
+/// Copies resident `id`'s device bytes to its host copy (after the uses recorded so
+/// far). The host copy is replaced only once the new bytes are in: a copy that fails
+/// leaves the parameter dirty, on the device, and its old host copy as it was.
 fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     let idx = id as usize;
     let size = st.params[idx].size;
-    // Promote to the pinned tier if there is room: the write-back is then one copy.
-    if matches!(st.params[idx].host, HostCopy::Cold(_))
-        && st.pinned + pinned_bytes(size) <= res.pinned_cap
-    {
-        if let Ok(b) = res
-            .host
-            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
-        {
-            st.pinned += b.capacity();
-            st.params[idx].host = HostCopy::Pinned(b);
-            note_host(res, st);
-        }
-    }
-    let p = &mut st.params[idx];
-    let dev = p.dev.as_ref().expect("writing back a resident parameter");
-    for e in &p.uses {
+    for e in &st.params[idx].uses {
         res.copy.wait(e)?;
     }
-    match &mut p.host {
-        HostCopy::Pinned(b) => {
-            dev.block
-                .with_end(|s| copy::copy(b.mem(), 0, s, 0, size, Some(&*res.copy.inner)))?;
-            res.copy.synchronize()?;
+    // A cold parameter moves to the pinned tier if there is room: one copy, and the
+    // next load is direct.
+    let promoted = if matches!(st.params[idx].host, HostCopy::Cold(_))
+        && st.pinned + pinned_bytes(size) <= res.pinned_cap
+    {
+        res.host
+            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
+            .ok()
+    } else {
+        None
+    };
+    let p = &mut st.params[idx];
+    let dev = p.dev.as_ref().expect("writing back a resident parameter");
+    let d2h = |dst: &HostBlock| -> Result<()> {
+        dev.block
+            .with_end(|s| copy::copy(dst.mem(), 0, s, 0, size, Some(&*res.copy.inner)))?;
+        res.copy.synchronize()
+    };
+    match (&mut p.host, promoted) {
+        (host, Some(b)) => {
+            d2h(&b)?;
+            let cap = b.capacity();
+            *host = HostCopy::Pinned(b);
+            st.pinned += cap;
+            note_host(res, st);
         }
-        HostCopy::Cold(src) => {
+        (HostCopy::Pinned(b), None) => d2h(b)?,
+        (HostCopy::Cold(src), None) => {
             res.copy.synchronize()?;
             let mut bytes = vec![0u8; size];
             dev.block.read(0, &mut bytes)?;
             *src = Source::Host(bytes.into());
         }
     }
+    let p = &mut st.params[idx];
     if res.checksums {
         p.checksum = Some(fnv1a(host_bytes(&p.host, size)?));
     }
