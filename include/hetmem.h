@@ -400,7 +400,7 @@ int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap)
 /* ---- PyTorch's pluggable allocator ------------------------------------------------------------------
  *
  *   torch.cuda.memory.change_current_allocator(torch.cuda.memory.CUDAPluggableAllocator(
- *       "libhetmem.so", "hetmem_torch_malloc", "hetmem_torch_free"))
+ *       "libhetmem.so", "hetmem_torch_malloc_cxx", "hetmem_torch_free"))
  *
  * One process-wide manager (backend from HETMEM_BACKEND, else automatic), one caching
  * device pool per device, and PyTorch's stream semantics: a block belongs to the stream
@@ -414,6 +414,13 @@ int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap)
  * error set (OUT_OF_MEMORY, UNKNOWN_DEVICE, INVALID_SIZE for a negative size). Size 0
  * returns NULL and is not an error. */
 void* hetmem_torch_malloc(ssize_t size, int device, void* stream);
+
+/* hetmem_torch_malloc for C++ callers (PyTorch's allocator interface has no error
+ * return, and uses a NULL as the tensor's address): where hetmem_torch_malloc returns
+ * NULL for a size above 0, this throws std::runtime_error(<last error message>)
+ * instead. It returns NULL only in a process without libstdc++ loaded. Call it only
+ * from C++ that lets the exception reach a catch. */
+void* hetmem_torch_malloc_cxx(ssize_t size, int device, void* stream);
 
 /* Gives back memory from hetmem_torch_malloc. NULL is ignored; an address hetmem did
  * not return (or freed already) is logged, sets the last error (FOREIGN_POINTER) and

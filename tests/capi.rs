@@ -141,6 +141,58 @@ fn c_program_passes_on_the_cuda_backend_over_the_fake_cuda_driver() {
     );
 }
 
+/// `hetmem_torch_malloc_cxx` throws `std::runtime_error` to a C++ caller where
+/// `hetmem_torch_malloc` returns NULL, as PyTorch's allocator interface needs; over the
+/// fake CUDA driver (the PyTorch entry points never use the simulator).
+#[test]
+fn cpp_program_catches_what_the_torch_allocator_throws() {
+    let lib = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
+    let exe = scratch_dir().join("torch_cxx_test");
+    let libdir = library_dir();
+    let out = Command::new(&cxx)
+        .args([
+            "-std=c++11",
+            "-O1",
+            "-g",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-I",
+        ])
+        .arg(manifest_dir().join("include"))
+        .arg(manifest_dir().join("tests/c/torch_cxx_test.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&libdir)
+        .arg("-lhetmem")
+        .arg(format!("-Wl,-rpath,{}", libdir.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the C++ compiler {cxx:?}: {e}. Install g++ (the CI script does).")
+        });
+    assert!(
+        out.status.success(),
+        "{}",
+        show("compiling torch_cxx_test.cpp", &out)
+    );
+    let dirs = format!(
+        "{}:{}",
+        libdir.display(),
+        lib.parent().expect("target/fake-cuda").display()
+    );
+    let out = Command::new(&exe)
+        .env("HETMEM_BACKEND", "cuda")
+        .env("LD_LIBRARY_PATH", dirs)
+        .output()
+        .expect("running torch_cxx_test");
+    let text = show("torch_cxx_test", &out);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("checks, 0 failed"), "{text}");
+}
+
 #[test]
 fn header_compiles_as_strict_c_and_as_cpp() {
     let dir = scratch_dir();

@@ -196,6 +196,18 @@ def child_alloc(d, which):
             dv.get("stats", {}).get("allocated_bytes.all.peak") for dv in st.get("devices", [])
         ]
     result(out)
+    # Out of memory is a Python exception (hetmem's C++ entry point throws; a NULL
+    # would become a tensor at address 0), and the allocator works after it.
+    try:
+        x = torch.empty(1 << 50, dtype=torch.uint8, device=dev)
+        out["oom"] = f"no error: {x.data_ptr():#x}"
+    except Exception as e:
+        out["oom"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        y = torch.ones(1 << 20, device=dev)
+        out["oom_then_alloc_ok"] = float(y.sum().item()) == float(1 << 20)
+        del y
+    log(which, "out of memory:", out["oom"])
+    result(out)
 
 
 def build_big(torch, state_dict=None):
@@ -493,6 +505,8 @@ def main():
         hs = p1.get("hetmem", {}).get("hetmem_stats") or {}
         t["allocator_is_hetmem"] = ((hs.get("live_blocks") or 0) > 0
                                    and hs.get("backend") in ("cuda", "rocm"))
+        t["allocator_oom_raises_and_recovers"] = (
+            p1.get("hetmem", {}).get("oom_then_alloc_ok") is True)
     if not a.skip_offload:
         m = p2.get("methods", {})
         h = m.get("hetmem_offload", {}).get("forward_ms")
@@ -531,6 +545,8 @@ def main():
         print(f"  hetmem allocator stats: {p1.get('hetmem', {}).get('hetmem_stats')}; "
               f"PyTorch's allocator backend: torch {p1.get('torch', {}).get('allocator_backend')}"
               f", hetmem {p1.get('hetmem', {}).get('allocator_backend')}")
+        print(f"  out of memory: torch {p1.get('torch', {}).get('oom')}; "
+              f"hetmem {p1.get('hetmem', {}).get('oom')}")
     if not a.skip_offload:
         m = p2.get("methods", {})
         print(f"-- part 2: offload, 8-layer Llama ({fmt(p2.get('model_bytes', 0) / 1e9, '.3f')} GB"

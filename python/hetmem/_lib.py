@@ -200,6 +200,8 @@ PROTOTYPES = {
     "hetmem_store_read": (c_int, [StoreP, c_uint32, c_void_p, c_size_t]),
     # PyTorch's pluggable allocator
     "hetmem_torch_malloc": (c_void_p, [c_ssize_t, c_int, c_void_p]),
+    # Throws a C++ exception on failure: for PyTorch's allocator only, never ctypes.
+    "hetmem_torch_malloc_cxx": (c_void_p, [c_ssize_t, c_int, c_void_p]),
     "hetmem_torch_free": (None, [c_void_p, c_ssize_t, c_int, c_void_p]),
     "hetmem_torch_empty_cache": (c_int, []),
     "hetmem_torch_stats_json": (c_int, [c_char_p, c_size_t, POINTER(c_size_t)]),

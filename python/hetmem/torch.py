@@ -40,8 +40,10 @@ _allocator = None
 
 def use_hetmem_allocator():
     """Makes hetmem PyTorch's CUDA allocator for this process, through
-    ``torch.cuda.memory.CUDAPluggableAllocator(libhetmem.so, "hetmem_torch_malloc",
-    "hetmem_torch_free")`` and ``torch.cuda.memory.change_current_allocator``.
+    ``torch.cuda.memory.CUDAPluggableAllocator(libhetmem.so, "hetmem_torch_malloc_cxx",
+    "hetmem_torch_free")`` and ``torch.cuda.memory.change_current_allocator``. An
+    allocation hetmem cannot make (out of memory) raises RuntimeError("hetmem_torch_malloc:
+    out of memory ...") in Python, where PyTorch would otherwise be handed a NULL address.
 
     Call it before the first CUDA allocation of the process (before any tensor is put
     on a CUDA device, before torch.cuda.init() or anything that initialises CUDA in
@@ -63,7 +65,7 @@ def use_hetmem_allocator():
             f"this PyTorch ({torch.__version__}) has no "
             "torch.cuda.memory.CUDAPluggableAllocator (PyTorch 2.0 or later has it)"
         )
-    alloc = memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc", "hetmem_torch_free")
+    alloc = memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc_cxx", "hetmem_torch_free")
     try:
         memory.change_current_allocator(alloc)
     except RuntimeError as e:

@@ -262,6 +262,13 @@ pub(crate) fn guard_with<T>(
     run(name, f).unwrap_or(fallback)
 }
 
+/// A copy of the calling thread's last error message.
+pub(crate) fn last_error_message() -> CString {
+    LAST_ERROR
+        .try_with(|e| e.borrow().clone())
+        .unwrap_or_default()
+}
+
 /// The calling thread's last error message: empty after a call that succeeded.
 ///
 /// The string stays valid until the thread's next call into hetmem (other than

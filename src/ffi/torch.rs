@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use rustc_hash::FxHashMap;
 
 use super::{
-    device_arg, guard, guard_with, json_array, json_object, json_str, lock, write_c_text, FfiError,
-    FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    device_arg, guard, guard_with, json_array, json_object, json_str, last_error_message, lock,
+    write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::check_device;
 use crate::manager::Manager;
@@ -134,6 +134,35 @@ pub unsafe extern "C" fn hetmem_torch_malloc(
         })?;
         Ok(std::ptr::with_exposed_provenance_mut(addr as usize))
     })
+}
+
+/// [`hetmem_torch_malloc`] for C++ callers, whose interface has no error return:
+/// PyTorch's `CUDAPluggableAllocator` uses a NULL it gets back as the tensor's address,
+/// and the first kernel to touch it faults on the device. Where
+/// [`hetmem_torch_malloc`] would return NULL for a size above 0, this throws
+/// `std::runtime_error` with the last error message instead (PyTorch raises it in Python as
+/// a `RuntimeError`); it returns NULL only where the process has no libstdc++ loaded.
+/// Size 0 returns NULL, as PyTorch expects.
+///
+/// # Safety
+/// As [`hetmem_torch_malloc`]; and the caller is C++ that lets the exception reach a
+/// `catch` (PyTorch's Python bindings catch it).
+#[no_mangle]
+pub unsafe extern "C-unwind" fn hetmem_torch_malloc_cxx(
+    size: isize,
+    device: c_int,
+    stream: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: the caller's contract is hetmem_torch_malloc's.
+    let p = unsafe { hetmem_torch_malloc(size, device, stream) };
+    if p.is_null() && size > 0 {
+        // "hetmem_torch_malloc: out of memory on device 0: requested ..."
+        let message = last_error_message();
+        // SAFETY: this function is "C-unwind" and outside any catch_unwind (the
+        // allocation's guard has returned), and its caller expects C++ exceptions.
+        unsafe { hetmem_sys::cxx::throw_runtime_error(&message) };
+    }
+    p
 }
 
 /// Gives back memory from [`hetmem_torch_malloc`]; it may be reused at once on the

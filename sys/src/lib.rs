@@ -1,2 +1,3 @@
+pub mod cxx;
 pub mod hip;
 pub mod numa;
