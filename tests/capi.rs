@@ -42,43 +42,39 @@ fn show(what: &str, out: &Output) -> String {
     )
 }
 
+/// Compiles `tests/c/<source>` with `compiler` and `std` into `exe`, linked against the
+/// `libhetmem.so` of this test run (rpath set); panics with the compiler's output.
+fn compile(compiler: &str, std: &str, source: &str, exe: &Path) {
+    let lib = library_dir();
+    let out = Command::new(compiler)
+        .arg(format!("-std={std}"))
+        .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(manifest_dir().join("include"))
+        .arg(manifest_dir().join("tests/c").join(source))
+        .arg("-o")
+        .arg(exe)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-lhetmem")
+        .arg("-pthread")
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run the compiler {compiler:?}: {e}. Install gcc and g++ (CI does).")
+        });
+    assert!(
+        out.status.success(),
+        "{}",
+        show(&format!("compiling {source} failed"), &out)
+    );
+}
+
 /// Compiles the C test once per process.
 fn test_program() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let lib = library_dir();
         let exe = scratch_dir().join("capi_test");
-        let out = Command::new(cc())
-            .args([
-                "-std=gnu11",
-                "-O1",
-                "-g",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-I",
-            ])
-            .arg(manifest_dir().join("include"))
-            .arg(manifest_dir().join("tests/c/capi_test.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-L")
-            .arg(&lib)
-            .arg("-lhetmem")
-            .arg("-pthread")
-            .arg(format!("-Wl,-rpath,{}", lib.display()))
-            .output()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run the C compiler {:?}: {e}. Install gcc (the CI script does).",
-                    cc()
-                )
-            });
-        assert!(
-            out.status.success(),
-            "{}",
-            show("compiling capi_test.c failed", &out)
-        );
+        compile(&cc(), "gnu11", "capi_test.c", &exe);
         exe
     })
 }
@@ -149,34 +145,8 @@ fn cpp_program_catches_what_the_torch_allocator_throws() {
     let lib = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     let exe = scratch_dir().join("torch_cxx_test");
+    compile(&cxx, "c++11", "torch_cxx_test.cpp", &exe);
     let libdir = library_dir();
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++11",
-            "-O1",
-            "-g",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-I",
-        ])
-        .arg(manifest_dir().join("include"))
-        .arg(manifest_dir().join("tests/c/torch_cxx_test.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(&libdir)
-        .arg("-lhetmem")
-        .arg(format!("-Wl,-rpath,{}", libdir.display()))
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run the C++ compiler {cxx:?}: {e}. Install g++ (the CI script does).")
-        });
-    assert!(
-        out.status.success(),
-        "{}",
-        show("compiling torch_cxx_test.cpp", &out)
-    );
     let dirs = format!(
         "{}:{}",
         libdir.display(),
