@@ -163,6 +163,43 @@ fn cpp_program_catches_what_the_torch_allocator_throws() {
     assert!(text.contains("checks, 0 failed"), "{text}");
 }
 
+/// The same through a C host (as the python executable: no libstdc++ of its own) that
+/// loads a C++ library with `RTLD_LOCAL`, as Python loads PyTorch's: libstdc++ is then
+/// loaded but not in the global scope, and must still be found.
+#[test]
+fn cpp_library_loaded_rtld_local_catches_what_the_torch_allocator_throws() {
+    let lib = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
+    let dir = scratch_dir();
+    let shim = dir.join("libtorch_local_shim.so");
+    let out = Command::new(&cxx)
+        .args(["-std=c++11", "-O1", "-Wall", "-Werror", "-shared", "-fPIC"])
+        .arg(manifest_dir().join("tests/c/torch_local_shim.cpp"))
+        .arg("-o")
+        .arg(&shim)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler {cxx:?}: {e}"));
+    assert!(out.status.success(), "{}", show("compiling the shim", &out));
+    let exe = dir.join("torch_local_main");
+    compile(&cc(), "gnu11", "torch_local_main.c", &exe);
+    let libdir = library_dir();
+    let dirs = format!(
+        "{}:{}",
+        libdir.display(),
+        lib.parent().expect("target/fake-cuda").display()
+    );
+    let out = Command::new(&exe)
+        .arg(&shim)
+        .env("HETMEM_BACKEND", "cuda")
+        .env("LD_LIBRARY_PATH", dirs)
+        .output()
+        .expect("running torch_local_main");
+    let text = show("torch_local_main", &out);
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("torch_local: thrown"), "{text}");
+}
+
 #[test]
 fn header_compiles_as_strict_c_and_as_cpp() {
     let dir = scratch_dir();

@@ -560,6 +560,75 @@ fn a_mapped_file_changed_under_the_store_is_refused() {
     std::fs::remove_file(&path).ok();
 }
 
+/// A load refused because the mapped file changed leaves the parameter's host copy as
+/// it was (still the mapping, not a pinned copy of the wrong bytes): once the file is
+/// right again, the parameter loads.
+#[test]
+fn a_refused_load_keeps_the_mapped_source() {
+    use std::io::{Seek, SeekFrom, Write};
+    let mgr = sim();
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "tier-store-restored-{}.safetensors",
+        std::process::id()
+    ));
+    let data: Vec<Vec<u8>> = (0..2).map(|i| layer_bytes(i, MIB)).collect();
+    let shape = [MIB];
+    let specs: Vec<(&str, &str, &[usize], &[u8])> = ["w0", "w1"]
+        .iter()
+        .zip(&data)
+        .map(|(n, d)| (*n, "U8", &shape[..], d.as_slice()))
+        .collect();
+    write_safetensors(&path, &specs).unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    let mut cfg = TierConfig::new(2 * MIB, 16 * MIB + 2 * MIB);
+    cfg.checksums = true;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    store.register_safetensors(&file).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    // w1's data is the file's last MiB.
+    let at = bytes.len() - MIB + 10;
+    assert_eq!(bytes[at - 10..], data[1][..]);
+    let poke = |b: u8| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&[b]).unwrap();
+        f.sync_all().unwrap();
+    };
+    let w1 = store.id("w1").unwrap();
+    let mapped_before = store.stats().mapped_bytes;
+    let s = mgr.create_stream(0).unwrap();
+    poke(!data[1][10]);
+    assert!(matches!(
+        store.acquire(w1, &s),
+        Err(Error::Checksum { copy: "host", .. })
+    ));
+    let st = store.stats();
+    assert_eq!(st.mapped_bytes, mapped_before, "{st:?}");
+    assert_eq!(st.host_bytes, 16 * MIB, "no pinned copy was made: {st:?}");
+    poke(data[1][10]);
+    let again = store.acquire(w1, &s).map(drop);
+    std::fs::remove_file(&path).ok();
+    assert!(again.is_ok(), "{:?}", again.err());
+    assert_eq!(store.read(w1).unwrap(), data[1]);
+}
+
+/// Under a sequence the plan makes the load; two wrong transfers refuse the acquire
+/// there too (no second round on demand).
+#[test]
+fn twice_wrong_is_refused_under_a_sequence_too() {
+    let mgr = sim();
+    let store = model(&mgr, 3, SequenceHint::Given(order()), true);
+    let s = mgr.create_stream(0).unwrap();
+    mgr.sim().unwrap().corrupt_next_h2d_copies(2);
+    assert!(matches!(
+        store.acquire(0, &s),
+        Err(Error::Checksum { copy: "device", .. })
+    ));
+    assert_eq!(store.stats().checksum_mismatches, 2);
+    drop(store.acquire(0, &s).unwrap());
+    assert_eq!(store.read(0).unwrap(), layer_bytes(0, LAYER));
+}
+
 #[test]
 fn checksums_find_nothing_on_a_healthy_run_and_mapped_sources_load() {
     let mgr = sim();

@@ -156,8 +156,12 @@ pub unsafe extern "C-unwind" fn hetmem_torch_malloc_cxx(
     // SAFETY: the caller's contract is hetmem_torch_malloc's.
     let p = unsafe { hetmem_torch_malloc(size, device, stream) };
     if p.is_null() && size > 0 {
-        // "hetmem_torch_malloc: out of memory on device 0: requested ..."
-        let message = last_error_message();
+        // "hetmem_torch_malloc: out of memory on device 0: requested ..." (the slot is
+        // gone at a thread's exit: say at least what failed).
+        let mut message = last_error_message();
+        if message.is_empty() {
+            message = c"hetmem_torch_malloc failed".to_owned();
+        }
         // SAFETY: this function is "C-unwind" and outside any catch_unwind (the
         // allocation's guard has returned), and its caller expects C++ exceptions.
         unsafe { hetmem_sys::cxx::throw_runtime_error(&message) };

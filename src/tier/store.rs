@@ -747,8 +747,11 @@ impl TierStore {
         let res = &sh.res;
         // Under a sequence the plan loads the step's parameter (normally long before);
         // otherwise, or when the plan cannot make room, a demand load.
-        if let Err(e) = pump(res, &mut st, 0) {
-            tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed");
+        match pump(res, &mut st, 0) {
+            // Loading it again on demand would hand the same verdict over twice the copies.
+            Err(e @ Error::Checksum { param, .. }) if param == id => return (st, Err(e)),
+            Err(e) => tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed"),
+            Ok(_) => {}
         }
         while st.params[id as usize].dev.is_none() {
             match load(res, &mut st, id, Need::Demand) {
@@ -1200,23 +1203,32 @@ fn release_block(res: &Resources, block: Option<PoolBlock>, uses: &[Event]) -> R
     let Some(block) = block else {
         return Ok(());
     };
-    for e in uses {
-        if let Err(err) = res.copy.wait(e) {
-            // No GPU-side ordering: wait on the host, or keep the block out of
-            // circulation rather than let the pool hand it out under the use.
-            if e.synchronize().is_err() {
-                std::mem::forget(block);
-                return Err(err);
-            }
-        }
+    if let Err(e) = order_after(res, uses) {
+        // Out of circulation rather than handed out by the pool under the use.
+        std::mem::forget(block);
+        return Err(e);
     }
     drop(block);
     Ok(())
 }
 
+/// Orders the copy stream after `uses`: on the device, or where the driver refuses, by
+/// waiting on the host. An error means neither worked: the memory the uses touch must
+/// not be reused.
+fn order_after(res: &Resources, uses: &[Event]) -> Result<()> {
+    for e in uses {
+        if let Err(err) = res.copy.wait(e) {
+            e.synchronize().map_err(|_| err)?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies resident `id`'s device bytes to its host copy (after the uses recorded so
-/// far). The host copy is replaced only once the new bytes are in: a copy that fails
-/// leaves the parameter dirty, on the device, and its old host copy as it was.
+/// far). A copy that fails leaves the parameter dirty and on the device, so nothing is
+/// lost: a cold source (or the mapping a promotion would replace) is replaced only once
+/// the new bytes are in; a pinned copy, written in place, may hold part of them until
+/// the next write-back.
 fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     let idx = id as usize;
     let size = st.params[idx].size;
@@ -1536,8 +1548,10 @@ fn place(
         // The victim's block, same size: the copy stream waits for the victim's last
         // uses (not for everything queued since, as a free to the pool would).
         Some((b, uses)) => {
-            for e in &uses {
-                res.copy.wait(e)?;
+            if let Err(e) = order_after(res, &uses) {
+                // Unordered, the block could be written under the victim's last use.
+                std::mem::forget(b);
+                return Err(e);
             }
             b
         }
@@ -1558,10 +1572,20 @@ fn place(
             }
         },
     };
-    // Promote a cold parameter to the pinned tier if the host budget has room.
+    // Promote a cold parameter to the pinned tier if the host budget has room; with
+    // checksums, only bytes that match (a source that changed stays as it is, refused).
     if matches!(st.params[idx].host, HostCopy::Cold(_))
         && st.pinned + pinned_bytes(size) <= res.pinned_cap
     {
+        if let (Some(expected), HostCopy::Cold(src)) =
+            (st.params[idx].checksum, &st.params[idx].host)
+        {
+            let found = fnv1a(src.bytes());
+            if found != expected {
+                st.stats.checksum_mismatches += 1;
+                return Err(host_mismatch(st, id, expected, found));
+            }
+        }
         match res
             .host
             .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
@@ -1604,7 +1628,7 @@ fn place(
                     continue;
                 }
                 (true, false) => ("device", found),
-                (false, _) => ("host", host),
+                (false, _) => return Err(host_mismatch(st, id, expected, host)),
             };
             tracing::error!(target: "hetmem", id, name = %p.name, copy,
                 "checksum mismatch; the load is refused");
@@ -1631,6 +1655,20 @@ fn place(
     st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
     tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
     Ok(())
+}
+
+/// The error for parameter `id` whose host copy no longer matches its checksum.
+fn host_mismatch(st: &State, id: ParamId, expected: u64, found: u64) -> Error {
+    let name = st.params[id as usize].name.clone();
+    tracing::error!(target: "hetmem", id, %name,
+        "the host copy changed since registration; the load is refused");
+    Error::Checksum {
+        param: id,
+        name,
+        copy: "host",
+        expected,
+        found,
+    }
 }
 
 /// Queues the copy of parameter `idx`'s host copy into `block` on the copy stream (from
