@@ -318,6 +318,85 @@ fn a_failed_acquire_does_not_derail_the_learnt_sequence() {
     );
 }
 
+/// A store of `n` parameters of 64 KiB in a 4-parameter budget, learning the sequence.
+fn learning_store(mgr: &Manager, n: usize) -> TierStore {
+    const SIZE: usize = 64 * 1024;
+    let mut cfg = TierConfig::new(4 * SIZE, 16 * MIB + n * SIZE);
+    cfg.sequence = SequenceHint::Learn;
+    let store = TierStore::new(mgr, cfg).unwrap();
+    for i in 0..n {
+        store
+            .register(&format!("p{i}"), vec![i as u8; SIZE].into())
+            .unwrap();
+    }
+    store
+}
+
+/// A loop of many distinct layers is learnt from its first pass, and a first pass that
+/// acquires one layer twice still ends in the loop's own sequence (not one that grows
+/// by a pass at every pass).
+#[test]
+fn long_loops_are_learnt_and_a_glitch_does_not_grow_the_sequence() {
+    let mgr = sim();
+    let store = learning_store(&mgr, 40);
+    let s = mgr.create_stream(0).unwrap();
+    for _ in 0..4 {
+        for id in 0..40 {
+            drop(store.acquire(id, &s).unwrap());
+        }
+    }
+    assert_eq!(store.sequence(), Some((0..40).collect()));
+    assert_eq!(store.stats().sequences_learnt, 1);
+
+    let store = learning_store(&mgr, 20);
+    let mut ids: Vec<ParamId> = (0..20).collect();
+    ids.push(19);
+    for _ in 0..12 {
+        ids.extend(0..20);
+    }
+    for id in ids {
+        drop(store.acquire(id, &s).unwrap());
+    }
+    assert_eq!(store.sequence().map(|q| q.len()), Some(20));
+}
+
+/// An `acquire_timeout` that fails after other threads' acquires came in takes back
+/// only its own record: the sequence learnt is the acquires that succeeded.
+#[test]
+fn a_timed_out_acquire_takes_back_only_its_own_record() {
+    const SIZE: usize = 64 * 1024;
+    let mgr = sim();
+    let mut cfg = TierConfig::new(2 * SIZE, 16 * MIB + 8 * SIZE);
+    cfg.sequence = SequenceHint::Learn;
+    let store = Arc::new(TierStore::new(&mgr, cfg).unwrap());
+    for i in 0..4 {
+        store
+            .register(&format!("p{i}"), vec![i as u8; SIZE].into())
+            .unwrap();
+    }
+    let s = mgr.create_stream(0).unwrap();
+    let g0 = store.acquire(0, &s).unwrap();
+    let g1 = store.acquire(1, &s).unwrap();
+    let waiter = {
+        let (store, mgr) = (Arc::clone(&store), mgr.clone());
+        std::thread::spawn(move || {
+            let s = mgr.create_stream(0).unwrap();
+            store
+                .acquire_timeout(2, &s, Duration::from_millis(500))
+                .map(drop)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    // Layer 1 used again while the other thread waits (a hit: no room needed).
+    let g1b = store.acquire(1, &s).unwrap();
+    assert!(waiter.join().unwrap().is_err(), "timed out");
+    drop((g0, g1, g1b));
+    for id in [2, 3, 0] {
+        drop(store.acquire(id, &s).unwrap());
+    }
+    assert_eq!(store.sequence(), Some(vec![0, 1, 1, 2, 3]));
+}
+
 /// Learning before the sequence is known: a failed acquire is recorded once.
 #[test]
 fn a_failed_acquire_while_learning_is_recorded_once() {

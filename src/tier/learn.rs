@@ -5,22 +5,27 @@
 //! between are installed as the sequence (the pass after the one learnt already
 //! prefetches). That guess can be short: a tied embedding is used first and last
 //! (`[0, 1, 2, 3, 0]`), so its second use looks like the next pass. The trace is kept
-//! while a sequence is new, and an acquire that leaves it installs the shortest
-//! longer period the whole trace still has (here 5). When none fits, the sequence is
-//! dropped (LRU meanwhile) but the trace is kept, and the next guess waits until the
-//! trace holds its period twice: a pass with a stretch that repeats inside it
-//! (`[2, 2, 1, 1]`) is then learnt instead of guessed wrong forever. After a sequence
-//! has held for [`CONFIRM_PASSES`] passes (of at least as many acquires as there are
-//! parameters) the trace is let go, and a deviation drops it
-//! and starts learning again at that acquire: the runtime changed what it runs.
+//! while a sequence is new, and the first acquire that leaves it installs the shortest
+//! longer period the whole trace still has (here 5), once per trace. When none fits,
+//! the sequence is dropped (LRU meanwhile) but the trace is kept, and the next guess
+//! waits until the trace holds its period twice: a pass with a stretch that repeats
+//! inside it (`[2, 2, 1, 1]`) is then learnt instead of guessed wrong forever. When the
+//! extension fails too (a first pass that acquired something twice), learning starts
+//! again at that acquire, also waiting for a period seen twice. After a sequence has
+//! held for [`CONFIRM_PASSES`] passes (of at least as many acquires as there are
+//! parameters) the trace is let go, and a deviation drops it and starts learning again
+//! at that acquire: the runtime changed what it runs.
 //!
-//! The trace is bounded: a first acquire that never comes round (a one-off warm-up) is
-//! dropped from the front once the rest repeats, and past a length in proportion to
-//! the parameters registered, learning starts again at the latest acquire.
+//! The trace is bounded (16 acquires a parameter, and 64): past that, learning starts
+//! again at the latest acquire. A first acquire that never comes round (a one-off
+//! warm-up) is dropped from the front at powers of two, once the trace is twice as
+//! long as a pass of its distinct ids.
 //!
 //! The store records an acquire before it knows whether the acquire succeeds and takes
 //! it back ([`Learner::unobserve`]) when it fails, so that the caller's retry is seen
-//! once: a failed acquire must neither drop the sequence nor appear twice in it.
+//! once: a failed acquire must neither drop the sequence nor appear twice in it. (An
+//! acquire that waited while other threads' acquires were recorded takes its own record
+//! out from behind theirs.)
 
 use crate::tier::policy::ParamId;
 
@@ -58,40 +63,70 @@ pub(crate) struct Learner {
     /// `[3, 0, 3, 0]` or `[2, 2]`, holds once but not twice: from the trace's first id
     /// a stream periodic from there has only its true period once it holds it twice.)
     strict: bool,
-    /// The last observe pushed onto `trace` (what `unobserve` takes back).
-    pushed: bool,
+    /// The guess in force extended a failed one. Only one extension per trace: a first
+    /// pass with a glitch (an acquire twice) would otherwise grow the guess by a pass at
+    /// every pass.
+    extended: bool,
+    /// Counts changes to the trace other than pushes: a [`Token`] from before one is
+    /// stale.
+    epoch: u64,
+}
+
+/// What [`Learner::unobserve`] needs to take one acquire's record back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Token {
+    epoch: u64,
+    at: usize,
+    id: ParamId,
 }
 
 impl Learner {
     /// Forgets everything (a sequence given by the runtime, or none).
     pub(crate) fn reset(&mut self) {
-        *self = Learner::default();
+        let epoch = self.epoch + 1;
+        *self = Learner {
+            epoch,
+            ..Learner::default()
+        };
     }
 
     /// A sequence of `len` steps given by the runtime is in force: followed until an
     /// acquire leaves it, then learning starts at that acquire.
     pub(crate) fn given(&mut self, len: usize) {
-        *self = Learner {
-            period: Some(len),
-            confirmed: true,
-            ..Learner::default()
-        };
+        self.reset();
+        self.period = Some(len);
+        self.confirmed = true;
+    }
+
+    /// The longest the trace may grow for `params` registered parameters.
+    fn cap(params: usize) -> usize {
+        16 * params + 64
     }
 
     /// Records an acquire of `id`. `following`: a sequence this learner installed is in
     /// force and `id` is its next step. `params`: how many parameters are registered
-    /// (it bounds the trace).
-    pub(crate) fn observe(&mut self, id: ParamId, following: bool, params: usize) -> Learnt {
-        self.pushed = false;
-        match self.period {
+    /// (it bounds the trace). Returns what changes, and the token that takes the record
+    /// back if the acquire fails (`None`: nothing was recorded).
+    pub(crate) fn observe(
+        &mut self,
+        id: ParamId,
+        following: bool,
+        params: usize,
+    ) -> (Learnt, Option<Token>) {
+        let cap = Self::cap(params);
+        let learnt = match self.period {
             Some(p) if following => {
-                if !self.confirmed {
-                    self.push(id);
-                    if self.trace.len() >= CONFIRM_PASSES * p.max(params) {
-                        self.confirmed = true;
-                        self.strict = false;
-                        self.clear();
-                    }
+                if self.confirmed {
+                    return (Learnt::Same, None);
+                }
+                self.push(id);
+                let n = self.trace.len();
+                if n >= CONFIRM_PASSES * p.max(params) || n > cap {
+                    self.confirmed = true;
+                    self.strict = false;
+                    self.extended = false;
+                    self.clear();
+                    return (Learnt::Same, None);
                 }
                 Learnt::Same
             }
@@ -100,45 +135,56 @@ impl Learner {
                 self.period = None;
                 self.confirmed = false;
                 self.strict = false;
+                self.extended = false;
                 self.clear();
                 self.push(id);
                 Learnt::Drop
             }
             Some(_) => {
-                // A guess. The whole trace may still have a longer period (the guess was
-                // a stretch of the pass): install it at once.
                 self.push(id);
-                if let Some(l) = self.found() {
-                    return l;
+                if !self.extended {
+                    // The whole trace may still have a longer period (the guess was a
+                    // stretch of the pass, as with a weight used first and last).
+                    if let Some(l) = self.found() {
+                        self.extended = true;
+                        return self.token(l, id);
+                    }
+                    // Keep the trace: from its first id the stream may still be
+                    // periodic, and then the period shows once the trace holds it twice.
+                } else {
+                    // The extension failed too: the trace's start is not the pass's.
+                    self.clear();
+                    self.push(id);
                 }
-                // Keep the trace: from its first id the stream may still be periodic,
-                // and then the period shows once the trace holds it twice.
                 self.period = None;
                 self.strict = true;
+                self.extended = false;
                 Learnt::Drop
             }
             None => {
                 self.push(id);
                 if let Some(l) = self.found() {
-                    return l;
+                    return self.token(l, id);
                 }
-                // Amortised: a one-off prefix (its first ids never come round) hides
-                // the period; drop it at powers of two.
+                // Amortised: a one-off prefix (its first ids never come round) hides the
+                // period; drop it at powers of two, once the trace is twice as long as a
+                // pass of its distinct ids would be (a pass that uses some many times is
+                // longer: its first id comes round before the check).
                 let n = self.trace.len();
                 if n >= 16 && n.is_power_of_two() {
-                    let k = first_recurring(&self.trace);
-                    if k > 0 {
+                    let (k, distinct) = first_recurring(&self.trace);
+                    if n >= 2 * distinct + 16 && k > 0 && k < n {
                         let rest = self.trace.split_off(k);
                         self.clear();
                         for id in rest {
                             self.push(id);
                         }
                         if let Some(l) = self.found() {
-                            return l;
+                            return self.token(l, id);
                         }
                     }
                 }
-                if self.trace.len() > 16 * params + 64 {
+                if self.trace.len() > cap {
                     // Not periodic from where the trace starts: start again here.
                     self.clear();
                     self.push(id);
@@ -146,21 +192,47 @@ impl Learner {
                 }
                 Learnt::Same
             }
-        }
+        };
+        self.token(learnt, id)
     }
 
-    /// Takes back the last [`Learner::observe`] (its acquire failed). A sequence it
-    /// installed stays: the retry follows it.
-    pub(crate) fn unobserve(&mut self) {
-        if std::mem::take(&mut self.pushed) {
+    /// `learnt`, with the token of the record just pushed (the trace's last).
+    fn token(&self, learnt: Learnt, id: ParamId) -> (Learnt, Option<Token>) {
+        let at = self.trace.len().checked_sub(1);
+        let token = at.map(|at| Token {
+            epoch: self.epoch,
+            at,
+            id,
+        });
+        (learnt, token)
+    }
+
+    /// Takes back the record of an acquire that failed. A sequence its observe installed
+    /// stays (the retry follows it). After other acquires were recorded, the record is
+    /// taken out of the trace where the trace has not been rebuilt since; else it stays.
+    pub(crate) fn unobserve(&mut self, token: Token) {
+        if token.epoch != self.epoch || self.trace.get(token.at) != Some(&token.id) {
+            return;
+        }
+        if token.at + 1 == self.trace.len() {
             self.trace.pop();
             self.pi.pop();
+            return;
         }
+        let rest = self.trace.split_off(token.at + 1);
+        self.trace.pop();
+        self.pi.truncate(token.at);
+        for id in rest {
+            self.push(id);
+        }
+        // The later records moved: their tokens are stale now.
+        self.epoch += 1;
     }
 
     fn clear(&mut self) {
         self.trace = Vec::new();
         self.pi = Vec::new();
+        self.epoch += 1;
     }
 
     fn push(&mut self, id: ParamId) {
@@ -175,7 +247,6 @@ impl Learner {
         }
         self.trace.push(id);
         self.pi.push(k);
-        self.pushed = true;
     }
 
     /// The trace's shortest period (its length when it has none shorter).
@@ -187,11 +258,12 @@ impl Learner {
     /// when strict).
     fn found(&mut self) -> Option<Learnt> {
         let (n, q) = (self.trace.len(), self.shortest_period());
-        let seen = if self.strict { 2 * q <= n } else { q < n };
+        let seen = q > 0 && if self.strict { 2 * q <= n } else { q < n };
         seen.then(|| self.install(q))
     }
 
-    /// Installs the trace's first `q` steps; the trace ends with the acquire now.
+    /// Installs the trace's first `q` steps (`0 < q < trace.len()`); the trace ends with
+    /// the acquire now.
     fn install(&mut self, q: usize) -> Learnt {
         self.period = Some(q);
         self.confirmed = false;
@@ -203,8 +275,9 @@ impl Learner {
     }
 }
 
-/// The first index whose id occurs again later in `s` (`s.len()` if none does).
-fn first_recurring(s: &[ParamId]) -> usize {
+/// The first index whose id occurs again later in `s` (`s.len()` if none does), and
+/// how many distinct ids `s` has.
+fn first_recurring(s: &[ParamId]) -> (usize, usize) {
     let mut later = rustc_hash::FxHashSet::default();
     let mut first = s.len();
     for (i, id) in s.iter().enumerate().rev() {
@@ -212,7 +285,7 @@ fn first_recurring(s: &[ParamId]) -> usize {
             first = i;
         }
     }
-    first
+    (first, later.len())
 }
 
 #[cfg(test)]
@@ -245,7 +318,7 @@ mod tests {
                 .as_ref()
                 .is_some_and(|(o, at)| o[(at + 1) % o.len()] == id);
             r.settled_for += 1;
-            match l.observe(id, following, params) {
+            match l.observe(id, following, params).0 {
                 Learnt::Same => {
                     if let Some((o, at)) = &mut seq {
                         *at = (*at + 1) % o.len();
@@ -264,7 +337,11 @@ mod tests {
                     r.settled_for = 0;
                 }
             }
-            assert!(l.trace.len() <= 16 * params + 64, "trace {}", l.trace.len());
+            assert!(
+                l.trace.len() <= Learner::cap(params) + 1,
+                "trace {}",
+                l.trace.len()
+            );
             assert_eq!(l.trace.len(), l.pi.len());
         }
         r.seq = seq.map(|(o, _)| o);
@@ -322,11 +399,13 @@ mod tests {
     #[test]
     fn a_one_off_first_acquire_is_dropped_from_the_front() {
         let mut ids = vec![9];
-        ids.extend(passes(&[0, 1, 2, 3, 4], 6));
+        ids.extend(passes(&[0, 1, 2, 3, 4], 10));
         let r = run(&ids, 10);
-        // Found at the trace's 16th entry, the sequence starting where the trace does.
+        // Found at the trace's 32nd entry (twice 6 distinct ids and 16), the sequence
+        // starting where the trace does then.
         assert_eq!(r.seq, Some(vec![0, 1, 2, 3, 4]));
         assert_eq!((r.installs, r.drops), (1, 0));
+        assert_eq!(r.settled_for, 51 - 32);
     }
 
     #[test]
@@ -354,19 +433,21 @@ mod tests {
     fn a_failed_acquire_taken_back_is_seen_once() {
         let mut l = Learner::default();
         for id in [0, 1, 2, 3] {
-            assert_eq!(l.observe(id, false, 4), Learnt::Same);
+            assert_eq!(l.observe(id, false, 4).0, Learnt::Same);
         }
         // The acquire closing the pass fails after installing: the retry follows.
-        assert!(matches!(l.observe(0, false, 4), Learnt::Install { .. }));
-        l.unobserve();
-        assert_eq!(l.observe(0, true, 4), Learnt::Same);
+        let (learnt, token) = l.observe(0, false, 4);
+        assert!(matches!(learnt, Learnt::Install { .. }));
+        l.unobserve(token.unwrap());
+        assert_eq!(l.observe(0, true, 4).0, Learnt::Same);
         assert_eq!(l.trace, vec![0, 1, 2, 3, 0]);
         // A deviation from the guess that fails: its retry, with no sequence in force,
         // leaves the trace as one deviation would.
-        assert_eq!(l.observe(2, false, 4), Learnt::Drop);
-        l.unobserve();
+        let (learnt, token) = l.observe(2, false, 4);
+        assert_eq!(learnt, Learnt::Drop);
+        l.unobserve(token.unwrap());
         assert_eq!(l.trace, vec![0, 1, 2, 3, 0]);
-        assert_eq!(l.observe(2, false, 4), Learnt::Same);
+        assert_eq!(l.observe(2, false, 4).0, Learnt::Same);
         assert_eq!(l.trace, vec![0, 1, 2, 3, 0, 2]);
         // From a confirmed sequence: the retry starts the trace as the deviation did.
         let mut l = Learner::default();
@@ -375,18 +456,82 @@ mod tests {
             l.observe(id, following, 2);
         }
         assert!(l.confirmed);
-        assert_eq!(l.observe(1, false, 2), Learnt::Drop);
-        l.unobserve();
+        let (learnt, token) = l.observe(1, false, 2);
+        assert_eq!(learnt, Learnt::Drop);
+        l.unobserve(token.unwrap());
         assert!(l.trace.is_empty());
-        assert_eq!(l.observe(1, false, 2), Learnt::Same);
+        assert_eq!(l.observe(1, false, 2).0, Learnt::Same);
         assert_eq!(l.trace, vec![1]);
+    }
+
+    #[test]
+    fn a_failed_record_is_taken_out_from_behind_later_ones() {
+        let mut l = Learner::default();
+        for id in [0, 1] {
+            l.observe(id, false, 4);
+        }
+        let (_, failed) = l.observe(2, false, 4);
+        l.observe(1, false, 4); // another thread's, while the first waited
+        l.unobserve(failed.unwrap());
+        assert_eq!(l.trace, vec![0, 1, 1]);
+        let q = period(&l.trace);
+        assert_eq!(l.shortest_period(), q, "the prefix function was rebuilt");
+        // A stale token (the trace was rebuilt since) takes nothing out.
+        let (_, t) = l.observe(3, false, 4);
+        l.clear();
+        l.push(5);
+        l.unobserve(t.unwrap());
+        assert_eq!(l.trace, vec![5]);
+    }
+
+    #[test]
+    fn long_loops_of_distinct_layers_are_learnt() {
+        for n in [16u32, 40, 100] {
+            let pass: Vec<ParamId> = (0..n).collect();
+            let r = run(&passes(&pass, 6), n as usize);
+            assert_eq!(r.seq, Some(pass), "{n} layers");
+            assert_eq!((r.installs, r.drops), (1, 0), "{n} layers");
+        }
+    }
+
+    #[test]
+    fn strict_learning_never_installs_an_empty_period() {
+        let mut l = Learner {
+            strict: true,
+            ..Learner::default()
+        };
+        for id in 0..64 {
+            l.observe(id, false, 20);
+        }
+    }
+
+    #[test]
+    fn a_glitch_in_the_first_pass_does_not_grow_the_sequence() {
+        // The first pass acquires layer 7 twice.
+        let mut ids: Vec<ParamId> = (0..8).collect();
+        ids.push(7);
+        ids.extend(passes(&(0..8).collect::<Vec<_>>(), 30));
+        let r = run(&ids, 8);
+        assert_eq!(r.seq.as_ref().map(Vec::len), Some(8), "{r:?}");
+        assert!(r.settled_for >= 20 * 8, "{r:?}");
+    }
+
+    #[test]
+    fn a_pass_much_longer_than_the_parameters_is_learnt() {
+        // One layer applied twelve times (ALBERT): 26 steps over 4 parameters.
+        let mut pass = vec![0];
+        pass.extend(passes(&[1, 2], 12));
+        pass.push(3);
+        let r = run(&passes(&pass, 12), 4);
+        assert_eq!(r.seq.as_ref().map(Vec::len), Some(26), "{r:?}");
+        assert!(r.settled_for >= 4 * 26, "{r:?}");
     }
 
     #[test]
     fn helpers() {
         assert_eq!(period(&[0, 1, 0, 1, 0]), 2);
-        assert_eq!(first_recurring(&[7, 8, 0, 1, 0]), 2);
-        assert_eq!(first_recurring(&[7, 8]), 2);
+        assert_eq!(first_recurring(&[7, 8, 0, 1, 0]), (2, 4));
+        assert_eq!(first_recurring(&[7, 8]), (2, 2));
     }
 
     proptest! {
@@ -400,8 +545,9 @@ mod tests {
                 l.push(*id);
                 prop_assert_eq!(l.shortest_period(), period(&s[..=i]));
             }
-            l.unobserve();
-            prop_assert_eq!(l.shortest_period(), period(&s[..s.len() - 1]));
+            let at = s.len() - 1;
+            l.unobserve(Token { epoch: l.epoch, at, id: s[at] });
+            prop_assert_eq!(l.shortest_period(), period(&s[..at]));
         }
 
         /// Any pass (ids may repeat), after a one-off prefix of ids it does not use, is
@@ -413,7 +559,8 @@ mod tests {
             prefix in 0usize..3,
         ) {
             let mut ids: Vec<ParamId> = (100..100 + prefix as ParamId).collect();
-            ids.extend(passes(&pass, 40));
+            // Long enough for the prefix to be dropped (at 64 acquires at the latest).
+            ids.extend(passes(&pass, 40.max(160 / pass.len())));
             let r = run(&ids, 106);
             let seq = r.seq.clone().expect("a sequence is in force at the end");
             let q = period(&passes(&pass, 2));

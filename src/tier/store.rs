@@ -93,7 +93,7 @@ use crate::pool::{
     StagingRing,
 };
 use crate::stream::{Event, Stream};
-use crate::tier::learn::{Learner, Learnt};
+use crate::tier::learn::{Learner, Learnt, Token};
 use crate::tier::plan::{fixed_set, zombie_done, Candidate, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
@@ -323,6 +323,8 @@ struct State {
     ev: Eviction,
     /// Learns the sequence from the acquires (Learn mode).
     learner: Learner,
+    /// Acquires begun (a failed one rewinds the sequence only if it is still the last).
+    acquires: u64,
     last_released: Option<ParamId>,
     /// The streaming plan (sequence policy; built lazily, dropped when residency
     /// changes outside it).
@@ -507,6 +509,7 @@ impl TierStore {
                     names: HashMap::new(),
                     ev,
                     learner: Learner::default(),
+                    acquires: 0,
                     last_released: None,
                     plan: None,
                     step,
@@ -671,7 +674,9 @@ impl TierStore {
         }
         let mut st = sh.lock();
         param(&st, id)?;
-        note_use(res, &mut st, id);
+        let token = note_use(res, &mut st, id);
+        st.acquires += 1;
+        let nth = st.acquires;
         // Where the sequence stood: an acquire that fails has not run its step, so that
         // a retry is not taken for a step off the sequence (or recorded twice).
         let (pos, step, served, on_track) = (st.ev.pos(), st.step, st.served, st.on_track);
@@ -695,14 +700,20 @@ impl TierStore {
         let (mut st, made) = self.make_resident(st, id, stream, deadline);
         if let Err(e) = made {
             let st = &mut *st;
-            st.ev.rewind(pos);
-            (st.step, st.served, st.on_track) = (step, served, on_track);
-            for a in passed.into_iter().rev() {
-                st.ahead.push_front(a);
+            // Unless other threads' acquires moved the sequence on while this one waited
+            // (then it stays where they left it).
+            if st.acquires == nth {
+                st.ev.rewind(pos);
+                (st.step, st.served, st.on_track) = (step, served, on_track);
+                for a in passed.into_iter().rev() {
+                    st.ahead.push_front(a);
+                }
             }
             // Resumes from what is resident when the retry comes.
             st.plan = None;
-            st.learner.unobserve();
+            if let Some(t) = token {
+                st.learner.unobserve(t);
+            }
             return Err(e);
         }
         if hit {
@@ -1067,14 +1078,16 @@ fn host_bytes(host: &HostCopy, size: usize) -> Result<&[u8]> {
 }
 
 /// Sequence learning (Learn mode): record the acquire of `id`, install a sequence
-/// learnt, or drop one the acquire left ([`crate::tier::learn`]).
-fn note_use(res: &Resources, st: &mut State, id: ParamId) {
+/// learnt, or drop one the acquire left ([`crate::tier::learn`]). Returns the token that
+/// takes the record back if the acquire fails.
+fn note_use(res: &Resources, st: &mut State, id: ParamId) -> Option<Token> {
     if !res.learn {
-        return;
+        return None;
     }
     let in_force = matches!(st.ev.policy(), Policy::Sequence(_));
     let following = in_force && st.ev.next_use(id) == Some(1);
-    match st.learner.observe(id, following, st.params.len()) {
+    let (learnt, token) = st.learner.observe(id, following, st.params.len());
+    match learnt {
         Learnt::Same => {}
         Learnt::Install { order, pos } => {
             tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
@@ -1090,6 +1103,7 @@ fn note_use(res: &Resources, st: &mut State, id: ParamId) {
             st.stats.sequences_dropped += 1;
         }
     }
+    token
 }
 
 /// Puts `ev` in force; the plan starts again from what is on the device.
