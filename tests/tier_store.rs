@@ -397,6 +397,42 @@ fn a_timed_out_acquire_takes_back_only_its_own_record() {
     assert_eq!(store.sequence(), Some(vec![0, 1, 1, 2, 3]));
 }
 
+/// A sequence given while an acquire waits for room is kept when that acquire times
+/// out: the failed acquire does not rewind the new sequence to where the old one was.
+#[test]
+fn a_sequence_given_while_an_acquire_waits_is_kept() {
+    const SIZE: usize = 64 * 1024;
+    let mgr = sim();
+    let mut cfg = TierConfig::new(2 * SIZE, 16 * MIB + 8 * SIZE);
+    cfg.sequence = SequenceHint::Learn;
+    let store = Arc::new(TierStore::new(&mgr, cfg).unwrap());
+    for i in 0..4 {
+        store
+            .register(&format!("p{i}"), vec![i as u8; SIZE].into())
+            .unwrap();
+    }
+    let s = mgr.create_stream(0).unwrap();
+    let held = (store.acquire(0, &s).unwrap(), store.acquire(1, &s).unwrap());
+    let waiter = {
+        let (store, mgr) = (Arc::clone(&store), mgr.clone());
+        std::thread::spawn(move || {
+            let s = mgr.create_stream(0).unwrap();
+            store
+                .acquire_timeout(2, &s, Duration::from_millis(300))
+                .map(drop)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    store.set_sequence(Some(vec![3, 2, 1, 0])).unwrap();
+    assert!(waiter.join().unwrap().is_err(), "timed out");
+    drop(held);
+    for id in [3, 2, 1, 0] {
+        drop(store.acquire(id, &s).unwrap());
+    }
+    assert_eq!(store.stats().sequences_dropped, 0);
+    assert_eq!(store.sequence(), Some(vec![3, 2, 1, 0]));
+}
+
 /// Learning before the sequence is known: a failed acquire is recorded once.
 #[test]
 fn a_failed_acquire_while_learning_is_recorded_once() {

@@ -16,16 +16,22 @@
 //! parameters) the trace is let go, and a deviation drops it and starts learning again
 //! at that acquire: the runtime changed what it runs.
 //!
-//! The trace is bounded (16 acquires a parameter, and 64): past that, learning starts
-//! again at the latest acquire. A first acquire that never comes round (a one-off
-//! warm-up) is dropped from the front at powers of two, once the trace is twice as
-//! long as a pass of its distinct ids.
+//! A learnt sequence dropped soon after it was confirmed was likely a stretch of a
+//! longer pass (a shared layer run twelve times): each such drop doubles what the next
+//! confirmation needs, and the trace bound, up to 16 times.
+//!
+//! The trace is bounded (16 acquires a parameter, and 64, times that factor): past
+//! that, learning starts again at the latest acquire. At powers of two, once the trace
+//! is twice as long as a pass of its distinct ids, a first acquire that never comes
+//! round (a one-off warm-up) is dropped from the front, and after a failed guess, an
+//! older half is dropped where the newer half holds a period twice (the pass changed).
 //!
 //! The store records an acquire before it knows whether the acquire succeeds and takes
 //! it back ([`Learner::unobserve`]) when it fails, so that the caller's retry is seen
-//! once: a failed acquire must neither drop the sequence nor appear twice in it. (An
-//! acquire that waited while other threads' acquires were recorded takes its own record
-//! out from behind theirs.)
+//! once: a failed acquire must neither drop the sequence nor appear twice in it. An
+//! acquire that waited while other threads' acquires came in takes its own record out
+//! from behind theirs, but the sequence's cursor stays where their acquires left it,
+//! so its retry may be taken for a step off the sequence.
 
 use crate::tier::policy::ParamId;
 
@@ -70,6 +76,16 @@ pub(crate) struct Learner {
     /// Counts changes to the trace other than pushes: a [`Token`] from before one is
     /// stale.
     epoch: u64,
+    /// Confirmed sequences this learner learnt that were dropped soon after (within the
+    /// trace bound): each doubles the acquires to confirm and the trace bound, so that a
+    /// stretch repeating inside a long pass (a shared layer run twelve times) stops
+    /// being confirmed as the pass. At most 4; back to 0 once a sequence has held for the
+    /// bound.
+    patience: u32,
+    /// The confirmed sequence was learnt here (not given).
+    learnt: bool,
+    /// Acquires followed since the sequence was confirmed.
+    held: usize,
 }
 
 /// What [`Learner::unobserve`] needs to take one acquire's record back.
@@ -86,6 +102,7 @@ impl Learner {
         let epoch = self.epoch + 1;
         *self = Learner {
             epoch,
+            patience: self.patience,
             ..Learner::default()
         };
     }
@@ -99,8 +116,8 @@ impl Learner {
     }
 
     /// The longest the trace may grow for `params` registered parameters.
-    fn cap(params: usize) -> usize {
-        16 * params + 64
+    fn cap(&self, params: usize) -> usize {
+        (16 * params + 64) << self.patience
     }
 
     /// Records an acquire of `id`. `following`: a sequence this learner installed is in
@@ -113,16 +130,22 @@ impl Learner {
         following: bool,
         params: usize,
     ) -> (Learnt, Option<Token>) {
-        let cap = Self::cap(params);
+        let cap = self.cap(params);
         let learnt = match self.period {
             Some(p) if following => {
                 if self.confirmed {
+                    self.held += 1;
+                    if self.held > cap {
+                        self.patience = 0;
+                    }
                     return (Learnt::Same, None);
                 }
                 self.push(id);
                 let n = self.trace.len();
-                if n >= CONFIRM_PASSES * p.max(params) || n > cap {
+                if n >= (CONFIRM_PASSES * p.max(params)) << self.patience || n > cap {
                     self.confirmed = true;
+                    self.learnt = true;
+                    self.held = 0;
                     self.strict = false;
                     self.extended = false;
                     self.clear();
@@ -131,7 +154,12 @@ impl Learner {
                 Learnt::Same
             }
             Some(_) if self.confirmed => {
-                // The runtime changed what it runs: learn again from here.
+                // The runtime changed what it runs: learn again from here. Soon after
+                // confirming what it learnt, more likely a stretch of a longer pass.
+                if self.learnt && self.held <= cap {
+                    self.patience = (self.patience + 1).min(4);
+                }
+                self.learnt = false;
                 self.period = None;
                 self.confirmed = false;
                 self.strict = false;
@@ -166,15 +194,24 @@ impl Learner {
                 if let Some(l) = self.found() {
                     return self.token(l, id);
                 }
-                // Amortised: a one-off prefix (its first ids never come round) hides the
-                // period; drop it at powers of two, once the trace is twice as long as a
-                // pass of its distinct ids would be (a pass that uses some many times is
-                // longer: its first id comes round before the check).
+                // Amortised, at powers of two, once the trace is twice as long as a pass
+                // of its distinct ids would be (a pass that uses some many times is
+                // longer: its first id comes round before the check): a one-off prefix
+                // (its first ids never come round) hides the period, so drop it; after a
+                // failed guess, a start that is not the pass's can (a pass that changed
+                // once), so drop the older half.
                 let n = self.trace.len();
                 if n >= 16 && n.is_power_of_two() {
                     let (k, distinct) = first_recurring(&self.trace);
-                    if n >= 2 * distinct + 16 && k > 0 && k < n {
-                        let rest = self.trace.split_off(k);
+                    let cut = match (k > 0 && k < n, self.strict) {
+                        (true, _) => k,
+                        // Only where the newer half holds a period twice: a long pass
+                        // (seen twice only in the whole trace) keeps its start.
+                        (false, true) if holds_a_period_twice(&self.trace[n / 2..]) => n / 2,
+                        _ => 0,
+                    };
+                    if n >= 2 * distinct + 16 && cut > 0 {
+                        let rest = self.trace.split_off(cut);
                         self.clear();
                         for id in rest {
                             self.push(id);
@@ -275,6 +312,17 @@ impl Learner {
     }
 }
 
+/// Whether `s` is periodic with a period it holds at least twice (the prefix function,
+/// computed afresh).
+fn holds_a_period_twice(s: &[ParamId]) -> bool {
+    let mut l = Learner::default();
+    for id in s {
+        l.push(*id);
+    }
+    let q = l.shortest_period();
+    q > 0 && 2 * q <= s.len()
+}
+
 /// The first index whose id occurs again later in `s` (`s.len()` if none does), and
 /// how many distinct ids `s` has.
 fn first_recurring(s: &[ParamId]) -> (usize, usize) {
@@ -338,7 +386,7 @@ mod tests {
                 }
             }
             assert!(
-                l.trace.len() <= Learner::cap(params) + 1,
+                l.trace.len() <= l.cap(params) + 1,
                 "trace {}",
                 l.trace.len()
             );
@@ -492,6 +540,34 @@ mod tests {
             assert_eq!(r.seq, Some(pass), "{n} layers");
             assert_eq!((r.installs, r.drops), (1, 0), "{n} layers");
         }
+    }
+
+    #[test]
+    fn a_shared_layer_of_many_tensors_is_not_taken_for_the_pass() {
+        // ALBERT with a 16-tensor shared layer run 12 times: 196 steps over 24 parameters.
+        let mut pass: Vec<ParamId> = vec![20, 21];
+        for _ in 0..12 {
+            pass.extend(0..16);
+        }
+        pass.extend([22, 23]);
+        let r = run(&passes(&pass, 20), 24);
+        assert_eq!(r.seq.as_ref().map(Vec::len), Some(pass.len()), "{r:?}");
+        assert!(r.settled_for >= 8 * pass.len(), "{r:?}");
+        // A stretch repeating past the confirmation, with no prefix at all.
+        let r = run(&passes(&[1, 0, 1, 0, 1, 0, 0], 40), 2);
+        assert_eq!(r.seq.as_ref().map(Vec::len), Some(7), "{r:?}");
+    }
+
+    #[test]
+    fn a_pass_that_changed_once_before_confirmation_is_relearnt_in_a_few_passes() {
+        let pass: Vec<ParamId> = (0..8).collect();
+        let mut ids = pass.clone();
+        ids.extend([0, 1, 2, 4, 3, 5, 6, 7]);
+        ids.extend(passes(&pass, 30));
+        let r = run(&ids, 8);
+        assert_eq!(r.seq.as_ref().map(Vec::len), Some(8), "{r:?}");
+        // Learnt again by the 64th acquire (8 passes), not at the trace bound (24 passes).
+        assert!(r.settled_for >= ids.len() - 64, "{r:?}");
     }
 
     #[test]

@@ -323,7 +323,8 @@ struct State {
     ev: Eviction,
     /// Learns the sequence from the acquires (Learn mode).
     learner: Learner,
-    /// Acquires begun (a failed one rewinds the sequence only if it is still the last).
+    /// Acquires begun and sequences set: a failed acquire rewinds the sequence only if
+    /// nothing came in since it began.
     acquires: u64,
     last_released: Option<ParamId>,
     /// The streaming plan (sequence policy; built lazily, dropped when residency
@@ -914,6 +915,9 @@ impl TierStore {
             )));
         }
         st.learner.reset();
+        // An acquire waiting for room must not rewind the new sequence's cursor to where
+        // the old one stood when it fails.
+        st.acquires += 1;
         let ev = match order {
             Some(o) if !o.is_empty() => {
                 // In learn mode a given sequence is followed until acquires leave it.
