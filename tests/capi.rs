@@ -146,21 +146,28 @@ fn cpp_program_catches_what_the_torch_allocator_throws() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_owned());
     let exe = scratch_dir().join("torch_cxx_test");
     compile(&cxx, "c++11", "torch_cxx_test.cpp", &exe);
-    let libdir = library_dir();
+    let text = run_on_fake_cuda(&lib, &exe, &[]);
+    assert!(text.contains("checks, 0 failed"), "{text}");
+}
+
+/// Runs `exe args` with the CUDA backend over the fake driver `lib`; fails unless it
+/// exits 0. Returns what it printed.
+fn run_on_fake_cuda(lib: &Path, exe: &Path, args: &[&Path]) -> String {
     let dirs = format!(
         "{}:{}",
-        libdir.display(),
+        library_dir().display(),
         lib.parent().expect("target/fake-cuda").display()
     );
-    let out = Command::new(&exe)
+    let out = Command::new(exe)
+        .args(args)
         .env("HETMEM_BACKEND", "cuda")
         .env("LD_LIBRARY_PATH", dirs)
         .output()
-        .expect("running torch_cxx_test");
-    let text = show("torch_cxx_test", &out);
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
+    let text = show(&exe.display().to_string(), &out);
     println!("{text}");
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("checks, 0 failed"), "{text}");
+    text
 }
 
 /// The same through a C host (as the python executable: no libstdc++ of its own) that
@@ -182,21 +189,7 @@ fn cpp_library_loaded_rtld_local_catches_what_the_torch_allocator_throws() {
     assert!(out.status.success(), "{}", show("compiling the shim", &out));
     let exe = dir.join("torch_local_main");
     compile(&cc(), "gnu11", "torch_local_main.c", &exe);
-    let libdir = library_dir();
-    let dirs = format!(
-        "{}:{}",
-        libdir.display(),
-        lib.parent().expect("target/fake-cuda").display()
-    );
-    let out = Command::new(&exe)
-        .arg(&shim)
-        .env("HETMEM_BACKEND", "cuda")
-        .env("LD_LIBRARY_PATH", dirs)
-        .output()
-        .expect("running torch_local_main");
-    let text = show("torch_local_main", &out);
-    println!("{text}");
-    assert!(out.status.success(), "{text}");
+    let text = run_on_fake_cuda(&lib, &exe, &[&shim]);
     assert!(text.contains("torch_local: thrown"), "{text}");
 }
 

@@ -318,10 +318,11 @@ fn a_failed_acquire_does_not_derail_the_learnt_sequence() {
     );
 }
 
-/// A store of `n` parameters of 64 KiB in a 4-parameter budget, learning the sequence.
-fn learning_store(mgr: &Manager, n: usize) -> TierStore {
+/// A store of `n` parameters of 64 KiB with room for `room` of them on the device,
+/// learning the sequence.
+fn learning_store(mgr: &Manager, n: usize, room: usize) -> TierStore {
     const SIZE: usize = 64 * 1024;
-    let mut cfg = TierConfig::new(4 * SIZE, 16 * MIB + n * SIZE);
+    let mut cfg = TierConfig::new(room * SIZE, 16 * MIB + n * SIZE);
     cfg.sequence = SequenceHint::Learn;
     let store = TierStore::new(mgr, cfg).unwrap();
     for i in 0..n {
@@ -338,7 +339,7 @@ fn learning_store(mgr: &Manager, n: usize) -> TierStore {
 #[test]
 fn long_loops_are_learnt_and_a_glitch_does_not_grow_the_sequence() {
     let mgr = sim();
-    let store = learning_store(&mgr, 40);
+    let store = learning_store(&mgr, 40, 4);
     let s = mgr.create_stream(0).unwrap();
     for _ in 0..4 {
         for id in 0..40 {
@@ -348,7 +349,7 @@ fn long_loops_are_learnt_and_a_glitch_does_not_grow_the_sequence() {
     assert_eq!(store.sequence(), Some((0..40).collect()));
     assert_eq!(store.stats().sequences_learnt, 1);
 
-    let store = learning_store(&mgr, 20);
+    let store = learning_store(&mgr, 20, 4);
     let mut ids: Vec<ParamId> = (0..20).collect();
     ids.push(19);
     for _ in 0..12 {
@@ -360,32 +361,30 @@ fn long_loops_are_learnt_and_a_glitch_does_not_grow_the_sequence() {
     assert_eq!(store.sequence().map(|q| q.len()), Some(20));
 }
 
+/// `acquire_timeout(id, timeout)` on a stream of its own, in a thread of its own.
+fn acquire_in_a_thread(
+    mgr: &Manager,
+    store: &Arc<TierStore>,
+    id: ParamId,
+    timeout: Duration,
+) -> std::thread::JoinHandle<Result<(), Error>> {
+    let (store, mgr) = (Arc::clone(store), mgr.clone());
+    std::thread::spawn(move || {
+        let s = mgr.create_stream(0).unwrap();
+        store.acquire_timeout(id, &s, timeout).map(drop)
+    })
+}
+
 /// An `acquire_timeout` that fails after other threads' acquires came in takes back
 /// only its own record: the sequence learnt is the acquires that succeeded.
 #[test]
 fn a_timed_out_acquire_takes_back_only_its_own_record() {
-    const SIZE: usize = 64 * 1024;
     let mgr = sim();
-    let mut cfg = TierConfig::new(2 * SIZE, 16 * MIB + 8 * SIZE);
-    cfg.sequence = SequenceHint::Learn;
-    let store = Arc::new(TierStore::new(&mgr, cfg).unwrap());
-    for i in 0..4 {
-        store
-            .register(&format!("p{i}"), vec![i as u8; SIZE].into())
-            .unwrap();
-    }
+    let store = Arc::new(learning_store(&mgr, 4, 2));
     let s = mgr.create_stream(0).unwrap();
     let g0 = store.acquire(0, &s).unwrap();
     let g1 = store.acquire(1, &s).unwrap();
-    let waiter = {
-        let (store, mgr) = (Arc::clone(&store), mgr.clone());
-        std::thread::spawn(move || {
-            let s = mgr.create_stream(0).unwrap();
-            store
-                .acquire_timeout(2, &s, Duration::from_millis(500))
-                .map(drop)
-        })
-    };
+    let waiter = acquire_in_a_thread(&mgr, &store, 2, Duration::from_millis(500));
     std::thread::sleep(Duration::from_millis(100));
     // Layer 1 used again while the other thread waits (a hit: no room needed).
     let g1b = store.acquire(1, &s).unwrap();
@@ -401,27 +400,11 @@ fn a_timed_out_acquire_takes_back_only_its_own_record() {
 /// out: the failed acquire does not rewind the new sequence to where the old one was.
 #[test]
 fn a_sequence_given_while_an_acquire_waits_is_kept() {
-    const SIZE: usize = 64 * 1024;
     let mgr = sim();
-    let mut cfg = TierConfig::new(2 * SIZE, 16 * MIB + 8 * SIZE);
-    cfg.sequence = SequenceHint::Learn;
-    let store = Arc::new(TierStore::new(&mgr, cfg).unwrap());
-    for i in 0..4 {
-        store
-            .register(&format!("p{i}"), vec![i as u8; SIZE].into())
-            .unwrap();
-    }
+    let store = Arc::new(learning_store(&mgr, 4, 2));
     let s = mgr.create_stream(0).unwrap();
     let held = (store.acquire(0, &s).unwrap(), store.acquire(1, &s).unwrap());
-    let waiter = {
-        let (store, mgr) = (Arc::clone(&store), mgr.clone());
-        std::thread::spawn(move || {
-            let s = mgr.create_stream(0).unwrap();
-            store
-                .acquire_timeout(2, &s, Duration::from_millis(300))
-                .map(drop)
-        })
-    };
+    let waiter = acquire_in_a_thread(&mgr, &store, 2, Duration::from_millis(300));
     std::thread::sleep(Duration::from_millis(100));
     store.set_sequence(Some(vec![3, 2, 1, 0])).unwrap();
     assert!(waiter.join().unwrap().is_err(), "timed out");
@@ -618,43 +601,64 @@ fn a_load_that_arrives_wrong_is_made_again_and_twice_wrong_is_refused() {
     assert_eq!(store.stats().checksum_mismatches, 3);
 }
 
+/// A safetensors file of `n` tensors `w0..` of 1 MiB, its path and the tensors' bytes.
+fn model_file(tag: &str, n: usize) -> (std::path::PathBuf, Vec<Vec<u8>>, SafetensorsFile) {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "tier-store-{tag}-{}.safetensors",
+        std::process::id()
+    ));
+    let data: Vec<Vec<u8>> = (0..n).map(|i| layer_bytes(i, MIB)).collect();
+    let names: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+    let shape = [MIB];
+    let specs: Vec<(&str, &str, &[usize], &[u8])> = names
+        .iter()
+        .zip(&data)
+        .map(|(n, d)| (n.as_str(), "U8", &shape[..], d.as_slice()))
+        .collect();
+    write_safetensors(&path, &specs).unwrap();
+    let file = SafetensorsFile::open(&path).unwrap();
+    (path, data, file)
+}
+
+/// [`model_file`] registered with a store that checks every load (2 MiB of device
+/// room, room to pin every tensor).
+fn checked_mapped_model(
+    mgr: &Manager,
+    tag: &str,
+    n: usize,
+) -> (std::path::PathBuf, Vec<Vec<u8>>, TierStore, Vec<ParamId>) {
+    let (path, data, file) = model_file(tag, n);
+    let mut cfg = TierConfig::new(2 * MIB, 16 * MIB + n * MIB);
+    cfg.checksums = true;
+    let store = TierStore::new(mgr, cfg).unwrap();
+    let ids = store.register_safetensors(&file).unwrap();
+    (path, data, store, ids)
+}
+
+/// Writes `byte` at offset `at` of tensor `name`'s data in the safetensors file `path`
+/// (found from its header's data_offsets), in place: a mapping of the file sees it.
+fn rewrite_tensor_byte(path: &Path, name: &str, at: usize, byte: u8) {
+    use std::io::{Seek, SeekFrom, Write};
+    let bytes = std::fs::read(path).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
+    let key = header.find(&format!("\"{name}\"")).unwrap();
+    let offsets = key + header[key..].find("\"data_offsets\":[").unwrap() + 16;
+    let end = offsets + header[offsets..].find(',').unwrap();
+    let start = 8 + header_len + header[offsets..end].parse::<usize>().unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start((start + at) as u64)).unwrap();
+    f.write_all(&[byte]).unwrap();
+    f.sync_all().unwrap();
+}
+
 /// Checksums on: a mapped model file rewritten under the store is refused at its load
 /// (the host copy is wrong: loading again would not help), and the rest still load.
 #[test]
 fn a_mapped_file_changed_under_the_store_is_refused() {
-    use std::io::{Seek, SeekFrom, Write};
     let mgr = sim();
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "tier-store-changed-{}.safetensors",
-        std::process::id()
-    ));
-    let data: Vec<Vec<u8>> = (0..3).map(|i| layer_bytes(i, MIB)).collect();
-    let shape = [MIB];
-    let specs: Vec<(&str, &str, &[usize], &[u8])> = ["w0", "w1", "w2"]
-        .iter()
-        .zip(&data)
-        .map(|(n, d)| (*n, "U8", &shape[..], d.as_slice()))
-        .collect();
-    write_safetensors(&path, &specs).unwrap();
-    let file = SafetensorsFile::open(&path).unwrap();
-    let mut cfg = TierConfig::new(2 * MIB, 16 * MIB + 3 * MIB);
-    cfg.checksums = true;
-    let store = TierStore::new(&mgr, cfg).unwrap();
-    let ids = store.register_safetensors(&file).unwrap();
-    // Rewrite one byte of w1 in the file (the mapping shares the page cache): at the
-    // start of its data_offsets, after the 8-byte length and the JSON header.
-    let bytes = std::fs::read(&path).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = std::str::from_utf8(&bytes[8..8 + header_len]).unwrap();
-    let w1_at = header.find("\"w1\"").unwrap();
-    let offsets = w1_at + header[w1_at..].find("\"data_offsets\":[").unwrap() + 16;
-    let end = offsets + header[offsets..].find(',').unwrap();
-    let at = 8 + header_len + header[offsets..end].parse::<usize>().unwrap();
-    assert_eq!(&bytes[at..at + 64], &data[1][..64]);
-    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.seek(SeekFrom::Start(at as u64 + 10)).unwrap();
-    f.write_all(&[!data[1][10]]).unwrap();
-    f.sync_all().unwrap();
+    let (path, data, store, ids) = checked_mapped_model(&mgr, "changed", 3);
+    rewrite_tensor_byte(&path, "w1", 10, !data[1][10]);
     let s = mgr.create_stream(0).unwrap();
     let w1 = store.id("w1").unwrap();
     match store.acquire(w1, &s) {
@@ -680,39 +684,12 @@ fn a_mapped_file_changed_under_the_store_is_refused() {
 /// right again, the parameter loads.
 #[test]
 fn a_refused_load_keeps_the_mapped_source() {
-    use std::io::{Seek, SeekFrom, Write};
     let mgr = sim();
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "tier-store-restored-{}.safetensors",
-        std::process::id()
-    ));
-    let data: Vec<Vec<u8>> = (0..2).map(|i| layer_bytes(i, MIB)).collect();
-    let shape = [MIB];
-    let specs: Vec<(&str, &str, &[usize], &[u8])> = ["w0", "w1"]
-        .iter()
-        .zip(&data)
-        .map(|(n, d)| (*n, "U8", &shape[..], d.as_slice()))
-        .collect();
-    write_safetensors(&path, &specs).unwrap();
-    let file = SafetensorsFile::open(&path).unwrap();
-    let mut cfg = TierConfig::new(2 * MIB, 16 * MIB + 2 * MIB);
-    cfg.checksums = true;
-    let store = TierStore::new(&mgr, cfg).unwrap();
-    store.register_safetensors(&file).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    // w1's data is the file's last MiB.
-    let at = bytes.len() - MIB + 10;
-    assert_eq!(bytes[at - 10..], data[1][..]);
-    let poke = |b: u8| {
-        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        f.seek(SeekFrom::Start(at as u64)).unwrap();
-        f.write_all(&[b]).unwrap();
-        f.sync_all().unwrap();
-    };
+    let (path, data, store, _) = checked_mapped_model(&mgr, "restored", 2);
     let w1 = store.id("w1").unwrap();
     let mapped_before = store.stats().mapped_bytes;
     let s = mgr.create_stream(0).unwrap();
-    poke(!data[1][10]);
+    rewrite_tensor_byte(&path, "w1", 10, !data[1][10]);
     assert!(matches!(
         store.acquire(w1, &s),
         Err(Error::Checksum { copy: "host", .. })
@@ -720,7 +697,7 @@ fn a_refused_load_keeps_the_mapped_source() {
     let st = store.stats();
     assert_eq!(st.mapped_bytes, mapped_before, "{st:?}");
     assert_eq!(st.host_bytes, 16 * MIB, "no pinned copy was made: {st:?}");
-    poke(data[1][10]);
+    rewrite_tensor_byte(&path, "w1", 10, data[1][10]);
     let again = store.acquire(w1, &s).map(drop);
     std::fs::remove_file(&path).ok();
     assert!(again.is_ok(), "{:?}", again.err());
@@ -747,18 +724,7 @@ fn twice_wrong_is_refused_under_a_sequence_too() {
 #[test]
 fn checksums_find_nothing_on_a_healthy_run_and_mapped_sources_load() {
     let mgr = sim();
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("tier-store-{}.safetensors", std::process::id()));
-    let data: Vec<Vec<u8>> = (0..6).map(|i| layer_bytes(i, MIB)).collect();
-    let names: Vec<String> = (0..6).map(|i| format!("w{i}")).collect();
-    let shape = [MIB];
-    let specs: Vec<(&str, &str, &[usize], &[u8])> = names
-        .iter()
-        .zip(&data)
-        .map(|(n, d)| (n.as_str(), "U8", &shape[..], d.as_slice()))
-        .collect();
-    write_safetensors(&path, &specs).unwrap();
-    let file = SafetensorsFile::open(&path).unwrap();
+    let (path, data, file) = model_file("healthy", 6);
     // Room to pin three of six: the rest stay mapped and load through the ring.
     let mut cfg = TierConfig::new(2 * MIB, 16 * MIB + 3 * MIB);
     cfg.checksums = true;
