@@ -10,7 +10,10 @@
 //! Traces are PyTorch allocator histories as CSV (`action,addr,size,stream,time_us`):
 //! `alloc` and `free_completed` rows are replayed by address, other rows skipped.
 //! `--synthetic NAME` makes one instead (`training`: activations that grow and shrink
-//! with a varying batch, the hard case for caching allocators; `serving`: a KV cache
+//! with a varying batch, the hard case for caching allocators; `ddp`: the same as
+//! data-parallel PyTorch runs it, with gradients made during backward and freed by
+//! zero_grad, Adam state, checkpointing, and buckets and batches on two more streams;
+//! `serving`: a KV cache
 //! growing and shrinking with requests beside per-step temporaries; `random`: log-uniform
 //! sizes and lifetimes), deterministic for a `--seed`; `--write-trace PATH` saves it.
 //!
@@ -47,7 +50,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: replay (--trace PATH | --synthetic training|serving|random [--seed N]) \
+        "usage: replay (--trace PATH | --synthetic training|ddp|serving|random [--seed N]) \
          [--backend sim|cuda|rocm|host] [--budget-gib N] [--no-expandable] \
          [--no-release-on-grow] [--slack F] [--write-trace PATH] [--json]"
     );
@@ -158,11 +161,14 @@ struct Gen {
 }
 impl Gen {
     fn alloc(&mut self, size: usize) -> u64 {
+        self.alloc_on(size, 0)
+    }
+    fn alloc_on(&mut self, size: usize, stream: u64) -> u64 {
         self.next += 1;
         self.ops.push(Op::Alloc {
             id: self.next,
             size,
-            stream: 0,
+            stream,
         });
         self.next
     }
@@ -217,6 +223,99 @@ fn synthetic(name: &str, seed: u64) -> Vec<Op> {
                 g.free(loss);
             }
             for id in weights.into_iter().chain(grads) {
+                g.free(id);
+            }
+        }
+        // Data-parallel training as PyTorch runs it: fp16 weights with fp32 master copies
+        // and Adam state made at the first step; every other step recomputes its
+        // activations (checkpointing); gradients made as backward reaches each weight and
+        // freed by zero_grad(set_to_none); 25 MB all-reduce buckets made and freed on a
+        // communication stream (1) while backward goes on; the next batch copied in on a
+        // side stream (2); the optimizer's per-weight fp32 temporaries.
+        "ddp" => {
+            let hidden = 2048usize;
+            let layers = 16;
+            let mut shapes = vec![32000 * hidden * 2];
+            for _ in 0..layers {
+                let h2 = hidden * hidden * 2;
+                shapes.extend([3 * h2, h2, 4 * h2, 4 * h2, hidden * 2, hidden * 2]);
+            }
+            let weights: Vec<u64> = shapes.iter().map(|s| g.alloc(*s)).collect();
+            let master: Vec<u64> = shapes.iter().map(|s| g.alloc(2 * s)).collect();
+            let mut adam: Vec<u64> = Vec::new();
+            let mut batch = g.alloc_on(8 * 4096 * 8, 2);
+            for step in 0..40 {
+                let tokens = r.range(256, 4096) as usize;
+                let act = tokens * hidden * 2;
+                let ckpt = step % 2 == 1;
+                let mut saved = Vec::new();
+                for _ in 0..layers {
+                    let mut a: Vec<u64> = [1, 3, 1, 4, 4, 1]
+                        .iter()
+                        .map(|k| g.alloc(k * act))
+                        .collect();
+                    if ckpt {
+                        let keep = a.pop().expect("six");
+                        for x in a.drain(..) {
+                            g.free(x);
+                        }
+                        a.push(keep);
+                    }
+                    saved.push(a);
+                }
+                let next = g.alloc_on(8 * 4096 * 8, 2);
+                let logits = g.alloc(tokens * 32000 * 2);
+                let dlogits = g.alloc(tokens * 32000 * 2);
+                g.free(logits);
+                let (mut grads, mut buckets, mut fill) = (Vec::new(), Vec::new(), 0usize);
+                for l in (0..layers).rev() {
+                    let redo: Vec<u64> = if ckpt {
+                        [1, 3, 1, 4, 4].iter().map(|k| g.alloc(k * act)).collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let d = g.alloc(4 * act);
+                    for k in (0..6).rev() {
+                        let size = shapes[1 + l * 6 + k];
+                        grads.push(g.alloc(size));
+                        fill += size;
+                        if fill >= 25_000_000 {
+                            buckets.push(g.alloc_on(fill, 1));
+                            fill = 0;
+                        }
+                    }
+                    g.free(d);
+                    for x in saved.pop().into_iter().flatten().chain(redo) {
+                        g.free(x);
+                    }
+                    if buckets.len() > 2 {
+                        g.free(buckets.remove(0));
+                    }
+                }
+                grads.push(g.alloc(shapes[0]));
+                g.free(dlogits);
+                for b in buckets {
+                    g.free(b);
+                }
+                g.free(batch);
+                batch = next;
+                if adam.is_empty() {
+                    adam = shapes
+                        .iter()
+                        .flat_map(|s| [2 * s, 2 * s])
+                        .map(|s| g.alloc(s))
+                        .collect();
+                }
+                for s in &shapes {
+                    let tmp = g.alloc(2 * s);
+                    g.free(tmp);
+                }
+                for x in grads {
+                    g.free(x);
+                }
+            }
+            g.free(batch);
+            for id in weights.into_iter().chain(master).chain(adam) {
                 g.free(id);
             }
         }
