@@ -516,6 +516,7 @@ fn main() {
         "num_ooms": st.num_ooms,
         "num_device_alloc": st.num_device_alloc,
         "num_device_free": st.num_device_free,
+        "num_pages_moved": st.num_pages_moved,
         "wall_s": (wall_s * 1000.0).round() / 1000.0,
     });
     if args.json {

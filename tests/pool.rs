@@ -610,11 +610,21 @@ fn growing_never_waits_for_kernels_nor_follows_reset_peak() {
     let x1 = p.alloc(4 * MIB, &s).unwrap();
     let x2 = p.alloc(4 * MIB, &s).unwrap();
     drop(x1);
-    let before = p.stats().num_device_free;
+    let before = p.stats();
     let y = p.alloc(6 * MIB, &s).unwrap();
+    let after = p.stats();
+    // Moved: unmapped where free and mapped again where needed, with no driver free and
+    // allocation for them.
     assert!(
-        p.stats().num_device_free > before,
-        "idle free pages are reused"
+        after.num_pages_moved > before.num_pages_moved,
+        "idle free pages are reused: {after:?}"
+    );
+    assert_eq!(after.num_device_free, before.num_device_free);
+    assert_eq!(
+        after.num_device_alloc - before.num_device_alloc + after.num_pages_moved
+            - before.num_pages_moved,
+        3,
+        "6 MiB is three pages, each made or moved once"
     );
     assert!(p.reserved() <= 12 * MIB, "{} MiB", p.reserved() / MIB);
     drop((x2, y));

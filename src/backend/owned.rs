@@ -641,6 +641,29 @@ fn is_rollback_failure(e: &Error) -> bool {
             || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL)
 }
 
+/// One page of physical device memory, not mapped anywhere: taken off a region's page
+/// by [`VmmRegion::unmap_page_keep`] to be mapped again elsewhere
+/// ([`VmmRegion::map_page_with`]) without giving it back to the driver and making a new
+/// one. Dropped, it is given back.
+#[derive(Debug)]
+pub(crate) struct PhysPage {
+    backend: SharedBackend,
+    device: usize,
+    size: usize,
+    handle: Option<PhysHandle>,
+}
+
+impl Drop for PhysPage {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            // SAFETY: the handle was unmapped when this was made and is mapped nowhere.
+            if let Err(e) = unsafe { self.backend.release_physical(self.device, h) } {
+                tracing::warn!(target: "hetmem", error = %e, "releasing a physical page failed");
+            }
+        }
+    }
+}
+
 /// A reserved device address range whose pages are mapped to physical memory on
 /// demand, one physical allocation per page so that pages can be given back one by one.
 /// Drop unmaps and frees everything.
@@ -700,6 +723,13 @@ impl VmmRegion {
     /// Backs page `page` with new physical memory. A page that is mapped already is left
     /// as it is.
     pub(crate) fn map_page(&mut self, page: usize) -> Result<()> {
+        self.map_page_with(page, None)
+    }
+
+    /// Backs page `page` with `spare` (a page of this device and size, from
+    /// [`VmmRegion::unmap_page_keep`]), else with new physical memory. A page that is
+    /// mapped already is left as it is (and `spare` given back).
+    pub(crate) fn map_page_with(&mut self, page: usize, spare: Option<PhysPage>) -> Result<()> {
         if page >= self.pages.len() {
             return Err(Error::InvalidArgument(format!(
                 "page {page} is outside the region"
@@ -708,12 +738,19 @@ impl VmmRegion {
         if self.pages[page].is_some() {
             return Ok(());
         }
-        let h = self.backend.create_physical(self.device, self.page)?;
+        let reused = spare
+            .filter(|p| p.device == self.device && p.size == self.page)
+            .and_then(|mut p| p.handle.take());
+        let h = match reused {
+            Some(h) => h,
+            None => self.backend.create_physical(self.device, self.page)?,
+        };
         let at = self.base.offset(page * self.page);
         // SAFETY: `at` is a page inside our reservation with nothing mapped (pages[page]
-        // is None); `h` is fresh, of exactly one page, and mapped nowhere else.
+        // is None); `h` is one page of this device (fresh, or unmapped from a page of a
+        // region of it) and mapped nowhere else.
         if let Err(e) = unsafe { self.backend.map(self.device, at, self.page, h) } {
-            // SAFETY: `h` was never mapped.
+            // SAFETY: `h` is mapped nowhere.
             if let Err(e2) = unsafe { self.backend.release_physical(self.device, h) } {
                 tracing::warn!(target: "hetmem", error = %e2, "releasing an unmapped page failed");
             }
@@ -777,8 +814,16 @@ impl VmmRegion {
     /// Gives page `page`'s physical memory back. The caller makes sure no queued device
     /// work still uses the page (a device would fault on it).
     pub(crate) fn unmap_page(&mut self, page: usize) -> Result<()> {
+        // Dropping the page gives it back.
+        self.unmap_page_keep(page).map(drop)
+    }
+
+    /// Unmaps page `page` and returns its physical memory, to be mapped again
+    /// ([`VmmRegion::map_page_with`]) or given back (dropped). `None` if the page was not
+    /// mapped. The caller makes sure no queued device work still uses the page.
+    pub(crate) fn unmap_page_keep(&mut self, page: usize) -> Result<Option<PhysPage>> {
         let Some(h) = self.pages.get(page).copied().flatten() else {
-            return Ok(());
+            return Ok(None);
         };
         if self.fences.must_leak() {
             return Err(Error::InvalidArgument(
@@ -793,8 +838,12 @@ impl VmmRegion {
         unsafe { self.backend.unmap(self.device, at, self.page)? };
         self.pages[page] = None;
         self.mapped -= 1;
-        // SAFETY: `h` was just unmapped and is mapped nowhere else.
-        unsafe { self.backend.release_physical(self.device, h) }
+        Ok(Some(PhysPage {
+            backend: self.backend.clone(),
+            device: self.device,
+            size: self.page,
+            handle: Some(h),
+        }))
     }
 }
 

@@ -45,7 +45,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use crate::backend::copy::{CopyEnd, SubEnd};
-use crate::backend::owned::{OwnedMemory, OwnedStream, SharedBackend, VmmRegion};
+use crate::backend::owned::{OwnedMemory, OwnedStream, PhysPage, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
 use crate::placement::Tier;
@@ -733,6 +733,9 @@ impl Shared {
             return Ok(());
         }
         let need = missing.len() * page;
+        // Pages unmapped here to make room are mapped again below rather than given back
+        // to the driver and made anew (what is left over goes back on return).
+        let mut spare: Vec<PhysPage> = Vec::new();
         if self.release_on_grow {
             // Unmapping costs driver calls, so free pages are given back only when mapping
             // would let reserved memory run more than the slack ahead of the most ever
@@ -743,7 +746,7 @@ impl Shared {
             let allowed =
                 ((alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize).saturating_add(page);
             let over = (st.reserved + need).saturating_sub(allowed);
-            self.release_cached(st, over.div_ceil(page))?;
+            self.release_cached_into(st, over.div_ceil(page), &mut spare)?;
         }
         if st.reserved + need > self.budget {
             st.stats.num_alloc_retries += 1;
@@ -765,10 +768,13 @@ impl Shared {
                 }) => r,
                 _ => unreachable!("checked above"),
             };
-            let mapped = match r.map_page(*p) {
+            let reused = spare.pop();
+            let mut moved = reused.is_some();
+            let mapped = match r.map_page_with(*p, reused) {
                 // Once per call, at whichever page the driver refuses.
                 Err(Error::OutOfMemory { .. }) if !retried => {
                     retried = true;
+                    moved = false;
                     // The driver is short (other users of the device): give back what we
                     // cache and try once more.
                     st.stats.num_alloc_retries += 1;
@@ -784,6 +790,11 @@ impl Shared {
                 other => other,
             };
             mapped?;
+            if moved {
+                st.stats.num_pages_moved += 1;
+            } else {
+                st.stats.num_device_alloc += 1;
+            }
             st.reserved += page;
             st.stats
                 .reserved_bytes
@@ -799,8 +810,8 @@ impl Shared {
                     st.stats.segment.add(st.is_small(seg as u32), 1);
                 }
             }
-            st.stats.num_device_alloc += 1;
         }
+        give_back(st, spare);
         Ok(())
     }
 
@@ -854,6 +865,21 @@ impl Shared {
     /// Gives back up to `limit` pages (expandable) or every free segment (plain) that no
     /// block uses, after synchronising the streams that last used them.
     fn release_cached(&self, st: &mut PoolState, limit: usize) -> Result<()> {
+        let mut pages = Vec::new();
+        let released = self.release_cached_into(st, limit, &mut pages);
+        give_back(st, pages);
+        released
+    }
+
+    /// [`Shared::release_cached`], but unmapped pages of expandable segments are kept in
+    /// `keep` (to be mapped again, or given back with [`give_back`]) rather than given
+    /// back.
+    fn release_cached_into(
+        &self,
+        st: &mut PoolState,
+        limit: usize,
+        keep: &mut Vec<PhysPage>,
+    ) -> Result<()> {
         if limit == 0 {
             return Ok(());
         }
@@ -956,14 +982,13 @@ impl Shared {
                         continue;
                     };
                     let p = r.page_size();
-                    r.unmap_page(page)?;
+                    keep.extend(r.unmap_page_keep(page)?);
                     let emptied = r.mapped_pages() == 0;
                     st.reserved -= p;
                     st.stats.reserved_bytes.sub(small, p as u64);
                     if emptied {
                         st.stats.segment.sub(small, 1);
                     }
-                    st.stats.num_device_free += 1;
                 }
                 None => {
                     let Some(s) = st.segments[seg].take() else {
@@ -982,6 +1007,12 @@ impl Shared {
         }
         Ok(())
     }
+}
+
+/// Gives unmapped physical pages back to the driver, counted as device frees.
+fn give_back(st: &mut PoolState, pages: Vec<PhysPage>) {
+    st.stats.num_device_free += pages.len() as u64;
+    drop(pages);
 }
 
 impl Shared {

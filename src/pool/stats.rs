@@ -97,6 +97,10 @@ pub struct PoolStats {
     pub num_device_alloc: u64,
     /// Driver frees (segments or physical pages).
     pub num_device_free: u64,
+    /// Physical pages unmapped from free memory and mapped again where an allocation
+    /// needed them (expandable segments growing at their high-water mark), instead of a
+    /// driver free and a driver allocation.
+    pub num_pages_moved: u64,
 }
 
 impl PoolStats {
@@ -118,7 +122,8 @@ impl PoolStats {
     /// `allocated_*` (a freed block is reusable at once on its stream). `segment` counts
     /// reserved address ranges with memory mapped (as PyTorch counts an expandable
     /// segment) or plain segments; `num_device_alloc` / `num_device_free` count pages
-    /// mapped and unmapped there. PyTorch's `inactive_split*` keys are left out: what
+    /// made and given back there, and `num_pages_moved` (hetmem's own) pages unmapped and
+    /// mapped again elsewhere without either. PyTorch's `inactive_split*` keys are left out: what
     /// they measure (free blocks a split segment cannot release) has no counterpart in
     /// pages that are unmapped as soon as they are wholly free.
     pub fn to_map(&self) -> BTreeMap<String, u64> {
@@ -148,6 +153,7 @@ impl PoolStats {
         m.insert("num_sync_all_streams".into(), self.num_sync_all_streams);
         m.insert("num_device_alloc".into(), self.num_device_alloc);
         m.insert("num_device_free".into(), self.num_device_free);
+        m.insert("num_pages_moved".into(), self.num_pages_moved);
         m
     }
 }
