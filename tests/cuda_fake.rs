@@ -1795,3 +1795,27 @@ fn a_copy_refused_partway_is_still_fenced() {
     }
     drop(buf);
 }
+
+/// A moved page that cuMemMap refuses goes back to the others and then to the driver,
+/// counted: after a trim the pool's driver allocations and frees balance, as the
+/// driver's own count of pages does.
+#[test]
+fn a_refused_move_is_counted_as_a_free() {
+    let (f, _g, _b) = setup();
+    let mgr = cuda_manager();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    assert!(pool.expandable());
+    let s = mgr.create_stream(0).unwrap();
+    let x1 = pool.alloc(4 * MIB, &s).unwrap();
+    let x2 = pool.alloc(4 * MIB, &s).unwrap();
+    drop(x1);
+    // Growing by three pages moves one of x1's; the driver refuses that map once.
+    f.fail_next("cuMemMap", code::OUT_OF_MEMORY, 1);
+    let y = pool.alloc(6 * MIB, &s).unwrap();
+    drop((x2, y));
+    pool.trim().unwrap();
+    assert_eq!(pool.reserved(), 0);
+    assert_eq!(f.stat("vmm_handles"), 0, "the driver has every page back");
+    let st = pool.stats();
+    assert_eq!(st.num_device_alloc, st.num_device_free, "{st:?}");
+}

@@ -66,12 +66,13 @@ fn cached_blocks_come_back_without_driver_calls() {
             let addr = a.ptr();
             assert_eq!(addr.0 % 512, 0, "blocks are 512-byte aligned");
             drop(a);
-            let calls = p.stats().num_device_alloc;
+            let calls = |st: hetmem::pool::PoolStats| (st.num_device_alloc, st.num_pages_moved);
+            let before = calls(p.stats());
             let b = p.alloc(size, &s).unwrap();
             assert_eq!(b.ptr(), addr, "same stream, same size: the cached block");
             assert_eq!(
-                p.stats().num_device_alloc,
-                calls,
+                calls(p.stats()),
+                before,
                 "no driver call for a cached block"
             );
         }
@@ -436,6 +437,17 @@ proptest! {
             prop_assert_eq!(st.allocation.all.current, live.len() as u64);
             prop_assert!(st.reserved_bytes.all.current as usize <= budget);
             prop_assert!(st.reserved_bytes.all.current >= rounded);
+            // The driver counts agree with what is held: pages (2 MiB) under expandable
+            // segments, segments otherwise; and the device's memory in use is exactly
+            // what the pool reserves (no page held outside the count).
+            let held = st.num_device_alloc - st.num_device_free;
+            if exp {
+                prop_assert_eq!(held * (2 << 20), st.reserved_bytes.all.current, "{:?}", st);
+            } else {
+                prop_assert_eq!(held, st.segment.all.current, "{:?}", st);
+            }
+            let used = (1u64 << 30) - mgr.backend().mem_info(0).unwrap().free as u64;
+            prop_assert_eq!(used, st.reserved_bytes.all.current);
         }
         for (b, t) in live.drain(..) {
             check_stamp(&b, t);
@@ -656,4 +668,40 @@ fn a_refusal_at_any_page_gives_the_cache_back_and_retries() {
     let r = p.alloc(6 * MIB, &s).unwrap();
     assert_eq!(p.stats().num_alloc_retries, 1);
     drop((r, pin1, pin2, other));
+}
+
+/// Pages unmapped to make room, then not needed because the allocation fails anyway
+/// (the budget check gives the whole cache back and still refuses), go back to the
+/// driver counted: driver allocations less frees stay the pages mapped.
+#[test]
+fn pages_unmapped_for_a_failed_growth_are_counted_as_frees() {
+    let m = sim_of(1 << 30);
+    let p = m
+        .device_pool(
+            0,
+            PoolConfig {
+                budget: Budget::Bytes(8 * MIB),
+                ..PoolConfig::default()
+            },
+        )
+        .unwrap();
+    let s = m.create_stream(0).unwrap();
+    let x1 = p.alloc(4 * MIB, &s).unwrap();
+    let x2 = p.alloc(4 * MIB, &s).unwrap();
+    drop(x1);
+    assert!(matches!(
+        p.alloc(6 * MIB, &s),
+        Err(Error::OutOfMemory { .. })
+    ));
+    let st = p.stats();
+    assert_eq!(
+        (st.num_device_alloc - st.num_device_free) as usize,
+        p.reserved() / (2 * MIB),
+        "{st:?}"
+    );
+    drop(x2);
+    p.trim().unwrap();
+    let st = p.stats();
+    assert_eq!(p.reserved(), 0);
+    assert_eq!(st.num_device_alloc, st.num_device_free, "{st:?}");
 }

@@ -720,37 +720,45 @@ impl VmmRegion {
         self.pages.get(page).is_some_and(Option::is_some)
     }
 
-    /// Backs page `page` with new physical memory. A page that is mapped already is left
-    /// as it is.
-    pub(crate) fn map_page(&mut self, page: usize) -> Result<()> {
-        self.map_page_with(page, None)
-    }
-
-    /// Backs page `page` with `spare` (a page of this device and size, from
-    /// [`VmmRegion::unmap_page_keep`]), else with new physical memory. A page that is
-    /// mapped already is left as it is (and `spare` given back).
-    pub(crate) fn map_page_with(&mut self, page: usize, spare: Option<PhysPage>) -> Result<()> {
+    /// Backs page `page` with the page in `spare` (taken only if it is of this device
+    /// and page size and the mapping succeeds: else it stays there), or with new
+    /// physical memory. Returns whether `spare`'s page was used. A page that is mapped
+    /// already is left as it is.
+    pub(crate) fn map_page_with(
+        &mut self,
+        page: usize,
+        spare: &mut Option<PhysPage>,
+    ) -> Result<bool> {
         if page >= self.pages.len() {
             return Err(Error::InvalidArgument(format!(
                 "page {page} is outside the region"
             )));
         }
         if self.pages[page].is_some() {
-            return Ok(());
+            return Ok(false);
         }
-        let reused = spare
-            .filter(|p| p.device == self.device && p.size == self.page)
-            .and_then(|mut p| p.handle.take());
-        let h = match reused {
-            Some(h) => h,
-            None => self.backend.create_physical(self.device, self.page)?,
-        };
         let at = self.base.offset(page * self.page);
+        if let Some(p) = spare
+            .as_mut()
+            .filter(|p| p.device == self.device && p.size == self.page)
+        {
+            if let Some(h) = p.handle {
+                // SAFETY: `at` is a page inside our reservation with nothing mapped; `h`
+                // is one page of this device and page size, unmapped from a region of
+                // it, and mapped nowhere else.
+                unsafe { self.backend.map(self.device, at, self.page, h)? };
+                p.handle = None;
+                *spare = None;
+                self.pages[page] = Some(h);
+                self.mapped += 1;
+                return Ok(true);
+            }
+        }
+        let h = self.backend.create_physical(self.device, self.page)?;
         // SAFETY: `at` is a page inside our reservation with nothing mapped (pages[page]
-        // is None); `h` is one page of this device (fresh, or unmapped from a page of a
-        // region of it) and mapped nowhere else.
+        // is None); `h` is fresh, of exactly one page, and mapped nowhere else.
         if let Err(e) = unsafe { self.backend.map(self.device, at, self.page, h) } {
-            // SAFETY: `h` is mapped nowhere.
+            // SAFETY: `h` was never mapped.
             if let Err(e2) = unsafe { self.backend.release_physical(self.device, h) } {
                 tracing::warn!(target: "hetmem", error = %e2, "releasing an unmapped page failed");
             }
@@ -758,7 +766,7 @@ impl VmmRegion {
         }
         self.pages[page] = Some(h);
         self.mapped += 1;
-        Ok(())
+        Ok(false)
     }
 
     /// Copies `data` to `offset` in the region, synchronously; every page it touches

@@ -136,9 +136,15 @@ pub(crate) fn store_json(s: &FfiStore) -> String {
         ("host_peak_bytes", t.host_peak_bytes.to_string()),
         ("mapped_bytes", t.mapped_bytes.to_string()),
         // The device pool under the store: maps and stream synchronisations between
-        // passes mean the host waited for the GPU.
-        ("pool_maps", p.num_device_alloc.to_string()),
-        ("pool_unmaps", p.num_device_free.to_string()),
+        // passes mean the host waited for the GPU. Pages moved are unmapped and mapped.
+        (
+            "pool_maps",
+            (p.num_device_alloc + p.num_pages_moved).to_string(),
+        ),
+        (
+            "pool_unmaps",
+            (p.num_device_free + p.num_pages_moved).to_string(),
+        ),
         ("pool_syncs", p.num_sync_all_streams.to_string()),
         (
             "pool_reserved_peak_bytes",

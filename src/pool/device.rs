@@ -714,6 +714,23 @@ impl Shared {
 
     /// Maps the pages under `addr..addr+len` that are not mapped, within the budget.
     fn ensure_mapped(&self, st: &mut PoolState, addr: u64, len: usize) -> Result<()> {
+        // Pages unmapped to make room are mapped again where this block needs them rather
+        // than given back to the driver and made anew; what is left over (or all of them,
+        // on an error) goes back here, counted.
+        let mut spare = Vec::new();
+        let mapped = self.map_under(st, addr, len, &mut spare);
+        give_back(st, spare);
+        mapped
+    }
+
+    /// [`Shared::ensure_mapped`] with the unmapped pages kept in `spare`.
+    fn map_under(
+        &self,
+        st: &mut PoolState,
+        addr: u64,
+        len: usize,
+        spare: &mut Vec<PhysPage>,
+    ) -> Result<()> {
         let seg = st.blocks[&addr].seg as usize;
         let (base, page, missing) = match &st.segments[seg] {
             Some(Segment {
@@ -733,9 +750,6 @@ impl Shared {
             return Ok(());
         }
         let need = missing.len() * page;
-        // Pages unmapped here to make room are mapped again below rather than given back
-        // to the driver and made anew (what is left over goes back on return).
-        let mut spare: Vec<PhysPage> = Vec::new();
         if self.release_on_grow {
             // Unmapping costs driver calls, so free pages are given back only when mapping
             // would let reserved memory run more than the slack ahead of the most ever
@@ -746,7 +760,7 @@ impl Shared {
             let allowed =
                 ((alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize).saturating_add(page);
             let over = (st.reserved + need).saturating_sub(allowed);
-            self.release_cached_into(st, over.div_ceil(page), &mut spare)?;
+            self.release_cached_into(st, over.div_ceil(page), spare)?;
         }
         if st.reserved + need > self.budget {
             st.stats.num_alloc_retries += 1;
@@ -768,13 +782,11 @@ impl Shared {
                 }) => r,
                 _ => unreachable!("checked above"),
             };
-            let reused = spare.pop();
-            let mut moved = reused.is_some();
-            let mapped = match r.map_page_with(*p, reused) {
+            let mut reused = spare.pop();
+            let mapped = match r.map_page_with(*p, &mut reused) {
                 // Once per call, at whichever page the driver refuses.
                 Err(Error::OutOfMemory { .. }) if !retried => {
                     retried = true;
-                    moved = false;
                     // The driver is short (other users of the device): give back what we
                     // cache and try once more.
                     st.stats.num_alloc_retries += 1;
@@ -783,14 +795,16 @@ impl Shared {
                         Some(Segment {
                             mem: SegMem::Vmm(r),
                             ..
-                        }) => r.map_page(*p),
+                        }) => r.map_page_with(*p, &mut reused),
                         _ => unreachable!("checked above"),
                     }
                 }
                 other => other,
             };
-            mapped?;
-            if moved {
+            // A page the mapping did not take goes back to the others (and then to the
+            // driver, counted).
+            spare.extend(reused);
+            if mapped? {
                 st.stats.num_pages_moved += 1;
             } else {
                 st.stats.num_device_alloc += 1;
@@ -811,7 +825,6 @@ impl Shared {
                 }
             }
         }
-        give_back(st, spare);
         Ok(())
     }
 
