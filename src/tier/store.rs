@@ -684,7 +684,6 @@ impl TierStore {
         let hit = st.params[id as usize].dev.is_some();
         let next = st.ev.next_use(id);
         st.on_track = next == Some(1);
-        let mut passed = Vec::new();
         if let Some(d) = next {
             if d != 1 {
                 // Not the step the plan expects: start it again from here.
@@ -692,10 +691,6 @@ impl TierStore {
             }
             st.step += d as u64;
             st.served = false;
-            let now = st.step;
-            while st.ahead.front().is_some_and(|(m, _)| *m <= now) {
-                passed.extend(st.ahead.pop_front());
-            }
         }
         st.ev.touch(id);
         let (mut st, made) = self.make_resident(st, id, stream, deadline);
@@ -706,9 +701,6 @@ impl TierStore {
             if st.acquires == nth {
                 st.ev.rewind(pos);
                 (st.step, st.served, st.on_track) = (step, served, on_track);
-                for a in passed.into_iter().rev() {
-                    st.ahead.push_front(a);
-                }
             }
             // Resumes from what is resident when the retry comes.
             st.plan = None;
@@ -722,6 +714,10 @@ impl TierStore {
         } else {
             st.stats.misses += 1;
         }
+        // The loads queued ahead for the steps run now have been used (only once the
+        // acquire stands: a failed one has not run its step).
+        let now = st.step;
+        st.ahead.retain(|(m, _)| *m > now);
         let p = &mut st.params[id as usize];
         let dev = p.dev.as_ref().expect("made resident above");
         // No record_stream with the pool: the guard's drop records the use's end, and
