@@ -24,20 +24,31 @@ fn main() {
         .with_writer(std::io::stderr)
         .try_init();
     let mut args = std::env::args().skip(1);
-    let (mut gib, mut file, mut json_out, mut slot_mib, mut slots, mut threads) =
-        (2.0f64, None::<String>, false, 16usize, 4usize, 4usize);
+    let (mut gib, mut file, mut json_out, mut slot_mib, mut slots, mut threads) = (
+        2.0f64,
+        None::<String>,
+        false,
+        16usize,
+        None::<usize>,
+        None::<usize>,
+    );
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| usage());
         match a.as_str() {
             "--gib" => gib = val().parse().unwrap_or_else(|_| usage()),
             "--file" => file = Some(val()),
             "--slot-mib" => slot_mib = val().parse().unwrap_or_else(|_| usage()),
-            "--slots" => slots = val().parse().unwrap_or_else(|_| usage()),
-            "--threads" => threads = val().parse().unwrap_or_else(|_| usage()),
+            "--slots" => slots = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--threads" => threads = Some(val().parse().unwrap_or_else(|_| usage())),
             "--json" => json_out = true,
             _ => usage(),
         }
     }
+    // One memcpy stream fills about 10 GB/s from a mapped file: the link needs several,
+    // each with two slots (one filling while the other drains).
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get().clamp(2, 8)));
+    let slots = slots.unwrap_or(2 * threads);
     let fail = |e: &dyn std::fmt::Display| -> ! {
         eprintln!("stream_file: {e}");
         std::process::exit(1)

@@ -90,6 +90,33 @@ fn slots_wait_for_their_copies_on_an_asynchronous_runtime() {
 }
 
 #[test]
+fn parallel_fillers_wait_for_their_own_slots_copies() {
+    let fake = fake_hip::FakeHip::with_devices(1, 512 << 20).unwrap();
+    let mgr = Manager::builder()
+        .backend(BackendKind::Rocm)
+        .rocm_library(fake.path())
+        .build()
+        .unwrap();
+    let host = mgr.host_pool(HostPoolConfig::default()).unwrap();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    let stream = mgr.create_stream(0).unwrap();
+    // Three fillers over five slots (two, two and one each), 25 pieces: every slot is
+    // refilled several times by its filler while copies queued by all three wait on the
+    // fake's stream.
+    let mut ring = StagingRing::new(&host, &NumaPolicy::Default, 5, MIB, 3).unwrap();
+    for (seed, len) in [(4u8, 24 * MIB + 333), (5, 12 * MIB), (6, MIB / 2)] {
+        let src = pattern(len, seed);
+        let dst = pool.alloc(src.len(), &stream).unwrap();
+        let r = ring.upload(&src, &dst, 0, &stream).unwrap();
+        assert_eq!((r.bytes, r.chunks), (len, len.div_ceil(MIB)));
+        assert!(
+            read_back(&mgr, &dst, &stream) == src,
+            "{len} bytes: a slot was refilled under its copy"
+        );
+    }
+}
+
+#[test]
 fn a_mapped_file_streams_like_memory() {
     let mgr = Manager::builder()
         .backend(BackendKind::Sim)

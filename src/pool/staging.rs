@@ -24,6 +24,7 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::copy;
@@ -57,7 +58,9 @@ pub struct StagingRing {
 
 impl StagingRing {
     /// `slots` pinned slots of `slot_size` bytes from `host`, placed by `policy` (the
-    /// GPU's node: `NumaPolicy::NearDevice(d)`), filled by `threads` host threads.
+    /// GPU's node: `NumaPolicy::NearDevice(d)`), filled by up to `threads` host threads
+    /// (the caller's among them). Each thread owns whole slots, so give the ring two
+    /// slots per thread: one filling while the other drains.
     pub fn new(
         host: &HostPool,
         policy: &NumaPolicy,
@@ -113,40 +116,120 @@ impl StagingRing {
             }
         }
         dst.record_stream(stream)?;
+        let pieces = src.len().div_ceil(self.slot_size);
+        let n = self.slots.len();
+        // Fillers: each owns whole slots, fills its own pieces (every `fillers`-th one)
+        // and queues their copies, so the copies of one slot run while the others are
+        // filled and no thread is started per slot. Below 4 MiB a filler costs more to
+        // start than it saves.
+        let fillers = self
+            .threads
+            .min(n)
+            .min(pieces)
+            .min((src.len() >> 22).max(1))
+            .max(1);
+        // Slot `next + k` goes to filler `k % fillers`, so that uploads that use fewer
+        // slots than the ring has still rotate through all of them.
+        let mut owned: Vec<Vec<&mut HostBlock>> = (0..fillers).map(|_| Vec::new()).collect();
+        let (tail, head) = self.slots.split_at_mut(self.next);
+        for (k, slot) in head.iter_mut().chain(tail.iter_mut()).enumerate() {
+            owned[k % fillers].push(slot);
+        }
+        self.next = (self.next + pieces) % n;
+        let job = Fill {
+            src,
+            dst,
+            dst_offset,
+            stream,
+            slot_size: self.slot_size,
+            fillers,
+            failed: AtomicBool::new(false),
+        };
+        let mut owned = owned.into_iter();
+        let first = owned.next().expect("at least one filler");
+        let reports: Vec<Result<UploadReport>> = if fillers == 1 {
+            vec![job.run(0, first)]
+        } else {
+            std::thread::scope(|s| {
+                let job = &job;
+                let others: Vec<_> = owned
+                    .enumerate()
+                    .map(|(w, slots)| s.spawn(move || job.run(w + 1, slots)))
+                    .collect();
+                // The calling thread is filler 0.
+                let mut out = vec![job.run(0, first)];
+                out.extend(
+                    others
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+                );
+                out
+            })
+        };
         let mut report = UploadReport::default();
-        for (i, piece) in src.chunks(self.slot_size).enumerate() {
-            let n = self.slots.len();
-            let slot = &mut self.slots[self.next];
-            self.next = (self.next + 1) % n;
-            // Taking the slot's bytes waits for the copy that last drained it.
-            let t = Instant::now();
-            let bytes = &mut slot.as_mut_slice()?[..piece.len()];
-            report.waited += t.elapsed();
-            let t = Instant::now();
-            fill(bytes, piece, self.threads);
-            report.fill += t.elapsed();
-            let at = dst_offset + i * self.slot_size;
-            dst.with_end(|d| copy::copy(d, at, slot.mem(), 0, piece.len(), Some(&stream.inner)))?;
-            report.bytes += piece.len();
-            report.chunks += 1;
+        for r in reports {
+            let r = r?;
+            report.bytes += r.bytes;
+            report.chunks += r.chunks;
+            // Wall time: the fillers ran side by side, so the busiest one's.
+            report.fill = report.fill.max(r.fill);
+            report.waited = report.waited.max(r.waited);
         }
         Ok(report)
     }
 }
 
-/// Copies `src` into `dst` with up to `threads` threads (one memcpy stream per core
-/// cannot keep up with the link on its own).
-fn fill(dst: &mut [u8], src: &[u8], threads: usize) {
-    // Below a few MiB a thread costs more to start than it saves.
-    let threads = threads.min(src.len() / (1 << 20)).max(1);
-    if threads == 1 {
-        dst.copy_from_slice(src);
-        return;
-    }
-    let part = src.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
-            s.spawn(move || d.copy_from_slice(c));
+/// One upload, shared by its fillers.
+struct Fill<'a> {
+    src: &'a [u8],
+    dst: &'a PoolBlock,
+    dst_offset: usize,
+    stream: &'a Stream,
+    slot_size: usize,
+    fillers: usize,
+    /// Set by the first filler that fails, so that the others stop early.
+    failed: AtomicBool,
+}
+
+impl Fill<'_> {
+    /// Filler `w`: pieces `w`, `w + fillers`, ... through `slots` in turn.
+    fn run(&self, w: usize, mut slots: Vec<&mut HostBlock>) -> Result<UploadReport> {
+        let mut report = UploadReport::default();
+        let pieces = self.src.chunks(self.slot_size).enumerate();
+        for (j, (i, piece)) in pieces.skip(w).step_by(self.fillers).enumerate() {
+            if self.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let k = j % slots.len();
+            let r = self.piece(&mut *slots[k], i, piece, &mut report);
+            if r.is_err() {
+                self.failed.store(true, Ordering::Relaxed);
+                return r.map(|_| report);
+            }
         }
-    });
+        Ok(report)
+    }
+
+    fn piece(
+        &self,
+        slot: &mut HostBlock,
+        i: usize,
+        piece: &[u8],
+        report: &mut UploadReport,
+    ) -> Result<()> {
+        // Taking the slot's bytes waits for the copy that last drained it.
+        let t = Instant::now();
+        let bytes = &mut slot.as_mut_slice()?[..piece.len()];
+        report.waited += t.elapsed();
+        let t = Instant::now();
+        bytes.copy_from_slice(piece);
+        report.fill += t.elapsed();
+        let at = self.dst_offset + i * self.slot_size;
+        let stream = Some(&*self.stream.inner);
+        self.dst
+            .with_end(|d| copy::copy(d, at, slot.mem(), 0, piece.len(), stream))?;
+        report.bytes += piece.len();
+        report.chunks += 1;
+        Ok(())
+    }
 }
