@@ -96,9 +96,24 @@ fn parse_args() -> Args {
     a
 }
 
-fn read_trace(path: &str) -> Result<Vec<Op>, String> {
+/// What a trace held that the replay could not take as it stood.
+#[derive(Debug, Default, Clone, Copy)]
+struct TraceGaps {
+    /// `free_completed` of an address the trace never allocated (recording began while
+    /// it was live, or a ring buffer dropped its alloc): skipped.
+    unknown_frees: u64,
+    /// `alloc` of an address still live (its free was not recorded): the old block is
+    /// freed first.
+    implicit_frees: u64,
+}
+
+/// The trace's alloc and free events. Traces recorded mid-run (or through a ring
+/// buffer that dropped events) free addresses they never allocated and reuse addresses
+/// whose free is missing; those are counted in the gaps, not fatal.
+fn read_trace(path: &str) -> Result<(Vec<Op>, TraceGaps), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let mut ops = Vec::new();
+    let mut gaps = TraceGaps::default();
     let mut live: HashMap<u64, u64> = HashMap::new(); // address -> id of the live alloc
     for (n, line) in text.lines().enumerate() {
         if n == 0 && line.starts_with("action") {
@@ -120,8 +135,9 @@ fn read_trace(path: &str) -> Result<Vec<Op>, String> {
         match f[0] {
             "alloc" => {
                 let id = n as u64;
-                if live.insert(addr, id).is_some() {
-                    return Err(format!("{path}:{}: address {addr} allocated twice", n + 1));
+                if let Some(old) = live.insert(addr, id) {
+                    gaps.implicit_frees += 1;
+                    ops.push(Op::Free { id: old });
                 }
                 ops.push(Op::Alloc {
                     id,
@@ -129,16 +145,14 @@ fn read_trace(path: &str) -> Result<Vec<Op>, String> {
                     stream: num(f[3])?,
                 });
             }
-            "free_completed" => {
-                let id = live
-                    .remove(&addr)
-                    .ok_or_else(|| format!("{path}:{}: free of unknown address {addr}", n + 1))?;
-                ops.push(Op::Free { id });
-            }
+            "free_completed" => match live.remove(&addr) {
+                Some(id) => ops.push(Op::Free { id }),
+                None => gaps.unknown_frees += 1,
+            },
             _ => {}
         }
     }
-    Ok(ops)
+    Ok((ops, gaps))
 }
 
 /// A tiny deterministic generator (xorshift64*).
@@ -401,7 +415,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HETMEM_LOG"))
         .with_writer(std::io::stderr)
         .try_init();
-    let (name, ops) = match (&args.trace, &args.synthetic) {
+    let (name, (ops, gaps)) = match (&args.trace, &args.synthetic) {
         (Some(path), _) => (
             path.clone(),
             read_trace(path).unwrap_or_else(|e| {
@@ -411,10 +425,17 @@ fn main() {
         ),
         (_, Some(s)) => (
             format!("synthetic:{s}:seed{}", args.seed),
-            synthetic(s, args.seed),
+            (synthetic(s, args.seed), TraceGaps::default()),
         ),
         _ => usage(),
     };
+    if gaps.unknown_frees + gaps.implicit_frees > 0 {
+        eprintln!(
+            "replay: {name}: skipped {} frees of addresses never allocated, freed {} \
+             addresses allocated again before their recorded free",
+            gaps.unknown_frees, gaps.implicit_frees
+        );
+    }
     if let Some(p) = &args.write_trace {
         write_trace(p, &ops).unwrap_or_else(|e| {
             eprintln!("replay: {p}: {e}");
@@ -503,6 +524,8 @@ fn main() {
         "expandable_segments": pool.expandable(),
         "release_on_grow": args.release_on_grow,
         "events": ops.len(),
+        "trace_unknown_frees": gaps.unknown_frees,
+        "trace_implicit_frees": gaps.implicit_frees,
         "peak_allocated": peak_alloc,
         "peak_allocated_rounded": st.allocated_bytes.all.peak,
         "peak_reserved": peak_reserved,
