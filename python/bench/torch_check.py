@@ -90,13 +90,14 @@ def median_ms(fn, warmup, reps, torch):
 
 
 def compare(torch, got, ref):
-    """Logits within fp16 tolerance: allclose(atol=rtol=1e-2) or the same argmax."""
+    """Logits within fp16 tolerance: allclose(atol=rtol=1e-2). The argmax agreement is
+    reported beside it, never instead of it (a stale weight can keep the top token)."""
     got, ref = got.float(), ref.float()
     diff = (got - ref).abs().max().item()
     argmax = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     close = bool(torch.allclose(got, ref, atol=1e-2, rtol=1e-2))
     return {"max_abs_diff": diff, "argmax_agree": argmax, "bitwise_equal": diff == 0.0,
-            "ok": close or argmax == 1.0}
+            "ok": close}
 
 
 # ---- children ------------------------------------------------------------------------------------
@@ -500,8 +501,10 @@ def main():
     if not a.skip_allocator:
         t["allocator_same_logits"] = bool(p1.get("logits", {}).get("ok"))
         t["allocator_same_tokens"] = bool(p1.get("tokens_equal"))
-        r = p1.get("empty_del_ratio_total")
-        t["allocator_empty_del_within_10pct"] = r is not None and r <= ALLOC_RATIO_TARGET
+        # Every size within 10%, not just the sum (a slow small size hides behind a
+        # fast large one there).
+        r = p1.get("empty_del_ratio") or {}
+        t["allocator_empty_del_within_10pct"] = bool(r) and max(r.values()) <= ALLOC_RATIO_TARGET
         hs = p1.get("hetmem", {}).get("hetmem_stats") or {}
         t["allocator_is_hetmem"] = ((hs.get("live_blocks") or 0) > 0
                                    and hs.get("backend") in ("cuda", "rocm"))
@@ -520,6 +523,9 @@ def main():
         t["hetmem_6x_faster_than_dispatch"] = (
             h is not None and acc is not None and acc / h >= SPEEDUP_TARGET)
         t["hetmem_offload_zero_copy"] = bool(m.get("hetmem_offload", {}).get("zero_copy"))
+        # The order learnt on the first pass drives loads ahead of their acquires.
+        t["hetmem_offload_prefetches"] = (
+            m.get("hetmem_offload", {}).get("per_forward", {}).get("prefetches", 0) > 0)
         t["remove_offload_restores"] = bool(m.get("hetmem_offload", {})
                                             .get("remove_offload_restores"))
     report["targets"] = t
@@ -541,7 +547,7 @@ def main():
             print(f"  {int(s):>22} {tu[s]:>9.2f} {fmt(hu.get(s), '.2f'):>10} "
                   f"{fmt(p1.get('empty_del_ratio', {}).get(s), '.2f'):>6}")
         print(f"  total ratio {fmt(p1.get('empty_del_ratio_total'), '.3f')} "
-              f"(target <= {ALLOC_RATIO_TARGET})")
+              f"(target: every size <= {ALLOC_RATIO_TARGET})")
         print(f"  hetmem allocator stats: {p1.get('hetmem', {}).get('hetmem_stats')}; "
               f"PyTorch's allocator backend: torch {p1.get('torch', {}).get('allocator_backend')}"
               f", hetmem {p1.get('hetmem', {}).get('allocator_backend')}")
