@@ -149,6 +149,34 @@ fn another_stream_waits_for_the_stream_that_freed_the_block() {
 }
 
 #[test]
+fn fresh_memory_never_waits_for_another_streams_work() {
+    both(|exp| {
+        let mgr = sim();
+        let p = pool(&mgr, exp, Budget::Device);
+        let (x, y) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let sim = mgr.sim().unwrap();
+        let xb = p.alloc(4 * MIB, &x).unwrap();
+        // Y frees the block next to memory nobody has used yet, while its kernel runs.
+        let yb = p.alloc(8 * MIB, &y).unwrap();
+        let k = sim
+            .launch_kernel(y.handle(), Duration::from_millis(50))
+            .unwrap();
+        drop(yb);
+        // X needs memory: untouched memory is there, so it must not queue behind Y.
+        let xb2 = p.alloc(6 * MIB, &x).unwrap();
+        // (Kernels share the one compute engine; the stream's own clock shows a wait.)
+        let ready = sim.stream_time_ns(x.handle()).unwrap();
+        assert!(
+            ready < k.end_ns,
+            "expandable {exp}: X was made to wait for Y's kernel (ready at {ready} ns, \
+             Y's kernel ends at {} ns)",
+            k.end_ns
+        );
+        drop((xb, xb2));
+    });
+}
+
+#[test]
 fn record_stream_orders_reuse_after_the_other_stream() {
     let mgr = sim();
     let p = pool(&mgr, true, Budget::Device);

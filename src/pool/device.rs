@@ -7,7 +7,9 @@
 //! - **Blocks and sizes.** Requests are rounded up to 512 bytes. Blocks of up to 1 MiB
 //!   come from the small pool, larger ones from the large pool, so that long-lived small
 //!   blocks never pin pages that large ones need. A free block larger than a request is
-//!   split; neighbouring free blocks are merged again (coalescing).
+//!   split; neighbouring free blocks of the same stream are merged again (coalescing).
+//!   Memory no stream has used stays unowned, so a stream that needs fresh memory never
+//!   queues behind another stream's work to get it.
 //! - **Expandable segments.** Where the backend has virtual memory management (CUDA,
 //!   the simulator), each pool is one large reserved address range whose 2 MiB pages
 //!   are mapped only when a block over them is handed out, and given back when they lie
@@ -1189,7 +1191,6 @@ impl PoolState {
                 self.blocks.remove(&addr);
                 b.size += pb.size;
                 b.prev = pb.prev;
-                b.stream = merged(pb.stream, b.stream);
                 start = p;
             }
         }
@@ -1200,7 +1201,6 @@ impl PoolState {
                 self.blocks.remove(&n);
                 b.size += nb.size;
                 b.next = nb.next;
-                b.stream = merged(nb.stream, b.stream);
             }
         }
         if let Some(n) = b.next {
@@ -1219,14 +1219,9 @@ fn pages_under(r: &VmmRegion, base: u64, addr: u64, len: usize) -> std::ops::Ran
     off / p..=(off + len - 1) / p
 }
 
+/// Whether free blocks owned by `a` and `b` may merge: only of one owner. A stream's
+/// freed block merged into untouched memory would make all of it that stream's, and
+/// another stream taking any of it would then wait for the first one's queued work.
 fn compatible(a: u64, b: u64) -> bool {
-    a == b || a == NO_STREAM || b == NO_STREAM
-}
-
-fn merged(a: u64, b: u64) -> u64 {
-    if a == NO_STREAM {
-        b
-    } else {
-        a
-    }
+    a == b
 }
