@@ -524,6 +524,51 @@ fn dirty_parameters_are_written_back() {
     assert!(st.host_peak_bytes <= 16 * MIB + LAYER, "{st:?}");
 }
 
+/// Two streams share a parameter: a write on one is not overtaken by a later reader on
+/// the other, and does not overtake an earlier reader there (virtual time shows where
+/// each stream may start).
+#[test]
+fn writes_and_reads_on_two_streams_stay_in_order() {
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let store = model(&mgr, 4, SequenceHint::None, false);
+    let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+    let ms = Duration::from_millis;
+    // Loaded and read on `b`: its kernel runs until `read_end`.
+    let g = store.acquire(0, &b).unwrap();
+    let read_end = sim.launch_kernel(b.handle(), ms(5)).unwrap().end_ns;
+    drop(g);
+    // A write on `a` waits for that read.
+    let mut g = store.acquire(0, &a).unwrap();
+    g.mark_dirty();
+    let ready = sim.stream_time_ns(a.handle()).unwrap();
+    assert!(
+        ready >= read_end,
+        "the write starts at {ready} ns, before the read ends at {read_end}"
+    );
+    let write_end = sim.launch_kernel(a.handle(), ms(5)).unwrap().end_ns;
+    drop(g);
+    // A later read on `b` (a hit: no load to wait for) waits for the write.
+    let g = store.acquire(0, &b).unwrap();
+    let ready = sim.stream_time_ns(b.handle()).unwrap();
+    assert!(
+        ready >= write_end,
+        "the read starts at {ready} ns, before the write ends at {write_end}"
+    );
+    drop(g);
+    // Reads do not wait for reads: a clean parameter on `a` is ready at once.
+    let g = store.acquire(1, &b).unwrap();
+    let busy_until = sim.launch_kernel(b.handle(), ms(5)).unwrap().end_ns;
+    drop(g);
+    let g = store.acquire(1, &a).unwrap();
+    let ready = sim.stream_time_ns(a.handle()).unwrap();
+    assert!(
+        ready < busy_until,
+        "a read waited for another stream's read"
+    );
+    drop(g);
+}
+
 /// A write-back whose copy fails (injected in the simulator) loses nothing: the
 /// eviction fails, the parameter stays on the device and dirty, its host copy as it
 /// was; the next eviction writes it back, and a reload has the write.

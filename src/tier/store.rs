@@ -297,6 +297,9 @@ struct Param {
     /// Events recorded by guards when they were dropped (work queued up to the end of
     /// each use), since the last load.
     uses: Vec<Event>,
+    /// The end of the last use that wrote it (a dirty guard's drop), since the last
+    /// load: acquires on any stream wait for it, so no reader overtakes a write.
+    written: Option<Event>,
     checksum: Option<u64>,
 }
 
@@ -570,6 +573,7 @@ impl TierStore {
             keep: false,
             priority: 0,
             uses: Vec::new(),
+            written: None,
             checksum,
         });
         st.names.insert(name.to_owned(), id);
@@ -784,8 +788,12 @@ impl TierStore {
                 }
             }
         }
-        let ready = &st.params[id as usize].dev.as_ref().expect("loaded").ready;
-        let waited = stream.wait(ready);
+        let p = &st.params[id as usize];
+        let ready = &p.dev.as_ref().expect("loaded").ready;
+        let mut waited = stream.wait(ready);
+        if let (Ok(()), Some(w)) = (&waited, &p.written) {
+            waited = stream.wait(w);
+        }
         (st, waited)
     }
 
@@ -1013,10 +1021,30 @@ impl ParamGuard {
         &self.stream
     }
 
-    /// Says the device copy has been (or will be, by work on the stream) written: it is
-    /// copied back to the host before it is dropped.
+    /// Says the device copy will be written by work queued on the guard's stream after
+    /// this call: it is copied back to the host before it is dropped, and acquires made
+    /// after this guard is dropped (on any stream) wait for the write.
+    ///
+    /// The guard's stream is ordered after the uses of the parameter that have ended
+    /// (guards dropped, on any stream), so the write does not overtake them. Uses that
+    /// are still going on (live guards on other streams) are the caller's to order.
     pub fn mark_dirty(&mut self) {
+        if self.dirty {
+            return;
+        }
         self.dirty = true;
+        let st = self.shared.lock();
+        for e in &st.params[self.id as usize].uses {
+            if let Err(err) = self.stream.wait(e) {
+                // Wait on the host instead: the write must not start before the read.
+                tracing::error!(target: "hetmem", id = self.id, error = %err,
+                    "cannot order a write after earlier uses on the device; waiting");
+                if let Err(err) = e.synchronize() {
+                    tracing::error!(target: "hetmem", id = self.id, error = %err,
+                        "cannot wait for an earlier use either");
+                }
+            }
+        }
     }
 
     /// Ends the use (the same as dropping the guard).
@@ -1025,6 +1053,12 @@ impl ParamGuard {
 
 impl Drop for ParamGuard {
     fn drop(&mut self) {
+        // A write's end is kept apart too: later acquires wait for it.
+        let written = if self.dirty {
+            self.stream.record().ok()
+        } else {
+            None
+        };
         let done = match self.stream.record() {
             Ok(e) => Some(e),
             Err(e) => {
@@ -1045,6 +1079,10 @@ impl Drop for ParamGuard {
         let p = &mut st.params[self.id as usize];
         p.refs = p.refs.saturating_sub(1);
         p.dirty |= self.dirty;
+        if self.dirty {
+            // Without an event the stream was synchronised below: nothing to wait for.
+            p.written = written.filter(|_| done.is_some());
+        }
         if let Some(e) = done {
             if p.uses.len() >= 4 {
                 p.uses.retain(|e| !e.is_done().unwrap_or(false));
@@ -1179,6 +1217,7 @@ fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlo
     }
     let p = &mut st.params[idx];
     let uses = std::mem::take(&mut p.uses);
+    p.written = None;
     let size = p.size;
     st.used -= device_bytes(size);
     st.ev.forget(id);
@@ -1662,6 +1701,7 @@ fn place(
         ready,
     });
     p.uses.clear();
+    p.written = None;
     st.used += dsize;
     st.stats.loads += 1;
     st.stats.bytes_loaded += size as u64;
