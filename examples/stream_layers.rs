@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use hetmem::tier::policy::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
-use hetmem::tier::{Planner, Residency, SequenceHint, TierConfig, TierStore};
+use hetmem::tier::{device_footprint, Planner, Residency, SequenceHint, TierConfig, TierStore};
 use hetmem::{BackendKind, Manager, NumaPolicy, Placement, Stream};
 use serde_json::json;
 
@@ -349,7 +349,8 @@ fn main() {
     // The optimum for equal layers: MIN over the loop with one slot fewer than fit, pass
     // by pass over the same passes (its steady passes differ by a layer now and then).
     // With more spare slots, the plan's own target: MIN with that many fewer.
-    let fit = budget / layer.next_multiple_of(512);
+    // C counts layers as the store does: above 1 MiB each takes whole 2 MiB pages.
+    let fit = budget / device_footprint(layer);
     let optimum: Option<Vec<f64>> = equal.then(|| {
         min_misses_each_pass(&ids_in_order, fit.saturating_sub(args.spare), args.passes)
             .into_iter()
@@ -376,6 +377,13 @@ fn main() {
             budget as f64 * 100.0 / model_bytes as f64,
             args.policy,
         );
+        if equal && device_footprint(layer) != layer.next_multiple_of(512) {
+            println!(
+                "each layer takes {:.1} MiB of the budget (whole 2 MiB pool pages): the \
+                 optimum below is for {fit} layers",
+                device_footprint(layer) as f64 / MIB as f64
+            );
+        }
         match kernel {
             Some(k) => println!(
                 "kernel per layer: {} us (declared, virtual time)",

@@ -849,7 +849,15 @@ fn errors_are_clear() {
         .register("huge", vec![0u8; 3 * MIB].into())
         .unwrap_err();
     assert!(
-        matches!(err, Error::OutOfMemory { requested, .. } if requested == 3 * MIB),
+        matches!(err, Error::OutOfMemory { requested, free, .. } if requested == 4 * MIB && free == 2 * MIB),
+        "{err}"
+    );
+    // Over 1 MiB a parameter takes whole 2 MiB pages: the error says what it needs.
+    let err = store
+        .register("page_and_a_half", vec![0u8; 2 * MIB + 1].into())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::OutOfMemory { requested, .. } if requested == 4 * MIB),
         "{err}"
     );
     store.register("ok", vec![1u8; MIB].into()).unwrap();

@@ -13,4 +13,7 @@ pub mod policy;
 pub mod source;
 pub mod store;
 
-pub use store::{ParamGuard, Planner, Residency, SequenceHint, TierConfig, TierStats, TierStore};
+pub use store::{
+    device_footprint, ParamGuard, Planner, Residency, SequenceHint, TierConfig, TierStats,
+    TierStore,
+};

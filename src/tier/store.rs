@@ -401,7 +401,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// What a parameter of `size` bytes takes on the device, and asks the pool for.
+/// What a parameter of `size` bytes takes of the device budget, and asks the pool for:
+/// up to 1 MiB, `size` rounded to 512 bytes; above, whole 2 MiB pool pages (so that the
+/// pool can always place a load in the room the store counts).
+///
+/// ```
+/// use hetmem::tier::device_footprint;
+/// assert_eq!(device_footprint(1000), 1024);
+/// assert_eq!(device_footprint(3 << 20), 4 << 20);
+/// ```
+pub fn device_footprint(size: usize) -> usize {
+    device_bytes(size)
+}
+
 fn device_bytes(size: usize) -> usize {
     if size > PAGE_ROUND_ABOVE {
         size.next_multiple_of(POOL_PAGE)
@@ -536,7 +548,9 @@ impl TierStore {
     ///
     /// # Errors
     /// [`Error::InvalidSize`] for an empty source; [`Error::OutOfMemory`] for a
-    /// parameter larger than the device budget (it could never be loaded);
+    /// parameter whose device footprint is larger than the device budget (it could never
+    /// be loaded): `requested` is that footprint (above 1 MiB a parameter takes whole
+    /// 2 MiB pool pages), `free` the whole budget;
     /// [`Error::InvalidArgument`] for a name already registered.
     pub fn register(&self, name: &str, source: Source) -> Result<ParamId> {
         let res = &self.shared.res;
@@ -550,7 +564,7 @@ impl TierStore {
         if device_bytes(size) > res.device_budget {
             return Err(Error::oom(
                 Tier::Device(res.device),
-                size,
+                device_bytes(size),
                 res.device_budget,
             ));
         }
