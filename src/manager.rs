@@ -19,7 +19,7 @@
 
 use std::path::PathBuf;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::copy;
@@ -132,6 +132,7 @@ impl ManagerBuilder {
                 pinned: ByteCounter::unlimited(),
                 device: (0..n).map(|_| ByteCounter::unlimited()).collect(),
                 managed: (0..n).map(|_| ByteCounter::unlimited()).collect(),
+                warned_no_node: AtomicBool::new(false),
             }),
         };
         tracing::info!(target: "hetmem", backend = %mgr.backend_kind(), devices = n,
@@ -196,6 +197,8 @@ struct Inner {
     pinned: ByteCounter,
     device: Vec<ByteCounter>,
     managed: Vec<ByteCounter>,
+    /// Whether [`Manager::resolve_policy`] has warned of a device with no NUMA node.
+    warned_no_node: AtomicBool,
 }
 
 impl Inner {
@@ -282,22 +285,41 @@ impl Manager {
         }
     }
 
-    /// Resolves `NearDevice` to the device's node (or the default where it has none).
+    /// Resolves `NearDevice` to the device's node.
+    ///
+    /// Where the device reports none (sysfs says -1, as on the H200 host): on a machine
+    /// with one memory node, the default policy (there is nowhere else); with several,
+    /// `Preferred` on the node of the CPU this thread runs on, with a warning once, so
+    /// that the threads that fault a large region in do not scatter its pages over the
+    /// nodes where they happen to run (pinned, those pages could never move).
     pub fn resolve_policy(&self, policy: &NumaPolicy) -> Result<NumaPolicy> {
         match policy {
             NumaPolicy::NearDevice(d) => {
                 check_device(self.backend(), *d)?;
                 Ok(match self.inner.devices[*d].numa_node {
                     Some(node) => NumaPolicy::Bind(node),
-                    None => {
-                        tracing::debug!(target: "hetmem", device = d,
-                            "device reports no NUMA node; using the default policy");
-                        NumaPolicy::Default
-                    }
+                    None => self.no_device_node(*d),
                 })
             }
             other => Ok(other.clone()),
         }
+    }
+
+    /// `NearDevice(device)` for a device with no NUMA node: see [`Manager::resolve_policy`].
+    fn no_device_node(&self, device: usize) -> NumaPolicy {
+        let topo = &self.inner.topology;
+        if topo.memory_nodes().len() <= 1 {
+            return NumaPolicy::Default;
+        }
+        let here = hetmem_sys::numa::current_cpu()
+            .and_then(|cpu| topo.node_of_cpu(cpu))
+            .filter(|n| topo.has_memory(*n));
+        if !self.inner.warned_no_node.swap(true, Ordering::Relaxed) {
+            tracing::warn!(target: "hetmem", device, node = ?here,
+                "device reports no NUMA node on a machine with several: placing memory \
+                 near it on the calling thread's node (bind explicitly to choose)");
+        }
+        here.map_or(NumaPolicy::Default, NumaPolicy::Preferred)
     }
 
     /// Allocates `size` bytes with the given placement.

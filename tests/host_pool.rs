@@ -198,8 +198,11 @@ fn near_device_is_resolved_by_the_manager() {
             "{e:?}"
         ),
     }
+    // Device 1 reports no node: the calling thread's node, preferred (CPUs 0-7 are
+    // node 0 in the fixture, and node 0 is this machine's).
     let b = pool.alloc_pinned(&NumaPolicy::NearDevice(1), MIB).unwrap();
-    assert_eq!(b.policy(), &NumaPolicy::Default);
+    assert_eq!(b.policy(), &NumaPolicy::Preferred(0));
+    assert!(b.page_nodes().unwrap().iter().all(|&n| n == 0));
     // Nodes are checked against the topology as Manager::alloc does.
     assert!(matches!(
         pool.alloc_pinned(&NumaPolicy::Bind(7), MIB),

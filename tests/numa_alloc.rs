@@ -344,7 +344,7 @@ fn zero_size_huge_align_and_absurd_sizes() {
 }
 
 #[test]
-fn bind_to_a_missing_node_is_null_preferred_still_allocates() {
+fn bind_or_prefer_a_missing_node_is_null() {
     let n = missing_node();
     let large = Layout::from_size_align(4 * MIB, 8).unwrap();
     let small = Layout::from_size_align(256, 8).unwrap();
@@ -365,17 +365,16 @@ fn bind_to_a_missing_node_is_null_preferred_still_allocates() {
             a.dealloc(p, small);
         }
     }
+    // Preferred to a node the kernel refuses is refused too, never a silent first touch.
     for a in [NumaAlloc::preferred(n), NumaAlloc::preferred(u32::MAX)] {
-        // SAFETY: non-zero layout.
-        let p = unsafe { a.alloc(large) };
-        assert!(!p.is_null(), "{a:?}");
-        // mbind refused the node: default placement.
-        assert_eq!(policy_at(p).0, numa::MPOL_DEFAULT);
-        // SAFETY: ours, 4 MiB.
-        unsafe { touch(p, large.size()) };
-        assert!(page_nodes(p, large.size()).iter().all(|&n| n >= 0));
-        // SAFETY: ours with `large`.
-        unsafe { a.dealloc(p, large) };
+        // SAFETY: non-zero layouts.
+        unsafe {
+            assert!(a.alloc(large).is_null(), "{a:?}");
+            assert!(a.alloc_zeroed(large).is_null(), "{a:?}");
+            let p = a.alloc(small);
+            assert!(!p.is_null(), "small ones are System's");
+            a.dealloc(p, small);
+        }
     }
     // Preferred to a real node is a preferred policy.
     let a = NumaAlloc::preferred(0);

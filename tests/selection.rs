@@ -41,9 +41,18 @@ fn devices_get_their_numa_node_from_sysfs() {
         mgr.resolve_policy(&NumaPolicy::NearDevice(0)).unwrap(),
         NumaPolicy::Bind(1)
     );
+    // No node for device 1 on a machine with two: the node of the CPU this thread runs
+    // on (this machine's CPU numbers, the fixture's map: CPUs 0-7 are node 0's), as a
+    // preference, never the scattering default.
+    let here = hetmem_sys::numa::current_cpu().and_then(|c| mgr.topology().node_of_cpu(c));
     assert_eq!(
         mgr.resolve_policy(&NumaPolicy::NearDevice(1)).unwrap(),
-        NumaPolicy::Default
+        here.map_or(NumaPolicy::Default, NumaPolicy::Preferred)
+    );
+    assert_ne!(
+        mgr.resolve_policy(&NumaPolicy::NearDevice(1)).unwrap(),
+        NumaPolicy::Default,
+        "this test machine's CPUs are all in the fixture's nodes"
     );
     assert!(matches!(
         mgr.resolve_policy(&NumaPolicy::NearDevice(2)),

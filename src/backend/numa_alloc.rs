@@ -41,11 +41,16 @@
 //!   does not have (or that has no memory, or does not fit the 1024-node mask) makes
 //!   `mbind` fail, and the allocation returns null. First-touch faults that find the node
 //!   full are the kernel's business (reclaim, then the OOM killer), as with any bind.
-//! - [`NumaAlloc::preferred`]: the node first, any node when it is full; if `mbind`
-//!   refuses the node, the allocation still succeeds with the default (first-touch)
-//!   placement.
+//! - [`NumaAlloc::preferred`]: the node first, any node when it is full. A node the
+//!   kernel refuses is a configuration error, not a preference: the allocation returns
+//!   null, as with `bind`, rather than landing wherever first touch puts it.
 //! - [`NumaAlloc::interleave_all`]: pages round-robin over the nodes this thread may use
-//!   (its cpuset's `mems_allowed`); default placement if that cannot be read.
+//!   (its cpuset's `mems_allowed`); null if those cannot be read.
+//!
+//! A null return aborts a program whose global allocator this is, with only the size
+//! in the message: check the node first, e.g. with
+//! [`Topology::check_node`](crate::topology::Topology::check_node), whose error names
+//! the nodes there are.
 //! - [`NumaAlloc::new`]: default placement (first touch), huge pages only.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -75,7 +80,7 @@ pub enum NumaAllocPolicy {
     Default,
     /// Only on this node; null if it cannot be bound.
     Bind(u32),
-    /// This node first; default placement if the kernel refuses the node.
+    /// This node first, others when it is full; null if the kernel refuses the node.
     Preferred(u32),
     /// Round-robin over every node the thread may use.
     InterleaveAll,
@@ -111,7 +116,8 @@ impl NumaAlloc {
         NumaAlloc::new().policy(NumaAllocPolicy::Bind(node))
     }
 
-    /// Large allocations on `node` first, elsewhere when it is full or does not exist.
+    /// Large allocations on `node` first, elsewhere when it is full; null where the node
+    /// does not exist or has no memory.
     pub const fn preferred(node: u32) -> NumaAlloc {
         NumaAlloc::new().policy(NumaAllocPolicy::Preferred(node))
     }
@@ -190,8 +196,9 @@ impl NumaAlloc {
         ptr
     }
 
-    /// Gives `ptr..ptr+len` (our own fresh mapping) the policy. False only where the
-    /// allocation must fail: a bind the kernel refuses.
+    /// Gives `ptr..ptr+len` (our own fresh mapping) the policy. False where the
+    /// allocation must fail: a policy the kernel refuses (an unknown node, one without
+    /// memory), or nodes to interleave over that cannot be read.
     fn place(&self, ptr: *mut u8, len: usize) -> bool {
         let (mode, mask) = match self.policy {
             NumaAllocPolicy::Default => return true,
@@ -201,17 +208,17 @@ impl NumaAlloc {
             },
             NumaAllocPolicy::Preferred(n) => match FixedNodeMask::single(n) {
                 Some(mask) => (numa::MPOL_PREFERRED, mask),
-                None => return true,
+                None => return false,
             },
             NumaAllocPolicy::InterleaveAll => match numa::mems_allowed_fixed() {
                 Ok(mask) if !mask.is_empty() => (numa::MPOL_INTERLEAVE, mask),
-                _ => return true,
+                _ => return false,
             },
         };
         // SAFETY: the range is a mapping this allocator just made and owns, no page of
         // which has been touched; `mask` is a live local covering `maxnode - 1` bits.
         let rc = unsafe { numa::mbind(ptr.cast(), len, mode, mask.as_ptr(), mask.maxnode(), 0) };
-        rc.is_ok() || !matches!(self.policy, NumaAllocPolicy::Bind(_))
+        rc.is_ok()
     }
 
     /// Large to large `realloc`; null (old block intact) on failure.

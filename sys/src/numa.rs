@@ -305,6 +305,14 @@ pub unsafe fn node_of_address(addr: *const c_void) -> Result<i32, i32> {
     Ok(node)
 }
 
+/// The CPU the calling thread runs on at this moment (`sched_getcpu`); `None` where the
+/// kernel cannot say.
+pub fn current_cpu() -> Option<u32> {
+    // SAFETY: sched_getcpu takes no arguments and reads or writes no memory of ours.
+    let cpu = unsafe { libc::sched_getcpu() };
+    u32::try_from(cpu).ok()
+}
+
 /// The nodes this thread may allocate on (`get_mempolicy(MPOL_F_MEMS_ALLOWED)`: its
 /// cpuset's memory nodes), without allocating. Fails with `EINVAL` on a kernel with more
 /// than [`FixedNodeMask::BITS`] possible nodes.
