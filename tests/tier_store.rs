@@ -900,6 +900,14 @@ fn stress_four_threads() {
     // LRU, and a given sequence the random acquires keep leaving (the plan restarts,
     // the demand path takes over, and the plan resumes), and one the threads follow.
     stress(SequenceHint::None, false, Planner::Belady);
+    // A host budget of the ring and four pinned copies: most loads go through the
+    // staging ring, and write-backs replace cold sources.
+    stress_in(
+        SequenceHint::None,
+        false,
+        Planner::Belady,
+        4 * MIB + 4 * 64 * 1024,
+    );
     stress(
         SequenceHint::Given((0..16).collect()),
         false,
@@ -924,15 +932,21 @@ fn stress_four_threads() {
     );
 }
 
-/// Four threads, 2,500 operations each: acquire and write (own parameters, counters
-/// checked on every acquire), acquire and read, will-need, dont-need, priority; with
-/// `in_order`, the shared reads walk the sequence instead of picking at random.
 fn stress(sequence: SequenceHint, in_order: bool, planner: Planner) {
+    stress_in(sequence, in_order, planner, 16 * MIB + 16 * 2 * 64 * 1024);
+}
+
+/// Four threads, 2,500 operations each: acquire and write (own parameters, counters
+/// checked on every acquire), acquire and read, will-need, dont-need, priority, and
+/// (threads 0 and 1, one own parameter each, so that the kept ones and four guards
+/// always fit) keep-resident on and off; with `in_order`, the shared reads walk the
+/// sequence instead of picking at random.
+fn stress_in(sequence: SequenceHint, in_order: bool, planner: Planner, host_budget: usize) {
     const PARAMS: usize = 16;
     const SIZE: usize = 64 * 1024;
     const OPS: usize = 2500;
     let mgr = sim();
-    let mut cfg = TierConfig::new(6 * SIZE, 16 * MIB + PARAMS * 2 * SIZE);
+    let mut cfg = TierConfig::new(6 * SIZE, host_budget);
     cfg.checksums = true;
     cfg.sequence = sequence;
     cfg.planner = planner;
@@ -991,6 +1005,9 @@ fn stress(sequence: SequenceHint, in_order: bool, planner: Planner) {
                         8 => {
                             store.dont_need((rnd() % PARAMS as u64) as ParamId).unwrap();
                         }
+                        9 if t < 2 && rnd() % 2 == 0 => {
+                            store.keep_resident(own[0], rnd() % 2 == 0).unwrap();
+                        }
                         _ => {
                             let id = (rnd() % PARAMS as u64) as ParamId;
                             store.priority(id, (rnd() % 3) as i32).unwrap();
@@ -1014,6 +1031,10 @@ fn stress(sequence: SequenceHint, in_order: bool, planner: Planner) {
     assert_eq!(st.checksum_mismatches, 0);
     assert!(st.device_peak_bytes <= 6 * SIZE);
     assert!(st.writebacks > 0 && st.evictions > 0);
+    assert!(st.host_peak_bytes <= host_budget, "{st:?}");
+    if host_budget < 16 * MIB {
+        assert!(st.staged_loads > 0, "{st:?}");
+    }
 }
 
 /// Four threads share a budget of two parameters, each holding one guard at a time:
