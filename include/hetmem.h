@@ -383,8 +383,10 @@ int hetmem_store_acquire(hetmem_store_t* store, uint32_t id, hetmem_stream_t* st
 int hetmem_store_acquire_timeout(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                                  uint64_t timeout_ms, hetmem_guard_t** out, void** device_ptr);
 
-/* Says the parameter's device copy was (or will be, by work queued on the guard's
- * stream) written: it is copied back to the host before it is ever dropped. */
+/* Says the parameter's device copy will be written by work queued on the guard's
+ * stream after this call: it is copied back to the host before it is ever dropped, the
+ * stream first waits for earlier (released) uses on other streams, and later acquires
+ * on any stream wait for the write. */
 int hetmem_guard_mark_dirty(hetmem_guard_t* guard);
 
 /* Ends a use and consumes the guard: the parameter's memory is not reused before the

@@ -176,6 +176,28 @@ fn fresh_memory_never_waits_for_another_streams_work() {
     });
 }
 
+/// Near the budget, memory that fits is found: a freed block beside untouched memory
+/// (the two do not merge while a stream owns the block) does not turn a request the
+/// budget can hold into an `OutOfMemory` (the retry merges them and looks again).
+#[test]
+fn a_request_within_the_budget_is_served_beside_a_freed_block() {
+    both(|exp| {
+        let mgr = sim();
+        let s = mgr.create_stream(0).unwrap();
+        let p = pool(&mgr, exp, Budget::Bytes(20 * MIB));
+        drop(p.alloc(3 * MIB, &s).unwrap());
+        let whole = p.alloc(20 * MIB, &s);
+        assert!(whole.is_ok(), "expandable {exp}: {:?}", whole.err());
+        drop(whole);
+        let p = pool(&mgr, exp, Budget::Bytes(40 * MIB));
+        let live = p.alloc(16 * MIB, &s).unwrap();
+        drop(p.alloc(3 * MIB, &s).unwrap());
+        let rest = p.alloc(24 * MIB, &s);
+        assert!(rest.is_ok(), "expandable {exp}: {:?}", rest.err());
+        drop((live, rest));
+    });
+}
+
 #[test]
 fn record_stream_orders_reuse_after_the_other_stream() {
     let mgr = sim();

@@ -708,7 +708,9 @@ class Guard(_Owned):
         return self._h is None
 
     def mark_dirty(self):
-        """The device copy was (or will be, by work queued on the stream) written."""
+        """The device copy will be written by work queued on the stream after this call
+        (written back before it is dropped; ordered after earlier uses, and later acquires
+        wait for it)."""
         if self._h is None:
             raise _closed("guard")
         _check(self.store._lib.hetmem_guard_mark_dirty(self._h))

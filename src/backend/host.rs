@@ -334,7 +334,7 @@ impl HostRegion {
         if let Some((mode, mask)) = &bind {
             // SAFETY: the range is our own fresh mapping with no page touched yet; the mask
             // buffer covers `maxnode - 1` bits by construction.
-            unsafe {
+            let rc = unsafe {
                 numa::mbind(
                     region.addr(),
                     map_len,
@@ -343,8 +343,18 @@ impl HostRegion {
                     mask.maxnode(),
                     0,
                 )
+            };
+            match rc.map_err(Errno::from_raw) {
+                Ok(()) => {}
+                // A preference where the kernel allows no policies at all (no NUMA, or a
+                // seccomp filter): there is nothing to prefer between. A node the kernel
+                // refuses (EINVAL) stays an error, as every refusal of a bind does.
+                Err(e @ (Errno::EPERM | Errno::ENOSYS)) if *mode == numa::MPOL_PREFERRED => {
+                    tracing::debug!(error = %e, ?policy,
+                        "mbind not permitted; a preferred node cannot be set, default placement");
+                }
+                Err(e) => return Err(Error::os("mbind", e)),
             }
-            .map_err(|e| Error::os("mbind", Errno::from_raw(e)))?;
         }
 
         region.prefault_parallel(threads)?;

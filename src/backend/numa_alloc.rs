@@ -42,10 +42,14 @@
 //!   `mbind` fail, and the allocation returns null. First-touch faults that find the node
 //!   full are the kernel's business (reclaim, then the OOM killer), as with any bind.
 //! - [`NumaAlloc::preferred`]: the node first, any node when it is full. A node the
-//!   kernel refuses is a configuration error, not a preference: the allocation returns
-//!   null, as with `bind`, rather than landing wherever first touch puts it.
+//!   kernel refuses (`EINVAL`: it does not exist or has no memory) is a configuration
+//!   error, not a preference: the allocation returns null, as with `bind`, rather than
+//!   landing wherever first touch puts it. Where the kernel allows no policy at all
+//!   (`EPERM` from a seccomp filter, `ENOSYS`), preferred and interleaved allocations
+//!   take the default placement.
 //! - [`NumaAlloc::interleave_all`]: pages round-robin over the nodes this thread may use
-//!   (its cpuset's `mems_allowed`); null if those cannot be read.
+//!   (its cpuset's `mems_allowed`); null if those cannot be read for another reason than
+//!   the policies being unavailable altogether.
 //!
 //! A null return aborts a program whose global allocator this is, with only the size
 //! in the message: check the node first, e.g. with
@@ -212,13 +216,23 @@ impl NumaAlloc {
             },
             NumaAllocPolicy::InterleaveAll => match numa::mems_allowed_fixed() {
                 Ok(mask) if !mask.is_empty() => (numa::MPOL_INTERLEAVE, mask),
+                // No policies here at all: nothing to interleave over.
+                Err(e) if e == libc::EPERM || e == libc::ENOSYS => return true,
                 _ => return false,
             },
         };
         // SAFETY: the range is a mapping this allocator just made and owns, no page of
         // which has been touched; `mask` is a live local covering `maxnode - 1` bits.
         let rc = unsafe { numa::mbind(ptr.cast(), len, mode, mask.as_ptr(), mask.maxnode(), 0) };
-        rc.is_ok()
+        match rc {
+            Ok(()) => true,
+            // No policies at all here (no NUMA, or a seccomp filter): a preference or an
+            // interleave has nothing to choose between, so it is not an error; a bind is.
+            Err(e) if e == libc::EPERM || e == libc::ENOSYS => {
+                !matches!(self.policy, NumaAllocPolicy::Bind(_))
+            }
+            Err(_) => false,
+        }
     }
 
     /// Large to large `realloc`; null (old block intact) on failure.

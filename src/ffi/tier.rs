@@ -679,8 +679,10 @@ unsafe fn acquire(
     })
 }
 
-/// Says the device copy held by `guard` has been (or will be, by work on its stream)
-/// written: it is copied back to the host before it is ever dropped.
+/// Says the device copy held by `guard` will be written by work queued on its stream
+/// after this call: it is copied back to the host before it is ever dropped, the stream
+/// first waits for the parameter's earlier (released) uses on other streams, and later
+/// acquires on any stream wait for the write.
 ///
 /// # Safety
 /// `guard` may be any value: it is checked.

@@ -574,6 +574,15 @@ impl Shared {
             if let Some(found) = st.find_free(small, key, rounded) {
                 match self.take(st, found, rounded, size, stream) {
                     Ok(addr) => return Ok(addr),
+                    // The pages under the block found did not fit; giving the cache back
+                    // merges free blocks across streams, so a block that needs fewer new
+                    // pages (or none) may be there now: look once more.
+                    Err(Error::OutOfMemory { .. }) if !retried => {
+                        retried = true;
+                        st.stats.num_alloc_retries += 1;
+                        self.release_cached(st, usize::MAX)?;
+                        continue;
+                    }
                     Err(e @ Error::OutOfMemory { .. }) => return Err(self.oom(st, size, e)),
                     Err(e) => return Err(e),
                 }

@@ -1094,7 +1094,15 @@ impl Drop for ParamGuard {
         p.refs = p.refs.saturating_sub(1);
         p.dirty |= self.dirty;
         if self.dirty {
-            // Without an event the stream was synchronised below: nothing to wait for.
+            if written.is_none() && done.is_some() {
+                // No event for the write's end: wait for it here, so that no later
+                // reader can overtake it.
+                if let Err(e) = self.stream.synchronize() {
+                    tracing::error!(target: "hetmem", id = self.id, error = %e,
+                        "cannot wait for a write's end");
+                }
+            }
+            // Without an event the stream was synchronised: nothing to wait for.
             p.written = written.filter(|_| done.is_some());
         }
         if let Some(e) = done {
