@@ -157,7 +157,8 @@ fn touch<A: GlobalAlloc>(a: &A, size: usize) -> u8 {
 static SYSTEM: Shim<System> = Shim(&System);
 /// Bound to node 0: the large path pays its `mbind` too (the small path is the same for
 /// every policy).
-static NUMA: Shim<NumaAlloc> = Shim(&NumaAlloc::bind(0));
+static NUMA_ALLOC: NumaAlloc = NumaAlloc::bind(0);
+static NUMA: Shim<NumaAlloc> = Shim(&NUMA_ALLOC);
 
 #[derive(Clone, Copy)]
 enum Case {

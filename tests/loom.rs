@@ -206,3 +206,41 @@ fn pool_blocks_held_at_once_are_disjoint() {
         assert_eq!(st.allocated_bytes.all.current, 0);
     });
 }
+
+/// `NumaAlloc`'s cache of freed blocks: two threads each free a block into a one-slot
+/// cache and take one back. No block is handed to both, none is lost: what was taken
+/// and what is left are exactly what was put.
+#[test]
+fn block_cache_hands_each_block_out_once() {
+    use hetmem::backend::block_cache::{BlockCache, UNIT};
+    loom::model(|| {
+        let cache = Arc::new(BlockCache::<1>::new());
+        let hs: Vec<_> = (1..=2usize)
+            .map(|t| {
+                let cache = Arc::clone(&cache);
+                thread::spawn(move || {
+                    let kept = cache.put(t * UNIT, 4);
+                    (kept, cache.take(4, UNIT))
+                })
+            })
+            .collect();
+        let mut put = Vec::new();
+        let mut taken = Vec::new();
+        for (t, h) in (1..=2usize).zip(hs) {
+            let (kept, got) = h.join().unwrap();
+            if kept {
+                put.push(t * UNIT);
+            }
+            taken.extend(got);
+        }
+        let mut left = Vec::new();
+        cache.drain(|a, pages| {
+            assert_eq!(pages, 4);
+            left.push(a);
+        });
+        let mut out: Vec<usize> = taken.iter().chain(&left).copied().collect();
+        out.sort_unstable();
+        put.sort_unstable();
+        assert_eq!(out, put, "taken {taken:?}, left {left:?}");
+    });
+}

@@ -457,3 +457,49 @@ fn threads_hammer_both_paths() {
         }
     });
 }
+
+/// A freed block of up to the cache limit comes back to the next allocation of its
+/// length, pages and placement kept; `alloc_zeroed` never gets one, nor does another
+/// length; with no cache, freed blocks are unmapped.
+#[test]
+fn freed_blocks_are_kept_for_the_same_length() {
+    let a = NumaAlloc::bind(0);
+    let l4 = Layout::from_size_align(4 * MIB, 8).unwrap();
+    let l6 = Layout::from_size_align(6 * MIB, 8).unwrap();
+    // SAFETY: non-zero layouts; every block is freed with the layout it was made with.
+    unsafe {
+        let p = a.alloc(l4);
+        fill(p, l4.size());
+        a.dealloc(p, l4);
+        let q = a.alloc(l4);
+        assert_eq!(q, p, "the kept block comes back");
+        check(q, l4.size());
+        assert_eq!(policy_at(q).0, numa::MPOL_BIND, "still bound");
+        a.dealloc(q, l4);
+        // Another length maps anew; zeroed memory is never a kept block.
+        let r = a.alloc(l6);
+        assert_ne!(r, p);
+        let z = a.alloc_zeroed(l4);
+        assert_ne!(z, p);
+        assert!(std::slice::from_raw_parts(z, l4.size())
+            .iter()
+            .all(|&b| b == 0));
+        a.dealloc(z, l4);
+        a.dealloc(r, l6);
+    }
+    drop(a); // unmaps the blocks it kept
+             // With no cache a freed block is unmapped: the next one of its length is fresh
+             // zero pages, never the old bytes.
+    let none = NumaAlloc::bind(0).cache_limit(0);
+    // SAFETY: non-zero layout; each block freed with it.
+    unsafe {
+        let p = none.alloc(l4);
+        fill(p, l4.size());
+        none.dealloc(p, l4);
+        let q = none.alloc(l4);
+        assert!(std::slice::from_raw_parts(q, l4.size())
+            .iter()
+            .all(|&b| b == 0));
+        none.dealloc(q, l4);
+    }
+}

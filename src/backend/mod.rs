@@ -14,9 +14,13 @@
 //! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
 //! upholds the contracts with owning wrappers.
 
+pub mod block_cache;
 pub(crate) mod copy;
 pub mod cuda;
 pub mod host;
+// Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
+// only its cache (`block_cache`) is built, and modelled.
+#[cfg(not(loom))]
 pub mod numa_alloc;
 pub(crate) mod owned;
 pub(crate) mod registered;

@@ -22,7 +22,14 @@
 //! (Contrast [`HostRegion`](super::host::HostRegion), which pre-faults because its pages
 //! may be pinned for a device.)
 //!
-//! `dealloc` is `munmap`. `realloc` between two large sizes shrinks in place (unmapping
+//! `dealloc` keeps the block for reuse when it is at most [`NumaAlloc::cache_limit`]
+//! (16 MiB by default) and one of [`CACHE_SLOTS`] slots is free ([`BlockCache`]:
+//! lock-free), else `munmap`s it. A kept block comes back, pages still faulted in and
+//! placed, to the next `alloc` of the same length (not to `alloc_zeroed`, which maps
+//! fresh zero pages): repeated large allocations then cost what they cost in glibc's
+//! heap, not a mapping and a page fault per 4 KiB. At most `CACHE_SLOTS ×
+//! cache_limit` bytes stay held; dropping the allocator gives them back. `realloc`
+//! between two large sizes shrinks in place (unmapping
 //! the tail) and grows with `mremap`, in place when the address space after the block is
 //! free, else `MREMAP_MAYMOVE`, which moves page tables rather than bytes and carries the
 //! mapping's policy and `MADV_HUGEPAGE` flag along (the grown part included). A request
@@ -63,7 +70,14 @@ use std::ptr;
 use hetmem_sys::numa::{self, FixedNodeMask};
 use libc::c_void;
 
+use super::block_cache::BlockCache;
 use super::host::{page_size, HUGE_PAGE_SIZE};
+
+/// How many freed large blocks each [`NumaAlloc`] keeps for reuse.
+pub const CACHE_SLOTS: usize = 8;
+
+/// Default [`NumaAlloc::cache_limit`]: blocks up to 16 MiB are kept for reuse.
+pub const DEFAULT_CACHE_LIMIT: usize = 16 << 20;
 
 /// Default [`NumaAlloc::threshold`]: 2 MiB, one transparent huge page.
 ///
@@ -92,11 +106,13 @@ pub enum NumaAllocPolicy {
 
 /// A [`GlobalAlloc`] for NUMA-placed, huge-page-backed large allocations; see the
 /// [module docs](self). All constructors are `const`, for use in a `static`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct NumaAlloc {
     policy: NumaAllocPolicy,
     threshold: usize,
     huge_pages: bool,
+    cache_limit: usize,
+    cache: BlockCache<CACHE_SLOTS>,
 }
 
 impl Default for NumaAlloc {
@@ -112,6 +128,8 @@ impl NumaAlloc {
             policy: NumaAllocPolicy::Default,
             threshold: DEFAULT_THRESHOLD,
             huge_pages: true,
+            cache_limit: DEFAULT_CACHE_LIMIT,
+            cache: BlockCache::new(),
         }
     }
 
@@ -132,27 +150,32 @@ impl NumaAlloc {
     }
 
     /// The same allocator with another policy.
-    pub const fn policy(self, policy: NumaAllocPolicy) -> NumaAlloc {
-        NumaAlloc { policy, ..self }
+    pub const fn policy(mut self, policy: NumaAllocPolicy) -> NumaAlloc {
+        self.policy = policy;
+        self
     }
 
     /// Sizes of at least `bytes` are mapped and placed; smaller ones go to
     /// [`System`]. Default [`DEFAULT_THRESHOLD`]. Zero counts as one: zero-size layouts
     /// always go to [`System`].
-    pub const fn threshold(self, bytes: usize) -> NumaAlloc {
-        NumaAlloc {
-            threshold: if bytes == 0 { 1 } else { bytes },
-            ..self
-        }
+    pub const fn threshold(mut self, bytes: usize) -> NumaAlloc {
+        self.threshold = if bytes == 0 { 1 } else { bytes };
+        self
+    }
+
+    /// Freed large blocks of up to `bytes` (rounded to pages) are kept for the next
+    /// allocation of the same length, up to [`CACHE_SLOTS`] of them; 0 keeps none.
+    /// Default [`DEFAULT_CACHE_LIMIT`].
+    pub const fn cache_limit(mut self, bytes: usize) -> NumaAlloc {
+        self.cache_limit = bytes;
+        self
     }
 
     /// Whether large mappings of at least [`HUGE_PAGE_SIZE`] are aligned to it and
     /// advised with `MADV_HUGEPAGE` (default true).
-    pub const fn huge_pages(self, on: bool) -> NumaAlloc {
-        NumaAlloc {
-            huge_pages: on,
-            ..self
-        }
+    pub const fn huge_pages(mut self, on: bool) -> NumaAlloc {
+        self.huge_pages = on;
+        self
     }
 
     /// The policy of large allocations.
@@ -171,10 +194,11 @@ impl NumaAlloc {
         size >= self.threshold
     }
 
-    /// Maps and places a large block; null on any failure.
+    /// Maps and places a large block (or, unless `zeroed`, takes a kept one of the same
+    /// length); null on any failure.
     #[cold]
     #[inline(never)]
-    fn map_large(&self, size: usize, align: usize) -> *mut u8 {
+    fn map_large(&self, size: usize, align: usize, zeroed: bool) -> *mut u8 {
         let page = page_size();
         let Some(map_len) = round_to_page(size, page) else {
             return ptr::null_mut();
@@ -183,6 +207,11 @@ impl NumaAlloc {
         let mut align = align.max(page);
         if huge {
             align = align.max(HUGE_PAGE_SIZE);
+        }
+        if !zeroed && map_len <= self.cache_limit {
+            if let Some(addr) = self.cache.take(map_len / page, align) {
+                return ptr::with_exposed_provenance_mut(addr);
+            }
         }
         let ptr = map_aligned(map_len, align, page);
         if ptr.is_null() {
@@ -233,6 +262,25 @@ impl NumaAlloc {
             }
             Err(_) => false,
         }
+    }
+
+    /// Keeps or unmaps a large block.
+    ///
+    /// # Safety
+    /// `ptr` is a large block of this allocator, allocated with `size` bytes, that the
+    /// caller gives back.
+    #[cold]
+    #[inline(never)]
+    unsafe fn free_large(&self, ptr: *mut u8, size: usize) {
+        // Mapped with exactly this length by `map_large` (or trimmed/remapped to it by
+        // `remap_large`); the caller's contract says the layout is the same.
+        let page = page_size();
+        let len = round_to_page(size, page).unwrap_or(0);
+        if len <= self.cache_limit && self.cache.put(ptr.expose_provenance(), len / page) {
+            return;
+        }
+        // SAFETY: `ptr..ptr+len` is the caller's block, a mapping of ours it gives back.
+        unsafe { libc::munmap(ptr.cast(), len) };
     }
 
     /// Large to large `realloc`; null (old block intact) on failure.
@@ -306,12 +354,27 @@ impl NumaAlloc {
     }
 }
 
+impl Drop for NumaAlloc {
+    fn drop(&mut self) {
+        // A static allocator is never dropped; one made as a value gives its kept
+        // blocks back.
+        let page = page_size();
+        self.cache.drain(|addr, pages| {
+            // SAFETY: a kept block is a whole mapping of ours that nothing refers to
+            // (its owner freed it), `pages` pages long.
+            unsafe { libc::munmap(ptr::with_exposed_provenance_mut(addr), pages * page) };
+        });
+    }
+}
+
 // Why the contract holds: small layouts are forwarded to `System` unchanged (alloc, alloc_zeroed,
 // realloc, dealloc all decide by `layout.size()`, and `realloc` by the old and new size,
 // so a block always returns to the allocator that made it). Large blocks are private
 // anonymous mappings of exactly `size` rounded up to a page, aligned to at least
-// `layout.align()`, zero-filled by the kernel, owned by the caller until `dealloc`
-// unmaps exactly that length; `realloc` keeps the first `min(old, new)` bytes (mremap
+// `layout.align()` (zero-filled by the kernel for `alloc_zeroed`, which never takes a
+// kept block), owned by the caller until `dealloc` keeps or unmaps exactly that length;
+// a kept block is handed out again only for that same length and an alignment it has,
+// and the cache's compare-and-swap hands it to one caller only; `realloc` keeps the first `min(old, new)` bytes (mremap
 // moves the pages themselves, the copy path copies them). Nothing here allocates, so
 // installing it as `#[global_allocator]` cannot recurse, and nothing panics.
 // SAFETY: as argued just above: every block returns to the allocator that made it, with
@@ -320,7 +383,7 @@ unsafe impl GlobalAlloc for NumaAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if self.is_large(layout.size()) {
-            self.map_large(layout.size(), layout.align())
+            self.map_large(layout.size(), layout.align(), false)
         } else {
             // SAFETY: the caller's layout, forwarded as is.
             unsafe { System.alloc(layout) }
@@ -330,8 +393,8 @@ unsafe impl GlobalAlloc for NumaAlloc {
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if self.is_large(layout.size()) {
-            // Fresh anonymous pages read as zero.
-            self.map_large(layout.size(), layout.align())
+            // Fresh anonymous pages read as zero (a kept block would need zeroing).
+            self.map_large(layout.size(), layout.align(), true)
         } else {
             // SAFETY: the caller's layout, forwarded as is.
             unsafe { System.alloc_zeroed(layout) }
@@ -341,11 +404,8 @@ unsafe impl GlobalAlloc for NumaAlloc {
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if self.is_large(layout.size()) {
-            // Mapped with exactly this length by `map_large` (or trimmed/remapped to it
-            // by `remap_large`); the caller's contract says the layout is the same.
-            let len = round_to_page(layout.size(), page_size()).unwrap_or(0);
-            // SAFETY: `ptr..ptr+len` is the caller's block, a mapping of ours it gives back.
-            unsafe { libc::munmap(ptr.cast(), len) };
+            // SAFETY: the caller gives back a large block of ours with its layout.
+            unsafe { self.free_large(ptr, layout.size()) }
         } else {
             // SAFETY: a small block comes from `System` with this layout.
             unsafe { System.dealloc(ptr, layout) }
@@ -432,11 +492,22 @@ mod tests {
 
     #[test]
     fn builders_are_const() {
-        const A: NumaAlloc = NumaAlloc::bind(3).threshold(0).huge_pages(false);
+        static A: NumaAlloc = NumaAlloc::bind(3)
+            .threshold(0)
+            .huge_pages(false)
+            .cache_limit(0);
         assert_eq!(A.placement(), NumaAllocPolicy::Bind(3));
         assert_eq!(A.threshold_bytes(), 1);
         assert!(!A.is_large(0) && A.is_large(1));
-        assert_eq!(NumaAlloc::default(), NumaAlloc::new());
+        let d = NumaAlloc::default();
+        assert_eq!(
+            (d.placement(), d.threshold_bytes(), d.cache_limit),
+            (
+                NumaAllocPolicy::Default,
+                DEFAULT_THRESHOLD,
+                DEFAULT_CACHE_LIMIT
+            )
+        );
         assert_eq!(NumaAlloc::new().threshold_bytes(), DEFAULT_THRESHOLD);
         assert_eq!(
             NumaAlloc::interleave_all().placement(),
