@@ -569,6 +569,10 @@ impl Shared {
             }
         }
         st.flush_parked();
+        // Before mapping fresh pages or queueing behind a busy stream: the free blocks of
+        // streams with nothing left to run are anyone's (and merge with their
+        // neighbours), at no wait.
+        reclaim_idle(st, key);
         let mut retried = false;
         loop {
             if let Some(found) = st.find_free(small, key, rounded) {
@@ -1030,6 +1034,56 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+/// Makes the free blocks of every stream but `except` whose queued work is all done
+/// unowned, and merges them with their free neighbours: nothing can still touch them
+/// (a block is freed after the work that used it was queued, and a block used on other
+/// streams made its own stream wait for them when it was freed). Waits for nothing.
+fn reclaim_idle(st: &mut PoolState, except: u64) {
+    let owners: rustc_hash::FxHashSet<u64> = st
+        .free
+        .iter()
+        .map(|k| k.1)
+        .filter(|s| *s != NO_STREAM && *s != except)
+        .collect();
+    let idle: Vec<u64> = owners
+        .into_iter()
+        .filter(|o| {
+            st.streams
+                .get(o)
+                .is_some_and(|s| s.record().and_then(|e| e.is_done()).unwrap_or(false))
+        })
+        .collect();
+    if idle.is_empty() {
+        return;
+    }
+    let addrs: Vec<(bool, u64, usize, u64)> = st
+        .free
+        .iter()
+        .filter(|k| idle.contains(&k.1))
+        .copied()
+        .collect();
+    for &k in &addrs {
+        st.free.remove(&k);
+        st.blocks
+            .get_mut(&k.3)
+            .expect("free blocks are known")
+            .stream = NO_STREAM;
+        st.free.insert((k.0, NO_STREAM, k.2, k.3));
+    }
+    for (_, _, _, a) in addrs {
+        // A neighbour merged in an earlier round is gone from under its address.
+        if st
+            .blocks
+            .get(&a)
+            .is_some_and(|b| b.state == BlockState::Free)
+        {
+            let b = st.blocks[&a];
+            st.free.remove(&(st.is_small(b.seg), b.stream, b.size, a));
+            st.coalesce(a);
+        }
     }
 }
 
