@@ -488,8 +488,23 @@ fn freed_blocks_are_kept_for_the_same_length() {
         a.dealloc(r, l6);
     }
     drop(a); // unmaps the blocks it kept
-             // With no cache a freed block is unmapped: the next one of its length is fresh
-             // zero pages, never the old bytes.
+             // Rebuilt with another placement, an allocator hands out no block placed the old way.
+    let first = NumaAlloc::new();
+    // SAFETY: non-zero layout; freed with it.
+    unsafe {
+        let p = first.alloc(l4);
+        first.dealloc(p, l4);
+        let bound = first.policy(NumaAllocPolicy::Bind(0));
+        let q = bound.alloc(l4);
+        assert_eq!(
+            policy_at(q).0,
+            numa::MPOL_BIND,
+            "a block of the old placement"
+        );
+        bound.dealloc(q, l4);
+    }
+    // With no cache a freed block is unmapped: the next one of its length is fresh
+    // zero pages, never the old bytes.
     let none = NumaAlloc::bind(0).cache_limit(0);
     // SAFETY: non-zero layout; each block freed with it.
     unsafe {

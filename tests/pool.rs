@@ -189,6 +189,7 @@ fn a_request_within_the_budget_is_served_beside_a_freed_block() {
         let whole = p.alloc(20 * MIB, &s);
         assert!(whole.is_ok(), "expandable {exp}: {:?}", whole.err());
         drop(whole);
+        assert_eq!(p.stats().num_alloc_retries, 1, "one retry, counted once");
         let p = pool(&mgr, exp, Budget::Bytes(40 * MIB));
         let live = p.alloc(16 * MIB, &s).unwrap();
         drop(p.alloc(3 * MIB, &s).unwrap());

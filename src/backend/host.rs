@@ -346,12 +346,15 @@ impl HostRegion {
             };
             match rc.map_err(Errno::from_raw) {
                 Ok(()) => {}
-                // A preference where the kernel allows no policies at all (no NUMA, or a
-                // seccomp filter): there is nothing to prefer between. A node the kernel
-                // refuses (EINVAL) stays an error, as every refusal of a bind does.
-                Err(e @ (Errno::EPERM | Errno::ENOSYS)) if *mode == numa::MPOL_PREFERRED => {
+                // A preference or an interleave where the kernel allows no policies at
+                // all (no NUMA, or a seccomp filter): there is nothing to choose between.
+                // A node the kernel refuses (EINVAL) stays an error, as every refusal of
+                // a bind does.
+                Err(e @ (Errno::EPERM | Errno::ENOSYS))
+                    if *mode == numa::MPOL_PREFERRED || *mode == numa::MPOL_INTERLEAVE =>
+                {
                     tracing::debug!(error = %e, ?policy,
-                        "mbind not permitted; a preferred node cannot be set, default placement");
+                        "mbind not permitted; no policy can be set, default placement");
                 }
                 Err(e) => return Err(Error::os("mbind", e)),
             }

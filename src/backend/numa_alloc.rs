@@ -106,6 +106,10 @@ pub enum NumaAllocPolicy {
 
 /// A [`GlobalAlloc`] for NUMA-placed, huge-page-backed large allocations; see the
 /// [module docs](self). All constructors are `const`, for use in a `static`.
+///
+/// The builders (`policy`, `threshold`, `huge_pages`, `cache_limit`) are for setting an
+/// allocator up: one that changes placement starts with an empty cache, so that no block
+/// placed the old way is handed out (blocks an allocator in use had kept stay mapped).
 #[derive(Debug)]
 pub struct NumaAlloc {
     policy: NumaAllocPolicy,
@@ -152,6 +156,7 @@ impl NumaAlloc {
     /// The same allocator with another policy.
     pub const fn policy(mut self, policy: NumaAllocPolicy) -> NumaAlloc {
         self.policy = policy;
+        self.cache = BlockCache::new();
         self
     }
 
@@ -168,6 +173,7 @@ impl NumaAlloc {
     /// Default [`DEFAULT_CACHE_LIMIT`].
     pub const fn cache_limit(mut self, bytes: usize) -> NumaAlloc {
         self.cache_limit = bytes;
+        self.cache = BlockCache::new();
         self
     }
 
@@ -175,6 +181,7 @@ impl NumaAlloc {
     /// advised with `MADV_HUGEPAGE` (default true).
     pub const fn huge_pages(mut self, on: bool) -> NumaAlloc {
         self.huge_pages = on;
+        self.cache = BlockCache::new();
         self
     }
 

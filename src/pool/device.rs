@@ -582,8 +582,8 @@ impl Shared {
                     // merges free blocks across streams, so a block that needs fewer new
                     // pages (or none) may be there now: look once more.
                     Err(Error::OutOfMemory { .. }) if !retried => {
+                        // (Counted as a retry where the mapping gave the cache back.)
                         retried = true;
-                        st.stats.num_alloc_retries += 1;
                         self.release_cached(st, usize::MAX)?;
                         continue;
                     }
