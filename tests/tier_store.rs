@@ -1519,8 +1519,11 @@ fn static_planner_moves_fewer_bytes_with_mixed_sizes() {
         matches!(embed, Residency::Device { .. } | Residency::Loading { .. }),
         "the embedding stays: {embed:?}"
     );
+    // Static keeps the fewest bytes moving; Belady's room is sized for what it streams
+    // (not for the 31 MiB embedding, which stays), so it comes within 5% (it moved 12%
+    // more while its room was the largest tensor's).
     assert!(
-        (fixed as f64) < 0.9 * belady as f64,
+        fixed <= belady && (belady as f64) <= 1.05 * fixed as f64,
         "static {fixed} B against Belady {belady} B per pass"
     );
     assert!(

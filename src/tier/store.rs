@@ -348,6 +348,9 @@ struct State {
     resident: Vec<ParamId>,
     /// By id: in the static planner's fixed set (chosen when the plan is built).
     fixed: Vec<bool>,
+    /// Belady's logical capacity, and the digest of what it was sized for (the
+    /// sequence, sizes and hints), so that a plan rebuilt for the same is not sized again.
+    belady_cap: Option<(u64, usize)>,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -534,6 +537,7 @@ impl TierStore {
                     on_track: false,
                     resident: Vec::new(),
                     fixed: Vec::new(),
+                    belady_cap: None,
                     used: 0,
                     pinned: 0,
                     ring,
@@ -1414,9 +1418,7 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
                 .map(|p| device_bytes(p.size))
                 .max();
             let cap = match res.planner {
-                Planner::Belady => res
-                    .device_budget
-                    .saturating_sub(spare.unwrap_or(0).saturating_mul(res.spare_slots)),
+                Planner::Belady => belady_cap(res, st, &seq, spare.unwrap_or(0)),
                 // The logical cache is the fixed set and what the caller keeps: every
                 // other load evicts the streamed ones before it (zombies, freed once
                 // done and when their room is needed).
@@ -1476,6 +1478,86 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
             }
         }
     }
+}
+
+/// Belady's logical capacity: the device budget less room for `spare_slots` parameters
+/// the plan streams, so that one loads while another computes.
+///
+/// Room for the largest parameter in the sequence (`largest`) always works. With mixed
+/// sizes the largest (an embedding, a head) often stays resident, and the room is then
+/// sized for less: each smaller size, largest first, is tried by running MIN over three
+/// passes with the capacity it leaves; it is taken while MIN evicts nothing larger.
+fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence, largest: usize) -> usize {
+    let room = |s: usize| {
+        res.device_budget
+            .saturating_sub(s.saturating_mul(res.spare_slots))
+    };
+    // What the answer depends on: the sequence, each step's size and hints.
+    let mut words: Vec<u8> = Vec::with_capacity(seq.len() * 24);
+    for id in seq.order() {
+        let (size, hints) = st.params.get(*id as usize).map_or((0, 0), |p| {
+            (
+                p.size as u64,
+                u64::from(p.keep) | (u64::from(p.priority as u32) << 1),
+            )
+        });
+        for w in [u64::from(*id), size, hints] {
+            words.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+    let digest = fnv1a(&words);
+    if let Some((d, cap)) = st.belady_cap {
+        if d == digest {
+            return cap;
+        }
+    }
+    let mut sizes: Vec<usize> = seq
+        .order()
+        .iter()
+        .filter_map(|id| st.params.get(*id as usize))
+        .filter(|p| !p.keep)
+        .map(|p| device_bytes(p.size))
+        .collect();
+    sizes.sort_unstable_by(|a, b| b.cmp(a));
+    sizes.dedup();
+    let mut cap = room(largest);
+    // A few sizes are enough: the large ones are few and stay or go together.
+    for &s in sizes.iter().skip(1).take(8) {
+        match largest_evicted(st, seq, room(s)) {
+            Some(e) if e > s => break,
+            _ => cap = room(s),
+        }
+    }
+    st.belady_cap = Some((digest, cap));
+    cap
+}
+
+/// The largest parameter MIN with logical capacity `cap` evicts over three passes from
+/// an empty device (`None`: it evicts nothing).
+fn largest_evicted(st: &State, seq: &Sequence, cap: usize) -> Option<usize> {
+    let n = seq.len() as u64;
+    let mut plan = Plan::new(seq, Vec::new(), cap, n - 1);
+    let mut largest = None;
+    while plan.pos + 1 < 4 * n {
+        let m = plan.pos + 1;
+        let id = seq.order()[(m % n) as usize];
+        if id as usize >= st.params.len() {
+            plan.skip();
+            continue;
+        }
+        let size = |i: ParamId| device_bytes(st.params[i as usize].size);
+        match plan.next(seq, size) {
+            Step::Hit => plan.hit(seq),
+            Step::Revive => plan.revive(seq, id, traits(st, id)),
+            Step::Load { id, victims } => {
+                let v: Vec<(ParamId, usize)> = victims.iter().map(|v| (*v, size(*v))).collect();
+                largest = v.iter().map(|x| x.1).max().max(largest);
+                plan.load(seq, id, traits(st, id), &v);
+                plan.zombies.clear();
+            }
+        }
+    }
+    largest
 }
 
 /// What the plan needs to know of a parameter.
