@@ -124,8 +124,9 @@ pub enum SequenceHint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Planner {
     /// Belady's MIN over the sequence with the budget less `spare_slots` of the largest
-    /// parameter: the fewest bytes for layers of one size (the optimum of the module
-    /// docs). What stays rotates from pass to pass, so runs of hits come together.
+    /// parameter it streams (one that MIN keeps resident, such as a large embedding,
+    /// needs no room): the fewest bytes for layers of one size (the optimum of the
+    /// module docs). What stays rotates from pass to pass, so runs of hits come together.
     #[default]
     Belady,
     /// A fixed resident set chosen once, when the plan is built: the highest priority
