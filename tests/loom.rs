@@ -109,25 +109,31 @@ fn reset_peak_never_drops_below_current() {
     });
 }
 
+/// A simulated device of 64 MiB and a plain-segment pool over it with a 40 MiB budget.
+fn sim_pool() -> (hetmem::Manager, hetmem::pool::DevicePool) {
+    use hetmem::pool::{Budget, PoolConfig};
+    use hetmem::{BackendKind, Manager, SimConfig};
+    let mgr = Manager::builder()
+        .backend(BackendKind::Sim)
+        .sim_config(SimConfig::with_devices(1, 64 << 20))
+        .build()
+        .unwrap();
+    let cfg = PoolConfig {
+        budget: Budget::Bytes(40 << 20),
+        expandable_segments: false,
+        ..PoolConfig::default()
+    };
+    let pool = mgr.device_pool(0, cfg).unwrap();
+    (mgr, pool)
+}
+
 /// The device pool's core under loom: two threads allocate, write, check and free
 /// through one pool (its state is behind a loom mutex). Blocks never overlap, each
 /// keeps its bytes, and the books balance in every interleaving.
 #[test]
 fn pool_threads_never_share_a_block() {
-    use hetmem::pool::{Budget, PoolConfig};
-    use hetmem::{BackendKind, Manager, SimConfig};
     loom::model(|| {
-        let mgr = Manager::builder()
-            .backend(BackendKind::Sim)
-            .sim_config(SimConfig::with_devices(1, 64 << 20))
-            .build()
-            .unwrap();
-        let cfg = PoolConfig {
-            budget: Budget::Bytes(40 << 20),
-            expandable_segments: false,
-            ..PoolConfig::default()
-        };
-        let pool = mgr.device_pool(0, cfg).unwrap();
+        let (mgr, pool) = sim_pool();
         let stream = mgr.create_stream(0).unwrap();
         let hs: Vec<_> = (0..2u8)
             .map(|t| {
@@ -159,20 +165,8 @@ fn pool_threads_never_share_a_block() {
 /// whatever the interleaving, and once both are freed the books balance.
 #[test]
 fn pool_blocks_held_at_once_are_disjoint() {
-    use hetmem::pool::{Budget, PoolConfig};
-    use hetmem::{BackendKind, Manager, SimConfig};
     loom::model(|| {
-        let mgr = Manager::builder()
-            .backend(BackendKind::Sim)
-            .sim_config(SimConfig::with_devices(1, 64 << 20))
-            .build()
-            .unwrap();
-        let cfg = PoolConfig {
-            budget: Budget::Bytes(40 << 20),
-            expandable_segments: false,
-            ..PoolConfig::default()
-        };
-        let pool = mgr.device_pool(0, cfg).unwrap();
+        let (mgr, pool) = sim_pool();
         let hs: Vec<_> = (0..2u8)
             .map(|t| {
                 let pool = pool.clone();

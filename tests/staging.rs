@@ -59,8 +59,15 @@ fn uploads_arrive_at_pinned_link_speed_on_sim() {
     assert!(sim.config().pageable_gbps < 0.5 * link);
 }
 
-#[test]
-fn slots_wait_for_their_copies_on_an_asynchronous_runtime() {
+/// A manager over the fake HIP runtime, which runs queued copies only when a stream is
+/// waited for; with its host pool, device pool and a stream.
+fn on_fake_hip() -> (
+    fake_hip::FakeHip,
+    Manager,
+    hetmem::pool::HostPool,
+    hetmem::pool::DevicePool,
+    hetmem::Stream,
+) {
     let fake = fake_hip::FakeHip::with_devices(1, 512 << 20).unwrap();
     let mgr = Manager::builder()
         .backend(BackendKind::Rocm)
@@ -70,6 +77,12 @@ fn slots_wait_for_their_copies_on_an_asynchronous_runtime() {
     let host = mgr.host_pool(HostPoolConfig::default()).unwrap();
     let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
     let stream = mgr.create_stream(0).unwrap();
+    (fake, mgr, host, pool, stream)
+}
+
+#[test]
+fn slots_wait_for_their_copies_on_an_asynchronous_runtime() {
+    let (_fake, mgr, host, pool, stream) = on_fake_hip();
     // Three slots for ten pieces: each slot is refilled while copies are still queued
     // (the fake runs them only when the stream is waited for). A refill that did not
     // wait for its slot's copy would overwrite bytes not yet sent.
@@ -91,15 +104,7 @@ fn slots_wait_for_their_copies_on_an_asynchronous_runtime() {
 
 #[test]
 fn parallel_fillers_wait_for_their_own_slots_copies() {
-    let fake = fake_hip::FakeHip::with_devices(1, 512 << 20).unwrap();
-    let mgr = Manager::builder()
-        .backend(BackendKind::Rocm)
-        .rocm_library(fake.path())
-        .build()
-        .unwrap();
-    let host = mgr.host_pool(HostPoolConfig::default()).unwrap();
-    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
-    let stream = mgr.create_stream(0).unwrap();
+    let (_fake, mgr, host, pool, stream) = on_fake_hip();
     // Three fillers over five slots (two, two and one each), 25 pieces: every slot is
     // refilled several times by its filler while copies queued by all three wait on the
     // fake's stream.

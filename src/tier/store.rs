@@ -1408,18 +1408,10 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
     let plan = match st.plan.take() {
         Some(p) => p,
         None => {
-            // Everything on the device starts in the logical cache; the spare is the
-            // largest parameter the plan may load (in the sequence, not kept), so that
-            // any one can load while another computes.
-            let spare = seq
-                .order()
-                .iter()
-                .filter_map(|id| st.params.get(*id as usize))
-                .filter(|p| !p.keep)
-                .map(|p| device_bytes(p.size))
-                .max();
+            // Everything on the device starts in the logical cache; beside it, room for
+            // the parameters the plan streams, so that one loads while another computes.
             let cap = match res.planner {
-                Planner::Belady => belady_cap(res, st, &seq, spare.unwrap_or(0)),
+                Planner::Belady => belady_cap(res, st, &seq),
                 // The logical cache is the fixed set and what the caller keeps: every
                 // other load evicts the streamed ones before it (zombies, freed once
                 // done and when their room is needed).
@@ -1484,11 +1476,12 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
 /// Belady's logical capacity: the device budget less room for `spare_slots` parameters
 /// the plan streams, so that one loads while another computes.
 ///
-/// Room for the largest parameter in the sequence (`largest`) always works. With mixed
-/// sizes the largest (an embedding, a head) often stays resident, and the room is then
-/// sized for less: each smaller size, largest first, is tried by running MIN over three
-/// passes with the capacity it leaves; it is taken while MIN evicts nothing larger.
-fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence, largest: usize) -> usize {
+/// Room for the largest parameter the plan may load (in the sequence, not kept) always
+/// works. With mixed sizes the largest (an embedding, a head) often stays resident, and
+/// the room is then sized for less: each smaller size, largest first, is tried by running
+/// MIN over three passes with the capacity it leaves; it is taken while MIN evicts
+/// nothing larger.
+fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
     let room = |s: usize| {
         res.device_budget
             .saturating_sub(s.saturating_mul(res.spare_slots))
@@ -1521,7 +1514,7 @@ fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence, largest: usize) -
         .collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));
     sizes.dedup();
-    let mut cap = room(largest);
+    let mut cap = room(sizes.first().copied().unwrap_or(0));
     // A few sizes are enough: the large ones are few and stay or go together.
     for &s in sizes.iter().skip(1).take(8) {
         match largest_evicted(st, seq, room(s)) {
