@@ -124,9 +124,11 @@ pub enum SequenceHint {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Planner {
     /// Belady's MIN over the sequence with the budget less `spare_slots` of the largest
-    /// parameter it streams (one that MIN keeps resident, such as a large embedding,
-    /// needs no room): the fewest bytes for layers of one size (the optimum of the
-    /// module docs). What stays rotates from pass to pass, so runs of hits come together.
+    /// parameter it streams: the fewest bytes for layers of one size (the optimum of the
+    /// module docs). With mixed sizes it may keep the parameters above a size for good
+    /// (a large embedding and head) and stream the rest through room for that size,
+    /// where a simulation of six passes says that loads less. What stays rotates from
+    /// pass to pass, so runs of hits come together.
     #[default]
     Belady,
     /// A fixed resident set chosen once, when the plan is built: the highest priority
@@ -349,9 +351,10 @@ struct State {
     resident: Vec<ParamId>,
     /// By id: in the static planner's fixed set (chosen when the plan is built).
     fixed: Vec<bool>,
-    /// Belady's logical capacity, and the digest of what it was sized for (the
-    /// sequence, sizes and hints), so that a plan rebuilt for the same is not sized again.
-    belady_cap: Option<(u64, usize)>,
+    /// Belady's logical capacity and the size above which it keeps parameters for good,
+    /// with the digest of what they were chosen for (the sequence, sizes and hints), so
+    /// that a plan rebuilt for the same is not sized again.
+    belady_cap: Option<(u64, usize, Option<usize>)>,
     /// Device bytes of resident parameters.
     used: usize,
     /// Pinned bytes of parameter copies (size classes).
@@ -1474,13 +1477,15 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
 }
 
 /// Belady's logical capacity: the device budget less room for `spare_slots` parameters
-/// the plan streams, so that one loads while another computes.
+/// the plan streams, so that one loads while another computes. Sets `st.fixed`.
 ///
 /// Room for the largest parameter the plan may load (in the sequence, not kept) always
-/// works. With mixed sizes the largest (an embedding, a head) often stays resident, and
-/// the room is then sized for less: each smaller size, largest first, is tried by running
-/// MIN over three passes with the capacity it leaves; it is taken while MIN evicts
-/// nothing larger.
+/// works. With mixed sizes the largest (an embedding, a head) cost that much room on
+/// every load. So for each smaller size `s` (largest first, eight at most) the plan may
+/// instead keep every parameter larger than `s` for good (in `st.fixed`: MIN never
+/// evicts it, so the room for `s` always suffices) and run MIN over the rest; each choice
+/// is simulated over six passes and the one that loads the fewest bytes in passes 2–5
+/// is taken (ties: the fewest kept).
 fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
     let room = |s: usize| {
         res.device_budget
@@ -1500,58 +1505,88 @@ fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
         }
     }
     let digest = fnv1a(&words);
-    if let Some((d, cap)) = st.belady_cap {
-        if d == digest {
-            return cap;
-        }
-    }
-    let mut sizes: Vec<usize> = seq
+    // The parameters of the sequence MIN may evict, with their device bytes.
+    let mut streamable: Vec<(ParamId, usize)> = seq
         .order()
         .iter()
-        .filter_map(|id| st.params.get(*id as usize))
-        .filter(|p| !p.keep)
-        .map(|p| device_bytes(p.size))
+        .filter(|id| st.params.get(**id as usize).is_some_and(|p| !p.keep))
+        .map(|id| (*id, device_bytes(st.params[*id as usize].size)))
         .collect();
-    sizes.sort_unstable_by(|a, b| b.cmp(a));
-    sizes.dedup();
-    let mut cap = room(sizes.first().copied().unwrap_or(0));
-    // A few sizes are enough: the large ones are few and stay or go together.
-    for &s in sizes.iter().skip(1).take(8) {
-        match largest_evicted(st, seq, room(s)) {
-            Some(e) if e > s => break,
-            _ => cap = room(s),
+    streamable.sort_unstable();
+    streamable.dedup();
+    let (cap, above) = match st.belady_cap {
+        Some((d, cap, above)) if d == digest => (cap, above),
+        _ => {
+            let mut sizes: Vec<usize> = streamable.iter().map(|x| x.1).collect();
+            sizes.sort_unstable_by(|a, b| b.cmp(a));
+            sizes.dedup();
+            let largest = sizes.first().copied().unwrap_or(0);
+            let mut best = (room(largest), None, u64::MAX);
+            for (i, &s) in sizes.iter().take(9).enumerate() {
+                let above = (i > 0).then_some(s);
+                let cap = room(s);
+                let kept: usize = streamable
+                    .iter()
+                    .filter(|x| above.is_some_and(|a| x.1 > a))
+                    .map(|x| x.1)
+                    .sum();
+                if kept.saturating_add(s) > cap {
+                    break; // keeping more leaves no room to stream through
+                }
+                let bytes = simulated_bytes(st, seq, cap, above);
+                if bytes < best.2 {
+                    best = (cap, above, bytes);
+                }
+            }
+            st.belady_cap = Some((digest, best.0, best.1));
+            (best.0, best.1)
+        }
+    };
+    st.fixed.clear();
+    st.fixed.resize(st.params.len(), false);
+    if let Some(a) = above {
+        for (id, bytes) in streamable {
+            st.fixed[id as usize] = bytes > a;
         }
     }
-    st.belady_cap = Some((digest, cap));
     cap
 }
 
-/// The largest parameter MIN with logical capacity `cap` evicts over three passes from
-/// an empty device (`None`: it evicts nothing).
-fn largest_evicted(st: &State, seq: &Sequence, cap: usize) -> Option<usize> {
+/// The bytes MIN with logical capacity `cap` loads in passes 2–5 of six from an empty
+/// device, keeping every parameter larger than `above` once loaded.
+fn simulated_bytes(st: &State, seq: &Sequence, cap: usize, above: Option<usize>) -> u64 {
     let n = seq.len() as u64;
+    let size = |i: ParamId| device_bytes(st.params[i as usize].size);
+    let traits = |i: ParamId| {
+        let t = traits(st, i);
+        Traits {
+            kept: st.params[i as usize].keep || above.is_some_and(|a| t.bytes > a),
+            ..t
+        }
+    };
     let mut plan = Plan::new(seq, Vec::new(), cap, n - 1);
-    let mut largest = None;
-    while plan.pos + 1 < 4 * n {
+    let mut bytes = 0u64;
+    while plan.pos + 1 < 7 * n {
         let m = plan.pos + 1;
         let id = seq.order()[(m % n) as usize];
         if id as usize >= st.params.len() {
             plan.skip();
             continue;
         }
-        let size = |i: ParamId| device_bytes(st.params[i as usize].size);
         match plan.next(seq, size) {
             Step::Hit => plan.hit(seq),
-            Step::Revive => plan.revive(seq, id, traits(st, id)),
+            Step::Revive => plan.revive(seq, id, traits(id)),
             Step::Load { id, victims } => {
+                if (2 * n..6 * n).contains(&m) {
+                    bytes += size(id) as u64;
+                }
                 let v: Vec<(ParamId, usize)> = victims.iter().map(|v| (*v, size(*v))).collect();
-                largest = v.iter().map(|x| x.1).max().max(largest);
-                plan.load(seq, id, traits(st, id), &v);
+                plan.load(seq, id, traits(id), &v);
                 plan.zombies.clear();
             }
         }
     }
-    largest
+    bytes
 }
 
 /// What the plan needs to know of a parameter.
