@@ -13,14 +13,15 @@ pub fn on_one_of<T: Send>(cpus: std::ops::Range<usize>, f: impl FnOnce() -> T + 
             if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
                 return None;
             }
-            // SAFETY: `c` is below CPU_SETSIZE (the ranges used are small); `allowed` is
-            // initialised above.
-            let cpu = cpus
-                .clone()
-                .find(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })?;
+            let may_use = |c: usize| {
+                // SAFETY: `c` is below CPU_SETSIZE (checked first) and `allowed` is
+                // initialised above.
+                c < libc::CPU_SETSIZE as usize && unsafe { libc::CPU_ISSET(c, &allowed) }
+            };
+            let cpu = cpus.clone().find(|&c| may_use(c))?;
             // SAFETY: as above, the empty set.
             let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-            // SAFETY: `cpu` is below CPU_SETSIZE; `one` is a live local.
+            // SAFETY: `cpu` is below CPU_SETSIZE (checked above); `one` is a live local.
             unsafe { libc::CPU_SET(cpu, &mut one) };
             // SAFETY: `one` is a live local of `size` bytes; pid 0 is this thread.
             if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
