@@ -1522,7 +1522,9 @@ fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
             sizes.dedup();
             let largest = sizes.first().copied().unwrap_or(0);
             let mut best = (room(largest), None, u64::MAX);
-            for (i, &s) in sizes.iter().take(9).enumerate() {
+            // One size (a loop of equal layers): nothing to choose, nothing to simulate.
+            let choices = if sizes.len() > 1 { 9 } else { 0 };
+            for (i, &s) in sizes.iter().take(choices).enumerate() {
                 let above = (i > 0).then_some(s);
                 let cap = room(s);
                 let kept: usize = streamable
