@@ -21,11 +21,23 @@
 //! the trace asked for (before rounding), so it counts rounding against us. Times are per
 //! call, measured with `Instant` around each call, minus the measured cost of reading
 //! the clock twice.
+//!
+//! On the simulator every driver call the pool makes is charged its modelled cost
+//! (`hetmem::backend::sim::DriverCosts`): `driver_calls` (by kind) and `driver_ms` cover
+//! the whole trace, `steady_driver_calls` and `steady_driver_ms` its second half, and
+//! `steady_alloc_growth` says how far the trace's allocated peak still rose in that half
+//! (memory a pool cannot have without mapping it). PyTorch's driver time for the same
+//! trace is modelled beside it, in the same run: from the trace's own `segment_alloc` /
+//! `segment_free` rows where it has them (`cudaMalloc` / `cudaFree` costs of the same
+//! model), else from this pool with plain segments (`--no-expandable`), which makes
+//! segments as PyTorch's allocator does (`pytorch_driver_source` says which).
+//! `--budget-x F` sets the pool's budget to F times the trace's peak allocated bytes.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use hetmem::pool::{Budget, PoolConfig};
+use hetmem::backend::sim::{DriverCall, DriverCosts, DriverStats};
+use hetmem::pool::{Budget, PoolConfig, PoolStats};
 use hetmem::{BackendKind, Manager, Stream};
 use serde_json::json;
 
@@ -35,6 +47,14 @@ enum Op {
     Free { id: u64 },
 }
 
+/// The segments PyTorch's own allocator made and freed while the trace was recorded
+/// (`segment_alloc` / `segment_free` rows), by size.
+#[derive(Debug, Default, Clone)]
+struct Segments {
+    allocs: Vec<usize>,
+    frees: Vec<usize>,
+}
+
 struct Args {
     trace: Option<String>,
     synthetic: Option<String>,
@@ -42,6 +62,7 @@ struct Args {
     backend: Option<BackendKind>,
     json: bool,
     budget: Option<usize>,
+    budget_x: Option<f64>,
     expandable: bool,
     release_on_grow: bool,
     write_trace: Option<String>,
@@ -51,7 +72,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: replay (--trace PATH | --synthetic training|ddp|serving|random [--seed N]) \
-         [--backend sim|cuda|rocm|host] [--budget-gib N] [--no-expandable] \
+         [--backend sim|cuda|rocm|host] [--budget-gib N | --budget-x F] [--no-expandable] \
          [--no-release-on-grow] [--slack F] [--write-trace PATH] [--json]"
     );
     std::process::exit(2)
@@ -65,6 +86,7 @@ fn parse_args() -> Args {
         backend: None,
         json: false,
         budget: None,
+        budget_x: None,
         expandable: true,
         release_on_grow: true,
         write_trace: None,
@@ -82,6 +104,13 @@ fn parse_args() -> Args {
                 let g: f64 = val().parse().unwrap_or_else(|_| usage());
                 a.budget = Some((g * (1u64 << 30) as f64) as usize);
             }
+            "--budget-x" => {
+                let f: f64 = val().parse().unwrap_or_else(|_| usage());
+                if !(f.is_finite() && f > 0.0) {
+                    usage();
+                }
+                a.budget_x = Some(f);
+            }
             "--no-expandable" => a.expandable = false,
             "--no-release-on-grow" => a.release_on_grow = false,
             "--slack" => a.slack = val().parse().unwrap_or_else(|_| usage()),
@@ -90,7 +119,7 @@ fn parse_args() -> Args {
             _ => usage(),
         }
     }
-    if a.trace.is_some() == a.synthetic.is_some() {
+    if a.trace.is_some() == a.synthetic.is_some() || (a.budget.is_some() && a.budget_x.is_some()) {
         usage();
     }
     a
@@ -110,10 +139,11 @@ struct TraceGaps {
 /// The trace's alloc and free events. Traces recorded mid-run (or through a ring
 /// buffer that dropped events) free addresses they never allocated and reuse addresses
 /// whose free is missing; those are counted in the gaps, not fatal.
-fn read_trace(path: &str) -> Result<(Vec<Op>, TraceGaps), String> {
+fn read_trace(path: &str) -> Result<(Vec<Op>, TraceGaps, Segments), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     let mut ops = Vec::new();
     let mut gaps = TraceGaps::default();
+    let mut segs = Segments::default();
     let mut live: HashMap<u64, u64> = HashMap::new(); // address -> id of the live alloc
     for (n, line) in text.lines().enumerate() {
         if n == 0 && line.starts_with("action") {
@@ -149,10 +179,12 @@ fn read_trace(path: &str) -> Result<(Vec<Op>, TraceGaps), String> {
                 Some(id) => ops.push(Op::Free { id }),
                 None => gaps.unknown_frees += 1,
             },
+            "segment_alloc" => segs.allocs.push(num(f[2])? as usize),
+            "segment_free" => segs.frees.push(num(f[2])? as usize),
             _ => {}
         }
     }
-    Ok((ops, gaps))
+    Ok((ops, gaps, segs))
 }
 
 /// A tiny deterministic generator (xorshift64*).
@@ -408,6 +440,127 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// What one replay of the trace through one pool measured.
+struct Run {
+    backend: &'static str,
+    expandable: bool,
+    stats: PoolStats,
+    alloc_ns: Vec<u64>,
+    free_ns: Vec<u64>,
+    wall_s: f64,
+    /// Driver calls over the whole trace and over its second half (simulator only).
+    driver: Option<(DriverStats, DriverStats)>,
+    /// The first failure, if the replay stopped there.
+    failed: Option<String>,
+}
+
+/// The trace's peak of live requested bytes, overall and over its first half.
+fn trace_peaks(ops: &[Op]) -> (usize, usize) {
+    let mut sizes = HashMap::new();
+    let (mut cur, mut peak, mut first_half) = (0usize, 0usize, 0usize);
+    for (i, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Alloc { id, size, .. } => {
+                sizes.insert(id, size);
+                cur += size;
+            }
+            Op::Free { id } => cur -= sizes.remove(&id).unwrap_or(0),
+        }
+        peak = peak.max(cur);
+        if i < ops.len() / 2 {
+            first_half = peak;
+        }
+    }
+    (peak, first_half)
+}
+
+fn replay(ops: &[Op], backend: Option<BackendKind>, cfg: PoolConfig, clock: u64) -> Run {
+    let mut b = Manager::builder();
+    if let Some(k) = backend {
+        b = b.backend(k);
+    }
+    let mgr = b.build().unwrap_or_else(|e| {
+        eprintln!("replay: {e}");
+        std::process::exit(1)
+    });
+    let pool = mgr.device_pool(0, cfg).unwrap_or_else(|e| {
+        eprintln!("replay: {e}");
+        std::process::exit(1)
+    });
+    let driver_now = || mgr.sim().map(|s| s.stats().driver);
+    let start = driver_now();
+    let mut half = None;
+    let mut streams: HashMap<u64, Stream> = HashMap::new();
+    let mut live = HashMap::new();
+    let mut alloc_ns = Vec::with_capacity(ops.len());
+    let mut free_ns = Vec::with_capacity(ops.len());
+    let mut failed = None;
+    let wall = Instant::now();
+    for (i, op) in ops.iter().enumerate() {
+        if i == ops.len() / 2 {
+            half = driver_now();
+        }
+        match *op {
+            Op::Alloc { id, size, stream } => {
+                let s = streams
+                    .entry(stream)
+                    .or_insert_with(|| mgr.create_stream(0).expect("stream"))
+                    .clone();
+                let t = Instant::now();
+                let blk = pool.alloc(size, &s);
+                alloc_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
+                match blk {
+                    Ok(blk) => {
+                        live.insert(id, blk);
+                    }
+                    Err(e) => {
+                        failed = Some(format!("allocation {i} of {size} bytes failed: {e}"));
+                        break;
+                    }
+                }
+            }
+            Op::Free { id } => {
+                let blk = live.remove(&id).expect("trace frees what it allocated");
+                let t = Instant::now();
+                drop(blk);
+                free_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
+            }
+        }
+    }
+    let wall_s = wall.elapsed().as_secs_f64();
+    let stats = pool.stats();
+    let end = driver_now();
+    drop(live);
+    alloc_ns.sort_unstable();
+    free_ns.sort_unstable();
+    let driver = match (start, half, end) {
+        (Some(s), Some(h), Some(e)) => Some((e.since(&s), e.since(&h))),
+        _ => None,
+    };
+    Run {
+        backend: mgr.backend_kind().name(),
+        expandable: pool.expandable(),
+        stats,
+        alloc_ns,
+        free_ns,
+        wall_s,
+        driver,
+        failed,
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    (ns as f64 / 1e4).round() / 100.0
+}
+
+/// `{"create": n, ...}` for the kinds with calls.
+fn calls_json(d: &DriverStats) -> serde_json::Value {
+    d.by_kind()
+        .map(|(k, n, _)| (k.name().to_string(), json!(n)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 fn main() {
     let args = parse_args();
     // HETMEM_LOG=debug (an EnvFilter) shows the library's tracing on stderr.
@@ -415,7 +568,7 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("HETMEM_LOG"))
         .with_writer(std::io::stderr)
         .try_init();
-    let (name, (ops, gaps)) = match (&args.trace, &args.synthetic) {
+    let (name, (ops, gaps, segs)) = match (&args.trace, &args.synthetic) {
         (Some(path), _) => (
             path.clone(),
             read_trace(path).unwrap_or_else(|e| {
@@ -425,7 +578,11 @@ fn main() {
         ),
         (_, Some(s)) => (
             format!("synthetic:{s}:seed{}", args.seed),
-            (synthetic(s, args.seed), TraceGaps::default()),
+            (
+                synthetic(s, args.seed),
+                TraceGaps::default(),
+                Segments::default(),
+            ),
         ),
         _ => usage(),
     };
@@ -442,24 +599,18 @@ fn main() {
             std::process::exit(1)
         });
     }
-    let mut b = Manager::builder();
-    if let Some(k) = args.backend {
-        b = b.backend(k);
-    }
-    let mgr = b.build().unwrap_or_else(|e| {
-        eprintln!("replay: {e}");
-        std::process::exit(1)
-    });
+    let (trace_peak, first_half_peak) = trace_peaks(&ops);
+    let budget = match (args.budget, args.budget_x) {
+        (Some(b), _) => Some(b),
+        (_, Some(f)) => Some((trace_peak as f64 * f) as usize),
+        _ => None,
+    };
     let cfg = PoolConfig {
-        budget: args.budget.map_or(Budget::Device, Budget::Bytes),
+        budget: budget.map_or(Budget::Device, Budget::Bytes),
         expandable_segments: args.expandable,
         release_on_grow: args.release_on_grow,
         reserve_slack: args.slack,
     };
-    let pool = mgr.device_pool(0, cfg).unwrap_or_else(|e| {
-        eprintln!("replay: {e}");
-        std::process::exit(1)
-    });
 
     // The cost of reading the clock twice, to take out of every sample.
     let clock = {
@@ -473,44 +624,31 @@ fn main() {
         v[v.len() / 2]
     };
 
-    let mut streams: HashMap<u64, Stream> = HashMap::new();
-    let mut live = HashMap::new();
-    let mut alloc_ns = Vec::with_capacity(ops.len());
-    let mut free_ns = Vec::with_capacity(ops.len());
-    let wall = Instant::now();
-    for op in &ops {
-        match *op {
-            Op::Alloc { id, size, stream } => {
-                let s = streams
-                    .entry(stream)
-                    .or_insert_with(|| mgr.create_stream(0).expect("stream"))
-                    .clone();
-                let t = Instant::now();
-                let blk = pool.alloc(size, &s);
-                alloc_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
-                match blk {
-                    Ok(blk) => {
-                        live.insert(id, blk);
-                    }
-                    Err(e) => {
-                        eprintln!("replay: allocation of {size} bytes failed: {e}");
-                        std::process::exit(1);
-                    }
-                }
-            }
-            Op::Free { id } => {
-                let blk = live.remove(&id).expect("trace frees what it allocated");
-                let t = Instant::now();
-                drop(blk);
-                free_ns.push((t.elapsed().as_nanos() as u64).saturating_sub(clock));
-            }
-        }
-    }
-    let wall_s = wall.elapsed().as_secs_f64();
-    let st = pool.stats();
-    drop(live);
-    alloc_ns.sort_unstable();
-    free_ns.sort_unstable();
+    let run = replay(&ops, args.backend, cfg.clone(), clock);
+    // PyTorch's driver time for the trace: its own segments where the trace has them,
+    // else this pool with plain segments (PyTorch's segment sizes), on a fresh simulator.
+    let model = DriverCosts::default();
+    let (pytorch_ns, pytorch_source, plain) = if !segs.allocs.is_empty() {
+        let ns = segs
+            .allocs
+            .iter()
+            .map(|s| model.ns(DriverCall::MemAlloc, *s))
+            .chain(segs.frees.iter().map(|s| model.ns(DriverCall::MemFree, *s)))
+            .sum::<u64>();
+        (Some(ns), "trace segment rows", None)
+    } else if run.driver.is_some() && args.expandable {
+        let plain_cfg = PoolConfig {
+            expandable_segments: false,
+            ..cfg.clone()
+        };
+        let p = replay(&ops, Some(BackendKind::Sim), plain_cfg, clock);
+        let ns = p.driver.map(|(all, _)| all.memory_ns());
+        (ns, "plain segments", Some(p))
+    } else {
+        (None, "none", None)
+    };
+
+    let st = &run.stats;
     let peak_alloc = st.requested_bytes.all.peak;
     let peak_reserved = st.reserved_bytes.all.peak;
     let ratio = if peak_alloc > 0 {
@@ -518,29 +656,52 @@ fn main() {
     } else {
         0.0
     };
+    let (all, steady) = match &run.driver {
+        Some((a, h)) => (Some(*a), Some(*h)),
+        None => (None, None),
+    };
     let report = json!({
         "trace": name,
-        "backend": mgr.backend_kind().name(),
-        "expandable_segments": pool.expandable(),
+        "backend": run.backend,
+        "expandable_segments": run.expandable,
         "release_on_grow": args.release_on_grow,
+        "budget": budget,
         "events": ops.len(),
         "trace_unknown_frees": gaps.unknown_frees,
         "trace_implicit_frees": gaps.implicit_frees,
+        "trace_peak_allocated": trace_peak,
+        "steady_alloc_growth": if first_half_peak > 0 {
+            ((trace_peak as f64 / first_half_peak as f64 - 1.0) * 1e4).round() / 1e4
+        } else { 0.0 },
+        "failed": run.failed,
         "peak_allocated": peak_alloc,
         "peak_allocated_rounded": st.allocated_bytes.all.peak,
         "peak_reserved": peak_reserved,
         "reserved_over_allocated": (ratio * 10000.0).round() / 10000.0,
-        "alloc_ns_median": percentile(&alloc_ns, 0.5),
-        "alloc_ns_p99": percentile(&alloc_ns, 0.99),
-        "free_ns_median": percentile(&free_ns, 0.5),
-        "free_ns_p99": percentile(&free_ns, 0.99),
+        "alloc_ns_median": percentile(&run.alloc_ns, 0.5),
+        "alloc_ns_p99": percentile(&run.alloc_ns, 0.99),
+        "free_ns_median": percentile(&run.free_ns, 0.5),
+        "free_ns_p99": percentile(&run.free_ns, 0.99),
         "clock_overhead_ns": clock,
         "num_alloc_retries": st.num_alloc_retries,
         "num_ooms": st.num_ooms,
         "num_device_alloc": st.num_device_alloc,
         "num_device_free": st.num_device_free,
         "num_pages_moved": st.num_pages_moved,
-        "wall_s": (wall_s * 1000.0).round() / 1000.0,
+        "num_sync_all_streams": st.num_sync_all_streams,
+        "driver_calls": all.as_ref().map(calls_json),
+        "driver_ms": all.as_ref().map(|d| ms(d.memory_ns())),
+        "event_ms": all.as_ref().map(|d| ms(d.total().1 - d.memory_ns())),
+        "steady_driver_calls": steady.as_ref().map(calls_json),
+        "steady_driver_ms": steady.as_ref().map(|d| ms(d.memory_ns())),
+        "pytorch_driver_ms": pytorch_ns.map(ms),
+        "pytorch_driver_source": pytorch_source,
+        "plain_reserved_over_allocated": plain.as_ref().map(|p| {
+            let a = p.stats.requested_bytes.all.peak.max(1) as f64;
+            (p.stats.reserved_bytes.all.peak as f64 / a * 1e4).round() / 1e4
+        }),
+        "plain_driver_calls": plain.as_ref().and_then(|p| p.driver.as_ref().map(|d| calls_json(&d.0))),
+        "wall_s": (run.wall_s * 1000.0).round() / 1000.0,
     });
     if args.json {
         println!("{report}");
@@ -569,8 +730,17 @@ fn main() {
             report["free_ns_median"], report["free_ns_p99"]
         );
         println!(
-            "driver calls       {} alloc, {} free, {} retries",
-            st.num_device_alloc, st.num_device_free, st.num_alloc_retries
+            "driver calls       {} (modelled {} ms; second half {}, {} ms; PyTorch {} ms from {})",
+            report["driver_calls"],
+            report["driver_ms"],
+            report["steady_driver_calls"],
+            report["steady_driver_ms"],
+            report["pytorch_driver_ms"],
+            pytorch_source
         );
+    }
+    if let Some(f) = &run.failed {
+        eprintln!("replay: {f}");
+        std::process::exit(1);
     }
 }

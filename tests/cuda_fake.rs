@@ -1322,6 +1322,19 @@ fn vmm_reserve_create_map_access_unmap_release() {
             d.map(0, base.offset(i * PAGE), PAGE, h).unwrap();
         }
         assert_eq!(f.stat("vmm_mappings"), pages as i64);
+        assert_eq!(
+            f.stat("vmm_accessible_bytes"),
+            0,
+            "mapped, not yet accessible"
+        );
+        // Access past the mapped range is refused; one call covers all three.
+        assert_driver(
+            KIND,
+            d.set_access(0, base, (pages + 1) * PAGE, &[0]).unwrap_err(),
+            "cuMemSetAccess",
+            code::INVALID_VALUE,
+        );
+        d.set_access(0, base, pages * PAGE, &[0]).unwrap();
         assert_eq!(f.stat("vmm_accessible_bytes"), (pages * PAGE) as i64);
         // A copy across two mappings.
         let mid = dev(0, base.offset(PAGE / 2));
@@ -1337,15 +1350,17 @@ fn vmm_reserve_create_map_access_unmap_release() {
             "cuMemMap",
             code::INVALID_VALUE,
         );
-        // If setting access fails, the mapping is undone.
+        // A failed set-access leaves the mapping in place, inaccessible.
         d.unmap(0, base.offset(PAGE), PAGE).unwrap();
+        d.map(0, base.offset(PAGE), PAGE, spare).unwrap();
         f.fail_next("cuMemSetAccess", code::UNKNOWN, 1);
         assert_driver(
             KIND,
-            d.map(0, base.offset(PAGE), PAGE, spare).unwrap_err(),
+            d.set_access(0, base.offset(PAGE), PAGE, &[0]).unwrap_err(),
             "cuMemSetAccess",
             999,
         );
+        d.unmap(0, base.offset(PAGE), PAGE).unwrap();
         assert_eq!(f.stat("vmm_mappings"), (pages - 1) as i64);
         // A copy into the hole: the address is reserved but not mapped.
         assert_driver(
@@ -1374,6 +1389,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
             code::INVALID_VALUE,
         );
         d.map(0, base.offset(PAGE), PAGE, spare).unwrap();
+        d.set_access(0, base.offset(PAGE), PAGE, &[0]).unwrap();
         // Releasing a mapped handle keeps its memory until the unmap (CUDA semantics).
         let used = f.stat("used:0");
         d.release_physical(0, spare).unwrap();
@@ -1424,6 +1440,7 @@ fn vmm_unmap_under_a_queued_copy_faults() {
     // the fake checks the mapping before it copies, so nothing is touched.
     unsafe {
         d.map(0, base, PAGE, h).unwrap();
+        d.set_access(0, base, PAGE, &[0]).unwrap();
         d.copy(dev(0, base), host(&mut data), 4096, Some(s))
             .unwrap();
         d.unmap(0, base, PAGE).unwrap();

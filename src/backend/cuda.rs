@@ -1516,33 +1516,48 @@ impl Backend for CudaBackend {
         // device with nothing mapped there, and `handle` is live, of `size` bytes and not
         // mapped elsewhere; offset and flags must be 0.
         match unsafe { drv::cuMemMap(ptr.0, size, 0, handle.0, 0) } {
-            Status::SUCCESS => {}
+            Status::SUCCESS => Ok(()),
             // Page tables are device memory too: the pool gives back cache and retries.
-            Status::OUT_OF_MEMORY => {
-                return Err(Error::oom(
-                    Tier::Device(device),
-                    size,
-                    self.free_for_report(device),
-                ))
-            }
-            other => return Err(driver_error("cuMemMap", other)),
+            Status::OUT_OF_MEMORY => Err(Error::oom(
+                Tier::Device(device),
+                size,
+                self.free_for_report(device),
+            )),
+            other => Err(driver_error("cuMemMap", other)),
         }
-        let desc = access_desc(self.cu_device(device));
-        // SAFETY: ptr..ptr+size was mapped just above; `desc` is one initialised
-        // descriptor that outlives the call, and we pass count 1.
-        let status = unsafe { drv::cuMemSetAccess(ptr.0, size, &desc, 1) };
-        if status == Status::SUCCESS {
-            return Ok(());
+    }
+
+    /// # Safety
+    /// As [`Backend::set_access`].
+    unsafe fn set_access(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        devices: &[usize],
+    ) -> Result<()> {
+        let page = self.vmm_page(device)?;
+        check_vmm_size("access range", size, page)?;
+        check_vmm_addr(ptr, page)?;
+        if !devices.contains(&device) {
+            return Err(Error::InvalidArgument(format!(
+                "access to memory of device {device} must include device {device}"
+            )));
         }
-        let err = driver_error("cuMemSetAccess", status);
-        // Undo the mapping, so a failure leaves the range and handle as they were.
-        // SAFETY: exactly the mapping made above; no work can use it yet, as it was
-        // never accessible.
-        let undo = unsafe { drv::cuMemUnmap(ptr.0, size) };
-        if let Err(e) = check("cuMemUnmap", undo) {
-            tracing::warn!(error = %e, "unmapping after cuMemSetAccess failed");
+        for &d in devices {
+            check_device(self, d)?;
         }
-        Err(err)
+        let descs: Vec<CUmemAccessDesc> = devices
+            .iter()
+            .map(|&d| access_desc(self.cu_device(d)))
+            .collect();
+        let _ctx = self.bind(device)?;
+        // SAFETY: the caller guarantees ptr..ptr+size is fully mapped in a reservation of
+        // this device and covers whole mappings; `descs` holds `descs.len()` initialised
+        // descriptors that outlive the call.
+        check("cuMemSetAccess", unsafe {
+            drv::cuMemSetAccess(ptr.0, size, descs.as_ptr(), descs.len())
+        })
     }
 
     /// # Safety

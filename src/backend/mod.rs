@@ -380,8 +380,8 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         })
     }
 
-    /// Maps all of `handle` (`size` bytes) at `ptr` and makes it readable and writable
-    /// by `device`.
+    /// Maps all of `handle` (`size` bytes) at `ptr`. Nothing can access the range until
+    /// [`Backend::set_access`] is called on it.
     ///
     /// # Safety
     /// `ptr..ptr+size` lies inside a reservation of `device` and nothing is mapped there;
@@ -406,6 +406,27 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The range is exactly one earlier [`Backend::map`], and no queued work uses it.
     unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         let _ = (device, ptr, size);
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "virtual memory management",
+        })
+    }
+
+    /// Makes `ptr..ptr+size` readable and writable by each device in `devices` (which
+    /// includes `device`, the owner): one call for a range of several mappings, as
+    /// `cuMemSetAccess` allows.
+    ///
+    /// # Safety
+    /// The range lies in a reservation of `device`, is fully mapped, and starts and ends
+    /// at the edges of mappings.
+    unsafe fn set_access(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        devices: &[usize],
+    ) -> Result<()> {
+        let _ = (device, ptr, size, devices);
         Err(Error::Unsupported {
             backend: self.kind(),
             what: "virtual memory management",

@@ -747,6 +747,8 @@ impl VmmRegion {
                 // is one page of this device and page size, unmapped from a region of
                 // it, and mapped nowhere else.
                 unsafe { self.backend.map(self.device, at, self.page, h)? };
+                // SAFETY: exactly the one mapping made above.
+                unsafe { self.grant(at)? };
                 p.handle = None;
                 *spare = None;
                 self.pages[page] = Some(h);
@@ -757,8 +759,10 @@ impl VmmRegion {
         let h = self.backend.create_physical(self.device, self.page)?;
         // SAFETY: `at` is a page inside our reservation with nothing mapped (pages[page]
         // is None); `h` is fresh, of exactly one page, and mapped nowhere else.
-        if let Err(e) = unsafe { self.backend.map(self.device, at, self.page, h) } {
-            // SAFETY: `h` was never mapped.
+        let mapped = unsafe { self.backend.map(self.device, at, self.page, h) };
+        // SAFETY: `grant` covers exactly the mapping just made.
+        if let Err(e) = mapped.and_then(|()| unsafe { self.grant(at) }) {
+            // SAFETY: `h` was never mapped, or `grant` unmapped it again.
             if let Err(e2) = unsafe { self.backend.release_physical(self.device, h) } {
                 tracing::warn!(target: "hetmem", error = %e2, "releasing an unmapped page failed");
             }
@@ -767,6 +771,27 @@ impl VmmRegion {
         self.pages[page] = Some(h);
         self.mapped += 1;
         Ok(false)
+    }
+
+    /// Makes the page just mapped at `at` readable and writable by the region's device;
+    /// on failure unmaps it again, so the page and its handle are as they were.
+    ///
+    /// # Safety
+    /// `at` is a page of this region mapped by the caller a moment ago, and nothing else.
+    unsafe fn grant(&self, at: DevicePtr) -> Result<()> {
+        // SAFETY: the caller's promise: exactly one whole mapping.
+        let granted = unsafe {
+            self.backend
+                .set_access(self.device, at, self.page, &[self.device])
+        };
+        if let Err(e) = granted {
+            // SAFETY: the mapping was never accessible, so no work can use it.
+            if let Err(e2) = unsafe { self.backend.unmap(self.device, at, self.page) } {
+                tracing::warn!(target: "hetmem", error = %e2, "unmapping after a failed set-access failed");
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Copies `data` to `offset` in the region, synchronously; every page it touches

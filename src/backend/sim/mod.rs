@@ -15,6 +15,12 @@
 //! - events carry the time their stream reached when recorded; waiting on one moves
 //!   the waiter's time forward to it.
 //!
+//! - driver calls (allocation, mapping, events, streams) block the host for what they
+//!   cost on a real driver ([`DriverCosts`], in [`driver`]) and are counted by kind
+//!   ([`SimStats::driver`]); freeing device memory first waits for the device's queued
+//!   work, as `cuMemFree` does, and unmapping pages that queued copies still use is
+//!   refused (on a GPU the copy would fault).
+//!
 //! Work runs at enqueue, in host program order, which is always an order a GPU could
 //! have chosen; the clock then says when it would have happened. Overlap, bytes moved
 //! and stalls are exact and repeatable on a noisy machine. Defaults come from the H200
@@ -33,6 +39,9 @@ use crate::backend::{
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
 use crate::stats::ByteCounter;
+
+pub mod driver;
+pub use driver::{CallCost, DriverCall, DriverCosts, DriverStats};
 
 /// One simulated device.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +69,8 @@ pub struct SimConfig {
     pub d2d_gbps: f64,
     /// Fixed cost of every copy and prefetch.
     pub copy_latency: Duration,
+    /// What each driver call costs the host ([`DriverCosts::zero`] for none).
+    pub driver: DriverCosts,
 }
 
 /// H200 device memory as the driver reports it (143,771,336,704 bytes ≈ 133.9 GiB).
@@ -80,6 +91,7 @@ impl Default for SimConfig {
             pageable_gbps: 8.0,
             d2d_gbps: 2000.0,
             copy_latency: Duration::from_micros(8),
+            driver: DriverCosts::default(),
         }
     }
 }
@@ -160,6 +172,8 @@ pub struct SimStats {
     pub copies: u64,
     /// Kernels launched.
     pub kernels: u64,
+    /// Driver calls made and the virtual time they cost, by kind.
+    pub driver: DriverStats,
 }
 
 /// Advice and residency of one managed allocation, for tests.
@@ -337,22 +351,47 @@ struct Reservation {
     size: usize,
     /// Lazily committed host memory of the same size: mapped pages resolve by offset.
     host: Memory,
-    /// Offset of each mapping → (size, physical handle).
-    mapped: BTreeMap<usize, (usize, u64)>,
+    /// Offset of each mapping.
+    mapped: BTreeMap<usize, Mapping>,
+}
+
+/// One `map` call's range in a reservation.
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    size: usize,
+    handle: u64,
+    /// Whether `set_access` made it readable and writable (until then a device access
+    /// faults, so copies are refused).
+    access: bool,
+    /// When the last queued copy touching it ends: unmapping before then is refused.
+    busy_until: u64,
 }
 
 impl Reservation {
-    /// Whether `off..off+len` is covered by mappings with no gap.
-    fn covered(&self, off: usize, len: usize) -> bool {
+    /// Whether `off..off+len` is covered by mappings with no gap (and, with `access`,
+    /// all of them accessible).
+    fn covered(&self, off: usize, len: usize, access: bool) -> bool {
         let end = off + len;
         let mut at = off;
         while at < end {
             match self.mapped.range(..=at).next_back() {
-                Some((o, (l, _))) if o + l > at => at = o + l,
+                Some((o, m)) if o + m.size > at && (m.access || !access) => at = o + m.size,
                 _ => return false,
             }
         }
         true
+    }
+
+    /// The mappings that `off..off+len` touches.
+    fn touched(&mut self, off: usize, len: usize) -> impl Iterator<Item = &mut Mapping> {
+        let first = self
+            .mapped
+            .range(..=off)
+            .next_back()
+            .map_or(off, |(o, _)| *o);
+        self.mapped
+            .range_mut(first..off + len.max(1))
+            .map(|(_, m)| m)
     }
 }
 
@@ -558,9 +597,10 @@ impl SimBackend {
                 if let Some((start, r)) = st.reservations.range(..=ptr.0).next_back() {
                     let off = (ptr.0 - start) as usize;
                     if off < r.size {
-                        if r.device != device || !r.covered(off, len) {
+                        if r.device != device || !r.covered(off, len, true) {
                             return Err(Error::InvalidArgument(format!(
-                                "{:#x}+{len} on sim device {device} is not fully mapped memory",
+                                "{:#x}+{len} on sim device {device} is not fully mapped memory \
+                                 with access set",
                                 ptr.0
                             )));
                         }
@@ -580,6 +620,29 @@ impl SimBackend {
                 }
                 // SAFETY: off + len <= a.len, so the result stays inside the allocation.
                 Ok(unsafe { a.mem.ptr.as_ptr().add(off) })
+            }
+        }
+    }
+}
+
+/// Advances the host's clock by what `call` costs and counts it.
+fn charge(cfg: &SimConfig, st: &mut State, call: DriverCall, bytes: usize) {
+    let ns = cfg.driver.ns(call, bytes);
+    st.host_ns = st.host_ns.saturating_add(ns);
+    st.stats.driver.add(call, ns);
+}
+
+/// Records that work ending at `end` uses `r`'s memory, if it lies in a reservation
+/// (so that unmapping it before then can be refused).
+fn mark_busy(st: &mut State, r: MemRef, len: usize, end: u64) {
+    let MemRef::Device { ptr, .. } = r else {
+        return;
+    };
+    if let Some((start, res)) = st.reservations.range_mut(..=ptr.0).next_back() {
+        let off = (ptr.0 - start) as usize;
+        if off < res.size {
+            for m in res.touched(off, len) {
+                m.busy_until = m.busy_until.max(end);
             }
         }
     }
@@ -674,6 +737,7 @@ impl Backend for SimBackend {
             return Err(oom(self.used[device].free()));
         };
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::MemAlloc, size);
         let addr = st.next_addr[device];
         let Some(next) = bump(addr, size, DEVICE_ALIGN, device) else {
             drop(st);
@@ -693,6 +757,9 @@ impl Backend for SimBackend {
         let mut st = self.lock();
         match st.device_allocs.get(&ptr.0) {
             Some(a) if device_of(ptr.0) == device && a.len == size => {
+                // cuMemFree waits for the device's queued work before it frees.
+                wait_device(&mut st, device);
+                charge(&self.cfg, &mut st, DriverCall::MemFree, size);
                 st.device_allocs.remove(&ptr.0);
                 drop(st);
                 self.used[device].release(size);
@@ -714,7 +781,9 @@ impl Backend for SimBackend {
             return Err(oom(self.used[device].free()));
         };
         let ptr = mem.ptr;
-        self.lock().managed.insert(
+        let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::MemAlloc, size);
+        st.managed.insert(
             ptr.as_ptr() as usize,
             ManagedAlloc {
                 device,
@@ -736,6 +805,8 @@ impl Backend for SimBackend {
         let key = ptr.as_ptr() as usize;
         match st.managed.get(&key) {
             Some(m) if m.device == device && m.len == size => {
+                wait_device(&mut st, device);
+                charge(&self.cfg, &mut st, DriverCall::MemFree, size);
                 let m = st.managed.remove(&key).expect("checked above");
                 drop(st);
                 drop(m.mem);
@@ -761,6 +832,7 @@ impl Backend for SimBackend {
                 "host range {p:#x}+{len} is already registered"
             )));
         }
+        charge(&self.cfg, &mut st, DriverCall::HostRegister, len);
         st.registered.insert(p, len);
         Ok(())
     }
@@ -770,6 +842,7 @@ impl Backend for SimBackend {
         let mut st = self.lock();
         match st.registered.get(&p) {
             Some(l) if *l == len => {
+                charge(&self.cfg, &mut st, DriverCall::HostUnregister, len);
                 st.registered.remove(&p);
                 Ok(())
             }
@@ -782,6 +855,7 @@ impl Backend for SimBackend {
     fn create_stream(&self, device: usize) -> Result<StreamHandle> {
         check_device(self, device)?;
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::StreamCreate, 0);
         let h = st.next_handle;
         st.next_handle += 1;
         let tail_ns = st.host_ns;
@@ -791,6 +865,7 @@ impl Backend for SimBackend {
 
     unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::StreamDestroy, 0);
         st.streams
             .remove(&stream.0)
             .map(|_| ())
@@ -839,6 +914,7 @@ impl Backend for SimBackend {
     fn create_event(&self, device: usize) -> Result<EventHandle> {
         check_device(self, device)?;
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::EventCreate, 0);
         let h = st.next_handle;
         st.next_handle += 1;
         st.events.insert(
@@ -853,6 +929,7 @@ impl Backend for SimBackend {
 
     unsafe fn destroy_event(&self, event: EventHandle) -> Result<()> {
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::EventDestroy, 0);
         st.events
             .remove(&event.0)
             .map(|_| ())
@@ -861,6 +938,7 @@ impl Backend for SimBackend {
 
     unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::EventRecord, 0);
         let s = stream_ref(&st, stream)?;
         let (t, sdev) = (s.tail_ns.max(st.host_ns), s.device);
         let e = st
@@ -879,6 +957,7 @@ impl Backend for SimBackend {
 
     unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::StreamWait, 0);
         let t = event_ref(&st, event)?.time_ns.unwrap_or(0);
         let s = stream_mut(&mut st, stream)?;
         s.tail_ns = s.tail_ns.max(t);
@@ -893,7 +972,8 @@ impl Backend for SimBackend {
     }
 
     unsafe fn event_done(&self, event: EventHandle) -> Result<bool> {
-        let st = self.lock();
+        let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::EventQuery, 0);
         Ok(event_ref(&st, event)?.time_ns.unwrap_or(0) <= st.host_ns)
     }
 
@@ -981,6 +1061,8 @@ impl Backend for SimBackend {
             Engine::Compute => &mut eng.compute,
         };
         let (_, end) = timeline.place(ready, dur, host);
+        mark_busy(&mut st, dst, len, end);
+        mark_busy(&mut st, src, len, end);
         match stream {
             // Pageable copies are staged by the driver through its own pinned buffer and
             // return only when done, so they block the host even on a stream.
@@ -1087,6 +1169,7 @@ impl Backend for SimBackend {
         let host =
             Memory::zeroed(size).ok_or_else(|| Error::os("mmap", nix::errno::Errno::last()))?;
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::Reserve, size);
         let addr = st.next_addr[device].next_multiple_of(VMM_GRANULARITY as u64);
         let Some(next) = bump(addr, size, VMM_GRANULARITY as u64, device) else {
             // `host` is unmapped as it drops here.
@@ -1111,6 +1194,7 @@ impl Backend for SimBackend {
         let mut st = self.lock();
         match st.reservations.get(&ptr.0) {
             Some(r) if r.device == device && r.size == size && r.mapped.is_empty() => {
+                charge(&self.cfg, &mut st, DriverCall::AddressFree, size);
                 // Dropping the reservation unmaps its host memory.
                 st.reservations.remove(&ptr.0);
                 Ok(())
@@ -1134,6 +1218,7 @@ impl Backend for SimBackend {
             .try_reserve(size)
             .map_err(|free| Error::oom(Tier::Device(device), size, free))?;
         let mut st = self.lock();
+        charge(&self.cfg, &mut st, DriverCall::Create, size);
         let h = st.next_handle;
         st.next_handle += 1;
         st.physical.insert(
@@ -1152,6 +1237,7 @@ impl Backend for SimBackend {
         match st.physical.get(&handle.0) {
             Some(p) if p.device == device && p.mapped_at.is_none() => {
                 let size = p.size;
+                charge(&self.cfg, &mut st, DriverCall::Release, size);
                 st.physical.remove(&handle.0);
                 drop(st);
                 self.used[device].release(size);
@@ -1192,7 +1278,7 @@ impl Backend for SimBackend {
             .mapped
             .range(..off + size)
             .next_back()
-            .is_some_and(|(o, (l, _))| o + l > off);
+            .is_some_and(|(o, m)| o + m.size > off);
         if r.device != device
             || off + size > r.size
             || !off.is_multiple_of(VMM_GRANULARITY)
@@ -1203,7 +1289,16 @@ impl Backend for SimBackend {
                 ptr.0
             )));
         }
-        r.mapped.insert(off, (size, handle.0));
+        r.mapped.insert(
+            off,
+            Mapping {
+                size,
+                handle: handle.0,
+                access: false,
+                busy_until: 0,
+            },
+        );
+        charge(&self.cfg, &mut st, DriverCall::Map, size);
         st.physical
             .get_mut(&handle.0)
             .expect("checked above")
@@ -1213,12 +1308,29 @@ impl Backend for SimBackend {
 
     unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         let mut st = self.lock();
+        let host = st.host_ns;
         let Some((&start, r)) = st.reservations.range_mut(..=ptr.0).next_back() else {
             return Err(bad_device_ptr(device, ptr));
         };
         let off = (ptr.0 - start) as usize;
         match r.mapped.get(&off) {
-            Some(&(len, h)) if len == size && r.device == device => {
+            Some(m) if m.size == size && r.device == device && m.busy_until > host => {
+                Err(Error::Driver {
+                    backend: BackendKind::Sim,
+                    call: "unmap",
+                    code: 700,
+                    message: format!(
+                        "{:#x}+{size} is still used by work queued until {} ns (now {host} ns): \
+                         on a GPU that work would fault",
+                        ptr.0, m.busy_until
+                    ),
+                })
+            }
+            Some(&Mapping {
+                size: len,
+                handle: h,
+                ..
+            }) if len == size && r.device == device => {
                 r.mapped.remove(&off);
                 // Give the host pages back: a later map of this range reads zeros, as
                 // fresh physical memory would (CUDA does not promise zeros; we do).
@@ -1234,6 +1346,7 @@ impl Backend for SimBackend {
                     .get_mut(&h)
                     .expect("mapped handles are live")
                     .mapped_at = None;
+                charge(&self.cfg, &mut st, DriverCall::Unmap, size);
                 Ok(())
             }
             _ => Err(Error::InvalidArgument(format!(
@@ -1243,9 +1356,60 @@ impl Backend for SimBackend {
         }
     }
 
+    unsafe fn set_access(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        size: usize,
+        devices: &[usize],
+    ) -> Result<()> {
+        for d in devices {
+            check_device(self, *d)?;
+        }
+        let mut st = self.lock();
+        let Some((&start, r)) = st.reservations.range_mut(..=ptr.0).next_back() else {
+            return Err(bad_device_ptr(device, ptr));
+        };
+        let off = (ptr.0 - start) as usize;
+        // As cuMemSetAccess: the range is fully mapped and covers whole mappings.
+        let whole = r.mapped.contains_key(&off)
+            && off.checked_add(size).is_some_and(|end| {
+                end <= r.size
+                    && r.covered(off, size, false)
+                    && r.mapped
+                        .range(..end)
+                        .next_back()
+                        .is_some_and(|(o, m)| o + m.size == end)
+            });
+        if r.device != device || size == 0 || !whole || !devices.contains(&device) {
+            return Err(Error::InvalidArgument(format!(
+                "cannot set access on {size} bytes at {:#x} of sim device {device} for devices \
+                 {devices:?}: not whole mappings of a reservation of it, or the owner left out",
+                ptr.0
+            )));
+        }
+        for m in r.touched(off, size) {
+            m.access = true;
+        }
+        charge(&self.cfg, &mut st, DriverCall::SetAccess, size);
+        Ok(())
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
+}
+
+/// Moves the host's clock to when every stream of `device` has finished its queued work.
+fn wait_device(st: &mut State, device: usize) {
+    let tail = st
+        .streams
+        .values()
+        .filter(|s| s.device == device)
+        .map(|s| s.tail_ns)
+        .max()
+        .unwrap_or(0);
+    st.host_ns = st.host_ns.max(tail);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1258,6 +1422,16 @@ enum Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A simulator whose driver calls cost nothing: for tests of the copy and kernel
+    /// clock alone.
+    fn clock_only(cfg: SimConfig) -> SimBackend {
+        SimBackend::new(SimConfig {
+            driver: DriverCosts::zero(),
+            ..cfg
+        })
+        .unwrap()
+    }
 
     #[test]
     fn parses_sizes() {
@@ -1272,7 +1446,7 @@ mod tests {
 
     #[test]
     fn copy_time_follows_bandwidth_and_engines_overlap() {
-        let sim = SimBackend::new(SimConfig::with_devices(1, 1 << 30)).unwrap();
+        let sim = clock_only(SimConfig::with_devices(1, 1 << 30));
         let lat = sim.config().copy_latency.as_nanos() as u64;
         let mut host = vec![7u8; 1 << 20];
         let hp = NonNull::new(host.as_mut_ptr()).unwrap();
@@ -1348,7 +1522,7 @@ mod tests {
 
     #[test]
     fn engines_fill_gaps_left_by_waiting_work() {
-        let sim = SimBackend::new(SimConfig::with_devices(1, 1 << 30)).unwrap();
+        let sim = clock_only(SimConfig::with_devices(1, 1 << 30));
         let mut host = vec![1u8; 1 << 20];
         let h = MemRef::Host {
             ptr: NonNull::new(host.as_mut_ptr()).unwrap(),
@@ -1435,7 +1609,7 @@ mod tests {
 
     #[test]
     fn kernels_and_events_order_streams() {
-        let sim = SimBackend::new(SimConfig::default()).unwrap();
+        let sim = clock_only(SimConfig::default());
         let (a, b) = (sim.create_stream(0).unwrap(), sim.create_stream(0).unwrap());
         let k = sim.launch_kernel(a, Duration::from_micros(100)).unwrap();
         assert_eq!(
@@ -1460,5 +1634,109 @@ mod tests {
         assert_eq!(sim.host_time_ns(), 100_000);
         // SAFETY: live handle.
         assert!(unsafe { sim.event_done(e).unwrap() });
+    }
+
+    /// Driver calls block the host for their cost and are counted; freeing waits for
+    /// the device; mapped memory is unusable until access is set; an unmap under a
+    /// queued copy is refused, and allowed once the copy is done.
+    #[test]
+    fn driver_calls_cost_host_time_and_vmm_is_as_strict_as_the_driver() {
+        let sim = SimBackend::new(SimConfig::with_devices(2, 1 << 30)).unwrap();
+        let costs = sim.config().driver.clone();
+        let p = sim.alloc_device(0, 4096).unwrap();
+        assert_eq!(sim.host_time_ns(), costs.ns(DriverCall::MemAlloc, 4096));
+        let s = sim.create_stream(0).unwrap();
+        let k = sim.launch_kernel(s, Duration::from_millis(5)).unwrap();
+        let before = sim.host_time_ns();
+        // SAFETY: allocated above; the sim waits for the kernel (the contract's part).
+        unsafe { sim.free_device(0, p, 4096).unwrap() };
+        assert_eq!(
+            sim.host_time_ns(),
+            k.end_ns.max(before) + costs.ns(DriverCall::MemFree, 4096),
+            "cuMemFree waits for the device, then costs its time"
+        );
+
+        let page = VMM_GRANULARITY;
+        let base = sim.reserve_address(0, 4 * page).unwrap();
+        let (a, b) = (
+            sim.create_physical(0, page).unwrap(),
+            sim.create_physical(0, page).unwrap(),
+        );
+        let mut buf = vec![3u8; page];
+        let h = MemRef::Host {
+            ptr: NonNull::new(buf.as_mut_ptr()).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        let d = |off: usize| MemRef::Device {
+            device: 0,
+            ptr: base.offset(off),
+        };
+        let t0 = sim.host_time_ns();
+        // SAFETY: the pages lie in our reservation, the handles are fresh; every misuse
+        // below is refused by the sim before it touches memory.
+        unsafe {
+            sim.map(0, base, page, a).unwrap();
+            sim.map(0, base.offset(page), page, b).unwrap();
+            assert!(
+                sim.copy(d(0), h, 64, None).is_err(),
+                "no access set: a device access would fault"
+            );
+            assert!(
+                sim.set_access(0, base, page + page / 2, &[0]).is_err(),
+                "half a mapping"
+            );
+            assert!(
+                sim.set_access(0, base, 2 * page, &[1]).is_err(),
+                "owner left out"
+            );
+            sim.set_access(0, base, 2 * page, &[0, 1]).unwrap();
+            sim.copy(d(page - 32), h, 64, None).unwrap();
+        }
+        let st = sim.stats().driver;
+        assert_eq!(
+            (st.calls(DriverCall::Map), st.calls(DriverCall::SetAccess)),
+            (2, 1),
+            "one set-access for two mappings"
+        );
+        assert!(sim.host_time_ns() - t0 >= 2 * costs.ns(DriverCall::Map, page));
+        // A queued copy into page b: its unmap is refused until the copy is done.
+        let s2 = sim.create_stream(0).unwrap();
+        let reg = NonNull::new(buf.as_mut_ptr()).unwrap();
+        // SAFETY: `buf` outlives its registration; the copy lies in mapped pages.
+        unsafe {
+            sim.register_host(reg, page).unwrap();
+            let pinned = MemRef::Host {
+                ptr: reg,
+                kind: HostKind::Pinned,
+            };
+            sim.launch_kernel(s2, Duration::from_millis(1)).unwrap();
+            sim.copy(d(page), pinned, page, Some(s2)).unwrap();
+            let e = sim.unmap(0, base.offset(page), page).unwrap_err();
+            assert!(e.to_string().contains("still used"), "{e}");
+            sim.unmap(0, base, page).unwrap();
+            sim.synchronize_stream(s2).unwrap();
+            sim.unmap(0, base.offset(page), page).unwrap();
+            sim.unregister_host(reg, page).unwrap();
+            sim.release_physical(0, a).unwrap();
+            sim.release_physical(0, b).unwrap();
+            sim.free_address(0, base, 4 * page).unwrap();
+        }
+        let st = sim.stats().driver;
+        for (call, n) in [
+            (DriverCall::Create, 2),
+            (DriverCall::Release, 2),
+            (DriverCall::Unmap, 2),
+            (DriverCall::Reserve, 1),
+            (DriverCall::AddressFree, 1),
+            (DriverCall::MemAlloc, 1),
+            (DriverCall::MemFree, 1),
+        ] {
+            assert_eq!(st.calls(call), n, "{call}");
+        }
+        let (_, ns) = st.total();
+        assert!(
+            ns <= sim.host_time_ns(),
+            "every charged ns is on the host's clock"
+        );
     }
 }
