@@ -7,18 +7,21 @@
 //! `base + per_mib × MiB` of its kind, and is counted.
 //!
 //! The defaults take the higher figure of each published pair (until the H200 is
-//! measured: `scripts/device-check.sh` times them), and where only one size was timed,
-//! a per-MiB slope that makes larger calls cost more, never less:
+//! measured: `scripts/device-check.sh` times them). Where only 2 MiB was timed, the
+//! per-MiB slope is the H200's own for the driver doing the same work inside
+//! `cuMemAlloc` (60 ns per MiB from 4 KiB to 1 GiB: 47 → 107 µs) or `cuMemFree` (285 ns
+//! per MiB above its base), each call charged the whole slope, so that a larger call
+//! never costs less than the driver's own:
 //!
 //! | call | base | per MiB | source |
 //! |---|---|---|---|
 //! | `cuMemAlloc` | 100 µs | 7 ns | H200 cudaMalloc 31–100 µs; 107 µs at 1 GiB |
 //! | `cuMemFree` | 304 µs | 285 ns | H200 cudaFree 27–304 µs; 596 µs at 1 GiB |
-//! | `cuMemCreate` | 193 µs | 7 ns | kvcached, 2 MiB, A100 (7.6 µs on the other GPU); slope as cuMemAlloc |
+//! | `cuMemCreate` | 193 µs | 60 ns | kvcached, 2 MiB: A100 193 µs, the other GPU 7.6 µs |
 //! | `cuMemRelease` | 304 µs | 285 ns | never timed: taken as cuMemFree |
-//! | `cuMemMap` | 1.45 µs | 100 ns | kvcached, 2 MiB; slope a guess |
-//! | `cuMemSetAccess` | 36 µs | 500 ns | kvcached, 2 MiB; slope a guess |
-//! | `cuMemUnmap` | 25.6 µs | 500 ns | kvcached, 2 MiB; slope a guess |
+//! | `cuMemMap` | 1.45 µs | 60 ns | kvcached, 2 MiB |
+//! | `cuMemSetAccess` | 36 µs | 60 ns | kvcached, 2 MiB |
+//! | `cuMemUnmap` | 25.6 µs | 285 ns | kvcached, 2 MiB |
 //! | `cuMemAddressReserve` / `Free` | 19 µs | 0 | kvcached, 8 GiB; the free never timed |
 //! | `cuMemHostRegister` | 0 | 100 µs | H200 cudaHostRegister 102 ms per GiB (220 ms for 4 GiB) |
 //! | `cuMemHostUnregister` | 0 | 10 µs | never timed: a guess |
@@ -184,11 +187,11 @@ impl Default for DriverCosts {
         let mut c = DriverCosts::zero();
         c.set(DriverCall::MemAlloc, CallCost::new(us(100), 7));
         c.set(DriverCall::MemFree, CallCost::new(us(304), 285));
-        c.set(DriverCall::Create, CallCost::new(us(193), 7));
+        c.set(DriverCall::Create, CallCost::new(us(193), 60));
         c.set(DriverCall::Release, CallCost::new(us(304), 285));
-        c.set(DriverCall::Map, CallCost::new(ns(1_450), 100));
-        c.set(DriverCall::SetAccess, CallCost::new(us(36), 500));
-        c.set(DriverCall::Unmap, CallCost::new(ns(25_600), 500));
+        c.set(DriverCall::Map, CallCost::new(ns(1_450), 60));
+        c.set(DriverCall::SetAccess, CallCost::new(us(36), 60));
+        c.set(DriverCall::Unmap, CallCost::new(ns(25_600), 285));
         c.set(DriverCall::Reserve, CallCost::new(us(19), 0));
         c.set(DriverCall::AddressFree, CallCost::new(us(19), 0));
         c.set(DriverCall::HostRegister, CallCost::new(us(0), 100_000));
@@ -303,8 +306,8 @@ mod tests {
     fn costs_grow_with_size_and_defaults_match_the_figures() {
         let c = DriverCosts::default();
         // The figures the defaults come from, within a nanosecond of rounding.
-        assert_eq!(c.ns(DriverCall::Create, 2 << 20), 193_014);
-        assert_eq!(c.ns(DriverCall::SetAccess, 2 << 20), 37_000);
+        assert_eq!(c.ns(DriverCall::Create, 2 << 20), 193_120);
+        assert_eq!(c.ns(DriverCall::SetAccess, 2 << 20), 36_120);
         assert_eq!(c.ns(DriverCall::MemAlloc, 1 << 30), 107_168);
         assert_eq!(c.ns(DriverCall::MemFree, 1 << 30), 595_840);
         assert_eq!(c.ns(DriverCall::HostRegister, 1 << 30), 102_400_000);
