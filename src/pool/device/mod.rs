@@ -102,13 +102,16 @@ pub struct PoolConfig {
     /// The hysteresis band (a fraction): how far reserved memory may run ahead of the
     /// allocated peak before growth moves free chunks instead of making new ones.
     pub reserve_slack: f64,
-    /// The least a new chunk of the large pool maps (the small pool's chunks start at
-    /// the granularity and grow to this), in bytes.
+    /// The least a growth of the large pool maps (the small pool's start at the
+    /// granularity and grow to this), in bytes.
     pub min_chunk: usize,
     /// A new chunk is at least this fraction of what its pool holds already, so that a
     /// pool grows in a number of driver calls that grows with the logarithm of its size.
     pub chunk_fraction: f64,
-    /// The most a new chunk maps beyond what the allocation needs, in bytes.
+    /// The largest chunk (one driver allocation), in bytes: a growth larger than this is
+    /// made of several. Chunks of the granularity (2 MiB) let every free page move to
+    /// where it is needed, so a pool can use all of a tight budget; larger ones cost
+    /// fewer driver calls.
     pub max_chunk: usize,
     /// How far (a fraction of the most ever allocated) a new chunk may map ahead of what
     /// is allocated: the size rules above, capped so that reserved memory stays within
@@ -751,30 +754,39 @@ impl Shared {
                 st.spares[idx].append(&mut run);
                 return Err(Error::oom(Tier::Device(self.device), left, room));
             }
-            let want = left
+            let mut want = left
                 .max(target)
                 .min(extent - acc)
                 .min(room - room % gran)
                 .max(left);
-            let created = match PhysChunk::create(&self.backend, self.device, want) {
-                Err(Error::OutOfMemory { .. }) if want > left => {
-                    // The device is short of a speculative chunk: the exact need may fit.
-                    PhysChunk::create(&self.backend, self.device, left)
-                }
-                other => other,
-            };
-            match created {
-                Ok(c) => {
-                    st.hold(small, c.size());
-                    st.stats.num_device_alloc += 1;
-                    acc += c.size();
-                    run.push(c);
-                }
-                Err(e) => {
-                    st.spares[idx].append(&mut run);
-                    return Err(e);
+            // In pieces of at most `max_chunk` (each one driver allocation).
+            while acc < need {
+                let piece = want.min((self.max_chunk / gran).max(1) * gran);
+                let created = match PhysChunk::create(&self.backend, self.device, piece) {
+                    Err(Error::OutOfMemory { .. }) if want > need - acc => {
+                        // The device is short of a speculative chunk: the exact need may
+                        // fit.
+                        want = need - acc;
+                        continue;
+                    }
+                    other => other,
+                };
+                match created {
+                    Ok(c) => {
+                        st.hold(small, c.size());
+                        st.stats.num_device_alloc += 1;
+                        acc += c.size();
+                        want -= c.size();
+                        run.push(c);
+                    }
+                    Err(e) => {
+                        st.spares[idx].append(&mut run);
+                        return Err(e);
+                    }
                 }
             }
+            // Speculation left over (the device was short): nothing more to make.
+            let _ = want;
         }
         let off = (hole - base) as usize;
         let was_empty = st.region(seg).mapped_bytes() == 0;
