@@ -53,7 +53,11 @@ impl Streams {
     /// program that makes a stream per request would otherwise keep every one: the
     /// unused ones (`in_use` says which are not) are forgotten when their number
     /// doubles.
-    pub(crate) fn register(&mut self, stream: &Arc<OwnedStream>, in_use: impl FnOnce() -> FxHashSet<u64>) {
+    pub(crate) fn register(
+        &mut self,
+        stream: &Arc<OwnedStream>,
+        in_use: impl FnOnce() -> FxHashSet<u64>,
+    ) {
         if self.streams.contains_key(&stream.id()) {
             return;
         }
