@@ -5,8 +5,8 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6; default all) with the CUDA backend,
-#                                   logs under $OUT, prints a table last
+#                                   torch: issue 6, vmm: issue 14; default all) with the
+#                                   CUDA backend, logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
 #                           timeout_s=560); all groups take about 8 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
@@ -37,7 +37,7 @@ for line in sys.stdin:
   cargo build --release --examples --benches
   cargo build --release --lib
   cp target/release/examples/{info,replay,stream_file,stream_layers} target/release/libhetmem.so "$BIN/"
-  for b in alloc pool pinning; do
+  for b in alloc pool pinning vmm; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
   # The fake HIP runtime and fixtures the tests read, at the paths they expect.
@@ -49,7 +49,7 @@ for line in sys.stdin:
 run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
-  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(pool host stream torch)
+  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch)
   # No nvidia-smi: a rehearsal against the fake driver (LD_LIBRARY_PATH=target/fake-cuda).
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 ||
     echo "no nvidia-smi (rehearsal?)" >"$OUT/gpu.txt"
@@ -87,6 +87,20 @@ run() {
       local llama=(${STREAM_LLAMA:---shape llama --layers 8 --layer-mib 386 --budget-mib 1794})
       step stream-llama-belady "$BIN/stream_layers" "${llama[@]}" --passes 4 --json
       step stream-llama-static "$BIN/stream_layers" "${llama[@]}" --passes 4 --planner static --json ;;
+    vmm)
+      # Issue 14: what each VMM call costs on this card (the sim's defaults are other
+      # GPUs' figures), then every trace through hetmem's pool on CUDA beside PyTorch's
+      # own caching allocator replaying the same file, in this one session.
+      step bench-vmm "$BIN/bench-vmm" --bench
+      local t
+      for t in training ddp serving random; do
+        "$BIN/replay" --synthetic "$t" --backend sim --write-trace "$OUT/$t.csv" >/dev/null 2>&1
+      done
+      for t in llama training ddp serving random; do
+        local f="$OUT/$t.csv"; [ "$t" = llama ] && f="$BIN/shared/traces/llama_generate.csv"
+        step "replay14-$t-cuda" "$BIN/replay" --trace "$f" --backend cuda --json
+        step "replay14-$t-torch" python3 python/bench/replay_torch.py "$f" --json
+      done ;;
     torch)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
     *) echo "unknown group $g" >&2 ;;
@@ -99,6 +113,11 @@ run() {
   for k in stream-layers stream-layers-lru stream-layers-checksums stream-llama-belady stream-llama-static; do
     [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["device"], "moved/pass MiB", round(d["bytes_moved_per_pass"]/2**20), "optimum" if d["optimal_bytes_per_pass"] else "lower bound", round((d["optimal_bytes_per_pass"] or d.get("lower_bound_bytes_per_pass") or 0)/2**20), "pass ms", round(d["pass_ms"],2), "overlap", round(d["overlap_efficiency"],3), "GB/s", round(d["effective_gbps"],1), "link", round(d["link_gbps"],1), "fraction", round(d["fraction_of_link"],3), "mismatches", d["checksum_mismatches"], "host peak MiB", d["host_peak_bytes"]>>20)' "$k" 2>/dev/null
   done
+  for t in llama training ddp serving random; do
+    [ -f "$OUT/replay14-$t-cuda.log" ] && tail -n1 "$OUT/replay14-$t-cuda.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("hetmem ", sys.argv[1], "ratio", d["reserved_over_allocated"], "device allocs", d["num_device_alloc"], "alloc med/p99 ns", d["alloc_ns_median"], d["alloc_ns_p99"], "wall s", d["wall_s"])' "$t" 2>/dev/null
+    [ -f "$OUT/replay14-$t-torch.log" ] && tail -n1 "$OUT/replay14-$t-torch.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("pytorch", sys.argv[1], "ratio", d["reserved_over_requested"], "device allocs", d["num_device_alloc"], "alloc med/p99 ns", d["alloc_ns_median"], d["alloc_ns_p99"], "wall s", d["wall_s"])' "$t" 2>/dev/null
+  done
+  [ -f "$OUT/bench-vmm.log" ] && grep -E "^(2|20)MiB" "$OUT/bench-vmm.log"
   [ -f "$OUT/bench-alloc.log" ] && grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
   [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
   [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"

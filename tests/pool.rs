@@ -223,7 +223,11 @@ fn record_stream_orders_reuse_after_the_other_stream() {
         .unwrap(); // b uses it
     drop(blk);
     let again = p.alloc(MIB, &a).unwrap();
-    assert_eq!(again.ptr(), blk_addr, "the same block, reused on its stream");
+    assert_eq!(
+        again.ptr(),
+        blk_addr,
+        "the same block, reused on its stream"
+    );
     // The stream's own clock, not a kernel's start: the simulated device runs kernels
     // one at a time, so a kernel on `a` would start after b's anyway.
     assert!(

@@ -406,7 +406,7 @@ impl DevicePool {
                     segments: Vec::new(),
                     blocks: Blocks::default(),
                     uses: FxHashMap::default(),
-                    streams: Streams::new(backend, device),
+                    streams: Streams::new(),
                     stats: PoolStats::default(),
                     reserved: 0,
                     held: [0; 2],
