@@ -2136,8 +2136,8 @@ mod tests {
         ));
     }
 
-    /// Virtual memory management on a real GPU, the way `VmmRegion` uses it: one
-    /// physical allocation per page, mapped, written, read back, unmapped, released.
+    /// Virtual memory management on a real GPU: physical allocations mapped side by side,
+    /// made accessible with one call, written, read back, unmapped, released.
     #[test]
     #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
     fn gpu_vmm_round_trip() {
@@ -2180,8 +2180,8 @@ mod tests {
             for (i, &h) in handles.iter().enumerate() {
                 b.map(0, base.offset(i * page), page, h).unwrap();
             }
-            // Mapped memory is inaccessible until access is set: for device 0 and, in
-            // the same call, every device with a peer link to it.
+            // One access call for the three mappings: device 0 and, in the same call,
+            // every device with a peer link to it (one descriptor each).
             let peers: Vec<usize> = (0..b.devices().len())
                 .filter(|&d| d == 0 || b.can_access_peer(d, 0).unwrap())
                 .collect();
