@@ -129,12 +129,25 @@ def build_command(torch, out, source=SOURCE):
     return cmd
 
 
+def version_tag(torch):
+    """torch's version as it appears in the library's file name."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in torch.__version__)
+
+
 def build(torch):
     """The path of the hooks library for this torch, built now if not cached."""
+    tag = version_tag(torch)
     prebuilt = os.environ.get("HETMEM_TORCH_HOOKS_LIB")
     if prebuilt:
         if not os.path.isfile(prebuilt):
             raise HooksUnavailable(f"$HETMEM_TORCH_HOOKS_LIB={prebuilt} is not a file")
+        base = os.path.basename(prebuilt)
+        # Named by build() or scripts/device-check.sh: it must be this torch's.
+        if base.startswith("torch_hooks-") and not (
+                base.startswith(f"torch_hooks-{tag}-") or base == f"torch_hooks-{tag}.so"):
+            raise HooksUnavailable(
+                f"$HETMEM_TORCH_HOOKS_LIB={prebuilt} was built for another PyTorch than "
+                f"this one ({torch.__version__})")
         return prebuilt
     try:
         with open(SOURCE, "rb") as f:
@@ -143,7 +156,6 @@ def build(torch):
         raise HooksUnavailable(f"cannot read {SOURCE}: {e}") from e
     cmd = build_command(torch, "OUT")
     key = hashlib.sha256(src + "\0".join(cmd).encode() + str(VERSION).encode()).hexdigest()
-    tag = "".join(c if c.isalnum() or c in ".-" else "_" for c in torch.__version__)
     d = cache_dir()
     out = os.path.join(d, f"torch_hooks-{tag}-{key[:16]}.so")
     if os.path.isfile(out):

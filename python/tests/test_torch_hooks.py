@@ -245,6 +245,20 @@ class TestBuild(unittest.TestCase):
                 _torch_hooks.build(fake)
         self.assertIn("HETMEM_TORCH_HOOKS_LIB", str(cm.exception))
 
+        # A prebuilt library is taken only for the torch it was built for.
+        for name, ok in (("torch_hooks-2.10.0.so", False), ("torch_hooks-2.11.0_test.so", True),
+                         ("torch_hooks-2.11.0_test-0123abcd.so", True), ("mine.so", True)):
+            lib = os.path.join(self.root, name)
+            open(lib, "w").close()
+            with mock.patch.dict(os.environ, {"HETMEM_TORCH_HOOKS_LIB": lib}):
+                if ok:
+                    self.assertEqual(_torch_hooks.build(fake), lib)
+                else:
+                    with self.assertRaises(_torch_hooks.HooksUnavailable) as cm:
+                        _torch_hooks.build(fake)
+                    self.assertIn("another PyTorch", str(cm.exception))
+        self.assertEqual(len(self.calls()), 1)  # the failed build only
+
     def test_missing_headers_name_what_to_install(self):
         root = os.path.join(self.root, "a")
         fake, _ = fake_torch_tree(root, crt=False)
