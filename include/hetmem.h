@@ -435,7 +435,8 @@ void hetmem_torch_free(void* ptr, ssize_t size, int device, void* stream);
  * stream waits for an event, no host sync). The block's own stream, or a stream
  * recorded already, changes nothing; NULL is ignored. `stream` is as for
  * hetmem_torch_malloc, of the block's device.
- * Errors: FOREIGN_POINTER (in no live block: freed already, or not hetmem's),
+ * Errors: FOREIGN_POINTER (in no live block: freed already, or not hetmem's; PyTorch's
+ * hook ignores it, as PyTorch's allocator ignores memory it did not make),
  * UNKNOWN_DEVICE, INVALID_ARGUMENT (sim: not a stream of that device), DRIVER. */
 int hetmem_torch_record_stream(void* ptr, void* stream);
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from ctypes import c_char_p, c_int, c_size_t, c_uint32, c_void_p
 
+from . import _lib
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_hooks.cpp")
 # torch_hooks.cpp's kVersion: the layout of _Fns.
 VERSION = 1
@@ -39,6 +41,7 @@ class _Fns(ctypes.Structure):
     _fields_ = [
         ("size", c_uint32),
         ("version", c_uint32),
+        ("foreign_pointer", ctypes.c_int32),
         ("alloc_fn", c_void_p),
         ("record_stream", c_void_p),
         ("empty_cache", c_void_p),
@@ -210,6 +213,7 @@ def install(torch, lib, alloc_fn_name):
     fns = _Fns(
         size=ctypes.sizeof(_Fns),
         version=VERSION,
+        foreign_pointer=_lib.HETMEM_ERR_FOREIGN_POINTER,
         alloc_fn=_addr(lib, alloc_fn_name),
         record_stream=_addr(lib, "hetmem_torch_record_stream"),
         empty_cache=_addr(lib, "hetmem_torch_empty_cache"),

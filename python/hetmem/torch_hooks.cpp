@@ -30,6 +30,7 @@ using MallocFn = void*(size_t, int, cudaStream_t);
 struct Fns {
   uint32_t size;     // sizeof(Fns) on the caller's side
   uint32_t version;  // kVersion
+  int32_t foreign_pointer;  // HETMEM_ERR_FOREIGN_POINTER
   void* alloc_fn;    // the malloc PyTorch's allocator was made with, to recognise it
   int (*record_stream)(void* ptr, void* stream);
   int (*empty_cache)();
@@ -107,9 +108,14 @@ extern "C" __attribute__((visibility("default"))) int hetmem_torch_hooks_install
       }
     }
 
+    // PyTorch hands every tensor's pointer to the hook, hetmem's or not (from_blob,
+    // DLPack, hetmem.torch.offload's weights); its own allocator ignores memory it did
+    // not allocate, and so does this: no allocator can reuse it.
     p->set_record_stream_fn([f](void* ptr, cudaStream_t stream) {
-      check(f, f.record_stream(ptr, reinterpret_cast<void*>(stream)),
-            "hetmem_torch_record_stream failed");
+      int rc = f.record_stream(ptr, reinterpret_cast<void*>(stream));
+      if (rc != f.foreign_pointer) {
+        check(f, rc, "hetmem_torch_record_stream failed");
+      }
     });
     // emptyCache(mempool_id) calls this hook for every pool id; hetmem has one pool per
     // device, and gives back what it caches there.

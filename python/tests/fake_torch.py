@@ -343,7 +343,9 @@ class FakeHooksLibrary:
     the table of hetmem's entry points, checks that the current allocator is the
     pluggable one made with table.alloc_fn, and sets its hooks to call them through
     their addresses, raising RuntimeError(hetmem's last error) where one fails (as the
-    C++ hooks throw), except release, which PyTorch calls from destructors: it prints."""
+    C++ hooks throw), except release, which PyTorch calls from destructors (it prints),
+    and record_stream of memory that is not hetmem's (ignored, as PyTorch's own
+    allocator ignores memory it did not allocate)."""
 
     def __init__(self):
         self.release_messages = []
@@ -373,7 +375,12 @@ class FakeHooksLibrary:
             if release(device, *pool) != 0:
                 self.release_messages.append(last_error().decode())
 
-        a.record_stream_fn = lambda ptr, stream: check(record(ptr, stream), "record_stream")
+        def record_stream(ptr, stream):
+            rc = record(ptr, stream)
+            if rc != f.foreign_pointer:  # not hetmem's memory: ignored, as PyTorch does
+                check(rc, "record_stream")
+
+        a.record_stream_fn = record_stream
         a.reset_fn = lambda: check(empty(), "empty_cache")
         a.begin_allocate_to_pool_fn = lambda device, pool, filt: check(
             begin(device, *pool), "begin_allocate_to_pool")

@@ -7,13 +7,14 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAStream.h>
 
-extern "C" __attribute__((visibility("default"))) int probe_record_stream(void* ptr, char* err,
+extern "C" __attribute__((visibility("default"))) int probe_record_stream(void* ptr, void* stream,
+                                                                          char* err,
                                                                           size_t cap) noexcept {
   try {
     c10::DataPtr data(ptr, c10::Device(c10::DeviceType::CUDA, 0));
-    // The default stream: its handle is NULL, and reading it needs no GPU.
+    // An external stream's handle is its id: reading it back needs no GPU.
     c10::cuda::CUDACachingAllocator::recordStream(
-        data, c10::cuda::getStreamFromExternal(nullptr, 0));
+        data, c10::cuda::getStreamFromExternal(static_cast<cudaStream_t>(stream), 0));
     return 0;
   } catch (const std::exception& e) {
     std::snprintf(err, cap, "%s", e.what());

@@ -241,8 +241,9 @@ pub unsafe extern "C" fn hetmem_torch_free(
 /// ignored (PyTorch's empty tensors have no memory).
 ///
 /// Returns 0, or FOREIGN_POINTER (an address in no live block of hetmem_torch_malloc:
-/// never allocated there, or freed already), UNKNOWN_DEVICE, INVALID_ARGUMENT (a stream
-/// of another device, on the simulator).
+/// never allocated there, or freed already; PyTorch's hook ignores it, as PyTorch's own
+/// allocator ignores memory it did not make), UNKNOWN_DEVICE, INVALID_ARGUMENT (a
+/// stream of another device, on the simulator).
 ///
 /// # Safety
 /// `ptr` may be any value: it is only looked up. `stream` is as for
