@@ -40,6 +40,17 @@ for line in sys.stdin:
   for b in alloc pool pinning vmm; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
+  # hetmem.torch's C++ hooks, prebuilt for the GPU host's PyTorch (torch_check.py tries
+  # the host's own build first: it needs the CUDA runtime headers, which a pip-installed
+  # torch lacks, and the host has no network). Only where $HETMEM_TORCH_PYTHON names a
+  # Python with that same CUDA PyTorch (2.11.0+cu130 there) and its CUDA headers.
+  if [ -n "${HETMEM_TORCH_PYTHON:-}" ]; then
+    HETMEM_CACHE_DIR=$PWD/$BIN/torch-hooks-cache PYTHONPATH=$PWD/python "$HETMEM_TORCH_PYTHON" -c '
+import shutil, sys, torch
+from hetmem import _torch_hooks as h
+shutil.copy(h.build(torch), f"{sys.argv[1]}/torch_hooks-{h.version_tag(torch)}.so")' "$BIN"
+    rm -rf "$BIN/torch-hooks-cache"
+  fi
   # The fake HIP runtime and fixtures the tests read, at the paths they expect.
   mkdir -p "$BIN/shared/traces"; cp ../shared/traces/llama_generate.csv "$BIN/shared/traces/"
   strip "$BIN"/* 2>/dev/null || true
@@ -102,7 +113,9 @@ run() {
         step "replay14-$t-torch" python3 python/bench/replay_torch.py "$f" --json
       done ;;
     torch)
-      STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
+      local hooks; hooks=$(ls "$PWD/$BIN"/torch_hooks-*.so 2>/dev/null | head -n1)
+      STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python \
+        HETMEM_TORCH_HOOKS_PREBUILT=$hooks step torch-check python3 python/bench/torch_check.py ;;
     *) echo "unknown group $g" >&2 ;;
   esac; done
   echo; echo "== summary ($(cat "$OUT/gpu.txt"))"
