@@ -78,6 +78,10 @@ extern "C" {
 /* A parameter's bytes did not match its checksum (a store made with checksums): its
  * host copy changed since registration, or loads delivered other bytes twice. */
 #define HETMEM_ERR_CHECKSUM -14
+/* Not possible while a stream is capturing a graph (CUDA stream capture): a tier-store
+ * acquire of a parameter that is not resident, a copy with a host end, emptying the
+ * cache, ... (the message says what to do instead). */
+#define HETMEM_ERR_STREAM_CAPTURING -15
 /* A required pointer argument was NULL. */
 #define HETMEM_ERR_NULL_POINTER -20
 /* A handle that is not live: destroyed, released, of another kind, or made up. */

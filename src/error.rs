@@ -149,6 +149,15 @@ pub enum Error {
         found: u64,
     },
 
+    /// Not possible while a stream is capturing a graph (CUDA stream capture): the
+    /// driver would refuse the calls it needs and invalidate the capture, or the
+    /// capture would record work that has to happen now (a load the caller waits for).
+    #[error("not possible while a stream is capturing a graph: {what}")]
+    StreamCapturing {
+        /// What was refused, and what to do instead.
+        what: String,
+    },
+
     /// A sysfs or configuration file could not be read or parsed.
     #[error("cannot read {path}: {reason}")]
     Config {

@@ -80,6 +80,15 @@ impl Stream {
         self.inner.synchronize()
     }
 
+    /// Whether a graph capture (CUDA stream capture) is recording this stream's work
+    /// now: one driver call. While it is, synchronising the stream, or querying an
+    /// event recorded on it, fails and invalidates the capture; hetmem's pools and
+    /// tier store ask before such calls. A capture invalidated by an illegal call
+    /// still counts until it is ended.
+    pub fn is_capturing(&self) -> Result<bool> {
+        self.inner.is_capturing()
+    }
+
     /// Records an event at the current tail of the stream.
     pub fn record(&self) -> Result<Event> {
         Ok(Event {

@@ -115,6 +115,8 @@ impl CopyEnd for SubEnd<'_> {
 /// Copies `len` bytes from `src[src_offset..]` to `dst[dst_offset..]`: synchronously
 /// after every earlier copy that used either side, or queued on `stream` (ordered only
 /// after the stream's earlier work, as in CUDA; other streams are ordered with events).
+/// On a stream that is capturing a graph a copy between device memory is recorded into
+/// the graph and left unfenced (see the body), and one with a host end is refused.
 pub(crate) fn copy(
     dst: &dyn CopyEnd,
     dst_offset: usize,
@@ -146,6 +148,26 @@ pub(crate) fn copy(
     };
     if !Arc::ptr_eq(backend, st.backend()) {
         return Err(Error::ForeignHandle { what: "stream" });
+    }
+    if st.is_capturing()? {
+        // A graph capture records the copy; it runs at each replay, not now. A fence
+        // recorded here would be a captured event, which no one may query or wait for
+        // (and an owner that waited for it would fail, or pull its stream into the
+        // capture): none is left, so nothing keeps the memory alive for the replays.
+        // Host memory freed under a replay would be written by the device: refused.
+        if matches!(d, MemRef::Host { .. }) || matches!(s, MemRef::Host { .. }) {
+            return Err(Error::StreamCapturing {
+                what: "a copy to or from host memory on a capturing stream (replays would \
+                       use the host memory after hetmem let go of it): copy before or \
+                       after the capture"
+                    .into(),
+            });
+        }
+        // SAFETY: both ranges lie in live device memory (checked above) and do not
+        // overlap; the copy does not run before a replay, and device memory the graph
+        // outlives is the caller's to keep (a graph's private pool keeps its blocks):
+        // no host memory is touched.
+        return unsafe { backend.copy(d, s, len, Some(st.handle())) };
     }
     // The fence exists before the copy is queued, so that only recording it can fail
     // once the copy is in flight.

@@ -12,10 +12,11 @@
 //! * Unconditional under every feature (so also 13000 and later): `cuInit`,
 //!   `cuDeviceGet{,Count,Name,PCIBusId,Attribute}`, `cuDeviceTotalMem_v2`,
 //!   `cuDeviceCanAccessPeer`, `cuDevicePrimaryCtxRetain`, `cuDevicePrimaryCtxRelease_v2`,
-//!   `cuCtx{Get,Set}Current`, `cuCtxGetDevice`,
+//!   `cuCtx{Get,Set}Current`, `cuCtxGetDevice`, `cuCtxSynchronize`,
 //!   `cuGetErrorString`, `cuMemAlloc_v2`, `cuMemFree_v2`, `cuMemGetInfo_v2`,
 //!   `cuMemAllocManaged`, `cuMemHostRegister_v2`, `cuMemHostUnregister`,
 //!   `cuStreamCreate`, `cuStreamDestroy_v2`, `cuStreamSynchronize`, `cuStreamWaitEvent`,
+//!   `cuStreamIsCapturing` (not `cuStreamGetCaptureInfo*`: CUDA 13 removed `_v2`),
 //!   `cuEventCreate`, `cuEventDestroy_v2`, `cuEventRecord`, `cuEventSynchronize`,
 //!   `cuEventQuery`, `cuMemcpyAsync`, `cuMemcpyPeerAsync`.
 //! * Prefetch and advice come in two forms. `cuMemPrefetchAsync` / `cuMemAdvise` (a
@@ -250,6 +251,7 @@ driver_calls! {
     cuCtxGetCurrent(pctx: *mut CUcontext);
     cuCtxGetDevice(device: *mut CUdevice);
     cuCtxSetCurrent(ctx: CUcontext);
+    cuCtxSynchronize();
     cuDeviceCanAccessPeer(can_access: *mut c_int, dev: CUdevice, peer: CUdevice);
     cuDeviceGet(device: *mut CUdevice, ordinal: c_int);
     cuDeviceGetAttribute(pi: *mut c_int, attrib: CUdevice_attribute, dev: CUdevice);
@@ -288,6 +290,7 @@ driver_calls! {
     cuMemcpyPeerAsync(dst: CUdeviceptr, dst_ctx: CUcontext, src: CUdeviceptr, src_ctx: CUcontext, bytes: usize, stream: CUstream);
     cuStreamCreate(stream: *mut CUstream, flags: c_uint);
     cuStreamDestroy_v2(stream: CUstream);
+    cuStreamIsCapturing(stream: CUstream, status: *mut c_uint);
     cuStreamSynchronize(stream: CUstream);
     cuStreamWaitEvent(stream: CUstream, event: CUevent, flags: c_uint);
 }
@@ -317,6 +320,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
     "cuCtxGetDevice",
+    "cuCtxSynchronize",
     "cuMemGetInfo_v2",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
@@ -327,6 +331,7 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuStreamWaitEvent",
+    "cuStreamIsCapturing",
     "cuEventCreate",
     "cuEventDestroy_v2",
     "cuEventRecord",
@@ -1564,6 +1569,31 @@ impl Backend for CudaBackend {
             Status::NOT_READY => Ok(false),
             other => Err(driver_error("cuEventQuery", other)),
         }
+    }
+
+    /// # Safety
+    /// As [`Backend::is_capturing`]. `cuStreamIsCapturing` exists unchanged in every
+    /// driver from 10.0 to 13 (the capture-info calls do not: CUDA 13 removed
+    /// `cuStreamGetCaptureInfo_v2`).
+    unsafe fn is_capturing(&self, stream: StreamHandle) -> Result<bool> {
+        let device = self.stream_device(stream)?;
+        let _ctx = self.bind(device)?;
+        let mut status: c_uint = 0;
+        // SAFETY: the caller guarantees the stream is live and ours; `status` is a
+        // valid out-pointer (CUstreamCaptureStatus is a C enum, read as its u32).
+        check("cuStreamIsCapturing", unsafe {
+            drv::cuStreamIsCapturing(stream_ptr(stream), &mut status)
+        })?;
+        // CU_STREAM_CAPTURE_STATUS_NONE is 0; ACTIVE (1) and INVALIDATED (2) are both
+        // still in capture mode.
+        Ok(status != 0)
+    }
+
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        check_device(self, device)?;
+        let _ctx = self.bind(device)?;
+        // SAFETY: the device's primary context is current on this thread.
+        check("cuCtxSynchronize", unsafe { drv::cuCtxSynchronize() })
     }
 
     /// # Safety

@@ -295,6 +295,34 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `event` is live and from this backend.
     unsafe fn event_done(&self, event: EventHandle) -> Result<bool>;
 
+    /// Whether `stream` is capturing a graph (CUDA stream capture, HIP graphs): its work
+    /// is being recorded, not run. While it is, the driver refuses to synchronise it,
+    /// to query or synchronise an event recorded on it, and to make it wait for an
+    /// event recorded outside the capture, and each such call may invalidate the
+    /// capture; an event recorded on it joins any stream that waits for it into the
+    /// capture. So the layers above ask this before such calls, and never on a hot
+    /// path: it is a driver call. An invalidated capture still counts as capturing
+    /// (the stream stays in capture mode until it is ended). Backends without graphs
+    /// answer false.
+    ///
+    /// # Safety
+    /// `stream` is live and from this backend.
+    unsafe fn is_capturing(&self, stream: StreamHandle) -> Result<bool> {
+        let _ = stream;
+        Ok(false)
+    }
+
+    /// Blocks until everything queued on every stream of `device` is done (by anyone
+    /// in the process, on any stream: also work hetmem does not know about, such as
+    /// graph replays). Illegal while a stream of the device is capturing.
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        let _ = device;
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "device synchronisation",
+        })
+    }
+
     /// Copies `len` bytes from `src` to `dst`: on `stream` (ordered after the work
     /// already queued there) or, with `None`, synchronously.
     ///

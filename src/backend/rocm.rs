@@ -574,6 +574,28 @@ impl Backend for RocmBackend {
         self.check("hipStreamSynchronize", code)
     }
 
+    /// `hipStreamIsCapturing`: active and invalidated captures both count.
+    unsafe fn is_capturing(&self, stream: StreamHandle) -> Result<bool> {
+        let device = self.stream_device(stream)?;
+        self.set_device(device)?;
+        let mut status: hip::hipStreamCaptureStatus = hip::hipStreamCaptureStatusNone;
+        // SAFETY: the handle is in our maps, so it is a live stream of this runtime (as
+        // in synchronize_stream); `status` is a valid out-pointer.
+        let code = unsafe {
+            self.api()
+                .hipStreamIsCapturing(hip_stream(stream), &mut status)
+        };
+        self.check("hipStreamIsCapturing", code)?;
+        Ok(status != hip::hipStreamCaptureStatusNone)
+    }
+
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        self.set_device(device)?;
+        // SAFETY: no arguments; it waits for the current device, set above.
+        let code = unsafe { self.api().hipDeviceSynchronize() };
+        self.check("hipDeviceSynchronize", code)
+    }
+
     fn create_event(&self, device: usize) -> Result<EventHandle> {
         self.set_device(device)?;
         let mut event: hip::hipEvent_t = std::ptr::null_mut();

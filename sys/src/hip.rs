@@ -35,6 +35,12 @@ pub type hipMemcpyKind = c_int;
 pub type hipDeviceAttribute_t = c_int;
 /// Advice for managed memory (`hipMemoryAdvise`, a C enum).
 pub type hipMemoryAdvise = c_int;
+/// A stream's capture status (`hipStreamCaptureStatus`, a C enum).
+pub type hipStreamCaptureStatus = c_int;
+
+/// `hipStreamCaptureStatusNone`: the stream is not capturing (`Active` is 1,
+/// `Invalidated` 2: both still in capture mode).
+pub const hipStreamCaptureStatusNone: hipStreamCaptureStatus = 0;
 
 /// Success.
 pub const hipSuccess: hipError_t = 0;
@@ -264,6 +270,11 @@ hip_api! {
     fn hipStreamDestroy(stream: hipStream_t) -> hipError_t;
     /// `hipStreamSynchronize(stream)`.
     fn hipStreamSynchronize(stream: hipStream_t) -> hipError_t;
+    /// `hipStreamIsCapturing(stream, pCaptureStatus)`: whether a graph capture is
+    /// recording the stream's work.
+    fn hipStreamIsCapturing(stream: hipStream_t, status: *mut hipStreamCaptureStatus) -> hipError_t;
+    /// `hipDeviceSynchronize()`: waits for all work on the current device.
+    fn hipDeviceSynchronize() -> hipError_t;
     /// `hipEventCreateWithFlags(event, flags)` on the current device.
     fn hipEventCreateWithFlags(event: *mut hipEvent_t, flags: c_uint) -> hipError_t;
     /// `hipEventDestroy(event)`.
@@ -441,6 +452,7 @@ mod const_check {
         super::hipMemcpyKind => h::hipMemcpyKind,
         super::hipDeviceAttribute_t => h::hipDeviceAttribute_t,
         super::hipMemoryAdvise => h::hipMemoryAdvise,
+        super::hipStreamCaptureStatus => h::hipStreamCaptureStatus,
     }
 
     macro_rules! same_enum_value {
@@ -469,6 +481,7 @@ mod const_check {
         hipMemAdviseUnsetPreferredLocation => hipMemoryAdvise,
         hipMemAdviseSetAccessedBy => hipMemoryAdvise,
         hipMemAdviseUnsetAccessedBy => hipMemoryAdvise,
+        hipStreamCaptureStatusNone => hipStreamCaptureStatus,
     }
 
     macro_rules! same_define {

@@ -37,6 +37,9 @@
  *     REUSED: the next create of the same kind hands out the most recently destroyed
  *     handle value again, as real drivers may, so code that keys anything by a raw
  *     handle value is caught.
+ *   - No graphs: hipStreamIsCapturing answers hipStreamCaptureStatusNone for every
+ *     live stream (and the null stream). hipDeviceSynchronize runs the queues of the
+ *     current device's streams.
  *   - Host registrations are tracked; overlapping registration gives
  *     hipErrorHostMemoryAlreadyRegistered, unregistering an unknown pointer
  *     hipErrorHostMemoryNotRegistered. hipFree of an unknown pointer (or a double
@@ -612,6 +615,25 @@ EXPORT hipError_t hipStreamSynchronize(hipStream_t stream) {
     if (stream && !(s = find_object(stream, KIND_STREAM))) RETURN(hipErrorInvalidHandle);
     /* The null stream does not wait for non-blocking streams: nothing to run. */
     if (s) run_all(s);
+    RETURN(hipSuccess);
+}
+
+/* The fake records no graphs: no stream is ever capturing. */
+EXPORT hipError_t hipStreamIsCapturing(hipStream_t stream, int *status) {
+    ENTER("hipStreamIsCapturing");
+    if (!status) RETURN(hipErrorInvalidValue);
+    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    *status = 0; /* hipStreamCaptureStatusNone */
+    RETURN(hipSuccess);
+}
+
+/* Runs every queue of the current device's streams. */
+EXPORT hipError_t hipDeviceSynchronize(void) {
+    ENTER("hipDeviceSynchronize");
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *o = g_objects[i];
+        if (o->kind == KIND_STREAM && o->live && o->device == t_current) run_all(o);
+    }
     RETURN(hipSuccess);
 }
 

@@ -101,6 +101,13 @@ impl OwnedStream {
         unsafe { self.backend.synchronize_stream(self.handle) }
     }
 
+    /// Whether a graph capture is recording this stream's work ([`Backend::is_capturing`]:
+    /// a driver call).
+    pub(crate) fn is_capturing(&self) -> Result<bool> {
+        // SAFETY: the handle is live while `self` is, and came from this backend.
+        unsafe { self.backend.is_capturing(self.handle) }
+    }
+
     /// Records an event at the stream's tail (one kept from earlier use when there is
     /// one: no driver call to make it).
     pub(crate) fn record(&self) -> Result<OwnedEvent> {

@@ -21,6 +21,20 @@
 //!   work, as `cuMemFree` does, and unmapping pages that queued copies still use is
 //!   refused (on a GPU the copy would fault).
 //!
+//! - graph capture ([`SimBackend::begin_capture`], [`SimBackend::end_capture`]) as the
+//!   CUDA driver does it, strictly: work queued on a capturing stream (copies,
+//!   kernels) is recorded, not run (no bytes move, no time passes); an event recorded
+//!   there is a captured event; a stream not capturing that waits for a captured
+//!   event joins the capture ([`SimStats::capture_joins`]). Illegal calls fail with
+//!   the CUDA driver's codes ([`CAPTURE_UNSUPPORTED`] 900 and the others) and
+//!   invalidate the capture ([`SimStats::capture_violations`] counts them):
+//!   synchronising a capturing stream (or its device), querying or synchronising a
+//!   captured event, waiting from a capturing stream for an event recorded outside
+//!   the capture (905) or in another capture (902), and, while any capture is under
+//!   way, the calls that synchronise the device implicitly (freeing device memory,
+//!   releasing physical memory, unmapping, freeing address space: CUDA's global
+//!   capture mode).
+//!
 //! Work runs at enqueue, in host program order, which is always an order a GPU could
 //! have chosen; the clock then says when it would have happened. Overlap, bytes moved
 //! and stalls are exact and repeatable on a noisy machine. Defaults come from the H200
@@ -174,6 +188,13 @@ pub struct SimStats {
     pub kernels: u64,
     /// Driver calls made and the virtual time they cost, by kind.
     pub driver: DriverStats,
+    /// Calls refused because of a capture (each invalidated it), as a CUDA driver
+    /// refuses them.
+    pub capture_violations: u64,
+    /// Streams pulled into a capture by waiting for one of its events.
+    pub capture_joins: u64,
+    /// Copies and kernels recorded into a capture instead of run.
+    pub captured_work: u64,
 }
 
 /// Advice and residency of one managed allocation, for tests.
@@ -312,6 +333,8 @@ struct Engines {
 struct StreamState {
     device: usize,
     tail_ns: u64,
+    /// The capture recording this stream's work, if any.
+    capture: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -319,6 +342,17 @@ struct EventState {
     device: usize,
     /// `None` until recorded; an unrecorded event counts as passed, as in CUDA.
     time_ns: Option<u64>,
+    /// The capture it was last recorded in, if its last recording was captured.
+    captured: Option<u64>,
+}
+
+/// A capture under way ([`SimBackend::begin_capture`]).
+#[derive(Debug)]
+struct Capture {
+    /// The stream it began on (and must end on).
+    origin: u64,
+    /// An illegal call was made: ending it fails.
+    invalidated: bool,
 }
 
 #[derive(Debug)]
@@ -341,6 +375,9 @@ struct State {
     corrupt_h2d: u32,
     /// Device-to-host copies still to fail ([`SimBackend::fail_next_d2h_copies`]).
     fail_d2h: u32,
+    /// Captures under way, by id.
+    captures: HashMap<u64, Capture>,
+    next_capture: u64,
 }
 
 /// An address range reserved for virtual memory management, backed by a lazily
@@ -491,6 +528,8 @@ impl SimBackend {
                 physical: HashMap::new(),
                 corrupt_h2d: 0,
                 fail_d2h: 0,
+                captures: HashMap::new(),
+                next_capture: 1,
                 managed: BTreeMap::new(),
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
@@ -561,6 +600,14 @@ impl SimBackend {
         let mut st = self.lock();
         let device = stream_ref(&st, stream)?.device;
         let host = st.host_ns;
+        if stream_ref(&st, stream)?.capture.is_some() {
+            // Recorded into the graph, not run.
+            st.stats.captured_work += 1;
+            return Ok(Span {
+                start_ns: host,
+                end_ns: host,
+            });
+        }
         let s = stream_ref(&st, stream)?.tail_ns;
         let dur = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         let (start, end) = st.engines[device].compute.place(s.max(host), dur, host);
@@ -570,6 +617,67 @@ impl SimBackend {
             start_ns: start,
             end_ns: end,
         })
+    }
+
+    /// Begins capturing `stream`'s work into a graph (CUDA's `cuStreamBeginCapture`):
+    /// until [`SimBackend::end_capture`], work queued on it is recorded instead of run,
+    /// and the calls a capture forbids fail (module docs).
+    pub fn begin_capture(&self, stream: StreamHandle) -> Result<()> {
+        let mut st = self.lock();
+        if stream_ref(&st, stream)?.capture.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "sim stream {} is already capturing",
+                stream.0
+            )));
+        }
+        let id = st.next_capture;
+        st.next_capture += 1;
+        st.captures.insert(
+            id,
+            Capture {
+                origin: stream.0,
+                invalidated: false,
+            },
+        );
+        stream_mut(&mut st, stream)?.capture = Some(id);
+        Ok(())
+    }
+
+    /// Ends the capture that began on `stream` (CUDA's `cuStreamEndCapture`): every
+    /// stream it recorded (joined ones too) runs its work again. Fails with
+    /// [`CAPTURE_INVALIDATED`] when an illegal call invalidated it (it ends anyway),
+    /// [`CAPTURE_UNMATCHED`] on a stream of the capture that it did not begin on.
+    pub fn end_capture(&self, stream: StreamHandle) -> Result<()> {
+        let mut st = self.lock();
+        let Some(id) = stream_ref(&st, stream)?.capture else {
+            return Err(Error::InvalidArgument(format!(
+                "sim stream {} is not capturing",
+                stream.0
+            )));
+        };
+        if st.captures[&id].origin != stream.0 {
+            return Err(Error::Driver {
+                backend: BackendKind::Sim,
+                call: "end_capture",
+                code: CAPTURE_UNMATCHED,
+                message: "the capture did not begin on this stream".into(),
+            });
+        }
+        let c = st.captures.remove(&id).expect("a stream's capture exists");
+        for s in st.streams.values_mut() {
+            if s.capture == Some(id) {
+                s.capture = None;
+            }
+        }
+        if c.invalidated {
+            return Err(Error::Driver {
+                backend: BackendKind::Sim,
+                call: "end_capture",
+                code: CAPTURE_INVALIDATED,
+                message: "the capture was invalidated by an illegal call".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Virtual duration of a copy of `bytes` at `gbps`.
@@ -709,6 +817,58 @@ fn event_ref(st: &State, e: EventHandle) -> Result<&EventState> {
         .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", e.0)))
 }
 
+/// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`: not permitted while a stream is capturing.
+pub const CAPTURE_UNSUPPORTED: i32 = 900;
+/// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`: an earlier illegal call invalidated it.
+pub const CAPTURE_INVALIDATED: i32 = 901;
+/// `CUDA_ERROR_STREAM_CAPTURE_MERGE`: a wait would merge two captures.
+pub const CAPTURE_MERGE: i32 = 902;
+/// `CUDA_ERROR_STREAM_CAPTURE_UNMATCHED`: the capture did not begin on this stream.
+pub const CAPTURE_UNMATCHED: i32 = 903;
+/// `CUDA_ERROR_STREAM_CAPTURE_ISOLATION`: a wait would cross the capture's boundary
+/// (a capturing stream waiting for an event recorded outside the capture).
+pub const CAPTURE_ISOLATION: i32 = 905;
+/// `CUDA_ERROR_CAPTURED_EVENT`: not permitted on an event last recorded in a capture.
+pub const CAPTURED_EVENT: i32 = 907;
+
+/// Refuses an illegal call: invalidates `captures` and counts it.
+fn capture_violation(
+    st: &mut State,
+    captures: &[u64],
+    call: &'static str,
+    code: i32,
+    what: &str,
+) -> Error {
+    for c in captures {
+        if let Some(c) = st.captures.get_mut(c) {
+            c.invalidated = true;
+        }
+    }
+    st.stats.capture_violations += 1;
+    Error::Driver {
+        backend: BackendKind::Sim,
+        call,
+        code,
+        message: format!("{what} (the capture is invalidated)"),
+    }
+}
+
+/// Refuses a call that synchronises the device implicitly while any capture is under
+/// way (CUDA's global capture mode forbids them from every thread).
+fn refuse_during_capture(st: &mut State, call: &'static str) -> Result<()> {
+    if st.captures.is_empty() {
+        return Ok(());
+    }
+    let all: Vec<u64> = st.captures.keys().copied().collect();
+    Err(capture_violation(
+        st,
+        &all,
+        call,
+        CAPTURE_UNSUPPORTED,
+        "a call that synchronises the device, made while a stream is capturing",
+    ))
+}
+
 impl Backend for SimBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Sim
@@ -755,6 +915,7 @@ impl Backend for SimBackend {
     unsafe fn free_device(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         check_device(self, device)?;
         let mut st = self.lock();
+        refuse_during_capture(&mut st, "free_device")?;
         match st.device_allocs.get(&ptr.0) {
             Some(a) if device_of(ptr.0) == device && a.len == size => {
                 // cuMemFree waits for the device's queued work before it frees.
@@ -859,7 +1020,14 @@ impl Backend for SimBackend {
         let h = st.next_handle;
         st.next_handle += 1;
         let tail_ns = st.host_ns;
-        st.streams.insert(h, StreamState { device, tail_ns });
+        st.streams.insert(
+            h,
+            StreamState {
+                device,
+                tail_ns,
+                capture: None,
+            },
+        );
         Ok(StreamHandle(h))
     }
 
@@ -886,7 +1054,14 @@ impl Backend for SimBackend {
             let h = st.next_handle;
             st.next_handle += 1;
             let tail_ns = st.host_ns;
-            st.streams.insert(h, StreamState { device, tail_ns });
+            st.streams.insert(
+                h,
+                StreamState {
+                    device,
+                    tail_ns,
+                    capture: None,
+                },
+            );
             st.default_streams.insert(device, h);
             return Ok(StreamHandle(h));
         }
@@ -906,6 +1081,15 @@ impl Backend for SimBackend {
 
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        if let Some(c) = stream_ref(&st, stream)?.capture {
+            return Err(capture_violation(
+                &mut st,
+                &[c],
+                "synchronize_stream",
+                CAPTURE_UNSUPPORTED,
+                "synchronising a capturing stream",
+            ));
+        }
         let t = stream_ref(&st, stream)?.tail_ns;
         st.host_ns = st.host_ns.max(t);
         Ok(())
@@ -922,6 +1106,7 @@ impl Backend for SimBackend {
             EventState {
                 device,
                 time_ns: None,
+                captured: None,
             },
         );
         Ok(EventHandle(h))
@@ -940,7 +1125,7 @@ impl Backend for SimBackend {
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::EventRecord, 0);
         let s = stream_ref(&st, stream)?;
-        let (t, sdev) = (s.tail_ns.max(st.host_ns), s.device);
+        let (t, sdev, capture) = (s.tail_ns.max(st.host_ns), s.device, s.capture);
         let e = st
             .events
             .get_mut(&event.0)
@@ -951,14 +1136,57 @@ impl Backend for SimBackend {
                 e.device
             )));
         }
-        e.time_ns = Some(t);
+        // A recording in a capture is a node of the graph: it marks no time.
+        e.captured = capture;
+        if capture.is_none() {
+            e.time_ns = Some(t);
+        }
         Ok(())
     }
 
     unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::StreamWait, 0);
-        let t = event_ref(&st, event)?.time_ns.unwrap_or(0);
+        let e = event_ref(&st, event)?;
+        let (t, captured) = (e.time_ns.unwrap_or(0), e.captured);
+        let waiter = stream_ref(&st, stream)?.capture;
+        match (waiter, captured) {
+            (None, None) => {}
+            (Some(w), None) => {
+                return Err(capture_violation(
+                    &mut st,
+                    &[w],
+                    "stream_wait_event",
+                    CAPTURE_ISOLATION,
+                    "a capturing stream waiting for an event recorded outside the capture",
+                ))
+            }
+            (Some(w), Some(c)) if w == c => return Ok(()), // an edge of the graph
+            (Some(w), Some(c)) => {
+                return Err(capture_violation(
+                    &mut st,
+                    &[w, c],
+                    "stream_wait_event",
+                    CAPTURE_MERGE,
+                    "waiting for an event of another capture",
+                ))
+            }
+            (None, Some(c)) => {
+                if !st.captures.contains_key(&c) {
+                    return Err(capture_violation(
+                        &mut st,
+                        &[],
+                        "stream_wait_event",
+                        CAPTURED_EVENT,
+                        "waiting for an event last recorded in a capture that has ended",
+                    ));
+                }
+                // The waiter joins the capture, as a CUDA stream does (a fork).
+                st.stats.capture_joins += 1;
+                stream_mut(&mut st, stream)?.capture = Some(c);
+                return Ok(());
+            }
+        }
         let s = stream_mut(&mut st, stream)?;
         s.tail_ns = s.tail_ns.max(t);
         Ok(())
@@ -966,6 +1194,15 @@ impl Backend for SimBackend {
 
     unsafe fn synchronize_event(&self, event: EventHandle) -> Result<()> {
         let mut st = self.lock();
+        if let Some(c) = event_ref(&st, event)?.captured {
+            return Err(capture_violation(
+                &mut st,
+                &[c],
+                "synchronize_event",
+                CAPTURED_EVENT,
+                "synchronising an event recorded in a capture",
+            ));
+        }
         let t = event_ref(&st, event)?.time_ns.unwrap_or(0);
         st.host_ns = st.host_ns.max(t);
         Ok(())
@@ -974,7 +1211,43 @@ impl Backend for SimBackend {
     unsafe fn event_done(&self, event: EventHandle) -> Result<bool> {
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::EventQuery, 0);
+        if let Some(c) = event_ref(&st, event)?.captured {
+            return Err(capture_violation(
+                &mut st,
+                &[c],
+                "event_done",
+                CAPTURED_EVENT,
+                "querying an event recorded in a capture",
+            ));
+        }
         Ok(event_ref(&st, event)?.time_ns.unwrap_or(0) <= st.host_ns)
+    }
+
+    unsafe fn is_capturing(&self, stream: StreamHandle) -> Result<bool> {
+        // Not charged: the question is answered from the driver's host-side state.
+        Ok(stream_ref(&self.lock(), stream)?.capture.is_some())
+    }
+
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        check_device(self, device)?;
+        let mut st = self.lock();
+        let capturing: Vec<u64> = st
+            .streams
+            .values()
+            .filter(|s| s.device == device)
+            .filter_map(|s| s.capture)
+            .collect();
+        if !capturing.is_empty() {
+            return Err(capture_violation(
+                &mut st,
+                &capturing,
+                "synchronize_device",
+                CAPTURE_UNSUPPORTED,
+                "synchronising a device with a capturing stream",
+            ));
+        }
+        wait_device(&mut st, device);
+        Ok(())
     }
 
     unsafe fn copy(
@@ -1016,7 +1289,13 @@ impl Backend for SimBackend {
             (MemRef::Host { .. }, MemRef::Host { .. }) => (None, Engine::Compute, 0.0, true),
         };
         if let Some(sh) = stream {
-            check_copy_stream(&dst, &src, stream_ref(&st, sh)?.device)?;
+            let s = stream_ref(&st, sh)?;
+            check_copy_stream(&dst, &src, s.device)?;
+            if s.capture.is_some() {
+                // Recorded into the graph, not run: nothing moves now.
+                st.stats.captured_work += 1;
+                return Ok(());
+            }
         }
         if engine == Engine::D2H && st.fail_d2h > 0 {
             st.fail_d2h -= 1;
@@ -1192,6 +1471,7 @@ impl Backend for SimBackend {
 
     unsafe fn free_address(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         let mut st = self.lock();
+        refuse_during_capture(&mut st, "free_address")?;
         match st.reservations.get(&ptr.0) {
             Some(r) if r.device == device && r.size == size && r.mapped.is_empty() => {
                 charge(&self.cfg, &mut st, DriverCall::AddressFree, size);
@@ -1234,6 +1514,7 @@ impl Backend for SimBackend {
 
     unsafe fn release_physical(&self, device: usize, handle: PhysHandle) -> Result<()> {
         let mut st = self.lock();
+        refuse_during_capture(&mut st, "release_physical")?;
         match st.physical.get(&handle.0) {
             Some(p) if p.device == device && p.mapped_at.is_none() => {
                 let size = p.size;
@@ -1308,6 +1589,7 @@ impl Backend for SimBackend {
 
     unsafe fn unmap(&self, device: usize, ptr: DevicePtr, size: usize) -> Result<()> {
         let mut st = self.lock();
+        refuse_during_capture(&mut st, "unmap")?;
         let host = st.host_ns;
         let Some((&start, r)) = st.reservations.range_mut(..=ptr.0).next_back() else {
             return Err(bad_device_ptr(device, ptr));
