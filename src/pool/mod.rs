@@ -11,7 +11,7 @@ pub mod host;
 pub mod staging;
 mod stats;
 
-pub use device::{Budget, DevicePool, PoolBlock, PoolConfig};
+pub use device::{Budget, DevicePool, PoolBlock, PoolConfig, PrivatePoolId, PrivatePoolStats};
 pub use host::{
     size_class, HostBlock, HostPool, HostPoolConfig, HostPoolStats, HostTierStats, PinnedAllocator,
 };

@@ -84,19 +84,29 @@ impl Classes {
     }
 }
 
-/// Free mapped blocks by (small pool, owner), in size classes.
+/// (small pool, private pool tag, owner stream).
+type Key = (bool, u32, u64);
+
+/// Free mapped blocks by (small pool, private pool, owner), in size classes.
 #[derive(Debug, Default)]
 pub(crate) struct Bins {
-    owners: FxHashMap<(bool, u64), Classes>,
+    owners: FxHashMap<Key, Classes>,
     len: usize,
 }
 
 impl Bins {
     /// Adds a block; returns its place in its list (for [`Bins::remove`]).
-    pub(crate) fn insert(&mut self, small: bool, owner: u64, size: usize, addr: u64) -> u32 {
+    pub(crate) fn insert(
+        &mut self,
+        small: bool,
+        pool: u32,
+        owner: u64,
+        size: usize,
+        addr: u64,
+    ) -> u32 {
         let cl = self
             .owners
-            .entry((small, owner))
+            .entry((small, pool, owner))
             .or_insert_with(Classes::new);
         let c = class(size);
         let list = &mut cl.lists[c];
@@ -109,10 +119,17 @@ impl Bins {
 
     /// Removes the block at place `pos` of its list. Returns the block that moved into
     /// that place (its address), whose place the caller updates to `pos`.
-    pub(crate) fn remove(&mut self, small: bool, owner: u64, size: usize, pos: u32) -> Option<u64> {
+    pub(crate) fn remove(
+        &mut self,
+        small: bool,
+        pool: u32,
+        owner: u64,
+        size: usize,
+        pos: u32,
+    ) -> Option<u64> {
         let cl = self
             .owners
-            .get_mut(&(small, owner))
+            .get_mut(&(small, pool, owner))
             .expect("a free block's owner is indexed");
         let c = class(size);
         let list = &mut cl.lists[c];
@@ -123,52 +140,72 @@ impl Bins {
         let moved = list.get(pos as usize).map(|(_, a)| *a);
         cl.len -= 1;
         self.len -= 1;
-        if cl.len == 0 && owner != super::blocks::NO_STREAM {
-            // Streams come and go; nobody's entry stays.
-            self.owners.remove(&(small, owner));
+        if cl.len == 0 && (owner != super::blocks::NO_STREAM || pool != super::blocks::COMMON) {
+            // Streams and private pools come and go; the common pool's nobody stays.
+            self.owners.remove(&(small, pool, owner));
         }
         moved
     }
 
-    /// A free block of `owner`'s in the small or large pool that holds `size` bytes,
-    /// within a size class of the smallest that does: (size, address).
-    pub(crate) fn fit(&self, small: bool, owner: u64, size: usize) -> Option<(usize, u64)> {
-        self.owners.get(&(small, owner))?.fit(size)
+    /// A free block of `owner`'s in private pool `pool` (or the common one) of the small
+    /// or large pool that holds `size` bytes, within a size class of the smallest that
+    /// does: (size, address).
+    pub(crate) fn fit(
+        &self,
+        small: bool,
+        pool: u32,
+        owner: u64,
+        size: usize,
+    ) -> Option<(usize, u64)> {
+        self.owners.get(&(small, pool, owner))?.fit(size)
     }
 
     /// Whether the block at `addr` sits at place `pos` of its list (for checks).
     #[cfg(test)]
-    pub(crate) fn holds(&self, small: bool, owner: u64, size: usize, pos: u32, addr: u64) -> bool {
+    pub(crate) fn holds(
+        &self,
+        small: bool,
+        pool: u32,
+        owner: u64,
+        size: usize,
+        pos: u32,
+        addr: u64,
+    ) -> bool {
         self.owners
-            .get(&(small, owner))
+            .get(&(small, pool, owner))
             .and_then(|cl| cl.lists[class(size)].get(pos as usize))
             == Some(&(size, addr))
     }
 
-    /// Every free block: (small, owner, size, address).
-    pub(crate) fn iter(&self) -> impl Iterator<Item = (bool, u64, usize, u64)> + '_ {
-        self.owners.iter().flat_map(|(&(small, owner), cl)| {
+    /// Every free block: (small, private pool, owner, size, address).
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (bool, u32, u64, usize, u64)> + '_ {
+        self.owners.iter().flat_map(|(&(small, pool, owner), cl)| {
             cl.lists
                 .iter()
                 .flatten()
-                .map(move |&(size, addr)| (small, owner, size, addr))
+                .map(move |&(size, addr)| (small, pool, owner, size, addr))
         })
     }
 
     /// The free blocks of one owner in one pool: (size, address).
-    pub(crate) fn of(&self, small: bool, owner: u64) -> impl Iterator<Item = (usize, u64)> + '_ {
+    pub(crate) fn of(
+        &self,
+        small: bool,
+        pool: u32,
+        owner: u64,
+    ) -> impl Iterator<Item = (usize, u64)> + '_ {
         self.owners
-            .get(&(small, owner))
+            .get(&(small, pool, owner))
             .into_iter()
             .flat_map(|cl| cl.lists.iter().flatten().copied())
     }
 
-    /// The owners with free blocks.
+    /// The owners with free blocks (in any pool).
     pub(crate) fn owners(&self) -> impl Iterator<Item = u64> + '_ {
         self.owners
             .iter()
             .filter(|(_, cl)| cl.len > 0)
-            .map(|((_, o), _)| *o)
+            .map(|((_, _, o), _)| *o)
     }
 
     #[cfg(test)]
@@ -200,24 +237,25 @@ mod tests {
     #[test]
     fn fits_within_a_class_of_the_best_and_removes_in_place() {
         let mut b = Bins::default();
-        let p1 = b.insert(false, 1, 8 << 20, 0x1000);
-        let p2 = b.insert(false, 1, (8 << 20) + 4096, 0x2000);
-        let _ = b.insert(false, 1, 64 << 20, 0x3000);
+        let p1 = b.insert(false, 0, 1, 8 << 20, 0x1000);
+        let p2 = b.insert(false, 0, 1, (8 << 20) + 4096, 0x2000);
+        let _ = b.insert(false, 0, 1, 64 << 20, 0x3000);
         assert_eq!(
-            b.fit(false, 1, (8 << 20) + 1),
+            b.fit(false, 0, 1, (8 << 20) + 1),
             Some(((8 << 20) + 4096, 0x2000))
         );
-        assert_eq!(b.fit(false, 1, 8 << 20), Some((8 << 20, 0x1000)));
-        assert_eq!(b.fit(false, 1, 10 << 20), Some((64 << 20, 0x3000)));
-        assert_eq!(b.fit(false, 1, 65 << 20), None);
-        assert_eq!(b.fit(true, 1, 512), None, "the other pool");
-        assert_eq!(b.fit(false, 2, 512), None, "another owner");
+        assert_eq!(b.fit(false, 0, 1, 8 << 20), Some((8 << 20, 0x1000)));
+        assert_eq!(b.fit(false, 0, 1, 10 << 20), Some((64 << 20, 0x3000)));
+        assert_eq!(b.fit(false, 0, 1, 65 << 20), None);
+        assert_eq!(b.fit(true, 0, 1, 512), None, "the other pool");
+        assert_eq!(b.fit(false, 0, 2, 512), None, "another owner");
+        assert_eq!(b.fit(false, 3, 1, 512), None, "a private pool");
         // Removing the first moves the last of its list into its place.
-        assert_eq!(b.remove(false, 1, 8 << 20, p1), Some(0x2000));
-        assert!(b.holds(false, 1, (8 << 20) + 4096, p1, 0x2000));
+        assert_eq!(b.remove(false, 0, 1, 8 << 20, p1), Some(0x2000));
+        assert!(b.holds(false, 0, 1, (8 << 20) + 4096, p1, 0x2000));
         let _ = p2;
         assert_eq!(b.len(), 2);
         assert_eq!(b.owners().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(b.of(false, 1).count(), 2);
+        assert_eq!(b.of(false, 0, 1).count(), 2);
     }
 }

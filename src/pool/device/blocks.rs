@@ -14,6 +14,12 @@
 //!   blocks of the same owner (a block freed on one stream merged into memory no stream
 //!   used would make another stream that takes it wait for the first one's work), holes
 //!   with holes.
+//! - A block allocated for a **private pool** (a graph's: see the pool's docs) carries
+//!   its tag, and freed it stays that pool's: free in the pool's own sets, never parked,
+//!   merged only with blocks of the same pool, found only by allocations for that pool,
+//!   until [`Blocks::release_pool`] gives the pool's blocks to the common pool. An
+//!   allocation for a private pool may also take memory of the common pool that nobody
+//!   owns: that part becomes the pool's.
 
 #![deny(unsafe_code)]
 
@@ -27,6 +33,8 @@ use super::bins::Bins;
 pub const MIN_BLOCK: usize = 512;
 /// Owner of memory that no stream has used yet (or whose users are all done).
 pub(crate) const NO_STREAM: u64 = u64::MAX;
+/// The tag of blocks in no private pool.
+pub(crate) const COMMON: u32 = 0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BlockState {
@@ -49,8 +57,17 @@ pub(crate) struct Block {
     pub(crate) state: BlockState,
     /// Whether memory is mapped under it (always, in plain segments).
     pub(crate) mapped: bool,
+    /// The private pool it belongs to ([`COMMON`] for none); holes are always common.
+    pub(crate) pool: u32,
     /// A free mapped block's place in its list of the free index.
     pos: u32,
+}
+
+impl Block {
+    /// Memory of the common pool that no stream owns.
+    fn is_nobodys(&self) -> bool {
+        self.stream == NO_STREAM && self.pool == COMMON
+    }
 }
 
 /// A place to grow into: a hole, and the free mapped block just before it that the
@@ -121,6 +138,7 @@ impl Blocks {
                 stream: NO_STREAM,
                 state: BlockState::Free,
                 mapped,
+                pool: COMMON,
                 pos: 0,
             },
         );
@@ -143,7 +161,7 @@ impl Blocks {
         let b = self.blocks.get_mut(&addr).expect("known");
         debug_assert_eq!(b.state, BlockState::Free);
         if b.mapped {
-            b.pos = self.free.insert(b.small, b.stream, b.size, addr);
+            b.pos = self.free.insert(b.small, b.pool, b.stream, b.size, addr);
         } else {
             self.holes.insert((b.small, b.size, addr));
         }
@@ -152,7 +170,7 @@ impl Blocks {
     fn unindex(&mut self, addr: u64) {
         let b = self.blocks[&addr];
         if b.mapped {
-            if let Some(moved) = self.free.remove(b.small, b.stream, b.size, b.pos) {
+            if let Some(moved) = self.free.remove(b.small, b.pool, b.stream, b.size, b.pos) {
                 self.blocks
                     .get_mut(&moved)
                     .expect("indexed blocks are known")
@@ -163,22 +181,28 @@ impl Blocks {
         }
     }
 
-    /// A free mapped block of `owner`'s of at least `size` bytes in the small or large
-    /// pool, within a size class of the smallest: (size, address).
-    fn fit(&self, small: bool, owner: u64, size: usize) -> Option<(usize, u64)> {
-        self.free.fit(small, owner, size)
+    /// A free mapped block of `owner`'s in `pool` of at least `size` bytes in the small
+    /// or large pool, within a size class of the smallest: (size, address).
+    fn fit(&self, small: bool, pool: u32, owner: u64, size: usize) -> Option<(usize, u64)> {
+        self.free.fit(small, pool, owner, size)
     }
 
     /// The smallest free mapped block (within a size class) of at least `size` bytes
-    /// that `stream` can take without waiting for anyone: its own, or one nobody owns.
-    pub(crate) fn find_fit(&self, small: bool, stream: u64, size: usize) -> Option<u64> {
-        match (
-            self.fit(small, stream, size),
-            self.fit(small, NO_STREAM, size),
+    /// that `stream` can take for `pool` without waiting for anyone: its own in `pool`,
+    /// or one nobody owns there. For a private pool, when the pool has none, memory of
+    /// the common pool that nobody owns.
+    pub(crate) fn find_fit(&self, small: bool, pool: u32, stream: u64, size: usize) -> Option<u64> {
+        let best = match (
+            self.fit(small, pool, stream, size),
+            self.fit(small, pool, NO_STREAM, size),
         ) {
             (Some(a), Some(b)) => Some(a.min(b).1),
             (a, b) => a.or(b).map(|(_, a)| a),
+        };
+        if best.is_none() && pool != COMMON {
+            return self.fit(small, COMMON, NO_STREAM, size).map(|(_, a)| a);
         }
+        best
     }
 
     /// The smallest free mapped block of at least `size` bytes owned by one of `others`
@@ -192,7 +216,7 @@ impl Blocks {
     ) -> Option<u64> {
         others
             .filter(|s| *s != stream && *s != NO_STREAM)
-            .filter_map(|s| self.fit(small, s, size))
+            .filter_map(|s| self.fit(small, COMMON, s, size))
             .min()
             .map(|(_, a)| a)
     }
@@ -200,15 +224,16 @@ impl Blocks {
     /// The smallest run of a free block of `stream`'s with the free blocks nobody owns
     /// on either side of it that holds `size` bytes; returns the stream's block. (A
     /// stream's freed block and memory nobody owns do not merge on their own: another
-    /// stream taking the merged block would wait for this one's work.)
+    /// stream taking the merged block would wait for this one's work.) The common pool
+    /// only.
     pub(crate) fn find_merged_fit(&self, small: bool, stream: u64, size: usize) -> Option<u64> {
         let nobodys = |a: Option<u64>| {
             a.map(|a| &self.blocks[&a])
-                .filter(|b| b.state == BlockState::Free && b.mapped && b.stream == NO_STREAM)
+                .filter(|b| b.state == BlockState::Free && b.mapped && b.is_nobodys())
                 .map_or(0, |b| b.size)
         };
         self.free
-            .of(small, stream)
+            .of(small, COMMON, stream)
             .filter_map(|(bsize, addr)| {
                 let b = &self.blocks[&addr];
                 let total = bsize + nobodys(b.prev) + nobodys(b.next);
@@ -224,7 +249,7 @@ impl Blocks {
         let b = self.blocks[&addr];
         for n in [b.prev, b.next].into_iter().flatten() {
             let nb = self.blocks[&n];
-            if nb.state == BlockState::Free && nb.mapped && nb.stream == NO_STREAM {
+            if nb.state == BlockState::Free && nb.mapped && nb.is_nobodys() {
                 self.unindex(n);
                 self.blocks.get_mut(&n).expect("linked").stream = stream;
                 self.index(n);
@@ -235,8 +260,15 @@ impl Blocks {
     }
 
     /// The smallest hole (with the free mapped block before it, when that block is
-    /// `stream`'s or nobody's) that holds `size` bytes.
-    pub(crate) fn find_growth(&self, small: bool, stream: u64, size: usize) -> Option<Growth> {
+    /// `stream`'s or nobody's in `pool`, or nobody's in the common pool) that holds
+    /// `size` bytes.
+    pub(crate) fn find_growth(
+        &self,
+        small: bool,
+        pool: u32,
+        stream: u64,
+        size: usize,
+    ) -> Option<Growth> {
         let mut best: Option<(usize, Growth)> = None;
         for &(_, hole_size, hole) in self
             .holes
@@ -247,8 +279,9 @@ impl Blocks {
                 let pb = &self.blocks[&p];
                 (pb.state == BlockState::Free
                     && pb.mapped
-                    && (pb.stream == stream || pb.stream == NO_STREAM))
-                    .then_some((p, pb.size))
+                    && ((pb.pool == pool && (pb.stream == stream || pb.stream == NO_STREAM))
+                        || pb.is_nobodys()))
+                .then_some((p, pb.size))
             });
             let total = hole_size + prefix.map_or(0, |(_, s)| s);
             if total >= size && best.as_ref().is_none_or(|(t, _)| total < *t) {
@@ -267,9 +300,16 @@ impl Blocks {
     }
 
     /// Takes `rounded` bytes at the start of the free mapped block `addr` for `stream`
-    /// (splitting off the rest, which stays free with its owner). Returns the block's
-    /// owner before, for the hand-over between streams.
-    pub(crate) fn take(&mut self, addr: u64, rounded: usize, requested: usize, stream: u64) -> u64 {
+    /// and private pool `pool` (splitting off the rest, which stays free with its owner
+    /// and pool). Returns the block's owner before, for the hand-over between streams.
+    pub(crate) fn take(
+        &mut self,
+        addr: u64,
+        rounded: usize,
+        requested: usize,
+        stream: u64,
+        pool: u32,
+    ) -> u64 {
         self.unindex(addr);
         let b = self.blocks[&addr];
         debug_assert!(b.mapped && b.state == BlockState::Free && b.size >= rounded);
@@ -293,25 +333,33 @@ impl Blocks {
         bm.state = BlockState::Allocated;
         bm.stream = stream;
         bm.requested = requested;
+        bm.pool = pool;
         b.stream
     }
 
-    /// Undoes [`Blocks::take`] when the hand-over failed: free again, owned by `owner`.
-    pub(crate) fn untake(&mut self, addr: u64, owner: u64) {
+    /// Undoes [`Blocks::take`] when the hand-over failed: free again, owned by `owner`
+    /// in `pool` (as it was).
+    pub(crate) fn untake(&mut self, addr: u64, owner: u64, pool: u32) {
         let b = self.blocks.get_mut(&addr).expect("known");
         b.stream = owner;
+        b.pool = pool;
         self.coalesce(addr);
     }
 
     /// Frees the allocated block `addr`: parked for the next allocation of its size on
-    /// its stream. Returns it as it was (for the stats), or `None` if it was not an
-    /// allocated block.
+    /// its stream, or, in a private pool, free in that pool at once (parked blocks are
+    /// the common pool's fast path). Returns it as it was (for the stats), or `None` if
+    /// it was not an allocated block.
     pub(crate) fn park(&mut self, addr: u64) -> Option<Block> {
         let b = self.blocks.get_mut(&addr)?;
         if b.state != BlockState::Allocated {
             return None;
         }
         let was = *b;
+        if was.pool != COMMON {
+            self.coalesce(addr);
+            return Some(was);
+        }
         b.state = BlockState::Parked;
         self.parked
             .entry((was.stream, was.size))
@@ -352,9 +400,11 @@ impl Blocks {
         let mut b = self.blocks[&addr];
         b.state = BlockState::Free;
         b.requested = 0;
-        let (mapped, stream) = (b.mapped, b.stream);
+        let (mapped, stream, pool) = (b.mapped, b.stream, b.pool);
         let joins = |o: &Block| {
-            o.state == BlockState::Free && o.mapped == mapped && (!mapped || o.stream == stream)
+            o.state == BlockState::Free
+                && o.mapped == mapped
+                && (!mapped || (o.stream == stream && o.pool == pool))
         };
         let mut start = addr;
         while let Some(p) = b.prev {
@@ -416,8 +466,9 @@ impl Blocks {
     }
 
     /// Turns the first `len` bytes of the hole `hole` into free mapped memory owned by
-    /// `owner`, merged with its neighbours. Returns where the merged block starts.
-    pub(crate) fn fill_hole(&mut self, hole: u64, len: usize, owner: u64) -> u64 {
+    /// `owner` in `pool`, merged with its neighbours. Returns where the merged block
+    /// starts.
+    pub(crate) fn fill_hole(&mut self, hole: u64, len: usize, owner: u64, pool: u32) -> u64 {
         let b = self.blocks[&hole];
         debug_assert!(!b.mapped && b.state == BlockState::Free && len <= b.size);
         if len < b.size {
@@ -427,6 +478,7 @@ impl Blocks {
         let bm = self.blocks.get_mut(&hole).expect("known");
         bm.mapped = true;
         bm.stream = owner;
+        bm.pool = pool;
         self.coalesce(hole)
     }
 
@@ -434,7 +486,7 @@ impl Blocks {
     /// into a hole (its memory is being unmapped), merged with neighbouring holes.
     pub(crate) fn make_hole(&mut self, block: u64, start: u64, len: usize) {
         let b = self.blocks[&block];
-        debug_assert!(b.mapped && b.state == BlockState::Free);
+        debug_assert!(b.mapped && b.state == BlockState::Free && b.pool == COMMON);
         debug_assert!(start >= block && start + len as u64 <= block + b.size as u64);
         let mut at = block;
         if start > block {
@@ -452,13 +504,14 @@ impl Blocks {
     }
 
     /// Gives every free mapped block owned by one of `owners` (all owners when `None`)
-    /// to nobody, and merges them with their neighbours.
+    /// to nobody (of its pool: a private pool's block stays the pool's), and merges
+    /// them with their neighbours.
     pub(crate) fn disown(&mut self, owners: Option<&[u64]>) {
         let addrs: Vec<u64> = self
             .free
             .iter()
-            .filter(|k| k.1 != NO_STREAM && owners.is_none_or(|o| o.contains(&k.1)))
-            .map(|k| k.3)
+            .filter(|k| k.2 != NO_STREAM && owners.is_none_or(|o| o.contains(&k.2)))
+            .map(|k| k.4)
             .collect();
         for &a in &addrs {
             self.unindex(a);
@@ -489,20 +542,77 @@ impl Blocks {
         v
     }
 
-    /// Free mapped blocks of at least `min` bytes: (address, size, owner, segment).
+    /// Free mapped blocks of the common pool of at least `min` bytes: (address, size,
+    /// owner, segment). (A private pool's memory is never unmapped: its graphs replay
+    /// into it.)
     pub(crate) fn free_blocks(
         &self,
         min: usize,
     ) -> impl Iterator<Item = (u64, usize, u64, u32)> + '_ {
         self.free
             .iter()
-            .filter(move |k| k.2 >= min)
-            .map(|k| (k.3, k.2, k.1, self.blocks[&k.3].seg))
+            .filter(move |k| k.1 == COMMON && k.3 >= min)
+            .map(|k| (k.4, k.3, k.2, self.blocks[&k.4].seg))
     }
 
-    /// The largest free mapped block.
+    /// The largest free mapped block of the common pool.
     pub(crate) fn largest_free(&self) -> usize {
-        self.free.iter().map(|k| k.2).max().unwrap_or(0)
+        self.free
+            .iter()
+            .filter(|k| k.1 == COMMON)
+            .map(|k| k.3)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Gives every block of private pool `pool` to the common pool: free ones merge
+    /// with their common neighbours (keeping their owner stream), allocated ones go
+    /// back to the common pool when freed. Returns the bytes that were free in it.
+    pub(crate) fn release_pool(&mut self, pool: u32) -> usize {
+        debug_assert_ne!(pool, COMMON);
+        let members: Vec<(u64, BlockState)> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.pool == pool)
+            .map(|(a, b)| (*a, b.state))
+            .collect();
+        let mut free = Vec::new();
+        for (a, state) in members {
+            if state == BlockState::Free {
+                self.unindex(a);
+                free.push(a);
+            }
+            self.blocks.get_mut(&a).expect("listed").pool = COMMON;
+        }
+        let mut bytes = 0;
+        for &a in &free {
+            bytes += self.blocks[&a].size;
+            self.index(a);
+        }
+        for a in free {
+            // A neighbour merged in an earlier round is gone from under its address.
+            if self
+                .blocks
+                .get(&a)
+                .is_some_and(|b| b.state == BlockState::Free && b.mapped)
+            {
+                self.unindex(a);
+                self.coalesce(a);
+            }
+        }
+        bytes
+    }
+
+    /// Bytes of private pool `pool` allocated now and free in it: (allocated, free).
+    /// Parked-for-deferral blocks count as allocated. A scan of every block.
+    pub(crate) fn pool_bytes(&self, pool: u32) -> (usize, usize) {
+        self.blocks
+            .values()
+            .filter(|b| b.pool == pool)
+            .fold((0, 0), |(a, f), b| match b.state {
+                BlockState::Free => (a, f + b.size),
+                _ => (a + b.size, f),
+            })
     }
 
     /// The streams that own or are recorded on blocks (for forgetting the others).
@@ -526,17 +636,20 @@ impl Blocks {
                     return Err(format!("{a:#x}+{} and its next {n:#x} do not tile", b.size));
                 }
                 let both_free = b.state == BlockState::Free && nb.state == BlockState::Free;
-                if both_free && b.mapped == nb.mapped && (!b.mapped || b.stream == nb.stream) {
+                let alike = !b.mapped || (b.stream == nb.stream && b.pool == nb.pool);
+                if both_free && b.mapped == nb.mapped && alike {
                     return Err(format!("{a:#x} and {n:#x} should have merged"));
                 }
             }
             if b.state == BlockState::Free {
                 let indexed = if b.mapped {
                     n_free += 1;
-                    self.free.holds(b.small, b.stream, b.size, b.pos, a)
+                    self.free.holds(b.small, b.pool, b.stream, b.size, b.pos, a)
                 } else {
                     n_holes += 1;
-                    b.stream == NO_STREAM && self.holes.contains(&(b.small, b.size, a))
+                    b.stream == NO_STREAM
+                        && b.pool == COMMON
+                        && self.holes.contains(&(b.small, b.size, a))
                 };
                 if !indexed {
                     return Err(format!("free block {a:#x} is not indexed as it is: {b:?}"));
@@ -551,6 +664,11 @@ impl Blocks {
         let parked: usize = self.parked.values().map(Vec::len).sum();
         if parked != self.n_parked {
             return Err(format!("{parked} parked, counted {}", self.n_parked));
+        }
+        for a in self.parked.values().flatten() {
+            if self.blocks.get(a).is_none_or(|b| b.pool != COMMON) {
+                return Err(format!("{a:#x} is parked but not the common pool's"));
+            }
         }
         Ok(())
     }
@@ -572,15 +690,15 @@ mod tests {
     #[test]
     fn take_splits_and_frees_merge_back() {
         let mut b = region(true);
-        let a = b.find_fit(false, 1, 3 * MIB).unwrap();
-        assert_eq!(b.take(a, 3 * MIB, 3 * MIB - 7, 1), NO_STREAM);
-        let c = b.find_fit(false, 1, MIB).unwrap();
+        let a = b.find_fit(false, COMMON, 1, 3 * MIB).unwrap();
+        assert_eq!(b.take(a, 3 * MIB, 3 * MIB - 7, 1, COMMON), NO_STREAM);
+        let c = b.find_fit(false, COMMON, 1, MIB).unwrap();
         assert_eq!(
             c,
             BASE + 3 * MIB as u64,
             "best fit is the rest, after the first"
         );
-        b.take(c, MIB, MIB, 1);
+        b.take(c, MIB, MIB, 1, COMMON);
         b.check().unwrap();
         assert!(b.park(a).is_some());
         assert!(b.park(a).is_none(), "a double free is refused");
@@ -608,21 +726,21 @@ mod tests {
     #[test]
     fn another_streams_block_is_never_a_plain_fit() {
         let mut b = region(true);
-        let x = b.find_fit(false, 1, 8 * MIB).unwrap();
-        b.take(x, 8 * MIB, 8 * MIB, 1);
-        let y = b.find_fit(false, 2, 2 * MIB).unwrap();
-        b.take(y, 2 * MIB, 2 * MIB, 2);
+        let x = b.find_fit(false, COMMON, 1, 8 * MIB).unwrap();
+        b.take(x, 8 * MIB, 8 * MIB, 1, COMMON);
+        let y = b.find_fit(false, COMMON, 2, 2 * MIB).unwrap();
+        b.take(y, 2 * MIB, 2 * MIB, 2, COMMON);
         b.park(x);
         b.park(y);
         b.flush_parked();
         // Stream 3 fits in nobody's rest.
-        let z = b.find_fit(false, 3, MIB).unwrap();
+        let z = b.find_fit(false, COMMON, 3, MIB).unwrap();
         assert_eq!(b.get(z).unwrap().stream, NO_STREAM);
-        let owner = b.take(z, 54 * MIB, 54 * MIB, 3);
+        let owner = b.take(z, 54 * MIB, 54 * MIB, 3, COMMON);
         assert_eq!(owner, NO_STREAM);
         // Nothing of its own or nobody's is left: another stream's block is only found
         // when asked for, the smallest that fits.
-        assert_eq!(b.find_fit(false, 3, 2 * MIB), None);
+        assert_eq!(b.find_fit(false, COMMON, 3, 2 * MIB), None);
         let h = b
             .find_others_fit(false, 3, 2 * MIB, [1, 2, 3].into_iter())
             .unwrap();
@@ -632,34 +750,34 @@ mod tests {
             "2 MiB of stream 2, not 8 of 1"
         );
         // Stream 1's own block is its best fit even with nobody's memory about.
-        assert_eq!(b.find_fit(false, 1, 2 * MIB), Some(x));
+        assert_eq!(b.find_fit(false, COMMON, 1, 2 * MIB), Some(x));
         b.check().unwrap();
     }
 
     #[test]
     fn holes_grow_into_mapped_memory_and_back() {
         let mut b = region(false);
-        assert_eq!(b.find_fit(false, 1, MIB), None, "nothing mapped");
-        let g = b.find_growth(false, 1, 5 * MIB).unwrap();
+        assert_eq!(b.find_fit(false, COMMON, 1, MIB), None, "nothing mapped");
+        let g = b.find_growth(false, COMMON, 1, 5 * MIB).unwrap();
         assert_eq!(
             (g.hole, g.prefix, g.hole_needed(5 * MIB)),
             (BASE, None, 5 * MIB)
         );
         // Map 8 MiB (a chunk larger than the need), take 5 of it.
-        let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM);
-        b.take(at, 5 * MIB, 5 * MIB, 1);
+        let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM, COMMON);
+        b.take(at, 5 * MIB, 5 * MIB, 1, COMMON);
         b.check().unwrap();
         // 3 MiB mapped are left before the hole: a 10 MiB request uses them.
-        let g = b.find_growth(false, 1, 10 * MIB).unwrap();
+        let g = b.find_growth(false, COMMON, 1, 10 * MIB).unwrap();
         assert_eq!(g.prefix, Some((BASE + 5 * MIB as u64, 3 * MIB)));
         assert_eq!(g.hole_needed(10 * MIB), 7 * MIB);
-        let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM);
+        let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM, COMMON);
         assert_eq!(
             at,
             g.start(),
             "the new memory merged into the block before it"
         );
-        b.take(at, 10 * MIB, 10 * MIB, 1);
+        b.take(at, 10 * MIB, 10 * MIB, 1, COMMON);
         b.check().unwrap();
         // Free everything; unmap 16 MiB in the middle; a hole opens there.
         b.park(BASE);
@@ -671,7 +789,7 @@ mod tests {
         b.make_hole(BASE, BASE + 2 * MIB as u64, 12 * MIB);
         b.check().unwrap();
         assert_eq!(b.get(BASE).unwrap().size, 2 * MIB);
-        let g = b.find_growth(false, 1, 12 * MIB).unwrap();
+        let g = b.find_growth(false, COMMON, 1, 12 * MIB).unwrap();
         assert_eq!((g.hole, g.hole_size), (BASE + 2 * MIB as u64, 12 * MIB));
         // Unmapping the last 2 MiB joins the hole before it and the tail hole.
         b.make_hole(BASE + 14 * MIB as u64, BASE + 14 * MIB as u64, 2 * MIB);
@@ -682,29 +800,29 @@ mod tests {
     #[test]
     fn a_prefix_of_another_stream_is_not_used() {
         let mut b = region(false);
-        let at = b.fill_hole(BASE, 4 * MIB, NO_STREAM);
-        b.take(at, 2 * MIB, 2 * MIB, 1);
+        let at = b.fill_hole(BASE, 4 * MIB, NO_STREAM, COMMON);
+        b.take(at, 2 * MIB, 2 * MIB, 1, COMMON);
         let rest = BASE + 2 * MIB as u64;
         let rb = b.get(rest).unwrap();
         assert_eq!((rb.size, rb.stream), (2 * MIB, NO_STREAM));
         // Stream 2 takes nobody's 2 MiB, frees it: now stream 2's.
-        b.take(rest, 2 * MIB, 2 * MIB, 2);
+        b.take(rest, 2 * MIB, 2 * MIB, 2, COMMON);
         b.park(rest);
         b.flush_parked();
-        let g = b.find_growth(false, 3, 6 * MIB).unwrap();
+        let g = b.find_growth(false, COMMON, 3, 6 * MIB).unwrap();
         assert_eq!(
             g.prefix, None,
             "stream 2's block is not stream 3's to extend"
         );
-        let g = b.find_growth(false, 2, 6 * MIB).unwrap();
+        let g = b.find_growth(false, COMMON, 2, 6 * MIB).unwrap();
         assert_eq!(g.prefix, Some((rest, 2 * MIB)));
         // Filled for stream 2, the new memory joins its block.
-        let start = b.fill_hole(g.hole, 4 * MIB, 2);
+        let start = b.fill_hole(g.hole, 4 * MIB, 2, COMMON);
         assert_eq!((start, b.get(start).unwrap().size), (rest, 6 * MIB));
         b.check().unwrap();
-        let owner = b.take(start, 6 * MIB, 6 * MIB, 2);
+        let owner = b.take(start, 6 * MIB, 6 * MIB, 2, COMMON);
         assert_eq!(owner, 2);
-        b.untake(start, owner);
+        b.untake(start, owner, COMMON);
         b.check().unwrap();
     }
 
@@ -714,8 +832,8 @@ mod tests {
         let mut b = region(true);
         let mut addrs = Vec::new();
         for s in [1, 2, 1, 2] {
-            let a = b.find_fit(false, s, MIB).unwrap();
-            b.take(a, MIB, MIB, s);
+            let a = b.find_fit(false, COMMON, s, MIB).unwrap();
+            b.take(a, MIB, MIB, s, COMMON);
             addrs.push(a);
         }
         for a in addrs {
@@ -728,12 +846,83 @@ mod tests {
         assert_eq!(b.get(BASE).unwrap().size, 64 * MIB);
     }
 
+    /// A private pool's freed blocks are found only by allocations for that pool, are
+    /// never parked, and join the common pool when the pool is released.
+    #[test]
+    fn private_pool_blocks_stay_private_until_released() {
+        const P: u32 = 7;
+        let mut b = region(true);
+        // Stream 1 takes 4 MiB for pool P from memory nobody owns, then 1 MiB for the
+        // common pool after it.
+        let a = b.find_fit(false, P, 1, 4 * MIB).unwrap();
+        assert_eq!(b.take(a, 4 * MIB, 4 * MIB, 1, P), NO_STREAM);
+        let x = b.find_fit(false, COMMON, 1, MIB).unwrap();
+        b.take(x, MIB, MIB, 1, COMMON);
+        let kept = b.find_fit(false, COMMON, 2, 2 * MIB).unwrap();
+        b.take(kept, 2 * MIB, 2 * MIB, 2, P);
+        assert!(b.park(a).is_some());
+        assert_eq!(b.parked(), 0, "a private block is free in its pool at once");
+        b.check().unwrap();
+        // Neither the parked fast path nor any stream of the common pool finds it.
+        assert_eq!(b.unpark(1, 4 * MIB, 4 * MIB), None);
+        let c = b.find_fit(false, COMMON, 1, 4 * MIB).unwrap();
+        assert!(
+            c > x,
+            "{c:#x}: the common pool's rest, not the private block"
+        );
+        // Disowned (its stream done), it stays the pool's.
+        b.disown(None);
+        b.check().unwrap();
+        assert_ne!(b.find_fit(false, COMMON, 3, 4 * MIB), Some(a));
+        assert_eq!(b.find_fit(false, P, 1, 2 * MIB), Some(a));
+        assert_eq!(b.find_fit(false, P, 9, 2 * MIB), Some(a), "nobody's in P");
+        assert_eq!(b.pool_bytes(P), (2 * MIB, 4 * MIB));
+        assert_eq!(b.largest_free(), 57 * MIB, "the common pool's rest");
+        // Released: the free block is the common pool's and merges; the allocated one
+        // goes back to the common pool (parked) when freed.
+        assert_eq!(b.release_pool(P), 4 * MIB);
+        b.check().unwrap();
+        assert_eq!(b.pool_bytes(P), (0, 0));
+        assert_eq!(b.find_fit(false, COMMON, 3, 4 * MIB), Some(a));
+        b.park(kept).unwrap();
+        assert_eq!(b.parked(), 1);
+        b.park(x).unwrap();
+        b.flush_parked();
+        b.disown(None);
+        b.check().unwrap();
+        assert_eq!(b.get(BASE).unwrap().size, 64 * MIB, "all one block again");
+    }
+
+    /// An allocation for a private pool grows from a hole after its own free block or
+    /// memory nobody owns, never after another pool's or another stream's block.
+    #[test]
+    fn private_growth_extends_only_its_own_or_nobodys_memory() {
+        const P: u32 = 3;
+        let mut b = region(false);
+        let at = b.fill_hole(BASE, 4 * MIB, NO_STREAM, COMMON);
+        b.take(at, 2 * MIB, 2 * MIB, 1, P);
+        let rest = BASE + 2 * MIB as u64;
+        // Pool P's stream 1 frees its block: the hole after the common rest.
+        b.park(at).unwrap();
+        let g = b.find_growth(false, P, 1, 6 * MIB).unwrap();
+        assert_eq!(g.prefix, Some((rest, 2 * MIB)), "nobody's common memory");
+        b.take(rest, 2 * MIB, 2 * MIB, 5, COMMON);
+        b.park(rest).unwrap();
+        b.flush_parked();
+        assert_eq!(
+            b.find_growth(false, P, 1, 6 * MIB).unwrap().prefix,
+            None,
+            "stream 5's common block is not the pool's to extend"
+        );
+        b.check().unwrap();
+    }
+
     #[test]
     fn segments_come_and_go_whole() {
         let mut b = Blocks::default();
         b.add_segment(0, BASE, 2 * MIB, true, true);
-        let a = b.find_fit(true, 1, 4096).unwrap();
-        b.take(a, 4096, 4000, 1);
+        let a = b.find_fit(true, COMMON, 1, 4096).unwrap();
+        b.take(a, 4096, 4000, 1, COMMON);
         assert!(!b.remove_segment(BASE), "in use");
         b.park(a);
         b.flush_parked();

@@ -42,6 +42,23 @@
 //! - **Limits.** A budget caps reserved bytes (mapped chunks, chunks kept for remapping,
 //!   segments). The [`Error::OutOfMemory`] carries the request, the free bytes under the
 //!   budget, the reserved bytes and the largest free block.
+//! - **Graph capture.** A graph captured on a stream bakes in the addresses its work
+//!   used and replays into them until the graph is gone, and while a stream captures,
+//!   the driver refuses event queries and synchronisation that touch it (and each such
+//!   call invalidates the capture). So: between [`DevicePool::begin_allocate_to_pool`]
+//!   and [`DevicePool::end_allocate_to_pool`] the allocations whose stream the
+//!   caller's filter picks come from a **private pool**, whose blocks, freed, serve
+//!   only later allocations of the same pool, until [`DevicePool::release_pool`] gives
+//!   them to the common pool (after waiting for the device: replays may still run).
+//!   While any allocation is routed to a private pool the pool makes no event query,
+//!   no synchronisation and no unmapping at all (as PyTorch's allocator, whose
+//!   graph-pool semantics these are): idle streams are not reclaimed, memory is not
+//!   moved between streams or remapped, frees of blocks used on other streams
+//!   ([`PoolBlock::record_stream`]) wait until the capture ends, and a growth the
+//!   budget refuses fails at once. Outside such a window, every path that records on,
+//!   queries or synchronises a stream first asks the driver whether that stream is
+//!   capturing ([`Stream::is_capturing`], off the hot path) and leaves it alone if so;
+//!   memory is unmapped only while no stream the pool knows is capturing.
 
 mod bins;
 mod blocks;
@@ -63,7 +80,7 @@ use crate::error::{Error, Result};
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;
-use blocks::{BlockState, Blocks, Growth, NO_STREAM};
+use blocks::{BlockState, Blocks, Growth, COMMON, NO_STREAM};
 use streams::Streams;
 
 pub use blocks::MIN_BLOCK;
@@ -142,6 +159,53 @@ impl Default for PoolConfig {
     }
 }
 
+/// The id of a private pool ([`DevicePool::begin_allocate_to_pool`]): PyTorch's
+/// `MempoolId_t`, two numbers chosen by the caller (PyTorch's graph pools are `(n, 0)`,
+/// its user pools `(0, n)`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrivatePoolId(pub u64, pub u64);
+
+/// What a private pool holds ([`DevicePool::private_pool`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrivatePoolStats {
+    /// Begins not yet released (PyTorch's use count: graphs that share the pool).
+    pub uses: usize,
+    /// Whether allocations are routed to it now (between begin and end).
+    pub allocating: bool,
+    /// Bytes of its blocks that are allocated (freed blocks waiting for the end of a
+    /// capture count too).
+    pub allocated_bytes: usize,
+    /// Bytes of its blocks that are free: reused only by its own allocations.
+    pub free_bytes: usize,
+}
+
+/// Decides whether an allocation on a stream goes to a private pool: true for yes; an
+/// error fails the allocation.
+type StreamFilter = Box<dyn Fn(&Stream) -> Result<bool> + Send + Sync>;
+
+/// Allocations routed to a private pool between begin and end.
+struct Route {
+    id: PrivatePoolId,
+    tag: u32,
+    filter: StreamFilter,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("id", &self.id)
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A private pool: the tag its blocks carry, and its begins not yet released.
+#[derive(Debug)]
+struct Private {
+    tag: u32,
+    uses: usize,
+}
+
 /// A caching allocator for one device. Cheap to clone; clones share the pool.
 ///
 /// ```
@@ -210,6 +274,19 @@ struct PoolState {
     /// The most ever allocated: what the hysteresis band measures reserved memory
     /// against (the stats' peak is the user's to reset).
     alloc_high: usize,
+    /// Allocations routed to private pools now, in the order they began (the latest
+    /// begin that picks a stream wins). Not empty: a capture may be under way.
+    routes: Vec<Route>,
+    /// Private pools not yet released, by id.
+    private: FxHashMap<PrivatePoolId, Private>,
+    next_tag: u32,
+    /// Blocks freed while a capture was under way whose other streams' uses could not
+    /// be ordered yet (no event may be recorded then): kept allocated until no capture
+    /// is under way.
+    deferred: Vec<u64>,
+    /// Released private pools whose blocks join the common pool once the device can be
+    /// synchronised (no capture under way).
+    releasing: Vec<u32>,
 }
 
 /// Device memory from a [`DevicePool`]; given back to the pool on drop.
@@ -412,6 +489,11 @@ impl DevicePool {
                     held: [0; 2],
                     spares: [Vec::new(), Vec::new()],
                     alloc_high: 0,
+                    routes: Vec::new(),
+                    private: FxHashMap::default(),
+                    next_tag: COMMON + 1,
+                    deferred: Vec::new(),
+                    releasing: Vec::new(),
                 }),
             }),
         })
@@ -449,22 +531,199 @@ impl DevicePool {
         let rounded = size.next_multiple_of(MIN_BLOCK);
         let key = stream.inner.id();
         let mut st = sh.lock();
-        // Hot path: a parked block of this size freed on this stream.
-        if let Some(addr) = st.blocks.unpark(key, rounded, size) {
-            st.count_alloc(rounded, size);
-            drop(st);
-            return Ok(sh.block(addr, size));
+        let pool = if st.routes.is_empty() {
+            COMMON
+        } else {
+            st.route(stream)?
+        };
+        // Hot path: a parked block of this size freed on this stream (parked blocks are
+        // the common pool's).
+        if pool == COMMON {
+            if let Some(addr) = st.blocks.unpark(key, rounded, size) {
+                st.count_alloc(rounded, size);
+                drop(st);
+                return Ok(sh.block(addr, size));
+            }
         }
-        let addr = sh.alloc_slow(&mut st, size, rounded, stream)?;
+        let addr = sh.alloc_slow(&mut st, size, rounded, stream, pool)?;
         drop(st);
         Ok(sh.block(addr, size))
     }
 
+    /// From now on, allocations on the streams that `filter` picks come from private
+    /// pool `id` (made on first use), until [`DevicePool::end_allocate_to_pool`]: for
+    /// CUDA graph capture (PyTorch's `beginAllocateToPool`). Blocks of a private pool,
+    /// freed, serve only later allocations of the same pool, on their stream, until
+    /// the pool is released: the graph replays into their addresses. The pool may
+    /// also take cached memory no stream owns (it becomes the pool's) and map new
+    /// memory; it never takes another stream's memory, synchronises, queries events or
+    /// unmaps while any pool is being allocated to (see the module docs).
+    ///
+    /// Each begin counts a use of the pool (graphs may share one: begin again with the
+    /// same id); [`DevicePool::release_pool`] undoes one. `filter` runs on every
+    /// allocation of the pool's device while any pool is being allocated to (newest
+    /// begin first), under the pool's lock: it must not call into this pool. Begin
+    /// before the capture starts (as PyTorch does), so that no allocation of the
+    /// capture reaches the common pool.
+    ///
+    /// ```
+    /// use hetmem::{BackendKind, Manager};
+    /// use hetmem::pool::{PoolConfig, PrivatePoolId};
+    /// let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
+    /// let sim = mgr.sim().unwrap();
+    /// let pool = mgr.device_pool(0, PoolConfig::default())?;
+    /// let (capture, other) = (mgr.create_stream(0)?, mgr.create_stream(0)?);
+    /// let graph = PrivatePoolId(1, 0);
+    /// let handle = capture.handle();
+    /// pool.begin_allocate_to_pool(graph, move |s| s.handle() == handle)?;
+    /// sim.begin_capture(capture.handle())?;
+    /// let scratch = pool.alloc(1 << 20, &capture)?;        // the graph's
+    /// let addr = scratch.ptr();
+    /// drop(scratch);                                       // still the graph's
+    /// sim.end_capture(capture.handle())?;
+    /// pool.end_allocate_to_pool(graph)?;
+    /// let b = pool.alloc(1 << 20, &other)?;                 // never the graph's memory
+    /// assert_ne!(b.ptr(), addr);
+    /// pool.release_pool(graph)?;                           // the graph is gone
+    /// assert!(pool.private_pool(graph).is_none());
+    /// # Ok::<(), hetmem::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when allocations already go to `id`.
+    pub fn begin_allocate_to_pool(
+        &self,
+        id: PrivatePoolId,
+        filter: impl Fn(&Stream) -> bool + Send + Sync + 'static,
+    ) -> Result<()> {
+        self.begin_allocate_to_pool_with(id, Box::new(move |s| Ok(filter(s))))
+    }
+
+    /// [`DevicePool::begin_allocate_to_pool`] with a filter that may fail (the C ABI's:
+    /// an allocation whose filter fails fails).
+    pub(crate) fn begin_allocate_to_pool_with(
+        &self,
+        id: PrivatePoolId,
+        filter: StreamFilter,
+    ) -> Result<()> {
+        let mut st = self.shared.lock();
+        if st.routes.iter().any(|r| r.id == id) {
+            return Err(Error::InvalidArgument(format!(
+                "allocations already go to private pool {id:?}"
+            )));
+        }
+        let tag = match st.private.get_mut(&id) {
+            Some(p) => {
+                p.uses += 1;
+                p.tag
+            }
+            None => {
+                let tag = st.next_tag;
+                st.next_tag += 1;
+                st.private.insert(id, Private { tag, uses: 1 });
+                tag
+            }
+        };
+        st.routes.push(Route { id, tag, filter });
+        tracing::debug!(target: "hetmem", device = self.shared.device, ?id, tag, "allocating to a private pool");
+        Ok(())
+    }
+
+    /// Ends the routing that [`DevicePool::begin_allocate_to_pool`] began (PyTorch's
+    /// `endAllocateToPool`, after the capture ended). The pool's memory stays its own
+    /// until released. Once no pool is being allocated to, frees that waited for the
+    /// end of a capture go ahead, and released pools join the common pool.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when allocations do not go to `id`. Errors of the
+    /// deferred work (ordering frees, synchronising for a release).
+    pub fn end_allocate_to_pool(&self, id: PrivatePoolId) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let Some(i) = st.routes.iter().position(|r| r.id == id) else {
+            return Err(Error::InvalidArgument(format!(
+                "allocations do not go to private pool {id:?}"
+            )));
+        };
+        let route = st.routes.remove(i);
+        if st.routes.is_empty() {
+            sh.settle(&mut st)?;
+        }
+        drop(st);
+        // The filter (the caller's context) is let go of outside the lock.
+        drop(route);
+        Ok(())
+    }
+
+    /// Undoes one begin of private pool `id` (PyTorch's `releasePool`, when a graph
+    /// that used it is reset or destroyed). When none is left, the pool's blocks go to
+    /// the common pool: its free ones at once, its allocated ones when freed. Before
+    /// that the device is synchronised, since replays of its graphs may still run on
+    /// any stream (every stream the pool knows, where the backend cannot synchronise a
+    /// device); while a capture is under way that waits until none is.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a pool that does not exist or is still being
+    /// allocated to. Errors of synchronising the device.
+    pub fn release_pool(&self, id: PrivatePoolId) -> Result<()> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        if st.routes.iter().any(|r| r.id == id) {
+            return Err(Error::InvalidArgument(format!(
+                "private pool {id:?} is still being allocated to: end it first"
+            )));
+        }
+        let Some(p) = st.private.get_mut(&id) else {
+            return Err(Error::InvalidArgument(format!(
+                "no private pool {id:?} on device {}",
+                sh.device
+            )));
+        };
+        p.uses -= 1;
+        if p.uses > 0 {
+            return Ok(());
+        }
+        let tag = p.tag;
+        st.private.remove(&id);
+        st.releasing.push(tag);
+        tracing::debug!(target: "hetmem", device = sh.device, ?id, tag, "private pool released");
+        if st.routes.is_empty() {
+            sh.settle(&mut st)?;
+        }
+        Ok(())
+    }
+
+    /// What private pool `id` holds, or `None` when there is no such pool (never made,
+    /// or released). Scans every block: for tests and reports, not hot paths.
+    pub fn private_pool(&self, id: PrivatePoolId) -> Option<PrivatePoolStats> {
+        let st = self.shared.lock();
+        let p = st.private.get(&id)?;
+        let (allocated_bytes, free_bytes) = st.blocks.pool_bytes(p.tag);
+        Some(PrivatePoolStats {
+            uses: p.uses,
+            allocating: st.routes.iter().any(|r| r.id == id),
+            allocated_bytes,
+            free_bytes,
+        })
+    }
+
     /// Gives back every chunk or segment that no block uses (after synchronising the
     /// streams that used them). Returns the bytes released.
+    ///
+    /// # Errors
+    /// [`Error::StreamCapturing`] while a private pool is being allocated to: giving
+    /// memory back synchronises streams and the device, which a capture forbids.
     pub fn trim(&self) -> Result<usize> {
         let sh = &self.shared;
         let mut st = sh.lock();
+        if !st.routes.is_empty() {
+            return Err(Error::StreamCapturing {
+                what: "giving cached memory back (trim, empty_cache) while allocations go to \
+                       a private pool: end the capture first"
+                    .into(),
+            });
+        }
+        sh.settle(&mut st)?;
         let before = st.reserved;
         sh.release_cached(&mut st, true)?;
         let in_use = st.streams_in_use();
@@ -528,18 +787,16 @@ impl Shared {
             return;
         }
         st.count_free(b.size, b.requested);
-        if !st.uses.is_empty() {
-            if let Some(others) = st.uses.remove(&addr) {
-                let ordered = others
-                    .iter()
-                    .try_for_each(|o| st.streams.order_ids(b.stream, *o));
-                if let Err(e) = ordered {
-                    // The block cannot be proven free of other streams' work: keep it
-                    // out of circulation rather than risk handing it out.
-                    tracing::error!(target: "hetmem", addr, error = %e,
-                        "ordering a multi-stream block failed; leaking it");
-                    return;
-                }
+        if !st.uses.is_empty() && st.uses.contains_key(&addr) {
+            if !st.routes.is_empty() || st.touches_capture(addr, b.stream) {
+                // No event may be recorded on a capturing stream (nor, conservatively,
+                // anywhere while a capture may be under way): the block waits,
+                // allocated, until no capture is.
+                st.deferred.push(addr);
+                return;
+            }
+            if !st.order_uses(addr, b.stream) {
+                return;
             }
         }
         st.blocks.park(addr);
@@ -554,6 +811,7 @@ impl Shared {
         size: usize,
         rounded: usize,
         stream: &Stream,
+        pool: u32,
     ) -> Result<u64> {
         if rounded > self.budget {
             // Never fits: say so before reserving address space or releasing the cache.
@@ -563,35 +821,63 @@ impl Shared {
         let key = stream.inner.id();
         st.register_stream(stream);
         let small = rounded <= SMALL_SIZE;
+        // While allocations go to a private pool a capture may be under way: no event
+        // queries, no synchronisation, no unmapping (module docs).
+        let capture = !st.routes.is_empty();
+        let pending = !st.deferred.is_empty() || !st.releasing.is_empty();
+        if !capture && pending {
+            if let Err(e) = self.settle(st) {
+                // Left for a later try; this allocation does not need it.
+                tracing::warn!(target: "hetmem", error = %e, "settling after a capture failed");
+            }
+        }
         // Mapped free memory first: no driver call. The parked blocks stay ready for the
         // sizes they were freed at unless nothing else fits.
-        if let Some(a) = st.blocks.find_fit(small, key, rounded) {
-            return self.take(st, a, rounded, size, stream);
+        if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
+            return self.take(st, a, rounded, size, stream, pool);
         }
         st.blocks.flush_parked();
-        // Before growing or queueing behind a busy stream: the free blocks of streams
-        // with nothing left to run (this one's included) are anyone's, and merge.
-        reclaim_idle(st);
-        if let Some(a) = st.blocks.find_fit(small, key, rounded) {
-            return self.take(st, a, rounded, size, stream);
+        if !capture {
+            // Before growing or queueing behind a busy stream: the free blocks of
+            // streams with nothing left to run (this one's included) are anyone's,
+            // and merge.
+            reclaim_idle(st);
+            if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
+                return self.take(st, a, rounded, size, stream, pool);
+            }
         }
         // This stream's free block with free memory nobody owns beside it.
-        if let Some(a) = st.blocks.find_merged_fit(small, key, rounded) {
-            let a = st.blocks.adopt_neighbours(a, key);
-            return self.take(st, a, rounded, size, stream);
+        if pool == COMMON {
+            if let Some(a) = st.blocks.find_merged_fit(small, key, rounded) {
+                let a = st.blocks.adopt_neighbours(a, key);
+                return self.take(st, a, rounded, size, stream, pool);
+            }
         }
         let mut pressure = false;
         loop {
-            match self.grow(st, small, rounded, size, stream, pressure) {
+            match self.grow(st, small, rounded, size, stream, pool, pressure) {
                 Ok(addr) => return Ok(addr),
-                Err(Error::OutOfMemory { .. }) if !pressure => {
+                Err(e @ Error::OutOfMemory { .. }) if !pressure => {
                     // No room to grow: another stream's free block, behind an event
                     // (the device waits for that stream's work, the host does not).
-                    if let Some(a) =
-                        st.blocks
-                            .find_others_fit(small, key, rounded, st.streams.ids())
-                    {
-                        return self.take(st, a, rounded, size, stream);
+                    // Neither side may be capturing: the event would join the taker
+                    // into the capture, or the wait would cross its boundary.
+                    if pool == COMMON && !capture && !st.streams.capturing(key) {
+                        let others: Vec<u64> = st
+                            .streams
+                            .ids()
+                            .filter(|&o| o != key && !st.streams.capturing(o))
+                            .collect();
+                        if let Some(a) =
+                            st.blocks
+                                .find_others_fit(small, key, rounded, others.into_iter())
+                        {
+                            return self.take(st, a, rounded, size, stream, pool);
+                        }
+                    }
+                    if capture || st.streams.capturing(key) {
+                        // Giving memory back synchronises: not during a capture.
+                        return Err(self.oom(st, size, e));
                     }
                     // The budget or the driver is short: wait for the streams that own
                     // free memory, unmap every free chunk (kept, to be mapped where this
@@ -599,8 +885,8 @@ impl Shared {
                     pressure = true;
                     st.stats.num_alloc_retries += 1;
                     self.release_cached(st, false)?;
-                    if let Some(a) = st.blocks.find_fit(small, key, rounded) {
-                        return self.take(st, a, rounded, size, stream);
+                    if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
+                        return self.take(st, a, rounded, size, stream, pool);
                     }
                 }
                 Err(e @ Error::OutOfMemory { .. }) => return Err(self.oom(st, size, e)),
@@ -609,8 +895,47 @@ impl Shared {
         }
     }
 
-    /// Takes `rounded` bytes from the free mapped block `addr` for `stream`, handing it
-    /// over from its previous stream with an event.
+    /// Once no capture is under way: the frees that waited for one's end go ahead,
+    /// and released private pools join the common pool (after the device is
+    /// synchronised: replays of their graphs may still run).
+    fn settle(&self, st: &mut PoolState) -> Result<()> {
+        if !st.deferred.is_empty() {
+            for addr in std::mem::take(&mut st.deferred) {
+                let Some(b) = st.blocks.get(addr).copied() else {
+                    continue;
+                };
+                if st.touches_capture(addr, b.stream) {
+                    // A capture the pool was not told of: later.
+                    st.deferred.push(addr);
+                } else if st.order_uses(addr, b.stream) {
+                    st.blocks.park(addr);
+                }
+            }
+        }
+        if st.releasing.is_empty() || st.streams.any_capturing() {
+            return Ok(());
+        }
+        match self.backend.synchronize_device(self.device) {
+            Ok(()) => {}
+            Err(Error::Unsupported { .. }) => {
+                // The streams the pool knows, at least.
+                for s in st.streams.values() {
+                    s.synchronize()?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        for tag in std::mem::take(&mut st.releasing) {
+            let bytes = st.blocks.release_pool(tag);
+            tracing::debug!(target: "hetmem", device = self.device, tag, bytes,
+                "a released private pool's memory joins the common pool");
+        }
+        Ok(())
+    }
+
+    /// Takes `rounded` bytes from the free mapped block `addr` for `stream` and private
+    /// pool `pool`, handing it over from its previous stream with an event.
+    #[allow(clippy::too_many_arguments)]
     fn take(
         &self,
         st: &mut PoolState,
@@ -618,12 +943,14 @@ impl Shared {
         rounded: usize,
         size: usize,
         stream: &Stream,
+        pool: u32,
     ) -> Result<u64> {
         let key = stream.inner.id();
-        let owner = st.blocks.take(addr, rounded, size, key);
+        let was = st.blocks.get(addr).expect("a free block").pool;
+        let owner = st.blocks.take(addr, rounded, size, key, pool);
         if owner != key && owner != NO_STREAM {
             if let Err(e) = st.streams.order(&stream.inner, owner) {
-                st.blocks.untake(addr, owner);
+                st.blocks.untake(addr, owner, was);
                 return Err(e);
             }
         }
@@ -634,6 +961,7 @@ impl Shared {
 
     /// Makes room for a `rounded`-byte block in new memory and takes it: maps chunks
     /// into a hole of the address space (expandable), or allocates a segment (plain).
+    #[allow(clippy::too_many_arguments)]
     fn grow(
         &self,
         st: &mut PoolState,
@@ -641,19 +969,20 @@ impl Shared {
         rounded: usize,
         size: usize,
         stream: &Stream,
+        pool: u32,
         pressure: bool,
     ) -> Result<u64> {
         if !self.expandable {
             let base = self.grow_plain(st, small, rounded, pressure)?;
-            return self.take(st, base, rounded, size, stream);
+            return self.take(st, base, rounded, size, stream, pool);
         }
         let key = stream.inner.id();
-        let mut g = match st.blocks.find_growth(small, key, rounded) {
+        let mut g = match st.blocks.find_growth(small, pool, key, rounded) {
             Some(g) => g,
             None => {
                 self.add_region(st, small, rounded)?;
                 st.blocks
-                    .find_growth(small, key, rounded)
+                    .find_growth(small, pool, key, rounded)
                     .expect("a new region holds the request")
             }
         };
@@ -663,20 +992,26 @@ impl Shared {
         let alloc_peak =
             (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
         let band = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize;
-        if self.release_on_grow && !pressure && spare < need && st.reserved + need - spare > band {
+        if self.release_on_grow
+            && !pressure
+            && st.routes.is_empty()
+            && spare < need
+            && st.reserved + need - spare > band
+        {
             // Past the band: chunks that are free and idle move here rather than new
             // ones being made. Unmapping changes the holes, and idle streams' blocks
-            // became nobody's and merged: look again after.
+            // became nobody's and merged: look again after. (Not while a capture may
+            // be under way: it queries events and unmaps.)
             self.move_idle_chunks(st, small, need - spare)?;
-            if let Some(a) = st.blocks.find_fit(small, key, rounded) {
-                return self.take(st, a, rounded, size, stream);
+            if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
+                return self.take(st, a, rounded, size, stream, pool);
             }
-            g = match st.blocks.find_growth(small, key, rounded) {
+            g = match st.blocks.find_growth(small, pool, key, rounded) {
                 Some(g) => g,
                 None => {
                     self.add_region(st, small, rounded)?;
                     st.blocks
-                        .find_growth(small, key, rounded)
+                        .find_growth(small, pool, key, rounded)
                         .expect("a new region holds the request")
                 }
             };
@@ -685,12 +1020,15 @@ impl Shared {
         tracing::trace!(target: "hetmem", need, rounded, hole = g.hole_size, reserved = st.reserved, "pool grows");
         let target = self.chunk_target(st, small, gran, rounded);
         let mapped = self.map_chunks(st, &g, need, target, pressure)?;
-        let owner = g
-            .prefix
-            .map_or(NO_STREAM, |(a, _)| st.blocks.get(a).expect("prefix").stream);
-        let start = st.blocks.fill_hole(g.hole, mapped, owner);
+        // The new memory joins the block before it, whoever's that is (this stream's
+        // or nobody's, in this pool or nobody's in the common one).
+        let (owner, owner_pool) = g.prefix.map_or((NO_STREAM, COMMON), |(a, _)| {
+            let b = st.blocks.get(a).expect("prefix");
+            (b.stream, b.pool)
+        });
+        let start = st.blocks.fill_hole(g.hole, mapped, owner, owner_pool);
         debug_assert_eq!(start, g.start());
-        self.take(st, start, rounded, size, stream)
+        self.take(st, start, rounded, size, stream, pool)
     }
 
     /// How much a new chunk of the small or large pool maps at least, for an allocation
@@ -859,7 +1197,8 @@ impl Shared {
             }
         }
         tracing::trace!(target: "hetmem", need, candidates = cands.len(), "pool moves idle chunks");
-        if cands.is_empty() {
+        // Unmapping synchronises the device implicitly, which a capture forbids.
+        if cands.is_empty() || st.streams.any_capturing() {
             return Ok(());
         }
         // One chunk that covers the need, the smallest such; else the largest first.
@@ -988,16 +1327,26 @@ impl Shared {
     /// each), then unmaps every chunk lying wholly in free memory (kept as spares for
     /// the retry of an allocation, or with `everything` given back with the spares) and
     /// frees every unused plain segment.
+    /// A stream capturing a graph is not synchronised (its free blocks stay its own),
+    /// and nothing is unmapped or freed while any stream the pool knows is capturing.
     fn release_cached(&self, st: &mut PoolState, everything: bool) -> Result<()> {
         st.blocks.flush_parked();
-        let owners = st.blocks.free_owners();
+        let owners: Vec<u64> = st
+            .blocks
+            .free_owners()
+            .into_iter()
+            .filter(|o| !st.streams.capturing(*o))
+            .collect();
         for o in &owners {
             st.streams.synchronize(*o)?;
         }
         if !owners.is_empty() {
             st.stats.num_sync_all_streams += 1;
+            st.blocks.disown(Some(&owners));
         }
-        st.blocks.disown(None);
+        if st.streams.any_capturing() {
+            return Ok(());
+        }
         let mut chunks: Vec<(u32, u64, usize, usize)> = Vec::new();
         let mut plain: Vec<(u32, u64)> = Vec::new();
         for (addr, size, _, seg) in st.blocks.free_blocks(0) {
@@ -1087,6 +1436,12 @@ impl Drop for Shared {
         // Queued work may still use cached memory: let it finish before unmapping.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for s in st.streams.values() {
+            if s.is_capturing().unwrap_or(true) {
+                // Its captured work runs at replays, not now; synchronising it would
+                // invalidate the capture.
+                tracing::warn!(target: "hetmem", "a pool dropped while one of its streams captures a graph");
+                continue;
+            }
             if let Err(e) = s.synchronize() {
                 tracing::warn!(target: "hetmem", error = %e, "synchronising a stream before dropping a pool failed");
             }
@@ -1095,6 +1450,45 @@ impl Drop for Shared {
 }
 
 impl PoolState {
+    /// The private pool an allocation on `stream` goes to: the newest route whose
+    /// filter picks it, else the common pool.
+    fn route(&self, stream: &Stream) -> Result<u32> {
+        for r in self.routes.iter().rev() {
+            if (r.filter)(stream)? {
+                return Ok(r.tag);
+            }
+        }
+        Ok(COMMON)
+    }
+
+    /// Whether the block at `addr`, of stream `own`, or a stream it was used on is
+    /// capturing a graph (driver calls: for blocks used on several streams only).
+    fn touches_capture(&self, addr: u64, own: u64) -> bool {
+        self.streams.capturing(own)
+            || self
+                .uses
+                .get(&addr)
+                .is_some_and(|u| u.iter().any(|o| self.streams.capturing(*o)))
+    }
+
+    /// Makes the block's stream `own` wait for the work queued so far on the other
+    /// streams it was used on, and forgets them. False when that failed: the block
+    /// cannot be proven free of their work, and is kept out of circulation (leaked).
+    fn order_uses(&mut self, addr: u64, own: u64) -> bool {
+        let Some(others) = self.uses.remove(&addr) else {
+            return true;
+        };
+        let ordered = others
+            .iter()
+            .try_for_each(|o| self.streams.order_ids(own, *o));
+        if let Err(e) = ordered {
+            tracing::error!(target: "hetmem", addr, error = %e,
+                "ordering a multi-stream block failed; leaking it");
+            return false;
+        }
+        true
+    }
+
     fn add_segment(&mut self, s: Segment) -> u32 {
         let seg = self
             .segments

@@ -4,6 +4,12 @@
 //! first (the second waits on the device, the host does not). The events come from the
 //! recording stream's cache ([`OwnedStream::record`]), so a hand-over costs a record and
 //! a wait, not an event made and destroyed each time.
+//!
+//! None of that may touch a stream that is capturing a graph: an event recorded there
+//! is a node of the graph, which the driver refuses to query and which pulls a stream
+//! that waits for it into the capture; synchronising it fails and invalidates the
+//! capture. [`Streams::capturing`] asks the driver (a call: never on the hot path), and
+//! [`Streams::is_idle`] answers "busy" for such a stream without recording.
 
 use std::sync::Arc;
 
@@ -84,12 +90,33 @@ impl Streams {
     }
 
     /// Whether everything queued on stream `id` so far is done (a stream the pool does
-    /// not know has nothing queued that touches its memory). Errors count as busy.
+    /// not know has nothing queued that touches its memory). Errors count as busy, and
+    /// so does a stream capturing a graph (asked first: nothing is recorded on it).
     pub(crate) fn is_idle(&mut self, id: u64) -> bool {
         let Some(s) = self.streams.get(&id).cloned() else {
             return true;
         };
+        if s.is_capturing().unwrap_or(true) {
+            return false;
+        }
         s.record().and_then(|ev| ev.is_done()).unwrap_or(false)
+    }
+
+    /// Whether stream `id` is capturing a graph (a driver call). A stream the pool does
+    /// not know is not; an error counts as capturing, so that the caller leaves the
+    /// stream alone.
+    pub(crate) fn capturing(&self, id: u64) -> bool {
+        self.streams
+            .get(&id)
+            .is_some_and(|s| s.is_capturing().unwrap_or(true))
+    }
+
+    /// Whether any stream the pool knows is capturing (a driver call each). Calls that
+    /// synchronise the device implicitly (unmapping, freeing) wait for none.
+    pub(crate) fn any_capturing(&self) -> bool {
+        self.streams
+            .values()
+            .any(|s| s.is_capturing().unwrap_or(true))
     }
 
     /// Waits for everything queued on stream `id` so far.
