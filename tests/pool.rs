@@ -783,3 +783,232 @@ fn pages_unmapped_for_a_failed_growth_are_counted_as_frees() {
     assert_eq!(p.reserved(), 0);
     assert_eq!(st.num_device_alloc, st.num_device_free, "{st:?}");
 }
+
+// ---- graph capture -------------------------------------------------------------------
+
+/// The simulator of `mgr` (which models graph capture strictly: illegal calls fail and
+/// are counted in `capture_violations`).
+fn simulator(mgr: &Manager) -> &hetmem::backend::sim::SimBackend {
+    mgr.sim().expect("a sim manager")
+}
+
+/// What a capture of stream `a` would trip over, set up before it begins: a block
+/// freed on `a` (an idle-stream reclaim records on and queries `a`), and a block of
+/// `b`'s also used on `a` (its free orders `b` after `a` with an event on `a`).
+fn capture_hazards(pool: &DevicePool, a: &hetmem::Stream, b: &hetmem::Stream) -> PoolBlock {
+    drop(pool.alloc(3 * MIB, a).unwrap());
+    drop(pool.alloc(5 * MIB, b).unwrap());
+    let shared = pool.alloc(6 * MIB, b).unwrap();
+    shared.record_stream(a).unwrap();
+    shared
+}
+
+/// Allocation and free on a capturing stream, and on another stream meanwhile, with
+/// the hazards above: no call the driver refuses during a capture (no event recorded
+/// on the capturing stream and queried, no stream joined into the capture, no
+/// synchronisation, no unmapping), whether or not the pool was told of the capture
+/// (told: a private pool). Fails with any of the capture checks taken out.
+#[test]
+fn a_capture_makes_no_illegal_call() {
+    for told in [true, false] {
+        for exp in [true, false] {
+            let mgr = sim();
+            let sim = simulator(&mgr);
+            let pool = pool(&mgr, exp, Budget::Bytes(256 * MIB));
+            let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+            let shared = capture_hazards(&pool, &a, &b);
+            let id = hetmem::pool::PrivatePoolId(1, 0);
+            if told {
+                let h = a.handle();
+                pool.begin_allocate_to_pool(id, move |s| s.handle() == h)
+                    .unwrap();
+            }
+            sim.begin_capture(a.handle()).unwrap();
+            let before = sim.stats();
+            let mut held = Vec::new();
+            for (i, size) in [MIB, 7 * MIB, 512, 3 * MIB, 40 * MIB, 7 * MIB]
+                .into_iter()
+                .enumerate()
+            {
+                held.push(pool.alloc(size, &a).unwrap());
+                // The other stream allocates and frees meanwhile (slow paths too).
+                drop(pool.alloc(size + 4096 * i, &b).unwrap());
+                if i % 2 == 1 {
+                    drop(held.remove(0));
+                }
+            }
+            drop(shared); // used on the capturing stream
+            drop(held);
+            // A growth past the budget fails (no release, no unmap under a capture).
+            assert!(matches!(
+                pool.alloc(300 * MIB, &a),
+                Err(Error::OutOfMemory { .. })
+            ));
+            let s = sim.stats();
+            assert_eq!(
+                (s.capture_violations, s.capture_joins),
+                (before.capture_violations, before.capture_joins),
+                "told {told}, expandable {exp}"
+            );
+            if told {
+                assert!(matches!(pool.trim(), Err(Error::StreamCapturing { .. })));
+            }
+            sim.end_capture(a.handle())
+                .unwrap_or_else(|e| panic!("told {told}, expandable {exp}: {e}"));
+            if told {
+                pool.end_allocate_to_pool(id).unwrap();
+                pool.release_pool(id).unwrap();
+            }
+            // After the capture the deferred free goes ahead and everything is given
+            // back.
+            drop(pool.alloc(2 * MIB, &b).unwrap());
+            pool.trim().unwrap();
+            assert_eq!(pool.stats().allocation.all.current, 0);
+            assert_eq!(pool.reserved(), 0, "told {told}, expandable {exp}");
+            assert_eq!(sim.stats().capture_violations, 0);
+        }
+    }
+}
+
+/// A block freed during a capture belongs to the graph's private pool: no allocation
+/// outside that pool gets it (on any stream, after trim too), a second capture into the
+/// same pool does, and once the pool is released (by both graphs) the common pool
+/// does.
+#[test]
+fn a_block_freed_in_a_capture_is_reused_only_by_its_pool_until_released() {
+    both(|exp| {
+        let mgr = sim();
+        let sim = simulator(&mgr);
+        let pool = pool(&mgr, exp, Budget::Device);
+        let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let id = hetmem::pool::PrivatePoolId(7, 0);
+        let capture = |f: &dyn Fn() -> u64| {
+            let h = a.handle();
+            pool.begin_allocate_to_pool(id, move |s| s.handle() == h)
+                .unwrap();
+            sim.begin_capture(a.handle()).unwrap();
+            let addr = f();
+            sim.end_capture(a.handle()).unwrap();
+            pool.end_allocate_to_pool(id).unwrap();
+            addr
+        };
+        let freed = capture(&|| {
+            let blk = pool.alloc(8 * MIB, &a).unwrap();
+            let addr = blk.ptr().0;
+            drop(blk);
+            // Reused within the capture, by the pool itself, on its stream.
+            let again = pool.alloc(8 * MIB, &a).unwrap();
+            assert_eq!(again.ptr().0, addr);
+            addr
+        });
+        let st = pool.private_pool(id).unwrap();
+        assert_eq!((st.uses, st.allocating, st.allocated_bytes), (1, false, 0));
+        assert_eq!(st.free_bytes, 8 * MIB);
+        // Outside the pool: never that block, on either stream, also after a trim.
+        pool.trim().unwrap();
+        assert!(
+            pool.reserved() >= 8 * MIB,
+            "a trim keeps the graph's memory"
+        );
+        let mut outside = Vec::new();
+        for _ in 0..3 {
+            for s in [&a, &b] {
+                let blk = pool.alloc(8 * MIB, s).unwrap();
+                assert_ne!(blk.ptr().0, freed, "expandable {exp}");
+                outside.push(blk);
+            }
+        }
+        drop(outside);
+        assert_eq!(pool.private_pool(id).unwrap().free_bytes, 8 * MIB);
+        // A second graph sharing the pool gets it.
+        let again = capture(&|| pool.alloc(8 * MIB, &a).unwrap().ptr().0);
+        assert_eq!(again, freed);
+        assert_eq!(pool.private_pool(id).unwrap().uses, 2);
+        pool.release_pool(id).unwrap();
+        let blk = pool.alloc(8 * MIB, &a).unwrap();
+        assert_ne!(blk.ptr().0, freed, "one graph still uses the pool");
+        drop(blk);
+        pool.release_pool(id).unwrap();
+        assert!(pool.private_pool(id).is_none());
+        assert!(matches!(
+            pool.release_pool(id),
+            Err(Error::InvalidArgument(_))
+        ));
+        // Released: the common pool reuses it, on the stream that freed it (after the
+        // blocks parked there before, which come first).
+        let blks: Vec<PoolBlock> = (0..6).map(|_| pool.alloc(8 * MIB, &a).unwrap()).collect();
+        assert!(blks.iter().any(|b| b.ptr().0 == freed), "expandable {exp}");
+        drop(blks);
+        pool.trim().unwrap();
+        assert_eq!(pool.reserved(), 0);
+        assert_eq!(sim.stats().capture_violations, 0);
+    });
+}
+
+/// A pool's block still allocated when the pool is released goes to the common pool
+/// when it is freed; a released pool waits for the device first (replays may run on
+/// any stream), and while another capture is under way it waits for that one's end.
+#[test]
+fn release_waits_for_the_device_and_for_captures() {
+    let mgr = sim();
+    let sim = simulator(&mgr);
+    let pool = pool(&mgr, true, Budget::Device);
+    let (a, c, replay) = (
+        mgr.create_stream(0).unwrap(),
+        mgr.create_stream(0).unwrap(),
+        mgr.create_stream(0).unwrap(),
+    );
+    let (g1, g2) = (
+        hetmem::pool::PrivatePoolId(1, 0),
+        hetmem::pool::PrivatePoolId(2, 0),
+    );
+    let h = a.handle();
+    pool.begin_allocate_to_pool(g1, move |s| s.handle() == h)
+        .unwrap();
+    sim.begin_capture(a.handle()).unwrap();
+    let out = pool.alloc(4 * MIB, &a).unwrap(); // the graph's output, kept
+    let tmp = pool.alloc(4 * MIB, &a).unwrap();
+    let tmp_addr = tmp.ptr().0;
+    drop(tmp);
+    sim.end_capture(a.handle()).unwrap();
+    pool.end_allocate_to_pool(g1).unwrap();
+    // A replay on a stream the pool never saw, still running at release.
+    let k = sim
+        .launch_kernel(replay.handle(), Duration::from_millis(5))
+        .unwrap();
+    // Another graph is being captured: the release waits for it.
+    let h = c.handle();
+    pool.begin_allocate_to_pool(g2, move |s| s.handle() == h)
+        .unwrap();
+    sim.begin_capture(c.handle()).unwrap();
+    pool.release_pool(g1).unwrap();
+    assert_eq!(
+        sim.stats().capture_violations,
+        0,
+        "no device sync in a capture"
+    );
+    assert!(sim.host_time_ns() < k.end_ns);
+    let blk = pool.alloc(4 * MIB, &c).unwrap();
+    assert_ne!(blk.ptr().0, tmp_addr);
+    drop(blk);
+    sim.end_capture(c.handle()).unwrap();
+    pool.end_allocate_to_pool(g2).unwrap();
+    // Now it joins the common pool, after the replay.
+    assert!(
+        sim.host_time_ns() >= k.end_ns,
+        "the device was synchronised"
+    );
+    let blk = pool.alloc(4 * MIB, &a).unwrap();
+    assert_eq!(blk.ptr().0, tmp_addr);
+    let out_addr = out.ptr().0;
+    drop(out);
+    drop(blk);
+    let again = pool.alloc(4 * MIB, &a).unwrap();
+    assert!(
+        again.ptr().0 == out_addr || again.ptr().0 == tmp_addr,
+        "the output's block went to the common pool"
+    );
+    drop(again);
+    pool.release_pool(g2).unwrap();
+    assert_eq!(sim.stats().capture_violations, 0);
+}
