@@ -449,22 +449,48 @@ int hetmem_torch_record_stream(void* ptr, void* stream);
  * hetmem.torch.use_hetmem_allocator() has set PyTorch's hook). */
 int hetmem_torch_empty_cache(void);
 
-/* PyTorch's graph-pool hooks (torch.cuda.graph, torch.cuda.use_mem_pool), with pool =
- * (pool_a, pool_b), PyTorch's MempoolId_t. hetmem's device pool has no private graph
- * pools yet, and serving a capture from the shared pool could hand a graph's memory to
- * other tensors, so all three fail with UNSUPPORTED and a message that starts "CUDA
- * graph capture with hetmem's allocator is not supported yet" (begin: the capture does
- * not start; end: no pool can have begun; release: hetmem holds nothing in any graph
- * pool, and says so). PyTorch calls release from destructors: a hook must not throw
- * there. */
-int hetmem_torch_begin_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b);
+/* A graph pool's stream filter: 1 when an allocation on `stream` (the raw stream passed
+ * to hetmem_torch_malloc; NULL for the default stream) goes to the pool, 0 when not,
+ * negative when the filter failed (the allocation then fails). */
+typedef int (*hetmem_stream_filter)(void* ctx, void* stream);
+
+/* PyTorch's graph-pool hooks (torch.cuda.graph, torch.cuda.use_mem_pool,
+ * torch.compile(mode="reduce-overhead")), with pool = (pool_a, pool_b), PyTorch's
+ * MempoolId_t.
+ *
+ * begin: from now on the allocations on `device` whose stream `filter` picks (NULL:
+ * every allocation of the device) come from private pool `pool` (made on first use;
+ * each begin counts a use), until end. Blocks of the pool, freed, are reused only by
+ * the pool's own later allocations until release has undone every begin: a graph
+ * replays into their addresses. While any pool is being allocated to, hetmem makes no
+ * event query, synchronisation or unmapping on the device (the driver refuses them in
+ * a capture), and hetmem_torch_empty_cache fails with STREAM_CAPTURING. `filter(ctx,
+ * stream)` runs on every allocation of the device meanwhile, from any thread, under
+ * hetmem's locks (it must not call hetmem); hetmem owns `ctx` from the call on, failed
+ * or not, and calls drop_ctx(ctx) (if not NULL) exactly once: at end, or at once when
+ * begin fails. Errors: INVALID_ARGUMENT (allocations already go to that pool),
+ * UNKNOWN_DEVICE.
+ *
+ * end: allocations stop going to the pool (after the capture ended); its memory stays
+ * its own. Errors: INVALID_ARGUMENT (allocations do not go to that pool).
+ *
+ * release: undoes one begin (a graph that used the pool was reset or destroyed). When
+ * none is left the device is synchronised (replays may still run) and the pool's free
+ * blocks join the common pool, its live ones when freed; empty_cache can then give
+ * the memory to the driver. A pool hetmem does not have (released already, never
+ * begun) is no error. Errors: INVALID_ARGUMENT (still being allocated to), DRIVER.
+ * PyTorch calls it from destructors: a hook must not throw there. */
+int hetmem_torch_begin_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b,
+                                        hetmem_stream_filter filter, void* ctx,
+                                        void (*drop_ctx)(void* ctx));
 int hetmem_torch_end_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b);
 int hetmem_torch_release_pool(int device, uint64_t pool_a, uint64_t pool_b);
 
 /* Writes the allocator's stats as NUL-terminated JSON into buf[0..cap] if it fits;
  * *needed (may be NULL) is always set to the bytes needed, NUL included. Keys: backend
  * (null before the first allocation), live_blocks, live_bytes, streams, devices[]
- * {device, budget, reserved, stats} with PyTorch's memory_stats() key names
+ * {device, budget, reserved, private_pools[] {id: [a, b], uses, allocating,
+ * allocated_bytes, free_bytes}, stats} with PyTorch's memory_stats() key names
  * ("allocated_bytes.all.current", ...). Errors: BUFFER_TOO_SMALL. */
 int hetmem_torch_stats_json(char* buf, size_t cap, size_t* needed);
 

@@ -75,6 +75,12 @@ impl Stream {
         self.inner.handle()
     }
 
+    /// The value the caller knows this stream by: the raw value it was wrapped from
+    /// ([`Stream::wrap`]: 0 for a default stream), else the driver's handle.
+    pub(crate) fn raw(&self) -> u64 {
+        self.inner.raw()
+    }
+
     /// Blocks until everything queued so far is done.
     pub fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()

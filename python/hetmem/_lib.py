@@ -98,6 +98,10 @@ class hetmem_guard_t(ctypes.Structure):
     """Opaque; used only as POINTER(hetmem_guard_t)."""
 
 
+# hetmem_stream_filter: int filter(void* ctx, void* stream), and its context's deleter.
+STREAM_FILTER = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p)
+DROP_CTX = ctypes.CFUNCTYPE(None, c_void_p)
+
 ManagerP = POINTER(hetmem_manager_t)
 StreamP = POINTER(hetmem_stream_t)
 StoreP = POINTER(hetmem_store_t)
@@ -206,7 +210,10 @@ PROTOTYPES = {
     "hetmem_torch_free": (None, [c_void_p, c_ssize_t, c_int, c_void_p]),
     "hetmem_torch_record_stream": (c_int, [c_void_p, c_void_p]),
     "hetmem_torch_empty_cache": (c_int, []),
-    "hetmem_torch_begin_allocate_to_pool": (c_int, [c_int, c_uint64, c_uint64]),
+    "hetmem_torch_begin_allocate_to_pool": (
+        c_int,
+        [c_int, c_uint64, c_uint64, STREAM_FILTER, c_void_p, DROP_CTX],
+    ),
     "hetmem_torch_end_allocate_to_pool": (c_int, [c_int, c_uint64, c_uint64]),
     "hetmem_torch_release_pool": (c_int, [c_int, c_uint64, c_uint64]),
     "hetmem_torch_stats_json": (c_int, [c_char_p, c_size_t, POINTER(c_size_t)]),

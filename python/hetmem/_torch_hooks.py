@@ -27,7 +27,7 @@ from . import _lib
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_hooks.cpp")
 # torch_hooks.cpp's kVersion: the layout of _Fns.
-VERSION = 1
+VERSION = 2
 BUILD_TIMEOUT_S = 300
 
 

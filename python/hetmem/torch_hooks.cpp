@@ -1,5 +1,6 @@
 // hetmem's hooks in PyTorch's C++ CUDAPluggableAllocator: record_stream, empty_cache and
-// the graph-pool hooks, which torch.cuda.memory.CUDAPluggableAllocator (Python) never sets.
+// the graph-pool hooks (torch.cuda.graph's private pools), which
+// torch.cuda.memory.CUDAPluggableAllocator (Python) never sets.
 //
 // Built at first use against the installed PyTorch by hetmem/_torch_hooks.py (plain c++
 // with torch's and CUDA's include paths, linked to torch's libc10, libc10_cuda and
@@ -24,6 +25,11 @@ namespace {
 
 using Pluggable = torch::cuda::CUDAPluggableAllocator::CUDAPluggableAllocator;
 using MallocFn = void*(size_t, int, cudaStream_t);
+// PyTorch's filter of the streams whose allocations go to a graph pool.
+using StreamFilter = std::function<bool(cudaStream_t)>;
+// hetmem_stream_filter and its context's deleter (include/hetmem.h).
+using FilterFn = int (*)(void* ctx, void* stream);
+using DropFn = void (*)(void* ctx);
 
 // The entry points of libhetmem.so this piece calls (include/hetmem.h); laid out as
 // hetmem/_torch_hooks.py's _Fns.
@@ -34,13 +40,14 @@ struct Fns {
   void* alloc_fn;    // the malloc PyTorch's allocator was made with, to recognise it
   int (*record_stream)(void* ptr, void* stream);
   int (*empty_cache)();
-  int (*begin_allocate_to_pool)(int device, uint64_t pool_a, uint64_t pool_b);
+  int (*begin_allocate_to_pool)(int device, uint64_t pool_a, uint64_t pool_b, FilterFn filter,
+                                void* ctx, DropFn drop_ctx);
   int (*end_allocate_to_pool)(int device, uint64_t pool_a, uint64_t pool_b);
   int (*release_pool)(int device, uint64_t pool_a, uint64_t pool_b);
   const char* (*last_error)();
 };
 
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 
 // The allocator's protected alloc_fn_, read through a derived class's member pointer
 // (the class has no getter): to check that the allocator is hetmem's.
@@ -62,6 +69,20 @@ void check(const Fns& f, int rc, const char* what) {
     throw std::runtime_error(message(f, what));
   }
 }
+
+// hetmem calls these with the filter PyTorch gave beginAllocateToPool, from any thread,
+// under its locks (PyTorch's filter asks cudaStreamGetCaptureInfo, nothing of hetmem's).
+// No exception may cross into hetmem: a filter that throws says -1, which fails the
+// allocation it was asked about.
+int call_filter(void* ctx, void* stream) noexcept {
+  try {
+    return (*static_cast<StreamFilter*>(ctx))(static_cast<cudaStream_t>(stream)) ? 1 : 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+void drop_filter(void* ctx) noexcept { delete static_cast<StreamFilter*>(ctx); }
 
 void write_error(char* buf, size_t cap, const std::string& m) {
   if (buf != nullptr && cap > 0) {
@@ -120,12 +141,16 @@ extern "C" __attribute__((visibility("default"))) int hetmem_torch_hooks_install
     // emptyCache(mempool_id) calls this hook for every pool id; hetmem has one pool per
     // device, and gives back what it caches there.
     p->set_reset_fn([f]() { check(f, f.empty_cache(), "hetmem_torch_empty_cache failed"); });
-    // hetmem decides which allocations belong to a capture without PyTorch's filter (it
-    // refuses captures for now).
+    // The capture's allocations (those PyTorch's filter picks: the capturing stream's)
+    // go to a private pool of hetmem's until the end; hetmem owns the filter's copy
+    // from the call on and deletes it (drop_filter) once, at the end or on failure.
     p->set_begin_allocate_to_pool(
-        [f](int device, c10::cuda::MempoolId_t pool, std::function<bool(cudaStream_t)>) {
-          check(f, f.begin_allocate_to_pool(device, pool.first, pool.second),
-                "CUDA graph capture with hetmem's allocator is not supported yet");
+        [f](int device, c10::cuda::MempoolId_t pool, StreamFilter filter) {
+          auto* ctx = new StreamFilter(std::move(filter));
+          check(f,
+                f.begin_allocate_to_pool(device, pool.first, pool.second, &call_filter, ctx,
+                                         &drop_filter),
+                "hetmem_torch_begin_allocate_to_pool failed");
         });
     p->set_end_allocate_to_pool_fn([f](int device, c10::cuda::MempoolId_t pool) {
       check(f, f.end_allocate_to_pool(device, pool.first, pool.second),

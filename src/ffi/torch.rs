@@ -3,7 +3,8 @@
 //! "hetmem_torch_free")` loads; and the entry points of the hooks its C++ class has but
 //! its Python class does not set (`python/hetmem/torch_hooks.cpp` sets them):
 //! `hetmem_torch_record_stream` (`tensor.record_stream`), `hetmem_torch_empty_cache`
-//! (`torch.cuda.empty_cache()`), and the graph-pool hooks, which refuse for now.
+//! (`torch.cuda.empty_cache()`), and the graph-pool hooks (`torch.cuda.graph`: the
+//! device pool's private pools).
 //!
 //! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the first GPU
 //! backend that opens, never the simulator: [`gpu_only`](crate::manager::ManagerBuilder::gpu_only)), built on
@@ -23,11 +24,11 @@ use rustc_hash::FxHashMap;
 
 use super::{
     device_arg, guard, guard_with, json_array, json_object, json_str, last_error_message, lock,
-    write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER, HETMEM_ERR_UNSUPPORTED,
+    write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::check_device;
 use crate::manager::Manager;
-use crate::pool::{DevicePool, PoolBlock, PoolConfig};
+use crate::pool::{DevicePool, PoolBlock, PoolConfig, PrivatePoolId};
 use crate::stream::Stream;
 
 /// The allocator's state, built on first use.
@@ -278,40 +279,107 @@ fn not_ours(addr: u64) -> FfiError {
     )
 }
 
-/// The message every graph-pool entry point carries, and PyTorch raises.
-const GRAPHS_UNSUPPORTED: &str = "CUDA graph capture with hetmem's allocator is not supported yet";
+/// A graph pool's filter (`hetmem_stream_filter` in the header): 1 when an allocation
+/// on `stream` (the raw stream PyTorch passed to [`hetmem_torch_malloc`]) goes to the
+/// pool, 0 when not, negative when it failed (the allocation then fails).
+pub type StreamFilterFn = unsafe extern "C" fn(ctx: *mut c_void, stream: *mut c_void) -> c_int;
+/// Lets go of a filter's context.
+pub type DropCtxFn = unsafe extern "C" fn(ctx: *mut c_void);
 
-/// PyTorch's `beginAllocateToPool(device, pool)`: from now on, the allocations of the
-/// streams being captured should come from graph pool `(pool_a, pool_b)` (PyTorch's
-/// `MempoolId_t`), private to the graph. hetmem's device pool has no private pools yet,
-/// and serving a capture from the shared pool would let memory the graph replays into
-/// be handed to other tensors: so this always fails, with UNSUPPORTED and a message
-/// that starts "CUDA graph capture with hetmem's allocator is not supported yet", and
-/// PyTorch raises it as a RuntimeError before the capture begins (`torch.cuda.graph`,
-/// `torch.cuda.use_mem_pool`, `torch.compile(mode="reduce-overhead")`).
+/// The caller's filter and its context, owned by a route of the pool: the context is
+/// let go of (`drop_ctx`) when the route ends, exactly once.
+struct CFilter {
+    filter: Option<StreamFilterFn>,
+    ctx: *mut c_void,
+    drop_ctx: Option<DropCtxFn>,
+}
+
+// SAFETY: `hetmem_torch_begin_allocate_to_pool`'s contract: the filter and drop_ctx may
+// be called from any thread with this context, which hetmem only passes back to them.
+unsafe impl Send for CFilter {}
+// SAFETY: as for Send: the filter is called concurrently only as the contract allows.
+unsafe impl Sync for CFilter {}
+
+impl CFilter {
+    fn picks(&self, stream: &Stream) -> crate::Result<bool> {
+        let Some(f) = self.filter else {
+            return Ok(true);
+        };
+        let raw: *mut c_void = std::ptr::with_exposed_provenance_mut(stream.raw() as usize);
+        // SAFETY: the caller's contract: `f` takes this context and any stream value,
+        // from any thread, and does not unwind (C++ callers catch in it).
+        match unsafe { f(self.ctx, raw) } {
+            0 => Ok(false),
+            rc if rc > 0 => Ok(true),
+            rc => Err(crate::Error::InvalidArgument(format!(
+                "the graph pool's stream filter failed ({rc}) for stream {:#x}",
+                stream.raw()
+            ))),
+        }
+    }
+}
+
+impl Drop for CFilter {
+    fn drop(&mut self) {
+        if let Some(d) = self.drop_ctx {
+            // SAFETY: the caller's contract: drop_ctx takes this context, once.
+            unsafe { d(self.ctx) };
+        }
+    }
+}
+
+/// PyTorch's `beginAllocateToPool(device, pool, filter)` (`torch.cuda.graph`,
+/// `torch.cuda.use_mem_pool`, `torch.compile(mode="reduce-overhead")`): from now on,
+/// the allocations on `device` whose stream `filter` picks come from the private pool
+/// `(pool_a, pool_b)` (PyTorch's `MempoolId_t`, made on first use; each begin counts
+/// a use), until [`hetmem_torch_end_allocate_to_pool`]. Blocks of the pool, freed, are
+/// reused only by its own later allocations until [`hetmem_torch_release_pool`] has
+/// undone every begin: the graph replays into their addresses
+/// ([`DevicePool::begin_allocate_to_pool`]).
+///
+/// `filter(ctx, stream)` is called on every allocation of the device while any pool of
+/// it is being allocated to, with the raw stream the allocation is for (NULL for the
+/// default stream); 1 sends it to the pool, 0 does not, negative fails the allocation.
+/// NULL sends every allocation of the device. hetmem owns `ctx` from this call on,
+/// failed or not: it calls `drop_ctx(ctx)` (if not NULL) exactly once, at the end of
+/// the routing or at once when this call fails.
+///
+/// Returns 0, or INVALID_ARGUMENT (allocations already go to this pool),
+/// UNKNOWN_DEVICE, and the errors of building the allocator.
+///
+/// # Safety
+/// `filter` and `drop_ctx` are NULL or functions of these signatures that may be called
+/// from any thread (the filter also concurrently, under hetmem's locks: it must not
+/// call hetmem) and do not unwind; `ctx` is whatever they accept.
 #[no_mangle]
-pub extern "C" fn hetmem_torch_begin_allocate_to_pool(
+pub unsafe extern "C" fn hetmem_torch_begin_allocate_to_pool(
     device: c_int,
     pool_a: u64,
     pool_b: u64,
+    filter: Option<StreamFilterFn>,
+    ctx: *mut c_void,
+    drop_ctx: Option<DropCtxFn>,
 ) -> c_int {
-    guard("hetmem_torch_begin_allocate_to_pool", || {
-        tracing::warn!(target: "hetmem::ffi", device, pool_a, pool_b,
-            "graph pool refused: {GRAPHS_UNSUPPORTED}");
-        Err(FfiError::new(
-            HETMEM_ERR_UNSUPPORTED,
-            format!(
-                "{GRAPHS_UNSUPPORTED} (graph pool ({pool_a}, {pool_b}) on device {device}): \
-                 hetmem's device pool has no private graph pools, and serving a capture from \
-                 the shared one could hand the graph's memory to other tensors"
-            ),
-        ))
+    // Owned from here, whatever happens below (dropped at the end or on failure).
+    let owned = CFilter {
+        filter,
+        ctx,
+        drop_ctx,
+    };
+    guard("hetmem_torch_begin_allocate_to_pool", move || {
+        let device = device_arg(device, "device")?;
+        let id = PrivatePoolId(pool_a, pool_b);
+        let pool = with_torch(|t| t.pool(device))?;
+        pool.begin_allocate_to_pool_with(id, Box::new(move |s| owned.picks(s)))?;
+        tracing::debug!(target: "hetmem::ffi", device, pool_a, pool_b, "begin_allocate_to_pool");
+        Ok(())
     })
 }
 
-/// PyTorch's `endAllocateToPool(device, pool)`, the end of a capture's allocations.
-/// No pool can have begun ([`hetmem_torch_begin_allocate_to_pool`] always fails), so
-/// this fails too: UNSUPPORTED, with the same message.
+/// PyTorch's `endAllocateToPool(device, pool)`, once the capture has ended: allocations
+/// stop going to the pool (its memory stays its own until released), and the filter's
+/// context is let go of. Returns 0, or INVALID_ARGUMENT when allocations do not go to
+/// that pool on `device`.
 #[no_mangle]
 pub extern "C" fn hetmem_torch_end_allocate_to_pool(
     device: c_int,
@@ -319,32 +387,46 @@ pub extern "C" fn hetmem_torch_end_allocate_to_pool(
     pool_b: u64,
 ) -> c_int {
     guard("hetmem_torch_end_allocate_to_pool", || {
-        Err(FfiError::new(
-            HETMEM_ERR_UNSUPPORTED,
-            format!(
-                "no graph pool ({pool_a}, {pool_b}) is being allocated to on device {device}: \
-                 {GRAPHS_UNSUPPORTED}"
-            ),
-        ))
+        let device = device_arg(device, "device")?;
+        let pool = existing_pool(device).ok_or_else(|| {
+            FfiError::invalid(format!(
+                "no graph pool ({pool_a}, {pool_b}) is being allocated to on device {device}"
+            ))
+        })?;
+        pool.end_allocate_to_pool(PrivatePoolId(pool_a, pool_b))?;
+        Ok(())
     })
 }
 
-/// PyTorch's `releasePool(device, pool)`, when a graph or memory pool is destroyed.
-/// hetmem holds no memory in any graph pool (none can begin), so nothing is lost; it
-/// still fails, with UNSUPPORTED and the same message, so that a caller who expected a
-/// pool hears of it. PyTorch calls it from destructors: its C++ hook warns, never
-/// throws.
+/// PyTorch's `releasePool(device, pool)`, when a graph (or memory pool) that used the
+/// pool is reset or destroyed: undoes one begin. When none is left, the pool's memory
+/// goes back to the common pool (its free blocks at once, after the device has been
+/// synchronised since replays may still run; its live ones when freed), and
+/// `torch.cuda.empty_cache()` can then give it to the driver. A pool hetmem does not
+/// have (released already, or never begun: PyTorch's `MemPool` releases its id when
+/// destroyed) is no error. Returns 0, or INVALID_ARGUMENT while the pool is still being
+/// allocated to, DRIVER when synchronising the device failed. PyTorch calls it from
+/// destructors: its C++ hook prints a failure, never throws.
 #[no_mangle]
 pub extern "C" fn hetmem_torch_release_pool(device: c_int, pool_a: u64, pool_b: u64) -> c_int {
     guard("hetmem_torch_release_pool", || {
-        Err(FfiError::new(
-            HETMEM_ERR_UNSUPPORTED,
-            format!(
-                "hetmem has no graph pool ({pool_a}, {pool_b}) on device {device} to release: \
-                 {GRAPHS_UNSUPPORTED}"
-            ),
-        ))
+        let device = device_arg(device, "device")?;
+        let id = PrivatePoolId(pool_a, pool_b);
+        let Some(pool) = existing_pool(device).filter(|p| p.private_pool(id).is_some()) else {
+            tracing::debug!(target: "hetmem::ffi", device, pool_a, pool_b,
+                "release of a graph pool hetmem does not have");
+            return Ok(());
+        };
+        pool.release_pool(id)?;
+        Ok(())
     })
+}
+
+/// The device pool of `device` if the allocator has made one.
+fn existing_pool(device: usize) -> Option<DevicePool> {
+    lock(&TORCH)
+        .as_ref()
+        .and_then(|t| t.pools.get(device).cloned().flatten())
 }
 
 /// Gives every cached, unused page or segment of every pool back to the driver, and
@@ -372,8 +454,10 @@ pub extern "C" fn hetmem_torch_empty_cache() -> c_int {
 /// Writes the allocator's stats as NUL-terminated JSON into `buf` if it fits in `cap`
 /// bytes; `*needed` (if not NULL) is always set to the bytes needed, NUL included.
 /// Keys: `backend` (null before the first allocation), `live_blocks`, `live_bytes`,
-/// `streams`, and `devices`: per pool `device`, `budget`, `reserved`, and `stats` with
-/// PyTorch's `memory_stats()` key names (`allocated_bytes.all.current`, ...).
+/// `streams`, and `devices`: per pool `device`, `budget`, `reserved`, `private_pools`
+/// (graph pools not yet released: `id` as `[a, b]`, `uses`, `allocating`,
+/// `allocated_bytes`, `free_bytes`), and `stats` with PyTorch's `memory_stats()` key
+/// names (`allocated_bytes.all.current`, ...).
 ///
 /// # Safety
 /// `buf` is NULL or valid for `cap` bytes of writes; `needed` is NULL or valid.
@@ -397,10 +481,20 @@ pub unsafe extern "C" fn hetmem_torch_stats_json(
                 Some(t) => {
                     let devices = t.pools.iter().flatten().map(|p| {
                         let stats = p.stats().to_map();
+                        let private = p.private_pools().into_iter().map(|(id, ps)| {
+                            json_object([
+                                ("id", json_array([id.0.to_string(), id.1.to_string()])),
+                                ("uses", ps.uses.to_string()),
+                                ("allocating", ps.allocating.to_string()),
+                                ("allocated_bytes", ps.allocated_bytes.to_string()),
+                                ("free_bytes", ps.free_bytes.to_string()),
+                            ])
+                        });
                         json_object([
                             ("device", p.device().to_string()),
                             ("budget", p.budget().to_string()),
                             ("reserved", p.reserved().to_string()),
+                            ("private_pools", json_array(private)),
                             (
                                 "stats",
                                 json_object(stats.iter().map(|(k, v)| (k, v.to_string()))),
@@ -435,7 +529,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::ffi::{hetmem_last_error, HETMEM_OK};
+    use crate::ffi::{
+        hetmem_last_error, HETMEM_ERR_INVALID_ARGUMENT, HETMEM_ERR_STREAM_CAPTURING, HETMEM_OK,
+    };
     use crate::{BackendKind, SimConfig};
 
     const MIB: usize = 1 << 20;
@@ -564,24 +660,149 @@ mod tests {
         *lock(&TORCH) = None;
     }
 
-    #[test]
-    fn graph_pools_are_refused_with_the_message_pytorch_raises() {
-        let calls: [(extern "C" fn(c_int, u64, u64) -> c_int, &str); 3] = [
-            (
-                hetmem_torch_begin_allocate_to_pool,
-                "begin_allocate_to_pool",
-            ),
-            (hetmem_torch_end_allocate_to_pool, "end_allocate_to_pool"),
-            (hetmem_torch_release_pool, "release_pool"),
-        ];
-        for (f, name) in calls {
-            assert_eq!(f(0, 1, 2), HETMEM_ERR_UNSUPPORTED, "{name}");
-            let msg = last_error();
-            assert!(msg.contains(GRAPHS_UNSUPPORTED), "{name}: {msg}");
-            assert!(
-                msg.contains(name) && msg.contains("(1, 2)"),
-                "{name}: {msg}"
-            );
+    /// Contexts the graph-pool tests' filters let go of.
+    static DROPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Picks the stream whose raw value the context holds; -1 for a context of 0.
+    unsafe extern "C" fn pick(ctx: *mut c_void, stream: *mut c_void) -> c_int {
+        // SAFETY: the tests pass a live Box<u64> as the context.
+        let want = unsafe { *ctx.cast::<u64>() };
+        if want == 0 {
+            return -1;
         }
+        c_int::from(stream.addr() as u64 == want)
+    }
+
+    unsafe extern "C" fn drop_ctx(ctx: *mut c_void) {
+        // SAFETY: the context is the Box<u64> the test leaked, let go of once.
+        drop(unsafe { Box::from_raw(ctx.cast::<u64>()) });
+        DROPPED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn ctx(want: u64) -> *mut c_void {
+        Box::into_raw(Box::new(want)).cast()
+    }
+
+    /// The graph-pool hooks as PyTorch calls them around a capture: the capture's
+    /// allocations (picked by the filter) come from the private pool, a block freed in
+    /// it comes back only to the pool until release, the filter's context is let go of
+    /// once, and no call the driver refuses in a capture is made.
+    #[test]
+    fn graph_pools_route_a_capture_and_keep_its_memory_until_release() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mgr = on_sim();
+        let sim = mgr.sim().unwrap();
+        let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let n = MIB as isize;
+        let dropped = DROPPED.load(SeqCst);
+        // SAFETY: a and b are live sim streams of device 0; the pointers are the
+        // allocator's own or only looked up; the contexts are Box<u64>s for `pick`.
+        unsafe {
+            let begin = |id: u64, want: u64| {
+                hetmem_torch_begin_allocate_to_pool(0, id, 0, Some(pick), ctx(want), Some(drop_ctx))
+            };
+            assert_eq!(begin(3, a.handle().0), HETMEM_OK, "{}", last_error());
+            assert_eq!(begin(3, a.handle().0), HETMEM_ERR_INVALID_ARGUMENT);
+            assert_eq!(
+                DROPPED.load(SeqCst),
+                dropped + 1,
+                "a refused begin lets go at once"
+            );
+            sim.begin_capture(a.handle()).unwrap();
+            let p = hetmem_torch_malloc(n, 0, raw(&a));
+            assert!(!p.is_null(), "{}", last_error());
+            hetmem_torch_free(p, n, 0, raw(&a));
+            assert_eq!(hetmem_torch_malloc(n, 0, raw(&a)), p, "reused in its pool");
+            hetmem_torch_free(p, n, 0, raw(&a));
+            // Another stream's allocation meanwhile is the common pool's.
+            let q = hetmem_torch_malloc(n, 0, raw(&b));
+            assert!(!q.is_null() && q != p);
+            hetmem_torch_free(q, n, 0, raw(&b));
+            assert_eq!(hetmem_torch_empty_cache(), HETMEM_ERR_STREAM_CAPTURING);
+            let mut buf = vec![0u8; 1 << 16];
+            let mut need = 0usize;
+            assert_eq!(
+                hetmem_torch_stats_json(buf.as_mut_ptr().cast(), buf.len(), &mut need),
+                HETMEM_OK
+            );
+            let json = CStr::from_bytes_until_nul(&buf)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert!(
+                json.contains(r#""private_pools":[{"id":[3,0],"uses":1,"allocating":true"#),
+                "{json}"
+            );
+            sim.end_capture(a.handle()).unwrap();
+            assert_eq!(hetmem_torch_end_allocate_to_pool(0, 3, 0), HETMEM_OK);
+            assert_eq!(
+                DROPPED.load(SeqCst),
+                dropped + 2,
+                "the end lets go of the filter"
+            );
+            assert_eq!(
+                hetmem_torch_end_allocate_to_pool(0, 3, 0),
+                HETMEM_ERR_INVALID_ARGUMENT
+            );
+            // Until release, no allocation outside the pool gets the graph's block.
+            let outside: Vec<*mut c_void> = (0..3)
+                .flat_map(|_| {
+                    [
+                        hetmem_torch_malloc(n, 0, raw(&a)),
+                        hetmem_torch_malloc(n, 0, raw(&b)),
+                    ]
+                })
+                .collect();
+            assert!(outside.iter().all(|o| !o.is_null() && *o != p));
+            for o in &outside {
+                hetmem_torch_free(*o, n, 0, std::ptr::null_mut());
+            }
+            assert_eq!(
+                hetmem_torch_release_pool(0, 3, 0),
+                HETMEM_OK,
+                "{}",
+                last_error()
+            );
+            assert_eq!(
+                hetmem_torch_release_pool(0, 3, 0),
+                HETMEM_OK,
+                "unknown: nothing to do"
+            );
+            let again: Vec<*mut c_void> =
+                (0..4).map(|_| hetmem_torch_malloc(n, 0, raw(&a))).collect();
+            assert!(again.contains(&p), "released: the common pool reuses it");
+            for o in again {
+                hetmem_torch_free(o, n, 0, raw(&a));
+            }
+            // A filter that fails fails the allocation it was asked about.
+            assert_eq!(begin(4, 0), HETMEM_OK);
+            assert!(hetmem_torch_malloc(n, 0, raw(&a)).is_null());
+            assert!(
+                last_error().contains("stream filter failed"),
+                "{}",
+                last_error()
+            );
+            assert_eq!(hetmem_torch_end_allocate_to_pool(0, 4, 0), HETMEM_OK);
+            assert_eq!(hetmem_torch_release_pool(0, 4, 0), HETMEM_OK);
+            // No filter: every allocation of the device.
+            assert_eq!(
+                hetmem_torch_begin_allocate_to_pool(0, 5, 0, None, std::ptr::null_mut(), None),
+                HETMEM_OK
+            );
+            let r = hetmem_torch_malloc(n, 0, raw(&b));
+            assert!(!r.is_null());
+            hetmem_torch_free(r, n, 0, raw(&b));
+            assert_eq!(hetmem_torch_end_allocate_to_pool(0, 5, 0), HETMEM_OK);
+            let other = hetmem_torch_malloc(n, 0, raw(&b));
+            assert_ne!(other, r, "r is pool 5's");
+            hetmem_torch_free(other, n, 0, raw(&b));
+            assert_eq!(hetmem_torch_release_pool(0, 5, 0), HETMEM_OK);
+            assert_eq!(hetmem_torch_empty_cache(), HETMEM_OK);
+        }
+        assert_eq!(DROPPED.load(SeqCst), dropped + 3);
+        assert_eq!(sim.stats().capture_violations, 0);
+        *lock(&TORCH) = None;
     }
 }

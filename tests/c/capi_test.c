@@ -610,6 +610,13 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     free(back);
 }
 
+/* A graph pool's filter for the torch tests: the default stream's allocations. */
+static int pick_default(void* ctx, void* stream) {
+    (void)ctx;
+    return stream == NULL;
+}
+static void count_drop(void* ctx) { ++*(int*)ctx; }
+
 static void test_torch(void) {
     printf("\n== PyTorch allocator entry points\n");
     void* a = hetmem_torch_malloc(1 << 20, 0, NULL);
@@ -671,14 +678,28 @@ static void test_torch(void) {
     hetmem_torch_free(d, 1 << 20, 0, NULL);
     EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
 
-    /* Graph pools are not implemented: every hook refuses, loudly. */
-    const char* graphs = "CUDA graph capture with hetmem's allocator is not supported yet";
-    EXPECT(hetmem_torch_begin_allocate_to_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
-    CHECK(contains(hetmem_last_error(), graphs), "begin says why: %s", hetmem_last_error());
-    EXPECT(hetmem_torch_end_allocate_to_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
-    CHECK(contains(hetmem_last_error(), graphs), "end says why: %s", hetmem_last_error());
-    EXPECT(hetmem_torch_release_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
-    CHECK(contains(hetmem_last_error(), graphs), "release says why: %s", hetmem_last_error());
+    /* Graph pools: the allocations the filter picks (here the default stream's) come
+     * from the private pool; its freed blocks come back only to it until release; the
+     * filter's context is let go of exactly once. */
+    int drops = 0;
+    EXPECT(hetmem_torch_begin_allocate_to_pool(0, 1, 0, pick_default, &drops, count_drop),
+           HETMEM_OK);
+    EXPECT(hetmem_torch_begin_allocate_to_pool(0, 1, 0, pick_default, &drops, count_drop),
+           HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(drops == 1, "a refused begin lets go of its context (%d)", drops);
+    void* g = hetmem_torch_malloc(1 << 20, 0, NULL);
+    CHECK(g != NULL, "malloc into the graph pool: %s", hetmem_last_error());
+    hetmem_torch_free(g, 1 << 20, 0, NULL);
+    EXPECT(hetmem_torch_empty_cache(), HETMEM_ERR_STREAM_CAPTURING);
+    EXPECT(hetmem_torch_end_allocate_to_pool(0, 1, 0), HETMEM_OK);
+    CHECK(drops == 2, "end lets go of the context (%d)", drops);
+    EXPECT(hetmem_torch_end_allocate_to_pool(0, 1, 0), HETMEM_ERR_INVALID_ARGUMENT);
+    void* o = hetmem_torch_malloc(1 << 20, 0, NULL);
+    CHECK(o != NULL && o != g, "the graph's block is not handed out before release");
+    hetmem_torch_free(o, 1 << 20, 0, NULL);
+    EXPECT(hetmem_torch_release_pool(0, 1, 0), HETMEM_OK);
+    EXPECT(hetmem_torch_release_pool(0, 1, 0), HETMEM_OK); /* none left: nothing to do */
+    EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
 }
 
 /* A call from a thread's exit, after the library's own thread-locals are gone (a

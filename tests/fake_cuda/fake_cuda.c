@@ -154,6 +154,37 @@
  *     be exactly one reservation's, and it is refused (CUDA_ERROR_INVALID_VALUE) while
  *     anything is mapped in it. Released handle values are reused like streams.
  *
+ *   - Graph capture (cuStreamBeginCapture_v2, cuStreamEndCapture, cuStreamIsCapturing,
+ *     cuGraphDestroy), as strict as the programming guide's "prohibited and unhandled
+ *     operations": work queued on a capturing stream (copies) is recorded as a node,
+ *     not run; an event recorded there is a captured event. A stream not capturing
+ *     that waits (cuStreamWaitEvent) for a captured event of a capture under way JOINS
+ *     it (a fork: it captures too, counted in capture_joins), and cuStreamEndCapture
+ *     answers CUDA_ERROR_STREAM_CAPTURE_UNJOINED if work was captured on a joined
+ *     stream after the origin last waited for it. Refused, each INVALIDATING the
+ *     capture(s) concerned and counted in capture_violations: cuStreamSynchronize of
+ *     a capturing stream (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED) or, while a blocking
+ *     stream of the context captures, of the legacy stream (_IMPLICIT; also copies and
+ *     records on it); cuEventQuery / cuEventSynchronize of an event last recorded in a
+ *     capture (CUDA_ERROR_CAPTURED_EVENT, also after that capture ended); a capturing
+ *     stream waiting for an event recorded outside any capture without
+ *     CU_EVENT_WAIT_EXTERNAL (_ISOLATION) or for one of another capture (_MERGE); a
+ *     stream not capturing waiting for an event of a capture that has ended
+ *     (CUDA_ERROR_CAPTURED_EVENT); cuCtxSynchronize while a stream of the context
+ *     captures (_UNSUPPORTED); and the calls that synchronise the device implicitly
+ *     (cuMemFree_v2, cuMemFreeHost, cuMemHostUnregister, cuMemUnmap, cuMemRelease,
+ *     cuMemAddressFree, cuCtxSynchronize; chosen: cuMemAlloc, cuMemCreate, cuMemMap
+ *     and cuMemSetAccess are allowed, as PyTorch makes them during captures) while a
+ *     capture in CU_STREAM_CAPTURE_MODE_GLOBAL is under way in any thread, or one in
+ *     _THREAD_LOCAL in the calling thread (_UNSUPPORTED; _RELAXED never refuses them).
+ *     cuStreamBeginCapture_v2 on the legacy or per-thread stream is _UNSUPPORTED, on a
+ *     capturing stream CUDA_ERROR_ILLEGAL_STATE; cuStreamEndCapture on a stream not
+ *     capturing is _ILLEGAL_STATE, on a joined stream _UNMATCHED, from another thread
+ *     (modes other than relaxed) _WRONG_THREAD, and after an invalidation
+ *     _INVALIDATED with a NULL graph (the capture ends either way). A graph is a
+ *     handle with its node count; cuGraphDestroy of an unknown one is
+ *     CUDA_ERROR_INVALID_VALUE. Graphs are not launched.
+ *
  * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points,
  * peer access enabling (peer copies always work, as cuMemcpyPeerAsync does without it),
  * contexts other than primary ones (cuCtxCreate, the context stack), stream priorities
@@ -214,6 +245,7 @@ typedef enum cudaError_enum {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_ILLEGAL_ADDRESS = 700,
@@ -222,12 +254,33 @@ typedef enum cudaError_enum {
     CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED = 713,
     CUDA_ERROR_NOT_PERMITTED = 800,
     CUDA_ERROR_NOT_SUPPORTED = 801,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    CUDA_ERROR_STREAM_CAPTURE_MERGE = 902,
+    CUDA_ERROR_STREAM_CAPTURE_UNMATCHED = 903,
+    CUDA_ERROR_STREAM_CAPTURE_UNJOINED = 904,
+    CUDA_ERROR_STREAM_CAPTURE_ISOLATION = 905,
+    CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906,
+    CUDA_ERROR_CAPTURED_EVENT = 907,
+    CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD = 908,
     CUDA_ERROR_UNKNOWN = 999
 } CUresult;
 typedef int CUdevice;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUgraph_st *CUgraph;
+typedef enum CUstreamCaptureMode_enum {
+    CU_STREAM_CAPTURE_MODE_GLOBAL = 0,
+    CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
+    CU_STREAM_CAPTURE_MODE_RELAXED = 2
+} CUstreamCaptureMode;
+typedef enum CUstreamCaptureStatus_enum {
+    CU_STREAM_CAPTURE_STATUS_NONE = 0,
+    CU_STREAM_CAPTURE_STATUS_ACTIVE = 1,
+    CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2
+} CUstreamCaptureStatus;
+typedef enum CUevent_wait_flags_enum { CU_EVENT_WAIT_DEFAULT = 0, CU_EVENT_WAIT_EXTERNAL = 1 } CUevent_wait_flags;
 typedef unsigned long long CUdeviceptr;
 typedef unsigned long long CUmemGenericAllocationHandle;
 
@@ -340,6 +393,19 @@ _Static_assert(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED == 712, "");
 _Static_assert(CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED == 713, "");
 _Static_assert(CUDA_ERROR_NOT_SUPPORTED == 801, "");
 _Static_assert(CUDA_ERROR_UNKNOWN == 999, "");
+_Static_assert(CUDA_ERROR_ILLEGAL_STATE == 401, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED == 900, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED == 901, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_MERGE == 902, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED == 903, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_UNJOINED == 904, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_ISOLATION == 905, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT == 906, "");
+_Static_assert(CUDA_ERROR_CAPTURED_EVENT == 907, "");
+_Static_assert(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD == 908, "");
+_Static_assert(CU_STREAM_CAPTURE_MODE_GLOBAL == 0 && CU_STREAM_CAPTURE_MODE_RELAXED == 2, "");
+_Static_assert(CU_STREAM_CAPTURE_STATUS_ACTIVE == 1 && CU_STREAM_CAPTURE_STATUS_INVALIDATED == 2, "");
+_Static_assert(CU_EVENT_WAIT_EXTERNAL == 1, "");
 _Static_assert(CU_DEVICE_ATTRIBUTE_PCI_BUS_ID == 33, "");
 _Static_assert(CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID == 34, "");
 _Static_assert(CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING == 41, "");
@@ -460,7 +526,32 @@ struct object { /* a stream or an event */
      * the latest pending one is op `rec_seq` of `rec_stream`. */
     unsigned long long gen, done_gen, rec_seq;
     struct object *rec_stream;
+    /* Capture. Streams: the capture recording them (NULL: none), work captured on them
+     * (cap_work), and, for a joined stream, how much of it the origin waited for.
+     * Events: the capture their latest recording was made in (NULL: none; the capture
+     * may have ended), its stream, and that stream's cap_work then. */
+    struct capture *cap;
+    unsigned long long cap_work, cap_joined_upto;
+    struct capture *rec_cap;
+    struct object *rec_cap_stream;
+    unsigned long long rec_cap_work;
 };
+
+struct capture {
+    unsigned long long id;
+    int live, invalidated;
+    CUstreamCaptureMode mode;
+    pthread_t thread;
+    struct object *origin;
+    unsigned long long nodes;
+};
+
+struct graph {
+    unsigned magic;
+    int live;
+    unsigned long long nodes;
+};
+#define GRAPH_MAGIC 0x47524150u
 #define OBJ_MAGIC 0x4355444fu
 enum { KIND_STREAM = 1, KIND_EVENT = 2 };
 
@@ -502,6 +593,12 @@ static long long g_last_register_flags = -100, g_register_calls;
 static long long g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
 static long long g_set_access_calls, g_last_set_access_count = -100;
+/* Never freed: an event keeps pointing at the capture it was recorded in. */
+static struct capture **g_captures;
+static size_t g_ncaptures, g_cap_captures;
+static struct graph **g_graphs;
+static size_t g_ngraphs, g_cap_graphs;
+static long long g_capture_violations, g_capture_joins, g_captured_ops;
 
 static void read_env_locked(void) {
     if (g_env_read) return;
@@ -807,6 +904,11 @@ static struct object *new_object(int kind, struct ctx *c, unsigned flags) {
     o->qhead = o->qlen = 0; /* the queue buffer (o->q) is kept for reuse */
     o->gen = o->done_gen = o->rec_seq = 0;
     o->rec_stream = NULL;
+    o->cap = NULL;
+    o->cap_work = o->cap_joined_upto = 0;
+    o->rec_cap = NULL;
+    o->rec_cap_stream = NULL;
+    o->rec_cap_work = 0;
     return o;
 }
 
@@ -935,6 +1037,54 @@ static CUresult resolve_stream(CUstream h, struct object **s, int *legacy) {
     return CUDA_SUCCESS;
 }
 
+/* ------------------------------------------------------------------ capture */
+
+/* An illegal call: invalidates `c` (if under way) and counts it; returns `code`. */
+static CUresult capture_violation(struct capture *c, CUresult code) {
+    if (c && c->live) c->invalidated = 1;
+    g_capture_violations++;
+    return code;
+}
+
+/* A capture under way on a blocking stream of context `c`: what the legacy stream
+ * would depend on implicitly. */
+static struct capture *blocking_capture(struct ctx *c) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (is_stream(s) && s->ctx == c && s->cap && !(s->flags & CU_STREAM_NON_BLOCKING))
+            return s->cap;
+    }
+    return NULL;
+}
+
+/* The legacy stream used (a copy, a record, a synchronisation) while a blocking stream
+ * of the context captures: refused, invalidating that capture. */
+static CUresult legacy_use(int legacy, struct ctx *c) {
+    struct capture *cap = legacy ? blocking_capture(c) : NULL;
+    return cap ? capture_violation(cap, CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) : CUDA_SUCCESS;
+}
+
+/* A call that synchronises the device implicitly: refused (invalidating the captures
+ * concerned) while a global-mode capture is under way in any thread, or a thread-local
+ * one in this thread. */
+static CUresult unsafe_call(void) {
+    CUresult rc = CUDA_SUCCESS;
+    for (size_t i = 0; i < g_ncaptures; i++) {
+        struct capture *c = g_captures[i];
+        if (!c->live) continue;
+        int hit = c->mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
+                  (c->mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && pthread_equal(c->thread, pthread_self()));
+        if (hit) rc = capture_violation(c, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    }
+    return rc;
+}
+
+#define UNSAFE_CALL()                              \
+    do {                                           \
+        CUresult uc_ = unsafe_call();              \
+        if (uc_) RETURN(uc_);                      \
+    } while (0)
+
 /* ------------------------------------------------------------------- memory */
 
 static void free_alloc_at(size_t i) {
@@ -1059,6 +1209,9 @@ EXPORT int fakeCudaSetRegisterLimit(uint64_t bytes, int code) {
  *     vmm_accessible_bytes (to each mapping's own device), "vmm_accessible_bytes:N"
  *     (to device N), set_access_calls (cuMemSetAccess calls that changed access),
  *     last_set_access_count (descriptors in the latest)
+ *   capture_violations (calls refused because of a capture; each invalidated it),
+ *     capture_joins (streams pulled into a capture by a wait), captured_ops (copies
+ *     recorded into captures), captures (under way), graphs (not destroyed)
  *   initialized, devices */
 EXPORT long long fakeCudaStat(const char *name) {
     long long r = -1;
@@ -1110,6 +1263,11 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "vmm_mapped_bytes")) SUM_OVER(r, g_nmaps, g_maps[i].size);
     else if (!strcmp(name, "vmm_accessible_bytes"))
         SUM_OVER(r, g_nmaps, g_maps[i].access[g_maps[i].phys->device] ? g_maps[i].size : 0);
+    else if (!strcmp(name, "capture_violations")) r = g_capture_violations;
+    else if (!strcmp(name, "capture_joins")) r = g_capture_joins;
+    else if (!strcmp(name, "captured_ops")) r = g_captured_ops;
+    else if (!strcmp(name, "captures")) SUM_OVER(r, g_ncaptures, g_captures[i]->live);
+    else if (!strcmp(name, "graphs")) SUM_OVER(r, g_ngraphs, g_graphs[i]->live);
     else if (!strcmp(name, "initialized")) r = g_initialized;
     else if (!strcmp(name, "devices")) r = g_devices;
     else if (!strcmp(name, "capacity")) r = (long long)g_capacity;
@@ -1150,6 +1308,24 @@ EXPORT CUresult cuGetErrorString(CUresult error, const char **pStr) {
         break;
     case CUDA_ERROR_NOT_PERMITTED: s = "operation not permitted"; break;
     case CUDA_ERROR_NOT_SUPPORTED: s = "operation not supported"; break;
+    case CUDA_ERROR_ILLEGAL_STATE: s = "the operation cannot be performed in the present state"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: s = "operation not permitted when stream is capturing"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED:
+        s = "operation failed due to a previous error during capture";
+        break;
+    case CUDA_ERROR_STREAM_CAPTURE_MERGE: s = "operation would result in a merge of separate capture sequences"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNMATCHED: s = "capture was not ended in the same stream as it began"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNJOINED: s = "capturing stream has unjoined work"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_ISOLATION:
+        s = "dependency created on uncaptured work in another stream";
+        break;
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT:
+        s = "operation would make the legacy stream depend on a capturing blocking stream";
+        break;
+    case CUDA_ERROR_CAPTURED_EVENT: s = "operation not permitted on an event last recorded in a capturing stream"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD:
+        s = "attempt to terminate a thread-local capture sequence from another thread";
+        break;
     case CUDA_ERROR_UNKNOWN: s = "unknown error"; break;
     default:
         if (pStr) *pStr = NULL;
@@ -1286,6 +1462,26 @@ EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
     RETURN(CUDA_SUCCESS);
 }
 
+/* Runs every queue of the current context's streams. */
+EXPORT CUresult cuCtxSynchronize(void) {
+    ENTER("cuCtxSynchronize");
+    struct ctx *c;
+    NEED_CTX(c);
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        /* "Invalid to synchronise a broader handle ... when any associated stream is in
+         * capture mode." */
+        if (is_stream(s) && s->ctx == c && s->cap)
+            RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+    }
+    UNSAFE_CALL();
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (is_stream(s) && s->ctx == c) run_all(s);
+    }
+    RETURN(c->sticky);
+}
+
 EXPORT CUresult cuDeviceCanAccessPeer(int *canAccessPeer, CUdevice dev, CUdevice peerDev) {
     ENTER("cuDeviceCanAccessPeer");
     if (!canAccessPeer) RETURN(CUDA_ERROR_INVALID_VALUE);
@@ -1368,6 +1564,7 @@ static CUresult free_kind(const char *p, int kind1, int kind2) {
 EXPORT CUresult cuMemFree_v2(CUdeviceptr dptr) {
     ENTER("cuMemFree_v2");
     REQUIRE_CTX();
+    UNSAFE_CALL();
     RETURN(free_kind((const char *)(uintptr_t)dptr, MEM_DEVICE, MEM_MANAGED));
 }
 
@@ -1385,6 +1582,7 @@ EXPORT CUresult cuMemAllocHost_v2(void **pp, size_t bytesize) {
 EXPORT CUresult cuMemFreeHost(void *p) {
     ENTER("cuMemFreeHost");
     REQUIRE_CTX();
+    UNSAFE_CALL();
     RETURN(free_kind(p, MEM_HOST, MEM_HOST));
 }
 
@@ -1424,6 +1622,7 @@ EXPORT CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flag
 EXPORT CUresult cuMemHostUnregister(void *p) {
     ENTER("cuMemHostUnregister");
     REQUIRE_CTX();
+    UNSAFE_CALL();
     for (size_t i = 0; i < g_nregs; i++) {
         if (g_regs[i].ptr == p) {
             /* Queued copies touching the range finish first. */
@@ -1454,6 +1653,12 @@ EXPORT CUresult cuStreamDestroy_v2(CUstream hStream) {
     REQUIRE_CTX();
     struct object *o = find_object(hStream, KIND_STREAM);
     if (!o) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (o->cap) {
+        /* Chosen: destroying a capturing stream invalidates its capture. */
+        (void)capture_violation(o->cap, CUDA_SUCCESS);
+        if (o->cap->origin == o) o->cap->origin = NULL;
+        o->cap = NULL;
+    }
     if (o->qhead < o->qlen) {
         /* Returns at once; the queued work finishes later, then the handle is free. */
         o->live = 0;
@@ -1472,6 +1677,8 @@ EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
     int legacy;
     CUresult rc = resolve_stream(hStream, &s, &legacy);
     if (rc) RETURN(rc);
+    if (s && s->cap) RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+    if ((rc = legacy_use(legacy, c))) RETURN(rc);
     if (s) {
         run_all(s);
         RETURN(s->ctx->sticky);
@@ -1482,14 +1689,46 @@ EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
 
 EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
     ENTER("cuStreamWaitEvent");
-    REQUIRE_CTX();
-    if (Flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct ctx *c;
+    NEED_CTX(c);
+    if (Flags & ~(unsigned)CU_EVENT_WAIT_EXTERNAL) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
     int legacy;
     CUresult rc = resolve_stream(hStream, &s, &legacy);
     if (rc) RETURN(rc);
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    struct capture *waiter = s ? s->cap : NULL;
+    /* "This flag is invalid when used outside of capture." */
+    if ((Flags & CU_EVENT_WAIT_EXTERNAL) && !waiter) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (waiter) {
+        if (e->rec_cap == waiter) {
+            /* An edge of the graph; the origin waiting joins the other stream back. */
+            struct object *from = e->rec_cap_stream;
+            if (s == waiter->origin && from && from->cap == waiter && e->rec_cap_work > from->cap_joined_upto)
+                from->cap_joined_upto = e->rec_cap_work;
+            waiter->nodes++;
+            RETURN(CUDA_SUCCESS);
+        }
+        if (e->rec_cap) {
+            /* Two captures would merge: both are invalidated. */
+            if (e->rec_cap->live) e->rec_cap->invalidated = 1;
+            RETURN(capture_violation(waiter, CUDA_ERROR_STREAM_CAPTURE_MERGE));
+        }
+        if (!(Flags & CU_EVENT_WAIT_EXTERNAL))
+            RETURN(capture_violation(waiter, CUDA_ERROR_STREAM_CAPTURE_ISOLATION));
+        waiter->nodes++; /* an external event wait node */
+        RETURN(CUDA_SUCCESS);
+    }
+    if (e->rec_cap) {
+        if (!e->rec_cap->live || !s) RETURN(capture_violation(e->rec_cap, CUDA_ERROR_CAPTURED_EVENT));
+        /* A fork: the waiting stream joins the capture. */
+        s->cap = e->rec_cap;
+        s->cap_work = s->cap_joined_upto = 0;
+        g_capture_joins++;
+        RETURN(CUDA_SUCCESS);
+    }
+    if ((rc = legacy_use(legacy, c))) RETURN(rc);
     if (event_done(e)) RETURN(CUDA_SUCCESS);
     if (!s) {
         /* The special streams run at once: so must the work they wait for. */
@@ -1547,6 +1786,17 @@ EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
      * CUDA_ERROR_INVALID_HANDLE is returned." */
     struct ctx *stream_ctx = s ? s->ctx : c;
     if (stream_ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (s && s->cap) {
+        /* A node of the graph: the event is a captured event from now on. */
+        e->rec_cap = s->cap;
+        e->rec_cap_stream = s;
+        e->rec_cap_work = s->cap_work;
+        s->cap->nodes++;
+        RETURN(CUDA_SUCCESS);
+    }
+    if ((rc = legacy_use(legacy, c))) RETURN(rc);
+    e->rec_cap = NULL;
+    e->rec_cap_stream = NULL;
     if (!s && legacy) run_blocking_streams(c);
     unsigned long long gen = e->gen + 1;
     if (s && s->qhead < s->qlen) {
@@ -1573,6 +1823,7 @@ EXPORT CUresult cuEventSynchronize(CUevent hEvent) {
     REQUIRE_CTX();
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (e->rec_cap) RETURN(capture_violation(e->rec_cap, CUDA_ERROR_CAPTURED_EVENT));
     run_to_event(e);
     RETURN(e->ctx->sticky);
 }
@@ -1582,6 +1833,7 @@ EXPORT CUresult cuEventQuery(CUevent hEvent) {
     /* No current context needed: the documentation lists no context error. */
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (e->rec_cap) RETURN(capture_violation(e->rec_cap, CUDA_ERROR_CAPTURED_EVENT));
     if (e->ctx->sticky) RETURN(e->ctx->sticky);
     if (event_done(e)) RETURN(CUDA_SUCCESS);
     /* Not yet: say so, then let the "GPU" progress so that polling terminates. */
@@ -1589,10 +1841,111 @@ EXPORT CUresult cuEventQuery(CUevent hEvent) {
     RETURN(CUDA_ERROR_NOT_READY);
 }
 
+/* -------------------------------------------------------------- stream capture */
+
+EXPORT CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode) {
+    ENTER("cuStreamBeginCapture_v2");
+    REQUIRE_CTX();
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    if (!s) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED); /* the legacy or per-thread stream */
+    if ((unsigned)mode > CU_STREAM_CAPTURE_MODE_RELAXED) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (s->cap) RETURN(CUDA_ERROR_ILLEGAL_STATE);
+    struct capture **n = grow(g_captures, &g_cap_captures, g_ncaptures + 1, sizeof *g_captures);
+    if (!n) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_captures = n;
+    struct capture *c = calloc(1, sizeof *c);
+    if (!c) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    c->id = g_ncaptures + 1;
+    c->live = 1;
+    c->mode = mode;
+    c->thread = pthread_self();
+    c->origin = s;
+    g_captures[g_ncaptures++] = c;
+    s->cap = c;
+    s->cap_work = s->cap_joined_upto = 0;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph) {
+    ENTER("cuStreamEndCapture");
+    REQUIRE_CTX();
+    if (!phGraph) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    if (!s || !s->cap) RETURN(CUDA_ERROR_ILLEGAL_STATE);
+    struct capture *c = s->cap;
+    if (c->origin != s) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED);
+    if (c->mode != CU_STREAM_CAPTURE_MODE_RELAXED && !pthread_equal(c->thread, pthread_self()))
+        RETURN(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD);
+    int unjoined = 0;
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *o = g_objects[i];
+        if (!is_stream(o) || o->cap != c) continue;
+        if (o != s && o->cap_work > o->cap_joined_upto) unjoined = 1;
+        o->cap = NULL;
+    }
+    c->live = 0;
+    *phGraph = NULL;
+    if (c->invalidated) RETURN(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    if (unjoined) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNJOINED);
+    struct graph **gn = grow(g_graphs, &g_cap_graphs, g_ngraphs + 1, sizeof *g_graphs);
+    if (!gn) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g_graphs = gn;
+    struct graph *g = calloc(1, sizeof *g);
+    if (!g) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    g->magic = GRAPH_MAGIC;
+    g->live = 1;
+    g->nodes = c->nodes;
+    g_graphs[g_ngraphs++] = g;
+    *phGraph = (CUgraph)(void *)g;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus *captureStatus) {
+    ENTER("cuStreamIsCapturing");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!captureStatus) RETURN(CUDA_ERROR_INVALID_VALUE);
+    struct object *s;
+    int legacy;
+    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    if (rc) RETURN(rc);
+    /* The legacy stream while a blocking stream captures: the implicit dependency. */
+    if (legacy && blocking_capture(c)) RETURN(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+    if (!s || !s->cap) *captureStatus = CU_STREAM_CAPTURE_STATUS_NONE;
+    else *captureStatus = s->cap->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuGraphDestroy(CUgraph hGraph) {
+    ENTER("cuGraphDestroy");
+    for (size_t i = 0; i < g_ngraphs; i++) {
+        if ((void *)g_graphs[i] == (void *)hGraph && g_graphs[i]->live) {
+            g_graphs[i]->live = 0;
+            RETURN(CUDA_SUCCESS);
+        }
+    }
+    RETURN(CUDA_ERROR_INVALID_VALUE);
+}
+
 /* ------------------------------------------------------------------- copies */
 
 static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *dst,
                            const char *src, size_t n, int dst_vmm, int src_vmm) {
+    if (s && s->cap) {
+        /* Recorded as a node of the graph, not run. */
+        s->cap->nodes++;
+        s->cap_work++;
+        g_captured_ops++;
+        return CUDA_SUCCESS;
+    }
+    CUresult rc = legacy_use(legacy, c);
+    if (rc) return rc;
     if (!s) {
         if (legacy) run_blocking_streams(c);
         /* The special streams run on the current context's device, at once. */
@@ -1612,7 +1965,7 @@ static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *ds
     op.n = n;
     op.dst_vmm = dst_vmm;
     op.src_vmm = src_vmm;
-    CUresult rc = enqueue(s, op);
+    rc = enqueue(s, op);
     if (rc == CUDA_SUCCESS) g_async_copies++;
     return rc;
 }
@@ -1795,6 +2148,7 @@ EXPORT CUresult cuMemAddressReserve(CUdeviceptr *ptr, size_t size, size_t alignm
 
 EXPORT CUresult cuMemAddressFree(CUdeviceptr ptr, size_t size) {
     ENTER_VMM("cuMemAddressFree");
+    UNSAFE_CALL();
     char *p = (char *)(uintptr_t)ptr;
     for (size_t i = 0; i < g_nres; i++) {
         if (g_res[i].base != p) continue;
@@ -1854,6 +2208,7 @@ EXPORT CUresult cuMemCreate(CUmemGenericAllocationHandle *handle, size_t size, c
 
 EXPORT CUresult cuMemRelease(CUmemGenericAllocationHandle handle) {
     ENTER_VMM("cuMemRelease");
+    UNSAFE_CALL();
     struct phys *ph = find_phys(handle);
     if (!ph) RETURN(CUDA_ERROR_INVALID_VALUE); /* undefined in CUDA; refused here */
     ph->live = 0;
@@ -1931,6 +2286,7 @@ EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDe
 
 EXPORT CUresult cuMemUnmap(CUdeviceptr ptr, size_t size) {
     ENTER_VMM("cuMemUnmap");
+    UNSAFE_CALL();
     char *p = (char *)(uintptr_t)ptr;
     if (size == 0) RETURN(CUDA_ERROR_INVALID_VALUE);
     /* Whole mappings only ("cannot unmap a sub-range"), with no gap between them. */

@@ -38,6 +38,9 @@ pub(crate) struct OwnedStream {
     /// Unique for the life of the process, unlike the driver's handle, which a driver
     /// may hand out again once this stream is destroyed.
     id: u64,
+    /// The value the caller knows the stream by: the raw value it was imported from
+    /// (0 for a default stream), else the driver's own.
+    raw: u64,
 }
 
 static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
@@ -52,6 +55,7 @@ impl OwnedStream {
             events: EventCache::new(backend, device),
             owned: true,
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            raw: crate::backend::raw_stream(handle),
         })
     }
 
@@ -71,6 +75,7 @@ impl OwnedStream {
             events: EventCache::new(backend, device),
             owned: false,
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            raw,
         })
     }
 
@@ -86,6 +91,11 @@ impl OwnedStream {
 
     pub(crate) fn handle(&self) -> StreamHandle {
         self.handle
+    }
+
+    /// The value the caller knows the stream by (the raw value it was imported from).
+    pub(crate) fn raw(&self) -> u64 {
+        self.raw
     }
 
     pub(crate) fn backend(&self) -> &SharedBackend {

@@ -608,6 +608,9 @@ impl DevicePool {
     ) -> Result<()> {
         let mut st = self.shared.lock();
         if st.routes.iter().any(|r| r.id == id) {
+            drop(st);
+            // The filter (the caller's context) is let go of outside the lock.
+            drop(filter);
             return Err(Error::InvalidArgument(format!(
                 "allocations already go to private pool {id:?}"
             )));
@@ -698,13 +701,20 @@ impl DevicePool {
     pub fn private_pool(&self, id: PrivatePoolId) -> Option<PrivatePoolStats> {
         let st = self.shared.lock();
         let p = st.private.get(&id)?;
-        let (allocated_bytes, free_bytes) = st.blocks.pool_bytes(p.tag);
-        Some(PrivatePoolStats {
-            uses: p.uses,
-            allocating: st.routes.iter().any(|r| r.id == id),
-            allocated_bytes,
-            free_bytes,
-        })
+        Some(st.private_stats(id, p))
+    }
+
+    /// Every private pool not yet released, by id, with what it holds (as
+    /// [`DevicePool::private_pool`]).
+    pub fn private_pools(&self) -> Vec<(PrivatePoolId, PrivatePoolStats)> {
+        let st = self.shared.lock();
+        let mut v: Vec<_> = st
+            .private
+            .iter()
+            .map(|(id, p)| (*id, st.private_stats(*id, p)))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
     }
 
     /// Gives back every chunk or segment that no block uses (after synchronising the
@@ -1450,6 +1460,16 @@ impl Drop for Shared {
 }
 
 impl PoolState {
+    fn private_stats(&self, id: PrivatePoolId, p: &Private) -> PrivatePoolStats {
+        let (allocated_bytes, free_bytes) = self.blocks.pool_bytes(p.tag);
+        PrivatePoolStats {
+            uses: p.uses,
+            allocating: self.routes.iter().any(|r| r.id == id),
+            allocated_bytes,
+            free_bytes,
+        }
+    }
+
     /// The private pool an allocation on `stream` goes to: the newest route whose
     /// filter picks it, else the common pool.
     fn route(&self, stream: &Stream) -> Result<u32> {
