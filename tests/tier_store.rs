@@ -1710,3 +1710,67 @@ fn a_load_that_cannot_fit_evicts_nothing() {
     ));
     drop(held);
 }
+
+/// An acquire on a capturing stream serves resident parameters only (a load still in
+/// flight is waited for on the host), refuses others with `StreamCapturing` without
+/// loading, and never pulls the store's copy stream into the capture: no event of the
+/// capture is recorded for a use, no load waits for one. Without the capture path the
+/// capturing stream would wait for load events recorded outside the capture (the
+/// driver refuses that and invalidates the capture), and a load evicting a parameter
+/// used in the capture would wait for its captured use event, joining the copy stream.
+#[test]
+fn an_acquire_in_a_capture_serves_resident_parameters_only() {
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let store = model(&mgr, 2, SequenceHint::None, false);
+    let (capture, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+    // Layer 0 resident and loaded; layer 1's load queued (still in flight).
+    let g = store.acquire(0, &other).unwrap();
+    let addr0 = g.ptr();
+    drop(g);
+    other.synchronize().unwrap();
+    assert!(store.prefetch(1).unwrap());
+    assert!(matches!(
+        store.residency(1).unwrap(),
+        Residency::Loading { .. }
+    ));
+    let (hits, misses) = (store.stats().hits, store.stats().misses);
+    let before = sim.stats();
+    sim.begin_capture(capture.handle()).unwrap();
+    let g0 = store.acquire(0, &capture).unwrap();
+    assert_eq!(g0.ptr(), addr0, "the address the graph bakes in");
+    let g1 = store.acquire(1, &capture).unwrap();
+    assert!(
+        matches!(store.residency(1).unwrap(), Residency::Device { .. }),
+        "the load in flight was waited for on the host"
+    );
+    drop(g0); // dropped in the capture: nothing recorded
+              // Layer 5 is cold: refused, nothing loaded, nothing evicted.
+    match store.acquire(5, &capture) {
+        Err(Error::StreamCapturing { what }) => {
+            assert!(what.contains("parameter 5 (layer.5)"), "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        store.residency(5).unwrap(),
+        Residency::Host | Residency::Cold
+    ));
+    assert!(!store.copy_stream().is_capturing().unwrap());
+    // Work on another stream meanwhile still loads (evicting layer 0, whose use was
+    // captured: the copy stream must not wait for that).
+    drop(g1);
+    let g5 = store.acquire(5, &other).unwrap();
+    drop(g5);
+    assert!(!store.copy_stream().is_capturing().unwrap());
+    let s = sim.stats();
+    assert_eq!(
+        (s.capture_violations, s.capture_joins),
+        (before.capture_violations, before.capture_joins)
+    );
+    sim.end_capture(capture.handle()).unwrap();
+    let st = store.stats();
+    assert_eq!((st.hits, st.misses), (hits + 2, misses + 1));
+    // After the capture, the same stream loads as usual.
+    drop(store.acquire(6, &capture).unwrap());
+}

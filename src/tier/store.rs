@@ -77,6 +77,20 @@
 //! device copy is dropped: into its pinned block, or into a new pinned block if the
 //! host budget has room, or else into a new host buffer that replaces its source (a
 //! mapped source is never written).
+//!
+//! # Graph capture
+//!
+//! An acquire on a stream that is capturing a graph (CUDA stream capture,
+//! `torch.cuda.graph`) never loads and never makes that stream wait for an event:
+//! a load queued on the copy stream behind the capture would pull the copy stream into
+//! it (and run at every replay), and a capturing stream may not wait for an event
+//! recorded outside the capture. So such an acquire serves resident parameters only
+//! (a load still in flight is waited for on the host: its event was recorded outside
+//! the capture), fails with [`Error::StreamCapturing`] for any other, and is no step
+//! of the sequence (no prefetch follows it). Its guard records nothing when dropped
+//! while the capture lasts. The graph replays into the parameter's device address long
+//! after: keep the parameters a graph uses resident ([`TierStore::keep_resident`]) for
+//! as long as the graph lives, and acquire them before capturing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -399,6 +413,18 @@ pub struct ParamGuard {
     dirty: bool,
 }
 
+/// The message of an acquire refused on a capturing stream.
+fn not_resident_in_capture(id: ParamId, name: &str) -> Error {
+    Error::StreamCapturing {
+        what: format!(
+            "acquiring parameter {id} ({name}), which is not on the device, on a capturing \
+             stream: its load would be recorded into the graph and pull the store's copy \
+             stream into the capture. Acquire it before the capture begins, and keep it \
+             resident while the graph lives"
+        ),
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
@@ -666,7 +692,8 @@ impl TierStore {
     /// [`Error::Checksum`] when checksums are on and the load's bytes are wrong (see
     /// [`TierConfig::checksums`]). Errors of the copy, the staging ring or the pool pass
     /// through. A failed acquire is not a step of the sequence: retrying it is not a
-    /// deviation.
+    /// deviation. On a stream capturing a graph, resident parameters only
+    /// ([`Error::StreamCapturing`] for others: see the module docs, "Graph capture").
     pub fn acquire(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
         self.acquire_until(id, stream, None)
     }
@@ -704,6 +731,9 @@ impl TierStore {
                 stream.device(),
                 res.device
             )));
+        }
+        if stream.is_capturing()? {
+            return self.acquire_in_capture(id, stream);
         }
         let mut st = sh.lock();
         param(&st, id)?;
@@ -772,6 +802,40 @@ impl TierStore {
             tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
         }
         Ok(guard)
+    }
+
+    /// An acquire on a stream that is capturing a graph: a resident parameter only, its
+    /// load and last write waited for on the host (their events were recorded outside
+    /// the capture, which the stream may not wait for), no step of the sequence, no
+    /// prefetch.
+    fn acquire_in_capture(&self, id: ParamId, stream: &Stream) -> Result<ParamGuard> {
+        let sh = &self.shared;
+        let mut st = sh.lock();
+        let p = param(&st, id)?;
+        let Some(dev) = p.dev.as_ref() else {
+            return Err(not_resident_in_capture(id, &p.name));
+        };
+        if !dev.ready.is_done()? {
+            dev.ready.synchronize()?;
+        }
+        if let Some(w) = &p.written {
+            if !w.is_done()? {
+                w.synchronize()?;
+            }
+        }
+        let block = Arc::clone(&dev.block);
+        let size = p.size;
+        st.params[id as usize].refs += 1;
+        st.stats.hits += 1;
+        tracing::debug!(target: "hetmem", id, "acquired on a capturing stream");
+        Ok(ParamGuard {
+            shared: Arc::clone(sh),
+            id,
+            block: Some(block),
+            size,
+            stream: stream.clone(),
+            dirty: false,
+        })
     }
 
     /// For an acquire: loads `id` (the plan's load, or a demand load), waiting until
@@ -1055,13 +1119,24 @@ impl ParamGuard {
     ///
     /// The guard's stream is ordered after the uses of the parameter that have ended
     /// (guards dropped, on any stream), so the write does not overtake them. Uses that
-    /// are still going on (live guards on other streams) are the caller's to order.
+    /// are still going on (live guards on other streams) are the caller's to order. On
+    /// a capturing stream the host waits for those uses instead (the stream may not
+    /// wait for events recorded outside the capture).
     pub fn mark_dirty(&mut self) {
         if self.dirty {
             return;
         }
         self.dirty = true;
         let st = self.shared.lock();
+        if self.stream.is_capturing().unwrap_or(false) {
+            for e in &st.params[self.id as usize].uses {
+                if let Err(err) = e.synchronize() {
+                    tracing::error!(target: "hetmem", id = self.id, error = %err,
+                        "cannot wait for an earlier use before a captured write");
+                }
+            }
+            return;
+        }
         for e in &st.params[self.id as usize].uses {
             if let Err(err) = self.stream.wait(e) {
                 // Wait on the host instead: the write must not start before the read.
@@ -1081,6 +1156,19 @@ impl ParamGuard {
 
 impl Drop for ParamGuard {
     fn drop(&mut self) {
+        // (An error: the usual path, which synchronises where it cannot record.)
+        if self.stream.is_capturing().unwrap_or(false) {
+            // The use is work of the graph, which runs at replays, not now: no event
+            // to record (a captured one could be neither queried nor waited for).
+            self.block = None;
+            let mut st = self.shared.lock();
+            let p = &mut st.params[self.id as usize];
+            p.refs = p.refs.saturating_sub(1);
+            p.dirty |= self.dirty;
+            drop(st);
+            self.shared.released.notify_all();
+            return;
+        }
         // A write's end is kept apart too: later acquires wait for it.
         let written = if self.dirty {
             self.stream.record().ok()
