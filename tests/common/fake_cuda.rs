@@ -53,6 +53,14 @@ pub mod code {
     pub const HOST_MEMORY_ALREADY_REGISTERED: i32 = 712;
     pub const HOST_MEMORY_NOT_REGISTERED: i32 = 713;
     pub const NOT_SUPPORTED: i32 = 801;
+    pub const ILLEGAL_STATE: i32 = 401;
+    pub const STREAM_CAPTURE_UNSUPPORTED: i32 = 900;
+    pub const STREAM_CAPTURE_INVALIDATED: i32 = 901;
+    pub const STREAM_CAPTURE_MERGE: i32 = 902;
+    pub const STREAM_CAPTURE_UNJOINED: i32 = 904;
+    pub const STREAM_CAPTURE_ISOLATION: i32 = 905;
+    pub const STREAM_CAPTURE_IMPLICIT: i32 = 906;
+    pub const CAPTURED_EVENT: i32 = 907;
     pub const UNKNOWN: i32 = 999;
 }
 
