@@ -956,11 +956,11 @@ impl Shared {
         pool: u32,
     ) -> Result<u64> {
         let key = stream.inner.id();
-        let was = st.blocks.get(addr).expect("a free block").pool;
         let owner = st.blocks.take(addr, rounded, size, key, pool);
         if owner != key && owner != NO_STREAM {
+            // Another stream's block: only ever the common pool's (find_others_fit).
             if let Err(e) = st.streams.order(&stream.inner, owner) {
-                st.blocks.untake(addr, owner, was);
+                st.blocks.untake(addr, owner, COMMON);
                 return Err(e);
             }
         }
