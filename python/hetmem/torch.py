@@ -43,7 +43,8 @@ _ALLOC_FN = "hetmem_torch_malloc_cxx"
 # None: not tried yet; "": the C++ hooks are set; else why they are not.
 _hooks_error = None
 
-GRAPHS_UNSUPPORTED = "CUDA graph capture with hetmem's allocator is not supported yet"
+# What the Python fallback raises at a capture: graph pools need the C++ hooks.
+GRAPHS_NEED_HOOKS = "CUDA graph capture with hetmem's allocator needs its C++ hooks"
 
 
 def use_hetmem_allocator():
@@ -59,13 +60,18 @@ def use_hetmem_allocator():
     headers, see hetmem._torch_hooks): ``tensor.record_stream(s)`` keeps the block from
     reuse until the work queued on ``s`` before its free is done;
     ``torch.cuda.empty_cache()`` gives hetmem's cached memory back; and CUDA graph
-    capture (``torch.cuda.graph``, ``torch.cuda.use_mem_pool``) raises
-    RuntimeError("CUDA graph capture with hetmem's allocator is not supported yet ...")
-    before it starts. If that library cannot be built or loaded, a RuntimeWarning says
-    why and the same behaviour comes from Python instead, short of C++ callers:
-    ``Tensor.record_stream`` raises RuntimeError (never a silent no-op that lets a side
-    stream read reused memory), ``torch.cuda.empty_cache`` also empties hetmem's cache,
-    and ``CUDAGraph.capture_begin`` and ``use_mem_pool`` raise. allocator_hooks() says
+    capture (``torch.cuda.graph``, ``torch.cuda.use_mem_pool``,
+    ``torch.compile(mode="reduce-overhead")``) allocates from a private pool of
+    hetmem's device pool: memory freed during the capture is reused only by that graph
+    (it replays into those addresses) until the graph is reset or destroyed, and hetmem
+    makes no event query, synchronisation or unmapping while a capture is under way
+    (``torch.cuda.empty_cache()`` inside a capture raises). If that library cannot be
+    built or loaded, a RuntimeWarning says why and what can be done comes from Python
+    instead, short of C++ callers: ``Tensor.record_stream`` raises RuntimeError (never
+    a silent no-op that lets a side stream read reused memory),
+    ``torch.cuda.empty_cache`` also empties hetmem's cache, and
+    ``CUDAGraph.capture_begin`` and ``use_mem_pool`` raise RuntimeError("CUDA graph
+    capture with hetmem's allocator needs its C++ hooks ..."). allocator_hooks() says
     which.
 
     Call it before the first CUDA allocation of the process (before any tensor is put
@@ -158,7 +164,9 @@ def _python_fallback(torch, reason):
 
     def refuse_capture(*args, **kwargs):
         raise RuntimeError(
-            f"{GRAPHS_UNSUPPORTED}: hetmem's device pool has no private graph pools"
+            f"{GRAPHS_NEED_HOOKS} ({reason}): without them PyTorch would serve the "
+            "capture from hetmem's common pool, which could hand memory the graph "
+            "replays into to other tensors"
         )
 
     graphs = getattr(torch.cuda, "graphs", None)

@@ -232,7 +232,17 @@ def _hook(name):
 
 
 class CUDAGraph:
+    """torch.cuda.CUDAGraph as it reaches the allocator: capture_begin begins allocating
+    to the graph's pool (before the capture starts, with a filter of the streams the
+    capture records: here every stream, as this fake has one), capture_end ends it, and
+    reset (or the graph's destruction) releases the pool."""
+
     _next_pool = 1
+
+    def __init__(self):
+        self.pool = None
+        self.capturing = False
+        self.captured = False
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
         if pool is None:
@@ -249,6 +259,17 @@ class CUDAGraph:
         if end is not None:
             end(0, self.pool)
         self.capturing = False
+        self.captured = True
+
+    def pool_id(self):
+        return self.pool
+
+    def reset(self):
+        if self.captured:
+            release = _hook("release_pool_fn")
+            if release is not None:
+                release(0, self.pool)
+            self.captured = False
 
 
 @contextmanager
@@ -349,10 +370,12 @@ class FakeHooksLibrary:
 
     def __init__(self):
         self.release_messages = []
+        self.filters = {}  # the filters hetmem holds, by context
+        self._next_ctx = 0
 
     def hetmem_torch_hooks_install(self, fns_ref, err, cap):
         f = fns_ref._obj
-        if f.size != ctypes.sizeof(f) or f.version != 1:
+        if f.size != ctypes.sizeof(f) or f.version != 2:
             err.value = b"hetmem torch hooks: the caller's table has another layout"
             return 2
         a = _Allocators.current
@@ -361,10 +384,13 @@ class FakeHooksLibrary:
             return 1
         c_int, c_void_p, c_uint64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64
         pool_fn = ctypes.CFUNCTYPE(c_int, c_int, c_uint64, c_uint64)
+        filter_fn = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p)
+        drop_fn = ctypes.CFUNCTYPE(None, c_void_p)
+        begin_fn = ctypes.CFUNCTYPE(c_int, c_int, c_uint64, c_uint64, filter_fn, c_void_p, drop_fn)
         record = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p)(f.record_stream)
         empty = ctypes.CFUNCTYPE(c_int)(f.empty_cache)
-        begin, end, release = (pool_fn(f.begin_allocate_to_pool),
-                               pool_fn(f.end_allocate_to_pool), pool_fn(f.release_pool))
+        begin = begin_fn(f.begin_allocate_to_pool)
+        end, release = pool_fn(f.end_allocate_to_pool), pool_fn(f.release_pool)
         last_error = ctypes.CFUNCTYPE(ctypes.c_char_p)(f.last_error)
 
         def check(rc, what):
@@ -382,8 +408,26 @@ class FakeHooksLibrary:
 
         a.record_stream_fn = record_stream
         a.reset_fn = lambda: check(empty(), "empty_cache")
-        a.begin_allocate_to_pool_fn = lambda device, pool, filt: check(
-            begin(device, *pool), "begin_allocate_to_pool")
+        # The C++ hook copies PyTorch's filter to the heap and hands hetmem a trampoline
+        # and a deleter; here the context is a key of self.filters, dropped by hetmem.
+        def call_filter(ctx, stream):
+            try:
+                return 1 if self.filters[ctx](stream or 0) else 0
+            except Exception:
+                return -1
+
+        def drop_filter(ctx):
+            del self.filters[ctx]
+
+        self._callbacks = (filter_fn(call_filter), drop_fn(drop_filter))
+
+        def begin_allocate_to_pool(device, pool, filt):
+            self._next_ctx += 1
+            self.filters[self._next_ctx] = filt
+            check(begin(device, pool[0], pool[1], self._callbacks[0], self._next_ctx,
+                        self._callbacks[1]), "begin_allocate_to_pool")
+
+        a.begin_allocate_to_pool_fn = begin_allocate_to_pool
         a.end_allocate_to_pool_fn = lambda device, pool: check(
             end(device, *pool), "end_allocate_to_pool")
         a.release_pool_fn = release_pool

@@ -29,12 +29,16 @@ import hetmem.torch as ht  # noqa: E402
 from hetmem import _lib, _torch_hooks  # noqa: E402
 
 MIB = 1 << 20
-GRAPHS = "CUDA graph capture with hetmem's allocator is not supported yet"
+GRAPHS_NEED_HOOKS = "CUDA graph capture with hetmem's allocator needs its C++ hooks"
 
 
 def reserved():
     devs = ht.hetmem_allocator_stats()["devices"]
     return sum(d["reserved"] for d in devs)
+
+
+def private_pools():
+    return [p for d in ht.hetmem_allocator_stats()["devices"] for p in d["private_pools"]]
 
 
 class FakeTorchCase(unittest.TestCase):
@@ -103,23 +107,53 @@ class TestWithTheHooks(FakeTorchCase):
         torch.cuda.empty_cache()
         self.assertLess(reserved(), before)
 
-        # Graph capture fails before it starts, with the message PyTorch raises.
-        with self.assertRaises(RuntimeError) as cm:
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                self.fail("the capture began")
-        self.assertIn(GRAPHS, str(cm.exception))
-        with self.assertRaises(RuntimeError) as cm:
-            with torch.cuda.use_mem_pool(torch.cuda.MemPool()):
-                self.fail("allocations went to a pool")
-        self.assertIn(GRAPHS, str(cm.exception))
-        # End and release of a pool hetmem never began: end raises; release (called
-        # from destructors) only reports.
+        # Graph capture: the capture's allocations come from the graph's private pool.
+        # A block freed in the capture is reused in it, never outside it until the
+        # graph is reset; then the common pool has it, and empty_cache gives it back.
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            t = self.tensor(MIB)
+            addr = t.ptr
+            self.free(t)
+            t = self.tensor(MIB)
+            self.assertEqual(t.ptr, addr, "reused within the graph's pool")
+            self.free(t)
+            with self.assertRaises(RuntimeError) as cm:
+                torch.cuda.empty_cache()  # hetmem does not synchronise in a capture
+            self.assertIn("capturing", str(cm.exception))
+        self.assertEqual(len(self.hooks.filters), 0, "the filter was let go of at the end")
+        (pool,) = private_pools()
+        self.assertEqual(pool["id"], list(g.pool_id()))
+        self.assertEqual((pool["uses"], pool["allocating"]), (1, False))
+        self.assertGreaterEqual(pool["free_bytes"], MIB)
+        outside = [self.tensor(MIB) for _ in range(4)]
+        self.assertNotIn(addr, [o.ptr for o in outside])
+        for o in outside:
+            self.free(o)
+        torch.cuda.empty_cache()
+        self.assertGreaterEqual(reserved(), MIB, "the graph's memory stays")
+        held = reserved()
+        g.reset()
+        self.assertEqual(private_pools(), [])
+        again = [self.tensor(MIB) for _ in range(4)]
+        self.assertIn(addr, [o.ptr for o in again], "released: reused")
+        for o in again:
+            self.free(o)
+        torch.cuda.empty_cache()
+        self.assertLess(reserved(), held)
+        # use_mem_pool: the same, released when the block exits.
+        with torch.cuda.use_mem_pool(torch.cuda.MemPool()):
+            t = self.tensor(MIB)
+            self.assertEqual(len(private_pools()), 1)
+        self.free(t)
+        self.assertEqual(private_pools(), [])
+        # End of a pool hetmem is not allocating to raises; release of one it does not
+        # have (PyTorch's MemPool releases its id when destroyed) is nothing.
         with self.assertRaises(RuntimeError) as cm:
             a.end_allocate_to_pool_fn(0, (7, 0))
-        self.assertIn(GRAPHS, str(cm.exception))
+        self.assertIn("(7, 0)", str(cm.exception))
         a.release_pool_fn(0, (7, 0))
-        self.assertEqual(len(self.hooks.release_messages), 1)
-        self.assertIn(GRAPHS, self.hooks.release_messages[0])
+        self.assertEqual(self.hooks.release_messages, [])
 
     def test_hooks_are_set_only_on_hetmem_s_allocator(self):
         ht.use_hetmem_allocator()
@@ -159,11 +193,12 @@ class TestWithoutTheHooks(FakeTorchCase):
         with self.assertRaises(RuntimeError) as cm:
             with torch.cuda.graph(torch.cuda.CUDAGraph()):
                 self.fail("the capture began")
-        self.assertIn(GRAPHS, str(cm.exception))
+        self.assertIn(GRAPHS_NEED_HOOKS, str(cm.exception))
+        self.assertIn(info["reason"], str(cm.exception))
         with self.assertRaises(RuntimeError) as cm:
             with torch.cuda.use_mem_pool(torch.cuda.MemPool()):
                 self.fail("allocations went to a pool")
-        self.assertIn(GRAPHS, str(cm.exception))
+        self.assertIn(GRAPHS_NEED_HOOKS, str(cm.exception))
 
 
 def fake_torch_tree(root, cuda_major="13", headers=True, crt=True):
@@ -316,19 +351,23 @@ out["reserved_before"] = reserved()
 torch._C._cuda_emptyCache()
 out["reserved_after"] = reserved()
 
-# The graph-pool hooks, as torch.cuda.graph and use_mem_pool reach them.
+# The graph-pool hooks, as torch.cuda.graph and use_mem_pool reach them (with PyTorch's
+# filter of this thread's allocations, through the C++ hook's trampoline).
 try:
     torch._C._cuda_beginAllocateCurrentThreadToPool(0, (0, 1))
     out["begin"] = "no error"
 except RuntimeError as e:
     out["begin"] = str(e)
+p = lib.hetmem_torch_malloc(1 << 20, 0, None)
+out["pools_during"] = [d["private_pools"] for d in ht.hetmem_allocator_stats()["devices"]]
+lib.hetmem_torch_free(p, 1 << 20, 0, None)
 try:
     torch._C._cuda_endAllocateToPool(0, (0, 1))
     out["end"] = "no error"
 except RuntimeError as e:
     out["end"] = str(e)
 torch._C._cuda_releasePool(0, (0, 1))  # reports on stderr, never raises
-out["released"] = True
+out["pools_after"] = [d["private_pools"] for d in ht.hetmem_allocator_stats()["devices"]]
 
 # The installer refuses an allocator that is not hetmem's.
 try:
@@ -365,9 +404,13 @@ class TestRealTorch(unittest.TestCase):
         self.assertEqual(out["record_freed"], 0, out)
         self.assertIn("no live block", out["record_freed_last_error"])
         self.assertGreater(out["reserved_before"], out["reserved_after"])
-        self.assertIn(GRAPHS, out["begin"])
-        self.assertIn(GRAPHS, out["end"])
-        self.assertIn("hetmem_torch_release_pool", r.stderr)
+        self.assertEqual(out["begin"], "no error", out)
+        self.assertEqual(out["end"], "no error", out)
+        pool = out["pools_during"][0][0]
+        self.assertEqual((pool["id"], pool["allocating"]), ([0, 1], True), out)
+        self.assertEqual(pool["allocated_bytes"], 1 << 20, "the thread's filter picked it")
+        self.assertEqual(out["pools_after"], [[]], out)
+        self.assertNotIn("hetmem_torch_release_pool", r.stderr)
         self.assertIn("not hetmem's", out["other_allocator"])
 
 
