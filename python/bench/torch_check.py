@@ -27,9 +27,12 @@ Needs PyTorch with a CUDA GPU, transformers, accelerate and numpy; downloads not
      allocated again and overwritten on the current stream: the side stream must read
      the old bytes intact (the same steps without record_stream are run first and
      reported, to show the hazard is real); (b) torch.cuda.empty_cache() lowers
-     hetmem's reserved bytes; (c) a torch.cuda.graph capture raises "CUDA graph capture
-     with hetmem's allocator is not supported yet" before it starts, and allocations
-     work after it (turn this into a real capture check once graph pools exist).
+     hetmem's reserved bytes; (c) a small MLP captured with torch.cuda.graph (after a
+     side-stream warm-up) and replayed on three inputs gives the outputs the same
+     capture gives under PyTorch's own allocator (computed in part 1's torch child;
+     without part 1, eager outputs), its allocations come from a private pool of
+     hetmem's, and once the graph is reset that pool is gone and empty_cache gives its
+     memory back.
 
 Each part runs in a subprocess under a timeout (90 + 80 + 80 + 240 + 2 x 90 s at
 worst; a normal run takes about 3 minutes); children print a RESULT line after each step and
@@ -182,6 +185,14 @@ def child_alloc(d, which):
         gen = model.generate(ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]),
                              max_new_tokens=16, do_sample=False, pad_token_id=0)
     out["tokens"] = gen[0, 32:].tolist()
+    if which == "torch":
+        # The reference for part 3's capture under hetmem's allocator.
+        try:
+            g, static_out, replays, _ = graph_run(torch, dev)
+            torch.save(replays, os.path.join(d, "graph_torch.pt"))
+            del g, static_out
+        except Exception as e:
+            out["graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     if which == "hetmem":
         # Proof that PyTorch's tensors came from hetmem: the model's weights are live
         # blocks of hetmem's allocator now.
@@ -384,7 +395,34 @@ def child_offload(d):
     result(out)
 
 
-GRAPHS_UNSUPPORTED = "CUDA graph capture with hetmem's allocator is not supported yet"
+def graph_run(torch, dev):
+    """A small MLP captured in a CUDA graph (after the side-stream warm-up PyTorch's docs
+    ask for) and replayed on three inputs. Returns the graph, its static output, and the
+    replays' and eager runs' outputs on the CPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(),
+                                torch.nn.Linear(1024, 512)).to(dev).eval()
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randn(16, 512, generator=gen) for _ in range(3)]
+    static_in = torch.zeros(16, 512, device=dev)
+    cur = torch.cuda.current_stream(dev)
+    with torch.no_grad():
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static_in)
+        cur.wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = model(static_in)
+        replays, eager = [], []
+        for x in inputs:
+            static_in.copy_(x.to(dev))
+            g.replay()
+            replays.append(static_out.clone().cpu())
+            eager.append(model(x.to(dev)).cpu())
+    return g, static_out, torch.stack(replays), torch.stack(eager)
 
 
 def child_hooks(d):
@@ -458,20 +496,39 @@ def child_hooks(d):
     log("empty_cache:", json.dumps(out["empty_cache"]))
     result(out)
 
-    # Graph capture: must fail before it begins, and leave the allocator usable.
-    g = torch.cuda.CUDAGraph()
+    # Graph capture: the capture's memory comes from a private pool of hetmem's; the
+    # replays give what they give under PyTorch's own allocator; reset, the pool goes
+    # and empty_cache gives its memory back.
+    def private_pools():
+        return [p for dv in ht.hetmem_allocator_stats()["devices"]
+                for p in dv.get("private_pools", [])]
+
     prev = torch.cuda.current_stream(dev)
-    static = torch.ones(1 << 20, device=dev)
     gr = {}
     try:
-        with torch.cuda.graph(g):
-            static2 = static * 2  # noqa: F841
+        g, static_out, replays, eager = graph_run(torch, dev)
+        torch.cuda.synchronize()
+        gr["replay_vs_eager_max_abs_diff"] = float((replays - eager).abs().max())
+        ref = os.path.join(d, "graph_torch.pt")
+        if os.path.exists(ref):
+            ref = torch.load(ref)
+            gr["replay_vs_torch_allocator_max_abs_diff"] = float((replays - ref).abs().max())
+            gr["replay_bitwise_equal_torch_allocator"] = bool(torch.equal(replays, ref))
+        gr["pools_with_graph"] = private_pools()
+        torch.cuda.empty_cache()  # the common pool's cache goes; the graph's pool stays
+        gr["reserved_with_graph"] = reserved()
+        del static_out
+        g.reset()
+        del g
+        gr["pools_after_reset"] = private_pools()
+        torch.cuda.empty_cache()
+        gr["reserved_after_release"] = reserved()
         gr["error"] = None
     except Exception as e:
+        traceback.print_exc()
         gr["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     finally:
-        # torch.cuda.graph's __enter__ made its side stream current; a failed
-        # capture_begin means its __exit__ never ran.
+        # A capture that failed midway leaves torch.cuda.graph's side stream current.
         torch.cuda.set_stream(prev)
     gr["capturing_after"] = torch.cuda.is_current_stream_capturing()
     try:
@@ -665,8 +722,16 @@ def main():
         t["empty_cache_reaches_hetmem"] = (
             "reserved_before" in ec and ec["reserved_after"] < ec["reserved_before"])
         gr = h3.get("graph") or {}
-        t["graph_capture_refused_clearly"] = (
-            GRAPHS_UNSUPPORTED in (gr.get("error") or "")
+        diff = gr.get("replay_vs_torch_allocator_max_abs_diff",
+                      gr.get("replay_vs_eager_max_abs_diff"))
+        t["graph_replay_matches_torch_allocator"] = (
+            gr.get("error") is None and diff is not None and diff <= 1e-5)
+        pools = gr.get("pools_with_graph") or []
+        t["graph_pool_released_and_memory_back"] = (
+            gr.get("error") is None
+            and any(p.get("allocated_bytes", 0) + p.get("free_bytes", 0) > 0 for p in pools)
+            and gr.get("pools_after_reset") == []
+            and gr["reserved_after_release"] < gr["reserved_with_graph"]
             and gr.get("capturing_after") is False and gr.get("alloc_after_ok") is True)
     report["targets"] = t
     report["ok"] = bool(t) and all(t.values())
