@@ -1679,14 +1679,16 @@ fn foreign_streams_are_used_and_never_destroyed() {
         );
         d.forget_stream(wrong).unwrap();
 
-        // The legacy default stream of device 1: copies happen at once.
+        // The legacy default stream of device 1: a queue like any stream's.
         let legacy = d.import_stream(1, 0).unwrap();
         out.fill(0);
         d.copy(dev(1, p1), host(&mut data), len, Some(legacy))
             .unwrap();
         d.copy(host(&mut out), dev(1, p1), len, Some(legacy))
             .unwrap();
-        assert_eq!(out, data, "the legacy stream is synchronous here");
+        assert!(out.iter().all(|&x| x == 0), "queued on the legacy stream");
+        d.synchronize_stream(legacy).unwrap();
+        assert_eq!(out, data, "run in order");
         d.record_event(e1, legacy).unwrap();
         d.synchronize_event(e1).unwrap();
         d.synchronize_stream(legacy).unwrap();

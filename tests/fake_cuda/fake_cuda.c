@@ -81,10 +81,19 @@
  *     touches (the driver's implicit synchronisation). cuStreamDestroy does NOT run the
  *     queue: as documented it returns at once and the work finishes later (here: when
  *     something waits for it); the handle is handed out again only once that work has
- *     run. The legacy default stream (NULL or CU_STREAM_LEGACY) copies at once, after
- *     running the queues of the context's blocking (CU_STREAM_DEFAULT) streams, which
- *     it synchronises with; non-blocking streams are not waited for.
- *     CU_STREAM_PER_THREAD copies at once too. Events: a recording on a stream with
+ *     run. The special handles are queues too, made at first use: NULL and
+ *     CU_STREAM_LEGACY the legacy default stream of the current context (one per
+ *     context, shared by every thread), CU_STREAM_PER_THREAD the calling thread's
+ *     per-thread default stream of the current context (one per thread and context: two
+ *     threads queueing on handle 2 queue on two streams, and synchronising it on one
+ *     thread runs only that thread's queue). The legacy stream's implicit ordering is
+ *     queued as waits: work queued on the legacy stream first waits for the work queued
+ *     so far on every blocking stream of its context (made with CU_STREAM_DEFAULT, and
+ *     the per-thread streams, which "synchronize with the legacy default stream"), and
+ *     work queued on a blocking stream first waits for the work queued so far on the
+ *     legacy stream; non-blocking streams take no part either way. cuStreamSynchronize
+ *     of the legacy stream also runs the blocking streams' queues; cuCtxSynchronize
+ *     runs every queue of the context. Events: a recording on a stream with
  *     queued work is queued and the event is pending until the queue passes it; on an
  *     idle stream it completes at once; an event never recorded is complete.
  *     cuEventRecord on a stream of another context is CUDA_ERROR_INVALID_HANDLE, as
@@ -154,7 +163,8 @@
  *     be exactly one reservation's, and it is refused (CUDA_ERROR_INVALID_VALUE) while
  *     anything is mapped in it. Released handle values are reused like streams.
  *
- * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points,
+ * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points, the
+ * per-thread-default-stream (_ptds) entry points,
  * peer access enabling (peer copies always work, as cuMemcpyPeerAsync does without it),
  * contexts other than primary ones (cuCtxCreate, the context stack), stream priorities
  * and callbacks, event timing, IPC, the stream-ordered allocator, managed-memory
@@ -447,6 +457,7 @@ struct op { /* one piece of queued work on a stream */
 struct object { /* a stream or an event */
     unsigned magic;
     int kind;
+    int implicit; /* IMPLICIT_*: a special stream's queue, which has no handle of its own */
     int live;   /* the handle is valid */
     int zombie; /* stream destroyed with work still queued: runs later, not reusable */
     unsigned long long incarnation;
@@ -463,6 +474,11 @@ struct object { /* a stream or an event */
 };
 #define OBJ_MAGIC 0x4355444fu
 enum { KIND_STREAM = 1, KIND_EVENT = 2 };
+/* The queues behind the special stream handles: one legacy default stream per context
+ * (NULL or CU_STREAM_LEGACY), one per-thread default stream per thread and context
+ * (CU_STREAM_PER_THREAD). Made at first use, never destroyed (a context reset drains
+ * them), never handed out as a handle. */
+enum { IMPLICIT_NONE = 0, IMPLICIT_LEGACY = 1, IMPLICIT_PER_THREAD = 2 };
 
 static int g_env_read, g_configured, g_initialized;
 static int g_devices = 2;
@@ -477,6 +493,9 @@ static int g_p2p = 1;
 static size_t g_used[MAX_DEVICES];
 static struct ctx g_ctx[MAX_DEVICES];
 static __thread struct ctx *t_current;
+/* The legacy stream of each context, and this thread's per-thread stream of each. */
+static struct object *g_legacy[MAX_DEVICES];
+static __thread struct object *t_per_thread[MAX_DEVICES];
 
 static struct alloc *g_allocs;
 static size_t g_nallocs, g_cap_allocs;
@@ -502,6 +521,8 @@ static long long g_last_register_flags = -100, g_register_calls;
 static long long g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
 static long long g_set_access_calls, g_last_set_access_count = -100;
+static long long g_per_thread_streams, g_legacy_ops, g_per_thread_ops, g_implicit_waits;
+static long long g_ctx_synchronizes;
 
 static void read_env_locked(void) {
     if (g_env_read) return;
@@ -773,7 +794,9 @@ static CUresult check_peer_end(const char *p, size_t n, int write, struct ctx *c
 static struct object *find_object(const void *h, int kind) {
     for (size_t i = 0; i < g_nobjects; i++)
         if ((const void *)g_objects[i] == h)
-            return g_objects[i]->kind == kind && g_objects[i]->live ? g_objects[i] : NULL;
+            return g_objects[i]->kind == kind && g_objects[i]->live && !g_objects[i]->implicit
+                       ? g_objects[i]
+                       : NULL;
     return NULL;
 }
 
@@ -800,6 +823,7 @@ static struct object *new_object(int kind, struct ctx *c, unsigned flags) {
     }
     o->live = 1;
     o->zombie = 0;
+    o->implicit = IMPLICIT_NONE;
     o->incarnation = g_next_incarnation++;
     o->ctx = c;
     o->flags = flags;
@@ -827,13 +851,61 @@ static int is_stream(const struct object *o) {
 
 static int event_done(const struct object *e) { return e->done_gen >= e->gen; }
 
-static CUresult enqueue(struct object *s, struct op op) {
+static CUresult enqueue_raw(struct object *s, struct op op) {
     struct op *n = grow(s->q, &s->qcap, s->qlen + 1, sizeof *s->q);
     if (!n) return CUDA_ERROR_OUT_OF_MEMORY;
     s->q = n;
     op.seq = g_next_seq++;
     s->q[s->qlen++] = op;
+    if (s->implicit == IMPLICIT_LEGACY) g_legacy_ops++;
+    else if (s->implicit == IMPLICIT_PER_THREAD) g_per_thread_ops++;
     return CUDA_SUCCESS;
+}
+
+static int pending(const struct object *s) { return s->qhead < s->qlen; }
+
+/* Blocking streams take part in the legacy stream's ordering: streams made with
+ * CU_STREAM_DEFAULT, and the per-thread streams ("not a non-blocking stream"). */
+static int blocking(const struct object *s) {
+    return s->implicit != IMPLICIT_LEGACY && !(s->flags & CU_STREAM_NON_BLOCKING);
+}
+
+/* Queues on `s` a wait for everything queued on `on` so far. */
+static CUresult wait_for_tail(struct object *s, struct object *on) {
+    struct op op = {0};
+    op.kind = OP_WAIT;
+    op.wait_stream = on;
+    op.wait_seq = on->q[on->qlen - 1].seq;
+    g_implicit_waits++;
+    return enqueue_raw(s, op);
+}
+
+/* The legacy stream's rule, before `s` takes new work: "the legacy stream first waits
+ * on all blocking streams, the action is queued in the legacy stream, and then all
+ * blocking streams wait on the legacy stream". So work on the legacy stream follows the
+ * work queued so far on every blocking stream of its context, and work on a blocking
+ * stream follows the work queued so far on the legacy stream. Non-blocking streams
+ * take no part either way. */
+static CUresult order_implicitly(struct object *s) {
+    struct ctx *c = s->ctx;
+    if (s->implicit == IMPLICIT_LEGACY) {
+        for (size_t i = 0; i < g_nobjects; i++) {
+            struct object *b = g_objects[i];
+            if (b == s || !is_stream(b) || b->ctx != c || !blocking(b) || !pending(b)) continue;
+            CUresult rc = wait_for_tail(s, b);
+            if (rc) return rc;
+        }
+        return CUDA_SUCCESS;
+    }
+    struct object *l = g_legacy[c->device];
+    if (blocking(s) && l && l->ctx == c && pending(l)) return wait_for_tail(s, l);
+    return CUDA_SUCCESS;
+}
+
+/* Queues `op` on `s`, after the legacy stream's implicit ordering. */
+static CUresult enqueue(struct object *s, struct op op) {
+    CUresult rc = order_implicitly(s);
+    return rc ? rc : enqueue_raw(s, op);
 }
 
 static void run_until(struct object *s, unsigned long long seq);
@@ -898,11 +970,13 @@ static void run_queues_touching(const char *p, size_t n) {
     }
 }
 
-/* The legacy default stream waits for the context's blocking streams. */
-static void run_blocking_streams(struct ctx *c) {
+/* cuStreamSynchronize of the legacy stream waits for the context's blocking streams
+ * too (their work before the call), and cuCtxSynchronize (`all`) for every stream. */
+static void run_context(struct ctx *c, int all) {
     for (size_t i = 0; i < g_nobjects; i++) {
         struct object *s = g_objects[i];
-        if (is_stream(s) && s->ctx == c && !(s->flags & CU_STREAM_NON_BLOCKING)) run_all(s);
+        if (is_stream(s) && s->ctx == c && (all || blocking(s) || s->implicit == IMPLICIT_LEGACY))
+            run_all(s);
     }
 }
 
@@ -916,19 +990,56 @@ static long long queued_ops(void) {
 static long long count_objects(int kind, int zombies) {
     long long n = 0;
     for (size_t i = 0; i < g_nobjects; i++)
-        n += g_objects[i]->kind == kind && (zombies ? g_objects[i]->zombie : g_objects[i]->live);
+        n += g_objects[i]->kind == kind && !g_objects[i]->implicit &&
+             (zombies ? g_objects[i]->zombie : g_objects[i]->live);
     return n;
 }
 
-/* Resolves a stream argument: *s is NULL for the special streams (legacy, per-thread). */
-static CUresult resolve_stream(CUstream h, struct object **s, int *legacy) {
+/* Ops still pending on the special streams of one kind. */
+static long long pending_implicit(int implicit) {
+    long long n = 0;
+    for (size_t i = 0; i < g_nobjects; i++)
+        if (g_objects[i]->implicit == implicit) n += (long long)(g_objects[i]->qlen - g_objects[i]->qhead);
+    return n;
+}
+
+/* A special stream's queue, made at first use: never on the free list, no handle. */
+static struct object *new_implicit(struct ctx *c, int implicit) {
+    struct object **n = grow(g_objects, &g_cap_objects, g_nobjects + 1, sizeof *g_objects);
+    if (!n) return NULL;
+    g_objects = n;
+    struct object *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    o->magic = OBJ_MAGIC;
+    o->kind = KIND_STREAM;
+    o->implicit = implicit;
+    o->live = 1;
+    o->incarnation = g_next_incarnation++;
+    o->ctx = c;
+    o->flags = CU_STREAM_DEFAULT;
+    g_objects[g_nobjects++] = o;
+    return o;
+}
+
+/* Resolves a stream argument in the context `c` current on the calling thread (NULL
+ * if none): the special handles name the legacy stream of `c` or the calling thread's
+ * per-thread stream of `c`, which need one. */
+static CUresult resolve_stream(CUstream h, struct ctx *c, struct object **s) {
     *s = NULL;
-    *legacy = 0;
-    if (h == NULL || h == CU_STREAM_LEGACY) {
-        *legacy = 1;
-        return CUDA_SUCCESS;
+    if (h == NULL || h == CU_STREAM_LEGACY || h == CU_STREAM_PER_THREAD) {
+        if (!c) {
+            CUresult rc = need_ctx(&c);
+            if (rc) return rc;
+        }
+        struct object **slot = h == CU_STREAM_PER_THREAD ? &t_per_thread[c->device] : &g_legacy[c->device];
+        if (!*slot) {
+            *slot = new_implicit(c, h == CU_STREAM_PER_THREAD ? IMPLICIT_PER_THREAD : IMPLICIT_LEGACY);
+            if (!*slot) return CUDA_ERROR_OUT_OF_MEMORY;
+            if (h == CU_STREAM_PER_THREAD) g_per_thread_streams++;
+        }
+        *s = *slot;
+        return c->sticky;
     }
-    if (h == CU_STREAM_PER_THREAD) return CUDA_SUCCESS;
     *s = find_object(h, KIND_STREAM);
     if (!*s) return CUDA_ERROR_INVALID_HANDLE;
     if ((*s)->ctx->sticky) return (*s)->ctx->sticky;
@@ -966,7 +1077,7 @@ static void reset_ctx(struct ctx *c) {
     }
     for (size_t i = 0; i < g_nobjects; i++) {
         struct object *o = g_objects[i];
-        if (o->ctx == c && (o->live || o->zombie)) {
+        if (o->ctx == c && (o->live || o->zombie) && !o->implicit) {
             if (o->kind == KIND_EVENT) {
                 for (size_t k = 0; k < g_nobjects; k++) {
                     struct object *s = g_objects[k];
@@ -1039,8 +1150,14 @@ EXPORT int fakeCudaSetRegisterLimit(uint64_t bytes, int code) {
  *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
  *     (allocations, managed, VMM physical memory); "capacity"
  *   streams, events: live handles; zombie_streams: destroyed with work still queued
- *   queued_ops: work pending on streams; copies: copies made at once (special
- *     streams); async_copies: queued; async_copies_done: queued copies that ran;
+ *   queued_ops: work pending on streams; copies: copies queued on a special stream
+ *     (legacy or per-thread); async_copies: queued (on any stream); async_copies_done:
+ *     queued copies that ran;
+ *   per_thread_streams: per-thread streams made (one per thread and context that used
+ *     CU_STREAM_PER_THREAD); legacy_ops / per_thread_ops: ops queued on those streams
+ *     (their implicit waits included); legacy_pending / per_thread_pending: ops still
+ *     pending there; implicit_waits: waits the legacy stream's ordering queued;
+ *     ctx_synchronizes: cuCtxSynchronize calls
  *     peer_copies: cuMemcpyPeerAsync calls accepted; faults: copies that hit VMM
  *     memory unmapped or not accessible to the device running them
  *   reused_handles: creates (streams, events, VMM handles) that handed out a
@@ -1074,6 +1191,13 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "events")) r = count_objects(KIND_EVENT, 0);
     else if (!strcmp(name, "queued_ops")) r = queued_ops();
     else if (!strcmp(name, "copies")) r = g_copies;
+    else if (!strcmp(name, "per_thread_streams")) r = g_per_thread_streams;
+    else if (!strcmp(name, "legacy_ops")) r = g_legacy_ops;
+    else if (!strcmp(name, "per_thread_ops")) r = g_per_thread_ops;
+    else if (!strcmp(name, "legacy_pending")) r = pending_implicit(IMPLICIT_LEGACY);
+    else if (!strcmp(name, "per_thread_pending")) r = pending_implicit(IMPLICIT_PER_THREAD);
+    else if (!strcmp(name, "implicit_waits")) r = g_implicit_waits;
+    else if (!strcmp(name, "ctx_synchronizes")) r = g_ctx_synchronizes;
     else if (!strcmp(name, "async_copies")) r = g_async_copies;
     else if (!strcmp(name, "async_copies_done")) r = g_async_copies_done;
     else if (!strcmp(name, "peer_copies")) r = g_peer_copies;
@@ -1469,39 +1593,44 @@ EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
     struct ctx *c;
     NEED_CTX(c);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
-    if (s) {
-        run_all(s);
-        RETURN(s->ctx->sticky);
-    }
-    if (legacy) run_blocking_streams(c);
-    RETURN(c->sticky);
+    if (s->implicit == IMPLICIT_LEGACY) run_context(s->ctx, 0);
+    else run_all(s);
+    RETURN(s->ctx->sticky);
 }
 
 EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
     ENTER("cuStreamWaitEvent");
-    REQUIRE_CTX();
+    struct ctx *c;
+    NEED_CTX(c);
     if (Flags != 0) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    /* An action on the legacy stream orders it, and the blocking streams after it, even
+     * when the event has passed. */
+    if ((rc = order_implicitly(s))) RETURN(rc);
     if (event_done(e)) RETURN(CUDA_SUCCESS);
-    if (!s) {
-        /* The special streams run at once: so must the work they wait for. */
-        run_to_event(e);
-        RETURN(CUDA_SUCCESS);
-    }
     /* Later work on s follows the work the event captured now (its latest recording). */
     struct op op = {0};
     op.kind = OP_WAIT;
     op.wait_stream = e->rec_stream;
     op.wait_seq = e->rec_seq;
-    RETURN(enqueue(s, op));
+    RETURN(enqueue_raw(s, op));
+}
+
+/* Waits for every stream of the current context: its legacy stream, the per-thread
+ * streams of every thread, and the streams made in it. */
+EXPORT CUresult cuCtxSynchronize(void) {
+    ENTER("cuCtxSynchronize");
+    struct ctx *c;
+    NEED_CTX(c);
+    g_ctx_synchronizes++;
+    run_context(c, 1);
+    RETURN(c->sticky);
 }
 
 /* ------------------------------------------------------------------- events */
@@ -1540,22 +1669,20 @@ EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     /* "hEvent and hStream must be from the same context otherwise
      * CUDA_ERROR_INVALID_HANDLE is returned." */
-    struct ctx *stream_ctx = s ? s->ctx : c;
-    if (stream_ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
-    if (!s && legacy) run_blocking_streams(c);
+    if (s->ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if ((rc = order_implicitly(s))) RETURN(rc);
     unsigned long long gen = e->gen + 1;
-    if (s && s->qhead < s->qlen) {
+    if (pending(s)) {
         struct op op = {0};
         op.kind = OP_RECORD;
         op.ev = e;
         op.ev_incarnation = e->incarnation;
         op.gen = gen;
-        rc = enqueue(s, op);
+        rc = enqueue_raw(s, op);
         if (rc) RETURN(rc);
         e->gen = gen;
         e->rec_stream = s;
@@ -1591,20 +1718,8 @@ EXPORT CUresult cuEventQuery(CUevent hEvent) {
 
 /* ------------------------------------------------------------------- copies */
 
-static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *dst,
-                           const char *src, size_t n, int dst_vmm, int src_vmm) {
-    if (!s) {
-        if (legacy) run_blocking_streams(c);
-        /* The special streams run on the current context's device, at once. */
-        if (!copy_reachable(c->device, dst, src, n, dst_vmm, src_vmm)) {
-            g_faults++;
-            if (!c->sticky) c->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
-            return c->sticky;
-        }
-        memmove(dst, src, n);
-        g_copies++;
-        return CUDA_SUCCESS;
-    }
+static CUresult queue_copy(struct object *s, char *dst, const char *src, size_t n, int dst_vmm,
+                           int src_vmm) {
     struct op op = {0};
     op.kind = OP_COPY;
     op.dst = dst;
@@ -1613,7 +1728,10 @@ static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *ds
     op.dst_vmm = dst_vmm;
     op.src_vmm = src_vmm;
     CUresult rc = enqueue(s, op);
-    if (rc == CUDA_SUCCESS) g_async_copies++;
+    if (rc == CUDA_SUCCESS) {
+        g_async_copies++;
+        if (s->implicit) g_copies++;
+    }
     return rc;
 }
 
@@ -1623,8 +1741,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount
     NEED_CTX(c);
     if (!g_unified) RETURN(CUDA_ERROR_INVALID_VALUE); /* "only allowed ... with unified addressing" */
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     if (ByteCount == 0) RETURN(CUDA_SUCCESS);
     char *d = (char *)(uintptr_t)dst;
@@ -1633,7 +1750,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount
     int dv, sv;
     if ((rc = check_end(d, ByteCount, 1, &dv)) || (rc = check_end(p, ByteCount, 0, &sv))) RETURN(rc);
     if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
-    RETURN(queue_copy(s, legacy, c, d, p, ByteCount, dv, sv));
+    RETURN(queue_copy(s, d, p, ByteCount, dv, sv));
 }
 
 EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, CUdeviceptr srcDevice,
@@ -1644,8 +1761,7 @@ EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, C
     struct ctx *dc = as_ctx(dstContext), *sc = as_ctx(srcContext);
     if (!dc || !sc || !dc->active || !sc->active) RETURN(CUDA_ERROR_INVALID_CONTEXT);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     if (ByteCount == 0) RETURN(CUDA_SUCCESS);
     char *d = (char *)(uintptr_t)dstDevice;
@@ -1654,7 +1770,7 @@ EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, C
     if ((rc = check_peer_end(d, ByteCount, 1, dc, &dv)) || (rc = check_peer_end(p, ByteCount, 0, sc, &sv)))
         RETURN(rc);
     if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
-    rc = queue_copy(s, legacy, c, d, p, ByteCount, dv, sv);
+    rc = queue_copy(s, d, p, ByteCount, dv, sv);
     if (rc == CUDA_SUCCESS) g_peer_copies++;
     RETURN(rc);
 }
@@ -1690,12 +1806,9 @@ EXPORT CUresult cuMemPrefetchAsync_v2(CUdeviceptr devPtr, size_t count, CUmemLoc
     CUresult rc = check_location(location, 1);
     if (rc) RETURN(rc);
     struct object *s;
-    int legacy;
-    rc = resolve_stream(hStream, &s, &legacy);
+    /* The special streams are the current context's: they need one. */
+    rc = resolve_stream(hStream, NULL, &s);
     if (rc) RETURN(rc);
-    struct ctx *c = NULL;
-    if (!s) NEED_CTX(c); /* the special streams are the current context's */
-    (void)c;
     /* "hStream must be associated with a device that has concurrent managed access"
      * for a device destination: here every device has it or none does (checked above). */
     g_prefetches++;
