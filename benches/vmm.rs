@@ -123,7 +123,7 @@ fn main() {
             let before = driver();
             for _ in 0..3 {
                 if busy {
-                    if let (Ok(src), Ok(dst)) = (&bufs.0, &bufs.1) {
+                    if let (Ok(src), Ok(_)) = (&bufs.0, &bufs.1) {
                         let mut dst = mgr
                             .alloc(Placement::Device(0), len)
                             .unwrap_or_else(|_| panic!("a third {len}-byte buffer"));
