@@ -147,6 +147,10 @@ pub(crate) fn copy(
     if !Arc::ptr_eq(backend, st.backend()) {
         return Err(Error::ForeignHandle { what: "stream" });
     }
+    // A per-thread default stream is the calling thread's here: its fence must not
+    // replace another thread's (see `Fences::add`).
+    let view = st.this_thread();
+    let st: &OwnedStream = &view;
     // The fence exists before the copy is queued, so that only recording it can fail
     // once the copy is in flight.
     let fence = Arc::new(st.event()?);

@@ -15,6 +15,16 @@
 //! freed, it may be reused at once on that stream, and on another stream only after
 //! the work queued on its stream before the free (the pool makes the new stream wait
 //! for an event, without a host sync).
+//!
+//! The stream argument is the driver's value, with the driver's meaning. PyTorch passes
+//! its current stream: 0 for its default stream (the legacy default stream, which the
+//! driver orders against blocking streams only; PyTorch's side streams are
+//! non-blocking, so hand-overs between them and 0 go behind events here, as in
+//! PyTorch's own allocator), or 2 (`cudaStreamPerThread`, in a build with per-thread
+//! default streams): one value, but each calling thread's own stream, and the pool
+//! keeps them apart (a block freed by one thread's stream reaches another thread's
+//! only behind an event, see [`Stream::wrap`]). A block freed on another thread than
+//! the one that allocated it on stream 2 is handed on after a device-wide wait.
 
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Mutex;
@@ -114,7 +124,8 @@ fn with_torch<T>(f: impl FnOnce(&mut Torch) -> FfiResult<T>) -> FfiResult<T> {
 }
 
 /// Allocates `size` bytes on `device` for use on `stream` (a `cudaStream_t` /
-/// `hipStream_t`; NULL for the default stream) from hetmem's device pool: the entry
+/// `hipStream_t`; NULL for the default stream, 2 for the calling thread's per-thread
+/// default stream) from hetmem's device pool: the entry
 /// point PyTorch's `CUDAPluggableAllocator` calls. Returns the device address, or NULL
 /// with the last error set (out of memory, bad device, negative size). Size 0 returns
 /// NULL and is not an error (PyTorch gives empty storage no memory).
@@ -361,9 +372,9 @@ pub extern "C" fn hetmem_torch_empty_cache() -> c_int {
         for p in t.pools.iter().flatten() {
             released += p.trim()?;
         }
-        // A wrapped stream held only by this cache is used by no block: forget it.
-        t.streams
-            .retain(|_, s| std::sync::Arc::strong_count(&s.inner) > 1);
+        // A wrapped stream held only by this cache is used by no block (nor are its
+        // per-thread views, for stream 2): forget it.
+        t.streams.retain(|_, s| s.in_use_elsewhere());
         tracing::debug!(target: "hetmem::ffi", released, "empty_cache");
         Ok(())
     })

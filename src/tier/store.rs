@@ -765,7 +765,10 @@ impl TierStore {
             id,
             block: Some(block),
             size,
-            stream: stream.clone(),
+            // A per-thread default stream: the acquiring thread's, which the guard's
+            // drop records the end of the use on (or, dropped on another thread that
+            // cannot name it, waits for the device).
+            stream: stream.this_thread().into_owned(),
             dirty: false,
         };
         if let Err(e) = pump(res, &mut st, res.prefetch_depth) {
@@ -1044,7 +1047,8 @@ impl ParamGuard {
         self.block.as_deref().expect("a live guard holds its block")
     }
 
-    /// The stream the guard was acquired for.
+    /// The stream the guard was acquired for (for a wrapped per-thread default stream,
+    /// the acquiring thread's, usable on that thread only).
     pub fn stream(&self) -> &Stream {
         &self.stream
     }

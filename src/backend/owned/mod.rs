@@ -14,18 +14,33 @@ pub(crate) use vmm::{PhysChunk, VmmRegion};
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::copy::{self, check_range, CopyEnd, Fences};
 use crate::backend::host::HostRegion;
-use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle};
+use rustc_hash::FxHashMap;
+
+use crate::backend::{
+    lock, thread_key, Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
+    PER_THREAD_STREAM,
+};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
 /// A shared backend.
 pub(crate) type SharedBackend = Arc<dyn Backend>;
 
-/// A stream that is destroyed on drop, or (imported from the caller) forgotten on drop.
+/// A stream that is destroyed on drop, or (imported from the caller) forgotten once
+/// nothing uses the import any more.
+///
+/// The per-thread default stream ([`PER_THREAD_STREAM`]) is one handle but a different
+/// stream on each thread: every driver call with it acts on the calling thread's. What
+/// hetmem keys by stream (a pool's blocks, the fences of copies) must keep the threads
+/// apart, so the stream imported from it hands out a *view* per thread
+/// ([`OwnedStream::this_thread`]): the same handle, an id of its own, and the thread it
+/// stands for. A view does its driver calls on that thread only; from another one, what
+/// would reach the wrong thread's stream is refused ([`Error::InvalidArgument`]), and
+/// [`OwnedStream::synchronize`] waits for the whole device instead.
 #[derive(Debug)]
 pub(crate) struct OwnedStream {
     backend: SharedBackend,
@@ -33,14 +48,69 @@ pub(crate) struct OwnedStream {
     device: usize,
     /// Events of the stream's device kept for reuse (fences, hand-overs).
     events: Arc<EventCache>,
-    /// Made by us (destroyed on drop) or imported (forgotten on drop, never destroyed).
+    /// Made by us (destroyed on drop) or imported (never destroyed).
     owned: bool,
+    /// For an imported stream: forgets the import when the last holder (the stream and
+    /// its per-thread views) lets go.
+    import: Option<Arc<Import>>,
+    /// For a per-thread view: the thread ([`thread_key`]) whose per-thread default
+    /// stream it stands for.
+    thread: Option<u64>,
+    /// For the per-thread default stream: its view for each thread that used it.
+    views: Option<Mutex<FxHashMap<u64, Arc<OwnedStream>>>>,
     /// Unique for the life of the process, unlike the driver's handle, which a driver
     /// may hand out again once this stream is destroyed.
     id: u64,
 }
 
+/// An import of a caller's stream, forgotten on drop.
+#[derive(Debug)]
+struct Import {
+    backend: SharedBackend,
+    handle: StreamHandle,
+}
+
+impl Drop for Import {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from import_stream on this backend, is forgotten once
+        // (here, when the last stream or view holding the import lets go) and never
+        // used again.
+        if let Err(e) = unsafe { self.backend.forget_stream(self.handle) } {
+            tracing::warn!(target: "hetmem", error = %e, "forgetting an imported stream failed");
+        }
+    }
+}
+
 static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_stream_id() -> u64 {
+    NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The stream to act on for the calling thread ([`OwnedStream::this_thread`]): the
+/// stream itself, or its view for this thread.
+#[derive(Debug)]
+pub(crate) enum ThisThread<'a> {
+    /// Not a per-thread stream: the same on every thread.
+    Same(&'a OwnedStream),
+    /// The calling thread's view of a per-thread stream.
+    View(Arc<OwnedStream>),
+}
+
+impl std::ops::Deref for ThisThread<'_> {
+    type Target = OwnedStream;
+    fn deref(&self) -> &OwnedStream {
+        match self {
+            ThisThread::Same(s) => s,
+            ThisThread::View(v) => v,
+        }
+    }
+}
+
+/// Per-thread views are pruned when their number reaches this (and then twice what
+/// is left): a program that starts a thread per request would otherwise keep a view
+/// for every thread it ever ran.
+const VIEWS_PRUNE_AT: usize = 64;
 
 impl OwnedStream {
     pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
@@ -51,12 +121,16 @@ impl OwnedStream {
             device,
             events: EventCache::new(backend, device),
             owned: true,
-            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            import: None,
+            thread: None,
+            views: None,
+            id: next_stream_id(),
         })
     }
 
-    /// Imports a stream the caller made ([`Backend::import_stream`]); drop forgets it
-    /// and never destroys it.
+    /// Imports a stream the caller made ([`Backend::import_stream`]); it is forgotten,
+    /// never destroyed, once this stream and its views are dropped. [`PER_THREAD_STREAM`]
+    /// gives a stream with a view per thread ([`OwnedStream::this_thread`]).
     ///
     /// # Safety
     /// As [`Backend::import_stream`]: `raw` is 0 or a live stream of `device` from the
@@ -70,7 +144,13 @@ impl OwnedStream {
             device,
             events: EventCache::new(backend, device),
             owned: false,
-            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            import: Some(Arc::new(Import {
+                backend: backend.clone(),
+                handle,
+            })),
+            thread: None,
+            views: (raw == PER_THREAD_STREAM).then(|| Mutex::new(FxHashMap::default())),
+            id: next_stream_id(),
         })
     }
 
@@ -82,6 +162,67 @@ impl OwnedStream {
     /// A process-unique id (driver handles can be reused after destruction).
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The stream the calling thread's work goes to: this stream, or, for the
+    /// per-thread default stream, this thread's view of it (made at its first use).
+    pub(crate) fn this_thread(&self) -> ThisThread<'_> {
+        let Some(views) = &self.views else {
+            return ThisThread::Same(self);
+        };
+        let thread = thread_key();
+        let mut views = lock(views);
+        if let Some(v) = views.get(&thread) {
+            return ThisThread::View(v.clone());
+        }
+        if views.len() >= VIEWS_PRUNE_AT && views.len().is_power_of_two() {
+            // Views nothing else holds (no pool block, no fence keeps them) can go: a
+            // thread that comes back gets a new one, a new stream to the pools.
+            views.retain(|_, v| Arc::strong_count(v) > 1);
+        }
+        let view = Arc::new(OwnedStream {
+            backend: self.backend.clone(),
+            handle: self.handle,
+            device: self.device,
+            events: self.events.clone(),
+            owned: false,
+            import: self.import.clone(),
+            thread: Some(thread),
+            views: None,
+            id: next_stream_id(),
+        });
+        views.insert(thread, view.clone());
+        ThisThread::View(view)
+    }
+
+    /// Whether any of this stream's per-thread views is held outside the stream
+    /// (by a pool that keeps memory freed on it, a fence).
+    pub(crate) fn views_in_use(&self) -> bool {
+        self.views
+            .as_ref()
+            .is_some_and(|v| lock(v).values().any(|v| Arc::strong_count(v) > 1))
+    }
+
+    /// For a per-thread view: the thread ([`thread_key`]) whose stream it is.
+    pub(crate) fn thread(&self) -> Option<u64> {
+        self.thread
+    }
+
+    /// Whether driver calls with this stream's handle from the calling thread reach this
+    /// stream: always, except for a per-thread view on another thread than its own.
+    pub(crate) fn reachable(&self) -> bool {
+        self.thread.is_none_or(|t| t == thread_key())
+    }
+
+    fn check_reachable(&self, what: &str) -> Result<()> {
+        if self.reachable() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "cannot {what} another thread's per-thread default stream (device {})",
+                self.device
+            )))
+        }
     }
 
     pub(crate) fn handle(&self) -> StreamHandle {
@@ -96,7 +237,14 @@ impl OwnedStream {
         self.device
     }
 
+    /// Waits for the work queued on the stream so far. For another thread's per-thread
+    /// stream, which no call from here can name, it waits for the whole device.
     pub(crate) fn synchronize(&self) -> Result<()> {
+        if !self.reachable() {
+            tracing::debug!(target: "hetmem", device = self.device,
+                "synchronising the device for another thread's per-thread stream");
+            return self.backend.synchronize_device(self.device);
+        }
         // SAFETY: the handle is live while `self` is, and came from this backend.
         unsafe { self.backend.synchronize_stream(self.handle) }
     }
@@ -104,6 +252,7 @@ impl OwnedStream {
     /// Records an event at the stream's tail (one kept from earlier use when there is
     /// one: no driver call to make it).
     pub(crate) fn record(&self) -> Result<OwnedEvent> {
+        self.check_reachable("record an event on")?;
         let ev = self.event()?;
         // SAFETY: both handles are live while their owners are, and from this backend.
         unsafe { self.backend.record_event(ev.handle, self.handle)? };
@@ -128,6 +277,7 @@ impl OwnedStream {
     /// Makes later work on this stream wait for `event`.
     pub(crate) fn wait(&self, event: &OwnedEvent) -> Result<()> {
         same_backend(&self.backend, &event.backend)?;
+        self.check_reachable("make wait")?;
         // SAFETY: both handles are live and from this backend (checked above).
         unsafe { self.backend.stream_wait_event(self.handle, event.handle) }
     }
@@ -136,11 +286,7 @@ impl OwnedStream {
 impl Drop for OwnedStream {
     fn drop(&mut self) {
         if !self.owned {
-            // SAFETY: the handle came from import_stream on this backend, is forgotten
-            // once (here) and never used again.
-            if let Err(e) = unsafe { self.backend.forget_stream(self.handle) } {
-                tracing::warn!(target: "hetmem", error = %e, "forgetting an imported stream failed");
-            }
+            // An import is forgotten by its `Import`, once the last view lets go too.
             return;
         }
         // SAFETY: the handle is live and is never used again after this.
@@ -232,6 +378,7 @@ impl OwnedEvent {
     /// Records this event at the current tail of `stream`.
     pub(crate) fn record_on(&self, stream: &OwnedStream) -> Result<()> {
         same_backend(&self.backend, &stream.backend)?;
+        stream.check_reachable("record an event on")?;
         // SAFETY: both handles are live while their owners are, from this backend.
         unsafe { self.backend.record_event(self.handle, stream.handle) }
     }

@@ -35,6 +35,8 @@
 //!   waits for an event recorded on the old one (no host wait; [`streams`]). A block
 //!   used on more streams ([`PoolBlock::record_stream`]) makes its own stream wait for
 //!   them when freed. Memory is unmapped only once the streams that used it are done.
+//!   A wrapped per-thread default stream is a stream per thread here, as it is to the
+//!   driver ([`Stream::wrap`]).
 //! - **Hot path.** A freed block is parked on a per-(stream, size) list without
 //!   coalescing; an allocation of that size on that stream takes it back with two hash
 //!   look-ups under one lock. Parked blocks are coalesced before anything slower is
@@ -311,6 +313,8 @@ impl PoolBlock {
     /// is reused.
     pub fn record_stream(&self, stream: &Stream) -> Result<()> {
         self.shared.check_stream(stream)?;
+        // A per-thread default stream: the calling thread's is the one that uses it.
+        let stream = &*stream.this_thread();
         let mut st = self.shared.lock();
         let own = st.blocks.get(self.ptr.0).map(|b| b.stream);
         let key = stream.inner.id();
@@ -446,6 +450,8 @@ impl DevicePool {
             });
         }
         sh.check_stream(stream)?;
+        // A per-thread default stream: the calling thread's (a stream of its own here).
+        let stream = &*stream.this_thread();
         let rounded = size.next_multiple_of(MIN_BLOCK);
         let key = stream.inner.id();
         let mut st = sh.lock();
@@ -528,6 +534,7 @@ impl Shared {
             return;
         }
         st.count_free(b.size, b.requested);
+        st.streams.freed_on(b.stream);
         if !st.uses.is_empty() {
             if let Some(others) = st.uses.remove(&addr) {
                 let ordered = others
@@ -1086,11 +1093,7 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // Queued work may still use cached memory: let it finish before unmapping.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        for s in st.streams.values() {
-            if let Err(e) = s.synchronize() {
-                tracing::warn!(target: "hetmem", error = %e, "synchronising a stream before dropping a pool failed");
-            }
-        }
+        st.streams.synchronize_all();
     }
 }
 
