@@ -530,6 +530,58 @@ mod tests {
         *lock(&TORCH) = None;
     }
 
+    /// PyTorch's stream argument 2 (`cudaStreamPerThread`) from two threads: two
+    /// streams. A block freed by one thread's stream with a kernel still running on it
+    /// is not the other thread's at once (it gets other memory, or waits for the
+    /// kernel).
+    #[test]
+    fn per_thread_stream_2_is_a_stream_per_calling_thread() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mgr = on_sim();
+        let sim = mgr.sim().unwrap();
+        // The test's own handle of the same stream, for the simulator's kernels.
+        // SAFETY: every thread has a per-thread stream on device 0.
+        let s = unsafe { Stream::wrap(&mgr, 0, crate::backend::PER_THREAD_STREAM) }.unwrap();
+        let two = std::ptr::with_exposed_provenance_mut::<c_void>(2);
+        let n = MIB as isize;
+        // SAFETY: 2 is a live stream on every thread; the pointers are the allocator's.
+        let (p, k) = unsafe {
+            let p = hetmem_torch_malloc(n, 0, two);
+            assert!(!p.is_null(), "{}", last_error());
+            let k = sim
+                .launch_kernel(s.handle(), Duration::from_millis(3))
+                .unwrap();
+            hetmem_torch_free(p, n, 0, two);
+            (p.addr(), k)
+        };
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let two = std::ptr::with_exposed_provenance_mut::<c_void>(2);
+                // SAFETY: as above.
+                unsafe {
+                    let q = hetmem_torch_malloc(n, 0, two);
+                    assert!(!q.is_null(), "{}", last_error());
+                    let at = sim.stream_time_ns(s.handle()).unwrap();
+                    assert!(
+                        q.addr() != p || at >= k.end_ns,
+                        "the block went to this thread's stream at {at} ns while the \
+                         other thread's kernel used it until {} ns",
+                        k.end_ns
+                    );
+                    hetmem_torch_free(q, n, 0, two);
+                }
+            });
+        });
+        // SAFETY: as above.
+        unsafe {
+            // Back on the first thread: its own stream takes its block back at once.
+            let r = hetmem_torch_malloc(n, 0, two);
+            assert_eq!(r.addr(), p, "{}", last_error());
+            hetmem_torch_free(r, n, 0, two);
+        }
+        *lock(&TORCH) = None;
+    }
+
     #[test]
     fn record_stream_refuses_addresses_it_did_not_hand_out() {
         let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());

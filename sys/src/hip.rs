@@ -264,6 +264,8 @@ hip_api! {
     fn hipStreamDestroy(stream: hipStream_t) -> hipError_t;
     /// `hipStreamSynchronize(stream)`.
     fn hipStreamSynchronize(stream: hipStream_t) -> hipError_t;
+    /// `hipDeviceSynchronize()`: every stream of the current device.
+    fn hipDeviceSynchronize() -> hipError_t;
     /// `hipEventCreateWithFlags(event, flags)` on the current device.
     fn hipEventCreateWithFlags(event: *mut hipEvent_t, flags: c_uint) -> hipError_t;
     /// `hipEventDestroy(event)`.

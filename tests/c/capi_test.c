@@ -278,6 +278,20 @@ static void test_streams(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_
     EXPECT(hetmem_stream_synchronize(def), HETMEM_OK);
     CHECK(same(pinned, pattern, n), "async copy on the wrapped default stream arrives");
 
+    /* The per-thread default stream (raw 2, cudaStreamPerThread / hipStreamPerThread):
+     * through the handle, this thread's own. */
+    hetmem_stream_t* per_thread = NULL;
+    EXPECT(hetmem_stream_wrap(mgr, 0, 2, &per_thread), HETMEM_OK);
+    uintptr_t per_thread_raw = 99;
+    EXPECT(hetmem_stream_raw(per_thread, &per_thread_raw), HETMEM_OK);
+    CHECK(per_thread_raw == 2, "a wrapped per-thread stream reports raw 2");
+    fill(pattern, n, 5);
+    EXPECT(hetmem_copy_from_host(mgr, dev, pattern, n), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, pinned, dev, n, per_thread), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(per_thread), HETMEM_OK);
+    CHECK(same(pinned, pattern, n), "async copy on the wrapped per-thread stream arrives");
+    EXPECT(hetmem_stream_destroy(per_thread), HETMEM_OK);
+
     /* Wrapping a stream by its raw handle (as C code holding a cudaStream_t does). */
     EXPECT(hetmem_stream_wrap(mgr, 0, raw, &wrapped), HETMEM_OK);
     EXPECT(hetmem_copy(mgr, dev, pinned, n, wrapped), HETMEM_OK);
