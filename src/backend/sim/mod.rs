@@ -13,7 +13,14 @@
 //! - a kernel is declared with a duration ([`SimBackend::launch_kernel`]) and runs on
 //!   the device's compute engine;
 //! - events carry the time their stream reached when recorded; waiting on one moves
-//!   the waiter's time forward to it.
+//!   the waiter's time forward to it;
+//! - the drivers' special streams are modelled: raw handles 0 and 1 import a device's
+//!   legacy default stream, 2 the per-thread default stream (every call with it acts on
+//!   the calling thread's own stream of the device); work on the legacy stream starts
+//!   after the per-thread (blocking) streams' queued work and theirs after its, as in
+//!   CUDA; the streams [`SimBackend`] makes are non-blocking, as hetmem makes them on
+//!   the drivers; a copy with no stream starts after the legacy and blocking streams'
+//!   work, as `cuMemcpy` does.
 //!
 //! - driver calls (allocation, mapping, events, streams) block the host for what they
 //!   cost on a real driver ([`DriverCosts`], in [`driver`]) and are counted by kind
