@@ -5,8 +5,10 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6, vmm: issue 14; default all) with the
-#                                   CUDA backend, logs under $OUT, prints a table last
+#                                   torch: issue 6, vmm: issue 14; default all; also
+#                                   streams: issue 14 item 6 alone, a few seconds, which
+#                                   pool's cuda-unit step runs too) with the CUDA
+#                                   backend, logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
 #                           timeout_s=560); all groups take about 8 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
@@ -112,6 +114,12 @@ run() {
         step "replay14-$t-cuda" "$BIN/replay" --trace "$f" --backend cuda --json
         step "replay14-$t-torch" python3 python/bench/replay_torch.py "$f" --json
       done ;;
+    streams)
+      # Issue 14, item 6: a copy with no stream reads what stream 0's queued copy wrote,
+      # and the pool hands a block between two threads' per-thread streams (2) behind the
+      # first thread's queued copy (both fail on the fake driver without the fixes).
+      step streams "$BIN/hetmem-lib" --include-ignored gpu_sync_copy_follows_the_legacy_stream \
+        gpu_per_thread_stream_hand_over_between_threads ;;
     torch)
       local hooks; hooks=$(ls "$PWD/$BIN"/torch_hooks-*.so 2>/dev/null | head -n1)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python \

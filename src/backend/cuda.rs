@@ -2280,4 +2280,108 @@ mod tests {
             }) if requested == too_big
         ));
     }
+
+    /// A copy with no stream reads what work queued on the legacy stream wrote, as
+    /// `cuMemcpy` does: a 256 MiB host-to-device copy queued on stream 0 (milliseconds
+    /// on a GPU), then a synchronous read of the end of the destination on the other
+    /// copy engine. Unordered, the read would likely see the old bytes.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_sync_copy_follows_the_legacy_stream() {
+        let b = CudaBackend::new().expect("a CUDA driver and device");
+        let n = 256 << 20;
+        let tail = 1 << 20;
+        let pinned = DriverPinned::new(&b, 0, n).unwrap();
+        let dev = b.alloc_device(0, n).unwrap();
+        let mut back = vec![0u8; tail];
+        // SAFETY: the legacy stream of device 0; `pinned`, `dev` and `back` are live for
+        // the sizes given until the synchronisations below.
+        unsafe {
+            let legacy = b.import_stream(0, 0).unwrap();
+            let d = |off: usize| MemRef::Device {
+                device: 0,
+                ptr: dev.offset(off),
+            };
+            let src = MemRef::Host {
+                ptr: pinned.ptr(),
+                kind: super::super::HostKind::Pinned,
+            };
+            let out = MemRef::Host {
+                ptr: NonNull::new(back.as_mut_ptr()).unwrap(),
+                kind: super::super::HostKind::Pageable,
+            };
+            for round in 1..=3u8 {
+                std::ptr::write_bytes(pinned.ptr().as_ptr(), round, n);
+                b.copy(d(0), src, n, Some(legacy)).unwrap();
+                b.copy(out, d(n - tail), tail, None).unwrap();
+                assert!(
+                    back.iter().all(|&x| x == round),
+                    "round {round}: the synchronous copy read {} before the legacy \
+                     stream's copy landed",
+                    back[0]
+                );
+            }
+            b.synchronize_stream(legacy).unwrap();
+            b.forget_stream(legacy).unwrap();
+            b.free_device(0, dev, n).unwrap();
+        }
+    }
+
+    /// The device pool and the per-thread stream (2) on two threads: a block freed on
+    /// the first thread's stream, with a copy into it queued behind 256 MiB of other
+    /// copies (milliseconds), goes to the second thread's stream only behind it. The
+    /// second thread's copy into the block lands last; unordered it would likely land
+    /// first and be overwritten.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_per_thread_stream_hand_over_between_threads() {
+        use crate::placement::{NumaPolicy, Placement};
+        use crate::pool::{Budget, PoolConfig};
+        let mgr = crate::Manager::builder()
+            .backend(BackendKind::Cuda)
+            .build()
+            .expect("a CUDA driver and device");
+        let head = 2 << 20;
+        let cfg = PoolConfig {
+            budget: Budget::Bytes(head),
+            expandable_segments: false,
+            ..PoolConfig::default()
+        };
+        let pool = mgr.device_pool(0, cfg).unwrap();
+        // SAFETY: every thread has a per-thread stream on device 0.
+        let s = unsafe { crate::Stream::wrap(&mgr, 0, super::super::PER_THREAD_STREAM) }.unwrap();
+        let big = 256 << 20;
+        let host = Placement::Pinned(NumaPolicy::Default);
+        let busy_src = mgr.alloc(host.clone(), big).unwrap();
+        let mut busy_dst = mgr.alloc(Placement::Device(0), big).unwrap();
+        let mut first = mgr.alloc(host.clone(), head).unwrap();
+        first.as_mut_slice().unwrap().fill(1);
+        let blk = pool.alloc(head, &s).unwrap();
+        let addr = blk.ptr();
+        mgr.copy_async(&mut busy_dst, 0, &busy_src, 0, big, &s)
+            .unwrap();
+        mgr.copy_to_block(&blk, 0, &first, 0, head, &s).unwrap();
+        drop(blk);
+        let blk = std::thread::scope(|t| {
+            t.spawn(|| {
+                let mut second = mgr.alloc(host.clone(), head).unwrap();
+                second.as_mut_slice().unwrap().fill(2);
+                let blk = pool.alloc(head, &s).unwrap();
+                assert_eq!(blk.ptr(), addr, "the budget leaves one block");
+                mgr.copy_to_block(&blk, 0, &second, 0, head, &s).unwrap();
+                s.synchronize().unwrap();
+                blk
+            })
+            .join()
+            .unwrap()
+        });
+        s.synchronize().unwrap();
+        let mut out = vec![0u8; head];
+        blk.read(0, &mut out).unwrap();
+        assert!(
+            out.iter().all(|&x| x == 2),
+            "the first thread's copy landed after the second thread's: {}",
+            out[0]
+        );
+    }
 }
