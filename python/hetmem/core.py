@@ -471,7 +471,8 @@ class Stream(_Owned):
     @classmethod
     def wrap(cls, mgr, raw, device=0):
         """Wraps the caller's stream ``raw`` (an int: cudaStream_t value, 0 for the
-        default stream). hetmem never destroys it; it must outlive this object."""
+        default stream, 2 for the per-thread default stream: each thread that uses it
+        uses its own). hetmem never destroys it; it must outlive this object."""
         h = StreamP()
         _check(mgr._lib.hetmem_stream_wrap(mgr.handle, device, _size(raw, "raw"), byref(h)))
         return cls(mgr, device, _handle=h)

@@ -16,10 +16,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::copy::{self, check_range, CopyEnd, Fences};
-use crate::backend::host::HostRegion;
 use rustc_hash::FxHashMap;
 
+use crate::backend::copy::{self, check_range, CopyEnd, Fences};
+use crate::backend::host::HostRegion;
 use crate::backend::{
     lock, thread_key, Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
     PER_THREAD_STREAM,
@@ -107,9 +107,9 @@ impl std::ops::Deref for ThisThread<'_> {
     }
 }
 
-/// Per-thread views are pruned when their number reaches this (and then twice what
-/// is left): a program that starts a thread per request would otherwise keep a view
-/// for every thread it ever ran.
+/// Per-thread views nothing else holds are pruned when their number reaches this, and
+/// each power of two above it: a program that starts a thread per request would
+/// otherwise keep a view for every thread it ever ran.
 const VIEWS_PRUNE_AT: usize = 64;
 
 impl OwnedStream {
