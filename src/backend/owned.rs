@@ -6,7 +6,9 @@
 //!   asynchronous copies that still use it, so a buffer dropped while a copy is in
 //!   flight cannot be freed under the DMA engine.
 //!
-//! Nothing here panics in `Drop`: failures are logged through `tracing`.
+//! Nothing here panics in `Drop`: failures are logged through `tracing`. In a `fork()`ed
+//! child (see `backend::fork`) drops make no driver call and log nothing: what the value
+//! owns belongs to the parent's driver state, and is leaked.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +113,9 @@ impl OwnedStream {
 
 impl Drop for OwnedStream {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         if !self.owned {
             // SAFETY: the handle came from import_stream on this backend, is forgotten
             // once (here) and never used again.
@@ -176,6 +181,9 @@ impl OwnedEvent {
 
 impl Drop for OwnedEvent {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         // SAFETY: the handle is live and is never used again after this.
         if let Err(e) = unsafe { self.backend.destroy_event(self.handle) } {
             tracing::warn!(target: "hetmem", error = %e, "destroying an event failed");
@@ -236,15 +244,20 @@ impl OwnedMemory {
         Self::wrap(backend, region.len(), MemoryKind::Host(region))
     }
 
-    /// Registers `region` with the backend.
+    /// Registers `region` with the backend, after advising it `MADV_DONTFORK`
+    /// ([`HostRegion::exclude_from_fork`]) so that a fork never copies it. Registration
+    /// is undone only right before the region is unmapped (drop, or a failure here), so
+    /// the advice is never taken back.
     pub(crate) fn pinned(backend: &SharedBackend, region: HostRegion) -> Result<Self> {
+        let mut region = region;
+        // Before registering: a fork between the two then never sees pinned pages.
+        region.exclude_from_fork();
         // SAFETY: the region is mapped and owned by the value returned, which
         // unregisters it before unmapping it (see Drop); on failure it is unmapped only
         // if the backend says nothing of it stayed registered.
         if let Err(e) = unsafe { backend.register_host(region.ptr(), region.len()) } {
             if is_rollback_failure(&e) {
                 // Part of it is still registered with the driver: leak it.
-                let mut region = region;
                 region.leak();
             }
             return Err(e);
@@ -280,6 +293,9 @@ impl OwnedMemory {
         if len <= chunk {
             return Self::pinned(backend, region);
         }
+        let mut region = region;
+        // As in `pinned`: out of forked children before any piece is pinned.
+        region.exclude_from_fork();
         let pieces: Vec<(usize, usize)> = (0..len)
             .step_by(chunk)
             .map(|off| (off, chunk.min(len - off)))
@@ -345,7 +361,6 @@ impl OwnedMemory {
         }
         let failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(err) = failure else {
-            let mut region = region;
             region.set_register_chunk(chunk);
             return Ok(Self::wrap(backend, len, MemoryKind::Pinned(region)));
         };
@@ -364,7 +379,6 @@ impl OwnedMemory {
             }
         }
         if leak {
-            let mut region = region;
             region.leak();
         }
         Err(err)
@@ -409,6 +423,7 @@ impl OwnedMemory {
     /// The NUMA node of each sampled page (see [`HostRegion::page_nodes`]), for host
     /// and pinned memory.
     pub(crate) fn page_nodes(&self) -> Result<Vec<i32>> {
+        self.backend.check_fork()?;
         match &self.kind {
             MemoryKind::Host(r) | MemoryKind::Pinned(r) => r.page_nodes(),
             _ => Err(Error::InvalidArgument(
@@ -445,6 +460,7 @@ impl OwnedMemory {
 
     /// Blocks until every asynchronous copy that used this memory is done.
     pub(crate) fn wait_fences(&self) -> Result<()> {
+        self.backend.check_fork()?;
         self.fences.wait()
     }
 
@@ -532,6 +548,8 @@ impl OwnedMemory {
 
     /// The bytes, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice(&self) -> Result<&[u8]> {
+        // In a forked child a pinned region is not even mapped.
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be read by the CPU directly".into())
         })?;
@@ -544,6 +562,7 @@ impl OwnedMemory {
 
     /// The bytes, mutable, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice_mut(&mut self) -> Result<&mut [u8]> {
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be written by the CPU directly".into())
         })?;
@@ -570,6 +589,12 @@ impl CopyEnd for OwnedMemory {
 
 impl Drop for OwnedMemory {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: the memory is the parent's. A region advised
+            // MADV_DONTFORK is not mapped here and its drop leaves it alone; an
+            // inherited one (pageable) is only the child's copy, unmapped by its drop.
+            return;
+        }
         let waited = if self.fences.must_leak() {
             Err(Error::InvalidArgument(
                 "a copy that may still use this buffer was never fenced".into(),
@@ -655,6 +680,9 @@ pub(crate) struct PhysPage {
 
 impl Drop for PhysPage {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         if let Some(h) = self.handle.take() {
             // SAFETY: the handle was unmapped when this was made and is mapped nowhere.
             if let Err(e) = unsafe { self.backend.release_physical(self.device, h) } {
@@ -896,6 +924,9 @@ impl CopyEnd for VmmRegion {
 
 impl Drop for VmmRegion {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         for page in 0..self.pages.len() {
             if let Err(e) = self.unmap_page(page) {
                 tracing::error!(target: "hetmem", error = %e, page, "unmapping a pool page failed");

@@ -47,6 +47,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use crate::backend::copy::{CopyEnd, SubEnd};
+use crate::backend::fork::Epoch;
 use crate::backend::owned::{OwnedMemory, OwnedStream, PhysPage, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
@@ -130,6 +131,9 @@ pub struct DevicePool {
 #[derive(Debug)]
 struct Shared {
     backend: SharedBackend,
+    /// Where the pool was made: in a forked child it refuses to work (`Error::Forked`).
+    /// Its own copy, so the hot path checks it without a call through the backend.
+    epoch: Epoch,
     device: usize,
     budget: usize,
     expandable: bool,
@@ -243,6 +247,7 @@ impl PoolBlock {
     /// the segment cannot be released under the copy being queued; copies leave fences
     /// on the segment that unmapping waits for.
     pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+        self.shared.epoch.check()?;
         let st = self.shared.lock();
         let b = st.blocks.get(&self.ptr.0).expect("a live block is known");
         let seg = st.segments[b.seg as usize]
@@ -274,6 +279,7 @@ impl PoolBlock {
                 b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
             };
         }
+        a.shared.epoch.check()?;
         let st = a.shared.lock();
         let end = |blk: &PoolBlock| -> SubEnd<'_> {
             let bl = st.blocks.get(&blk.ptr.0).expect("a live block is known");
@@ -299,6 +305,7 @@ impl PoolBlock {
         len: usize,
         f: impl FnOnce(&SegMem, usize) -> Result<T>,
     ) -> Result<T> {
+        self.shared.epoch.check()?;
         match offset.checked_add(len) {
             Some(end) if end <= self.len => {}
             _ => {
@@ -321,6 +328,7 @@ impl PoolBlock {
     /// freed, its stream waits for `stream`'s work queued until then before the block
     /// is reused.
     pub fn record_stream(&self, stream: &Stream) -> Result<()> {
+        self.shared.epoch.check()?;
         self.shared.check_stream(stream)?;
         let mut st = self.shared.lock();
         let own = st.blocks.get(&self.ptr.0).map(|b| b.stream);
@@ -341,13 +349,20 @@ impl PoolBlock {
 
 impl Drop for PoolBlock {
     fn drop(&mut self) {
-        self.shared.free(self.ptr.0);
+        // In a forked child the block stays allocated (leaked): the pool's lock may
+        // have been held by a thread of the parent at the fork.
+        if self.shared.epoch.is_current() {
+            self.shared.free(self.ptr.0);
+        }
     }
 }
 
 impl DevicePool {
     /// A pool over `device` of `backend`.
     pub(crate) fn new(backend: &SharedBackend, device: usize, cfg: PoolConfig) -> Result<Self> {
+        // The backend's epoch and the pool's are then the same process generation.
+        backend.check_fork()?;
+        let epoch = Epoch::now();
         check_device(&**backend, device)?;
         let total = backend.devices()[device].total_memory;
         let budget = match cfg.budget {
@@ -373,6 +388,7 @@ impl DevicePool {
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
+                epoch,
                 device,
                 budget,
                 expandable,
@@ -401,6 +417,7 @@ impl DevicePool {
     /// Allocates `size` bytes for use on `stream`.
     pub fn alloc(&self, size: usize, stream: &Stream) -> Result<PoolBlock> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         if size == 0 || size > isize::MAX as usize / 2 {
             return Err(Error::InvalidSize {
                 requested: size,
@@ -434,6 +451,7 @@ impl DevicePool {
     /// streams that used them). Returns the bytes released.
     pub fn trim(&self) -> Result<usize> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         let mut st = sh.lock();
         st.flush_parked();
         let before = st.reserved;
@@ -1133,6 +1151,10 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if !self.epoch.is_current() {
+            // A forked child: the segments and streams drop without driver calls.
+            return;
+        }
         // Queued work may still use cached memory: let it finish before unmapping.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         for s in st.streams.values() {
