@@ -217,6 +217,13 @@ impl Inner {
 /// Allocates memory anywhere, copies between placements, and makes streams and events.
 ///
 /// Cheap to clone and shareable across threads: clones are the same manager.
+///
+/// # Fork
+/// In a child made by `fork()` every call on a manager made before the fork, and on
+/// everything made from it, fails with [`Error::Forked`] without reaching the driver, and
+/// drops there leak instead of freeing (the memory and driver state are the parent's).
+/// Pinned memory is not mapped in the child at all (`MADV_DONTFORK`): do not touch a
+/// pinned buffer's address there. A new manager made in the child is independent.
 #[derive(Debug, Clone)]
 pub struct Manager {
     inner: Arc<Inner>,

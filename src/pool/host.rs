@@ -735,6 +735,9 @@ impl Drop for HostBlock {
 ///
 /// Clones share the same blocks: memory from one may be freed through another.
 ///
+/// After a `fork()`, the child must not touch memory from this allocator: it is pinned,
+/// and so not mapped in the child (`MADV_DONTFORK`, see [`Error::Forked`]).
+///
 /// ```
 /// use allocator_api2::vec::Vec;
 /// use hetmem::{BackendKind, Manager, NumaPolicy};
