@@ -67,13 +67,16 @@ struct Args {
     release_on_grow: bool,
     write_trace: Option<String>,
     slack: f64,
+    min_chunk_mib: Option<usize>,
+    chunk_fraction: Option<f64>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: replay (--trace PATH | --synthetic training|ddp|serving|random [--seed N]) \
          [--backend sim|cuda|rocm|host] [--budget-gib N | --budget-x F] [--no-expandable] \
-         [--no-release-on-grow] [--slack F] [--write-trace PATH] [--json]"
+         [--no-release-on-grow] [--slack F] [--min-chunk-mib N] [--chunk-fraction F] \
+         [--write-trace PATH] [--json]"
     );
     std::process::exit(2)
 }
@@ -91,6 +94,8 @@ fn parse_args() -> Args {
         release_on_grow: true,
         write_trace: None,
         slack: PoolConfig::default().reserve_slack,
+        min_chunk_mib: None,
+        chunk_fraction: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -114,6 +119,10 @@ fn parse_args() -> Args {
             "--no-expandable" => a.expandable = false,
             "--no-release-on-grow" => a.release_on_grow = false,
             "--slack" => a.slack = val().parse().unwrap_or_else(|_| usage()),
+            "--min-chunk-mib" => a.min_chunk_mib = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--chunk-fraction" => {
+                a.chunk_fraction = Some(val().parse().unwrap_or_else(|_| usage()))
+            }
             "--write-trace" => a.write_trace = Some(val()),
             "--json" => a.json = true,
             _ => usage(),
@@ -610,6 +619,11 @@ fn main() {
         expandable_segments: args.expandable,
         release_on_grow: args.release_on_grow,
         reserve_slack: args.slack,
+        min_chunk: args.min_chunk_mib.map_or(PoolConfig::default().min_chunk, |m| m << 20),
+        chunk_fraction: args
+            .chunk_fraction
+            .unwrap_or(PoolConfig::default().chunk_fraction),
+        ..PoolConfig::default()
     };
 
     // The cost of reading the clock twice, to take out of every sample.

@@ -1846,8 +1846,8 @@ mod tests {
         ));
     }
 
-    /// Virtual memory management on a real GPU, the way `VmmRegion` uses it: one
-    /// physical allocation per page, mapped, written, read back, unmapped, released.
+    /// Virtual memory management on a real GPU: physical allocations mapped side by side,
+    /// made accessible with one call, written, read back, unmapped, released.
     #[test]
     #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
     fn gpu_vmm_round_trip() {
@@ -1890,6 +1890,8 @@ mod tests {
             for (i, &h) in handles.iter().enumerate() {
                 b.map(0, base.offset(i * page), page, h).unwrap();
             }
+            // One access call for the three mappings.
+            b.set_access(0, base, pages * page, &[0]).unwrap();
             let last = MemRef::Device {
                 device: 0,
                 ptr: base.offset((pages - 1) * page),

@@ -10,13 +10,17 @@
 //! child (see `backend::fork`) drops make no driver call and log nothing: what the value
 //! owns belongs to the parent's driver state, and is leaked.
 
+mod vmm;
+
+pub(crate) use vmm::{PhysChunk, VmmRegion};
+
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::backend::copy::{self, check_range, CopyEnd, Fences};
 use crate::backend::host::HostRegion;
-use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, PhysHandle, StreamHandle};
+use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
@@ -407,6 +411,10 @@ impl OwnedMemory {
         }
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     pub(crate) fn kind(&self) -> &MemoryKind {
         &self.kind
     }
@@ -664,283 +672,4 @@ fn is_rollback_failure(e: &Error) -> bool {
     matches!(e, Error::Driver { call, .. }
         if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
             || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL)
-}
-
-/// One page of physical device memory, not mapped anywhere: taken off a region's page
-/// by [`VmmRegion::unmap_page_keep`] to be mapped again elsewhere
-/// ([`VmmRegion::map_page_with`]) without giving it back to the driver and making a new
-/// one. Dropped, it is given back.
-#[derive(Debug)]
-pub(crate) struct PhysPage {
-    backend: SharedBackend,
-    device: usize,
-    size: usize,
-    handle: Option<PhysHandle>,
-}
-
-impl Drop for PhysPage {
-    fn drop(&mut self) {
-        if self.backend.check_fork().is_err() {
-            return;
-        }
-        if let Some(h) = self.handle.take() {
-            // SAFETY: the handle was unmapped when this was made and is mapped nowhere.
-            if let Err(e) = unsafe { self.backend.release_physical(self.device, h) } {
-                tracing::warn!(target: "hetmem", error = %e, "releasing a physical page failed");
-            }
-        }
-    }
-}
-
-/// A reserved device address range whose pages are mapped to physical memory on
-/// demand, one physical allocation per page so that pages can be given back one by one.
-/// Drop unmaps and frees everything.
-#[derive(Debug)]
-pub(crate) struct VmmRegion {
-    backend: SharedBackend,
-    device: usize,
-    base: DevicePtr,
-    page: usize,
-    pages: Vec<Option<PhysHandle>>,
-    mapped: usize,
-    /// Left by asynchronous copies into the region; unmapping waits for them.
-    fences: Fences,
-}
-
-impl VmmRegion {
-    /// Reserves `size` bytes (rounded up to pages) of address space on `device`; `None`
-    /// where the backend has no virtual memory management.
-    pub(crate) fn new(backend: &SharedBackend, device: usize, size: usize) -> Result<Option<Self>> {
-        let Some(page) = backend.vmm_granularity(device) else {
-            return Ok(None);
-        };
-        let size = size.div_ceil(page).max(1) * page;
-        let base = backend.reserve_address(device, size)?;
-        Ok(Some(VmmRegion {
-            backend: backend.clone(),
-            device,
-            base,
-            page,
-            pages: vec![None; size / page],
-            mapped: 0,
-            fences: Fences::default(),
-        }))
-    }
-
-    pub(crate) fn base(&self) -> DevicePtr {
-        self.base
-    }
-
-    pub(crate) fn size(&self) -> usize {
-        self.pages.len() * self.page
-    }
-
-    pub(crate) fn page_size(&self) -> usize {
-        self.page
-    }
-
-    /// Pages mapped now.
-    pub(crate) fn mapped_pages(&self) -> usize {
-        self.mapped
-    }
-
-    pub(crate) fn is_mapped(&self, page: usize) -> bool {
-        self.pages.get(page).is_some_and(Option::is_some)
-    }
-
-    /// Backs page `page` with the page in `spare` (taken only if it is of this device
-    /// and page size and the mapping succeeds: else it stays there), or with new
-    /// physical memory. Returns whether `spare`'s page was used. A page that is mapped
-    /// already is left as it is.
-    pub(crate) fn map_page_with(
-        &mut self,
-        page: usize,
-        spare: &mut Option<PhysPage>,
-    ) -> Result<bool> {
-        if page >= self.pages.len() {
-            return Err(Error::InvalidArgument(format!(
-                "page {page} is outside the region"
-            )));
-        }
-        if self.pages[page].is_some() {
-            return Ok(false);
-        }
-        let at = self.base.offset(page * self.page);
-        if let Some(p) = spare
-            .as_mut()
-            .filter(|p| p.device == self.device && p.size == self.page)
-        {
-            if let Some(h) = p.handle {
-                // SAFETY: `at` is a page inside our reservation with nothing mapped; `h`
-                // is one page of this device and page size, unmapped from a region of
-                // it, and mapped nowhere else.
-                unsafe { self.backend.map(self.device, at, self.page, h)? };
-                // SAFETY: exactly the one mapping made above.
-                unsafe { self.grant(at)? };
-                p.handle = None;
-                *spare = None;
-                self.pages[page] = Some(h);
-                self.mapped += 1;
-                return Ok(true);
-            }
-        }
-        let h = self.backend.create_physical(self.device, self.page)?;
-        // SAFETY: `at` is a page inside our reservation with nothing mapped (pages[page]
-        // is None); `h` is fresh, of exactly one page, and mapped nowhere else.
-        let mapped = unsafe { self.backend.map(self.device, at, self.page, h) };
-        // SAFETY: `grant` covers exactly the mapping just made.
-        if let Err(e) = mapped.and_then(|()| unsafe { self.grant(at) }) {
-            // SAFETY: `h` was never mapped, or `grant` unmapped it again.
-            if let Err(e2) = unsafe { self.backend.release_physical(self.device, h) } {
-                tracing::warn!(target: "hetmem", error = %e2, "releasing an unmapped page failed");
-            }
-            return Err(e);
-        }
-        self.pages[page] = Some(h);
-        self.mapped += 1;
-        Ok(false)
-    }
-
-    /// Makes the page just mapped at `at` readable and writable by the region's device;
-    /// on failure unmaps it again, so the page and its handle are as they were.
-    ///
-    /// # Safety
-    /// `at` is a page of this region mapped by the caller a moment ago, and nothing else.
-    unsafe fn grant(&self, at: DevicePtr) -> Result<()> {
-        // SAFETY: the caller's promise: exactly one whole mapping.
-        let granted = unsafe {
-            self.backend
-                .set_access(self.device, at, self.page, &[self.device])
-        };
-        if let Err(e) = granted {
-            // SAFETY: the mapping was never accessible, so no work can use it.
-            if let Err(e2) = unsafe { self.backend.unmap(self.device, at, self.page) } {
-                tracing::warn!(target: "hetmem", error = %e2, "unmapping after a failed set-access failed");
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Copies `data` to `offset` in the region, synchronously; every page it touches
-    /// must be mapped.
-    pub(crate) fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
-        let Some(host) = NonNull::new(data.as_ptr().cast_mut()) else {
-            return Ok(());
-        };
-        let dev = self.checked_ref(offset, data.len())?;
-        // After the copies queued on the region, as a synchronous copy should be.
-        self.fences.wait()?;
-        let src = MemRef::Host {
-            ptr: host,
-            kind: HostKind::Pageable,
-        };
-        // SAFETY: the device range is inside this region and fully mapped (checked), the
-        // host slice is valid for its length, the two cannot overlap (device memory),
-        // and the copy is synchronous. The backend only reads through `src`.
-        unsafe { self.backend.copy(dev, src, data.len(), None) }
-    }
-
-    /// Copies `out.len()` bytes from `offset` in the region, synchronously.
-    pub(crate) fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        let Some(host) = NonNull::new(out.as_mut_ptr()) else {
-            return Ok(());
-        };
-        let dev = self.checked_ref(offset, out.len())?;
-        self.fences.wait()?;
-        let dst = MemRef::Host {
-            ptr: host,
-            kind: HostKind::Pageable,
-        };
-        // SAFETY: as in `write`; `out` is exclusively borrowed for the copy.
-        unsafe { self.backend.copy(dst, dev, out.len(), None) }
-    }
-
-    fn checked_ref(&self, offset: usize, len: usize) -> Result<MemRef> {
-        check_range(offset, len, self.size())?;
-        if len > 0 {
-            let (first, last) = (offset / self.page, (offset + len - 1) / self.page);
-            if let Some(p) = (first..=last).find(|p| !self.is_mapped(*p)) {
-                return Err(Error::InvalidArgument(format!(
-                    "page {p} of the region is not mapped"
-                )));
-            }
-        }
-        Ok(MemRef::Device {
-            device: self.device,
-            ptr: self.base.offset(offset),
-        })
-    }
-
-    /// Gives page `page`'s physical memory back. The caller makes sure no queued device
-    /// work still uses the page (a device would fault on it).
-    pub(crate) fn unmap_page(&mut self, page: usize) -> Result<()> {
-        // Dropping the page gives it back.
-        self.unmap_page_keep(page).map(drop)
-    }
-
-    /// Unmaps page `page` and returns its physical memory, to be mapped again
-    /// ([`VmmRegion::map_page_with`]) or given back (dropped). `None` if the page was not
-    /// mapped. The caller makes sure no queued device work still uses the page.
-    pub(crate) fn unmap_page_keep(&mut self, page: usize) -> Result<Option<PhysPage>> {
-        let Some(h) = self.pages.get(page).copied().flatten() else {
-            return Ok(None);
-        };
-        if self.fences.must_leak() {
-            return Err(Error::InvalidArgument(
-                "a copy into this region was never fenced: its pages stay mapped".into(),
-            ));
-        }
-        // Copies queued through `copy` may still target the page.
-        self.fences.wait()?;
-        let at = self.base.offset(page * self.page);
-        // SAFETY: exactly the one-page mapping made in map_page; the caller guarantees
-        // no queued work uses it.
-        unsafe { self.backend.unmap(self.device, at, self.page)? };
-        self.pages[page] = None;
-        self.mapped -= 1;
-        Ok(Some(PhysPage {
-            backend: self.backend.clone(),
-            device: self.device,
-            size: self.page,
-            handle: Some(h),
-        }))
-    }
-}
-
-impl CopyEnd for VmmRegion {
-    fn backend(&self) -> &SharedBackend {
-        &self.backend
-    }
-
-    fn end(&self, offset: usize, len: usize) -> Result<MemRef> {
-        self.checked_ref(offset, len)
-    }
-
-    fn fences(&self) -> &Fences {
-        &self.fences
-    }
-}
-
-impl Drop for VmmRegion {
-    fn drop(&mut self) {
-        if self.backend.check_fork().is_err() {
-            return;
-        }
-        for page in 0..self.pages.len() {
-            if let Err(e) = self.unmap_page(page) {
-                tracing::error!(target: "hetmem", error = %e, page, "unmapping a pool page failed");
-                // Leave the reservation in place: freeing an address range with pages
-                // still mapped would fail anyway.
-                return;
-            }
-        }
-        // SAFETY: the reservation is ours and every page in it was unmapped above.
-        if let Err(e) = unsafe {
-            self.backend
-                .free_address(self.device, self.base, self.size())
-        } {
-            tracing::warn!(target: "hetmem", error = %e, "freeing a reserved address range failed");
-        }
-    }
 }

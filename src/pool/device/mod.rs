@@ -1,0 +1,1193 @@
+//! The device memory pool: a caching allocator over one device of any backend.
+//!
+//! Raw device allocation costs tens to hundreds of microseconds and synchronises the
+//! device (DESIGN.md); this pool keeps freed memory and hands it out again in well
+//! under a microsecond, and calls the driver as rarely as it can.
+//!
+//! - **Blocks and sizes.** Requests are rounded up to 512 bytes. Blocks of up to 1 MiB
+//!   come from the small pool, larger ones from the large pool, so that long-lived small
+//!   blocks never pin memory that large ones need. A free block larger than a request
+//!   is split; neighbouring free blocks of the same stream merge again. The bookkeeping
+//!   is [`blocks`], which makes no driver calls.
+//! - **Expandable segments.** Where the backend has virtual memory management (CUDA,
+//!   the simulator), each pool is one large reserved address range into which physical
+//!   memory is mapped as it is needed, so that free blocks merge across what would be
+//!   separate segments elsewhere and reserved memory follows allocated memory closely.
+//!   Memory is mapped in **chunks**: one driver allocation each, at least 64 MiB (2 MiB
+//!   in the small pool) and a sixteenth of what the pool holds (up to 1 GiB), so a pool
+//!   reaches its size in a few dozen driver calls; each run of chunks mapped together is
+//!   made accessible with one call, for the device and its peers
+//!   ([`PoolConfig::peer_access`]). Chunks are never given back in steady state.
+//!   Elsewhere (ROCm for now) plain segments as PyTorch makes them: 2 MiB for small
+//!   blocks, 20 MiB for requests under 10 MiB, the request rounded to 2 MiB above that.
+//! - **Remapping, only as a last resort.** Growth that would take reserved memory more
+//!   than [`PoolConfig::reserve_slack`] above the most ever allocated first moves idle
+//!   chunks that lie wholly in free memory (unmapped and mapped where the new block
+//!   needs them, one batch, no new driver allocation, no host wait: only chunks whose
+//!   streams have finished are moved). An allocation that the budget (or the driver)
+//!   would refuse synchronises the streams that own free memory once, unmaps every free
+//!   chunk and maps them again where needed (and gives back the ones that fit nowhere,
+//!   to make new ones of the right size), before it fails with [`Error::OutOfMemory`];
+//!   [`DevicePool::trim`] gives everything free back.
+//! - **Stream order.** A block belongs to the stream it was allocated on. Freed, it is
+//!   at once reusable by later allocations on that stream: the stream runs in order,
+//!   so new work there follows the old. Handed to another stream, the new stream first
+//!   waits for an event recorded on the old one (no host wait; [`streams`]). A block
+//!   used on more streams ([`PoolBlock::record_stream`]) makes its own stream wait for
+//!   them when freed. Memory is unmapped only once the streams that used it are done.
+//! - **Hot path.** A freed block is parked on a per-(stream, size) list without
+//!   coalescing; an allocation of that size on that stream takes it back with two hash
+//!   look-ups under one lock. Parked blocks are coalesced before anything slower is
+//!   tried, so parking never costs memory.
+//! - **Limits.** A budget caps reserved bytes (mapped chunks, chunks kept for remapping,
+//!   segments). The [`Error::OutOfMemory`] carries the request, the free bytes under the
+//!   budget, the reserved bytes and the largest free block.
+
+mod blocks;
+mod streams;
+
+use std::sync::Arc;
+
+#[cfg(loom)]
+use loom::sync::{Mutex, MutexGuard};
+#[cfg(not(loom))]
+use std::sync::{Mutex, MutexGuard};
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::backend::copy::{CopyEnd, SubEnd};
+use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
+use crate::backend::fork::Epoch;
+use crate::backend::{check_device, DevicePtr};
+use crate::error::{Error, Result};
+use crate::placement::Tier;
+use crate::pool::stats::PoolStats;
+use crate::stream::Stream;
+use blocks::{BlockState, Blocks, NO_STREAM};
+use streams::Streams;
+
+pub use blocks::MIN_BLOCK;
+
+/// Blocks up to this size come from the small pool.
+pub const SMALL_SIZE: usize = 1 << 20;
+const SMALL_SEGMENT: usize = 2 << 20;
+const MID_SEGMENT: usize = 20 << 20;
+const MID_LIMIT: usize = 10 << 20;
+const LARGE_ROUND: usize = 2 << 20;
+/// Parked frees are coalesced once this many pile up.
+const PARK_LIMIT: usize = 4096;
+
+/// How much device memory a pool may reserve.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// All of the device's memory.
+    Device,
+    /// At most this many bytes.
+    Bytes(usize),
+    /// This fraction (0, 1] of the device's total memory.
+    Fraction(f64),
+}
+
+/// Settings of a [`DevicePool`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    /// The most memory the pool holds from the device.
+    pub budget: Budget,
+    /// Use virtual memory management where the backend has it (expandable segments).
+    pub expandable_segments: bool,
+    /// With expandable segments: before new chunks would take reserved memory more than
+    /// `reserve_slack` above the most ever allocated, move idle free chunks to where the
+    /// memory is needed (unmap and map: no driver allocation). Off, free chunks stay
+    /// where they are until [`DevicePool::trim`] or the budget forces them out.
+    pub release_on_grow: bool,
+    /// The hysteresis band (a fraction): how far reserved memory may run ahead of the
+    /// allocated peak before growth moves free chunks instead of making new ones.
+    pub reserve_slack: f64,
+    /// The least a growth of the large pool maps (the small pool's start at the
+    /// granularity and grow to this), in bytes.
+    pub min_chunk: usize,
+    /// A new chunk is at least this fraction of what its pool holds already, so that a
+    /// pool grows in a number of driver calls that grows with the logarithm of its size.
+    pub chunk_fraction: f64,
+    /// The largest chunk (one driver allocation), in bytes: a growth larger than this is
+    /// made of several. Chunks of the granularity (2 MiB) let every free page move to
+    /// where it is needed, so a pool can use all of a tight budget; larger ones cost
+    /// fewer driver calls.
+    pub max_chunk: usize,
+    /// How far (a fraction of the most ever allocated) a new chunk may map ahead of what
+    /// is allocated: the size rules above, capped so that reserved memory stays within
+    /// this of the allocated peak when the chunk is made.
+    pub grow_ahead: f64,
+    /// Other devices given read-write access to the pool's memory (with expandable
+    /// segments; plain segments follow the driver's peer access settings).
+    pub peer_access: Vec<usize>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            budget: Budget::Device,
+            expandable_segments: true,
+            release_on_grow: true,
+            reserve_slack: 0.02,
+            min_chunk: 256 << 20,
+            chunk_fraction: 1.0 / 16.0,
+            max_chunk: 1 << 30,
+            grow_ahead: 0.08,
+            peer_access: Vec::new(),
+        }
+    }
+}
+
+/// A caching allocator for one device. Cheap to clone; clones share the pool.
+///
+/// ```
+/// use hetmem::{BackendKind, Manager, pool::PoolConfig};
+/// let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
+/// let pool = mgr.device_pool(0, PoolConfig::default())?;
+/// let stream = mgr.create_stream(0)?;
+/// let a = pool.alloc(1 << 20, &stream)?;
+/// let addr = a.ptr();
+/// drop(a);                                   // cached, not returned to the device
+/// let b = pool.alloc(1 << 20, &stream)?;     // the same block, no driver call
+/// assert_eq!(b.ptr(), addr);
+/// # Ok::<(), hetmem::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct DevicePool {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    backend: SharedBackend,
+    /// Where the pool was made: in a forked child it refuses to work (`Error::Forked`).
+    /// Its own copy, so the hot path checks it without a call through the backend.
+    epoch: Epoch,
+    device: usize,
+    budget: usize,
+    expandable: bool,
+    release_on_grow: bool,
+    reserve_slack: f64,
+    min_chunk: usize,
+    chunk_fraction: f64,
+    max_chunk: usize,
+    grow_ahead: f64,
+    /// The devices given access to mapped chunks: this one, then the peers.
+    access: Vec<usize>,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Debug)]
+enum SegMem {
+    Vmm(VmmRegion),
+    Plain(OwnedMemory),
+}
+
+#[derive(Debug)]
+struct Segment {
+    base: u64,
+    small: bool,
+    mem: SegMem,
+}
+
+#[derive(Debug)]
+struct PoolState {
+    segments: Vec<Option<Segment>>,
+    blocks: Blocks,
+    /// Extra streams that used a block (record_stream), by block address.
+    uses: FxHashMap<u64, Vec<u64>>,
+    streams: Streams,
+    stats: PoolStats,
+    /// Bytes held from the device: mapped chunks, spare chunks and plain segments.
+    reserved: usize,
+    /// `reserved` of the large (0) and small (1) pool.
+    held: [usize; 2],
+    /// Chunks unmapped to be mapped again elsewhere, by pool (large 0, small 1).
+    spares: [Vec<PhysChunk>; 2],
+    /// The most ever allocated: what the hysteresis band measures reserved memory
+    /// against (the stats' peak is the user's to reset).
+    alloc_high: usize,
+}
+
+/// Device memory from a [`DevicePool`]; given back to the pool on drop.
+#[derive(Debug)]
+pub struct PoolBlock {
+    shared: Arc<Shared>,
+    ptr: DevicePtr,
+    len: usize,
+}
+
+impl PoolBlock {
+    /// The device address.
+    pub fn ptr(&self) -> DevicePtr {
+        self.ptr
+    }
+
+    /// Bytes asked for.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: zero-byte requests are refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device it lives on.
+    pub fn device(&self) -> usize {
+        self.shared.device
+    }
+
+    /// Copies `data` into the block at `offset`, synchronously (for tests, set-up and
+    /// small transfers; bulk copies belong on streams).
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.with_segment(offset, data.len(), |mem, at| match mem {
+            SegMem::Vmm(r) => r.write(at, data),
+            SegMem::Plain(m) => m.write_at(at, data),
+        })
+    }
+
+    /// Copies `out.len()` bytes of the block from `offset`, synchronously.
+    pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.with_segment(offset, out.len(), |mem, at| match mem {
+            SegMem::Vmm(r) => r.read(at, out),
+            SegMem::Plain(m) => m.read_at(at, out),
+        })
+    }
+
+    /// Runs `f` with this block as a copy end. The pool's lock is held meanwhile, so
+    /// the memory cannot be unmapped under the copy being queued; copies leave fences
+    /// on the segment that unmapping waits for.
+    pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+        self.shared.epoch.check()?;
+        let st = self.shared.lock();
+        f(&st.end(self))
+    }
+
+    /// Runs `f` with two blocks as copy ends (one lock when they share a pool).
+    pub(crate) fn with_ends<T>(
+        a: &PoolBlock,
+        b: &PoolBlock,
+        f: impl FnOnce(&dyn CopyEnd, &dyn CopyEnd) -> Result<T>,
+    ) -> Result<T> {
+        if !Arc::ptr_eq(&a.shared, &b.shared) {
+            // Two pools: always lock the one at the lower address first, so that copies
+            // in opposite directions on two threads cannot deadlock.
+            return if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
+                a.with_end(|ea| b.with_end(|eb| f(ea, eb)))
+            } else {
+                b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
+            };
+        }
+        a.shared.epoch.check()?;
+        let st = a.shared.lock();
+        f(&st.end(a), &st.end(b))
+    }
+
+    fn with_segment<T>(
+        &self,
+        offset: usize,
+        len: usize,
+        f: impl FnOnce(&SegMem, usize) -> Result<T>,
+    ) -> Result<T> {
+        self.shared.epoch.check()?;
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => {}
+            _ => {
+                return Err(Error::OutOfBounds {
+                    offset,
+                    len,
+                    size: self.len,
+                })
+            }
+        }
+        let st = self.shared.lock();
+        let seg = st.segment_of(self.ptr.0);
+        f(&seg.mem, (self.ptr.0 - seg.base) as usize + offset)
+    }
+
+    /// Marks the block as used by work on `stream` as well as its own: when it is
+    /// freed, its stream waits for `stream`'s work queued until then before the block
+    /// is reused.
+    pub fn record_stream(&self, stream: &Stream) -> Result<()> {
+        self.shared.epoch.check()?;
+        self.shared.check_stream(stream)?;
+        let mut st = self.shared.lock();
+        let own = st.blocks.get(self.ptr.0).map(|b| b.stream);
+        let key = stream.inner.id();
+        if own == Some(key) {
+            return Ok(());
+        }
+        st.register_stream(stream);
+        let uses = st.uses.entry(self.ptr.0).or_default();
+        if !uses.contains(&key) {
+            uses.push(key);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PoolBlock {
+    fn drop(&mut self) {
+        // In a forked child the block stays allocated (leaked): the pool's lock may
+        // have been held by a thread of the parent at the fork.
+        if self.shared.epoch.is_current() {
+            self.shared.free(self.ptr.0);
+        }
+    }
+}
+
+impl DevicePool {
+    /// A pool over `device` of `backend`.
+    pub(crate) fn new(backend: &SharedBackend, device: usize, cfg: PoolConfig) -> Result<Self> {
+        // The backend's epoch and the pool's are then the same process generation.
+        backend.check_fork()?;
+        let epoch = Epoch::now();
+        check_device(&**backend, device)?;
+        let total = backend.devices()[device].total_memory;
+        let budget = match cfg.budget {
+            Budget::Device => total,
+            Budget::Bytes(b) if b > 0 => b,
+            Budget::Fraction(f) if f > 0.0 && f <= 1.0 => (total as f64 * f) as usize,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "pool budget {other:?}: bytes must be positive, fractions in (0, 1]"
+                )))
+            }
+        };
+        // More than the device has could never be reserved anyway.
+        let budget = budget.min(total);
+        if !(cfg.reserve_slack.is_finite() && cfg.reserve_slack >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "pool reserve_slack must be a non-negative fraction, got {}",
+                cfg.reserve_slack
+            )));
+        }
+        if !(cfg.grow_ahead.is_finite() && cfg.grow_ahead >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "pool grow_ahead must be a non-negative fraction, got {}",
+                cfg.grow_ahead
+            )));
+        }
+        if !(cfg.chunk_fraction.is_finite() && (0.0..=1.0).contains(&cfg.chunk_fraction)) {
+            return Err(Error::InvalidArgument(format!(
+                "pool chunk_fraction must be in [0, 1], got {}",
+                cfg.chunk_fraction
+            )));
+        }
+        let mut access = vec![device];
+        for &p in &cfg.peer_access {
+            check_device(&**backend, p)?;
+            if !access.contains(&p) {
+                access.push(p);
+            }
+        }
+        let expandable = cfg.expandable_segments && backend.vmm_granularity(device).is_some();
+        tracing::debug!(target: "hetmem", device, budget, expandable, "device pool");
+        Ok(DevicePool {
+            shared: Arc::new(Shared {
+                backend: backend.clone(),
+                epoch,
+                device,
+                budget,
+                expandable,
+                release_on_grow: cfg.release_on_grow,
+                reserve_slack: cfg.reserve_slack,
+                min_chunk: cfg.min_chunk,
+                chunk_fraction: cfg.chunk_fraction,
+                max_chunk: cfg.max_chunk.max(cfg.min_chunk),
+                grow_ahead: cfg.grow_ahead,
+                access,
+                state: Mutex::new(PoolState {
+                    segments: Vec::new(),
+                    blocks: Blocks::default(),
+                    uses: FxHashMap::default(),
+                    streams: Streams::new(backend, device),
+                    stats: PoolStats::default(),
+                    reserved: 0,
+                    held: [0; 2],
+                    spares: [Vec::new(), Vec::new()],
+                    alloc_high: 0,
+                }),
+            }),
+        })
+    }
+
+    /// The device it allocates on.
+    pub fn device(&self) -> usize {
+        self.shared.device
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> usize {
+        self.shared.budget
+    }
+
+    /// Whether it uses expandable segments (virtual memory management).
+    pub fn expandable(&self) -> bool {
+        self.shared.expandable
+    }
+
+    /// Allocates `size` bytes for use on `stream`.
+    pub fn alloc(&self, size: usize, stream: &Stream) -> Result<PoolBlock> {
+        let sh = &self.shared;
+        sh.epoch.check()?;
+        if size == 0 || size > isize::MAX as usize / 2 {
+            return Err(Error::InvalidSize {
+                requested: size,
+                reason: if size == 0 {
+                    "zero-byte allocations are refused"
+                } else {
+                    "larger than any device"
+                },
+            });
+        }
+        sh.check_stream(stream)?;
+        let rounded = size.next_multiple_of(MIN_BLOCK);
+        let key = stream.inner.id();
+        let mut st = sh.lock();
+        // Hot path: a parked block of this size freed on this stream.
+        if let Some(addr) = st.blocks.unpark(key, rounded, size) {
+            st.count_alloc(rounded, size);
+            drop(st);
+            return Ok(sh.block(addr, size));
+        }
+        let addr = sh.alloc_slow(&mut st, size, rounded, stream)?;
+        drop(st);
+        Ok(sh.block(addr, size))
+    }
+
+    /// Gives back every chunk or segment that no block uses (after synchronising the
+    /// streams that used them). Returns the bytes released.
+    pub fn trim(&self) -> Result<usize> {
+        let sh = &self.shared;
+        sh.epoch.check()?;
+        let mut st = sh.lock();
+        let before = st.reserved;
+        sh.release_cached(&mut st, true)?;
+        let in_use = st.streams_in_use();
+        st.streams.forget_unused(&in_use);
+        Ok(before - st.reserved)
+    }
+
+    /// A copy of the statistics.
+    pub fn stats(&self) -> PoolStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Starts peak tracking again from the current values.
+    pub fn reset_peak(&self) {
+        self.shared.lock().stats.reset_peak();
+    }
+
+    /// Bytes reserved from the device now.
+    pub fn reserved(&self) -> usize {
+        self.shared.lock().reserved
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // The state is consistent between calls; a panic in another thread mid-call
+        // (only possible through a bug) is no reason to stop serving memory.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_stream(&self, stream: &Stream) -> Result<()> {
+        if !stream.belongs_to(&self.backend) {
+            return Err(Error::ForeignHandle { what: "stream" });
+        }
+        if stream.device() != self.device {
+            return Err(Error::InvalidArgument(format!(
+                "a stream of device {} used with the pool of device {}",
+                stream.device(),
+                self.device
+            )));
+        }
+        Ok(())
+    }
+
+    fn block(self: &Arc<Self>, addr: u64, len: usize) -> PoolBlock {
+        PoolBlock {
+            shared: self.clone(),
+            ptr: DevicePtr(addr),
+            len,
+        }
+    }
+
+    fn free(&self, addr: u64) {
+        let mut st = self.lock();
+        let Some(b) = st.blocks.get(addr).copied() else {
+            tracing::error!(target: "hetmem", addr, "pool free of an unknown block");
+            return;
+        };
+        if b.state != BlockState::Allocated {
+            tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+            return;
+        }
+        st.count_free(b.size, b.requested);
+        if !st.uses.is_empty() {
+            if let Some(others) = st.uses.remove(&addr) {
+                let ordered = others
+                    .iter()
+                    .try_for_each(|o| st.streams.order_ids(b.stream, *o));
+                if let Err(e) = ordered {
+                    // The block cannot be proven free of other streams' work: keep it
+                    // out of circulation rather than risk handing it out.
+                    tracing::error!(target: "hetmem", addr, error = %e,
+                        "ordering a multi-stream block failed; leaking it");
+                    return;
+                }
+            }
+        }
+        st.blocks.park(addr);
+        if st.blocks.parked() > PARK_LIMIT {
+            st.blocks.flush_parked();
+        }
+    }
+
+    fn alloc_slow(
+        &self,
+        st: &mut PoolState,
+        size: usize,
+        rounded: usize,
+        stream: &Stream,
+    ) -> Result<u64> {
+        if rounded > self.budget {
+            // Never fits: say so before reserving address space or releasing the cache.
+            let e = Error::oom(Tier::Device(self.device), size, self.budget);
+            return Err(self.oom(st, size, e));
+        }
+        let key = stream.inner.id();
+        st.register_stream(stream);
+        let small = rounded <= SMALL_SIZE;
+        // Mapped free memory first: no driver call. The parked blocks stay ready for the
+        // sizes they were freed at unless nothing else fits.
+        if let Some(a) = st.blocks.find_fit(small, key, rounded) {
+            return self.take(st, a, rounded, size, stream);
+        }
+        st.blocks.flush_parked();
+        // Before growing or queueing behind a busy stream: the free blocks of streams
+        // with nothing left to run (this one's included) are anyone's, and merge.
+        reclaim_idle(st);
+        if let Some(a) = st.blocks.find_fit(small, key, rounded) {
+            return self.take(st, a, rounded, size, stream);
+        }
+        // This stream's free block with free memory nobody owns beside it.
+        if let Some(a) = st.blocks.find_merged_fit(small, key, rounded) {
+            let a = st.blocks.adopt_neighbours(a, key);
+            return self.take(st, a, rounded, size, stream);
+        }
+        let mut pressure = false;
+        loop {
+            match self.grow(st, small, rounded, size, stream, pressure) {
+                Ok(addr) => return Ok(addr),
+                Err(Error::OutOfMemory { .. }) if !pressure => {
+                    // No room to grow: another stream's free block, behind an event
+                    // (the device waits for that stream's work, the host does not).
+                    if let Some(a) =
+                        st.blocks
+                            .find_others_fit(small, key, rounded, st.streams.ids())
+                    {
+                        return self.take(st, a, rounded, size, stream);
+                    }
+                    // The budget or the driver is short: wait for the streams that own
+                    // free memory, unmap every free chunk (kept, to be mapped where this
+                    // allocation needs it) or free segment, and try once more.
+                    pressure = true;
+                    st.stats.num_alloc_retries += 1;
+                    self.release_cached(st, false)?;
+                    if let Some(a) = st.blocks.find_fit(small, key, rounded) {
+                        return self.take(st, a, rounded, size, stream);
+                    }
+                }
+                Err(e @ Error::OutOfMemory { .. }) => return Err(self.oom(st, size, e)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Takes `rounded` bytes from the free mapped block `addr` for `stream`, handing it
+    /// over from its previous stream with an event.
+    fn take(
+        &self,
+        st: &mut PoolState,
+        addr: u64,
+        rounded: usize,
+        size: usize,
+        stream: &Stream,
+    ) -> Result<u64> {
+        let key = stream.inner.id();
+        let owner = st.blocks.take(addr, rounded, size, key);
+        if owner != key && owner != NO_STREAM {
+            if let Err(e) = st.streams.order(&stream.inner, owner) {
+                st.blocks.untake(addr, owner);
+                return Err(e);
+            }
+        }
+        let taken = st.blocks.get(addr).expect("just taken").size;
+        st.count_alloc(taken, size);
+        Ok(addr)
+    }
+
+    /// Makes room for a `rounded`-byte block in new memory and takes it: maps chunks
+    /// into a hole of the address space (expandable), or allocates a segment (plain).
+    fn grow(
+        &self,
+        st: &mut PoolState,
+        small: bool,
+        rounded: usize,
+        size: usize,
+        stream: &Stream,
+        pressure: bool,
+    ) -> Result<u64> {
+        if !self.expandable {
+            let base = self.grow_plain(st, small, rounded, pressure)?;
+            return self.take(st, base, rounded, size, stream);
+        }
+        let key = stream.inner.id();
+        let mut g = match st.blocks.find_growth(small, key, rounded) {
+            Some(g) => g,
+            None => {
+                self.add_region(st, small, rounded)?;
+                st.blocks
+                    .find_growth(small, key, rounded)
+                    .expect("a new region holds the request")
+            }
+        };
+        let gran = st.region(g.seg).granularity();
+        let need = g.hole_needed(rounded).next_multiple_of(gran);
+        let spare: usize = st.spares[small as usize].iter().map(PhysChunk::size).sum();
+        let alloc_peak = (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
+        let band = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize;
+        if self.release_on_grow && !pressure && spare < need && st.reserved + need - spare > band {
+            // Past the band: chunks that are free and idle move here rather than new
+            // ones being made. Unmapping changes the holes, and idle streams' blocks
+            // became nobody's and merged: look again after.
+            self.move_idle_chunks(st, small, need - spare)?;
+            if let Some(a) = st.blocks.find_fit(small, key, rounded) {
+                return self.take(st, a, rounded, size, stream);
+            }
+            g = match st.blocks.find_growth(small, key, rounded) {
+                Some(g) => g,
+                None => {
+                    self.add_region(st, small, rounded)?;
+                    st.blocks
+                        .find_growth(small, key, rounded)
+                        .expect("a new region holds the request")
+                }
+            };
+        }
+        let need = g.hole_needed(rounded).next_multiple_of(gran);
+        tracing::trace!(target: "hetmem", need, rounded, hole = g.hole_size, reserved = st.reserved, "pool grows");
+        let target = self.chunk_target(st, small, gran, rounded);
+        let mapped = self.map_chunks(st, g.seg, g.hole, need, g.hole_size, target, pressure)?;
+        let owner = g
+            .prefix
+            .map_or(NO_STREAM, |(a, _)| st.blocks.get(a).expect("prefix").stream);
+        let start = st.blocks.fill_hole(g.hole, mapped, owner);
+        debug_assert_eq!(start, g.start());
+        self.take(st, start, rounded, size, stream)
+    }
+
+    /// How much a new chunk of the small or large pool maps at least, for an allocation
+    /// of `rounded` bytes: a share of what the pool holds, within the chunk limits, and
+    /// no further ahead of the allocated peak than `grow_ahead`.
+    fn chunk_target(&self, st: &PoolState, small: bool, gran: usize, rounded: usize) -> usize {
+        let held = st.held[small as usize];
+        let share = (held as f64 * self.chunk_fraction) as usize;
+        let (lo, hi) = if small {
+            (gran, self.min_chunk.max(gran))
+        } else {
+            (self.min_chunk, self.max_chunk)
+        };
+        let alloc_peak =
+            (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
+        let ahead = ((alloc_peak as f64 * (1.0 + self.grow_ahead)) as usize).saturating_sub(st.reserved);
+        share.clamp(lo, hi).min(ahead) / gran * gran
+    }
+
+    /// Maps at least `need` bytes (a multiple of the granularity) at the start of the
+    /// hole `hole` (`extent` bytes long) of segment `seg`: spare chunks first, then one
+    /// new chunk of at least [`Shared::chunk_target`] within the budget, all made
+    /// accessible with one call. Returns the bytes mapped.
+    fn map_chunks(
+        &self,
+        st: &mut PoolState,
+        seg: u32,
+        hole: u64,
+        need: usize,
+        extent: usize,
+        target: usize,
+        pressure: bool,
+    ) -> Result<usize> {
+        let small = st.segments[seg as usize].as_ref().expect("segment").small;
+        let (base, gran) = {
+            let r = st.region(seg);
+            (r.base().0, r.granularity())
+        };
+        let idx = small as usize;
+        // Spares: the smallest that covers what is left, else the largest that fits.
+        let mut run: Vec<PhysChunk> = Vec::new();
+        let mut acc = 0;
+        while acc < need {
+            let left = need - acc;
+            let room = extent - acc;
+            let spares = &st.spares[idx];
+            let pick = spares
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.size() <= room && c.size() >= left)
+                .min_by_key(|(_, c)| c.size())
+                .or_else(|| {
+                    spares
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.size() <= room)
+                        .max_by_key(|(_, c)| c.size())
+                })
+                .map(|(i, _)| i);
+            let Some(i) = pick else { break };
+            let c = st.spares[idx].swap_remove(i);
+            acc += c.size();
+            run.push(c);
+        }
+        let reused = run.len();
+        if acc < need {
+            let left = need - acc;
+            if pressure && st.reserved + left > self.budget {
+                // Spares that fit nowhere here hold budget a chunk of the right size needs.
+                for i in [idx, 1 - idx] {
+                    while st.reserved + left > self.budget {
+                        let Some(c) = st.spares[i].pop() else { break };
+                        st.unhold(i == 1, c.size());
+                        st.stats.num_device_free += 1;
+                        drop(c);
+                    }
+                }
+            }
+            let room = self.budget.saturating_sub(st.reserved);
+            if room < left {
+                st.spares[idx].append(&mut run);
+                return Err(Error::oom(Tier::Device(self.device), left, room));
+            }
+            let mut want = left
+                .max(target)
+                .min(extent - acc)
+                .min(room - room % gran)
+                .max(left);
+            // In pieces of at most `max_chunk` (each one driver allocation).
+            while acc < need {
+                let piece = want.min((self.max_chunk / gran).max(1) * gran);
+                let created = match PhysChunk::create(&self.backend, self.device, piece) {
+                    Err(Error::OutOfMemory { .. }) if want > need - acc => {
+                        // The device is short of a speculative chunk: the exact need may
+                        // fit.
+                        want = need - acc;
+                        continue;
+                    }
+                    other => other,
+                };
+                match created {
+                    Ok(c) => {
+                        st.hold(small, c.size());
+                        st.stats.num_device_alloc += 1;
+                        acc += c.size();
+                        want -= c.size();
+                        run.push(c);
+                    }
+                    Err(e) => {
+                        st.spares[idx].append(&mut run);
+                        return Err(e);
+                    }
+                }
+            }
+            // Speculation left over (the device was short): nothing more to make.
+            let _ = want;
+        }
+        let off = (hole - base) as usize;
+        let was_empty = st.region(seg).mapped_bytes() == 0;
+        let region = st.region_mut(seg);
+        if let Err((e, mut back)) = region.map_run(off, run, &self.access) {
+            // The chunks are intact: kept for the retry (or the budget's last resort).
+            st.spares[idx].append(&mut back);
+            return Err(e);
+        }
+        st.stats.num_pages_moved += reused as u64;
+        if was_empty {
+            st.stats.segment.add(small, 1);
+        }
+        Ok(acc)
+    }
+
+    /// Unmaps free chunks whose streams are done (no host wait) until `need` bytes are
+    /// spare, in one batch per region.
+    fn move_idle_chunks(&self, st: &mut PoolState, small: bool, need: usize) -> Result<()> {
+        // Free blocks of streams that are done (the allocating stream's own included)
+        // are nobody's: their memory can be unmapped without a fault.
+        let idle: Vec<u64> = st
+            .blocks
+            .free_owners()
+            .into_iter()
+            .filter(|o| st.streams.is_idle(*o))
+            .collect();
+        if !idle.is_empty() {
+            st.blocks.disown(Some(&idle));
+        }
+        // (segment, block, chunk offset, chunk length)
+        let mut cands: Vec<(u32, u64, usize, usize)> = Vec::new();
+        for (addr, size, owner, seg) in st.blocks.free_blocks(0) {
+            if owner != NO_STREAM {
+                continue;
+            }
+            let Some(Segment {
+                mem: SegMem::Vmm(r),
+                base,
+                small: s,
+            }) = &st.segments[seg as usize]
+            else {
+                continue;
+            };
+            if *s != small || !r.copies_done() {
+                continue;
+            }
+            for (off, len) in r.chunks_within((addr - base) as usize, size) {
+                cands.push((seg, addr, off, len));
+            }
+        }
+        tracing::trace!(target: "hetmem", need, candidates = cands.len(), "pool moves idle chunks");
+        if cands.is_empty() {
+            return Ok(());
+        }
+        // One chunk that covers the need, the smallest such; else the largest first.
+        let chosen: Vec<(u32, u64, usize, usize)> =
+            match cands.iter().filter(|c| c.3 >= need).min_by_key(|c| c.3) {
+                Some(c) => vec![*c],
+                None => {
+                    cands.sort_by_key(|c| std::cmp::Reverse(c.3));
+                    let mut acc = 0;
+                    cands
+                        .into_iter()
+                        .take_while(|c| {
+                            let take = acc < need;
+                            acc += c.3;
+                            take
+                        })
+                        .collect()
+                }
+            };
+        self.unmap_chosen(st, chosen)
+    }
+
+    /// Unmaps the chosen chunks (each wholly inside a free block owned by nobody) into
+    /// the spares, and turns their ranges into holes.
+    fn unmap_chosen(&self, st: &mut PoolState, mut chosen: Vec<(u32, u64, usize, usize)>) -> Result<()> {
+        // By segment, and within a block from the highest chunk down: unmapping one
+        // splits its block, and the block keeps its address below the hole.
+        chosen.sort_by_key(|c| (c.0, c.1, std::cmp::Reverse(c.2)));
+        let mut i = 0;
+        while i < chosen.len() {
+            let seg = chosen[i].0;
+            let j = chosen[i..]
+                .iter()
+                .position(|c| c.0 != seg)
+                .map_or(chosen.len(), |k| i + k);
+            let offs: Vec<usize> = chosen[i..j].iter().map(|c| c.2).collect();
+            let small = st.segments[seg as usize].as_ref().expect("segment").small;
+            let base = st.segments[seg as usize].as_ref().expect("segment").base;
+            let mut out = Vec::new();
+            let res = st.region_mut(seg).unmap_chunks(&offs, &mut out);
+            // What was unmapped is a hole now, whatever failed after it.
+            for (k, c) in out.iter().enumerate() {
+                let (_, block, off, _) = chosen[i + k];
+                st.blocks.make_hole(block, base + off as u64, c.size());
+            }
+            st.spares[small as usize].append(&mut out);
+            if st.region(seg).mapped_bytes() == 0 {
+                st.stats.segment.sub(small, 1);
+            }
+            res?;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Reserves address space for a pool: the budget (16 GiB at most) for the small
+    /// pool, twice the budget for the large one (room for holes); more regions are
+    /// added if even that fills.
+    fn add_region(&self, st: &mut PoolState, small: bool, rounded: usize) -> Result<()> {
+        let size = if small {
+            self.budget.min(16 << 30)
+        } else {
+            self.budget.saturating_mul(2)
+        };
+        let size = size.max(rounded);
+        let region = VmmRegion::new(&self.backend, self.device, size)?
+            .expect("expandable pools only exist where the backend has VMM");
+        let base = region.base().0;
+        let size = region.size();
+        let seg = st.add_segment(Segment {
+            base,
+            small,
+            mem: SegMem::Vmm(region),
+        });
+        st.blocks.add_segment(seg, base, size, small, false);
+        Ok(())
+    }
+
+    /// Allocates a plain segment for a `rounded`-byte block; returns its base.
+    fn grow_plain(&self, st: &mut PoolState, small: bool, rounded: usize, pressure: bool) -> Result<u64> {
+        let _ = pressure;
+        let exact = rounded.next_multiple_of(LARGE_ROUND);
+        let seg_size = if small {
+            SMALL_SEGMENT
+        } else if rounded < MID_LIMIT && st.reserved + MID_SEGMENT <= self.budget {
+            MID_SEGMENT
+        } else {
+            // A shared mid-size segment would not fit the budget: a segment of its own.
+            exact
+        };
+        if st.reserved + seg_size > self.budget {
+            return Err(Error::oom(
+                Tier::Device(self.device),
+                seg_size,
+                self.budget - st.reserved.min(self.budget),
+            ));
+        }
+        let mem = OwnedMemory::device(&self.backend, self.device, seg_size)?;
+        let base = mem
+            .device_ptr()
+            .expect("device memory has a device address")
+            .0;
+        st.hold(small, seg_size);
+        st.stats.segment.add(small, 1);
+        st.stats.num_device_alloc += 1;
+        let seg = st.add_segment(Segment {
+            base,
+            small,
+            mem: SegMem::Plain(mem),
+        });
+        st.blocks.add_segment(seg, base, seg_size, small, true);
+        Ok(base)
+    }
+
+    /// Gives free memory back: synchronises the streams that own free blocks (once
+    /// each), then unmaps every chunk lying wholly in free memory (kept as spares for
+    /// the retry of an allocation, or with `everything` given back with the spares) and
+    /// frees every unused plain segment.
+    fn release_cached(&self, st: &mut PoolState, everything: bool) -> Result<()> {
+        st.blocks.flush_parked();
+        let owners = st.blocks.free_owners();
+        for o in &owners {
+            st.streams.synchronize(*o)?;
+        }
+        if !owners.is_empty() {
+            st.stats.num_sync_all_streams += 1;
+        }
+        st.blocks.disown(None);
+        let mut chunks: Vec<(u32, u64, usize, usize)> = Vec::new();
+        let mut plain: Vec<(u32, u64)> = Vec::new();
+        for (addr, size, _, seg) in st.blocks.free_blocks(0) {
+            match &st.segments[seg as usize] {
+                Some(Segment {
+                    mem: SegMem::Vmm(r),
+                    base,
+                    ..
+                }) => {
+                    for (off, len) in r.chunks_within((addr - base) as usize, size) {
+                        chunks.push((seg, addr, off, len));
+                    }
+                }
+                Some(Segment {
+                    mem: SegMem::Plain(_),
+                    base,
+                    ..
+                }) if *base == addr => plain.push((seg, addr)),
+                _ => {}
+            }
+        }
+        self.unmap_chosen(st, chunks)?;
+        for (seg, base) in plain {
+            if !st.blocks.remove_segment(base) {
+                continue;
+            }
+            let s = st.segments[seg as usize].take().expect("segment");
+            let SegMem::Plain(mem) = &s.mem else {
+                unreachable!("plain")
+            };
+            let len = mem.len();
+            st.unhold(s.small, len);
+            st.stats.segment.sub(s.small, 1);
+            st.stats.num_device_free += 1;
+            drop(s); // frees the device memory
+        }
+        if everything {
+            for idx in 0..2 {
+                for c in std::mem::take(&mut st.spares[idx]) {
+                    st.unhold(idx == 1, c.size());
+                    st.stats.num_device_free += 1;
+                    drop(c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The pool's `OutOfMemory`: the request, the room left under the budget, what is
+    /// reserved, and the largest free block.
+    fn oom(&self, st: &mut PoolState, requested: usize, cause: Error) -> Error {
+        st.stats.num_ooms += 1;
+        let largest = st.blocks.largest_free();
+        let device_free = match cause {
+            Error::OutOfMemory { free, .. } => free,
+            _ => usize::MAX,
+        };
+        tracing::warn!(target: "hetmem", device = self.device, requested, reserved = st.reserved,
+            budget = self.budget, largest, "device pool out of memory");
+        Error::OutOfMemory {
+            tier: Tier::Device(self.device),
+            requested,
+            free: (self.budget - st.reserved.min(self.budget)).min(device_free),
+            reserved: Some(st.reserved),
+            largest_free_block: Some(largest),
+        }
+    }
+}
+
+/// Makes the free blocks of every stream whose queued work is all done nobody's,
+/// merged with their free neighbours: nothing can still touch them (a block is freed
+/// after the work that used it was queued, and a block used on other streams made its
+/// own stream wait for them when it was freed). Waits for nothing.
+fn reclaim_idle(st: &mut PoolState) {
+    let owners = st.blocks.free_owners();
+    let idle: Vec<u64> = owners
+        .into_iter()
+        .filter(|o| st.streams.is_idle(*o))
+        .collect();
+    if !idle.is_empty() {
+        st.blocks.disown(Some(&idle));
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if !self.epoch.is_current() {
+            // A forked child: the segments and streams drop without driver calls.
+            return;
+        }
+        // Queued work may still use cached memory: let it finish before unmapping.
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for s in st.streams.values() {
+            if let Err(e) = s.synchronize() {
+                tracing::warn!(target: "hetmem", error = %e, "synchronising a stream before dropping a pool failed");
+            }
+        }
+    }
+}
+
+impl PoolState {
+    fn add_segment(&mut self, s: Segment) -> u32 {
+        let seg = self
+            .segments
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                self.segments.push(None);
+                self.segments.len() - 1
+            });
+        self.segments[seg] = Some(s);
+        seg as u32
+    }
+
+    fn segment_of(&self, addr: u64) -> &Segment {
+        let b = self.blocks.get(addr).expect("a live block is known");
+        self.segments[b.seg as usize]
+            .as_ref()
+            .expect("a live block's segment exists")
+    }
+
+    /// The copy end of a live block.
+    fn end(&self, blk: &PoolBlock) -> SubEnd<'_> {
+        let seg = self.segment_of(blk.ptr.0);
+        let inner: &dyn CopyEnd = match &seg.mem {
+            SegMem::Vmm(r) => r,
+            SegMem::Plain(m) => m,
+        };
+        SubEnd {
+            inner,
+            base: (blk.ptr.0 - seg.base) as usize,
+            len: blk.len,
+        }
+    }
+
+    fn region(&self, seg: u32) -> &VmmRegion {
+        match &self.segments[seg as usize] {
+            Some(Segment {
+                mem: SegMem::Vmm(r),
+                ..
+            }) => r,
+            _ => unreachable!("segment {seg} is a region"),
+        }
+    }
+
+    fn region_mut(&mut self, seg: u32) -> &mut VmmRegion {
+        match &mut self.segments[seg as usize] {
+            Some(Segment {
+                mem: SegMem::Vmm(r),
+                ..
+            }) => r,
+            _ => unreachable!("segment {seg} is a region"),
+        }
+    }
+
+    /// Counts `bytes` more held from the device by the small or large pool.
+    fn hold(&mut self, small: bool, bytes: usize) {
+        self.reserved += bytes;
+        self.held[small as usize] += bytes;
+        self.stats.reserved_bytes.add(small, bytes as u64);
+    }
+
+    fn unhold(&mut self, small: bool, bytes: usize) {
+        self.reserved -= bytes;
+        self.held[small as usize] -= bytes;
+        self.stats.reserved_bytes.sub(small, bytes as u64);
+    }
+
+    fn register_stream(&mut self, stream: &Stream) {
+        if self.streams.contains(stream.inner.id()) {
+            return;
+        }
+        let (blocks, uses) = (&self.blocks, &self.uses);
+        self.streams.register(&stream.inner, || {
+            blocks
+                .owners()
+                .chain(uses.values().flatten().copied())
+                .collect()
+        });
+    }
+
+    fn streams_in_use(&self) -> FxHashSet<u64> {
+        self.blocks
+            .owners()
+            .chain(self.uses.values().flatten().copied())
+            .collect()
+    }
+
+    fn count_alloc(&mut self, size: usize, requested: usize) {
+        let small = size <= SMALL_SIZE;
+        self.stats.allocated_bytes.add(small, size as u64);
+        self.alloc_high = self
+            .alloc_high
+            .max(self.stats.allocated_bytes.all.current as usize);
+        self.stats.requested_bytes.add(small, requested as u64);
+        self.stats.allocation.add(small, 1);
+    }
+
+    fn count_free(&mut self, size: usize, requested: usize) {
+        let small = size <= SMALL_SIZE;
+        self.stats.allocated_bytes.sub(small, size as u64);
+        self.stats.requested_bytes.sub(small, requested as u64);
+        self.stats.allocation.sub(small, 1);
+    }
+}
