@@ -488,6 +488,12 @@ impl TierStore {
                 // The store keeps its own exact account; the pool's budget only adds the
                 // page rounding of its segments.
                 budget: Budget::Bytes(cfg.device_budget.next_multiple_of(POOL_PAGE) + POOL_PAGE),
+                // Page-sized chunks, made for what is needed only: the store fills its
+                // budget, and only pages can always move to where a load needs room.
+                min_chunk: POOL_PAGE,
+                max_chunk: POOL_PAGE,
+                chunk_fraction: 0.0,
+                grow_ahead: 0.0,
                 ..PoolConfig::default()
             },
         )?;
