@@ -131,10 +131,16 @@ pub(crate) fn dontfork_enabled() -> bool {
 /// process has not forked since it was opened, and fails with [`Error::Forked`] in a
 /// child. Dropped in a child, it leaks the backend instead of releasing the driver's
 /// contexts, which belong to the parent.
-#[derive(Debug)]
 pub(crate) struct ForkGuarded<B: Backend> {
     inner: ManuallyDrop<B>,
     epoch: Epoch,
+}
+
+impl<B: Backend> std::fmt::Debug for ForkGuarded<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The backend itself: the guard is an implementation detail.
+        (*self.inner).fmt(f)
+    }
 }
 
 impl<B: Backend> ForkGuarded<B> {

@@ -447,15 +447,12 @@ impl HostRegion {
     /// kernel modules) makes `fork()` copy every pinned page into the child at once,
     /// where it is useless (the child cannot use the parent's GPU state). A forked child
     /// then has nothing mapped at this range, and drop leaves the range alone there.
-    /// Does nothing when `HETMEM_DONTFORK=0`. Returns whether the advice is in place; a
-    /// refusal (none is expected on an anonymous mapping) is logged, and the region
-    /// works as before, inherited by children.
-    pub(crate) fn exclude_from_fork(&mut self) -> bool {
-        if self.dontfork.is_some() {
-            return true;
-        }
-        if !fork::dontfork_enabled() {
-            return false;
+    /// Does nothing when `HETMEM_DONTFORK=0`. A refusal (none is expected on an
+    /// anonymous mapping) is logged, and the region works as before, inherited by
+    /// children.
+    pub(crate) fn exclude_from_fork(&mut self) {
+        if self.dontfork.is_some() || !fork::dontfork_enabled() {
+            return;
         }
         // SAFETY: the range is the mapping we own; MADV_DONTFORK only changes whether
         // fork() copies it into a child, not the memory or its mapping here.
@@ -463,10 +460,9 @@ impl HostRegion {
         if rc != 0 {
             tracing::warn!(target: "hetmem", error = %Errno::last(), len = self.map_len,
                 "MADV_DONTFORK refused: a forked child will copy this pinned region");
-            return false;
+            return;
         }
         self.dontfork = Some(Epoch::now());
-        true
     }
 
     /// The largest piece this region is registered in (0: registered whole).
