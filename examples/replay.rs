@@ -69,13 +69,16 @@ struct Args {
     slack: f64,
     min_chunk_mib: Option<usize>,
     chunk_fraction: Option<f64>,
+    grow_ahead: Option<f64>,
+    max_chunk_mib: Option<usize>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: replay (--trace PATH | --synthetic training|ddp|serving|random [--seed N]) \
          [--backend sim|cuda|rocm|host] [--budget-gib N | --budget-x F] [--no-expandable] \
-         [--no-release-on-grow] [--slack F] [--min-chunk-mib N] [--chunk-fraction F] \
+         [--no-release-on-grow] [--slack F] [--min-chunk-mib N] [--max-chunk-mib N] \
+         [--chunk-fraction F] [--grow-ahead F] \
          [--write-trace PATH] [--json]"
     );
     std::process::exit(2)
@@ -96,6 +99,8 @@ fn parse_args() -> Args {
         slack: PoolConfig::default().reserve_slack,
         min_chunk_mib: None,
         chunk_fraction: None,
+        grow_ahead: None,
+        max_chunk_mib: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -120,6 +125,8 @@ fn parse_args() -> Args {
             "--no-release-on-grow" => a.release_on_grow = false,
             "--slack" => a.slack = val().parse().unwrap_or_else(|_| usage()),
             "--min-chunk-mib" => a.min_chunk_mib = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--grow-ahead" => a.grow_ahead = Some(val().parse().unwrap_or_else(|_| usage())),
+            "--max-chunk-mib" => a.max_chunk_mib = Some(val().parse().unwrap_or_else(|_| usage())),
             "--chunk-fraction" => {
                 a.chunk_fraction = Some(val().parse().unwrap_or_else(|_| usage()))
             }
@@ -619,10 +626,14 @@ fn main() {
         expandable_segments: args.expandable,
         release_on_grow: args.release_on_grow,
         reserve_slack: args.slack,
-        min_chunk: args.min_chunk_mib.map_or(PoolConfig::default().min_chunk, |m| m << 20),
+        min_chunk: args
+            .min_chunk_mib
+            .map_or(PoolConfig::default().min_chunk, |m| m << 20),
         chunk_fraction: args
             .chunk_fraction
             .unwrap_or(PoolConfig::default().chunk_fraction),
+        grow_ahead: args.grow_ahead.unwrap_or(PoolConfig::default().grow_ahead),
+        max_chunk: args.max_chunk_mib.map(|m| m << 20),
         ..PoolConfig::default()
     };
 

@@ -438,9 +438,33 @@ void* hetmem_torch_malloc_cxx(ssize_t size, int device, void* stream);
  * is otherwise ignored. */
 void hetmem_torch_free(void* ptr, ssize_t size, int device, void* stream);
 
+/* Marks the block containing `ptr` (from hetmem_torch_malloc) as used by the work
+ * queued on `stream` too (tensor.record_stream(stream)): once freed, it is not reused on
+ * any stream before the work queued on `stream` until the free is done (the reusing
+ * stream waits for an event, no host sync). The block's own stream, or a stream
+ * recorded already, changes nothing; NULL is ignored. `stream` is as for
+ * hetmem_torch_malloc, of the block's device.
+ * Errors: FOREIGN_POINTER (in no live block: freed already, or not hetmem's; PyTorch's
+ * hook ignores it, as PyTorch's allocator ignores memory it did not make),
+ * UNKNOWN_DEVICE, INVALID_ARGUMENT (sim: not a stream of that device), DRIVER. */
+int hetmem_torch_record_stream(void* ptr, void* stream);
+
 /* Gives cached, unused device memory of every pool back to the driver and lets go of
- * wrapped streams nothing allocated uses (torch.cuda.empty_cache()). */
+ * wrapped streams nothing allocated uses (torch.cuda.empty_cache(), once
+ * hetmem.torch.use_hetmem_allocator() has set PyTorch's hook). */
 int hetmem_torch_empty_cache(void);
+
+/* PyTorch's graph-pool hooks (torch.cuda.graph, torch.cuda.use_mem_pool), with pool =
+ * (pool_a, pool_b), PyTorch's MempoolId_t. hetmem's device pool has no private graph
+ * pools yet, and serving a capture from the shared pool could hand a graph's memory to
+ * other tensors, so all three fail with UNSUPPORTED and a message that starts "CUDA
+ * graph capture with hetmem's allocator is not supported yet" (begin: the capture does
+ * not start; end: no pool can have begun; release: hetmem holds nothing in any graph
+ * pool, and says so). PyTorch calls release from destructors: a hook must not throw
+ * there. */
+int hetmem_torch_begin_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b);
+int hetmem_torch_end_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b);
+int hetmem_torch_release_pool(int device, uint64_t pool_a, uint64_t pool_b);
 
 /* Writes the allocator's stats as NUL-terminated JSON into buf[0..cap] if it fits;
  * *needed (may be NULL) is always set to the bytes needed, NUL included. Keys: backend

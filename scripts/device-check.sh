@@ -5,9 +5,9 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6, fork: issue 14; default all) with
-#                                   the CUDA backend,
-#                                   logs under $OUT, prints a table last
+#                                   torch: issue 6, vmm and fork: issue 14; default
+#                                   all) with the CUDA backend, logs under $OUT, prints
+#                                   a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
 #                           timeout_s=560); all groups take about 8 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
@@ -38,9 +38,20 @@ for line in sys.stdin:
   cargo build --release --examples --benches
   cargo build --release --lib
   cp target/release/examples/{info,replay,stream_file,stream_layers,fork_check} target/release/libhetmem.so "$BIN/"
-  for b in alloc pool pinning; do
+  for b in alloc pool pinning vmm; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
+  # hetmem.torch's C++ hooks, prebuilt for the GPU host's PyTorch (torch_check.py tries
+  # the host's own build first: it needs the CUDA runtime headers, which a pip-installed
+  # torch lacks, and the host has no network). Only where $HETMEM_TORCH_PYTHON names a
+  # Python with that same CUDA PyTorch (2.11.0+cu130 there) and its CUDA headers.
+  if [ -n "${HETMEM_TORCH_PYTHON:-}" ]; then
+    HETMEM_CACHE_DIR=$PWD/$BIN/torch-hooks-cache PYTHONPATH=$PWD/python "$HETMEM_TORCH_PYTHON" -c '
+import shutil, sys, torch
+from hetmem import _torch_hooks as h
+shutil.copy(h.build(torch), f"{sys.argv[1]}/torch_hooks-{h.version_tag(torch)}.so")' "$BIN"
+    rm -rf "$BIN/torch-hooks-cache"
+  fi
   # The fake HIP runtime and fixtures the tests read, at the paths they expect.
   mkdir -p "$BIN/shared/traces"; cp ../shared/traces/llama_generate.csv "$BIN/shared/traces/"
   strip "$BIN"/* 2>/dev/null || true
@@ -50,7 +61,7 @@ for line in sys.stdin:
 run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
-  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(pool host stream torch fork)
+  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch fork)
   # No nvidia-smi: a rehearsal against the fake driver (LD_LIBRARY_PATH=target/fake-cuda).
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 ||
     echo "no nvidia-smi (rehearsal?)" >"$OUT/gpu.txt"
@@ -88,8 +99,24 @@ run() {
       local llama=(${STREAM_LLAMA:---shape llama --layers 8 --layer-mib 386 --budget-mib 1794})
       step stream-llama-belady "$BIN/stream_layers" "${llama[@]}" --passes 4 --json
       step stream-llama-static "$BIN/stream_layers" "${llama[@]}" --passes 4 --planner static --json ;;
+    vmm)
+      # Issue 14: what each VMM call costs on this card (the sim's defaults are other
+      # GPUs' figures), then every trace through hetmem's pool on CUDA beside PyTorch's
+      # own caching allocator replaying the same file, in this one session.
+      step bench-vmm "$BIN/bench-vmm" --bench
+      local t
+      for t in training ddp serving random; do
+        "$BIN/replay" --synthetic "$t" --backend sim --write-trace "$OUT/$t.csv" >/dev/null 2>&1
+      done
+      for t in llama training ddp serving random; do
+        local f="$OUT/$t.csv"; [ "$t" = llama ] && f="$BIN/shared/traces/llama_generate.csv"
+        step "replay14-$t-cuda" "$BIN/replay" --trace "$f" --backend cuda --json
+        step "replay14-$t-torch" python3 python/bench/replay_torch.py "$f" --json
+      done ;;
     torch)
-      STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python step torch-check python3 python/bench/torch_check.py ;;
+      local hooks; hooks=$(ls "$PWD/$BIN"/torch_hooks-*.so 2>/dev/null | head -n1)
+      STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python \
+        HETMEM_TORCH_HOOKS_PREBUILT=$hooks step torch-check python3 python/bench/torch_check.py ;;
     fork)
       # Fork after pinning FORK_GIB (8) GiB: fork time, the child's RSS and the memory it
       # took, with MADV_DONTFORK (hetmem's default) and without; the child's error.
@@ -105,6 +132,11 @@ run() {
   for k in stream-layers stream-layers-lru stream-layers-checksums stream-llama-belady stream-llama-static; do
     [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print(sys.argv[1], d["device"], "moved/pass MiB", round(d["bytes_moved_per_pass"]/2**20), "optimum" if d["optimal_bytes_per_pass"] else "lower bound", round((d["optimal_bytes_per_pass"] or d.get("lower_bound_bytes_per_pass") or 0)/2**20), "pass ms", round(d["pass_ms"],2), "overlap", round(d["overlap_efficiency"],3), "GB/s", round(d["effective_gbps"],1), "link", round(d["link_gbps"],1), "fraction", round(d["fraction_of_link"],3), "mismatches", d["checksum_mismatches"], "host peak MiB", d["host_peak_bytes"]>>20)' "$k" 2>/dev/null
   done
+  for t in llama training ddp serving random; do
+    [ -f "$OUT/replay14-$t-cuda.log" ] && tail -n1 "$OUT/replay14-$t-cuda.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("hetmem ", sys.argv[1], "ratio", d["reserved_over_allocated"], "device allocs", d["num_device_alloc"], "alloc med/p99 ns", d["alloc_ns_median"], d["alloc_ns_p99"], "wall s", d["wall_s"])' "$t" 2>/dev/null
+    [ -f "$OUT/replay14-$t-torch.log" ] && tail -n1 "$OUT/replay14-$t-torch.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("pytorch", sys.argv[1], "ratio", d["reserved_over_requested"], "device allocs", d["num_device_alloc"], "alloc med/p99 ns", d["alloc_ns_median"], d["alloc_ns_p99"], "wall s", d["wall_s"])' "$t" 2>/dev/null
+  done
+  [ -f "$OUT/bench-vmm.log" ] && grep -E "^(2|20)MiB" "$OUT/bench-vmm.log"
   [ -f "$OUT/bench-alloc.log" ] && grep -A6 "alloc+free" "$OUT/bench-alloc.log" "$OUT/bench-pool.log" | tail -n 14
   [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
   [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"

@@ -120,8 +120,8 @@ fn c_program_passes_on_the_rocm_backend_over_the_fake_hip_runtime() {
     ]);
 }
 
-/// The C program cannot preload the fake: it is the first `libcuda.so` on the loader
-/// path instead, which is where cudarc's `dlopen("libcuda.so")` looks first.
+/// The C program cannot preload the fake: it is the first `libcuda.so.1` on the loader
+/// path instead, which is where the backend's `dlopen("libcuda.so.1")` looks first.
 #[test]
 fn c_program_passes_on_the_cuda_backend_over_the_fake_cuda_driver() {
     let lib = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");

@@ -173,7 +173,7 @@ fn main() {
         .filter(|s| !s.trim().is_empty() && s.trim() != "auto")
         .map(|s| s.parse().expect("HETMEM_BACKEND names a backend"));
     if only.is_none() {
-        // Before any CUDA backend is made: cudarc then binds the fake, one machine for
+        // Before any CUDA backend is made: the backend then binds the fake, one machine for
         // the whole process (its checks run one at a time, see `serial`).
         fake_cuda::FakeCuda::preload();
     }
@@ -240,7 +240,7 @@ fn main() {
 
 // ---- helpers ---------------------------------------------------------------------------
 
-/// The fake CUDA driver is one machine per process (cudarc binds it once) and some
+/// The fake CUDA driver is one machine per process (the backend binds it once) and some
 /// checks compare its free memory before and after, so its checks take turns.
 fn serial(
     kind: BackendKind,

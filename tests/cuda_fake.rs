@@ -29,7 +29,7 @@ use backend_checks::{
 use fake_cuda::{code, fake_cuda_library, FakeCuda};
 use fake_hip::compile_c_snippet;
 use hetmem::backend::cuda::{CudaBackend, DriverPinned, REGISTER_ROLLBACK_CALL};
-use hetmem::backend::{Backend, BackendKind, HostKind, MemRef, PhysHandle};
+use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, PhysHandle};
 use hetmem::pool::host::HostPoolConfig;
 use hetmem::pool::{Budget, PoolConfig};
 use hetmem::tier::{SequenceHint, TierConfig, TierStore};
@@ -127,21 +127,42 @@ fn raw<T: Copy>(name: &CStr) -> T {
     unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) }
 }
 
-/// Makes `device`'s primary context current on this thread, as a runtime user (PyTorch)
-/// would before calling the driver itself: the backend restores whatever was current.
-fn bind_primary(device: c_int) {
+/// A device's primary context as a runtime user (PyTorch) holds it: retained by the
+/// test itself and made current on the calling thread. Dropped, it releases that
+/// reference and leaves the thread's current context alone, as the driver's release
+/// does.
+#[must_use = "the context is released when this drops"]
+struct Primary {
+    device: c_int,
+    ctx: *mut c_void,
+}
+
+/// Retains `device`'s primary context and makes it current on this thread, as a
+/// runtime user would before calling the driver itself: the backend restores whatever
+/// was current.
+fn bind_primary(device: c_int) -> Primary {
     type RetainFn = unsafe extern "C" fn(*mut *mut c_void, c_int) -> c_int;
-    type ReleaseFn = unsafe extern "C" fn(c_int) -> c_int;
     let retain: RetainFn = raw(c"cuDevicePrimaryCtxRetain");
-    let release: ReleaseFn = raw(c"cuDevicePrimaryCtxRelease_v2");
     let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
     let mut ctx = std::ptr::null_mut();
-    // SAFETY: a valid out-pointer and device; the backend of the calling test holds its
-    // own reference, so the context stays alive after this one is released.
+    // SAFETY: a valid out-pointer and device; the reference is released by the guard.
     unsafe {
         assert_eq!(retain(&mut ctx, device), 0);
         assert_eq!(set(ctx), 0);
-        assert_eq!(release(device), 0);
+    }
+    Primary { device, ctx }
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        type ReleaseFn = unsafe extern "C" fn(c_int) -> c_int;
+        let release: ReleaseFn = raw(c"cuDevicePrimaryCtxRelease_v2");
+        // SAFETY: retained once in `bind_primary`, released once here.
+        let rc = unsafe { release(self.device) };
+        // Not a panic in drop; the tests that count references see a failure.
+        if rc != 0 {
+            eprintln!("releasing device {}'s primary context: {rc}", self.device);
+        }
     }
 }
 
@@ -171,65 +192,90 @@ type CuMemAllocManagedFn = unsafe extern "C" fn(*mut u64, usize, u32) -> c_int;
 // ------------------------------------------------------------------------- loading
 
 #[test]
-fn preload_answers_cudarc_dlopen() {
+fn preload_answers_the_backends_dlopen() {
     let (f, _g, b) = setup();
     assert!(
-        f.path().ends_with("fake-cuda/libcuda.so"),
+        f.path().ends_with("fake-cuda/libcuda.so.1"),
         "{}",
         f.path().display()
     );
     assert_eq!(fake_cuda_library().unwrap(), f.path(), "built once");
     assert!(f.answers_libcuda());
     assert_eq!(f.stat("initialized"), 1);
-    // The backend cudarc loaded is the fake: its devices are the fake's.
+    // The driver the backend loaded is the fake: its devices are the fake's.
     assert_eq!(b.kind(), BackendKind::Cuda);
     assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
 }
 
-/// A library named libcuda.so on the loader path (a real driver on a GPU host; here a
-/// decoy that only has cuInit) loses to the preloaded fake; without the preload cudarc
-/// would load the decoy, so the first half is no accident.
+/// A directory on the loader path holding a stub `libcuda.so` as the CUDA toolkit ships
+/// it (every entry point the fake exports, each answering CUDA_ERROR_STUB_LIBRARY), and,
+/// if `driver`, the fake driver as `libcuda.so.1`, the name a driver installs.
+fn stub_dir(role: &str, driver: bool) -> PathBuf {
+    let fake_src = std::fs::read_to_string(fake_cuda::fake_cuda_source()).unwrap();
+    let stub: String = fake_src
+        .lines()
+        .filter_map(|l| l.strip_prefix("EXPORT CUresult "))
+        .filter_map(|l| l.split_once('(').map(|(name, _)| name))
+        .map(|name| format!("int {name}(void) {{ return {}; }}\n", code::STUB_LIBRARY))
+        .collect();
+    assert!(stub.contains("int cuInit(void)") && stub.contains("cuMemHostRegister_v2"));
+    let lib = compile_c_snippet(&format!("stub_cuda_{role}"), &stub).unwrap();
+    let dir = lib
+        .parent()
+        .unwrap()
+        .join(format!("stub-{role}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(&lib, dir.join("libcuda.so")).unwrap();
+    if driver {
+        std::fs::copy(fake_cuda_library().unwrap(), dir.join("libcuda.so.1")).unwrap();
+    }
+    dir
+}
+
+/// The backend loads `libcuda.so.1` (the driver's name) before `libcuda.so`, so a CUDA
+/// toolkit stub `libcuda.so` earlier on the loader path does not shadow the driver
+/// (cudarc's own loader tries `libcuda.so` first and got the stub: "both" failed). A
+/// stub alone is refused, named as such; and the preloaded fake wins over a stub too.
 #[test]
-fn preload_wins_over_a_libcuda_on_the_loader_path() {
-    let decoy_dir = || -> PathBuf {
-        let lib = compile_c_snippet(
-            "decoy_cuda",
-            "int cuInit(unsigned int flags) { (void)flags; return 999; }\n",
-        )
-        .unwrap();
-        let dir = lib
-            .parent()
-            .unwrap()
-            .join(format!("decoy-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(&lib, dir.join("libcuda.so")).unwrap();
-        dir
-    };
-    let role = std::env::var("DECOY_ROLE").unwrap_or_default();
+fn libcuda_so_1_is_loaded_before_a_stub_libcuda_so() {
+    let role = std::env::var("STUB_ROLE").unwrap_or_default();
     if role.is_empty() {
-        let dir = decoy_dir();
-        for role in ["preloaded", "bare"] {
+        for (role, driver) in [("both", true), ("stub", false), ("preloaded", false)] {
+            let dir = stub_dir(role, driver);
             run_alone(
-                "preload_wins_over_a_libcuda_on_the_loader_path",
+                "libcuda_so_1_is_loaded_before_a_stub_libcuda_so",
                 &[
                     ("LD_LIBRARY_PATH", dir.to_str().unwrap()),
-                    ("DECOY_ROLE", role),
+                    ("STUB_ROLE", role),
                 ],
             );
+            let _ = std::fs::remove_dir_all(dir);
         }
-        let _ = std::fs::remove_dir_all(dir);
         return;
     }
-    if role == "preloaded" {
-        let f = FakeCuda::preload();
-        assert!(f.answers_libcuda());
-        let b = CudaBackend::new().expect("the fake, not the decoy");
-        assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
-    } else {
-        // No preload: cudarc's dlopen("libcuda.so") searches the loader path and finds
-        // the decoy, which lacks every symbol but cuInit.
-        let reason = unavailable_reason(KIND, CudaBackend::new());
-        assert!(reason.contains("lacks symbol cuGetErrorString"), "{reason}");
+    match role.as_str() {
+        "both" => {
+            // No preload: the loader path decides, and has both names.
+            let b = CudaBackend::new().expect("the driver (libcuda.so.1), not the stub");
+            assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
+            let p = b.alloc_device(0, 4096).unwrap();
+            // SAFETY: just allocated, freed once.
+            unsafe { b.free_device(0, p, 4096).unwrap() };
+        }
+        "stub" => {
+            let reason = unavailable_reason(KIND, CudaBackend::new());
+            assert!(
+                reason.contains("stub library") && reason.contains("libcuda.so"),
+                "{reason}"
+            );
+        }
+        "preloaded" => {
+            let f = FakeCuda::preload();
+            assert!(f.answers_libcuda());
+            let b = CudaBackend::new().expect("the fake, not the stub");
+            assert_eq!(b.devices()[0].name, "Fake NVIDIA H100 0");
+        }
+        other => panic!("unknown role {other}"),
     }
 }
 
@@ -322,17 +368,34 @@ fn enumerates_devices() {
             backend: BackendKind::Cuda
         })
     ));
-    // One retain per device per backend, released on drop.
+    // One retain per device per backend, at the device's first use (the granularity
+    // queries above opened both), released on drop.
     let (r0, r1) = (f.stat("ctx_refcount:0"), f.stat("ctx_refcount:1"));
     assert!(r0 >= 1 && r1 >= 1);
+    let streams = f.stat("streams");
     let second = CudaBackend::new().unwrap();
+    assert_eq!(second.devices(), d.devices(), "listed without a context");
+    assert_eq!(f.stat("ctx_refcount:0"), r0, "nothing retained yet");
+    let p = second.alloc_device(0, 4096).unwrap();
+    // SAFETY: just allocated, freed once.
+    unsafe { second.free_device(0, p, 4096).unwrap() };
+    let mut x = [0u8; 4096];
+    let mut y = [0u8; 4096];
+    // SAFETY: two live host buffers, disjoint, copied synchronously.
+    unsafe { second.copy(host(&mut x), host(&mut y), 4096, None).unwrap() };
+    assert_eq!(
+        f.stat("streams"),
+        streams + 1,
+        "device 0's copy stream, made at first use"
+    );
     assert_eq!(f.stat("ctx_refcount:0"), r0 + 1);
+    assert_eq!(f.stat("ctx_refcount:1"), r1, "device 1 untouched");
     drop(second);
     assert_eq!(f.stat("ctx_refcount:0"), r0);
     assert_eq!(
         f.stat("streams"),
-        2,
-        "the second backend's copy streams are gone"
+        streams,
+        "the second backend's copy stream is gone"
     );
 }
 
@@ -409,6 +472,7 @@ fn copies_keep_the_bytes() {
         f.stat("async_copies"),
         f.stat("peer_copies"),
     );
+    let streams = f.stat("streams");
     let a = d.alloc_device(0, len).unwrap();
     let c = d.alloc_device(1, len).unwrap();
     let s1 = d.create_stream(1).unwrap();
@@ -461,7 +525,11 @@ fn copies_keep_the_bytes() {
         d.free_device(1, c, len).unwrap();
     }
     assert_eq!(f.stat("allocations"), 0);
-    assert_eq!(f.stat("streams"), 2, "only the two internal copy streams");
+    assert_eq!(
+        f.stat("streams"),
+        streams + 2,
+        "only the two internal copy streams, made by the synchronous copies"
+    );
 }
 
 #[test]
@@ -561,10 +629,15 @@ fn free_waits_for_queued_copies() {
 fn streams_and_events() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
+    let streams = f.stat("streams");
     let s0 = d.create_stream(0).unwrap();
     let s1 = d.create_stream(1).unwrap();
     let e1 = d.create_event(1).unwrap();
-    assert_eq!(f.stat("streams"), 4, "two of ours, two internal");
+    assert_eq!(
+        f.stat("streams"),
+        streams + 2,
+        "two of ours, no internal one yet"
+    );
     assert_eq!(f.stat("events"), 1);
     // SAFETY: all handles are live and from this backend.
     unsafe {
@@ -582,7 +655,7 @@ fn streams_and_events() {
         d.destroy_stream(s0).unwrap();
         d.destroy_stream(s1).unwrap();
     }
-    assert_eq!(f.stat("streams"), 2);
+    assert_eq!(f.stat("streams"), streams);
     assert_eq!(f.stat("events"), 0);
     backend_checks::assert_refused_by_the_backend(d, s0, e1);
 }
@@ -645,8 +718,9 @@ fn destroyed_handles_are_reused() {
 fn handle_churn_across_threads() {
     let (f, _g, b) = setup();
     let reused = f.stat("reused_handles");
+    let streams = f.stat("streams");
     backend_checks::churn_streams_and_events(&b, 4, 300);
-    assert_eq!(f.stat("streams"), 2);
+    assert_eq!(f.stat("streams"), streams);
     assert_eq!(f.stat("events"), 0);
     assert!(f.stat("reused_handles") > reused);
 }
@@ -757,8 +831,9 @@ fn contexts_are_bound_on_fresh_threads() {
     });
     // ... another device's context is put back (the CUDA runtime takes its current
     // device from it: PyTorch on device 1 stays on device 1), ...
-    bind_primary(1);
+    let primary = bind_primary(1);
     let theirs = current_ctx();
+    assert_eq!(theirs, primary.ctx);
     d.mem_info(0).unwrap();
     assert_eq!(current_ctx(), theirs, "the caller's context is restored");
     // ... and a caller already in the right context costs no switch at all.
@@ -774,26 +849,237 @@ fn contexts_are_bound_on_fresh_threads() {
 fn dropping_the_backend_releases_and_resets_the_contexts() {
     let (f, _g, b) = setup();
     let resets = f.stat("ctx_resets");
-    let refs = f.stat("ctx_refcount:0");
     let leaked = b.alloc_device(0, MIB).unwrap();
     let _ = leaked;
+    let leaked_stream = b.create_stream(1).unwrap();
+    let _ = leaked_stream;
     assert_eq!(f.stat("used:0"), MIB as i64);
+    let refs = (f.stat("ctx_refcount:0"), f.stat("ctx_refcount:1"));
     drop(b);
-    assert_eq!(f.stat("ctx_refcount:0"), refs - 1);
-    if refs == 1 {
+    assert_eq!(
+        (f.stat("ctx_refcount:0"), f.stat("ctx_refcount:1")),
+        (refs.0 - 1, refs.1 - 1)
+    );
+    if refs == (1, 1) {
         assert_eq!(f.stat("ctx_resets"), resets + 2, "both devices' contexts");
         assert_eq!(f.stat("used:0"), 0, "reset frees the context's memory");
         assert_eq!(f.stat("streams"), 0);
-        // The thread that dropped it has no context current any more.
-        let get: CuCtxGetFn = raw(c"cuCtxGetCurrent");
-        let mut c = std::ptr::null_mut();
-        // SAFETY: a valid out-pointer.
-        assert_eq!(unsafe { get(&mut c) }, 0);
-        assert!(c.is_null());
+        // Nothing was current on this thread before the drop, nor is after.
+        assert!(current_ctx().is_null());
     }
     // A new backend starts clean.
     let b = CudaBackend::new().unwrap();
     assert_eq!(b.mem_info(0).unwrap().free, DEVICE_MEM);
+}
+
+/// One device refuses contexts (another process holds it in EXCLUSIVE_PROCESS mode):
+/// the backend still opens and lists it, the other device works, and every call on the
+/// refusing one returns the driver's code with the device named, trying again each
+/// time. Run with device 1 refusing, then device 0 (host-side calls then use device 1).
+#[test]
+fn a_device_that_refuses_contexts_leaves_the_others_usable() {
+    const TEST: &str = "a_device_that_refuses_contexts_leaves_the_others_usable";
+    let Ok(bad) = std::env::var("FAKE_CUDA_RETAIN_FAIL_DEVICE") else {
+        for bad in ["1", "0"] {
+            run_alone(
+                TEST,
+                &[(CHILD_ENV, TEST), ("FAKE_CUDA_RETAIN_FAIL_DEVICE", bad)],
+            );
+        }
+        return;
+    };
+    let bad: usize = bad.parse().unwrap();
+    let good = 1 - bad;
+    let f = fake();
+    let b = CudaBackend::new().expect("one refusing device leaves the backend available");
+    let d: &dyn Backend = &b;
+    // Listed in full: none of this needs a context.
+    assert_eq!(d.devices().len(), 2);
+    let info = &d.devices()[bad];
+    assert_eq!(info.name, format!("Fake NVIDIA H100 {bad}"));
+    assert_eq!(info.total_memory, DEVICE_MEM);
+    assert_eq!(
+        info.pci_bus_id.as_deref(),
+        Some(format!("0000:{:02x}:00.0", 0x1a + bad).as_str())
+    );
+    assert_eq!(f.stat("retained_contexts"), 0, "nothing opened by new");
+
+    let refused = |err: Error| {
+        let message = assert_driver(
+            KIND,
+            err,
+            "cuDevicePrimaryCtxRetain",
+            code::DEVICE_UNAVAILABLE,
+        );
+        assert!(
+            message.contains(&format!("CUDA device {bad} (Fake NVIDIA H100 {bad})"))
+                && message.contains("busy or unavailable"),
+            "{message}"
+        );
+    };
+    // Host-side work first: it opens the device that works.
+    let mut buf = vec![0u8; 2 * MIB];
+    let pinned = NonNull::new(buf.as_mut_ptr()).unwrap();
+    // SAFETY: `buf` outlives its registration, undone below.
+    unsafe { d.register_host(pinned, buf.len()).unwrap() };
+    assert_eq!(f.stat(&format!("ctx_refcount:{good}")), 1);
+    let data: Vec<u8> = (0..MIB).map(|i| (i * 3) as u8).collect();
+    let p = d.alloc_device(good, MIB).unwrap();
+    // SAFETY: live memory of MIB bytes each; synchronous copies; freed once.
+    unsafe {
+        d.copy(
+            dev(good, p),
+            MemRef::Host {
+                ptr: NonNull::new(data.as_ptr() as *mut u8).unwrap(),
+                kind: HostKind::Pageable,
+            },
+            MIB,
+            None,
+        )
+        .unwrap();
+        assert_eq!(peek(d, good, p, MIB), data);
+    }
+    assert_eq!(d.vmm_granularity(good), Some(PAGE));
+    for attempt in 0..2 {
+        let retains = f.stat("ctx_retains");
+        refused(d.alloc_device(bad, MIB).unwrap_err());
+        refused(d.mem_info(bad).unwrap_err());
+        refused(d.create_stream(bad).unwrap_err());
+        refused(d.reserve_address(bad, PAGE).unwrap_err());
+        // SAFETY: `p` is live memory of `good`; the copy is refused before it is queued.
+        refused(unsafe { d.copy(dev(bad, DevicePtr(p.0)), dev(good, p), 4096, None) }.unwrap_err());
+        assert_eq!(d.vmm_granularity(bad), None, "attempt {attempt}");
+        assert_eq!(f.stat("ctx_retains"), retains, "every attempt refused");
+        assert_eq!(f.stat(&format!("ctx_refcount:{bad}")), 0);
+    }
+    // A Manager on the same machine: the working device's pool and buffers work.
+    let mgr = cuda_manager();
+    let pool = mgr.device_pool(good, PoolConfig::default()).unwrap();
+    let s = mgr.create_stream(good).unwrap();
+    let blk = pool.alloc(3 * MIB, &s).unwrap();
+    blk.write(0, &data[..4]).unwrap();
+    let mut out = [0u8; 4];
+    blk.read(0, &mut out).unwrap();
+    assert_eq!(out[..], data[..4]);
+    assert!(matches!(
+        mgr.alloc(Placement::Device(bad), MIB),
+        Err(Error::Driver {
+            code: code::DEVICE_UNAVAILABLE,
+            ..
+        })
+    ));
+    drop((blk, s, pool, mgr));
+    // SAFETY: registered above; freed once; nothing queued uses them.
+    unsafe {
+        d.unregister_host(pinned, buf.len()).unwrap();
+        d.free_device(good, p, MIB).unwrap();
+    }
+    drop(b);
+    assert_eq!(f.stat("retained_contexts"), 0);
+}
+
+/// A process that uses one GPU of two (a `torchrun` rank: its thread has its GPU's
+/// context current, as the CUDA runtime leaves it) makes no context on the other:
+/// device memory, streams, the pool, pinned host memory and synchronous copies all stay
+/// on its device (host-side calls take the current context's device, not device 0).
+#[test]
+fn only_the_devices_used_are_opened() {
+    let f = fake();
+    let _g = FakeCuda::serial();
+    let before = (f.stat("ctx_refcount:0"), f.stat("ctx_refcount:1"));
+    let rank = bind_primary(1); // torch.cuda.set_device(1), as the runtime does it
+    let mgr = cuda_manager();
+    assert_eq!(mgr.devices().len(), 2, "both listed");
+    let mut pinned = mgr
+        .alloc(Placement::Pinned(NumaPolicy::Default), 3 * MIB)
+        .unwrap();
+    mgr.write(&mut pinned, 0, &layer_bytes(1, 3 * MIB)).unwrap();
+    let mut on_dev = mgr.alloc(Placement::Device(1), 3 * MIB).unwrap();
+    let s = mgr.create_stream(1).unwrap();
+    mgr.copy_async(&mut on_dev, 0, &pinned, 0, 3 * MIB, &s)
+        .unwrap();
+    let pool = mgr.device_pool(1, PoolConfig::default()).unwrap();
+    let blk = pool.alloc(5 * MIB, &s).unwrap();
+    blk.write(0, &[7; 64]).unwrap();
+    let host_pool = mgr.host_pool(HostPoolConfig::default()).unwrap();
+    drop(
+        host_pool
+            .alloc_pinned(&NumaPolicy::Default, 4 * MIB)
+            .unwrap(),
+    );
+    s.synchronize().unwrap();
+    assert_eq!(
+        f.stat("ctx_refcount:0"),
+        before.0,
+        "device 0 never opened: no context made on it"
+    );
+    assert_eq!(
+        f.stat("ctx_refcount:1"),
+        before.1 + 2,
+        "the rank's and the backend's"
+    );
+    assert_eq!(current_ctx(), rank.ctx, "still the rank's device");
+    drop((blk, pool, host_pool, s, on_dev, pinned, mgr));
+    assert_eq!(f.stat("ctx_refcount:1"), before.1 + 1);
+    assert_eq!(current_ctx(), rank.ctx);
+    drop(rank);
+    assert_eq!(f.stat("registrations"), 0);
+}
+
+/// The caller's current context is left as it was, by every call and by dropping the
+/// backend, also when it is one of the backend's own primary contexts (PyTorch's,
+/// which it retains itself): unbinding it would move PyTorch off its device and fail
+/// its next call.
+#[test]
+fn dropping_the_backend_leaves_the_callers_context_current() {
+    let f = fake();
+    let _g = FakeCuda::serial();
+    let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
+    let free: CuMemFreeFn = raw(c"cuMemFree_v2");
+    for theirs in [0, 1] {
+        let primary = bind_primary(theirs);
+        let b = CudaBackend::new().unwrap();
+        let d: &dyn Backend = &b;
+        let mut buf = vec![1u8; 2 * MIB];
+        let hp = NonNull::new(buf.as_mut_ptr()).unwrap();
+        // SAFETY: live buffers and handles, synchronous copies, each freed once.
+        unsafe {
+            for device in [0, 1] {
+                let p = d.alloc_device(device, 2 * MIB).unwrap();
+                d.copy(dev(device, p), host(&mut buf), 2 * MIB, None)
+                    .unwrap();
+                let s = d.create_stream(device).unwrap();
+                d.copy(host(&mut buf), dev(device, p), 2 * MIB, Some(s))
+                    .unwrap();
+                d.synchronize_stream(s).unwrap();
+                d.destroy_stream(s).unwrap();
+                d.free_device(device, p, 2 * MIB).unwrap();
+                assert_eq!(current_ctx(), primary.ctx, "after calls on device {device}");
+            }
+            d.register_host(hp, 2 * MIB).unwrap();
+            d.unregister_host(hp, 2 * MIB).unwrap();
+        }
+        assert_eq!(current_ctx(), primary.ctx);
+        drop(b);
+        assert_eq!(
+            current_ctx(),
+            primary.ctx,
+            "device {theirs}'s context is still current after the drop"
+        );
+        // And alive: the caller's own reference kept it.
+        let mut p = 0u64;
+        // SAFETY: a valid out-pointer; the allocation is freed at once.
+        unsafe {
+            assert_eq!(alloc(&mut p, 4096), 0, "the caller's context works");
+            assert_eq!(free(p), 0);
+        }
+        assert_eq!(
+            f.stat(&format!("ctx_refcount:{theirs}")),
+            1,
+            "only the caller's"
+        );
+        drop(primary);
+    }
 }
 
 // ------------------------------------------------------------------ driver errors
@@ -802,11 +1088,13 @@ fn dropping_the_backend_releases_and_resets_the_contexts() {
 fn driver_errors_name_the_call_and_message() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
+    d.mem_info(0).unwrap(); // opens device 0: the failure below is the stream's
+    let streams = f.stat("streams");
     f.fail_next("cuStreamCreate", code::UNKNOWN, 1);
     let err = d.create_stream(0).unwrap_err();
     let message = assert_driver(KIND, err, "cuStreamCreate", 999);
     assert_eq!(message, "unknown error");
-    assert_eq!(f.stat("streams"), 2);
+    assert_eq!(f.stat("streams"), streams);
     // A failed event query is an error, not "not done", whether the bindings' enum knows
     // its code or not (12345: a newer driver's).
     let e = d.create_event(0).unwrap();
@@ -962,7 +1250,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
     // registration in it is undone.
     unsafe {
         let register: CuRegisterFn = raw(c"cuMemHostRegister_v2");
-        bind_primary(0); // for the raw call
+        let _ctx = bind_primary(0); // for the raw call
         assert_eq!(
             register(res.ptr.as_ptr().cast(), len, 1),
             code::OUT_OF_MEMORY,
@@ -1009,6 +1297,128 @@ fn large_registrations_are_chunked_and_rolled_back() {
         let unregister: CuUnregisterFn = raw(c"cuMemHostUnregister");
         assert_eq!(unregister(res.ptr.as_ptr().cast()), 0);
         d.unregister_host(in_second, 4096).unwrap();
+    }
+    assert_eq!(f.stat("registrations"), 0);
+}
+
+/// Puts the fake's registration limit back when dropped (the fake is shared).
+struct RegisterLimit<'a> {
+    fake: &'a FakeCuda,
+    bytes: u64,
+    code: i32,
+}
+
+impl<'a> RegisterLimit<'a> {
+    fn set(fake: &'a FakeCuda, bytes: usize, code: i32) -> Self {
+        let old = RegisterLimit {
+            fake,
+            bytes: fake.stat("max_register_bytes") as u64,
+            code: fake.stat("max_register_error") as i32,
+        };
+        fake.set_register_limit(bytes as u64, code);
+        old
+    }
+}
+
+impl Drop for RegisterLimit<'_> {
+    fn drop(&mut self) {
+        self.fake.set_register_limit(self.bytes, self.code);
+    }
+}
+
+/// Some hosts refuse one cuMemHostRegister above about 96-128 GiB with
+/// CUDA_ERROR_INVALID_VALUE: the backend registers such a range in halves until the
+/// host takes them, copies are cut at the new edges, and unregistering undoes exactly
+/// those pieces. Out of memory is never retried in pieces; a refusal that persists
+/// below 1 GiB, or a piece that cannot register at all, fails with everything rolled
+/// back.
+#[test]
+fn registrations_refused_as_invalid_are_split_and_rolled_back() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 150 * GIB;
+    let res = Reservation::new(len).expect("reserve 150 GiB of address space");
+    let _limit = RegisterLimit::set(f, 20 * GIB, code::INVALID_VALUE);
+    let copy_calls = || f.stat("copies") + f.stat("async_copies");
+    // SAFETY: the range is mapped (PROT_NONE but for the window made readable below)
+    // and stays mapped until `res` drops, after every registration in it is undone.
+    unsafe {
+        let calls = f.stat("register_calls");
+        d.register_host(res.ptr, len).unwrap();
+        assert_eq!(
+            f.stat("register_calls") - calls,
+            2 + 10,
+            "64 and 32 GiB refused, then 9 x 16 GiB + 6 GiB"
+        );
+        assert_eq!(f.stat("registrations"), 10);
+        assert_eq!(f.stat("registered_bytes"), len as i64);
+
+        // A copy over the edge at 16 GiB goes in two pieces.
+        let window = res.ptr.as_ptr().add(16 * GIB - MIB);
+        assert_eq!(
+            libc::mprotect(window.cast(), 2 * MIB, libc::PROT_READ | libc::PROT_WRITE),
+            0
+        );
+        window.write_bytes(0x5a, 2 * MIB);
+        let p = d.alloc_device(0, 2 * MIB).unwrap();
+        let calls = copy_calls();
+        let src = MemRef::Host {
+            ptr: NonNull::new(window).unwrap(),
+            kind: HostKind::Pinned,
+        };
+        d.copy(dev(0, p), src, 2 * MIB, None).unwrap();
+        assert_eq!(
+            copy_calls() - calls,
+            2,
+            "cut at the edge between two pieces"
+        );
+        assert_eq!(peek(d, 0, p, 2 * MIB), vec![0x5a; 2 * MIB]);
+        d.free_device(0, p, 2 * MIB).unwrap();
+
+        d.unregister_host(res.ptr, len).unwrap();
+        assert_eq!(f.stat("registrations"), 0, "every piece undone");
+
+        // Out of memory: one call, no pieces.
+        f.set_register_limit((20 * GIB) as u64, code::OUT_OF_MEMORY);
+        let calls = f.stat("register_calls");
+        assert!(matches!(
+            d.register_host(res.ptr, len),
+            Err(Error::OutOfMemory { tier: Tier::Pinned, requested, .. }) if requested == len
+        ));
+        assert_eq!(f.stat("register_calls") - calls, 1);
+        assert_eq!(f.stat("registrations"), 0);
+
+        // Refused down to the floor: 64, 32, ..., 1 GiB, then the first refusal.
+        f.set_register_limit((GIB / 2) as u64, code::INVALID_VALUE);
+        let calls = f.stat("register_calls");
+        assert_driver(
+            KIND,
+            d.register_host(res.ptr, len).unwrap_err(),
+            "cuMemHostRegister",
+            code::INVALID_VALUE,
+        );
+        assert_eq!(f.stat("register_calls") - calls, 7);
+        assert_eq!(f.stat("registrations"), 0);
+
+        // A piece that overlaps a registration is not split: the six pieces before it
+        // are rolled back.
+        f.set_register_limit((20 * GIB) as u64, code::INVALID_VALUE);
+        let blocker = NonNull::new(res.ptr.as_ptr().add(100 * GIB)).unwrap();
+        d.register_host(blocker, 4096).unwrap();
+        let calls = f.stat("register_calls");
+        assert_driver(
+            KIND,
+            d.register_host(res.ptr, len).unwrap_err(),
+            "cuMemHostRegister",
+            code::HOST_MEMORY_ALREADY_REGISTERED,
+        );
+        assert_eq!(
+            f.stat("register_calls") - calls,
+            2 + 7,
+            "refused twice, 6 pieces, the overlap"
+        );
+        assert_eq!(f.stat("registrations"), 1, "only the blocker is left");
+        d.unregister_host(blocker, 4096).unwrap();
     }
     assert_eq!(f.stat("registrations"), 0);
 }
@@ -1228,6 +1638,7 @@ fn driver_pinned_memory() {
 fn foreign_streams_are_used_and_never_destroyed() {
     let (f, _g, b) = setup();
     let d: &dyn Backend = &b;
+    let streams = f.stat("streams");
     let create: CuStreamCreateFn = raw(c"cuStreamCreate");
     let destroy: CuStreamFn = raw(c"cuStreamDestroy_v2");
     let len = 4096;
@@ -1235,7 +1646,7 @@ fn foreign_streams_are_used_and_never_destroyed() {
     let p1 = d.alloc_device(1, len).unwrap();
     let mut data = vec![5u8; len];
     let mut out = vec![0u8; len];
-    bind_primary(0); // the caller's own stream is made in device 0's context
+    let _ctx = bind_primary(0); // the caller's own stream is made in device 0's context
     let mut raw_stream = std::ptr::null_mut();
     // SAFETY: a valid out-pointer; device 0's context is current on this thread.
     let made = unsafe { create(&mut raw_stream, 0) };
@@ -1281,7 +1692,11 @@ fn foreign_streams_are_used_and_never_destroyed() {
         d.synchronize_stream(legacy).unwrap();
         d.forget_stream(legacy).unwrap();
         d.destroy_event(e1).unwrap();
-        assert_eq!(f.stat("streams"), 3, "the caller's stream is still alive");
+        assert_eq!(
+            f.stat("streams"),
+            streams + 1,
+            "the caller's stream is still alive"
+        );
         assert_eq!(destroy(raw_stream), 0);
         d.free_device(0, p0, len).unwrap();
         d.free_device(1, p1, len).unwrap();
@@ -1460,6 +1875,154 @@ fn vmm_unmap_under_a_queued_copy_faults() {
         // Device 1's context is unaffected.
         let p = d.alloc_device(1, 4096).unwrap();
         d.free_device(1, p, 4096).unwrap();
+    }
+}
+
+/// One `set_access` gives two devices access to pool memory in one cuMemSetAccess (one
+/// descriptor each, recorded per device by the fake); device 1's copy engine then reads
+/// device 0's VMM memory. Devices the backend does not have are refused before the
+/// driver is asked.
+#[test]
+fn set_access_grants_several_devices_in_one_call() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 2 * PAGE;
+    let data: Vec<u8> = (0..len).map(|i| (i * 11 + i / 4096) as u8).collect();
+    let base = d.reserve_address(0, len).unwrap();
+    let handles: Vec<PhysHandle> = (0..2)
+        .map(|_| d.create_physical(0, PAGE).unwrap())
+        .collect();
+    let on1 = d.alloc_device(1, len).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    // SAFETY: pages in our reservation, fresh handles; copies synchronised before the
+    // buffers go; everything undone in order below.
+    unsafe {
+        for (i, &h) in handles.iter().enumerate() {
+            d.map(0, base.offset(i * PAGE), PAGE, h).unwrap();
+        }
+        let calls = f.stat("set_access_calls");
+        d.set_access(0, base, len, &[0, 1]).unwrap();
+        assert_eq!(f.stat("set_access_calls"), calls + 1, "one call for both");
+        assert_eq!(
+            f.stat("last_set_access_count"),
+            2,
+            "one descriptor per device"
+        );
+        assert_eq!(f.stat("vmm_accessible_bytes:0"), len as i64);
+        assert_eq!(f.stat("vmm_accessible_bytes:1"), len as i64);
+        let src = MemRef::Host {
+            ptr: NonNull::new(data.as_ptr() as *mut u8).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        d.copy(dev(0, base), src, len, None).unwrap();
+        // Device 0's pool memory to device 1, on device 1's stream.
+        d.copy(dev(1, on1), dev(0, base), len, Some(s1)).unwrap();
+        d.synchronize_stream(s1).unwrap();
+        assert_eq!(peek(d, 1, on1, len), data);
+        assert_eq!(f.stat("sticky:1"), 0);
+
+        let calls = f.stat("set_access_calls");
+        match d.set_access(0, base, len, &[0, 2]).unwrap_err() {
+            Error::UnknownDevice {
+                device: 2,
+                count: 2,
+                backend: BackendKind::Cuda,
+            } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            d.set_access(0, base, len, &[1]),
+            Err(Error::InvalidArgument(m)) if m.contains("must include device 0")
+        ));
+        assert_eq!(
+            f.stat("set_access_calls"),
+            calls,
+            "refused before the driver"
+        );
+
+        d.destroy_stream(s1).unwrap();
+        d.free_device(1, on1, len).unwrap();
+        for (i, &h) in handles.iter().enumerate() {
+            d.unmap(0, base.offset(i * PAGE), PAGE).unwrap();
+            d.release_physical(0, h).unwrap();
+        }
+        d.free_address(0, base, len).unwrap();
+    }
+    assert_eq!(f.stat("vmm_physical_bytes"), 0);
+}
+
+/// The control for the test above: VMM memory that only its owner may access, read by
+/// device 1's copy engine, faults on device 1 as on a GPU (sticky illegal address).
+#[test]
+fn a_copy_by_a_device_without_access_faults() {
+    if !child("a_copy_by_a_device_without_access_faults", &[]) {
+        return;
+    }
+    let f = fake();
+    let b = CudaBackend::new().unwrap();
+    let d: &dyn Backend = &b;
+    let base = d.reserve_address(0, PAGE).unwrap();
+    let h = d.create_physical(0, PAGE).unwrap();
+    let on1 = d.alloc_device(1, PAGE).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    // SAFETY: a page of our reservation; the fake checks access before it copies, so
+    // nothing is touched by the refused copy.
+    unsafe {
+        d.map(0, base, PAGE, h).unwrap();
+        d.set_access(0, base, PAGE, &[0]).unwrap();
+        assert_eq!(f.stat("vmm_accessible_bytes:1"), 0);
+        d.copy(dev(1, on1), dev(0, base), PAGE, Some(s1)).unwrap();
+        assert_driver(
+            KIND,
+            d.synchronize_stream(s1).unwrap_err(),
+            "cuStreamSynchronize",
+            code::ILLEGAL_ADDRESS,
+        );
+    }
+    assert_eq!(f.stat("faults"), 1);
+    assert_eq!(f.stat("sticky:0"), 0, "device 0 did not run it");
+}
+
+/// Without a peer link between the devices, `set_access` refuses to give device 1
+/// access to device 0's memory, saying which and why, before the driver is asked (which
+/// would refuse too).
+#[test]
+fn set_access_refuses_a_device_without_peer_access() {
+    if !child(
+        "set_access_refuses_a_device_without_peer_access",
+        &[("FAKE_CUDA_P2P", "0")],
+    ) {
+        return;
+    }
+    let f = fake();
+    let b = CudaBackend::new().unwrap();
+    let d: &dyn Backend = &b;
+    let base = d.reserve_address(0, PAGE).unwrap();
+    let h = d.create_physical(0, PAGE).unwrap();
+    // SAFETY: a page of our reservation with a fresh handle; undone below.
+    unsafe {
+        d.map(0, base, PAGE, h).unwrap();
+        match d.set_access(0, base, PAGE, &[0, 1]).unwrap_err() {
+            Error::InvalidArgument(m) => assert!(
+                m.contains("device 1") && m.contains("device 0") && m.contains("peer"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.stat("set_access_calls"), 0);
+        d.set_access(0, base, PAGE, &[0]).unwrap();
+        // The fake refuses it as well when asked directly.
+        type SetAccessFn = unsafe extern "C" fn(u64, usize, *const [i32; 3], usize) -> c_int;
+        let set_access: SetAccessFn = raw(c"cuMemSetAccess");
+        let descs = [[1, 0, 3], [1, 1, 3]]; // {DEVICE, id}, READWRITE
+        assert_eq!(
+            set_access(base.0, PAGE, descs.as_ptr(), 2),
+            code::INVALID_DEVICE
+        );
+        assert_eq!(f.stat("vmm_accessible_bytes:1"), 0);
+        d.unmap(0, base, PAGE).unwrap();
+        d.release_physical(0, h).unwrap();
+        d.free_address(0, base, PAGE).unwrap();
     }
 }
 
@@ -1658,7 +2221,7 @@ fn fake_is_strict() {
     let set: CuCtxSetFn = raw(c"cuCtxSetCurrent");
     let alloc: CuMemAllocFn = raw(c"cuMemAlloc_v2");
     let free: CuMemFreeFn = raw(c"cuMemFree_v2");
-    bind_primary(0);
+    let _ctx = bind_primary(0);
     let mut p = 0u64;
     // SAFETY: valid out-pointers and values; the fake validates before it acts.
     unsafe {

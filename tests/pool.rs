@@ -195,7 +195,10 @@ fn a_request_within_the_budget_is_served_beside_a_freed_block() {
         let whole = p.alloc(20 * MIB, &s);
         assert!(whole.is_ok(), "expandable {exp}: {:?}", whole.err());
         drop(whole);
-        assert!(p.stats().num_alloc_retries <= 1, "at most one retry, counted once");
+        assert!(
+            p.stats().num_alloc_retries <= 1,
+            "at most one retry, counted once"
+        );
         assert!(p.reserved() <= 20 * MIB);
         let p = pool(&mgr, exp, Budget::Bytes(40 * MIB));
         let live = p.alloc(16 * MIB, &s).unwrap();
@@ -213,20 +216,33 @@ fn record_stream_orders_reuse_after_the_other_stream() {
     let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
     let sim = mgr.sim().unwrap();
     let blk = p.alloc(MIB, &a).unwrap();
+    let blk_addr = blk.ptr();
     blk.record_stream(&b).unwrap();
     let k = sim
         .launch_kernel(b.handle(), Duration::from_millis(3))
         .unwrap(); // b uses it
     drop(blk);
     let again = p.alloc(MIB, &a).unwrap();
-    let k2 = sim
-        .launch_kernel(a.handle(), Duration::from_micros(1))
-        .unwrap();
+    assert_eq!(
+        again.ptr(),
+        blk_addr,
+        "the same block, reused on its stream"
+    );
+    // The stream's own clock, not a kernel's start: the simulated device runs kernels
+    // one at a time, so a kernel on `a` would start after b's anyway.
     assert!(
-        k2.start_ns >= k.end_ns,
+        sim.stream_time_ns(a.handle()).unwrap() >= k.end_ns,
         "a waited for b's use before reusing the block"
     );
     drop(again);
+    // Without record_stream, the block comes back at once: the test can fail.
+    let blk = p.alloc(MIB, &a).unwrap();
+    let k = sim
+        .launch_kernel(b.handle(), Duration::from_millis(3))
+        .unwrap();
+    drop(blk);
+    let _again = p.alloc(MIB, &a).unwrap();
+    assert!(sim.stream_time_ns(a.handle()).unwrap() < k.end_ns);
 }
 
 #[test]
@@ -693,7 +709,11 @@ fn growing_never_waits_for_kernels_nor_follows_reset_peak() {
         (1, 1, 0),
         "{after:?}"
     );
-    assert_eq!(p.reserved(), 10 * MIB, "x2, and y in the moved chunk and a new one");
+    assert_eq!(
+        p.reserved(),
+        10 * MIB,
+        "x2, and y in the moved chunk and a new one"
+    );
     drop((x2, y));
 }
 
@@ -752,7 +772,11 @@ fn pages_unmapped_for_a_failed_growth_are_counted_as_frees() {
     assert_eq!(st.reserved_bytes.all.current as usize, p.reserved());
     assert!(p.reserved() <= 8 * MIB, "{st:?}");
     let used = (1 << 30) - m.backend().mem_info(0).unwrap().free;
-    assert_eq!(used, p.reserved(), "the device lends the pool exactly what it counts");
+    assert_eq!(
+        used,
+        p.reserved(),
+        "the device lends the pool exactly what it counts"
+    );
     drop(x2);
     p.trim().unwrap();
     let st = p.stats();

@@ -25,7 +25,7 @@ fn python_package_tests_pass_on_the_simulator() {
 }
 
 /// The ctypes layer and the PyTorch entry points through the CUDA backend (the fake
-/// driver is the first `libcuda.so` on the loader path of the Python process).
+/// driver is the first `libcuda.so.1` on the loader path of the Python process).
 #[test]
 fn python_package_tests_pass_on_cuda_over_the_fake_driver() {
     let fake = fake_cuda::fake_cuda_library().expect("building the fake CUDA driver");

@@ -19,9 +19,20 @@ Needs PyTorch with a CUDA GPU, transformers, accelerate and numpy; downloads not
      baselines), all on the reference's weights; plus pinned H2D bandwidth.
      Targets: outputs match, hetmem forward <= 62 ms and >= 6x faster than
      dispatch_model, zero copy, remove_offload gives the weights back byte for byte.
+  3. PyTorch's allocator hooks under hetmem (issue 14), in their own subprocess: the
+     C++ hooks built on this host and set (else, with $HETMEM_TORCH_HOOKS_PREBUILT naming
+     a library built elsewhere for this torch, the part runs again with it and both
+     are reported); (a) tensor.record_stream: a tensor written on the current stream is
+     read on a side stream behind a long kernel, recorded, freed, and the memory
+     allocated again and overwritten on the current stream: the side stream must read
+     the old bytes intact (the same steps without record_stream are run first and
+     reported, to show the hazard is real); (b) torch.cuda.empty_cache() lowers
+     hetmem's reserved bytes; (c) a torch.cuda.graph capture raises "CUDA graph capture
+     with hetmem's allocator is not supported yet" before it starts, and allocations
+     work after it (turn this into a real capture check once graph pools exist).
 
-Each part runs in a subprocess under a timeout (90 + 80 + 80 + 240 s at worst; a
-normal run takes about 3 minutes); children print a RESULT line after each step and
+Each part runs in a subprocess under a timeout (90 + 80 + 80 + 240 + 2 x 90 s at
+worst; a normal run takes about 3 minutes); children print a RESULT line after each step and
 the last one counts, so a failure or hang still lets the rest report. Prints a
 table, then one JSON line. Exit status: 0 every part ran and every target
 passed; 1 a part failed or a target was missed; 77 skipped (no PyTorch, transformers,
@@ -373,6 +384,106 @@ def child_offload(d):
     result(out)
 
 
+GRAPHS_UNSUPPORTED = "CUDA graph capture with hetmem's allocator is not supported yet"
+
+
+def child_hooks(d):
+    """hetmem's allocator with PyTorch's C++ hooks: record_stream, empty_cache, graphs."""
+    import hetmem.torch as ht
+
+    t0 = time.perf_counter()
+    ht.use_hetmem_allocator()  # before anything touches CUDA; builds the hooks if needed
+    import torch
+
+    out = {"hooks": ht.allocator_hooks(), "setup_s": round(time.perf_counter() - t0, 2),
+           "hooks_lib": os.environ.get("HETMEM_TORCH_HOOKS_LIB")}
+    log("hooks:", json.dumps(out["hooks"]))
+    result(out)
+    dev = torch.device("cuda", 0)
+    side = torch.cuda.Stream(dev)
+    n = (64 << 20) // 4  # float32 elements: 64 MiB
+    # About 0.2 s of side-stream work ahead of its read (the clock rate is a guess: the
+    # figure only has to outlast the current stream's overwrite, microseconds).
+    cycles = int(0.2 * 2e9)
+
+    def reuse(record):
+        """x written on the current stream, read on `side` after a long kernel, freed
+        (after record_stream if `record`), then the memory allocated again on the
+        current stream and overwritten: did the side stream read x's bytes?"""
+        cur = torch.cuda.current_stream(dev)
+        x = torch.full((n,), 7.0, device=dev)
+        x_ptr = x.data_ptr()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(cycles)
+            seen = x.clone()  # allocated on side, read behind the sleep
+        if record:
+            x.record_stream(side)
+        del x
+        z = torch.empty(n, device=dev)
+        aliased = z.data_ptr() == x_ptr
+        z.fill_(-1.0)
+        torch.cuda.synchronize()
+        intact = bool((seen == 7.0).all().item())
+        del z, seen
+        return {"aliased": aliased, "intact": intact}
+
+    res = {}
+    try:
+        res["without_record_stream"] = reuse(False)
+        res["with_record_stream"] = reuse(True)
+    except Exception as e:
+        traceback.print_exc()
+        res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    out["record_stream"] = res
+    log("record_stream:", json.dumps(res))
+    result(out)
+
+    # empty_cache: a large block freed stays cached by hetmem until empty_cache.
+    def reserved():
+        return sum(dv.get("reserved", 0) for dv in ht.hetmem_allocator_stats()["devices"])
+
+    try:
+        y = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+        del y
+        torch.cuda.synchronize()
+        before, free_before = reserved(), torch.cuda.mem_get_info(dev)[0]
+        torch.cuda.empty_cache()
+        after, free_after = reserved(), torch.cuda.mem_get_info(dev)[0]
+        out["empty_cache"] = {"reserved_before": before, "reserved_after": after,
+                              "driver_free_gain": free_after - free_before}
+    except Exception as e:
+        traceback.print_exc()
+        out["empty_cache"] = {"error": f"{type(e).__name__}: {e}"}
+    log("empty_cache:", json.dumps(out["empty_cache"]))
+    result(out)
+
+    # Graph capture: must fail before it begins, and leave the allocator usable.
+    g = torch.cuda.CUDAGraph()
+    prev = torch.cuda.current_stream(dev)
+    static = torch.ones(1 << 20, device=dev)
+    gr = {}
+    try:
+        with torch.cuda.graph(g):
+            static2 = static * 2  # noqa: F841
+        gr["error"] = None
+    except Exception as e:
+        gr["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    finally:
+        # torch.cuda.graph's __enter__ made its side stream current; a failed
+        # capture_begin means its __exit__ never ran.
+        torch.cuda.set_stream(prev)
+    gr["capturing_after"] = torch.cuda.is_current_stream_capturing()
+    try:
+        gr["alloc_after_ok"] = float(torch.ones(1 << 20, device=dev).sum().item()) == float(1 << 20)
+    except Exception as e:
+        gr["alloc_after_ok"] = False
+        gr["alloc_after_error"] = f"{type(e).__name__}: {e}"
+    out["graph"] = gr
+    log("graph:", json.dumps(gr))
+    result(out)
+
+
 # ---- parent ---------------------------------------------------------------------------------------
 
 
@@ -419,10 +530,12 @@ def main():
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--skip-allocator", action="store_true", help="skip part 1")
     ap.add_argument("--skip-offload", action="store_true", help="skip part 2")
+    ap.add_argument("--skip-hooks", action="store_true", help="skip part 3")
     a = ap.parse_args()
     if a.child:
         kind, rest = a.child[0], a.child[1:]
-        {"prep": child_prep, "alloc": child_alloc, "offload": child_offload}[kind](*rest)
+        {"prep": child_prep, "alloc": child_alloc, "offload": child_offload,
+         "hooks": child_hooks}[kind](*rest)
         return 0
 
     import importlib.util
@@ -494,6 +607,19 @@ def main():
         if not a.skip_offload:
             p2, _ = run_child(["offload", d], 240, logdir, "offload", env)
         report["offload"] = p2
+
+        # Part 3: the allocator hooks (record_stream, empty_cache, graph capture).
+        p3 = {}
+        if not a.skip_hooks and "error" not in prep:
+            henv = dict(env)
+            henv.pop("HETMEM_TORCH_HOOKS_LIB", None)  # what a user gets: built here
+            p3["host_build"], _ = run_child(["hooks", d], 90, logdir, "hooks", henv)
+            prebuilt = os.environ.get("HETMEM_TORCH_HOOKS_PREBUILT")
+            installed = (p3["host_build"].get("hooks") or {}).get("installed")
+            if not installed and prebuilt:
+                henv["HETMEM_TORCH_HOOKS_LIB"] = os.path.abspath(prebuilt)
+                p3["prebuilt"], _ = run_child(["hooks", d], 90, logdir, "hooks_prebuilt", henv)
+        report["hooks"] = p3
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
 
     # Targets.
@@ -528,6 +654,20 @@ def main():
             m.get("hetmem_offload", {}).get("per_forward", {}).get("prefetches", 0) > 0)
         t["remove_offload_restores"] = bool(m.get("hetmem_offload", {})
                                             .get("remove_offload_restores"))
+    if not a.skip_hooks:
+        # The run whose hooks were set (the host's build, else the prebuilt library).
+        h3 = p3.get("prebuilt") or p3.get("host_build") or {}
+        t["hooks_installed"] = bool((h3.get("hooks") or {}).get("installed"))
+        rs = h3.get("record_stream") or {}
+        t["record_stream_keeps_side_stream_bytes"] = (
+            (rs.get("with_record_stream") or {}).get("intact") is True)
+        ec = h3.get("empty_cache") or {}
+        t["empty_cache_reaches_hetmem"] = (
+            "reserved_before" in ec and ec["reserved_after"] < ec["reserved_before"])
+        gr = h3.get("graph") or {}
+        t["graph_capture_refused_clearly"] = (
+            GRAPHS_UNSUPPORTED in (gr.get("error") or "")
+            and gr.get("capturing_after") is False and gr.get("alloc_after_ok") is True)
     report["targets"] = t
     report["ok"] = bool(t) and all(t.values())
 
@@ -581,10 +721,29 @@ def main():
               f"{m.get('accelerate_dispatch', {}).get('on_gpu')}")
         if "error" in p2:
             print(f"  offload child failed: {p2['error']}")
+    if not a.skip_hooks:
+        print("-- part 3: PyTorch's allocator hooks under hetmem")
+        for which in ("host_build", "prebuilt"):
+            h = p3.get(which)
+            if not h:
+                continue
+            print(f"  [{which}] hooks {h.get('hooks')}; set up in {h.get('setup_s')} s"
+                  + (f" from {h['hooks_lib']}" if h.get("hooks_lib") else ""))
+            rs = h.get("record_stream") or {}
+            print(f"  [{which}] reuse under a side stream's read: without record_stream "
+                  f"{rs.get('without_record_stream')}, with it {rs.get('with_record_stream')}"
+                  + (f"  ERROR {rs['error']}" if "error" in rs else ""))
+            print(f"  [{which}] empty_cache: {h.get('empty_cache')}")
+            print(f"  [{which}] graph capture: {h.get('graph')}")
+            if "error" in h:
+                print(f"  [{which}] child failed: {h['error']}")
     rcs = {"prep": report["prep"].get("rc")}
     rcs.update({f"alloc_{k}": p1.get(k, {}).get("rc") for k in ("torch", "hetmem") if k in p1})
     if p2:
         rcs["offload"] = p2.get("rc")
+    for which in ("host_build", "prebuilt"):
+        if which in p3:
+            rcs[f"hooks_{which}"] = p3[which].get("rc")
     print(f"-- child exit codes: {rcs}")
     print("-- targets")
     for k, v in t.items():

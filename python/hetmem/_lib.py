@@ -204,7 +204,11 @@ PROTOTYPES = {
     # Throws a C++ exception on failure: for PyTorch's allocator only, never ctypes.
     "hetmem_torch_malloc_cxx": (c_void_p, [c_ssize_t, c_int, c_void_p]),
     "hetmem_torch_free": (None, [c_void_p, c_ssize_t, c_int, c_void_p]),
+    "hetmem_torch_record_stream": (c_int, [c_void_p, c_void_p]),
     "hetmem_torch_empty_cache": (c_int, []),
+    "hetmem_torch_begin_allocate_to_pool": (c_int, [c_int, c_uint64, c_uint64]),
+    "hetmem_torch_end_allocate_to_pool": (c_int, [c_int, c_uint64, c_uint64]),
+    "hetmem_torch_release_pool": (c_int, [c_int, c_uint64, c_uint64]),
     "hetmem_torch_stats_json": (c_int, [c_char_p, c_size_t, POINTER(c_size_t)]),
 }
 

@@ -2,7 +2,8 @@
 imports (and its errors are clear) where PyTorch is absent.
 
 - use_hetmem_allocator(): hetmem as PyTorch's CUDA allocator (one call, before any
-  CUDA allocation); hetmem_allocator_stats(), empty_cache().
+  CUDA allocation), with tensor.record_stream, torch.cuda.empty_cache() and graph
+  capture wired to hetmem; hetmem_allocator_stats(), empty_cache(), allocator_hooks().
 - offload(model, device_budget): a drop-in for accelerate.cpu_offload(model) backed by
   hetmem's tier store; remove_offload(model).
 """
@@ -10,13 +11,14 @@ imports (and its errors are clear) where PyTorch is absent.
 import os
 import warnings
 
-from . import _lib
+from . import _lib, _torch_hooks
 from .core import Manager, Stream, TierStore, _check, _read_json
 
 __all__ = [
     "use_hetmem_allocator",
     "hetmem_allocator_stats",
     "empty_cache",
+    "allocator_hooks",
     "offload",
     "remove_offload",
 ]
@@ -36,6 +38,12 @@ def _torch():
 # ---- hetmem as PyTorch's CUDA allocator -------------------------------------------------------
 
 _allocator = None
+# The malloc PyTorch's allocator is made with (the C++ one: it throws where malloc fails).
+_ALLOC_FN = "hetmem_torch_malloc_cxx"
+# None: not tried yet; "": the C++ hooks are set; else why they are not.
+_hooks_error = None
+
+GRAPHS_UNSUPPORTED = "CUDA graph capture with hetmem's allocator is not supported yet"
 
 
 def use_hetmem_allocator():
@@ -44,6 +52,21 @@ def use_hetmem_allocator():
     "hetmem_torch_free")`` and ``torch.cuda.memory.change_current_allocator``. An
     allocation hetmem cannot make (out of memory) raises RuntimeError("hetmem_torch_malloc:
     out of memory ...") in Python, where PyTorch would otherwise be handed a NULL address.
+
+    It then sets the hooks PyTorch's C++ allocator class has and its Python class leaves
+    empty, through a small C++ library built against the installed torch at first use
+    and cached (hetmem/torch_hooks.cpp; needs a C++ compiler and the CUDA runtime
+    headers, see hetmem._torch_hooks): ``tensor.record_stream(s)`` keeps the block from
+    reuse until the work queued on ``s`` before its free is done;
+    ``torch.cuda.empty_cache()`` gives hetmem's cached memory back; and CUDA graph
+    capture (``torch.cuda.graph``, ``torch.cuda.use_mem_pool``) raises
+    RuntimeError("CUDA graph capture with hetmem's allocator is not supported yet ...")
+    before it starts. If that library cannot be built or loaded, a RuntimeWarning says
+    why and the same behaviour comes from Python instead, short of C++ callers:
+    ``Tensor.record_stream`` raises RuntimeError (never a silent no-op that lets a side
+    stream read reused memory), ``torch.cuda.empty_cache`` also empties hetmem's cache,
+    and ``CUDAGraph.capture_begin`` and ``use_mem_pool`` raise. allocator_hooks() says
+    which.
 
     Call it before the first CUDA allocation of the process (before any tensor is put
     on a CUDA device, before torch.cuda.init() or anything that initialises CUDA in
@@ -65,7 +88,7 @@ def use_hetmem_allocator():
             f"this PyTorch ({torch.__version__}) has no "
             "torch.cuda.memory.CUDAPluggableAllocator (PyTorch 2.0 or later has it)"
         )
-    alloc = memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc_cxx", "hetmem_torch_free")
+    alloc = memory.CUDAPluggableAllocator(path, _ALLOC_FN, "hetmem_torch_free")
     try:
         memory.change_current_allocator(alloc)
     except RuntimeError as e:
@@ -76,7 +99,74 @@ def use_hetmem_allocator():
             f"anything touches CUDA. PyTorch said: {e}"
         ) from e
     _allocator = alloc
+    _set_hooks(torch)
     return alloc
+
+
+def allocator_hooks():
+    """Whether use_hetmem_allocator() set PyTorch's C++ hooks: ``{"installed": True}``,
+    or ``{"installed": False, "reason": ...}`` (the Python fallback is in place), or
+    None before use_hetmem_allocator()."""
+    if _hooks_error is None:
+        return None
+    if not _hooks_error:
+        return {"installed": True}
+    return {"installed": False, "reason": _hooks_error}
+
+
+def _set_hooks(torch):
+    global _hooks_error
+    try:
+        _torch_hooks.install(torch, _lib.load(), _ALLOC_FN)
+        _hooks_error = ""
+        return
+    except _torch_hooks.HooksUnavailable as e:
+        _hooks_error = str(e)
+    warnings.warn(
+        "hetmem.torch: PyTorch's allocator hooks could not be set from C++ "
+        f"({_hooks_error}). Falling back to Python: tensor.record_stream() raises "
+        "RuntimeError (keep a tensor used on a side stream alive until that stream is "
+        "done instead), torch.cuda.empty_cache() also empties hetmem's cache, and CUDA "
+        "graph capture raises; calls PyTorch makes from C++ (record_stream inside "
+        "collectives) are not covered.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    _python_fallback(torch, _hooks_error)
+
+
+def _python_fallback(torch, reason):
+    def record_stream(self, stream):
+        raise RuntimeError(
+            "tensor.record_stream is not available with hetmem's allocator here: its C++ "
+            f"hook could not be set ({reason}). Keep the tensor alive until the other "
+            "stream is done with it (synchronise it, or free the tensor after "
+            "torch.cuda.current_stream().wait_stream(stream))."
+        )
+
+    torch.Tensor.record_stream = record_stream
+
+    original_empty_cache = torch.cuda.memory.empty_cache
+
+    def empty_cache_both():
+        original_empty_cache()
+        empty_cache()
+
+    empty_cache_both.__doc__ = original_empty_cache.__doc__
+    torch.cuda.memory.empty_cache = empty_cache_both
+    torch.cuda.empty_cache = empty_cache_both
+
+    def refuse_capture(*args, **kwargs):
+        raise RuntimeError(
+            f"{GRAPHS_UNSUPPORTED}: hetmem's device pool has no private graph pools"
+        )
+
+    graphs = getattr(torch.cuda, "graphs", None)
+    if graphs is not None and hasattr(graphs, "CUDAGraph"):
+        graphs.CUDAGraph.capture_begin = refuse_capture
+    for mod in (torch.cuda, torch.cuda.memory):
+        if hasattr(mod, "use_mem_pool"):
+            mod.use_mem_pool = refuse_capture
 
 
 def hetmem_allocator_stats():
@@ -89,7 +179,7 @@ def hetmem_allocator_stats():
 
 def empty_cache():
     """Gives hetmem's cached, unused device memory back to the driver (what
-    torch.cuda.empty_cache() does for PyTorch's own allocator)."""
+    torch.cuda.empty_cache() does too once use_hetmem_allocator() has set the hooks)."""
     _check(_lib.load().hetmem_torch_empty_cache())
 
 

@@ -177,8 +177,140 @@ class _Stream:
     cuda_stream = 0
 
 
+# ---- the allocator: PyTorch's C++ CUDAPluggableAllocator, minimally -------------------------
+#
+# PyTorch's Python CUDAPluggableAllocator sets only malloc and free; its C++ class also has
+# hooks (set_record_stream_fn, set_reset_fn, set_begin_allocate_to_pool,
+# set_end_allocate_to_pool_fn, set_release_pool) that PyTorch calls when set and skips
+# when not: tensor.record_stream does nothing, empty_cache reaches no one, and a capture
+# goes ahead. hetmem's torch_hooks.cpp sets them; FakeHooksLibrary stands in for it.
+
+
+class _PluggableAllocator:
+    """torch::cuda::CUDAPluggableAllocator: the functions it was made with, and hooks."""
+
+    def __init__(self, alloc_fn, free_fn):
+        self.alloc_fn, self.free_fn = alloc_fn, free_fn
+        self.record_stream_fn = self.reset_fn = None
+        self.begin_allocate_to_pool_fn = self.end_allocate_to_pool_fn = None
+        self.release_pool_fn = None
+
+
+class _Allocators:
+    current = None  # the C++ allocator PyTorch uses (None: its own caching allocator)
+    initialized = False  # set by the first CUDA allocation; then no swap
+
+
+class CUDAPluggableAllocator:
+    """torch.cuda.memory.CUDAPluggableAllocator: loads the two symbols by name."""
+
+    def __init__(self, path, alloc_fn_name, free_fn_name):
+        lib = ctypes.CDLL(path)
+        alloc_fn = ctypes.cast(getattr(lib, alloc_fn_name), ctypes.c_void_p).value
+        free_fn = ctypes.cast(getattr(lib, free_fn_name), ctypes.c_void_p).value
+        self._allocator = _PluggableAllocator(alloc_fn, free_fn)
+
+    def allocator(self):
+        return self._allocator
+
+
+def _change_current_allocator(allocator):
+    if _Allocators.initialized:
+        raise RuntimeError("Can't swap an already initialized allocator")
+    _Allocators.current = allocator.allocator()
+
+
+def _empty_cache():
+    a = _Allocators.current
+    if a is not None and a.reset_fn is not None:
+        a.reset_fn()
+
+
+def _hook(name):
+    a = _Allocators.current
+    return None if a is None else getattr(a, name)
+
+
+class CUDAGraph:
+    _next_pool = 1
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        if pool is None:
+            pool = (CUDAGraph._next_pool, 0)
+            CUDAGraph._next_pool += 1
+        self.pool = pool
+        begin = _hook("begin_allocate_to_pool_fn")
+        if begin is not None:
+            begin(0, pool, lambda stream: True)
+        self.capturing = True  # without a hook: the capture goes ahead (the danger)
+
+    def capture_end(self):
+        end = _hook("end_allocate_to_pool_fn")
+        if end is not None:
+            end(0, self.pool)
+        self.capturing = False
+
+
+@contextmanager
+def _graph(cuda_graph, pool=None, stream=None):
+    cuda.empty_cache()
+    cuda_graph.capture_begin(pool)
+    try:
+        yield
+    finally:
+        cuda_graph.capture_end()
+
+
+class MemPool:
+    _next = 1
+
+    def __init__(self):
+        self.id = (0, MemPool._next)
+        MemPool._next += 1
+
+
+@contextmanager
+def _use_mem_pool(pool, device=None):
+    begin = _hook("begin_allocate_to_pool_fn")
+    if begin is not None:
+        begin(0, pool.id, lambda stream: True)
+    try:
+        yield
+    finally:
+        for name in ("end_allocate_to_pool_fn", "release_pool_fn"):
+            f = _hook(name)
+            if f is not None:
+                f(0, pool.id)
+
+
+class Stream:
+    def __init__(self, raw=0):
+        self.cuda_stream = raw
+
+
+def _record_stream(self, stream):
+    f = _hook("record_stream_fn")
+    if f is not None:  # no hook: PyTorch does nothing
+        f(self.ptr, stream.cuda_stream)
+
+
 class cuda:
     synchronized = 0
+    Stream = Stream
+    CUDAGraph = CUDAGraph
+    MemPool = MemPool
+    graph = staticmethod(_graph)
+    use_mem_pool = staticmethod(_use_mem_pool)
+    empty_cache = staticmethod(_empty_cache)
+
+    class memory:
+        CUDAPluggableAllocator = CUDAPluggableAllocator
+        change_current_allocator = staticmethod(_change_current_allocator)
+        empty_cache = staticmethod(_empty_cache)
+        use_mem_pool = staticmethod(_use_mem_pool)
+
+    class graphs:
+        CUDAGraph = CUDAGraph
 
     @staticmethod
     def current_stream(dev=None):
@@ -187,6 +319,75 @@ class cuda:
     @classmethod
     def synchronize(cls, dev=None):
         cls.synchronized += 1
+
+
+class version:
+    cuda = "13.0"
+
+
+def _reset_allocator():
+    """Back to PyTorch's own allocator with no hooks, undoing hetmem's Python fallback."""
+    _Allocators.current = None
+    _Allocators.initialized = False
+    Tensor.record_stream = _record_stream
+    cuda.empty_cache = cuda.memory.empty_cache = staticmethod(_empty_cache)
+    cuda.use_mem_pool = cuda.memory.use_mem_pool = staticmethod(_use_mem_pool)
+    CUDAGraph.capture_begin = _capture_begin
+
+
+_capture_begin = CUDAGraph.capture_begin
+
+
+class FakeHooksLibrary:
+    """What hetmem/torch_hooks.cpp does, for this fake: hetmem_torch_hooks_install reads
+    the table of hetmem's entry points, checks that the current allocator is the
+    pluggable one made with table.alloc_fn, and sets its hooks to call them through
+    their addresses, raising RuntimeError(hetmem's last error) where one fails (as the
+    C++ hooks throw), except release, which PyTorch calls from destructors (it prints),
+    and record_stream of memory that is not hetmem's (ignored, as PyTorch's own
+    allocator ignores memory it did not allocate)."""
+
+    def __init__(self):
+        self.release_messages = []
+
+    def hetmem_torch_hooks_install(self, fns_ref, err, cap):
+        f = fns_ref._obj
+        if f.size != ctypes.sizeof(f) or f.version != 1:
+            err.value = b"hetmem torch hooks: the caller's table has another layout"
+            return 2
+        a = _Allocators.current
+        if not isinstance(a, _PluggableAllocator) or a.alloc_fn != f.alloc_fn:
+            err.value = b"PyTorch's current CUDA allocator is not hetmem's pluggable one"
+            return 1
+        c_int, c_void_p, c_uint64 = ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64
+        pool_fn = ctypes.CFUNCTYPE(c_int, c_int, c_uint64, c_uint64)
+        record = ctypes.CFUNCTYPE(c_int, c_void_p, c_void_p)(f.record_stream)
+        empty = ctypes.CFUNCTYPE(c_int)(f.empty_cache)
+        begin, end, release = (pool_fn(f.begin_allocate_to_pool),
+                               pool_fn(f.end_allocate_to_pool), pool_fn(f.release_pool))
+        last_error = ctypes.CFUNCTYPE(ctypes.c_char_p)(f.last_error)
+
+        def check(rc, what):
+            if rc != 0:
+                raise RuntimeError((last_error() or b"").decode() or what)
+
+        def release_pool(device, pool):
+            if release(device, *pool) != 0:
+                self.release_messages.append(last_error().decode())
+
+        def record_stream(ptr, stream):
+            rc = record(ptr, stream)
+            if rc != f.foreign_pointer:  # not hetmem's memory: ignored, as PyTorch does
+                check(rc, "record_stream")
+
+        a.record_stream_fn = record_stream
+        a.reset_fn = lambda: check(empty(), "empty_cache")
+        a.begin_allocate_to_pool_fn = lambda device, pool, filt: check(
+            begin(device, *pool), "begin_allocate_to_pool")
+        a.end_allocate_to_pool_fn = lambda device, pool: check(
+            end(device, *pool), "end_allocate_to_pool")
+        a.release_pool_fn = release_pool
+        return 0
 
 
 class _Handle:
@@ -253,3 +454,6 @@ class nn:
             for h, _ in list(self._post):
                 h(self, args, out)
             return out
+
+
+Tensor.record_stream = _record_stream

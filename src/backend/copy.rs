@@ -149,7 +149,7 @@ pub(crate) fn copy(
     }
     // The fence exists before the copy is queued, so that only recording it can fail
     // once the copy is in flight.
-    let fence = Arc::new(OwnedEvent::new(backend, st.device())?);
+    let fence = Arc::new(st.event()?);
     // SAFETY: as above for the ranges; the fence recorded below makes both owners wait
     // for this copy before they free or unmap the memory, and if it cannot be recorded
     // the stream is synchronised or both owners leak, so the memory outlives the copy.

@@ -1,5 +1,5 @@
-//! NVIDIA CUDA backend: the driver API through cudarc's raw `sys` bindings, with
-//! `libcuda.so.1` loaded at run time.
+//! NVIDIA CUDA backend: the driver API with cudarc's raw `sys` types, with `libcuda.so.1`
+//! loaded at run time.
 //!
 //! # Why CUDA API version 12080
 //!
@@ -11,7 +11,8 @@
 //!
 //! * Unconditional under every feature (so also 13000 and later): `cuInit`,
 //!   `cuDeviceGet{,Count,Name,PCIBusId,Attribute}`, `cuDeviceTotalMem_v2`,
-//!   `cuDevicePrimaryCtxRetain`, `cuDevicePrimaryCtxRelease_v2`, `cuCtx{Get,Set}Current`,
+//!   `cuDeviceCanAccessPeer`, `cuDevicePrimaryCtxRetain`, `cuDevicePrimaryCtxRelease_v2`,
+//!   `cuCtx{Get,Set}Current`, `cuCtxGetDevice`,
 //!   `cuGetErrorString`, `cuMemAlloc_v2`, `cuMemFree_v2`, `cuMemGetInfo_v2`,
 //!   `cuMemAllocManaged`, `cuMemHostRegister_v2`, `cuMemHostUnregister`,
 //!   `cuStreamCreate`, `cuStreamDestroy_v2`, `cuStreamSynchronize`, `cuStreamWaitEvent`,
@@ -34,31 +35,54 @@
 //!
 //! # Loading and failure
 //!
-//! cudarc panics when `libcuda` or a symbol is missing. [`CudaBackend::new`] therefore
-//! asks `is_culib_present()` first, then looks up every symbol this module calls (list
-//! in `REQUIRED_SYMBOLS`) before the first driver call, and runs all of that inside
-//! `catch_unwind` as a second guard. Any absence is `Error::BackendUnavailable`; once
-//! `new` has succeeded, no later call can hit a missing symbol.
+//! hetmem loads `libcuda` itself (`driver_library`): `libcuda.so.1`, the name the
+//! driver installs, and `libcuda.so` only when that is not found. cudarc 0.19's own
+//! loader (`sys::culib()`, `get_lib_name_candidates`) tries `libcuda.so` first and
+//! `libcuda.so.1` last, with no hook to change the order; on a host with the CUDA
+//! toolkit's `lib64/stubs` on the library path it would load the toolkit's stub
+//! `libcuda.so`, which answers every call with `CUDA_ERROR_STUB_LIBRARY`, instead of
+//! the driver. So cudarc's loader is never called: this module takes only its types.
+//! [`CudaBackend::new`] looks up every symbol this module calls (list in
+//! `REQUIRED_SYMBOLS`) before the first driver call, inside `catch_unwind` as a second
+//! guard. Any absence is `Error::BackendUnavailable`; once `new` has succeeded, no
+//! later call can hit a missing symbol.
 //!
 //! The VMM symbols (`VMM_SYMBOLS`) are optional: when one is missing, or a device has
-//! `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` = 0, or its granularity
-//! query fails, that device's `vmm_granularity` is `None` (queried once in `new`) and
-//! the other VMM methods return `Error::Unsupported` without calling the driver.
+//! `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED` = 0 (read in `new`), or its
+//! granularity query fails (made once, in its context, when the device is opened), that
+//! device's `vmm_granularity` is `None` and the other VMM methods return
+//! `Error::Unsupported` without calling the driver.
 //! Likewise `DRIVER_PINNED_SYMBOLS` (`cuMemAllocHost_v2`, `cuMemFreeHost`), used only by
 //! [`DriverPinned`]: without them [`DriverPinned::new`] returns `Error::Unsupported`.
 //!
+//! # Devices are opened on first use
+//!
+//! `new` lists every device (name, memory, PCI id and attributes need no context) but
+//! opens none. A device is opened by the first call that needs it: its primary context
+//! is retained (the same context the CUDA runtime uses, so memory is shared with
+//! runtime-API code in the process) and released in `Drop`. So one GPU that refuses
+//! contexts (EXCLUSIVE_PROCESS mode held by another process, PROHIBITED mode, a failed
+//! GPU) does not make the backend unavailable: calls on that device return the
+//! driver's error, its message naming the device, and the next call tries again. And a
+//! process that uses one GPU of several (a `torchrun` rank) creates a context on that
+//! GPU only: host-side calls (registering host memory, host-to-host copies, host
+//! advice) use one device chosen once (see `CudaBackend::host_device`: the device of
+//! the caller's current context, else one already open), not device 0. The internal
+//! copy stream of a device is made at its first synchronous copy.
+//!
 //! # Contexts
 //!
-//! Each device's primary context is retained in `new` and released in `Drop` (the same
-//! context the CUDA runtime uses, so memory is shared with runtime-API code in the
-//! process). Every call first makes the right context current on the calling thread:
+//! Every call first makes the right context current on the calling thread:
 //! `cuCtxGetCurrent`, and `cuCtxSetCurrent` only when it differs, so the common case (a
 //! PyTorch thread, whose current context is that same primary context) is one
 //! thread-local read in the driver. When it did switch, the call puts back what was
 //! current before (none included): the runtime takes its current device from the
 //! current context, so hetmem must not move PyTorch's device on a multi-GPU host nor
-//! give a thread a device it never chose. Dropping the backend unbinds its contexts
-//! from the dropping thread, since its release may have been the last.
+//! give a thread a device it never chose. Dropping the backend leaves the dropping
+//! thread's current context as it found it, too: the releases do not change it (as
+//! `cuDevicePrimaryCtxRelease` documents), and a caller whose context is one of ours
+//! holds its own reference to it (PyTorch's runtime does), so unbinding it would move
+//! the caller off its device.
 //!
 //! # Copies
 //!
@@ -85,7 +109,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_ulonglong, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use cudarc::driver::sys::{
     self, CUcontext, CUdevice, CUdevice_attribute, CUdeviceptr, CUevent, CUevent_flags,
@@ -95,12 +119,14 @@ use cudarc::driver::sys::{
     CUmemLocationType, CUmem_advise, CUresult, CUstream, CUstream_flags,
 };
 
+use libloading::Library;
+
 use super::host::available_memory;
 use super::registered::{for_each_piece, Registrations};
 use super::{
     check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, raw_stream,
-    register_chunks, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
-    MemInfo, MemRef, PhysHandle, RollbackError, StreamHandle,
+    register_in_pieces, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
+    MemInfo, MemRef, PhysHandle, Refusal, RollbackError, StreamHandle,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -118,6 +144,9 @@ impl Status {
     const NOT_READY: Status = Status(CUresult::CUDA_ERROR_NOT_READY as u32);
     const NO_DEVICE: Status = Status(CUresult::CUDA_ERROR_NO_DEVICE as u32);
     const OUT_OF_MEMORY: Status = Status(CUresult::CUDA_ERROR_OUT_OF_MEMORY as u32);
+    const STUB_LIBRARY: Status = Status(CUresult::CUDA_ERROR_STUB_LIBRARY as u32);
+    const ALREADY_REGISTERED: Status =
+        Status(CUresult::CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED as u32);
     const UNKNOWN: Status = Status(CUresult::CUDA_ERROR_UNKNOWN as u32);
     /// What a call whose symbol cannot be found returns (never in practice: `init`
     /// checks every symbol first).
@@ -128,9 +157,57 @@ impl Status {
     }
 }
 
+/// The names `libcuda` is loaded by, in this order (see the module docs): the driver's
+/// own name first, so that a toolkit stub named `libcuda.so` cannot shadow it.
+const LIBRARY_NAMES: [&str; 2] = ["libcuda.so.1", "libcuda.so"];
+
+/// The driver library, loaded once per process and never unloaded (the entry points
+/// bound in [`drv`] point into it), or what each name's `dlopen` said.
+fn driver_library() -> std::result::Result<&'static Library, &'static str> {
+    static LIB: OnceLock<std::result::Result<Library, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let mut tried = Vec::new();
+        for name in LIBRARY_NAMES {
+            // SAFETY: loading libcuda runs only the driver's own initialisers, as at the
+            // start of any CUDA program; the library is never unloaded.
+            match unsafe { Library::new(name) } {
+                Ok(lib) => return Ok(lib),
+                Err(e) => tried.push(format!("{name}: {e}")),
+            }
+        }
+        Err(tried.join("; "))
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// The file the driver was loaded from, for messages: where `cuInit` lives.
+fn library_file(lib: &Library) -> Option<String> {
+    // SAFETY: only the symbol's address is read; nothing is called through it.
+    let addr: *const c_void = *unsafe { lib.get::<*const c_void>(b"cuInit\0") }.ok()?;
+    let mut info = std::mem::MaybeUninit::<libc::Dl_info>::zeroed();
+    // SAFETY: dladdr only reads the loader's tables and fills `info`, which is valid
+    // for writes; a zeroed Dl_info is a valid value (null pointers).
+    if unsafe { libc::dladdr(addr, info.as_mut_ptr()) } == 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised and possibly filled by dladdr: valid either way.
+    let info = unsafe { info.assume_init() };
+    if info.dli_fname.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated path owned by the loader, valid while the library stays
+    // loaded (for the process's life); copied out at once.
+    Some(
+        unsafe { CStr::from_ptr(info.dli_fname) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 /// Declares, for each driver entry point, a function of the same name and arguments
 /// that calls it through a function type returning `u32` (the C ABI of an enum
-/// return), looked up in cudarc's loaded `libcuda` once.
+/// return), looked up in the loaded `libcuda` ([`driver_library`]) once.
 macro_rules! driver_calls {
     ($($name:ident($($arg:ident: $ty:ty),* $(,)?);)*) => {
         /// The driver's entry points, returning [`Status`].
@@ -149,11 +226,11 @@ macro_rules! driver_calls {
                     let f = FN.get_or_init(|| {
                         // `init` loaded the library before any call, and it stays
                         // loaded for the process's life.
+                        let lib = driver_library().ok()?;
                         // SAFETY: `F` is the entry point's C signature (cudarc's, the
                         // enum return read as its u32); the pointer is copied out.
                         unsafe {
-                            sys::culib()
-                                .get::<F>(concat!(stringify!($name), "\0").as_bytes())
+                            lib.get::<F>(concat!(stringify!($name), "\0").as_bytes())
                                 .ok()
                                 .map(|sym| *sym)
                         }
@@ -171,7 +248,9 @@ macro_rules! driver_calls {
 
 driver_calls! {
     cuCtxGetCurrent(pctx: *mut CUcontext);
+    cuCtxGetDevice(device: *mut CUdevice);
     cuCtxSetCurrent(ctx: CUcontext);
+    cuDeviceCanAccessPeer(can_access: *mut c_int, dev: CUdevice, peer: CUdevice);
     cuDeviceGet(device: *mut CUdevice, ordinal: c_int);
     cuDeviceGetAttribute(pi: *mut c_int, attrib: CUdevice_attribute, dev: CUdevice);
     cuDeviceGetCount(count: *mut c_int);
@@ -232,10 +311,12 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuDeviceTotalMem_v2",
     "cuDeviceGetPCIBusId",
     "cuDeviceGetAttribute",
+    "cuDeviceCanAccessPeer",
     "cuDevicePrimaryCtxRetain",
     "cuDevicePrimaryCtxRelease_v2",
     "cuCtxGetCurrent",
     "cuCtxSetCurrent",
+    "cuCtxGetDevice",
     "cuMemGetInfo_v2",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
@@ -400,16 +481,26 @@ fn host_addr(ptr: NonNull<u8>) -> CUdeviceptr {
 struct DeviceState {
     /// The driver's device handle.
     dev: CUdevice,
-    /// The retained primary context.
-    ctx: CUcontext,
-    /// Internal non-blocking stream for copies made without a stream.
-    copy_stream: CUstream,
     /// `CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS`: needed to prefetch to it.
     concurrent_managed: bool,
-    /// Minimum VMM granularity, queried once in `open_device`; `None` when the driver
-    /// lacks a VMM symbol or the device lacks
+    /// The driver has every VMM symbol and the device
     /// `CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED`.
+    vmm: bool,
+    /// Set when the device is opened (`CudaBackend::opened`), at its first use.
+    opened: OnceLock<Opened>,
+}
+
+/// What opening a device made: released (and destroyed) in `Drop`.
+#[derive(Debug)]
+struct Opened {
+    /// The retained primary context.
+    ctx: CUcontext,
+    /// Minimum VMM granularity, queried once when the device is opened; `None` without
+    /// VMM (see `DeviceState::vmm`) or when the query fails.
     vmm_granularity: Option<usize>,
+    /// Internal non-blocking stream for copies made without a stream, created at the
+    /// first such copy.
+    copy_stream: OnceLock<CUstream>,
 }
 
 /// NVIDIA GPUs through the CUDA driver API. See the module docs.
@@ -426,12 +517,18 @@ pub struct CudaBackend {
     /// The driver has every symbol in `DRIVER_PINNED_SYMBOLS` (checked once in `new`).
     driver_pinned: bool,
     /// Our host registrations, one per `cuMemHostRegister` call: copies are cut at
-    /// their edges (see [`super::registered`]).
+    /// their edges (see [`super::registered`]), and `unregister_host` undoes exactly
+    /// the pieces `register_host` made.
     registered: Registrations,
+    /// Held while a device is opened or its copy stream made, so each happens once.
+    open_lock: Mutex<()>,
+    /// The device whose context host-side calls use, chosen at the first one
+    /// ([`CudaBackend::host_device`]).
+    host_device: OnceLock<usize>,
 }
 
 // The raw pointers inside are driver handles (primary contexts, internal streams) that
-// we never dereference; the maps are behind Mutexes.
+// we never dereference; the maps are behind Mutexes, the opened devices behind OnceLocks.
 // SAFETY: the CUDA driver API is thread-safe: a primary context may be made current on
 // any thread, a stream used from any, and every call binds the context on its thread.
 unsafe impl Send for CudaBackend {}
@@ -439,12 +536,14 @@ unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
 
 impl CudaBackend {
-    /// Loads `libcuda`, initialises the driver and retains every device's primary
-    /// context.
+    /// Loads `libcuda` (`libcuda.so.1`, else `libcuda.so`), initialises the driver and
+    /// lists the devices. No device is opened (no context is made) until a call uses
+    /// it: see the module docs.
     ///
     /// Returns [`Error::BackendUnavailable`] when the library or a symbol we need is
-    /// missing, when `cuInit` fails (no driver, no device, driver too old) or when
-    /// there is no device; never panics for any of these.
+    /// missing, when `cuInit` fails (no driver, no device, driver too old, the CUDA
+    /// toolkit's stub library), when there is no device, or when a device lacks unified
+    /// addressing; never panics for any of these.
     pub fn new() -> Result<CudaBackend> {
         match catch_unwind(AssertUnwindSafe(Self::init)) {
             Ok(result) => result,
@@ -462,14 +561,10 @@ impl CudaBackend {
     }
 
     fn init() -> Result<CudaBackend> {
-        // SAFETY: is_culib_present only tries to dlopen the candidate names; loading
-        // libcuda runs no code of ours and the handles it opens are dropped.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(unavailable("libcuda.so.1 not found"));
-        }
-        // SAFETY: the library is present (checked just above), so culib() loads it
-        // rather than panicking.
-        let lib = unsafe { sys::culib() };
+        let lib = driver_library()
+            .map_err(|tried| unavailable(format!("libcuda not found ({tried})")))?;
+        let file = library_file(lib);
+        tracing::debug!(file = file.as_deref().unwrap_or("?"), "libcuda loaded");
         for name in REQUIRED_SYMBOLS {
             // SAFETY: we only ask whether the symbol exists; the value is read as an
             // untyped address and never called through this path.
@@ -503,6 +598,14 @@ impl CudaBackend {
         match status {
             Status::SUCCESS => {}
             Status::NO_DEVICE => return Err(unavailable("no CUDA device")),
+            Status::STUB_LIBRARY => {
+                return Err(unavailable(format!(
+                    "{} is the CUDA toolkit's stub library, not the driver \
+                     (cuInit: CUDA_ERROR_STUB_LIBRARY, code {})",
+                    file.as_deref().unwrap_or("libcuda"),
+                    status.0
+                )))
+            }
             other => {
                 return Err(unavailable(format!(
                     "cuInit failed: {}",
@@ -519,139 +622,141 @@ impl CudaBackend {
             return Err(unavailable("no CUDA device"));
         }
 
-        // Built up device by device: if a later step fails, Drop releases what the
-        // earlier ones retained.
-        let mut backend = CudaBackend {
-            devices: Vec::with_capacity(count as usize),
-            state: Vec::with_capacity(count as usize),
+        let mut devices = Vec::with_capacity(count as usize);
+        let mut state = Vec::with_capacity(count as usize);
+        for ordinal in 0..count {
+            let (info, st) = query_device(ordinal, vmm_symbols)?;
+            devices.push(info);
+            state.push(st);
+        }
+        tracing::debug!(devices = ?devices, "CUDA backend ready");
+        Ok(CudaBackend {
+            devices,
+            state,
             streams: Mutex::new(HashMap::new()),
             foreign: ForeignStreams::default(),
             events: Mutex::new(HashMap::new()),
             driver_pinned: missing_pinned.is_none(),
             registered: Registrations::default(),
-        };
-        for ordinal in 0..count {
-            backend.open_device(ordinal, vmm_symbols)?;
-        }
-        tracing::debug!(devices = ?backend.devices, "CUDA backend ready");
-        Ok(backend)
+            open_lock: Mutex::new(()),
+            host_device: OnceLock::new(),
+        })
     }
 
-    /// Queries device `ordinal`, retains its primary context and creates its internal
-    /// copy stream, appending to `devices` and `state`. `vmm_symbols`: the driver has
-    /// every VMM call, so the device's VMM support and granularity are queried.
-    fn open_device(&mut self, ordinal: c_int, vmm_symbols: bool) -> Result<()> {
-        let mut dev: CUdevice = 0;
-        // SAFETY: driver initialised; `dev` is a valid out-pointer, ordinal < count.
-        check("cuDeviceGet", unsafe {
-            drv::cuDeviceGet(&mut dev, ordinal)
-        })?;
-
-        let mut name_buf = [0 as c_char; 256];
-        // SAFETY: the buffer is valid for its full length, which we pass; the driver
-        // writes a NUL-terminated name that fits.
-        check("cuDeviceGetName", unsafe {
-            drv::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
-        })?;
-        let name = c_buf_to_string(&name_buf);
-
-        let mut total: usize = 0;
-        // SAFETY: `total` is a valid out-pointer; `dev` came from cuDeviceGet.
-        check("cuDeviceTotalMem", unsafe {
-            drv::cuDeviceTotalMem_v2(&mut total, dev)
-        })?;
-
-        let mut pci_buf = [0 as c_char; 64];
-        // SAFETY: the buffer is valid for its full length, which we pass (the driver
-        // needs 13 bytes).
-        let pci_status =
-            unsafe { drv::cuDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, dev) };
-        let pci_bus_id = if pci_status == Status::SUCCESS {
-            let raw = c_buf_to_string(&pci_buf);
-            let id = normalize_pci_bus_id(&raw);
-            if id.is_none() {
-                tracing::warn!(device = ordinal, raw, "unparseable CUDA PCI bus id");
-            }
-            id
-        } else {
-            tracing::warn!(
-                device = ordinal,
-                error = %driver_error("cuDeviceGetPCIBusId", pci_status),
-                "no PCI bus id"
-            );
-            None
-        };
-
-        let managed =
-            device_attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)?;
-        let concurrent = device_attribute(
-            dev,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS,
-        )?;
-        let unified = device_attribute(
-            dev,
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
-        )?;
-        if unified == 0 {
-            return Err(unavailable(format!(
-                "device {ordinal} ({name}) lacks unified addressing"
-            )));
+    /// Device `device`, opened: its primary context retained and its VMM granularity
+    /// queried in it, at the first call that needs it. A failure (the driver's code,
+    /// the message naming the device) is not remembered: the next call tries again, as
+    /// a GPU held by another process in exclusive mode may come free.
+    fn opened(&self, device: usize) -> Result<&Opened> {
+        let state = &self.state[device];
+        if let Some(opened) = state.opened.get() {
+            return Ok(opened);
         }
-
-        let mut ctx: CUcontext = ptr::null_mut();
-        // SAFETY: `ctx` is a valid out-pointer; `dev` came from cuDeviceGet.
-        check("cuDevicePrimaryCtxRetain", unsafe {
-            drv::cuDevicePrimaryCtxRetain(&mut ctx, dev)
-        })?;
-        // Recorded now so Drop releases the context even if the stream below fails.
-        self.state.push(DeviceState {
-            dev,
-            ctx,
-            copy_stream: ptr::null_mut(),
-            concurrent_managed: concurrent != 0,
-            vmm_granularity: None,
-        });
-        let index = self.state.len() - 1;
-        let _ctx = self.bind(index)?;
-        if vmm_symbols {
-            self.state[index].vmm_granularity = query_vmm_granularity(ordinal, dev);
+        let _one_at_a_time = lock(&self.open_lock);
+        if let Some(opened) = state.opened.get() {
+            return Ok(opened);
         }
+        let opened = open_device(device, state).map_err(|e| self.open_error(device, e))?;
+        tracing::debug!(device, name = %self.devices[device].name, "CUDA device opened");
+        Ok(state.opened.get_or_init(|| opened))
+    }
+
+    /// `e`, from opening `device`, with the device named in its message.
+    fn open_error(&self, device: usize, e: Error) -> Error {
+        let name = &self.devices[device].name;
+        tracing::warn!(device, name, error = %e, "cannot open CUDA device");
+        match e {
+            Error::Driver {
+                backend,
+                call,
+                code,
+                message,
+            } => Error::Driver {
+                backend,
+                call,
+                code,
+                message: format!("CUDA device {device} ({name}) cannot be opened: {message}"),
+            },
+            other => other,
+        }
+    }
+
+    /// `device`'s internal copy stream, made at the first call.
+    fn copy_stream(&self, device: usize) -> Result<CUstream> {
+        let opened = self.opened(device)?;
+        if let Some(&stream) = opened.copy_stream.get() {
+            return Ok(stream);
+        }
+        let _one_at_a_time = lock(&self.open_lock);
+        if let Some(&stream) = opened.copy_stream.get() {
+            return Ok(stream);
+        }
+        let _ctx = bind_ctx(opened.ctx)?;
         let mut stream: CUstream = ptr::null_mut();
-        // SAFETY: the device's context is current (bound above); `stream` is a valid
-        // out-pointer.
+        // SAFETY: the device's context is current; `stream` is a valid out-pointer.
         check("cuStreamCreate", unsafe {
             drv::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
-        self.state[index].copy_stream = stream;
-
-        self.devices.push(DeviceInfo {
-            ordinal: index,
-            name,
-            total_memory: total,
-            pci_bus_id,
-            managed_memory: managed != 0,
-        });
-        Ok(())
+        Ok(*opened.copy_stream.get_or_init(|| stream))
     }
 
-    /// Makes `device`'s primary context current on this thread until the returned
-    /// guard drops, which puts back whatever was current before (see [`Bound`]). One
-    /// thread-local read in the driver when the context already is current.
-    fn bind(&self, device: usize) -> Result<Bound> {
-        let ctx = self.state[device].ctx;
-        let mut current: CUcontext = ptr::null_mut();
-        // SAFETY: `current` is a valid out-pointer; the call only reads thread state.
-        check("cuCtxGetCurrent", unsafe {
-            drv::cuCtxGetCurrent(&mut current)
-        })?;
-        if current == ctx {
-            return Ok(Bound { prev: None });
+    /// The device whose context host-side calls use: registering and unregistering
+    /// host memory (`PORTABLE`, so pinned for every context: one will do), copies
+    /// between two host ranges, advice with a host location. Chosen once, at the first
+    /// such call, so that registration and unregistration meet one context, and
+    /// without opening a device the process does not use: the device of the context
+    /// current on the calling thread (a PyTorch rank's own GPU), else the lowest device
+    /// already open, else the first that opens.
+    fn host_device(&self) -> Result<usize> {
+        if let Some(&device) = self.host_device.get() {
+            return Ok(device);
         }
-        // SAFETY: `ctx` is a primary context we retained and have not released.
-        check("cuCtxSetCurrent", unsafe { drv::cuCtxSetCurrent(ctx) })?;
-        Ok(Bound {
-            prev: Some(current),
-        })
+        let chosen = self.choose_host_device()?;
+        Ok(*self.host_device.get_or_init(|| chosen))
+    }
+
+    fn choose_host_device(&self) -> Result<usize> {
+        if let Some(device) = self.current_device() {
+            if self.opened(device).is_ok() {
+                return Ok(device);
+            }
+        }
+        if let Some(device) = self.state.iter().position(|s| s.opened.get().is_some()) {
+            return Ok(device);
+        }
+        let mut first_error = None;
+        for device in 0..self.state.len() {
+            match self.opened(device) {
+                Ok(_) => return Ok(device),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(first_error.unwrap_or_else(|| unavailable("no CUDA device")))
+    }
+
+    /// Our ordinal of the device of the context current on this thread, if any.
+    fn current_device(&self) -> Option<usize> {
+        let mut ctx: CUcontext = ptr::null_mut();
+        // SAFETY: `ctx` is a valid out-pointer; the call only reads thread state.
+        if !unsafe { drv::cuCtxGetCurrent(&mut ctx) }.is_ok() || ctx.is_null() {
+            return None;
+        }
+        let mut dev: CUdevice = 0;
+        // SAFETY: a context is current; `dev` is a valid out-pointer.
+        if !unsafe { drv::cuCtxGetDevice(&mut dev) }.is_ok() {
+            return None;
+        }
+        self.state.iter().position(|s| s.dev == dev)
+    }
+
+    /// Makes `device`'s primary context current on this thread (opening the device
+    /// first if need be) until the returned guard drops, which puts back whatever was
+    /// current before (see [`Bound`]). One thread-local read in the driver when the
+    /// context already is current.
+    fn bind(&self, device: usize) -> Result<Bound> {
+        bind_ctx(self.opened(device)?.ctx)
     }
 
     fn cu_device(&self, device: usize) -> CUdevice {
@@ -671,10 +776,25 @@ impl CudaBackend {
             .ok_or_else(|| unknown_event(event))
     }
 
-    /// `device`'s VMM granularity, after checking the ordinal; `Unsupported` without VMM.
+    /// `device`'s VMM granularity, after checking the ordinal; `Unsupported` without
+    /// VMM, the open error when the device cannot be opened.
     fn vmm_page(&self, device: usize) -> Result<usize> {
         check_device(self, device)?;
-        self.state[device].vmm_granularity.ok_or(VMM_UNSUPPORTED)
+        if !self.state[device].vmm {
+            return Err(VMM_UNSUPPORTED);
+        }
+        self.opened(device)?.vmm_granularity.ok_or(VMM_UNSUPPORTED)
+    }
+
+    /// Whether device `accessor` can reach memory of device `owner` (peer access,
+    /// which `cuMemSetAccess` for another device's memory needs).
+    fn can_access_peer(&self, accessor: usize, owner: usize) -> Result<bool> {
+        let mut can: c_int = 0;
+        // SAFETY: `can` is a valid out-pointer; both handles came from cuDeviceGet.
+        check("cuDeviceCanAccessPeer", unsafe {
+            drv::cuDeviceCanAccessPeer(&mut can, self.cu_device(accessor), self.cu_device(owner))
+        })?;
+        Ok(can != 0)
     }
 
     /// Free bytes on `device` for an out-of-memory report (0 when even that fails).
@@ -691,6 +811,24 @@ impl CudaBackend {
 struct Bound {
     /// `None`: nothing was switched. `Some(null)`: no context was current.
     prev: Option<CUcontext>,
+}
+
+/// Makes `ctx` (a primary context we retained) current on this thread until the
+/// returned guard drops; no switch when it already is current.
+fn bind_ctx(ctx: CUcontext) -> Result<Bound> {
+    let mut current: CUcontext = ptr::null_mut();
+    // SAFETY: `current` is a valid out-pointer; the call only reads thread state.
+    check("cuCtxGetCurrent", unsafe {
+        drv::cuCtxGetCurrent(&mut current)
+    })?;
+    if current == ctx {
+        return Ok(Bound { prev: None });
+    }
+    // SAFETY: `ctx` is a primary context we retained and have not released.
+    check("cuCtxSetCurrent", unsafe { drv::cuCtxSetCurrent(ctx) })?;
+    Ok(Bound {
+        prev: Some(current),
+    })
 }
 
 impl Drop for Bound {
@@ -737,6 +875,113 @@ fn c_buf_to_string(buf: &[c_char]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// What `new` learns of device `ordinal` without a context: its [`DeviceInfo`] and
+/// attributes. `vmm_symbols`: the driver has every VMM call. A device without unified
+/// addressing is refused (every copy here relies on it).
+fn query_device(ordinal: c_int, vmm_symbols: bool) -> Result<(DeviceInfo, DeviceState)> {
+    let mut dev: CUdevice = 0;
+    // SAFETY: driver initialised; `dev` is a valid out-pointer, ordinal < count.
+    check("cuDeviceGet", unsafe {
+        drv::cuDeviceGet(&mut dev, ordinal)
+    })?;
+
+    let mut name_buf = [0 as c_char; 256];
+    // SAFETY: the buffer is valid for its full length, which we pass; the driver
+    // writes a NUL-terminated name that fits.
+    check("cuDeviceGetName", unsafe {
+        drv::cuDeviceGetName(name_buf.as_mut_ptr(), name_buf.len() as c_int, dev)
+    })?;
+    let name = c_buf_to_string(&name_buf);
+
+    let mut total: usize = 0;
+    // SAFETY: `total` is a valid out-pointer; `dev` came from cuDeviceGet.
+    check("cuDeviceTotalMem", unsafe {
+        drv::cuDeviceTotalMem_v2(&mut total, dev)
+    })?;
+
+    let mut pci_buf = [0 as c_char; 64];
+    // SAFETY: the buffer is valid for its full length, which we pass (the driver
+    // needs 13 bytes).
+    let pci_status =
+        unsafe { drv::cuDeviceGetPCIBusId(pci_buf.as_mut_ptr(), pci_buf.len() as c_int, dev) };
+    let pci_bus_id = if pci_status == Status::SUCCESS {
+        let raw = c_buf_to_string(&pci_buf);
+        let id = normalize_pci_bus_id(&raw);
+        if id.is_none() {
+            tracing::warn!(device = ordinal, raw, "unparseable CUDA PCI bus id");
+        }
+        id
+    } else {
+        tracing::warn!(
+            device = ordinal,
+            error = %driver_error("cuDeviceGetPCIBusId", pci_status),
+            "no PCI bus id"
+        );
+        None
+    };
+
+    let managed = device_attribute(dev, CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MANAGED_MEMORY)?;
+    let concurrent = device_attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS,
+    )?;
+    let unified = device_attribute(
+        dev,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING,
+    )?;
+    if unified == 0 {
+        return Err(unavailable(format!(
+            "device {ordinal} ({name}) lacks unified addressing"
+        )));
+    }
+    let vmm = vmm_symbols && vmm_supported(ordinal, dev);
+    Ok((
+        DeviceInfo {
+            ordinal: ordinal as usize,
+            name,
+            total_memory: total,
+            pci_bus_id,
+            managed_memory: managed != 0,
+        },
+        DeviceState {
+            dev,
+            concurrent_managed: concurrent != 0,
+            vmm,
+            opened: OnceLock::new(),
+        },
+    ))
+}
+
+/// Opens device `device`: retains its primary context and, in it, queries the VMM
+/// granularity. On failure nothing stays retained.
+fn open_device(device: usize, state: &DeviceState) -> Result<Opened> {
+    let mut ctx: CUcontext = ptr::null_mut();
+    // SAFETY: `ctx` is a valid out-pointer; `dev` came from cuDeviceGet.
+    check("cuDevicePrimaryCtxRetain", unsafe {
+        drv::cuDevicePrimaryCtxRetain(&mut ctx, state.dev)
+    })?;
+    let vmm_granularity = if state.vmm {
+        match bind_ctx(ctx) {
+            Ok(_ctx) => query_vmm_granularity(device, state.dev),
+            Err(e) => {
+                // SAFETY: retained just above, released once here; nothing was made in it.
+                let status = unsafe { drv::cuDevicePrimaryCtxRelease_v2(state.dev) };
+                if let Err(undo) = check("cuDevicePrimaryCtxRelease", status) {
+                    tracing::warn!(device, error = %undo, "releasing a context after a failed open");
+                }
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
+    Ok(Opened {
+        ctx,
+        vmm_granularity,
+        copy_stream: OnceLock::new(),
+    })
+}
+
 fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
     let mut value: c_int = 0;
     // SAFETY: `value` is a valid out-pointer; `dev` came from cuDeviceGet after cuInit.
@@ -746,10 +991,10 @@ fn device_attribute(dev: CUdevice, attr: CUdevice_attribute) -> Result<c_int> {
     Ok(value)
 }
 
-/// Device `dev`'s minimum VMM granularity, or `None` (logged) when it has no VMM or
-/// a query fails: VMM is optional, so this never fails the backend. Only called once
+/// Whether device `dev` has virtual memory management (`false`, logged, when the
+/// query fails: VMM is optional, so this never fails the backend). Only called once
 /// every VMM symbol was found.
-fn query_vmm_granularity(ordinal: c_int, dev: CUdevice) -> Option<usize> {
+fn vmm_supported(ordinal: c_int, dev: CUdevice) -> bool {
     let supported = device_attribute(
         dev,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
@@ -757,14 +1002,19 @@ fn query_vmm_granularity(ordinal: c_int, dev: CUdevice) -> Option<usize> {
     match supported {
         Ok(0) => {
             tracing::debug!(device = ordinal, "device lacks virtual memory management");
-            return None;
+            false
         }
-        Ok(_) => {}
+        Ok(_) => true,
         Err(e) => {
             tracing::warn!(device = ordinal, error = %e, "querying VMM support");
-            return None;
+            false
         }
     }
+}
+
+/// Device `dev`'s minimum VMM granularity, or `None` (logged) when the query fails.
+/// Called with the device's context current, for a device with VMM.
+fn query_vmm_granularity(ordinal: usize, dev: CUdevice) -> Option<usize> {
     let prop = allocation_prop(dev);
     let mut granularity: usize = 0;
     // SAFETY: the symbol exists (VMM_SYMBOLS checked by the caller); `granularity` is a
@@ -812,38 +1062,38 @@ impl Drop for CudaBackend {
                 "CUDA backend dropped with live streams/events; the driver reclaims them with the context"
             );
         }
-        for (device, state) in self.state.iter().enumerate() {
-            if !state.copy_stream.is_null() {
-                match self.bind(device) {
-                    Ok(_ctx) => {
-                        // SAFETY: the stream was created by us on this context, which is
-                        // current; nothing else holds it.
-                        let status = unsafe { drv::cuStreamDestroy_v2(state.copy_stream) };
-                        if let Err(e) = check("cuStreamDestroy", status) {
-                            tracing::warn!(device, error = %e, "destroying internal copy stream");
-                        }
+        let opened = || {
+            self.state
+                .iter()
+                .enumerate()
+                .filter_map(|(device, state)| Some((device, state.dev, state.opened.get()?)))
+        };
+        for (device, _, o) in opened() {
+            let Some(&stream) = o.copy_stream.get() else {
+                continue;
+            };
+            match bind_ctx(o.ctx) {
+                Ok(_ctx) => {
+                    // SAFETY: the stream was created by us on this context, which is
+                    // current; nothing else holds it.
+                    let status = unsafe { drv::cuStreamDestroy_v2(stream) };
+                    if let Err(e) = check("cuStreamDestroy", status) {
+                        tracing::warn!(device, error = %e, "destroying internal copy stream");
                     }
-                    Err(e) => tracing::warn!(device, error = %e, "binding context in drop"),
                 }
+                Err(e) => tracing::warn!(device, error = %e, "binding context in drop"),
             }
         }
-        let mut current: CUcontext = ptr::null_mut();
-        // SAFETY: `current` is a valid out-pointer.
-        let got_current = unsafe { drv::cuCtxGetCurrent(&mut current) } == Status::SUCCESS;
-        for (device, state) in self.state.iter().enumerate() {
-            // SAFETY: we retained this primary context exactly once in open_device and
-            // release it exactly once here.
-            let status = unsafe { drv::cuDevicePrimaryCtxRelease_v2(state.dev) };
+        // The calling thread's current context is left as it is (every bind above put
+        // it back; a release does not change it): a caller whose context is one of ours
+        // holds its own reference, so it stays alive, and unbinding it would move the
+        // caller (PyTorch's current device) off it.
+        for (device, dev, _) in opened() {
+            // SAFETY: we retained this primary context exactly once, when the device
+            // was opened, and release it exactly once here.
+            let status = unsafe { drv::cuDevicePrimaryCtxRelease_v2(dev) };
             if let Err(e) = check("cuDevicePrimaryCtxRelease", status) {
                 tracing::warn!(device, error = %e, "releasing primary context");
-            }
-        }
-        if got_current && self.state.iter().any(|s| s.ctx == current) {
-            // Leave no possibly destroyed context current on this thread.
-            // SAFETY: setting no context is always valid.
-            let status = unsafe { drv::cuCtxSetCurrent(ptr::null_mut()) };
-            if let Err(e) = check("cuCtxSetCurrent", status) {
-                tracing::warn!(error = %e, "unbinding context in drop");
             }
         }
     }
@@ -1056,45 +1306,56 @@ impl Backend for CudaBackend {
 
     /// # Safety
     /// As [`Backend::register_host`].
+    ///
+    /// In pieces of at most 64 GiB; a piece the driver refuses for another reason than
+    /// memory or an overlap (some hosts answer `CUDA_ERROR_INVALID_VALUE` for one
+    /// registration above about 96-128 GiB) is tried again in halves, down to 1 GiB,
+    /// then the first refusal is the error (`register_in_pieces`). Out of memory is
+    /// never retried that way: it is [`Error::OutOfMemory`] at once, so that a pool
+    /// gives memory back first. On failure every piece registered is undone.
     unsafe fn register_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         check_size(len)?;
         // PORTABLE registrations are visible to every context; any one will do.
-        let _ctx = self.bind(0)?;
+        let _ctx = self.bind(self.host_device()?)?;
         let base = ptr.as_ptr();
-        let mut done = 0usize;
-        let mut failure = None;
-        for (off, chunk) in register_chunks(len) {
+        let outcome = register_in_pieces(len, |off, n| {
             // SAFETY: the caller guarantees base..base+len is mapped host memory that it
-            // owns; off+chunk <= len, so the chunk lies inside it.
+            // owns; off + n <= len, so the piece lies inside it.
             let status = unsafe {
                 drv::cuMemHostRegister_v2(
                     base.add(off).cast::<c_void>(),
-                    chunk,
+                    n,
                     sys::CU_MEMHOSTREGISTER_PORTABLE,
                 )
             };
-            if status == Status::OUT_OF_MEMORY {
-                // The driver could not pin the pages (or one registration was too large
-                // for it): out of pinned memory, as the host backend reports an mlock
-                // refused for RLIMIT_MEMLOCK, so that callers (the host pool's
-                // give-back-and-retry) see the tier and the numbers.
-                failure = Some(Error::oom(Tier::Pinned, len, available_memory()));
-                break;
+            match status {
+                Status::SUCCESS => {
+                    self.registered.insert(base as usize + off, n);
+                    Ok(())
+                }
+                // The driver could not pin the pages: out of pinned memory, as the host
+                // backend reports an mlock refused for RLIMIT_MEMLOCK, so that callers
+                // (the host pool's give-back-and-retry) see the tier and the numbers.
+                Status::OUT_OF_MEMORY => Err(Refusal::Final(Error::oom(
+                    Tier::Pinned,
+                    len,
+                    available_memory(),
+                ))),
+                // Overlapping another registration: no smaller piece helps.
+                Status::ALREADY_REGISTERED => {
+                    Err(Refusal::Final(driver_error("cuMemHostRegister", status)))
+                }
+                other => Err(Refusal::Size(driver_error("cuMemHostRegister", other))),
             }
-            if status != Status::SUCCESS {
-                failure = Some(driver_error("cuMemHostRegister", status));
-                break;
-            }
-            self.registered.insert(base as usize + off, chunk);
-            done = off + chunk;
-        }
-        let Some(err) = failure else {
-            return Ok(());
+        });
+        let (err, done) = match outcome {
+            Ok(_) => return Ok(()),
+            Err(failure) => failure,
         };
-        // Undo the chunks that did register, so a failure leaves nothing behind.
+        // Undo the pieces that did register, so a failure leaves nothing behind.
         let mut undo_error = None;
-        for (off, _) in register_chunks(done) {
-            // SAFETY: this chunk start was registered by the loop above.
+        for &(off, _) in &done {
+            // SAFETY: this piece start was registered just above.
             let status = unsafe { drv::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
             if status == Status::SUCCESS {
                 self.registered.remove(base as usize + off);
@@ -1108,28 +1369,45 @@ impl Backend for CudaBackend {
                 undo_error.get_or_insert(e);
             }
         }
+        let registered = done.iter().map(|&(_, n)| n).sum();
         match undo_error {
-            Some(undo) => Err(ROLLBACK.error(&err, &undo, ptr, len, done)),
+            Some(undo) => Err(ROLLBACK.error(&err, &undo, ptr, len, registered)),
             None => Err(err),
         }
     }
 
     /// # Safety
     /// As [`Backend::unregister_host`].
+    ///
+    /// Undoes exactly the pieces `register_host` registered in the range (recorded as
+    /// they succeeded, so also when it had to split them).
     unsafe fn unregister_host(&self, ptr: NonNull<u8>, len: usize) -> Result<()> {
         check_size(len)?;
-        let _ctx = self.bind(0)?;
-        let base = ptr.as_ptr();
+        let _ctx = self.bind(self.host_device()?)?;
+        let base = ptr.as_ptr() as usize;
+        let mut starts: Vec<usize> = self
+            .registered
+            .within(base, len)
+            .into_iter()
+            .map(|(start, _)| start)
+            .collect();
+        if starts.is_empty() {
+            // Nothing of ours here (a contract breach): the driver's answer says so.
+            starts.push(base);
+        }
         let mut first_error = None;
-        for (off, _) in register_chunks(len) {
+        for start in starts {
             // SAFETY: the caller guarantees ptr..ptr+len was registered by
-            // register_host, which registered exactly these chunk starts; off < len.
-            let status = unsafe { drv::cuMemHostUnregister(base.add(off).cast::<c_void>()) };
+            // register_host, which recorded exactly these piece starts inside it, so
+            // `start - base < len`.
+            let status = unsafe {
+                drv::cuMemHostUnregister(ptr.as_ptr().add(start - base).cast::<c_void>())
+            };
             if status == Status::SUCCESS {
-                self.registered.remove(base as usize + off);
+                self.registered.remove(start);
             }
             if let Err(e) = check("cuMemHostUnregister", status) {
-                tracing::warn!(error = %e, offset = off, "unregistering host memory");
+                tracing::warn!(error = %e, offset = start - base, "unregistering host memory");
                 first_error.get_or_insert(e);
             }
         }
@@ -1318,25 +1596,23 @@ impl Backend for CudaBackend {
                 (device, stream_ptr(s))
             }
             None => {
-                let device = dst_dev.or(src_dev).unwrap_or(0);
-                (device, self.state[device].copy_stream)
+                let device = match dst_dev.or(src_dev) {
+                    Some(device) => device,
+                    None => self.host_device()?,
+                };
+                (device, self.copy_stream(device)?)
             }
         };
         let _ctx = self.bind(device)?;
         let queued = match (dst_dev, src_dev) {
             (Some(dd), Some(sd)) if dd != sd => {
+                // Both devices' contexts take part: both must be open.
+                let (dst_ctx, src_ctx) = (self.opened(dd)?.ctx, self.opened(sd)?.ctx);
                 // SAFETY: the caller guarantees both ranges are valid device memory of
                 // these devices for `len` bytes until the copy is done, and the stream
                 // (ours or the live one given) is valid; both contexts are retained.
                 check("cuMemcpyPeerAsync", unsafe {
-                    drv::cuMemcpyPeerAsync(
-                        dst_addr,
-                        self.state[dd].ctx,
-                        src_addr,
-                        self.state[sd].ctx,
-                        len,
-                        cu_stream,
-                    )
+                    drv::cuMemcpyPeerAsync(dst_addr, dst_ctx, src_addr, src_ctx, len, cu_stream)
                 })
             }
             _ => {
@@ -1421,16 +1697,16 @@ impl Backend for CudaBackend {
             Advice::UnsetAccessedBy(d) => (CU_MEM_ADVISE_UNSET_ACCESSED_BY, Location::Device(d)),
         };
         // Read-mostly and unset-preferred ignore the location; host stands in.
-        let bind_device = match location {
-            Location::Device(d) => {
-                check_device(self, d)?;
-                d
-            }
-            Location::Host => 0,
-        };
+        if let Location::Device(d) = location {
+            check_device(self, d)?;
+        }
         if len == 0 {
             return Ok(());
         }
+        let bind_device = match location {
+            Location::Device(d) => d,
+            Location::Host => self.host_device()?,
+        };
         let _ctx = self.bind(bind_device)?;
         let location = mem_location(location, |d| self.cu_device(d));
         // SAFETY: the caller guarantees ptr..ptr+len lies in managed memory from this
@@ -1440,8 +1716,14 @@ impl Backend for CudaBackend {
         })
     }
 
+    /// Opens the device (when it has VMM) to query it in its context; `None` also
+    /// when the device cannot be opened (the pool then uses plain segments, whose
+    /// allocation reports the open error).
     fn vmm_granularity(&self, device: usize) -> Option<usize> {
-        self.state.get(device)?.vmm_granularity
+        if !self.state.get(device)?.vmm {
+            return None;
+        }
+        self.opened(device).ok()?.vmm_granularity
     }
 
     fn reserve_address(&self, device: usize, size: usize) -> Result<DevicePtr> {
@@ -1546,6 +1828,15 @@ impl Backend for CudaBackend {
         }
         for &d in devices {
             check_device(self, d)?;
+            // The driver would refuse (or the device fault) without a peer link; say
+            // which device and why instead.
+            if d != device && !self.can_access_peer(d, device)? {
+                return Err(Error::InvalidArgument(format!(
+                    "device {d} cannot be given access to memory of device {device}: \
+                     the driver reports no peer access from {d} to {device} \
+                     (cuDeviceCanAccessPeer)"
+                )));
+            }
         }
         let descs: Vec<CUmemAccessDesc> = devices
             .iter()
@@ -1580,8 +1871,7 @@ mod tests {
     use super::*;
 
     fn culib_present() -> bool {
-        // SAFETY: only tries to dlopen libcuda's candidate names.
-        unsafe { sys::is_culib_present() }
+        driver_library().is_ok()
     }
 
     #[test]
@@ -1890,8 +2180,12 @@ mod tests {
             for (i, &h) in handles.iter().enumerate() {
                 b.map(0, base.offset(i * page), page, h).unwrap();
             }
-            // One access call for the three mappings.
-            b.set_access(0, base, pages * page, &[0]).unwrap();
+            // One access call for the three mappings: device 0 and, in the same call,
+            // every device with a peer link to it (one descriptor each).
+            let peers: Vec<usize> = (0..b.devices().len())
+                .filter(|&d| d == 0 || b.can_access_peer(d, 0).unwrap())
+                .collect();
+            b.set_access(0, base, pages * page, &peers).unwrap();
             let last = MemRef::Device {
                 device: 0,
                 ptr: base.offset((pages - 1) * page),

@@ -610,6 +610,69 @@ pub(crate) fn register_chunks(len: usize) -> impl Iterator<Item = (usize, usize)
         .map(move |off| (off, (len - off).min(HOST_REGISTER_CHUNK)))
 }
 
+/// The smallest piece [`register_in_pieces`] splits a refused registration into: below
+/// this, a refusal is not about the size.
+pub(crate) const HOST_REGISTER_MIN_PIECE: usize = 1 << 30;
+
+/// Pieces split by [`register_in_pieces`] are whole multiples of this (2 MiB: huge
+/// pages stay in one piece, and no two pieces share a page).
+const REGISTER_SPLIT_ALIGN: usize = 2 << 20;
+
+/// `(offset, len)` of the pieces of one host registration, in order.
+pub(crate) type Pieces = Vec<(usize, usize)>;
+
+/// How one registration call failed, for [`register_in_pieces`].
+#[derive(Debug)]
+pub(crate) enum Refusal<E> {
+    /// Not a matter of the piece's size (out of memory, already registered): give up.
+    Final(E),
+    /// Maybe the piece's size: some hosts refuse one registration above about 96-128
+    /// GiB with an invalid-argument error rather than out-of-memory.
+    Size(E),
+}
+
+/// Registers `len` bytes through `register(offset, n)`, one call per piece, in order:
+/// pieces of at most [`HOST_REGISTER_CHUNK`]. A piece refused with [`Refusal::Size`] is
+/// tried again at half its size (whole 2 MiB), and later pieces are no larger, since
+/// the limit is the host's; when half would be under [`HOST_REGISTER_MIN_PIECE`], the
+/// registration fails with the first such refusal. [`Refusal::Final`] fails it at once
+/// with its own error. Returns the pieces registered, `(offset, n)`; on failure the
+/// error and the pieces registered before it, which the caller undoes.
+pub(crate) fn register_in_pieces<E: fmt::Display>(
+    len: usize,
+    mut register: impl FnMut(usize, usize) -> std::result::Result<(), Refusal<E>>,
+) -> std::result::Result<Pieces, (E, Pieces)> {
+    let mut done = Vec::new();
+    let mut limit = HOST_REGISTER_CHUNK;
+    let mut first_refusal: Option<E> = None;
+    let mut off = 0;
+    while off < len {
+        let n = limit.min(len - off);
+        match register(off, n) {
+            Ok(()) => {
+                done.push((off, n));
+                off += n;
+            }
+            Err(Refusal::Final(e)) => return Err((e, done)),
+            Err(Refusal::Size(e)) => {
+                let half = n / 2 / REGISTER_SPLIT_ALIGN * REGISTER_SPLIT_ALIGN;
+                if half < HOST_REGISTER_MIN_PIECE {
+                    return Err((first_refusal.unwrap_or(e), done));
+                }
+                tracing::debug!(offset = off, refused = n, next = half, error = %e,
+                    "host registration refused; trying smaller pieces");
+                first_refusal.get_or_insert(e);
+                limit = half;
+            }
+        }
+    }
+    if let Some(e) = first_refusal {
+        tracing::info!(len, pieces = done.len(), largest = limit, first_refusal = %e,
+            "host memory registered in smaller pieces than asked: the driver refused larger ones");
+    }
+    Ok(done)
+}
+
 /// Turns a driver's PCI bus id into the lowercase sysfs form (`0000:3b:00.0`). Takes
 /// `0000:3B:00.0`, NVML/CUDA-style 8-digit domains (`00000000:3B:00.0`) and ids without
 /// a domain (`c1:00.1`, domain 0), with surrounding whitespace and trailing NULs.
@@ -736,6 +799,90 @@ mod tests {
         let chunks: Vec<_> = register_chunks(big).collect();
         assert_eq!(chunks.iter().map(|&(_, l)| l).sum::<usize>(), big);
         assert!(chunks.iter().all(|&(_, l)| l <= c));
+    }
+
+    /// A stand-in driver for `register_in_pieces`: refuses pieces above `limit` with
+    /// `refusal`, records the calls.
+    fn pieces_under(
+        len: usize,
+        limit: usize,
+        refusal: fn(&'static str) -> Refusal<&'static str>,
+    ) -> (
+        std::result::Result<Pieces, (&'static str, Pieces)>,
+        Vec<usize>,
+    ) {
+        let mut calls = Vec::new();
+        let r = register_in_pieces(len, |_, n| {
+            calls.push(n);
+            if n > limit {
+                Err(refusal("too large"))
+            } else {
+                Ok(())
+            }
+        });
+        (r, calls)
+    }
+
+    #[test]
+    fn refused_registrations_are_split_down_to_the_floor() {
+        const GIB: usize = 1 << 30;
+        // Nothing refused: 64 GiB pieces, as before.
+        let (r, calls) = pieces_under(150 * GIB, usize::MAX, Refusal::Size);
+        assert_eq!(
+            r.unwrap(),
+            vec![(0, 64 * GIB), (64 * GIB, 64 * GIB), (128 * GIB, 22 * GIB)]
+        );
+        assert_eq!(calls.len(), 3);
+        // A host that refuses more than 20 GiB: 64 and 32 refused, then 16 GiB pieces
+        // to the end (the limit stays), covering the range in order.
+        let (r, calls) = pieces_under(150 * GIB, 20 * GIB, Refusal::Size);
+        let pieces = r.unwrap();
+        assert_eq!(&calls[..3], &[64 * GIB, 32 * GIB, 16 * GIB]);
+        assert_eq!(calls.len(), 2 + pieces.len());
+        assert_eq!(pieces.len(), 10, "9 x 16 GiB + 6 GiB");
+        let mut next = 0;
+        for &(off, n) in &pieces {
+            assert_eq!(off, next);
+            assert!(n <= 16 * GIB && n.is_multiple_of(REGISTER_SPLIT_ALIGN));
+            next = off + n;
+        }
+        assert_eq!(next, 150 * GIB);
+        // A tail refused is halved too, in whole 2 MiB.
+        let (r, _) = pieces_under(3 * GIB + 4096, 2 * GIB, Refusal::Size);
+        assert_eq!(
+            r.unwrap(),
+            vec![(0, 1536 << 20), (1536 << 20, 1536 << 20), (3 * GIB, 4096)]
+        );
+        // Below the floor the first refusal is the error; nothing was registered.
+        let (r, calls) = pieces_under(8 * GIB, GIB / 2, Refusal::Size);
+        assert_eq!(r.unwrap_err(), ("too large", vec![]));
+        assert_eq!(calls, vec![8 * GIB, 4 * GIB, 2 * GIB, GIB]);
+        // A piece smaller than the floor to begin with is not split at all.
+        let (r, calls) = pieces_under(64 << 20, 0, Refusal::Size);
+        assert!(r.is_err());
+        assert_eq!(calls, vec![64 << 20]);
+    }
+
+    #[test]
+    fn a_final_refusal_is_never_split() {
+        const GIB: usize = 1 << 30;
+        let (r, calls) = pieces_under(150 * GIB, 20 * GIB, Refusal::Final);
+        assert_eq!(r.unwrap_err(), ("too large", vec![]));
+        assert_eq!(calls, vec![64 * GIB], "one call, no retry");
+        // Refused after some pieces registered: those are handed back for undoing.
+        let mut calls = 0;
+        let r = register_in_pieces(150 * GIB, |_, _| {
+            calls += 1;
+            if calls == 3 {
+                Err(Refusal::Final("out of memory"))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(
+            r.unwrap_err(),
+            ("out of memory", vec![(0, 64 * GIB), (64 * GIB, 64 * GIB)])
+        );
     }
 
     #[test]

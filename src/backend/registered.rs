@@ -35,6 +35,16 @@ impl Registrations {
         self.write().remove(&start);
     }
 
+    /// The registrations that start inside `start..start + len`, as `(start, len)`, in
+    /// address order.
+    pub(crate) fn within(&self, start: usize, len: usize) -> Vec<(usize, usize)> {
+        let ranges = self.ranges.read().unwrap_or_else(PoisonError::into_inner);
+        ranges
+            .range(start..start.saturating_add(len))
+            .map(|(&s, &n)| (s, n))
+            .collect()
+    }
+
     /// How many of the `len` bytes from `addr` a single copy may cover: up to the end of
     /// the registration that holds `addr`, or, when `addr` is in none, up to the start
     /// of the next one. `len` when the range crosses no edge (the common case).
@@ -160,6 +170,22 @@ mod tests {
             pieces(&r, Some(0x40000), Some(0x11000), 0x4000),
             vec![(0, 0x1000), (0x1000, 0x1000), (0x2000, 0x2000)]
         );
+    }
+
+    #[test]
+    fn within_lists_the_registrations_starting_in_a_range() {
+        let r = Registrations::default();
+        r.insert(0x10000, 0x4000);
+        r.insert(0x14000, 0x4000);
+        r.insert(0x20000, 0x1000);
+        assert_eq!(
+            r.within(0x10000, 0x8000),
+            vec![(0x10000, 0x4000), (0x14000, 0x4000)]
+        );
+        assert_eq!(r.within(0x14000, 1), vec![(0x14000, 0x4000)]);
+        assert_eq!(r.within(0x11000, 0x1000), vec![], "starts before the range");
+        assert_eq!(r.within(0x18000, 0x8000), vec![], "ends at the next start");
+        assert_eq!(r.within(usize::MAX - 1, 4), vec![], "no overflow");
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! PyTorch's pluggable allocator: `hetmem_torch_malloc` / `hetmem_torch_free`, the
 //! two symbols `torch.cuda.memory.CUDAPluggableAllocator(path, "hetmem_torch_malloc",
-//! "hetmem_torch_free")` loads.
+//! "hetmem_torch_free")` loads; and the entry points of the hooks its C++ class has but
+//! its Python class does not set (`python/hetmem/torch_hooks.cpp` sets them):
+//! `hetmem_torch_record_stream` (`tensor.record_stream`), `hetmem_torch_empty_cache`
+//! (`torch.cuda.empty_cache()`), and the graph-pool hooks, which refuse for now.
 //!
 //! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the first GPU
 //! backend that opens, never the simulator: [`gpu_only`](crate::manager::ManagerBuilder::gpu_only)), built on
@@ -20,7 +23,7 @@ use rustc_hash::FxHashMap;
 
 use super::{
     device_arg, guard, guard_with, json_array, json_object, json_str, last_error_message, lock,
-    write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER, HETMEM_ERR_UNSUPPORTED,
 };
 use crate::backend::check_device;
 use crate::manager::Manager;
@@ -47,13 +50,17 @@ impl Torch {
         let mgr = Manager::builder().gpu_only().build()?;
         tracing::info!(target: "hetmem::ffi", backend = %mgr.backend_kind(),
             "PyTorch allocator ready");
+        Ok(Torch::with_manager(mgr))
+    }
+
+    fn with_manager(mgr: Manager) -> Torch {
         let n = mgr.devices().len();
-        Ok(Torch {
+        Torch {
             mgr,
             pools: (0..n).map(|_| None).collect(),
             streams: FxHashMap::default(),
             blocks: FxHashMap::default(),
-        })
+        }
     }
 
     fn pool(&mut self, device: usize) -> FfiResult<DevicePool> {
@@ -78,6 +85,19 @@ impl Torch {
         let s = unsafe { Stream::wrap(&self.mgr, device, raw)? };
         self.streams.insert((device, raw), s.clone());
         Ok(s)
+    }
+
+    /// The address of the live block that contains `addr`. PyTorch passes a storage's
+    /// base (a block's own address: one hash look-up); an address inside a block costs a
+    /// scan of the live blocks, which only other callers pay.
+    fn block_containing(&self, addr: u64) -> Option<u64> {
+        if self.blocks.contains_key(&addr) {
+            return Some(addr);
+        }
+        self.blocks
+            .iter()
+            .find(|(&base, b)| addr > base && addr - base < b.len() as u64)
+            .map(|(&base, _)| base)
     }
 }
 
@@ -213,6 +233,120 @@ pub unsafe extern "C" fn hetmem_torch_free(
     })
 }
 
+/// Marks the block that contains `ptr` (from [`hetmem_torch_malloc`]) as used by the
+/// work queued on `stream` too (`tensor.record_stream(stream)` in PyTorch): once it is
+/// freed, it is not reused, on any stream, before the work queued on `stream` until
+/// the free is done (the reusing stream waits for an event, without a host sync).
+/// Recording the block's own stream, or a stream twice, changes nothing. NULL is
+/// ignored (PyTorch's empty tensors have no memory).
+///
+/// Returns 0, or FOREIGN_POINTER (an address in no live block of hetmem_torch_malloc:
+/// never allocated there, or freed already; PyTorch's hook ignores it, as PyTorch's own
+/// allocator ignores memory it did not make), UNKNOWN_DEVICE, INVALID_ARGUMENT (a
+/// stream of another device, on the simulator).
+///
+/// # Safety
+/// `ptr` may be any value: it is only looked up. `stream` is as for
+/// [`hetmem_torch_malloc`] (NULL or a live stream of the block's device, kept live as
+/// said there).
+#[no_mangle]
+pub unsafe extern "C" fn hetmem_torch_record_stream(
+    ptr: *mut c_void,
+    stream: *mut c_void,
+) -> c_int {
+    guard("hetmem_torch_record_stream", || {
+        if ptr.is_null() {
+            return Ok(());
+        }
+        let addr = ptr.addr() as u64;
+        let raw = stream.addr() as u64;
+        let mut slot = lock(&TORCH);
+        let t = slot.as_mut().ok_or_else(|| not_ours(addr))?;
+        let base = t.block_containing(addr).ok_or_else(|| not_ours(addr))?;
+        let device = t.blocks[&base].device();
+        let s = t.stream(device, raw)?;
+        t.blocks[&base].record_stream(&s)?;
+        tracing::trace!(target: "hetmem::ffi", addr, stream = raw, "record_stream");
+        Ok(())
+    })
+}
+
+fn not_ours(addr: u64) -> FfiError {
+    FfiError::new(
+        HETMEM_ERR_FOREIGN_POINTER,
+        format!("{addr:#x} is in no live block of hetmem_torch_malloc (freed already, or another allocator's)"),
+    )
+}
+
+/// The message every graph-pool entry point carries, and PyTorch raises.
+const GRAPHS_UNSUPPORTED: &str = "CUDA graph capture with hetmem's allocator is not supported yet";
+
+/// PyTorch's `beginAllocateToPool(device, pool)`: from now on, the allocations of the
+/// streams being captured should come from graph pool `(pool_a, pool_b)` (PyTorch's
+/// `MempoolId_t`), private to the graph. hetmem's device pool has no private pools yet,
+/// and serving a capture from the shared pool would let memory the graph replays into
+/// be handed to other tensors: so this always fails, with UNSUPPORTED and a message
+/// that starts "CUDA graph capture with hetmem's allocator is not supported yet", and
+/// PyTorch raises it as a RuntimeError before the capture begins (`torch.cuda.graph`,
+/// `torch.cuda.use_mem_pool`, `torch.compile(mode="reduce-overhead")`).
+#[no_mangle]
+pub extern "C" fn hetmem_torch_begin_allocate_to_pool(
+    device: c_int,
+    pool_a: u64,
+    pool_b: u64,
+) -> c_int {
+    guard("hetmem_torch_begin_allocate_to_pool", || {
+        tracing::warn!(target: "hetmem::ffi", device, pool_a, pool_b,
+            "graph pool refused: {GRAPHS_UNSUPPORTED}");
+        Err(FfiError::new(
+            HETMEM_ERR_UNSUPPORTED,
+            format!(
+                "{GRAPHS_UNSUPPORTED} (graph pool ({pool_a}, {pool_b}) on device {device}): \
+                 hetmem's device pool has no private graph pools, and serving a capture from \
+                 the shared one could hand the graph's memory to other tensors"
+            ),
+        ))
+    })
+}
+
+/// PyTorch's `endAllocateToPool(device, pool)`, the end of a capture's allocations.
+/// No pool can have begun ([`hetmem_torch_begin_allocate_to_pool`] always fails), so
+/// this fails too: UNSUPPORTED, with the same message.
+#[no_mangle]
+pub extern "C" fn hetmem_torch_end_allocate_to_pool(
+    device: c_int,
+    pool_a: u64,
+    pool_b: u64,
+) -> c_int {
+    guard("hetmem_torch_end_allocate_to_pool", || {
+        Err(FfiError::new(
+            HETMEM_ERR_UNSUPPORTED,
+            format!(
+                "no graph pool ({pool_a}, {pool_b}) is being allocated to on device {device}: \
+                 {GRAPHS_UNSUPPORTED}"
+            ),
+        ))
+    })
+}
+
+/// PyTorch's `releasePool(device, pool)`, when a graph or memory pool is destroyed.
+/// hetmem holds no memory in any graph pool (none can begin), so nothing is lost; it
+/// still fails, with UNSUPPORTED and the same message, so that a caller who expected a
+/// pool hears of it. PyTorch calls it from destructors: its C++ hook warns, never
+/// throws.
+#[no_mangle]
+pub extern "C" fn hetmem_torch_release_pool(device: c_int, pool_a: u64, pool_b: u64) -> c_int {
+    guard("hetmem_torch_release_pool", || {
+        Err(FfiError::new(
+            HETMEM_ERR_UNSUPPORTED,
+            format!(
+                "hetmem has no graph pool ({pool_a}, {pool_b}) on device {device} to release: \
+                 {GRAPHS_UNSUPPORTED}"
+            ),
+        ))
+    })
+}
+
 /// Gives every cached, unused page or segment of every pool back to the driver, and
 /// lets go of wrapped streams that nothing allocated on them uses any more (PyTorch's
 /// `torch.cuda.empty_cache()`).
@@ -293,4 +427,161 @@ pub unsafe extern "C" fn hetmem_torch_stats_json(
         // SAFETY: the caller's contract.
         unsafe { write_c_text(&json, buf, cap, needed) }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CStr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ffi::{hetmem_last_error, HETMEM_OK};
+    use crate::{BackendKind, SimConfig};
+
+    const MIB: usize = 1 << 20;
+
+    /// The allocator's state is process-wide: these tests take turns with it.
+    static TURN: Mutex<()> = Mutex::new(());
+
+    fn last_error() -> String {
+        // SAFETY: hetmem_last_error returns a live NUL-terminated string.
+        unsafe { CStr::from_ptr(hetmem_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    fn raw(s: &Stream) -> *mut c_void {
+        std::ptr::with_exposed_provenance_mut(s.handle().0 as usize)
+    }
+
+    /// A simulator whose streams the test can see, installed as the allocator's state
+    /// (what `Torch::new` builds from `HETMEM_BACKEND`, with the manager kept here).
+    fn on_sim() -> Manager {
+        let mgr = Manager::builder()
+            .backend(BackendKind::Sim)
+            .sim_config(SimConfig::with_devices(1, 1 << 30))
+            .build()
+            .unwrap();
+        *lock(&TORCH) = Some(Torch::with_manager(mgr.clone()));
+        mgr
+    }
+
+    #[test]
+    fn record_stream_keeps_a_freed_block_from_work_still_queued_on_the_recorded_stream() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mgr = on_sim();
+        let sim = mgr.sim().unwrap();
+        let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let n = MIB as isize;
+        // SAFETY: a and b are live sim streams of device 0; the
+        // pointers are the allocator's own or only looked up.
+        unsafe {
+            // Without record_stream: a block that b still reads is reused at once on a,
+            // and a does not wait for b (the silent reuse record_stream exists to stop).
+            let p = hetmem_torch_malloc(n, 0, raw(&a));
+            assert!(!p.is_null(), "{}", last_error());
+            let k = sim
+                .launch_kernel(b.handle(), Duration::from_millis(3))
+                .unwrap();
+            hetmem_torch_free(p, n, 0, raw(&a));
+            let q = hetmem_torch_malloc(n, 0, raw(&a));
+            assert_eq!(q, p, "reused at once on its own stream");
+            assert!(sim.stream_time_ns(a.handle()).unwrap() < k.end_ns);
+
+            // With it: b's work queued before the free is done before a's next use.
+            assert_eq!(
+                hetmem_torch_record_stream(q, raw(&b)),
+                HETMEM_OK,
+                "{}",
+                last_error()
+            );
+            // Twice, the block's own stream, an address inside the block: no change.
+            assert_eq!(hetmem_torch_record_stream(q, raw(&b)), HETMEM_OK);
+            assert_eq!(hetmem_torch_record_stream(q, raw(&a)), HETMEM_OK);
+            let inside = q.cast::<u8>().wrapping_add(4096).cast::<c_void>();
+            assert_eq!(hetmem_torch_record_stream(inside, raw(&b)), HETMEM_OK);
+            let k = sim
+                .launch_kernel(b.handle(), Duration::from_millis(3))
+                .unwrap();
+            hetmem_torch_free(q, n, 0, raw(&a));
+            let r = hetmem_torch_malloc(n, 0, raw(&a));
+            assert!(!r.is_null(), "{}", last_error());
+            let a_at = sim.stream_time_ns(a.handle()).unwrap();
+            assert!(
+                r != q || a_at >= k.end_ns,
+                "the block went back to a at {a_at} ns while b used it until {} ns",
+                k.end_ns
+            );
+            // A recorded stream is a stream of the allocator's until empty_cache.
+            hetmem_torch_free(r, n, 0, raw(&a));
+            assert_eq!(hetmem_torch_empty_cache(), HETMEM_OK);
+        }
+        *lock(&TORCH) = None;
+    }
+
+    #[test]
+    fn record_stream_refuses_addresses_it_did_not_hand_out() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mgr = on_sim();
+        let s = mgr.create_stream(0).unwrap();
+        // SAFETY: s is a live sim stream of device 0; the pointers
+        // are only looked up.
+        unsafe {
+            assert_eq!(
+                hetmem_torch_record_stream(std::ptr::null_mut(), raw(&s)),
+                HETMEM_OK
+            );
+            let mut local = 0u64;
+            let foreign = (&raw mut local).cast::<c_void>();
+            assert_eq!(
+                hetmem_torch_record_stream(foreign, raw(&s)),
+                HETMEM_ERR_FOREIGN_POINTER
+            );
+            assert!(
+                last_error().contains("hetmem_torch_record_stream"),
+                "{}",
+                last_error()
+            );
+            let p = hetmem_torch_malloc(4096, 0, std::ptr::null_mut());
+            assert!(!p.is_null(), "{}", last_error());
+            // One past the end is not in the block.
+            let end = p.cast::<u8>().wrapping_add(4096).cast::<c_void>();
+            assert_eq!(
+                hetmem_torch_record_stream(end, raw(&s)),
+                HETMEM_ERR_FOREIGN_POINTER
+            );
+            hetmem_torch_free(p, 4096, 0, std::ptr::null_mut());
+            assert_eq!(
+                hetmem_torch_record_stream(p, raw(&s)),
+                HETMEM_ERR_FOREIGN_POINTER
+            );
+            // A value that is no stream of the simulator's.
+            let q = hetmem_torch_malloc(4096, 0, std::ptr::null_mut());
+            let bogus = std::ptr::with_exposed_provenance_mut(0xdead_beef);
+            assert_ne!(hetmem_torch_record_stream(q, bogus), HETMEM_OK);
+            hetmem_torch_free(q, 4096, 0, std::ptr::null_mut());
+        }
+        *lock(&TORCH) = None;
+    }
+
+    #[test]
+    fn graph_pools_are_refused_with_the_message_pytorch_raises() {
+        let calls: [(extern "C" fn(c_int, u64, u64) -> c_int, &str); 3] = [
+            (
+                hetmem_torch_begin_allocate_to_pool,
+                "begin_allocate_to_pool",
+            ),
+            (hetmem_torch_end_allocate_to_pool, "end_allocate_to_pool"),
+            (hetmem_torch_release_pool, "release_pool"),
+        ];
+        for (f, name) in calls {
+            assert_eq!(f(0, 1, 2), HETMEM_ERR_UNSUPPORTED, "{name}");
+            let msg = last_error();
+            assert!(msg.contains(GRAPHS_UNSUPPORTED), "{name}: {msg}");
+            assert!(
+                msg.contains(name) && msg.contains("(1, 2)"),
+                "{name}: {msg}"
+            );
+        }
+    }
 }

@@ -491,7 +491,7 @@ impl TierStore {
                 // Page-sized chunks, made for what is needed only: the store fills its
                 // budget, and only pages can always move to where a load needs room.
                 min_chunk: POOL_PAGE,
-                max_chunk: POOL_PAGE,
+                max_chunk: Some(POOL_PAGE),
                 chunk_fraction: 0.0,
                 grow_ahead: 0.0,
                 ..PoolConfig::default()

@@ -634,7 +634,18 @@ static void test_torch(void) {
           "torch stats have live blocks and PyTorch's key names");
     free(json);
 
+    /* record_stream: on the block's own (default) stream it changes nothing; NULL is
+     * PyTorch's empty tensor; an address inside a block counts as the block. */
+    EXPECT(hetmem_torch_record_stream(b, NULL), HETMEM_OK);
+    EXPECT(hetmem_torch_record_stream((char*)b + 4096, NULL), HETMEM_OK);
+    EXPECT(hetmem_torch_record_stream(NULL, NULL), HETMEM_OK);
+
     hetmem_torch_free(b, 1 << 20, 0, NULL);
+    EXPECT(hetmem_torch_record_stream(b, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    CHECK(contains(hetmem_last_error(), "hetmem_torch_record_stream"),
+          "record_stream of a freed block is reported: %s", hetmem_last_error());
+    int on_the_stack = 0;
+    EXPECT(hetmem_torch_record_stream(&on_the_stack, NULL), HETMEM_ERR_FOREIGN_POINTER);
     hetmem_torch_free(c, 3000, 0, NULL);
     hetmem_torch_free(b, 1 << 20, 0, NULL);
     CHECK(contains(hetmem_last_error(), "hetmem_torch_free"), "double free is reported: %s",
@@ -663,6 +674,15 @@ static void test_torch(void) {
     CHECK(d != NULL, "malloc works after empty_cache");
     hetmem_torch_free(d, 1 << 20, 0, NULL);
     EXPECT(hetmem_torch_empty_cache(), HETMEM_OK);
+
+    /* Graph pools are not implemented: every hook refuses, loudly. */
+    const char* graphs = "CUDA graph capture with hetmem's allocator is not supported yet";
+    EXPECT(hetmem_torch_begin_allocate_to_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
+    CHECK(contains(hetmem_last_error(), graphs), "begin says why: %s", hetmem_last_error());
+    EXPECT(hetmem_torch_end_allocate_to_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
+    CHECK(contains(hetmem_last_error(), graphs), "end says why: %s", hetmem_last_error());
+    EXPECT(hetmem_torch_release_pool(0, 1, 0), HETMEM_ERR_UNSUPPORTED);
+    CHECK(contains(hetmem_last_error(), graphs), "release says why: %s", hetmem_last_error());
 }
 
 /* A call from a thread's exit, after the library's own thread-locals are gone (a

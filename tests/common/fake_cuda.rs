@@ -1,16 +1,16 @@
 //! Builds and drives the fake CUDA driver (`tests/fake_cuda/fake_cuda.c`).
 //!
 //! [`fake_cuda_library`] compiles it once per test process into
-//! `target/fake-cuda/libcuda.so`, with the SONAME `libcuda.so`.
+//! `target/fake-cuda/libcuda.so.1`, with the SONAME `libcuda.so.1`, the real driver's.
 //!
-//! cudarc loads the driver itself: `dlopen("libcuda.so")` (the first of its candidate
-//! names, `get_lib_name_candidates`), once per process, and binds each symbol once per
-//! process. A test cannot hand it a path. [`FakeCuda::preload`] therefore loads the
-//! built file by its absolute path before any `CudaBackend` exists; glibc answers a
-//! later `dlopen` of a bare name with an object already loaded whose SONAME matches,
-//! so cudarc's `dlopen("libcuda.so")` gets the fake — also on a machine with a real
-//! driver on the loader path (`preload` checks this with `RTLD_NOLOAD` and panics if
-//! the name resolves to anything else). The fake is one machine per process: tests in
+//! The backend loads the driver itself: `dlopen("libcuda.so.1")` (then `"libcuda.so"`
+//! if that fails), once per process, and binds each symbol once per process. A test
+//! cannot hand it a path. [`FakeCuda::preload`] therefore loads the built file by its
+//! absolute path before any `CudaBackend` exists; glibc answers a later `dlopen` of a
+//! bare name with an object already loaded whose SONAME matches, so the backend's
+//! `dlopen("libcuda.so.1")` gets the fake — also on a machine with a real driver on
+//! the loader path (`preload` checks this with `RTLD_NOLOAD` and panics if the name
+//! resolves to anything else). The fake is one machine per process: tests in
 //! one binary share it, its memory accounting and its counters. Tests that assert on
 //! counters or bytes hold [`FakeCuda::serial`]; tests that need a differently
 //! configured machine run in a child process (the environment variables of
@@ -33,14 +33,16 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::fake_hip;
 
-/// File name of the built fake driver: the name cudarc asks the loader for.
-pub const FAKE_CUDA_FILE: &str = "libcuda.so";
+/// File name of the built fake driver: the name the backend asks the loader for first.
+pub const FAKE_CUDA_FILE: &str = "libcuda.so.1";
 
 /// `CUresult` codes the tests name.
 pub mod code {
     pub const INVALID_VALUE: i32 = 1;
     pub const OUT_OF_MEMORY: i32 = 2;
     pub const NOT_INITIALIZED: i32 = 3;
+    pub const STUB_LIBRARY: i32 = 34;
+    pub const DEVICE_UNAVAILABLE: i32 = 46;
     pub const NO_DEVICE: i32 = 100;
     pub const INVALID_DEVICE: i32 = 101;
     pub const INVALID_CONTEXT: i32 = 201;
@@ -63,7 +65,7 @@ pub fn fake_cuda_source() -> PathBuf {
 /// they load that file instead of compiling it again.
 pub const BUILT_ENV: &str = "HETMEM_FAKE_CUDA_BUILT";
 
-/// Compiles the fake driver (once per process) into `target/fake-cuda/libcuda.so` and
+/// Compiles the fake driver (once per process) into `target/fake-cuda/libcuda.so.1` and
 /// returns its path (in a child process started with [`BUILT_ENV`], the parent's).
 pub fn fake_cuda_library() -> Result<PathBuf, String> {
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -81,7 +83,7 @@ pub fn fake_cuda_library() -> Result<PathBuf, String> {
             fake_hip::compile_shared_library_with(
                 &[&src],
                 &out,
-                &["-Wl,-soname,libcuda.so", "-Wall", "-Werror"],
+                &["-Wl,-soname,libcuda.so.1", "-Wall", "-Werror"],
             )?;
             Ok(out)
         })
@@ -104,12 +106,13 @@ type ConfigureFn = unsafe extern "C" fn(c_int, u64, c_int, c_int) -> c_int;
 type FailNextFn = unsafe extern "C" fn(*const c_char, c_int, c_int);
 type FailAfterFn = unsafe extern "C" fn(*const c_char, c_int, c_int, c_int);
 type StatFn = unsafe extern "C" fn(*const c_char) -> i64;
+type SetRegisterLimitFn = unsafe extern "C" fn(u64, c_int) -> c_int;
 
 impl FakeCuda {
-    /// Builds the fake and loads it, once per process, so that cudarc's later
-    /// `dlopen("libcuda.so")` finds it. Call before the first `CudaBackend::new` (or
+    /// Builds the fake and loads it, once per process, so that the backend's later
+    /// `dlopen("libcuda.so.1")` finds it. Call before the first `CudaBackend::new` (or
     /// `Manager` with the CUDA backend) in the process. Panics when the fake cannot be
-    /// built or loaded, or when `libcuda.so` would still resolve to another library.
+    /// built or loaded, or when `libcuda.so.1` would still resolve to another library.
     pub fn preload() -> &'static FakeCuda {
         static LOADED: OnceLock<FakeCuda> = OnceLock::new();
         LOADED.get_or_init(|| {
@@ -127,12 +130,13 @@ impl FakeCuda {
             // searching the loader path, where a real driver may be.
             // SAFETY: RTLD_NOLOAD only looks among loaded objects; the name is a valid C
             // string. The extra reference is dropped just below.
-            let by_name =
-                unsafe { libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+            let by_name = unsafe {
+                libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD)
+            };
             assert_eq!(
                 by_name,
                 handle,
-                "dlopen(\"libcuda.so\") does not give the preloaded fake ({})",
+                "dlopen(\"libcuda.so.1\") does not give the preloaded fake ({})",
                 path.display()
             );
             // SAFETY: drops the reference RTLD_NOLOAD added; `handle` keeps one.
@@ -154,11 +158,11 @@ impl FakeCuda {
         &self.path
     }
 
-    /// Whether `dlopen("libcuda.so")` now gives this object (what cudarc will get).
+    /// Whether `dlopen("libcuda.so.1")` now gives this object (what the backend will get).
     pub fn answers_libcuda(&self) -> bool {
         // SAFETY: as in `preload`.
         let by_name =
-            unsafe { libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+            unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
         if by_name.is_null() {
             return false;
         }
@@ -213,6 +217,16 @@ impl FakeCuda {
         let call = CString::new(call).expect("call name without NUL");
         // SAFETY: a valid C string (copied by the fake) and plain values.
         unsafe { f(call.as_ptr(), code, times, skip) }
+    }
+
+    /// From now on, one `cuMemHostRegister` of more than `bytes` (0: the limit stays)
+    /// answers `code` (nonzero). The fake is shared by the process: a test that calls
+    /// this restores the limit (`stat("max_register_bytes")`, `"max_register_error"`).
+    pub fn set_register_limit(&self, bytes: u64, code: i32) {
+        let f: SetRegisterLimitFn = self.sym(c"fakeCudaSetRegisterLimit");
+        // SAFETY: plain values; the fake takes its mutex.
+        let rc = unsafe { f(bytes, code) };
+        assert_eq!(rc, 0, "fakeCudaSetRegisterLimit({bytes}, {code})");
     }
 
     /// A counter of the fake (see `fakeCudaStat` in fake_cuda.c); panics on unknown

@@ -1,7 +1,7 @@
 /*
  * A fake CUDA driver (libcuda) for hetmem's tests: it exports every driver entry point
- * hetmem's CUDA backend (src/backend/cuda.rs, through cudarc's dynamically loaded
- * `sys` bindings) resolves, with the C signatures and CUresult codes of CUDA 12.x
+ * hetmem's CUDA backend (src/backend/cuda.rs, which loads the library at run time and
+ * calls it with cudarc's `sys` types) resolves, with the C signatures and CUresult codes of CUDA 12.x
  * cuda.h, and behaves like a small multi-GPU machine with a strict driver:
  *
  *   - Initialisation. Every call before a successful cuInit answers
@@ -13,8 +13,12 @@
  *     FAKE_CUDA_VMM=0 (CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED is 0 and
  *     the VMM calls answer CUDA_ERROR_NOT_SUPPORTED), FAKE_CUDA_UNIFIED=0 (no unified
  *     addressing), FAKE_CUDA_INIT_ERROR=<code> (cuInit fails with it, every time),
- *     FAKE_CUDA_MAX_REGISTER_BYTES (largest cuMemHostRegister, below). A test may
- *     instead call fakeCudaConfigure before cuInit.
+ *     FAKE_CUDA_MAX_REGISTER_BYTES and FAKE_CUDA_MAX_REGISTER_ERROR (largest
+ *     cuMemHostRegister and what a larger one answers, below),
+ *     FAKE_CUDA_RETAIN_FAIL_DEVICE=<n> and FAKE_CUDA_RETAIN_ERROR=<code> (contexts,
+ *     below), FAKE_CUDA_P2P=0 (no device can reach another's memory:
+ *     cuDeviceCanAccessPeer answers 0). A test may instead call fakeCudaConfigure
+ *     before cuInit (the environment is then not read at all).
  *   - Devices. CUdevice is the ordinal (as on real drivers). Names "Fake NVIDIA H100
  *     <n>", PCI bus ids in the driver's form, upper case ("0000:1A:00.0", bus 0x1A +
  *     n), cuDeviceTotalMem_v2 the configured capacity. cuDeviceGetAttribute models
@@ -24,8 +28,14 @@
  *     query in the backend is noticed here first.
  *   - Contexts. One primary context per device, with a retain count
  *     (cuDevicePrimaryCtxRetain / _Release_v2; releasing one that is not retained is
- *     CUDA_ERROR_INVALID_CONTEXT). The current context is per thread
- *     (cuCtxGetCurrent / cuCtxSetCurrent, NULL on a new thread). Every call whose
+ *     CUDA_ERROR_INVALID_CONTEXT). Device FAKE_CUDA_RETAIN_FAIL_DEVICE refuses to be
+ *     retained, with FAKE_CUDA_RETAIN_ERROR (default CUDA_ERROR_DEVICE_UNAVAILABLE,
+ *     what a GPU in EXCLUSIVE_PROCESS mode held by another process, or in PROHIBITED
+ *     mode, answers), and retains nothing; its attributes, name and memory still
+ *     answer, as they need no context. The current context is per thread
+ *     (cuCtxGetCurrent / cuCtxSetCurrent, NULL on a new thread; cuCtxGetDevice gives
+ *     its device and needs one). Releasing does not change any thread's current
+ *     context ("This function does not change the current context"). Every call whose
  *     cuda.h documentation lists CUDA_ERROR_INVALID_CONTEXT needs a current context:
  *     memory (cuMemAlloc_v2, cuMemFree_v2, cuMemAllocManaged, cuMemGetInfo_v2,
  *     cuMemHostRegister_v2, cuMemHostUnregister, cuMemAllocHost_v2, cuMemFreeHost),
@@ -88,11 +98,16 @@
  *     in a VMM reservation must lie on mappings that the owning device was given access
  *     to with cuMemSetAccess (read for a source, read-write for a destination):
  *     reserved-but-unmapped or mapped-without-access ranges are CUDA_ERROR_INVALID_VALUE
- *     at the call (chosen: the driver cannot resolve such an address to memory). If a
- *     queued copy finds its VMM range unmapped when it runs (unmapped after queueing),
- *     that is a device fault: the copy does not happen and the stream's context gets
- *     the sticky CUDA_ERROR_ILLEGAL_ADDRESS, which every later call in that context
- *     returns until the context is reset (as on a GPU). cuMemcpyPeerAsync needs both
+ *     at the call (chosen: the driver cannot resolve such an address to memory). A copy
+ *     runs on the device of its stream (of the current context for the special
+ *     streams), whose copy engine touches both ends: every VMM end must be accessible
+ *     to that device too (cuMemSetAccess with a descriptor for it), as to its owner.
+ *     If it is not, or a queued copy finds its VMM range unmapped when it runs
+ *     (unmapped after queueing), that is a device fault: the copy does not happen and
+ *     the running context gets the sticky CUDA_ERROR_ILLEGAL_ADDRESS, which the copy on
+ *     a special stream and every later call in that context returns until the
+ *     context is reset (as on a GPU). (Chosen strictly: a driver may stage a copy
+ *     between two devices without peer access through host memory instead.) cuMemcpyPeerAsync needs both
  *     contexts active and each pointer in device memory (cuMemAlloc or VMM) of its
  *     context's device, else CUDA_ERROR_INVALID_CONTEXT / CUDA_ERROR_INVALID_VALUE.
  *   - Managed memory: cuMemPrefetchAsync_v2 / cuMemAdvise_v2 take a CUmemLocation and
@@ -106,9 +121,11 @@
  *     CUDA_ERROR_INVALID_VALUE; a range that is not mapped at all (msync says ENOMEM)
  *     is CUDA_ERROR_INVALID_VALUE; one registration larger than
  *     FAKE_CUDA_MAX_REGISTER_BYTES (default 64 GiB + 2 MiB, so one registration of
- *     more than hetmem's 64 GiB chunk fails) is CUDA_ERROR_OUT_OF_MEMORY, as a real
- *     r580 driver answers for one registration of 512 GiB or more (its page-table
- *     bookkeeping is capped per call). cuMemHostUnregister needs the base address of a
+ *     more than hetmem's 64 GiB chunk fails) answers FAKE_CUDA_MAX_REGISTER_ERROR:
+ *     by default CUDA_ERROR_OUT_OF_MEMORY, as a real r580 driver answers for one
+ *     registration of 512 GiB or more (its page-table bookkeeping is capped per
+ *     call); some hosts refuse one of about 96-128 GiB with CUDA_ERROR_INVALID_VALUE
+ *     instead (fakeCudaSetRegisterLimit changes both at run time). cuMemHostUnregister needs the base address of a
  *     registration, else CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED. cuMemAllocHost_v2 /
  *     cuMemFreeHost give and take pinned host memory (cuMemFreeHost of anything else is
  *     CUDA_ERROR_INVALID_VALUE).
@@ -122,8 +139,14 @@
  *     cuMemMap: ptr, size and offset multiples of the granularity, offset + size within
  *     the handle, the range inside one reservation with nothing mapped there yet, flags
  *     0; it maps the memfd MAP_FIXED over the reservation, still PROT_NONE.
- *     cuMemSetAccess: the range must be fully mapped and cover whole mappings; then the
- *     pages become readable/writable (for the fake's memmove). cuMemUnmap: exactly
+ *     cuMemSetAccess: the range must be fully mapped and cover whole mappings; each
+ *     descriptor sets its own device's access on every mapping in it (recorded per
+ *     device; the copy checks above read it); a descriptor for another device than a
+ *     mapping's owner needs peer access (FAKE_CUDA_P2P), else the call changes nothing
+ *     and answers CUDA_ERROR_INVALID_DEVICE (chosen: the documentation names no code).
+ *     The pages become readable/writable once any device may (for the fake's memmove).
+ *     cuDeviceCanAccessPeer: 1 between two different devices (0 with FAKE_CUDA_P2P=0),
+ *     0 for a device and itself. cuMemUnmap: exactly
  *     whole mappings (one or several adjacent); a sub-range is
  *     CUDA_ERROR_INVALID_VALUE. cuMemRelease: an unknown or released handle is
  *     CUDA_ERROR_INVALID_VALUE (undefined in CUDA); the memory is freed once the handle
@@ -142,16 +165,17 @@
  * thread, under the lock, when something waits for it), allocation rounding
  * (cuMemGetInfo counts requested bytes).
  *
- * Extra entry points for tests (not CUDA): fakeCudaConfigure, fakeCudaFailNext and
- * fakeCudaStat, below. One mutex is taken by every call, and queued work runs under it.
+ * Extra entry points for tests (not CUDA): fakeCudaConfigure, fakeCudaFailNext,
+ * fakeCudaFailAfter, fakeCudaSetRegisterLimit and fakeCudaStat, below. One mutex is taken by every call, and queued work runs under it.
  * What this file shares with the fake HIP runtime is in tests/fake_common.h.
  *
- * State is per loaded copy of the library. cudarc loads the driver as "libcuda.so"
- * (its first candidate name) once per process; built with -Wl,-soname,libcuda.so and
- * loaded by absolute path first (tests/common/fake_cuda.rs, FakeCuda::preload), this
- * file answers that dlopen. From a shell:
- *   cc -shared -fPIC -O1 -pthread -Wl,-soname,libcuda.so \
- *      -o target/fake-cuda/libcuda.so tests/fake_cuda/fake_cuda.c
+ * State is per loaded copy of the library. hetmem loads the driver as "libcuda.so.1"
+ * (the real driver's SONAME; "libcuda.so" only when that is not found) once per
+ * process; built with -Wl,-soname,libcuda.so.1 and loaded by absolute path first
+ * (tests/common/fake_cuda.rs, FakeCuda::preload), this file answers that dlopen.
+ * From a shell:
+ *   cc -shared -fPIC -O1 -pthread -Wl,-soname,libcuda.so.1 \
+ *      -o target/fake-cuda/libcuda.so.1 tests/fake_cuda/fake_cuda.c
  *   LD_LIBRARY_PATH=target/fake-cuda cargo run --example stream_layers -- --backend cuda
  *
  * Check mode: `cc -DFAKE_CUDA_REAL_HEADERS -I<cuda>/include -fsyntax-only fake_cuda.c`
@@ -184,6 +208,8 @@ typedef enum cudaError_enum {
     CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_NOT_INITIALIZED = 3,
     CUDA_ERROR_DEINITIALIZED = 4,
+    CUDA_ERROR_STUB_LIBRARY = 34,
+    CUDA_ERROR_DEVICE_UNAVAILABLE = 46,
     CUDA_ERROR_NO_DEVICE = 100,
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_CONTEXT = 201,
@@ -301,6 +327,8 @@ typedef struct CUmemAccessDesc_st {
 _Static_assert(CUDA_ERROR_INVALID_VALUE == 1, "");
 _Static_assert(CUDA_ERROR_OUT_OF_MEMORY == 2, "");
 _Static_assert(CUDA_ERROR_NOT_INITIALIZED == 3, "");
+_Static_assert(CUDA_ERROR_STUB_LIBRARY == 34, "");
+_Static_assert(CUDA_ERROR_DEVICE_UNAVAILABLE == 46, "");
 _Static_assert(CUDA_ERROR_NO_DEVICE == 100, "");
 _Static_assert(CUDA_ERROR_INVALID_DEVICE == 101, "");
 _Static_assert(CUDA_ERROR_INVALID_CONTEXT == 201, "");
@@ -442,6 +470,10 @@ static size_t g_capacity = (size_t)256 << 20;
 static int g_managed = 1, g_vmm = 1, g_unified = 1;
 static int g_init_error;
 static size_t g_max_register = ((size_t)64 << 30) + GRANULARITY;
+static CUresult g_max_register_error = CUDA_ERROR_OUT_OF_MEMORY;
+static int g_retain_fail_device = -1;
+static CUresult g_retain_error = CUDA_ERROR_DEVICE_UNAVAILABLE;
+static int g_p2p = 1;
 static size_t g_used[MAX_DEVICES];
 static struct ctx g_ctx[MAX_DEVICES];
 static __thread struct ctx *t_current;
@@ -469,6 +501,7 @@ static long long g_last_advice = -100, g_last_advice_type = -100, g_last_advice_
 static long long g_last_register_flags = -100, g_register_calls;
 static long long g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
+static long long g_set_access_calls, g_last_set_access_count = -100;
 
 static void read_env_locked(void) {
     if (g_env_read) return;
@@ -485,6 +518,10 @@ static void read_env_locked(void) {
     g_init_error = (int)env_ll("FAKE_CUDA_INIT_ERROR", 0);
     long long r = env_ll("FAKE_CUDA_MAX_REGISTER_BYTES", (long long)g_max_register);
     if (r > 0) g_max_register = (size_t)r;
+    g_max_register_error = (CUresult)env_ll("FAKE_CUDA_MAX_REGISTER_ERROR", CUDA_ERROR_OUT_OF_MEMORY);
+    g_retain_fail_device = (int)env_ll("FAKE_CUDA_RETAIN_FAIL_DEVICE", -1);
+    g_retain_error = (CUresult)env_ll("FAKE_CUDA_RETAIN_ERROR", CUDA_ERROR_DEVICE_UNAVAILABLE);
+    g_p2p = env_ll("FAKE_CUDA_P2P", 1) != 0;
 }
 
 /* Every entry point but cuInit and cuGetErrorString. */
@@ -676,9 +713,9 @@ static int touches_known_region(const char *p, size_t n) {
     return 0;
 }
 
-/* Whether p..p+n lies in one reservation, wholly on mappings whose device may read
- * (and, for `write`, write) them. */
-static int vmm_accessible(const char *p, size_t n, int write) {
+/* Whether p..p+n lies in one reservation, wholly on mappings that device `dev` may
+ * read (and, for `write`, write); `dev` < 0: each mapping's own device (the owner). */
+static int vmm_accessible(const char *p, size_t n, int write, int dev) {
     struct reservation *r = find_res(p);
     if (!r || (size_t)(p - r->base) + n > r->size) return 0;
     unsigned need = write ? CU_MEM_ACCESS_FLAGS_PROT_READWRITE : CU_MEM_ACCESS_FLAGS_PROT_READ;
@@ -686,10 +723,16 @@ static int vmm_accessible(const char *p, size_t n, int write) {
     while (cur < end) {
         struct mapping *m = find_map(cur);
         if (!m) return 0;
-        if ((m->access[m->phys->device] & need) != need) return 0;
+        if ((m->access[dev < 0 ? m->phys->device : dev] & need) != need) return 0;
         cur = m->ptr + m->size;
     }
     return 1;
+}
+
+/* Whether the copy engine of device `dev` may run a copy between these ends: every VMM
+ * end must be accessible to that device (cuMemSetAccess for it), not only to its owner. */
+static int copy_reachable(int dev, const char *dst, const char *src, size_t n, int dst_vmm, int src_vmm) {
+    return (!dst_vmm || vmm_accessible(dst, n, 1, dev)) && (!src_vmm || vmm_accessible(src, n, 0, dev));
 }
 
 /* Checks one end of a copy; sets *vmm when it lies in a VMM reservation. */
@@ -701,7 +744,7 @@ static CUresult check_end(const char *p, size_t n, int write, int *vmm) {
     if (g) return (size_t)(p - g->ptr) + n <= g->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     if (find_res(p)) {
         *vmm = 1;
-        return vmm_accessible(p, n, write) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+        return vmm_accessible(p, n, write, -1) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     }
     /* Pageable host memory: it must not run into memory the driver knows. */
     return touches_known_region(p, n) ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
@@ -715,7 +758,7 @@ static CUresult check_peer_end(const char *p, size_t n, int write, struct ctx *c
         if (a->kind != MEM_DEVICE || a->device != c->device) return CUDA_ERROR_INVALID_VALUE;
         return (size_t)(p - a->ptr) + n <= a->size ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
     }
-    if (!find_res(p) || !vmm_accessible(p, n, write)) return CUDA_ERROR_INVALID_VALUE;
+    if (!find_res(p) || !vmm_accessible(p, n, write, -1)) return CUDA_ERROR_INVALID_VALUE;
     for (const char *cur = p; cur < p + n;) {
         struct mapping *m = find_map(cur);
         if (m->phys->device != c->device) return CUDA_ERROR_INVALID_VALUE;
@@ -798,9 +841,9 @@ static void run_until(struct object *s, unsigned long long seq);
 static void run_op(struct object *s, const struct op *op) {
     switch (op->kind) {
     case OP_COPY:
-        /* A VMM range unmapped since the copy was queued: the device faults. */
-        if ((op->dst_vmm && !vmm_accessible(op->dst, op->n, 1)) ||
-            (op->src_vmm && !vmm_accessible(op->src, op->n, 0))) {
+        /* A VMM range unmapped since the copy was queued, or one the stream's device
+         * has no access to: the device faults. */
+        if (!copy_reachable(s->ctx->device, op->dst, op->src, op->n, op->dst_vmm, op->src_vmm)) {
             g_faults++;
             if (!s->ctx->sticky) s->ctx->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
             return;
@@ -975,6 +1018,22 @@ EXPORT void fakeCudaFailAfter(const char *call, int code, int times, int skip) {
     fail_after(call, code, times, skip);
 }
 
+/* The largest single cuMemHostRegister (bytes; 0 keeps it) and what a larger one
+ * answers (a nonzero CUresult), from now on; as FAKE_CUDA_MAX_REGISTER_BYTES /
+ * FAKE_CUDA_MAX_REGISTER_ERROR, for a test that restores them afterwards. */
+EXPORT int fakeCudaSetRegisterLimit(uint64_t bytes, int code) {
+    pthread_mutex_lock(&g_lock);
+    read_env_locked();
+    if (code == CUDA_SUCCESS) {
+        pthread_mutex_unlock(&g_lock);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (bytes) g_max_register = (size_t)bytes;
+    g_max_register_error = (CUresult)code;
+    pthread_mutex_unlock(&g_lock);
+    return CUDA_SUCCESS;
+}
+
 /* Counters by name; -1 for an unknown name (and "last_*" before the first such call).
  *   allocations / managed_allocations / host_allocations: live cuMemAlloc /
  *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
@@ -982,20 +1041,24 @@ EXPORT void fakeCudaFailAfter(const char *call, int code, int times, int skip) {
  *   streams, events: live handles; zombie_streams: destroyed with work still queued
  *   queued_ops: work pending on streams; copies: copies made at once (special
  *     streams); async_copies: queued; async_copies_done: queued copies that ran;
- *     peer_copies: cuMemcpyPeerAsync calls accepted; faults: queued copies that hit
- *     unmapped VMM memory
+ *     peer_copies: cuMemcpyPeerAsync calls accepted; faults: copies that hit VMM
+ *     memory unmapped or not accessible to the device running them
  *   reused_handles: creates (streams, events, VMM handles) that handed out a
  *     destroyed value again
  *   registrations, registered_bytes, register_calls, last_register_flags,
- *     max_register_bytes
+ *     max_register_bytes, max_register_error
  *   prefetches, advises, last_prefetch_type/_id, last_advice, last_advice_type/_id
  *   last_stream_flags, last_event_flags
- *   ctx_set_current (cuCtxSetCurrent calls), ctx_retains, ctx_resets,
- *     "ctx_refcount:N", no_context_errors (calls refused for want of a live context),
- *     "sticky:N" (device N's context's sticky error)
+ *   ctx_set_current (cuCtxSetCurrent calls), ctx_retains (successful
+ *     cuDevicePrimaryCtxRetain calls), ctx_resets, "ctx_refcount:N",
+ *     retained_contexts (devices whose primary context is retained now),
+ *     no_context_errors (calls refused for want of a live context), "sticky:N"
+ *     (device N's context's sticky error)
  *   vmm_reservations, vmm_reserved_bytes, vmm_handles (not yet released),
  *     vmm_physical_bytes (not yet freed), vmm_mappings, vmm_mapped_bytes,
- *     vmm_accessible_bytes
+ *     vmm_accessible_bytes (to each mapping's own device), "vmm_accessible_bytes:N"
+ *     (to device N), set_access_calls (cuMemSetAccess calls that changed access),
+ *     last_set_access_count (descriptors in the latest)
  *   initialized, devices */
 EXPORT long long fakeCudaStat(const char *name) {
     long long r = -1;
@@ -1033,6 +1096,10 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "ctx_set_current")) r = g_ctx_set_current;
     else if (!strcmp(name, "ctx_retains")) r = g_ctx_retains;
     else if (!strcmp(name, "ctx_resets")) r = g_ctx_resets;
+    else if (!strcmp(name, "retained_contexts")) SUM_OVER(r, (size_t)g_devices, g_ctx[i].refcount > 0);
+    else if (!strcmp(name, "set_access_calls")) r = g_set_access_calls;
+    else if (!strcmp(name, "last_set_access_count")) r = g_last_set_access_count;
+    else if (!strcmp(name, "max_register_error")) r = g_max_register_error;
     else if (!strcmp(name, "no_context_errors")) r = g_no_context_errors;
     else if (!strcmp(name, "vmm_reservations")) r = (long long)g_nres;
     else if (!strcmp(name, "vmm_reserved_bytes")) SUM_OVER(r, g_nres, g_res[i].size);
@@ -1049,6 +1116,8 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if ((d = stat_device(name, "used:", MAX_DEVICES)) >= 0) r = (long long)g_used[d];
     else if ((d = stat_device(name, "ctx_refcount:", MAX_DEVICES)) >= 0) r = g_ctx[d].refcount;
     else if ((d = stat_device(name, "sticky:", MAX_DEVICES)) >= 0) r = (long long)g_ctx[d].sticky;
+    else if ((d = stat_device(name, "vmm_accessible_bytes:", MAX_DEVICES)) >= 0)
+        SUM_OVER(r, g_nmaps, g_maps[i].access[d] ? g_maps[i].size : 0);
     pthread_mutex_unlock(&g_lock);
     return r;
 }
@@ -1063,6 +1132,8 @@ EXPORT CUresult cuGetErrorString(CUresult error, const char **pStr) {
     case CUDA_ERROR_OUT_OF_MEMORY: s = "out of memory"; break;
     case CUDA_ERROR_NOT_INITIALIZED: s = "initialization error"; break;
     case CUDA_ERROR_DEINITIALIZED: s = "driver shutting down"; break;
+    case CUDA_ERROR_STUB_LIBRARY: s = "CUDA driver is a stub library"; break;
+    case CUDA_ERROR_DEVICE_UNAVAILABLE: s = "CUDA-capable device(s) is/are busy or unavailable"; break;
     case CUDA_ERROR_NO_DEVICE: s = "no CUDA-capable device is detected"; break;
     case CUDA_ERROR_INVALID_DEVICE: s = "invalid device ordinal"; break;
     case CUDA_ERROR_INVALID_CONTEXT: s = "invalid device context"; break;
@@ -1166,6 +1237,9 @@ EXPORT CUresult cuDevicePrimaryCtxRetain(CUcontext *pctx, CUdevice dev) {
     ENTER("cuDevicePrimaryCtxRetain");
     if (!pctx) RETURN(CUDA_ERROR_INVALID_VALUE);
     if (!valid_device(dev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    /* A device that refuses contexts (another process's in EXCLUSIVE_PROCESS mode,
+     * PROHIBITED mode, a fallen-off GPU): nothing is retained. */
+    if (dev == g_retain_fail_device) RETURN(g_retain_error);
     struct ctx *c = &g_ctx[dev];
     c->refcount++;
     c->active = 1;
@@ -1200,6 +1274,24 @@ EXPORT CUresult cuCtxSetCurrent(CUcontext ctx) {
     struct ctx *c = as_ctx(ctx);
     if (!c) RETURN(CUDA_ERROR_INVALID_CONTEXT);
     t_current = c;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
+    ENTER("cuCtxGetDevice");
+    struct ctx *c;
+    NEED_CTX(c);
+    if (!device) RETURN(CUDA_ERROR_INVALID_VALUE);
+    *device = c->device;
+    RETURN(CUDA_SUCCESS);
+}
+
+EXPORT CUresult cuDeviceCanAccessPeer(int *canAccessPeer, CUdevice dev, CUdevice peerDev) {
+    ENTER("cuDeviceCanAccessPeer");
+    if (!canAccessPeer) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!valid_device(dev) || !valid_device(peerDev)) RETURN(CUDA_ERROR_INVALID_DEVICE);
+    /* A device is not its own peer (as cuDeviceCanAccessPeer answers). */
+    *canAccessPeer = dev != peerDev && g_p2p;
     RETURN(CUDA_SUCCESS);
 }
 
@@ -1316,7 +1408,7 @@ EXPORT CUresult cuMemHostRegister_v2(void *p, size_t bytesize, unsigned int Flag
         if (overlaps(b, bytesize, g_regs[i].ptr, g_regs[i].size))
             RETURN(CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED);
     /* One registration's size is capped (r580: 512 GiB, code 2; here configurable). */
-    if (bytesize > g_max_register) RETURN(CUDA_ERROR_OUT_OF_MEMORY);
+    if (bytesize > g_max_register) RETURN(g_max_register_error);
     /* The pages must exist to be pinned. */
     uintptr_t lo = (uintptr_t)b & ~(uintptr_t)(HOST_PAGE - 1);
     uintptr_t hi = ((uintptr_t)b + bytesize + HOST_PAGE - 1) & ~(uintptr_t)(HOST_PAGE - 1);
@@ -1503,6 +1595,12 @@ static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *ds
                            const char *src, size_t n, int dst_vmm, int src_vmm) {
     if (!s) {
         if (legacy) run_blocking_streams(c);
+        /* The special streams run on the current context's device, at once. */
+        if (!copy_reachable(c->device, dst, src, n, dst_vmm, src_vmm)) {
+            g_faults++;
+            if (!c->sticky) c->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
+            return c->sticky;
+        }
         memmove(dst, src, n);
         g_copies++;
         return CUDA_SUCCESS;
@@ -1806,8 +1904,20 @@ EXPORT CUresult cuMemSetAccess(CUdeviceptr ptr, size_t size, const CUmemAccessDe
     /* "The range must be a fully mapped address range containing all allocations":
      * whole mappings, no gaps. */
     if (!whole_mappings(p, size)) RETURN(CUDA_ERROR_INVALID_VALUE);
+    /* Another device reaches a device's memory only over a peer link (chosen code: the
+     * documentation names none); checked for every mapping before any changes. */
     for (const char *cur = p; cur < p + size;) {
         struct mapping *m = find_map(cur);
+        for (size_t k = 0; k < count; k++)
+            if (desc[k].location.id != m->phys->device && !g_p2p && desc[k].flags)
+                RETURN(CUDA_ERROR_INVALID_DEVICE);
+        cur = m->ptr + m->size;
+    }
+    g_set_access_calls++;
+    g_last_set_access_count = (long long)count;
+    for (const char *cur = p; cur < p + size;) {
+        struct mapping *m = find_map(cur);
+        /* One entry per device: each descriptor sets its own device's access. */
         for (size_t k = 0; k < count; k++) m->access[desc[k].location.id] = desc[k].flags;
         unsigned any = 0;
         for (int d = 0; d < g_devices; d++) any |= m->access[d];

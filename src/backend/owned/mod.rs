@@ -33,6 +33,8 @@ pub(crate) struct OwnedStream {
     backend: SharedBackend,
     handle: StreamHandle,
     device: usize,
+    /// Events of the stream's device kept for reuse (fences, hand-overs).
+    events: Arc<EventCache>,
     /// Made by us (destroyed on drop) or imported (forgotten on drop, never destroyed).
     owned: bool,
     /// Unique for the life of the process, unlike the driver's handle, which a driver
@@ -49,6 +51,7 @@ impl OwnedStream {
             backend: backend.clone(),
             handle,
             device,
+            events: EventCache::new(backend, device),
             owned: true,
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
         })
@@ -67,6 +70,7 @@ impl OwnedStream {
             backend: backend.clone(),
             handle,
             device,
+            events: EventCache::new(backend, device),
             owned: false,
             id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
         })
@@ -99,12 +103,30 @@ impl OwnedStream {
         unsafe { self.backend.synchronize_stream(self.handle) }
     }
 
-    /// Records a new event at the stream's tail.
+    /// Records an event at the stream's tail (one kept from earlier use when there is
+    /// one: no driver call to make it).
     pub(crate) fn record(&self) -> Result<OwnedEvent> {
-        let ev = OwnedEvent::new(&self.backend, self.device)?;
+        let ev = self.event()?;
         // SAFETY: both handles are live while their owners are, and from this backend.
         unsafe { self.backend.record_event(ev.handle, self.handle)? };
         Ok(ev)
+    }
+
+    /// An event of this stream's device, not yet recorded: kept from earlier use when
+    /// there is one, and kept again when dropped.
+    pub(crate) fn event(&self) -> Result<OwnedEvent> {
+        // Before the cache's lock, which a thread of the parent may have held at a fork.
+        self.backend.check_fork()?;
+        let handle = match self.events.take() {
+            Some(h) => h,
+            None => self.backend.create_event(self.device)?,
+        };
+        Ok(OwnedEvent {
+            backend: self.backend.clone(),
+            handle,
+            device: self.device,
+            home: self.events.clone(),
+        })
     }
 
     /// Makes later work on this stream wait for `event`.
@@ -135,24 +157,71 @@ impl Drop for OwnedStream {
     }
 }
 
-/// An event that is destroyed on drop.
+/// Events kept for reuse: making and destroying one per copy or hand-over would be two
+/// driver calls each time. A dropped [`OwnedEvent`] comes back here; recording it again
+/// is safe, since a wait already queued on it keeps the record that was current when it
+/// was queued, and nobody else holds it.
+#[derive(Debug)]
+pub(crate) struct EventCache {
+    backend: SharedBackend,
+    device: usize,
+    free: std::sync::Mutex<Vec<EventHandle>>,
+}
+
+/// Events one cache keeps at most.
+const EVENT_CACHE: usize = 64;
+
+impl EventCache {
+    fn new(backend: &SharedBackend, device: usize) -> Arc<Self> {
+        Arc::new(EventCache {
+            backend: backend.clone(),
+            device,
+            free: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn take(&self) -> Option<EventHandle> {
+        crate::backend::lock(&self.free).pop()
+    }
+
+    /// Keeps `handle` unless the cache is full; returns it back if not kept.
+    fn put(&self, handle: EventHandle) -> Option<EventHandle> {
+        let mut free = crate::backend::lock(&self.free);
+        if free.len() < EVENT_CACHE {
+            free.push(handle);
+            None
+        } else {
+            Some(handle)
+        }
+    }
+}
+
+impl Drop for EventCache {
+    fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
+        let free = std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner()));
+        for h in free {
+            // SAFETY: kept handles are live events of this backend that nobody holds.
+            if let Err(e) = unsafe { self.backend.destroy_event(h) } {
+                tracing::warn!(target: "hetmem", error = %e, device = self.device, "destroying a kept event failed");
+            }
+        }
+    }
+}
+
+/// An event of a stream's cache: kept there for reuse when dropped (destroyed when the
+/// cache is full).
 #[derive(Debug)]
 pub(crate) struct OwnedEvent {
     backend: SharedBackend,
     handle: EventHandle,
     device: usize,
+    home: Arc<EventCache>,
 }
 
 impl OwnedEvent {
-    pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
-        let handle = backend.create_event(device)?;
-        Ok(OwnedEvent {
-            backend: backend.clone(),
-            handle,
-            device,
-        })
-    }
-
     pub(crate) fn handle(&self) -> EventHandle {
         self.handle
     }
@@ -186,10 +255,14 @@ impl OwnedEvent {
 impl Drop for OwnedEvent {
     fn drop(&mut self) {
         if self.backend.check_fork().is_err() {
+            // A forked child: neither the cache's lock nor the driver.
             return;
         }
+        let Some(handle) = self.home.put(self.handle) else {
+            return;
+        };
         // SAFETY: the handle is live and is never used again after this.
-        if let Err(e) = unsafe { self.backend.destroy_event(self.handle) } {
+        if let Err(e) = unsafe { self.backend.destroy_event(handle) } {
             tracing::warn!(target: "hetmem", error = %e, "destroying an event failed");
         }
     }

@@ -141,7 +141,10 @@ impl VmmRegion {
             // SAFETY: `at..at+c.size` lies inside our reservation with nothing mapped
             // (check_free_range), and `h` is a live handle of this device and size,
             // mapped nowhere else (PhysChunk's invariant).
-            match unsafe { self.backend.map(self.device, self.base.offset(at), c.size, h) } {
+            match unsafe {
+                self.backend
+                    .map(self.device, self.base.offset(at), c.size, h)
+            } {
                 Ok(()) => {
                     done += 1;
                     at += c.size;
@@ -168,7 +171,10 @@ impl VmmRegion {
             for c in &chunks[..done] {
                 // SAFETY: mapped above and never made accessible (or access failed), so no
                 // device work can use it.
-                if let Err(e2) = unsafe { self.backend.unmap(self.device, self.base.offset(at), c.size) } {
+                if let Err(e2) = unsafe {
+                    self.backend
+                        .unmap(self.device, self.base.offset(at), c.size)
+                } {
                     tracing::error!(target: "hetmem", error = %e2, "unmapping after a failed map");
                 }
                 at += c.size;
@@ -215,7 +221,11 @@ impl VmmRegion {
     }
 
     /// The chunks lying wholly inside `off..off+len`, as (offset, length).
-    pub(crate) fn chunks_within(&self, off: usize, len: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    pub(crate) fn chunks_within(
+        &self,
+        off: usize,
+        len: usize,
+    ) -> impl Iterator<Item = (usize, usize)> + '_ {
         let end = off.saturating_add(len);
         self.chunks
             .range(off..end)
@@ -355,7 +365,7 @@ impl Drop for VmmRegion {
             return;
         }
         drop(out); // gives the physical memory back
-        // SAFETY: the reservation is ours and every chunk in it was unmapped above.
+                   // SAFETY: the reservation is ours and every chunk in it was unmapped above.
         if let Err(e) = unsafe { self.backend.free_address(self.device, self.base, self.size) } {
             tracing::warn!(target: "hetmem", error = %e, "freeing a reserved address range failed");
         }

@@ -21,6 +21,8 @@ use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
+use super::bins::Bins;
+
 /// Requests are rounded up to this, as in PyTorch.
 pub const MIN_BLOCK: usize = 512;
 /// Owner of memory that no stream has used yet (or whose users are all done).
@@ -47,6 +49,8 @@ pub(crate) struct Block {
     pub(crate) state: BlockState,
     /// Whether memory is mapped under it (always, in plain segments).
     pub(crate) mapped: bool,
+    /// A free mapped block's place in its list of the free index.
+    pos: u32,
 }
 
 /// A place to grow into: a hole, and the free mapped block just before it that the
@@ -72,9 +76,6 @@ impl Growth {
     }
 }
 
-/// (small pool, owner, size, address): a range query finds a stream's smallest fitting
-/// block (best fit), lowest address first.
-type FreeKey = (bool, u64, usize, u64);
 /// (small pool, size, address).
 type HoleKey = (bool, usize, u64);
 
@@ -82,7 +83,8 @@ type HoleKey = (bool, usize, u64);
 #[derive(Debug, Default)]
 pub(crate) struct Blocks {
     blocks: FxHashMap<u64, Block>,
-    free: BTreeSet<FreeKey>,
+    /// Free mapped blocks, by pool and owner, in size classes.
+    free: Bins,
     holes: BTreeSet<HoleKey>,
     parked: FxHashMap<(u64, usize), Vec<u64>>,
     n_parked: usize,
@@ -99,7 +101,14 @@ impl Blocks {
     }
 
     /// Adds a segment of `size` bytes at `base`: one free block, mapped or a hole.
-    pub(crate) fn add_segment(&mut self, seg: u32, base: u64, size: usize, small: bool, mapped: bool) {
+    pub(crate) fn add_segment(
+        &mut self,
+        seg: u32,
+        base: u64,
+        size: usize,
+        small: bool,
+        mapped: bool,
+    ) {
         self.blocks.insert(
             base,
             Block {
@@ -112,6 +121,7 @@ impl Blocks {
                 stream: NO_STREAM,
                 state: BlockState::Free,
                 mapped,
+                pos: 0,
             },
         );
         self.index(base);
@@ -130,10 +140,10 @@ impl Blocks {
     }
 
     fn index(&mut self, addr: u64) {
-        let b = self.blocks[&addr];
+        let b = self.blocks.get_mut(&addr).expect("known");
         debug_assert_eq!(b.state, BlockState::Free);
         if b.mapped {
-            self.free.insert((b.small, b.stream, b.size, addr));
+            b.pos = self.free.insert(b.small, b.stream, b.size, addr);
         } else {
             self.holes.insert((b.small, b.size, addr));
         }
@@ -142,25 +152,30 @@ impl Blocks {
     fn unindex(&mut self, addr: u64) {
         let b = self.blocks[&addr];
         if b.mapped {
-            self.free.remove(&(b.small, b.stream, b.size, addr));
+            if let Some(moved) = self.free.remove(b.small, b.stream, b.size, b.pos) {
+                self.blocks
+                    .get_mut(&moved)
+                    .expect("indexed blocks are known")
+                    .pos = b.pos;
+            }
         } else {
             self.holes.remove(&(b.small, b.size, addr));
         }
     }
 
-    /// The smallest free mapped block of `owner`'s of at least `size` bytes in the small
-    /// or large pool, as (size, address).
+    /// A free mapped block of `owner`'s of at least `size` bytes in the small or large
+    /// pool, within a size class of the smallest: (size, address).
     fn fit(&self, small: bool, owner: u64, size: usize) -> Option<(usize, u64)> {
-        self.free
-            .range((small, owner, size, 0)..=(small, owner, usize::MAX, u64::MAX))
-            .next()
-            .map(|k| (k.2, k.3))
+        self.free.fit(small, owner, size)
     }
 
-    /// The smallest free mapped block of at least `size` bytes that `stream` can take
-    /// without waiting for anyone: its own, or one nobody owns.
+    /// The smallest free mapped block (within a size class) of at least `size` bytes
+    /// that `stream` can take without waiting for anyone: its own, or one nobody owns.
     pub(crate) fn find_fit(&self, small: bool, stream: u64, size: usize) -> Option<u64> {
-        match (self.fit(small, stream, size), self.fit(small, NO_STREAM, size)) {
+        match (
+            self.fit(small, stream, size),
+            self.fit(small, NO_STREAM, size),
+        ) {
             (Some(a), Some(b)) => Some(a.min(b).1),
             (a, b) => a.or(b).map(|(_, a)| a),
         }
@@ -193,8 +208,8 @@ impl Blocks {
                 .map_or(0, |b| b.size)
         };
         self.free
-            .range((small, stream, 0, 0)..=(small, stream, usize::MAX, u64::MAX))
-            .filter_map(|&(_, _, bsize, addr)| {
+            .of(small, stream)
+            .filter_map(|(bsize, addr)| {
                 let b = &self.blocks[&addr];
                 let total = bsize + nobodys(b.prev) + nobodys(b.next);
                 (total >= size).then_some((total, addr))
@@ -223,7 +238,10 @@ impl Blocks {
     /// `stream`'s or nobody's) that holds `size` bytes.
     pub(crate) fn find_growth(&self, small: bool, stream: u64, size: usize) -> Option<Growth> {
         let mut best: Option<(usize, Growth)> = None;
-        for &(_, hole_size, hole) in self.holes.range((small, 0, 0)..=(small, usize::MAX, u64::MAX)) {
+        for &(_, hole_size, hole) in self
+            .holes
+            .range((small, 0, 0)..=(small, usize::MAX, u64::MAX))
+        {
             let b = &self.blocks[&hole];
             let prefix = b.prev.and_then(|p| {
                 let pb = &self.blocks[&p];
@@ -295,7 +313,10 @@ impl Blocks {
         }
         let was = *b;
         b.state = BlockState::Parked;
-        self.parked.entry((was.stream, was.size)).or_default().push(addr);
+        self.parked
+            .entry((was.stream, was.size))
+            .or_default()
+            .push(addr);
         self.n_parked += 1;
         Some(was)
     }
@@ -441,7 +462,10 @@ impl Blocks {
             .collect();
         for &a in &addrs {
             self.unindex(a);
-            self.blocks.get_mut(&a).expect("free blocks are known").stream = NO_STREAM;
+            self.blocks
+                .get_mut(&a)
+                .expect("free blocks are known")
+                .stream = NO_STREAM;
             self.index(a);
         }
         for a in addrs {
@@ -459,19 +483,17 @@ impl Blocks {
 
     /// The owners of free mapped blocks (other than nobody).
     pub(crate) fn free_owners(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .free
-            .iter()
-            .map(|k| k.1)
-            .filter(|s| *s != NO_STREAM)
-            .collect();
+        let mut v: Vec<u64> = self.free.owners().filter(|s| *s != NO_STREAM).collect();
         v.sort_unstable();
         v.dedup();
         v
     }
 
     /// Free mapped blocks of at least `min` bytes: (address, size, owner, segment).
-    pub(crate) fn free_blocks(&self, min: usize) -> impl Iterator<Item = (u64, usize, u64, u32)> + '_ {
+    pub(crate) fn free_blocks(
+        &self,
+        min: usize,
+    ) -> impl Iterator<Item = (u64, usize, u64, u32)> + '_ {
         self.free
             .iter()
             .filter(move |k| k.2 >= min)
@@ -496,7 +518,10 @@ impl Blocks {
         let mut n_holes = 0;
         for (&a, b) in &self.blocks {
             if let Some(n) = b.next {
-                let nb = self.blocks.get(&n).ok_or(format!("{a:#x}: next {n:#x} missing"))?;
+                let nb = self
+                    .blocks
+                    .get(&n)
+                    .ok_or(format!("{a:#x}: next {n:#x} missing"))?;
                 if a + b.size as u64 != n || nb.prev != Some(a) || nb.seg != b.seg {
                     return Err(format!("{a:#x}+{} and its next {n:#x} do not tile", b.size));
                 }
@@ -508,7 +533,7 @@ impl Blocks {
             if b.state == BlockState::Free {
                 let indexed = if b.mapped {
                     n_free += 1;
-                    self.free.contains(&(b.small, b.stream, b.size, a))
+                    self.free.holds(b.small, b.stream, b.size, b.pos, a)
                 } else {
                     n_holes += 1;
                     b.stream == NO_STREAM && self.holes.contains(&(b.small, b.size, a))
@@ -550,12 +575,20 @@ mod tests {
         let a = b.find_fit(false, 1, 3 * MIB).unwrap();
         assert_eq!(b.take(a, 3 * MIB, 3 * MIB - 7, 1), NO_STREAM);
         let c = b.find_fit(false, 1, MIB).unwrap();
-        assert_eq!(c, BASE + 3 * MIB as u64, "best fit is the rest, after the first");
+        assert_eq!(
+            c,
+            BASE + 3 * MIB as u64,
+            "best fit is the rest, after the first"
+        );
         b.take(c, MIB, MIB, 1);
         b.check().unwrap();
         assert!(b.park(a).is_some());
         assert!(b.park(a).is_none(), "a double free is refused");
-        assert_eq!(b.unpark(1, 3 * MIB, 5), Some(a), "parked for its stream and size");
+        assert_eq!(
+            b.unpark(1, 3 * MIB, 5),
+            Some(a),
+            "parked for its stream and size"
+        );
         b.park(a);
         b.park(c);
         b.flush_parked();
@@ -565,7 +598,11 @@ mod tests {
         assert_eq!(b.free_owners(), vec![1]);
         b.disown(None);
         b.check().unwrap();
-        assert_eq!(b.get(BASE).unwrap().size, 64 * MIB, "disowned, all one block again");
+        assert_eq!(
+            b.get(BASE).unwrap().size,
+            64 * MIB,
+            "disowned, all one block again"
+        );
     }
 
     #[test]
@@ -586,8 +623,14 @@ mod tests {
         // Nothing of its own or nobody's is left: another stream's block is only found
         // when asked for, the smallest that fits.
         assert_eq!(b.find_fit(false, 3, 2 * MIB), None);
-        let h = b.find_others_fit(false, 3, 2 * MIB, [1, 2, 3].into_iter()).unwrap();
-        assert_eq!((h, b.get(h).unwrap().stream), (y, 2), "2 MiB of stream 2, not 8 of 1");
+        let h = b
+            .find_others_fit(false, 3, 2 * MIB, [1, 2, 3].into_iter())
+            .unwrap();
+        assert_eq!(
+            (h, b.get(h).unwrap().stream),
+            (y, 2),
+            "2 MiB of stream 2, not 8 of 1"
+        );
         // Stream 1's own block is its best fit even with nobody's memory about.
         assert_eq!(b.find_fit(false, 1, 2 * MIB), Some(x));
         b.check().unwrap();
@@ -598,7 +641,10 @@ mod tests {
         let mut b = region(false);
         assert_eq!(b.find_fit(false, 1, MIB), None, "nothing mapped");
         let g = b.find_growth(false, 1, 5 * MIB).unwrap();
-        assert_eq!((g.hole, g.prefix, g.hole_needed(5 * MIB)), (BASE, None, 5 * MIB));
+        assert_eq!(
+            (g.hole, g.prefix, g.hole_needed(5 * MIB)),
+            (BASE, None, 5 * MIB)
+        );
         // Map 8 MiB (a chunk larger than the need), take 5 of it.
         let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM);
         b.take(at, 5 * MIB, 5 * MIB, 1);
@@ -608,7 +654,11 @@ mod tests {
         assert_eq!(g.prefix, Some((BASE + 5 * MIB as u64, 3 * MIB)));
         assert_eq!(g.hole_needed(10 * MIB), 7 * MIB);
         let at = b.fill_hole(g.hole, 8 * MIB, NO_STREAM);
-        assert_eq!(at, g.start(), "the new memory merged into the block before it");
+        assert_eq!(
+            at,
+            g.start(),
+            "the new memory merged into the block before it"
+        );
         b.take(at, 10 * MIB, 10 * MIB, 1);
         b.check().unwrap();
         // Free everything; unmap 16 MiB in the middle; a hole opens there.
@@ -642,7 +692,10 @@ mod tests {
         b.park(rest);
         b.flush_parked();
         let g = b.find_growth(false, 3, 6 * MIB).unwrap();
-        assert_eq!(g.prefix, None, "stream 2's block is not stream 3's to extend");
+        assert_eq!(
+            g.prefix, None,
+            "stream 2's block is not stream 3's to extend"
+        );
         let g = b.find_growth(false, 2, 6 * MIB).unwrap();
         assert_eq!(g.prefix, Some((rest, 2 * MIB)));
         // Filled for stream 2, the new memory joins its block.
@@ -684,7 +737,10 @@ mod tests {
         assert!(!b.remove_segment(BASE), "in use");
         b.park(a);
         b.flush_parked();
-        assert!(!b.remove_segment(BASE), "stream 1's block and nobody's rest stay apart");
+        assert!(
+            !b.remove_segment(BASE),
+            "stream 1's block and nobody's rest stay apart"
+        );
         b.disown(None);
         assert!(b.remove_segment(BASE));
         b.check().unwrap();

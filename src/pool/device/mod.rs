@@ -43,6 +43,7 @@
 //!   segments). The [`Error::OutOfMemory`] carries the request, the free bytes under the
 //!   budget, the reserved bytes and the largest free block.
 
+mod bins;
 mod blocks;
 mod streams;
 
@@ -63,7 +64,7 @@ use crate::error::{Error, Result};
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;
-use blocks::{BlockState, Blocks, NO_STREAM};
+use blocks::{BlockState, Blocks, Growth, NO_STREAM};
 use streams::Streams;
 
 pub use blocks::MIN_BLOCK;
@@ -74,6 +75,8 @@ const SMALL_SEGMENT: usize = 2 << 20;
 const MID_SEGMENT: usize = 20 << 20;
 const MID_LIMIT: usize = 10 << 20;
 const LARGE_ROUND: usize = 2 << 20;
+/// The largest chunk without a budget below the device's memory.
+const DEFAULT_MAX_CHUNK: usize = 1 << 30;
 /// Parked frees are coalesced once this many pile up.
 const PARK_LIMIT: usize = 4096;
 
@@ -112,8 +115,9 @@ pub struct PoolConfig {
     /// The largest chunk (one driver allocation), in bytes: a growth larger than this is
     /// made of several. Chunks of the granularity (2 MiB) let every free page move to
     /// where it is needed, so a pool can use all of a tight budget; larger ones cost
-    /// fewer driver calls.
-    pub max_chunk: usize,
+    /// fewer driver calls but move only when wholly free. `None`: 1 GiB, or the
+    /// granularity under a budget below the device's memory.
+    pub max_chunk: Option<usize>,
     /// How far (a fraction of the most ever allocated) a new chunk may map ahead of what
     /// is allocated: the size rules above, capped so that reserved memory stays within
     /// this of the allocated peak when the chunk is made.
@@ -132,7 +136,7 @@ impl Default for PoolConfig {
             reserve_slack: 0.02,
             min_chunk: 256 << 20,
             chunk_fraction: 1.0 / 16.0,
-            max_chunk: 1 << 30,
+            max_chunk: None,
             grow_ahead: 0.08,
             peer_access: Vec::new(),
         }
@@ -172,6 +176,8 @@ struct Shared {
     min_chunk: usize,
     chunk_fraction: f64,
     max_chunk: usize,
+    /// The most one growth maps (several chunks when `max_chunk` is smaller).
+    grow_max: usize,
     grow_ahead: f64,
     /// The devices given access to mapped chunks: this one, then the peers.
     access: Vec<usize>,
@@ -384,7 +390,16 @@ impl DevicePool {
             }
         }
         let expandable = cfg.expandable_segments && backend.vmm_granularity(device).is_some();
-        tracing::debug!(target: "hetmem", device, budget, expandable, "device pool");
+        // Under a budget below the device's memory, memory must be able to move to where
+        // it is needed as the pool nears the budget, and a chunk moves only when wholly
+        // free: pages (measured: 16 MiB chunks, 1/1024 of the budget, left the ddp and
+        // random traces out of memory at 1.02 times their peak; pages did not).
+        let max_chunk = match cfg.max_chunk {
+            Some(m) => m.max(1),
+            None if budget < total => 1,
+            None => DEFAULT_MAX_CHUNK,
+        };
+        tracing::debug!(target: "hetmem", device, budget, expandable, max_chunk, "device pool");
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
@@ -396,14 +411,18 @@ impl DevicePool {
                 reserve_slack: cfg.reserve_slack,
                 min_chunk: cfg.min_chunk,
                 chunk_fraction: cfg.chunk_fraction,
-                max_chunk: cfg.max_chunk.max(cfg.min_chunk),
+                max_chunk,
+                grow_max: cfg
+                    .max_chunk
+                    .unwrap_or(DEFAULT_MAX_CHUNK)
+                    .max(cfg.min_chunk),
                 grow_ahead: cfg.grow_ahead,
                 access,
                 state: Mutex::new(PoolState {
                     segments: Vec::new(),
                     blocks: Blocks::default(),
                     uses: FxHashMap::default(),
-                    streams: Streams::new(backend, device),
+                    streams: Streams::new(),
                     stats: PoolStats::default(),
                     reserved: 0,
                     held: [0; 2],
@@ -659,7 +678,8 @@ impl Shared {
         let gran = st.region(g.seg).granularity();
         let need = g.hole_needed(rounded).next_multiple_of(gran);
         let spare: usize = st.spares[small as usize].iter().map(PhysChunk::size).sum();
-        let alloc_peak = (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
+        let alloc_peak =
+            (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
         let band = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize;
         if self.release_on_grow && !pressure && spare < need && st.reserved + need - spare > band {
             // Past the band: chunks that are free and idle move here rather than new
@@ -682,7 +702,7 @@ impl Shared {
         let need = g.hole_needed(rounded).next_multiple_of(gran);
         tracing::trace!(target: "hetmem", need, rounded, hole = g.hole_size, reserved = st.reserved, "pool grows");
         let target = self.chunk_target(st, small, gran, rounded);
-        let mapped = self.map_chunks(st, g.seg, g.hole, need, g.hole_size, target, pressure)?;
+        let mapped = self.map_chunks(st, &g, need, target, pressure)?;
         let owner = g
             .prefix
             .map_or(NO_STREAM, |(a, _)| st.blocks.get(a).expect("prefix").stream);
@@ -700,28 +720,28 @@ impl Shared {
         let (lo, hi) = if small {
             (gran, self.min_chunk.max(gran))
         } else {
-            (self.min_chunk, self.max_chunk)
+            (self.min_chunk.min(self.grow_max), self.grow_max)
         };
         let alloc_peak =
             (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
-        let ahead = ((alloc_peak as f64 * (1.0 + self.grow_ahead)) as usize).saturating_sub(st.reserved);
+        let ahead =
+            ((alloc_peak as f64 * (1.0 + self.grow_ahead)) as usize).saturating_sub(st.reserved);
         share.clamp(lo, hi).min(ahead) / gran * gran
     }
 
     /// Maps at least `need` bytes (a multiple of the granularity) at the start of the
-    /// hole `hole` (`extent` bytes long) of segment `seg`: spare chunks first, then one
-    /// new chunk of at least [`Shared::chunk_target`] within the budget, all made
-    /// accessible with one call. Returns the bytes mapped.
+    /// hole of `g`: spare chunks first, then new ones (`target` bytes at least, within
+    /// the budget and the hole), all made accessible with one call. Returns the bytes
+    /// mapped.
     fn map_chunks(
         &self,
         st: &mut PoolState,
-        seg: u32,
-        hole: u64,
+        g: &Growth,
         need: usize,
-        extent: usize,
         target: usize,
         pressure: bool,
     ) -> Result<usize> {
+        let (seg, hole, extent) = (g.seg, g.hole, g.hole_size);
         let small = st.segments[seg as usize].as_ref().expect("segment").small;
         let (base, gran) = {
             let r = st.region(seg);
@@ -882,7 +902,11 @@ impl Shared {
 
     /// Unmaps the chosen chunks (each wholly inside a free block owned by nobody) into
     /// the spares, and turns their ranges into holes.
-    fn unmap_chosen(&self, st: &mut PoolState, mut chosen: Vec<(u32, u64, usize, usize)>) -> Result<()> {
+    fn unmap_chosen(
+        &self,
+        st: &mut PoolState,
+        mut chosen: Vec<(u32, u64, usize, usize)>,
+    ) -> Result<()> {
         // By segment, and within a block from the highest chunk down: unmapping one
         // splits its block, and the block keeps its address below the hole.
         chosen.sort_by_key(|c| (c.0, c.1, std::cmp::Reverse(c.2)));
@@ -937,7 +961,13 @@ impl Shared {
     }
 
     /// Allocates a plain segment for a `rounded`-byte block; returns its base.
-    fn grow_plain(&self, st: &mut PoolState, small: bool, rounded: usize, pressure: bool) -> Result<u64> {
+    fn grow_plain(
+        &self,
+        st: &mut PoolState,
+        small: bool,
+        rounded: usize,
+        pressure: bool,
+    ) -> Result<u64> {
         let _ = pressure;
         let exact = rounded.next_multiple_of(LARGE_ROUND);
         let seg_size = if small {

@@ -1,38 +1,28 @@
 //! The streams a device pool hands memory between, and the events it does it with.
 //!
 //! A block freed on one stream goes to another only behind an event recorded on the
-//! first (the second waits on the device, the host does not). Events are kept and
-//! recorded again rather than made and destroyed for each hand-over: a recorded event
-//! can be re-recorded as soon as a wait has been queued on it (the wait takes the record
-//! that was current when it was queued) or a query has found it passed.
+//! first (the second waits on the device, the host does not). The events come from the
+//! recording stream's cache ([`OwnedStream::record`]), so a hand-over costs a record and
+//! a wait, not an event made and destroyed each time.
 
 use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::backend::owned::{OwnedEvent, OwnedStream, SharedBackend};
+use crate::backend::owned::OwnedStream;
 use crate::error::{Error, Result};
-
-/// Events kept for reuse.
-const EVENT_CACHE: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Streams {
-    backend: SharedBackend,
-    device: usize,
     streams: FxHashMap<u64, Arc<OwnedStream>>,
-    events: Vec<OwnedEvent>,
     /// The registry is pruned of unused streams when it reaches this many.
     prune_at: usize,
 }
 
 impl Streams {
-    pub(crate) fn new(backend: &SharedBackend, device: usize) -> Self {
+    pub(crate) fn new() -> Self {
         Streams {
-            backend: backend.clone(),
-            device,
             streams: FxHashMap::default(),
-            events: Vec::new(),
             prune_at: 16,
         }
     }
@@ -53,7 +43,11 @@ impl Streams {
     /// program that makes a stream per request would otherwise keep every one: the
     /// unused ones (`in_use` says which are not) are forgotten when their number
     /// doubles.
-    pub(crate) fn register(&mut self, stream: &Arc<OwnedStream>, in_use: impl FnOnce() -> FxHashSet<u64>) {
+    pub(crate) fn register(
+        &mut self,
+        stream: &Arc<OwnedStream>,
+        in_use: impl FnOnce() -> FxHashSet<u64>,
+    ) {
         if self.streams.contains_key(&stream.id()) {
             return;
         }
@@ -76,35 +70,11 @@ impl Streams {
         })
     }
 
-    /// An event recorded now at `stream`'s tail (from the cache when there is one).
-    fn record(&mut self, stream: &OwnedStream) -> Result<OwnedEvent> {
-        let ev = match self.events.pop() {
-            Some(ev) => ev,
-            None => OwnedEvent::new(&self.backend, self.device)?,
-        };
-        match ev.record_on(stream) {
-            Ok(()) => Ok(ev),
-            Err(e) => {
-                self.recycle(ev);
-                Err(e)
-            }
-        }
-    }
-
-    fn recycle(&mut self, ev: OwnedEvent) {
-        if self.events.len() < EVENT_CACHE {
-            self.events.push(ev);
-        }
-    }
-
     /// Makes work queued on `to` from now on wait for the work queued so far on the
     /// stream `from` (no host wait).
     pub(crate) fn order(&mut self, to: &OwnedStream, from: u64) -> Result<()> {
-        let from = self.stream(from)?;
-        let ev = self.record(&from)?;
-        let waited = to.wait(&ev);
-        self.recycle(ev);
-        waited
+        let ev = self.stream(from)?.record()?;
+        to.wait(&ev)
     }
 
     /// [`Streams::order`] between two registered streams.
@@ -119,12 +89,7 @@ impl Streams {
         let Some(s) = self.streams.get(&id).cloned() else {
             return true;
         };
-        let Ok(ev) = self.record(&s) else {
-            return false;
-        };
-        let done = ev.is_done().unwrap_or(false);
-        self.recycle(ev);
-        done
+        s.record().and_then(|ev| ev.is_done()).unwrap_or(false)
     }
 
     /// Waits for everything queued on stream `id` so far.
