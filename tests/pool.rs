@@ -783,3 +783,29 @@ fn pages_unmapped_for_a_failed_growth_are_counted_as_frees() {
     assert_eq!(p.reserved(), 0);
     assert_eq!(st.num_device_alloc, st.num_device_free, "{st:?}");
 }
+
+/// Events are kept and recorded again, not made and destroyed per copy: a thousand
+/// asynchronous copies on a stream make a handful of events (without the stream's cache,
+/// a thousand).
+#[test]
+fn async_copies_reuse_their_events() {
+    use hetmem::backend::sim::DriverCall;
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let a = mgr.create_stream(0).unwrap();
+    let src = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
+    let mut dst = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
+    let before = sim.stats().driver;
+    for _ in 0..1000 {
+        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &a).unwrap();
+    }
+    drop(dst);
+    let d = sim.stats().driver.since(&before);
+    assert!(d.calls(DriverCall::EventRecord) >= 1000, "{d:?}");
+    assert!(
+        d.calls(DriverCall::EventCreate) <= 8,
+        "{} events made for {} records",
+        d.calls(DriverCall::EventCreate),
+        d.calls(DriverCall::EventRecord)
+    );
+}

@@ -537,30 +537,37 @@ impl Shared {
 
     fn free(&self, addr: u64) {
         let mut st = self.lock();
-        let Some(b) = st.blocks.get(addr).copied() else {
-            tracing::error!(target: "hetmem", addr, "pool free of an unknown block");
-            return;
-        };
-        if b.state != BlockState::Allocated {
-            tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
-            return;
-        }
-        st.count_free(b.size, b.requested);
-        if !st.uses.is_empty() {
-            if let Some(others) = st.uses.remove(&addr) {
-                let ordered = others
-                    .iter()
-                    .try_for_each(|o| st.streams.order_ids(b.stream, *o));
-                if let Err(e) = ordered {
-                    // The block cannot be proven free of other streams' work: keep it
-                    // out of circulation rather than risk handing it out.
-                    tracing::error!(target: "hetmem", addr, error = %e,
-                        "ordering a multi-stream block failed; leaking it");
-                    return;
-                }
+        // A block used on other streams first makes its stream wait for them.
+        if !st.uses.is_empty() && st.uses.contains_key(&addr) {
+            let Some(b) = st.blocks.get(addr).copied() else {
+                tracing::error!(target: "hetmem", addr, "pool free of an unknown block");
+                return;
+            };
+            if b.state != BlockState::Allocated {
+                tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+                return;
+            }
+            let others = st.uses.remove(&addr).unwrap_or_default();
+            let ordered = others
+                .iter()
+                .try_for_each(|o| st.streams.order_ids(b.stream, *o));
+            if let Err(e) = ordered {
+                // The block cannot be proven free of other streams' work: keep it out
+                // of circulation rather than risk handing it out.
+                st.count_free(b.size, b.requested);
+                tracing::error!(target: "hetmem", addr, error = %e,
+                    "ordering a multi-stream block failed; leaking it");
+                return;
             }
         }
-        st.blocks.park(addr);
+        // Hot path: one look-up, parked for the next allocation of its size.
+        match st.blocks.park(addr) {
+            Some(b) => st.count_free(b.size, b.requested),
+            None => {
+                tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+                return;
+            }
+        }
         if st.blocks.parked() > PARK_LIMIT {
             st.blocks.flush_parked();
         }
