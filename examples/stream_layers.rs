@@ -407,7 +407,7 @@ fn main() {
 
     let served = |s: hetmem::tier::TierStats| s.bytes_loaded - s.bytes_ahead;
     let mut steady = (0u64, 0u64, 0.0f64, 0.0f64); // bytes, ns, copy ns, compute ns
-    // The simulator's driver calls over the steady passes (the first one warms up).
+                                                   // The simulator's driver calls over the steady passes (the first one warms up).
     let mut driver0 = None;
     for pass in 0..args.passes {
         if pass == 1 {

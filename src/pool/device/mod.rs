@@ -8,7 +8,7 @@
 //!   come from the small pool, larger ones from the large pool, so that long-lived small
 //!   blocks never pin memory that large ones need. A free block larger than a request
 //!   is split; neighbouring free blocks of the same stream merge again. The bookkeeping
-//!   is [`blocks`], which makes no driver calls.
+//!   is `blocks.rs`, which makes no driver calls.
 //! - **Expandable segments.** Where the backend has virtual memory management (CUDA,
 //!   the simulator), each pool is one large reserved address range into which physical
 //!   memory is mapped as it is needed, so that free blocks merge across what would be
@@ -32,7 +32,7 @@
 //! - **Stream order.** A block belongs to the stream it was allocated on. Freed, it is
 //!   at once reusable by later allocations on that stream: the stream runs in order,
 //!   so new work there follows the old. Handed to another stream, the new stream first
-//!   waits for an event recorded on the old one (no host wait; [`streams`]). A block
+//!   waits for an event recorded on the old one (no host wait; `streams.rs`). A block
 //!   used on more streams ([`PoolBlock::record_stream`]) makes its own stream wait for
 //!   them when freed. Memory is unmapped only once the streams that used it are done.
 //! - **Hot path.** A freed block is parked on a per-(stream, size) list without
