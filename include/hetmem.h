@@ -23,6 +23,10 @@
  * - Memory addresses are plain addresses: a host address for host, pinned and managed
  *   memory, the device address for device memory (not dereferenceable by the CPU;
  *   on the simulator it is a synthetic value).
+ * - fork(): in a child, every call on a handle made before the fork returns
+ *   HETMEM_ERR_FORKED without reaching the driver, except frees, releases and
+ *   destroys, which succeed and leak (the memory is the parent's). Pinned memory is
+ *   not mapped in the child at all: do not touch it there.
  *
  * This header is checked against the library's exports by `cargo test`
  * (tests/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
@@ -78,6 +82,11 @@ extern "C" {
 /* A parameter's bytes did not match its checksum (a store made with checksums): its
  * host copy changed since registration, or loads delivered other bytes twice. */
 #define HETMEM_ERR_CHECKSUM -14
+/* A call in a fork()ed child on a manager (or anything of it) made before the fork:
+ * GPU driver state does not survive fork(), so nothing reaches the driver. Pinned
+ * memory is not mapped in the child (MADV_DONTFORK). Frees and destroys succeed
+ * there, leaking what belongs to the parent. */
+#define HETMEM_ERR_FORKED -15
 /* A required pointer argument was NULL. */
 #define HETMEM_ERR_NULL_POINTER -20
 /* A handle that is not live: destroyed, released, of another kind, or made up. */

@@ -17,6 +17,7 @@
 pub mod block_cache;
 pub(crate) mod copy;
 pub mod cuda;
+pub(crate) mod fork;
 pub mod host;
 // Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
 // only its cache (`block_cache`) is built, and modelled.
@@ -175,12 +176,23 @@ pub struct MemInfo {
 /// returned by this same backend object, is still live (not freed or destroyed), and
 /// the ranges given lie inside the allocation. Copies may run after the call returns
 /// when a stream is given: the memory must stay valid until that stream passes them.
+///
+/// A [`Manager`](crate::Manager) wraps the backend it opens in a guard that forwards
+/// every method (`fork::ForkGuarded`): a method added here must be forwarded there too.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
     /// The devices, by ordinal. Empty for the host backend.
     fn devices(&self) -> &[DeviceInfo];
+
+    /// [`Error::Forked`] when this is a `fork()`ed child of the process that opened the
+    /// backend through a [`Manager`](crate::Manager): every other call then fails the
+    /// same way without reaching the driver. `Ok` otherwise, and always for a backend
+    /// opened directly (`SimBackend::new`, ...), which is not watched.
+    fn check_fork(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Free and total memory of a device.
     fn mem_info(&self, device: usize) -> Result<MemInfo>;

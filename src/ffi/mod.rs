@@ -66,6 +66,10 @@ pub const HETMEM_ERR_CONFIG: c_int = -13;
 /// [`Error::Checksum`]: a parameter's bytes did not match its checksum (a store made
 /// with checksums).
 pub const HETMEM_ERR_CHECKSUM: c_int = -14;
+/// [`Error::Forked`]: a call in a `fork()`ed child on something made before the fork
+/// (GPU driver state does not survive a fork). Frees and destroys there succeed and
+/// leak instead.
+pub const HETMEM_ERR_FORKED: c_int = -15;
 /// A required pointer argument was NULL.
 pub const HETMEM_ERR_NULL_POINTER: c_int = -20;
 /// A handle that is not live: destroyed already, of another kind, or never made.
@@ -96,6 +100,7 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::Os { .. } => HETMEM_ERR_OS,
         Error::Config { .. } => HETMEM_ERR_CONFIG,
         Error::Checksum { .. } => HETMEM_ERR_CHECKSUM,
+        Error::Forked { .. } => HETMEM_ERR_FORKED,
     }
 }
 
@@ -117,6 +122,7 @@ fn status_name(code: c_int) -> &'static CStr {
         HETMEM_ERR_OS => c"HETMEM_ERR_OS",
         HETMEM_ERR_CONFIG => c"HETMEM_ERR_CONFIG",
         HETMEM_ERR_CHECKSUM => c"HETMEM_ERR_CHECKSUM",
+        HETMEM_ERR_FORKED => c"HETMEM_ERR_FORKED",
         HETMEM_ERR_NULL_POINTER => c"HETMEM_ERR_NULL_POINTER",
         HETMEM_ERR_INVALID_HANDLE => c"HETMEM_ERR_INVALID_HANDLE",
         HETMEM_ERR_FOREIGN_POINTER => c"HETMEM_ERR_FOREIGN_POINTER",

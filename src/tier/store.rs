@@ -375,6 +375,12 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// [`Error::Forked`] in a forked child, checked before the lock (which a thread of
+    /// the parent may have held at the fork).
+    fn live(&self) -> Result<()> {
+        self.res.copy.inner.backend().check_fork()
+    }
 }
 
 /// The tiered parameter store; see the [module documentation](self). Cheap to clone:
@@ -567,6 +573,7 @@ impl TierStore {
     /// 2 MiB pool pages), `free` the whole budget;
     /// [`Error::InvalidArgument`] for a name already registered.
     pub fn register(&self, name: &str, source: Source) -> Result<ParamId> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let size = source.len();
         if size == 0 {
@@ -633,6 +640,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn name(&self, id: ParamId) -> Result<String> {
+        self.shared.live()?;
         let st = self.shared.lock();
         Ok(param(&st, id)?.name.clone())
     }
@@ -693,6 +701,7 @@ impl TierStore {
         deadline: Option<Instant>,
     ) -> Result<ParamGuard> {
         let sh = &self.shared;
+        sh.live()?;
         let res = &sh.res;
         // Before anything changes: a stream this store cannot order work on.
         if !stream.belongs_to(res.copy.inner.backend()) {
@@ -835,6 +844,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; errors of the copy.
     pub fn prefetch(&self, id: ParamId) -> Result<bool> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let mut st = self.shared.lock();
         param(&st, id)?;
@@ -867,6 +877,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; errors of the write-back.
     pub fn dont_need(&self, id: ParamId) -> Result<bool> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let mut st = self.shared.lock();
         let p = param(&st, id)?;
@@ -885,6 +896,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn keep_resident(&self, id: ParamId, keep: bool) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].keep, keep) != keep {
@@ -904,6 +916,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn priority(&self, id: ParamId, priority: i32) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].priority, priority) != priority {
@@ -917,6 +930,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn residency(&self, id: ParamId) -> Result<Residency> {
+        self.shared.live()?;
         let st = self.shared.lock();
         let p = param(&st, id)?;
         Ok(match (&p.dev, &p.host) {
@@ -938,6 +952,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an id that is not registered.
     pub fn set_sequence(&self, order: Option<Vec<ParamId>>) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         if let Some(bad) = order
             .iter()
@@ -980,6 +995,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; copy errors.
     pub fn read(&self, id: ParamId) -> Result<Vec<u8>> {
+        self.shared.live()?;
         let st = self.shared.lock();
         let p = param(&st, id)?;
         let mut out = vec![0u8; p.size];
@@ -1085,6 +1101,10 @@ impl ParamGuard {
 
 impl Drop for ParamGuard {
     fn drop(&mut self) {
+        if self.shared.live().is_err() {
+            // A forked child: no driver call, no lock; the block and stream leak.
+            return;
+        }
         // A write's end is kept apart too: later acquires wait for it.
         let written = if self.dirty {
             self.stream.record().ok()

@@ -6,7 +6,9 @@
 //!   asynchronous copies that still use it, so a buffer dropped while a copy is in
 //!   flight cannot be freed under the DMA engine.
 //!
-//! Nothing here panics in `Drop`: failures are logged through `tracing`.
+//! Nothing here panics in `Drop`: failures are logged through `tracing`. In a `fork()`ed
+//! child (see `backend::fork`) drops make no driver call and log nothing: what the value
+//! owns belongs to the parent's driver state, and is leaked.
 
 mod vmm;
 
@@ -262,6 +264,8 @@ impl OwnedStream {
     /// An event of this stream's device, not yet recorded: kept from earlier use when
     /// there is one, and kept again when dropped.
     pub(crate) fn event(&self) -> Result<OwnedEvent> {
+        // Before the cache's lock, which a thread of the parent may have held at a fork.
+        self.backend.check_fork()?;
         let handle = match self.events.take() {
             Some(h) => h,
             None => self.backend.create_event(self.device)?,
@@ -285,6 +289,9 @@ impl OwnedStream {
 
 impl Drop for OwnedStream {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         if !self.owned {
             // An import is forgotten by its `Import`, once the last view lets go too.
             return;
@@ -337,6 +344,9 @@ impl EventCache {
 
 impl Drop for EventCache {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         let free = std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner()));
         for h in free {
             // SAFETY: kept handles are live events of this backend that nobody holds.
@@ -391,6 +401,10 @@ impl OwnedEvent {
 
 impl Drop for OwnedEvent {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: neither the cache's lock nor the driver.
+            return;
+        }
         let Some(handle) = self.home.put(self.handle) else {
             return;
         };
@@ -454,15 +468,20 @@ impl OwnedMemory {
         Self::wrap(backend, region.len(), MemoryKind::Host(region))
     }
 
-    /// Registers `region` with the backend.
+    /// Registers `region` with the backend, after advising it `MADV_DONTFORK`
+    /// ([`HostRegion::exclude_from_fork`]) so that a fork never copies it. Registration
+    /// is undone only right before the region is unmapped (drop, or a failure here), so
+    /// the advice is never taken back.
     pub(crate) fn pinned(backend: &SharedBackend, region: HostRegion) -> Result<Self> {
+        let mut region = region;
+        // Before registering: a fork between the two then never sees pinned pages.
+        region.exclude_from_fork();
         // SAFETY: the region is mapped and owned by the value returned, which
         // unregisters it before unmapping it (see Drop); on failure it is unmapped only
         // if the backend says nothing of it stayed registered.
         if let Err(e) = unsafe { backend.register_host(region.ptr(), region.len()) } {
             if is_rollback_failure(&e) {
                 // Part of it is still registered with the driver: leak it.
-                let mut region = region;
                 region.leak();
             }
             return Err(e);
@@ -498,6 +517,9 @@ impl OwnedMemory {
         if len <= chunk {
             return Self::pinned(backend, region);
         }
+        let mut region = region;
+        // As in `pinned`: out of forked children before any piece is pinned.
+        region.exclude_from_fork();
         let pieces: Vec<(usize, usize)> = (0..len)
             .step_by(chunk)
             .map(|off| (off, chunk.min(len - off)))
@@ -563,7 +585,6 @@ impl OwnedMemory {
         }
         let failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(err) = failure else {
-            let mut region = region;
             region.set_register_chunk(chunk);
             return Ok(Self::wrap(backend, len, MemoryKind::Pinned(region)));
         };
@@ -582,7 +603,6 @@ impl OwnedMemory {
             }
         }
         if leak {
-            let mut region = region;
             region.leak();
         }
         Err(err)
@@ -631,6 +651,7 @@ impl OwnedMemory {
     /// The NUMA node of each sampled page (see [`HostRegion::page_nodes`]), for host
     /// and pinned memory.
     pub(crate) fn page_nodes(&self) -> Result<Vec<i32>> {
+        self.backend.check_fork()?;
         match &self.kind {
             MemoryKind::Host(r) | MemoryKind::Pinned(r) => r.page_nodes(),
             _ => Err(Error::InvalidArgument(
@@ -667,6 +688,7 @@ impl OwnedMemory {
 
     /// Blocks until every asynchronous copy that used this memory is done.
     pub(crate) fn wait_fences(&self) -> Result<()> {
+        self.backend.check_fork()?;
         self.fences.wait()
     }
 
@@ -754,6 +776,8 @@ impl OwnedMemory {
 
     /// The bytes, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice(&self) -> Result<&[u8]> {
+        // In a forked child a pinned region is not even mapped.
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be read by the CPU directly".into())
         })?;
@@ -766,6 +790,7 @@ impl OwnedMemory {
 
     /// The bytes, mutable, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice_mut(&mut self) -> Result<&mut [u8]> {
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be written by the CPU directly".into())
         })?;
@@ -792,6 +817,12 @@ impl CopyEnd for OwnedMemory {
 
 impl Drop for OwnedMemory {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: the memory is the parent's. A region advised
+            // MADV_DONTFORK is not mapped here and its drop leaves it alone; an
+            // inherited one (pageable) is only the child's copy, unmapped by its drop.
+            return;
+        }
         let waited = if self.fences.must_leak() {
             Err(Error::InvalidArgument(
                 "a copy that may still use this buffer was never fenced".into(),

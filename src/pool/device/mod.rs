@@ -8,7 +8,7 @@
 //!   come from the small pool, larger ones from the large pool, so that long-lived small
 //!   blocks never pin memory that large ones need. A free block larger than a request
 //!   is split; neighbouring free blocks of the same stream merge again. The bookkeeping
-//!   is [`blocks`], which makes no driver calls.
+//!   is `blocks.rs`, which makes no driver calls.
 //! - **Expandable segments.** Where the backend has virtual memory management (CUDA,
 //!   the simulator), each pool is one large reserved address range into which physical
 //!   memory is mapped as it is needed, so that free blocks merge across what would be
@@ -32,7 +32,7 @@
 //! - **Stream order.** A block belongs to the stream it was allocated on. Freed, it is
 //!   at once reusable by later allocations on that stream: the stream runs in order,
 //!   so new work there follows the old. Handed to another stream, the new stream first
-//!   waits for an event recorded on the old one (no host wait; [`streams`]). A block
+//!   waits for an event recorded on the old one (no host wait; `streams.rs`). A block
 //!   used on more streams ([`PoolBlock::record_stream`]) makes its own stream wait for
 //!   them when freed. Memory is unmapped only once the streams that used it are done.
 //!   A wrapped per-thread default stream is a stream per thread here, as it is to the
@@ -59,6 +59,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::backend::copy::{CopyEnd, SubEnd};
+use crate::backend::fork::Epoch;
 use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
@@ -166,6 +167,9 @@ pub struct DevicePool {
 #[derive(Debug)]
 struct Shared {
     backend: SharedBackend,
+    /// Where the pool was made: in a forked child it refuses to work (`Error::Forked`).
+    /// Its own copy, so the hot path checks it without a call through the backend.
+    epoch: Epoch,
     device: usize,
     budget: usize,
     expandable: bool,
@@ -264,6 +268,7 @@ impl PoolBlock {
     /// the memory cannot be unmapped under the copy being queued; copies leave fences
     /// on the segment that unmapping waits for.
     pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+        self.shared.epoch.check()?;
         let st = self.shared.lock();
         f(&st.end(self))
     }
@@ -283,6 +288,7 @@ impl PoolBlock {
                 b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
             };
         }
+        a.shared.epoch.check()?;
         let st = a.shared.lock();
         f(&st.end(a), &st.end(b))
     }
@@ -293,6 +299,7 @@ impl PoolBlock {
         len: usize,
         f: impl FnOnce(&SegMem, usize) -> Result<T>,
     ) -> Result<T> {
+        self.shared.epoch.check()?;
         match offset.checked_add(len) {
             Some(end) if end <= self.len => {}
             _ => {
@@ -312,6 +319,7 @@ impl PoolBlock {
     /// freed, its stream waits for `stream`'s work queued until then before the block
     /// is reused.
     pub fn record_stream(&self, stream: &Stream) -> Result<()> {
+        self.shared.epoch.check()?;
         self.shared.check_stream(stream)?;
         // A per-thread default stream: the calling thread's is the one that uses it.
         let stream = &*stream.this_thread();
@@ -332,13 +340,20 @@ impl PoolBlock {
 
 impl Drop for PoolBlock {
     fn drop(&mut self) {
-        self.shared.free(self.ptr.0);
+        // In a forked child the block stays allocated (leaked): the pool's lock may
+        // have been held by a thread of the parent at the fork.
+        if self.shared.epoch.is_current() {
+            self.shared.free(self.ptr.0);
+        }
     }
 }
 
 impl DevicePool {
     /// A pool over `device` of `backend`.
     pub(crate) fn new(backend: &SharedBackend, device: usize, cfg: PoolConfig) -> Result<Self> {
+        // The backend's epoch and the pool's are then the same process generation.
+        backend.check_fork()?;
+        let epoch = Epoch::now();
         check_device(&**backend, device)?;
         let total = backend.devices()[device].total_memory;
         let budget = match cfg.budget {
@@ -392,6 +407,7 @@ impl DevicePool {
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
+                epoch,
                 device,
                 budget,
                 expandable,
@@ -439,6 +455,7 @@ impl DevicePool {
     /// Allocates `size` bytes for use on `stream`.
     pub fn alloc(&self, size: usize, stream: &Stream) -> Result<PoolBlock> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         if size == 0 || size > isize::MAX as usize / 2 {
             return Err(Error::InvalidSize {
                 requested: size,
@@ -470,6 +487,7 @@ impl DevicePool {
     /// streams that used them). Returns the bytes released.
     pub fn trim(&self) -> Result<usize> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         let mut st = sh.lock();
         let before = st.reserved;
         sh.release_cached(&mut st, true)?;
@@ -1101,6 +1119,10 @@ fn reclaim_idle(st: &mut PoolState) {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if !self.epoch.is_current() {
+            // A forked child: the segments and streams drop without driver calls.
+            return;
+        }
         // Queued work may still use cached memory: let it finish before unmapping.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         st.streams.synchronize_all();
