@@ -246,6 +246,11 @@ impl<B: Backend> Backend for ForkGuarded<B> {
         unsafe { self.inner.synchronize_stream(stream) }
     }
 
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        self.epoch.check()?;
+        self.inner.synchronize_device(device)
+    }
+
     fn create_event(&self, device: usize) -> Result<EventHandle> {
         self.epoch.check()?;
         self.inner.create_event(device)

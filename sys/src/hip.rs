@@ -507,7 +507,8 @@ mod tests {
 
     #[test]
     fn symbol_table_is_complete() {
-        assert_eq!(HipApi::SYMBOLS.len(), 29);
+        assert_eq!(HipApi::SYMBOLS.len(), 30);
         assert!(HipApi::SYMBOLS.contains(&"hipMemAdvise"));
+        assert!(HipApi::SYMBOLS.contains(&"hipDeviceSynchronize"));
     }
 }
