@@ -407,7 +407,12 @@ fn main() {
 
     let served = |s: hetmem::tier::TierStats| s.bytes_loaded - s.bytes_ahead;
     let mut steady = (0u64, 0u64, 0.0f64, 0.0f64); // bytes, ns, copy ns, compute ns
+                                                   // The simulator's driver calls over the steady passes (the first one warms up).
+    let mut driver0 = None;
     for pass in 0..args.passes {
+        if pass == 1 {
+            driver0 = sim.map(|s| s.stats().driver);
+        }
         let b0 = served(store.stats());
         let t0 = clock.now_ns(&compute);
         for (&id, &len) in ids.iter().zip(&sizes) {
@@ -448,6 +453,10 @@ fn main() {
         }
     }
     let n = (args.passes - 1) as f64;
+    let driver = match (driver0, sim) {
+        (Some(d0), Some(s)) => Some(s.stats().driver.since(&d0)),
+        _ => None,
+    };
     let st = store.stats();
     let moved = steady.0 as f64 / n;
     let gbps = steady.0 as f64 / steady.1 as f64;
@@ -487,6 +496,8 @@ fn main() {
             "prefetches": st.prefetches,
             "unplanned_evictions": st.unplanned_evictions,
             "pool_syncs": store.pool_stats().num_sync_all_streams,
+            "driver_calls_per_pass": driver.map(|d| d.memory_calls() as f64 / n),
+            "driver_ms_per_pass": driver.map(|d| d.memory_ns() as f64 / n / 1e6),
         });
         println!("{report}");
     } else {

@@ -23,6 +23,10 @@
  * - Memory addresses are plain addresses: a host address for host, pinned and managed
  *   memory, the device address for device memory (not dereferenceable by the CPU;
  *   on the simulator it is a synthetic value).
+ * - fork(): in a child, every call on a handle made before the fork returns
+ *   HETMEM_ERR_FORKED without reaching the driver, except frees, releases and
+ *   destroys, which succeed and leak (the memory is the parent's). Pinned memory is
+ *   not mapped in the child at all: do not touch it there.
  *
  * This header is checked against the library's exports by `cargo test`
  * (tests/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
@@ -78,10 +82,15 @@ extern "C" {
 /* A parameter's bytes did not match its checksum (a store made with checksums): its
  * host copy changed since registration, or loads delivered other bytes twice. */
 #define HETMEM_ERR_CHECKSUM -14
+/* A call in a fork()ed child on a manager (or anything of it) made before the fork:
+ * GPU driver state does not survive fork(), so nothing reaches the driver. Pinned
+ * memory is not mapped in the child (MADV_DONTFORK). Frees and destroys succeed
+ * there, leaking what belongs to the parent. */
+#define HETMEM_ERR_FORKED -15
 /* Not possible while a stream is capturing a graph (CUDA stream capture): a tier-store
  * acquire of a parameter that is not resident, a copy with a host end, emptying the
  * cache, ... (the message says what to do instead). */
-#define HETMEM_ERR_STREAM_CAPTURING -15
+#define HETMEM_ERR_STREAM_CAPTURING -16
 /* A required pointer argument was NULL. */
 #define HETMEM_ERR_NULL_POINTER -20
 /* A handle that is not live: destroyed, released, of another kind, or made up. */
@@ -216,7 +225,10 @@ int hetmem_free(hetmem_manager_t* mgr, void* ptr);
 /* ---- copies ------------------------------------------------------------------------------- */
 
 /* Copies n bytes from `src` to `dst`, both addresses anywhere inside buffers of this
- * manager. stream NULL: returns when the bytes have arrived. Otherwise the copy is
+ * manager. stream NULL: returns when the bytes have arrived, ordered as cudaMemcpy
+ * is: after the work queued before it on the device's legacy default stream (HIP: the
+ * null stream) and, through it, on every blocking stream (not after work on
+ * non-blocking streams, hetmem's own included). Otherwise the copy is
  * queued on `stream` and the call returns (pageable host memory may make it wait);
  * the buffers stay alive until it is done even if freed. Two ranges in one buffer are
  * copied synchronously (overlap allowed).
@@ -250,10 +262,15 @@ int hetmem_stream_create(hetmem_manager_t* mgr, int device, hetmem_stream_t** ou
  * and order its memory by it. hetmem never destroys a wrapped stream:
  * hetmem_stream_destroy only lets go. The stream must be live, of this device and of
  * the driver the manager uses, and stay live while the handle and anything that used
- * it (buffers with queued copies, guards) are alive. On CUDA, 0 is the legacy default
- * stream of the device's primary context. On the simulator, `raw` must be 0 (a
- * per-device default stream) or a value hetmem_stream_raw returned for a stream of
- * that device; anything else is INVALID_ARGUMENT.
+ * it (buffers with queued copies, guards) are alive. On CUDA, 0 (and 1,
+ * CU_STREAM_LEGACY) is the legacy default stream of the device's primary context, one
+ * for all threads. 2 (cudaStreamPerThread / hipStreamPerThread) is the per-thread
+ * default stream with the driver's meaning: work hetmem queues through the handle goes
+ * to the per-thread stream of the thread that makes the call, and hetmem keeps the
+ * threads apart (a pool block freed on one thread's stream reaches another thread's
+ * only behind an event; freed on another thread than its own, after a device-wide
+ * wait). On the simulator, `raw` must be 0, 1, 2 or a value hetmem_stream_raw
+ * returned for a stream of that device; anything else is INVALID_ARGUMENT.
  * Errors: UNKNOWN_DEVICE, UNSUPPORTED (host backend), INVALID_ARGUMENT (a stream
  * already wrapped for another device). */
 int hetmem_stream_wrap(hetmem_manager_t* mgr, int device, uintptr_t raw,
@@ -412,8 +429,10 @@ int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap)
  * device pool per device, and PyTorch's stream semantics: a block belongs to the stream
  * it was allocated for; freed, it is reused at once on that stream and on other streams
  * only after the work queued on its stream before the free. `stream` is a cudaStream_t
- * (NULL: the default stream); it must stay live until hetmem_torch_empty_cache is
- * called with nothing allocated on it, or the process ends (PyTorch's streams do).
+ * (NULL: the default stream; 2, cudaStreamPerThread: the calling thread's per-thread
+ * default stream, a different stream on each thread); it must stay live until
+ * hetmem_torch_empty_cache is called with nothing allocated on it, or the process ends
+ * (PyTorch's streams do).
  */
 
 /* Returns `size` bytes of device memory on `device` for `stream`, or NULL with the last

@@ -5,8 +5,10 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6, vmm: issue 14; default all) with the
-#                                   CUDA backend, logs under $OUT, prints a table last
+#                                   torch: issue 6, vmm and fork: issue 14; default
+#                                   all; also streams: issue 14 item 6 alone, a few
+#                                   seconds, which pool's cuda-unit step runs too) with
+#                                   the CUDA backend, logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
 #                           timeout_s=560); all groups take about 8 minutes on an H200
 #                           (estimate, never run), so split them if a rerun is likely.
@@ -14,8 +16,8 @@
 # speeds meaningless, the mechanics and every rc are what it checks):
 #   LD_LIBRARY_PATH=$PWD/target/fake-cuda FAKE_CUDA_MEM_BYTES=$((8<<30)) OUT=/tmp/rehearsal \
 #   STREAM_SHAPE="--layers 16 --layer-mib 64 --budget-mib 512" STREAM_FILE_GIB=1 \
-#   STREAM_LLAMA="--shape llama --layers 4 --layer-mib 48 --budget-mib 130" \
-#     bash scripts/device-check.sh run pool host stream
+#   STREAM_LLAMA="--shape llama --layers 4 --layer-mib 48 --budget-mib 130" FORK_GIB=1 \
+#     bash scripts/device-check.sh run pool host stream fork
 # (replay-training-cuda fails there: its 11.3 GB peak does not fit 8 GiB.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +38,7 @@ for line in sys.stdin:
 ' "$BIN"
   cargo build --release --examples --benches
   cargo build --release --lib
-  cp target/release/examples/{info,replay,stream_file,stream_layers} target/release/libhetmem.so "$BIN/"
+  cp target/release/examples/{info,replay,stream_file,stream_layers,fork_check} target/release/libhetmem.so "$BIN/"
   for b in alloc pool pinning vmm; do
     f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -n1); cp "$f" "$BIN/bench-$b"
   done
@@ -60,7 +62,7 @@ shutil.copy(h.build(torch), f"{sys.argv[1]}/torch_hooks-{h.version_tag(torch)}.s
 run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
-  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch)
+  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch fork)
   # No nvidia-smi: a rehearsal against the fake driver (LD_LIBRARY_PATH=target/fake-cuda).
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 ||
     echo "no nvidia-smi (rehearsal?)" >"$OUT/gpu.txt"
@@ -112,10 +114,21 @@ run() {
         step "replay14-$t-cuda" "$BIN/replay" --trace "$f" --backend cuda --json
         step "replay14-$t-torch" python3 python/bench/replay_torch.py "$f" --json
       done ;;
+    streams)
+      # Issue 14, item 6: a copy with no stream reads what stream 0's queued copy wrote,
+      # and the pool hands a block between two threads' per-thread streams (2) behind the
+      # first thread's queued copy (both fail on the fake driver without the fixes).
+      step streams "$BIN/hetmem-lib" --include-ignored gpu_sync_copy_follows_the_legacy_stream \
+        gpu_per_thread_stream_hand_over_between_threads ;;
     torch)
       local hooks; hooks=$(ls "$PWD/$BIN"/torch_hooks-*.so 2>/dev/null | head -n1)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python \
         HETMEM_TORCH_HOOKS_PREBUILT=$hooks step torch-check python3 python/bench/torch_check.py ;;
+    fork)
+      # Fork after pinning FORK_GIB (8) GiB: fork time, the child's RSS and the memory it
+      # took, with MADV_DONTFORK (hetmem's default) and without; the child's error.
+      step fork-dontfork "$BIN/fork_check" --gib "${FORK_GIB:-8}" --json
+      step fork-inherit  "$BIN/fork_check" --gib "${FORK_GIB:-8}" --json --no-dontfork ;;
     *) echo "unknown group $g" >&2 ;;
   esac; done
   echo; echo "== summary ($(cat "$OUT/gpu.txt"))"
@@ -135,6 +148,9 @@ run() {
   [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
   [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"
   [ -f "$OUT/torch-check.log" ] && tail -n 25 "$OUT/torch-check.log"
+  for k in fork-dontfork fork-inherit; do
+    [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); m=lambda k: None if d[k] is None else round(d[k]/1024); print(sys.argv[1], d["backend"], d["gib"], "GiB dontfork", d["dontfork"], "pin ms", round(d["pin_ms"]), "fork ms", round(d["fork_ms"],1), "child VmRSS MiB", m("child_vmrss_kib"), "private", m("child_private_dirty_kib"), "shared", m("child_shared_dirty_kib"), "MemAvailable drop MiB", m("mem_available_drop_kib"), "child error Forked", d["child_error_forked"], "parent ok", d["parent_ok_after"])' "$k" 2>/dev/null
+  done
   # The status: 0 only when every step returned 0.
   for k in "${order[@]}"; do [ "${R[$k]}" = 0 ] || return 1; done
   return 0

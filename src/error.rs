@@ -149,6 +149,25 @@ pub enum Error {
         found: u64,
     },
 
+    /// A call in a process forked from the one that set hetmem up. A GPU driver's
+    /// contexts, streams and memory belong to the process that made them and cannot be
+    /// used in a `fork()`ed child, so everything made before the fork (managers, pools,
+    /// stores, streams, buffers) refuses to work there instead of calling the driver.
+    /// Pinned memory is not even mapped in the child (`MADV_DONTFORK`). Make a new
+    /// [`Manager`](crate::Manager) in the child (where the driver allows it), or start
+    /// workers with `spawn` instead of `fork`.
+    #[error(
+        "this process ({child}) was forked from process {parent}, where this hetmem object \
+        was made: GPU driver state does not survive fork(); make a new Manager in the \
+        child or start workers with spawn"
+    )]
+    Forked {
+        /// The process the object was made in.
+        parent: u32,
+        /// This process, the forked child.
+        child: u32,
+    },
+
     /// Not possible while a stream is capturing a graph (CUDA stream capture): the
     /// driver would refuse the calls it needs and invalidate the capture, or the
     /// capture would record work that has to happen now (a load the caller waits for).

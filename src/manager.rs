@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use crate::backend::copy;
 use crate::backend::cuda::CudaBackend;
+use crate::backend::fork::ForkGuarded;
 use crate::backend::host::{HostBackend, HostRegion};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::backend::rocm::RocmBackend;
@@ -140,20 +141,21 @@ impl ManagerBuilder {
         Ok(mgr)
     }
 
+    /// Opens `kind`, guarded against use in a forked child (see [`Error::Forked`]).
     fn open(&self, kind: BackendKind) -> Result<SharedBackend> {
         Ok(match kind {
-            BackendKind::Host => Arc::new(HostBackend::new()),
+            BackendKind::Host => Arc::new(ForkGuarded::new(HostBackend::new())),
             BackendKind::Sim => {
                 let cfg = match &self.sim {
                     Some(c) => c.clone(),
                     None => SimConfig::from_env()?,
                 };
-                Arc::new(SimBackend::new(cfg)?)
+                Arc::new(ForkGuarded::new(SimBackend::new(cfg)?))
             }
-            BackendKind::Cuda => Arc::new(CudaBackend::new()?),
+            BackendKind::Cuda => Arc::new(ForkGuarded::new(CudaBackend::new()?)),
             BackendKind::Rocm => match &self.rocm_library {
-                Some(p) => Arc::new(RocmBackend::with_library(p)?),
-                None => Arc::new(RocmBackend::new()?),
+                Some(p) => Arc::new(ForkGuarded::new(RocmBackend::with_library(p)?)),
+                None => Arc::new(ForkGuarded::new(RocmBackend::new()?)),
             },
         })
     }
@@ -215,6 +217,13 @@ impl Inner {
 /// Allocates memory anywhere, copies between placements, and makes streams and events.
 ///
 /// Cheap to clone and shareable across threads: clones are the same manager.
+///
+/// # Fork
+/// In a child made by `fork()` every call on a manager made before the fork, and on
+/// everything made from it, fails with [`Error::Forked`] without reaching the driver, and
+/// drops there leak instead of freeing (the memory and driver state are the parent's).
+/// Pinned memory is not mapped in the child at all (`MADV_DONTFORK`): do not touch a
+/// pinned buffer's address there. A new manager made in the child is independent.
 #[derive(Debug, Clone)]
 pub struct Manager {
     inner: Arc<Inner>,
@@ -335,6 +344,7 @@ impl Manager {
     /// `alloc`, counted in [`Manager::stats`] or not (staging buffers of `read`/`write`
     /// are the manager's own business, not the caller's use).
     fn alloc_inner(&self, placement: Placement, size: usize, counted: bool) -> Result<Buffer> {
+        self.live()?;
         if size == 0 {
             return Err(Error::InvalidSize {
                 requested: 0,
@@ -438,6 +448,7 @@ impl Manager {
     }
 
     fn check_stream(&self, stream: &Stream) -> Result<()> {
+        self.live()?;
         if stream.belongs_to(&self.inner.backend) {
             Ok(())
         } else {
@@ -445,7 +456,13 @@ impl Manager {
         }
     }
 
+    /// [`Error::Forked`] in a forked child: nothing made before the fork works there.
+    fn live(&self) -> Result<()> {
+        self.inner.backend.check_fork()
+    }
+
     fn check_owner(&self, id: u64, what: &'static str) -> Result<()> {
+        self.live()?;
         if id == self.inner.id {
             Ok(())
         } else {
@@ -603,6 +620,7 @@ impl Manager {
 
     /// A new caching pool over `device`'s memory (see [`DevicePool`]).
     pub fn device_pool(&self, device: usize, cfg: PoolConfig) -> Result<DevicePool> {
+        self.live()?;
         DevicePool::new(&self.inner.backend, device, cfg)
     }
 
@@ -610,6 +628,7 @@ impl Manager {
     /// allocations resolve `NumaPolicy::NearDevice` and check nodes and room as
     /// [`Manager::alloc`] does.
     pub fn host_pool(&self, cfg: HostPoolConfig) -> Result<HostPool> {
+        self.live()?;
         let mgr = self.clone();
         let placer: crate::pool::host::Placer = Arc::new(move |placement, size| {
             let (Placement::Host(policy) | Placement::Pinned(policy)) = placement else {
@@ -628,6 +647,7 @@ impl Manager {
 
     /// Creates a stream on `device`.
     pub fn create_stream(&self, device: usize) -> Result<Stream> {
+        self.live()?;
         check_device(self.backend(), device)?;
         Stream::new(&self.inner.backend, device)
     }

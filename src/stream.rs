@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::owned::{OwnedEvent, OwnedStream, SharedBackend};
+use crate::backend::owned::{OwnedEvent, OwnedStream, SharedBackend, ThisThread};
 use crate::backend::{EventHandle, StreamHandle};
 use crate::error::{Error, Result};
 
@@ -28,8 +28,29 @@ impl Stream {
     /// `hipStream_t` value), or with `raw` 0 the default stream of `device` (CUDA's
     /// legacy default stream, HIP's null stream, a per-device stream of the simulator).
     /// hetmem queues work on it and records events on it but never destroys it: the
-    /// last clone only lets go of it. The simulator accepts 0 and its own live streams
-    /// ([`Stream::handle`] of a stream it made); the host backend has no streams.
+    /// last clone only lets go of it. The simulator accepts 0, 1, 2 and its own live
+    /// streams ([`Stream::handle`] of a stream it made); the host backend has no streams.
+    ///
+    /// # Special streams
+    ///
+    /// - 0 (and on CUDA 1, `CU_STREAM_LEGACY`): the legacy default stream, one for all
+    ///   threads. The driver orders it against *blocking* streams (work on it waits for
+    ///   theirs, theirs waits for it); hetmem's own streams are non-blocking, so it does
+    ///   not order them, and hetmem never relies on that implicit ordering: memory
+    ///   handed between this stream and any other goes behind an event.
+    /// - [`PER_THREAD_STREAM`](crate::backend::PER_THREAD_STREAM) (2,
+    ///   `CU_STREAM_PER_THREAD`, `hipStreamPerThread`): the per-thread default stream,
+    ///   with the driver's meaning on every thread that uses the wrapped stream: work
+    ///   queued through it from a thread goes to *that thread's* per-thread stream, not
+    ///   the wrapping thread's. hetmem treats the threads' streams as the different
+    ///   streams they are: a device pool keeps a block freed on one thread's stream
+    ///   from another thread's until that one has waited for it (an event recorded on
+    ///   the first thread when the block was freed; failing that, a device-wide
+    ///   synchronisation), and copies leave fences per thread. A [`PoolBlock`] freed on
+    ///   another thread than the one that allocated it, or a pool trimmed there, cannot
+    ///   name the allocating thread's stream and waits for the whole device instead.
+    ///
+    /// [`PoolBlock`]: crate::pool::PoolBlock
     ///
     /// # Safety
     /// `raw` is 0 or a live stream of `device` made by the driver `mgr`'s backend talks
@@ -52,6 +73,22 @@ impl Stream {
         })
     }
 
+    /// The stream the calling thread's work goes to: this one, or, for a wrapped
+    /// per-thread default stream, the calling thread's (a stream of its own to pools
+    /// and fences; see [`Stream::wrap`]).
+    pub(crate) fn this_thread(&self) -> std::borrow::Cow<'_, Stream> {
+        match self.inner.this_thread() {
+            ThisThread::Same(_) => std::borrow::Cow::Borrowed(self),
+            ThisThread::View(v) => std::borrow::Cow::Owned(Stream { inner: v }),
+        }
+    }
+
+    /// Whether anything besides this stream and its clones uses it: a pool block or
+    /// fence that keeps it, or one of its per-thread views.
+    pub(crate) fn in_use_elsewhere(&self) -> bool {
+        Arc::strong_count(&self.inner) > 1 || self.inner.views_in_use()
+    }
+
     /// Whether hetmem made this stream (and destroys it when the last clone goes),
     /// rather than wrapping one of the caller's ([`Stream::wrap`]).
     pub fn is_owned(&self) -> bool {
@@ -69,8 +106,9 @@ impl Stream {
     }
 
     /// The backend's handle (a `CUstream` / `hipStream_t` value on GPUs), for interop
-    /// and for the simulator's kernels. For a wrapped default stream (raw 0) it is the
-    /// backend's own token for that device's default stream, not 0.
+    /// and for the simulator's kernels. For a wrapped special stream (raw 0, 1 or 2) it
+    /// is the backend's own token for it, not the raw value; for the per-thread stream
+    /// it means the calling thread's, whichever thread uses it.
     pub fn handle(&self) -> StreamHandle {
         self.inner.handle()
     }

@@ -8,8 +8,9 @@ mod fake_hip;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use hetmem::backend::PER_THREAD_STREAM;
 use hetmem::pool::{Budget, DevicePool, PoolBlock, PoolConfig};
-use hetmem::{BackendKind, Error, Manager, SimConfig, Tier};
+use hetmem::{BackendKind, Error, Manager, SimConfig, Stream, Tier};
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -152,6 +153,80 @@ fn another_stream_waits_for_the_stream_that_freed_the_block() {
         sim.stats().driver.total().1,
         "handed over with an event, not a host wait: the host spent its time in driver calls"
     );
+}
+
+/// The per-thread default stream, wrapped once and used from every thread.
+fn per_thread_stream(mgr: &Manager) -> Stream {
+    // SAFETY: every thread has a per-thread default stream on every device.
+    unsafe { Stream::wrap(mgr, 0, PER_THREAD_STREAM) }.unwrap()
+}
+
+#[test]
+fn a_block_freed_on_one_threads_per_thread_stream_reaches_another_thread_behind_an_event() {
+    let mgr = sim();
+    // One segment: the second thread can only get the block the first one freed.
+    let p = pool(&mgr, false, Budget::Bytes(20 * MIB));
+    let s = per_thread_stream(&mgr);
+    let sim = mgr.sim().unwrap();
+    let blk = p.alloc(20 * MIB, &s).unwrap();
+    let addr = blk.ptr();
+    // On this thread's per-thread stream.
+    let k = sim
+        .launch_kernel(s.handle(), Duration::from_millis(5))
+        .unwrap();
+    drop(blk);
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            let before = sim.stream_time_ns(s.handle()).unwrap();
+            assert!(before < k.end_ns, "this thread's stream is another stream");
+            let blk = p.alloc(20 * MIB, &s).unwrap();
+            assert_eq!(blk.ptr(), addr, "the only memory there is");
+            let at = sim.stream_time_ns(s.handle()).unwrap();
+            assert!(
+                at >= k.end_ns,
+                "handed to this thread's stream at {at} ns, while the other thread's \
+                 kernel used it until {} ns",
+                k.end_ns
+            );
+            assert!(
+                sim.host_time_ns() < k.end_ns,
+                "behind an event, not a host wait"
+            );
+        });
+    });
+    // Back on the first thread: its own stream takes the block back at once.
+    let blk = p.alloc(20 * MIB, &s).unwrap();
+    assert_eq!(blk.ptr(), addr);
+}
+
+#[test]
+fn a_per_thread_block_freed_on_another_thread_is_handed_on_after_the_device() {
+    let mgr = sim();
+    let p = pool(&mgr, false, Budget::Bytes(20 * MIB));
+    let s = per_thread_stream(&mgr);
+    let sim = mgr.sim().unwrap();
+    let blk = p.alloc(20 * MIB, &s).unwrap();
+    let addr = blk.ptr();
+    let k = sim
+        .launch_kernel(s.handle(), Duration::from_millis(5))
+        .unwrap();
+    std::thread::scope(|t| {
+        // Freed here, where the allocating thread's stream cannot be named: no event
+        // can be recorded after its kernel.
+        t.spawn(move || drop(blk));
+    });
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            let blk = p.alloc(20 * MIB, &s).unwrap();
+            assert_eq!(blk.ptr(), addr, "the only memory there is");
+            assert!(
+                sim.host_time_ns() >= k.end_ns,
+                "the device was waited for before the block was handed on ({} < {})",
+                sim.host_time_ns(),
+                k.end_ns
+            );
+        });
+    });
 }
 
 #[test]
@@ -1011,4 +1086,30 @@ fn release_waits_for_the_device_and_for_captures() {
     drop(again);
     pool.release_pool(g2).unwrap();
     assert_eq!(sim.stats().capture_violations, 0);
+}
+
+/// Events are kept and recorded again, not made and destroyed per copy: a thousand
+/// asynchronous copies on a stream make a handful of events (without the stream's cache,
+/// a thousand).
+#[test]
+fn async_copies_reuse_their_events() {
+    use hetmem::backend::sim::DriverCall;
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let a = mgr.create_stream(0).unwrap();
+    let src = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
+    let mut dst = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
+    let before = sim.stats().driver;
+    for _ in 0..1000 {
+        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &a).unwrap();
+    }
+    drop(dst);
+    let d = sim.stats().driver.since(&before);
+    assert!(d.calls(DriverCall::EventRecord) >= 1000, "{d:?}");
+    assert!(
+        d.calls(DriverCall::EventCreate) <= 8,
+        "{} events made for {} records",
+        d.calls(DriverCall::EventCreate),
+        d.calls(DriverCall::EventRecord)
+    );
 }

@@ -626,3 +626,103 @@ fn handle_churn_across_threads() {
     assert_eq!(fake.stat("events"), 0);
     assert!(fake.stat("reused_handles") > 0);
 }
+
+/// hipStreamPerThread (2) is each calling thread's own stream: the handle imported once
+/// queues on the thread that uses it, and synchronising it waits for that thread's work
+/// only (the fake keeps a queue per thread and device).
+#[test]
+fn the_per_thread_stream_is_the_calling_threads() {
+    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
+    let b = backend(&fake);
+    let d: &dyn Backend = &b;
+    let len = 4096;
+    let p = d.alloc_device(0, len).unwrap();
+    // SAFETY: every thread has a per-thread stream on device 0.
+    let s = unsafe { d.import_stream(0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
+    let mut mine = vec![4u8; len];
+    // SAFETY: `mine` outlives the copy, synchronised below; p is live.
+    unsafe { d.copy(dev(0, p), host(&mut mine), len, Some(s)).unwrap() };
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            // SAFETY: a live handle of this backend.
+            unsafe { d.synchronize_stream(s).unwrap() };
+        });
+    });
+    assert_eq!(fake.stat("per_thread_streams"), 2);
+    assert_eq!(
+        fake.stat("per_thread_pending"),
+        1,
+        "another thread's synchronisation left this thread's copy queued"
+    );
+    // The whole device: every thread's stream.
+    d.synchronize_device(0).unwrap();
+    assert_eq!(fake.stat("per_thread_pending"), 0);
+    assert_eq!(fake.stat("device_synchronizes"), 1);
+    let mut out = vec![0u8; len];
+    // SAFETY: as above.
+    unsafe {
+        d.copy(host(&mut out), dev(0, p), len, None).unwrap();
+        d.forget_stream(s).unwrap();
+        d.free_device(0, p, len).unwrap();
+    }
+    assert_eq!(out, mine);
+}
+
+/// The device pool over ROCm (plain segments) and the per-thread stream used from two
+/// threads: a block freed by one thread's stream, its copy still queued, goes to the
+/// other thread's stream only behind that copy; without it the first copy would land
+/// last.
+#[test]
+fn the_pool_orders_a_block_between_two_threads_per_thread_streams() {
+    use hetmem::pool::{Budget, PoolConfig};
+    use hetmem::{Manager, NumaPolicy, Placement};
+    let fake = FakeHip::with_devices(1, 64 * MIB as u64).unwrap();
+    let mgr = Manager::builder()
+        .backend(BackendKind::Rocm)
+        .rocm_library(fake.path())
+        .build()
+        .unwrap();
+    let len = 2 * MIB;
+    let cfg = PoolConfig {
+        budget: Budget::Bytes(len),
+        ..PoolConfig::default()
+    };
+    let pool = mgr.device_pool(0, cfg).unwrap();
+    // SAFETY: every thread has a per-thread stream on device 0.
+    let s = unsafe { hetmem::Stream::wrap(&mgr, 0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
+    let mut mine = mgr
+        .alloc(Placement::Host(NumaPolicy::Default), len)
+        .unwrap();
+    mine.as_mut_slice().unwrap().fill(1);
+    let blk = pool.alloc(len, &s).unwrap();
+    let addr = blk.ptr();
+    mgr.copy_to_block(&blk, 0, &mine, 0, len, &s).unwrap();
+    drop(blk);
+    assert!(
+        fake.stat("per_thread_pending") > 0,
+        "the copy is still queued"
+    );
+    let blk = std::thread::scope(|t| {
+        t.spawn(|| {
+            let mut theirs = mgr
+                .alloc(Placement::Host(NumaPolicy::Default), len)
+                .unwrap();
+            theirs.as_mut_slice().unwrap().fill(2);
+            let blk = pool.alloc(len, &s).unwrap();
+            assert_eq!(blk.ptr(), addr, "the budget leaves one block");
+            mgr.copy_to_block(&blk, 0, &theirs, 0, len, &s).unwrap();
+            s.synchronize().unwrap();
+            blk
+        })
+        .join()
+        .unwrap()
+    });
+    s.synchronize().unwrap();
+    let mut out = vec![0u8; len];
+    blk.read(0, &mut out).unwrap();
+    assert!(
+        out.iter().all(|&x| x == 2),
+        "the first thread's copy landed after the second's: {}",
+        out[0]
+    );
+}

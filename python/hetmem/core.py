@@ -80,7 +80,14 @@ class _Owned:
 
 class HetmemError(Exception):
     """A hetmem call failed: ``.code`` (negative int), ``.name`` (HETMEM_ERR_...) and
-    ``.message`` (the library's last error message)."""
+    ``.message`` (the library's last error message). A HETMEM_ERR_FORKED failure is
+    raised as its subclass ForkedError."""
+
+    def __new__(cls, code=None, message=None):
+        # Every "raise HetmemError(rc)" raises the subclass of its code.
+        if cls is HetmemError and code == _lib.HETMEM_ERR_FORKED:
+            cls = ForkedError
+        return super().__new__(cls, code, message)
 
     def __init__(self, code, message=None):
         self.code = code
@@ -89,6 +96,22 @@ class HetmemError(Exception):
             message = _lib.failure_message(code)
         self.message = last_error() if message is None else message
         super().__init__(f"{self.name} ({code}): {self.message}")
+
+
+class ForkedError(HetmemError):
+    """A call in a process forked (``os.fork``, a ``fork``-started multiprocessing or
+    DataLoader worker) from the one that made the hetmem object: GPU driver state does
+    not survive fork(), so hetmem refuses instead of calling the driver. Pinned memory
+    is not even mapped in the child. Make a new Manager in the child, or start workers
+    with the "spawn" method. Closing and freeing still work there (they leak)."""
+
+
+def _forked(parent):
+    return ForkedError(
+        _lib.HETMEM_ERR_FORKED,
+        f"this process ({os.getpid()}) was forked from process {parent}, where this "
+        "hetmem object was made: its pinned memory is not mapped here",
+    )
 
 
 def _check(rc):
@@ -221,6 +244,8 @@ class Manager(_Owned):
         name = None if backend is None else str(backend).encode()
         _check(self._lib.hetmem_manager_create(name, byref(h)))
         self._h = h
+        # host_view() reads memory without a C call: it checks the process itself.
+        self._pid = os.getpid()
 
     @property
     def handle(self):
@@ -438,6 +463,8 @@ class Buffer(_Owned):
         self._live()
         if self.placement == DEVICE:
             raise ValueError("device memory is not addressable by the CPU")
+        if os.getpid() != self.manager._pid:
+            raise _forked(self.manager._pid)
         view = (ctypes.c_char * self.size).from_address(self.ptr)
         view._hetmem_buffer = self
         return view
@@ -471,7 +498,8 @@ class Stream(_Owned):
     @classmethod
     def wrap(cls, mgr, raw, device=0):
         """Wraps the caller's stream ``raw`` (an int: cudaStream_t value, 0 for the
-        default stream). hetmem never destroys it; it must outlive this object."""
+        default stream, 2 for the per-thread default stream: each thread that uses it
+        uses its own). hetmem never destroys it; it must outlive this object."""
         h = StreamP()
         _check(mgr._lib.hetmem_stream_wrap(mgr.handle, device, _size(raw, "raw"), byref(h)))
         return cls(mgr, device, _handle=h)

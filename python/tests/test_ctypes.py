@@ -355,6 +355,59 @@ class TestManager(ErrorAssertions):
         b.free()
 
 
+    def test_fork_after_pinning(self):
+        """A forked child (a fork-started DataLoader worker) gets ForkedError from the
+        parent's objects and has no mapping of its pinned memory; closing and freeing
+        there succeed; the parent carries on."""
+        pinned = self.mgr.alloc(PINNED, 8 * MIB)
+        pinned.write(b"\x42" * 4096)
+        dev = self.mgr.alloc(DEVICE, MIB)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into unittest
+            os.close(r)
+            msg = "ok"
+            try:
+                calls = {
+                    "alloc": lambda: self.mgr.alloc(DEVICE, 4096),
+                    "read": lambda: pinned.read(16),
+                    "host_view": pinned.host_view,
+                    "copy": lambda: dev.copy_from(pinned, 4096),
+                    "mem_info": lambda: self.mgr.mem_info(0),
+                }
+                for name, call in calls.items():
+                    try:
+                        call()
+                        msg = f"{name} did not raise"
+                    except hetmem.ForkedError as e:
+                        if e.name != "HETMEM_ERR_FORKED" or "forked" not in str(e):
+                            msg = f"{name}: {e}"
+                    if msg != "ok":
+                        break
+                at = pinned.ptr
+                with open("/proc/self/maps") as f:
+                    for line in f:
+                        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                        if lo < at + pinned.size and at < hi:
+                            msg = f"the pinned buffer is mapped in the child: {line}"
+                pinned.free()
+                dev.free()
+                self.mgr.close()
+            except BaseException as e:  # noqa: BLE001 - everything goes to the parent
+                msg = repr(e)
+            os.write(w, msg.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        self.assertEqual((msg, status), ("ok", 0))
+        self.assertTrue(issubclass(hetmem.ForkedError, HetmemError))
+        self.assertEqual(pinned.read(4096), b"\x42" * 4096)
+        dev.copy_from(pinned, MIB)
+        self.assertEqual(dev.read(16), b"\x42" * 16)
+
+
 class TestTierStore(ErrorAssertions):
     SIZE = 3 * MIB  # four of them, room for two on the device
 

@@ -149,6 +149,10 @@ pub(crate) fn copy(
     if !Arc::ptr_eq(backend, st.backend()) {
         return Err(Error::ForeignHandle { what: "stream" });
     }
+    // A per-thread default stream is the calling thread's here: its fence must not
+    // replace another thread's (see `Fences::add`).
+    let view = st.this_thread();
+    let st: &OwnedStream = &view;
     if st.is_capturing()? {
         // A graph capture records the copy; it runs at each replay, not now. A fence
         // recorded here would be a captured event, which no one may query or wait for

@@ -96,14 +96,29 @@
 //! (either device, for a copy between two), as in the simulator; anything else is
 //! refused with `Error::InvalidArgument` before the driver is called.
 //!
-//! A copy with no stream runs on a per-device internal non-blocking stream followed by
-//! `cuStreamSynchronize`, not `cuMemcpy`: `cuMemcpy` uses the legacy default stream,
-//! which serialises with every blocking stream in the context (other libraries'
-//! included), and for pageable-to-device copies it may return once the bytes are
-//! staged, before the DMA lands — work then queued on a non-blocking stream could
-//! read stale device memory. The internal stream plus synchronize means "done when it
-//! returns" and never waits for anyone else's work (it may wait for another thread's
-//! synchronous copy on the same device, which is only latency).
+//! A copy with no stream is ordered as `cuMemcpy` is, and done when it returns: an
+//! event recorded on the legacy default stream (`CU_STREAM_LEGACY`) of the device it
+//! runs on (the destination's, for a copy between two devices) makes a per-device
+//! internal non-blocking stream wait, the copy runs there, and `cuStreamSynchronize`
+//! waits for it. So it follows the work queued before it on the legacy stream and, by
+//! the driver's rule, on every blocking stream of the context (the per-thread default
+//! streams included): a kernel the caller queued on stream 0 has written its output
+//! before the copy reads it. It does not follow work on non-blocking streams (hetmem's
+//! own, PyTorch's side streams): those are ordered by the fences copies leave on
+//! buffers, or by the caller. `cuMemcpy` itself is not used: for pageable-to-device
+//! copies it may return once the bytes are staged, before the DMA lands, and work then
+//! queued on a non-blocking stream could read stale device memory. Like `cuMemcpy`, it
+//! acts on the legacy stream, which a stream capture in global mode forbids.
+//!
+//! # Special streams
+//!
+//! [`Backend::import_stream`] takes the driver's special handles: 0 and 1 are the
+//! legacy default stream of the device's primary context (one for all threads); 2 is
+//! `CU_STREAM_PER_THREAD`, passed to the driver as it is, so every call acts on the
+//! per-thread default stream of the calling thread. hetmem's own streams are
+//! `CU_STREAM_NON_BLOCKING`: the legacy stream neither waits for them nor makes them
+//! wait, and nothing in hetmem relies on that implicit ordering (hand-overs in the
+//! pool and fences are explicit events).
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -127,7 +142,7 @@ use super::registered::{for_each_piece, Registrations};
 use super::{
     check_copy_stream, check_device, check_vmm_size, lock, normalize_pci_bus_id, raw_stream,
     register_in_pieces, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, ForeignStreams,
-    MemInfo, MemRef, PhysHandle, Refusal, RollbackError, StreamHandle,
+    MemInfo, MemRef, PhysHandle, Refusal, RollbackError, StreamHandle, LEGACY_STREAM,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -503,9 +518,9 @@ struct Opened {
     /// Minimum VMM granularity, queried once when the device is opened; `None` without
     /// VMM (see `DeviceState::vmm`) or when the query fails.
     vmm_granularity: Option<usize>,
-    /// Internal non-blocking stream for copies made without a stream, created at the
-    /// first such copy.
-    copy_stream: OnceLock<CUstream>,
+    /// Internal non-blocking stream for copies made without a stream, and the event
+    /// that orders them after the legacy default stream, created at the first such copy.
+    copy_stream: OnceLock<(CUstream, CUevent)>,
 }
 
 /// NVIDIA GPUs through the CUDA driver API. See the module docs.
@@ -686,15 +701,16 @@ impl CudaBackend {
         }
     }
 
-    /// `device`'s internal copy stream, made at the first call.
-    fn copy_stream(&self, device: usize) -> Result<CUstream> {
+    /// `device`'s internal copy stream and its legacy-stream event, made at the first
+    /// call.
+    fn copy_stream(&self, device: usize) -> Result<(CUstream, CUevent)> {
         let opened = self.opened(device)?;
-        if let Some(&stream) = opened.copy_stream.get() {
-            return Ok(stream);
+        if let Some(&made) = opened.copy_stream.get() {
+            return Ok(made);
         }
         let _one_at_a_time = lock(&self.open_lock);
-        if let Some(&stream) = opened.copy_stream.get() {
-            return Ok(stream);
+        if let Some(&made) = opened.copy_stream.get() {
+            return Ok(made);
         }
         let _ctx = bind_ctx(opened.ctx)?;
         let mut stream: CUstream = ptr::null_mut();
@@ -702,7 +718,20 @@ impl CudaBackend {
         check("cuStreamCreate", unsafe {
             drv::cuStreamCreate(&mut stream, CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
         })?;
-        Ok(*opened.copy_stream.get_or_init(|| stream))
+        let mut event: CUevent = ptr::null_mut();
+        // SAFETY: as above; `event` is a valid out-pointer.
+        let made = check("cuEventCreate", unsafe {
+            drv::cuEventCreate(&mut event, CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        });
+        if let Err(e) = made {
+            // SAFETY: made just above in the current context; nothing else holds it.
+            let status = unsafe { drv::cuStreamDestroy_v2(stream) };
+            if let Err(undo) = check("cuStreamDestroy", status) {
+                tracing::warn!(device, error = %undo, "destroying a copy stream left without its event");
+            }
+            return Err(e);
+        }
+        Ok(*opened.copy_stream.get_or_init(|| (stream, event)))
     }
 
     /// The device whose context host-side calls use: registering and unregistering
@@ -1074,16 +1103,21 @@ impl Drop for CudaBackend {
                 .filter_map(|(device, state)| Some((device, state.dev, state.opened.get()?)))
         };
         for (device, _, o) in opened() {
-            let Some(&stream) = o.copy_stream.get() else {
+            let Some(&(stream, event)) = o.copy_stream.get() else {
                 continue;
             };
             match bind_ctx(o.ctx) {
                 Ok(_ctx) => {
-                    // SAFETY: the stream was created by us on this context, which is
-                    // current; nothing else holds it.
+                    // SAFETY: the stream and event were created by us on this context,
+                    // which is current; nothing else holds them.
                     let status = unsafe { drv::cuStreamDestroy_v2(stream) };
                     if let Err(e) = check("cuStreamDestroy", status) {
                         tracing::warn!(device, error = %e, "destroying internal copy stream");
+                    }
+                    // SAFETY: as above.
+                    let status = unsafe { drv::cuEventDestroy_v2(event) };
+                    if let Err(e) = check("cuEventDestroy", status) {
+                        tracing::warn!(device, error = %e, "destroying internal copy event");
                     }
                 }
                 Err(e) => tracing::warn!(device, error = %e, "binding context in drop"),
@@ -1456,8 +1490,10 @@ impl Backend for CudaBackend {
     }
 
     /// # Safety
-    /// As [`Backend::import_stream`]. 0 is the legacy default stream of `device`'s
-    /// primary context (every call binds that context before it uses the handle).
+    /// As [`Backend::import_stream`]. 0 and 1 are the legacy default stream of
+    /// `device`'s primary context, 2 the calling thread's per-thread default stream of it
+    /// (every call binds that context before it uses the handle, and passes 2 on: the
+    /// driver picks the thread's stream).
     unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
         check_device(self, device)?;
         self.foreign.import(device, raw)
@@ -1478,6 +1514,13 @@ impl Backend for CudaBackend {
         check("cuStreamSynchronize", unsafe {
             drv::cuStreamSynchronize(stream_ptr(stream))
         })
+    }
+
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        check_device(self, device)?;
+        let _ctx = self.bind(device)?;
+        // SAFETY: the device's primary context is current; the call takes no arguments.
+        check("cuCtxSynchronize", unsafe { drv::cuCtxSynchronize() })
     }
 
     fn create_event(&self, device: usize) -> Result<EventHandle> {
@@ -1589,13 +1632,6 @@ impl Backend for CudaBackend {
         Ok(status != 0)
     }
 
-    fn synchronize_device(&self, device: usize) -> Result<()> {
-        check_device(self, device)?;
-        let _ctx = self.bind(device)?;
-        // SAFETY: the device's primary context is current on this thread.
-        check("cuCtxSynchronize", unsafe { drv::cuCtxSynchronize() })
-    }
-
     /// # Safety
     /// As [`Backend::copy`].
     unsafe fn copy(
@@ -1619,21 +1655,39 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let (device, cu_stream) = match stream {
+        let (device, cu_stream, after_legacy) = match stream {
             Some(s) => {
                 let device = self.stream_device(s)?;
                 check_copy_stream(&dst, &src, device)?;
-                (device, stream_ptr(s))
+                (device, stream_ptr(s), None)
             }
             None => {
                 let device = match dst_dev.or(src_dev) {
                     Some(device) => device,
                     None => self.host_device()?,
                 };
-                (device, self.copy_stream(device)?)
+                let (stream, event) = self.copy_stream(device)?;
+                (device, stream, Some(event))
             }
         };
         let _ctx = self.bind(device)?;
+        if let Some(event) = after_legacy {
+            // Ordered as cuMemcpy is: after the work queued so far on the legacy default
+            // stream, which by the driver's rule waits for every blocking stream of the
+            // context (so a kernel the caller queued on stream 0 has written its output
+            // before it is read). A concurrent copy may record the event again before
+            // the wait: the wait then covers more, never less.
+            let legacy: CUstream = ptr::without_provenance_mut(LEGACY_STREAM as usize);
+            // SAFETY: the event is ours, made in this device's context, which is
+            // current; CU_STREAM_LEGACY names that context's legacy stream.
+            check("cuEventRecord", unsafe {
+                drv::cuEventRecord(event, legacy)
+            })?;
+            // SAFETY: the internal stream and the event are ours, of this context.
+            check("cuStreamWaitEvent", unsafe {
+                drv::cuStreamWaitEvent(cu_stream, event, 0)
+            })?;
+        }
         let queued = match (dst_dev, src_dev) {
             (Some(dd), Some(sd)) if dd != sd => {
                 // Both devices' contexts take part: both must be open.
@@ -2246,5 +2300,109 @@ mod tests {
                 ..
             }) if requested == too_big
         ));
+    }
+
+    /// A copy with no stream reads what work queued on the legacy stream wrote, as
+    /// `cuMemcpy` does: a 256 MiB host-to-device copy queued on stream 0 (milliseconds
+    /// on a GPU), then a synchronous read of the end of the destination on the other
+    /// copy engine. Unordered, the read would likely see the old bytes.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_sync_copy_follows_the_legacy_stream() {
+        let b = CudaBackend::new().expect("a CUDA driver and device");
+        let n = 256 << 20;
+        let tail = 1 << 20;
+        let pinned = DriverPinned::new(&b, 0, n).unwrap();
+        let dev = b.alloc_device(0, n).unwrap();
+        let mut back = vec![0u8; tail];
+        // SAFETY: the legacy stream of device 0; `pinned`, `dev` and `back` are live for
+        // the sizes given until the synchronisations below.
+        unsafe {
+            let legacy = b.import_stream(0, 0).unwrap();
+            let d = |off: usize| MemRef::Device {
+                device: 0,
+                ptr: dev.offset(off),
+            };
+            let src = MemRef::Host {
+                ptr: pinned.ptr(),
+                kind: super::super::HostKind::Pinned,
+            };
+            let out = MemRef::Host {
+                ptr: NonNull::new(back.as_mut_ptr()).unwrap(),
+                kind: super::super::HostKind::Pageable,
+            };
+            for round in 1..=3u8 {
+                std::ptr::write_bytes(pinned.ptr().as_ptr(), round, n);
+                b.copy(d(0), src, n, Some(legacy)).unwrap();
+                b.copy(out, d(n - tail), tail, None).unwrap();
+                assert!(
+                    back.iter().all(|&x| x == round),
+                    "round {round}: the synchronous copy read {} before the legacy \
+                     stream's copy landed",
+                    back[0]
+                );
+            }
+            b.synchronize_stream(legacy).unwrap();
+            b.forget_stream(legacy).unwrap();
+            b.free_device(0, dev, n).unwrap();
+        }
+    }
+
+    /// The device pool and the per-thread stream (2) on two threads: a block freed on
+    /// the first thread's stream, with a copy into it queued behind 256 MiB of other
+    /// copies (milliseconds), goes to the second thread's stream only behind it. The
+    /// second thread's copy into the block lands last; unordered it would likely land
+    /// first and be overwritten.
+    #[test]
+    #[ignore = "needs a CUDA driver and GPU: cargo test --lib cuda -- --ignored"]
+    fn gpu_per_thread_stream_hand_over_between_threads() {
+        use crate::placement::{NumaPolicy, Placement};
+        use crate::pool::{Budget, PoolConfig};
+        let mgr = crate::Manager::builder()
+            .backend(BackendKind::Cuda)
+            .build()
+            .expect("a CUDA driver and device");
+        let head = 2 << 20;
+        let cfg = PoolConfig {
+            budget: Budget::Bytes(head),
+            expandable_segments: false,
+            ..PoolConfig::default()
+        };
+        let pool = mgr.device_pool(0, cfg).unwrap();
+        // SAFETY: every thread has a per-thread stream on device 0.
+        let s = unsafe { crate::Stream::wrap(&mgr, 0, super::super::PER_THREAD_STREAM) }.unwrap();
+        let big = 256 << 20;
+        let host = Placement::Pinned(NumaPolicy::Default);
+        let busy_src = mgr.alloc(host.clone(), big).unwrap();
+        let mut busy_dst = mgr.alloc(Placement::Device(0), big).unwrap();
+        let mut first = mgr.alloc(host.clone(), head).unwrap();
+        first.as_mut_slice().unwrap().fill(1);
+        let blk = pool.alloc(head, &s).unwrap();
+        let addr = blk.ptr();
+        mgr.copy_async(&mut busy_dst, 0, &busy_src, 0, big, &s)
+            .unwrap();
+        mgr.copy_to_block(&blk, 0, &first, 0, head, &s).unwrap();
+        drop(blk);
+        let blk = std::thread::scope(|t| {
+            t.spawn(|| {
+                let mut second = mgr.alloc(host.clone(), head).unwrap();
+                second.as_mut_slice().unwrap().fill(2);
+                let blk = pool.alloc(head, &s).unwrap();
+                assert_eq!(blk.ptr(), addr, "the budget leaves one block");
+                mgr.copy_to_block(&blk, 0, &second, 0, head, &s).unwrap();
+                s.synchronize().unwrap();
+                blk
+            })
+            .join()
+            .unwrap()
+        });
+        s.synchronize().unwrap();
+        let mut out = vec![0u8; head];
+        blk.read(0, &mut out).unwrap();
+        assert!(
+            out.iter().all(|&x| x == 2),
+            "the first thread's copy landed after the second thread's: {}",
+            out[0]
+        );
     }
 }

@@ -14,6 +14,7 @@ use hetmem_sys::numa;
 use libc::c_void;
 use nix::errno::Errno;
 
+use crate::backend::fork::{self, Epoch};
 use crate::backend::{
     check_device, Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, MemInfo, MemRef,
     StreamHandle,
@@ -147,6 +148,9 @@ pub struct HostRegion {
     /// `OwnedMemory::pinned_with`); 0 when it is registered whole (the backend then
     /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK) itself).
     register_chunk: usize,
+    /// When the region was advised `MADV_DONTFORK` (see
+    /// [`HostRegion::exclude_from_fork`]): a child forked after that has no mapping here.
+    dontfork: Option<Epoch>,
 }
 
 // SAFETY: the region is plain memory owned by this value; nothing in it is tied to a thread.
@@ -314,6 +318,7 @@ impl HostRegion {
             huge,
             leaked: false,
             register_chunk: 0,
+            dontfork: None,
         };
 
         if huge {
@@ -437,6 +442,29 @@ impl HostRegion {
         }
     }
 
+    /// Keeps the region out of processes forked from this one (`MADV_DONTFORK`), for
+    /// memory about to be pinned: a driver that pins with `FOLL_LONGTERM` (recent NVIDIA
+    /// kernel modules) makes `fork()` copy every pinned page into the child at once,
+    /// where it is useless (the child cannot use the parent's GPU state). A forked child
+    /// then has nothing mapped at this range, and drop leaves the range alone there.
+    /// Does nothing when `HETMEM_DONTFORK=0`. A refusal (none is expected on an
+    /// anonymous mapping) is logged, and the region works as before, inherited by
+    /// children.
+    pub(crate) fn exclude_from_fork(&mut self) {
+        if self.dontfork.is_some() || !fork::dontfork_enabled() {
+            return;
+        }
+        // SAFETY: the range is the mapping we own; MADV_DONTFORK only changes whether
+        // fork() copies it into a child, not the memory or its mapping here.
+        let rc = unsafe { libc::madvise(self.addr(), self.map_len, libc::MADV_DONTFORK) };
+        if rc != 0 {
+            tracing::warn!(target: "hetmem", error = %Errno::last(), len = self.map_len,
+                "MADV_DONTFORK refused: a forked child will copy this pinned region");
+            return;
+        }
+        self.dontfork = Some(Epoch::now());
+    }
+
     /// The largest piece this region is registered in (0: registered whole).
     pub(crate) fn register_chunk(&self) -> usize {
         self.register_chunk
@@ -514,6 +542,11 @@ impl HostRegion {
 impl Drop for HostRegion {
     fn drop(&mut self) {
         if self.leaked {
+            return;
+        }
+        if self.dontfork.is_some_and(|e| !e.is_current()) {
+            // A forked child: the region was never mapped here, and the range may hold
+            // the child's own mappings by now.
             return;
         }
         // SAFETY: `ptr..ptr+map_len` is the mapping made in `alloc`, owned by this value and

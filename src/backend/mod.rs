@@ -17,6 +17,7 @@
 pub mod block_cache;
 pub(crate) mod copy;
 pub mod cuda;
+pub(crate) mod fork;
 pub mod host;
 // Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
 // only its cache (`block_cache`) is built, and modelled.
@@ -175,12 +176,23 @@ pub struct MemInfo {
 /// returned by this same backend object, is still live (not freed or destroyed), and
 /// the ranges given lie inside the allocation. Copies may run after the call returns
 /// when a stream is given: the memory must stay valid until that stream passes them.
+///
+/// A [`Manager`](crate::Manager) wraps the backend it opens in a guard that forwards
+/// every method (`fork::ForkGuarded`): a method added here must be forwarded there too.
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
 
     /// The devices, by ordinal. Empty for the host backend.
     fn devices(&self) -> &[DeviceInfo];
+
+    /// [`Error::Forked`] when this is a `fork()`ed child of the process that opened the
+    /// backend through a [`Manager`](crate::Manager): every other call then fails the
+    /// same way without reaching the driver. `Ok` otherwise, and always for a backend
+    /// opened directly (`SimBackend::new`, ...), which is not watched.
+    fn check_fork(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Free and total memory of a device.
     fn mem_info(&self, device: usize) -> Result<MemInfo>;
@@ -232,6 +244,12 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// The handle returned may differ from `raw` (default streams exist once per device,
     /// so their handles carry the device).
     ///
+    /// [`PER_THREAD_STREAM`] (2) is the per-thread default stream, as the drivers define
+    /// it: every call with the handle returned acts on the per-thread default stream of
+    /// the thread that makes the call, not of the thread that imported it. The handle
+    /// is one value for all threads; what keeps their work apart (pools, fences) is the
+    /// layer above's (`OwnedStream`'s per-thread views).
+    ///
     /// # Safety
     /// `raw` is 0 or a live stream of `device` made by the same driver this backend
     /// talks to, and stays live until every handle imported from it is forgotten.
@@ -261,6 +279,19 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// # Safety
     /// `stream` is live and from this backend.
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()>;
+
+    /// Blocks until everything queued on `device` so far is done, on every stream
+    /// (`cuCtxSynchronize`, `hipDeviceSynchronize`): the per-thread default streams of
+    /// all threads included, which no stream handle reaches from another thread, and
+    /// work hetmem does not know about (graph replays). Illegal while a stream of the
+    /// device is capturing.
+    fn synchronize_device(&self, device: usize) -> Result<()> {
+        let _ = device;
+        Err(Error::Unsupported {
+            backend: self.kind(),
+            what: "device synchronisation",
+        })
+    }
 
     /// Creates an event on `device`.
     fn create_event(&self, device: usize) -> Result<EventHandle>;
@@ -312,19 +343,13 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
         Ok(false)
     }
 
-    /// Blocks until everything queued on every stream of `device` is done (by anyone
-    /// in the process, on any stream: also work hetmem does not know about, such as
-    /// graph replays). Illegal while a stream of the device is capturing.
-    fn synchronize_device(&self, device: usize) -> Result<()> {
-        let _ = device;
-        Err(Error::Unsupported {
-            backend: self.kind(),
-            what: "device synchronisation",
-        })
-    }
-
     /// Copies `len` bytes from `src` to `dst`: on `stream` (ordered after the work
-    /// already queued there) or, with `None`, synchronously.
+    /// already queued there) or, with `None`, synchronously (done when it returns) and
+    /// ordered as `cuMemcpy` / `hipMemcpy` are: after the work queued before it on the
+    /// device's legacy default stream (HIP's null stream) and so, by the drivers' rule,
+    /// on every blocking stream of the device (the per-thread default streams
+    /// included); not after work on non-blocking streams (hetmem's own streams are
+    /// non-blocking: the fences copies leave on memory order those).
     ///
     /// # Safety
     /// Both ranges are valid for `len` bytes, do not overlap, and stay valid until the
@@ -467,9 +492,20 @@ pub trait Backend: Send + Sync + fmt::Debug + 'static {
 
 /// Raw stream values below this are a driver's special streams, which exist once per
 /// device (context) rather than once per process: CUDA's 0 (the legacy default
-/// stream), 1 (`CU_STREAM_LEGACY`) and 2 (`CU_STREAM_PER_THREAD`); HIP's 0 (the null
-/// stream) and 2 (`hipStreamPerThread`). No real stream object lives at such an address.
-const SPECIAL_STREAMS: u64 = 16;
+/// stream), 1 (`CU_STREAM_LEGACY`) and 2 (`CU_STREAM_PER_THREAD`, one per thread and
+/// device); HIP's 0 (the null stream) and 2 (`hipStreamPerThread`). No real stream
+/// object lives at such an address (the simulator's handles start here too).
+pub(crate) const SPECIAL_STREAMS: u64 = 16;
+
+/// The raw stream value of the per-thread default stream: `CU_STREAM_PER_THREAD`
+/// (CUDA), `hipStreamPerThread` (HIP). Each thread has its own on each device, and the
+/// driver picks the calling thread's whenever it is passed; hetmem gives it the same
+/// meaning ([`Stream::wrap`](crate::Stream::wrap)).
+pub const PER_THREAD_STREAM: u64 = 2;
+
+/// The raw stream value of CUDA's legacy default stream (`CU_STREAM_LEGACY`); 0 means
+/// the same stream to the driver API.
+pub(crate) const LEGACY_STREAM: u64 = 1;
 /// Set in the handle of an imported special stream, whose device sits in bits 8..63.
 const SPECIAL_TAG: u64 = 1 << 63;
 
@@ -486,7 +522,7 @@ impl ForeignStreams {
     /// imported for another device is refused.
     pub(crate) fn import(&self, device: usize, raw: u64) -> Result<StreamHandle> {
         let handle = if raw < SPECIAL_STREAMS {
-            StreamHandle(SPECIAL_TAG | ((device as u64) << 8) | raw)
+            special_handle(device, raw)
         } else {
             StreamHandle(raw)
         };
@@ -534,6 +570,35 @@ pub(crate) fn raw_stream(handle: StreamHandle) -> u64 {
     } else {
         handle.0
     }
+}
+
+/// The handle [`ForeignStreams`] gives the special stream `raw` of `device` (the
+/// simulator uses the same form for its per-thread streams).
+pub(crate) fn special_handle(device: usize, raw: u64) -> StreamHandle {
+    StreamHandle(SPECIAL_TAG | ((device as u64) << 8) | raw)
+}
+
+/// `Some(device)` when `handle` is an imported per-thread default stream.
+pub(crate) fn per_thread_device(handle: StreamHandle) -> Option<usize> {
+    (handle.0 & SPECIAL_TAG != 0 && handle.0 & 0xff == PER_THREAD_STREAM)
+        .then_some(((handle.0 & !SPECIAL_TAG) >> 8) as usize)
+}
+
+/// A number for the calling thread, unique for the life of the process (the identity
+/// a per-thread default stream belongs to). Never panics, also while the thread's
+/// other thread-locals are being destroyed (a `Drop` may run then): it has no
+/// destructor, unlike `std::thread::current()`'s handle.
+pub(crate) fn thread_key() -> u64 {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local!(static KEY: Cell<u64> = const { Cell::new(0) });
+    KEY.with(|k| {
+        if k.get() == 0 {
+            k.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        k.get()
+    })
 }
 
 /// `Ok` when `size` is a positive multiple of the VMM page `granularity` (reservations,

@@ -18,7 +18,15 @@
 //!
 //! A copy on a stream must be queued on a stream of the device it touches (either
 //! device, for a copy between two), as in the simulator; anything else is refused with
-//! [`Error::InvalidArgument`] before the runtime is called.
+//! [`Error::InvalidArgument`] before the runtime is called. A copy with no stream is
+//! `hipMemcpy` on the device it touches: ordered on that device's null stream, so after
+//! the work queued before it on the null stream and the blocking streams (the
+//! per-thread streams included), not after hetmem's streams, which are
+//! `hipStreamNonBlocking` (as [`Backend::copy`] says for every backend).
+//!
+//! Special streams, as the CUDA backend takes them: 0 is the null stream of a device
+//! (one for all threads), 2 (`hipStreamPerThread`) the per-thread stream of the thread
+//! making each call.
 //!
 //! Status: the whole path is exercised against a fake HIP runtime
 //! (`tests/fake_hip/fake_hip.c`) and the loader against ROCm 5.2's real
@@ -554,8 +562,9 @@ impl Backend for RocmBackend {
         result
     }
 
-    /// 0 is the null stream of `device` (every call makes the stream's device current
-    /// before it uses the handle).
+    /// 0 is the null stream of `device`, 2 (`hipStreamPerThread`) the calling thread's
+    /// per-thread stream of it (every call makes the stream's device current before it
+    /// uses the handle, and passes 2 on: the runtime picks the thread's stream).
     unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
         check_device(self, device)?;
         self.foreign.import(device, raw)
@@ -590,8 +599,9 @@ impl Backend for RocmBackend {
     }
 
     fn synchronize_device(&self, device: usize) -> Result<()> {
+        check_device(self, device)?;
         self.set_device(device)?;
-        // SAFETY: no arguments; it waits for the current device, set above.
+        // SAFETY: takes no arguments; acts on the current device, set just above.
         let code = unsafe { self.api().hipDeviceSynchronize() };
         self.check("hipDeviceSynchronize", code)
     }

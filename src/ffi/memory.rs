@@ -470,7 +470,9 @@ fn stream_opt(s: *mut HetmemStream) -> FfiResult<Option<Arc<FfiStream>>> {
 
 /// Copies `n` bytes from `src` to `dst`, both addresses in buffers of this manager
 /// (anywhere inside one; device addresses for device memory). With `stream` NULL it
-/// returns when the bytes have arrived; else the copy is queued on `stream` (the
+/// returns when the bytes have arrived, ordered as `cudaMemcpy` on the legacy default
+/// stream is (after the work queued before it there and on blocking streams; see
+/// [`Backend::copy`](crate::backend::Backend::copy)); else the copy is queued on `stream` (the
 /// buffers stay alive until it is done, even if freed). Ranges that leave their buffer
 /// are `HETMEM_ERR_OUT_OF_BOUNDS`; addresses outside every buffer
 /// `HETMEM_ERR_FOREIGN_POINTER`. Both ranges in one buffer copy synchronously.
@@ -618,6 +620,9 @@ pub unsafe extern "C" fn hetmem_stream_create(
 /// Wraps the caller's stream `raw` (a `cudaStream_t` / `CUstream` or `hipStream_t`
 /// value; 0 for the device's default stream) of `device`, for use wherever hetmem
 /// takes a stream. hetmem never destroys it: [`hetmem_stream_destroy`] only lets go.
+/// 2 (`cudaStreamPerThread`, `hipStreamPerThread`) is the per-thread default stream,
+/// with the driver's meaning: each thread that uses the handle uses its own
+/// ([`Stream::wrap`]).
 ///
 /// # Safety
 /// `out` is NULL or valid for a write. `raw` is 0 or a live stream of `device` made by

@@ -66,8 +66,12 @@ pub const HETMEM_ERR_CONFIG: c_int = -13;
 /// [`Error::Checksum`]: a parameter's bytes did not match its checksum (a store made
 /// with checksums).
 pub const HETMEM_ERR_CHECKSUM: c_int = -14;
+/// [`Error::Forked`]: a call in a `fork()`ed child on something made before the fork
+/// (GPU driver state does not survive a fork). Frees and destroys there succeed and
+/// leak instead.
+pub const HETMEM_ERR_FORKED: c_int = -15;
 /// [`Error::StreamCapturing`]: not possible while a stream is capturing a graph.
-pub const HETMEM_ERR_STREAM_CAPTURING: c_int = -15;
+pub const HETMEM_ERR_STREAM_CAPTURING: c_int = -16;
 /// A required pointer argument was NULL.
 pub const HETMEM_ERR_NULL_POINTER: c_int = -20;
 /// A handle that is not live: destroyed already, of another kind, or never made.
@@ -98,6 +102,7 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::Os { .. } => HETMEM_ERR_OS,
         Error::Config { .. } => HETMEM_ERR_CONFIG,
         Error::Checksum { .. } => HETMEM_ERR_CHECKSUM,
+        Error::Forked { .. } => HETMEM_ERR_FORKED,
         Error::StreamCapturing { .. } => HETMEM_ERR_STREAM_CAPTURING,
     }
 }
@@ -120,6 +125,7 @@ fn status_name(code: c_int) -> &'static CStr {
         HETMEM_ERR_OS => c"HETMEM_ERR_OS",
         HETMEM_ERR_CONFIG => c"HETMEM_ERR_CONFIG",
         HETMEM_ERR_CHECKSUM => c"HETMEM_ERR_CHECKSUM",
+        HETMEM_ERR_FORKED => c"HETMEM_ERR_FORKED",
         HETMEM_ERR_STREAM_CAPTURING => c"HETMEM_ERR_STREAM_CAPTURING",
         HETMEM_ERR_NULL_POINTER => c"HETMEM_ERR_NULL_POINTER",
         HETMEM_ERR_INVALID_HANDLE => c"HETMEM_ERR_INVALID_HANDLE",

@@ -16,6 +16,16 @@
 //! freed, it may be reused at once on that stream, and on another stream only after
 //! the work queued on its stream before the free (the pool makes the new stream wait
 //! for an event, without a host sync).
+//!
+//! The stream argument is the driver's value, with the driver's meaning. PyTorch passes
+//! its current stream: 0 for its default stream (the legacy default stream, which the
+//! driver orders against blocking streams only; PyTorch's side streams are
+//! non-blocking, so hand-overs between them and 0 go behind events here, as in
+//! PyTorch's own allocator), or 2 (`cudaStreamPerThread`, in a build with per-thread
+//! default streams): one value, but each calling thread's own stream, and the pool
+//! keeps them apart (a block freed by one thread's stream reaches another thread's
+//! only behind an event, see [`Stream::wrap`]). A block freed on another thread than
+//! the one that allocated it on stream 2 is handed on after a device-wide wait.
 
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Mutex;
@@ -115,7 +125,8 @@ fn with_torch<T>(f: impl FnOnce(&mut Torch) -> FfiResult<T>) -> FfiResult<T> {
 }
 
 /// Allocates `size` bytes on `device` for use on `stream` (a `cudaStream_t` /
-/// `hipStream_t`; NULL for the default stream) from hetmem's device pool: the entry
+/// `hipStream_t`; NULL for the default stream, 2 for the calling thread's per-thread
+/// default stream) from hetmem's device pool: the entry
 /// point PyTorch's `CUDAPluggableAllocator` calls. Returns the device address, or NULL
 /// with the last error set (out of memory, bad device, negative size). Size 0 returns
 /// NULL and is not an error (PyTorch gives empty storage no memory).
@@ -443,9 +454,9 @@ pub extern "C" fn hetmem_torch_empty_cache() -> c_int {
         for p in t.pools.iter().flatten() {
             released += p.trim()?;
         }
-        // A wrapped stream held only by this cache is used by no block: forget it.
-        t.streams
-            .retain(|_, s| std::sync::Arc::strong_count(&s.inner) > 1);
+        // A wrapped stream held only by this cache is used by no block (nor are its
+        // per-thread views, for stream 2): forget it.
+        t.streams.retain(|_, s| s.in_use_elsewhere());
         tracing::debug!(target: "hetmem::ffi", released, "empty_cache");
         Ok(())
     })
@@ -611,6 +622,58 @@ mod tests {
             // A recorded stream is a stream of the allocator's until empty_cache.
             hetmem_torch_free(r, n, 0, raw(&a));
             assert_eq!(hetmem_torch_empty_cache(), HETMEM_OK);
+        }
+        *lock(&TORCH) = None;
+    }
+
+    /// PyTorch's stream argument 2 (`cudaStreamPerThread`) from two threads: two
+    /// streams. A block freed by one thread's stream with a kernel still running on it
+    /// is not the other thread's at once (it gets other memory, or waits for the
+    /// kernel).
+    #[test]
+    fn per_thread_stream_2_is_a_stream_per_calling_thread() {
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mgr = on_sim();
+        let sim = mgr.sim().unwrap();
+        // The test's own handle of the same stream, for the simulator's kernels.
+        // SAFETY: every thread has a per-thread stream on device 0.
+        let s = unsafe { Stream::wrap(&mgr, 0, crate::backend::PER_THREAD_STREAM) }.unwrap();
+        let two = std::ptr::with_exposed_provenance_mut::<c_void>(2);
+        let n = MIB as isize;
+        // SAFETY: 2 is a live stream on every thread; the pointers are the allocator's.
+        let (p, k) = unsafe {
+            let p = hetmem_torch_malloc(n, 0, two);
+            assert!(!p.is_null(), "{}", last_error());
+            let k = sim
+                .launch_kernel(s.handle(), Duration::from_millis(3))
+                .unwrap();
+            hetmem_torch_free(p, n, 0, two);
+            (p.addr(), k)
+        };
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let two = std::ptr::with_exposed_provenance_mut::<c_void>(2);
+                // SAFETY: as above.
+                unsafe {
+                    let q = hetmem_torch_malloc(n, 0, two);
+                    assert!(!q.is_null(), "{}", last_error());
+                    let at = sim.stream_time_ns(s.handle()).unwrap();
+                    assert!(
+                        q.addr() != p || at >= k.end_ns,
+                        "the block went to this thread's stream at {at} ns while the \
+                         other thread's kernel used it until {} ns",
+                        k.end_ns
+                    );
+                    hetmem_torch_free(q, n, 0, two);
+                }
+            });
+        });
+        // SAFETY: as above.
+        unsafe {
+            // Back on the first thread: its own stream takes its block back at once.
+            let r = hetmem_torch_malloc(n, 0, two);
+            assert_eq!(r.addr(), p, "{}", last_error());
+            hetmem_torch_free(r, n, 0, two);
         }
         *lock(&TORCH) = None;
     }

@@ -358,6 +358,8 @@ impl HostPool {
     /// [`Manager::alloc`](crate::Manager::alloc); [`Error::OutOfMemory`] with the tier
     /// when the budget (with cached blocks evicted) or the system has no room.
     pub fn alloc(&self, placement: &Placement, size: usize) -> Result<HostBlock> {
+        // Before the lock: in a forked child a thread of the parent may have held it.
+        self.shared.backend.check_fork()?;
         let pinned = match placement {
             Placement::Pinned(_) => true,
             Placement::Host(_) => false,
@@ -485,6 +487,10 @@ impl HostPool {
     /// Gives every cached block back (unregistering pinned ones, after the copies that
     /// used them are done). Returns the bytes released.
     pub fn trim(&self) -> usize {
+        if self.shared.backend.check_fork().is_err() {
+            // A forked child: the cache is the parent's; nothing is given back here.
+            return 0;
+        }
         let mut st = self.shared.lock();
         let before = st.pinned.cached + st.pageable.cached;
         let mut out = st.evict(true, usize::MAX);
@@ -709,6 +715,12 @@ impl HostBlock {
 impl Drop for HostBlock {
     fn drop(&mut self) {
         if let (Some(key), Some(mem)) = (self.key.take(), self.mem.take()) {
+            if self.shared.backend.check_fork().is_err() {
+                // A forked child: no lock (a thread of the parent may have held it);
+                // the memory's own drop leaks what is the parent's.
+                drop(mem);
+                return;
+            }
             self.shared.give_back(key, self.class, mem);
         }
     }
@@ -722,6 +734,9 @@ impl Drop for HostBlock {
 /// page are served (blocks are page-aligned); larger ones are refused.
 ///
 /// Clones share the same blocks: memory from one may be freed through another.
+///
+/// After a `fork()`, the child must not touch memory from this allocator: it is pinned,
+/// and so not mapped in the child (`MADV_DONTFORK`, see [`Error::Forked`]).
 ///
 /// ```
 /// use allocator_api2::vec::Vec;

@@ -29,11 +29,18 @@ impl Stat {
     pub(crate) fn sub(&mut self, n: u64) {
         // Called from drops, which must not panic: an underflow is a bug to log.
         if self.current < n {
-            tracing::error!(target: "hetmem", current = self.current, n, "pool stat underflow");
+            underflow(self.current, n);
         }
         self.current = self.current.saturating_sub(n);
         self.freed += n;
     }
+}
+
+/// Kept out of the hot path (the free of a cached block): a bug report, never expected.
+#[cold]
+#[inline(never)]
+fn underflow(current: u64, n: u64) {
+    tracing::error!(target: "hetmem", current, n, "pool stat underflow");
 }
 
 /// A stat for all blocks and for each of PyTorch's two pools (blocks up to 1 MiB are

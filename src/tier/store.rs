@@ -389,6 +389,12 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// [`Error::Forked`] in a forked child, checked before the lock (which a thread of
+    /// the parent may have held at the fork).
+    fn live(&self) -> Result<()> {
+        self.res.copy.inner.backend().check_fork()
+    }
 }
 
 /// The tiered parameter store; see the [module documentation](self). Cheap to clone:
@@ -593,6 +599,7 @@ impl TierStore {
     /// 2 MiB pool pages), `free` the whole budget;
     /// [`Error::InvalidArgument`] for a name already registered.
     pub fn register(&self, name: &str, source: Source) -> Result<ParamId> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let size = source.len();
         if size == 0 {
@@ -659,6 +666,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn name(&self, id: ParamId) -> Result<String> {
+        self.shared.live()?;
         let st = self.shared.lock();
         Ok(param(&st, id)?.name.clone())
     }
@@ -720,6 +728,7 @@ impl TierStore {
         deadline: Option<Instant>,
     ) -> Result<ParamGuard> {
         let sh = &self.shared;
+        sh.live()?;
         let res = &sh.res;
         // Before anything changes: a stream this store cannot order work on.
         if !stream.belongs_to(res.copy.inner.backend()) {
@@ -795,7 +804,10 @@ impl TierStore {
             id,
             block: Some(block),
             size,
-            stream: stream.clone(),
+            // A per-thread default stream: the acquiring thread's, which the guard's
+            // drop records the end of the use on (or, dropped on another thread that
+            // cannot name it, waits for the device).
+            stream: stream.this_thread().into_owned(),
             dirty: false,
         };
         if let Err(e) = pump(res, &mut st, res.prefetch_depth) {
@@ -896,6 +908,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; errors of the copy.
     pub fn prefetch(&self, id: ParamId) -> Result<bool> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let mut st = self.shared.lock();
         param(&st, id)?;
@@ -928,6 +941,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; errors of the write-back.
     pub fn dont_need(&self, id: ParamId) -> Result<bool> {
+        self.shared.live()?;
         let res = &self.shared.res;
         let mut st = self.shared.lock();
         let p = param(&st, id)?;
@@ -946,6 +960,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn keep_resident(&self, id: ParamId, keep: bool) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].keep, keep) != keep {
@@ -965,6 +980,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn priority(&self, id: ParamId, priority: i32) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].priority, priority) != priority {
@@ -978,6 +994,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id.
     pub fn residency(&self, id: ParamId) -> Result<Residency> {
+        self.shared.live()?;
         let st = self.shared.lock();
         let p = param(&st, id)?;
         Ok(match (&p.dev, &p.host) {
@@ -999,6 +1016,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an id that is not registered.
     pub fn set_sequence(&self, order: Option<Vec<ParamId>>) -> Result<()> {
+        self.shared.live()?;
         let mut st = self.shared.lock();
         if let Some(bad) = order
             .iter()
@@ -1041,6 +1059,7 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown id; copy errors.
     pub fn read(&self, id: ParamId) -> Result<Vec<u8>> {
+        self.shared.live()?;
         let st = self.shared.lock();
         let p = param(&st, id)?;
         let mut out = vec![0u8; p.size];
@@ -1108,7 +1127,8 @@ impl ParamGuard {
         self.block.as_deref().expect("a live guard holds its block")
     }
 
-    /// The stream the guard was acquired for.
+    /// The stream the guard was acquired for (for a wrapped per-thread default stream,
+    /// the acquiring thread's, usable on that thread only).
     pub fn stream(&self) -> &Stream {
         &self.stream
     }
@@ -1156,6 +1176,10 @@ impl ParamGuard {
 
 impl Drop for ParamGuard {
     fn drop(&mut self) {
+        if self.shared.live().is_err() {
+            // A forked child: no driver call, no lock; the block and stream leak.
+            return;
+        }
         // (An error: the usual path, which synchronises where it cannot record.)
         if self.stream.is_capturing().unwrap_or(false) {
             // The use is work of the graph, which runs at replays, not now: no event

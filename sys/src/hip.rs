@@ -273,7 +273,7 @@ hip_api! {
     /// `hipStreamIsCapturing(stream, pCaptureStatus)`: whether a graph capture is
     /// recording the stream's work.
     fn hipStreamIsCapturing(stream: hipStream_t, status: *mut hipStreamCaptureStatus) -> hipError_t;
-    /// `hipDeviceSynchronize()`: waits for all work on the current device.
+    /// `hipDeviceSynchronize()`: every stream of the current device.
     fn hipDeviceSynchronize() -> hipError_t;
     /// `hipEventCreateWithFlags(event, flags)` on the current device.
     fn hipEventCreateWithFlags(event: *mut hipEvent_t, flags: c_uint) -> hipError_t;
@@ -518,7 +518,9 @@ mod tests {
 
     #[test]
     fn symbol_table_is_complete() {
-        assert_eq!(HipApi::SYMBOLS.len(), 29);
+        assert_eq!(HipApi::SYMBOLS.len(), 31);
         assert!(HipApi::SYMBOLS.contains(&"hipMemAdvise"));
+        assert!(HipApi::SYMBOLS.contains(&"hipDeviceSynchronize"));
+        assert!(HipApi::SYMBOLS.contains(&"hipStreamIsCapturing"));
     }
 }

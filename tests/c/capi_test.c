@@ -7,11 +7,15 @@
  */
 #include "hetmem.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int checks = 0;
 static int failures = 0;
@@ -277,6 +281,20 @@ static void test_streams(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_
     EXPECT(hetmem_copy(mgr, pinned, dev, n, def), HETMEM_OK);
     EXPECT(hetmem_stream_synchronize(def), HETMEM_OK);
     CHECK(same(pinned, pattern, n), "async copy on the wrapped default stream arrives");
+
+    /* The per-thread default stream (raw 2, cudaStreamPerThread / hipStreamPerThread):
+     * through the handle, this thread's own. */
+    hetmem_stream_t* per_thread = NULL;
+    EXPECT(hetmem_stream_wrap(mgr, 0, 2, &per_thread), HETMEM_OK);
+    uintptr_t per_thread_raw = 99;
+    EXPECT(hetmem_stream_raw(per_thread, &per_thread_raw), HETMEM_OK);
+    CHECK(per_thread_raw == 2, "a wrapped per-thread stream reports raw 2");
+    fill(pattern, n, 5);
+    EXPECT(hetmem_copy_from_host(mgr, dev, pattern, n), HETMEM_OK);
+    EXPECT(hetmem_copy(mgr, pinned, dev, n, per_thread), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(per_thread), HETMEM_OK);
+    CHECK(same(pinned, pattern, n), "async copy on the wrapped per-thread stream arrives");
+    EXPECT(hetmem_stream_destroy(per_thread), HETMEM_OK);
 
     /* Wrapping a stream by its raw handle (as C code holding a cudaStream_t does). */
     EXPECT(hetmem_stream_wrap(mgr, 0, raw, &wrapped), HETMEM_OK);
@@ -725,6 +743,62 @@ static void test_thread_exit(void) {
     CHECK(exit_rc == HETMEM_ERR_NULL_POINTER, "the exiting thread's call returned %d", exit_rc);
 }
 
+/* fork() after pinning: in the child every call on the parent's manager and stream is
+ * HETMEM_ERR_FORKED, frees and destroys succeed (leaking), and the pinned buffer is not
+ * mapped at all (MADV_DONTFORK); the parent carries on as before. */
+static void test_fork(hetmem_manager_t* mgr) {
+    printf("\n== fork after pinning\n");
+    const size_t n = 16 * MIB;
+    void *pinned = NULL, *dev = NULL, *p = NULL;
+    hetmem_stream_t* s = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &pinned), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
+    EXPECT(hetmem_stream_create(mgr, 0, &s), HETMEM_OK);
+    if (!pinned || !dev || !s) return;
+    memset(pinned, 0x42, n);
+    fflush(stdout);
+    int before = failures;
+    pid_t pid = fork();
+    if (pid == 0) {
+        printf("   (in the child)\n");
+        EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, 4096, &p), HETMEM_ERR_FORKED);
+        CHECK(contains(hetmem_last_error(), "forked"), "the message says so: %s",
+              hetmem_last_error());
+        EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, 4096, &p), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_copy(mgr, dev, pinned, 4096, NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_copy(mgr, dev, pinned, 4096, s), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_stream_synchronize(s), HETMEM_ERR_FORKED);
+        size_t free_b = 0, total_b = 0;
+        EXPECT(hetmem_mem_info(mgr, 0, &free_b, &total_b), HETMEM_ERR_FORKED);
+        CHECK(strcmp(hetmem_status_string(HETMEM_ERR_FORKED), "HETMEM_ERR_FORKED") == 0,
+              "status_string(-15) is HETMEM_ERR_FORKED");
+        /* An unmapped range: mincore fails with ENOMEM. */
+        unsigned char vec[1];
+        errno = 0;
+        CHECK(mincore(pinned, 4096, vec) == -1 && errno == ENOMEM,
+              "the pinned buffer is not mapped in the child (mincore: %s)", strerror(errno));
+        EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
+        EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
+        fflush(stdout);
+        _exit(failures > before ? 1 : 0);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+              WEXITSTATUS(status) == 0,
+          "the child's checks passed (wait status %#x)", status);
+    unsigned char* back = malloc(n);
+    EXPECT(hetmem_copy(mgr, dev, pinned, n, s), HETMEM_OK);
+    EXPECT(hetmem_stream_synchronize(s), HETMEM_OK);
+    EXPECT(hetmem_copy_to_host(mgr, back, dev, n), HETMEM_OK);
+    int all = back != NULL;
+    for (size_t i = 0; all && i < n; i++) all = back[i] == 0x42;
+    CHECK(all, "after the child exits the parent copies its pinned bytes intact");
+    free(back);
+    EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
+}
+
 int main(int argc, char** argv) {
     const char* scratch = argc > 1 ? argv[1] : "/tmp";
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -749,6 +823,7 @@ int main(int argc, char** argv) {
     test_store(mgr, scratch);
     test_torch();
     test_thread_exit();
+    test_fork(mgr);
 
     printf("\n== teardown\n");
     void* leftover = NULL;

@@ -81,10 +81,19 @@
  *     touches (the driver's implicit synchronisation). cuStreamDestroy does NOT run the
  *     queue: as documented it returns at once and the work finishes later (here: when
  *     something waits for it); the handle is handed out again only once that work has
- *     run. The legacy default stream (NULL or CU_STREAM_LEGACY) copies at once, after
- *     running the queues of the context's blocking (CU_STREAM_DEFAULT) streams, which
- *     it synchronises with; non-blocking streams are not waited for.
- *     CU_STREAM_PER_THREAD copies at once too. Events: a recording on a stream with
+ *     run. The special handles are queues too, made at first use: NULL and
+ *     CU_STREAM_LEGACY the legacy default stream of the current context (one per
+ *     context, shared by every thread), CU_STREAM_PER_THREAD the calling thread's
+ *     per-thread default stream of the current context (one per thread and context: two
+ *     threads queueing on handle 2 queue on two streams, and synchronising it on one
+ *     thread runs only that thread's queue). The legacy stream's implicit ordering is
+ *     queued as waits: work queued on the legacy stream first waits for the work queued
+ *     so far on every blocking stream of its context (made with CU_STREAM_DEFAULT, and
+ *     the per-thread streams, which "synchronize with the legacy default stream"), and
+ *     work queued on a blocking stream first waits for the work queued so far on the
+ *     legacy stream; non-blocking streams take no part either way. cuStreamSynchronize
+ *     of the legacy stream also runs the blocking streams' queues; cuCtxSynchronize
+ *     runs every queue of the context. Events: a recording on a stream with
  *     queued work is queued and the event is pending until the queue passes it; on an
  *     idle stream it completes at once; an event never recorded is complete.
  *     cuEventRecord on a stream of another context is CUDA_ERROR_INVALID_HANDLE, as
@@ -163,9 +172,9 @@
  *     answers CUDA_ERROR_STREAM_CAPTURE_UNJOINED if work was captured on a joined
  *     stream after the origin last waited for it. Refused, each INVALIDATING the
  *     capture(s) concerned and counted in capture_violations: cuStreamSynchronize of
- *     a capturing stream (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED) or, while a blocking
- *     stream of the context captures, of the legacy stream (_IMPLICIT; also copies and
- *     records on it); cuEventQuery / cuEventSynchronize of an event last recorded in a
+ *     a capturing stream (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED); any use of the legacy
+ *     stream (copies, records, waits, synchronisation) while a blocking stream of the
+ *     context (a per-thread one included) captures (_IMPLICIT); cuEventQuery / cuEventSynchronize of an event last recorded in a
  *     capture (CUDA_ERROR_CAPTURED_EVENT, also after that capture ended); a capturing
  *     stream waiting for an event recorded outside any capture without
  *     CU_EVENT_WAIT_EXTERNAL (_ISOLATION) or for one of another capture (_MERGE); a
@@ -177,7 +186,8 @@
  *     and cuMemSetAccess are allowed, as PyTorch makes them during captures) while a
  *     capture in CU_STREAM_CAPTURE_MODE_GLOBAL is under way in any thread, or one in
  *     _THREAD_LOCAL in the calling thread (_UNSUPPORTED; _RELAXED never refuses them).
- *     cuStreamBeginCapture_v2 on the legacy or per-thread stream is _UNSUPPORTED, on a
+ *     cuStreamBeginCapture_v2 on the legacy stream is _UNSUPPORTED (a per-thread stream
+ *     may capture), on a
  *     capturing stream CUDA_ERROR_ILLEGAL_STATE; cuStreamEndCapture on a stream not
  *     capturing is _ILLEGAL_STATE, on a joined stream _UNMATCHED, from another thread
  *     (modes other than relaxed) _WRONG_THREAD, and after an invalidation
@@ -185,7 +195,8 @@
  *     handle with its node count; cuGraphDestroy of an unknown one is
  *     CUDA_ERROR_INVALID_VALUE. Graphs are not launched.
  *
- * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points,
+ * Not modelled: kernels, cuMemcpy (synchronous) and the other copy entry points, the
+ * per-thread-default-stream (_ptds) entry points,
  * peer access enabling (peer copies always work, as cuMemcpyPeerAsync does without it),
  * contexts other than primary ones (cuCtxCreate, the context stack), stream priorities
  * and callbacks, event timing, IPC, the stream-ordered allocator, managed-memory
@@ -513,6 +524,7 @@ struct op { /* one piece of queued work on a stream */
 struct object { /* a stream or an event */
     unsigned magic;
     int kind;
+    int implicit; /* IMPLICIT_*: a special stream's queue, which has no handle of its own */
     int live;   /* the handle is valid */
     int zombie; /* stream destroyed with work still queued: runs later, not reusable */
     unsigned long long incarnation;
@@ -554,6 +566,11 @@ struct graph {
 #define GRAPH_MAGIC 0x47524150u
 #define OBJ_MAGIC 0x4355444fu
 enum { KIND_STREAM = 1, KIND_EVENT = 2 };
+/* The queues behind the special stream handles: one legacy default stream per context
+ * (NULL or CU_STREAM_LEGACY), one per-thread default stream per thread and context
+ * (CU_STREAM_PER_THREAD). Made at first use, never destroyed (a context reset drains
+ * them), never handed out as a handle. */
+enum { IMPLICIT_NONE = 0, IMPLICIT_LEGACY = 1, IMPLICIT_PER_THREAD = 2 };
 
 static int g_env_read, g_configured, g_initialized;
 static int g_devices = 2;
@@ -568,6 +585,9 @@ static int g_p2p = 1;
 static size_t g_used[MAX_DEVICES];
 static struct ctx g_ctx[MAX_DEVICES];
 static __thread struct ctx *t_current;
+/* The legacy stream of each context, and this thread's per-thread stream of each. */
+static struct object *g_legacy[MAX_DEVICES];
+static __thread struct object *t_per_thread[MAX_DEVICES];
 
 static struct alloc *g_allocs;
 static size_t g_nallocs, g_cap_allocs;
@@ -593,6 +613,8 @@ static long long g_last_register_flags = -100, g_register_calls;
 static long long g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_ctx_set_current, g_ctx_retains, g_ctx_resets, g_no_context_errors;
 static long long g_set_access_calls, g_last_set_access_count = -100;
+static long long g_per_thread_streams, g_legacy_ops, g_per_thread_ops, g_implicit_waits;
+static long long g_ctx_synchronizes;
 /* Never freed: an event keeps pointing at the capture it was recorded in. */
 static struct capture **g_captures;
 static size_t g_ncaptures, g_cap_captures;
@@ -870,7 +892,9 @@ static CUresult check_peer_end(const char *p, size_t n, int write, struct ctx *c
 static struct object *find_object(const void *h, int kind) {
     for (size_t i = 0; i < g_nobjects; i++)
         if ((const void *)g_objects[i] == h)
-            return g_objects[i]->kind == kind && g_objects[i]->live ? g_objects[i] : NULL;
+            return g_objects[i]->kind == kind && g_objects[i]->live && !g_objects[i]->implicit
+                       ? g_objects[i]
+                       : NULL;
     return NULL;
 }
 
@@ -897,6 +921,7 @@ static struct object *new_object(int kind, struct ctx *c, unsigned flags) {
     }
     o->live = 1;
     o->zombie = 0;
+    o->implicit = IMPLICIT_NONE;
     o->incarnation = g_next_incarnation++;
     o->ctx = c;
     o->flags = flags;
@@ -929,13 +954,110 @@ static int is_stream(const struct object *o) {
 
 static int event_done(const struct object *e) { return e->done_gen >= e->gen; }
 
-static CUresult enqueue(struct object *s, struct op op) {
+static CUresult enqueue_raw(struct object *s, struct op op) {
     struct op *n = grow(s->q, &s->qcap, s->qlen + 1, sizeof *s->q);
     if (!n) return CUDA_ERROR_OUT_OF_MEMORY;
     s->q = n;
     op.seq = g_next_seq++;
     s->q[s->qlen++] = op;
+    if (s->implicit == IMPLICIT_LEGACY) g_legacy_ops++;
+    else if (s->implicit == IMPLICIT_PER_THREAD) g_per_thread_ops++;
     return CUDA_SUCCESS;
+}
+
+static int pending(const struct object *s) { return s->qhead < s->qlen; }
+
+/* Blocking streams take part in the legacy stream's ordering: streams made with
+ * CU_STREAM_DEFAULT, and the per-thread streams ("not a non-blocking stream"). */
+static int blocking(const struct object *s) {
+    return s->implicit != IMPLICIT_LEGACY && !(s->flags & CU_STREAM_NON_BLOCKING);
+}
+
+/* ------------------------------------------------------------------ capture */
+
+/* An illegal call: invalidates `c` (if under way) and counts it; returns `code`. */
+static CUresult capture_violation(struct capture *c, CUresult code) {
+    if (c && c->live) c->invalidated = 1;
+    g_capture_violations++;
+    return code;
+}
+
+/* A capture under way on a blocking stream of context `c` (a per-thread one included):
+ * what any use of the legacy stream would depend on implicitly. */
+static struct capture *blocking_capture(struct ctx *c) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (is_stream(s) && s->ctx == c && s->cap && blocking(s)) return s->cap;
+    }
+    return NULL;
+}
+
+/* The legacy stream used while a blocking stream of its context captures: refused,
+ * invalidating that capture. */
+static CUresult legacy_use(struct object *s) {
+    struct capture *cap = s->implicit == IMPLICIT_LEGACY ? blocking_capture(s->ctx) : NULL;
+    return cap ? capture_violation(cap, CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) : CUDA_SUCCESS;
+}
+
+/* A call that synchronises the device implicitly: refused (invalidating the captures
+ * concerned) while a global-mode capture is under way in any thread, or a thread-local
+ * one in this thread. */
+static CUresult unsafe_call(void) {
+    CUresult rc = CUDA_SUCCESS;
+    for (size_t i = 0; i < g_ncaptures; i++) {
+        struct capture *c = g_captures[i];
+        if (!c->live) continue;
+        int hit = c->mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
+                  (c->mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && pthread_equal(c->thread, pthread_self()));
+        if (hit) rc = capture_violation(c, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    }
+    return rc;
+}
+
+#define UNSAFE_CALL()                              \
+    do {                                           \
+        CUresult uc_ = unsafe_call();              \
+        if (uc_) RETURN(uc_);                      \
+    } while (0)
+
+/* Queues on `s` a wait for everything queued on `on` so far. */
+static CUresult wait_for_tail(struct object *s, struct object *on) {
+    struct op op = {0};
+    op.kind = OP_WAIT;
+    op.wait_stream = on;
+    op.wait_seq = on->q[on->qlen - 1].seq;
+    g_implicit_waits++;
+    return enqueue_raw(s, op);
+}
+
+/* The legacy stream's rule, before `s` takes new work: "the legacy stream first waits
+ * on all blocking streams, the action is queued in the legacy stream, and then all
+ * blocking streams wait on the legacy stream". So work on the legacy stream follows the
+ * work queued so far on every blocking stream of its context, and work on a blocking
+ * stream follows the work queued so far on the legacy stream. Non-blocking streams
+ * take no part either way. */
+static CUresult order_implicitly(struct object *s) {
+    struct ctx *c = s->ctx;
+    CUresult lu = legacy_use(s);
+    if (lu) return lu;
+    if (s->implicit == IMPLICIT_LEGACY) {
+        for (size_t i = 0; i < g_nobjects; i++) {
+            struct object *b = g_objects[i];
+            if (b == s || !is_stream(b) || b->ctx != c || !blocking(b) || !pending(b)) continue;
+            CUresult rc = wait_for_tail(s, b);
+            if (rc) return rc;
+        }
+        return CUDA_SUCCESS;
+    }
+    struct object *l = g_legacy[c->device];
+    if (blocking(s) && l && l->ctx == c && pending(l)) return wait_for_tail(s, l);
+    return CUDA_SUCCESS;
+}
+
+/* Queues `op` on `s`, after the legacy stream's implicit ordering. */
+static CUresult enqueue(struct object *s, struct op op) {
+    CUresult rc = order_implicitly(s);
+    return rc ? rc : enqueue_raw(s, op);
 }
 
 static void run_until(struct object *s, unsigned long long seq);
@@ -1000,11 +1122,13 @@ static void run_queues_touching(const char *p, size_t n) {
     }
 }
 
-/* The legacy default stream waits for the context's blocking streams. */
-static void run_blocking_streams(struct ctx *c) {
+/* cuStreamSynchronize of the legacy stream waits for the context's blocking streams
+ * too (their work before the call), and cuCtxSynchronize (`all`) for every stream. */
+static void run_context(struct ctx *c, int all) {
     for (size_t i = 0; i < g_nobjects; i++) {
         struct object *s = g_objects[i];
-        if (is_stream(s) && s->ctx == c && !(s->flags & CU_STREAM_NON_BLOCKING)) run_all(s);
+        if (is_stream(s) && s->ctx == c && (all || blocking(s) || s->implicit == IMPLICIT_LEGACY))
+            run_all(s);
     }
 }
 
@@ -1018,72 +1142,61 @@ static long long queued_ops(void) {
 static long long count_objects(int kind, int zombies) {
     long long n = 0;
     for (size_t i = 0; i < g_nobjects; i++)
-        n += g_objects[i]->kind == kind && (zombies ? g_objects[i]->zombie : g_objects[i]->live);
+        n += g_objects[i]->kind == kind && !g_objects[i]->implicit &&
+             (zombies ? g_objects[i]->zombie : g_objects[i]->live);
     return n;
 }
 
-/* Resolves a stream argument: *s is NULL for the special streams (legacy, per-thread). */
-static CUresult resolve_stream(CUstream h, struct object **s, int *legacy) {
+/* Ops still pending on the special streams of one kind. */
+static long long pending_implicit(int implicit) {
+    long long n = 0;
+    for (size_t i = 0; i < g_nobjects; i++)
+        if (g_objects[i]->implicit == implicit) n += (long long)(g_objects[i]->qlen - g_objects[i]->qhead);
+    return n;
+}
+
+/* A special stream's queue, made at first use: never on the free list, no handle. */
+static struct object *new_implicit(struct ctx *c, int implicit) {
+    struct object **n = grow(g_objects, &g_cap_objects, g_nobjects + 1, sizeof *g_objects);
+    if (!n) return NULL;
+    g_objects = n;
+    struct object *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    o->magic = OBJ_MAGIC;
+    o->kind = KIND_STREAM;
+    o->implicit = implicit;
+    o->live = 1;
+    o->incarnation = g_next_incarnation++;
+    o->ctx = c;
+    o->flags = CU_STREAM_DEFAULT;
+    g_objects[g_nobjects++] = o;
+    return o;
+}
+
+/* Resolves a stream argument in the context `c` current on the calling thread (NULL
+ * if none): the special handles name the legacy stream of `c` or the calling thread's
+ * per-thread stream of `c`, which need one. */
+static CUresult resolve_stream(CUstream h, struct ctx *c, struct object **s) {
     *s = NULL;
-    *legacy = 0;
-    if (h == NULL || h == CU_STREAM_LEGACY) {
-        *legacy = 1;
-        return CUDA_SUCCESS;
+    if (h == NULL || h == CU_STREAM_LEGACY || h == CU_STREAM_PER_THREAD) {
+        if (!c) {
+            CUresult rc = need_ctx(&c);
+            if (rc) return rc;
+        }
+        struct object **slot = h == CU_STREAM_PER_THREAD ? &t_per_thread[c->device] : &g_legacy[c->device];
+        if (!*slot) {
+            *slot = new_implicit(c, h == CU_STREAM_PER_THREAD ? IMPLICIT_PER_THREAD : IMPLICIT_LEGACY);
+            if (!*slot) return CUDA_ERROR_OUT_OF_MEMORY;
+            if (h == CU_STREAM_PER_THREAD) g_per_thread_streams++;
+        }
+        *s = *slot;
+        return c->sticky;
     }
-    if (h == CU_STREAM_PER_THREAD) return CUDA_SUCCESS;
     *s = find_object(h, KIND_STREAM);
     if (!*s) return CUDA_ERROR_INVALID_HANDLE;
     if ((*s)->ctx->sticky) return (*s)->ctx->sticky;
     return CUDA_SUCCESS;
 }
-
-/* ------------------------------------------------------------------ capture */
-
-/* An illegal call: invalidates `c` (if under way) and counts it; returns `code`. */
-static CUresult capture_violation(struct capture *c, CUresult code) {
-    if (c && c->live) c->invalidated = 1;
-    g_capture_violations++;
-    return code;
-}
-
-/* A capture under way on a blocking stream of context `c`: what the legacy stream
- * would depend on implicitly. */
-static struct capture *blocking_capture(struct ctx *c) {
-    for (size_t i = 0; i < g_nobjects; i++) {
-        struct object *s = g_objects[i];
-        if (is_stream(s) && s->ctx == c && s->cap && !(s->flags & CU_STREAM_NON_BLOCKING))
-            return s->cap;
-    }
-    return NULL;
-}
-
-/* The legacy stream used (a copy, a record, a synchronisation) while a blocking stream
- * of the context captures: refused, invalidating that capture. */
-static CUresult legacy_use(int legacy, struct ctx *c) {
-    struct capture *cap = legacy ? blocking_capture(c) : NULL;
-    return cap ? capture_violation(cap, CUDA_ERROR_STREAM_CAPTURE_IMPLICIT) : CUDA_SUCCESS;
-}
-
-/* A call that synchronises the device implicitly: refused (invalidating the captures
- * concerned) while a global-mode capture is under way in any thread, or a thread-local
- * one in this thread. */
-static CUresult unsafe_call(void) {
-    CUresult rc = CUDA_SUCCESS;
-    for (size_t i = 0; i < g_ncaptures; i++) {
-        struct capture *c = g_captures[i];
-        if (!c->live) continue;
-        int hit = c->mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
-                  (c->mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && pthread_equal(c->thread, pthread_self()));
-        if (hit) rc = capture_violation(c, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
-    }
-    return rc;
-}
-
-#define UNSAFE_CALL()                              \
-    do {                                           \
-        CUresult uc_ = unsafe_call();              \
-        if (uc_) RETURN(uc_);                      \
-    } while (0)
 
 /* ------------------------------------------------------------------- memory */
 
@@ -1116,7 +1229,7 @@ static void reset_ctx(struct ctx *c) {
     }
     for (size_t i = 0; i < g_nobjects; i++) {
         struct object *o = g_objects[i];
-        if (o->ctx == c && (o->live || o->zombie)) {
+        if (o->ctx == c && (o->live || o->zombie) && !o->implicit) {
             if (o->kind == KIND_EVENT) {
                 for (size_t k = 0; k < g_nobjects; k++) {
                     struct object *s = g_objects[k];
@@ -1189,8 +1302,14 @@ EXPORT int fakeCudaSetRegisterLimit(uint64_t bytes, int code) {
  *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
  *     (allocations, managed, VMM physical memory); "capacity"
  *   streams, events: live handles; zombie_streams: destroyed with work still queued
- *   queued_ops: work pending on streams; copies: copies made at once (special
- *     streams); async_copies: queued; async_copies_done: queued copies that ran;
+ *   queued_ops: work pending on streams; copies: copies queued on a special stream
+ *     (legacy or per-thread); async_copies: queued (on any stream); async_copies_done:
+ *     queued copies that ran;
+ *   per_thread_streams: per-thread streams made (one per thread and context that used
+ *     CU_STREAM_PER_THREAD); legacy_ops / per_thread_ops: ops queued on those streams
+ *     (their implicit waits included); legacy_pending / per_thread_pending: ops still
+ *     pending there; implicit_waits: waits the legacy stream's ordering queued;
+ *     ctx_synchronizes: cuCtxSynchronize calls
  *     peer_copies: cuMemcpyPeerAsync calls accepted; faults: copies that hit VMM
  *     memory unmapped or not accessible to the device running them
  *   reused_handles: creates (streams, events, VMM handles) that handed out a
@@ -1227,6 +1346,13 @@ EXPORT long long fakeCudaStat(const char *name) {
     else if (!strcmp(name, "events")) r = count_objects(KIND_EVENT, 0);
     else if (!strcmp(name, "queued_ops")) r = queued_ops();
     else if (!strcmp(name, "copies")) r = g_copies;
+    else if (!strcmp(name, "per_thread_streams")) r = g_per_thread_streams;
+    else if (!strcmp(name, "legacy_ops")) r = g_legacy_ops;
+    else if (!strcmp(name, "per_thread_ops")) r = g_per_thread_ops;
+    else if (!strcmp(name, "legacy_pending")) r = pending_implicit(IMPLICIT_LEGACY);
+    else if (!strcmp(name, "per_thread_pending")) r = pending_implicit(IMPLICIT_PER_THREAD);
+    else if (!strcmp(name, "implicit_waits")) r = g_implicit_waits;
+    else if (!strcmp(name, "ctx_synchronizes")) r = g_ctx_synchronizes;
     else if (!strcmp(name, "async_copies")) r = g_async_copies;
     else if (!strcmp(name, "async_copies_done")) r = g_async_copies_done;
     else if (!strcmp(name, "peer_copies")) r = g_peer_copies;
@@ -1462,26 +1588,6 @@ EXPORT CUresult cuCtxGetDevice(CUdevice *device) {
     RETURN(CUDA_SUCCESS);
 }
 
-/* Runs every queue of the current context's streams. */
-EXPORT CUresult cuCtxSynchronize(void) {
-    ENTER("cuCtxSynchronize");
-    struct ctx *c;
-    NEED_CTX(c);
-    for (size_t i = 0; i < g_nobjects; i++) {
-        struct object *s = g_objects[i];
-        /* "Invalid to synchronise a broader handle ... when any associated stream is in
-         * capture mode." */
-        if (is_stream(s) && s->ctx == c && s->cap)
-            RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
-    }
-    UNSAFE_CALL();
-    for (size_t i = 0; i < g_nobjects; i++) {
-        struct object *s = g_objects[i];
-        if (is_stream(s) && s->ctx == c) run_all(s);
-    }
-    RETURN(c->sticky);
-}
-
 EXPORT CUresult cuDeviceCanAccessPeer(int *canAccessPeer, CUdevice dev, CUdevice peerDev) {
     ENTER("cuDeviceCanAccessPeer");
     if (!canAccessPeer) RETURN(CUDA_ERROR_INVALID_VALUE);
@@ -1674,17 +1780,13 @@ EXPORT CUresult cuStreamSynchronize(CUstream hStream) {
     struct ctx *c;
     NEED_CTX(c);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
-    if (s && s->cap) RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
-    if ((rc = legacy_use(legacy, c))) RETURN(rc);
-    if (s) {
-        run_all(s);
-        RETURN(s->ctx->sticky);
-    }
-    if (legacy) run_blocking_streams(c);
-    RETURN(c->sticky);
+    if (s->cap) RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+    if ((rc = legacy_use(s))) RETURN(rc);
+    if (s->implicit == IMPLICIT_LEGACY) run_context(s->ctx, 0);
+    else run_all(s);
+    RETURN(s->ctx->sticky);
 }
 
 EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags) {
@@ -1693,12 +1795,11 @@ EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int
     NEED_CTX(c);
     if (Flags & ~(unsigned)CU_EVENT_WAIT_EXTERNAL) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
-    struct capture *waiter = s ? s->cap : NULL;
+    struct capture *waiter = s->cap;
     /* "This flag is invalid when used outside of capture." */
     if ((Flags & CU_EVENT_WAIT_EXTERNAL) && !waiter) RETURN(CUDA_ERROR_INVALID_VALUE);
     if (waiter) {
@@ -1721,26 +1822,44 @@ EXPORT CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int
         RETURN(CUDA_SUCCESS);
     }
     if (e->rec_cap) {
-        if (!e->rec_cap->live || !s) RETURN(capture_violation(e->rec_cap, CUDA_ERROR_CAPTURED_EVENT));
+        if (!e->rec_cap->live) RETURN(capture_violation(e->rec_cap, CUDA_ERROR_CAPTURED_EVENT));
+        if (s->implicit == IMPLICIT_LEGACY)
+            RETURN(capture_violation(e->rec_cap, CUDA_ERROR_STREAM_CAPTURE_IMPLICIT));
         /* A fork: the waiting stream joins the capture. */
         s->cap = e->rec_cap;
         s->cap_work = s->cap_joined_upto = 0;
         g_capture_joins++;
         RETURN(CUDA_SUCCESS);
     }
-    if ((rc = legacy_use(legacy, c))) RETURN(rc);
+    /* An action on the legacy stream orders it, and the blocking streams after it, even
+     * when the event has passed. */
+    if ((rc = order_implicitly(s))) RETURN(rc);
     if (event_done(e)) RETURN(CUDA_SUCCESS);
-    if (!s) {
-        /* The special streams run at once: so must the work they wait for. */
-        run_to_event(e);
-        RETURN(CUDA_SUCCESS);
-    }
     /* Later work on s follows the work the event captured now (its latest recording). */
     struct op op = {0};
     op.kind = OP_WAIT;
     op.wait_stream = e->rec_stream;
     op.wait_seq = e->rec_seq;
-    RETURN(enqueue(s, op));
+    RETURN(enqueue_raw(s, op));
+}
+
+/* Waits for every stream of the current context: its legacy stream, the per-thread
+ * streams of every thread, and the streams made in it. */
+EXPORT CUresult cuCtxSynchronize(void) {
+    ENTER("cuCtxSynchronize");
+    struct ctx *c;
+    NEED_CTX(c);
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        /* "Invalid to synchronise a broader handle ... when any associated stream is in
+         * capture mode." */
+        if (is_stream(s) && s->ctx == c && s->cap)
+            RETURN(capture_violation(s->cap, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED));
+    }
+    UNSAFE_CALL();
+    g_ctx_synchronizes++;
+    run_context(c, 1);
+    RETURN(c->sticky);
 }
 
 /* ------------------------------------------------------------------- events */
@@ -1779,14 +1898,12 @@ EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
     struct object *e = find_object(hEvent, KIND_EVENT);
     if (!e) RETURN(CUDA_ERROR_INVALID_HANDLE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     /* "hEvent and hStream must be from the same context otherwise
      * CUDA_ERROR_INVALID_HANDLE is returned." */
-    struct ctx *stream_ctx = s ? s->ctx : c;
-    if (stream_ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
-    if (s && s->cap) {
+    if (s->ctx != e->ctx) RETURN(CUDA_ERROR_INVALID_HANDLE);
+    if (s->cap) {
         /* A node of the graph: the event is a captured event from now on. */
         e->rec_cap = s->cap;
         e->rec_cap_stream = s;
@@ -1794,18 +1911,17 @@ EXPORT CUresult cuEventRecord(CUevent hEvent, CUstream hStream) {
         s->cap->nodes++;
         RETURN(CUDA_SUCCESS);
     }
-    if ((rc = legacy_use(legacy, c))) RETURN(rc);
+    if ((rc = order_implicitly(s))) RETURN(rc);
     e->rec_cap = NULL;
     e->rec_cap_stream = NULL;
-    if (!s && legacy) run_blocking_streams(c);
     unsigned long long gen = e->gen + 1;
-    if (s && s->qhead < s->qlen) {
+    if (pending(s)) {
         struct op op = {0};
         op.kind = OP_RECORD;
         op.ev = e;
         op.ev_incarnation = e->incarnation;
         op.gen = gen;
-        rc = enqueue(s, op);
+        rc = enqueue_raw(s, op);
         if (rc) RETURN(rc);
         e->gen = gen;
         e->rec_stream = s;
@@ -1845,12 +1961,12 @@ EXPORT CUresult cuEventQuery(CUevent hEvent) {
 
 EXPORT CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mode) {
     ENTER("cuStreamBeginCapture_v2");
-    REQUIRE_CTX();
+    struct ctx *cx;
+    NEED_CTX(cx);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, cx, &s);
     if (rc) RETURN(rc);
-    if (!s) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED); /* the legacy or per-thread stream */
+    if (s->implicit == IMPLICIT_LEGACY) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
     if ((unsigned)mode > CU_STREAM_CAPTURE_MODE_RELAXED) RETURN(CUDA_ERROR_INVALID_VALUE);
     if (s->cap) RETURN(CUDA_ERROR_ILLEGAL_STATE);
     struct capture **n = grow(g_captures, &g_cap_captures, g_ncaptures + 1, sizeof *g_captures);
@@ -1871,13 +1987,13 @@ EXPORT CUresult cuStreamBeginCapture_v2(CUstream hStream, CUstreamCaptureMode mo
 
 EXPORT CUresult cuStreamEndCapture(CUstream hStream, CUgraph *phGraph) {
     ENTER("cuStreamEndCapture");
-    REQUIRE_CTX();
+    struct ctx *cx;
+    NEED_CTX(cx);
     if (!phGraph) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, cx, &s);
     if (rc) RETURN(rc);
-    if (!s || !s->cap) RETURN(CUDA_ERROR_ILLEGAL_STATE);
+    if (!s->cap) RETURN(CUDA_ERROR_ILLEGAL_STATE);
     struct capture *c = s->cap;
     if (c->origin != s) RETURN(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED);
     if (c->mode != CU_STREAM_CAPTURE_MODE_RELAXED && !pthread_equal(c->thread, pthread_self()))
@@ -1912,12 +2028,11 @@ EXPORT CUresult cuStreamIsCapturing(CUstream hStream, CUstreamCaptureStatus *cap
     NEED_CTX(c);
     if (!captureStatus) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     /* The legacy stream while a blocking stream captures: the implicit dependency. */
-    if (legacy && blocking_capture(c)) RETURN(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
-    if (!s || !s->cap) *captureStatus = CU_STREAM_CAPTURE_STATUS_NONE;
+    if (s->implicit == IMPLICIT_LEGACY && blocking_capture(c)) RETURN(CUDA_ERROR_STREAM_CAPTURE_IMPLICIT);
+    if (!s->cap) *captureStatus = CU_STREAM_CAPTURE_STATUS_NONE;
     else *captureStatus = s->cap->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED : CU_STREAM_CAPTURE_STATUS_ACTIVE;
     RETURN(CUDA_SUCCESS);
 }
@@ -1935,27 +2050,13 @@ EXPORT CUresult cuGraphDestroy(CUgraph hGraph) {
 
 /* ------------------------------------------------------------------- copies */
 
-static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *dst,
-                           const char *src, size_t n, int dst_vmm, int src_vmm) {
-    if (s && s->cap) {
+static CUresult queue_copy(struct object *s, char *dst, const char *src, size_t n, int dst_vmm,
+                           int src_vmm) {
+    if (s->cap) {
         /* Recorded as a node of the graph, not run. */
         s->cap->nodes++;
         s->cap_work++;
         g_captured_ops++;
-        return CUDA_SUCCESS;
-    }
-    CUresult rc = legacy_use(legacy, c);
-    if (rc) return rc;
-    if (!s) {
-        if (legacy) run_blocking_streams(c);
-        /* The special streams run on the current context's device, at once. */
-        if (!copy_reachable(c->device, dst, src, n, dst_vmm, src_vmm)) {
-            g_faults++;
-            if (!c->sticky) c->sticky = CUDA_ERROR_ILLEGAL_ADDRESS;
-            return c->sticky;
-        }
-        memmove(dst, src, n);
-        g_copies++;
         return CUDA_SUCCESS;
     }
     struct op op = {0};
@@ -1965,8 +2066,11 @@ static CUresult queue_copy(struct object *s, int legacy, struct ctx *c, char *ds
     op.n = n;
     op.dst_vmm = dst_vmm;
     op.src_vmm = src_vmm;
-    rc = enqueue(s, op);
-    if (rc == CUDA_SUCCESS) g_async_copies++;
+    CUresult rc = enqueue(s, op);
+    if (rc == CUDA_SUCCESS) {
+        g_async_copies++;
+        if (s->implicit) g_copies++;
+    }
     return rc;
 }
 
@@ -1976,8 +2080,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount
     NEED_CTX(c);
     if (!g_unified) RETURN(CUDA_ERROR_INVALID_VALUE); /* "only allowed ... with unified addressing" */
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     if (ByteCount == 0) RETURN(CUDA_SUCCESS);
     char *d = (char *)(uintptr_t)dst;
@@ -1986,7 +2089,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t ByteCount
     int dv, sv;
     if ((rc = check_end(d, ByteCount, 1, &dv)) || (rc = check_end(p, ByteCount, 0, &sv))) RETURN(rc);
     if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
-    RETURN(queue_copy(s, legacy, c, d, p, ByteCount, dv, sv));
+    RETURN(queue_copy(s, d, p, ByteCount, dv, sv));
 }
 
 EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, CUdeviceptr srcDevice,
@@ -1997,8 +2100,7 @@ EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, C
     struct ctx *dc = as_ctx(dstContext), *sc = as_ctx(srcContext);
     if (!dc || !sc || !dc->active || !sc->active) RETURN(CUDA_ERROR_INVALID_CONTEXT);
     struct object *s;
-    int legacy;
-    CUresult rc = resolve_stream(hStream, &s, &legacy);
+    CUresult rc = resolve_stream(hStream, c, &s);
     if (rc) RETURN(rc);
     if (ByteCount == 0) RETURN(CUDA_SUCCESS);
     char *d = (char *)(uintptr_t)dstDevice;
@@ -2007,7 +2109,7 @@ EXPORT CUresult cuMemcpyPeerAsync(CUdeviceptr dstDevice, CUcontext dstContext, C
     if ((rc = check_peer_end(d, ByteCount, 1, dc, &dv)) || (rc = check_peer_end(p, ByteCount, 0, sc, &sv)))
         RETURN(rc);
     if (overlaps(d, ByteCount, p, ByteCount)) RETURN(CUDA_ERROR_INVALID_VALUE);
-    rc = queue_copy(s, legacy, c, d, p, ByteCount, dv, sv);
+    rc = queue_copy(s, d, p, ByteCount, dv, sv);
     if (rc == CUDA_SUCCESS) g_peer_copies++;
     RETURN(rc);
 }
@@ -2043,12 +2145,9 @@ EXPORT CUresult cuMemPrefetchAsync_v2(CUdeviceptr devPtr, size_t count, CUmemLoc
     CUresult rc = check_location(location, 1);
     if (rc) RETURN(rc);
     struct object *s;
-    int legacy;
-    rc = resolve_stream(hStream, &s, &legacy);
+    /* The special streams are the current context's: they need one. */
+    rc = resolve_stream(hStream, NULL, &s);
     if (rc) RETURN(rc);
-    struct ctx *c = NULL;
-    if (!s) NEED_CTX(c); /* the special streams are the current context's */
-    (void)c;
     /* "hStream must be associated with a device that has concurrent managed access"
      * for a device destination: here every device has it or none does (checked above). */
     g_prefetches++;

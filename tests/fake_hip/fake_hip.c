@@ -22,11 +22,16 @@
  *     that found the event pending (the query answers hipErrorNotReady, and the
  *     "GPU" then makes progress so a polling loop ends); and on hipFree or
  *     hipHostUnregister of memory that a queued copy touches (the real runtime's
- *     implicit synchronisation). hipMemcpy (synchronous) does NOT run queued work:
- *     hetmem's streams are hipStreamNonBlocking, which the null stream does not wait
- *     for, so a synchronous copy that races a queued one sees the memory as it is.
- *     hipMemcpyAsync on the null stream copies at once. Prefetches do nothing to
- *     memory and are not queued.
+ *     implicit synchronisation). The null stream (0) is HIP's legacy default stream:
+ *     its work (hipMemcpy, hipMemcpyAsync / hipEventRecord on 0) runs at once, after
+ *     the work queued so far on the device's blocking streams (hipStreamDefault, and
+ *     the per-thread streams) and not after the non-blocking ones' (hetmem's are
+ *     hipStreamNonBlocking: a synchronous copy that races a copy queued there sees the
+ *     memory as it is); hipStreamSynchronize(0) runs the blocking streams too.
+ *     hipStreamPerThread (2) is the calling thread's own per-thread stream of its
+ *     current device, a queue made at its first use (one per thread and device).
+ *     hipDeviceSynchronize runs every queue of the current device. Prefetches do
+ *     nothing to memory and are not queued.
  *   - Events: recording on a stream with queued work enqueues the record, and the
  *     event is pending (hipEventQuery answers hipErrorNotReady) until the queue passes
  *     it; recording on an idle stream or the null stream completes at once; an event
@@ -38,8 +43,7 @@
  *     handle value again, as real drivers may, so code that keys anything by a raw
  *     handle value is caught.
  *   - No graphs: hipStreamIsCapturing answers hipStreamCaptureStatusNone for every
- *     live stream (and the null stream). hipDeviceSynchronize runs the queues of the
- *     current device's streams.
+ *     live stream (and the special streams).
  *   - Host registrations are tracked; overlapping registration gives
  *     hipErrorHostMemoryAlreadyRegistered, unregistering an unknown pointer
  *     hipErrorHostMemoryNotRegistered. hipFree of an unknown pointer (or a double
@@ -130,6 +134,8 @@ struct object { /* a stream or an event */
     int device;
     int live;
     int kind;
+    unsigned flags; /* streams: hipStreamDefault (blocking) or hipStreamNonBlocking */
+    int per_thread; /* one thread's hipStreamPerThread queue: no handle of its own */
     struct object *next_free; /* free list of destroyed objects, per kind */
     /* Streams: the queue; ops [qhead, qlen) are pending. */
     struct op *q;
@@ -156,6 +162,9 @@ static int g_managed = 1;
 static int g_init_error;
 static size_t g_used[MAX_DEVICES];
 static __thread int t_current;
+/* This thread's per-thread stream (hipStreamPerThread) of each device, made at first use. */
+static __thread struct object *t_per_thread[MAX_DEVICES];
+#define PER_THREAD_HANDLE ((hipStream_t)(uintptr_t)2)
 
 static struct alloc *g_allocs;
 static size_t g_nallocs, g_cap_allocs;
@@ -171,6 +180,7 @@ static long long g_reused_handles;
 static long long g_last_prefetch_device = -100, g_last_advice = -100,
                  g_last_advice_device = -100, g_last_register_flags = -100;
 static long long g_set_device_calls;
+static long long g_per_thread_streams, g_device_synchronizes;
 
 static void init_locked(void) {
     if (g_initialized) return;
@@ -218,7 +228,9 @@ static int managed_range(const void *p, size_t n) {
 static struct object *find_object(const void *h, int kind) {
     for (size_t i = 0; i < g_nobjects; i++)
         if ((const void *)g_objects[i] == h)
-            return g_objects[i]->kind == kind && g_objects[i]->live ? g_objects[i] : NULL;
+            return g_objects[i]->kind == kind && g_objects[i]->live && !g_objects[i]->per_thread
+                       ? g_objects[i]
+                       : NULL;
     return NULL;
 }
 
@@ -245,6 +257,8 @@ static struct object *new_object(int kind) {
     }
     o->device = t_current;
     o->live = 1;
+    o->flags = 0;
+    o->per_thread = 0;
     o->next_free = NULL;
     o->qhead = o->qlen = 0; /* the queue buffer (o->q) is kept for reuse */
     o->gen = o->done_gen = 0;
@@ -318,6 +332,58 @@ static void run_queues_touching(const char *p, size_t n) {
     }
 }
 
+/* The calling thread's per-thread stream of its current device, made at first use
+ * (never on the free list, never destroyed); NULL when out of memory. */
+static struct object *per_thread_stream(void) {
+    struct object **slot = &t_per_thread[t_current];
+    if (*slot) return *slot;
+    struct object **n = grow(g_objects, &g_cap_objects, g_nobjects + 1, sizeof *g_objects);
+    if (!n) return NULL;
+    g_objects = n;
+    struct object *o = calloc(1, sizeof *o);
+    if (!o) return NULL;
+    o->magic = MAGIC;
+    o->kind = KIND_STREAM;
+    o->device = t_current;
+    o->live = 1;
+    o->per_thread = 1;
+    g_objects[g_nobjects++] = o;
+    g_per_thread_streams++;
+    return *slot = o;
+}
+
+/* Resolves a stream argument: NULL (*s NULL) is the null stream of the current device,
+ * hipStreamPerThread the calling thread's per-thread stream of it. */
+static hipError_t resolve_stream(hipStream_t stream, struct object **s) {
+    *s = NULL;
+    if (!stream) return hipSuccess;
+    if (stream == PER_THREAD_HANDLE) {
+        *s = per_thread_stream();
+        return *s ? hipSuccess : hipErrorOutOfMemory;
+    }
+    *s = find_object(stream, KIND_STREAM);
+    return *s ? hipSuccess : hipErrorInvalidHandle;
+}
+
+/* The null stream's work runs at once, after the work queued so far on the blocking
+ * streams of its device (hipStreamDefault ones and the per-thread streams); it does
+ * not wait for non-blocking streams. */
+static void run_blocking_streams(int device) {
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (s->kind == KIND_STREAM && s->live && s->device == device &&
+            !(s->flags & hipStreamNonBlocking))
+            run_all(s);
+    }
+}
+
+static long long pending_per_thread(void) {
+    long long r = 0;
+    for (size_t i = 0; i < g_nobjects; i++)
+        if (g_objects[i]->per_thread) r += (long long)(g_objects[i]->qlen - g_objects[i]->qhead);
+    return r;
+}
+
 static long long queued_ops(void) {
     long long r = 0;
     for (size_t i = 0; i < g_nobjects; i++)
@@ -328,7 +394,8 @@ static long long queued_ops(void) {
 
 static long long live_objects(int kind) {
     long long n = 0;
-    for (size_t i = 0; i < g_nobjects; i++) n += g_objects[i]->kind == kind && g_objects[i]->live;
+    for (size_t i = 0; i < g_nobjects; i++)
+        n += g_objects[i]->kind == kind && g_objects[i]->live && !g_objects[i]->per_thread;
     return n;
 }
 
@@ -357,7 +424,10 @@ EXPORT void fakeHipFailNext(const char *call, int code, int times) {
 /* Counters by name; -1 for an unknown name. "used:N" is device N's bytes in use;
  * "async_copies" counts copies queued, "async_copies_done" those that have run,
  * "queued_ops" the work still pending on live streams, "reused_handles" how often a
- * create handed out a destroyed handle again. */
+ * create handed out a destroyed handle again, "per_thread_streams" the per-thread
+ * streams made (one per thread and device that used hipStreamPerThread),
+ * "per_thread_pending" the work still pending on them, "device_synchronizes" the
+ * hipDeviceSynchronize calls. */
 EXPORT long long fakeHipStat(const char *name) {
     long long r = -1;
     int d;
@@ -380,6 +450,9 @@ EXPORT long long fakeHipStat(const char *name) {
     else if (!strcmp(name, "last_advice_device")) r = g_last_advice_device;
     else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
     else if (!strcmp(name, "set_device_calls")) r = g_set_device_calls;
+    else if (!strcmp(name, "per_thread_streams")) r = g_per_thread_streams;
+    else if (!strcmp(name, "per_thread_pending")) r = pending_per_thread();
+    else if (!strcmp(name, "device_synchronizes")) r = g_device_synchronizes;
     else if ((d = stat_device(name, "used:", MAX_DEVICES)) >= 0) r = (long long)g_used[d];
     pthread_mutex_unlock(&g_lock);
     return r;
@@ -560,7 +633,11 @@ static hipError_t do_copy(void *dst, const void *src, size_t n, hipMemcpyKind ki
 
 EXPORT hipError_t hipMemcpy(void *dst, const void *src, size_t n, hipMemcpyKind kind) {
     ENTER("hipMemcpy");
-    hipError_t rc = do_copy(dst, src, n, kind);
+    /* On the null stream of the current device. */
+    hipError_t rc = check_copy(dst, src, n, kind);
+    if (rc != hipSuccess) RETURN(rc);
+    run_blocking_streams(t_current);
+    rc = do_copy(dst, src, n, kind);
     if (rc == hipSuccess) g_copies++;
     RETURN(rc);
 }
@@ -568,10 +645,14 @@ EXPORT hipError_t hipMemcpy(void *dst, const void *src, size_t n, hipMemcpyKind 
 EXPORT hipError_t hipMemcpyAsync(void *dst, const void *src, size_t n, hipMemcpyKind kind,
                                  hipStream_t stream) {
     ENTER("hipMemcpyAsync");
-    struct object *s = NULL;
-    if (stream && !(s = find_object(stream, KIND_STREAM))) RETURN(hipErrorInvalidHandle);
-    if (!s) { /* the null stream: at once */
-        hipError_t rc = do_copy(dst, src, n, kind);
+    struct object *s;
+    hipError_t rs = resolve_stream(stream, &s);
+    if (rs != hipSuccess) RETURN(rs);
+    if (!s) { /* the null stream: at once, after the blocking streams */
+        hipError_t rc = check_copy(dst, src, n, kind);
+        if (rc != hipSuccess) RETURN(rc);
+        run_blocking_streams(t_current);
+        rc = do_copy(dst, src, n, kind);
         if (rc == hipSuccess) g_async_copies++, g_async_copies_done++;
         RETURN(rc);
     }
@@ -592,6 +673,7 @@ EXPORT hipError_t hipStreamCreateWithFlags(hipStream_t *stream, unsigned int fla
     if (!stream || (flags & ~(unsigned)hipStreamNonBlocking)) RETURN(hipErrorInvalidValue);
     struct object *o = new_object(KIND_STREAM);
     if (!o) RETURN(hipErrorOutOfMemory);
+    o->flags = flags;
     *stream = (hipStream_t)(void *)o;
     RETURN(hipSuccess);
 }
@@ -611,10 +693,24 @@ EXPORT hipError_t hipStreamDestroy(hipStream_t stream) {
 
 EXPORT hipError_t hipStreamSynchronize(hipStream_t stream) {
     ENTER("hipStreamSynchronize");
-    struct object *s = NULL;
-    if (stream && !(s = find_object(stream, KIND_STREAM))) RETURN(hipErrorInvalidHandle);
-    /* The null stream does not wait for non-blocking streams: nothing to run. */
+    struct object *s;
+    hipError_t rc = resolve_stream(stream, &s);
+    if (rc != hipSuccess) RETURN(rc);
+    /* The null stream waits for the blocking streams, not the non-blocking ones. */
     if (s) run_all(s);
+    else run_blocking_streams(t_current);
+    RETURN(hipSuccess);
+}
+
+/* Waits for every stream of the current device: the per-thread streams of all threads
+ * included. */
+EXPORT hipError_t hipDeviceSynchronize(void) {
+    ENTER("hipDeviceSynchronize");
+    g_device_synchronizes++;
+    for (size_t i = 0; i < g_nobjects; i++) {
+        struct object *s = g_objects[i];
+        if (s->kind == KIND_STREAM && s->live && s->device == t_current) run_all(s);
+    }
     RETURN(hipSuccess);
 }
 
@@ -622,18 +718,10 @@ EXPORT hipError_t hipStreamSynchronize(hipStream_t stream) {
 EXPORT hipError_t hipStreamIsCapturing(hipStream_t stream, int *status) {
     ENTER("hipStreamIsCapturing");
     if (!status) RETURN(hipErrorInvalidValue);
-    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    struct object *s;
+    hipError_t rc = resolve_stream(stream, &s);
+    if (rc != hipSuccess) RETURN(rc);
     *status = 0; /* hipStreamCaptureStatusNone */
-    RETURN(hipSuccess);
-}
-
-/* Runs every queue of the current device's streams. */
-EXPORT hipError_t hipDeviceSynchronize(void) {
-    ENTER("hipDeviceSynchronize");
-    for (size_t i = 0; i < g_nobjects; i++) {
-        struct object *o = g_objects[i];
-        if (o->kind == KIND_STREAM && o->live && o->device == t_current) run_all(o);
-    }
     RETURN(hipSuccess);
 }
 
@@ -668,14 +756,13 @@ EXPORT hipError_t hipEventRecord(hipEvent_t event, hipStream_t stream) {
     struct object *e = find_object(event, KIND_EVENT);
     if (!e) RETURN(hipErrorInvalidHandle);
     int device = t_current;
-    struct object *s = NULL;
-    if (stream) {
-        s = find_object(stream, KIND_STREAM);
-        if (!s) RETURN(hipErrorInvalidHandle);
-        device = s->device;
-    }
+    struct object *s;
+    hipError_t rc = resolve_stream(stream, &s);
+    if (rc != hipSuccess) RETURN(rc);
+    if (s) device = s->device;
     /* An event can only be recorded on a stream of its own device. */
     if (device != e->device) RETURN(hipErrorInvalidHandle);
+    if (!s) run_blocking_streams(device); /* the null stream's record follows them */
     unsigned long long gen = e->gen + 1;
     if (s && s->qhead < s->qlen) {
         struct op op = {OP_RECORD, NULL, NULL, 0, e, gen};
@@ -693,7 +780,9 @@ EXPORT hipError_t hipEventRecord(hipEvent_t event, hipStream_t stream) {
 EXPORT hipError_t hipStreamWaitEvent(hipStream_t stream, hipEvent_t event, unsigned int flags) {
     ENTER("hipStreamWaitEvent");
     if (flags != 0) RETURN(hipErrorInvalidValue);
-    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    struct object *s;
+    hipError_t rc = resolve_stream(stream, &s);
+    if (rc != hipSuccess) RETURN(rc);
     struct object *e = find_object(event, KIND_EVENT);
     if (!e) RETURN(hipErrorInvalidHandle);
     /* Later work on `stream` must follow the event: simplest, pass it now. */
@@ -723,7 +812,9 @@ EXPORT hipError_t hipMemPrefetchAsync(const void *ptr, size_t count, int device,
     ENTER("hipMemPrefetchAsync");
     if (!ptr || count == 0 || !managed_range(ptr, count)) RETURN(hipErrorInvalidValue);
     if (device != hipCpuDeviceId && !valid_device(device)) RETURN(hipErrorInvalidDevice);
-    if (stream && !find_object(stream, KIND_STREAM)) RETURN(hipErrorInvalidHandle);
+    struct object *s;
+    hipError_t rc = resolve_stream(stream, &s);
+    if (rc != hipSuccess) RETURN(rc);
     g_prefetches++;
     g_last_prefetch_device = device;
     RETURN(hipSuccess);

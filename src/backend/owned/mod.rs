@@ -6,7 +6,9 @@
 //!   asynchronous copies that still use it, so a buffer dropped while a copy is in
 //!   flight cannot be freed under the DMA engine.
 //!
-//! Nothing here panics in `Drop`: failures are logged through `tracing`.
+//! Nothing here panics in `Drop`: failures are logged through `tracing`. In a `fork()`ed
+//! child (see `backend::fork`) drops make no driver call and log nothing: what the value
+//! owns belongs to the parent's driver state, and is leaked.
 
 mod vmm;
 
@@ -14,18 +16,33 @@ pub(crate) use vmm::{PhysChunk, VmmRegion};
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use rustc_hash::FxHashMap;
 
 use crate::backend::copy::{self, check_range, CopyEnd, Fences};
 use crate::backend::host::HostRegion;
-use crate::backend::{Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle};
+use crate::backend::{
+    lock, thread_key, Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
+    PER_THREAD_STREAM,
+};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
 /// A shared backend.
 pub(crate) type SharedBackend = Arc<dyn Backend>;
 
-/// A stream that is destroyed on drop, or (imported from the caller) forgotten on drop.
+/// A stream that is destroyed on drop, or (imported from the caller) forgotten once
+/// nothing uses the import any more.
+///
+/// The per-thread default stream ([`PER_THREAD_STREAM`]) is one handle but a different
+/// stream on each thread: every driver call with it acts on the calling thread's. What
+/// hetmem keys by stream (a pool's blocks, the fences of copies) must keep the threads
+/// apart, so the stream imported from it hands out a *view* per thread
+/// ([`OwnedStream::this_thread`]): the same handle, an id of its own, and the thread it
+/// stands for. A view does its driver calls on that thread only; from another one, what
+/// would reach the wrong thread's stream is refused ([`Error::InvalidArgument`]), and
+/// [`OwnedStream::synchronize`] waits for the whole device instead.
 #[derive(Debug)]
 pub(crate) struct OwnedStream {
     backend: SharedBackend,
@@ -33,8 +50,16 @@ pub(crate) struct OwnedStream {
     device: usize,
     /// Events of the stream's device kept for reuse (fences, hand-overs).
     events: Arc<EventCache>,
-    /// Made by us (destroyed on drop) or imported (forgotten on drop, never destroyed).
+    /// Made by us (destroyed on drop) or imported (never destroyed).
     owned: bool,
+    /// For an imported stream: forgets the import when the last holder (the stream and
+    /// its per-thread views) lets go.
+    import: Option<Arc<Import>>,
+    /// For a per-thread view: the thread ([`thread_key`]) whose per-thread default
+    /// stream it stands for.
+    thread: Option<u64>,
+    /// For the per-thread default stream: its view for each thread that used it.
+    views: Option<Mutex<FxHashMap<u64, Arc<OwnedStream>>>>,
     /// Unique for the life of the process, unlike the driver's handle, which a driver
     /// may hand out again once this stream is destroyed.
     id: u64,
@@ -43,7 +68,54 @@ pub(crate) struct OwnedStream {
     raw: u64,
 }
 
+/// An import of a caller's stream, forgotten on drop.
+#[derive(Debug)]
+struct Import {
+    backend: SharedBackend,
+    handle: StreamHandle,
+}
+
+impl Drop for Import {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from import_stream on this backend, is forgotten once
+        // (here, when the last stream or view holding the import lets go) and never
+        // used again.
+        if let Err(e) = unsafe { self.backend.forget_stream(self.handle) } {
+            tracing::warn!(target: "hetmem", error = %e, "forgetting an imported stream failed");
+        }
+    }
+}
+
 static NEXT_STREAM_ID: AtomicU64 = AtomicU64::new(1);
+
+fn next_stream_id() -> u64 {
+    NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The stream to act on for the calling thread ([`OwnedStream::this_thread`]): the
+/// stream itself, or its view for this thread.
+#[derive(Debug)]
+pub(crate) enum ThisThread<'a> {
+    /// Not a per-thread stream: the same on every thread.
+    Same(&'a OwnedStream),
+    /// The calling thread's view of a per-thread stream.
+    View(Arc<OwnedStream>),
+}
+
+impl std::ops::Deref for ThisThread<'_> {
+    type Target = OwnedStream;
+    fn deref(&self) -> &OwnedStream {
+        match self {
+            ThisThread::Same(s) => s,
+            ThisThread::View(v) => v,
+        }
+    }
+}
+
+/// Per-thread views nothing else holds are pruned when their number reaches this, and
+/// each power of two above it: a program that starts a thread per request would
+/// otherwise keep a view for every thread it ever ran.
+const VIEWS_PRUNE_AT: usize = 64;
 
 impl OwnedStream {
     pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
@@ -54,13 +126,17 @@ impl OwnedStream {
             device,
             events: EventCache::new(backend, device),
             owned: true,
-            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            import: None,
+            thread: None,
+            views: None,
+            id: next_stream_id(),
             raw: crate::backend::raw_stream(handle),
         })
     }
 
-    /// Imports a stream the caller made ([`Backend::import_stream`]); drop forgets it
-    /// and never destroys it.
+    /// Imports a stream the caller made ([`Backend::import_stream`]); it is forgotten,
+    /// never destroyed, once this stream and its views are dropped. [`PER_THREAD_STREAM`]
+    /// gives a stream with a view per thread ([`OwnedStream::this_thread`]).
     ///
     /// # Safety
     /// As [`Backend::import_stream`]: `raw` is 0 or a live stream of `device` from the
@@ -74,7 +150,13 @@ impl OwnedStream {
             device,
             events: EventCache::new(backend, device),
             owned: false,
-            id: NEXT_STREAM_ID.fetch_add(1, Ordering::Relaxed),
+            import: Some(Arc::new(Import {
+                backend: backend.clone(),
+                handle,
+            })),
+            thread: None,
+            views: (raw == PER_THREAD_STREAM).then(|| Mutex::new(FxHashMap::default())),
+            id: next_stream_id(),
             raw,
         })
     }
@@ -87,6 +169,68 @@ impl OwnedStream {
     /// A process-unique id (driver handles can be reused after destruction).
     pub(crate) fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The stream the calling thread's work goes to: this stream, or, for the
+    /// per-thread default stream, this thread's view of it (made at its first use).
+    pub(crate) fn this_thread(&self) -> ThisThread<'_> {
+        let Some(views) = &self.views else {
+            return ThisThread::Same(self);
+        };
+        let thread = thread_key();
+        let mut views = lock(views);
+        if let Some(v) = views.get(&thread) {
+            return ThisThread::View(v.clone());
+        }
+        if views.len() >= VIEWS_PRUNE_AT && views.len().is_power_of_two() {
+            // Views nothing else holds (no pool block, no fence keeps them) can go: a
+            // thread that comes back gets a new one, a new stream to the pools.
+            views.retain(|_, v| Arc::strong_count(v) > 1);
+        }
+        let view = Arc::new(OwnedStream {
+            backend: self.backend.clone(),
+            handle: self.handle,
+            device: self.device,
+            events: self.events.clone(),
+            owned: false,
+            import: self.import.clone(),
+            thread: Some(thread),
+            views: None,
+            id: next_stream_id(),
+            raw: self.raw,
+        });
+        views.insert(thread, view.clone());
+        ThisThread::View(view)
+    }
+
+    /// Whether any of this stream's per-thread views is held outside the stream
+    /// (by a pool that keeps memory freed on it, a fence).
+    pub(crate) fn views_in_use(&self) -> bool {
+        self.views
+            .as_ref()
+            .is_some_and(|v| lock(v).values().any(|v| Arc::strong_count(v) > 1))
+    }
+
+    /// For a per-thread view: the thread ([`thread_key`]) whose stream it is.
+    pub(crate) fn thread(&self) -> Option<u64> {
+        self.thread
+    }
+
+    /// Whether driver calls with this stream's handle from the calling thread reach this
+    /// stream: always, except for a per-thread view on another thread than its own.
+    pub(crate) fn reachable(&self) -> bool {
+        self.thread.is_none_or(|t| t == thread_key())
+    }
+
+    fn check_reachable(&self, what: &str) -> Result<()> {
+        if self.reachable() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "cannot {what} another thread's per-thread default stream (device {})",
+                self.device
+            )))
+        }
     }
 
     pub(crate) fn handle(&self) -> StreamHandle {
@@ -106,7 +250,14 @@ impl OwnedStream {
         self.device
     }
 
+    /// Waits for the work queued on the stream so far. For another thread's per-thread
+    /// stream, which no call from here can name, it waits for the whole device.
     pub(crate) fn synchronize(&self) -> Result<()> {
+        if !self.reachable() {
+            tracing::debug!(target: "hetmem", device = self.device,
+                "synchronising the device for another thread's per-thread stream");
+            return self.backend.synchronize_device(self.device);
+        }
         // SAFETY: the handle is live while `self` is, and came from this backend.
         unsafe { self.backend.synchronize_stream(self.handle) }
     }
@@ -121,6 +272,7 @@ impl OwnedStream {
     /// Records an event at the stream's tail (one kept from earlier use when there is
     /// one: no driver call to make it).
     pub(crate) fn record(&self) -> Result<OwnedEvent> {
+        self.check_reachable("record an event on")?;
         let ev = self.event()?;
         // SAFETY: both handles are live while their owners are, and from this backend.
         unsafe { self.backend.record_event(ev.handle, self.handle)? };
@@ -130,6 +282,8 @@ impl OwnedStream {
     /// An event of this stream's device, not yet recorded: kept from earlier use when
     /// there is one, and kept again when dropped.
     pub(crate) fn event(&self) -> Result<OwnedEvent> {
+        // Before the cache's lock, which a thread of the parent may have held at a fork.
+        self.backend.check_fork()?;
         let handle = match self.events.take() {
             Some(h) => h,
             None => self.backend.create_event(self.device)?,
@@ -145,6 +299,7 @@ impl OwnedStream {
     /// Makes later work on this stream wait for `event`.
     pub(crate) fn wait(&self, event: &OwnedEvent) -> Result<()> {
         same_backend(&self.backend, &event.backend)?;
+        self.check_reachable("make wait")?;
         // SAFETY: both handles are live and from this backend (checked above).
         unsafe { self.backend.stream_wait_event(self.handle, event.handle) }
     }
@@ -152,12 +307,11 @@ impl OwnedStream {
 
 impl Drop for OwnedStream {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         if !self.owned {
-            // SAFETY: the handle came from import_stream on this backend, is forgotten
-            // once (here) and never used again.
-            if let Err(e) = unsafe { self.backend.forget_stream(self.handle) } {
-                tracing::warn!(target: "hetmem", error = %e, "forgetting an imported stream failed");
-            }
+            // An import is forgotten by its `Import`, once the last view lets go too.
             return;
         }
         // SAFETY: the handle is live and is never used again after this.
@@ -208,6 +362,9 @@ impl EventCache {
 
 impl Drop for EventCache {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         let free = std::mem::take(self.free.get_mut().unwrap_or_else(|e| e.into_inner()));
         for h in free {
             // SAFETY: kept handles are live events of this backend that nobody holds.
@@ -249,6 +406,7 @@ impl OwnedEvent {
     /// Records this event at the current tail of `stream`.
     pub(crate) fn record_on(&self, stream: &OwnedStream) -> Result<()> {
         same_backend(&self.backend, &stream.backend)?;
+        stream.check_reachable("record an event on")?;
         // SAFETY: both handles are live while their owners are, from this backend.
         unsafe { self.backend.record_event(self.handle, stream.handle) }
     }
@@ -261,6 +419,10 @@ impl OwnedEvent {
 
 impl Drop for OwnedEvent {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: neither the cache's lock nor the driver.
+            return;
+        }
         let Some(handle) = self.home.put(self.handle) else {
             return;
         };
@@ -324,15 +486,20 @@ impl OwnedMemory {
         Self::wrap(backend, region.len(), MemoryKind::Host(region))
     }
 
-    /// Registers `region` with the backend.
+    /// Registers `region` with the backend, after advising it `MADV_DONTFORK`
+    /// ([`HostRegion::exclude_from_fork`]) so that a fork never copies it. Registration
+    /// is undone only right before the region is unmapped (drop, or a failure here), so
+    /// the advice is never taken back.
     pub(crate) fn pinned(backend: &SharedBackend, region: HostRegion) -> Result<Self> {
+        let mut region = region;
+        // Before registering: a fork between the two then never sees pinned pages.
+        region.exclude_from_fork();
         // SAFETY: the region is mapped and owned by the value returned, which
         // unregisters it before unmapping it (see Drop); on failure it is unmapped only
         // if the backend says nothing of it stayed registered.
         if let Err(e) = unsafe { backend.register_host(region.ptr(), region.len()) } {
             if is_rollback_failure(&e) {
                 // Part of it is still registered with the driver: leak it.
-                let mut region = region;
                 region.leak();
             }
             return Err(e);
@@ -368,6 +535,9 @@ impl OwnedMemory {
         if len <= chunk {
             return Self::pinned(backend, region);
         }
+        let mut region = region;
+        // As in `pinned`: out of forked children before any piece is pinned.
+        region.exclude_from_fork();
         let pieces: Vec<(usize, usize)> = (0..len)
             .step_by(chunk)
             .map(|off| (off, chunk.min(len - off)))
@@ -433,7 +603,6 @@ impl OwnedMemory {
         }
         let failure = failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(err) = failure else {
-            let mut region = region;
             region.set_register_chunk(chunk);
             return Ok(Self::wrap(backend, len, MemoryKind::Pinned(region)));
         };
@@ -452,7 +621,6 @@ impl OwnedMemory {
             }
         }
         if leak {
-            let mut region = region;
             region.leak();
         }
         Err(err)
@@ -501,6 +669,7 @@ impl OwnedMemory {
     /// The NUMA node of each sampled page (see [`HostRegion::page_nodes`]), for host
     /// and pinned memory.
     pub(crate) fn page_nodes(&self) -> Result<Vec<i32>> {
+        self.backend.check_fork()?;
         match &self.kind {
             MemoryKind::Host(r) | MemoryKind::Pinned(r) => r.page_nodes(),
             _ => Err(Error::InvalidArgument(
@@ -537,6 +706,7 @@ impl OwnedMemory {
 
     /// Blocks until every asynchronous copy that used this memory is done.
     pub(crate) fn wait_fences(&self) -> Result<()> {
+        self.backend.check_fork()?;
         self.fences.wait()
     }
 
@@ -624,6 +794,8 @@ impl OwnedMemory {
 
     /// The bytes, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice(&self) -> Result<&[u8]> {
+        // In a forked child a pinned region is not even mapped.
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be read by the CPU directly".into())
         })?;
@@ -636,6 +808,7 @@ impl OwnedMemory {
 
     /// The bytes, mutable, for memory the CPU can reach, after pending copies are done.
     pub(crate) fn host_slice_mut(&mut self) -> Result<&mut [u8]> {
+        self.backend.check_fork()?;
         let ptr = self.host_ptr().ok_or_else(|| {
             Error::InvalidArgument("device memory cannot be written by the CPU directly".into())
         })?;
@@ -662,6 +835,12 @@ impl CopyEnd for OwnedMemory {
 
 impl Drop for OwnedMemory {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: the memory is the parent's. A region advised
+            // MADV_DONTFORK is not mapped here and its drop leaves it alone; an
+            // inherited one (pageable) is only the child's copy, unmapped by its drop.
+            return;
+        }
         let waited = if self.fences.must_leak() {
             Err(Error::InvalidArgument(
                 "a copy that may still use this buffer was never fenced".into(),

@@ -44,6 +44,10 @@ impl PhysChunk {
 
 impl Drop for PhysChunk {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            // A forked child: the driver's memory is the parent's (leaked here).
+            return;
+        }
         if let Some(h) = self.handle.take() {
             // SAFETY: a PhysChunk holds a live handle of this device that is mapped
             // nowhere (it was created unmapped, or unmapped before it was handed out).
@@ -349,6 +353,9 @@ impl CopyEnd for VmmRegion {
 
 impl Drop for VmmRegion {
     fn drop(&mut self) {
+        if self.backend.check_fork().is_err() {
+            return;
+        }
         let offs: Vec<usize> = self.chunks.keys().copied().collect();
         let mut out = Vec::new();
         if let Err(e) = self.unmap_chunks(&offs, &mut out) {

@@ -13,7 +13,14 @@
 //! - a kernel is declared with a duration ([`SimBackend::launch_kernel`]) and runs on
 //!   the device's compute engine;
 //! - events carry the time their stream reached when recorded; waiting on one moves
-//!   the waiter's time forward to it.
+//!   the waiter's time forward to it;
+//! - the drivers' special streams are modelled: raw handles 0 and 1 import a device's
+//!   legacy default stream, 2 the per-thread default stream (every call with it acts on
+//!   the calling thread's own stream of the device); work on the legacy stream starts
+//!   after the per-thread (blocking) streams' queued work and theirs after its, as in
+//!   CUDA; the streams [`SimBackend`] makes are non-blocking, as hetmem makes them on
+//!   the drivers; a copy with no stream starts after the legacy and blocking streams'
+//!   work, as `cuMemcpy` does.
 //!
 //! - driver calls (allocation, mapping, events, streams) block the host for what they
 //!   cost on a real driver ([`DriverCosts`], in [`driver`]) and are counted by kind
@@ -47,8 +54,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::backend::{
-    check_copy_stream, check_device, check_vmm_size, Backend, BackendKind, DeviceInfo, DevicePtr,
-    EventHandle, HostKind, MemInfo, MemRef, PhysHandle, StreamHandle,
+    check_copy_stream, check_device, check_vmm_size, per_thread_device, special_handle, thread_key,
+    Backend, BackendKind, DeviceInfo, DevicePtr, EventHandle, HostKind, MemInfo, MemRef,
+    PhysHandle, StreamHandle, LEGACY_STREAM, PER_THREAD_STREAM, SPECIAL_STREAMS,
 };
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, Tier};
@@ -333,8 +341,22 @@ struct Engines {
 struct StreamState {
     device: usize,
     tail_ns: u64,
+    kind: StreamKind,
     /// The capture recording this stream's work, if any.
     capture: Option<u64>,
+}
+
+/// How a stream takes part in the legacy default stream's implicit ordering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// A stream made by [`Backend::create_stream`]: non-blocking, as hetmem makes them
+    /// on the drivers (no implicit ordering).
+    NonBlocking,
+    /// A device's default stream (raw handle 0 or 1): its work waits for the blocking
+    /// streams' work queued before, and theirs for its.
+    Legacy,
+    /// One thread's per-thread default stream (raw handle 2): a blocking stream.
+    PerThread,
 }
 
 #[derive(Debug)]
@@ -366,6 +388,9 @@ struct State {
     streams: HashMap<u64, StreamState>,
     /// Each device's default stream (what raw handle 0 imports as), made on first use.
     default_streams: HashMap<usize, u64>,
+    /// Each thread's per-thread default stream of each device (what raw handle 2 means
+    /// on that thread), by (device, [`thread_key`]), made on first use.
+    per_thread: HashMap<(usize, u64), u64>,
     events: HashMap<u64, EventState>,
     engines: Vec<Engines>,
     stats: SimStats,
@@ -521,7 +546,9 @@ impl SimBackend {
             used,
             state: Mutex::new(State {
                 host_ns: 0,
-                next_handle: 1,
+                // Below this are the drivers' special stream values (0, 1, 2): no sim
+                // handle may be mistaken for one.
+                next_handle: SPECIAL_STREAMS,
                 next_addr: (0..n as u64).map(|d| (d + 1) << ADDR_SHIFT).collect(),
                 device_allocs: BTreeMap::new(),
                 reservations: BTreeMap::new(),
@@ -534,6 +561,7 @@ impl SimBackend {
                 registered: BTreeMap::new(),
                 streams: HashMap::new(),
                 default_streams: HashMap::new(),
+                per_thread: HashMap::new(),
                 events: HashMap::new(),
                 engines: vec![Engines::default(); n],
                 stats: SimStats::default(),
@@ -559,8 +587,10 @@ impl SimBackend {
     }
 
     /// When the work queued on `stream` so far ends, in virtual nanoseconds.
+    /// For an imported per-thread default stream: the calling thread's.
     pub fn stream_time_ns(&self, stream: StreamHandle) -> Result<u64> {
-        let st = self.lock();
+        let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
         Ok(stream_ref(&st, stream)?.tail_ns)
     }
 
@@ -598,6 +628,7 @@ impl SimBackend {
     /// Returns when it would run.
     pub fn launch_kernel(&self, stream: StreamHandle, duration: Duration) -> Result<Span> {
         let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
         let device = stream_ref(&st, stream)?.device;
         let host = st.host_ns;
         if stream_ref(&st, stream)?.capture.is_some() {
@@ -608,7 +639,7 @@ impl SimBackend {
                 end_ns: host,
             });
         }
-        let s = stream_ref(&st, stream)?.tail_ns;
+        let s = ready_ns(&st, stream)?;
         let dur = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
         let (start, end) = st.engines[device].compute.place(s.max(host), dur, host);
         stream_mut(&mut st, stream)?.tail_ns = end;
@@ -624,6 +655,7 @@ impl SimBackend {
     /// and the calls a capture forbids fail (module docs).
     pub fn begin_capture(&self, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
         if stream_ref(&st, stream)?.capture.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "sim stream {} is already capturing",
@@ -649,6 +681,7 @@ impl SimBackend {
     /// [`CAPTURE_UNMATCHED`] on a stream of the capture that it did not begin on.
     pub fn end_capture(&self, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
         let Some(id) = stream_ref(&st, stream)?.capture else {
             return Err(Error::InvalidArgument(format!(
                 "sim stream {} is not capturing",
@@ -797,6 +830,65 @@ fn find_managed(st: &State, p: usize, len: usize) -> Option<&ManagedAlloc> {
         .next_back()
         .filter(|(s, m)| p + len <= *s + m.len)
         .map(|(_, m)| m)
+}
+
+/// The stream a handle names for the calling thread: an imported per-thread default
+/// stream is the calling thread's own (made at its first use), any other handle itself.
+fn resolve_stream(st: &mut State, s: StreamHandle) -> StreamHandle {
+    let Some(device) = per_thread_device(s) else {
+        return s;
+    };
+    let key = (device, thread_key());
+    if let Some(&h) = st.per_thread.get(&key) {
+        return StreamHandle(h);
+    }
+    let h = new_stream(st, device, StreamKind::PerThread);
+    st.per_thread.insert(key, h);
+    StreamHandle(h)
+}
+
+fn new_stream(st: &mut State, device: usize, kind: StreamKind) -> u64 {
+    let h = st.next_handle;
+    st.next_handle += 1;
+    let tail_ns = st.host_ns;
+    st.streams.insert(
+        h,
+        StreamState {
+            device,
+            tail_ns,
+            kind,
+            capture: None,
+        },
+    );
+    h
+}
+
+/// The latest end of the work queued so far on `device`'s legacy default stream and
+/// blocking (per-thread) streams: what work on the legacy stream, and a synchronous
+/// copy (as `cuMemcpy`), starts after.
+fn legacy_barrier(st: &State, device: usize) -> u64 {
+    st.streams
+        .values()
+        .filter(|s| s.device == device && s.kind != StreamKind::NonBlocking)
+        .map(|s| s.tail_ns)
+        .max()
+        .unwrap_or(0)
+}
+
+/// When work queued now on (resolved) stream `s` may start, by its own order and the
+/// legacy stream's implicit one: legacy work after every blocking stream's, blocking
+/// streams' work after the legacy stream's.
+fn ready_ns(st: &State, s: StreamHandle) -> Result<u64> {
+    let state = stream_ref(st, s)?;
+    Ok(match state.kind {
+        StreamKind::NonBlocking => state.tail_ns,
+        StreamKind::Legacy => legacy_barrier(st, state.device),
+        StreamKind::PerThread => st
+            .default_streams
+            .get(&state.device)
+            .and_then(|l| st.streams.get(l))
+            .map_or(state.tail_ns, |l| state.tail_ns.max(l.tail_ns)),
+    })
 }
 
 fn stream_ref(st: &State, s: StreamHandle) -> Result<&StreamState> {
@@ -1017,18 +1109,11 @@ impl Backend for SimBackend {
         check_device(self, device)?;
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::StreamCreate, 0);
-        let h = st.next_handle;
-        st.next_handle += 1;
-        let tail_ns = st.host_ns;
-        st.streams.insert(
-            h,
-            StreamState {
-                device,
-                tail_ns,
-                capture: None,
-            },
-        );
-        Ok(StreamHandle(h))
+        Ok(StreamHandle(new_stream(
+            &mut st,
+            device,
+            StreamKind::NonBlocking,
+        )))
     }
 
     unsafe fn destroy_stream(&self, stream: StreamHandle) -> Result<()> {
@@ -1040,30 +1125,26 @@ impl Backend for SimBackend {
             .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", stream.0)))
     }
 
-    /// Raw handle 0 is the device's default stream, a sim stream made on first use
-    /// and kept for the life of the backend; any other raw handle must be a live sim
-    /// stream of `device` (the sim checks every handle, so a bad one is an error here
-    /// or at its use, never undefined behaviour).
+    /// Raw handles 0 and 1 are the device's legacy default stream, a sim stream made on
+    /// first use and kept for the life of the backend, ordered against the per-thread
+    /// streams as CUDA orders it against blocking streams; 2 is the per-thread default
+    /// stream: one handle, and every call with it acts on the calling thread's own
+    /// stream of the device (made at its first use). Any other raw handle must be a live
+    /// sim stream of `device` (the sim checks every handle, so a bad one is an error
+    /// here or at its use, never undefined behaviour).
     unsafe fn import_stream(&self, device: usize, raw: u64) -> Result<StreamHandle> {
         check_device(self, device)?;
         let mut st = self.lock();
-        if raw == 0 {
+        if raw == 0 || raw == LEGACY_STREAM {
             if let Some(h) = st.default_streams.get(&device) {
                 return Ok(StreamHandle(*h));
             }
-            let h = st.next_handle;
-            st.next_handle += 1;
-            let tail_ns = st.host_ns;
-            st.streams.insert(
-                h,
-                StreamState {
-                    device,
-                    tail_ns,
-                    capture: None,
-                },
-            );
+            let h = new_stream(&mut st, device, StreamKind::Legacy);
             st.default_streams.insert(device, h);
             return Ok(StreamHandle(h));
+        }
+        if raw == PER_THREAD_STREAM {
+            return Ok(special_handle(device, raw));
         }
         let owner = stream_ref(&st, StreamHandle(raw))?.device;
         if owner != device {
@@ -1081,6 +1162,7 @@ impl Backend for SimBackend {
 
     unsafe fn synchronize_stream(&self, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
         if let Some(c) = stream_ref(&st, stream)?.capture {
             return Err(capture_violation(
                 &mut st,
@@ -1090,7 +1172,12 @@ impl Backend for SimBackend {
                 "synchronising a capturing stream",
             ));
         }
-        let t = stream_ref(&st, stream)?.tail_ns;
+        let s = stream_ref(&st, stream)?;
+        // The legacy stream's synchronisation waits for the blocking streams too.
+        let t = match s.kind {
+            StreamKind::Legacy => legacy_barrier(&st, s.device),
+            _ => s.tail_ns,
+        };
         st.host_ns = st.host_ns.max(t);
         Ok(())
     }
@@ -1124,8 +1211,10 @@ impl Backend for SimBackend {
     unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::EventRecord, 0);
-        let s = stream_ref(&st, stream)?;
-        let (t, sdev, capture) = (s.tail_ns.max(st.host_ns), s.device, s.capture);
+        let stream = resolve_stream(&mut st, stream);
+        let sdev = stream_ref(&st, stream)?.device;
+        let capture = stream_ref(&st, stream)?.capture;
+        let t = ready_ns(&st, stream)?.max(st.host_ns);
         let e = st
             .events
             .get_mut(&event.0)
@@ -1147,6 +1236,7 @@ impl Backend for SimBackend {
     unsafe fn stream_wait_event(&self, stream: StreamHandle, event: EventHandle) -> Result<()> {
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::StreamWait, 0);
+        let stream = resolve_stream(&mut st, stream);
         let e = event_ref(&st, event)?;
         let (t, captured) = (e.time_ns.unwrap_or(0), e.captured);
         let waiter = stream_ref(&st, stream)?.capture;
@@ -1187,8 +1277,9 @@ impl Backend for SimBackend {
                 return Ok(());
             }
         }
+        let ready = ready_ns(&st, stream)?;
         let s = stream_mut(&mut st, stream)?;
-        s.tail_ns = s.tail_ns.max(t);
+        s.tail_ns = ready.max(t);
         Ok(())
     }
 
@@ -1225,7 +1316,9 @@ impl Backend for SimBackend {
 
     unsafe fn is_capturing(&self, stream: StreamHandle) -> Result<bool> {
         // Not charged: the question is answered from the driver's host-side state.
-        Ok(stream_ref(&self.lock(), stream)?.capture.is_some())
+        let mut st = self.lock();
+        let stream = resolve_stream(&mut st, stream);
+        Ok(stream_ref(&st, stream)?.capture.is_some())
     }
 
     fn synchronize_device(&self, device: usize) -> Result<()> {
@@ -1258,6 +1351,7 @@ impl Backend for SimBackend {
         stream: Option<StreamHandle>,
     ) -> Result<()> {
         let mut st = self.lock();
+        let stream = stream.map(|s| resolve_stream(&mut st, s));
         let d = Self::resolve(&st, dst, len)?;
         let s = Self::resolve(&st, src, len)?;
         // Which engine and how fast: the device side picks the engine, the host side's
@@ -1330,8 +1424,10 @@ impl Backend for SimBackend {
         let dur = self.copy_ns(len, gbps);
         let host = st.host_ns;
         let ready = match stream {
-            Some(sh) => stream_ref(&st, sh)?.tail_ns.max(host),
-            None => host,
+            Some(sh) => ready_ns(&st, sh)?.max(host),
+            // Ordered as cuMemcpy is: after the legacy stream's work and, by its rule,
+            // the blocking streams' (not after the non-blocking ones').
+            None => legacy_barrier(&st, device).max(host),
         };
         let eng = &mut st.engines[device];
         let timeline = match engine {
@@ -1383,8 +1479,9 @@ impl Backend for SimBackend {
         };
         let dur = self.copy_ns(moved, gbps);
         let host = st.host_ns;
+        let stream = resolve_stream(&mut st, stream);
         let sdev = stream_ref(&st, stream)?.device;
-        let ready = stream_ref(&st, stream)?.tail_ns.max(host);
+        let ready = ready_ns(&st, stream)?.max(host);
         // A migration is a copy: it occupies the copy engine of its direction.
         let eng = &mut st.engines[sdev];
         let timeline = match to {
@@ -1713,6 +1810,106 @@ mod tests {
             ..cfg
         })
         .unwrap()
+    }
+
+    /// Handle 2 is the calling thread's own stream: the same handle on two threads names
+    /// two streams with two clocks.
+    #[test]
+    fn the_per_thread_stream_is_the_calling_threads() {
+        let sim = clock_only(SimConfig::with_devices(1, 1 << 30));
+        // SAFETY: 2 is the per-thread stream, which every thread has.
+        let s = unsafe { sim.import_stream(0, PER_THREAD_STREAM).unwrap() };
+        assert!(s.0 >= SPECIAL_STREAMS, "a token, not the raw value");
+        let k = sim.launch_kernel(s, Duration::from_millis(5)).unwrap();
+        assert_eq!(sim.stream_time_ns(s).unwrap(), k.end_ns);
+        let e = sim.create_event(0).unwrap();
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                assert_eq!(
+                    sim.stream_time_ns(s).unwrap(),
+                    0,
+                    "another thread's per-thread stream has nothing queued"
+                );
+                // SAFETY: live handles of this backend.
+                unsafe { sim.record_event(e, s).unwrap() };
+                assert_eq!(sim.event_time_ns(e).unwrap(), Some(0));
+                // Synchronising it waits for this thread's stream only.
+                // SAFETY: as above.
+                unsafe { sim.synchronize_stream(s).unwrap() };
+                assert!(sim.host_time_ns() < k.end_ns);
+            });
+        });
+        // SAFETY: as above.
+        unsafe { sim.record_event(e, s).unwrap() };
+        assert_eq!(sim.event_time_ns(e).unwrap(), Some(k.end_ns));
+        // No sim handle is ever one of the drivers' special values.
+        let made = sim.create_stream(0).unwrap();
+        assert!(made.0 >= SPECIAL_STREAMS);
+        sim.synchronize_device(0).unwrap();
+        assert_eq!(
+            sim.host_time_ns(),
+            k.end_ns,
+            "the device waits for every thread"
+        );
+    }
+
+    /// The legacy stream (0 and 1) follows the blocking (per-thread) streams and they
+    /// follow it; non-blocking streams take no part; a copy with no stream is ordered
+    /// as `cuMemcpy`, after the legacy stream and the blocking streams.
+    #[test]
+    fn the_legacy_stream_orders_blocking_streams_only() {
+        let sim = clock_only(SimConfig::with_devices(1, 1 << 30));
+        // SAFETY: special values every device has.
+        let (legacy, legacy1, per_thread) = unsafe {
+            (
+                sim.import_stream(0, 0).unwrap(),
+                sim.import_stream(0, LEGACY_STREAM).unwrap(),
+                sim.import_stream(0, PER_THREAD_STREAM).unwrap(),
+            )
+        };
+        assert_eq!(legacy, legacy1, "0 and 1 are one stream");
+        let other = sim.create_stream(0).unwrap();
+        let e = sim.create_event(0).unwrap();
+        let ms = Duration::from_millis(1);
+        let k = sim.launch_kernel(per_thread, ms).unwrap();
+        let n = sim.launch_kernel(other, 4 * ms).unwrap();
+        assert!(n.end_ns > k.end_ns);
+        // SAFETY: live handles of this backend.
+        unsafe { sim.record_event(e, legacy).unwrap() };
+        assert_eq!(
+            sim.event_time_ns(e).unwrap(),
+            Some(k.end_ns),
+            "after the blocking stream's kernel, not the non-blocking one's"
+        );
+        let l = sim.launch_kernel(legacy, ms).unwrap();
+        assert!(l.start_ns >= k.end_ns);
+        // SAFETY: as above.
+        unsafe { sim.record_event(e, per_thread).unwrap() };
+        assert_eq!(
+            sim.event_time_ns(e).unwrap(),
+            Some(l.end_ns),
+            "the blocking stream follows the legacy one"
+        );
+        // SAFETY: as above.
+        unsafe { sim.record_event(e, other).unwrap() };
+        assert_eq!(sim.event_time_ns(e).unwrap(), Some(n.end_ns));
+        // A synchronous copy starts after the legacy stream's kernel.
+        let dev = sim.alloc_device(0, 4096).unwrap();
+        let mut host = vec![0u8; 4096];
+        let h = MemRef::Host {
+            ptr: NonNull::new(host.as_mut_ptr()).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        let d = MemRef::Device {
+            device: 0,
+            ptr: dev,
+        };
+        // SAFETY: live buffers of 4096 bytes.
+        unsafe { sim.copy(h, d, 4096, None).unwrap() };
+        assert!(
+            sim.host_time_ns() > l.end_ns,
+            "the copy ran after the legacy stream's kernel"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!   come from the small pool, larger ones from the large pool, so that long-lived small
 //!   blocks never pin memory that large ones need. A free block larger than a request
 //!   is split; neighbouring free blocks of the same stream merge again. The bookkeeping
-//!   is [`blocks`], which makes no driver calls.
+//!   is `blocks.rs`, which makes no driver calls.
 //! - **Expandable segments.** Where the backend has virtual memory management (CUDA,
 //!   the simulator), each pool is one large reserved address range into which physical
 //!   memory is mapped as it is needed, so that free blocks merge across what would be
@@ -32,9 +32,11 @@
 //! - **Stream order.** A block belongs to the stream it was allocated on. Freed, it is
 //!   at once reusable by later allocations on that stream: the stream runs in order,
 //!   so new work there follows the old. Handed to another stream, the new stream first
-//!   waits for an event recorded on the old one (no host wait; [`streams`]). A block
+//!   waits for an event recorded on the old one (no host wait; `streams.rs`). A block
 //!   used on more streams ([`PoolBlock::record_stream`]) makes its own stream wait for
 //!   them when freed. Memory is unmapped only once the streams that used it are done.
+//!   A wrapped per-thread default stream is a stream per thread here, as it is to the
+//!   driver ([`Stream::wrap`]).
 //! - **Hot path.** A freed block is parked on a per-(stream, size) list without
 //!   coalescing; an allocation of that size on that stream takes it back with two hash
 //!   look-ups under one lock. Parked blocks are coalesced before anything slower is
@@ -74,6 +76,7 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::backend::copy::{CopyEnd, SubEnd};
+use crate::backend::fork::Epoch;
 use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
@@ -228,6 +231,9 @@ pub struct DevicePool {
 #[derive(Debug)]
 struct Shared {
     backend: SharedBackend,
+    /// Where the pool was made: in a forked child it refuses to work (`Error::Forked`).
+    /// Its own copy, so the hot path checks it without a call through the backend.
+    epoch: Epoch,
     device: usize,
     budget: usize,
     expandable: bool,
@@ -339,6 +345,7 @@ impl PoolBlock {
     /// the memory cannot be unmapped under the copy being queued; copies leave fences
     /// on the segment that unmapping waits for.
     pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+        self.shared.epoch.check()?;
         let st = self.shared.lock();
         f(&st.end(self))
     }
@@ -358,6 +365,7 @@ impl PoolBlock {
                 b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
             };
         }
+        a.shared.epoch.check()?;
         let st = a.shared.lock();
         f(&st.end(a), &st.end(b))
     }
@@ -368,6 +376,7 @@ impl PoolBlock {
         len: usize,
         f: impl FnOnce(&SegMem, usize) -> Result<T>,
     ) -> Result<T> {
+        self.shared.epoch.check()?;
         match offset.checked_add(len) {
             Some(end) if end <= self.len => {}
             _ => {
@@ -387,7 +396,10 @@ impl PoolBlock {
     /// freed, its stream waits for `stream`'s work queued until then before the block
     /// is reused.
     pub fn record_stream(&self, stream: &Stream) -> Result<()> {
+        self.shared.epoch.check()?;
         self.shared.check_stream(stream)?;
+        // A per-thread default stream: the calling thread's is the one that uses it.
+        let stream = &*stream.this_thread();
         let mut st = self.shared.lock();
         let own = st.blocks.get(self.ptr.0).map(|b| b.stream);
         let key = stream.inner.id();
@@ -405,13 +417,20 @@ impl PoolBlock {
 
 impl Drop for PoolBlock {
     fn drop(&mut self) {
-        self.shared.free(self.ptr.0);
+        // In a forked child the block stays allocated (leaked): the pool's lock may
+        // have been held by a thread of the parent at the fork.
+        if self.shared.epoch.is_current() {
+            self.shared.free(self.ptr.0);
+        }
     }
 }
 
 impl DevicePool {
     /// A pool over `device` of `backend`.
     pub(crate) fn new(backend: &SharedBackend, device: usize, cfg: PoolConfig) -> Result<Self> {
+        // The backend's epoch and the pool's are then the same process generation.
+        backend.check_fork()?;
+        let epoch = Epoch::now();
         check_device(&**backend, device)?;
         let total = backend.devices()[device].total_memory;
         let budget = match cfg.budget {
@@ -465,6 +484,7 @@ impl DevicePool {
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
+                epoch,
                 device,
                 budget,
                 expandable,
@@ -517,6 +537,7 @@ impl DevicePool {
     /// Allocates `size` bytes for use on `stream`.
     pub fn alloc(&self, size: usize, stream: &Stream) -> Result<PoolBlock> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         if size == 0 || size > isize::MAX as usize / 2 {
             return Err(Error::InvalidSize {
                 requested: size,
@@ -528,6 +549,8 @@ impl DevicePool {
             });
         }
         sh.check_stream(stream)?;
+        // A per-thread default stream: the calling thread's (a stream of its own here).
+        let stream = &*stream.this_thread();
         let rounded = size.next_multiple_of(MIN_BLOCK);
         let key = stream.inner.id();
         let mut st = sh.lock();
@@ -725,6 +748,7 @@ impl DevicePool {
     /// memory back synchronises streams and the device, which a capture forbids.
     pub fn trim(&self) -> Result<usize> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         let mut st = sh.lock();
         if !st.routes.is_empty() {
             return Err(Error::StreamCapturing {
@@ -788,28 +812,44 @@ impl Shared {
 
     fn free(&self, addr: u64) {
         let mut st = self.lock();
-        let Some(b) = st.blocks.get(addr).copied() else {
-            tracing::error!(target: "hetmem", addr, "pool free of an unknown block");
-            return;
-        };
-        if b.state != BlockState::Allocated {
-            tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
-            return;
-        }
-        st.count_free(b.size, b.requested);
+        // A block used on other streams first makes its stream wait for them.
         if !st.uses.is_empty() && st.uses.contains_key(&addr) {
+            let Some(b) = st.blocks.get(addr).copied() else {
+                tracing::error!(target: "hetmem", addr, "pool free of an unknown block");
+                return;
+            };
+            if b.state != BlockState::Allocated {
+                tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+                return;
+            }
+            st.count_free(b.size, b.requested);
             if !st.routes.is_empty() || st.touches_capture(addr, b.stream) {
                 // No event may be recorded on a capturing stream (nor, conservatively,
                 // anywhere while a capture may be under way): the block waits,
-                // allocated, until no capture is.
+                // allocated, until no capture is (`settle`).
                 st.deferred.push(addr);
                 return;
             }
             if !st.order_uses(addr, b.stream) {
                 return;
             }
+            st.blocks.park(addr);
+            st.streams.freed_on(b.stream);
+        } else {
+            // Hot path: one look-up, parked for the next allocation of its size (a
+            // private pool's block: free in its pool).
+            match st.blocks.park(addr) {
+                Some(b) => {
+                    st.count_free(b.size, b.requested);
+                    // After the waits above: a per-thread stream's fence covers them.
+                    st.streams.freed_on(b.stream);
+                }
+                None => {
+                    tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+                    return;
+                }
+            }
         }
-        st.blocks.park(addr);
         if st.blocks.parked() > PARK_LIMIT {
             st.blocks.flush_parked();
         }
@@ -868,26 +908,19 @@ impl Shared {
             match self.grow(st, small, rounded, size, stream, pool, pressure) {
                 Ok(addr) => return Ok(addr),
                 Err(e @ Error::OutOfMemory { .. }) if !pressure => {
+                    // While any stream the pool knows captures, no hand-over (its event
+                    // would join the taker into the capture, or the wait cross its
+                    // boundary) and no giving memory back (it synchronises).
+                    if capture || st.streams.any_capturing() {
+                        return Err(self.oom(st, size, e));
+                    }
                     // No room to grow: another stream's free block, behind an event
                     // (the device waits for that stream's work, the host does not).
-                    // Neither side may be capturing: the event would join the taker
-                    // into the capture, or the wait would cross its boundary.
-                    if pool == COMMON && !capture && !st.streams.capturing(key) {
-                        let others: Vec<u64> = st
-                            .streams
-                            .ids()
-                            .filter(|&o| o != key && !st.streams.capturing(o))
-                            .collect();
-                        if let Some(a) =
-                            st.blocks
-                                .find_others_fit(small, key, rounded, others.into_iter())
-                        {
-                            return self.take(st, a, rounded, size, stream, pool);
-                        }
-                    }
-                    if capture || st.streams.capturing(key) {
-                        // Giving memory back synchronises: not during a capture.
-                        return Err(self.oom(st, size, e));
+                    if let Some(a) =
+                        st.blocks
+                            .find_others_fit(small, key, rounded, st.streams.ids())
+                    {
+                        return self.take(st, a, rounded, size, stream, pool);
                     }
                     // The budget or the driver is short: wait for the streams that own
                     // free memory, unmap every free chunk (kept, to be mapped where this
@@ -919,6 +952,7 @@ impl Shared {
                     st.deferred.push(addr);
                 } else if st.order_uses(addr, b.stream) {
                     st.blocks.park(addr);
+                    st.streams.freed_on(b.stream);
                 }
             }
         }
@@ -929,8 +963,9 @@ impl Shared {
             Ok(()) => {}
             Err(Error::Unsupported { .. }) => {
                 // The streams the pool knows, at least.
-                for s in st.streams.values() {
-                    s.synchronize()?;
+                let ids: Vec<u64> = st.streams.ids().collect();
+                for id in ids {
+                    st.streams.synchronize(id)?;
                 }
             }
             Err(e) => return Err(e),
@@ -1341,11 +1376,14 @@ impl Shared {
     /// and nothing is unmapped or freed while any stream the pool knows is capturing.
     fn release_cached(&self, st: &mut PoolState, everything: bool) -> Result<()> {
         st.blocks.flush_parked();
+        let capturing = st.streams.any_capturing();
+        // While one captures: not it, and not a stream whose synchronisation would wait
+        // for the whole device.
         let owners: Vec<u64> = st
             .blocks
             .free_owners()
             .into_iter()
-            .filter(|o| !st.streams.capturing(*o))
+            .filter(|o| !capturing || !(st.streams.capturing(*o) || st.streams.syncs_device(*o)))
             .collect();
         for o in &owners {
             st.streams.synchronize(*o)?;
@@ -1354,7 +1392,7 @@ impl Shared {
             st.stats.num_sync_all_streams += 1;
             st.blocks.disown(Some(&owners));
         }
-        if st.streams.any_capturing() {
+        if capturing {
             return Ok(());
         }
         let mut chunks: Vec<(u32, u64, usize, usize)> = Vec::new();
@@ -1443,19 +1481,13 @@ fn reclaim_idle(st: &mut PoolState) {
 
 impl Drop for Shared {
     fn drop(&mut self) {
+        if !self.epoch.is_current() {
+            // A forked child: the segments and streams drop without driver calls.
+            return;
+        }
         // Queued work may still use cached memory: let it finish before unmapping.
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        for s in st.streams.values() {
-            if s.is_capturing().unwrap_or(true) {
-                // Its captured work runs at replays, not now; synchronising it would
-                // invalidate the capture.
-                tracing::warn!(target: "hetmem", "a pool dropped while one of its streams captures a graph");
-                continue;
-            }
-            if let Err(e) = s.synchronize() {
-                tracing::warn!(target: "hetmem", error = %e, "synchronising a stream before dropping a pool failed");
-            }
-        }
+        st.streams.synchronize_all();
     }
 }
 
