@@ -201,6 +201,50 @@ fn pool_blocks_held_at_once_are_disjoint() {
     });
 }
 
+/// A private pool under loom: while one thread allocates and frees for a graph's pool
+/// (its stream picked by the filter) and ends the routing, another allocates and frees
+/// on its own stream. Whatever the interleaving, neither thread ever gets an address
+/// the other got (the graph's freed block stays the graph's; the other stream's freed
+/// block is not nobody's for the graph to take), and once the pool is released the
+/// books balance.
+#[test]
+fn a_private_pool_never_shares_a_block_with_the_common_pool() {
+    use hetmem::pool::PrivatePoolId;
+    loom::model(|| {
+        let (mgr, pool) = sim_pool();
+        let (graph, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
+        let id = PrivatePoolId(1, 0);
+        let h = graph.handle();
+        pool.begin_allocate_to_pool(id, move |s| s.handle() == h)
+            .unwrap();
+        let g = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let a = pool.alloc(1 << 20, &graph).unwrap().ptr();
+                let b = pool.alloc(1 << 20, &graph).unwrap().ptr();
+                pool.end_allocate_to_pool(id).unwrap();
+                [a, b]
+            })
+        };
+        let o = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                let a = pool.alloc(1 << 20, &other).unwrap().ptr();
+                let b = pool.alloc(1 << 20, &other).unwrap().ptr();
+                [a, b]
+            })
+        };
+        let (g, o) = (g.join().unwrap(), o.join().unwrap());
+        assert!(g.iter().all(|p| !o.contains(p)), "{g:x?} and {o:x?}");
+        let st = pool.private_pool(id).unwrap();
+        assert_eq!((st.uses, st.allocating, st.allocated_bytes), (1, false, 0));
+        assert_eq!(st.free_bytes, 1 << 20);
+        pool.release_pool(id).unwrap();
+        assert!(pool.private_pool(id).is_none());
+        assert_eq!(pool.stats().allocation.all.current, 0);
+    });
+}
+
 /// `NumaAlloc`'s cache of freed blocks: two threads each free a block into a one-slot
 /// cache and take one back. No block is handed to both, none is lost: what was taken
 /// and what is left are exactly what was put.
