@@ -350,16 +350,16 @@ impl Blocks {
     /// its stream, or, in a private pool, free in that pool at once (parked blocks are
     /// the common pool's fast path). Returns it as it was (for the stats), or `None` if
     /// it was not an allocated block.
+    #[inline(always)]
     pub(crate) fn park(&mut self, addr: u64) -> Option<Block> {
         let b = self.blocks.get_mut(&addr)?;
         if b.state != BlockState::Allocated {
             return None;
         }
-        let was = *b;
-        if was.pool != COMMON {
-            self.coalesce(addr);
-            return Some(was);
+        if b.pool != COMMON {
+            return Some(self.free_private(addr));
         }
+        let was = *b;
         b.state = BlockState::Parked;
         self.parked
             .entry((was.stream, was.size))
@@ -369,7 +369,18 @@ impl Blocks {
         Some(was)
     }
 
+    /// Frees the allocated block `addr` of a private pool into that pool's free set;
+    /// returns it as it was. Out of line: the hot path is the common pool's.
+    #[cold]
+    #[inline(never)]
+    fn free_private(&mut self, addr: u64) -> Block {
+        let was = self.blocks[&addr];
+        self.coalesce(addr);
+        was
+    }
+
     /// The block parked for `stream` at exactly `size` bytes, allocated again.
+    #[inline(always)]
     pub(crate) fn unpark(&mut self, stream: u64, size: usize, requested: usize) -> Option<u64> {
         let addr = self.parked.get_mut(&(stream, size)).and_then(Vec::pop)?;
         self.n_parked -= 1;

@@ -554,21 +554,18 @@ impl DevicePool {
         let rounded = size.next_multiple_of(MIN_BLOCK);
         let key = stream.inner.id();
         let mut st = sh.lock();
-        let pool = if st.routes.is_empty() {
-            COMMON
-        } else {
-            st.route(stream)?
-        };
-        // Hot path: a parked block of this size freed on this stream (parked blocks are
-        // the common pool's).
-        if pool == COMMON {
-            if let Some(addr) = st.blocks.unpark(key, rounded, size) {
-                st.count_alloc(rounded, size);
-                drop(st);
-                return Ok(sh.block(addr, size));
-            }
+        if !st.routes.is_empty() {
+            let addr = sh.alloc_routed(&mut st, size, rounded, stream)?;
+            drop(st);
+            return Ok(sh.block(addr, size));
         }
-        let addr = sh.alloc_slow(&mut st, size, rounded, stream, pool)?;
+        // Hot path: a parked block of this size freed on this stream.
+        if let Some(addr) = st.blocks.unpark(key, rounded, size) {
+            st.count_alloc(rounded, size);
+            drop(st);
+            return Ok(sh.block(addr, size));
+        }
+        let addr = sh.alloc_slow(&mut st, size, rounded, stream, COMMON)?;
         drop(st);
         Ok(sh.block(addr, size))
     }
@@ -822,37 +819,57 @@ impl Shared {
                 tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
                 return;
             }
-            st.count_free(b.size, b.requested);
             if !st.routes.is_empty() || st.touches_capture(addr, b.stream) {
                 // No event may be recorded on a capturing stream (nor, conservatively,
                 // anywhere while a capture may be under way): the block waits,
                 // allocated, until no capture is (`settle`).
+                st.count_free(b.size, b.requested);
                 st.deferred.push(addr);
                 return;
             }
             if !st.order_uses(addr, b.stream) {
+                st.count_free(b.size, b.requested);
                 return;
             }
-            st.blocks.park(addr);
-            st.streams.freed_on(b.stream);
-        } else {
-            // Hot path: one look-up, parked for the next allocation of its size (a
-            // private pool's block: free in its pool).
-            match st.blocks.park(addr) {
-                Some(b) => {
-                    st.count_free(b.size, b.requested);
-                    // After the waits above: a per-thread stream's fence covers them.
-                    st.streams.freed_on(b.stream);
-                }
-                None => {
-                    tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
-                    return;
-                }
+        }
+        // Hot path: one look-up, parked for the next allocation of its size (a private
+        // pool's block: free in its pool).
+        match st.blocks.park(addr) {
+            Some(b) => {
+                st.count_free(b.size, b.requested);
+                // After the waits above: a per-thread stream's fence covers them too.
+                st.streams.freed_on(b.stream);
+            }
+            None => {
+                tracing::error!(target: "hetmem", addr, "pool free of a block that is not allocated");
+                return;
             }
         }
         if st.blocks.parked() > PARK_LIMIT {
             st.blocks.flush_parked();
         }
+    }
+
+    /// An allocation while allocations are routed to private pools (a capture may be
+    /// under way): its pool by the routes' filters; parked blocks are the common pool's.
+    /// Out of line: the hot path is the unrouted one.
+    #[cold]
+    #[inline(never)]
+    fn alloc_routed(
+        &self,
+        st: &mut PoolState,
+        size: usize,
+        rounded: usize,
+        stream: &Stream,
+    ) -> Result<u64> {
+        let pool = st.route(stream)?;
+        if pool == COMMON {
+            if let Some(addr) = st.blocks.unpark(stream.inner.id(), rounded, size) {
+                st.count_alloc(rounded, size);
+                return Ok(addr);
+            }
+        }
+        self.alloc_slow(st, size, rounded, stream, pool)
     }
 
     fn alloc_slow(
