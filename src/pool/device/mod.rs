@@ -626,6 +626,7 @@ impl DevicePool {
         id: PrivatePoolId,
         filter: StreamFilter,
     ) -> Result<()> {
+        self.shared.epoch.check()?;
         let mut st = self.shared.lock();
         if st.routes.iter().any(|r| r.id == id) {
             drop(st);
@@ -662,6 +663,7 @@ impl DevicePool {
     /// deferred work (ordering frees, synchronising for a release).
     pub fn end_allocate_to_pool(&self, id: PrivatePoolId) -> Result<()> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         let mut st = sh.lock();
         let Some(i) = st.routes.iter().position(|r| r.id == id) else {
             return Err(Error::InvalidArgument(format!(
@@ -690,6 +692,7 @@ impl DevicePool {
     /// allocated to. Errors of synchronising the device.
     pub fn release_pool(&self, id: PrivatePoolId) -> Result<()> {
         let sh = &self.shared;
+        sh.epoch.check()?;
         let mut st = sh.lock();
         if st.routes.iter().any(|r| r.id == id) {
             return Err(Error::InvalidArgument(format!(
