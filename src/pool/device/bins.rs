@@ -200,6 +200,18 @@ impl Bins {
             .flat_map(|cl| cl.lists.iter().flatten().copied())
     }
 
+    /// The addresses of the free blocks whose owner `pick` accepts (any pool): only
+    /// their lists are visited.
+    pub(crate) fn of_owners<'a>(
+        &'a self,
+        pick: impl Fn(u64) -> bool + 'a,
+    ) -> impl Iterator<Item = u64> + 'a {
+        self.owners
+            .iter()
+            .filter(move |((_, _, o), cl)| cl.len > 0 && pick(*o))
+            .flat_map(|(_, cl)| cl.lists.iter().flatten().map(|(_, a)| *a))
+    }
+
     /// The owners with free blocks (in any pool).
     pub(crate) fn owners(&self) -> impl Iterator<Item = u64> + '_ {
         self.owners

@@ -61,7 +61,12 @@ pub(crate) struct Block {
     pub(crate) pool: u32,
     /// A free mapped block's place in its list of the free index.
     pos: u32,
+    /// A parked block's successor on its (stream, size) list ([`NONE`] at the end).
+    next_parked: u64,
 }
+
+/// No block: the end of a parked list.
+const NONE: u64 = u64::MAX;
 
 impl Block {
     /// Memory of the common pool that no stream owns.
@@ -103,8 +108,12 @@ pub(crate) struct Blocks {
     /// Free mapped blocks, by pool and owner, in size classes.
     free: Bins,
     holes: BTreeSet<HoleKey>,
-    parked: FxHashMap<(u64, usize), Vec<u64>>,
+    /// The first parked block of each (stream, size) freed since the last flush (the
+    /// rest linked through the blocks: no allocation per size, however many there are).
+    parked: FxHashMap<(u64, usize), u64>,
     n_parked: usize,
+    /// Reused by [`Blocks::flush_parked`].
+    scratch: Vec<u64>,
 }
 
 impl Blocks {
@@ -140,6 +149,7 @@ impl Blocks {
                 mapped,
                 pool: COMMON,
                 pos: 0,
+                next_parked: NONE,
             },
         );
         self.index(base);
@@ -302,6 +312,7 @@ impl Blocks {
     /// Takes `rounded` bytes at the start of the free mapped block `addr` for `stream`
     /// and private pool `pool` (splitting off the rest, which stays free with its owner
     /// and pool). Returns the block's owner before, for the hand-over between streams.
+    #[cfg(test)]
     pub(crate) fn take(
         &mut self,
         addr: u64,
@@ -310,12 +321,39 @@ impl Blocks {
         stream: u64,
         pool: u32,
     ) -> u64 {
-        self.unindex(addr);
+        self.take_sized(addr, rounded, requested, stream, pool).0
+    }
+
+    /// [`Blocks::take`], also returning the size taken (the block's, when the rest was
+    /// too small to split off). Each block is looked up as few times as it can be: this
+    /// is the path of every allocation that misses the parked lists.
+    #[inline]
+    pub(crate) fn take_sized(
+        &mut self,
+        addr: u64,
+        rounded: usize,
+        requested: usize,
+        stream: u64,
+        pool: u32,
+    ) -> (u64, usize) {
         let b = self.blocks[&addr];
         debug_assert!(b.mapped && b.state == BlockState::Free && b.size >= rounded);
+        if let Some(moved) = self.free.remove(b.small, b.pool, b.stream, b.size, b.pos) {
+            self.blocks
+                .get_mut(&moved)
+                .expect("indexed blocks are known")
+                .pos = b.pos;
+        }
+        let mut taken = Block {
+            state: BlockState::Allocated,
+            stream,
+            requested,
+            pool,
+            ..b
+        };
         if b.size - rounded >= MIN_BLOCK {
             let rest = addr + rounded as u64;
-            let rb = Block {
+            let mut rb = Block {
                 size: b.size - rounded,
                 prev: Some(addr),
                 ..b
@@ -323,18 +361,15 @@ impl Blocks {
             if let Some(n) = b.next {
                 self.blocks.get_mut(&n).expect("linked").prev = Some(rest);
             }
+            rb.pos = self
+                .free
+                .insert(rb.small, rb.pool, rb.stream, rb.size, rest);
             self.blocks.insert(rest, rb);
-            self.index(rest);
-            let bm = self.blocks.get_mut(&addr).expect("known");
-            bm.size = rounded;
-            bm.next = Some(rest);
+            taken.size = rounded;
+            taken.next = Some(rest);
         }
-        let bm = self.blocks.get_mut(&addr).expect("known");
-        bm.state = BlockState::Allocated;
-        bm.stream = stream;
-        bm.requested = requested;
-        bm.pool = pool;
-        b.stream
+        *self.blocks.get_mut(&addr).expect("known") = taken;
+        (b.stream, taken.size)
     }
 
     /// Undoes [`Blocks::take`] when the hand-over failed: free again, owned by `owner`
@@ -361,10 +396,9 @@ impl Blocks {
         }
         let was = *b;
         b.state = BlockState::Parked;
-        self.parked
-            .entry((was.stream, was.size))
-            .or_default()
-            .push(addr);
+        let head = self.parked.entry((was.stream, was.size)).or_insert(NONE);
+        b.next_parked = *head;
+        *head = addr;
         self.n_parked += 1;
         Some(was)
     }
@@ -382,9 +416,14 @@ impl Blocks {
     /// The block parked for `stream` at exactly `size` bytes, allocated again.
     #[inline(always)]
     pub(crate) fn unpark(&mut self, stream: u64, size: usize, requested: usize) -> Option<u64> {
-        let addr = self.parked.get_mut(&(stream, size)).and_then(Vec::pop)?;
-        self.n_parked -= 1;
+        let head = self.parked.get_mut(&(stream, size))?;
+        if *head == NONE {
+            return None;
+        }
+        let addr = *head;
         let b = self.blocks.get_mut(&addr).expect("parked blocks are known");
+        *head = b.next_parked;
+        self.n_parked -= 1;
         b.state = BlockState::Allocated;
         b.requested = requested;
         Some(addr)
@@ -392,15 +431,39 @@ impl Blocks {
 
     /// Moves every parked block into the free set, merged with its neighbours.
     pub(crate) fn flush_parked(&mut self) {
+        self.flush_parked_with(&[]);
+    }
+
+    /// The streams that own parked blocks.
+    pub(crate) fn parked_owners(&self) -> impl Iterator<Item = u64> + '_ {
+        self.parked.keys().map(|(s, _)| *s)
+    }
+
+    /// [`Blocks::flush_parked`], the blocks of the streams in `idle` (whose queued work
+    /// is done) given to nobody as they go.
+    pub(crate) fn flush_parked_with(&mut self, idle: &[u64]) {
         if self.n_parked == 0 {
             return;
         }
         // Drained, keys and all: one per (stream, size) ever freed would pile up.
-        let parked: Vec<u64> = self.parked.drain().flat_map(|(_, v)| v).collect();
+        let mut parked = std::mem::take(&mut self.scratch);
+        for ((stream, _), mut at) in self.parked.drain() {
+            let disown = idle.contains(&stream);
+            while at != NONE {
+                parked.push(at);
+                let b = self.blocks.get_mut(&at).expect("parked blocks are known");
+                if disown {
+                    b.stream = NO_STREAM;
+                }
+                at = b.next_parked;
+            }
+        }
         self.n_parked = 0;
-        for addr in parked {
+        for &addr in &parked {
             self.coalesce(addr);
         }
+        parked.clear();
+        self.scratch = parked;
     }
 
     /// Marks `addr` (allocated, parked, or free but out of the sets) free and merges it
@@ -520,9 +583,7 @@ impl Blocks {
     pub(crate) fn disown(&mut self, owners: Option<&[u64]>) {
         let addrs: Vec<u64> = self
             .free
-            .iter()
-            .filter(|k| k.2 != NO_STREAM && owners.is_none_or(|o| o.contains(&k.2)))
-            .map(|k| k.4)
+            .of_owners(|o| o != NO_STREAM && owners.is_none_or(|os| os.contains(&o)))
             .collect();
         for &a in &addrs {
             self.unindex(a);
@@ -672,14 +733,25 @@ impl Blocks {
         if n_free != self.free.len() || n_holes != self.holes.len() {
             return Err("the free sets hold blocks that are gone".into());
         }
-        let parked: usize = self.parked.values().map(Vec::len).sum();
+        let mut parked = 0;
+        for (&(stream, size), &head) in &self.parked {
+            let mut at = head;
+            while at != NONE {
+                let Some(b) = self.blocks.get(&at) else {
+                    return Err(format!("{at:#x} is parked but unknown"));
+                };
+                if b.pool != COMMON || b.state != BlockState::Parked {
+                    return Err(format!("{at:#x} is parked but not a parked common block"));
+                }
+                if (b.stream, b.size) != (stream, size) {
+                    return Err(format!("{at:#x} is on another stream's or size's list"));
+                }
+                parked += 1;
+                at = b.next_parked;
+            }
+        }
         if parked != self.n_parked {
             return Err(format!("{parked} parked, counted {}", self.n_parked));
-        }
-        for a in self.parked.values().flatten() {
-            if self.blocks.get(a).is_none_or(|b| b.pool != COMMON) {
-                return Err(format!("{a:#x} is parked but not the common pool's"));
-            }
         }
         Ok(())
     }

@@ -906,15 +906,16 @@ impl Shared {
         if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
             return self.take(st, a, rounded, size, stream, pool);
         }
-        st.blocks.flush_parked();
-        if !capture {
-            // Before growing or queueing behind a busy stream: the free blocks of
-            // streams with nothing left to run (this one's included) are anyone's,
-            // and merge.
+        if capture {
+            st.blocks.flush_parked();
+        } else {
+            // Before growing or queueing behind a busy stream: the free and parked
+            // blocks of streams with nothing left to run (this one's included) are
+            // anyone's, and merge.
             reclaim_idle(st);
-            if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
-                return self.take(st, a, rounded, size, stream, pool);
-            }
+        }
+        if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
+            return self.take(st, a, rounded, size, stream, pool);
         }
         // This stream's free block with free memory nobody owns beside it.
         if pool == COMMON {
@@ -1011,7 +1012,7 @@ impl Shared {
         pool: u32,
     ) -> Result<u64> {
         let key = stream.inner.id();
-        let owner = st.blocks.take(addr, rounded, size, key, pool);
+        let (owner, taken) = st.blocks.take_sized(addr, rounded, size, key, pool);
         if owner != key && owner != NO_STREAM {
             // Another stream's block: only ever the common pool's (find_others_fit).
             if let Err(e) = st.streams.order(&stream.inner, owner) {
@@ -1019,7 +1020,6 @@ impl Shared {
                 return Err(e);
             }
         }
-        let taken = st.blocks.get(addr).expect("just taken").size;
         st.count_alloc(taken, size);
         Ok(addr)
     }
@@ -1489,11 +1489,17 @@ impl Shared {
 /// after the work that used it was queued, and a block used on other streams made its
 /// own stream wait for them when it was freed). Waits for nothing.
 fn reclaim_idle(st: &mut PoolState) {
-    let owners = st.blocks.free_owners();
+    let mut owners = st.blocks.free_owners();
+    owners.extend(st.blocks.parked_owners());
+    owners.sort_unstable();
+    owners.dedup();
     let idle: Vec<u64> = owners
         .into_iter()
         .filter(|o| st.streams.is_idle(*o))
         .collect();
+    // Parked blocks of idle streams become nobody's as they are coalesced (one pass
+    // each), the free ones of those streams after.
+    st.blocks.flush_parked_with(&idle);
     if !idle.is_empty() {
         st.blocks.disown(Some(&idle));
     }
