@@ -593,6 +593,12 @@ impl Blocks {
                 .stream = NO_STREAM;
             self.index(a);
         }
+        self.merge_all(addrs);
+    }
+
+    /// Merges each of the free mapped blocks at `addrs` with its neighbours (after their
+    /// owner or pool changed, several at once).
+    fn merge_all(&mut self, addrs: Vec<u64>) {
         for a in addrs {
             // A neighbour merged in an earlier round is gone from under its address.
             if self
@@ -661,17 +667,7 @@ impl Blocks {
             bytes += self.blocks[&a].size;
             self.index(a);
         }
-        for a in free {
-            // A neighbour merged in an earlier round is gone from under its address.
-            if self
-                .blocks
-                .get(&a)
-                .is_some_and(|b| b.state == BlockState::Free && b.mapped)
-            {
-                self.unindex(a);
-                self.coalesce(a);
-            }
-        }
+        self.merge_all(free);
         bytes
     }
 
