@@ -167,10 +167,9 @@ pub(crate) fn copy(
                     .into(),
             });
         }
-        // SAFETY: both ranges lie in live device memory (checked above) and do not
-        // overlap; the copy does not run before a replay, and device memory the graph
-        // outlives is the caller's to keep (a graph's private pool keeps its blocks):
-        // no host memory is touched.
+        // No fence: the copy runs at each replay, not now. SAFETY: both ranges lie in
+        // live device memory (checked above), do not overlap, no host memory is touched,
+        // and memory a graph outlives is its private pool's to keep.
         return unsafe { backend.copy(d, s, len, Some(st.handle())) };
     }
     // The fence exists before the copy is queued, so that only recording it can fail
