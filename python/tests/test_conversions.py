@@ -1,5 +1,8 @@
 """The checked conversion layer of hetmem._lib: every C function is reached through it,
-and every C type refuses what ctypes would silently truncate."""
+every C type refuses what ctypes would silently truncate, and the public API refuses
+the values the issue found truncated (an offset of 2**64 + 8 that wrote at 8, ids of
+2**32 + 1 taken as 1, names cut at a NUL, ``Manager("sim\\0junk")`` opening sim,
+``register(None, ...)`` registering "None")."""
 
 import ctypes
 import os
@@ -16,6 +19,8 @@ os.environ.setdefault("HETMEM_BACKEND", "sim")
 
 import hetmem  # noqa: E402
 from hetmem import _lib  # noqa: E402
+
+MIB = 1 << 20
 
 # The range of each C integer type on the Linux targets hetmem builds for (LP64).
 RANGES = {
@@ -162,6 +167,123 @@ class TestLayer(unittest.TestCase):
             lib.hetmem_manager_create(b"sim\0junk", ctypes.byref(_lib.ManagerP()))
         with self.assertRaisesRegex(TypeError, r"takes 2 arguments \(1 given\)"):
             lib.hetmem_manager_create(None)
+
+
+class TestPublicApi(unittest.TestCase):
+    """What each public entry point refuses, with nothing reaching C."""
+
+    def setUp(self):
+        self.mgr = hetmem.Manager("sim")
+
+    def tearDown(self):
+        self.mgr.close()
+
+    def test_offsets_and_addresses_beyond_64_bits(self):
+        b = self.mgr.alloc("device", 64)
+        b.write(bytes(range(64)))
+        for call in (
+            lambda: b.write(b"hi", offset=(1 << 64) + 8),
+            lambda: b.read(2, offset=(1 << 64) + 8),
+            lambda: b.read_into(bytearray(2), 2, offset=(1 << 64) + 8),
+            lambda: b.copy_from(b, 2, offset=(1 << 64) + 8),
+            lambda: b.copy_to(b, 2, dst_offset=(1 << 64) + 8),
+            lambda: self.mgr.copy(b.ptr + (1 << 64), b, 2),
+            lambda: self.mgr.free(b.ptr + (1 << 64)),
+            lambda: self.mgr.prefetch(b.ptr + (1 << 64), 2, 0),
+        ):
+            with self.assertRaises(OverflowError):
+                call()
+        self.assertEqual(b.read(), bytes(range(64)), "nothing was written at offset 8")
+        self.assertFalse(b.freed)
+        with self.assertRaises(ValueError):
+            b.copy_from(b, 2, src_offset=-8)  # would read before the buffer
+        b.free()
+
+    def test_sizes_devices_and_raw_streams(self):
+        for call in (
+            lambda: self.mgr.alloc("host", (1 << 64) + 4096),
+            lambda: self.mgr.alloc((1 << 32) + hetmem.HOST, 64),
+            lambda: self.mgr.alloc("device", 64, (1 << 32)),
+            lambda: self.mgr.mem_info(1 << 32),
+            lambda: self.mgr.stream(1 << 31),
+            lambda: self.mgr.wrap_stream(1 << 64),
+            lambda: hetmem.status_string(1 << 32),
+        ):
+            with self.assertRaises(OverflowError):
+                call()
+        with self.assertRaises(TypeError):
+            self.mgr.alloc("host", True)
+        with self.assertRaises(TypeError):
+            self.mgr.alloc("host", 64.0)
+        self.mgr.alloc("host", Index(64)).free()  # numpy-style integers are integers
+        self.assertEqual(self.mgr.stats()["live_buffers"], 0)
+
+    def test_backend_names(self):
+        for bad in ("sim\0junk", b"sim\0"):
+            with self.assertRaisesRegex(ValueError, "embedded NUL"):
+                hetmem.Manager(bad)
+        with self.assertRaises(TypeError):
+            hetmem.Manager(42)
+        with hetmem.Manager(b"sim") as m:
+            self.assertEqual(m.backend, "sim")
+
+    def test_tier_store(self):
+        store = hetmem.TierStore(self.mgr, 8 * MIB, 64 * MIB)
+        a = store.register("a", b"x" * 32)
+        b = store.register(b"b", b"y" * 32)
+        self.assertEqual((a, b), (0, 1))
+        # Names: cut at a NUL, or str(None), they would be other names.
+        with self.assertRaisesRegex(ValueError, "embedded NUL"):
+            store.register("na\0me", b"z")
+        with self.assertRaises(TypeError):
+            store.register(None, b"z")
+        with self.assertRaises(TypeError):
+            store.register(7, b"z")
+        for name in ("na", "None", "7"):
+            with self.assertRaises(hetmem.UnknownParamError):
+                store.lookup(name)
+        with self.assertRaises(TypeError):
+            store.lookup(None)
+        with self.assertRaisesRegex(ValueError, "embedded NUL"):
+            store.register_safetensors("model\0.safetensors")
+        self.assertEqual(store.stats()["params"], 2)
+        # Ids: 2**32 + 1 would be id 1.
+        for call in (
+            lambda: store.set_sequence([(1 << 32) + 1, 1 << 32]),
+            lambda: store.acquire((1 << 32) + 1),
+            lambda: store.acquire(0, timeout=float(1 << 64)),
+            lambda: store.will_need((1 << 32) + 1),
+            lambda: store.dont_need((1 << 32) + 1),
+            lambda: store.keep_resident((1 << 32) + 1),
+            lambda: store.priority(0, 1 << 31),
+            lambda: store.residency((1 << 32) + 1),
+            lambda: store.param_size((1 << 32) + 1),
+            lambda: store.read((1 << 32) + 1),
+        ):
+            with self.assertRaises(OverflowError):
+                call()
+        with self.assertRaises(TypeError):
+            store.set_sequence([0, 1.0])
+        store.set_sequence([Index(1), 0])
+        self.assertEqual(store.residency(1), ("cold", 0))
+        store.close()
+        # Settings: device 2**32 would be device 0.
+        for kw in ({"device": 1 << 32}, {"prefetch_depth": 1 << 64},
+                   {"staging_slot_size": 1 << 64}, {"spare_slots": 1 << 65}):
+            with self.subTest(kw):
+                with self.assertRaises(OverflowError):
+                    hetmem.TierStore(self.mgr, 8 * MIB, 64 * MIB, **kw)
+        with self.assertRaises(OverflowError):
+            hetmem.TierStore(self.mgr, 1 << 64, 64 * MIB)
+
+    def test_errors_pickle_as_their_class(self):
+        import pickle
+
+        with self.assertRaises(hetmem.InvalidSizeError) as cm:
+            self.mgr.alloc("host", 0)
+        e = pickle.loads(pickle.dumps(cm.exception))
+        self.assertIs(type(e), hetmem.InvalidSizeError)
+        self.assertEqual((e.code, e.message), (cm.exception.code, cm.exception.message))
 
 
 if __name__ == "__main__":

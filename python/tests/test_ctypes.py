@@ -58,6 +58,8 @@ class ErrorAssertions(unittest.TestCase):
             fn(*args, **kwargs)
         self.assertEqual(cm.exception.name, name, str(cm.exception))
         self.assertEqual(cm.exception.code, getattr(_lib, name), str(cm.exception))
+        # Raised as the class of its code.
+        self.assertIs(type(cm.exception), hetmem.ERRORS[cm.exception.code])
         return cm.exception
 
 
@@ -721,6 +723,7 @@ class TestPythonSafety(ErrorAssertions):
         gc.collect()
         view[0] = b"x"
         self.assertEqual(view[0], b"x")
+        del view  # else close() refuses (tests/test_host_views.py)
         b = self.mgr.alloc("host", 4096)
         self.mgr.close()
         with self.assertRaises(hetmem.HetmemError) as e:
