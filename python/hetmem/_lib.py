@@ -436,16 +436,17 @@ RESULTS = {"int": c_int, "const char*": c_char_p, "size_t": c_size_t, "void*": c
            "void": None}
 
 hetmem_store_config_t._fields_ = [(n, TYPES[t].ctype) for t, n in STORE_CONFIG_FIELDS]
+hetmem_store_config_t._c_fields = {n: t for t, n in STORE_CONFIG_FIELDS}
 
 
 def fill(struct, **values):
-    """Sets fields of a hetmem struct through the conversions of their C types (a
-    ctypes Structure field, like an argument, would keep the low bits of an integer
-    that does not fit)."""
-    fields = dict((n, t) for t, n in STORE_CONFIG_FIELDS)
+    """Sets fields of a hetmem struct (hetmem_store_config_t) through the conversions
+    of their C types: a ctypes Structure field, like an argument, would keep the low
+    bits of an integer that does not fit."""
+    fields = type(struct)._c_fields
     for name, value in values.items():
         spelling = fields[name]
-        where = f"hetmem_store_config_t.{name} ({spelling})"
+        where = f"{type(struct).__name__}.{name} ({spelling})"
         setattr(struct, name, TYPES[spelling].convert(value, where))
 
 
