@@ -301,7 +301,6 @@ def _integer(spelling, ctype):
             raise OverflowError(f"{where}: {value} does not fit a C {spelling} ({lo} to {hi})")
         return value
 
-    convert.range = (lo, hi)
     return CType(spelling, ctype, convert)
 
 
