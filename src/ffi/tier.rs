@@ -313,8 +313,11 @@ pub unsafe extern "C" fn hetmem_store_register(
 /// Registers every tensor of the safetensors file at `path` (mapped, not copied), in
 /// file order, under its own name, writing the ids to `ids[0..]`. `*count` is the
 /// number of tensors: if it exceeds `cap`, nothing is registered and the call fails
-/// with `HETMEM_ERR_BUFFER_TOO_SMALL` (pass `cap` 0 and `ids` NULL to ask). If a
-/// registration fails, `*count` is the number registered before it.
+/// with `HETMEM_ERR_BUFFER_TOO_SMALL` (pass `cap` 0 and `ids` NULL to ask). The tensors
+/// are registered all or none: on any other failure nothing is, and `*count` is 0. A
+/// tensor of zero elements is an empty parameter (see
+/// [`TierStore::register_safetensors`]): its size is 0 and it acquires to a NULL
+/// device pointer.
 ///
 /// # Safety
 /// `path` is NULL or NUL-terminated; `ids` is NULL or valid for `cap` writes; `count`
@@ -345,22 +348,20 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
                 format!("{path} has {n} tensors, `ids` has room for {cap}"),
             ));
         }
-        for (i, t) in file.tensors().iter().enumerate() {
-            let res = file
-                .source(&t.name)
-                .and_then(|src| s.store.register(&t.name, src));
-            match res {
-                Ok(pid) => {
-                    lock(&s.sizes).insert(pid, t.len);
-                    // SAFETY: `i < n <= cap` and `ids` is valid for `cap` writes.
-                    unsafe { write_out(ids.add(i), pid) };
-                }
-                Err(e) => {
-                    // SAFETY: as above.
-                    unsafe { write_out(count, i) };
-                    return Err(e.into());
-                }
+        // All or nothing: on failure nothing is registered.
+        let pids = match s.store.register_safetensors(&file) {
+            Ok(pids) => pids,
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe { write_out(count, 0) };
+                return Err(e.into());
             }
+        };
+        let mut sizes = lock(&s.sizes);
+        for (i, (t, pid)) in file.tensors().iter().zip(pids).enumerate() {
+            sizes.insert(pid, t.len);
+            // SAFETY: `i < n <= cap` and `ids` is valid for `cap` writes.
+            unsafe { write_out(ids.add(i), pid) };
         }
         Ok(())
     })
