@@ -735,6 +735,12 @@ impl TierStore {
         self.len() == 0
     }
 
+    /// [`Error::Forked`] in a forked child, before any lock is taken: for callers (the C
+    /// ABI) about to use accessors that cannot fail, such as [`TierStore::len`].
+    pub(crate) fn check_fork(&self) -> Result<()> {
+        self.shared.live()
+    }
+
     /// The copy stream loads run on (for timing and interop).
     pub fn copy_stream(&self) -> &Stream {
         &self.shared.res.copy
@@ -1209,8 +1215,9 @@ impl ParamGuard {
     /// a capturing stream the host waits for those uses instead (the stream may not
     /// wait for events recorded outside the capture).
     pub fn mark_dirty(&mut self) {
-        // An empty parameter has no bytes to write.
-        if self.dirty || self.size == 0 {
+        // An empty parameter has no bytes to write; a forked child must not touch the
+        // driver or the store's lock (a thread of the parent may have held it).
+        if self.dirty || self.size == 0 || self.shared.live().is_err() {
             return;
         }
         self.dirty = true;
@@ -1235,6 +1242,11 @@ impl ParamGuard {
                 }
             }
         }
+    }
+
+    /// [`Error::Forked`] in a forked child (see [`TierStore::check_fork`]).
+    pub(crate) fn check_fork(&self) -> Result<()> {
+        self.shared.live()
     }
 
     /// Ends the use (the same as dropping the guard).
