@@ -1867,7 +1867,8 @@ fn a_file_registers_all_or_nothing_and_empty_tensors_are_empty_parameters() {
     let s = mgr.create_stream(0).unwrap();
     let before = store.stats();
     let mut g = store.acquire(ie, &s).unwrap();
-    assert!(g.is_empty() && g.len() == 0);
+    assert!(g.is_empty());
+    assert_eq!(g.len(), 0);
     assert_eq!(g.ptr(), hetmem::DevicePtr(0));
     assert!(g.block().is_none());
     g.mark_dirty(); // nothing to write back

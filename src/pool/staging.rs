@@ -6,7 +6,8 @@
 //! host threads copy the next piece of the source into a free slot while the copy
 //! engine drains the slots filled before it, so filling and transfer overlap and the
 //! link stays busy. A slot is refilled only after the copy out of it is done (its
-//! fence), so nothing is overwritten in flight.
+//! fence), so nothing is overwritten in flight. A filler no thread can be started for
+//! (a pids or thread limit) is run by the caller after its own: slower, never an error.
 //!
 //! ```
 //! use hetmem::{BackendKind, Manager, NumaPolicy};
@@ -305,7 +306,7 @@ impl Fill<'_> {
             let mut slot = mine[j % mine.len()]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let r = self.piece(&mut **slot, i, piece, &mut report);
+            let r = self.piece(&mut slot, i, piece, &mut report);
             if r.is_err() {
                 self.failed.store(true, Ordering::Relaxed);
                 return r.map(|_| report);

@@ -39,6 +39,10 @@
 //!   while it fills its slots. Fine for a first pass; a steady state wants the host
 //!   budget to cover the model.
 //!
+//! - **Empty** parameters (zero-element tensors of a file, see
+//!   [`TierStore::register_safetensors`]) have no bytes: they take no memory, are never
+//!   loaded, and acquire at once to a guard of length 0 with a null pointer.
+//!
 //! The host budget covers the pinned parameter copies *and* the staging ring.
 //! [`TierStats::host_bytes`] reports exactly that; pages of mapped files still cold
 //! are the page cache's and are reported separately ([`TierStats::mapped_bytes`]).
