@@ -318,9 +318,14 @@ int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, s
 
 /* ---- tier store -------------------------------------------------------------------------------- */
 
-/* Fills *cfg with defaults for these budgets: device 0, prefetch depth 2, no sequence,
- * no checksums, a staging ring of 4 slots of 4 MiB filled by 2 threads (so host_budget
- * must be at least 16 MiB). */
+/* Each call below lists every code it can return besides HETMEM_OK (HETMEM_ERR_PANIC
+ * only for a bug). FORKED: a store, guard or manager made before a fork(), used in the
+ * child. */
+
+/* Fills *cfg with defaults for these budgets: device 0, prefetch depth SIZE_MAX (as far
+ * as memory allows), no sequence, no checksums, a staging ring of 4 slots of 4 MiB
+ * filled by 2 threads (so host_budget must be at least 16 MiB).
+ * Errors: NULL_POINTER. */
 int hetmem_store_config_init(hetmem_store_config_t* cfg, size_t device_budget,
                              size_t host_budget);
 
@@ -328,86 +333,116 @@ int hetmem_store_config_init(hetmem_store_config_t* cfg, size_t device_budget,
 size_t hetmem_store_config_size(void);
 
 /* Creates a tier store over mgr's device cfg->device with its own device pool, pinned
- * host pool, copy stream and staging ring. Destroy with hetmem_store_destroy.
- * Errors: INVALID_ARGUMENT (zero device budget, host budget below the staging ring,
- * bad sequence mode), UNKNOWN_DEVICE, OUT_OF_MEMORY. */
+ * host pool, copy stream and staging ring. Destroy with hetmem_store_destroy. Nothing
+ * is pinned for a ring that cannot be (the memory available, the address space).
+ * Where no filler thread can be started (a thread or pids limit) the calling thread
+ * fills the ring alone.
+ * Errors: NULL_POINTER (mgr, cfg, out), INVALID_HANDLE (mgr), INVALID_ARGUMENT (zero
+ * device budget or one above the device's memory, host budget below the staging ring,
+ * fewer than 2 staging slots, 0 staging threads, 0 spare slots, bad sequence mode or
+ * planner, negative device), INVALID_SIZE (a staging slot of 0 bytes or over
+ * SSIZE_MAX, slots that together overflow the address space), UNKNOWN_DEVICE (the host
+ * backend has none), OUT_OF_MEMORY (the ring is more than the host memory available, or
+ * cannot be pinned), UNKNOWN_NUMA_NODE, NUMA_NODE_WITHOUT_MEMORY (the device's node,
+ * where the ring is placed), OS, DRIVER, FORKED. */
 int hetmem_store_create(hetmem_manager_t* mgr, const hetmem_store_config_t* cfg,
                         hetmem_store_t** out);
 
-/* Destroys a store handle; guards not yet released keep what they use alive. */
+/* Destroys a store handle; guards not yet released keep what they use alive.
+ * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
 int hetmem_store_destroy(hetmem_store_t* store);
 
 /* Registers a parameter `name` whose bytes are a copy of data[0..n] (hetmem keeps the
  * copy; the caller may free `data` at once). *id receives its id (0, 1, ... in
  * registration order).
- * Errors: INVALID_SIZE (n 0), OUT_OF_MEMORY (larger than the device budget),
- * INVALID_ARGUMENT (name taken, or not UTF-8). */
+ * Errors: NULL_POINTER (store, name, id, data unless n is 0), INVALID_HANDLE, INVALID_SIZE
+ * (n 0, or over SSIZE_MAX), OUT_OF_MEMORY (larger than the device budget, or no host
+ * memory for the copy), INVALID_ARGUMENT (name taken, or not UTF-8), FORKED. */
 int hetmem_store_register(hetmem_store_t* store, const char* name, const void* data, size_t n,
                           uint32_t* id);
 
 /* Registers every tensor of the safetensors file at `path` (mapped, never copied
- * whole), in file order, under its own name; ids[0..*count] receive the ids. If the
- * file has more than `cap` tensors nothing is registered, *count is their number and
- * the call fails with BUFFER_TOO_SMALL (ids may be NULL when cap is 0). If one
- * registration fails, *count is the number registered before it.
- * Errors: CONFIG (file missing or malformed), BUFFER_TOO_SMALL, as hetmem_store_register. */
+ * whole), in file order, under its own name; ids[0..*count] receive the ids. All or
+ * none: if the file has more than `cap` tensors nothing is registered, *count is their
+ * number and the call fails with BUFFER_TOO_SMALL (ids may be NULL when cap is 0); on
+ * any other failure nothing is registered and *count is 0. A tensor of zero elements
+ * is an empty parameter: size 0, always HETMEM_RESIDENCY_DEVICE, never loaded, and
+ * acquired to a guard whose device pointer is NULL.
+ * Errors: NULL_POINTER (store, path, count, ids unless cap is 0), INVALID_HANDLE,
+ * CONFIG (file missing, not a regular file, such as a directory or a FIFO, which is
+ * never opened blocking; malformed), BUFFER_TOO_SMALL, OUT_OF_MEMORY (a tensor larger
+ * than the device budget), INVALID_ARGUMENT (a name taken, path not UTF-8), FORKED. */
 int hetmem_store_register_safetensors(hetmem_store_t* store, const char* path, uint32_t* ids,
                                       size_t cap, size_t* count);
 
-/* *id = the id of the parameter called `name`. Errors: UNKNOWN_PARAM. */
+/* *id = the id of the parameter called `name`.
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, INVALID_ARGUMENT (name not
+ * UTF-8), FORKED. */
 int hetmem_store_lookup(hetmem_store_t* store, const char* name, uint32_t* id);
 
-/* *size = the size in bytes of parameter `id`. Errors: UNKNOWN_PARAM. */
+/* *size = the size in bytes of parameter `id` (0 for an empty one).
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_param_size(hetmem_store_t* store, uint32_t id, size_t* size);
 
 /* Installs the execution sequence ids[0..n] (one pass; ids may repeat): eviction then
  * drops what is needed farthest in the future, and acquires prefetch what comes next.
  * n 0 drops the sequence (LRU again; learning again in learn mode); ids may then be
- * NULL. Errors: UNKNOWN_PARAM. */
+ * NULL.
+ * Errors: NULL_POINTER (store, ids unless n is 0), INVALID_HANDLE, UNKNOWN_PARAM,
+ * INVALID_SIZE (n ids are more than memory holds), OUT_OF_MEMORY (no host memory for a
+ * copy of them), FORKED. */
 int hetmem_store_set_sequence(hetmem_store_t* store, const uint32_t* ids, size_t n);
 
 /* Hint: `id` is needed soon. It is loaded now if room can be made without evicting
  * anything acquired, kept resident, or needed sooner. *on_device (may be NULL) = 1 if
- * it is on the device afterwards. Errors: UNKNOWN_PARAM. */
+ * it is on the device afterwards.
+ * Errors: NULL_POINTER (store), INVALID_HANDLE, UNKNOWN_PARAM, OUT_OF_MEMORY (the
+ * device has no memory for it), CHECKSUM, DRIVER, FORKED. */
 int hetmem_store_will_need(hetmem_store_t* store, uint32_t id, int* on_device);
 
 /* Hint: `id` is not needed for a while. Its device copy is dropped now (written back
  * first if dirty) unless a guard holds it. *dropped (may be NULL) = 1 if it was.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER (store), INVALID_HANDLE, UNKNOWN_PARAM, DRIVER, FORKED. */
 int hetmem_store_dont_need(hetmem_store_t* store, uint32_t id, int* dropped);
 
 /* keep non-zero: `id` stays on the device once loaded; 0: it may be evicted again.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_keep_resident(hetmem_store_t* store, uint32_t id, int keep);
 
 /* Sets `id`'s eviction priority (default 0; the lowest priority is evicted first).
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_priority(hetmem_store_t* store, uint32_t id, int priority);
 
 /* *state = where `id` is (HETMEM_RESIDENCY_*); *refs (may be NULL) = guards held.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER (store, state), INVALID_HANDLE, UNKNOWN_PARAM, DRIVER, FORKED. */
 int hetmem_store_residency(hetmem_store_t* store, uint32_t id, int* state, uint32_t* refs);
 
 /* Acquires `id` for work on `stream`: *device_ptr (may be NULL) receives its device
- * address, valid for work queued on `stream` from now until the guard is released;
- * the stream waits for the load, the host does not. With stream NULL the load runs on
- * the store's copy stream and the call waits for it, so the address is valid at once
- * (order your own work before the release). *out receives the guard.
- * Errors: UNKNOWN_PARAM, OUT_OF_MEMORY (everything resident is in use; at once),
- * FOREIGN_HANDLE (a stream of another manager), DRIVER. */
+ * address, valid for work queued on `stream` from now until the guard is released
+ * (NULL for an empty parameter, which has no memory); the stream waits for the load,
+ * the host does not. With stream NULL the load runs on the store's copy stream and the
+ * call waits for it, so the address is valid at once (order your own work before the
+ * release). *out receives the guard.
+ * Errors: NULL_POINTER (store, out), INVALID_HANDLE (store, stream), UNKNOWN_PARAM,
+ * FOREIGN_HANDLE (a stream of another manager), INVALID_ARGUMENT (a stream of another
+ * device), OUT_OF_MEMORY (everything resident is in use, at once; or the device has no
+ * memory for it: the message has the bytes asked for and free), STREAM_CAPTURING (a
+ * parameter not resident, on a capturing stream), CHECKSUM, DRIVER, FORKED. */
 int hetmem_store_acquire(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                          hetmem_guard_t** out, void** device_ptr);
 
 /* hetmem_store_acquire, but when the budget is full it waits up to `timeout_ms`
  * milliseconds for other threads to release guards (or hints to free room) before
- * failing with OUT_OF_MEMORY (hetmem_store_acquire fails at once). */
+ * failing with OUT_OF_MEMORY (hetmem_store_acquire fails at once).
+ * Errors: as hetmem_store_acquire. */
 int hetmem_store_acquire_timeout(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                                  uint64_t timeout_ms, hetmem_guard_t** out, void** device_ptr);
 
 /* Says the parameter's device copy will be written by work queued on the guard's
  * stream after this call: it is copied back to the host before it is ever dropped, the
  * stream first waits for earlier (released) uses on other streams, and later acquires
- * on any stream wait for the write. */
+ * on any stream wait for the write. Nothing for an empty parameter.
+ * Errors: NULL_POINTER, INVALID_HANDLE (released already), FORKED. */
 int hetmem_guard_mark_dirty(hetmem_guard_t* guard);
 
 /* Ends a use and consumes the guard: the parameter's memory is not reused before the
@@ -417,7 +452,8 @@ int hetmem_guard_release(hetmem_guard_t* guard);
 
 /* Copies `id`'s current bytes (from the device if resident there, after the work
  * queued on it) into out[0..cap], synchronously.
- * Errors: UNKNOWN_PARAM, BUFFER_TOO_SMALL (see hetmem_store_param_size). */
+ * Errors: NULL_POINTER (store, out), INVALID_HANDLE, UNKNOWN_PARAM, BUFFER_TOO_SMALL
+ * (see hetmem_store_param_size), DRIVER, FORKED. */
 int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap);
 
 /* ---- PyTorch's pluggable allocator ------------------------------------------------------------------

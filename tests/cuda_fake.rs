@@ -2162,7 +2162,7 @@ fn manager_buffers_pool_and_tier_store_on_cuda() {
             let g = store.acquire(i, &compute).unwrap();
             let mut out = vec![0u8; MIB];
             compute.synchronize().unwrap();
-            g.block().read(0, &mut out).unwrap();
+            g.block().unwrap().read(0, &mut out).unwrap();
             assert_eq!(out, layer_bytes(i as usize, MIB), "pass {pass} layer {i}");
         }
     }

@@ -8,12 +8,14 @@
 #include "hetmem.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -628,6 +630,181 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     free(back);
 }
 
+/* Writes a safetensors file: the JSON `header` (padded with spaces to 8 bytes) and
+ * data[0..n]. */
+static int write_safetensors_with(const char* path, const char* header,
+                                  const unsigned char* data, size_t n) {
+    size_t hlen = strlen(header);
+    size_t padded = (hlen + 7) / 8 * 8;
+    FILE* f = fopen(path, "wb");
+    if (!f) return -1;
+    unsigned char len[8];
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    fwrite(len, 1, 8, f);
+    fwrite(header, 1, hlen, f);
+    for (size_t i = hlen; i < padded; i++) fputc(' ', f);
+    fwrite(data, 1, n, f);
+    return fclose(f);
+}
+
+/* Issue 15's store edges: files that are not regular (a FIFO never blocks), all-or-none
+ * registration with an empty tensor, a stream of another device, rings no memory holds,
+ * and every store call in a fork()ed child. */
+static void test_store_edges(hetmem_manager_t* mgr, int is_sim, const char* scratch) {
+    printf("\n== tier store: edges\n");
+    hetmem_store_config_t cfg;
+    EXPECT(hetmem_store_config_init(&cfg, 8 * MIB, 16 * MIB), HETMEM_OK);
+    hetmem_store_t* store = NULL;
+    EXPECT(hetmem_store_create(mgr, &cfg, &store), HETMEM_OK);
+    if (!store) return;
+    char path[1024];
+    size_t count = 99;
+    uint32_t ids[4] = {0};
+
+    /* A FIFO's open waits for a writer: never opened blocking (the alarm ends a hang). */
+    snprintf(path, sizeof path, "%s/edges.fifo", scratch);
+    unlink(path);
+    CHECK(mkfifo(path, 0600) == 0, "mkfifo %s", path);
+    alarm(20);
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count), HETMEM_ERR_CONFIG);
+    alarm(0);
+    CHECK(contains(hetmem_last_error(), "not a regular file (a FIFO)"), "%s",
+          hetmem_last_error());
+    CHECK(count == 0, "nothing registered from a FIFO (*count %zu)", count);
+    unlink(path);
+    EXPECT(hetmem_store_register_safetensors(store, scratch, ids, 4, &count), HETMEM_ERR_CONFIG);
+    CHECK(contains(hetmem_last_error(), "not a regular file (a directory)"), "%s",
+          hetmem_last_error());
+
+    /* A zero-element tensor is an empty parameter; a file registers all or none. */
+    const unsigned char data[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    snprintf(path, sizeof path, "%s/edges.safetensors", scratch);
+    CHECK(write_safetensors_with(
+              path,
+              "{\"e.a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+              "\"e.empty\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[4,4]},"
+              "\"e.b\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}",
+              data, 8) == 0,
+          "wrote %s", path);
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count), HETMEM_OK);
+    CHECK(count == 3, "three tensors registered, the empty one too (%zu)", count);
+    uint32_t empty = 99, a = 99;
+    EXPECT(hetmem_store_lookup(store, "e.empty", &empty), HETMEM_OK);
+    EXPECT(hetmem_store_lookup(store, "e.a", &a), HETMEM_OK);
+    size_t psize = 99;
+    EXPECT(hetmem_store_param_size(store, empty, &psize), HETMEM_OK);
+    CHECK(psize == 0, "an empty parameter has size 0 (%zu)", psize);
+    int state = -1;
+    EXPECT(hetmem_store_residency(store, empty, &state, NULL), HETMEM_OK);
+    CHECK(state == HETMEM_RESIDENCY_DEVICE, "an empty parameter is on the device (%d)", state);
+    hetmem_guard_t* g = NULL;
+    void* dptr = (void*)0x1;
+    EXPECT(hetmem_store_acquire(store, empty, NULL, &g, &dptr), HETMEM_OK);
+    CHECK(g != NULL && dptr == NULL, "an empty parameter acquires to a NULL address");
+    EXPECT(hetmem_guard_mark_dirty(g), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_OK);
+    unsigned char back[4] = {0};
+    EXPECT(hetmem_store_acquire(store, a, NULL, &g, &dptr), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_OK);
+    EXPECT(hetmem_store_read(store, a, back, sizeof back), HETMEM_OK);
+    CHECK(back[0] == 1 && back[3] == 4, "e.a reads 1..4");
+    snprintf(path, sizeof path, "%s/edges-taken.safetensors", scratch);
+    CHECK(write_safetensors_with(
+              path,
+              "{\"e.c\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+              "\"e.a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}",
+              data, 8) == 0,
+          "wrote %s", path);
+    count = 99;
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count),
+           HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(count == 0, "nothing registered (*count %zu)", count);
+    EXPECT(hetmem_store_lookup(store, "e.c", &a), HETMEM_ERR_UNKNOWN_PARAM);
+
+    /* A stream of another device. */
+    hetmem_manager_t* two = NULL;
+    int devices = 0;
+    EXPECT(hetmem_device_count(mgr, &devices), HETMEM_OK);
+    if (devices >= 2) {
+        two = mgr;
+    } else if (is_sim) {
+        setenv("HETMEM_SIM_DEVICES", "2", 1);
+        EXPECT(hetmem_manager_create("sim", &two), HETMEM_OK);
+        unsetenv("HETMEM_SIM_DEVICES");
+    }
+    if (two) {
+        hetmem_store_t* on0 = NULL;
+        hetmem_stream_t* s1 = NULL;
+        EXPECT(hetmem_store_create(two, &cfg, &on0), HETMEM_OK);
+        EXPECT(hetmem_stream_create(two, 1, &s1), HETMEM_OK);
+        uint32_t w = 0;
+        EXPECT(hetmem_store_register(on0, "w", data, 8, &w), HETMEM_OK);
+        EXPECT(hetmem_store_acquire(on0, w, s1, &g, &dptr), HETMEM_ERR_INVALID_ARGUMENT);
+        CHECK(g == NULL && dptr == NULL, "a refused acquire sets *out and *device_ptr to NULL");
+        EXPECT(hetmem_stream_destroy(s1), HETMEM_OK);
+        EXPECT(hetmem_store_destroy(on0), HETMEM_OK);
+        if (two != mgr) EXPECT(hetmem_manager_destroy(two), HETMEM_OK);
+    }
+
+    /* Rings no memory holds are refused before anything is pinned. */
+    hetmem_store_config_t bad = cfg;
+    hetmem_store_t* none = NULL;
+    bad.staging_slot_size = (size_t)SSIZE_MAX + 1;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad.host_budget = SIZE_MAX;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad = cfg;
+    bad.host_budget = SIZE_MAX;
+    bad.staging_slots = SIZE_MAX;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad.staging_slots = (size_t)1 << 40; /* 4 EiB of 4 MiB slots */
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_OUT_OF_MEMORY);
+    CHECK(contains(hetmem_last_error(), "requested 4611686018427387904 bytes"), "%s",
+          hetmem_last_error());
+    bad = cfg;
+    bad.staging_slots = 1;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_ARGUMENT);
+    bad = cfg;
+    bad.staging_threads = 0;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(none == NULL, "no store");
+
+    /* In a fork()ed child every store call is FORKED; releases and destroys succeed. */
+    hetmem_guard_t* held = NULL;
+    EXPECT(hetmem_store_acquire(store, ids[0], NULL, &held, NULL), HETMEM_OK);
+    fflush(stdout);
+    int before = failures;
+    pid_t pid = fork();
+    if (pid == 0) {
+        printf("   (in the child)\n");
+        uint32_t id = 0;
+        size_t n = 0;
+        EXPECT(hetmem_store_lookup(store, "e.a", &id), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_param_size(store, ids[0], &n), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_residency(store, ids[0], &state, NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_keep_resident(store, ids[0], 1), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_priority(store, ids[0], 1), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_will_need(store, ids[1], NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_dont_need(store, ids[1], NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_set_sequence(store, ids, 3), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_set_sequence(store, NULL, 0), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_read(store, ids[0], back, sizeof back), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_register(store, "child", data, 8, &id), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_acquire(store, ids[1], NULL, &g, NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_guard_mark_dirty(held), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_guard_release(held), HETMEM_OK);
+        EXPECT(hetmem_store_destroy(store), HETMEM_OK);
+        fflush(stdout);
+        _exit(failures > before ? 1 : 0);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+              WEXITSTATUS(status) == 0,
+          "the child's store checks passed (wait status %#x)", status);
+    EXPECT(hetmem_guard_release(held), HETMEM_OK);
+    EXPECT(hetmem_store_destroy(store), HETMEM_OK);
+}
+
 /* A graph pool's filter for the torch tests: the default stream's allocations. */
 static int pick_default(void* ctx, void* stream) {
     (void)ctx;
@@ -821,6 +998,7 @@ int main(int argc, char** argv) {
     test_streams(mgr, other, is_sim);
     test_stats(mgr, backend);
     test_store(mgr, scratch);
+    test_store_edges(mgr, is_sim, scratch);
     test_torch();
     test_thread_exit();
     test_fork(mgr);
