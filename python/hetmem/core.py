@@ -1025,10 +1025,18 @@ class TierStore(_Owned):
     mixed sizes). Other settings default to the library's (hetmem_store_config_init).
 
     Raises:
-        InvalidArgumentError: a zero device budget, a host budget below the staging
-            ring, or settings the store cannot use.
+        InvalidArgumentError: a zero device budget or one above the device's memory,
+            a host budget below the staging ring, fewer than 2 staging slots, no
+            staging threads or spare slots.
+        InvalidSizeError: a staging slot of 0 bytes or over SSIZE_MAX, or slots that
+            together overflow the address space.
         UnknownDeviceError: no such device.
-        OutOfMemoryError: the store's pools or staging ring cannot be allocated.
+        OutOfMemoryError: the staging ring is more than the host memory available,
+            or cannot be pinned.
+        UnknownNumaNodeError, NumaNodeWithoutMemoryError: the device's NUMA node,
+            where the ring is placed, is unknown or has no memory.
+        SystemCallError: a system call failed.
+        DriverError: the driver failed.
         ValueError: an unknown planner, or a negative budget or setting.
         OverflowError: a budget or setting does not fit its C type.
     """
@@ -1146,6 +1154,7 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that name.
+            InvalidArgumentError: ``name`` is bytes that are not UTF-8.
             TypeError: ``name`` is not a str or bytes.
             ValueError: ``name`` has an embedded NUL.
         """
@@ -1170,6 +1179,8 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: an id the store does not have.
+            InvalidSizeError: more ids than memory holds.
+            OutOfMemoryError: no host memory for a copy of them.
             OverflowError: an id does not fit a uint32_t.
             TypeError: an id is not an integer.
         """
@@ -1181,6 +1192,10 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
+            OutOfMemoryError: the device has no memory for it.
+            ChecksumError: its bytes do not match its checksum (a store made with
+                checksums).
+            DriverError: the driver failed.
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         flag = c_int()
@@ -1192,6 +1207,7 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
+            DriverError: the driver failed (writing a dirty copy back).
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         flag = c_int()
@@ -1221,6 +1237,7 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
+            DriverError: the driver failed (asking whether a load is done).
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         state, refs = c_int(), c_uint32()
@@ -1235,8 +1252,14 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
-            OutOfMemoryError: everything resident is in use (after ``timeout``).
+            OutOfMemoryError: everything resident is in use (after ``timeout``), or
+                the device has no memory for it (the message says how much).
             ForeignHandleError: ``stream`` belongs to another manager.
+            InvalidArgumentError: ``stream`` is of another device.
+            StreamCapturingError: the parameter is not resident and ``stream`` is
+                capturing a CUDA graph (a load would be recorded into it).
+            ChecksumError: its bytes do not match its checksum (a store made with
+                checksums).
             DriverError: the driver failed.
             OverflowError: ``pid`` does not fit a uint32_t, or ``timeout`` in
                 milliseconds a uint64_t.
@@ -1260,6 +1283,7 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
+            DriverError: the driver failed.
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         n = self.param_size(pid)
@@ -1273,6 +1297,7 @@ class TierStore(_Owned):
         Raises:
             UnknownParamError: no parameter of that id.
             BufferTooSmallError: ``out`` (or ``n``) is smaller than the parameter.
+            DriverError: the driver failed.
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         with _HostBytes(out, n, writable=True) as dst:

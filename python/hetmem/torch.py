@@ -386,6 +386,9 @@ def offload(
         OutOfMemoryError: a parameter larger than ``device_budget``, or the store's
             memory cannot be allocated.
         InvalidSizeError: a parameter hetmem cannot hold.
+        UnknownNumaNodeError, NumaNodeWithoutMemoryError: the GPU's NUMA node has no
+            memory for the store's staging ring.
+        SystemCallError, DriverError: a system or driver call failed.
         RuntimeError: the backend is not a GPU's, or the model is offloaded already.
         ValueError: ``device_budget`` is not positive.
         ImportError: PyTorch is not installed.
@@ -496,6 +499,8 @@ def remove_offload(model, restore=True):
 
     Raises:
         RuntimeError: the model is not offloaded by hetmem.
+        DriverError: reading a parameter back from the device failed (the store is
+            closed all the same).
     """
     st = getattr(model, "_hetmem_offload", None)
     if st is None:
