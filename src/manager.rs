@@ -511,6 +511,60 @@ impl Manager {
         )
     }
 
+    /// Copies `len` bytes of `buf` from `src_offset` to `dst_offset` and returns when
+    /// they have arrived; the ranges may overlap (as `memmove`). With `stream`, the copy
+    /// comes after the work queued on it so far, and the stream must be one that could
+    /// queue a copy of this buffer ([`Manager::copy_async`]'s checks: this manager's, of
+    /// the buffer's device); without, after every earlier asynchronous copy that used
+    /// the buffer.
+    ///
+    /// # Errors
+    /// [`Error::ForeignHandle`] for a buffer or stream of another manager,
+    /// [`Error::OutOfBounds`], [`Error::InvalidArgument`] for a stream of another device,
+    /// [`Error::OutOfMemory`] when device memory cannot be staged through the host.
+    pub fn copy_within(
+        &self,
+        buf: &mut Buffer,
+        dst_offset: usize,
+        src_offset: usize,
+        len: usize,
+        stream: Option<&Stream>,
+    ) -> Result<()> {
+        self.check_owner(buf.mgr.id, "buffer")?;
+        if let Some(s) = stream {
+            self.check_stream(s)?;
+        }
+        // The checks of every copy, so that one buffer accepts what two would.
+        copy::check(
+            &buf.mem,
+            dst_offset,
+            &buf.mem,
+            src_offset,
+            len,
+            stream.map(|s| &*s.inner),
+        )?;
+        if let Some(s) = stream {
+            s.synchronize()?;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if buf.placement.host_accessible() {
+            buf.as_mut_slice()?
+                .copy_within(src_offset..src_offset + len, dst_offset);
+            return Ok(());
+        }
+        // Device memory: through the host (a driver copy may not overlap itself).
+        let mut tmp = Vec::new();
+        if tmp.try_reserve_exact(len).is_err() {
+            let free = crate::backend::host::available_memory();
+            return Err(Error::oom(Tier::Host, len, free));
+        }
+        tmp.resize(len, 0);
+        self.read(buf, src_offset, &mut tmp)?;
+        self.write(buf, dst_offset, &tmp)
+    }
+
     /// Queues a copy of `len` bytes from `src[src_offset..]` into the pool block
     /// `dst[dst_offset..]` on `stream`. The buffer waits for the copy before it is
     /// freed; a stream other than the block's own is recorded on the block

@@ -106,7 +106,8 @@ fn run_program(envs: &[(&str, &str)]) -> String {
 
 #[test]
 fn c_program_passes_on_the_simulator() {
-    let stdout = run_program(&[("HETMEM_BACKEND", "sim")]);
+    // Two devices, as the fakes have: copies and events on another device's stream.
+    let stdout = run_program(&[("HETMEM_BACKEND", "sim"), ("HETMEM_SIM_DEVICES", "2")]);
     let checks: usize = stdout.lines().filter(|l| l.starts_with("ok   ")).count();
     assert!(checks > 200, "only {checks} checks ran");
 }
