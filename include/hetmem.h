@@ -140,6 +140,8 @@ extern "C" {
 typedef struct hetmem_manager hetmem_manager_t;
 /* A stream: made by hetmem, or the caller's cudaStream_t / hipStream_t wrapped. */
 typedef struct hetmem_stream hetmem_stream_t;
+/* An event: a point in a stream that other streams and the host wait for. */
+typedef struct hetmem_event hetmem_event_t;
 /* A tiered parameter store over one device of a manager. */
 typedef struct hetmem_store hetmem_store_t;
 /* One acquired parameter; released (consumed) by hetmem_guard_release. */
@@ -286,6 +288,50 @@ int hetmem_stream_synchronize(hetmem_stream_t* stream);
 /* Destroys a stream handle (see hetmem_stream_create / hetmem_stream_wrap).
  * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
 int hetmem_stream_destroy(hetmem_stream_t* stream);
+
+/* ---- events ------------------------------------------------------------------------------- *
+ *
+ * An event marks a point in a stream. To order your own work after hetmem's (an
+ * asynchronous copy) without synchronising the stream: record an event on the copy's
+ * stream, then make your stream wait for it (hetmem_stream_wait_event on the handle of
+ * your stream, wrapped with hetmem_stream_wrap: the kernels you launch on it after that
+ * run after the copy), or wait for it on the host (hetmem_event_synchronize). An event
+ * belongs to the manager and device it was made for, and stays valid after its manager
+ * is destroyed, until hetmem_event_destroy.
+ */
+
+/* Creates an event on `device`, not yet recorded: until it is, it counts as passed
+ * (queries say done, waits return at once). *out receives the handle.
+ * Errors: NULL_POINTER (mgr, out), INVALID_HANDLE (mgr), INVALID_ARGUMENT (a negative
+ * device), UNKNOWN_DEVICE (the host backend has none), FORKED, DRIVER. */
+int hetmem_event_create(hetmem_manager_t* mgr, int device, hetmem_event_t** out);
+
+/* Records `event` at the current tail of `stream`: from now on it stands for the work
+ * queued there so far. An event may be recorded again; waits queued before keep the
+ * point that was current when they were queued.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FOREIGN_HANDLE (a stream of another manager),
+ * INVALID_ARGUMENT (a stream of another device than the event's), FORKED, DRIVER. */
+int hetmem_event_record(hetmem_event_t* event, hetmem_stream_t* stream);
+
+/* Makes the work queued on `stream` from now on wait for the work before `event`'s
+ * last recording, without blocking the host. The event may be of another device of
+ * the stream's manager (as the drivers allow).
+ * Errors: NULL_POINTER, INVALID_HANDLE, FOREIGN_HANDLE (an event of another manager),
+ * FORKED, DRIVER. */
+int hetmem_stream_wait_event(hetmem_stream_t* stream, hetmem_event_t* event);
+
+/* *done = 1 if the work before the event's last recording is done (or it was never
+ * recorded), 0 if not. Does not block.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FORKED, DRIVER. */
+int hetmem_event_query(hetmem_event_t* event, int* done);
+
+/* Blocks until the work before the event's last recording is done.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FORKED, DRIVER. */
+int hetmem_event_synchronize(hetmem_event_t* event);
+
+/* Destroys an event handle (waits already queued on the event are unaffected).
+ * Errors: NULL_POINTER, INVALID_HANDLE. */
+int hetmem_event_destroy(hetmem_event_t* event);
 
 /* ---- managed memory -------------------------------------------------------------------------- */
 

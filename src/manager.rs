@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
 use crate::pool::{DevicePool, HostPool, HostPoolConfig, PoolBlock, PoolConfig};
 use crate::stats::{ByteCounter, CounterSnapshot};
-use crate::stream::Stream;
+use crate::stream::{Event, Stream};
 use crate::topology::Topology;
 
 static NEXT_MANAGER_ID: AtomicU64 = AtomicU64::new(1);
@@ -704,6 +704,14 @@ impl Manager {
         self.live()?;
         check_device(self.backend(), device)?;
         Stream::new(&self.inner.backend, device)
+    }
+
+    /// Creates an event on `device`, not yet recorded ([`Event::record`] records it on a
+    /// stream of that device; [`Stream::wait`] makes a stream wait for it).
+    pub fn create_event(&self, device: usize) -> Result<Event> {
+        self.live()?;
+        check_device(self.backend(), device)?;
+        Event::new(&self.inner.backend, device)
     }
 
     /// Queues a migration of a managed buffer to `to` on `stream`.

@@ -95,6 +95,11 @@ const CHECKS: &[(&str, Need, Check)] = &[
         events_order_streams,
     ),
     (
+        "events_made_then_recorded_order_work",
+        Need::Device,
+        events_made_then_recorded,
+    ),
+    (
         "drop_waits_for_pending_copies",
         Need::Device,
         drop_waits_for_pending_copies,
@@ -693,6 +698,92 @@ fn events_order_streams(mgr: &Manager) -> Result<(), Failed> {
         )?;
     }
     Ok(())
+}
+
+/// An event made with `create_event` counts as passed until recorded; recorded after an
+/// asynchronous copy, it orders another stream's work after the copy (on the simulator
+/// the clock shows the wait) and the host's; it can be recorded again; a stream of
+/// another device or manager is refused for recording, another device's stream may
+/// wait for it.
+fn events_made_then_recorded(mgr: &Manager) -> Result<(), Failed> {
+    let len = 16 << 20;
+    let data = pattern(len, 12);
+    let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
+    let mut dev = ok(mgr.alloc(Placement::Device(0), len), "alloc")?;
+    let mut out = ok(
+        mgr.alloc(Placement::Pinned(NumaPolicy::Default), len),
+        "alloc",
+    )?;
+    let (a, b) = (
+        ok(mgr.create_stream(0), "stream a")?,
+        ok(mgr.create_stream(0), "stream b")?,
+    );
+    let ev = ok(mgr.create_event(0), "create event")?;
+    ensure(ev.device() == 0, "the event's device")?;
+    ensure(
+        ok(ev.is_done(), "query")?,
+        "an event never recorded counts as passed",
+    )?;
+    ok(ev.synchronize(), "synchronize an unrecorded event")?;
+    ok(b.wait(&ev), "wait for an unrecorded event")?;
+    ok(
+        mgr.copy_async(&mut dev, 0, &src, 0, len, &a),
+        "producer copy on a",
+    )?;
+    ok(ev.record(&a), "record")?;
+    ok(b.wait(&ev), "b waits")?;
+    let mark = ok(b.record(), "mark b after the wait")?;
+    if let Some(sim) = mgr.sim() {
+        let ev_t = ok(sim.event_time_ns(ev.handle()), "event time")?.expect("recorded");
+        let b_t = ok(sim.event_time_ns(mark.handle()), "mark time")?.expect("recorded");
+        let copy_ns = (len as f64 / sim.config().h2d_gbps) as u64;
+        ensure(
+            ev_t >= copy_ns && b_t >= ev_t,
+            format!("b passed the wait at {b_t} ns, the copy ({copy_ns} ns) ended at {ev_t} ns"),
+        )?;
+        ensure(
+            !ok(mark.is_done(), "query b")?,
+            "on the clock b has not passed the wait yet",
+        )?;
+    }
+    ok(
+        mgr.copy_async(&mut out, 0, &dev, 0, len, &b),
+        "consumer copy on b",
+    )?;
+    ok(ev.record(&b), "record again, on b")?;
+    ok(ev.synchronize(), "host waits for b")?;
+    ensure(ok(mark.is_done(), "query")?, "b's earlier mark passed")?;
+    ensure(
+        checksum(ok(out.as_slice(), "slice")?) == checksum(&data),
+        "b's copy read the producer's bytes",
+    )?;
+    if mgr.devices().len() >= 2 {
+        let s1 = ok(mgr.create_stream(1), "stream on device 1")?;
+        ensure(
+            matches!(ev.record(&s1), Err(Error::InvalidArgument(_))),
+            "an event of device 0 is not recorded on a stream of device 1",
+        )?;
+        ok(s1.wait(&ev), "device 1 waits for device 0's event")?;
+        ok(s1.synchronize(), "sync")?;
+    }
+    let twin = open(mgr.backend_kind()).map_err(|e| format!("twin manager: {e}"))?;
+    let theirs = ok(twin.mgr.create_stream(0), "their stream")?;
+    let their_ev = ok(twin.mgr.create_event(0), "their event")?;
+    ensure(
+        matches!(ev.record(&theirs), Err(Error::ForeignHandle { .. })),
+        "recorded on another manager's stream: refused",
+    )?;
+    ensure(
+        matches!(a.wait(&their_ev), Err(Error::ForeignHandle { .. })),
+        "another manager's event: refused",
+    )?;
+    ensure(
+        matches!(
+            mgr.create_event(mgr.devices().len()),
+            Err(Error::UnknownDevice { .. })
+        ),
+        "an event of a device that does not exist",
+    )
 }
 
 fn drop_waits_for_pending_copies(mgr: &Manager) -> Result<(), Failed> {

@@ -2,6 +2,7 @@
 //!
 //! - [`memory`](crate::ffi::memory): managers, allocation by placement, copies, streams (made by hetmem or
 //!   wrapped from the caller's `cudaStream_t` / `hipStream_t`), prefetch, advice, stats.
+//! - [`event`](crate::ffi::event): events, to order work on streams and the host after hetmem's.
 //! - [`tier`](crate::ffi::tier): the tiered parameter store: register, hints, acquire and release.
 //! - [`torch`](crate::ffi::torch): the two entry points PyTorch's `CUDAPluggableAllocator` loads.
 //!
@@ -20,6 +21,7 @@
 //! - Out-pointers are checked before any work, so a call that fails for a null
 //!   out-pointer has done nothing.
 
+pub mod event;
 pub mod memory;
 pub mod tier;
 pub mod torch;
@@ -317,6 +319,7 @@ pub extern "C" fn hetmem_version() -> *const c_char {
 pub(crate) enum Handle {
     Manager(Arc<memory::FfiManager>),
     Stream(Arc<memory::FfiStream>),
+    Event(Arc<event::FfiEvent>),
     Store(Arc<tier::FfiStore>),
     Guard(Arc<tier::FfiGuard>),
 }
@@ -347,6 +350,7 @@ macro_rules! handle_kind {
 }
 handle_kind!(memory::FfiManager, Manager, "manager");
 handle_kind!(memory::FfiStream, Stream, "stream");
+handle_kind!(event::FfiEvent, Event, "event");
 handle_kind!(tier::FfiStore, Store, "tier store");
 handle_kind!(tier::FfiGuard, Guard, "parameter guard");
 

@@ -515,6 +515,115 @@ static void test_foreign_pointers(const char* backend) {
     free(zeros);
 }
 
+/* Events: a C caller orders its own work after an asynchronous copy with an event, and
+ * no stream synchronisation. On the simulator the virtual clock shows the wait: an
+ * event recorded on the waiting stream right after the wait is not passed until the
+ * copy it waited for has ended. */
+static void test_events(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_sim) {
+    printf("\n== events\n");
+    const size_t n = 64 * MIB;
+    int devices = 0;
+    EXPECT(hetmem_device_count(mgr, &devices), HETMEM_OK);
+    void *src = NULL, *dev = NULL, *out = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &src), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &out), HETMEM_OK);
+    hetmem_stream_t *a = NULL, *b = NULL;
+    EXPECT(hetmem_stream_create(mgr, 0, &a), HETMEM_OK);
+    EXPECT(hetmem_stream_create(mgr, 0, &b), HETMEM_OK);
+    hetmem_event_t *copied = NULL, *waited = NULL;
+    hetmem_event_t* bad = (hetmem_event_t*)0x1;
+    EXPECT(hetmem_event_create(mgr, 0, &copied), HETMEM_OK);
+    EXPECT(hetmem_event_create(mgr, 0, &waited), HETMEM_OK);
+    if (!src || !dev || !out || !a || !b || !copied || !waited) return;
+    int done = -1;
+    EXPECT(hetmem_event_query(copied, &done), HETMEM_OK);
+    CHECK(done == 1, "an event never recorded counts as passed");
+    EXPECT(hetmem_event_synchronize(copied), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(b, copied), HETMEM_OK);
+
+    fill(src, n, 11);
+    memset(out, 0, n);
+    EXPECT(hetmem_copy(mgr, dev, src, n, a), HETMEM_OK);
+    EXPECT(hetmem_event_record(copied, a), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(b, copied), HETMEM_OK);
+    EXPECT(hetmem_event_record(waited, b), HETMEM_OK);
+    if (is_sim) {
+        EXPECT(hetmem_event_query(waited, &done), HETMEM_OK);
+        CHECK(done == 0, "on the simulator's clock stream b has not passed the wait: it waits "
+                         "for the copy on a");
+    }
+    EXPECT(hetmem_copy(mgr, out, dev, n, b), HETMEM_OK);
+    EXPECT(hetmem_event_record(waited, b), HETMEM_OK);
+    EXPECT(hetmem_event_synchronize(waited), HETMEM_OK);
+    EXPECT(hetmem_event_query(copied, &done), HETMEM_OK);
+    CHECK(done == 1, "the copy b waited for is done once b's own work is");
+    CHECK(same(out, src, n), "b's copy, ordered by the event alone, read a's bytes");
+
+    printf("\n== events: bad input\n");
+    EXPECT(hetmem_event_create(mgr, 99, &bad), HETMEM_ERR_UNKNOWN_DEVICE);
+    CHECK(bad == NULL, "a failed event_create sets *out to NULL");
+    EXPECT(hetmem_event_create(mgr, -1, &bad), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_event_create(mgr, 0, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_create(NULL, 0, &bad), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_create((hetmem_manager_t*)a, 0, &bad), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(copied, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_record(NULL, a), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_record((hetmem_event_t*)a, a), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(copied, (hetmem_stream_t*)copied), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_wait_event(NULL, copied), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_wait_event(a, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_wait_event(a, (hetmem_event_t*)0x77), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_query(copied, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_query(NULL, &done), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_synchronize(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_synchronize((hetmem_event_t*)mgr), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_destroy(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_destroy((hetmem_stream_t*)copied), HETMEM_ERR_INVALID_HANDLE);
+    /* Another manager's stream and event. */
+    hetmem_stream_t* theirs = NULL;
+    hetmem_event_t* their_ev = NULL;
+    EXPECT(hetmem_stream_create(other, 0, &theirs), HETMEM_OK);
+    EXPECT(hetmem_event_create(other, 0, &their_ev), HETMEM_OK);
+    EXPECT(hetmem_event_record(copied, theirs), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_record(their_ev, a), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_stream_wait_event(a, their_ev), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_stream_wait_event(theirs, copied), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_record(their_ev, theirs), HETMEM_OK);
+    /* Another device: recording is refused (the drivers refuse it), waiting is not. */
+    if (devices >= 2) {
+        hetmem_stream_t* s1 = NULL;
+        EXPECT(hetmem_stream_create(mgr, 1, &s1), HETMEM_OK);
+        EXPECT(hetmem_event_record(copied, s1), HETMEM_ERR_INVALID_ARGUMENT);
+        EXPECT(hetmem_stream_wait_event(s1, copied), HETMEM_OK);
+        EXPECT(hetmem_stream_synchronize(s1), HETMEM_OK);
+        EXPECT(hetmem_stream_destroy(s1), HETMEM_OK);
+    }
+    /* An event outlives its manager; a destroyed event is a dead handle. */
+    hetmem_manager_t* gone = NULL;
+    hetmem_event_t* orphan = NULL;
+    EXPECT(hetmem_manager_create(hetmem_manager_backend(mgr), &gone), HETMEM_OK);
+    EXPECT(hetmem_event_create(gone, 0, &orphan), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(gone), HETMEM_OK);
+    EXPECT(hetmem_event_query(orphan, &done), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(a, orphan), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_destroy(orphan), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(orphan), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_query(orphan, &done), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(orphan, a), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_wait_event(a, orphan), HETMEM_ERR_INVALID_HANDLE);
+
+    EXPECT(hetmem_event_destroy(their_ev), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(theirs), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(copied), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(waited), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(a), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(b), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, src), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, out), HETMEM_OK);
+}
+
 static void test_stats(hetmem_manager_t* mgr, const char* backend) {
     printf("\n== stats as JSON\n");
     void* buf = NULL;
@@ -888,10 +997,12 @@ static void test_fork(hetmem_manager_t* mgr) {
     const size_t n = 16 * MIB;
     void *pinned = NULL, *dev = NULL, *p = NULL;
     hetmem_stream_t* s = NULL;
+    hetmem_event_t* ev = NULL;
     EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &pinned), HETMEM_OK);
     EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
     EXPECT(hetmem_stream_create(mgr, 0, &s), HETMEM_OK);
-    if (!pinned || !dev || !s) return;
+    EXPECT(hetmem_event_create(mgr, 0, &ev), HETMEM_OK);
+    if (!pinned || !dev || !s || !ev) return;
     memset(pinned, 0x42, n);
     fflush(stdout);
     int before = failures;
@@ -905,6 +1016,14 @@ static void test_fork(hetmem_manager_t* mgr) {
         EXPECT(hetmem_copy(mgr, dev, pinned, 4096, NULL), HETMEM_ERR_FORKED);
         EXPECT(hetmem_copy(mgr, dev, pinned, 4096, s), HETMEM_ERR_FORKED);
         EXPECT(hetmem_stream_synchronize(s), HETMEM_ERR_FORKED);
+        int done = 0;
+        hetmem_event_t* ev2 = NULL;
+        EXPECT(hetmem_event_create(mgr, 0, &ev2), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_record(ev, s), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_stream_wait_event(s, ev), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_query(ev, &done), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_synchronize(ev), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_destroy(ev), HETMEM_OK);
         size_t free_b = 0, total_b = 0;
         EXPECT(hetmem_mem_info(mgr, 0, &free_b, &total_b), HETMEM_ERR_FORKED);
         CHECK(strcmp(hetmem_status_string(HETMEM_ERR_FORKED), "HETMEM_ERR_FORKED") == 0,
@@ -931,6 +1050,9 @@ static void test_fork(hetmem_manager_t* mgr) {
     for (size_t i = 0; all && i < n; i++) all = back[i] == 0x42;
     CHECK(all, "after the child exits the parent copies its pinned bytes intact");
     free(back);
+    EXPECT(hetmem_event_record(ev, s), HETMEM_OK);
+    EXPECT(hetmem_event_synchronize(ev), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(ev), HETMEM_OK);
     EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
     EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
     EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
@@ -958,6 +1080,7 @@ int main(int argc, char** argv) {
     test_streams(mgr, other, is_sim);
     test_copy_stream_checks(mgr, other);
     test_foreign_pointers(backend);
+    test_events(mgr, other, is_sim);
     test_stats(mgr, backend);
     test_store(mgr, scratch);
     test_torch();
