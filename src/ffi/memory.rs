@@ -89,6 +89,15 @@ enum Found {
 }
 
 impl FfiManager {
+    /// A manager handle's state over `mgr`, with no buffers yet.
+    pub(crate) fn new(mgr: Manager) -> Self {
+        FfiManager {
+            mgr,
+            buffers: Mutex::new(BTreeMap::new()),
+            internal: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn find(&self, addr: u64, n: usize) -> Found {
         let map = lock(&self.buffers);
         if let Some((start, e)) = map.range(..=addr).next_back() {
@@ -271,11 +280,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
             }
         }
         let mgr = b.build()?;
-        let h = register::<FfiManager, HetmemManager>(FfiManager {
-            mgr,
-            buffers: Mutex::new(BTreeMap::new()),
-            internal: Mutex::new(HashMap::new()),
-        });
+        let h = register::<FfiManager, HetmemManager>(FfiManager::new(mgr));
         // SAFETY: as above.
         unsafe { write_out(out, h) };
         Ok(())

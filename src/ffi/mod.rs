@@ -20,11 +20,18 @@
 //!   one thread while another uses it stays valid for that use.
 //! - Out-pointers are checked before any work, so a call that fails for a null
 //!   out-pointer has done nothing.
+//! - The header lists, per function, every code it can fail with; [`codes`](crate::ffi::codes)
+//!   reads the lists and, in tests (`HETMEM_CHECK_CODES=1`), aborts on a code a call's
+//!   list lacks.
 
+pub mod codes;
 pub mod event;
 pub mod memory;
 pub mod tier;
 pub mod torch;
+
+#[cfg(test)]
+mod bad_input_tests;
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -244,6 +251,7 @@ fn run<T>(name: &'static str, f: impl FnOnce() -> FfiResult<T>) -> Result<T, c_i
         Ok(Err(e)) => {
             tracing::debug!(target: "hetmem::ffi", call = name, code = e.code,
                 error = %e.message, "call failed");
+            codes::check(name, e.code, &e.message);
             e
         }
         Err(p) => {
