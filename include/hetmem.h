@@ -255,7 +255,10 @@ int hetmem_free(hetmem_manager_t* mgr, void* ptr);
  * non-blocking streams, hetmem's own included). Otherwise the copy is
  * queued on `stream` and the call returns (pageable host memory may make it wait);
  * the buffers stay alive until it is done even if freed. Two ranges in one buffer are
- * copied synchronously (overlap allowed).
+ * copied synchronously, after the work queued on `stream` (overlap allowed). The
+ * stream is checked the same way on every path (one buffer or two, any memory, n 0):
+ * it must be this manager's, and of a device the copy involves (a copy between host
+ * memory may go on any of the manager's streams).
  * Errors: NULL_POINTER (mgr, dst, src), INVALID_HANDLE (mgr, stream), FOREIGN_POINTER
  * (an address outside every buffer of this manager), OUT_OF_BOUNDS (a range that leaves
  * its buffer, n over SSIZE_MAX), FOREIGN_HANDLE (a stream of another manager),
