@@ -85,8 +85,11 @@ fn run_program(envs: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(exe);
     // Cargo's LD_LIBRARY_PATH for tests lists target/<profile> too, where a `cargo
     // build` may have left an older libhetmem.so that would win over the rpath.
+    // HETMEM_CHECK_CODES: a call that fails with a code the header does not list for it
+    // aborts the program, naming both (src/ffi/codes.rs).
     cmd.arg(&scratch)
         .env_remove("HETMEM_BACKEND")
+        .env("HETMEM_CHECK_CODES", "1")
         .env("LD_LIBRARY_PATH", library_dir());
     for (k, v) in envs {
         cmd.env(k, v);
@@ -106,7 +109,8 @@ fn run_program(envs: &[(&str, &str)]) -> String {
 
 #[test]
 fn c_program_passes_on_the_simulator() {
-    let stdout = run_program(&[("HETMEM_BACKEND", "sim")]);
+    // Two devices, as the fakes have: copies and events on another device's stream.
+    let stdout = run_program(&[("HETMEM_BACKEND", "sim"), ("HETMEM_SIM_DEVICES", "2")]);
     let checks: usize = stdout.lines().filter(|l| l.starts_with("ok   ")).count();
     assert!(checks > 200, "only {checks} checks ran");
 }
@@ -160,6 +164,7 @@ fn run_on_fake_cuda(lib: &Path, exe: &Path, args: &[&Path]) -> String {
     );
     let out = Command::new(exe)
         .args(args)
+        .env("HETMEM_CHECK_CODES", "1")
         .env("HETMEM_BACKEND", "cuda")
         .env("LD_LIBRARY_PATH", dirs)
         .output()
