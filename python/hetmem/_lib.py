@@ -124,6 +124,12 @@ int hetmem_stream_wrap(hetmem_manager_t* mgr, int device, uintptr_t raw, hetmem_
 int hetmem_stream_raw(hetmem_stream_t* stream, uintptr_t* raw);
 int hetmem_stream_synchronize(hetmem_stream_t* stream);
 int hetmem_stream_destroy(hetmem_stream_t* stream);
+int hetmem_event_create(hetmem_manager_t* mgr, int device, hetmem_event_t** out);
+int hetmem_event_record(hetmem_event_t* event, hetmem_stream_t* stream);
+int hetmem_stream_wait_event(hetmem_stream_t* stream, hetmem_event_t* event);
+int hetmem_event_query(hetmem_event_t* event, int* done);
+int hetmem_event_synchronize(hetmem_event_t* event);
+int hetmem_event_destroy(hetmem_event_t* event);
 int hetmem_prefetch(hetmem_manager_t* mgr, void* ptr, size_t n, int device, hetmem_stream_t* stream);
 int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int device);
 int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, size_t cap, size_t* needed);
@@ -240,6 +246,10 @@ class hetmem_stream_t(ctypes.Structure):
     """Opaque; used only as POINTER(hetmem_stream_t)."""
 
 
+class hetmem_event_t(ctypes.Structure):
+    """Opaque; used only as POINTER(hetmem_event_t)."""
+
+
 class hetmem_store_t(ctypes.Structure):
     """Opaque; used only as POINTER(hetmem_store_t)."""
 
@@ -254,6 +264,7 @@ DROP_CTX = ctypes.CFUNCTYPE(None, c_void_p)
 
 ManagerP = POINTER(hetmem_manager_t)
 StreamP = POINTER(hetmem_stream_t)
+EventP = POINTER(hetmem_event_t)
 StoreP = POINTER(hetmem_store_t)
 GuardP = POINTER(hetmem_guard_t)
 
@@ -414,6 +425,7 @@ def _types():
     for name, handle in (
         ("hetmem_manager_t", ManagerP),
         ("hetmem_stream_t", StreamP),
+        ("hetmem_event_t", EventP),
         ("hetmem_store_t", StoreP),
         ("hetmem_guard_t", GuardP),
     ):

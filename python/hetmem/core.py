@@ -26,6 +26,7 @@ from ctypes import byref, c_int, c_size_t, c_uint32, c_void_p
 
 from . import _lib
 from ._lib import (
+    EventP,
     GuardP,
     ManagerP,
     StoreP,
@@ -437,9 +438,13 @@ class Manager(_Owned):
     else the first of CUDA, ROCm and sim that works).
 
     Raises:
-        InvalidArgumentError: no backend of that name.
-        BackendUnavailableError: the backend's driver is missing or unusable (or no
-            backend works, for None/"auto").
+        InvalidArgumentError: no backend of that name (or a name that is not UTF-8),
+            or a bad $HETMEM_BACKEND, $HETMEM_SIM_DEVICES or $HETMEM_SIM_MEMORY.
+        BackendUnavailableError: the backend's driver is missing or has no device (or
+            no backend works, for None/"auto").
+        DriverError: the driver failed to start or to list its devices.
+        ConfigError: the NUMA topology in sysfs cannot be read.
+        SystemCallError: a system call failed.
         TypeError: ``backend`` is not a str, bytes or None.
         ValueError: ``backend`` has an embedded NUL.
     """
@@ -494,6 +499,7 @@ class Manager(_Owned):
         Raises:
             UnknownDeviceError: the backend has no such device.
             InvalidArgumentError: ``device`` is negative.
+            DriverError: the driver failed.
             OverflowError: ``device`` does not fit a C int.
         """
         free, total = c_size_t(), c_size_t()
@@ -512,9 +518,12 @@ class Manager(_Owned):
             UnknownDeviceError: no such device.
             UnknownNumaNodeError: no such NUMA node.
             NumaNodeWithoutMemoryError: the NUMA node has no memory.
-            UnsupportedError: managed memory where the backend has none.
-            InvalidArgumentError: an unknown placement number.
+            UnsupportedError: managed memory where the backend has none, or pinned
+                memory on the host backend.
+            InvalidArgumentError: an unknown placement number, or a negative device or
+                node other than -1.
             DriverError: the driver failed.
+            SystemCallError: the kernel refused to map, bind or pin host memory.
             ValueError: an unknown placement name, or a negative size.
             OverflowError: ``size``, ``placement`` or ``device`` does not fit its C
                 type.
@@ -560,8 +569,12 @@ class Manager(_Owned):
             ForeignPointerError: an address outside every buffer of this manager.
             OutOfBoundsError: a range that runs past the end of its buffer.
             ForeignHandleError: ``stream`` belongs to another manager.
-            InvalidArgumentError: ``stream`` is of another device.
+            InvalidArgumentError: ``stream`` is of a device the copy does not involve.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             OverflowError: an address or ``n`` does not fit its C type.
         """
         _check(
@@ -577,9 +590,15 @@ class Manager(_Owned):
         Raises:
             ForeignPointerError: ``dst`` is outside every buffer of this manager.
             OutOfBoundsError: the bytes run past the end of ``dst``'s buffer.
-            ForeignHandleError, InvalidArgumentError: as Manager.copy (when ``data``
-                lies in a buffer of this manager, this is that copy).
+            InvalidArgumentError: ``data`` runs into a buffer of this manager without
+                starting in one.
+            ForeignHandleError: as Manager.copy (when ``data`` lies in a buffer of
+                this manager, this is that copy).
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             OverflowError: an address or ``n`` does not fit its C type.
         """
         with _HostBytes(data, n) as src:
@@ -593,9 +612,15 @@ class Manager(_Owned):
         Raises:
             ForeignPointerError: ``src`` is outside every buffer of this manager.
             OutOfBoundsError: the range runs past the end of ``src``'s buffer.
-            ForeignHandleError, InvalidArgumentError: as Manager.copy (when ``out``
-                lies in a buffer of this manager, this is that copy).
+            InvalidArgumentError: ``out`` runs into a buffer of this manager without
+                starting in one.
+            ForeignHandleError: as Manager.copy (when ``out`` lies in a buffer of this
+                manager, this is that copy).
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             OverflowError: an address or ``n`` does not fit its C type.
         """
         with _HostBytes(out, n, writable=True) as dst:
@@ -608,7 +633,11 @@ class Manager(_Owned):
             ForeignPointerError: ``src`` is outside every buffer of this manager.
             OutOfBoundsError: the range runs past the end of ``src``'s buffer.
             ForeignHandleError, InvalidArgumentError: as Manager.copy_to_host.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
         """
         out = ctypes.create_string_buffer(_size(n))
         if n:
@@ -651,21 +680,32 @@ class Manager(_Owned):
         """A new stream owned by hetmem (see Stream).
 
         Raises:
-            UnknownDeviceError: no such device.
-            UnsupportedError: the host backend has no streams.
+            InvalidArgumentError: a negative device.
+            UnknownDeviceError: no such device (the host backend has none).
             DriverError: the driver failed.
         """
         return Stream(self, device)
+
+    def event(self, device=0):
+        """A new Event on ``device`` (see Event).
+
+        Raises:
+            InvalidArgumentError: a negative device.
+            UnknownDeviceError: no such device (the host backend has none).
+            DriverError: the driver failed.
+        """
+        return Event(self, device)
 
     def wrap_stream(self, raw, device=0):
         """The caller's stream ``raw`` (cudaStream_t value; 0 = default) as a Stream
         (see Stream.wrap).
 
         Raises:
-            InvalidArgumentError: a stream wrapped for another device already (on the
-                simulator: a value that is no stream of the device).
-            UnknownDeviceError: no such device.
-            UnsupportedError: the host backend has no streams.
+            InvalidArgumentError: a negative device, a stream wrapped for another
+                device already (on the simulator: a value that is no stream of the
+                device).
+            UnknownDeviceError: no such device (the host backend has none).
+            DriverError: the driver failed.
         """
         return Stream.wrap(self, raw, device)
 
@@ -809,7 +849,11 @@ class Buffer(_Owned):
             OutOfBoundsError: the bytes run past the end of the buffer.
             ForeignPointerError: freed already (or ``offset`` is past its end).
             ForeignHandleError, InvalidArgumentError: as Manager.copy_from_host.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             ValueError: a negative ``offset``, or ``n`` over the bytes given.
             OverflowError: ``ptr + offset`` or ``n`` does not fit its C type.
         """
@@ -823,7 +867,11 @@ class Buffer(_Owned):
             OutOfBoundsError: the range runs past the end of the buffer.
             ForeignPointerError: freed already (or ``offset`` is past its end).
             ForeignHandleError, InvalidArgumentError: as Manager.copy_to_host.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             ValueError: a negative ``offset`` or ``n``.
             OverflowError: ``ptr + offset`` does not fit an address.
         """
@@ -840,7 +888,11 @@ class Buffer(_Owned):
             OutOfBoundsError: the range runs past the end of the buffer.
             ForeignPointerError: freed already (or ``offset`` is past its end).
             ForeignHandleError, InvalidArgumentError: as Manager.copy_to_host.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             ValueError: a negative ``offset``, or ``n`` over the size of ``out``.
             OverflowError: ``ptr + offset`` or ``n`` does not fit its C type.
         """
@@ -854,8 +906,12 @@ class Buffer(_Owned):
             ForeignPointerError: ``src`` is no buffer of this manager, or one is freed.
             OutOfBoundsError: a range runs past the end of its buffer.
             ForeignHandleError: ``stream`` belongs to another manager.
-            InvalidArgumentError: ``stream`` is of another device.
+            InvalidArgumentError: ``stream`` is of a device the copy does not involve.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             ValueError: a negative offset or ``n``.
         """
         self._live()
@@ -871,8 +927,12 @@ class Buffer(_Owned):
             ForeignPointerError: ``dst`` is no buffer of this manager, or one is freed.
             OutOfBoundsError: a range runs past the end of its buffer.
             ForeignHandleError: ``stream`` belongs to another manager.
-            InvalidArgumentError: ``stream`` is of another device.
+            InvalidArgumentError: ``stream`` is of a device the copy does not involve.
+            OutOfMemoryError: no host memory to stage device memory through.
+            StreamCapturingError: a copy with a host end on a stream capturing a
+                CUDA graph.
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             ValueError: a negative offset or ``n``.
         """
         self._live()
@@ -942,8 +1002,8 @@ class Stream(_Owned):
     cudaStream_t / hipStream_t wrapped (``Stream.wrap(mgr, raw, device)``).
 
     Raises:
-        UnknownDeviceError: no such device.
-        UnsupportedError: the host backend has no streams.
+        InvalidArgumentError: a negative device.
+        UnknownDeviceError: no such device (the host backend has none).
         DriverError: the driver failed.
         OverflowError: ``device`` does not fit a C int.
     """
@@ -964,10 +1024,11 @@ class Stream(_Owned):
         uses its own). hetmem never destroys it; it must outlive this object.
 
         Raises:
-            InvalidArgumentError: a stream wrapped for another device already (on the
-                simulator: a value that is no stream of the device).
-            UnknownDeviceError: no such device.
-            UnsupportedError: the host backend has no streams.
+            InvalidArgumentError: a negative device, a stream wrapped for another
+                device already (on the simulator: a value that is no stream of the
+                device).
+            UnknownDeviceError: no such device (the host backend has none).
+            DriverError: the driver failed.
             ValueError: a negative ``raw``.
             OverflowError: ``raw`` does not fit a uintptr_t, or ``device`` an int.
         """
@@ -994,8 +1055,26 @@ class Stream(_Owned):
         return v.value
 
     def synchronize(self):
-        """Blocks until the work queued on the stream so far is done."""
+        """Blocks until the work queued on the stream so far is done.
+
+        Raises:
+            DriverError: the driver failed (or the stream is capturing a CUDA graph).
+        """
         _check(self.manager._lib.hetmem_stream_synchronize(self.handle))
+
+    def wait_event(self, event):
+        """Makes the work queued on this stream from now on wait for the work before
+        ``event``'s last recording (an Event of this manager, any device), without
+        blocking the host.
+
+        Raises:
+            ForeignHandleError: ``event`` belongs to another manager.
+            DriverError: the driver failed.
+            TypeError: ``event`` is not an Event.
+        """
+        if not isinstance(event, Event):
+            raise TypeError(f"wait_event needs a hetmem.Event, not {type(event).__name__}")
+        _check(self.manager._lib.hetmem_stream_wait_event(self.handle, event.handle))
 
     def close(self):
         """Destroys the handle (a wrapped stream is only let go). Closing twice does
@@ -1003,6 +1082,87 @@ class Stream(_Owned):
         h, self._h = self._h, None
         if h is not None:
             _check(self.manager._lib.hetmem_stream_destroy(h))
+
+    destroy = close
+
+    def _dispose(self):
+        self.close()
+
+
+class Event(_Owned):
+    """A point in a stream (``Event(mgr, device)`` or Manager.event): record() it on a
+    stream after work there (an asynchronous copy), then make another stream wait for
+    it (Stream.wait_event: the work queued on that stream afterwards runs after it,
+    the host does not block) or wait on the host (synchronize). Until it is first
+    recorded it counts as passed. An event stays usable after its manager is closed.
+
+    Raises:
+        InvalidArgumentError: a negative device.
+        UnknownDeviceError: no such device (the host backend has none).
+        DriverError: the driver failed.
+        OverflowError: ``device`` does not fit a C int.
+    """
+
+    def __init__(self, mgr, device=0):
+        self.manager = mgr
+        self.device = device
+        self._lib = mgr._lib
+        self._h = None
+        h = EventP()
+        _check(self._lib.hetmem_event_create(mgr.handle, device, byref(h)))
+        self._h = h
+
+    @property
+    def handle(self):
+        """The ``hetmem_event_t*``.
+
+        Raises:
+            InvalidHandleError: the event is closed.
+        """
+        if self._h is None:
+            raise _closed("event")
+        return self._h
+
+    def record(self, stream):
+        """Marks the current tail of ``stream`` (a Stream): from now on the event stands
+        for the work queued there so far. Recording again moves it; waits queued before
+        keep the point they saw.
+
+        Raises:
+            ForeignHandleError: ``stream`` belongs to another manager.
+            InvalidArgumentError: ``stream`` is of another device than the event.
+            DriverError: the driver failed.
+            TypeError: ``stream`` is not a Stream.
+        """
+        if not isinstance(stream, Stream):
+            raise TypeError(f"record needs a hetmem.Stream, not {type(stream).__name__}")
+        _check(self._lib.hetmem_event_record(self.handle, stream.handle))
+
+    def query(self):
+        """Whether the work before the last recording is done (True if never recorded);
+        does not block.
+
+        Raises:
+            DriverError: the driver failed.
+        """
+        done = c_int()
+        _check(self._lib.hetmem_event_query(self.handle, byref(done)))
+        return bool(done.value)
+
+    def synchronize(self):
+        """Blocks until the work before the last recording is done.
+
+        Raises:
+            DriverError: the driver failed.
+        """
+        _check(self._lib.hetmem_event_synchronize(self.handle))
+
+    def close(self):
+        """Destroys the event handle (waits queued on it already are unaffected).
+        Closing twice does nothing."""
+        h, self._h = self._h, None
+        if h is not None:
+            _check(self._lib.hetmem_event_destroy(h))
 
     destroy = close
 
@@ -1035,6 +1195,7 @@ class TierStore(_Owned):
             or cannot be pinned.
         UnknownNumaNodeError, NumaNodeWithoutMemoryError: the device's NUMA node,
             where the ring is placed, is unknown or has no memory.
+        UnsupportedError: the host backend (no device to store onto).
         SystemCallError: a system call failed.
         DriverError: the driver failed.
         ValueError: an unknown planner, or a negative budget or setting.
@@ -1127,7 +1288,8 @@ class TierStore(_Owned):
         own name, in file order; returns the ids.
 
         Raises:
-            ConfigError: the file is missing or malformed.
+            ConfigError: the file is missing, not a regular file, or malformed.
+            SystemCallError: a system call failed (mapping the file).
             InvalidArgumentError, InvalidSizeError, OutOfMemoryError: as register (a
                 name taken, an empty tensor, one larger than the device budget); the
                 tensors before it stay registered.
@@ -1181,6 +1343,8 @@ class TierStore(_Owned):
             UnknownParamError: an id the store does not have.
             InvalidSizeError: more ids than memory holds.
             OutOfMemoryError: no host memory for a copy of them.
+            InvalidArgumentError: the store refused the sequence (the message says
+                why).
             OverflowError: an id does not fit a uint32_t.
             TypeError: an id is not an integer.
         """
@@ -1195,7 +1359,11 @@ class TierStore(_Owned):
             OutOfMemoryError: the device has no memory for it.
             ChecksumError: its bytes do not match its checksum (a store made with
                 checksums).
+            ConfigError: its source (a safetensors file) cannot be read.
+            StreamCapturingError: the store's copy stream is capturing a CUDA graph.
+            InvalidArgumentError: the store refused (the message says why).
             DriverError: the driver failed.
+            SystemCallError: a system call failed.
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         flag = c_int()
@@ -1207,7 +1375,14 @@ class TierStore(_Owned):
 
         Raises:
             UnknownParamError: no parameter of that id.
-            DriverError: the driver failed (writing a dirty copy back).
+            OutOfMemoryError: no host memory to write a dirty copy back to.
+            ChecksumError: its bytes do not match its checksum (a store made with
+                checksums).
+            ConfigError: its source cannot be read.
+            StreamCapturingError: the store's copy stream is capturing a CUDA graph.
+            InvalidArgumentError: the store refused (the message says why).
+            DriverError: the driver failed.
+            SystemCallError: a system call failed.
             OverflowError: ``pid`` does not fit a uint32_t.
         """
         flag = c_int()
@@ -1347,7 +1522,12 @@ class Guard(_Owned):
     def mark_dirty(self):
         """The device copy will be written by work queued on the stream after this call
         (written back before it is dropped; ordered after earlier uses, and later acquires
-        wait for it)."""
+        wait for it).
+
+        Raises:
+            InvalidHandleError: the guard is released.
+            InvalidArgumentError: another thread released it during the call.
+        """
         if self._h is None:
             raise _closed("guard")
         _check(self.store._lib.hetmem_guard_mark_dirty(self._h))

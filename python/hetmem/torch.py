@@ -389,6 +389,8 @@ def offload(
         UnknownNumaNodeError, NumaNodeWithoutMemoryError: the GPU's NUMA node has no
             memory for the store's staging ring.
         SystemCallError, DriverError: a system or driver call failed.
+        ConfigError: the NUMA topology in sysfs cannot be read.
+        UnsupportedError: the backend has no device (the host backend).
         RuntimeError: the backend is not a GPU's, or the model is offloaded already.
         ValueError: ``device_budget`` is not positive.
         ImportError: PyTorch is not installed.

@@ -89,6 +89,7 @@ CALLS = {
     "Manager.advise": ["hetmem_advise"],
     "Manager.stream": ["hetmem_stream_create"],
     "Manager.wrap_stream": ["hetmem_stream_wrap"],
+    "Manager.event": ["hetmem_event_create"],
     "Manager.stats": ["hetmem_stats_json"],
     "Manager.close": ["hetmem_manager_destroy"],
     "Buffer": [],
@@ -105,8 +106,16 @@ CALLS = {
     "Stream.handle": [],
     "Stream.raw": ["hetmem_stream_raw"],
     "Stream.synchronize": ["hetmem_stream_synchronize"],
+    "Stream.wait_event": ["hetmem_stream_wait_event"],
     "Stream.close": ["hetmem_stream_destroy"],
     "Stream.destroy": ["hetmem_stream_destroy"],
+    "Event": ["hetmem_event_create"],
+    "Event.handle": [],
+    "Event.record": ["hetmem_event_record"],
+    "Event.query": ["hetmem_event_query"],
+    "Event.synchronize": ["hetmem_event_synchronize"],
+    "Event.close": ["hetmem_event_destroy"],
+    "Event.destroy": ["hetmem_event_destroy"],
     "TierStore": ["hetmem_store_config_init", "hetmem_store_create"],
     "TierStore.handle": [],
     "TierStore.register": ["hetmem_store_register"],
@@ -154,7 +163,7 @@ NOT_RAISED = {
 }
 
 CLASSES = {"Manager": core.Manager, "Buffer": core.Buffer, "Stream": core.Stream,
-           "TierStore": core.TierStore, "Guard": core.Guard}
+           "Event": core.Event, "TierStore": core.TierStore, "Guard": core.Guard}
 
 
 def public_api():
