@@ -17,6 +17,7 @@
 pub mod block_cache;
 pub(crate) mod copy;
 pub mod cuda;
+pub(crate) mod driver;
 pub(crate) mod fork;
 pub mod host;
 // Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
@@ -27,6 +28,8 @@ pub(crate) mod owned;
 pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
+
+pub(crate) use registered::HOST_REGISTER_CHUNK;
 
 use std::any::Any;
 use std::fmt;
@@ -509,59 +512,6 @@ pub(crate) const LEGACY_STREAM: u64 = 1;
 /// Set in the handle of an imported special stream, whose device sits in bits 8..63.
 const SPECIAL_TAG: u64 = 1 << 63;
 
-/// The streams a driver backend has imported ([`Backend::import_stream`]): handle →
-/// (device, imports not yet forgotten). Special streams get a handle of their own per
-/// device ([`raw_stream`] turns it back into the value the driver takes).
-#[derive(Debug, Default)]
-pub(crate) struct ForeignStreams {
-    map: Mutex<std::collections::HashMap<u64, (usize, usize)>>,
-}
-
-impl ForeignStreams {
-    /// Counts an import of `raw` on `device` and returns its handle. A stream already
-    /// imported for another device is refused.
-    pub(crate) fn import(&self, device: usize, raw: u64) -> Result<StreamHandle> {
-        let handle = if raw < SPECIAL_STREAMS {
-            special_handle(device, raw)
-        } else {
-            StreamHandle(raw)
-        };
-        let mut map = lock(&self.map);
-        let entry = map.entry(handle.0).or_insert((device, 0));
-        if entry.0 != device {
-            return Err(Error::InvalidArgument(format!(
-                "stream {raw:#x} is already in use on device {}, not device {device}",
-                entry.0
-            )));
-        }
-        entry.1 += 1;
-        Ok(handle)
-    }
-
-    /// Undoes one import of `handle`.
-    pub(crate) fn forget(&self, handle: StreamHandle) -> Result<()> {
-        let mut map = lock(&self.map);
-        match map.get_mut(&handle.0) {
-            Some((_, n)) if *n > 1 => *n -= 1,
-            Some(_) => {
-                map.remove(&handle.0);
-            }
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "stream {:#x} was not imported",
-                    handle.0
-                )))
-            }
-        }
-        Ok(())
-    }
-
-    /// The device of an imported stream.
-    pub(crate) fn device(&self, handle: StreamHandle) -> Option<usize> {
-        lock(&self.map).get(&handle.0).map(|e| e.0)
-    }
-}
-
 /// The value the driver takes for a stream handle (the special stream an imported
 /// special handle stands for; any other handle is the driver's own value).
 pub(crate) fn raw_stream(handle: StreamHandle) -> u64 {
@@ -572,7 +522,7 @@ pub(crate) fn raw_stream(handle: StreamHandle) -> u64 {
     }
 }
 
-/// The handle [`ForeignStreams`] gives the special stream `raw` of `device` (the
+/// The handle [`ForeignStreams`](driver::ForeignStreams) gives the special stream `raw` of `device` (the
 /// simulator uses the same form for its per-thread streams).
 pub(crate) fn special_handle(device: usize, raw: u64) -> StreamHandle {
     StreamHandle(SPECIAL_TAG | ((device as u64) << 8) | raw)
@@ -635,154 +585,6 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How a driver backend names the [`Error::Driver`] of a host registration that failed
-/// and could not be undone (`cuda::REGISTER_ROLLBACK_CALL`,
-/// `rocm::REGISTER_ROLLBACK_CALL`).
-pub(crate) struct RollbackError {
-    /// The backend that reports it.
-    pub backend: BackendKind,
-    /// The error's `call`.
-    pub call: &'static str,
-    /// The error's `code` when the failed unregistration was not a driver error.
-    pub unknown_code: i32,
-}
-
-impl RollbackError {
-    /// The error of registering `len` bytes at `ptr` failing with `cause` after
-    /// `registered` bytes had registered, whose unregistration then failed with `undo`.
-    /// Its `code` is `undo`'s; its message contains `"rollback failed; region leaked"`.
-    pub(crate) fn error(
-        &self,
-        cause: &Error,
-        undo: &Error,
-        ptr: NonNull<u8>,
-        len: usize,
-        registered: usize,
-    ) -> Error {
-        let code = match undo {
-            Error::Driver { code, .. } => *code,
-            _ => self.unknown_code,
-        };
-        Error::Driver {
-            backend: self.backend,
-            call: self.call,
-            code,
-            message: format!(
-                "registering {len} bytes at {ptr:?} failed ({cause}), and unregistering the \
-                 {registered} bytes registered before the failure failed too ({undo}): \
-                 rollback failed; region leaked: part of it stays registered, so the memory \
-                 must not be unmapped"
-            ),
-        }
-    }
-}
-
-/// Largest range registered with one host-registration call (`cuMemHostRegister`,
-/// `hipHostRegister`). One registration of 512 GiB or more fails on current CUDA
-/// drivers; registering in 64 GiB chunks (and unregistering the same chunks) stays well
-/// below that, and nothing is lost by treating HIP the same.
-pub(crate) const HOST_REGISTER_CHUNK: usize = 64 << 30;
-
-/// `(offset, len)` of the pieces a host range of `len` bytes is registered (and
-/// unregistered) in: at most [`HOST_REGISTER_CHUNK`] each, in order, covering the range.
-pub(crate) fn register_chunks(len: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..len)
-        .step_by(HOST_REGISTER_CHUNK)
-        .map(move |off| (off, (len - off).min(HOST_REGISTER_CHUNK)))
-}
-
-/// The smallest piece [`register_in_pieces`] splits a refused registration into: below
-/// this, a refusal is not about the size.
-pub(crate) const HOST_REGISTER_MIN_PIECE: usize = 1 << 30;
-
-/// Pieces split by [`register_in_pieces`] are whole multiples of this (2 MiB: huge
-/// pages stay in one piece, and no two pieces share a page).
-const REGISTER_SPLIT_ALIGN: usize = 2 << 20;
-
-/// `(offset, len)` of the pieces of one host registration, in order.
-pub(crate) type Pieces = Vec<(usize, usize)>;
-
-/// How one registration call failed, for [`register_in_pieces`].
-#[derive(Debug)]
-pub(crate) enum Refusal<E> {
-    /// Not a matter of the piece's size (out of memory, already registered): give up.
-    Final(E),
-    /// Maybe the piece's size: some hosts refuse one registration above about 96-128
-    /// GiB with an invalid-argument error rather than out-of-memory.
-    Size(E),
-}
-
-/// Registers `len` bytes through `register(offset, n)`, one call per piece, in order:
-/// pieces of at most [`HOST_REGISTER_CHUNK`]. A piece refused with [`Refusal::Size`] is
-/// tried again at half its size (whole 2 MiB), and later pieces are no larger, since
-/// the limit is the host's; when half would be under [`HOST_REGISTER_MIN_PIECE`], the
-/// registration fails with the first such refusal. [`Refusal::Final`] fails it at once
-/// with its own error. Returns the pieces registered, `(offset, n)`; on failure the
-/// error and the pieces registered before it, which the caller undoes.
-pub(crate) fn register_in_pieces<E: fmt::Display>(
-    len: usize,
-    mut register: impl FnMut(usize, usize) -> std::result::Result<(), Refusal<E>>,
-) -> std::result::Result<Pieces, (E, Pieces)> {
-    let mut done = Vec::new();
-    let mut limit = HOST_REGISTER_CHUNK;
-    let mut first_refusal: Option<E> = None;
-    let mut off = 0;
-    while off < len {
-        let n = limit.min(len - off);
-        match register(off, n) {
-            Ok(()) => {
-                done.push((off, n));
-                off += n;
-            }
-            Err(Refusal::Final(e)) => return Err((e, done)),
-            Err(Refusal::Size(e)) => {
-                let half = n / 2 / REGISTER_SPLIT_ALIGN * REGISTER_SPLIT_ALIGN;
-                if half < HOST_REGISTER_MIN_PIECE {
-                    return Err((first_refusal.unwrap_or(e), done));
-                }
-                tracing::debug!(offset = off, refused = n, next = half, error = %e,
-                    "host registration refused; trying smaller pieces");
-                first_refusal.get_or_insert(e);
-                limit = half;
-            }
-        }
-    }
-    if let Some(e) = first_refusal {
-        tracing::info!(len, pieces = done.len(), largest = limit, first_refusal = %e,
-            "host memory registered in smaller pieces than asked: the driver refused larger ones");
-    }
-    Ok(done)
-}
-
-/// Turns a driver's PCI bus id into the lowercase sysfs form (`0000:3b:00.0`). Takes
-/// `0000:3B:00.0`, NVML/CUDA-style 8-digit domains (`00000000:3B:00.0`) and ids without
-/// a domain (`c1:00.1`, domain 0), with surrounding whitespace and trailing NULs.
-/// `None` when it does not parse.
-pub(crate) fn normalize_pci_bus_id(raw: &str) -> Option<String> {
-    let s = raw.trim().trim_end_matches('\0');
-    let (domain, rest) = match s.matches(':').count() {
-        2 => s.split_once(':')?,
-        1 => ("0", s),
-        _ => return None,
-    };
-    let (bus, rest) = rest.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    let hex = |s: &str, max_len: usize| -> Option<u32> {
-        if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        u32::from_str_radix(s, 16).ok()
-    };
-    let domain = hex(domain, 8)?;
-    let bus = hex(bus, 2)?;
-    let dev = hex(dev, 2)?;
-    let func = hex(func, 1)?;
-    if dev > 0x1f || func > 7 {
-        return None;
-    }
-    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
-}
-
 /// Refuses a copy queued on a stream of the wrong device: a copy between host and
 /// device `d` must be queued on a stream of `d`; a copy between two devices on a stream
 /// of either one; a copy between two host ranges on any stream.
@@ -810,161 +612,6 @@ pub(crate) fn check_copy_stream(dst: &MemRef, src: &MemRef, stream_device: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pci_bus_id_is_normalised_to_sysfs_form() {
-        for (raw, want) in [
-            ("0000:3B:00.0", "0000:3b:00.0"),
-            ("00000000:3B:00.0", "0000:3b:00.0"),
-            ("00000000:3b:00.0", "0000:3b:00.0"),
-            ("0001:AF:1F.7\0", "0001:af:1f.7"),
-            ("0001:C1:1F.7\0", "0001:c1:1f.7"),
-            (" 0000:c1:00.0\n", "0000:c1:00.0"),
-            ("10000:01:00.0", "10000:01:00.0"),
-            // Without a domain: domain 0.
-            ("c1:00.1", "0000:c1:00.1"),
-            ("3B:00.0", "0000:3b:00.0"),
-        ] {
-            assert_eq!(normalize_pci_bus_id(raw).as_deref(), Some(want), "{raw:?}");
-        }
-        for bad in [
-            "",
-            "garbage",
-            "0000:3B:00",
-            "0000:3G:00.0",
-            "0000:zz:00.0",
-            "0000:3B:20.0",
-            "0000:3B:00.8",
-            "0000:3b:00.9",
-            "000000000:3b:00.0",
-            "0:0000:3b:00.0",
-        ] {
-            assert_eq!(normalize_pci_bus_id(bad), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn foreign_streams_are_counted_and_special_ones_carry_the_device() {
-        let f = ForeignStreams::default();
-        let a = f.import(0, 0).unwrap();
-        let b = f.import(1, 0).unwrap();
-        assert_ne!(a, b, "default streams of two devices must not collide");
-        assert_eq!((raw_stream(a), raw_stream(b)), (0, 0));
-        assert_eq!((f.device(a), f.device(b)), (Some(0), Some(1)));
-        let s = f.import(1, 0x7f00_1234_5000).unwrap();
-        assert_eq!(s, StreamHandle(0x7f00_1234_5000));
-        assert_eq!(raw_stream(s), 0x7f00_1234_5000);
-        assert!(
-            f.import(0, 0x7f00_1234_5000).is_err(),
-            "one stream, one device"
-        );
-        assert_eq!(f.import(1, 0x7f00_1234_5000).unwrap(), s);
-        f.forget(s).unwrap();
-        assert_eq!(f.device(s), Some(1), "imported twice, forgotten once");
-        f.forget(s).unwrap();
-        assert_eq!(f.device(s), None);
-        assert!(f.forget(s).is_err());
-    }
-
-    #[test]
-    fn host_registration_is_chunked() {
-        assert_eq!(register_chunks(0).count(), 0);
-        assert_eq!(register_chunks(4096).collect::<Vec<_>>(), vec![(0, 4096)]);
-        let c = HOST_REGISTER_CHUNK;
-        assert_eq!(register_chunks(c).collect::<Vec<_>>(), vec![(0, c)]);
-        assert_eq!(
-            register_chunks(2 * c + 5).collect::<Vec<_>>(),
-            vec![(0, c), (c, c), (2 * c, 5)]
-        );
-        let big = 600usize << 30;
-        let chunks: Vec<_> = register_chunks(big).collect();
-        assert_eq!(chunks.iter().map(|&(_, l)| l).sum::<usize>(), big);
-        assert!(chunks.iter().all(|&(_, l)| l <= c));
-    }
-
-    /// A stand-in driver for `register_in_pieces`: refuses pieces above `limit` with
-    /// `refusal`, records the calls.
-    fn pieces_under(
-        len: usize,
-        limit: usize,
-        refusal: fn(&'static str) -> Refusal<&'static str>,
-    ) -> (
-        std::result::Result<Pieces, (&'static str, Pieces)>,
-        Vec<usize>,
-    ) {
-        let mut calls = Vec::new();
-        let r = register_in_pieces(len, |_, n| {
-            calls.push(n);
-            if n > limit {
-                Err(refusal("too large"))
-            } else {
-                Ok(())
-            }
-        });
-        (r, calls)
-    }
-
-    #[test]
-    fn refused_registrations_are_split_down_to_the_floor() {
-        const GIB: usize = 1 << 30;
-        // Nothing refused: 64 GiB pieces, as before.
-        let (r, calls) = pieces_under(150 * GIB, usize::MAX, Refusal::Size);
-        assert_eq!(
-            r.unwrap(),
-            vec![(0, 64 * GIB), (64 * GIB, 64 * GIB), (128 * GIB, 22 * GIB)]
-        );
-        assert_eq!(calls.len(), 3);
-        // A host that refuses more than 20 GiB: 64 and 32 refused, then 16 GiB pieces
-        // to the end (the limit stays), covering the range in order.
-        let (r, calls) = pieces_under(150 * GIB, 20 * GIB, Refusal::Size);
-        let pieces = r.unwrap();
-        assert_eq!(&calls[..3], &[64 * GIB, 32 * GIB, 16 * GIB]);
-        assert_eq!(calls.len(), 2 + pieces.len());
-        assert_eq!(pieces.len(), 10, "9 x 16 GiB + 6 GiB");
-        let mut next = 0;
-        for &(off, n) in &pieces {
-            assert_eq!(off, next);
-            assert!(n <= 16 * GIB && n.is_multiple_of(REGISTER_SPLIT_ALIGN));
-            next = off + n;
-        }
-        assert_eq!(next, 150 * GIB);
-        // A tail refused is halved too, in whole 2 MiB.
-        let (r, _) = pieces_under(3 * GIB + 4096, 2 * GIB, Refusal::Size);
-        assert_eq!(
-            r.unwrap(),
-            vec![(0, 1536 << 20), (1536 << 20, 1536 << 20), (3 * GIB, 4096)]
-        );
-        // Below the floor the first refusal is the error; nothing was registered.
-        let (r, calls) = pieces_under(8 * GIB, GIB / 2, Refusal::Size);
-        assert_eq!(r.unwrap_err(), ("too large", vec![]));
-        assert_eq!(calls, vec![8 * GIB, 4 * GIB, 2 * GIB, GIB]);
-        // A piece smaller than the floor to begin with is not split at all.
-        let (r, calls) = pieces_under(64 << 20, 0, Refusal::Size);
-        assert!(r.is_err());
-        assert_eq!(calls, vec![64 << 20]);
-    }
-
-    #[test]
-    fn a_final_refusal_is_never_split() {
-        const GIB: usize = 1 << 30;
-        let (r, calls) = pieces_under(150 * GIB, 20 * GIB, Refusal::Final);
-        assert_eq!(r.unwrap_err(), ("too large", vec![]));
-        assert_eq!(calls, vec![64 * GIB], "one call, no retry");
-        // Refused after some pieces registered: those are handed back for undoing.
-        let mut calls = 0;
-        let r = register_in_pieces(150 * GIB, |_, _| {
-            calls += 1;
-            if calls == 3 {
-                Err(Refusal::Final("out of memory"))
-            } else {
-                Ok(())
-            }
-        });
-        assert_eq!(
-            r.unwrap_err(),
-            ("out of memory", vec![(0, 64 * GIB), (64 * GIB, 64 * GIB)])
-        );
-    }
 
     #[test]
     fn copies_are_queued_on_a_stream_of_the_right_device() {

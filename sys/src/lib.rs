@@ -1,3 +1,4 @@
+pub mod cuda;
 pub mod cxx;
 pub mod hip;
 pub mod numa;

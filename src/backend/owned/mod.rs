@@ -22,6 +22,7 @@ use rustc_hash::FxHashMap;
 
 use crate::backend::copy::{self, check_range, CopyEnd, Fences};
 use crate::backend::host::HostRegion;
+use crate::backend::registered::is_rollback_failure;
 use crate::backend::{
     lock, thread_key, Backend, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
     PER_THREAD_STREAM,
@@ -915,12 +916,4 @@ impl Drop for OwnedMemory {
             tracing::error!(target: "hetmem", error = %e, len = self.len, "freeing a buffer failed");
         }
     }
-}
-
-/// Whether a registration error says part of the range stayed registered (the
-/// backend's rollback failed), so the memory must never be unmapped.
-fn is_rollback_failure(e: &Error) -> bool {
-    matches!(e, Error::Driver { call, .. }
-        if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
-            || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL)
 }
