@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
 use super::{
-    c_str, copy_in, device_arg, guard, json_object, lock, lookup, out_ptr, register, unregister,
-    write_out, FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
+    c_str, copy_in, device_arg, guard, lock, lookup, out_ptr, register, unregister, write_out,
+    FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
     HETMEM_ERR_INVALID_SIZE, HETMEM_ERR_UNKNOWN_PARAM,
 };
 use crate::tier::policy::ParamId;
@@ -83,7 +83,7 @@ pub struct HetmemGuard {
 /// What a store handle owns.
 #[derive(Debug)]
 pub(crate) struct FfiStore {
-    store: TierStore,
+    pub(super) store: TierStore,
     /// Bytes of each parameter registered through C.
     sizes: Mutex<HashMap<ParamId, usize>>,
 }
@@ -112,48 +112,6 @@ fn unknown_id(id: u32, n: usize) -> FfiError {
 #[derive(Debug)]
 pub(crate) struct FfiGuard {
     guard: Mutex<Option<ParamGuard>>,
-}
-
-/// The store's stats as a JSON object.
-pub(crate) fn store_json(s: &FfiStore) -> String {
-    let t = s.store.stats();
-    let p = s.store.pool_stats();
-    json_object([
-        ("params", s.store.len().to_string()),
-        ("hits", t.hits.to_string()),
-        ("misses", t.misses.to_string()),
-        ("loads", t.loads.to_string()),
-        ("prefetches", t.prefetches.to_string()),
-        ("bytes_loaded", t.bytes_loaded.to_string()),
-        ("staged_loads", t.staged_loads.to_string()),
-        ("evictions", t.evictions.to_string()),
-        ("writebacks", t.writebacks.to_string()),
-        ("writeback_bytes", t.writeback_bytes.to_string()),
-        ("checksum_mismatches", t.checksum_mismatches.to_string()),
-        ("sequences_learnt", t.sequences_learnt.to_string()),
-        ("sequences_dropped", t.sequences_dropped.to_string()),
-        ("unplanned_evictions", t.unplanned_evictions.to_string()),
-        ("device_bytes", t.device_bytes.to_string()),
-        ("device_peak_bytes", t.device_peak_bytes.to_string()),
-        ("host_bytes", t.host_bytes.to_string()),
-        ("host_peak_bytes", t.host_peak_bytes.to_string()),
-        ("mapped_bytes", t.mapped_bytes.to_string()),
-        // The device pool under the store: maps and stream synchronisations between
-        // passes mean the host waited for the GPU. Pages moved are unmapped and mapped.
-        (
-            "pool_maps",
-            (p.num_device_alloc + p.num_pages_moved).to_string(),
-        ),
-        (
-            "pool_unmaps",
-            (p.num_device_free + p.num_pages_moved).to_string(),
-        ),
-        ("pool_syncs", p.num_sync_all_streams.to_string()),
-        (
-            "pool_reserved_peak_bytes",
-            p.reserved_bytes.all.peak.to_string(),
-        ),
-    ])
 }
 
 /// Fills `cfg` with the defaults for these budgets: device 0, prefetch depth
