@@ -248,9 +248,11 @@ pub fn parse(
                     _ => Policy::Default,
                 }
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{NAME}={v}: expected default, bind:N, preferred:N, interleave[:N,M], near-gpu:N"
-            )),
+            ))
+            }
         };
     }
     if let Some(v) = get("HETMEM_STATS") {

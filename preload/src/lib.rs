@@ -201,11 +201,13 @@ fn large_alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
         set_errno(libc::ENOMEM);
         return std::ptr::null_mut();
     }
+    // glibc, whatever the small path: its mappings are accounted (mimalloc's
+    // MAP_NORESERVE would "succeed" at any size and fault later).
     let p = match (align, zero) {
-        (0, true) => small_calloc(1, size),
-        (0, false) => small_malloc(size),
+        (0, true) => glibc::calloc(1, size),
+        (0, false) => glibc::malloc(size),
         (a, _) => {
-            let p = small_aligned(a, size);
+            let p = glibc::memalign(a, size);
             if zero && !p.is_null() {
                 // SAFETY: a fresh block of `size` bytes.
                 unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, size) };
@@ -213,6 +215,7 @@ fn large_alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
             p
         }
     };
+    note_small_alloc(p, size);
     if p.is_null() {
         set_errno(libc::ENOMEM);
     }
