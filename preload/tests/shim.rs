@@ -104,7 +104,10 @@ fn stats_at_exit_count_per_node() {
     assert!(v["small"]["calls"].as_u64().unwrap() >= 2, "{v}");
     // To stderr: a few lines.
     let (_, err, ok) = place(&[("HETMEM_STATS", "1")]);
-    assert!(ok && err.contains("large: 0 B live, peak 64.0 MiB"), "{err}");
+    assert!(
+        ok && err.contains("large: 0 B live, peak 64.0 MiB"),
+        "{err}"
+    );
 }
 
 #[test]
