@@ -58,7 +58,7 @@ pub fn allocbench(dir: &Path) -> PathBuf {
 pub fn prepare(dir: &Path, heavy: bool) -> Vec<Prog> {
     std::fs::create_dir_all(dir).expect("scratch directory");
     let mut out = Vec::new();
-    let k = if heavy { 10 } else { 1 };
+    let k = if heavy { 4 } else { 1 };
     let prog = |name: &str, argv: Vec<String>| Prog {
         name: name.to_owned(),
         argv,
@@ -97,7 +97,7 @@ print(hashlib.sha256(s.encode()).hexdigest(), len(d2), len(words), sum(len(b) fo
     }
     if let Some(inc) = option_env!("HETMEM_MIMALLOC_INCLUDE") {
         let src = Path::new(inc).join("../src");
-        let file = if heavy { "static.c" } else { "arena.c" };
+        let file = if heavy { "alloc.c" } else { "arena.c" };
         if src.join(file).is_file() {
             out.push(prog(
                 "gcc",

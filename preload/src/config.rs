@@ -9,6 +9,7 @@
 //! | `HETMEM_PRELOAD_CACHE` | size of freed large blocks kept for reuse (`0`: none) | `64M` |
 //! | `HETMEM_PRELOAD_SMALL` | `glibc` or `mimalloc`: who serves requests under the threshold | `glibc` |
 //! | `HETMEM_PRELOAD_ARENA` | address space reserved for large blocks | `1T` |
+//! | `HETMEM_PRELOAD_COUNT` | `0`: no counters on the small path (the large path always counts) | `1` |
 //! | `HETMEM_STATS` | `1`: counters to stderr at exit; any other value: a file to write them to | off |
 //! | `HETMEM_RECORD` | a file for the binary event record ([`hetmem::record`]) | off |
 //! | `HETMEM_RECORD_ALL` | `1`: record every allocation, not only the large ones | `0` |
@@ -59,6 +60,8 @@ pub struct Config {
     pub huge: bool,
     /// Bytes of freed large blocks kept.
     pub cache: usize,
+    /// Count small allocations.
+    pub count: bool,
     /// The small path.
     pub small: Small,
     /// Address space reserved for large blocks.
@@ -85,6 +88,7 @@ impl Default for Config {
             near_gpu: None,
             huge: true,
             cache: 64 << 20,
+            count: true,
             small: Small::Glibc,
             arena: 1 << 40,
             stats: None,
@@ -191,6 +195,9 @@ pub fn parse(
     }
     if let Some(v) = get("HETMEM_PRELOAD_HUGE") {
         c.huge = parse_bool("HETMEM_PRELOAD_HUGE", &v)?;
+    }
+    if let Some(v) = get("HETMEM_PRELOAD_COUNT") {
+        c.count = parse_bool("HETMEM_PRELOAD_COUNT", &v)?;
     }
     if let Some(v) = get("HETMEM_PRELOAD_SMALL") {
         c.small = match v.trim() {

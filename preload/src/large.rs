@@ -403,48 +403,132 @@ impl Large {
     }
 
     fn alloc(&mut self, size: usize, align: usize, zero: bool) -> Option<usize> {
-        let len = round_up(size.max(1), self.page)?;
-        let a = self.align_for(len, align);
+        let need = round_up(size.max(1), self.page)?;
+        let a = self.align_for(need, align);
         // Best fit among the kept blocks.
         let hit = self
             .cache
             .iter()
             .enumerate()
-            .filter(|(_, &(s, n))| n >= len && s % a == 0)
+            .filter(|(_, &(s, n))| n >= need && s % a == 0)
             .min_by_key(|(_, &(_, n))| n)
             .map(|(i, _)| i);
-        let start = if let Some(i) = hit {
-            let (s, n) = self.cache.swap_remove(i);
+        let (start, len) = if let Some(i) = hit {
+            let (s, mut n) = self.cache.swap_remove(i);
             self.cache_bytes -= n;
-            if n > len {
-                release(self, s + len, n - len);
+            // Keep the whole block unless it is more than twice the request (its pages
+            // are faulted in already); else give the surplus back.
+            if n - need > need {
+                let keep = if self.huge && need >= HUGE {
+                    round_up(need, HUGE)?.min(n)
+                } else {
+                    need
+                };
+                release(self, s + keep, n - keep);
+                n = keep;
             }
             if zero {
-                // SAFETY: `s..s+len` is mapped read-write and now ours alone.
+                // SAFETY: `s..s+n` is mapped read-write and now ours alone.
                 unsafe { std::ptr::write_bytes(s as *mut u8, 0, size) };
             }
             self.stats.cache_hits += 1;
-            s
+            (s, n)
+        } else if let Some(s) = self.grow_cached(need, a, zero, size) {
+            self.stats.cache_hits += 1;
+            (s, need)
         } else {
             drain_cache(self);
-            let s = take_range(self, len, a)?;
-            if !commit(self, s, len) {
-                release(self, s, len);
+            let s = take_range(self, need, a)?;
+            if !commit(self, s, need) {
+                release(self, s, need);
                 return None;
             }
             self.stats.fresh += 1;
-            s
+            (s, need)
         };
-        self.live.insert(
-            start,
-            Block {
-                len,
-                size,
-                align: a,
-            },
-        );
+        self.live.insert(start, Block { len, size, align: a });
         account_alloc(self, size, len);
         Some(start)
+    }
+
+    /// A miss: the largest kept block grown to `need` (its pages reused, only the rest
+    /// faulted in), or `None`.
+    fn grow_cached(&mut self, need: usize, a: usize, zero: bool, size: usize) -> Option<usize> {
+        let (i, &(s, n)) = self
+            .cache
+            .iter()
+            .enumerate()
+            .filter(|(_, &(s, _))| s % a == 0)
+            .max_by_key(|(_, &(_, n))| n)?;
+        self.cache.swap_remove(i);
+        self.cache_bytes -= n;
+        match self.grow(s, n, need, a, n) {
+            Some(p) => {
+                if zero {
+                    // SAFETY: `p..p+need` is mapped read-write and ours alone; the grown
+                    // part is fresh zero pages already.
+                    unsafe { std::ptr::write_bytes(p as *mut u8, 0, n.min(size)) };
+                }
+                Some(p)
+            }
+            None => {
+                self.cache.push((s, n));
+                self.cache_bytes += n;
+                None
+            }
+        }
+    }
+
+    /// Grows the run `p..p+len` to `new_len` (in place where the arena after it is
+    /// free, else moved to a run aligned to `align`, pages moved rather than copied
+    /// where the kernel can, `keep` bytes copied where it cannot): its new start, or
+    /// `None` with the run unchanged.
+    fn grow(&mut self, p: usize, len: usize, new_len: usize, align: usize, keep: usize) -> Option<usize> {
+        let grow = new_len - len;
+        if let Some(&n) = self.free.get(&(p + len)) {
+            if n >= grow {
+                self.free.remove(&(p + len));
+                if n > grow {
+                    self.free.insert(p + new_len, n - grow);
+                }
+                if commit(self, p + len, grow) {
+                    self.stats.realloc_in_place += 1;
+                    return Some(p);
+                }
+                release(self, p + len, grow);
+            }
+        }
+        let new = take_range(self, new_len, align)?;
+        if !commit(self, new + len, grow) {
+            release(self, new, new_len);
+            return None;
+        }
+        // Move the pages (MREMAP_DONTUNMAP leaves the old run mapped, empty, so no
+        // hole opens in the arena), else copy them.
+        // SAFETY: `p..p+len` is our run, `new..new+len` a reserved run of ours; with
+        // MREMAP_FIXED the kernel replaces the target atomically.
+        let moved = unsafe {
+            libc::mremap(
+                p as *mut c_void,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+                new as *mut c_void,
+            )
+        };
+        if moved as usize == new {
+            self.stats.realloc_moved += 1;
+        } else {
+            if !commit(self, new, len) {
+                release(self, new, new_len);
+                return None;
+            }
+            // SAFETY: two distinct runs of ours, each at least `keep` long.
+            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, new as *mut u8, keep) };
+            self.stats.realloc_copied += 1;
+        }
+        release(self, p, len);
+        Some(new)
     }
 
     fn free(&mut self, p: usize) -> Option<Block> {
@@ -489,52 +573,12 @@ impl Large {
             self.stats.realloc_in_place += 1;
             return Some(p);
         }
-        let grow = len - b.len;
-        if let Some(&n) = self.free.get(&(p + b.len)) {
-            if n >= grow {
-                self.free.remove(&(p + b.len));
-                if n > grow {
-                    self.free.insert(p + len, n - grow);
-                }
-                if commit(self, p + b.len, grow) {
-                    self.resize(p, b, size, len);
-                    self.stats.realloc_in_place += 1;
-                    return Some(p);
-                }
-                release(self, p + b.len, grow);
-            }
-        }
         let a = self.align_for(len, b.align);
-        let new = take_range(self, len, a)?;
-        if !commit(self, new + b.len, grow) {
-            release(self, new, len);
-            return None;
+        let new = self.grow(p, b.len, len, a, b.size)?;
+        if new == p {
+            self.resize(p, b, size, len);
+            return Some(p);
         }
-        // Move the pages (MREMAP_DONTUNMAP leaves the old run mapped, empty, so no
-        // hole opens in the arena), else copy them.
-        // SAFETY: `p..p+b.len` is the live block, `new..new+b.len` a reserved run of
-        // ours; with MREMAP_FIXED the kernel replaces the target atomically.
-        let moved = unsafe {
-            libc::mremap(
-                p as *mut c_void,
-                b.len,
-                b.len,
-                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-                new as *mut c_void,
-            )
-        };
-        if moved as usize == new {
-            self.stats.realloc_moved += 1;
-        } else {
-            if !commit(self, new, b.len) {
-                release(self, new, len);
-                return None;
-            }
-            // SAFETY: two distinct live runs of ours, each at least `b.size` long.
-            unsafe { std::ptr::copy_nonoverlapping(p as *const u8, new as *mut u8, b.size) };
-            self.stats.realloc_copied += 1;
-        }
-        release(self, p, b.len);
         self.live.remove(&p);
         account_free(self, b.size, b.len);
         self.live.insert(
@@ -547,6 +591,7 @@ impl Large {
         );
         account_alloc(self, size, len);
         self.stats.nodes[self.node].calls -= 1; // a move, not a new allocation
+        self.stats.nodes[self.node].frees -= 1;
         Some(new)
     }
 

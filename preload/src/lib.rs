@@ -73,39 +73,45 @@ fn say(line: &str) {
 
 #[inline(always)]
 fn small_malloc(size: usize) -> *mut c_void {
-    let p = if MODE.load(Ordering::Relaxed) == MIMALLOC {
+    if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_malloc takes any size.
-        unsafe { mi::mi_malloc(size) }
+        let p = unsafe { mi::mi_malloc(size) };
+        note_small_alloc(p, size, true);
+        p
     } else {
-        glibc::malloc(size)
-    };
-    note_small_alloc(p, size);
-    p
+        let p = glibc::malloc(size);
+        note_small_alloc(p, size, false);
+        p
+    }
 }
 
 #[inline(always)]
 fn small_calloc(n: usize, size: usize) -> *mut c_void {
-    let p = if MODE.load(Ordering::Relaxed) == MIMALLOC {
+    if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_calloc checks the product itself.
-        unsafe { mi::mi_calloc(n, size) }
+        let p = unsafe { mi::mi_calloc(n, size) };
+        note_small_alloc(p, n.wrapping_mul(size), true);
+        p
     } else {
-        glibc::calloc(n, size)
-    };
-    note_small_alloc(p, n.wrapping_mul(size));
-    p
+        let p = glibc::calloc(n, size);
+        note_small_alloc(p, n.wrapping_mul(size), false);
+        p
+    }
 }
 
 /// `align` is a power of two.
 #[inline]
 fn small_aligned(align: usize, size: usize) -> *mut c_void {
-    let p = if MODE.load(Ordering::Relaxed) == MIMALLOC {
+    if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_malloc_aligned takes any power-of-two alignment.
-        unsafe { mi::mi_malloc_aligned(size, align) }
+        let p = unsafe { mi::mi_malloc_aligned(size, align) };
+        note_small_alloc(p, size, true);
+        p
     } else {
-        glibc::memalign(align, size)
-    };
-    note_small_alloc(p, size);
-    p
+        let p = glibc::memalign(align, size);
+        note_small_alloc(p, size, false);
+        p
+    }
 }
 
 /// Whether a small block is mimalloc's (else glibc's).
@@ -150,14 +156,15 @@ unsafe fn small_free(p: *mut c_void) {
     }
 }
 
+/// Counts and records a small allocation; `mi`: it is mimalloc's.
 #[inline(always)]
-fn note_small_alloc(p: *mut c_void, size: usize) {
+fn note_small_alloc(p: *mut c_void, size: usize, mi: bool) {
     let f = FLAGS.load(Ordering::Relaxed);
     if f == 0 || p.is_null() {
         return;
     }
     if f & F_COUNT != 0 {
-        let bytes = if is_mi(p) {
+        let bytes = if mi {
             // SAFETY: `p` is the live mimalloc block just made.
             unsafe { mi::mi_usable_size(p) }
         } else {
@@ -215,7 +222,7 @@ fn large_alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
             p
         }
     };
-    note_small_alloc(p, size);
+    note_small_alloc(p, size, false);
     if p.is_null() {
         set_errno(libc::ENOMEM);
     }
@@ -341,7 +348,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
         if f & F_REC_SMALL != 0 {
             recorder::free(p as usize, 0, false);
         }
-        note_small_alloc(q, size);
+        note_small_alloc(q, size, mi);
     }
     q
 }
@@ -582,7 +589,7 @@ fn start() {
     if let Err(e) = large::init(&cfg) {
         return say(&format!("{e}; running without hetmem"));
     }
-    let mut flags = F_COUNT;
+    let mut flags = if cfg.count { F_COUNT } else { 0 };
     if let Some(path) = &cfg.record {
         if let Err(e) = recorder::init(path, &cfg) {
             say(&format!("HETMEM_RECORD={path}: {e}; not recording"));

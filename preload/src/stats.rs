@@ -1,16 +1,22 @@
-//! Counters: the small path's in sharded atomics (a shard per thread, nearly: picked by
-//! the thread's descriptor address, so threads do not share cache lines), the large
-//! path's exact per node under its lock ([`crate::large::LargeStats`]); printed at exit
+//! Counters: the small path's in per-thread slots of a static array, found by the
+//! thread pointer (hashed; the slot records its owner's thread pointer, and a thread
+//! whose slot is another live thread's uses one shared slot with atomic adds). Only the
+//! owner writes its slot, with plain loads and stores: no locked instruction, no TLS
+//! lookup. A slot outlives its thread, so its counts stay in the totals; a new thread
+//! with the same thread pointer (glibc reuses thread descriptors) carries on in it,
+//! which is right since two live threads never share one. The large path's counters
+//! are exact per node under its lock ([`crate::large::LargeStats`]). Printed at exit
 //! when `HETMEM_STATS` asks.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::large;
 
-const SHARDS: usize = 32;
+const SLOTS: usize = 1024;
 
-#[repr(align(128))]
-struct Shard {
+#[repr(align(64))]
+struct Slot {
+    owner: AtomicUsize,
     allocs: AtomicU64,
     frees: AtomicU64,
     bytes_in: AtomicU64,
@@ -18,37 +24,89 @@ struct Shard {
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
-const SHARD: Shard = Shard {
+const SLOT: Slot = Slot {
+    owner: AtomicUsize::new(0),
     allocs: AtomicU64::new(0),
     frees: AtomicU64::new(0),
     bytes_in: AtomicU64::new(0),
     bytes_out: AtomicU64::new(0),
 };
-static SMALL: [Shard; SHARDS] = [SHARD; SHARDS];
+/// Per-thread slots (`.bss`: pages no thread uses stay untouched), and the shared one.
+static SMALL: [Slot; SLOTS + 1] = [SLOT; SLOTS + 1];
 
-/// This thread's shard.
+/// The calling thread's thread pointer: unique among live threads.
 #[inline(always)]
-fn shard() -> &'static Shard {
-    // SAFETY: pthread_self has no preconditions (it reads the thread pointer).
-    let t = unsafe { libc::pthread_self() } as usize;
-    let i = (t >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 5);
-    &SMALL[i % SHARDS]
+pub fn thread_pointer() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let tp: usize;
+        // SAFETY: reads the word at %fs:0, which glibc's TCB header sets to the TCB's
+        // own address on every thread; no memory of ours is written.
+        unsafe {
+            std::arch::asm!("mov {}, qword ptr fs:[0]", out(reg) tp, options(nostack, readonly, preserves_flags))
+        };
+        tp
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        let tp: usize;
+        // SAFETY: reads the thread pointer register.
+        unsafe {
+            std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem, preserves_flags))
+        };
+        tp
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        // SAFETY: pthread_self has no preconditions.
+        unsafe { libc::pthread_self() as usize }
+    }
+}
+
+/// This thread's slot, and whether it is this thread's alone.
+#[inline(always)]
+fn slot() -> (&'static Slot, bool) {
+    let tp = thread_pointer();
+    let i = (tp >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 10);
+    let s = &SMALL[i % SLOTS];
+    let owner = s.owner.load(Ordering::Relaxed);
+    if owner == tp {
+        return (s, true);
+    }
+    if owner == 0
+        && s.owner
+            .compare_exchange(0, tp, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        return (s, true);
+    }
+    (&SMALL[SLOTS], false)
+}
+
+#[inline(always)]
+fn add(c: &AtomicU64, v: u64, own: bool) {
+    if own {
+        // Only this thread writes its slot: no read-modify-write needed.
+        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+    } else {
+        c.fetch_add(v, Ordering::Relaxed);
+    }
 }
 
 /// Counts a small allocation of `bytes` (its usable size).
 #[inline(always)]
 pub fn small_alloc(bytes: usize) {
-    let s = shard();
-    s.allocs.fetch_add(1, Ordering::Relaxed);
-    s.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
+    let (s, own) = slot();
+    add(&s.allocs, 1, own);
+    add(&s.bytes_in, bytes as u64, own);
 }
 
 /// Counts a small free of `bytes`.
 #[inline(always)]
 pub fn small_free(bytes: usize) {
-    let s = shard();
-    s.frees.fetch_add(1, Ordering::Relaxed);
-    s.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
+    let (s, own) = slot();
+    add(&s.frees, 1, own);
+    add(&s.bytes_out, bytes as u64, own);
 }
 
 /// Totals of the small path: (allocations, frees, bytes live now).
