@@ -267,5 +267,7 @@ pub fn run(cfg: &Config) -> Summary {
         ok: report.ok.load(Ordering::Relaxed),
         bytes_checked: report.bytes_checked.load(Ordering::Relaxed),
         findings: report.findings(),
+        per_call: report.per_call(),
+        extra: report.extra(),
     }
 }

@@ -107,6 +107,19 @@ fn main() -> ExitCode {
             f.example
         );
     }
+    let never: Vec<&String> = s
+        .per_call
+        .iter()
+        .filter(|(_, (ok, _))| *ok == 0)
+        .map(|(k, _)| k)
+        .collect();
+    eprintln!("  calls by function (ok, failed): {:?}", s.per_call);
+    if !never.is_empty() {
+        eprintln!("  never succeeded: {never:?}");
+    }
+    if !s.extra.is_empty() {
+        eprintln!("  tier stores: {:?}", s.extra);
+    }
     if json {
         println!("{v}");
     }

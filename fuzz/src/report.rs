@@ -73,6 +73,10 @@ pub struct Report {
     /// Bytes compared with the model.
     pub bytes_checked: AtomicU64,
     findings: Mutex<BTreeMap<(Kind, String, String), Finding>>,
+    /// Calls by function: (succeeded, failed).
+    per_call: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Other figures of the run (the tier stores' counters).
+    extra: Mutex<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Report {
@@ -123,6 +127,36 @@ impl Report {
         );
     }
 
+    /// Adds a thread's calls by function.
+    pub fn merge_calls(&self, counts: &BTreeMap<&'static str, (u64, u64)>) {
+        let mut m = self.per_call.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, (ok, err)) in counts {
+            let e = m.entry((*k).to_owned()).or_default();
+            e.0 += ok;
+            e.1 += err;
+        }
+    }
+
+    /// Adds `v` to the figure `key` (numbers add up).
+    pub fn add_extra(&self, key: &str, v: u64) {
+        let mut m = self.extra.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = m.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+        m.insert(key.to_owned(), (cur + v).into());
+    }
+
+    /// Calls by function: (succeeded, failed).
+    pub fn per_call(&self) -> BTreeMap<String, (u64, u64)> {
+        self.per_call
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The other figures.
+    pub fn extra(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.extra.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Every finding so far.
     pub fn findings(&self) -> Vec<Finding> {
         let f = self.findings.lock().unwrap_or_else(|e| e.into_inner());
@@ -151,6 +185,10 @@ pub struct Summary {
     pub bytes_checked: u64,
     /// Everything found.
     pub findings: Vec<Finding>,
+    /// C functions called: (succeeded, failed).
+    pub per_call: BTreeMap<String, (u64, u64)>,
+    /// Other figures (the tier leg's store counters).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Summary {
@@ -202,6 +240,8 @@ impl Summary {
             "contract": self.count(Kind::Contract),
             "new_findings": self.new_findings().len(),
             "findings": findings,
+            "per_call": self.per_call.iter().map(|(k, (ok, err))| (k.clone(), serde_json::json!([ok, err]))).collect::<serde_json::Map<_, _>>(),
+            "tier": self.extra,
         })
     }
 }

@@ -474,6 +474,19 @@ pub fn teardown(w: &World) {
             }
         }
         let stats = st.store.stats();
+        for (k, v) in [
+            ("loads", stats.loads),
+            ("hits", stats.hits),
+            ("misses", stats.misses),
+            ("prefetches", stats.prefetches),
+            ("staged_loads", stats.staged_loads),
+            ("evictions", stats.evictions),
+            ("writebacks", stats.writebacks),
+            ("sequences_learnt", stats.sequences_learnt),
+            ("sequences_dropped", stats.sequences_dropped),
+        ] {
+            w.report.add_extra(k, v);
+        }
         if stats.checksum_mismatches > 0 {
             th.find(Kind::WrongBytes, "stats", "checksum mismatches", || {
                 format!("{}: {stats:?}", st.label)

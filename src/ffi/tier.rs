@@ -207,13 +207,14 @@ pub unsafe extern "C" fn hetmem_store_create(
     out: *mut *mut HetmemStore,
 ) -> c_int {
     guard("hetmem_store_create", || {
+        // Cleared before anything can fail, the handle's look-up included.
+        let out = out_ptr(out, "out")?;
+        // SAFETY: checked non-null; valid by the caller's contract.
+        unsafe { write_out(out, std::ptr::null_mut()) };
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if cfg.is_null() {
             return Err(FfiError::null("cfg"));
         }
-        let out = out_ptr(out, "out")?;
-        // SAFETY: checked non-null; valid by the caller's contract.
-        unsafe { write_out(out, std::ptr::null_mut()) };
         // SAFETY: non-null and valid for a read by the caller's contract.
         let c = unsafe { cfg.read() };
         let sequence = match c.sequence {
@@ -641,7 +642,7 @@ unsafe fn acquire(
     device_ptr: *mut *mut c_void,
 ) -> c_int {
     guard(name, || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -649,6 +650,7 @@ unsafe fn acquire(
             // SAFETY: non-null and valid by the caller's contract.
             unsafe { write_out(device_ptr, std::ptr::null_mut()) };
         }
+        let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         let (stream, wait) = if stream.is_null() {
             (s.store.copy_stream().clone(), true)

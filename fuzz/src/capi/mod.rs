@@ -338,6 +338,8 @@ pub(crate) struct Thread<'w> {
     pub(crate) w: &'w World,
     pub(crate) t: usize,
     pub(crate) rng: Rng,
+    /// Calls by function: (succeeded, failed), added to the report at the end.
+    pub(crate) counts: std::cell::RefCell<BTreeMap<&'static str, (u64, u64)>>,
 }
 
 impl Thread<'_> {
@@ -352,6 +354,15 @@ impl Thread<'_> {
     ) -> bool {
         let w = self.w;
         w.report.call(e.bad(), rc == HETMEM_OK);
+        {
+            let mut c = self.counts.borrow_mut();
+            let n = c.entry(call).or_default();
+            if rc == HETMEM_OK {
+                n.0 += 1;
+            } else {
+                n.1 += 1;
+            }
+        }
         let msg = last_error();
         let name = |c: c_int| w.docs.name(c);
         let example = || {
@@ -558,6 +569,7 @@ pub fn worker(w: &World, t: usize, seed: u64, stop: &Stop, progress: &Progress) 
         w,
         t,
         rng: Rng::new(seed, t as u64),
+        counts: Default::default(),
     };
     let mut done = 0u64;
     while !stop.now(done) {
@@ -566,6 +578,7 @@ pub fn worker(w: &World, t: usize, seed: u64, stop: &Stop, progress: &Progress) 
         done += 1;
     }
     th.release_some(usize::MAX);
+    w.report.merge_calls(&th.counts.borrow());
 }
 
 impl Thread<'_> {
@@ -655,6 +668,7 @@ pub fn teardown(w: &World, seed: u64) {
         w,
         t: usize::MAX,
         rng: Rng::new(seed, u64::MAX),
+        counts: Default::default(),
     };
     th.release_some(usize::MAX);
     for slot in 0..STORE_SLOTS {
@@ -668,5 +682,6 @@ pub fn teardown(w: &World, seed: u64) {
         th.destroy_manager(slot);
     }
     th.torch_teardown();
+    w.report.merge_calls(&th.counts.borrow());
     let _ = std::fs::remove_dir_all(&w.dir);
 }
