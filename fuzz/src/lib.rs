@@ -84,6 +84,8 @@ pub struct Config {
     /// Also make the inputs that trigger issue 15's known defects (the tier store's
     /// unbounded ring and thread count, zero-element tensors).
     pub known_defects: bool,
+    /// Print nothing while running (findings are in the summary).
+    pub quiet: bool,
 }
 
 impl Config {
@@ -97,17 +99,21 @@ impl Config {
             duration: None,
             hang_after: Duration::from_secs(120),
             known_defects: false,
+            quiet: false,
         }
     }
 }
 
 /// Sets the environment the fuzzer expects: the simulator with two devices of 1 GiB
-/// for every manager (and PyTorch's entry points), quiet logs. Call it before any
-/// thread starts (the environment is not safe to change beside other threads).
+/// for every manager (and PyTorch's entry points), and no HIP runtime (a machine with
+/// ROCm's library installed but no GPU would otherwise load it for "rocm", and its
+/// failed initialisation leaks, which LeakSanitizer reports). Call it before any thread
+/// starts (the environment is not safe to change beside other threads).
 pub fn set_environment() {
     std::env::set_var("HETMEM_BACKEND", "sim");
     std::env::set_var("HETMEM_SIM_DEVICES", "2");
     std::env::set_var("HETMEM_SIM_MEMORY", "1G");
+    std::env::set_var("HETMEM_HIP_LIBRARY", "/nonexistent/libamdhip64.so");
 }
 
 /// What each worker is doing, for the watchdog.
@@ -164,6 +170,7 @@ impl Stop {
 pub fn run(cfg: &Config) -> Summary {
     let start = Instant::now();
     let report = Arc::new(Report::default());
+    report.quiet.store(cfg.quiet, Ordering::Relaxed);
     let threads = cfg.threads.max(1);
     let (capi_threads, tier_threads) = match cfg.legs {
         Legs::Capi => (threads, 0),

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! hetmem-fuzz [--seed N] [--threads N] [--seconds S | --ops N] [--legs capi|tier|both]
-//!             [--hang-after S] [--known-defects] [--json]
+//!             [--hang-after S] [--known-defects] [--quiet] [--json]
 //! ```
 //!
 //! The last line with `--json` is one JSON object: `seed`, `threads`, `seconds`,
@@ -20,7 +20,7 @@ use hetmem_fuzz::{run, set_environment, Config, Legs};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: hetmem-fuzz [--seed N] [--threads N] [--seconds S | --ops N] \
-         [--legs capi|tier|both] [--hang-after S] [--known-defects] [--json]"
+         [--legs capi|tier|both] [--hang-after S] [--known-defects] [--quiet] [--json]"
     );
     ExitCode::from(2)
 }
@@ -67,6 +67,7 @@ fn main() -> ExitCode {
                 Err(_) => return usage(),
             },
             "--known-defects" => cfg.known_defects = true,
+            "--quiet" => cfg.quiet = true,
             "--json" => json = true,
             _ => return usage(),
         }

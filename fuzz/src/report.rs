@@ -1,7 +1,7 @@
 //! Counters and findings of a run, and its JSON summary.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// What kind of fault a finding is.
@@ -72,6 +72,8 @@ pub struct Report {
     pub ok: AtomicU64,
     /// Bytes compared with the model.
     pub bytes_checked: AtomicU64,
+    /// Print nothing as findings come (they are in the summary).
+    pub quiet: AtomicBool,
     findings: Mutex<BTreeMap<(Kind, String, String), Finding>>,
     /// Calls by function: (succeeded, failed).
     per_call: Mutex<BTreeMap<String, (u64, u64)>>,
@@ -107,7 +109,7 @@ impl Report {
             return;
         }
         let example = example();
-        if std::env::var_os("HETMEM_FUZZ_QUIET").is_none() {
+        if !self.quiet.load(Ordering::Relaxed) {
             eprintln!(
                 "finding: {} in {call} [{key}]{}: {example}",
                 kind.name(),

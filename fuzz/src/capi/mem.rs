@@ -1014,13 +1014,17 @@ impl<'w> Thread<'w> {
             }
             HostSide::Other(b, off) => {
                 let d = l.get(b);
-                let data = d.bytes.get(*off..off + n).map(|s| s.to_vec());
+                let data = d.bytes.get(*off..off.saturating_add(n)).map(|s| s.to_vec());
                 (addr_ptr(b.addr + *off as u64).cast_const(), data)
             }
             HostSide::Mine(a) => {
                 a.range_faults(n, &mut e);
                 let data = match &a.at {
-                    At::In(b, off) => l.get(b).bytes.get(*off..off + n).map(|s| s.to_vec()),
+                    At::In(b, off) => l
+                        .get(b)
+                        .bytes
+                        .get(*off..off.saturating_add(n))
+                        .map(|s| s.to_vec()),
                     _ => None,
                 };
                 (a.ptr().cast_const(), data)
@@ -1176,7 +1180,9 @@ impl<'w> Thread<'w> {
                 true,
                 Some(want),
             ) => {
-                l.get(b).bytes[*off..off + n].copy_from_slice(&want);
+                if let Some(d) = l.get(b).bytes.get_mut(*off..off.saturating_add(n)) {
+                    d.copy_from_slice(&want);
+                }
             }
             _ => {}
         }
@@ -1474,8 +1480,13 @@ impl<'w> Thread<'w> {
         } else {
             needed + self.rng.index(16)
         };
-        if short {
+        if short && params.is_none() {
             e.fault("buffer one byte short", HETMEM_ERR_BUFFER_TOO_SMALL);
+        }
+        if params.is_some() {
+            // The store's counters move under other threads' calls: the text may have
+            // grown since the first call.
+            e.env(HETMEM_ERR_BUFFER_TOO_SMALL);
         }
         let mut buf = vec![0u8; cap];
         let np: *mut usize = if self.rng.chance(30) {
@@ -1494,6 +1505,11 @@ impl<'w> Thread<'w> {
             )
         };
         if !self.check("hetmem_stats_json", rc, &e, &|| format!("cap {cap}")) || short {
+            if rc == HETMEM_ERR_BUFFER_TOO_SMALL && !np.is_null() && needed <= cap && !short {
+                self.contract("hetmem_stats_json", "too small, but needed fits", || {
+                    format!("cap {cap}, needed {needed}")
+                });
+            }
             return;
         }
         let text = CStr::from_bytes_until_nul(&buf)

@@ -486,7 +486,8 @@ impl Thread<'_> {
                 });
             }
             n
-        } else if zero && !gp.is_null() && got <= n {
+        } else if zero && rc == HETMEM_ERR_INVALID_SIZE && !gp.is_null() && got <= n {
+            // Refused at the empty tensor: those before it are registered.
             got
         } else {
             0
