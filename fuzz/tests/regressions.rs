@@ -57,10 +57,8 @@ fn a_call_that_fails_on_its_handle_clears_its_out_pointers() {
 
         let mut cfg = std::mem::MaybeUninit::<HetmemStoreConfig>::uninit();
         // SAFETY: `cfg` is valid for a write.
-        assert_eq!(
-            unsafe { hetmem_store_config_init(cfg.as_mut_ptr(), 1 << 20, 32 << 20) },
-            HETMEM_OK
-        );
+        let rc = unsafe { hetmem_store_config_init(cfg.as_mut_ptr(), 1 << 20, 32 << 20) };
+        assert_eq!(rc, HETMEM_OK);
         let mut st: *mut HetmemStore = poison();
         // SAFETY: as above; `cfg` is initialised.
         let rc = unsafe { hetmem_store_create(m, cfg.as_ptr(), &mut st) };
