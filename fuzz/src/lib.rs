@@ -2,8 +2,8 @@
 //! C ABI (`include/hetmem.h`) and over the tier store's Rust API, with valid and
 //! invalid arguments mixed, checked against a shadow model.
 //!
-//! - [`capi`]: managers (several simulated ones and a host-only one at once), buffers
-//!   of every placement, copies, streams, prefetch and advice, stats, the tier store
+//! - `capi`, the C ABI leg: managers (several simulated ones and a host-only one at
+//!   once), buffers of every placement, copies, streams, prefetch and advice, stats, the tier store
 //!   through `hetmem_store_*`, and PyTorch's allocator entry points. Dead, forged, NULL
 //!   and wrong-kind handles; NULL, dead, forged and interior addresses and those of
 //!   another manager; sizes of 0, past the end, `SIZE_MAX`; streams of another manager
@@ -12,8 +12,8 @@
 //!   checks every byte read back; every status against the codes the arguments call for
 //!   and the codes the header documents for that call ([`header`]); out-handles set to
 //!   NULL on failure; the last error message.
-//! - [`tier`]: tier stores with budgets far below their parameters, checksums on,
-//!   threads that acquire, write through the guard, mark dirty, release, and give every
+//! - `tier`, the tier store leg: tier stores with budgets far below their parameters,
+//!   checksums on, threads that acquire, write through the guard, mark dirty, release, and give every
 //!   hint; each acquire's bytes are compared with the model, and every byte at the end.
 //!
 //! The engine is a seeded random driver ([`Config::seed`]): one generator per thread,
