@@ -119,7 +119,7 @@ fn main() -> ExitCode {
         eprintln!("  never succeeded: {never:?}");
     }
     if !s.extra.is_empty() {
-        eprintln!("  tier stores: {:?}", s.extra);
+        eprintln!("  figures: {:?}", s.extra);
     }
     if json {
         println!("{v}");

@@ -28,6 +28,12 @@ pub(crate) enum MgrLock<'a> {
     W(#[allow(dead_code)] RwLockWriteGuard<'a, ()>),
 }
 
+/// Manager slots' locks, held: the `raw` ones first (see the module docs).
+pub(crate) struct MgrLocks<'a> {
+    _raw: Vec<RwLockReadGuard<'a, ()>>,
+    _life: Vec<MgrLock<'a>>,
+}
+
 /// The live buffers a call uses, locked in address order.
 pub(crate) struct Locked<'a> {
     items: Vec<(*const Buf, MutexGuard<'a, BufData>)>,
@@ -199,7 +205,25 @@ fn nodes() -> usize {
 
 impl<'w> Thread<'w> {
     /// Locks manager slots in slot order (write wins over read for a slot).
-    pub(crate) fn lock_mgrs(&self, want: &[(usize, bool)]) -> Vec<MgrLock<'w>> {
+    pub(crate) fn lock_mgrs(&self, want: &[(usize, bool)]) -> MgrLocks<'w> {
+        self.lock_mgrs_raw(want, &[])
+    }
+
+    /// Locks the `raw` locks of `raw` shared (the calls touch those managers' memory
+    /// themselves), then the slots as [`Thread::lock_mgrs`] does.
+    pub(crate) fn lock_mgrs_raw(&self, want: &[(usize, bool)], raw: &[usize]) -> MgrLocks<'w> {
+        let w: &'w super::World = self.w;
+        let mut r = raw.to_vec();
+        r.sort_unstable();
+        r.dedup();
+        let raw = r.into_iter().map(|s| read(&w.mgrs[s].raw)).collect();
+        MgrLocks {
+            _raw: raw,
+            _life: self.lock_life(want),
+        }
+    }
+
+    fn lock_life(&self, want: &[(usize, bool)]) -> Vec<MgrLock<'w>> {
         let w: &'w super::World = self.w;
         let mut v: Vec<(usize, bool)> = Vec::new();
         for &(s, wr) in want {
@@ -221,8 +245,13 @@ impl<'w> Thread<'w> {
             .collect()
     }
 
+    /// The live manager of a slot (the operation uses it: see `Thread::uses`).
     pub(crate) fn info(&self, slot: usize) -> Option<Arc<MgrInfo>> {
-        lock(&self.w.mgrs[slot].st).info.clone()
+        let i = lock(&self.w.mgrs[slot].st).info.clone();
+        if let Some(i) = &i {
+            self.uses(&i.dying);
+        }
+        i
     }
 
     /// A manager slot to use (a simulator's mostly), made live if it is empty.
@@ -262,6 +291,7 @@ impl<'w> Thread<'w> {
             let s = &w.streams[slot];
             let g = read(&s.life);
             if let Some(i) = lock(&s.st).clone() {
+                self.uses(&i.dying);
                 return StreamArg::Live(i, g);
             }
             return StreamArg::None;
@@ -291,7 +321,8 @@ impl<'w> Thread<'w> {
     pub(crate) fn op_manager_lifecycle(&mut self) {
         let slot = self.rng.index(MGR_SLOTS);
         match self.rng.below(10) {
-            0..=2 if self.info(slot).is_some() => self.destroy_manager(slot),
+            0 if self.info(slot).is_some() => self.destroy_manager_racing(slot),
+            1 | 2 if self.info(slot).is_some() => self.destroy_manager(slot),
             0..=2 => self.create_manager(slot),
             _ => self.create_bad_manager(),
         }
@@ -367,6 +398,7 @@ impl<'w> Thread<'w> {
             sim: slot < SIM_SLOTS,
             devices,
             totals,
+            dying: Default::default(),
         }));
     }
 
@@ -417,10 +449,14 @@ impl<'w> Thread<'w> {
     /// Checks every buffer of the manager, then destroys it.
     pub(crate) fn destroy_manager(&mut self, slot: usize) {
         let s = &self.w.mgrs[slot];
+        let _r = write(&s.raw);
         let _l = write(&s.life);
         let Some(info) = self.info(slot) else {
             return;
         };
+        if info.dying.swap(true, Ordering::SeqCst) {
+            return; // a racing destroy has it
+        }
         let bufs: Vec<Arc<Buf>> = lock(&s.st).bufs.values().cloned().collect();
         for b in &bufs {
             self.verify(&info, b);
@@ -430,11 +466,7 @@ impl<'w> Thread<'w> {
         self.check("hetmem_manager_destroy", rc, &Expect::ok(), &|| {
             format!("{:#x}", info.handle)
         });
-        for b in &bufs {
-            lock(&b.data).alive = false;
-        }
-        *lock(&s.st) = MgrState::default();
-        remember(&mut lock(&self.w.dead).mgrs, info.handle);
+        self.forget_manager(slot, &info);
         // The handle is dead now: one call shows it.
         let mut count = 0;
         // SAFETY: any handle value may be passed; `count` is valid.
@@ -444,6 +476,40 @@ impl<'w> Thread<'w> {
         self.check("hetmem_device_count", rc, &e, &|| {
             "destroyed manager".into()
         });
+    }
+
+    /// The model's side of a destroy (the slot's `life` lock held exclusively).
+    fn forget_manager(&self, slot: usize, info: &MgrInfo) {
+        let s = &self.w.mgrs[slot];
+        let bufs: Vec<Arc<Buf>> = lock(&s.st).bufs.values().cloned().collect();
+        for b in &bufs {
+            lock(&b.data).alive = false;
+        }
+        *lock(&s.st) = MgrState::default();
+        remember(&mut lock(&self.w.dead).mgrs, info.handle);
+    }
+
+    /// Destroys the manager while other threads may be using it: their calls either
+    /// complete (the model follows) or find the handle gone. Only calls that touch its
+    /// memory themselves wait (the `raw` lock).
+    fn destroy_manager_racing(&mut self, slot: usize) {
+        let s = &self.w.mgrs[slot];
+        let _r = write(&s.raw);
+        let Some(info) = self.info(slot) else {
+            return;
+        };
+        if info.dying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: a live handle (no one else destroys it: the flag).
+        let rc = unsafe { hetmem_manager_destroy(mh(info.handle)) };
+        self.check("hetmem_manager_destroy", rc, &Expect::ok(), &|| {
+            format!("{:#x}, racing its users", info.handle)
+        });
+        self.w.report.add_extra("racing_destroys", 1);
+        // Every call that was under way has ended once the lock is ours.
+        let _l = write(&s.life);
+        self.forget_manager(slot, &info);
     }
 
     pub(crate) fn op_manager_queries(&mut self) {
@@ -480,7 +546,7 @@ impl<'w> Thread<'w> {
                 // SAFETY: a live handle.
                 let b = unsafe { hetmem_manager_backend(mh(h)) };
                 self.w.report.call(false, !b.is_null());
-                if b.is_null() {
+                if b.is_null() && !info.dying.load(Ordering::SeqCst) {
                     self.contract(
                         "hetmem_manager_backend",
                         "NULL for a live handle",
@@ -540,7 +606,8 @@ impl<'w> Thread<'w> {
 
     pub(crate) fn op_alloc(&mut self) {
         let slot = self.pick_mgr();
-        let _l = self.lock_mgrs(&[(slot, false)]);
+        // The new buffer is read directly too.
+        let _l = self.lock_mgrs_raw(&[(slot, false)], &[slot]);
         let Some(info) = self.info(slot) else {
             return;
         };
@@ -942,7 +1009,10 @@ impl<'w> Thread<'w> {
         };
         let mut want = vec![(slot, false)];
         want.extend(other.map(|o| (o, false)));
-        let _l = self.lock_mgrs(&want);
+        // Another manager's host memory is caller memory here: kept from a racing
+        // destroy.
+        let raw: Vec<usize> = other.into_iter().collect();
+        let _l = self.lock_mgrs_raw(&want, &raw);
         let Some(info) = self.info(slot) else {
             return;
         };
@@ -1053,7 +1123,10 @@ impl<'w> Thread<'w> {
         };
         let mut want = vec![(slot, false)];
         want.extend(other.map(|o| (o, false)));
-        let _l = self.lock_mgrs(&want);
+        // Another manager's host memory is caller memory here: kept from a racing
+        // destroy.
+        let raw: Vec<usize> = other.into_iter().collect();
+        let _l = self.lock_mgrs_raw(&want, &raw);
         let Some(info) = self.info(slot) else {
             return;
         };
@@ -1191,7 +1264,7 @@ impl<'w> Thread<'w> {
     /// Reads or writes host-visible memory directly, as a C program does.
     pub(crate) fn op_direct(&mut self) {
         let slot = self.pick_mgr();
-        let _l = self.lock_mgrs(&[(slot, false)]);
+        let _l = self.lock_mgrs_raw(&[(slot, false)], &[slot]);
         let Some(info) = self.info(slot) else {
             return;
         };
@@ -1450,7 +1523,10 @@ impl<'w> Thread<'w> {
                 (h, None, e)
             }
             _ => match lock(&ss.st).as_ref() {
-                Some(s) => (s.handle, Some(s.params.len()), Expect::ok()),
+                Some(s) => {
+                    self.uses(&s.dying);
+                    (s.handle, Some(s.params.len()), Expect::ok())
+                }
                 None => (0, None, Expect::ok()),
             },
         };
@@ -1467,7 +1543,8 @@ impl<'w> Thread<'w> {
                 &mut needed,
             )
         };
-        if !self.check("hetmem_stats_json", rc, &e0, &|| "no buffer".into()) && !e.ok {
+        self.check("hetmem_stats_json", rc, &e0, &|| "no buffer".into());
+        if rc != HETMEM_ERR_BUFFER_TOO_SMALL {
             return;
         }
         if needed == 0 {

@@ -16,6 +16,15 @@
 //! Handles are never reused by hetmem, so a dead handle is always dead and needs no
 //! lock; nor does a handle of the wrong kind.
 //!
+//! Racing destroys: the header promises that a handle destroyed on one thread while
+//! another uses it stays valid for that use. So a manager, stream or store is also
+//! destroyed without its `life` lock, its `dying` flag set first: calls that use it
+//! meanwhile may succeed (the model follows them) or find the handle gone
+//! (`INVALID_HANDLE`, accepted for a call that used a dying object). Only the caller's
+//! own use of the memory (reading a host buffer directly, passing a stream's raw value)
+//! is kept apart from it, by the slot's `raw` lock, since using freed memory would be
+//! the caller's bug, not hetmem's.
+//!
 //! Queued copies: the simulator does a queued copy's work when it is queued (its
 //! clock says when it would have happened), and the model takes the bytes as moved
 //! then. On a GPU a read would first have to synchronise the stream.
@@ -102,6 +111,8 @@ pub(crate) struct MgrInfo {
     pub(crate) sim: bool,
     pub(crate) devices: usize,
     pub(crate) totals: Vec<usize>,
+    /// Set once a destroy is under way (see the module docs).
+    pub(crate) dying: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -129,6 +140,9 @@ impl MgrState {
 
 pub(crate) struct MgrSlot {
     pub(crate) life: RwLock<()>,
+    /// Held by calls that touch the manager's memory themselves (as a C program
+    /// would), exclusively by a racing destroy.
+    pub(crate) raw: RwLock<()>,
     pub(crate) st: Mutex<MgrState>,
 }
 
@@ -142,10 +156,14 @@ pub(crate) struct StreamInfo {
     /// The value hetmem_stream_raw must report (for wrapped streams: the value wrapped;
     /// 0 for made ones, whose value only the library knows).
     pub(crate) raw: Option<usize>,
+    pub(crate) dying: Arc<AtomicBool>,
 }
 
 pub(crate) struct StreamSlot {
     pub(crate) life: RwLock<()>,
+    /// Held while the stream's raw value is in use (wrapped), exclusively by a racing
+    /// destroy.
+    pub(crate) raw: RwLock<()>,
     pub(crate) st: Mutex<Option<StreamInfo>>,
 }
 
@@ -165,6 +183,7 @@ pub(crate) struct StoreInfo {
     pub(crate) device: usize,
     pub(crate) device_budget: usize,
     pub(crate) params: Vec<Param>,
+    pub(crate) dying: Arc<AtomicBool>,
 }
 
 pub(crate) struct StoreSlot {
@@ -230,12 +249,14 @@ impl World {
             mgrs: (0..MGR_SLOTS)
                 .map(|_| MgrSlot {
                     life: RwLock::new(()),
+                    raw: RwLock::new(()),
                     st: Mutex::new(MgrState::default()),
                 })
                 .collect(),
             streams: (0..STREAM_SLOTS)
                 .map(|_| StreamSlot {
                     life: RwLock::new(()),
+                    raw: RwLock::new(()),
                     st: Mutex::new(None),
                 })
                 .collect(),
@@ -340,6 +361,8 @@ pub(crate) struct Thread<'w> {
     pub(crate) rng: Rng,
     /// Calls by function: (succeeded, failed), added to the report at the end.
     pub(crate) counts: std::cell::RefCell<BTreeMap<&'static str, (u64, u64)>>,
+    /// The `dying` flags of the objects the current operation uses.
+    pub(crate) used: std::cell::RefCell<Vec<Arc<AtomicBool>>>,
 }
 
 impl Thread<'_> {
@@ -381,6 +404,12 @@ impl Thread<'_> {
             let k = known(kind, call, &key);
             w.report.find(kind, call, &key, k, example);
         };
+        // A handle destroyed by another thread during the call (see the module docs).
+        let raced = rc == HETMEM_ERR_INVALID_HANDLE
+            && self.used.borrow().iter().any(|d| d.load(Ordering::SeqCst));
+        if raced {
+            w.report.add_extra("raced_destroys_seen", 1);
+        }
         if rc == HETMEM_ERR_PANIC {
             find(Kind::Panic, String::new());
         } else if rc != HETMEM_OK && !w.docs.documents(call, rc) {
@@ -388,7 +417,7 @@ impl Thread<'_> {
         }
         if rc == HETMEM_OK && !e.ok {
             find(Kind::AcceptedBadInput, e.key());
-        } else if rc != HETMEM_OK && rc != HETMEM_ERR_PANIC && !e.errs.contains(&rc) {
+        } else if rc != HETMEM_OK && rc != HETMEM_ERR_PANIC && !e.errs.contains(&rc) && !raced {
             find(Kind::WrongStatus, format!("{}: {}", e.key(), name(rc)));
         }
         if rc == HETMEM_OK && !msg.is_empty() {
@@ -397,6 +426,11 @@ impl Thread<'_> {
             find(Kind::Contract, "last error does not name the call".into());
         }
         rc == HETMEM_OK
+    }
+
+    /// Notes that the current operation uses an object that may be destroyed under it.
+    pub(crate) fn uses(&self, dying: &Arc<AtomicBool>) {
+        self.used.borrow_mut().push(dying.clone());
     }
 
     /// Records a contract finding.
@@ -570,6 +604,7 @@ pub fn worker(w: &World, t: usize, seed: u64, stop: &Stop, progress: &Progress) 
         t,
         rng: Rng::new(seed, t as u64),
         counts: Default::default(),
+        used: Default::default(),
     };
     let mut done = 0u64;
     while !stop.now(done) {
@@ -608,6 +643,7 @@ impl Thread<'_> {
             _ => ("misc", Self::op_misc),
         };
         progress.enter(self.t, op.0);
+        self.used.borrow_mut().clear();
         (op.1)(self);
     }
 
@@ -669,6 +705,7 @@ pub fn teardown(w: &World, seed: u64) {
         t: usize::MAX,
         rng: Rng::new(seed, u64::MAX),
         counts: Default::default(),
+        used: Default::default(),
     };
     th.release_some(usize::MAX);
     for slot in 0..STORE_SLOTS {

@@ -7,6 +7,11 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// A store handle destroyed.
+struct DeadStore {
+    handle: usize,
+}
+
 use hetmem::ffi::tier::*;
 use hetmem::ffi::*;
 
@@ -38,15 +43,19 @@ impl Thread<'_> {
             device: info.device,
             device_budget: info.device_budget,
             params: info.params.clone(),
+            dying: info.dying.clone(),
         };
         drop(st);
+        self.uses(&snap.dying);
         Some(f(self, slot, &snap))
     }
 
     pub(crate) fn op_store_lifecycle(&mut self) {
         let slot = self.rng.index(STORE_SLOTS);
         let live = lock(&self.w.stores[slot].st).is_some();
-        if live && self.rng.chance(25) {
+        if live && self.rng.chance(10) {
+            self.destroy_store_racing(slot);
+        } else if live && self.rng.chance(20) {
             self.verify_store(slot);
             self.destroy_store(slot);
         } else if !live || self.rng.chance(30) {
@@ -205,6 +214,7 @@ impl Thread<'_> {
             device: c.device as usize,
             device_budget: c.device_budget,
             params: Vec::new(),
+            dying: Default::default(),
         };
         if keep {
             *lock(&ss.st) = Some(s);
@@ -221,9 +231,14 @@ impl Thread<'_> {
     pub(crate) fn destroy_store(&mut self, slot: usize) {
         let ss = &self.w.stores[slot];
         let _sl = write(&ss.life);
-        let Some(s) = lock(&ss.st).take() else {
+        let Some((h, dying)) = lock(&ss.st).as_ref().map(|s| (s.handle, s.dying.clone())) else {
             return;
         };
+        if dying.swap(true, Ordering::SeqCst) {
+            return; // a racing destroy has it
+        }
+        lock(&ss.st).take();
+        let s = DeadStore { handle: h };
         // SAFETY: a live store handle.
         let rc = unsafe { hetmem_store_destroy(th(s.handle)) };
         self.check("hetmem_store_destroy", rc, &Expect::ok(), &|| {
@@ -240,13 +255,38 @@ impl Thread<'_> {
         });
     }
 
+    /// Destroys the store in a slot while other threads may be using it (see the
+    /// module docs of `capi`); its guards stay usable.
+    fn destroy_store_racing(&mut self, slot: usize) {
+        let ss = &self.w.stores[slot];
+        let Some((h, dying)) = lock(&ss.st).as_ref().map(|s| (s.handle, s.dying.clone())) else {
+            return;
+        };
+        if dying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: a live store handle (no one else destroys it: the flag).
+        let rc = unsafe { hetmem_store_destroy(th(h)) };
+        self.check("hetmem_store_destroy", rc, &Expect::ok(), &|| {
+            format!("{h:#x}, racing its users")
+        });
+        self.w.report.add_extra("racing_destroys", 1);
+        let _sl = write(&ss.life);
+        lock(&ss.st).take();
+        remember(&mut lock(&self.w.dead).stores, h);
+    }
+
     /// Reads every parameter of the store in a slot back.
     pub(crate) fn verify_store(&mut self, slot: usize) {
         let ss = &self.w.stores[slot];
         let _sl = read(&ss.life);
-        let Some((h, params)) = lock(&ss.st).as_ref().map(|s| (s.handle, s.params.clone())) else {
+        let Some((h, params, dying)) = lock(&ss.st)
+            .as_ref()
+            .map(|s| (s.handle, s.params.clone(), s.dying.clone()))
+        else {
             return;
         };
+        self.uses(&dying);
         for (id, p) in params.iter().enumerate() {
             self.read_param(h, id as u32, p);
         }
@@ -270,10 +310,10 @@ impl Thread<'_> {
         match self.rng.below(10) {
             0..=5 => {
                 let _sl = write(&ss.life);
-                let Some(s) = lock(&ss.st)
-                    .as_ref()
-                    .map(|s| (s.handle, s.device_budget, s.params.len(), s.params.clone()))
-                else {
+                let Some(s) = lock(&ss.st).as_ref().map(|s| {
+                    self.uses(&s.dying);
+                    (s.handle, s.device_budget, s.params.len(), s.params.clone())
+                }) else {
                     return;
                 };
                 if s.2 >= MAX_PARAMS {
@@ -283,10 +323,10 @@ impl Thread<'_> {
             }
             6 => {
                 let _sl = write(&ss.life);
-                let Some(s) = lock(&ss.st)
-                    .as_ref()
-                    .map(|s| (s.handle, s.device_budget, s.params.len()))
-                else {
+                let Some(s) = lock(&ss.st).as_ref().map(|s| {
+                    self.uses(&s.dying);
+                    (s.handle, s.device_budget, s.params.len())
+                }) else {
                     return;
                 };
                 if s.2 >= MAX_PARAMS {
@@ -723,9 +763,11 @@ impl Thread<'_> {
             device: s.device,
             device_budget: s.device_budget,
             params: s.params.clone(),
+            dying: s.dying.clone(),
         }) else {
             return;
         };
+        self.uses(&s.dying);
         if ss.guards.load(Ordering::Relaxed) >= MAX_GUARDS {
             drop(_sl);
             drop(_ml);
@@ -898,10 +940,12 @@ impl Thread<'_> {
                 // Dirty, unchanged (nothing in the C ABI writes it): the same bytes.
                 let ss = &self.w.stores[g.store_slot];
                 let _sl = read(&ss.life);
-                if lock(&ss.st)
+                let same = lock(&ss.st)
                     .as_ref()
-                    .is_some_and(|s| s.handle == g.store_handle)
-                {
+                    .filter(|s| s.handle == g.store_handle)
+                    .map(|s| s.dying.clone());
+                if let Some(dying) = same {
+                    self.uses(&dying);
                     let p = Param {
                         name: String::new(),
                         bytes: g.bytes.clone(),

@@ -3,6 +3,7 @@
 //! hetmem_manager_destroy must stay live.
 
 use std::ffi::c_int;
+use std::sync::atomic::Ordering;
 
 use hetmem::ffi::memory::*;
 use hetmem::ffi::*;
@@ -17,7 +18,11 @@ impl Thread<'_> {
             4 | 5 => self.use_stream(),
             6 => {
                 let slot = self.rng.index(STREAM_SLOTS);
-                self.destroy_stream(slot);
+                if self.rng.chance(50) {
+                    self.destroy_stream_racing(slot);
+                } else {
+                    self.destroy_stream(slot);
+                }
             }
             7 => self.wrap_own_value(),
             8 => self.stream_to_manager_destroy(),
@@ -101,6 +106,7 @@ impl Thread<'_> {
             mgr_slot: mslot,
             device: device as usize,
             raw,
+            dying: Default::default(),
         };
         if keep {
             *lock(&ss.st) = Some(s);
@@ -125,6 +131,9 @@ impl Thread<'_> {
         let ss = &self.w.streams[sslot];
         let _sl = read(&ss.life);
         let live = lock(&ss.st).clone();
+        if let Some(s) = &live {
+            self.uses(&s.dying);
+        }
         let mut e = Expect::ok();
         let h = match &live {
             Some(s) if self.rng.chance(85) => s.handle,
@@ -166,10 +175,15 @@ impl Thread<'_> {
     /// Destroys the stream in a slot (and shows its handle is dead after).
     pub(crate) fn destroy_stream(&mut self, sslot: usize) {
         let ss = &self.w.streams[sslot];
+        let _r = write(&ss.raw);
         let _sl = write(&ss.life);
-        let Some(s) = lock(&ss.st).take() else {
+        let Some(s) = lock(&ss.st).clone() else {
             return;
         };
+        if s.dying.swap(true, Ordering::SeqCst) {
+            return; // a racing destroy has it
+        }
+        lock(&ss.st).take();
         // SAFETY: a live stream handle.
         let rc = unsafe { hetmem_stream_destroy(sh(s.handle)) };
         self.check("hetmem_stream_destroy", rc, &Expect::ok(), &|| {
@@ -185,6 +199,28 @@ impl Thread<'_> {
         });
     }
 
+    /// Destroys the stream in a slot while other threads may be using it (see the
+    /// module docs of `capi`).
+    fn destroy_stream_racing(&mut self, sslot: usize) {
+        let ss = &self.w.streams[sslot];
+        let _r = write(&ss.raw);
+        let Some(s) = lock(&ss.st).clone() else {
+            return;
+        };
+        if s.dying.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: a live stream handle (no one else destroys it: the flag).
+        let rc = unsafe { hetmem_stream_destroy(sh(s.handle)) };
+        self.check("hetmem_stream_destroy", rc, &Expect::ok(), &|| {
+            format!("{:#x}, racing its users", s.handle)
+        });
+        self.w.report.add_extra("racing_destroys", 1);
+        let _sl = write(&ss.life);
+        lock(&ss.st).take();
+        remember(&mut lock(&self.w.dead).streams, s.handle);
+    }
+
     /// Wraps the raw value of a live stream hetmem made (for its own device: fine; for
     /// another: refused), uses the wrapper, and lets it go.
     fn wrap_own_value(&mut self) {
@@ -194,10 +230,15 @@ impl Thread<'_> {
         };
         let _ml = self.lock_mgrs(&[(mslot, false)]);
         let ss = &self.w.streams[sslot];
+        // Its raw value is used as the caller's own: no racing destroy meanwhile.
+        let _r = read(&ss.raw);
         let _sl = read(&ss.life);
         let Some(s) = lock(&ss.st).clone() else {
             return;
         };
+        if s.dying.load(Ordering::SeqCst) {
+            return;
+        }
         let Some(info) = self.info(mslot).filter(|i| i.gen == s.mgr_gen) else {
             return;
         };
@@ -271,6 +312,7 @@ impl Thread<'_> {
         let Some(s) = lock(&ss.st).clone() else {
             return;
         };
+        self.uses(&s.dying);
         let mut e = Expect::ok();
         e.fault("handle of another kind", HETMEM_ERR_INVALID_HANDLE);
         // SAFETY: any handle value may be passed.
