@@ -243,7 +243,7 @@ impl Summary {
             "new_findings": self.new_findings().len(),
             "findings": findings,
             "per_call": self.per_call.iter().map(|(k, (ok, err))| (k.clone(), serde_json::json!([ok, err]))).collect::<serde_json::Map<_, _>>(),
-            "tier": self.extra,
+            "figures": self.extra,
         })
     }
 }
