@@ -27,6 +27,16 @@
  *   HETMEM_ERR_FORKED without reaching the driver, except frees, releases and
  *   destroys, which succeed and leak (the memory is the parent's). Pinned memory is
  *   not mapped in the child at all: do not touch it there.
+ * - Codes per call: the comment above each function ends with "Errors:" and every
+ *   code it can fail with (the name without HETMEM_ERR_, its causes in parentheses),
+ *   "as hetmem_x" for all of another call's, or "none"; nothing follows the list.
+ *   HETMEM_ERR_PANIC (a bug) is possible from every call and never listed. For a call
+ *   with no status (a string getter, hetmem_torch_malloc, hetmem_torch_free) the list
+ *   is of the failures hetmem_last_error() then describes. A code a call returns that
+ *   its list lacks is a bug: with HETMEM_CHECK_CODES=1 in the environment the library
+ *   aborts there, naming the call and the code (its tests run so). When adding a call
+ *   or a way for one to fail, keep its list in this form: tests/capi_header.rs parses
+ *   every list and fails on a declaration without one.
  *
  * This header is checked against the library's exports by `cargo test`
  * (tests/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
@@ -140,6 +150,8 @@ extern "C" {
 typedef struct hetmem_manager hetmem_manager_t;
 /* A stream: made by hetmem, or the caller's cudaStream_t / hipStream_t wrapped. */
 typedef struct hetmem_stream hetmem_stream_t;
+/* An event: a point in a stream that other streams and the host wait for. */
+typedef struct hetmem_event hetmem_event_t;
 /* A tiered parameter store over one device of a manager. */
 typedef struct hetmem_store hetmem_store_t;
 /* One acquired parameter; released (consumed) by hetmem_guard_release. */
@@ -169,14 +181,17 @@ typedef struct hetmem_store_config {
 
 /* The calling thread's last error message, "" after a call that succeeded. Never NULL;
  * valid until the thread's next hetmem call (other than this one and
- * hetmem_status_string). Owned by hetmem: do not free. */
+ * hetmem_status_string). Owned by hetmem: do not free.
+ * Errors: none. */
 const char* hetmem_last_error(void);
 
 /* The name of a status code ("HETMEM_ERR_NULL_POINTER", ...); a static string,
- * "HETMEM_ERR_UNKNOWN_STATUS" for a value that is not a code. */
+ * "HETMEM_ERR_UNKNOWN_STATUS" for a value that is not a code.
+ * Errors: none. */
 const char* hetmem_status_string(int status);
 
-/* The library's version ("0.1.0"), a static string. */
+/* The library's version ("0.1.0"), a static string.
+ * Errors: none. */
 const char* hetmem_version(void);
 
 /* ---- managers ------------------------------------------------------------------------ */
@@ -184,7 +199,11 @@ const char* hetmem_version(void);
 /* Opens a manager on `backend`: "sim", "host", "cuda" or "rocm"; NULL, "" or "auto"
  * take the HETMEM_BACKEND environment variable, else the first of CUDA, ROCm and sim
  * that works. *out receives the handle; destroy it with hetmem_manager_destroy.
- * Errors: NULL_POINTER (out), INVALID_ARGUMENT (unknown name), BACKEND_UNAVAILABLE. */
+ * Errors: NULL_POINTER (out), INVALID_ARGUMENT (an unknown backend name, a name that is
+ * not UTF-8, a bad HETMEM_BACKEND, HETMEM_SIM_DEVICES or HETMEM_SIM_MEMORY),
+ * BACKEND_UNAVAILABLE (the driver library is missing, or has no device), DRIVER (the
+ * driver failed to start or to list its devices), CONFIG (the NUMA topology in sysfs
+ * cannot be read), OS. */
 int hetmem_manager_create(const char* backend, hetmem_manager_t** out);
 
 /* Destroys a manager and frees every buffer it still holds (after the copies that use
@@ -193,14 +212,17 @@ int hetmem_manager_create(const char* backend, hetmem_manager_t** out);
 int hetmem_manager_destroy(hetmem_manager_t* mgr);
 
 /* The manager's backend: "sim", "host", "cuda" or "rocm" (a static string), or NULL
- * for a handle that is not live (the last error says why). */
+ * for a handle that is not live (the last error says why).
+ * Errors: NULL_POINTER, INVALID_HANDLE. */
 const char* hetmem_manager_backend(hetmem_manager_t* mgr);
 
-/* *count = the number of devices (0 on the host backend). */
+/* *count = the number of devices (0 on the host backend).
+ * Errors: NULL_POINTER (mgr, count), INVALID_HANDLE. */
 int hetmem_device_count(hetmem_manager_t* mgr, int* count);
 
 /* Free and total bytes of `device` as the driver reports them.
- * Errors: UNKNOWN_DEVICE, INVALID_ARGUMENT (negative device). */
+ * Errors: NULL_POINTER, INVALID_HANDLE, INVALID_ARGUMENT (a negative device),
+ * UNKNOWN_DEVICE (the host backend has none), FORKED, DRIVER. */
 int hetmem_mem_info(hetmem_manager_t* mgr, int device, size_t* free_bytes, size_t* total_bytes);
 
 /* ---- allocation -------------------------------------------------------------------------- */
@@ -210,16 +232,18 @@ int hetmem_mem_info(hetmem_manager_t* mgr, int device, size_t* free_bytes, size_
  * default policy; for device and managed memory the device, or -1 for device 0.
  * *out receives the address (device address for HETMEM_DEVICE), owned by the manager
  * until hetmem_free or hetmem_manager_destroy.
- * Errors: INVALID_SIZE (0, or over SSIZE_MAX such as SIZE_MAX), OUT_OF_MEMORY,
- * UNKNOWN_DEVICE, UNKNOWN_NUMA_NODE, NUMA_NODE_WITHOUT_MEMORY, UNSUPPORTED (managed
- * memory without support), INVALID_ARGUMENT (bad placement), DRIVER. */
+ * Errors: NULL_POINTER (mgr, out), INVALID_HANDLE, INVALID_SIZE (0, or over SSIZE_MAX
+ * such as SIZE_MAX), OUT_OF_MEMORY, UNKNOWN_DEVICE, UNKNOWN_NUMA_NODE,
+ * NUMA_NODE_WITHOUT_MEMORY, UNSUPPORTED (managed memory without support, pinning on the
+ * host backend), INVALID_ARGUMENT (a bad placement, a negative device or node other than
+ * -1), FORKED, DRIVER, OS (the kernel refused to map, bind or pin host memory). */
 int hetmem_alloc(hetmem_manager_t* mgr, int placement, int device_or_node, size_t size,
                  void** out);
 
 /* Frees a buffer by the address hetmem_alloc returned; the memory goes back after the
  * copies still queued on it. An address inside a buffer, one this manager did not
  * return, or one freed already is FOREIGN_POINTER and nothing is touched.
- * Errors: NULL_POINTER, FOREIGN_POINTER. */
+ * Errors: NULL_POINTER, INVALID_HANDLE, FOREIGN_POINTER. */
 int hetmem_free(hetmem_manager_t* mgr, void* ptr);
 
 /* ---- copies ------------------------------------------------------------------------------- */
@@ -231,30 +255,39 @@ int hetmem_free(hetmem_manager_t* mgr, void* ptr);
  * non-blocking streams, hetmem's own included). Otherwise the copy is
  * queued on `stream` and the call returns (pageable host memory may make it wait);
  * the buffers stay alive until it is done even if freed. Two ranges in one buffer are
- * copied synchronously (overlap allowed).
- * Errors: NULL_POINTER, FOREIGN_POINTER (an address outside every buffer),
- * OUT_OF_BOUNDS (a range that leaves its buffer), FOREIGN_HANDLE, INVALID_ARGUMENT
- * (stream on the wrong device), DRIVER. */
+ * copied synchronously, after the work queued on `stream` (overlap allowed). The
+ * stream is checked the same way on every path (one buffer or two, any memory, n 0):
+ * it must be this manager's, and of a device the copy involves (a copy between host
+ * memory may go on any of the manager's streams).
+ * Errors: NULL_POINTER (mgr, dst, src), INVALID_HANDLE (mgr, stream), FOREIGN_POINTER
+ * (an address outside every buffer of this manager), OUT_OF_BOUNDS (a range that leaves
+ * its buffer, n over SSIZE_MAX), FOREIGN_HANDLE (a stream of another manager),
+ * INVALID_ARGUMENT (a stream of a device the copy does not involve), OUT_OF_MEMORY (no
+ * host memory to stage device memory through), STREAM_CAPTURING (a copy with a host end
+ * on a capturing stream), FORKED, DRIVER, OS. */
 int hetmem_copy(hetmem_manager_t* mgr, void* dst, const void* src, size_t n,
                 hetmem_stream_t* stream);
 
 /* Copies n bytes of caller-owned host memory at `host_src` into `dst` (an address in a
  * buffer of this manager), synchronously. `host_src` must be readable for n bytes;
  * if it lies in a buffer of this manager, this is hetmem_copy.
- * Errors: as hetmem_copy. */
+ * Errors: INVALID_ARGUMENT (host_src runs into a buffer of this manager without starting
+ * in one), as hetmem_copy. */
 int hetmem_copy_from_host(hetmem_manager_t* mgr, void* dst, const void* host_src, size_t n);
 
 /* Copies n bytes from `src` (an address in a buffer of this manager) into caller-owned
  * host memory at `host_dst`, synchronously. `host_dst` must be writable for n bytes;
  * if it lies in a buffer of this manager, this is hetmem_copy.
- * Errors: as hetmem_copy. */
+ * Errors: INVALID_ARGUMENT (host_dst runs into a buffer of this manager without starting
+ * in one), as hetmem_copy. */
 int hetmem_copy_to_host(hetmem_manager_t* mgr, void* host_dst, const void* src, size_t n);
 
 /* ---- streams ------------------------------------------------------------------------------- */
 
 /* Creates a stream on `device`, owned by hetmem: destroyed (after its queued work)
  * once the handle is destroyed and no pool block or guard uses it.
- * Errors: UNKNOWN_DEVICE, UNSUPPORTED (host backend), DRIVER. */
+ * Errors: NULL_POINTER (mgr, out), INVALID_HANDLE, INVALID_ARGUMENT (a negative device),
+ * UNKNOWN_DEVICE (the host backend has none), FORKED, DRIVER. */
 int hetmem_stream_create(hetmem_manager_t* mgr, int device, hetmem_stream_t** out);
 
 /* Wraps the caller's stream `raw` of `device` (a cudaStream_t / CUstream or
@@ -271,35 +304,88 @@ int hetmem_stream_create(hetmem_manager_t* mgr, int device, hetmem_stream_t** ou
  * only behind an event; freed on another thread than its own, after a device-wide
  * wait). On the simulator, `raw` must be 0, 1, 2 or a value hetmem_stream_raw
  * returned for a stream of that device; anything else is INVALID_ARGUMENT.
- * Errors: UNKNOWN_DEVICE, UNSUPPORTED (host backend), INVALID_ARGUMENT (a stream
- * already wrapped for another device). */
+ * Errors: NULL_POINTER (mgr, out), INVALID_HANDLE, UNKNOWN_DEVICE (the host backend has
+ * none), INVALID_ARGUMENT (a negative device, a stream already wrapped for another
+ * device, on the simulator a value that is not a stream of the device), FORKED, DRIVER. */
 int hetmem_stream_wrap(hetmem_manager_t* mgr, int device, uintptr_t raw,
                        hetmem_stream_t** out);
 
 /* *raw = the driver's stream handle (cudaStream_t / hipStream_t value), to launch the
- * caller's own work on it; for a wrapped stream, the value wrapped. */
+ * caller's own work on it; for a wrapped stream, the value wrapped.
+ * Errors: NULL_POINTER, INVALID_HANDLE. */
 int hetmem_stream_raw(hetmem_stream_t* stream, uintptr_t* raw);
 
-/* Blocks until the work queued on `stream` so far is done. */
+/* Blocks until the work queued on `stream` so far is done.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FORKED, DRIVER (also: the stream is capturing a
+ * graph). */
 int hetmem_stream_synchronize(hetmem_stream_t* stream);
 
 /* Destroys a stream handle (see hetmem_stream_create / hetmem_stream_wrap).
  * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
 int hetmem_stream_destroy(hetmem_stream_t* stream);
 
+/* ---- events ------------------------------------------------------------------------------- *
+ *
+ * An event marks a point in a stream. To order your own work after hetmem's (an
+ * asynchronous copy) without synchronising the stream: record an event on the copy's
+ * stream, then make your stream wait for it (hetmem_stream_wait_event on the handle of
+ * your stream, wrapped with hetmem_stream_wrap: the kernels you launch on it after that
+ * run after the copy), or wait for it on the host (hetmem_event_synchronize). An event
+ * belongs to the manager and device it was made for, and stays valid after its manager
+ * is destroyed, until hetmem_event_destroy.
+ */
+
+/* Creates an event on `device`, not yet recorded: until it is, it counts as passed
+ * (queries say done, waits return at once). *out receives the handle.
+ * Errors: NULL_POINTER (mgr, out), INVALID_HANDLE (mgr), INVALID_ARGUMENT (a negative
+ * device), UNKNOWN_DEVICE (the host backend has none), FORKED, DRIVER. */
+int hetmem_event_create(hetmem_manager_t* mgr, int device, hetmem_event_t** out);
+
+/* Records `event` at the current tail of `stream`: from now on it stands for the work
+ * queued there so far. An event may be recorded again; waits queued before keep the
+ * point that was current when they were queued.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FOREIGN_HANDLE (a stream of another manager),
+ * INVALID_ARGUMENT (a stream of another device than the event's), FORKED, DRIVER. */
+int hetmem_event_record(hetmem_event_t* event, hetmem_stream_t* stream);
+
+/* Makes the work queued on `stream` from now on wait for the work before `event`'s
+ * last recording, without blocking the host. The event may be of another device of
+ * the stream's manager (as the drivers allow).
+ * Errors: NULL_POINTER, INVALID_HANDLE, FOREIGN_HANDLE (an event of another manager),
+ * FORKED, DRIVER. */
+int hetmem_stream_wait_event(hetmem_stream_t* stream, hetmem_event_t* event);
+
+/* *done = 1 if the work before the event's last recording is done (or it was never
+ * recorded), 0 if not. Does not block.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FORKED, DRIVER. */
+int hetmem_event_query(hetmem_event_t* event, int* done);
+
+/* Blocks until the work before the event's last recording is done.
+ * Errors: NULL_POINTER, INVALID_HANDLE, FORKED, DRIVER. */
+int hetmem_event_synchronize(hetmem_event_t* event);
+
+/* Destroys an event handle (waits already queued on the event are unaffected).
+ * Errors: NULL_POINTER, INVALID_HANDLE. */
+int hetmem_event_destroy(hetmem_event_t* event);
+
 /* ---- managed memory -------------------------------------------------------------------------- */
 
 /* Queues a migration of managed memory ptr..ptr+n to `device` (-1: the host) on
- * `stream`; with stream NULL, on a stream of the buffer's device, and waits for it.
- * Errors: FOREIGN_POINTER, OUT_OF_BOUNDS, INVALID_ARGUMENT (not managed memory),
- * UNKNOWN_DEVICE, UNSUPPORTED, FOREIGN_HANDLE, DRIVER. */
+ * `stream` (of any device of the manager, as the drivers allow); with stream NULL, on a
+ * stream of the buffer's device, and waits for it.
+ * Errors: NULL_POINTER (mgr, ptr), INVALID_HANDLE (mgr, stream), FOREIGN_POINTER,
+ * OUT_OF_BOUNDS, INVALID_ARGUMENT (not managed memory, a device below -1),
+ * UNKNOWN_DEVICE, UNSUPPORTED (no managed memory on this backend), FOREIGN_HANDLE (a
+ * stream of another manager), FORKED, DRIVER. */
 int hetmem_prefetch(hetmem_manager_t* mgr, void* ptr, size_t n, int device,
                     hetmem_stream_t* stream);
 
 /* Gives the driver `advice` (HETMEM_ADVISE_*) about managed memory ptr..ptr+n.
  * `device` is the location for SET_PREFERRED_LOCATION (-1: the host) and the device
  * for SET/UNSET_ACCESSED_BY; it is ignored otherwise.
- * Errors: as hetmem_prefetch. */
+ * Errors: NULL_POINTER (mgr, ptr), INVALID_HANDLE, FOREIGN_POINTER, OUT_OF_BOUNDS,
+ * INVALID_ARGUMENT (not managed memory, an unknown advice, a device below 0 where one is
+ * needed), UNKNOWN_DEVICE, UNSUPPORTED, FORKED, DRIVER. */
 int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int device);
 
 /* ---- stats ------------------------------------------------------------------------------------ */
@@ -312,102 +398,143 @@ int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int de
  * hits, misses, loads, prefetches, bytes_loaded, staged_loads, evictions, writebacks,
  * writeback_bytes, checksum_mismatches, sequences_learnt, sequences_dropped,
  * device_bytes, device_peak_bytes, host_bytes, host_peak_bytes, mapped_bytes).
- * Errors: BUFFER_TOO_SMALL (call again with *needed bytes), INVALID_HANDLE. */
+ * Errors: NULL_POINTER (mgr), INVALID_HANDLE (mgr, store), BUFFER_TOO_SMALL (call again
+ * with *needed bytes). */
 int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, size_t cap,
                       size_t* needed);
 
 /* ---- tier store -------------------------------------------------------------------------------- */
 
-/* Fills *cfg with defaults for these budgets: device 0, prefetch depth 2, no sequence,
- * no checksums, a staging ring of 4 slots of 4 MiB filled by 2 threads (so host_budget
- * must be at least 16 MiB). */
+/* Each call below lists every code it can return besides HETMEM_OK (HETMEM_ERR_PANIC
+ * only for a bug). FORKED: a store, guard or manager made before a fork(), used in the
+ * child. */
+
+/* Fills *cfg with defaults for these budgets: device 0, prefetch depth SIZE_MAX (as far
+ * as memory allows), no sequence, no checksums, a staging ring of 4 slots of 4 MiB
+ * filled by 2 threads (so host_budget must be at least 16 MiB).
+ * Errors: NULL_POINTER. */
 int hetmem_store_config_init(hetmem_store_config_t* cfg, size_t device_budget,
                              size_t host_budget);
 
-/* sizeof(hetmem_store_config_t) as the library sees it: compare with the header's. */
+/* sizeof(hetmem_store_config_t) as the library sees it: compare with the header's.
+ * Errors: none. */
 size_t hetmem_store_config_size(void);
 
 /* Creates a tier store over mgr's device cfg->device with its own device pool, pinned
- * host pool, copy stream and staging ring. Destroy with hetmem_store_destroy.
- * Errors: INVALID_ARGUMENT (zero device budget, host budget below the staging ring,
- * bad sequence mode), UNKNOWN_DEVICE, OUT_OF_MEMORY. */
+ * host pool, copy stream and staging ring. Destroy with hetmem_store_destroy. Nothing
+ * is pinned for a ring that cannot be (the memory available, the address space).
+ * Where no filler thread can be started (a thread or pids limit) the calling thread
+ * fills the ring alone.
+ * Errors: NULL_POINTER (mgr, cfg, out), INVALID_HANDLE (mgr), INVALID_ARGUMENT (zero
+ * device budget or one above the device's memory, host budget below the staging ring,
+ * fewer than 2 staging slots, 0 staging threads, 0 spare slots, bad sequence mode or
+ * planner, negative device), INVALID_SIZE (a staging slot of 0 bytes or over SSIZE_MAX,
+ * slots that together overflow the address space), UNKNOWN_DEVICE (the host backend has
+ * none), OUT_OF_MEMORY (the ring is more than the host memory available, or cannot be
+ * pinned), UNKNOWN_NUMA_NODE, NUMA_NODE_WITHOUT_MEMORY (the device's node, where the
+ * ring is placed), OS, DRIVER, FORKED, UNSUPPORTED (the host backend). */
 int hetmem_store_create(hetmem_manager_t* mgr, const hetmem_store_config_t* cfg,
                         hetmem_store_t** out);
 
-/* Destroys a store handle; guards not yet released keep what they use alive. */
+/* Destroys a store handle; guards not yet released keep what they use alive.
+ * Errors: NULL_POINTER, INVALID_HANDLE (destroyed already). */
 int hetmem_store_destroy(hetmem_store_t* store);
 
 /* Registers a parameter `name` whose bytes are a copy of data[0..n] (hetmem keeps the
  * copy; the caller may free `data` at once). *id receives its id (0, 1, ... in
  * registration order).
- * Errors: INVALID_SIZE (n 0), OUT_OF_MEMORY (larger than the device budget),
- * INVALID_ARGUMENT (name taken, or not UTF-8). */
+ * Errors: NULL_POINTER (store, name, id, data unless n is 0), INVALID_HANDLE, INVALID_SIZE
+ * (n 0, or over SSIZE_MAX), OUT_OF_MEMORY (larger than the device budget, or no host
+ * memory for the copy), INVALID_ARGUMENT (name taken, or not UTF-8), FORKED. */
 int hetmem_store_register(hetmem_store_t* store, const char* name, const void* data, size_t n,
                           uint32_t* id);
 
 /* Registers every tensor of the safetensors file at `path` (mapped, never copied
- * whole), in file order, under its own name; ids[0..*count] receive the ids. If the
- * file has more than `cap` tensors nothing is registered, *count is their number and
- * the call fails with BUFFER_TOO_SMALL (ids may be NULL when cap is 0). If one
- * registration fails, *count is the number registered before it.
- * Errors: CONFIG (file missing or malformed), BUFFER_TOO_SMALL, as hetmem_store_register. */
+ * whole), in file order, under its own name; ids[0..*count] receive the ids. All or
+ * none: if the file has more than `cap` tensors nothing is registered, *count is their
+ * number and the call fails with BUFFER_TOO_SMALL (ids may be NULL when cap is 0); on
+ * any other failure nothing is registered and *count is 0. A tensor of zero elements
+ * is an empty parameter: size 0, always HETMEM_RESIDENCY_DEVICE, never loaded, and
+ * acquired to a guard whose device pointer is NULL.
+ * Errors: NULL_POINTER (store, path, count, ids unless cap is 0), INVALID_HANDLE,
+ * CONFIG (file missing, not a regular file, such as a directory or a FIFO, which is
+ * never opened blocking; malformed), BUFFER_TOO_SMALL, OUT_OF_MEMORY (a tensor larger
+ * than the device budget), INVALID_ARGUMENT (a name taken, path not UTF-8), FORKED, OS,
+ * as hetmem_store_register. */
 int hetmem_store_register_safetensors(hetmem_store_t* store, const char* path, uint32_t* ids,
                                       size_t cap, size_t* count);
 
-/* *id = the id of the parameter called `name`. Errors: UNKNOWN_PARAM. */
+/* *id = the id of the parameter called `name`.
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, INVALID_ARGUMENT (name not
+ * UTF-8), FORKED. */
 int hetmem_store_lookup(hetmem_store_t* store, const char* name, uint32_t* id);
 
-/* *size = the size in bytes of parameter `id`. Errors: UNKNOWN_PARAM. */
+/* *size = the size in bytes of parameter `id` (0 for an empty one).
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_param_size(hetmem_store_t* store, uint32_t id, size_t* size);
 
 /* Installs the execution sequence ids[0..n] (one pass; ids may repeat): eviction then
  * drops what is needed farthest in the future, and acquires prefetch what comes next.
  * n 0 drops the sequence (LRU again; learning again in learn mode); ids may then be
- * NULL. Errors: UNKNOWN_PARAM. */
+ * NULL.
+ * Errors: NULL_POINTER (store, ids unless n is 0), INVALID_HANDLE, UNKNOWN_PARAM,
+ * INVALID_SIZE (n ids are more than memory holds), OUT_OF_MEMORY (no host memory for a
+ * copy of them), FORKED, INVALID_ARGUMENT. */
 int hetmem_store_set_sequence(hetmem_store_t* store, const uint32_t* ids, size_t n);
 
 /* Hint: `id` is needed soon. It is loaded now if room can be made without evicting
  * anything acquired, kept resident, or needed sooner. *on_device (may be NULL) = 1 if
- * it is on the device afterwards. Errors: UNKNOWN_PARAM. */
+ * it is on the device afterwards.
+ * Errors: NULL_POINTER (store), INVALID_HANDLE, UNKNOWN_PARAM, OUT_OF_MEMORY (the
+ * device has no memory for it), CHECKSUM, DRIVER, FORKED, INVALID_ARGUMENT, CONFIG,
+ * STREAM_CAPTURING, OS. */
 int hetmem_store_will_need(hetmem_store_t* store, uint32_t id, int* on_device);
 
 /* Hint: `id` is not needed for a while. Its device copy is dropped now (written back
  * first if dirty) unless a guard holds it. *dropped (may be NULL) = 1 if it was.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER (store), INVALID_HANDLE, UNKNOWN_PARAM, DRIVER, FORKED,
+ * OUT_OF_MEMORY, INVALID_ARGUMENT, CHECKSUM, STREAM_CAPTURING, OS. */
 int hetmem_store_dont_need(hetmem_store_t* store, uint32_t id, int* dropped);
 
 /* keep non-zero: `id` stays on the device once loaded; 0: it may be evicted again.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_keep_resident(hetmem_store_t* store, uint32_t id, int keep);
 
 /* Sets `id`'s eviction priority (default 0; the lowest priority is evicted first).
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER, INVALID_HANDLE, UNKNOWN_PARAM, FORKED. */
 int hetmem_store_priority(hetmem_store_t* store, uint32_t id, int priority);
 
 /* *state = where `id` is (HETMEM_RESIDENCY_*); *refs (may be NULL) = guards held.
- * Errors: UNKNOWN_PARAM. */
+ * Errors: NULL_POINTER (store, state), INVALID_HANDLE, UNKNOWN_PARAM, DRIVER, FORKED. */
 int hetmem_store_residency(hetmem_store_t* store, uint32_t id, int* state, uint32_t* refs);
 
 /* Acquires `id` for work on `stream`: *device_ptr (may be NULL) receives its device
- * address, valid for work queued on `stream` from now until the guard is released;
- * the stream waits for the load, the host does not. With stream NULL the load runs on
- * the store's copy stream and the call waits for it, so the address is valid at once
- * (order your own work before the release). *out receives the guard.
- * Errors: UNKNOWN_PARAM, OUT_OF_MEMORY (everything resident is in use; at once),
- * FOREIGN_HANDLE (a stream of another manager), DRIVER. */
+ * address, valid for work queued on `stream` from now until the guard is released
+ * (NULL for an empty parameter, which has no memory); the stream waits for the load,
+ * the host does not. With stream NULL the load runs on the store's copy stream and the
+ * call waits for it, so the address is valid at once (order your own work before the
+ * release). *out receives the guard.
+ * Errors: NULL_POINTER (store, out), INVALID_HANDLE (store, stream), UNKNOWN_PARAM,
+ * FOREIGN_HANDLE (a stream of another manager), INVALID_ARGUMENT (a stream of another
+ * device), OUT_OF_MEMORY (everything resident is in use, at once; or the device has no
+ * memory for it: the message has the bytes asked for and free), STREAM_CAPTURING (a
+ * parameter not resident, on a capturing stream), CHECKSUM, DRIVER, FORKED. */
 int hetmem_store_acquire(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                          hetmem_guard_t** out, void** device_ptr);
 
 /* hetmem_store_acquire, but when the budget is full it waits up to `timeout_ms`
  * milliseconds for other threads to release guards (or hints to free room) before
- * failing with OUT_OF_MEMORY (hetmem_store_acquire fails at once). */
+ * failing with OUT_OF_MEMORY (hetmem_store_acquire fails at once).
+ * Errors: as hetmem_store_acquire. */
 int hetmem_store_acquire_timeout(hetmem_store_t* store, uint32_t id, hetmem_stream_t* stream,
                                  uint64_t timeout_ms, hetmem_guard_t** out, void** device_ptr);
 
 /* Says the parameter's device copy will be written by work queued on the guard's
  * stream after this call: it is copied back to the host before it is ever dropped, the
  * stream first waits for earlier (released) uses on other streams, and later acquires
- * on any stream wait for the write. */
+ * on any stream wait for the write. Nothing for an empty parameter.
+ * Errors: NULL_POINTER, INVALID_HANDLE (released already), FORKED, INVALID_ARGUMENT
+ * (released by another thread during the call). */
 int hetmem_guard_mark_dirty(hetmem_guard_t* guard);
 
 /* Ends a use and consumes the guard: the parameter's memory is not reused before the
@@ -417,7 +544,8 @@ int hetmem_guard_release(hetmem_guard_t* guard);
 
 /* Copies `id`'s current bytes (from the device if resident there, after the work
  * queued on it) into out[0..cap], synchronously.
- * Errors: UNKNOWN_PARAM, BUFFER_TOO_SMALL (see hetmem_store_param_size). */
+ * Errors: NULL_POINTER (store, out), INVALID_HANDLE, UNKNOWN_PARAM, BUFFER_TOO_SMALL
+ * (see hetmem_store_param_size), DRIVER, FORKED. */
 int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap);
 
 /* ---- PyTorch's pluggable allocator ------------------------------------------------------------------
@@ -436,20 +564,25 @@ int hetmem_store_read(hetmem_store_t* store, uint32_t id, void* out, size_t cap)
  */
 
 /* Returns `size` bytes of device memory on `device` for `stream`, or NULL with the last
- * error set (OUT_OF_MEMORY, UNKNOWN_DEVICE, INVALID_SIZE for a negative size). Size 0
- * returns NULL and is not an error. */
+ * error set. Size 0 returns NULL and is not an error.
+ * Errors: INVALID_SIZE (a negative size, or more than a pool can hold), INVALID_ARGUMENT
+ * (a negative device, on the simulator a stream that is not one of the device's, a graph
+ * pool's filter that failed), UNKNOWN_DEVICE, OUT_OF_MEMORY, BACKEND_UNAVAILABLE (first
+ * use: no GPU backend opens), CONFIG (first use: the NUMA topology), FORKED, DRIVER, OS. */
 void* hetmem_torch_malloc(ssize_t size, int device, void* stream);
 
 /* hetmem_torch_malloc for C++ callers (PyTorch's allocator interface has no error
  * return, and uses a NULL as the tensor's address): where hetmem_torch_malloc returns
  * NULL for a size above 0, this throws std::runtime_error(<last error message>)
  * instead. It returns NULL only in a process without libstdc++ loaded. Call it only
- * from C++ that lets the exception reach a catch. */
+ * from C++ that lets the exception reach a catch.
+ * Errors: as hetmem_torch_malloc. */
 void* hetmem_torch_malloc_cxx(ssize_t size, int device, void* stream);
 
 /* Gives back memory from hetmem_torch_malloc. NULL is ignored; an address hetmem did
  * not return (or freed already) is logged, sets the last error (FOREIGN_POINTER) and
- * is otherwise ignored. */
+ * is otherwise ignored.
+ * Errors: FOREIGN_POINTER. */
 void hetmem_torch_free(void* ptr, ssize_t size, int device, void* stream);
 
 /* Marks the block containing `ptr` (from hetmem_torch_malloc) as used by the work
@@ -460,12 +593,14 @@ void hetmem_torch_free(void* ptr, ssize_t size, int device, void* stream);
  * hetmem_torch_malloc, of the block's device.
  * Errors: FOREIGN_POINTER (in no live block: freed already, or not hetmem's; PyTorch's
  * hook ignores it, as PyTorch's allocator ignores memory it did not make),
- * UNKNOWN_DEVICE, INVALID_ARGUMENT (sim: not a stream of that device), DRIVER. */
+ * INVALID_ARGUMENT (on the simulator, not a stream of the block's device), FORKED,
+ * DRIVER. */
 int hetmem_torch_record_stream(void* ptr, void* stream);
 
 /* Gives cached, unused device memory of every pool back to the driver and lets go of
  * wrapped streams nothing allocated uses (torch.cuda.empty_cache(), once
- * hetmem.torch.use_hetmem_allocator() has set PyTorch's hook). */
+ * hetmem.torch.use_hetmem_allocator() has set PyTorch's hook).
+ * Errors: STREAM_CAPTURING (a graph pool is being allocated to), FORKED, DRIVER. */
 int hetmem_torch_empty_cache(void);
 
 /* A graph pool's stream filter: 1 when an allocation on `stream` (the raw stream passed
@@ -475,9 +610,10 @@ typedef int (*hetmem_stream_filter)(void* ctx, void* stream);
 
 /* PyTorch's graph-pool hooks (torch.cuda.graph, torch.cuda.use_mem_pool,
  * torch.compile(mode="reduce-overhead")), with pool = (pool_a, pool_b), PyTorch's
- * MempoolId_t.
- *
- * begin: from now on the allocations on `device` whose stream `filter` picks (NULL:
+ * MempoolId_t. PyTorch calls release from destructors: a hook must not throw there.
+ */
+
+/* begin: from now on the allocations on `device` whose stream `filter` picks (NULL:
  * every allocation of the device) come from private pool `pool` (made on first use;
  * each begin counts a use), until end. Blocks of the pool, freed, are reused only by
  * the pool's own later allocations until release has undone every begin: a graph
@@ -487,22 +623,27 @@ typedef int (*hetmem_stream_filter)(void* ctx, void* stream);
  * stream)` runs on every allocation of the device meanwhile, from any thread, under
  * hetmem's locks (it must not call hetmem); hetmem owns `ctx` from the call on, failed
  * or not, and calls drop_ctx(ctx) (if not NULL) exactly once: at end, or at once when
- * begin fails. Errors: INVALID_ARGUMENT (allocations already go to that pool),
- * UNKNOWN_DEVICE.
- *
- * end: allocations stop going to the pool (after the capture ended); its memory stays
- * its own. Errors: INVALID_ARGUMENT (allocations do not go to that pool).
- *
- * release: undoes one begin (a graph that used the pool was reset or destroyed). When
- * none is left the device is synchronised (replays may still run) and the pool's free
- * blocks join the common pool, its live ones when freed; empty_cache can then give
- * the memory to the driver. A pool hetmem does not have (released already, never
- * begun) is no error. Errors: INVALID_ARGUMENT (still being allocated to), DRIVER.
- * PyTorch calls it from destructors: a hook must not throw there. */
+ * begin fails.
+ * Errors: INVALID_ARGUMENT (allocations already go to that pool, a negative device),
+ * UNKNOWN_DEVICE, BACKEND_UNAVAILABLE (first use: no GPU backend opens), CONFIG (first
+ * use: the NUMA topology), FORKED, DRIVER, OS. */
 int hetmem_torch_begin_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b,
                                         hetmem_stream_filter filter, void* ctx,
                                         void (*drop_ctx)(void* ctx));
+
+/* end: allocations stop going to the pool (after the capture ended); its memory stays
+ * its own.
+ * Errors: INVALID_ARGUMENT (allocations do not go to that pool, a negative device),
+ * FORKED, DRIVER. */
 int hetmem_torch_end_allocate_to_pool(int device, uint64_t pool_a, uint64_t pool_b);
+
+/* release: undoes one begin (a graph that used the pool was reset or destroyed). When
+ * none is left the device is synchronised (replays may still run) and the pool's free
+ * blocks join the common pool, its live ones when freed; empty_cache can then give
+ * the memory to the driver. A pool hetmem does not have (released already, never
+ * begun) is no error.
+ * Errors: INVALID_ARGUMENT (still being allocated to, a negative device), FORKED,
+ * DRIVER. */
 int hetmem_torch_release_pool(int device, uint64_t pool_a, uint64_t pool_b);
 
 /* Writes the allocator's stats as NUL-terminated JSON into buf[0..cap] if it fits;
@@ -510,7 +651,8 @@ int hetmem_torch_release_pool(int device, uint64_t pool_a, uint64_t pool_b);
  * (null before the first allocation), live_blocks, live_bytes, streams, devices[]
  * {device, budget, reserved, private_pools[] {id: [a, b], uses, allocating,
  * allocated_bytes, free_bytes}, stats} with PyTorch's memory_stats() key names
- * ("allocated_bytes.all.current", ...). Errors: BUFFER_TOO_SMALL. */
+ * ("allocated_bytes.all.current", ...).
+ * Errors: BUFFER_TOO_SMALL. */
 int hetmem_torch_stats_json(char* buf, size_t cap, size_t* needed);
 
 #ifdef __cplusplus

@@ -1,5 +1,5 @@
 //! The unified API: a [`Manager`] allocates [`Buffer`]s anywhere by [`Placement`],
-//! copies between them, and hands out [`Stream`]s and [`Event`](crate::Event)s.
+//! copies between them, and hands out [`Stream`]s and [`Event`]s.
 //!
 //! ```
 //! use hetmem::{BackendKind, Manager, NumaPolicy, Placement};
@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
 use crate::pool::{DevicePool, HostPool, HostPoolConfig, PoolBlock, PoolConfig};
 use crate::stats::{ByteCounter, CounterSnapshot};
-use crate::stream::Stream;
+use crate::stream::{Event, Stream};
 use crate::topology::Topology;
 
 static NEXT_MANAGER_ID: AtomicU64 = AtomicU64::new(1);
@@ -511,6 +511,60 @@ impl Manager {
         )
     }
 
+    /// Copies `len` bytes of `buf` from `src_offset` to `dst_offset` and returns when
+    /// they have arrived; the ranges may overlap (as `memmove`). With `stream`, the copy
+    /// comes after the work queued on it so far, and the stream must be one that could
+    /// queue a copy of this buffer ([`Manager::copy_async`]'s checks: this manager's, of
+    /// the buffer's device); without, after every earlier asynchronous copy that used
+    /// the buffer.
+    ///
+    /// # Errors
+    /// [`Error::ForeignHandle`] for a buffer or stream of another manager,
+    /// [`Error::OutOfBounds`], [`Error::InvalidArgument`] for a stream of another device,
+    /// [`Error::OutOfMemory`] when device memory cannot be staged through the host.
+    pub fn copy_within(
+        &self,
+        buf: &mut Buffer,
+        dst_offset: usize,
+        src_offset: usize,
+        len: usize,
+        stream: Option<&Stream>,
+    ) -> Result<()> {
+        self.check_owner(buf.mgr.id, "buffer")?;
+        if let Some(s) = stream {
+            self.check_stream(s)?;
+        }
+        // The checks of every copy, so that one buffer accepts what two would.
+        copy::check(
+            &buf.mem,
+            dst_offset,
+            &buf.mem,
+            src_offset,
+            len,
+            stream.map(|s| &*s.inner),
+        )?;
+        if let Some(s) = stream {
+            s.synchronize()?;
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if buf.placement.host_accessible() {
+            buf.as_mut_slice()?
+                .copy_within(src_offset..src_offset + len, dst_offset);
+            return Ok(());
+        }
+        // Device memory: through the host (a driver copy may not overlap itself).
+        let mut tmp = Vec::new();
+        if tmp.try_reserve_exact(len).is_err() {
+            let free = crate::backend::host::available_memory();
+            return Err(Error::oom(Tier::Host, len, free));
+        }
+        tmp.resize(len, 0);
+        self.read(buf, src_offset, &mut tmp)?;
+        self.write(buf, dst_offset, &tmp)
+    }
+
     /// Queues a copy of `len` bytes from `src[src_offset..]` into the pool block
     /// `dst[dst_offset..]` on `stream`. The buffer waits for the copy before it is
     /// freed; a stream other than the block's own is recorded on the block
@@ -650,6 +704,14 @@ impl Manager {
         self.live()?;
         check_device(self.backend(), device)?;
         Stream::new(&self.inner.backend, device)
+    }
+
+    /// Creates an event on `device`, not yet recorded ([`Event::record`] records it on a
+    /// stream of that device; [`Stream::wait`] makes a stream wait for it).
+    pub fn create_event(&self, device: usize) -> Result<Event> {
+        self.live()?;
+        check_device(self.backend(), device)?;
+        Event::new(&self.inner.backend, device)
     }
 
     /// Queues a migration of a managed buffer to `to` on `stream`.

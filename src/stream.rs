@@ -150,12 +150,44 @@ impl Stream {
 }
 
 /// A point in a stream that other streams and the host can wait for.
+///
+/// [`Stream::record`] makes one recorded at once; [`Manager::create_event`] makes one not
+/// yet recorded, which [`Event::record`] records (and records again: it is reusable).
+///
+/// [`Manager::create_event`]: crate::Manager::create_event
 #[derive(Debug)]
 pub struct Event {
     inner: OwnedEvent,
 }
 
 impl Event {
+    /// A new event of `device`, not yet recorded (it counts as passed until it is).
+    pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
+        Ok(Event {
+            inner: OwnedEvent::new(backend, device)?,
+        })
+    }
+
+    /// Records the event at the current tail of `stream`: from now on it stands for the
+    /// work queued there so far (waits queued before this call keep the earlier point).
+    ///
+    /// # Errors
+    /// [`Error::ForeignHandle`] for a stream of another manager; [`Error::InvalidArgument`]
+    /// for a stream of another device than the event's (the drivers refuse it).
+    pub fn record(&self, stream: &Stream) -> Result<()> {
+        if !Arc::ptr_eq(stream.inner.backend(), self.inner.backend()) {
+            return Err(Error::ForeignHandle { what: "event" });
+        }
+        if stream.device() != self.device() {
+            return Err(Error::InvalidArgument(format!(
+                "an event of device {} cannot be recorded on a stream of device {}",
+                self.device(),
+                stream.device()
+            )));
+        }
+        self.inner.record_on(&stream.inner)
+    }
+
     /// The device of the stream it was recorded on.
     pub fn device(&self) -> usize {
         self.inner.device()

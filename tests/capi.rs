@@ -85,8 +85,11 @@ fn run_program(envs: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(exe);
     // Cargo's LD_LIBRARY_PATH for tests lists target/<profile> too, where a `cargo
     // build` may have left an older libhetmem.so that would win over the rpath.
+    // HETMEM_CHECK_CODES: a call that fails with a code the header does not list for it
+    // aborts the program, naming both (src/ffi/codes.rs).
     cmd.arg(&scratch)
         .env_remove("HETMEM_BACKEND")
+        .env("HETMEM_CHECK_CODES", "1")
         .env("LD_LIBRARY_PATH", library_dir());
     for (k, v) in envs {
         cmd.env(k, v);
@@ -106,7 +109,8 @@ fn run_program(envs: &[(&str, &str)]) -> String {
 
 #[test]
 fn c_program_passes_on_the_simulator() {
-    let stdout = run_program(&[("HETMEM_BACKEND", "sim")]);
+    // Two devices, as the fakes have: copies and events on another device's stream.
+    let stdout = run_program(&[("HETMEM_BACKEND", "sim"), ("HETMEM_SIM_DEVICES", "2")]);
     let checks: usize = stdout.lines().filter(|l| l.starts_with("ok   ")).count();
     assert!(checks > 200, "only {checks} checks ran");
 }
@@ -160,6 +164,7 @@ fn run_on_fake_cuda(lib: &Path, exe: &Path, args: &[&Path]) -> String {
     );
     let out = Command::new(exe)
         .args(args)
+        .env("HETMEM_CHECK_CODES", "1")
         .env("HETMEM_BACKEND", "cuda")
         .env("LD_LIBRARY_PATH", dirs)
         .output()
@@ -240,4 +245,132 @@ fn header_compiles_as_strict_c_and_as_cpp() {
             println!("note: no C++ compiler ({cxx:?}: {e}); the C++ check of hetmem.h did not run")
         }
     }
+}
+
+/// The `Errors:` text of the comment right above each declaration in `header` whose
+/// name starts with one of `prefixes`, by function name, with "Errors: as hetmem_x"
+/// followed to hetmem_x's list.
+fn listed_errors(header: &str, prefixes: &[&str]) -> std::collections::HashMap<String, String> {
+    let lines: Vec<&str> = header.lines().collect();
+    let mut listed = std::collections::HashMap::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(decl) = line.strip_prefix("int ") else {
+            continue;
+        };
+        let name = decl.split('(').next().unwrap_or("").trim().to_owned();
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        // The comment block above: back to its opening "/*".
+        let mut text = Vec::new();
+        for above in lines[..i].iter().rev() {
+            text.push(*above);
+            if above.starts_with("/*") {
+                break;
+            }
+        }
+        text.reverse();
+        let text = text.join(" ");
+        let errors = text.split_once("Errors:").map_or("", |(_, e)| e).to_owned();
+        listed.insert(name, errors);
+    }
+    let aliases: Vec<(String, String)> = listed
+        .iter()
+        .filter_map(|(name, e)| {
+            let target = e.trim().strip_prefix("as ")?;
+            let target: String = target
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            Some((name.clone(), target))
+        })
+        .collect();
+    for (name, target) in aliases {
+        let more = listed.get(&target).cloned().unwrap_or_default();
+        listed.get_mut(&name).expect("listed").push_str(&more);
+    }
+    listed
+}
+
+/// Every `EXPECT(hetmem_x(...), HETMEM_ERR_Y)` and `EXPECT2(..., A, B)` in `program`:
+/// (function, code without the prefix).
+fn expected_codes(program: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (macro_, codes) in [("EXPECT(", 1), ("EXPECT2(", 2)] {
+        for (at, _) in program.match_indices(macro_) {
+            let rest = &program[at + macro_.len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // The call's closing parenthesis (string literals may hold any character).
+            let (mut depth, mut quoted, mut escaped, mut end) = (0usize, false, false, None);
+            for (k, c) in rest.char_indices() {
+                match (quoted, escaped, c) {
+                    (true, true, _) => escaped = false,
+                    (true, false, '\\') => escaped = true,
+                    (true, false, '"') => quoted = false,
+                    (true, ..) => {}
+                    (false, _, '"') => quoted = true,
+                    (false, _, '(') => depth += 1,
+                    (false, _, ')') => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = Some(k);
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let Some(end) = end else { continue };
+            let tail = &rest[end + 1..];
+            let words: Vec<&str> = tail
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| !w.is_empty())
+                .take(codes)
+                .collect();
+            for w in words {
+                if let Some(code) = w.strip_prefix("HETMEM_ERR_") {
+                    out.push((name.clone(), code.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Issue 15: every code the C program sees a tier-store call return is listed under
+/// that call in `include/hetmem.h` (`Errors: ...`).
+#[test]
+fn the_header_lists_every_code_the_store_calls_return() {
+    let header = std::fs::read_to_string(manifest_dir().join("include/hetmem.h")).unwrap();
+    let program = std::fs::read_to_string(manifest_dir().join("tests/c/capi_test.c")).unwrap();
+    let listed = listed_errors(&header, &["hetmem_store_", "hetmem_guard_"]);
+    assert!(
+        listed.len() >= 18,
+        "store calls found in the header: {listed:?}"
+    );
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    for (name, code) in expected_codes(&program) {
+        let Some(errors) = listed.get(&name) else {
+            continue;
+        };
+        seen += 1;
+        let words: Vec<&str> = errors
+            .split(|c: char| !(c.is_ascii_uppercase() || c == '_'))
+            .collect();
+        if !words.contains(&code.as_str()) {
+            missing.push(format!("{name}: {code}"));
+        }
+    }
+    assert!(seen > 40, "only {seen} store checks found in capi_test.c");
+    missing.sort();
+    missing.dedup();
+    assert!(
+        missing.is_empty(),
+        "codes the C program gets that the header does not list:\n{}",
+        missing.join("\n")
+    );
 }

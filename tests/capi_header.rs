@@ -316,3 +316,240 @@ fn the_parsers_see_what_they_should() {
     assert_eq!(h.len(), 2, "{h:?}");
     assert_eq!(count_args("a: *mut T, b: Option<fn(u8, u8)>,\n"), 2);
 }
+
+// ---- the codes each call may return ----
+
+/// The header's code lists, read by the library's own parser.
+fn code_lists() -> hetmem::ffi::codes::CodeLists {
+    let header = std::fs::read_to_string(root().join("include/hetmem.h")).unwrap();
+    hetmem::ffi::codes::parse(&header).unwrap_or_else(|e| panic!("include/hetmem.h: {e}"))
+}
+
+#[test]
+fn every_declaration_lists_its_codes() {
+    let header = std::fs::read_to_string(root().join("include/hetmem.h")).unwrap();
+    let lists = code_lists();
+    let declared: Vec<String> = header_functions(&header).into_keys().collect();
+    let listed: Vec<String> = lists.calls.keys().cloned().collect();
+    assert_eq!(declared, listed, "declarations and code lists differ");
+    // The lists are the library's codes, and no call lists PANIC (every call may).
+    let panic = i64::from(hetmem::ffi::HETMEM_ERR_PANIC);
+    for (call, codes) in &lists.calls {
+        assert!(
+            !codes.iter().any(|c| i64::from(*c) == panic),
+            "{call} lists PANIC: every call may return it, none lists it"
+        );
+    }
+    let c = header_constants(&header);
+    for (name, code) in &lists.codes {
+        assert_eq!(c.get(name), Some(&i64::from(*code)), "{name}");
+    }
+}
+
+/// A function of `src/ffi/*.rs`: its body, outside test modules.
+struct FfiFn {
+    file: String,
+    body: String,
+}
+
+/// Every `fn` of `src/ffi/*.rs` (test modules left out) by name; a name defined twice
+/// keeps both bodies.
+fn ffi_functions() -> BTreeMap<String, Vec<FfiFn>> {
+    let mut out: BTreeMap<String, Vec<FfiFn>> = BTreeMap::new();
+    for f in std::fs::read_dir(root().join("src/ffi")).unwrap() {
+        let f = f.unwrap().path();
+        let file = f.file_name().unwrap().to_string_lossy().into_owned();
+        if file.ends_with("_tests.rs") {
+            continue;
+        }
+        let mut src = strip_comments(&std::fs::read_to_string(&f).unwrap());
+        if let Some(t) = src.find("#[cfg(test)]\nmod tests") {
+            src.truncate(t);
+        }
+        let mut at = 0;
+        while let Some(p) = src[at..].find("fn ") {
+            let start = at + p + 3;
+            at = start;
+            if src[..start - 3].chars().next_back().is_some_and(is_ident) {
+                continue;
+            }
+            let name: String = src[start..].chars().take_while(|c| is_ident(*c)).collect();
+            let Some(open) = src[start..].find('{').map(|o| start + o) else {
+                continue;
+            };
+            // A declaration without a body (`fn x();` in a trait or extern block).
+            if src[start..open].contains(';') {
+                continue;
+            }
+            let mut depth = 0usize;
+            let mut end = open;
+            for (i, c) in src[open..].char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = open + i;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            out.entry(name).or_default().push(FfiFn {
+                file: file.clone(),
+                body: src[open..=end].to_owned(),
+            });
+        }
+    }
+    out
+}
+
+/// `OutOfBounds` → `OUT_OF_BOUNDS`.
+fn snake_upper(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+/// The codes a body returns itself: `FfiError::new(HETMEM_ERR_X` / `Self::new(...`, an
+/// `Error::Variant` it builds (`Error::oom`, `Error::os` too), and those of the ffi
+/// functions it calls by path (`name(`, `FfiError::name(`, `Self::name(`; methods,
+/// `x.name(`, are not followed: their names collide with std's).
+fn static_codes(
+    name: &str,
+    fns: &BTreeMap<String, Vec<FfiFn>>,
+    seen: &mut std::collections::BTreeSet<String>,
+) -> std::collections::BTreeSet<String> {
+    let mut codes = std::collections::BTreeSet::new();
+    if !seen.insert(name.to_owned()) {
+        return codes;
+    }
+    for f in fns.get(name).into_iter().flatten() {
+        let b = &f.body;
+        for pat in ["FfiError::new(", "Self::new("] {
+            for (i, _) in b.match_indices(pat) {
+                let arg = b[i + pat.len()..].trim_start();
+                if let Some(rest) = arg.strip_prefix("HETMEM_ERR_") {
+                    let code: String = rest.chars().take_while(|c| is_ident(*c)).collect();
+                    codes.insert(code);
+                }
+            }
+        }
+        for (i, _) in b.match_indices("Error::") {
+            if b[..i].ends_with("Ffi") {
+                continue;
+            }
+            let v: String = b[i + 7..].chars().take_while(|c| is_ident(*c)).collect();
+            let after = b[i + 7 + v.len()..].trim_start();
+            let built = after.starts_with('(') || after.starts_with('{');
+            match v.as_str() {
+                "oom" => {
+                    codes.insert("OUT_OF_MEMORY".into());
+                }
+                "os" => {
+                    codes.insert("OS".into());
+                }
+                v if built && v.starts_with(|c: char| c.is_ascii_uppercase()) => {
+                    codes.insert(snake_upper(v));
+                }
+                _ => {}
+            }
+        }
+        for (i, _) in b.match_indices('(') {
+            let before = &b[..i];
+            let callee: String = before
+                .chars()
+                .rev()
+                .take_while(|c| is_ident(*c))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if callee.is_empty() || callee == name || !fns.contains_key(&callee) {
+                continue;
+            }
+            let prefix = &before[..before.len() - callee.len()];
+            let by_path = !prefix.ends_with('.')
+                && (!prefix.ends_with("::")
+                    || prefix.ends_with("FfiError::")
+                    || prefix.ends_with("Self::"));
+            if by_path && !prefix.trim_end().ends_with("fn") {
+                codes.extend(static_codes(&callee, fns, seen));
+            }
+        }
+    }
+    codes
+}
+
+/// The codes that the C layer's own code can return for each export (named in the
+/// source, not found deep in the library) are in the export's list in the header: a
+/// new `FfiError::new(HETMEM_ERR_X` or `Error::X` on a call's path fails here until the
+/// header lists it. (The library's tests check the codes that calls return at run time,
+/// src/ffi/codes.rs.)
+#[test]
+fn codes_the_c_layer_returns_are_listed() {
+    let lists = code_lists();
+    let fns = ffi_functions();
+    let exports = rust_exports();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for name in exports.keys() {
+        let listed = &lists.calls[name];
+        let found = static_codes(name, &fns, &mut Default::default());
+        checked += found.len();
+        for code in found {
+            let full = format!("HETMEM_ERR_{code}");
+            match lists.codes.get(&full) {
+                Some(c) if listed.contains(c) || *c == hetmem::ffi::HETMEM_ERR_PANIC => {}
+                Some(_) => problems.push(format!(
+                    "  {name} ({}) can return {full}, which the header does not list for it",
+                    fns[name][0].file
+                )),
+                None => problems.push(format!("  {name}: {full} is not a status code")),
+            }
+        }
+    }
+    assert!(
+        checked > 60,
+        "only {checked} codes found: is the scanner broken?"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_code_scanner_sees_what_it_should() {
+    let fns = |src: &[(&str, &str)]| -> BTreeMap<String, Vec<FfiFn>> {
+        src.iter()
+            .map(|(n, b)| {
+                (
+                    n.to_string(),
+                    vec![FfiFn {
+                        file: "x.rs".into(),
+                        body: b.to_string(),
+                    }],
+                )
+            })
+            .collect()
+    };
+    let f = fns(&[
+        ("a", "{ helper(1)?; x.helper(2); FfiError::null(\"p\"); Err(crate::Error::OutOfBounds { offset }) }"),
+        ("helper", "{ FfiError::new(HETMEM_ERR_FOREIGN_POINTER, \"\") }"),
+        ("null", "{ Self::new(HETMEM_ERR_NULL_POINTER, \"\") }"),
+        ("b", "{ match e { Error::Forked { .. } => 1 } ; Error::oom(t, 1, 2) }"),
+    ]);
+    let got = static_codes("a", &f, &mut Default::default());
+    assert_eq!(
+        got.into_iter().collect::<Vec<_>>(),
+        ["FOREIGN_POINTER", "NULL_POINTER", "OUT_OF_BOUNDS"]
+    );
+    let got = static_codes("b", &f, &mut Default::default());
+    // A pattern `Error::Forked { .. }` is a match arm, but the scanner cannot tell: it
+    // over-approximates, which is the safe side.
+    assert!(got.contains("OUT_OF_MEMORY"), "{got:?}");
+}

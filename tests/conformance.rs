@@ -80,9 +80,24 @@ const CHECKS: &[(&str, Need, Check)] = &[
         partial_copies_respect_offsets,
     ),
     (
+        "copy_stream_checks_do_not_depend_on_the_path",
+        Need::Device,
+        copy_stream_checks_do_not_depend_on_the_path,
+    ),
+    (
+        "copies_within_one_buffer_are_memmove",
+        Need::Device,
+        copies_within_one_buffer,
+    ),
+    (
         "events_order_work_across_streams",
         Need::Device,
         events_order_streams,
+    ),
+    (
+        "events_made_then_recorded_order_work",
+        Need::Device,
+        events_made_then_recorded,
     ),
     (
         "drop_waits_for_pending_copies",
@@ -495,6 +510,152 @@ fn partial_copies_respect_offsets(mgr: &Manager) -> Result<(), Failed> {
     ensure(small[..] == data[1010..1017], "read at an offset")
 }
 
+/// What a copy's stream is checked for does not depend on the path the copy takes
+/// (between two buffers, within one, into or out of pool blocks, zero bytes or more):
+/// another manager's stream (even once that manager is gone) is `ForeignHandle`; a
+/// stream of a device the copy does not involve `InvalidArgument` (a copy between host
+/// memory may go on any of the manager's streams); the buffers' own stream works.
+fn copy_stream_checks_do_not_depend_on_the_path(mgr: &Manager) -> Result<(), Failed> {
+    let twin = open(mgr.backend_kind()).map_err(|e| format!("twin manager: {e}"))?;
+    let theirs = ok(twin.mgr.create_stream(0), "their stream")?;
+    let orphan = {
+        let gone = open(mgr.backend_kind()).map_err(|e| format!("third manager: {e}"))?;
+        ok(
+            gone.mgr.create_stream(0),
+            "a stream of a manager about to go",
+        )?
+    };
+    let mine = ok(mgr.create_stream(0), "my stream")?;
+    let dev1 = if mgr.devices().len() >= 2 {
+        Some(ok(mgr.create_stream(1), "stream of device 1")?)
+    } else {
+        None
+    };
+    let placements = [
+        Placement::Host(NumaPolicy::Default),
+        Placement::Pinned(NumaPolicy::Default),
+        Placement::Device(0),
+    ];
+    let n = 64 << 10;
+    let is_device = |p: &Placement| matches!(p, Placement::Device(_));
+    // (stream, what, refused with: None = accepted; Some(true) = ForeignHandle,
+    // Some(false) = InvalidArgument), given whether the copy involves device 0.
+    type Want = fn(bool) -> Option<bool>;
+    let mut cases: Vec<(&hetmem::Stream, &str, Want)> = vec![
+        (&theirs, "another manager's stream", |_| Some(true)),
+        (&orphan, "a destroyed manager's stream", |_| Some(true)),
+        (&mine, "its own stream", |_| None),
+    ];
+    if let Some(s) = &dev1 {
+        cases.push((s, "a stream of device 1", |dev| dev.then_some(false)));
+    }
+    let judge = |r: hetmem::Result<()>, want: Option<bool>, what: String| match (r, want) {
+        (Ok(()), None)
+        | (Err(Error::ForeignHandle { .. }), Some(true))
+        | (Err(Error::InvalidArgument(_)), Some(false)) => Ok(()),
+        (r, want) => Err(Failed::from(format!("{what}: got {r:?}, wanted {want:?}"))),
+    };
+    for a in &placements {
+        // Within one buffer.
+        let mut buf = filled(mgr, a.clone(), &pattern(n, 1))?;
+        for (s, what, want) in &cases {
+            for len in [n / 4, 0] {
+                judge(
+                    mgr.copy_within(&mut buf, 0, n / 2, len, Some(s)),
+                    want(is_device(a)),
+                    format!("{a:?} within itself, {len} bytes, on {what}"),
+                )?;
+            }
+        }
+        // Between two buffers.
+        for b in &placements {
+            let src = filled(mgr, b.clone(), &pattern(n, 2))?;
+            let mut dst = filled(mgr, a.clone(), &pattern(n, 3))?;
+            for (s, what, want) in &cases {
+                for len in [n / 4, 0] {
+                    judge(
+                        mgr.copy_async(&mut dst, 0, &src, 0, len, s),
+                        want(is_device(a) || is_device(b)),
+                        format!("{a:?} <- {b:?}, {len} bytes, on {what}"),
+                    )?;
+                }
+            }
+            ok(mine.synchronize(), "sync")?;
+            let mut want = pattern(n, 3);
+            want[..n / 4].copy_from_slice(&pattern(n, 2)[..n / 4]);
+            if let Some(s) = &dev1 {
+                if !is_device(a) && !is_device(b) {
+                    ok(s.synchronize(), "sync device 1")?;
+                }
+            }
+            ensure(
+                read_all(mgr, &dst)? == want,
+                format!("{a:?} <- {b:?}: only the accepted copies moved bytes"),
+            )?;
+            ok(mgr.copy(&mut dst, 0, &src, 0, n), "a copy with no stream")?;
+            ensure(read_all(mgr, &dst)? == pattern(n, 2), "synchronous copy")?;
+        }
+        let mut want = pattern(n, 1);
+        want.copy_within(n / 2..n / 2 + n / 4, 0);
+        ensure(
+            read_all(mgr, &buf)? == want,
+            format!("{a:?}: only the accepted copies within it moved bytes"),
+        )?;
+    }
+    // Pool blocks: the same check.
+    let pool = ok(mgr.device_pool(0, PoolConfig::default()), "device pool")?;
+    let blk = ok(pool.alloc(n, &mine), "pool block")?;
+    let host = filled(mgr, Placement::Pinned(NumaPolicy::Default), &pattern(n, 4))?;
+    for (s, what, want) in &cases {
+        for len in [n / 4, 0] {
+            judge(
+                mgr.copy_to_block(&blk, 0, &host, 0, len, s),
+                want(true),
+                format!("a pool block <- pinned, {len} bytes, on {what}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A copy within one buffer moves the range as `memmove` does, forwards and backwards,
+/// in every placement, with and without a stream.
+fn copies_within_one_buffer(mgr: &Manager) -> Result<(), Failed> {
+    let n = 4096;
+    for p in all_placements(mgr) {
+        let device = match p {
+            Placement::Device(d) | Placement::Managed { device: d } => d,
+            _ => 0,
+        };
+        let s = ok(mgr.create_stream(device), "stream")?;
+        for (dst, src) in [(0, 100), (100, 0), (7, 7)] {
+            for stream in [None, Some(&s)] {
+                let data = pattern(n, 5);
+                let mut buf = filled(mgr, p.clone(), &data)?;
+                ok(
+                    mgr.copy_within(&mut buf, dst, src, 3000, stream),
+                    &format!("{p:?}: copy within, {src} -> {dst}"),
+                )?;
+                let mut want = data.clone();
+                want.copy_within(src..src + 3000, dst);
+                ensure(
+                    read_all(mgr, &buf)? == want,
+                    format!("{p:?}: {src} -> {dst} as memmove"),
+                )?;
+            }
+        }
+        let mut buf = ok(mgr.alloc(p.clone(), n), "alloc")?;
+        ensure(
+            matches!(
+                mgr.copy_within(&mut buf, 0, n - 10, 20, None),
+                Err(Error::OutOfBounds { .. })
+            ),
+            format!("{p:?}: a range past the end is OutOfBounds"),
+        )?;
+    }
+    Ok(())
+}
+
 fn events_order_streams(mgr: &Manager) -> Result<(), Failed> {
     let len = 32 << 20;
     let data = pattern(len, 11);
@@ -537,6 +698,92 @@ fn events_order_streams(mgr: &Manager) -> Result<(), Failed> {
         )?;
     }
     Ok(())
+}
+
+/// An event made with `create_event` counts as passed until recorded; recorded after an
+/// asynchronous copy, it orders another stream's work after the copy (on the simulator
+/// the clock shows the wait) and the host's; it can be recorded again; a stream of
+/// another device or manager is refused for recording, another device's stream may
+/// wait for it.
+fn events_made_then_recorded(mgr: &Manager) -> Result<(), Failed> {
+    let len = 16 << 20;
+    let data = pattern(len, 12);
+    let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
+    let mut dev = ok(mgr.alloc(Placement::Device(0), len), "alloc")?;
+    let mut out = ok(
+        mgr.alloc(Placement::Pinned(NumaPolicy::Default), len),
+        "alloc",
+    )?;
+    let (a, b) = (
+        ok(mgr.create_stream(0), "stream a")?,
+        ok(mgr.create_stream(0), "stream b")?,
+    );
+    let ev = ok(mgr.create_event(0), "create event")?;
+    ensure(ev.device() == 0, "the event's device")?;
+    ensure(
+        ok(ev.is_done(), "query")?,
+        "an event never recorded counts as passed",
+    )?;
+    ok(ev.synchronize(), "synchronize an unrecorded event")?;
+    ok(b.wait(&ev), "wait for an unrecorded event")?;
+    ok(
+        mgr.copy_async(&mut dev, 0, &src, 0, len, &a),
+        "producer copy on a",
+    )?;
+    ok(ev.record(&a), "record")?;
+    ok(b.wait(&ev), "b waits")?;
+    let mark = ok(b.record(), "mark b after the wait")?;
+    if let Some(sim) = mgr.sim() {
+        let ev_t = ok(sim.event_time_ns(ev.handle()), "event time")?.expect("recorded");
+        let b_t = ok(sim.event_time_ns(mark.handle()), "mark time")?.expect("recorded");
+        let copy_ns = (len as f64 / sim.config().h2d_gbps) as u64;
+        ensure(
+            ev_t >= copy_ns && b_t >= ev_t,
+            format!("b passed the wait at {b_t} ns, the copy ({copy_ns} ns) ended at {ev_t} ns"),
+        )?;
+        ensure(
+            !ok(mark.is_done(), "query b")?,
+            "on the clock b has not passed the wait yet",
+        )?;
+    }
+    ok(
+        mgr.copy_async(&mut out, 0, &dev, 0, len, &b),
+        "consumer copy on b",
+    )?;
+    ok(ev.record(&b), "record again, on b")?;
+    ok(ev.synchronize(), "host waits for b")?;
+    ensure(ok(mark.is_done(), "query")?, "b's earlier mark passed")?;
+    ensure(
+        checksum(ok(out.as_slice(), "slice")?) == checksum(&data),
+        "b's copy read the producer's bytes",
+    )?;
+    if mgr.devices().len() >= 2 {
+        let s1 = ok(mgr.create_stream(1), "stream on device 1")?;
+        ensure(
+            matches!(ev.record(&s1), Err(Error::InvalidArgument(_))),
+            "an event of device 0 is not recorded on a stream of device 1",
+        )?;
+        ok(s1.wait(&ev), "device 1 waits for device 0's event")?;
+        ok(s1.synchronize(), "sync")?;
+    }
+    let twin = open(mgr.backend_kind()).map_err(|e| format!("twin manager: {e}"))?;
+    let theirs = ok(twin.mgr.create_stream(0), "their stream")?;
+    let their_ev = ok(twin.mgr.create_event(0), "their event")?;
+    ensure(
+        matches!(ev.record(&theirs), Err(Error::ForeignHandle { .. })),
+        "recorded on another manager's stream: refused",
+    )?;
+    ensure(
+        matches!(a.wait(&their_ev), Err(Error::ForeignHandle { .. })),
+        "another manager's event: refused",
+    )?;
+    ensure(
+        matches!(
+            mgr.create_event(mgr.devices().len()),
+            Err(Error::UnknownDevice { .. })
+        ),
+        "an event of a device that does not exist",
+    )
 }
 
 fn drop_waits_for_pending_copies(mgr: &Manager) -> Result<(), Failed> {

@@ -2162,7 +2162,7 @@ fn manager_buffers_pool_and_tier_store_on_cuda() {
             let g = store.acquire(i, &compute).unwrap();
             let mut out = vec![0u8; MIB];
             compute.synchronize().unwrap();
-            g.block().read(0, &mut out).unwrap();
+            g.block().unwrap().read(0, &mut out).unwrap();
             assert_eq!(out, layer_bytes(i as usize, MIB), "pass {pass} layer {i}");
         }
     }
@@ -3014,4 +3014,65 @@ fn a_per_thread_block_freed_on_another_thread_waits_for_the_device() {
         });
     });
     assert_eq!(f.stat("ctx_synchronizes"), syncs + 1);
+}
+
+/// The driver calls a pool and copies make on the driver itself (counted by the fake):
+/// events are recorded again, not made per copy; a pool growing by ten 16 MiB blocks
+/// makes at most one physical allocation (one map) per growth, gives each run of them
+/// access with one call, and serving the same sizes again calls the driver for no
+/// memory at all.
+#[test]
+fn the_pool_and_copies_call_the_driver_rarely() {
+    let (f, _g, _b) = setup();
+    let mgr = cuda_manager();
+    let calls = |name: &str| f.stat(&format!("calls:{name}"));
+    let s = mgr.create_stream(0).unwrap();
+    let src = mgr.alloc(Placement::Device(0), MIB).unwrap();
+    let mut dst = mgr.alloc(Placement::Device(0), MIB).unwrap();
+    let events = calls("cuEventCreate");
+    for _ in 0..200 {
+        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &s).unwrap();
+    }
+    s.synchronize().unwrap();
+    assert!(
+        calls("cuEventCreate") - events <= 4,
+        "{} events made for 200 copies",
+        calls("cuEventCreate") - events
+    );
+    let p = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    let before: Vec<i64> = ["cuMemCreate", "cuMemMap", "cuMemSetAccess"]
+        .iter()
+        .map(|c| calls(c))
+        .collect();
+    let blocks: Vec<_> = (0..10).map(|_| p.alloc(16 * MIB, &s).unwrap()).collect();
+    let grown: Vec<i64> = ["cuMemCreate", "cuMemMap", "cuMemSetAccess"]
+        .iter()
+        .zip(&before)
+        .map(|(c, b)| calls(c) - b)
+        .collect();
+    assert!(
+        grown[0] <= 10 && grown[1] == grown[0],
+        "creates, maps: {grown:?}"
+    );
+    assert!(
+        grown[2] <= grown[0],
+        "one set-access per run at most: {grown:?}"
+    );
+    drop(blocks);
+    let steady: Vec<i64> = ["cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap"]
+        .iter()
+        .map(|c| calls(c))
+        .collect();
+    for _ in 0..5 {
+        let again: Vec<_> = (0..10).map(|_| p.alloc(16 * MIB, &s).unwrap()).collect();
+        drop(again);
+    }
+    let after: Vec<i64> = ["cuMemCreate", "cuMemMap", "cuMemSetAccess", "cuMemUnmap"]
+        .iter()
+        .map(|c| calls(c))
+        .collect();
+    assert_eq!(
+        after, steady,
+        "no driver call for memory the pool already has"
+    );
 }

@@ -174,3 +174,240 @@ fn bad_uploads_are_refused() {
     let foreign = other.create_stream(0).unwrap();
     assert!(ring.upload(&[0; 100], &dst, 0, &foreign).is_err());
 }
+
+/// Set in a child process to the name of the one test it runs.
+const CHILD_ENV: &str = "HETMEM_STAGING_CHILD";
+
+/// Runs test `test` alone in a child process of this binary and returns false (the
+/// child must pass); in that child it returns true, and the test's body runs there.
+fn in_child(test: &str) -> bool {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child {test} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {test} ran no test:\n{text}"
+    );
+    false
+}
+
+/// Makes every thread this process starts from now on fail to start, as a thread or
+/// pids limit does (`clone` answers `EAGAIN`): the soft `RLIMIT_NPROC` goes to 0.
+/// Root is exempt from that limit (and so is `CAP_SYS_RESOURCE`), so a root process
+/// first becomes `nobody` (uid and gid 65534), which drops its capabilities; the hard
+/// limit stays, so [`allow_threads`] can lift the soft one again. Returns the hard
+/// limit. For a child process only: it cannot become root again.
+fn forbid_threads() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable `struct rlimit`.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NPROC, &mut lim) }, 0);
+    let hard = lim.rlim_max;
+    lim.rlim_cur = 0;
+    // SAFETY: as above; lowering the soft limit needs no privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lim) }, 0);
+    // SAFETY: plain system calls on this process's credentials, no pointers but the
+    // NULL group list of length 0.
+    unsafe {
+        if libc::geteuid() == 0 {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+            assert_eq!(libc::setgid(65534), 0, "setgid(65534)");
+            assert_eq!(libc::setuid(65534), 0, "setuid(65534)");
+        }
+    }
+    // The limit must bind here, or the test would prove nothing.
+    let probe = std::thread::Builder::new().spawn(|| ());
+    match probe {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}"),
+        Ok(h) => {
+            h.join().unwrap();
+            panic!("RLIMIT_NPROC 0 does not stop threads here: cannot test thread exhaustion");
+        }
+    }
+    hard
+}
+
+/// Lifts the soft `RLIMIT_NPROC` to `hard` again.
+fn allow_threads(hard: libc::rlim_t) {
+    let lim = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid `struct rlimit`; raising the soft limit up to the hard
+    // one needs no privilege.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NPROC, &lim) }, 0);
+}
+
+/// Issue 15: with no thread to start (a pids or thread limit), every path that starts
+/// threads (the ring's fillers, a host region pre-faulted and registered in parallel,
+/// the tier store's cold loads, and the same through C) works on the calling thread
+/// alone instead of panicking; once threads can start again they are used again.
+#[test]
+fn with_no_thread_to_start_the_caller_does_the_work() {
+    use hetmem::ffi::tier::*;
+    use hetmem::ffi::{hetmem_last_error, memory::hetmem_manager_create, HETMEM_OK};
+    use hetmem::tier::{TierConfig, TierStore};
+
+    if !in_child("with_no_thread_to_start_the_caller_does_the_work") {
+        return;
+    }
+    let mgr = Manager::builder()
+        .backend(BackendKind::Sim)
+        .sim_config(SimConfig::with_devices(1, 1 << 30))
+        .build()
+        .unwrap();
+    // Regions of 4 MiB and more are faulted and registered by four threads.
+    let host = mgr
+        .host_pool(HostPoolConfig {
+            threads: 4,
+            parallel_threshold: 4 * MIB,
+            min_register_chunk: 2 * MIB,
+            ..HostPoolConfig::default()
+        })
+        .unwrap();
+    let pool = mgr.device_pool(0, PoolConfig::default()).unwrap();
+    let stream = mgr.create_stream(0).unwrap();
+    let mut ring = StagingRing::new(&host, &NumaPolicy::Default, 8, MIB, 4).unwrap();
+    let hard = forbid_threads();
+
+    // Four fillers wanted, none can start: the caller fills all eight slots in turn.
+    let src = pattern(24 * MIB + 5, 7);
+    let dst = pool.alloc(src.len(), &stream).unwrap();
+    let r = ring.upload(&src, &dst, 0, &stream).unwrap();
+    assert_eq!((r.bytes, r.chunks), (src.len(), 25));
+    assert!(read_back(&mgr, &dst, &stream) == src, "bytes differ");
+
+    // A region faulted in four parts and registered in four pieces, by the caller.
+    let before = host.stats().pinned;
+    let mut blk = host.alloc_pinned(&NumaPolicy::Default, 16 * MIB).unwrap();
+    let after = host.stats().pinned;
+    assert_eq!(after.regions_created, before.regions_created + 1);
+    assert_eq!(after.registrations, before.registrations + 4, "{after:?}");
+    blk.as_mut_slice().unwrap().fill(3);
+    drop(blk);
+
+    // A cold load through a store's ring of four fillers (the host budget holds the
+    // ring only, so every load is staged).
+    let mut cfg = TierConfig::new(64 * MIB, 16 * MIB);
+    cfg.staging_threads = 4;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    let bytes = pattern(20 * MIB, 1);
+    let w = store.register("w", bytes.clone().into()).unwrap();
+    let g = store.acquire(w, &stream).unwrap();
+    drop(g);
+    assert_eq!(store.stats().staged_loads, 1);
+    assert!(store.read(w).unwrap() == bytes, "the staged load differs");
+
+    // The same through C: an error code would do, HETMEM_ERR_PANIC would not.
+    let last = || {
+        // SAFETY: hetmem_last_error returns a valid NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(hetmem_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    // SAFETY: every pointer is a live local or NULL where the call allows it; the
+    // handles come from the calls before.
+    unsafe {
+        let mut m = std::ptr::null_mut();
+        assert_eq!(hetmem_manager_create(c"sim".as_ptr(), &mut m), HETMEM_OK);
+        let mut c = std::mem::zeroed::<HetmemStoreConfig>();
+        assert_eq!(
+            hetmem_store_config_init(&mut c, 64 * MIB, 16 * MIB),
+            HETMEM_OK
+        );
+        c.staging_threads = 4;
+        let mut s = std::ptr::null_mut();
+        assert_eq!(hetmem_store_create(m, &c, &mut s), HETMEM_OK, "{}", last());
+        let mut id = 0u32;
+        let rc = hetmem_store_register(
+            s,
+            c"w".as_ptr(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            &mut id,
+        );
+        assert_eq!(rc, HETMEM_OK, "{}", last());
+        let (mut g, mut p) = (std::ptr::null_mut(), std::ptr::null_mut());
+        let rc = hetmem_store_acquire(s, id, std::ptr::null_mut(), &mut g, &mut p);
+        assert_eq!(rc, HETMEM_OK, "{}", last());
+        assert_eq!(hetmem_guard_release(g), HETMEM_OK);
+        assert_eq!(hetmem_store_destroy(s), HETMEM_OK);
+        assert_eq!(hetmem::ffi::memory::hetmem_manager_destroy(m), HETMEM_OK);
+    }
+
+    // Threads can start again: so can the fillers.
+    allow_threads(hard);
+    std::thread::spawn(|| ()).join().unwrap();
+    let src = pattern(16 * MIB, 2);
+    let dst = pool.alloc(src.len(), &stream).unwrap();
+    ring.upload(&src, &dst, 0, &stream).unwrap();
+    assert!(read_back(&mgr, &dst, &stream) == src, "bytes differ");
+}
+
+/// Issue 15: a ring no host could pin (more than the memory available, or than the
+/// address space) is refused before a single slot is pinned, with its numbers.
+#[test]
+fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
+    use hetmem::Tier;
+
+    let mgr = Manager::builder()
+        .backend(BackendKind::Sim)
+        .build()
+        .unwrap();
+    let available = hetmem::backend::host::available_memory();
+    let slots = available / (4 * MIB) + 2;
+    // Under a budget, pinning slot after slot would stop at the budget; without one,
+    // at the kernel's OOM killer. Both are refused up front.
+    for budget in [Some(64 * MIB), None] {
+        let host = mgr
+            .host_pool(HostPoolConfig {
+                pinned_budget: budget,
+                ..HostPoolConfig::default()
+            })
+            .unwrap();
+        let err = StagingRing::new(&host, &NumaPolicy::Default, slots, 4 * MIB, 1).unwrap_err();
+        assert!(
+            matches!(err, Error::OutOfMemory { tier: Tier::Pinned, requested, free, .. }
+                if requested == slots * 4 * MIB && free < requested),
+            "{err}"
+        );
+        let err =
+            StagingRing::new(&host, &NumaPolicy::Default, usize::MAX, 4 * MIB, 1).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidSize {
+                    requested: usize::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        for size in [isize::MAX as usize + 1, usize::MAX, 0] {
+            let err = StagingRing::new(&host, &NumaPolicy::Default, 2, size, 1).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidSize { requested, .. } if requested == size),
+                "{size}: {err}"
+            );
+        }
+        let pinned = host.stats().pinned;
+        assert_eq!(
+            (pinned.regions_created, pinned.registrations),
+            (0, 0),
+            "pinned before refusing: {pinned:?}"
+        );
+    }
+}

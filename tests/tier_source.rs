@@ -238,8 +238,53 @@ fn missing_file_and_directory_are_config_errors() {
     let dir = tmp("a-directory");
     std::fs::create_dir_all(&dir).unwrap();
     let reason = config_reason_at(&dir);
-    assert!(reason.contains("cannot"), "{reason}");
+    assert!(
+        reason.contains("not a regular file (a directory)"),
+        "{reason}"
+    );
     std::fs::remove_dir(&dir).unwrap();
+}
+
+/// Issue 15: a FIFO's `open` waits for a writer, so opening one blocking hung
+/// `SafetensorsFile::open` (and the store's registration through C) for good. It is a
+/// configuration error at once, as is any other file that is not a regular one.
+#[test]
+fn a_fifo_or_a_device_is_a_config_error_at_once() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let fifo = tmp("fifo");
+    std::fs::remove_file(&fifo).ok();
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let at = fifo.clone();
+    std::thread::spawn(move || {
+        let reasons = [
+            std::panic::catch_unwind(|| config_reason_at(&at)),
+            std::panic::catch_unwind(|| match MappedFile::open(&at) {
+                Err(Error::Config { reason, .. }) => reason,
+                other => panic!("{other:?}"),
+            }),
+        ];
+        tx.send(reasons).ok();
+    });
+    let Ok(reasons) = rx.recv_timeout(Duration::from_secs(10)) else {
+        // Let the opener go: a writer completes its open.
+        let _writer = std::fs::OpenOptions::new().write(true).open(&fifo);
+        std::fs::remove_file(&fifo).ok();
+        panic!("opening a FIFO blocked (no writer)");
+    };
+    std::fs::remove_file(&fifo).unwrap();
+    for reason in reasons {
+        let reason = reason.unwrap();
+        assert!(reason.contains("not a regular file (a FIFO)"), "{reason}");
+    }
+    // A character device maps (as /dev/zero does) but is no model file.
+    let reason = config_reason_at(Path::new("/dev/zero"));
+    assert!(
+        reason.contains("not a regular file (a character device)"),
+        "{reason}"
+    );
 }
 
 #[test]

@@ -500,7 +500,10 @@ fn dirty_parameters_are_written_back() {
     for &id in &ids {
         let mut g = store.acquire(id, &s).unwrap();
         s.synchronize().unwrap();
-        g.block().write(100, &[0xA0 + id as u8; 64]).unwrap();
+        g.block()
+            .unwrap()
+            .write(100, &[0xA0 + id as u8; 64])
+            .unwrap();
         g.mark_dirty();
     }
     // All four were dirtied through a two-slot device: at least two written back by
@@ -513,7 +516,7 @@ fn dirty_parameters_are_written_back() {
         let g = store.acquire(id, &s).unwrap();
         s.synchronize().unwrap();
         let mut back = vec![0u8; LAYER];
-        g.block().read(0, &mut back).unwrap();
+        g.block().unwrap().read(0, &mut back).unwrap();
         let mut want = layer_bytes(id as usize, LAYER);
         want[100..164].fill(0xA0 + id as u8);
         assert!(back == want, "parameter {id} lost its write");
@@ -580,7 +583,7 @@ fn a_failed_write_back_keeps_the_write() {
     let s = mgr.create_stream(0).unwrap();
     let mut g = store.acquire(0, &s).unwrap();
     s.synchronize().unwrap();
-    g.block().write(0, &[0x5A; 256]).unwrap();
+    g.block().unwrap().write(0, &[0x5A; 256]).unwrap();
     g.mark_dirty();
     drop(g);
     // Loading 1 evicts 0, whose write-back fails.
@@ -983,10 +986,13 @@ fn stress_in(sequence: SequenceHint, in_order: bool, planner: Planner, host_budg
                             let mut g = store.acquire(own[k], &s).unwrap();
                             s.synchronize().unwrap();
                             let mut cur = [0u8; 8];
-                            g.block().read(0, &mut cur).unwrap();
+                            g.block().unwrap().read(0, &mut cur).unwrap();
                             assert_eq!(u64::from_le_bytes(cur), counters[k], "lost write");
                             counters[k] += 1;
-                            g.block().write(0, &counters[k].to_le_bytes()).unwrap();
+                            g.block()
+                                .unwrap()
+                                .write(0, &counters[k].to_le_bytes())
+                                .unwrap();
                             g.mark_dirty();
                         }
                         4..=6 => {
@@ -1065,7 +1071,7 @@ fn acquire_timeout_waits_for_guards_of_other_threads() {
                         .unwrap();
                     let mut b = [0u8; 1];
                     s.synchronize().unwrap();
-                    g.block().read(SIZE - 1, &mut b).unwrap();
+                    g.block().unwrap().read(SIZE - 1, &mut b).unwrap();
                     assert_eq!(b[0], id as u8);
                     std::thread::yield_now();
                 }
@@ -1332,7 +1338,7 @@ fn mixed_sizes_stay_on_the_plan() {
         for (id, &n) in sizes.iter().enumerate() {
             let g = store.acquire(id as ParamId, &s).unwrap();
             assert_eq!(g.len(), n, "a guard reports its parameter's size");
-            assert!(g.block().len() >= n);
+            assert!(g.block().unwrap().len() >= n);
             mgr.sim()
                 .unwrap()
                 .launch_kernel(s.handle(), Duration::from_micros(5))
@@ -1773,4 +1779,281 @@ fn an_acquire_in_a_capture_serves_resident_parameters_only() {
     assert_eq!((st.hits, st.misses), (hits + 2, misses + 1));
     // After the capture, the same stream loads as usual.
     drop(store.acquire(6, &capture).unwrap());
+}
+
+/// Issue 15: a file's tensors register all or none, and a tensor of zero elements (legal
+/// in safetensors) is an empty parameter: no memory, always on the device, acquired to
+/// a guard of length 0 with a null pointer, a step of the sequence like the others.
+/// (It was refused with `InvalidSize`, and left the tensors before it registered.)
+#[test]
+fn a_file_registers_all_or_nothing_and_empty_tensors_are_empty_parameters() {
+    let mgr = sim();
+    let sim = mgr.sim().unwrap();
+    let mut cfg = TierConfig::new(4 * MIB, 32 * MIB);
+    cfg.checksums = true;
+    let store = TierStore::new(&mgr, cfg).unwrap();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let path = |name: &str| {
+        dir.join(format!(
+            "tier-store-{}-{name}.safetensors",
+            std::process::id()
+        ))
+    };
+    let a = layer_bytes(1, 3 * MIB);
+    let b = layer_bytes(2, 1000);
+
+    // Refused files leave nothing behind: a name taken, a tensor larger than the budget.
+    store.register("taken", vec![1u8; 64].into()).unwrap();
+    let huge = vec![0u8; 5 * MIB];
+    for (name, tensors) in [
+        (
+            "taken",
+            vec![
+                ("fresh", "U8", vec![16], vec![1u8; 16]),
+                ("taken", "U8", vec![4], vec![0u8; 4]),
+            ],
+        ),
+        (
+            "huge",
+            vec![
+                ("fresh", "U8", vec![16], vec![1u8; 16]),
+                ("big", "U8", vec![huge.len()], huge.clone()),
+            ],
+        ),
+    ] {
+        let specs: Vec<_> = tensors
+            .iter()
+            .map(|(n, d, s, b)| (*n, *d, s.as_slice(), b.as_slice()))
+            .collect();
+        write_safetensors(path(name), &specs).unwrap();
+        let file = SafetensorsFile::open(path(name)).unwrap();
+        let err = store.register_safetensors(&file).unwrap_err();
+        match (name, &err) {
+            ("taken", Error::InvalidArgument(m)) => assert!(m.contains("`taken`"), "{m}"),
+            (
+                "huge",
+                Error::OutOfMemory {
+                    requested, free, ..
+                },
+            ) => {
+                assert_eq!((*requested, *free), (6 * MIB, 4 * MIB), "{err}")
+            }
+            _ => panic!("{name}: {err}"),
+        }
+        assert_eq!(store.len(), 1, "{name}: a tensor stayed registered");
+        assert_eq!(store.id("fresh"), None);
+        std::fs::remove_file(path(name)).ok();
+    }
+
+    write_safetensors(
+        path("empty"),
+        &[
+            ("a", "U8", &[a.len()], &a),
+            ("empty", "F32", &[0, 8], &[]),
+            ("b", "U8", &[b.len()], &b),
+        ],
+    )
+    .unwrap();
+    let file = SafetensorsFile::open(path("empty")).unwrap();
+    let ids = store.register_safetensors(&file).unwrap();
+    assert_eq!(ids, vec![1, 2, 3], "in file order (the writer's)");
+    let id = |name| store.id(name).unwrap();
+    let (ia, ie, ib) = (id("a"), id("empty"), id("b"));
+    assert_eq!(store.residency(ie).unwrap(), Residency::Device { refs: 0 });
+    assert_eq!(store.read(ie).unwrap(), Vec::<u8>::new());
+    assert!(store.prefetch(ie).unwrap(), "on the device already");
+    assert!(!store.dont_need(ie).unwrap(), "nothing to drop");
+
+    let s = mgr.create_stream(0).unwrap();
+    let before = store.stats();
+    let mut g = store.acquire(ie, &s).unwrap();
+    assert!(g.is_empty());
+    assert_eq!(g.len(), 0);
+    assert_eq!(g.ptr(), hetmem::DevicePtr(0));
+    assert!(g.block().is_none());
+    g.mark_dirty(); // nothing to write back
+    assert_eq!(store.residency(ie).unwrap(), Residency::Device { refs: 1 });
+    let g2 = store.acquire(ie, &s).unwrap();
+    assert_eq!(store.residency(ie).unwrap(), Residency::Device { refs: 2 });
+    drop((g, g2));
+    assert_eq!(store.residency(ie).unwrap(), Residency::Device { refs: 0 });
+    let after = store.stats();
+    assert_eq!(
+        (after.loads, after.hits, after.device_bytes),
+        (before.loads, before.hits + 2, before.device_bytes),
+        "an empty parameter is never loaded and takes no memory"
+    );
+    // Served on a capturing stream too: there is nothing to load.
+    sim.begin_capture(s.handle()).unwrap();
+    drop(store.acquire(ie, &s).unwrap());
+    sim.end_capture(s.handle()).unwrap();
+
+    // In a sequence, the empty step is a step: the plan follows it, loads the others
+    // ahead, and the bytes arrive.
+    store.set_sequence(Some(vec![ia, ie, ib])).unwrap();
+    for _ in 0..3 {
+        for id in [ia, ie, ib] {
+            drop(store.acquire(id, &s).unwrap());
+        }
+    }
+    assert_eq!(store.read(ia).unwrap(), a);
+    assert_eq!(store.read(ib).unwrap(), b);
+    let st = store.stats();
+    assert_eq!(st.checksum_mismatches, 0);
+    assert!(
+        st.prefetches > 0,
+        "the plan ran ahead along the sequence: {st:?}"
+    );
+    std::fs::remove_file(path("empty")).ok();
+}
+
+/// Issue 15: a staging ring no memory can hold is refused before anything is pinned
+/// (`SIZE_MAX` slots under a `SIZE_MAX` host budget pinned slot after slot until the
+/// OOM killer came), and a slot over `isize::MAX` is `InvalidSize` whatever the budget.
+#[test]
+fn impossible_staging_rings_are_refused_with_their_numbers() {
+    let mgr = sim();
+    let ring = |slots: usize, slot_size: usize, host_budget: usize| {
+        let mut cfg = TierConfig::new(2 * MIB, host_budget);
+        cfg.staging_slots = slots;
+        cfg.staging_slot_size = slot_size;
+        TierStore::new(&mgr, cfg).unwrap_err()
+    };
+    for budget in [32 * MIB, usize::MAX] {
+        let err = ring(4, isize::MAX as usize + 1, budget);
+        assert!(
+            matches!(err, Error::InvalidSize { requested, .. } if requested == isize::MAX as usize + 1),
+            "{err}"
+        );
+        assert!(matches!(
+            ring(4, 0, budget),
+            Error::InvalidSize { requested: 0, .. }
+        ));
+    }
+    let err = ring(usize::MAX, usize::MAX, usize::MAX);
+    assert!(matches!(err, Error::InvalidSize { .. }), "{err}");
+    let err = ring(usize::MAX, 4 * MIB, usize::MAX);
+    assert!(
+        matches!(
+            err,
+            Error::InvalidSize {
+                requested: usize::MAX,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let available = hetmem::backend::host::available_memory();
+    let slots = available / (4 * MIB) + 2;
+    let err = ring(slots, 4 * MIB, usize::MAX);
+    assert!(
+        matches!(err, Error::OutOfMemory { tier: hetmem::Tier::Pinned, requested, free, .. }
+            if requested == slots * 4 * MIB && free < requested),
+        "{err}"
+    );
+}
+
+/// Issue 15 (exhaustion): a device budget of three pages, a host budget that holds
+/// the staging ring only (every load is staged), eight streams acquiring at once: every
+/// refusal is `OutOfMemory` with its numbers, and once the guards are gone every
+/// parameter loads with its bytes. Then the device itself runs out under the store
+/// (another allocation takes its memory): refused with the driver's numbers, and the
+/// store works again once that memory is freed.
+#[test]
+fn exhaustion_is_an_error_with_numbers_and_the_store_recovers() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const N: usize = 12;
+    const SIZE: usize = 2 * MIB;
+    let mgr = Manager::builder()
+        .backend(BackendKind::Sim)
+        .sim_config(SimConfig::with_devices(1, 64 * MIB))
+        .build()
+        .unwrap();
+    let store = TierStore::new(&mgr, TierConfig::new(3 * SIZE, 16 * MIB)).unwrap();
+    for i in 0..N {
+        store
+            .register(&format!("p.{i}"), layer_bytes(i, SIZE).into())
+            .unwrap();
+    }
+    let (served, refused) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|t| {
+        for k in 0..8usize {
+            let (store, mgr, served, refused) = (&store, &mgr, &served, &refused);
+            t.spawn(move || {
+                let s = mgr.create_stream(0).unwrap();
+                let mut held = Vec::new();
+                for j in 0..40usize {
+                    let id = ((k * 5 + j * 7) % N) as ParamId;
+                    match store.acquire(id, &s) {
+                        Ok(g) => {
+                            assert_eq!(g.len(), SIZE);
+                            served.fetch_add(1, Ordering::Relaxed);
+                            // Hold one guard across the next acquire: the budget of three
+                            // pages runs out when eight threads do.
+                            held.push(g);
+                            if held.len() > 1 {
+                                held.remove(0);
+                            }
+                        }
+                        Err(Error::OutOfMemory {
+                            tier: hetmem::Tier::Device(0),
+                            requested,
+                            free,
+                            ..
+                        }) => {
+                            assert_eq!(requested, SIZE);
+                            assert!(free < requested, "refused with {free} bytes free");
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("thread {k}, acquire {j} of p.{id}: {e}"),
+                    }
+                }
+            });
+        }
+    });
+    let (served, refused) = (served.into_inner(), refused.into_inner());
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused"
+    );
+    let st = store.stats();
+    assert!(st.device_peak_bytes <= 3 * SIZE, "{st:?}");
+    assert_eq!(st.host_peak_bytes, 16 * MIB, "the ring only: {st:?}");
+    let s = mgr.create_stream(0).unwrap();
+    for i in 0..N as ParamId {
+        drop(store.acquire(i, &s).unwrap());
+        assert!(
+            store.read(i).unwrap() == layer_bytes(i as usize, SIZE),
+            "p.{i} differs"
+        );
+    }
+
+    // The device runs out under a new store's budget: another user takes its memory.
+    use hetmem::Backend;
+    let store = TierStore::new(&mgr, TierConfig::new(3 * SIZE, 16 * MIB)).unwrap();
+    for i in 0..N {
+        store
+            .register(&format!("p.{i}"), layer_bytes(i, SIZE).into())
+            .unwrap();
+    }
+    let free = mgr.sim().unwrap().mem_info(0).unwrap().free;
+    let hog = mgr.alloc(hetmem::Placement::Device(0), free).unwrap();
+    for i in 0..N as ParamId {
+        match store.acquire(i, &s) {
+            Err(Error::OutOfMemory {
+                tier: hetmem::Tier::Device(0),
+                requested,
+                free,
+                ..
+            }) => assert!(requested >= SIZE && free < requested, "{requested} {free}"),
+            other => panic!("p.{i} with the device taken: {other:?}"),
+        }
+    }
+    drop(hog);
+    for i in 0..N as ParamId {
+        drop(store.acquire(i, &s).unwrap());
+        assert!(store.read(i).unwrap() == layer_bytes(i as usize, SIZE));
+    }
+    println!("three pages, eight streams: {served} acquires served, {refused} refused");
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::backend::owned::{OwnedEvent, OwnedStream, SharedBackend};
-use crate::backend::{lock, MemRef};
+use crate::backend::{check_copy_stream, lock, MemRef};
 use crate::error::{Error, Result};
 
 /// The newest fence per stream that asynchronous copies left on a piece of memory.
@@ -112,6 +112,36 @@ impl CopyEnd for SubEnd<'_> {
     }
 }
 
+/// Checks a copy of `len` bytes from `src[src_offset..]` to `dst[dst_offset..]` before
+/// anything moves, and says what the two ranges are in the backend's terms: both ends
+/// of one backend, both ranges inside their memory, and a stream that can queue the
+/// copy: of the same backend (one manager's) and of a device the copy involves
+/// ([`check_copy_stream`]). Every copy path runs it, whatever it then does (queued,
+/// synchronous, within one buffer, zero bytes), so that what a copy accepts does not
+/// depend on the path it takes.
+pub(crate) fn check(
+    dst: &dyn CopyEnd,
+    dst_offset: usize,
+    src: &dyn CopyEnd,
+    src_offset: usize,
+    len: usize,
+    stream: Option<&OwnedStream>,
+) -> Result<(MemRef, MemRef)> {
+    let backend = dst.backend();
+    if !Arc::ptr_eq(backend, src.backend()) {
+        return Err(Error::ForeignHandle { what: "buffer" });
+    }
+    let d = dst.end(dst_offset, len)?;
+    let s = src.end(src_offset, len)?;
+    if let Some(st) = stream {
+        if !Arc::ptr_eq(backend, st.backend()) {
+            return Err(Error::ForeignHandle { what: "stream" });
+        }
+        check_copy_stream(&d, &s, st.device())?;
+    }
+    Ok((d, s))
+}
+
 /// Copies `len` bytes from `src[src_offset..]` to `dst[dst_offset..]`: synchronously
 /// after every earlier copy that used either side, or queued on `stream` (ordered only
 /// after the stream's earlier work, as in CUDA; other streams are ordered with events).
@@ -125,12 +155,8 @@ pub(crate) fn copy(
     len: usize,
     stream: Option<&OwnedStream>,
 ) -> Result<()> {
+    let (d, s) = check(dst, dst_offset, src, src_offset, len, stream)?;
     let backend = dst.backend();
-    if !Arc::ptr_eq(backend, src.backend()) {
-        return Err(Error::ForeignHandle { what: "buffer" });
-    }
-    let d = dst.end(dst_offset, len)?;
-    let s = src.end(src_offset, len)?;
     if len == 0 {
         return Ok(());
     }
@@ -146,9 +172,6 @@ pub(crate) fn copy(
         // and not to overlap; the copy is synchronous, so nothing outlives the borrow.
         return unsafe { backend.copy(d, s, len, None) };
     };
-    if !Arc::ptr_eq(backend, st.backend()) {
-        return Err(Error::ForeignHandle { what: "stream" });
-    }
     // A per-thread default stream is the calling thread's here: its fence must not
     // replace another thread's (see `Fences::add`).
     let view = st.this_thread();

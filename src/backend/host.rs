@@ -392,24 +392,43 @@ impl HostRegion {
         if parts.len() <= 1 {
             return self.prefault_range(0, self.map_len);
         }
-        // Every part is its own thread; the first error (in range order) is reported.
+        // Every part is its own thread, but the first is the caller's, and so is every
+        // part no thread could be started for (a thread or pids limit): pre-faulting
+        // then takes longer, it does not fail. The first error in range order is
+        // reported.
         std::thread::scope(|s| {
-            let handles: Vec<_> = parts
-                .iter()
-                .map(|&(off, len)| s.spawn(move || self.prefault_range(off, len)))
-                .collect();
-            let mut first = Ok(());
-            for h in handles {
-                let res = h.join().unwrap_or_else(|_| {
-                    Err(Error::InvalidArgument(
-                        "a pre-faulting thread panicked".into(),
-                    ))
-                });
-                if first.is_ok() {
-                    first = res;
+            let mut helpers = Vec::with_capacity(parts.len() - 1);
+            for &(off, len) in &parts[1..] {
+                let spawned = std::thread::Builder::new()
+                    .name("hetmem-prefault".into())
+                    .spawn_scoped(s, move || self.prefault_range(off, len));
+                match spawned {
+                    Ok(h) => helpers.push(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, started = helpers.len(),
+                            wanted = parts.len() - 1,
+                            "cannot start a pre-faulting thread; the caller faults its part");
+                        break;
+                    }
                 }
             }
-            first
+            let started = 1 + helpers.len();
+            let first = self.prefault_range(parts[0].0, parts[0].1);
+            let rest: Vec<Result<()>> = parts[started..]
+                .iter()
+                .map(|&(off, len)| self.prefault_range(off, len))
+                .collect();
+            let joined: Vec<Result<()>> = helpers
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(Error::InvalidArgument(
+                            "a pre-faulting thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect();
+            std::iter::once(first).chain(joined).chain(rest).collect()
         })
     }
 

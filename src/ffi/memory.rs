@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use super::{
     c_str, device_arg, guard, guard_with, json_array, json_object, json_str, lock, lookup, out_ptr,
     register, unregister, write_c_text, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
-    HETMEM_ERR_OUT_OF_MEMORY,
 };
 use crate::backend::{check_device, BackendKind};
 use crate::manager::{Buffer, Manager};
@@ -90,6 +89,15 @@ enum Found {
 }
 
 impl FfiManager {
+    /// A manager handle's state over `mgr`, with no buffers yet.
+    pub(crate) fn new(mgr: Manager) -> Self {
+        FfiManager {
+            mgr,
+            buffers: Mutex::new(BTreeMap::new()),
+            internal: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn find(&self, addr: u64, n: usize) -> Found {
         let map = lock(&self.buffers);
         if let Some((start, e)) = map.range(..=addr).next_back() {
@@ -129,22 +137,10 @@ impl FfiManager {
         let (db, doff) = self.range(dst, n, "dst")?;
         let (sb, soff) = self.range(src, n, "src")?;
         if Arc::ptr_eq(&db, &sb) {
-            // One buffer: through host memory, synchronously (and after the stream's
-            // queued work, so stream order holds). Overlapping ranges are fine.
-            if let Some(s) = stream {
-                s.synchronize()?;
-            }
+            // One buffer: the manager's copy within it (synchronous, overlap allowed),
+            // which checks the stream as a copy between two buffers does.
             let mut b = lock(&db);
-            let mut tmp = Vec::new();
-            if tmp.try_reserve_exact(n).is_err() {
-                return Err(FfiError::new(
-                    HETMEM_ERR_OUT_OF_MEMORY,
-                    format!("no host memory to stage a copy of {n} bytes within one buffer"),
-                ));
-            }
-            tmp.resize(n, 0);
-            self.mgr.read(&b, soff, &mut tmp)?;
-            self.mgr.write(&mut b, doff, &tmp)?;
+            self.mgr.copy_within(&mut b, doff, soff, n, stream)?;
             return Ok(());
         }
         // Two buffers: lock in address order so that two threads copying in opposite
@@ -284,11 +280,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
             }
         }
         let mgr = b.build()?;
-        let h = register::<FfiManager, HetmemManager>(FfiManager {
-            mgr,
-            buffers: Mutex::new(BTreeMap::new()),
-            internal: Mutex::new(HashMap::new()),
-        });
+        let h = register::<FfiManager, HetmemManager>(FfiManager::new(mgr));
         // SAFETY: as above.
         unsafe { write_out(out, h) };
         Ok(())

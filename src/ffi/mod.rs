@@ -2,6 +2,7 @@
 //!
 //! - [`memory`](crate::ffi::memory): managers, allocation by placement, copies, streams (made by hetmem or
 //!   wrapped from the caller's `cudaStream_t` / `hipStream_t`), prefetch, advice, stats.
+//! - [`event`](crate::ffi::event): events, to order work on streams and the host after hetmem's.
 //! - [`tier`](crate::ffi::tier): the tiered parameter store: register, hints, acquire and release.
 //! - [`torch`](crate::ffi::torch): the two entry points PyTorch's `CUDAPluggableAllocator` loads.
 //!
@@ -19,10 +20,18 @@
 //!   one thread while another uses it stays valid for that use.
 //! - Out-pointers are checked before any work, so a call that fails for a null
 //!   out-pointer has done nothing.
+//! - The header lists, per function, every code it can fail with; [`codes`](crate::ffi::codes)
+//!   reads the lists and, in tests (`HETMEM_CHECK_CODES=1`), aborts on a code a call's
+//!   list lacks.
 
+pub mod codes;
+pub mod event;
 pub mod memory;
 pub mod tier;
 pub mod torch;
+
+#[cfg(test)]
+mod bad_input_tests;
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -242,6 +251,7 @@ fn run<T>(name: &'static str, f: impl FnOnce() -> FfiResult<T>) -> Result<T, c_i
         Ok(Err(e)) => {
             tracing::debug!(target: "hetmem::ffi", call = name, code = e.code,
                 error = %e.message, "call failed");
+            codes::check(name, e.code, &e.message);
             e
         }
         Err(p) => {
@@ -317,6 +327,7 @@ pub extern "C" fn hetmem_version() -> *const c_char {
 pub(crate) enum Handle {
     Manager(Arc<memory::FfiManager>),
     Stream(Arc<memory::FfiStream>),
+    Event(Arc<event::FfiEvent>),
     Store(Arc<tier::FfiStore>),
     Guard(Arc<tier::FfiGuard>),
 }
@@ -347,6 +358,7 @@ macro_rules! handle_kind {
 }
 handle_kind!(memory::FfiManager, Manager, "manager");
 handle_kind!(memory::FfiStream, Stream, "stream");
+handle_kind!(event::FfiEvent, Event, "event");
 handle_kind!(tier::FfiStore, Store, "tier store");
 handle_kind!(tier::FfiGuard, Guard, "parameter guard");
 

@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
 use super::{
     c_str, copy_in, device_arg, guard, json_object, lock, lookup, out_ptr, register, unregister,
-    write_out, FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_SIZE,
-    HETMEM_ERR_UNKNOWN_PARAM,
+    write_out, FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
+    HETMEM_ERR_INVALID_SIZE, HETMEM_ERR_UNKNOWN_PARAM,
 };
 use crate::tier::policy::ParamId;
 use crate::tier::source::SafetensorsFile;
@@ -89,7 +89,10 @@ pub(crate) struct FfiStore {
 }
 
 impl FfiStore {
+    /// Checks `id`, and first that this is not a forked child (the store's lock may
+    /// have been held by a thread of the parent at the fork).
     fn check_id(&self, id: u32) -> FfiResult<()> {
+        self.store.check_fork()?;
         if (id as usize) < self.store.len() {
             Ok(())
         } else {
@@ -153,8 +156,8 @@ pub(crate) fn store_json(s: &FfiStore) -> String {
     ])
 }
 
-/// Fills `cfg` with the defaults for these budgets: device 0, prefetch depth 2, no
-/// sequence, no checksums, a staging ring of 4 slots of 4 MiB filled by 2 threads (so
+/// Fills `cfg` with the defaults for these budgets: device 0, prefetch depth
+/// `SIZE_MAX` (as far as memory allows), no sequence, no checksums, a staging ring of 4 slots of 4 MiB filled by 2 threads (so
 /// `host_budget` must be at least 16 MiB).
 ///
 /// # Safety
@@ -314,8 +317,11 @@ pub unsafe extern "C" fn hetmem_store_register(
 /// Registers every tensor of the safetensors file at `path` (mapped, not copied), in
 /// file order, under its own name, writing the ids to `ids[0..]`. `*count` is the
 /// number of tensors: if it exceeds `cap`, nothing is registered and the call fails
-/// with `HETMEM_ERR_BUFFER_TOO_SMALL` (pass `cap` 0 and `ids` NULL to ask). If a
-/// registration fails, `*count` is the number registered before it.
+/// with `HETMEM_ERR_BUFFER_TOO_SMALL` (pass `cap` 0 and `ids` NULL to ask). The tensors
+/// are registered all or none: on any other failure nothing is, and `*count` is 0. A
+/// tensor of zero elements is an empty parameter (see
+/// [`TierStore::register_safetensors`]): its size is 0 and it acquires to a NULL
+/// device pointer.
 ///
 /// # Safety
 /// `path` is NULL or NUL-terminated; `ids` is NULL or valid for `cap` writes; `count`
@@ -333,36 +339,31 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
         // SAFETY: the caller's contract.
         let path = unsafe { c_str(path, "path")? };
         let count = out_ptr(count, "count")?;
+        // SAFETY: checked non-null; valid by the caller's contract.
+        unsafe { write_out(count, 0) };
         if ids.is_null() && cap > 0 {
             return Err(FfiError::null("ids"));
         }
         let file = SafetensorsFile::open(path)?;
         let n = file.tensors().len();
-        // SAFETY: checked non-null; valid by the caller's contract.
-        unsafe { write_out(count, n) };
         if n > cap {
+            // SAFETY: as above.
+            unsafe { write_out(count, n) };
             return Err(FfiError::new(
                 HETMEM_ERR_BUFFER_TOO_SMALL,
                 format!("{path} has {n} tensors, `ids` has room for {cap}"),
             ));
         }
-        for (i, t) in file.tensors().iter().enumerate() {
-            let res = file
-                .source(&t.name)
-                .and_then(|src| s.store.register(&t.name, src));
-            match res {
-                Ok(pid) => {
-                    lock(&s.sizes).insert(pid, t.len);
-                    // SAFETY: `i < n <= cap` and `ids` is valid for `cap` writes.
-                    unsafe { write_out(ids.add(i), pid) };
-                }
-                Err(e) => {
-                    // SAFETY: as above.
-                    unsafe { write_out(count, i) };
-                    return Err(e.into());
-                }
-            }
+        // All or none: on failure nothing is registered, and `*count` stays 0.
+        let pids = s.store.register_safetensors(&file)?;
+        let mut sizes = lock(&s.sizes);
+        for (i, (t, pid)) in file.tensors().iter().zip(pids).enumerate() {
+            sizes.insert(pid, t.len);
+            // SAFETY: `i < n <= cap` and `ids` is valid for `cap` writes.
+            unsafe { write_out(ids.add(i), pid) };
         }
+        // SAFETY: as above.
+        unsafe { write_out(count, n) };
         Ok(())
     })
 }
@@ -382,6 +383,7 @@ pub unsafe extern "C" fn hetmem_store_lookup(
         // SAFETY: the caller's contract.
         let name = unsafe { c_str(name, "name")? };
         let id = out_ptr(id, "id")?;
+        s.store.check_fork()?;
         let pid = s.store.id(name).ok_or_else(|| {
             FfiError::new(
                 HETMEM_ERR_UNKNOWN_PARAM,
@@ -693,9 +695,11 @@ pub unsafe extern "C" fn hetmem_guard_mark_dirty(guard_: *mut HetmemGuard) -> c_
     guard("hetmem_guard_mark_dirty", || {
         let g = lookup::<FfiGuard, _>(guard_, "guard")?;
         let mut slot = lock(&g.guard);
+        // Released by another thread since the lookup: as a handle released already.
         let g = slot
             .as_mut()
-            .ok_or_else(|| FfiError::invalid("the guard was released"))?;
+            .ok_or_else(|| FfiError::new(HETMEM_ERR_INVALID_HANDLE, "the guard was released"))?;
+        g.check_fork()?;
         g.mark_dirty();
         Ok(())
     })

@@ -9,16 +9,19 @@
 //! [`SafetensorsFile::open`] maps a file, parses its header with the `safetensors`
 //! crate (which reads the JSON header and checks every tensor's offsets against its
 //! shape, its dtype and the file's length, without touching tensor data), and hands out
-//! one [`Source`] per tensor. A file that is empty, truncated, padded, or has a header
-//! that is not safetensors JSON gives [`Error::Config`] naming the file and the fault;
-//! an unknown tensor name gives [`Error::InvalidArgument`] naming it.
+//! one [`Source`] per tensor. A file that is empty, truncated, padded, not a regular
+//! file (a directory, a FIFO: never opened blocking), or has a header that is not
+//! safetensors JSON gives [`Error::Config`] naming the file and the fault; an unknown
+//! tensor name gives [`Error::InvalidArgument`] naming it. A tensor of zero elements is
+//! legal: its [`Source`] is empty.
 //!
 //! Known limitation of every file mapping (see [`MappedFile`]): if another process
 //! truncates a mapped file, reading the lost pages raises `SIGBUS`.
 
 use std::borrow::Cow;
 use std::fmt;
-use std::fs::File;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -49,11 +52,32 @@ pub struct MappedFile {
 impl MappedFile {
     /// Opens `path` read-only and maps all of it.
     ///
+    /// The file is opened with `O_NONBLOCK`, so that a FIFO (whose `open` waits for a
+    /// writer) or a device cannot hang the call, and must then be a regular file.
+    ///
     /// # Errors
-    /// [`Error::Config`] naming the file when it cannot be opened or mapped.
+    /// [`Error::Config`] naming the file when it cannot be opened or mapped, or is not
+    /// a regular file (a directory, a FIFO, a device, a socket).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| config(path, format!("cannot open: {e}")))?;
+        // Checked on the open file (`fstat`), not on the path before opening, so that
+        // nothing can swap the path in between. `O_NONBLOCK` changes nothing for a
+        // regular file: reads and mappings of one never block on it.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| config(path, format!("cannot open: {e}")))?;
+        let kind = file
+            .metadata()
+            .map_err(|e| config(path, format!("cannot stat: {e}")))?
+            .file_type();
+        if !kind.is_file() {
+            return Err(config(
+                path,
+                format!("not a regular file (a {})", file_kind(&kind)),
+            ));
+        }
         let map = map_file_readonly(&file)
             .map_err(|e| config(path, format!("cannot map read-only: {e}")))?;
         if !map.is_empty() {
@@ -259,7 +283,8 @@ impl SafetensorsFile {
     /// tensors are contiguous, and the last ends exactly at the end of the file).
     ///
     /// # Errors
-    /// [`Error::Config`] naming the file and the fault: cannot open or map, shorter than
+    /// [`Error::Config`] naming the file and the fault: cannot open or map, not a
+    /// regular file (a directory, a FIFO, a device: see [`MappedFile::open`]), shorter than
     /// the 8-byte header length, header length past the end of the file, header not
     /// UTF-8 or not safetensors JSON, offsets that overlap, leave gaps, or disagree with
     /// shape and dtype, or data that does not end at the end of the file (truncated or
@@ -472,6 +497,23 @@ const DTYPES: [Dtype; 22] = [
 
 fn parse_dtype(name: &str) -> Option<Dtype> {
     DTYPES.into_iter().find(|d| d.to_string() == name)
+}
+
+/// What a file that is not a regular file is, for an error message.
+fn file_kind(kind: &std::fs::FileType) -> &'static str {
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else if kind.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
 }
 
 fn config(path: &Path, reason: String) -> Error {

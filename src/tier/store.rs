@@ -39,6 +39,10 @@
 //!   while it fills its slots. Fine for a first pass; a steady state wants the host
 //!   budget to cover the model.
 //!
+//! - **Empty** parameters (zero-element tensors of a file, see
+//!   [`TierStore::register_safetensors`]) have no bytes: they take no memory, are never
+//!   loaded, and acquire at once to a guard of length 0 with a null pointer.
+//!
 //! The host budget covers the pinned parameter copies *and* the staging ring.
 //! [`TierStats::host_bytes`] reports exactly that; pages of mapped files still cold
 //! are the page cache's and are reported separately ([`TierStats::mapped_bytes`]).
@@ -411,7 +415,7 @@ pub struct TierStore {
 pub struct ParamGuard {
     shared: Arc<Shared>,
     id: ParamId,
-    /// `None` only while the guard is being dropped.
+    /// `None` for an empty parameter, and while the guard is being dropped.
     block: Option<Arc<PoolBlock>>,
     /// The parameter's size (its block may be rounded up to whole pages).
     size: usize,
@@ -472,7 +476,12 @@ impl TierStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for a zero device budget or one larger than the
     /// device's memory, zero spare slots, a host budget smaller than the staging ring,
-    /// or a bad ring shape; the pools' and streams' errors.
+    /// fewer than two staging slots or zero filler threads; [`Error::InvalidSize`] for
+    /// a staging slot of zero bytes or over `isize::MAX`, or slots that together
+    /// overflow the address space; [`Error::OutOfMemory`] (tier pinned) for a ring
+    /// larger than the host memory available, refused before anything is pinned (see
+    /// [`StagingRing::new`]), or when pinning it fails; [`Error::UnknownDevice`]; the
+    /// pools' and streams' errors.
     pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
         if cfg.device_budget == 0 {
             return Err(Error::InvalidArgument(
@@ -498,9 +507,8 @@ impl TierStore {
                 )));
             }
         }
-        let ring_bytes = cfg
-            .staging_slots
-            .saturating_mul(pinned_bytes(cfg.staging_slot_size.max(1)));
+        // The ring's shape first: a slot no memory can hold is that, whatever the budget.
+        let ring_bytes = StagingRing::pinned_bytes(cfg.staging_slots, cfg.staging_slot_size)?;
         if cfg.host_budget < ring_bytes {
             return Err(Error::InvalidArgument(format!(
                 "the host budget ({} bytes) is smaller than the staging ring ({} slots of \
@@ -593,67 +601,117 @@ impl TierStore {
     /// Registers a parameter called `name` whose bytes are `source`. It starts cold.
     ///
     /// # Errors
-    /// [`Error::InvalidSize`] for an empty source; [`Error::OutOfMemory`] for a
+    /// [`Error::InvalidSize`] for an empty source (a caller's empty buffer is taken for
+    /// a mistake; a file's empty tensors are registered by
+    /// [`TierStore::register_safetensors`]); [`Error::OutOfMemory`] for a
     /// parameter whose device footprint is larger than the device budget (it could never
     /// be loaded): `requested` is that footprint (above 1 MiB a parameter takes whole
     /// 2 MiB pool pages), `free` the whole budget;
     /// [`Error::InvalidArgument`] for a name already registered.
     pub fn register(&self, name: &str, source: Source) -> Result<ParamId> {
         self.shared.live()?;
-        let res = &self.shared.res;
-        let size = source.len();
-        if size == 0 {
+        if source.is_empty() {
             return Err(Error::InvalidSize {
                 requested: 0,
                 reason: "a parameter needs at least one byte",
             });
         }
-        if device_bytes(size) > res.device_budget {
-            return Err(Error::oom(
-                Tier::Device(res.device),
-                device_bytes(size),
-                res.device_budget,
-            ));
-        }
-        let checksum = res.checksums.then(|| fnv1a(source.bytes()));
-        let mut st = self.shared.lock();
-        if st.names.contains_key(name) {
-            return Err(Error::InvalidArgument(format!(
-                "a parameter named `{name}` is already registered"
-            )));
-        }
-        let id = ParamId::try_from(st.params.len())
-            .map_err(|_| Error::InvalidArgument("too many parameters".into()))?;
-        st.params.push(Param {
-            name: name.to_owned(),
-            size,
-            host: HostCopy::Cold(source),
-            dev: None,
-            refs: 0,
-            dirty: false,
-            keep: false,
-            priority: 0,
-            uses: Vec::new(),
-            written: None,
-            checksum,
-        });
-        st.names.insert(name.to_owned(), id);
-        // The plan's spare is the largest parameter: size it again.
-        st.plan = None;
-        tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
-        Ok(id)
+        let ids = self.register_all(vec![(name, source)])?;
+        Ok(ids[0])
     }
 
-    /// Registers every tensor of `file`, in file order, under its own name.
+    /// Registers every tensor of `file`, in file order, under its own name: all of
+    /// them, or none (the first fault found fails the call before any is registered).
+    ///
+    /// A tensor of zero elements (legal in safetensors) becomes an *empty parameter*:
+    /// it has no bytes to move, so it takes no memory in any tier, is never loaded,
+    /// evicted or written back, and is always [`Residency::Device`]. Acquiring it is a
+    /// step of the sequence like any other and returns at once a guard of length 0
+    /// whose [`ParamGuard::ptr`] is null (as PyTorch's empty CUDA tensors have) and
+    /// whose [`ParamGuard::block`] is `None`.
     ///
     /// # Errors
-    /// As [`TierStore::register`] (an empty tensor is refused). Tensors registered
-    /// before the failing one stay registered.
+    /// [`Error::OutOfMemory`] for a tensor whose device footprint is larger than the
+    /// device budget, [`Error::InvalidArgument`] for a name already registered, as
+    /// [`TierStore::register`].
     pub fn register_safetensors(&self, file: &SafetensorsFile) -> Result<Vec<ParamId>> {
-        file.tensors()
+        self.shared.live()?;
+        let params = file
+            .tensors()
             .iter()
-            .map(|t| self.register(&t.name, file.source(&t.name)?))
-            .collect()
+            .map(|t| Ok((t.name.as_str(), file.source(&t.name)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.register_all(params)
+    }
+
+    /// Registers `params` in order, all or none: every one is checked (its footprint
+    /// against the budget, its name against those taken and the others given) before
+    /// the first is registered, under one hold of the lock.
+    fn register_all(&self, params: Vec<(&str, Source)>) -> Result<Vec<ParamId>> {
+        let res = &self.shared.res;
+        for (_, source) in &params {
+            let need = device_bytes(source.len());
+            if need > res.device_budget {
+                return Err(Error::oom(
+                    Tier::Device(res.device),
+                    need,
+                    res.device_budget,
+                ));
+            }
+        }
+        // Outside the lock: hashing reads every byte.
+        let checksums: Vec<Option<u64>> = params
+            .iter()
+            .map(|(_, source)| res.checksums.then(|| fnv1a(source.bytes())))
+            .collect();
+        let mut st = self.shared.lock();
+        let mut given = std::collections::HashSet::with_capacity(params.len());
+        for (name, _) in &params {
+            if st.names.contains_key(*name) {
+                return Err(Error::InvalidArgument(format!(
+                    "a parameter named `{name}` is already registered"
+                )));
+            }
+            if !given.insert(*name) {
+                return Err(Error::InvalidArgument(format!(
+                    "parameter `{name}` given twice"
+                )));
+            }
+        }
+        let first = st.params.len();
+        let ids = first..first + params.len();
+        if ids.end > 0 && ParamId::try_from(ids.end - 1).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "too many parameters: {first} registered, {} more asked, ids end at {}",
+                params.len(),
+                ParamId::MAX
+            )));
+        }
+        let mut out = Vec::with_capacity(params.len());
+        for ((name, source), checksum) in params.into_iter().zip(checksums) {
+            // In range: checked above.
+            let id = st.params.len() as ParamId;
+            let size = source.len();
+            st.params.push(Param {
+                name: name.to_owned(),
+                size,
+                host: HostCopy::Cold(source),
+                dev: None,
+                refs: 0,
+                dirty: false,
+                keep: false,
+                priority: 0,
+                uses: Vec::new(),
+                written: None,
+                checksum,
+            });
+            st.names.insert(name.to_owned(), id);
+            tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
+            out.push(id);
+        }
+        // The plan's spare is the largest parameter: size it again.
+        st.plan = None;
+        Ok(out)
     }
 
     /// The id of the parameter called `name`.
@@ -679,6 +737,12 @@ impl TierStore {
     /// Whether no parameter is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// [`Error::Forked`] in a forked child, before any lock is taken: for callers (the C
+    /// ABI) about to use accessors that cannot fail, such as [`TierStore::len`].
+    pub(crate) fn check_fork(&self) -> Result<()> {
+        self.shared.live()
     }
 
     /// The copy stream loads run on (for timing and interop).
@@ -752,7 +816,8 @@ impl TierStore {
         // Where the sequence stood: an acquire that fails has not run its step, so that
         // a retry is not taken for a step off the sequence (or recorded twice).
         let (pos, step, served, on_track) = (st.ev.pos(), st.step, st.served, st.on_track);
-        let hit = st.params[id as usize].dev.is_some();
+        // An empty parameter is always where it is needed.
+        let hit = st.params[id as usize].dev.is_some() || st.params[id as usize].size == 0;
         let next = st.ev.next_use(id);
         st.on_track = next == Some(1);
         if let Some(d) = next {
@@ -790,19 +855,20 @@ impl TierStore {
         let now = st.step;
         st.ahead.retain(|(m, _)| *m > now);
         let p = &mut st.params[id as usize];
-        let dev = p.dev.as_ref().expect("made resident above");
+        // Made resident above, unless empty (then there is no block).
+        debug_assert!(p.dev.is_some() || p.size == 0);
         // No record_stream with the pool: the guard's drop records the use's end, and
         // every path that gives the block back waits the copy stream on those events
         // first (`release_block`). Recording would keep every caller's stream alive in
         // the pool and make a freed block wait for all later work on them.
-        let block = Arc::clone(&dev.block);
+        let block = p.dev.as_ref().map(|dev| Arc::clone(&dev.block));
         p.refs += 1;
         let size = p.size;
         st.served = true;
         let guard = ParamGuard {
             shared: Arc::clone(sh),
             id,
-            block: Some(block),
+            block,
             size,
             // A per-thread default stream: the acquiring thread's, which the guard's
             // drop records the end of the use on (or, dropped on another thread that
@@ -824,18 +890,22 @@ impl TierStore {
         let sh = &self.shared;
         let mut st = sh.lock();
         let p = param(&st, id)?;
-        let Some(dev) = p.dev.as_ref() else {
-            return Err(not_resident_in_capture(id, &p.name));
-        };
-        if !dev.ready.is_done()? {
-            dev.ready.synchronize()?;
-        }
-        if let Some(w) = &p.written {
-            if !w.is_done()? {
-                w.synchronize()?;
+        let block = match p.dev.as_ref() {
+            Some(dev) => {
+                if !dev.ready.is_done()? {
+                    dev.ready.synchronize()?;
+                }
+                if let Some(w) = &p.written {
+                    if !w.is_done()? {
+                        w.synchronize()?;
+                    }
+                }
+                Some(Arc::clone(&dev.block))
             }
-        }
-        let block = Arc::clone(&dev.block);
+            // Nothing to load: served like a resident one.
+            None if p.size == 0 => None,
+            None => return Err(not_resident_in_capture(id, &p.name)),
+        };
         let size = p.size;
         st.params[id as usize].refs += 1;
         st.stats.hits += 1;
@@ -843,7 +913,7 @@ impl TierStore {
         Ok(ParamGuard {
             shared: Arc::clone(sh),
             id,
-            block: Some(block),
+            block,
             size,
             stream: stream.clone(),
             dirty: false,
@@ -864,6 +934,8 @@ impl TierStore {
         // Under a sequence the plan loads the step's parameter (normally long before);
         // otherwise, or when the plan cannot make room, a demand load.
         match pump(res, &mut st, 0) {
+            // An empty parameter has nothing to load or wait for.
+            _ if st.params[id as usize].size == 0 => return (st, Ok(())),
             // Loading it again on demand would hand the same verdict over twice the copies.
             Err(e @ Error::Checksum { param, .. }) if param == id => return (st, Err(e)),
             Err(e) => tracing::warn!(target: "hetmem", id, error = %e, "the plan's load failed"),
@@ -912,7 +984,7 @@ impl TierStore {
         let res = &self.shared.res;
         let mut st = self.shared.lock();
         param(&st, id)?;
-        if st.params[id as usize].dev.is_some() {
+        if st.params[id as usize].dev.is_some() || st.params[id as usize].size == 0 {
             return Ok(true);
         }
         let need = match st.ev.next_use(id) {
@@ -998,6 +1070,8 @@ impl TierStore {
         let st = self.shared.lock();
         let p = param(&st, id)?;
         Ok(match (&p.dev, &p.host) {
+            // Empty: needs no memory, so it is on the device as much as anywhere.
+            (None, _) if p.size == 0 => Residency::Device { refs: p.refs },
             (Some(d), _) => {
                 if d.ready.is_done()? {
                     Residency::Device { refs: p.refs }
@@ -1106,9 +1180,9 @@ impl ParamGuard {
         self.id
     }
 
-    /// The device address.
+    /// The device address; null (0) for an empty parameter, which has no memory.
     pub fn ptr(&self) -> DevicePtr {
-        self.block().ptr()
+        self.block().map_or(DevicePtr(0), |b| b.ptr())
     }
 
     /// The parameter's size in bytes.
@@ -1116,15 +1190,17 @@ impl ParamGuard {
         self.size
     }
 
-    /// Always false: empty parameters are refused.
+    /// Whether the parameter is empty (a zero-element tensor of a file: see
+    /// [`TierStore::register_safetensors`]).
     pub fn is_empty(&self) -> bool {
         self.size == 0
     }
 
-    /// The device block (for synchronous reads and writes in tests and set-up). It may
-    /// be longer than the parameter: large ones take whole pages.
-    pub fn block(&self) -> &PoolBlock {
-        self.block.as_deref().expect("a live guard holds its block")
+    /// The device block (for synchronous reads and writes in tests and set-up); `None`
+    /// for an empty parameter. It may be longer than the parameter: large ones take
+    /// whole pages.
+    pub fn block(&self) -> Option<&PoolBlock> {
+        self.block.as_deref()
     }
 
     /// The stream the guard was acquired for (for a wrapped per-thread default stream,
@@ -1143,7 +1219,9 @@ impl ParamGuard {
     /// a capturing stream the host waits for those uses instead (the stream may not
     /// wait for events recorded outside the capture).
     pub fn mark_dirty(&mut self) {
-        if self.dirty {
+        // An empty parameter has no bytes to write; a forked child must not touch the
+        // driver or the store's lock (a thread of the parent may have held it).
+        if self.dirty || self.size == 0 || self.shared.live().is_err() {
             return;
         }
         self.dirty = true;
@@ -1170,6 +1248,11 @@ impl ParamGuard {
         }
     }
 
+    /// [`Error::Forked`] in a forked child (see [`TierStore::check_fork`]).
+    pub(crate) fn check_fork(&self) -> Result<()> {
+        self.shared.live()
+    }
+
     /// Ends the use (the same as dropping the guard).
     pub fn release(self) {}
 }
@@ -1178,6 +1261,15 @@ impl Drop for ParamGuard {
     fn drop(&mut self) {
         if self.shared.live().is_err() {
             // A forked child: no driver call, no lock; the block and stream leak.
+            return;
+        }
+        if self.size == 0 {
+            // An empty parameter: no memory whose reuse must wait for the use.
+            let mut st = self.shared.lock();
+            let p = &mut st.params[self.id as usize];
+            p.refs = p.refs.saturating_sub(1);
+            drop(st);
+            self.shared.released.notify_all();
             return;
         }
         // (An error: the usual path, which synchronises where it cannot record.)
@@ -1567,8 +1659,10 @@ fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
         }
         let m = plan.pos + 1;
         let params = &st.params;
-        if seq.order()[(m % seq.len() as u64) as usize] as usize >= params.len() {
-            // A given sequence may name parameters not registered (yet): skip them.
+        let at = seq.order()[(m % seq.len() as u64) as usize] as usize;
+        if params.get(at).is_none_or(|p| p.size == 0) {
+            // A given sequence may name parameters not registered (yet), and empty ones
+            // have nothing to load: skip them.
             st.plan.as_mut().expect("checked").skip();
             continue;
         }

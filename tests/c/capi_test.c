@@ -8,12 +8,14 @@
 #include "hetmem.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -378,6 +380,252 @@ static void test_streams(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_
     free(back);
 }
 
+/* One copy with a stream, checked against the status wanted; `what` says which path. */
+static void expect_copy(hetmem_manager_t* mgr, void* dst, const void* src, size_t n,
+                        hetmem_stream_t* s, int want, const char* what) {
+    int rc = hetmem_copy(mgr, dst, src, n, s);
+    checks++;
+    if (rc == want) {
+        printf("ok   copy %-62s -> %s\n", what, hetmem_status_string(rc));
+    } else {
+        failures++;
+        printf("FAIL copy %s -> %s, expected %s; last error: %s\n", what,
+               hetmem_status_string(rc), hetmem_status_string(want), hetmem_last_error());
+    }
+}
+
+/* A copy's stream is checked the same way whatever path the copy takes: within one
+ * buffer or between two, host, pinned or device memory, zero bytes or more, with the
+ * same stream refused (another manager's, even a destroyed one's; another device's
+ * where the copy involves a device) or accepted on every path. */
+static void test_copy_stream_checks(hetmem_manager_t* mgr, hetmem_manager_t* other) {
+    printf("\n== copies: the stream is checked on every path\n");
+    const size_t n = 64 * 1024;
+    int devices = 0;
+    EXPECT(hetmem_device_count(mgr, &devices), HETMEM_OK);
+    void* bufs[3] = {NULL, NULL, NULL};
+    const char* names[3] = {"host", "pinned", "device"};
+    EXPECT(hetmem_alloc(mgr, HETMEM_HOST, -1, n, &bufs[0]), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &bufs[1]), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &bufs[2]), HETMEM_OK);
+    hetmem_manager_t* gone = NULL;
+    hetmem_stream_t *theirs = NULL, *orphan = NULL, *mine = NULL, *dev1 = NULL;
+    EXPECT(hetmem_manager_create(hetmem_manager_backend(mgr), &gone), HETMEM_OK);
+    EXPECT(hetmem_stream_create(gone, 0, &orphan), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(gone), HETMEM_OK); /* its stream lives on */
+    EXPECT(hetmem_stream_create(other, 0, &theirs), HETMEM_OK);
+    EXPECT(hetmem_stream_create(mgr, 0, &mine), HETMEM_OK);
+    if (devices >= 2) EXPECT(hetmem_stream_create(mgr, 1, &dev1), HETMEM_OK);
+    if (!bufs[0] || !bufs[1] || !bufs[2] || !orphan || !theirs || !mine) return;
+    memset(bufs[0], 0xAA, n);
+    memset(bufs[1], 0xAA, n);
+    EXPECT(hetmem_copy(mgr, bufs[2], bufs[0], n, NULL), HETMEM_OK);
+    const size_t len = n / 4;
+    unsigned char* back = malloc(n);
+    for (int i = 0; i < 3; i++) {
+        for (int j = 0; j < 3; j++) {
+            /* i == j: both ranges in one buffer. */
+            char* dst = bufs[i];
+            const char* src = i == j ? (char*)bufs[i] + n / 2 : (char*)bufs[j];
+            int device = i == 2 || j == 2;
+            for (size_t k = 0; k < 2; k++) {
+                size_t m = k ? 0 : len;
+                char what[128];
+                snprintf(what, sizeof what, "%s <- %s, %zu bytes, ", names[i],
+                         i == j ? "the same buffer" : names[j], m);
+                char line[192];
+                snprintf(line, sizeof line, "%son another manager's stream", what);
+                expect_copy(mgr, dst, src, m, theirs, HETMEM_ERR_FOREIGN_HANDLE, line);
+                snprintf(line, sizeof line, "%son a destroyed manager's stream", what);
+                expect_copy(mgr, dst, src, m, orphan, HETMEM_ERR_FOREIGN_HANDLE, line);
+                if (dev1) {
+                    snprintf(line, sizeof line, "%son a stream of device 1", what);
+                    expect_copy(mgr, dst, src, m, dev1,
+                                device ? HETMEM_ERR_INVALID_ARGUMENT : HETMEM_OK, line);
+                }
+                snprintf(line, sizeof line, "%son its own stream", what);
+                expect_copy(mgr, dst, src, m, mine, HETMEM_OK, line);
+                snprintf(line, sizeof line, "%swith no stream", what);
+                expect_copy(mgr, dst, src, m, NULL, HETMEM_OK, line);
+            }
+        }
+    }
+    EXPECT(hetmem_stream_synchronize(mine), HETMEM_OK);
+    /* The refused copies moved nothing: a host buffer's first quarter was only ever
+     * overwritten with 0xAA. Then a real copy within one buffer, on its own stream. */
+    memset(bufs[0], 0x11, n);
+    memset(bufs[0], 0x22, n / 2);
+    expect_copy(mgr, bufs[0], (char*)bufs[0] + n / 2, len, theirs, HETMEM_ERR_FOREIGN_HANDLE,
+                "host <- the same buffer, refused");
+    CHECK(((unsigned char*)bufs[0])[0] == 0x22, "a refused copy within one buffer moved nothing");
+    expect_copy(mgr, bufs[0], (char*)bufs[0] + n / 2, len, mine, HETMEM_OK,
+                "host <- the same buffer, accepted");
+    CHECK(((unsigned char*)bufs[0])[0] == 0x11 && ((unsigned char*)bufs[0])[len] == 0x22,
+          "an accepted copy within one buffer moved the range");
+    fill(bufs[0], n, 7);
+    EXPECT(hetmem_copy(mgr, bufs[2], bufs[0], n, mine), HETMEM_OK);
+    expect_copy(mgr, (char*)bufs[2] + 1, bufs[2], len, mine, HETMEM_OK,
+                "device <- the same buffer, overlapping");
+    EXPECT(hetmem_copy_to_host(mgr, back, bufs[2], n), HETMEM_OK);
+    int moved = 1;
+    for (size_t b = 0; b < len; b++) moved &= back[b + 1] == ((unsigned char*)bufs[0])[b];
+    CHECK(moved, "an overlapping copy within a device buffer behaves like memmove");
+    free(back);
+    EXPECT(hetmem_stream_destroy(orphan), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(theirs), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(mine), HETMEM_OK);
+    if (dev1) EXPECT(hetmem_stream_destroy(dev1), HETMEM_OK);
+    for (int i = 0; i < 3; i++) EXPECT(hetmem_free(mgr, bufs[i]), HETMEM_OK);
+}
+
+/* A pointer of one manager given to another is FOREIGN_POINTER on every backend, the
+ * simulator included (whose device addresses once started at one base for every
+ * manager, so another manager's pointer was a live buffer of this one), and the other
+ * manager's bytes are untouched. */
+static void test_foreign_pointers(const char* backend) {
+    printf("\n== pointers of another manager\n");
+    const size_t n = 64 * 1024;
+    hetmem_manager_t *a = NULL, *b = NULL;
+    EXPECT(hetmem_manager_create(backend, &a), HETMEM_OK);
+    EXPECT(hetmem_manager_create(backend, &b), HETMEM_OK);
+    void *pa = NULL, *pb = NULL;
+    EXPECT(hetmem_alloc(a, HETMEM_DEVICE, 0, n, &pa), HETMEM_OK);
+    EXPECT(hetmem_alloc(b, HETMEM_DEVICE, 0, n, &pb), HETMEM_OK);
+    if (!a || !b || !pa || !pb) return;
+    CHECK(pa != pb, "two managers' first device buffers have different addresses (%p, %p)",
+          pa, pb);
+    unsigned char* pattern = malloc(n);
+    unsigned char* back = malloc(n);
+    unsigned char* zeros = calloc(1, n);
+    fill(pattern, n, 9);
+    EXPECT(hetmem_copy_from_host(a, pa, pattern, n), HETMEM_OK);
+    EXPECT(hetmem_free(a, pb), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy(b, pb, pa, n, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy(a, pb, pa, n, NULL), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy_to_host(b, back, pa, n), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_copy_from_host(b, pa, zeros, n), HETMEM_ERR_FOREIGN_POINTER);
+    EXPECT(hetmem_free(b, pa), HETMEM_ERR_FOREIGN_POINTER);
+    memset(back, 0, n);
+    EXPECT(hetmem_copy_to_host(a, back, pa, n), HETMEM_OK);
+    CHECK(same(back, pattern, n), "the first manager's buffer is live and its bytes untouched");
+    EXPECT(hetmem_free(a, pa), HETMEM_OK);
+    EXPECT(hetmem_free(b, pb), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(a), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(b), HETMEM_OK);
+    free(pattern);
+    free(back);
+    free(zeros);
+}
+
+/* Events: a C caller orders its own work after an asynchronous copy with an event, and
+ * no stream synchronisation. On the simulator the virtual clock shows the wait: an
+ * event recorded on the waiting stream right after the wait is not passed until the
+ * copy it waited for has ended. */
+static void test_events(hetmem_manager_t* mgr, hetmem_manager_t* other, int is_sim) {
+    printf("\n== events\n");
+    const size_t n = 64 * MIB;
+    int devices = 0;
+    EXPECT(hetmem_device_count(mgr, &devices), HETMEM_OK);
+    void *src = NULL, *dev = NULL, *out = NULL;
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &src), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
+    EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &out), HETMEM_OK);
+    hetmem_stream_t *a = NULL, *b = NULL;
+    EXPECT(hetmem_stream_create(mgr, 0, &a), HETMEM_OK);
+    EXPECT(hetmem_stream_create(mgr, 0, &b), HETMEM_OK);
+    hetmem_event_t *copied = NULL, *waited = NULL;
+    hetmem_event_t* bad = (hetmem_event_t*)0x1;
+    EXPECT(hetmem_event_create(mgr, 0, &copied), HETMEM_OK);
+    EXPECT(hetmem_event_create(mgr, 0, &waited), HETMEM_OK);
+    if (!src || !dev || !out || !a || !b || !copied || !waited) return;
+    int done = -1;
+    EXPECT(hetmem_event_query(copied, &done), HETMEM_OK);
+    CHECK(done == 1, "an event never recorded counts as passed");
+    EXPECT(hetmem_event_synchronize(copied), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(b, copied), HETMEM_OK);
+
+    fill(src, n, 11);
+    memset(out, 0, n);
+    EXPECT(hetmem_copy(mgr, dev, src, n, a), HETMEM_OK);
+    EXPECT(hetmem_event_record(copied, a), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(b, copied), HETMEM_OK);
+    EXPECT(hetmem_event_record(waited, b), HETMEM_OK);
+    if (is_sim) {
+        EXPECT(hetmem_event_query(waited, &done), HETMEM_OK);
+        CHECK(done == 0, "on the simulator's clock stream b has not passed the wait: it waits "
+                         "for the copy on a");
+    }
+    EXPECT(hetmem_copy(mgr, out, dev, n, b), HETMEM_OK);
+    EXPECT(hetmem_event_record(waited, b), HETMEM_OK);
+    EXPECT(hetmem_event_synchronize(waited), HETMEM_OK);
+    EXPECT(hetmem_event_query(copied, &done), HETMEM_OK);
+    CHECK(done == 1, "the copy b waited for is done once b's own work is");
+    CHECK(same(out, src, n), "b's copy, ordered by the event alone, read a's bytes");
+
+    printf("\n== events: bad input\n");
+    EXPECT(hetmem_event_create(mgr, 99, &bad), HETMEM_ERR_UNKNOWN_DEVICE);
+    CHECK(bad == NULL, "a failed event_create sets *out to NULL");
+    EXPECT(hetmem_event_create(mgr, -1, &bad), HETMEM_ERR_INVALID_ARGUMENT);
+    EXPECT(hetmem_event_create(mgr, 0, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_create(NULL, 0, &bad), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_create((hetmem_manager_t*)a, 0, &bad), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(copied, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_record(NULL, a), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_record((hetmem_event_t*)a, a), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(copied, (hetmem_stream_t*)copied), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_wait_event(NULL, copied), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_wait_event(a, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_wait_event(a, (hetmem_event_t*)0x77), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_query(copied, NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_query(NULL, &done), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_synchronize(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_event_synchronize((hetmem_event_t*)mgr), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_destroy(NULL), HETMEM_ERR_NULL_POINTER);
+    EXPECT(hetmem_stream_destroy((hetmem_stream_t*)copied), HETMEM_ERR_INVALID_HANDLE);
+    /* Another manager's stream and event. */
+    hetmem_stream_t* theirs = NULL;
+    hetmem_event_t* their_ev = NULL;
+    EXPECT(hetmem_stream_create(other, 0, &theirs), HETMEM_OK);
+    EXPECT(hetmem_event_create(other, 0, &their_ev), HETMEM_OK);
+    EXPECT(hetmem_event_record(copied, theirs), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_record(their_ev, a), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_stream_wait_event(a, their_ev), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_stream_wait_event(theirs, copied), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_record(their_ev, theirs), HETMEM_OK);
+    /* Another device: recording is refused (the drivers refuse it), waiting is not. */
+    if (devices >= 2) {
+        hetmem_stream_t* s1 = NULL;
+        EXPECT(hetmem_stream_create(mgr, 1, &s1), HETMEM_OK);
+        EXPECT(hetmem_event_record(copied, s1), HETMEM_ERR_INVALID_ARGUMENT);
+        EXPECT(hetmem_stream_wait_event(s1, copied), HETMEM_OK);
+        EXPECT(hetmem_stream_synchronize(s1), HETMEM_OK);
+        EXPECT(hetmem_stream_destroy(s1), HETMEM_OK);
+    }
+    /* An event outlives its manager; a destroyed event is a dead handle. */
+    hetmem_manager_t* gone = NULL;
+    hetmem_event_t* orphan = NULL;
+    EXPECT(hetmem_manager_create(hetmem_manager_backend(mgr), &gone), HETMEM_OK);
+    EXPECT(hetmem_event_create(gone, 0, &orphan), HETMEM_OK);
+    EXPECT(hetmem_manager_destroy(gone), HETMEM_OK);
+    EXPECT(hetmem_event_query(orphan, &done), HETMEM_OK);
+    EXPECT(hetmem_stream_wait_event(a, orphan), HETMEM_ERR_FOREIGN_HANDLE);
+    EXPECT(hetmem_event_destroy(orphan), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(orphan), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_query(orphan, &done), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_event_record(orphan, a), HETMEM_ERR_INVALID_HANDLE);
+    EXPECT(hetmem_stream_wait_event(a, orphan), HETMEM_ERR_INVALID_HANDLE);
+
+    EXPECT(hetmem_event_destroy(their_ev), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(theirs), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(copied), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(waited), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(a), HETMEM_OK);
+    EXPECT(hetmem_stream_destroy(b), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, src), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
+    EXPECT(hetmem_free(mgr, out), HETMEM_OK);
+}
+
 static void test_stats(hetmem_manager_t* mgr, const char* backend) {
     printf("\n== stats as JSON\n");
     void* buf = NULL;
@@ -628,6 +876,181 @@ static void test_store(hetmem_manager_t* mgr, const char* scratch) {
     free(back);
 }
 
+/* Writes a safetensors file: the JSON `header` (padded with spaces to 8 bytes) and
+ * data[0..n]. */
+static int write_safetensors_with(const char* path, const char* header,
+                                  const unsigned char* data, size_t n) {
+    size_t hlen = strlen(header);
+    size_t padded = (hlen + 7) / 8 * 8;
+    FILE* f = fopen(path, "wb");
+    if (!f) return -1;
+    unsigned char len[8];
+    for (int i = 0; i < 8; i++) len[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    fwrite(len, 1, 8, f);
+    fwrite(header, 1, hlen, f);
+    for (size_t i = hlen; i < padded; i++) fputc(' ', f);
+    fwrite(data, 1, n, f);
+    return fclose(f);
+}
+
+/* Issue 15's store edges: files that are not regular (a FIFO never blocks), all-or-none
+ * registration with an empty tensor, a stream of another device, rings no memory holds,
+ * and every store call in a fork()ed child. */
+static void test_store_edges(hetmem_manager_t* mgr, int is_sim, const char* scratch) {
+    printf("\n== tier store: edges\n");
+    hetmem_store_config_t cfg;
+    EXPECT(hetmem_store_config_init(&cfg, 8 * MIB, 16 * MIB), HETMEM_OK);
+    hetmem_store_t* store = NULL;
+    EXPECT(hetmem_store_create(mgr, &cfg, &store), HETMEM_OK);
+    if (!store) return;
+    char path[1024];
+    size_t count = 99;
+    uint32_t ids[4] = {0};
+
+    /* A FIFO's open waits for a writer: never opened blocking (the alarm ends a hang). */
+    snprintf(path, sizeof path, "%s/edges.fifo", scratch);
+    unlink(path);
+    CHECK(mkfifo(path, 0600) == 0, "mkfifo %s", path);
+    alarm(20);
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count), HETMEM_ERR_CONFIG);
+    alarm(0);
+    CHECK(contains(hetmem_last_error(), "not a regular file (a FIFO)"), "%s",
+          hetmem_last_error());
+    CHECK(count == 0, "nothing registered from a FIFO (*count %zu)", count);
+    unlink(path);
+    EXPECT(hetmem_store_register_safetensors(store, scratch, ids, 4, &count), HETMEM_ERR_CONFIG);
+    CHECK(contains(hetmem_last_error(), "not a regular file (a directory)"), "%s",
+          hetmem_last_error());
+
+    /* A zero-element tensor is an empty parameter; a file registers all or none. */
+    const unsigned char data[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    snprintf(path, sizeof path, "%s/edges.safetensors", scratch);
+    CHECK(write_safetensors_with(
+              path,
+              "{\"e.a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+              "\"e.empty\":{\"dtype\":\"F32\",\"shape\":[0,3],\"data_offsets\":[4,4]},"
+              "\"e.b\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}",
+              data, 8) == 0,
+          "wrote %s", path);
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count), HETMEM_OK);
+    CHECK(count == 3, "three tensors registered, the empty one too (%zu)", count);
+    uint32_t empty = 99, a = 99;
+    EXPECT(hetmem_store_lookup(store, "e.empty", &empty), HETMEM_OK);
+    EXPECT(hetmem_store_lookup(store, "e.a", &a), HETMEM_OK);
+    size_t psize = 99;
+    EXPECT(hetmem_store_param_size(store, empty, &psize), HETMEM_OK);
+    CHECK(psize == 0, "an empty parameter has size 0 (%zu)", psize);
+    int state = -1;
+    EXPECT(hetmem_store_residency(store, empty, &state, NULL), HETMEM_OK);
+    CHECK(state == HETMEM_RESIDENCY_DEVICE, "an empty parameter is on the device (%d)", state);
+    hetmem_guard_t* g = NULL;
+    void* dptr = (void*)0x1;
+    EXPECT(hetmem_store_acquire(store, empty, NULL, &g, &dptr), HETMEM_OK);
+    CHECK(g != NULL && dptr == NULL, "an empty parameter acquires to a NULL address");
+    EXPECT(hetmem_guard_mark_dirty(g), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_OK);
+    unsigned char back[4] = {0};
+    EXPECT(hetmem_store_acquire(store, a, NULL, &g, &dptr), HETMEM_OK);
+    EXPECT(hetmem_guard_release(g), HETMEM_OK);
+    EXPECT(hetmem_store_read(store, a, back, sizeof back), HETMEM_OK);
+    CHECK(back[0] == 1 && back[3] == 4, "e.a reads 1..4");
+    snprintf(path, sizeof path, "%s/edges-taken.safetensors", scratch);
+    CHECK(write_safetensors_with(
+              path,
+              "{\"e.c\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[0,4]},"
+              "\"e.a\":{\"dtype\":\"U8\",\"shape\":[4],\"data_offsets\":[4,8]}}",
+              data, 8) == 0,
+          "wrote %s", path);
+    count = 99;
+    EXPECT(hetmem_store_register_safetensors(store, path, ids, 4, &count),
+           HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(count == 0, "nothing registered (*count %zu)", count);
+    EXPECT(hetmem_store_lookup(store, "e.c", &a), HETMEM_ERR_UNKNOWN_PARAM);
+
+    /* A stream of another device. */
+    hetmem_manager_t* two = NULL;
+    int devices = 0;
+    EXPECT(hetmem_device_count(mgr, &devices), HETMEM_OK);
+    if (devices >= 2) {
+        two = mgr;
+    } else if (is_sim) {
+        setenv("HETMEM_SIM_DEVICES", "2", 1);
+        EXPECT(hetmem_manager_create("sim", &two), HETMEM_OK);
+        unsetenv("HETMEM_SIM_DEVICES");
+    }
+    if (two) {
+        hetmem_store_t* on0 = NULL;
+        hetmem_stream_t* s1 = NULL;
+        EXPECT(hetmem_store_create(two, &cfg, &on0), HETMEM_OK);
+        EXPECT(hetmem_stream_create(two, 1, &s1), HETMEM_OK);
+        uint32_t w = 0;
+        EXPECT(hetmem_store_register(on0, "w", data, 8, &w), HETMEM_OK);
+        EXPECT(hetmem_store_acquire(on0, w, s1, &g, &dptr), HETMEM_ERR_INVALID_ARGUMENT);
+        CHECK(g == NULL && dptr == NULL, "a refused acquire sets *out and *device_ptr to NULL");
+        EXPECT(hetmem_stream_destroy(s1), HETMEM_OK);
+        EXPECT(hetmem_store_destroy(on0), HETMEM_OK);
+        if (two != mgr) EXPECT(hetmem_manager_destroy(two), HETMEM_OK);
+    }
+
+    /* Rings no memory holds are refused before anything is pinned. */
+    hetmem_store_config_t bad = cfg;
+    hetmem_store_t* none = NULL;
+    bad.staging_slot_size = (size_t)SSIZE_MAX + 1;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad.host_budget = SIZE_MAX;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad = cfg;
+    bad.host_budget = SIZE_MAX;
+    bad.staging_slots = SIZE_MAX;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_SIZE);
+    bad.staging_slots = (size_t)1 << 40; /* 4 EiB of 4 MiB slots */
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_OUT_OF_MEMORY);
+    CHECK(contains(hetmem_last_error(), "requested 4611686018427387904 bytes"), "%s",
+          hetmem_last_error());
+    bad = cfg;
+    bad.staging_slots = 1;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_ARGUMENT);
+    bad = cfg;
+    bad.staging_threads = 0;
+    EXPECT(hetmem_store_create(mgr, &bad, &none), HETMEM_ERR_INVALID_ARGUMENT);
+    CHECK(none == NULL, "no store");
+
+    /* In a fork()ed child every store call is FORKED; releases and destroys succeed. */
+    hetmem_guard_t* held = NULL;
+    EXPECT(hetmem_store_acquire(store, ids[0], NULL, &held, NULL), HETMEM_OK);
+    fflush(stdout);
+    int before = failures;
+    pid_t pid = fork();
+    if (pid == 0) {
+        printf("   (in the child)\n");
+        uint32_t id = 0;
+        size_t n = 0;
+        EXPECT(hetmem_store_lookup(store, "e.a", &id), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_param_size(store, ids[0], &n), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_residency(store, ids[0], &state, NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_keep_resident(store, ids[0], 1), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_priority(store, ids[0], 1), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_will_need(store, ids[1], NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_dont_need(store, ids[1], NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_set_sequence(store, ids, 3), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_set_sequence(store, NULL, 0), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_read(store, ids[0], back, sizeof back), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_register(store, "child", data, 8, &id), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_store_acquire(store, ids[1], NULL, &g, NULL), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_guard_mark_dirty(held), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_guard_release(held), HETMEM_OK);
+        EXPECT(hetmem_store_destroy(store), HETMEM_OK);
+        fflush(stdout);
+        _exit(failures > before ? 1 : 0);
+    }
+    int status = 0;
+    CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+              WEXITSTATUS(status) == 0,
+          "the child's store checks passed (wait status %#x)", status);
+    EXPECT(hetmem_guard_release(held), HETMEM_OK);
+    EXPECT(hetmem_store_destroy(store), HETMEM_OK);
+}
+
 /* A graph pool's filter for the torch tests: the default stream's allocations. */
 static int pick_default(void* ctx, void* stream) {
     (void)ctx;
@@ -751,10 +1174,12 @@ static void test_fork(hetmem_manager_t* mgr) {
     const size_t n = 16 * MIB;
     void *pinned = NULL, *dev = NULL, *p = NULL;
     hetmem_stream_t* s = NULL;
+    hetmem_event_t* ev = NULL;
     EXPECT(hetmem_alloc(mgr, HETMEM_PINNED, -1, n, &pinned), HETMEM_OK);
     EXPECT(hetmem_alloc(mgr, HETMEM_DEVICE, 0, n, &dev), HETMEM_OK);
     EXPECT(hetmem_stream_create(mgr, 0, &s), HETMEM_OK);
-    if (!pinned || !dev || !s) return;
+    EXPECT(hetmem_event_create(mgr, 0, &ev), HETMEM_OK);
+    if (!pinned || !dev || !s || !ev) return;
     memset(pinned, 0x42, n);
     fflush(stdout);
     int before = failures;
@@ -768,6 +1193,14 @@ static void test_fork(hetmem_manager_t* mgr) {
         EXPECT(hetmem_copy(mgr, dev, pinned, 4096, NULL), HETMEM_ERR_FORKED);
         EXPECT(hetmem_copy(mgr, dev, pinned, 4096, s), HETMEM_ERR_FORKED);
         EXPECT(hetmem_stream_synchronize(s), HETMEM_ERR_FORKED);
+        int done = 0;
+        hetmem_event_t* ev2 = NULL;
+        EXPECT(hetmem_event_create(mgr, 0, &ev2), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_record(ev, s), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_stream_wait_event(s, ev), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_query(ev, &done), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_synchronize(ev), HETMEM_ERR_FORKED);
+        EXPECT(hetmem_event_destroy(ev), HETMEM_OK);
         size_t free_b = 0, total_b = 0;
         EXPECT(hetmem_mem_info(mgr, 0, &free_b, &total_b), HETMEM_ERR_FORKED);
         CHECK(strcmp(hetmem_status_string(HETMEM_ERR_FORKED), "HETMEM_ERR_FORKED") == 0,
@@ -794,6 +1227,9 @@ static void test_fork(hetmem_manager_t* mgr) {
     for (size_t i = 0; all && i < n; i++) all = back[i] == 0x42;
     CHECK(all, "after the child exits the parent copies its pinned bytes intact");
     free(back);
+    EXPECT(hetmem_event_record(ev, s), HETMEM_OK);
+    EXPECT(hetmem_event_synchronize(ev), HETMEM_OK);
+    EXPECT(hetmem_event_destroy(ev), HETMEM_OK);
     EXPECT(hetmem_stream_destroy(s), HETMEM_OK);
     EXPECT(hetmem_free(mgr, pinned), HETMEM_OK);
     EXPECT(hetmem_free(mgr, dev), HETMEM_OK);
@@ -819,8 +1255,12 @@ int main(int argc, char** argv) {
 
     test_alloc_and_copies(mgr, is_sim);
     test_streams(mgr, other, is_sim);
+    test_copy_stream_checks(mgr, other);
+    test_foreign_pointers(backend);
+    test_events(mgr, other, is_sim);
     test_stats(mgr, backend);
     test_store(mgr, scratch);
+    test_store_edges(mgr, is_sim, scratch);
     test_torch();
     test_thread_exit();
     test_fork(mgr);

@@ -647,6 +647,7 @@ static void read_env_locked(void) {
 #define ENTER(name)                                \
     pthread_mutex_lock(&g_lock);                   \
     read_env_locked();                             \
+    note_call(name);                               \
     do {                                           \
         int injected_ = injected_failure(name);    \
         if (injected_) RETURN(injected_);          \
@@ -1298,6 +1299,8 @@ EXPORT int fakeCudaSetRegisterLimit(uint64_t bytes, int code) {
 }
 
 /* Counters by name; -1 for an unknown name (and "last_*" before the first such call).
+ *   "calls:NAME": calls of entry point NAME (as exported: "calls:cuEventCreate"), failed
+ *     ones included
  *   allocations / managed_allocations / host_allocations: live cuMemAlloc /
  *     cuMemAllocManaged / cuMemAllocHost allocations; "used:N" device N's bytes in use
  *     (allocations, managed, VMM physical memory); "capacity"
@@ -1337,7 +1340,8 @@ EXPORT long long fakeCudaStat(const char *name) {
     int d;
     pthread_mutex_lock(&g_lock);
     read_env_locked();
-    if (!strcmp(name, "allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_DEVICE);
+    if (!strncmp(name, "calls:", 6)) r = call_count(name + 6);
+    else if (!strcmp(name, "allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_DEVICE);
     else if (!strcmp(name, "managed_allocations"))
         SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_MANAGED);
     else if (!strcmp(name, "host_allocations")) SUM_OVER(r, g_nallocs, g_allocs[i].kind == MEM_HOST);

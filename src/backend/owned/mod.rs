@@ -386,6 +386,19 @@ pub(crate) struct OwnedEvent {
 }
 
 impl OwnedEvent {
+    /// A new event of `device`, not yet recorded, with a home of its own (destroyed
+    /// when dropped): for an event a caller records and reuses itself.
+    pub(crate) fn new(backend: &SharedBackend, device: usize) -> Result<Self> {
+        backend.check_fork()?;
+        let handle = backend.create_event(device)?;
+        Ok(OwnedEvent {
+            backend: backend.clone(),
+            handle,
+            device,
+            home: EventCache::new(backend, device),
+        })
+    }
+
     pub(crate) fn handle(&self) -> EventHandle {
         self.handle
     }

@@ -50,6 +50,7 @@
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -270,6 +271,7 @@ impl Drop for Memory {
 
 #[derive(Debug)]
 struct DeviceAlloc {
+    device: usize,
     len: usize,
     mem: Memory,
 }
@@ -381,7 +383,8 @@ struct Capture {
 struct State {
     host_ns: u64,
     next_handle: u64,
-    next_addr: Vec<u64>,
+    /// Each device's current run of addresses ([`take_run`]).
+    addr: Vec<AddrRun>,
     device_allocs: BTreeMap<u64, DeviceAlloc>,
     managed: BTreeMap<usize, ManagedAlloc>,
     registered: BTreeMap<usize, usize>,
@@ -479,13 +482,72 @@ unsafe impl Send for SimBackend {}
 // SAFETY: as above: shared access is serialised by the mutex.
 unsafe impl Sync for SimBackend {}
 
-/// Device addresses: device `d` hands out addresses from `(d + 1) << 52`, never reused,
-/// so a stale pointer can never alias a newer allocation.
-const ADDR_SHIFT: u32 = 52;
-/// Most simulated devices (each has its own 2^52-byte address range).
+/// Most simulated devices of one simulator.
 pub const MAX_DEVICES: usize = 1024;
 /// Most memory of one simulated device (1 PiB).
 pub const MAX_CAPACITY: usize = 1 << 50;
+
+/// Device addresses of every simulator in the process come from one range, handed out
+/// in runs by one counter: a device takes a run when it first allocates and another
+/// when its run is used up. No two devices, of one simulator or of two, ever share an
+/// address, so a pointer of one manager is never a live allocation of another (as on a
+/// GPU driver, which fails such a pointer rather than touching someone else's memory);
+/// addresses are never reused, so a stale pointer never aliases a newer allocation. The
+/// range lies above any user-space address (and below 2^63, so that callers that hold
+/// addresses as signed 64-bit integers, PyTorch's among them, see them positive).
+const ADDR_BASE: u64 = 1 << 52;
+/// The end of the range: 2^63 - 2^52 bytes of allocations per process.
+const ADDR_LIMIT: u64 = 1 << 63;
+/// The size of a run (larger for an allocation that needs more).
+const ADDR_RUN: u64 = 1 << 40;
+/// The largest run, and so the largest allocation or reservation: what one device's
+/// whole range was before runs.
+const MAX_RUN: u64 = 1 << 52;
+/// The start of the next run of any simulator in the process.
+static NEXT_RUN: AtomicU64 = AtomicU64::new(ADDR_BASE);
+
+/// The run of addresses a device allocates from: `next..end`.
+#[derive(Debug, Clone, Copy, Default)]
+struct AddrRun {
+    next: u64,
+    end: u64,
+}
+
+/// A new run of at least `min` bytes from the process-wide counter, or `None` once the
+/// range is used up (or `min` is over [`MAX_RUN`]).
+fn take_run(min: u64) -> Option<AddrRun> {
+    let len = min.checked_next_multiple_of(ADDR_RUN)?.max(ADDR_RUN);
+    if len > MAX_RUN {
+        return None;
+    }
+    let start = NEXT_RUN
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            n.checked_add(len).filter(|end| *end <= ADDR_LIMIT)
+        })
+        .ok()?;
+    Some(AddrRun {
+        next: start,
+        end: start + len,
+    })
+}
+
+/// The address for `size` bytes aligned to `align` (a power of two that divides
+/// [`ADDR_RUN`]) on `device`, from its run or a new one; `None` once no run is left.
+fn place(st: &mut State, device: usize, size: usize, align: u64) -> Option<u64> {
+    let run = &mut st.addr[device];
+    if let Some(at) = run.next.checked_next_multiple_of(align) {
+        if let Some(next) = bump(at, size, align, run.end) {
+            run.next = next;
+            return Some(at);
+        }
+    }
+    let mut fresh = take_run((size as u64).checked_add(2 * align)?)?;
+    let at = fresh.next;
+    fresh.next = bump(at, size, align, fresh.end)?;
+    *run = fresh;
+    Some(at)
+}
+
 /// Page size of the simulated virtual memory management, as on current NVIDIA GPUs.
 pub const VMM_GRANULARITY: usize = 2 << 20;
 /// Alignment of device allocations, as CUDA guarantees (256 B; we use 512).
@@ -549,7 +611,8 @@ impl SimBackend {
                 // Below this are the drivers' special stream values (0, 1, 2): no sim
                 // handle may be mistaken for one.
                 next_handle: SPECIAL_STREAMS,
-                next_addr: (0..n as u64).map(|d| (d + 1) << ADDR_SHIFT).collect(),
+                // Runs are taken at first use: a device that allocates nothing takes none.
+                addr: vec![AddrRun::default(); n],
                 device_allocs: BTreeMap::new(),
                 reservations: BTreeMap::new(),
                 physical: HashMap::new(),
@@ -756,7 +819,7 @@ impl SimBackend {
                     .next_back()
                     .ok_or_else(|| bad_device_ptr(device, ptr))?;
                 let off = (ptr.0 - start) as usize;
-                if device_of(*start) != device || off.checked_add(len).is_none_or(|e| e > a.len) {
+                if a.device != device || off.checked_add(len).is_none_or(|e| e > a.len) {
                     return Err(bad_device_ptr(device, ptr));
                 }
                 // SAFETY: off + len <= a.len, so the result stays inside the allocation.
@@ -790,17 +853,20 @@ fn mark_busy(st: &mut State, r: MemRef, len: usize, end: u64) {
 }
 
 /// The next free address after `size` bytes at `addr` (aligned, with a gap so that
-/// neighbours never touch), or `None` once the device's address range is used up.
-fn bump(addr: u64, size: usize, align: u64, device: usize) -> Option<u64> {
+/// neighbours never touch), or `None` if that passes `end`.
+fn bump(addr: u64, size: usize, align: u64, end: u64) -> Option<u64> {
     let next = addr
         .checked_add(size as u64)?
         .checked_next_multiple_of(align)?
         .checked_add(align)?;
-    (next < (device as u64 + 2) << ADDR_SHIFT).then_some(next)
+    (next <= end).then_some(next)
 }
 
-fn device_of(addr: u64) -> usize {
-    ((addr >> ADDR_SHIFT).saturating_sub(1)) as usize
+fn out_of_addresses(device: usize, size: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "sim device {device}: no address range for {size} bytes (over 2^52 bytes, or the \
+         process's simulators have used up their address space)"
+    ))
 }
 
 fn bad_device_ptr(device: usize, ptr: DevicePtr) -> Error {
@@ -990,17 +1056,19 @@ impl Backend for SimBackend {
         };
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::MemAlloc, size);
-        let addr = st.next_addr[device];
-        let Some(next) = bump(addr, size, DEVICE_ALIGN, device) else {
+        let Some(addr) = place(&mut st, device, size, DEVICE_ALIGN) else {
             drop(st);
             self.used[device].release(size);
-            return Err(Error::InvalidArgument(format!(
-                "sim device {device} has used up its address space"
-            )));
+            return Err(out_of_addresses(device, size));
         };
-        st.next_addr[device] = next;
-        st.device_allocs
-            .insert(addr, DeviceAlloc { len: size, mem });
+        st.device_allocs.insert(
+            addr,
+            DeviceAlloc {
+                device,
+                len: size,
+                mem,
+            },
+        );
         Ok(DevicePtr(addr))
     }
 
@@ -1009,7 +1077,7 @@ impl Backend for SimBackend {
         let mut st = self.lock();
         refuse_during_capture(&mut st, "free_device")?;
         match st.device_allocs.get(&ptr.0) {
-            Some(a) if device_of(ptr.0) == device && a.len == size => {
+            Some(a) if a.device == device && a.len == size => {
                 // cuMemFree waits for the device's queued work before it frees.
                 wait_device(&mut st, device);
                 charge(&self.cfg, &mut st, DriverCall::MemFree, size);
@@ -1546,14 +1614,10 @@ impl Backend for SimBackend {
             Memory::zeroed(size).ok_or_else(|| Error::os("mmap", nix::errno::Errno::last()))?;
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::Reserve, size);
-        let addr = st.next_addr[device].next_multiple_of(VMM_GRANULARITY as u64);
-        let Some(next) = bump(addr, size, VMM_GRANULARITY as u64, device) else {
+        let Some(addr) = place(&mut st, device, size, VMM_GRANULARITY as u64) else {
             // `host` is unmapped as it drops here.
-            return Err(Error::InvalidArgument(format!(
-                "sim device {device} has used up its address space"
-            )));
+            return Err(out_of_addresses(device, size));
         };
-        st.next_addr[device] = next;
         st.reservations.insert(
             addr,
             Reservation {
@@ -2060,9 +2124,28 @@ mod tests {
         // The last device of the largest machine still gets usable addresses.
         let big = SimBackend::new(SimConfig::with_devices(MAX_DEVICES, 1 << 20)).unwrap();
         let p = big.alloc_device(MAX_DEVICES - 1, 4096).unwrap();
-        assert_eq!(device_of(p.0), MAX_DEVICES - 1);
-        // SAFETY: allocated just above.
-        unsafe { big.free_device(MAX_DEVICES - 1, p, 4096).unwrap() };
+        // SAFETY: allocated just above; the first free is refused (wrong device).
+        unsafe {
+            assert!(big.free_device(0, p, 4096).is_err());
+            big.free_device(MAX_DEVICES - 1, p, 4096).unwrap();
+        }
+        // A run is used up and the next one taken; too large a request is refused.
+        let q = big.alloc_device(0, 4096).unwrap();
+        assert!(take_run(MAX_RUN + 1).is_none());
+        assert!(place(&mut big.lock(), 0, MAX_RUN as usize, DEVICE_ALIGN).is_none());
+        let mut st = big.lock();
+        st.addr[0].next = st.addr[0].end - 1024;
+        drop(st);
+        let r = big.alloc_device(0, 4096).unwrap();
+        assert!(
+            r.0 >= q.0 + ADDR_RUN - 1024 && r.0.is_multiple_of(ADDR_RUN),
+            "{r:?} after {q:?}"
+        );
+        // SAFETY: both allocated just above.
+        unsafe {
+            big.free_device(0, q, 4096).unwrap();
+            big.free_device(0, r, 4096).unwrap();
+        }
     }
 
     #[test]
@@ -2084,6 +2167,88 @@ mod tests {
         // SAFETY: the device side is stale; the backend must refuse before copying.
         let r = unsafe { sim.copy(h, MemRef::Device { device: 0, ptr: p }, 16, None) };
         assert!(r.is_err());
+    }
+
+    /// Two simulators in one process (two managers) never share a device address, so a
+    /// pointer of one is refused by the other, whose memory is left alone: as strict as
+    /// a GPU driver, where another context's pointer is not a live allocation.
+    #[test]
+    fn simulators_and_their_devices_never_share_an_address() {
+        let (a, b) = (
+            SimBackend::new(SimConfig::with_devices(2, 1 << 20)).unwrap(),
+            SimBackend::new(SimConfig::with_devices(2, 1 << 20)).unwrap(),
+        );
+        let pa: Vec<DevicePtr> = (0..2).map(|d| a.alloc_device(d, 4096).unwrap()).collect();
+        let pb: Vec<DevicePtr> = (0..2).map(|d| b.alloc_device(d, 4096).unwrap()).collect();
+        let ra = a.reserve_address(0, VMM_GRANULARITY).unwrap();
+        let rb = b.reserve_address(0, VMM_GRANULARITY).unwrap();
+        let mut all: Vec<u64> = pa
+            .iter()
+            .chain(&pb)
+            .chain([&ra, &rb])
+            .map(|p| p.0)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(
+            all.len(),
+            6,
+            "addresses shared: {pa:?} {pb:?} {ra:?} {rb:?}"
+        );
+        let mut bytes = [7u8; 16];
+        let host = MemRef::Host {
+            ptr: NonNull::new(bytes.as_mut_ptr()).unwrap(),
+            kind: HostKind::Pageable,
+        };
+        // SAFETY: every device pointer is checked by the backend before it is used; the
+        // host range is this test's 16 bytes.
+        unsafe {
+            a.copy(
+                MemRef::Device {
+                    device: 0,
+                    ptr: pa[0],
+                },
+                host,
+                16,
+                None,
+            )
+            .unwrap();
+            for (d, &ptr) in pb.iter().enumerate() {
+                let theirs = MemRef::Device { device: d, ptr };
+                assert!(
+                    a.copy(theirs, host, 16, None).is_err(),
+                    "a writes b's memory"
+                );
+                assert!(
+                    a.copy(host, theirs, 16, None).is_err(),
+                    "a reads b's memory"
+                );
+                assert!(a.free_device(d, ptr, 4096).is_err(), "a frees b's memory");
+            }
+            assert!(a.free_address(0, rb, VMM_GRANULARITY).is_err());
+            let mut back = [0u8; 16];
+            let out = MemRef::Host {
+                ptr: NonNull::new(back.as_mut_ptr()).unwrap(),
+                kind: HostKind::Pageable,
+            };
+            a.copy(
+                out,
+                MemRef::Device {
+                    device: 0,
+                    ptr: pa[0],
+                },
+                16,
+                None,
+            )
+            .unwrap();
+            assert_eq!(back, [7u8; 16], "a's bytes are untouched");
+            for d in 0..2 {
+                a.free_device(d, pa[d], 4096).unwrap();
+                b.free_device(d, pb[d], 4096).unwrap();
+            }
+            a.free_address(0, ra, VMM_GRANULARITY).unwrap();
+            b.free_address(0, rb, VMM_GRANULARITY).unwrap();
+        }
     }
 
     #[test]
