@@ -6,6 +6,7 @@
 
 use std::ffi::c_void;
 
+use hetmem::ffi::event::*;
 use hetmem::ffi::memory::*;
 use hetmem::ffi::tier::*;
 use hetmem::ffi::*;
@@ -65,6 +66,14 @@ fn a_call_that_fails_on_its_handle_clears_its_out_pointers() {
         assert_ne!(rc, HETMEM_OK);
         assert!(st.is_null(), "hetmem_store_create({m:?}) left *out {st:?}");
     }
+    // Events (new since): the same.
+    for m in [dead, forged, std::ptr::null_mut()] {
+        let mut ev: *mut HetmemEvent = poison();
+        // SAFETY: the handle is only looked up; `ev` is valid.
+        let rc = unsafe { hetmem_event_create(m, 0, &mut ev) };
+        assert_ne!(rc, HETMEM_OK);
+        assert!(ev.is_null(), "hetmem_event_create({m:?}) left *out {ev:?}");
+    }
     // A live manager, cfg NULL.
     let m = sim();
     let mut st: *mut HetmemStore = poison();
@@ -98,4 +107,55 @@ fn a_call_that_fails_on_its_handle_clears_its_out_pointers() {
     );
     // SAFETY: a live handle.
     assert_eq!(unsafe { hetmem_manager_destroy(m) }, HETMEM_OK);
+}
+
+/// Finding: "contract in hetmem_store_register_safetensors [count after a failure]":
+/// with `path` NULL (or a bad store handle, or a path not UTF-8) the call failed before
+/// it set `*count`, where the header says "on any other failure nothing is registered
+/// and *count is 0" (BUFFER_TOO_SMALL aside).
+#[test]
+fn a_failed_file_registration_sets_count_to_zero() {
+    let m = sim();
+    let mut cfg = std::mem::MaybeUninit::<HetmemStoreConfig>::uninit();
+    // SAFETY: `cfg` is valid for a write.
+    let rc = unsafe { hetmem_store_config_init(cfg.as_mut_ptr(), 1 << 20, 32 << 20) };
+    assert_eq!(rc, HETMEM_OK);
+    let mut store: *mut HetmemStore = std::ptr::null_mut();
+    // SAFETY: a live manager, an initialised configuration, a valid out-pointer.
+    let rc = unsafe { hetmem_store_create(m, cfg.as_ptr(), &mut store) };
+    assert_eq!(rc, HETMEM_OK);
+    let forged: *mut HetmemStore = std::ptr::without_provenance_mut(0x1234_5679);
+    let cases: [(*mut HetmemStore, *const std::ffi::c_char, i32); 3] = [
+        (store, std::ptr::null(), HETMEM_ERR_NULL_POINTER),
+        (
+            store,
+            c"\xff.safetensors".as_ptr(),
+            HETMEM_ERR_INVALID_ARGUMENT,
+        ),
+        (
+            forged,
+            c"/nonexistent.safetensors".as_ptr(),
+            HETMEM_ERR_INVALID_HANDLE,
+        ),
+    ];
+    for (s, path, code) in cases {
+        let mut ids = [u32::MAX; 4];
+        let mut count = POISON;
+        // SAFETY: the store is looked up; `path` NULL or a C string; `ids` holds 4;
+        // `count` is valid.
+        let rc =
+            unsafe { hetmem_store_register_safetensors(s, path, ids.as_mut_ptr(), 4, &mut count) };
+        assert_eq!(rc, code);
+        assert_eq!(
+            count,
+            0,
+            "*count after {}",
+            hetmem_fuzz::header::Docs::load().name(code)
+        );
+    }
+    // SAFETY: live handles.
+    unsafe {
+        assert_eq!(hetmem_store_destroy(store), HETMEM_OK);
+        assert_eq!(hetmem_manager_destroy(m), HETMEM_OK);
+    }
 }

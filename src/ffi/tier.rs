@@ -335,12 +335,13 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
     count: *mut usize,
 ) -> c_int {
     guard("hetmem_store_register_safetensors", || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
-        // SAFETY: the caller's contract.
-        let path = unsafe { c_str(path, "path")? };
+        // 0 before anything can fail (the handle, the path), as the header says.
         let count = out_ptr(count, "count")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(count, 0) };
+        let s = lookup::<FfiStore, _>(store, "store")?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { c_str(path, "path")? };
         if ids.is_null() && cap > 0 {
             return Err(FfiError::null("ids"));
         }
