@@ -2,19 +2,20 @@
 //! function the codes its comment names.
 //!
 //! A function's comment is the last comment before its declaration (functions
-//! declared one after the other under one comment share it). Every status name in it
-//! counts (`NULL_POINTER` or `HETMEM_ERR_NULL_POINTER`, in its "Errors:" list or in
-//! its prose), and "as hetmem_x" adds `hetmem_x`'s. The header's conventions make
-//! three codes valid for every call: `NULL_POINTER` (a required pointer was NULL),
-//! `INVALID_HANDLE` (a handle not live) and `FORKED` (in a forked child).
+//! declared one after the other under one comment share it). The list is what follows
+//! the comment's last "Errors:" (the whole comment where it has none): every status
+//! name in it counts (`NULL_POINTER` or `HETMEM_ERR_NULL_POINTER`), and "as hetmem_x"
+//! adds `hetmem_x`'s. Nothing else is allowed: the header's conventions say each list
+//! is complete (`PANIC`, a bug, is never listed and always a finding).
+//!
+//! This parser is independent of the library's own (`hetmem::ffi::codes`, which
+//! `HETMEM_CHECK_CODES=1` uses to abort on an unlisted code); a test checks that both
+//! read the same lists.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The header this crate was built against.
 pub const HEADER: &str = include_str!("../../include/hetmem.h");
-
-/// The codes the header's conventions allow for any call.
-pub const UNIVERSAL: [&str; 3] = ["NULL_POINTER", "INVALID_HANDLE", "FORKED"];
 
 /// What the header documents.
 #[derive(Debug, Clone, Default)]
@@ -22,7 +23,7 @@ pub struct Docs {
     /// `HETMEM_OK` and `HETMEM_ERR_*` without their prefix (`OK`, `NULL_POINTER`, ...)
     /// to value.
     pub codes: BTreeMap<String, i32>,
-    /// Function name to the codes its comment names (and the universal ones).
+    /// Function name to the codes its comment names.
     pub calls: BTreeMap<String, BTreeSet<i32>>,
 }
 
@@ -143,23 +144,17 @@ pub fn parse(header: &str) -> Docs {
             .map(|i| comments[i].clone())
             .unwrap_or_else(|| previous.clone());
         previous = doc.clone();
-        docs.insert(name.to_owned(), doc);
+        let list = match doc.rfind("Errors:") {
+            Some(i) => doc[i..].to_owned(),
+            None => doc,
+        };
+        docs.insert(name.to_owned(), list);
     }
-    let universal: BTreeSet<i32> = UNIVERSAL
-        .iter()
-        .filter_map(|n| codes.get(*n))
-        .copied()
-        .collect();
     let mut calls: BTreeMap<String, BTreeSet<i32>> = docs
         .iter()
-        .map(|(name, doc)| {
-            let mut set = mentioned(doc, &codes);
-            set.extend(&universal);
-            (name.clone(), set)
-        })
+        .map(|(name, doc)| (name.clone(), mentioned(doc, &codes)))
         .collect();
-    // "as hetmem_x", or a comment that opens "hetmem_x, but ...": x's codes too (a few
-    // rounds reach chains).
+    // "as hetmem_x": x's codes too (a few rounds reach chains).
     let ident_len = |t: &str| {
         t.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .unwrap_or(t.len())
@@ -167,20 +162,13 @@ pub fn parse(header: &str) -> Docs {
     for _ in 0..4 {
         for (name, doc) in &docs {
             let mut extra = BTreeSet::new();
-            let mut refs: Vec<&str> = doc
+            let refs: Vec<&str> = doc
                 .match_indices("as hetmem_")
                 .map(|(i, _)| {
                     let tail = &doc[i + 3..];
                     &tail[..ident_len(tail)]
                 })
                 .collect();
-            let lead = doc.trim_start();
-            if lead.starts_with("hetmem_") {
-                let n = ident_len(lead);
-                if lead[n..].starts_with(',') || lead[n..].starts_with(" but") {
-                    refs.push(&lead[..n]);
-                }
-            }
             for r in refs {
                 if let Some(other) = calls.get(r) {
                     extra.extend(other.iter().copied());
@@ -208,6 +196,7 @@ mod tests {
         assert!(free.contains(&d.codes["FOREIGN_POINTER"]), "{free:?}");
         assert!(free.contains(&d.codes["INVALID_HANDLE"]));
         assert!(!free.contains(&d.codes["OUT_OF_MEMORY"]));
+        assert!(d.calls["hetmem_version"].is_empty());
         // "Errors: as hetmem_copy".
         let fh = &d.calls["hetmem_copy_from_host"];
         assert!(fh.contains(&d.codes["OUT_OF_BOUNDS"]), "{fh:?}");
@@ -224,17 +213,27 @@ mod tests {
         assert!(!d.calls.contains_key("hetmem_store_config"));
     }
 
+    /// The library's parser (what HETMEM_CHECK_CODES=1 enforces) reads the same lists.
+    #[test]
+    fn the_library_reads_the_same_lists() {
+        let mine = Docs::load();
+        let lib = hetmem::ffi::codes::parse(HEADER).expect("the header parses");
+        let theirs: BTreeMap<String, BTreeSet<i32>> = lib.calls.clone();
+        assert_eq!(mine.calls, theirs);
+    }
+
     #[test]
     fn a_made_up_header() {
         let h = "#define HETMEM_OK 0\n#define HETMEM_ERR_A -1\n#define HETMEM_ERR_B -2\n\
                  /* ---- section ---- */\n\n/* Does x. Errors: A. */\nint hetmem_x(int a);\n\
                  /* Does y; fails with HETMEM_ERR_B. Errors: as hetmem_x. */\n\
                  int hetmem_y(void);\nint hetmem_z(void);\n\
-                 /* hetmem_x, but slower. */\nint hetmem_w(void);\n";
+                 /* Errors: none. */\nint hetmem_w(void);\n";
         let d = parse(h);
         assert_eq!(d.calls["hetmem_x"], BTreeSet::from([-1]));
-        assert_eq!(d.calls["hetmem_y"], BTreeSet::from([-1, -2]));
-        assert_eq!(d.calls["hetmem_z"], BTreeSet::from([-1, -2]));
-        assert_eq!(d.calls["hetmem_w"], BTreeSet::from([-1]));
+        // B is named in the prose, not in the list.
+        assert_eq!(d.calls["hetmem_y"], BTreeSet::from([-1]));
+        assert_eq!(d.calls["hetmem_z"], BTreeSet::from([-1]));
+        assert!(d.calls["hetmem_w"].is_empty());
     }
 }

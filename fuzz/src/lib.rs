@@ -81,9 +81,6 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// A thread that makes no progress for this long is a hang.
     pub hang_after: Duration,
-    /// Also make the inputs that trigger issue 15's known defects (the tier store's
-    /// unbounded ring and thread count, zero-element tensors).
-    pub known_defects: bool,
     /// Print nothing while running (findings are in the summary).
     pub quiet: bool,
 }
@@ -98,7 +95,6 @@ impl Config {
             ops: Some(ops),
             duration: None,
             hang_after: Duration::from_secs(120),
-            known_defects: false,
             quiet: false,
         }
     }

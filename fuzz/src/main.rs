@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! hetmem-fuzz [--seed N] [--threads N] [--seconds S | --ops N] [--legs capi|tier|both]
-//!             [--hang-after S] [--known-defects] [--quiet] [--json]
+//!             [--hang-after S] [--quiet] [--json]
 //! ```
 //!
 //! The last line with `--json` is one JSON object: `seed`, `threads`, `seconds`,
 //! `calls`, `bad_inputs`, `crashes`, `hangs`, `wrong_bytes`, `panics`, `wrong_status`,
 //! `undocumented`, `contract`, `new_findings` and `findings` (each with its kind, call,
-//! count, first example and, for issue 15's known defects, which one). Exit status: 0
+//! count, first example and, for a defect known and fixed elsewhere, which one). Exit status: 0
 //! with no new finding, 1 with one, 2 for bad arguments, 3 for a hang (the stuck
 //! threads cannot be stopped, so the process exits with them).
 
@@ -20,7 +20,7 @@ use hetmem_fuzz::{run, set_environment, Config, Legs};
 fn usage() -> ExitCode {
     eprintln!(
         "usage: hetmem-fuzz [--seed N] [--threads N] [--seconds S | --ops N] \
-         [--legs capi|tier|both] [--hang-after S] [--known-defects] [--quiet] [--json]"
+         [--legs capi|tier|both] [--hang-after S] [--quiet] [--json]"
     );
     ExitCode::from(2)
 }
@@ -66,7 +66,6 @@ fn main() -> ExitCode {
                 Ok(v) => cfg.hang_after = Duration::from_secs_f64(v),
                 Err(_) => return usage(),
             },
-            "--known-defects" => cfg.known_defects = true,
             "--quiet" => cfg.quiet = true,
             "--json" => json = true,
             _ => return usage(),

@@ -39,6 +39,18 @@ struct Store {
     label: String,
 }
 
+/// Reads a guard's bytes (an empty parameter's guard has no block and no bytes).
+fn read_guard(g: &ParamGuard, out: &mut [u8]) -> hetmem::Result<()> {
+    match g.block() {
+        Some(b) => b.read(0, out),
+        None if out.is_empty() => Ok(()),
+        None => Err(Error::InvalidArgument(format!(
+            "a guard of {} bytes without a block",
+            out.len()
+        ))),
+    }
+}
+
 /// Everything the tier threads share.
 pub struct World {
     report: Arc<Report>,
@@ -104,6 +116,10 @@ impl World {
             );
             let store = TierStore::new(&mgr, c).unwrap_or_else(|e| panic!("{label}: {e}"));
             let mut data: Vec<Vec<u8>> = sizes.iter().map(|&s| rng.bytes(s)).collect();
+            if k == 2 {
+                // A tensor of zero elements: an empty parameter, always on the device.
+                data[rng.index(n)] = Vec::new();
+            }
             if k == 2 {
                 // From a mapped safetensors file: write-backs replace the mapped source.
                 let path = dir.join("model.safetensors");
@@ -324,7 +340,7 @@ impl Thread<'_> {
         self.call(sync.is_ok());
         let len = g.len();
         let mut got = vec![0u8; len];
-        let r = g.block().read(0, &mut got);
+        let r = read_guard(&g, &mut got);
         self.call(r.is_ok());
         let mut model = lock(&st.params[id as usize].bytes);
         match r {
@@ -340,7 +356,10 @@ impl Thread<'_> {
             let off = self.rng.index(len);
             let n = 1 + self.rng.index((len - off).min(4096));
             let data = self.rng.bytes(n);
-            let r = g.block().write(off, &data);
+            let r = match g.block() {
+                Some(b) => b.write(off, &data),
+                None => Err(Error::InvalidArgument("an empty parameter's guard".into())),
+            };
             self.call(r.is_ok());
             match r {
                 Ok(()) => model[off..off + n].copy_from_slice(&data),
@@ -457,7 +476,7 @@ pub fn teardown(w: &World) {
                     th.call(true);
                     let _ = stream.synchronize();
                     let mut got = vec![0u8; g.len()];
-                    if let Err(e) = g.block().read(0, &mut got) {
+                    if let Err(e) = read_guard(&g, &mut got) {
                         th.failed("guard read", &e, || format!("id {id}"));
                     }
                     let model = lock(&st.params[id as usize].bytes);

@@ -769,6 +769,15 @@ impl<'w> Thread<'w> {
     fn check_new_address(&self, slot: usize, b: &Buf) {
         for s in 0..MGR_SLOTS {
             let st = lock(&self.w.mgrs[s].st);
+            // A manager being destroyed has given its memory back before the model
+            // forgets its buffers.
+            if st
+                .info
+                .as_ref()
+                .is_none_or(|i| i.dying.load(Ordering::SeqCst))
+            {
+                continue;
+            }
             let clash = st
                 .bufs
                 .range(..b.addr + b.len as u64)
@@ -1441,15 +1450,7 @@ impl<'w> Thread<'w> {
             }
             let fits = |_d: usize| true;
             stream.faults(info.gen, Some(&fits), &mut e);
-            if let StreamArg::Live(s, _) = &stream {
-                if s.mgr_gen == info.gen {
-                    if let At::In(b, _) = &a.at {
-                        if s.device != b.device {
-                            e.edge("stream of another device", HETMEM_ERR_INVALID_ARGUMENT);
-                        }
-                    }
-                }
-            }
+            // A stream of any device of the manager will do (as the drivers allow).
             // SAFETY: a live handle; the address is looked up; the stream is live or a
             // bad value.
             let rc = unsafe { hetmem_prefetch(mh(info.handle), a.ptr(), n, device, stream.ptr()) };
@@ -1642,6 +1643,7 @@ impl<'w> Thread<'w> {
             HandleKind::Stream,
             HandleKind::Store,
             HandleKind::Guard,
+            HandleKind::Event,
         ]);
         let (h, what, code) = self.bad_handle(kind);
         let mut e = Expect::ok();
@@ -1666,7 +1668,7 @@ impl<'w> Thread<'w> {
             match kind {
                 HandleKind::Manager => {
                     let m = mh(h);
-                    match self.rng.below(16) {
+                    match self.rng.below(17) {
                         0 => ("hetmem_manager_destroy", hetmem_manager_destroy(m)),
                         1 => {
                             let b = hetmem_manager_backend(m);
@@ -1725,9 +1727,13 @@ impl<'w> Thread<'w> {
                                 hetmem_stats_json(m, std::ptr::null_mut(), cp.cast(), 64, &mut n),
                             )
                         }
-                        _ => (
+                        14 => (
                             "hetmem_store_create",
                             hetmem_store_create(m, &cfg, outp.cast()),
+                        ),
+                        _ => (
+                            "hetmem_event_create",
+                            hetmem::ffi::event::hetmem_event_create(m, 0, outp.cast()),
                         ),
                     }
                 }
@@ -1839,6 +1845,20 @@ impl<'w> Thread<'w> {
                         ("hetmem_guard_release", hetmem_guard_release(g))
                     }
                 }
+                HandleKind::Event => {
+                    let ev = super::eh(h);
+                    // The other handle is made up too (its code is the same).
+                    let forged = sh(0x4865_0008);
+                    e.env(HETMEM_ERR_INVALID_HANDLE);
+                    let mut done = 0;
+                    match self.rng.below(5) {
+                        0 => ("hetmem_event_query", hetmem::ffi::event::hetmem_event_query(ev, &mut done)),
+                        1 => ("hetmem_event_synchronize", hetmem::ffi::event::hetmem_event_synchronize(ev)),
+                        2 => ("hetmem_event_destroy", hetmem::ffi::event::hetmem_event_destroy(ev)),
+                        3 => ("hetmem_event_record", hetmem::ffi::event::hetmem_event_record(ev, forged)),
+                        _ => ("hetmem_stream_wait_event", hetmem::ffi::event::hetmem_stream_wait_event(forged, ev)),
+                    }
+                }
             }
         };
         self.check(call, rc, &e, &args);
@@ -1848,6 +1868,7 @@ impl<'w> Thread<'w> {
                 | "hetmem_stream_create"
                 | "hetmem_stream_wrap"
                 | "hetmem_store_create"
+                | "hetmem_event_create"
                 | "hetmem_store_acquire"
                 | "hetmem_store_acquire_timeout"
         ) && out != 0

@@ -139,7 +139,7 @@ impl Thread<'_> {
                 c.staging_slots = self.rng.below(2) as usize;
             }
             8 => {
-                e.fault("staging slots of 0 bytes", HETMEM_ERR_INVALID_ARGUMENT);
+                e.fault("staging slots of 0 bytes", HETMEM_ERR_INVALID_SIZE);
                 c.staging_slot_size = 0;
             }
             9 => {
@@ -165,22 +165,25 @@ impl Thread<'_> {
                 e.edge("a host budget of SIZE_MAX", HETMEM_ERR_OUT_OF_MEMORY);
                 c.host_budget = usize::MAX;
             }
-            14 if self.w.cfg.known_defects => {
-                // Issue 15: a staging ring as large as the host budget allows.
-                e.edge("a ring of a million slots", HETMEM_ERR_INVALID_ARGUMENT)
-                    .env(HETMEM_ERR_OUT_OF_MEMORY);
-                c.staging_slots = 1 << 20;
-                c.staging_slot_size = 1;
+            14 => {
+                // A ring larger than any host's memory, or than the address space: refused
+                // before a slot is pinned (issue 15: it pinned until the OOM killer came).
+                e.fault("a ring of a petabyte", HETMEM_ERR_OUT_OF_MEMORY)
+                    .env(HETMEM_ERR_INVALID_SIZE);
+                c.staging_slots = 1 << self.rng.pick(&[30, 40, 50]);
+                c.staging_slot_size = 1 << 20;
                 c.host_budget = usize::MAX;
             }
-            15 if self.w.cfg.known_defects => {
-                // Issue 15: a thread per filler asked for.
-                e.edge(
-                    "a hundred thousand staging threads",
-                    HETMEM_ERR_INVALID_ARGUMENT,
-                )
-                .env(HETMEM_ERR_OS);
-                c.staging_threads = 100_000;
+            15 => {
+                e.fault("a staging slot over SSIZE_MAX", HETMEM_ERR_INVALID_SIZE);
+                c.staging_slot_size = isize::MAX as usize + 1;
+                c.host_budget = usize::MAX;
+            }
+            16 => {
+                // More filler threads than anyone can start: fillers never outnumber the
+                // slots, and the caller fills for those that cannot start (issue 15:
+                // thread exhaustion panicked).
+                c.staging_threads = self.rng.pick(&[1000, 100_000, usize::MAX]);
             }
             _ => {}
         }
@@ -430,12 +433,30 @@ impl Thread<'_> {
             })
             .collect();
         let mut e = Expect::ok();
-        let zero = self.w.cfg.known_defects && self.rng.chance(10);
-        if zero {
-            // Issue 15: a tensor of no elements.
+        if self.rng.chance(15) {
+            // A tensor of no elements: an empty parameter (issue 15: it was refused, and
+            // the file half registered).
             tensors.push((format!("f{k}.empty"), Vec::new()));
-            e.edge("a tensor of zero elements", HETMEM_ERR_INVALID_SIZE)
-                .env(HETMEM_ERR_CONFIG);
+        }
+        let params: Vec<Param> = lock(&self.w.stores[slot].st)
+            .as_ref()
+            .map(|s| s.params.clone())
+            .unwrap_or_default();
+        match self.rng.below(12) {
+            0 if !params.is_empty() => {
+                // All or none: a name taken, last in the file, and nothing registers.
+                let taken = params[self.rng.index(params.len())].name.clone();
+                tensors.push((taken, vec![1]));
+                e.fault("a tensor's name taken", HETMEM_ERR_INVALID_ARGUMENT);
+            }
+            1 => {
+                tensors.push((format!("f{k}.big"), vec![2; budget + 1]));
+                e.fault(
+                    "a tensor larger than the device budget",
+                    HETMEM_ERR_OUT_OF_MEMORY,
+                );
+            }
+            _ => {}
         }
         let specs: Vec<(&str, &str, Vec<usize>, &[u8])> = tensors
             .iter()
@@ -467,10 +488,21 @@ impl Thread<'_> {
         .expect("no NUL");
         let bad = self.w.dir.join(format!("bad{k}.safetensors"));
         let bad_c = CString::new(bad.to_string_lossy().into_owned()).expect("no NUL");
-        match self.rng.below(12) {
+        let fifo = CString::new(self.w.fifo.to_string_lossy().into_owned()).expect("no NUL");
+        let dir = CString::new(self.w.dir.to_string_lossy().into_owned()).expect("no NUL");
+        match self.rng.below(14) {
             0 => {
                 e.fault("a file that is not there", HETMEM_ERR_CONFIG);
                 pp = missing.as_ptr();
+            }
+            6 => {
+                // Issue 15: opening a FIFO blocked for good.
+                e.fault("a FIFO", HETMEM_ERR_CONFIG);
+                pp = fifo.as_ptr();
+            }
+            7 => {
+                e.fault("a directory", HETMEM_ERR_CONFIG);
+                pp = dir.as_ptr();
             }
             1 => {
                 e.fault("a malformed file", HETMEM_ERR_CONFIG);
@@ -517,8 +549,8 @@ impl Thread<'_> {
                 || format!("{got}, the file has {n}"),
             );
         }
-        // What was registered joins the model: all on success, the first *count on a
-        // failure part-way (zero-element tensors).
+        // All or none: every tensor on success, none on a failure (*count 0, but for
+        // too small an `ids`).
         let registered = if ok {
             if got != n {
                 self.contract("hetmem_store_register_safetensors", "count", || {
@@ -526,12 +558,28 @@ impl Thread<'_> {
                 });
             }
             n
-        } else if zero && rc == HETMEM_ERR_INVALID_SIZE && !gp.is_null() && got <= n {
-            // Refused at the empty tensor: those before it are registered.
-            got
         } else {
+            if rc != HETMEM_ERR_BUFFER_TOO_SMALL && !gp.is_null() && got != 0 {
+                self.contract(
+                    "hetmem_store_register_safetensors",
+                    "count after a failure",
+                    || format!("{got} (rc {rc})"),
+                );
+            }
             0
         };
+        let mut size = 0usize;
+        // SAFETY: a live store; `size` is valid.
+        let after =
+            unsafe { hetmem_store_param_size(th(h), before as u32 + registered as u32, &mut size) };
+        let mut e = Expect::ok();
+        e.fault("an id past those registered", HETMEM_ERR_UNKNOWN_PARAM);
+        self.check("hetmem_store_param_size", after, &e, &|| {
+            format!(
+                "id {} after registering {registered} of {n} tensors",
+                before + registered
+            )
+        });
         if let Some(s) = lock(&self.w.stores[slot].st).as_mut() {
             for (i, (name, bytes)) in tensors.into_iter().take(registered).enumerate() {
                 if ids[i] as usize != before + i {
@@ -843,11 +891,13 @@ impl Thread<'_> {
             device_ptr: if dp.is_null() { 0 } else { dev_ptr.addr() },
             bytes: p.bytes.clone(),
         };
-        if dp.is_null() || g.device_ptr == 0 || g.device_ptr == POISON {
-            if !dp.is_null() {
-                self.contract(call, "no device address", || format!("{dev_ptr:?}"));
-            }
-        } else if poke {
+        let empty = p.bytes.is_empty();
+        if !dp.is_null() && (g.device_ptr == 0) != empty || g.device_ptr == POISON {
+            // An empty parameter has no memory: NULL; any other an address.
+            self.contract(call, "device address", || {
+                format!("{dev_ptr:?} for a parameter of {} bytes", p.bytes.len())
+            });
+        } else if poke && g.device_ptr != 0 {
             // The guard's device address is no buffer of any manager's: a copy into it
             // is refused (or, if the model knows a buffer there, lands in that one).
             self.poke_guard(fmslot, g.device_ptr as u64);

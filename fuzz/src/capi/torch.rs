@@ -168,8 +168,9 @@ impl Thread<'_> {
                 -1 - self.rng.below(100) as isize
             }
             2 => {
-                e.fault("more than the device has", HETMEM_ERR_OUT_OF_MEMORY);
-                1 << 40
+                e.fault("more than the device has", HETMEM_ERR_OUT_OF_MEMORY)
+                    .env(HETMEM_ERR_INVALID_SIZE);
+                self.rng.pick(&[1 << 40, isize::MAX])
             }
             _ => self.rng.size(1 << 20) as isize,
         };
@@ -380,10 +381,14 @@ impl Thread<'_> {
     fn torch_pools(&mut self, m: &mut TorchModel) {
         let devices = m.devices;
         let mut e = Expect::ok();
-        let (device, d): (c_int, Option<usize>) = match self.rng.below(10) {
+        let (device, d): (c_int, Option<usize>) = match self.rng.below(12) {
             0 => {
                 e.fault("unknown device", HETMEM_ERR_UNKNOWN_DEVICE);
                 (devices as c_int + 1, None)
+            }
+            1 => {
+                e.fault("negative device", HETMEM_ERR_INVALID_ARGUMENT);
+                (-1 - self.rng.below(3) as c_int, None)
             }
             _ => {
                 let d = self.rng.index(devices);
@@ -445,7 +450,7 @@ impl Thread<'_> {
                 if pool.is_some_and(|p| p.allocating) {
                     e.fault("a pool still allocated to", HETMEM_ERR_INVALID_ARGUMENT);
                 }
-                if d.is_none() {
+                if d.is_none() && device >= 0 {
                     // "A pool hetmem does not have is no error": an unknown device has
                     // none.
                     e = Expect::ok();
