@@ -313,6 +313,8 @@ fn expected_codes(program: &str) -> Vec<(String, String)> {
                     (true, ..) => {}
                     (false, _, '"') => quoted = true,
                     (false, _, '(') => depth += 1,
+                    // A `)` before any `(`: the macro's own definition, not a call.
+                    (false, _, ')') if depth == 0 => break,
                     (false, _, ')') => {
                         depth -= 1;
                         if depth == 0 {

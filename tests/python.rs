@@ -48,6 +48,9 @@ fn run_python_tests(env: &[(&str, &str)]) {
         .envs(env.iter().copied())
         .env("PYTHONPATH", root.join("python"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
+        // A call that fails with a code the header does not list for it aborts, naming
+        // both (src/ffi/codes.rs): the docstrings list the header's codes.
+        .env("HETMEM_CHECK_CODES", "1")
         .output()
         .unwrap_or_else(|e| {
             panic!("cannot run {python:?}: {e}. Install python3 (the CI script does).")

@@ -201,8 +201,7 @@ def load(torch):
 
 
 def _addr(lib, name):
-    fn = getattr(lib, name)
-    return ctypes.cast(getattr(fn, "raw", fn), c_void_p).value
+    return getattr(lib, name).address
 
 
 def install(torch, lib, alloc_fn_name):

@@ -187,7 +187,12 @@ def hetmem_allocator_stats():
 
 def empty_cache():
     """Gives hetmem's cached, unused device memory back to the driver (what
-    torch.cuda.empty_cache() does too once use_hetmem_allocator() has set the hooks)."""
+    torch.cuda.empty_cache() does too once use_hetmem_allocator() has set the hooks).
+
+    Raises:
+        StreamCapturingError: a CUDA graph capture is under way.
+        DriverError: the driver failed.
+    """
     _check(_lib.load().hetmem_torch_empty_cache())
 
 
@@ -372,6 +377,24 @@ def offload(
     Parameters used outside their own module's forward (e.g. read by the parent
     module) are not loaded for that use; the models of transformers are fine.
     Returns the model; its store is ``model._hetmem_store`` (``.stats()``).
+
+    Raises:
+        BackendUnavailableError: hetmem's GPU backend cannot be opened.
+        InvalidArgumentError: an unknown ``backend``, budgets the store cannot use
+            (a host budget below its staging ring), or two parameters of one name.
+        UnknownDeviceError: no such ``device``.
+        OutOfMemoryError: a parameter larger than ``device_budget``, or the store's
+            memory cannot be allocated.
+        InvalidSizeError: a parameter hetmem cannot hold.
+        UnknownNumaNodeError, NumaNodeWithoutMemoryError: the GPU's NUMA node has no
+            memory for the store's staging ring.
+        SystemCallError, DriverError: a system or driver call failed.
+        ConfigError: the NUMA topology in sysfs cannot be read.
+        UnsupportedError: the backend has no device (the host backend).
+        RuntimeError: the backend is not a GPU's, or the model is offloaded already.
+        ValueError: ``device_budget`` is not positive.
+        ImportError: PyTorch is not installed.
+    The hooks raise at forward time what TierStore.acquire raises.
     """
     torch = _torch()
     if getattr(model, "_hetmem_offload", None) is not None:
@@ -474,7 +497,13 @@ def remove_offload(model, restore=True):
     """Undoes offload(): removes the hooks and, with ``restore``, gives every
     parameter its bytes back as a CPU tensor (read from the store) and moves buffers
     back where they were; then closes the store. Without ``restore`` the parameters
-    stay placeholders (the model is unusable; use it to free everything quickly)."""
+    stay placeholders (the model is unusable; use it to free everything quickly).
+
+    Raises:
+        RuntimeError: the model is not offloaded by hetmem.
+        DriverError: reading a parameter back from the device failed (the store is
+            closed all the same).
+    """
     st = getattr(model, "_hetmem_offload", None)
     if st is None:
         raise RuntimeError("this model is not offloaded by hetmem")

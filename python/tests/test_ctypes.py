@@ -58,6 +58,8 @@ class ErrorAssertions(unittest.TestCase):
             fn(*args, **kwargs)
         self.assertEqual(cm.exception.name, name, str(cm.exception))
         self.assertEqual(cm.exception.code, getattr(_lib, name), str(cm.exception))
+        # Raised as the class of its code.
+        self.assertIs(type(cm.exception), hetmem.ERRORS[cm.exception.code])
         return cm.exception
 
 
@@ -69,16 +71,16 @@ class TestLibrary(unittest.TestCase):
 
     def test_every_header_function_is_declared(self):
         header = read_header()
-        header = re.sub(r"/\*.*?\*/", "", header, flags=re.S)
-        names = set(re.findall(r"\b(hetmem_[a-z_0-9]+)\s*\(", header))
+        names = set(_lib.parse_declarations(header))
         self.assertGreater(len(names), 40)
-        self.assertEqual(names, set(_lib.PROTOTYPES), "header vs _lib.PROTOTYPES")
+        # Every function, with the header's own types and parameter names.
+        self.assertEqual(_lib.parse_declarations(_lib.DECLARATIONS),
+                         _lib.parse_declarations(header), "header vs _lib.DECLARATIONS")
         lib = _lib.load()
-        for name, (restype, argtypes) in _lib.PROTOTYPES.items():
-            fn = getattr(lib, name)
-            fn = getattr(fn, "raw", fn)  # under the range-checking wrapper
-            self.assertEqual(fn.argtypes, argtypes, name)
-            self.assertIs(fn.restype, restype, name)
+        self.assertEqual(set(lib.functions()), names)
+        for name, fn in lib.functions().items():
+            self.assertEqual(fn._fn.argtypes, [_lib.TYPES[t].ctype for t, _ in fn.params], name)
+            self.assertIs(fn._fn.restype, _lib.RESULTS[fn.result], name)
 
     def test_constants_match_the_header(self):
         header = read_header()
@@ -139,11 +141,11 @@ class TestLibrary(unittest.TestCase):
         lib = _lib.load()
         with hetmem.Manager("sim") as mgr:
             s = mgr.stream()
-            # A stream handle where a manager is expected.
-            with self.assertRaises(ctypes.ArgumentError):
+            # A stream handle where a manager is expected (ctypes' check, as TypeError).
+            with self.assertRaisesRegex(TypeError, "hetmem_free: .*LP_hetmem_manager_t"):
                 lib.hetmem_free(s.handle, None)
             # A str where a size is expected.
-            with self.assertRaises(ctypes.ArgumentError):
+            with self.assertRaisesRegex(TypeError, r"hetmem_alloc: size \(size_t\)"):
                 lib.hetmem_alloc(mgr.handle, 0, -1, "4096", None)
             # Too few arguments.
             with self.assertRaises(TypeError):
@@ -406,6 +408,85 @@ class TestManager(ErrorAssertions):
         self.assertEqual(pinned.read(4096), b"\x42" * 4096)
         dev.copy_from(pinned, MIB)
         self.assertEqual(dev.read(16), b"\x42" * 16)
+
+
+class TestEvents(ErrorAssertions):
+    """hetmem.Event over hetmem_event_*: ordering one stream's work after another's
+    without a host wait, and what the calls refuse."""
+
+    def setUp(self):
+        self.mgr = hetmem.Manager()  # HETMEM_BACKEND
+
+    def tearDown(self):
+        self.mgr.close()
+
+    def test_a_stream_waits_for_an_event_of_another(self):
+        n = 256 * 1024
+        data = big_pattern(n, 7)
+        src = self.mgr.alloc(PINNED, n)
+        dev = self.mgr.alloc(DEVICE, n)
+        back = self.mgr.alloc(PINNED, n)
+        src.write(data)
+        with self.mgr.stream() as s1, self.mgr.stream() as s2, self.mgr.event() as e:
+            self.assertTrue(e.query(), "an event never recorded counts as passed")
+            dev.copy_from(src, stream=s1)
+            e.record(s1)
+            s2.wait_event(e)  # no host wait: s2's copy runs after s1's
+            back.copy_from(dev, stream=s2)
+            s2.synchronize()
+            self.assertEqual(back.read(), data)
+            e.synchronize()
+            self.assertTrue(e.query())
+            e.record(s2)  # recorded again: now s2's tail
+            e.synchronize()
+        self.assertHetmemError("HETMEM_ERR_INVALID_HANDLE", e.query)  # the with closed it
+        e.close()  # closing twice is fine
+        for b in (src, dev, back):
+            b.free()
+
+    def test_an_event_outlives_its_manager(self):
+        m = hetmem.Manager()
+        e = hetmem.Event(m, 0)
+        with m.stream() as s:
+            e.record(s)
+        m.close()
+        e.synchronize()
+        self.assertTrue(e.query())
+        e.close()
+
+    def test_events_refuse_what_is_not_theirs(self):
+        self.assertHetmemError("HETMEM_ERR_INVALID_ARGUMENT", self.mgr.event, -1)
+        self.assertHetmemError("HETMEM_ERR_UNKNOWN_DEVICE", self.mgr.event, 99)
+        with self.assertRaises(OverflowError):
+            self.mgr.event(1 << 31)
+        e = self.mgr.event()
+        s = self.mgr.stream()
+        with self.assertRaises(TypeError):
+            e.record(None)
+        with self.assertRaises(TypeError):
+            s.wait_event(None)
+        with hetmem.Manager() as other:
+            theirs, their_event = other.stream(), other.event()
+            self.assertHetmemError("HETMEM_ERR_FOREIGN_HANDLE", e.record, theirs)
+            self.assertHetmemError("HETMEM_ERR_FOREIGN_HANDLE", s.wait_event, their_event)
+            theirs.close()
+            their_event.close()
+        s.close()
+        self.assertHetmemError("HETMEM_ERR_INVALID_HANDLE", e.record, s)
+        e.close()
+        with hetmem.Manager("host") as host:
+            self.assertHetmemError("HETMEM_ERR_UNKNOWN_DEVICE", host.event)
+
+    def test_an_event_of_one_device_on_another(self):
+        os.environ["HETMEM_SIM_DEVICES"] = "2"
+        try:
+            m = hetmem.Manager("sim")
+        finally:
+            del os.environ["HETMEM_SIM_DEVICES"]
+        with m, m.event(0) as e, m.stream(1) as s1:
+            self.assertEqual(m.device_count, 2)
+            self.assertHetmemError("HETMEM_ERR_INVALID_ARGUMENT", e.record, s1)
+            s1.wait_event(e)  # waiting across devices is allowed, as the drivers do
 
 
 class TestTierStore(ErrorAssertions):
@@ -721,6 +802,7 @@ class TestPythonSafety(ErrorAssertions):
         gc.collect()
         view[0] = b"x"
         self.assertEqual(view[0], b"x")
+        del view  # else close() refuses (tests/test_host_views.py)
         b = self.mgr.alloc("host", 4096)
         self.mgr.close()
         with self.assertRaises(hetmem.HetmemError) as e:
