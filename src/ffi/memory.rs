@@ -379,10 +379,11 @@ pub unsafe extern "C" fn hetmem_alloc(
     out: *mut *mut c_void,
 ) -> c_int {
     guard("hetmem_alloc", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let placement = placement_arg(&m.mgr, placement, device_or_node)?;
         let buf = m.mgr.alloc(placement, size)?;
         let addr = match (buf.device_ptr(), buf.host_ptr()) {
@@ -598,10 +599,10 @@ pub unsafe extern "C" fn hetmem_stream_create(
     out: *mut *mut HetmemStream,
 ) -> c_int {
     guard("hetmem_stream_create", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let stream = m.mgr.create_stream(device_arg(device, "device")?)?;
         let raw = stream.handle().0;
         new_stream(out, FfiStream { stream, raw });
@@ -629,10 +630,10 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
     out: *mut *mut HetmemStream,
 ) -> c_int {
     guard("hetmem_stream_wrap", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let device = device_arg(device, "device")?;
         // SAFETY: the caller's contract is Stream::wrap's.
         let stream = unsafe { Stream::wrap(&m.mgr, device, raw as u64)? };

@@ -168,13 +168,14 @@ pub unsafe extern "C" fn hetmem_store_create(
     out: *mut *mut HetmemStore,
 ) -> c_int {
     guard("hetmem_store_create", || {
+        // Cleared before anything can fail, the handle's look-up included.
+        let out = out_ptr(out, "out")?;
+        // SAFETY: checked non-null; valid by the caller's contract.
+        unsafe { write_out(out, std::ptr::null_mut()) };
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if cfg.is_null() {
             return Err(FfiError::null("cfg"));
         }
-        let out = out_ptr(out, "out")?;
-        // SAFETY: checked non-null; valid by the caller's contract.
-        unsafe { write_out(out, std::ptr::null_mut()) };
         // SAFETY: non-null and valid for a read by the caller's contract.
         let c = unsafe { cfg.read() };
         let sequence = match c.sequence {
@@ -292,12 +293,13 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
     count: *mut usize,
 ) -> c_int {
     guard("hetmem_store_register_safetensors", || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
-        // SAFETY: the caller's contract.
-        let path = unsafe { c_str(path, "path")? };
+        // 0 before anything can fail (the handle, the path), as the header says.
         let count = out_ptr(count, "count")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(count, 0) };
+        let s = lookup::<FfiStore, _>(store, "store")?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { c_str(path, "path")? };
         if ids.is_null() && cap > 0 {
             return Err(FfiError::null("ids"));
         }
@@ -601,7 +603,7 @@ unsafe fn acquire(
     device_ptr: *mut *mut c_void,
 ) -> c_int {
     guard(name, || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -609,6 +611,7 @@ unsafe fn acquire(
             // SAFETY: non-null and valid by the caller's contract.
             unsafe { write_out(device_ptr, std::ptr::null_mut()) };
         }
+        let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         let (stream, wait) = if stream.is_null() {
             (s.store.copy_stream().clone(), true)
