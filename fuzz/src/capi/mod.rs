@@ -29,8 +29,10 @@
 //! clock says when it would have happened), and the model takes the bytes as moved
 //! then. On a GPU a read would first have to synchronise the stream.
 
+mod copies;
 mod events;
 mod mem;
+mod queries;
 mod store;
 mod streams;
 mod torch;
