@@ -34,6 +34,7 @@ mod events;
 mod mem;
 mod queries;
 mod store;
+mod store_use;
 mod streams;
 mod torch;
 
