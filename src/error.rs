@@ -3,7 +3,7 @@
 //! Every variant carries the numbers a caller needs to act on it (which tier, how much
 //! was asked, how much is free) rather than a formatted string alone.
 
-use crate::backend::BackendKind;
+use crate::backend_kind::BackendKind;
 use crate::placement::Tier;
 
 /// Result alias used throughout hetmem.

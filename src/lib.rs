@@ -21,6 +21,7 @@
 //! Layers call only downward: [`manager`] → [`backend`] → `hetmem-sys`.
 
 pub mod backend;
+mod backend_kind;
 pub mod error;
 /// The C ABI of `libhetmem.so` (header: `include/hetmem.h`), PyTorch's allocator hooks
 /// included.

@@ -31,6 +31,8 @@ pub mod sim;
 
 pub(crate) use registered::HOST_REGISTER_CHUNK;
 
+pub use crate::backend_kind::BackendKind;
+
 use std::any::Any;
 use std::fmt;
 use std::ptr::NonNull;
@@ -40,45 +42,8 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
-/// Which backend drives the devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    /// No devices: host memory only.
-    Host,
-    /// The simulated GPU.
-    Sim,
-    /// NVIDIA CUDA (driver API through cudarc).
-    Cuda,
-    /// AMD ROCm (HIP runtime).
-    Rocm,
-}
-
-impl BackendKind {
-    /// The name used by `HETMEM_BACKEND` and in logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Host => "host",
-            BackendKind::Sim => "sim",
-            BackendKind::Cuda => "cuda",
-            BackendKind::Rocm => "rocm",
-        }
-    }
-
-    /// Every backend, in the order `auto` tries the GPU ones.
-    pub const ALL: [BackendKind; 4] = [
-        BackendKind::Cuda,
-        BackendKind::Rocm,
-        BackendKind::Sim,
-        BackendKind::Host,
-    ];
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
+// Here rather than beside the type: parsing fails with an `Error`, and the type sits
+// below `error` (which names it) so that `error` never imports `backend`.
 impl FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
