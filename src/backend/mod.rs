@@ -15,7 +15,6 @@
 //! upholds the contracts with owning wrappers.
 
 pub mod block_cache;
-pub(crate) mod copy;
 pub mod cuda;
 pub(crate) mod driver;
 pub(crate) mod fork;
@@ -29,6 +28,7 @@ pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
 
+pub(crate) use owned::copy;
 pub(crate) use registered::HOST_REGISTER_CHUNK;
 
 pub use crate::backend_kind::BackendKind;
