@@ -26,6 +26,7 @@ pub mod error;
 /// The C ABI of `libhetmem.so` (header: `include/hetmem.h`), PyTorch's allocator hooks
 /// included.
 pub mod ffi;
+pub mod host_mem;
 pub mod manager;
 pub mod placement;
 pub mod pool;

@@ -14,20 +14,19 @@
 //! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
 //! upholds the contracts with owning wrappers.
 
-pub mod block_cache;
 pub mod cuda;
 pub(crate) mod driver;
 pub(crate) mod fork;
 pub mod host;
-// Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
-// only its cache (`block_cache`) is built, and modelled.
-#[cfg(not(loom))]
-pub mod numa_alloc;
 pub(crate) mod owned;
 pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
 
+// Moved below the backends (`crate::host_mem`); kept under their old paths.
+pub use crate::host_mem::block_cache;
+#[cfg(not(loom))]
+pub use crate::host_mem::numa_alloc;
 pub(crate) use owned::copy;
 pub(crate) use registered::HOST_REGISTER_CHUNK;
 

@@ -6,10 +6,10 @@ use std::sync::atomic::Ordering;
 
 use super::copy::{self, check_range, CopyEnd, Fences};
 use super::sync::{OwnedStream, SharedBackend};
-use crate::backend::host::HostRegion;
 use crate::backend::registered::is_rollback_failure;
 use crate::backend::{DevicePtr, HostKind, MemRef};
 use crate::error::{Error, Result};
+use crate::host_mem::HostRegion;
 use crate::placement::{Advice, Location};
 
 /// The kinds of memory a buffer can own.
@@ -97,7 +97,7 @@ impl OwnedMemory {
         threads: usize,
     ) -> Result<Self> {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
-        let page = crate::backend::host::page_size();
+        let page = crate::host_mem::page_size();
         let chunk = chunk
             .clamp(page, crate::backend::HOST_REGISTER_CHUNK)
             .next_multiple_of(page)
