@@ -3,14 +3,16 @@
 //! tests/fake_cuda/fake_cuda.c).
 //!
 //! Helpers that build memory references, match errors, read device memory back and
-//! reserve address space; and the scenarios both backends go through step by step alike.
-//! A scenario takes the backend as `&dyn Backend` and, where it counts on the fake, the
-//! fake's `stat` as a closure (`&|name| fake.stat(name)`); what differs between the
-//! backends (a call's name and code, the backend's own streams) is a parameter, or stays
-//! in the test that calls the scenario.
+//! reserve address space; and the scenarios both backends go through step by step alike,
+//! in one list ([`driver_scenarios!`]) that each of the two test binaries instantiates
+//! with its own fake. A scenario takes a [`FakeDriver`]: the backend under test on a
+//! fresh machine of two devices with managed memory, the fake's counters and failure
+//! injection, and the driver's names for the calls that differ; what the two drivers do
+//! differently (CUDA's internal copy streams, HIP's blocking stream destruction) stays
+//! in the binary of that backend.
 //!
-//! Include it at the test crate's root: `#[path = "common/backend_checks.rs"] mod
-//! backend_checks;`.
+//! Include it at the test crate's root: `#[macro_use] #[path = "common/backend_checks.rs"]
+//! mod backend_checks;`, then `driver_scenarios!(open);`.
 #![allow(dead_code)]
 
 use std::fmt::Debug;
@@ -22,6 +24,79 @@ use hetmem::backend::{
 use hetmem::{Error, Tier};
 
 const MIB: usize = 1 << 20;
+
+/// The status codes both drivers give the same number (CUDA's `CUresult`, HIP's
+/// `hipError_t`).
+pub const INVALID_VALUE: i32 = 1;
+pub const OUT_OF_MEMORY: i32 = 2;
+pub const INVALID_HANDLE: i32 = 400;
+pub const ALREADY_REGISTERED: i32 = 712;
+pub const NOT_REGISTERED: i32 = 713;
+
+/// A driver call a scenario names, by what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// Device allocation (`cuMemAlloc_v2`, `hipMalloc`).
+    Alloc,
+    /// Device free (`cuMemFree`, `hipFree`).
+    Free,
+    /// What a copy without a stream is made with (CUDA: `cuMemcpyAsync` on the internal
+    /// stream; HIP: `hipMemcpy`).
+    SyncCopy,
+    /// Host registration.
+    Register,
+    /// Host unregistration.
+    Unregister,
+}
+
+/// A backend on a fake driver, for the shared scenarios: a fresh machine of two devices
+/// of equal memory, managed memory on, nothing allocated. The fake's counters are read
+/// as differences where a driver keeps objects of its own (CUDA's copy streams).
+pub trait FakeDriver {
+    /// The backend under test.
+    fn backend(&self) -> &dyn Backend;
+    /// A counter of the fake (`fakeCudaStat`, `fakeHipStat`).
+    fn stat(&self, name: &str) -> i64;
+    /// Makes the next `times` calls of `call` (its exported name) fail with `code`.
+    fn fail_next(&self, call: &str, code: i32, times: i32);
+    /// The driver's name of `call`, as `Error::Driver` reports it (or as the fake
+    /// exports it, for `fail_next`: [`Call::Alloc`]).
+    fn call(&self, call: Call) -> &'static str;
+    /// The name the fake gives device `i`.
+    fn device_name(&self, i: usize) -> String;
+    /// The PCI bus ids of the two devices in sysfs form (the fakes report upper case).
+    fn pci_bus_ids(&self) -> [&'static str; 2];
+    /// Checks what recording an event of device 1 on a stream of device 0 gave: CUDA's
+    /// backend refuses it itself, HIP's runtime refuses it.
+    fn check_cross_device_record(&self, r: Result<(), Error>);
+}
+
+/// The scenarios both driver backends go through, one `#[test]` each, named as the
+/// functions below: `driver_scenarios!(open)`, where `open()` gives a [`FakeDriver`].
+macro_rules! driver_scenarios {
+    ($open:path) => {
+        driver_scenarios!(@tests $open;
+            enumerates_devices,
+            alloc_and_free_account_on_the_right_device,
+            out_of_memory_carries_the_numbers,
+            copies_keep_the_bytes,
+            async_copies_wait_for_their_stream,
+            streams_and_events,
+            events_order_streams,
+            host_registration,
+            destroyed_handles_are_reused,
+            handle_churn_across_threads,
+        );
+    };
+    (@tests $open:path; $($name:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                crate::backend_checks::$name(&$open());
+            }
+        )*
+    };
+}
 
 /// Pageable host memory: the whole of `buf`.
 pub fn host(buf: &mut [u8]) -> MemRef {
@@ -155,14 +230,10 @@ pub fn assert_refused_by_the_backend(d: &dyn Backend, stream: StreamHandle, even
 /// On a machine of two devices with `capacity` bytes each, where nothing is allocated:
 /// device memory is charged to the device it is allocated on and given back when freed;
 /// it is not cleared (both fakes fill it with 0xA5). A double free reaches the driver,
-/// which refuses it: `free_call` fails with `invalid_value`.
-pub fn alloc_and_free_account_on_the_right_device(
-    d: &dyn Backend,
-    stat: &dyn Fn(&str) -> i64,
-    capacity: usize,
-    free_call: &str,
-    invalid_value: i32,
-) {
+/// which refuses it with an invalid value.
+pub fn alloc_and_free_account_on_the_right_device(f: &dyn FakeDriver) {
+    let (d, stat) = (f.backend(), |name: &str| f.stat(name));
+    let capacity = d.devices()[0].total_memory;
     let p1 = d.alloc_device(1, 3 * MIB).unwrap();
     assert_eq!(stat("used:1"), 3 * MIB as i64);
     assert_eq!(stat("used:0"), 0);
@@ -185,7 +256,7 @@ pub fn alloc_and_free_account_on_the_right_device(
     // mapped rather than swallowed.
     // SAFETY: the fakes never dereference a pointer they do not know.
     let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
-    assert_driver(d.kind(), err, free_call, invalid_value);
+    assert_driver(d.kind(), err, f.call(Call::Free), INVALID_VALUE);
 
     assert!(matches!(
         d.alloc_device(0, 0),
@@ -202,16 +273,14 @@ pub fn alloc_and_free_account_on_the_right_device(
 }
 
 /// Registering host memory pins it, portable to every device (flag 1 in both APIs), and
-/// unregistering gives it back. Registering it again is refused by the driver with
-/// `register`'s call and code, unregistering it again with `unregister`'s; an empty
-/// range is refused by the backend.
-pub fn register_and_unregister_host(
-    d: &dyn Backend,
-    stat: &dyn Fn(&str) -> i64,
-    register: (&str, i32),
-    unregister: (&str, i32),
-) {
+/// unregistering gives it back. Registering it again is refused by the driver (already
+/// registered), unregistering it again too (not registered); an empty range is refused
+/// by the backend.
+pub fn host_registration(f: &dyn FakeDriver) {
+    let (d, stat) = (f.backend(), |name: &str| f.stat(name));
     let kind = d.kind();
+    let register = (f.call(Call::Register), ALREADY_REGISTERED);
+    let unregister = (f.call(Call::Unregister), NOT_REGISTERED);
     let mut buf = vec![0u8; 2 * MIB];
     let p = NonNull::new(buf.as_mut_ptr()).unwrap();
     // SAFETY: `buf` is owned here and outlives the registration.
@@ -235,7 +304,8 @@ pub fn register_and_unregister_host(
 /// The fakes hand a destroyed stream's and event's handle values out again, as drivers
 /// may: created again for device 1, they must be device 1's to the backend, and stale
 /// once destroyed again.
-pub fn destroyed_handles_are_reused(d: &dyn Backend, stat: &dyn Fn(&str) -> i64) {
+pub fn destroyed_handles_are_reused(f: &dyn FakeDriver) {
+    let (d, stat) = (f.backend(), |name: &str| f.stat(name));
     let s0 = d.create_stream(0).unwrap();
     let e0 = d.create_event(0).unwrap();
     let reused = stat("reused_handles");
@@ -279,8 +349,11 @@ pub fn destroyed_handles_are_reused(d: &dyn Backend, stat: &dyn Fn(&str) -> i64)
 /// `threads` threads each create and destroy a stream and an event `rounds` times, on
 /// the two devices in turn, while the driver reuses handle values: the backend's handle
 /// maps must never lose a live entry (they would if an entry were removed after the
-/// driver had already handed its value out again). The caller checks the fake's counts.
-pub fn churn_streams_and_events(d: &dyn Backend, threads: usize, rounds: usize) {
+/// driver had already handed its value out again), and none is left behind.
+pub fn handle_churn_across_threads(f: &dyn FakeDriver) {
+    let (threads, rounds) = (4, 300);
+    let d = f.backend();
+    let (reused, streams) = (f.stat("reused_handles"), f.stat("streams"));
     std::thread::scope(|scope| {
         for t in 0..threads {
             scope.spawn(move || {
@@ -300,4 +373,245 @@ pub fn churn_streams_and_events(d: &dyn Backend, threads: usize, rounds: usize) 
             });
         }
     });
+    assert_eq!(f.stat("streams"), streams);
+    assert_eq!(f.stat("events"), 0);
+    assert!(f.stat("reused_handles") > reused);
+}
+
+/// The two devices as the fake configured them, in sysfs form, with their memory all
+/// free; an ordinal past them is refused by the backend.
+pub fn enumerates_devices(f: &dyn FakeDriver) {
+    let d = f.backend();
+    assert_eq!(d.devices().len(), 2);
+    let mem = d.devices()[0].total_memory;
+    assert!(mem > 0);
+    for (i, info) in d.devices().iter().enumerate() {
+        assert_eq!(info.ordinal, i);
+        assert_eq!(info.name, f.device_name(i));
+        assert_eq!(info.total_memory, mem);
+        assert!(info.managed_memory);
+    }
+    let ids = f.pci_bus_ids();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(d.devices()[i].pci_bus_id.as_deref(), Some(*id));
+    }
+    let m = d.mem_info(1).unwrap();
+    assert_eq!((m.free, m.total), (mem, mem));
+    assert!(matches!(
+        d.mem_info(2),
+        Err(Error::UnknownDevice {
+            device: 2,
+            count: 2,
+            backend
+        }) if backend == d.kind()
+    ));
+}
+
+/// Out of memory carries the tier, the size asked for and what the driver says is free;
+/// one device's use leaves the other's alone; the driver's own out-of-memory answer is
+/// mapped the same way whatever the sizes.
+pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let mem = d.devices()[1].total_memory;
+    let (keep_len, ask) = (mem / 4 * 3, mem / 2);
+    let keep = d.alloc_device(1, keep_len).unwrap();
+    assert_out_of_memory(d.alloc_device(1, ask), Tier::Device(1), ask, mem - keep_len);
+    let msg = d.alloc_device(1, ask).unwrap_err().to_string();
+    assert!(
+        msg.contains("device 1") && msg.contains(&ask.to_string()),
+        "{msg}"
+    );
+    // Device 0 is untouched by device 1's use.
+    let other = d.alloc_device(0, mem).unwrap();
+    assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
+    f.fail_next(f.call(Call::Alloc), OUT_OF_MEMORY, 1);
+    assert_out_of_memory(d.alloc_device(1, MIB), Tier::Device(1), MIB, mem - keep_len);
+    // SAFETY: live allocations from this backend, freed once.
+    unsafe {
+        d.free_device(1, keep, keep_len).unwrap();
+        d.free_device(0, other, mem).unwrap();
+    }
+    assert_eq!(f.stat("allocations"), 0);
+}
+
+/// Bytes survive host to device, device to device across devices (on a stream) and
+/// back; offsets into an allocation work, a range past its end is refused by the
+/// driver, and a copy of nothing touches nothing.
+pub fn copies_keep_the_bytes(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let len = MIB + 123;
+    let mut src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    let mut back = vec![0u8; len];
+    let a = d.alloc_device(0, len).unwrap();
+    let c = d.alloc_device(1, len).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    // SAFETY: all ranges are `len` bytes of live memory, disjoint, kept alive until the
+    // stream is synchronised; the stream is live.
+    unsafe {
+        d.copy(dev(0, a), host(&mut src), len, None).unwrap();
+        d.copy(dev(1, c), dev(0, a), len, Some(s1)).unwrap();
+        d.copy(host(&mut back), dev(1, c), len, Some(s1)).unwrap();
+        assert!(back.iter().all(|&x| x == 0), "queued, not yet run");
+        d.synchronize_stream(s1).unwrap();
+    }
+    assert_eq!(back, src);
+
+    let mut part = vec![0u8; 100];
+    // SAFETY: 100 bytes from offset 1000 lie inside the allocation.
+    unsafe {
+        d.copy(host(&mut part), dev(1, c.offset(1000)), 100, None)
+            .unwrap();
+    }
+    assert_eq!(part[..], src[1000..1100]);
+    // SAFETY: the fakes check bounds before touching memory, so this out-of-range copy
+    // is refused without reading past the allocation.
+    let err = unsafe { d.copy(host(&mut back), dev(1, c.offset(1)), len, None) }.unwrap_err();
+    assert_driver(d.kind(), err, f.call(Call::SyncCopy), INVALID_VALUE);
+    // SAFETY: zero bytes: nothing is touched.
+    unsafe { d.copy(host(&mut back), dev(1, c), 0, None).unwrap() };
+    // SAFETY: live handles and allocations from this backend, released once.
+    unsafe {
+        d.destroy_stream(s1).unwrap();
+        d.free_device(0, a, len).unwrap();
+        d.free_device(1, c, len).unwrap();
+    }
+    assert_eq!(f.stat("allocations"), 0);
+}
+
+/// Copies on a stream run only when the stream gets there: not before an event
+/// recorded behind them is waited for, or the stream synchronised. An event never
+/// recorded, or recorded on an idle stream, has passed. Leaves `s` and `e` for the
+/// caller's own checks of destruction (the drivers differ there) as `(s, e, src, out)`.
+pub fn async_copies_wait_for_their_stream(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let len = 64 << 10;
+    let mut a: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut bytes_b: Vec<u8> = (0..len).map(|i| (i % 13 + 100) as u8).collect();
+    let mut out = vec![0u8; len];
+    let src = d.alloc_device(0, len).unwrap();
+    let dst = d.alloc_device(0, len).unwrap();
+    let untouched = peek(d, 0, dst, len);
+    assert_ne!(untouched, bytes_b);
+    let s = d.create_stream(0).unwrap();
+    let e = d.create_event(0).unwrap();
+    // SAFETY: every range is `len` bytes of live memory, disjoint, and outlives the
+    // synchronisation below; the handles are live and from this backend.
+    unsafe {
+        d.copy(dev(0, src), host(&mut a), len, None).unwrap();
+        assert!(d.event_done(e).unwrap(), "never recorded");
+        d.record_event(e, s).unwrap();
+        assert!(d.event_done(e).unwrap(), "recorded on an idle stream");
+
+        d.copy(host(&mut out), dev(0, src), len, Some(s)).unwrap();
+        d.copy(dev(0, dst), host(&mut bytes_b), len, Some(s))
+            .unwrap();
+        d.record_event(e, s).unwrap();
+        assert_eq!(f.stat("queued_ops"), 3, "two copies and a record");
+        // Neither copy has happened: the host destination is as it was, and so is the
+        // device one, read through the synchronous path.
+        assert!(out.iter().all(|&x| x == 0), "device-to-host copy ran early");
+        assert_eq!(peek(d, 0, dst, len), untouched, "host-to-device ran early");
+        assert!(!d.event_done(e).unwrap(), "work before the event is queued");
+
+        d.synchronize_event(e).unwrap();
+        assert!(d.event_done(e).unwrap());
+        assert_eq!(out, a);
+        assert_eq!(peek(d, 0, dst, len), bytes_b);
+        assert_eq!(f.stat("queued_ops"), 0);
+
+        // Synchronising the stream runs its queue as well.
+        out.fill(0);
+        d.copy(host(&mut out), dev(0, dst), len, Some(s)).unwrap();
+        assert!(out.iter().all(|&x| x == 0));
+        d.synchronize_stream(s).unwrap();
+        assert_eq!(out, bytes_b);
+
+        d.destroy_event(e).unwrap();
+        d.destroy_stream(s).unwrap();
+        d.free_device(0, src, len).unwrap();
+        d.free_device(0, dst, len).unwrap();
+    }
+}
+
+/// Streams and events of two devices: recorded, waited for across devices, synchronised,
+/// destroyed; an event is its device's ([`FakeDriver::check_cross_device_record`]), and
+/// destroyed handles are refused by the backend.
+pub fn streams_and_events(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let streams = f.stat("streams");
+    let s0 = d.create_stream(0).unwrap();
+    let s1 = d.create_stream(1).unwrap();
+    let e1 = d.create_event(1).unwrap();
+    assert_eq!(f.stat("streams"), streams + 2);
+    assert_eq!(f.stat("events"), 1);
+    assert_eq!(f.stat("last_stream_flags"), 1, "non-blocking");
+    assert_eq!(f.stat("last_event_flags"), 2, "timing disabled");
+    // SAFETY: all handles are live and from this backend.
+    unsafe {
+        d.record_event(e1, s1).unwrap();
+        d.stream_wait_event(s0, e1).unwrap();
+        d.synchronize_event(e1).unwrap();
+        assert!(d.event_done(e1).unwrap());
+        d.synchronize_stream(s0).unwrap();
+        f.check_cross_device_record(d.record_event(e1, s0));
+        d.destroy_event(e1).unwrap();
+        d.destroy_stream(s0).unwrap();
+        d.destroy_stream(s1).unwrap();
+    }
+    assert_eq!(f.stat("streams"), streams);
+    assert_eq!(f.stat("events"), 0);
+    assert_refused_by_the_backend(d, s0, e1);
+}
+
+/// A producer on device 0 hands bytes to a consumer on device 1 through an event; a
+/// copy queued on a stream of a device it does not touch is refused before the driver.
+pub fn events_order_streams(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let len = 256 << 10;
+    let mut data: Vec<u8> = (0..len).map(|i| (i * 7 % 255) as u8).collect();
+    let mut out = vec![0u8; len];
+    let mid = d.alloc_device(1, len).unwrap();
+    let stage = d.alloc_device(0, len).unwrap();
+    let producer = d.create_stream(0).unwrap();
+    let consumer = d.create_stream(1).unwrap();
+    let e = d.create_event(0).unwrap();
+    let idle = d.create_event(1).unwrap();
+    let queued = f.stat("async_copies");
+    // SAFETY: live, disjoint ranges that outlive the synchronisation; live handles.
+    unsafe {
+        // Device 1 memory filled from the host on device 0's stream is refused ...
+        match d.copy(dev(1, mid), host(&mut data), len, Some(producer)) {
+            Err(Error::InvalidArgument(msg)) => assert!(
+                msg.contains("device 1") && msg.contains("stream of device 0"),
+                "{msg}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(f.stat("async_copies"), queued, "refused before the driver");
+        // ... so the producer stages through device 0; device to device, a stream of
+        // either side will do.
+        d.copy(dev(0, stage), host(&mut data), len, Some(producer))
+            .unwrap();
+        d.copy(dev(1, mid), dev(0, stage), len, Some(producer))
+            .unwrap();
+        d.record_event(e, producer).unwrap();
+        assert!(!d.event_done(e).unwrap());
+        // The consumer waits (on the device): nothing runs yet.
+        d.stream_wait_event(consumer, e).unwrap();
+        d.copy(host(&mut out), dev(1, mid), len, Some(consumer))
+            .unwrap();
+        d.record_event(idle, consumer).unwrap();
+        // Only the consumer's event is waited for: its wait runs the producer first.
+        d.synchronize_event(idle).unwrap();
+        assert_eq!(out, data, "the consumer saw the producer's bytes");
+        assert!(d.event_done(e).unwrap());
+
+        d.destroy_event(idle).unwrap();
+        d.destroy_event(e).unwrap();
+        d.destroy_stream(consumer).unwrap();
+        d.destroy_stream(producer).unwrap();
+        d.free_device(0, stage, len).unwrap();
+        d.free_device(1, mid, len).unwrap();
+    }
+    assert_eq!(f.stat("queued_ops"), 0);
 }
