@@ -105,12 +105,27 @@ impl FakeDriver for Cuda {
 
     fn call(&self, call: Call) -> &'static str {
         match call {
-            Call::Alloc => "cuMemAlloc_v2",
+            Call::Alloc => "cuMemAlloc",
             Call::Free => "cuMemFree",
             // A copy without a stream runs on the device's internal stream.
             Call::SyncCopy => "cuMemcpyAsync",
             Call::Register => "cuMemHostRegister",
             Call::Unregister => "cuMemHostUnregister",
+            Call::StreamCreate => "cuStreamCreate",
+            Call::StreamDestroy => "cuStreamDestroy",
+            Call::EventQuery => "cuEventQuery",
+            Call::Advise => "cuMemAdvise",
+        }
+    }
+
+    fn symbol(&self, call: Call) -> &'static str {
+        match call {
+            Call::Alloc => "cuMemAlloc_v2",
+            Call::Free => "cuMemFree_v2",
+            Call::Register => "cuMemHostRegister_v2",
+            Call::StreamDestroy => "cuStreamDestroy_v2",
+            Call::Advise => "cuMemAdvise_v2",
+            other => self.call(other),
         }
     }
 
@@ -125,6 +140,86 @@ impl FakeDriver for Cuda {
     /// The backend refuses it before the driver would: the event is another context's.
     fn check_cross_device_record(&self, r: Result<(), Error>) {
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    }
+
+    /// A `CUmemLocation`: type 1 is a device (its id), type 2 the host.
+    fn last_location(&self, of: &str) -> Location {
+        match self.stat(&format!("last_{of}_type")) {
+            2 => Location::Host,
+            1 => Location::Device(self.stat(&format!("last_{of}_id")) as usize),
+            other => panic!("location type {other}"),
+        }
+    }
+
+    fn device_synchronizes(&self) -> i64 {
+        self.stat("ctx_synchronizes")
+    }
+
+    fn manager(&self) -> Manager {
+        cuda_manager()
+    }
+}
+
+/// What only the CUDA backend reports as driver errors: codes the bindings' enum does
+/// not know (a newer driver's), wherever they come back, and a context binding that
+/// fails on a fresh thread.
+#[test]
+fn unknown_codes_and_failed_context_bindings_are_driver_errors() {
+    let (f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let e = d.create_event(0).unwrap();
+    f.fail_next("cuEventQuery", 12345, 1);
+    // SAFETY: a live event from this backend, destroyed once.
+    unsafe {
+        assert_driver(KIND, d.event_done(e).unwrap_err(), "cuEventQuery", 12345);
+        d.destroy_event(e).unwrap();
+    }
+    // Codes the bindings' enum does not know are errors with their number, wherever they
+    // come back, and a message that names it.
+    f.fail_next("cuMemGetInfo_v2", 12345, 1);
+    let message = assert_driver(KIND, d.mem_info(0).unwrap_err(), "cuMemGetInfo", 12345);
+    assert!(message.contains("12345"), "{message}");
+    f.fail_next("cuMemAlloc_v2", 12345, 1);
+    assert_driver(
+        KIND,
+        d.alloc_device(0, 4096).unwrap_err(),
+        "cuMemAlloc",
+        12345,
+    );
+    // The context binding itself can fail (on a fresh thread), and says so.
+    let err = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                f.fail_next("cuCtxSetCurrent", code::INVALID_CONTEXT, 1);
+                d.mem_info(1).unwrap_err()
+            })
+            .join()
+            .unwrap()
+    });
+    assert_driver(KIND, err, "cuCtxSetCurrent", code::INVALID_CONTEXT);
+}
+
+/// Prefetching part of a managed range at an offset works; past its end the driver
+/// refuses it.
+#[test]
+fn prefetch_of_part_of_a_managed_range() {
+    let (_f, _g, b) = setup();
+    let d: &dyn Backend = &b;
+    let len = 2 * MIB;
+    let m = d.alloc_managed(1, len).unwrap();
+    let s = d.create_stream(0).unwrap();
+    // SAFETY: `m` is live managed memory of `len` bytes; `s` is live; both released once.
+    unsafe {
+        let mid = NonNull::new(m.as_ptr().add(4096)).unwrap();
+        d.prefetch(mid, 4096, Location::Device(0), s).unwrap();
+        assert_driver(
+            KIND,
+            d.prefetch(mid, len, Location::Host, s).unwrap_err(),
+            "cuMemPrefetchAsync",
+            code::INVALID_VALUE,
+        );
+        d.destroy_stream(s).unwrap();
+        d.free_managed(1, m, len).unwrap();
     }
 }
 
@@ -925,72 +1020,6 @@ fn dropping_the_backend_leaves_the_callers_context_current() {
 
 // ------------------------------------------------------------------ driver errors
 
-#[test]
-fn driver_errors_name_the_call_and_message() {
-    let (f, _g, b) = setup();
-    let d: &dyn Backend = &b;
-    d.mem_info(0).unwrap(); // opens device 0: the failure below is the stream's
-    let streams = f.stat("streams");
-    f.fail_next("cuStreamCreate", code::UNKNOWN, 1);
-    let err = d.create_stream(0).unwrap_err();
-    let message = assert_driver(KIND, err, "cuStreamCreate", 999);
-    assert_eq!(message, "unknown error");
-    assert_eq!(f.stat("streams"), streams);
-    // A failed event query is an error, not "not done", whether the bindings' enum knows
-    // its code or not (12345: a newer driver's).
-    let e = d.create_event(0).unwrap();
-    // SAFETY: a live event from this backend, destroyed once.
-    unsafe {
-        for code in [code::INVALID_HANDLE, 12345] {
-            f.fail_next("cuEventQuery", code, 1);
-            assert_driver(KIND, d.event_done(e).unwrap_err(), "cuEventQuery", code);
-        }
-        f.fail_next("cuEventQuery", code::NOT_READY, 1);
-        assert!(
-            !d.event_done(e).unwrap(),
-            "CUDA_ERROR_NOT_READY means not done"
-        );
-        assert!(d.event_done(e).unwrap());
-        d.destroy_event(e).unwrap();
-    }
-    // A destroy that fails in the driver keeps the handle usable.
-    let s = d.create_stream(0).unwrap();
-    f.fail_next("cuStreamDestroy_v2", code::UNKNOWN, 1);
-    // SAFETY: a live stream, destroyed once successfully.
-    unsafe {
-        assert_driver(
-            KIND,
-            d.destroy_stream(s).unwrap_err(),
-            "cuStreamDestroy",
-            999,
-        );
-        d.destroy_stream(s).unwrap();
-    }
-    // Codes the bindings' enum does not know are errors with their number, wherever they
-    // come back, and a message that names it.
-    f.fail_next("cuMemGetInfo_v2", 12345, 1);
-    let message = assert_driver(KIND, d.mem_info(0).unwrap_err(), "cuMemGetInfo", 12345);
-    assert!(message.contains("12345"), "{message}");
-    f.fail_next("cuMemAlloc_v2", 12345, 1);
-    assert_driver(
-        KIND,
-        d.alloc_device(0, 4096).unwrap_err(),
-        "cuMemAlloc",
-        12345,
-    );
-    // The context binding itself can fail (on a fresh thread), and says so.
-    let err = std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                f.fail_next("cuCtxSetCurrent", code::INVALID_CONTEXT, 1);
-                d.mem_info(1).unwrap_err()
-            })
-            .join()
-            .unwrap()
-    });
-    assert_driver(KIND, err, "cuCtxSetCurrent", code::INVALID_CONTEXT);
-}
-
 // ------------------------------------------------------------------ registration
 
 /// Device memory is not host memory to pin: the driver refuses it.
@@ -1298,95 +1327,6 @@ fn pinning_refused_for_memory_is_out_of_memory() {
 }
 
 // --------------------------------------------------------------- managed memory
-
-#[test]
-fn managed_memory_prefetch_and_advice() {
-    let (f, _g, b) = setup();
-    let d: &dyn Backend = &b;
-    let len = 2 * MIB;
-    let m = d.alloc_managed(1, len).unwrap();
-    assert_eq!(f.stat("managed_allocations"), 1);
-    assert_eq!(f.stat("used:1"), len as i64);
-    let s = d.create_stream(0).unwrap();
-    // SAFETY: `m` is live managed memory of `len` bytes from this backend; `s` is live.
-    unsafe {
-        std::ptr::write_bytes(m.as_ptr(), 7, len);
-        d.prefetch(m, len, Location::Device(1), s).unwrap();
-        assert_eq!(
-            (f.stat("last_prefetch_type"), f.stat("last_prefetch_id")),
-            (1, 1),
-            "CU_MEM_LOCATION_TYPE_DEVICE, device 1"
-        );
-        d.prefetch(m, len, Location::Host, s).unwrap();
-        assert_eq!(f.stat("last_prefetch_type"), 2, "CU_MEM_LOCATION_TYPE_HOST");
-        assert!(matches!(
-            d.prefetch(m, len, Location::Device(2), s),
-            Err(Error::UnknownDevice { device: 2, .. })
-        ));
-        // Part of the range, at an offset: fine; past its end: refused by the driver.
-        let mid = NonNull::new(m.as_ptr().add(4096)).unwrap();
-        d.prefetch(mid, 4096, Location::Device(0), s).unwrap();
-        assert_driver(
-            KIND,
-            d.prefetch(mid, len, Location::Host, s).unwrap_err(),
-            "cuMemPrefetchAsync",
-            code::INVALID_VALUE,
-        );
-
-        let cases = [
-            (Advice::SetReadMostly, 1, None),
-            (Advice::UnsetReadMostly, 2, None),
-            (
-                Advice::SetPreferredLocation(Location::Host),
-                3,
-                Some((2, None)),
-            ),
-            (
-                Advice::SetPreferredLocation(Location::Device(1)),
-                3,
-                Some((1, Some(1))),
-            ),
-            (Advice::UnsetPreferredLocation, 4, None),
-            (Advice::SetAccessedBy(1), 5, Some((1, Some(1)))),
-            (Advice::UnsetAccessedBy(0), 6, Some((1, Some(0)))),
-        ];
-        let advises = f.stat("advises");
-        for (advice, value, location) in cases {
-            d.advise(m, len, advice).unwrap();
-            assert_eq!(f.stat("last_advice"), value, "{advice:?}");
-            if let Some((ty, id)) = location {
-                assert_eq!(f.stat("last_advice_type"), ty, "{advice:?}");
-                if let Some(id) = id {
-                    assert_eq!(f.stat("last_advice_id"), id, "{advice:?}");
-                }
-            }
-        }
-        assert_eq!(f.stat("advises"), advises + cases.len() as i64);
-        assert!(matches!(
-            d.advise(m, len, Advice::SetAccessedBy(5)),
-            Err(Error::UnknownDevice { device: 5, .. })
-        ));
-
-        // Advice on memory that is not managed is refused by the driver.
-        let plain = d.alloc_device(0, MIB).unwrap();
-        let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
-        assert_driver(
-            KIND,
-            d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
-            "cuMemAdvise",
-            code::INVALID_VALUE,
-        );
-        d.free_device(0, plain, MIB).unwrap();
-        assert_eq!(
-            std::slice::from_raw_parts(m.as_ptr(), len),
-            &vec![7u8; len][..]
-        );
-        d.destroy_stream(s).unwrap();
-        d.free_managed(1, m, len).unwrap();
-    }
-    assert_eq!(f.stat("managed_allocations"), 0);
-    assert_eq!(f.stat("used:1"), 0);
-}
 
 #[test]
 fn managed_memory_unsupported() {
@@ -2588,59 +2528,6 @@ fn drop_caller_stream(b: &dyn Backend, (s, h): (*mut c_void, hetmem::backend::St
     }
 }
 
-/// The fake's model of handle 2: one queue per thread (and context), so two threads
-/// queueing "on stream 2" have two independent orders, and synchronising it on one
-/// thread waits for that thread's work only.
-#[test]
-fn the_per_thread_stream_is_a_queue_per_thread() {
-    let (f, _g, b) = setup();
-    let d: &dyn Backend = &b;
-    let len = 4096;
-    let p = d.alloc_device(0, len).unwrap();
-    let q = d.alloc_device(0, len).unwrap();
-    let queues = f.stat("per_thread_streams");
-    // SAFETY: every thread has a per-thread stream on device 0.
-    let s = unsafe { d.import_stream(0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
-    let mut mine = vec![1u8; len];
-    // SAFETY: `mine` outlives the copy (synchronised below); p is live.
-    unsafe { d.copy(dev(0, p), host(&mut mine), len, Some(s)).unwrap() };
-    std::thread::scope(|t| {
-        t.spawn(|| {
-            let mut theirs = vec![2u8; len];
-            let mut out = vec![0u8; len];
-            // SAFETY: the buffers outlive the copies, synchronised here.
-            unsafe {
-                d.copy(dev(0, q), host(&mut theirs), len, Some(s)).unwrap();
-                d.copy(host(&mut out), dev(0, q), len, Some(s)).unwrap();
-                d.synchronize_stream(s).unwrap();
-            }
-            assert_eq!(out, theirs);
-        });
-    });
-    assert_eq!(
-        f.stat("per_thread_streams"),
-        queues + 2,
-        "one per-thread stream per thread"
-    );
-    assert_eq!(
-        f.stat("per_thread_pending"),
-        1,
-        "the other thread's synchronisation left this thread's copy queued"
-    );
-    let mut out = vec![0u8; len];
-    // SAFETY: as above.
-    unsafe {
-        d.synchronize_stream(s).unwrap();
-        d.copy(host(&mut out), dev(0, p), len, Some(s)).unwrap();
-        d.synchronize_stream(s).unwrap();
-        d.forget_stream(s).unwrap();
-        d.free_device(0, p, len).unwrap();
-        d.free_device(0, q, len).unwrap();
-    }
-    assert_eq!(out, mine);
-    assert_eq!(f.stat("per_thread_pending"), 0);
-}
-
 /// The fake's model of the legacy stream: its work waits for the work queued before on
 /// blocking streams (the caller's flag-0 streams, the per-thread streams), and blocking
 /// streams' later work waits for it; non-blocking streams (hetmem's) are not ordered
@@ -2752,60 +2639,6 @@ fn a_copy_without_a_stream_follows_the_legacy_stream() {
         d.destroy_stream(non_blocking).unwrap();
     }
     drop_caller_stream(d, blocking);
-}
-
-/// The device pool over the per-thread stream (2) used from two threads: a block freed
-/// by one thread's stream with a copy still queued reaches the other thread's stream
-/// only behind that copy. Without it, the first thread's copy would land after the
-/// second's and overwrite it.
-#[test]
-fn the_pool_orders_a_block_between_two_threads_per_thread_streams() {
-    let (f, _g, _b) = setup();
-    let mgr = cuda_manager();
-    let cfg = PoolConfig {
-        budget: Budget::Bytes(PAGE),
-        ..PoolConfig::default()
-    };
-    let pool = mgr.device_pool(0, cfg).unwrap();
-    // SAFETY: every thread has a per-thread stream on device 0.
-    let s = unsafe { hetmem::Stream::wrap(&mgr, 0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
-    let mut mine = mgr
-        .alloc(Placement::Host(NumaPolicy::Default), PAGE)
-        .unwrap();
-    mine.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(PAGE, &s).unwrap();
-    let addr = blk.ptr();
-    mgr.copy_to_block(&blk, 0, &mine, 0, PAGE, &s).unwrap();
-    drop(blk);
-    assert!(
-        f.stat("per_thread_pending") > 0,
-        "the copy is still queued on this thread's stream"
-    );
-    let blk = std::thread::scope(|t| {
-        t.spawn(|| {
-            let mut theirs = mgr
-                .alloc(Placement::Host(NumaPolicy::Default), PAGE)
-                .unwrap();
-            theirs.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(PAGE, &s).unwrap();
-            assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &theirs, 0, PAGE, &s).unwrap();
-            s.synchronize().unwrap();
-            blk
-        })
-        .join()
-        .unwrap()
-    });
-    // Whatever this thread still had queued runs now, then the block is read.
-    s.synchronize().unwrap();
-    let mut out = vec![0u8; PAGE];
-    blk.read(0, &mut out).unwrap();
-    assert!(
-        out.iter().all(|&x| x == 2),
-        "the first thread's copy landed after the second's: {}",
-        out[0]
-    );
-    assert_eq!(f.stat("per_thread_pending"), 0);
 }
 
 /// The same, but the block is freed on a third thread, which cannot name the first

@@ -15,7 +15,7 @@ use backend_checks::{assert_driver, dev, host, unavailable_reason, Call, FakeDri
 use fake_hip::{compile_c_snippet, fake_hip_library, FakeHip};
 use hetmem::backend::rocm::{RocmBackend, REGISTER_CHUNK, REGISTER_ROLLBACK_CALL};
 use hetmem::backend::{Backend, BackendKind};
-use hetmem::{Advice, Error, Location};
+use hetmem::{Error, Location, Manager};
 
 const MIB: usize = 1 << 20;
 
@@ -61,6 +61,10 @@ impl FakeDriver for Rocm {
             Call::SyncCopy => "hipMemcpy",
             Call::Register => "hipHostRegister",
             Call::Unregister => "hipHostUnregister",
+            Call::StreamCreate => "hipStreamCreateWithFlags",
+            Call::StreamDestroy => "hipStreamDestroy",
+            Call::EventQuery => "hipEventQuery",
+            Call::Advise => "hipMemAdvise",
         }
     }
 
@@ -75,6 +79,26 @@ impl FakeDriver for Rocm {
     /// The runtime refuses it: the event is another device's.
     fn check_cross_device_record(&self, r: Result<(), Error>) {
         assert_driver(KIND, r.unwrap_err(), "hipEventRecord", 400);
+    }
+
+    /// The device the fake last saw, `hipCpuDeviceId` (-1) for the host.
+    fn last_location(&self, of: &str) -> Location {
+        match self.stat(&format!("last_{of}_device")) {
+            -1 => Location::Host,
+            d => Location::Device(d as usize),
+        }
+    }
+
+    fn device_synchronizes(&self) -> i64 {
+        self.stat("device_synchronizes")
+    }
+
+    fn manager(&self) -> Manager {
+        Manager::builder()
+            .backend(BackendKind::Rocm)
+            .rocm_library(self.fake.path())
+            .build()
+            .unwrap()
     }
 }
 
@@ -152,42 +176,6 @@ fn shared_fake_library_builds_and_loads() {
 }
 
 #[test]
-fn driver_errors_name_the_call_and_message() {
-    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
-    let b = backend(&fake);
-    let d: &dyn Backend = &b;
-    fake.fail_next("hipStreamCreateWithFlags", 999, 1);
-    let err = d.create_stream(0).unwrap_err();
-    let message = assert_driver(KIND, err, "hipStreamCreateWithFlags", 999);
-    assert_eq!(message, "unknown error");
-    assert_eq!(fake.stat("streams"), 0);
-    // A failed event query is an error, not "not done".
-    let e = d.create_event(0).unwrap();
-    fake.fail_next("hipEventQuery", 400, 1);
-    // SAFETY: a live event from this backend.
-    unsafe {
-        assert_driver(KIND, d.event_done(e).unwrap_err(), "hipEventQuery", 400);
-        fake.fail_next("hipEventQuery", 600, 1);
-        assert!(!d.event_done(e).unwrap(), "hipErrorNotReady means not done");
-        assert!(d.event_done(e).unwrap());
-        d.destroy_event(e).unwrap();
-    }
-    // A destroy that fails in the driver keeps the handle usable.
-    let s = d.create_stream(0).unwrap();
-    fake.fail_next("hipStreamDestroy", 999, 1);
-    // SAFETY: a live stream from this backend, destroyed once successfully.
-    unsafe {
-        assert_driver(
-            KIND,
-            d.destroy_stream(s).unwrap_err(),
-            "hipStreamDestroy",
-            999,
-        );
-        d.destroy_stream(s).unwrap();
-    }
-}
-
-#[test]
 fn large_registrations_are_chunked() {
     const GIB: usize = 1 << 30;
     let len = 150 * GIB;
@@ -243,63 +231,6 @@ fn large_registrations_are_chunked() {
         d.unregister_host(in_second, 4096).unwrap();
     }
     assert_eq!(fake.stat("registrations"), 0);
-}
-
-#[test]
-fn managed_memory_prefetch_and_advice() {
-    let fake = FakeHip::with_devices(2, 16 * MIB as u64).unwrap();
-    let b = backend(&fake);
-    let d: &dyn Backend = &b;
-    let len = 2 * MIB;
-    let m = d.alloc_managed(1, len).unwrap();
-    assert_eq!(fake.stat("managed_allocations"), 1);
-    assert_eq!(fake.stat("used:1"), len as i64);
-    let s = d.create_stream(0).unwrap();
-    // SAFETY: `m` is live managed memory of `len` bytes from this backend; `s` is live.
-    unsafe {
-        // Managed memory is host-accessible.
-        std::ptr::write_bytes(m.as_ptr(), 7, len);
-        d.prefetch(m, len, Location::Device(1), s).unwrap();
-        assert_eq!(fake.stat("last_prefetch_device"), 1);
-        d.prefetch(m, len, Location::Host, s).unwrap();
-        assert_eq!(fake.stat("last_prefetch_device"), -1, "hipCpuDeviceId");
-        assert!(matches!(
-            d.prefetch(m, len, Location::Device(2), s),
-            Err(Error::UnknownDevice { device: 2, .. })
-        ));
-
-        let cases = [
-            (Advice::SetReadMostly, 1, 0),
-            (Advice::UnsetReadMostly, 2, 0),
-            (Advice::SetPreferredLocation(Location::Host), 3, -1),
-            (Advice::SetPreferredLocation(Location::Device(1)), 3, 1),
-            (Advice::UnsetPreferredLocation, 4, 0),
-            (Advice::SetAccessedBy(1), 5, 1),
-            (Advice::UnsetAccessedBy(0), 6, 0),
-        ];
-        for (advice, value, device) in cases {
-            d.advise(m, len, advice).unwrap();
-            assert_eq!(fake.stat("last_advice"), value, "{advice:?}");
-            assert_eq!(fake.stat("last_advice_device"), device, "{advice:?}");
-        }
-        assert_eq!(fake.stat("advises"), cases.len() as i64);
-
-        // Advice on memory that is not managed is refused by the runtime.
-        let plain = d.alloc_device(0, MIB).unwrap();
-        let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
-        assert_driver(
-            KIND,
-            d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err(),
-            "hipMemAdvise",
-            1,
-        );
-        d.free_device(0, plain, MIB).unwrap();
-
-        d.destroy_stream(s).unwrap();
-        d.free_managed(1, m, len).unwrap();
-    }
-    assert_eq!(fake.stat("managed_allocations"), 0);
-    assert_eq!(fake.stat("used:1"), 0);
 }
 
 #[test]
@@ -436,104 +367,4 @@ fn real_runtime_resolves_every_symbol() {
         }
         Err(other) => panic!("{other:?}"),
     }
-}
-
-/// hipStreamPerThread (2) is each calling thread's own stream: the handle imported once
-/// queues on the thread that uses it, and synchronising it waits for that thread's work
-/// only (the fake keeps a queue per thread and device).
-#[test]
-fn the_per_thread_stream_is_the_calling_threads() {
-    let fake = FakeHip::with_devices(1, 16 * MIB as u64).unwrap();
-    let b = backend(&fake);
-    let d: &dyn Backend = &b;
-    let len = 4096;
-    let p = d.alloc_device(0, len).unwrap();
-    // SAFETY: every thread has a per-thread stream on device 0.
-    let s = unsafe { d.import_stream(0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
-    let mut mine = vec![4u8; len];
-    // SAFETY: `mine` outlives the copy, synchronised below; p is live.
-    unsafe { d.copy(dev(0, p), host(&mut mine), len, Some(s)).unwrap() };
-    std::thread::scope(|t| {
-        t.spawn(|| {
-            // SAFETY: a live handle of this backend.
-            unsafe { d.synchronize_stream(s).unwrap() };
-        });
-    });
-    assert_eq!(fake.stat("per_thread_streams"), 2);
-    assert_eq!(
-        fake.stat("per_thread_pending"),
-        1,
-        "another thread's synchronisation left this thread's copy queued"
-    );
-    // The whole device: every thread's stream.
-    d.synchronize_device(0).unwrap();
-    assert_eq!(fake.stat("per_thread_pending"), 0);
-    assert_eq!(fake.stat("device_synchronizes"), 1);
-    let mut out = vec![0u8; len];
-    // SAFETY: as above.
-    unsafe {
-        d.copy(host(&mut out), dev(0, p), len, None).unwrap();
-        d.forget_stream(s).unwrap();
-        d.free_device(0, p, len).unwrap();
-    }
-    assert_eq!(out, mine);
-}
-
-/// The device pool over ROCm (plain segments) and the per-thread stream used from two
-/// threads: a block freed by one thread's stream, its copy still queued, goes to the
-/// other thread's stream only behind that copy; without it the first copy would land
-/// last.
-#[test]
-fn the_pool_orders_a_block_between_two_threads_per_thread_streams() {
-    use hetmem::pool::{Budget, PoolConfig};
-    use hetmem::{Manager, NumaPolicy, Placement};
-    let fake = FakeHip::with_devices(1, 64 * MIB as u64).unwrap();
-    let mgr = Manager::builder()
-        .backend(BackendKind::Rocm)
-        .rocm_library(fake.path())
-        .build()
-        .unwrap();
-    let len = 2 * MIB;
-    let cfg = PoolConfig {
-        budget: Budget::Bytes(len),
-        ..PoolConfig::default()
-    };
-    let pool = mgr.device_pool(0, cfg).unwrap();
-    // SAFETY: every thread has a per-thread stream on device 0.
-    let s = unsafe { hetmem::Stream::wrap(&mgr, 0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
-    let mut mine = mgr
-        .alloc(Placement::Host(NumaPolicy::Default), len)
-        .unwrap();
-    mine.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(len, &s).unwrap();
-    let addr = blk.ptr();
-    mgr.copy_to_block(&blk, 0, &mine, 0, len, &s).unwrap();
-    drop(blk);
-    assert!(
-        fake.stat("per_thread_pending") > 0,
-        "the copy is still queued"
-    );
-    let blk = std::thread::scope(|t| {
-        t.spawn(|| {
-            let mut theirs = mgr
-                .alloc(Placement::Host(NumaPolicy::Default), len)
-                .unwrap();
-            theirs.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(len, &s).unwrap();
-            assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &theirs, 0, len, &s).unwrap();
-            s.synchronize().unwrap();
-            blk
-        })
-        .join()
-        .unwrap()
-    });
-    s.synchronize().unwrap();
-    let mut out = vec![0u8; len];
-    blk.read(0, &mut out).unwrap();
-    assert!(
-        out.iter().all(|&x| x == 2),
-        "the first thread's copy landed after the second's: {}",
-        out[0]
-    );
 }

@@ -21,7 +21,8 @@ use std::ptr::NonNull;
 use hetmem::backend::{
     Backend, BackendKind, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
 };
-use hetmem::{Error, Tier};
+use hetmem::pool::{Budget, PoolConfig};
+use hetmem::{Advice, Error, Location, Manager, NumaPolicy, Placement, Tier};
 
 const MIB: usize = 1 << 20;
 
@@ -30,13 +31,15 @@ const MIB: usize = 1 << 20;
 pub const INVALID_VALUE: i32 = 1;
 pub const OUT_OF_MEMORY: i32 = 2;
 pub const INVALID_HANDLE: i32 = 400;
+pub const NOT_READY: i32 = 600;
+pub const UNKNOWN: i32 = 999;
 pub const ALREADY_REGISTERED: i32 = 712;
 pub const NOT_REGISTERED: i32 = 713;
 
 /// A driver call a scenario names, by what it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
-    /// Device allocation (`cuMemAlloc_v2`, `hipMalloc`).
+    /// Device allocation (`cuMemAlloc`, `hipMalloc`).
     Alloc,
     /// Device free (`cuMemFree`, `hipFree`).
     Free,
@@ -47,6 +50,14 @@ pub enum Call {
     Register,
     /// Host unregistration.
     Unregister,
+    /// Stream creation.
+    StreamCreate,
+    /// Stream destruction.
+    StreamDestroy,
+    /// Event query.
+    EventQuery,
+    /// Advice on managed memory.
+    Advise,
 }
 
 /// A backend on a fake driver, for the shared scenarios: a fresh machine of two devices
@@ -59,9 +70,13 @@ pub trait FakeDriver {
     fn stat(&self, name: &str) -> i64;
     /// Makes the next `times` calls of `call` (its exported name) fail with `code`.
     fn fail_next(&self, call: &str, code: i32, times: i32);
-    /// The driver's name of `call`, as `Error::Driver` reports it (or as the fake
-    /// exports it, for `fail_next`: [`Call::Alloc`]).
+    /// The driver's name of `call`, as `Error::Driver` reports it.
     fn call(&self, call: Call) -> &'static str;
+    /// The symbol the fake exports for `call`, for [`fail_next`](Self::fail_next)
+    /// (CUDA's `_v2` names).
+    fn symbol(&self, call: Call) -> &'static str {
+        self.call(call)
+    }
     /// The name the fake gives device `i`.
     fn device_name(&self, i: usize) -> String;
     /// The PCI bus ids of the two devices in sysfs form (the fakes report upper case).
@@ -69,6 +84,12 @@ pub trait FakeDriver {
     /// Checks what recording an event of device 1 on a stream of device 0 gave: CUDA's
     /// backend refuses it itself, HIP's runtime refuses it.
     fn check_cross_device_record(&self, r: Result<(), Error>);
+    /// Where the fake saw the last prefetch (`"prefetch"`) or advice (`"advice"`) aimed.
+    fn last_location(&self, of: &str) -> Location;
+    /// How many times the fake synchronised a whole device.
+    fn device_synchronizes(&self) -> i64;
+    /// A `Manager` on this backend and fake.
+    fn manager(&self) -> Manager;
 }
 
 /// The scenarios both driver backends go through, one `#[test]` each, named as the
@@ -86,6 +107,10 @@ macro_rules! driver_scenarios {
             host_registration,
             destroyed_handles_are_reused,
             handle_churn_across_threads,
+            driver_errors_name_the_call_and_message,
+            managed_memory_prefetch_and_advice,
+            the_per_thread_stream_is_a_queue_per_thread,
+            the_pool_orders_a_block_between_two_threads_per_thread_streams,
         );
     };
     (@tests $open:path; $($name:ident,)*) => {
@@ -424,7 +449,7 @@ pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
     // Device 0 is untouched by device 1's use.
     let other = d.alloc_device(0, mem).unwrap();
     assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
-    f.fail_next(f.call(Call::Alloc), OUT_OF_MEMORY, 1);
+    f.fail_next(f.symbol(Call::Alloc), OUT_OF_MEMORY, 1);
     assert_out_of_memory(d.alloc_device(1, MIB), Tier::Device(1), MIB, mem - keep_len);
     // SAFETY: live allocations from this backend, freed once.
     unsafe {
@@ -614,4 +639,210 @@ pub fn events_order_streams(f: &dyn FakeDriver) {
         d.free_device(1, mid, len).unwrap();
     }
     assert_eq!(f.stat("queued_ops"), 0);
+}
+
+/// A driver error names the call, its code and the driver's message; a failed event
+/// query is an error, "not ready" means not done; a destroy the driver refused leaves the
+/// handle usable.
+pub fn driver_errors_name_the_call_and_message(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let kind = d.kind();
+    d.mem_info(0).unwrap(); // opens device 0 (CUDA): the failure below is the stream's
+    let streams = f.stat("streams");
+    f.fail_next(f.symbol(Call::StreamCreate), UNKNOWN, 1);
+    let err = d.create_stream(0).unwrap_err();
+    let message = assert_driver(kind, err, f.call(Call::StreamCreate), UNKNOWN);
+    assert_eq!(message, "unknown error");
+    assert_eq!(f.stat("streams"), streams);
+    let query = f.call(Call::EventQuery);
+    let e = d.create_event(0).unwrap();
+    // SAFETY: a live event from this backend, destroyed once.
+    unsafe {
+        f.fail_next(f.symbol(Call::EventQuery), INVALID_HANDLE, 1);
+        assert_driver(kind, d.event_done(e).unwrap_err(), query, INVALID_HANDLE);
+        f.fail_next(f.symbol(Call::EventQuery), NOT_READY, 1);
+        assert!(!d.event_done(e).unwrap(), "not ready means not done");
+        assert!(d.event_done(e).unwrap());
+        d.destroy_event(e).unwrap();
+    }
+    let s = d.create_stream(0).unwrap();
+    f.fail_next(f.symbol(Call::StreamDestroy), UNKNOWN, 1);
+    // SAFETY: a live stream from this backend, destroyed once successfully.
+    unsafe {
+        let err = d.destroy_stream(s).unwrap_err();
+        assert_driver(kind, err, f.call(Call::StreamDestroy), UNKNOWN);
+        d.destroy_stream(s).unwrap();
+    }
+}
+
+/// Managed memory is host-accessible, prefetched to a device or the host, and advised
+/// (the six advices have the same numbers in both APIs); a device the backend does not
+/// have is refused before the driver, memory that is not managed by the driver.
+pub fn managed_memory_prefetch_and_advice(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let len = 2 * MIB;
+    let m = d.alloc_managed(1, len).unwrap();
+    assert_eq!(f.stat("managed_allocations"), 1);
+    assert_eq!(f.stat("used:1"), len as i64);
+    let s = d.create_stream(0).unwrap();
+    // SAFETY: `m` is live managed memory of `len` bytes from this backend; `s` is live.
+    unsafe {
+        std::ptr::write_bytes(m.as_ptr(), 7, len);
+        d.prefetch(m, len, Location::Device(1), s).unwrap();
+        assert_eq!(f.last_location("prefetch"), Location::Device(1));
+        d.prefetch(m, len, Location::Host, s).unwrap();
+        assert_eq!(f.last_location("prefetch"), Location::Host);
+        assert!(matches!(
+            d.prefetch(m, len, Location::Device(2), s),
+            Err(Error::UnknownDevice { device: 2, .. })
+        ));
+        let cases = [
+            (Advice::SetReadMostly, 1, None),
+            (Advice::UnsetReadMostly, 2, None),
+            (
+                Advice::SetPreferredLocation(Location::Host),
+                3,
+                Some(Location::Host),
+            ),
+            (
+                Advice::SetPreferredLocation(Location::Device(1)),
+                3,
+                Some(Location::Device(1)),
+            ),
+            (Advice::UnsetPreferredLocation, 4, None),
+            (Advice::SetAccessedBy(1), 5, Some(Location::Device(1))),
+            (Advice::UnsetAccessedBy(0), 6, Some(Location::Device(0))),
+        ];
+        let advises = f.stat("advises");
+        for (advice, value, location) in cases {
+            d.advise(m, len, advice).unwrap();
+            assert_eq!(f.stat("last_advice"), value, "{advice:?}");
+            if let Some(location) = location {
+                assert_eq!(f.last_location("advice"), location, "{advice:?}");
+            }
+        }
+        assert_eq!(f.stat("advises"), advises + cases.len() as i64);
+        assert!(matches!(
+            d.advise(m, len, Advice::SetAccessedBy(5)),
+            Err(Error::UnknownDevice { device: 5, .. })
+        ));
+        // Advice on memory that is not managed is refused by the driver.
+        let plain = d.alloc_device(0, MIB).unwrap();
+        let plain_ptr = NonNull::new(plain.0 as usize as *mut u8).unwrap();
+        let err = d.advise(plain_ptr, MIB, Advice::SetReadMostly).unwrap_err();
+        assert_driver(d.kind(), err, f.call(Call::Advise), INVALID_VALUE);
+        d.free_device(0, plain, MIB).unwrap();
+        assert_eq!(
+            std::slice::from_raw_parts(m.as_ptr(), len),
+            &vec![7u8; len][..]
+        );
+        d.destroy_stream(s).unwrap();
+        d.free_managed(1, m, len).unwrap();
+    }
+    assert_eq!(f.stat("managed_allocations"), 0);
+    assert_eq!(f.stat("used:1"), 0);
+}
+
+/// The per-thread stream (raw handle 2), imported once, is each calling thread's own
+/// queue: two threads queueing on it have two independent orders, synchronising it on
+/// one thread waits for that thread's work only, and synchronising the device waits for
+/// every thread's.
+pub fn the_per_thread_stream_is_a_queue_per_thread(f: &dyn FakeDriver) {
+    let d = f.backend();
+    let len = 4096;
+    let p = d.alloc_device(0, len).unwrap();
+    let q = d.alloc_device(0, len).unwrap();
+    let queues = f.stat("per_thread_streams");
+    // SAFETY: every thread has a per-thread stream on device 0.
+    let s = unsafe { d.import_stream(0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
+    let mut mine = vec![1u8; len];
+    // SAFETY: `mine` outlives the copy (synchronised below); p is live.
+    unsafe { d.copy(dev(0, p), host(&mut mine), len, Some(s)).unwrap() };
+    std::thread::scope(|t| {
+        t.spawn(|| {
+            let mut theirs = vec![2u8; len];
+            let mut out = vec![0u8; len];
+            // SAFETY: the buffers outlive the copies, synchronised here.
+            unsafe {
+                d.copy(dev(0, q), host(&mut theirs), len, Some(s)).unwrap();
+                d.copy(host(&mut out), dev(0, q), len, Some(s)).unwrap();
+                d.synchronize_stream(s).unwrap();
+            }
+            assert_eq!(out, theirs);
+        });
+    });
+    assert_eq!(f.stat("per_thread_streams"), queues + 2, "one per thread");
+    assert_eq!(
+        f.stat("per_thread_pending"),
+        1,
+        "the other thread's synchronisation left this thread's copy queued"
+    );
+    let syncs = f.device_synchronizes();
+    d.synchronize_device(0).unwrap();
+    assert_eq!(
+        f.stat("per_thread_pending"),
+        0,
+        "the device: every thread's"
+    );
+    assert_eq!(f.device_synchronizes(), syncs + 1);
+    let mut out = vec![0u8; len];
+    // SAFETY: as above.
+    unsafe {
+        d.copy(host(&mut out), dev(0, p), len, Some(s)).unwrap();
+        d.synchronize_stream(s).unwrap();
+        d.forget_stream(s).unwrap();
+        d.free_device(0, p, len).unwrap();
+        d.free_device(0, q, len).unwrap();
+    }
+    assert_eq!(out, mine);
+}
+
+/// The device pool over the per-thread stream used from two threads: a block freed by
+/// one thread's stream with a copy still queued reaches the other thread's stream only
+/// behind that copy. Without that, the first thread's copy would land after the
+/// second's and overwrite it.
+pub fn the_pool_orders_a_block_between_two_threads_per_thread_streams(f: &dyn FakeDriver) {
+    let mgr = f.manager();
+    let len = 2 * MIB;
+    let cfg = PoolConfig {
+        budget: Budget::Bytes(len),
+        ..PoolConfig::default()
+    };
+    let pool = mgr.device_pool(0, cfg).unwrap();
+    // SAFETY: every thread has a per-thread stream on device 0.
+    let s = unsafe { hetmem::Stream::wrap(&mgr, 0, hetmem::backend::PER_THREAD_STREAM) }.unwrap();
+    let pageable = || {
+        mgr.alloc(Placement::Host(NumaPolicy::Default), len)
+            .unwrap()
+    };
+    let mut mine = pageable();
+    mine.as_mut_slice().unwrap().fill(1);
+    let blk = pool.alloc(len, &s).unwrap();
+    let addr = blk.ptr();
+    mgr.copy_to_block(&blk, 0, &mine, 0, len, &s).unwrap();
+    drop(blk);
+    assert!(f.stat("per_thread_pending") > 0, "the copy is still queued");
+    let blk = std::thread::scope(|t| {
+        t.spawn(|| {
+            let mut theirs = pageable();
+            theirs.as_mut_slice().unwrap().fill(2);
+            let blk = pool.alloc(len, &s).unwrap();
+            assert_eq!(blk.ptr(), addr, "the budget leaves one block");
+            mgr.copy_to_block(&blk, 0, &theirs, 0, len, &s).unwrap();
+            s.synchronize().unwrap();
+            blk
+        })
+        .join()
+        .unwrap()
+    });
+    // Whatever this thread still had queued runs now, then the block is read.
+    s.synchronize().unwrap();
+    let mut out = vec![0u8; len];
+    blk.read(0, &mut out).unwrap();
+    assert!(
+        out.iter().all(|&x| x == 2),
+        "the first thread's copy landed after the second's: {}",
+        out[0]
+    );
+    assert_eq!(f.stat("per_thread_pending"), 0);
 }
