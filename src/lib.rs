@@ -18,7 +18,7 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 //!
-//! Layers call only downward: [`manager`] → [`backend`] → `hetmem-sys`.
+//! Layers call only downward: [`manager`] → [`backend`] → [`host_mem`] → `hetmem-sys`.
 
 pub mod backend;
 mod backend_kind;

@@ -4,10 +4,15 @@
 //!
 //! | module | what it drives |
 //! |---|---|
-//! | [`host`] | no devices; pageable host memory (also the host allocator every backend shares) |
+//! | [`host`] | no devices; host memory only (the memory itself is [`crate::host_mem`]) |
 //! | [`sim`]  | a simulated GPU with a deterministic virtual clock, the default without a driver |
-//! | [`cuda`] | NVIDIA GPUs through cudarc's driver API, loaded at run time |
-//! | [`rocm`] | AMD GPUs through the HIP runtime, loaded at run time |
+//! | [`cuda`] | NVIDIA GPUs through the CUDA driver API (`hetmem_sys::cuda`), loaded at run time |
+//! | [`rocm`] | AMD GPUs through the HIP runtime (`hetmem_sys::hip`), loaded at run time |
+//!
+//! Beside them, not backends: `owned` (the owning wrappers that uphold the trait's
+//! contracts, and the one copy path), `fork` (the guard every `Manager` wraps its
+//! backend in), and what the two driver backends share: `driver` (handle tables,
+//! foreign streams) and `registered` (host registration in pieces, with rollback).
 //!
 //! Handles ([`DevicePtr`], [`StreamHandle`], [`EventHandle`]) are plain numbers: the
 //! backend gives them meaning. Calls that take a handle are `unsafe` because a stale or
