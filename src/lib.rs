@@ -30,6 +30,7 @@ pub mod host_mem;
 pub mod manager;
 pub mod placement;
 pub mod pool;
+pub mod record;
 pub mod stats;
 pub mod stream;
 pub mod tier;

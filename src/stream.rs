@@ -24,55 +24,6 @@ impl Stream {
         })
     }
 
-    /// Wraps a stream the caller made outside hetmem (a `CUstream` / `cudaStream_t` or
-    /// `hipStream_t` value), or with `raw` 0 the default stream of `device` (CUDA's
-    /// legacy default stream, HIP's null stream, a per-device stream of the simulator).
-    /// hetmem queues work on it and records events on it but never destroys it: the
-    /// last clone only lets go of it. The simulator accepts 0, 1, 2 and its own live
-    /// streams ([`Stream::handle`] of a stream it made); the host backend has no streams.
-    ///
-    /// # Special streams
-    ///
-    /// - 0 (and on CUDA 1, `CU_STREAM_LEGACY`): the legacy default stream, one for all
-    ///   threads. The driver orders it against *blocking* streams (work on it waits for
-    ///   theirs, theirs waits for it); hetmem's own streams are non-blocking, so it does
-    ///   not order them, and hetmem never relies on that implicit ordering: memory
-    ///   handed between this stream and any other goes behind an event.
-    /// - [`PER_THREAD_STREAM`](crate::backend::PER_THREAD_STREAM) (2,
-    ///   `CU_STREAM_PER_THREAD`, `hipStreamPerThread`): the per-thread default stream,
-    ///   with the driver's meaning on every thread that uses the wrapped stream: work
-    ///   queued through it from a thread goes to *that thread's* per-thread stream, not
-    ///   the wrapping thread's. hetmem treats the threads' streams as the different
-    ///   streams they are: a device pool keeps a block freed on one thread's stream
-    ///   from another thread's until that one has waited for it (an event recorded on
-    ///   the first thread when the block was freed; failing that, a device-wide
-    ///   synchronisation), and copies leave fences per thread. A [`PoolBlock`] freed on
-    ///   another thread than the one that allocated it, or a pool trimmed there, cannot
-    ///   name the allocating thread's stream and waits for the whole device instead.
-    ///
-    /// [`PoolBlock`]: crate::pool::PoolBlock
-    ///
-    /// # Safety
-    /// `raw` is 0 or a live stream of `device` made by the driver `mgr`'s backend talks
-    /// to (in the current process, on the device's primary context for CUDA), and it
-    /// stays live for as long as this stream, its clones, or pool blocks and events that
-    /// used it are alive (a device pool keeps a stream it has cached memory for until
-    /// [`DevicePool::trim`](crate::pool::DevicePool::trim)). A stale or foreign handle
-    /// is undefined behaviour in a real driver.
-    ///
-    /// # Errors
-    /// [`Error::UnknownDevice`]; [`Error::Unsupported`] on the host backend;
-    /// [`Error::InvalidArgument`] for a stream already wrapped for another device, or
-    /// (sim) one that is not a live stream of `device`.
-    pub unsafe fn wrap(mgr: &crate::Manager, device: usize, raw: u64) -> Result<Self> {
-        crate::backend::check_device(mgr.backend(), device)?;
-        // SAFETY: the caller's contract is OwnedStream::import's.
-        let inner = unsafe { OwnedStream::import(mgr.shared_backend(), device, raw)? };
-        Ok(Stream {
-            inner: Arc::new(inner),
-        })
-    }
-
     /// The stream the calling thread's work goes to: this one, or, for a wrapped
     /// per-thread default stream, the calling thread's (a stream of its own to pools
     /// and fences; see [`Stream::wrap`]).

@@ -492,3 +492,102 @@ fn bad_requests_are_refused() {
         assert_eq!(size_class(5000), Some(8192));
     });
 }
+
+/// Issue 15 (exhaustion): under an address-space limit (`RLIMIT_AS`), host, pinned and
+/// pooled allocations are refused with `OutOfMemory` and numbers that tell the truth
+/// (the bytes free are what the limit leaves, fewer than requested), nothing aborts,
+/// and once the limit is lifted the same calls succeed. The limit would bind every
+/// thread of the test harness, so the test runs itself in a child process of its own.
+#[test]
+fn an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers() {
+    const REQ: usize = 256 * MIB;
+    const NAME: &str = "an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers";
+    if std::env::var_os("HETMEM_TEST_RLIMIT_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+            .env("HETMEM_TEST_RLIMIT_CHILD", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "child failed:\n{text}");
+        assert!(text.contains("limit checked"), "child ran nothing:\n{text}");
+        return;
+    }
+    for kind in [BackendKind::Sim, BackendKind::Host] {
+        let mgr = manager(kind);
+        let pool = pool(&mgr);
+        // Warm up what the calls below touch once (threads, tables), then limit the
+        // address space to what is mapped now plus 64 MiB.
+        drop(
+            mgr.alloc(Placement::Pinned(NumaPolicy::Default), MIB)
+                .unwrap(),
+        );
+        drop(pool.alloc_pinned(&NumaPolicy::Default, MIB).unwrap());
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+        let mapped: usize = statm.split_whitespace().next().unwrap().parse().unwrap();
+        // SAFETY: sysconf reads a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct passed, a live local.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) }, 0);
+        let saved = lim.rlim_cur;
+        lim.rlim_cur = (mapped * page + 64 * MIB) as libc::rlim_t;
+        // SAFETY: setrlimit reads the struct passed; lowering the soft limit is allowed.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+
+        let refused = |what: &str, r: hetmem::Result<()>, tier: Tier| match r {
+            Err(Error::OutOfMemory {
+                tier: t,
+                requested,
+                free,
+                ..
+            }) => {
+                assert_eq!(t, tier, "{what}");
+                assert_eq!(requested, REQ, "{what}");
+                assert!(free < requested, "{what}: {free} bytes said free");
+                // What the limit leaves (a little more once cached blocks are unmapped).
+                assert!(free <= 128 * MIB, "{what}: {free} bytes said free");
+            }
+            other => panic!("{kind:?} {what} under RLIMIT_AS: {other:?}"),
+        };
+        let host = Placement::Host(NumaPolicy::Default);
+        let pinned = Placement::Pinned(NumaPolicy::Default);
+        refused("host", mgr.alloc(host.clone(), REQ).map(drop), Tier::Host);
+        refused(
+            "pinned",
+            mgr.alloc(pinned.clone(), REQ).map(drop),
+            Tier::Pinned,
+        );
+        refused(
+            "pool host",
+            pool.alloc_host(&NumaPolicy::Default, REQ).map(drop),
+            Tier::Host,
+        );
+        refused(
+            "pool pinned",
+            pool.alloc_pinned(&NumaPolicy::Default, REQ).map(drop),
+            Tier::Pinned,
+        );
+        // What fits under the limit is still served.
+        drop(mgr.alloc(host.clone(), 8 * MIB).unwrap());
+        drop(pool.alloc_pinned(&NumaPolicy::Default, 8 * MIB).unwrap());
+
+        lim.rlim_cur = saved;
+        // SAFETY: as above; the soft limit goes back to what it was (≤ the hard one).
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+        let mut b = mgr.alloc(host, REQ).unwrap();
+        b.as_mut_slice().unwrap()[REQ - 1] = 7;
+        drop(b);
+        drop(mgr.alloc(pinned, REQ).unwrap());
+        drop(pool.alloc_pinned(&NumaPolicy::Default, REQ).unwrap());
+        drop(pool.alloc_host(&NumaPolicy::Default, REQ).unwrap());
+    }
+    println!("limit checked");
+}

@@ -10,6 +10,7 @@ use std::ptr::{null, null_mut};
 
 use super::event::*;
 use super::memory::*;
+use super::stats::*;
 use super::tier::*;
 use super::torch::*;
 use super::*;

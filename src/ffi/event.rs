@@ -47,10 +47,11 @@ pub unsafe extern "C" fn hetmem_event_create(
     out: *mut *mut HetmemEvent,
 ) -> c_int {
     guard("hetmem_event_create", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let event = m.mgr.create_event(device_arg(device, "device")?)?;
         let h = register::<FfiEvent, HetmemEvent>(FfiEvent { event });
         // SAFETY: as above.

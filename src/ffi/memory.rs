@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     c_str, device_arg, guard, guard_with, json_array, json_object, json_str, lock, lookup, out_ptr,
-    register, unregister, write_c_text, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    register, unregister, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::{check_device, BackendKind};
 use crate::manager::{Buffer, Manager};
@@ -171,7 +171,7 @@ impl FfiManager {
     }
 
     /// The manager's stats JSON, with `extra` fields at the end.
-    fn json(&self, extra: Vec<(&'static str, String)>) -> String {
+    pub(super) fn json(&self, extra: Vec<(&'static str, String)>) -> String {
         let snap = |c: &CounterSnapshot| {
             json_object([
                 ("current", c.current.to_string()),
@@ -379,10 +379,11 @@ pub unsafe extern "C" fn hetmem_alloc(
     out: *mut *mut c_void,
 ) -> c_int {
     guard("hetmem_alloc", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let placement = placement_arg(&m.mgr, placement, device_or_node)?;
         let buf = m.mgr.alloc(placement, size)?;
         let addr = match (buf.device_ptr(), buf.host_ptr()) {
@@ -598,10 +599,10 @@ pub unsafe extern "C" fn hetmem_stream_create(
     out: *mut *mut HetmemStream,
 ) -> c_int {
     guard("hetmem_stream_create", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let stream = m.mgr.create_stream(device_arg(device, "device")?)?;
         let raw = stream.handle().0;
         new_stream(out, FfiStream { stream, raw });
@@ -629,10 +630,10 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
     out: *mut *mut HetmemStream,
 ) -> c_int {
     guard("hetmem_stream_wrap", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
+        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let device = device_arg(device, "device")?;
         // SAFETY: the caller's contract is Stream::wrap's.
         let stream = unsafe { Stream::wrap(&m.mgr, device, raw as u64)? };
@@ -816,38 +817,5 @@ pub unsafe extern "C" fn hetmem_advise(
         // managed buffer of this manager's backend, kept alive by the lock.
         unsafe { m.mgr.backend().advise(host.add(off), n, advice)? };
         Ok(())
-    })
-}
-
-/// Writes the stats of the manager (and of `store`, if not NULL) as NUL-terminated
-/// JSON into `buf` if it fits in `cap` bytes; `*needed` (if not NULL) is always set to
-/// the bytes the JSON needs, NUL included. Too small a buffer is
-/// `HETMEM_ERR_BUFFER_TOO_SMALL` (call again with `*needed` bytes).
-///
-/// Keys: `backend`, `devices` (ordinal, name, total_memory, numa_node), `live_buffers`,
-/// `live_bytes`, `host` / `pinned` / `device[]` / `managed[]` (`current`, `peak`,
-/// `count`), and `tier` (the store's counters, or null).
-///
-/// # Safety
-/// `buf` is NULL or valid for `cap` bytes of writes; `needed` is NULL or valid.
-#[no_mangle]
-pub unsafe extern "C" fn hetmem_stats_json(
-    mgr: *mut HetmemManager,
-    store: *mut super::tier::HetmemStore,
-    buf: *mut c_char,
-    cap: usize,
-    needed: *mut usize,
-) -> c_int {
-    guard("hetmem_stats_json", || {
-        let m = lookup::<FfiManager, _>(mgr, "mgr")?;
-        let tier = if store.is_null() {
-            "null".to_owned()
-        } else {
-            let s = lookup::<super::tier::FfiStore, _>(store, "store")?;
-            super::tier::store_json(&s)
-        };
-        let json = m.json(vec![("tier", tier)]);
-        // SAFETY: the caller's contract.
-        unsafe { write_c_text(&json, buf, cap, needed) }
     })
 }

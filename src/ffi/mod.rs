@@ -1,10 +1,11 @@
 //! The C ABI of `libhetmem.so`, declared for C and C++ in `include/hetmem.h`.
 //!
 //! - [`memory`](crate::ffi::memory): managers, allocation by placement, copies, streams (made by hetmem or
-//!   wrapped from the caller's `cudaStream_t` / `hipStream_t`), prefetch, advice, stats.
+//!   wrapped from the caller's `cudaStream_t` / `hipStream_t`), prefetch, advice.
 //! - [`event`](crate::ffi::event): events, to order work on streams and the host after hetmem's.
 //! - [`tier`](crate::ffi::tier): the tiered parameter store: register, hints, acquire and release.
 //! - [`torch`](crate::ffi::torch): the two entry points PyTorch's `CUDAPluggableAllocator` loads.
+//! - [`stats`](crate::ffi::stats): the stats of a manager and a store as JSON.
 //!
 //! Conventions shared by every export:
 //!
@@ -27,6 +28,7 @@
 pub mod codes;
 pub mod event;
 pub mod memory;
+pub mod stats;
 pub mod tier;
 pub mod torch;
 

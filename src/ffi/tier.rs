@@ -9,8 +9,8 @@ use std::sync::Mutex;
 
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
 use super::{
-    c_str, copy_in, device_arg, guard, json_object, lock, lookup, out_ptr, register, unregister,
-    write_out, FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
+    c_str, copy_in, device_arg, guard, lock, lookup, out_ptr, register, unregister, write_out,
+    FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
     HETMEM_ERR_INVALID_SIZE, HETMEM_ERR_UNKNOWN_PARAM,
 };
 use crate::tier::policy::ParamId;
@@ -83,7 +83,7 @@ pub struct HetmemGuard {
 /// What a store handle owns.
 #[derive(Debug)]
 pub(crate) struct FfiStore {
-    store: TierStore,
+    pub(super) store: TierStore,
     /// Bytes of each parameter registered through C.
     sizes: Mutex<HashMap<ParamId, usize>>,
 }
@@ -112,48 +112,6 @@ fn unknown_id(id: u32, n: usize) -> FfiError {
 #[derive(Debug)]
 pub(crate) struct FfiGuard {
     guard: Mutex<Option<ParamGuard>>,
-}
-
-/// The store's stats as a JSON object.
-pub(crate) fn store_json(s: &FfiStore) -> String {
-    let t = s.store.stats();
-    let p = s.store.pool_stats();
-    json_object([
-        ("params", s.store.len().to_string()),
-        ("hits", t.hits.to_string()),
-        ("misses", t.misses.to_string()),
-        ("loads", t.loads.to_string()),
-        ("prefetches", t.prefetches.to_string()),
-        ("bytes_loaded", t.bytes_loaded.to_string()),
-        ("staged_loads", t.staged_loads.to_string()),
-        ("evictions", t.evictions.to_string()),
-        ("writebacks", t.writebacks.to_string()),
-        ("writeback_bytes", t.writeback_bytes.to_string()),
-        ("checksum_mismatches", t.checksum_mismatches.to_string()),
-        ("sequences_learnt", t.sequences_learnt.to_string()),
-        ("sequences_dropped", t.sequences_dropped.to_string()),
-        ("unplanned_evictions", t.unplanned_evictions.to_string()),
-        ("device_bytes", t.device_bytes.to_string()),
-        ("device_peak_bytes", t.device_peak_bytes.to_string()),
-        ("host_bytes", t.host_bytes.to_string()),
-        ("host_peak_bytes", t.host_peak_bytes.to_string()),
-        ("mapped_bytes", t.mapped_bytes.to_string()),
-        // The device pool under the store: maps and stream synchronisations between
-        // passes mean the host waited for the GPU. Pages moved are unmapped and mapped.
-        (
-            "pool_maps",
-            (p.num_device_alloc + p.num_pages_moved).to_string(),
-        ),
-        (
-            "pool_unmaps",
-            (p.num_device_free + p.num_pages_moved).to_string(),
-        ),
-        ("pool_syncs", p.num_sync_all_streams.to_string()),
-        (
-            "pool_reserved_peak_bytes",
-            p.reserved_bytes.all.peak.to_string(),
-        ),
-    ])
 }
 
 /// Fills `cfg` with the defaults for these budgets: device 0, prefetch depth
@@ -210,13 +168,14 @@ pub unsafe extern "C" fn hetmem_store_create(
     out: *mut *mut HetmemStore,
 ) -> c_int {
     guard("hetmem_store_create", || {
+        // Cleared before anything can fail, the handle's look-up included.
+        let out = out_ptr(out, "out")?;
+        // SAFETY: checked non-null; valid by the caller's contract.
+        unsafe { write_out(out, std::ptr::null_mut()) };
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if cfg.is_null() {
             return Err(FfiError::null("cfg"));
         }
-        let out = out_ptr(out, "out")?;
-        // SAFETY: checked non-null; valid by the caller's contract.
-        unsafe { write_out(out, std::ptr::null_mut()) };
         // SAFETY: non-null and valid for a read by the caller's contract.
         let c = unsafe { cfg.read() };
         let sequence = match c.sequence {
@@ -334,12 +293,13 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
     count: *mut usize,
 ) -> c_int {
     guard("hetmem_store_register_safetensors", || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
-        // SAFETY: the caller's contract.
-        let path = unsafe { c_str(path, "path")? };
+        // 0 before anything can fail (the handle, the path), as the header says.
         let count = out_ptr(count, "count")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(count, 0) };
+        let s = lookup::<FfiStore, _>(store, "store")?;
+        // SAFETY: the caller's contract.
+        let path = unsafe { c_str(path, "path")? };
         if ids.is_null() && cap > 0 {
             return Err(FfiError::null("ids"));
         }
@@ -643,7 +603,7 @@ unsafe fn acquire(
     device_ptr: *mut *mut c_void,
 ) -> c_int {
     guard(name, || {
-        let s = lookup::<FfiStore, _>(store, "store")?;
+        // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -651,6 +611,7 @@ unsafe fn acquire(
             // SAFETY: non-null and valid by the caller's contract.
             unsafe { write_out(device_ptr, std::ptr::null_mut()) };
         }
+        let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         let (stream, wait) = if stream.is_null() {
             (s.store.copy_stream().clone(), true)

@@ -51,9 +51,16 @@ pub fn page_size() -> usize {
     })
 }
 
-/// Host memory the kernel says could be allocated now (`MemAvailable`, else `sysinfo`'s
-/// free RAM), for [`Error::OutOfMemory`].
+/// Host memory this process could allocate now, for [`Error::OutOfMemory`]: what the
+/// kernel says is available (`MemAvailable`, else `sysinfo`'s free RAM), and no more than
+/// the address space left under `RLIMIT_AS` when the process has such a limit (there a
+/// mapping fails long before RAM runs out, and the RAM figure would tell a caller that
+/// the memory it was refused is free).
 pub fn available_memory() -> usize {
+    ram_available().min(address_space_left().unwrap_or(usize::MAX))
+}
+
+fn ram_available() -> usize {
     if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
         if let Ok(Some(bytes)) = parse_meminfo_field(&text, None, "MemAvailable") {
             return usize::try_from(bytes).unwrap_or(usize::MAX);
@@ -67,6 +74,25 @@ pub fn available_memory() -> usize {
     } else {
         0
     }
+}
+
+/// The soft `RLIMIT_AS` less the process's mapped size (`/proc/self/statm`), or `None`
+/// when there is no limit (or it cannot be read).
+fn address_space_left() -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass, a live local.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().next()?.parse().ok()?;
+    let limit = usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX);
+    Some(limit.saturating_sub(pages.saturating_mul(page_size())))
 }
 
 /// Maps all of `file` read-only into this process (`PROT_READ`, `MAP_SHARED`), for

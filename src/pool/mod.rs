@@ -3,9 +3,11 @@
 //! - [`device`]: the caching, stream-ordered device memory pool.
 //! - [`host`]: the NUMA-placed host memory pool (pageable and pinned), and an
 //!   `allocator_api2` allocator over its pinned memory.
+//! - `copy`: copies into and out of their blocks, for the layers above.
 //! - [`staging`]: a ring of pinned slots that moves pageable or mapped-file bytes to the
 //!   device at pinned-copy speed.
 
+pub(crate) mod copy;
 pub mod device;
 pub mod host;
 pub mod staging;

@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::backend::copy;
 use crate::backend::host::available_memory;
 use crate::error::{Error, Result};
 use crate::placement::{NumaPolicy, Tier};
@@ -330,9 +329,7 @@ impl Fill<'_> {
         bytes.copy_from_slice(piece);
         report.fill += t.elapsed();
         let at = self.dst_offset + i * self.slot_size;
-        let stream = Some(&*self.stream.inner);
-        self.dst
-            .with_end(|d| copy::copy(d, at, slot.mem(), 0, piece.len(), stream))?;
+        super::copy::host_to_block(self.dst, at, slot, 0, piece.len(), self.stream)?;
         report.bytes += piece.len();
         report.chunks += 1;
         Ok(())

@@ -100,11 +100,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::copy;
 use crate::backend::DevicePtr;
 use crate::error::{Error, Result};
-use crate::manager::Manager;
 use crate::placement::{NumaPolicy, Tier};
+use crate::pool;
 use crate::pool::host::size_class;
 use crate::pool::{
     Budget, DevicePool, HostBlock, HostPool, HostPoolConfig, PoolBlock, PoolConfig, PoolStats,
@@ -470,19 +469,10 @@ fn pinned_bytes(size: usize) -> usize {
 }
 
 impl TierStore {
-    /// A store over `mgr`'s device `cfg.device`, with its own device pool, host pool,
-    /// copy stream and staging ring.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for a zero device budget or one larger than the
-    /// device's memory, zero spare slots, a host budget smaller than the staging ring,
-    /// fewer than two staging slots or zero filler threads; [`Error::InvalidSize`] for
-    /// a staging slot of zero bytes or over `isize::MAX`, or slots that together
-    /// overflow the address space; [`Error::OutOfMemory`] (tier pinned) for a ring
-    /// larger than the host memory available, refused before anything is pinned (see
-    /// [`StagingRing::new`]), or when pinning it fails; [`Error::UnknownDevice`]; the
-    /// pools' and streams' errors.
-    pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
+    /// Checks `cfg` before anything is made ([`TierStore::new`]'s argument errors),
+    /// `device_memory` being the device's total memory if the device exists. Returns the
+    /// staging ring's pinned bytes.
+    pub(crate) fn check_config(cfg: &TierConfig, device_memory: Option<usize>) -> Result<usize> {
         if cfg.device_budget == 0 {
             return Err(Error::InvalidArgument(
                 "a tier store needs a device budget above zero".into(),
@@ -497,8 +487,7 @@ impl TierStore {
         }
         // A budget the device cannot hold would be planned for and then fail load after
         // load (each failure a demand load that throws the plan away): refuse it.
-        if let Some(dev) = mgr.devices().get(cfg.device) {
-            let total = dev.info.total_memory;
+        if let Some(total) = device_memory {
             if cfg.device_budget > total {
                 return Err(Error::InvalidArgument(format!(
                     "the device budget ({} bytes) is larger than device {}'s memory ({total} \
@@ -516,26 +505,43 @@ impl TierStore {
                 cfg.host_budget, cfg.staging_slots, cfg.staging_slot_size
             )));
         }
-        let pool = mgr.device_pool(
-            cfg.device,
-            PoolConfig {
-                // The store keeps its own exact account; the pool's budget only adds the
-                // page rounding of its segments.
-                budget: Budget::Bytes(cfg.device_budget.next_multiple_of(POOL_PAGE) + POOL_PAGE),
-                // Page-sized chunks, made for what is needed only: the store fills its
-                // budget, and only pages can always move to where a load needs room.
-                min_chunk: POOL_PAGE,
-                max_chunk: Some(POOL_PAGE),
-                chunk_fraction: 0.0,
-                grow_ahead: 0.0,
-                ..PoolConfig::default()
-            },
-        )?;
-        let host = mgr.host_pool(HostPoolConfig {
+        Ok(ring_bytes)
+    }
+
+    /// The settings of the store's own device pool.
+    pub(crate) fn pool_config(cfg: &TierConfig) -> PoolConfig {
+        PoolConfig {
+            // The store keeps its own exact account; the pool's budget only adds the
+            // page rounding of its segments.
+            budget: Budget::Bytes(cfg.device_budget.next_multiple_of(POOL_PAGE) + POOL_PAGE),
+            // Page-sized chunks, made for what is needed only: the store fills its
+            // budget, and only pages can always move to where a load needs room.
+            min_chunk: POOL_PAGE,
+            max_chunk: Some(POOL_PAGE),
+            chunk_fraction: 0.0,
+            grow_ahead: 0.0,
+            ..PoolConfig::default()
+        }
+    }
+
+    /// The settings of the store's own host pool.
+    pub(crate) fn host_pool_config(cfg: &TierConfig) -> HostPoolConfig {
+        HostPoolConfig {
             pinned_budget: Some(cfg.host_budget),
             ..HostPoolConfig::default()
-        })?;
-        let copy = mgr.create_stream(cfg.device)?;
+        }
+    }
+
+    /// The store over its parts (made by [`TierStore::new`] from a manager, after
+    /// [`TierStore::check_config`]): `pool` with [`TierStore::pool_config`], `host` with
+    /// [`TierStore::host_pool_config`], and `copy`, a stream of `cfg.device`.
+    pub(crate) fn from_parts(
+        cfg: TierConfig,
+        ring_bytes: usize,
+        pool: DevicePool,
+        host: HostPool,
+        copy: Stream,
+    ) -> Result<TierStore> {
         let ring = StagingRing::new(
             &host,
             &NumaPolicy::NearDevice(cfg.device),
@@ -1542,8 +1548,7 @@ fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     let p = &mut st.params[idx];
     let dev = p.dev.as_ref().expect("writing back a resident parameter");
     let d2h = |dst: &HostBlock| -> Result<()> {
-        dev.block
-            .with_end(|s| copy::copy(dst.mem(), 0, s, 0, size, Some(&*res.copy.inner)))?;
+        pool::copy::block_to_host(dst, 0, &dev.block, 0, size, &res.copy)?;
         res.copy.synchronize()
     };
     match (&mut p.host, promoted) {
@@ -2084,7 +2089,7 @@ fn upload(res: &Resources, st: &mut State, idx: usize, block: &PoolBlock) -> Res
     let size = params[idx].size;
     match &params[idx].host {
         HostCopy::Pinned(h) => {
-            block.with_end(|d| copy::copy(d, 0, h.mem(), 0, size, Some(&*res.copy.inner)))?;
+            pool::copy::host_to_block(block, 0, h, 0, size, &res.copy)?;
         }
         HostCopy::Cold(src) => {
             ring.upload(src.bytes(), block, 0, &res.copy)?;

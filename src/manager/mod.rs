@@ -17,6 +17,8 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 
+mod make;
+
 use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,9 +34,9 @@ use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
-use crate::pool::{DevicePool, HostPool, HostPoolConfig, PoolBlock, PoolConfig};
+use crate::pool::{self, PoolBlock};
 use crate::stats::{ByteCounter, CounterSnapshot};
-use crate::stream::{Event, Stream};
+use crate::stream::Stream;
 use crate::topology::Topology;
 
 static NEXT_MANAGER_ID: AtomicU64 = AtomicU64::new(1);
@@ -581,16 +583,7 @@ impl Manager {
         self.check_owner(src.mgr.id, "buffer")?;
         self.check_stream(stream)?;
         dst.record_stream(stream)?;
-        dst.with_end(|d| {
-            copy::copy(
-                d,
-                dst_offset,
-                &src.mem,
-                src_offset,
-                len,
-                Some(&stream.inner),
-            )
-        })
+        pool::copy::into_block(dst, dst_offset, &src.mem, src_offset, len, stream)
     }
 
     /// Queues a copy of `len` bytes from the pool block `src[src_offset..]` into
@@ -607,16 +600,7 @@ impl Manager {
         self.check_owner(dst.mgr.id, "buffer")?;
         self.check_stream(stream)?;
         src.record_stream(stream)?;
-        src.with_end(|s| {
-            copy::copy(
-                &dst.mem,
-                dst_offset,
-                s,
-                src_offset,
-                len,
-                Some(&stream.inner),
-            )
-        })
+        pool::copy::out_of_block(&dst.mem, dst_offset, src, src_offset, len, stream)
     }
 
     /// Queues a device-to-device copy between two pool blocks on `stream`.
@@ -632,9 +616,7 @@ impl Manager {
         self.check_stream(stream)?;
         dst.record_stream(stream)?;
         src.record_stream(stream)?;
-        PoolBlock::with_ends(dst, src, |d, s| {
-            copy::copy(d, dst_offset, s, src_offset, len, Some(&stream.inner))
-        })
+        pool::copy::between_blocks(dst, dst_offset, src, src_offset, len, stream)
     }
 
     /// Writes `data` into `dst` at `offset`, wherever `dst` lives.
@@ -670,48 +652,6 @@ impl Manager {
         self.copy(&mut staging, 0, src, offset, out.len())?;
         out.copy_from_slice(&staging.as_slice()?[..out.len()]);
         Ok(())
-    }
-
-    /// A new caching pool over `device`'s memory (see [`DevicePool`]).
-    pub fn device_pool(&self, device: usize, cfg: PoolConfig) -> Result<DevicePool> {
-        self.live()?;
-        DevicePool::new(&self.inner.backend, device, cfg)
-    }
-
-    /// A new caching pool of host memory, pageable and pinned (see [`HostPool`]). Its
-    /// allocations resolve `NumaPolicy::NearDevice` and check nodes and room as
-    /// [`Manager::alloc`] does.
-    pub fn host_pool(&self, cfg: HostPoolConfig) -> Result<HostPool> {
-        self.live()?;
-        let mgr = self.clone();
-        let placer: crate::pool::host::Placer = Arc::new(move |placement, size| {
-            let (Placement::Host(policy) | Placement::Pinned(policy)) = placement else {
-                return Err(Error::InvalidArgument(format!(
-                    "{placement:?} is not host memory"
-                )));
-            };
-            let policy = mgr.resolve_policy(policy)?;
-            if let Some(size) = size {
-                mgr.check_host_room(placement, &policy, size)?;
-            }
-            Ok(policy)
-        });
-        HostPool::new(&self.inner.backend, cfg, placer)
-    }
-
-    /// Creates a stream on `device`.
-    pub fn create_stream(&self, device: usize) -> Result<Stream> {
-        self.live()?;
-        check_device(self.backend(), device)?;
-        Stream::new(&self.inner.backend, device)
-    }
-
-    /// Creates an event on `device`, not yet recorded ([`Event::record`] records it on a
-    /// stream of that device; [`Stream::wait`] makes a stream wait for it).
-    pub fn create_event(&self, device: usize) -> Result<Event> {
-        self.live()?;
-        check_device(self.backend(), device)?;
-        Event::new(&self.inner.backend, device)
     }
 
     /// Queues a migration of a managed buffer to `to` on `stream`.

@@ -1,0 +1,790 @@
+//! The event record: a compact, versioned binary log of allocations, written by the
+//! LD_PRELOAD shim (`libhetmem_preload.so`, `HETMEM_RECORD=file`) and read by
+//! [`Reader`]. Device, pinned and tier-store events have kinds reserved here; the
+//! format is meant for profiling tools, so it is specified in full.
+//!
+//! # Layout (version 1)
+//!
+//! All integers are little-endian. A file is a 64-byte [`Header`] followed by chunks:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `HETMREC\0` |
+//! | 8 | 2 | version (1) |
+//! | 10 | 2 | header length (64; a reader skips what it does not know) |
+//! | 12 | 4 | flags: bit 0 every allocation recorded (else only large ones), bit 1 call stacks sampled |
+//! | 16 | 4 | process id |
+//! | 20 | 4 | page size |
+//! | 24 | 8 | wall clock at start, ns since the Unix epoch |
+//! | 32 | 8 | monotonic clock at start, ns (event times count from it) |
+//! | 40 | 8 | threshold: requests of at least this many bytes are large |
+//! | 48 | 16 | zero (reserved) |
+//!
+//! A chunk is `u32` payload length, `u32` event count, then that many events. A writer
+//! appends whole chunks; a file cut short (a killed process) ends at its last whole
+//! chunk, which [`Reader`] treats as the end.
+//!
+//! An event is: kind (`u8`), body length (LEB128), body. Unknown kinds are skipped by
+//! their length, so kinds can be added without a new version. Every body starts with
+//! the time (zigzag LEB128: ns since the header's monotonic start, as a difference from
+//! the previous event of the same chunk; the first event's difference is from 0) and
+//! the thread (LEB128: the kernel's thread id). Then, by kind:
+//!
+//! | kind | name | fields after time and thread |
+//! |---|---|---|
+//! | 1 | alloc | address, size, placement (`u8`), node (zigzag; -1: no single node) |
+//! | 2 | free | address, size (0: not known), placement (`u8`) |
+//! | 3 | realloc | old address, new address, new size, placement (`u8`), node (zigzag) |
+//! | 4 | stack | frame count, then return addresses: the first as is, each next as a zigzag difference from the one before; belongs to the thread's previous event |
+//! | 5 | dropped | events lost because the in-process queue was full |
+//! | 6 | end | events written, events dropped (the last event of a complete record) |
+//! | 16–31 | | reserved: device memory (alloc, free, map, unmap) |
+//! | 32–47 | | reserved: pinned memory (alloc, free, register) |
+//! | 48–63 | | reserved: tier store (load, evict, hint) and copies |
+//!
+//! Numbers are LEB128 unless said otherwise. Placements are [`Placement`]. Events of
+//! different threads may appear out of time order (the shim queues them per thread
+//! group); sort by time where order matters.
+
+use std::io::Read;
+
+use crate::error::{Error, Result};
+
+/// The file's first eight bytes.
+pub const MAGIC: [u8; 8] = *b"HETMREC\0";
+/// The format version this module writes and reads.
+pub const VERSION: u16 = 1;
+/// Bytes of the header this version writes.
+pub const HEADER_LEN: usize = 64;
+/// Header flag: every allocation is recorded, not only the large ones.
+pub const FLAG_ALL: u32 = 1;
+/// Header flag: call stacks are sampled.
+pub const FLAG_STACKS: u32 = 2;
+
+/// Event kinds (the first byte of an event).
+pub mod kind {
+    /// An allocation.
+    pub const ALLOC: u8 = 1;
+    /// A free.
+    pub const FREE: u8 = 2;
+    /// A resize.
+    pub const REALLOC: u8 = 3;
+    /// The call stack of the thread's previous event.
+    pub const STACK: u8 = 4;
+    /// Events lost.
+    pub const DROPPED: u8 = 5;
+    /// The end of a complete record.
+    pub const END: u8 = 6;
+    /// First kind reserved for device memory events.
+    pub const DEVICE_FIRST: u8 = 16;
+    /// First kind reserved for pinned memory events.
+    pub const PINNED_FIRST: u8 = 32;
+    /// First kind reserved for tier-store events and copies.
+    pub const TIER_FIRST: u8 = 48;
+}
+
+/// Where a block lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Placement {
+    /// glibc's malloc (the shim's small path).
+    SmallGlibc = 0,
+    /// The shim's fast small path (mimalloc).
+    SmallFast = 1,
+    /// A large host block of hetmem's (NUMA policy, huge pages).
+    Host = 2,
+    /// Pinned host memory.
+    Pinned = 3,
+    /// Device memory.
+    Device = 4,
+    /// Managed (unified) memory.
+    Managed = 5,
+    /// A code this version does not know.
+    Other = 255,
+}
+
+impl Placement {
+    /// The placement of a code.
+    pub fn from_code(c: u8) -> Placement {
+        match c {
+            0 => Placement::SmallGlibc,
+            1 => Placement::SmallFast,
+            2 => Placement::Host,
+            3 => Placement::Pinned,
+            4 => Placement::Device,
+            5 => Placement::Managed,
+            _ => Placement::Other,
+        }
+    }
+}
+
+/// The file header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Header {
+    /// Format version.
+    pub version: u16,
+    /// [`FLAG_ALL`], [`FLAG_STACKS`].
+    pub flags: u32,
+    /// Process id of the recorded process.
+    pub pid: u32,
+    /// Its page size.
+    pub page_size: u32,
+    /// Wall clock at start, ns since the Unix epoch.
+    pub start_unix_ns: u64,
+    /// Monotonic clock at start, ns.
+    pub start_mono_ns: u64,
+    /// The large threshold in bytes.
+    pub threshold: u64,
+}
+
+impl Header {
+    /// The 64 bytes of this header.
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        b[10..12].copy_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+        b[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        b[16..20].copy_from_slice(&self.pid.to_le_bytes());
+        b[20..24].copy_from_slice(&self.page_size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.start_unix_ns.to_le_bytes());
+        b[32..40].copy_from_slice(&self.start_mono_ns.to_le_bytes());
+        b[40..48].copy_from_slice(&self.threshold.to_le_bytes());
+        b
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// A block was allocated.
+    Alloc {
+        /// Its address.
+        addr: u64,
+        /// Bytes asked for.
+        size: u64,
+        /// Where.
+        placement: Placement,
+        /// Its NUMA node, where it has one.
+        node: Option<u32>,
+    },
+    /// A block was freed.
+    Free {
+        /// Its address.
+        addr: u64,
+        /// Its size where known, else 0.
+        size: u64,
+        /// Where it was.
+        placement: Placement,
+    },
+    /// A block was resized (maybe moved).
+    Realloc {
+        /// The old address.
+        old: u64,
+        /// The new address.
+        new: u64,
+        /// The new size.
+        size: u64,
+        /// Where it is now.
+        placement: Placement,
+        /// Its NUMA node, where it has one.
+        node: Option<u32>,
+    },
+    /// The call stack of this thread's previous event (return addresses, innermost
+    /// first).
+    Stack {
+        /// The frames.
+        frames: Vec<u64>,
+    },
+    /// Events the writer lost (its queue was full).
+    Dropped {
+        /// How many.
+        count: u64,
+    },
+    /// The record is complete.
+    End {
+        /// Events written before this one.
+        events: u64,
+        /// Events lost.
+        dropped: u64,
+    },
+    /// A kind this version does not know (reserved kinds included), with its body
+    /// after the time and thread.
+    Unknown {
+        /// The kind.
+        kind: u8,
+        /// The rest of its body.
+        body: Vec<u8>,
+    },
+}
+
+/// One event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// ns since the header's monotonic start.
+    pub time_ns: u64,
+    /// Kernel thread id.
+    pub thread: u32,
+    /// What.
+    pub kind: EventKind,
+}
+
+fn put_uleb(out: &mut Vec<u8>, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn node_code(node: Option<u32>) -> u64 {
+    zigzag(node.map_or(-1, i64::from))
+}
+
+/// Builds one chunk of events. The shim's writer and tests use it; see the module docs
+/// for what it writes.
+#[derive(Debug, Default)]
+pub struct ChunkEncoder {
+    buf: Vec<u8>,
+    body: Vec<u8>,
+    count: u32,
+    last_time: u64,
+}
+
+impl ChunkEncoder {
+    /// An empty chunk.
+    pub fn new() -> Self {
+        let mut e = ChunkEncoder::default();
+        e.clear();
+        e
+    }
+
+    /// Starts over with no events.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0u8; 8]);
+        self.count = 0;
+        self.last_time = 0;
+    }
+
+    /// Events in the chunk.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether the chunk has no events.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the chunk takes so far.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Appends an event.
+    pub fn push(&mut self, e: &Event) {
+        let b = &mut self.body;
+        b.clear();
+        put_uleb(b, zigzag(e.time_ns.wrapping_sub(self.last_time) as i64));
+        self.last_time = e.time_ns;
+        put_uleb(b, u64::from(e.thread));
+        let k = match &e.kind {
+            EventKind::Alloc {
+                addr,
+                size,
+                placement,
+                node,
+            } => {
+                put_uleb(b, *addr);
+                put_uleb(b, *size);
+                b.push(*placement as u8);
+                put_uleb(b, node_code(*node));
+                kind::ALLOC
+            }
+            EventKind::Free {
+                addr,
+                size,
+                placement,
+            } => {
+                put_uleb(b, *addr);
+                put_uleb(b, *size);
+                b.push(*placement as u8);
+                kind::FREE
+            }
+            EventKind::Realloc {
+                old,
+                new,
+                size,
+                placement,
+                node,
+            } => {
+                put_uleb(b, *old);
+                put_uleb(b, *new);
+                put_uleb(b, *size);
+                b.push(*placement as u8);
+                put_uleb(b, node_code(*node));
+                kind::REALLOC
+            }
+            EventKind::Stack { frames } => {
+                put_uleb(b, frames.len() as u64);
+                let mut prev = 0u64;
+                for (i, &f) in frames.iter().enumerate() {
+                    if i == 0 {
+                        put_uleb(b, f);
+                    } else {
+                        put_uleb(b, zigzag(f.wrapping_sub(prev) as i64));
+                    }
+                    prev = f;
+                }
+                kind::STACK
+            }
+            EventKind::Dropped { count } => {
+                put_uleb(b, *count);
+                kind::DROPPED
+            }
+            EventKind::End { events, dropped } => {
+                put_uleb(b, *events);
+                put_uleb(b, *dropped);
+                kind::END
+            }
+            EventKind::Unknown { kind, body } => {
+                b.extend_from_slice(body);
+                *kind
+            }
+        };
+        self.buf.push(k);
+        put_uleb(&mut self.buf, self.body.len() as u64);
+        self.buf.extend_from_slice(&self.body);
+        self.count += 1;
+    }
+
+    /// The finished chunk's bytes (length and count filled in); [`clear`](Self::clear)
+    /// before the next.
+    pub fn finish(&mut self) -> &[u8] {
+        let len = (self.buf.len() - 8) as u32;
+        self.buf[0..4].copy_from_slice(&len.to_le_bytes());
+        self.buf[4..8].copy_from_slice(&self.count.to_le_bytes());
+        &self.buf
+    }
+}
+
+fn bad(reason: impl Into<String>) -> Error {
+    Error::Config {
+        path: "event record".into(),
+        reason: reason.into(),
+    }
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn u8(&mut self) -> Result<u8> {
+        let v = *self.b.get(self.at).ok_or_else(|| bad("event cut short"))?;
+        self.at += 1;
+        Ok(v)
+    }
+
+    fn uleb(&mut self) -> Result<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(bad("number longer than 64 bits"))
+    }
+}
+
+fn node_of(code: u64) -> Option<u32> {
+    u32::try_from(unzigzag(code)).ok()
+}
+
+/// Reads a record: the header, then events in file order.
+///
+/// ```
+/// use hetmem::record::{ChunkEncoder, Event, EventKind, Header, Placement, Reader};
+/// let mut file = Header { version: 1, pid: 7, ..Header::default() }.encode().to_vec();
+/// let mut chunk = ChunkEncoder::new();
+/// let alloc = EventKind::Alloc { addr: 4096, size: 64, placement: Placement::Host, node: Some(0) };
+/// chunk.push(&Event { time_ns: 10, thread: 1, kind: alloc.clone() });
+/// file.extend_from_slice(chunk.finish());
+/// let mut r = Reader::new(&file[..])?;
+/// assert_eq!(r.header().pid, 7);
+/// assert_eq!(r.next_event()?.unwrap().kind, alloc);
+/// assert!(r.next_event()?.is_none());
+/// # Ok::<(), hetmem::Error>(())
+/// ```
+pub struct Reader<R: Read> {
+    src: R,
+    header: Header,
+    chunk: Vec<u8>,
+    at: usize,
+    left: u32,
+    last_time: u64,
+    truncated: bool,
+}
+
+impl<R: Read> Reader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut src: R) -> Result<Self> {
+        let mut h = [0u8; 12];
+        src.read_exact(&mut h)
+            .map_err(|e| bad(format!("no header: {e}")))?;
+        if h[0..8] != MAGIC {
+            return Err(bad("not a hetmem event record (bad magic)"));
+        }
+        let version = u16::from_le_bytes([h[8], h[9]]);
+        if version != VERSION {
+            return Err(bad(format!(
+                "version {version}; this reader knows {VERSION}"
+            )));
+        }
+        let len = usize::from(u16::from_le_bytes([h[10], h[11]]));
+        if len < HEADER_LEN {
+            return Err(bad(format!("header of {len} bytes")));
+        }
+        let mut rest = vec![0u8; len - 12];
+        src.read_exact(&mut rest)
+            .map_err(|e| bad(format!("header cut short: {e}")))?;
+        let u32_at =
+            |o: usize| u32::from_le_bytes([rest[o - 12], rest[o - 11], rest[o - 10], rest[o - 9]]);
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&rest[o - 12..o - 4]);
+            u64::from_le_bytes(b)
+        };
+        let header = Header {
+            version,
+            flags: u32_at(12),
+            pid: u32_at(16),
+            page_size: u32_at(20),
+            start_unix_ns: u64_at(24),
+            start_mono_ns: u64_at(32),
+            threshold: u64_at(40),
+        };
+        Ok(Reader {
+            src,
+            header,
+            chunk: Vec::new(),
+            at: 0,
+            left: 0,
+            last_time: 0,
+            truncated: false,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Whether the record ended inside a chunk (the writer was killed).
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    fn next_chunk(&mut self) -> Result<bool> {
+        let mut h = [0u8; 8];
+        let mut got = 0;
+        while got < 8 {
+            match self.src.read(&mut h[got..]) {
+                Ok(0) => {
+                    self.truncated = got != 0;
+                    return Ok(false);
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(bad(e.to_string())),
+            }
+        }
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        self.left = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        self.chunk.resize(len, 0);
+        if self.src.read_exact(&mut self.chunk).is_err() {
+            self.truncated = true;
+            self.left = 0;
+            return Ok(false);
+        }
+        self.at = 0;
+        self.last_time = 0;
+        Ok(true)
+    }
+
+    /// The next event, or `None` at the end.
+    pub fn next_event(&mut self) -> Result<Option<Event>> {
+        while self.left == 0 {
+            if !self.next_chunk()? {
+                return Ok(None);
+            }
+        }
+        self.left -= 1;
+        let mut c = Cursor {
+            b: &self.chunk,
+            at: self.at,
+        };
+        let k = c.u8()?;
+        let len = usize::try_from(c.uleb()?).map_err(|_| bad("event length"))?;
+        let end = c.at.checked_add(len).filter(|&e| e <= self.chunk.len());
+        let end = end.ok_or_else(|| bad("event longer than its chunk"))?;
+        let mut c = Cursor {
+            b: &self.chunk[..end],
+            at: c.at,
+        };
+        let time_ns = self.last_time.wrapping_add(unzigzag(c.uleb()?) as u64);
+        self.last_time = time_ns;
+        let thread = u32::try_from(c.uleb()?).map_err(|_| bad("thread id"))?;
+        let kind = match k {
+            kind::ALLOC => EventKind::Alloc {
+                addr: c.uleb()?,
+                size: c.uleb()?,
+                placement: Placement::from_code(c.u8()?),
+                node: node_of(c.uleb()?),
+            },
+            kind::FREE => EventKind::Free {
+                addr: c.uleb()?,
+                size: c.uleb()?,
+                placement: Placement::from_code(c.u8()?),
+            },
+            kind::REALLOC => EventKind::Realloc {
+                old: c.uleb()?,
+                new: c.uleb()?,
+                size: c.uleb()?,
+                placement: Placement::from_code(c.u8()?),
+                node: node_of(c.uleb()?),
+            },
+            kind::STACK => {
+                let n = c.uleb()?;
+                let mut frames = Vec::with_capacity(n.min(256) as usize);
+                let mut prev = 0u64;
+                for i in 0..n {
+                    let v = c.uleb()?;
+                    prev = if i == 0 {
+                        v
+                    } else {
+                        prev.wrapping_add(unzigzag(v) as u64)
+                    };
+                    frames.push(prev);
+                }
+                EventKind::Stack { frames }
+            }
+            kind::DROPPED => EventKind::Dropped { count: c.uleb()? },
+            kind::END => EventKind::End {
+                events: c.uleb()?,
+                dropped: c.uleb()?,
+            },
+            other => EventKind::Unknown {
+                kind: other,
+                body: self.chunk[c.at..end].to_vec(),
+            },
+        };
+        self.at = end;
+        Ok(Some(Event {
+            time_ns,
+            thread,
+            kind,
+        }))
+    }
+}
+
+impl<R: Read> Iterator for Reader<R> {
+    type Item = Result<Event>;
+
+    fn next(&mut self) -> Option<Result<Event>> {
+        self.next_event().transpose()
+    }
+}
+
+/// Totals of a record, as a profiler would start with them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Allocation events (reallocs not included).
+    pub allocs: u64,
+    /// Free events.
+    pub frees: u64,
+    /// Realloc events.
+    pub reallocs: u64,
+    /// Stack events.
+    pub stacks: u64,
+    /// Events the writer reported lost.
+    pub dropped: u64,
+    /// Whether the record ends with its end event.
+    pub complete: bool,
+    /// Peak of live bytes of large host blocks, replayed by address.
+    pub large_peak: u64,
+}
+
+/// Reads a whole record and sums it up.
+pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
+    let mut r = Reader::new(src)?;
+    let header = *r.header();
+    let mut s = Summary::default();
+    let mut live = std::collections::HashMap::<u64, u64>::new();
+    let (mut cur, mut events) = (0u64, Vec::new());
+    while let Some(e) = r.next_event()? {
+        events.push(e);
+    }
+    events.sort_by_key(|e| e.time_ns);
+    for e in events {
+        match e.kind {
+            EventKind::Alloc {
+                addr,
+                size,
+                placement,
+                ..
+            } => {
+                s.allocs += 1;
+                if placement == Placement::Host {
+                    cur += size;
+                    live.insert(addr, size);
+                }
+            }
+            EventKind::Free { addr, .. } => {
+                s.frees += 1;
+                cur -= live.remove(&addr).unwrap_or(0);
+            }
+            EventKind::Realloc {
+                old,
+                new,
+                size,
+                placement,
+                ..
+            } => {
+                s.reallocs += 1;
+                cur -= live.remove(&old).unwrap_or(0);
+                if placement == Placement::Host {
+                    cur += size;
+                    live.insert(new, size);
+                }
+            }
+            EventKind::Stack { .. } => s.stacks += 1,
+            EventKind::Dropped { count } => s.dropped += count,
+            EventKind::End { dropped, .. } => {
+                s.complete = true;
+                s.dropped = s.dropped.max(dropped);
+            }
+            EventKind::Unknown { .. } => {}
+        }
+        s.large_peak = s.large_peak.max(cur);
+    }
+    Ok((header, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_and_unknown_kinds_are_skipped() {
+        let h = Header {
+            version: VERSION,
+            flags: FLAG_ALL | FLAG_STACKS,
+            pid: 42,
+            page_size: 4096,
+            start_unix_ns: 1,
+            start_mono_ns: 2,
+            threshold: 2 << 20,
+        };
+        let events = vec![
+            Event {
+                time_ns: 5,
+                thread: 9,
+                kind: EventKind::Alloc {
+                    addr: 1 << 40,
+                    size: 3 << 20,
+                    placement: Placement::Host,
+                    node: Some(0),
+                },
+            },
+            Event {
+                time_ns: 3, // out of order across threads
+                thread: 10,
+                kind: EventKind::Stack {
+                    frames: vec![0x5555_0000_1000, 0x5555_0000_0f00, 0x7fff_0000_0000],
+                },
+            },
+            Event {
+                time_ns: 7,
+                thread: 9,
+                kind: EventKind::Realloc {
+                    old: 1 << 40,
+                    new: (1 << 40) + (1 << 30),
+                    size: 9 << 20,
+                    placement: Placement::Host,
+                    node: None,
+                },
+            },
+            Event {
+                time_ns: 8,
+                thread: 9,
+                kind: EventKind::Unknown {
+                    kind: kind::DEVICE_FIRST,
+                    body: vec![1, 2, 3],
+                },
+            },
+            Event {
+                time_ns: 9,
+                thread: 9,
+                kind: EventKind::Free {
+                    addr: (1 << 40) + (1 << 30),
+                    size: 9 << 20,
+                    placement: Placement::Host,
+                },
+            },
+            Event {
+                time_ns: 10,
+                thread: 9,
+                kind: EventKind::Dropped { count: 3 },
+            },
+            Event {
+                time_ns: 11,
+                thread: 9,
+                kind: EventKind::End {
+                    events: 6,
+                    dropped: 3,
+                },
+            },
+        ];
+        let mut file = h.encode().to_vec();
+        let mut c = ChunkEncoder::new();
+        for (i, e) in events.iter().enumerate() {
+            c.push(e);
+            if i == 2 {
+                file.extend_from_slice(c.finish());
+                c.clear();
+            }
+        }
+        file.extend_from_slice(c.finish());
+        let r = Reader::new(&file[..]).unwrap();
+        assert_eq!(*r.header(), h);
+        let back: Vec<Event> = r.map(|e| e.unwrap()).collect();
+        assert_eq!(back, events);
+        let (_, s) = summarize(&file[..]).unwrap();
+        assert_eq!((s.allocs, s.frees, s.reallocs, s.stacks), (1, 1, 1, 1));
+        assert_eq!((s.dropped, s.complete, s.large_peak), (3, true, 9 << 20));
+        // Cut inside the last chunk: the reader stops at the last whole one.
+        let mut r = Reader::new(&file[..file.len() - 2]).unwrap();
+        let n = std::iter::from_fn(|| r.next_event().unwrap()).count();
+        assert_eq!(n, 3);
+        assert!(r.truncated());
+        // Not a record.
+        assert!(Reader::new(&b"hello world, this is not one"[..]).is_err());
+    }
+}
