@@ -548,4 +548,23 @@ mod tests {
             ("out of memory", vec![(0, 64 * GIB), (64 * GIB, 64 * GIB)])
         );
     }
+
+    #[test]
+    fn only_a_failed_rollback_says_the_region_leaked() {
+        let cause = Error::InvalidArgument("refused".into());
+        let undo = Error::Driver {
+            backend: BackendKind::Rocm,
+            call: "hipHostUnregister",
+            code: 1,
+            message: "invalid argument".into(),
+        };
+        let p = NonNull::<u8>::dangling();
+        for kind in [BackendKind::Cuda, BackendKind::Rocm] {
+            let leaked = RollbackError::of(kind).error(&cause, &undo, p, 4096, 0);
+            assert!(is_rollback_failure(&leaked), "{leaked:?}");
+            assert!(matches!(leaked, Error::Driver { backend, code: 1, .. } if backend == kind));
+        }
+        assert!(!is_rollback_failure(&undo));
+        assert!(!is_rollback_failure(&cause));
+    }
 }

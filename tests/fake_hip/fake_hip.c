@@ -1,7 +1,8 @@
 /*
  * A fake HIP runtime for hetmem's tests: it exports the HIP entry points hetmem's
  * ROCm backend loads, with the same C signatures and status codes as ROCm's
- * hip_runtime_api.h, and behaves like a small multi-GPU machine:
+ * hip_runtime_api.h, and behaves like a small multi-GPU machine (one file, slightly
+ * over 800 lines, for the same reason as fake_cuda.c: one library, one machine state):
  *
  *   - N devices (env FAKE_HIP_DEVICES, default 2; 0 -> hipGetDeviceCount answers
  *     hipErrorNoDevice), each with FAKE_HIP_MEM_BYTES of memory (default 256 MiB;
