@@ -7,8 +7,7 @@
  * One file of over 2,000 lines, on purpose: it is one shared library whose entry points
  * all act on one machine (devices, contexts, queues, registrations, VMM, captures) under
  * one lock, and the tests build it from this one source; the sections below follow the
- * groups of cuda.h.
- *
+ * groups of cuda.h. What it models:
  *
  *   - Initialisation. Every call before a successful cuInit answers
  *     CUDA_ERROR_NOT_INITIALIZED (cuGetErrorString excepted, as in CUDA). cuInit's
