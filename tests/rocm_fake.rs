@@ -11,7 +11,9 @@ mod fake_hip;
 use std::path::Path;
 use std::ptr::NonNull;
 
-use backend_checks::{assert_driver, dev, host, unavailable_reason, Call, FakeDriver, Reservation};
+use backend_checks::{
+    assert_driver, assert_leaked, dev, host, unavailable_reason, Call, FakeDriver, Reservation,
+};
 use fake_hip::{compile_c_snippet, fake_hip_library, FakeHip};
 use hetmem::backend::rocm::{RocmBackend, REGISTER_CHUNK, REGISTER_ROLLBACK_CALL};
 use hetmem::backend::{Backend, BackendKind};
@@ -215,7 +217,7 @@ fn large_registrations_are_chunked() {
         fake.fail_next("hipHostUnregister", 999, 1);
         // The code is the failed hipHostUnregister's.
         let err = d.register_host(res.ptr, len).unwrap_err();
-        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        let message = assert_leaked(KIND, err, REGISTER_ROLLBACK_CALL, 999);
         assert_eq!(REGISTER_ROLLBACK_CALL, "hipHostRegister(rollback)");
         assert!(
             message.contains("rollback failed; region leaked"),

@@ -34,7 +34,8 @@ use std::ptr::NonNull;
 use std::sync::{MutexGuard, OnceLock};
 
 use backend_checks::{
-    assert_driver, dev, host, peek, unavailable_reason, Call, FakeDriver, Reservation,
+    assert_driver, assert_leaked, dev, host, peek, unavailable_reason, Call, FakeDriver,
+    Reservation,
 };
 use fake_cuda::{code, fake_cuda_library, FakeCuda};
 use fake_hip::compile_c_snippet;

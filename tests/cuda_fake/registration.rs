@@ -128,7 +128,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
         f.fail_next("cuMemHostUnregister", code::UNKNOWN, 1);
         // The code is the failed cuMemHostUnregister's.
         let err = d.register_host(res.ptr, len).unwrap_err();
-        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        let message = assert_leaked(KIND, err, REGISTER_ROLLBACK_CALL, 999);
         assert!(
             message.contains("rollback failed; region leaked"),
             "{message}"
