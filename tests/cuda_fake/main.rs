@@ -13,6 +13,8 @@
 #[macro_use]
 #[path = "../common/backend_checks.rs"]
 mod backend_checks;
+#[path = "../common/driver_scenarios.rs"]
+mod driver_scenarios;
 #[path = "../common/fake_cuda.rs"]
 mod fake_cuda;
 #[path = "../common/fake_hip.rs"]
