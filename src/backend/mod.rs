@@ -17,7 +17,10 @@
 //! Handles ([`DevicePtr`], [`StreamHandle`], [`EventHandle`]) are plain numbers: the
 //! backend gives them meaning. Calls that take a handle are `unsafe` because a stale or
 //! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
-//! upholds the contracts with owning wrappers.
+//! upholds the contracts with owning wrappers. The driver backends also look every
+//! stream and event up in their own tables before the driver sees it, and refuse one
+//! they do not know with an error: defence in depth, not a licence to pass stale
+//! handles (device pointers are not looked up).
 
 pub mod cuda;
 pub(crate) mod driver;
