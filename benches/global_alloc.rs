@@ -27,7 +27,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use hetmem::backend::numa_alloc::NumaAlloc;
+use hetmem::host_mem::numa_alloc::NumaAlloc;
 
 const SIZES: [usize; 8] = [16, 24, 48, 64, 128, 256, 512, 1024];
 

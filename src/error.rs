@@ -3,7 +3,7 @@
 //! Every variant carries the numbers a caller needs to act on it (which tier, how much
 //! was asked, how much is free) rather than a formatted string alone.
 
-use crate::backend::BackendKind;
+use crate::backend_kind::BackendKind;
 use crate::placement::Tier;
 
 /// Result alias used throughout hetmem.
@@ -117,6 +117,23 @@ pub enum Error {
         /// The driver's numeric status.
         code: i32,
         /// The driver's description of the status.
+        message: String,
+    },
+
+    /// Registering host memory failed part-way, and unregistering the part that had
+    /// registered failed too: that part stays registered with the driver, so the memory
+    /// must never be unmapped (its owner leaks it). `code` is the failed
+    /// unregistration's; `call` names the registration; `message` both failures. The C
+    /// ABI reports it as a driver error.
+    #[error("{backend}: {call} failed with code {code}: {message}")]
+    RegistrationLeaked {
+        /// The backend whose driver failed.
+        backend: BackendKind,
+        /// The registration that failed (`cuMemHostRegister(rollback)`, ...).
+        call: &'static str,
+        /// The failed unregistration's status.
+        code: i32,
+        /// What failed, and what stays registered.
         message: String,
     },
 

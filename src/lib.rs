@@ -18,13 +18,15 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 //!
-//! Layers call only downward: [`manager`] → [`backend`] → `hetmem-sys`.
+//! Layers call only downward: [`manager`] → [`backend`] → [`host_mem`] → `hetmem-sys`.
 
 pub mod backend;
+mod backend_kind;
 pub mod error;
 /// The C ABI of `libhetmem.so` (header: `include/hetmem.h`), PyTorch's allocator hooks
 /// included.
 pub mod ffi;
+pub mod host_mem;
 pub mod manager;
 pub mod placement;
 pub mod pool;

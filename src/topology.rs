@@ -16,8 +16,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::backend::host::parse_meminfo_field;
 use crate::error::{Error, Result};
+use crate::host_mem::parse_meminfo_field;
 
 /// The environment variable that moves the sysfs root away from `/`.
 pub const SYSFS_ROOT_ENV: &str = "HETMEM_SYSFS_ROOT";

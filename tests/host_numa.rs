@@ -6,8 +6,9 @@ mod smaps;
 
 use std::path::{Path, PathBuf};
 
-use hetmem::backend::host::{HostBackend, HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
+use hetmem::backend::host::HostBackend;
 use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, StreamHandle};
+use hetmem::host_mem::{HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
 use hetmem::topology::Topology;
 use hetmem::{Error, Manager, NumaPolicy, Placement, Tier};
 
@@ -346,7 +347,7 @@ fn large_regions_are_thp_advised() {
 }
 
 fn page_size() -> usize {
-    hetmem::backend::host::page_size()
+    hetmem::host_mem::page_size()
 }
 
 // ---- the host backend ---------------------------------------------------------------

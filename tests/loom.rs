@@ -250,7 +250,7 @@ fn a_private_pool_never_shares_a_block_with_the_common_pool() {
 /// and what is left are exactly what was put.
 #[test]
 fn block_cache_hands_each_block_out_once() {
-    use hetmem::backend::block_cache::{BlockCache, UNIT};
+    use hetmem::host_mem::block_cache::{BlockCache, UNIT};
     loom::model(|| {
         let cache = Arc::new(BlockCache::<1>::new());
         let hs: Vec<_> = (1..=2usize)

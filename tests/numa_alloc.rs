@@ -8,8 +8,8 @@ mod smaps;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 
-use hetmem::backend::host::{page_size, HUGE_PAGE_SIZE};
-use hetmem::backend::numa_alloc::{NumaAlloc, NumaAllocPolicy, DEFAULT_THRESHOLD};
+use hetmem::host_mem::numa_alloc::{NumaAlloc, NumaAllocPolicy, DEFAULT_THRESHOLD};
+use hetmem::host_mem::{page_size, HUGE_PAGE_SIZE};
 use hetmem_sys::numa::{self, FixedNodeMask};
 use libc::c_void;
 

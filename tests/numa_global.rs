@@ -6,7 +6,7 @@ mod smaps;
 
 use std::collections::HashMap;
 
-use hetmem::backend::numa_alloc::{NumaAlloc, DEFAULT_THRESHOLD};
+use hetmem::host_mem::numa_alloc::{NumaAlloc, DEFAULT_THRESHOLD};
 use hetmem_sys::numa;
 
 #[global_allocator]

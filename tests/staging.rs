@@ -367,7 +367,7 @@ fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
         .backend(BackendKind::Sim)
         .build()
         .unwrap();
-    let available = hetmem::backend::host::available_memory();
+    let available = hetmem::host_mem::available_memory();
     let slots = available / (4 * MIB) + 2;
     // Under a budget, pinning slot after slot would stop at the budget; without one,
     // at the kernel's OOM killer. Both are refused up front.

@@ -1943,7 +1943,7 @@ fn impossible_staging_rings_are_refused_with_their_numbers() {
         ),
         "{err}"
     );
-    let available = hetmem::backend::host::available_memory();
+    let available = hetmem::host_mem::available_memory();
     let slots = available / (4 * MIB) + 2;
     let err = ring(slots, 4 * MIB, usize::MAX);
     assert!(

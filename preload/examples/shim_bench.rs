@@ -50,10 +50,15 @@ fn shim() -> PathBuf {
 }
 
 fn peer(name: &str) -> Option<PathBuf> {
-    ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(name))
+    .find(|p| p.is_file())
 }
 
 fn run(p: &programs::Prog, c: &Config, out: &Path) -> (Sample, Vec<u8>) {
@@ -156,7 +161,10 @@ fn main() {
         Config {
             name: "hetmem-record",
             preload: Some(lib.clone()),
-            env: vec![("HETMEM_RECORD", rec.clone()), ("HETMEM_RECORD_ALL", "1".into())],
+            env: vec![
+                ("HETMEM_RECORD", rec.clone()),
+                ("HETMEM_RECORD_ALL", "1".into()),
+            ],
         },
     ];
     for (name, file) in [
@@ -257,7 +265,9 @@ fn main() {
     println!("\ntargets:");
     println!("  defaults: geomean wall {hw:.3} (<= 1.03), peak RSS {hr:.3} (<= 1.05), slowest {hmax:.3} (<= 1.10)");
     if let Some((n, (pw, pr, _))) = best_peer {
-        println!("  fast small path: wall {fw:.3} vs best peer {n} {pw:.3}; peak RSS {fr:.3} vs {pr:.3}");
+        println!(
+            "  fast small path: wall {fw:.3} vs best peer {n} {pw:.3}; peak RSS {fr:.3} vs {pr:.3}"
+        );
     }
     println!("  recording every allocation: geomean wall {rw:.3} (<= 1.15)");
     if !mismatches.is_empty() {

@@ -446,7 +446,14 @@ impl Large {
             self.stats.fresh += 1;
             (s, need)
         };
-        self.live.insert(start, Block { len, size, align: a });
+        self.live.insert(
+            start,
+            Block {
+                len,
+                size,
+                align: a,
+            },
+        );
         account_alloc(self, size, len);
         Some(start)
     }
@@ -483,7 +490,14 @@ impl Large {
     /// free, else moved to a run aligned to `align`, pages moved rather than copied
     /// where the kernel can, `keep` bytes copied where it cannot): its new start, or
     /// `None` with the run unchanged.
-    fn grow(&mut self, p: usize, len: usize, new_len: usize, align: usize, keep: usize) -> Option<usize> {
+    fn grow(
+        &mut self,
+        p: usize,
+        len: usize,
+        new_len: usize,
+        align: usize,
+        keep: usize,
+    ) -> Option<usize> {
         let grow = new_len - len;
         if let Some(&n) = self.free.get(&(p + len)) {
             if n >= grow {

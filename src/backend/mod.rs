@@ -4,32 +4,41 @@
 //!
 //! | module | what it drives |
 //! |---|---|
-//! | [`host`] | no devices; pageable host memory (also the host allocator every backend shares) |
+//! | [`host`] | no devices; host memory only (the memory itself is [`crate::host_mem`]) |
 //! | [`sim`]  | a simulated GPU with a deterministic virtual clock, the default without a driver |
-//! | [`cuda`] | NVIDIA GPUs through cudarc's driver API, loaded at run time |
-//! | [`rocm`] | AMD GPUs through the HIP runtime, loaded at run time |
+//! | [`cuda`] | NVIDIA GPUs through the CUDA driver API (`hetmem_sys::cuda`), loaded at run time |
+//! | [`rocm`] | AMD GPUs through the HIP runtime (`hetmem_sys::hip`), loaded at run time |
+//!
+//! Beside them, not backends: `owned` (the owning wrappers that uphold the trait's
+//! contracts, and the one copy path), `fork` (the guard every `Manager` wraps its
+//! backend in), and what the two driver backends share: `driver` (handle tables,
+//! foreign streams) and `registered` (host registration in pieces, with rollback).
 //!
 //! Handles ([`DevicePtr`], [`StreamHandle`], [`EventHandle`]) are plain numbers: the
 //! backend gives them meaning. Calls that take a handle are `unsafe` because a stale or
 //! foreign handle is undefined behaviour in a real driver; [`Manager`](crate::Manager)
-//! upholds the contracts with owning wrappers.
+//! upholds the contracts with owning wrappers. The driver backends also look every
+//! stream and event up in their own tables before the driver sees it, and refuse one
+//! they do not know with an error: defence in depth, not a licence to pass stale
+//! handles (device pointers are not looked up).
 
-pub mod block_cache;
-pub(crate) mod copy;
 pub mod cuda;
 pub(crate) mod driver;
 pub(crate) mod fork;
 pub mod host;
-// Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
-// only its cache (`block_cache`) is built, and modelled.
-#[cfg(not(loom))]
-pub mod numa_alloc;
 pub(crate) mod owned;
 pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
 
+// Moved below the backends (`crate::host_mem`); kept under their old paths.
+pub use crate::host_mem::block_cache;
+#[cfg(not(loom))]
+pub use crate::host_mem::numa_alloc;
+pub(crate) use owned::copy;
 pub(crate) use registered::HOST_REGISTER_CHUNK;
+
+pub use crate::backend_kind::BackendKind;
 
 use std::any::Any;
 use std::fmt;
@@ -40,45 +49,8 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::{Error, Result};
 use crate::placement::{Advice, Location};
 
-/// Which backend drives the devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BackendKind {
-    /// No devices: host memory only.
-    Host,
-    /// The simulated GPU.
-    Sim,
-    /// NVIDIA CUDA (driver API through cudarc).
-    Cuda,
-    /// AMD ROCm (HIP runtime).
-    Rocm,
-}
-
-impl BackendKind {
-    /// The name used by `HETMEM_BACKEND` and in logs.
-    pub fn name(self) -> &'static str {
-        match self {
-            BackendKind::Host => "host",
-            BackendKind::Sim => "sim",
-            BackendKind::Cuda => "cuda",
-            BackendKind::Rocm => "rocm",
-        }
-    }
-
-    /// Every backend, in the order `auto` tries the GPU ones.
-    pub const ALL: [BackendKind; 4] = [
-        BackendKind::Cuda,
-        BackendKind::Rocm,
-        BackendKind::Sim,
-        BackendKind::Host,
-    ];
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
+// Here rather than beside the type: parsing fails with an `Error`, and the type sits
+// below `error` (which names it) so that `error` never imports `backend`.
 impl FromStr for BackendKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -106,10 +106,9 @@ pub(crate) fn for_each_piece<E>(
     Ok(())
 }
 
-/// How a driver backend names the [`Error::Driver`] of a host registration that failed
-/// and could not be undone: [`RollbackError::CUDA`], [`RollbackError::ROCM`] (their
-/// `call`s are `cuda::REGISTER_ROLLBACK_CALL` and `rocm::REGISTER_ROLLBACK_CALL`), told
-/// apart from other errors by [`is_rollback_failure`].
+/// How a driver backend names the [`Error::RegistrationLeaked`] of a host registration
+/// that failed and could not be undone: [`RollbackError::CUDA`], [`RollbackError::ROCM`]
+/// (their `call`s are `cuda::REGISTER_ROLLBACK_CALL` and `rocm::REGISTER_ROLLBACK_CALL`).
 pub(crate) struct RollbackError {
     /// The backend that reports it.
     pub backend: BackendKind,
@@ -159,7 +158,7 @@ impl RollbackError {
             Error::Driver { code, .. } => *code,
             _ => self.unknown_code,
         };
-        Error::Driver {
+        Error::RegistrationLeaked {
             backend: self.backend,
             call: self.call,
             code,
@@ -245,8 +244,7 @@ pub(crate) fn register_in_pieces<E: fmt::Display>(
 /// Whether a registration error says part of the range stayed registered (the
 /// backend's rollback failed), so the memory must never be unmapped.
 pub(crate) fn is_rollback_failure(e: &Error) -> bool {
-    matches!(e, Error::Driver { call, .. }
-        if [RollbackError::CUDA.call, RollbackError::ROCM.call].contains(call))
+    matches!(e, Error::RegistrationLeaked { .. })
 }
 
 /// What registering one piece gives: [`Refusal::Size`] when a smaller piece might pass.
@@ -547,5 +545,26 @@ mod tests {
             r.unwrap_err(),
             ("out of memory", vec![(0, 64 * GIB), (64 * GIB, 64 * GIB)])
         );
+    }
+
+    #[test]
+    fn only_a_failed_rollback_says_the_region_leaked() {
+        let cause = Error::InvalidArgument("refused".into());
+        let undo = Error::Driver {
+            backend: BackendKind::Rocm,
+            call: "hipHostUnregister",
+            code: 1,
+            message: "invalid argument".into(),
+        };
+        let p = NonNull::<u8>::dangling();
+        for kind in [BackendKind::Cuda, BackendKind::Rocm] {
+            let leaked = RollbackError::of(kind).error(&cause, &undo, p, 4096, 0);
+            assert!(is_rollback_failure(&leaked), "{leaked:?}");
+            assert!(
+                matches!(leaked, Error::RegistrationLeaked { backend, code: 1, .. } if backend == kind)
+            );
+        }
+        assert!(!is_rollback_failure(&undo));
+        assert!(!is_rollback_failure(&cause));
     }
 }

@@ -3,14 +3,18 @@
 //! tests/fake_cuda/fake_cuda.c).
 //!
 //! Helpers that build memory references, match errors, read device memory back and
-//! reserve address space; and the scenarios both backends go through step by step alike.
-//! A scenario takes the backend as `&dyn Backend` and, where it counts on the fake, the
-//! fake's `stat` as a closure (`&|name| fake.stat(name)`); what differs between the
-//! backends (a call's name and code, the backend's own streams) is a parameter, or stays
-//! in the test that calls the scenario.
+//! reserve address space; and the list of the scenarios both backends go through step
+//! by step alike ([`driver_scenarios!`], the scenarios themselves in
+//! `driver_scenarios.rs`), which each of the two test binaries instantiates with its own
+//! fake. A scenario takes a [`FakeDriver`]: the backend under test on a
+//! fresh machine of two devices with managed memory, the fake's counters and failure
+//! injection, and the driver's names for the calls that differ; what the two drivers do
+//! differently (CUDA's internal copy streams, HIP's blocking stream destruction) stays
+//! in the binary of that backend.
 //!
-//! Include it at the test crate's root: `#[path = "common/backend_checks.rs"] mod
-//! backend_checks;`.
+//! Include both at the test crate's root: `#[macro_use] #[path =
+//! "common/backend_checks.rs"] mod backend_checks;` and `#[path =
+//! "common/driver_scenarios.rs"] mod driver_scenarios;`, then `driver_scenarios!(open);`.
 #![allow(dead_code)]
 
 use std::fmt::Debug;
@@ -19,9 +23,107 @@ use std::ptr::NonNull;
 use hetmem::backend::{
     Backend, BackendKind, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
 };
-use hetmem::{Error, Tier};
+use hetmem::{Error, Location, Manager, Tier};
 
 const MIB: usize = 1 << 20;
+
+/// The status codes both drivers give the same number (CUDA's `CUresult`, HIP's
+/// `hipError_t`).
+pub const INVALID_VALUE: i32 = 1;
+pub const OUT_OF_MEMORY: i32 = 2;
+pub const INVALID_HANDLE: i32 = 400;
+pub const NOT_READY: i32 = 600;
+pub const UNKNOWN: i32 = 999;
+pub const ALREADY_REGISTERED: i32 = 712;
+pub const NOT_REGISTERED: i32 = 713;
+
+/// A driver call a scenario names, by what it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// Device allocation (`cuMemAlloc`, `hipMalloc`).
+    Alloc,
+    /// Device free (`cuMemFree`, `hipFree`).
+    Free,
+    /// What a copy without a stream is made with (CUDA: `cuMemcpyAsync` on the internal
+    /// stream; HIP: `hipMemcpy`).
+    SyncCopy,
+    /// Host registration.
+    Register,
+    /// Host unregistration.
+    Unregister,
+    /// Stream creation.
+    StreamCreate,
+    /// Stream destruction.
+    StreamDestroy,
+    /// Event query.
+    EventQuery,
+    /// Advice on managed memory.
+    Advise,
+}
+
+/// A backend on a fake driver, for the shared scenarios: a fresh machine of two devices
+/// of equal memory, managed memory on, nothing allocated. The fake's counters are read
+/// as differences where a driver keeps objects of its own (CUDA's copy streams).
+pub trait FakeDriver {
+    /// The backend under test.
+    fn backend(&self) -> &dyn Backend;
+    /// A counter of the fake (`fakeCudaStat`, `fakeHipStat`).
+    fn stat(&self, name: &str) -> i64;
+    /// Makes the next `times` calls of `call` (its exported name) fail with `code`.
+    fn fail_next(&self, call: &str, code: i32, times: i32);
+    /// The driver's name of `call`, as `Error::Driver` reports it.
+    fn call(&self, call: Call) -> &'static str;
+    /// The symbol the fake exports for `call`, for [`fail_next`](Self::fail_next)
+    /// (CUDA's `_v2` names).
+    fn symbol(&self, call: Call) -> &'static str {
+        self.call(call)
+    }
+    /// The name the fake gives device `i`.
+    fn device_name(&self, i: usize) -> String;
+    /// The PCI bus ids of the two devices in sysfs form (the fakes report upper case).
+    fn pci_bus_ids(&self) -> [&'static str; 2];
+    /// Checks what recording an event of device 1 on a stream of device 0 gave: CUDA's
+    /// backend refuses it itself, HIP's runtime refuses it.
+    fn check_cross_device_record(&self, r: Result<(), Error>);
+    /// Where the fake saw the last prefetch (`"prefetch"`) or advice (`"advice"`) aimed.
+    fn last_location(&self, of: &str) -> Location;
+    /// How many times the fake synchronised a whole device.
+    fn device_synchronizes(&self) -> i64;
+    /// A `Manager` on this backend and fake.
+    fn manager(&self) -> Manager;
+}
+
+/// The scenarios both driver backends go through, one `#[test]` each, named as the
+/// functions of `driver_scenarios.rs`: `driver_scenarios!(open)`, where `open()` gives a
+/// [`FakeDriver`].
+macro_rules! driver_scenarios {
+    ($open:path) => {
+        driver_scenarios!(@tests $open;
+            enumerates_devices,
+            alloc_and_free_account_on_the_right_device,
+            out_of_memory_carries_the_numbers,
+            copies_keep_the_bytes,
+            async_copies_wait_for_their_stream,
+            streams_and_events,
+            events_order_streams,
+            host_registration,
+            destroyed_handles_are_reused,
+            handle_churn_across_threads,
+            driver_errors_name_the_call_and_message,
+            managed_memory_prefetch_and_advice,
+            the_per_thread_stream_is_a_queue_per_thread,
+            the_pool_orders_a_block_between_two_threads_per_thread_streams,
+        );
+    };
+    (@tests $open:path; $($name:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                crate::driver_scenarios::$name(&$open());
+            }
+        )*
+    };
+}
 
 /// Pageable host memory: the whole of `buf`.
 pub fn host(buf: &mut [u8]) -> MemRef {
@@ -53,6 +155,26 @@ pub fn assert_driver(kind: BackendKind, err: Error, want_call: &str, want_code: 
             message
         }
         other => panic!("expected a driver error from {want_call}, got {other:?}"),
+    }
+}
+
+/// Checks that `err` is a registration whose rollback failed (part of the range stays
+/// registered), from backend `kind`'s `want_call` with code `want_code`; returns its
+/// message.
+pub fn assert_leaked(kind: BackendKind, err: Error, want_call: &str, want_code: i32) -> String {
+    match err {
+        Error::RegistrationLeaked {
+            backend,
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(backend, kind);
+            assert_eq!(call, want_call, "{message}");
+            assert_eq!(code, want_code, "{message}");
+            message
+        }
+        other => panic!("expected a leaked registration from {want_call}, got {other:?}"),
     }
 }
 
@@ -150,154 +272,4 @@ pub fn assert_refused_by_the_backend(d: &dyn Backend, stream: StreamHandle, even
         d.create_stream(7),
         Err(Error::UnknownDevice { device: 7, .. })
     ));
-}
-
-/// On a machine of two devices with `capacity` bytes each, where nothing is allocated:
-/// device memory is charged to the device it is allocated on and given back when freed;
-/// it is not cleared (both fakes fill it with 0xA5). A double free reaches the driver,
-/// which refuses it: `free_call` fails with `invalid_value`.
-pub fn alloc_and_free_account_on_the_right_device(
-    d: &dyn Backend,
-    stat: &dyn Fn(&str) -> i64,
-    capacity: usize,
-    free_call: &str,
-    invalid_value: i32,
-) {
-    let p1 = d.alloc_device(1, 3 * MIB).unwrap();
-    assert_eq!(stat("used:1"), 3 * MIB as i64);
-    assert_eq!(stat("used:0"), 0);
-    assert_eq!(d.mem_info(1).unwrap().free, capacity - 3 * MIB);
-    assert_eq!(d.mem_info(0).unwrap().free, capacity);
-    let p0 = d.alloc_device(0, MIB).unwrap();
-    assert_eq!(stat("allocations"), 2);
-    assert_ne!(p0, p1);
-    assert!(peek(d, 0, p0, 64).iter().all(|&x| x == 0xA5), "not cleared");
-
-    // SAFETY: both came from alloc_device with these sizes and are freed once.
-    unsafe {
-        d.free_device(1, p1, 3 * MIB).unwrap();
-        d.free_device(0, p0, MIB).unwrap();
-    }
-    assert_eq!(stat("allocations"), 0);
-    assert_eq!(stat("used:1"), 0);
-
-    // The contract forbids a double free; the fake proves that the driver's error is
-    // mapped rather than swallowed.
-    // SAFETY: the fakes never dereference a pointer they do not know.
-    let err = unsafe { d.free_device(1, p1, 3 * MIB) }.unwrap_err();
-    assert_driver(d.kind(), err, free_call, invalid_value);
-
-    assert!(matches!(
-        d.alloc_device(0, 0),
-        Err(Error::InvalidSize { requested: 0, .. })
-    ));
-    assert!(matches!(
-        d.alloc_device(2, MIB),
-        Err(Error::UnknownDevice {
-            device: 2,
-            count: 2,
-            ..
-        })
-    ));
-}
-
-/// Registering host memory pins it, portable to every device (flag 1 in both APIs), and
-/// unregistering gives it back. Registering it again is refused by the driver with
-/// `register`'s call and code, unregistering it again with `unregister`'s; an empty
-/// range is refused by the backend.
-pub fn register_and_unregister_host(
-    d: &dyn Backend,
-    stat: &dyn Fn(&str) -> i64,
-    register: (&str, i32),
-    unregister: (&str, i32),
-) {
-    let kind = d.kind();
-    let mut buf = vec![0u8; 2 * MIB];
-    let p = NonNull::new(buf.as_mut_ptr()).unwrap();
-    // SAFETY: `buf` is owned here and outlives the registration.
-    unsafe {
-        d.register_host(p, buf.len()).unwrap();
-        assert_eq!(stat("registrations"), 1);
-        assert_eq!(stat("last_register_flags"), 1, "portable");
-        let again = d.register_host(p, buf.len()).unwrap_err();
-        assert_driver(kind, again, register.0, register.1);
-        d.unregister_host(p, buf.len()).unwrap();
-        assert_eq!(stat("registrations"), 0);
-        let again = d.unregister_host(p, buf.len()).unwrap_err();
-        assert_driver(kind, again, unregister.0, unregister.1);
-        assert!(matches!(
-            d.register_host(p, 0),
-            Err(Error::InvalidSize { .. })
-        ));
-    }
-}
-
-/// The fakes hand a destroyed stream's and event's handle values out again, as drivers
-/// may: created again for device 1, they must be device 1's to the backend, and stale
-/// once destroyed again.
-pub fn destroyed_handles_are_reused(d: &dyn Backend, stat: &dyn Fn(&str) -> i64) {
-    let s0 = d.create_stream(0).unwrap();
-    let e0 = d.create_event(0).unwrap();
-    let reused = stat("reused_handles");
-    // SAFETY: live handles from this backend, destroyed once.
-    unsafe {
-        d.destroy_stream(s0).unwrap();
-        d.destroy_event(e0).unwrap();
-    }
-    let s1 = d.create_stream(1).unwrap();
-    let e1 = d.create_event(1).unwrap();
-    assert_eq!(s1, s0, "a destroyed stream's handle value is reused");
-    assert_eq!(e1, e0, "a destroyed event's handle value is reused");
-    assert_eq!(stat("reused_handles"), reused + 2);
-
-    let len = 4096;
-    let p1 = d.alloc_device(1, len).unwrap();
-    let p0 = d.alloc_device(0, len).unwrap();
-    let mut buf = vec![3u8; len];
-    // SAFETY: live, disjoint ranges synchronised before they are dropped; live handles.
-    unsafe {
-        d.copy(dev(1, p1), host(&mut buf), len, Some(s1)).unwrap();
-        d.record_event(e1, s1).unwrap();
-        d.synchronize_event(e1).unwrap();
-        // The backend knows the value as device 1's stream now, not device 0's.
-        assert!(matches!(
-            d.copy(dev(0, p0), host(&mut buf), len, Some(s1)),
-            Err(Error::InvalidArgument(_))
-        ));
-        d.free_device(0, p0, len).unwrap();
-        d.destroy_event(e1).unwrap();
-        d.destroy_stream(s1).unwrap();
-        d.free_device(1, p1, len).unwrap();
-        // Stale now, and known to be.
-        assert!(matches!(
-            d.destroy_stream(s1),
-            Err(Error::InvalidArgument(_))
-        ));
-    }
-}
-
-/// `threads` threads each create and destroy a stream and an event `rounds` times, on
-/// the two devices in turn, while the driver reuses handle values: the backend's handle
-/// maps must never lose a live entry (they would if an entry were removed after the
-/// driver had already handed its value out again). The caller checks the fake's counts.
-pub fn churn_streams_and_events(d: &dyn Backend, threads: usize, rounds: usize) {
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            scope.spawn(move || {
-                for i in 0..rounds {
-                    let device = (t + i) % 2;
-                    let s = d.create_stream(device).unwrap();
-                    let e = d.create_event(device).unwrap();
-                    // SAFETY: live handles from this backend, each destroyed once.
-                    unsafe {
-                        d.record_event(e, s).unwrap();
-                        d.synchronize_stream(s).unwrap();
-                        assert!(d.event_done(e).unwrap());
-                        d.destroy_event(e).unwrap();
-                        d.destroy_stream(s).unwrap();
-                    }
-                }
-            });
-        }
-    });
 }

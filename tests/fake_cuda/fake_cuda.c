@@ -1,8 +1,13 @@
 /*
  * A fake CUDA driver (libcuda) for hetmem's tests: it exports every driver entry point
- * hetmem's CUDA backend (src/backend/cuda.rs, which loads the library at run time and
- * calls it with cudarc's `sys` types) resolves, with the C signatures and CUresult codes of CUDA 12.x
- * cuda.h, and behaves like a small multi-GPU machine with a strict driver:
+ * hetmem's CUDA backend resolves (the table in sys/src/cuda.rs, loaded at run time,
+ * called by src/backend/cuda/), with the C signatures and CUresult codes of CUDA 12.x
+ * cuda.h, and behaves like a small multi-GPU machine with a strict driver.
+ *
+ * One file of over 2,000 lines, on purpose: it is one shared library whose entry points
+ * all act on one machine (devices, contexts, queues, registrations, VMM, captures) under
+ * one lock, and the tests build it from this one source; the sections below follow the
+ * groups of cuda.h. What it models:
  *
  *   - Initialisation. Every call before a successful cuInit answers
  *     CUDA_ERROR_NOT_INITIALIZED (cuGetErrorString excepted, as in CUDA). cuInit's

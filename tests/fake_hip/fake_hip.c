@@ -1,7 +1,8 @@
 /*
  * A fake HIP runtime for hetmem's tests: it exports the HIP entry points hetmem's
  * ROCm backend loads, with the same C signatures and status codes as ROCm's
- * hip_runtime_api.h, and behaves like a small multi-GPU machine:
+ * hip_runtime_api.h, and behaves like a small multi-GPU machine (one file, slightly
+ * over 800 lines, for the same reason as fake_cuda.c: one library, one machine state):
  *
  *   - N devices (env FAKE_HIP_DEVICES, default 2; 0 -> hipGetDeviceCount answers
  *     hipErrorNoDevice), each with FAKE_HIP_MEM_BYTES of memory (default 256 MiB;
@@ -178,7 +179,8 @@ static size_t g_nregs, g_cap_regs;
 static long long g_copies, g_async_copies, g_async_copies_done, g_prefetches, g_advises;
 static long long g_reused_handles;
 static long long g_last_prefetch_device = -100, g_last_advice = -100,
-                 g_last_advice_device = -100, g_last_register_flags = -100;
+                 g_last_advice_device = -100, g_last_register_flags = -100,
+                 g_last_stream_flags = -100, g_last_event_flags = -100;
 static long long g_set_device_calls;
 static long long g_per_thread_streams, g_device_synchronizes;
 
@@ -449,6 +451,8 @@ EXPORT long long fakeHipStat(const char *name) {
     else if (!strcmp(name, "last_advice")) r = g_last_advice;
     else if (!strcmp(name, "last_advice_device")) r = g_last_advice_device;
     else if (!strcmp(name, "last_register_flags")) r = g_last_register_flags;
+    else if (!strcmp(name, "last_stream_flags")) r = g_last_stream_flags;
+    else if (!strcmp(name, "last_event_flags")) r = g_last_event_flags;
     else if (!strcmp(name, "set_device_calls")) r = g_set_device_calls;
     else if (!strcmp(name, "per_thread_streams")) r = g_per_thread_streams;
     else if (!strcmp(name, "per_thread_pending")) r = pending_per_thread();
@@ -674,6 +678,7 @@ EXPORT hipError_t hipStreamCreateWithFlags(hipStream_t *stream, unsigned int fla
     struct object *o = new_object(KIND_STREAM);
     if (!o) RETURN(hipErrorOutOfMemory);
     o->flags = flags;
+    g_last_stream_flags = flags;
     *stream = (hipStream_t)(void *)o;
     RETURN(hipSuccess);
 }
@@ -731,6 +736,7 @@ EXPORT hipError_t hipEventCreateWithFlags(hipEvent_t *event, unsigned int flags)
     if (!event || (flags & ~0x7u)) RETURN(hipErrorInvalidValue);
     struct object *o = new_object(KIND_EVENT);
     if (!o) RETURN(hipErrorOutOfMemory);
+    g_last_event_flags = flags;
     *event = (hipEvent_t)(void *)o;
     RETURN(hipSuccess);
 }

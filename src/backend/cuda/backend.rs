@@ -14,7 +14,6 @@ use hetmem_sys::cuda::{CaptureStatus, Status};
 
 use super::vmm::{access_desc, allocation_prop, check_vmm_addr};
 use super::CudaBackend;
-use crate::backend::host::available_memory;
 use crate::backend::registered::{
     for_each_piece, PieceRegistrar, PieceResult, Refusal, Registrations,
 };
@@ -23,6 +22,7 @@ use crate::backend::{
     DevicePtr, EventHandle, MemInfo, MemRef, PhysHandle, StreamHandle, LEGACY_STREAM,
 };
 use crate::error::{Error, Result};
+use crate::host_mem::available_memory;
 use crate::placement::{Advice, Location, Tier};
 
 impl PieceRegistrar for CudaBackend {

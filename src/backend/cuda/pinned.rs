@@ -8,9 +8,9 @@ use hetmem_sys::cuda::Status;
 
 use super::backend::check_size;
 use super::CudaBackend;
-use crate::backend::host::available_memory;
 use crate::backend::{check_device, BackendKind};
 use crate::error::{Error, Result};
+use crate::host_mem::available_memory;
 use crate::placement::Tier;
 
 /// Pinned host memory allocated by the driver itself: `cuMemAllocHost`, the call behind

@@ -58,7 +58,7 @@ fn rollback_failure_is_a_distinct_driver_error() {
     };
     let p = NonNull::<u8>::dangling();
     match RollbackError::CUDA.error(&cause, &undo, p, 3 << 30, 1 << 30) {
-        Error::Driver {
+        Error::RegistrationLeaked {
             backend,
             call,
             code,

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
-use super::SharedBackend;
-use crate::backend::copy::{check_range, CopyEnd, Fences};
+use super::copy::{check_range, CopyEnd, Fences};
+use super::sync::SharedBackend;
 use crate::backend::{DevicePtr, HostKind, MemRef, PhysHandle};
 use crate::error::{Error, Result};
 

@@ -2,7 +2,7 @@
 //! huge-page-advised anonymous mappings and hands small ones to the system allocator.
 //!
 //! ```no_run
-//! use hetmem::backend::numa_alloc::NumaAlloc;
+//! use hetmem::host_mem::numa_alloc::NumaAlloc;
 //!
 //! // Buffers of 2 MiB and more land on node 0 (or nowhere); smaller ones are malloc's.
 //! #[global_allocator]
@@ -19,7 +19,7 @@
 //! `MADV_HUGEPAGE`, then given its policy with `mbind` before any page is touched. Pages
 //! are not faulted in here: the program's first touch allocates each one, under the
 //! policy, so a bound allocation costs nothing up front and still lands on its node.
-//! (Contrast [`HostRegion`](super::host::HostRegion), which pre-faults because its pages
+//! (Contrast [`HostRegion`](super::HostRegion), which pre-faults because its pages
 //! may be pinned for a device.)
 //!
 //! `dealloc` keeps the block for reuse when it is at most [`NumaAlloc::cache_limit`]
@@ -71,7 +71,7 @@ use hetmem_sys::numa::{self, FixedNodeMask};
 use libc::c_void;
 
 use super::block_cache::BlockCache;
-use super::host::{page_size, HUGE_PAGE_SIZE};
+use super::{page_size, HUGE_PAGE_SIZE};
 
 /// How many freed large blocks each [`NumaAlloc`] keeps for reuse.
 pub const CACHE_SLOTS: usize = 8;

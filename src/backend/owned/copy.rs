@@ -1,7 +1,7 @@
 //! Copies between any two pieces of memory this layer owns, and the fences that keep
 //! that memory alive until the copies using it are done.
 //!
-//! Owners ([`OwnedMemory`](super::owned::OwnedMemory), [`VmmRegion`](super::owned::VmmRegion))
+//! Owners ([`OwnedMemory`](super::OwnedMemory), [`VmmRegion`](super::VmmRegion))
 //! implement [`CopyEnd`]: they say what an offset range is in the backend's terms
 //! (after checking bounds and, for virtual memory, that it is mapped), and they carry
 //! [`Fences`] that every asynchronous copy leaves behind and that their drop (or
@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::owned::{OwnedEvent, OwnedStream, SharedBackend};
+use super::sync::{OwnedEvent, OwnedStream, SharedBackend};
 use crate::backend::{check_copy_stream, lock, MemRef};
 use crate::error::{Error, Result};
 
