@@ -40,6 +40,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "pools and tier store",
         &[
             "tier",
+            "tier::config",
             "tier::store",
             "tier::plan",
             "tier::learn",

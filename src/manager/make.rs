@@ -123,7 +123,7 @@ impl TierStore {
     /// a staging slot of zero bytes or over `isize::MAX`, or slots that together
     /// overflow the address space; [`Error::OutOfMemory`] (tier pinned) for a ring
     /// larger than the host memory available, refused before anything is pinned (see
-    /// [`StagingRing::new`]), or when pinning it fails; [`Error::UnknownDevice`]; the
+    /// [`StagingRing::new`](crate::pool::StagingRing::new)), or when pinning it fails; [`Error::UnknownDevice`]; the
     /// pools' and streams' errors.
     pub fn new(mgr: &Manager, cfg: TierConfig) -> Result<TierStore> {
         let device_memory = mgr.devices().get(cfg.device).map(|d| d.info.total_memory);

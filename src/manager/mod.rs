@@ -1,5 +1,5 @@
 //! The unified API: a [`Manager`] allocates [`Buffer`]s anywhere by [`Placement`],
-//! copies between them, and hands out [`Stream`]s and [`Event`]s.
+//! copies between them, and hands out [`Stream`]s and [`Event`](crate::Event)s.
 //!
 //! ```
 //! use hetmem::{BackendKind, Manager, NumaPolicy, Placement};

@@ -7,13 +7,12 @@
 //! - `plan`: the streaming plan (what to load when, and what stays) over a sequence.
 //! - [`store`]: the [`TierStore`] itself: residency, loads, eviction, prefetch, hints.
 
+mod config;
 mod learn;
 mod plan;
 pub mod policy;
 pub mod source;
 pub mod store;
 
-pub use store::{
-    device_footprint, ParamGuard, Planner, Residency, SequenceHint, TierConfig, TierStats,
-    TierStore,
-};
+pub use config::{Planner, Residency, SequenceHint, TierConfig, TierStats};
+pub use store::{device_footprint, ParamGuard, TierStore};
