@@ -43,6 +43,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "tier::config",
             "tier::store",
             "tier::plan",
+            "tier::sizing",
             "tier::learn",
             "tier::policy",
             "tier::source",

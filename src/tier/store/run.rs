@@ -12,8 +12,9 @@ use crate::placement::NumaPolicy;
 use crate::pool::{self, PoolBlock};
 use crate::stream::Event;
 use crate::tier::config::Planner;
-use crate::tier::plan::{fixed_set, zombie_done, Candidate, Plan, Step, Traits};
+use crate::tier::plan::{zombie_done, Plan, Step, Traits};
 use crate::tier::policy::{ParamId, Policy, Sequence};
+use crate::tier::sizing::{self, ParamTraits};
 
 /// Runs the plan (sequence policy) until it has seen `lookahead` steps past the
 /// runtime's step (none while the runtime is off the sequence), queueing the loads it
@@ -95,166 +96,48 @@ pub(super) fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<
     }
 }
 
-/// Belady's logical capacity: the device budget less room for `spare_slots` parameters
-/// the plan streams, so that one loads while another computes. Sets `st.fixed`.
-///
-/// Room for the largest parameter the plan may load (in the sequence, not kept) always
-/// works. With mixed sizes the largest (an embedding, a head) cost that much room on
-/// every load. So for each smaller size `s` (largest first, eight at most) the plan may
-/// instead keep every parameter larger than `s` for good (in `st.fixed`: MIN never
-/// evicts it, so the room for `s` always suffices) and run MIN over the rest; each choice
-/// is simulated over six passes and the one that loads the fewest bytes in passes 2–5
-/// is taken (ties: the fewest kept).
-pub(super) fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
-    let room = |s: usize| {
-        res.device_budget
-            .saturating_sub(s.saturating_mul(res.spare_slots))
-    };
-    // What the answer depends on: the sequence, each step's size and hints.
-    let mut words: Vec<u8> = Vec::with_capacity(seq.len() * 24);
-    for id in seq.order() {
-        let (size, hints) = st.params.get(*id as usize).map_or((0, 0), |p| {
-            (
-                p.size as u64,
-                u64::from(p.keep) | (u64::from(p.priority as u32) << 1),
-            )
-        });
-        for w in [u64::from(*id), size, hints] {
-            words.extend_from_slice(&w.to_le_bytes());
-        }
-    }
-    let digest = fnv1a(&words);
-    // The parameters of the sequence MIN may evict, with their device bytes.
-    let mut streamable: Vec<(ParamId, usize)> = seq
-        .order()
+/// What the planners' sizing weighs of each registered parameter, by id.
+fn param_traits(st: &State) -> Vec<ParamTraits> {
+    st.params
         .iter()
-        .filter(|id| st.params.get(**id as usize).is_some_and(|p| !p.keep))
-        .map(|id| (*id, device_bytes(st.params[*id as usize].size)))
-        .collect();
-    streamable.sort_unstable();
-    streamable.dedup();
+        .map(|p| ParamTraits {
+            size: p.size,
+            bytes: device_bytes(p.size),
+            keep: p.keep,
+            priority: p.priority,
+            resident: p.dev.is_some(),
+        })
+        .collect()
+}
+
+/// Belady's logical capacity ([`sizing::belady_choice`], kept for as long as the
+/// sequence, sizes and hints it was chosen for stay the same); sets `st.fixed` to the
+/// parameters it keeps for good.
+pub(super) fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
+    let params = param_traits(st);
+    let digest = sizing::belady_digest(&params, seq);
     let (cap, above) = match st.belady_cap {
         Some((d, cap, above)) if d == digest => (cap, above),
         _ => {
-            let mut sizes: Vec<usize> = streamable.iter().map(|x| x.1).collect();
-            sizes.sort_unstable_by(|a, b| b.cmp(a));
-            sizes.dedup();
-            let largest = sizes.first().copied().unwrap_or(0);
-            let mut best = (room(largest), None, u64::MAX);
-            // One size (a loop of equal layers): nothing to choose, nothing to simulate.
-            let choices = if sizes.len() > 1 { 9 } else { 0 };
-            for (i, &s) in sizes.iter().take(choices).enumerate() {
-                let above = (i > 0).then_some(s);
-                let cap = room(s);
-                let kept: usize = streamable
-                    .iter()
-                    .filter(|x| above.is_some_and(|a| x.1 > a))
-                    .map(|x| x.1)
-                    .sum();
-                if kept.saturating_add(s) > cap {
-                    break; // keeping more leaves no room to stream through
-                }
-                let bytes = simulated_bytes(st, seq, cap, above);
-                if bytes < best.2 {
-                    best = (cap, above, bytes);
-                }
-            }
-            st.belady_cap = Some((digest, best.0, best.1));
-            (best.0, best.1)
+            let (cap, above) =
+                sizing::belady_choice(&params, seq, res.device_budget, res.spare_slots);
+            st.belady_cap = Some((digest, cap, above));
+            (cap, above)
         }
     };
-    st.fixed.clear();
-    st.fixed.resize(st.params.len(), false);
-    if let Some(a) = above {
-        for (id, bytes) in streamable {
-            st.fixed[id as usize] = bytes > a;
-        }
-    }
+    st.fixed = sizing::belady_fixed(&params, seq, above);
     cap
 }
 
-/// The bytes MIN with logical capacity `cap` loads in passes 2–5 of six from an empty
-/// device, keeping every parameter larger than `above` once loaded.
-pub(super) fn simulated_bytes(st: &State, seq: &Sequence, cap: usize, above: Option<usize>) -> u64 {
-    let n = seq.len() as u64;
-    let size = |i: ParamId| device_bytes(st.params[i as usize].size);
-    let traits = |i: ParamId| {
-        let t = traits(st, i);
-        Traits {
-            kept: st.params[i as usize].keep || above.is_some_and(|a| t.bytes > a),
-            ..t
-        }
-    };
-    let mut plan = Plan::new(seq, Vec::new(), cap, n - 1);
-    let mut bytes = 0u64;
-    while plan.pos + 1 < 7 * n {
-        let m = plan.pos + 1;
-        let id = seq.order()[(m % n) as usize];
-        if id as usize >= st.params.len() {
-            plan.skip();
-            continue;
-        }
-        match plan.next(seq, size) {
-            Step::Hit => plan.hit(seq),
-            Step::Revive => plan.revive(seq, id, traits(id)),
-            Step::Load { id, victims } => {
-                if (2 * n..6 * n).contains(&m) {
-                    bytes += size(id) as u64;
-                }
-                let v: Vec<(ParamId, usize)> = victims.iter().map(|v| (*v, size(*v))).collect();
-                plan.load(seq, id, traits(id), &v);
-                plan.zombies.clear();
-            }
-        }
-    }
-    bytes
-}
-
-/// The static planner's fixed set ([`crate::tier::plan::fixed_set`]) for `seq`, into
-/// `st.fixed`: from the parameters the sequence uses and the caller does not keep, in
-/// the budget less what the caller keeps (on the device now or used by the sequence).
-/// Returns the logical cache's capacity: those kept bytes and the fixed set's.
+/// The static planner's logical capacity ([`sizing::static_choice`]); sets `st.fixed` to
+/// its fixed set.
 pub(super) fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
-    let mut seen: rustc_hash::FxHashMap<ParamId, (usize, usize)> = Default::default();
-    for (at, id) in seq.order().iter().enumerate() {
-        if (*id as usize) < st.params.len() {
-            seen.entry(*id).or_insert((at, 0)).1 += 1;
-        }
-    }
-    // One definition of what the caller's keeps take, for the set and for the capacity.
-    let kept_bytes = |st: &State, i: usize| -> usize {
-        let p = &st.params[i];
-        if p.keep && (p.dev.is_some() || seen.contains_key(&(i as ParamId))) {
-            device_bytes(p.size)
-        } else {
-            0
-        }
-    };
-    let kept: usize = (0..st.params.len()).map(|i| kept_bytes(st, i)).sum();
-    let cands: Vec<Candidate> = seen
-        .iter()
-        .filter(|(id, _)| !st.params[**id as usize].keep)
-        .map(|(id, (at, uses))| Candidate {
-            id: *id,
-            bytes: device_bytes(st.params[*id as usize].size),
-            at: *at,
-            uses: *uses,
-            priority: st.params[*id as usize].priority,
-        })
-        .collect();
-    let fixed = fixed_set(
-        &cands,
-        res.device_budget.saturating_sub(kept),
-        res.spare_slots,
-    );
-    st.fixed.clear();
-    st.fixed.resize(st.params.len(), false);
-    let mut cap = kept;
-    for id in &fixed {
-        st.fixed[*id as usize] = true;
-        cap += device_bytes(st.params[*id as usize].size);
-    }
-    tracing::debug!(target: "hetmem", fixed = fixed.len(), of = cands.len(), cap, "static plan");
+    let params = param_traits(st);
+    let (cap, fixed, weighed) =
+        sizing::static_choice(&params, seq, res.device_budget, res.spare_slots);
+    let kept = fixed.iter().filter(|f| **f).count();
+    st.fixed = fixed;
+    tracing::debug!(target: "hetmem", fixed = kept, of = weighed, cap, "static plan");
     cap
 }
 

@@ -10,6 +10,7 @@ use crate::pool::host::size_class;
 use crate::pool::{DevicePool, HostBlock, HostPool, PoolBlock, StagingRing};
 use crate::stream::{Event, Stream};
 use crate::tier::config::{Planner, TierStats};
+pub(super) use crate::tier::fnv1a;
 use crate::tier::learn::{Learner, Learnt, Token};
 use crate::tier::plan::{Plan, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
@@ -132,15 +133,6 @@ impl Shared {
     pub(super) fn live(&self) -> Result<()> {
         self.res.copy.inner.backend().check_fork()
     }
-}
-
-pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 pub(super) fn device_bytes(size: usize) -> usize {
