@@ -85,7 +85,7 @@ use crate::error::{Error, Result};
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;
-use blocks::{BlockState, Blocks, Growth, COMMON, NO_STREAM};
+use blocks::{BlockState, Blocks, COMMON};
 use pages::reclaim_idle;
 use private::{Private, Route};
 use streams::Streams;
@@ -758,19 +758,6 @@ impl Drop for Shared {
 }
 
 impl PoolState {
-    fn add_segment(&mut self, s: Segment) -> u32 {
-        let seg = self
-            .segments
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or_else(|| {
-                self.segments.push(None);
-                self.segments.len() - 1
-            });
-        self.segments[seg] = Some(s);
-        seg as u32
-    }
-
     fn segment_of(&self, addr: u64) -> &Segment {
         let b = self.blocks.get(addr).expect("a live block is known");
         self.segments[b.seg as usize]
@@ -790,39 +777,6 @@ impl PoolState {
             base: (blk.ptr.0 - seg.base) as usize,
             len: blk.len,
         }
-    }
-
-    fn region(&self, seg: u32) -> &VmmRegion {
-        match &self.segments[seg as usize] {
-            Some(Segment {
-                mem: SegMem::Vmm(r),
-                ..
-            }) => r,
-            _ => unreachable!("segment {seg} is a region"),
-        }
-    }
-
-    fn region_mut(&mut self, seg: u32) -> &mut VmmRegion {
-        match &mut self.segments[seg as usize] {
-            Some(Segment {
-                mem: SegMem::Vmm(r),
-                ..
-            }) => r,
-            _ => unreachable!("segment {seg} is a region"),
-        }
-    }
-
-    /// Counts `bytes` more held from the device by the small or large pool.
-    fn hold(&mut self, small: bool, bytes: usize) {
-        self.reserved += bytes;
-        self.held[small as usize] += bytes;
-        self.stats.reserved_bytes.add(small, bytes as u64);
-    }
-
-    fn unhold(&mut self, small: bool, bytes: usize) {
-        self.reserved -= bytes;
-        self.held[small as usize] -= bytes;
-        self.stats.reserved_bytes.sub(small, bytes as u64);
     }
 
     fn count_alloc(&mut self, size: usize, requested: usize) {

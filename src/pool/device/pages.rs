@@ -3,7 +3,14 @@
 //! pressure or on `trim`, idle streams' free blocks reclaimed, and the out-of-memory
 //! error with its numbers.
 
-use super::*;
+use super::blocks::{Growth, COMMON, NO_STREAM};
+use super::{
+    PoolState, SegMem, Segment, Shared, LARGE_ROUND, MID_LIMIT, MID_SEGMENT, SMALL_SEGMENT,
+};
+use crate::backend::owned::{OwnedMemory, PhysChunk, VmmRegion};
+use crate::error::{Error, Result};
+use crate::placement::Tier;
+use crate::stream::Stream;
 
 impl Shared {
     /// Makes room for a `rounded`-byte block in new memory and takes it: maps chunks
@@ -495,5 +502,53 @@ pub(super) fn reclaim_idle(st: &mut PoolState) {
     st.blocks.flush_parked_with(&idle);
     if !idle.is_empty() {
         st.blocks.disown(Some(&idle));
+    }
+}
+
+impl PoolState {
+    pub(super) fn add_segment(&mut self, s: Segment) -> u32 {
+        let seg = self
+            .segments
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or_else(|| {
+                self.segments.push(None);
+                self.segments.len() - 1
+            });
+        self.segments[seg] = Some(s);
+        seg as u32
+    }
+
+    pub(super) fn region(&self, seg: u32) -> &VmmRegion {
+        match &self.segments[seg as usize] {
+            Some(Segment {
+                mem: SegMem::Vmm(r),
+                ..
+            }) => r,
+            _ => unreachable!("segment {seg} is a region"),
+        }
+    }
+
+    pub(super) fn region_mut(&mut self, seg: u32) -> &mut VmmRegion {
+        match &mut self.segments[seg as usize] {
+            Some(Segment {
+                mem: SegMem::Vmm(r),
+                ..
+            }) => r,
+            _ => unreachable!("segment {seg} is a region"),
+        }
+    }
+
+    /// Counts `bytes` more held from the device by the small or large pool.
+    pub(super) fn hold(&mut self, small: bool, bytes: usize) {
+        self.reserved += bytes;
+        self.held[small as usize] += bytes;
+        self.stats.reserved_bytes.add(small, bytes as u64);
+    }
+
+    pub(super) fn unhold(&mut self, small: bool, bytes: usize) {
+        self.reserved -= bytes;
+        self.held[small as usize] -= bytes;
+        self.stats.reserved_bytes.sub(small, bytes as u64);
     }
 }
