@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    c_str, device_arg, guard, guard_with, json_array, json_object, json_str, lock, lookup, out_ptr,
+    c_str, call, call_with, device_arg, json_array, json_object, json_str, lock, lookup, out_ptr,
     register, unregister, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::{check_device, BackendKind};
@@ -267,7 +267,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
     backend: *const c_char,
     out: *mut *mut HetmemManager,
 ) -> c_int {
-    guard("hetmem_manager_create", || {
+    call("hetmem_manager_create", || {
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -294,7 +294,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
 /// `mgr` is a handle or NULL (any value is checked; this is for symmetry).
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_manager_destroy(mgr: *mut HetmemManager) -> c_int {
-    guard("hetmem_manager_destroy", || {
+    call("hetmem_manager_destroy", || {
         let m = unregister::<FfiManager, _>(mgr, "mgr")?;
         drop(m);
         Ok(())
@@ -308,7 +308,7 @@ pub unsafe extern "C" fn hetmem_manager_destroy(mgr: *mut HetmemManager) -> c_in
 /// `mgr` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_manager_backend(mgr: *mut HetmemManager) -> *const c_char {
-    guard_with("hetmem_manager_backend", std::ptr::null(), || {
+    call_with("hetmem_manager_backend", std::ptr::null(), || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         Ok(match m.mgr.backend_kind() {
             BackendKind::Host => c"host".as_ptr(),
@@ -325,7 +325,7 @@ pub unsafe extern "C" fn hetmem_manager_backend(mgr: *mut HetmemManager) -> *con
 /// `count` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_device_count(mgr: *mut HetmemManager, count: *mut c_int) -> c_int {
-    guard("hetmem_device_count", || {
+    call("hetmem_device_count", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let count = out_ptr(count, "count")?;
         let n = c_int::try_from(m.mgr.devices().len()).unwrap_or(c_int::MAX);
@@ -346,7 +346,7 @@ pub unsafe extern "C" fn hetmem_mem_info(
     free: *mut usize,
     total: *mut usize,
 ) -> c_int {
-    guard("hetmem_mem_info", || {
+    call("hetmem_mem_info", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let free = out_ptr(free, "free")?;
         let total = out_ptr(total, "total")?;
@@ -378,7 +378,7 @@ pub unsafe extern "C" fn hetmem_alloc(
     size: usize,
     out: *mut *mut c_void,
 ) -> c_int {
-    guard("hetmem_alloc", || {
+    call("hetmem_alloc", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -428,7 +428,7 @@ pub unsafe extern "C" fn hetmem_alloc(
 /// `ptr` may be any value: it is only looked up, never dereferenced.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_free(mgr: *mut HetmemManager, ptr: *mut c_void) -> c_int {
-    guard("hetmem_free", || {
+    call("hetmem_free", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if ptr.is_null() {
             return Err(FfiError::null("ptr"));
@@ -480,7 +480,7 @@ pub unsafe extern "C" fn hetmem_copy(
     n: usize,
     stream: *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_copy", || {
+    call("hetmem_copy", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if dst.is_null() {
             return Err(FfiError::null("dst"));
@@ -507,7 +507,7 @@ pub unsafe extern "C" fn hetmem_copy_from_host(
     host_src: *const c_void,
     n: usize,
 ) -> c_int {
-    guard("hetmem_copy_from_host", || {
+    call("hetmem_copy_from_host", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if dst.is_null() {
             return Err(FfiError::null("dst"));
@@ -550,7 +550,7 @@ pub unsafe extern "C" fn hetmem_copy_to_host(
     src: *const c_void,
     n: usize,
 ) -> c_int {
-    guard("hetmem_copy_to_host", || {
+    call("hetmem_copy_to_host", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if host_dst.is_null() {
             return Err(FfiError::null("host_dst"));
@@ -597,7 +597,7 @@ pub unsafe extern "C" fn hetmem_stream_create(
     device: c_int,
     out: *mut *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_stream_create", || {
+    call("hetmem_stream_create", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -628,7 +628,7 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
     raw: usize,
     out: *mut *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_stream_wrap", || {
+    call("hetmem_stream_wrap", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -654,7 +654,7 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
 /// `raw` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_raw(stream: *mut HetmemStream, raw: *mut usize) -> c_int {
-    guard("hetmem_stream_raw", || {
+    call("hetmem_stream_raw", || {
         let s = lookup::<FfiStream, _>(stream, "stream")?;
         let raw = out_ptr(raw, "raw")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -669,7 +669,7 @@ pub unsafe extern "C" fn hetmem_stream_raw(stream: *mut HetmemStream, raw: *mut 
 /// `stream` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_synchronize(stream: *mut HetmemStream) -> c_int {
-    guard("hetmem_stream_synchronize", || {
+    call("hetmem_stream_synchronize", || {
         let s = lookup::<FfiStream, _>(stream, "stream")?;
         s.stream.synchronize()?;
         Ok(())
@@ -683,7 +683,7 @@ pub unsafe extern "C" fn hetmem_stream_synchronize(stream: *mut HetmemStream) ->
 /// `stream` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_destroy(stream: *mut HetmemStream) -> c_int {
-    guard("hetmem_stream_destroy", || {
+    call("hetmem_stream_destroy", || {
         drop(unregister::<FfiStream, _>(stream, "stream")?);
         Ok(())
     })
@@ -730,7 +730,7 @@ pub unsafe extern "C" fn hetmem_prefetch(
     device: c_int,
     stream: *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_prefetch", || {
+    call("hetmem_prefetch", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let s = stream_opt(stream)?;
         let (buf, off) = managed_range(&m, ptr, n)?;
@@ -782,7 +782,7 @@ pub unsafe extern "C" fn hetmem_advise(
     advice: c_int,
     device: c_int,
 ) -> c_int {
-    guard("hetmem_advise", || {
+    call("hetmem_advise", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let (buf, off) = managed_range(&m, ptr, n)?;
         let dev = || -> FfiResult<usize> {

@@ -7,7 +7,7 @@ use std::ffi::{c_char, c_int};
 
 use super::memory::{FfiManager, HetmemManager};
 use super::tier::{FfiStore, HetmemStore};
-use super::{guard, json_object, lookup, write_c_text};
+use super::{call, json_object, lookup, write_c_text};
 
 /// Writes the stats of the manager (and of `store`, if not NULL) as NUL-terminated
 /// JSON into `buf` if it fits in `cap` bytes; `*needed` (if not NULL) is always set to
@@ -28,7 +28,7 @@ pub unsafe extern "C" fn hetmem_stats_json(
     cap: usize,
     needed: *mut usize,
 ) -> c_int {
-    guard("hetmem_stats_json", || {
+    call("hetmem_stats_json", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let tier = if store.is_null() {
             "null".to_owned()

@@ -128,7 +128,7 @@ impl Default for HostPoolConfig {
 
 /// What a [`HostPool`] counts for one tier (pinned or pageable).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HostTierStats {
+pub struct HostKindStats {
     /// Bytes in blocks handed out (class sizes).
     pub live_bytes: Stat,
     /// Bytes in cached blocks, ready for reuse.
@@ -160,9 +160,9 @@ pub struct HostTierStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostPoolStats {
     /// Pinned (registered) memory.
-    pub pinned: HostTierStats,
+    pub pinned: HostKindStats,
     /// Pageable memory.
-    pub pageable: HostTierStats,
+    pub pageable: HostKindStats,
 }
 
 impl HostPoolStats {
@@ -183,9 +183,9 @@ struct TierState {
     /// Bytes of regions being created now (outside the lock), already counted against
     /// the budget.
     pending: usize,
-    /// Bytes of blocks that can never be used again (see `HostTierStats::leaked_bytes`).
+    /// Bytes of blocks that can never be used again (see `HostKindStats::leaked_bytes`).
     leaked: usize,
-    stats: HostTierStats,
+    stats: HostKindStats,
 }
 
 impl TierState {
@@ -526,7 +526,7 @@ impl HostPool {
     }
 }
 
-impl HostTierStats {
+impl HostKindStats {
     fn reset_peak_tier(&mut self) {
         for s in [
             &mut self.live_bytes,

@@ -14,8 +14,9 @@ pub enum SequenceHint {
     /// to LRU, learning again) when later acquires leave it. A failed acquire counts
     /// once, however often it is retried. See the `learn` module of [`crate::tier`].
     Learn,
-    /// No sequence: LRU eviction, no prefetching along a sequence.
-    None,
+    /// No sequence: the least recently used goes, and nothing is prefetched along a
+    /// sequence.
+    Lru,
 }
 
 /// How the store decides what stays on the device when a sequence is known.
@@ -91,7 +92,7 @@ impl TierConfig {
             device_budget,
             host_budget,
             prefetch_depth: usize::MAX,
-            sequence: SequenceHint::None,
+            sequence: SequenceHint::Lru,
             checksums: false,
             staging_slots: 4,
             staging_slot_size: 4 << 20,

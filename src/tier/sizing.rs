@@ -25,7 +25,7 @@ pub(crate) struct ParamTraits {
     pub bytes: usize,
     /// Kept resident by the caller.
     pub keep: bool,
-    /// Eviction priority: lower goes first.
+    /// Cursor priority: lower goes first.
     pub priority: i32,
     /// On the device now.
     pub resident: bool,

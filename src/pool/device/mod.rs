@@ -321,14 +321,14 @@ impl PoolBlock {
     /// Runs `f` with this block as a copy end. The pool's lock is held meanwhile, so
     /// the memory cannot be unmapped under the copy being queued; copies leave fences
     /// on the segment that unmapping waits for.
-    pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_mem<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
         self.shared.epoch.check()?;
         let st = self.shared.lock();
-        f(&st.end(self))
+        f(&st.mem_of(self))
     }
 
     /// Runs `f` with two blocks as copy ends (one lock when they share a pool).
-    pub(crate) fn with_ends<T>(
+    pub(crate) fn with_mems<T>(
         a: &PoolBlock,
         b: &PoolBlock,
         f: impl FnOnce(&dyn CopyEnd, &dyn CopyEnd) -> Result<T>,
@@ -337,14 +337,14 @@ impl PoolBlock {
             // Two pools: always lock the one at the lower address first, so that copies
             // in opposite directions on two threads cannot deadlock.
             return if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
-                a.with_end(|ea| b.with_end(|eb| f(ea, eb)))
+                a.with_mem(|ea| b.with_mem(|eb| f(ea, eb)))
             } else {
-                b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
+                b.with_mem(|eb| a.with_mem(|ea| f(ea, eb)))
             };
         }
         a.shared.epoch.check()?;
         let st = a.shared.lock();
-        f(&st.end(a), &st.end(b))
+        f(&st.mem_of(a), &st.mem_of(b))
     }
 
     fn with_segment<T>(
@@ -766,7 +766,7 @@ impl PoolState {
     }
 
     /// The copy end of a live block.
-    fn end(&self, blk: &PoolBlock) -> SubEnd<'_> {
+    fn mem_of(&self, blk: &PoolBlock) -> SubEnd<'_> {
         let seg = self.segment_of(blk.ptr.0);
         let inner: &dyn CopyEnd = match &seg.mem {
             SegMem::Vmm(r) => r,

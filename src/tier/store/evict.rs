@@ -31,7 +31,7 @@ pub(super) fn evictable(st: &State, i: ParamId, exclude: ParamId, need: Need) ->
         && !p.keep
         && i != exclude
         && match need {
-            Need::Prefetch(k) => st.ev.next_use(i).is_none_or(|d| d > k),
+            Need::Prefetch(k) => st.cursor.next_use(i).is_none_or(|d| d > k),
             Need::Demand | Need::Hint => true,
         }
 }
@@ -59,19 +59,19 @@ pub(super) fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<Pa
     if cands.iter().any(|c| !fixed(c)) {
         cands.retain(|c| !fixed(c));
     }
-    st.ev.victim(cands)
+    st.cursor.victim(cands)
 }
 
 /// Drops `id`'s device copy (writing it back first if dirty). Returns the block (if no
 /// guard still holds it) and the events its last uses left, for reuse.
 pub(super) fn evict(
-    res: &Resources,
+    setup: &Setup,
     st: &mut State,
     id: ParamId,
 ) -> Result<(Option<PoolBlock>, Vec<Event>)> {
     let idx = id as usize;
     if st.params[idx].dirty {
-        write_back(res, st, id)?;
+        write_back(setup, st, id)?;
     }
     let p = &mut st.params[idx];
     let dev = p.dev.take().expect("evicting a resident parameter");
@@ -83,7 +83,7 @@ pub(super) fn evict(
     p.written = None;
     let size = p.size;
     st.used -= device_bytes(size);
-    st.ev.forget(id);
+    st.cursor.forget(id);
     if let Some(plan) = &mut st.plan {
         plan.forget(id, device_bytes(size));
     }
@@ -96,34 +96,30 @@ pub(super) fn evict(
 /// Evicts `id` and, if `spare` is still empty and its block is free and `size` bytes
 /// long, keeps the block there (with the events of its last uses) for the next load.
 pub(super) fn evict_into_spare(
-    res: &Resources,
+    setup: &Setup,
     st: &mut State,
     id: ParamId,
     size: usize,
     spare: &mut Option<(PoolBlock, Vec<Event>)>,
 ) -> Result<()> {
-    let (block, uses) = evict(res, st, id)?;
+    let (block, uses) = evict(setup, st, id)?;
     match block {
         Some(b) if spare.is_none() && b.len() == device_bytes(size) => {
             *spare = Some((b, uses));
             Ok(())
         }
-        other => release_block(res, other, &uses),
+        other => release_block(setup, other, &uses),
     }
 }
 
 /// Gives an evicted parameter's block back to the pool, after making the copy stream
 /// (the block's stream in the pool) wait for the parameter's last uses: the pool reuses
 /// it on that stream at once, or hands it to another behind an event recorded there.
-pub(super) fn release_block(
-    res: &Resources,
-    block: Option<PoolBlock>,
-    uses: &[Event],
-) -> Result<()> {
+pub(super) fn release_block(setup: &Setup, block: Option<PoolBlock>, uses: &[Event]) -> Result<()> {
     let Some(block) = block else {
         return Ok(());
     };
-    if let Err(e) = order_after(res, uses) {
+    if let Err(e) = order_after(setup, uses) {
         // Out of circulation rather than handed out by the pool under the use.
         std::mem::forget(block);
         return Err(e);
@@ -135,9 +131,9 @@ pub(super) fn release_block(
 /// Orders the copy stream after `uses`: on the device, or where the driver refuses, by
 /// waiting on the host. An error means neither worked: the memory the uses touch must
 /// not be reused.
-pub(super) fn order_after(res: &Resources, uses: &[Event]) -> Result<()> {
+pub(super) fn order_after(setup: &Setup, uses: &[Event]) -> Result<()> {
     for e in uses {
-        if let Err(err) = res.copy.wait(e) {
+        if let Err(err) = setup.copy.wait(e) {
             e.synchronize().map_err(|_| err)?;
         }
     }
@@ -149,19 +145,20 @@ pub(super) fn order_after(res: &Resources, uses: &[Event]) -> Result<()> {
 /// lost: a cold source (or the mapping a promotion would replace) is replaced only once
 /// the new bytes are in; a pinned copy, written in place, may hold part of them until
 /// the next write-back.
-pub(super) fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
+pub(super) fn write_back(setup: &Setup, st: &mut State, id: ParamId) -> Result<()> {
     let idx = id as usize;
     let size = st.params[idx].size;
     for e in &st.params[idx].uses {
-        res.copy.wait(e)?;
+        setup.copy.wait(e)?;
     }
     // A cold parameter moves to the pinned tier if there is room: one copy, and the
     // next load is direct.
     let promoted = if matches!(st.params[idx].host, HostCopy::Cold(_))
-        && st.pinned + pinned_bytes(size) <= res.pinned_cap
+        && st.pinned + pinned_bytes(size) <= setup.pinned_cap
     {
-        res.host
-            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
+        setup
+            .host
+            .alloc_pinned(&NumaPolicy::NearDevice(setup.device), size)
             .ok()
     } else {
         None
@@ -169,8 +166,8 @@ pub(super) fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result
     let p = &mut st.params[idx];
     let dev = p.dev.as_ref().expect("writing back a resident parameter");
     let d2h = |dst: &HostBlock| -> Result<()> {
-        pool::copy::block_to_host(dst, 0, &dev.block, 0, size, &res.copy)?;
-        res.copy.synchronize()
+        pool::copy::block_to_host(dst, 0, &dev.block, 0, size, &setup.copy)?;
+        setup.copy.synchronize()
     };
     match (&mut p.host, promoted) {
         (host, Some(b)) => {
@@ -178,18 +175,18 @@ pub(super) fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result
             let cap = b.capacity();
             *host = HostCopy::Pinned(b);
             st.pinned += cap;
-            note_host(res, st);
+            count_host_bytes(setup, st);
         }
         (HostCopy::Pinned(b), None) => d2h(b)?,
         (HostCopy::Cold(src), None) => {
-            res.copy.synchronize()?;
+            setup.copy.synchronize()?;
             let mut bytes = vec![0u8; size];
             dev.block.read(0, &mut bytes)?;
             *src = Source::Host(bytes.into());
         }
     }
     let p = &mut st.params[idx];
-    if res.checksums {
+    if setup.checksums {
         p.checksum = Some(fnv1a(host_bytes(&p.host, size)?));
     }
     p.dirty = false;
@@ -202,7 +199,7 @@ pub(super) fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result
 /// Makes room for `id` (as `need` allows) and queues its load, outside the plan.
 /// Returns false, with nothing changed but possibly some evictions, when no room could
 /// be made.
-pub(super) fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> Result<bool> {
+pub(super) fn load(setup: &Setup, st: &mut State, id: ParamId, need: Need) -> Result<bool> {
     let size = st.params[id as usize].size;
     let dsize = device_bytes(size);
     // Evict nothing unless evicting can make the room: a load that cannot happen must
@@ -213,18 +210,18 @@ pub(super) fn load(res: &Resources, st: &mut State, id: ParamId, need: Need) -> 
         .filter(|&&i| evictable(st, i, id, need))
         .map(|&i| device_bytes(st.params[i as usize].size))
         .sum();
-    if (st.used - evictable.min(st.used)).saturating_add(dsize) > res.device_budget {
+    if (st.used - evictable.min(st.used)).saturating_add(dsize) > setup.device_budget {
         return Ok(false);
     }
     let mut spare: Option<(PoolBlock, Vec<Event>)> = None;
-    while st.used + dsize > res.device_budget {
+    while st.used + dsize > setup.device_budget {
         let Some(v) = pick_victim(st, id, need) else {
             return Ok(false);
         };
-        evict_into_spare(res, st, v, size, &mut spare)?;
+        evict_into_spare(setup, st, v, size, &mut spare)?;
     }
     // Residency changed behind the plan's back: it starts again from what is resident.
     st.plan = None;
-    place(res, st, id, need, spare)?;
+    place(setup, st, id, need, spare)?;
     Ok(true)
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::evict::{load, Need};
-use super::run::pump;
+use super::run::run_plan;
 use super::state::*;
 use super::{ParamGuard, TierStore};
 use crate::backend::DevicePtr;
@@ -72,16 +72,16 @@ impl TierStore {
     ) -> Result<ParamGuard> {
         let sh = &self.shared;
         sh.live()?;
-        let res = &sh.res;
+        let setup = &sh.setup;
         // Before anything changes: a stream this store cannot order work on.
-        if !stream.belongs_to(res.copy.inner.backend()) {
+        if !stream.belongs_to(setup.copy.inner.backend()) {
             return Err(Error::ForeignHandle { what: "stream" });
         }
-        if stream.device() != res.device {
+        if stream.device() != setup.device {
             return Err(Error::InvalidArgument(format!(
                 "a stream of device {} used with the store of device {}",
                 stream.device(),
-                res.device
+                setup.device
             )));
         }
         if stream.is_capturing()? {
@@ -89,15 +89,15 @@ impl TierStore {
         }
         let mut st = sh.lock();
         param(&st, id)?;
-        let token = note_use(res, &mut st, id);
+        let token = learn_from_acquire(setup, &mut st, id);
         st.acquires += 1;
         let nth = st.acquires;
         // Where the sequence stood: an acquire that fails has not run its step, so that
         // a retry is not taken for a step off the sequence (or recorded twice).
-        let (pos, step, served, on_track) = (st.ev.pos(), st.step, st.served, st.on_track);
+        let (pos, step, served, on_track) = (st.cursor.pos(), st.step, st.served, st.on_track);
         // An empty parameter is always where it is needed.
         let hit = st.params[id as usize].dev.is_some() || st.params[id as usize].size == 0;
-        let next = st.ev.next_use(id);
+        let next = st.cursor.next_use(id);
         st.on_track = next == Some(1);
         if let Some(d) = next {
             if d != 1 {
@@ -107,14 +107,14 @@ impl TierStore {
             st.step += d as u64;
             st.served = false;
         }
-        st.ev.touch(id);
+        st.cursor.touch(id);
         let (mut st, made) = self.make_resident(st, id, stream, deadline);
         if let Err(e) = made {
             let st = &mut *st;
             // Unless other threads' acquires moved the sequence on while this one waited
             // (then it stays where they left it).
             if st.acquires == nth {
-                st.ev.rewind(pos);
+                st.cursor.rewind(pos);
                 (st.step, st.served, st.on_track) = (step, served, on_track);
             }
             // Resumes from what is resident when the retry comes.
@@ -155,7 +155,7 @@ impl TierStore {
             stream: stream.this_thread().into_owned(),
             dirty: false,
         };
-        if let Err(e) = pump(res, &mut st, res.prefetch_depth) {
+        if let Err(e) = run_plan(setup, &mut st, setup.prefetch_depth) {
             tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
         }
         Ok(guard)
@@ -209,10 +209,10 @@ impl TierStore {
         deadline: Option<Instant>,
     ) -> (MutexGuard<'a, State>, Result<()>) {
         let sh = &self.shared;
-        let res = &sh.res;
+        let setup = &sh.setup;
         // Under a sequence the plan loads the step's parameter (normally long before);
         // otherwise, or when the plan cannot make room, a demand load.
-        match pump(res, &mut st, 0) {
+        match run_plan(setup, &mut st, 0) {
             // An empty parameter has nothing to load or wait for.
             _ if st.params[id as usize].size == 0 => return (st, Ok(())),
             // Loading it again on demand would hand the same verdict over twice the copies.
@@ -221,7 +221,7 @@ impl TierStore {
             Ok(_) => {}
         }
         while st.params[id as usize].dev.is_none() {
-            match load(res, &mut st, id, Need::Demand) {
+            match load(setup, &mut st, id, Need::Demand) {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => return (st, Err(e)),
@@ -237,9 +237,9 @@ impl TierStore {
                         .0;
                 }
                 _ => {
-                    let free = res.device_budget.saturating_sub(st.used);
+                    let free = setup.device_budget.saturating_sub(st.used);
                     let size = st.params[id as usize].size;
-                    return (st, Err(Error::oom(Tier::Device(res.device), size, free)));
+                    return (st, Err(Error::oom(Tier::Device(setup.device), size, free)));
                 }
             }
         }
@@ -384,7 +384,7 @@ impl Drop for ParamGuard {
                 None
             }
         };
-        // Let go of the block first, so that the pump below can reuse it.
+        // Let go of the block first, so that the run_plan below can reuse it.
         self.block = None;
         let mut st = self.shared.lock();
         let p = &mut st.params[self.id as usize];
@@ -410,7 +410,11 @@ impl Drop for ParamGuard {
         }
         st.last_released = Some(self.id);
         // The end of this use may free the memory the next load of the plan waits for.
-        if let Err(e) = pump(&self.shared.res, &mut st, self.shared.res.prefetch_depth) {
+        if let Err(e) = run_plan(
+            &self.shared.setup,
+            &mut st,
+            self.shared.setup.prefetch_depth,
+        ) {
             tracing::warn!(target: "hetmem", error = %e, "prefetch failed");
         }
         drop(st);

@@ -52,12 +52,12 @@
 //! One mutex guards the store's state. Every transition (load, eviction, write-back,
 //! reference counting) happens under it, so concurrent callers see a parameter as
 //! cold, on the host, loading, or on the device with a reference count
-//! ([`Residency`]). Eviction, write-back included, completes under the lock, so an
+//! ([`Residency`]). Cursor, write-back included, completes under the lock, so an
 //! "evicting" state is never observable. The lock is held while waiting on the GPU
 //! only on slow paths: the staging ring on cold loads, the write-back of dirty
 //! parameters, and checksum verification.
 //!
-//! # Eviction
+//! # Cursor
 //!
 //! Candidates are device-resident parameters with no guard and not kept resident
 //! ([`TierStore::keep_resident`]); the lowest [`TierStore::priority`] class goes first.
@@ -112,7 +112,7 @@ use crate::pool::{
 use crate::stream::Stream;
 use crate::tier::config::{Residency, SequenceHint, TierConfig, TierStats};
 use crate::tier::learn::Learner;
-use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
+use crate::tier::policy::{Cursor, ParamId, Policy, Sequence};
 use crate::tier::source::{SafetensorsFile, Source};
 use evict::{evict, load, release_block, Need};
 use state::*;
@@ -233,13 +233,13 @@ impl TierStore {
             cfg.staging_slot_size,
             cfg.staging_threads,
         )?;
-        let ev = match &cfg.sequence {
+        let cursor = match &cfg.sequence {
             SequenceHint::Given(order) if !order.is_empty() => {
-                Eviction::new(Policy::Sequence(Sequence::new(order.clone())))
+                Cursor::new(Policy::Sequence(Sequence::new(order.clone())))
             }
-            _ => Eviction::new(Policy::Lru),
+            _ => Cursor::new(Policy::Lru),
         };
-        let step = ev.pos() as u64;
+        let step = cursor.pos() as u64;
         let stats = TierStats {
             host_bytes: ring_bytes,
             host_peak_bytes: ring_bytes,
@@ -249,7 +249,7 @@ impl TierStore {
             host_budget = cfg.host_budget, "tier store ready");
         Ok(TierStore {
             shared: Arc::new(Shared {
-                res: Resources {
+                setup: Setup {
                     device: cfg.device,
                     device_budget: cfg.device_budget,
                     pinned_cap: cfg.host_budget - ring_bytes,
@@ -266,7 +266,7 @@ impl TierStore {
                 state: Mutex::new(State {
                     params: Vec::new(),
                     names: HashMap::new(),
-                    ev,
+                    cursor,
                     learner: Learner::default(),
                     acquires: 0,
                     last_released: None,
@@ -338,21 +338,21 @@ impl TierStore {
     /// against the budget, its name against those taken and the others given) before
     /// the first is registered, under one hold of the lock.
     fn register_all(&self, params: Vec<(&str, Source)>) -> Result<Vec<ParamId>> {
-        let res = &self.shared.res;
+        let setup = &self.shared.setup;
         for (_, source) in &params {
             let need = device_bytes(source.len());
-            if need > res.device_budget {
+            if need > setup.device_budget {
                 return Err(Error::oom(
-                    Tier::Device(res.device),
+                    Tier::Device(setup.device),
                     need,
-                    res.device_budget,
+                    setup.device_budget,
                 ));
             }
         }
         // Outside the lock: hashing reads every byte.
         let checksums: Vec<Option<u64>> = params
             .iter()
-            .map(|(_, source)| res.checksums.then(|| fnv1a(source.bytes())))
+            .map(|(_, source)| setup.checksums.then(|| fnv1a(source.bytes())))
             .collect();
         let mut st = self.shared.lock();
         let mut given = std::collections::HashSet::with_capacity(params.len());
@@ -437,7 +437,7 @@ impl TierStore {
 
     /// The copy stream loads run on (for timing and interop).
     pub fn copy_stream(&self) -> &Stream {
-        &self.shared.res.copy
+        &self.shared.setup.copy
     }
 
     /// Loads `id` now if it is not on the device and room can be made without evicting
@@ -448,17 +448,17 @@ impl TierStore {
     /// [`Error::InvalidArgument`] for an unknown id; errors of the copy.
     pub fn prefetch(&self, id: ParamId) -> Result<bool> {
         self.shared.live()?;
-        let res = &self.shared.res;
+        let setup = &self.shared.setup;
         let mut st = self.shared.lock();
         param(&st, id)?;
         if st.params[id as usize].dev.is_some() || st.params[id as usize].size == 0 {
             return Ok(true);
         }
-        let need = match st.ev.next_use(id) {
+        let need = match st.cursor.next_use(id) {
             Some(d) => Need::Prefetch(d),
             None => Need::Hint,
         };
-        let loaded = load(res, &mut st, id, need)?;
+        let loaded = load(setup, &mut st, id, need)?;
         if loaded {
             st.stats.prefetches += 1;
         }
@@ -481,14 +481,14 @@ impl TierStore {
     /// [`Error::InvalidArgument`] for an unknown id; errors of the write-back.
     pub fn dont_need(&self, id: ParamId) -> Result<bool> {
         self.shared.live()?;
-        let res = &self.shared.res;
+        let setup = &self.shared.setup;
         let mut st = self.shared.lock();
         let p = param(&st, id)?;
         if p.dev.is_none() || p.refs > 0 {
             return Ok(false);
         }
-        let (block, uses) = evict(res, &mut st, id)?;
-        release_block(res, block, &uses)?;
+        let (block, uses) = evict(setup, &mut st, id)?;
+        release_block(setup, block, &uses)?;
         drop(st);
         self.shared.released.notify_all();
         Ok(true)
@@ -573,21 +573,21 @@ impl TierStore {
         // An acquire waiting for room must not rewind the new sequence's cursor to where
         // the old one stood when it fails.
         st.acquires += 1;
-        let ev = match order {
+        let cursor = match order {
             Some(o) if !o.is_empty() => {
                 // In learn mode a given sequence is followed until acquires leave it.
                 st.learner.given(o.len());
-                Eviction::new(Policy::Sequence(Sequence::new(o)))
+                Cursor::new(Policy::Sequence(Sequence::new(o)))
             }
-            _ => Eviction::new(Policy::Lru),
+            _ => Cursor::new(Policy::Lru),
         };
-        set_policy(&mut st, ev);
+        set_policy(&mut st, cursor);
         Ok(())
     }
 
     /// The execution sequence in force (given or learnt), if any.
     pub fn sequence(&self) -> Option<Vec<ParamId>> {
-        match self.shared.lock().ev.policy() {
+        match self.shared.lock().cursor.policy() {
             Policy::Sequence(s) => Some(s.order().to_vec()),
             Policy::Lru => None,
         }
@@ -637,6 +637,6 @@ impl TierStore {
     /// pages, or synchronise streams to give pages back (`num_sync_all_streams`), which
     /// parameters of mixed sizes can make it do between passes.
     pub fn pool_stats(&self) -> PoolStats {
-        self.shared.res.pool.stats()
+        self.shared.setup.pool.stats()
     }
 }

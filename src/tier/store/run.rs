@@ -20,9 +20,9 @@ use crate::tier::sizing::{self, ParamTraits};
 /// runtime's step (none while the runtime is off the sequence), queueing the loads it
 /// calls for, or until a load finds no room. Returns whether it reached the runtime's
 /// step; false under LRU.
-pub(super) fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<bool> {
+pub(super) fn run_plan(setup: &Setup, st: &mut State, lookahead: usize) -> Result<bool> {
     let lookahead = if st.on_track { lookahead } else { 0 };
-    let seq = match st.ev.policy() {
+    let seq = match st.cursor.policy() {
         Policy::Sequence(seq) if !seq.is_empty() => seq.clone(),
         _ => return Ok(false),
     };
@@ -31,12 +31,12 @@ pub(super) fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<
         None => {
             // Everything on the device starts in the logical cache; beside it, room for
             // the parameters the plan streams, so that one loads while another computes.
-            let cap = match res.planner {
-                Planner::Belady => belady_cap(res, st, &seq),
+            let cap = match setup.planner {
+                Planner::Belady => belady_cap(setup, st, &seq),
                 // The logical cache is the fixed set and what the caller keeps: every
                 // other load evicts the streamed ones before it (zombies, freed once
                 // done and when their room is needed).
-                Planner::Static => choose_fixed(res, st, &seq),
+                Planner::Static => choose_fixed(setup, st, &seq),
             };
             let resident: Vec<(ParamId, Traits)> = st
                 .params
@@ -83,7 +83,7 @@ pub(super) fn pump(res: &Resources, st: &mut State, lookahead: usize) -> Result<
                 st.plan.as_mut().expect("checked").revive(&seq, id, t);
             }
             Step::Load { id, victims } => {
-                if !plan_load(res, st, &seq, m, id, &victims)? {
+                if !plan_load(setup, st, &seq, m, id, &victims)? {
                     return Ok(m > st.step);
                 }
                 if m > st.step {
@@ -113,14 +113,14 @@ fn param_traits(st: &State) -> Vec<ParamTraits> {
 /// Belady's logical capacity ([`sizing::belady_choice`], kept for as long as the
 /// sequence, sizes and hints it was chosen for stay the same); sets `st.fixed` to the
 /// parameters it keeps for good.
-pub(super) fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
+pub(super) fn belady_cap(setup: &Setup, st: &mut State, seq: &Sequence) -> usize {
     let params = param_traits(st);
     let digest = sizing::belady_digest(&params, seq);
     let (cap, above) = match st.belady_cap {
         Some((d, cap, above)) if d == digest => (cap, above),
         _ => {
             let (cap, above) =
-                sizing::belady_choice(&params, seq, res.device_budget, res.spare_slots);
+                sizing::belady_choice(&params, seq, setup.device_budget, setup.spare_slots);
             st.belady_cap = Some((digest, cap, above));
             (cap, above)
         }
@@ -131,10 +131,10 @@ pub(super) fn belady_cap(res: &Resources, st: &mut State, seq: &Sequence) -> usi
 
 /// The static planner's logical capacity ([`sizing::static_choice`]); sets `st.fixed` to
 /// its fixed set.
-pub(super) fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) -> usize {
+pub(super) fn choose_fixed(setup: &Setup, st: &mut State, seq: &Sequence) -> usize {
     let params = param_traits(st);
     let (cap, fixed, weighed) =
-        sizing::static_choice(&params, seq, res.device_budget, res.spare_slots);
+        sizing::static_choice(&params, seq, setup.device_budget, setup.spare_slots);
     let kept = fixed.iter().filter(|f| **f).count();
     st.fixed = fixed;
     tracing::debug!(target: "hetmem", fixed = kept, of = weighed, cap, "static plan");
@@ -144,7 +144,7 @@ pub(super) fn choose_fixed(res: &Resources, st: &mut State, seq: &Sequence) -> u
 /// Frees zombies for the load of `id` at step `m` and queues it, or returns false when
 /// the zombies still in use leave no room.
 pub(super) fn plan_load(
-    res: &Resources,
+    setup: &Setup,
     st: &mut State,
     seq: &Sequence,
     m: u64,
@@ -178,7 +178,7 @@ pub(super) fn plan_load(
         })
         .collect();
     free.sort_by_key(|(id, next)| (std::cmp::Reverse(*next), *id));
-    let mut need = (st.used + dsize).saturating_sub(res.device_budget);
+    let mut need = (st.used + dsize).saturating_sub(setup.device_budget);
     let mut chosen = Vec::new();
     for (z, _) in free {
         if need == 0 {
@@ -199,10 +199,10 @@ pub(super) fn plan_load(
     let done = (|| {
         let mut spare = None;
         for z in chosen {
-            evict_into_spare(res, st, z, size, &mut spare)?;
+            evict_into_spare(setup, st, z, size, &mut spare)?;
         }
         let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
-        place(res, st, id, Need::Prefetch(ahead), spare)
+        place(setup, st, id, Need::Prefetch(ahead), spare)
     })();
     if done.is_err() {
         // The plan counted `id` as loaded: start it again from what is resident.
@@ -215,7 +215,7 @@ pub(super) fn plan_load(
 /// events of its last uses) or a new block from the pool, evicting as `need` allows if
 /// the pool's pages are fragmented.
 pub(super) fn place(
-    res: &Resources,
+    setup: &Setup,
     st: &mut State,
     id: ParamId,
     need: Need,
@@ -228,7 +228,7 @@ pub(super) fn place(
         // The victim's block, same size: the copy stream waits for the victim's last
         // uses (not for everything queued since, as a free to the pool would).
         Some((b, uses)) => {
-            if let Err(e) = order_after(res, &uses) {
+            if let Err(e) = order_after(setup, &uses) {
                 // Unordered, the block could be written under the victim's last use.
                 std::mem::forget(b);
                 return Err(e);
@@ -236,7 +236,7 @@ pub(super) fn place(
             b
         }
         None => loop {
-            match res.pool.alloc(dsize, &res.copy) {
+            match setup.pool.alloc(dsize, &setup.copy) {
                 Ok(b) => break b,
                 Err(e @ Error::OutOfMemory { .. }) => {
                     // Pool pages can be fragmented; give up another resident parameter.
@@ -244,8 +244,8 @@ pub(super) fn place(
                         return Err(e);
                     };
                     st.stats.unplanned_evictions += 1;
-                    let (block, uses) = evict(res, st, v)?;
-                    release_block(res, block, &uses)?;
+                    let (block, uses) = evict(setup, st, v)?;
+                    release_block(setup, block, &uses)?;
                     st.plan = None;
                 }
                 Err(e) => return Err(e),
@@ -255,7 +255,7 @@ pub(super) fn place(
     // Promote a cold parameter to the pinned tier if the host budget has room; with
     // checksums, only bytes that match (a source that changed stays as it is, refused).
     if matches!(st.params[idx].host, HostCopy::Cold(_))
-        && st.pinned + pinned_bytes(size) <= res.pinned_cap
+        && st.pinned + pinned_bytes(size) <= setup.pinned_cap
     {
         if let (Some(expected), HostCopy::Cold(src)) =
             (st.params[idx].checksum, &st.params[idx].host)
@@ -266,9 +266,9 @@ pub(super) fn place(
                 return Err(host_mismatch(st, id, expected, found));
             }
         }
-        match res
+        match setup
             .host
-            .alloc_pinned(&NumaPolicy::NearDevice(res.device), size)
+            .alloc_pinned(&NumaPolicy::NearDevice(setup.device), size)
         {
             Ok(mut b) => {
                 if let HostCopy::Cold(src) = &st.params[idx].host {
@@ -276,7 +276,7 @@ pub(super) fn place(
                 }
                 st.pinned += b.capacity();
                 st.params[idx].host = HostCopy::Pinned(b);
-                note_host(res, st);
+                count_host_bytes(setup, st);
             }
             Err(e) => {
                 tracing::debug!(target: "hetmem", id, error = %e,
@@ -284,7 +284,7 @@ pub(super) fn place(
             }
         }
     }
-    let mut ready = upload(res, st, idx, &block)?;
+    let mut ready = upload(setup, st, idx, &block)?;
     if let Some(expected) = st.params[idx].checksum {
         let mut again = true;
         loop {
@@ -304,7 +304,7 @@ pub(super) fn place(
                     tracing::warn!(target: "hetmem", id, name = %p.name,
                         "checksum mismatch after load; loading again");
                     again = false;
-                    ready = upload(res, st, idx, &block)?;
+                    ready = upload(setup, st, idx, &block)?;
                     continue;
                 }
                 (true, false) => ("device", found),
@@ -355,7 +355,7 @@ pub(super) fn host_mismatch(st: &State, id: ParamId, expected: u64, found: u64) 
 /// Queues the copy of parameter `idx`'s host copy into `block` on the copy stream (from
 /// its pinned copy, or through the staging ring); returns the event of its end.
 pub(super) fn upload(
-    res: &Resources,
+    setup: &Setup,
     st: &mut State,
     idx: usize,
     block: &PoolBlock,
@@ -369,12 +369,12 @@ pub(super) fn upload(
     let size = params[idx].size;
     match &params[idx].host {
         HostCopy::Pinned(h) => {
-            pool::copy::host_to_block(block, 0, h, 0, size, &res.copy)?;
+            pool::copy::host_to_block(block, 0, h, 0, size, &setup.copy)?;
         }
         HostCopy::Cold(src) => {
-            ring.upload(src.bytes(), block, 0, &res.copy)?;
+            ring.upload(src.bytes(), block, 0, &setup.copy)?;
             stats.staged_loads += 1;
         }
     }
-    res.copy.record()
+    setup.copy.record()
 }

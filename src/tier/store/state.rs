@@ -1,5 +1,5 @@
 //! The store's state: each parameter's copies ([`Param`]), what the store was set up
-//! with ([`Resources`]), and what changes under its lock ([`State`]); the helpers every
+//! with ([`Setup`]), and what changes under its lock ([`State`]); the helpers every
 //! part of the store reads them through.
 
 use std::collections::{HashMap, VecDeque};
@@ -13,7 +13,7 @@ use crate::tier::config::{Planner, TierStats};
 pub(super) use crate::tier::fnv1a;
 use crate::tier::learn::{Learner, Learnt, Token};
 use crate::tier::plan::{Plan, Traits};
-use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
+use crate::tier::policy::{Cursor, ParamId, Policy, Sequence};
 use crate::tier::source::Source;
 
 /// Device allocations are rounded to this (the pool's granularity).
@@ -58,8 +58,9 @@ pub(super) struct Param {
     pub(super) checksum: Option<u64>,
 }
 
+/// What the store was set up with: its settings, pools and copy stream (fixed).
 #[derive(Debug)]
-pub(super) struct Resources {
+pub(super) struct Setup {
     pub(super) device: usize,
     pub(super) device_budget: usize,
     pub(super) pinned_cap: usize,
@@ -78,7 +79,7 @@ pub(super) struct Resources {
 pub(super) struct State {
     pub(super) params: Vec<Param>,
     pub(super) names: HashMap<String, ParamId>,
-    pub(super) ev: Eviction,
+    pub(super) cursor: Cursor,
     /// Learns the sequence from the acquires (Learn mode).
     pub(super) learner: Learner,
     /// Acquires begun and sequences set: a failed acquire rewinds the sequence only if
@@ -117,7 +118,7 @@ pub(super) struct State {
 
 #[derive(Debug)]
 pub(super) struct Shared {
-    pub(super) res: Resources,
+    pub(super) setup: Setup,
     pub(super) state: Mutex<State>,
     /// Signalled whenever room may have appeared: a guard dropped, a hint.
     pub(super) released: Condvar,
@@ -131,7 +132,7 @@ impl Shared {
     /// [`Error::Forked`] in a forked child, checked before the lock (which a thread of
     /// the parent may have held at the fork).
     pub(super) fn live(&self) -> Result<()> {
-        self.res.copy.inner.backend().check_fork()
+        self.setup.copy.inner.backend().check_fork()
     }
 }
 
@@ -166,44 +167,41 @@ pub(super) fn host_bytes(host: &HostCopy, size: usize) -> Result<&[u8]> {
 /// Sequence learning (Learn mode): record the acquire of `id`, install a sequence
 /// learnt, or drop one the acquire left ([`crate::tier::learn`]). Returns the token that
 /// takes the record back if the acquire fails.
-pub(super) fn note_use(res: &Resources, st: &mut State, id: ParamId) -> Option<Token> {
-    if !res.learn {
+pub(super) fn learn_from_acquire(setup: &Setup, st: &mut State, id: ParamId) -> Option<Token> {
+    if !setup.learn {
         return None;
     }
-    let in_force = matches!(st.ev.policy(), Policy::Sequence(_));
-    let following = in_force && st.ev.next_use(id) == Some(1);
+    let in_force = matches!(st.cursor.policy(), Policy::Sequence(_));
+    let following = in_force && st.cursor.next_use(id) == Some(1);
     let (learnt, token) = st.learner.observe(id, following, st.params.len());
     match learnt {
         Learnt::Same => {}
         Learnt::Install { order, pos } => {
             tracing::info!(target: "hetmem", steps = order.len(), "execution sequence learnt");
-            set_policy(
-                st,
-                Eviction::at(Policy::Sequence(Sequence::new(order)), pos),
-            );
+            set_policy(st, Cursor::at(Policy::Sequence(Sequence::new(order)), pos));
             st.stats.sequences_learnt += 1;
         }
         Learnt::Drop => {
             tracing::info!(target: "hetmem", id, "acquire left the learnt sequence; learning again");
-            set_policy(st, Eviction::new(Policy::Lru));
+            set_policy(st, Cursor::new(Policy::Lru));
             st.stats.sequences_dropped += 1;
         }
     }
     token
 }
 
-/// Puts `ev` in force; the plan starts again from what is on the device.
-pub(super) fn set_policy(st: &mut State, ev: Eviction) {
-    st.step = ev.pos() as u64;
-    st.ev = ev;
+/// Puts `cursor` in force; the plan starts again from what is on the device.
+pub(super) fn set_policy(st: &mut State, cursor: Cursor) {
+    st.step = cursor.pos() as u64;
+    st.cursor = cursor;
     st.plan = None;
     st.fixed.clear();
     st.ahead.clear();
     st.served = false;
 }
 
-pub(super) fn note_host(res: &Resources, st: &mut State) {
-    st.stats.host_bytes = st.pinned + res.ring_bytes;
+pub(super) fn count_host_bytes(setup: &Setup, st: &mut State) {
+    st.stats.host_bytes = st.pinned + setup.ring_bytes;
     st.stats.host_peak_bytes = st.stats.host_peak_bytes.max(st.stats.host_bytes);
 }
 
