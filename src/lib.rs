@@ -18,7 +18,9 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 //!
-//! Layers call only downward: [`manager`] → [`backend`] → `hetmem-sys`.
+//! Layers call only downward: the APIs ([`manager`], [`ffi`]) → [`pool`]s and the
+//! [`tier`] store → [`stream`]s and [`topology`] → [`backend`]s → the vocabulary
+//! ([`error`], [`placement`], [`stats`]) → `hetmem-sys` (checked by `tests/layers.rs`).
 
 pub mod backend;
 pub mod error;

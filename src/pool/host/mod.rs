@@ -34,18 +34,20 @@
 //! [`PinnedAllocator`] puts the pool behind `allocator_api2::alloc::Allocator`, so that
 //! `allocator_api2::vec::Vec<T, PinnedAllocator>` lives in pinned memory.
 
-use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use allocator_api2::alloc::{AllocError, Allocator};
 
 use crate::backend::host::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
 use crate::placement::{NumaPolicy, Placement, Tier};
 use crate::pool::stats::Stat;
+
+mod allocator;
+mod block;
+
+pub use allocator::PinnedAllocator;
+pub use block::HostBlock;
 
 /// Default [`HostPoolConfig::parallel_threshold`]: regions from 1 GiB up are populated
 /// and registered by several threads.
@@ -177,7 +179,7 @@ impl HostPoolStats {
 type Key = (bool, NumaPolicy);
 
 #[derive(Debug, Default)]
-struct TierState {
+struct KindState {
     live: usize,
     cached: usize,
     /// Bytes of regions being created now (outside the lock), already counted against
@@ -188,7 +190,7 @@ struct TierState {
     stats: HostKindStats,
 }
 
-impl TierState {
+impl KindState {
     fn held(&self) -> usize {
         self.live + self.cached + self.pending + self.leaked
     }
@@ -197,12 +199,12 @@ impl TierState {
 #[derive(Debug, Default)]
 struct State {
     cache: HashMap<Key, BTreeMap<usize, Vec<OwnedMemory>>>,
-    pinned: TierState,
-    pageable: TierState,
+    pinned: KindState,
+    pageable: KindState,
 }
 
 impl State {
-    fn tier(&mut self, pinned: bool) -> &mut TierState {
+    fn tier(&mut self, pinned: bool) -> &mut KindState {
         if pinned {
             &mut self.pinned
         } else {
@@ -516,7 +518,7 @@ impl HostPool {
         st.pageable.stats.reset_peak_tier();
     }
 
-    /// An [`Allocator`] handing out pinned memory placed by `policy` from this pool.
+    /// An [`Allocator`](allocator_api2::alloc::Allocator) handing out pinned memory placed by `policy` from this pool.
     pub fn pinned_allocator(&self, policy: NumaPolicy) -> PinnedAllocator {
         PinnedAllocator {
             pool: self.clone(),
@@ -634,203 +636,6 @@ impl Shared {
             .entry(class)
             .or_default()
             .push(mem);
-    }
-}
-
-/// Host memory from a [`HostPool`]; back to the pool's cache on drop (still
-/// registered, for pinned memory).
-#[derive(Debug)]
-pub struct HostBlock {
-    shared: Arc<Shared>,
-    key: Option<Key>,
-    class: usize,
-    len: usize,
-    mem: Option<OwnedMemory>,
-}
-
-impl HostBlock {
-    /// Bytes asked for.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: zero-byte requests are refused.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes the block really has: its size class (the memory past [`HostBlock::len`]
-    /// is mapped, placed and registered like the rest).
-    pub fn capacity(&self) -> usize {
-        self.class
-    }
-
-    /// The first byte.
-    pub fn as_ptr(&self) -> NonNull<u8> {
-        self.mem()
-            .host_ptr()
-            .expect("host pool memory is host memory")
-    }
-
-    /// Whether the block is registered (pinned) memory.
-    pub fn is_pinned(&self) -> bool {
-        matches!(self.mem().kind(), MemoryKind::Pinned(_))
-    }
-
-    /// The resolved NUMA policy its pages were placed by.
-    pub fn policy(&self) -> &NumaPolicy {
-        &self.key.as_ref().expect("live blocks have a key").1
-    }
-
-    /// How many registrations pin it (pieces of a large region; 1 for a region
-    /// registered whole; 0 for pageable memory).
-    pub fn registrations(&self) -> u64 {
-        registrations(self.mem())
-    }
-
-    /// The bytes (the first [`HostBlock::len`]), after copies that use the block are done.
-    pub fn as_slice(&self) -> Result<&[u8]> {
-        Ok(&self.mem().host_slice()?[..self.len])
-    }
-
-    /// The bytes, mutable, after copies that use the block are done.
-    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
-        let len = self.len;
-        let mem = self.mem.as_mut().expect("live blocks have memory");
-        Ok(&mut mem.host_slice_mut()?[..len])
-    }
-
-    /// Where the pages are: the NUMA node of each sampled page, from `move_pages` (see
-    /// [`Buffer::page_nodes`](crate::Buffer::page_nodes)).
-    pub fn page_nodes(&self) -> Result<Vec<i32>> {
-        self.mem().page_nodes()
-    }
-
-    /// The memory, for copy code.
-    pub(crate) fn mem(&self) -> &OwnedMemory {
-        self.mem.as_ref().expect("live blocks have memory")
-    }
-}
-
-impl Drop for HostBlock {
-    fn drop(&mut self) {
-        if let (Some(key), Some(mem)) = (self.key.take(), self.mem.take()) {
-            if self.shared.backend.check_fork().is_err() {
-                // A forked child: no lock (a thread of the parent may have held it);
-                // the memory's own drop leaks what is the parent's.
-                drop(mem);
-                return;
-            }
-            self.shared.give_back(key, self.class, mem);
-        }
-    }
-}
-
-/// An `allocator_api2` [`Allocator`] over a [`HostPool`]'s pinned memory: each
-/// allocation is one pool block (so its size is rounded up to a [`size_class`], at
-/// least one page: tiny allocations cost a page of pinned memory each, so this is for
-/// buffers, not for many small objects), and deallocation gives the block back to the
-/// pool's cache, registered, for the next allocation of its class. Alignments up to a
-/// page are served (blocks are page-aligned); larger ones are refused.
-///
-/// Clones share the same blocks: memory from one may be freed through another.
-///
-/// After a `fork()`, the child must not touch memory from this allocator: it is pinned,
-/// and so not mapped in the child (`MADV_DONTFORK`, see [`Error::Forked`]).
-///
-/// ```
-/// use allocator_api2::vec::Vec;
-/// use hetmem::{BackendKind, Manager, NumaPolicy};
-/// use hetmem::pool::HostPoolConfig;
-/// let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
-/// let pool = mgr.host_pool(HostPoolConfig::default())?;
-/// let mut v: Vec<u32, _> = Vec::new_in(pool.pinned_allocator(NumaPolicy::NearDevice(0)));
-/// v.extend(0..1000);
-/// assert_eq!(v[999], 999);
-/// # Ok::<(), hetmem::Error>(())
-/// ```
-#[derive(Debug, Clone)]
-pub struct PinnedAllocator {
-    pool: HostPool,
-    policy: NumaPolicy,
-    /// Live blocks by address: `deallocate` gets only the pointer.
-    live: Arc<Mutex<HashMap<usize, HostBlock>>>,
-}
-
-impl PinnedAllocator {
-    /// The pool it draws from.
-    pub fn pool(&self) -> &HostPool {
-        &self.pool
-    }
-
-    /// Whether `ptr` is the start of a block this allocator (or a clone) handed out and
-    /// has not been given back, and that block is pinned.
-    pub fn is_pinned(&self, ptr: *const u8) -> bool {
-        self.lock()
-            .get(&(ptr as usize))
-            .is_some_and(HostBlock::is_pinned)
-    }
-
-    /// Blocks handed out and not yet given back.
-    pub fn live_blocks(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<usize, HostBlock>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-// Why the `Allocator` contract holds:
-// - `allocate` returns memory of a pool block that is mapped read-write for at least the
-//   returned length (its class size, >= `layout.size()`) and page-aligned (>= the
-//   accepted alignments); zero-size requests get a dangling, well-aligned pointer that
-//   `deallocate` ignores.
-// - The block stays in `live` (so mapped, and owned by no one else) until `deallocate`
-//   of its pointer removes it; `live` is shared by all clones, so the memory stays
-//   valid while any clone exists, and a pointer from one clone may be freed by another.
-// - The pool never hands the same block out twice while it is live: a block is either
-//   owned by one `HostBlock` or in the cache, and leaves the cache only by being taken
-//   out of it under the pool's lock. So blocks from concurrent `allocate`s never alias.
-// - Nothing else writes to the memory: the pool's only other access is waiting for the
-//   fences of copies made by its earlier owner, before it is handed out.
-// SAFETY: as argued above: memory stays valid and unaliased until `deallocate`, and the
-// pool never hands the same block out twice while it is live.
-unsafe impl Allocator for PinnedAllocator {
-    fn allocate(&self, layout: Layout) -> std::result::Result<NonNull<[u8]>, AllocError> {
-        if layout.size() == 0 {
-            let dangling = NonNull::new(std::ptr::without_provenance_mut::<u8>(layout.align()))
-                .ok_or(AllocError)?;
-            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
-        }
-        if layout.align() > page_size() {
-            return Err(AllocError);
-        }
-        let block = self
-            .pool
-            .alloc_pinned(&self.policy, layout.size())
-            .map_err(|e| {
-                tracing::debug!(target: "hetmem", error = %e, size = layout.size(),
-                    "pinned allocator: allocation failed");
-                AllocError
-            })?;
-        let ptr = block.as_ptr();
-        let cap = block.capacity();
-        self.lock().insert(ptr.as_ptr() as usize, block);
-        Ok(NonNull::slice_from_raw_parts(ptr, cap))
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        if layout.size() == 0 {
-            return;
-        }
-        let block = self.lock().remove(&(ptr.as_ptr() as usize));
-        match block {
-            // Dropped outside the allocator's lock: it takes the pool's.
-            Some(b) => drop(b),
-            None => tracing::error!(target: "hetmem", ?ptr,
-                "pinned allocator: deallocate of a pointer it did not hand out"),
-        }
     }
 }
 
