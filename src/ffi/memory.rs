@@ -10,13 +10,12 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    c_str, call, call_with, device_arg, json_array, json_object, json_str, lock, lookup, out_ptr,
-    register, unregister, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    c_str, call, call_with, device_arg, lock, lookup, out_ptr, register, unregister, write_out,
+    FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::{check_device, BackendKind};
 use crate::manager::{Buffer, Manager};
 use crate::placement::{Advice, Location, NumaPolicy, Placement};
-use crate::stats::CounterSnapshot;
 use crate::stream::Stream;
 
 /// Pageable host memory (`device_or_node`: a NUMA node, or -1 for the default policy).
@@ -170,42 +169,10 @@ impl FfiManager {
         Ok(s)
     }
 
-    /// The manager's stats JSON, with `extra` fields at the end.
-    pub(super) fn json(&self, extra: Vec<(&'static str, String)>) -> String {
-        let snap = |c: &CounterSnapshot| {
-            json_object([
-                ("current", c.current.to_string()),
-                ("peak", c.peak.to_string()),
-                ("count", c.count.to_string()),
-            ])
-        };
-        let st = self.mgr.stats();
-        let (live, bytes) = {
-            let map = lock(&self.buffers);
-            (map.len(), map.values().map(|e| e.len).sum::<usize>())
-        };
-        let devices = self.mgr.devices().iter().map(|d| {
-            json_object([
-                ("ordinal", d.info.ordinal.to_string()),
-                ("name", json_str(&d.info.name)),
-                ("total_memory", d.info.total_memory.to_string()),
-                (
-                    "numa_node",
-                    d.numa_node.map_or("null".to_owned(), |n| n.to_string()),
-                ),
-            ])
-        });
-        let fields = vec![
-            ("backend", json_str(self.mgr.backend_kind().name())),
-            ("devices", json_array(devices)),
-            ("live_buffers", live.to_string()),
-            ("live_bytes", bytes.to_string()),
-            ("host", snap(&st.host)),
-            ("pinned", snap(&st.pinned)),
-            ("device", json_array(st.device.iter().map(snap))),
-            ("managed", json_array(st.managed.iter().map(snap))),
-        ];
-        json_object(fields.into_iter().chain(extra))
+    /// Live buffers and their bytes.
+    pub(super) fn live_buffers(&self) -> (usize, usize) {
+        let map = lock(&self.buffers);
+        (map.len(), map.values().map(|e| e.len).sum::<usize>())
     }
 }
 

@@ -6,6 +6,8 @@
 //! (`torch.cuda.empty_cache()`), and the graph-pool hooks (`torch.cuda.graph`: the
 //! device pool's private pools).
 //!
+//! (Over 800 lines, about 330 of them the tests of the hooks, kept beside them.)
+//!
 //! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the first GPU
 //! backend that opens, never the simulator: [`gpu_only`](crate::manager::ManagerBuilder::gpu_only)), built on
 //! the first call; one [`DevicePool`] per device with
