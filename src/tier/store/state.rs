@@ -17,7 +17,7 @@ use crate::tier::policy::{Cursor, ParamId, Policy, Sequence};
 use crate::tier::source::Source;
 
 /// Device allocations are rounded to this (the pool's granularity).
-pub(super) const DEVICE_ROUND: usize = 512;
+pub(super) const DEVICE_ROUND: usize = crate::pool::device::MIN_BLOCK;
 /// Larger ones to whole pool pages (see the module docs), above the pool's small sizes.
 pub(super) const PAGE_ROUND_ABOVE: usize = crate::pool::device::SMALL_SIZE;
 /// Pool pages: the pool's own budget is the device budget rounded up to these.
