@@ -120,6 +120,23 @@ pub enum Error {
         message: String,
     },
 
+    /// Registering host memory failed part-way, and unregistering the part that had
+    /// registered failed too: that part stays registered with the driver, so the memory
+    /// must never be unmapped (its owner leaks it). `code` is the failed
+    /// unregistration's; `call` names the registration; `message` both failures. The C
+    /// ABI reports it as a driver error.
+    #[error("{backend}: {call} failed with code {code}: {message}")]
+    RegistrationLeaked {
+        /// The backend whose driver failed.
+        backend: BackendKind,
+        /// The registration that failed (`cuMemHostRegister(rollback)`, ...).
+        call: &'static str,
+        /// The failed unregistration's status.
+        code: i32,
+        /// What failed, and what stays registered.
+        message: String,
+    },
+
     /// An operating-system call failed.
     #[error("{call} failed: {errno}")]
     Os {

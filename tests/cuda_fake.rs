@@ -24,7 +24,8 @@ use std::ptr::NonNull;
 use std::sync::{MutexGuard, OnceLock};
 
 use backend_checks::{
-    assert_driver, assert_out_of_memory, dev, host, peek, unavailable_reason, Reservation,
+    assert_driver, assert_leaked, assert_out_of_memory, dev, host, peek, unavailable_reason,
+    Reservation,
 };
 use fake_cuda::{code, fake_cuda_library, FakeCuda};
 use fake_hip::compile_c_snippet;
@@ -1280,7 +1281,7 @@ fn large_registrations_are_chunked_and_rolled_back() {
         f.fail_next("cuMemHostUnregister", code::UNKNOWN, 1);
         // The code is the failed cuMemHostUnregister's.
         let err = d.register_host(res.ptr, len).unwrap_err();
-        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        let message = assert_leaked(KIND, err, REGISTER_ROLLBACK_CALL, 999);
         assert!(
             message.contains("rollback failed; region leaked"),
             "{message}"

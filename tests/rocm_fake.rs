@@ -11,7 +11,8 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use backend_checks::{
-    assert_driver, assert_out_of_memory, dev, host, peek, unavailable_reason, Reservation,
+    assert_driver, assert_leaked, assert_out_of_memory, dev, host, peek, unavailable_reason,
+    Reservation,
 };
 use fake_hip::{compile_c_snippet, fake_hip_library, FakeHip};
 use hetmem::backend::rocm::{RocmBackend, REGISTER_CHUNK, REGISTER_ROLLBACK_CALL};
@@ -276,7 +277,7 @@ fn large_registrations_are_chunked() {
         fake.fail_next("hipHostUnregister", 999, 1);
         // The code is the failed hipHostUnregister's.
         let err = d.register_host(res.ptr, len).unwrap_err();
-        let message = assert_driver(KIND, err, REGISTER_ROLLBACK_CALL, 999);
+        let message = assert_leaked(KIND, err, REGISTER_ROLLBACK_CALL, 999);
         assert_eq!(REGISTER_ROLLBACK_CALL, "hipHostRegister(rollback)");
         assert!(
             message.contains("rollback failed; region leaked"),

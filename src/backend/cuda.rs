@@ -1996,7 +1996,7 @@ mod tests {
         };
         let p = NonNull::<u8>::dangling();
         match ROLLBACK.error(&cause, &undo, p, 3 << 30, 1 << 30) {
-            Error::Driver {
+            Error::RegistrationLeaked {
                 backend,
                 call,
                 code,

@@ -635,7 +635,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// How a driver backend names the [`Error::Driver`] of a host registration that failed
+/// How a driver backend names the [`Error::RegistrationLeaked`] of a host registration that failed
 /// and could not be undone (`cuda::REGISTER_ROLLBACK_CALL`,
 /// `rocm::REGISTER_ROLLBACK_CALL`).
 pub(crate) struct RollbackError {
@@ -663,7 +663,7 @@ impl RollbackError {
             Error::Driver { code, .. } => *code,
             _ => self.unknown_code,
         };
-        Error::Driver {
+        Error::RegistrationLeaked {
             backend: self.backend,
             call: self.call,
             code,

@@ -109,7 +109,7 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::InvalidArgument(_) => HETMEM_ERR_INVALID_ARGUMENT,
         Error::Unsupported { .. } => HETMEM_ERR_UNSUPPORTED,
         Error::BackendUnavailable { .. } => HETMEM_ERR_BACKEND_UNAVAILABLE,
-        Error::Driver { .. } => HETMEM_ERR_DRIVER,
+        Error::Driver { .. } | Error::RegistrationLeaked { .. } => HETMEM_ERR_DRIVER,
         Error::Os { .. } => HETMEM_ERR_OS,
         Error::Config { .. } => HETMEM_ERR_CONFIG,
         Error::Checksum { .. } => HETMEM_ERR_CHECKSUM,

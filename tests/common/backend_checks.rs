@@ -56,6 +56,26 @@ pub fn assert_driver(kind: BackendKind, err: Error, want_call: &str, want_code: 
     }
 }
 
+/// Checks that `err` is a registration whose rollback failed (part of the range stays
+/// registered), from backend `kind`'s `want_call` with code `want_code`; returns its
+/// message.
+pub fn assert_leaked(kind: BackendKind, err: Error, want_call: &str, want_code: i32) -> String {
+    match err {
+        Error::RegistrationLeaked {
+            backend,
+            call,
+            code,
+            message,
+        } => {
+            assert_eq!(backend, kind);
+            assert_eq!(call, want_call, "{message}");
+            assert_eq!(code, want_code, "{message}");
+            message
+        }
+        other => panic!("expected a leaked registration from {want_call}, got {other:?}"),
+    }
+}
+
 /// Checks that opening the backend failed as unavailable, for backend `kind`, and
 /// returns why.
 pub fn unavailable_reason<B: Debug>(kind: BackendKind, r: Result<B, Error>) -> String {

@@ -920,7 +920,5 @@ impl Drop for OwnedMemory {
 /// Whether a registration error says part of the range stayed registered (the
 /// backend's rollback failed), so the memory must never be unmapped.
 fn is_rollback_failure(e: &Error) -> bool {
-    matches!(e, Error::Driver { call, .. }
-        if *call == crate::backend::cuda::REGISTER_ROLLBACK_CALL
-            || *call == crate::backend::rocm::REGISTER_ROLLBACK_CALL)
+    matches!(e, Error::RegistrationLeaked { .. })
 }
