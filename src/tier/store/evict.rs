@@ -55,7 +55,7 @@ pub(super) fn pick_victim(st: &State, exclude: ParamId, need: Need) -> Option<Pa
     cands.retain(|c| st.params[*c as usize].priority == lowest);
     // Within a priority, the static plan's fixed set goes last: giving one up costs a
     // load every pass.
-    let fixed = |c: &ParamId| st.fixed.get(*c as usize).copied().unwrap_or(false);
+    let fixed = |c: &ParamId| st.progress.fixed.get(*c as usize).copied().unwrap_or(false);
     if cands.iter().any(|c| !fixed(c)) {
         cands.retain(|c| !fixed(c));
     }
@@ -84,7 +84,7 @@ pub(super) fn evict(
     let size = p.size;
     st.used -= device_bytes(size);
     st.cursor.forget(id);
-    if let Some(plan) = &mut st.plan {
+    if let Some(plan) = &mut st.progress.plan {
         plan.forget(id, device_bytes(size));
     }
     st.stats.evictions += 1;
@@ -221,7 +221,7 @@ pub(super) fn load(setup: &Setup, st: &mut State, id: ParamId, need: Need) -> Re
         evict_into_spare(setup, st, v, size, &mut spare)?;
     }
     // Residency changed behind the plan's back: it starts again from what is resident.
-    st.plan = None;
+    st.progress.plan = None;
     place(setup, st, id, need, spare)?;
     Ok(true)
 }

@@ -94,18 +94,23 @@ impl TierStore {
         let nth = st.acquires;
         // Where the sequence stood: an acquire that fails has not run its step, so that
         // a retry is not taken for a step off the sequence (or recorded twice).
-        let (pos, step, served, on_track) = (st.cursor.pos(), st.step, st.served, st.on_track);
+        let (pos, step, served, on_track) = (
+            st.cursor.pos(),
+            st.progress.step,
+            st.progress.served,
+            st.progress.on_track,
+        );
         // An empty parameter is always where it is needed.
         let hit = st.params[id as usize].dev.is_some() || st.params[id as usize].size == 0;
         let next = st.cursor.next_use(id);
-        st.on_track = next == Some(1);
+        st.progress.on_track = next == Some(1);
         if let Some(d) = next {
             if d != 1 {
                 // Not the step the plan expects: start it again from here.
-                st.plan = None;
+                st.progress.plan = None;
             }
-            st.step += d as u64;
-            st.served = false;
+            st.progress.step += d as u64;
+            st.progress.served = false;
         }
         st.cursor.touch(id);
         let (mut st, made) = self.make_resident(st, id, stream, deadline);
@@ -115,10 +120,11 @@ impl TierStore {
             // (then it stays where they left it).
             if st.acquires == nth {
                 st.cursor.rewind(pos);
-                (st.step, st.served, st.on_track) = (step, served, on_track);
+                (st.progress.step, st.progress.served, st.progress.on_track) =
+                    (step, served, on_track);
             }
             // Resumes from what is resident when the retry comes.
-            st.plan = None;
+            st.progress.plan = None;
             if let Some(t) = token {
                 st.learner.unobserve(t);
             }
@@ -131,8 +137,8 @@ impl TierStore {
         }
         // The loads queued ahead for the steps run now have been used (only once the
         // acquire stands: a failed one has not run its step).
-        let now = st.step;
-        st.ahead.retain(|(m, _)| *m > now);
+        let now = st.progress.step;
+        st.progress.ahead.retain(|(m, _)| *m > now);
         let p = &mut st.params[id as usize];
         // Made resident above, unless empty (then there is no block).
         debug_assert!(p.dev.is_some() || p.size == 0);
@@ -143,7 +149,7 @@ impl TierStore {
         let block = p.dev.as_ref().map(|dev| Arc::clone(&dev.block));
         p.refs += 1;
         let size = p.size;
-        st.served = true;
+        st.progress.served = true;
         let guard = ParamGuard {
             shared: Arc::clone(sh),
             id,

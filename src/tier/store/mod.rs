@@ -101,7 +101,7 @@ mod guard;
 mod run;
 mod state;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
@@ -270,14 +270,11 @@ impl TierStore {
                     learner: Learner::default(),
                     acquires: 0,
                     last_released: None,
-                    plan: None,
-                    step,
-                    ahead: VecDeque::new(),
-                    served: false,
-                    on_track: false,
+                    progress: Progress {
+                        step,
+                        ..Progress::default()
+                    },
                     resident: Vec::new(),
-                    fixed: Vec::new(),
-                    belady_cap: None,
                     used: 0,
                     pinned: 0,
                     ring,
@@ -400,7 +397,7 @@ impl TierStore {
             out.push(id);
         }
         // The plan's spare is the largest parameter: size it again.
-        st.plan = None;
+        st.progress.plan = None;
         Ok(out)
     }
 
@@ -504,7 +501,7 @@ impl TierStore {
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].keep, keep) != keep {
             // The plan orders its evictions by this: it starts again.
-            st.plan = None;
+            st.progress.plan = None;
         }
         drop(st);
         if !keep {
@@ -523,7 +520,7 @@ impl TierStore {
         let mut st = self.shared.lock();
         param(&st, id)?;
         if std::mem::replace(&mut st.params[id as usize].priority, priority) != priority {
-            st.plan = None;
+            st.progress.plan = None;
         }
         Ok(())
     }
@@ -621,7 +618,7 @@ impl TierStore {
     pub fn stats(&self) -> TierStats {
         let st = self.shared.lock();
         let mut s = st.stats;
-        s.bytes_ahead = st.ahead.iter().map(|(_, b)| *b as u64).sum();
+        s.bytes_ahead = st.progress.ahead.iter().map(|(_, b)| *b as u64).sum();
         s.mapped_bytes = st
             .params
             .iter()

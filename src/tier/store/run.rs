@@ -21,12 +21,12 @@ use crate::tier::sizing::{self, ParamTraits};
 /// calls for, or until a load finds no room. Returns whether it reached the runtime's
 /// step; false under LRU.
 pub(super) fn run_plan(setup: &Setup, st: &mut State, lookahead: usize) -> Result<bool> {
-    let lookahead = if st.on_track { lookahead } else { 0 };
+    let lookahead = if st.progress.on_track { lookahead } else { 0 };
     let seq = match st.cursor.policy() {
         Policy::Sequence(seq) if !seq.is_empty() => seq.clone(),
         _ => return Ok(false),
     };
-    let plan = match st.plan.take() {
+    let plan = match st.progress.plan.take() {
         Some(p) => p,
         None => {
             // Everything on the device starts in the logical cache; beside it, room for
@@ -47,18 +47,18 @@ pub(super) fn run_plan(setup: &Setup, st: &mut State, lookahead: usize) -> Resul
                 .collect();
             // From the runtime's step, or the one before if its parameter is still to
             // be handed out.
-            let pos = if st.served {
-                st.step
+            let pos = if st.progress.served {
+                st.progress.step
             } else {
-                st.step.saturating_sub(1)
+                st.progress.step.saturating_sub(1)
             };
             Plan::new(&seq, resident, cap, pos)
         }
     };
-    st.plan = Some(plan);
-    let horizon = st.step + lookahead.min(seq.len()) as u64;
+    st.progress.plan = Some(plan);
+    let horizon = st.progress.step + lookahead.min(seq.len()) as u64;
     loop {
-        let Some(plan) = st.plan.as_ref() else {
+        let Some(plan) = st.progress.plan.as_ref() else {
             // A load outside the plan (a fragmented pool) dropped it; next time.
             return Ok(false);
         };
@@ -71,25 +71,29 @@ pub(super) fn run_plan(setup: &Setup, st: &mut State, lookahead: usize) -> Resul
         if params.get(at).is_none_or(|p| p.size == 0) {
             // A given sequence may name parameters not registered (yet), and empty ones
             // have nothing to load: skip them.
-            st.plan.as_mut().expect("checked").skip();
+            st.progress.plan.as_mut().expect("checked").skip();
             continue;
         }
         let step = plan.next(&seq, |i| device_bytes(params[i as usize].size));
         match step {
-            Step::Hit => st.plan.as_mut().expect("checked").hit(&seq),
+            Step::Hit => st.progress.plan.as_mut().expect("checked").hit(&seq),
             Step::Revive => {
                 let id = seq.order()[(m % seq.len() as u64) as usize];
                 let t = traits(st, id);
-                st.plan.as_mut().expect("checked").revive(&seq, id, t);
+                st.progress
+                    .plan
+                    .as_mut()
+                    .expect("checked")
+                    .revive(&seq, id, t);
             }
             Step::Load { id, victims } => {
                 if !plan_load(setup, st, &seq, m, id, &victims)? {
-                    return Ok(m > st.step);
+                    return Ok(m > st.progress.step);
                 }
-                if m > st.step {
+                if m > st.progress.step {
                     st.stats.prefetches += 1;
                     let size = st.params[id as usize].size;
-                    st.ahead.push_back((m, size));
+                    st.progress.ahead.push_back((m, size));
                 }
             }
         }
@@ -111,32 +115,32 @@ fn param_traits(st: &State) -> Vec<ParamTraits> {
 }
 
 /// Belady's logical capacity ([`sizing::belady_choice`], kept for as long as the
-/// sequence, sizes and hints it was chosen for stay the same); sets `st.fixed` to the
+/// sequence, sizes and hints it was chosen for stay the same); sets `st.progress.fixed` to the
 /// parameters it keeps for good.
 pub(super) fn belady_cap(setup: &Setup, st: &mut State, seq: &Sequence) -> usize {
     let params = param_traits(st);
     let digest = sizing::belady_digest(&params, seq);
-    let (cap, above) = match st.belady_cap {
+    let (cap, above) = match st.progress.belady_cap {
         Some((d, cap, above)) if d == digest => (cap, above),
         _ => {
             let (cap, above) =
                 sizing::belady_choice(&params, seq, setup.device_budget, setup.spare_slots);
-            st.belady_cap = Some((digest, cap, above));
+            st.progress.belady_cap = Some((digest, cap, above));
             (cap, above)
         }
     };
-    st.fixed = sizing::belady_fixed(&params, seq, above);
+    st.progress.fixed = sizing::belady_fixed(&params, seq, above);
     cap
 }
 
-/// The static planner's logical capacity ([`sizing::static_choice`]); sets `st.fixed` to
+/// The static planner's logical capacity ([`sizing::static_choice`]); sets `st.progress.fixed` to
 /// its fixed set.
 pub(super) fn choose_fixed(setup: &Setup, st: &mut State, seq: &Sequence) -> usize {
     let params = param_traits(st);
     let (cap, fixed, weighed) =
         sizing::static_choice(&params, seq, setup.device_budget, setup.spare_slots);
     let kept = fixed.iter().filter(|f| **f).count();
-    st.fixed = fixed;
+    st.progress.fixed = fixed;
     tracing::debug!(target: "hetmem", fixed = kept, of = weighed, cap, "static plan");
     cap
 }
@@ -153,7 +157,7 @@ pub(super) fn plan_load(
 ) -> Result<bool> {
     let size = st.params[id as usize].size;
     let dsize = device_bytes(size);
-    let plan = st.plan.as_ref().expect("pumping");
+    let plan = st.progress.plan.as_ref().expect("pumping");
     // Zombies (old, and the ones this load makes) that the runtime is done with, the
     // one needed farthest first.
     let mut free: Vec<(ParamId, usize)> = plan
@@ -167,10 +171,10 @@ pub(super) fn plan_load(
         )
         .filter(|z| {
             let p = &st.params[z.id as usize];
-            p.dev.is_some() && p.refs == 0 && !p.keep && zombie_done(seq, z, st.step)
+            p.dev.is_some() && p.refs == 0 && !p.keep && zombie_done(seq, z, st.progress.step)
         })
         .map(|z| {
-            let at = (st.step % seq.len() as u64) as usize;
+            let at = (st.progress.step % seq.len() as u64) as usize;
             (
                 z.id,
                 seq.distance_to_next_use(z.id, at).unwrap_or(usize::MAX),
@@ -195,18 +199,22 @@ pub(super) fn plan_load(
         .map(|v| (*v, device_bytes(st.params[*v as usize].size)))
         .collect();
     let t = traits(st, id);
-    st.plan.as_mut().expect("pumping").load(seq, id, t, &sized);
+    st.progress
+        .plan
+        .as_mut()
+        .expect("pumping")
+        .load(seq, id, t, &sized);
     let done = (|| {
         let mut spare = None;
         for z in chosen {
             evict_into_spare(setup, st, z, size, &mut spare)?;
         }
-        let ahead = usize::try_from(m.saturating_sub(st.step)).unwrap_or(usize::MAX);
+        let ahead = usize::try_from(m.saturating_sub(st.progress.step)).unwrap_or(usize::MAX);
         place(setup, st, id, Need::Prefetch(ahead), spare)
     })();
     if done.is_err() {
         // The plan counted `id` as loaded: start it again from what is resident.
-        st.plan = None;
+        st.progress.plan = None;
     }
     done.map(|()| true)
 }
@@ -246,7 +254,7 @@ pub(super) fn place(
                     st.stats.unplanned_evictions += 1;
                     let (block, uses) = evict(setup, st, v)?;
                     release_block(setup, block, &uses)?;
-                    st.plan = None;
+                    st.progress.plan = None;
                 }
                 Err(e) => return Err(e),
             }

@@ -79,18 +79,35 @@ pub(super) struct Setup {
 pub(super) struct State {
     pub(super) params: Vec<Param>,
     pub(super) names: HashMap<String, ParamId>,
+    /// The parameters on the device (the candidates for eviction), in no order.
+    pub(super) resident: Vec<ParamId>,
+    /// Device bytes of resident parameters.
+    pub(super) used: usize,
+    /// Pinned bytes of parameter copies (size classes).
+    pub(super) pinned: usize,
+    pub(super) last_released: Option<ParamId>,
+    pub(super) ring: StagingRing,
+    pub(super) stats: TierStats,
+    /// Where the store stands under its eviction policy.
     pub(super) cursor: Cursor,
     /// Learns the sequence from the acquires (Learn mode).
     pub(super) learner: Learner,
     /// Acquires begun and sequences set: a failed acquire rewinds the sequence only if
     /// nothing came in since it began.
     pub(super) acquires: u64,
-    pub(super) last_released: Option<ParamId>,
-    /// The streaming plan (sequence policy; built lazily, dropped when residency
-    /// changes outside it).
+    /// The runtime's progress along the sequence, and the plan run ahead of it.
+    pub(super) progress: Progress,
+}
+
+/// The runtime's progress along the sequence and the streaming plan run ahead of it
+/// (sequence policy): what the plan executor (`run.rs`) reads and moves. Residency is
+/// [`State`]'s; the plan is dropped and built again from it whenever residency changes
+/// outside the plan.
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    /// The streaming plan (built lazily, dropped when residency changes outside it).
     pub(super) plan: Option<Plan>,
-    /// The step the runtime is at, counted from the sequence's start without wrapping
-    /// (sequence policy).
+    /// The step the runtime is at, counted from the sequence's start without wrapping.
     pub(super) step: u64,
     /// Loads queued for steps after `step`: (step, bytes).
     pub(super) ahead: VecDeque<(u64, usize)>,
@@ -100,20 +117,13 @@ pub(super) struct State {
     /// The last acquire was the step the sequence expected: only then does the plan
     /// load ahead (a runtime off the sequence would waste the copies).
     pub(super) on_track: bool,
-    /// The parameters on the device (the candidates for eviction), in no order.
-    pub(super) resident: Vec<ParamId>,
-    /// By id: in the static planner's fixed set (chosen when the plan is built).
+    /// By id: kept for good by the plan (the static planner's fixed set, or what
+    /// Belady's sizing keeps), chosen when the plan is built.
     pub(super) fixed: Vec<bool>,
     /// Belady's logical capacity and the size above which it keeps parameters for good,
     /// with the digest of what they were chosen for (the sequence, sizes and hints), so
     /// that a plan rebuilt for the same is not sized again.
     pub(super) belady_cap: Option<(u64, usize, Option<usize>)>,
-    /// Device bytes of resident parameters.
-    pub(super) used: usize,
-    /// Pinned bytes of parameter copies (size classes).
-    pub(super) pinned: usize,
-    pub(super) ring: StagingRing,
-    pub(super) stats: TierStats,
 }
 
 #[derive(Debug)]
@@ -192,12 +202,12 @@ pub(super) fn learn_from_acquire(setup: &Setup, st: &mut State, id: ParamId) -> 
 
 /// Puts `cursor` in force; the plan starts again from what is on the device.
 pub(super) fn set_policy(st: &mut State, cursor: Cursor) {
-    st.step = cursor.pos() as u64;
+    st.progress.step = cursor.pos() as u64;
     st.cursor = cursor;
-    st.plan = None;
-    st.fixed.clear();
-    st.ahead.clear();
-    st.served = false;
+    st.progress.plan = None;
+    st.progress.fixed.clear();
+    st.progress.ahead.clear();
+    st.progress.served = false;
 }
 
 pub(super) fn count_host_bytes(setup: &Setup, st: &mut State) {
@@ -210,7 +220,7 @@ pub(super) fn traits(st: &State, id: ParamId) -> Traits {
     let p = &st.params[id as usize];
     Traits {
         bytes: device_bytes(p.size),
-        kept: p.keep || st.fixed.get(id as usize).copied().unwrap_or(false),
+        kept: p.keep || st.progress.fixed.get(id as usize).copied().unwrap_or(false),
         priority: p.priority,
     }
 }
