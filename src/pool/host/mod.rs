@@ -22,7 +22,7 @@
 //!   calling thread.
 //! - **Size classes.** Requests are rounded up to a class and cached per (pinned or
 //!   pageable, resolved NUMA policy, class); see [`size_class`] for the choice.
-//! - **Limits.** A budget caps the bytes each tier holds, live and cached together.
+//! - **Limits.** A budget caps the bytes each kind (pinned, pageable) holds, live and cached together.
 //!   An allocation that would pass it first evicts cached blocks (when that is enough),
 //!   then fails with [`Error::OutOfMemory`] `{ tier, requested, free, reserved,
 //!   largest_free_block }`. [`HostPool::trim`] gives every cached block back.
@@ -128,7 +128,7 @@ impl Default for HostPoolConfig {
     }
 }
 
-/// What a [`HostPool`] counts for one tier (pinned or pageable).
+/// What a [`HostPool`] counts for one kind of memory (pinned or pageable).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostKindStats {
     /// Bytes in blocks handed out (class sizes).
@@ -170,8 +170,8 @@ pub struct HostPoolStats {
 impl HostPoolStats {
     /// Starts peak tracking again from the current values.
     pub fn reset_peak(&mut self) {
-        self.pinned.reset_peak_tier();
-        self.pageable.reset_peak_tier();
+        self.pinned.reset_kind_peak();
+        self.pageable.reset_kind_peak();
     }
 }
 
@@ -204,7 +204,7 @@ struct State {
 }
 
 impl State {
-    fn tier(&mut self, pinned: bool) -> &mut KindState {
+    fn kind(&mut self, pinned: bool) -> &mut KindState {
         if pinned {
             &mut self.pinned
         } else {
@@ -224,7 +224,7 @@ impl State {
         Some((found, mem))
     }
 
-    /// Takes cached blocks of one tier, largest first, until `want` bytes are taken
+    /// Takes cached blocks of one kind, largest first, until `want` bytes are taken
     /// (`usize::MAX`: all). The caller drops them outside the lock.
     fn evict(&mut self, pinned: bool, want: usize) -> Vec<OwnedMemory> {
         let mut out = Vec::new();
@@ -247,7 +247,7 @@ impl State {
                 }
             }
             taken += class;
-            let t = self.tier(pinned);
+            let t = self.kind(pinned);
             t.cached -= class;
             t.stats.cached_bytes.sub(class as u64);
             t.stats.held_bytes.sub(class as u64);
@@ -351,7 +351,7 @@ impl HostPool {
     }
 
     /// `size` bytes of [`Placement::Host`] or [`Placement::Pinned`] memory: a cached
-    /// block of the same (tier, resolved policy, class) when there is one, else a new
+    /// block of the same (kind, resolved policy, class) when there is one, else a new
     /// region. The bytes of a new block are zero; a reused one holds what its last
     /// user left.
     ///
@@ -394,7 +394,7 @@ impl HostPool {
 
         let mut st = sh.lock();
         if let Some((found, mem)) = st.take_cached(&key, class) {
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             t.cached -= found;
             t.live += found;
             t.stats.cached_bytes.sub(found as u64);
@@ -411,14 +411,14 @@ impl HostPool {
         // A new region: check the nodes and the room for it first.
         (self.placer)(placement, Some(class))?;
         let mut st = sh.lock();
-        st.tier(pinned).stats.misses += 1;
+        st.kind(pinned).stats.misses += 1;
         let mut evicted = Vec::new();
         let mut retried = false;
         loop {
-            // Room under the budget: evict cached blocks of this tier when that makes
+            // Room under the budget: evict cached blocks of this kind when that makes
             // enough; fail otherwise, leaving the cache as it is.
             let budget = sh.budget(pinned);
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             if let Some(budget) = budget {
                 let held = t.held();
                 if held.saturating_add(class) > budget {
@@ -441,13 +441,13 @@ impl HostPool {
                     }
                 }
             }
-            st.tier(pinned).pending += class;
+            st.kind(pinned).pending += class;
             drop(st);
             // Evicted blocks are unregistered and unmapped before new memory is made.
             drop(std::mem::take(&mut evicted));
             let made = sh.create(&key.1, pinned, class, tier);
             st = sh.lock();
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             t.pending -= class;
             match made {
                 Ok(mem) => {
@@ -461,7 +461,7 @@ impl HostPool {
                     drop(st);
                     return Ok(self.block(key, class, size, mem));
                 }
-                // The system refused: give back what this tier has cached and retry once.
+                // The system refused: give back what this kind has cached and retry once.
                 Err(Error::OutOfMemory { .. }) if !retried && t.cached > 0 => {
                     retried = true;
                     evicted.extend(st.evict(pinned, usize::MAX));
@@ -514,8 +514,8 @@ impl HostPool {
     /// Starts peak tracking again from the current values.
     pub fn reset_peak(&self) {
         let mut st = self.shared.lock();
-        st.pinned.stats.reset_peak_tier();
-        st.pageable.stats.reset_peak_tier();
+        st.pinned.stats.reset_kind_peak();
+        st.pageable.stats.reset_kind_peak();
     }
 
     /// An [`Allocator`](allocator_api2::alloc::Allocator) handing out pinned memory placed by `policy` from this pool.
@@ -529,7 +529,7 @@ impl HostPool {
 }
 
 impl HostKindStats {
-    fn reset_peak_tier(&mut self) {
+    fn reset_kind_peak(&mut self) {
         for s in [
             &mut self.live_bytes,
             &mut self.cached_bytes,
@@ -612,7 +612,7 @@ impl Shared {
     fn give_back(&self, key: Key, class: usize, mem: OwnedMemory) {
         let mut st = self.lock();
         let pinned = key.0;
-        let t = st.tier(pinned);
+        let t = st.kind(pinned);
         if mem.must_leak() {
             // A copy may still use it: never hand it out again (its drop leaks it). It
             // stays held, against the budget.
