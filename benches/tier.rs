@@ -67,7 +67,7 @@ fn main() {
             let seq = if hint {
                 SequenceHint::Given(order)
             } else {
-                SequenceHint::None
+                SequenceHint::Lru
             };
             let s = store(&mgr, n, seq);
             let next = Cell::new(0);

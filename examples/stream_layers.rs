@@ -316,7 +316,7 @@ fn main() {
     cfg.sequence = match args.policy {
         PolicyArg::Sequence => SequenceHint::Given(ids_in_order.clone()),
         PolicyArg::Learn => SequenceHint::Learn,
-        PolicyArg::Lru => SequenceHint::None,
+        PolicyArg::Lru => SequenceHint::Lru,
     };
     let store = TierStore::new(&mgr, cfg).unwrap_or_else(|e| fail(&e));
     // Registered in pass order, so ids are 0, 1, ... in that order.

@@ -18,7 +18,10 @@
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 //!
-//! Layers call only downward: [`manager`] → [`backend`] → [`host_mem`] → `hetmem-sys`.
+//! Layers call only downward: the APIs ([`manager`], [`ffi`]) → [`pool`]s and the
+//! [`tier`] store → [`stream`]s and [`topology`] → [`backend`]s → host memory
+//! ([`host_mem`]) → the vocabulary ([`error`], [`placement`], [`stats`], [`record`]) →
+//! `hetmem-sys` (checked by `tests/layers.rs`).
 
 pub mod backend;
 mod backend_kind;

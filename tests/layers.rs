@@ -40,8 +40,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "pools and tier store",
         &[
             "tier",
+            "tier::config",
             "tier::store",
             "tier::plan",
+            "tier::sizing",
             "tier::learn",
             "tier::policy",
             "tier::source",

@@ -139,7 +139,7 @@ fn given_sequence_moves_the_belady_optimum_and_lru_moves_everything() {
             "budget {capacity}: MIN(C-1) should beat a fixed set with two rotating slots"
         );
 
-        let lru = run(capacity, SequenceHint::None);
+        let lru = run(capacity, SequenceHint::Lru);
         assert_eq!(lru_misses_per_pass(&ids, capacity, PASSES), N as f64);
         for (p, b) in lru.iter().enumerate() {
             assert_eq!(*b as usize, N * SIZE, "LRU, budget {capacity}, pass {p}");
@@ -430,7 +430,7 @@ fn a_failed_acquire_while_learning_is_recorded_once() {
 #[test]
 fn acquired_and_kept_parameters_stay_and_dont_need_evicts() {
     let mgr = sim();
-    let store = model(&mgr, 3, SequenceHint::None, true);
+    let store = model(&mgr, 3, SequenceHint::Lru, true);
     let s = mgr.create_stream(0).unwrap();
     let held = store.acquire(0, &s).unwrap();
     store.keep_resident(1, true).unwrap();
@@ -534,7 +534,7 @@ fn dirty_parameters_are_written_back() {
 fn writes_and_reads_on_two_streams_stay_in_order() {
     let mgr = sim();
     let sim = mgr.sim().unwrap();
-    let store = model(&mgr, 4, SequenceHint::None, false);
+    let store = model(&mgr, 4, SequenceHint::Lru, false);
     let (a, b) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
     let ms = Duration::from_millis;
     // Loaded and read on `b`: its kernel runs until `read_end`.
@@ -579,7 +579,7 @@ fn writes_and_reads_on_two_streams_stay_in_order() {
 fn a_failed_write_back_keeps_the_write() {
     let mgr = sim();
     let sim = mgr.sim().unwrap();
-    let store = model(&mgr, 1, SequenceHint::None, true);
+    let store = model(&mgr, 1, SequenceHint::Lru, true);
     let s = mgr.create_stream(0).unwrap();
     let mut g = store.acquire(0, &s).unwrap();
     s.synchronize().unwrap();
@@ -618,7 +618,7 @@ fn a_failed_write_back_keeps_the_write() {
 #[test]
 fn a_load_that_arrives_wrong_is_made_again_and_twice_wrong_is_refused() {
     let mgr = sim();
-    let store = model(&mgr, 3, SequenceHint::None, true);
+    let store = model(&mgr, 3, SequenceHint::Lru, true);
     let s = mgr.create_stream(0).unwrap();
     let sim = mgr.sim().unwrap();
     sim.corrupt_next_h2d_copies(1);
@@ -902,11 +902,11 @@ fn errors_are_clear() {
 fn stress_four_threads() {
     // LRU, and a given sequence the random acquires keep leaving (the plan restarts,
     // the demand path takes over, and the plan resumes), and one the threads follow.
-    stress(SequenceHint::None, false, Planner::Belady);
+    stress(SequenceHint::Lru, false, Planner::Belady);
     // A host budget of the ring and four pinned copies: most loads go through the
     // staging ring, and write-backs replace cold sources.
     stress_in(
-        SequenceHint::None,
+        SequenceHint::Lru,
         false,
         Planner::Belady,
         4 * MIB + 4 * 64 * 1024,
@@ -1728,7 +1728,7 @@ fn a_load_that_cannot_fit_evicts_nothing() {
 fn an_acquire_in_a_capture_serves_resident_parameters_only() {
     let mgr = sim();
     let sim = mgr.sim().unwrap();
-    let store = model(&mgr, 2, SequenceHint::None, false);
+    let store = model(&mgr, 2, SequenceHint::Lru, false);
     let (capture, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
     // Layer 0 resident and loaded; layer 1's load queued (still in flight).
     let g = store.acquire(0, &other).unwrap();

@@ -106,7 +106,7 @@ impl World {
                 Planner::Static
             };
             c.sequence = match rng.below(3) {
-                0 => SequenceHint::None,
+                0 => SequenceHint::Lru,
                 1 => SequenceHint::Learn,
                 _ => SequenceHint::Given((0..n as ParamId).collect()),
             };

@@ -205,7 +205,7 @@ _GPU_BACKENDS = ("cuda", "rocm")
 
 
 def _pinned_bytes(n):
-    """Pinned bytes the store's host pool uses for n bytes (src/pool/host.rs)."""
+    """Pinned bytes the store's host pool uses for n bytes (src/pool/host/)."""
     if n >= _HUGE:
         return -(-n // _HUGE) * _HUGE
     return max(1 << max(n - 1, 0).bit_length(), 4096)

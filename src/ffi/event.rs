@@ -11,7 +11,7 @@
 use std::ffi::c_int;
 
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
-use super::{device_arg, guard, lookup, out_ptr, register, unregister, write_out, FfiResult};
+use super::{call, device_arg, lookup, out_ptr, register, unregister, write_out, FfiResult};
 use crate::stream::Event;
 
 /// Opaque C type of `hetmem_event_t*` handles (tokens, never dereferenced).
@@ -46,7 +46,7 @@ pub unsafe extern "C" fn hetmem_event_create(
     device: c_int,
     out: *mut *mut HetmemEvent,
 ) -> c_int {
-    guard("hetmem_event_create", || {
+    call("hetmem_event_create", || {
         // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -71,7 +71,7 @@ pub unsafe extern "C" fn hetmem_event_record(
     event_h: *mut HetmemEvent,
     stream_h: *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_event_record", || {
+    call("hetmem_event_record", || {
         let e = event(event_h)?;
         let s = stream(stream_h)?;
         e.event.record(&s.stream)?;
@@ -90,7 +90,7 @@ pub unsafe extern "C" fn hetmem_stream_wait_event(
     stream_h: *mut HetmemStream,
     event_h: *mut HetmemEvent,
 ) -> c_int {
-    guard("hetmem_stream_wait_event", || {
+    call("hetmem_stream_wait_event", || {
         let s = stream(stream_h)?;
         let e = event(event_h)?;
         s.stream.wait(&e.event)?;
@@ -105,7 +105,7 @@ pub unsafe extern "C" fn hetmem_stream_wait_event(
 /// `done` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_event_query(event_h: *mut HetmemEvent, done: *mut c_int) -> c_int {
-    guard("hetmem_event_query", || {
+    call("hetmem_event_query", || {
         let e = event(event_h)?;
         let done = out_ptr(done, "done")?;
         let d = e.event.is_done()?;
@@ -121,7 +121,7 @@ pub unsafe extern "C" fn hetmem_event_query(event_h: *mut HetmemEvent, done: *mu
 /// `event` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_event_synchronize(event_h: *mut HetmemEvent) -> c_int {
-    guard("hetmem_event_synchronize", || {
+    call("hetmem_event_synchronize", || {
         event(event_h)?.event.synchronize()?;
         Ok(())
     })
@@ -134,7 +134,7 @@ pub unsafe extern "C" fn hetmem_event_synchronize(event_h: *mut HetmemEvent) -> 
 /// `event` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_event_destroy(event_h: *mut HetmemEvent) -> c_int {
-    guard("hetmem_event_destroy", || {
+    call("hetmem_event_destroy", || {
         drop(unregister::<FfiEvent, _>(event_h, "event")?);
         Ok(())
     })

@@ -10,13 +10,12 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, Mutex};
 
 use super::{
-    c_str, device_arg, guard, guard_with, json_array, json_object, json_str, lock, lookup, out_ptr,
-    register, unregister, write_out, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
+    c_str, call, call_with, device_arg, lock, lookup, out_ptr, register, unregister, write_out,
+    FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::{check_device, BackendKind};
 use crate::manager::{Buffer, Manager};
 use crate::placement::{Advice, Location, NumaPolicy, Placement};
-use crate::stats::CounterSnapshot;
 use crate::stream::Stream;
 
 /// Pageable host memory (`device_or_node`: a NUMA node, or -1 for the default policy).
@@ -170,42 +169,10 @@ impl FfiManager {
         Ok(s)
     }
 
-    /// The manager's stats JSON, with `extra` fields at the end.
-    pub(super) fn json(&self, extra: Vec<(&'static str, String)>) -> String {
-        let snap = |c: &CounterSnapshot| {
-            json_object([
-                ("current", c.current.to_string()),
-                ("peak", c.peak.to_string()),
-                ("count", c.count.to_string()),
-            ])
-        };
-        let st = self.mgr.stats();
-        let (live, bytes) = {
-            let map = lock(&self.buffers);
-            (map.len(), map.values().map(|e| e.len).sum::<usize>())
-        };
-        let devices = self.mgr.devices().iter().map(|d| {
-            json_object([
-                ("ordinal", d.info.ordinal.to_string()),
-                ("name", json_str(&d.info.name)),
-                ("total_memory", d.info.total_memory.to_string()),
-                (
-                    "numa_node",
-                    d.numa_node.map_or("null".to_owned(), |n| n.to_string()),
-                ),
-            ])
-        });
-        let fields = vec![
-            ("backend", json_str(self.mgr.backend_kind().name())),
-            ("devices", json_array(devices)),
-            ("live_buffers", live.to_string()),
-            ("live_bytes", bytes.to_string()),
-            ("host", snap(&st.host)),
-            ("pinned", snap(&st.pinned)),
-            ("device", json_array(st.device.iter().map(snap))),
-            ("managed", json_array(st.managed.iter().map(snap))),
-        ];
-        json_object(fields.into_iter().chain(extra))
+    /// Live buffers and their bytes.
+    pub(super) fn live_buffers(&self) -> (usize, usize) {
+        let map = lock(&self.buffers);
+        (map.len(), map.values().map(|e| e.len).sum::<usize>())
     }
 }
 
@@ -267,7 +234,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
     backend: *const c_char,
     out: *mut *mut HetmemManager,
 ) -> c_int {
-    guard("hetmem_manager_create", || {
+    call("hetmem_manager_create", || {
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -294,7 +261,7 @@ pub unsafe extern "C" fn hetmem_manager_create(
 /// `mgr` is a handle or NULL (any value is checked; this is for symmetry).
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_manager_destroy(mgr: *mut HetmemManager) -> c_int {
-    guard("hetmem_manager_destroy", || {
+    call("hetmem_manager_destroy", || {
         let m = unregister::<FfiManager, _>(mgr, "mgr")?;
         drop(m);
         Ok(())
@@ -308,7 +275,7 @@ pub unsafe extern "C" fn hetmem_manager_destroy(mgr: *mut HetmemManager) -> c_in
 /// `mgr` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_manager_backend(mgr: *mut HetmemManager) -> *const c_char {
-    guard_with("hetmem_manager_backend", std::ptr::null(), || {
+    call_with("hetmem_manager_backend", std::ptr::null(), || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         Ok(match m.mgr.backend_kind() {
             BackendKind::Host => c"host".as_ptr(),
@@ -325,7 +292,7 @@ pub unsafe extern "C" fn hetmem_manager_backend(mgr: *mut HetmemManager) -> *con
 /// `count` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_device_count(mgr: *mut HetmemManager, count: *mut c_int) -> c_int {
-    guard("hetmem_device_count", || {
+    call("hetmem_device_count", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let count = out_ptr(count, "count")?;
         let n = c_int::try_from(m.mgr.devices().len()).unwrap_or(c_int::MAX);
@@ -346,7 +313,7 @@ pub unsafe extern "C" fn hetmem_mem_info(
     free: *mut usize,
     total: *mut usize,
 ) -> c_int {
-    guard("hetmem_mem_info", || {
+    call("hetmem_mem_info", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let free = out_ptr(free, "free")?;
         let total = out_ptr(total, "total")?;
@@ -378,7 +345,7 @@ pub unsafe extern "C" fn hetmem_alloc(
     size: usize,
     out: *mut *mut c_void,
 ) -> c_int {
-    guard("hetmem_alloc", || {
+    call("hetmem_alloc", || {
         // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -429,7 +396,7 @@ pub unsafe extern "C" fn hetmem_alloc(
 /// `ptr` may be any value: it is only looked up, never dereferenced.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_free(mgr: *mut HetmemManager, ptr: *mut c_void) -> c_int {
-    guard("hetmem_free", || {
+    call("hetmem_free", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if ptr.is_null() {
             return Err(FfiError::null("ptr"));
@@ -481,7 +448,7 @@ pub unsafe extern "C" fn hetmem_copy(
     n: usize,
     stream: *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_copy", || {
+    call("hetmem_copy", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if dst.is_null() {
             return Err(FfiError::null("dst"));
@@ -508,7 +475,7 @@ pub unsafe extern "C" fn hetmem_copy_from_host(
     host_src: *const c_void,
     n: usize,
 ) -> c_int {
-    guard("hetmem_copy_from_host", || {
+    call("hetmem_copy_from_host", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if dst.is_null() {
             return Err(FfiError::null("dst"));
@@ -551,7 +518,7 @@ pub unsafe extern "C" fn hetmem_copy_to_host(
     src: *const c_void,
     n: usize,
 ) -> c_int {
-    guard("hetmem_copy_to_host", || {
+    call("hetmem_copy_to_host", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         if host_dst.is_null() {
             return Err(FfiError::null("host_dst"));
@@ -598,7 +565,7 @@ pub unsafe extern "C" fn hetmem_stream_create(
     device: c_int,
     out: *mut *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_stream_create", || {
+    call("hetmem_stream_create", || {
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -629,7 +596,7 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
     raw: usize,
     out: *mut *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_stream_wrap", || {
+    call("hetmem_stream_wrap", || {
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
         unsafe { write_out(out, std::ptr::null_mut()) };
@@ -655,7 +622,7 @@ pub unsafe extern "C" fn hetmem_stream_wrap(
 /// `raw` is NULL or valid for a write.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_raw(stream: *mut HetmemStream, raw: *mut usize) -> c_int {
-    guard("hetmem_stream_raw", || {
+    call("hetmem_stream_raw", || {
         let s = lookup::<FfiStream, _>(stream, "stream")?;
         let raw = out_ptr(raw, "raw")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -670,7 +637,7 @@ pub unsafe extern "C" fn hetmem_stream_raw(stream: *mut HetmemStream, raw: *mut 
 /// `stream` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_synchronize(stream: *mut HetmemStream) -> c_int {
-    guard("hetmem_stream_synchronize", || {
+    call("hetmem_stream_synchronize", || {
         let s = lookup::<FfiStream, _>(stream, "stream")?;
         s.stream.synchronize()?;
         Ok(())
@@ -684,7 +651,7 @@ pub unsafe extern "C" fn hetmem_stream_synchronize(stream: *mut HetmemStream) ->
 /// `stream` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_stream_destroy(stream: *mut HetmemStream) -> c_int {
-    guard("hetmem_stream_destroy", || {
+    call("hetmem_stream_destroy", || {
         drop(unregister::<FfiStream, _>(stream, "stream")?);
         Ok(())
     })
@@ -731,7 +698,7 @@ pub unsafe extern "C" fn hetmem_prefetch(
     device: c_int,
     stream: *mut HetmemStream,
 ) -> c_int {
-    guard("hetmem_prefetch", || {
+    call("hetmem_prefetch", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let s = stream_opt(stream)?;
         let (buf, off) = managed_range(&m, ptr, n)?;
@@ -783,7 +750,7 @@ pub unsafe extern "C" fn hetmem_advise(
     advice: c_int,
     device: c_int,
 ) -> c_int {
-    guard("hetmem_advise", || {
+    call("hetmem_advise", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let (buf, off) = managed_range(&m, ptr, n)?;
         let dev = || -> FfiResult<usize> {

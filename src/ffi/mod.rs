@@ -268,7 +268,7 @@ fn run<T>(name: &'static str, f: impl FnOnce() -> FfiResult<T>) -> Result<T, c_i
 }
 
 /// Runs the body of the export `name` (see [`run`]) and returns its status.
-pub(crate) fn guard(name: &'static str, f: impl FnOnce() -> FfiResult<()>) -> c_int {
+pub(crate) fn call(name: &'static str, f: impl FnOnce() -> FfiResult<()>) -> c_int {
     match run(name, f) {
         Ok(()) => HETMEM_OK,
         Err(code) => code,
@@ -276,11 +276,7 @@ pub(crate) fn guard(name: &'static str, f: impl FnOnce() -> FfiResult<()>) -> c_
 }
 
 /// Runs the body of the export `name` (see [`run`]); `fallback` when it fails.
-pub(crate) fn guard_with<T>(
-    name: &'static str,
-    fallback: T,
-    f: impl FnOnce() -> FfiResult<T>,
-) -> T {
+pub(crate) fn call_with<T>(name: &'static str, fallback: T, f: impl FnOnce() -> FfiResult<T>) -> T {
     run(name, f).unwrap_or(fallback)
 }
 
@@ -610,15 +606,15 @@ mod tests {
 
     #[test]
     fn panics_become_a_status_and_a_message() {
-        let code = guard("test_call", || panic!("boom"));
+        let code = call("test_call", || panic!("boom"));
         assert_eq!(code, HETMEM_ERR_PANIC);
         // SAFETY: hetmem_last_error returns a live NUL-terminated string.
         let msg = unsafe { CStr::from_ptr(hetmem_last_error()) };
         assert!(msg.to_str().unwrap().contains("boom"), "{msg:?}");
-        assert_eq!(guard("test_call", || Ok(())), HETMEM_OK);
+        assert_eq!(call("test_call", || Ok(())), HETMEM_OK);
         // SAFETY: as above.
         assert!(unsafe { CStr::from_ptr(hetmem_last_error()) }.is_empty());
-        let v = guard_with("test_call", 7, || Err(FfiError::invalid("no")));
+        let v = call_with("test_call", 7, || Err(FfiError::invalid("no")));
         assert_eq!(v, 7);
     }
 

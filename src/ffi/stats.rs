@@ -7,7 +7,8 @@ use std::ffi::{c_char, c_int};
 
 use super::memory::{FfiManager, HetmemManager};
 use super::tier::{FfiStore, HetmemStore};
-use super::{guard, json_object, lookup, write_c_text};
+use super::{call, json_array, json_object, json_str, lookup, write_c_text};
+use crate::stats::CounterSnapshot;
 
 /// Writes the stats of the manager (and of `store`, if not NULL) as NUL-terminated
 /// JSON into `buf` if it fits in `cap` bytes; `*needed` (if not NULL) is always set to
@@ -28,7 +29,7 @@ pub unsafe extern "C" fn hetmem_stats_json(
     cap: usize,
     needed: *mut usize,
 ) -> c_int {
-    guard("hetmem_stats_json", || {
+    call("hetmem_stats_json", || {
         let m = lookup::<FfiManager, _>(mgr, "mgr")?;
         let tier = if store.is_null() {
             "null".to_owned()
@@ -82,4 +83,41 @@ fn store_json(s: &FfiStore) -> String {
             p.reserved_bytes.all.peak.to_string(),
         ),
     ])
+}
+
+impl FfiManager {
+    /// The manager's stats JSON, with `extra` fields at the end.
+    fn json(&self, extra: Vec<(&'static str, String)>) -> String {
+        let snap = |c: &CounterSnapshot| {
+            json_object([
+                ("current", c.current.to_string()),
+                ("peak", c.peak.to_string()),
+                ("count", c.count.to_string()),
+            ])
+        };
+        let st = self.mgr.stats();
+        let (live, bytes) = self.live_buffers();
+        let devices = self.mgr.devices().iter().map(|d| {
+            json_object([
+                ("ordinal", d.info.ordinal.to_string()),
+                ("name", json_str(&d.info.name)),
+                ("total_memory", d.info.total_memory.to_string()),
+                (
+                    "numa_node",
+                    d.numa_node.map_or("null".to_owned(), |n| n.to_string()),
+                ),
+            ])
+        });
+        let fields = vec![
+            ("backend", json_str(self.mgr.backend_kind().name())),
+            ("devices", json_array(devices)),
+            ("live_buffers", live.to_string()),
+            ("live_bytes", bytes.to_string()),
+            ("host", snap(&st.host)),
+            ("pinned", snap(&st.pinned)),
+            ("device", json_array(st.device.iter().map(snap))),
+            ("managed", json_array(st.managed.iter().map(snap))),
+        ];
+        json_object(fields.into_iter().chain(extra))
+    }
 }

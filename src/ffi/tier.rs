@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use super::memory::{FfiManager, FfiStream, HetmemManager, HetmemStream};
 use super::{
-    c_str, copy_in, device_arg, guard, lock, lookup, out_ptr, register, unregister, write_out,
+    c_str, call, copy_in, device_arg, lock, lookup, out_ptr, register, unregister, write_out,
     FfiError, FfiResult, HETMEM_ERR_BUFFER_TOO_SMALL, HETMEM_ERR_INVALID_HANDLE,
     HETMEM_ERR_INVALID_SIZE, HETMEM_ERR_UNKNOWN_PARAM,
 };
@@ -126,7 +126,7 @@ pub unsafe extern "C" fn hetmem_store_config_init(
     device_budget: usize,
     host_budget: usize,
 ) -> c_int {
-    guard("hetmem_store_config_init", || {
+    call("hetmem_store_config_init", || {
         let cfg = out_ptr(cfg, "cfg")?;
         let d = TierConfig::new(device_budget, host_budget);
         let c = HetmemStoreConfig {
@@ -167,7 +167,7 @@ pub unsafe extern "C" fn hetmem_store_create(
     cfg: *const HetmemStoreConfig,
     out: *mut *mut HetmemStore,
 ) -> c_int {
-    guard("hetmem_store_create", || {
+    call("hetmem_store_create", || {
         // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -179,7 +179,7 @@ pub unsafe extern "C" fn hetmem_store_create(
         // SAFETY: non-null and valid for a read by the caller's contract.
         let c = unsafe { cfg.read() };
         let sequence = match c.sequence {
-            HETMEM_SEQUENCE_NONE => SequenceHint::None,
+            HETMEM_SEQUENCE_NONE => SequenceHint::Lru,
             HETMEM_SEQUENCE_LEARN => SequenceHint::Learn,
             other => {
                 return Err(FfiError::invalid(format!(
@@ -227,7 +227,7 @@ pub unsafe extern "C" fn hetmem_store_create(
 /// `store` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_store_destroy(store: *mut HetmemStore) -> c_int {
-    guard("hetmem_store_destroy", || {
+    call("hetmem_store_destroy", || {
         drop(unregister::<FfiStore, _>(store, "store")?);
         Ok(())
     })
@@ -247,7 +247,7 @@ pub unsafe extern "C" fn hetmem_store_register(
     n: usize,
     id: *mut u32,
 ) -> c_int {
-    guard("hetmem_store_register", || {
+    call("hetmem_store_register", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         // SAFETY: the caller's contract.
         let name = unsafe { c_str(name, "name")? };
@@ -292,7 +292,7 @@ pub unsafe extern "C" fn hetmem_store_register_safetensors(
     cap: usize,
     count: *mut usize,
 ) -> c_int {
-    guard("hetmem_store_register_safetensors", || {
+    call("hetmem_store_register_safetensors", || {
         // 0 before anything can fail (the handle, the path), as the header says.
         let count = out_ptr(count, "count")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -337,7 +337,7 @@ pub unsafe extern "C" fn hetmem_store_lookup(
     name: *const c_char,
     id: *mut u32,
 ) -> c_int {
-    guard("hetmem_store_lookup", || {
+    call("hetmem_store_lookup", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         // SAFETY: the caller's contract.
         let name = unsafe { c_str(name, "name")? };
@@ -365,7 +365,7 @@ pub unsafe extern "C" fn hetmem_store_param_size(
     id: u32,
     size: *mut usize,
 ) -> c_int {
-    guard("hetmem_store_param_size", || {
+    call("hetmem_store_param_size", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         let size = out_ptr(size, "size")?;
         s.check_id(id)?;
@@ -391,7 +391,7 @@ pub unsafe extern "C" fn hetmem_store_set_sequence(
     ids: *const u32,
     n: usize,
 ) -> c_int {
-    guard("hetmem_store_set_sequence", || {
+    call("hetmem_store_set_sequence", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         if n == 0 {
             s.store.set_sequence(None)?;
@@ -422,7 +422,7 @@ pub unsafe extern "C" fn hetmem_store_will_need(
     id: u32,
     on_device: *mut c_int,
 ) -> c_int {
-    guard("hetmem_store_will_need", || {
+    call("hetmem_store_will_need", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         let r = s.store.will_need(id)?;
@@ -446,7 +446,7 @@ pub unsafe extern "C" fn hetmem_store_dont_need(
     id: u32,
     dropped: *mut c_int,
 ) -> c_int {
-    guard("hetmem_store_dont_need", || {
+    call("hetmem_store_dont_need", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         let r = s.store.dont_need(id)?;
@@ -469,7 +469,7 @@ pub unsafe extern "C" fn hetmem_store_keep_resident(
     id: u32,
     keep: c_int,
 ) -> c_int {
-    guard("hetmem_store_keep_resident", || {
+    call("hetmem_store_keep_resident", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         s.store.keep_resident(id, keep != 0)?;
@@ -487,7 +487,7 @@ pub unsafe extern "C" fn hetmem_store_priority(
     id: u32,
     priority: c_int,
 ) -> c_int {
-    guard("hetmem_store_priority", || {
+    call("hetmem_store_priority", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         s.check_id(id)?;
         s.store.priority(id, priority)?;
@@ -507,7 +507,7 @@ pub unsafe extern "C" fn hetmem_store_residency(
     state: *mut c_int,
     refs: *mut u32,
 ) -> c_int {
-    guard("hetmem_store_residency", || {
+    call("hetmem_store_residency", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         let state = out_ptr(state, "state")?;
         s.check_id(id)?;
@@ -602,7 +602,7 @@ unsafe fn acquire(
     out: *mut *mut HetmemGuard,
     device_ptr: *mut *mut c_void,
 ) -> c_int {
-    guard(name, || {
+    call(name, || {
         // Cleared before anything can fail, the handle's look-up included.
         let out = out_ptr(out, "out")?;
         // SAFETY: checked non-null; valid by the caller's contract.
@@ -651,7 +651,7 @@ unsafe fn acquire(
 /// `guard` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_guard_mark_dirty(guard_: *mut HetmemGuard) -> c_int {
-    guard("hetmem_guard_mark_dirty", || {
+    call("hetmem_guard_mark_dirty", || {
         let g = lookup::<FfiGuard, _>(guard_, "guard")?;
         let mut slot = lock(&g.guard);
         // Released by another thread since the lookup: as a handle released already.
@@ -672,7 +672,7 @@ pub unsafe extern "C" fn hetmem_guard_mark_dirty(guard_: *mut HetmemGuard) -> c_
 /// `guard` may be any value: it is checked.
 #[no_mangle]
 pub unsafe extern "C" fn hetmem_guard_release(guard_: *mut HetmemGuard) -> c_int {
-    guard("hetmem_guard_release", || {
+    call("hetmem_guard_release", || {
         let g = unregister::<FfiGuard, _>(guard_, "guard")?;
         let taken = lock(&g.guard).take();
         drop(taken);
@@ -693,7 +693,7 @@ pub unsafe extern "C" fn hetmem_store_read(
     out: *mut c_void,
     cap: usize,
 ) -> c_int {
-    guard("hetmem_store_read", || {
+    call("hetmem_store_read", || {
         let s = lookup::<FfiStore, _>(store, "store")?;
         if out.is_null() {
             return Err(FfiError::null("out"));

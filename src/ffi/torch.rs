@@ -6,6 +6,8 @@
 //! (`torch.cuda.empty_cache()`), and the graph-pool hooks (`torch.cuda.graph`: the
 //! device pool's private pools).
 //!
+//! (Over 800 lines, about 330 of them the tests of the hooks, kept beside them.)
+//!
 //! One process-wide [`Manager`] (backend from `HETMEM_BACKEND`, else the first GPU
 //! backend that opens, never the simulator: [`gpu_only`](crate::manager::ManagerBuilder::gpu_only)), built on
 //! the first call; one [`DevicePool`] per device with
@@ -33,7 +35,7 @@ use std::sync::Mutex;
 use rustc_hash::FxHashMap;
 
 use super::{
-    device_arg, guard, guard_with, json_array, json_object, json_str, last_error_message, lock,
+    call, call_with, device_arg, json_array, json_object, json_str, last_error_message, lock,
     write_c_text, FfiError, FfiResult, HETMEM_ERR_FOREIGN_POINTER,
 };
 use crate::backend::check_device;
@@ -141,7 +143,7 @@ pub unsafe extern "C" fn hetmem_torch_malloc(
     device: c_int,
     stream: *mut c_void,
 ) -> *mut c_void {
-    guard_with("hetmem_torch_malloc", std::ptr::null_mut(), || {
+    call_with("hetmem_torch_malloc", std::ptr::null_mut(), || {
         let size = usize::try_from(size).map_err(|_| crate::Error::InvalidSize {
             requested: 0,
             reason: "negative size",
@@ -216,7 +218,7 @@ pub unsafe extern "C" fn hetmem_torch_free(
     device: c_int,
     stream: *mut c_void,
 ) {
-    guard_with("hetmem_torch_free", (), || {
+    call_with("hetmem_torch_free", (), || {
         if ptr.is_null() {
             return Ok(());
         }
@@ -266,7 +268,7 @@ pub unsafe extern "C" fn hetmem_torch_record_stream(
     ptr: *mut c_void,
     stream: *mut c_void,
 ) -> c_int {
-    guard("hetmem_torch_record_stream", || {
+    call("hetmem_torch_record_stream", || {
         if ptr.is_null() {
             return Ok(());
         }
@@ -377,7 +379,7 @@ pub unsafe extern "C" fn hetmem_torch_begin_allocate_to_pool(
         ctx,
         drop_ctx,
     };
-    guard("hetmem_torch_begin_allocate_to_pool", move || {
+    call("hetmem_torch_begin_allocate_to_pool", move || {
         let device = device_arg(device, "device")?;
         let id = PrivatePoolId(pool_a, pool_b);
         let pool = with_torch(|t| t.pool(device))?;
@@ -397,7 +399,7 @@ pub extern "C" fn hetmem_torch_end_allocate_to_pool(
     pool_a: u64,
     pool_b: u64,
 ) -> c_int {
-    guard("hetmem_torch_end_allocate_to_pool", || {
+    call("hetmem_torch_end_allocate_to_pool", || {
         let device = device_arg(device, "device")?;
         let pool = existing_pool(device).ok_or_else(|| {
             FfiError::invalid(format!(
@@ -420,7 +422,7 @@ pub extern "C" fn hetmem_torch_end_allocate_to_pool(
 /// destructors: its C++ hook prints a failure, never throws.
 #[no_mangle]
 pub extern "C" fn hetmem_torch_release_pool(device: c_int, pool_a: u64, pool_b: u64) -> c_int {
-    guard("hetmem_torch_release_pool", || {
+    call("hetmem_torch_release_pool", || {
         let device = device_arg(device, "device")?;
         let id = PrivatePoolId(pool_a, pool_b);
         let Some(pool) = existing_pool(device).filter(|p| p.private_pool(id).is_some()) else {
@@ -445,7 +447,7 @@ fn existing_pool(device: usize) -> Option<DevicePool> {
 /// `torch.cuda.empty_cache()`).
 #[no_mangle]
 pub extern "C" fn hetmem_torch_empty_cache() -> c_int {
-    guard("hetmem_torch_empty_cache", || {
+    call("hetmem_torch_empty_cache", || {
         let mut slot = lock(&TORCH);
         let Some(t) = slot.as_mut() else {
             return Ok(());
@@ -478,7 +480,7 @@ pub unsafe extern "C" fn hetmem_torch_stats_json(
     cap: usize,
     needed: *mut usize,
 ) -> c_int {
-    guard("hetmem_torch_stats_json", || {
+    call("hetmem_torch_stats_json", || {
         let json = {
             let slot = lock(&TORCH);
             match slot.as_ref() {

@@ -22,7 +22,7 @@ pub(crate) fn into_block(
     len: usize,
     stream: &Stream,
 ) -> Result<()> {
-    dst.with_end(|d| copy(d, dst_offset, src, src_offset, len, Some(&stream.inner)))
+    dst.with_mem(|d| copy(d, dst_offset, src, src_offset, len, Some(&stream.inner)))
 }
 
 /// Queues a copy of `len` bytes from `src[src_offset..]` into `dst[dst_offset..]` (any
@@ -35,7 +35,7 @@ pub(crate) fn out_of_block(
     len: usize,
     stream: &Stream,
 ) -> Result<()> {
-    src.with_end(|s| copy(dst, dst_offset, s, src_offset, len, Some(&stream.inner)))
+    src.with_mem(|s| copy(dst, dst_offset, s, src_offset, len, Some(&stream.inner)))
 }
 
 /// Queues a copy of `len` bytes between two pool blocks on `stream`.
@@ -47,7 +47,7 @@ pub(crate) fn between_blocks(
     len: usize,
     stream: &Stream,
 ) -> Result<()> {
-    PoolBlock::with_ends(dst, src, |d, s| {
+    PoolBlock::with_mems(dst, src, |d, s| {
         copy(d, dst_offset, s, src_offset, len, Some(&stream.inner))
     })
 }

@@ -15,7 +15,7 @@ mod stats;
 
 pub use device::{Budget, DevicePool, PoolBlock, PoolConfig, PrivatePoolId, PrivatePoolStats};
 pub use host::{
-    size_class, HostBlock, HostPool, HostPoolConfig, HostPoolStats, HostTierStats, PinnedAllocator,
+    size_class, HostBlock, HostKindStats, HostPool, HostPoolConfig, HostPoolStats, PinnedAllocator,
 };
 pub use staging::{StagingRing, UploadReport};
 pub use stats::{PoolStats, Stat};

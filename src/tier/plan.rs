@@ -42,11 +42,11 @@ pub(crate) struct Traits {
     pub bytes: usize,
     /// Never evicted (kept resident).
     pub kept: bool,
-    /// Eviction priority: lower goes first.
+    /// Cursor priority: lower goes first.
     pub priority: i32,
 }
 
-/// Eviction order: the greatest key goes first (lowest priority, then the next use
+/// Cursor order: the greatest key goes first (lowest priority, then the next use
 /// farthest away, then the lowest id).
 type Key = (Reverse<i32>, u64, Reverse<ParamId>);
 
@@ -228,7 +228,7 @@ pub(crate) struct Candidate {
     pub at: usize,
     /// Uses per pass (a tied weight used twice saves two loads by staying).
     pub uses: usize,
-    /// Eviction priority: higher stays first.
+    /// Cursor priority: higher stays first.
     pub priority: i32,
 }
 

@@ -85,9 +85,16 @@ pub enum Policy {
     Sequence(Sequence),
 }
 
-/// The eviction state of a tier: the policy plus what it has seen.
+/// Where a store stands under its [`Policy`]: the step of the sequence last executed,
+/// and each parameter's last use. It answers "when is this needed next" and "which
+/// candidate goes" ([`Cursor::victim`]).
+///
+/// The names of the decision: a [`Policy`] is the rule (LRU, or MIN along a sequence),
+/// a `Cursor` the rule applied so far; a store's [`SequenceHint`](crate::tier::SequenceHint)
+/// says where its sequence comes from, and its [`Planner`](crate::tier::Planner) what
+/// stays on the device under one.
 #[derive(Debug, Clone)]
-pub struct Eviction {
+pub struct Cursor {
     policy: Policy,
     /// Step of the sequence last executed (sequence policy).
     pos: usize,
@@ -96,7 +103,7 @@ pub struct Eviction {
     last_use: FxHashMap<ParamId, u64>,
 }
 
-impl Eviction {
+impl Cursor {
     /// A fresh state under `policy`.
     pub fn new(policy: Policy) -> Self {
         // "The step last executed" starts as the last step of the pass before the first,
@@ -105,7 +112,7 @@ impl Eviction {
             Policy::Sequence(seq) => seq.len().saturating_sub(1),
             Policy::Lru => 0,
         };
-        Eviction {
+        Cursor {
             policy,
             pos,
             tick: 0,
@@ -116,14 +123,14 @@ impl Eviction {
     /// A fresh state under `policy`, the step last executed being `pos` (a sequence's
     /// index; ignored under LRU).
     pub fn at(policy: Policy, pos: usize) -> Self {
-        let mut ev = Eviction::new(policy);
-        if let Policy::Sequence(seq) = &ev.policy {
-            ev.pos = pos % seq.len().max(1);
+        let mut cursor = Cursor::new(policy);
+        if let Policy::Sequence(seq) = &cursor.policy {
+            cursor.pos = pos % seq.len().max(1);
         }
-        ev
+        cursor
     }
 
-    /// Moves the sequence's cursor back to `pos` (from [`Eviction::pos`]): an acquire
+    /// Moves the sequence's cursor back to `pos` (from [`Cursor::pos`]): an acquire
     /// that failed did not run its step.
     pub fn rewind(&mut self, pos: usize) {
         self.pos = pos;
@@ -182,8 +189,8 @@ impl Eviction {
 }
 
 /// Misses in each of `passes` repetitions of `order` through a cache of `capacity`
-/// equal-sized slots, starting empty, evicting by `ev`.
-fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction) -> Vec<usize> {
+/// equal-sized slots, starting empty, evicting by `cursor`.
+fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut cursor: Cursor) -> Vec<usize> {
     let mut resident: Vec<ParamId> = Vec::with_capacity(capacity);
     let mut misses = vec![0usize; passes];
     for m in misses.iter_mut() {
@@ -191,20 +198,20 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction)
             if !resident.contains(&id) {
                 *m += 1;
                 if capacity == 0 {
-                    ev.touch(id);
+                    cursor.touch(id);
                     continue;
                 }
                 if resident.len() == capacity {
                     // The id about to be used is not resident, so it is no candidate.
-                    let v = ev
+                    let v = cursor
                         .victim(resident.iter().copied())
                         .expect("a full cache has a victim");
                     resident.retain(|r| *r != v);
-                    ev.forget(v);
+                    cursor.forget(v);
                 }
                 resident.push(id);
             }
-            ev.touch(id);
+            cursor.touch(id);
         }
     }
     misses
@@ -219,8 +226,8 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut ev: Eviction)
 /// assert_eq!(min_misses_each_pass(&[0, 1, 2, 3], 2, 3), vec![4, 2, 3]);
 /// ```
 pub fn min_misses_each_pass(order: &[ParamId], capacity: usize, passes: usize) -> Vec<usize> {
-    let ev = Eviction::new(Policy::Sequence(Sequence::new(order.to_vec())));
-    simulate(order, capacity, passes, ev)
+    let cursor = Cursor::new(Policy::Sequence(Sequence::new(order.to_vec())));
+    simulate(order, capacity, passes, cursor)
 }
 
 /// Average of the passes after the first (which fills an empty cache).
@@ -241,7 +248,7 @@ pub fn lru_misses_per_pass(order: &[ParamId], capacity: usize, passes: usize) ->
         order,
         capacity,
         passes.max(2),
-        Eviction::new(Policy::Lru),
+        Cursor::new(Policy::Lru),
     ))
 }
 
@@ -289,12 +296,12 @@ mod tests {
 
     #[test]
     fn victims_follow_the_policy() {
-        let mut lru = Eviction::new(Policy::Lru);
+        let mut lru = Cursor::new(Policy::Lru);
         for id in [1, 2, 3, 1] {
             lru.touch(id);
         }
         assert_eq!(lru.victim([1, 2, 3]), Some(2));
-        let mut min = Eviction::new(Policy::Sequence(Sequence::new(vec![1, 2, 3, 4])));
+        let mut min = Cursor::new(Policy::Sequence(Sequence::new(vec![1, 2, 3, 4])));
         min.touch(1);
         min.touch(2);
         // At step 2 (id 2 just ran): 3 is next, then 4, then 1.
@@ -331,8 +338,8 @@ mod tests {
                 .take(order.len() * 3)
                 .collect();
             let best = brute(&seq, cap, &mut Vec::new(), 0);
-            let ev = Eviction::new(Policy::Sequence(Sequence::new(order.clone())));
-            let ours: usize = simulate(&order, cap, 3, ev).iter().sum();
+            let cursor = Cursor::new(Policy::Sequence(Sequence::new(order.clone())));
+            let ours: usize = simulate(&order, cap, 3, cursor).iter().sum();
             assert_eq!(
                 ours, best,
                 "{order:?} cap {cap}: MIN {ours} vs optimum {best}"

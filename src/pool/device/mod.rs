@@ -64,6 +64,8 @@
 
 mod bins;
 mod blocks;
+mod pages;
+mod private;
 mod streams;
 
 use std::sync::Arc;
@@ -73,7 +75,7 @@ use loom::sync::{Mutex, MutexGuard};
 #[cfg(not(loom))]
 use std::sync::{Mutex, MutexGuard};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::backend::copy::{CopyEnd, SubEnd};
 use crate::backend::fork::Epoch;
@@ -83,7 +85,9 @@ use crate::error::{Error, Result};
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;
-use blocks::{BlockState, Blocks, Growth, COMMON, NO_STREAM};
+use blocks::{BlockState, Blocks, COMMON};
+use pages::reclaim_idle;
+use private::{Private, Route};
 use streams::Streams;
 
 pub use blocks::MIN_BLOCK;
@@ -180,33 +184,6 @@ pub struct PrivatePoolStats {
     pub allocated_bytes: usize,
     /// Bytes of its blocks that are free: reused only by its own allocations.
     pub free_bytes: usize,
-}
-
-/// Decides whether an allocation on a stream goes to a private pool: true for yes; an
-/// error fails the allocation.
-type StreamFilter = Box<dyn Fn(&Stream) -> Result<bool> + Send + Sync>;
-
-/// Allocations routed to a private pool between begin and end.
-struct Route {
-    id: PrivatePoolId,
-    tag: u32,
-    filter: StreamFilter,
-}
-
-impl std::fmt::Debug for Route {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Route")
-            .field("id", &self.id)
-            .field("tag", &self.tag)
-            .finish_non_exhaustive()
-    }
-}
-
-/// A private pool: the tag its blocks carry, and its begins not yet released.
-#[derive(Debug)]
-struct Private {
-    tag: u32,
-    uses: usize,
 }
 
 /// A caching allocator for one device. Cheap to clone; clones share the pool.
@@ -344,14 +321,14 @@ impl PoolBlock {
     /// Runs `f` with this block as a copy end. The pool's lock is held meanwhile, so
     /// the memory cannot be unmapped under the copy being queued; copies leave fences
     /// on the segment that unmapping waits for.
-    pub(crate) fn with_end<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_mem<T>(&self, f: impl FnOnce(&dyn CopyEnd) -> Result<T>) -> Result<T> {
         self.shared.epoch.check()?;
         let st = self.shared.lock();
-        f(&st.end(self))
+        f(&st.mem_of(self))
     }
 
     /// Runs `f` with two blocks as copy ends (one lock when they share a pool).
-    pub(crate) fn with_ends<T>(
+    pub(crate) fn with_mems<T>(
         a: &PoolBlock,
         b: &PoolBlock,
         f: impl FnOnce(&dyn CopyEnd, &dyn CopyEnd) -> Result<T>,
@@ -360,14 +337,14 @@ impl PoolBlock {
             // Two pools: always lock the one at the lower address first, so that copies
             // in opposite directions on two threads cannot deadlock.
             return if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
-                a.with_end(|ea| b.with_end(|eb| f(ea, eb)))
+                a.with_mem(|ea| b.with_mem(|eb| f(ea, eb)))
             } else {
-                b.with_end(|eb| a.with_end(|ea| f(ea, eb)))
+                b.with_mem(|eb| a.with_mem(|ea| f(ea, eb)))
             };
         }
         a.shared.epoch.check()?;
         let st = a.shared.lock();
-        f(&st.end(a), &st.end(b))
+        f(&st.mem_of(a), &st.mem_of(b))
     }
 
     fn with_segment<T>(
@@ -570,176 +547,6 @@ impl DevicePool {
         Ok(sh.block(addr, size))
     }
 
-    /// From now on, allocations on the streams that `filter` picks come from private
-    /// pool `id` (made on first use), until [`DevicePool::end_allocate_to_pool`]: for
-    /// CUDA graph capture (PyTorch's `beginAllocateToPool`). Blocks of a private pool,
-    /// freed, serve only later allocations of the same pool, on their stream, until
-    /// the pool is released: the graph replays into their addresses. The pool may
-    /// also take cached memory no stream owns (it becomes the pool's) and map new
-    /// memory; it never takes another stream's memory, synchronises, queries events or
-    /// unmaps while any pool is being allocated to (see the module docs).
-    ///
-    /// Each begin counts a use of the pool (graphs may share one: begin again with the
-    /// same id); [`DevicePool::release_pool`] undoes one. `filter` runs on every
-    /// allocation of the pool's device while any pool is being allocated to (newest
-    /// begin first), under the pool's lock: it must not call into this pool. Begin
-    /// before the capture starts (as PyTorch does), so that no allocation of the
-    /// capture reaches the common pool.
-    ///
-    /// ```
-    /// use hetmem::{BackendKind, Manager};
-    /// use hetmem::pool::{PoolConfig, PrivatePoolId};
-    /// let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
-    /// let sim = mgr.sim().unwrap();
-    /// let pool = mgr.device_pool(0, PoolConfig::default())?;
-    /// let (capture, other) = (mgr.create_stream(0)?, mgr.create_stream(0)?);
-    /// let graph = PrivatePoolId(1, 0);
-    /// let handle = capture.handle();
-    /// pool.begin_allocate_to_pool(graph, move |s| s.handle() == handle)?;
-    /// sim.begin_capture(capture.handle())?;
-    /// let scratch = pool.alloc(1 << 20, &capture)?;        // the graph's
-    /// let addr = scratch.ptr();
-    /// drop(scratch);                                       // still the graph's
-    /// sim.end_capture(capture.handle())?;
-    /// pool.end_allocate_to_pool(graph)?;
-    /// let b = pool.alloc(1 << 20, &other)?;                 // never the graph's memory
-    /// assert_ne!(b.ptr(), addr);
-    /// pool.release_pool(graph)?;                           // the graph is gone
-    /// assert!(pool.private_pool(graph).is_none());
-    /// # Ok::<(), hetmem::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] when allocations already go to `id`.
-    pub fn begin_allocate_to_pool(
-        &self,
-        id: PrivatePoolId,
-        filter: impl Fn(&Stream) -> bool + Send + Sync + 'static,
-    ) -> Result<()> {
-        self.begin_allocate_to_pool_with(id, Box::new(move |s| Ok(filter(s))))
-    }
-
-    /// [`DevicePool::begin_allocate_to_pool`] with a filter that may fail (the C ABI's:
-    /// an allocation whose filter fails fails).
-    pub(crate) fn begin_allocate_to_pool_with(
-        &self,
-        id: PrivatePoolId,
-        filter: StreamFilter,
-    ) -> Result<()> {
-        self.shared.epoch.check()?;
-        let mut st = self.shared.lock();
-        if st.routes.iter().any(|r| r.id == id) {
-            drop(st);
-            // The filter (the caller's context) is let go of outside the lock.
-            drop(filter);
-            return Err(Error::InvalidArgument(format!(
-                "allocations already go to private pool {id:?}"
-            )));
-        }
-        let tag = match st.private.get_mut(&id) {
-            Some(p) => {
-                p.uses += 1;
-                p.tag
-            }
-            None => {
-                let tag = st.next_tag;
-                st.next_tag += 1;
-                st.private.insert(id, Private { tag, uses: 1 });
-                tag
-            }
-        };
-        st.routes.push(Route { id, tag, filter });
-        tracing::debug!(target: "hetmem", device = self.shared.device, ?id, tag, "allocating to a private pool");
-        Ok(())
-    }
-
-    /// Ends the routing that [`DevicePool::begin_allocate_to_pool`] began (PyTorch's
-    /// `endAllocateToPool`, after the capture ended). The pool's memory stays its own
-    /// until released. Once no pool is being allocated to, frees that waited for the
-    /// end of a capture go ahead, and released pools join the common pool.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] when allocations do not go to `id`. Errors of the
-    /// deferred work (ordering frees, synchronising for a release).
-    pub fn end_allocate_to_pool(&self, id: PrivatePoolId) -> Result<()> {
-        let sh = &self.shared;
-        sh.epoch.check()?;
-        let mut st = sh.lock();
-        let Some(i) = st.routes.iter().position(|r| r.id == id) else {
-            return Err(Error::InvalidArgument(format!(
-                "allocations do not go to private pool {id:?}"
-            )));
-        };
-        let route = st.routes.remove(i);
-        if st.routes.is_empty() {
-            sh.settle(&mut st)?;
-        }
-        drop(st);
-        // The filter (the caller's context) is let go of outside the lock.
-        drop(route);
-        Ok(())
-    }
-
-    /// Undoes one begin of private pool `id` (PyTorch's `releasePool`, when a graph
-    /// that used it is reset or destroyed). When none is left, the pool's blocks go to
-    /// the common pool: its free ones at once, its allocated ones when freed. Before
-    /// that the device is synchronised, since replays of its graphs may still run on
-    /// any stream (every stream the pool knows, where the backend cannot synchronise a
-    /// device); while a capture is under way that waits until none is.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for a pool that does not exist or is still being
-    /// allocated to. Errors of synchronising the device.
-    pub fn release_pool(&self, id: PrivatePoolId) -> Result<()> {
-        let sh = &self.shared;
-        sh.epoch.check()?;
-        let mut st = sh.lock();
-        if st.routes.iter().any(|r| r.id == id) {
-            return Err(Error::InvalidArgument(format!(
-                "private pool {id:?} is still being allocated to: end it first"
-            )));
-        }
-        let Some(p) = st.private.get_mut(&id) else {
-            return Err(Error::InvalidArgument(format!(
-                "no private pool {id:?} on device {}",
-                sh.device
-            )));
-        };
-        p.uses -= 1;
-        if p.uses > 0 {
-            return Ok(());
-        }
-        let tag = p.tag;
-        st.private.remove(&id);
-        st.releasing.push(tag);
-        tracing::debug!(target: "hetmem", device = sh.device, ?id, tag, "private pool released");
-        if st.routes.is_empty() {
-            sh.settle(&mut st)?;
-        }
-        Ok(())
-    }
-
-    /// What private pool `id` holds, or `None` when there is no such pool (never made,
-    /// or released). Scans every block: for tests and reports, not hot paths.
-    pub fn private_pool(&self, id: PrivatePoolId) -> Option<PrivatePoolStats> {
-        let st = self.shared.lock();
-        let p = st.private.get(&id)?;
-        Some(st.private_stats(id, p))
-    }
-
-    /// Every private pool not yet released, by id, with what it holds (as
-    /// [`DevicePool::private_pool`]).
-    pub fn private_pools(&self) -> Vec<(PrivatePoolId, PrivatePoolStats)> {
-        let st = self.shared.lock();
-        let mut v: Vec<_> = st
-            .private
-            .iter()
-            .map(|(id, p)| (*id, st.private_stats(*id, p)))
-            .collect();
-        v.sort_by_key(|(id, _)| *id);
-        v
-    }
-
     /// Gives back every chunk or segment that no block uses (after synchronising the
     /// streams that used them). Returns the bytes released.
     ///
@@ -853,28 +660,6 @@ impl Shared {
         }
     }
 
-    /// An allocation while allocations are routed to private pools (a capture may be
-    /// under way): its pool by the routes' filters; parked blocks are the common pool's.
-    /// Out of line: the hot path is the unrouted one.
-    #[cold]
-    #[inline(never)]
-    fn alloc_routed(
-        &self,
-        st: &mut PoolState,
-        size: usize,
-        rounded: usize,
-        stream: &Stream,
-    ) -> Result<u64> {
-        let pool = st.route(stream)?;
-        if pool == COMMON {
-            if let Some(addr) = st.blocks.unpark(stream.inner.id(), rounded, size) {
-                st.count_alloc(rounded, size);
-                return Ok(addr);
-            }
-        }
-        self.alloc_slow(st, size, rounded, stream, pool)
-    }
-
     fn alloc_slow(
         &self,
         st: &mut PoolState,
@@ -958,551 +743,6 @@ impl Shared {
             }
         }
     }
-
-    /// Once no capture is under way: the frees that waited for one's end go ahead,
-    /// and released private pools join the common pool (after the device is
-    /// synchronised: replays of their graphs may still run).
-    fn settle(&self, st: &mut PoolState) -> Result<()> {
-        if !st.deferred.is_empty() {
-            for addr in std::mem::take(&mut st.deferred) {
-                let Some(b) = st.blocks.get(addr).copied() else {
-                    continue;
-                };
-                if st.touches_capture(addr, b.stream) {
-                    // A capture the pool was not told of: later.
-                    st.deferred.push(addr);
-                } else if st.order_uses(addr, b.stream) {
-                    st.blocks.park(addr);
-                    st.streams.freed_on(b.stream);
-                }
-            }
-        }
-        if st.releasing.is_empty() || st.streams.any_capturing() {
-            return Ok(());
-        }
-        match self.backend.synchronize_device(self.device) {
-            Ok(()) => {}
-            Err(Error::Unsupported { .. }) => {
-                // The streams the pool knows, at least.
-                let ids: Vec<u64> = st.streams.ids().collect();
-                for id in ids {
-                    st.streams.synchronize(id)?;
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        for tag in std::mem::take(&mut st.releasing) {
-            let bytes = st.blocks.release_pool(tag);
-            tracing::debug!(target: "hetmem", device = self.device, tag, bytes,
-                "a released private pool's memory joins the common pool");
-        }
-        Ok(())
-    }
-
-    /// Takes `rounded` bytes from the free mapped block `addr` for `stream` and private
-    /// pool `pool`, handing it over from its previous stream with an event.
-    #[allow(clippy::too_many_arguments)]
-    fn take(
-        &self,
-        st: &mut PoolState,
-        addr: u64,
-        rounded: usize,
-        size: usize,
-        stream: &Stream,
-        pool: u32,
-    ) -> Result<u64> {
-        let key = stream.inner.id();
-        let (owner, taken) = st.blocks.take_sized(addr, rounded, size, key, pool);
-        if owner != key && owner != NO_STREAM {
-            // Another stream's block: only ever the common pool's (find_others_fit).
-            if let Err(e) = st.streams.order(&stream.inner, owner) {
-                st.blocks.untake(addr, owner, COMMON);
-                return Err(e);
-            }
-        }
-        st.count_alloc(taken, size);
-        Ok(addr)
-    }
-
-    /// Makes room for a `rounded`-byte block in new memory and takes it: maps chunks
-    /// into a hole of the address space (expandable), or allocates a segment (plain).
-    #[allow(clippy::too_many_arguments)]
-    fn grow(
-        &self,
-        st: &mut PoolState,
-        small: bool,
-        rounded: usize,
-        size: usize,
-        stream: &Stream,
-        pool: u32,
-        pressure: bool,
-    ) -> Result<u64> {
-        if !self.expandable {
-            let base = self.grow_plain(st, small, rounded, pressure)?;
-            return self.take(st, base, rounded, size, stream, pool);
-        }
-        let key = stream.inner.id();
-        let mut g = match st.blocks.find_growth(small, pool, key, rounded) {
-            Some(g) => g,
-            None => {
-                self.add_region(st, small, rounded)?;
-                st.blocks
-                    .find_growth(small, pool, key, rounded)
-                    .expect("a new region holds the request")
-            }
-        };
-        let gran = st.region(g.seg).granularity();
-        let need = g.hole_needed(rounded).next_multiple_of(gran);
-        let spare: usize = st.spares[small as usize].iter().map(PhysChunk::size).sum();
-        let alloc_peak =
-            (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
-        let band = (alloc_peak as f64 * (1.0 + self.reserve_slack)) as usize;
-        if self.release_on_grow
-            && !pressure
-            && st.routes.is_empty()
-            && spare < need
-            && st.reserved + need - spare > band
-        {
-            // Past the band: chunks that are free and idle move here rather than new
-            // ones being made. Unmapping changes the holes, and idle streams' blocks
-            // became nobody's and merged: look again after. (Not while a capture may
-            // be under way: it queries events and unmaps.)
-            self.move_idle_chunks(st, small, need - spare)?;
-            if let Some(a) = st.blocks.find_fit(small, pool, key, rounded) {
-                return self.take(st, a, rounded, size, stream, pool);
-            }
-            g = match st.blocks.find_growth(small, pool, key, rounded) {
-                Some(g) => g,
-                None => {
-                    self.add_region(st, small, rounded)?;
-                    st.blocks
-                        .find_growth(small, pool, key, rounded)
-                        .expect("a new region holds the request")
-                }
-            };
-        }
-        let need = g.hole_needed(rounded).next_multiple_of(gran);
-        tracing::trace!(target: "hetmem", need, rounded, hole = g.hole_size, reserved = st.reserved, "pool grows");
-        let target = self.chunk_target(st, small, gran, rounded);
-        let mapped = self.map_chunks(st, &g, need, target, pressure)?;
-        // The new memory joins the block before it, whoever's that is (this stream's
-        // or nobody's, in this pool or nobody's in the common one).
-        let (owner, owner_pool) = g.prefix.map_or((NO_STREAM, COMMON), |(a, _)| {
-            let b = st.blocks.get(a).expect("prefix");
-            (b.stream, b.pool)
-        });
-        let start = st.blocks.fill_hole(g.hole, mapped, owner, owner_pool);
-        debug_assert_eq!(start, g.start());
-        self.take(st, start, rounded, size, stream, pool)
-    }
-
-    /// How much a new chunk of the small or large pool maps at least, for an allocation
-    /// of `rounded` bytes: a share of what the pool holds, within the chunk limits, and
-    /// no further ahead of the allocated peak than `grow_ahead`.
-    fn chunk_target(&self, st: &PoolState, small: bool, gran: usize, rounded: usize) -> usize {
-        let held = st.held[small as usize];
-        let share = (held as f64 * self.chunk_fraction) as usize;
-        let (lo, hi) = if small {
-            (gran, self.min_chunk.max(gran))
-        } else {
-            (self.min_chunk.min(self.grow_max), self.grow_max)
-        };
-        let alloc_peak =
-            (st.stats.allocated_bytes.all.current as usize + rounded).max(st.alloc_high);
-        let ahead =
-            ((alloc_peak as f64 * (1.0 + self.grow_ahead)) as usize).saturating_sub(st.reserved);
-        share.clamp(lo, hi).min(ahead) / gran * gran
-    }
-
-    /// Maps at least `need` bytes (a multiple of the granularity) at the start of the
-    /// hole of `g`: spare chunks first, then new ones (`target` bytes at least, within
-    /// the budget and the hole), all made accessible with one call. Returns the bytes
-    /// mapped.
-    fn map_chunks(
-        &self,
-        st: &mut PoolState,
-        g: &Growth,
-        need: usize,
-        target: usize,
-        pressure: bool,
-    ) -> Result<usize> {
-        let (seg, hole, extent) = (g.seg, g.hole, g.hole_size);
-        let small = st.segments[seg as usize].as_ref().expect("segment").small;
-        let (base, gran) = {
-            let r = st.region(seg);
-            (r.base().0, r.granularity())
-        };
-        let idx = small as usize;
-        // Spares: the smallest that covers what is left, else the largest that fits.
-        let mut run: Vec<PhysChunk> = Vec::new();
-        let mut acc = 0;
-        while acc < need {
-            let left = need - acc;
-            let room = extent - acc;
-            let spares = &st.spares[idx];
-            let pick = spares
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.size() <= room && c.size() >= left)
-                .min_by_key(|(_, c)| c.size())
-                .or_else(|| {
-                    spares
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, c)| c.size() <= room)
-                        .max_by_key(|(_, c)| c.size())
-                })
-                .map(|(i, _)| i);
-            let Some(i) = pick else { break };
-            let c = st.spares[idx].swap_remove(i);
-            acc += c.size();
-            run.push(c);
-        }
-        let reused = run.len();
-        if acc < need {
-            let left = need - acc;
-            if pressure && st.reserved + left > self.budget {
-                // Spares that fit nowhere here hold budget a chunk of the right size needs.
-                for i in [idx, 1 - idx] {
-                    while st.reserved + left > self.budget {
-                        let Some(c) = st.spares[i].pop() else { break };
-                        st.unhold(i == 1, c.size());
-                        st.stats.num_device_free += 1;
-                        drop(c);
-                    }
-                }
-            }
-            let room = self.budget.saturating_sub(st.reserved);
-            if room < left {
-                st.spares[idx].append(&mut run);
-                return Err(Error::oom(Tier::Device(self.device), left, room));
-            }
-            let mut want = left
-                .max(target)
-                .min(extent - acc)
-                .min(room - room % gran)
-                .max(left);
-            // In pieces of at most `max_chunk` (each one driver allocation).
-            while acc < need {
-                let piece = want.min((self.max_chunk / gran).max(1) * gran);
-                let created = match PhysChunk::create(&self.backend, self.device, piece) {
-                    Err(Error::OutOfMemory { .. }) if want > need - acc => {
-                        // The device is short of a speculative chunk: the exact need may
-                        // fit.
-                        want = need - acc;
-                        continue;
-                    }
-                    other => other,
-                };
-                match created {
-                    Ok(c) => {
-                        st.hold(small, c.size());
-                        st.stats.num_device_alloc += 1;
-                        acc += c.size();
-                        want -= c.size();
-                        run.push(c);
-                    }
-                    Err(e) => {
-                        st.spares[idx].append(&mut run);
-                        return Err(e);
-                    }
-                }
-            }
-            // Speculation left over (the device was short): nothing more to make.
-            let _ = want;
-        }
-        let off = (hole - base) as usize;
-        let was_empty = st.region(seg).mapped_bytes() == 0;
-        let region = st.region_mut(seg);
-        if let Err((e, mut back)) = region.map_run(off, run, &self.access) {
-            // The chunks are intact: kept for the retry (or the budget's last resort).
-            st.spares[idx].append(&mut back);
-            return Err(e);
-        }
-        st.stats.num_pages_moved += reused as u64;
-        if was_empty {
-            st.stats.segment.add(small, 1);
-        }
-        Ok(acc)
-    }
-
-    /// Unmaps free chunks whose streams are done (no host wait) until `need` bytes are
-    /// spare, in one batch per region.
-    fn move_idle_chunks(&self, st: &mut PoolState, small: bool, need: usize) -> Result<()> {
-        // Free blocks of streams that are done (the allocating stream's own included)
-        // are nobody's: their memory can be unmapped without a fault.
-        let idle: Vec<u64> = st
-            .blocks
-            .free_owners()
-            .into_iter()
-            .filter(|o| st.streams.is_idle(*o))
-            .collect();
-        if !idle.is_empty() {
-            st.blocks.disown(Some(&idle));
-        }
-        // (segment, block, chunk offset, chunk length)
-        let mut cands: Vec<(u32, u64, usize, usize)> = Vec::new();
-        for (addr, size, owner, seg) in st.blocks.free_blocks(0) {
-            if owner != NO_STREAM {
-                continue;
-            }
-            let Some(Segment {
-                mem: SegMem::Vmm(r),
-                base,
-                small: s,
-            }) = &st.segments[seg as usize]
-            else {
-                continue;
-            };
-            if *s != small || !r.copies_done() {
-                continue;
-            }
-            for (off, len) in r.chunks_within((addr - base) as usize, size) {
-                cands.push((seg, addr, off, len));
-            }
-        }
-        tracing::trace!(target: "hetmem", need, candidates = cands.len(), "pool moves idle chunks");
-        // Unmapping synchronises the device implicitly, which a capture forbids.
-        if cands.is_empty() || st.streams.any_capturing() {
-            return Ok(());
-        }
-        // One chunk that covers the need, the smallest such; else the largest first.
-        let chosen: Vec<(u32, u64, usize, usize)> =
-            match cands.iter().filter(|c| c.3 >= need).min_by_key(|c| c.3) {
-                Some(c) => vec![*c],
-                None => {
-                    cands.sort_by_key(|c| std::cmp::Reverse(c.3));
-                    let mut acc = 0;
-                    cands
-                        .into_iter()
-                        .take_while(|c| {
-                            let take = acc < need;
-                            acc += c.3;
-                            take
-                        })
-                        .collect()
-                }
-            };
-        self.unmap_chosen(st, chosen)
-    }
-
-    /// Unmaps the chosen chunks (each wholly inside a free block owned by nobody) into
-    /// the spares, and turns their ranges into holes.
-    fn unmap_chosen(
-        &self,
-        st: &mut PoolState,
-        mut chosen: Vec<(u32, u64, usize, usize)>,
-    ) -> Result<()> {
-        // By segment, and within a block from the highest chunk down: unmapping one
-        // splits its block, and the block keeps its address below the hole.
-        chosen.sort_by_key(|c| (c.0, c.1, std::cmp::Reverse(c.2)));
-        let mut i = 0;
-        while i < chosen.len() {
-            let seg = chosen[i].0;
-            let j = chosen[i..]
-                .iter()
-                .position(|c| c.0 != seg)
-                .map_or(chosen.len(), |k| i + k);
-            let offs: Vec<usize> = chosen[i..j].iter().map(|c| c.2).collect();
-            let small = st.segments[seg as usize].as_ref().expect("segment").small;
-            let base = st.segments[seg as usize].as_ref().expect("segment").base;
-            let mut out = Vec::new();
-            let res = st.region_mut(seg).unmap_chunks(&offs, &mut out);
-            // What was unmapped is a hole now, whatever failed after it.
-            for (k, c) in out.iter().enumerate() {
-                let (_, block, off, _) = chosen[i + k];
-                st.blocks.make_hole(block, base + off as u64, c.size());
-            }
-            st.spares[small as usize].append(&mut out);
-            if st.region(seg).mapped_bytes() == 0 {
-                st.stats.segment.sub(small, 1);
-            }
-            res?;
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// Reserves address space for a pool: the budget (16 GiB at most) for the small
-    /// pool, twice the budget for the large one (room for holes); more regions are
-    /// added if even that fills.
-    fn add_region(&self, st: &mut PoolState, small: bool, rounded: usize) -> Result<()> {
-        let size = if small {
-            self.budget.min(16 << 30)
-        } else {
-            self.budget.saturating_mul(2)
-        };
-        let size = size.max(rounded);
-        let region = VmmRegion::new(&self.backend, self.device, size)?
-            .expect("expandable pools only exist where the backend has VMM");
-        let base = region.base().0;
-        let size = region.size();
-        let seg = st.add_segment(Segment {
-            base,
-            small,
-            mem: SegMem::Vmm(region),
-        });
-        st.blocks.add_segment(seg, base, size, small, false);
-        Ok(())
-    }
-
-    /// Allocates a plain segment for a `rounded`-byte block; returns its base.
-    fn grow_plain(
-        &self,
-        st: &mut PoolState,
-        small: bool,
-        rounded: usize,
-        pressure: bool,
-    ) -> Result<u64> {
-        let _ = pressure;
-        let exact = rounded.next_multiple_of(LARGE_ROUND);
-        let seg_size = if small {
-            SMALL_SEGMENT
-        } else if rounded < MID_LIMIT && st.reserved + MID_SEGMENT <= self.budget {
-            MID_SEGMENT
-        } else {
-            // A shared mid-size segment would not fit the budget: a segment of its own.
-            exact
-        };
-        if st.reserved + seg_size > self.budget {
-            return Err(Error::oom(
-                Tier::Device(self.device),
-                seg_size,
-                self.budget - st.reserved.min(self.budget),
-            ));
-        }
-        let mem = OwnedMemory::device(&self.backend, self.device, seg_size)?;
-        let base = mem
-            .device_ptr()
-            .expect("device memory has a device address")
-            .0;
-        st.hold(small, seg_size);
-        st.stats.segment.add(small, 1);
-        st.stats.num_device_alloc += 1;
-        let seg = st.add_segment(Segment {
-            base,
-            small,
-            mem: SegMem::Plain(mem),
-        });
-        st.blocks.add_segment(seg, base, seg_size, small, true);
-        Ok(base)
-    }
-
-    /// Gives free memory back: synchronises the streams that own free blocks (once
-    /// each), then unmaps every chunk lying wholly in free memory (kept as spares for
-    /// the retry of an allocation, or with `everything` given back with the spares) and
-    /// frees every unused plain segment.
-    /// A stream capturing a graph is not synchronised (its free blocks stay its own),
-    /// and nothing is unmapped or freed while any stream the pool knows is capturing.
-    fn release_cached(&self, st: &mut PoolState, everything: bool) -> Result<()> {
-        st.blocks.flush_parked();
-        let capturing = st.streams.any_capturing();
-        // While one captures: not it, and not a stream whose synchronisation would wait
-        // for the whole device.
-        let owners: Vec<u64> = st
-            .blocks
-            .free_owners()
-            .into_iter()
-            .filter(|o| !capturing || !(st.streams.capturing(*o) || st.streams.syncs_device(*o)))
-            .collect();
-        for o in &owners {
-            st.streams.synchronize(*o)?;
-        }
-        if !owners.is_empty() {
-            st.stats.num_sync_all_streams += 1;
-            st.blocks.disown(Some(&owners));
-        }
-        if capturing {
-            return Ok(());
-        }
-        let mut chunks: Vec<(u32, u64, usize, usize)> = Vec::new();
-        let mut plain: Vec<(u32, u64)> = Vec::new();
-        for (addr, size, _, seg) in st.blocks.free_blocks(0) {
-            match &st.segments[seg as usize] {
-                Some(Segment {
-                    mem: SegMem::Vmm(r),
-                    base,
-                    ..
-                }) => {
-                    for (off, len) in r.chunks_within((addr - base) as usize, size) {
-                        chunks.push((seg, addr, off, len));
-                    }
-                }
-                Some(Segment {
-                    mem: SegMem::Plain(_),
-                    base,
-                    ..
-                }) if *base == addr => plain.push((seg, addr)),
-                _ => {}
-            }
-        }
-        self.unmap_chosen(st, chunks)?;
-        for (seg, base) in plain {
-            if !st.blocks.remove_segment(base) {
-                continue;
-            }
-            let s = st.segments[seg as usize].take().expect("segment");
-            let SegMem::Plain(mem) = &s.mem else {
-                unreachable!("plain")
-            };
-            let len = mem.len();
-            st.unhold(s.small, len);
-            st.stats.segment.sub(s.small, 1);
-            st.stats.num_device_free += 1;
-            drop(s); // frees the device memory
-        }
-        if everything {
-            for idx in 0..2 {
-                for c in std::mem::take(&mut st.spares[idx]) {
-                    st.unhold(idx == 1, c.size());
-                    st.stats.num_device_free += 1;
-                    drop(c);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The pool's `OutOfMemory`: the request, the room left under the budget, what is
-    /// reserved, and the largest free block.
-    fn oom(&self, st: &mut PoolState, requested: usize, cause: Error) -> Error {
-        st.stats.num_ooms += 1;
-        let largest = st.blocks.largest_free();
-        let device_free = match cause {
-            Error::OutOfMemory { free, .. } => free,
-            _ => usize::MAX,
-        };
-        tracing::warn!(target: "hetmem", device = self.device, requested, reserved = st.reserved,
-            budget = self.budget, largest, "device pool out of memory");
-        Error::OutOfMemory {
-            tier: Tier::Device(self.device),
-            requested,
-            free: (self.budget - st.reserved.min(self.budget)).min(device_free),
-            reserved: Some(st.reserved),
-            largest_free_block: Some(largest),
-        }
-    }
-}
-
-/// Makes the free blocks of every stream whose queued work is all done nobody's,
-/// merged with their free neighbours: nothing can still touch them (a block is freed
-/// after the work that used it was queued, and a block used on other streams made its
-/// own stream wait for them when it was freed). Waits for nothing.
-fn reclaim_idle(st: &mut PoolState) {
-    let mut owners = st.blocks.free_owners();
-    owners.extend(st.blocks.parked_owners());
-    owners.sort_unstable();
-    owners.dedup();
-    let idle: Vec<u64> = owners
-        .into_iter()
-        .filter(|o| st.streams.is_idle(*o))
-        .collect();
-    // Parked blocks of idle streams become nobody's as they are coalesced (one pass
-    // each), the free ones of those streams after.
-    st.blocks.flush_parked_with(&idle);
-    if !idle.is_empty() {
-        st.blocks.disown(Some(&idle));
-    }
 }
 
 impl Drop for Shared {
@@ -1518,68 +758,6 @@ impl Drop for Shared {
 }
 
 impl PoolState {
-    fn private_stats(&self, id: PrivatePoolId, p: &Private) -> PrivatePoolStats {
-        let (allocated_bytes, free_bytes) = self.blocks.pool_bytes(p.tag);
-        PrivatePoolStats {
-            uses: p.uses,
-            allocating: self.routes.iter().any(|r| r.id == id),
-            allocated_bytes,
-            free_bytes,
-        }
-    }
-
-    /// The private pool an allocation on `stream` goes to: the newest route whose
-    /// filter picks it, else the common pool.
-    fn route(&self, stream: &Stream) -> Result<u32> {
-        for r in self.routes.iter().rev() {
-            if (r.filter)(stream)? {
-                return Ok(r.tag);
-            }
-        }
-        Ok(COMMON)
-    }
-
-    /// Whether the block at `addr`, of stream `own`, or a stream it was used on is
-    /// capturing a graph (driver calls: for blocks used on several streams only).
-    fn touches_capture(&self, addr: u64, own: u64) -> bool {
-        self.streams.capturing(own)
-            || self
-                .uses
-                .get(&addr)
-                .is_some_and(|u| u.iter().any(|o| self.streams.capturing(*o)))
-    }
-
-    /// Makes the block's stream `own` wait for the work queued so far on the other
-    /// streams it was used on, and forgets them. False when that failed: the block
-    /// cannot be proven free of their work, and is kept out of circulation (leaked).
-    fn order_uses(&mut self, addr: u64, own: u64) -> bool {
-        let Some(others) = self.uses.remove(&addr) else {
-            return true;
-        };
-        let ordered = others
-            .iter()
-            .try_for_each(|o| self.streams.order_ids(own, *o));
-        if let Err(e) = ordered {
-            tracing::error!(target: "hetmem", addr, error = %e,
-                "ordering a multi-stream block failed; leaking it");
-            return false;
-        }
-        true
-    }
-
-    fn add_segment(&mut self, s: Segment) -> u32 {
-        let seg = self
-            .segments
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or_else(|| {
-                self.segments.push(None);
-                self.segments.len() - 1
-            });
-        self.segments[seg] = Some(s);
-        seg as u32
-    }
-
     fn segment_of(&self, addr: u64) -> &Segment {
         let b = self.blocks.get(addr).expect("a live block is known");
         self.segments[b.seg as usize]
@@ -1588,7 +766,7 @@ impl PoolState {
     }
 
     /// The copy end of a live block.
-    fn end(&self, blk: &PoolBlock) -> SubEnd<'_> {
+    fn mem_of(&self, blk: &PoolBlock) -> SubEnd<'_> {
         let seg = self.segment_of(blk.ptr.0);
         let inner: &dyn CopyEnd = match &seg.mem {
             SegMem::Vmm(r) => r,
@@ -1599,59 +777,6 @@ impl PoolState {
             base: (blk.ptr.0 - seg.base) as usize,
             len: blk.len,
         }
-    }
-
-    fn region(&self, seg: u32) -> &VmmRegion {
-        match &self.segments[seg as usize] {
-            Some(Segment {
-                mem: SegMem::Vmm(r),
-                ..
-            }) => r,
-            _ => unreachable!("segment {seg} is a region"),
-        }
-    }
-
-    fn region_mut(&mut self, seg: u32) -> &mut VmmRegion {
-        match &mut self.segments[seg as usize] {
-            Some(Segment {
-                mem: SegMem::Vmm(r),
-                ..
-            }) => r,
-            _ => unreachable!("segment {seg} is a region"),
-        }
-    }
-
-    /// Counts `bytes` more held from the device by the small or large pool.
-    fn hold(&mut self, small: bool, bytes: usize) {
-        self.reserved += bytes;
-        self.held[small as usize] += bytes;
-        self.stats.reserved_bytes.add(small, bytes as u64);
-    }
-
-    fn unhold(&mut self, small: bool, bytes: usize) {
-        self.reserved -= bytes;
-        self.held[small as usize] -= bytes;
-        self.stats.reserved_bytes.sub(small, bytes as u64);
-    }
-
-    fn register_stream(&mut self, stream: &Stream) {
-        if self.streams.contains(stream.inner.id()) {
-            return;
-        }
-        let (blocks, uses) = (&self.blocks, &self.uses);
-        self.streams.register(&stream.inner, || {
-            blocks
-                .owners()
-                .chain(uses.values().flatten().copied())
-                .collect()
-        });
-    }
-
-    fn streams_in_use(&self) -> FxHashSet<u64> {
-        self.blocks
-            .owners()
-            .chain(self.uses.values().flatten().copied())
-            .collect()
     }
 
     fn count_alloc(&mut self, size: usize, requested: usize) {

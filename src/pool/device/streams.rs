@@ -27,8 +27,11 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use super::blocks::{COMMON, NO_STREAM};
+use super::{PoolState, Shared};
 use crate::backend::owned::{OwnedEvent, OwnedStream};
 use crate::error::{Error, Result};
+use crate::stream::Stream;
 
 #[derive(Debug)]
 struct Entry {
@@ -239,5 +242,72 @@ impl Streams {
                 tracing::warn!(target: "hetmem", error = %err, "synchronising a stream before dropping a pool failed");
             }
         }
+    }
+}
+
+impl Shared {
+    /// Takes `rounded` bytes from the free mapped block `addr` for `stream` and private
+    /// pool `pool`, handing it over from its previous stream with an event.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn take(
+        &self,
+        st: &mut PoolState,
+        addr: u64,
+        rounded: usize,
+        size: usize,
+        stream: &Stream,
+        pool: u32,
+    ) -> Result<u64> {
+        let key = stream.inner.id();
+        let (owner, taken) = st.blocks.take_sized(addr, rounded, size, key, pool);
+        if owner != key && owner != NO_STREAM {
+            // Another stream's block: only ever the common pool's (find_others_fit).
+            if let Err(e) = st.streams.order(&stream.inner, owner) {
+                st.blocks.untake(addr, owner, COMMON);
+                return Err(e);
+            }
+        }
+        st.count_alloc(taken, size);
+        Ok(addr)
+    }
+}
+
+impl PoolState {
+    /// Makes the block's stream `own` wait for the work queued so far on the other
+    /// streams it was used on, and forgets them. False when that failed: the block
+    /// cannot be proven free of their work, and is kept out of circulation (leaked).
+    pub(super) fn order_uses(&mut self, addr: u64, own: u64) -> bool {
+        let Some(others) = self.uses.remove(&addr) else {
+            return true;
+        };
+        let ordered = others
+            .iter()
+            .try_for_each(|o| self.streams.order_ids(own, *o));
+        if let Err(e) = ordered {
+            tracing::error!(target: "hetmem", addr, error = %e,
+                "ordering a multi-stream block failed; leaking it");
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn register_stream(&mut self, stream: &Stream) {
+        if self.streams.contains(stream.inner.id()) {
+            return;
+        }
+        let (blocks, uses) = (&self.blocks, &self.uses);
+        self.streams.register(&stream.inner, || {
+            blocks
+                .owners()
+                .chain(uses.values().flatten().copied())
+                .collect()
+        });
+    }
+
+    pub(super) fn streams_in_use(&self) -> FxHashSet<u64> {
+        self.blocks
+            .owners()
+            .chain(self.uses.values().flatten().copied())
+            .collect()
     }
 }

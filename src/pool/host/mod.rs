@@ -22,7 +22,7 @@
 //!   calling thread.
 //! - **Size classes.** Requests are rounded up to a class and cached per (pinned or
 //!   pageable, resolved NUMA policy, class); see [`size_class`] for the choice.
-//! - **Limits.** A budget caps the bytes each tier holds, live and cached together.
+//! - **Limits.** A budget caps the bytes each kind (pinned, pageable) holds, live and cached together.
 //!   An allocation that would pass it first evicts cached blocks (when that is enough),
 //!   then fails with [`Error::OutOfMemory`] `{ tier, requested, free, reserved,
 //!   largest_free_block }`. [`HostPool::trim`] gives every cached block back.
@@ -34,18 +34,20 @@
 //! [`PinnedAllocator`] puts the pool behind `allocator_api2::alloc::Allocator`, so that
 //! `allocator_api2::vec::Vec<T, PinnedAllocator>` lives in pinned memory.
 
-use std::alloc::Layout;
 use std::collections::{BTreeMap, HashMap};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use allocator_api2::alloc::{AllocError, Allocator};
 
 use crate::backend::host::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
 use crate::placement::{NumaPolicy, Placement, Tier};
 use crate::pool::stats::Stat;
+
+mod allocator;
+mod block;
+
+pub use allocator::PinnedAllocator;
+pub use block::HostBlock;
 
 /// Default [`HostPoolConfig::parallel_threshold`]: regions from 1 GiB up are populated
 /// and registered by several threads.
@@ -126,9 +128,9 @@ impl Default for HostPoolConfig {
     }
 }
 
-/// What a [`HostPool`] counts for one tier (pinned or pageable).
+/// What a [`HostPool`] counts for one kind of memory (pinned or pageable).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HostTierStats {
+pub struct HostKindStats {
     /// Bytes in blocks handed out (class sizes).
     pub live_bytes: Stat,
     /// Bytes in cached blocks, ready for reuse.
@@ -160,16 +162,16 @@ pub struct HostTierStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostPoolStats {
     /// Pinned (registered) memory.
-    pub pinned: HostTierStats,
+    pub pinned: HostKindStats,
     /// Pageable memory.
-    pub pageable: HostTierStats,
+    pub pageable: HostKindStats,
 }
 
 impl HostPoolStats {
     /// Starts peak tracking again from the current values.
     pub fn reset_peak(&mut self) {
-        self.pinned.reset_peak_tier();
-        self.pageable.reset_peak_tier();
+        self.pinned.reset_kind_peak();
+        self.pageable.reset_kind_peak();
     }
 }
 
@@ -177,18 +179,18 @@ impl HostPoolStats {
 type Key = (bool, NumaPolicy);
 
 #[derive(Debug, Default)]
-struct TierState {
+struct KindState {
     live: usize,
     cached: usize,
     /// Bytes of regions being created now (outside the lock), already counted against
     /// the budget.
     pending: usize,
-    /// Bytes of blocks that can never be used again (see `HostTierStats::leaked_bytes`).
+    /// Bytes of blocks that can never be used again (see `HostKindStats::leaked_bytes`).
     leaked: usize,
-    stats: HostTierStats,
+    stats: HostKindStats,
 }
 
-impl TierState {
+impl KindState {
     fn held(&self) -> usize {
         self.live + self.cached + self.pending + self.leaked
     }
@@ -197,12 +199,12 @@ impl TierState {
 #[derive(Debug, Default)]
 struct State {
     cache: HashMap<Key, BTreeMap<usize, Vec<OwnedMemory>>>,
-    pinned: TierState,
-    pageable: TierState,
+    pinned: KindState,
+    pageable: KindState,
 }
 
 impl State {
-    fn tier(&mut self, pinned: bool) -> &mut TierState {
+    fn kind(&mut self, pinned: bool) -> &mut KindState {
         if pinned {
             &mut self.pinned
         } else {
@@ -222,7 +224,7 @@ impl State {
         Some((found, mem))
     }
 
-    /// Takes cached blocks of one tier, largest first, until `want` bytes are taken
+    /// Takes cached blocks of one kind, largest first, until `want` bytes are taken
     /// (`usize::MAX`: all). The caller drops them outside the lock.
     fn evict(&mut self, pinned: bool, want: usize) -> Vec<OwnedMemory> {
         let mut out = Vec::new();
@@ -245,7 +247,7 @@ impl State {
                 }
             }
             taken += class;
-            let t = self.tier(pinned);
+            let t = self.kind(pinned);
             t.cached -= class;
             t.stats.cached_bytes.sub(class as u64);
             t.stats.held_bytes.sub(class as u64);
@@ -349,7 +351,7 @@ impl HostPool {
     }
 
     /// `size` bytes of [`Placement::Host`] or [`Placement::Pinned`] memory: a cached
-    /// block of the same (tier, resolved policy, class) when there is one, else a new
+    /// block of the same (kind, resolved policy, class) when there is one, else a new
     /// region. The bytes of a new block are zero; a reused one holds what its last
     /// user left.
     ///
@@ -392,7 +394,7 @@ impl HostPool {
 
         let mut st = sh.lock();
         if let Some((found, mem)) = st.take_cached(&key, class) {
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             t.cached -= found;
             t.live += found;
             t.stats.cached_bytes.sub(found as u64);
@@ -409,14 +411,14 @@ impl HostPool {
         // A new region: check the nodes and the room for it first.
         (self.placer)(placement, Some(class))?;
         let mut st = sh.lock();
-        st.tier(pinned).stats.misses += 1;
+        st.kind(pinned).stats.misses += 1;
         let mut evicted = Vec::new();
         let mut retried = false;
         loop {
-            // Room under the budget: evict cached blocks of this tier when that makes
+            // Room under the budget: evict cached blocks of this kind when that makes
             // enough; fail otherwise, leaving the cache as it is.
             let budget = sh.budget(pinned);
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             if let Some(budget) = budget {
                 let held = t.held();
                 if held.saturating_add(class) > budget {
@@ -439,13 +441,13 @@ impl HostPool {
                     }
                 }
             }
-            st.tier(pinned).pending += class;
+            st.kind(pinned).pending += class;
             drop(st);
             // Evicted blocks are unregistered and unmapped before new memory is made.
             drop(std::mem::take(&mut evicted));
             let made = sh.create(&key.1, pinned, class, tier);
             st = sh.lock();
-            let t = st.tier(pinned);
+            let t = st.kind(pinned);
             t.pending -= class;
             match made {
                 Ok(mem) => {
@@ -459,7 +461,7 @@ impl HostPool {
                     drop(st);
                     return Ok(self.block(key, class, size, mem));
                 }
-                // The system refused: give back what this tier has cached and retry once.
+                // The system refused: give back what this kind has cached and retry once.
                 Err(Error::OutOfMemory { .. }) if !retried && t.cached > 0 => {
                     retried = true;
                     evicted.extend(st.evict(pinned, usize::MAX));
@@ -512,11 +514,11 @@ impl HostPool {
     /// Starts peak tracking again from the current values.
     pub fn reset_peak(&self) {
         let mut st = self.shared.lock();
-        st.pinned.stats.reset_peak_tier();
-        st.pageable.stats.reset_peak_tier();
+        st.pinned.stats.reset_kind_peak();
+        st.pageable.stats.reset_kind_peak();
     }
 
-    /// An [`Allocator`] handing out pinned memory placed by `policy` from this pool.
+    /// An [`Allocator`](allocator_api2::alloc::Allocator) handing out pinned memory placed by `policy` from this pool.
     pub fn pinned_allocator(&self, policy: NumaPolicy) -> PinnedAllocator {
         PinnedAllocator {
             pool: self.clone(),
@@ -526,8 +528,8 @@ impl HostPool {
     }
 }
 
-impl HostTierStats {
-    fn reset_peak_tier(&mut self) {
+impl HostKindStats {
+    fn reset_kind_peak(&mut self) {
         for s in [
             &mut self.live_bytes,
             &mut self.cached_bytes,
@@ -610,7 +612,7 @@ impl Shared {
     fn give_back(&self, key: Key, class: usize, mem: OwnedMemory) {
         let mut st = self.lock();
         let pinned = key.0;
-        let t = st.tier(pinned);
+        let t = st.kind(pinned);
         if mem.must_leak() {
             // A copy may still use it: never hand it out again (its drop leaks it). It
             // stays held, against the budget.
@@ -634,203 +636,6 @@ impl Shared {
             .entry(class)
             .or_default()
             .push(mem);
-    }
-}
-
-/// Host memory from a [`HostPool`]; back to the pool's cache on drop (still
-/// registered, for pinned memory).
-#[derive(Debug)]
-pub struct HostBlock {
-    shared: Arc<Shared>,
-    key: Option<Key>,
-    class: usize,
-    len: usize,
-    mem: Option<OwnedMemory>,
-}
-
-impl HostBlock {
-    /// Bytes asked for.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: zero-byte requests are refused.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Bytes the block really has: its size class (the memory past [`HostBlock::len`]
-    /// is mapped, placed and registered like the rest).
-    pub fn capacity(&self) -> usize {
-        self.class
-    }
-
-    /// The first byte.
-    pub fn as_ptr(&self) -> NonNull<u8> {
-        self.mem()
-            .host_ptr()
-            .expect("host pool memory is host memory")
-    }
-
-    /// Whether the block is registered (pinned) memory.
-    pub fn is_pinned(&self) -> bool {
-        matches!(self.mem().kind(), MemoryKind::Pinned(_))
-    }
-
-    /// The resolved NUMA policy its pages were placed by.
-    pub fn policy(&self) -> &NumaPolicy {
-        &self.key.as_ref().expect("live blocks have a key").1
-    }
-
-    /// How many registrations pin it (pieces of a large region; 1 for a region
-    /// registered whole; 0 for pageable memory).
-    pub fn registrations(&self) -> u64 {
-        registrations(self.mem())
-    }
-
-    /// The bytes (the first [`HostBlock::len`]), after copies that use the block are done.
-    pub fn as_slice(&self) -> Result<&[u8]> {
-        Ok(&self.mem().host_slice()?[..self.len])
-    }
-
-    /// The bytes, mutable, after copies that use the block are done.
-    pub fn as_mut_slice(&mut self) -> Result<&mut [u8]> {
-        let len = self.len;
-        let mem = self.mem.as_mut().expect("live blocks have memory");
-        Ok(&mut mem.host_slice_mut()?[..len])
-    }
-
-    /// Where the pages are: the NUMA node of each sampled page, from `move_pages` (see
-    /// [`Buffer::page_nodes`](crate::Buffer::page_nodes)).
-    pub fn page_nodes(&self) -> Result<Vec<i32>> {
-        self.mem().page_nodes()
-    }
-
-    /// The memory, for copy code.
-    pub(crate) fn mem(&self) -> &OwnedMemory {
-        self.mem.as_ref().expect("live blocks have memory")
-    }
-}
-
-impl Drop for HostBlock {
-    fn drop(&mut self) {
-        if let (Some(key), Some(mem)) = (self.key.take(), self.mem.take()) {
-            if self.shared.backend.check_fork().is_err() {
-                // A forked child: no lock (a thread of the parent may have held it);
-                // the memory's own drop leaks what is the parent's.
-                drop(mem);
-                return;
-            }
-            self.shared.give_back(key, self.class, mem);
-        }
-    }
-}
-
-/// An `allocator_api2` [`Allocator`] over a [`HostPool`]'s pinned memory: each
-/// allocation is one pool block (so its size is rounded up to a [`size_class`], at
-/// least one page: tiny allocations cost a page of pinned memory each, so this is for
-/// buffers, not for many small objects), and deallocation gives the block back to the
-/// pool's cache, registered, for the next allocation of its class. Alignments up to a
-/// page are served (blocks are page-aligned); larger ones are refused.
-///
-/// Clones share the same blocks: memory from one may be freed through another.
-///
-/// After a `fork()`, the child must not touch memory from this allocator: it is pinned,
-/// and so not mapped in the child (`MADV_DONTFORK`, see [`Error::Forked`]).
-///
-/// ```
-/// use allocator_api2::vec::Vec;
-/// use hetmem::{BackendKind, Manager, NumaPolicy};
-/// use hetmem::pool::HostPoolConfig;
-/// let mgr = Manager::builder().backend(BackendKind::Sim).build()?;
-/// let pool = mgr.host_pool(HostPoolConfig::default())?;
-/// let mut v: Vec<u32, _> = Vec::new_in(pool.pinned_allocator(NumaPolicy::NearDevice(0)));
-/// v.extend(0..1000);
-/// assert_eq!(v[999], 999);
-/// # Ok::<(), hetmem::Error>(())
-/// ```
-#[derive(Debug, Clone)]
-pub struct PinnedAllocator {
-    pool: HostPool,
-    policy: NumaPolicy,
-    /// Live blocks by address: `deallocate` gets only the pointer.
-    live: Arc<Mutex<HashMap<usize, HostBlock>>>,
-}
-
-impl PinnedAllocator {
-    /// The pool it draws from.
-    pub fn pool(&self) -> &HostPool {
-        &self.pool
-    }
-
-    /// Whether `ptr` is the start of a block this allocator (or a clone) handed out and
-    /// has not been given back, and that block is pinned.
-    pub fn is_pinned(&self, ptr: *const u8) -> bool {
-        self.lock()
-            .get(&(ptr as usize))
-            .is_some_and(HostBlock::is_pinned)
-    }
-
-    /// Blocks handed out and not yet given back.
-    pub fn live_blocks(&self) -> usize {
-        self.lock().len()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<usize, HostBlock>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-// Why the `Allocator` contract holds:
-// - `allocate` returns memory of a pool block that is mapped read-write for at least the
-//   returned length (its class size, >= `layout.size()`) and page-aligned (>= the
-//   accepted alignments); zero-size requests get a dangling, well-aligned pointer that
-//   `deallocate` ignores.
-// - The block stays in `live` (so mapped, and owned by no one else) until `deallocate`
-//   of its pointer removes it; `live` is shared by all clones, so the memory stays
-//   valid while any clone exists, and a pointer from one clone may be freed by another.
-// - The pool never hands the same block out twice while it is live: a block is either
-//   owned by one `HostBlock` or in the cache, and leaves the cache only by being taken
-//   out of it under the pool's lock. So blocks from concurrent `allocate`s never alias.
-// - Nothing else writes to the memory: the pool's only other access is waiting for the
-//   fences of copies made by its earlier owner, before it is handed out.
-// SAFETY: as argued above: memory stays valid and unaliased until `deallocate`, and the
-// pool never hands the same block out twice while it is live.
-unsafe impl Allocator for PinnedAllocator {
-    fn allocate(&self, layout: Layout) -> std::result::Result<NonNull<[u8]>, AllocError> {
-        if layout.size() == 0 {
-            let dangling = NonNull::new(std::ptr::without_provenance_mut::<u8>(layout.align()))
-                .ok_or(AllocError)?;
-            return Ok(NonNull::slice_from_raw_parts(dangling, 0));
-        }
-        if layout.align() > page_size() {
-            return Err(AllocError);
-        }
-        let block = self
-            .pool
-            .alloc_pinned(&self.policy, layout.size())
-            .map_err(|e| {
-                tracing::debug!(target: "hetmem", error = %e, size = layout.size(),
-                    "pinned allocator: allocation failed");
-                AllocError
-            })?;
-        let ptr = block.as_ptr();
-        let cap = block.capacity();
-        self.lock().insert(ptr.as_ptr() as usize, block);
-        Ok(NonNull::slice_from_raw_parts(ptr, cap))
-    }
-
-    unsafe fn deallocate(&self, ptr: NonNull<u8>, layout: Layout) {
-        if layout.size() == 0 {
-            return;
-        }
-        let block = self.lock().remove(&(ptr.as_ptr() as usize));
-        match block {
-            // Dropped outside the allocator's lock: it takes the pool's.
-            Some(b) => drop(b),
-            None => tracing::error!(target: "hetmem", ?ptr,
-                "pinned allocator: deallocate of a pointer it did not hand out"),
-        }
     }
 }
 
