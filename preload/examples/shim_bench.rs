@@ -12,8 +12,9 @@
 //! blocks served, counters on), `hetmem-fast` (`HETMEM_PRELOAD_SMALL=mimalloc`),
 //! `hetmem-record` (every allocation recorded), and the peers. Each program runs
 //! `--runs` times per configuration, interleaved (configurations rotate each round);
-//! the median wall time and the median peak RSS (`wait4`'s `ru_maxrss`: the largest of
-//! the process and the children it waited for) are reported as ratios to glibc, with
+//! the median wall time, CPU time and peak RSS (`wait4`'s `ru_maxrss`, taken by the
+//! small launcher `bench/measure.c`: the largest of the process and the children it
+//! waited for) are reported as ratios to glibc, with
 //! their geometric means. Every run's output must equal the glibc run's (else it
 //! fails). `--light` uses the tests' small inputs; `--only NAME` runs programs whose
 //! name contains NAME. The last line with `--json` is one JSON object.
@@ -24,7 +25,6 @@ mod programs;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 struct Config {
     name: &'static str,
@@ -50,23 +50,45 @@ fn shim() -> PathBuf {
 }
 
 fn peer(name: &str) -> Option<PathBuf> {
-    ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ]
+    .iter()
+    .map(|d| Path::new(d).join(name))
+    .find(|p| p.is_file())
 }
 
-fn run(p: &programs::Prog, c: &Config, out: &Path) -> (Sample, Vec<u8>) {
-    let mut cmd = Command::new(&p.argv[0]);
-    cmd.args(&p.argv[1..]).current_dir(&p.cwd);
+/// A hash of a file's bytes (outputs are compared by it, not kept in memory).
+fn digest(path: &Path) -> u64 {
+    use std::hash::Hasher;
+    use std::io::Read;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut f = std::fs::File::open(path).expect("output");
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).expect("read output");
+        if n == 0 {
+            return h.finish();
+        }
+        h.write(&buf[..n]);
+    }
+}
+
+fn run(measure: &Path, p: &programs::Prog, c: &Config, out: &Path) -> (Sample, u64) {
+    let stat = out.with_extension("stat");
+    let mut cmd = Command::new(measure);
+    cmd.arg(&stat)
+        .arg(c.preload.as_deref().unwrap_or(Path::new("-")))
+        .args(&p.argv)
+        .current_dir(&p.cwd);
     cmd.env_remove("LD_PRELOAD").env("LC_ALL", "C");
     for (k, _) in std::env::vars() {
         if k.starts_with("HETMEM_") {
             cmd.env_remove(k);
         }
-    }
-    if let Some(lib) = &c.preload {
-        cmd.env("LD_PRELOAD", lib);
     }
     for (k, v) in &c.env {
         cmd.env(k, v);
@@ -77,30 +99,26 @@ fn run(p: &programs::Prog, c: &Config, out: &Path) -> (Sample, Vec<u8>) {
     });
     cmd.stdout(Stdio::from(std::fs::File::create(out).expect("out file")));
     cmd.stderr(Stdio::null());
-    let t = Instant::now();
-    let child = cmd.spawn().expect("spawn");
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for the kernel to overwrite.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, writing into live locals.
-    let r = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
-    let wall = t.elapsed().as_secs_f64();
-    assert!(r > 0, "wait4 failed");
+    let st = cmd.status().expect("measure");
+    assert!(st.success(), "measure: {st}");
+    let text = std::fs::read_to_string(&stat).expect("stat file");
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
     assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{} under {}: status {status}",
+        v.len() == 5 && v[0] == 0.0,
+        "{} under {}: {text}",
         p.name,
         c.name
     );
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let bytes = std::fs::read(out).expect("output");
     (
         Sample {
-            wall,
-            cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-            rss_kb: ru.ru_maxrss as u64,
+            wall: v[1],
+            cpu: v[2] + v[3],
+            rss_kb: v[4] as u64,
         },
-        bytes,
+        digest(out),
     )
 }
 
@@ -156,7 +174,10 @@ fn main() {
         Config {
             name: "hetmem-record",
             preload: Some(lib.clone()),
-            env: vec![("HETMEM_RECORD", rec.clone()), ("HETMEM_RECORD_ALL", "1".into())],
+            env: vec![
+                ("HETMEM_RECORD", rec.clone()),
+                ("HETMEM_RECORD_ALL", "1".into()),
+            ],
         },
     ];
     for (name, file) in [
@@ -173,17 +194,25 @@ fn main() {
         }
     }
     let mut samples: BTreeMap<(String, &str), Vec<Sample>> = BTreeMap::new();
-    let mut reference: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut reference: BTreeMap<String, u64> = BTreeMap::new();
+    let measure = dir.join("measure");
+    let o = Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&measure)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/measure.c"))
+        .output()
+        .expect("cc");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut mismatches = Vec::new();
     let out = dir.join("stdout");
     for round in 0..runs {
         for p in &progs {
             for k in 0..configs.len() {
                 let c = &configs[(k + round) % configs.len()];
-                let (s, bytes) = run(p, c, &out);
+                let (s, bytes) = run(&measure, p, c, &out);
                 let _ = std::fs::remove_file(&rec);
                 if c.name == "glibc" {
-                    reference.entry(p.name.clone()).or_insert(bytes.clone());
+                    reference.entry(p.name.clone()).or_insert(bytes);
                 }
                 if let Some(r) = reference.get(&p.name) {
                     if *r != bytes {
@@ -257,7 +286,9 @@ fn main() {
     println!("\ntargets:");
     println!("  defaults: geomean wall {hw:.3} (<= 1.03), peak RSS {hr:.3} (<= 1.05), slowest {hmax:.3} (<= 1.10)");
     if let Some((n, (pw, pr, _))) = best_peer {
-        println!("  fast small path: wall {fw:.3} vs best peer {n} {pw:.3}; peak RSS {fr:.3} vs {pr:.3}");
+        println!(
+            "  fast small path: wall {fw:.3} vs best peer {n} {pw:.3}; peak RSS {fr:.3} vs {pr:.3}"
+        );
     }
     println!("  recording every allocation: geomean wall {rw:.3} (<= 1.15)");
     if !mismatches.is_empty() {

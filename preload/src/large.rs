@@ -416,9 +416,10 @@ impl Large {
         let (start, len) = if let Some(i) = hit {
             let (s, mut n) = self.cache.swap_remove(i);
             self.cache_bytes -= n;
-            // Keep the whole block unless it is more than twice the request (its pages
-            // are faulted in already); else give the surplus back.
-            if n - need > need {
+            // Keep the whole block (its pages are faulted in already, as glibc keeps a
+            // freed chunk in its heap) unless it is more than four times the request
+            // and the surplus is large; then give the surplus back.
+            if n / 4 > need && n - need >= 16 << 20 {
                 let keep = if self.huge && need >= HUGE {
                     round_up(need, HUGE)?.min(n)
                 } else {
@@ -446,7 +447,14 @@ impl Large {
             self.stats.fresh += 1;
             (s, need)
         };
-        self.live.insert(start, Block { len, size, align: a });
+        self.live.insert(
+            start,
+            Block {
+                len,
+                size,
+                align: a,
+            },
+        );
         account_alloc(self, size, len);
         Some(start)
     }
@@ -483,7 +491,14 @@ impl Large {
     /// free, else moved to a run aligned to `align`, pages moved rather than copied
     /// where the kernel can, `keep` bytes copied where it cannot): its new start, or
     /// `None` with the run unchanged.
-    fn grow(&mut self, p: usize, len: usize, new_len: usize, align: usize, keep: usize) -> Option<usize> {
+    fn grow(
+        &mut self,
+        p: usize,
+        len: usize,
+        new_len: usize,
+        align: usize,
+        keep: usize,
+    ) -> Option<usize> {
         let grow = new_len - len;
         if let Some(&n) = self.free.get(&(p + len)) {
             if n >= grow {

@@ -10,7 +10,7 @@
 //! file is the parent's). At exit the remaining events are written with an end event.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use hetmem::record::{self, ChunkEncoder, Event, EventKind, Header, Placement};
 
@@ -58,6 +58,14 @@ static SMALL_PLACEMENT: AtomicU64 = AtomicU64::new(0);
 static NODE: AtomicU64 = AtomicU64::new(u64::MAX);
 static STACK_DEPTH: AtomicUsize = AtomicUsize::new(0);
 static STACK_EVERY: AtomicU64 = AtomicU64::new(100);
+/// Set while the writer sleeps; a producer whose shard is half full wakes it.
+static SLEEPING: AtomicU32 = AtomicU32::new(0);
+/// Set while a producer waits for room; the writer wakes them after a drain.
+static WAITING: AtomicU32 = AtomicU32::new(0);
+/// Timestamps are the TSC (x86_64 with an invariant TSC), converted to ns by the writer
+/// against the monotonic clock; else the monotonic clock itself.
+static USE_TSC: AtomicBool = AtomicBool::new(false);
+static TSC0: AtomicU64 = AtomicU64::new(0);
 
 /// The writer's side: the file and the encoder, taken by one drainer at a time.
 struct Out {
@@ -85,6 +93,41 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// A timestamp for an event: TSC ticks or monotonic ns (see [`USE_TSC`]).
+#[inline(always)]
+fn stamp() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if USE_TSC.load(Ordering::Relaxed) {
+        // SAFETY: rdtsc has no preconditions.
+        return unsafe { core::arch::x86_64::_rdtsc() };
+    }
+    now_ns()
+}
+
+/// Reads TSC and the monotonic clock together: (tsc, ns).
+fn tsc_pair() -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: rdtsc has no preconditions.
+        let a = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = now_ns();
+        // SAFETY: as above.
+        let b = unsafe { core::arch::x86_64::_rdtsc() };
+        (a / 2 + b / 2, ns)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (0, now_ns())
+}
+
+fn invariant_tsc() -> bool {
+    cfg!(target_arch = "x86_64")
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines()
+                .find(|l| l.starts_with("flags"))
+                .is_some_and(|l| l.contains(" constant_tsc") && l.contains(" nonstop_tsc"))
+        })
+}
+
 fn tid() -> u32 {
     TID.with(|t| {
         let v = t.get();
@@ -99,9 +142,8 @@ fn tid() -> u32 {
 }
 
 fn shard_index() -> usize {
-    // SAFETY: pthread_self reads the thread pointer.
-    let t = unsafe { libc::pthread_self() } as usize;
-    ((t >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 3)) % SHARDS
+    let t = crate::stats::thread_pointer();
+    ((t >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 3)) % SHARDS
 }
 
 /// Opens the file, maps the queues and starts the writer.
@@ -146,7 +188,9 @@ pub fn init(path: &str, cfg: &Config) -> Result<(), String> {
     };
     // SAFETY: a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut wall) };
-    let start = now_ns();
+    let (tsc0, start) = tsc_pair();
+    TSC0.store(tsc0, Ordering::Relaxed);
+    USE_TSC.store(invariant_tsc(), Ordering::Relaxed);
     let mut flags = 0;
     if cfg.record_all {
         flags |= record::FLAG_ALL;
@@ -229,13 +273,28 @@ extern "C" fn writer(_: *mut libc::c_void) -> *mut libc::c_void {
     }
     let _ = std::panic::catch_unwind(|| {
         while ON.load(Ordering::Acquire) {
-            drain(false);
+            if drain(false) >= 4096 {
+                continue;
+            }
+            // Little queued: sleep up to a millisecond, or until a producer whose shard
+            // is half full wakes us.
+            SLEEPING.store(1, Ordering::SeqCst);
             let ts = libc::timespec {
                 tv_sec: 0,
                 tv_nsec: 1_000_000,
             };
-            // SAFETY: a live local; a short sleep.
-            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+            // SAFETY: FUTEX_WAIT on our own word with a timeout; returns at once if it
+            // is no longer 1.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    SLEEPING.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    1u32,
+                    &ts as *const libc::timespec,
+                )
+            };
+            SLEEPING.store(0, Ordering::Relaxed);
         }
     });
     WRITER_ALIVE.store(false, Ordering::Release);
@@ -249,19 +308,49 @@ unsafe fn slot(i: usize) -> &'static Slot {
     unsafe { &*(SLOTS.load(Ordering::Relaxed) as *const Slot).add(i) }
 }
 
-/// Reserves `k` consecutive slots in this thread's shard: (shard, first position).
-fn reserve(k: u64) -> Option<(usize, u64)> {
-    let s = shard_index();
+fn wake_writer() {
+    if SLEEPING.swap(0, Ordering::SeqCst) == 1 {
+        // SAFETY: FUTEX_WAKE on our own word.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                SLEEPING.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1u32,
+            )
+        };
+    }
+}
+
+/// Reserves `k` consecutive slots in shard `s`: the first position.
+fn reserve(s: usize, k: u64) -> Option<u64> {
     let r = &RINGS[s];
     let cap = CAP.load(Ordering::Relaxed) as u64;
     let mut spins = 0u32;
     loop {
         let t = r.tail.load(Ordering::Relaxed);
-        if t + k - r.head.load(Ordering::Acquire) > cap {
+        let used = t + k - r.head.load(Ordering::Acquire);
+        if used > cap {
+            wake_writer();
             if spins < 200 && WRITER_ALIVE.load(Ordering::Relaxed) && ON.load(Ordering::Relaxed) {
+                // Wait (at most a millisecond each time, 200 times) for the writer to
+                // make room.
                 spins += 1;
-                // SAFETY: no arguments.
-                unsafe { libc::sched_yield() };
+                WAITING.store(1, Ordering::SeqCst);
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                };
+                // SAFETY: FUTEX_WAIT on our own word with a timeout.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        WAITING.as_ptr(),
+                        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                        1u32,
+                        &ts as *const libc::timespec,
+                    )
+                };
                 continue;
             }
             r.dropped.fetch_add(1, Ordering::Relaxed);
@@ -271,7 +360,10 @@ fn reserve(k: u64) -> Option<(usize, u64)> {
             .compare_exchange_weak(t, t + k, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            return Some((s, t));
+            if used > cap / 2 {
+                wake_writer();
+            }
+            return Some(t);
         }
     }
 }
@@ -294,7 +386,7 @@ fn meta(kind: u64, placement: u64) -> u64 {
 }
 
 fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
-    if !ON.load(Ordering::Relaxed) || BUSY.with(|x| x.replace(true)) {
+    if !ON.load(Ordering::Relaxed) {
         return;
     }
     let placement = if large {
@@ -308,28 +400,33 @@ fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
     let s = shard_index();
     if depth > 0 && kind != S_FREE {
         let every = STACK_EVERY.load(Ordering::Relaxed).max(1);
+        // The unwinder may allocate (first use, registered frames): a nested hook on
+        // this thread records nothing meanwhile.
         if RINGS[s].count.fetch_add(1, Ordering::Relaxed) % every == 0 {
+            if BUSY.with(|x| x.replace(true)) {
+                return;
+            }
             n = capture(&mut frames[..depth.min(32)]);
+            BUSY.with(|x| x.set(false));
         }
     }
     let extra = n.div_ceil(WORDS - 1) as u64;
-    if let Some((shard, pos)) = reserve(1 + extra) {
-        let t = now_ns().saturating_sub(START_MONO.load(Ordering::Relaxed));
+    if let Some(pos) = reserve(s, 1 + extra) {
+        let t = stamp();
         let node = if large {
             NODE.load(Ordering::Relaxed)
         } else {
             u64::MAX
         };
-        publish(shard, pos, [t, meta(kind, placement), a, b, c, node, extra]);
+        publish(s, pos, [t, meta(kind, placement), a, b, c, node, extra]);
         for j in 0..extra as usize {
             let mut w = [0u64; WORDS];
             let part = &frames[j * (WORDS - 1)..((j + 1) * (WORDS - 1)).min(n)];
             w[0] = meta(S_STACK, 0) | (part.len() as u64) << 16;
             w[1..1 + part.len()].copy_from_slice(part);
-            publish(shard, pos + 1 + j as u64, w);
+            publish(s, pos + 1 + j as u64, w);
         }
     }
-    BUSY.with(|x| x.set(false));
 }
 
 extern "C" {
@@ -412,13 +509,29 @@ fn words(sl: &Slot) -> [u64; WORDS] {
 
 /// Moves what the queues hold into the file. `last`: at exit, wait (boundedly) for
 /// slots other threads reserved but have not published yet, and write the end event.
-fn drain(last: bool) {
+fn drain(last: bool) -> u64 {
     let cap = CAP.load(Ordering::Relaxed);
     if cap == 0 {
-        return;
+        return 0;
     }
     OUT.with(|o| {
-        let Some(out) = o.as_mut() else { return };
+        let Some(out) = o.as_mut() else { return 0 };
+        let before = out.written;
+        let start = START_MONO.load(Ordering::Relaxed);
+        let tsc = USE_TSC.load(Ordering::Relaxed);
+        let (tsc1, mono1) = tsc_pair();
+        let tsc0 = TSC0.load(Ordering::Relaxed);
+        // ns since start of a stamp: TSC ticks scaled by the slope measured from the
+        // start to now, or monotonic ns.
+        let to_ns = |t: u64| -> u64 {
+            if tsc {
+                let ticks = u128::from(t.saturating_sub(tsc0));
+                let span = u128::from(tsc1.saturating_sub(tsc0)).max(1);
+                (ticks * u128::from(mono1.saturating_sub(start)) / span) as u64
+            } else {
+                t.saturating_sub(start)
+            }
+        };
         let mut dropped = 0u64;
         for (s, r) in RINGS.iter().enumerate() {
             let mut h = r.head.load(Ordering::Relaxed);
@@ -440,7 +553,7 @@ fn drain(last: bool) {
                 }
                 h += 1 + extra;
                 r.head.store(h, Ordering::Release);
-                let (time_ns, m) = (w[0], w[1]);
+                let (time_ns, m) = (to_ns(w[0]), w[1]);
                 let thread = (m >> 32) as u32;
                 let placement = Placement::from_code(((m >> 8) & 0xff) as u8);
                 let node = u32::try_from(w[5]).ok();
@@ -504,7 +617,19 @@ fn drain(last: bool) {
             });
         }
         flush(out);
-    });
+        if WAITING.swap(0, Ordering::SeqCst) == 1 {
+            // SAFETY: FUTEX_WAKE on our own word, every waiter.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    WAITING.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
+                )
+            };
+        }
+        out.written - before
+    })
 }
 
 fn flush(out: &mut Out) {
@@ -519,6 +644,7 @@ pub fn finish() {
     if !ON.swap(false, Ordering::AcqRel) {
         return;
     }
+    wake_writer();
     drain(true);
     OUT.with(|o| {
         if let Some(out) = o.take() {
