@@ -48,6 +48,9 @@ const F_REC_SMALL: u8 = 2;
 const F_REC_LARGE: u8 = 4;
 
 const MIMALLOC: u8 = 1;
+/// `mi_option_arena_eager_commit` in mimalloc v2's `mi_option_e` (not named by
+/// libmimalloc-sys).
+const MI_OPTION_ARENA_EAGER_COMMIT: mi::mi_option_t = 4;
 
 /// `sizeof(void*)`: the smallest alignment `posix_memalign` takes.
 const PTR: usize = std::mem::size_of::<usize>();
@@ -621,6 +624,14 @@ fn start() {
     ));
     let _ = STATS_TO.set(cfg.stats.clone());
     if cfg.small == config::Small::Mimalloc {
+        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+            // Commit arena memory as it is used, not ahead (mimalloc's own default
+            // commits eagerly where the system overcommits, which shows as RSS: git's
+            // peak 24 MiB instead of 18.6).
+            // SAFETY: sets one of mimalloc's options (4: arena_eager_commit in v2's
+            // mi_option_e) before its first allocation.
+            unsafe { mi::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+        }
         MODE.store(MIMALLOC, Ordering::Relaxed);
     }
     FLAGS.store(flags, Ordering::Relaxed);
