@@ -16,7 +16,7 @@
 //! `mremap` with `MREMAP_DONTUNMAP` onto a new run, the old run then mapped `PROT_NONE`),
 //! copying only where the kernel cannot move them.
 //!
-//! Everything here runs under one lock ([`Lock`], held across `fork` by the atfork
+//! Everything here runs under one lock (a futex lock held across `fork` by the atfork
 //! handlers) and allocates only through the shim's own global allocator (glibc's
 //! `__libc_malloc`), never through the interposed entry points.
 

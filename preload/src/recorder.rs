@@ -402,7 +402,11 @@ fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
         let every = STACK_EVERY.load(Ordering::Relaxed).max(1);
         // The unwinder may allocate (first use, registered frames): a nested hook on
         // this thread records nothing meanwhile.
-        if RINGS[s].count.fetch_add(1, Ordering::Relaxed) % every == 0 {
+        if RINGS[s]
+            .count
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(every)
+        {
             if BUSY.with(|x| x.replace(true)) {
                 return;
             }
