@@ -128,7 +128,7 @@ print(hashlib.sha256(s.encode()).hexdigest(), len(d2), len(words), sum(len(b) fo
                 "-p".into(),
                 "--no-color".into(),
                 format!("-n{}", 60 * k),
-                "2aa307b".into(),
+                "HEAD".into(),
             ],
         ));
     }
