@@ -45,7 +45,9 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 /// Whether `p` is a block of the large path: O(1), lock-free, two loads and a compare.
 #[inline(always)]
 pub fn owns(p: *mut c_void) -> bool {
-    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < LEN.load(Ordering::Relaxed)
+    // LEN is published after BASE: a thread that sees the length sees the base.
+    let len = LEN.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < len
 }
 
 /// The arena's range, for tests and stats.
@@ -243,8 +245,8 @@ pub fn init(cfg: &Config) -> Result<(), String> {
             stats: LargeStats::default(),
         })
     });
-    LEN.store(len, Ordering::Relaxed);
     BASE.store(base, Ordering::Relaxed);
+    LEN.store(len, Ordering::Release);
     Ok(())
 }
 
