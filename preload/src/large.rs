@@ -658,3 +658,54 @@ pub fn sizes(p: *mut c_void) -> Option<(usize, usize)> {
 pub fn stats() -> LargeStats {
     LARGE.with(|l| l.as_ref().map(|l| l.stats).unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_aligned_cached_zeroed_grown_and_told_apart() {
+        let cfg = Config {
+            arena: 8 << 30,
+            ..Config::default()
+        };
+        init(&cfg).unwrap();
+        let (base, len) = arena();
+        assert!(base.is_multiple_of(1 << 30) && len == 8 << 30);
+        let a = alloc(3 << 20, 0, false).unwrap();
+        assert!(owns(a) && (a as usize).is_multiple_of(HUGE));
+        // SAFETY: a live block of 3 MiB.
+        unsafe { std::ptr::write_bytes(a.cast::<u8>(), 7, 3 << 20) };
+        assert_eq!(free(a), Some(3 << 20));
+        assert_eq!(free(a), None, "a double free is refused, not a crash");
+        // The kept block comes back, zeroed for calloc.
+        let b = alloc(3 << 20, 0, true).unwrap();
+        assert_eq!(a, b);
+        // SAFETY: a live block of 3 MiB.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(b.cast::<u8>(), 3 << 20) };
+        assert!(bytes.iter().all(|&x| x == 0));
+        for (i, x) in bytes.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        // A neighbour in the way: growing moves the pages, keeping the bytes.
+        let n = alloc(2 << 20, 0, false).unwrap();
+        let c = realloc(b, 40 << 20).unwrap();
+        // SAFETY: a live block of 40 MiB.
+        let moved = unsafe { std::slice::from_raw_parts(c.cast::<u8>(), 3 << 20) };
+        assert!(moved.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+        assert_eq!(sizes(c), Some((40 << 20, 40 << 20)));
+        let d = alloc(5 << 20, 1 << 30, false).unwrap();
+        assert_eq!(d as usize % (1 << 30), 0);
+        let x = 5u8;
+        assert!(!owns(&x as *const u8 as *mut c_void));
+        assert!(!owns(std::ptr::null_mut()));
+        for p in [c, d, n] {
+            assert!(free(p).is_some());
+        }
+        let s = stats();
+        assert!(s.cache_hits >= 1 && s.realloc_moved + s.realloc_copied + s.realloc_in_place >= 1);
+        assert_eq!((s.current, s.bad_frees), (0, 1));
+        assert_eq!(s.peak, (40 << 20) + (5 << 20) + (2 << 20));
+        assert!(alloc(16 << 30, 0, false).is_none(), "larger than the arena");
+    }
+}

@@ -105,10 +105,12 @@ fn small_calloc(n: usize, size: usize) -> *mut c_void {
     }
 }
 
-/// `align` is a power of two.
+/// `align` is a power of two. Alignments above 64 KiB go to glibc whatever the small
+/// path: mimalloc v2 serves them from huge segments at offsets its page map (which
+/// `free` asks) does not know.
 #[inline]
 fn small_aligned(align: usize, size: usize) -> *mut c_void {
-    if MODE.load(Ordering::Relaxed) == MIMALLOC {
+    if MODE.load(Ordering::Relaxed) == MIMALLOC && align <= 64 << 10 {
         // SAFETY: mi_malloc_aligned takes any power-of-two alignment.
         let p = unsafe { mi::mi_malloc_aligned(size, align) };
         note_small_alloc(p, size, true);

@@ -32,18 +32,21 @@ struct Slot {
     w: [UnsafeCell<u64>; WORDS],
 }
 
+/// A word on a cache line of its own (producers write `tail`, the writer `head`).
 #[repr(align(128))]
+struct Line(AtomicU64);
+
 struct Ring {
-    tail: AtomicU64,
-    head: AtomicU64,
+    tail: Line,
+    head: Line,
     dropped: AtomicU64,
     count: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const RING: Ring = Ring {
-    tail: AtomicU64::new(0),
-    head: AtomicU64::new(0),
+    tail: Line(AtomicU64::new(0)),
+    head: Line(AtomicU64::new(0)),
     dropped: AtomicU64::new(0),
     count: AtomicU64::new(0),
 };
@@ -62,6 +65,7 @@ static STACK_EVERY: AtomicU64 = AtomicU64::new(100);
 static SLEEPING: AtomicU32 = AtomicU32::new(0);
 /// Set while a producer waits for room; the writer wakes them after a drain.
 static WAITING: AtomicU32 = AtomicU32::new(0);
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
 /// Timestamps are the TSC (x86_64 with an invariant TSC), converted to ns by the writer
 /// against the monotonic clock; else the monotonic clock itself.
 static USE_TSC: AtomicBool = AtomicBool::new(false);
@@ -79,7 +83,7 @@ static OUT: Lock<Option<Out>> = Lock::new(None);
 thread_local! {
     // Both `const` and without destructors (`Cell<u32>`/`Cell<bool>` need no drop):
     // no TLS destructor is ever registered.
-    static TID: Cell<u32> = const { Cell::new(0) };
+    static ME: Cell<u64> = const { Cell::new(0) };
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -128,22 +132,21 @@ fn invariant_tsc() -> bool {
         })
 }
 
-fn tid() -> u32 {
-    TID.with(|t| {
-        let v = t.get();
+/// This thread's kernel id and shard, from one `const` thread-local word without
+/// destructor (tid in the low 32 bits, shard + 1 above; 0 until the first event).
+#[inline(always)]
+fn me() -> (u32, usize) {
+    ME.with(|c| {
+        let v = c.get();
         if v != 0 {
-            return v;
+            return (v as u32, (v >> 32) as usize - 1);
         }
         // SAFETY: gettid has no arguments.
-        let v = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
-        t.set(v);
-        v
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        let shard = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        c.set(u64::from(tid) | ((shard as u64 + 1) << 32));
+        (tid, shard)
     })
-}
-
-fn shard_index() -> usize {
-    let t = crate::stats::thread_pointer();
-    ((t >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 3)) % SHARDS
 }
 
 /// Opens the file, maps the queues and starts the writer.
@@ -309,7 +312,8 @@ unsafe fn slot(i: usize) -> &'static Slot {
 }
 
 fn wake_writer() {
-    if SLEEPING.swap(0, Ordering::SeqCst) == 1 {
+    // A plain load first: the swap is a locked instruction on a line the writer uses.
+    if SLEEPING.load(Ordering::Relaxed) == 1 && SLEEPING.swap(0, Ordering::SeqCst) == 1 {
         // SAFETY: FUTEX_WAKE on our own word.
         unsafe {
             libc::syscall(
@@ -328,8 +332,8 @@ fn reserve(s: usize, k: u64) -> Option<u64> {
     let cap = CAP.load(Ordering::Relaxed) as u64;
     let mut spins = 0u32;
     loop {
-        let t = r.tail.load(Ordering::Relaxed);
-        let used = t + k - r.head.load(Ordering::Acquire);
+        let t = r.tail.0.load(Ordering::Relaxed);
+        let used = t + k - r.head.0.load(Ordering::Acquire);
         if used > cap {
             wake_writer();
             if spins < 200 && WRITER_ALIVE.load(Ordering::Relaxed) && ON.load(Ordering::Relaxed) {
@@ -357,6 +361,7 @@ fn reserve(s: usize, k: u64) -> Option<u64> {
             return None;
         }
         if r.tail
+            .0
             .compare_exchange_weak(t, t + k, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
@@ -381,8 +386,8 @@ fn publish(shard: usize, pos: u64, words: [u64; WORDS]) {
     s.seq.store(pos + 1, Ordering::Release);
 }
 
-fn meta(kind: u64, placement: u64) -> u64 {
-    kind | placement << 8 | u64::from(tid()) << 32
+fn meta(kind: u64, placement: u64, tid: u32) -> u64 {
+    kind | placement << 8 | u64::from(tid) << 32
 }
 
 fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
@@ -394,26 +399,48 @@ fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
     } else {
         SMALL_PLACEMENT.load(Ordering::Relaxed)
     };
+    let (tid, s) = me();
     let depth = STACK_DEPTH.load(Ordering::Relaxed);
-    let mut frames = [0u64; 32];
-    let mut n = 0;
-    let s = shard_index();
-    if depth > 0 && kind != S_FREE {
-        let every = STACK_EVERY.load(Ordering::Relaxed).max(1);
-        // The unwinder may allocate (first use, registered frames): a nested hook on
-        // this thread records nothing meanwhile.
-        if RINGS[s]
+    if depth > 0
+        && kind != S_FREE
+        && RINGS[s]
             .count
             .fetch_add(1, Ordering::Relaxed)
-            .is_multiple_of(every)
-        {
-            if BUSY.with(|x| x.replace(true)) {
-                return;
-            }
-            n = capture(&mut frames[..depth.min(32)]);
-            BUSY.with(|x| x.set(false));
-        }
+            .is_multiple_of(STACK_EVERY.load(Ordering::Relaxed).max(1))
+    {
+        return push_with_stack(kind, placement, large, [a, b, c], tid, s, depth);
     }
+    if let Some(pos) = reserve(s, 1) {
+        let t = stamp();
+        let node = if large {
+            NODE.load(Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
+        publish(s, pos, [t, meta(kind, placement, tid), a, b, c, node, 0]);
+    }
+}
+
+/// An event and the sampled call stack that follows it in the queue.
+#[cold]
+#[inline(never)]
+fn push_with_stack(
+    kind: u64,
+    placement: u64,
+    large: bool,
+    [a, b, c]: [u64; 3],
+    tid: u32,
+    s: usize,
+    depth: usize,
+) {
+    // The unwinder may allocate (first use, registered frames): a nested hook on this
+    // thread records nothing meanwhile.
+    if BUSY.with(|x| x.replace(true)) {
+        return;
+    }
+    let mut frames = [0u64; 32];
+    let n = capture(&mut frames[..depth.min(32)]);
+    BUSY.with(|x| x.set(false));
     let extra = n.div_ceil(WORDS - 1) as u64;
     if let Some(pos) = reserve(s, 1 + extra) {
         let t = stamp();
@@ -422,11 +449,15 @@ fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
         } else {
             u64::MAX
         };
-        publish(s, pos, [t, meta(kind, placement), a, b, c, node, extra]);
+        publish(
+            s,
+            pos,
+            [t, meta(kind, placement, tid), a, b, c, node, extra],
+        );
         for j in 0..extra as usize {
             let mut w = [0u64; WORDS];
             let part = &frames[j * (WORDS - 1)..((j + 1) * (WORDS - 1)).min(n)];
-            w[0] = meta(S_STACK, 0) | (part.len() as u64) << 16;
+            w[0] = meta(S_STACK, 0, tid) | (part.len() as u64) << 16;
             w[1..1 + part.len()].copy_from_slice(part);
             publish(s, pos + 1 + j as u64, w);
         }
@@ -538,8 +569,8 @@ fn drain(last: bool) -> u64 {
         };
         let mut dropped = 0u64;
         for (s, r) in RINGS.iter().enumerate() {
-            let mut h = r.head.load(Ordering::Relaxed);
-            let tail = r.tail.load(Ordering::Acquire);
+            let mut h = r.head.0.load(Ordering::Relaxed);
+            let tail = r.tail.0.load(Ordering::Acquire);
             'slots: while h < tail {
                 let Some(sl) = ready(s, cap, h, last) else {
                     break;
@@ -556,7 +587,11 @@ fn drain(last: bool) -> u64 {
                     frames.extend_from_slice(&sw[1..1 + n.min(WORDS - 1)]);
                 }
                 h += 1 + extra;
-                r.head.store(h, Ordering::Release);
+                if h % 1024 < 1 + extra {
+                    // Give room back now and then, not for every event (the line
+                    // would bounce to the producers each time).
+                    r.head.0.store(h, Ordering::Release);
+                }
                 let (time_ns, m) = (to_ns(w[0]), w[1]);
                 let thread = (m >> 32) as u32;
                 let placement = Placement::from_code(((m >> 8) & 0xff) as u8);
@@ -599,6 +634,7 @@ fn drain(last: bool) -> u64 {
                     flush(out);
                 }
             }
+            r.head.0.store(h, Ordering::Release);
             dropped += r.dropped.load(Ordering::Relaxed);
         }
         let t = now_ns().saturating_sub(START_MONO.load(Ordering::Relaxed));
@@ -671,5 +707,5 @@ pub fn fork_child() {
     ON.store(false, Ordering::Relaxed);
     WRITER_ALIVE.store(false, Ordering::Relaxed);
     OUT.reset_in_child();
-    TID.with(|t| t.set(0));
+    ME.with(|t| t.set(0));
 }
