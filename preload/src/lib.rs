@@ -54,6 +54,15 @@ const MIMALLOC: u8 = 1;
 /// `mi_option_arena_eager_commit` in mimalloc v2's `mi_option_e` (not named by
 /// libmimalloc-sys).
 const MI_OPTION_ARENA_EAGER_COMMIT: mi::mi_option_t = 4;
+/// `mi_option_disallow_os_alloc` in the same enum.
+const MI_OPTION_DISALLOW_OS_ALLOC: mi::mi_option_t = 17;
+/// Address space given to mimalloc as its only arena in mimalloc mode.
+const MI_ARENA: usize = 64 << 30;
+
+/// mimalloc's arena: a block is mimalloc's exactly when it lies here (0, 0 outside
+/// mimalloc mode), so `free` tells glibc's from mimalloc's by a range check.
+static MI_BASE: AtomicUsize = AtomicUsize::new(0);
+static MI_LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// `sizeof(void*)`: the smallest alignment `posix_memalign` takes.
 const PTR: usize = std::mem::size_of::<usize>();
@@ -82,6 +91,12 @@ fn small_malloc(size: usize) -> *mut c_void {
     if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_malloc takes any size.
         let p = unsafe { mi::mi_malloc(size) };
+        if p.is_null() {
+            // mimalloc's arena is full (or the size absurd): glibc decides.
+            let p = glibc::malloc(size);
+            note_small_alloc(p, size, false);
+            return p;
+        }
         note_small_alloc(p, size, true);
         p
     } else {
@@ -96,6 +111,11 @@ fn small_calloc(n: usize, size: usize) -> *mut c_void {
     if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_calloc checks the product itself.
         let p = unsafe { mi::mi_calloc(n, size) };
+        if p.is_null() {
+            let p = glibc::calloc(n, size);
+            note_small_alloc(p, n.wrapping_mul(size), false);
+            return p;
+        }
         note_small_alloc(p, n.wrapping_mul(size), true);
         p
     } else {
@@ -113,6 +133,11 @@ fn small_aligned(align: usize, size: usize) -> *mut c_void {
     if MODE.load(Ordering::Relaxed) == MIMALLOC && align <= 64 << 10 {
         // SAFETY: mi_malloc_aligned takes any power-of-two alignment.
         let p = unsafe { mi::mi_malloc_aligned(size, align) };
+        if p.is_null() {
+            let p = glibc::memalign(align, size);
+            note_small_alloc(p, size, false);
+            return p;
+        }
         note_small_alloc(p, size, true);
         p
     } else {
@@ -122,11 +147,11 @@ fn small_aligned(align: usize, size: usize) -> *mut c_void {
     }
 }
 
-/// Whether a small block is mimalloc's (else glibc's).
+/// Whether a small block is mimalloc's (else glibc's): it lies in mimalloc's arena.
 #[inline(always)]
 fn is_mi(p: *mut c_void) -> bool {
-    // SAFETY: mi_is_in_heap_region only looks `p` up in mimalloc's page map.
-    MODE.load(Ordering::Relaxed) == MIMALLOC && unsafe { mi::mi_is_in_heap_region(p) }
+    let len = MI_LEN.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(MI_BASE.load(Ordering::Relaxed)) < len
 }
 
 /// # Safety
@@ -149,8 +174,9 @@ unsafe fn small_free(p: *mut c_void) {
     let f = FLAGS.load(Ordering::Relaxed);
     if is_mi(p) {
         if f != 0 {
-            // SAFETY: a live mimalloc block.
-            note_small_free(p, unsafe { mi::mi_usable_size(p) }, f);
+            // mimalloc blocks are counted by calls only: asking their size costs as
+            // much as a free.
+            note_small_free(p, 0, f);
         }
         // SAFETY: a live mimalloc block.
         unsafe { mi::mi_free(p) }
@@ -173,8 +199,7 @@ fn note_small_alloc(p: *mut c_void, size: usize, mi: bool) {
     }
     if f & F_COUNT != 0 {
         let bytes = if mi {
-            // SAFETY: `p` is the live mimalloc block just made.
-            unsafe { mi::mi_usable_size(p) }
+            0 // calls only (see `small_free`)
         } else {
             // SAFETY: `p` is the live glibc block just made.
             unsafe { glibc::chunk_bytes(p) }
@@ -336,8 +361,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
     }
     let mi = is_mi(p);
     let old = if mi {
-        // SAFETY: a live mimalloc block.
-        unsafe { mi::mi_usable_size(p) }
+        0 // calls only (see `small_free`)
     } else {
         // SAFETY: a live glibc block.
         unsafe { glibc::chunk_bytes(p) }
@@ -629,7 +653,11 @@ fn start() {
     ));
     let _ = STATS_TO.set(cfg.stats.clone());
     if cfg.small == config::Small::Mimalloc {
-        if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+        if let Err(e) = mimalloc_arena() {
+            say(&format!(
+                "HETMEM_PRELOAD_SMALL=mimalloc: {e}; glibc serves small requests"
+            ));
+        } else if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
             // Commit arena memory as it is used, not ahead (mimalloc's own default
             // commits eagerly where the system overcommits, which shows as RSS: git's
             // peak 24 MiB instead of 18.6).
@@ -637,10 +665,72 @@ fn start() {
             // mi_option_e) before its first allocation.
             unsafe { mi::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
         }
-        MODE.store(MIMALLOC, Ordering::Relaxed);
+        if MI_LEN.load(Ordering::Relaxed) != 0 {
+            MODE.store(MIMALLOC, Ordering::Relaxed);
+        }
     }
     FLAGS.store(flags, Ordering::Relaxed);
     THRESHOLD.store(cfg.threshold, Ordering::Release);
+}
+
+/// Reserves mimalloc's arena (address space only) and makes it mimalloc's only source
+/// of memory, so that ownership is a range check.
+fn mimalloc_arena() -> Result<(), String> {
+    const ALIGN: usize = 64 << 20; // mimalloc v2 segments: 32 MiB, aligned
+    let total = MI_ARENA + ALIGN;
+    // SAFETY: a fresh anonymous reservation.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err("cannot reserve address space for mimalloc".into());
+    }
+    let start = p as usize;
+    let base = (start + ALIGN - 1) & !(ALIGN - 1);
+    // SAFETY: both trims are parts of the reservation just made, outside
+    // `base..base+MI_ARENA`.
+    unsafe {
+        if base > start {
+            libc::munmap(p, base - start);
+        }
+        if start + total > base + MI_ARENA {
+            libc::munmap(
+                (base + MI_ARENA) as *mut c_void,
+                start + total - base - MI_ARENA,
+            );
+        }
+    }
+    // SAFETY: sets an option and hands mimalloc a reserved range of ours, which it
+    // commits (mprotect) as it uses it; before any mimalloc allocation of ours.
+    let ok = unsafe {
+        mi::mi_option_set(MI_OPTION_DISALLOW_OS_ALLOC, 1);
+        let mut id: mi::mi_arena_id_t = std::mem::zeroed();
+        mi::mi_manage_os_memory_ex(
+            base as *const c_void,
+            MI_ARENA,
+            false,
+            false,
+            true,
+            -1,
+            false,
+            &mut id,
+        )
+    };
+    if !ok {
+        // SAFETY: sets an option back.
+        unsafe { mi::mi_option_set(MI_OPTION_DISALLOW_OS_ALLOC, 0) };
+        return Err("mimalloc refused its arena".into());
+    }
+    MI_BASE.store(base, Ordering::Relaxed);
+    MI_LEN.store(MI_ARENA, Ordering::Release);
+    Ok(())
 }
 
 fn finish() {
