@@ -10,6 +10,12 @@ fn main() {
     if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") && linker_packs() {
         println!("cargo:rustc-cdylib-link-arg=-Wl,-z,pack-relative-relocs");
     }
+    // Calls from the shim to its own exported functions (mimalloc's mi_free from the
+    // free hook, ...) bind inside the library instead of going through the GOT. Calls
+    // from other objects (libc's own malloc calls) still reach the hooks.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-Bsymbolic-functions");
+    }
     println!("cargo:rerun-if-changed=build.rs");
 }
 

@@ -44,14 +44,15 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether `p` is a block of the large path: O(1), lock-free, two loads and a compare.
 #[inline(always)]
-pub fn owns(p: *mut c_void) -> bool {
+pub(crate) fn owns(p: *mut c_void) -> bool {
     // LEN is published after BASE: a thread that sees the length sees the base.
     let len = LEN.load(Ordering::Acquire);
     (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < len
 }
 
 /// The arena's range, for tests and stats.
-pub fn arena() -> (usize, usize) {
+#[cfg(test)]
+fn arena() -> (usize, usize) {
     (BASE.load(Ordering::Relaxed), LEN.load(Ordering::Relaxed))
 }
 
