@@ -307,8 +307,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let _ = root;
         parse(&|k| map.get(k).cloned(), &|| {
             Topology::detect().map_err(|e| e.to_string())
         })

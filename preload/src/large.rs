@@ -251,19 +251,13 @@ pub fn init(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
+/// `a ∪ b`.
 fn or(a: FixedNodeMask, b: FixedNodeMask) -> FixedNodeMask {
-    let mut out = FixedNodeMask::empty();
-    for n in 0..FixedNodeMask::BITS as u32 {
-        if a.contains(n) || b.contains(n) {
-            if let Some(s) = FixedNodeMask::single(n) {
-                // single() sets one bit; merge by words.
-                let w = out.as_mut_ptr();
-                for i in 0..numa::FIXED_MASK_WORDS {
-                    // SAFETY: both masks hold FIXED_MASK_WORDS words.
-                    unsafe { *w.add(i) |= *s.as_ptr().add(i) };
-                }
-            }
-        }
+    let mut out = a;
+    let w = out.as_mut_ptr();
+    for i in 0..numa::FIXED_MASK_WORDS {
+        // SAFETY: both masks hold FIXED_MASK_WORDS words; `out` is a local copy.
+        unsafe { *w.add(i) |= *b.as_ptr().add(i) };
     }
     out
 }
