@@ -1,6 +1,6 @@
 //! The large path: requests at or above the threshold, served from one reserved range of
 //! address space (the arena), so that telling hetmem's blocks from the small path's at
-//! `free` is one subtraction and one comparison ([`owns`]), with no lock and no table.
+//! `free` is one subtraction and one comparison (`owns`), with no lock and no table.
 //!
 //! The arena is reserved once (`PROT_NONE`, `MAP_NORESERVE`: address space only, no
 //! memory) and aligned to 1 GiB. A block is a run of it mapped read-write with
