@@ -77,6 +77,27 @@ fn errno() -> c_int {
     unsafe { *libc::__errno_location() }
 }
 
+/// The file a process writes for `path` (`HETMEM_RECORD`, `HETMEM_STATS`): `%p` is the
+/// pid; without `%p`, the first process of a tree (the one that finds no `owner`
+/// variable, and sets it for the processes it starts) writes `path`, and every process
+/// it starts, directly or not, `path.PID`, so that a program that runs others (make, a
+/// shell script, python's subprocess) never has them overwrite its file.
+pub(crate) fn file_for(path: &str, owner: &str) -> String {
+    let pid = std::process::id().to_string();
+    if path.contains("%p") {
+        return path.replace("%p", &pid);
+    }
+    match std::env::var(owner) {
+        Ok(o) if o != pid => format!("{path}.{pid}"),
+        Ok(_) => path.to_owned(),
+        Err(_) => {
+            // Start-up runs before the program's own threads: setenv is safe here.
+            std::env::set_var(owner, &pid);
+            path.to_owned()
+        }
+    }
+}
+
 /// Writes one line on stderr without allocating through the hooks.
 fn say(line: &str) {
     let msg = format!("hetmem-preload: {line}\n");
@@ -651,7 +672,11 @@ fn start() {
         },
         cfg.huge
     ));
-    let _ = STATS_TO.set(cfg.stats.clone());
+    let _ = STATS_TO.set(
+        cfg.stats
+            .clone()
+            .map(|to| to.map(|path| file_for(&path, "HETMEM_STATS_OWNER"))),
+    );
     if cfg.small == config::Small::Mimalloc {
         if let Err(e) = mimalloc_arena() {
             say(&format!(
@@ -746,8 +771,7 @@ fn finish() {
             unsafe { libc::write(2, t.as_ptr().cast(), t.len()) };
         }
         Some(path) => {
-            let path = path.replace("%p", &std::process::id().to_string());
-            if let Err(e) = std::fs::write(&path, stats::json(setup) + "\n") {
+            if let Err(e) = std::fs::write(path, stats::json(setup) + "\n") {
                 say(&format!("HETMEM_STATS={path}: {e}"));
             }
         }

@@ -151,7 +151,7 @@ fn me() -> (u32, usize) {
 
 /// Opens the file, maps the queues and starts the writer.
 pub fn init(path: &str, cfg: &Config) -> Result<(), String> {
-    let path = path.replace("%p", &std::process::id().to_string());
+    let path = crate::file_for(path, "HETMEM_RECORD_OWNER");
     let cpath = std::ffi::CString::new(path).map_err(|_| "a NUL in the path".to_owned())?;
     // SAFETY: a NUL-terminated path; flags and mode are plain values.
     let fd = unsafe {
