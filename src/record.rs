@@ -253,6 +253,42 @@ fn node_code(node: Option<u32>) -> u64 {
     zigzag(node.map_or(-1, i64::from))
 }
 
+/// A body of the common kinds, built on the stack.
+struct Small {
+    b: [u8; 64],
+    n: usize,
+}
+
+impl Default for Small {
+    fn default() -> Self {
+        Small { b: [0; 64], n: 0 }
+    }
+}
+
+impl Small {
+    fn byte(&mut self, v: u8) {
+        if let Some(slot) = self.b.get_mut(self.n) {
+            *slot = v;
+            self.n += 1;
+        }
+    }
+
+    fn uleb(&mut self, mut v: u64) {
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                return self.byte(b);
+            }
+            self.byte(b | 0x80);
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.b[..self.n]
+    }
+}
+
 /// Builds one chunk of events. The shim's writer and tests use it; see the module docs
 /// for what it writes.
 #[derive(Debug, Default)]
@@ -296,11 +332,13 @@ impl ChunkEncoder {
 
     /// Appends an event.
     pub fn push(&mut self, e: &Event) {
-        let b = &mut self.body;
-        b.clear();
-        put_uleb(b, zigzag(e.time_ns.wrapping_sub(self.last_time) as i64));
+        let delta = zigzag(e.time_ns.wrapping_sub(self.last_time) as i64);
         self.last_time = e.time_ns;
-        put_uleb(b, u64::from(e.thread));
+        // The common kinds are encoded on the stack (at most 52 bytes of body), the
+        // others through `body`.
+        let mut small = Small::default();
+        small.uleb(delta);
+        small.uleb(u64::from(e.thread));
         let k = match &e.kind {
             EventKind::Alloc {
                 addr,
@@ -308,10 +346,10 @@ impl ChunkEncoder {
                 placement,
                 node,
             } => {
-                put_uleb(b, *addr);
-                put_uleb(b, *size);
-                b.push(*placement as u8);
-                put_uleb(b, node_code(*node));
+                small.uleb(*addr);
+                small.uleb(*size);
+                small.byte(*placement as u8);
+                small.uleb(node_code(*node));
                 kind::ALLOC
             }
             EventKind::Free {
@@ -319,9 +357,9 @@ impl ChunkEncoder {
                 size,
                 placement,
             } => {
-                put_uleb(b, *addr);
-                put_uleb(b, *size);
-                b.push(*placement as u8);
+                small.uleb(*addr);
+                small.uleb(*size);
+                small.byte(*placement as u8);
                 kind::FREE
             }
             EventKind::Realloc {
@@ -331,43 +369,56 @@ impl ChunkEncoder {
                 placement,
                 node,
             } => {
-                put_uleb(b, *old);
-                put_uleb(b, *new);
-                put_uleb(b, *size);
-                b.push(*placement as u8);
-                put_uleb(b, node_code(*node));
+                small.uleb(*old);
+                small.uleb(*new);
+                small.uleb(*size);
+                small.byte(*placement as u8);
+                small.uleb(node_code(*node));
                 kind::REALLOC
             }
-            EventKind::Stack { frames } => {
-                put_uleb(b, frames.len() as u64);
-                let mut prev = 0u64;
-                for (i, &f) in frames.iter().enumerate() {
-                    if i == 0 {
-                        put_uleb(b, f);
-                    } else {
-                        put_uleb(b, zigzag(f.wrapping_sub(prev) as i64));
+            other => {
+                let b = &mut self.body;
+                b.clear();
+                b.extend_from_slice(small.bytes());
+                let k = match other {
+                    EventKind::Stack { frames } => {
+                        put_uleb(b, frames.len() as u64);
+                        let mut prev = 0u64;
+                        for (i, &f) in frames.iter().enumerate() {
+                            if i == 0 {
+                                put_uleb(b, f);
+                            } else {
+                                put_uleb(b, zigzag(f.wrapping_sub(prev) as i64));
+                            }
+                            prev = f;
+                        }
+                        kind::STACK
                     }
-                    prev = f;
-                }
-                kind::STACK
-            }
-            EventKind::Dropped { count } => {
-                put_uleb(b, *count);
-                kind::DROPPED
-            }
-            EventKind::End { events, dropped } => {
-                put_uleb(b, *events);
-                put_uleb(b, *dropped);
-                kind::END
-            }
-            EventKind::Unknown { kind, body } => {
-                b.extend_from_slice(body);
-                *kind
+                    EventKind::Dropped { count } => {
+                        put_uleb(b, *count);
+                        kind::DROPPED
+                    }
+                    EventKind::End { events, dropped } => {
+                        put_uleb(b, *events);
+                        put_uleb(b, *dropped);
+                        kind::END
+                    }
+                    EventKind::Unknown { kind, body } => {
+                        b.extend_from_slice(body);
+                        *kind
+                    }
+                    _ => 0,
+                };
+                self.buf.push(k);
+                put_uleb(&mut self.buf, self.body.len() as u64);
+                self.buf.extend_from_slice(&self.body);
+                self.count += 1;
+                return;
             }
         };
         self.buf.push(k);
-        put_uleb(&mut self.buf, self.body.len() as u64);
-        self.buf.extend_from_slice(&self.body);
+        put_uleb(&mut self.buf, small.bytes().len() as u64);
+        self.buf.extend_from_slice(small.bytes());
         self.count += 1;
     }
 

@@ -128,7 +128,7 @@ print(hashlib.sha256(s.encode()).hexdigest(), len(d2), len(words), sum(len(b) fo
                 "-p".into(),
                 "--no-color".into(),
                 format!("-n{}", 60 * k),
-                "2aa307b".into(),
+                "HEAD".into(),
             ],
         ));
     }
@@ -176,7 +176,12 @@ print(hashlib.sha256(s.encode()).hexdigest(), len(d2), len(words), sum(len(b) fo
         out.push(p);
     }
     let ab = allocbench(dir).to_string_lossy().into_owned();
-    for (b, scale) in [("larson", 3), ("xmalloc", 3), ("cscratch", 5), ("mixed", 1)] {
+    for (b, scale) in [
+        ("larson", 3),
+        ("xmalloc", 3),
+        ("cscratch", 100),
+        ("mixed", 1),
+    ] {
         out.push(prog(
             &format!("allocbench {b}"),
             vec![

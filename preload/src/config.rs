@@ -10,12 +10,15 @@
 //! | `HETMEM_PRELOAD_SMALL` | `glibc` or `mimalloc`: who serves requests under the threshold | `glibc` |
 //! | `HETMEM_PRELOAD_ARENA` | address space reserved for large blocks | `1T` |
 //! | `HETMEM_PRELOAD_COUNT` | `0`: no counters on the small path (the large path always counts) | `1` |
-//! | `HETMEM_STATS` | `1`: counters to stderr at exit; any other value: a file to write them to | off |
-//! | `HETMEM_RECORD` | a file for the binary event record ([`hetmem::record`]) | off |
+//! | `HETMEM_STATS` | `1`: counters to stderr at exit; any other value: a file to write them to (see below) | off |
+//! | `HETMEM_RECORD` | a file for the binary event record ([`hetmem::record`]; see below) | off |
 //! | `HETMEM_RECORD_ALL` | `1`: record every allocation, not only the large ones | `0` |
 //! | `HETMEM_RECORD_STACKS` | frames per sampled call stack (`0`: none, at most 32) | `0` |
 //! | `HETMEM_RECORD_SAMPLE` | one call stack every N recorded allocations | `100` |
 //! | `HETMEM_RECORD_BUFFER` | memory of the in-process event queue | `4M` |
+//!
+//! File names: `%p` is replaced by the pid; without it the first process writes the
+//! name as given and the processes it starts `NAME.PID`.
 //!
 //! Anything that does not parse, a policy naming a node the machine does not have, or a
 //! GPU it does not have, makes the shim print one line on stderr and step aside: the
@@ -307,8 +310,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
-        let _ = root;
         parse(&|k| map.get(k).cloned(), &|| {
             Topology::detect().map_err(|e| e.to_string())
         })

@@ -1,6 +1,6 @@
 //! The large path: requests at or above the threshold, served from one reserved range of
 //! address space (the arena), so that telling hetmem's blocks from the small path's at
-//! `free` is one subtraction and one comparison ([`owns`]), with no lock and no table.
+//! `free` is one subtraction and one comparison (`owns`), with no lock and no table.
 //!
 //! The arena is reserved once (`PROT_NONE`, `MAP_NORESERVE`: address space only, no
 //! memory) and aligned to 1 GiB. A block is a run of it mapped read-write with
@@ -16,7 +16,7 @@
 //! `mremap` with `MREMAP_DONTUNMAP` onto a new run, the old run then mapped `PROT_NONE`),
 //! copying only where the kernel cannot move them.
 //!
-//! Everything here runs under one lock ([`Lock`], held across `fork` by the atfork
+//! Everything here runs under one lock (a futex lock held across `fork` by the atfork
 //! handlers) and allocates only through the shim's own global allocator (glibc's
 //! `__libc_malloc`), never through the interposed entry points.
 
@@ -44,12 +44,15 @@ static LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// Whether `p` is a block of the large path: O(1), lock-free, two loads and a compare.
 #[inline(always)]
-pub fn owns(p: *mut c_void) -> bool {
-    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < LEN.load(Ordering::Relaxed)
+pub(crate) fn owns(p: *mut c_void) -> bool {
+    // LEN is published after BASE: a thread that sees the length sees the base.
+    let len = LEN.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(BASE.load(Ordering::Relaxed)) < len
 }
 
 /// The arena's range, for tests and stats.
-pub fn arena() -> (usize, usize) {
+#[cfg(test)]
+fn arena() -> (usize, usize) {
     (BASE.load(Ordering::Relaxed), LEN.load(Ordering::Relaxed))
 }
 
@@ -243,24 +246,18 @@ pub fn init(cfg: &Config) -> Result<(), String> {
             stats: LargeStats::default(),
         })
     });
-    LEN.store(len, Ordering::Relaxed);
     BASE.store(base, Ordering::Relaxed);
+    LEN.store(len, Ordering::Release);
     Ok(())
 }
 
+/// `a ∪ b`.
 fn or(a: FixedNodeMask, b: FixedNodeMask) -> FixedNodeMask {
-    let mut out = FixedNodeMask::empty();
-    for n in 0..FixedNodeMask::BITS as u32 {
-        if a.contains(n) || b.contains(n) {
-            if let Some(s) = FixedNodeMask::single(n) {
-                // single() sets one bit; merge by words.
-                let w = out.as_mut_ptr();
-                for i in 0..numa::FIXED_MASK_WORDS {
-                    // SAFETY: both masks hold FIXED_MASK_WORDS words.
-                    unsafe { *w.add(i) |= *s.as_ptr().add(i) };
-                }
-            }
-        }
+    let mut out = a;
+    let w = out.as_mut_ptr();
+    for i in 0..numa::FIXED_MASK_WORDS {
+        // SAFETY: both masks hold FIXED_MASK_WORDS words; `out` is a local copy.
+        unsafe { *w.add(i) |= *b.as_ptr().add(i) };
     }
     out
 }
@@ -416,9 +413,10 @@ impl Large {
         let (start, len) = if let Some(i) = hit {
             let (s, mut n) = self.cache.swap_remove(i);
             self.cache_bytes -= n;
-            // Keep the whole block unless it is more than twice the request (its pages
-            // are faulted in already); else give the surplus back.
-            if n - need > need {
+            // Keep the whole block (its pages are faulted in already, as glibc keeps a
+            // freed chunk in its heap) unless it is more than four times the request
+            // and the surplus is large; then give the surplus back.
+            if n / 4 > need && n - need >= 16 << 20 {
                 let keep = if self.huge && need >= HUGE {
                     round_up(need, HUGE)?.min(n)
                 } else {
@@ -654,4 +652,55 @@ pub fn sizes(p: *mut c_void) -> Option<(usize, usize)> {
 /// A copy of the counters.
 pub fn stats() -> LargeStats {
     LARGE.with(|l| l.as_ref().map(|l| l.stats).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_aligned_cached_zeroed_grown_and_told_apart() {
+        let cfg = Config {
+            arena: 8 << 30,
+            ..Config::default()
+        };
+        init(&cfg).unwrap();
+        let (base, len) = arena();
+        assert!(base.is_multiple_of(1 << 30) && len == 8 << 30);
+        let a = alloc(3 << 20, 0, false).unwrap();
+        assert!(owns(a) && (a as usize).is_multiple_of(HUGE));
+        // SAFETY: a live block of 3 MiB.
+        unsafe { std::ptr::write_bytes(a.cast::<u8>(), 7, 3 << 20) };
+        assert_eq!(free(a), Some(3 << 20));
+        assert_eq!(free(a), None, "a double free is refused, not a crash");
+        // The kept block comes back, zeroed for calloc.
+        let b = alloc(3 << 20, 0, true).unwrap();
+        assert_eq!(a, b);
+        // SAFETY: a live block of 3 MiB.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(b.cast::<u8>(), 3 << 20) };
+        assert!(bytes.iter().all(|&x| x == 0));
+        for (i, x) in bytes.iter_mut().enumerate() {
+            *x = (i % 251) as u8;
+        }
+        // A neighbour in the way: growing moves the pages, keeping the bytes.
+        let n = alloc(2 << 20, 0, false).unwrap();
+        let c = realloc(b, 40 << 20).unwrap();
+        // SAFETY: a live block of 40 MiB.
+        let moved = unsafe { std::slice::from_raw_parts(c.cast::<u8>(), 3 << 20) };
+        assert!(moved.iter().enumerate().all(|(i, &x)| x == (i % 251) as u8));
+        assert_eq!(sizes(c), Some((40 << 20, 40 << 20)));
+        let d = alloc(5 << 20, 1 << 30, false).unwrap();
+        assert_eq!(d as usize % (1 << 30), 0);
+        let x = 5u8;
+        assert!(!owns(&x as *const u8 as *mut c_void));
+        assert!(!owns(std::ptr::null_mut()));
+        for p in [c, d, n] {
+            assert!(free(p).is_some());
+        }
+        let s = stats();
+        assert!(s.cache_hits >= 1 && s.realloc_moved + s.realloc_copied + s.realloc_in_place >= 1);
+        assert_eq!((s.current, s.bad_frees), (0, 1));
+        assert_eq!(s.peak, (40 << 20) + (5 << 20) + (2 << 20));
+        assert!(alloc(16 << 30, 0, false).is_none(), "larger than the arena");
+    }
 }

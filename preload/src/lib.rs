@@ -19,6 +19,9 @@
 //! Nothing here unwinds into C: the hot paths cannot panic (no indexing, no unwrap), and
 //! the start-up, exit and large paths run under `catch_unwind`.
 
+// The unit tests leave the start-up and exit hooks (not registered under test) unused.
+#![cfg_attr(test, allow(dead_code))]
+
 pub mod config;
 pub mod glibc;
 pub mod large;
@@ -48,6 +51,18 @@ const F_REC_SMALL: u8 = 2;
 const F_REC_LARGE: u8 = 4;
 
 const MIMALLOC: u8 = 1;
+/// `mi_option_arena_eager_commit` in mimalloc v2's `mi_option_e` (not named by
+/// libmimalloc-sys).
+const MI_OPTION_ARENA_EAGER_COMMIT: mi::mi_option_t = 4;
+/// `mi_option_disallow_os_alloc` in the same enum.
+const MI_OPTION_DISALLOW_OS_ALLOC: mi::mi_option_t = 17;
+/// Address space given to mimalloc as its only arena in mimalloc mode.
+const MI_ARENA: usize = 64 << 30;
+
+/// mimalloc's arena: a block is mimalloc's exactly when it lies here (0, 0 outside
+/// mimalloc mode), so `free` tells glibc's from mimalloc's by a range check.
+static MI_BASE: AtomicUsize = AtomicUsize::new(0);
+static MI_LEN: AtomicUsize = AtomicUsize::new(0);
 
 /// `sizeof(void*)`: the smallest alignment `posix_memalign` takes.
 const PTR: usize = std::mem::size_of::<usize>();
@@ -60,6 +75,27 @@ fn set_errno(e: c_int) {
 fn errno() -> c_int {
     // SAFETY: as above.
     unsafe { *libc::__errno_location() }
+}
+
+/// The file a process writes for `path` (`HETMEM_RECORD`, `HETMEM_STATS`): `%p` is the
+/// pid; without `%p`, the first process of a tree (the one that finds no `owner`
+/// variable, and sets it for the processes it starts) writes `path`, and every process
+/// it starts, directly or not, `path.PID`, so that a program that runs others (make, a
+/// shell script, python's subprocess) never has them overwrite its file.
+pub(crate) fn file_for(path: &str, owner: &str) -> String {
+    let pid = std::process::id().to_string();
+    if path.contains("%p") {
+        return path.replace("%p", &pid);
+    }
+    match std::env::var(owner) {
+        Ok(o) if o != pid => format!("{path}.{pid}"),
+        Ok(_) => path.to_owned(),
+        Err(_) => {
+            // Start-up runs before the program's own threads: setenv is safe here.
+            std::env::set_var(owner, &pid);
+            path.to_owned()
+        }
+    }
 }
 
 /// Writes one line on stderr without allocating through the hooks.
@@ -76,6 +112,12 @@ fn small_malloc(size: usize) -> *mut c_void {
     if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_malloc takes any size.
         let p = unsafe { mi::mi_malloc(size) };
+        if p.is_null() {
+            // mimalloc's arena is full (or the size absurd): glibc decides.
+            let p = glibc::malloc(size);
+            note_small_alloc(p, size, false);
+            return p;
+        }
         note_small_alloc(p, size, true);
         p
     } else {
@@ -90,6 +132,11 @@ fn small_calloc(n: usize, size: usize) -> *mut c_void {
     if MODE.load(Ordering::Relaxed) == MIMALLOC {
         // SAFETY: mi_calloc checks the product itself.
         let p = unsafe { mi::mi_calloc(n, size) };
+        if p.is_null() {
+            let p = glibc::calloc(n, size);
+            note_small_alloc(p, n.wrapping_mul(size), false);
+            return p;
+        }
         note_small_alloc(p, n.wrapping_mul(size), true);
         p
     } else {
@@ -99,12 +146,19 @@ fn small_calloc(n: usize, size: usize) -> *mut c_void {
     }
 }
 
-/// `align` is a power of two.
+/// `align` is a power of two. Alignments above 64 KiB go to glibc whatever the small
+/// path: mimalloc v2 serves them from huge segments at offsets its page map (which
+/// `free` asks) does not know.
 #[inline]
 fn small_aligned(align: usize, size: usize) -> *mut c_void {
-    if MODE.load(Ordering::Relaxed) == MIMALLOC {
+    if MODE.load(Ordering::Relaxed) == MIMALLOC && align <= 64 << 10 {
         // SAFETY: mi_malloc_aligned takes any power-of-two alignment.
         let p = unsafe { mi::mi_malloc_aligned(size, align) };
+        if p.is_null() {
+            let p = glibc::memalign(align, size);
+            note_small_alloc(p, size, false);
+            return p;
+        }
         note_small_alloc(p, size, true);
         p
     } else {
@@ -114,11 +168,11 @@ fn small_aligned(align: usize, size: usize) -> *mut c_void {
     }
 }
 
-/// Whether a small block is mimalloc's (else glibc's).
+/// Whether a small block is mimalloc's (else glibc's): it lies in mimalloc's arena.
 #[inline(always)]
 fn is_mi(p: *mut c_void) -> bool {
-    // SAFETY: mi_is_in_heap_region only looks `p` up in mimalloc's page map.
-    MODE.load(Ordering::Relaxed) == MIMALLOC && unsafe { mi::mi_is_in_heap_region(p) }
+    let len = MI_LEN.load(Ordering::Acquire);
+    (p as usize).wrapping_sub(MI_BASE.load(Ordering::Relaxed)) < len
 }
 
 /// # Safety
@@ -141,8 +195,9 @@ unsafe fn small_free(p: *mut c_void) {
     let f = FLAGS.load(Ordering::Relaxed);
     if is_mi(p) {
         if f != 0 {
-            // SAFETY: a live mimalloc block.
-            note_small_free(p, unsafe { mi::mi_usable_size(p) }, f);
+            // mimalloc blocks are counted by calls only: asking their size costs as
+            // much as a free.
+            note_small_free(p, 0, f);
         }
         // SAFETY: a live mimalloc block.
         unsafe { mi::mi_free(p) }
@@ -165,8 +220,7 @@ fn note_small_alloc(p: *mut c_void, size: usize, mi: bool) {
     }
     if f & F_COUNT != 0 {
         let bytes = if mi {
-            // SAFETY: `p` is the live mimalloc block just made.
-            unsafe { mi::mi_usable_size(p) }
+            0 // calls only (see `small_free`)
         } else {
             // SAFETY: `p` is the live glibc block just made.
             unsafe { glibc::chunk_bytes(p) }
@@ -328,8 +382,7 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
     }
     let mi = is_mi(p);
     let old = if mi {
-        // SAFETY: a live mimalloc block.
-        unsafe { mi::mi_usable_size(p) }
+        0 // calls only (see `small_free`)
     } else {
         // SAFETY: a live glibc block.
         unsafe { glibc::chunk_bytes(p) }
@@ -469,7 +522,7 @@ pub unsafe extern "C" fn posix_memalign(
     align: size_t,
     size: size_t,
 ) -> c_int {
-    if !align.is_power_of_two() || align % PTR != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(PTR) {
         return libc::EINVAL;
     }
     let saved = errno();
@@ -619,12 +672,90 @@ fn start() {
         },
         cfg.huge
     ));
-    let _ = STATS_TO.set(cfg.stats.clone());
+    let _ = STATS_TO.set(
+        cfg.stats
+            .clone()
+            .map(|to| to.map(|path| file_for(&path, "HETMEM_STATS_OWNER"))),
+    );
     if cfg.small == config::Small::Mimalloc {
-        MODE.store(MIMALLOC, Ordering::Relaxed);
+        if let Err(e) = mimalloc_arena() {
+            say(&format!(
+                "HETMEM_PRELOAD_SMALL=mimalloc: {e}; glibc serves small requests"
+            ));
+        } else if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
+            // Commit arena memory as it is used, not ahead (mimalloc's own default
+            // commits eagerly where the system overcommits, which shows as RSS: git's
+            // peak 24 MiB instead of 18.6).
+            // SAFETY: sets one of mimalloc's options (4: arena_eager_commit in v2's
+            // mi_option_e) before its first allocation.
+            unsafe { mi::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+        }
+        if MI_LEN.load(Ordering::Relaxed) != 0 {
+            MODE.store(MIMALLOC, Ordering::Relaxed);
+        }
     }
     FLAGS.store(flags, Ordering::Relaxed);
     THRESHOLD.store(cfg.threshold, Ordering::Release);
+}
+
+/// Reserves mimalloc's arena (address space only) and makes it mimalloc's only source
+/// of memory, so that ownership is a range check.
+fn mimalloc_arena() -> Result<(), String> {
+    const ALIGN: usize = 64 << 20; // mimalloc v2 segments: 32 MiB, aligned
+    let total = MI_ARENA + ALIGN;
+    // SAFETY: a fresh anonymous reservation.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err("cannot reserve address space for mimalloc".into());
+    }
+    let start = p as usize;
+    let base = (start + ALIGN - 1) & !(ALIGN - 1);
+    // SAFETY: both trims are parts of the reservation just made, outside
+    // `base..base+MI_ARENA`.
+    unsafe {
+        if base > start {
+            libc::munmap(p, base - start);
+        }
+        if start + total > base + MI_ARENA {
+            libc::munmap(
+                (base + MI_ARENA) as *mut c_void,
+                start + total - base - MI_ARENA,
+            );
+        }
+    }
+    // SAFETY: sets an option and hands mimalloc a reserved range of ours, which it
+    // commits (mprotect) as it uses it; before any mimalloc allocation of ours.
+    let ok = unsafe {
+        mi::mi_option_set(MI_OPTION_DISALLOW_OS_ALLOC, 1);
+        let mut id: mi::mi_arena_id_t = std::mem::zeroed();
+        mi::mi_manage_os_memory_ex(
+            base as *const c_void,
+            MI_ARENA,
+            false,
+            false,
+            true,
+            -1,
+            false,
+            &mut id,
+        )
+    };
+    if !ok {
+        // SAFETY: sets an option back.
+        unsafe { mi::mi_option_set(MI_OPTION_DISALLOW_OS_ALLOC, 0) };
+        return Err("mimalloc refused its arena".into());
+    }
+    MI_BASE.store(base, Ordering::Relaxed);
+    MI_LEN.store(MI_ARENA, Ordering::Release);
+    Ok(())
 }
 
 fn finish() {
@@ -640,8 +771,7 @@ fn finish() {
             unsafe { libc::write(2, t.as_ptr().cast(), t.len()) };
         }
         Some(path) => {
-            let path = path.replace("%p", &std::process::id().to_string());
-            if let Err(e) = std::fs::write(&path, stats::json(setup) + "\n") {
+            if let Err(e) = std::fs::write(path, stats::json(setup) + "\n") {
                 say(&format!("HETMEM_STATS={path}: {e}"));
             }
         }

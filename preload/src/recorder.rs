@@ -10,7 +10,7 @@
 //! file is the parent's). At exit the remaining events are written with an end event.
 
 use std::cell::{Cell, UnsafeCell};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use hetmem::record::{self, ChunkEncoder, Event, EventKind, Header, Placement};
 
@@ -32,18 +32,21 @@ struct Slot {
     w: [UnsafeCell<u64>; WORDS],
 }
 
+/// A word on a cache line of its own (producers write `tail`, the writer `head`).
 #[repr(align(128))]
+struct Line(AtomicU64);
+
 struct Ring {
-    tail: AtomicU64,
-    head: AtomicU64,
+    tail: Line,
+    head: Line,
     dropped: AtomicU64,
     count: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const RING: Ring = Ring {
-    tail: AtomicU64::new(0),
-    head: AtomicU64::new(0),
+    tail: Line(AtomicU64::new(0)),
+    head: Line(AtomicU64::new(0)),
     dropped: AtomicU64::new(0),
     count: AtomicU64::new(0),
 };
@@ -58,6 +61,15 @@ static SMALL_PLACEMENT: AtomicU64 = AtomicU64::new(0);
 static NODE: AtomicU64 = AtomicU64::new(u64::MAX);
 static STACK_DEPTH: AtomicUsize = AtomicUsize::new(0);
 static STACK_EVERY: AtomicU64 = AtomicU64::new(100);
+/// Set while the writer sleeps; a producer whose shard is half full wakes it.
+static SLEEPING: AtomicU32 = AtomicU32::new(0);
+/// Set while a producer waits for room; the writer wakes them after a drain.
+static WAITING: AtomicU32 = AtomicU32::new(0);
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+/// Timestamps are the TSC (x86_64 with an invariant TSC), converted to ns by the writer
+/// against the monotonic clock; else the monotonic clock itself.
+static USE_TSC: AtomicBool = AtomicBool::new(false);
+static TSC0: AtomicU64 = AtomicU64::new(0);
 
 /// The writer's side: the file and the encoder, taken by one drainer at a time.
 struct Out {
@@ -71,7 +83,7 @@ static OUT: Lock<Option<Out>> = Lock::new(None);
 thread_local! {
     // Both `const` and without destructors (`Cell<u32>`/`Cell<bool>` need no drop):
     // no TLS destructor is ever registered.
-    static TID: Cell<u32> = const { Cell::new(0) };
+    static ME: Cell<u64> = const { Cell::new(0) };
     static BUSY: Cell<bool> = const { Cell::new(false) };
 }
 
@@ -85,28 +97,61 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn tid() -> u32 {
-    TID.with(|t| {
-        let v = t.get();
-        if v != 0 {
-            return v;
-        }
-        // SAFETY: gettid has no arguments.
-        let v = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
-        t.set(v);
-        v
-    })
+/// A timestamp for an event: TSC ticks or monotonic ns (see [`USE_TSC`]).
+#[inline(always)]
+fn stamp() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if USE_TSC.load(Ordering::Relaxed) {
+        // SAFETY: rdtsc has no preconditions.
+        return unsafe { core::arch::x86_64::_rdtsc() };
+    }
+    now_ns()
 }
 
-fn shard_index() -> usize {
-    // SAFETY: pthread_self reads the thread pointer.
-    let t = unsafe { libc::pthread_self() } as usize;
-    ((t >> 12).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (usize::BITS - 3)) % SHARDS
+/// Reads TSC and the monotonic clock together: (tsc, ns).
+fn tsc_pair() -> (u64, u64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: rdtsc has no preconditions.
+        let a = unsafe { core::arch::x86_64::_rdtsc() };
+        let ns = now_ns();
+        // SAFETY: as above.
+        let b = unsafe { core::arch::x86_64::_rdtsc() };
+        (a / 2 + b / 2, ns)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    (0, now_ns())
+}
+
+fn invariant_tsc() -> bool {
+    cfg!(target_arch = "x86_64")
+        && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| {
+            c.lines()
+                .find(|l| l.starts_with("flags"))
+                .is_some_and(|l| l.contains(" constant_tsc") && l.contains(" nonstop_tsc"))
+        })
+}
+
+/// This thread's kernel id and shard, from one `const` thread-local word without
+/// destructor (tid in the low 32 bits, shard + 1 above; 0 until the first event).
+#[inline(always)]
+fn me() -> (u32, usize) {
+    ME.with(|c| {
+        let v = c.get();
+        if v != 0 {
+            return (v as u32, (v >> 32) as usize - 1);
+        }
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+        let shard = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+        c.set(u64::from(tid) | ((shard as u64 + 1) << 32));
+        (tid, shard)
+    })
 }
 
 /// Opens the file, maps the queues and starts the writer.
 pub fn init(path: &str, cfg: &Config) -> Result<(), String> {
-    let path = path.replace("%p", &std::process::id().to_string());
+    let path = crate::file_for(path, "HETMEM_RECORD_OWNER");
     let cpath = std::ffi::CString::new(path).map_err(|_| "a NUL in the path".to_owned())?;
     // SAFETY: a NUL-terminated path; flags and mode are plain values.
     let fd = unsafe {
@@ -146,7 +191,9 @@ pub fn init(path: &str, cfg: &Config) -> Result<(), String> {
     };
     // SAFETY: a live local.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut wall) };
-    let start = now_ns();
+    let (tsc0, start) = tsc_pair();
+    TSC0.store(tsc0, Ordering::Relaxed);
+    USE_TSC.store(invariant_tsc(), Ordering::Relaxed);
     let mut flags = 0;
     if cfg.record_all {
         flags |= record::FLAG_ALL;
@@ -229,13 +276,28 @@ extern "C" fn writer(_: *mut libc::c_void) -> *mut libc::c_void {
     }
     let _ = std::panic::catch_unwind(|| {
         while ON.load(Ordering::Acquire) {
-            drain(false);
+            if drain(false) >= 4096 {
+                continue;
+            }
+            // Little queued: sleep up to a millisecond, or until a producer whose shard
+            // is half full wakes us.
+            SLEEPING.store(1, Ordering::SeqCst);
             let ts = libc::timespec {
                 tv_sec: 0,
                 tv_nsec: 1_000_000,
             };
-            // SAFETY: a live local; a short sleep.
-            unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+            // SAFETY: FUTEX_WAIT on our own word with a timeout; returns at once if it
+            // is no longer 1.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    SLEEPING.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    1u32,
+                    &ts as *const libc::timespec,
+                )
+            };
+            SLEEPING.store(0, Ordering::Relaxed);
         }
     });
     WRITER_ALIVE.store(false, Ordering::Release);
@@ -249,29 +311,64 @@ unsafe fn slot(i: usize) -> &'static Slot {
     unsafe { &*(SLOTS.load(Ordering::Relaxed) as *const Slot).add(i) }
 }
 
-/// Reserves `k` consecutive slots in this thread's shard: (shard, first position).
-fn reserve(k: u64) -> Option<(usize, u64)> {
-    let s = shard_index();
+fn wake_writer() {
+    // A plain load first: the swap is a locked instruction on a line the writer uses.
+    if SLEEPING.load(Ordering::Relaxed) == 1 && SLEEPING.swap(0, Ordering::SeqCst) == 1 {
+        // SAFETY: FUTEX_WAKE on our own word.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                SLEEPING.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1u32,
+            )
+        };
+    }
+}
+
+/// Reserves `k` consecutive slots in shard `s`: the first position.
+fn reserve(s: usize, k: u64) -> Option<u64> {
     let r = &RINGS[s];
     let cap = CAP.load(Ordering::Relaxed) as u64;
     let mut spins = 0u32;
     loop {
-        let t = r.tail.load(Ordering::Relaxed);
-        if t + k - r.head.load(Ordering::Acquire) > cap {
+        let t = r.tail.0.load(Ordering::Relaxed);
+        let used = t + k - r.head.0.load(Ordering::Acquire);
+        if used > cap {
+            wake_writer();
             if spins < 200 && WRITER_ALIVE.load(Ordering::Relaxed) && ON.load(Ordering::Relaxed) {
+                // Wait (at most a millisecond each time, 200 times) for the writer to
+                // make room.
                 spins += 1;
-                // SAFETY: no arguments.
-                unsafe { libc::sched_yield() };
+                WAITING.store(1, Ordering::SeqCst);
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 1_000_000,
+                };
+                // SAFETY: FUTEX_WAIT on our own word with a timeout.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        WAITING.as_ptr(),
+                        libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                        1u32,
+                        &ts as *const libc::timespec,
+                    )
+                };
                 continue;
             }
             r.dropped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         if r.tail
+            .0
             .compare_exchange_weak(t, t + k, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            return Some((s, t));
+            if used > cap / 2 {
+                wake_writer();
+            }
+            return Some(t);
         }
     }
 }
@@ -289,12 +386,12 @@ fn publish(shard: usize, pos: u64, words: [u64; WORDS]) {
     s.seq.store(pos + 1, Ordering::Release);
 }
 
-fn meta(kind: u64, placement: u64) -> u64 {
-    kind | placement << 8 | u64::from(tid()) << 32
+fn meta(kind: u64, placement: u64, tid: u32) -> u64 {
+    kind | placement << 8 | u64::from(tid) << 32
 }
 
 fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
-    if !ON.load(Ordering::Relaxed) || BUSY.with(|x| x.replace(true)) {
+    if !ON.load(Ordering::Relaxed) {
         return;
     }
     let placement = if large {
@@ -302,34 +399,69 @@ fn push(kind: u64, large: bool, a: u64, b: u64, c: u64) {
     } else {
         SMALL_PLACEMENT.load(Ordering::Relaxed)
     };
+    let (tid, s) = me();
     let depth = STACK_DEPTH.load(Ordering::Relaxed);
-    let mut frames = [0u64; 32];
-    let mut n = 0;
-    let s = shard_index();
-    if depth > 0 && kind != S_FREE {
-        let every = STACK_EVERY.load(Ordering::Relaxed).max(1);
-        if RINGS[s].count.fetch_add(1, Ordering::Relaxed) % every == 0 {
-            n = capture(&mut frames[..depth.min(32)]);
-        }
+    if depth > 0
+        && kind != S_FREE
+        && RINGS[s]
+            .count
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(STACK_EVERY.load(Ordering::Relaxed).max(1))
+    {
+        return push_with_stack(kind, placement, large, [a, b, c], tid, s, depth);
     }
-    let extra = n.div_ceil(WORDS - 1) as u64;
-    if let Some((shard, pos)) = reserve(1 + extra) {
-        let t = now_ns().saturating_sub(START_MONO.load(Ordering::Relaxed));
+    if let Some(pos) = reserve(s, 1) {
+        let t = stamp();
         let node = if large {
             NODE.load(Ordering::Relaxed)
         } else {
             u64::MAX
         };
-        publish(shard, pos, [t, meta(kind, placement), a, b, c, node, extra]);
+        publish(s, pos, [t, meta(kind, placement, tid), a, b, c, node, 0]);
+    }
+}
+
+/// An event and the sampled call stack that follows it in the queue.
+#[cold]
+#[inline(never)]
+fn push_with_stack(
+    kind: u64,
+    placement: u64,
+    large: bool,
+    [a, b, c]: [u64; 3],
+    tid: u32,
+    s: usize,
+    depth: usize,
+) {
+    // The unwinder may allocate (first use, registered frames): a nested hook on this
+    // thread records nothing meanwhile.
+    if BUSY.with(|x| x.replace(true)) {
+        return;
+    }
+    let mut frames = [0u64; 32];
+    let n = capture(&mut frames[..depth.min(32)]);
+    BUSY.with(|x| x.set(false));
+    let extra = n.div_ceil(WORDS - 1) as u64;
+    if let Some(pos) = reserve(s, 1 + extra) {
+        let t = stamp();
+        let node = if large {
+            NODE.load(Ordering::Relaxed)
+        } else {
+            u64::MAX
+        };
+        publish(
+            s,
+            pos,
+            [t, meta(kind, placement, tid), a, b, c, node, extra],
+        );
         for j in 0..extra as usize {
             let mut w = [0u64; WORDS];
             let part = &frames[j * (WORDS - 1)..((j + 1) * (WORDS - 1)).min(n)];
-            w[0] = meta(S_STACK, 0) | (part.len() as u64) << 16;
+            w[0] = meta(S_STACK, 0, tid) | (part.len() as u64) << 16;
             w[1..1 + part.len()].copy_from_slice(part);
-            publish(shard, pos + 1 + j as u64, w);
+            publish(s, pos + 1 + j as u64, w);
         }
     }
-    BUSY.with(|x| x.set(false));
 }
 
 extern "C" {
@@ -412,17 +544,33 @@ fn words(sl: &Slot) -> [u64; WORDS] {
 
 /// Moves what the queues hold into the file. `last`: at exit, wait (boundedly) for
 /// slots other threads reserved but have not published yet, and write the end event.
-fn drain(last: bool) {
+fn drain(last: bool) -> u64 {
     let cap = CAP.load(Ordering::Relaxed);
     if cap == 0 {
-        return;
+        return 0;
     }
     OUT.with(|o| {
-        let Some(out) = o.as_mut() else { return };
+        let Some(out) = o.as_mut() else { return 0 };
+        let before = out.written;
+        let start = START_MONO.load(Ordering::Relaxed);
+        let tsc = USE_TSC.load(Ordering::Relaxed);
+        let (tsc1, mono1) = tsc_pair();
+        let tsc0 = TSC0.load(Ordering::Relaxed);
+        // ns since start of a stamp: TSC ticks scaled by the slope measured from the
+        // start to now, or monotonic ns.
+        let to_ns = |t: u64| -> u64 {
+            if tsc {
+                let ticks = u128::from(t.saturating_sub(tsc0));
+                let span = u128::from(tsc1.saturating_sub(tsc0)).max(1);
+                (ticks * u128::from(mono1.saturating_sub(start)) / span) as u64
+            } else {
+                t.saturating_sub(start)
+            }
+        };
         let mut dropped = 0u64;
         for (s, r) in RINGS.iter().enumerate() {
-            let mut h = r.head.load(Ordering::Relaxed);
-            let tail = r.tail.load(Ordering::Acquire);
+            let mut h = r.head.0.load(Ordering::Relaxed);
+            let tail = r.tail.0.load(Ordering::Acquire);
             'slots: while h < tail {
                 let Some(sl) = ready(s, cap, h, last) else {
                     break;
@@ -439,8 +587,12 @@ fn drain(last: bool) {
                     frames.extend_from_slice(&sw[1..1 + n.min(WORDS - 1)]);
                 }
                 h += 1 + extra;
-                r.head.store(h, Ordering::Release);
-                let (time_ns, m) = (w[0], w[1]);
+                if h % 1024 < 1 + extra {
+                    // Give room back now and then, not for every event (the line
+                    // would bounce to the producers each time).
+                    r.head.0.store(h, Ordering::Release);
+                }
+                let (time_ns, m) = (to_ns(w[0]), w[1]);
                 let thread = (m >> 32) as u32;
                 let placement = Placement::from_code(((m >> 8) & 0xff) as u8);
                 let node = u32::try_from(w[5]).ok();
@@ -482,6 +634,7 @@ fn drain(last: bool) {
                     flush(out);
                 }
             }
+            r.head.0.store(h, Ordering::Release);
             dropped += r.dropped.load(Ordering::Relaxed);
         }
         let t = now_ns().saturating_sub(START_MONO.load(Ordering::Relaxed));
@@ -504,7 +657,19 @@ fn drain(last: bool) {
             });
         }
         flush(out);
-    });
+        if WAITING.swap(0, Ordering::SeqCst) == 1 {
+            // SAFETY: FUTEX_WAKE on our own word, every waiter.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    WAITING.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
+                )
+            };
+        }
+        out.written - before
+    })
 }
 
 fn flush(out: &mut Out) {
@@ -519,6 +684,7 @@ pub fn finish() {
     if !ON.swap(false, Ordering::AcqRel) {
         return;
     }
+    wake_writer();
     drain(true);
     OUT.with(|o| {
         if let Some(out) = o.take() {
@@ -541,5 +707,5 @@ pub fn fork_child() {
     ON.store(false, Ordering::Relaxed);
     WRITER_ALIVE.store(false, Ordering::Relaxed);
     OUT.reset_in_child();
-    TID.with(|t| t.set(0));
+    ME.with(|t| t.set(0));
 }

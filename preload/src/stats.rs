@@ -36,7 +36,7 @@ static SMALL: [Slot; SLOTS + 1] = [SLOT; SLOTS + 1];
 
 /// The calling thread's thread pointer: unique among live threads.
 #[inline(always)]
-pub fn thread_pointer() -> usize {
+pub(crate) fn thread_pointer() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
         let tp: usize;
@@ -95,7 +95,7 @@ fn add(c: &AtomicU64, v: u64, own: bool) {
 
 /// Counts a small allocation of `bytes` (its usable size).
 #[inline(always)]
-pub fn small_alloc(bytes: usize) {
+pub(crate) fn small_alloc(bytes: usize) {
     let (s, own) = slot();
     add(&s.allocs, 1, own);
     add(&s.bytes_in, bytes as u64, own);
@@ -103,7 +103,7 @@ pub fn small_alloc(bytes: usize) {
 
 /// Counts a small free of `bytes`.
 #[inline(always)]
-pub fn small_free(bytes: usize) {
+pub(crate) fn small_free(bytes: usize) {
     let (s, own) = slot();
     add(&s.frees, 1, own);
     add(&s.bytes_out, bytes as u64, own);

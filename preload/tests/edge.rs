@@ -77,3 +77,36 @@ fn cxx_thread_local_destructors_bad_alloc_aligned_new() {
         assert!(out.contains("ok cxx"), "{mode}: {out}");
     }
 }
+
+/// Behind another interposer that resolves the malloc family with `dlsym(RTLD_NEXT)`
+/// (whose own `calloc` calls come back during start-up): every case still passes.
+#[test]
+fn behind_another_interposer() {
+    let exe = build("edge.c", &[]);
+    let lib = build("edge_dl.c", &["-shared", "-fPIC"]);
+    let wrap = build("wrap.c", &["-shared", "-fPIC"]);
+    for name in [
+        "cross_thread",
+        "fork",
+        "realloc",
+        "calloc",
+        "align",
+        "dlopen",
+        "thread_exit",
+    ] {
+        for m in [1, 2] {
+            let mut c = command(&exe, m);
+            c.env(
+                "LD_PRELOAD",
+                format!("{}:{}", wrap.display(), common::shim().display()),
+            );
+            c.arg(name);
+            if name == "dlopen" {
+                c.arg(&lib);
+            }
+            c.current_dir(scratch());
+            let out = run_ok(&format!("edge {name} behind wrap.so ({})", MODES[m].0), c);
+            assert!(out.contains(&format!("ok {name}")), "{out}");
+        }
+    }
+}

@@ -140,3 +140,41 @@ fn the_record_reads_back() {
         }
     }
 }
+
+#[test]
+fn processes_a_program_starts_write_their_own_files() {
+    let dir = scratch().join("tree");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = dir.join("rec.bin");
+    let stats = dir.join("stats.json");
+    let exe = build("place.c", &[]);
+    // The program runs itself twice: three processes under the shim.
+    let out = Command::new(&exe)
+        .arg("spawn")
+        .env("LD_PRELOAD", shim())
+        .env("HETMEM_RECORD", &rec)
+        .env("HETMEM_STATS", &stats)
+        .env_remove("HETMEM_RECORD_OWNER")
+        .env_remove("HETMEM_STATS_OWNER")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let recs = names.iter().filter(|n| n.starts_with("rec.bin")).count();
+    let stats_files = names.iter().filter(|n| n.starts_with("stats.json")).count();
+    assert_eq!((recs, stats_files), (3, 3), "{names:?}");
+    for n in names.iter().filter(|n| n.starts_with("rec.bin")) {
+        let f = std::fs::File::open(dir.join(n)).unwrap();
+        let (_, s) = hetmem::record::summarize(std::io::BufReader::new(f)).unwrap();
+        assert!(s.complete, "{n}: {s:?}");
+    }
+}
