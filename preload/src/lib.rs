@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod glibc;
+pub mod gpu;
 pub mod large;
 mod lock;
 pub mod recorder;
@@ -265,6 +266,7 @@ fn large_alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 #[cold]
 #[inline(never)]
 fn large_free(p: *mut c_void) {
+    gpu::runtime::host_block_freed(p);
     let size = std::panic::catch_unwind(|| large::free(p)).ok().flatten();
     if let Some(size) = size {
         if FLAGS.load(Ordering::Relaxed) & F_REC_LARGE != 0 {

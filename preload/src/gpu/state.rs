@@ -1,0 +1,337 @@
+//! What the GPU side knows: the live allocations it saw (address → size, device,
+//! kind), what each device holds against its limit, and the counters.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustc_hash::FxHashMap;
+
+use super::{GpuConfig, Limit, MAX_DEVICES};
+use crate::lock::Lock;
+
+/// Kinds of allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Device memory (cuMemAlloc, cudaMalloc, the async ones, hipMalloc): charged to
+    /// its device.
+    Device = 0,
+    /// The program's own managed memory: counted, not charged.
+    Managed = 1,
+    /// Page-locked host memory from the driver (cuMemAllocHost, cudaHostAlloc, ...).
+    Pinned = 2,
+    /// Host memory the program registered.
+    Registered = 3,
+    /// A physical allocation (cuMemCreate): charged to its device.
+    Physical = 4,
+    /// Past the limit, served as managed memory preferring the host (oversubscribe).
+    Oversubscribed = 5,
+    /// Registered by the shim on a copy (pin-on-copy).
+    PinnedOnCopy = 6,
+}
+
+const KINDS: usize = 7;
+const KIND_NAMES: [&str; KINDS] = [
+    "device",
+    "managed",
+    "pinned",
+    "registered",
+    "physical",
+    "oversubscribed",
+    "pinned_on_copy",
+];
+
+/// One live allocation.
+#[derive(Debug, Clone, Copy)]
+pub struct Rec {
+    /// Bytes.
+    pub size: u64,
+    /// Device ordinal (-1: none, host memory).
+    pub dev: i32,
+    /// Kind.
+    pub kind: Kind,
+}
+
+struct Table {
+    live: Option<FxHashMap<u64, Rec>>,
+    /// cuMemCreate handles.
+    handles: Option<FxHashMap<u64, Rec>>,
+    held: [u64; MAX_DEVICES],
+    peak: [u64; MAX_DEVICES],
+}
+
+static TABLE: Lock<Table> = Lock::new(Table {
+    live: None,
+    handles: None,
+    held: [0; MAX_DEVICES],
+    peak: [0; MAX_DEVICES],
+});
+
+#[allow(clippy::declare_interior_mutable_const)]
+const ZERO: AtomicU64 = AtomicU64::new(0);
+static ALLOCS: [AtomicU64; KINDS] = [ZERO; KINDS];
+static FREES: [AtomicU64; KINDS] = [ZERO; KINDS];
+static BYTES: [AtomicU64; KINDS] = [ZERO; KINDS];
+/// Allocations refused at the limit.
+pub static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Memory-information answers adjusted to the limit.
+pub static INFO_ADJUSTED: AtomicU64 = AtomicU64::new(0);
+/// Allocations passed through untouched because their stream was capturing.
+pub static CAPTURED: AtomicU64 = AtomicU64::new(0);
+/// Frees of pointers the shim never saw (passed on to the driver, which decides).
+pub static UNKNOWN_FREES: AtomicU64 = AtomicU64::new(0);
+/// Copies that pinned their host block, and copies that found it pinned.
+pub static PIN_MISSES: AtomicU64 = AtomicU64::new(0);
+/// See [`PIN_MISSES`].
+pub static PIN_HITS: AtomicU64 = AtomicU64::new(0);
+/// Limits resolved from fractions (bytes; 0: not yet).
+static RESOLVED: [AtomicU64; MAX_DEVICES] = [ZERO; MAX_DEVICES];
+
+extern "C" fn prepare() {
+    TABLE.lock();
+}
+extern "C" fn parent() {
+    TABLE.unlock();
+}
+extern "C" fn child() {
+    TABLE.reset_in_child();
+}
+
+/// Holds the table across `fork` (a child never inherits it locked).
+pub fn init_fork_handlers() {
+    // SAFETY: registers three handlers with no preconditions.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+}
+
+fn slot(dev: i32) -> Option<usize> {
+    usize::try_from(dev).ok().filter(|&d| d < MAX_DEVICES)
+}
+
+/// The limit of `dev` in bytes; `total` gives the device's memory for fractions.
+pub fn limit_bytes(cfg: &GpuConfig, dev: i32, total: &dyn Fn() -> Option<u64>) -> Option<u64> {
+    match cfg.limit(dev)? {
+        Limit::Bytes(b) => Some(b),
+        Limit::Fraction(f) => {
+            let d = slot(dev)?;
+            let r = RESOLVED[d].load(Ordering::Relaxed);
+            if r != 0 {
+                return Some(r);
+            }
+            let b = (total()? as f64 * f) as u64;
+            RESOLVED[d].store(b.max(1), Ordering::Relaxed);
+            Some(b)
+        }
+    }
+}
+
+/// Charges `size` bytes to `dev` if its limit allows (`limit`: `None`, no limit);
+/// false: refused (counted). A charge is given back with [`uncharge`] when the
+/// allocation fails, or by [`forget`] when it is freed.
+pub fn charge(dev: i32, size: u64, limit: Option<u64>) -> bool {
+    let Some(d) = slot(dev) else { return true };
+    let ok = TABLE.with(|t| {
+        let held = t.held[d];
+        if limit.is_some_and(|l| held.saturating_add(size) > l) {
+            return false;
+        }
+        t.held[d] = held.saturating_add(size);
+        t.peak[d] = t.peak[d].max(t.held[d]);
+        true
+    });
+    if !ok {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+/// Gives back a charge whose allocation failed.
+pub fn uncharge(dev: i32, size: u64) {
+    if let Some(d) = slot(dev) {
+        TABLE.with(|t| t.held[d] = t.held[d].saturating_sub(size));
+    }
+}
+
+/// What `dev` holds.
+pub fn held(dev: i32) -> u64 {
+    slot(dev).map_or(0, |d| TABLE.with(|t| t.held[d]))
+}
+
+fn charged(k: Kind) -> bool {
+    matches!(k, Kind::Device | Kind::Physical)
+}
+
+/// Records a live allocation (already charged when its kind is charged).
+pub fn note(addr: u64, rec: Rec) {
+    let k = rec.kind as usize;
+    ALLOCS[k].fetch_add(1, Ordering::Relaxed);
+    BYTES[k].fetch_add(rec.size, Ordering::Relaxed);
+    TABLE.with(|t| {
+        t.live
+            .get_or_insert_with(FxHashMap::default)
+            .insert(addr, rec);
+    });
+}
+
+/// Records a physical allocation (cuMemCreate) by its handle.
+pub fn note_handle(h: u64, rec: Rec) {
+    let k = rec.kind as usize;
+    ALLOCS[k].fetch_add(1, Ordering::Relaxed);
+    BYTES[k].fetch_add(rec.size, Ordering::Relaxed);
+    TABLE.with(|t| {
+        t.handles
+            .get_or_insert_with(FxHashMap::default)
+            .insert(h, rec);
+    });
+}
+
+/// The live allocation at `addr`, if the shim saw it.
+pub fn lookup(addr: u64) -> Option<Rec> {
+    TABLE.with(|t| t.live.as_ref().and_then(|m| m.get(&addr).copied()))
+}
+
+/// Takes the allocation at `addr` out of the table (before its free), its charge
+/// given back; `None`: never seen (counted).
+pub fn take(addr: u64) -> Option<Rec> {
+    let r = TABLE.with(|t| {
+        let r = t.live.as_mut().and_then(|m| m.remove(&addr))?;
+        uncharge_locked(t, r);
+        Some(r)
+    });
+    match r {
+        Some(r) => FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed),
+        None => UNKNOWN_FREES.fetch_add(1, Ordering::Relaxed),
+    };
+    r
+}
+
+/// Takes a cuMemCreate handle out of the table.
+pub fn take_handle(h: u64) -> Option<Rec> {
+    let r = TABLE.with(|t| {
+        let r = t.handles.as_mut().and_then(|m| m.remove(&h))?;
+        uncharge_locked(t, r);
+        Some(r)
+    });
+    if let Some(r) = r {
+        FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
+
+fn uncharge_locked(t: &mut Table, r: Rec) {
+    if charged(r.kind) {
+        if let Some(d) = slot(r.dev) {
+            t.held[d] = t.held[d].saturating_sub(r.size);
+        }
+    }
+}
+
+/// Puts back an allocation whose free failed (the driver still holds it).
+pub fn restore(addr: u64, r: Rec) {
+    TABLE.with(|t| {
+        if charged(r.kind) {
+            if let Some(d) = slot(r.dev) {
+                t.held[d] = t.held[d].saturating_add(r.size);
+            }
+        }
+        t.live
+            .get_or_insert_with(FxHashMap::default)
+            .insert(addr, r);
+    });
+    FREES[r.kind as usize].fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Puts back a handle whose release failed.
+pub fn restore_handle(h: u64, r: Rec) {
+    TABLE.with(|t| {
+        if let Some(d) = slot(r.dev) {
+            t.held[d] = t.held[d].saturating_add(r.size);
+        }
+        t.handles
+            .get_or_insert_with(FxHashMap::default)
+            .insert(h, r);
+    });
+    FREES[r.kind as usize].fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The live allocations of `kind` overlapping `lo..hi` (removed from the table).
+pub fn take_overlapping(kind: Kind, lo: u64, hi: u64) -> Vec<(u64, Rec)> {
+    let v: Vec<(u64, Rec)> = TABLE.with(|t| {
+        let Some(m) = t.live.as_mut() else {
+            return Vec::new();
+        };
+        let hits: Vec<(u64, Rec)> = m
+            .iter()
+            .filter(|(&a, r)| r.kind == kind && a < hi && a.saturating_add(r.size) > lo)
+            .map(|(&a, &r)| (a, r))
+            .collect();
+        for (a, _) in &hits {
+            m.remove(a);
+        }
+        hits
+    });
+    FREES[kind as usize].fetch_add(v.len() as u64, Ordering::Relaxed);
+    v
+}
+
+/// The counters as one JSON object.
+pub fn json(cfg: &GpuConfig) -> String {
+    let mut s = String::from("{\"mode\":\"");
+    s += match cfg.mode {
+        super::Mode::Observe => "observe",
+        super::Mode::Oversubscribe => "oversubscribe",
+    };
+    s += "\",\"kinds\":{";
+    for (i, name) in KIND_NAMES.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s += &format!(
+            "\"{name}\":{{\"allocs\":{},\"frees\":{},\"bytes\":{}}}",
+            ALLOCS[i].load(Ordering::Relaxed),
+            FREES[i].load(Ordering::Relaxed),
+            BYTES[i].load(Ordering::Relaxed)
+        );
+    }
+    s += "},\"devices\":[";
+    let (held, peak, live) = TABLE.with(|t| {
+        (
+            t.held,
+            t.peak,
+            t.live.as_ref().map_or(0, |m| m.len()) + t.handles.as_ref().map_or(0, |m| m.len()),
+        )
+    });
+    let mut first = true;
+    for d in 0..MAX_DEVICES {
+        let limit = match cfg.limit(d as i32) {
+            Some(Limit::Bytes(b)) => b.to_string(),
+            Some(Limit::Fraction(_)) => match RESOLVED[d].load(Ordering::Relaxed) {
+                0 => "null".into(),
+                b => b.to_string(),
+            },
+            None => "null".into(),
+        };
+        if peak[d] == 0 && limit == "null" {
+            continue;
+        }
+        if !first {
+            s.push(',');
+        }
+        first = false;
+        s += &format!(
+            "{{\"device\":{d},\"held\":{},\"peak\":{},\"limit\":{limit}}}",
+            held[d], peak[d]
+        );
+    }
+    s += &format!(
+        "],\"live\":{live},\"refused\":{},\"info_adjusted\":{},\"captured\":{},\"unknown_frees\":{},\"pin_misses\":{},\"pin_hits\":{},\"handed_dlsym\":{},\"handed_proc\":{},\"passed_proc\":{}}}",
+        REFUSED.load(Ordering::Relaxed),
+        INFO_ADJUSTED.load(Ordering::Relaxed),
+        CAPTURED.load(Ordering::Relaxed),
+        UNKNOWN_FREES.load(Ordering::Relaxed),
+        PIN_MISSES.load(Ordering::Relaxed),
+        PIN_HITS.load(Ordering::Relaxed),
+        super::real::HANDED_DLSYM.load(Ordering::Relaxed),
+        super::real::HANDED_PROC.load(Ordering::Relaxed),
+        super::real::PASSED_PROC.load(Ordering::Relaxed),
+    );
+    s
+}

@@ -1,0 +1,340 @@
+//! The GPU side of the shim against the fake CUDA driver (tests/fake_cuda/fake_cuda.c
+//! with the entry points of preload/tests/fake_cudart/fake_cuda_ext.c) and a fake
+//! libcudart that, like the real one, dlopens the driver and takes every entry point
+//! through cuGetProcAddress_v2: C programs (tests/c/gpu.c) allocate through the
+//! runtime, the driver by symbol, dlsym and cuGetProcAddress (both versions, with and
+//! without the per-thread flag), in each mode, with bad inputs, a fork and threads.
+//! Counters come back as the JSON line of `HETMEM_GPU_STATS`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use common::{scratch, shim};
+use serde_json::Value;
+
+struct Built {
+    dir: PathBuf,
+    /// Linked with -lcuda (the driver by symbol) and -lcudart.
+    linked: PathBuf,
+    /// Linked with -lcudart only: the driver is loaded by the runtime, RTLD_LOCAL.
+    rt: PathBuf,
+}
+
+fn cc(args: &[&str], what: &str) {
+    let o = Command::new("cc")
+        .args(args)
+        .output()
+        .expect("cc (CI installs gcc)");
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn built() -> &'static Built {
+    static B: OnceLock<Built> = OnceLock::new();
+    B.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+        let dir = scratch().join("fake-gpu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let s = |p: &str| src.join(p).to_string_lossy().into_owned();
+        let o = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        let flags = [
+            "-O1", "-g", "-Wall", "-Wextra", "-shared", "-fPIC", "-pthread",
+        ];
+        let mut a: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "-Wl,-Bsymbolic".into(),
+            "-Wl,-soname,libcuda.so.1".into(),
+            s("fake_cudart/fake_cuda_ext.c"),
+            "-o".into(),
+            o("libcuda.so.1"),
+        ]);
+        cc(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "fake libcuda",
+        );
+        let mut a: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "-Wl,-soname,libcudart.so.12".into(),
+            s("fake_cudart/fake_cudart.c"),
+            "-o".into(),
+            o("libcudart.so.12"),
+            "-ldl".into(),
+        ]);
+        cc(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "fake libcudart",
+        );
+        for (link, to) in [
+            ("libcuda.so", "libcuda.so.1"),
+            ("libcudart.so", "libcudart.so.12"),
+        ] {
+            let l = dir.join(link);
+            let _ = std::fs::remove_file(&l);
+            std::os::unix::fs::symlink(to, &l).unwrap();
+        }
+        let prog = s("c/gpu.c");
+        let rpath = format!("-Wl,-rpath,{}", dir.display());
+        let ldir = format!("-L{}", dir.display());
+        let common = ["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread"];
+        let linked = dir.join("gpu_linked");
+        let mut a: Vec<&str> = common.to_vec();
+        let lo = linked.to_string_lossy().into_owned();
+        a.extend([
+            "-DLINKED", &prog, "-o", &lo, &ldir, &rpath, "-lcudart", "-lcuda", "-ldl",
+        ]);
+        cc(&a, "gpu.c (linked)");
+        let rt = dir.join("gpu_rt");
+        let ro = rt.to_string_lossy().into_owned();
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend([&prog, "-o", &ro, &ldir, &rpath, "-lcudart", "-ldl"]);
+        cc(&a, "gpu.c (runtime only)");
+        Built { dir, linked, rt }
+    })
+}
+
+/// Runs `exe scenario path` with the shim (unless `shim` is false) and `env`.
+fn run(exe: &Path, args: &[&str], with_shim: bool, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(exe);
+    c.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("HETMEM_") || k.starts_with("FAKE_CUDA") || k == "LD_PRELOAD" {
+            c.env_remove(k);
+        }
+    }
+    c.env("LD_LIBRARY_PATH", &built().dir);
+    if with_shim {
+        c.env("LD_PRELOAD", shim());
+    }
+    c.envs(env.iter().copied());
+    c.output().expect("run")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n--- stdout\n{}--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs under the shim with the counters on; stdout and the counters.
+fn stats(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, Value) {
+    let file = scratch().join(format!(
+        "gpu-stats-{}-{}.json",
+        args.join("-"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&file);
+    let f = file.to_string_lossy().into_owned();
+    let mut env = env.to_vec();
+    env.push(("HETMEM_GPU_STATS", &f));
+    let o = run(exe, args, true, &env);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", text(&o));
+    let json = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{f}: {e}\n{}", text(&o)));
+    let _ = std::fs::remove_file(&file);
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}")),
+    )
+}
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = match p.parse::<usize>() {
+            Ok(i) if x.is_array() => &x[i],
+            _ => &x[*p],
+        };
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v}"))
+}
+
+fn kind(v: &Value, k: &str) -> (u64, u64, u64) {
+    (
+        n(v, &["kinds", k, "allocs"]),
+        n(v, &["kinds", k, "frees"]),
+        n(v, &["kinds", k, "bytes"]),
+    )
+}
+
+const PATHS: &[&str] = &["symbol", "dlsym", "proc", "proc1", "proc-ptsz"];
+
+#[test]
+fn observe_counts_driver_calls_by_symbol_dlsym_and_proc_address() {
+    let b = built();
+    for path in PATHS {
+        let (out, s) = stats(&b.linked, &["driver", path], &[]);
+        assert!(out.contains("driver ok"), "{path}: {out}");
+        assert_eq!(kind(&s, "device"), (2, 2, 4 << 20), "{path}: {s}");
+        assert_eq!(kind(&s, "pinned"), (2, 2, 2 << 20), "{path}: {s}");
+        assert_eq!(kind(&s, "registered"), (1, 1, 1 << 20), "{path}: {s}");
+        assert_eq!(kind(&s, "physical"), (1, 1, 2 << 20), "{path}: {s}");
+        assert_eq!(n(&s, &["live"]), 0, "{path}: {s}");
+        assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{path}: {s}");
+        assert_eq!(n(&s, &["unknown_frees"]), 0, "{path}: {s}");
+        if path.starts_with("proc") {
+            // The runtime's 12 wrapped lookups, and the program's own.
+            assert_eq!(n(&s, &["handed_proc"]), 24, "{path}: {s}");
+        }
+    }
+}
+
+#[test]
+fn observe_counts_runtime_calls_once() {
+    let b = built();
+    for (exe, env) in [
+        (&b.rt, &[][..]),
+        (&b.linked, &[][..]),
+        (
+            &b.rt,
+            &[("FAKE_CUDART_PTSZ", "1"), ("FAKE_CUDART_GPA", "v1")][..],
+        ),
+    ] {
+        let (out, s) = stats(exe, &["runtime"], env);
+        assert!(out.contains("runtime ok"), "{out}");
+        // cudaMalloc, cudaMallocAsync, cudaMallocFromPoolAsync: counted by the runtime
+        // wrappers, not again by the driver wrappers the runtime reaches.
+        assert_eq!(kind(&s, "device"), (3, 3, 7 << 20), "{env:?}: {s}");
+        assert_eq!(kind(&s, "managed"), (1, 1, 1 << 20), "{s}");
+        assert_eq!(kind(&s, "pinned"), (2, 2, 2 << 20), "{s}");
+        assert_eq!(kind(&s, "registered"), (1, 1, 1 << 20), "{s}");
+        assert_eq!(n(&s, &["devices", "0", "peak"]), 7 << 20, "{s}");
+        assert_eq!(n(&s, &["live"]), 0, "{s}");
+        // The runtime's lookups went through the wrapped cuGetProcAddress.
+        assert_eq!(n(&s, &["handed_proc"]), 12, "{s}");
+    }
+}
+
+#[test]
+fn proc_address_hands_back_exactly_the_variant_returned() {
+    let b = built();
+    let plain = run(&b.rt, &["lookups"], false, &[]);
+    let (out, _) = stats(&b.rt, &["lookups"], &[]);
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    // The CUDA 3.0 cuMemAlloc (32-bit) is not wrapped: the real one, which writes 4 bytes.
+    assert!(out.contains("old cuMemAlloc status=0 from=driver"), "{out}");
+    assert!(out.contains("old slot=0xc0de canary=0x5a5a5a5a"), "{out}");
+    assert!(out.contains("new cuMemAlloc status=0 from=shim"), "{out}");
+    assert!(out.contains("ptsz from=shim"), "{out}");
+    assert!(out.contains("itself from=shim"), "{out}");
+    assert!(out.contains("not wrapped from=driver same=1"), "{out}");
+    // Codes and symbolStatus are the driver's; only the origins differ.
+    let strip = |s: &str| s.replace("from=shim", "from=driver");
+    assert_eq!(strip(&out), plain);
+}
+
+#[test]
+fn limit_is_what_the_program_sees() {
+    let b = built();
+    for limit in ["0:64M", "0.25", "25%", "64M"] {
+        let (out, s) = stats(&b.rt, &["limit"], &[("HETMEM_DEVICE_LIMIT", limit)]);
+        let want = "start total=67108864 free=67108864\n\
+                    malloc 48M = 0\n\
+                    held 48M total=67108864 free=16777216\n\
+                    malloc 32M = 2\n\
+                    driver 32M = 2\n\
+                    driver 16M = 0\n\
+                    driver full total=67108864 free=0\n\
+                    cuMemCreate 2M = 2\n\
+                    free driver = 0\n\
+                    cuMemCreate 2M again = 0\n\
+                    cuMemRelease = 0\n\
+                    free 48M = 0\n\
+                    end total=67108864 free=67108864\n";
+        assert_eq!(out, want, "{limit}");
+        assert_eq!(n(&s, &["refused"]), 3, "{s}");
+        assert_eq!(n(&s, &["devices", "0", "limit"]), 64 << 20, "{s}");
+        assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{s}");
+    }
+    // Device 1 limited, device 0 not.
+    let (out, _) = stats(&b.rt, &["limit"], &[("HETMEM_DEVICE_LIMIT", "1:1M")]);
+    assert!(
+        out.starts_with("start total=268435456 free=268435456\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_configuration_is_one_line_and_pass_through() {
+    let b = built();
+    for (k, v) in [
+        ("HETMEM_DEVICE_LIMIT", "lots"),
+        ("HETMEM_GPU_MODE", "fast"),
+        ("HETMEM_GPU_MODE", "oversubscribe"),
+    ] {
+        let o = run(&b.rt, &["limit"], true, &[(k, v)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{}", text(&o));
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("hetmem-preload: HETMEM_"), "{err}");
+        assert!(err.contains("GPU calls pass through"), "{err}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.starts_with("start total=268435456"), "{out}");
+    }
+}
+
+#[test]
+fn bad_input_gets_the_codes_of_the_real_calls() {
+    let b = built();
+    let plain = run(&b.linked, &["bad", "symbol"], false, &[]);
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    assert!(plain.contains("cudaFree twice = 1"), "{plain}");
+    for path in ["symbol", "dlsym", "proc"] {
+        for env in [&[][..], &[("HETMEM_DEVICE_LIMIT", "0:64M")][..]] {
+            let (out, s) = stats(&b.linked, &["bad", path], env);
+            assert_eq!(out, plain, "{path} {env:?}");
+            assert_eq!(n(&s, &["live"]), 0, "{s}");
+            assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{s}");
+        }
+    }
+}
+
+#[test]
+fn threads_and_fork() {
+    let b = built();
+    let (out, s) = stats(&b.rt, &["threads"], &[("HETMEM_DEVICE_LIMIT", "0:1G")]);
+    assert!(out.contains("threads ok"), "{out}");
+    assert_eq!(kind(&s, "device").0, 8 * 200 * 2, "{s}");
+    assert_eq!(kind(&s, "device").1, 8 * 200 * 2, "{s}");
+    assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{s}");
+    let (out, s) = stats(&b.rt, &["fork"], &[]);
+    assert!(out.contains("fork ok"), "{out}");
+    assert_eq!(kind(&s, "device"), (1, 1, 1 << 20), "{s}");
+}
+
+#[test]
+fn capturing_streams_go_to_the_driver_untouched() {
+    let b = built();
+    let plain = run(&b.rt, &["capture"], false, &[]);
+    let (out, s) = stats(&b.rt, &["capture"], &[("HETMEM_DEVICE_LIMIT", "0:64M")]);
+    assert_eq!(out, String::from_utf8_lossy(&plain.stdout));
+    assert_eq!(n(&s, &["captured"]), 1, "{s}");
+    assert_eq!(kind(&s, "device").0, 0, "{s}");
+}
+
+#[test]
+fn a_program_without_cuda_loads_no_driver() {
+    let b = built();
+    // gpu_rt links the fake libcudart (which loads the driver only when called); the
+    // shim loads nothing.
+    let (out, s) = stats(&b.rt, &["nocuda"], &[("HETMEM_DEVICE_LIMIT", "0:1G")]);
+    assert_eq!(out, "driver mapped=0\n");
+    assert_eq!(n(&s, &["live"]), 0, "{s}");
+}
+
+#[test]
+fn dlsym_rtld_next_from_the_program_is_unchanged() {
+    let b = built();
+    let plain = run(&b.linked, &["next"], false, &[]);
+    let (out, _) = stats(&b.linked, &["next"], &[]);
+    assert_eq!(out, String::from_utf8_lossy(&plain.stdout));
+    assert!(out.contains("next cuMemAlloc_v2 found=1 same=1"), "{out}");
+}
