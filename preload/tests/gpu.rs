@@ -338,3 +338,59 @@ fn dlsym_rtld_next_from_the_program_is_unchanged() {
     assert_eq!(out, String::from_utf8_lossy(&plain.stdout));
     assert!(out.contains("next cuMemAlloc_v2 found=1 same=1"), "{out}");
 }
+
+#[test]
+fn oversubscribe_runs_past_the_limit_on_managed_memory() {
+    let b = built();
+    let env = [
+        ("HETMEM_DEVICE_LIMIT", "0:64M"),
+        ("HETMEM_GPU_MODE", "oversubscribe"),
+    ];
+    let (out, s) = stats(&b.rt, &["oversubscribe"], &env);
+    assert_eq!(
+        out,
+        "malloc 48M = 0\nmalloc 48M past the limit = 0\ndriver 48M past the limit = 0\nfree = 0\n"
+    );
+    assert_eq!(kind(&s, "device"), (1, 1, 48 << 20), "{s}");
+    assert_eq!(kind(&s, "oversubscribed"), (2, 2, 96 << 20), "{s}");
+    assert_eq!(n(&s, &["devices", "0", "peak"]), 48 << 20, "{s}");
+    // The runtime's copy into it was its first use: prefetched to the device.
+    assert_eq!(n(&s, &["prefetches"]), 1, "{s}");
+    // Without managed memory: out of memory, as under the limit alone.
+    let mut env = env.to_vec();
+    env.push(("FAKE_CUDA_MANAGED", "0"));
+    let o = run(&b.rt, &["oversubscribe"], true, &env);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("malloc 48M past the limit = 2\ndriver 48M past the limit = 2\n"),
+        "{out}"
+    );
+    // Under the limit alone, the same program fails cleanly.
+    let o = run(&b.rt, &["oversubscribe"], true, &env[..1]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("malloc 48M past the limit = 2\n"), "{out}");
+}
+
+#[test]
+fn pin_on_copy_registers_large_blocks_once_and_unregisters_them_at_free() {
+    let b = built();
+    let (out, s) = stats(&b.rt, &["pin"], &[("HETMEM_GPU_PIN_ON_COPY", "4M")]);
+    assert_eq!(out, "register after free = 0\nunregister = 0\nfree = 0\n");
+    // The source block pinned at its first copy (hits on the next two), the
+    // destination of the copy back at its own; both unregistered when freed.
+    assert_eq!(n(&s, &["pin_misses"]), 2, "{s}");
+    assert_eq!(n(&s, &["pin_hits"]), 2, "{s}");
+    assert_eq!(kind(&s, "pinned_on_copy"), (2, 2, 32 << 20), "{s}");
+    // Off by default; under the cap nothing is pinned.
+    let (_, s) = stats(&b.rt, &["pin"], &[]);
+    assert_eq!(n(&s, &["pin_misses"]), 0, "{s}");
+    let (_, s) = stats(
+        &b.rt,
+        &["pin"],
+        &[
+            ("HETMEM_GPU_PIN_ON_COPY", "4M"),
+            ("HETMEM_GPU_PIN_CACHE", "8M"),
+        ],
+    );
+    assert_eq!(n(&s, &["pin_misses"]), 0, "{s}");
+}

@@ -53,6 +53,7 @@ static GET_PROC_V2: Real = Real::new(c"cuGetProcAddress_v2", LIB);
 static CTX_GET_DEVICE: Real = Real::new(c"cuCtxGetDevice", LIB);
 static DEVICE_TOTAL_MEM: Real = Real::new(c"cuDeviceTotalMem_v2", LIB);
 static STREAM_IS_CAPTURING: Real = Real::new(c"cuStreamIsCapturing", LIB);
+static MEM_PREFETCH_V2: Real = Real::new(c"cuMemPrefetchAsync_v2", LIB);
 static CTX_GET_CURRENT: Real = Real::new(c"cuCtxGetCurrent", LIB);
 static CTX_SET_CURRENT: Real = Real::new(c"cuCtxSetCurrent", LIB);
 static MEM_ADVISE_V2: Real = Real::new(c"cuMemAdvise_v2", LIB);
@@ -140,7 +141,8 @@ pub unsafe fn oversubscribed(dptr: *mut CUdeviceptr, size: usize) -> CUresult {
         1
     );
     if rc != 0 {
-        return rc;
+        // No managed memory: out of memory, as without oversubscription.
+        return OUT_OF_MEMORY;
     }
     // SAFETY: written by the successful call.
     let p = unsafe { *dptr };
@@ -177,6 +179,28 @@ pub fn advise_host(p: CUdeviceptr, size: usize) {
         3,
         Loc { ty: 2, id: 0 }
     );
+}
+
+/// Before work on stream `s` touches `p`: an oversubscribed allocation seen for the
+/// first time is prefetched to its device on that stream (best effort).
+#[allow(clippy::not_unsafe_ptr_arg_deref)] // `s` is only passed to the driver
+pub fn prefetch_on_first_use(p: u64, s: CUstream) {
+    let Some((a, size, dev)) = state::first_use(p) else {
+        return;
+    };
+    let rc = call_real!(
+        MEM_PREFETCH_V2,
+        NOT_INITIALIZED,
+        fn(CUdeviceptr, usize, Loc, c_uint, CUstream) -> CUresult,
+        a,
+        size as usize,
+        Loc { ty: 1, id: dev },
+        0,
+        s
+    );
+    if rc == 0 {
+        state::PREFETCHES.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// The calling thread's current context (0: none).

@@ -124,7 +124,8 @@ unsafe fn device_alloc(
                     1
                 );
                 if rc != 0 {
-                    return rc;
+                    // No managed memory: out of memory, as without oversubscription.
+                    return MEMORY_ALLOCATION;
                 }
                 // SAFETY: written by the successful call.
                 let a = (unsafe { *p }) as u64;
@@ -547,6 +548,8 @@ pub unsafe extern "C" fn cudaMemcpy(
 ) -> CudaError {
     if !nested() {
         pin_for_copy(host_side(dst, src, kind), n);
+        driver::prefetch_on_first_use(dst as u64, std::ptr::null_mut());
+        driver::prefetch_on_first_use(src as u64, std::ptr::null_mut());
     }
     let _n = Nest::enter();
     call_real!(
@@ -574,6 +577,8 @@ pub unsafe extern "C" fn cudaMemcpyAsync(
 ) -> CudaError {
     if !nested() && !capturing(s) {
         pin_for_copy(host_side(dst, src, kind), n);
+        driver::prefetch_on_first_use(dst as u64, s);
+        driver::prefetch_on_first_use(src as u64, s);
     }
     let _n = Nest::enter();
     call_real!(

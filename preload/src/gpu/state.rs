@@ -83,16 +83,38 @@ pub static UNKNOWN_FREES: AtomicU64 = AtomicU64::new(0);
 pub static PIN_MISSES: AtomicU64 = AtomicU64::new(0);
 /// See [`PIN_MISSES`].
 pub static PIN_HITS: AtomicU64 = AtomicU64::new(0);
+/// Oversubscribed allocations prefetched to their device at first use from a stream.
+pub static PREFETCHES: AtomicU64 = AtomicU64::new(0);
+/// Oversubscribed allocations: address, size, device, prefetched yet.
+static OVERS: Lock<Vec<(u64, u64, i32, bool)>> = Lock::new(Vec::new());
+static OVER_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The oversubscribed allocation holding `p` if it was not prefetched yet (it is
+/// marked prefetched): its start, size and device.
+pub fn first_use(p: u64) -> Option<(u64, u64, i32)> {
+    if OVER_COUNT.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    OVERS.with(|v| {
+        let e = v.iter_mut().find(|e| !e.3 && p >= e.0 && p - e.0 < e.1)?;
+        e.3 = true;
+        Some((e.0, e.1, e.2))
+    })
+}
+
 /// Limits resolved from fractions (bytes; 0: not yet).
 static RESOLVED: [AtomicU64; MAX_DEVICES] = [ZERO; MAX_DEVICES];
 
 extern "C" fn prepare() {
     TABLE.lock();
+    OVERS.lock();
 }
 extern "C" fn parent() {
+    OVERS.unlock();
     TABLE.unlock();
 }
 extern "C" fn child() {
+    OVERS.reset_in_child();
     TABLE.reset_in_child();
 }
 
@@ -162,6 +184,10 @@ fn charged(k: Kind) -> bool {
 /// Records a live allocation (already charged when its kind is charged).
 pub fn note(addr: u64, rec: Rec) {
     let k = rec.kind as usize;
+    if rec.kind == Kind::Oversubscribed {
+        OVERS.with(|v| v.push((addr, rec.size, rec.dev, false)));
+        OVER_COUNT.fetch_add(1, Ordering::Release);
+    }
     ALLOCS[k].fetch_add(1, Ordering::Relaxed);
     BYTES[k].fetch_add(rec.size, Ordering::Relaxed);
     TABLE.with(|t| {
@@ -196,6 +222,10 @@ pub fn take(addr: u64) -> Option<Rec> {
         uncharge_locked(t, r);
         Some(r)
     });
+    if r.is_some_and(|r| r.kind == Kind::Oversubscribed) {
+        OVERS.with(|v| v.retain(|e| e.0 != addr));
+        OVER_COUNT.fetch_sub(1, Ordering::Release);
+    }
     match r {
         Some(r) => FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed),
         None => UNKNOWN_FREES.fetch_add(1, Ordering::Relaxed),
@@ -322,13 +352,14 @@ pub fn json(cfg: &GpuConfig) -> String {
         );
     }
     s += &format!(
-        "],\"live\":{live},\"refused\":{},\"info_adjusted\":{},\"captured\":{},\"unknown_frees\":{},\"pin_misses\":{},\"pin_hits\":{},\"handed_dlsym\":{},\"handed_proc\":{},\"passed_proc\":{}}}",
+        "],\"live\":{live},\"refused\":{},\"info_adjusted\":{},\"captured\":{},\"unknown_frees\":{},\"pin_misses\":{},\"pin_hits\":{},\"prefetches\":{},\"handed_dlsym\":{},\"handed_proc\":{},\"passed_proc\":{}}}",
         REFUSED.load(Ordering::Relaxed),
         INFO_ADJUSTED.load(Ordering::Relaxed),
         CAPTURED.load(Ordering::Relaxed),
         UNKNOWN_FREES.load(Ordering::Relaxed),
         PIN_MISSES.load(Ordering::Relaxed),
         PIN_HITS.load(Ordering::Relaxed),
+        PREFETCHES.load(Ordering::Relaxed),
         super::real::HANDED_DLSYM.load(Ordering::Relaxed),
         super::real::HANDED_PROC.load(Ordering::Relaxed),
         super::real::PASSED_PROC.load(Ordering::Relaxed),
