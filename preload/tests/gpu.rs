@@ -21,6 +21,8 @@ struct Built {
     linked: PathBuf,
     /// Linked with -lcudart only: the driver is loaded by the runtime, RTLD_LOCAL.
     rt: PathBuf,
+    /// Linked with -lamdhip64 (the fake HIP runtime).
+    hip: PathBuf,
 }
 
 fn cc(args: &[&str], what: &str) {
@@ -70,9 +72,22 @@ fn built() -> &'static Built {
             &a.iter().map(String::as_str).collect::<Vec<_>>(),
             "fake libcudart",
         );
+        let mut a: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "-Wl,-Bsymbolic".into(),
+            "-Wl,-soname,libamdhip64.so.6".into(),
+            s("fake_cudart/fake_hip_ext.c"),
+            "-o".into(),
+            o("libamdhip64.so.6"),
+        ]);
+        cc(
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            "fake libamdhip64",
+        );
         for (link, to) in [
             ("libcuda.so", "libcuda.so.1"),
             ("libcudart.so", "libcudart.so.12"),
+            ("libamdhip64.so", "libamdhip64.so.6"),
         ] {
             let l = dir.join(link);
             let _ = std::fs::remove_file(&l);
@@ -94,7 +109,18 @@ fn built() -> &'static Built {
         let mut a: Vec<&str> = common.to_vec();
         a.extend([&prog, "-o", &ro, &ldir, &rpath, "-lcudart", "-ldl"]);
         cc(&a, "gpu.c (runtime only)");
-        Built { dir, linked, rt }
+        let hip = dir.join("hip");
+        let ho = hip.to_string_lossy().into_owned();
+        let hsrc = s("c/hip.c");
+        let mut a: Vec<&str> = common.to_vec();
+        a.extend([&hsrc, "-o", &ho, &ldir, &rpath, "-lamdhip64", "-ldl"]);
+        cc(&a, "hip.c");
+        Built {
+            dir,
+            linked,
+            rt,
+            hip,
+        }
     })
 }
 
@@ -393,4 +419,44 @@ fn pin_on_copy_registers_large_blocks_once_and_unregisters_them_at_free() {
         ],
     );
     assert_eq!(n(&s, &["pin_misses"]), 0, "{s}");
+}
+
+#[test]
+fn hip_by_symbol_dlsym_and_get_proc_address() {
+    let b = built();
+    for path in ["symbol", "dlsym", "proc"] {
+        let (out, s) = stats(
+            &b.hip,
+            &["limit", path],
+            &[("HETMEM_DEVICE_LIMIT", "0:64M")],
+        );
+        let tail = "info = 0\ntotal=67108864 free=67108864\n\
+                    malloc 48M = 0\nasync 32M = 2\n\
+                    info = 0\ntotal=67108864 free=16777216\n\
+                    host 1M = 0\nhost free = 0\nfree = 0\n\
+                    info = 0\ntotal=67108864 free=67108864\n";
+        assert!(out.ends_with(tail), "{path}: {out}");
+        assert!(!out.contains("from=runtime"), "{path}: {out}");
+        if path == "proc" {
+            assert!(out.contains("unknown = 500\nunknown status=1\n"), "{out}");
+            assert_eq!(n(&s, &["handed_proc"]), 7, "{s}");
+        }
+        assert_eq!(kind(&s, "device"), (1, 1, 48 << 20), "{path}: {s}");
+        assert_eq!(kind(&s, "pinned"), (1, 1, 1 << 20), "{path}: {s}");
+        assert_eq!(n(&s, &["refused"]), 1, "{s}");
+        let (out, s) = stats(&b.hip, &["observe", path], &[]);
+        assert!(out.contains("async 32M = 0\n"), "{out}");
+        assert_eq!(kind(&s, "device"), (2, 2, 80 << 20), "{path}: {s}");
+    }
+    let plain = run(&b.hip, &["bad", "symbol"], false, &[]);
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    for path in ["symbol", "proc"] {
+        let (out, _) = stats(&b.hip, &["bad", path], &[("HETMEM_DEVICE_LIMIT", "0:64M")]);
+        let out: String = out
+            .lines()
+            .filter(|l| !l.contains("from=") && !l.starts_with("unknown"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(out, plain, "{path}");
+    }
 }
