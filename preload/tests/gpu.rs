@@ -207,8 +207,8 @@ fn observe_counts_driver_calls_by_symbol_dlsym_and_proc_address() {
         assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{path}: {s}");
         assert_eq!(n(&s, &["unknown_frees"]), 0, "{path}: {s}");
         if path.starts_with("proc") {
-            // The runtime's 12 wrapped lookups, and the program's own.
-            assert_eq!(n(&s, &["handed_proc"]), 24, "{path}: {s}");
+            // The runtime's 14 wrapped lookups, and the program's own 12.
+            assert_eq!(n(&s, &["handed_proc"]), 26, "{path}: {s}");
         }
     }
 }
@@ -235,7 +235,7 @@ fn observe_counts_runtime_calls_once() {
         assert_eq!(n(&s, &["devices", "0", "peak"]), 7 << 20, "{s}");
         assert_eq!(n(&s, &["live"]), 0, "{s}");
         // The runtime's lookups went through the wrapped cuGetProcAddress.
-        assert_eq!(n(&s, &["handed_proc"]), 12, "{s}");
+        assert_eq!(n(&s, &["handed_proc"]), 14, "{s}");
     }
 }
 
@@ -458,5 +458,62 @@ fn hip_by_symbol_dlsym_and_get_proc_address() {
             .map(|l| format!("{l}\n"))
             .collect();
         assert_eq!(out, plain, "{path}");
+    }
+}
+
+#[test]
+fn pool_mode_serves_device_and_pinned_memory_and_answers_for_its_pointers() {
+    let b = built();
+    let plain = run(&b.rt, &["pool"], false, &[]);
+    let plain = String::from_utf8_lossy(&plain.stdout).into_owned();
+    let file = scratch().join(format!("gpu-pool-{}.json", std::process::id()));
+    let f = file.to_string_lossy().into_owned();
+    let o = run(
+        &b.rt,
+        &["pool"],
+        true,
+        &[("HETMEM_GPU_MODE", "pool"), ("HETMEM_GPU_STATS", &f)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    // The same answers as the driver gives for its own allocations (the range and the
+    // attributes are the block's, not the pool's segment), except IPC: refused, said once.
+    assert_eq!(out, plain.replace("ipc = 0", "ipc = 1"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cuIpcGetMemHandle of memory served by hetmem's pool: refused"),
+        "{err}"
+    );
+    let s: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(n(&s, &["pool_served"]), 3, "{s}");
+    assert_eq!(n(&s, &["pool_pinned"]), 1, "{s}");
+    assert_eq!(kind(&s, "device"), (3, 3, 5 << 20), "{s}");
+    assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{s}");
+}
+
+#[test]
+fn pool_mode_keeps_limits_codes_threads_fork_and_capture() {
+    let b = built();
+    let limit = [("HETMEM_DEVICE_LIMIT", "0:64M")];
+    let pool = [
+        ("HETMEM_DEVICE_LIMIT", "0:64M"),
+        ("HETMEM_GPU_MODE", "pool"),
+    ];
+    for sc in ["limit", "bad", "threads", "fork", "capture"] {
+        let (observed, _) = stats(&b.rt, &[sc], &limit);
+        let (pooled, s) = stats(&b.rt, &[sc], &pool);
+        assert_eq!(pooled, observed, "{sc}");
+        assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{sc}: {s}");
+        match sc {
+            // Every allocation of the threads from the pool, by runtime and driver.
+            "threads" => assert_eq!(n(&s, &["pool_served"]), 3200, "{s}"),
+            // The parent's from the pool; the child's (a forked child) from the driver.
+            "fork" => assert_eq!(n(&s, &["pool_served"]), 1, "{s}"),
+            // Allocations on a capturing stream go to the driver untouched.
+            "capture" => assert_eq!(n(&s, &["pool_served"]), 0, "{s}"),
+            _ => {}
+        }
     }
 }

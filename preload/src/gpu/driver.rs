@@ -12,7 +12,10 @@ use std::sync::atomic::Ordering;
 
 use super::real::{call_real, wrap_proc, Real};
 use super::state::{self, Kind, Rec};
-use super::{adjust_info, admit, config, guard, nested, Admit};
+use super::{
+    adjust_info, admit, config, guard, nested, pool_alloc, pool_free, pool_free_pinned,
+    pool_pinned, Admit,
+};
 
 /// `CUresult`.
 pub type CUresult = c_int;
@@ -80,6 +83,9 @@ super::wrapped! {
     cuMemRelease => MEM_RELEASE,
     cuGetProcAddress => GET_PROC,
     cuGetProcAddress_v2 => GET_PROC_V2,
+    cuMemGetAddressRange_v2 => MEM_GET_ADDRESS_RANGE,
+    cuPointerGetAttribute => POINTER_GET_ATTRIBUTE,
+    cuIpcGetMemHandle => IPC_GET_MEM_HANDLE,
 }
 
 /// The current context's device (0 when there is none or no driver).
@@ -266,6 +272,12 @@ unsafe fn device_alloc(
         let dev = ctx_device();
         match admit(cfg, dev, size as u64, &|| total_mem(dev)) {
             Admit::Charged => {
+                let s = stream.unwrap_or(std::ptr::null_mut());
+                // SAFETY: `dptr` is writable.
+                let mut out = |a: u64| unsafe { *dptr = a };
+                if let Some(rc) = pool_alloc(cfg, dev, size, s, OUT_OF_MEMORY, &mut out) {
+                    return rc;
+                }
                 let rc = call();
                 if rc == 0 {
                     // SAFETY: written by the successful call.
@@ -290,10 +302,23 @@ unsafe fn device_alloc(
     })
 }
 
-/// A free through `call`, counted.
-fn any_free(addr: u64, call: &dyn Fn() -> CUresult) -> CUresult {
+/// The stream a `_ptsz` entry point means: 0 is the per-thread default stream.
+fn ptsz(s: CUstream) -> CUstream {
+    if s.is_null() {
+        2 as CUstream
+    } else {
+        s
+    }
+}
+
+/// A free through `call`, counted (a pool block given back to the pool, on `stream`
+/// when given).
+fn any_free(addr: u64, stream: Option<CUstream>, call: &dyn Fn() -> CUresult) -> CUresult {
     if config().is_none() || nested() || addr == 0 {
         return call();
+    }
+    if guard(false, || pool_free(addr, stream.map(|s| (ctx_device(), s)))) {
+        return 0;
     }
     let r = guard(None, || state::take(addr));
     let rc = call();
@@ -347,7 +372,7 @@ pub unsafe extern "C" fn cuMemAlloc_v2(dptr: *mut CUdeviceptr, size: usize) -> C
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFree_v2(d: CUdeviceptr) -> CUresult {
-    any_free(d, &|| {
+    any_free(d, None, &|| {
         call_real!(MEM_FREE, NOT_INITIALIZED, fn(CUdeviceptr) -> CUresult, d)
     })
 }
@@ -397,7 +422,7 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
         )
     };
     // SAFETY: the caller's arguments.
-    unsafe { device_alloc(dptr, size, Some(s), &call) }
+    unsafe { device_alloc(dptr, size, Some(ptsz(s)), &call) }
 }
 
 /// `cuMemFreeAsync`.
@@ -406,7 +431,7 @@ pub unsafe extern "C" fn cuMemAllocAsync_ptsz(
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFreeAsync(d: CUdeviceptr, s: CUstream) -> CUresult {
-    any_free(d, &|| {
+    any_free(d, Some(s), &|| {
         call_real!(
             MEM_FREE_ASYNC,
             NOT_INITIALIZED,
@@ -423,7 +448,7 @@ pub unsafe extern "C" fn cuMemFreeAsync(d: CUdeviceptr, s: CUstream) -> CUresult
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFreeAsync_ptsz(d: CUdeviceptr, s: CUstream) -> CUresult {
-    any_free(d, &|| {
+    any_free(d, Some(ptsz(s)), &|| {
         call_real!(
             MEM_FREE_ASYNC_PTSZ,
             NOT_INITIALIZED,
@@ -489,7 +514,7 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
         return call();
     }
     // SAFETY: the caller's arguments.
-    unsafe { device_alloc(dptr, size, Some(s), &call) }
+    unsafe { device_alloc(dptr, size, Some(ptsz(s)), &call) }
 }
 
 /// `cuMemAllocHost_v2`.
@@ -498,6 +523,13 @@ pub unsafe extern "C" fn cuMemAllocFromPoolAsync_ptsz(
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemAllocHost_v2(pp: *mut *mut c_void, size: usize) -> CUresult {
+    if !pp.is_null() {
+        if let Some(a) = guard(None, || pool_pinned(size, 0)) {
+            // SAFETY: the caller's out-pointer.
+            unsafe { *pp = a as *mut c_void };
+            return 0;
+        }
+    }
     let rc = call_real!(
         MEM_ALLOC_HOST,
         NOT_INITIALIZED,
@@ -524,6 +556,13 @@ pub unsafe extern "C" fn cuMemHostAlloc(
     size: usize,
     flags: c_uint,
 ) -> CUresult {
+    if !pp.is_null() {
+        if let Some(a) = guard(None, || pool_pinned(size, flags)) {
+            // SAFETY: the caller's out-pointer.
+            unsafe { *pp = a as *mut c_void };
+            return 0;
+        }
+    }
     let rc = call_real!(
         MEM_HOST_ALLOC,
         NOT_INITIALIZED,
@@ -547,7 +586,10 @@ pub unsafe extern "C" fn cuMemHostAlloc(
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemFreeHost(p: *mut c_void) -> CUresult {
-    any_free(p as u64, &|| {
+    if guard(false, || pool_free_pinned(p as u64)) {
+        return 0;
+    }
+    any_free(p as u64, None, &|| {
         call_real!(
             MEM_FREE_HOST,
             NOT_INITIALIZED,
@@ -584,7 +626,7 @@ pub unsafe extern "C" fn cuMemHostRegister_v2(
 /// As the driver's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cuMemHostUnregister(p: *mut c_void) -> CUresult {
-    any_free(p as u64, &|| {
+    any_free(p as u64, None, &|| {
         call_real!(
             MEM_HOST_UNREGISTER,
             NOT_INITIALIZED,
@@ -828,4 +870,108 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
     // SAFETY: the caller's arguments, after the lookup.
     unsafe { wrap_lookup(rc, symbol, pfn) };
     rc
+}
+
+static MEM_GET_ADDRESS_RANGE: Real = Real::new(c"cuMemGetAddressRange_v2", LIB);
+static POINTER_GET_ATTRIBUTE: Real = Real::new(c"cuPointerGetAttribute", LIB);
+static IPC_GET_MEM_HANDLE: Real = Real::new(c"cuIpcGetMemHandle", LIB);
+
+/// The pool block holding `d`, in pool mode.
+fn pool_range(d: CUdeviceptr) -> Option<(u64, u64)> {
+    if !config().is_some_and(super::GpuConfig::pooled) || nested() {
+        return None;
+    }
+    guard(None, || super::pool::range(d))
+}
+
+/// `cuMemGetAddressRange_v2`: for memory served by the pool, the block (what the
+/// program allocated), not the pool's segment.
+///
+/// # Safety
+/// As the driver's.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuMemGetAddressRange_v2(
+    base: *mut CUdeviceptr,
+    size: *mut usize,
+    d: CUdeviceptr,
+) -> CUresult {
+    if let Some((a, len)) = pool_range(d) {
+        // SAFETY: the caller's out-pointers (either may be null, as the driver allows).
+        unsafe {
+            if !base.is_null() {
+                *base = a;
+            }
+            if !size.is_null() {
+                *size = len as usize;
+            }
+        }
+        return 0;
+    }
+    call_real!(
+        MEM_GET_ADDRESS_RANGE,
+        NOT_INITIALIZED,
+        fn(*mut CUdeviceptr, *mut usize, CUdeviceptr) -> CUresult,
+        base,
+        size,
+        d
+    )
+}
+
+/// `cuPointerGetAttribute`: for memory served by the pool, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR
+/// (11) and _RANGE_SIZE (12) describe the block; everything else is the driver's.
+///
+/// # Safety
+/// As the driver's.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuPointerGetAttribute(
+    data: *mut c_void,
+    attribute: c_int,
+    d: CUdeviceptr,
+) -> CUresult {
+    if !data.is_null() && (attribute == 11 || attribute == 12) {
+        if let Some((a, len)) = pool_range(d) {
+            // SAFETY: the caller's buffer for this attribute (a CUdeviceptr or a size_t).
+            unsafe {
+                if attribute == 11 {
+                    *data.cast::<CUdeviceptr>() = a;
+                } else {
+                    *data.cast::<usize>() = len as usize;
+                }
+            }
+            return 0;
+        }
+    }
+    call_real!(
+        POINTER_GET_ATTRIBUTE,
+        NOT_INITIALIZED,
+        fn(*mut c_void, c_int, CUdeviceptr) -> CUresult,
+        data,
+        attribute,
+        d
+    )
+}
+
+/// `cuIpcGetMemHandle`: refused (CUDA_ERROR_INVALID_VALUE, one line on stderr) for
+/// memory served by the pool, whose handle would name the pool's whole segment.
+///
+/// # Safety
+/// As the driver's.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuIpcGetMemHandle(handle: *mut c_void, d: CUdeviceptr) -> CUresult {
+    if pool_range(d).is_some() {
+        super::pool::ipc_refused();
+        return INVALID_VALUE;
+    }
+    call_real!(
+        IPC_GET_MEM_HANDLE,
+        NOT_INITIALIZED,
+        fn(*mut c_void, CUdeviceptr) -> CUresult,
+        handle,
+        d
+    )
+}
+
+/// Whether `d` was served by the pool (for the runtime's IPC wrapper).
+pub fn pool_served(d: u64) -> bool {
+    pool_range(d).is_some()
 }

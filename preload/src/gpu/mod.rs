@@ -11,7 +11,7 @@
 //! | variable | values | default |
 //! |---|---|---|
 //! | `HETMEM_GPU` | `0`: every GPU call passes through untouched, uncounted | on |
-//! | `HETMEM_GPU_MODE` | `observe` (count only), `oversubscribe` (past the limit, managed memory preferring the host), `pool` (not built yet: refused) | `observe` |
+//! | `HETMEM_GPU_MODE` | `observe` (count only), `pool` (CUDA device allocations from hetmem's device pool, stream-ordered, pinned ones from its host pool: [`pool`]), `oversubscribe` (past the limit, managed memory preferring the host, prefetched to the device at its first copy on a stream) | `observe` |
 //! | `HETMEM_DEVICE_LIMIT` | `8G` (every device), `0:8G,1:20G`, `0.5` or `50%` (of each device's memory), `0:0.25`: device memory this process may hold; allocations past it fail with the out-of-memory code, and `cudaMemGetInfo`/`cuMemGetInfo_v2`/`hipMemGetInfo` answer total = the limit, free = the limit minus what the process holds | none |
 //! | `HETMEM_GPU_PIN_ON_COPY` | size (`64M`) or `1` (64 MiB) / `0`: a pageable block of the host side's large path copied to or from the device with `cudaMemcpy[Async]`, at least this large, is registered (pinned) at its first copy and unregistered when freed | `0` |
 //! | `HETMEM_GPU_PIN_CACHE` | bytes pinned on copies at most | `16G` |
@@ -23,6 +23,7 @@
 
 pub mod driver;
 pub mod hip;
+pub mod pool;
 pub mod real;
 pub mod runtime;
 pub mod state;
@@ -40,6 +41,8 @@ pub enum Mode {
     Observe,
     /// As observe; past the limit, managed memory preferring the host.
     Oversubscribe,
+    /// Device allocations from hetmem's device pool, pinned ones from its host pool.
+    Pool,
 }
 
 /// One device's limit as written.
@@ -79,6 +82,11 @@ impl Default for GpuConfig {
 }
 
 impl GpuConfig {
+    /// Whether device allocations come from the pool.
+    pub fn pooled(&self) -> bool {
+        self.mode == Mode::Pool
+    }
+
     /// The limit of `dev`, if any.
     pub fn limit(&self, dev: i32) -> Option<Limit> {
         usize::try_from(dev)
@@ -165,14 +173,10 @@ pub fn parse(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<GpuConfig>, 
         c.mode = match v.trim() {
             "observe" | "" => Mode::Observe,
             "oversubscribe" => Mode::Oversubscribe,
-            "pool" => {
-                return Err(format!(
-                    "HETMEM_GPU_MODE={v}: the pool mode is not built yet (observe, oversubscribe)"
-                ))
-            }
+            "pool" => Mode::Pool,
             _ => {
                 return Err(format!(
-                    "HETMEM_GPU_MODE={v}: expected observe or oversubscribe"
+                    "HETMEM_GPU_MODE={v}: expected observe, pool or oversubscribe"
                 ))
             }
         };
@@ -338,7 +342,6 @@ mod tests {
         for bad in [
             &[("HETMEM_GPU_MODE", "fast")][..],
             &[("HETMEM_GPU_MODE", "oversubscribe")][..],
-            &[("HETMEM_GPU_MODE", "pool")][..],
             &[("HETMEM_GPU", "maybe")][..],
             &[("HETMEM_GPU_PIN_ON_COPY", "lots")][..],
         ] {
@@ -403,6 +406,31 @@ pub fn variants_of(
 std::thread_local! {
     // `const` and without a destructor: no TLS destructor is registered.
     static NESTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    static OWN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this thread runs hetmem's own code (the pool): its `dlsym` lookups get the
+/// real functions. (A runtime wrapper's nesting does not count: the runtime loads the
+/// driver inside the program's first call, and its lookups must get the wrappers.)
+#[inline]
+pub(crate) fn own() -> bool {
+    OWN.with(|n| n.get() != 0)
+}
+
+/// Marks this thread inside hetmem's own code, and nested, until dropped.
+pub(crate) struct Own(#[allow(dead_code)] Nest);
+
+impl Own {
+    pub(crate) fn enter() -> Own {
+        OWN.with(|n| n.set(n.get().saturating_add(1)));
+        Own(Nest::enter())
+    }
+}
+
+impl Drop for Own {
+    fn drop(&mut self) {
+        OWN.with(|n| n.set(n.get().saturating_sub(1)));
+    }
 }
 
 /// Whether this thread is inside a runtime wrapper (whose driver calls, made by the
@@ -476,4 +504,85 @@ pub(crate) unsafe fn adjust_info(cfg: &GpuConfig, dev: i32, free: *mut usize, to
         *free = f2 as usize;
     }
     state::INFO_ADJUSTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Pool mode: serves a device allocation already charged to `dev` from the pool.
+/// `Some(code)`: handled (`0`, the address given to `out`; or `oom`, the charge given
+/// back); `None`: the driver serves it.
+pub(crate) fn pool_alloc(
+    cfg: &GpuConfig,
+    dev: i32,
+    size: usize,
+    stream: *mut std::ffi::c_void,
+    oom: std::ffi::c_int,
+    out: &mut dyn FnMut(u64),
+) -> Option<std::ffi::c_int> {
+    if !cfg.pooled() {
+        return None;
+    }
+    let limit = state::limit_bytes(cfg, dev, &|| driver::total_mem(dev));
+    match pool::alloc(dev, size, stream as u64, limit) {
+        pool::Served::Pool(a) => {
+            out(a);
+            state::note(
+                a,
+                state::Rec {
+                    size: size as u64,
+                    dev,
+                    kind: state::Kind::Device,
+                },
+            );
+            state::POOL_SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(0)
+        }
+        pool::Served::OutOfMemory => {
+            state::uncharge(dev, size as u64);
+            Some(oom)
+        }
+        pool::Served::Driver => None,
+    }
+}
+
+/// Pool mode: frees a pool block (stream-ordered on `stream` when given); true when
+/// it was one.
+pub(crate) fn pool_free(addr: u64, stream: Option<(i32, *mut std::ffi::c_void)>) -> bool {
+    if !config().is_some_and(GpuConfig::pooled) {
+        return false;
+    }
+    if pool::free(addr, stream.map(|(d, s)| (d, s as u64))) {
+        let _ = state::take(addr);
+        return true;
+    }
+    false
+}
+
+/// Pool mode: pinned memory from the host pool for an allocation with `flags` (only
+/// the default and portable ones: mapped and write-combined memory is the driver's).
+pub(crate) fn pool_pinned(size: usize, flags: u32) -> Option<u64> {
+    if nested() || flags & !1 != 0 || !config().is_some_and(GpuConfig::pooled) {
+        return None;
+    }
+    let a = pool::alloc_pinned(size)?;
+    state::note(
+        a,
+        state::Rec {
+            size: size as u64,
+            dev: -1,
+            kind: state::Kind::Pinned,
+        },
+    );
+    state::POOL_PINNED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Some(a)
+}
+
+/// Pool mode: frees pinned memory of the host pool; true when it was its.
+pub(crate) fn pool_free_pinned(addr: u64) -> bool {
+    if nested() || !config().is_some_and(GpuConfig::pooled) {
+        return false;
+    }
+    if pool::free_pinned(addr) {
+        let _ = state::take(addr);
+        return true;
+    }
+    false
 }

@@ -292,7 +292,9 @@ extern "C" fn dlsym_from(handle: *mut c_void, name: *const c_char, caller: usize
         }
         // SAFETY: glibc's dlsym with the caller's arguments.
         let p = unsafe { dlsym(handle, name) };
-        if p.is_null() || name.is_null() || super::config().is_none() {
+        // hetmem's own lookups (the pool's backend, loading the driver) get the real
+        // functions.
+        if p.is_null() || name.is_null() || super::config().is_none() || super::own() {
             return p;
         }
         // SAFETY: a non-null name passed to dlsym is NUL-terminated.

@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use super::driver::{self, capturing, total_mem, CUstream};
 use super::real::{call_real, Real};
 use super::state::{self, Kind, Rec};
-use super::{adjust_info, admit, config, guard, nested, Admit, Nest};
+use super::{
+    adjust_info, admit, config, guard, nested, pool_alloc, pool_free, pool_free_pinned,
+    pool_pinned, Admit, Nest,
+};
 use crate::lock::Lock;
 
 /// `cudaError_t`.
@@ -39,6 +42,7 @@ static MEM_GET_INFO: Real = Real::new(c"cudaMemGetInfo", LIB);
 static MALLOC_MANAGED: Real = Real::new(c"cudaMallocManaged", LIB);
 static MEMCPY: Real = Real::new(c"cudaMemcpy", LIB);
 static MEMCPY_ASYNC: Real = Real::new(c"cudaMemcpyAsync", LIB);
+static IPC_GET_MEM_HANDLE: Real = Real::new(c"cudaIpcGetMemHandle", LIB);
 static GET_DEVICE: Real = Real::new(c"cudaGetDevice", LIB);
 
 super::wrapped! {
@@ -56,6 +60,7 @@ super::wrapped! {
     cudaMallocManaged => MALLOC_MANAGED,
     cudaMemcpy => MEMCPY,
     cudaMemcpyAsync => MEMCPY_ASYNC,
+    cudaIpcGetMemHandle => IPC_GET_MEM_HANDLE,
 }
 
 /// The runtime's current device (0 if it cannot say).
@@ -96,6 +101,12 @@ unsafe fn device_alloc(
         let dev = device();
         match admit(cfg, dev, size as u64, &|| total_mem(dev)) {
             Admit::Charged => {
+                let st = stream.unwrap_or(std::ptr::null_mut());
+                // SAFETY: `p` is writable.
+                let mut out = |a: u64| unsafe { *p = a as *mut c_void };
+                if let Some(rc) = pool_alloc(cfg, dev, size, st, MEMORY_ALLOCATION, &mut out) {
+                    return rc;
+                }
                 let rc = call();
                 if rc == 0 {
                     // SAFETY: written by the successful call.
@@ -144,9 +155,13 @@ unsafe fn device_alloc(
     })
 }
 
-/// A free through `call` (made nested), counted.
-fn any_free(a: u64, call: &dyn Fn() -> CudaError) -> CudaError {
+/// A free through `call` (made nested), counted (a pool block given back to the pool,
+/// on `stream` when given).
+fn any_free(a: u64, stream: Option<CUstream>, call: &dyn Fn() -> CudaError) -> CudaError {
     let outer = !nested();
+    if outer && a != 0 && guard(false, || pool_free(a, stream.map(|s| (device(), s)))) {
+        return 0;
+    }
     let _n = Nest::enter();
     if config().is_none() || !outer || a == 0 {
         return call();
@@ -165,7 +180,19 @@ fn any_free(a: u64, call: &dyn Fn() -> CudaError) -> CudaError {
 ///
 /// # Safety
 /// `p` is null or written by a successful `call`.
-unsafe fn host_alloc(p: *mut *mut c_void, size: usize, call: &dyn Fn() -> CudaError) -> CudaError {
+unsafe fn host_alloc(
+    p: *mut *mut c_void,
+    size: usize,
+    flags: u32,
+    call: &dyn Fn() -> CudaError,
+) -> CudaError {
+    if !p.is_null() {
+        if let Some(a) = guard(None, || pool_pinned(size, flags)) {
+            // SAFETY: the caller's out-pointer.
+            unsafe { *p = a as *mut c_void };
+            return 0;
+        }
+    }
     let outer = !nested();
     let _n = Nest::enter();
     let rc = call();
@@ -211,7 +238,7 @@ pub unsafe extern "C" fn cudaMalloc(p: *mut *mut c_void, size: usize) -> CudaErr
 /// As the runtime's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cudaFree(p: *mut c_void) -> CudaError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, None, &|| {
         call_real!(FREE, NO_RUNTIME, fn(*mut c_void) -> CudaError, p)
     })
 }
@@ -246,7 +273,7 @@ pub unsafe extern "C" fn cudaMallocAsync(
 /// As the runtime's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cudaFreeAsync(p: *mut c_void, s: CUstream) -> CudaError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, Some(s), &|| {
         call_real!(
             FREE_ASYNC,
             NO_RUNTIME,
@@ -303,7 +330,7 @@ pub unsafe extern "C" fn cudaMallocHost(p: *mut *mut c_void, size: usize) -> Cud
         )
     };
     // SAFETY: the caller's arguments.
-    unsafe { host_alloc(p, size, &call) }
+    unsafe { host_alloc(p, size, 0, &call) }
 }
 
 /// `cudaHostAlloc`.
@@ -327,7 +354,7 @@ pub unsafe extern "C" fn cudaHostAlloc(
         )
     };
     // SAFETY: the caller's arguments.
-    unsafe { host_alloc(p, size, &call) }
+    unsafe { host_alloc(p, size, flags, &call) }
 }
 
 /// `cudaFreeHost`.
@@ -336,7 +363,10 @@ pub unsafe extern "C" fn cudaHostAlloc(
 /// As the runtime's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cudaFreeHost(p: *mut c_void) -> CudaError {
-    any_free(p as u64, &|| {
+    if guard(false, || pool_free_pinned(p as u64)) {
+        return 0;
+    }
+    any_free(p as u64, None, &|| {
         call_real!(FREE_HOST, NO_RUNTIME, fn(*mut c_void) -> CudaError, p)
     })
 }
@@ -378,7 +408,7 @@ pub unsafe extern "C" fn cudaHostRegister(p: *mut c_void, size: usize, flags: c_
 /// As the runtime's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn cudaHostUnregister(p: *mut c_void) -> CudaError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, None, &|| {
         call_real!(HOST_UNREGISTER, NO_RUNTIME, fn(*mut c_void) -> CudaError, p)
     })
 }
@@ -590,5 +620,26 @@ pub unsafe extern "C" fn cudaMemcpyAsync(
         n,
         kind,
         s
+    )
+}
+
+/// `cudaIpcGetMemHandle`: refused (`cudaErrorInvalidValue`, one line on stderr) for
+/// memory served by the pool, whose handle would name the pool's whole segment.
+///
+/// # Safety
+/// As the runtime's.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cudaIpcGetMemHandle(handle: *mut c_void, p: *mut c_void) -> CudaError {
+    if !nested() && driver::pool_served(p as u64) {
+        super::pool::ipc_refused();
+        return 1;
+    }
+    let _n = Nest::enter();
+    call_real!(
+        IPC_GET_MEM_HANDLE,
+        NO_RUNTIME,
+        fn(*mut c_void, *mut c_void) -> CudaError,
+        handle,
+        p
     )
 }

@@ -71,6 +71,10 @@ const ZERO: AtomicU64 = AtomicU64::new(0);
 static ALLOCS: [AtomicU64; KINDS] = [ZERO; KINDS];
 static FREES: [AtomicU64; KINDS] = [ZERO; KINDS];
 static BYTES: [AtomicU64; KINDS] = [ZERO; KINDS];
+/// Allocations served by hetmem's pools (device, pinned).
+pub static POOL_SERVED: AtomicU64 = AtomicU64::new(0);
+/// See [`POOL_SERVED`].
+pub static POOL_PINNED: AtomicU64 = AtomicU64::new(0);
 /// Allocations refused at the limit.
 pub static REFUSED: AtomicU64 = AtomicU64::new(0);
 /// Memory-information answers adjusted to the limit.
@@ -308,6 +312,7 @@ pub fn json(cfg: &GpuConfig) -> String {
     s += match cfg.mode {
         super::Mode::Observe => "observe",
         super::Mode::Oversubscribe => "oversubscribe",
+        super::Mode::Pool => "pool",
     };
     s += "\",\"kinds\":{";
     for (i, name) in KIND_NAMES.iter().enumerate() {
@@ -352,7 +357,7 @@ pub fn json(cfg: &GpuConfig) -> String {
         );
     }
     s += &format!(
-        "],\"live\":{live},\"refused\":{},\"info_adjusted\":{},\"captured\":{},\"unknown_frees\":{},\"pin_misses\":{},\"pin_hits\":{},\"prefetches\":{},\"handed_dlsym\":{},\"handed_proc\":{},\"passed_proc\":{}}}",
+        "],\"live\":{live},\"refused\":{},\"info_adjusted\":{},\"captured\":{},\"unknown_frees\":{},\"pin_misses\":{},\"pin_hits\":{},\"prefetches\":{},\"pool_served\":{},\"pool_pinned\":{},\"handed_dlsym\":{},\"handed_proc\":{},\"passed_proc\":{}}}",
         REFUSED.load(Ordering::Relaxed),
         INFO_ADJUSTED.load(Ordering::Relaxed),
         CAPTURED.load(Ordering::Relaxed),
@@ -360,6 +365,8 @@ pub fn json(cfg: &GpuConfig) -> String {
         PIN_MISSES.load(Ordering::Relaxed),
         PIN_HITS.load(Ordering::Relaxed),
         PREFETCHES.load(Ordering::Relaxed),
+        POOL_SERVED.load(Ordering::Relaxed),
+        POOL_PINNED.load(Ordering::Relaxed),
         super::real::HANDED_DLSYM.load(Ordering::Relaxed),
         super::real::HANDED_PROC.load(Ordering::Relaxed),
         super::real::PASSED_PROC.load(Ordering::Relaxed),

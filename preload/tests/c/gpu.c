@@ -417,6 +417,52 @@ static void pin(void) {
     CODE("free", cudaFree(dev));
 }
 
+int cudaIpcGetMemHandle(void *, void *);
+int cudaPointerGetRange(void **, size_t *, void *);
+
+/* What a program does with its pointers: ranges, attributes, IPC, copies, frees. */
+static void pooled(void) {
+    context();
+    void *p = NULL, *q = NULL, *s = NULL, *hp = NULL;
+    CUdeviceptr r = 0;
+    CHECK(cudaStreamCreate(&s) == 0, "stream");
+    CODE("cudaMalloc 3M", cudaMalloc(&p, 3 << 20));
+    CODE("cudaMallocAsync 1M", cudaMallocAsync(&q, 1 << 20, s));
+    CODE("cuMemAlloc 1M", d.MemAlloc(&r, 1 << 20));
+    CHECK(p && q && r && p != q && (CUdeviceptr)(uintptr_t)p != r, "distinct pointers");
+    size_t n = 1 << 20;
+    char *host = malloc(n), *back = malloc(n);
+    for (size_t i = 0; i < n; i++) host[i] = (char)(i * 5 + 1);
+    CHECK(cudaMemcpy((char *)p + n, host, n, 1) == 0, "H2D");
+    CHECK(cudaMemcpyAsync(q, (char *)p + n, n, 3, s) == 0 && cudaStreamSynchronize(s) == 0, "D2D");
+    CHECK(cudaMemcpy(back, q, n, 2) == 0, "D2H");
+    CHECK(memcmp(host, back, n) == 0, "bytes through the pool");
+    free(host);
+    free(back);
+    void *h = libcuda();
+    int (*range)(CUdeviceptr *, size_t *, CUdeviceptr) =
+        (int (*)(CUdeviceptr *, size_t *, CUdeviceptr))dlsym(h, "cuMemGetAddressRange_v2");
+    CUdeviceptr base = 0;
+    size_t size = 0;
+    CODE("range", range(&base, &size, (CUdeviceptr)(uintptr_t)p + 100));
+    printf("range base=%s size=%zu\n", base == (CUdeviceptr)(uintptr_t)p ? "start" : "other", size);
+    void *b2 = NULL;
+    size = 0;
+    CODE("attribute range", cudaPointerGetRange(&b2, &size, (char *)q + 5));
+    printf("attribute base=%s size=%zu\n", b2 == q ? "start" : "other", size);
+    char ipc[64];
+    CODE("ipc", cudaIpcGetMemHandle(ipc, p));
+    CODE("cudaFreeAsync", cudaFreeAsync(q, s));
+    CODE("cudaFree", cudaFree(p));
+    CODE("cudaFree twice", cudaFree(p));
+    CODE("cuMemFree", d.MemFree(r));
+    CODE("cudaMallocHost", cudaMallocHost(&hp, 1 << 20));
+    memset(hp, 7, 1 << 20);
+    CODE("cudaFreeHost", cudaFreeHost(hp));
+    CODE("cudaFreeHost twice", cudaFreeHost(hp));
+    CHECK(cudaStreamSynchronize(s) == 0, "sync");
+}
+
 static void nocuda(void) {
     char *p = malloc(8 << 20);
     memset(p, 1, 8 << 20);
@@ -467,6 +513,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(s, "capture")) capture();
     else if (!strcmp(s, "oversubscribe")) oversubscribe();
     else if (!strcmp(s, "pin")) pin();
+    else if (!strcmp(s, "pool")) pooled();
     else {
         printf("FAIL unknown scenario %s\n", s);
         return 1;

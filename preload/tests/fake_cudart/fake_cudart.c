@@ -248,3 +248,16 @@ EXPORT cudaError_t cudaStreamEndCapture(cudaStream_t s, void **graph) {
     READY();
     return d.StreamEndCapture(s, graph);
 }
+EXPORT cudaError_t cudaIpcGetMemHandle(void *handle, void *p) {
+    READY();
+    return d.IpcGetMemHandle(handle, (CUdeviceptr)(uintptr_t)p);
+}
+EXPORT cudaError_t cudaPointerGetRange(void **base, size_t *size, void *p) {
+    /* Not a CUDA call: the range start and size attributes, for the tests. */
+    READY();
+    CUdeviceptr b = 0;
+    int rc = d.PointerGetAttribute(&b, 11, (CUdeviceptr)(uintptr_t)p);
+    if (rc) return rc;
+    *base = (void *)(uintptr_t)b;
+    return d.PointerGetAttribute(size, 12, (CUdeviceptr)(uintptr_t)p);
+}
