@@ -517,3 +517,39 @@ fn pool_mode_keeps_limits_codes_threads_fork_and_capture() {
         }
     }
 }
+
+#[test]
+fn observe_records_gpu_events_with_device_and_stream() {
+    use hetmem::record::gpu::{decode, MemKind};
+    use hetmem::record::{EventKind, Reader};
+    let b = built();
+    let rec = scratch().join(format!("gpu-rec-{}.bin", std::process::id()));
+    let r = rec.to_string_lossy().into_owned();
+    let (out, _) = stats(&b.rt, &["runtime"], &[("HETMEM_RECORD", &r)]);
+    assert!(out.contains("runtime ok"), "{out}");
+    let file = std::fs::File::open(&rec).unwrap();
+    let mut gpu = Vec::new();
+    for e in Reader::new(std::io::BufReader::new(file)).unwrap() {
+        if let EventKind::Unknown { kind, body } = e.unwrap().kind {
+            gpu.push(decode(kind, &body).expect("a GPU event"));
+        }
+    }
+    let _ = std::fs::remove_file(&rec);
+    let dev: Vec<_> = gpu.iter().filter(|e| e.mem == MemKind::Device).collect();
+    assert_eq!(dev.iter().filter(|e| e.alloc).count(), 3, "{gpu:?}");
+    assert_eq!(dev.iter().filter(|e| !e.alloc).count(), 3, "{gpu:?}");
+    assert!(dev.iter().all(|e| e.device == 0), "{gpu:?}");
+    // cudaMallocAsync and cudaMallocFromPoolAsync on the program's stream, cudaMalloc on 0.
+    let on_streams = dev.iter().filter(|e| e.alloc && e.stream != 0).count();
+    assert_eq!(on_streams, 2, "{gpu:?}");
+    assert_eq!(
+        dev.iter().filter(|e| e.alloc).map(|e| e.size).sum::<u64>(),
+        7 << 20
+    );
+    let pinned = gpu.iter().filter(|e| e.mem == MemKind::Pinned).count();
+    assert_eq!(pinned, 4, "{gpu:?}");
+    assert!(gpu
+        .iter()
+        .filter(|e| e.mem == MemKind::Pinned)
+        .all(|e| e.device == -1));
+}

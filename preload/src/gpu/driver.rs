@@ -282,13 +282,14 @@ unsafe fn device_alloc(
                 if rc == 0 {
                     // SAFETY: written by the successful call.
                     let p = unsafe { *dptr };
-                    state::note(
+                    state::note_on(
                         p,
                         Rec {
                             size: size as u64,
                             dev,
                             kind: Kind::Device,
                         },
+                        stream.map_or(0, |s| s as u64),
                     );
                 } else {
                     state::uncharge(dev, size as u64);

@@ -114,13 +114,14 @@ unsafe fn device_alloc(
                 if rc == 0 {
                     // SAFETY: written by the successful call.
                     let a = (unsafe { *p }) as u64;
-                    state::note(
+                    state::note_on(
                         a,
                         Rec {
                             size: size as u64,
                             dev,
                             kind: Kind::Device,
                         },
+                        stream.map_or(0, |s| s as u64),
                     );
                 } else {
                     state::uncharge(dev, size as u64);

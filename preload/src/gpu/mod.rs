@@ -524,13 +524,14 @@ pub(crate) fn pool_alloc(
     match pool::alloc(dev, size, stream as u64, limit) {
         pool::Served::Pool(a) => {
             out(a);
-            state::note(
+            state::note_on(
                 a,
                 state::Rec {
                     size: size as u64,
                     dev,
                     kind: state::Kind::Device,
                 },
+                stream as u64,
             );
             state::POOL_SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Some(0)

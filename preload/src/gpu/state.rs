@@ -187,6 +187,13 @@ fn charged(k: Kind) -> bool {
 
 /// Records a live allocation (already charged when its kind is charged).
 pub fn note(addr: u64, rec: Rec) {
+    note_on(addr, rec, 0);
+}
+
+/// Records a live allocation made for `stream` (in the event record too, when one is
+/// kept: `HETMEM_RECORD`).
+pub fn note_on(addr: u64, rec: Rec, stream: u64) {
+    crate::recorder::gpu(true, addr, rec.size, rec.kind as u8, rec.dev, stream);
     let k = rec.kind as usize;
     if rec.kind == Kind::Oversubscribed {
         OVERS.with(|v| v.push((addr, rec.size, rec.dev, false)));
@@ -203,6 +210,7 @@ pub fn note(addr: u64, rec: Rec) {
 
 /// Records a physical allocation (cuMemCreate) by its handle.
 pub fn note_handle(h: u64, rec: Rec) {
+    crate::recorder::gpu(true, h, rec.size, rec.kind as u8, rec.dev, 0);
     let k = rec.kind as usize;
     ALLOCS[k].fetch_add(1, Ordering::Relaxed);
     BYTES[k].fetch_add(rec.size, Ordering::Relaxed);
@@ -230,6 +238,9 @@ pub fn take(addr: u64) -> Option<Rec> {
         OVERS.with(|v| v.retain(|e| e.0 != addr));
         OVER_COUNT.fetch_sub(1, Ordering::Release);
     }
+    if let Some(r) = r {
+        crate::recorder::gpu(false, addr, r.size, r.kind as u8, r.dev, 0);
+    }
     match r {
         Some(r) => FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed),
         None => UNKNOWN_FREES.fetch_add(1, Ordering::Relaxed),
@@ -245,6 +256,7 @@ pub fn take_handle(h: u64) -> Option<Rec> {
         Some(r)
     });
     if let Some(r) = r {
+        crate::recorder::gpu(false, h, r.size, r.kind as u8, r.dev, 0);
         FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed);
     }
     r
