@@ -675,7 +675,7 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         total
     );
     if rc == 0 && !free.is_null() && !total.is_null() && !nested() {
-        if let Some(cfg) = config() {
+        if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
             // SAFETY: both written by the successful call.
             guard((), || unsafe {
                 adjust_info(cfg, ctx_device(), free, total)

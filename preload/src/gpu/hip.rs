@@ -324,7 +324,7 @@ pub unsafe extern "C" fn hipMemGetInfo(free: *mut usize, total: *mut usize) -> H
         )
     };
     if rc == 0 && outer && !free.is_null() && !total.is_null() {
-        if let Some(cfg) = config() {
+        if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
             let dev = device();
             // SAFETY: both written by the successful call.
             guard((), || unsafe { adjust_info(cfg, dev, free, total) });
