@@ -375,10 +375,13 @@ fn oversubscribe_runs_past_the_limit_on_managed_memory() {
     let (out, s) = stats(&b.rt, &["oversubscribe"], &env);
     assert_eq!(
         out,
-        "malloc 48M = 0\nmalloc 48M past the limit = 0\ndriver 48M past the limit = 0\nfree = 0\n"
+        "malloc 48M = 0\nmalloc 48M past the limit = 0\ndriver 48M past the limit = 0\n\
+         async 48M past the limit = 0\ndriver async 48M past the limit = 0\nasync frees = 0\n\
+         free = 0\n"
     );
     assert_eq!(kind(&s, "device"), (1, 1, 48 << 20), "{s}");
-    assert_eq!(kind(&s, "oversubscribed"), (2, 2, 96 << 20), "{s}");
+    // Async frees of oversubscribed (managed) memory are made cuMemFree/cudaFree.
+    assert_eq!(kind(&s, "oversubscribed"), (4, 4, 192 << 20), "{s}");
     assert_eq!(n(&s, &["devices", "0", "peak"]), 48 << 20, "{s}");
     // The runtime's copy into it was its first use: prefetched to the device.
     assert_eq!(n(&s, &["prefetches"]), 1, "{s}");

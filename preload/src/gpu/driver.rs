@@ -322,7 +322,14 @@ fn any_free(addr: u64, stream: Option<CUstream>, call: &dyn Fn() -> CUresult) ->
         return 0;
     }
     let r = guard(None, || state::take(addr));
-    let rc = call();
+    // An async free of memory oversubscribed as managed memory (which cuMemFreeAsync
+    // does not take): cuMemFree, which waits for the device's work first.
+    let over = stream.is_some() && r.is_some_and(|r| r.kind == Kind::Oversubscribed);
+    let rc = if over {
+        call_real!(MEM_FREE, NOT_INITIALIZED, fn(CUdeviceptr) -> CUresult, addr)
+    } else {
+        call()
+    };
     if rc != 0 {
         if let Some(r) = r {
             guard((), || state::restore(addr, r));

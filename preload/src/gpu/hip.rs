@@ -168,14 +168,25 @@ unsafe fn device_alloc(
     })
 }
 
-fn any_free(a: u64, call: &dyn Fn() -> HipError) -> HipError {
+fn any_free(a: u64, is_async: bool, call: &dyn Fn() -> HipError) -> HipError {
     let outer = !nested();
     let _n = Nest::enter();
     if config().is_none() || !outer || a == 0 {
         return call();
     }
     let r = guard(None, || state::take(a));
-    let rc = call();
+    // An async free of memory oversubscribed as managed memory: hipFree.
+    let over = is_async && r.is_some_and(|r| r.kind == Kind::Oversubscribed);
+    let rc = if over {
+        call_real!(
+            FREE,
+            NOT_INITIALIZED,
+            fn(*mut c_void) -> HipError,
+            a as *mut c_void
+        )
+    } else {
+        call()
+    };
     if rc != 0 {
         if let Some(r) = r {
             guard((), || state::restore(a, r));
@@ -209,7 +220,7 @@ pub unsafe extern "C" fn hipMalloc(p: *mut *mut c_void, size: usize) -> HipError
 /// As HIP's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn hipFree(p: *mut c_void) -> HipError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, false, &|| {
         call_real!(FREE, NOT_INITIALIZED, fn(*mut c_void) -> HipError, p)
     })
 }
@@ -244,7 +255,7 @@ pub unsafe extern "C" fn hipMallocAsync(
 /// As HIP's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn hipFreeAsync(p: *mut c_void, s: HipStream) -> HipError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, true, &|| {
         call_real!(
             FREE_ASYNC,
             NOT_INITIALIZED,
@@ -300,7 +311,7 @@ pub unsafe extern "C" fn hipHostMalloc(
 /// As HIP's.
 #[cfg_attr(not(test), no_mangle)]
 pub unsafe extern "C" fn hipHostFree(p: *mut c_void) -> HipError {
-    any_free(p as u64, &|| {
+    any_free(p as u64, false, &|| {
         call_real!(HOST_FREE, NOT_INITIALIZED, fn(*mut c_void) -> HipError, p)
     })
 }

@@ -168,7 +168,19 @@ fn any_free(a: u64, stream: Option<CUstream>, call: &dyn Fn() -> CudaError) -> C
         return call();
     }
     let r = guard(None, || state::take(a));
-    let rc = call();
+    // An async free of memory oversubscribed as managed memory (which cudaFreeAsync
+    // does not take): cudaFree, which waits for the device's work first.
+    let over = stream.is_some() && r.is_some_and(|r| r.kind == Kind::Oversubscribed);
+    let rc = if over {
+        call_real!(
+            FREE,
+            NO_RUNTIME,
+            fn(*mut c_void) -> CudaError,
+            a as *mut c_void
+        )
+    } else {
+        call()
+    };
     if rc != 0 {
         if let Some(r) = r {
             guard((), || state::restore(a, r));

@@ -393,6 +393,11 @@ static void oversubscribe(void) {
     for (int i = 0; i < 1 << 20; i++) host[i] = (char)(i * 13);
     CHECK(cudaMemcpy(b, host, 1 << 20, 1) == 0 && cudaMemcpy(back, b, 1 << 20, 2) == 0, "copies");
     CHECK(memcmp(host, back, 1 << 20) == 0, "bytes back");
+    void *e = NULL;
+    CUdeviceptr g = 0;
+    CODE("async 48M past the limit", cudaMallocAsync(&e, 48 << 20, NULL));
+    CODE("driver async 48M past the limit", d.MemAllocAsync(&g, 48 << 20, NULL));
+    CODE("async frees", cudaFreeAsync(e, NULL) | d.MemFreeAsync(g, NULL));
     CODE("free", cudaFree(a) | cudaFree(b) | d.MemFree(c));
 }
 
