@@ -1,7 +1,7 @@
 //! The CUDA driver's allocation entry points, interposed by symbol and handed out by
 //! `dlsym` and `cuGetProcAddress`/`_v2` ([`super::real`]).
 //!
-//! Inside a runtime wrapper ([`super::nested`]) every call passes straight through: the
+//! Inside a runtime wrapper (`nested`) every call passes straight through: the
 //! runtime wrapper has counted it. Bad input (a NULL out-pointer, size 0) goes to the
 //! driver before any limit, so the code is the driver's own; a free of a pointer the
 //! shim never saw goes to the driver too.

@@ -2,7 +2,7 @@
 //! dynamically, as PyTorch and CuPy do), and `cudaMemcpy[Async]` for pin-on-copy.
 //!
 //! Each wrapper counts and limits, then calls the real runtime with this thread marked
-//! [`super::nested`], so the driver calls the runtime makes on its behalf are not
+//! `nested`, so the driver calls the runtime makes on its behalf are not
 //! counted again. Codes are the runtime's: `cudaErrorMemoryAllocation` (2) past the
 //! limit, and for bad input whatever the real runtime answers (it is called).
 #![allow(non_snake_case)]

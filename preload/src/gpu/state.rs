@@ -151,7 +151,7 @@ pub fn limit_bytes(cfg: &GpuConfig, dev: i32, total: &dyn Fn() -> Option<u64>) -
 
 /// Charges `size` bytes to `dev` if its limit allows (`limit`: `None`, no limit);
 /// false: refused (counted). A charge is given back with [`uncharge`] when the
-/// allocation fails, or by [`forget`] when it is freed.
+/// allocation fails, or by [`take`] when it is freed.
 pub fn charge(dev: i32, size: u64, limit: Option<u64>) -> bool {
     let Some(d) = slot(dev) else { return true };
     let ok = TABLE.with(|t| {
