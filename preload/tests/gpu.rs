@@ -556,3 +556,37 @@ fn observe_records_gpu_events_with_device_and_stream() {
         .filter(|e| e.mem == MemKind::Pinned)
         .all(|e| e.device == -1));
 }
+
+#[test]
+fn limits_are_per_device() {
+    let b = built();
+    for mode in ["observe", "pool"] {
+        let (out, s) = stats(
+            &b.rt,
+            &["devices"],
+            &[
+                ("HETMEM_DEVICE_LIMIT", "0:64M,1:32M"),
+                ("HETMEM_GPU_MODE", mode),
+            ],
+        );
+        assert_eq!(
+            out,
+            "set 1 = 0\n\
+             device 1 total=33554432 free=33554432\n\
+             device 1 malloc 48M = 2\n\
+             device 1 malloc 16M = 0\n\
+             device 1 driver 32M = 2\n\
+             set 0 = 0\n\
+             device 0 total=67108864 free=67108864\n\
+             device 0 malloc 48M = 0\n\
+             free on device 0 of device 1's = 0\n\
+             free = 0\n\
+             set 1 again = 0\n\
+             device 1 total=33554432 free=33554432\n",
+            "{mode}"
+        );
+        assert_eq!(n(&s, &["devices", "1", "peak"]), 16 << 20, "{s}");
+        assert_eq!(n(&s, &["devices", "0", "peak"]), 48 << 20, "{s}");
+        assert_eq!(n(&s, &["refused"]), 2, "{s}");
+    }
+}

@@ -39,6 +39,7 @@ int cudaStreamCreate(void **);
 int cudaStreamSynchronize(void *);
 int cudaDeviceSynchronize(void);
 int cudaGetDevice(int *);
+int cudaSetDevice(int);
 
 #ifdef LINKED
 int cuInit(unsigned);
@@ -468,6 +469,28 @@ static void pooled(void) {
     CHECK(cudaStreamSynchronize(s) == 0, "sync");
 }
 
+/* Per-device limits: device 1 has its own. */
+static void devices(void) {
+    void *a = NULL, *b = NULL;
+    size_t f = 0, t = 0;
+    CODE("set 1", cudaSetDevice(1));
+    cudaMemGetInfo(&f, &t);
+    printf("device 1 total=%zu free=%zu\n", t, f);
+    CODE("device 1 malloc 48M", cudaMalloc(&a, 48 << 20));
+    CODE("device 1 malloc 16M", cudaMalloc(&a, 16 << 20));
+    CUdeviceptr c = 0;
+    CODE("device 1 driver 32M", d.MemAlloc(&c, 32 << 20));
+    CODE("set 0", cudaSetDevice(0));
+    cudaMemGetInfo(&f, &t);
+    printf("device 0 total=%zu free=%zu\n", t, f);
+    CODE("device 0 malloc 48M", cudaMalloc(&b, 48 << 20));
+    CODE("free on device 0 of device 1's", cudaFree(a));
+    CODE("free", cudaFree(b));
+    CODE("set 1 again", cudaSetDevice(1));
+    cudaMemGetInfo(&f, &t);
+    printf("device 1 total=%zu free=%zu\n", t, f);
+}
+
 static void nocuda(void) {
     char *p = malloc(8 << 20);
     memset(p, 1, 8 << 20);
@@ -519,6 +542,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(s, "oversubscribe")) oversubscribe();
     else if (!strcmp(s, "pin")) pin();
     else if (!strcmp(s, "pool")) pooled();
+    else if (!strcmp(s, "devices")) devices();
     else {
         printf("FAIL unknown scenario %s\n", s);
         return 1;
