@@ -222,3 +222,17 @@ pub fn ipc_refused() {
         );
     }
 }
+
+/// Held across `fork` (see `state`'s handlers).
+pub(crate) fn fork_lock() {
+    POOLS.lock();
+}
+
+/// After `fork`: released in the parent, reset in the child.
+pub(crate) fn fork_unlock(child: bool) {
+    if child {
+        POOLS.reset_in_child();
+    } else {
+        POOLS.unlock();
+    }
+}

@@ -656,3 +656,17 @@ pub unsafe extern "C" fn cudaIpcGetMemHandle(handle: *mut c_void, p: *mut c_void
         p
     )
 }
+
+/// Held across `fork` (see `state`'s handlers).
+pub(crate) fn fork_lock() {
+    PINS.lock();
+}
+
+/// After `fork`: released in the parent, reset in the child.
+pub(crate) fn fork_unlock(child: bool) {
+    if child {
+        PINS.reset_in_child();
+    } else {
+        PINS.unlock();
+    }
+}

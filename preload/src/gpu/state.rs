@@ -109,17 +109,24 @@ pub fn first_use(p: u64) -> Option<(u64, u64, i32)> {
 /// Limits resolved from fractions (bytes; 0: not yet).
 static RESOLVED: [AtomicU64; MAX_DEVICES] = [ZERO; MAX_DEVICES];
 
+// No code path holds two of these locks at once, so any order is free of deadlock.
 extern "C" fn prepare() {
+    super::pool::fork_lock();
+    super::runtime::fork_lock();
     TABLE.lock();
     OVERS.lock();
 }
 extern "C" fn parent() {
     OVERS.unlock();
     TABLE.unlock();
+    super::runtime::fork_unlock(false);
+    super::pool::fork_unlock(false);
 }
 extern "C" fn child() {
     OVERS.reset_in_child();
     TABLE.reset_in_child();
+    super::runtime::fork_unlock(true);
+    super::pool::fork_unlock(true);
 }
 
 /// Holds the table across `fork` (a child never inherits it locked).
