@@ -152,10 +152,13 @@ fn text(o: &Output) -> String {
 
 /// Runs under the shim with the counters on; stdout and the counters.
 fn stats(exe: &Path, args: &[&str], env: &[(&str, &str)]) -> (String, Value) {
+    // Unique per call: tests run the same scenarios in parallel.
+    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let file = scratch().join(format!(
-        "gpu-stats-{}-{}.json",
+        "gpu-stats-{}-{}-{}.json",
         args.join("-"),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_file(&file);
     let f = file.to_string_lossy().into_owned();
@@ -589,4 +592,33 @@ fn limits_are_per_device() {
         assert_eq!(n(&s, &["devices", "0", "peak"]), 48 << 20, "{s}");
         assert_eq!(n(&s, &["refused"]), 2, "{s}");
     }
+}
+
+#[test]
+fn a_limit_shared_by_processes() {
+    let b = built();
+    let name = format!("test-{}", std::process::id());
+    let (out, _) = stats(
+        &b.rt,
+        &["shared"],
+        &[
+            ("HETMEM_DEVICE_LIMIT", "0:64M"),
+            ("HETMEM_DEVICE_LIMIT_SHARED", &name),
+        ],
+    );
+    let _ = std::fs::remove_file(format!("/dev/shm/hetmem-limit-{name}"));
+    assert_eq!(
+        out,
+        "parent 48M = 0\n\
+         parent holds 48M: child 32M = 2\n\
+         parent holds 48M: child 8M = 0\n\
+         parent holds 48M: child total=67108864 free=8388608\n\
+         parent free = 0\n\
+         parent holds nothing: child 32M = 0\n\
+         parent holds nothing: child 8M = 0\n\
+         parent holds nothing: child total=67108864 free=25165824\n"
+    );
+    // Without the shared name each process has the whole limit.
+    let (out, _) = stats(&b.rt, &["shared"], &[("HETMEM_DEVICE_LIMIT", "0:64M")]);
+    assert!(out.contains("parent holds 48M: child 32M = 0\n"), "{out}");
 }

@@ -13,6 +13,7 @@
 //! | `HETMEM_GPU` | `0`: every GPU call passes through untouched, uncounted | on |
 //! | `HETMEM_GPU_MODE` | `observe` (count only), `pool` (CUDA device allocations from hetmem's device pool, stream-ordered, pinned ones from its host pool: [`pool`]), `oversubscribe` (past the limit, managed memory preferring the host, prefetched to the device at its first copy on a stream) | `observe` |
 //! | `HETMEM_DEVICE_LIMIT` | `8G` (every device), `0:8G,1:20G`, `0.5` or `50%` (of each device's memory), `0:0.25`: device memory this process may hold; allocations past it fail with the out-of-memory code, and `cudaMemGetInfo`/`cuMemGetInfo_v2`/`hipMemGetInfo` answer total = the limit, free = the limit minus what the process holds | none |
+//! | `HETMEM_DEVICE_LIMIT_SHARED` | a name: the limit is shared by every process that gives the same name (what the live ones hold together; [`shared`]) | the process's own |
 //! | `HETMEM_GPU_PIN_ON_COPY` | size (`64M`) or `1` (64 MiB) / `0`: a pageable block of the host side's large path copied to or from the device with `cudaMemcpy[Async]`, at least this large, is registered (pinned) at its first copy and unregistered when freed | `0` |
 //! | `HETMEM_GPU_PIN_CACHE` | bytes pinned on copies at most | `16G` |
 //! | `HETMEM_GPU_STATS` | `1`: the GPU counters (one JSON line) on stderr at exit; else a file (`%p`: the pid) | off |
@@ -26,6 +27,7 @@ pub mod hip;
 pub mod pool;
 pub mod real;
 pub mod runtime;
+pub mod shared;
 pub mod state;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -65,6 +67,8 @@ pub struct GpuConfig {
     pub pin_on_copy: Option<usize>,
     /// Bytes pinned on copies at most.
     pub pin_cache: usize,
+    /// The name of a limit shared with other processes (`HETMEM_DEVICE_LIMIT_SHARED`).
+    pub shared: Option<String>,
     /// `Some(None)`: stats to stderr, `Some(Some(path))`: to a file.
     pub stats: Option<Option<String>>,
 }
@@ -76,6 +80,7 @@ impl Default for GpuConfig {
             limits: Vec::new(),
             pin_on_copy: None,
             pin_cache: 16 << 30,
+            shared: None,
             stats: None,
         }
     }
@@ -183,6 +188,20 @@ pub fn parse(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<GpuConfig>, 
     }
     if let Some(v) = get("HETMEM_DEVICE_LIMIT") {
         c.limits = parse_limits(&v)?;
+    }
+    if let Some(v) = get("HETMEM_DEVICE_LIMIT_SHARED") {
+        let v = v.trim();
+        if !shared::valid_name(v) {
+            return Err(format!(
+                "HETMEM_DEVICE_LIMIT_SHARED={v}: expected a name (letters, digits, - _ .)"
+            ));
+        }
+        if c.limits.is_empty() {
+            return Err(format!(
+                "HETMEM_DEVICE_LIMIT_SHARED={v} needs HETMEM_DEVICE_LIMIT"
+            ));
+        }
+        c.shared = Some(v.to_owned());
     }
     if c.mode == Mode::Oversubscribe && c.limits.is_empty() {
         return Err("HETMEM_GPU_MODE=oversubscribe needs HETMEM_DEVICE_LIMIT".into());
@@ -344,6 +363,11 @@ mod tests {
             &[("HETMEM_GPU_MODE", "oversubscribe")][..],
             &[("HETMEM_GPU", "maybe")][..],
             &[("HETMEM_GPU_PIN_ON_COPY", "lots")][..],
+            &[("HETMEM_DEVICE_LIMIT_SHARED", "a")][..],
+            &[
+                ("HETMEM_DEVICE_LIMIT", "1G"),
+                ("HETMEM_DEVICE_LIMIT_SHARED", "../x"),
+            ][..],
         ] {
             let owned: Vec<(String, String)> = bad
                 .iter()
@@ -351,7 +375,7 @@ mod tests {
                 .collect();
             let get = move |k: &str| owned.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             let e = parse(&get).unwrap_err();
-            assert!(e.starts_with("HETMEM_GPU"), "{e}");
+            assert!(e.starts_with("HETMEM_"), "{e}");
             assert!(!e.contains('\n'), "{e}");
         }
     }
@@ -497,7 +521,7 @@ pub(crate) unsafe fn adjust_info(cfg: &GpuConfig, dev: i32, free: *mut usize, to
         return;
     };
     let t2 = limit.min(t);
-    let f2 = f.min(t2.saturating_sub(state::held(dev)));
+    let f2 = f.min(t2.saturating_sub(state::held_all(dev)));
     // SAFETY: as above.
     unsafe {
         *total = t2 as usize;

@@ -125,6 +125,8 @@ extern "C" fn parent() {
 extern "C" fn child() {
     OVERS.reset_in_child();
     TABLE.reset_in_child();
+    // A forked child holds no device memory of its own (CUDA memory is the parent's).
+    TABLE.with(|t| t.held = [0; MAX_DEVICES]);
     super::runtime::fork_unlock(true);
     super::pool::fork_unlock(true);
 }
@@ -161,6 +163,27 @@ pub fn limit_bytes(cfg: &GpuConfig, dev: i32, total: &dyn Fn() -> Option<u64>) -
 /// allocation fails, or by [`take`] when it is freed.
 pub fn charge(dev: i32, size: u64, limit: Option<u64>) -> bool {
     let Some(d) = slot(dev) else { return true };
+    let name = super::config().and_then(|c| c.shared.as_deref());
+    let ok = match (name, limit) {
+        (Some(name), Some(l)) => super::shared::with_others(name, d, |others| {
+            TABLE.with(|t| {
+                let held = t.held[d];
+                if held.saturating_add(size).saturating_add(others) > l {
+                    return (false, held);
+                }
+                t.held[d] = held.saturating_add(size);
+                t.peak[d] = t.peak[d].max(t.held[d]);
+                (true, t.held[d])
+            })
+        }),
+        _ => None,
+    };
+    if let Some(ok) = ok {
+        if !ok {
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+        }
+        return ok;
+    }
     let ok = TABLE.with(|t| {
         let held = t.held[d];
         if limit.is_some_and(|l| held.saturating_add(size) > l) {
@@ -179,13 +202,26 @@ pub fn charge(dev: i32, size: u64, limit: Option<u64>) -> bool {
 /// Gives back a charge whose allocation failed.
 pub fn uncharge(dev: i32, size: u64) {
     if let Some(d) = slot(dev) {
-        TABLE.with(|t| t.held[d] = t.held[d].saturating_sub(size));
+        TABLE.with(|t| {
+            t.held[d] = t.held[d].saturating_sub(size);
+            super::shared::publish(d, t.held[d]);
+        });
     }
 }
 
 /// What `dev` holds.
 pub fn held(dev: i32) -> u64 {
     slot(dev).map_or(0, |d| TABLE.with(|t| t.held[d]))
+}
+
+/// What `dev` holds, with what the other processes sharing the limit hold.
+pub fn held_all(dev: i32) -> u64 {
+    let mine = held(dev);
+    let others = match (super::config().and_then(|c| c.shared.as_deref()), slot(dev)) {
+        (Some(name), Some(d)) => super::shared::others(name, d),
+        _ => 0,
+    };
+    mine.saturating_add(others)
 }
 
 fn charged(k: Kind) -> bool {
@@ -273,6 +309,7 @@ fn uncharge_locked(t: &mut Table, r: Rec) {
     if charged(r.kind) {
         if let Some(d) = slot(r.dev) {
             t.held[d] = t.held[d].saturating_sub(r.size);
+            super::shared::publish(d, t.held[d]);
         }
     }
 }
@@ -283,6 +320,7 @@ pub fn restore(addr: u64, r: Rec) {
         if charged(r.kind) {
             if let Some(d) = slot(r.dev) {
                 t.held[d] = t.held[d].saturating_add(r.size);
+                super::shared::publish(d, t.held[d]);
             }
         }
         t.live
@@ -297,6 +335,7 @@ pub fn restore_handle(h: u64, r: Rec) {
     TABLE.with(|t| {
         if let Some(d) = slot(r.dev) {
             t.held[d] = t.held[d].saturating_add(r.size);
+            super::shared::publish(d, t.held[d]);
         }
         t.handles
             .get_or_insert_with(FxHashMap::default)

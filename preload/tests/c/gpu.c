@@ -491,6 +491,32 @@ static void devices(void) {
     printf("device 1 total=%zu free=%zu\n", t, f);
 }
 
+/* A limit shared with another process (a forked child here). */
+static void shared_child(const char *what) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        void *b = NULL, *c = NULL;
+        size_t f = 0, t = 0;
+        printf("%s: child 32M = %d\n", what, cudaMalloc(&b, 32 << 20));
+        printf("%s: child 8M = %d\n", what, cudaMalloc(&c, 8 << 20));
+        cudaMemGetInfo(&f, &t);
+        printf("%s: child total=%zu free=%zu\n", what, t, f);
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "child status %d", st);
+}
+
+static void shared_limit(void) {
+    context();
+    void *a = NULL;
+    CODE("parent 48M", cudaMalloc(&a, 48 << 20));
+    shared_child("parent holds 48M");
+    CODE("parent free", cudaFree(a));
+    shared_child("parent holds nothing");
+}
+
 static void nocuda(void) {
     char *p = malloc(8 << 20);
     memset(p, 1, 8 << 20);
@@ -543,6 +569,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(s, "pin")) pin();
     else if (!strcmp(s, "pool")) pooled();
     else if (!strcmp(s, "devices")) devices();
+    else if (!strcmp(s, "shared")) shared_limit();
     else {
         printf("FAIL unknown scenario %s\n", s);
         return 1;
