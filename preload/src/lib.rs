@@ -434,6 +434,9 @@ unsafe fn realloc_large(p: *mut c_void, size: usize, t: usize) -> *mut c_void {
         return std::ptr::null_mut();
     };
     let rec = FLAGS.load(Ordering::Relaxed) & F_REC_LARGE != 0;
+    // A block pinned on a copy is unregistered before it may move (the next copy pins it
+    // again).
+    gpu::runtime::host_block_freed(p);
     if size >= t {
         if let Some(q) = std::panic::catch_unwind(|| large::realloc(p, size))
             .ok()

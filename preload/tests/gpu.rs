@@ -407,15 +407,20 @@ fn oversubscribe_runs_past_the_limit_on_managed_memory() {
 fn pin_on_copy_registers_large_blocks_once_and_unregisters_them_at_free() {
     let b = built();
     let (out, s) = stats(&b.rt, &["pin"], &[("HETMEM_GPU_PIN_ON_COPY", "4M")]);
-    assert_eq!(out, "register after free = 0\nunregister = 0\nfree = 0\n");
+    assert_eq!(
+        out,
+        "register after realloc = 0\nunregister after realloc = 0\n\
+         register after free = 0\nunregister = 0\nfree = 0\n"
+    );
     // The source block pinned at its first copy (hits on the next two), the
     // destination of the copy back at its own; both unregistered when freed.
     assert_eq!(n(&s, &["pin_misses"]), 2, "{s}");
     assert_eq!(n(&s, &["pin_hits"]), 2, "{s}");
     assert_eq!(kind(&s, "pinned_on_copy"), (2, 2, 32 << 20), "{s}");
     // Off by default; under the cap nothing is pinned.
-    let (_, s) = stats(&b.rt, &["pin"], &[]);
+    let (out, s) = stats(&b.rt, &["pin"], &[]);
     assert_eq!(n(&s, &["pin_misses"]), 0, "{s}");
+    assert!(out.contains("register after realloc = 0"), "{out}");
     let (_, s) = stats(
         &b.rt,
         &["pin"],

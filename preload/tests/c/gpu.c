@@ -412,6 +412,11 @@ static void pin(void) {
     for (int k = 0; k < 3; k++) CHECK(cudaMemcpy(dev, host, n, 1) == 0, "H2D");
     CHECK(cudaMemcpy(back, dev, n, 2) == 0, "D2H");
     CHECK(memcmp(host, back, n) == 0, "bytes back");
+    /* A pinned block that grows (and may move) is unregistered first: registering it
+     * again works. */
+    host = realloc(host, 2 * n);
+    CODE("register after realloc", cudaHostRegister(host, 2 * n, 0));
+    CODE("unregister after realloc", cudaHostUnregister(host));
     free(host);
     free(back);
     /* The freed block is unregistered: registering a new block there works. */
