@@ -95,11 +95,6 @@ impl Real {
         }
     }
 
-    /// The name.
-    pub fn name(&self) -> &'static CStr {
-        self.name
-    }
-
     /// The real function (0: none found).
     #[inline]
     pub fn get(&self) -> usize {

@@ -264,11 +264,6 @@ pub fn note_handle(h: u64, rec: Rec) {
     });
 }
 
-/// The live allocation at `addr`, if the shim saw it.
-pub fn lookup(addr: u64) -> Option<Rec> {
-    TABLE.with(|t| t.live.as_ref().and_then(|m| m.get(&addr).copied()))
-}
-
 /// Takes the allocation at `addr` out of the table (before its free), its charge
 /// given back; `None`: never seen (counted).
 pub fn take(addr: u64) -> Option<Rec> {
@@ -342,26 +337,6 @@ pub fn restore_handle(h: u64, r: Rec) {
             .insert(h, r);
     });
     FREES[r.kind as usize].fetch_sub(1, Ordering::Relaxed);
-}
-
-/// The live allocations of `kind` overlapping `lo..hi` (removed from the table).
-pub fn take_overlapping(kind: Kind, lo: u64, hi: u64) -> Vec<(u64, Rec)> {
-    let v: Vec<(u64, Rec)> = TABLE.with(|t| {
-        let Some(m) = t.live.as_mut() else {
-            return Vec::new();
-        };
-        let hits: Vec<(u64, Rec)> = m
-            .iter()
-            .filter(|(&a, r)| r.kind == kind && a < hi && a.saturating_add(r.size) > lo)
-            .map(|(&a, &r)| (a, r))
-            .collect();
-        for (a, _) in &hits {
-            m.remove(a);
-        }
-        hits
-    });
-    FREES[kind as usize].fetch_add(v.len() as u64, Ordering::Relaxed);
-    v
 }
 
 /// The counters as one JSON object.
