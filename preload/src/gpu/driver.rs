@@ -85,6 +85,7 @@ super::wrapped! {
     cuGetProcAddress_v2 => GET_PROC_V2,
     cuMemGetAddressRange_v2 => MEM_GET_ADDRESS_RANGE,
     cuPointerGetAttribute => POINTER_GET_ATTRIBUTE,
+    cuPointerGetAttributes => POINTER_GET_ATTRIBUTES,
     cuIpcGetMemHandle => IPC_GET_MEM_HANDLE,
 }
 
@@ -882,6 +883,7 @@ pub unsafe extern "C" fn cuGetProcAddress_v2(
 
 static MEM_GET_ADDRESS_RANGE: Real = Real::new(c"cuMemGetAddressRange_v2", LIB);
 static POINTER_GET_ATTRIBUTE: Real = Real::new(c"cuPointerGetAttribute", LIB);
+static POINTER_GET_ATTRIBUTES: Real = Real::new(c"cuPointerGetAttributes", LIB);
 static IPC_GET_MEM_HANDLE: Real = Real::new(c"cuIpcGetMemHandle", LIB);
 
 /// The pool block holding `d`, in pool mode.
@@ -957,6 +959,50 @@ pub unsafe extern "C" fn cuPointerGetAttribute(
         attribute,
         d
     )
+}
+
+/// `cuPointerGetAttributes`: the driver's answers, with the range start and size
+/// (11, 12) of memory served by the pool describing the block.
+///
+/// # Safety
+/// As the driver's.
+#[cfg_attr(not(test), no_mangle)]
+pub unsafe extern "C" fn cuPointerGetAttributes(
+    n: c_uint,
+    attributes: *mut c_int,
+    data: *mut *mut c_void,
+    d: CUdeviceptr,
+) -> CUresult {
+    let rc = call_real!(
+        POINTER_GET_ATTRIBUTES,
+        NOT_INITIALIZED,
+        fn(c_uint, *mut c_int, *mut *mut c_void, CUdeviceptr) -> CUresult,
+        n,
+        attributes,
+        data,
+        d
+    );
+    if rc != 0 || attributes.is_null() || data.is_null() {
+        return rc;
+    }
+    if let Some((a, len)) = pool_range(d) {
+        for i in 0..n as usize {
+            // SAFETY: the caller's arrays of `n` attributes and result pointers, which
+            // the driver has just filled.
+            unsafe {
+                let out = *data.add(i);
+                if out.is_null() {
+                    continue;
+                }
+                match *attributes.add(i) {
+                    11 => *out.cast::<CUdeviceptr>() = a,
+                    12 => *out.cast::<usize>() = len as usize,
+                    _ => {}
+                }
+            }
+        }
+    }
+    rc
 }
 
 /// `cuIpcGetMemHandle`: refused (CUDA_ERROR_INVALID_VALUE, one line on stderr) for

@@ -11,8 +11,8 @@
 //! memory (a forked child, a driver the backend cannot use) sends the call to the
 //! driver as in observe mode; the pointer is then the driver's and freed by it.
 //!
-//! Pointers: `cuMemGetAddressRange_v2` and `cuPointerGetAttribute` (range start and
-//! size) answer the pool block, not the pool's segment; `cuIpcGetMemHandle` /
+//! Pointers: `cuMemGetAddressRange_v2` and `cuPointerGetAttribute`/`_Attributes` (range
+//! start and size) answer the pool block, not the pool's segment; `cuIpcGetMemHandle` /
 //! `cudaIpcGetMemHandle` of a pool block fail with `CUDA_ERROR_INVALID_VALUE` (one line
 //! on stderr, once) instead of handing out a handle to the whole segment.
 

@@ -461,6 +461,16 @@ static void pooled(void) {
     size = 0;
     CODE("attribute range", cudaPointerGetRange(&b2, &size, (char *)q + 5));
     printf("attribute base=%s size=%zu\n", b2 == q ? "start" : "other", size);
+    int (*attrs)(unsigned, int *, void **, CUdeviceptr) =
+        (int (*)(unsigned, int *, void **, CUdeviceptr))dlsym(h, "cuPointerGetAttributes");
+    int which[3] = {11, 9, 12};
+    CUdeviceptr start = 0;
+    int ordinal = -1;
+    size_t len = 0;
+    void *outs[3] = {&start, &ordinal, &len};
+    CODE("attributes", attrs(3, which, outs, (CUdeviceptr)(uintptr_t)p + 4096));
+    printf("attributes base=%s device=%d size=%zu\n", start == (CUdeviceptr)(uintptr_t)p ? "start" : "other",
+           ordinal, len);
     char ipc[64];
     CODE("ipc", cudaIpcGetMemHandle(ipc, p));
     CODE("cudaFreeAsync", cudaFreeAsync(q, s));

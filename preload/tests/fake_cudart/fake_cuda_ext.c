@@ -18,7 +18,9 @@
  *     once; freeing runs the stream's queue first). A NULL pool is CUDA_ERROR_INVALID_VALUE.
  *   - cuMemHostAlloc (flags PORTABLE 1, DEVICEMAP 2, WRITECOMBINED 4), cuMemGetAddressRange_v2,
  *     cuPointerGetAttribute (CONTEXT 1, MEMORY_TYPE 2, DEVICE_POINTER 3, HOST_POINTER 4,
- *     RANGE_START_ADDR 11, RANGE_SIZE 12, IS_MANAGED 8, DEVICE_ORDINAL 9), cuMemcpy (synchronous,
+ *     RANGE_START_ADDR 11, RANGE_SIZE 12, IS_MANAGED 8, DEVICE_ORDINAL 9; for VMM memory the
+ *     mapping's device and range), cuPointerGetAttributes
+ *     (each in turn), cuMemcpy (synchronous,
  *     legacy stream), cuIpcGetMemHandle (the allocation's base must be named).
  *   - fakeCudaUsed(device): bytes charged to a device, for the tests.
  */
@@ -113,7 +115,25 @@ EXPORT CUresult cuPointerGetAttribute(void *data, int attribute, CUdeviceptr d) 
     ENTER("cuPointerGetAttribute");
     if (!data) RETURN(CUDA_ERROR_INVALID_VALUE);
     struct alloc *a = containing((const char *)(uintptr_t)d);
-    if (!a) RETURN(CUDA_ERROR_INVALID_VALUE);
+    if (!a) {
+        /* VMM memory: the mapping's device; the range is the mapping. */
+        const char *p = (const char *)(uintptr_t)d;
+        for (size_t i = 0; i < g_nmaps; i++) {
+            struct mapping *m = &g_maps[i];
+            if (p < m->ptr || p >= m->ptr + m->size) continue;
+            switch (attribute) {
+            case 2: *(unsigned *)data = 2u; break;
+            case 3: *(CUdeviceptr *)data = d; break;
+            case 8: *(int *)data = 0; break;
+            case 9: *(int *)data = m->phys->device; break;
+            case 11: *(CUdeviceptr *)data = (CUdeviceptr)(uintptr_t)m->ptr; break;
+            case 12: *(size_t *)data = m->size; break;
+            default: RETURN(CUDA_ERROR_INVALID_VALUE);
+            }
+            RETURN(CUDA_SUCCESS);
+        }
+        RETURN(CUDA_ERROR_INVALID_VALUE);
+    }
     switch (attribute) {
     case 1: *(CUcontext *)data = (CUcontext)(void *)a->ctx; break;
     case 2: *(unsigned *)data = a->kind == MEM_HOST ? 1u : 2u; break; /* HOST 1, DEVICE 2 */
@@ -126,6 +146,17 @@ EXPORT CUresult cuPointerGetAttribute(void *data, int attribute, CUdeviceptr d) 
     default: RETURN(CUDA_ERROR_INVALID_VALUE);
     }
     RETURN(CUDA_SUCCESS);
+}
+
+/* cuPointerGetAttributes: each attribute as cuPointerGetAttribute; an attribute the
+ * pointer has not is left unchanged (the fake answers only known allocations). */
+EXPORT CUresult cuPointerGetAttributes(unsigned int n, int *attributes, void **data, CUdeviceptr d) {
+    if (!attributes || !data) return CUDA_ERROR_INVALID_VALUE;
+    for (unsigned i = 0; i < n; i++) {
+        CUresult rc = cuPointerGetAttribute(data[i], attributes[i], d);
+        if (rc) return rc;
+    }
+    return CUDA_SUCCESS;
 }
 
 /* Synchronous copy on the legacy stream. */
@@ -185,6 +216,7 @@ static const struct proc g_procs[] = {
     {"cuMemAllocFromPoolAsync", 11020, F(cuMemAllocFromPoolAsync), 0, NULL, F(cuMemAllocFromPoolAsync_ptsz)},
     {"cuMemGetAddressRange", 2000, NULL, 3020, F(cuMemGetAddressRange_v2), NULL},
     {"cuPointerGetAttribute", 4000, F(cuPointerGetAttribute), 0, NULL, NULL},
+    {"cuPointerGetAttributes", 7000, F(cuPointerGetAttributes), 0, NULL, NULL},
     {"cuMemcpy", 4000, F(cuMemcpy), 0, NULL, NULL},
     {"cuMemcpyAsync", 4000, F(cuMemcpyAsync), 0, NULL, NULL},
     {"cuStreamCreate", 2000, F(cuStreamCreate), 0, NULL, NULL},
