@@ -502,6 +502,18 @@ fn pool_mode_serves_device_and_pinned_memory_and_answers_for_its_pointers() {
     assert_eq!(n(&s, &["pool_pinned"]), 1, "{s}");
     assert_eq!(kind(&s, "device"), (3, 3, 5 << 20), "{s}");
     assert_eq!(n(&s, &["devices", "0", "held"]), 0, "{s}");
+    // Without VMM the pool's segments are the driver's cuMemAlloc memory: a second free
+    // of a block at a segment's start must not reach the driver (which would free the
+    // segment), but answer as the driver answers a double free.
+    let o = run(
+        &b.rt,
+        &["pool"],
+        true,
+        &[("HETMEM_GPU_MODE", "pool"), ("FAKE_CUDA_VMM", "0")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(out, plain.replace("ipc = 0", "ipc = 1"));
 }
 
 #[test]

@@ -292,6 +292,7 @@ unsafe fn device_alloc(
                         },
                         stream.map_or(0, |s| s as u64),
                     );
+                    super::pool_driver_gave(p);
                 } else {
                     state::uncharge(dev, size as u64);
                 }
@@ -319,8 +320,10 @@ fn any_free(addr: u64, stream: Option<CUstream>, call: &dyn Fn() -> CUresult) ->
     if config().is_none() || nested() || addr == 0 {
         return call();
     }
-    if guard(false, || pool_free(addr, stream.map(|s| (ctx_device(), s)))) {
-        return 0;
+    if let Some(rc) = guard(None, || {
+        pool_free(addr, stream.map(|s| (ctx_device(), s)), INVALID_VALUE)
+    }) {
+        return rc;
     }
     let r = guard(None, || state::take(addr));
     // An async free of memory oversubscribed as managed memory (which cuMemFreeAsync

@@ -568,17 +568,33 @@ pub(crate) fn pool_alloc(
     }
 }
 
-/// Pool mode: frees a pool block (stream-ordered on `stream` when given); true when
-/// it was one.
-pub(crate) fn pool_free(addr: u64, stream: Option<(i32, *mut std::ffi::c_void)>) -> bool {
+/// Pool mode: frees a pool block (stream-ordered on `stream` when given). `Some(0)`:
+/// it was one; `Some(invalid)`: it was one, freed already (a double free answered as
+/// the driver answers one, without reaching it); `None`: not the pool's.
+pub(crate) fn pool_free(
+    addr: u64,
+    stream: Option<(i32, *mut std::ffi::c_void)>,
+    invalid: std::ffi::c_int,
+) -> Option<std::ffi::c_int> {
     if !config().is_some_and(GpuConfig::pooled) {
-        return false;
+        return None;
     }
     if pool::free(addr, stream.map(|(d, s)| (d, s as u64))) {
         let _ = state::take(addr);
-        return true;
+        return Some(0);
     }
-    false
+    if pool::freed_before(addr) {
+        state::UNKNOWN_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Some(invalid);
+    }
+    None
+}
+
+/// Pool mode: the driver handed out `addr` (so it is no freed pool block).
+pub(crate) fn pool_driver_gave(addr: u64) {
+    if config().is_some_and(GpuConfig::pooled) {
+        pool::driver_gave(addr);
+    }
 }
 
 /// Pool mode: pinned memory from the host pool for an allocation with `flags` (only

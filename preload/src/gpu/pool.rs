@@ -37,6 +37,10 @@ struct Pools {
     blocks: BTreeMap<u64, PoolBlock>,
     /// Live pinned blocks by address.
     pinned: FxHashMap<u64, HostBlock>,
+    /// Addresses the pool handed out and took back, not handed out since (by the pool
+    /// or the driver): a second free of one must not reach the driver, which would take
+    /// it for its own allocation where a pool segment starts there.
+    freed: rustc_hash::FxHashSet<u64>,
 }
 
 // SAFETY: the pools are only reached under `POOLS`'s lock; hetmem's handles are
@@ -77,6 +81,7 @@ fn with_pools<R>(f: impl FnOnce(&mut Pools) -> Option<R>) -> Option<R> {
                         streams: FxHashMap::default(),
                         blocks: BTreeMap::new(),
                         pinned: FxHashMap::default(),
+                        freed: rustc_hash::FxHashSet::default(),
                     })
                 }
                 Err(e) => {
@@ -126,6 +131,7 @@ pub fn alloc(dev: i32, size: usize, stream: u64, budget: Option<u64>) -> Served 
         Some(match pool.alloc(size, &s) {
             Ok(b) => {
                 let a = b.ptr().0;
+                p.freed.remove(&a);
                 p.blocks.insert(a, b);
                 Served::Pool(a)
             }
@@ -148,6 +154,9 @@ pub fn free(addr: u64, stream: Option<(i32, u64)>) -> bool {
             return (None, None);
         };
         let b = p.blocks.remove(&addr);
+        if b.is_some() {
+            p.freed.insert(addr);
+        }
         let s = stream.and_then(|(dev, raw)| {
             let d = usize::try_from(dev).ok()?;
             if let Some(s) = p.streams.get(&(d, raw)) {
@@ -167,6 +176,26 @@ pub fn free(addr: u64, stream: Option<(i32, u64)>) -> bool {
     }
     drop(block);
     true
+}
+
+/// Whether `addr` is a pool block freed already (a double free), not handed out since.
+pub fn freed_before(addr: u64) -> bool {
+    if FAILED.get().is_some() {
+        return false;
+    }
+    POOLS.with(|p| p.as_ref().is_some_and(|p| p.freed.contains(&addr)))
+}
+
+/// The driver handed out `addr`: it is no longer a freed pool address.
+pub fn driver_gave(addr: u64) {
+    if FAILED.get().is_some() {
+        return;
+    }
+    POOLS.with(|p| {
+        if let Some(p) = p.as_mut() {
+            p.freed.remove(&addr);
+        }
+    });
 }
 
 /// The pool block holding `addr`: its start and length.

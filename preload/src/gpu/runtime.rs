@@ -120,6 +120,7 @@ unsafe fn device_alloc(
                         },
                         stream.map_or(0, |s| s as u64),
                     );
+                    super::pool_driver_gave(a);
                 } else {
                     state::uncharge(dev, size as u64);
                 }
@@ -160,8 +161,11 @@ unsafe fn device_alloc(
 /// on `stream` when given).
 fn any_free(a: u64, stream: Option<CUstream>, call: &dyn Fn() -> CudaError) -> CudaError {
     let outer = !nested();
-    if outer && a != 0 && guard(false, || pool_free(a, stream.map(|s| (device(), s)))) {
-        return 0;
+    if outer && a != 0 {
+        // cudaErrorInvalidValue for a second free, as the runtime answers one.
+        if let Some(rc) = guard(None, || pool_free(a, stream.map(|s| (device(), s)), 1)) {
+            return rc;
+        }
     }
     let _n = Nest::enter();
     if config().is_none() || !outer || a == 0 {
