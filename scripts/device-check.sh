@@ -131,8 +131,8 @@ run() {
     shim-gpu)
       # Issue 18: an unmodified PyTorch (each shim mode, cudaMallocAsync backend, a model
       # over the limit), CuPy, pin-on-copy of 4 GiB and the observe-mode overhead under
-      # libhetmem_preload.so; about 4 minutes (estimate, never run).
-      STEP_S=${SHIM_GPU_S:-420} step shim-gpu python3 python/bench/shim_gpu_check.py \
+      # libhetmem_preload.so; about 6 minutes (estimate, never run): run it alone.
+      STEP_S=${SHIM_GPU_S:-540} step shim-gpu python3 python/bench/shim_gpu_check.py \
         --shim "$PWD/$BIN/libhetmem_preload.so" --bench-bin "$PWD/$BIN/gpu_alloc" ;;
     fork)
       # Fork after pinning FORK_GIB (8) GiB: fork time, the child's RSS and the memory it
