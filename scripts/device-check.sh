@@ -5,8 +5,8 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6, vmm and fork: issue 14, shim-gpu:
-#                                   issue 18; default all; also streams: issue 14 item 6 alone, a few
+#                                   torch: issue 6, vmm and fork: issue 14; shim-gpu:
+#                                   issue 18, by name only; default the others; also streams: issue 14 item 6 alone, a few
 #                                   seconds, which pool's cuda-unit step runs too) with
 #                                   the CUDA backend, logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
@@ -66,7 +66,7 @@ shutil.copy(h.build(torch), f"{sys.argv[1]}/torch_hooks-{h.version_tag(torch)}.s
 run() {
   OUT=${OUT:-/tmp/device-out}; mkdir -p "$OUT"
   export HETMEM_BACKEND=cuda HETMEM_LOG=info
-  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch fork shim-gpu)
+  local groups=("$@"); [ ${#groups[@]} -eq 0 ] && groups=(vmm pool host stream torch fork)
   # No nvidia-smi: a rehearsal against the fake driver (LD_LIBRARY_PATH=target/fake-cuda).
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT/gpu.txt" 2>&1 ||
     echo "no nvidia-smi (rehearsal?)" >"$OUT/gpu.txt"
