@@ -5,8 +5,8 @@
 #   scripts/device-check.sh run [GROUP...]
 #                                   on the GPU host (no Rust there): runs the groups
 #                                   (pool: issue 3, host: issue 4, stream: issue 5,
-#                                   torch: issue 6, vmm and fork: issue 14; default
-#                                   all; also streams: issue 14 item 6 alone, a few
+#                                   torch: issue 6, vmm and fork: issue 14; shim-gpu:
+#                                   issue 18, by name only; default the others; also streams: issue 14 item 6 alone, a few
 #                                   seconds, which pool's cuda-unit step runs too) with
 #                                   the CUDA backend, logs under $OUT, prints a table last
 # With the device tool: run(command="bash scripts/device-check.sh run", carry=[".device-bin"],
@@ -53,6 +53,10 @@ from hetmem import _torch_hooks as h
 shutil.copy(h.build(torch), f"{sys.argv[1]}/torch_hooks-{h.version_tag(torch)}.so")' "$BIN"
     rm -rf "$BIN/torch-hooks-cache"
   fi
+  # The LD_PRELOAD shim and the allocation benchmark for the shim-gpu group (issue 18).
+  cargo build --release -p hetmem-preload
+  cp target/release/libhetmem_preload.so "$BIN/"
+  cc -O2 -Wall -Wextra -Werror preload/bench/gpu_alloc.c -o "$BIN/gpu_alloc" -ldl
   # The fake HIP runtime and fixtures the tests read, at the paths they expect.
   mkdir -p "$BIN/shared/traces"; cp ../shared/traces/llama_generate.csv "$BIN/shared/traces/"
   strip "$BIN"/* 2>/dev/null || true
@@ -124,6 +128,12 @@ run() {
       local hooks; hooks=$(ls "$PWD/$BIN"/torch_hooks-*.so 2>/dev/null | head -n1)
       STEP_S=${TORCH_S:-420} HETMEM_LIB=$PWD/$BIN/libhetmem.so PYTHONPATH=$PWD/python \
         HETMEM_TORCH_HOOKS_PREBUILT=$hooks step torch-check python3 python/bench/torch_check.py ;;
+    shim-gpu)
+      # Issue 18: an unmodified PyTorch (each shim mode, cudaMallocAsync backend, a model
+      # over the limit), CuPy, pin-on-copy of 4 GiB and the observe-mode overhead under
+      # libhetmem_preload.so; about 6 minutes (estimate, never run): run it alone.
+      STEP_S=${SHIM_GPU_S:-540} step shim-gpu python3 python/bench/shim_gpu_check.py \
+        --shim "$PWD/$BIN/libhetmem_preload.so" --bench-bin "$PWD/$BIN/gpu_alloc" ;;
     fork)
       # Fork after pinning FORK_GIB (8) GiB: fork time, the child's RSS and the memory it
       # took, with MADV_DONTFORK (hetmem's default) and without; the child's error.
@@ -148,6 +158,7 @@ run() {
   [ -f "$OUT/bench-pinning.log" ] && tail -n 8 "$OUT/bench-pinning.log"
   [ -f "$OUT/stream-file.log" ] && tail -n 1 "$OUT/stream-file.log"
   [ -f "$OUT/torch-check.log" ] && tail -n 25 "$OUT/torch-check.log"
+  [ -f "$OUT/shim-gpu.log" ] && grep -E "^(ok  |FAIL)" "$OUT/shim-gpu.log"
   for k in fork-dontfork fork-inherit; do
     [ -f "$OUT/$k.log" ] && tail -n1 "$OUT/$k.log" | python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); m=lambda k: None if d[k] is None else round(d[k]/1024); print(sys.argv[1], d["backend"], d["gib"], "GiB dontfork", d["dontfork"], "pin ms", round(d["pin_ms"]), "fork ms", round(d["fork_ms"],1), "child VmRSS MiB", m("child_vmrss_kib"), "private", m("child_private_dirty_kib"), "shared", m("child_shared_dirty_kib"), "MemAvailable drop MiB", m("mem_available_drop_kib"), "child error Forked", d["child_error_forked"], "parent ok", d["parent_ok_after"])' "$k" 2>/dev/null
   done

@@ -738,6 +738,139 @@ pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
     Ok((header, s))
 }
 
+// ---- GPU events (issue 18: the LD_PRELOAD shim's GPU side) ---------------------------
+//
+// Kept apart from the kinds above on purpose: two kinds of the reserved device range,
+// read back as `EventKind::Unknown` by `Reader` and decoded with `gpu::decode`, so
+// nothing above changes.
+
+/// GPU memory events of the LD_PRELOAD shim: kinds 16 (alloc) and 17 (free) of the
+/// reserved device range. Body after time and thread: address, size, memory kind
+/// (`u8`, [`gpu::MemKind`]), device (zigzag; -1 for host memory), stream (the raw
+/// `CUstream`/`hipStream_t`; 0 the legacy default stream, and for frees).
+pub mod gpu {
+    /// Kind of a GPU allocation event.
+    pub const ALLOC: u8 = super::kind::DEVICE_FIRST;
+    /// Kind of a GPU free event.
+    pub const FREE: u8 = super::kind::DEVICE_FIRST + 1;
+
+    /// What memory an event is about (the shim's counters' kinds).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub enum MemKind {
+        /// Device memory (cudaMalloc, cuMemAlloc, the async ones, hipMalloc).
+        Device = 0,
+        /// The program's managed memory.
+        Managed = 1,
+        /// Page-locked host memory from the driver.
+        Pinned = 2,
+        /// Host memory the program registered.
+        Registered = 3,
+        /// Physical memory (cuMemCreate; the address is the handle).
+        Physical = 4,
+        /// Past a limit, managed memory preferring the host.
+        Oversubscribed = 5,
+        /// Registered by the shim on a copy.
+        PinnedOnCopy = 6,
+        /// A code this version does not know.
+        Other = 255,
+    }
+
+    impl MemKind {
+        /// The kind of a code.
+        pub fn from_code(c: u8) -> MemKind {
+            match c {
+                0 => MemKind::Device,
+                1 => MemKind::Managed,
+                2 => MemKind::Pinned,
+                3 => MemKind::Registered,
+                4 => MemKind::Physical,
+                5 => MemKind::Oversubscribed,
+                6 => MemKind::PinnedOnCopy,
+                _ => MemKind::Other,
+            }
+        }
+    }
+
+    /// One GPU event, decoded.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct GpuEvent {
+        /// An allocation (else a free).
+        pub alloc: bool,
+        /// Address (the handle for physical memory).
+        pub addr: u64,
+        /// Bytes (0 where not known).
+        pub size: u64,
+        /// What memory.
+        pub mem: MemKind,
+        /// Device ordinal; -1: host memory.
+        pub device: i32,
+        /// The stream.
+        pub stream: u64,
+    }
+
+    /// The body of a GPU event after time and thread (for `EventKind::Unknown`).
+    pub fn body(e: &GpuEvent) -> Vec<u8> {
+        let mut b = Vec::with_capacity(24);
+        super::put_uleb(&mut b, e.addr);
+        super::put_uleb(&mut b, e.size);
+        b.push(e.mem as u8);
+        super::put_uleb(&mut b, super::zigzag(i64::from(e.device)));
+        super::put_uleb(&mut b, e.stream);
+        b
+    }
+
+    /// Decodes an `EventKind::Unknown` of kind [`ALLOC`] or [`FREE`]; `None` for any
+    /// other kind or a malformed body.
+    pub fn decode(kind: u8, body: &[u8]) -> Option<GpuEvent> {
+        if kind != ALLOC && kind != FREE {
+            return None;
+        }
+        let mut c = super::Cursor { b: body, at: 0 };
+        let addr = c.uleb().ok()?;
+        let size = c.uleb().ok()?;
+        let mem = MemKind::from_code(c.u8().ok()?);
+        let device = i32::try_from(super::unzigzag(c.uleb().ok()?)).ok()?;
+        let stream = c.uleb().ok()?;
+        Some(GpuEvent {
+            alloc: kind == ALLOC,
+            addr,
+            size,
+            mem,
+            device,
+            stream,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn gpu_events_round_trip_through_unknown() {
+            let e = GpuEvent {
+                alloc: true,
+                addr: 0x7f00_0000_1000,
+                size: 3 << 20,
+                mem: MemKind::Device,
+                device: 1,
+                stream: 0x55aa,
+            };
+            let b = body(&e);
+            assert_eq!(decode(ALLOC, &b), Some(e));
+            let f = GpuEvent {
+                alloc: false,
+                device: -1,
+                mem: MemKind::Pinned,
+                ..e
+            };
+            assert_eq!(decode(FREE, &body(&f)), Some(f));
+            assert_eq!(decode(1, &b), None);
+            assert_eq!(decode(ALLOC, &b[..2]), None);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

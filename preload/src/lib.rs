@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod glibc;
+pub mod gpu;
 pub mod large;
 mod lock;
 pub mod recorder;
@@ -286,6 +287,7 @@ fn large_alloc(size: usize, align: usize, zero: bool) -> *mut c_void {
 #[cold]
 #[inline(never)]
 fn large_free(p: *mut c_void) {
+    gpu::runtime::host_block_freed(p);
     let size = std::panic::catch_unwind(|| large::free(p)).ok().flatten();
     if let Some(size) = size {
         if FLAGS.load(Ordering::Relaxed) & F_REC_LARGE != 0 {
@@ -453,6 +455,9 @@ unsafe fn realloc_large(p: *mut c_void, size: usize, t: usize) -> *mut c_void {
         return std::ptr::null_mut();
     };
     let rec = FLAGS.load(Ordering::Relaxed) & F_REC_LARGE != 0;
+    // A block pinned on a copy is unregistered before it may move (the next copy pins it
+    // again).
+    gpu::runtime::host_block_freed(p);
     if size >= t {
         if let Some(q) = std::panic::catch_unwind(|| large::realloc(p, size))
             .ok()

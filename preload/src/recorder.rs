@@ -24,6 +24,8 @@ const WORDS: usize = 7;
 const S_ALLOC: u64 = 1;
 const S_FREE: u64 = 2;
 const S_REALLOC: u64 = 3;
+const S_GPU_ALLOC: u64 = hetmem::record::gpu::ALLOC as u64;
+const S_GPU_FREE: u64 = hetmem::record::gpu::FREE as u64;
 const S_STACK: u64 = 4;
 
 #[repr(C, align(64))]
@@ -517,6 +519,21 @@ pub fn free(addr: usize, size: usize, large: bool) {
     push(S_FREE, large, addr as u64, size as u64, 0);
 }
 
+/// Records a GPU allocation or free (the GPU side, issue 18): `mem` a
+/// [`hetmem::record::gpu::MemKind`] code, `dev` -1 for host memory.
+pub fn gpu(alloc: bool, addr: u64, size: u64, mem: u8, dev: i32, stream: u64) {
+    if !ON.load(Ordering::Relaxed) {
+        return;
+    }
+    let (tid, s) = me();
+    if let Some(pos) = reserve(s, 1) {
+        let kind = if alloc { S_GPU_ALLOC } else { S_GPU_FREE };
+        let m = meta(kind, Placement::Device as u64, tid);
+        let c = u64::from(mem) | u64::from(dev as u32) << 8;
+        publish(s, pos, [stamp(), m, addr, size, c, stream, 0]);
+    }
+}
+
 /// Records a large realloc.
 pub fn realloc(old: usize, new: usize, size: usize) {
     push(S_REALLOC, true, old as u64, new as u64, size as u64);
@@ -597,6 +614,19 @@ fn drain(last: bool) -> u64 {
                 let placement = Placement::from_code(((m >> 8) & 0xff) as u8);
                 let node = u32::try_from(w[5]).ok();
                 let kind = match m & 0xff {
+                    // GPU events (the GPU side, issue 18): address, size, memory kind
+                    // and device in w[4], stream in w[5].
+                    k @ (S_GPU_ALLOC | S_GPU_FREE) => EventKind::Unknown {
+                        kind: k as u8,
+                        body: hetmem::record::gpu::body(&hetmem::record::gpu::GpuEvent {
+                            alloc: k == S_GPU_ALLOC,
+                            addr: w[2],
+                            size: w[3],
+                            mem: hetmem::record::gpu::MemKind::from_code(w[4] as u8),
+                            device: (w[4] >> 8) as u32 as i32,
+                            stream: w[5],
+                        }),
+                    },
                     S_ALLOC => EventKind::Alloc {
                         addr: w[2],
                         size: w[3],
