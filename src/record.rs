@@ -750,9 +750,9 @@ pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
 /// `CUstream`/`hipStream_t`; 0 the legacy default stream, and for frees).
 pub mod gpu {
     /// Kind of a GPU allocation event.
-    pub const ALLOC: u8 = super::kind::DEVICE_FIRST;
+    pub const ALLOC: u8 = crate::record::kind::DEVICE_FIRST;
     /// Kind of a GPU free event.
-    pub const FREE: u8 = super::kind::DEVICE_FIRST + 1;
+    pub const FREE: u8 = crate::record::kind::DEVICE_FIRST + 1;
 
     /// What memory an event is about (the shim's counters' kinds).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -812,11 +812,11 @@ pub mod gpu {
     /// The body of a GPU event after time and thread (for `EventKind::Unknown`).
     pub fn body(e: &GpuEvent) -> Vec<u8> {
         let mut b = Vec::with_capacity(24);
-        super::put_uleb(&mut b, e.addr);
-        super::put_uleb(&mut b, e.size);
+        crate::record::put_uleb(&mut b, e.addr);
+        crate::record::put_uleb(&mut b, e.size);
         b.push(e.mem as u8);
-        super::put_uleb(&mut b, super::zigzag(i64::from(e.device)));
-        super::put_uleb(&mut b, e.stream);
+        crate::record::put_uleb(&mut b, crate::record::zigzag(i64::from(e.device)));
+        crate::record::put_uleb(&mut b, e.stream);
         b
     }
 
@@ -826,11 +826,11 @@ pub mod gpu {
         if kind != ALLOC && kind != FREE {
             return None;
         }
-        let mut c = super::Cursor { b: body, at: 0 };
+        let mut c = crate::record::Cursor { b: body, at: 0 };
         let addr = c.uleb().ok()?;
         let size = c.uleb().ok()?;
         let mem = MemKind::from_code(c.u8().ok()?);
-        let device = i32::try_from(super::unzigzag(c.uleb().ok()?)).ok()?;
+        let device = i32::try_from(crate::record::unzigzag(c.uleb().ok()?)).ok()?;
         let stream = c.uleb().ok()?;
         Some(GpuEvent {
             alloc: kind == ALLOC,
@@ -844,7 +844,7 @@ pub mod gpu {
 
     #[cfg(test)]
     mod tests {
-        use super::*;
+        use crate::record::gpu::*;
 
         #[test]
         fn gpu_events_round_trip_through_unknown() {
