@@ -12,7 +12,9 @@ static void *(*next_malloc)(size_t);
 static void (*next_free)(void *);
 static void *(*next_calloc)(size_t, size_t);
 static void *(*next_realloc)(void *, size_t);
-static __thread int resolving;
+/* volatile: the compiler may not drop the store around calls that cannot see a
+ * static variable, and the loader calls back in here while dlsym runs. */
+static __thread volatile int resolving;
 static char boot[1 << 16];
 static size_t boot_used;
 static volatile size_t calls;
