@@ -21,7 +21,7 @@
 //! Layers call only downward: the APIs ([`manager`], [`ffi`]) → [`pool`]s and the
 //! [`tier`] store → [`stream`]s and [`topology`] → [`backend`]s → host memory
 //! ([`host_mem`]) → the vocabulary ([`error`], [`placement`], [`stats`], [`record`]) →
-//! `hetmem-sys` (checked by `tests/layers.rs`).
+//! `hetmem-sys` (checked by `tests/it/layers.rs`).
 
 pub mod backend;
 mod backend_kind;

@@ -6,12 +6,12 @@
 //! `HETMEM_BACKEND=NAME` only that backend runs, on the real driver, and failing to open
 //! it is a failure (that is how the GPU host runs it).
 //!
-//! Custom harness (libtest-mimic) so that the set of tests is decided at run time.
+//! Custom harness (libtest-mimic) so that the set of tests is decided at run time: a
+//! binary of its own (`harness = false` in Cargo.toml).
 
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+mod common;
+
+use common::{fake_cuda, fake_hip};
 
 use std::thread;
 

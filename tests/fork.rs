@@ -15,19 +15,18 @@
 //! Forking a process with several threads is only safe when no other thread holds a
 //! lock the child needs: every test here holds [`serial`], so no other test of this
 //! binary is inside hetmem (or the fake driver) at the fork.
+//!
+//! A binary of its own for that reason: the tests of `tests/it` run on other threads
+//! and take no such lock.
 
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
-#[path = "common/smaps.rs"]
-mod smaps;
+mod common;
+
+use common::{fake_cuda, smaps};
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::panic::AssertUnwindSafe;
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use fake_cuda::FakeCuda;
@@ -500,22 +499,7 @@ fn with_hetmem_dontfork_0_a_child_inherits_pinned_memory() {
     const NAME: &str = "with_hetmem_dontfork_0_a_child_inherits_pinned_memory";
     if std::env::var(CHILD_ENV).as_deref() != Ok(NAME) {
         // The switch is read once per process: run this test alone in a fresh one.
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, NAME)
-            .env("HETMEM_DONTFORK", "0")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "child process failed:\n{text}");
-        assert!(
-            text.contains("1 passed"),
-            "child process ran no test:\n{text}"
-        );
+        common::child::run(NAME, &[(CHILD_ENV, NAME), ("HETMEM_DONTFORK", "0")]);
         return;
     }
     let _g = serial();

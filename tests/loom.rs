@@ -1,6 +1,8 @@
 //! loom models of the lock-free byte counter (`hetmem::stats::ByteCounter`).
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`. A binary of its
+//! own because it builds only with `--cfg loom`, which swaps the crate's atomics for
+//! loom's (empty otherwise).
 #![cfg(loom)]
 
 use hetmem::stats::ByteCounter;

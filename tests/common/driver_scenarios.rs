@@ -1,11 +1,10 @@
 //! The scenarios both driver backends go through against their fakes, step by step
 //! alike; listed, as tests, by `driver_scenarios!` in `backend_checks.rs`. Each takes a
 //! [`FakeDriver`]: a backend on a fresh machine of two devices with managed memory.
-#![allow(dead_code)]
 
 use std::ptr::NonNull;
 
-use crate::backend_checks::{
+use super::backend_checks::{
     assert_driver, assert_out_of_memory, assert_refused_by_the_backend, dev, host, peek, Call,
     FakeDriver, ALREADY_REGISTERED, INVALID_HANDLE, INVALID_VALUE, NOT_READY, NOT_REGISTERED,
     OUT_OF_MEMORY, UNKNOWN,

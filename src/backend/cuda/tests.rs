@@ -1,6 +1,6 @@
 //! Unit tests of the CUDA backend; the `gpu_*` ones need a CUDA driver and GPU
 //! (`cargo test --lib cuda -- --ignored`), the rest run anywhere. The backend against
-//! the fake driver is tested in `tests/cuda_fake.rs`.
+//! the fake driver is tested in `tests/cuda_fake/`.
 
 use std::ptr::NonNull;
 

@@ -1,8 +1,7 @@
 //! Host memory and NUMA topology: sysfs fixtures with several nodes, and real placement
 //! on this machine (one node) proved with `move_pages`.
 
-#[path = "common/smaps.rs"]
-mod smaps;
+use crate::common::smaps;
 
 use std::path::{Path, PathBuf};
 

@@ -2,8 +2,7 @@
 //! and a property test against a simple model. Runs on the simulator, with expandable
 //! segments (virtual memory management) and with plain segments.
 
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::fake_hip;
 
 use std::time::Duration;
 

@@ -4,8 +4,7 @@
 //! `allocator_api2::vec::Vec` in pinned memory. Every test runs on the sim backend and
 //! the host backend (where pinning is `mlock`).
 
-#[path = "common/pin.rs"]
-mod pin;
+use crate::common::{child, pin};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -502,18 +501,7 @@ fn bad_requests_are_refused() {
 fn an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers() {
     const REQ: usize = 256 * MIB;
     const NAME: &str = "an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers";
-    if std::env::var_os("HETMEM_TEST_RLIMIT_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("HETMEM_TEST_RLIMIT_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "child failed:\n{text}");
+    if let Some(text) = child::alone(module_path!(), NAME) {
         assert!(text.contains("limit checked"), "child ran nothing:\n{text}");
         return;
     }
