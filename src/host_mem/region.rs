@@ -37,7 +37,7 @@ pub struct HostRegion {
     leaked: bool,
     /// Largest piece the region is registered with the backend in, once pinned (see
     /// `OwnedMemory::pinned_with`); 0 when it is registered whole (the backend then
-    /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK) itself).
+    /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::registered::HOST_REGISTER_CHUNK) itself).
     register_chunk: usize,
     /// When the region was advised `MADV_DONTFORK` (see
     /// [`HostRegion::exclude_from_fork`]): a child forked after that has no mapping here.

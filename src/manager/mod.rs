@@ -24,10 +24,11 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::backend::copy;
+use crate::backend::owned::copy;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::fork::ForkGuarded;
-use crate::backend::host::{HostBackend, HostRegion};
+use crate::backend::host::HostBackend;
+use crate::host_mem::HostRegion;
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::backend::rocm::RocmBackend;
 use crate::backend::sim::{SimBackend, SimConfig};
@@ -443,7 +444,7 @@ impl Manager {
             return Err(Error::oom(
                 placement.tier(),
                 size,
-                crate::backend::host::available_memory().min(limit as usize),
+                crate::host_mem::available_memory().min(limit as usize),
             ));
         }
         Ok(())
@@ -559,7 +560,7 @@ impl Manager {
         // Device memory: through the host (a driver copy may not overlap itself).
         let mut tmp = Vec::new();
         if tmp.try_reserve_exact(len).is_err() {
-            let free = crate::backend::host::available_memory();
+            let free = crate::host_mem::available_memory();
             return Err(Error::oom(Tier::Host, len, free));
         }
         tmp.resize(len, 0);

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::backend::host::available_memory;
+use crate::host_mem::available_memory;
 use crate::error::{Error, Result};
 use crate::placement::{NumaPolicy, Tier};
 use crate::pool::device::PoolBlock;

@@ -29,7 +29,7 @@ use nix::errno::Errno;
 use rustc_hash::{FxHashMap, FxHashSet};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
-use crate::backend::host::map_file_readonly;
+use crate::host_mem::map_file_readonly;
 use crate::error::{Error, Result};
 
 /// Bytes in a safetensors file's leading header length (a little-endian `u64`).

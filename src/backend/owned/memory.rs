@@ -83,7 +83,7 @@ impl OwnedMemory {
     }
 
     /// Registers `region` with the backend in pieces of at most `chunk` bytes (clamped
-    /// to whole pages and to [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK)),
+    /// to whole pages and to [`HOST_REGISTER_CHUNK`](crate::backend::registered::HOST_REGISTER_CHUNK)),
     /// each its own registration, from up to `threads` threads at once. Pinning is
     /// per-page work in the driver (or kernel, for `mlock`), so large regions pin
     /// faster in parallel. The pieces are remembered in the region and unregistered
@@ -99,9 +99,9 @@ impl OwnedMemory {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
         let page = crate::host_mem::page_size();
         let chunk = chunk
-            .clamp(page, crate::backend::HOST_REGISTER_CHUNK)
+            .clamp(page, crate::backend::registered::HOST_REGISTER_CHUNK)
             .next_multiple_of(page)
-            .min(crate::backend::HOST_REGISTER_CHUNK);
+            .min(crate::backend::registered::HOST_REGISTER_CHUNK);
         let len = region.len();
         if len <= chunk {
             return Self::pinned(backend, region);

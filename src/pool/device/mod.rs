@@ -77,8 +77,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
 
-use crate::backend::copy::{CopyEnd, SubEnd};
-use crate::backend::fork::Epoch;
+use crate::backend::owned::copy::{CopyEnd, SubEnd};
+use crate::host_mem::fork::Epoch;
 use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};

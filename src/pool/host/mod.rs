@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::host::{page_size, HostRegion, HUGE_PAGE_SIZE};
+use crate::host_mem::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
 use crate::placement::{NumaPolicy, Placement, Tier};
@@ -547,7 +547,7 @@ pub(crate) fn register_chunk(len: usize, threads: usize, min: usize) -> usize {
     len.div_ceil(threads.max(1))
         .next_multiple_of(HUGE_PAGE_SIZE)
         .max(min)
-        .min(crate::backend::HOST_REGISTER_CHUNK)
+        .min(crate::backend::registered::HOST_REGISTER_CHUNK)
 }
 
 /// Registrations `mem` was pinned with: its pieces, or 1 when registered whole; 0 for
@@ -647,7 +647,7 @@ mod tests {
     /// again and stays counted: in `held_bytes`, in `leaked_bytes`, against the budget.
     #[test]
     fn leaked_blocks_stay_held_and_counted() {
-        use crate::backend::copy::CopyEnd;
+        use crate::backend::owned::copy::CopyEnd;
         use crate::{BackendKind, Manager};
         let mgr = Manager::builder()
             .backend(BackendKind::Sim)
