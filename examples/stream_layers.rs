@@ -32,9 +32,9 @@
 
 use std::time::{Duration, Instant};
 
-use hetmem::tier::policy::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
 use hetmem::tier::{device_footprint, Planner, Residency, SequenceHint, TierConfig, TierStore};
+use hetmem::tier::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::{BackendKind, Manager, NumaPolicy, Placement, Stream};
 use serde_json::json;
 

@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 use crate::host_mem::{available_memory, parse_meminfo_field};
 use crate::placement::{Advice, Location, Tier};
 
-
 /// The backend without devices: host memory only. Pinning is `mlock` (page-locked memory
 /// is what "pinned" means with no DMA engine to serve), copies are `memcpy`, and every
 /// device, stream or event call fails.

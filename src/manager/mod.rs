@@ -24,16 +24,16 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::backend::owned::copy;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::fork::ForkGuarded;
 use crate::backend::host::HostBackend;
-use crate::host_mem::HostRegion;
+use crate::backend::owned::copy;
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::backend::rocm::RocmBackend;
 use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
+use crate::host_mem::HostRegion;
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
 use crate::pool::{self, PoolBlock};
 use crate::stats::{ByteCounter, CounterSnapshot};

@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::host_mem::available_memory;
 use crate::error::{Error, Result};
+use crate::host_mem::available_memory;
 use crate::placement::{NumaPolicy, Tier};
 use crate::pool::device::PoolBlock;
 use crate::pool::host::{size_class, HostBlock, HostPool};

@@ -78,10 +78,10 @@ use std::sync::{Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use crate::backend::owned::copy::{CopyEnd, SubEnd};
-use crate::host_mem::fork::Epoch;
 use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
+use crate::host_mem::fork::Epoch;
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;

@@ -37,9 +37,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::host_mem::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
+use crate::host_mem::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::placement::{NumaPolicy, Placement, Tier};
 use crate::pool::stats::Stat;
 
