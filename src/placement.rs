@@ -30,7 +30,7 @@ pub enum NumaPolicy {
 /// let mgr = Manager::builder().backend(hetmem::BackendKind::Sim).build()?;
 /// let mut dev = mgr.alloc(Placement::Device(0), 1 << 20)?;
 /// let host = mgr.alloc(Placement::Host(NumaPolicy::Default), 1 << 20)?;
-/// mgr.copy(&mut dev, 0, &host, 0, 1 << 20)?;
+/// mgr.copy(&mut dev, 0, &host, 0, 1 << 20, None)?;
 /// # Ok::<(), hetmem::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

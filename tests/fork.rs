@@ -254,7 +254,7 @@ impl World {
             cached_at: _,
             pool,
             stream,
-            block,
+            mut block,
             mut ring,
             store,
             guard,
@@ -275,7 +275,11 @@ impl World {
         forked("pinned as_mut_slice", pinned.as_mut_slice(), parent)?;
         forked("pinned wait", pinned.wait(), parent)?;
         forked("pageable as_slice", pageable.as_slice(), parent)?;
-        forked("copy", mgr.copy(&mut pageable, 0, &pinned, 0, 4096), parent)?;
+        forked(
+            "copy",
+            mgr.copy(&mut pageable, 0, &pinned, 0, 4096, None),
+            parent,
+        )?;
         forked("write", mgr.write(&mut pinned, 0, b"x"), parent)?;
         forked("mem_info", mgr.backend().mem_info(0), parent)?;
         forked("create_stream", mgr.create_stream(0), parent)?;
@@ -300,7 +304,7 @@ impl World {
         forked("block write", block.write(0, b"x"), parent)?;
         forked(
             "copy to block",
-            mgr.copy_to_block(&block, 0, &pinned, 0, 16, &stream),
+            mgr.copy(&mut block, 0, &pinned, 0, 16, Some(&stream)),
             parent,
         )?;
         forked(
@@ -365,16 +369,16 @@ impl World {
             chunked,
             pool,
             stream,
-            block,
+            mut block,
             mut ring,
             store,
             guard,
             ..
         } = self;
         assert!(pinned.as_slice().unwrap().iter().all(|b| *b == 0x5A));
-        mgr.copy_to_block(&block, 0, &pinned, 0, 4 * MIB, &stream)
+        mgr.copy(&mut block, 0, &pinned, 0, 4 * MIB, Some(&stream))
             .unwrap();
-        mgr.copy_from_block(&mut pageable, 0, &block, 0, 4 * MIB, &stream)
+        mgr.copy(&mut pageable, 0, &block, 0, 4 * MIB, Some(&stream))
             .unwrap();
         stream.synchronize().unwrap();
         assert!(pageable.as_slice().unwrap()[..4 * MIB]
@@ -435,7 +439,8 @@ fn pinned_memory_stays_out_of_a_forked_child_and_calls_there_fail_on_sim() {
             .map_err(|e| e.to_string())?;
         let mut back = [0u8; 8];
         let mut d = d;
-        mgr.copy(&mut d, 0, &p, 0, MIB).map_err(|e| e.to_string())?;
+        mgr.copy(&mut d, 0, &p, 0, MIB, None)
+            .map_err(|e| e.to_string())?;
         mgr.read(&d, MIB - 8, &mut back)
             .map_err(|e| e.to_string())?;
         if back != [3u8; 8] {

@@ -9,15 +9,18 @@
 //! host.as_mut_slice()?.fill(7);
 //! let mut dev = mgr.alloc(Placement::Device(0), 4096)?;
 //! let stream = mgr.create_stream(0)?;
-//! mgr.copy_async(&mut dev, 0, &host, 0, 4096, &stream)?;
+//! mgr.copy(&mut dev, 0, &host, 0, 4096, Some(&stream))?;
 //! let mut back = mgr.alloc(Placement::Host(NumaPolicy::Default), 4096)?;
 //! stream.synchronize()?;
-//! mgr.copy(&mut back, 0, &dev, 0, 4096)?;
+//! mgr.copy(&mut back, 0, &dev, 0, 4096, None)?;
 //! assert!(back.as_slice()?.iter().all(|b| *b == 7));
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 
 mod make;
+mod memory;
+
+pub use memory::Memory;
 
 use std::path::PathBuf;
 use std::ptr::NonNull;
@@ -35,7 +38,6 @@ use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
 use crate::host_mem::HostRegion;
 use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
-use crate::pool::{self, PoolBlock};
 use crate::stats::{ByteCounter, CounterSnapshot};
 use crate::stream::Stream;
 use crate::topology::Topology;
@@ -473,51 +475,10 @@ impl Manager {
         }
     }
 
-    /// Copies `len` bytes from `src[src_offset..]` to `dst[dst_offset..]` and returns
-    /// when they have arrived. Ordered after every earlier asynchronous copy that used
-    /// either buffer.
-    pub fn copy(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_owner(src.mgr.id, "buffer")?;
-        OwnedMemory::copy(&dst.mem, dst_offset, &src.mem, src_offset, len, None)
-    }
-
-    /// Queues a copy of `len` bytes on `stream` and returns at once (pageable host
-    /// memory may make it wait, as the drivers do). The buffers stay alive until the copy
-    /// is done even if dropped earlier: their drop waits for it.
-    pub fn copy_async(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_owner(src.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        OwnedMemory::copy(
-            &dst.mem,
-            dst_offset,
-            &src.mem,
-            src_offset,
-            len,
-            Some(&stream.inner),
-        )
-    }
-
     /// Copies `len` bytes of `buf` from `src_offset` to `dst_offset` and returns when
     /// they have arrived; the ranges may overlap (as `memmove`). With `stream`, the copy
     /// comes after the work queued on it so far, and the stream must be one that could
-    /// queue a copy of this buffer ([`Manager::copy_async`]'s checks: this manager's, of
+    /// queue a copy of this buffer ([`Manager::copy`]'s checks: this manager's, of
     /// the buffer's device); without, after every earlier asynchronous copy that used
     /// the buffer.
     ///
@@ -568,58 +529,6 @@ impl Manager {
         self.write(buf, dst_offset, &tmp)
     }
 
-    /// Queues a copy of `len` bytes from `src[src_offset..]` into the pool block
-    /// `dst[dst_offset..]` on `stream`. The buffer waits for the copy before it is
-    /// freed; a stream other than the block's own is recorded on the block
-    /// ([`PoolBlock::record_stream`]), so the block is not reused before it is done.
-    pub fn copy_to_block(
-        &self,
-        dst: &PoolBlock,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(src.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        dst.record_stream(stream)?;
-        pool::copy::into_block(dst, dst_offset, &src.mem, src_offset, len, stream)
-    }
-
-    /// Queues a copy of `len` bytes from the pool block `src[src_offset..]` into
-    /// `dst[dst_offset..]` on `stream` (see [`Manager::copy_to_block`]).
-    pub fn copy_from_block(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &PoolBlock,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        src.record_stream(stream)?;
-        pool::copy::out_of_block(&dst.mem, dst_offset, src, src_offset, len, stream)
-    }
-
-    /// Queues a device-to-device copy between two pool blocks on `stream`.
-    pub fn copy_between_blocks(
-        &self,
-        dst: &PoolBlock,
-        dst_offset: usize,
-        src: &PoolBlock,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        dst.record_stream(stream)?;
-        src.record_stream(stream)?;
-        pool::copy::between_blocks(dst, dst_offset, src, src_offset, len, stream)
-    }
-
     /// Writes `data` into `dst` at `offset`, wherever `dst` lives.
     pub fn write(&self, dst: &mut Buffer, offset: usize, data: &[u8]) -> Result<()> {
         self.check_owner(dst.mgr.id, "buffer")?;
@@ -634,7 +543,7 @@ impl Manager {
             false,
         )?;
         staging.as_mut_slice()?[..data.len()].copy_from_slice(data);
-        self.copy(dst, offset, &staging, 0, data.len())
+        self.copy(dst, offset, &staging, 0, data.len(), None)
     }
 
     /// Reads `out.len()` bytes of `src` from `offset`, wherever `src` lives.
@@ -650,7 +559,7 @@ impl Manager {
             out.len().max(1),
             false,
         )?;
-        self.copy(&mut staging, 0, src, offset, out.len())?;
+        self.copy(&mut staging, 0, src, offset, out.len(), None)?;
         out.copy_from_slice(&staging.as_slice()?[..out.len()]);
         Ok(())
     }

@@ -579,18 +579,18 @@ pub fn the_pool_orders_a_block_between_two_threads_per_thread_streams(f: &dyn Fa
     };
     let mut mine = pageable();
     mine.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(len, &s).unwrap();
+    let mut blk = pool.alloc(len, &s).unwrap();
     let addr = blk.ptr();
-    mgr.copy_to_block(&blk, 0, &mine, 0, len, &s).unwrap();
+    mgr.copy(&mut blk, 0, &mine, 0, len, Some(&s)).unwrap();
     drop(blk);
     assert!(f.stat("per_thread_pending") > 0, "the copy is still queued");
     let blk = std::thread::scope(|t| {
         t.spawn(|| {
             let mut theirs = pageable();
             theirs.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(len, &s).unwrap();
+            let mut blk = pool.alloc(len, &s).unwrap();
             assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &theirs, 0, len, &s).unwrap();
+            mgr.copy(&mut blk, 0, &theirs, 0, len, Some(&s)).unwrap();
             s.synchronize().unwrap();
             blk
         })

@@ -662,26 +662,24 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let (s, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
         let n = 5 * MIB + 123;
         let data: Vec<u8> = (0..n).map(|i| (i * 13 + 7) as u8).collect();
-        let blk = p.alloc(n, &s).unwrap();
+        let mut blk = p.alloc(n, &s).unwrap();
         {
             let mut src = mgr
                 .alloc(Placement::Pinned(NumaPolicy::Default), n)
                 .unwrap();
             src.as_mut_slice().unwrap().copy_from_slice(&data);
-            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            mgr.copy(&mut blk, 0, &src, 0, n, Some(&s)).unwrap();
             // `src` dropped with the copy queued: its drop waits for the copy.
         }
         // Device to device on another stream (recorded on both blocks), then back out.
-        let blk2 = p.alloc(n, &s).unwrap();
+        let mut blk2 = p.alloc(n, &s).unwrap();
         let ev = s.record().unwrap();
         other.wait(&ev).unwrap();
-        mgr.copy_between_blocks(&blk2, 0, &blk, 0, n, &other)
-            .unwrap();
+        mgr.copy(&mut blk2, 0, &blk, 0, n, Some(&other)).unwrap();
         let mut out = mgr
             .alloc(Placement::Pinned(NumaPolicy::Default), n)
             .unwrap();
-        mgr.copy_from_block(&mut out, 0, &blk2, 0, n, &other)
-            .unwrap();
+        mgr.copy(&mut out, 0, &blk2, 0, n, Some(&other)).unwrap();
         assert!(
             out.as_slice().unwrap() == &data[..],
             "bytes after host -> block -> block -> host"
@@ -690,18 +688,14 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let mut small = mgr
             .alloc(Placement::Host(NumaPolicy::Default), 100)
             .unwrap();
-        mgr.copy_from_block(&mut small, 0, &blk2, 1000, 100, &s)
-            .unwrap();
+        mgr.copy(&mut small, 0, &blk2, 1000, 100, Some(&s)).unwrap();
         assert!(small.as_slice().unwrap() == &data[1000..1100]);
         assert!(matches!(
-            mgr.copy_from_block(&mut small, 0, &blk2, n - 50, 100, &s),
+            mgr.copy(&mut small, 0, &blk2, n - 50, 100, Some(&s)),
             Err(Error::OutOfBounds { .. })
         ));
-        assert!(
-            mgr.copy_between_blocks(&blk2, 0, &blk2, 10, 100, &s)
-                .is_err(),
-            "overlap refused"
-        );
+        // A block copied onto itself does not compile: `Manager::copy` borrows `dst` as
+        // `&mut` (`Manager::copy_within` is the buffer's overlapping copy).
         // Freed with copies behind them, then trimmed: unmapping waits for the copies.
         drop((blk, blk2));
         p.trim().unwrap();
@@ -711,15 +705,15 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let theirs = other_mgr
             .alloc(Placement::Host(NumaPolicy::Default), 16)
             .unwrap();
-        let blk = p.alloc(16, &s).unwrap();
+        let mut blk = p.alloc(16, &s).unwrap();
         assert!(matches!(
-            mgr.copy_to_block(&blk, 0, &theirs, 0, 16, &s),
+            mgr.copy(&mut blk, 0, &theirs, 0, 16, Some(&s)),
             Err(Error::ForeignHandle { .. })
         ));
         let their_stream = other_mgr.create_stream(0).unwrap();
         let mine = mgr.alloc(Placement::Host(NumaPolicy::Default), 16).unwrap();
         assert!(matches!(
-            mgr.copy_to_block(&blk, 0, &mine, 0, 16, &their_stream),
+            mgr.copy(&mut blk, 0, &mine, 0, 16, Some(&their_stream)),
             Err(Error::ForeignHandle { .. })
         ));
     });
@@ -743,20 +737,20 @@ fn plain_segments_on_an_asynchronous_runtime() {
     let n = 3 * MIB;
     for round in 0..4u8 {
         let data = vec![round + 1; n];
-        let blk = p.alloc(n, &s).unwrap();
+        let mut blk = p.alloc(n, &s).unwrap();
         {
             // Pageable on purpose: unmapping it is no HIP call, so nothing in the runtime
             // runs the queued copy first. Only the buffer's drop waiting for its fence
             // keeps the copy from reading freed memory.
             let mut src = mgr.alloc(Placement::Host(NumaPolicy::Default), n).unwrap();
             src.as_mut_slice().unwrap().copy_from_slice(&data);
-            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            mgr.copy(&mut blk, 0, &src, 0, n, Some(&s)).unwrap();
             assert!(fake.stat("queued_ops") > 0, "the copy is still queued");
         } // the queued copy still reads `src`: its drop must wait
         let mut out = mgr
             .alloc(Placement::Pinned(NumaPolicy::Default), n)
             .unwrap();
-        mgr.copy_from_block(&mut out, 0, &blk, 0, n, &s).unwrap();
+        mgr.copy(&mut out, 0, &blk, 0, n, Some(&s)).unwrap();
         // `as_slice` waits for the copy into `out`.
         assert!(
             out.as_slice().unwrap().iter().all(|b| *b == round + 1),
@@ -1148,7 +1142,7 @@ fn async_copies_reuse_their_events() {
     let mut dst = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
     let before = sim.stats().driver;
     for _ in 0..1000 {
-        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &a).unwrap();
+        mgr.copy(&mut dst, 0, &src, 0, MIB, Some(&a)).unwrap();
     }
     drop(dst);
     let d = sim.stats().driver.since(&before);

@@ -19,7 +19,7 @@ fn read_back(mgr: &Manager, blk: &hetmem::pool::PoolBlock, stream: &hetmem::Stre
     let mut out = mgr
         .alloc(Placement::Pinned(NumaPolicy::Default), blk.len())
         .unwrap();
-    mgr.copy_from_block(&mut out, 0, blk, 0, blk.len(), stream)
+    mgr.copy(&mut out, 0, blk, 0, blk.len(), Some(stream))
         .unwrap();
     out.as_slice().unwrap().to_vec()
 }

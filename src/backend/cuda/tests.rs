@@ -431,19 +431,19 @@ fn gpu_per_thread_stream_hand_over_between_threads() {
     let mut busy_dst = mgr.alloc(Placement::Device(0), big).unwrap();
     let mut first = mgr.alloc(host.clone(), head).unwrap();
     first.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(head, &s).unwrap();
+    let mut blk = pool.alloc(head, &s).unwrap();
     let addr = blk.ptr();
-    mgr.copy_async(&mut busy_dst, 0, &busy_src, 0, big, &s)
+    mgr.copy(&mut busy_dst, 0, &busy_src, 0, big, Some(&s))
         .unwrap();
-    mgr.copy_to_block(&blk, 0, &first, 0, head, &s).unwrap();
+    mgr.copy(&mut blk, 0, &first, 0, head, Some(&s)).unwrap();
     drop(blk);
     let blk = std::thread::scope(|t| {
         t.spawn(|| {
             let mut second = mgr.alloc(host.clone(), head).unwrap();
             second.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(head, &s).unwrap();
+            let mut blk = pool.alloc(head, &s).unwrap();
             assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &second, 0, head, &s).unwrap();
+            mgr.copy(&mut blk, 0, &second, 0, head, Some(&s)).unwrap();
             s.synchronize().unwrap();
             blk
         })

@@ -4,7 +4,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use super::copy::{self, check_range, CopyEnd, Fences};
+use super::copy::{check_range, CopyEnd, Fences};
 use super::sync::{OwnedStream, SharedBackend};
 use crate::backend::registered::is_rollback_failure;
 use crate::backend::{DevicePtr, HostKind, MemRef};
@@ -285,18 +285,6 @@ impl OwnedMemory {
     /// then never be reused or freed (drop leaks it).
     pub(crate) fn must_leak(&self) -> bool {
         self.fences.must_leak()
-    }
-
-    /// Copies `len` bytes between two buffers (see [`copy::copy`]).
-    pub(crate) fn copy(
-        dst: &OwnedMemory,
-        dst_offset: usize,
-        src: &OwnedMemory,
-        src_offset: usize,
-        len: usize,
-        stream: Option<&OwnedStream>,
-    ) -> Result<()> {
-        copy::copy(dst, dst_offset, src, src_offset, len, stream)
     }
 
     /// Copies `data` to `offset`, synchronously, after the copies pending on this memory.
