@@ -1154,3 +1154,36 @@ fn async_copies_reuse_their_events() {
         d.calls(DriverCall::EventRecord)
     );
 }
+
+/// `Manager::copy` takes every kind of memory at either end: host pool blocks (pinned
+/// and pageable, with and without a stream), device pool blocks (on a stream only) and
+/// buffers.
+#[test]
+fn one_copy_moves_bytes_between_every_kind_of_memory() {
+    use hetmem::pool::HostPoolConfig;
+    use hetmem::{NumaPolicy, Placement};
+    let mgr = sim();
+    let p = pool(&mgr, true, Budget::Device);
+    let hosts = mgr.host_pool(HostPoolConfig::default()).unwrap();
+    let s = mgr.create_stream(0).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut pinned = hosts.alloc_pinned(&NumaPolicy::Default, 4096).unwrap();
+    pinned.as_mut_slice().unwrap().copy_from_slice(&data);
+    // Host block -> device block -> buffer -> pageable host block, on the stream.
+    let mut blk = p.alloc(4096, &s).unwrap();
+    mgr.copy(&mut blk, 0, &pinned, 0, 4096, Some(&s)).unwrap();
+    let mut dev = mgr.alloc(Placement::Device(0), 4096).unwrap();
+    mgr.copy(&mut dev, 0, &blk, 0, 4096, Some(&s)).unwrap();
+    let mut pageable = hosts.alloc_host(&NumaPolicy::Default, 4096).unwrap();
+    mgr.copy(&mut pageable, 0, &dev, 0, 4096, Some(&s)).unwrap();
+    s.synchronize().unwrap();
+    assert!(pageable.as_slice().unwrap() == &data[..]);
+    // Without a stream: host blocks and buffers copy at once; a device block refuses.
+    let mut back = hosts.alloc_pinned(&NumaPolicy::Default, 4096).unwrap();
+    mgr.copy(&mut back, 0, &dev, 0, 4096, None).unwrap();
+    assert!(back.as_slice().unwrap() == &data[..]);
+    assert!(matches!(
+        mgr.copy(&mut dev, 0, &blk, 0, 4096, None),
+        Err(Error::InvalidArgument(_))
+    ));
+}
