@@ -89,6 +89,36 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A stream, event or other handle that is not live where it was used: destroyed
+    /// already, never made there, or made by another backend or pool. The C ABI reports
+    /// it as an invalid argument.
+    #[error("{what} {handle:#x} is not live here")]
+    UnknownHandle {
+        /// What kind of handle it was ("stream", "event", "pool stream", ...).
+        what: &'static str,
+        /// The handle's number.
+        handle: u64,
+    },
+
+    /// A copy may still use this memory but left no fence to wait for (making one
+    /// failed): the memory is unusable, and its owner leaks it rather than free it
+    /// under the copy. The C ABI reports it as an invalid argument.
+    #[error("a copy that may still use this {what} was never fenced: it is unusable")]
+    Unfenced {
+        /// What the memory is ("buffer", "memory", "region").
+        what: &'static str,
+    },
+
+    /// A range of a virtual-memory region with no physical memory mapped behind some
+    /// of it. The C ABI reports it as an invalid argument.
+    #[error("{len} bytes at offset {offset} of the region are not all mapped")]
+    NotMapped {
+        /// Start of the range in the region.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+    },
+
     /// The operation does not exist for this placement or backend.
     #[error("{backend} backend does not support {what}")]
     Unsupported {

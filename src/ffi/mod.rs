@@ -106,7 +106,10 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::NumaNodeWithoutMemory { .. } => HETMEM_ERR_NUMA_NODE_WITHOUT_MEMORY,
         Error::ForeignHandle { .. } => HETMEM_ERR_FOREIGN_HANDLE,
         Error::OutOfBounds { .. } => HETMEM_ERR_OUT_OF_BOUNDS,
-        Error::InvalidArgument(_) => HETMEM_ERR_INVALID_ARGUMENT,
+        Error::InvalidArgument(_)
+        | Error::UnknownHandle { .. }
+        | Error::Unfenced { .. }
+        | Error::NotMapped { .. } => HETMEM_ERR_INVALID_ARGUMENT,
         Error::Unsupported { .. } => HETMEM_ERR_UNSUPPORTED,
         Error::BackendUnavailable { .. } => HETMEM_ERR_BACKEND_UNAVAILABLE,
         Error::Driver { .. } | Error::RegistrationLeaked { .. } => HETMEM_ERR_DRIVER,

@@ -260,11 +260,11 @@ pub fn assert_refused_by_the_backend(d: &dyn Backend, stream: StreamHandle, even
     unsafe {
         assert!(matches!(
             d.destroy_stream(stream),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "stream", .. })
         ));
         assert!(matches!(
             d.event_done(event),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "event", .. })
         ));
     }
     assert!(matches!(

@@ -128,7 +128,7 @@ pub fn destroyed_handles_are_reused(f: &dyn FakeDriver) {
         // Stale now, and known to be.
         assert!(matches!(
             d.destroy_stream(s1),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "stream", .. })
         ));
     }
 }

@@ -401,9 +401,7 @@ impl Drop for OwnedMemory {
             return;
         }
         let waited = if self.fences.must_leak() {
-            Err(Error::InvalidArgument(
-                "a copy that may still use this buffer was never fenced".into(),
-            ))
+            Err(Error::Unfenced { what: "buffer" })
         } else {
             self.wait_fences()
         };

@@ -189,7 +189,10 @@ impl Backend for SimBackend {
         st.streams
             .remove(&stream.0)
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", stream.0)))
+            .ok_or_else(|| Error::UnknownHandle {
+                what: "sim stream",
+                handle: stream.0,
+            })
     }
 
     /// Raw handles 0 and 1 are the device's legacy default stream, a sim stream made on
@@ -272,7 +275,10 @@ impl Backend for SimBackend {
         st.events
             .remove(&event.0)
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))
+            .ok_or_else(|| Error::UnknownHandle {
+                what: "sim event",
+                handle: event.0,
+            })
     }
 
     unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
@@ -285,7 +291,10 @@ impl Backend for SimBackend {
         let e = st
             .events
             .get_mut(&event.0)
-            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))?;
+            .ok_or_else(|| Error::UnknownHandle {
+                what: "sim event",
+                handle: event.0,
+            })?;
         if e.device != sdev {
             return Err(Error::InvalidArgument(format!(
                 "event of device {} recorded on a stream of device {sdev}",
