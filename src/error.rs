@@ -1,10 +1,10 @@
 //! The one error type of the `hetmem` crate.
 //!
-//! Every variant carries the numbers a caller needs to act on it (which tier, how much
+//! Every variant carries the numbers a caller needs to act on it (which kind of memory, how much
 //! was asked, how much is free) rather than a formatted string alone.
 
 use crate::backend_kind::BackendKind;
-use crate::placement::Tier;
+use crate::placement::MemKind;
 
 /// Result alias used throughout hetmem.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -13,12 +13,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A tier had too little memory for the request.
-    #[error("out of memory on {tier}: requested {requested} bytes, {free} bytes free{}",
+    /// A kind of memory had too little for the request.
+    #[error("out of memory on {kind}: requested {requested} bytes, {free} bytes free{}",
         pool_detail(*reserved, *largest_free_block))]
     OutOfMemory {
         /// Where the allocation was attempted.
-        tier: Tier,
+        kind: MemKind,
         /// Bytes asked for.
         requested: usize,
         /// Bytes free at the time: under the pool's budget for pool allocations, as the
@@ -245,9 +245,9 @@ fn pool_detail(reserved: Option<usize>, largest: Option<usize>) -> String {
 
 impl Error {
     /// An [`Error::OutOfMemory`] outside any pool.
-    pub(crate) fn oom(tier: Tier, requested: usize, free: usize) -> Self {
+    pub(crate) fn oom(kind: MemKind, requested: usize, free: usize) -> Self {
         Error::OutOfMemory {
-            tier,
+            kind,
             requested,
             free,
             reserved: None,

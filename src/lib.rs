@@ -52,7 +52,7 @@ pub use backend::sim::{SimBackend, SimConfig};
 pub use backend::{Backend, BackendKind, DeviceInfo, DevicePtr, MemInfo};
 pub use error::{Error, Result};
 pub use manager::{Buffer, Device, Manager, ManagerBuilder, ManagerStats};
-pub use placement::{Advice, Location, NumaPolicy, Placement, Tier};
+pub use placement::{Advice, Location, MemKind, NumaPolicy, Placement};
 pub use stats::CounterSnapshot;
 pub use stream::{Event, Stream};
 pub use tier::{ParamGuard, TierConfig, TierStore};

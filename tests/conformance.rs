@@ -17,7 +17,9 @@ use std::thread;
 
 use hetmem::backend::sim::SimConfig;
 use hetmem::pool::{Budget, HostPoolConfig, PoolConfig, StagingRing};
-use hetmem::{Advice, BackendKind, Buffer, Error, Location, Manager, NumaPolicy, Placement, Tier};
+use hetmem::{
+    Advice, BackendKind, Buffer, Error, Location, Manager, MemKind, NumaPolicy, Placement,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Check = fn(&Manager) -> Result<(), Failed>;
@@ -357,11 +359,11 @@ fn alloc_free_each_placement(mgr: &Manager) -> Result<(), Failed> {
                 "pinned flag",
             )?;
             let during = mgr.stats();
-            let tier_bytes = |s: &hetmem::ManagerStats| match p.tier() {
-                Tier::Host => s.host.current,
-                Tier::Pinned => s.pinned.current,
-                Tier::Device(d) => s.device[d].current,
-                Tier::Managed(d) => s.managed[d].current,
+            let tier_bytes = |s: &hetmem::ManagerStats| match p.kind() {
+                MemKind::Host => s.host.current,
+                MemKind::Pinned => s.pinned.current,
+                MemKind::Device(d) => s.device[d].current,
+                MemKind::Managed(d) => s.managed[d].current,
             };
             ensure(
                 tier_bytes(&during) == tier_bytes(&before) + size,
@@ -922,7 +924,7 @@ fn error_over_capacity(mgr: &Manager) -> Result<(), Failed> {
     let before = ok(mgr.backend().mem_info(0), "mem_info")?;
     match mgr.alloc(Placement::Device(0), total + 1) {
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             requested,
             free,
             reserved: None,
@@ -960,8 +962,10 @@ fn error_host_over_capacity(mgr: &Manager) -> Result<(), Failed> {
     ] {
         match mgr.alloc(p.clone(), size) {
             Err(Error::OutOfMemory {
-                tier, requested, ..
-            }) if tier == p.tier() && requested == size => {}
+                kind: tier,
+                requested,
+                ..
+            }) if tier == p.kind() && requested == size => {}
             other => {
                 return Err(format!("{p:?} {size}: expected OutOfMemory, got {other:?}").into())
             }

@@ -14,7 +14,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::host_mem::{available_memory, parse_meminfo_field};
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 /// The backend without devices: host memory only. Pinning is `mlock` (page-locked memory
 /// is what "pinned" means with no DMA engine to serve), copies are `memcpy`, and every
@@ -108,7 +108,7 @@ impl Backend for HostBackend {
                     free,
                     "mlock: RLIMIT_MEMLOCK reached; raise `ulimit -l` or grant CAP_IPC_LOCK"
                 );
-                Err(Error::oom(Tier::Pinned, len, free))
+                Err(Error::oom(MemKind::Pinned, len, free))
             }
             Errno::EPERM => Err(Error::os(
                 "mlock (RLIMIT_MEMLOCK is 0 and no CAP_IPC_LOCK: raise `ulimit -l`)",

@@ -48,7 +48,7 @@ use crate::error::Error;
 
 /// Success.
 pub const HETMEM_OK: c_int = 0;
-/// [`Error::OutOfMemory`]: a tier had too little memory.
+/// [`Error::OutOfMemory`]: a kind of memory had too little left.
 pub const HETMEM_ERR_OUT_OF_MEMORY: c_int = -1;
 /// [`Error::InvalidSize`]: zero, or larger than any allocator can give.
 pub const HETMEM_ERR_INVALID_SIZE: c_int = -2;
@@ -544,9 +544,9 @@ mod tests {
     #[test]
     fn every_error_has_its_own_code_and_name() {
         use crate::backend::BackendKind;
-        use crate::placement::Tier;
+        use crate::placement::MemKind;
         let errors = [
-            Error::oom(Tier::Host, 1, 0),
+            Error::oom(MemKind::Host, 1, 0),
             Error::InvalidSize {
                 requested: 0,
                 reason: "x",

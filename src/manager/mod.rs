@@ -37,7 +37,7 @@ use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
 use crate::host_mem::HostRegion;
-use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
+use crate::placement::{Advice, Location, MemKind, NumaPolicy, Placement};
 use crate::stats::{ByteCounter, CounterSnapshot};
 use crate::stream::Stream;
 use crate::topology::Topology;
@@ -209,12 +209,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn counter(&self, tier: Tier) -> &ByteCounter {
+    fn counter(&self, tier: MemKind) -> &ByteCounter {
         match tier {
-            Tier::Host => &self.host,
-            Tier::Pinned => &self.pinned,
-            Tier::Device(d) => &self.device[d],
-            Tier::Managed(d) => &self.managed[d],
+            MemKind::Host => &self.host,
+            MemKind::Pinned => &self.pinned,
+            MemKind::Device(d) => &self.device[d],
+            MemKind::Managed(d) => &self.managed[d],
         }
     }
 }
@@ -373,7 +373,7 @@ impl Manager {
                     // The host allocator speaks for pageable memory; say which tier.
                     Error::OutOfMemory {
                         requested, free, ..
-                    } => Error::oom(placement.tier(), requested, free),
+                    } => Error::oom(placement.kind(), requested, free),
                     other => other,
                 })?;
                 if matches!(placement, Placement::Pinned(_)) {
@@ -391,7 +391,7 @@ impl Manager {
                 OwnedMemory::managed(backend, *device, size)?
             }
         };
-        let tier = placement.tier();
+        let tier = placement.kind();
         if counted {
             // Unlimited counters never refuse; limits are the backends' and pools' business.
             let reserved = self.inner.counter(tier).try_reserve(size);
@@ -444,7 +444,7 @@ impl Manager {
         };
         if limit > 0 && size as u64 > limit {
             return Err(Error::oom(
-                placement.tier(),
+                placement.kind(),
                 size,
                 crate::host_mem::available_memory().min(limit as usize),
             ));
@@ -522,7 +522,7 @@ impl Manager {
         let mut tmp = Vec::new();
         if tmp.try_reserve_exact(len).is_err() {
             let free = crate::host_mem::available_memory();
-            return Err(Error::oom(Tier::Host, len, free));
+            return Err(Error::oom(MemKind::Host, len, free));
         }
         tmp.resize(len, 0);
         self.read(buf, src_offset, &mut tmp)?;
@@ -656,9 +656,9 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         if self.counted {
-            self.mgr.counter(self.placement.tier()).release(self.size);
+            self.mgr.counter(self.placement.kind()).release(self.size);
         }
-        tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
+        tracing::debug!(target: "hetmem", tier = %self.placement.kind(), size = self.size, "free");
         // `mem` frees itself after this, waiting for its copies first.
     }
 }

@@ -21,7 +21,7 @@ use std::ptr::NonNull;
 use hetmem::backend::{
     Backend, BackendKind, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
 };
-use hetmem::{Error, Location, Manager, Tier};
+use hetmem::{Error, Location, Manager, MemKind};
 
 const MIB: usize = 1 << 20;
 
@@ -193,13 +193,13 @@ pub fn unavailable_reason<B: Debug>(kind: BackendKind, r: Result<B, Error>) -> S
 /// bytes free.
 pub fn assert_out_of_memory<T: Debug>(
     r: Result<T, Error>,
-    tier: Tier,
+    tier: MemKind,
     requested: usize,
     free: usize,
 ) {
     match r {
         Err(Error::OutOfMemory {
-            tier: t,
+            kind: t,
             requested: n,
             free: f,
             ..

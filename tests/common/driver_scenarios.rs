@@ -10,7 +10,7 @@ use super::backend_checks::{
     OUT_OF_MEMORY, UNKNOWN,
 };
 use hetmem::pool::{Budget, PoolConfig};
-use hetmem::{Advice, Error, Location, NumaPolicy, Placement, Tier};
+use hetmem::{Advice, Error, Location, MemKind, NumaPolicy, Placement};
 
 const MIB: usize = 1 << 20;
 
@@ -202,7 +202,12 @@ pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
     let mem = d.devices()[1].total_memory;
     let (keep_len, ask) = (mem / 4 * 3, mem / 2);
     let keep = d.alloc_device(1, keep_len).unwrap();
-    assert_out_of_memory(d.alloc_device(1, ask), Tier::Device(1), ask, mem - keep_len);
+    assert_out_of_memory(
+        d.alloc_device(1, ask),
+        MemKind::Device(1),
+        ask,
+        mem - keep_len,
+    );
     let msg = d.alloc_device(1, ask).unwrap_err().to_string();
     assert!(
         msg.contains("device 1") && msg.contains(&ask.to_string()),
@@ -210,9 +215,14 @@ pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
     );
     // Device 0 is untouched by device 1's use.
     let other = d.alloc_device(0, mem).unwrap();
-    assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
+    assert_out_of_memory(d.alloc_managed(0, MIB), MemKind::Managed(0), MIB, 0);
     f.fail_next(f.symbol(Call::Alloc), OUT_OF_MEMORY, 1);
-    assert_out_of_memory(d.alloc_device(1, MIB), Tier::Device(1), MIB, mem - keep_len);
+    assert_out_of_memory(
+        d.alloc_device(1, MIB),
+        MemKind::Device(1),
+        MIB,
+        mem - keep_len,
+    );
     // SAFETY: live allocations from this backend, freed once.
     unsafe {
         d.free_device(1, keep, keep_len).unwrap();

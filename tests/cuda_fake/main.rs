@@ -43,7 +43,7 @@ use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, PhysHan
 use hetmem::pool::host::HostPoolConfig;
 use hetmem::pool::{Budget, PoolConfig};
 use hetmem::tier::{SequenceHint, TierConfig, TierStore};
-use hetmem::{Advice, Error, Location, Manager, NumaPolicy, Placement, Tier};
+use hetmem::{Advice, Error, Location, Manager, MemKind, NumaPolicy, Placement};
 
 const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use hetmem::backend::PER_THREAD_STREAM;
 use hetmem::pool::{Budget, DevicePool, PoolBlock, PoolConfig};
-use hetmem::{BackendKind, Error, Manager, SimConfig, Stream, Tier};
+use hetmem::{BackendKind, Error, Manager, MemKind, SimConfig, Stream};
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -327,7 +327,7 @@ fn budget_and_out_of_memory_carry_the_numbers() {
         let a = p.alloc(48 * MIB, &s).unwrap();
         match p.alloc(32 * MIB, &s) {
             Err(Error::OutOfMemory {
-                tier: Tier::Device(0),
+                kind: MemKind::Device(0),
                 requested,
                 free,
                 reserved,

@@ -338,7 +338,7 @@ fn with_no_thread_to_start_the_caller_does_the_work() {
 /// address space) is refused before a single slot is pinned, with its numbers.
 #[test]
 fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
-    use hetmem::Tier;
+    use hetmem::MemKind;
 
     let mgr = Manager::builder()
         .backend(BackendKind::Sim)
@@ -357,7 +357,7 @@ fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
             .unwrap();
         let err = StagingRing::new(&host, &NumaPolicy::Default, slots, 4 * MIB, 1).unwrap_err();
         assert!(
-            matches!(err, Error::OutOfMemory { tier: Tier::Pinned, requested, free, .. }
+            matches!(err, Error::OutOfMemory { kind: MemKind::Pinned, requested, free, .. }
                 if requested == slots * 4 * MIB && free < requested),
             "{err}"
         );

@@ -1940,7 +1940,7 @@ fn impossible_staging_rings_are_refused_with_their_numbers() {
     let slots = available / (4 * MIB) + 2;
     let err = ring(slots, 4 * MIB, usize::MAX);
     assert!(
-        matches!(err, Error::OutOfMemory { tier: hetmem::Tier::Pinned, requested, free, .. }
+        matches!(err, Error::OutOfMemory { kind: hetmem::MemKind::Pinned, requested, free, .. }
             if requested == slots * 4 * MIB && free < requested),
         "{err}"
     );
@@ -1990,7 +1990,7 @@ fn exhaustion_is_an_error_with_numbers_and_the_store_recovers() {
                             }
                         }
                         Err(Error::OutOfMemory {
-                            tier: hetmem::Tier::Device(0),
+                            kind: hetmem::MemKind::Device(0),
                             requested,
                             free,
                             ..
@@ -2035,7 +2035,7 @@ fn exhaustion_is_an_error_with_numbers_and_the_store_recovers() {
     for i in 0..N as ParamId {
         match store.acquire(i, &s) {
             Err(Error::OutOfMemory {
-                tier: hetmem::Tier::Device(0),
+                kind: hetmem::MemKind::Device(0),
                 requested,
                 free,
                 ..

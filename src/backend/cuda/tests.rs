@@ -14,7 +14,7 @@ use super::vmm::{self, access_desc, allocation_prop, check_vmm_addr};
 use super::*;
 use crate::backend::driver::normalize_pci_bus_id;
 use crate::backend::{check_vmm_size, Backend, DevicePtr, HostKind, MemRef, PhysHandle};
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 fn culib_present() -> bool {
     CudaDriver::get().is_ok()
@@ -268,7 +268,7 @@ fn gpu_round_trip() {
     assert!(matches!(
         b.alloc_device(0, too_big),
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             ..
         })
     ));
@@ -349,7 +349,7 @@ fn gpu_vmm_round_trip() {
     assert!(matches!(
         b.create_physical(0, too_big),
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             requested,
             ..
         }) if requested == too_big

@@ -45,7 +45,7 @@ use super::driver::{self, Handles};
 use super::registered::{Registrations, RollbackError, HOST_REGISTER_CHUNK};
 use super::{check_device, Backend, BackendKind, DeviceInfo, MemRef};
 use crate::error::{Error, Result};
-use crate::placement::Tier;
+use crate::placement::MemKind;
 
 /// Largest range registered with one `hipHostRegister` call; longer ranges are
 /// registered in pieces of this size. The same value as every backend's host
@@ -266,7 +266,7 @@ impl RocmBackend {
         &self,
         call: &'static str,
         code: hipError_t,
-        tier: Tier,
+        tier: MemKind,
         device: usize,
         size: usize,
     ) -> Error {

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
 use crate::host_mem::{page_size, HostRegion, HUGE_PAGE_SIZE};
-use crate::placement::{NumaPolicy, Placement, Tier};
+use crate::placement::{MemKind, NumaPolicy, Placement};
 use crate::pool::stats::Stat;
 
 mod allocator;
@@ -390,7 +390,7 @@ impl HostPool {
         let policy = (self.placer)(placement, None)?;
         let key: Key = (pinned, policy);
         let sh = &self.shared;
-        let tier = placement.tier();
+        let tier = placement.kind();
 
         let mut st = sh.lock();
         if let Some((found, mem)) = st.take_cached(&key, class) {
@@ -429,7 +429,7 @@ impl HostPool {
                     } else {
                         t.stats.num_ooms += 1;
                         let err = Error::OutOfMemory {
-                            tier,
+                            kind: tier,
                             requested: size,
                             free: budget.saturating_sub(held),
                             reserved: Some(held),
@@ -583,7 +583,7 @@ impl Shared {
         policy: &NumaPolicy,
         pinned: bool,
         class: usize,
-        tier: Tier,
+        tier: MemKind,
     ) -> Result<OwnedMemory> {
         let threads = if class >= self.cfg.parallel_threshold {
             self.cfg.threads
