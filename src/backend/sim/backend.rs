@@ -189,7 +189,7 @@ impl Backend for SimBackend {
         st.streams
             .remove(&stream.0)
             .map(|_| ())
-            .ok_or_else(|| Error::UnknownHandle {
+            .ok_or(Error::UnknownHandle {
                 what: "sim stream",
                 handle: stream.0,
             })
@@ -275,7 +275,7 @@ impl Backend for SimBackend {
         st.events
             .remove(&event.0)
             .map(|_| ())
-            .ok_or_else(|| Error::UnknownHandle {
+            .ok_or(Error::UnknownHandle {
                 what: "sim event",
                 handle: event.0,
             })
@@ -288,13 +288,10 @@ impl Backend for SimBackend {
         let sdev = stream_ref(&st, stream)?.device;
         let capture = stream_ref(&st, stream)?.capture;
         let t = ready_ns(&st, stream)?.max(st.host_ns);
-        let e = st
-            .events
-            .get_mut(&event.0)
-            .ok_or_else(|| Error::UnknownHandle {
-                what: "sim event",
-                handle: event.0,
-            })?;
+        let e = st.events.get_mut(&event.0).ok_or(Error::UnknownHandle {
+            what: "sim event",
+            handle: event.0,
+        })?;
         if e.device != sdev {
             return Err(Error::InvalidArgument(format!(
                 "event of device {} recorded on a stream of device {sdev}",

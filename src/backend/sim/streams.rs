@@ -105,23 +105,21 @@ pub(super) fn ready_ns(st: &State, s: StreamHandle) -> Result<u64> {
 }
 
 pub(super) fn stream_ref(st: &State, s: StreamHandle) -> Result<&StreamState> {
-    st.streams.get(&s.0).ok_or_else(|| Error::UnknownHandle {
+    st.streams.get(&s.0).ok_or(Error::UnknownHandle {
         what: "sim stream",
         handle: s.0,
     })
 }
 
 pub(super) fn stream_mut(st: &mut State, s: StreamHandle) -> Result<&mut StreamState> {
-    st.streams
-        .get_mut(&s.0)
-        .ok_or_else(|| Error::UnknownHandle {
-            what: "sim stream",
-            handle: s.0,
-        })
+    st.streams.get_mut(&s.0).ok_or(Error::UnknownHandle {
+        what: "sim stream",
+        handle: s.0,
+    })
 }
 
 pub(super) fn event_ref(st: &State, e: EventHandle) -> Result<&EventState> {
-    st.events.get(&e.0).ok_or_else(|| Error::UnknownHandle {
+    st.events.get(&e.0).ok_or(Error::UnknownHandle {
         what: "sim event",
         handle: e.0,
     })
