@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion};
 use hetmem::pool::PoolConfig;
-use hetmem::tier::policy::ParamId;
+use hetmem::tier::ParamId;
 use hetmem::tier::{SequenceHint, TierConfig, TierStore};
 use hetmem::{Manager, Stream};
 

@@ -125,7 +125,7 @@ fn main() {
                             .alloc(Placement::Device(0), len)
                             .unwrap_or_else(|_| panic!("a third {len}-byte buffer"));
                         for _ in 0..40 {
-                            mgr.copy_async(&mut dst, 0, src, 0, len, &busy_stream)
+                            mgr.copy(&mut dst, 0, src, 0, len, Some(&busy_stream))
                                 .expect("copy");
                         }
                         dst_keep(dst, &busy_stream).expect("record");

@@ -85,7 +85,7 @@ fn main() {
         .device_pool(0, PoolConfig::default())
         .unwrap_or_else(|e| fail(&e));
     let stream = mgr.create_stream(0).unwrap_or_else(|e| fail(&e));
-    let dst = pool.alloc(len, &stream).unwrap_or_else(|e| fail(&e));
+    let mut dst = pool.alloc(len, &stream).unwrap_or_else(|e| fail(&e));
     let near = NumaPolicy::NearDevice(0);
     let vt = |s: &hetmem::Stream| {
         mgr.sim()
@@ -102,7 +102,7 @@ fn main() {
     let mut off = 0;
     while off < len {
         let n = block.min(len - off);
-        mgr.copy_to_block(&dst, off, &pinned, 0, n, &stream)
+        mgr.copy(&mut dst, off, &pinned, 0, n, Some(&stream))
             .unwrap_or_else(|e| fail(&e));
         off += n;
     }
@@ -127,7 +127,7 @@ fn main() {
         let mut out = mgr
             .alloc(Placement::Host(NumaPolicy::Default), n)
             .unwrap_or_else(|e| fail(&e));
-        mgr.copy_from_block(&mut out, 0, &dst, at, n, &stream)
+        mgr.copy(&mut out, 0, &dst, at, n, Some(&stream))
             .unwrap_or_else(|e| fail(&e));
         out.as_slice().unwrap_or_else(|e| fail(&e)) == &map[at..at + n]
     };

@@ -32,9 +32,9 @@
 
 use std::time::{Duration, Instant};
 
-use hetmem::tier::policy::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
 use hetmem::tier::{device_footprint, Planner, Residency, SequenceHint, TierConfig, TierStore};
+use hetmem::tier::{lru_misses_per_pass, min_misses_each_pass, ParamId};
 use hetmem::{BackendKind, Manager, NumaPolicy, Placement, Stream};
 use serde_json::json;
 
@@ -180,11 +180,11 @@ fn link_gbps(mgr: &Manager, clock: &Clock<'_>, chunk: usize) -> f64 {
         let src = mgr.alloc(Placement::Pinned(NumaPolicy::NearDevice(0)), chunk)?;
         let mut dst = mgr.alloc(Placement::Device(0), chunk)?;
         let s = mgr.create_stream(0)?;
-        mgr.copy_async(&mut dst, 0, &src, 0, chunk, &s)?; // warm-up
+        mgr.copy(&mut dst, 0, &src, 0, chunk, Some(&s))?; // warm-up
         let reps = ((1usize << 30) / chunk).clamp(4, 64);
         let t0 = clock.now_ns(&s);
         for _ in 0..reps {
-            mgr.copy_async(&mut dst, 0, &src, 0, chunk, &s)?;
+            mgr.copy(&mut dst, 0, &src, 0, chunk, Some(&s))?;
         }
         let t1 = clock.now_ns(&s);
         Ok((reps * chunk) as f64 / (t1 - t0).max(1) as f64)

@@ -35,11 +35,11 @@
  *   is of the failures hetmem_last_error() then describes. A code a call returns that
  *   its list lacks is a bug: with HETMEM_CHECK_CODES=1 in the environment the library
  *   aborts there, naming the call and the code (its tests run so). When adding a call
- *   or a way for one to fail, keep its list in this form: tests/capi_header.rs parses
+ *   or a way for one to fail, keep its list in this form: tests/it/capi_header.rs parses
  *   every list and fails on a declaration without one.
  *
  * This header is checked against the library's exports by `cargo test`
- * (tests/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
+ * (tests/it/capi_header.rs): keep declarations on the lines "<type> hetmem_...(...);".
  */
 #ifndef HETMEM_H
 #define HETMEM_H

@@ -1,10 +1,10 @@
 //! The one error type of the `hetmem` crate.
 //!
-//! Every variant carries the numbers a caller needs to act on it (which tier, how much
+//! Every variant carries the numbers a caller needs to act on it (which kind of memory, how much
 //! was asked, how much is free) rather than a formatted string alone.
 
 use crate::backend_kind::BackendKind;
-use crate::placement::Tier;
+use crate::placement::MemKind;
 
 /// Result alias used throughout hetmem.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -13,12 +13,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A tier had too little memory for the request.
-    #[error("out of memory on {tier}: requested {requested} bytes, {free} bytes free{}",
+    /// A kind of memory had too little for the request.
+    #[error("out of memory on {kind}: requested {requested} bytes, {free} bytes free{}",
         pool_detail(*reserved, *largest_free_block))]
     OutOfMemory {
         /// Where the allocation was attempted.
-        tier: Tier,
+        kind: MemKind,
         /// Bytes asked for.
         requested: usize,
         /// Bytes free at the time: under the pool's budget for pool allocations, as the
@@ -88,6 +88,36 @@ pub enum Error {
     /// An argument that is wrong in a way the other variants do not describe.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A stream, event or other handle that is not live where it was used: destroyed
+    /// already, never made there, or made by another backend or pool. The C ABI reports
+    /// it as an invalid argument.
+    #[error("{what} {handle:#x} is not live here")]
+    UnknownHandle {
+        /// What kind of handle it was ("stream", "event", "pool stream", ...).
+        what: &'static str,
+        /// The handle's number.
+        handle: u64,
+    },
+
+    /// A copy may still use this memory but left no fence to wait for (making one
+    /// failed): the memory is unusable, and its owner leaks it rather than free it
+    /// under the copy. The C ABI reports it as an invalid argument.
+    #[error("a copy that may still use this {what} was never fenced: it is unusable")]
+    Unfenced {
+        /// What the memory is ("buffer", "memory", "region").
+        what: &'static str,
+    },
+
+    /// A range of a virtual-memory region with no physical memory mapped behind some
+    /// of it. The C ABI reports it as an invalid argument.
+    #[error("{len} bytes at offset {offset} of the region are not all mapped")]
+    NotMapped {
+        /// Start of the range in the region.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+    },
 
     /// The operation does not exist for this placement or backend.
     #[error("{backend} backend does not support {what}")]
@@ -215,9 +245,9 @@ fn pool_detail(reserved: Option<usize>, largest: Option<usize>) -> String {
 
 impl Error {
     /// An [`Error::OutOfMemory`] outside any pool.
-    pub(crate) fn oom(tier: Tier, requested: usize, free: usize) -> Self {
+    pub(crate) fn oom(kind: MemKind, requested: usize, free: usize) -> Self {
         Error::OutOfMemory {
-            tier,
+            kind,
             requested,
             free,
             reserved: None,

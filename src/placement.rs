@@ -1,4 +1,4 @@
-//! Where memory lives: [`Placement`] is what a caller asks for, [`Tier`] is what errors
+//! Where memory lives: [`Placement`] is what a caller asks for, [`MemKind`] is what errors
 //! and statistics report.
 
 use std::fmt;
@@ -30,7 +30,7 @@ pub enum NumaPolicy {
 /// let mgr = Manager::builder().backend(hetmem::BackendKind::Sim).build()?;
 /// let mut dev = mgr.alloc(Placement::Device(0), 1 << 20)?;
 /// let host = mgr.alloc(Placement::Host(NumaPolicy::Default), 1 << 20)?;
-/// mgr.copy(&mut dev, 0, &host, 0, 1 << 20)?;
+/// mgr.copy(&mut dev, 0, &host, 0, 1 << 20, None)?;
 /// # Ok::<(), hetmem::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,13 +51,13 @@ pub enum Placement {
 }
 
 impl Placement {
-    /// The tier this placement belongs to, for errors and statistics.
-    pub fn tier(&self) -> Tier {
+    /// The kind of memory this placement gives, for errors and statistics.
+    pub fn kind(&self) -> MemKind {
         match self {
-            Placement::Host(_) => Tier::Host,
-            Placement::Pinned(_) => Tier::Pinned,
-            Placement::Device(d) => Tier::Device(*d),
-            Placement::Managed { device } => Tier::Managed(*device),
+            Placement::Host(_) => MemKind::Host,
+            Placement::Pinned(_) => MemKind::Pinned,
+            Placement::Device(d) => MemKind::Device(*d),
+            Placement::Managed { device } => MemKind::Managed(*device),
         }
     }
 
@@ -67,9 +67,10 @@ impl Placement {
     }
 }
 
-/// A tier of the memory hierarchy.
+/// A kind of memory: what [`Error::OutOfMemory`](crate::Error::OutOfMemory) and the
+/// statistics report (the tier store's levels are another thing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
+pub enum MemKind {
     /// Pageable host memory.
     Host,
     /// Pinned host memory.
@@ -80,13 +81,13 @@ pub enum Tier {
     Managed(usize),
 }
 
-impl fmt::Display for Tier {
+impl fmt::Display for MemKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Tier::Host => f.write_str("host"),
-            Tier::Pinned => f.write_str("pinned host"),
-            Tier::Device(d) => write!(f, "device {d}"),
-            Tier::Managed(d) => write!(f, "managed (device {d})"),
+            MemKind::Host => f.write_str("host"),
+            MemKind::Pinned => f.write_str("pinned host"),
+            MemKind::Device(d) => write!(f, "device {d}"),
+            MemKind::Managed(d) => write!(f, "managed (device {d})"),
         }
     }
 }

@@ -6,18 +6,20 @@
 //! `HETMEM_BACKEND=NAME` only that backend runs, on the real driver, and failing to open
 //! it is a failure (that is how the GPU host runs it).
 //!
-//! Custom harness (libtest-mimic) so that the set of tests is decided at run time.
+//! Custom harness (libtest-mimic) so that the set of tests is decided at run time: a
+//! binary of its own (`harness = false` in Cargo.toml).
 
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+mod common;
+
+use common::{fake_cuda, fake_hip};
 
 use std::thread;
 
 use hetmem::backend::sim::SimConfig;
 use hetmem::pool::{Budget, HostPoolConfig, PoolConfig, StagingRing};
-use hetmem::{Advice, BackendKind, Buffer, Error, Location, Manager, NumaPolicy, Placement, Tier};
+use hetmem::{
+    Advice, BackendKind, Buffer, Error, Location, Manager, MemKind, NumaPolicy, Placement,
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 type Check = fn(&Manager) -> Result<(), Failed>;
@@ -357,11 +359,11 @@ fn alloc_free_each_placement(mgr: &Manager) -> Result<(), Failed> {
                 "pinned flag",
             )?;
             let during = mgr.stats();
-            let tier_bytes = |s: &hetmem::ManagerStats| match p.tier() {
-                Tier::Host => s.host.current,
-                Tier::Pinned => s.pinned.current,
-                Tier::Device(d) => s.device[d].current,
-                Tier::Managed(d) => s.managed[d].current,
+            let tier_bytes = |s: &hetmem::ManagerStats| match p.kind() {
+                MemKind::Host => s.host.current,
+                MemKind::Pinned => s.pinned.current,
+                MemKind::Device(d) => s.device[d].current,
+                MemKind::Managed(d) => s.managed[d].current,
             };
             ensure(
                 tier_bytes(&during) == tier_bytes(&before) + size,
@@ -398,7 +400,7 @@ fn host_copies_keep_checksums(mgr: &Manager) -> Result<(), Failed> {
             let src = filled(mgr, a.clone(), &data)?;
             let mut dst = ok(mgr.alloc(b.clone(), data.len()), "alloc")?;
             ok(
-                mgr.copy(&mut dst, 0, &src, 0, data.len()),
+                mgr.copy(&mut dst, 0, &src, 0, data.len(), None),
                 &format!("copy {a:?} -> {b:?}"),
             )?;
             ensure(
@@ -431,7 +433,7 @@ fn copies_every_direction(mgr: &Manager) -> Result<(), Failed> {
         let src = filled(mgr, a.clone(), &data)?;
         let mut dst = ok(mgr.alloc(b.clone(), data.len()), "alloc")?;
         ok(
-            mgr.copy(&mut dst, 0, &src, 0, data.len()),
+            mgr.copy(&mut dst, 0, &src, 0, data.len(), None),
             &format!("copy {a:?} -> {b:?}"),
         )?;
         ensure(
@@ -451,11 +453,11 @@ fn async_copies_every_direction(mgr: &Manager) -> Result<(), Failed> {
         let mut dst = ok(mgr.alloc(b.clone(), data.len()), "alloc")?;
         // Two hops on one stream: stream order alone must make the second see the first.
         ok(
-            mgr.copy_async(&mut mid, 0, &src, 0, data.len(), &stream),
+            mgr.copy(&mut mid, 0, &src, 0, data.len(), Some(&stream)),
             "async copy 1",
         )?;
         ok(
-            mgr.copy_async(&mut dst, 0, &mid, 0, data.len(), &stream),
+            mgr.copy(&mut dst, 0, &mid, 0, data.len(), Some(&stream)),
             "async copy 2",
         )?;
         ok(stream.synchronize(), "synchronize")?;
@@ -475,14 +477,14 @@ fn copies_between_devices(mgr: &Manager) -> Result<(), Failed> {
         "alloc on device 1",
     )?;
     ok(
-        mgr.copy(&mut dst, 0, &src, 0, data.len()),
+        mgr.copy(&mut dst, 0, &src, 0, data.len(), None),
         "device 0 -> device 1",
     )?;
     ensure(read_all(mgr, &dst)? == data, "device 0 -> 1 bytes")?;
     let s1 = ok(mgr.create_stream(1), "stream on device 1")?;
     let mut back = ok(mgr.alloc(Placement::Device(0), data.len()), "alloc")?;
     ok(
-        mgr.copy_async(&mut back, 0, &dst, 0, data.len(), &s1),
+        mgr.copy(&mut back, 0, &dst, 0, data.len(), Some(&s1)),
         "async 1 -> 0",
     )?;
     ok(s1.synchronize(), "sync")?;
@@ -494,7 +496,10 @@ fn partial_copies_respect_offsets(mgr: &Manager) -> Result<(), Failed> {
     let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
     let mut dev = filled(mgr, Placement::Device(0), &vec![0xAA; 64 << 10])?;
     // Bytes 1000..1000+5000 of src land at 333 on the device; the rest stays 0xAA.
-    ok(mgr.copy(&mut dev, 333, &src, 1000, 5000), "partial copy")?;
+    ok(
+        mgr.copy(&mut dev, 333, &src, 1000, 5000, None),
+        "partial copy",
+    )?;
     let got = read_all(mgr, &dev)?;
     ensure(
         got[..333].iter().all(|b| *b == 0xAA),
@@ -574,7 +579,7 @@ fn copy_stream_checks_do_not_depend_on_the_path(mgr: &Manager) -> Result<(), Fai
             for (s, what, want) in &cases {
                 for len in [n / 4, 0] {
                     judge(
-                        mgr.copy_async(&mut dst, 0, &src, 0, len, s),
+                        mgr.copy(&mut dst, 0, &src, 0, len, Some(s)),
                         want(is_device(a) || is_device(b)),
                         format!("{a:?} <- {b:?}, {len} bytes, on {what}"),
                     )?;
@@ -592,7 +597,10 @@ fn copy_stream_checks_do_not_depend_on_the_path(mgr: &Manager) -> Result<(), Fai
                 read_all(mgr, &dst)? == want,
                 format!("{a:?} <- {b:?}: only the accepted copies moved bytes"),
             )?;
-            ok(mgr.copy(&mut dst, 0, &src, 0, n), "a copy with no stream")?;
+            ok(
+                mgr.copy(&mut dst, 0, &src, 0, n, None),
+                "a copy with no stream",
+            )?;
             ensure(read_all(mgr, &dst)? == pattern(n, 2), "synchronous copy")?;
         }
         let mut want = pattern(n, 1);
@@ -604,12 +612,12 @@ fn copy_stream_checks_do_not_depend_on_the_path(mgr: &Manager) -> Result<(), Fai
     }
     // Pool blocks: the same check.
     let pool = ok(mgr.device_pool(0, PoolConfig::default()), "device pool")?;
-    let blk = ok(pool.alloc(n, &mine), "pool block")?;
+    let mut blk = ok(pool.alloc(n, &mine), "pool block")?;
     let host = filled(mgr, Placement::Pinned(NumaPolicy::Default), &pattern(n, 4))?;
     for (s, what, want) in &cases {
         for len in [n / 4, 0] {
             judge(
-                mgr.copy_to_block(&blk, 0, &host, 0, len, s),
+                mgr.copy(&mut blk, 0, &host, 0, len, Some(s)),
                 want(true),
                 format!("a pool block <- pinned, {len} bytes, on {what}"),
             )?;
@@ -670,13 +678,13 @@ fn events_order_streams(mgr: &Manager) -> Result<(), Failed> {
         ok(mgr.create_stream(0), "stream b")?,
     );
     ok(
-        mgr.copy_async(&mut dev, 0, &src, 0, len, &a),
+        mgr.copy(&mut dev, 0, &src, 0, len, Some(&a)),
         "producer copy on a",
     )?;
     let ev = ok(a.record(), "record")?;
     ok(b.wait(&ev), "b waits for a")?;
     ok(
-        mgr.copy_async(&mut out, 0, &dev, 0, len, &b),
+        mgr.copy(&mut out, 0, &dev, 0, len, Some(&b)),
         "consumer copy on b",
     )?;
     ok(b.synchronize(), "sync b")?;
@@ -727,7 +735,7 @@ fn events_made_then_recorded(mgr: &Manager) -> Result<(), Failed> {
     ok(ev.synchronize(), "synchronize an unrecorded event")?;
     ok(b.wait(&ev), "wait for an unrecorded event")?;
     ok(
-        mgr.copy_async(&mut dev, 0, &src, 0, len, &a),
+        mgr.copy(&mut dev, 0, &src, 0, len, Some(&a)),
         "producer copy on a",
     )?;
     ok(ev.record(&a), "record")?;
@@ -747,7 +755,7 @@ fn events_made_then_recorded(mgr: &Manager) -> Result<(), Failed> {
         )?;
     }
     ok(
-        mgr.copy_async(&mut out, 0, &dev, 0, len, &b),
+        mgr.copy(&mut out, 0, &dev, 0, len, Some(&b)),
         "consumer copy on b",
     )?;
     ok(ev.record(&b), "record again, on b")?;
@@ -793,7 +801,7 @@ fn drop_waits_for_pending_copies(mgr: &Manager) -> Result<(), Failed> {
     {
         let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
         ok(
-            mgr.copy_async(&mut dev, 0, &src, 0, data.len(), &stream),
+            mgr.copy(&mut dev, 0, &src, 0, data.len(), Some(&stream)),
             "async copy",
         )?;
         // `src` is dropped here with the copy possibly in flight: drop must wait.
@@ -802,7 +810,10 @@ fn drop_waits_for_pending_copies(mgr: &Manager) -> Result<(), Failed> {
         mgr.alloc(Placement::Host(NumaPolicy::Default), data.len()),
         "alloc",
     )?;
-    ok(mgr.copy(&mut host, 0, &dev, 0, data.len()), "copy back")?;
+    ok(
+        mgr.copy(&mut host, 0, &dev, 0, data.len(), None),
+        "copy back",
+    )?;
     ensure(
         checksum(ok(host.as_slice(), "slice")?) == checksum(&data),
         "bytes survived the early drop",
@@ -811,7 +822,7 @@ fn drop_waits_for_pending_copies(mgr: &Manager) -> Result<(), Failed> {
     let s2 = ok(mgr.create_stream(0), "stream 2")?;
     let mut dev2 = ok(mgr.alloc(Placement::Device(0), data.len()), "alloc")?;
     ok(
-        mgr.copy_async(&mut dev2, 0, &dev, 0, data.len(), &s2),
+        mgr.copy(&mut dev2, 0, &dev, 0, data.len(), Some(&s2)),
         "d2d async",
     )?;
     drop(s2);
@@ -845,7 +856,7 @@ fn managed_prefetch_and_advise(mgr: &Manager) -> Result<(), Failed> {
     )?;
     let mut dev = ok(mgr.alloc(Placement::Device(0), len), "alloc")?;
     ok(
-        mgr.copy_async(&mut dev, 0, &m, 0, len, &s),
+        mgr.copy(&mut dev, 0, &m, 0, len, Some(&s)),
         "managed -> device",
     )?;
     ok(mgr.prefetch(&m, Location::Host, &s), "prefetch to host")?;
@@ -913,7 +924,7 @@ fn error_over_capacity(mgr: &Manager) -> Result<(), Failed> {
     let before = ok(mgr.backend().mem_info(0), "mem_info")?;
     match mgr.alloc(Placement::Device(0), total + 1) {
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             requested,
             free,
             reserved: None,
@@ -951,8 +962,10 @@ fn error_host_over_capacity(mgr: &Manager) -> Result<(), Failed> {
     ] {
         match mgr.alloc(p.clone(), size) {
             Err(Error::OutOfMemory {
-                tier, requested, ..
-            }) if tier == p.tier() && requested == size => {}
+                kind: tier,
+                requested,
+                ..
+            }) if tier == p.kind() && requested == size => {}
             other => {
                 return Err(format!("{p:?} {size}: expected OutOfMemory, got {other:?}").into())
             }
@@ -1002,7 +1015,7 @@ fn error_foreign_handles(mgr: &Manager) -> Result<(), Failed> {
     let mut mine = ok(mgr.alloc(Placement::Host(NumaPolicy::Default), 3), "alloc")?;
     ensure(
         matches!(
-            mgr.copy(&mut mine, 0, &theirs, 0, 3),
+            mgr.copy(&mut mine, 0, &theirs, 0, 3, None),
             Err(Error::ForeignHandle { .. })
         ),
         "copy from another manager's buffer refused",
@@ -1027,7 +1040,7 @@ fn error_foreign_handles(mgr: &Manager) -> Result<(), Failed> {
         let mut dst = ok(mgr.alloc(Placement::Device(0), 16), "alloc")?;
         ensure(
             matches!(
-                mgr.copy_async(&mut dst, 0, &src, 0, 16, &s),
+                mgr.copy(&mut dst, 0, &src, 0, 16, Some(&s)),
                 Err(Error::ForeignHandle { .. })
             ),
             "another manager's stream refused",
@@ -1060,7 +1073,7 @@ fn error_out_of_bounds(mgr: &Manager) -> Result<(), Failed> {
     ] {
         ensure(
             matches!(
-                mgr.copy(&mut a, doff, &b, soff, len),
+                mgr.copy(&mut a, doff, &b, soff, len, None),
                 Err(Error::OutOfBounds { .. })
             ),
             format!("copy {doff}/{soff}/{len} out of bounds refused"),
@@ -1154,12 +1167,12 @@ fn pool_reuses_blocks_and_keeps_bytes(mgr: &Manager) -> Result<(), Failed> {
     let n = (3 << 20) + 11;
     let data = pattern(n, 21);
     let src = filled(mgr, Placement::Pinned(NumaPolicy::Default), &data)?;
-    let blk = ok(pool.alloc(n, &s), "pool alloc")?;
-    ok(mgr.copy_to_block(&blk, 0, &src, 0, n, &s), "host -> block")?;
-    let blk2 = ok(pool.alloc(n, &s), "second block")?;
+    let mut blk = ok(pool.alloc(n, &s), "pool alloc")?;
+    ok(mgr.copy(&mut blk, 0, &src, 0, n, Some(&s)), "host -> block")?;
+    let mut blk2 = ok(pool.alloc(n, &s), "second block")?;
     let addrs = [blk.ptr(), blk2.ptr()];
     ok(
-        mgr.copy_between_blocks(&blk2, 0, &blk, 0, n, &s),
+        mgr.copy(&mut blk2, 0, &blk, 0, n, Some(&s)),
         "block -> block",
     )?;
     let mut out = ok(
@@ -1167,7 +1180,7 @@ fn pool_reuses_blocks_and_keeps_bytes(mgr: &Manager) -> Result<(), Failed> {
         "alloc",
     )?;
     ok(
-        mgr.copy_from_block(&mut out, 0, &blk2, 0, n, &s),
+        mgr.copy(&mut out, 0, &blk2, 0, n, Some(&s)),
         "block -> host",
     )?;
     ensure(
@@ -1239,7 +1252,7 @@ fn staging_ring_uploads(mgr: &Manager) -> Result<(), Failed> {
         "alloc",
     )?;
     ok(
-        mgr.copy_from_block(&mut out, 0, &blk, 0, data.len(), &s),
+        mgr.copy(&mut out, 0, &blk, 0, data.len(), Some(&s)),
         "block -> host",
     )?;
     ensure(

@@ -15,19 +15,18 @@
 //! Forking a process with several threads is only safe when no other thread holds a
 //! lock the child needs: every test here holds [`serial`], so no other test of this
 //! binary is inside hetmem (or the fake driver) at the fork.
+//!
+//! A binary of its own for that reason: the tests of `tests/it` run on other threads
+//! and take no such lock.
 
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
-#[path = "common/smaps.rs"]
-mod smaps;
+mod common;
+
+use common::{fake_cuda, smaps};
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::FromRawFd;
 use std::panic::AssertUnwindSafe;
-use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use fake_cuda::FakeCuda;
@@ -255,7 +254,7 @@ impl World {
             cached_at: _,
             pool,
             stream,
-            block,
+            mut block,
             mut ring,
             store,
             guard,
@@ -276,7 +275,11 @@ impl World {
         forked("pinned as_mut_slice", pinned.as_mut_slice(), parent)?;
         forked("pinned wait", pinned.wait(), parent)?;
         forked("pageable as_slice", pageable.as_slice(), parent)?;
-        forked("copy", mgr.copy(&mut pageable, 0, &pinned, 0, 4096), parent)?;
+        forked(
+            "copy",
+            mgr.copy(&mut pageable, 0, &pinned, 0, 4096, None),
+            parent,
+        )?;
         forked("write", mgr.write(&mut pinned, 0, b"x"), parent)?;
         forked("mem_info", mgr.backend().mem_info(0), parent)?;
         forked("create_stream", mgr.create_stream(0), parent)?;
@@ -301,7 +304,7 @@ impl World {
         forked("block write", block.write(0, b"x"), parent)?;
         forked(
             "copy to block",
-            mgr.copy_to_block(&block, 0, &pinned, 0, 16, &stream),
+            mgr.copy(&mut block, 0, &pinned, 0, 16, Some(&stream)),
             parent,
         )?;
         forked(
@@ -366,16 +369,16 @@ impl World {
             chunked,
             pool,
             stream,
-            block,
+            mut block,
             mut ring,
             store,
             guard,
             ..
         } = self;
         assert!(pinned.as_slice().unwrap().iter().all(|b| *b == 0x5A));
-        mgr.copy_to_block(&block, 0, &pinned, 0, 4 * MIB, &stream)
+        mgr.copy(&mut block, 0, &pinned, 0, 4 * MIB, Some(&stream))
             .unwrap();
-        mgr.copy_from_block(&mut pageable, 0, &block, 0, 4 * MIB, &stream)
+        mgr.copy(&mut pageable, 0, &block, 0, 4 * MIB, Some(&stream))
             .unwrap();
         stream.synchronize().unwrap();
         assert!(pageable.as_slice().unwrap()[..4 * MIB]
@@ -436,7 +439,8 @@ fn pinned_memory_stays_out_of_a_forked_child_and_calls_there_fail_on_sim() {
             .map_err(|e| e.to_string())?;
         let mut back = [0u8; 8];
         let mut d = d;
-        mgr.copy(&mut d, 0, &p, 0, MIB).map_err(|e| e.to_string())?;
+        mgr.copy(&mut d, 0, &p, 0, MIB, None)
+            .map_err(|e| e.to_string())?;
         mgr.read(&d, MIB - 8, &mut back)
             .map_err(|e| e.to_string())?;
         if back != [3u8; 8] {
@@ -500,22 +504,7 @@ fn with_hetmem_dontfork_0_a_child_inherits_pinned_memory() {
     const NAME: &str = "with_hetmem_dontfork_0_a_child_inherits_pinned_memory";
     if std::env::var(CHILD_ENV).as_deref() != Ok(NAME) {
         // The switch is read once per process: run this test alone in a fresh one.
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, NAME)
-            .env("HETMEM_DONTFORK", "0")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "child process failed:\n{text}");
-        assert!(
-            text.contains("1 passed"),
-            "child process ran no test:\n{text}"
-        );
+        common::child::run(NAME, &[(CHILD_ENV, NAME), ("HETMEM_DONTFORK", "0")]);
         return;
     }
     let _g = serial();

@@ -1,9 +1,11 @@
-//! loom models of the lock-free byte counter (`hetmem::stats::ByteCounter`).
+//! loom models of the lock-free byte counter (`hetmem::testing::ByteCounter`).
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`.
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom`. A binary of its
+//! own because it builds only with `--cfg loom`, which swaps the crate's atomics for
+//! loom's (empty otherwise).
 #![cfg(loom)]
 
-use hetmem::stats::ByteCounter;
+use hetmem::testing::ByteCounter;
 use loom::sync::Arc;
 use loom::thread;
 
@@ -250,7 +252,7 @@ fn a_private_pool_never_shares_a_block_with_the_common_pool() {
 /// and what is left are exactly what was put.
 #[test]
 fn block_cache_hands_each_block_out_once() {
-    use hetmem::host_mem::block_cache::{BlockCache, UNIT};
+    use hetmem::testing::{BlockCache, UNIT};
     loom::model(|| {
         let cache = Arc::new(BlockCache::<1>::new());
         let hs: Vec<_> = (1..=2usize)

@@ -1,8 +1,10 @@
 //! `NumaAlloc` installed as the process's `#[global_allocator]`: everything this test
-//! binary allocates (the test harness, threads, std's own buffers) goes through it.
+//! binary allocates (the test harness, threads, std's own buffers) goes through it,
+//! which is why it is a binary of its own.
 
-#[path = "common/smaps.rs"]
-mod smaps;
+mod common;
+
+use common::smaps;
 
 use std::collections::HashMap;
 

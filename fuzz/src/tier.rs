@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hetmem::tier::policy::ParamId;
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
+use hetmem::tier::ParamId;
 use hetmem::tier::{ParamGuard, Planner, SequenceHint, TierConfig, TierStore};
 use hetmem::{BackendKind, Error, Manager, SimConfig, Stream};
 

@@ -2,7 +2,7 @@
 
 Run from the repository root:
     HETMEM_BACKEND=sim PYTHONPATH=python python3 -m unittest discover -s python/tests -v
-(tests/python.rs runs exactly this with HETMEM_LIB set to the cdylib cargo built).
+(tests/it/python.rs runs exactly this with HETMEM_LIB set to the cdylib cargo built).
 """
 
 import array
@@ -26,7 +26,7 @@ if PYROOT not in sys.path:
     sys.path.insert(0, PYROOT)
 
 os.environ.setdefault("HETMEM_BACKEND", "sim")
-# The backend the default Manager() opens: sim, or cuda over the fake driver (tests/python.rs).
+# The backend the default Manager() opens: sim, or cuda over the fake driver (tests/it/python.rs).
 BACKEND = os.environ["HETMEM_BACKEND"]
 
 import hetmem  # noqa: E402

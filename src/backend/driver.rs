@@ -90,7 +90,7 @@ impl Handles {
     fn destroy(
         &self,
         map: &Mutex<HashMap<u64, usize>>,
-        what: &str,
+        what: &'static str,
         handle: u64,
         destroy: impl FnOnce(usize) -> Result<()>,
     ) -> Result<()> {
@@ -127,11 +127,8 @@ impl Handles {
         (lock(&self.streams).len(), lock(&self.events).len())
     }
 
-    fn unknown(&self, what: &str, handle: u64) -> Error {
-        Error::InvalidArgument(format!(
-            "{what} {handle:#x} was not created by this {} backend",
-            self.kind
-        ))
+    fn unknown(&self, what: &'static str, handle: u64) -> Error {
+        Error::UnknownHandle { what, handle }
     }
 }
 
@@ -335,8 +332,8 @@ mod tests {
         })
         .unwrap();
         match h.stream_device(s) {
-            Err(Error::InvalidArgument(msg)) => {
-                assert_eq!(msg, "stream 0x1000 was not created by this cuda backend")
+            Err(Error::UnknownHandle { what, handle }) => {
+                assert_eq!((what, handle), ("stream", 0x1000))
             }
             other => panic!("{other:?}"),
         }

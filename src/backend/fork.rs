@@ -40,7 +40,7 @@ use crate::error::Result;
 use crate::placement::{Advice, Location};
 
 // The epochs are the process's, below the backends; re-exported under their old path.
-pub(crate) use crate::host_mem::fork::Epoch;
+use crate::host_mem::fork::Epoch;
 
 /// A backend opened by a [`Manager`](crate::Manager): every call first checks that the
 /// process has not forked since it was opened, and fails with [`Error::Forked`] in a

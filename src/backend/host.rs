@@ -1,7 +1,7 @@
 //! The host backend: no devices; "pins" memory with `mlock` and copies between host
-//! buffers with `memcpy`. The host memory itself ([`HostRegion`] and the machine's
-//! sizes) is [`crate::host_mem`], below every backend; its items are re-exported here
-//! under their old paths.
+//! buffers with `memcpy`. The host memory itself
+//! ([`HostRegion`](crate::host_mem::HostRegion) and the machine's sizes) is
+//! [`crate::host_mem`], below every backend.
 
 use std::any::Any;
 use std::ptr::NonNull;
@@ -13,12 +13,8 @@ use crate::backend::{
     StreamHandle,
 };
 use crate::error::{Error, Result};
-use crate::placement::{Advice, Location, Tier};
-
-pub use crate::host_mem::{
-    available_memory, page_size, HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES,
-};
-pub(crate) use crate::host_mem::{map_file_readonly, parse_meminfo_field};
+use crate::host_mem::{available_memory, parse_meminfo_field};
+use crate::placement::{Advice, Location, MemKind};
 
 /// The backend without devices: host memory only. Pinning is `mlock` (page-locked memory
 /// is what "pinned" means with no DMA engine to serve), copies are `memcpy`, and every
@@ -112,7 +108,7 @@ impl Backend for HostBackend {
                     free,
                     "mlock: RLIMIT_MEMLOCK reached; raise `ulimit -l` or grant CAP_IPC_LOCK"
                 );
-                Err(Error::oom(Tier::Pinned, len, free))
+                Err(Error::oom(MemKind::Pinned, len, free))
             }
             Errno::EPERM => Err(Error::os(
                 "mlock (RLIMIT_MEMLOCK is 0 and no CAP_IPC_LOCK: raise `ulimit -l`)",

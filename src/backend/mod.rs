@@ -31,13 +31,6 @@ pub(crate) mod registered;
 pub mod rocm;
 pub mod sim;
 
-// Moved below the backends (`crate::host_mem`); kept under their old paths.
-pub use crate::host_mem::block_cache;
-#[cfg(not(loom))]
-pub use crate::host_mem::numa_alloc;
-pub(crate) use owned::copy;
-pub(crate) use registered::HOST_REGISTER_CHUNK;
-
 pub use crate::backend_kind::BackendKind;
 
 use std::any::Any;

@@ -16,7 +16,7 @@
 //! status (a string getter, `hetmem_torch_malloc`, `hetmem_torch_free`) the list is that
 //! of the failures whose message `hetmem_last_error` then holds.
 //!
-//! [`parse`] reads the lists (`tests/capi_header.rs` checks that every declaration has
+//! [`parse`] reads the lists (`tests/it/capi_header.rs` checks that every declaration has
 //! one). With `HETMEM_CHECK_CODES=1` in the environment (the C program's runs, and the
 //! library's unit tests always), a call that fails with a code its list lacks prints
 //! the call, the code and the message to stderr and aborts the process, so that a test
@@ -235,7 +235,7 @@ fn declared_function(statement: &str) -> Option<String> {
 }
 
 /// The lists of the header the library was built with (an error where it does not
-/// parse: `tests/capi_header.rs` then fails).
+/// parse: `tests/it/capi_header.rs` then fails).
 pub fn built_in() -> &'static Result<CodeLists, String> {
     static LISTS: OnceLock<Result<CodeLists, String>> = OnceLock::new();
     LISTS.get_or_init(|| parse(HEADER))

@@ -151,10 +151,7 @@ impl FfiManager {
             let s = lock(&sb);
             (lock(&db), s)
         };
-        match stream {
-            Some(st) => self.mgr.copy_async(&mut d, doff, &s, soff, n, st)?,
-            None => self.mgr.copy(&mut d, doff, &s, soff, n)?,
-        }
+        self.mgr.copy(&mut *d, doff, &*s, soff, n, stream)?;
         Ok(())
     }
 

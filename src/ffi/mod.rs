@@ -48,7 +48,7 @@ use crate::error::Error;
 
 /// Success.
 pub const HETMEM_OK: c_int = 0;
-/// [`Error::OutOfMemory`]: a tier had too little memory.
+/// [`Error::OutOfMemory`]: a kind of memory had too little left.
 pub const HETMEM_ERR_OUT_OF_MEMORY: c_int = -1;
 /// [`Error::InvalidSize`]: zero, or larger than any allocator can give.
 pub const HETMEM_ERR_INVALID_SIZE: c_int = -2;
@@ -106,7 +106,10 @@ pub(crate) fn status_of(e: &Error) -> c_int {
         Error::NumaNodeWithoutMemory { .. } => HETMEM_ERR_NUMA_NODE_WITHOUT_MEMORY,
         Error::ForeignHandle { .. } => HETMEM_ERR_FOREIGN_HANDLE,
         Error::OutOfBounds { .. } => HETMEM_ERR_OUT_OF_BOUNDS,
-        Error::InvalidArgument(_) => HETMEM_ERR_INVALID_ARGUMENT,
+        Error::InvalidArgument(_)
+        | Error::UnknownHandle { .. }
+        | Error::Unfenced { .. }
+        | Error::NotMapped { .. } => HETMEM_ERR_INVALID_ARGUMENT,
         Error::Unsupported { .. } => HETMEM_ERR_UNSUPPORTED,
         Error::BackendUnavailable { .. } => HETMEM_ERR_BACKEND_UNAVAILABLE,
         Error::Driver { .. } | Error::RegistrationLeaked { .. } => HETMEM_ERR_DRIVER,
@@ -541,9 +544,9 @@ mod tests {
     #[test]
     fn every_error_has_its_own_code_and_name() {
         use crate::backend::BackendKind;
-        use crate::placement::Tier;
+        use crate::placement::MemKind;
         let errors = [
-            Error::oom(Tier::Host, 1, 0),
+            Error::oom(MemKind::Host, 1, 0),
             Error::InvalidSize {
                 requested: 0,
                 reason: "x",

@@ -20,7 +20,7 @@ pub const UNIT: usize = 2 << 20;
 /// Lengths (in pages) must be below this: they share the word with the address.
 const LEN_LIMIT: usize = UNIT;
 
-/// Up to `N` freed blocks, each `(address, pages)`; see the [module docs](self).
+/// Up to `N` freed blocks, each `(address, pages)`; see the module docs.
 #[derive(Debug)]
 pub struct BlockCache<const N: usize> {
     slots: [AtomicUsize; N],

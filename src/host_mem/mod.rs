@@ -10,12 +10,12 @@
 //! - `fork`: which process a value was made in, so that a `fork()`ed child leaks what
 //!   belongs to its parent instead of freeing it.
 //! - [`numa_alloc`]: [`NumaAlloc`](numa_alloc::NumaAlloc), a NUMA-placing
-//!   `GlobalAlloc` for the whole program, and [`block_cache`], its lock-free cache.
+//!   `GlobalAlloc` for the whole program, and `block_cache`, its lock-free cache.
 //!
 //! `unsafe` lives here as in `backend/` and `sys/`: these are the system calls that
 //! make, place and free memory, each block with its `SAFETY` comment.
 
-pub mod block_cache;
+pub(crate) mod block_cache;
 pub(crate) mod fork;
 // Its constructors are `const` (for a `static`); loom's atomics are not, so under loom
 // only its cache (`block_cache`) is built, and modelled.

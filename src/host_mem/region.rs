@@ -9,7 +9,7 @@ use nix::errno::Errno;
 use super::fork::{self, Epoch};
 use super::{available_memory, page_size, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
 use crate::error::{Error, Result};
-use crate::placement::{NumaPolicy, Tier};
+use crate::placement::{MemKind, NumaPolicy};
 
 /// `(offset, len)` of the parts a mapping of `map_len` bytes is pre-faulted in by
 /// `threads` threads: contiguous, in order, whole huge pages when `huge` (whole base
@@ -37,7 +37,7 @@ pub struct HostRegion {
     leaked: bool,
     /// Largest piece the region is registered with the backend in, once pinned (see
     /// `OwnedMemory::pinned_with`); 0 when it is registered whole (the backend then
-    /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK) itself).
+    /// chunks by [`HOST_REGISTER_CHUNK`](crate::backend::registered::HOST_REGISTER_CHUNK) itself).
     register_chunk: usize,
     /// When the region was advised `MADV_DONTFORK` (see
     /// [`HostRegion::exclude_from_fork`]): a child forked after that has no mapping here.
@@ -147,7 +147,7 @@ fn map_anonymous(map_len: usize, align_huge: bool, requested: usize) -> Result<N
     if addr == libc::MAP_FAILED {
         let errno = Errno::last();
         return Err(match errno {
-            Errno::ENOMEM => Error::oom(Tier::Host, requested, available_memory()),
+            Errno::ENOMEM => Error::oom(MemKind::Host, requested, available_memory()),
             e => Error::os("mmap", e),
         });
     }
@@ -347,7 +347,7 @@ impl HostRegion {
                 }
                 Ok(())
             }
-            Errno::ENOMEM => Err(Error::oom(Tier::Host, self.len, available_memory())),
+            Errno::ENOMEM => Err(Error::oom(MemKind::Host, self.len, available_memory())),
             e => Err(Error::os("madvise(MADV_POPULATE_WRITE)", e)),
         }
     }

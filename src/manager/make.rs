@@ -4,7 +4,7 @@
 //!
 //! `Stream::wrap` and `TierStore::new` take a [`Manager`], so they are defined here,
 //! above the modules of their types: `stream` and `tier` then depend only on the
-//! layers below them (see `tests/layers.rs`).
+//! layers below them (see `tests/it/layers.rs`).
 
 use std::sync::Arc;
 

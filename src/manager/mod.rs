@@ -9,32 +9,35 @@
 //! host.as_mut_slice()?.fill(7);
 //! let mut dev = mgr.alloc(Placement::Device(0), 4096)?;
 //! let stream = mgr.create_stream(0)?;
-//! mgr.copy_async(&mut dev, 0, &host, 0, 4096, &stream)?;
+//! mgr.copy(&mut dev, 0, &host, 0, 4096, Some(&stream))?;
 //! let mut back = mgr.alloc(Placement::Host(NumaPolicy::Default), 4096)?;
 //! stream.synchronize()?;
-//! mgr.copy(&mut back, 0, &dev, 0, 4096)?;
+//! mgr.copy(&mut back, 0, &dev, 0, 4096, None)?;
 //! assert!(back.as_slice()?.iter().all(|b| *b == 7));
 //! # Ok::<(), hetmem::Error>(())
 //! ```
 
 mod make;
+mod memory;
+
+pub use memory::Memory;
 
 use std::path::PathBuf;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::backend::copy;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::fork::ForkGuarded;
-use crate::backend::host::{HostBackend, HostRegion};
+use crate::backend::host::HostBackend;
+use crate::backend::owned::copy;
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::backend::rocm::RocmBackend;
 use crate::backend::sim::{SimBackend, SimConfig};
 use crate::backend::{check_device, Backend, BackendKind, DeviceInfo, DevicePtr};
 use crate::error::{Error, Result};
-use crate::placement::{Advice, Location, NumaPolicy, Placement, Tier};
-use crate::pool::{self, PoolBlock};
+use crate::host_mem::HostRegion;
+use crate::placement::{Advice, Location, MemKind, NumaPolicy, Placement};
 use crate::stats::{ByteCounter, CounterSnapshot};
 use crate::stream::Stream;
 use crate::topology::Topology;
@@ -206,12 +209,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn counter(&self, tier: Tier) -> &ByteCounter {
+    fn counter(&self, tier: MemKind) -> &ByteCounter {
         match tier {
-            Tier::Host => &self.host,
-            Tier::Pinned => &self.pinned,
-            Tier::Device(d) => &self.device[d],
-            Tier::Managed(d) => &self.managed[d],
+            MemKind::Host => &self.host,
+            MemKind::Pinned => &self.pinned,
+            MemKind::Device(d) => &self.device[d],
+            MemKind::Managed(d) => &self.managed[d],
         }
     }
 }
@@ -370,7 +373,7 @@ impl Manager {
                     // The host allocator speaks for pageable memory; say which tier.
                     Error::OutOfMemory {
                         requested, free, ..
-                    } => Error::oom(placement.tier(), requested, free),
+                    } => Error::oom(placement.kind(), requested, free),
                     other => other,
                 })?;
                 if matches!(placement, Placement::Pinned(_)) {
@@ -388,7 +391,7 @@ impl Manager {
                 OwnedMemory::managed(backend, *device, size)?
             }
         };
-        let tier = placement.tier();
+        let tier = placement.kind();
         if counted {
             // Unlimited counters never refuse; limits are the backends' and pools' business.
             let reserved = self.inner.counter(tier).try_reserve(size);
@@ -441,9 +444,9 @@ impl Manager {
         };
         if limit > 0 && size as u64 > limit {
             return Err(Error::oom(
-                placement.tier(),
+                placement.kind(),
                 size,
-                crate::backend::host::available_memory().min(limit as usize),
+                crate::host_mem::available_memory().min(limit as usize),
             ));
         }
         Ok(())
@@ -472,51 +475,10 @@ impl Manager {
         }
     }
 
-    /// Copies `len` bytes from `src[src_offset..]` to `dst[dst_offset..]` and returns
-    /// when they have arrived. Ordered after every earlier asynchronous copy that used
-    /// either buffer.
-    pub fn copy(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_owner(src.mgr.id, "buffer")?;
-        OwnedMemory::copy(&dst.mem, dst_offset, &src.mem, src_offset, len, None)
-    }
-
-    /// Queues a copy of `len` bytes on `stream` and returns at once (pageable host
-    /// memory may make it wait, as the drivers do). The buffers stay alive until the copy
-    /// is done even if dropped earlier: their drop waits for it.
-    pub fn copy_async(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_owner(src.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        OwnedMemory::copy(
-            &dst.mem,
-            dst_offset,
-            &src.mem,
-            src_offset,
-            len,
-            Some(&stream.inner),
-        )
-    }
-
     /// Copies `len` bytes of `buf` from `src_offset` to `dst_offset` and returns when
     /// they have arrived; the ranges may overlap (as `memmove`). With `stream`, the copy
     /// comes after the work queued on it so far, and the stream must be one that could
-    /// queue a copy of this buffer ([`Manager::copy_async`]'s checks: this manager's, of
+    /// queue a copy of this buffer ([`Manager::copy`]'s checks: this manager's, of
     /// the buffer's device); without, after every earlier asynchronous copy that used
     /// the buffer.
     ///
@@ -559,64 +521,12 @@ impl Manager {
         // Device memory: through the host (a driver copy may not overlap itself).
         let mut tmp = Vec::new();
         if tmp.try_reserve_exact(len).is_err() {
-            let free = crate::backend::host::available_memory();
-            return Err(Error::oom(Tier::Host, len, free));
+            let free = crate::host_mem::available_memory();
+            return Err(Error::oom(MemKind::Host, len, free));
         }
         tmp.resize(len, 0);
         self.read(buf, src_offset, &mut tmp)?;
         self.write(buf, dst_offset, &tmp)
-    }
-
-    /// Queues a copy of `len` bytes from `src[src_offset..]` into the pool block
-    /// `dst[dst_offset..]` on `stream`. The buffer waits for the copy before it is
-    /// freed; a stream other than the block's own is recorded on the block
-    /// ([`PoolBlock::record_stream`]), so the block is not reused before it is done.
-    pub fn copy_to_block(
-        &self,
-        dst: &PoolBlock,
-        dst_offset: usize,
-        src: &Buffer,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(src.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        dst.record_stream(stream)?;
-        pool::copy::into_block(dst, dst_offset, &src.mem, src_offset, len, stream)
-    }
-
-    /// Queues a copy of `len` bytes from the pool block `src[src_offset..]` into
-    /// `dst[dst_offset..]` on `stream` (see [`Manager::copy_to_block`]).
-    pub fn copy_from_block(
-        &self,
-        dst: &mut Buffer,
-        dst_offset: usize,
-        src: &PoolBlock,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_owner(dst.mgr.id, "buffer")?;
-        self.check_stream(stream)?;
-        src.record_stream(stream)?;
-        pool::copy::out_of_block(&dst.mem, dst_offset, src, src_offset, len, stream)
-    }
-
-    /// Queues a device-to-device copy between two pool blocks on `stream`.
-    pub fn copy_between_blocks(
-        &self,
-        dst: &PoolBlock,
-        dst_offset: usize,
-        src: &PoolBlock,
-        src_offset: usize,
-        len: usize,
-        stream: &Stream,
-    ) -> Result<()> {
-        self.check_stream(stream)?;
-        dst.record_stream(stream)?;
-        src.record_stream(stream)?;
-        pool::copy::between_blocks(dst, dst_offset, src, src_offset, len, stream)
     }
 
     /// Writes `data` into `dst` at `offset`, wherever `dst` lives.
@@ -633,7 +543,7 @@ impl Manager {
             false,
         )?;
         staging.as_mut_slice()?[..data.len()].copy_from_slice(data);
-        self.copy(dst, offset, &staging, 0, data.len())
+        self.copy(dst, offset, &staging, 0, data.len(), None)
     }
 
     /// Reads `out.len()` bytes of `src` from `offset`, wherever `src` lives.
@@ -649,7 +559,7 @@ impl Manager {
             out.len().max(1),
             false,
         )?;
-        self.copy(&mut staging, 0, src, offset, out.len())?;
+        self.copy(&mut staging, 0, src, offset, out.len(), None)?;
         out.copy_from_slice(&staging.as_slice()?[..out.len()]);
         Ok(())
     }
@@ -746,9 +656,9 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         if self.counted {
-            self.mgr.counter(self.placement.tier()).release(self.size);
+            self.mgr.counter(self.placement.kind()).release(self.size);
         }
-        tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
+        tracing::debug!(target: "hetmem", tier = %self.placement.kind(), size = self.size, "free");
         // `mem` frees itself after this, waiting for its copies first.
     }
 }

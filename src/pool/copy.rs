@@ -1,13 +1,13 @@
 //! Copies into and out of the pools' blocks on a stream: the one way the layers above
 //! the pools (the manager, the tier store) and the staging ring copy a [`PoolBlock`] or a
 //! [`HostBlock`], so that none of them reaches through a block to the backend's copy
-//! path (`backend::copy`) itself.
+//! path (`backend::owned::copy`) itself.
 //!
 //! Each function checks bounds and leaves the backend's fences on both ends (see
-//! `backend::copy`); none records the stream on the block (`PoolBlock::record_stream`
+//! `backend::owned::copy`); none records the stream on the block (`PoolBlock::record_stream`
 //! is the caller's, where the stream is not the block's own).
 
-use crate::backend::copy::{copy, CopyEnd};
+use crate::backend::owned::copy::{copy, CopyEnd};
 use crate::error::Result;
 use crate::pool::{HostBlock, PoolBlock};
 use crate::stream::Stream;

@@ -29,9 +29,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::backend::host::available_memory;
 use crate::error::{Error, Result};
-use crate::placement::{NumaPolicy, Tier};
+use crate::host_mem::available_memory;
+use crate::placement::{MemKind, NumaPolicy};
 use crate::pool::device::PoolBlock;
 use crate::pool::host::{size_class, HostBlock, HostPool};
 use crate::stream::Stream;
@@ -100,7 +100,7 @@ impl StagingRing {
         }
         let available = available_memory();
         if total > available {
-            return Err(Error::oom(Tier::Pinned, total, available));
+            return Err(Error::oom(MemKind::Pinned, total, available));
         }
         let slots = (0..slots)
             .map(|_| host.alloc_pinned(policy, slot_size))

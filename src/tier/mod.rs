@@ -1,6 +1,6 @@
 //! The tiered parameter store (device → pinned host → cold), built up piece by piece.
 //!
-//! - [`policy`]: which parameter to evict, by the execution sequence (Belady's MIN) or
+//! - `policy`: which parameter to evict, by the execution sequence (Belady's MIN) or
 //!   by recency, and the optimum a streaming pass is measured against.
 //! - [`source`]: where a parameter's bytes come from (host memory, mapped safetensors).
 //! - `learn`: the execution sequence learnt from the order of acquires.
@@ -11,12 +11,13 @@
 mod config;
 mod learn;
 mod plan;
-pub mod policy;
+pub(crate) mod policy;
 mod sizing;
 pub mod source;
 pub mod store;
 
 pub use config::{Planner, Residency, SequenceHint, TierConfig, TierStats};
+pub use policy::{lru_misses_per_pass, min_misses_each_pass, min_misses_per_pass, ParamId};
 pub use store::{device_footprint, ParamGuard, TierStore};
 
 /// FNV-1a: the store's checksums, and the digest of what a plan was sized for.

@@ -8,7 +8,7 @@
 //! the figure the tier store's streaming targets are measured against.
 //!
 //! ```
-//! use hetmem::tier::policy::{lru_misses_per_pass, min_misses_per_pass};
+//! use hetmem::tier::{lru_misses_per_pass, min_misses_per_pass};
 //! let layers: Vec<u32> = (0..10).collect();
 //! // Room for 4 layers, looped: LRU misses all 10 every pass; MIN fewer than keeping 3
 //! // layers and cycling the fourth slot would (7).
@@ -222,7 +222,7 @@ fn simulate(order: &[ParamId], capacity: usize, passes: usize, mut cursor: Curso
 /// which layers it holds, so the steady passes differ by one now and then.
 ///
 /// ```
-/// use hetmem::tier::policy::min_misses_each_pass;
+/// use hetmem::tier::min_misses_each_pass;
 /// assert_eq!(min_misses_each_pass(&[0, 1, 2, 3], 2, 3), vec![4, 2, 3]);
 /// ```
 pub fn min_misses_each_pass(order: &[ParamId], capacity: usize, passes: usize) -> Vec<usize> {

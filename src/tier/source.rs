@@ -29,8 +29,8 @@ use nix::errno::Errno;
 use rustc_hash::{FxHashMap, FxHashSet};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, View};
 
-use crate::backend::host::map_file_readonly;
 use crate::error::{Error, Result};
+use crate::host_mem::map_file_readonly;
 
 /// Bytes in a safetensors file's leading header length (a little-endian `u64`).
 const HEADER_LEN_BYTES: usize = 8;

@@ -1,6 +1,6 @@
 /*
  * Exercises the whole C ABI of libhetmem.so, bad input included. Built and run by
- * tests/capi.rs (normally with HETMEM_BACKEND=sim). Every check prints one line
+ * tests/it/capi.rs (normally with HETMEM_BACKEND=sim). Every check prints one line
  * ("ok" or "FAIL"); the exit status is 1 if any check failed.
  *
  * Usage: capi_test <scratch directory>

@@ -1,5 +1,5 @@
 // hetmem_torch_malloc_cxx as PyTorch's CUDAPluggableAllocator calls it: through a
-// std::function, from C++ that catches what it throws. Run by tests/capi.rs on the
+// std::function, from C++ that catches what it throws. Run by tests/it/capi.rs on the
 // fake CUDA driver. Prints "torch_cxx: N checks, 0 failed" at the end.
 #include "hetmem.h"
 

@@ -1,21 +1,19 @@
-//! What the tests of the driver backends against their fakes share: `rocm_fake.rs` (the
-//! ROCm backend over tests/fake_hip/fake_hip.c) and `cuda_fake.rs` (the CUDA backend over
+//! What the tests of the driver backends against their fakes share: `it/rocm_fake.rs` (the
+//! ROCm backend over tests/fake_hip/fake_hip.c) and `cuda_fake/` (the CUDA backend over
 //! tests/fake_cuda/fake_cuda.c).
 //!
 //! Helpers that build memory references, match errors, read device memory back and
 //! reserve address space; and the list of the scenarios both backends go through step
 //! by step alike ([`driver_scenarios!`], the scenarios themselves in
-//! `driver_scenarios.rs`), which each of the two test binaries instantiates with its own
+//! `driver_scenarios.rs`), which each of the two test modules instantiates with its own
 //! fake. A scenario takes a [`FakeDriver`]: the backend under test on a
 //! fresh machine of two devices with managed memory, the fake's counters and failure
 //! injection, and the driver's names for the calls that differ; what the two drivers do
 //! differently (CUDA's internal copy streams, HIP's blocking stream destruction) stays
-//! in the binary of that backend.
+//! in the tests of that backend.
 //!
-//! Include both at the test crate's root: `#[macro_use] #[path =
-//! "common/backend_checks.rs"] mod backend_checks;` and `#[path =
-//! "common/driver_scenarios.rs"] mod driver_scenarios;`, then `driver_scenarios!(open);`.
-#![allow(dead_code)]
+//! With `#[macro_use] mod common;` at the test crate's root, a module instantiates them
+//! with `driver_scenarios!(open);`.
 
 use std::fmt::Debug;
 use std::ptr::NonNull;
@@ -23,7 +21,7 @@ use std::ptr::NonNull;
 use hetmem::backend::{
     Backend, BackendKind, DevicePtr, EventHandle, HostKind, MemRef, StreamHandle,
 };
-use hetmem::{Error, Location, Manager, Tier};
+use hetmem::{Error, Location, Manager, MemKind};
 
 const MIB: usize = 1 << 20;
 
@@ -96,6 +94,7 @@ pub trait FakeDriver {
 /// The scenarios both driver backends go through, one `#[test]` each, named as the
 /// functions of `driver_scenarios.rs`: `driver_scenarios!(open)`, where `open()` gives a
 /// [`FakeDriver`].
+#[allow(unused_macros)] // binaries other than `it` and `cuda_fake` do not instantiate it
 macro_rules! driver_scenarios {
     ($open:path) => {
         driver_scenarios!(@tests $open;
@@ -119,7 +118,7 @@ macro_rules! driver_scenarios {
         $(
             #[test]
             fn $name() {
-                crate::driver_scenarios::$name(&$open());
+                crate::common::driver_scenarios::$name(&$open());
             }
         )*
     };
@@ -194,13 +193,13 @@ pub fn unavailable_reason<B: Debug>(kind: BackendKind, r: Result<B, Error>) -> S
 /// bytes free.
 pub fn assert_out_of_memory<T: Debug>(
     r: Result<T, Error>,
-    tier: Tier,
+    tier: MemKind,
     requested: usize,
     free: usize,
 ) {
     match r {
         Err(Error::OutOfMemory {
-            tier: t,
+            kind: t,
             requested: n,
             free: f,
             ..
@@ -261,11 +260,11 @@ pub fn assert_refused_by_the_backend(d: &dyn Backend, stream: StreamHandle, even
     unsafe {
         assert!(matches!(
             d.destroy_stream(stream),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "stream", .. })
         ));
         assert!(matches!(
             d.event_done(event),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "event", .. })
         ));
     }
     assert!(matches!(

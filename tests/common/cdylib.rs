@@ -1,5 +1,4 @@
 //! Where the `libhetmem.so` built for this test run is.
-#![allow(dead_code)]
 
 use std::path::PathBuf;
 

@@ -1,17 +1,16 @@
 //! The scenarios both driver backends go through against their fakes, step by step
 //! alike; listed, as tests, by `driver_scenarios!` in `backend_checks.rs`. Each takes a
 //! [`FakeDriver`]: a backend on a fresh machine of two devices with managed memory.
-#![allow(dead_code)]
 
 use std::ptr::NonNull;
 
-use crate::backend_checks::{
+use super::backend_checks::{
     assert_driver, assert_out_of_memory, assert_refused_by_the_backend, dev, host, peek, Call,
     FakeDriver, ALREADY_REGISTERED, INVALID_HANDLE, INVALID_VALUE, NOT_READY, NOT_REGISTERED,
     OUT_OF_MEMORY, UNKNOWN,
 };
 use hetmem::pool::{Budget, PoolConfig};
-use hetmem::{Advice, Error, Location, NumaPolicy, Placement, Tier};
+use hetmem::{Advice, Error, Location, MemKind, NumaPolicy, Placement};
 
 const MIB: usize = 1 << 20;
 
@@ -129,7 +128,7 @@ pub fn destroyed_handles_are_reused(f: &dyn FakeDriver) {
         // Stale now, and known to be.
         assert!(matches!(
             d.destroy_stream(s1),
-            Err(Error::InvalidArgument(_))
+            Err(Error::UnknownHandle { what: "stream", .. })
         ));
     }
 }
@@ -203,7 +202,12 @@ pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
     let mem = d.devices()[1].total_memory;
     let (keep_len, ask) = (mem / 4 * 3, mem / 2);
     let keep = d.alloc_device(1, keep_len).unwrap();
-    assert_out_of_memory(d.alloc_device(1, ask), Tier::Device(1), ask, mem - keep_len);
+    assert_out_of_memory(
+        d.alloc_device(1, ask),
+        MemKind::Device(1),
+        ask,
+        mem - keep_len,
+    );
     let msg = d.alloc_device(1, ask).unwrap_err().to_string();
     assert!(
         msg.contains("device 1") && msg.contains(&ask.to_string()),
@@ -211,9 +215,14 @@ pub fn out_of_memory_carries_the_numbers(f: &dyn FakeDriver) {
     );
     // Device 0 is untouched by device 1's use.
     let other = d.alloc_device(0, mem).unwrap();
-    assert_out_of_memory(d.alloc_managed(0, MIB), Tier::Managed(0), MIB, 0);
+    assert_out_of_memory(d.alloc_managed(0, MIB), MemKind::Managed(0), MIB, 0);
     f.fail_next(f.symbol(Call::Alloc), OUT_OF_MEMORY, 1);
-    assert_out_of_memory(d.alloc_device(1, MIB), Tier::Device(1), MIB, mem - keep_len);
+    assert_out_of_memory(
+        d.alloc_device(1, MIB),
+        MemKind::Device(1),
+        MIB,
+        mem - keep_len,
+    );
     // SAFETY: live allocations from this backend, freed once.
     unsafe {
         d.free_device(1, keep, keep_len).unwrap();
@@ -580,18 +589,18 @@ pub fn the_pool_orders_a_block_between_two_threads_per_thread_streams(f: &dyn Fa
     };
     let mut mine = pageable();
     mine.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(len, &s).unwrap();
+    let mut blk = pool.alloc(len, &s).unwrap();
     let addr = blk.ptr();
-    mgr.copy_to_block(&blk, 0, &mine, 0, len, &s).unwrap();
+    mgr.copy(&mut blk, 0, &mine, 0, len, Some(&s)).unwrap();
     drop(blk);
     assert!(f.stat("per_thread_pending") > 0, "the copy is still queued");
     let blk = std::thread::scope(|t| {
         t.spawn(|| {
             let mut theirs = pageable();
             theirs.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(len, &s).unwrap();
+            let mut blk = pool.alloc(len, &s).unwrap();
             assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &theirs, 0, len, &s).unwrap();
+            mgr.copy(&mut blk, 0, &theirs, 0, len, Some(&s)).unwrap();
             s.synchronize().unwrap();
             blk
         })

@@ -19,19 +19,15 @@
 //! From a shell, without preloading: `LD_LIBRARY_PATH=target/fake-cuda cargo run
 //! --example stream_layers -- --backend cuda` (after a test run has built the file).
 //!
-//! Include it next to `common/fake_hip.rs` (it builds with that file's
-//! `compile_shared_library_with`, into its `target_dir`, and reports with its
-//! `dl_error`):
-//! `#[path = "common/fake_hip.rs"] mod fake_hip;` and
-//! `#[path = "common/fake_cuda.rs"] mod fake_cuda;` at the test crate's root.
-#![allow(dead_code)]
+//! It builds with `fake_hip.rs`'s `compile_shared_library_with`, into its `target_dir`,
+//! and reports with its `dl_error`.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use crate::fake_hip;
+use super::fake_hip;
 
 /// File name of the built fake driver: the name the backend asks the loader for first.
 pub const FAKE_CUDA_FILE: &str = "libcuda.so.1";

@@ -12,7 +12,6 @@
 //! unregistered; and destroyed stream and event handles are handed out again. See the
 //! header of fake_hip.c, and the `queued_ops`, `async_copies_done` and
 //! `reused_handles` counters of [`FakeHip::stat`].
-#![allow(dead_code)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::os::unix::ffi::OsStrExt;

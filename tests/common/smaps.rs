@@ -26,7 +26,6 @@ pub fn entry(addr: usize) -> (String, u64) {
 }
 
 /// Whether the mapping holding `addr` has the `hg` flag (MADV_HUGEPAGE).
-#[allow(dead_code)] // not every test binary that includes this module asks
 pub fn huge_advised(addr: usize) -> bool {
     entry(addr).0.split_whitespace().any(|f| f == "hg")
 }

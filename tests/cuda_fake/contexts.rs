@@ -274,7 +274,7 @@ fn only_the_devices_used_are_opened() {
     mgr.write(&mut pinned, 0, &layer_bytes(1, 3 * MIB)).unwrap();
     let mut on_dev = mgr.alloc(Placement::Device(1), 3 * MIB).unwrap();
     let s = mgr.create_stream(1).unwrap();
-    mgr.copy_async(&mut on_dev, 0, &pinned, 0, 3 * MIB, &s)
+    mgr.copy(&mut on_dev, 0, &pinned, 0, 3 * MIB, Some(&s))
         .unwrap();
     let pool = mgr.device_pool(1, PoolConfig::default()).unwrap();
     let blk = pool.alloc(5 * MIB, &s).unwrap();

@@ -8,17 +8,14 @@
 //! (2 devices of 256 MiB, managed memory, VMM): each test holds `FakeCuda::serial()`
 //! and leaves the machine as it found it. Tests that need another machine (no devices,
 //! no VMM, ...) re-run this binary for themselves in a child process with the fake's
-//! environment variables ([`child`]).
+//! environment variables ([`child`]). A binary of its own for that reason: the driver
+//! bound there is the fake, and the tests that re-run it must find only these tests.
 
 #[macro_use]
-#[path = "../common/backend_checks.rs"]
-mod backend_checks;
-#[path = "../common/driver_scenarios.rs"]
-mod driver_scenarios;
-#[path = "../common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "../common/fake_hip.rs"]
-mod fake_hip;
+#[path = "../common/mod.rs"]
+mod common;
+
+use common::{backend_checks, fake_cuda, fake_hip};
 
 mod capture;
 mod contexts;
@@ -46,7 +43,7 @@ use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, PhysHan
 use hetmem::pool::host::HostPoolConfig;
 use hetmem::pool::{Budget, PoolConfig};
 use hetmem::tier::{SequenceHint, TierConfig, TierStore};
-use hetmem::{Advice, Error, Location, Manager, NumaPolicy, Placement, Tier};
+use hetmem::{Advice, Error, Location, Manager, MemKind, NumaPolicy, Placement};
 
 const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;
@@ -375,22 +372,10 @@ fn child(test: &str, env: &[(&str, &str)]) -> bool {
 /// Runs test `test` of this binary alone in a child process, with the fake this process
 /// built and `env`, and checks that it ran and passed.
 fn run_alone(test: &str, env: &[(&str, &str)]) {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(fake_cuda::BUILT_ENV, fake_cuda_library().unwrap())
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "child {test} {env:?} failed:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "child {test} {env:?} ran no test:\n{text}"
-    );
+    let built = fake_cuda_library().unwrap();
+    let mut env = env.to_vec();
+    env.push((fake_cuda::BUILT_ENV, built.to_str().expect("a UTF-8 path")));
+    common::child::run(test, &env);
 }
 
 /// A driver entry point of the preloaded fake, called directly (what hetmem never

@@ -21,9 +21,9 @@ fn manager_buffers_pool_and_tier_store_on_cuda() {
     mgr.write(&mut pinned, 0, &data).unwrap();
     let mut on_dev = mgr.alloc(Placement::Device(1), n).unwrap();
     let s1 = mgr.create_stream(1).unwrap();
-    mgr.copy_async(&mut on_dev, 0, &pinned, 0, n, &s1).unwrap();
+    mgr.copy(&mut on_dev, 0, &pinned, 0, n, Some(&s1)).unwrap();
     let mut back = mgr.alloc(Placement::Host(NumaPolicy::Default), n).unwrap();
-    mgr.copy_async(&mut back, 0, &on_dev, 0, n, &s1).unwrap();
+    mgr.copy(&mut back, 0, &on_dev, 0, n, Some(&s1)).unwrap();
     drop(on_dev); // waits for both copies before cuMemFree
     assert_eq!(back.as_slice().unwrap(), &data[..]);
     drop(pinned);
@@ -47,7 +47,7 @@ fn manager_buffers_pool_and_tier_store_on_cuda() {
         .unwrap();
     assert!(pool.expandable(), "VMM on the fake: expandable segments");
     let s0 = mgr.create_stream(0).unwrap();
-    let blocks: Vec<_> = [700, 3 * MIB + 5, 512, 9 * MIB]
+    let mut blocks: Vec<_> = [700, 3 * MIB + 5, 512, 9 * MIB]
         .iter()
         .map(|&size| pool.alloc(size, &s0).unwrap())
         .collect();
@@ -71,9 +71,9 @@ fn manager_buffers_pool_and_tier_store_on_cuda() {
     let mut dst = mgr
         .alloc(Placement::Host(NumaPolicy::Default), MIB)
         .unwrap();
-    mgr.copy_to_block(&blocks[3], 4096, &src, 0, MIB, &s0)
+    mgr.copy(&mut blocks[3], 4096, &src, 0, MIB, Some(&s0))
         .unwrap();
-    mgr.copy_from_block(&mut dst, 0, &blocks[3], 4096, MIB, &s0)
+    mgr.copy(&mut dst, 0, &blocks[3], 4096, MIB, Some(&s0))
         .unwrap();
     s0.synchronize().unwrap();
     assert_eq!(dst.as_slice().unwrap(), &layer_bytes(7, MIB)[..]);

@@ -231,7 +231,7 @@ fn registrations_refused_as_invalid_are_split_and_rolled_back() {
         let calls = f.stat("register_calls");
         assert!(matches!(
             d.register_host(res.ptr, len),
-            Err(Error::OutOfMemory { tier: Tier::Pinned, requested, .. }) if requested == len
+            Err(Error::OutOfMemory { kind: MemKind::Pinned, requested, .. }) if requested == len
         ));
         assert_eq!(f.stat("register_calls") - calls, 1);
         assert_eq!(f.stat("registrations"), 0);
@@ -282,8 +282,10 @@ fn pinning_refused_for_memory_is_out_of_memory() {
     f.fail_next("cuMemHostRegister_v2", code::OUT_OF_MEMORY, 1);
     match mgr.alloc(Placement::Pinned(NumaPolicy::Default), 3 * MIB) {
         Err(Error::OutOfMemory {
-            tier, requested, ..
-        }) => assert_eq!((tier, requested), (Tier::Pinned, 3 * MIB)),
+            kind: tier,
+            requested,
+            ..
+        }) => assert_eq!((tier, requested), (MemKind::Pinned, 3 * MIB)),
         other => panic!("expected OutOfMemory for pinned memory, got {other:?}"),
     }
     assert_eq!(f.stat("registrations"), 0);

@@ -235,9 +235,9 @@ fn a_per_thread_block_freed_on_another_thread_waits_for_the_device() {
         .alloc(Placement::Host(NumaPolicy::Default), PAGE)
         .unwrap();
     mine.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(PAGE, &s).unwrap();
+    let mut blk = pool.alloc(PAGE, &s).unwrap();
     let addr = blk.ptr();
-    mgr.copy_to_block(&blk, 0, &mine, 0, PAGE, &s).unwrap();
+    mgr.copy(&mut blk, 0, &mine, 0, PAGE, Some(&s)).unwrap();
     std::thread::scope(|t| {
         t.spawn(move || drop(blk));
     });
@@ -275,7 +275,7 @@ fn the_pool_and_copies_call_the_driver_rarely() {
     let mut dst = mgr.alloc(Placement::Device(0), MIB).unwrap();
     let events = calls("cuEventCreate");
     for _ in 0..200 {
-        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &s).unwrap();
+        mgr.copy(&mut dst, 0, &src, 0, MIB, Some(&s)).unwrap();
     }
     s.synchronize().unwrap();
     assert!(

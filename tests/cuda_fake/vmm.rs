@@ -130,7 +130,7 @@ fn vmm_reserve_create_map_access_unmap_release() {
     assert!(matches!(
         d.create_physical(0, too_big),
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             requested,
             ..
         }) if requested == too_big

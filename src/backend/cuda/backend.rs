@@ -23,7 +23,7 @@ use crate::backend::{
 };
 use crate::error::{Error, Result};
 use crate::host_mem::available_memory;
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 impl PieceRegistrar for CudaBackend {
     fn registrations(&self) -> &Registrations {
@@ -44,7 +44,7 @@ impl PieceRegistrar for CudaBackend {
             // backend reports an mlock refused for RLIMIT_MEMLOCK, so that callers (the
             // host pool's give-back-and-retry) see the tier and the numbers.
             Status::OUT_OF_MEMORY => Err(Refusal::Final(Error::oom(
-                Tier::Pinned,
+                MemKind::Pinned,
                 len,
                 available_memory(),
             ))),
@@ -96,7 +96,7 @@ impl Backend for CudaBackend {
         match unsafe { self.drv.cuMemAlloc_v2(&mut dptr, size) } {
             Status::SUCCESS => Ok(DevicePtr(dptr)),
             Status::OUT_OF_MEMORY => Err(Error::oom(
-                Tier::Device(device),
+                MemKind::Device(device),
                 size,
                 self.free_for_report(device),
             )),
@@ -140,7 +140,7 @@ impl Backend for CudaBackend {
                 NonNull::new(p).ok_or_else(|| self.drv.error("cuMemAllocManaged", Status::UNKNOWN))
             }
             Status::OUT_OF_MEMORY => Err(Error::oom(
-                Tier::Managed(device),
+                MemKind::Managed(device),
                 size,
                 self.free_for_report(device),
             )),
@@ -572,7 +572,7 @@ impl Backend for CudaBackend {
         match unsafe { self.drv.cuMemCreate(&mut handle, size, &prop, 0) } {
             Status::SUCCESS => Ok(PhysHandle(handle)),
             Status::OUT_OF_MEMORY => Err(Error::oom(
-                Tier::Device(device),
+                MemKind::Device(device),
                 size,
                 self.free_for_report(device),
             )),
@@ -611,7 +611,7 @@ impl Backend for CudaBackend {
             Status::SUCCESS => Ok(()),
             // Page tables are device memory too: the pool gives back cache and retries.
             Status::OUT_OF_MEMORY => Err(Error::oom(
-                Tier::Device(device),
+                MemKind::Device(device),
                 size,
                 self.free_for_report(device),
             )),

@@ -150,6 +150,7 @@ use crate::error::{Error, Result};
 /// region. The error's `code` is that of the first failed `cuMemHostUnregister`, and
 /// its `message` names the original failure and contains
 /// `"rollback failed; region leaked"`.
+#[doc(hidden)]
 pub const REGISTER_ROLLBACK_CALL: &str = RollbackError::CUDA.call;
 
 /// The loaded driver, with hetmem's mapping of its statuses to [`Error`]; derefs to

@@ -11,7 +11,7 @@ use super::CudaBackend;
 use crate::backend::{check_device, BackendKind};
 use crate::error::{Error, Result};
 use crate::host_mem::available_memory;
-use crate::placement::Tier;
+use crate::placement::MemKind;
 
 /// Pinned host memory allocated by the driver itself: `cuMemAllocHost`, the call behind
 /// `cudaMallocHost` / `cudaHostAlloc(.., cudaHostAllocDefault)`. Freed with
@@ -83,7 +83,7 @@ impl<'a> DriverPinned<'a> {
                 }),
                 None => Err(drv.error("cuMemAllocHost", Status::UNKNOWN)),
             },
-            Status::OUT_OF_MEMORY => Err(Error::oom(Tier::Pinned, len, available_memory())),
+            Status::OUT_OF_MEMORY => Err(Error::oom(MemKind::Pinned, len, available_memory())),
             other => Err(drv.error("cuMemAllocHost", other)),
         }
     }

@@ -1,6 +1,6 @@
 //! Unit tests of the CUDA backend; the `gpu_*` ones need a CUDA driver and GPU
 //! (`cargo test --lib cuda -- --ignored`), the rest run anywhere. The backend against
-//! the fake driver is tested in `tests/cuda_fake.rs`.
+//! the fake driver is tested in `tests/cuda_fake/`.
 
 use std::ptr::NonNull;
 
@@ -14,7 +14,7 @@ use super::vmm::{self, access_desc, allocation_prop, check_vmm_addr};
 use super::*;
 use crate::backend::driver::normalize_pci_bus_id;
 use crate::backend::{check_vmm_size, Backend, DevicePtr, HostKind, MemRef, PhysHandle};
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 fn culib_present() -> bool {
     CudaDriver::get().is_ok()
@@ -268,7 +268,7 @@ fn gpu_round_trip() {
     assert!(matches!(
         b.alloc_device(0, too_big),
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             ..
         })
     ));
@@ -349,7 +349,7 @@ fn gpu_vmm_round_trip() {
     assert!(matches!(
         b.create_physical(0, too_big),
         Err(Error::OutOfMemory {
-            tier: Tier::Device(0),
+            kind: MemKind::Device(0),
             requested,
             ..
         }) if requested == too_big
@@ -431,19 +431,19 @@ fn gpu_per_thread_stream_hand_over_between_threads() {
     let mut busy_dst = mgr.alloc(Placement::Device(0), big).unwrap();
     let mut first = mgr.alloc(host.clone(), head).unwrap();
     first.as_mut_slice().unwrap().fill(1);
-    let blk = pool.alloc(head, &s).unwrap();
+    let mut blk = pool.alloc(head, &s).unwrap();
     let addr = blk.ptr();
-    mgr.copy_async(&mut busy_dst, 0, &busy_src, 0, big, &s)
+    mgr.copy(&mut busy_dst, 0, &busy_src, 0, big, Some(&s))
         .unwrap();
-    mgr.copy_to_block(&blk, 0, &first, 0, head, &s).unwrap();
+    mgr.copy(&mut blk, 0, &first, 0, head, Some(&s)).unwrap();
     drop(blk);
     let blk = std::thread::scope(|t| {
         t.spawn(|| {
             let mut second = mgr.alloc(host.clone(), head).unwrap();
             second.as_mut_slice().unwrap().fill(2);
-            let blk = pool.alloc(head, &s).unwrap();
+            let mut blk = pool.alloc(head, &s).unwrap();
             assert_eq!(blk.ptr(), addr, "the budget leaves one block");
-            mgr.copy_to_block(&blk, 0, &second, 0, head, &s).unwrap();
+            mgr.copy(&mut blk, 0, &second, 0, head, Some(&s)).unwrap();
             s.synchronize().unwrap();
             blk
         })

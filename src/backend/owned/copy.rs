@@ -33,9 +33,7 @@ impl Fences {
     /// an empty list; they are removed only once passed.
     pub(crate) fn wait(&self) -> Result<()> {
         if self.must_leak() {
-            return Err(Error::InvalidArgument(
-                "a copy that may still use this memory was never fenced; it is unusable".into(),
-            ));
+            return Err(Error::Unfenced { what: "memory" });
         }
         let pending: Vec<Arc<OwnedEvent>> =
             lock(&self.list).iter().map(|(_, f)| f.clone()).collect();

@@ -4,7 +4,7 @@
 use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
-use super::copy::{self, check_range, CopyEnd, Fences};
+use super::copy::{check_range, CopyEnd, Fences};
 use super::sync::{OwnedStream, SharedBackend};
 use crate::backend::registered::is_rollback_failure;
 use crate::backend::{DevicePtr, HostKind, MemRef};
@@ -83,7 +83,7 @@ impl OwnedMemory {
     }
 
     /// Registers `region` with the backend in pieces of at most `chunk` bytes (clamped
-    /// to whole pages and to [`HOST_REGISTER_CHUNK`](crate::backend::HOST_REGISTER_CHUNK)),
+    /// to whole pages and to [`HOST_REGISTER_CHUNK`](crate::backend::registered::HOST_REGISTER_CHUNK)),
     /// each its own registration, from up to `threads` threads at once. Pinning is
     /// per-page work in the driver (or kernel, for `mlock`), so large regions pin
     /// faster in parallel. The pieces are remembered in the region and unregistered
@@ -99,9 +99,9 @@ impl OwnedMemory {
         use std::sync::atomic::{AtomicBool, AtomicUsize};
         let page = crate::host_mem::page_size();
         let chunk = chunk
-            .clamp(page, crate::backend::HOST_REGISTER_CHUNK)
+            .clamp(page, crate::backend::registered::HOST_REGISTER_CHUNK)
             .next_multiple_of(page)
-            .min(crate::backend::HOST_REGISTER_CHUNK);
+            .min(crate::backend::registered::HOST_REGISTER_CHUNK);
         let len = region.len();
         if len <= chunk {
             return Self::pinned(backend, region);
@@ -287,18 +287,6 @@ impl OwnedMemory {
         self.fences.must_leak()
     }
 
-    /// Copies `len` bytes between two buffers (see [`copy::copy`]).
-    pub(crate) fn copy(
-        dst: &OwnedMemory,
-        dst_offset: usize,
-        src: &OwnedMemory,
-        src_offset: usize,
-        len: usize,
-        stream: Option<&OwnedStream>,
-    ) -> Result<()> {
-        copy::copy(dst, dst_offset, src, src_offset, len, stream)
-    }
-
     /// Copies `data` to `offset`, synchronously, after the copies pending on this memory.
     pub(crate) fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
         check_range(offset, data.len(), self.len)?;
@@ -413,9 +401,7 @@ impl Drop for OwnedMemory {
             return;
         }
         let waited = if self.fences.must_leak() {
-            Err(Error::InvalidArgument(
-                "a copy that may still use this buffer was never fenced".into(),
-            ))
+            Err(Error::Unfenced { what: "buffer" })
         } else {
             self.wait_fences()
         };

@@ -260,16 +260,15 @@ impl VmmRegion {
             return Ok(());
         }
         if self.fences.must_leak() {
-            return Err(Error::InvalidArgument(
-                "a copy into this region was never fenced: its chunks stay mapped".into(),
-            ));
+            return Err(Error::Unfenced { what: "region" });
         }
         self.fences.wait()?;
         for &off in offs {
             let Some(m) = self.chunks.get(&off).copied() else {
-                return Err(Error::InvalidArgument(format!(
-                    "no chunk is mapped at offset {off} of the region"
-                )));
+                return Err(Error::NotMapped {
+                    offset: off,
+                    len: self.granularity,
+                });
             };
             // SAFETY: exactly one mapping made by map_run; the copies fenced on the
             // region are done and the caller guarantees no other queued work uses it.
@@ -326,9 +325,7 @@ impl VmmRegion {
     fn checked_ref(&self, offset: usize, len: usize) -> Result<MemRef> {
         check_range(offset, len, self.size)?;
         if len > 0 && !self.is_mapped(offset, len) {
-            return Err(Error::InvalidArgument(format!(
-                "{len} bytes at offset {offset} of the region are not all mapped"
-            )));
+            return Err(Error::NotMapped { offset, len });
         }
         Ok(MemRef::Device {
             device: self.device,

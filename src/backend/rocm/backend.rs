@@ -16,7 +16,7 @@ use crate::backend::{
     EventHandle, MemInfo, MemRef, StreamHandle,
 };
 use crate::error::{Error, Result};
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 /// The runtime's value for a stream handle (see [`raw_stream`]).
 fn hip_stream(stream: StreamHandle) -> hip::hipStream_t {
@@ -62,7 +62,7 @@ impl Backend for RocmBackend {
         // SAFETY: `ptr` is a valid out-pointer; the size is nonzero.
         let code = unsafe { self.api().hipMalloc(&mut ptr, size) };
         if code != hip::hipSuccess {
-            return Err(self.alloc_error("hipMalloc", code, Tier::Device(device), device, size));
+            return Err(self.alloc_error("hipMalloc", code, MemKind::Device(device), device, size));
         }
         if ptr.is_null() {
             return Err(Self::null_result("hipMalloc"));
@@ -104,7 +104,7 @@ impl Backend for RocmBackend {
             return Err(self.alloc_error(
                 "hipMallocManaged",
                 code,
-                Tier::Managed(device),
+                MemKind::Managed(device),
                 device,
                 size,
             ));

@@ -45,11 +45,12 @@ use super::driver::{self, Handles};
 use super::registered::{Registrations, RollbackError, HOST_REGISTER_CHUNK};
 use super::{check_device, Backend, BackendKind, DeviceInfo, MemRef};
 use crate::error::{Error, Result};
-use crate::placement::Tier;
+use crate::placement::MemKind;
 
 /// Largest range registered with one `hipHostRegister` call; longer ranges are
 /// registered in pieces of this size. The same value as every backend's host
 /// registration chunk, kept public for tests that register more than one chunk.
+#[doc(hidden)]
 pub const REGISTER_CHUNK: usize = HOST_REGISTER_CHUNK;
 
 /// The `call` of the [`Error::Driver`] that [`Backend::register_host`]
@@ -58,6 +59,7 @@ pub const REGISTER_CHUNK: usize = HOST_REGISTER_CHUNK;
 /// caller must not unmap (or otherwise give back) the memory: it has to leak the
 /// region. The error's `code` is that of the failed `hipHostUnregister`, and its
 /// `message` names the original failure and contains `"rollback failed; region leaked"`.
+#[doc(hidden)]
 pub const REGISTER_ROLLBACK_CALL: &str = RollbackError::ROCM.call;
 
 /// The ROCm backend: one loaded HIP runtime and the devices it reported.
@@ -264,7 +266,7 @@ impl RocmBackend {
         &self,
         call: &'static str,
         code: hipError_t,
-        tier: Tier,
+        tier: MemKind,
         device: usize,
         size: usize,
     ) -> Error {

@@ -24,7 +24,7 @@ use crate::backend::{
     LEGACY_STREAM, PER_THREAD_STREAM,
 };
 use crate::error::{Error, Result};
-use crate::placement::{Advice, Location, Tier};
+use crate::placement::{Advice, Location, MemKind};
 
 impl Backend for SimBackend {
     fn kind(&self) -> BackendKind {
@@ -46,7 +46,7 @@ impl Backend for SimBackend {
 
     fn alloc_device(&self, device: usize, size: usize) -> Result<DevicePtr> {
         check_device(self, device)?;
-        let oom = |free| Error::oom(Tier::Device(device), size, free);
+        let oom = |free| Error::oom(MemKind::Device(device), size, free);
         self.used[device].try_reserve(size).map_err(oom)?;
         let Some(mem) = Memory::zeroed(size) else {
             self.used[device].release(size);
@@ -94,7 +94,7 @@ impl Backend for SimBackend {
         // Managed memory lives on the host until touched on the device; it counts
         // against the device as the driver's accounting does once it migrates, which
         // the simulator simplifies to counting it always.
-        let oom = |free| Error::oom(Tier::Managed(device), size, free);
+        let oom = |free| Error::oom(MemKind::Managed(device), size, free);
         self.used[device].try_reserve(size).map_err(oom)?;
         let Some(mem) = Memory::zeroed(size) else {
             self.used[device].release(size);
@@ -189,7 +189,10 @@ impl Backend for SimBackend {
         st.streams
             .remove(&stream.0)
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", stream.0)))
+            .ok_or(Error::UnknownHandle {
+                what: "sim stream",
+                handle: stream.0,
+            })
     }
 
     /// Raw handles 0 and 1 are the device's legacy default stream, a sim stream made on
@@ -272,7 +275,10 @@ impl Backend for SimBackend {
         st.events
             .remove(&event.0)
             .map(|_| ())
-            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))
+            .ok_or(Error::UnknownHandle {
+                what: "sim event",
+                handle: event.0,
+            })
     }
 
     unsafe fn record_event(&self, event: EventHandle, stream: StreamHandle) -> Result<()> {
@@ -282,10 +288,10 @@ impl Backend for SimBackend {
         let sdev = stream_ref(&st, stream)?.device;
         let capture = stream_ref(&st, stream)?.capture;
         let t = ready_ns(&st, stream)?.max(st.host_ns);
-        let e = st
-            .events
-            .get_mut(&event.0)
-            .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", event.0)))?;
+        let e = st.events.get_mut(&event.0).ok_or(Error::UnknownHandle {
+            what: "sim event",
+            handle: event.0,
+        })?;
         if e.device != sdev {
             return Err(Error::InvalidArgument(format!(
                 "event of device {} recorded on a stream of device {sdev}",
@@ -656,7 +662,7 @@ impl Backend for SimBackend {
         check_vmm_size("physical allocation", size, VMM_GRANULARITY)?;
         self.used[device]
             .try_reserve(size)
-            .map_err(|free| Error::oom(Tier::Device(device), size, free))?;
+            .map_err(|free| Error::oom(MemKind::Device(device), size, free))?;
         let mut st = self.lock();
         charge(&self.cfg, &mut st, DriverCall::Create, size);
         let h = st.next_handle;

@@ -105,21 +105,24 @@ pub(super) fn ready_ns(st: &State, s: StreamHandle) -> Result<u64> {
 }
 
 pub(super) fn stream_ref(st: &State, s: StreamHandle) -> Result<&StreamState> {
-    st.streams
-        .get(&s.0)
-        .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", s.0)))
+    st.streams.get(&s.0).ok_or(Error::UnknownHandle {
+        what: "sim stream",
+        handle: s.0,
+    })
 }
 
 pub(super) fn stream_mut(st: &mut State, s: StreamHandle) -> Result<&mut StreamState> {
-    st.streams
-        .get_mut(&s.0)
-        .ok_or_else(|| Error::InvalidArgument(format!("sim stream {} is not live", s.0)))
+    st.streams.get_mut(&s.0).ok_or(Error::UnknownHandle {
+        what: "sim stream",
+        handle: s.0,
+    })
 }
 
 pub(super) fn event_ref(st: &State, e: EventHandle) -> Result<&EventState> {
-    st.events
-        .get(&e.0)
-        .ok_or_else(|| Error::InvalidArgument(format!("sim event {} is not live", e.0)))
+    st.events.get(&e.0).ok_or(Error::UnknownHandle {
+        what: "sim event",
+        handle: e.0,
+    })
 }
 
 /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`: not permitted while a stream is capturing.

@@ -77,12 +77,12 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
 
-use crate::backend::copy::{CopyEnd, SubEnd};
-use crate::backend::fork::Epoch;
+use crate::backend::owned::copy::{CopyEnd, SubEnd};
 use crate::backend::owned::{OwnedMemory, PhysChunk, SharedBackend, VmmRegion};
 use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
-use crate::placement::Tier;
+use crate::host_mem::fork::Epoch;
+use crate::placement::MemKind;
 use crate::pool::stats::PoolStats;
 use crate::stream::Stream;
 use blocks::{BlockState, Blocks, COMMON};
@@ -670,7 +670,7 @@ impl Shared {
     ) -> Result<u64> {
         if rounded > self.budget {
             // Never fits: say so before reserving address space or releasing the cache.
-            let e = Error::oom(Tier::Device(self.device), size, self.budget);
+            let e = Error::oom(MemKind::Device(self.device), size, self.budget);
             return Err(self.oom(st, size, e));
         }
         let key = stream.inner.id();

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::backend::owned::{OwnedMemory, PhysChunk, VmmRegion};
 use crate::error::{Error, Result};
-use crate::placement::Tier;
+use crate::placement::MemKind;
 use crate::stream::Stream;
 
 impl Shared {
@@ -170,7 +170,7 @@ impl Shared {
             let room = self.budget.saturating_sub(st.reserved);
             if room < left {
                 st.spares[idx].append(&mut run);
-                return Err(Error::oom(Tier::Device(self.device), left, room));
+                return Err(Error::oom(MemKind::Device(self.device), left, room));
             }
             let mut want = left
                 .max(target)
@@ -366,7 +366,7 @@ impl Shared {
         };
         if st.reserved + seg_size > self.budget {
             return Err(Error::oom(
-                Tier::Device(self.device),
+                MemKind::Device(self.device),
                 seg_size,
                 self.budget - st.reserved.min(self.budget),
             ));
@@ -475,7 +475,7 @@ impl Shared {
         tracing::warn!(target: "hetmem", device = self.device, requested, reserved = st.reserved,
             budget = self.budget, largest, "device pool out of memory");
         Error::OutOfMemory {
-            tier: Tier::Device(self.device),
+            kind: MemKind::Device(self.device),
             requested,
             free: (self.budget - st.reserved.min(self.budget)).min(device_free),
             reserved: Some(st.reserved),

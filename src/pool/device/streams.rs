@@ -100,9 +100,10 @@ impl Streams {
     }
 
     fn entry(&self, id: u64) -> Result<&Entry> {
-        self.streams.get(&id).ok_or_else(|| {
-            // Streams that own or are recorded on a block are never forgotten.
-            Error::InvalidArgument(format!("pool stream {id} is not registered"))
+        // Streams that own or are recorded on a block are never forgotten.
+        self.streams.get(&id).ok_or(Error::UnknownHandle {
+            what: "pool stream",
+            handle: id,
         })
     }
 

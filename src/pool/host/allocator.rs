@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use allocator_api2::alloc::{AllocError, Allocator};
 
 use super::{HostBlock, HostPool};
-use crate::backend::host::page_size;
+use crate::host_mem::page_size;
 use crate::placement::NumaPolicy;
 
 /// An `allocator_api2` [`Allocator`] over a [`HostPool`]'s pinned memory: each

@@ -37,10 +37,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::host::{page_size, HostRegion, HUGE_PAGE_SIZE};
 use crate::backend::owned::{MemoryKind, OwnedMemory, SharedBackend};
 use crate::error::{Error, Result};
-use crate::placement::{NumaPolicy, Placement, Tier};
+use crate::host_mem::{page_size, HostRegion, HUGE_PAGE_SIZE};
+use crate::placement::{MemKind, NumaPolicy, Placement};
 use crate::pool::stats::Stat;
 
 mod allocator;
@@ -390,7 +390,7 @@ impl HostPool {
         let policy = (self.placer)(placement, None)?;
         let key: Key = (pinned, policy);
         let sh = &self.shared;
-        let tier = placement.tier();
+        let tier = placement.kind();
 
         let mut st = sh.lock();
         if let Some((found, mem)) = st.take_cached(&key, class) {
@@ -429,7 +429,7 @@ impl HostPool {
                     } else {
                         t.stats.num_ooms += 1;
                         let err = Error::OutOfMemory {
-                            tier,
+                            kind: tier,
                             requested: size,
                             free: budget.saturating_sub(held),
                             reserved: Some(held),
@@ -547,7 +547,7 @@ pub(crate) fn register_chunk(len: usize, threads: usize, min: usize) -> usize {
     len.div_ceil(threads.max(1))
         .next_multiple_of(HUGE_PAGE_SIZE)
         .max(min)
-        .min(crate::backend::HOST_REGISTER_CHUNK)
+        .min(crate::backend::registered::HOST_REGISTER_CHUNK)
 }
 
 /// Registrations `mem` was pinned with: its pieces, or 1 when registered whole; 0 for
@@ -583,7 +583,7 @@ impl Shared {
         policy: &NumaPolicy,
         pinned: bool,
         class: usize,
-        tier: Tier,
+        tier: MemKind,
     ) -> Result<OwnedMemory> {
         let threads = if class >= self.cfg.parallel_threshold {
             self.cfg.threads
@@ -647,7 +647,7 @@ mod tests {
     /// again and stays counted: in `held_bytes`, in `leaked_bytes`, against the budget.
     #[test]
     fn leaked_blocks_stay_held_and_counted() {
-        use crate::backend::copy::CopyEnd;
+        use crate::backend::owned::copy::CopyEnd;
         use crate::{BackendKind, Manager};
         let mgr = Manager::builder()
             .backend(BackendKind::Sim)

@@ -11,7 +11,7 @@ use super::state::*;
 use super::{ParamGuard, TierStore};
 use crate::backend::DevicePtr;
 use crate::error::{Error, Result};
-use crate::placement::Tier;
+use crate::placement::MemKind;
 use crate::pool::PoolBlock;
 use crate::stream::Stream;
 use crate::tier::policy::ParamId;
@@ -245,7 +245,10 @@ impl TierStore {
                 _ => {
                     let free = setup.device_budget.saturating_sub(st.used);
                     let size = st.params[id as usize].size;
-                    return (st, Err(Error::oom(Tier::Device(setup.device), size, free)));
+                    return (
+                        st,
+                        Err(Error::oom(MemKind::Device(setup.device), size, free)),
+                    );
                 }
             }
         }

@@ -105,7 +105,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
-use crate::placement::{NumaPolicy, Tier};
+use crate::placement::{MemKind, NumaPolicy};
 use crate::pool::{
     Budget, DevicePool, HostPool, HostPoolConfig, PoolBlock, PoolConfig, PoolStats, StagingRing,
 };
@@ -340,7 +340,7 @@ impl TierStore {
             let need = device_bytes(source.len());
             if need > setup.device_budget {
                 return Err(Error::oom(
-                    Tier::Device(setup.device),
+                    MemKind::Device(setup.device),
                     need,
                     setup.device_budget,
                 ));

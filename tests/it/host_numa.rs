@@ -1,8 +1,7 @@
 //! Host memory and NUMA topology: sysfs fixtures with several nodes, and real placement
 //! on this machine (one node) proved with `move_pages`.
 
-#[path = "common/smaps.rs"]
-mod smaps;
+use crate::common::smaps;
 
 use std::path::{Path, PathBuf};
 
@@ -10,7 +9,7 @@ use hetmem::backend::host::HostBackend;
 use hetmem::backend::{Backend, BackendKind, DevicePtr, HostKind, MemRef, StreamHandle};
 use hetmem::host_mem::{HostRegion, HUGE_PAGE_SIZE, PAGE_NODE_SAMPLES};
 use hetmem::topology::Topology;
-use hetmem::{Error, Manager, NumaPolicy, Placement, Tier};
+use hetmem::{Error, Manager, MemKind, NumaPolicy, Placement};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -300,12 +299,12 @@ fn impossible_size_is_host_out_of_memory() {
     let len = 1usize << 60;
     match HostRegion::alloc(len, &NumaPolicy::Default) {
         Err(Error::OutOfMemory {
-            tier,
+            kind: tier,
             requested,
             free,
             ..
         }) => {
-            assert_eq!(tier, Tier::Host);
+            assert_eq!(tier, MemKind::Host);
             assert_eq!(requested, len);
             assert!(free > 0 && free < len);
         }

@@ -2,13 +2,7 @@
 //! the run-time loader, device enumeration, memory, copies, streams, events,
 //! registration, managed memory and error mapping, all through the `Backend` trait.
 
-#[macro_use]
-#[path = "common/backend_checks.rs"]
-mod backend_checks;
-#[path = "common/driver_scenarios.rs"]
-mod driver_scenarios;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::{backend_checks, fake_hip};
 
 use std::path::Path;
 use std::ptr::NonNull;
@@ -339,7 +333,7 @@ const REAL_HIP: &str = "/usr/lib/x86_64-linux-gnu/libamdhip64.so.5";
 ///
 /// The standard test harness cannot decide "ignored" at run time, so the test is
 /// ignored unless built with `rocm-link`, the feature that already needs ROCm
-/// installed (`HIP_PATH=/usr cargo test --features rocm-link --test rocm_fake`), or
+/// installed (`HIP_PATH=/usr cargo test --features rocm-link --test it rocm_fake::`), or
 /// run with `--ignored`. Wherever it runs, the runtime is required: a missing library
 /// is a failure, never a pass.
 #[test]

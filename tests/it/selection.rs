@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-#[path = "common/pin.rs"]
-mod pin;
+use crate::common::pin;
 
 use hetmem::backend::sim::SimDevice;
 use hetmem::{BackendKind, Error, Manager, NumaPolicy, Placement, SimConfig};

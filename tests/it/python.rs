@@ -9,12 +9,7 @@
 //! Needs `python3` (or `$PYTHON`); CI installs it. A missing interpreter fails the test
 //! rather than skipping it.
 
-#[path = "common/cdylib.rs"]
-mod cdylib;
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::{cdylib, fake_cuda};
 
 use std::path::Path;
 use std::process::Command;

@@ -6,12 +6,7 @@
 //! Needs a C compiler (`cc`, or `$CC`); CI installs gcc. A missing compiler fails the
 //! test rather than skipping it.
 
-#[path = "common/cdylib.rs"]
-mod cdylib;
-#[path = "common/fake_cuda.rs"]
-mod fake_cuda;
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::{cdylib, fake_cuda, fake_hip};
 
 use cdylib::library_dir;
 

@@ -2,8 +2,7 @@
 //! where pages are (`move_pages` in query mode) and which policy a mapping has
 //! (`get_mempolicy(MPOL_F_ADDR)`), not by trusting the request.
 
-#[path = "common/smaps.rs"]
-mod smaps;
+use crate::common::smaps;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;

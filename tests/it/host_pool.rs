@@ -4,8 +4,7 @@
 //! `allocator_api2::vec::Vec` in pinned memory. Every test runs on the sim backend and
 //! the host backend (where pinning is `mlock`).
 
-#[path = "common/pin.rs"]
-mod pin;
+use crate::common::{child, pin};
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use allocator_api2::vec::Vec as PinnedVec;
 use hetmem::backend::sim::SimDevice;
 use hetmem::pool::{size_class, HostPool, HostPoolConfig};
-use hetmem::{BackendKind, Error, Manager, NumaPolicy, Placement, SimConfig, Tier};
+use hetmem::{BackendKind, Error, Manager, MemKind, NumaPolicy, Placement, SimConfig};
 
 const MIB: usize = 1 << 20;
 const GIB: usize = 1 << 30;
@@ -232,13 +231,13 @@ fn the_pinned_budget_evicts_cached_blocks_then_fails_with_numbers() {
         let a = pool.alloc_pinned(&NumaPolicy::Default, 6 * MIB).unwrap();
         match pool.alloc_pinned(&NumaPolicy::Default, 4 * MIB) {
             Err(Error::OutOfMemory {
-                tier,
+                kind: tier,
                 requested,
                 free,
                 reserved,
                 largest_free_block,
             }) => {
-                assert_eq!(tier, Tier::Pinned);
+                assert_eq!(tier, MemKind::Pinned);
                 assert_eq!(requested, 4 * MIB);
                 assert_eq!(free, 2 * MIB);
                 assert_eq!(reserved, Some(6 * MIB));
@@ -502,18 +501,7 @@ fn bad_requests_are_refused() {
 fn an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers() {
     const REQ: usize = 256 * MIB;
     const NAME: &str = "an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers";
-    if std::env::var_os("HETMEM_TEST_RLIMIT_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-            .env("HETMEM_TEST_RLIMIT_CHILD", "1")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "child failed:\n{text}");
+    if let Some(text) = child::alone(module_path!(), NAME) {
         assert!(text.contains("limit checked"), "child ran nothing:\n{text}");
         return;
     }
@@ -542,9 +530,9 @@ fn an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers() {
         // SAFETY: setrlimit reads the struct passed; lowering the soft limit is allowed.
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
 
-        let refused = |what: &str, r: hetmem::Result<()>, tier: Tier| match r {
+        let refused = |what: &str, r: hetmem::Result<()>, tier: MemKind| match r {
             Err(Error::OutOfMemory {
-                tier: t,
+                kind: t,
                 requested,
                 free,
                 ..
@@ -559,21 +547,25 @@ fn an_address_space_limit_is_an_error_with_numbers_and_allocation_recovers() {
         };
         let host = Placement::Host(NumaPolicy::Default);
         let pinned = Placement::Pinned(NumaPolicy::Default);
-        refused("host", mgr.alloc(host.clone(), REQ).map(drop), Tier::Host);
+        refused(
+            "host",
+            mgr.alloc(host.clone(), REQ).map(drop),
+            MemKind::Host,
+        );
         refused(
             "pinned",
             mgr.alloc(pinned.clone(), REQ).map(drop),
-            Tier::Pinned,
+            MemKind::Pinned,
         );
         refused(
             "pool host",
             pool.alloc_host(&NumaPolicy::Default, REQ).map(drop),
-            Tier::Host,
+            MemKind::Host,
         );
         refused(
             "pool pinned",
             pool.alloc_pinned(&NumaPolicy::Default, REQ).map(drop),
-            Tier::Pinned,
+            MemKind::Pinned,
         );
         // What fits under the limit is still served.
         drop(mgr.alloc(host.clone(), 8 * MIB).unwrap());

@@ -1,4 +1,4 @@
-//! Keeps the crate's layers true, as `tests/capi_header.rs` keeps the header true:
+//! Keeps the crate's layers true, as `tests/it/capi_header.rs` keeps the header true:
 //! every `crate::`, `super::` and `self::` path in `src/` (and every path through a child
 //! module), outside comments, strings and `#[cfg(test)]` code, is an edge from the module
 //! that writes it to the module it names (re-exports followed back to the module that
@@ -588,7 +588,7 @@ fn check(
         // Only the root's own row matches everything; a module needs a row of its own.
         if row_of(layers, m).is_none_or(|(r, _)| r.is_empty() && !m.is_empty()) {
             problems.push(format!(
-                "module `{m}` is in no layer: give it a row in LAYERS (tests/layers.rs)"
+                "module `{m}` is in no layer: give it a row in LAYERS (tests/it/layers.rs)"
             ));
         }
     }
@@ -611,7 +611,7 @@ fn check(
         if tl < fl {
             problems.push(format!(
                 "{}:{}: `{}` ({}) uses `{}` ({}): an upward import; layers call only \
-                 downward (tests/layers.rs: LAYERS)",
+                 downward (tests/it/layers.rs: LAYERS)",
                 e.file,
                 e.line,
                 show(&e.from),
@@ -822,7 +822,7 @@ fn an_upward_import_fails_where_it_is_written() {
         problems,
         vec![
             "src/pool/b.rs:2: `pool::b` (pools) uses `manager` (API): an upward import; \
-             layers call only downward (tests/layers.rs: LAYERS)"
+             layers call only downward (tests/it/layers.rs: LAYERS)"
         ]
     );
 }
@@ -886,7 +886,7 @@ fn a_module_in_no_layer_fails() {
     ]);
     assert_eq!(
         problems,
-        vec!["module `host` is in no layer: give it a row in LAYERS (tests/layers.rs)"]
+        vec!["module `host` is in no layer: give it a row in LAYERS (tests/it/layers.rs)"]
     );
 }
 

@@ -2,8 +2,7 @@
 //! still reading them (checked on the asynchronous fake HIP runtime), a mapped file
 //! streams like memory, and on the simulator the link runs at pinned speed.
 
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::{child, fake_hip};
 
 use hetmem::pool::{HostPoolConfig, PoolConfig, StagingRing};
 use hetmem::{BackendKind, Error, Manager, NumaPolicy, Placement, SimConfig};
@@ -20,7 +19,7 @@ fn read_back(mgr: &Manager, blk: &hetmem::pool::PoolBlock, stream: &hetmem::Stre
     let mut out = mgr
         .alloc(Placement::Pinned(NumaPolicy::Default), blk.len())
         .unwrap();
-    mgr.copy_from_block(&mut out, 0, blk, 0, blk.len(), stream)
+    mgr.copy(&mut out, 0, blk, 0, blk.len(), Some(stream))
         .unwrap();
     out.as_slice().unwrap().to_vec()
 }
@@ -175,33 +174,6 @@ fn bad_uploads_are_refused() {
     assert!(ring.upload(&[0; 100], &dst, 0, &foreign).is_err());
 }
 
-/// Set in a child process to the name of the one test it runs.
-const CHILD_ENV: &str = "HETMEM_STAGING_CHILD";
-
-/// Runs test `test` alone in a child process of this binary and returns false (the
-/// child must pass); in that child it returns true, and the test's body runs there.
-fn in_child(test: &str) -> bool {
-    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
-        return true;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "child {test} failed:\n{text}");
-    assert!(
-        text.contains("1 passed"),
-        "child {test} ran no test:\n{text}"
-    );
-    false
-}
-
 /// Makes every thread this process starts from now on fail to start, as a thread or
 /// pids limit does (`clone` answers `EAGAIN`): the soft `RLIMIT_NPROC` goes to 0.
 /// Root is exempt from that limit (and so is `CAP_SYS_RESOURCE`), so a root process
@@ -261,7 +233,12 @@ fn with_no_thread_to_start_the_caller_does_the_work() {
     use hetmem::ffi::{hetmem_last_error, memory::hetmem_manager_create, HETMEM_OK};
     use hetmem::tier::{TierConfig, TierStore};
 
-    if !in_child("with_no_thread_to_start_the_caller_does_the_work") {
+    if child::alone(
+        module_path!(),
+        "with_no_thread_to_start_the_caller_does_the_work",
+    )
+    .is_some()
+    {
         return;
     }
     let mgr = Manager::builder()
@@ -361,7 +338,7 @@ fn with_no_thread_to_start_the_caller_does_the_work() {
 /// address space) is refused before a single slot is pinned, with its numbers.
 #[test]
 fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
-    use hetmem::Tier;
+    use hetmem::MemKind;
 
     let mgr = Manager::builder()
         .backend(BackendKind::Sim)
@@ -380,7 +357,7 @@ fn a_ring_no_memory_can_hold_is_refused_before_anything_is_pinned() {
             .unwrap();
         let err = StagingRing::new(&host, &NumaPolicy::Default, slots, 4 * MIB, 1).unwrap_err();
         assert!(
-            matches!(err, Error::OutOfMemory { tier: Tier::Pinned, requested, free, .. }
+            matches!(err, Error::OutOfMemory { kind: MemKind::Pinned, requested, free, .. }
                 if requested == slots * 4 * MIB && free < requested),
             "{err}"
         );

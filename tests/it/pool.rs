@@ -2,14 +2,13 @@
 //! and a property test against a simple model. Runs on the simulator, with expandable
 //! segments (virtual memory management) and with plain segments.
 
-#[path = "common/fake_hip.rs"]
-mod fake_hip;
+use crate::common::fake_hip;
 
 use std::time::Duration;
 
 use hetmem::backend::PER_THREAD_STREAM;
 use hetmem::pool::{Budget, DevicePool, PoolBlock, PoolConfig};
-use hetmem::{BackendKind, Error, Manager, SimConfig, Stream, Tier};
+use hetmem::{BackendKind, Error, Manager, MemKind, SimConfig, Stream};
 use proptest::prelude::*;
 
 const MIB: usize = 1 << 20;
@@ -328,7 +327,7 @@ fn budget_and_out_of_memory_carry_the_numbers() {
         let a = p.alloc(48 * MIB, &s).unwrap();
         match p.alloc(32 * MIB, &s) {
             Err(Error::OutOfMemory {
-                tier: Tier::Device(0),
+                kind: MemKind::Device(0),
                 requested,
                 free,
                 reserved,
@@ -663,26 +662,24 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let (s, other) = (mgr.create_stream(0).unwrap(), mgr.create_stream(0).unwrap());
         let n = 5 * MIB + 123;
         let data: Vec<u8> = (0..n).map(|i| (i * 13 + 7) as u8).collect();
-        let blk = p.alloc(n, &s).unwrap();
+        let mut blk = p.alloc(n, &s).unwrap();
         {
             let mut src = mgr
                 .alloc(Placement::Pinned(NumaPolicy::Default), n)
                 .unwrap();
             src.as_mut_slice().unwrap().copy_from_slice(&data);
-            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            mgr.copy(&mut blk, 0, &src, 0, n, Some(&s)).unwrap();
             // `src` dropped with the copy queued: its drop waits for the copy.
         }
         // Device to device on another stream (recorded on both blocks), then back out.
-        let blk2 = p.alloc(n, &s).unwrap();
+        let mut blk2 = p.alloc(n, &s).unwrap();
         let ev = s.record().unwrap();
         other.wait(&ev).unwrap();
-        mgr.copy_between_blocks(&blk2, 0, &blk, 0, n, &other)
-            .unwrap();
+        mgr.copy(&mut blk2, 0, &blk, 0, n, Some(&other)).unwrap();
         let mut out = mgr
             .alloc(Placement::Pinned(NumaPolicy::Default), n)
             .unwrap();
-        mgr.copy_from_block(&mut out, 0, &blk2, 0, n, &other)
-            .unwrap();
+        mgr.copy(&mut out, 0, &blk2, 0, n, Some(&other)).unwrap();
         assert!(
             out.as_slice().unwrap() == &data[..],
             "bytes after host -> block -> block -> host"
@@ -691,18 +688,14 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let mut small = mgr
             .alloc(Placement::Host(NumaPolicy::Default), 100)
             .unwrap();
-        mgr.copy_from_block(&mut small, 0, &blk2, 1000, 100, &s)
-            .unwrap();
+        mgr.copy(&mut small, 0, &blk2, 1000, 100, Some(&s)).unwrap();
         assert!(small.as_slice().unwrap() == &data[1000..1100]);
         assert!(matches!(
-            mgr.copy_from_block(&mut small, 0, &blk2, n - 50, 100, &s),
+            mgr.copy(&mut small, 0, &blk2, n - 50, 100, Some(&s)),
             Err(Error::OutOfBounds { .. })
         ));
-        assert!(
-            mgr.copy_between_blocks(&blk2, 0, &blk2, 10, 100, &s)
-                .is_err(),
-            "overlap refused"
-        );
+        // A block copied onto itself does not compile: `Manager::copy` borrows `dst` as
+        // `&mut` (`Manager::copy_within` is the buffer's overlapping copy).
         // Freed with copies behind them, then trimmed: unmapping waits for the copies.
         drop((blk, blk2));
         p.trim().unwrap();
@@ -712,15 +705,15 @@ fn async_copies_into_and_out_of_blocks_keep_bytes() {
         let theirs = other_mgr
             .alloc(Placement::Host(NumaPolicy::Default), 16)
             .unwrap();
-        let blk = p.alloc(16, &s).unwrap();
+        let mut blk = p.alloc(16, &s).unwrap();
         assert!(matches!(
-            mgr.copy_to_block(&blk, 0, &theirs, 0, 16, &s),
+            mgr.copy(&mut blk, 0, &theirs, 0, 16, Some(&s)),
             Err(Error::ForeignHandle { .. })
         ));
         let their_stream = other_mgr.create_stream(0).unwrap();
         let mine = mgr.alloc(Placement::Host(NumaPolicy::Default), 16).unwrap();
         assert!(matches!(
-            mgr.copy_to_block(&blk, 0, &mine, 0, 16, &their_stream),
+            mgr.copy(&mut blk, 0, &mine, 0, 16, Some(&their_stream)),
             Err(Error::ForeignHandle { .. })
         ));
     });
@@ -744,20 +737,20 @@ fn plain_segments_on_an_asynchronous_runtime() {
     let n = 3 * MIB;
     for round in 0..4u8 {
         let data = vec![round + 1; n];
-        let blk = p.alloc(n, &s).unwrap();
+        let mut blk = p.alloc(n, &s).unwrap();
         {
             // Pageable on purpose: unmapping it is no HIP call, so nothing in the runtime
             // runs the queued copy first. Only the buffer's drop waiting for its fence
             // keeps the copy from reading freed memory.
             let mut src = mgr.alloc(Placement::Host(NumaPolicy::Default), n).unwrap();
             src.as_mut_slice().unwrap().copy_from_slice(&data);
-            mgr.copy_to_block(&blk, 0, &src, 0, n, &s).unwrap();
+            mgr.copy(&mut blk, 0, &src, 0, n, Some(&s)).unwrap();
             assert!(fake.stat("queued_ops") > 0, "the copy is still queued");
         } // the queued copy still reads `src`: its drop must wait
         let mut out = mgr
             .alloc(Placement::Pinned(NumaPolicy::Default), n)
             .unwrap();
-        mgr.copy_from_block(&mut out, 0, &blk, 0, n, &s).unwrap();
+        mgr.copy(&mut out, 0, &blk, 0, n, Some(&s)).unwrap();
         // `as_slice` waits for the copy into `out`.
         assert!(
             out.as_slice().unwrap().iter().all(|b| *b == round + 1),
@@ -1149,7 +1142,7 @@ fn async_copies_reuse_their_events() {
     let mut dst = mgr.alloc(hetmem::Placement::Device(0), MIB).unwrap();
     let before = sim.stats().driver;
     for _ in 0..1000 {
-        mgr.copy_async(&mut dst, 0, &src, 0, MIB, &a).unwrap();
+        mgr.copy(&mut dst, 0, &src, 0, MIB, Some(&a)).unwrap();
     }
     drop(dst);
     let d = sim.stats().driver.since(&before);
@@ -1160,4 +1153,37 @@ fn async_copies_reuse_their_events() {
         d.calls(DriverCall::EventCreate),
         d.calls(DriverCall::EventRecord)
     );
+}
+
+/// `Manager::copy` takes every kind of memory at either end: host pool blocks (pinned
+/// and pageable, with and without a stream), device pool blocks (on a stream only) and
+/// buffers.
+#[test]
+fn one_copy_moves_bytes_between_every_kind_of_memory() {
+    use hetmem::pool::HostPoolConfig;
+    use hetmem::{NumaPolicy, Placement};
+    let mgr = sim();
+    let p = pool(&mgr, true, Budget::Device);
+    let hosts = mgr.host_pool(HostPoolConfig::default()).unwrap();
+    let s = mgr.create_stream(0).unwrap();
+    let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut pinned = hosts.alloc_pinned(&NumaPolicy::Default, 4096).unwrap();
+    pinned.as_mut_slice().unwrap().copy_from_slice(&data);
+    // Host block -> device block -> buffer -> pageable host block, on the stream.
+    let mut blk = p.alloc(4096, &s).unwrap();
+    mgr.copy(&mut blk, 0, &pinned, 0, 4096, Some(&s)).unwrap();
+    let mut dev = mgr.alloc(Placement::Device(0), 4096).unwrap();
+    mgr.copy(&mut dev, 0, &blk, 0, 4096, Some(&s)).unwrap();
+    let mut pageable = hosts.alloc_host(&NumaPolicy::Default, 4096).unwrap();
+    mgr.copy(&mut pageable, 0, &dev, 0, 4096, Some(&s)).unwrap();
+    s.synchronize().unwrap();
+    assert!(pageable.as_slice().unwrap() == &data[..]);
+    // Without a stream: host blocks and buffers copy at once; a device block refuses.
+    let mut back = hosts.alloc_pinned(&NumaPolicy::Default, 4096).unwrap();
+    mgr.copy(&mut back, 0, &dev, 0, 4096, None).unwrap();
+    assert!(back.as_slice().unwrap() == &data[..]);
+    assert!(matches!(
+        mgr.copy(&mut dev, 0, &blk, 0, 4096, None),
+        Err(Error::InvalidArgument(_))
+    ));
 }

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hetmem::tier::policy::{lru_misses_per_pass, min_misses_per_pass, ParamId};
 use hetmem::tier::source::{write_safetensors, SafetensorsFile};
+use hetmem::tier::{lru_misses_per_pass, min_misses_per_pass, ParamId};
 use hetmem::tier::{Planner, Residency, SequenceHint, TierConfig, TierStore};
 use hetmem::{BackendKind, Error, Manager, SimConfig, Stream};
 use proptest::prelude::*;
@@ -1149,7 +1149,7 @@ fn the_plan_copes_with_unknown_ids_outsiders_and_detours() {
     };
     let plain = run(false, false, (0..8).collect());
     let order: Vec<ParamId> = (0..8).collect();
-    let min: Vec<u64> = hetmem::tier::policy::min_misses_each_pass(&order, 4, 8)
+    let min: Vec<u64> = hetmem::tier::min_misses_each_pass(&order, 4, 8)
         .into_iter()
         .map(|m| m as u64)
         .collect();
@@ -1211,8 +1211,8 @@ proptest! {
     ) {
         const PASSES: usize = 6;
         let (per_pass, _) = seven_layers(&order, capacity, Planner::Belady, PASSES);
-        let min_c1 = hetmem::tier::policy::min_misses_each_pass(&order, capacity - 1, PASSES);
-        let min_c = hetmem::tier::policy::min_misses_each_pass(&order, capacity, PASSES);
+        let min_c1 = hetmem::tier::min_misses_each_pass(&order, capacity - 1, PASSES);
+        let min_c = hetmem::tier::min_misses_each_pass(&order, capacity, PASSES);
         let total = |v: &[usize]| v.iter().sum::<usize>();
         prop_assert!(
             total(&min_c) <= total(&per_pass) && total(&per_pass) <= total(&min_c1),
@@ -1242,7 +1242,7 @@ proptest! {
     ) {
         const PASSES: usize = 5;
         let (per_pass, st) = seven_layers(&order, capacity, Planner::Static, PASSES);
-        let min_c = hetmem::tier::policy::min_misses_each_pass(&order, capacity, PASSES);
+        let min_c = hetmem::tier::min_misses_each_pass(&order, capacity, PASSES);
         prop_assert!(
             min_c.iter().sum::<usize>() <= per_pass.iter().sum::<usize>(),
             "order {:?}, capacity {}: store {:?}, MIN(C) {:?}", order, capacity, per_pass, min_c
@@ -1600,7 +1600,7 @@ fn static_planner_weighs_uses_priorities_and_keeps() {
     let recurring: Vec<ParamId> = vec![1, 2, 0, 3, 4, 0, 5, 6, 0];
     for cap in [3usize, 4, 5] {
         let (loads, _, _, _) = static_passes(&recurring, 7, cap, &|_| {});
-        let min = hetmem::tier::policy::min_misses_each_pass(&recurring, cap - 1, 5);
+        let min = hetmem::tier::min_misses_each_pass(&recurring, cap - 1, 5);
         // Kept: the recurring layer and `cap - 2` others; the four left stream once each.
         assert!(
             loads[1..].iter().all(|l| *l == (7 - (cap - 1)) as u64),
@@ -1932,22 +1932,15 @@ fn impossible_staging_rings_are_refused_with_their_numbers() {
     }
     let err = ring(usize::MAX, usize::MAX, usize::MAX);
     assert!(matches!(err, Error::InvalidSize { .. }), "{err}");
-    let err = ring(usize::MAX, 4 * MIB, usize::MAX);
-    assert!(
-        matches!(
-            err,
-            Error::InvalidSize {
-                requested: usize::MAX,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let Error::InvalidSize { requested, .. } = ring(usize::MAX, 4 * MIB, usize::MAX) else {
+        panic!("not InvalidSize");
+    };
+    assert_eq!(requested, usize::MAX);
     let available = hetmem::host_mem::available_memory();
     let slots = available / (4 * MIB) + 2;
     let err = ring(slots, 4 * MIB, usize::MAX);
     assert!(
-        matches!(err, Error::OutOfMemory { tier: hetmem::Tier::Pinned, requested, free, .. }
+        matches!(err, Error::OutOfMemory { kind: hetmem::MemKind::Pinned, requested, free, .. }
             if requested == slots * 4 * MIB && free < requested),
         "{err}"
     );
@@ -1997,7 +1990,7 @@ fn exhaustion_is_an_error_with_numbers_and_the_store_recovers() {
                             }
                         }
                         Err(Error::OutOfMemory {
-                            tier: hetmem::Tier::Device(0),
+                            kind: hetmem::MemKind::Device(0),
                             requested,
                             free,
                             ..
@@ -2042,7 +2035,7 @@ fn exhaustion_is_an_error_with_numbers_and_the_store_recovers() {
     for i in 0..N as ParamId {
         match store.acquire(i, &s) {
             Err(Error::OutOfMemory {
-                tier: hetmem::Tier::Device(0),
+                kind: hetmem::MemKind::Device(0),
                 requested,
                 free,
                 ..
