@@ -28,6 +28,7 @@ pub mod ffi;
 pub mod manager;
 pub mod placement;
 pub mod pool;
+pub mod profile;
 pub mod record;
 pub mod stats;
 pub mod stream;

@@ -38,9 +38,21 @@
 //! | 4 | stack | frame count, then return addresses: the first as is, each next as a zigzag difference from the one before; belongs to the thread's previous event |
 //! | 5 | dropped | events lost because the in-process queue was full |
 //! | 6 | end | events written, events dropped (the last event of a complete record) |
-//! | 16–31 | | reserved: device memory (alloc, free, map, unmap) |
-//! | 32–47 | | reserved: pinned memory (alloc, free, register) |
-//! | 48–63 | | reserved: tier store (load, evict, hint) and copies |
+//! | 16 | device alloc | address, size, device, stream (0: none), flags (`u8`: bit 0 a pool block inside a mapped segment, bit 1 managed memory) |
+//! | 17 | device free | address, size, device, flags (`u8`, as for alloc) |
+//! | 18 | segment map | address, size, device: physical memory mapped (or a pool segment allocated) |
+//! | 19 | segment unmap | address, size, device |
+//! | 20 | out of memory | placement (`u8`), index (device or node; 2³²−1: none), requested, free, reserved + 1 (0: not known), largest free block + 1 (0: not known) |
+//! | 21 | budget | placement (`u8`), index, bytes: the most that tier may hold from now on |
+//! | 22–31 | | reserved: device memory |
+//! | 32–47 | | reserved: pinned memory (register); pinned allocations are kinds 1 and 2 with placement pinned |
+//! | 48 | parameter | id, size, name (length, UTF-8 bytes): a tier-store parameter registered |
+//! | 49 | load | id, bytes, stream, start + 1, end + 1 (device clock ns, 0: not known), flags (`u8`: bit 0 ahead of its use (a prefetch), bit 1 through the staging ring, bit 2 outside the plan) |
+//! | 50 | evict | id, bytes, flags (`u8`: 0, reserved) |
+//! | 51 | write-back | id, bytes, stream, start + 1, end + 1 |
+//! | 52 | acquire | id, bytes, outcome (`u8`: 0 a miss, loaded on demand; 1 resident and loaded; 2 resident, its load still in flight) |
+//! | 53 | site | the call site of the thread's previous event, as text (sampled, symbolised frames) |
+//! | 54–63 | | reserved: tier store and copies |
 //!
 //! Numbers are LEB128 unless said otherwise. Placements are [`Placement`]. Events of
 //! different threads may appear out of time order (the shim queues them per thread
@@ -81,6 +93,58 @@ pub mod kind {
     pub const PINNED_FIRST: u8 = 32;
     /// First kind reserved for tier-store events and copies.
     pub const TIER_FIRST: u8 = 48;
+    /// Device (or managed) memory allocated.
+    pub const DEVICE_ALLOC: u8 = 16;
+    /// Device (or managed) memory freed.
+    pub const DEVICE_FREE: u8 = 17;
+    /// Physical memory mapped into a pool (or a pool segment allocated).
+    pub const SEGMENT_MAP: u8 = 18;
+    /// Physical memory unmapped from a pool (or a pool segment freed).
+    pub const SEGMENT_UNMAP: u8 = 19;
+    /// An allocation refused for lack of memory.
+    pub const OOM: u8 = 20;
+    /// A tier's budget.
+    pub const BUDGET: u8 = 21;
+    /// A tier-store parameter registered.
+    pub const PARAM: u8 = 48;
+    /// A tier-store load (host to device).
+    pub const LOAD: u8 = 49;
+    /// A tier-store eviction.
+    pub const EVICT: u8 = 50;
+    /// A tier-store write-back (device to host).
+    pub const WRITEBACK: u8 = 51;
+    /// A tier-store acquire.
+    pub const ACQUIRE: u8 = 52;
+    /// The symbolised call site of the thread's previous event.
+    pub const SITE: u8 = 53;
+}
+
+/// Flags of device alloc and free events.
+pub mod device_flags {
+    /// A pool block, inside memory a segment map event mapped.
+    pub const POOL: u8 = 1;
+    /// Managed (unified) memory.
+    pub const MANAGED: u8 = 2;
+}
+
+/// Flags of tier-store load and evict events.
+pub mod tier_flags {
+    /// Load: queued ahead of its use (a prefetch).
+    pub const PREFETCH: u8 = 1;
+    /// Load: through the staging ring (the source was pageable or a mapped file).
+    pub const STAGED: u8 = 2;
+    /// Load: outside the plan (an acquire or a hint that had to load at once).
+    pub const UNPLANNED: u8 = 4;
+}
+
+/// Outcomes of tier-store acquire events.
+pub mod acquire {
+    /// Not resident: loaded on demand.
+    pub const MISS: u8 = 0;
+    /// Resident and loaded.
+    pub const HIT: u8 = 1;
+    /// Resident, but its load was still in flight (a late prefetch).
+    pub const LATE: u8 = 2;
 }
 
 /// Where a block lives.
@@ -207,6 +271,132 @@ pub enum EventKind {
         events: u64,
         /// Events lost.
         dropped: u64,
+    },
+    /// Device or managed memory was allocated (kind 16).
+    DeviceAlloc {
+        /// Its device address.
+        addr: u64,
+        /// Bytes asked for.
+        size: u64,
+        /// The device.
+        device: u32,
+        /// The stream it belongs to (0: none).
+        stream: u64,
+        /// [`device_flags`].
+        flags: u8,
+    },
+    /// Device or managed memory was freed (kind 17).
+    DeviceFree {
+        /// Its device address.
+        addr: u64,
+        /// Its size.
+        size: u64,
+        /// The device.
+        device: u32,
+        /// [`device_flags`].
+        flags: u8,
+    },
+    /// Physical memory mapped into a pool, or a pool segment allocated (kind 18).
+    SegmentMap {
+        /// The device address.
+        addr: u64,
+        /// Bytes.
+        size: u64,
+        /// The device.
+        device: u32,
+    },
+    /// Physical memory unmapped from a pool, or a pool segment freed (kind 19).
+    SegmentUnmap {
+        /// The device address.
+        addr: u64,
+        /// Bytes.
+        size: u64,
+        /// The device.
+        device: u32,
+    },
+    /// An allocation was refused for lack of memory (kind 20).
+    OutOfMemory {
+        /// The tier.
+        placement: Placement,
+        /// The device or NUMA node, where there is one.
+        index: Option<u32>,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes free under the budget.
+        free: u64,
+        /// Bytes the pool held, where known.
+        reserved: Option<u64>,
+        /// The largest free block, where known.
+        largest_free_block: Option<u64>,
+    },
+    /// A tier's budget (kind 21).
+    Budget {
+        /// The tier.
+        placement: Placement,
+        /// The device or NUMA node, where there is one.
+        index: Option<u32>,
+        /// The most it may hold.
+        bytes: u64,
+    },
+    /// A tier-store parameter was registered (kind 48).
+    Param {
+        /// Its id.
+        id: u64,
+        /// Its size.
+        size: u64,
+        /// Its name.
+        name: String,
+    },
+    /// A tier-store load (kind 49).
+    Load {
+        /// The parameter.
+        id: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// The copy stream.
+        stream: u64,
+        /// Start on the device clock (ns), where the backend knows it.
+        start: Option<u64>,
+        /// End on the device clock (ns), where the backend knows it.
+        end: Option<u64>,
+        /// [`tier_flags`].
+        flags: u8,
+    },
+    /// A tier-store eviction (kind 50).
+    Evict {
+        /// The parameter.
+        id: u64,
+        /// Device bytes given up.
+        bytes: u64,
+        /// [`tier_flags`].
+        flags: u8,
+    },
+    /// A tier-store write-back (kind 51).
+    WriteBack {
+        /// The parameter.
+        id: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// The copy stream.
+        stream: u64,
+        /// Start on the device clock (ns), where known.
+        start: Option<u64>,
+        /// End on the device clock (ns), where known.
+        end: Option<u64>,
+    },
+    /// A tier-store acquire (kind 52).
+    Acquire {
+        /// The parameter.
+        id: u64,
+        /// Its size.
+        bytes: u64,
+        /// [`acquire`] outcome.
+        outcome: u8,
+    },
+    /// The call site of this thread's previous event, symbolised (kind 53).
+    Site {
+        /// Frames, innermost first, one per line.
+        text: String,
     },
     /// A kind this version does not know (reserved kinds included), with its body
     /// after the time and thread.
@@ -364,6 +554,7 @@ impl ChunkEncoder {
                 b.extend_from_slice(body);
                 *kind
             }
+            other => encode_more(b, other),
         };
         self.buf.push(k);
         put_uleb(&mut self.buf, self.body.len() as u64);
@@ -379,6 +570,223 @@ impl ChunkEncoder {
         self.buf[4..8].copy_from_slice(&self.count.to_le_bytes());
         &self.buf
     }
+}
+
+fn opt(v: Option<u64>) -> u64 {
+    v.map_or(0, |v| v.saturating_add(1))
+}
+
+fn unopt(v: u64) -> Option<u64> {
+    v.checked_sub(1)
+}
+
+fn index_code(i: Option<u32>) -> u64 {
+    i.map_or(u64::from(u32::MAX), u64::from)
+}
+
+fn index_of(v: u64) -> Option<u32> {
+    u32::try_from(v).ok().filter(|&v| v != u32::MAX)
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    put_uleb(b, s.len() as u64);
+    b.extend_from_slice(s.as_bytes());
+}
+
+/// The bodies of kinds 16–63 (after time and thread); returns the kind.
+fn encode_more(b: &mut Vec<u8>, k: &EventKind) -> u8 {
+    match k {
+        EventKind::DeviceAlloc {
+            addr,
+            size,
+            device,
+            stream,
+            flags,
+        } => {
+            for v in [*addr, *size, u64::from(*device), *stream] {
+                put_uleb(b, v);
+            }
+            b.push(*flags);
+            kind::DEVICE_ALLOC
+        }
+        EventKind::DeviceFree {
+            addr,
+            size,
+            device,
+            flags,
+        } => {
+            for v in [*addr, *size, u64::from(*device)] {
+                put_uleb(b, v);
+            }
+            b.push(*flags);
+            kind::DEVICE_FREE
+        }
+        EventKind::SegmentMap { addr, size, device }
+        | EventKind::SegmentUnmap { addr, size, device } => {
+            for v in [*addr, *size, u64::from(*device)] {
+                put_uleb(b, v);
+            }
+            if matches!(k, EventKind::SegmentMap { .. }) {
+                kind::SEGMENT_MAP
+            } else {
+                kind::SEGMENT_UNMAP
+            }
+        }
+        EventKind::OutOfMemory {
+            placement,
+            index,
+            requested,
+            free,
+            reserved,
+            largest_free_block,
+        } => {
+            b.push(*placement as u8);
+            for v in [
+                index_code(*index),
+                *requested,
+                *free,
+                opt(*reserved),
+                opt(*largest_free_block),
+            ] {
+                put_uleb(b, v);
+            }
+            kind::OOM
+        }
+        EventKind::Budget {
+            placement,
+            index,
+            bytes,
+        } => {
+            b.push(*placement as u8);
+            put_uleb(b, index_code(*index));
+            put_uleb(b, *bytes);
+            kind::BUDGET
+        }
+        EventKind::Param { id, size, name } => {
+            put_uleb(b, *id);
+            put_uleb(b, *size);
+            put_str(b, name);
+            kind::PARAM
+        }
+        EventKind::Load {
+            id,
+            bytes,
+            stream,
+            start,
+            end,
+            flags,
+        } => {
+            for v in [*id, *bytes, *stream, opt(*start), opt(*end)] {
+                put_uleb(b, v);
+            }
+            b.push(*flags);
+            kind::LOAD
+        }
+        EventKind::Evict { id, bytes, flags } => {
+            put_uleb(b, *id);
+            put_uleb(b, *bytes);
+            b.push(*flags);
+            kind::EVICT
+        }
+        EventKind::WriteBack {
+            id,
+            bytes,
+            stream,
+            start,
+            end,
+        } => {
+            for v in [*id, *bytes, *stream, opt(*start), opt(*end)] {
+                put_uleb(b, v);
+            }
+            kind::WRITEBACK
+        }
+        EventKind::Acquire { id, bytes, outcome } => {
+            put_uleb(b, *id);
+            put_uleb(b, *bytes);
+            b.push(*outcome);
+            kind::ACQUIRE
+        }
+        EventKind::Site { text } => {
+            put_str(b, text);
+            kind::SITE
+        }
+        // Kinds 1–6 and unknown ones are encoded by `push` itself and never reach
+        // here; kind 0 is one no reader knows, so it would be skipped.
+        _ => 0,
+    }
+}
+
+fn decode_more(k: u8, c: &mut Cursor<'_>) -> Result<Option<EventKind>> {
+    Ok(Some(match k {
+        kind::DEVICE_ALLOC => EventKind::DeviceAlloc {
+            addr: c.uleb()?,
+            size: c.uleb()?,
+            device: c.u32()?,
+            stream: c.uleb()?,
+            flags: c.u8()?,
+        },
+        kind::DEVICE_FREE => EventKind::DeviceFree {
+            addr: c.uleb()?,
+            size: c.uleb()?,
+            device: c.u32()?,
+            flags: c.u8()?,
+        },
+        kind::SEGMENT_MAP => EventKind::SegmentMap {
+            addr: c.uleb()?,
+            size: c.uleb()?,
+            device: c.u32()?,
+        },
+        kind::SEGMENT_UNMAP => EventKind::SegmentUnmap {
+            addr: c.uleb()?,
+            size: c.uleb()?,
+            device: c.u32()?,
+        },
+        kind::OOM => EventKind::OutOfMemory {
+            placement: Placement::from_code(c.u8()?),
+            index: index_of(c.uleb()?),
+            requested: c.uleb()?,
+            free: c.uleb()?,
+            reserved: unopt(c.uleb()?),
+            largest_free_block: unopt(c.uleb()?),
+        },
+        kind::BUDGET => EventKind::Budget {
+            placement: Placement::from_code(c.u8()?),
+            index: index_of(c.uleb()?),
+            bytes: c.uleb()?,
+        },
+        kind::PARAM => EventKind::Param {
+            id: c.uleb()?,
+            size: c.uleb()?,
+            name: c.str()?,
+        },
+        kind::LOAD => EventKind::Load {
+            id: c.uleb()?,
+            bytes: c.uleb()?,
+            stream: c.uleb()?,
+            start: unopt(c.uleb()?),
+            end: unopt(c.uleb()?),
+            flags: c.u8()?,
+        },
+        kind::EVICT => EventKind::Evict {
+            id: c.uleb()?,
+            bytes: c.uleb()?,
+            flags: c.u8()?,
+        },
+        kind::WRITEBACK => EventKind::WriteBack {
+            id: c.uleb()?,
+            bytes: c.uleb()?,
+            stream: c.uleb()?,
+            start: unopt(c.uleb()?),
+            end: unopt(c.uleb()?),
+        },
+        kind::ACQUIRE => EventKind::Acquire {
+            id: c.uleb()?,
+            bytes: c.uleb()?,
+            outcome: c.u8()?,
+        },
+        kind::SITE => EventKind::Site { text: c.str()? },
+        _ => return Ok(None),
+    }))
 }
 
 fn bad(reason: impl Into<String>) -> Error {
@@ -410,6 +818,19 @@ impl Cursor<'_> {
             }
         }
         Err(bad("number longer than 64 bits"))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        u32::try_from(self.uleb()?).map_err(|_| bad("index larger than 32 bits"))
+    }
+
+    fn str(&mut self) -> Result<String> {
+        let n = usize::try_from(self.uleb()?).map_err(|_| bad("string length"))?;
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or_else(|| bad("string longer than its event"))?;
+        let s = String::from_utf8_lossy(&self.b[self.at..end]).into_owned();
+        self.at = end;
+        Ok(s)
     }
 }
 
@@ -590,9 +1011,12 @@ impl<R: Read> Reader<R> {
                 events: c.uleb()?,
                 dropped: c.uleb()?,
             },
-            other => EventKind::Unknown {
-                kind: other,
-                body: self.chunk[c.at..end].to_vec(),
+            other => match decode_more(other, &mut c)? {
+                Some(k) => k,
+                None => EventKind::Unknown {
+                    kind: other,
+                    body: self.chunk[c.at..end].to_vec(),
+                },
             },
         };
         self.at = end;
@@ -680,7 +1104,7 @@ pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
                 s.complete = true;
                 s.dropped = s.dropped.max(dropped);
             }
-            EventKind::Unknown { .. } => {}
+            _ => {}
         }
         s.large_peak = s.large_peak.max(cur);
     }
@@ -735,7 +1159,7 @@ mod tests {
                 time_ns: 8,
                 thread: 9,
                 kind: EventKind::Unknown {
-                    kind: kind::DEVICE_FIRST,
+                    kind: 30, // reserved: unknown to this version
                     body: vec![1, 2, 3],
                 },
             },
@@ -786,5 +1210,101 @@ mod tests {
         assert!(r.truncated());
         // Not a record.
         assert!(Reader::new(&b"hello world, this is not one"[..]).is_err());
+    }
+
+    #[test]
+    fn device_pinned_and_tier_kinds_round_trip() {
+        let kinds = vec![
+            EventKind::DeviceAlloc {
+                addr: 1 << 44,
+                size: 3 << 20,
+                device: 1,
+                stream: 7,
+                flags: device_flags::POOL,
+            },
+            EventKind::DeviceFree {
+                addr: 1 << 44,
+                size: 3 << 20,
+                device: 1,
+                flags: device_flags::POOL | device_flags::MANAGED,
+            },
+            EventKind::SegmentMap {
+                addr: 1 << 44,
+                size: 64 << 20,
+                device: 0,
+            },
+            EventKind::SegmentUnmap {
+                addr: 1 << 44,
+                size: 64 << 20,
+                device: 0,
+            },
+            EventKind::OutOfMemory {
+                placement: Placement::Device,
+                index: Some(0),
+                requested: 1 << 30,
+                free: 5,
+                reserved: Some(0),
+                largest_free_block: None,
+            },
+            EventKind::Budget {
+                placement: Placement::Pinned,
+                index: None,
+                bytes: 1 << 33,
+            },
+            EventKind::Param {
+                id: 3,
+                size: 4096,
+                name: "layers.0.weight".into(),
+            },
+            EventKind::Load {
+                id: 3,
+                bytes: 4096,
+                stream: 9,
+                start: Some(0),
+                end: Some(1000),
+                flags: tier_flags::PREFETCH | tier_flags::STAGED,
+            },
+            EventKind::Evict {
+                id: 3,
+                bytes: 4096,
+                flags: tier_flags::UNPLANNED,
+            },
+            EventKind::WriteBack {
+                id: 3,
+                bytes: 4096,
+                stream: 9,
+                start: None,
+                end: None,
+            },
+            EventKind::Acquire {
+                id: 3,
+                bytes: 4096,
+                outcome: acquire::LATE,
+            },
+            EventKind::Site {
+                text: "main\nrun".into(),
+            },
+        ];
+        let mut file = Header::default().encode().to_vec();
+        file[8..10].copy_from_slice(&VERSION.to_le_bytes());
+        let mut c = ChunkEncoder::new();
+        let events: Vec<Event> = kinds
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| Event {
+                time_ns: 100 * i as u64,
+                thread: 1,
+                kind,
+            })
+            .collect();
+        for e in &events {
+            c.push(e);
+        }
+        file.extend_from_slice(c.finish());
+        let back: Vec<Event> = Reader::new(&file[..])
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        assert_eq!(back, events);
     }
 }

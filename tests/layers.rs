@@ -58,7 +58,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The `Backend` trait, the backends and the owning wrappers over them.
     ("backends", &["backend"]),
     // The words every layer uses, and the event record format (`record`) they write.
-    ("vocabulary", &["error", "placement", "stats", "record"]),
+    (
+        "vocabulary",
+        &["error", "placement", "stats", "record", "profile"],
+    ),
 ];
 
 /// Edges that break the rules today, each with the work that removes it. The test

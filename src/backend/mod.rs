@@ -18,6 +18,7 @@ pub mod block_cache;
 pub(crate) mod copy;
 pub mod cuda;
 pub(crate) mod driver;
+pub(crate) mod exit;
 pub(crate) mod fork;
 pub mod host;
 // Its constructors are `const` (for a `static`); loom's atomics are not, so under loom

@@ -140,6 +140,9 @@ impl ManagerBuilder {
         };
         tracing::info!(target: "hetmem", backend = %mgr.backend_kind(), devices = n,
             numa_nodes = mgr.topology().nodes().len(), "manager ready");
+        if crate::profile::start_from_env() {
+            crate::backend::exit::finish_profile_at_exit();
+        }
         Ok(mgr)
     }
 
@@ -395,6 +398,7 @@ impl Manager {
             debug_assert!(reserved.is_ok(), "manager counters have no limit");
         }
         tracing::debug!(target: "hetmem", %tier, size, "alloc");
+        crate::profile::emit(|| profile_alloc(&placement, &mem, size, true));
         Ok(Buffer {
             mgr: self.inner.clone(),
             placement,
@@ -749,6 +753,62 @@ impl Drop for Buffer {
             self.mgr.counter(self.placement.tier()).release(self.size);
         }
         tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
+        crate::profile::emit(|| profile_alloc(&self.placement, &self.mem, self.size, false));
         // `mem` frees itself after this, waiting for its copies first.
+    }
+}
+
+/// The profiler's event for a buffer allocated (`alloc`) or freed.
+fn profile_alloc(
+    placement: &Placement,
+    mem: &OwnedMemory,
+    size: usize,
+    alloc: bool,
+) -> crate::record::EventKind {
+    use crate::record::{device_flags, EventKind, Placement as P};
+    let size = size as u64;
+    let (device, flags) = match placement {
+        Placement::Host(policy) | Placement::Pinned(policy) => {
+            let addr = mem.host_ptr().map_or(0, |p| p.as_ptr() as u64);
+            let placement = if matches!(placement, Placement::Pinned(_)) {
+                P::Pinned
+            } else {
+                P::Host
+            };
+            return if alloc {
+                EventKind::Alloc {
+                    addr,
+                    size,
+                    placement,
+                    node: crate::profile::node_of(policy),
+                }
+            } else {
+                EventKind::Free {
+                    addr,
+                    size,
+                    placement,
+                }
+            };
+        }
+        Placement::Device(d) => (*d, 0),
+        Placement::Managed { device } => (*device, device_flags::MANAGED),
+    };
+    let addr = mem.device_ptr().map_or(0, |p| p.0);
+    let device = device as u32;
+    if alloc {
+        EventKind::DeviceAlloc {
+            addr,
+            size,
+            device,
+            stream: 0,
+            flags,
+        }
+    } else {
+        EventKind::DeviceFree {
+            addr,
+            size,
+            device,
+            flags,
+        }
     }
 }
