@@ -475,6 +475,12 @@ impl HostPool {
     }
 
     fn block(&self, key: Key, class: usize, len: usize, mem: OwnedMemory) -> HostBlock {
+        crate::profile::emit(|| crate::record::EventKind::Alloc {
+            addr: mem.host_ptr().map_or(0, |p| p.as_ptr() as u64),
+            size: len as u64,
+            placement: profile_placement(key.0),
+            node: crate::profile::node_of(&key.1),
+        });
         HostBlock {
             shared: self.shared.clone(),
             key: Some(key),
@@ -712,9 +718,23 @@ impl HostBlock {
     }
 }
 
+/// The record's placement of a host pool block.
+fn profile_placement(pinned: bool) -> crate::record::Placement {
+    if pinned {
+        crate::record::Placement::Pinned
+    } else {
+        crate::record::Placement::Host
+    }
+}
+
 impl Drop for HostBlock {
     fn drop(&mut self) {
         if let (Some(key), Some(mem)) = (self.key.take(), self.mem.take()) {
+            crate::profile::emit(|| crate::record::EventKind::Free {
+                addr: mem.host_ptr().map_or(0, |p| p.as_ptr() as u64),
+                size: self.len as u64,
+                placement: profile_placement(key.0),
+            });
             if self.shared.backend.check_fork().is_err() {
                 // A forked child: no lock (a thread of the parent may have held it);
                 // the memory's own drop leaks what is the parent's.

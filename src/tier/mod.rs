@@ -10,6 +10,7 @@
 mod learn;
 mod plan;
 pub mod policy;
+mod profile;
 pub mod source;
 pub mod store;
 

@@ -113,6 +113,7 @@ use crate::stream::{Event, Stream};
 use crate::tier::learn::{Learner, Learnt, Token};
 use crate::tier::plan::{fixed_set, zombie_done, Candidate, Plan, Step, Traits};
 use crate::tier::policy::{Eviction, ParamId, Policy, Sequence};
+use crate::tier::profile as prof;
 use crate::tier::source::{SafetensorsFile, Source};
 
 /// Device allocations are rounded to this (the pool's granularity).
@@ -563,6 +564,7 @@ impl TierStore {
         };
         tracing::info!(target: "hetmem", device = cfg.device, device_budget = cfg.device_budget,
             host_budget = cfg.host_budget, "tier store ready");
+        prof_budgets(&cfg);
         Ok(TierStore {
             shared: Arc::new(Shared {
                 res: Resources {
@@ -713,6 +715,11 @@ impl TierStore {
             });
             st.names.insert(name.to_owned(), id);
             tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
+            crate::profile::emit(|| crate::record::EventKind::Param {
+                id: u64::from(id),
+                size: size as u64,
+                name: name.to_owned(),
+            });
             out.push(id);
         }
         // The plan's spare is the largest parameter: size it again.
@@ -856,6 +863,7 @@ impl TierStore {
         } else {
             st.stats.misses += 1;
         }
+        crate::profile::emit(|| prof_acquire(&st, id, hit));
         // The loads queued ahead for the steps run now have been used (only once the
         // acquire stands: a failed one has not run its step).
         let now = st.step;
@@ -1345,6 +1353,44 @@ impl Drop for ParamGuard {
     }
 }
 
+/// The profiler's acquire event: a miss, a hit whose load is done, or one still in
+/// flight (a late prefetch).
+fn prof_acquire(st: &State, id: ParamId, hit: bool) -> crate::record::EventKind {
+    use crate::record::acquire;
+    let p = &st.params[id as usize];
+    let outcome = if !hit {
+        acquire::MISS
+    } else if p
+        .dev
+        .as_ref()
+        .is_some_and(|d| !d.ready.is_done().unwrap_or(true))
+    {
+        acquire::LATE
+    } else {
+        acquire::HIT
+    };
+    crate::record::EventKind::Acquire {
+        id: u64::from(id),
+        bytes: p.size as u64,
+        outcome,
+    }
+}
+
+/// The profiler's budget events of a store: device and pinned host.
+fn prof_budgets(cfg: &TierConfig) {
+    use crate::record::{EventKind, Placement as P};
+    crate::profile::emit(|| EventKind::Budget {
+        placement: P::Device,
+        index: Some(cfg.device as u32),
+        bytes: cfg.device_budget as u64,
+    });
+    crate::profile::emit(|| EventKind::Budget {
+        placement: P::Pinned,
+        index: None,
+        bytes: cfg.host_budget as u64,
+    });
+}
+
 fn param(st: &State, id: ParamId) -> Result<&Param> {
     st.params.get(id as usize).ok_or_else(|| {
         Error::InvalidArgument(format!(
@@ -1473,6 +1519,11 @@ fn evict(res: &Resources, st: &mut State, id: ParamId) -> Result<(Option<PoolBlo
     st.stats.evictions += 1;
     st.stats.device_bytes = st.used;
     tracing::debug!(target: "hetmem", id, size, "evicted");
+    crate::profile::emit(|| crate::record::EventKind::Evict {
+        id: u64::from(id),
+        bytes: device_bytes(size) as u64,
+        flags: 0,
+    });
     Ok((Arc::try_unwrap(dev.block).ok(), uses))
 }
 
@@ -1545,6 +1596,7 @@ fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     } else {
         None
     };
+    let t0 = prof::copy_start(&res.copy);
     let p = &mut st.params[idx];
     let dev = p.dev.as_ref().expect("writing back a resident parameter");
     let d2h = |dst: &HostBlock| -> Result<()> {
@@ -1574,6 +1626,7 @@ fn write_back(res: &Resources, st: &mut State, id: ParamId) -> Result<()> {
     p.dirty = false;
     st.stats.writebacks += 1;
     st.stats.writeback_bytes += size as u64;
+    prof::copied(&res.copy, id, size, t0, None, None);
     tracing::debug!(target: "hetmem", id, size, "written back");
     Ok(())
 }
@@ -2009,6 +2062,8 @@ fn place(
             }
         }
     }
+    let t0 = prof::copy_start(&res.copy);
+    let staged = matches!(st.params[idx].host, HostCopy::Cold(_));
     let mut ready = upload(res, st, idx, &block)?;
     if let Some(expected) = st.params[idx].checksum {
         let mut again = true;
@@ -2060,6 +2115,15 @@ fn place(
     st.stats.device_bytes = st.used;
     st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
     tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
+    if crate::profile::enabled() {
+        let ahead = match need {
+            Need::Prefetch(a) => Some(a),
+            Need::Demand | Need::Hint => None,
+        };
+        let ready = st.params[idx].dev.as_ref().map(|d| &d.ready);
+        let flags = prof::load_flags(ahead, staged);
+        prof::copied(&res.copy, id, size, t0, ready, Some(flags));
+    }
     Ok(())
 }
 

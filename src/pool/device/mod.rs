@@ -82,6 +82,7 @@ use crate::backend::{check_device, DevicePtr};
 use crate::error::{Error, Result};
 use crate::placement::Tier;
 use crate::pool::stats::PoolStats;
+use crate::record::{device_flags, EventKind};
 use crate::stream::Stream;
 use blocks::{BlockState, Blocks, Growth, COMMON, NO_STREAM};
 use streams::Streams;
@@ -420,6 +421,12 @@ impl Drop for PoolBlock {
         // In a forked child the block stays allocated (leaked): the pool's lock may
         // have been held by a thread of the parent at the fork.
         if self.shared.epoch.is_current() {
+            crate::profile::emit(|| EventKind::DeviceFree {
+                addr: self.ptr.0,
+                size: self.len as u64,
+                device: self.shared.device as u32,
+                flags: device_flags::POOL,
+            });
             self.shared.free(self.ptr.0);
         }
     }
@@ -481,6 +488,11 @@ impl DevicePool {
             None => DEFAULT_MAX_CHUNK,
         };
         tracing::debug!(target: "hetmem", device, budget, expandable, max_chunk, "device pool");
+        crate::profile::emit(|| EventKind::Budget {
+            placement: crate::record::Placement::Device,
+            index: Some(device as u32),
+            bytes: budget as u64,
+        });
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
@@ -557,17 +569,17 @@ impl DevicePool {
         if !st.routes.is_empty() {
             let addr = sh.alloc_routed(&mut st, size, rounded, stream)?;
             drop(st);
-            return Ok(sh.block(addr, size));
+            return Ok(sh.block(addr, size, key));
         }
         // Hot path: a parked block of this size freed on this stream.
         if let Some(addr) = st.blocks.unpark(key, rounded, size) {
             st.count_alloc(rounded, size);
             drop(st);
-            return Ok(sh.block(addr, size));
+            return Ok(sh.block(addr, size, key));
         }
         let addr = sh.alloc_slow(&mut st, size, rounded, stream, COMMON)?;
         drop(st);
-        Ok(sh.block(addr, size))
+        Ok(sh.block(addr, size, key))
     }
 
     /// From now on, allocations on the streams that `filter` picks come from private
@@ -802,7 +814,14 @@ impl Shared {
         Ok(())
     }
 
-    fn block(self: &Arc<Self>, addr: u64, len: usize) -> PoolBlock {
+    fn block(self: &Arc<Self>, addr: u64, len: usize, stream: u64) -> PoolBlock {
+        crate::profile::emit(|| EventKind::DeviceAlloc {
+            addr,
+            size: len as u64,
+            device: self.device as u32,
+            stream,
+            flags: device_flags::POOL,
+        });
         PoolBlock {
             shared: self.clone(),
             ptr: DevicePtr(addr),
@@ -1220,6 +1239,11 @@ impl Shared {
             return Err(e);
         }
         st.stats.num_pages_moved += reused as u64;
+        crate::profile::emit(|| EventKind::SegmentMap {
+            addr: hole,
+            size: acc as u64,
+            device: self.device as u32,
+        });
         if was_empty {
             st.stats.segment.add(small, 1);
         }
@@ -1311,6 +1335,11 @@ impl Shared {
             // What was unmapped is a hole now, whatever failed after it.
             for (k, c) in out.iter().enumerate() {
                 let (_, block, off, _) = chosen[i + k];
+                crate::profile::emit(|| EventKind::SegmentUnmap {
+                    addr: base + off as u64,
+                    size: c.size() as u64,
+                    device: self.device as u32,
+                });
                 st.blocks.make_hole(block, base + off as u64, c.size());
             }
             st.spares[small as usize].append(&mut out);
@@ -1377,6 +1406,11 @@ impl Shared {
             .expect("device memory has a device address")
             .0;
         st.hold(small, seg_size);
+        crate::profile::emit(|| EventKind::SegmentMap {
+            addr: base,
+            size: seg_size as u64,
+            device: self.device as u32,
+        });
         st.stats.segment.add(small, 1);
         st.stats.num_device_alloc += 1;
         let seg = st.add_segment(Segment {
@@ -1446,6 +1480,11 @@ impl Shared {
                 unreachable!("plain")
             };
             let len = mem.len();
+            crate::profile::emit(|| EventKind::SegmentUnmap {
+                addr: base,
+                size: len as u64,
+                device: self.device as u32,
+            });
             st.unhold(s.small, len);
             st.stats.segment.sub(s.small, 1);
             st.stats.num_device_free += 1;
@@ -1474,6 +1513,14 @@ impl Shared {
         };
         tracing::warn!(target: "hetmem", device = self.device, requested, reserved = st.reserved,
             budget = self.budget, largest, "device pool out of memory");
+        crate::profile::emit(|| EventKind::OutOfMemory {
+            placement: crate::record::Placement::Device,
+            index: Some(self.device as u32),
+            requested: requested as u64,
+            free: (self.budget - st.reserved.min(self.budget)).min(device_free) as u64,
+            reserved: Some(st.reserved as u64),
+            largest_free_block: Some(largest as u64),
+        });
         Error::OutOfMemory {
             tier: Tier::Device(self.device),
             requested,
