@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::record::{self, acquire, ChunkEncoder, Event, EventKind, Header, Placement};
 
-/// Devices and NUMA nodes the stats page counts one by one (others add to the last).
+/// Devices the stats page counts one by one (others add to the last).
 pub const MAX_INDEX: usize = 8;
 /// Bytes of the stats page.
 pub const PAGE_BYTES: usize = 4096;
@@ -108,7 +108,7 @@ pub struct ProfileSummary {
 /// Counters behind the stats page: what is live now, per tier.
 #[derive(Debug, Default)]
 struct Counters {
-    host: [AtomicI64; MAX_INDEX + 1],
+    host: AtomicI64,
     pinned: AtomicI64,
     device: [AtomicI64; MAX_INDEX],
     device_reserved: [AtomicI64; MAX_INDEX],
@@ -132,20 +132,19 @@ fn slot(i: Option<u32>, n: usize) -> usize {
 impl Counters {
     fn apply(&self, k: &EventKind) {
         let r = Ordering::Relaxed;
-        let host = |placement: Placement, node: Option<u32>| match placement {
+        // Host memory in one figure: frees do not say the node (the tools' live
+        // tables do, per node).
+        let host = |placement: Placement| match placement {
             Placement::Pinned => Some(&self.pinned),
-            Placement::Host => Some(&self.host[slot(node, MAX_INDEX + 1)]),
+            Placement::Host => Some(&self.host),
             _ => None,
         };
         match k {
             EventKind::Alloc {
-                size,
-                placement,
-                node,
-                ..
+                size, placement, ..
             } => {
                 self.allocs.fetch_add(1, r);
-                if let Some(c) = host(*placement, *node) {
+                if let Some(c) = host(*placement) {
                     c.fetch_add(*size as i64, r);
                 }
             }
@@ -153,9 +152,7 @@ impl Counters {
                 size, placement, ..
             } => {
                 self.frees.fetch_add(1, r);
-                // Frees say no node: the node of a host block is in the live table of
-                // the tools, not here; the page counts host memory as the last slot.
-                if let Some(c) = host(*placement, None) {
+                if let Some(c) = host(*placement) {
                     c.fetch_sub(*size as i64, r);
                 }
             }
@@ -243,14 +240,7 @@ impl Counters {
                 s.push_str(&format!("{k} {v}\n"));
             }
         };
-        for (i, c) in self.host.iter().enumerate() {
-            let k = if i == MAX_INDEX {
-                "host.any".to_owned()
-            } else {
-                format!("host.{i}")
-            };
-            line(k, c.load(r));
-        }
+        line("host".into(), self.host.load(r));
         line("pinned".into(), self.pinned.load(r));
         line("managed".into(), self.managed.load(r));
         for i in 0..MAX_INDEX {
@@ -278,6 +268,8 @@ impl Counters {
 }
 
 enum Msg {
+    /// Nothing: sent once per slot at the start to fault the queue's pages in.
+    Nop,
     Event(Event),
     /// A sampled call stack of `thread` at `time`, symbolised by the writer.
     Stack(u64, u32, Box<std::backtrace::Backtrace>),
@@ -405,7 +397,16 @@ fn global(queue: usize) -> Result<&'static Global> {
     if let Some(g) = GLOBAL.get() {
         return Ok(g);
     }
-    let (tx, rx) = mpsc::sync_channel::<Msg>(queue.max(64));
+    let queue = queue.max(64);
+    let (tx, rx) = mpsc::sync_channel::<Msg>(queue);
+    // Touch every slot once now, so that the first events do not pay the page faults
+    // of a queue of several MiB (the writer is not running yet).
+    for _ in 0..queue {
+        if tx.try_send(Msg::Nop).is_err() {
+            break;
+        }
+    }
+    while rx.try_recv().is_ok() {}
     let g = GLOBAL.get_or_init(|| Global {
         tx,
         counters: Counters::default(),
@@ -579,8 +580,9 @@ pub fn at_exit() {
     }
 }
 
-/// The frames of a sampled stack worth showing: the caller's, innermost first, at most
-/// eight, without the recorder's, the standard library's or the runtime's.
+/// The frames of a sampled stack worth showing, innermost first, at most eight: the
+/// hetmem function the caller called, then the caller's, without the standard
+/// library's or the runtime's.
 fn site_text(bt: &std::backtrace::Backtrace) -> String {
     let text = bt.to_string();
     let mut frames = Vec::new();
@@ -600,6 +602,7 @@ fn site_text(bt: &std::backtrace::Backtrace) -> String {
             "<alloc::",
             "<core::",
             "<std::",
+            "<&dyn ",
             "__libc",
             "_start",
             "__rust",
@@ -614,11 +617,20 @@ fn site_text(bt: &std::backtrace::Backtrace) -> String {
             _ => name,
         };
         frames.push(name.to_owned());
-        if frames.len() == 8 {
+        if frames.len() == 32 {
             break;
         }
     }
-    frames.join("\n")
+    // From the outermost of hetmem's own frames (the API the caller used) outwards.
+    let own = |f: &String| f.starts_with("hetmem::") || f.starts_with("<hetmem::");
+    let first_user = frames.iter().position(|f| !own(f)).unwrap_or(0);
+    let from = first_user.saturating_sub(1);
+    frames[from..]
+        .iter()
+        .take(8)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn writer(rx: Receiver<Msg>) {
@@ -631,11 +643,13 @@ fn writer(rx: Receiver<Msg>) {
     let mut idle;
     loop {
         idle = true;
+        let mut emptied = false;
         for _ in 0..4096 {
             match rx.try_recv() {
                 Ok(m) => {
                     idle = false;
                     match m {
+                        Msg::Nop => {}
                         Msg::Event(mut e) => {
                             if let Some(sess) = &s {
                                 e.time_ns = e.time_ns.saturating_sub(sess.start_mono);
@@ -684,7 +698,10 @@ fn writer(rx: Receiver<Msg>) {
                         }
                     }
                 }
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => {
+                    emptied = true;
+                    break;
+                }
                 Err(TryRecvError::Disconnected) => return,
             }
         }
@@ -709,7 +726,9 @@ fn writer(rx: Receiver<Msg>) {
                 last_page = Instant::now();
             }
         }
-        if idle {
+        // Drained: let the producers fill the queue alone for a while (draining as
+        // they write would bounce its cache lines between the cores on every event).
+        if emptied || idle {
             std::thread::sleep(Duration::from_millis(2));
         }
     }

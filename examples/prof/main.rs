@@ -126,6 +126,11 @@ fn record(a: &Args) -> Result<i32, String> {
         .split_first()
         .ok_or(format!("record: no command after --\n{USAGE}"))?;
     let out = a.out.clone().unwrap_or_else(|| "hetmem.hrec".into());
+    // Absolute: the program may change directory (launcher scripts do).
+    let out = std::path::absolute(&out)
+        .map_err(|e| format!("record: {out}: {e}"))?
+        .display()
+        .to_string();
     let shim_out = format!("{out}.shim");
     let mut cmd = std::process::Command::new(prog);
     cmd.args(rest)

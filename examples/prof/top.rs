@@ -69,11 +69,7 @@ fn render(pages: &[(u32, Page)], prev: &BTreeMap<u32, (Instant, Page)>, now: Ins
         "HIT %"
     );
     for (pid, p) in pages {
-        let host: i64 = p
-            .iter()
-            .filter(|(k, _)| k.starts_with("host."))
-            .map(|(_, v)| v.parse::<i64>().unwrap_or(0))
-            .sum();
+        let host = num(p, "host");
         let (mut dev, mut res) = (0i64, 0i64);
         let mut per_dev = Vec::new();
         for d in 0..hetmem::profile::MAX_INDEX {
