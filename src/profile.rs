@@ -12,7 +12,7 @@
 //! `HETMEM_STATS_PAGE=1` publishes the stats page without recording.
 //!
 //! On the hot path an event costs a relaxed load when profiling is off; when it is on,
-//! a clock read, a few relaxed atomic adds and a `try_send` into a bounded lock-free
+//! a clock read and a `try_send` into a bounded lock-free
 //! queue (std's array channel; the writer polls, so producers never take its waker's
 //! lock). A full queue drops the event and counts it; the record says how many. One
 //! background thread encodes chunks, writes them, and rewrites the stats page (a 4 KiB
@@ -357,7 +357,6 @@ fn emit_now(kind: EventKind) {
         kind,
         EventKind::Alloc { .. } | EventKind::DeviceAlloc { .. }
     ) && sample_stack();
-    g.counters.apply(&kind);
     let time_ns = now_ns();
     let thread = tid();
     let e = Event {
@@ -651,6 +650,9 @@ fn writer(rx: Receiver<Msg>) {
                     match m {
                         Msg::Nop => {}
                         Msg::Event(mut e) => {
+                            // Counted here, off the producers' path (events dropped
+                            // from a full queue are not in the page's figures).
+                            g.counters.apply(&e.kind);
                             if let Some(sess) = &s {
                                 e.time_ns = e.time_ns.saturating_sub(sess.start_mono);
                                 enc.push(&e);

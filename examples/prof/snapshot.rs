@@ -89,7 +89,7 @@ fn put(v: &P, w: &mut impl Write) -> std::io::Result<()> {
             if (0..256).contains(&i) {
                 w.write_all(&[b'K', i as u8])?;
             } else if (0..65536).contains(&i) {
-                w.write_all(&[b'M'])?;
+                w.write_all(b"M")?;
                 w.write_all(&(i as u16).to_le_bytes())?;
             } else if i32::try_from(i).is_ok() {
                 w.write_all(b"J")?;
