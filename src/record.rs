@@ -1,7 +1,8 @@
 //! The event record: a compact, versioned binary log of allocations, written by the
-//! LD_PRELOAD shim (`libhetmem_preload.so`, `HETMEM_RECORD=file`) and read by
-//! [`Reader`]. Device, pinned and tier-store events have kinds reserved here; the
-//! format is meant for profiling tools, so it is specified in full.
+//! LD_PRELOAD shim (`libhetmem_preload.so`, `HETMEM_RECORD=file`) and by the library's
+//! profiler ([`crate::profile`], `HETMEM_PROFILE=file`: device, segment, budget and
+//! tier-store events, kinds 16–63), and read by [`Reader`]. The format is meant for
+//! profiling tools (`examples/prof`), so it is specified in full.
 //!
 //! # Layout (version 1)
 //!
@@ -51,7 +52,7 @@
 //! | 50 | evict | id, bytes, flags (`u8`: 0, reserved) |
 //! | 51 | write-back | id, bytes, stream, start + 1, end + 1 |
 //! | 52 | acquire | id, bytes, outcome (`u8`: 0 a miss, loaded on demand; 1 resident and loaded; 2 resident, its load still in flight) |
-//! | 53 | site | the call site of the thread's previous event, as text (sampled, symbolised frames) |
+//! | 53 | site | the call site of the thread's previous event: text (length, UTF-8 bytes), one symbolised frame a line, innermost first (sampled) |
 //! | 54–63 | | reserved: tier store and copies |
 //!
 //! Numbers are LEB128 unless said otherwise. Placements are [`Placement`]. Events of

@@ -323,6 +323,18 @@ impl HostPool {
             ));
         }
         tracing::debug!(target: "hetmem", ?cfg, "host pool");
+        for (placement, b) in [
+            (crate::record::Placement::Pinned, cfg.pinned_budget),
+            (crate::record::Placement::Host, cfg.host_budget),
+        ] {
+            if let Some(bytes) = b {
+                crate::profile::emit(|| crate::record::EventKind::Budget {
+                    placement,
+                    index: None,
+                    bytes: bytes as u64,
+                });
+            }
+        }
         Ok(HostPool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
