@@ -12,7 +12,7 @@ replay_args=(--trace "$trace")
 [ -f "$trace" ] || replay_args=(--synthetic training)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-sl_args=(--layers 16 --layer-mib 64 --budget-mib 512 --passes 6 --json)
+sl_args=(--layers 16 --layer-mib 16 --budget-mib 128 --passes 6 --json)
 for i in $(seq "$runs"); do
   for mode in off on; do
     env=()

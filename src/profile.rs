@@ -295,6 +295,10 @@ struct Global {
 
 /// Whether events are recorded (or counted for the stats page).
 static ON: AtomicBool = AtomicBool::new(false);
+/// Events are stamped with the CPU's time-stamp counter (the kernel's clock source, so
+/// constant-rate and in step across CPUs), converted to the monotonic clock by the
+/// writer: a counter read is about half a clock read here.
+static USE_TSC: AtomicBool = AtomicBool::new(false);
 static STACK_EVERY: AtomicU32 = AtomicU32::new(0);
 /// The process that started the recording: a forked child records nothing.
 static PID: AtomicU32 = AtomicU32::new(0);
@@ -312,6 +316,60 @@ pub fn now_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
     })
+}
+
+/// An event's time: the time-stamp counter where [`USE_TSC`], else the monotonic clock.
+#[inline(always)]
+fn stamp() -> u64 {
+    if USE_TSC.load(Ordering::Relaxed) {
+        if let Some(t) = hetmem_sys::clock::tsc() {
+            return t;
+        }
+    }
+    now_ns()
+}
+
+/// Converts counter readings to the monotonic clock: anchored at the latest pair of
+/// readings the writer took (events are converted within milliseconds of it), at the
+/// rate measured since the first.
+struct Tsc {
+    first: (u64, u64),
+    last: (u64, u64),
+    ns_per_tick: f64,
+}
+
+impl Tsc {
+    fn pair() -> (u64, u64) {
+        let t = hetmem_sys::clock::tsc().unwrap_or(0);
+        (t, now_ns())
+    }
+
+    /// Measures the rate over a few milliseconds.
+    fn calibrate() -> Tsc {
+        let first = Tsc::pair();
+        std::thread::sleep(Duration::from_millis(3));
+        let mut c = Tsc {
+            first,
+            last: first,
+            ns_per_tick: 1.0,
+        };
+        c.update();
+        c
+    }
+
+    fn update(&mut self) {
+        let now = Tsc::pair();
+        let ticks = now.0.wrapping_sub(self.first.0);
+        if ticks > 0 && now.1 > self.first.1 {
+            self.ns_per_tick = (now.1 - self.first.1) as f64 / ticks as f64;
+        }
+        self.last = now;
+    }
+
+    fn ns(&self, tick: u64) -> u64 {
+        let d = tick.wrapping_sub(self.last.0) as i64 as f64 * self.ns_per_tick;
+        (self.last.1 as f64 + d).max(0.0) as u64
+    }
 }
 
 fn tid() -> u32 {
@@ -357,7 +415,7 @@ fn emit_now(kind: EventKind) {
         kind,
         EventKind::Alloc { .. } | EventKind::DeviceAlloc { .. }
     ) && sample_stack();
-    let time_ns = now_ns();
+    let time_ns = stamp();
     let thread = tid();
     let e = Event {
         time_ns,
@@ -412,9 +470,13 @@ fn global(queue: usize) -> Result<&'static Global> {
         dropped: AtomicU64::new(0),
         written: AtomicU64::new(0),
     });
+    // Decided once, before any event is stamped.
+    let tsc = (hetmem_sys::clock::tsc().is_some() && hetmem_sys::clock::tsc_is_clock_source())
+        .then(Tsc::calibrate);
+    USE_TSC.store(tsc.is_some(), Ordering::Relaxed);
     std::thread::Builder::new()
         .name("hetmem-profile".into())
-        .spawn(move || writer(rx))
+        .spawn(move || writer(rx, tsc))
         .map_err(|e| Error::Config {
             path: "profile".into(),
             reason: format!("cannot start the writer thread: {e}"),
@@ -632,7 +694,7 @@ fn site_text(bt: &std::backtrace::Backtrace) -> String {
         .join("\n")
 }
 
-fn writer(rx: Receiver<Msg>) {
+fn writer(rx: Receiver<Msg>, mut tsc: Option<Tsc>) {
     let g = GLOBAL.get().expect("made before the writer");
     let mut s: Option<Session> = None;
     let mut enc = ChunkEncoder::new();
@@ -643,6 +705,10 @@ fn writer(rx: Receiver<Msg>) {
     loop {
         idle = true;
         let mut emptied = false;
+        if let Some(c) = &mut tsc {
+            c.update();
+        }
+        let to_ns = |t: u64| tsc.as_ref().map_or(t, |c| c.ns(t));
         for _ in 0..4096 {
             match rx.try_recv() {
                 Ok(m) => {
@@ -654,7 +720,7 @@ fn writer(rx: Receiver<Msg>) {
                             // from a full queue are not in the page's figures).
                             g.counters.apply(&e.kind);
                             if let Some(sess) = &s {
-                                e.time_ns = e.time_ns.saturating_sub(sess.start_mono);
+                                e.time_ns = to_ns(e.time_ns).saturating_sub(sess.start_mono);
                                 enc.push(&e);
                             }
                         }
@@ -662,7 +728,7 @@ fn writer(rx: Receiver<Msg>) {
                             if let Some(sess) = &s {
                                 let text = site_text(&bt);
                                 enc.push(&Event {
-                                    time_ns: t.saturating_sub(sess.start_mono),
+                                    time_ns: to_ns(t).saturating_sub(sess.start_mono),
                                     thread,
                                     kind: EventKind::Site { text },
                                 });
