@@ -8,13 +8,14 @@
 //! [`Manager`](crate::Manager) (Rust, the C ABI, Python; `%p` in the path is the process
 //! id), or by [`start`]. `HETMEM_PROFILE_STACKS=N` samples the call site of every Nth
 //! allocation of each thread (symbolised by the writer thread, not the caller);
-//! `HETMEM_PROFILE_BUFFER=N` bounds the queue to `N` events (default 65,536, about 6 MiB);
+//! `HETMEM_PROFILE_BUFFER=N` bounds the queue to `N` events (default 65,536, about 7 MiB);
 //! `HETMEM_STATS_PAGE=1` publishes the stats page without recording.
 //!
 //! On the hot path an event costs a relaxed load when profiling is off; when it is on,
-//! a clock read and a `try_send` into a bounded lock-free
-//! queue (std's array channel; the writer polls, so producers never take its waker's
-//! lock). A full queue drops the event and counts it; the record says how many. One
+//! a read of the time-stamp counter (where Linux uses it as its clock source; else a
+//! clock read), converted to the monotonic clock by the writer, and a `try_send` into
+//! a bounded lock-free queue (std's array channel; the writer polls, so producers
+//! never take its waker's lock). A full queue drops the event and counts it; the record says how many. One
 //! background thread encodes chunks, writes them, and rewrites the stats page (a 4 KiB
 //! file in `/dev/shm`, `hetmem-stats.<pid>`) five times a second.
 //!
@@ -31,7 +32,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,8 @@ pub const MAX_INDEX: usize = 8;
 /// Bytes of the stats page.
 pub const PAGE_BYTES: usize = 4096;
 const DEFAULT_QUEUE: usize = 1 << 16;
+/// How long the writer sleeps once it has drained the queue.
+const NAP: Duration = Duration::from_millis(1);
 const CHUNK_BYTES: usize = 256 << 10;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const PAGE_EVERY: Duration = Duration::from_millis(200);
@@ -344,17 +347,16 @@ impl Tsc {
         (t, now_ns())
     }
 
-    /// Measures the rate over a few milliseconds.
-    fn calibrate() -> Tsc {
+    /// The first pair; the rate is measured from it at each [`Tsc::update`] (events
+    /// lie between the first pair and the latest, so a short baseline early on costs
+    /// no more than the jitter of one pair).
+    fn start() -> Tsc {
         let first = Tsc::pair();
-        std::thread::sleep(Duration::from_millis(3));
-        let mut c = Tsc {
+        Tsc {
             first,
             last: first,
             ns_per_tick: 1.0,
-        };
-        c.update();
-        c
+        }
     }
 
     fn update(&mut self) {
@@ -422,9 +424,11 @@ fn emit_now(kind: EventKind) {
         thread,
         kind,
     };
-    if g.tx.try_send(Msg::Event(e)).is_err() {
-        g.dropped.fetch_add(1, Ordering::Relaxed);
-        return;
+    if let Err(TrySendError::Full(m)) = g.tx.try_send(Msg::Event(e)) {
+        if !send_after_yield(&g.tx, m) {
+            g.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
     }
     if stack {
         let bt = Box::new(std::backtrace::Backtrace::force_capture());
@@ -432,6 +436,20 @@ fn emit_now(kind: EventKind) {
             g.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A full queue: lets the writer run a little (twice), then gives up.
+#[cold]
+fn send_after_yield(tx: &SyncSender<Msg>, mut m: Msg) -> bool {
+    for _ in 0..2 {
+        std::thread::yield_now();
+        match tx.try_send(m) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(back)) => m = back,
+            Err(TrySendError::Disconnected(_)) => return false,
+        }
+    }
+    false
 }
 
 fn sample_stack() -> bool {
@@ -472,7 +490,7 @@ fn global(queue: usize) -> Result<&'static Global> {
     });
     // Decided once, before any event is stamped.
     let tsc = (hetmem_sys::clock::tsc().is_some() && hetmem_sys::clock::tsc_is_clock_source())
-        .then(Tsc::calibrate);
+        .then(Tsc::start);
     USE_TSC.store(tsc.is_some(), Ordering::Relaxed);
     std::thread::Builder::new()
         .name("hetmem-profile".into())
@@ -797,7 +815,7 @@ fn writer(rx: Receiver<Msg>, mut tsc: Option<Tsc>) {
         // Drained: let the producers fill the queue alone for a while (draining as
         // they write would bounce its cache lines between the cores on every event).
         if emptied || idle {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(NAP);
         }
     }
 }
