@@ -363,9 +363,12 @@ impl Manager {
             });
         }
         let backend = &self.inner.backend;
+        // The node the memory is placed on, for the profiler (after NearDevice resolves).
+        let mut node = None;
         let mem = match &placement {
             Placement::Host(policy) | Placement::Pinned(policy) => {
                 let policy = self.resolve_policy(policy)?;
+                node = crate::profile::node_of(&policy);
                 // Node checks (UnknownNumaNode, NumaNodeWithoutMemory) happen here, in the
                 // placement layer: the host backend only knows what mbind answers.
                 self.check_host_room(&placement, &policy, size)?;
@@ -398,7 +401,7 @@ impl Manager {
             debug_assert!(reserved.is_ok(), "manager counters have no limit");
         }
         tracing::debug!(target: "hetmem", %tier, size, "alloc");
-        crate::profile::emit(|| profile_alloc(&placement, &mem, size, true));
+        crate::profile::emit(|| profile_alloc(&placement, &mem, size, Some(node)));
         Ok(Buffer {
             mgr: self.inner.clone(),
             placement,
@@ -753,34 +756,35 @@ impl Drop for Buffer {
             self.mgr.counter(self.placement.tier()).release(self.size);
         }
         tracing::debug!(target: "hetmem", tier = %self.placement.tier(), size = self.size, "free");
-        crate::profile::emit(|| profile_alloc(&self.placement, &self.mem, self.size, false));
+        crate::profile::emit(|| profile_alloc(&self.placement, &self.mem, self.size, None));
         // `mem` frees itself after this, waiting for its copies first.
     }
 }
 
-/// The profiler's event for a buffer allocated (`alloc`) or freed.
+/// The profiler's event for a buffer allocated (`alloc`: its NUMA node, where it has
+/// one) or freed (`None`).
 fn profile_alloc(
     placement: &Placement,
     mem: &OwnedMemory,
     size: usize,
-    alloc: bool,
+    alloc: Option<Option<u32>>,
 ) -> crate::record::EventKind {
     use crate::record::{device_flags, EventKind, Placement as P};
     let size = size as u64;
     let (device, flags) = match placement {
-        Placement::Host(policy) | Placement::Pinned(policy) => {
+        Placement::Host(_) | Placement::Pinned(_) => {
             let addr = mem.host_ptr().map_or(0, |p| p.as_ptr() as u64);
             let placement = if matches!(placement, Placement::Pinned(_)) {
                 P::Pinned
             } else {
                 P::Host
             };
-            return if alloc {
+            return if let Some(node) = alloc {
                 EventKind::Alloc {
                     addr,
                     size,
                     placement,
-                    node: crate::profile::node_of(policy),
+                    node,
                 }
             } else {
                 EventKind::Free {
@@ -795,7 +799,7 @@ fn profile_alloc(
     };
     let addr = mem.device_ptr().map_or(0, |p| p.0);
     let device = device as u32;
-    if alloc {
+    if alloc.is_some() {
         EventKind::DeviceAlloc {
             addr,
             size,
