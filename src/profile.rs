@@ -31,13 +31,19 @@ use std::cell::Cell;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::record::{self, acquire, ChunkEncoder, Event, EventKind, Header, Placement};
+use crate::record::{self, ChunkEncoder, Event, EventKind, Header};
+
+// The stats page's counters, and the time-stamp counter's conversion.
+mod page;
+mod tsc;
+use page::Counters;
+use tsc::Tsc;
 
 /// Devices the stats page counts one by one (others add to the last).
 pub const MAX_INDEX: usize = 8;
@@ -108,168 +114,6 @@ pub struct ProfileSummary {
     pub dropped: u64,
 }
 
-/// Counters behind the stats page: what is live now, per tier.
-#[derive(Debug, Default)]
-struct Counters {
-    host: AtomicI64,
-    pinned: AtomicI64,
-    device: [AtomicI64; MAX_INDEX],
-    device_reserved: [AtomicI64; MAX_INDEX],
-    managed: AtomicI64,
-    allocs: AtomicU64,
-    frees: AtomicU64,
-    loads: AtomicU64,
-    loaded_bytes: AtomicU64,
-    evictions: AtomicU64,
-    writeback_bytes: AtomicU64,
-    hits: AtomicU64,
-    late: AtomicU64,
-    misses: AtomicU64,
-    ooms: AtomicU64,
-}
-
-fn slot(i: Option<u32>, n: usize) -> usize {
-    i.map_or(n - 1, |i| (i as usize).min(n - 1))
-}
-
-impl Counters {
-    fn apply(&self, k: &EventKind) {
-        let r = Ordering::Relaxed;
-        // Host memory in one figure: frees do not say the node (the tools' live
-        // tables do, per node).
-        let host = |placement: Placement| match placement {
-            Placement::Pinned => Some(&self.pinned),
-            Placement::Host => Some(&self.host),
-            _ => None,
-        };
-        match k {
-            EventKind::Alloc {
-                size, placement, ..
-            } => {
-                self.allocs.fetch_add(1, r);
-                if let Some(c) = host(*placement) {
-                    c.fetch_add(*size as i64, r);
-                }
-            }
-            EventKind::Free {
-                size, placement, ..
-            } => {
-                self.frees.fetch_add(1, r);
-                if let Some(c) = host(*placement) {
-                    c.fetch_sub(*size as i64, r);
-                }
-            }
-            EventKind::DeviceAlloc {
-                size,
-                device,
-                flags,
-                ..
-            } => {
-                self.allocs.fetch_add(1, r);
-                let d = slot(Some(*device), MAX_INDEX);
-                if flags & record::device_flags::MANAGED != 0 {
-                    self.managed.fetch_add(*size as i64, r);
-                } else {
-                    self.device[d].fetch_add(*size as i64, r);
-                    if flags & record::device_flags::POOL == 0 {
-                        self.device_reserved[d].fetch_add(*size as i64, r);
-                    }
-                }
-            }
-            EventKind::DeviceFree {
-                size,
-                device,
-                flags,
-                ..
-            } => {
-                self.frees.fetch_add(1, r);
-                let d = slot(Some(*device), MAX_INDEX);
-                if flags & record::device_flags::MANAGED != 0 {
-                    self.managed.fetch_sub(*size as i64, r);
-                } else {
-                    self.device[d].fetch_sub(*size as i64, r);
-                    if flags & record::device_flags::POOL == 0 {
-                        self.device_reserved[d].fetch_sub(*size as i64, r);
-                    }
-                }
-            }
-            EventKind::SegmentMap { size, device, .. } => {
-                self.device_reserved[slot(Some(*device), MAX_INDEX)].fetch_add(*size as i64, r);
-            }
-            EventKind::SegmentUnmap { size, device, .. } => {
-                self.device_reserved[slot(Some(*device), MAX_INDEX)].fetch_sub(*size as i64, r);
-            }
-            EventKind::OutOfMemory { .. } => {
-                self.ooms.fetch_add(1, r);
-            }
-            EventKind::Load { bytes, .. } => {
-                self.loads.fetch_add(1, r);
-                self.loaded_bytes.fetch_add(*bytes, r);
-            }
-            EventKind::Evict { .. } => {
-                self.evictions.fetch_add(1, r);
-            }
-            EventKind::WriteBack { bytes, .. } => {
-                self.writeback_bytes.fetch_add(*bytes, r);
-            }
-            EventKind::Acquire { outcome, .. } => {
-                match *outcome {
-                    acquire::HIT => &self.hits,
-                    acquire::LATE => &self.late,
-                    _ => &self.misses,
-                }
-                .fetch_add(1, r);
-            }
-            _ => {}
-        }
-    }
-
-    /// The page's text: `key value` lines.
-    fn page(&self, pid: u32, events: u64, dropped: u64, path: &str) -> String {
-        let r = Ordering::Relaxed;
-        let mut s = format!(
-            "hetmem-stats 1\npid {pid}\ncmd {}\nrecord {}\nunix_ms {}\n",
-            std::env::args()
-                .next()
-                .unwrap_or_default()
-                .replace('\n', " "),
-            if path.is_empty() { "-" } else { path },
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-        );
-        let mut line = |k: String, v: i64| {
-            if v != 0 || !k.contains('.') {
-                s.push_str(&format!("{k} {v}\n"));
-            }
-        };
-        line("host".into(), self.host.load(r));
-        line("pinned".into(), self.pinned.load(r));
-        line("managed".into(), self.managed.load(r));
-        for i in 0..MAX_INDEX {
-            line(format!("device.{i}"), self.device[i].load(r));
-            line(format!("reserved.{i}"), self.device_reserved[i].load(r));
-        }
-        for (k, c) in [
-            ("allocs", &self.allocs),
-            ("frees", &self.frees),
-            ("loads", &self.loads),
-            ("loaded_bytes", &self.loaded_bytes),
-            ("evictions", &self.evictions),
-            ("writeback_bytes", &self.writeback_bytes),
-            ("hits", &self.hits),
-            ("late", &self.late),
-            ("misses", &self.misses),
-            ("ooms", &self.ooms),
-        ] {
-            line(k.into(), c.load(r) as i64);
-        }
-        line("events".into(), events as i64);
-        line("dropped".into(), dropped as i64);
-        s
-    }
-}
-
 enum Msg {
     /// Nothing: sent once per slot at the start to fault the queue's pages in.
     Nop,
@@ -330,48 +174,6 @@ fn stamp() -> u64 {
         }
     }
     now_ns()
-}
-
-/// Converts counter readings to the monotonic clock: anchored at the latest pair of
-/// readings the writer took (events are converted within milliseconds of it), at the
-/// rate measured since the first.
-struct Tsc {
-    first: (u64, u64),
-    last: (u64, u64),
-    ns_per_tick: f64,
-}
-
-impl Tsc {
-    fn pair() -> (u64, u64) {
-        let t = hetmem_sys::clock::tsc().unwrap_or(0);
-        (t, now_ns())
-    }
-
-    /// The first pair; the rate is measured from it at each [`Tsc::update`] (events
-    /// lie between the first pair and the latest, so a short baseline early on costs
-    /// no more than the jitter of one pair).
-    fn start() -> Tsc {
-        let first = Tsc::pair();
-        Tsc {
-            first,
-            last: first,
-            ns_per_tick: 1.0,
-        }
-    }
-
-    fn update(&mut self) {
-        let now = Tsc::pair();
-        let ticks = now.0.wrapping_sub(self.first.0);
-        if ticks > 0 && now.1 > self.first.1 {
-            self.ns_per_tick = (now.1 - self.first.1) as f64 / ticks as f64;
-        }
-        self.last = now;
-    }
-
-    fn ns(&self, tick: u64) -> u64 {
-        let d = tick.wrapping_sub(self.last.0) as i64 as f64 * self.ns_per_tick;
-        (self.last.1 as f64 + d).max(0.0) as u64
-    }
 }
 
 fn tid() -> u32 {
