@@ -12,6 +12,22 @@
 //! cargo run --release --example prof -- synth -o big.hrec [--events N]
 //! ```
 
+/// `println!` that ignores a closed stdout (`prof report | head`) instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// `print!` that ignores a closed stdout.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 mod input;
 mod perfetto;
 mod plot;

@@ -256,7 +256,7 @@ pub fn run(paths: &[String], json_out: bool, top: usize) -> Result<(), String> {
         "tier_store": store,
     });
     if json_out {
-        println!("{out}");
+        outln!("{out}");
         return Ok(());
     }
     print_text(&out);
@@ -350,7 +350,7 @@ fn min_bytes(seq: &[u64], names: &FxHashMap<u64, (String, u64)>, budget: u64) ->
 
 fn print_text(v: &Value) {
     let b = |x: &Value| bytes(x.as_u64().unwrap_or(0));
-    println!(
+    outln!(
         "hetmem profile report: {} events over {:.3} s{}{}",
         v["events"],
         v["duration_s"].as_f64().unwrap_or(0.0),
@@ -364,28 +364,28 @@ fn print_text(v: &Value) {
             Some(d) => format!(", {d} events dropped"),
         }
     );
-    println!("\nPeaks (the moment, and what was live then):");
+    outln!("\nPeaks (the moment, and what was live then):");
     for t in v["tiers"].as_array().into_iter().flatten() {
-        print!(
+        out!(
             "  {:<14} {:>10} at {}",
             t["tier"].as_str().unwrap_or(""),
             b(&t["peak_bytes"]),
             secs((t["peak_t_s"].as_f64().unwrap_or(0.0) * 1e9) as u64)
         );
         if let Some(bud) = t["budget"].as_u64() {
-            print!("  (budget {})", bytes(bud));
+            out!("  (budget {})", bytes(bud));
         }
         if t["reserved_peak_bytes"].is_u64() {
-            print!(
+            out!(
                 "; reserved peak {} ({:.4}x the allocated peak)",
                 b(&t["reserved_peak_bytes"]),
                 t["reserved_over_allocated_peak"].as_f64().unwrap_or(0.0)
             );
         }
-        println!();
+        outln!();
         let lp = &t["live_at_peak"];
         for l in lp["largest"].as_array().into_iter().flatten().take(5) {
-            println!(
+            outln!(
                 "      {:>10} at {} since {:.6} s{}",
                 b(&l["size"]),
                 l["addr"].as_str().unwrap_or(""),
@@ -397,7 +397,7 @@ fn print_text(v: &Value) {
             );
         }
         for s in lp["top_sites"].as_array().into_iter().flatten().take(3) {
-            println!(
+            outln!(
                 "      site {:>10} in {} blocks: {}",
                 b(&s["bytes"]),
                 s["blocks"],
@@ -416,7 +416,7 @@ fn print_text(v: &Value) {
                 .iter()
                 .map(|p| format!("{:.2}", p["ratio"].as_f64().unwrap_or(0.0)))
                 .collect();
-            println!(
+            outln!(
                 "      fragmentation (reserved / allocated) over time: {}; worst {:.3} where at least half the peak is allocated",
                 line.join(" "),
                 worst
@@ -424,16 +424,16 @@ fn print_text(v: &Value) {
         }
     }
     let l = &v["leaks"];
-    println!(
+    outln!(
         "\nLive at the end (leaks if the program was done): {} in {} blocks",
         b(&l["bytes"]),
         l["blocks"]
     );
     for (t, x) in l["per_tier"].as_object().into_iter().flatten() {
-        println!("  {t:<14} {}", b(x));
+        outln!("  {t:<14} {}", b(x));
     }
     for x in l["largest"].as_array().into_iter().flatten().take(5) {
-        println!(
+        outln!(
             "    {:>10} {} at {}",
             b(&x["size"]),
             x["tier"].as_str().unwrap_or(""),
@@ -441,9 +441,9 @@ fn print_text(v: &Value) {
         );
     }
     if v["out_of_memory"].as_u64().unwrap_or(0) > 0 {
-        println!("\nOut of memory: {} times", v["out_of_memory"]);
+        outln!("\nOut of memory: {} times", v["out_of_memory"]);
         for o in v["ooms"].as_array().into_iter().flatten() {
-            println!(
+            outln!(
                 "  at {:.6} s on {}: requested {}, free {}, largest free block {}",
                 o["t_s"].as_f64().unwrap_or(0.0),
                 o["tier"].as_str().unwrap_or(""),
@@ -458,8 +458,8 @@ fn print_text(v: &Value) {
     }
     let s = &v["tier_store"];
     if !s.is_null() {
-        println!("\nTier store: {} parameters", s["parameters"]);
-        println!(
+        outln!("\nTier store: {} parameters", s["parameters"]);
+        outln!(
             "  acquires {}: hits {}, hits with the load in flight {}, misses {} (hit rate {:.3})",
             s["acquires"],
             s["hits"],
@@ -467,21 +467,24 @@ fn print_text(v: &Value) {
             s["misses"],
             s["hit_rate"].as_f64().unwrap_or(0.0)
         );
-        println!(
+        outln!(
             "  loads {} ({}), through the staging ring {}, outside the plan {}; evictions {}; write-backs {} ({})",
             s["loads"], b(&s["bytes_loaded"]), s["staged_loads"], s["unplanned_loads"],
             s["evictions"], s["writebacks"], b(&s["bytes_written_back"])
         );
         if let Some(o) = s["optimal_bytes"].as_u64() {
-            println!(
+            outln!(
                 "  traffic {} against {} for Belady's MIN over the {} acquires seen (budget {} less the largest parameter): {:.3}x",
                 b(&s["bytes_loaded"]), bytes(o), s["acquires"], b(&s["device_budget"]),
                 s["traffic_over_optimum"].as_f64().unwrap_or(0.0)
             );
         }
-        println!(
+        outln!(
             "  prefetches {}: on time {}, late {}, wasted (evicted unused) {}",
-            s["prefetches"], s["prefetch_on_time"], s["prefetch_late"], s["prefetch_wasted"]
+            s["prefetches"],
+            s["prefetch_on_time"],
+            s["prefetch_late"],
+            s["prefetch_wasted"]
         );
     }
 }

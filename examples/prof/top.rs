@@ -320,9 +320,9 @@ pub fn run(interval: Duration, iterations: Option<u64>) -> Result<(), String> {
         let text = render(&pages, &prev, now);
         if iterations.is_none() {
             // Home and clear: refresh in place.
-            print!("\x1b[H\x1b[2J{text}");
+            out!("\x1b[H\x1b[2J{text}");
         } else {
-            print!("{text}");
+            out!("{text}");
         }
         use std::io::Write;
         let _ = std::io::stdout().flush();

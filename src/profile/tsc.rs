@@ -18,16 +18,22 @@ impl Tsc {
         (t, now_ns())
     }
 
-    /// The first pair; the rate is measured from it at each [`Tsc::update`] (events
-    /// lie between the first pair and the latest, so a short baseline early on costs
-    /// no more than the jitter of one pair).
+    /// The first pair, and a first rate over 100 µs (a spin); the rate is measured
+    /// again from the first pair at each [`Tsc::update`], over a longer baseline each
+    /// time. Conversions are anchored at the latest pair, so the rate's error counts
+    /// only over the milliseconds between an event and the writer's drain.
     pub(super) fn start() -> Tsc {
         let first = Tsc::pair();
-        Tsc {
+        while now_ns().saturating_sub(first.1) < 100_000 {
+            std::hint::spin_loop();
+        }
+        let mut c = Tsc {
             first,
             last: first,
             ns_per_tick: 1.0,
-        }
+        };
+        c.update();
+        c
     }
 
     pub(super) fn update(&mut self) {
