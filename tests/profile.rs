@@ -84,7 +84,7 @@ fn recorder_writes_every_event_kind_and_stays_bounded() {
         pool.trim().unwrap();
         let hp = mgr.host_pool(HostPoolConfig::default()).unwrap();
         let hb = hp.alloc_pinned(&NumaPolicy::Default, 1 << 20).unwrap();
-        drop((h, p, d, hb));
+        drop((p, d, hb));
         // The tier store: 6 layers through room for 3, two passes.
         let store = TierStore::new(&mgr, TierConfig::new(3 << 20, 64 << 20)).unwrap();
         let ids: Vec<_> = (0..6)
@@ -115,6 +115,9 @@ fn recorder_writes_every_event_kind_and_stays_bounded() {
                 .unwrap();
         assert!(page.starts_with("hetmem-stats 1\n"), "{page}");
         assert!(page.contains("\nloads "), "{page}");
+        // The host buffer bound to node 0 is still live: the page says where.
+        assert!(page.contains("\nnode.0 1048576\n"), "{page}");
+        drop(h);
     }
     let sum = profile::finish().unwrap();
     assert!(

@@ -294,6 +294,15 @@ fn render(pages: &[(u32, Page)], prev: &BTreeMap<u32, (Instant, Page)>, now: Ins
             format!("{}/s", bytes(br as u64)),
             hit
         );
+        let nodes: Vec<String> = p
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("node.")?, v.parse::<i64>().ok()?)))
+            .filter(|(_, b)| *b != 0)
+            .map(|(n, b)| format!("{n}:{}", bytes(b.max(0) as u64)))
+            .collect();
+        if !nodes.is_empty() {
+            s += &format!("{:>10}host by NUMA node {}\n", "", nodes.join("  "));
+        }
         if per_dev.len() > 1 {
             s += &format!("{:>10}devices {}\n", "", per_dev.join("  "));
         }

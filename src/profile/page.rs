@@ -2,7 +2,11 @@
 //! reads: kept by the writer thread from the events it drains, written as `key value`
 //! lines.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
 
 use super::MAX_INDEX;
 use crate::record::{self, acquire, EventKind, Placement};
@@ -25,6 +29,9 @@ pub(super) struct Counters {
     late: AtomicU64,
     misses: AtomicU64,
     ooms: AtomicU64,
+    /// Host blocks on a known node (address → node, bytes), and bytes per node: frees
+    /// do not say the node. Only the writer thread takes the lock.
+    nodes: Mutex<(FxHashMap<u64, (u32, u64)>, BTreeMap<u32, i64>)>,
 }
 
 fn slot(i: Option<u32>, n: usize) -> usize {
@@ -34,8 +41,6 @@ fn slot(i: Option<u32>, n: usize) -> usize {
 impl Counters {
     pub(super) fn apply(&self, k: &EventKind) {
         let r = Ordering::Relaxed;
-        // Host memory in one figure: frees do not say the node (the tools' live
-        // tables do, per node).
         let host = |placement: Placement| match placement {
             Placement::Pinned => Some(&self.pinned),
             Placement::Host => Some(&self.host),
@@ -43,19 +48,35 @@ impl Counters {
         };
         match k {
             EventKind::Alloc {
-                size, placement, ..
+                addr,
+                size,
+                placement,
+                node,
             } => {
                 self.allocs.fetch_add(1, r);
                 if let Some(c) = host(*placement) {
                     c.fetch_add(*size as i64, r);
                 }
+                if let (Placement::Host, Some(n)) = (placement, node) {
+                    let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+                    g.0.insert(*addr, (*n, *size));
+                    *g.1.entry(*n).or_default() += *size as i64;
+                }
             }
             EventKind::Free {
-                size, placement, ..
+                addr,
+                size,
+                placement,
             } => {
                 self.frees.fetch_add(1, r);
                 if let Some(c) = host(*placement) {
                     c.fetch_sub(*size as i64, r);
+                }
+                if *placement == Placement::Host {
+                    let mut g = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some((n, b)) = g.0.remove(addr) {
+                        *g.1.entry(n).or_default() -= b as i64;
+                    }
                 }
             }
             EventKind::DeviceAlloc {
@@ -143,6 +164,9 @@ impl Counters {
             }
         };
         line("host".into(), self.host.load(r));
+        for (n, b) in &self.nodes.lock().unwrap_or_else(|e| e.into_inner()).1 {
+            line(format!("node.{n}"), *b);
+        }
         line("pinned".into(), self.pinned.load(r));
         line("managed".into(), self.managed.load(r));
         for i in 0..MAX_INDEX {
