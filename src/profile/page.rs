@@ -31,8 +31,11 @@ pub(super) struct Counters {
     ooms: AtomicU64,
     /// Host blocks on a known node (address → node, bytes), and bytes per node: frees
     /// do not say the node. Only the writer thread takes the lock.
-    nodes: Mutex<(FxHashMap<u64, (u32, u64)>, BTreeMap<u32, i64>)>,
+    nodes: Mutex<Nodes>,
 }
+
+/// Host blocks on a known node (address → node, bytes), and bytes per node.
+type Nodes = (FxHashMap<u64, (u32, u64)>, BTreeMap<u32, i64>);
 
 fn slot(i: Option<u32>, n: usize) -> usize {
     i.map_or(n - 1, |i| (i as usize).min(n - 1))
