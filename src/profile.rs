@@ -138,6 +138,8 @@ struct Global {
     counters: Counters,
     dropped: AtomicU64,
     written: AtomicU64,
+    /// The writer thread, woken from its nap by [`flush`] and [`finish`].
+    writer: OnceLock<std::thread::Thread>,
 }
 
 /// Whether events are recorded (or counted for the stats page).
@@ -289,19 +291,28 @@ fn global(queue: usize) -> Result<&'static Global> {
         counters: Counters::default(),
         dropped: AtomicU64::new(0),
         written: AtomicU64::new(0),
+        writer: OnceLock::new(),
     });
     // Decided once, before any event is stamped.
     let tsc = (hetmem_sys::clock::tsc().is_some() && hetmem_sys::clock::tsc_is_clock_source())
         .then(Tsc::start);
     USE_TSC.store(tsc.is_some(), Ordering::Relaxed);
-    std::thread::Builder::new()
+    let h = std::thread::Builder::new()
         .name("hetmem-profile".into())
         .spawn(move || writer(rx, tsc))
         .map_err(|e| Error::Config {
             path: "profile".into(),
             reason: format!("cannot start the writer thread: {e}"),
         })?;
+    let _ = g.writer.set(h.thread().clone());
     Ok(g)
+}
+
+/// Wakes the writer from its nap (for a flush or the end of a recording).
+fn wake(g: &Global) {
+    if let Some(t) = g.writer.get() {
+        t.unpark();
+    }
 }
 
 /// Starts recording (one recording per process at a time).
@@ -423,6 +434,7 @@ pub fn flush() {
     let Some(g) = GLOBAL.get() else { return };
     let (tx, rx) = mpsc::sync_channel(1);
     if g.tx.send(Msg::Flush(tx)).is_ok() {
+        wake(g);
         let _ = rx.recv_timeout(Duration::from_secs(1));
     }
 }
@@ -447,6 +459,7 @@ pub fn finish() -> Result<ProfileSummary> {
         reason: "the writer thread did not finish the record".into(),
     };
     g.tx.send(Msg::Close(tx)).map_err(|_| lost())?;
+    wake(g);
     rx.recv_timeout(Duration::from_secs(5)).map_err(|_| lost())
 }
 
@@ -617,7 +630,7 @@ fn writer(rx: Receiver<Msg>, mut tsc: Option<Tsc>) {
         // Drained: let the producers fill the queue alone for a while (draining as
         // they write would bounce its cache lines between the cores on every event).
         if emptied || idle {
-            std::thread::sleep(NAP);
+            std::thread::park_timeout(NAP);
         }
     }
 }
