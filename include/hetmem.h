@@ -403,6 +403,23 @@ int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int de
 int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, size_t cap,
                       size_t* needed);
 
+/* ---- profiling -------------------------------------------------------------------------------- */
+
+/* Starts recording every event hetmem knows (allocations per placement, pool segments,
+ * out-of-memory, budgets, the tier store's loads, evictions, write-backs, acquires) to
+ * the file `path` ("%p": the process id), in the format of src/record.rs, read by
+ * `cargo run --example prof`; as HETMEM_PROFILE=path does at the first manager. One
+ * recording per process at a time.
+ * Errors: NULL_POINTER (path), INVALID_ARGUMENT (path not UTF-8), CONFIG (a recording is
+ * on already, or the file cannot be made). */
+int hetmem_profile_start(const char* path);
+
+/* Stops recording: writes what is queued and the end event, closes the file. *events and
+ * *dropped (each may be NULL) get the events written and lost; both 0 when nothing was
+ * recorded.
+ * Errors: CONFIG (the writer thread did not finish the record). */
+int hetmem_profile_finish(size_t* events, size_t* dropped);
+
 /* ---- tier store -------------------------------------------------------------------------------- */
 
 /* Each call below lists every code it can return besides HETMEM_OK (HETMEM_ERR_PANIC

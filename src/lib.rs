@@ -35,6 +35,7 @@ pub mod host_mem;
 pub mod manager;
 pub mod placement;
 pub mod pool;
+pub mod profile;
 pub mod record;
 mod stats;
 pub mod stream;

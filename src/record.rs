@@ -1,7 +1,8 @@
 //! The event record: a compact, versioned binary log of allocations, written by the
-//! LD_PRELOAD shim (`libhetmem_preload.so`, `HETMEM_RECORD=file`) and read by
-//! [`Reader`]. Device, pinned and tier-store events have kinds reserved here; the
-//! format is meant for profiling tools, so it is specified in full.
+//! LD_PRELOAD shim (`libhetmem_preload.so`, `HETMEM_RECORD=file`) and by the library's
+//! profiler ([`crate::profile`], `HETMEM_PROFILE=file`: device, segment, budget and
+//! tier-store events, kinds 16–63), and read by [`Reader`]. The format is meant for
+//! profiling tools (`examples/prof`), so it is specified in full.
 //!
 //! # Layout (version 1)
 //!
@@ -38,9 +39,23 @@
 //! | 4 | stack | frame count, then return addresses: the first as is, each next as a zigzag difference from the one before; belongs to the thread's previous event |
 //! | 5 | dropped | events lost because the in-process queue was full |
 //! | 6 | end | events written, events dropped (the last event of a complete record) |
-//! | 16–31 | | reserved: device memory (alloc, free, map, unmap) |
-//! | 32–47 | | reserved: pinned memory (alloc, free, register) |
-//! | 48–63 | | reserved: tier store (load, evict, hint) and copies |
+//! | 16 | device alloc | address, size, device, stream (0: none), flags (`u8`: bit 0 a pool block inside a mapped segment, bit 1 managed memory) |
+//! | 17 | device free | address, size, device, flags (`u8`, as for alloc) |
+//! | 18 | segment map | address, size, device: physical memory mapped (or a pool segment allocated) |
+//! | 19 | segment unmap | address, size, device |
+//! | 20 | out of memory | placement (`u8`), index (device or node; 2³²−1: none), requested, free, reserved + 1 (0: not known), largest free block + 1 (0: not known) |
+//! | 21 | budget | placement (`u8`), index, bytes: the most that tier may hold from now on |
+//! | 22 | shim GPU alloc | the LD_PRELOAD shim's CUDA/HIP allocation: see [`gpu`] |
+//! | 23 | shim GPU free | its free: see [`gpu`] |
+//! | 24–31 | | reserved: device memory |
+//! | 32–47 | | reserved: pinned memory (register); pinned allocations are kinds 1 and 2 with placement pinned |
+//! | 48 | parameter | id, size, name (length, UTF-8 bytes): a tier-store parameter registered |
+//! | 49 | load | id, bytes, stream, start + 1, end + 1 (device clock ns, 0: not known), flags (`u8`: bit 0 ahead of its use (a prefetch), bit 1 through the staging ring, bit 2 outside the plan) |
+//! | 50 | evict | id, bytes, flags (`u8`: 0, reserved) |
+//! | 51 | write-back | id, bytes, stream, start + 1, end + 1 |
+//! | 52 | acquire | id, bytes, outcome (`u8`: 0 a miss, loaded on demand; 1 resident and loaded; 2 resident, its load still in flight) |
+//! | 53 | site | the call site of the thread's previous event: text (length, UTF-8 bytes), one symbolised frame a line, innermost first (sampled) |
+//! | 54–63 | | reserved: tier store and copies |
 //!
 //! Numbers are LEB128 unless said otherwise. Placements are [`Placement`]. Events of
 //! different threads may appear out of time order (the shim queues them per thread
@@ -49,6 +64,10 @@
 use std::io::Read;
 
 use crate::error::{Error, Result};
+
+// Kinds 16–63 (device, segments, budgets, the tier store): their encoding.
+mod kinds;
+use kinds::{decode_more, encode_more};
 
 /// The file's first eight bytes.
 pub const MAGIC: [u8; 8] = *b"HETMREC\0";
@@ -81,6 +100,58 @@ pub mod kind {
     pub const PINNED_FIRST: u8 = 32;
     /// First kind reserved for tier-store events and copies.
     pub const TIER_FIRST: u8 = 48;
+    /// Device (or managed) memory allocated.
+    pub const DEVICE_ALLOC: u8 = 16;
+    /// Device (or managed) memory freed.
+    pub const DEVICE_FREE: u8 = 17;
+    /// Physical memory mapped into a pool (or a pool segment allocated).
+    pub const SEGMENT_MAP: u8 = 18;
+    /// Physical memory unmapped from a pool (or a pool segment freed).
+    pub const SEGMENT_UNMAP: u8 = 19;
+    /// An allocation refused for lack of memory.
+    pub const OOM: u8 = 20;
+    /// A tier's budget.
+    pub const BUDGET: u8 = 21;
+    /// A tier-store parameter registered.
+    pub const PARAM: u8 = 48;
+    /// A tier-store load (host to device).
+    pub const LOAD: u8 = 49;
+    /// A tier-store eviction.
+    pub const EVICT: u8 = 50;
+    /// A tier-store write-back (device to host).
+    pub const WRITEBACK: u8 = 51;
+    /// A tier-store acquire.
+    pub const ACQUIRE: u8 = 52;
+    /// The symbolised call site of the thread's previous event.
+    pub const SITE: u8 = 53;
+}
+
+/// Flags of device alloc and free events.
+pub mod device_flags {
+    /// A pool block, inside memory a segment map event mapped.
+    pub const POOL: u8 = 1;
+    /// Managed (unified) memory.
+    pub const MANAGED: u8 = 2;
+}
+
+/// Flags of tier-store load and evict events.
+pub mod tier_flags {
+    /// Load: queued ahead of its use (a prefetch).
+    pub const PREFETCH: u8 = 1;
+    /// Load: through the staging ring (the source was pageable or a mapped file).
+    pub const STAGED: u8 = 2;
+    /// Load: outside the plan (an acquire or a hint that had to load at once).
+    pub const UNPLANNED: u8 = 4;
+}
+
+/// Outcomes of tier-store acquire events.
+pub mod acquire {
+    /// Not resident: loaded on demand.
+    pub const MISS: u8 = 0;
+    /// Resident and loaded.
+    pub const HIT: u8 = 1;
+    /// Resident, but its load was still in flight (a late prefetch).
+    pub const LATE: u8 = 2;
 }
 
 /// Where a block lives.
@@ -207,6 +278,132 @@ pub enum EventKind {
         events: u64,
         /// Events lost.
         dropped: u64,
+    },
+    /// Device or managed memory was allocated (kind 16).
+    DeviceAlloc {
+        /// Its device address.
+        addr: u64,
+        /// Bytes asked for.
+        size: u64,
+        /// The device.
+        device: u32,
+        /// The stream it belongs to (0: none).
+        stream: u64,
+        /// [`device_flags`].
+        flags: u8,
+    },
+    /// Device or managed memory was freed (kind 17).
+    DeviceFree {
+        /// Its device address.
+        addr: u64,
+        /// Its size.
+        size: u64,
+        /// The device.
+        device: u32,
+        /// [`device_flags`].
+        flags: u8,
+    },
+    /// Physical memory mapped into a pool, or a pool segment allocated (kind 18).
+    SegmentMap {
+        /// The device address.
+        addr: u64,
+        /// Bytes.
+        size: u64,
+        /// The device.
+        device: u32,
+    },
+    /// Physical memory unmapped from a pool, or a pool segment freed (kind 19).
+    SegmentUnmap {
+        /// The device address.
+        addr: u64,
+        /// Bytes.
+        size: u64,
+        /// The device.
+        device: u32,
+    },
+    /// An allocation was refused for lack of memory (kind 20).
+    OutOfMemory {
+        /// The tier.
+        placement: Placement,
+        /// The device or NUMA node, where there is one.
+        index: Option<u32>,
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes free under the budget.
+        free: u64,
+        /// Bytes the pool held, where known.
+        reserved: Option<u64>,
+        /// The largest free block, where known.
+        largest_free_block: Option<u64>,
+    },
+    /// A tier's budget (kind 21).
+    Budget {
+        /// The tier.
+        placement: Placement,
+        /// The device or NUMA node, where there is one.
+        index: Option<u32>,
+        /// The most it may hold.
+        bytes: u64,
+    },
+    /// A tier-store parameter was registered (kind 48).
+    Param {
+        /// Its id.
+        id: u64,
+        /// Its size.
+        size: u64,
+        /// Its name.
+        name: String,
+    },
+    /// A tier-store load (kind 49).
+    Load {
+        /// The parameter.
+        id: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// The copy stream.
+        stream: u64,
+        /// Start on the device clock (ns), where the backend knows it.
+        start: Option<u64>,
+        /// End on the device clock (ns), where the backend knows it.
+        end: Option<u64>,
+        /// [`tier_flags`].
+        flags: u8,
+    },
+    /// A tier-store eviction (kind 50).
+    Evict {
+        /// The parameter.
+        id: u64,
+        /// Device bytes given up.
+        bytes: u64,
+        /// [`tier_flags`].
+        flags: u8,
+    },
+    /// A tier-store write-back (kind 51).
+    WriteBack {
+        /// The parameter.
+        id: u64,
+        /// Bytes copied.
+        bytes: u64,
+        /// The copy stream.
+        stream: u64,
+        /// Start on the device clock (ns), where known.
+        start: Option<u64>,
+        /// End on the device clock (ns), where known.
+        end: Option<u64>,
+    },
+    /// A tier-store acquire (kind 52).
+    Acquire {
+        /// The parameter.
+        id: u64,
+        /// Its size.
+        bytes: u64,
+        /// [`acquire`] outcome.
+        outcome: u8,
+    },
+    /// The call site of this thread's previous event, symbolised (kind 53).
+    Site {
+        /// Frames, innermost first, one per line.
+        text: String,
     },
     /// A kind this version does not know (reserved kinds included), with its body
     /// after the time and thread.
@@ -407,7 +604,7 @@ impl ChunkEncoder {
                         b.extend_from_slice(body);
                         *kind
                     }
-                    _ => 0,
+                    other => encode_more(b, other),
                 };
                 self.buf.push(k);
                 put_uleb(&mut self.buf, self.body.len() as u64);
@@ -641,9 +838,12 @@ impl<R: Read> Reader<R> {
                 events: c.uleb()?,
                 dropped: c.uleb()?,
             },
-            other => EventKind::Unknown {
-                kind: other,
-                body: self.chunk[c.at..end].to_vec(),
+            other => match decode_more(other, &mut c)? {
+                Some(k) => k,
+                None => EventKind::Unknown {
+                    kind: other,
+                    body: self.chunk[c.at..end].to_vec(),
+                },
             },
         };
         self.at = end;
@@ -731,7 +931,7 @@ pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
                 s.complete = true;
                 s.dropped = s.dropped.max(dropped);
             }
-            EventKind::Unknown { .. } => {}
+            _ => {}
         }
         s.large_peak = s.large_peak.max(cur);
     }
@@ -744,15 +944,15 @@ pub fn summarize<R: Read>(src: R) -> Result<(Header, Summary)> {
 // read back as `EventKind::Unknown` by `Reader` and decoded with `gpu::decode`, so
 // nothing above changes.
 
-/// GPU memory events of the LD_PRELOAD shim: kinds 16 (alloc) and 17 (free) of the
+/// GPU memory events of the LD_PRELOAD shim: kinds 22 (alloc) and 23 (free) of the
 /// reserved device range. Body after time and thread: address, size, memory kind
 /// (`u8`, [`gpu::MemKind`]), device (zigzag; -1 for host memory), stream (the raw
 /// `CUstream`/`hipStream_t`; 0 the legacy default stream, and for frees).
 pub mod gpu {
     /// Kind of a GPU allocation event.
-    pub const ALLOC: u8 = crate::record::kind::DEVICE_FIRST;
+    pub const ALLOC: u8 = crate::record::kind::DEVICE_FIRST + 6;
     /// Kind of a GPU free event.
-    pub const FREE: u8 = crate::record::kind::DEVICE_FIRST + 1;
+    pub const FREE: u8 = crate::record::kind::DEVICE_FIRST + 7;
 
     /// What memory an event is about (the shim's counters' kinds).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -919,7 +1119,7 @@ mod tests {
                 time_ns: 8,
                 thread: 9,
                 kind: EventKind::Unknown {
-                    kind: kind::DEVICE_FIRST,
+                    kind: 30, // reserved: unknown to this version
                     body: vec![1, 2, 3],
                 },
             },

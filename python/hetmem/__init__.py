@@ -53,6 +53,8 @@ from .core import (
     UnknownParamError,
     UnsupportedError,
     last_error,
+    profile_finish,
+    profile_start,
     status_string,
     version,
 )
@@ -100,6 +102,8 @@ __all__ = [
     "UnknownParamError",
     "UnsupportedError",
     "last_error",
+    "profile_finish",
+    "profile_start",
     "library_path",
     "status_string",
     "version",

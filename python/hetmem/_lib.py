@@ -133,6 +133,8 @@ int hetmem_event_destroy(hetmem_event_t* event);
 int hetmem_prefetch(hetmem_manager_t* mgr, void* ptr, size_t n, int device, hetmem_stream_t* stream);
 int hetmem_advise(hetmem_manager_t* mgr, void* ptr, size_t n, int advice, int device);
 int hetmem_stats_json(hetmem_manager_t* mgr, hetmem_store_t* store, char* buf, size_t cap, size_t* needed);
+int hetmem_profile_start(const char* path);
+int hetmem_profile_finish(size_t* events, size_t* dropped);
 int hetmem_store_config_init(hetmem_store_config_t* cfg, size_t device_budget, size_t host_budget);
 size_t hetmem_store_config_size(void);
 int hetmem_store_create(hetmem_manager_t* mgr, const hetmem_store_config_t* cfg, hetmem_store_t** out);

@@ -74,6 +74,23 @@ def version():
     return _lib.load().hetmem_version().decode()
 
 
+def profile_start(path):
+    """Starts recording every event hetmem knows to the file ``path`` ("%p": the process
+    id), as HETMEM_PROFILE does; read it with ``cargo run --example prof -- report``.
+
+    Raises:
+        ConfigError: a recording is on already, or the file cannot be made.
+    """
+    _check(_lib.load().hetmem_profile_start(os.fsencode(path)))
+
+
+def profile_finish():
+    """Stops recording; returns (events written, events dropped)."""
+    events, dropped = c_size_t(0), c_size_t(0)
+    _check(_lib.load().hetmem_profile_finish(byref(events), byref(dropped)))
+    return events.value, dropped.value
+
+
 class _Owned:
     """Something that owns a hetmem object: a context manager, and disposed of (freed,
     closed, released) when garbage-collected, at the latest. Subclasses define

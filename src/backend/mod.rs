@@ -24,6 +24,7 @@
 
 pub mod cuda;
 pub(crate) mod driver;
+pub(crate) mod exit;
 pub(crate) mod fork;
 pub mod host;
 pub(crate) mod owned;

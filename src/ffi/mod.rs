@@ -28,6 +28,7 @@
 pub mod codes;
 pub mod event;
 pub mod memory;
+pub mod profile;
 pub mod stats;
 pub mod tier;
 pub mod torch;

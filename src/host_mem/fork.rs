@@ -16,6 +16,8 @@ static GENERATION: AtomicU32 = AtomicU32::new(0);
 /// `fork()` returns there. Only an atomic add: async-signal-safe.
 extern "C" fn after_fork_in_child() {
     GENERATION.fetch_add(1, Ordering::Relaxed);
+    // The parent's recording is not the child's (an atomic store).
+    crate::profile::forked();
 }
 
 fn install() {

@@ -143,6 +143,9 @@ impl ManagerBuilder {
         };
         tracing::info!(target: "hetmem", backend = %mgr.backend_kind(), devices = n,
             numa_nodes = mgr.topology().nodes().len(), "manager ready");
+        if crate::profile::start_from_env() {
+            crate::backend::exit::finish_profile_at_exit();
+        }
         Ok(mgr)
     }
 
@@ -363,9 +366,12 @@ impl Manager {
             });
         }
         let backend = &self.inner.backend;
+        // The node the memory is placed on, for the profiler (after NearDevice resolves).
+        let mut node = None;
         let mem = match &placement {
             Placement::Host(policy) | Placement::Pinned(policy) => {
                 let policy = self.resolve_policy(policy)?;
+                node = crate::profile::node_of(&policy);
                 // Node checks (UnknownNumaNode, NumaNodeWithoutMemory) happen here, in the
                 // placement layer: the host backend only knows what mbind answers.
                 self.check_host_room(&placement, &policy, size)?;
@@ -398,6 +404,7 @@ impl Manager {
             debug_assert!(reserved.is_ok(), "manager counters have no limit");
         }
         tracing::debug!(target: "hetmem", %tier, size, "alloc");
+        crate::profile::emit(|| profile_alloc(&placement, &mem, size, Some(node)));
         Ok(Buffer {
             mgr: self.inner.clone(),
             placement,
@@ -659,6 +666,63 @@ impl Drop for Buffer {
             self.mgr.counter(self.placement.kind()).release(self.size);
         }
         tracing::debug!(target: "hetmem", tier = %self.placement.kind(), size = self.size, "free");
+        crate::profile::emit(|| profile_alloc(&self.placement, &self.mem, self.size, None));
         // `mem` frees itself after this, waiting for its copies first.
+    }
+}
+
+/// The profiler's event for a buffer allocated (`alloc`: its NUMA node, where it has
+/// one) or freed (`None`).
+fn profile_alloc(
+    placement: &Placement,
+    mem: &OwnedMemory,
+    size: usize,
+    alloc: Option<Option<u32>>,
+) -> crate::record::EventKind {
+    use crate::record::{device_flags, EventKind, Placement as P};
+    let size = size as u64;
+    let (device, flags) = match placement {
+        Placement::Host(_) | Placement::Pinned(_) => {
+            let addr = mem.host_ptr().map_or(0, |p| p.as_ptr() as u64);
+            let placement = if matches!(placement, Placement::Pinned(_)) {
+                P::Pinned
+            } else {
+                P::Host
+            };
+            return if let Some(node) = alloc {
+                EventKind::Alloc {
+                    addr,
+                    size,
+                    placement,
+                    node,
+                }
+            } else {
+                EventKind::Free {
+                    addr,
+                    size,
+                    placement,
+                }
+            };
+        }
+        Placement::Device(d) => (*d, 0),
+        Placement::Managed { device } => (*device, device_flags::MANAGED),
+    };
+    let addr = mem.device_ptr().map_or(0, |p| p.0);
+    let device = device as u32;
+    if alloc.is_some() {
+        EventKind::DeviceAlloc {
+            addr,
+            size,
+            device,
+            stream: 0,
+            flags,
+        }
+    } else {
+        EventKind::DeviceFree {
+            addr,
+            size,
+            device,
+            flags,
+        }
     }
 }

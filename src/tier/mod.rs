@@ -12,6 +12,7 @@ mod config;
 mod learn;
 mod plan;
 pub(crate) mod policy;
+mod profile;
 mod sizing;
 pub mod source;
 pub mod store;

@@ -1,3 +1,4 @@
+pub mod clock;
 pub mod cuda;
 pub mod cxx;
 pub mod hip;

@@ -92,7 +92,14 @@ const LAYERS: &[(&str, &[&str])] = &[
     // The words every layer uses, and the event record format (`record`) they write.
     (
         "vocabulary",
-        &["error", "placement", "stats", "record", "backend_kind"],
+        &[
+            "error",
+            "placement",
+            "stats",
+            "record",
+            "profile",
+            "backend_kind",
+        ],
     ),
 ];
 

@@ -84,6 +84,7 @@ use crate::error::{Error, Result};
 use crate::host_mem::fork::Epoch;
 use crate::placement::MemKind;
 use crate::pool::stats::PoolStats;
+use crate::record::{device_flags, EventKind};
 use crate::stream::Stream;
 use blocks::{BlockState, Blocks, COMMON};
 use pages::reclaim_idle;
@@ -397,6 +398,12 @@ impl Drop for PoolBlock {
         // In a forked child the block stays allocated (leaked): the pool's lock may
         // have been held by a thread of the parent at the fork.
         if self.shared.epoch.is_current() {
+            crate::profile::emit(|| EventKind::DeviceFree {
+                addr: self.ptr.0,
+                size: self.len as u64,
+                device: self.shared.device as u32,
+                flags: device_flags::POOL,
+            });
             self.shared.free(self.ptr.0);
         }
     }
@@ -458,6 +465,11 @@ impl DevicePool {
             None => DEFAULT_MAX_CHUNK,
         };
         tracing::debug!(target: "hetmem", device, budget, expandable, max_chunk, "device pool");
+        crate::profile::emit(|| EventKind::Budget {
+            placement: crate::record::Placement::Device,
+            index: Some(device as u32),
+            bytes: budget as u64,
+        });
         Ok(DevicePool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
@@ -534,17 +546,17 @@ impl DevicePool {
         if !st.routes.is_empty() {
             let addr = sh.alloc_routed(&mut st, size, rounded, stream)?;
             drop(st);
-            return Ok(sh.block(addr, size));
+            return Ok(sh.block(addr, size, key));
         }
         // Hot path: a parked block of this size freed on this stream.
         if let Some(addr) = st.blocks.unpark(key, rounded, size) {
             st.count_alloc(rounded, size);
             drop(st);
-            return Ok(sh.block(addr, size));
+            return Ok(sh.block(addr, size, key));
         }
         let addr = sh.alloc_slow(&mut st, size, rounded, stream, COMMON)?;
         drop(st);
-        Ok(sh.block(addr, size))
+        Ok(sh.block(addr, size, key))
     }
 
     /// Gives back every chunk or segment that no block uses (after synchronising the
@@ -609,7 +621,14 @@ impl Shared {
         Ok(())
     }
 
-    fn block(self: &Arc<Self>, addr: u64, len: usize) -> PoolBlock {
+    fn block(self: &Arc<Self>, addr: u64, len: usize, stream: u64) -> PoolBlock {
+        crate::profile::emit(|| EventKind::DeviceAlloc {
+            addr,
+            size: len as u64,
+            device: self.device as u32,
+            stream,
+            flags: device_flags::POOL,
+        });
         PoolBlock {
             shared: self.clone(),
             ptr: DevicePtr(addr),

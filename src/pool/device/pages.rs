@@ -215,6 +215,11 @@ impl Shared {
             return Err(e);
         }
         st.stats.num_pages_moved += reused as u64;
+        crate::profile::emit(|| crate::record::EventKind::SegmentMap {
+            addr: hole,
+            size: acc as u64,
+            device: self.device as u32,
+        });
         if was_empty {
             st.stats.segment.add(small, 1);
         }
@@ -311,6 +316,11 @@ impl Shared {
             // What was unmapped is a hole now, whatever failed after it.
             for (k, c) in out.iter().enumerate() {
                 let (_, block, off, _) = chosen[i + k];
+                crate::profile::emit(|| crate::record::EventKind::SegmentUnmap {
+                    addr: base + off as u64,
+                    size: c.size() as u64,
+                    device: self.device as u32,
+                });
                 st.blocks.make_hole(block, base + off as u64, c.size());
             }
             st.spares[small as usize].append(&mut out);
@@ -377,6 +387,11 @@ impl Shared {
             .expect("device memory has a device address")
             .0;
         st.hold(small, seg_size);
+        crate::profile::emit(|| crate::record::EventKind::SegmentMap {
+            addr: base,
+            size: seg_size as u64,
+            device: self.device as u32,
+        });
         st.stats.segment.add(small, 1);
         st.stats.num_device_alloc += 1;
         let seg = st.add_segment(Segment {
@@ -446,6 +461,11 @@ impl Shared {
                 unreachable!("plain")
             };
             let len = mem.len();
+            crate::profile::emit(|| crate::record::EventKind::SegmentUnmap {
+                addr: base,
+                size: len as u64,
+                device: self.device as u32,
+            });
             st.unhold(s.small, len);
             st.stats.segment.sub(s.small, 1);
             st.stats.num_device_free += 1;
@@ -474,6 +494,14 @@ impl Shared {
         };
         tracing::warn!(target: "hetmem", device = self.device, requested, reserved = st.reserved,
             budget = self.budget, largest, "device pool out of memory");
+        crate::profile::emit(|| crate::record::EventKind::OutOfMemory {
+            placement: crate::record::Placement::Device,
+            index: Some(self.device as u32),
+            requested: requested as u64,
+            free: (self.budget - st.reserved.min(self.budget)).min(device_free) as u64,
+            reserved: Some(st.reserved as u64),
+            largest_free_block: Some(largest as u64),
+        });
         Error::OutOfMemory {
             kind: MemKind::Device(self.device),
             requested,

@@ -83,9 +83,23 @@ impl HostBlock {
     }
 }
 
+/// The record's placement of a host pool block.
+pub(super) fn profile_placement(pinned: bool) -> crate::record::Placement {
+    if pinned {
+        crate::record::Placement::Pinned
+    } else {
+        crate::record::Placement::Host
+    }
+}
+
 impl Drop for HostBlock {
     fn drop(&mut self) {
         if let (Some(key), Some(mem)) = (self.key.take(), self.mem.take()) {
+            crate::profile::emit(|| crate::record::EventKind::Free {
+                addr: mem.host_ptr().map_or(0, |p| p.as_ptr() as u64),
+                size: self.len as u64,
+                placement: profile_placement(key.0),
+            });
             if self.shared.backend.check_fork().is_err() {
                 // A forked child: no lock (a thread of the parent may have held it);
                 // the memory's own drop leaks what is the parent's.

@@ -45,6 +45,7 @@ use crate::pool::stats::Stat;
 
 mod allocator;
 mod block;
+use block::profile_placement;
 
 pub use allocator::PinnedAllocator;
 pub use block::HostBlock;
@@ -325,6 +326,18 @@ impl HostPool {
             ));
         }
         tracing::debug!(target: "hetmem", ?cfg, "host pool");
+        for (placement, b) in [
+            (crate::record::Placement::Pinned, cfg.pinned_budget),
+            (crate::record::Placement::Host, cfg.host_budget),
+        ] {
+            if let Some(bytes) = b {
+                crate::profile::emit(|| crate::record::EventKind::Budget {
+                    placement,
+                    index: None,
+                    bytes: bytes as u64,
+                });
+            }
+        }
         Ok(HostPool {
             shared: Arc::new(Shared {
                 backend: backend.clone(),
@@ -477,6 +490,12 @@ impl HostPool {
     }
 
     fn block(&self, key: Key, class: usize, len: usize, mem: OwnedMemory) -> HostBlock {
+        crate::profile::emit(|| crate::record::EventKind::Alloc {
+            addr: mem.host_ptr().map_or(0, |p| p.as_ptr() as u64),
+            size: len as u64,
+            placement: profile_placement(key.0),
+            node: crate::profile::node_of(&key.1),
+        });
         HostBlock {
             shared: self.shared.clone(),
             key: Some(key),

@@ -11,6 +11,7 @@ use crate::placement::NumaPolicy;
 use crate::pool::{self, HostBlock, PoolBlock};
 use crate::stream::Event;
 use crate::tier::policy::ParamId;
+use crate::tier::profile as prof;
 use crate::tier::source::Source;
 
 /// Why a load is made: it decides what may be evicted for it.
@@ -90,6 +91,11 @@ pub(super) fn evict(
     st.stats.evictions += 1;
     st.stats.device_bytes = st.used;
     tracing::debug!(target: "hetmem", id, size, "evicted");
+    crate::profile::emit(|| crate::record::EventKind::Evict {
+        id: u64::from(id),
+        bytes: device_bytes(size) as u64,
+        flags: 0,
+    });
     Ok((Arc::try_unwrap(dev.block).ok(), uses))
 }
 
@@ -163,6 +169,7 @@ pub(super) fn write_back(setup: &Setup, st: &mut State, id: ParamId) -> Result<(
     } else {
         None
     };
+    let t0 = prof::copy_start(&setup.copy);
     let p = &mut st.params[idx];
     let dev = p.dev.as_ref().expect("writing back a resident parameter");
     let d2h = |dst: &HostBlock| -> Result<()> {
@@ -192,6 +199,7 @@ pub(super) fn write_back(setup: &Setup, st: &mut State, id: ParamId) -> Result<(
     p.dirty = false;
     st.stats.writebacks += 1;
     st.stats.writeback_bytes += size as u64;
+    prof::copied(&setup.copy, id, size, t0, None, None);
     tracing::debug!(target: "hetmem", id, size, "written back");
     Ok(())
 }

@@ -135,6 +135,7 @@ impl TierStore {
         } else {
             st.stats.misses += 1;
         }
+        crate::profile::emit(|| prof_acquire(&st, id, hit));
         // The loads queued ahead for the steps run now have been used (only once the
         // acquire stands: a failed one has not run its step).
         let now = st.progress.step;
@@ -428,5 +429,28 @@ impl Drop for ParamGuard {
         }
         drop(st);
         self.shared.released.notify_all();
+    }
+}
+
+/// The profiler's acquire event: a miss, a hit whose load is done, or one still in
+/// flight (a late prefetch).
+fn prof_acquire(st: &State, id: ParamId, hit: bool) -> crate::record::EventKind {
+    use crate::record::acquire;
+    let p = &st.params[id as usize];
+    let outcome = if !hit {
+        acquire::MISS
+    } else if p
+        .dev
+        .as_ref()
+        .is_some_and(|d| !d.ready.is_done().unwrap_or(true))
+    {
+        acquire::LATE
+    } else {
+        acquire::HIT
+    };
+    crate::record::EventKind::Acquire {
+        id: u64::from(id),
+        bytes: p.size as u64,
+        outcome,
     }
 }

@@ -247,6 +247,7 @@ impl TierStore {
         };
         tracing::info!(target: "hetmem", device = cfg.device, device_budget = cfg.device_budget,
             host_budget = cfg.host_budget, "tier store ready");
+        prof_budgets(&cfg);
         Ok(TierStore {
             shared: Arc::new(Shared {
                 setup: Setup {
@@ -394,6 +395,11 @@ impl TierStore {
             });
             st.names.insert(name.to_owned(), id);
             tracing::debug!(target: "hetmem", id, name, size, "parameter registered");
+            crate::profile::emit(|| crate::record::EventKind::Param {
+                id: u64::from(id),
+                size: size as u64,
+                name: name.to_owned(),
+            });
             out.push(id);
         }
         // The plan's spare is the largest parameter: size it again.
@@ -636,4 +642,19 @@ impl TierStore {
     pub fn pool_stats(&self) -> PoolStats {
         self.shared.setup.pool.stats()
     }
+}
+
+/// The profiler's budget events of a store: device and pinned host.
+fn prof_budgets(cfg: &TierConfig) {
+    use crate::record::{EventKind, Placement as P};
+    crate::profile::emit(|| EventKind::Budget {
+        placement: P::Device,
+        index: Some(cfg.device as u32),
+        bytes: cfg.device_budget as u64,
+    });
+    crate::profile::emit(|| EventKind::Budget {
+        placement: P::Pinned,
+        index: None,
+        bytes: cfg.host_budget as u64,
+    });
 }

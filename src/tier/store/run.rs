@@ -14,6 +14,7 @@ use crate::stream::Event;
 use crate::tier::config::Planner;
 use crate::tier::plan::{zombie_done, Plan, Step, Traits};
 use crate::tier::policy::{ParamId, Policy, Sequence};
+use crate::tier::profile as prof;
 use crate::tier::sizing::{self, ParamTraits};
 
 /// Runs the plan (sequence policy) until it has seen `lookahead` steps past the
@@ -292,6 +293,8 @@ pub(super) fn place(
             }
         }
     }
+    let t0 = prof::copy_start(&setup.copy);
+    let staged = matches!(st.params[idx].host, HostCopy::Cold(_));
     let mut ready = upload(setup, st, idx, &block)?;
     if let Some(expected) = st.params[idx].checksum {
         let mut again = true;
@@ -343,6 +346,15 @@ pub(super) fn place(
     st.stats.device_bytes = st.used;
     st.stats.device_peak_bytes = st.stats.device_peak_bytes.max(st.used);
     tracing::trace!(target: "hetmem", id, size, ?need, "loaded");
+    if crate::profile::enabled() {
+        let ahead = match need {
+            Need::Prefetch(a) => Some(a),
+            Need::Demand | Need::Hint => None,
+        };
+        let ready = st.params[idx].dev.as_ref().map(|d| &d.ready);
+        let flags = prof::load_flags(ahead, staged);
+        prof::copied(&setup.copy, id, size, t0, ready, Some(flags));
+    }
     Ok(())
 }
 
