@@ -579,9 +579,15 @@ pub(crate) fn pool_free(
     if !config().is_some_and(GpuConfig::pooled) {
         return None;
     }
+    // Out of the table before the block goes back to the pool: once it is back, another
+    // thread may be given the same address and note it, which a later take would remove.
+    let rec = state::detach(addr);
     if pool::free(addr, stream.map(|(d, s)| (d, s as u64))) {
-        let _ = state::take(addr);
+        state::freed(addr, rec);
         return Some(0);
+    }
+    if let Some(r) = rec {
+        state::reattach(addr, r);
     }
     if pool::freed_before(addr) {
         state::UNKNOWN_FREES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

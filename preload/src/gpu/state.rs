@@ -267,11 +267,39 @@ pub fn note_handle(h: u64, rec: Rec) {
 /// Takes the allocation at `addr` out of the table (before its free), its charge
 /// given back; `None`: never seen (counted).
 pub fn take(addr: u64) -> Option<Rec> {
-    let r = TABLE.with(|t| {
+    let r = detach(addr);
+    freed(addr, r);
+    r
+}
+
+/// Removes the allocation at `addr` from the table, its charge given back, and
+/// counts nothing: [`freed`] does once the free is done, or [`reattach`] undoes it.
+pub fn detach(addr: u64) -> Option<Rec> {
+    TABLE.with(|t| {
         let r = t.live.as_mut().and_then(|m| m.remove(&addr))?;
         uncharge_locked(t, r);
         Some(r)
+    })
+}
+
+/// Puts back what [`detach`] removed (the memory was not freed after all).
+pub fn reattach(addr: u64, r: Rec) {
+    TABLE.with(|t| {
+        if charged(r.kind) {
+            if let Some(d) = slot(r.dev) {
+                t.held[d] = t.held[d].saturating_add(r.size);
+                super::shared::publish(d, t.held[d]);
+            }
+        }
+        t.live
+            .get_or_insert_with(FxHashMap::default)
+            .insert(addr, r);
     });
+}
+
+/// Counts and records the free of what [`detach`] found at `addr` (`None`: an
+/// address never seen).
+pub fn freed(addr: u64, r: Option<Rec>) {
     if r.is_some_and(|r| r.kind == Kind::Oversubscribed) {
         OVERS.with(|v| v.retain(|e| e.0 != addr));
         OVER_COUNT.fetch_sub(1, Ordering::Release);
@@ -283,7 +311,6 @@ pub fn take(addr: u64) -> Option<Rec> {
         Some(r) => FREES[r.kind as usize].fetch_add(1, Ordering::Relaxed),
         None => UNKNOWN_FREES.fetch_add(1, Ordering::Relaxed),
     };
-    r
 }
 
 /// Takes a cuMemCreate handle out of the table.
@@ -311,17 +338,7 @@ fn uncharge_locked(t: &mut Table, r: Rec) {
 
 /// Puts back an allocation whose free failed (the driver still holds it).
 pub fn restore(addr: u64, r: Rec) {
-    TABLE.with(|t| {
-        if charged(r.kind) {
-            if let Some(d) = slot(r.dev) {
-                t.held[d] = t.held[d].saturating_add(r.size);
-                super::shared::publish(d, t.held[d]);
-            }
-        }
-        t.live
-            .get_or_insert_with(FxHashMap::default)
-            .insert(addr, r);
-    });
+    reattach(addr, r);
     FREES[r.kind as usize].fetch_sub(1, Ordering::Relaxed);
 }
 
