@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use super::real::{call_real, wrap_proc, Real};
 use super::state::{self, Kind, Rec};
 use super::{
-    adjust_info, admit, config, guard, nested, pool_alloc, pool_free, pool_free_pinned,
+    admit, config, guard, limit_mem_info, nested, pool_alloc, pool_free, pool_free_pinned,
     pool_pinned, Admit,
 };
 
@@ -685,14 +685,8 @@ pub unsafe extern "C" fn cuMemGetInfo_v2(free: *mut usize, total: *mut usize) ->
         free,
         total
     );
-    if rc == 0 && !free.is_null() && !total.is_null() && !nested() {
-        if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
-            // SAFETY: both written by the successful call.
-            guard((), || unsafe {
-                adjust_info(cfg, ctx_device(), free, total)
-            });
-        }
-    }
+    // SAFETY: written by the call when it succeeded.
+    unsafe { limit_mem_info(rc == 0, !nested(), free, total, ctx_device) };
     rc
 }
 

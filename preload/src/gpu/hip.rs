@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 
 use super::real::{call_real, wrap_proc, Real};
 use super::state::{self, Kind, Rec};
-use super::{adjust_info, admit, config, guard, nested, Admit, Nest};
+use super::{admit, config, guard, limit_mem_info, nested, Admit, Nest};
 
 /// `hipError_t`.
 pub type HipError = c_int;
@@ -334,13 +334,8 @@ pub unsafe extern "C" fn hipMemGetInfo(free: *mut usize, total: *mut usize) -> H
             total
         )
     };
-    if rc == 0 && outer && !free.is_null() && !total.is_null() {
-        if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
-            let dev = device();
-            // SAFETY: both written by the successful call.
-            guard((), || unsafe { adjust_info(cfg, dev, free, total) });
-        }
-    }
+    // SAFETY: written by the call when it succeeded.
+    unsafe { limit_mem_info(rc == 0, outer, free, total, device) };
     rc
 }
 

@@ -508,6 +508,28 @@ pub(crate) fn admit(
     }
 }
 
+/// After the program's own memory-information call returned `rc`: with limits set,
+/// the answer of the device `dev` names adjusted to its limit ([`adjust_info`]).
+/// Nested calls (the shim's own) and null pointers are left as the driver wrote them.
+///
+/// # Safety
+/// Non-null pointers were written by the call when `rc` is 0.
+pub(crate) unsafe fn limit_mem_info(
+    rc_ok: bool,
+    outer: bool,
+    free: *mut usize,
+    total: *mut usize,
+    dev: impl FnOnce() -> i32,
+) {
+    if !rc_ok || !outer || free.is_null() || total.is_null() {
+        return;
+    }
+    if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
+        // SAFETY: both written by the successful call.
+        guard((), || unsafe { adjust_info(cfg, dev(), free, total) });
+    }
+}
+
 /// Adjusts a successful memory-information answer of `dev` to its limit: total = the
 /// limit (at most the device's memory), free = total minus what the process holds (at
 /// most what the driver says is free).

@@ -14,7 +14,7 @@ use super::driver::{self, capturing, total_mem, CUstream};
 use super::real::{call_real, Real};
 use super::state::{self, Kind, Rec};
 use super::{
-    adjust_info, admit, config, guard, nested, pool_alloc, pool_free, pool_free_pinned,
+    admit, config, guard, limit_mem_info, nested, pool_alloc, pool_free, pool_free_pinned,
     pool_pinned, Admit, Nest,
 };
 use crate::lock::Lock;
@@ -448,13 +448,8 @@ pub unsafe extern "C" fn cudaMemGetInfo(free: *mut usize, total: *mut usize) -> 
             total
         )
     };
-    if rc == 0 && outer && !free.is_null() && !total.is_null() {
-        if let Some(cfg) = config().filter(|c| !c.limits.is_empty()) {
-            let dev = device();
-            // SAFETY: both written by the successful call.
-            guard((), || unsafe { adjust_info(cfg, dev, free, total) });
-        }
-    }
+    // SAFETY: written by the call when it succeeded.
+    unsafe { limit_mem_info(rc == 0, outer, free, total, device) };
     rc
 }
 
