@@ -280,22 +280,9 @@ unsafe fn device_alloc(
                     return rc;
                 }
                 let rc = call();
-                if rc == 0 {
-                    // SAFETY: written by the successful call.
-                    let p = unsafe { *dptr };
-                    state::note_on(
-                        p,
-                        Rec {
-                            size: size as u64,
-                            dev,
-                            kind: Kind::Device,
-                        },
-                        stream.map_or(0, |s| s as u64),
-                    );
-                    super::pool_driver_gave(p);
-                } else {
-                    state::uncharge(dev, size as u64);
-                }
+                // SAFETY: written by the call when it succeeded.
+                let addr = || unsafe { *dptr };
+                super::driver_alloc_done(rc == 0, addr, size, dev, stream.map_or(0, |s| s as u64));
                 rc
             }
             Admit::Refused => OUT_OF_MEMORY,

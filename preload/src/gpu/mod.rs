@@ -618,6 +618,33 @@ pub(crate) fn pool_free(
     None
 }
 
+/// A device allocation the driver was asked for under an admitted charge: noted (and
+/// known to pool mode as the driver's) when it succeeded, its charge given back when
+/// it failed.
+pub(crate) fn driver_alloc_done(
+    ok: bool,
+    addr: impl FnOnce() -> u64,
+    size: usize,
+    dev: i32,
+    stream: u64,
+) {
+    if ok {
+        let a = addr();
+        state::note_on(
+            a,
+            state::Rec {
+                size: size as u64,
+                dev,
+                kind: state::Kind::Device,
+            },
+            stream,
+        );
+        pool_driver_gave(a);
+    } else {
+        state::uncharge(dev, size as u64);
+    }
+}
+
 /// Pool mode: the driver handed out `addr` (so it is no freed pool block).
 pub(crate) fn pool_driver_gave(addr: u64) {
     if config().is_some_and(GpuConfig::pooled) {

@@ -108,22 +108,9 @@ unsafe fn device_alloc(
                     return rc;
                 }
                 let rc = call();
-                if rc == 0 {
-                    // SAFETY: written by the successful call.
-                    let a = (unsafe { *p }) as u64;
-                    state::note_on(
-                        a,
-                        Rec {
-                            size: size as u64,
-                            dev,
-                            kind: Kind::Device,
-                        },
-                        stream.map_or(0, |s| s as u64),
-                    );
-                    super::pool_driver_gave(a);
-                } else {
-                    state::uncharge(dev, size as u64);
-                }
+                // SAFETY: written by the call when it succeeded.
+                let addr = || (unsafe { *p }) as u64;
+                super::driver_alloc_done(rc == 0, addr, size, dev, stream.map_or(0, |s| s as u64));
                 rc
             }
             Admit::Refused => MEMORY_ALLOCATION,
